@@ -1,0 +1,1 @@
+"""Latency and accuracy benchmarks (issues 3-5); nothing here yet."""

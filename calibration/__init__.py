@@ -1,0 +1,1 @@
+"""Calibration sample sources; the synthetic 12-lead ECG generator and print renderer."""

@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the vision projector (issue 6); nothing here yet."""

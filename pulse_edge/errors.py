@@ -1,0 +1,30 @@
+"""Errors that reach the user as one line and a non-zero exit code.
+
+Anything raised as a `PulseEdgeError` is the user's to fix (a bad file, a wrong
+flag, an unsupported checkpoint); the CLI prints its message without a
+traceback. Anything else is a bug in pulse-edge and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PulseEdgeError(Exception):
+    """Base of every user-facing error. `exit_code` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class InputError(PulseEdgeError):
+    """An input file (image, PDF, ...) cannot be used."""
+
+
+class CheckpointError(PulseEdgeError):
+    """A checkpoint is missing files, has unexpected keys or unsupported settings."""
+
+
+class ConfigError(PulseEdgeError):
+    """A configuration value is not one of the allowed values."""
+
+
+class PromptError(PulseEdgeError):
+    """A prompt cannot be built or does not fit the context."""

@@ -1,0 +1,286 @@
+"""Decode a user's ECG file (PNG, JPEG, TIFF, BMP or the first page of a PDF) into an RGB image.
+
+Every way an input can be unusable ends in one `InputError` whose message is a
+single line naming the file, the problem and what to do about it; anything
+else escaping from here is a bug. The format is sniffed from the content, never
+trusted from the extension: ECG exports are routinely renamed, and a DICOM file
+called `ecg.png` must be told apart from a broken PNG.
+
+Lean runtime: stdlib, numpy and pillow only; pypdfium2 is imported lazily so
+that image-only deployments never load PDFium.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import warnings
+from collections.abc import Callable
+from contextlib import ExitStack, closing
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pulse_edge.errors import InputError
+
+# A 12-lead ECG is printed as 3-4 rows of leads plus a rhythm strip. Below ~128 px
+# on the shorter side each row gets fewer than ~25 px, the 1 mm grid and the QRS
+# morphology are gone, and the vision tower would be reading an upscaled blur of a
+# thumbnail or icon (the usual reason an image is that small); so refuse it.
+MIN_SIDE_PX: int = 128
+
+# A 600-dpi A4 scan is ~35 Mpx and a 600-dpi US-letter one ~34 Mpx; nothing a
+# scanner or phone produces for an ECG comes near 64 Mpx, while a decoded RGB image
+# of that size already costs ~190 MB of RAM on an edge device.
+MAX_PIXELS: int = 64_000_000
+
+ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "TIFF", "BMP", "PDF")
+
+# 200 dpi keeps the 0.04 s / 0.1 mV minor grid of a printed ECG at ~8 px per
+# millimetre, well above the ~2 px per grid cell the 336 px tiles finally see.
+PDF_DPI: int = 200
+_PDF_POINTS_PER_INCH = 72
+# The PDF spec lets the %PDF- header start anywhere in the first 1024 bytes.
+_HEADER_BYTES = 1024
+_PDF_MAGIC = b"%PDF-"
+
+# (offset, magic bytes, Pillow format name)
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"II+\x00", "TIFF"),  # BigTIFF
+    (0, b"MM\x00+", "TIFF"),
+    (0, b"BM", "BMP"),
+)
+
+_ACCEPTED_HINT = f"accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+
+_CONVERT = f"convert it to PNG ({_ACCEPTED_HINT})"
+
+# Formats we recognise but refuse: (offset, magic bytes, what the file is, what to do).
+# GIF (256 colours, possibly animated) and WebP are not what ECG carts, scanners or
+# PACS export, and keeping the accepted set small keeps every member of it tested.
+_REFUSED: tuple[tuple[int, bytes, str, str], ...] = (
+    (
+        128,
+        b"DICM",
+        "is a DICOM file; DICOM is not supported yet",
+        "export the ECG as PDF or PNG from the viewer",
+    ),
+    (0, b"GIF87a", "is a GIF image, which is not accepted", _CONVERT),
+    (0, b"GIF89a", "is a GIF image, which is not accepted", _CONVERT),
+    (8, b"WEBP", "is a WebP image, which is not accepted", _CONVERT),
+    (4, b"ftyp", "is a HEIC/AVIF photo (or other ISO media), which is not accepted", "export it as JPEG"),
+    (0, b"\x00\x00\x00\x0cjP  ", "is a JPEG 2000 image, which is not accepted", _CONVERT),
+    (
+        0,
+        b"PK\x03\x04",
+        "is a ZIP archive or office document",
+        f"export the ECG page as PDF ({_ACCEPTED_HINT})",
+    ),
+)
+
+# PDFium error codes whose own wording ("Success" for an empty page tree) would mislead.
+_PDFIUM_REASONS: dict[int, str] = {0: "no page found", 4: "it is password-protected"}
+
+# Exactly what Pillow raises for undecodable data: OSError (truncated data, decoder
+# errors, UnidentifiedImageError), SyntaxError (broken chunks), ValueError (bad
+# parameters in headers), EOFError and struct.error (short or malformed tag tables).
+_PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+_SHRINK_ADVICE = "downscale it (300 dpi is plenty for an ECG)"
+_WHITE = (255, 255, 255, 255)
+_U16_TO_U8 = 257  # 65535 / 255: maps 0 -> 0 and 65535 -> 255 exactly
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image or PDF file and return it as a fully decoded RGB image."""
+    p = Path(path)
+    name = _one_line(os.fspath(path))
+    if not p.exists():
+        raise _fail(name, "does not exist", "check the path")
+    if p.is_dir():
+        raise _fail(name, "is a directory, not a file", f"pass one {'/'.join(ACCEPTED_FORMATS)} file")
+    # Opened apart from the `with` so that only opening errors read as "cannot be opened".
+    try:
+        stream = open(p, "rb")  # noqa: SIM115
+    except OSError as exc:
+        reason = _one_line(exc.strerror or str(exc))
+        raise _fail(name, f"cannot be opened ({reason})", "check its permissions") from exc
+    with stream:
+        return _decode(stream, name)
+
+
+def load_image_bytes(data: bytes, *, name: str = "<bytes>") -> Image.Image:
+    """Decode an image or PDF held in memory (e.g. a dataset row) with the same rules as `load_image`."""
+    return _decode(io.BytesIO(data), _one_line(name))
+
+
+def _decode(stream: BinaryIO, name: str) -> Image.Image:
+    """Sniff the format from the first bytes and hand the stream to the matching decoder."""
+    header = stream.read(_HEADER_BYTES)
+    stream.seek(0)
+    if not header:
+        raise _fail(name, "is empty (0 bytes)", "re-export or re-download the file")
+    fmt = _sniff(header, name)
+    image = _render_pdf(stream, name) if fmt == "PDF" else _decode_raster(stream, fmt, name)
+    _check_size(image.size, name)
+    return image
+
+
+def _sniff(header: bytes, name: str) -> str:
+    """Return the accepted format `header` starts with, or raise saying what the file is instead."""
+    for offset, magic, fmt in _SIGNATURES:
+        if header.startswith(magic, offset):
+            return fmt
+    if _PDF_MAGIC in header:
+        return "PDF"
+    for offset, magic, problem, advice in _REFUSED:
+        if header.startswith(magic, offset):
+            raise _fail(name, problem, advice)
+    raise _fail(name, "is not an image or PDF that pulse-edge can read (unknown content)", _ACCEPTED_HINT)
+
+
+def _decode_raster(stream: BinaryIO, fmt: str, name: str) -> Image.Image:
+    """Open with Pillow restricted to the sniffed format, check the header size, then decode fully."""
+    # Pillow only warns between its own limit and twice that; turn the warning into
+    # an error for this block only. catch_warnings restores the filters on exit.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(stream, formats=[fmt])
+            # From the header alone: refuse huge images before decoding a single pixel.
+            _check_size(image.size, name)
+            image.load()
+            # Phone photos of ECG printouts carry their rotation in EXIF, not in the pixels.
+            image = ImageOps.exif_transpose(image)
+        except _BOMB_ERRORS as exc:
+            raise _fail(name, f"is too large (more than {MAX_PIXELS:,} pixels)", _SHRINK_ADVICE) from exc
+        except _PIL_DECODE_ERRORS as exc:
+            raise _fail(
+                name, f"is a corrupt or truncated {fmt} ({_pil_reason(exc)})", "re-export or re-scan it"
+            ) from exc
+    return _to_rgb(image, name)
+
+
+def _render_pdf(stream: BinaryIO, name: str) -> Image.Image:
+    """Render the first page of a PDF at PDF_DPI (capped to MAX_PIXELS) as RGB."""
+    import pypdfium2 as pdfium  # lazy: only PDF inputs pay for loading PDFium
+
+    with ExitStack() as stack:
+        try:
+            document = stack.enter_context(closing(pdfium.PdfDocument(stream)))
+            if len(document) == 0:
+                raise _fail(name, "is a PDF with no pages", "export the ECG page again")
+            page = stack.enter_context(closing(document[0]))
+            scale = _pdf_scale(page.get_size(), name)
+            bitmap = stack.enter_context(closing(page.render(scale=scale)))
+            # to_pil() shares the bitmap's buffer, which closing frees: copy it out first.
+            image = bitmap.to_pil().copy()
+        except pdfium.PdfiumError as exc:
+            reason = _PDFIUM_REASONS.get(getattr(exc, "err_code", None), _one_line(str(exc)))
+            raise _fail(
+                name, f"is a corrupt, empty or locked PDF ({reason})", "re-export it unencrypted"
+            ) from exc
+    return _to_rgb(image, name)
+
+
+def _pdf_scale(page_size: tuple[float, float], name: str) -> float:
+    """Pixels per PDF point: PDF_DPI, lowered just enough that the rendered page stays within MAX_PIXELS."""
+    width, height = page_size
+    if width <= 0 or height <= 0:
+        raise _fail(name, f"has a first page of size {width}x{height} pt", "export the ECG page again")
+    scale = min(PDF_DPI / _PDF_POINTS_PER_INCH, math.sqrt(MAX_PIXELS / (width * height)))
+    # PDFium rounds each side up, which can tip an exact fit just over the limit.
+    while math.ceil(width * scale) * math.ceil(height * scale) > MAX_PIXELS:
+        scale *= 0.999
+    return scale
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise _fail(name, f"is too large ({width}x{height}, limit {MAX_PIXELS:,} pixels)", _SHRINK_ADVICE)
+    if min(width, height) < MIN_SIDE_PX:
+        raise _fail(
+            name,
+            f"is too small ({width}x{height}); an ECG needs at least {MIN_SIDE_PX} px on the shorter side",
+            "use the original scan or export at a higher resolution",
+        )
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Convert any supported pixel mode to RGB; transparency is composited on white."""
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
+        return _on_white(image)
+    converter = _MODE_CONVERTERS.get(image.mode)
+    if converter is None:
+        raise _fail(name, f"has an unsupported pixel mode {image.mode!r}", "save it as 8-bit RGB or grey")
+    return converter(image)
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    # ECGs exported with a transparent background have black traces on alpha 0;
+    # dropping alpha (or compositing on black) would erase the trace.
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE)
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _from_16bit(image: Image.Image) -> Image.Image:
+    # Pillow's own I -> L conversion clips at 255, turning a 16-bit scan white;
+    # scale the full 0..65535 range instead, rounding to nearest.
+    values = np.asarray(image).astype(np.int64)
+    scaled = (np.clip(values, 0, 65535) + _U16_TO_U8 // 2) // _U16_TO_U8
+    return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+
+
+def _identity(image: Image.Image) -> Image.Image:
+    return image
+
+
+def _convert_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+_MODE_CONVERTERS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "RGB": _identity,
+    "L": _convert_rgb,
+    "1": _convert_rgb,
+    "P": _convert_rgb,
+    "CMYK": _convert_rgb,
+    "YCbCr": _convert_rgb,
+    "RGBX": _convert_rgb,
+    "RGBA": _on_white,
+    "RGBa": _on_white,
+    "LA": _on_white,
+    "PA": _on_white,
+    "I;16": _from_16bit,
+    "I;16L": _from_16bit,
+    "I;16B": _from_16bit,
+    "I;16N": _from_16bit,
+    "I": _from_16bit,  # what Pillow gives for 16/32-bit integer greyscale in some formats
+}
+
+
+def _pil_reason(exc: Exception) -> str:
+    # UnidentifiedImageError's text is the repr of our stream object: say what it means instead.
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "its header cannot be parsed"
+    return _one_line(str(exc))
+
+
+def _one_line(text: str) -> str:
+    """Join the lines of a file name or library message so that errors stay one line."""
+    return " ".join(text.splitlines())
+
+
+def _fail(name: str, problem: str, advice: str) -> InputError:
+    return InputError(f"{name}: {problem}; {advice}.")

@@ -1,0 +1,147 @@
+"""The llava_v1 conversation template and the image splice, as PULSE was trained.
+
+The template (LLaVA's `conv_vicuna_v1`, separator style TWO):
+
+    {system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
+
+Token ids are built the way LLaVA's `tokenizer_image_token` builds them: the
+text is cut at `<image>` and each piece is tokenized on its own (SentencePiece
+adds its dummy-prefix space to every piece, which is why the piece after the
+image starts with "▁" + "<0x0A>"); BOS only at the very start; the image slot
+is marked with IMAGE_SLOT (-200, not a vocabulary id) and replaced by the
+image features at splice time. `</s>` after an answer is the EOS id, as
+LLaVA's slow tokenizer produces it; text after it is a fresh piece.
+
+User text is always tokenized as text: a literal "</s>" typed by a user does
+not become a control token (LLaVA's slow tokenizer would map it; we refuse to
+let user input inject control ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pulse_edge.errors import PromptError
+
+IMAGE_SLOT = -200
+IMAGE_MARKER = "<image>"
+
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+DEFAULT_QUESTION = (
+    "Interpret this 12-lead ECG. Describe the rhythm, rate, axis, intervals and any "
+    "abnormalities, then give a final diagnosis."
+)
+
+
+class TextEncoder(Protocol):
+    """What the prompt needs of a tokenizer (runtime.tokenizer.Tokenizer fits)."""
+
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A two-separator chat template; `llava_v1` is the one PULSE uses."""
+
+    name: str
+    system: str
+    roles: tuple[str, str]
+    sep: str
+    image_marker: str = IMAGE_MARKER
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "system": self.system, "roles": list(self.roles), "sep": self.sep,
+                "image_marker": self.image_marker}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PromptTemplate:
+        try:
+            roles = tuple(d["roles"])
+            return cls(name=str(d["name"]), system=str(d["system"]), roles=(roles[0], roles[1]),
+                       sep=str(d["sep"]), image_marker=str(d.get("image_marker", IMAGE_MARKER)))
+        except (KeyError, IndexError, TypeError) as e:
+            raise PromptError(f"prompt template is malformed ({e!r}); expected keys name, system, roles, sep") from e
+
+
+LLAVA_V1 = PromptTemplate(name="llava_v1", system=LLAVA_V1_SYSTEM, roles=("USER", "ASSISTANT"), sep=" ")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One user question and, for past turns, the assistant's answer."""
+
+    question: str
+    answer: str | None = None
+
+
+def render_text(turns: Sequence[Turn], template: PromptTemplate = LLAVA_V1) -> str:
+    """The prompt as text (for display and logs); the image marker opens the first question."""
+    user, assistant = template.roles
+    text = template.system + template.sep
+    for i, turn in enumerate(turns):
+        question = f"{template.image_marker}\n{turn.question}" if i == 0 else turn.question
+        text += f"{user}: {question}{template.sep}{assistant}:"
+        if turn.answer is not None:
+            text += f" {turn.answer}</s>"
+    return text
+
+
+def prompt_ids(turns: Sequence[Turn], tokenizer: TextEncoder, template: PromptTemplate = LLAVA_V1) -> list[int]:
+    """Token ids of a whole conversation, with one IMAGE_SLOT before the first question.
+
+    [BOS] enc("{system} USER: ") [IMAGE_SLOT] enc("\\n{q1} ASSISTANT: {a1}") [EOS] enc("USER: {q2} ASSISTANT:")
+    """
+    if not turns:
+        raise PromptError("a prompt needs at least one question")
+    for turn in turns:
+        if template.image_marker in turn.question:
+            raise PromptError(f"the question must not contain {template.image_marker!r}: the image goes in once, "
+                              "before the first question")
+    if any(t.answer is None for t in turns[:-1]):
+        raise PromptError("only the last turn may be unanswered")
+    user, assistant = template.roles
+    ids = [tokenizer.bos_id, *tokenizer.encode(f"{template.system}{template.sep}{user}: "), IMAGE_SLOT]
+    for i, turn in enumerate(turns):
+        head = f"\n{turn.question}" if i == 0 else f"{user}: {turn.question}"
+        piece = f"{head}{template.sep}{assistant}:"
+        if turn.answer is not None:
+            ids += [*tokenizer.encode(f"{piece} {turn.answer}"), tokenizer.eos_id]
+        else:
+            ids += tokenizer.encode(piece)
+    return ids
+
+
+def continuation_ids(question: str, tokenizer: TextEncoder, *, close_previous: bool,
+                     template: PromptTemplate = LLAVA_V1) -> list[int]:
+    """Ids that follow the model's own previous answer in a cached multi-turn chat.
+
+    The previous answer normally ended with the model's EOS; when generation stopped on the
+    token limit instead, `close_previous` adds the EOS the template expects after an answer.
+    """
+    if template.image_marker in question:
+        raise PromptError(f"only the first question carries the image; remove {template.image_marker!r}")
+    user, assistant = template.roles
+    head = [tokenizer.eos_id] if close_previous else []
+    return head + tokenizer.encode(f"{user}: {question}{template.sep}{assistant}:")
+
+
+def image_slot_index(ids: Sequence[int]) -> int:
+    """Position of the single image slot; the splice replaces it by the image features."""
+    slots = [i for i, t in enumerate(ids) if t == IMAGE_SLOT]
+    if len(slots) != 1:
+        raise PromptError(f"a prompt must hold exactly one image slot, found {len(slots)}")
+    return slots[0]
+
+
+def spliced_length(ids: Sequence[int], num_image_tokens: int) -> int:
+    """Sequence length after the image slot is replaced by `num_image_tokens` embeddings."""
+    return len(ids) - 1 + num_image_tokens
