@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -222,6 +223,7 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> P
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write_checkpoint(work, spec)
+        _share_like_umask(work)
         if out.exists():
             out.rmdir()
         work.rename(out)
@@ -229,6 +231,14 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> P
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def _share_like_umask(root: Path) -> None:
+    """mkdtemp makes 0700 and safetensors 0600; a model store wants the user's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (root, *root.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _write_checkpoint(work: Path, spec: TinySpec) -> None:

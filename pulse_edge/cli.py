@@ -143,3 +143,7 @@ def render_ecg(out: Path, rhythm: str, seed: int, size: str, header: str | None)
     record = synthesize_ecg(rhythm, seed=seed)
     render(record, width_px=width, height_px=height, header=header).save(out)
     click.echo(f"wrote {out}: {record.description}")
+
+
+if __name__ == "__main__":
+    main()

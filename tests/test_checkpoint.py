@@ -219,13 +219,25 @@ def test_missing_files_are_named(tmp_path: Path, tiny_checkpoint: Path, victim: 
 
 @pytest.mark.slow
 def test_full_shape_checkpoint_loads_within_24_gib(tmp_path: Path) -> None:
-    """Write random weights of the real 7B shapes and load them in bf16; report peak memory."""
+    """Write random weights of the real 7B shapes, load them in bf16 and run the model once
+    (loading alone is lazy: safetensors maps the files), then report peak memory."""
     import resource
+
+    from PIL import Image
+
+    from pulse_edge.runtime.preprocess import preprocess
 
     root = make_tiny_checkpoint(tmp_path / "full", TinySpec(full_shape=True, dtype=torch.bfloat16))
     loaded = load_checkpoint(root, dtype=torch.bfloat16)
-    n_params = sum(p.numel() for p in loaded.model.parameters())
+    model = loaded.model
+    n_params = sum(p.numel() for p in model.parameters())
+    pre = preprocess(Image.new("RGB", (336, 336), "white"), loaded.config.image)
+    with torch.inference_mode():
+        features = model.vision_features(torch.from_numpy(pre.pixel_values[:1]))  # one tile: [1, 576, 4096]
+        logits = model.language_model(inputs_embeds=model.embed([1, -200, 5], features[0])).logits
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\nfull-shape load: {n_params / 1e9:.2f} B parameters in bf16, peak RSS {peak_gib:.1f} GiB")
+    print(f"\nfull-shape: {n_params / 1e9:.2f} B parameters in bf16, peak RSS {peak_gib:.1f} GiB "
+          "(write + load + one forward)")
+    assert logits.shape == (1, 578, 32000) and torch.isfinite(logits).all()
     assert 7.0e9 < n_params < 7.2e9
     assert peak_gib < 24

@@ -84,3 +84,23 @@ def test_make_tiny_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["make-tiny", str(tmp_path)])
     assert res.exit_code == 2 and "not empty" in res.stderr
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_prompt_longer_than_the_context_is_one_line(tiny_checkpoint: Path, ecg_png: Path) -> None:
+    question = "Describe the ST segment in every lead. " * 600  # far beyond 4096 - 2880 positions
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_checkpoint), "--question", question])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("pulse-edge: error: the prompt takes") and "context holds 4096" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+def test_interrupted_make_tiny_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.export.tiny as tiny
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # the user pressing Ctrl-C halfway through the shards
+
+    monkeypatch.setattr(tiny, "write_shards", broken)
+    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+    assert res.exit_code == 130
+    assert list(tmp_path.iterdir()) == []
