@@ -1,16 +1,16 @@
 """The `torch` backend: the reference model serving one ECG image and question.
 
     image -> preprocess (runtime) -> vision_features -> merge -> embed + splice
-          -> prefill (KV cache) -> decode_one_token ... (runtime.decode_loop)
+          -> prefill (KV cache) -> decode_one_token ... (runtime.Conversation)
 
-Preprocessing, prompt, sampling and the stop rules are the lean runtime's own,
-so this backend and the ONNX runtime differ only in the engine.
+Preprocessing, prompt, sampling, the stop rules and the timings are the lean
+runtime's own (`runtime.conversation`), so this backend and the ONNX runtime
+differ only in the engine.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +19,16 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, LlamaForCausalLM
 
-from pulse_edge.errors import ConfigError, PromptError
+from pulse_edge.errors import ConfigError
 from pulse_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint
+from pulse_edge.export.reference import PulseReference
 from pulse_edge.export.tokenizer_convert import convert_sentencepiece
-from pulse_edge.runtime.generation import decode_loop
-from pulse_edge.runtime.preprocess import preprocess
-from pulse_edge.runtime.prompt import DEFAULT_QUESTION, Turn, prompt_ids, spliced_length
-from pulse_edge.runtime.result import GenerationResult, Timings, decode_rate
-from pulse_edge.runtime.sampling import Sampler, SamplingParams
-from pulse_edge.runtime.tokenizer import StreamDecoder, Tokenizer
+from pulse_edge.runtime.conversation import Conversation
+from pulse_edge.runtime.preprocess import Preprocessed
+from pulse_edge.runtime.prompt import DEFAULT_QUESTION
+from pulse_edge.runtime.result import GenerationResult
+from pulse_edge.runtime.sampling import SamplingParams
+from pulse_edge.runtime.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,9 +51,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @torch.inference_mode()
-def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
-    """Run the whole prompt once; returns the last position's logits [V] and the filled cache."""
-    cache = DynamicCache(config=lm.config)
+def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor,
+            cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
+    """Append a whole chunk of embeddings to the cache (a new one if None); returns the last logits [V]."""
+    cache = cache if cache is not None else DynamicCache(config=lm.config)
     out = lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)  # [1, 1, V]
     return out.logits[0, -1], out.past_key_values
 
@@ -74,6 +76,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class TorchEngine:
+    """The reference model behind the runtime's `Engine` protocol (DynamicCache as the KV cache)."""
+
+    def __init__(self, model: PulseReference) -> None:
+        self.model = model
+        self.max_length = model.cfg.text.max_position_embeddings
+        self.length = 0
+        self._cache: DynamicCache | None = None
+
+    def reset(self) -> None:
+        self.length, self._cache = 0, None
+
+    @torch.inference_mode()
+    def image_features(self, pre: Preprocessed) -> torch.Tensor:
+        features = self.model.merge(self.model.vision_features(torch.from_numpy(pre.pixel_values)), pre.image_size)
+        _sync(self.model.device)
+        if features.shape[0] != pre.num_image_tokens:
+            raise RuntimeError(f"merge produced {features.shape[0]} image tokens, preprocessing "
+                               f"counted {pre.num_image_tokens}")
+        return features
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], image_features: torch.Tensor | None) -> np.ndarray:
+        embeds = self.model.embed(ids, image_features)
+        logits, self._cache = prefill(self.model.language_model, embeds, self._cache)
+        self.length += embeds.shape[1]
+        return _logits_to_numpy(logits)
+
+    def step(self, token: int) -> np.ndarray:
+        logits = decode_one_token(self.model.language_model, token, self._cache)
+        self.length += 1
+        return _logits_to_numpy(logits)
+
+
 @dataclass
 class TorchPipeline:
     """A loaded checkpoint ready to answer questions about ECG images."""
@@ -91,60 +127,15 @@ class TorchPipeline:
         return cls(loaded=loaded, tokenizer=tok)
 
     @property
-    def model(self):
+    def model(self) -> PulseReference:
         return self.loaded.model
+
+    def chat(self) -> Conversation:
+        """A multi-turn conversation; its first `ask` takes the image."""
+        return Conversation(TorchEngine(self.model), self.tokenizer, self.loaded.config.image, backend="torch")
 
     def generate(self, image: Image.Image, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
                  sampling: SamplingParams | None = None,
                  on_text: Callable[[str], None] | None = None) -> GenerationResult:
         """Answer one question about one image; `on_text` receives text as it is generated."""
-        cfg, model = self.loaded.config, self.loaded.model
-        device = model.device
-        t0 = time.perf_counter()
-        pre = preprocess(image, cfg.image)
-        ids = prompt_ids([Turn(question)], self.tokenizer)
-        length = spliced_length(ids, pre.num_image_tokens)
-        room = cfg.text.max_position_embeddings - length
-        if room < 1:
-            raise PromptError(f"the prompt takes {length} positions ({pre.num_image_tokens} for the image) but the "
-                              f"context holds {cfg.text.max_position_embeddings}; shorten the question")
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            features = model.merge(model.vision_features(torch.from_numpy(pre.pixel_values)), pre.image_size)
-            _sync(device)
-        if features.shape[0] != pre.num_image_tokens:
-            raise RuntimeError(f"merge produced {features.shape[0]} image tokens, preprocessing "
-                               f"counted {pre.num_image_tokens}")
-        t2 = time.perf_counter()
-        with torch.inference_mode():
-            logits, cache = prefill(model.language_model, model.embed(ids, features))
-            first = _logits_to_numpy(logits)
-        t3 = time.perf_counter()
-        stream = StreamDecoder(self.tokenizer)
-
-        def emit(token: int) -> None:
-            if on_text is not None and token != self.tokenizer.eos_id:
-                piece = stream.push(token)
-                if piece:
-                    on_text(piece)
-
-        def step(token: int) -> np.ndarray:
-            return _logits_to_numpy(decode_one_token(model.language_model, token, cache))
-
-        outcome = decode_loop(first, step, sampler=Sampler(sampling or SamplingParams()),
-                              eos_id=self.tokenizer.eos_id, max_new_tokens=max_new_tokens, room=room, on_token=emit)
-        if on_text is not None:
-            tail = stream.flush()
-            if tail:
-                on_text(tail)
-        generated = outcome.token_ids
-        timings = Timings(
-            preprocess_ms=(t1 - t0) * 1e3, vision_ms=(t2 - t1) * 1e3, prefill_ms=(t3 - t2) * 1e3,
-            decode_ms=outcome.decode_ms, decode_tokens_per_s=decode_rate(len(generated) - 1, outcome.decode_ms),
-            time_to_first_token_ms=(t3 - t0) * 1e3,
-        )
-        return GenerationResult(
-            text=self.tokenizer.decode([t for t in generated if t != self.tokenizer.eos_id]),
-            token_ids=generated, image_tokens=pre.num_image_tokens, prompt_tokens=length,
-            generated_tokens=len(generated), stop_reason=outcome.stop_reason, timings=timings, backend="torch",
-        )
+        return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)

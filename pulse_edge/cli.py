@@ -17,6 +17,7 @@ import click
 
 from pulse_edge import __version__
 from pulse_edge.errors import PulseEdgeError
+from pulse_edge.pipelines import open_pipeline
 
 BACKENDS = ("torch",)
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -43,12 +44,6 @@ def main(verbose: bool) -> None:
     """Run PULSE, the ECG-image LLM, on edge devices."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="pulse-edge: %(message)s",
                         stream=sys.stderr)
-
-
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
 
 
 @main.command()
@@ -79,10 +74,7 @@ def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_
 
     picture = load_image(image)  # bad input fails here, before any model is loaded
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    _quiet_transformers()
-    from pulse_edge.export.torch_backend import TorchPipeline
-
-    pipeline = TorchPipeline.from_checkpoint(model_dir, vision_tower=vision_tower, dtype=dtype, device=device)
+    pipeline = open_pipeline(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device)
 
     def stream(piece: str) -> None:
         click.echo(piece, nl=False)

@@ -1,0 +1,256 @@
+"""The decoder graph, built directly from the weights with ONNX Runtime's fused ops.
+
+A plain `torch.onnx` export of the LLaMA decoder gives separate MatMul /
+Softmax / rotary / norm nodes and a KV cache that grows by concatenation every
+step. This builder emits what ORT runs fastest instead:
+
+    inputs_embeds [1, S, H]  (float32; Cast to fp16 inside fp16 graphs)
+      layer i:
+        n_i, h_i = SkipSimplifiedLayerNorm(m_{i-1}, h_{i-1}, w_in)   (layer 0: SimplifiedLayerNorm)
+        qkv      = MatMul(n_i, W_qkv)                                 [1, S, (N + 2 KVN) D]
+        a, K, V  = GroupQueryAttention(qkv, past K_i, past V_i, seqlens_k, total_len, cos, sin)
+                   (RoPE inside; past and present share one [1, KVN, max_len, D] buffer)
+        n'_i, h'_i = SkipSimplifiedLayerNorm(MatMul(a, W_o), h_i, w_post)
+        g, u     = Split(MatMul(n'_i, W_gate_up))
+        m_i      = MatMul(g * Sigmoid(g) * u, W_down)
+      n = SkipSimplifiedLayerNorm(m_last, h'_last, w_norm) -> last position -> MatMul(W_lm) -> logits [1, 1, V] float32
+
+Weights stream from the reference model one tensor at a time into a single
+external-data file (offsets aligned to 4 KiB so ORT can map them), so the
+7B model is never held twice and the protobuf stays far below its 2 GB limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from transformers import LlamaForCausalLM
+
+from pulse_edge.export.config import PulseConfig
+
+IR_VERSION = 10  # ONNX Runtime 1.31 reads IR <= 13; 10 keeps older runtimes (Jetson builds) working
+OPSETS = (helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1))
+ALIGN = 4096
+PRECISION_DTYPES = {"fp32": (np.float32, TensorProto.FLOAT, "float32"),
+                    "fp16": (np.float16, TensorProto.FLOAT16, "float16")}
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float
+    max_length: int
+
+    @classmethod
+    def from_config(cls, cfg: PulseConfig, max_length: int) -> DecoderShape:
+        t = cfg.text
+        return cls(layers=t.num_layers, hidden=t.hidden_size, heads=t.num_heads, kv_heads=t.num_kv_heads,
+                   head_dim=t.head_dim, intermediate=t.intermediate_size, vocab=t.vocab_size, eps=t.rms_norm_eps,
+                   max_length=max_length)
+
+
+class ExternalData:
+    """Appends tensors to one raw file and returns initializers that point into it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._offset = 0
+
+    def initializer(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        pad = -self._offset % ALIGN
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", self._offset), ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self._file.write(memoryview(array).cast("B"))
+        self._offset += array.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Builder:
+    """Collects nodes and initializers; names are unique by construction (prefix per layer)."""
+
+    def __init__(self, data: ExternalData, np_dtype: type) -> None:
+        self.data, self.np_dtype = data, np_dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+
+    def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
+        array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
+        self.inits.append(self.data.initializer(name, array.astype(self.np_dtype, copy=False)))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> list[str]:
+        domain = "com.microsoft" if op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization") else ""
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+
+def _linear_t(*linears: torch.nn.Linear) -> np.ndarray:
+    """Torch Linear weights [out, in] (several packed along out) as one MatMul weight [in, sum(out)]."""
+    return np.concatenate([lin.weight.detach().float().numpy() for lin in linears], axis=0).T
+
+
+def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape) -> str:
+    """qkv MatMul -> GroupQueryAttention (rotary, shared KV buffer) -> output MatMul."""
+    attn = layer.self_attn
+    p = f"layers.{i}.attn"
+    wqkv = b.weight(f"{p}.qkv.weight", _linear_t(attn.q_proj, attn.k_proj, attn.v_proj))
+    (qkv,) = b.node("MatMul", [normed, wqkv], [f"{p}.qkv"], f"{p}/qkv")
+    (out, _, _) = b.node(
+        "GroupQueryAttention",
+        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+         "total_sequence_length", "rotary.cos", "rotary.sin"],
+        [f"{p}.out", f"present.{i}.key", f"present.{i}.value"], f"{p}/gqa",
+        num_heads=shape.heads, kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
+        scale=float(shape.head_dim ** -0.5))
+    wo = b.weight(f"{p}.o.weight", _linear_t(attn.o_proj))
+    return b.node("MatMul", [out, wo], [f"{p}.o"], f"{p}/o")[0]
+
+
+def _mlp(b: _Builder, layer: Any, i: int, normed: str) -> str:
+    """SwiGLU: one packed gate/up MatMul, SiLU(gate) * up, down MatMul."""
+    mlp = layer.mlp
+    p = f"layers.{i}.mlp"
+    wgu = b.weight(f"{p}.gate_up.weight", _linear_t(mlp.gate_proj, mlp.up_proj))
+    (gu,) = b.node("MatMul", [normed, wgu], [f"{p}.gate_up"], f"{p}/gate_up")
+    gate, up = b.node("Split", [gu], [f"{p}.gate", f"{p}.up"], f"{p}/split", axis=-1)
+    (sig,) = b.node("Sigmoid", [gate], [f"{p}.sig"], f"{p}/sigmoid")
+    (silu,) = b.node("Mul", [gate, sig], [f"{p}.silu"], f"{p}/silu")
+    (act,) = b.node("Mul", [silu, up], [f"{p}.act"], f"{p}/act")
+    wd = b.weight(f"{p}.down.weight", _linear_t(mlp.down_proj))
+    return b.node("MatMul", [act, wd], [f"{p}.down"], f"{p}/down")[0]
+
+
+def _skip_norm(b: _Builder, x: str, skip: str, weight: torch.Tensor, name: str, eps: float) -> tuple[str, str]:
+    """RMSNorm(x + skip) and the sum itself (the new residual stream)."""
+    w = b.weight(f"{name}.weight", weight)
+    normed, _, _, total = b.node("SkipSimplifiedLayerNormalization", [x, skip, w],
+                                 [f"{name}.out", "", "", f"{name}.sum"], f"{name}/skipnorm", epsilon=eps)
+    return normed, total
+
+
+def _rotary_tables(lm: LlamaForCausalLM, shape: DecoderShape) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_length, D/2] from the reference model's own rotary module (same float32 math)."""
+    positions = torch.arange(shape.max_length)[None]
+    probe = torch.zeros(1, dtype=torch.float32)
+    with torch.inference_mode():
+        cos, sin = lm.model.rotary_emb(probe, positions)  # [1, L, D] (halves repeated)
+    half = shape.head_dim // 2
+    return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+
+
+def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, precision: str = "fp32",
+                  file_name: str = "decoder.onnx") -> dict[str, Any]:
+    """Write `file_name` and `file_name.data`; return the graph's description for the manifest."""
+    np_dtype, onnx_dtype, dtype_name = PRECISION_DTYPES[precision]
+    data = ExternalData(out_dir / f"{file_name}.data")
+    b = _Builder(data, np_dtype)
+    try:
+        cos, sin = _rotary_tables(lm, shape)
+        b.weight("rotary.cos", cos)
+        b.weight("rotary.sin", sin)
+        hidden = "inputs_embeds"
+        if precision != "fp32":
+            (hidden,) = b.node("Cast", [hidden], ["embeds.cast"], "embeds/cast", to=onnx_dtype)
+        _layers(b, lm, shape, hidden)
+    finally:
+        data.close()
+    graph = helper.make_graph(b.nodes, "pulse_decoder", _inputs(shape, onnx_dtype), _outputs(shape, onnx_dtype),
+                              initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=list(OPSETS), ir_version=IR_VERSION,
+                              producer_name="pulse-edge")
+    onnx.save_model(model, str(out_dir / file_name))
+    return describe(shape, precision, dtype_name, file_name, out_dir)
+
+
+def _layers(b: _Builder, lm: LlamaForCausalLM, shape: DecoderShape, embeds: str) -> None:
+    residual, mlp_out = embeds, None
+    for i, layer in enumerate(lm.model.layers):
+        normed, residual = _input_norm(b, mlp_out, residual, layer.input_layernorm.weight, i, shape.eps)
+        attn_out = _attention(b, layer, i, normed, shape)
+        normed, residual = _skip_norm(b, attn_out, residual, layer.post_attention_layernorm.weight,
+                                      f"layers.{i}.post_norm", shape.eps)
+        mlp_out = _mlp(b, layer, i, normed)
+    final, _ = _skip_norm(b, mlp_out, residual, lm.model.norm.weight, "final_norm", shape.eps)
+    last = _last_position(b, final)
+    wlm = b.weight("lm_head.weight", _linear_t(lm.lm_head))
+    (logits,) = b.node("MatMul", [last, wlm], ["logits.raw"], "lm_head/matmul")
+    b.node("Cast", [logits], ["logits"], "logits/cast", to=TensorProto.FLOAT)
+
+
+def _input_norm(b: _Builder, mlp_out: str | None, residual: str, weight: torch.Tensor, i: int,
+                eps: float) -> tuple[str, str]:
+    """Layer 0 normalises the embeddings; later layers add the previous MLP output first."""
+    name = f"layers.{i}.input_norm"
+    if mlp_out is not None:
+        return _skip_norm(b, mlp_out, residual, weight, name, eps)
+    w = b.weight(f"{name}.weight", weight)
+    (normed,) = b.node("SimplifiedLayerNormalization", [residual, w], [f"{name}.out"], f"{name}/norm",
+                       epsilon=eps, axis=-1)
+    return normed, residual
+
+
+def _last_position(b: _Builder, hidden: str) -> str:
+    """Only the last position's logits are needed: saves S x V x H MACs in every prefill."""
+    for name, value in (("last.start", [-1]), ("last.end", [np.iinfo(np.int64).max]), ("last.axis", [1])):
+        b.inits.append(helper.make_tensor(name, TensorProto.INT64, [1], value))
+    return b.node("Slice", [hidden, "last.start", "last.end", "last.axis"], ["last_hidden"], "last/slice")[0]
+
+
+def _kv_names(shape: DecoderShape, kind: str) -> list[tuple[str, str]]:
+    prefix = "past_key_values" if kind == "past" else "present"
+    return [(f"{prefix}.{i}.{part}", part) for i in range(shape.layers) for part in ("key", "value")]
+
+
+def _inputs(shape: DecoderShape, kv_dtype: int) -> list[onnx.ValueInfoProto]:
+    kv = [1, shape.kv_heads, "max_length", shape.head_dim]
+    return [
+        helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "sequence", shape.hidden]),
+        *(helper.make_tensor_value_info(name, kv_dtype, kv) for name, _ in _kv_names(shape, "past")),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+
+
+def _outputs(shape: DecoderShape, kv_dtype: int) -> list[onnx.ValueInfoProto]:
+    kv = [1, shape.kv_heads, "max_length", shape.head_dim]
+    return [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, shape.vocab]),
+        *(helper.make_tensor_value_info(name, kv_dtype, kv) for name, _ in _kv_names(shape, "present")),
+    ]
+
+
+def describe(shape: DecoderShape, precision: str, kv_dtype: str, file_name: str, out_dir: Path) -> dict[str, Any]:
+    kv = [1, shape.kv_heads, "max_length", shape.head_dim]
+    inputs = [{"name": "inputs_embeds", "dtype": "float32", "shape": [1, "sequence", shape.hidden]},
+              *({"name": n, "dtype": kv_dtype, "shape": kv} for n, _ in _kv_names(shape, "past")),
+              {"name": "seqlens_k", "dtype": "int32", "shape": [1]},
+              {"name": "total_sequence_length", "dtype": "int32", "shape": []}]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": [1, 1, shape.vocab]},
+               *({"name": n, "dtype": kv_dtype, "shape": kv} for n, _ in _kv_names(shape, "present"))]
+    data_name = f"{file_name}.data"
+    return {"file": file_name, "engine": "onnx", "precision": precision, "inputs": inputs, "outputs": outputs,
+            "sizes": {file_name: (out_dir / file_name).stat().st_size,
+                      data_name: (out_dir / data_name).stat().st_size},
+            "extra": {"builder": "direct", "kv_shared_buffer": True}}

@@ -1,0 +1,137 @@
+"""ONNX Runtime engines for a bundle: the vision graph and the decoder with a preallocated KV cache.
+
+The decoder's cache is one key and one value buffer per layer, each
+[1, kv_heads, max_length, head_dim], allocated once. GroupQueryAttention
+reads the past from the same buffer it writes the present into (the buffers
+are bound as both input and output through IO binding), so no step copies
+or reallocates the cache. Only the new embeddings, two int32 scalars and the
+logits move per step; the logits land in a preallocated buffer too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.manifest import GraphSpec, KVLayout
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ConfigError("onnxruntime is not installed: pip install 'pulse-edge[cpu]' "
+                          "(or 'pulse-edge[gpu]' for CUDA / TensorRT)") from e
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Session options, chosen on purpose and exposed (`infer --threads/--opt-level`).
+
+    threads 0 means one per physical core as ORT counts them; decode is memory-bound,
+    so more threads than cores only add contention. The memory arena stays on: the
+    decoder's per-step temporaries have the same sizes every step and reuse it.
+    """
+
+    provider: str = "cpu"
+    threads: int = 0
+    opt_level: str = "all"
+    mem_arena: bool = True
+    device_id: int = 0
+    provider_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"provider {self.provider!r} is not one of {', '.join(PROVIDERS)}")
+        if self.opt_level not in OPT_LEVELS:
+            raise ConfigError(f"optimisation level {self.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
+
+
+def make_session(path: Path, config: SessionConfig) -> Any:
+    """An InferenceSession on exactly the asked provider: an absent provider is an error, never a fallback."""
+    ort = _ort()
+    wanted = PROVIDERS[config.provider]
+    if wanted not in ort.get_available_providers():
+        raise ConfigError(f"provider {config.provider!r} ({wanted}) is not available in this onnxruntime "
+                          f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                          "for cuda/tensorrt, or use --provider cpu")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{config.opt_level.upper()}"
+                                               if config.opt_level != "disable" else "ORT_DISABLE_ALL")
+    options.intra_op_num_threads = config.threads
+    options.inter_op_num_threads = 1  # one graph at a time: parallelism is inside the ops
+    options.enable_cpu_mem_arena = config.mem_arena
+    options.log_severity_level = 3
+    providers: list[Any] = [(wanted, dict(config.provider_options))] if config.provider != "cpu" else [wanted]
+    try:
+        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all Exception subclasses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path.name} cannot be loaded by onnxruntime ({first}); re-export the bundle") from e
+
+
+class VisionEngine:
+    """Tiles [K, 3, T, T] float32 -> features [K, P, H] float32."""
+
+    def __init__(self, bundle: Path, spec: GraphSpec, config: SessionConfig) -> None:
+        self.session = make_session(bundle / spec.file, config)
+
+    def run(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.session.run(["image_features"], {"pixel_values": pixel_values.astype(np.float32, copy=False)})[0]
+
+
+class DecoderEngine:
+    """The decoder with its KV cache: `forward` appends positions and returns the last logits."""
+
+    def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig) -> None:
+        ort = _ort()
+        self.session = make_session(bundle / spec.file, config)
+        self.kv = kv
+        self.length = 0  # positions of the cache that hold the current conversation
+        device = "cuda" if config.provider in ("cuda", "tensorrt") else "cpu"
+        dtype = NP_DTYPES[kv.dtype]
+        shape = [1, kv.kv_heads, kv.max_length, kv.head_dim]
+        self._binding = self.session.io_binding()
+        for i in range(kv.layers):
+            for part in ("key", "value"):
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, config.device_id)
+                self._binding.bind_ortvalue_input(f"past_key_values.{i}.{part}", buffer)
+                self._binding.bind_ortvalue_output(f"present.{i}.{part}", buffer)
+        self._logits = np.zeros((1, 1, vocab), np.float32)
+        self._binding.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape),
+                                  self._logits.ctypes.data)
+
+    @property
+    def room(self) -> int:
+        return self.kv.max_length - self.length
+
+    def reset(self) -> None:
+        """Start a new conversation; stale cache contents are never read (GQA masks by length)."""
+        self.length = 0
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        """embeds [1, S, H] float32 at positions [length, length + S) -> logits [V] of the last one."""
+        steps = embeds.shape[1]
+        if steps > self.room:
+            raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.kv.max_length}")
+        total = self.length + steps
+        self._binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        self._binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        self._binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        self.session.run_with_iobinding(self._binding)
+        self.length = total
+        return self._logits[0, -1]
