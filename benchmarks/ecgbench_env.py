@@ -1,0 +1,82 @@
+"""What a result was measured on: the machine and the model, for run records and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_PRECISION = "checkpoint (fp32/bf16/fp16 as run)"
+# PULSE-7B's decoder (Vicuna-7B): a model of another shape is a test model whatever its weights.
+PULSE_HIDDEN, PULSE_LAYERS = 4096, 32
+
+
+def machine_info() -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
+            "cores": os.cpu_count(), "ram_gib": _ram_gib()}
+
+
+def model_info(model_dir: str | Path) -> dict[str, Any]:
+    """Name, precision and decoder shape of a checkpoint or bundle directory (what can be read without loading it)."""
+    root = Path(model_dir)
+    manifest = _read_json(root / "manifest.json")
+    config = _read_json(root / "config.json")
+    if manifest is not None:
+        precision = str(manifest.get("precision") or CHECKPOINT_PRECISION)
+        hidden = _dig(manifest, "text", "hidden_size")
+        layers = _dig(manifest, "kv", "layers")
+    else:
+        precision = CHECKPOINT_PRECISION
+        text = config.get("text_config", config) if config else {}
+        hidden, layers = text.get("hidden_size"), text.get("num_hidden_layers")
+    full_shape = None if hidden is None or layers is None else (hidden == PULSE_HIDDEN and layers == PULSE_LAYERS)
+    return {"name": root.resolve().name, "path": str(root.resolve()), "precision": precision,
+            "hidden_size": hidden, "layers": layers, "full_shape": full_shape}
+
+
+def accuracy_warning(model: Mapping[str, Any]) -> str:
+    """The caveat every report carries about what its accuracy numbers can mean."""
+    if model.get("full_shape") is False:
+        return (f"TEST MODEL: hidden size {model.get('hidden_size')}, {model.get('layers')} layers is not "
+                "PULSE-7B's shape. These results exercise the pipeline only and are MEANINGLESS for accuracy.")
+    return ("Accuracy means something only if these are the real PULSE-7B weights: a random-weight model of the "
+            "full shape looks the same from here, and its results are meaningless for accuracy.")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to what Python knows
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _dig(data: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(key)
+    return data
