@@ -287,13 +287,13 @@ def check_memory(model: nn.Module, dtype: torch.dtype, device: str | torch.devic
     if torch.device(device).type != "cpu":
         return
     need = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
-    available = _mem_available_bytes()
+    available = mem_available_bytes()
     if available is not None and need > available:
         raise CheckpointError(f"the weights need {need / 2**30:.1f} GiB in {dtype} but only "
                               f"{available / 2**30:.1f} GiB is available; use --dtype bf16 or fp16")
 
 
-def _mem_available_bytes() -> int | None:
+def mem_available_bytes() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

@@ -61,6 +61,7 @@ class TinySpec:
     full_shape: bool = False
     dtype: torch.dtype = torch.float32
     shard_bytes: int = 5 * 2**30
+    layers: int | None = None  # decoder layers; e.g. the real width with 2 layers for benchmarks
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("merge", self.merge, MERGE_CHOICES), ("tower", self.tower, TOWER_CHOICES),
@@ -71,10 +72,14 @@ class TinySpec:
             raise ConfigError("the llava_next layout always unpads: use merge spatial_unpad")
         if self.layout == "llava_next" and self.tower != "inside":
             raise ConfigError("the llava_next layout always carries its vision tower inside")
+        if self.layers is not None and self.layers < 1:
+            raise ConfigError(f"layers must be >= 1, got {self.layers}")
 
 
 def model_config(spec: TinySpec, vocab_size: int) -> PulseConfig:
-    text = FULL_TEXT if spec.full_shape else TINY_TEXT
+    text = dict(FULL_TEXT if spec.full_shape else TINY_TEXT)
+    if spec.layers is not None:
+        text["num_layers"] = spec.layers
     vision = FULL_VISION if spec.full_shape else TINY_VISION
     tower_name = FULL_TOWER_NAME if spec.full_shape else (TOWER_DIR if spec.tower == "inside" else SEPARATE_TOWER_NAME)
     return PulseConfig(

@@ -16,10 +16,13 @@ from typing import Any
 import click
 
 from pulse_edge import __version__
+from pulse_edge.benchmarks.eval_cli import eval_group
 from pulse_edge.errors import PulseEdgeError
 from pulse_edge.pipelines import open_pipeline
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "ort", "torch")
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+OPT_LEVELS = ("disable", "basic", "extended", "all")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -42,16 +45,23 @@ class _Cli(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def main(verbose: bool) -> None:
     """Run PULSE, the ECG-image LLM, on edge devices."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="pulse-edge: %(message)s",
-                        stream=sys.stderr)
+    # Only pulse-edge's own logger: exporters and optimisers log plenty at INFO on the root logger.
+    logger = logging.getLogger("pulse_edge")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pulse-edge: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 @main.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="A PULSE checkpoint directory (original LLaVA or llava_next layout).")
+              help="A bundle (from `pulse-edge export`) or a PULSE checkpoint directory.")
 @click.option("--question", default=None, help="The question to ask; default: a full ECG interpretation.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: ort for a bundle, torch for a checkpoint.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The paper's evaluation uses 1024.")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
@@ -63,18 +73,32 @@ def main(verbose: bool) -> None:
               help="A local CLIP vision tower directory; takes precedence over the tower named in the config.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
               help="auto: fp16 on a GPU, fp32 on a CPU.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help="torch backend: auto, cpu, cuda or cuda:N.")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
+              help="ort backend: execution provider (cuda/tensorrt need onnxruntime-gpu; never a silent fallback).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ort backend: intra-op threads (0 = one per core).")
+@click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all", show_default=True,
+              help="ort backend: graph optimisation level.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None,
+              help="ort backend: prefill long prompts in chunks of N positions (default: one pass).")
+@click.option("--prepack/--no-prepack", default=True, show_default=True,
+              help="ort backend: let ORT repack weights (faster decode, but a second copy of the weights in RAM).")
 def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
-          device: str) -> None:
+          device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
+          prepack: bool) -> None:
     """Answer a question about one ECG image (PNG, JPEG, TIFF, BMP or the first page of a PDF)."""
     from pulse_edge.runtime.inputs import load_image
+    from pulse_edge.runtime.ort_engine import SessionConfig
     from pulse_edge.runtime.prompt import DEFAULT_QUESTION
     from pulse_edge.runtime.sampling import SamplingParams
 
     picture = load_image(image)  # bad input fails here, before any model is loaded
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    pipeline = open_pipeline(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device)
+    session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack)
+    pipeline = open_pipeline(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
+                             session=session, prefill_chunk=prefill_chunk)
 
     def stream(piece: str) -> None:
         click.echo(piece, nl=False)
@@ -87,10 +111,36 @@ def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_
         return
     click.echo()
     t = result.timings
-    click.echo(f"[{backend}: {result.image_tokens} image tokens, {result.prompt_tokens} prompt positions, "
+    click.echo(f"[{result.backend}: {result.image_tokens} image tokens, {result.prompt_tokens} prompt positions, "
                f"{result.generated_tokens} generated ({result.stop_reason}); preprocess {t.preprocess_ms:.0f} ms, "
                f"vision {t.vision_ms:.0f} ms, prefill {t.prefill_ms:.0f} ms, "
                f"decode {t.decode_tokens_per_s:.1f} tok/s]", err=True)
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="The bundle directory to create (must not exist or be empty).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--max-context", type=int, default=None,
+              help="KV cache length in positions (default: the model's 4096).")
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None,
+              help="A local CLIP vision tower directory; takes precedence over the tower named in the config.")
+@click.option("--validation", type=click.Choice(["standard", "quick"]), default="standard", show_default=True,
+              help="quick: short prefills only (the full 7B in fp32 on a small CPU).")
+def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | None, vision_tower: Path | None,
+               validation: str) -> None:
+    """Export a checkpoint to a validated bundle (ONNX graphs, tokenizer.json, manifest.json)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from pulse_edge.export.bundle import ExportOptions, export_bundle
+    from pulse_edge.export.validate import ValidationPlan
+
+    plan = ValidationPlan() if validation == "standard" else ValidationPlan.quick()
+    options = ExportOptions(precision=precision, max_context=max_context, vision_tower=vision_tower, plan=plan)
+    path = export_bundle(checkpoint, out, options)
+    click.echo(f"wrote {precision} bundle to {path} (validated against the torch reference)")
 
 
 @main.command("make-tiny")
@@ -104,14 +154,17 @@ def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_
               help="llava: PULSE's original format; llava_next: transformers' format.")
 @click.option("--full-shape", is_flag=True,
               help="Real PULSE-7B shapes (random, ~14 GB in bf16) for memory and speed tests.")
-def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, full_shape: bool) -> None:
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="Override the decoder's layer count (e.g. --full-shape --layers 2: real width, 2 layers).")
+def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, full_shape: bool,
+              layers: int | None) -> None:
     """Write a random PULSE-shaped checkpoint (original LLaVA layout) with a real SentencePiece tokenizer."""
     import torch
 
     from pulse_edge.export.tiny import TinySpec, make_tiny_checkpoint
 
     spec = TinySpec(seed=seed, merge=merge, tower=tower, layout=layout, full_shape=full_shape,
-                    dtype=torch.bfloat16 if full_shape else torch.float32)
+                    dtype=torch.bfloat16 if full_shape else torch.float32, layers=layers)
     path = make_tiny_checkpoint(out_dir, spec)
     click.echo(f"wrote {'full-shape' if full_shape else 'tiny'} random checkpoint to {path}")
 
@@ -136,6 +189,8 @@ def render_ecg(out: Path, rhythm: str, seed: int, size: str, header: str | None)
     render(record, width_px=width, height_px=height, header=header).save(out)
     click.echo(f"wrote {out}: {record.description}")
 
+
+main.add_command(eval_group)
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """One way to open a model, whatever serves it.
 
 A directory with a `manifest.json` is a pulse-edge bundle (served by the lean
-ONNX Runtime path, issue 3); a directory with a `config.json` is a checkpoint
-(served by the torch reference). Both answer `generate(...)` with the same
+ONNX Runtime path); a directory with a `config.json` is a checkpoint (served by
+the torch reference). Both answer `generate(...)` with the same
 `GenerationResult`, so the CLI, the ECGBench runner and the benchmarks do not
 care which one they hold.
 """
@@ -18,6 +18,7 @@ from pulse_edge.errors import ConfigError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from pulse_edge.runtime.ort_engine import SessionConfig
     from pulse_edge.runtime.result import GenerationResult
     from pulse_edge.runtime.sampling import SamplingParams
 
@@ -30,15 +31,27 @@ class Pipeline(Protocol):
                  on_text: Callable[[str], None] | None = ...) -> GenerationResult: ...
 
 
+BACKENDS = ("auto", "ort", "torch")
+
+
 def open_pipeline(model: str | Path, *, backend: str = "auto", vision_tower: str | Path | None = None,
-                  dtype: str = "auto", device: str = "auto") -> Pipeline:
-    """Open a checkpoint (torch backend). Heavy imports happen here, not at module import."""
+                  dtype: str = "auto", device: str = "auto", session: SessionConfig | None = None,
+                  prefill_chunk: int | None = None) -> Pipeline:
+    """A bundle opens with the lean ort backend; a checkpoint with torch. Heavy imports happen here only."""
     root = Path(model)
-    if backend not in ("auto", "torch"):
-        raise ConfigError(f"backend {backend!r} is not one of auto, torch")
-    if (root / "manifest.json").is_file():
-        raise ConfigError(f"{root} is a pulse-edge bundle; serving bundles needs the ort backend, "
-                          "which this version does not have yet: pass the checkpoint directory instead")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    is_bundle = (root / "manifest.json").is_file()
+    chosen = backend if backend != "auto" else ("ort" if is_bundle else "torch")
+    if chosen == "ort":
+        if not is_bundle:
+            raise ConfigError(f"{root} is not a pulse-edge bundle (no manifest.json): make one with "
+                              "`pulse-edge export`, or use --backend torch on a checkpoint")
+        from pulse_edge.runtime.pipeline import Pipeline as OrtPipeline
+
+        return OrtPipeline.from_bundle(root, session=session, prefill_chunk=prefill_chunk)
+    if is_bundle:
+        raise ConfigError(f"{root} is a bundle; the torch backend serves checkpoints: use --backend ort")
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -125,6 +125,10 @@ class _DecodeState:
 
     def _surface(self, token_id: int) -> tuple[str, bool]:
         """The text of a non-byte piece, and whether its dummy prefix was dropped."""
+        if not 0 <= token_id < len(self._table.pieces):
+            # A model's vocabulary can be padded past the tokenizer's (llava-hf: 32064 rows for
+            # 32002 pieces); such an id reads as unknown rather than crashing a running cart.
+            return _UNK_SURFACE, False
         piece = self._table.pieces[token_id]
         if token_id in self._table.controls:
             return ("" if self._skip_special else piece), False

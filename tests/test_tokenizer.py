@@ -397,3 +397,14 @@ def test_runtime_tokenizer_imports_nothing_heavy() -> None:
         if name.split(".")[0] not in sys.stdlib_module_names and name not in allowed_third_party
     }
     assert not heavy
+
+
+def test_ids_beyond_the_vocabulary_decode_as_unknown(runtime: Tokenizer) -> None:
+    """A model padded past the tokenizer's pieces must not crash decoding (or streaming)."""
+    from pulse_edge.runtime.tokenizer import StreamDecoder
+
+    ids = [*runtime.encode("Sinus rhythm"), runtime.vocab_size + 5]
+    text = runtime.decode(ids)
+    assert text.startswith("Sinus rhythm") and text.endswith(" \u2047 ")
+    stream = StreamDecoder(runtime)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == text

@@ -1,0 +1,200 @@
+"""`pulse-edge export`: a checkpoint in, a validated bundle out (DESIGN §4).
+
+    checkpoint ─ load (reference) ─┬─ vision.onnx   (tower + projector)     ─┐
+                                   ├─ decoder.onnx  (built from the weights) ├─ validate ─ manifest.json ─ rename
+                                   ├─ embed_tokens.npy                       │
+                                   └─ tokenizer.json (from tokenizer.model) ─┘
+
+Everything is written into a hidden temporary directory beside the target and
+renamed into place only after validation passed: an interrupted or failed
+export leaves nothing half-written under the bundle's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pulse_edge import __version__
+from pulse_edge.errors import ConfigError, PulseEdgeError
+from pulse_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint, mem_available_bytes, shard_files
+from pulse_edge.export.onnx_decoder import DecoderShape, build_decoder
+from pulse_edge.export.onnx_vision import export_vision_graph, validate_vision_graph
+from pulse_edge.export.tokenizer_convert import write_tokenizer_json
+from pulse_edge.export.validate import ValidationPlan, validate_decoder, validate_greedy
+from pulse_edge.runtime.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, Manifest
+from pulse_edge.runtime.ort_engine import SessionConfig
+from pulse_edge.runtime.preprocess import image_token_count
+from pulse_edge.runtime.prompt import LLAVA_V1
+
+log = logging.getLogger(__name__)
+
+EXPORT_PRECISIONS = ("fp32", "fp16")
+PROMPT_MARGIN = 256  # room for the question and the answer beside the image
+GREEDY_PAGES = ((2200, 1700), (1400, 700))  # a letter print (2880 image tokens), a half-page strip (1728)
+KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
+TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+GREEDY_QUESTIONS = ("What is the rhythm?", "Interpret this ECG.")
+
+
+class ExportValidationError(PulseEdgeError):
+    """An exported graph disagrees with the torch reference beyond its tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    max_context: int | None = None
+    vision_tower: Path | None = None
+    plan: ValidationPlan = field(default_factory=ValidationPlan)
+
+    def __post_init__(self) -> None:
+        if self.precision not in EXPORT_PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(EXPORT_PRECISIONS)}")
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
+    """Export, validate, then move the bundle into place; refuses to overwrite a non-empty directory."""
+    options = options or ExportOptions()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty directory; choose a new bundle directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _export_into(Path(checkpoint), work, options)
+        work.chmod(0o755)
+        if out.exists():
+            out.rmdir()
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
+    loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=_reference_dtype(checkpoint))
+    max_context = _max_context(loaded, options.max_context)
+    model = loaded.model
+    shape = DecoderShape.from_config(loaded.config, max_length=max_context)
+    log.info("exporting the vision graph (%s)", options.precision)
+    vision = _graph_entry(export_vision_graph(model, work, precision=options.precision), work)
+    log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
+    decoder = build_decoder(model.language_model, shape, work, precision=options.precision)
+    table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
+    np.save(work / "embed_tokens.npy", table.astype(TABLE_DTYPES[options.precision]))
+    write_tokenizer_json(loaded.tokenizer_model, work / "tokenizer.json")
+    manifest = _manifest(loaded, options, vision, decoder, max_context, validation={})
+    _write_manifest(work, manifest)
+    validation = _validate(loaded, work, manifest, options)
+    _write_manifest(work, _manifest(loaded, options, vision, decoder, max_context, validation=validation))
+    if not validation["pass"]:
+        failed = [k for k, v in validation.items() if isinstance(v, dict) and not v.get("pass", True)]
+        raise ExportValidationError(f"the exported {', '.join(failed)} disagree(s) with the torch reference beyond "
+                                    f"the {options.precision} tolerance; nothing was written (see --verbose)")
+
+
+def _graph_entry(desc: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The vision exporter's description, in the manifest's graph form (engine, file sizes, extras)."""
+    files = [desc["file"], *([desc["external_data"]] if desc.get("external_data") else [])]
+    core = {"file", "external_data", "precision", "inputs", "outputs"}
+    return {"file": desc["file"], "engine": "onnx", "precision": desc["precision"], "inputs": desc["inputs"],
+            "outputs": desc["outputs"], "sizes": {f: (work / f).stat().st_size for f in files},
+            "extra": {k: v for k, v in desc.items() if k not in core}}
+
+
+def _reference_dtype(checkpoint: Path) -> torch.dtype:
+    """fp32 when it fits with room to spare, else the checkpoint's own dtype (its files map in place)."""
+    index = checkpoint / "model.safetensors.index.json"
+    total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.is_file() else None
+    available = mem_available_bytes()
+    if total is None or available is None or total * 2 < 0.4 * available:
+        return torch.float32
+    return torch.bfloat16
+
+
+def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:
+    """The KV length: at most the model's positions, at least the smallest image plus a short exchange."""
+    limit = loaded.config.text.max_position_embeddings
+    layout = loaded.config.image
+    smallest = min(image_token_count((w, h), layout) for w, h in layout.grid_pinpoints)
+    value = limit if asked is None else asked
+    if not smallest + PROMPT_MARGIN <= value <= limit:
+        raise ConfigError(f"--max-context must be between {smallest + PROMPT_MARGIN} (the smallest image takes "
+                          f"{smallest} tokens) and the model's {limit}, got {value}")
+    return value
+
+
+def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions) -> dict[str, Any]:
+    from pulse_edge.calibration.ecg_render import render_ecg
+    from pulse_edge.calibration.ecg_signals import synthesize_ecg
+    from pulse_edge.export.torch_backend import TorchPipeline
+    from pulse_edge.runtime.pipeline import Pipeline
+    from pulse_edge.runtime.tokenizer import Tokenizer
+
+    model, reference_dtype = loaded.model, loaded.model.dtype
+    room = manifest.kv.max_length - PROMPT_MARGIN
+    pages = [p for p in GREEDY_PAGES if image_token_count(p, manifest.image) <= room][:1] or [GREEDY_PAGES[-1]]
+    level = options.precision if reference_dtype == torch.float32 else "fp16"  # a bf16 oracle is itself ~1e-2 off
+    vision = validate_vision_graph(model, work / manifest.graphs["vision"].file)
+    decoder = validate_decoder(model.language_model, work, manifest.graphs["decoder"], manifest.kv,
+                               precision=level, plan=options.plan)
+    reference = TorchPipeline(loaded, Tokenizer.from_file(work / manifest.tokenizer))
+    images = [render_ecg(synthesize_ecg(rhythm, seed=7), width_px=pages[0][0], height_px=pages[0][1])
+              for rhythm in ("sinus", "afib")]
+    pairs = [(image, question) for image in images for question in GREEDY_QUESTIONS][:options.plan.greedy_runs]
+    candidate = Pipeline.from_bundle(work, session=SessionConfig(prepack=False))
+    greedy = validate_greedy(reference, candidate, pairs, tokens=options.plan.greedy_tokens,
+                             require_equal=level == "fp32")
+    return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "tolerance_level": level,
+            "vision": vision, "decoder": decoder, "greedy": greedy,
+            "pass": bool(vision.get("pass") and decoder["pass"] and greedy["pass"])}
+
+
+def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: dict[str, Any], decoder: dict[str, Any],
+              max_context: int, validation: dict[str, Any]) -> Manifest:
+    cfg = loaded.config
+    return Manifest.from_dict({
+        "format": FORMAT, "version": MANIFEST_VERSION, "precision": options.precision,
+        "graphs": {"vision": vision, "decoder": decoder},
+        "kv": {"layers": cfg.text.num_layers, "kv_heads": cfg.text.num_kv_heads, "head_dim": cfg.text.head_dim,
+               "dtype": KV_DTYPES[options.precision], "max_length": max_context},
+        "text": {"hidden_size": cfg.text.hidden_size, "vocab_size": cfg.text.vocab_size, "bos_id": cfg.text.bos_id,
+                 "eos_id": cfg.text.eos_id, "max_position_embeddings": cfg.text.max_position_embeddings},
+        "embedding": {"file": "embed_tokens.npy", "dtype": np.dtype(TABLE_DTYPES[options.precision]).name,
+                      "shape": [cfg.text.vocab_size, cfg.text.hidden_size]},
+        "image": cfg.image.to_dict(), "prompt": LLAVA_V1.to_dict(), "tokenizer": "tokenizer.json",
+        "source": _source(loaded), "created_by": f"pulse-edge {__version__}",
+        "validation": validation, "calibration": None,
+    })
+
+
+def _source(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    """Where the bundle came from: the checkpoint's path, layout, and a sha256 over its config and weights."""
+    digest = hashlib.sha256()
+    for path in [loaded.root / "config.json", *shard_files(loaded.root)]:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return {"checkpoint": str(loaded.root.resolve()), "layout": loaded.config.layout,
+            "sha256": digest.hexdigest(), "vision_tower": loaded.config.vision_tower_name}
+
+
+def _write_manifest(work: Path, manifest: Manifest) -> None:
+    (work / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

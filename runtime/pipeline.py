@@ -1,0 +1,108 @@
+"""`Pipeline.from_bundle(dir)`: PULSE served from a bundle by ONNX Runtime, lean (numpy, pillow, tokenizers).
+
+    image -> preprocess -> vision graph [K, 576, H] -> flat merge [K*576, H]
+          -> table[ids] around the image slot = inputs_embeds [1, L, H]
+          -> decoder graph (KV cache in place) -> logits -> sample -> table[token] -> ...
+
+The token embedding table is a .npy file mapped into memory: a lookup reads
+only the rows it needs, and the 500 MB table of the 7B model is never copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.conversation import Conversation
+from pulse_edge.runtime.manifest import Manifest, read_manifest
+from pulse_edge.runtime.ort_engine import DecoderEngine, SessionConfig, VisionEngine
+from pulse_edge.runtime.preprocess import Preprocessed
+from pulse_edge.runtime.prompt import DEFAULT_QUESTION, image_slot_index
+from pulse_edge.runtime.result import GenerationResult
+from pulse_edge.runtime.sampling import SamplingParams
+from pulse_edge.runtime.tokenizer import Tokenizer
+
+MERGES_SERVED = ("flat",)
+
+
+class OrtEngine:
+    """The bundle's two graphs and embedding table behind the `Engine` protocol."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, config: SessionConfig, *,
+                 prefill_chunk: int | None = None) -> None:
+        if manifest.image.merge not in MERGES_SERVED:
+            raise ConfigError(f"this runtime serves the {', '.join(MERGES_SERVED)} merge (PULSE's); the bundle "
+                              f"uses {manifest.image.merge!r}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ConfigError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
+        self.vision = VisionEngine(bundle, manifest.graphs["vision"], config)
+        self.decoder = DecoderEngine(bundle, manifest.graphs["decoder"], manifest.kv, manifest.text.vocab_size,
+                                     config)
+        self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
+        self.max_length = manifest.kv.max_length
+        self.prefill_chunk = prefill_chunk
+
+    @property
+    def length(self) -> int:
+        return self.decoder.length
+
+    def reset(self) -> None:
+        self.decoder.reset()
+
+    def image_features(self, pre: Preprocessed) -> np.ndarray:
+        features = self.vision.run(pre.pixel_values)  # [K, P, H]
+        return features.reshape(-1, features.shape[-1])  # flat merge: base, then tiles row-major
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)  # [S, H]
+
+    def prefill(self, ids: Sequence[int], image_features: np.ndarray | None) -> np.ndarray:
+        if image_features is None:
+            embeds = self.embed(ids)
+        else:
+            slot = image_slot_index(ids)
+            embeds = np.concatenate([self.embed(ids[:slot]), image_features, self.embed(ids[slot + 1:])])
+        chunk = self.prefill_chunk or embeds.shape[0]
+        logits = None
+        for start in range(0, embeds.shape[0], chunk):
+            logits = self.decoder.forward(embeds[None, start:start + chunk])
+        return logits.copy()  # the decoder reuses its logits buffer on the next run
+
+    def step(self, token: int) -> np.ndarray:
+        return self.decoder.forward(self.embed([token])[None])
+
+
+@dataclass
+class Pipeline:
+    """A bundle loaded into ONNX Runtime, answering questions about ECG images."""
+
+    bundle: Path
+    manifest: Manifest
+    tokenizer: Tokenizer
+    engine: OrtEngine
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, *, session: SessionConfig | None = None,
+                    prefill_chunk: int | None = None) -> Pipeline:
+        root = Path(bundle)
+        manifest = read_manifest(root)
+        tokenizer = Tokenizer.from_file(root / manifest.tokenizer)
+        if (tokenizer.bos_id, tokenizer.eos_id) != (manifest.text.bos_id, manifest.text.eos_id):
+            raise ConfigError(f"{root}: the tokenizer's <s>/</s> ids differ from the manifest's; re-export the bundle")
+        engine = OrtEngine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
+        return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine)
+
+    def chat(self) -> Conversation:
+        """A multi-turn conversation (ECG Arena style); the cache is kept between its turns."""
+        return Conversation(self.engine, self.tokenizer, self.manifest.image, backend="ort",
+                            template=self.manifest.prompt)
+
+    def generate(self, image: Image.Image, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
+                 sampling: SamplingParams | None = None,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
