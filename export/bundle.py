@@ -27,12 +27,14 @@ import torch
 from pulse_edge import __version__
 from pulse_edge.errors import ConfigError, PulseEdgeError
 from pulse_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint, mem_available_bytes, shard_files
+from pulse_edge.export.config import read_config
 from pulse_edge.export.onnx_decoder import DecoderShape, build_decoder
 from pulse_edge.export.onnx_vision import export_vision_graph, validate_vision_graph
 from pulse_edge.export.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.validate import ValidationPlan, validate_decoder, validate_greedy
 from pulse_edge.runtime.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, Manifest
 from pulse_edge.runtime.ort_engine import SessionConfig
+from pulse_edge.runtime.pipeline import MERGES_SERVED
 from pulse_edge.runtime.preprocess import image_token_count
 from pulse_edge.runtime.prompt import LLAVA_V1
 
@@ -83,6 +85,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
 
 def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
+    merge = read_config(checkpoint).image.merge
+    if merge not in MERGES_SERVED:
+        raise ConfigError(f"{checkpoint} uses the {merge!r} merge; bundles serve {', '.join(MERGES_SERVED)} "
+                          "(PULSE's) for now: run this checkpoint with --backend torch")
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=_reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
     model = loaded.model

@@ -174,3 +174,12 @@ def test_serving_a_bundle_never_imports_torch(tiny_bundle: Path, ecg_png: Path) 
             "print(r.generated_tokens, [m for m in ('torch', 'transformers', 'triton') if m in sys.modules])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split(maxsplit=1) == ["3", "[]\n"]
+
+
+def test_unpad_checkpoints_are_refused_before_any_work(tmp_path: Path) -> None:
+    from pulse_edge.export.tiny import TinySpec, make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "unpad", TinySpec(merge="spatial_unpad"))
+    with pytest.raises(ConfigError, match="'spatial_unpad' merge; bundles serve flat"):
+        export_bundle(ckpt, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
