@@ -60,18 +60,19 @@ class Conversation:
         self.template, self.backend = template, backend
         self._pending: int | None = None  # the last generated token, not yet in the cache
         self._last_stop = "eos"
-        self._image: Image.Image | None = None
+        self._opened = False  # the image and first question are in the cache
         engine.reset()
 
     def ask(self, question: str, image: Image.Image | None = None, *, max_new_tokens: int = 1024,
             sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None) -> GenerationResult:
         """The first question needs the image; follow-ups must not pass one."""
         t0 = time.perf_counter()
-        prompt = self._first_prompt(question, image) if self._image is None else self._follow_up(question, image)
+        prompt = self._follow_up(question, image) if self._opened else self._first_prompt(question, image)
         t1 = time.perf_counter()
         features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None
         t2 = time.perf_counter()
         logits = self.engine.prefill(prompt.ids, features)
+        self._opened = True
         t3 = time.perf_counter()
         stream = StreamDecoder(self.tokenizer)
         outcome = decode_loop(logits, self.engine.step, sampler=Sampler(sampling or SamplingParams()),
@@ -98,7 +99,6 @@ class Conversation:
         ids = prompt_ids([Turn(question)], self.tokenizer, self.template)
         prompt = _Prompt(ids=ids, pre=pre, positions=spliced_length(ids, pre.num_image_tokens))
         self._check_room(prompt, image_tokens=pre.num_image_tokens)
-        self._image = image
         return prompt
 
     def _follow_up(self, question: str, image: Image.Image | None) -> _Prompt:
