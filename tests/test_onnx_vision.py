@@ -31,6 +31,8 @@ from pulse_edge.export.tiny import FULL_VOCAB, TinySpec, model_config, random_te
 
 pytest.importorskip("onnxscript", reason="torch's dynamo ONNX exporter needs onnxscript")
 
+KEYS = ("fp32", "fp16", "fp32-fused", "fp16-fused")
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint: Path) -> PulseReference:
@@ -39,11 +41,11 @@ def tiny_model(tiny_checkpoint: Path) -> PulseReference:
 
 @pytest.fixture(scope="module")
 def graphs(tiny_model: PulseReference, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
-    """{precision: (graph path, description)} of the optimized exports, plus the plain fp32 one."""
+    """{key: (graph path, description)}: "fp32"/"fp16" plain (the default), "fp32-fused"/"fp16-fused" optimized."""
     out: dict[str, tuple[Path, dict]] = {}
-    for key, precision, optimize in (("fp32", "fp32", True), ("fp16", "fp16", True), ("plain", "fp32", False)):
+    for key in KEYS:
         folder = tmp_path_factory.mktemp(f"vision-{key}")
-        description = export_vision_graph(tiny_model, folder, precision=precision, optimize=optimize)
+        description = export_vision_graph(tiny_model, folder, precision=key[:4], optimize=key.endswith("fused"))
         out[key] = (folder / description["file"], description)
     return out
 
@@ -53,7 +55,7 @@ def _run(path: Path, pixels: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
 
 
-@pytest.mark.parametrize("key", ["fp32", "fp16", "plain"])
+@pytest.mark.parametrize("key", KEYS)
 def test_description_matches_the_file(graphs: dict[str, tuple[Path, dict]], tiny_model: PulseReference,
                                       key: str) -> None:
     path, description = graphs[key]
@@ -61,7 +63,7 @@ def test_description_matches_the_file(graphs: dict[str, tuple[Path, dict]], tiny
     proto = onnx.load(str(path))
     hidden = tiny_model.cfg.text.hidden_size
     assert description["file"] == path.name == "vision.onnx"
-    assert description["precision"] == ("fp16" if key == "fp16" else "fp32")
+    assert description["precision"] == key[:4]
     assert description["external_data"] is None  # the tiny model stays inline
     assert description["inputs"] == [{"name": INPUT_NAME, "dtype": "float32", "shape": ["tiles", 3, 336, 336]}]
     assert description["outputs"] == [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["tiles", 576, hidden]}]
@@ -74,20 +76,20 @@ def test_description_matches_the_file(graphs: dict[str, tuple[Path, dict]], tiny
 def test_optimized_graphs_carry_ort_fusions_and_plain_ones_none(graphs: dict[str, tuple[Path, dict]],
                                                                 tiny_model: PulseReference) -> None:
     layers = tiny_model.cfg.vision.layers_used
-    for key in ("fp32", "fp16"):
-        description = graphs[key][1]
-        assert description["optimized"] is True
-        assert description["fusions"]["Attention"] == layers
-        assert description["fusions"]["QuickGelu"] == layers
-        assert description["fusions"]["BiasGelu"] == 1  # the projector's bias + GELU(erf)
-    assert graphs["plain"][1]["optimized"] is False
-    assert graphs["plain"][1]["fusions"] == {}
-    plain_ops = {n.domain for n in onnx.load(str(graphs["plain"][0])).graph.node}
-    assert plain_ops <= {""}, "the plain graph must use standard ops only (TensorRT parses it)"
+    for precision in ("fp32", "fp16"):
+        fused, plain = graphs[f"{precision}-fused"][1], graphs[precision][1]
+        assert fused["optimized"] is True
+        assert fused["fusions"]["Attention"] == layers
+        assert fused["fusions"]["QuickGelu"] == layers
+        assert fused["fusions"]["BiasGelu"] == 1  # the projector's bias + GELU(erf)
+        assert plain["optimized"] is False and plain["fusions"] == {}
+        domains = {n.domain for n in onnx.load(str(graphs[precision][0])).graph.node}
+        assert domains <= {""}, "the plain graph must use standard ops only (TensorRT parses it)"
 
 
-def test_fp16_graph_computes_in_fp16_behind_float32_casts(graphs: dict[str, tuple[Path, dict]]) -> None:
-    graph = onnx.load(str(graphs["fp16"][0])).graph
+@pytest.mark.parametrize("key", ["fp16", "fp16-fused"])
+def test_fp16_graph_computes_in_fp16_behind_float32_casts(graphs: dict[str, tuple[Path, dict]], key: str) -> None:
+    graph = onnx.load(str(graphs[key][0])).graph
     float_weights = {t.data_type for t in graph.initializer if t.data_type in (onnx.TensorProto.FLOAT,
                                                                                onnx.TensorProto.FLOAT16)}
     assert float_weights == {onnx.TensorProto.FLOAT16}
@@ -99,7 +101,7 @@ def test_fp16_graph_computes_in_fp16_behind_float32_casts(graphs: dict[str, tupl
     assert onnx.helper.get_attribute_value(producer.attribute[0]) == onnx.TensorProto.FLOAT
 
 
-@pytest.mark.parametrize("key", ["fp32", "fp16", "plain"])
+@pytest.mark.parametrize("key", KEYS)
 def test_one_graph_serves_any_number_of_tiles(graphs: dict[str, tuple[Path, dict]], tiny_model: PulseReference,
                                               key: str) -> None:
     session = ort.InferenceSession(str(graphs[key][0]), providers=["CPUExecutionProvider"])
@@ -109,17 +111,28 @@ def test_one_graph_serves_any_number_of_tiles(graphs: dict[str, tuple[Path, dict
         assert out.shape == (tiles, 576, tiny_model.cfg.text.hidden_size)
 
 
-@pytest.mark.parametrize("key", ["fp32", "fp16", "plain"])
+@pytest.mark.parametrize("key", KEYS)
 def test_parity_with_the_torch_reference(graphs: dict[str, tuple[Path, dict]], tiny_model: PulseReference,
                                          key: str) -> None:
     report = validate_vision_graph(tiny_model, graphs[key][0], tile_counts=(1, 2, 5))
-    tolerance = FP16_TOLERANCE if key == "fp16" else FP32_TOLERANCE
+    tolerance = FP16_TOLERANCE if key.startswith("fp16") else FP32_TOLERANCE
     assert report["pass"] is True, report
     assert report["tolerance"] == {"max_rel_err": tolerance.max_rel_err, "min_cosine": tolerance.min_cosine}
     assert [s["tiles"] for s in report["shapes"]] == [1, 2, 5]
     for shape in report["shapes"]:
         assert shape["max_rel_err"] <= tolerance.max_rel_err and shape["cosine"] >= tolerance.min_cosine
         assert shape["max_abs_err"] > 0  # a real comparison, not a graph compared with itself
+
+
+def test_a_bf16_model_is_validated_against_an_fp32_copy_of_its_weights(tiny_model: PulseReference,
+                                                                         tmp_path: Path) -> None:
+    """The bundle loads big checkpoints in bf16; the fp32 graph of those weights must still pass fp32 parity."""
+    bf16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    export_vision_graph(bf16, tmp_path)
+    report = validate_vision_graph(bf16, tmp_path / "vision.onnx", tile_counts=(2,))
+    assert report["pass"] is True, report
+    assert report["precision"] == "fp32" and report["reference"] == "fp32 copy of the torch.bfloat16 weights"
+    assert bf16.dtype == torch.bfloat16
 
 
 def test_fp16_tolerance_is_looser_than_fp32() -> None:
@@ -146,13 +159,14 @@ def test_a_wrong_shape_fails_without_raising() -> None:
 
 def test_external_data_when_forced_and_no_stale_file_after(tiny_model: PulseReference, tmp_path: Path,
                                                            graphs: dict[str, tuple[Path, dict]]) -> None:
-    external = export_vision_graph(tiny_model, tmp_path, optimize=True, external_data_threshold=0)
+    external = export_vision_graph(tiny_model, tmp_path, external_data_threshold=0)
     graph, data = tmp_path / "vision.onnx", tmp_path / "vision.onnx.data"
     assert external["external_data"] == "vision.onnx.data" and data.is_file()
     assert data.stat().st_size > graph.stat().st_size
+    assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777  # not onnx's private 0600
     pixels = random_pixel_values(2, tiny_model.cfg.image, seed=3)
     np.testing.assert_allclose(_run(graph, pixels), _run(graphs["fp32"][0], pixels), rtol=0, atol=1e-6)
-    inline = export_vision_graph(tiny_model, tmp_path, optimize=True)  # same folder, now small enough
+    inline = export_vision_graph(tiny_model, tmp_path)  # same folder, now small enough
     assert inline["external_data"] is None and not data.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.onnx"]  # no temporary folder left
 
@@ -168,7 +182,8 @@ def test_export_leaves_the_model_as_it_was(tiny_model: PulseReference, tmp_path:
 
 
 def test_timing_reports_median_min_max_per_graph_and_tile_count(graphs: dict[str, tuple[Path, dict]]) -> None:
-    times = time_vision_graphs({"plain": graphs["plain"][0], "fused": graphs["fp32"][0]}, tile_counts=(1, 2), rounds=2)
+    times = time_vision_graphs({"plain": graphs["fp32"][0], "fused": graphs["fp32-fused"][0]}, tile_counts=(1, 2),
+                               rounds=2)
     assert sorted(times) == ["fused", "plain"]
     for per_tiles in times.values():
         assert sorted(per_tiles) == [1, 2]
@@ -198,7 +213,7 @@ def _real_shape_vision_model() -> PulseReference:
 @pytest.mark.slow
 def test_real_shape_export_writes_external_data_and_matches(tmp_path: Path) -> None:
     model = _real_shape_vision_model()
-    description: dict[str, Any] = export_vision_graph(model, tmp_path)
+    description: dict[str, Any] = export_vision_graph(model, tmp_path, optimize=True)
     assert description["external_data"] == "vision.onnx.data"
     assert description["outputs"][0]["shape"] == ["tiles", 576, 4096]
     assert description["fusions"]["Attention"] == 23
