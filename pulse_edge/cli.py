@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from pulse_edge import __version__
+from pulse_edge.benchmarks.bench_cli import bench_group
 from pulse_edge.benchmarks.eval_cli import eval_group
 from pulse_edge.errors import PulseEdgeError
 from pulse_edge.pipelines import open_pipeline
@@ -191,6 +192,7 @@ def render_ecg(out: Path, rhythm: str, seed: int, size: str, header: str | None)
 
 
 main.add_command(eval_group)
+main.add_command(bench_group)
 
 if __name__ == "__main__":
     main()
