@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,17 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
 
     plan = ValidationPlan() if validation == "standard" else ValidationPlan.quick()
     options = ExportOptions(precision=precision, max_context=max_context, vision_tower=vision_tower, plan=plan)
-    path = export_bundle(checkpoint, out, options)
+    exporter_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = exporter_log.level
+    try:
+        # torch's exporter warns about torchvision ops and trips its own pytree deprecation:
+        # nothing a user exporting PULSE can act on.
+        exporter_log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            path = export_bundle(checkpoint, out, options)
+    finally:
+        exporter_log.setLevel(level)
     click.echo(f"wrote {precision} bundle to {path} (validated against the torch reference)")
 
 
