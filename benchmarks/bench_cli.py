@@ -69,18 +69,31 @@ def bench_group() -> None:
 @click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Array size for the memory bandwidth measurement (far above the caches).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Write latency.md, latency.json and latency.png (the per-stage breakdown) into this directory.")
 def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new_tokens: int, backend: str,
-                    provider: str, threads: int, bandwidth_mib: int, json_path: Path | None) -> None:
+                    provider: str, threads: int, bandwidth_mib: int, json_path: Path | None,
+                    report_dir: Path | None) -> None:
     """Preprocess, vision, time to first token, decode tok/s (p50/p95) on rendered 12-lead prints,
     beside the memory-bandwidth roofline measured on this machine."""
     from pulse_edge.benchmarks.latency import LatencyConfig, latency_table, parse_sizes, run_latency
 
+    if report_dir is not None:
+        from pulse_edge.benchmarks.ecgbench_report import require_plotting
+
+        require_plotting()  # fail before a long run, not after it
     config = LatencyConfig(model=model_dir, runs=runs, warmup=warmup, sizes=parse_sizes(sizes),
                            max_new_tokens=max_new_tokens, backend=backend, provider=provider, threads=threads,
                            bandwidth_bytes=bandwidth_mib * 2**20)
     report = run_latency(config, progress=_progress)
-    click.echo(latency_table(report))
+    table = latency_table(report)
+    click.echo(table)
     _write_json(json_path, report)
+    if report_dir is not None:
+        from pulse_edge.benchmarks.latency_report import write_latency_report
+
+        for path in write_latency_report(report_dir, report, table):
+            click.echo(f"wrote {path}", err=True)
 
 
 @bench_group.command("backends")
@@ -106,7 +119,7 @@ def backends_command(width: str, layers: int, runs: int | None, warmup: int, con
                      json_path: Path | None) -> None:
     """transformers generate vs the torch reference vs ONNX Runtime on the same random PULSE-shaped model,
     in one process: vision, prefill, decode tok/s, achieved bandwidth, peak RSS, pipeline overhead."""
-    from pulse_edge.benchmarks.latency import BackendsConfig, backends_table, run_backends
+    from pulse_edge.benchmarks.backends import BackendsConfig, backends_table, run_backends
 
     config = BackendsConfig(width=width, layers=layers, runs=runs, warmup=warmup, context=context,
                             decode_tokens=decode_tokens, work=work, threads=threads,

@@ -32,7 +32,7 @@ Column = tuple[str, bool, dict[str, float | None]]
 
 def require_plotting() -> None:
     """Fail before a long run, not after it, when the plots cannot be drawn."""
-    _matplotlib()
+    matplotlib_figure()
 
 
 def write_run_report(report_dir: str | Path, scores: Sequence[SubsetScore], *, model: Mapping[str, Any],
@@ -82,7 +82,7 @@ def write_compare_report(report_dir: str | Path, comparison: Comparison, *, mach
 def plot_columns(path: Path, title: str, columns: Sequence[Column], warning: str = "") -> Path:
     """Grouped bars, one group per metric; lower-is-better metrics (HL) get their own panel. A `warning`
     is printed on the figure itself, so that the picture cannot travel without it."""
-    figure_class, canvas_class = _matplotlib()
+    figure_class, canvas_class = matplotlib_figure()
     panels = [(label, [c for c in columns if c[1] == lower]) for label, lower in
               (("higher is better", False), ("lower is better\n(Hamming loss)", True))]
     panels = [(label, cols) for label, cols in panels if cols] or [("no figures", [])]
@@ -253,7 +253,7 @@ def _plain(value: Any) -> Any:
     return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
-def _matplotlib() -> tuple[Any, Any]:
+def matplotlib_figure() -> tuple[Any, Any]:
     """matplotlib's Figure and Agg canvas (no pyplot, no global backend, no display needed)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from pulse_edge.benchmarks.backends import work_dir
 from pulse_edge.benchmarks.bench_cli import bench_group
-from pulse_edge.benchmarks.latency import Stat, parse_sizes, work_dir
+from pulse_edge.benchmarks.bench_common import Stat
+from pulse_edge.benchmarks.latency import parse_sizes
 from pulse_edge.benchmarks.roofline import (
     achieved_bandwidth,
     kv_bytes_per_position,
@@ -165,3 +167,23 @@ def test_a_cached_model_of_another_shape_is_refused(tiny_checkpoint: Path, quick
     result = CliRunner().invoke(bench_group, ["backends", "--width", "tiny", "--layers", "3", "--work", str(work)])
     assert result.exit_code == 2
     assert "use another --work directory" in result.output and "Traceback" not in result.output
+
+
+def test_latency_report_writes_markdown_json_and_a_breakdown_plot(quick_bundle: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pulse_edge.benchmarks.latency_report import stage_medians
+
+    report_dir = tmp_path / "report"
+    _invoke(["latency", "--model", str(quick_bundle), "--runs", "1", "--warmup", "0", "--sizes", "2200x1700",
+             "--max-new-tokens", "4", "--bandwidth-mib", "64", "--report", str(report_dir)])
+    markdown = (report_dir / "latency.md").read_text()
+    assert "machine:" in markdown and "date:" in markdown and "MEANINGLESS for accuracy" in markdown
+    assert "| print | pixels |" in markdown
+    assert Image.open(report_dir / "latency.png").size[0] > 600
+    row = json.loads((report_dir / "latency.json").read_text())["sizes"][0]
+    stages = stage_medians(row)
+    assert stages["vision"] == row["timings"]["vision_ms"]["p50"]
+    rate = row["timings"].get("decode_tokens_per_s", {}).get("p50")
+    expected_decode = 1000.0 * (row["generated_tokens"] - 1) / rate if rate else 0.0
+    assert stages["decode"] == pytest.approx(expected_decode)
