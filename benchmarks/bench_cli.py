@@ -15,25 +15,11 @@ from typing import Any
 
 import click
 
-from pulse_edge.errors import PulseEdgeError
+from pulse_edge.clickgroup import UserErrorGroup
 
 _BACKENDS = ("auto", "ort", "torch")  # pulse_edge.pipelines.BACKENDS, not imported here to keep the CLI lean
 _PROVIDERS = ("cpu", "cuda", "tensorrt")
 _DEFAULT_SIZES = "2200x1700,3300x2550,3508x2480"  # letter 200 dpi, letter 300 dpi, A4 300 dpi
-
-
-class _BenchGroup(click.Group):
-    """Reports user errors as one line, also when this group is run on its own (tests, other entry points)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except PulseEdgeError as e:
-            click.echo(f"pulse-edge: error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("pulse-edge: interrupted", err=True)
-            ctx.exit(130)
 
 
 def _progress(message: str) -> None:
@@ -47,7 +33,7 @@ def _write_json(path: Path | None, report: dict[str, Any]) -> None:
         click.echo(f"wrote {path}", err=True)
 
 
-@click.group("bench", cls=_BenchGroup)
+@click.group("bench", cls=UserErrorGroup)
 def bench_group() -> None:
     """Latency and throughput: one model on ECG prints, or the backends side by side (DESIGN §7 roofline)."""
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from pulse_edge.errors import InputError, PulseEdgeError
+from pulse_edge.clickgroup import UserErrorGroup
+from pulse_edge.errors import InputError
 
 _DTYPES = ("auto", "fp32", "bf16", "fp16")
 _BACKENDS = ("auto", "ort", "torch")  # pulse_edge.pipelines.BACKENDS, not imported here to keep the CLI lean
@@ -25,19 +26,8 @@ _JUDGE_HELP = "OpenAI-compatible endpoint (e.g. http://host:8000/v1) of the LLM 
               "arena; the API key is read from $PULSE_EDGE_JUDGE_KEY."
 
 
-class _EvalGroup(click.Group):
-    """Reports user errors as one line, also when this group is run on its own (tests, other entry points)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except PulseEdgeError as e:
-            click.echo(f"pulse-edge: error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("pulse-edge: interrupted; answers so far are saved: rerun the same command to resume",
-                       err=True)
-            ctx.exit(130)
+class _EvalGroup(UserErrorGroup):
+    interrupt_hint = "; answers so far are saved: rerun the same command to resume"
 
 
 def _judge_options(command: Any) -> Any:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from pulse_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint, mem_
 from pulse_edge.export.config import read_config
 from pulse_edge.export.onnx_decoder import DecoderShape, build_decoder
 from pulse_edge.export.onnx_vision import export_vision_graph, validate_vision_graph
+from pulse_edge.export.staging import staged_directory
 from pulse_edge.export.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.validate import ValidationPlan, validate_decoder, validate_greedy
 from pulse_edge.runtime.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, Manifest
@@ -66,21 +65,9 @@ class ExportOptions:
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
     """Export, validate, then move the bundle into place; refuses to overwrite a non-empty directory."""
-    options = options or ExportOptions()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and is not an empty directory; choose a new bundle directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        _export_into(Path(checkpoint), work, options)
-        work.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    with staged_directory(out, what="bundle") as work:
+        _export_into(Path(checkpoint), work, options or ExportOptions())
     return out
 
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.export.checkpoint import KEY_MAPS, parameters_on_meta
 from pulse_edge.export.config import PulseConfig, TextConfig, VisionConfig
 from pulse_edge.export.reference import PulseReference
+from pulse_edge.export.staging import staged_directory
 from pulse_edge.export.tiny_tokenizer import train_tiny_tokenizer
 from pulse_edge.runtime.preprocess import CLIP_MEAN, CLIP_STD, PULSE_PINPOINTS, ImageLayout
 
@@ -220,30 +218,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def make_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     """Write a checkpoint directory; written to a temporary sibling and renamed at the end."""
-    spec = spec or TinySpec()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _write_checkpoint(work, spec)
-        _share_like_umask(work)
-        if out.exists():
-            out.rmdir()
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    with staged_directory(out, what="checkpoint") as work:
+        _write_checkpoint(work, spec or TinySpec())
     return out
-
-
-def _share_like_umask(root: Path) -> None:
-    """mkdtemp makes 0700 and safetensors 0600; a model store wants the user's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in (root, *root.rglob("*")):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _write_checkpoint(work: Path, spec: TinySpec) -> None:

@@ -12,14 +12,13 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import click
 
 from pulse_edge import __version__
 from pulse_edge.benchmarks.bench_cli import bench_group
 from pulse_edge.benchmarks.eval_cli import eval_group
-from pulse_edge.errors import PulseEdgeError
+from pulse_edge.clickgroup import UserErrorGroup
 from pulse_edge.pipelines import open_pipeline
 
 BACKENDS = ("auto", "ort", "torch")
@@ -28,21 +27,7 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
-class _Cli(click.Group):
-    """A group whose commands report user errors as one line instead of a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except PulseEdgeError as e:
-            click.echo(f"pulse-edge: error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("pulse-edge: interrupted", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=_Cli)
+@click.group(cls=UserErrorGroup)
 @click.version_option(__version__, prog_name="pulse-edge")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def main(verbose: bool) -> None:

@@ -10,7 +10,7 @@ RUNTIME_MODULES = ("pulse_edge.runtime", "pulse_edge.runtime.inputs", "pulse_edg
                    "pulse_edge.runtime.prompt", "pulse_edge.runtime.tokenizer", "pulse_edge.runtime.sampling",
                    "pulse_edge.runtime.generation", "pulse_edge.runtime.result", "pulse_edge.runtime.manifest",
                    "pulse_edge.runtime.conversation", "pulse_edge.runtime.ort_engine", "pulse_edge.runtime.pipeline",
-                   "pulse_edge.pipelines", "pulse_edge.cli")
+                   "pulse_edge.pipelines", "pulse_edge.clickgroup", "pulse_edge.cli")
 
 
 def test_runtime_imports_no_heavy_module() -> None:
