@@ -92,9 +92,27 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     validation = _validate(loaded, work, manifest, options)
     _write_manifest(work, _manifest(loaded, options, vision, decoder, max_context, validation=validation))
     if not validation["pass"]:
-        failed = [k for k, v in validation.items() if isinstance(v, dict) and not v.get("pass", True)]
-        raise ExportValidationError(f"the exported {', '.join(failed)} disagree(s) with the torch reference beyond "
-                                    f"the {options.precision} tolerance; nothing was written (see --verbose)")
+        raise ExportValidationError(f"the exported graphs disagree with the torch reference beyond the "
+                                    f"{validation['tolerance_level']} tolerance ({failure_summary(validation)}); "
+                                    "nothing was written")
+
+
+def failure_summary(validation: dict[str, Any]) -> str:
+    """The failed checks with their worst numbers, short enough for one line."""
+    parts = []
+    for shape in validation["vision"].get("shapes", []):
+        if not shape["pass"]:
+            parts.append(f"vision {shape['tiles']} tiles: rel err {shape['max_rel_err']:.2g}, "
+                         f"cosine {shape['cosine']:.6f}")
+    for case in validation["decoder"]["cases"]:
+        if not case["pass"]:
+            worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
+            parts.append(f"decoder after a {case['prefill_length']}-position prefill: rel err "
+                         f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
+    for run in validation["greedy"]["runs"]:
+        if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
+            parts.append(f"greedy tokens differ from token {run['first_divergence']}")
+    return "; ".join(parts[:3]) + (f"; +{len(parts) - 3} more" if len(parts) > 3 else "")
 
 
 def _graph_entry(desc: dict[str, Any], work: Path) -> dict[str, Any]:

@@ -183,3 +183,25 @@ def test_unpad_checkpoints_are_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'spatial_unpad' merge; bundles serve flat"):
         export_bundle(ckpt, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_wrong_decoder_graph_fails_validation_and_writes_nothing(tiny_checkpoint: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break the graph for real (rotary tables of the wrong base): validation must catch it."""
+    import numpy as np
+
+    import pulse_edge.export.onnx_decoder as decoder_module
+    from pulse_edge.export.bundle import ExportValidationError
+
+    original = decoder_module._rotary_tables
+
+    def wrong_rotary(lm: object, shape: object) -> tuple[np.ndarray, np.ndarray]:
+        cos, sin = original(lm, shape)
+        return cos, np.roll(sin, 1, axis=-1)
+
+    monkeypatch.setattr(decoder_module, "_rotary_tables", wrong_rotary)
+    expected = r"disagree with the torch reference.*decoder after a 5-position prefill: rel err"
+    with pytest.raises(ExportValidationError, match=expected) as info:
+        export_bundle(tiny_checkpoint, tmp_path / "wrong")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
