@@ -205,3 +205,9 @@ def test_a_wrong_decoder_graph_fails_validation_and_writes_nothing(tiny_checkpoi
         export_bundle(tiny_checkpoint, tmp_path / "wrong")
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backend_that_does_not_match_the_model_is_one_line(tiny_bundle: Path, tiny_checkpoint: Path,
+                                                             ecg_png: Path) -> None:
+    assert "the torch backend serves checkpoints" in _cli_error(tiny_bundle, ecg_png, "--backend", "torch")
+    assert "is not a pulse-edge bundle" in _cli_error(tiny_checkpoint, ecg_png, "--backend", "ort")
