@@ -37,7 +37,10 @@ BACKENDS = ("auto", "ort", "torch")
 def open_pipeline(model: str | Path, *, backend: str = "auto", vision_tower: str | Path | None = None,
                   dtype: str = "auto", device: str = "auto", session: SessionConfig | None = None,
                   prefill_chunk: int | None = None) -> Pipeline:
-    """A bundle opens with the lean ort backend; a checkpoint with torch. Heavy imports happen here only."""
+    """A bundle opens with the lean ort backend; a checkpoint with torch. Heavy imports happen here only.
+
+    prefill_chunk: None keeps the runtime's default, 0 prefills in one pass.
+    """
     root = Path(model)
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -49,7 +52,8 @@ def open_pipeline(model: str | Path, *, backend: str = "auto", vision_tower: str
                               "`pulse-edge export`, or use --backend torch on a checkpoint")
         from pulse_edge.runtime.pipeline import Pipeline as OrtPipeline
 
-        return OrtPipeline.from_bundle(root, session=session, prefill_chunk=prefill_chunk)
+        chunking = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk or None}
+        return OrtPipeline.from_bundle(root, session=session, **chunking)
     if is_bundle:
         raise ConfigError(f"{root} is a bundle; the torch backend serves checkpoints: use --backend ort")
     import transformers
