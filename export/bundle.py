@@ -45,6 +45,7 @@ GREEDY_PAGES = ((2200, 1700), (1400, 700))  # a letter print (2880 image tokens)
 KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
 TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 GREEDY_QUESTIONS = ("What is the rhythm?", "Interpret this ECG.")
+ORT_CPU_BYTES_PER_WEIGHT = 4  # fp32, for fp16 graphs too (see _check_validation_memory)
 
 
 class ExportValidationError(PulseEdgeError):
@@ -77,6 +78,7 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
         raise ConfigError(f"{checkpoint} uses the {merge!r} merge; bundles serve {', '.join(MERGES_SERVED)} "
                           "(PULSE's) for now: run this checkpoint with --backend torch")
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=_reference_dtype(checkpoint))
+    _check_validation_memory(loaded, options.precision)
     max_context = _max_context(loaded, options.max_context)
     model = loaded.model
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
@@ -122,6 +124,21 @@ def _graph_entry(desc: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"file": desc["file"], "engine": "onnx", "precision": desc["precision"], "inputs": desc["inputs"],
             "outputs": desc["outputs"], "sizes": {f: (work / f).stat().st_size for f in files},
             "extra": {k: v for k, v in desc.items() if k not in core}}
+
+
+def _check_validation_memory(loaded: LoadedCheckpoint, precision: str) -> None:
+    """Refuse before writing anything when ONNX Runtime cannot hold the graphs for validation here.
+
+    ORT's CPU EP keeps fp32 weights in anonymous memory, and it upcasts fp16 weights to fp32
+    (measured: 1.75 GiB of fp16 weights took 3.5 GiB in a session). Without this check a 7B
+    export on a 24 GiB machine is OOM-killed minutes in, with no message.
+    """
+    need = sum(p.numel() for p in loaded.model.parameters()) * ORT_CPU_BYTES_PER_WEIGHT
+    available = mem_available_bytes()
+    if available is not None and need > available:
+        raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
+                          f"{need / 2**30:.0f} GiB (it holds every weight in fp32) but {available / 2**30:.0f} GiB "
+                          "is available; export on a machine with more memory")
 
 
 def _reference_dtype(checkpoint: Path) -> torch.dtype:

@@ -212,3 +212,14 @@ def test_a_backend_that_does_not_match_the_model_is_one_line(tiny_bundle: Path, 
                                                              ecg_png: Path) -> None:
     assert "the torch backend serves checkpoints" in _cli_error(tiny_bundle, ecg_png, "--backend", "torch")
     assert "is not a pulse-edge bundle" in _cli_error(tiny_checkpoint, ecg_png, "--backend", "ort")
+
+
+def test_export_that_cannot_be_validated_here_is_refused_up_front(tiny_checkpoint: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 7B case on a 24 GiB machine, scaled down: refuse before writing anything, with the reason."""
+    import pulse_edge.export.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "mem_available_bytes", lambda: 1_000_000)  # 1 MB free
+    with pytest.raises(ConfigError, match=r"needs ~0 GiB \(it holds every weight in fp32\) but 0 GiB"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp16"))
+    assert list(tmp_path.iterdir()) == []
