@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from pulse_edge.clickgroup import UserErrorGroup
+from pulse_edge.pipelines import BACKENDS  # lean: pathlib, typing, errors
 
-_BACKENDS = ("auto", "ort", "torch")  # pulse_edge.pipelines.BACKENDS, not imported here to keep the CLI lean
 _PROVIDERS = ("cpu", "cuda", "tensorrt")
 _DEFAULT_SIZES = "2200x1700,3300x2550,3508x2480"  # letter 200 dpi, letter 300 dpi, A4 300 dpi
 
@@ -46,7 +46,7 @@ def bench_group() -> None:
 @click.option("--sizes", default=_DEFAULT_SIZES, show_default=True,
               help="ECG print sizes WIDTHxHEIGHT in pixels, comma-separated.")
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: ort for a bundle, torch for a checkpoint.")
 @click.option("--provider", type=click.Choice(_PROVIDERS), default="cpu", show_default=True,
               help="ort backend: execution provider.")

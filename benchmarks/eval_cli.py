@@ -19,9 +19,9 @@ import click
 
 from pulse_edge.clickgroup import UserErrorGroup
 from pulse_edge.errors import InputError
+from pulse_edge.pipelines import BACKENDS  # lean: pathlib, typing, errors
 
 _DTYPES = ("auto", "fp32", "bf16", "fp16")
-_BACKENDS = ("auto", "ort", "torch")  # pulse_edge.pipelines.BACKENDS, not imported here to keep the CLI lean
 _JUDGE_HELP = "OpenAI-compatible endpoint (e.g. http://host:8000/v1) of the LLM judge for ptb-test-report and " \
               "arena; the API key is read from $PULSE_EDGE_JUDGE_KEY."
 
@@ -90,7 +90,7 @@ def score_command(subset: str, data_dir: Path, predictions: Path, judge_url: str
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
               help="Also write report.md, report.json and accuracy.png here.")
 @_judge_options
-@click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: ort for a bundle (manifest.json), torch for a checkpoint.")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="Local CLIP tower directory.")
 @click.option("--dtype", type=click.Choice(_DTYPES), default="auto", show_default=True)

@@ -18,21 +18,10 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
+from pulse_edge.export.onnx_vision import TOLERANCES, Tolerance  # one table for every graph's parity
 from pulse_edge.export.torch_backend import decode_one_token, prefill
 from pulse_edge.runtime.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.ort_engine import DecoderEngine, SessionConfig
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Limits on logits against the fp32 reference: error relative to the largest |logit|, and cosine."""
-
-    max_rel_err: float
-    min_cosine: float
-
-
-TOLERANCES = {"fp32": Tolerance(max_rel_err=1e-4, min_cosine=0.99999),
-              "fp16": Tolerance(max_rel_err=2e-2, min_cosine=0.999)}
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,8 @@ from pulse_edge import __version__
 from pulse_edge.benchmarks.bench_cli import bench_group
 from pulse_edge.benchmarks.eval_cli import eval_group
 from pulse_edge.clickgroup import UserErrorGroup
-from pulse_edge.pipelines import open_pipeline
+from pulse_edge.pipelines import BACKENDS, open_pipeline
 
-BACKENDS = ("auto", "ort", "torch")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")

@@ -23,10 +23,13 @@ def test_importing_the_group_pulls_in_nothing_heavy() -> None:
 
 
 def test_backends_match_the_pipelines() -> None:
-    from pulse_edge.benchmarks import eval_cli
+    """The --backend choices users see are exactly what open_pipeline accepts."""
+    from pulse_edge.benchmarks.bench_cli import bench_group
     from pulse_edge.pipelines import BACKENDS
 
-    assert eval_cli._BACKENDS == BACKENDS
+    for command in (eval_group.commands["ecgbench"], bench_group.commands["latency"]):
+        option = next(p for p in command.params if p.name == "backend")
+        assert tuple(option.type.choices) == BACKENDS
 
 
 def test_help_lists_the_commands() -> None:
