@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ class TinySpec:
     dtype: torch.dtype = torch.float32
     shard_bytes: int = 5 * 2**30
     layers: int | None = None  # decoder layers; e.g. the real width with 2 layers for benchmarks
+    outliers: int = 0  # hidden dims given outlier activations (see inject_outliers), picked with `seed`
+    outlier_scale: float = 50.0
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("merge", self.merge, MERGE_CHOICES), ("tower", self.tower, TOWER_CHOICES),
@@ -72,6 +74,9 @@ class TinySpec:
             raise ConfigError("the llava_next layout always carries its vision tower inside")
         if self.layers is not None and self.layers < 1:
             raise ConfigError(f"layers must be >= 1, got {self.layers}")
+        if self.outliers < 0:
+            raise ConfigError(f"outliers must be >= 0, got {self.outliers}")
+        _check_outlier_scale(self.outlier_scale)
 
 
 def model_config(spec: TinySpec, vocab_size: int) -> PulseConfig:
@@ -229,7 +234,11 @@ def _write_checkpoint(work: Path, spec: TinySpec) -> None:
     vocab = FULL_VOCAB if spec.full_shape else _sp_vocab_size(tokenizer)
     cfg = model_config(spec, vocab)
     inside = spec.tower == "inside"
-    layout_tensors = ((file_key(n, spec.layout), t) for n, t in tensors(spec, cfg, include_tower=inside))
+    named = tensors(spec, cfg, include_tower=inside)
+    if spec.outliers:
+        dims = pick_outlier_dims(cfg.text.hidden_size, spec.outliers, seed=spec.seed)
+        named = ((n, outlier_scaled(n, t, dims, spec.outlier_scale)) for n, t in named)
+    layout_tensors = ((file_key(n, spec.layout), t) for n, t in named)
     write_shards(layout_tensors, work, shard_bytes=spec.shard_bytes if spec.full_shape else 512 * 2**10)
     config = (llava_config_dict if spec.layout == "llava" else llava_next_config_dict)(cfg, spec.dtype)
     (work / "config.json").write_text(json.dumps(config, indent=2))
@@ -251,3 +260,80 @@ def _sp_vocab_size(model_path: Path) -> int:
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
+
+
+# --- outlier channels ----------------------------------------------------------------------------------------
+# Trained LLMs have a few hidden dims whose normalised activations are tens of times larger
+# than the rest; they are what makes per-tensor activation quantization hard. Random weights
+# have none, so a quantizer tested on them looks better than it is. The transform below puts
+# such dims in without changing the function: RMSNorm's gain on dim d is multiplied by k and
+# the matching input column of every linear layer that reads that norm is divided by k.
+
+
+def _scale_gain(tensor: torch.Tensor, dims: list[int], scale: float) -> torch.Tensor:
+    out = tensor.float().clone()
+    out[dims] *= scale
+    return out.to(tensor.dtype)
+
+
+def _scale_input_columns(tensor: torch.Tensor, dims: list[int], scale: float) -> torch.Tensor:
+    out = tensor.float().clone()
+    out[:, dims] /= scale
+    return out.to(tensor.dtype)
+
+
+# Decoder parameter-name suffix -> how its hidden-dim axis changes; each norm with the layers that read it.
+_OUTLIER_RULES: tuple[tuple[str, Callable[[torch.Tensor, list[int], float], torch.Tensor]], ...] = (
+    ("input_layernorm.weight", _scale_gain),
+    ("self_attn.q_proj.weight", _scale_input_columns),
+    ("self_attn.k_proj.weight", _scale_input_columns),
+    ("self_attn.v_proj.weight", _scale_input_columns),
+    ("post_attention_layernorm.weight", _scale_gain),
+    ("mlp.gate_proj.weight", _scale_input_columns),
+    ("mlp.up_proj.weight", _scale_input_columns),
+)
+
+
+def _check_outlier_scale(scale: float) -> None:
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"outlier scale must be a positive number, got {scale}")
+
+
+def pick_outlier_dims(hidden_size: int, dims: Sequence[int] | int, *, seed: int = 0) -> list[int]:
+    """Sorted hidden dims: `dims` itself (checked), or that many drawn with `seed`."""
+    if isinstance(dims, int):
+        if not 0 < dims <= hidden_size:
+            raise ConfigError(f"the number of outlier dims must be between 1 and {hidden_size}, got {dims}")
+        return sorted(torch.randperm(hidden_size, generator=torch.Generator().manual_seed(seed))[:dims].tolist())
+    picked = sorted(int(d) for d in dims)
+    if not picked or len(set(picked)) != len(picked) or not 0 <= picked[0] <= picked[-1] < hidden_size:
+        raise ConfigError(f"outlier dims must be distinct and within 0..{hidden_size - 1}, got {list(dims)}")
+    return picked
+
+
+def outlier_scaled(name: str, tensor: torch.Tensor, dims: list[int], scale: float) -> torch.Tensor:
+    """`tensor` with the outlier transform applied if `name` is a decoder layer's norm or q/k/v/gate/up
+    weight (reference names, `language_model.` prefix optional); any other tensor is returned as is."""
+    # The CLIP tower's layers also have self_attn.q_proj: only the decoder's layers qualify.
+    if not name.removeprefix("language_model.").startswith("model.layers."):
+        return tensor
+    rule = next((fn for suffix, fn in _OUTLIER_RULES if name.endswith(suffix)), None)
+    return tensor if rule is None else rule(tensor, dims, scale)
+
+
+def inject_outliers(model: PulseReference, dims: Sequence[int] | int, scale: float = 50.0, seed: int = 0) -> list[int]:
+    """Give every decoder layer's q/k/v and gate/up inputs outlier dims `scale` times larger, in place.
+
+    `dims`: the hidden dims, or how many to draw with `seed`. The model's outputs stay the same
+    up to float rounding (exactly so where `scale` is a power of two). Returns the dims, sorted.
+    """
+    _check_outlier_scale(scale)
+    lm = model.language_model
+    picked = pick_outlier_dims(lm.config.hidden_size, dims, seed=seed)
+    with torch.no_grad():
+        for name, param in lm.named_parameters():
+            data = param.data
+            changed = outlier_scaled(name, data, picked, scale)
+            if changed is not data:
+                data.copy_(changed)
+    return picked
