@@ -1,0 +1,194 @@
+"""Fidelity metrics and the accuracy gate against independent computations (torch, hand values)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pulse_edge.calibration.fidelity import (
+    METRICS,
+    AccuracyGate,
+    Threshold,
+    first_divergence,
+    format_table,
+    greedy_agreement,
+    json_safe,
+    logit_kl,
+    tensor_fidelity,
+)
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+# ----------------------------------------------------------------------------- tensor metrics
+
+
+def test_tensor_fidelity_matches_torch() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 33, 17)).astype(np.float32)
+    got = ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)
+    m = tensor_fidelity(got, ref)
+    g, r = torch.from_numpy(got).double().flatten(), torch.from_numpy(ref).double().flatten()
+    assert m["cosine"] == pytest.approx(float(F.cosine_similarity(g, r, dim=0)), abs=1e-12)
+    rel = float(torch.linalg.vector_norm(g - r) / torch.linalg.vector_norm(r))
+    assert m["rel_err"] == pytest.approx(rel, rel=1e-12)
+    assert m["sqnr_db"] == pytest.approx(-20 * math.log10(rel), rel=1e-12)
+    assert m["max_abs_err"] == pytest.approx(float((g - r).abs().max()), rel=1e-12)
+    assert set(m) == {"cosine", "rel_err", "sqnr_db", "max_abs_err"}
+
+
+def test_tensor_fidelity_hand_values() -> None:
+    m = tensor_fidelity([3.0, 4.0], [3.0, 3.0])  # diff (0, 1): ||d|| = 1, ||ref|| = sqrt(18)
+    assert m["rel_err"] == pytest.approx(1 / math.sqrt(18))
+    assert m["sqnr_db"] == pytest.approx(10 * math.log10(18))
+    assert m["cosine"] == pytest.approx(21 / (5 * math.sqrt(18)))
+    assert m["max_abs_err"] == 1.0
+
+
+def test_tensor_fidelity_edge_cases_and_json() -> None:
+    x = np.arange(6.0).reshape(2, 3)
+    equal = tensor_fidelity(x, x.copy())
+    assert equal["sqnr_db"] == math.inf and equal["rel_err"] == 0.0 and equal["cosine"] == pytest.approx(1.0)
+    text = json.dumps(json_safe({"vision": equal, "arr": [np.float32(0.5), -math.inf, math.nan]}), allow_nan=False)
+    back = json.loads(text)
+    assert back["vision"]["sqnr_db"] == "inf" and float(back["vision"]["sqnr_db"]) == math.inf
+    assert back["arr"][0] == 0.5 and back["arr"][1] == "-inf" and back["arr"][2] == "nan"
+    zeros = tensor_fidelity(np.zeros(3), np.zeros(3))
+    assert zeros["cosine"] == 1.0 and zeros["rel_err"] == 0.0 and zeros["sqnr_db"] == math.inf
+    assert tensor_fidelity(np.zeros(3), np.ones(3))["cosine"] == 0.0
+    assert math.isnan(tensor_fidelity([1.0, math.nan], [1.0, 2.0])["cosine"])
+    with pytest.raises(ValueError, match="shapes differ"):
+        tensor_fidelity(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+def _torch_kl(ref: np.ndarray, got: np.ndarray) -> float:
+    r = torch.from_numpy(ref).double().reshape(-1, ref.shape[-1])
+    g = torch.from_numpy(got).double().reshape(-1, got.shape[-1])
+    # kl_div(input=log q, target=log p, log_target) = sum p (log p - log q); batchmean = mean over rows
+    return float(F.kl_div(F.log_softmax(g, -1), F.log_softmax(r, -1), reduction="batchmean", log_target=True))
+
+
+def test_logit_kl_matches_torch() -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((3, 5, 1000)) * 4
+    got = ref + rng.standard_normal(ref.shape) * 0.3
+    assert logit_kl(ref, got) == pytest.approx(_torch_kl(ref, got), rel=1e-10)
+    assert logit_kl(ref, ref) == pytest.approx(0.0, abs=1e-15)
+    assert logit_kl(ref, got) > 0
+
+
+def test_logit_kl_is_stable_and_handles_masked_tokens() -> None:
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((4, 50)) * 3
+    got = ref + rng.standard_normal(ref.shape) * 0.2
+    want = logit_kl(ref, got)
+    # softmax is shift invariant; 1e4 would overflow a naive exp
+    assert logit_kl(ref + 1e4, got - 1e4) == pytest.approx(want, rel=1e-6)
+    masked_ref, masked_got = ref.copy(), got.copy()
+    masked_ref[:, :5] = -np.inf
+    masked_got[:, :5] = -np.inf
+    assert logit_kl(masked_ref, masked_got) == pytest.approx(
+        _torch_kl(masked_ref[:, 5:], masked_got[:, 5:]), rel=1e-10
+    )
+    ruled_out = got.copy()
+    ruled_out[0, 0] = -np.inf  # the reference allows a token `got` cannot emit
+    assert logit_kl(ref, ruled_out) == math.inf
+    with pytest.raises(ValueError):
+        logit_kl(ref, got[:, :10])
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "want"),
+    [([1, 2, 3], [1, 2, 3], None), ([1, 2, 3], [1, 5, 3], 1), ([1, 2], [1, 2, 3], 2), ([], [], None),
+     ([], [4], 0), ([9, 2], [1, 2], 0)],
+)
+def test_first_divergence(a: list[int], b: list[int], want: int | None) -> None:
+    assert first_divergence(a, b) == want
+    assert first_divergence(b, a) == want
+
+
+def test_greedy_agreement() -> None:
+    assert greedy_agreement([1, 2, 3, 4], [1, 2, 9, 4, 5]) == {
+        "agreement": 0.75, "first_divergence": 2, "ref_len": 4, "got_len": 5,
+    }
+    assert greedy_agreement([7, 8], [7, 8])["agreement"] == 1.0
+    assert greedy_agreement([], [])["agreement"] == 1.0
+    assert greedy_agreement([], [1])["agreement"] == 0.0
+    assert greedy_agreement(np.array([3, 3, 3]), np.array([3, 0, 3]))["agreement"] == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------- accuracy gate
+
+
+def test_metric_directions() -> None:
+    higher = {m for m, d in METRICS.items() if d == "higher is better"}
+    lower = {m for m, d in METRICS.items() if d == "lower is better"}
+    assert {"cosine", "sqnr_db", "agreement"} <= higher
+    assert {"rel_err", "kl", "max_abs_err"} <= lower
+    assert higher | lower == set(METRICS)
+
+
+def test_gate_parses_and_checks() -> None:
+    gate = AccuracyGate.from_string(" cosine >= 0.99, kl<=0.05 ,agreement>0.9")
+    assert gate.thresholds == (Threshold("cosine", ">=", 0.99), Threshold("kl", "<=", 0.05),
+                               Threshold("agreement", ">", 0.9))
+    assert AccuracyGate.from_string(str(gate)) == gate
+    assert gate.check({"cosine": 0.995, "kl": 0.01, "agreement": 0.95}) == []
+    assert gate.check({"cosine": 0.98, "kl": 0.083, "agreement": 0.9}) == [
+        "cosine 0.98 < 0.99", "kl 0.083 > 0.05", "agreement 0.9 <= 0.9",
+    ]
+    assert gate.check({"cosine": 0.999}) == ["kl missing (needs <= 0.05)", "agreement missing (needs > 0.9)"]
+    assert gate.check({"cosine": math.nan, "kl": 0.0, "agreement": 1.0}) == ["cosine nan (needs >= 0.99)"]
+    assert AccuracyGate.from_string("sqnr_db>=20").check({"sqnr_db": math.inf}) == []
+
+
+def test_gate_reads_a_json_file(tmp_path) -> None:
+    path = tmp_path / "gate.json"
+    path.write_text(json.dumps({"cosine": ">=0.99", "kl": "<= 0.05"}))
+    gate = AccuracyGate.from_string(str(path))
+    assert gate.thresholds == (Threshold("cosine", ">=", 0.99), Threshold("kl", "<=", 0.05))
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        AccuracyGate.from_string(str(path))
+    with pytest.raises(ValueError, match="cannot read"):
+        AccuracyGate.from_string(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [("", "empty"), ("cosine", "cannot read"), ("accuracy>=0.9", "unknown metric 'accuracy'"),
+     ("cosine=>0.9", "cannot read"), ("cosine==0.9", "cannot read"), ("kl<=abc", "not a number"),
+     ("kl<=nan", "NaN"), ("kl>=0.05", "wrong side"), ("cosine<0.5", "wrong side"), ("cosine>=0.9,", "cannot read")],
+)
+def test_gate_errors_are_one_line_with_the_allowed_forms(text: str, detail: str) -> None:
+    with pytest.raises(ValueError, match=detail) as info:
+        AccuracyGate.from_string(text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert all(m in message for m in METRICS)
+    assert all(op in message for op in (">=", "<=", ">", "<"))
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def test_format_table() -> None:
+    rows = [{"recipe": "int8", "cosine": 0.99912, "kl": 0.0123456, "agree": 1},
+            {"recipe": "int4-awq", "cosine": 0.98, "kl": None, "agree": 12}]
+    assert format_table(rows, ["recipe", "cosine", "kl", "agree", "note"]).split("\n") == [
+        "recipe    cosine       kl  agree  note",
+        "--------  ------  -------  -----  ----",
+        "int8      0.9991  0.01235      1  -",
+        "int4-awq    0.98        -     12  -",
+    ]
+    assert format_table([], ["a"]) == "a\n-"
