@@ -12,7 +12,6 @@ export leaves nothing half-written under the bundle's name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,11 +22,20 @@ import numpy as np
 import torch
 
 from pulse_edge import __version__
+from pulse_edge.calibration.recipes import RECIPES
 from pulse_edge.errors import ConfigError, PulseEdgeError
-from pulse_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint, mem_available_bytes, shard_files
+from pulse_edge.export.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
 from pulse_edge.export.config import read_config
-from pulse_edge.export.onnx_decoder import DecoderShape, build_decoder
-from pulse_edge.export.onnx_vision import export_vision_graph, validate_vision_graph
+from pulse_edge.export.fidelity_report import fidelity_report
+from pulse_edge.export.onnx_decoder import FLOAT_PLAN, DecoderShape, build_decoder
+from pulse_edge.export.onnx_vision import TOLERANCES, export_vision_graph, validate_vision_graph
+from pulse_edge.export.quantized_bundle import (
+    QuantContext,
+    QuantSettings,
+    check_gate,
+    held_out_samples,
+    prepare_quantization,
+)
 from pulse_edge.export.staging import staged_directory
 from pulse_edge.export.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.validate import ValidationPlan, validate_decoder, validate_greedy
@@ -36,16 +44,23 @@ from pulse_edge.runtime.ort_engine import SessionConfig
 from pulse_edge.runtime.pipeline import MERGES_SERVED
 from pulse_edge.runtime.preprocess import image_token_count
 from pulse_edge.runtime.prompt import LLAVA_V1
+from pulse_edge.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-EXPORT_PRECISIONS = ("fp32", "fp16")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
 PROMPT_MARGIN = 256  # room for the question and the answer beside the image
 GREEDY_PAGES = ((2200, 1700), (1400, 700))  # a letter print (2880 image tokens), a half-page strip (1728)
+# Quantized recipes keep fp32 for what they leave unquantized (ORT's CPU EP computes in fp32 anyway); their
+# embedding table is fp16: a lookup reads a few rows, and the 7B table drops from 524 to 262 MB.
+FLOAT_BASE = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "int4": "fp32", "fp8": "fp32"}
 KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
-TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16, "fp8": np.float16}
 GREEDY_QUESTIONS = ("What is the rhythm?", "Interpret this ECG.")
-ORT_CPU_BYTES_PER_WEIGHT = 4  # fp32, for fp16 graphs too (see _check_validation_memory)
+# What ORT's CPU EP holds per weight (see _check_validation_memory): fp32 for fp16 graphs too. The quantized
+# figures are the packed bytes plus scales (MatMulNBits, int8 Q/DQ); fp8 Q/DQ at the "basic" level keeps the
+# E4M3 bytes and dequantizes per run. Measured for fp32/fp16 only; the others are what the formats store.
+ORT_CPU_BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 4.0, "int8": 1.1, "int4": 0.6, "fp8": 1.1}
 
 
 class ExportValidationError(PulseEdgeError):
@@ -58,10 +73,20 @@ class ExportOptions:
     max_context: int | None = None
     vision_tower: Path | None = None
     plan: ValidationPlan = field(default_factory=ValidationPlan)
+    quant: QuantSettings | None = None  # int8 / int4 / fp8: the recipe, scales and gate
 
     def __post_init__(self) -> None:
         if self.precision not in EXPORT_PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(EXPORT_PRECISIONS)}")
+        quantized = self.precision in RECIPES
+        if quantized != (self.quant is not None) or (self.quant and self.quant.recipe.name != self.precision):
+            raise ConfigError(f"precision {self.precision} needs {'a' if quantized else 'no'} quantization recipe")
+
+    @classmethod
+    def for_precision(cls, precision: str, **kwargs: Any) -> ExportOptions:
+        """Options with the default recipe when `precision` is a quantized one."""
+        quant = QuantSettings(RECIPES[precision]) if precision in RECIPES else None
+        return cls(precision=precision, quant=kwargs.pop("quant", quant), **kwargs)
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
@@ -80,23 +105,32 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=_reference_dtype(checkpoint))
     _check_validation_memory(loaded, options.precision)
     max_context = _max_context(loaded, options.max_context)
-    model = loaded.model
+    model, base = loaded.model, FLOAT_BASE[options.precision]
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
+    write_tokenizer_json(loaded.tokenizer_model, work / "tokenizer.json")
+    quant = (prepare_quantization(loaded, Tokenizer.from_file(work / "tokenizer.json"), options.quant, work)
+             if options.quant else None)
     log.info("exporting the vision graph (%s)", options.precision)
-    vision = _graph_entry(export_vision_graph(model, work, precision=options.precision), work)
+    vision_desc = export_vision_graph(model, work, precision=base)
+    vision = _graph_entry(quant.quantize_vision(loaded, work, vision_desc) if quant else vision_desc, work)
     log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
-    decoder = build_decoder(model.language_model, shape, work, precision=options.precision)
+    plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
+    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     np.save(work / "embed_tokens.npy", table.astype(TABLE_DTYPES[options.precision]))
-    write_tokenizer_json(loaded.tokenizer_model, work / "tokenizer.json")
-    manifest = _manifest(loaded, options, vision, decoder, max_context, validation={})
+    calibration = quant.manifest_entry(plan) if quant else None
+    manifest = _manifest(loaded, options, vision, decoder, max_context, validation={}, calibration=calibration)
     _write_manifest(work, manifest)
-    validation = _validate(loaded, work, manifest, options)
-    _write_manifest(work, _manifest(loaded, options, vision, decoder, max_context, validation=validation))
+    validation, fidelity = _validate(loaded, work, manifest, options, quant)
+    calibration = quant.manifest_entry(plan, fidelity) if quant else None
+    _write_manifest(work, _manifest(loaded, options, vision, decoder, max_context, validation=validation,
+                                    calibration=calibration))
     if not validation["pass"]:
         raise ExportValidationError(f"the exported graphs disagree with the torch reference beyond the "
                                     f"{validation['tolerance_level']} tolerance ({failure_summary(validation)}); "
                                     "nothing was written")
+    if quant and fidelity is not None:
+        check_gate(quant.settings.gate, fidelity)
 
 
 def failure_summary(validation: dict[str, Any]) -> str:
@@ -133,7 +167,7 @@ def _check_validation_memory(loaded: LoadedCheckpoint, precision: str) -> None:
     (measured: 1.75 GiB of fp16 weights took 3.5 GiB in a session). Without this check a 7B
     export on a 24 GiB machine is OOM-killed minutes in, with no message.
     """
-    need = sum(p.numel() for p in loaded.model.parameters()) * ORT_CPU_BYTES_PER_WEIGHT
+    need = sum(p.numel() for p in loaded.model.parameters()) * ORT_CPU_BYTES_PER_WEIGHT[precision]
     available = mem_available_bytes()
     if available is not None and need > available:
         raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
@@ -163,7 +197,8 @@ def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:
     return value
 
 
-def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions) -> dict[str, Any]:
+def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions,
+              quant: QuantContext | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from pulse_edge.calibration.ecg_render import render_ecg
     from pulse_edge.calibration.ecg_signals import synthesize_ecg
     from pulse_edge.export.torch_backend import TorchPipeline
@@ -173,49 +208,50 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     model, reference_dtype = loaded.model, loaded.model.dtype
     room = manifest.kv.max_length - PROMPT_MARGIN
     pages = [p for p in GREEDY_PAGES if image_token_count(p, manifest.image) <= room][:1] or [GREEDY_PAGES[-1]]
-    level = options.precision if reference_dtype == torch.float32 else "fp16"  # a bf16 oracle is itself ~1e-2 off
-    vision = validate_vision_graph(model, work / manifest.graphs["vision"].file)
+    # a bf16 oracle is itself ~1e-2 off; a quantized graph's own error is larger than that
+    level = options.precision if reference_dtype == torch.float32 or quant else "fp16"
+    vision = validate_vision_graph(model, work / manifest.graphs["vision"].file, tolerance=TOLERANCES[level])
     decoder = validate_decoder(model.language_model, work, manifest.graphs["decoder"], manifest.kv,
                                precision=level, plan=options.plan)
     reference = TorchPipeline(loaded, Tokenizer.from_file(work / manifest.tokenizer))
     images = [render_ecg(synthesize_ecg(rhythm, seed=7), width_px=pages[0][0], height_px=pages[0][1])
               for rhythm in ("sinus", "afib")]
     pairs = [(image, question) for image in images for question in GREEDY_QUESTIONS][:options.plan.greedy_runs]
-    candidate = Pipeline.from_bundle(work, session=SessionConfig(prepack=False))
+    candidate = Pipeline.from_bundle(work, session=SessionConfig(prepack=False, emulate=True))
     greedy = validate_greedy(reference, candidate, pairs, tokens=options.plan.greedy_tokens,
                              require_equal=level == "fp32")
+    fidelity = None
+    if quant is not None:
+        samples, prepared = held_out_samples(quant, loaded, reference.tokenizer)
+        float_bytes = sum(p.numel() for p in model.parameters()) * 4
+        fidelity = fidelity_report(reference, candidate, samples, prepared, float_bytes=float_bytes)
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "tolerance_level": level,
             "vision": vision, "decoder": decoder, "greedy": greedy,
-            "pass": bool(vision.get("pass") and decoder["pass"] and greedy["pass"])}
+            "pass": bool(vision.get("pass") and decoder["pass"] and greedy["pass"])}, fidelity
 
 
 def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: dict[str, Any], decoder: dict[str, Any],
-              max_context: int, validation: dict[str, Any]) -> Manifest:
+              max_context: int, validation: dict[str, Any], calibration: dict[str, Any] | None) -> Manifest:
     cfg = loaded.config
     return Manifest.from_dict({
         "format": FORMAT, "version": MANIFEST_VERSION, "precision": options.precision,
         "graphs": {"vision": vision, "decoder": decoder},
         "kv": {"layers": cfg.text.num_layers, "kv_heads": cfg.text.num_kv_heads, "head_dim": cfg.text.head_dim,
-               "dtype": KV_DTYPES[options.precision], "max_length": max_context},
+               "dtype": KV_DTYPES[FLOAT_BASE[options.precision]], "max_length": max_context},
         "text": {"hidden_size": cfg.text.hidden_size, "vocab_size": cfg.text.vocab_size, "bos_id": cfg.text.bos_id,
                  "eos_id": cfg.text.eos_id, "max_position_embeddings": cfg.text.max_position_embeddings},
         "embedding": {"file": "embed_tokens.npy", "dtype": np.dtype(TABLE_DTYPES[options.precision]).name,
                       "shape": [cfg.text.vocab_size, cfg.text.hidden_size]},
         "image": cfg.image.to_dict(), "prompt": LLAVA_V1.to_dict(), "tokenizer": "tokenizer.json",
         "source": _source(loaded), "created_by": f"pulse-edge {__version__}",
-        "validation": validation, "calibration": None,
+        "validation": validation, "calibration": calibration,
     })
 
 
 def _source(loaded: LoadedCheckpoint) -> dict[str, Any]:
     """Where the bundle came from: the checkpoint's path, layout, and a sha256 over its config and weights."""
-    digest = hashlib.sha256()
-    for path in [loaded.root / "config.json", *shard_files(loaded.root)]:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
     return {"checkpoint": str(loaded.root.resolve()), "layout": loaded.config.layout,
-            "sha256": digest.hexdigest(), "vision_tower": loaded.config.vision_tower_name}
+            "sha256": checkpoint_sha256(loaded.root), "vision_tower": loaded.config.vision_tower_name}
 
 
 def _write_manifest(work: Path, manifest: Manifest) -> None:

@@ -15,6 +15,7 @@ the checkpoint's own tower weights, fine-tuned in PULSE, replace it):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -301,3 +302,13 @@ def mem_available_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+def checkpoint_sha256(root: Path) -> str:
+    """sha256 over config.json and the weight shards: what bundles and scales files are bound to."""
+    digest = hashlib.sha256()
+    for path in [root / "config.json", *shard_files(root)]:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

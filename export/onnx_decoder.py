@@ -22,7 +22,8 @@ external-data file (offsets aligned to 4 KiB so ORT can map them), so the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,10 +33,13 @@ import torch
 from onnx import TensorProto, helper
 from transformers import LlamaForCausalLM
 
+from pulse_edge.calibration.recipes import FP8_MIN_OPSET
 from pulse_edge.export.config import PulseConfig
+from pulse_edge.export.onnx_quant import MatMulSpec, emit_matmul, graph_opt_level
 
 IR_VERSION = 10  # ONNX Runtime 1.31 reads IR <= 13; 10 keeps older runtimes (Jetson builds) working
-OPSETS = (helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1))
+OPSET = 17  # float and int graphs; fp8 graphs need FP8_MIN_OPSET (float8 Q/DQ)
+CONTRIB_OPS = frozenset({"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"})
 ALIGN = 4096
 PRECISION_DTYPES = {"fp32": (np.float32, TensorProto.FLOAT, "float32"),
                     "fp16": (np.float16, TensorProto.FLOAT16, "float16")}
@@ -61,6 +65,41 @@ class DecoderShape:
                    max_length=max_length)
 
 
+@dataclass(frozen=True)
+class LinearPlan:
+    """How each decoder MatMul is emitted: its scheme, calibrated input range, and folded input scales.
+
+    `input_scales[site]` = s [K] (SmoothQuant or AWQ): the weight's rows are multiplied by s and the
+    input divided by s, folded into the op that produces the input (the RMSNorm weight for qkv and
+    gate_up, the v rows for o, the up rows for down), so the graph gains no node.
+    """
+
+    schemes: Mapping[str, str] = field(default_factory=dict)  # absent site: "fp"
+    act_amax: Mapping[str, float] = field(default_factory=dict)
+    input_scales: Mapping[str, np.ndarray] = field(default_factory=dict)
+    block_size: int = 128
+    accuracy_level: int = 4
+
+    def scheme(self, site: str) -> str:
+        return self.schemes.get(site, "fp")
+
+    def scale(self, site: str, size: int) -> np.ndarray:
+        """The site's input scale, ones when it has none."""
+        s = self.input_scales.get(site)
+        return np.ones(size, np.float32) if s is None else np.asarray(s, np.float32)
+
+    @property
+    def opset(self) -> int:
+        return FP8_MIN_OPSET if "fp8" in self.schemes.values() else OPSET
+
+    @property
+    def ort_opt_level(self) -> str:
+        return graph_opt_level(set(self.schemes.values()))
+
+
+FLOAT_PLAN = LinearPlan()
+
+
 class ExternalData:
     """Appends tensors to one raw file and returns initializers that point into it."""
 
@@ -79,7 +118,7 @@ class ExternalData:
         for key, value in (("location", self.path.name), ("offset", self._offset), ("length", array.nbytes)):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
-        self._file.write(memoryview(array).cast("B"))
+        self._file.write(memoryview(array.view(np.uint8)).cast("B"))  # as bytes: memoryview rejects float8
         self._offset += array.nbytes
         return tensor
 
@@ -90,8 +129,8 @@ class ExternalData:
 class _Builder:
     """Collects nodes and initializers; names are unique by construction (prefix per layer)."""
 
-    def __init__(self, data: ExternalData, np_dtype: type) -> None:
-        self.data, self.np_dtype = data, np_dtype
+    def __init__(self, data: ExternalData, np_dtype: type, plan: LinearPlan) -> None:
+        self.data, self.np_dtype, self.plan = data, np_dtype, plan
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
 
@@ -101,9 +140,22 @@ class _Builder:
         return name
 
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> list[str]:
-        domain = "com.microsoft" if op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization") else ""
+        domain = "com.microsoft" if op in CONTRIB_OPS else ""
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
+
+    def matmul(self, site: str, x: str, weight: np.ndarray) -> str:
+        """x @ weight [K, N] by the plan's scheme for `site`; returns the output's name."""
+        spec = MatMulSpec(site=site, x=x, y=f"{site}.out", weight=weight,
+                          act_amax=self.plan.act_amax.get(site), block_size=self.plan.block_size,
+                          accuracy_level=self.plan.accuracy_level)
+        emitted = emit_matmul(self.plan.scheme(site), spec)
+        self.nodes.extend(emitted.nodes)
+        for name, array in emitted.arrays.items():
+            self.weight(name, array)
+        for name, array in emitted.raw.items():
+            self.inits.append(self.data.initializer(name, array))
+        return spec.y
 
 
 def _linear_t(*linears: torch.nn.Linear) -> np.ndarray:
@@ -115,8 +167,11 @@ def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape
     """qkv MatMul -> GroupQueryAttention (rotary, shared KV buffer) -> output MatMul."""
     attn = layer.self_attn
     p = f"layers.{i}.attn"
-    wqkv = b.weight(f"{p}.qkv.weight", _linear_t(attn.q_proj, attn.k_proj, attn.v_proj))
-    (qkv,) = b.node("MatMul", [normed, wqkv], [f"{p}.qkv"], f"{p}/qkv")
+    wqkv = _linear_t(attn.q_proj, attn.k_proj, attn.v_proj)  # [H, (N + 2 KVN) D]
+    wqkv *= b.plan.scale(f"layers.{i}.qkv", shape.hidden)[:, None]
+    v_cols = slice(wqkv.shape[1] - shape.kv_heads * shape.head_dim, None)
+    wqkv[:, v_cols] /= b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[None, :]  # plan checks N == KVN
+    qkv = b.matmul(f"layers.{i}.qkv", normed, wqkv)
     (out, _, _) = b.node(
         "GroupQueryAttention",
         [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
@@ -124,25 +179,28 @@ def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape
         [f"{p}.out", f"present.{i}.key", f"present.{i}.value"], f"{p}/gqa",
         num_heads=shape.heads, kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
         scale=float(shape.head_dim ** -0.5))
-    wo = b.weight(f"{p}.o.weight", _linear_t(attn.o_proj))
-    return b.node("MatMul", [out, wo], [f"{p}.o"], f"{p}/o")[0]
+    wo = _linear_t(attn.o_proj) * b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[:, None]
+    return b.matmul(f"layers.{i}.o", out, wo)
 
 
-def _mlp(b: _Builder, layer: Any, i: int, normed: str) -> str:
+def _mlp(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape) -> str:
     """SwiGLU: one packed gate/up MatMul, SiLU(gate) * up, down MatMul."""
     mlp = layer.mlp
     p = f"layers.{i}.mlp"
-    wgu = b.weight(f"{p}.gate_up.weight", _linear_t(mlp.gate_proj, mlp.up_proj))
-    (gu,) = b.node("MatMul", [normed, wgu], [f"{p}.gate_up"], f"{p}/gate_up")
-    gate, up = b.node("Split", [gu], [f"{p}.gate", f"{p}.up"], f"{p}/split", axis=-1)
+    down_scale = b.plan.scale(f"layers.{i}.down", shape.intermediate)
+    wgu = _linear_t(mlp.gate_proj, mlp.up_proj) * b.plan.scale(f"layers.{i}.gate_up", shape.hidden)[:, None]
+    wgu[:, shape.intermediate:] /= down_scale[None, :]  # up / s: the down input arrives divided by s
+    gu = b.matmul(f"layers.{i}.gate_up", normed, wgu)
+    split = {"num_outputs": 2} if b.plan.opset >= 18 else {}  # opset 18 made the output count explicit
+    gate, up = b.node("Split", [gu], [f"{p}.gate", f"{p}.up"], f"{p}/split", axis=-1, **split)
     (sig,) = b.node("Sigmoid", [gate], [f"{p}.sig"], f"{p}/sigmoid")
     (silu,) = b.node("Mul", [gate, sig], [f"{p}.silu"], f"{p}/silu")
     (act,) = b.node("Mul", [silu, up], [f"{p}.act"], f"{p}/act")
-    wd = b.weight(f"{p}.down.weight", _linear_t(mlp.down_proj))
-    return b.node("MatMul", [act, wd], [f"{p}.down"], f"{p}/down")[0]
+    return b.matmul(f"layers.{i}.down", act, _linear_t(mlp.down_proj) * down_scale[:, None])
 
 
-def _skip_norm(b: _Builder, x: str, skip: str, weight: torch.Tensor, name: str, eps: float) -> tuple[str, str]:
+def _skip_norm(b: _Builder, x: str, skip: str, weight: torch.Tensor | np.ndarray, name: str,
+               eps: float) -> tuple[str, str]:
     """RMSNorm(x + skip) and the sum itself (the new residual stream)."""
     w = b.weight(f"{name}.weight", weight)
     normed, _, _, total = b.node("SkipSimplifiedLayerNormalization", [x, skip, w],
@@ -161,11 +219,16 @@ def _rotary_tables(lm: LlamaForCausalLM, shape: DecoderShape) -> tuple[np.ndarra
 
 
 def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, precision: str = "fp32",
-                  file_name: str = "decoder.onnx") -> dict[str, Any]:
-    """Write `file_name` and `file_name.data`; return the graph's description for the manifest."""
+                  file_name: str = "decoder.onnx", plan: LinearPlan = FLOAT_PLAN,
+                  label: str | None = None) -> dict[str, Any]:
+    """Write `file_name` and `file_name.data`; return the graph's description for the manifest.
+
+    `precision` is the float type of everything the plan leaves unquantized; `label` is the
+    precision the manifest records (the recipe's name for a quantized graph).
+    """
     np_dtype, onnx_dtype, dtype_name = PRECISION_DTYPES[precision]
     data = ExternalData(out_dir / f"{file_name}.data")
-    b = _Builder(data, np_dtype)
+    b = _Builder(data, np_dtype, plan)
     try:
         cos, sin = _rotary_tables(lm, shape)
         b.weight("rotary.cos", cos)
@@ -178,28 +241,34 @@ def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, p
         data.close()
     graph = helper.make_graph(b.nodes, "pulse_decoder", _inputs(shape, onnx_dtype), _outputs(shape, onnx_dtype),
                               initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=list(OPSETS), ir_version=IR_VERSION,
-                              producer_name="pulse-edge")
+    opsets = [helper.make_opsetid("", plan.opset), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="pulse-edge")
     onnx.save_model(model, str(out_dir / file_name))
-    return describe(shape, precision, dtype_name, file_name, out_dir)
+    desc = describe(shape, label or precision, dtype_name, file_name, out_dir)
+    desc["extra"].update(opset=plan.opset, ort_opt_level=plan.ort_opt_level)
+    return desc
 
 
 def _layers(b: _Builder, lm: LlamaForCausalLM, shape: DecoderShape, embeds: str) -> None:
     residual, mlp_out = embeds, None
     for i, layer in enumerate(lm.model.layers):
-        normed, residual = _input_norm(b, mlp_out, residual, layer.input_layernorm.weight, i, shape.eps)
+        gamma = _gamma(layer.input_layernorm) / b.plan.scale(f"layers.{i}.qkv", shape.hidden)
+        normed, residual = _input_norm(b, mlp_out, residual, gamma, i, shape.eps)
         attn_out = _attention(b, layer, i, normed, shape)
-        normed, residual = _skip_norm(b, attn_out, residual, layer.post_attention_layernorm.weight,
-                                      f"layers.{i}.post_norm", shape.eps)
-        mlp_out = _mlp(b, layer, i, normed)
-    final, _ = _skip_norm(b, mlp_out, residual, lm.model.norm.weight, "final_norm", shape.eps)
+        gamma = _gamma(layer.post_attention_layernorm) / b.plan.scale(f"layers.{i}.gate_up", shape.hidden)
+        normed, residual = _skip_norm(b, attn_out, residual, gamma, f"layers.{i}.post_norm", shape.eps)
+        mlp_out = _mlp(b, layer, i, normed, shape)
+    final, _ = _skip_norm(b, mlp_out, residual, _gamma(lm.model.norm), "final_norm", shape.eps)
     last = _last_position(b, final)
-    wlm = b.weight("lm_head.weight", _linear_t(lm.lm_head))
-    (logits,) = b.node("MatMul", [last, wlm], ["logits.raw"], "lm_head/matmul")
+    logits = b.matmul("lm_head", last, _linear_t(lm.lm_head))
     b.node("Cast", [logits], ["logits"], "logits/cast", to=TensorProto.FLOAT)
 
 
-def _input_norm(b: _Builder, mlp_out: str | None, residual: str, weight: torch.Tensor, i: int,
+def _gamma(norm: torch.nn.Module) -> np.ndarray:
+    return norm.weight.detach().float().numpy()
+
+
+def _input_norm(b: _Builder, mlp_out: str | None, residual: str, weight: np.ndarray, i: int,
                 eps: float) -> tuple[str, str]:
     """Layer 0 normalises the embeddings; later layers add the previous MLP output first."""
     name = f"layers.{i}.input_norm"

@@ -12,6 +12,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,6 +21,7 @@ from pulse_edge.benchmarks.bench_cli import bench_group
 from pulse_edge.benchmarks.eval_cli import eval_group
 from pulse_edge.clickgroup import UserErrorGroup
 from pulse_edge.pipelines import BACKENDS, open_pipeline
+from pulse_edge.quant_cli import calibrate_cmd, print_fidelity, quant_options, quant_settings
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -108,15 +110,17 @@ def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="The bundle directory to create (must not exist or be empty).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4", "fp8"]), default="fp32",
+              show_default=True, help="int8 / int4 / fp8: quantized recipes (see the options below and the README).")
 @click.option("--max-context", type=int, default=None,
               help="KV cache length in positions (default: the model's 4096).")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None,
               help="A local CLIP vision tower directory; takes precedence over the tower named in the config.")
 @click.option("--validation", type=click.Choice(["standard", "quick"]), default="standard", show_default=True,
               help="quick: short prefills only (the full 7B in fp32 on a small CPU).")
+@quant_options
 def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | None, vision_tower: Path | None,
-               validation: str) -> None:
+               validation: str, **quant: Any) -> None:
     """Export a checkpoint to a validated bundle (ONNX graphs, tokenizer.json, manifest.json)."""
     import transformers
 
@@ -125,7 +129,8 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     from pulse_edge.export.validate import ValidationPlan
 
     plan = ValidationPlan() if validation == "standard" else ValidationPlan.quick()
-    options = ExportOptions(precision=precision, max_context=max_context, vision_tower=vision_tower, plan=plan)
+    options = ExportOptions(precision=precision, max_context=max_context, vision_tower=vision_tower, plan=plan,
+                            quant=quant_settings(precision, **quant))
     exporter_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = exporter_log.level
     try:
@@ -137,6 +142,7 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
             path = export_bundle(checkpoint, out, options)
     finally:
         exporter_log.setLevel(level)
+    print_fidelity(path)
     click.echo(f"wrote {precision} bundle to {path} (validated against the torch reference)")
 
 
@@ -153,15 +159,21 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
               help="Real PULSE-7B shapes (random, ~14 GB in bf16) for memory and speed tests.")
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="Override the decoder's layer count (e.g. --full-shape --layers 2: real width, 2 layers).")
+@click.option("--outliers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Hidden dims whose q/k/v and gate/up inputs get outlier activations (function-preserving), "
+                   "as trained LLMs have; for testing quantization.")
+@click.option("--outlier-scale", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
+              help="How many times larger the outlier dims' activations are.")
 def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, full_shape: bool,
-              layers: int | None) -> None:
+              layers: int | None, outliers: int, outlier_scale: float) -> None:
     """Write a random PULSE-shaped checkpoint (original LLaVA layout) with a real SentencePiece tokenizer."""
     import torch
 
     from pulse_edge.export.tiny import TinySpec, make_tiny_checkpoint
 
     spec = TinySpec(seed=seed, merge=merge, tower=tower, layout=layout, full_shape=full_shape,
-                    dtype=torch.bfloat16 if full_shape else torch.float32, layers=layers)
+                    dtype=torch.bfloat16 if full_shape else torch.float32, layers=layers, outliers=outliers,
+                    outlier_scale=outlier_scale)
     path = make_tiny_checkpoint(out_dir, spec)
     click.echo(f"wrote {'full-shape' if full_shape else 'tiny'} random checkpoint to {path}")
 
@@ -189,6 +201,7 @@ def render_ecg(out: Path, rhythm: str, seed: int, size: str, header: str | None)
 
 main.add_command(eval_group)
 main.add_command(bench_group)
+main.add_command(calibrate_cmd)
 
 if __name__ == "__main__":
     main()

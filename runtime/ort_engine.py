@@ -57,6 +57,7 @@ class SessionConfig:
     prepack: bool = True
     device_id: int = 0
     provider_options: Mapping[str, Any] = field(default_factory=dict)
+    emulate: bool = False  # run an fp8 bundle on the CPU EP as an exact Q/DQ emulation (validation only)
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -67,7 +68,14 @@ class SessionConfig:
             raise ConfigError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
 
 
-def make_session(path: Path, config: SessionConfig) -> Any:
+def effective_opt_level(asked: str, graph_limit: str | None) -> str:
+    """The lower of the asked level and the graph's own limit (fp8 Q/DQ graphs run only at "basic" in ORT)."""
+    if graph_limit is None:
+        return asked
+    return OPT_LEVELS[min(OPT_LEVELS.index(asked), OPT_LEVELS.index(graph_limit))]
+
+
+def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None = None) -> Any:
     """An InferenceSession on exactly the asked provider: an absent provider is an error, never a fallback."""
     ort = _ort()
     wanted = PROVIDERS[config.provider]
@@ -76,8 +84,9 @@ def make_session(path: Path, config: SessionConfig) -> Any:
                           f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
                           "for cuda/tensorrt, or use --provider cpu")
     options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{config.opt_level.upper()}"
-                                               if config.opt_level != "disable" else "ORT_DISABLE_ALL")
+    level = effective_opt_level(config.opt_level, graph_limit)
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}"
+                                               if level != "disable" else "ORT_DISABLE_ALL")
     options.intra_op_num_threads = config.threads
     options.inter_op_num_threads = 1  # one graph at a time: parallelism is inside the ops
     options.enable_cpu_mem_arena = config.mem_arena
@@ -96,7 +105,7 @@ class VisionEngine:
     """Tiles [K, 3, T, T] float32 -> features [K, P, H] float32."""
 
     def __init__(self, bundle: Path, spec: GraphSpec, config: SessionConfig) -> None:
-        self.session = make_session(bundle / spec.file, config)
+        self.session = make_session(bundle / spec.file, config, graph_limit=spec.extra.get("ort_opt_level"))
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.session.run(["image_features"], {"pixel_values": pixel_values.astype(np.float32, copy=False)})[0]
@@ -107,7 +116,7 @@ class DecoderEngine:
 
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig) -> None:
         ort = _ort()
-        self.session = make_session(bundle / spec.file, config)
+        self.session = make_session(bundle / spec.file, config, graph_limit=spec.extra.get("ort_opt_level"))
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
         device = "cuda" if config.provider in ("cuda", "tensorrt") else "cpu"

@@ -34,6 +34,15 @@ MERGES_SERVED = ("flat",)
 DEFAULT_PREFILL_CHUNK = 512
 
 
+def check_device(manifest: Manifest, config: SessionConfig) -> None:
+    """Refuse a bundle the chosen provider cannot run natively (fp8 needs compute capability >= 8.9)."""
+    needs = (manifest.calibration or {}).get("requires_compute_capability")
+    if needs and config.provider == "cpu" and not config.emulate:
+        raise ConfigError(f"this {manifest.precision} bundle needs a GPU of compute capability >= {needs} (Ada, "
+                          "Hopper) through TensorRT or CUDA; ONNX Runtime's CPU EP only emulates it, for "
+                          "validation. Use an int8 or int4 bundle on this device")
+
+
 class OrtEngine:
     """The bundle's two graphs and embedding table behind the `Engine` protocol."""
 
@@ -44,6 +53,7 @@ class OrtEngine:
                               f"uses {manifest.image.merge!r}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ConfigError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
+        check_device(manifest, config)
         self.vision = VisionEngine(bundle, manifest.graphs["vision"], config)
         self.decoder = DecoderEngine(bundle, manifest.graphs["decoder"], manifest.kv, manifest.text.vocab_size,
                                      config)

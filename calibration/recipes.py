@@ -1,0 +1,131 @@
+"""Precision recipes: which scheme each linear layer ("site") of a bundle gets (DESIGN §6).
+
+A site is one MatMul of a bundle's graphs, named the same way by calibration,
+export and the fidelity report:
+
+    vision.layers.{i}.{q,k,v,o,fc1,fc2}   CLIP encoder layer i
+    projector.0, projector.2              the mlp2x_gelu projector's two Linears
+    layers.{i}.{qkv,o,gate_up,down}       decoder layer i (q/k/v and gate/up are packed: one input each)
+    lm_head
+
+Schemes:
+
+    fp     the bundle's float baseline (fp32 on CPU)
+    w8     weight-only int8, block-wise (MatMulNBits bits=8)
+    w4     weight-only int4, block-wise (MatMulNBits bits=4), RTN or AWQ scaling
+    w8a8   int8 weights per output channel, int8 activations with a calibrated per-tensor
+           scale (Q/DQ; ORT runs it as MatMulIntegerToFloat); SmoothQuant in the decoder
+    fp8    E4M3 weights per output channel and activations per tensor (Q/DQ, for TensorRT on
+           compute capability >= 8.9; ORT's CPU EP only emulates it, for validation)
+
+`keep` names sites (or prefixes: "vision", "projector", "layers.0", "lm_head")
+that stay at fp: mixed precision for the layers that quantize worst.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+from pulse_edge.errors import ConfigError
+
+SCHEMES = ("fp", "w8", "w4", "w8a8", "fp8")
+INT4_METHODS = ("awq", "rtn")
+INT8_DECODER_MODES = MappingProxyType({"weight-only": "w8", "w8a8": "w8a8"})
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+# MatMulNBits accuracy_level: 0 computes in fp32 after dequantizing, 4 quantizes the activations to int8 per
+# block at run time and uses integer dot products. Measured on this 2-core Zen 5 (ORT 1.31, K 4096, N 11008,
+# one token): bits 8 at level 0 took 53-64 ms (no fast kernel) vs 0.45-0.63 ms at level 4; bits 4: 0.72 ms
+# vs 0.15 ms. Level 4 is the only usable one for int8 here.
+DEFAULT_ACCURACY_LEVEL = 4
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# Graphs that need a newer opset than the float bundle's: float8 Q/DQ exists from opset 19.
+FP8_MIN_OPSET = 19
+FP8_COMPUTE_CAPABILITY = "8.9"
+
+
+def _check(value: Any, allowed: tuple[Any, ...], what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{what} {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `export --precision P` does, with its knobs."""
+
+    name: str
+    vision: str
+    decoder: str
+    block_size: int = 128
+    int4_method: str = "awq"
+    smooth_alpha: float | None = None  # None: chosen per site on the calibration samples
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    keep: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for what, value in (("vision scheme", self.vision), ("decoder scheme", self.decoder)):
+            _check(value, SCHEMES, what)
+        _check(self.int4_method, INT4_METHODS, "int4 method")
+        _check(self.block_size, BLOCK_SIZES, "block size")
+        _check(self.accuracy_level, ACCURACY_LEVELS, "MatMulNBits accuracy level")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth alpha must be in [0, 1] or 'auto', got {self.smooth_alpha}")
+
+    def scheme(self, site: str) -> str:
+        """The scheme of one site: `keep` wins, then the vision or decoder scheme."""
+        if any(site == k or site.startswith(f"{k}.") for k in self.keep):
+            return "fp"
+        return self.vision if site.startswith(("vision.", "projector.")) else self.decoder
+
+    @property
+    def needs_activation_scales(self) -> bool:
+        return bool({"w8a8", "fp8"} & {self.vision, self.decoder}) or self.int4_awq
+
+    @property
+    def int4_awq(self) -> bool:
+        return self.decoder == "w4" and self.int4_method == "awq"
+
+    @property
+    def compute_capability(self) -> str | None:
+        """The least GPU compute capability the bundle needs (None: any, CPU included)."""
+        return FP8_COMPUTE_CAPABILITY if "fp8" in (self.vision, self.decoder) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "vision": self.vision, "decoder": self.decoder, "block_size": self.block_size,
+                "int4_method": self.int4_method, "smooth_alpha": self.smooth_alpha,
+                "accuracy_level": self.accuracy_level, "keep": list(self.keep)}
+
+
+RECIPES: Mapping[str, Recipe] = MappingProxyType({
+    "int8": Recipe("int8", vision="w8a8", decoder="w8"),
+    "int4": Recipe("int4", vision="w8a8", decoder="w4"),
+    "fp8": Recipe("fp8", vision="fp8", decoder="fp8"),
+})
+
+
+def make_recipe(precision: str, *, int8_decoder: str = "weight-only", int4_method: str = "awq",
+                block_size: int = 128, smooth_alpha: float | None = None,
+                accuracy_level: int = DEFAULT_ACCURACY_LEVEL, keep: tuple[str, ...] = ()) -> Recipe:
+    """The recipe for a quantized `--precision`, with the CLI's knobs applied."""
+    _check(precision, tuple(RECIPES), "quantized precision")
+    _check(int8_decoder, tuple(INT8_DECODER_MODES), "int8 decoder mode")
+    base = RECIPES[precision]
+    decoder = INT8_DECODER_MODES[int8_decoder] if precision == "int8" else base.decoder
+    return replace(base, decoder=decoder, int4_method=int4_method, block_size=block_size,
+                   smooth_alpha=smooth_alpha, accuracy_level=accuracy_level, keep=tuple(keep))
+
+
+def parse_keep(text: str | None) -> tuple[str, ...]:
+    """`--keep lm_head,layers.0,projector` -> ("lm_head", "layers.0", "projector")."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def decoder_sites(layers: int) -> list[str]:
+    return [f"layers.{i}.{part}" for i in range(layers) for part in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
+
+
+def vision_sites(layers: int) -> list[str]:
+    parts = ("q", "k", "v", "o", "fc1", "fc2")
+    return [f"vision.layers.{i}.{p}" for i in range(layers) for p in parts] + ["projector.0", "projector.2"]
