@@ -121,7 +121,7 @@ def _check_bundle(checkpoint: Path, bundle: Path) -> None:
         raise ConfigError(f"{bundle} is not the fp32 bundle of {checkpoint}: use another --work directory")
 
 
-def _run_cli(args: list[str], what: str, progress: Callable[[str], None]) -> None:
+def run_cli(args: list[str], what: str, progress: Callable[[str], None]) -> None:
     """One pulse-edge command in a child process, so that this process starts the measurements clean:
     an export leaves gigabytes of freed-but-kept heap behind, which would count in every peak RSS here."""
     done = subprocess.run([sys.executable, "-m", "pulse_edge.cli", *args], capture_output=True, text=True,
@@ -146,10 +146,10 @@ def prepare_model(cfg: BackendsConfig, work: Path, progress: Callable[[str], Non
         progress(f"writing a random {cfg.width}-width checkpoint with {cfg.layers} decoder layers to {checkpoint}")
         # --full-shape writes bf16 files (half the disk and the write); both backends load the same fp32 values
         full = ["--full-shape"] if WIDTH_SHAPES[cfg.width]["full_shape"] else []
-        _run_cli(["make-tiny", str(checkpoint), *full, "--layers", str(cfg.layers), "--seed", str(cfg.seed)],
+        run_cli(["make-tiny", str(checkpoint), *full, "--layers", str(cfg.layers), "--seed", str(cfg.seed)],
                  "make-tiny", progress)
     progress(f"exporting the fp32 bundle (quick validation) to {bundle}")
-    _run_cli(["export", str(checkpoint), "-o", str(bundle), "--precision", "fp32", "--validation", "quick"],
+    run_cli(["export", str(checkpoint), "-o", str(bundle), "--precision", "fp32", "--validation", "quick"],
              "export", progress)
     return PreparedModel(checkpoint, bundle, time.perf_counter() - started, reused=False)
 

@@ -46,6 +46,7 @@ SITE_PATTERNS: Mapping[str, str] = MappingProxyType({
     r"language_model\.lm_head": "lm_head",
 })
 DEFAULT_RESERVOIR_ROWS = 256
+LM_HEAD = "lm_head"
 
 
 def site_name(module_name: str) -> str | None:
@@ -111,20 +112,27 @@ def _hook(observer: SiteObserver):
 
 
 def run_sample(model: PulseReference, sample: PreparedSample) -> torch.Tensor:
-    """One teacher-forced pass of a prepared sample through the whole model; returns the logits [1, L, V]."""
+    """One teacher-forced pass of a prepared sample; returns the final hidden states [1, L, H] (lm_head's input).
+
+    lm_head itself is not run: its [L, V] logits would cost more than a decoder layer (32000 x 4096 per
+    position), and calibration needs only its input.
+    """
     with torch.inference_mode():
         features = model.vision_features(torch.from_numpy(sample.pixel_values))  # [tiles, P, H]
         merged = model.merge(features, sample.image_size)  # [T, H]
         embeds = model.embed(sample.input_ids, merged)  # [1, L, H]
-        return model.language_model(inputs_embeds=embeds).logits
+        return model.language_model.model(inputs_embeds=embeds).last_hidden_state
 
 
 def observe(model: PulseReference, samples: Sequence[PreparedSample], observers: Mapping[str, SiteObserver],
             *, progress: bool = False) -> None:
     """Run every sample with the hooks in place."""
-    with observing(model, observers):
+    hooked = {site: obs for site, obs in observers.items() if site != LM_HEAD}
+    with observing(model, hooked):
         for i, sample in enumerate(samples):
-            run_sample(model, sample)
+            hidden = run_sample(model, sample)
+            if LM_HEAD in observers:
+                observers[LM_HEAD].update(hidden)
             if progress:
                 print(f"  calibrated on sample {i + 1}/{len(samples)} ({sample.source}/{sample.task})", flush=True)
 

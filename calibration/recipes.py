@@ -18,8 +18,9 @@ Schemes:
     fp8    E4M3 weights per output channel and activations per tensor (Q/DQ, for TensorRT on
            compute capability >= 8.9; ORT's CPU EP only emulates it, for validation)
 
-`keep` names sites (or prefixes: "vision", "projector", "layers.0", "lm_head")
-that stay at fp: mixed precision for the layers that quantize worst.
+`keep` names sites, prefixes ("layers.0", "projector", "lm_head") or whole graphs
+("vision" = tower and projector, "decoder") that stay at fp: mixed precision for
+the layers that quantize worst.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Recipe:
     block_size: int = 128
     int4_method: str = "awq"
     smooth_alpha: float | None = None  # None: chosen per site on the calibration samples
+    smooth: bool = True  # False: plain W8A8 (the baseline SmoothQuant is measured against)
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     keep: tuple[str, ...] = ()
 
@@ -74,10 +76,11 @@ class Recipe:
             raise ConfigError(f"smooth alpha must be in [0, 1] or 'auto', got {self.smooth_alpha}")
 
     def scheme(self, site: str) -> str:
-        """The scheme of one site: `keep` wins, then the vision or decoder scheme."""
-        if any(site == k or site.startswith(f"{k}.") for k in self.keep):
+        """The scheme of one site: `keep` wins (a site, a prefix, or a whole graph), then the graph's scheme."""
+        graph = "vision" if site.startswith(("vision.", "projector.")) else "decoder"
+        if any(k == graph or site == k or site.startswith(f"{k}.") for k in self.keep):
             return "fp"
-        return self.vision if site.startswith(("vision.", "projector.")) else self.decoder
+        return self.vision if graph == "vision" else self.decoder
 
     @property
     def needs_activation_scales(self) -> bool:
@@ -94,7 +97,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "vision": self.vision, "decoder": self.decoder, "block_size": self.block_size,
-                "int4_method": self.int4_method, "smooth_alpha": self.smooth_alpha,
+                "int4_method": self.int4_method, "smooth": self.smooth, "smooth_alpha": self.smooth_alpha,
                 "accuracy_level": self.accuracy_level, "keep": list(self.keep)}
 
 
@@ -106,7 +109,7 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({
 
 
 def make_recipe(precision: str, *, int8_decoder: str = "weight-only", int4_method: str = "awq",
-                block_size: int = 128, smooth_alpha: float | None = None,
+                block_size: int = 128, smooth_alpha: float | None = None, smooth: bool = True,
                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, keep: tuple[str, ...] = ()) -> Recipe:
     """The recipe for a quantized `--precision`, with the CLI's knobs applied."""
     _check(precision, tuple(RECIPES), "quantized precision")
@@ -114,7 +117,7 @@ def make_recipe(precision: str, *, int8_decoder: str = "weight-only", int4_metho
     base = RECIPES[precision]
     decoder = INT8_DECODER_MODES[int8_decoder] if precision == "int8" else base.decoder
     return replace(base, decoder=decoder, int4_method=int4_method, block_size=block_size,
-                   smooth_alpha=smooth_alpha, accuracy_level=accuracy_level, keep=tuple(keep))
+                   smooth_alpha=smooth_alpha, smooth=smooth, accuracy_level=accuracy_level, keep=tuple(keep))
 
 
 def parse_keep(text: str | None) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from pulse_edge.calibration.calibrate import SMOOTH_SITES
 from pulse_edge.calibration.observe import packed_weight, site_modules
 from pulse_edge.calibration.quant_math import smooth_scales
 from pulse_edge.calibration.recipes import FP8_MIN_OPSET, Recipe, decoder_sites
@@ -59,9 +60,9 @@ def _input_scale(model: PulseReference, recipe: Recipe, scales: Scales, site: st
     stats = scales.site(site)
     if site.endswith(".o") and shape.heads != shape.kv_heads:
         return None  # o's input scale folds into v's rows only when every head has its own v
-    if scheme == "w8a8" and stats.smooth is not None:
+    if scheme == "w8a8" and recipe.smooth and site.rsplit(".", 1)[-1] in SMOOTH_SITES:
         if recipe.smooth_alpha is None:
-            return stats.smooth
+            return stats.smooth  # None where no alpha beat plain W8A8 on the samples
         return smooth_scales(stats.absmax, packed_weight(model, site), recipe.smooth_alpha)
     if scheme == "w4" and recipe.int4_awq:
         return stats.awq

@@ -16,13 +16,16 @@ from pulse_edge.calibration.recipes import BLOCK_SIZES, INT4_METHODS, INT8_DECOD
 METHODS = ("minmax", "percentile", "entropy", "mse")  # calibration.histogram.METHODS; checked equal in the tests
 
 
-def _alpha(value: str) -> float | None:
-    if value == "auto":
-        return None
+def _alpha(value: str) -> tuple[bool, float | None]:
+    """--smooth-alpha: (smooth?, alpha); 'auto' searches alpha per site, 'off' is plain W8A8."""
+    if value in ("auto", "off"):
+        return value == "auto", None
     try:
-        return float(value)
+        return True, float(value)
     except ValueError as e:
-        raise click.BadParameter(f"must be 'auto' or a number in [0, 1], got {value!r}") from e
+        from pulse_edge.errors import ConfigError
+
+        raise ConfigError(f"--smooth-alpha must be 'auto', 'off' or a number in [0, 1], got {value!r}") from e
 
 
 def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -35,13 +38,13 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--int8-decoder", type=click.Choice(tuple(INT8_DECODER_MODES)), default="weight-only",
                      show_default=True, help="int8: weight-only decoder, or W8A8 with SmoothQuant."),
         click.option("--smooth-alpha", default="auto", show_default=True,
-                     help="SmoothQuant migration strength; auto = chosen per layer on the samples."),
+                     help="SmoothQuant migration strength; auto = chosen per layer on the samples; off = plain W8A8."),
         click.option("--int4-method", type=click.Choice(INT4_METHODS), default="awq", show_default=True,
                      help="awq: activation-aware scaling from the scales file; rtn: plain rounding."),
         click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="128",
                      show_default=True, help="Block size of the block-wise int4/int8 weights."),
         click.option("--keep", default="", help="Sites kept at fp32, comma-separated prefixes "
-                                                "(e.g. lm_head,layers.0,projector,vision)."),
+                                                "(e.g. lm_head,layers.0,projector; vision = the whole vision graph)."),
         click.option("--held-out", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Held-out samples for the fidelity report."),
         click.option("--accuracy-gate", default=None,
@@ -67,8 +70,9 @@ def quant_settings(precision: str, scales: Path | None, calibration_samples: int
         gate = AccuracyGate.from_string(accuracy_gate) if accuracy_gate else None
     except ValueError as e:
         raise ConfigError(f"--accuracy-gate: {e}") from e
+    smooth, alpha = _alpha(smooth_alpha)
     recipe = make_recipe(precision, int8_decoder=int8_decoder, int4_method=int4_method, block_size=int(block_size),
-                         smooth_alpha=_alpha(smooth_alpha), keep=parse_keep(keep))
+                         smooth_alpha=alpha, smooth=smooth, keep=parse_keep(keep))
     return QuantSettings(recipe=recipe, scales=scales, calibration_samples=calibration_samples, held_out=held_out,
                          gate=gate)
 

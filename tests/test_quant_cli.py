@@ -1,0 +1,61 @@
+"""`pulse-edge calibrate` and `export --precision int4/int8` from the command line, errors included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pulse_edge.calibration.histogram import METHODS
+from pulse_edge.calibration.scales import Scales
+from pulse_edge.cli import main
+from pulse_edge.quant_cli import METHODS as CLI_METHODS
+
+
+def test_cli_methods_are_the_histograms_methods() -> None:
+    assert CLI_METHODS == METHODS
+
+
+def test_calibrate_then_export_int4_with_those_scales(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    scales = tmp_path / "scales.npz"
+    res = CliRunner().invoke(main, ["calibrate", str(tiny_checkpoint), "--samples", "3", "--method", "percentile",
+                                    "-o", str(scales)])
+    assert res.exit_code == 0, res.output
+    assert "layers.0.qkv" in res.output and "wrote" in res.output
+    loaded = Scales.load(scales)
+    assert loaded.method == "percentile" and loaded.samples["count"] == 3
+    out = tmp_path / "b4"
+    res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--precision", "int4",
+                                    "--scales", str(scales), "--validation", "quick", "--held-out", "1",
+                                    "--int4-method", "rtn", "--block-size", "32"])
+    assert res.exit_code == 0, res.output
+    assert "fidelity against the fp32 torch reference on 1 held-out samples" in res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["recipe"]["int4_method"] == "rtn"
+    assert manifest["calibration"]["recipe"]["block_size"] == 32
+    assert manifest["calibration"]["method"] == "percentile"
+    assert manifest["calibration"]["smoothed_or_scaled_sites"] == []  # rtn: no AWQ scales folded
+
+
+def test_quantization_errors_are_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    cases = {
+        "does not exist; make it with pulse-edge calibrate": ["--scales", str(tmp_path / "none.npz")],
+        "--accuracy-gate": ["--accuracy-gate", "speed>=9"],
+        "--smooth-alpha must be": ["--smooth-alpha", "lots"],
+    }
+    for expected, extra in cases.items():
+        out = tmp_path / "never"
+        res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--precision", "int8",
+                                        *extra])
+        assert res.exit_code == 2, res.output
+        assert expected in res.output and "Traceback" not in res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+        assert not out.exists()
+
+
+def test_calibrate_refuses_unknown_data(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["calibrate", str(tiny_checkpoint), "--data", str(tmp_path / "x.txt"),
+                                    "-o", str(tmp_path / "s.npz")])
+    assert res.exit_code == 2 and "not a calibration source" in res.output
+    assert not (tmp_path / "s.npz").exists()
