@@ -115,3 +115,72 @@ def backends_command(width: str, layers: int, runs: int | None, warmup: int, con
     report = run_backends(config, progress=_progress)
     click.echo(backends_table(report))
     _write_json(json_path, report)
+
+
+@bench_group.command("projector")
+@click.option("--tokens", default="576,2880,14400", show_default=True,
+              help="Token counts T, comma-separated: 576 per tile; 2880 is one 12-lead print.")
+@click.option("--precisions", default="bf16,int8,fp8", show_default=True,
+              help="bf16, int8 (weight-only), fp8 (E4M3, compute capability >= 8.9).")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed calls per cell.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Untimed calls first (autotuning and torch.compile happen here).")
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="Also time torch.compile of the eager projector.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def projector_command(tokens: str, precisions: str, runs: int, warmup: int, compile_: bool,
+                      json_path: Path | None) -> None:
+    """The fused Triton vision projector vs torch eager vs torch.compile on this CUDA GPU: median time,
+    TFLOP/s, GB/s, and their fraction of the bf16 matmul peak and copy bandwidth measured in the same run."""
+    from pulse_edge.benchmarks.projector_bench import (
+        PRECISIONS,
+        ProjectorBenchConfig,
+        parse_list,
+        parse_tokens,
+        projector_table,
+        require_gpu,
+        run_projector_bench,
+    )
+
+    config = ProjectorBenchConfig(tokens=parse_tokens(tokens), precisions=parse_list(precisions, PRECISIONS),
+                                  runs=runs, warmup=warmup, compile=compile_)
+    require_gpu()  # before anything else: one line, no numbers
+    report = run_projector_bench(config, progress=_progress)
+    click.echo(projector_table(report))
+    _write_json(json_path, report)
+
+
+@bench_group.command("recipes")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True, help="Decoder layers.")
+@click.option("--width", type=click.Choice(["tiny", "real"]), default="real", show_default=True)
+@click.option("--recipes", default="int8,int8-w8a8,int4", show_default=True,
+              help="Comma-separated: int8 (weight-only decoder), int8-w8a8 (SmoothQuant), int4 (AWQ).")
+@click.option("--runs", type=click.IntRange(min=1), default=None, help="Timed runs [default: 5 tiny, 3 real].")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--context", type=click.IntRange(min=2), default=3000, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--no-transformers", is_flag=True, help="Leave transformers generate out (saves its fp32 copy).")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Keep the made checkpoint and bundles here and reuse them [default: a temp dir, removed].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def recipes_command(layers: int, width: str, recipes: str, runs: int | None, warmup: int, context: int,
+                    decode_tokens: int | None, calibration_samples: int, no_transformers: bool, work: Path | None,
+                    threads: int, json_path: Path | None) -> None:
+    """fp32 vs int8 vs int8 W8A8 vs int4 bundles (and transformers generate) on one random PULSE-shaped model,
+    in one process: vision, prefill, decode tok/s, achieved bandwidth."""
+    from pulse_edge.benchmarks.backends import BackendsConfig
+    from pulse_edge.benchmarks.recipes import RECIPES, RecipesConfig, recipes_table, run_recipes
+    from pulse_edge.errors import ConfigError
+
+    chosen = tuple(r.strip() for r in recipes.split(",") if r.strip())
+    unknown = [r for r in chosen if r not in RECIPES]
+    if unknown:
+        raise ConfigError(f"--recipes: {', '.join(unknown)} not one of {', '.join(RECIPES)}")
+    base = BackendsConfig(width=width, layers=layers, runs=runs, warmup=warmup, context=context,
+                          decode_tokens=decode_tokens, work=work, threads=threads)
+    report = run_recipes(RecipesConfig(base=base, recipes=chosen, calibration_samples=calibration_samples,
+                                       transformers=not no_transformers), progress=_progress)
+    click.echo(recipes_table(report))
+    _write_json(json_path, report)

@@ -14,7 +14,8 @@ greedy agreement.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,32 +54,58 @@ def _question_length(sample: CalibrationSample, tokenizer: Any) -> int:
     return len(prompt_ids([Turn(sample.turns[0][0])], tokenizer))
 
 
+@dataclass(frozen=True)
+class Trace:
+    """One held-out sample's decoder inputs and the reference's logits: the prefill, then each forced token."""
+
+    id: str
+    prefill: np.ndarray  # [1, S, H] float32: the question's embeddings with the reference's image features
+    forced: list[int]  # the sample's own next tokens, teacher-forced
+    logits: list[np.ndarray]  # [V] per step: after the prefill, then after each forced token
+
+
+def reference_trace(reference: TorchPipeline, sample: CalibrationSample, prep: PreparedSample,
+                    steps: int = DECODE_STEPS) -> Trace:
+    model, lm = reference.model, reference.model.language_model
+    with torch.inference_mode():
+        features = model.merge(model.vision_features(torch.from_numpy(prep.pixel_values)), prep.image_size)
+        embeds = model.embed(prep.input_ids, features).float()  # [1, L, H]
+        question = _question_length(sample, reference.tokenizer)
+        split = question - 1 + prep.image_tokens  # the image slot became image_tokens positions
+        forced = list(prep.input_ids[question:question + steps])
+        ref, cache = prefill(lm, embeds[:, :split].to(model.dtype))
+        logits = [ref.float().numpy().copy()]
+        for token in forced:
+            logits.append(decode_one_token(lm, token, cache).float().numpy().copy())
+    return Trace(sample.id, embeds[:, :split].numpy(), forced, logits)
+
+
+def compare_trace(trace: Trace, decoder: Any, embed: Callable[[int], np.ndarray]) -> list[dict[str, Any]]:
+    """The candidate decoder on the same inputs; `embed(token)` is its own embedding lookup ([H])."""
+    decoder.reset()
+    got = [decoder.forward(trace.prefill).copy()]
+    got += [decoder.forward(embed(token)[None, None]).copy() for token in trace.forced]
+    return [{"id": trace.id, "step": step, "kl": logit_kl(r[None], g[None]),
+             "top1_equal": bool(np.argmax(g) == np.argmax(r)), **tensor_fidelity(g, r)}
+            for step, (g, r) in enumerate(zip(got, trace.logits, strict=True))]
+
+
+def summarise_steps(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"steps": list(rows), "cosine": _mean([r["cosine"] for r in rows]),
+            "min_cosine": min(r["cosine"] for r in rows), "rel_err": _mean([r["rel_err"] for r in rows]),
+            "sqnr_db": _mean([r["sqnr_db"] for r in rows]), "kl": _mean([r["kl"] for r in rows]),
+            "max_kl": max(r["kl"] for r in rows), "top1": _mean([float(r["top1_equal"]) for r in rows])}
+
+
 def decoder_fidelity(reference: TorchPipeline, candidate: Pipeline, samples: Sequence[CalibrationSample],
                      prepared: Sequence[PreparedSample], *, steps: int = DECODE_STEPS) -> dict[str, Any]:
-    model, lm = reference.model, reference.model.language_model
+    engine = candidate.engine
     rows = []
     for sample, prep in zip(samples, prepared, strict=True):
-        with torch.inference_mode():
-            features = model.merge(model.vision_features(torch.from_numpy(prep.pixel_values)), prep.image_size)
-            embeds = model.embed(prep.input_ids, features).float()  # [1, L, H]
-            question = _question_length(sample, reference.tokenizer)
-            split = question - 1 + prep.image_tokens  # the image slot became image_tokens positions
-            forced = prep.input_ids[question:question + steps]
-            ref, cache = prefill(lm, embeds[:, :split].to(model.dtype))
-            candidate.engine.reset()
-            got = candidate.engine.decoder.forward(embeds[:, :split].numpy())
-            pairs = [(got.copy(), ref.float().numpy())]
-            for token in forced:
-                ref = decode_one_token(lm, token, cache)
-                got = candidate.engine.step(token)
-                pairs.append((got.copy(), ref.float().numpy()))
-        for step, (g, r) in enumerate(pairs):
-            rows.append({"id": sample.id, "step": step, "kl": logit_kl(r[None], g[None]),
-                         "top1_equal": bool(np.argmax(g) == np.argmax(r)), **tensor_fidelity(g, r)})
-    return {"steps": rows, "cosine": _mean([r["cosine"] for r in rows]), "min_cosine": min(r["cosine"] for r in rows),
-            "rel_err": _mean([r["rel_err"] for r in rows]), "sqnr_db": _mean([r["sqnr_db"] for r in rows]),
-            "kl": _mean([r["kl"] for r in rows]), "max_kl": max(r["kl"] for r in rows),
-            "top1": _mean([float(r["top1_equal"]) for r in rows])}
+        trace = reference_trace(reference, sample, prep, steps)
+        rows += compare_trace(trace, engine.decoder, lambda token: engine.embed([token])[0])
+    engine.reset()
+    return summarise_steps(rows)
 
 
 def greedy_fidelity(reference: TorchPipeline, candidate: Pipeline, samples: Sequence[CalibrationSample], *,

@@ -10,6 +10,7 @@ differ only in the engine.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint
 from pulse_edge.export.reference import PulseReference
 from pulse_edge.export.tokenizer_convert import convert_sentencepiece
+from pulse_edge.kernels import Choice, fuse_projector, projector_choice
 from pulse_edge.runtime.conversation import Conversation
 from pulse_edge.runtime.preprocess import Preprocessed
 from pulse_edge.runtime.prompt import DEFAULT_QUESTION
@@ -31,6 +33,7 @@ from pulse_edge.runtime.sampling import SamplingParams
 from pulse_edge.runtime.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,6 +79,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _projector(model: PulseReference, wanted: bool) -> Choice:
+    """Swap the fused projector in where projector_choice allows it; the choice is logged and returned."""
+    choice = projector_choice(model.device, model.dtype) if wanted else Choice("reference", "not asked for")
+    if choice.fused:
+        fuse_projector(model)
+    logger.info("vision projector: %s", choice.reason if choice.fused else f"plain torch ({choice.reason})")
+    return choice
+
+
 class TorchEngine:
     """The reference model behind the runtime's `Engine` protocol (DynamicCache as the KV cache)."""
 
@@ -116,15 +128,17 @@ class TorchPipeline:
 
     loaded: LoadedCheckpoint
     tokenizer: Tokenizer
+    projector: Choice | None = None  # what runs the vision projector, and why (None: not decided here)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, vision_tower: str | Path | None = None, dtype: str = "auto",
-                        device: str = "auto") -> TorchPipeline:
+                        device: str = "auto", fused_projector: bool = True) -> TorchPipeline:
+        """`fused_projector`: the Triton projector (issue 6) where it can run: CUDA, triton, fp16/bf16."""
         dev = resolve_device(device)
         loaded = load_checkpoint(path, vision_tower=vision_tower, dtype=resolve_dtype(dtype, dev), device=dev)
         tok = Tokenizer.from_tokenizers(convert_sentencepiece(loaded.tokenizer_model),
                                         bos_id=loaded.config.text.bos_id, eos_id=loaded.config.text.eos_id)
-        return cls(loaded=loaded, tokenizer=tok)
+        return cls(loaded=loaded, tokenizer=tok, projector=_projector(loaded.model, fused_projector))
 
     @property
     def model(self) -> PulseReference:
