@@ -184,3 +184,24 @@ def recipes_command(layers: int, width: str, recipes: str, runs: int | None, war
                                        transformers=not no_transformers), progress=_progress)
     click.echo(recipes_table(report))
     _write_json(json_path, report)
+
+
+@bench_group.command("outliers")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--scales", required=True, type=click.Path(path_type=Path), help="From pulse-edge calibrate.")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Held-out samples.")
+@click.option("--steps", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Teacher-forced decode steps after each prefill.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def outliers_command(checkpoint: Path, scales: Path, samples: int, steps: int, json_path: Path | None) -> None:
+    """Logit fidelity of each decoder recipe (int8, W8A8 plain vs SmoothQuant, int4 RTN vs AWQ) against the
+    fp32 torch reference, on held-out ECG samples: for models with outlier channels (make-tiny --outliers)."""
+    import transformers
+
+    from pulse_edge.benchmarks.outliers import OutliersConfig, outliers_table, run_outliers
+
+    transformers.logging.set_verbosity_error()
+    report = run_outliers(OutliersConfig(checkpoint=checkpoint, scales=scales, samples=samples, steps=steps),
+                          progress=_progress)
+    click.echo(outliers_table(report))
+    _write_json(json_path, report)

@@ -11,7 +11,9 @@ export and the fidelity report:
 Schemes:
 
     fp     the bundle's float baseline (fp32 on CPU)
-    w8     weight-only int8, block-wise (MatMulNBits bits=8)
+    w8     int8 weights, block-wise (MatMulNBits bits=8); at accuracy level 4 (the default, and the only
+           fast int8 path in ORT's CPU EP) MLAS also quantizes the activations per block at run time,
+           so SmoothQuant scales are folded in here too
     w4     weight-only int4, block-wise (MatMulNBits bits=4), RTN or AWQ scaling
     w8a8   int8 weights per output channel, int8 activations with a calibrated per-tensor
            scale (Q/DQ; ORT runs it as MatMulIntegerToFloat); SmoothQuant in the decoder

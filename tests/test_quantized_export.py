@@ -241,3 +241,19 @@ def test_smoothquant_rescues_w8a8_on_outlier_channels(outlier_checkpoint: tuple[
         _export(checkpoint, tmp_path / "plain", "int8", scales, int8_decoder="w8a8", smooth=False)
     cosines = [float(c) for c in re.findall(r"cosine ([0-9.]+)", str(failed.value))]
     assert cosines and max(cosines) < 0.99
+
+
+def test_bench_outliers_ranks_the_recipes(outlier_checkpoint: tuple[Path, Path]) -> None:
+    from pulse_edge.benchmarks.outliers import OutliersConfig, outliers_table, run_outliers
+
+    checkpoint, scales = outlier_checkpoint
+    report = run_outliers(OutliersConfig(checkpoint=checkpoint, scales=scales, samples=1, steps=4),
+                          progress=lambda _: None)
+    r = report["recipes"]
+    assert r["fp32"]["cosine"] > 0.99999
+    assert r["w8a8-smooth"]["cosine"] >= 0.99 > r["w8a8-plain"]["cosine"]
+    assert r["int8"]["cosine"] > r["int8-plain"]["cosine"]
+    assert r["int8"]["scaled_sites"] == 4 and r["int8-plain"]["scaled_sites"] == 0  # qkv, gate_up x 2 layers
+    assert r["int4-awq"]["decoder_bytes"] < r["int8"]["decoder_bytes"] < r["fp32"]["decoder_bytes"]
+    assert report["outlier_ratio"] > 20
+    assert "W8A8 + SmoothQuant" in outliers_table(report)
