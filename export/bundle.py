@@ -25,10 +25,9 @@ from pulse_edge import __version__
 from pulse_edge.calibration.recipes import RECIPES
 from pulse_edge.errors import ConfigError, PulseEdgeError
 from pulse_edge.export.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
-from pulse_edge.export.config import read_config
 from pulse_edge.export.fidelity_report import fidelity_report
 from pulse_edge.export.onnx_decoder import FLOAT_PLAN, DecoderShape, build_decoder
-from pulse_edge.export.onnx_vision import TOLERANCES, export_vision_graph, validate_vision_graph
+from pulse_edge.export.onnx_vision import TOLERANCES, compare_features, export_vision_graph, validate_vision_graph
 from pulse_edge.export.quantized_bundle import (
     QuantContext,
     QuantSettings,
@@ -41,7 +40,6 @@ from pulse_edge.export.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.validate import ValidationPlan, validate_decoder, validate_greedy
 from pulse_edge.runtime.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, Manifest
 from pulse_edge.runtime.ort_engine import SessionConfig
-from pulse_edge.runtime.pipeline import MERGES_SERVED
 from pulse_edge.runtime.preprocess import image_token_count
 from pulse_edge.runtime.prompt import LLAVA_V1
 from pulse_edge.runtime.tokenizer import Tokenizer
@@ -56,6 +54,7 @@ GREEDY_PAGES = ((2200, 1700), (1400, 700))  # a letter print (2880 image tokens)
 FLOAT_BASE = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "int4": "fp32", "fp8": "fp32"}
 KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
 TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16, "fp8": np.float16}
+NEWLINE_FILE = "image_newline.npy"  # float32 [H], kept fp32 in every precision: it is one vector
 GREEDY_QUESTIONS = ("What is the rhythm?", "Interpret this ECG.")
 # What ORT's CPU EP holds per weight (see _check_validation_memory): fp32 for fp16 graphs too. The quantized
 # figures are the packed bytes plus scales (MatMulNBits, int8 Q/DQ); fp8 Q/DQ at the "basic" level keeps the
@@ -98,10 +97,6 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
 
 def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
-    merge = read_config(checkpoint).image.merge
-    if merge not in MERGES_SERVED:
-        raise ConfigError(f"{checkpoint} uses the {merge!r} merge; bundles serve {', '.join(MERGES_SERVED)} "
-                          "(PULSE's) for now: run this checkpoint with --backend torch")
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=_reference_dtype(checkpoint))
     _check_validation_memory(loaded, options.precision)
     max_context = _max_context(loaded, options.max_context)
@@ -118,11 +113,14 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     np.save(work / "embed_tokens.npy", table.astype(TABLE_DTYPES[options.precision]))
-    calibration = quant.manifest_entry(plan) if quant else None
+    if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
+        np.save(work / NEWLINE_FILE, model.image_newline.detach().float().numpy())
+    vision_schemes = vision["extra"].get("matmul_schemes", {})
+    calibration = quant.manifest_entry(plan, vision_schemes) if quant else None
     manifest = _manifest(loaded, options, vision, decoder, max_context, validation={}, calibration=calibration)
     _write_manifest(work, manifest)
     validation, fidelity = _validate(loaded, work, manifest, options, quant)
-    calibration = quant.manifest_entry(plan, fidelity) if quant else None
+    calibration = quant.manifest_entry(plan, vision_schemes, fidelity) if quant else None
     _write_manifest(work, _manifest(loaded, options, vision, decoder, max_context, validation=validation,
                                     calibration=calibration))
     if not validation["pass"]:
@@ -140,6 +138,10 @@ def failure_summary(validation: dict[str, Any]) -> str:
         if not shape["pass"]:
             parts.append(f"vision {shape['tiles']} tiles: rel err {shape['max_rel_err']:.2g}, "
                          f"cosine {shape['cosine']:.6f}")
+    for merged in validation["vision"].get("merge", []):
+        if not merged["pass"]:
+            parts.append(f"merged image features of a {merged['image_size'][0]}x{merged['image_size'][1]} print: "
+                         f"rel err {merged['max_rel_err']:.2g}")
     for case in validation["decoder"]["cases"]:
         if not case["pass"]:
             worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
@@ -218,6 +220,8 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
               for rhythm in ("sinus", "afib")]
     pairs = [(image, question) for image in images for question in GREEDY_QUESTIONS][:options.plan.greedy_runs]
     candidate = Pipeline.from_bundle(work, session=SessionConfig(prepack=False, emulate=True))
+    vision["merge"] = [_merge_parity(model, candidate, image, TOLERANCES[level]) for image in images]
+    vision["pass"] = bool(vision.get("pass") and all(m["pass"] for m in vision["merge"]))
     greedy = validate_greedy(reference, candidate, pairs, tokens=options.plan.greedy_tokens,
                              require_equal=level == "fp32")
     fidelity = None
@@ -228,6 +232,20 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "tolerance_level": level,
             "vision": vision, "decoder": decoder, "greedy": greedy,
             "pass": bool(vision.get("pass") and decoder["pass"] and greedy["pass"])}, fidelity
+
+
+def _merge_parity(model: Any, candidate: Any, image: Any, tolerance: Any) -> dict[str, Any]:
+    """The runtime's merged image features (vision graph + its numpy merge) against the reference's
+    merge on a whole print: greedy tokens of a tiny random model can miss a merge bug (a zeroed
+    image_newline left them unchanged), a feature comparison cannot."""
+    from pulse_edge.runtime.preprocess import preprocess
+
+    pre = preprocess(image, candidate.manifest.image)
+    with torch.inference_mode():
+        features = model.vision_features(torch.from_numpy(pre.pixel_values)).float()
+        ref = model.merge(features, image.size).float().numpy()  # [T, H]
+    got = candidate.engine.image_features(pre)
+    return {"image_size": list(image.size), **compare_features(ref[None], got[None], tolerance)}
 
 
 def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: dict[str, Any], decoder: dict[str, Any],
@@ -245,6 +263,7 @@ def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: dict[str
         "image": cfg.image.to_dict(), "prompt": LLAVA_V1.to_dict(), "tokenizer": "tokenizer.json",
         "source": _source(loaded), "created_by": f"pulse-edge {__version__}",
         "validation": validation, "calibration": calibration,
+        "image_newline": NEWLINE_FILE if loaded.model.image_newline is not None else None,
     })
 
 

@@ -146,6 +146,7 @@ class Manifest:
     created_by: str
     validation: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, Any] | None = None
+    image_newline: str | None = None  # spatial_unpad only: a .npy file, float32 [hidden_size]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
@@ -156,24 +157,37 @@ class Manifest:
             raise BundleError(f"bundle manifest version {version!r} is not supported by this pulse-edge (reads "
                               f"version {MANIFEST_VERSION}); re-export the bundle with this version")
         graphs = _need(d, "graphs", "the manifest")
+        image = ImageLayout.from_dict(_need(d, "image", "the manifest"))
         return cls(
             version=MANIFEST_VERSION, precision=_choice(d.get("precision"), PRECISIONS, "precision"),
             graphs={k: GraphSpec.from_dict(v) for k, v in graphs.items()},
             kv=KVLayout.from_dict(_need(d, "kv", "the manifest")),
             text=TextSpec.from_dict(_need(d, "text", "the manifest")),
             embedding=EmbeddingSpec.from_dict(_need(d, "embedding", "the manifest")),
-            image=ImageLayout.from_dict(_need(d, "image", "the manifest")),
+            image=image,
             prompt=PromptTemplate.from_dict(_need(d, "prompt", "the manifest")),
             tokenizer=str(_need(d, "tokenizer", "the manifest")), source=dict(d.get("source", {})),
             created_by=str(d.get("created_by", "")), validation=dict(d.get("validation", {})),
-            calibration=d.get("calibration"),
+            calibration=d.get("calibration"), image_newline=_image_newline(d.get("image_newline"), image),
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["image"] = self.image.to_dict()
         d["prompt"] = self.prompt.to_dict()
+        if self.image_newline is None:
+            del d["image_newline"]  # a flat bundle's manifest stays as it was before the field existed
         return {"format": FORMAT, **d}
+
+
+def _image_newline(name: Any, image: ImageLayout) -> str | None:
+    """The newline file: required by spatial_unpad (it ends every feature row), meaningless for flat."""
+    if image.merge == "spatial_unpad" and not name:
+        raise BundleError("manifest: the spatial_unpad merge needs 'image_newline' (the .npy file of the vector "
+                          "that ends each feature row); re-export the bundle")
+    if image.merge != "spatial_unpad" and name is not None:
+        raise BundleError(f"manifest: 'image_newline' belongs to the spatial_unpad merge, not {image.merge!r}")
+    return None if name is None else str(name)
 
 
 def read_manifest(bundle: Path) -> Manifest:
@@ -192,7 +206,7 @@ def read_manifest(bundle: Path) -> Manifest:
 
 
 def check_files(bundle: Path, manifest: Manifest) -> None:
-    named = [manifest.tokenizer, manifest.embedding.file]
+    named = [manifest.tokenizer, manifest.embedding.file, *([manifest.image_newline] if manifest.image_newline else [])]
     for graph in manifest.graphs.values():
         named.append(graph.file)
         for name, size in graph.sizes.items():

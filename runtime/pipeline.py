@@ -1,6 +1,6 @@
 """`Pipeline.from_bundle(dir)`: PULSE served from a bundle by ONNX Runtime, lean (numpy, pillow, tokenizers).
 
-    image -> preprocess -> vision graph [K, 576, H] -> flat merge [K*576, H]
+    image -> preprocess -> vision graph [K, 576, H] -> merge (flat: [K*576, H]; spatial_unpad: + newlines)
           -> table[ids] around the image slot = inputs_embeds [1, L, H]
           -> decoder graph (KV cache in place) -> logits -> sample -> table[token] -> ...
 
@@ -20,6 +20,7 @@ from PIL import Image
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.conversation import Conversation
 from pulse_edge.runtime.manifest import Manifest, read_manifest
+from pulse_edge.runtime.merge import MERGE_FUNCTIONS, ImageMerge
 from pulse_edge.runtime.ort_engine import DecoderEngine, SessionConfig, VisionEngine
 from pulse_edge.runtime.preprocess import Preprocessed
 from pulse_edge.runtime.prompt import DEFAULT_QUESTION, image_slot_index
@@ -27,7 +28,7 @@ from pulse_edge.runtime.result import GenerationResult
 from pulse_edge.runtime.sampling import SamplingParams
 from pulse_edge.runtime.tokenizer import Tokenizer
 
-MERGES_SERVED = ("flat",)
+MERGES_SERVED = tuple(MERGE_FUNCTIONS)  # PULSE's flat, and LLaVA-1.6's spatial_unpad
 # Measured on the real-width 2-layer fp32 bundle (2 vCPU EPYC, ORT 1.31 CPU), 2950-position prefill:
 # one pass 6.2 s and +1.83 GiB peak; chunks of 512: 5.8 s and +0.37 GiB (attention's
 # probabilities are held per chunk). None = one pass.
@@ -49,7 +50,7 @@ class OrtEngine:
     def __init__(self, bundle: Path, manifest: Manifest, config: SessionConfig, *,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
         if manifest.image.merge not in MERGES_SERVED:
-            raise ConfigError(f"this runtime serves the {', '.join(MERGES_SERVED)} merge (PULSE's); the bundle "
+            raise ConfigError(f"this runtime serves the {', '.join(MERGES_SERVED)} merges; the bundle "
                               f"uses {manifest.image.merge!r}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ConfigError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
@@ -58,6 +59,7 @@ class OrtEngine:
         self.decoder = DecoderEngine(bundle, manifest.graphs["decoder"], manifest.kv, manifest.text.vocab_size,
                                      config)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
+        self.merge = ImageMerge.from_bundle(bundle, manifest)
         self.max_length = manifest.kv.max_length
         self.prefill_chunk = prefill_chunk
 
@@ -69,8 +71,12 @@ class OrtEngine:
         self.decoder.reset()
 
     def image_features(self, pre: Preprocessed) -> np.ndarray:
-        features = self.vision.run(pre.pixel_values)  # [K, P, H]
-        return features.reshape(-1, features.shape[-1])  # flat merge: base, then tiles row-major
+        merged = self.merge(self.vision.run(pre.pixel_values), pre.image_size)  # [K, P, H] -> [T, H]
+        # The prompt reserved num_image_tokens positions: any other length would shift the whole cache.
+        if merged.shape[0] != pre.num_image_tokens:
+            raise RuntimeError(f"the {self.merge.layout.merge} merge produced {merged.shape[0]} image tokens, "
+                               f"preprocessing counted {pre.num_image_tokens}")
+        return merged
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)  # [S, H]

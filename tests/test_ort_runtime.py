@@ -177,13 +177,13 @@ def test_serving_a_bundle_never_imports_torch(tiny_bundle: Path, ecg_png: Path) 
     assert out.stdout.split(maxsplit=1) == ["3", "[]\n"]
 
 
-def test_unpad_checkpoints_are_refused_before_any_work(tmp_path: Path) -> None:
-    from pulse_edge.export.tiny import TinySpec, make_tiny_checkpoint
-
-    ckpt = make_tiny_checkpoint(tmp_path / "unpad", TinySpec(merge="spatial_unpad"))
-    with pytest.raises(ConfigError, match="'spatial_unpad' merge; bundles serve flat"):
-        export_bundle(ckpt, tmp_path / "bundle")
-    assert not (tmp_path / "bundle").exists()
+def test_a_flat_bundle_has_no_image_newline(tiny_bundle: Path, ort_pipeline: Pipeline) -> None:
+    """spatial_unpad bundles carry image_newline.npy (tests/test_unpad_bundle.py); PULSE's flat ones do not."""
+    manifest = read_manifest(tiny_bundle)
+    assert manifest.image_newline is None
+    assert "image_newline" not in json.loads((tiny_bundle / "manifest.json").read_text())
+    assert not (tiny_bundle / "image_newline.npy").exists()
+    assert ort_pipeline.engine.merge.layout.merge == "flat" and ort_pipeline.engine.merge.image_newline is None
 
 
 def test_a_wrong_decoder_graph_fails_validation_and_writes_nothing(tiny_checkpoint: Path, tmp_path: Path,
