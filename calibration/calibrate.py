@@ -26,7 +26,7 @@ import numpy as np
 from pulse_edge import __version__
 from pulse_edge.calibration.histogram import METHODS
 from pulse_edge.calibration.observe import SiteObserver, make_observers, observe, packed_weight
-from pulse_edge.calibration.quant_math import search_awq_scales, search_smooth_alpha
+from pulse_edge.calibration.quant_math import SearchResult, search_awq_scales, search_smooth_alpha, smooth_scales
 from pulse_edge.calibration.samples import (
     SYNTHETIC,
     CalibrationSample,
@@ -113,17 +113,18 @@ def _site_scales(loaded: LoadedCheckpoint, site: str, obs: SiteObserver, options
     if obs.reservoir is None or not is_decoder_layer:
         return SiteScales(amax=amax, amax_fp8=amax_fp8, absmax=absmax, mean_abs=mean_abs)
     rows = obs.reservoir.sample()  # [R, K]
-    weight = _column_sample(packed_weight(loaded.model, site), options.search_columns, options.seed)
+    full = packed_weight(loaded.model, site)  # [K, N]
+    weight = _column_sample(full, options.search_columns, options.seed)
     smooth = search_smooth_alpha(rows, weight, absmax, alphas=ALPHAS) if part in SMOOTH_SITES else None
-    if smooth is not None and smooth.baseline_error <= smooth.error:
-        smooth = None  # no alpha beat plain W8A8 (s = 1) on these rows: do not smooth this site
+    smooth_used = smooth is not None and smooth.error < smooth.baseline_error  # else plain W8A8 (s = 1) won
+    # The scales themselves from the whole weight: max|W_j| over a column sample is biased low.
+    s = smooth_scales(absmax, full, smooth.alpha) if smooth_used else None
     awq = search_awq_scales(rows, weight, mean_abs, AWQ_BITS, options.block_size) if part in AWQ_SITES else None
-    search = {"smooth_errors": _errors(smooth), "awq_errors": _errors(awq), "rows": int(rows.shape[0]),
-              "columns": int(weight.shape[1])}
-    return SiteScales(amax=amax, amax_fp8=amax_fp8, absmax=absmax, mean_abs=mean_abs,
-                      smooth=None if smooth is None else smooth.scales,
-                      smooth_alpha=None if smooth is None else smooth.alpha,
-                      smooth_amax=_smoothed_amax(rows, absmax, smooth.scales) if smooth is not None else {},
+    search = {"smooth_errors": _errors(smooth), "smooth_baseline_error": _baseline(smooth),
+              "awq_errors": _errors(awq), "rows": int(rows.shape[0]), "columns": int(weight.shape[1])}
+    return SiteScales(amax=amax, amax_fp8=amax_fp8, absmax=absmax, mean_abs=mean_abs, smooth=s,
+                      smooth_alpha=smooth.alpha if s is not None else None,
+                      smooth_amax=_smoothed_amax(rows, absmax, s) if s is not None else {},
                       awq=None if awq is None else awq.scales, awq_alpha=None if awq is None else awq.alpha,
                       search=search)
 
@@ -146,6 +147,10 @@ def _column_sample(weight: np.ndarray, columns: int, seed: int) -> np.ndarray:
     return weight[:, picked]
 
 
+def _baseline(result: SearchResult | None) -> float | None:
+    return None if result is None else float(result.baseline_error)
+
+
 def _errors(result: object | None) -> dict[str, float]:
     return {} if result is None else {str(k): float(v) for k, v in result.errors.items()}
 
@@ -156,7 +161,9 @@ def _counts(samples: Sequence[CalibrationSample]) -> str:
 
 def _samples_meta(samples: Sequence[CalibrationSample], prepared: Sequence[PreparedSample],
                   options: CalibrationOptions) -> dict[str, object]:
-    return {"data": options.data, "count": len(samples), "seed": options.seed, "ids": [s.id for s in samples],
+    root = None if options.image_root is None else str(options.image_root)
+    return {"data": options.data, "image_root": root, "count": len(samples), "seed": options.seed,
+            "ids": [s.id for s in samples],
             "by_source": dict(Counter(s.source for s in samples)), "by_task": dict(Counter(s.task for s in samples)),
             "tokens": int(sum(len(p.input_ids) - 1 + p.image_tokens for p in prepared)),
             "image_tokens": int(sum(p.image_tokens for p in prepared))}

@@ -14,7 +14,8 @@ Schemes:
     w8     int8 weights, block-wise (MatMulNBits bits=8); at accuracy level 4 (the default, and the only
            fast int8 path in ORT's CPU EP) MLAS also quantizes the activations per block at run time,
            so SmoothQuant scales are folded in here too
-    w4     weight-only int4, block-wise (MatMulNBits bits=4), RTN or AWQ scaling
+    w4     int4 weights, block-wise (MatMulNBits bits=4), RTN or AWQ scaling; at accuracy level 4 the
+           activations are quantized per block at run time too (AWQ's scales also tame them)
     w8a8   int8 weights per output channel, int8 activations with a calibrated per-tensor
            scale (Q/DQ; ORT runs it as MatMulIntegerToFloat); SmoothQuant in the decoder
     fp8    E4M3 weights per output channel and activations per tensor (Q/DQ, for TensorRT on
@@ -85,10 +86,6 @@ class Recipe:
         return self.vision if graph == "vision" else self.decoder
 
     @property
-    def needs_activation_scales(self) -> bool:
-        return bool({"w8a8", "fp8"} & {self.vision, self.decoder}) or self.int4_awq
-
-    @property
     def int4_awq(self) -> bool:
         return self.decoder == "w4" and self.int4_method == "awq"
 
@@ -120,6 +117,14 @@ def make_recipe(precision: str, *, int8_decoder: str = "weight-only", int4_metho
     decoder = INT8_DECODER_MODES[int8_decoder] if precision == "int8" else base.decoder
     return replace(base, decoder=decoder, int4_method=int4_method, block_size=block_size,
                    smooth_alpha=smooth_alpha, smooth=smooth, accuracy_level=accuracy_level, keep=tuple(keep))
+
+
+def check_keep(keep: tuple[str, ...], sites: list[str]) -> None:
+    """Every --keep entry must name a graph, a site or a prefix of one: a typo must not quantize it all."""
+    for entry in keep:
+        if entry not in ("vision", "decoder") and not any(s == entry or s.startswith(f"{entry}.") for s in sites):
+            examples = ", ".join(["vision", "decoder", "lm_head", "projector", "layers.0", sites[0]])
+            raise ConfigError(f"--keep {entry!r} names no layer of this model (e.g. {examples})")
 
 
 def parse_keep(text: str | None) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,14 @@ class Scales:
         path = Path(path)
         arrays = _read_npz(path)
         meta = _meta(arrays, path)
+        try:
+            return cls._from(meta, arrays)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ScalesError(f"{path} is damaged or incomplete ({e!r} is missing or malformed); re-run "
+                              "pulse-edge calibrate") from e
+
+    @classmethod
+    def _from(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Scales:
         sites = {name: SiteScales(
             amax=m["amax"], amax_fp8=m["amax_fp8"], absmax=arrays[f"{name}/absmax"],
             mean_abs=arrays[f"{name}/mean_abs"], smooth=arrays.get(f"{name}/smooth"),
@@ -132,7 +141,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ScalesError(f"{path} is not a pulse-edge scales file ({e}); make it with pulse-edge calibrate") from e
 
 

@@ -33,9 +33,11 @@ DECODE_STEPS = 8
 GREEDY_TOKENS = 16
 
 
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("inf")
+def _mean(values: Sequence[float], *, skip_inf: bool = False) -> float:
+    """A NaN anywhere makes the mean NaN (so every gate on it fails); `skip_inf` only for SQNR, whose
+    +inf means "no error at all" on that step and would otherwise hide the other steps' figures."""
+    values = [float(v) for v in values if not (skip_inf and v == float("inf"))]
+    return float(np.mean(values)) if values else float("inf")
 
 
 def vision_fidelity(reference: TorchPipeline, candidate: Pipeline, samples: Sequence[PreparedSample]) -> dict[str, Any]:
@@ -46,7 +48,8 @@ def vision_fidelity(reference: TorchPipeline, candidate: Pipeline, samples: Sequ
         got = candidate.engine.vision.run(sample.pixel_values)
         rows.append({"id": sample.id, "tiles": int(sample.pixel_values.shape[0]), **tensor_fidelity(got, ref)})
     return {"samples": rows, "cosine": _mean([r["cosine"] for r in rows]),
-            "rel_err": _mean([r["rel_err"] for r in rows]), "sqnr_db": _mean([r["sqnr_db"] for r in rows])}
+            "rel_err": _mean([r["rel_err"] for r in rows]),
+            "sqnr_db": _mean([r["sqnr_db"] for r in rows], skip_inf=True)}
 
 
 def _question_length(sample: CalibrationSample, tokenizer: Any) -> int:
@@ -81,7 +84,8 @@ def reference_trace(reference: TorchPipeline, sample: CalibrationSample, prep: P
 
 
 def compare_trace(trace: Trace, decoder: Any, embed: Callable[[int], np.ndarray]) -> list[dict[str, Any]]:
-    """The candidate decoder on the same inputs; `embed(token)` is its own embedding lookup ([H])."""
+    """The candidate decoder on the same prefill embeddings; the forced tokens go through `embed(token)`, the
+    candidate's own lookup ([H]; a bundle's table may be fp16), as they would when it serves."""
     decoder.reset()
     got = [decoder.forward(trace.prefill).copy()]
     got += [decoder.forward(embed(token)[None, None]).copy() for token in trace.forced]
@@ -93,7 +97,7 @@ def compare_trace(trace: Trace, decoder: Any, embed: Callable[[int], np.ndarray]
 def summarise_steps(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"steps": list(rows), "cosine": _mean([r["cosine"] for r in rows]),
             "min_cosine": min(r["cosine"] for r in rows), "rel_err": _mean([r["rel_err"] for r in rows]),
-            "sqnr_db": _mean([r["sqnr_db"] for r in rows]), "kl": _mean([r["kl"] for r in rows]),
+            "sqnr_db": _mean([r["sqnr_db"] for r in rows], skip_inf=True), "kl": _mean([r["kl"] for r in rows]),
             "max_kl": max(r["kl"] for r in rows), "top1": _mean([float(r["top1_equal"]) for r in rows])}
 
 

@@ -88,6 +88,11 @@ class LinearPlan:
         s = self.input_scales.get(site)
         return np.ones(size, np.float32) if s is None else np.asarray(s, np.float32)
 
+    def check(self, shape: DecoderShape) -> None:
+        """o's input scale folds into v's rows only when every attention head has its own v head."""
+        if shape.heads != shape.kv_heads and any(site.endswith(".o") for site in self.input_scales):
+            raise ValueError(f"input scales on o need heads == kv_heads (got {shape.heads} vs {shape.kv_heads})")
+
     @property
     def opset(self) -> int:
         return FP8_MIN_OPSET if "fp8" in self.schemes.values() else OPSET
@@ -109,7 +114,7 @@ class ExternalData:
         self._offset = 0
 
     def initializer(self, name: str, array: np.ndarray) -> TensorProto:
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array).reshape(np.shape(array))  # ascontiguousarray makes 0-d arrays 1-d
         pad = -self._offset % ALIGN
         self._file.write(b"\0" * pad)
         self._offset += pad
@@ -118,7 +123,7 @@ class ExternalData:
         for key, value in (("location", self.path.name), ("offset", self._offset), ("length", array.nbytes)):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
-        self._file.write(memoryview(array.view(np.uint8)).cast("B"))  # as bytes: memoryview rejects float8
+        self._file.write(memoryview(array.reshape(-1).view(np.uint8)).cast("B"))  # bytes: memoryview rejects float8
         self._offset += array.nbytes
         return tensor
 
@@ -170,7 +175,7 @@ def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape
     wqkv = _linear_t(attn.q_proj, attn.k_proj, attn.v_proj)  # [H, (N + 2 KVN) D]
     wqkv *= b.plan.scale(f"layers.{i}.qkv", shape.hidden)[:, None]
     v_cols = slice(wqkv.shape[1] - shape.kv_heads * shape.head_dim, None)
-    wqkv[:, v_cols] /= b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[None, :]  # plan checks N == KVN
+    wqkv[:, v_cols] /= b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[None, :]  # LinearPlan.check
     qkv = b.matmul(f"layers.{i}.qkv", normed, wqkv)
     (out, _, _) = b.node(
         "GroupQueryAttention",
@@ -227,6 +232,9 @@ def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, p
     precision the manifest records (the recipe's name for a quantized graph).
     """
     np_dtype, onnx_dtype, dtype_name = PRECISION_DTYPES[precision]
+    plan.check(shape)
+    if precision != "fp32" and any(scheme != "fp" for scheme in plan.schemes.values()):
+        raise ValueError("quantized plans are emitted with fp32 scales and activations (MatMulNBits' T1 is A's type)")
     data = ExternalData(out_dir / f"{file_name}.data")
     b = _Builder(data, np_dtype, plan)
     try:

@@ -91,11 +91,16 @@ def _fingerprint(array: np.ndarray) -> str:
 
 
 def vision_site_fingerprints(model: PulseReference) -> dict[str, str]:
-    """{sha1 of W^T as float32: site} for the tower's and projector's Linears."""
-    found = {}
+    """{sha1 of W^T as float32: site} for the tower's and projector's Linears; two sites with identical
+    weights could not be told apart in the graph, so they are refused rather than guessed."""
+    found: dict[str, str] = {}
     for site, module in site_modules(model).items():
         if site.startswith(("vision.", "projector.")):
-            found[_fingerprint(module.weight.detach().float().numpy().T)] = site
+            key = _fingerprint(module.weight.detach().float().numpy().T)
+            if key in found:
+                raise ConfigError(f"{site} and {found[key]} have identical weights: their MatMuls in the vision "
+                                  "graph cannot be told apart; keep them at fp (--keep vision)")
+            found[key] = site
     return found
 
 
@@ -104,9 +109,10 @@ def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, sca
     proto = onnx.load(str(path))
     sites = vision_site_fingerprints(model)
     inits = {init.name: init for init in proto.graph.initializer}
-    nodes, counts, dropped, added = [], Counter(), set(), []
+    nodes, counts, dropped, added, matched = [], Counter(), set(), [], set()
     for node in proto.graph.node:
         site = _matched_site(node, inits, sites)
+        matched.add(site)
         scheme = recipe.scheme(site) if site else "fp"
         if scheme == "fp":
             nodes.append(node)
@@ -121,6 +127,12 @@ def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, sca
         added += [numpy_helper.from_array(a, n) for n, a in {**emitted.arrays, **emitted.raw}.items()]
         dropped.add(node.input[1])
         counts[scheme] += 1
+    wanted = {site for site in sites.values() if recipe.scheme(site) != "fp"}
+    missing = sorted(wanted - matched)
+    if missing:
+        raise ConfigError(f"the vision graph has no MatMul with the weights of {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}: the exporter changed its graph; keep the vision "
+                          "graph at fp (--keep vision) and report this")
     _replace(proto, nodes, dropped, added, fp8="fp8" in counts)
     _save(proto, path)
     return dict(counts)

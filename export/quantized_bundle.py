@@ -19,7 +19,8 @@ from typing import Any
 
 from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate, choose_samples, prepare_all
 from pulse_edge.calibration.fidelity import AccuracyGate, json_safe
-from pulse_edge.calibration.recipes import Recipe
+from pulse_edge.calibration.observe import site_modules
+from pulse_edge.calibration.recipes import Recipe, check_keep
 from pulse_edge.calibration.samples import CalibrationSample
 from pulse_edge.calibration.scales import Scales
 from pulse_edge.errors import PulseEdgeError
@@ -71,14 +72,17 @@ class QuantContext:
         new["ort_opt_level"] = "basic" if "fp8" in counts else "all"
         return new
 
-    def manifest_entry(self, plan: LinearPlan, fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
+    def manifest_entry(self, plan: LinearPlan, vision_schemes: dict[str, int],
+                       fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
         samples = self.scales.samples
+        fp8 = "fp8" in plan.schemes.values() or vision_schemes.get("fp8", 0) > 0
         return {"recipe": self.recipe.to_dict(), "file": SCALES_FILE, "scales_source": self.scales_source,
                 "method": self.scales.method, "awq_block_size": self.scales.awq_block_size,
-                "samples": {k: samples.get(k) for k in ("data", "count", "seed", "by_source", "by_task", "tokens")},
+                "samples": {k: samples.get(k) for k in ("data", "image_root", "count", "seed", "by_source", "by_task",
+                                                        "tokens")},
                 "decoder_schemes": dict(Counter(plan.schemes.values())),
                 "smoothed_or_scaled_sites": sorted(plan.input_scales),
-                "requires_compute_capability": self.recipe.compute_capability,
+                "requires_compute_capability": self.recipe.compute_capability if fp8 else None,
                 "fidelity": None if fidelity is None else json_safe(fidelity)}  # +inf SQNR -> "inf": strict JSON
 
 
@@ -99,6 +103,7 @@ def prepare_quantization(loaded: LoadedCheckpoint, tokenizer: Tokenizer, setting
         scales.save(work / SCALES_FILE)
         source = f"synthetic, {settings.calibration_samples} samples, at export"
     check_scales(settings.recipe, scales)
+    check_keep(settings.recipe.keep, list(site_modules(loaded.model)))
     return QuantContext(settings=settings, scales=scales, scales_source=source)
 
 
@@ -107,9 +112,11 @@ def held_out_samples(ctx: QuantContext, loaded: LoadedCheckpoint,
     """Samples the calibration did not see: from its own data when that is still readable, else synthetic."""
     used = list(ctx.scales.samples.get("ids", []))
     data = str(ctx.scales.samples.get("data") or "synthetic")
+    root = ctx.scales.samples.get("image_root")
     try:
-        samples = choose_samples(CalibrationOptions(data=data, samples=ctx.settings.held_out, seed=HELD_OUT_SEED),
-                                 exclude=used)
+        options = CalibrationOptions(data=data, samples=ctx.settings.held_out, seed=HELD_OUT_SEED,
+                                     image_root=Path(root) if root else None)
+        samples = choose_samples(options, exclude=used)
     except PulseEdgeError as e:
         log.warning("held-out samples from %s are not available (%s); using synthetic ones", data, e)
         samples = choose_samples(CalibrationOptions(samples=ctx.settings.held_out, seed=HELD_OUT_SEED), exclude=used)

@@ -123,10 +123,10 @@ def print_fidelity(bundle: Path) -> None:
     if not calibration or not calibration.get("fidelity"):
         return
     report = calibration["fidelity"]
-    summary = {k: f"{v:.4g}" for k, v in report["summary"].items()}
+    summary = {k: f"{float(v):.4g}" for k, v in report["summary"].items()}  # "inf"/"nan" strings read back
     click.echo(f"fidelity against the fp32 torch reference on {len(report['held_out'])} held-out samples "
                f"(scales: {calibration['scales_source']}):")
     click.echo(format_table([summary], list(summary)))
     sizes = report["sizes"]
-    click.echo(f"size on disk: {sizes['total'] / 2**20:.1f} MiB ({report['summary']['size_ratio']:.2f} of fp32 "
+    click.echo(f"size on disk: {sizes['total'] / 2**20:.1f} MiB ({float(report['summary']['size_ratio']):.2f} of fp32 "
                f"weights, {report['float_bytes'] / 2**20:.1f} MiB)")

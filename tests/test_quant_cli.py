@@ -59,3 +59,43 @@ def test_calibrate_refuses_unknown_data(tiny_checkpoint: Path, tmp_path: Path) -
                                     "-o", str(tmp_path / "s.npz")])
     assert res.exit_code == 2 and "not a calibration source" in res.output
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_keep_typos_and_damaged_scales_are_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    scales = tmp_path / "scales.npz"
+    assert CliRunner().invoke(main, ["calibrate", str(tiny_checkpoint), "--samples", "2", "-o", str(scales)]
+                              ).exit_code == 0
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(scales.read_bytes()[: scales.stat().st_size // 2])
+    cases = {"names no layer": ["--scales", str(scales), "--keep", "lm-head"],
+             "not a pulse-edge scales file": ["--scales", str(damaged)]}
+    for expected, extra in cases.items():
+        res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "never"),
+                                        "--precision", "int4", *extra])
+        assert res.exit_code == 2 and expected in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_vision_rewrite_refuses_a_graph_whose_weights_it_cannot_find(tiny_pipeline, tmp_path: Path) -> None:
+    """A vision graph that is not the model's own (here: one Linear changed after export) must not be
+    half-quantized and labelled int8."""
+    import copy
+
+    import pytest
+    import torch
+
+    from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate
+    from pulse_edge.calibration.recipes import make_recipe
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.export.onnx_vision import export_vision_graph
+    from pulse_edge.export.quantize import quantize_vision_graph
+
+    scales = calibrate(tiny_pipeline.loaded, tiny_pipeline.tokenizer, CalibrationOptions(samples=2))
+    export_vision_graph(tiny_pipeline.model, tmp_path)
+    changed = copy.deepcopy(tiny_pipeline.model)
+    with torch.no_grad():
+        changed.vision_tower.encoder.layers[0].mlp.fc1.weight.add_(1e-3)
+    with pytest.raises(ConfigError, match=r"vision\.layers\.0\.fc1"):
+        quantize_vision_graph(tmp_path / "vision.onnx", changed, make_recipe("int8"), scales)
+    counts = quantize_vision_graph(tmp_path / "vision.onnx", tiny_pipeline.model, make_recipe("int8"), scales)
+    assert counts["w8a8"] == 14  # 6 Linears x 2 layers + the projector's 2
