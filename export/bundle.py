@@ -97,7 +97,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
 
 def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
-    loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=_reference_dtype(checkpoint))
+    loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=reference_dtype(checkpoint))
     _check_validation_memory(loaded, options.precision)
     max_context = _max_context(loaded, options.max_context)
     model, base = loaded.model, FLOAT_BASE[options.precision]
@@ -177,7 +177,7 @@ def _check_validation_memory(loaded: LoadedCheckpoint, precision: str) -> None:
                           "is available; export on a machine with more memory")
 
 
-def _reference_dtype(checkpoint: Path) -> torch.dtype:
+def reference_dtype(checkpoint: Path) -> torch.dtype:
     """fp32 when it fits with room to spare, else the checkpoint's own dtype (its files map in place)."""
     index = checkpoint / "model.safetensors.index.json"
     total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.is_file() else None

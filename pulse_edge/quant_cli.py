@@ -90,21 +90,29 @@ def quant_settings(precision: str, scales: Path | None, calibration_samples: int
 @click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="128", show_default=True,
               help="The int4 block size the AWQ search assumes.")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="The reference's dtype; auto: fp32 when it fits in memory with room to spare, else the "
+                   "checkpoint's bf16 (its files stay memory-mapped: the 7B on a 24 GiB machine).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="The scales file to write (e.g. scales.npz).")
 def calibrate_cmd(model: Path, data: str, image_root: Path | None, samples: int, method: str, seed: int,
-                  block_size: str, vision_tower: Path | None, out: Path) -> None:
+                  block_size: str, vision_tower: Path | None, dtype: str, out: Path) -> None:
     """Collect activation statistics of a checkpoint on ECG samples and search SmoothQuant / AWQ scales."""
+    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate, summary_rows
     from pulse_edge.calibration.fidelity import format_table
+    from pulse_edge.export.bundle import reference_dtype
     from pulse_edge.export.torch_backend import TorchPipeline
 
     options = CalibrationOptions(data=data, samples=samples, method=method, seed=seed, image_root=image_root,
                                  block_size=int(block_size), progress=True)
-    pipe = TorchPipeline.from_checkpoint(model, vision_tower=vision_tower, dtype="fp32", device="cpu")
+    if dtype == "auto":
+        dtype = "fp32" if reference_dtype(model) == torch.float32 else "bf16"
+    pipe = TorchPipeline.from_checkpoint(model, vision_tower=vision_tower, dtype=dtype, device="cpu",
+                                         fused_projector=False)
     scales = calibrate(pipe.loaded, pipe.tokenizer, options)
     scales.save(out)
     rows = summary_rows(scales)
