@@ -24,7 +24,7 @@ from types import MappingProxyType
 import numpy as np
 
 from pulse_edge import __version__
-from pulse_edge.calibration.histogram import METHODS
+from pulse_edge.calibration.histogram import METHODS, AbsHistogram
 from pulse_edge.calibration.observe import SiteObserver, make_observers, observe, packed_weight
 from pulse_edge.calibration.quant_math import SearchResult, search_awq_scales, search_smooth_alpha, smooth_scales
 from pulse_edge.calibration.samples import (
@@ -132,8 +132,6 @@ def _site_scales(loaded: LoadedCheckpoint, site: str, obs: SiteObserver, options
 def _smoothed_amax(rows: np.ndarray, absmax: np.ndarray, s: np.ndarray) -> dict[str, float]:
     """Clips of x / s. minmax is exact from the channel maxima; the others come from the sampled rows,
     because the histograms saw x, not x / s (a second pass over the samples would cost a full calibration)."""
-    from pulse_edge.calibration.histogram import AbsHistogram
-
     hist = AbsHistogram()
     hist.update(rows / s[None, :])
     exact = float(np.max(absmax / s))
