@@ -152,7 +152,7 @@ def _settings(cfg: RecipesConfig) -> dict[str, Any]:
             "calibration_samples": cfg.calibration_samples}
 
 
-def _row(key: str, e: dict[str, Any]) -> list[str]:
+def _row(e: dict[str, Any]) -> list[str]:
     fraction = e["fraction_of_bandwidth"]
     return [e["name"], pp(e.get("vision_ms")) if e.get("vision_ms") else "-", pp(e["prefill_ms"]),
             pp(e["decode_tokens_per_s"], 1), f"{e['speedup_vs_fp32']:.2f}x", gib(e["decoder_bytes"]),
@@ -165,7 +165,7 @@ def recipes_table(report: dict[str, Any]) -> str:
     header = ["backend / recipe", "vision ms (5 tiles)", f"prefill ms ({s['prefill_positions']} pos)",
               f"decode tok/s @ {s['context']}", "vs fp32", "decoder bytes", "achieved GB/s", "% of measured BW",
               "roofline tok/s"]
-    rows = [_row(k, e) for k, e in report["recipes"].items()]
+    rows = [_row(e) for e in report["recipes"].values()]
     return "\n".join([
         *machine_lines(report),
         f"model: random PULSE-shaped, hidden {m['hidden_size']}, {m['layers']} decoder layers; scales from "

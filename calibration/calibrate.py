@@ -109,8 +109,7 @@ def _site_scales(loaded: LoadedCheckpoint, site: str, obs: SiteObserver, options
     amax_fp8 = {m: obs.histogram.amax(m, target="fp8") for m in FP8_METHODS}
     absmax, mean_abs = obs.channels.absmax, obs.channels.mean_abs
     part = site.rsplit(".", 1)[-1]
-    is_decoder_layer = site.startswith("layers.")
-    if obs.reservoir is None or not is_decoder_layer:
+    if obs.reservoir is None:  # only decoder layer sites keep rows: the searched ones
         return SiteScales(amax=amax, amax_fp8=amax_fp8, absmax=absmax, mean_abs=mean_abs)
     rows = obs.reservoir.sample()  # [R, K]
     full = packed_weight(loaded.model, site)  # [K, N]

@@ -84,11 +84,11 @@ class SiteObserver:
 
 def make_observers(model: nn.Module, *, reservoir_rows: int = DEFAULT_RESERVOIR_ROWS,
                    seed: int = 0) -> dict[str, SiteObserver]:
-    """An observer per site; decoder sites also keep sample rows for the SmoothQuant/AWQ searches."""
+    """An observer per site; decoder layer sites also keep sample rows for the SmoothQuant/AWQ searches
+    (lm_head and the vision sites are not searched, so they keep none)."""
     observers = {}
     for i, site in enumerate(site_modules(model)):
-        keep_rows = not site.startswith(("vision.", "projector."))
-        reservoir = RowReservoir(reservoir_rows, seed=seed + i) if keep_rows else None
+        reservoir = RowReservoir(reservoir_rows, seed=seed + i) if site.startswith("layers.") else None
         observers[site] = SiteObserver(AbsHistogram(), ChannelStats(), reservoir)
     return observers
 
