@@ -56,10 +56,11 @@ KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
 TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16, "fp8": np.float16}
 NEWLINE_FILE = "image_newline.npy"  # float32 [H], kept fp32 in every precision: it is one vector
 GREEDY_QUESTIONS = ("What is the rhythm?", "Interpret this ECG.")
-# What ORT's CPU EP holds per weight (see _check_validation_memory): fp32 for fp16 graphs too. The quantized
-# figures are the packed bytes plus scales (MatMulNBits, int8 Q/DQ); fp8 Q/DQ at the "basic" level keeps the
-# E4M3 bytes and dequantizes per run. Measured for fp32/fp16 only; the others are what the formats store.
-ORT_CPU_BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 4.0, "int8": 1.1, "int4": 0.6, "fp8": 1.1}
+# Anonymous bytes per weight that ORT's CPU EP holds in the validation sessions (`validation_session`): the
+# float graphs' weights stay mapped from the bundle file (file pages the kernel can drop and re-read); the
+# quantized figures are the packed bytes plus scales, as the formats store them.
+ORT_CPU_ANON_BYTES_PER_WEIGHT = {"fp32": 0.0, "fp16": 0.0, "int8": 1.1, "int4": 0.6, "fp8": 1.1}
+ANON_MARGIN = 2 << 30  # the reference's own cache and activations for a 2880-image-token prompt (7B, bf16)
 
 
 class ExportValidationError(PulseEdgeError):
@@ -98,8 +99,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
 def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=reference_dtype(checkpoint))
-    _check_validation_memory(loaded, options.precision)
     max_context = _max_context(loaded, options.max_context)
+    _check_validation_memory(loaded, options.precision, max_context)
     model, base = loaded.model, FLOAT_BASE[options.precision]
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
     write_tokenizer_json(loaded.tokenizer_model, work / "tokenizer.json")
@@ -162,19 +163,43 @@ def _graph_entry(desc: dict[str, Any], work: Path) -> dict[str, Any]:
             "extra": {k: v for k, v in desc.items() if k not in core}}
 
 
-def _check_validation_memory(loaded: LoadedCheckpoint, precision: str) -> None:
-    """Refuse before writing anything when ONNX Runtime cannot hold the graphs for validation here.
+def validation_session(precision: str) -> SessionConfig:
+    """How validation opens the bundle's graphs: so that a model as large as this machine's memory fits.
 
-    ORT's CPU EP keeps fp32 weights in anonymous memory, and it upcasts fp16 weights to fp32
-    (measured: 1.75 GiB of fp16 weights took 3.5 GiB in a session). Without this check a 7B
-    export on a 24 GiB machine is OOM-killed minutes in, with no message.
+    Without prepacking, ORT computes from the weights as they lie in the mapped external data file
+    (measured on 2 GiB of fp32 MatMul weights: +0 anonymous memory, +2 GiB with prepacking). An fp16 graph
+    on the CPU EP computes in fp32 behind Casts that ORT inserts; at level "all" it folds them into fp32
+    copies of every weight (1 GiB of fp16 weights: +2 GiB anonymous), at "basic" with the arena off the
+    casts run per call and their outputs are freed (+0). Casting is exact, so the numbers are the same.
     """
-    need = sum(p.numel() for p in loaded.model.parameters()) * ORT_CPU_BYTES_PER_WEIGHT[precision]
+    if precision == "fp16":
+        return SessionConfig(prepack=False, emulate=True, opt_level="basic", mem_arena=False)
+    return SessionConfig(prepack=False, emulate=True)
+
+
+def _check_validation_memory(loaded: LoadedCheckpoint, precision: str, max_context: int) -> None:
+    """Refuse before writing anything when validation cannot run in this machine's memory.
+
+    What must fit is the anonymous memory: ORT's packed quantized weights, its preallocated KV cache, the
+    reference's cache and activations. Mapped weights (the bf16 reference, the float graphs) need not fit
+    beside each other: the kernel re-reads their pages from disk, which is slow but finishes.
+    """
+    text = loaded.config.text
+    params = sum(p.numel() for p in loaded.model.parameters())
+    kv_bytes = 2 * text.num_layers * text.num_kv_heads * text.head_dim * max_context * (2 if precision == "fp16"
+                                                                                         else 4)
+    weights = params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision]
+    need = weights + kv_bytes + (ANON_MARGIN if params > 1e9 else 0)
     available = mem_available_bytes()
     if available is not None and need > available:
         raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
-                          f"{need / 2**30:.0f} GiB (it holds every weight in fp32) but {available / 2**30:.0f} GiB "
-                          "is available; export on a machine with more memory")
+                          f"{need / 2**30:.1f} GiB of memory (weights {weights / 2**30:.1f}, KV cache "
+                          f"{kv_bytes / 2**30:.1f} for {max_context} positions) but {available / 2**30:.1f} GiB "
+                          "is available; export with a smaller --max-context or on a machine with more memory")
+    mapped = params * (2 + {"fp32": 4, "fp16": 2}.get(precision, 0))
+    if available is not None and mapped > available:
+        log.warning("the reference's and the graph's weights (%.0f GiB) exceed the free memory (%.0f GiB): "
+                    "validation re-reads them from disk and takes a while", mapped / 2**30, available / 2**30)
 
 
 def reference_dtype(checkpoint: Path) -> torch.dtype:
@@ -213,13 +238,14 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     # a bf16 oracle is itself ~1e-2 off; a quantized graph's own error is larger than that
     level = options.precision if reference_dtype == torch.float32 or quant else "fp16"
     vision = validate_vision_graph(model, work / manifest.graphs["vision"].file, tolerance=TOLERANCES[level])
+    session = validation_session(options.precision)
     decoder = validate_decoder(model.language_model, work, manifest.graphs["decoder"], manifest.kv,
-                               precision=level, plan=options.plan)
+                               precision=level, plan=options.plan, session=session)
     reference = TorchPipeline(loaded, Tokenizer.from_file(work / manifest.tokenizer))
     images = [render_ecg(synthesize_ecg(rhythm, seed=7), width_px=pages[0][0], height_px=pages[0][1])
               for rhythm in ("sinus", "afib")]
     pairs = [(image, question) for image in images for question in GREEDY_QUESTIONS][:options.plan.greedy_runs]
-    candidate = Pipeline.from_bundle(work, session=SessionConfig(prepack=False, emulate=True))
+    candidate = Pipeline.from_bundle(work, session=session)
     vision["merge"] = [_merge_parity(model, candidate, image, TOLERANCES[level]) for image in images]
     vision["pass"] = bool(vision.get("pass") and all(m["pass"] for m in vision["merge"]))
     greedy = validate_greedy(reference, candidate, pairs, tokens=options.plan.greedy_tokens,
@@ -230,6 +256,8 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
         float_bytes = sum(p.numel() for p in model.parameters()) * 4
         fidelity = fidelity_report(reference, candidate, samples, prepared, float_bytes=float_bytes)
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "tolerance_level": level,
+            "ort_session": {"opt_level": session.opt_level, "prepack": session.prepack,
+                            "mem_arena": session.mem_arena},
             "vision": vision, "decoder": decoder, "greedy": greedy,
             "pass": bool(vision.get("pass") and decoder["pass"] and greedy["pass"])}, fidelity
 

@@ -58,11 +58,13 @@ def _sample_embeds(lm: LlamaForCausalLM, length: int, generator: torch.Generator
 
 
 def validate_decoder(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KVLayout, *, precision: str,
-                     plan: ValidationPlan) -> dict[str, Any]:
-    """Prefill and decode parity of the decoder graph at each planned length."""
+                     plan: ValidationPlan, session: SessionConfig | None = None) -> dict[str, Any]:
+    """Prefill and decode parity of the decoder graph at each planned length.
+
+    The default session does not prepack: the weights stay mapped from the file, so the reference and the
+    graph fit side by side (see export/bundle.validation_session)."""
     tol = TOLERANCES[precision]
-    # No prepacking: the weights stay mapped from the file, so the reference and the graph fit side by side.
-    engine = DecoderEngine(bundle, spec, kv, lm.config.vocab_size, SessionConfig(prepack=False))
+    engine = DecoderEngine(bundle, spec, kv, lm.config.vocab_size, session or SessionConfig(prepack=False))
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight
     cases = []

@@ -47,7 +47,11 @@ class SessionConfig:
     faster decode on the real-width decoder here, but it is a second, anonymous copy
     of every weight. Without it the weights stay memory-mapped from the bundle
     (loads in no time, pages are shared and reclaimable): the choice for a cart
-    whose RAM barely holds the model once.
+    whose RAM barely holds the model once. `mem_pattern` lets ORT plan one block for
+    the graph's tensors up front; that plan reserves address space for every weight
+    too, so a graph whose weights exceed RAM + swap fails to load with bad_alloc
+    (measured: 26 GB of mapped fp32 weights on this 23.5 GiB machine) unless it is off.
+    None (the default) turns it off exactly when the weights are mapped (no prepacking).
     """
 
     provider: str = "cpu"
@@ -55,6 +59,7 @@ class SessionConfig:
     opt_level: str = "all"
     mem_arena: bool = True
     prepack: bool = True
+    mem_pattern: bool | None = None
     device_id: int = 0
     provider_options: Mapping[str, Any] = field(default_factory=dict)
     emulate: bool = False  # run an fp8 bundle on the CPU EP as an exact Q/DQ emulation (validation only)
@@ -75,14 +80,42 @@ def effective_opt_level(asked: str, graph_limit: str | None) -> str:
     return OPT_LEVELS[min(OPT_LEVELS.index(asked), OPT_LEVELS.index(graph_limit))]
 
 
-def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None = None) -> Any:
-    """An InferenceSession on exactly the asked provider: an absent provider is an error, never a fallback."""
+def require_provider(config: SessionConfig) -> str:
+    """ORT's name for the asked provider; an absent provider is an error, never a fallback."""
     ort = _ort()
     wanted = PROVIDERS[config.provider]
     if wanted not in ort.get_available_providers():
         raise ConfigError(f"provider {config.provider!r} ({wanted}) is not available in this onnxruntime "
                           f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
                           "for cuda/tensorrt, or use --provider cpu")
+    return wanted
+
+
+def default_trt_cache() -> Path:
+    """Where TensorRT engines built from bundles are kept: building a 7B engine takes minutes, once."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "pulse-edge" / "tensorrt"
+
+
+def provider_chain(config: SessionConfig, *, fp16: bool) -> list[Any]:
+    """The providers in ORT's order of preference. TensorRT takes the subgraphs it can build; the contrib ops
+    it has no layer for (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits) go to the CUDA
+    EP behind it rather than to the CPU. Written against ORT's documented provider options; not run here
+    (no GPU): the options the caller passes win."""
+    if config.provider == "cpu":
+        return [PROVIDERS["cpu"]]
+    cuda = ("CUDAExecutionProvider", {"device_id": config.device_id})
+    if config.provider == "cuda":
+        return [(PROVIDERS["cuda"], {**cuda[1], **config.provider_options})]
+    trt = {"device_id": config.device_id, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
+           "trt_engine_cache_path": os.fspath(default_trt_cache())}
+    return [(PROVIDERS["tensorrt"], {**trt, **config.provider_options}), cuda]
+
+
+def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None = None, fp16: bool = False) -> Any:
+    """An InferenceSession on exactly the asked provider."""
+    ort = _ort()
+    require_provider(config)
     options = ort.SessionOptions()
     level = effective_opt_level(config.opt_level, graph_limit)
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}"
@@ -90,14 +123,19 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
     options.intra_op_num_threads = config.threads
     options.inter_op_num_threads = 1  # one graph at a time: parallelism is inside the ops
     options.enable_cpu_mem_arena = config.mem_arena
+    options.enable_mem_pattern = config.prepack if config.mem_pattern is None else config.mem_pattern
     if not config.prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 3
-    providers: list[Any] = [(wanted, dict(config.provider_options))] if config.provider != "cpu" else [wanted]
     try:
-        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(os.fspath(path), sess_options=options,
+                                    providers=provider_chain(config, fp16=fp16))
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all Exception subclasses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "bad_alloc" in first:  # the bundle is fine; this machine's memory is not enough for this way of loading
+            raise ConfigError(f"{path.name} does not fit in memory when onnxruntime copies its weights; serve it "
+                              "with --no-prepack (the weights stay mapped from the file) or on a machine with "
+                              "more memory") from e
         raise ConfigError(f"{path.name} cannot be loaded by onnxruntime ({first}); re-export the bundle") from e
 
 
@@ -105,7 +143,8 @@ class VisionEngine:
     """Tiles [K, 3, T, T] float32 -> features [K, P, H] float32."""
 
     def __init__(self, bundle: Path, spec: GraphSpec, config: SessionConfig) -> None:
-        self.session = make_session(bundle / spec.file, config, graph_limit=spec.extra.get("ort_opt_level"))
+        self.session = make_session(bundle / spec.file, config, graph_limit=spec.extra.get("ort_opt_level"),
+                                    fp16=spec.precision == "fp16")
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.session.run(["image_features"], {"pixel_values": pixel_values.astype(np.float32, copy=False)})[0]
@@ -116,7 +155,8 @@ class DecoderEngine:
 
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig) -> None:
         ort = _ort()
-        self.session = make_session(bundle / spec.file, config, graph_limit=spec.extra.get("ort_opt_level"))
+        self.session = make_session(bundle / spec.file, config, graph_limit=spec.extra.get("ort_opt_level"),
+                                    fp16=spec.precision == "fp16")
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
         device = "cuda" if config.provider in ("cuda", "tensorrt") else "cpu"

@@ -21,7 +21,7 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.conversation import Conversation
 from pulse_edge.runtime.manifest import Manifest, read_manifest
 from pulse_edge.runtime.merge import MERGE_FUNCTIONS, ImageMerge
-from pulse_edge.runtime.ort_engine import DecoderEngine, SessionConfig, VisionEngine
+from pulse_edge.runtime.ort_engine import DecoderEngine, SessionConfig, VisionEngine, require_provider
 from pulse_edge.runtime.preprocess import Preprocessed
 from pulse_edge.runtime.prompt import DEFAULT_QUESTION, image_slot_index
 from pulse_edge.runtime.result import GenerationResult
@@ -36,12 +36,18 @@ DEFAULT_PREFILL_CHUNK = 512
 
 
 def check_device(manifest: Manifest, config: SessionConfig) -> None:
-    """Refuse a bundle the chosen provider cannot run natively (fp8 needs compute capability >= 8.9)."""
+    """Refuse a bundle the chosen provider cannot run natively, before any session is made."""
     needs = (manifest.calibration or {}).get("requires_compute_capability")
     if needs and config.provider == "cpu" and not config.emulate:
         raise ConfigError(f"this {manifest.precision} bundle needs a GPU of compute capability >= {needs} (Ada, "
                           "Hopper) through TensorRT or CUDA; ONNX Runtime's CPU EP only emulates it, for "
                           "validation. Use an int8 or int4 bundle on this device")
+    # ORT registers GroupQueryAttention for CUDA in fp16 and bf16 only: an fp32 decoder would run attention
+    # on the CPU EP, with the whole KV cache copied between host and device in every layer of every step.
+    if config.provider in ("cuda", "tensorrt") and manifest.kv.dtype == "float32":
+        raise ConfigError(f"this {manifest.precision} bundle computes attention in fp32, which ONNX Runtime's CUDA "
+                          "kernels do not run (GroupQueryAttention is fp16/bf16 there); export it with "
+                          "--precision fp16 for a GPU")
 
 
 class OrtEngine:
@@ -54,6 +60,7 @@ class OrtEngine:
                               f"uses {manifest.image.merge!r}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ConfigError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
+        require_provider(config)  # first: on a machine without the provider, that is the whole story
         check_device(manifest, config)
         self.vision = VisionEngine(bundle, manifest.graphs["vision"], config)
         self.decoder = DecoderEngine(bundle, manifest.graphs["decoder"], manifest.kv, manifest.text.vocab_size,

@@ -220,6 +220,39 @@ def test_export_that_cannot_be_validated_here_is_refused_up_front(tiny_checkpoin
     import pulse_edge.export.bundle as bundle_module
 
     monkeypatch.setattr(bundle_module, "mem_available_bytes", lambda: 1_000_000)  # 1 MB free
-    with pytest.raises(ConfigError, match=r"needs ~0 GiB \(it holds every weight in fp32\) but 0 GiB"):
+    with pytest.raises(ConfigError, match=r"needs ~0.0 GiB of memory \(weights 0.0, KV cache 0.0 for \d+ "
+                                          r"positions\) but 0.0 GiB is available; export with a smaller"):
         export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp16"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp32_attention_is_refused_on_cuda_before_any_session(tiny_bundle: Path) -> None:
+    """ORT's CUDA GroupQueryAttention is fp16/bf16 only: an fp32 bundle there would run attention on the CPU
+    with the cache copied every layer. check_device says so without needing a GPU; fp16 bundles pass."""
+    import dataclasses
+
+    from pulse_edge.runtime.ort_engine import SessionConfig
+    from pulse_edge.runtime.pipeline import check_device
+
+    manifest = read_manifest(tiny_bundle)
+    for provider in ("cuda", "tensorrt"):
+        with pytest.raises(ConfigError, match=r"computes attention in fp32.* --precision fp16 for a GPU$"):
+            check_device(manifest, SessionConfig(provider=provider))
+    check_device(manifest, SessionConfig(provider="cpu"))
+    check_device(dataclasses.replace(manifest, kv=dataclasses.replace(manifest.kv, dtype="float16")),
+                 SessionConfig(provider="cuda"))
+
+
+def test_tensorrt_falls_back_to_cuda_not_cpu_and_caches_engines(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pulse_edge.runtime.ort_engine import SessionConfig, provider_chain
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    chain = provider_chain(SessionConfig(provider="tensorrt", device_id=1), fp16=True)
+    assert [name for name, _ in chain] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    trt = chain[0][1]
+    assert trt["trt_fp16_enable"] is True and trt["device_id"] == 1 and chain[1][1] == {"device_id": 1}
+    assert trt["trt_engine_cache_path"] == str(tmp_path / "pulse-edge" / "tensorrt")
+    mine = provider_chain(SessionConfig(provider="tensorrt", provider_options={"trt_fp16_enable": False}), fp16=True)
+    assert mine[0][1]["trt_fp16_enable"] is False  # the caller's options win
+    assert provider_chain(SessionConfig(provider="cpu"), fp16=False) == ["CPUExecutionProvider"]
