@@ -237,8 +237,10 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     pages = [p for p in GREEDY_PAGES if image_token_count(p, manifest.image) <= room][:1] or [GREEDY_PAGES[-1]]
     # a bf16 oracle is itself ~1e-2 off; a quantized graph's own error is larger than that
     level = options.precision if reference_dtype == torch.float32 or quant else "fp16"
+    log.info("validating the vision graph against the %s reference", reference_dtype)
     vision = validate_vision_graph(model, work / manifest.graphs["vision"].file, tolerance=TOLERANCES[level])
     session = validation_session(options.precision)
+    log.info("validating the decoder graph at prefill lengths %s", list(options.plan.prefill_lengths))
     decoder = validate_decoder(model.language_model, work, manifest.graphs["decoder"], manifest.kv,
                                precision=level, plan=options.plan, session=session)
     reference = TorchPipeline(loaded, Tokenizer.from_file(work / manifest.tokenizer))
@@ -246,6 +248,7 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
               for rhythm in ("sinus", "afib")]
     pairs = [(image, question) for image in images for question in GREEDY_QUESTIONS][:options.plan.greedy_runs]
     candidate = Pipeline.from_bundle(work, session=session)
+    log.info("validating greedy generation on %d rendered ECG(s) of %dx%d", len(pairs), *pages[0])
     vision["merge"] = [_merge_parity(model, candidate, image, TOLERANCES[level]) for image in images]
     vision["pass"] = bool(vision.get("pass") and all(m["pass"] for m in vision["merge"]))
     greedy = validate_greedy(reference, candidate, pairs, tokens=options.plan.greedy_tokens,
