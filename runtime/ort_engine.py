@@ -52,6 +52,11 @@ class SessionConfig:
     too, so a graph whose weights exceed RAM + swap fails to load with bad_alloc
     (measured: 26 GB of mapped fp32 weights on this 23.5 GiB machine) unless it is off.
     None (the default) turns it off exactly when the weights are mapped (no prepacking).
+    Mapped sessions also run in ORT's priority-based node order: in the default order
+    the Casts that the CPU EP puts after every fp16 weight have no inputs to wait for
+    and all run first, holding an fp32 copy of every weight at once (measured: the 7B
+    fp16 decoder passed 12 GiB of anonymous memory on a 5-token prefill; 0.8 GiB in
+    priority order).
     """
 
     provider: str = "cpu"
@@ -124,6 +129,8 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
     options.inter_op_num_threads = 1  # one graph at a time: parallelism is inside the ops
     options.enable_cpu_mem_arena = config.mem_arena
     options.enable_mem_pattern = config.prepack if config.mem_pattern is None else config.mem_pattern
+    if not config.prepack:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not config.prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 3
