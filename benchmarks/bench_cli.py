@@ -186,6 +186,26 @@ def recipes_command(layers: int, width: str, recipes: str, runs: int | None, war
     _write_json(json_path, report)
 
 
+@bench_group.command("depth")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="128", show_default=True)
+@click.option("--positions", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--act-quant/--no-act-quant", default=True, show_default=True,
+              help="Also quantize activations to int8 per block, as MatMulNBits does at accuracy level 4.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def depth_command(checkpoint: Path, bits: str, block_size: str, positions: int, act_quant: bool,
+                  json_path: Path | None) -> None:
+    """How a block-wise weight recipe's logit error grows with depth (torch only): tells a recipe's own
+    error from an export defect in a bundle's validation figures."""
+    from pulse_edge.benchmarks.quant_depth import DepthConfig, depth_table, run_depth
+
+    report = run_depth(DepthConfig(checkpoint=checkpoint, bits=int(bits), block_size=int(block_size),
+                                   positions=positions, act_quant=act_quant))
+    click.echo(depth_table(report))
+    _write_json(json_path, report)
+
+
 @bench_group.command("outliers")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--scales", required=True, type=click.Path(path_type=Path), help="From pulse-edge calibrate.")

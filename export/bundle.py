@@ -171,6 +171,7 @@ def validation_session(precision: str) -> SessionConfig:
     on the CPU EP computes in fp32 behind Casts that ORT inserts; at level "all" it folds them into fp32
     copies of every weight (1 GiB of fp16 weights: +2 GiB anonymous), at "basic" with the arena off the
     casts run per call and their outputs are freed (+0). Casting is exact, so the numbers are the same.
+    make_session adds what every mapped session needs: no memory pattern, priority-based node order.
     """
     if precision == "fp16":
         return SessionConfig(prepack=False, emulate=True, opt_level="basic", mem_arena=False)
@@ -196,7 +197,7 @@ def _check_validation_memory(loaded: LoadedCheckpoint, precision: str, max_conte
                           f"{need / 2**30:.1f} GiB of memory (weights {weights / 2**30:.1f}, KV cache "
                           f"{kv_bytes / 2**30:.1f} for {max_context} positions) but {available / 2**30:.1f} GiB "
                           "is available; export with a smaller --max-context or on a machine with more memory")
-    mapped = params * (2 + {"fp32": 4, "fp16": 2}.get(precision, 0))
+    mapped = params * (loaded.model.dtype.itemsize + {"fp32": 4, "fp16": 2}.get(precision, 0))
     if available is not None and mapped > available:
         log.warning("the reference's and the graph's weights (%.0f GiB) exceed the free memory (%.0f GiB): "
                     "validation re-reads them from disk and takes a while", mapped / 2**30, available / 2**30)
@@ -237,7 +238,7 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     pages = [p for p in GREEDY_PAGES if image_token_count(p, manifest.image) <= room][:1] or [GREEDY_PAGES[-1]]
     # a bf16 oracle is itself ~1e-2 off; a quantized graph's own error is larger than that
     level = options.precision if reference_dtype == torch.float32 or quant else "fp16"
-    log.info("validating the vision graph against the %s reference", reference_dtype)
+    log.info("validating the vision graph against the %s reference", str(reference_dtype).removeprefix("torch."))
     vision = validate_vision_graph(model, work / manifest.graphs["vision"].file, tolerance=TOLERANCES[level])
     session = validation_session(options.precision)
     log.info("validating the decoder graph at prefill lengths %s", list(options.plan.prefill_lengths))

@@ -1,0 +1,52 @@
+"""`bench depth`: the per-depth logit cosine of a fake-quantized decoder, on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+
+from pulse_edge.benchmarks.quant_depth import DepthConfig, act_blocks_int8, depth_curve, swapped_linears
+from pulse_edge.cli import main
+from pulse_edge.export.checkpoint import load_checkpoint
+
+
+def test_int8_activation_blocks_round_to_a_127_step_grid_per_block() -> None:
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    y = act_blocks_int8(x, 128)
+    for block in range(2):
+        xs, ys = x[:, block * 128:(block + 1) * 128], y[:, block * 128:(block + 1) * 128]
+        step = xs.abs().amax(-1, keepdim=True) / 127
+        assert torch.allclose(ys / step, torch.round(ys / step), atol=1e-4)  # on the grid
+        assert (ys - xs).abs().max() <= step.max() / 2 + 1e-6  # rounding, not clipping
+
+
+def test_depth_curve_orders_recipes_and_restores_the_model(tiny_checkpoint: Path) -> None:
+    lm = load_checkpoint(tiny_checkpoint).model.language_model
+    embeds = torch.randn(1, 8, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = lm(inputs_embeds=embeds).logits
+    int4 = depth_curve(lm, DepthConfig(checkpoint=tiny_checkpoint, bits=4, block_size=16, positions=16))
+    int8 = depth_curve(lm, DepthConfig(checkpoint=tiny_checkpoint, bits=8, block_size=16, positions=16))
+    assert len(int4["cosine_by_depth"]) == lm.config.num_hidden_layers
+    assert all(0.0 < c <= 1.0 + 1e-9 for c in int4["cosine_by_depth"] + int8["cosine_by_depth"])
+    assert int8["cosine_with_lm_head"] > int4["cosine_with_lm_head"]
+    assert int8["cosine_by_depth"][-1] > 0.999  # int8 per block of 16 is close to lossless
+    with torch.inference_mode():
+        assert torch.equal(lm(inputs_embeds=embeds).logits, before)  # the swap left nothing behind
+    with swapped_linears(lm, DepthConfig(checkpoint=tiny_checkpoint)) as switch:
+        assert not switch.on
+    assert all("forward" not in vars(m) for m in lm.modules())
+
+
+def test_bench_depth_prints_a_row_per_layer(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "depth.json"
+    result = CliRunner().invoke(main, ["bench", "depth", str(tiny_checkpoint), "--block-size", "16",
+                                       "--positions", "8", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = [line for line in result.output.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == len(report["cosine_by_depth"]) >= 1
+    assert "all layers and lm_head quantized" in result.output
