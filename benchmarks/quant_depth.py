@@ -46,11 +46,14 @@ class DepthConfig:
 
 
 def act_blocks_int8(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """x [..., K] through symmetric int8 per block of K (scale = block absmax / 127), back to float."""
+    """x [..., K] through symmetric int8 per block of K (scale = block absmax / 127), back to float.
+
+    K is zero padded to whole blocks, as MatMulNBits pads its weights (zeros never raise a block's max)."""
     *lead, k = x.shape
-    blocks = x.reshape(*lead, k // block_size, block_size)
+    padded = F.pad(x, (0, -k % block_size))
+    blocks = padded.reshape(*lead, -1, block_size)
     scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
-    return (torch.round(blocks / scale).clamp(-127, 127) * scale).reshape(x.shape)
+    return (torch.round(blocks / scale).clamp(-127, 127) * scale).reshape(padded.shape)[..., :k]
 
 
 def _forward(linear: nn.Linear, switch: _Switch, config: DepthConfig) -> Any:
@@ -66,16 +69,41 @@ def _forward(linear: nn.Linear, switch: _Switch, config: DepthConfig) -> Any:
 
 @contextmanager
 def swapped_linears(model: nn.Module, config: DepthConfig) -> Iterator[_Switch]:
-    """Every Linear computes in fp32, fake-quantized while the yielded switch is on; restored on exit."""
+    """Every Linear computes in fp32, fake-quantized while the yielded switch is on; restored on exit
+    (an instance-level forward that was there before, such as another tool's hook, is put back)."""
     switch = _Switch()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    saved = {id(m): vars(m)["forward"] for m in linears if "forward" in vars(m)}
     for linear in linears:
         linear.forward = _forward(linear, switch, config)
     try:
         yield switch
     finally:
         for linear in linears:
-            del linear.forward  # the instance attribute; the class's forward shows through again
+            if id(linear) in saved:
+                linear.forward = saved[id(linear)]
+            else:
+                del linear.forward  # the class's forward shows through again
+
+
+@contextmanager
+def layer_outputs(lm: Any) -> Iterator[list[torch.Tensor]]:
+    """The last position's output of each decoder layer, in order, for the forwards run inside.
+
+    Hooks rather than output_hidden_states: transformers 5 ties the last hidden state to the final
+    norm's output, which a read-out through the norm would normalise twice."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output  # [1, S, H]
+        captured.append(hidden[:, -1:].float())
+
+    handles = [layer.register_forward_hook(hook) for layer in lm.model.layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,13 +118,13 @@ def depth_curve(lm: Any, config: DepthConfig) -> dict[str, Any]:
     logits: dict[bool, list[np.ndarray]] = {}
     with torch.inference_mode(), swapped_linears(lm, config) as switch:
         for quantized in (False, True):
-            switch.on = quantized
-            hidden = lm.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[1:]  # L x [1, S, H]
-            switch.on = False
-            logits[quantized] = [lm.lm_head(lm.model.norm(h[:, -1:].float()))[0, 0].double().numpy()
-                                 for h in hidden]
+            with layer_outputs(lm) as hidden:  # L x [1, 1, H]
+                switch.on = quantized
+                lm.model(inputs_embeds=embeds)
+                switch.on = False  # the read-out of every depth in fp32: the layers' error alone
+            logits[quantized] = [lm.lm_head(lm.model.norm(h))[0, 0].double().numpy() for h in hidden]
         switch.on = True
-        full = lm.lm_head(lm.model.norm(hidden[-1][:, -1:].float()))[0, 0].double().numpy()
+        full = lm.lm_head(lm.model.norm(hidden[-1]))[0, 0].double().numpy()
     cosines = [_cosine(a, b) for a, b in zip(logits[False], logits[True], strict=True)]
     return {"bits": config.bits, "block_size": config.block_size, "act_quant": config.act_quant,
             "positions": config.positions, "cosine_by_depth": cosines,

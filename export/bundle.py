@@ -39,7 +39,7 @@ from pulse_edge.export.staging import staged_directory
 from pulse_edge.export.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.validate import ValidationPlan, validate_decoder, validate_greedy
 from pulse_edge.runtime.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, Manifest
-from pulse_edge.runtime.ort_engine import SessionConfig
+from pulse_edge.runtime.ort_engine import SessionConfig, session_settings
 from pulse_edge.runtime.preprocess import image_token_count
 from pulse_edge.runtime.prompt import LLAVA_V1
 from pulse_edge.runtime.tokenizer import Tokenizer
@@ -60,7 +60,13 @@ GREEDY_QUESTIONS = ("What is the rhythm?", "Interpret this ECG.")
 # float graphs' weights stay mapped from the bundle file (file pages the kernel can drop and re-read); the
 # quantized figures are the packed bytes plus scales, as the formats store them.
 ORT_CPU_ANON_BYTES_PER_WEIGHT = {"fp32": 0.0, "fp16": 0.0, "int8": 1.1, "int4": 0.6, "fp8": 1.1}
-ANON_MARGIN = 2 << 30  # the reference's own cache and activations for a 2880-image-token prompt (7B, bf16)
+# Anonymous memory validation needs beyond ORT's KV cache, per parameter: the reference's cache and
+# activations for a 2880-image-token prompt, the fp32 copy of the vision tower, the embedding table, ORT's
+# arenas and (fp16) the per-call fp32 casts. Measured on the 7B (7.06 B parameters, peaks sampled every 10 s):
+# 6.8 GiB for fp32 (KV 4.0) and 6.2 GiB for fp16 (KV 2.0): at most 4.2 GiB beyond the KV, 0.64 bytes per
+# parameter; 0.8 leaves room for what the sampling missed.
+ANON_BYTES_PER_PARAM = 0.8
+GRAPH_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2}  # the float graphs' mapped weights (quantized: packed, in RAM)
 
 
 class ExportValidationError(PulseEdgeError):
@@ -178,26 +184,35 @@ def validation_session(precision: str) -> SessionConfig:
     return SessionConfig(prepack=False, emulate=True)
 
 
+def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: int, max_context: int,
+                          precision: str) -> dict[str, float]:
+    """The anonymous memory a validation needs: ORT's packed weights, its KV cache, the rest per parameter."""
+    kv_itemsize = np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
+    parts = {"weights": params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision],
+             "kv_cache": 2 * layers * kv_heads * head_dim * max_context * kv_itemsize,
+             "other": params * ANON_BYTES_PER_PARAM}
+    return {**parts, "total": sum(parts.values())}
+
+
 def _check_validation_memory(loaded: LoadedCheckpoint, precision: str, max_context: int) -> None:
     """Refuse before writing anything when validation cannot run in this machine's memory.
 
-    What must fit is the anonymous memory: ORT's packed quantized weights, its preallocated KV cache, the
-    reference's cache and activations. Mapped weights (the bf16 reference, the float graphs) need not fit
-    beside each other: the kernel re-reads their pages from disk, which is slow but finishes.
+    What must fit is the anonymous memory (validation_anon_bytes). Mapped weights (the 16-bit reference,
+    the float graphs) need not fit beside each other: the kernel re-reads their pages from disk, which is
+    slow but finishes.
     """
     text = loaded.config.text
     params = sum(p.numel() for p in loaded.model.parameters())
-    kv_bytes = 2 * text.num_layers * text.num_kv_heads * text.head_dim * max_context * (2 if precision == "fp16"
-                                                                                         else 4)
-    weights = params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision]
-    need = weights + kv_bytes + (ANON_MARGIN if params > 1e9 else 0)
+    need = validation_anon_bytes(params, layers=text.num_layers, kv_heads=text.num_kv_heads,
+                                 head_dim=text.head_dim, max_context=max_context, precision=precision)
     available = mem_available_bytes()
-    if available is not None and need > available:
+    if available is not None and need["total"] > available:
         raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
-                          f"{need / 2**30:.1f} GiB of memory (weights {weights / 2**30:.1f}, KV cache "
-                          f"{kv_bytes / 2**30:.1f} for {max_context} positions) but {available / 2**30:.1f} GiB "
-                          "is available; export with a smaller --max-context or on a machine with more memory")
-    mapped = params * (loaded.model.dtype.itemsize + {"fp32": 4, "fp16": 2}.get(precision, 0))
+                          f"{need['total'] / 2**30:.1f} GiB of memory (weights {need['weights'] / 2**30:.1f}, KV "
+                          f"cache {need['kv_cache'] / 2**30:.1f} for {max_context} positions) but "
+                          f"{available / 2**30:.1f} GiB is available; export with a smaller --max-context or on "
+                          "a machine with more memory")
+    mapped = params * (loaded.model.dtype.itemsize + GRAPH_BYTES_PER_WEIGHT.get(precision, 0))
     if available is not None and mapped > available:
         log.warning("the reference's and the graph's weights (%.0f GiB) exceed the free memory (%.0f GiB): "
                     "validation re-reads them from disk and takes a while", mapped / 2**30, available / 2**30)
@@ -260,8 +275,7 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
         float_bytes = sum(p.numel() for p in model.parameters()) * 4
         fidelity = fidelity_report(reference, candidate, samples, prepared, float_bytes=float_bytes)
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "tolerance_level": level,
-            "ort_session": {"opt_level": session.opt_level, "prepack": session.prepack,
-                            "mem_arena": session.mem_arena},
+            "ort_session": session_settings(session, manifest.graphs["decoder"].extra.get("ort_opt_level")),
             "vision": vision, "decoder": decoder, "greedy": greedy,
             "pass": bool(vision.get("pass") and decoder["pass"] and greedy["pass"])}, fidelity
 

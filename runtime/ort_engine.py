@@ -10,6 +10,7 @@ logits move per step; the logits land in a preallocated buffer too.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ class SessionConfig:
     the graph's tensors up front; that plan reserves address space for every weight
     too, so a graph whose weights exceed RAM + swap fails to load with bad_alloc
     (measured: 26 GB of mapped fp32 weights on this 23.5 GiB machine) unless it is off.
-    None (the default) turns it off exactly when the weights are mapped (no prepacking).
+    None (the default) turns it off exactly when the weights are mapped (no prepacking,
+    CPU EP).
     `node_order` None likewise runs mapped sessions in ORT's priority-based order ("priority")
     and others in its default one ("default"): in the default order
     the Casts that the CPU EP puts after every fp16 weight have no inputs to wait for
@@ -108,7 +110,18 @@ def default_trt_cache() -> Path:
     return Path(root) / "pulse-edge" / "tensorrt"
 
 
-def provider_chain(config: SessionConfig, *, fp16: bool) -> list[Any]:
+def graph_cache_key(path: Path) -> str:
+    """One engine-cache folder per graph file as written: ORT names cached engines by the model's name,
+    inputs and nodes, not its weights, and every bundle's decoder is called decoder.onnx."""
+    parts = [os.fspath(path.resolve())]
+    for file in (path, path.with_name(path.name + ".data")):
+        if file.is_file():
+            stat = file.stat()
+            parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def provider_chain(config: SessionConfig, *, fp16: bool, cache_dir: Path | None = None) -> list[Any]:
     """The providers in ORT's order of preference. TensorRT takes the subgraphs it can build; the contrib ops
     it has no layer for (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits) go to the CUDA
     EP behind it rather than to the CPU. Written against ORT's documented provider options; not run here
@@ -119,37 +132,63 @@ def provider_chain(config: SessionConfig, *, fp16: bool) -> list[Any]:
     if config.provider == "cuda":
         return [(PROVIDERS["cuda"], {**cuda[1], **config.provider_options})]
     trt = {"device_id": config.device_id, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
-           "trt_engine_cache_path": os.fspath(default_trt_cache())}
+           "trt_engine_cache_path": os.fspath(cache_dir or default_trt_cache())}
     return [(PROVIDERS["tensorrt"], {**trt, **config.provider_options}), cuda]
+
+
+def session_settings(config: SessionConfig, graph_limit: str | None = None) -> dict[str, Any]:
+    """What a session is made with once the automatic choices are resolved (recorded by validation).
+
+    Mapped weights (no prepacking on the CPU EP) turn the memory pattern off and order nodes by priority
+    (see SessionConfig); on a GPU provider the weights live in device memory, so the defaults stay."""
+    mapped = not config.prepack and config.provider == "cpu"
+    return {"opt_level": effective_opt_level(config.opt_level, graph_limit), "prepack": config.prepack,
+            "mem_arena": config.mem_arena,
+            "mem_pattern": (not mapped) if config.mem_pattern is None else config.mem_pattern,
+            "node_order": config.node_order or ("priority" if mapped else "default")}
+
+
+def _session_options(ort: Any, config: SessionConfig, settings: Mapping[str, Any]) -> Any:
+    options = ort.SessionOptions()
+    level = settings["opt_level"]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}"
+                                               if level != "disable" else "ORT_DISABLE_ALL")
+    options.intra_op_num_threads = config.threads
+    options.inter_op_num_threads = 1  # one graph at a time: parallelism is inside the ops
+    options.enable_cpu_mem_arena = config.mem_arena
+    options.enable_mem_pattern = settings["mem_pattern"]
+    options.execution_order = getattr(ort.ExecutionOrder, NODE_ORDERS[settings["node_order"]])
+    if not config.prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    options.log_severity_level = 3
+    return options
+
+
+def _load_error(path: Path, config: SessionConfig, error: Exception) -> ConfigError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "bad_alloc" not in first:
+        return ConfigError(f"{path.name} cannot be loaded by onnxruntime ({first}); re-export the bundle")
+    # the bundle is fine: this machine's memory is not enough for this way of loading it
+    if config.prepack:
+        return ConfigError(f"{path.name} does not fit in memory when onnxruntime copies its weights; serve it "
+                           "with --no-prepack (the weights stay mapped from the file) or on a machine with more "
+                           "memory")
+    return ConfigError(f"{path.name} does not fit in this machine's memory even with its weights mapped; use a "
+                       "smaller bundle (int8, int4) or a machine with more memory")
 
 
 def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None = None, fp16: bool = False) -> Any:
     """An InferenceSession on exactly the asked provider."""
     ort = _ort()
     require_provider(config)
-    options = ort.SessionOptions()
-    level = effective_opt_level(config.opt_level, graph_limit)
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}"
-                                               if level != "disable" else "ORT_DISABLE_ALL")
-    options.intra_op_num_threads = config.threads
-    options.inter_op_num_threads = 1  # one graph at a time: parallelism is inside the ops
-    options.enable_cpu_mem_arena = config.mem_arena
-    options.enable_mem_pattern = config.prepack if config.mem_pattern is None else config.mem_pattern
-    order = config.node_order or ("default" if config.prepack else "priority")
-    options.execution_order = getattr(ort.ExecutionOrder, NODE_ORDERS[order])
-    if not config.prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    options.log_severity_level = 3
+    options = _session_options(ort, config, session_settings(config, graph_limit))
+    providers = provider_chain(config, fp16=fp16, cache_dir=default_trt_cache() / graph_cache_key(path))
+    if config.provider == "tensorrt":  # ORT creates only the last folder of the cache path
+        Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     try:
-        return ort.InferenceSession(os.fspath(path), sess_options=options,
-                                    providers=provider_chain(config, fp16=fp16))
+        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all Exception subclasses
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "bad_alloc" in first:  # the bundle is fine; this machine's memory is not enough for this way of loading
-            raise ConfigError(f"{path.name} does not fit in memory when onnxruntime copies its weights; serve it "
-                              "with --no-prepack (the weights stay mapped from the file) or on a machine with "
-                              "more memory") from e
-        raise ConfigError(f"{path.name} cannot be loaded by onnxruntime ({first}); re-export the bundle") from e
+        raise _load_error(path, config, e) from e
 
 
 class VisionEngine:

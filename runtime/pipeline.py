@@ -33,6 +33,9 @@ MERGES_SERVED = tuple(MERGE_FUNCTIONS)  # PULSE's flat, and LLaVA-1.6's spatial_
 # one pass 6.2 s and +1.83 GiB peak; chunks of 512: 5.8 s and +0.37 GiB (attention's
 # probabilities are held per chunk). None = one pass.
 DEFAULT_PREFILL_CHUNK = 512
+# Bundles whose recipe has no fp16 base yet: what a GPU user can do instead.
+GPU_FIX = {"fp8": "the fp8 recipe keeps an fp32 base today, so it cannot be served on a GPU until it gets an "
+                  "fp16 one; use an fp16 bundle there"}
 
 
 def check_device(manifest: Manifest, config: SessionConfig) -> None:
@@ -45,9 +48,9 @@ def check_device(manifest: Manifest, config: SessionConfig) -> None:
     # ORT registers GroupQueryAttention for CUDA in fp16 and bf16 only: an fp32 decoder would run attention
     # on the CPU EP, with the whole KV cache copied between host and device in every layer of every step.
     if config.provider in ("cuda", "tensorrt") and manifest.kv.dtype == "float32":
+        fix = GPU_FIX.get(manifest.precision, "export it with --precision fp16 for a GPU")
         raise ConfigError(f"this {manifest.precision} bundle computes attention in fp32, which ONNX Runtime's CUDA "
-                          "kernels do not run (GroupQueryAttention is fp16/bf16 there); export it with "
-                          "--precision fp16 for a GPU")
+                          f"kernels do not run (GroupQueryAttention is fp16/bf16 there); {fix}")
 
 
 class OrtEngine:

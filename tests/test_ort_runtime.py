@@ -241,11 +241,14 @@ def test_fp32_attention_is_refused_on_cuda_before_any_session(tiny_bundle: Path)
     check_device(manifest, SessionConfig(provider="cpu"))
     check_device(dataclasses.replace(manifest, kv=dataclasses.replace(manifest.kv, dtype="float16")),
                  SessionConfig(provider="cuda"))
+    fp8 = dataclasses.replace(manifest, precision="fp8")  # the fp8 recipe's fp32 base: no GPU path yet, said so
+    with pytest.raises(ConfigError, match=r"the fp8 recipe keeps an fp32 base today"):
+        check_device(fp8, SessionConfig(provider="tensorrt"))
 
 
 def test_tensorrt_falls_back_to_cuda_not_cpu_and_caches_engines(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from pulse_edge.runtime.ort_engine import SessionConfig, provider_chain
+    from pulse_edge.runtime.ort_engine import SessionConfig, graph_cache_key, provider_chain
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     chain = provider_chain(SessionConfig(provider="tensorrt", device_id=1), fp16=True)
@@ -256,3 +259,12 @@ def test_tensorrt_falls_back_to_cuda_not_cpu_and_caches_engines(tmp_path: Path,
     mine = provider_chain(SessionConfig(provider="tensorrt", provider_options={"trt_fp16_enable": False}), fp16=True)
     assert mine[0][1]["trt_fp16_enable"] is False  # the caller's options win
     assert provider_chain(SessionConfig(provider="cpu"), fp16=False) == ["CPUExecutionProvider"]
+    # ORT keys cached engines by graph structure: a re-exported bundle (same names, new weights) gets a new folder
+    graph = tmp_path / "b" / "decoder.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"graph")
+    graph.with_name("decoder.onnx.data").write_bytes(b"weights")
+    first = graph_cache_key(graph)
+    assert graph_cache_key(graph) == first
+    graph.with_name("decoder.onnx.data").write_bytes(b"other weights")
+    assert graph_cache_key(graph) != first

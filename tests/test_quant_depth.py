@@ -8,7 +8,13 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
-from pulse_edge.benchmarks.quant_depth import DepthConfig, act_blocks_int8, depth_curve, swapped_linears
+from pulse_edge.benchmarks.quant_depth import (
+    DepthConfig,
+    act_blocks_int8,
+    depth_curve,
+    layer_outputs,
+    swapped_linears,
+)
 from pulse_edge.cli import main
 from pulse_edge.export.checkpoint import load_checkpoint
 
@@ -21,6 +27,21 @@ def test_int8_activation_blocks_round_to_a_127_step_grid_per_block() -> None:
         step = xs.abs().amax(-1, keepdim=True) / 127
         assert torch.allclose(ys / step, torch.round(ys / step), atol=1e-4)  # on the grid
         assert (ys - xs).abs().max() <= step.max() / 2 + 1e-6  # rounding, not clipping
+    ragged = torch.randn(2, 200, generator=torch.Generator().manual_seed(2))  # K not a whole number of blocks
+    assert act_blocks_int8(ragged, 128).shape == ragged.shape
+    assert torch.equal(act_blocks_int8(ragged, 128)[:, 128:], act_blocks_int8(ragged[:, 128:], 128))
+
+
+def test_the_last_depth_reads_out_exactly_the_models_logits(tiny_checkpoint: Path) -> None:
+    """The hooks see each layer's output before the final norm: read out through norm + lm_head, the last
+    depth must give the model's own logits (transformers' tied last hidden state would be normalised twice)."""
+    lm = load_checkpoint(tiny_checkpoint).model.language_model
+    embeds = torch.randn(1, 6, lm.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), layer_outputs(lm) as hidden:
+        logits = lm(inputs_embeds=embeds).logits[0, -1]
+        read_out = lm.lm_head(lm.model.norm(hidden[-1]))[0, 0]
+    assert len(hidden) == lm.config.num_hidden_layers
+    assert torch.allclose(read_out, logits, atol=1e-5, rtol=1e-5)
 
 
 def test_depth_curve_orders_recipes_and_restores_the_model(tiny_checkpoint: Path) -> None:
@@ -39,6 +60,10 @@ def test_depth_curve_orders_recipes_and_restores_the_model(tiny_checkpoint: Path
     with swapped_linears(lm, DepthConfig(checkpoint=tiny_checkpoint)) as switch:
         assert not switch.on
     assert all("forward" not in vars(m) for m in lm.modules())
+    marker = lm.lm_head.forward = lambda x: x  # another tool's instance-level forward survives the swap
+    with swapped_linears(lm, DepthConfig(checkpoint=tiny_checkpoint)):
+        assert lm.lm_head.forward is not marker
+    assert lm.lm_head.forward is marker
 
 
 def test_bench_depth_prints_a_row_per_layer(tiny_checkpoint: Path, tmp_path: Path) -> None:
