@@ -322,17 +322,20 @@ class BackendMeter:
                 "others_cores": self.others / self.wall if self.wall > 0 and self.others is not None else None}
 
 
-def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig,
-                meters: dict[str, BackendMeter]) -> dict[str, Stat]:
+def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig, meters: dict[str, BackendMeter],
+                before_round: Callable[[], object] | None = None) -> dict[str, Stat]:
     """Warm every backend up, then time them in turn, run after run: a machine that gets busier or
     quieter during the measurement slows them far more alike than back-to-back phases would. Bursts
-    shorter than a run can still skew one backend; its `others_cores` says when."""
+    shorter than a run can still skew one backend; its `others_cores` says when. `before_round` runs
+    untimed before each round (a bandwidth probe to pair with the round's runs)."""
     active = [b for b in benches if getattr(b, method) is not None]
     for bench in active:
         for _ in range(cfg.warmup):
             meters[bench.key].call(getattr(bench, method))
     values: dict[str, list[float]] = {b.key: [] for b in active}
     for _ in range(cfg.timed_runs):
+        if before_round is not None:
+            before_round()
         for bench in active:
             values[bench.key].append(meters[bench.key].call(getattr(bench, method)))
     return {key: Stat.of(v) for key, v in values.items()}

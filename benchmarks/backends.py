@@ -49,12 +49,13 @@ from pulse_edge.benchmarks.bench_common import (
     machine_with_load,
     markdown_table,
     num,
+    paired_fraction,
     pp,
     roofline_entry,
     torch_threads,
 )
 from pulse_edge.benchmarks.ecgbench_env import machine_info, model_info
-from pulse_edge.benchmarks.roofline import GIB, Bandwidth, vicuna_rooflines
+from pulse_edge.benchmarks.roofline import GB, GIB, Bandwidth, measure_bandwidth, vicuna_rooflines
 from pulse_edge.errors import ConfigError
 
 PREFILL_POSITIONS = 2950  # a 2880-image-token prompt plus the llava_v1 text around it (DESIGN §7)
@@ -190,7 +191,8 @@ METHODS = {  # how each column was measured, printed under the table
               "positions), clocked per token by a streamer: the {steps} steps after the first token, with "
               "generate's own per-step work",
     "bandwidth": "achieved GB/s = decode tok/s x bytes one step must read (decoder weights + KV at the context); "
-                 "% = of the measured bandwidth the roofline uses",
+                 "% of measured = of the best start/end probe, which the roofline uses; % of paired = median over "
+                 "decode rounds of the round's achieved GB/s against a probe taken just before that round",
     "memory": "own = what loading the backend added to the process RSS (its weights; torch's includes the random "
               "decode cache) + the most one of its calls raised the RSS (activations, arenas, cache copies): "
               "about its peak on its own; transformers shares the reference's loaded model",
@@ -201,11 +203,13 @@ METHODS = {  # how each column was measured, printed under the table
 
 
 def _summaries(backends: dict[str, dict[str, Any]], facts: DecoderFacts, bandwidth: Bandwidth,
-               context: int) -> dict[str, dict[str, Any]]:
+               context: int, round_probes: list[Bandwidth]) -> dict[str, dict[str, Any]]:
     out = {}
     for key, result in backends.items():
         entry = {k: v.to_dict() if isinstance(v, Stat) else v for k, v in result.items()}
         entry.update(roofline_entry(facts, bandwidth, context, result["decode_tokens_per_s"].p50))
+        entry["fraction_of_paired_bandwidth"] = paired_fraction(facts, context, result["decode_tokens_per_s"].values,
+                                                                [b.best for b in round_probes])
         out[key] = entry
     return out
 
@@ -218,7 +222,7 @@ def run_backends(cfg: BackendsConfig, progress: Callable[[str], None] = print) -
         progress(f"model ready in {prepared.seconds:.0f} s")
         machine = machine_with_load()
         samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start")}
-        backends, overhead = _measure_backends(prepared, cfg, progress)
+        backends, overhead, round_probes = _measure_backends(prepared, cfg, progress)
         samples["end"] = bandwidth_probe(cfg.bandwidth_bytes, progress, "end")
         model = {**model_info(prepared.checkpoint), "width": cfg.width, "bundle": str(prepared.bundle),
                  "bundle_bytes_on_disk": dir_size_bytes(prepared.bundle), "prepared_s": prepared.seconds,
@@ -230,7 +234,8 @@ def run_backends(cfg: BackendsConfig, progress: Callable[[str], None] = print) -
     peak = max(b["meter"]["peak_rss_bytes"] for b in backends.values())
     return {"kind": "backends", "machine": {**machine, "load_average_end": load_average()}, "model": model,
             "bandwidth": bandwidth_dict, "decoder": facts.to_dict(), "settings": _settings(cfg),
-            "backends": _summaries(backends, facts, bandwidth, cfg.context),
+            "backends": _summaries(backends, facts, bandwidth, cfg.context, round_probes),
+            "decode_round_bandwidth_gb_s": [b.best / GB for b in round_probes],
             "pipeline_overhead": overhead, "methods": _methods(cfg),
             "pulse7b_rooflines": vicuna_rooflines(bandwidth.best, cfg.context),
             "notes": _notes(cfg), "peak_rss_bytes": peak, "elapsed_s": time.perf_counter() - started}
@@ -251,7 +256,7 @@ def _check_room(prepared: PreparedModel, cfg: BackendsConfig) -> None:
 
 
 def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Callable[[str], None],
-                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], list[Bandwidth]]:
     """Load ORT and the torch reference side by side, then measure vision, prefill and decode with the
     backends interleaved, then the ORT pipeline's own overhead."""
     import transformers
@@ -267,9 +272,16 @@ def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Ca
     reference = meters["torch"].load(lambda: TorchBench(prepared.checkpoint, inputs, cfg))
     benches = [GenerateBench(reference, inputs, cfg), reference, ort]
     results: dict[str, dict[str, Any]] = {b.key: {"name": b.name} for b in benches}
+    round_probes: list[Bandwidth] = []  # one before each decode round: its runs' own bandwidth
+
+    def probe() -> None:
+        round_probes.append(measure_bandwidth(cfg.bandwidth_bytes, repeats=3))
+
     for measure, method in MEASURES.items():
-        progress(f"{method}: {cfg.warmup} warm-up + {cfg.timed_runs} timed runs per backend, interleaved")
-        for key, stat in interleaved(benches, method, cfg, meters).items():
+        progress(f"{method}: {cfg.warmup} warm-up + {cfg.timed_runs} timed runs per backend, interleaved"
+                 + (", a bandwidth probe before each round" if method == "decode" else ""))
+        rounds = interleaved(benches, method, cfg, meters, before_round=probe if method == "decode" else None)
+        for key, stat in rounds.items():
             results[key][measure] = stat
     progress("onnxruntime: pipeline overhead (one Conversation.ask)")
     overhead = meters["ort"].call(lambda: pipeline_overhead(ort.pipeline, inputs.image, cfg.steps + 1))
@@ -277,7 +289,7 @@ def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Ca
     results["transformers"]["vision_note"] = "the torch reference's modules and number"
     for key, meter in meters.items():
         results[key]["meter"] = meter.to_dict()
-    return results, overhead
+    return results, overhead, round_probes
 
 
 def read_max_length(bundle: Path) -> int:
@@ -312,11 +324,16 @@ def _memory_cell(meter: dict[str, Any], shared: bool) -> str:
     return f"{resident} + {working}"
 
 
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def _backend_row(entry: dict[str, Any]) -> list[str]:
-    fraction, meter, shared = entry["fraction_of_bandwidth"], entry["meter"], "vision_note" in entry
+    meter, shared = entry["meter"], "vision_note" in entry
     return [entry["name"], pp(entry["vision_ms"]) + (" (=torch)" if shared else ""),
             pp(entry["prefill_ms"]), pp(entry["decode_tokens_per_s"], 1), num(entry["achieved_gb_s"]),
-            "n/a" if fraction is None else f"{100 * fraction:.0f}%", num(entry["roofline_tokens_per_s"]),
+            _percent(entry["fraction_of_bandwidth"]), _percent(entry.get("fraction_of_paired_bandwidth")),
+            num(entry["roofline_tokens_per_s"]),
             _memory_cell(meter, shared), f"{num(meter['cores_used'], 2)} / {num(meter['others_cores'], 2)}"]
 
 
@@ -338,7 +355,8 @@ def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
 def backends_table(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["model"]
     header = ["backend", "vision ms (5 tiles)", f"prefill ms ({s['prefill_positions']} pos)",
-              f"decode tok/s @ {s['context']}", "achieved GB/s", "% of measured BW", "roofline tok/s",
+              f"decode tok/s @ {s['context']}", "achieved GB/s", "% of measured BW", "% of paired BW",
+              "roofline tok/s",
               "memory: loaded + working", "cores: ours / others"]
     rows = [_backend_row(entry) for entry in report["backends"].values()]
     rooflines = ", ".join(f"{p} {v:.1f}" for p, v in report["pulse7b_rooflines"].items())
@@ -348,6 +366,8 @@ def backends_table(report: dict[str, Any]) -> str:
         f"fp32 bundle {gib(m['bundle_bytes_on_disk'])} on disk; {'reused' if m['reused'] else 'made'} in "
         f"{m['prepared_s']:.0f} s",
         decoder_line(report["decoder"]),
+        "bandwidth probed before each decode round (GB/s): "
+        + ", ".join(f"{v:.1f}" for v in report.get("decode_round_bandwidth_gb_s", [])),
         f"{s['runs']} timed runs after {s['warmup']} warm-up per measurement; decode {s['decode_steps']} steps per "
         f"run; threads {s['threads'] or 'one per core'}; cells: p50 / p95",
         "", markdown_table(header, rows), "",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -155,6 +156,13 @@ def test_bench_backends_tiny_runs_all_three(tiny_checkpoint: Path, quick_bundle:
             _assert_stat(entry[key])
         assert entry["achieved_gb_s"] > 0 and entry["roofline_tokens_per_s"] > 0
         assert entry["meter"]["peak_rss_bytes"] > 0 and entry["meter"]["cores_used"] > 0
+    rounds = report["decode_round_bandwidth_gb_s"]  # one probe before each of the 2 decode rounds
+    assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    assert "bandwidth probed before each decode round" in printed and "% of paired BW" in printed
+    for entry in report["backends"].values():  # the paired figure, recomputed from the report's own numbers
+        runs = entry["decode_tokens_per_s"]["values"]
+        expected = np.median([t * entry["bytes_per_token"] / (b * 1e9) for t, b in zip(runs, rounds, strict=True)])
+        assert entry["fraction_of_paired_bandwidth"] == pytest.approx(expected, rel=1e-9)
     overhead = report["pipeline_overhead"]
     assert overhead["decode_steps"] > 0 and overhead["engine_forward_ms"] > 0
     assert 0 < overhead["engine_forward_ms"] <= overhead["loop_ms"]
