@@ -10,6 +10,7 @@ only the rows it needs, and the 500 MB table of the 7B model is never copied.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,29 @@ DEFAULT_PREFILL_CHUNK = 512
 # Bundles whose recipe has no fp16 base yet: what a GPU user can do instead.
 GPU_FIX = {"fp8": "the fp8 recipe keeps an fp32 base today, so it cannot be served on a GPU until it gets an "
                   "fp16 one; use an fp16 bundle there"}
+
+
+def prefetch(path: Path) -> threading.Thread:
+    """Read a file through once in a background thread, so that its pages are in the page cache before
+    they are needed; returns the (daemon) thread.
+
+    The embedding table is memory-mapped and each decode step reads one row of it: a row still on disk
+    costs a read inside the token loop (measured on the real-width bundle after dropping the page cache:
+    2.5-3.0 ms per step, 7.5-9% of the decode loop, against 0.1 ms warm). posix_fadvise(WILLNEED) read
+    only the first 8 MB of the 500 MB table here, hence the plain read; vision and prefill take seconds,
+    so it is done long before the first decode step."""
+    def read_through() -> None:
+        buffer = bytearray(8 << 20)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+        except OSError:  # only a warm-up: the lookups fault the rows in themselves
+            return
+
+    thread = threading.Thread(target=read_through, name="pulse-edge-prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 def check_device(manifest: Manifest, config: SessionConfig) -> None:
@@ -68,6 +92,7 @@ class OrtEngine:
         self.vision = VisionEngine(bundle, manifest.graphs["vision"], config)
         self.decoder = DecoderEngine(bundle, manifest.graphs["decoder"], manifest.kv, manifest.text.vocab_size,
                                      config)
+        prefetch(bundle / manifest.embedding.file)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge.from_bundle(bundle, manifest)
         self.max_length = manifest.kv.max_length

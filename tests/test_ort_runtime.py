@@ -268,3 +268,38 @@ def test_tensorrt_falls_back_to_cuda_not_cpu_and_caches_engines(tmp_path: Path,
     assert graph_cache_key(graph) == first
     graph.with_name("decoder.onnx.data").write_bytes(b"other weights")
     assert graph_cache_key(graph) != first
+
+
+def test_prefetch_reads_the_whole_file_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedding table is read through once at load (a cold row costs a disk read inside the decode loop);
+    a file that cannot be read is no error: the lookups fault the rows in themselves."""
+    import builtins
+
+    from pulse_edge.runtime.pipeline import prefetch
+
+    table = tmp_path / "embed_tokens.npy"
+    table.write_bytes(bytes(range(256)) * 100_000)  # 25.6 MB: several 8 MiB reads
+    read = []
+    real_open = builtins.open
+
+    class Counting:
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        def readinto(self, buffer: bytearray) -> int:
+            n = self.f.readinto(buffer)
+            read.append(n)
+            return n
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: Counting(real_open(*a, **k)))
+    thread = prefetch(table)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and thread.daemon
+    assert sum(read) == table.stat().st_size and read[-1] == 0
+    prefetch(tmp_path / "missing.npy").join(timeout=30)  # no exception escapes the thread
