@@ -125,7 +125,14 @@ FP16_TOLERANCE = Tolerance(max_rel_err=2e-2, min_cosine=0.999)
 QUANT_TOLERANCES = {"int8": Tolerance(max_rel_err=0.15, min_cosine=0.99),
                     "int4": Tolerance(max_rel_err=0.5, min_cosine=0.9),
                     "fp8": Tolerance(max_rel_err=0.15, min_cosine=0.99)}
-TOLERANCES = MappingProxyType({"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE, **QUANT_TOLERANCES})
+# A float graph against a bf16 reference (a model too big for fp32 here): the oracle's own rounding dominates.
+# bf16 keeps 8 mantissa bits to fp16's 11. Measured: real width, 2 layers, bf16 vs fp32 torch reference:
+# rel err 0.006; the full 7B (32 layers): the fp32 AND the fp16 graph both sit 0.0173-0.0179 from the bf16
+# reference after 5/64-position prefills (they agree with each other far more closely: the error is the
+# oracle's), 0.022 after 2950 positions, cosine >= 0.99978 everywhere.
+BF16_REFERENCE_TOLERANCE = Tolerance(max_rel_err=5e-2, min_cosine=0.999)
+TOLERANCES = MappingProxyType({"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE,
+                               "bf16_reference": BF16_REFERENCE_TOLERANCE, **QUANT_TOLERANCES})
 
 
 class VisionGraph(nn.Module):

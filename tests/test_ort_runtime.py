@@ -303,3 +303,21 @@ def test_prefetch_reads_the_whole_file_in_the_background(tmp_path: Path, monkeyp
     assert not thread.is_alive() and thread.daemon
     assert sum(read) == table.stat().st_size and read[-1] == 0
     prefetch(tmp_path / "missing.npy").join(timeout=30)  # no exception escapes the thread
+
+
+def test_a_bf16_reference_is_judged_as_an_oracle_with_its_own_error(tiny_checkpoint: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint too big for fp32 here is validated against its bf16 weights: the decoder checks use the
+    bf16-reference bound, the vision graph still the bundle's own (its reference is an fp32 copy)."""
+    import torch
+
+    import pulse_edge.export.bundle as bundle_module
+    from pulse_edge.export.onnx_vision import TOLERANCES
+
+    monkeypatch.setattr(bundle_module, "reference_dtype", lambda _checkpoint: torch.bfloat16)
+    out = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp32"))
+    validation = read_manifest(out).validation
+    assert validation["pass"] and validation["reference_dtype"] == "bfloat16"
+    assert validation["tolerance_level"] == "bf16_reference"
+    assert validation["decoder"]["tolerance"]["max_rel_err"] == TOLERANCES["bf16_reference"].max_rel_err
+    assert validation["vision"]["tolerance"]["max_rel_err"] == TOLERANCES["fp32"].max_rel_err
