@@ -63,9 +63,10 @@ ORT_CPU_ANON_BYTES_PER_WEIGHT = {"fp32": 0.0, "fp16": 0.0, "int8": 1.1, "int4": 
 # Anonymous memory validation needs beyond ORT's KV cache, per parameter: the reference's cache and
 # activations for a 2880-image-token prompt, the fp32 copy of the vision tower, the embedding table, ORT's
 # arenas and (fp16) the per-call fp32 casts. Measured on the 7B (7.06 B parameters, peaks sampled every 10 s):
-# 6.8 GiB for fp32 (KV 4.0) and 6.2 GiB for fp16 (KV 2.0): at most 4.2 GiB beyond the KV, 0.64 bytes per
-# parameter; 0.8 leaves room for what the sampling missed.
-ANON_BYTES_PER_PARAM = 0.8
+# 6.8 GiB (fp32) and 6.2 GiB (fp16) with the quick plan, 9.4 GiB (fp32) with a 2950-position decoder check
+# (KV 4.0 GiB fp32, 2.0 fp16): at most 5.4 GiB beyond the KV, 0.82 bytes per parameter; 1.0 leaves room for
+# what the sampling missed.
+ANON_BYTES_PER_PARAM = 1.0
 GRAPH_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2}  # the float graphs' mapped weights (quantized: packed, in RAM)
 
 

@@ -163,12 +163,13 @@ def test_validation_session_loads_weights_larger_than_the_machine(tmp_path: Path
 
 
 def test_the_memory_estimate_covers_what_the_7b_validations_measured() -> None:
-    """README: peak anonymous memory 6.8 GiB (fp32) and 6.2 GiB (fp16) for the full 7B at 4096 positions."""
+    """README: peak anonymous memory 9.4 GiB (fp32, with a 2950-position decoder check) and 6.2 GiB (fp16, quick
+    plan) for the full 7B at 4096 positions."""
     shape = {"layers": 32, "kv_heads": 32, "head_dim": 128, "max_context": 4096}
     fp32 = validation_anon_bytes(7_060_000_000, precision="fp32", **shape)
     fp16 = validation_anon_bytes(7_060_000_000, precision="fp16", **shape)
     assert fp32["kv_cache"] == 2 * 32 * 32 * 128 * 4096 * 4 == 2 * fp16["kv_cache"]
-    assert 6.8 * 2**30 <= fp32["total"] <= 12 * 2**30  # covers the measurement, still fits a 24 GiB machine
+    assert 9.4 * 2**30 <= fp32["total"] <= 14 * 2**30  # covers the measurement, still fits a 24 GiB machine
     assert 6.2 * 2**30 <= fp16["total"] <= 12 * 2**30
 
 
