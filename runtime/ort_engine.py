@@ -182,8 +182,10 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
     ort = _ort()
     require_provider(config)
     options = _session_options(ort, config, session_settings(config, graph_limit))
-    providers = provider_chain(config, fp16=fp16, cache_dir=default_trt_cache() / graph_cache_key(path))
-    if config.provider == "tensorrt":  # ORT creates only the last folder of the cache path
+    tensorrt = config.provider == "tensorrt"
+    providers = provider_chain(config, fp16=fp16,
+                               cache_dir=default_trt_cache() / graph_cache_key(path) if tensorrt else None)
+    if tensorrt:  # ORT creates only the last folder of the cache path
         Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     try:
         return ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
