@@ -50,6 +50,7 @@ from pulse_edge.benchmarks.bench_common import (
     markdown_table,
     num,
     paired_fraction,
+    percent,
     pp,
     roofline_entry,
     torch_threads,
@@ -324,15 +325,11 @@ def _memory_cell(meter: dict[str, Any], shared: bool) -> str:
     return f"{resident} + {working}"
 
 
-def _percent(fraction: float | None) -> str:
-    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
-
-
 def _backend_row(entry: dict[str, Any]) -> list[str]:
     meter, shared = entry["meter"], "vision_note" in entry
     return [entry["name"], pp(entry["vision_ms"]) + (" (=torch)" if shared else ""),
             pp(entry["prefill_ms"]), pp(entry["decode_tokens_per_s"], 1), num(entry["achieved_gb_s"]),
-            _percent(entry["fraction_of_bandwidth"]), _percent(entry.get("fraction_of_paired_bandwidth")),
+            percent(entry["fraction_of_bandwidth"]), percent(entry.get("fraction_of_paired_bandwidth")),
             num(entry["roofline_tokens_per_s"]),
             _memory_cell(meter, shared), f"{num(meter['cores_used'], 2)} / {num(meter['others_cores'], 2)}"]
 

@@ -40,6 +40,7 @@ from pulse_edge.benchmarks.bench_common import (
     machine_with_load,
     markdown_table,
     num,
+    percent,
     pp,
     roofline_entry,
     torch_decoder_facts,
@@ -153,10 +154,9 @@ def _settings(cfg: RecipesConfig) -> dict[str, Any]:
 
 
 def _row(e: dict[str, Any]) -> list[str]:
-    fraction = e["fraction_of_bandwidth"]
     return [e["name"], pp(e.get("vision_ms")) if e.get("vision_ms") else "-", pp(e["prefill_ms"]),
             pp(e["decode_tokens_per_s"], 1), f"{e['speedup_vs_fp32']:.2f}x", gib(e["decoder_bytes"]),
-            num(e["achieved_gb_s"]), "n/a" if fraction is None else f"{100 * fraction:.0f}%",
+            num(e["achieved_gb_s"]), percent(e["fraction_of_bandwidth"]),
             num(e["roofline_tokens_per_s"])]
 
 
