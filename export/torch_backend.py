@@ -24,7 +24,8 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint
 from pulse_edge.export.reference import PulseReference
 from pulse_edge.export.tokenizer_convert import convert_sentencepiece
-from pulse_edge.kernels import Choice, fuse_projector, projector_choice
+from pulse_edge.kernels.dispatch import Choice
+from pulse_edge.kernels.fused_module import fuse_projector, projector_choice
 from pulse_edge.runtime.conversation import Conversation
 from pulse_edge.runtime.preprocess import Preprocessed
 from pulse_edge.runtime.prompt import DEFAULT_QUESTION

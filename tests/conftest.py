@@ -64,3 +64,37 @@ def ecg_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("img") / "ecg.png"
     render_ecg(synthesize_ecg("sinus", seed=1), width_px=2200, height_px=1700).save(path)
     return path
+
+
+# The packages whose versions decide what the suite exercises; the header says which ran and whether they are
+# the tested ones of constraints.txt (the README's install command uses it).
+REPORTED_PACKAGES = ("numpy", "onnx", "onnxruntime", "torch", "transformers", "tokenizers", "triton", "pillow")
+
+
+def _pinned_versions() -> dict[str, str]:
+    path = Path(__file__).resolve().parents[1] / "constraints.txt"
+    pins = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from importlib import metadata
+
+    pins, cells, off = _pinned_versions(), [], []
+    for name in REPORTED_PACKAGES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "absent"
+        cells.append(f"{name} {version}")
+        pinned = pins.get(name)
+        if pinned and version.split("+")[0] != pinned:
+            off.append(f"{name} {version} (constraints.txt: {pinned})")
+    lines = ["pulse-edge versions: " + ", ".join(cells)]
+    lines.append("versions differ from constraints.txt: " + "; ".join(off) if off else
+                 "versions: as pinned in constraints.txt")
+    return lines

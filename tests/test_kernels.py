@@ -189,7 +189,7 @@ def test_normalize_tiles_matches_the_twin_and_the_lean_runtime(backend, dtype, g
 
 @pytest.mark.parametrize("precision", ["native", "int8", "fp8"])
 def test_fused_projector_module_runs_the_kernels(backend, precision, gen) -> None:
-    from pulse_edge.kernels import fuse_projector, unfuse_projector
+    from pulse_edge.kernels.fused_module import fuse_projector, unfuse_projector
 
     impl, device, shapes = backend
     if precision == "fp8" and device == "cuda" and cuda_capability(torch.device("cuda")) < FP8_MIN_CAPABILITY:
@@ -219,7 +219,7 @@ def test_the_interpreter_variable_does_not_leak(backend) -> None:
 @pytest.mark.gpu
 def test_torch_backend_fuses_the_projector_on_a_gpu(tiny_checkpoint, ecg_png) -> None:
     from pulse_edge.export.torch_backend import TorchPipeline
-    from pulse_edge.kernels import FusedProjector
+    from pulse_edge.kernels.fused_module import FusedProjector
     from pulse_edge.runtime.inputs import load_image
 
     pipe = TorchPipeline.from_checkpoint(tiny_checkpoint, dtype="fp16", device="cuda")

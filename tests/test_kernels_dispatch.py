@@ -15,15 +15,8 @@ from torch import nn
 
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.torch_backend import TorchPipeline, _projector
-from pulse_edge.kernels import (
-    FusedProjector,
-    dispatch,
-    fuse_projector,
-    projector_choice,
-    quant,
-    reference,
-    unfuse_projector,
-)
+from pulse_edge.kernels import dispatch, quant, reference
+from pulse_edge.kernels.fused_module import FusedProjector, fuse_projector, projector_choice, unfuse_projector
 from pulse_edge.kernels.projector import mlp2x_gelu
 
 CUDA = torch.device("cuda")

@@ -1,1 +1,0 @@
-"""Latency and accuracy benchmarks (issues 3-5); nothing here yet."""

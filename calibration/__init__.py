@@ -1,1 +1,0 @@
-"""Calibration sample sources; the synthetic 12-lead ECG generator and print renderer."""
