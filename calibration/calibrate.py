@@ -37,8 +37,8 @@ from pulse_edge.calibration.samples import (
 )
 from pulse_edge.calibration.scales import Scales, SiteScales
 from pulse_edge.errors import ConfigError
-from pulse_edge.export.checkpoint import LoadedCheckpoint, checkpoint_sha256
-from pulse_edge.runtime.tokenizer import Tokenizer
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256
+from pulse_edge.runtime.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

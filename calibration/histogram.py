@@ -19,8 +19,9 @@ from types import MappingProxyType
 import numpy as np
 
 from pulse_edge.calibration.quant_math import FP8_DTYPE
+from pulse_edge.choices import CALIBRATION_METHODS
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = CALIBRATION_METHODS
 TARGETS = ("int8", "fp8")
 DEFAULT_BINS = 2048
 # Only where a whole quantization level held no values before the clipped outliers were folded

@@ -28,7 +28,7 @@ from torch import nn
 
 from pulse_edge.calibration.histogram import AbsHistogram, ChannelStats, RowReservoir
 from pulse_edge.calibration.samples import PreparedSample
-from pulse_edge.export.reference import PulseReference
+from pulse_edge.export.model.reference import PulseReference
 
 # module name (regex) -> site name template; q_proj stands for the packed qkv, gate_proj for gate_up.
 SITE_PATTERNS: Mapping[str, str] = MappingProxyType({

@@ -1,4 +1,6 @@
-"""Precision recipes: which scheme each linear layer ("site") of a bundle gets (DESIGN §6).
+"""Precision recipes: which scheme each linear layer ("site") of a bundle gets.
+
+The recipes table is in docs/architecture.md (precision recipes).
 
 A site is one MatMul of a bundle's graphs, named the same way by calibration,
 export and the fidelity report:
@@ -33,20 +35,17 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
+from pulse_edge.choices import BLOCK_SIZES, INT4_METHODS, INT8_DECODER_MODES
 from pulse_edge.errors import ConfigError
 
 SCHEMES = ("fp", "w8", "w4", "w8a8", "fp8")
-INT4_METHODS = ("awq", "rtn")
-INT8_DECODER_MODES = MappingProxyType({"weight-only": "w8", "w8a8": "w8a8"})
-BLOCK_SIZES = (16, 32, 64, 128, 256)
+INT8_DECODER_SCHEMES = MappingProxyType(dict(zip(INT8_DECODER_MODES, ("w8", "w8a8"), strict=True)))
 # MatMulNBits accuracy_level: 0 computes in fp32 after dequantizing, 4 quantizes the activations to int8 per
 # block at run time and uses integer dot products. Measured on this 2-core Zen 5 (ORT 1.31, K 4096, N 11008,
 # one token): bits 8 at level 0 took 53-64 ms (no fast kernel) vs 0.45-0.63 ms at level 4; bits 4: 0.72 ms
 # vs 0.15 ms. Level 4 is the only usable one for int8 here.
 DEFAULT_ACCURACY_LEVEL = 4
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-# Graphs that need a newer opset than the float bundle's: float8 Q/DQ exists from opset 19.
-FP8_MIN_OPSET = 19
 FP8_COMPUTE_CAPABILITY = "8.9"
 
 
@@ -112,9 +111,9 @@ def make_recipe(precision: str, *, int8_decoder: str = "weight-only", int4_metho
                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, keep: tuple[str, ...] = ()) -> Recipe:
     """The recipe for a quantized `--precision`, with the CLI's knobs applied."""
     _check(precision, tuple(RECIPES), "quantized precision")
-    _check(int8_decoder, tuple(INT8_DECODER_MODES), "int8 decoder mode")
+    _check(int8_decoder, INT8_DECODER_MODES, "int8 decoder mode")
     base = RECIPES[precision]
-    decoder = INT8_DECODER_MODES[int8_decoder] if precision == "int8" else base.decoder
+    decoder = INT8_DECODER_SCHEMES[int8_decoder] if precision == "int8" else base.decoder
     return replace(base, decoder=decoder, int4_method=int4_method, block_size=block_size,
                    smooth_alpha=smooth_alpha, smooth=smooth, accuracy_level=accuracy_level, keep=tuple(keep))
 

@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pulse_edge.benchmarks import ecgbench_data
-from pulse_edge.benchmarks.ecgbench_subsets import SUBSETS, resolve_subset
-from pulse_edge.calibration.ecg_signals import RHYTHMS, EcgRecord, synthesize_ecg
+from pulse_edge.calibration.datasets.ecgbench import readers as ecgbench_data
+from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS, resolve_subset
 from pulse_edge.errors import ConfigError, InputError, PromptError
-from pulse_edge.runtime.inputs import load_image, load_image_bytes
-from pulse_edge.runtime.preprocess import ImageLayout, image_token_count, preprocess
-from pulse_edge.runtime.prompt import (
+from pulse_edge.runtime.ecg.synthetic import RHYTHMS, EcgRecord, synthesize_ecg
+from pulse_edge.runtime.image.preprocess import ImageLayout, image_token_count, preprocess
+from pulse_edge.runtime.inputs.images import load_image, load_image_bytes
+from pulse_edge.runtime.text.prompt import (
     IMAGE_MARKER,
     LLAVA_V1,
     PromptTemplate,
@@ -88,7 +88,7 @@ class SyntheticEcg:
         return synthesize_ecg(self.rhythm, seed=self.seed, heart_rate_bpm=float(self.heart_rate_bpm))
 
     def render(self) -> Image.Image:
-        from pulse_edge.calibration.ecg_render import render_ecg  # lazy: only synthetic samples draw
+        from pulse_edge.runtime.ecg.render import render_ecg  # lazy: only synthetic samples draw
 
         return render_ecg(self.record(), width_px=self.width_px, height_px=self.height_px)
 

@@ -35,7 +35,7 @@ IMPLS = ("auto", "triton", "interpret", "reference")
 TRITON_MISSING = "triton not installed: pip install -e .[kernels]"
 
 # Dispatch thresholds. fp16 tensor-core dots need Turing; bf16 (and so the int8 path's bf16 activations)
-# needs Ampere; fp8 E4M3 dots need Ada or Hopper (DESIGN §5: Orin and Ampere get a clear refusal).
+# needs Ampere; fp8 E4M3 dots need Ada or Hopper (docs/architecture.md, engines: Orin and Ampere get a clear refusal).
 MIN_CAPABILITY: dict[tuple[str, torch.dtype], tuple[int, int]] = {
     ("native", torch.float16): (7, 5), ("native", torch.bfloat16): (8, 0),
     ("int8", torch.float16): (7, 5), ("int8", torch.bfloat16): (8, 0),

@@ -14,7 +14,7 @@ import torch
 
 from pulse_edge.kernels import launch, reference
 from pulse_edge.kernels.dispatch import choose, kernel_source, warn_fallback
-from pulse_edge.runtime.preprocess import CLIP_MEAN, CLIP_STD
+from pulse_edge.runtime.image.preprocess import CLIP_MEAN, CLIP_STD
 
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

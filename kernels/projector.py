@@ -1,4 +1,4 @@
-"""The fused vision projector: y = W2 gelu(W1 x + b1) + b2 (LLaVA's `mlp2x_gelu`, DESIGN §1).
+"""The fused vision projector: y = W2 gelu(W1 x + b1) + b2 (LLaVA's `mlp2x_gelu`; docs/architecture.md).
 
 x [..., 1024], w1 [4096, 1024], w2 [4096, 4096] in nn.Linear layout ([out, in]); PULSE runs it on
 576 x (1 + tiles) tokens: 2880 for a typical 12-lead print.

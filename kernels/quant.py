@@ -91,7 +91,8 @@ def quantize_projector_int8(fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> Int8W
 @torch.no_grad()
 def quantize_projector_fp8(fc1: torch.nn.Linear, fc2: torch.nn.Linear, calibration: torch.Tensor) -> Fp8Weights:
     """fp8 copies of the two Linear layers and the activation scales measured on `calibration` [..., K]
-    (vision-tower features of real ECG tiles: DESIGN §6 warns against calibrating on anything else)."""
+    (vision-tower features of real ECG tiles: calibrating on anything else loses accuracy; see
+    docs/architecture.md, precision recipes)."""
     x = calibration.reshape(-1, calibration.shape[-1]).to(fc1.weight.dtype)
     h = F.gelu(F.linear(x.float(), fc1.weight.float(), fc1.bias.float()))
     w1, s1 = quantize_fp8(fc1.weight)

@@ -43,14 +43,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny PULSE checkpoint: original layout, flat merge, tower inside."""
-    from pulse_edge.export.tiny import make_tiny_checkpoint
+    from pulse_edge.export.fixtures.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint: Path):
-    from pulse_edge.export.torch_backend import TorchPipeline
+    from pulse_edge.export.model.torch_backend import TorchPipeline
 
     return TorchPipeline.from_checkpoint(tiny_checkpoint, dtype="fp32", device="cpu")
 
@@ -58,8 +58,8 @@ def tiny_pipeline(tiny_checkpoint: Path):
 @pytest.fixture(scope="session")
 def ecg_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A rendered 12-lead sinus-rhythm print, 2200x1700 (US letter at 200 dpi)."""
-    from pulse_edge.calibration.ecg_render import render_ecg
-    from pulse_edge.calibration.ecg_signals import synthesize_ecg
+    from pulse_edge.runtime.ecg.render import render_ecg
+    from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
 
     path = tmp_path_factory.mktemp("img") / "ecg.png"
     render_ecg(synthesize_ecg("sinus", seed=1), width_px=2200, height_px=1700).save(path)

@@ -51,7 +51,7 @@ names = sys.argv[1].split(",")
 for name in names:
     module = importlib.import_module(name)
     assert getattr(module, "INSTALLED", False), (name, getattr(module, "__path__", None))
-import pulse_edge.runtime.preprocess, pulse_edge.kernels.reference, pulse_edge.export.config
+import pulse_edge.runtime.image.preprocess, pulse_edge.kernels.reference, pulse_edge.export.model.config
 print("ok")
 """
 
@@ -76,7 +76,7 @@ def test_transformers_finds_its_kernels_package_from_the_repository_root() -> No
     if not _importable("kernels"):
         pytest.skip("Hugging Face's `kernels` package is not installed (transformers < 5.25)")
     code = ("import kernels, transformers; from kernels import get_kernel; "
-            "import pulse_edge.export.reference; print(kernels.__file__)")
+            "import pulse_edge.export.model.reference; print(kernels.__file__)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "site-packages" in done.stdout, done.stdout

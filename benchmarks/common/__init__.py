@@ -1,0 +1,1 @@
+"""What every benchmark shares: machine description, measurement helpers, roofline, tables, progress."""

@@ -1,0 +1,1 @@
+"""Speed benchmarks behind `pulse-edge bench`: latency, backends, recipes, the fused projector."""

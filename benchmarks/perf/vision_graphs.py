@@ -1,0 +1,43 @@
+"""Wall time of vision graphs side by side (plain vs fused, float vs quantized), interleaved per round."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from pulse_edge.export.graphs.vision import INPUT_NAME, OUTPUT_NAME
+
+CPU = ("CPUExecutionProvider",)
+
+
+def time_vision_graphs(paths: Mapping[str, Path], *, tile_counts: Sequence[int] = (1, 5), rounds: int = 5,
+                       providers: list[str] | None = None) -> dict[str, dict[int, dict[str, float]]]:
+    """Wall time (ms) of one `session.run`: {name: {tiles: {median, min, max}}} over `rounds`.
+
+    All sessions stay open and every round runs each graph once per tile count, in an
+    order rotated per round, so load from other processes spreads over all graphs
+    instead of landing on whichever ran last; the ratios are what carries over to
+    other machines, not the absolute times.
+    """
+    sessions = [(name, ort.InferenceSession(str(path), providers=list(providers or CPU)))
+                for name, path in paths.items()]
+    size = sessions[0][1].get_inputs()[0].shape[-1]
+    inputs = {tiles: np.zeros((tiles, 3, size, size), dtype=np.float32) for tiles in tile_counts}
+    for _, session in sessions:
+        for pixels in inputs.values():
+            session.run([OUTPUT_NAME], {INPUT_NAME: pixels})  # warm-up: allocations, prepacking
+    samples: dict[tuple[str, int], list[float]] = {(n, t): [] for n, _ in sessions for t in tile_counts}
+    for index in range(rounds):
+        shift = index % len(sessions)
+        for name, session in sessions[shift:] + sessions[:shift]:
+            for tiles in tile_counts:
+                start = time.perf_counter()
+                session.run([OUTPUT_NAME], {INPUT_NAME: inputs[tiles]})
+                samples[(name, tiles)].append((time.perf_counter() - start) * 1e3)
+    return {name: {t: {"median": statistics.median(samples[(name, t)]), "min": min(samples[(name, t)]),
+                       "max": max(samples[(name, t)])} for t in tile_counts} for name, _ in sessions}

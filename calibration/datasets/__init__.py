@@ -1,0 +1,1 @@
+"""Readers of the datasets that calibration and evaluation draw ECG samples from."""

@@ -1,0 +1,1 @@
+"""ECGBench: its subsets and their two on-disk layouts (parquet, JSON + images)."""

@@ -1,0 +1,261 @@
+"""Find and read ECGBench subsets in either released layout.
+
+Parquet (the Hugging Face release, one config per subset, split `test`): rows
+`id`, `image_path`, `image` (an HF image struct `{"bytes", "path"}` or raw
+bytes) and `conversations` (`[{from, value}, ...]`, question then answer).
+In a dataset snapshot they sit at `<subset>/test-*.parquet`; `data/<subset>/`
+and a flat `<subset>.parquet` are accepted too.
+
+JSON (the earlier release and the PULSE repository's `data/` folder): a list
+of `{id, image, conversations}` in `<subset>.json` (or `.jsonl`), images in an
+`images/` folder beside it, `image` being a path relative to that folder.
+
+Parquet is read a batch at a time with only the needed columns, so scoring
+never touches the image bytes of a 3 GB file, and inference holds one batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
+from pulse_edge.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+PARQUET, JSON = "parquet", "json"
+IMAGE_MARKER = "<image>"
+_BATCH_ROWS = 16  # images of a batch are held at once: ~16 x 1.5 MB for PTB-XL prints
+
+# Where a subset may sit under the data folder, first match wins; {s} is the subset name,
+# {u} the same with underscores (ptb_test.jsonl), as some copies of the data name them.
+_PARQUET_PATTERNS = ("{s}/test-*.parquet", "{s}/test/*.parquet", "{s}/*.parquet", "data/{s}/test-*.parquet",
+                     "data/{s}/*.parquet", "{s}.parquet", "data/{s}.parquet")
+_JSON_PATTERNS = ("{s}.json", "{s}.jsonl", "{u}.json", "{u}.jsonl", "data/{s}.json", "data/{s}.jsonl",
+                  "{s}/{s}.json", "{s}/{s}.jsonl", "{s}/{u}.json", "{s}/{u}.jsonl")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question and its reference answer (ECG-QA answers may be several options)."""
+
+    question: str
+    answer: str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One benchmark item; the image is decoded only when asked for."""
+
+    id: str
+    subset: str
+    turns: tuple[Turn, ...]
+    image_bytes: bytes | None = None
+    image_file: Path | None = None
+    image_name: str = ""
+
+    @property
+    def question(self) -> str:
+        return self.turns[0].question
+
+    @property
+    def answer(self) -> str | tuple[str, ...]:
+        return self.turns[0].answer
+
+    def load_image(self) -> Image.Image:
+        from pulse_edge.runtime.inputs.images import load_image, load_image_bytes
+
+        if self.image_bytes is not None:
+            return load_image_bytes(self.image_bytes, name=f"{self.subset}/{self.id} ({self.image_name})")
+        if self.image_file is None or not self.image_file.is_file():
+            raise InputError(f"{self.subset}/{self.id}: image {self.image_name!r} not found under the data folder; "
+                             "unpack the image archives into images/ beside the JSON file")
+        return load_image(self.image_file)
+
+
+@dataclass(frozen=True)
+class SubsetSource:
+    """Where one subset's records live."""
+
+    subset: str
+    layout: str  # PARQUET | JSON
+    files: tuple[Path, ...]
+    image_roots: tuple[Path, ...] = ()
+
+    def describe(self) -> str:
+        return f"{self.subset}: {self.layout} ({', '.join(str(f) for f in self.files)})"
+
+
+def question_text(value: str) -> str:
+    """The question without LLaVA's `<image>` marker (the pipeline puts the image in itself); nothing else
+    is touched, so that the model reads the very text the paper's evaluation gave it."""
+    return value.replace(IMAGE_MARKER + "\n", "").replace("\n" + IMAGE_MARKER, "").replace(IMAGE_MARKER, "")
+
+
+def discover(data_dir: str | Path) -> dict[str, SubsetSource]:
+    """Every subset present under `data_dir`, in the paper's order; parquet wins over JSON."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: the ECGBench data folder does not exist or is not a folder")
+    found: dict[str, SubsetSource] = {}
+    for name in SUBSETS:
+        source = _find_parquet(root, name) or _find_json(root, name)
+        if source is not None:
+            found[name] = source
+    return found
+
+
+def find_subset(data_dir: str | Path, subset: str) -> SubsetSource:
+    """The source of one subset, or an error that says what the folder holds instead."""
+    found = discover(data_dir)
+    if subset in found:
+        return found[subset]
+    present = ", ".join(found) or "none"
+    hint = ""
+    if (Path(data_dir) / "snapshots").is_dir():
+        hint = f"; this looks like a Hugging Face cache entry: pass {Path(data_dir) / 'snapshots'}/<revision>"
+    raise InputError(f"{data_dir}: subset {subset!r} not found (expected {subset}/test-*.parquet or {subset}.json "
+                     f"with images/); subsets present: {present}{hint}")
+
+
+def count_samples(source: SubsetSource) -> int:
+    if source.layout == PARQUET:
+        pq = _pyarrow_parquet()
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in source.files)
+    return sum(len(_json_records(f)) for f in source.files)
+
+
+def iter_samples(source: SubsetSource, *, with_images: bool = False,
+                 ids: Collection[str] | None = None) -> Iterator[Sample]:
+    """Samples in file order; `ids` restricts to those ids (their images only are read)."""
+    reader = _iter_parquet if source.layout == PARQUET else _iter_json
+    yield from reader(source, with_images, None if ids is None else frozenset(ids))
+
+
+def load_samples(source: SubsetSource, *, limit: int | None = None) -> list[Sample]:
+    """The first `limit` samples (all by default), without image bytes: enough to score."""
+    samples: list[Sample] = []
+    for sample in iter_samples(source):
+        if limit is not None and len(samples) >= limit:
+            break
+        samples.append(sample)
+    return samples
+
+
+def _find_parquet(root: Path, name: str) -> SubsetSource | None:
+    for pattern in _PARQUET_PATTERNS:
+        files = sorted(root.glob(pattern.format(s=name)))
+        if files:
+            return SubsetSource(name, PARQUET, tuple(files))
+    return None
+
+
+def _find_json(root: Path, name: str) -> SubsetSource | None:
+    for pattern in _JSON_PATTERNS:
+        path = root / pattern.format(s=name, u=name.replace("-", "_"))
+        if path.is_file():
+            roots = (path.parent / "images", path.parent, root / "images", root / "ECGBench" / "images", root)
+            return SubsetSource(name, JSON, (path,), tuple(dict.fromkeys(roots)))
+    return None
+
+
+def _pyarrow_parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ConfigError("reading ECGBench parquet files needs pyarrow: install pulse-edge[bench]") from e
+    return pq
+
+
+def _iter_parquet(source: SubsetSource, with_images: bool, ids: frozenset[str] | None) -> Iterator[Sample]:
+    pq = _pyarrow_parquet()
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = None if ids is None else pa.array(sorted(ids), pa.string())
+    for path in source.files:
+        parquet = pq.ParquetFile(path)
+        names = set(parquet.schema_arrow.names)
+        missing = {"id", "conversations"} - names
+        if missing or (with_images and "image" not in names):
+            raise InputError(f"{path}: not an ECGBench parquet file (columns {sorted(names)}; "
+                             "needs id, conversations and image)")
+        columns = ["id", "conversations"] + [c for c in ("image_path", "image") if c in names and with_images]
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+            if wanted is not None:
+                batch = batch.filter(pc.is_in(pc.cast(batch.column("id"), pa.string()), value_set=wanted))
+            for row in batch.to_pylist():
+                yield _parquet_sample(row, source.subset, path)
+
+
+def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
+    sample_id = str(row["id"])
+    turns = _turns(row["conversations"], f"{path}: {sample_id}")
+    image = row.get("image")
+    name = str(row.get("image_path") or "")
+    if isinstance(image, Mapping):  # the HF image feature: {"bytes": ..., "path": ...}
+        name = name or str(image.get("path") or "")
+        data = image.get("bytes")
+        if data is None and image.get("path"):  # an image stored by reference, beside the parquet file
+            return Sample(sample_id, subset, turns, image_file=path.parent / str(image["path"]), image_name=name)
+        image = data
+    return Sample(sample_id, subset, turns, image_bytes=image if isinstance(image, bytes) else None, image_name=name)
+
+
+def _iter_json(source: SubsetSource, with_images: bool, ids: frozenset[str] | None) -> Iterator[Sample]:
+    for path in source.files:
+        for i, record in enumerate(_json_records(path)):
+            if not isinstance(record, Mapping) or "conversations" not in record or "id" not in record:
+                raise InputError(f"{path}: record {i} is not an ECGBench item ({{id, image, conversations}})")
+            sample_id = str(record["id"])
+            if ids is not None and sample_id not in ids:
+                continue
+            turns = _turns(record["conversations"], f"{path}: {sample_id}")
+            name = record.get("image", record.get("image_path", ""))
+            name = str(name[0] if isinstance(name, list) and name else name or "")
+            image_file = _resolve_image(source.image_roots, name) if with_images else None
+            yield Sample(sample_id, source.subset, turns, image_file=image_file, image_name=name)
+
+
+def _json_records(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of {{id, image, conversations}} items")
+    return data
+
+
+def _resolve_image(roots: tuple[Path, ...], name: str) -> Path | None:
+    if not name:
+        return None
+    for root in roots:
+        candidate = root / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _turns(conversations: Any, where: str) -> tuple[Turn, ...]:
+    """Pair each human message with the gpt message that follows it."""
+    if not isinstance(conversations, list) or len(conversations) < 2:
+        raise InputError(f"{where}: conversations must hold a question and an answer")
+    turns: list[Turn] = []
+    for question, answer in zip(conversations[0::2], conversations[1::2], strict=False):
+        if not (isinstance(question, Mapping) and isinstance(answer, Mapping)):
+            raise InputError(f"{where}: each conversation entry must be {{from, value}}")
+        if question.get("from") != "human" or answer.get("from") not in ("gpt", "assistant"):
+            raise InputError(f"{where}: conversations must alternate human / gpt, starting with human")
+        value = answer.get("value")
+        gold = tuple(str(v) for v in value) if isinstance(value, list) else str(value if value is not None else "")
+        turns.append(Turn(question_text(str(question.get("value") or "")), gold))
+    return tuple(turns)

@@ -1,0 +1,319 @@
+"""`pulse-edge export`: a checkpoint in, a validated bundle out (docs/architecture.md, the bundle).
+
+    checkpoint ─ load (reference) ─┬─ vision.onnx   (tower + projector)     ─┐
+                                   ├─ decoder.onnx  (built from the weights) ├─ validate ─ manifest.json ─ rename
+                                   ├─ embed_tokens.npy                       │
+                                   └─ tokenizer.json (from tokenizer.model) ─┘
+
+Everything is written into a hidden temporary directory beside the target and
+renamed into place only after validation passed: an interrupted or failed
+export leaves nothing half-written under the bundle's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pulse_edge import __version__
+from pulse_edge.calibration.recipes import RECIPES
+from pulse_edge.errors import ConfigError, PulseEdgeError
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
+from pulse_edge.export.validate.fidelity import fidelity_report
+from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, build_decoder
+from pulse_edge.export.graphs.vision import export_vision_graph
+from pulse_edge.export.validate.tolerances import TOLERANCES
+from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
+from pulse_edge.export.quant.context import (
+    QuantContext,
+    QuantSettings,
+    check_gate,
+    held_out_samples,
+    prepare_quantization,
+)
+from pulse_edge.staging import staged_directory
+from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
+from pulse_edge.export.validate.parity import ValidationPlan, validate_decoder, validate_greedy
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.manifest import (
+    CalibrationSpec,
+    EmbeddingSpec,
+    GraphSpec,
+    KVLayout,
+    Manifest,
+    SourceSpec,
+    TextSpec,
+)
+from pulse_edge.runtime.engines.ort import SessionConfig, session_settings
+from pulse_edge.runtime.image.preprocess import image_token_count
+from pulse_edge.runtime.text.prompt import LLAVA_V1
+from pulse_edge.runtime.text.tokenizer import Tokenizer
+from pulse_edge.choices import EXPORT_PRECISIONS
+
+log = logging.getLogger(__name__)
+
+PROMPT_MARGIN = 256  # room for the question and the answer beside the image
+GREEDY_PAGES = ((2200, 1700), (1400, 700))  # a letter print (2880 image tokens), a half-page strip (1728)
+# Quantized recipes keep fp32 for what they leave unquantized (ORT's CPU EP computes in fp32 anyway); their
+# embedding table is fp16: a lookup reads a few rows, and the 7B table drops from 524 to 262 MB.
+FLOAT_BASE = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "int4": "fp32", "fp8": "fp32"}
+KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
+TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16, "fp8": np.float16}
+GREEDY_QUESTIONS = ("What is the rhythm?", "Interpret this ECG.")
+# Anonymous bytes per weight that ORT's CPU EP holds in the validation sessions (`validation_session`): the
+# float graphs' weights stay mapped from the bundle file (file pages the kernel can drop and re-read); the
+# quantized figures are the packed bytes plus scales, as the formats store them.
+ORT_CPU_ANON_BYTES_PER_WEIGHT = {"fp32": 0.0, "fp16": 0.0, "int8": 1.1, "int4": 0.6, "fp8": 1.1}
+# Anonymous memory validation needs beyond ORT's KV cache, per parameter: the reference's cache and
+# activations for a 2880-image-token prompt, the fp32 copy of the vision tower, the embedding table, ORT's
+# arenas and (fp16) the per-call fp32 casts. Measured on the 7B (7.06 B parameters, peaks sampled every 10 s):
+# 6.8 GiB (fp32) and 6.2 GiB (fp16) with the quick plan, 9.4 GiB (fp32) with a 2950-position decoder check
+# (KV 4.0 GiB fp32, 2.0 fp16): at most 5.4 GiB beyond the KV, 0.82 bytes per parameter; 1.0 leaves room for
+# what the sampling missed.
+ANON_BYTES_PER_PARAM = 1.0
+GRAPH_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2}  # the float graphs' mapped weights (quantized: packed, in RAM)
+
+
+class ExportValidationError(PulseEdgeError):
+    """An exported graph disagrees with the torch reference beyond its tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    max_context: int | None = None
+    vision_tower: Path | None = None
+    plan: ValidationPlan = field(default_factory=ValidationPlan)
+    quant: QuantSettings | None = None  # int8 / int4 / fp8: the recipe, scales and gate
+
+    def __post_init__(self) -> None:
+        if self.precision not in EXPORT_PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(EXPORT_PRECISIONS)}")
+        quantized = self.precision in RECIPES
+        if quantized != (self.quant is not None) or (self.quant and self.quant.recipe.name != self.precision):
+            raise ConfigError(f"precision {self.precision} needs {'a' if quantized else 'no'} quantization recipe")
+
+    @classmethod
+    def for_precision(cls, precision: str, **kwargs: Any) -> ExportOptions:
+        """Options with the default recipe when `precision` is a quantized one."""
+        quant = QuantSettings(RECIPES[precision]) if precision in RECIPES else None
+        return cls(precision=precision, quant=kwargs.pop("quant", quant), **kwargs)
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
+    """Export, validate, then move the bundle into place; refuses to overwrite a non-empty directory."""
+    out = Path(out)
+    with staged_directory(out, what="bundle") as work:
+        _export_into(Path(checkpoint), work, options or ExportOptions())
+    return out
+
+
+def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
+    loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=reference_dtype(checkpoint))
+    max_context = _max_context(loaded, options.max_context)
+    _check_validation_memory(loaded, options.precision, max_context)
+    model, base = loaded.model, FLOAT_BASE[options.precision]
+    shape = DecoderShape.from_config(loaded.config, max_length=max_context)
+    write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)
+    quant = (prepare_quantization(loaded, Tokenizer.from_file(work / names.TOKENIZER_FILE), options.quant, work)
+             if options.quant else None)
+    log.info("exporting the vision graph (%s)", options.precision)
+    vision = export_vision_graph(model, work, precision=base)
+    if quant:
+        vision = quant.quantize_vision(loaded, work, vision)
+    log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
+    plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
+    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
+    table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
+    np.save(work / names.EMBEDDING_FILE, table.astype(TABLE_DTYPES[options.precision]))
+    if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
+        np.save(work / names.NEWLINE_FILE, model.image_newline.detach().float().numpy())
+    calibration = quant.manifest_entry(plan, vision.matmul_schemes) if quant else None
+    manifest = _manifest(loaded, options, vision, decoder, max_context, calibration=calibration)
+    manifest.write(work)  # the candidate runtime reads it during validation
+    validation, fidelity = _validate(loaded, work, manifest, options, quant)
+    calibration = quant.manifest_entry(plan, vision.matmul_schemes, fidelity) if quant else None
+    replace(manifest, validation=validation, calibration=calibration).write(work)
+    if not validation["pass"]:
+        raise ExportValidationError(f"the exported graphs disagree with the torch reference beyond the "
+                                    f"{validation['tolerance_level']} tolerance ({failure_summary(validation)}); "
+                                    "nothing was written")
+    if quant and fidelity is not None:
+        check_gate(quant.settings.gate, fidelity)
+
+
+def failure_summary(validation: dict[str, Any]) -> str:
+    """The failed checks with their worst numbers, short enough for one line."""
+    parts = []
+    for shape in validation["vision"].get("shapes", []):
+        if not shape["pass"]:
+            parts.append(f"vision {shape['tiles']} tiles: rel err {shape['max_rel_err']:.2g}, "
+                         f"cosine {shape['cosine']:.6f}")
+    for merged in validation["vision"].get("merge", []):
+        if not merged["pass"]:
+            parts.append(f"merged image features of a {merged['image_size'][0]}x{merged['image_size'][1]} print: "
+                         f"rel err {merged['max_rel_err']:.2g}")
+    for case in validation["decoder"]["cases"]:
+        if not case["pass"]:
+            worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
+            parts.append(f"decoder after a {case['prefill_length']}-position prefill: rel err "
+                         f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
+    for run in validation["greedy"]["runs"]:
+        if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
+            parts.append(f"greedy tokens differ from token {run['first_divergence']}")
+    return "; ".join(parts[:3]) + (f"; +{len(parts) - 3} more" if len(parts) > 3 else "")
+
+
+def validation_session(precision: str) -> SessionConfig:
+    """How validation opens the bundle's graphs: so that a model as large as this machine's memory fits.
+
+    Without prepacking, ORT computes from the weights as they lie in the mapped external data file
+    (measured on 2 GiB of fp32 MatMul weights: +0 anonymous memory, +2 GiB with prepacking). An fp16 graph
+    on the CPU EP computes in fp32 behind Casts that ORT inserts; at level "all" it folds them into fp32
+    copies of every weight (1 GiB of fp16 weights: +2 GiB anonymous), at "basic" with the arena off the
+    casts run per call and their outputs are freed (+0). Casting is exact, so the numbers are the same.
+    make_session adds what every mapped session needs: no memory pattern, priority-based node order.
+    """
+    if precision == "fp16":
+        return SessionConfig(prepack=False, emulate=True, opt_level="basic", mem_arena=False)
+    return SessionConfig(prepack=False, emulate=True)
+
+
+def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: int, max_context: int,
+                          precision: str) -> dict[str, float]:
+    """The anonymous memory a validation needs: ORT's packed weights, its KV cache, the rest per parameter."""
+    kv_itemsize = np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
+    parts = {"weights": params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision],
+             "kv_cache": 2 * layers * kv_heads * head_dim * max_context * kv_itemsize,
+             "other": params * ANON_BYTES_PER_PARAM}
+    return {**parts, "total": sum(parts.values())}
+
+
+def _check_validation_memory(loaded: LoadedCheckpoint, precision: str, max_context: int) -> None:
+    """Refuse before writing anything when validation cannot run in this machine's memory.
+
+    What must fit is the anonymous memory (validation_anon_bytes). Mapped weights (the 16-bit reference,
+    the float graphs) need not fit beside each other: the kernel re-reads their pages from disk, which is
+    slow but finishes.
+    """
+    text = loaded.config.text
+    params = sum(p.numel() for p in loaded.model.parameters())
+    need = validation_anon_bytes(params, layers=text.num_layers, kv_heads=text.num_kv_heads,
+                                 head_dim=text.head_dim, max_context=max_context, precision=precision)
+    available = mem_available_bytes()
+    if available is not None and need["total"] > available:
+        raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
+                          f"{need['total'] / 2**30:.1f} GiB of memory (weights {need['weights'] / 2**30:.1f}, KV "
+                          f"cache {need['kv_cache'] / 2**30:.1f} for {max_context} positions) but "
+                          f"{available / 2**30:.1f} GiB is available; export with a smaller --max-context or on "
+                          "a machine with more memory")
+    mapped = params * (loaded.model.dtype.itemsize + GRAPH_BYTES_PER_WEIGHT.get(precision, 0))
+    if available is not None and mapped > available:
+        log.warning("the reference's and the graph's weights (%.0f GiB) exceed the free memory (%.0f GiB): "
+                    "validation re-reads them from disk and takes a while", mapped / 2**30, available / 2**30)
+
+
+def reference_dtype(checkpoint: Path) -> torch.dtype:
+    """fp32 when it fits with room to spare, else the checkpoint's own dtype (its files map in place)."""
+    index = checkpoint / "model.safetensors.index.json"
+    total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.is_file() else None
+    available = mem_available_bytes()
+    if total is None or available is None or total * 2 < 0.4 * available:
+        return torch.float32
+    return torch.bfloat16
+
+
+def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:
+    """The KV length: at most the model's positions, at least the smallest image plus a short exchange."""
+    limit = loaded.config.text.max_position_embeddings
+    layout = loaded.config.image
+    smallest = min(image_token_count((w, h), layout) for w, h in layout.grid_pinpoints)
+    value = limit if asked is None else asked
+    if not smallest + PROMPT_MARGIN <= value <= limit:
+        raise ConfigError(f"--max-context must be between {smallest + PROMPT_MARGIN} (the smallest image takes "
+                          f"{smallest} tokens) and the model's {limit}, got {value}")
+    return value
+
+
+def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions,
+              quant: QuantContext | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    from pulse_edge.runtime.ecg.render import render_ecg
+    from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
+    from pulse_edge.export.model.torch_backend import TorchPipeline
+    from pulse_edge.runtime.pipeline import Pipeline
+    from pulse_edge.runtime.text.tokenizer import Tokenizer
+
+    model, reference_dtype = loaded.model, loaded.model.dtype
+    room = manifest.kv.max_length - PROMPT_MARGIN
+    pages = [p for p in GREEDY_PAGES if image_token_count(p, manifest.image) <= room][:1] or [GREEDY_PAGES[-1]]
+    # a bf16 oracle is itself ~2e-2 off at 32 layers (see BF16_REFERENCE_TOLERANCE); a quantized graph's own
+    # error is larger than that. The vision graph is always checked against an fp32 copy of its tower.
+    level = options.precision if reference_dtype == torch.float32 or quant else "bf16_reference"
+    log.info("validating the vision graph against the %s reference", str(reference_dtype).removeprefix("torch."))
+    vision = validate_vision_graph(model, work / manifest.graphs[names.VISION].file,
+                                   tolerance=TOLERANCES[options.precision])
+    session = validation_session(options.precision)
+    log.info("validating the decoder graph at prefill lengths %s", list(options.plan.prefill_lengths))
+    decoder = validate_decoder(model.language_model, work, manifest.graphs[names.DECODER], manifest.kv,
+                               precision=level, plan=options.plan, session=session)
+    reference = TorchPipeline(loaded, Tokenizer.from_file(work / manifest.tokenizer))
+    images = [render_ecg(synthesize_ecg(rhythm, seed=7), width_px=pages[0][0], height_px=pages[0][1])
+              for rhythm in ("sinus", "afib")]
+    pairs = [(image, question) for image in images for question in GREEDY_QUESTIONS][:options.plan.greedy_runs]
+    candidate = Pipeline.from_bundle(work, session=session)
+    log.info("validating greedy generation on %d rendered ECG(s) of %dx%d", len(pairs), *pages[0])
+    vision["merge"] = [_merge_parity(model, candidate, image, TOLERANCES[level]) for image in images]
+    vision["pass"] = bool(vision.get("pass") and all(m["pass"] for m in vision["merge"]))
+    greedy = validate_greedy(reference, candidate, pairs, tokens=options.plan.greedy_tokens,
+                             require_equal=level == "fp32")
+    fidelity = None
+    if quant is not None:
+        samples, prepared = held_out_samples(quant, loaded, reference.tokenizer)
+        float_bytes = sum(p.numel() for p in model.parameters()) * 4
+        fidelity = fidelity_report(reference, candidate, samples, prepared, float_bytes=float_bytes)
+    return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "tolerance_level": level,
+            "ort_session": session_settings(session, manifest.graphs[names.DECODER].opt_level_limit),
+            "vision": vision, "decoder": decoder, "greedy": greedy,
+            "pass": bool(vision.get("pass") and decoder["pass"] and greedy["pass"])}, fidelity
+
+
+def _merge_parity(model: Any, candidate: Any, image: Any, tolerance: Any) -> dict[str, Any]:
+    """The runtime's merged image features (vision graph + its numpy merge) against the reference's
+    merge on a whole print: greedy tokens of a tiny random model can miss a merge bug (a zeroed
+    image_newline left them unchanged), a feature comparison cannot."""
+    from pulse_edge.runtime.image.preprocess import preprocess
+
+    pre = preprocess(image, candidate.manifest.image)
+    with torch.inference_mode():
+        features = model.vision_features(torch.from_numpy(pre.pixel_values)).float()
+        ref = model.merge(features, image.size).float().numpy()  # [T, H]
+    got = candidate.engine.image_features(pre)
+    return {"image_size": list(image.size), **compare_features(ref[None], got[None], tolerance)}
+
+
+def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpec, decoder: GraphSpec,
+              max_context: int, calibration: CalibrationSpec | None) -> Manifest:
+    cfg = loaded.config
+    text = cfg.text
+    table_dtype = np.dtype(TABLE_DTYPES[options.precision]).name
+    return Manifest(
+        version=names.MANIFEST_VERSION, precision=options.precision,
+        graphs={names.VISION: vision, names.DECODER: decoder},
+        kv=KVLayout(layers=text.num_layers, kv_heads=text.num_kv_heads, head_dim=text.head_dim,
+                    dtype=KV_DTYPES[FLOAT_BASE[options.precision]], max_length=max_context),
+        text=TextSpec(hidden_size=text.hidden_size, vocab_size=text.vocab_size, bos_id=text.bos_id,
+                      eos_id=text.eos_id, max_position_embeddings=text.max_position_embeddings),
+        embedding=EmbeddingSpec(file=names.EMBEDDING_FILE, dtype=table_dtype,
+                                shape=(text.vocab_size, text.hidden_size)),
+        image=cfg.image, prompt=LLAVA_V1, tokenizer=names.TOKENIZER_FILE,
+        source=SourceSpec(checkpoint=str(loaded.root.resolve()), layout=cfg.layout,
+                          sha256=checkpoint_sha256(loaded.root), vision_tower=cfg.vision_tower_name),
+        created_by=f"pulse-edge {__version__}", calibration=calibration,
+        image_newline=names.NEWLINE_FILE if loaded.model.image_newline is not None else None,
+    )

@@ -1,0 +1,229 @@
+"""A checkpoint's config.json, parsed into one frozen description of the model.
+
+Two layouts are read:
+
+- `llava`: the original LLaVA format PULSE-7B ships in (`model_type: llava_llama`,
+  LLaMA fields at the top level, `mm_*` fields for the vision side, the tower named
+  by `mm_vision_tower`). Grid pinpoints are (width, height), as LLaVA reads them.
+- `llava_next`: transformers' format (`model_type: llava_next`, `text_config`,
+  `vision_config`). Its pinpoints are (height, width), as transformers reads them;
+  they are swapped on the way in, so `ImageLayout` always holds (width, height).
+  transformers always unpads and inserts `image_newline`, so that is its merge.
+
+Every setting pulse-edge does not implement is refused here with one line that
+names the allowed values, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pulse_edge.errors import CheckpointError
+from pulse_edge.runtime.image.preprocess import CLIP_MEAN, CLIP_STD, ImageLayout
+
+SUPPORTED = {
+    "model_type": ("llava_llama", "llava_next"),
+    "mm_projector_type": ("mlp2x_gelu",),
+    "mm_patch_merge_type": ("flat", "spatial_unpad"),
+    "image_aspect_ratio": ("anyres",),
+    "mm_vision_select_feature": ("patch",),
+    "vision_feature_select_strategy": ("default",),
+    "projector_hidden_act": ("gelu",),
+    "text_model_type": ("llama",),
+    "hidden_act": ("silu",),
+}
+
+# The vision towers LLaVA-1.6 names, with their architecture (facts from their
+# public configs), so a checkpoint that carries the tower's weights but only
+# names its architecture can be built without the hub.
+KNOWN_TOWERS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14-336": {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    },
+    "openai/clip-vit-large-patch14": {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    },
+}
+
+
+def check_allowed(key: str, value: Any, *, source: str) -> None:
+    allowed = SUPPORTED[key]
+    if value not in allowed:
+        raise CheckpointError(
+            f"{source}: {key} = {value!r} is not supported; pulse-edge runs {', '.join(map(repr, allowed))}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The LLaMA decoder (Vicuna-7B for PULSE)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], *, source: str) -> TextConfig:
+        check_allowed("hidden_act", d.get("hidden_act", "silu"), source=source)
+        rope = d.get("rope_parameters") or {}
+        if d.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"{source}: RoPE scaling is not supported (PULSE uses plain RoPE)")
+        try:
+            return cls(
+                hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]), num_heads=int(d["num_attention_heads"]),
+                num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+                vocab_size=int(d["vocab_size"]), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                bos_id=int(d.get("bos_token_id", 1) or 1), eos_id=int(d.get("eos_token_id", 2) or 2),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{source}: the decoder config lacks {e.args[0]!r}") from e
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The CLIP ViT tower; `select_layer` indexes its hidden states as LLaVA does (-2)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    select_layer: int = -2
+
+    @property
+    def layers_used(self) -> int:
+        """How many encoder layers the features need: hidden_states[k] is the output of layer k."""
+        n = self.num_layers + 1 + self.select_layer if self.select_layer < 0 else self.select_layer
+        if not 1 <= n <= self.num_layers:
+            raise CheckpointError(f"vision select layer {self.select_layer} is out of range for "
+                                  f"{self.num_layers} layers")
+        return n
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], *, select_layer: int, source: str) -> VisionConfig:
+        if "vision_config" in d:  # a full CLIPModel config
+            d = d["vision_config"]
+        try:
+            return cls(
+                hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]), num_heads=int(d["num_attention_heads"]),
+                image_size=int(d["image_size"]), patch_size=int(d["patch_size"]),
+                hidden_act=str(d.get("hidden_act", "quick_gelu")), layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
+                select_layer=select_layer,
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{source}: the vision-tower config lacks {e.args[0]!r}") from e
+
+
+@dataclass(frozen=True)
+class PulseConfig:
+    """Everything about a checkpoint that the reference model and the exporter need."""
+
+    layout: str  # "llava" | "llava_next"
+    text: TextConfig
+    vision: VisionConfig | None  # None until the tower's architecture is resolved
+    vision_tower_name: str
+    mm_hidden_size: int
+    image: ImageLayout
+    select_layer: int = -2
+
+    def with_vision(self, vision: VisionConfig) -> PulseConfig:
+        if vision.hidden_size != self.mm_hidden_size:
+            raise CheckpointError(f"the vision tower's width {vision.hidden_size} does not match the projector "
+                                  f"input mm_hidden_size {self.mm_hidden_size}")
+        if vision.image_size != self.image.tile_size or vision.patch_size != self.image.patch_size:
+            expected = f"{self.image.tile_size}/{self.image.patch_size}"
+            raise CheckpointError(f"the vision tower takes {vision.image_size}px images in {vision.patch_size}px "
+                                  f"patches, but the image layout expects {expected}")
+        return replace(self, vision=vision)
+
+
+def read_config(checkpoint: Path) -> PulseConfig:
+    """Parse `checkpoint/config.json` in either layout (the vision side may stay unresolved)."""
+    path = checkpoint / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint} is not a checkpoint: it has no config.json")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({e})") from e
+    model_type = d.get("model_type")
+    check_allowed("model_type", model_type, source=str(path))
+    parse = _parse_llava if model_type == "llava_llama" else _parse_llava_next
+    return parse(d, str(path))
+
+
+def _pinpoints(raw: Any, *, swap: bool, source: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: image_grid_pinpoints must be a list of [w, h] pairs, got {raw!r}") from e
+    return tuple((b, a) for a, b in pairs) if swap else pairs
+
+
+def _parse_llava(d: Mapping[str, Any], source: str) -> PulseConfig:
+    for key in ("mm_projector_type", "mm_patch_merge_type", "image_aspect_ratio", "mm_vision_select_feature"):
+        default = {"mm_patch_merge_type": "flat", "mm_vision_select_feature": "patch"}.get(key)
+        check_allowed(key, d.get(key, default), source=source)
+    if d.get("mm_use_im_start_end") or d.get("mm_use_im_patch_token"):
+        raise CheckpointError(f"{source}: mm_use_im_start_end / mm_use_im_patch_token are not supported "
+                              "(PULSE uses neither)")
+    if "mm_vision_tower" not in d or "mm_hidden_size" not in d:
+        raise CheckpointError(f"{source}: a llava_llama config needs mm_vision_tower and mm_hidden_size")
+    select_layer = int(d.get("mm_vision_select_layer", -2))
+    tile = _tile_size(d.get("mm_vision_tower"))
+    image = ImageLayout(tile_size=tile, patch_size=14,
+                        grid_pinpoints=_pinpoints(d.get("image_grid_pinpoints"), swap=False, source=source),
+                        image_mean=CLIP_MEAN, image_std=CLIP_STD, merge=d.get("mm_patch_merge_type", "flat"))
+    return PulseConfig(layout="llava", text=TextConfig.from_hf(d, source=source), vision=None,
+                       vision_tower_name=str(d["mm_vision_tower"]), mm_hidden_size=int(d["mm_hidden_size"]),
+                       image=image, select_layer=select_layer)
+
+
+def _tile_size(tower_name: Any) -> int:
+    """Tile size before the tower is resolved; corrected by `with_vision` if the tower says otherwise."""
+    known = KNOWN_TOWERS.get(str(tower_name))
+    return int(known["image_size"]) if known else 336
+
+
+def _parse_llava_next(d: Mapping[str, Any], source: str) -> PulseConfig:
+    text_d, vision_d = d.get("text_config") or {}, d.get("vision_config") or {}
+    check_allowed("text_model_type", text_d.get("model_type", "llama"), source=source)
+    check_allowed("vision_feature_select_strategy", d.get("vision_feature_select_strategy", "default"), source=source)
+    check_allowed("projector_hidden_act", d.get("projector_hidden_act", "gelu"), source=source)
+    select_layer = d.get("vision_feature_layer", -2)
+    if not isinstance(select_layer, int):
+        raise CheckpointError(f"{source}: vision_feature_layer must be one layer index, got {select_layer!r}")
+    vision = VisionConfig.from_hf(vision_d, select_layer=select_layer, source=source)
+    image = ImageLayout(tile_size=vision.image_size, patch_size=vision.patch_size,
+                        grid_pinpoints=_pinpoints(d.get("image_grid_pinpoints"), swap=True, source=source),
+                        image_mean=CLIP_MEAN, image_std=CLIP_STD, merge="spatial_unpad")
+    cfg = PulseConfig(layout="llava_next", text=TextConfig.from_hf(text_d, source=source), vision=None,
+                      vision_tower_name=str(vision_d.get("_name_or_path", "llava_next.vision_config")),
+                      mm_hidden_size=vision.hidden_size, image=image, select_layer=select_layer)
+    return cfg.with_vision(vision)

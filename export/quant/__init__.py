@@ -1,0 +1,1 @@
+"""Applying a quantization recipe: scales into quantized weights and graphs, settings, the accuracy gate."""

@@ -1,0 +1,1 @@
+"""Validation of exported graphs: parity with the torch reference, greedy tokens, fidelity against fp32."""

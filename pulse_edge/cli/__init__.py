@@ -1,0 +1,1 @@
+"""The command line: every `pulse-edge` command, each thin over the library."""

@@ -1,0 +1,173 @@
+"""`pulse-edge bench ...`: latency of one model on ECG prints, and the backends side by side.
+
+Registered in the main CLI with `main.add_command(bench_group)`. Only the
+standard library, click and pulse_edge.errors are imported here, so that
+`pulse-edge --help` stays fast; each command imports numpy, torch or
+onnxruntime when it runs. User errors are `PulseEdgeError`s: one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pulse_edge.benchmarks.common.output import progress, write_json
+from pulse_edge.choices import BACKENDS, PROVIDERS
+from pulse_edge.cli.group import UserErrorGroup
+
+_DEFAULT_SIZES = "2200x1700,3300x2550,3508x2480"  # letter 200 dpi, letter 300 dpi, A4 300 dpi
+
+
+@click.group("bench", cls=UserErrorGroup)
+def bench_group() -> None:
+    """Latency and throughput: one model on ECG prints, or the backends side by side (the memory-bandwidth roofline)."""
+
+
+@bench_group.command("latency")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="A bundle (ONNX Runtime) or a checkpoint (torch reference).")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per size.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--sizes", default=_DEFAULT_SIZES, show_default=True,
+              help="ECG print sizes WIDTHxHEIGHT in pixels, comma-separated.")
+@click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: ort for a bundle, torch for a checkpoint.")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
+              help="ort backend: execution provider.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Intra-op threads (0 = one per core).")
+@click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Array size for the memory bandwidth measurement (far above the caches).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Write latency.md, latency.json and latency.png (the per-stage breakdown) into this directory.")
+def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new_tokens: int, backend: str,
+                    provider: str, threads: int, bandwidth_mib: int, json_path: Path | None,
+                    report_dir: Path | None) -> None:
+    """Preprocess, vision, time to first token, decode tok/s (p50/p95) on rendered 12-lead prints,
+    beside the memory-bandwidth roofline measured on this machine."""
+    from pulse_edge.benchmarks.perf.latency import LatencyConfig, latency_table, parse_sizes, run_latency
+
+    if report_dir is not None:
+        from pulse_edge.benchmarks.common.plots import require_plotting
+
+        require_plotting()  # fail before a long run, not after it
+    config = LatencyConfig(model=model_dir, runs=runs, warmup=warmup, sizes=parse_sizes(sizes),
+                           max_new_tokens=max_new_tokens, backend=backend, provider=provider, threads=threads,
+                           bandwidth_bytes=bandwidth_mib * 2**20)
+    report = run_latency(config, progress=progress)
+    table = latency_table(report)
+    click.echo(table)
+    write_json(json_path, report)
+    if report_dir is not None:
+        from pulse_edge.benchmarks.perf.latency_report import write_latency_report
+
+        for path in write_latency_report(report_dir, report, table):
+            click.echo(f"wrote {path}", err=True)
+
+
+@bench_group.command("backends")
+@click.option("--width", type=click.Choice(["tiny", "real"]), default="tiny", show_default=True,
+              help="real: hidden 4096 and the full CLIP tower, with --layers decoder layers.")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True, help="Decoder layers.")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Timed runs per measurement [default: 5 tiny, 3 real].")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--context", type=click.IntRange(min=2), default=3000, show_default=True,
+              help="Positions of context for the decode measurement.")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=None,
+              help="Decode steps per timed run [default: 32 tiny, 16 real].")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Keep the made checkpoint and bundle here and reuse them [default: a temp dir, removed].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Intra-op threads for torch and ORT (0 = one per core).")
+@click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Array size for the memory bandwidth measurement.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def backends_command(width: str, layers: int, runs: int | None, warmup: int, context: int,
+                     decode_tokens: int | None, work: Path | None, threads: int, bandwidth_mib: int,
+                     json_path: Path | None) -> None:
+    """transformers generate vs the torch reference vs ONNX Runtime on the same random PULSE-shaped model,
+    in one process: vision, prefill, decode tok/s, achieved bandwidth, peak RSS, pipeline overhead."""
+    from pulse_edge.benchmarks.perf.backends import BackendsConfig, backends_table, run_backends
+
+    config = BackendsConfig(width=width, layers=layers, runs=runs, warmup=warmup, context=context,
+                            decode_tokens=decode_tokens, work=work, threads=threads,
+                            bandwidth_bytes=bandwidth_mib * 2**20)
+    progress(f"{width} width, {layers} decoder layers: {config.timed_runs} timed runs after {warmup} warm-up, "
+              f"{config.steps} decode steps at {context} positions")
+    report = run_backends(config, progress=progress)
+    click.echo(backends_table(report))
+    write_json(json_path, report)
+
+
+@bench_group.command("projector")
+@click.option("--tokens", default="576,2880,14400", show_default=True,
+              help="Token counts T, comma-separated: 576 per tile; 2880 is one 12-lead print.")
+@click.option("--precisions", default="bf16,int8,fp8", show_default=True,
+              help="bf16, int8 (weight-only), fp8 (E4M3, compute capability >= 8.9).")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed calls per cell.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Untimed calls first (autotuning and torch.compile happen here).")
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="Also time torch.compile of the eager projector.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def projector_command(tokens: str, precisions: str, runs: int, warmup: int, compile_: bool,
+                      json_path: Path | None) -> None:
+    """The fused Triton vision projector vs torch eager vs torch.compile on this CUDA GPU: median time,
+    TFLOP/s, GB/s, and their fraction of the bf16 matmul peak and copy bandwidth measured in the same run."""
+    from pulse_edge.benchmarks.perf.projector import (
+        PRECISIONS,
+        ProjectorBenchConfig,
+        parse_list,
+        parse_tokens,
+        projector_table,
+        require_gpu,
+        run_projector_bench,
+    )
+
+    config = ProjectorBenchConfig(tokens=parse_tokens(tokens), precisions=parse_list(precisions, PRECISIONS),
+                                  runs=runs, warmup=warmup, compile=compile_)
+    require_gpu()  # before anything else: one line, no numbers
+    report = run_projector_bench(config, progress=progress)
+    click.echo(projector_table(report))
+    write_json(json_path, report)
+
+
+@bench_group.command("recipes")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True, help="Decoder layers.")
+@click.option("--width", type=click.Choice(["tiny", "real"]), default="real", show_default=True)
+@click.option("--recipes", default="int8,int8-w8a8,int4", show_default=True,
+              help="Comma-separated: int8 (weight-only decoder), int8-w8a8 (SmoothQuant), int4 (AWQ).")
+@click.option("--runs", type=click.IntRange(min=1), default=None, help="Timed runs [default: 5 tiny, 3 real].")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--context", type=click.IntRange(min=2), default=3000, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--no-transformers", is_flag=True, help="Leave transformers generate out (saves its fp32 copy).")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Keep the made checkpoint and bundles here and reuse them [default: a temp dir, removed].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def recipes_command(layers: int, width: str, recipes: str, runs: int | None, warmup: int, context: int,
+                    decode_tokens: int | None, calibration_samples: int, no_transformers: bool, work: Path | None,
+                    threads: int, json_path: Path | None) -> None:
+    """fp32 vs int8 vs int8 W8A8 vs int4 bundles (and transformers generate) on one random PULSE-shaped model,
+    in one process: vision, prefill, decode tok/s, achieved bandwidth."""
+    from pulse_edge.benchmarks.perf.backends import BackendsConfig
+    from pulse_edge.benchmarks.perf.recipes import RECIPES, RecipesConfig, recipes_table, run_recipes
+    from pulse_edge.errors import ConfigError
+
+    chosen = tuple(r.strip() for r in recipes.split(",") if r.strip())
+    unknown = [r for r in chosen if r not in RECIPES]
+    if unknown:
+        raise ConfigError(f"--recipes: {', '.join(unknown)} not one of {', '.join(RECIPES)}")
+    base = BackendsConfig(width=width, layers=layers, runs=runs, warmup=warmup, context=context,
+                          decode_tokens=decode_tokens, work=work, threads=threads)
+    report = run_recipes(RecipesConfig(base=base, recipes=chosen, calibration_samples=calibration_samples,
+                                       transformers=not no_transformers), progress=progress)
+    click.echo(recipes_table(report))
+    write_json(json_path, report)

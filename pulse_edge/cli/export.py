@@ -1,0 +1,142 @@
+"""`pulse-edge export` and its quantization options.
+
+Heavy imports (torch, transformers) stay inside the command.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pulse_edge.choices import (
+    BLOCK_SIZE_CHOICES,
+    DEFAULT_BLOCK_SIZE,
+    EXPORT_PRECISIONS,
+    INT4_METHODS,
+    INT8_DECODER_MODES,
+    VALIDATION_PLANS,
+)
+
+
+def _alpha(value: str) -> tuple[bool, float | None]:
+    """--smooth-alpha: (smooth?, alpha); 'auto' searches alpha per site, 'off' is plain W8A8."""
+    if value in ("auto", "off"):
+        return value == "auto", None
+    try:
+        return True, float(value)
+    except ValueError as e:
+        from pulse_edge.errors import ConfigError
+
+        raise ConfigError(f"--smooth-alpha must be 'auto', 'off' or a number in [0, 1], got {value!r}") from e
+
+
+def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The export options that only int8 / int4 / fp8 use."""
+    options = [
+        click.option("--scales", type=click.Path(path_type=Path), default=None,
+                     help="A scales file from `pulse-edge calibrate` (default: calibrate on synthetic ECGs now)."),
+        click.option("--calibration-samples", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Synthetic samples to calibrate on when no --scales is given."),
+        click.option("--int8-decoder", type=click.Choice(INT8_DECODER_MODES), default="weight-only",
+                     show_default=True, help="int8: weight-only decoder, or W8A8 with SmoothQuant."),
+        click.option("--smooth-alpha", default="auto", show_default=True,
+                     help="SmoothQuant migration strength; auto = chosen per layer on the samples; off = plain W8A8."),
+        click.option("--int4-method", type=click.Choice(INT4_METHODS), default="awq", show_default=True,
+                     help="awq: activation-aware scaling from the scales file; rtn: plain rounding."),
+        click.option("--block-size", type=click.Choice(BLOCK_SIZE_CHOICES), default=str(DEFAULT_BLOCK_SIZE),
+                     show_default=True, help="Block size of the block-wise int4/int8 weights."),
+        click.option("--keep", default="", help="Sites kept at fp32, comma-separated prefixes "
+                                                "(e.g. lm_head,layers.0,projector; vision = the whole vision graph)."),
+        click.option("--held-out", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Held-out samples for the fidelity report."),
+        click.option("--accuracy-gate", default=None,
+                     help="Refuse the bundle below these, e.g. 'cosine>=0.99,kl<=0.05,agreement>=0.8'."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def quant_settings(precision: str, scales: Path | None, calibration_samples: int, int8_decoder: str,
+                   smooth_alpha: str, int4_method: str, block_size: str, keep: str, held_out: int,
+                   accuracy_gate: str | None) -> Any:
+    """QuantSettings for a quantized precision, None for a float one."""
+    from pulse_edge.calibration.fidelity import AccuracyGate
+    from pulse_edge.calibration.recipes import RECIPES, make_recipe, parse_keep
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.export.quant.context import QuantSettings
+
+    if precision not in RECIPES:
+        return None
+    try:
+        gate = AccuracyGate.from_string(accuracy_gate) if accuracy_gate else None
+    except ValueError as e:
+        raise ConfigError(f"--accuracy-gate: {e}") from e
+    smooth, alpha = _alpha(smooth_alpha)
+    recipe = make_recipe(precision, int8_decoder=int8_decoder, int4_method=int4_method, block_size=int(block_size),
+                         smooth_alpha=alpha, smooth=smooth, keep=parse_keep(keep))
+    return QuantSettings(recipe=recipe, scales=scales, calibration_samples=calibration_samples, held_out=held_out,
+                         gate=gate)
+
+
+def print_fidelity(bundle: Path) -> None:
+    """The fidelity report of a quantized bundle, from its manifest (nothing for a float bundle)."""
+    from pulse_edge.calibration.fidelity import format_table
+    from pulse_edge.runtime.bundle.manifest import read_manifest
+
+    calibration = read_manifest(bundle).calibration
+    if calibration is None or not calibration.fidelity:
+        return
+    report = calibration.fidelity
+    summary = {k: f"{float(v):.4g}" for k, v in report["summary"].items()}  # "inf"/"nan" strings read back
+    click.echo(f"fidelity against the fp32 torch reference on {len(report['held_out'])} held-out samples "
+               f"(scales: {calibration.scales_source}):")
+    click.echo(format_table([summary], list(summary)))
+    sizes = report["sizes"]
+    click.echo(f"size on disk: {sizes['total'] / 2**20:.1f} MiB ({float(report['summary']['size_ratio']):.2f} of fp32 "
+               f"weights, {report['float_bytes'] / 2**20:.1f} MiB)")
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="The bundle directory to create (must not exist or be empty).")
+@click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32",
+              show_default=True, help="int8 / int4 / fp8: quantized recipes (see the options below and the README).")
+@click.option("--max-context", type=int, default=None,
+              help="KV cache length in positions (default: the model's 4096).")
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None,
+              help="A local CLIP vision tower directory; takes precedence over the tower named in the config.")
+@click.option("--validation", type=click.Choice(VALIDATION_PLANS), default="standard", show_default=True,
+              help="quick: short prefills only (the full 7B in fp32 on a small CPU).")
+@quant_options
+def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | None, vision_tower: Path | None,
+               validation: str, **quant: Any) -> None:
+    """Export a checkpoint to a validated bundle (ONNX graphs, tokenizer.json, manifest.json)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+    from pulse_edge.export.validate.parity import ValidationPlan
+
+    plan = ValidationPlan() if validation == "standard" else ValidationPlan.quick()
+    options = ExportOptions(precision=precision, max_context=max_context, vision_tower=vision_tower, plan=plan,
+                            quant=quant_settings(precision, **quant))
+    exporter_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = exporter_log.level
+    try:
+        # torch's exporter warns about torchvision ops and trips its own pytree deprecation:
+        # nothing a user exporting PULSE can act on.
+        exporter_log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            path = export_bundle(checkpoint, out, options)
+    finally:
+        exporter_log.setLevel(level)
+    print_fidelity(path)
+    click.echo(f"wrote {precision} bundle to {path} (validated against the torch reference)")

@@ -1,0 +1,63 @@
+"""`pulse-edge make-tiny` and `pulse-edge render-ecg`: a random PULSE-shaped checkpoint, a synthetic ECG print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pulse_edge.choices import CHECKPOINT_LAYOUTS, MERGES, RHYTHMS, TOWER_PLACEMENTS
+
+
+@click.command("make-tiny")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--merge", type=click.Choice(MERGES), default="flat", show_default=True,
+              help="flat is PULSE's layout; spatial_unpad adds image_newline (LLaVA-1.6 default).")
+@click.option("--tower", type=click.Choice(TOWER_PLACEMENTS), default="inside", show_default=True,
+              help="separate: the checkpoint only names its tower; pass --vision-tower DIR/clip-vision-tower.")
+@click.option("--layout", type=click.Choice(CHECKPOINT_LAYOUTS), default="llava", show_default=True,
+              help="llava: PULSE's original format; llava_next: transformers' format.")
+@click.option("--full-shape", is_flag=True,
+              help="Real PULSE-7B shapes (random, ~14 GB in bf16) for memory and speed tests.")
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="Override the decoder's layer count (e.g. --full-shape --layers 2: real width, 2 layers).")
+@click.option("--outliers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Hidden dims whose q/k/v and gate/up inputs get outlier activations (function-preserving), "
+                   "as trained LLMs have; for testing quantization.")
+@click.option("--outlier-scale", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
+              help="How many times larger the outlier dims' activations are.")
+def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, full_shape: bool,
+              layers: int | None, outliers: int, outlier_scale: float) -> None:
+    """Write a random PULSE-shaped checkpoint (original LLaVA layout) with a real SentencePiece tokenizer."""
+    import torch
+
+    from pulse_edge.export.fixtures.tiny import TinySpec, make_tiny_checkpoint
+
+    spec = TinySpec(seed=seed, merge=merge, tower=tower, layout=layout, full_shape=full_shape,
+                    dtype=torch.bfloat16 if full_shape else torch.float32, layers=layers, outliers=outliers,
+                    outlier_scale=outlier_scale)
+    path = make_tiny_checkpoint(out_dir, spec)
+    click.echo(f"wrote {'full-shape' if full_shape else 'tiny'} random checkpoint to {path}")
+
+
+@click.command("render-ecg")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--rhythm", type=click.Choice(RHYTHMS), default="sinus", show_default=True,
+              help="The rhythm the synthetic signal has (its labels go to stdout).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", default="2200x1700", show_default=True, help="WIDTHxHEIGHT in pixels (200 dpi letter).")
+@click.option("--header", default=None, help="Header text printed at the top.")
+def render_ecg(out: Path, rhythm: str, seed: int, size: str, header: str | None) -> None:
+    """Render a synthetic 12-lead ECG print with a known rhythm to a PNG."""
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.runtime.ecg.render import render_ecg as render
+    from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError as e:
+        raise ConfigError(f"--size must look like 2200x1700, got {size!r}") from e
+    record = synthesize_ecg(rhythm, seed=seed)
+    render(record, width_px=width, height_px=height, header=header).save(out)
+    click.echo(f"wrote {out}: {record.description}")

@@ -1,0 +1,306 @@
+"""`manifest.json`: the whole contract between `pulse-edge export` and the runtime.
+
+The runtime reads nothing else from a bundle's producer (never an HF config): graphs and their tensors, the
+KV layout, the embedding table, image preprocessing, the prompt template and special ids, the tokenizer
+file, the source checkpoint, and the calibration and validation records. Export constructs these dataclasses
+and writes `Manifest.to_dict()`; the runtime reads `Manifest.from_dict()`, which checks every field (a value
+outside the allowed set names the allowed ones). The `validation` record and calibration's `recipe`,
+`samples` and `fidelity` are reports for people and tools; the runtime decides nothing from them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pulse_edge.choices import GRAPH_PRECISIONS, OPT_LEVELS, TENSOR_DTYPES
+from pulse_edge.errors import InputError
+from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE, MANIFEST_VERSION
+from pulse_edge.runtime.image.preprocess import ImageLayout
+from pulse_edge.runtime.text.prompt import PromptTemplate
+
+ENGINES = ("onnx", "tensorrt")
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
+# Version-1 manifests written before the graph fields were typed kept them in an "extra" object.
+_LEGACY_GRAPH_KEYS = {"ort_opt_level": "opt_level_limit"}
+
+
+class BundleError(InputError):
+    """A bundle that cannot be served: wrong version, missing or truncated files, bad fields."""
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise BundleError(f"manifest: {what} {value!r} is not one of {', '.join(allowed)}")
+    return str(value)
+
+
+def _need(d: Mapping[str, Any], key: str, what: str) -> Any:
+    if key not in d:
+        raise BundleError(f"manifest: {what} lacks {key!r}")
+    return d[key]
+
+
+def _optional_choice(value: Any, allowed: tuple[str, ...], what: str) -> str | None:
+    return None if value is None else _choice(value, allowed, what)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
+        return cls(name=str(_need(d, "name", "a tensor")), dtype=_choice(d.get("dtype"), TENSOR_DTYPES, "tensor dtype"),
+                   shape=tuple(_need(d, "shape", "a tensor")))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph file. `sizes` holds the byte size of it and its external data, to catch truncation;
+    `opt_level_limit` caps ONNX Runtime's optimisation level (ORT's level-"all" int8 fusions reject fp8
+    Q/DQ graphs); `fusions` counts ORT contrib ops fused in; `matmul_schemes` counts quantized MatMuls."""
+
+    file: str
+    engine: str
+    precision: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    external_data: str | None = None
+    opset: int | None = None
+    ir_version: int | None = None
+    opt_level_limit: str | None = None
+    builder: str = "torch.onnx"  # "torch.onnx" (the exporter) or "direct" (written from the weights)
+    kv_shared_buffer: bool = False  # past and present KV bound to one preallocated buffer per layer
+    fusions: Mapping[str, int] = field(default_factory=dict)
+    matmul_schemes: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GraphSpec:
+        legacy = {_LEGACY_GRAPH_KEYS.get(k, k): v for k, v in dict(d.get("extra", {})).items()}
+        d = {**legacy, **{k: v for k, v in d.items() if k != "extra"}}
+        return cls(
+            file=str(_need(d, "file", "a graph")), engine=_choice(d.get("engine"), ENGINES, "graph engine"),
+            precision=_choice(d.get("precision"), GRAPH_PRECISIONS, "graph precision"),
+            inputs=tuple(TensorSpec.from_dict(t) for t in _need(d, "inputs", "a graph")),
+            outputs=tuple(TensorSpec.from_dict(t) for t in _need(d, "outputs", "a graph")),
+            sizes={str(k): int(v) for k, v in d.get("sizes", {}).items()},
+            external_data=d.get("external_data"), opset=d.get("opset"), ir_version=d.get("ir_version"),
+            opt_level_limit=_optional_choice(d.get("opt_level_limit"), OPT_LEVELS, "graph opt_level_limit"),
+            builder=str(d.get("builder", "torch.onnx")), kv_shared_buffer=bool(d.get("kv_shared_buffer", False)),
+            fusions={str(k): int(v) for k, v in d.get("fusions", {}).items()},
+            matmul_schemes={str(k): int(v) for k, v in d.get("matmul_schemes", {}).items()},
+        )
+
+    def tensor(self, name: str) -> TensorSpec:
+        found = [t for t in (*self.inputs, *self.outputs) if t.name == name]
+        if not found:
+            raise BundleError(f"manifest: graph {self.file} has no tensor {name!r}")
+        return found[0]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The decoder's cache: one key and one value buffer per layer, [1, kv_heads, max_length, head_dim]."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    max_length: int
+    layout: str = "BNSH"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KVLayout:
+        return cls(layers=int(_need(d, "layers", "kv")), kv_heads=int(_need(d, "kv_heads", "kv")),
+                   head_dim=int(_need(d, "head_dim", "kv")), dtype=_choice(d.get("dtype"), TENSOR_DTYPES, "kv dtype"),
+                   max_length=int(_need(d, "max_length", "kv")),
+                   layout=_choice(d.get("layout", "BNSH"), ("BNSH",), "kv layout"))
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    hidden_size: int
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    max_position_embeddings: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TextSpec:
+        return cls(**{f.name: int(_need(d, f.name, "text")) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The token embedding table as a .npy file (memory-mapped by the runtime)."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EmbeddingSpec:
+        rows, cols = _need(d, "shape", "embedding")
+        return cls(file=str(_need(d, "file", "embedding")), dtype=_choice(d.get("dtype"), TENSOR_DTYPES,
+                                                                           "embedding dtype"),
+                   shape=(int(rows), int(cols)))
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the bundle came from: the checkpoint's path, layout, sha256 over its config and weights."""
+
+    checkpoint: str
+    layout: str
+    sha256: str
+    vision_tower: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SourceSpec:
+        return cls(checkpoint=str(d.get("checkpoint", "")), layout=str(d.get("layout", "")),
+                   sha256=str(d.get("sha256", "")), vision_tower=d.get("vision_tower"))
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """A quantized bundle's calibration: the scales file and how it was made, what the recipe quantized, the
+    device it needs, and the fidelity report (against the fp32 reference on held-out ECG samples)."""
+
+    recipe: Mapping[str, Any]
+    file: str
+    scales_source: str
+    method: str
+    samples: Mapping[str, Any]
+    decoder_schemes: Mapping[str, int]
+    smoothed_or_scaled_sites: tuple[str, ...] = ()
+    awq_block_size: int | None = None
+    requires_compute_capability: str | None = None  # fp8: a GPU of at least this capability
+    fidelity: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CalibrationSpec:
+        return cls(recipe=dict(_need(d, "recipe", "calibration")), file=str(_need(d, "file", "calibration")),
+                   scales_source=str(d.get("scales_source", "")), method=str(d.get("method", "")),
+                   samples=dict(d.get("samples", {})),
+                   decoder_schemes={str(k): int(v) for k, v in d.get("decoder_schemes", {}).items()},
+                   smoothed_or_scaled_sites=tuple(d.get("smoothed_or_scaled_sites", ())),
+                   awq_block_size=d.get("awq_block_size"),
+                   requires_compute_capability=d.get("requires_compute_capability"), fidelity=d.get("fidelity"))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    precision: str
+    graphs: Mapping[str, GraphSpec]
+    kv: KVLayout
+    text: TextSpec
+    embedding: EmbeddingSpec
+    image: ImageLayout
+    prompt: PromptTemplate
+    tokenizer: str
+    source: SourceSpec
+    created_by: str
+    validation: Mapping[str, Any] = field(default_factory=dict)
+    calibration: CalibrationSpec | None = None
+    image_newline: str | None = None  # spatial_unpad only: a .npy file, float32 [hidden_size]
+
+    def __post_init__(self) -> None:
+        _choice(self.precision, GRAPH_PRECISIONS, "precision")
+        _check_image_newline(self.image_newline, self.image)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise BundleError(f"manifest: format is {d.get('format')!r}, not {FORMAT!r}: not a pulse-edge bundle")
+        version = d.get("version")
+        if version != MANIFEST_VERSION:
+            raise BundleError(f"bundle manifest version {version!r} is not supported by this pulse-edge (reads "
+                              f"version {MANIFEST_VERSION}); re-export the bundle with this version")
+        calibration = d.get("calibration")
+        return cls(
+            version=MANIFEST_VERSION, precision=str(d.get("precision")),
+            graphs={k: GraphSpec.from_dict(v) for k, v in _need(d, "graphs", "the manifest").items()},
+            kv=KVLayout.from_dict(_need(d, "kv", "the manifest")),
+            text=TextSpec.from_dict(_need(d, "text", "the manifest")),
+            embedding=EmbeddingSpec.from_dict(_need(d, "embedding", "the manifest")),
+            image=ImageLayout.from_dict(_need(d, "image", "the manifest")),
+            prompt=PromptTemplate.from_dict(_need(d, "prompt", "the manifest")),
+            tokenizer=str(_need(d, "tokenizer", "the manifest")),
+            source=SourceSpec.from_dict(d.get("source", {})), created_by=str(d.get("created_by", "")),
+            validation=dict(d.get("validation", {})),
+            calibration=None if calibration is None else CalibrationSpec.from_dict(calibration),
+            image_newline=d.get("image_newline"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image"] = self.image.to_dict()
+        d["prompt"] = self.prompt.to_dict()
+        if self.image_newline is None:
+            del d["image_newline"]  # a flat bundle's manifest stays as it was before the field existed
+        return {"format": FORMAT, **d}
+
+    def write(self, bundle: Path) -> None:
+        (bundle / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars in reports
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _check_image_newline(name: Any, image: ImageLayout) -> None:
+    """The newline file: required by spatial_unpad (it ends every feature row), meaningless for flat."""
+    if image.merge == "spatial_unpad" and not name:
+        raise BundleError("manifest: the spatial_unpad merge needs 'image_newline' (the .npy file of the vector "
+                          "that ends each feature row); re-export the bundle")
+    if image.merge != "spatial_unpad" and name is not None:
+        raise BundleError(f"manifest: 'image_newline' belongs to the spatial_unpad merge, not {image.merge!r}")
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    """Load and check a bundle's manifest, and that every file it names is there, whole."""
+    path = bundle / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not a pulse-edge bundle: it has no {MANIFEST_FILE}")
+    try:
+        manifest = Manifest.from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} cannot be read as JSON ({e}); re-export the bundle") from e
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{path} has a malformed field ({e}); re-export the bundle") from e
+    check_files(bundle, manifest)
+    return manifest
+
+
+def check_files(bundle: Path, manifest: Manifest) -> None:
+    named = [manifest.tokenizer, manifest.embedding.file, *([manifest.image_newline] if manifest.image_newline else [])]
+    for graph in manifest.graphs.values():
+        named.append(graph.file)
+        for name, size in graph.sizes.items():
+            _check_size(bundle / name, size)
+    for name in named:
+        if not (bundle / name).is_file():
+            raise BundleError(f"{bundle}: {name} named in {MANIFEST_FILE} is missing; re-export the bundle")
+
+
+def _check_size(path: Path, size: int) -> None:
+    if not path.is_file():
+        raise BundleError(f"{path.parent}: {path.name} named in {MANIFEST_FILE} is missing; re-export the bundle")
+    actual = path.stat().st_size
+    if actual != size:
+        raise BundleError(f"{path} is {actual} bytes but the manifest says {size}: the file is truncated or "
+                          "was changed; re-export or re-copy the bundle")

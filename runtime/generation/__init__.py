@@ -1,0 +1,1 @@
+"""The generation loop: conversation turns, sampling, the result record."""

@@ -1,0 +1,131 @@
+"""One conversation about one ECG image, for any engine that keeps its own KV cache.
+
+    first turn: preprocess -> engine.image_features -> engine.prefill(prompt ids + image) -> decode
+    next turns: engine.prefill(last answer token + "USER: {q} ASSISTANT:") -> decode   (cache kept)
+
+The engine (torch reference or ONNX Runtime) only runs the model; the
+preprocessing, the prompt, the context checks, the stop rules and the timings
+live here, so every backend answers by the same rules.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from pulse_edge.errors import PromptError
+from pulse_edge.runtime.generation.decode import decode_loop
+from pulse_edge.runtime.generation.result import GenerationResult, Timings, decode_rate
+from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
+from pulse_edge.runtime.image.preprocess import ImageLayout, Preprocessed, preprocess
+from pulse_edge.runtime.text.prompt import LLAVA_V1, PromptTemplate, Turn, continuation_ids, prompt_ids, spliced_length
+from pulse_edge.runtime.text.tokenizer import StreamDecoder, Tokenizer
+
+
+class Engine(Protocol):
+    """What a backend provides: image features, and a decoder that appends to its own cache."""
+
+    max_length: int
+
+    @property
+    def length(self) -> int: ...
+
+    def reset(self) -> None: ...
+
+    def image_features(self, pre: Preprocessed) -> Any: ...
+
+    def prefill(self, ids: Sequence[int], image_features: Any | None) -> np.ndarray: ...
+
+    def step(self, token: int) -> np.ndarray: ...
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    pre: Preprocessed | None
+    positions: int
+
+
+class Conversation:
+    """Ask about an image, then follow up; the engine's cache carries the history between turns."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, layout: ImageLayout, *, backend: str,
+                 template: PromptTemplate = LLAVA_V1) -> None:
+        self.engine, self.tokenizer, self.layout = engine, tokenizer, layout
+        self.template, self.backend = template, backend
+        self._pending: int | None = None  # the last generated token, not yet in the cache
+        self._last_stop = "eos"
+        self._opened = False  # the image and first question are in the cache
+        engine.reset()
+
+    def ask(self, question: str, image: Image.Image | None = None, *, max_new_tokens: int = 1024,
+            sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """The first question needs the image; follow-ups must not pass one."""
+        t0 = time.perf_counter()
+        prompt = self._follow_up(question, image) if self._opened else self._first_prompt(question, image)
+        t1 = time.perf_counter()
+        features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None
+        t2 = time.perf_counter()
+        logits = self.engine.prefill(prompt.ids, features)
+        self._opened = True
+        t3 = time.perf_counter()
+        stream = StreamDecoder(self.tokenizer)
+        outcome = decode_loop(logits, self.engine.step, sampler=Sampler(sampling or SamplingParams()),
+                              eos_id=self.tokenizer.eos_id, max_new_tokens=max_new_tokens,
+                              room=self.engine.max_length - self.engine.length,
+                              on_token=_streamer(stream, on_text, self.tokenizer.eos_id))
+        if on_text is not None and (tail := stream.flush()):
+            on_text(tail)
+        self._pending, self._last_stop = outcome.token_ids[-1], outcome.stop_reason
+        tokens = outcome.token_ids
+        timings = Timings(preprocess_ms=(t1 - t0) * 1e3, vision_ms=(t2 - t1) * 1e3, prefill_ms=(t3 - t2) * 1e3,
+                          decode_ms=outcome.decode_ms, decode_tokens_per_s=decode_rate(len(tokens) - 1,
+                                                                                       outcome.decode_ms),
+                          time_to_first_token_ms=(t3 - t0) * 1e3)
+        return GenerationResult(
+            text=self.tokenizer.decode([t for t in tokens if t != self.tokenizer.eos_id]), token_ids=tokens,
+            image_tokens=prompt.pre.num_image_tokens if prompt.pre else 0, prompt_tokens=prompt.positions,
+            generated_tokens=len(tokens), stop_reason=outcome.stop_reason, timings=timings, backend=self.backend)
+
+    def _first_prompt(self, question: str, image: Image.Image | None) -> _Prompt:
+        if image is None:
+            raise PromptError("the first question of a conversation needs the ECG image")
+        pre = preprocess(image, self.layout)
+        ids = prompt_ids([Turn(question)], self.tokenizer, self.template)
+        prompt = _Prompt(ids=ids, pre=pre, positions=spliced_length(ids, pre.num_image_tokens))
+        self._check_room(prompt, image_tokens=pre.num_image_tokens)
+        return prompt
+
+    def _follow_up(self, question: str, image: Image.Image | None) -> _Prompt:
+        if image is not None:
+            raise PromptError("a follow-up question cannot bring a new image: start a new conversation")
+        ids = continuation_ids(question, self.tokenizer, close_previous=self._last_stop != "eos",
+                               template=self.template)
+        ids = [self._pending, *ids] if self._pending is not None else ids
+        prompt = _Prompt(ids=ids, pre=None, positions=len(ids))
+        self._check_room(prompt, image_tokens=0)
+        return prompt
+
+    def _check_room(self, prompt: _Prompt, *, image_tokens: int) -> None:
+        limit, used = self.engine.max_length, self.engine.length
+        if image_tokens >= limit:
+            raise PromptError(f"the image needs {image_tokens} tokens but the context holds {limit}; "
+                              "use a model exported with a longer context")
+        if used + prompt.positions >= limit:
+            what = "the prompt" if used == 0 else "this follow-up"
+            raise PromptError(f"{what} takes {prompt.positions} positions ({image_tokens} for the image, "
+                              f"{used} already used) but the context holds {limit}; shorten the question"
+                              + ("" if used == 0 else " or start a new conversation"))
+
+
+def _streamer(stream: StreamDecoder, on_text: Callable[[str], None] | None, eos_id: int) -> Callable[[int], None]:
+    def emit(token: int) -> None:
+        if on_text is not None and token != eos_id and (piece := stream.push(token)):
+            on_text(piece)
+
+    return emit

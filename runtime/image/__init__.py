@@ -1,0 +1,1 @@
+"""Image preprocessing (anyres tiles) and the merge of the vision graph's features."""

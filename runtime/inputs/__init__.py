@@ -1,0 +1,1 @@
+"""Decode a user's ECG file into one RGB image."""

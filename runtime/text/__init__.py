@@ -1,0 +1,1 @@
+"""Tokenizer and the llava_v1 prompt."""

@@ -1,0 +1,197 @@
+"""`pulse-edge bench`: the roofline arithmetic against docs/performance.md's bounds, the bandwidth probe, and both
+commands end to end on the tiny model (numbers positive and ordered, JSON complete)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pulse_edge.benchmarks.common.measure import Stat
+from pulse_edge.benchmarks.common.roofline import (
+    achieved_bandwidth,
+    kv_bytes_per_position,
+    measure_bandwidth,
+    roofline_tokens_per_s,
+    vicuna_rooflines,
+)
+from pulse_edge.benchmarks.perf.backends import work_dir
+from pulse_edge.benchmarks.perf.latency import parse_sizes
+from pulse_edge.cli.bench import bench_group
+from pulse_edge.errors import ConfigError
+
+HEAVY = ("numpy", "PIL", "torch", "transformers", "onnxruntime")
+ORIN_BANDWIDTH = 204.8e9  # Jetson AGX Orin (docs/performance.md, bounds)
+VICUNA_FP16_KV = kv_bytes_per_position(layers=32, kv_heads=32, head_dim=128, itemsize=2)
+
+
+@pytest.fixture(scope="module")
+def quick_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+    from pulse_edge.export.validate.parity import ValidationPlan
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bench") / "bundle",
+                         ExportOptions(precision="fp32", plan=ValidationPlan.quick()))
+
+
+def _invoke(args: list[str]) -> str:
+    result = CliRunner().invoke(bench_group, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _assert_stat(stat: dict) -> None:
+    assert stat["p50"] > 0 and stat["p50"] <= stat["p95"]
+    assert all(v > 0 for v in stat["values"])
+
+
+def test_kv_bytes_per_token_of_vicuna_7b_fp16_is_half_a_mib() -> None:
+    assert VICUNA_FP16_KV == 32 * 2 * 4096 * 2 == 0.5 * 2**20
+
+
+def test_roofline_reproduces_design_section_7() -> None:
+    # docs/performance.md's device table is the weight-only bound: 204.8 GB/s / 13.5 GB = 15.2 tok/s ("15").
+    assert roofline_tokens_per_s(ORIN_BANDWIDTH, 13.5e9, VICUNA_FP16_KV, context=0) == pytest.approx(15.17, abs=0.01)
+    # With the 2880-image-token prompt's KV read as well (3000 positions x 0.5 MiB = 1.57 GB) the bound is lower.
+    expected = 204.8e9 / (13.5e9 + 3000 * 524288)
+    assert roofline_tokens_per_s(ORIN_BANDWIDTH, 13.5e9, VICUNA_FP16_KV, context=3000) == pytest.approx(expected)
+    assert expected == pytest.approx(13.59, abs=0.01)
+    bounds = vicuna_rooflines(ORIN_BANDWIDTH, context=0)
+    assert bounds["int8"] == pytest.approx(29.7, abs=0.1) and bounds["int4"] == pytest.approx(52.5, abs=0.1)
+    assert bounds["fp16"] == pytest.approx(15.19, abs=0.01)  # 6.74 B parameters x 2 bytes
+
+
+def test_achieved_bandwidth_is_tokens_times_bytes() -> None:
+    assert achieved_bandwidth(10.0, 2e9) == pytest.approx(20e9)
+
+
+def test_bandwidth_measurement_is_positive() -> None:
+    bandwidth = measure_bandwidth(64 * 2**20, repeats=3)
+    assert bandwidth.read > 0 and bandwidth.copy > 0
+    assert bandwidth.best == max(bandwidth.read, bandwidth.copy)
+    assert bandwidth.to_dict()["best_gb_s"] == pytest.approx(bandwidth.best / 1e9)
+
+
+def test_stat_percentiles() -> None:
+    stat = Stat.of([4.0, 1.0, 3.0, 2.0])
+    assert stat.p50 == pytest.approx(2.5) and stat.p95 == pytest.approx(3.85)
+    with pytest.raises(ValueError):
+        Stat.of([])
+
+
+def test_parse_sizes() -> None:
+    assert parse_sizes("2200x1700, 3508X2480") == ((2200, 1700), (3508, 2480))
+    for bad in ("", "2200", "axb", "0x10"):
+        with pytest.raises(ConfigError):
+            parse_sizes(bad)
+
+
+def test_a_temporary_work_dir_is_removed() -> None:
+    with work_dir(None) as path:
+        assert path.is_dir()
+    assert not path.exists()
+
+
+def test_importing_the_group_pulls_in_nothing_heavy() -> None:
+    code = ("import sys, json; import pulse_edge.cli.bench; "
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    printed = _invoke(["latency", "--model", str(quick_bundle), "--runs", "3", "--warmup", "1",
+                       "--sizes", "2200x1700,3508x2480", "--max-new-tokens", "6", "--bandwidth-mib", "64",
+                       "--json", str(out)])
+    assert "| print | pixels |" in printed and "machine:" in printed and "peak RSS" in printed
+    report = json.loads(out.read_text())
+    assert report["backend"] == "ort" and report["peak_rss_bytes"] > 0 and report["model_bytes_on_disk"] > 0
+    assert report["bandwidth"]["best_gb_s"] > 0 and "peak resident set size" in report["peak_rss_note"]
+    assert [row["size"] for row in report["sizes"]] == ["2200x1700", "3508x2480"]
+    for row in report["sizes"]:
+        assert row["image_tokens"] == 2880 and row["prompt_tokens"] > 2880
+        assert set(row["timings"]) == {"preprocess_ms", "vision_ms", "prefill_ms", "time_to_first_token_ms",
+                                       "decode_tokens_per_s"}
+        for stat in row["timings"].values():
+            _assert_stat(stat)
+            assert len(stat["values"]) == 3
+        assert row["roofline_tokens_per_s"] > 0 and row["achieved_gb_s"] > 0
+
+
+def test_bench_latency_on_a_checkpoint_uses_torch(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    _invoke(["latency", "--model", str(tiny_checkpoint), "--runs", "1", "--warmup", "0", "--sizes", "2200x1700",
+             "--max-new-tokens", "4", "--bandwidth-mib", "64", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["backend"] == "torch" and report["decoder"]["source"].startswith("checkpoint")
+    assert report["decoder"]["kv_bytes_per_position"] == 2 * 2 * 4 * 16 * 4  # tiny: 2 layers, 4 heads x 16, fp32
+
+
+def _cached_work(tmp_path: Path, checkpoint: Path, bundle: Path) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "checkpoint").symlink_to(checkpoint)
+    (work / "bundle-fp32").symlink_to(bundle)
+    return work
+
+
+def test_bench_backends_tiny_runs_all_three(tiny_checkpoint: Path, quick_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "backends.json"
+    work = _cached_work(tmp_path, tiny_checkpoint, quick_bundle)
+    printed = _invoke(["backends", "--width", "tiny", "--runs", "2", "--decode-tokens", "8", "--work", str(work),
+                       "--bandwidth-mib", "64", "--json", str(out)])
+    assert "| transformers generate |" in printed and "| torch reference |" in printed
+    assert "| onnxruntime (cpu) |" in printed and "pipeline overhead" in printed
+    report = json.loads(out.read_text())
+    assert report["model"]["reused"] is True and report["model"]["hidden_size"] == 64
+    assert list(report["backends"]) == ["transformers", "torch", "ort"]
+    for entry in report["backends"].values():
+        for key in ("vision_ms", "prefill_ms", "decode_tokens_per_s"):
+            _assert_stat(entry[key])
+        assert entry["achieved_gb_s"] > 0 and entry["roofline_tokens_per_s"] > 0
+        assert entry["meter"]["peak_rss_bytes"] > 0 and entry["meter"]["cores_used"] > 0
+    rounds = report["decode_round_bandwidth_gb_s"]  # one probe before each of the 2 decode rounds
+    assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    assert "bandwidth probed before each decode round" in printed and "% of paired BW" in printed
+    for entry in report["backends"].values():  # the paired figure, recomputed from the report's own numbers
+        runs = entry["decode_tokens_per_s"]["values"]
+        expected = np.median([t * entry["bytes_per_token"] / (b * 1e9) for t, b in zip(runs, rounds, strict=True)])
+        assert entry["fraction_of_paired_bandwidth"] == pytest.approx(expected, rel=1e-9)
+    overhead = report["pipeline_overhead"]
+    assert overhead["decode_steps"] > 0 and overhead["engine_forward_ms"] > 0
+    assert 0 < overhead["engine_forward_ms"] <= overhead["loop_ms"]
+    assert report["settings"]["context"] == 3000 and report["settings"]["decode_steps"] == 8
+
+
+def test_a_cached_model_of_another_shape_is_refused(tiny_checkpoint: Path, quick_bundle: Path,
+                                                    tmp_path: Path) -> None:
+    work = _cached_work(tmp_path, tiny_checkpoint, quick_bundle)
+    result = CliRunner().invoke(bench_group, ["backends", "--width", "tiny", "--layers", "3", "--work", str(work)])
+    assert result.exit_code == 2
+    assert "use another --work directory" in result.output and "Traceback" not in result.output
+
+
+def test_latency_report_writes_markdown_json_and_a_breakdown_plot(quick_bundle: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pulse_edge.benchmarks.perf.latency_report import stage_medians
+
+    report_dir = tmp_path / "report"
+    _invoke(["latency", "--model", str(quick_bundle), "--runs", "1", "--warmup", "0", "--sizes", "2200x1700",
+             "--max-new-tokens", "4", "--bandwidth-mib", "64", "--report", str(report_dir)])
+    markdown = (report_dir / "latency.md").read_text()
+    assert "machine:" in markdown and "date:" in markdown and "MEANINGLESS for accuracy" in markdown
+    assert "| print | pixels |" in markdown
+    assert Image.open(report_dir / "latency.png").size[0] > 600
+    row = json.loads((report_dir / "latency.json").read_text())["sizes"][0]
+    stages = stage_medians(row)
+    assert stages["vision"] == row["timings"]["vision_ms"]["p50"]
+    rate = row["timings"].get("decode_tokens_per_s", {}).get("p50")
+    expected_decode = 1000.0 * (row["generated_tokens"] - 1) / rate if rate else 0.0
+    assert stages["decode"] == pytest.approx(expected_decode)

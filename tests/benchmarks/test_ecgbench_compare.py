@@ -1,0 +1,98 @@
+"""`eval compare`: deltas, agreement, changed samples and the --max-drop gate, on hand-made runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from pulse_testing.ecgbench_data import ecg_png, item, write_parquet_subset
+
+from pulse_edge.benchmarks.ecgbench.compare import DropRule
+from pulse_edge.cli.eval import eval_group
+from pulse_edge.errors import ConfigError
+
+CSN_GOLD = {"g1": "A", "g2": "B", "g3": "C", "g4": "D"}
+PTB_GOLD = {"p1": "NORM", "p2": "MI"}
+# fp16 answers every csn sample right; int4 rewords g2 (same letter), gets g3 wrong, adds an unknown id
+FP16 = {"csn-test-no-cot": CSN_GOLD, "ptb-test": {"p1": "NORM", "p2": "MI"}}
+INT4 = {"csn-test-no-cot": {"g1": "A", "g2": "Answer: B", "g3": "E", "g4": "D", "zz": "A"},
+        "ptb-test": {"p1": "NORM", "p2": "MI"}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    pytest.importorskip("pyarrow", reason="the parquet layout needs pyarrow (pulse-edge[bench])")
+    root = tmp_path_factory.mktemp("cmp")
+    png = ecg_png(seed=2)
+    write_parquet_subset(root / "data" / "csn-test-no-cot" / "test-00000-of-00001.parquet",
+                         [item(i, "Which?", g, png) for i, g in CSN_GOLD.items()])
+    write_parquet_subset(root / "data" / "ptb-test" / "test-00000-of-00001.parquet",
+                         [item(i, "Which?", g, png) for i, g in PTB_GOLD.items()])
+    runs = []
+    for name, answers in (("fp16", FP16), ("int4", INT4)):
+        run = root / f"run-{name}"
+        run.mkdir()
+        (run / "run.json").write_text(json.dumps({"model": f"/models/{name}", "precision": name}))
+        for subset, texts in answers.items():
+            (run / f"{subset}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                                         for i, t in texts.items()))
+        runs.append(run)
+    return root / "data", runs[0], runs[1]
+
+
+def _compare(setup: tuple[Path, Path, Path], tmp_path: Path, *extra: str):
+    data, fp16, int4 = setup
+    return CliRunner().invoke(eval_group, ["compare", str(fp16), str(int4), "--data", str(data),
+                                           "--changes", str(tmp_path / "changes.json"), *extra])
+
+
+def test_deltas_agreement_and_changed_samples(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # csn strict accuracy: fp16 4/4 = 100, int4 3/4 = 75 -> delta -25
+    # identical text: g1, g4 -> 50 %; identical parsed letter: g1, g2, g4 -> 75 %; changed: g3 (C -> E)
+    result = _compare(setup, tmp_path, "--report", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert [r["label"] for r in out["runs"]] == ["fp16", "int4"]
+    csn = next(s for s in out["subsets"] if s["subset"] == "csn-test-no-cot")
+    assert csn["common_samples"] == 4 and csn["not_common"] == {"fp16": 0, "int4": 1}
+    assert csn["deltas_vs_first"]["int4"]["strict"] == {"accuracy": -25.0}
+    assert csn["agreement_vs_first"] == [{"run": "int4", "text_identical": 50.0, "parsed_identical": 75.0,
+                                          "changed": 1}]
+    changes = json.loads((tmp_path / "changes.json").read_text())
+    assert changes["subsets"]["csn-test-no-cot"]["int4"] == [
+        {"id": "g3", "gold": "C", "answers": {"fp16": {"text": "C", "parsed": "C", "correct": True},
+                                              "int4": {"text": "E", "parsed": "E", "correct": False}}}]
+    ptb = next(s for s in out["subsets"] if s["subset"] == "ptb-test")
+    assert ptb["deltas_vs_first"]["int4"]["compat"]["f1"] == 0.0
+    assert "| strict | accuracy | 100.0 | 75.0 (-25.00) |" in (tmp_path / "report" / "report.md").read_text()
+    with Image.open(tmp_path / "report" / "accuracy.png") as png:
+        assert png.size[0] >= 800
+
+
+def test_gate_fails_with_one_line_and_passes_within_budget(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    failed = _compare(setup, tmp_path, "--max-drop", "accuracy=10")
+    assert failed.exit_code == 1
+    assert failed.output.strip().splitlines()[-1] == (
+        "pulse-edge: error: accuracy gate failed: strict.csn-test-no-cot.accuracy fell 25.00 points for int4 "
+        "(100.00 -> 75.00; allowed 10)")
+    passed = _compare(setup, tmp_path, "--max-drop", "csn.accuracy=30", "--max-drop", "compat.ptb.f1=0",
+                      "--max-drop", "hl=0")
+    assert passed.exit_code == 0, passed.output
+    assert json.loads(passed.output)["gate_failures"] == []
+
+
+def test_gate_rules_are_checked() -> None:
+    assert DropRule.parse("strict.csn.accuracy=1.5") == DropRule("accuracy", 1.5, "strict", "csn-test-no-cot")
+    assert DropRule.parse("auc=2").key("ptb-test") == ("compat", "compat.ptb-test.auc")
+    for bad in ("accuracy", "accuracy=-1", "bleu=2", "strict.auc=1", "nosuch.f1=1"):
+        with pytest.raises(ConfigError):
+            DropRule.parse(bad)
+
+
+def test_compare_needs_two_runs(setup: tuple[Path, Path, Path]) -> None:
+    data, fp16, _ = setup
+    result = CliRunner().invoke(eval_group, ["compare", str(fp16), "--data", str(data)])
+    assert result.exit_code == 2 and "at least two run folders" in result.output

@@ -1,0 +1,139 @@
+"""ECGBench loading in both layouts, prediction files (torn lines, duplicates), the progress bar."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pulse_testing.ecgbench_data import ecg_png, item, write_json_subset, write_parquet_subset
+
+from pulse_edge.benchmarks.common.progress import Progress
+from pulse_edge.benchmarks.ecgbench.predictions import prepare_for_append, read_predictions
+from pulse_edge.calibration.datasets.ecgbench.readers import discover, find_subset, iter_samples, load_samples
+from pulse_edge.cli.eval import eval_group
+from pulse_edge.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def png() -> bytes:
+    return ecg_png(seed=3)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, png: bytes) -> Path:
+    """Four subsets in four of the accepted places: HF snapshot, data/<subset>/, flat parquet, JSON + images/."""
+    pytest.importorskip("pyarrow", reason="the parquet layout needs pyarrow (pulse-edge[bench])")
+    root = tmp_path_factory.mktemp("ecgbench")
+    write_parquet_subset(root / "ptb-test" / "test-00000-of-00001.parquet",
+                         [item("p1", "Which classes?", "NORM", png), item("p2", "Which classes?", "MI, STTC", png)])
+    write_parquet_subset(root / "data" / "cpsc-test" / "test-00000-of-00001.parquet",
+                         [item("c1", "q", "AF", png)], image_struct=False)
+    write_parquet_subset(root / "mmmu-ecg.parquet", [item("m1", "Pick one", "B", png)])
+    write_json_subset(root, "ecgqa-test", [item("e1", "Options: yes, no", ("yes",), png),
+                                           item("e2", "Options: lead I, lead II", ("lead I", "lead II"), png)])
+    return root
+
+
+def test_discovers_every_layout_in_paper_order(data_dir: Path) -> None:
+    found = discover(data_dir)
+    assert list(found) == ["ptb-test", "ecgqa-test", "cpsc-test", "mmmu-ecg"]
+    assert {k: v.layout for k, v in found.items()} == {"ptb-test": "parquet", "ecgqa-test": "json",
+                                                       "cpsc-test": "parquet", "mmmu-ecg": "parquet"}
+
+
+def test_parquet_samples_decode_and_lose_the_image_marker(data_dir: Path, png: bytes) -> None:
+    samples = list(iter_samples(find_subset(data_dir, "ptb-test"), with_images=True))
+    assert [s.id for s in samples] == ["p1", "p2"]
+    assert samples[1].question == "Which classes?" and samples[1].answer == "MI, STTC"
+    assert samples[0].image_bytes == png and samples[0].load_image().size == (880, 680)
+    raw = next(iter_samples(find_subset(data_dir, "cpsc-test"), with_images=True))  # raw bytes column
+    assert raw.load_image().mode == "RGB"
+
+
+def test_scoring_reads_no_image_bytes_and_ids_filter(data_dir: Path) -> None:
+    source = find_subset(data_dir, "ptb-test")
+    assert all(s.image_bytes is None for s in load_samples(source))
+    assert [s.id for s in iter_samples(source, with_images=True, ids={"p2"})] == ["p2"]
+    assert [s.id for s in load_samples(source, limit=1)] == ["p1"]
+
+
+def test_json_layout_keeps_list_answers_and_finds_images(data_dir: Path) -> None:
+    samples = list(iter_samples(find_subset(data_dir, "ecgqa-test"), with_images=True))
+    assert samples[1].answer == ("lead I", "lead II")
+    assert samples[0].image_file == data_dir / "images" / "ecgqa-test" / "e1.png"
+    assert samples[0].load_image().size == (880, 680)
+
+
+def test_missing_subset_and_missing_image_are_one_line_errors(data_dir: Path, tmp_path: Path, png: bytes) -> None:
+    with pytest.raises(InputError, match="subsets present: ptb-test, ecgqa-test, cpsc-test, mmmu-ecg"):
+        find_subset(data_dir, "arena")
+    write_json_subset(tmp_path, "g12-test-no-cot", [item("g", "q", "A", png)])
+    (tmp_path / "images" / "g12-test-no-cot" / "g.png").unlink()
+    sample = next(iter_samples(find_subset(tmp_path, "g12-test-no-cot"), with_images=True))
+    with pytest.raises(InputError, match="not found under the data folder") as e:
+        sample.load_image()
+    assert "\n" not in str(e.value)
+
+
+def test_bad_conversations_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "arena.json").write_text(json.dumps([{"id": 1, "image": "x.png",
+                                                       "conversations": [{"from": "gpt", "value": "A"}]}]))
+    with pytest.raises(InputError, match="question and an answer"):
+        load_samples(find_subset(tmp_path, "arena"))
+
+
+def test_subsets_command_lists_what_is_there(data_dir: Path) -> None:
+    result = CliRunner().invoke(eval_group, ["subsets", "--data", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    listing = json.loads(result.output)
+    assert [(r["subset"], r["samples"]) for r in listing["found"]] == [
+        ("ptb-test", 2), ("ecgqa-test", 2), ("cpsc-test", 1), ("mmmu-ecg", 1)]
+    assert "arena" in listing["not_found"]
+
+
+def test_predictions_tolerate_a_torn_last_line_only(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "text": "A"}\n{"question_id": "b", "response": "B", "prompt": {"prompt": "Q"}}\n'
+                    '{"id": "a", "text": "again"}\n{"id": "c", "te')
+    read = read_predictions(path)
+    assert [(p.id, p.text, p.text_key) for p in read.predictions] == [("a", "A", "text"), ("b", "B", "response")]
+    assert read.predictions[1].prompt == "Q"
+    assert read.duplicates == ("a",) and read.torn_tail
+    prepare_for_append(read)
+    assert path.read_text().endswith('"again"}\n')
+    path.write_text('{"id": "a", "text": "A"}\nnot json\n{"id": "b", "text": "B"}\n')
+    with pytest.raises(InputError, match="line 2 is not valid JSON"):
+        read_predictions(path)
+
+
+def test_progress_bar_shows_eta_in_plain_logs() -> None:
+    now = [0.0]
+    stream = io.StringIO()
+    progress = Progress(4, "csn", stream=stream, clock=lambda: now[0], log_every_s=100)
+    for _ in range(4):
+        now[0] += 2.0
+        progress.advance()
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "csn [######..................] 1/4  25% 0:02 elapsed, ETA 0:06, 2.0 s/sample"
+    assert lines[-1].startswith("csn [########################] 4/4 100% 0:08 elapsed")
+    assert len(lines) == 2  # throttled: the first line and the last, not repeated on close
+
+
+def test_score_command_reads_paper_style_predictions(data_dir: Path, tmp_path: Path) -> None:
+    # e1 gold ["yes"], e2 gold ["lead I", "lead II"] (JSON lists); both answered right in both modes:
+    # e2 compat: "lead I" and "lead II" both occur -> characters of "lead Ilead II" on both sides
+    predictions = tmp_path / "ecgqa.jsonl"
+    predictions.write_text(
+        '{"question_id": "e1", "prompt": "<image>\\nOptions: yes, no", "text": "yes"}\n'
+        '{"question_id": "e2", "prompt": "<image>\\nOptions: lead I, lead II", "text": "lead I, lead II"}\n'
+        '{"question_id": "zz", "text": "yes"}\n')
+    result = CliRunner().invoke(eval_group, ["score", "--subset", "ecgqa", "--data", str(data_dir),
+                                             "--predictions", str(predictions)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["compat"] == {"accuracy": 100.0} and out["strict"] == {"accuracy": 100.0, "unparsed": 0}
+    assert (out["coverage"]["scored"], out["coverage"]["unknown"], out["coverage"]["unknown_ids"]) == (2, 1, ["zz"])

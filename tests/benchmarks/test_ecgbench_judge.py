@@ -1,0 +1,150 @@
+"""The LLM judge against a fake OpenAI-compatible server on 127.0.0.1 (canned replies, bounded, no network)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pulse_edge.benchmarks.ecgbench.judge import JudgeConfig, make_judge_scorer, parse_verdict
+from pulse_edge.benchmarks.ecgbench.predictions import Prediction, PredictionFile
+from pulse_edge.benchmarks.ecgbench.score import score_subset
+from pulse_edge.calibration.datasets.ecgbench.readers import Sample, Turn
+from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
+from pulse_edge.cli.eval import eval_group
+from pulse_edge.errors import ConfigError
+
+# The reply the fake judge gives, chosen by a word of the report being graded.
+CANNED = {
+    "REPORT-ONE": '{"diagnosis": {"score": 8, "explanation": "ok"}, "waveform": {"score": 6}, "rhythm": {"score": 10}}',
+    "REPORT-TWO": '```json\n{"Diagnosis": {"Score": 4}, "Form": {"Score": "5"}, "Rhythm": {"Score": 6}}\n```',
+    "REPORT-THREE": "I think this report is quite good.",
+    "ARENA-ONE": '<think>hm</think>{"Accuracy": {"Score": 7}, "Completeness": {"Score": 5}, '
+                 '"Instruction Adherence": {"Score": 9}}',
+}
+
+
+class _Judge(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, self.headers.get("Authorization"), body))
+        prompt = body["messages"][0]["content"]
+        content = next((reply for key, reply in CANNED.items() if key in prompt), "no idea")
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass  # keep pytest output clean
+
+
+@pytest.fixture
+def judge_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    server.requests = []
+    server.timeout = 5
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def _url(server: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def _reports() -> tuple[list[Sample], PredictionFile]:
+    samples = [Sample(i, "ptb-test-report", (Turn("Write a report.", f"reference {i}"),)) for i in ("r1", "r2", "r3")]
+    texts = {"r1": "REPORT-ONE sinus rhythm", "r2": "REPORT-TWO", "r3": "REPORT-THREE"}
+    return samples, PredictionFile(Path("p"), tuple(Prediction(i, t) for i, t in texts.items()))
+
+
+def test_report_scores_by_hand_and_unreadable_replies_stay_unscored(judge_server: ThreadingHTTPServer,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # r1: 8, 6, 10 -> 80; r2: 4, 5, 6 (keys in another case, "Form" for waveform, fenced) -> 50; r3: no JSON -> unscored
+    # subset: (80 + 50) / 2 = 65; diagnosis (8+4)/2*10 = 60; waveform (6+5)/2*10 = 55; rhythm (10+6)/2*10 = 80
+    monkeypatch.setenv("PULSE_EDGE_JUDGE_KEY", "sk-test")
+    config = JudgeConfig.from_options(_url(judge_server), "judge-1", workers=2)
+    cache = tmp_path / "ptb-test-report.judge.jsonl"
+    samples, predictions = _reports()
+    score = score_subset(SUBSETS["ptb-test-report"], samples, predictions, make_judge_scorer(config, lambda _: cache))
+    m = score.compat
+    assert (m["score"], m["diagnosis"], m["waveform"], m["rhythm"]) == (65.0, 60.0, 55.0, 80.0)
+    assert (m["judged"], m["unscored"]) == (2, 1)
+    assert m["unscored_reasons"] == {"r3": "the reply holds no JSON object"}
+    path, auth, body = judge_server.requests[0]
+    assert (path, auth, body["model"], body["temperature"]) == ("/v1/chat/completions", "Bearer sk-test", "judge-1", 0)
+    assert "reference r1" in body["messages"][0]["content"]
+    again = score_subset(SUBSETS["ptb-test-report"], samples, predictions, make_judge_scorer(config, lambda _: cache))
+    assert again.compat == m and len(judge_server.requests) == 3  # every verdict came from the cache
+    changed = PredictionFile(Path("p"), (Prediction("r1", "REPORT-TWO rewritten"), *predictions.predictions[1:]))
+    rejudged = score_subset(SUBSETS["ptb-test-report"], samples, changed, make_judge_scorer(config, lambda _: cache))
+    assert len(judge_server.requests) == 4 and rejudged.compat["score"] == 50.0  # a changed answer is judged again
+
+
+def test_arena_judges_the_first_turn(judge_server: ThreadingHTTPServer) -> None:
+    # 7, 5, 9 -> 70
+    sample = Sample("a", "arena", (Turn("What rhythm?", "Sinus."), Turn("Axis?", "Normal.")))
+    config = JudgeConfig(_url(judge_server), "judge-1", timeout_s=5)
+    score = score_subset(SUBSETS["arena"], [sample], PredictionFile(Path("p"), (Prediction("a", "ARENA-ONE"),)),
+                         make_judge_scorer(config))
+    assert score.compat["score"] == 70.0 and score.compat["instruction_adherence"] == 90.0
+    prompt = judge_server.requests[0][2]["messages"][0]["content"]
+    assert "What rhythm?" in prompt and "Axis?" not in prompt
+    assert any("first turn" in n for n in score.notes)
+
+
+def test_verdict_parsing() -> None:
+    axes = SUBSETS["ptb-test-report"].judge_axes
+    assert parse_verdict('{"diagnosis": 3, "waveform": 4, "rhythm": 5}', axes) == (
+        {"diagnosis": 3.0, "waveform": 4.0, "rhythm": 5.0}, "")
+    assert parse_verdict('{"diagnosis": 11, "waveform": 4, "rhythm": 5}', axes)[1] == "no score in 0..10 for diagnosis"
+    assert parse_verdict('{"diagnosis": 3, "waveform": 4}', axes)[1] == "no score in 0..10 for rhythm"
+    assert parse_verdict("{not json}", axes)[1] == "the reply's JSON cannot be parsed"
+
+
+def test_unreachable_judge_and_half_options_are_one_line_errors(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = JudgeConfig(f"http://127.0.0.1:{port}/v1", "judge-1", timeout_s=2)
+    samples, predictions = _reports()
+    with pytest.raises(ConfigError, match=r"the LLM judge cannot be used: .*unreachable"):
+        score_subset(SUBSETS["ptb-test-report"], samples, predictions, make_judge_scorer(config))
+    with pytest.raises(ConfigError, match="both --judge-url and --judge-model"):
+        JudgeConfig.from_options("http://x", None)
+
+
+def _conversation(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def test_score_command_with_and_without_a_judge(judge_server: ThreadingHTTPServer, tmp_path: Path) -> None:
+    items = [{"id": i, "image": f"{i}.png", "conversations": _conversation("Write a report.", f"reference {i}")}
+             for i in ("r1", "r2", "r3")]
+    (tmp_path / "ptb-test-report.json").write_text(json.dumps(items))
+    predictions = tmp_path / "reports.jsonl"
+    predictions.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in
+                                   (("r1", "REPORT-ONE"), ("r2", "REPORT-TWO"), ("r3", "REPORT-THREE"))))
+    base = ["score", "--subset", "report", "--data", str(tmp_path), "--predictions", str(predictions)]
+    unjudged = CliRunner().invoke(eval_group, base)
+    assert unjudged.exit_code == 0, unjudged.output
+    out = json.loads(unjudged.output)
+    assert out["compat"]["scored"] is False and "needs an LLM judge" in out["compat"]["reason"]
+    assert "score" not in out["compat"]
+    judged = CliRunner().invoke(eval_group, [*base, "--judge-url", _url(judge_server), "--judge-model", "j"])
+    assert judged.exit_code == 0, judged.output
+    assert json.loads(judged.output)["compat"]["score"] == 65.0
+    assert (tmp_path / "reports.judge.jsonl").is_file()

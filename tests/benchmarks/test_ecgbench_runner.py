@@ -1,0 +1,191 @@
+"""`eval ecgbench` with a fake pipeline: resume after an interruption, settings pinning, reports. No torch."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from pulse_testing.ecgbench_data import ecg_png, item, write_json_subset, write_parquet_subset
+
+from pulse_edge.benchmarks.ecgbench.runner import RunSettings, pin_settings, plan_run, run_plans
+from pulse_edge.cli.eval import eval_group
+from pulse_edge.errors import InputError
+from pulse_edge.runtime.generation.result import GenerationResult, Timings
+
+_LETTERS = {"g1": "A", "g2": "B", "g3": "Answer: C", "g4": "no idea", "g5": "E"}  # g4: unreadable
+
+
+class FakePipeline:
+    """Answers from a table keyed by the sample id written in the question; can be interrupted."""
+
+    def __init__(self, answer: Callable[[str], str] = lambda q: _LETTERS.get(_id(q), "A"),
+                 interrupt_after: int | None = None) -> None:
+        self.answer = answer
+        self.interrupt_after = interrupt_after
+        self.asked: list[str] = []
+
+    def generate(self, image: Image.Image, question: str, *, max_new_tokens: int, sampling: Any = None,
+                 on_text: Any = None) -> GenerationResult:
+        assert isinstance(image, Image.Image) and max_new_tokens >= 1 and sampling.greedy
+        if self.interrupt_after is not None and len(self.asked) >= self.interrupt_after:
+            raise KeyboardInterrupt
+        self.asked.append(_id(question))
+        return GenerationResult(text=self.answer(question), token_ids=[5, 6], image_tokens=2880, prompt_tokens=2950,
+                                generated_tokens=2, stop_reason="eos", timings=Timings(1, 2, 3, 4, 5, 6),
+                                backend="fake")
+
+
+class FakeChat:
+    """A conversation: the image comes with the first question only."""
+
+    def __init__(self, pipeline: FakePipeline) -> None:
+        self.pipeline, self.turn = pipeline, 0
+
+    def ask(self, question: str, image: Image.Image | None = None, *, max_new_tokens: int, sampling: Any = None,
+            on_text: Any = None) -> GenerationResult:
+        assert (image is not None) == (self.turn == 0)
+        self.turn += 1
+        if self.turn > 1:
+            return GenerationResult(text=f"turn {self.turn}", token_ids=[5], image_tokens=0, prompt_tokens=9,
+                                    generated_tokens=1, stop_reason="eos", timings=Timings(1, 2, 3, 4, 5, 6),
+                                    backend="fake")
+        return self.pipeline.generate(image, question, max_new_tokens=max_new_tokens, sampling=sampling)
+
+
+class FakeChatPipeline(FakePipeline):
+    def chat(self) -> FakeChat:
+        return FakeChat(self)
+
+
+def _id(question: str) -> str:
+    return re.search(r"\[(\w+)\]", question).group(1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("pyarrow", reason="the parquet layout needs pyarrow (pulse-edge[bench])")
+    root = tmp_path_factory.mktemp("bench")
+    png = ecg_png(seed=1)
+    gold = {"g1": "A", "g2": "B", "g3": "C", "g4": "D", "g5": "H"}
+    write_parquet_subset(root / "csn-test-no-cot" / "test-00000-of-00001.parquet",
+                         [item(i, f"Which rhythm? [{i}] A. ... H. ...", g, png) for i, g in gold.items()])
+    tiny = io.BytesIO()
+    Image.new("RGB", (60, 40), "white").save(tiny, format="PNG")  # below the 128 px minimum: an input error
+    write_json_subset(root, "arena", [item("a1", "Describe [a1]", "Sinus rhythm.", png, ("And the axis?", "Normal.")),
+                                      item("a2", "Describe [a2]", "AF.", tiny.getvalue())])
+    return root
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_interrupted_run_resumes_without_redoing_finished_ids(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = FakePipeline(interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_plans(plan_run(data_dir, ["csn"], out), lambda: first, stream=io.StringIO())
+    answers = out / "csn-test-no-cot.jsonl"
+    assert [r["id"] for r in _records(answers)] == ["g1", "g2"]
+    with open(answers, "a") as f:
+        f.write('{"id": "g3", "te')  # a crash in the middle of a write
+    plans = plan_run(data_dir, ["csn"], out)
+    assert plans[0].todo == ("g3", "g4", "g5") and plans[0].existing.torn_tail
+    second = FakePipeline()
+    stats = run_plans(plans, lambda: second, stream=io.StringIO())
+    assert second.asked == ["g3", "g4", "g5"]
+    assert [r["id"] for r in _records(answers)] == ["g1", "g2", "g3", "g4", "g5"]
+    assert (stats[0].answered, stats[0].already_done) == (3, 2)
+
+    def no_model() -> Any:
+        raise AssertionError("a finished run must not load the model")
+
+    assert run_plans(plan_run(data_dir, ["csn"], out), no_model)[0].answered == 0
+
+
+def test_bad_image_is_recorded_and_arena_runs_its_first_turn(data_dir: Path, tmp_path: Path) -> None:
+    pipeline = FakePipeline(answer=lambda q: "Sinus rhythm, normal axis.")  # generate() only, no chat()
+    run_plans(plan_run(data_dir, ["arena"], tmp_path), lambda: pipeline, stream=io.StringIO())
+    a1, a2 = _records(tmp_path / "arena.jsonl")
+    assert (a1["turns_run"], a1["turns_not_run"], a1["text"]) == (1, 1, "Sinus rhythm, normal axis.")
+    assert a1["prompt"] == "Describe [a1]"  # the <image> marker is the pipeline's job
+    assert a2["text"] == "" and "too small" in a2["error"]
+    assert pipeline.asked == ["a1"]
+
+
+def test_arena_runs_every_turn_when_the_pipeline_can_chat(data_dir: Path, tmp_path: Path) -> None:
+    pipeline = FakeChatPipeline(answer=lambda q: "Sinus rhythm.")
+    run_plans(plan_run(data_dir, ["arena"], tmp_path), lambda: pipeline, stream=io.StringIO())
+    a1 = _records(tmp_path / "arena.jsonl")[0]
+    assert (a1["text"], a1["turns_run"], a1["turns_not_run"]) == ("Sinus rhythm.", 2, 0)
+    assert [(t["question"], t["text"]) for t in a1["turns"]] == [("Describe [a1]", "Sinus rhythm."),
+                                                                  ("And the axis?", "turn 2")]
+
+
+def test_a_run_folder_keeps_its_model_and_settings(tmp_path: Path) -> None:
+    pin_settings(tmp_path, RunSettings(model="/m/fp16", precision="fp16"))
+    pin_settings(tmp_path, RunSettings(model="/m/fp16", precision="fp16"))  # same settings: resume
+    with pytest.raises(InputError, match=r"precision 'fp16' -> 'int4'"):
+        pin_settings(tmp_path, RunSettings(model="/m/fp16", precision="int4"))
+    assert json.loads((tmp_path / "run.json").read_text())["machine"]["cores"] >= 1
+
+
+def test_cli_runs_scores_reports_and_resumes(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.backends
+
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2}))
+    interrupted = FakePipeline(interrupt_after=1)
+    monkeypatch.setattr(pulse_edge.backends, "open_backend", lambda *a, **k: interrupted)
+    out, report = tmp_path / "out", tmp_path / "report"
+    args = ["ecgbench", "--model", str(model), "--data", str(data_dir), "--subset", "csn", "--limit", "4",
+            "--out", str(out), "--report", str(report)]
+    stopped = CliRunner().invoke(eval_group, args)
+    assert stopped.exit_code == 130 and "rerun the same command to resume" in stopped.output
+    monkeypatch.setattr(pulse_edge.backends, "open_backend", lambda *a, **k: FakePipeline())
+    result = CliRunner().invoke(eval_group, args)
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output[result.output.index("{"):])
+    csn = scores["subsets"][0]
+    # first 4 samples: g1 A ok, g2 B ok, g3 "Answer: C" ok, g4 "no idea" -> compat draws B (seed 42) vs D: wrong
+    assert csn["compat"] == {"accuracy": 75.0, "random_fallbacks": 1}
+    assert csn["strict"] == {"accuracy": 75.0, "unparsed": 1}
+    assert csn["coverage"]["samples"] == 4 and csn["coverage"]["scored"] == 4
+    assert [r["id"] for r in _records(out / "csn-test-no-cot.jsonl")] == ["g1", "g2", "g3", "g4"]
+    markdown = (report / "report.md").read_text()
+    assert "TEST MODEL" in markdown and "MEANINGLESS for accuracy" in markdown
+    assert "| CSN | 4 (1611) | accuracy | 75.0 | 85.2 | 57.5 |" in markdown
+    assert "checkpoint (fp32/bf16/fp16 as run)" in markdown
+    with Image.open(report / "accuracy.png") as png:
+        assert png.size[0] > 600
+    assert json.loads((report / "report.json").read_text())["subsets"][0]["compat"]["accuracy"] == 75.0
+
+
+def test_cli_checks_images_before_loading_a_model(data_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import pulse_edge.backends
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "images" / "arena" / "a1.png").unlink()
+
+    def refuse(*a: Any, **k: Any) -> Any:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(pulse_edge.backends, "open_backend", refuse)
+    result = CliRunner().invoke(eval_group, ["ecgbench", "--model", str(tmp_path), "--data", str(data),
+                                             "--subset", "arena", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "pulse-edge: error: arena: 1 of 2 images not found (first: 'arena/a1.png'); unpack the image archives "
+        "into images/ beside the JSON file")

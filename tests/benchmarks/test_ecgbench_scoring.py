@@ -1,0 +1,202 @@
+"""ECGBench scoring against hand computations: the paper's rules (compat), quirks included, and strict mode."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pulse_edge.benchmarks.ecgbench import parse
+from pulse_edge.benchmarks.ecgbench.metrics import hard_auc, multilabel_scores
+from pulse_edge.benchmarks.ecgbench.predictions import Prediction, PredictionFile
+from pulse_edge.benchmarks.ecgbench.score import score_subset
+from pulse_edge.calibration.datasets.ecgbench.readers import Sample, Turn
+from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS, resolve_subset
+from pulse_edge.errors import ConfigError
+
+
+def _score(subset: str, rows: list[tuple[str, str | tuple[str, ...], str]], *, question: str = "q",
+           text_key: str = "text"):
+    """rows: (id, gold answer, response), predictions in that order."""
+    samples = [Sample(i, subset, (Turn(question, gold),)) for i, gold, _ in rows]
+    predictions = PredictionFile(Path("p.jsonl"), tuple(Prediction(i, text, text_key) for i, _, text in rows))
+    return score_subset(SUBSETS[subset], samples, predictions)
+
+
+def test_ptb_four_samples_three_labels_and_the_norm_inside_abnormal_quirk() -> None:
+    # gold            compat prediction                 strict prediction
+    # s1 {NORM}       "The ECG is NORM."   -> {NORM}      {NORM}
+    # s2 {MI, STTC}   "Findings: MI"       -> {MI}        {MI}
+    # s3 {STTC}       "STTC and MI"        -> {MI, STTC}  {MI, STTC}
+    # s4 {MI}         "ABNORMAL ECG"       -> {NORM} (NORM is a substring of ABNORMAL)   {} (unreadable)
+    # compat classes fitted on gold: MI, NORM, STTC
+    #   MI:   gold 0101 pred 0110: TP1 FP1 FN1 -> F1 2/4 = .5;   TPR 1/2, FPR 1/2 -> AUC (1+.5-.5)/2 = .5
+    #   NORM: gold 1000 pred 1001: TP1 FP1 FN0 -> F1 2/3;        TPR 1, FPR 1/3   -> AUC (1+1-1/3)/2 = 5/6
+    #   STTC: gold 0110 pred 0010: TP1 FP0 FN1 -> F1 2/3;        TPR 1/2, FPR 0   -> AUC .75
+    #   F1 = (.5+2/3+2/3)/3 = 61.11; AUC = (.5+5/6+.75)/3 = 69.44; HL = 4 wrong of 12 cells = 33.33
+    # strict: NORM F1 becomes 1 (s4 no longer predicts it): F1 = (.5+1+2/3)/3 = 72.22;
+    #   HL over the 5 PTB labels: 3 wrong of 20 cells = 15; exact set matches: s1 only = 25; unreadable: 1
+    score = _score("ptb-test", [("s1", "NORM", "The ECG is NORM."), ("s2", "MI, STTC", "Findings: MI"),
+                                ("s3", "STTC", "STTC and MI"), ("s4", "MI", "ABNORMAL ECG")])
+    assert score.compat["classes"] == ["MI", "NORM", "STTC"]
+    assert score.compat["f1"] == pytest.approx(100 * (0.5 + 2 / 3 + 2 / 3) / 3, abs=1e-3)
+    assert score.compat["auc"] == pytest.approx(100 * (0.5 + 5 / 6 + 0.75) / 3, abs=1e-3)
+    assert score.compat["hl"] == pytest.approx(100 / 3, abs=1e-3)
+    assert score.strict["f1"] == pytest.approx(100 * (0.5 + 1 + 2 / 3) / 3, abs=1e-3)
+    assert score.strict["hl"] == pytest.approx(15.0)
+    assert score.strict["exact_match"] == pytest.approx(25.0)
+    assert score.strict["unparsed"] == 1
+    assert score.strict["auc"] is None
+    assert score.details["s4"].parsed == []
+
+
+def test_code15_norm_abnormal_rules() -> None:
+    # gold: c1 "NORM" -> [NORM]; c2 "ABNORMAL" -> [ABNORMAL]; c3 "RBBB"; c4 "AF"
+    # compat (text after the last "Answer:"):
+    #   c1 " NORM"                    -> [NORM]
+    #   c2 " ABNORMAL"                -> [ABNORMAL]   (contains NORM, but ABNORMAL wins by the order of tests)
+    #   c3 " ABNORMAL, RBBB" (the NORMAL before "Answer:" is ignored) -> [ABNORMAL, RBBB]
+    #   c4 " STRONGLY ABNORMAL AF"   -> [ABNORMAL, ST (inside STRONGLY), AF]; ST is no gold class: dropped
+    # classes ABNORMAL, AF, NORM, RBBB:
+    #   ABNORMAL gold 0100 pred 0111: TP1 FP2 -> F1 2/4 = .5, AUC (1+1-2/3)/2 = 2/3; others F1 1, AUC 1
+    #   F1 = 3.5/4 = 87.5; AUC = (2/3+3)/4 = 91.67; HL = 2 wrong of 16 = 12.5
+    # strict: c4 -> [ABNORMAL, AF] (no ST); HL over 8 codes: 2 of 32 = 6.25; exact: c1, c2 = 50
+    score = _score("code15-test", [("c1", "NORM", "Answer: NORM"), ("c2", "ABNORMAL", "Answer: ABNORMAL"),
+                                   ("c3", "RBBB", "The rhythm looks NORMAL. Answer: ABNORMAL, RBBB"),
+                                   ("c4", "AF", "Answer: STRONGLY ABNORMAL AF")])
+    assert score.compat["classes"] == ["ABNORMAL", "AF", "NORM", "RBBB"]
+    assert score.compat["f1"] == pytest.approx(87.5)
+    assert score.compat["auc"] == pytest.approx(100 * (2 / 3 + 3) / 4, abs=1e-3)
+    assert score.compat["hl"] == pytest.approx(12.5)
+    assert score.strict["f1"] == pytest.approx(87.5)
+    assert score.strict["hl"] == pytest.approx(6.25)
+    assert score.strict["exact_match"] == pytest.approx(50.0)
+    labels = SUBSETS["code15-test"].labels
+    assert parse.code15_compat("Answer: STRONGLY ABNORMAL AF", labels) == ["ABNORMAL", "ST", "AF"]
+    assert score.details["c4"].parsed == ["ABNORMAL", "AF"]
+
+
+def test_cpsc_strict_counts_labels_the_gold_never_has() -> None:
+    # gold [AF], [I-AVB]; answers "AF" and "I-AVB and PAC"
+    # compat: classes AF, I-AVB (PAC is dropped by the binarizer fitted on gold) -> F1 100, AUC 100, HL 0
+    # strict: PAC is a class too: F1 (1 + 1 + 0)/3 = 66.67; HL over 9 codes: 1 wrong of 18 cells = 5.56
+    score = _score("cpsc-test", [("a", "AF", "AF"), ("b", "I-AVB", "I-AVB and PAC")])
+    assert (score.compat["f1"], score.compat["auc"], score.compat["hl"]) == (100.0, 100.0, 0.0)
+    assert score.strict["f1"] == pytest.approx(200 / 3, abs=1e-3)
+    assert score.strict["hl"] == pytest.approx(100 / 18, abs=1e-3)
+
+
+def test_auc_is_nan_for_a_class_every_sample_has() -> None:
+    # NORM in both gold sets: its gold column is constant -> no ROC curve -> NaN, and the mean is NaN (reported as None)
+    score = _score("ptb-test", [("a", "NORM", "NORM"), ("b", "NORM, MI", "NORM")])
+    assert score.compat["auc"] is None
+    assert any("class NORM" in n for n in score.notes)
+    assert score.compat["f1"] == pytest.approx(50.0)  # NORM 1, MI 0
+
+
+def test_choice_extraction_and_random_fallback_seed_42() -> None:
+    # g1 "A"                                   compat A (lone letter)                      strict A
+    # g2 "The finding is PAC. Answer: B"       compat C ("C." inside "PAC.")               strict B (after Answer:)
+    # g3 "I cannot tell"                       compat random: Random(42).choice(A..H) 1st = B   strict none
+    # g4 "Hmm"                                 compat random, 2nd draw = A                 strict none
+    # g5 "Answer: Because of the E wave"       compat B (first of A..H *in order* present: B of Because)  strict E
+    # g6 "The correct option is F"             compat F                                    strict F
+    # gold A, B, D, A, E, F:
+    #   compat hits g1, g4 (lucky), g6 = 3/6 = 50; 2 random fallbacks
+    #   strict hits g1, g2, g5, g6 = 4/6 = 66.67; 2 unreadable
+    score = _score("csn-test-no-cot", [("g1", "A", "A"), ("g2", "B", "The finding is PAC. Answer: B"),
+                                       ("g3", "D", "I cannot tell"), ("g4", "A", "Hmm"),
+                                       ("g5", "E", "Answer: Because of the E wave"),
+                                       ("g6", "F", "The correct option is F")])
+    assert score.compat == {"accuracy": 50.0, "random_fallbacks": 2}
+    assert score.strict["accuracy"] == pytest.approx(400 / 6, abs=1e-3)
+    assert score.strict["unparsed"] == 2
+    assert [score.details[g].parsed for g in ("g1", "g2", "g3", "g5")] == ["A", "B", None, "E"]
+
+
+def test_mmmu_guesses_among_four_letters() -> None:
+    # MMMU has 4 options: Random(42).choice(A..D) first gives A (over A..H it would be B)
+    assert _score("mmmu-ecg", [("m", "A", "no idea")]).compat["accuracy"] == 100.0
+    assert _score("csn-test-no-cot", [("m", "A", "no idea")]).compat["accuracy"] == 0.0
+    assert _score("mmmu-ecg", [("m", "A", "no idea")]).strict == {"accuracy": 0.0, "unparsed": 1}
+
+
+def test_choice_compat_edge_cases() -> None:
+    assert parse.choice_compat("The correct option is ") is None  # the paper's script would crash here
+    assert parse.choice_compat("The correct option is x. Answer: C") is None  # no fall-through to Answer:
+    assert parse.choice_strict("(C)", "ABCD") == "C"
+    assert parse.choice_strict("E", "ABCD") is None  # not an option of a 4-option question
+
+
+QUESTION = ("Question: Which leads show ST elevation?\nOptions: lead I, lead II, lead III, None\n\n"
+            "Only answer based on the given Options without any explanation.")
+
+
+def test_ecgqa_set_equality_and_list_answers() -> None:
+    # candidates: lead I, lead II, lead III, None
+    # q1 gold "lead II", "lead I and lead II": compat picks lead I, lead II (substrings) -> chars of
+    #    "lead Ilead II" = {l,e,a,d,' ',I} = chars of "lead II": correct (the paper compares character sets);
+    #    strict picks {lead i, lead ii} != {lead ii}: wrong
+    # q2 gold "lead II", "lead II": compat picks lead I (substring) and lead II: same characters, correct;
+    #    strict {lead ii}: correct
+    # q3 gold ["lead I", "lead III"] (a list), "lead III, lead I": compat joins both sides: correct;
+    #    strict {lead i, lead iii} (lead II is not a whole word of "lead III"): correct
+    # q4 gold "none", "None of them": compat picks "None", whose characters {N,o,n,e} != {n,o,e}: wrong;
+    #    strict compares lower-cased options: correct
+    # q5 gold "lead I", "I am not sure": nothing picked: wrong in both; strict counts it unreadable
+    # compat 3/5 = 60, strict 3/5 = 60 with 1 unreadable (different samples right)
+    score = _score("ecgqa-test", [("q1", "lead II", "lead I and lead II"), ("q2", "lead II", "lead II"),
+                                  ("q3", ("lead I", "lead III"), "lead III, lead I"), ("q4", "none", "None of them"),
+                                  ("q5", "lead I", "I am not sure")], question=QUESTION)
+    assert score.compat == {"accuracy": 60.0}
+    assert score.strict == {"accuracy": 60.0, "unparsed": 1}
+    assert [score.details[q].correct for q in ("q1", "q2", "q3", "q4", "q5")] == [False, True, True, True, False]
+
+
+def test_ecgqa_response_field_keeps_candidate_case() -> None:
+    # from a `response` field the paper does not lower-case the candidate: "lead I" never occurs in "lead ii"
+    rows = [("q", "lead II", "lead II")]
+    assert _score("ecgqa-test", rows, question=QUESTION, text_key="response").compat["accuracy"] == 0.0
+    assert _score("ecgqa-test", rows, question=QUESTION, text_key="text").compat["accuracy"] == 100.0
+
+
+def test_ecgqa_options_come_from_the_recorded_prompt() -> None:
+    # the prompt the model saw lists "lead V1"; the dataset question does not: the prompt wins
+    sample = Sample("q", "ecgqa-test", (Turn(QUESTION, "lead V1"),))
+    prediction = Prediction("q", "lead V1", prompt="Options: lead V1, lead V2")
+    score = score_subset(SUBSETS["ecgqa-test"], [sample], PredictionFile(Path("p"), (prediction,)))
+    assert score.strict["accuracy"] == 100.0 and score.compat["accuracy"] == 100.0
+
+
+def test_metrics_by_hand() -> None:
+    # hard AUC = (1 + TPR - FPR) / 2: gold 1100, pred 1010 -> TPR 1/2, FPR 1/2 -> .5
+    assert hard_auc(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0])) == pytest.approx(0.5)
+    assert math.isnan(hard_auc(np.array([1, 1]), np.array([1, 0])))
+    scores = multilabel_scores([["A"], ["B"]], [["A", "C"], []])  # C unknown: dropped; B: 0/(0+0+1) -> F1 0
+    assert scores.classes == ("A", "B")
+    assert scores.f1_per_class == (1.0, 0.0)
+    assert scores.hamming == pytest.approx(0.25)
+
+
+def test_every_subset_has_a_scorer_and_aliases_resolve() -> None:
+    assert resolve_subset("csn").name == "csn-test-no-cot"
+    assert resolve_subset("PTB").name == "ptb-test"
+    with pytest.raises(ConfigError, match="choose from ptb-test"):
+        resolve_subset("ptb-xl-rhythm")
+    for spec in SUBSETS.values():
+        rows = [("x", "A" if spec.kind == "choice" else "NORM", "A")]
+        assert score_subset(spec, [Sample("x", spec.name, (Turn(QUESTION, rows[0][1]),))],
+                            PredictionFile(Path("p"), (Prediction("x", "A"),))).coverage.scored == 1
+
+
+def test_missing_and_unknown_ids_are_counted() -> None:
+    samples = [Sample(i, "mmmu-ecg", (Turn("q", "A"),)) for i in ("a", "b", "c")]
+    predictions = PredictionFile(Path("p"), (Prediction("a", "A"), Prediction("zz", "B")), duplicates=("a",))
+    score = score_subset(SUBSETS["mmmu-ecg"], samples, predictions)
+    c = score.coverage
+    assert (c.samples, c.scored, c.missing, c.unknown, c.duplicates) == (3, 1, 2, 1, 1)
+    assert c.missing_ids == ("b", "c") and c.unknown_ids == ("zz",)
+    assert score.compat["accuracy"] == 100.0  # scored on what was answered; the counts say what was not
+    assert any("paper's subset has 200" in n for n in score.notes)

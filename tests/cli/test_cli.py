@@ -1,0 +1,106 @@
+"""`pulse-edge` end to end: make-tiny, render-ecg, infer; and one clean line for every user error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pulse_edge.cli.main import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """The installed console script, in a fresh process (as a device integrator calls it)."""
+    exe = shutil.which("pulse-edge", path=str(Path(sys.executable).parent))
+    assert exe, "the pulse-edge console script is not installed next to this interpreter"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_make_tiny_then_infer_json(tmp_path: Path, ecg_png: Path) -> None:
+    model = tmp_path / "tiny"
+    made = _run("make-tiny", str(model))
+    assert made.returncode == 0, made.stderr
+    out = _run("infer", str(ecg_png), "--model", str(model), "--json", "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["image_tokens"] == 2880
+    assert result["generated_tokens"] == len(result["token_ids"]) <= 8
+    assert result["prompt_tokens"] > 2880
+    assert set(result["timings"]) >= {"preprocess_ms", "vision_ms", "prefill_ms", "decode_tokens_per_s"}
+    assert isinstance(result["text"], str)
+
+
+def test_infer_streams_text_and_summarises_on_stderr(tiny_checkpoint: Path, ecg_png: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["infer", str(ecg_png), "--model", str(tiny_checkpoint), "--max-new-tokens", "6"])
+    assert res.exit_code == 0, res.output
+    assert "2880 image tokens" in res.stderr
+    as_json = runner.invoke(main, ["infer", str(ecg_png), "--model", str(tiny_checkpoint), "--max-new-tokens", "6",
+                                   "--json"])
+    assert res.stdout.rstrip("\n") == json.loads(as_json.stdout)["text"]
+
+
+def test_render_ecg_writes_a_print(tmp_path: Path) -> None:
+    out = tmp_path / "af.png"
+    res = CliRunner().invoke(main, ["render-ecg", str(out), "--rhythm", "afib", "--size", "3300x2550"])
+    assert res.exit_code == 0, res.output
+    assert Image.open(out).size == (3300, 2550)
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    corrupt = tmp / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    tiny = tmp / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    text = tmp / "notes.txt"
+    text.write_text("not an image")
+    return {"corrupt": corrupt, "one pixel": tiny, "text file": text, "missing": tmp / "nope.png"}
+
+
+@pytest.mark.parametrize("case", ["corrupt", "one pixel", "text file", "missing"])
+def test_bad_images_give_one_line_and_exit_2(tmp_path: Path, tiny_checkpoint: Path, case: str) -> None:
+    path = _bad_inputs(tmp_path)[case]
+    res = _run("infer", str(path), "--model", str(tiny_checkpoint))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pulse-edge: error:"), res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_bad_model_dir_gives_one_line(tmp_path: Path, ecg_png: Path) -> None:
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tmp_path)])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == f"pulse-edge: error: {tmp_path} is not a checkpoint: it has no config.json"
+
+
+def test_make_tiny_refuses_a_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("user data")
+    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path)])
+    assert res.exit_code == 2 and "not empty" in res.stderr
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_prompt_longer_than_the_context_is_one_line(tiny_checkpoint: Path, ecg_png: Path) -> None:
+    question = "Describe the ST segment in every lead. " * 600  # far beyond 4096 - 2880 positions
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_checkpoint), "--question", question])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("pulse-edge: error: the prompt takes") and "context holds 4096" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+def test_interrupted_make_tiny_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.export.fixtures.tiny as tiny
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # the user pressing Ctrl-C halfway through the shards
+
+    monkeypatch.setattr(tiny, "write_shards", broken)
+    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+    assert res.exit_code == 130
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,342 @@
+"""Input decoding: every accepted format round-trips, every bad input is one clear InputError."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pulse_edge.errors import InputError
+from pulse_edge.runtime.inputs import images as inputs
+from pulse_edge.runtime.inputs.images import ACCEPTED_FORMATS, MAX_PIXELS, MIN_SIDE_PX, load_image, load_image_bytes
+
+RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
+
+
+def pattern(size: tuple[int, int] = (400, 300)) -> Image.Image:
+    """Red left half, blue right half: orientation and colour survive (or not) visibly."""
+    width, height = size
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    array[:, : width // 2] = RED
+    array[:, width // 2 :] = BLUE
+    return Image.fromarray(array)
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A few hundred bytes of valid PNG structure whose header claims width x height RGB pixels."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def assert_input_error(call, name: str, *needles: str) -> str:
+    """`call` raises InputError whose message is one line, names the file and contains `needles`."""
+    with pytest.raises(InputError) as excinfo:
+        call()
+    message = str(excinfo.value)
+    assert "\n" not in message and "\r" not in message
+    assert name in message
+    for needle in needles:
+        assert needle.lower() in message.lower(), message
+    return message
+
+
+# --- accepted formats round-trip ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "BMP"])
+def test_lossless_formats_round_trip_exactly(tmp_path, fmt):
+    original = pattern()
+    loaded = load_image(write(tmp_path, f"ecg.{fmt.lower()}", encode(original, fmt)))
+    assert loaded.mode == "RGB"
+    assert loaded.size == (400, 300)
+    assert np.array_equal(np.asarray(loaded), np.asarray(original))
+
+
+def test_jpeg_round_trips_within_compression_error(tmp_path):
+    loaded = load_image(write(tmp_path, "ecg.jpg", encode(pattern(), "JPEG", quality=95)))
+    assert loaded.mode == "RGB" and loaded.size == (400, 300)
+    assert np.abs(np.asarray(loaded, dtype=int) - np.asarray(pattern(), dtype=int))[:, 10:190].max() < 12
+
+
+def test_bytes_and_path_give_the_same_pixels(tmp_path):
+    data = encode(pattern(), "PNG")
+    from_bytes = load_image_bytes(data, name="row-17")
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(load_image(write(tmp_path, "a.png", data))))
+
+
+def test_format_is_sniffed_not_taken_from_the_extension(tmp_path):
+    png_named_jpg = load_image(write(tmp_path, "scan.jpg", encode(pattern(), "PNG")))
+    jpeg_named_png = load_image(write(tmp_path, "scan.png", encode(pattern(), "JPEG")))
+    no_extension = load_image(write(tmp_path, "scan", encode(pattern(), "BMP")))
+    assert png_named_jpg.size == jpeg_named_png.size == no_extension.size == (400, 300)
+
+
+def test_multi_frame_tiff_gives_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (200, 200), colour) for colour in (GREEN, RED, BLUE)]
+    data = encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    loaded = load_image(write(tmp_path, "multi.tif", data))
+    assert loaded.getpixel((100, 100)) == GREEN
+
+
+def test_pdf_first_page_renders_at_200_dpi(tmp_path):
+    # 850x1100 px at 100 dpi is an 8.5x11 in (US letter) page; at 200 dpi that is 1700x2200 px.
+    page = pattern((850, 1100))
+    second = Image.new("RGB", (850, 1100), GREEN)
+    data = encode(page, "PDF", resolution=100, save_all=True, append_images=[second])
+    loaded = load_image(write(tmp_path, "ecg.pdf", data))
+    assert loaded.mode == "RGB"
+    assert loaded.size == (1700, 2200)
+    left, right = loaded.getpixel((400, 1100)), loaded.getpixel((1300, 1100))
+    assert left[0] > 200 and left[2] < 60  # red half, not the green second page
+    assert right[2] > 200 and right[0] < 60
+
+
+def test_pdf_render_is_capped_below_max_pixels(monkeypatch):
+    # 200x200 px at 2 dpi is a 100x100 in page: 20000x20000 px at 200 dpi, far above the cap.
+    monkeypatch.setattr(inputs, "MAX_PIXELS", 4_000_000)
+    loaded = load_image_bytes(
+        encode(Image.new("RGB", (200, 200), "white"), "PDF", resolution=2), name="poster.pdf"
+    )
+    width, height = loaded.size
+    assert width * height <= 4_000_000
+    assert width > 1900 and height > 1900  # capped, not collapsed
+
+
+# --- modes ---------------------------------------------------------------------------------
+
+
+def test_transparent_png_is_composited_on_white(tmp_path):
+    # A trace exported on a transparent background: black line at alpha 255, the rest alpha 0 (black).
+    rgba = np.zeros((200, 300, 4), dtype=np.uint8)
+    rgba[100, :, 3] = 255
+    loaded = np.asarray(load_image(write(tmp_path, "trace.png", encode(Image.fromarray(rgba), "PNG"))))
+    assert (loaded[50] == 255).all()
+    assert (loaded[100] == 0).all()
+
+
+def test_half_transparent_pixels_blend_with_white():
+    rgba = Image.new("RGBA", (200, 200), (0, 0, 0, 128))
+    loaded = load_image_bytes(encode(rgba, "PNG"), name="half.png")
+    assert loaded.getpixel((5, 5)) == (127, 127, 127)  # 255 * (1 - 128/255) rounds to 127
+
+
+def test_grey_with_alpha_and_palette_with_transparency_go_on_white():
+    la = Image.new("LA", (200, 200), (0, 0))
+    palette = Image.new("P", (200, 200), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.paste(1, (0, 0, 100, 200))
+    palette_data = encode(palette, "PNG", transparency=0)
+    assert load_image_bytes(encode(la, "PNG"), name="la.png").getpixel((5, 5)) == WHITE
+    loaded = load_image_bytes(palette_data, name="p.png")
+    assert loaded.getpixel((50, 50)) == RED
+    assert loaded.getpixel((150, 50)) == WHITE
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    # 65535 -> 255, 257*100 -> 100, 32768 -> 32768/257 = 127.5 -> rounds to 128, 0 -> 0.
+    values = np.zeros((200, 200), dtype=np.uint16)
+    values[:, 50:100], values[:, 100:150], values[:, 150:] = 257 * 100, 32768, 65535
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    for fmt in ("PNG", "TIFF"):
+        loaded = np.asarray(load_image_bytes(encode(image, fmt), name=f"grey16.{fmt}"))
+        assert loaded[0, [0, 60, 110, 160]].tolist() == [[0, 0, 0], [100] * 3, [128] * 3, [255] * 3]
+
+
+def test_grey_palette_and_cmyk_become_rgb():
+    grey = Image.new("L", (200, 200), 77)
+    cmyk = Image.new("CMYK", (200, 200), (0, 255, 255, 0))  # no cyan/black, full magenta+yellow = red
+    palette = Image.new("RGB", (200, 200), GREEN).convert("P")
+    assert load_image_bytes(encode(grey, "PNG"), name="l.png").getpixel((1, 1)) == (77, 77, 77)
+    assert load_image_bytes(encode(cmyk, "TIFF"), name="c.tif").getpixel((1, 1)) == RED
+    assert load_image_bytes(encode(palette, "BMP"), name="p.bmp").getpixel((1, 1)) == GREEN
+    cmyk_jpeg = load_image_bytes(encode(cmyk, "JPEG", quality=95), name="c.jpg").getpixel((1, 1))
+    assert cmyk_jpeg[0] > 230 and max(cmyk_jpeg[1:]) < 25
+
+
+def test_float_images_are_refused_with_the_mode():
+    floats = Image.fromarray(np.ones((200, 200), dtype=np.float32))
+    assert_input_error(lambda: load_image_bytes(encode(floats, "TIFF"), name="f.tif"), "f.tif", "'F'")
+
+
+def test_exif_orientation_is_applied():
+    # Stored 300x200 landscape, red left half; EXIF orientation 6 says "rotate 90 degrees clockwise to
+    # display", so the displayed image is 200x300 with the red half on top.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    loaded = load_image_bytes(encode(pattern((300, 200)), "JPEG", quality=95, exif=exif), name="phone.jpg")
+    assert loaded.size == (200, 300)
+    top, bottom = loaded.getpixel((100, 40)), loaded.getpixel((100, 260))
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+# --- size limits ---------------------------------------------------------------------------
+
+
+def test_limits_are_sane():
+    assert set(ACCEPTED_FORMATS) == {"PNG", "JPEG", "TIFF", "BMP", "PDF"}
+    assert 64 <= MIN_SIDE_PX <= 256
+    assert MAX_PIXELS > 35_000_000  # a 600-dpi A4 scan must fit
+
+
+def test_one_by_one_is_too_small():
+    assert_input_error(
+        lambda: load_image_bytes(encode(Image.new("RGB", (1, 1)), "PNG"), name="dot.png"),
+        "dot.png",
+        "too small",
+        "1x1",
+    )
+
+
+def test_min_side_boundary():
+    ok = load_image_bytes(encode(Image.new("RGB", (MIN_SIDE_PX, 1000)), "PNG"), name="ok.png")
+    assert ok.size == (MIN_SIDE_PX, 1000)
+    narrow = encode(Image.new("RGB", (1000, MIN_SIDE_PX - 1)), "PNG")
+    assert_input_error(lambda: load_image_bytes(narrow, name="strip.png"), "strip.png", "too small")
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [
+        (20000, 20000),  # 400 Mpx: beyond Pillow's own hard limit
+        (10000, 10000),  # 100 Mpx: where Pillow only warns
+        (9000, 8000),  # 72 Mpx: below Pillow's limits, above ours
+    ],
+)
+def test_too_large_is_refused_from_the_header_fast(tmp_path, width, height):
+    path = write(tmp_path, f"huge{width}.png", png_claiming(width, height))
+    assert path.stat().st_size < 1000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters_before = list(warnings.filters)
+        start = time.perf_counter()
+        assert_input_error(lambda: load_image(path), path.name, "too large")
+        elapsed = time.perf_counter() - start
+        assert warnings.filters == filters_before  # the loader's stricter filter did not leak
+    assert elapsed < 1.0
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+# --- every other failure -------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    assert_input_error(lambda: load_image(tmp_path / "nope.png"), "nope.png", "does not exist")
+
+
+def test_directory(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    assert_input_error(lambda: load_image(folder), "scans", "directory")
+
+
+def test_empty_file_and_empty_bytes(tmp_path):
+    assert_input_error(lambda: load_image(write(tmp_path, "zero.png", b"")), "zero.png", "empty")
+    assert_input_error(lambda: load_image_bytes(b"", name="row-3"), "row-3", "empty")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path):
+    path = write(tmp_path, "locked.png", encode(pattern(), "PNG"))
+    path.chmod(0)
+    assert_input_error(lambda: load_image(path), "locked.png", "cannot be opened")
+
+
+def test_text_file_lists_accepted_formats(tmp_path):
+    path = write(tmp_path, "notes.png", b"Sinus rhythm, rate 72.\n")
+    assert_input_error(lambda: load_image(path), "notes.png", *ACCEPTED_FORMATS)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "needle"),
+    [("GIF", "GIF"), ("WEBP", "WebP")],
+)
+def test_refused_image_formats_say_what_they_are(fmt, needle):
+    data = encode(pattern(), fmt)
+    assert_input_error(lambda: load_image_bytes(data, name=f"ecg.{fmt}"), f"ecg.{fmt}", needle, "PNG")
+
+
+def test_dicom_is_recognised_and_refused(tmp_path):
+    # DICOM Part 10: 128-byte preamble, then "DICM", then data elements.
+    path = write(tmp_path, "ecg.png", b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 64)
+    assert_input_error(lambda: load_image(path), "ecg.png", "DICOM", "not supported yet")
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow on a cut TIFF tag table
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "BMP"])
+def test_truncated_images_are_corrupt_not_crashes(fmt):
+    data = encode(pattern(), fmt)
+    for cut in (len(data) // 2, 40):
+        assert_input_error(
+            lambda d=data[:cut]: load_image_bytes(d, name=f"cut.{fmt}"), f"cut.{fmt}", "corrupt"
+        )
+
+
+def test_garbled_png_is_corrupt():
+    data = bytearray(encode(pattern(), "PNG"))
+    data[60:160] = bytes(100)  # zero the start of the compressed pixel stream
+    assert_input_error(lambda: load_image_bytes(bytes(data), name="bad.png"), "bad.png", "corrupt")
+
+
+def test_corrupt_pdf(tmp_path):
+    path = write(tmp_path, "report.pdf", b"%PDF-1.7\n" + b"\x00garbage" * 20)
+    assert_input_error(lambda: load_image(path), "report.pdf", "PDF")
+
+
+def test_pdf_with_no_pages():
+    pdfium = pytest.importorskip("pypdfium2")
+    document = pdfium.PdfDocument.new()
+    buffer = io.BytesIO()
+    document.save(buffer)
+    document.close()
+    assert_input_error(lambda: load_image_bytes(buffer.getvalue(), name="blank.pdf"), "blank.pdf", "PDF")
+
+
+def test_names_with_newlines_still_give_one_line(tmp_path):
+    message = assert_input_error(lambda: load_image_bytes(b"junk", name="a\nb.png"), "a b.png")
+    assert message.count("\n") == 0
+
+
+# --- lean runtime --------------------------------------------------------------------------
+
+
+def test_importing_inputs_loads_neither_torch_nor_pdfium():
+    code = (
+        "import sys, pulse_edge.runtime.inputs.images, pulse_edge.runtime.image.preprocess; "
+        "print(sorted(m for m in ('torch', 'transformers', 'pypdfium2') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

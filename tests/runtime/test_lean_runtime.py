@@ -1,0 +1,42 @@
+"""The runtime stays lean: importing it must not pull torch, transformers, triton or optimum."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "triton", "optimum", "sentencepiece")
+RUNTIME_MODULES = (
+    "pulse_edge.runtime",
+    "pulse_edge.runtime.inputs.images",
+    "pulse_edge.runtime.image.preprocess",
+    "pulse_edge.runtime.text.prompt",
+    "pulse_edge.runtime.text.tokenizer",
+    "pulse_edge.runtime.generation.sampling",
+    "pulse_edge.runtime.generation.decode",
+    "pulse_edge.runtime.generation.result",
+    "pulse_edge.runtime.bundle.manifest",
+    "pulse_edge.runtime.generation.conversation",
+    "pulse_edge.runtime.engines.ort",
+    "pulse_edge.runtime.pipeline",
+    "pulse_edge.backends",
+    "pulse_edge.cli.group",
+    "pulse_edge.cli.main",
+)
+
+
+def test_runtime_imports_no_heavy_module() -> None:
+    code = (
+        "import sys\n"
+        f"for m in {RUNTIME_MODULES!r}: __import__(m)\n"
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the lean runtime imported: {out.stdout.strip()}"
+
+
+def test_the_check_itself_sees_a_heavy_import() -> None:
+    """Guard against a vacuous check: the same probe does notice torch once it is imported."""
+    code = "import sys, pulse_edge.export.model.reference\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -1,0 +1,322 @@
+"""The bundle and the lean ONNX Runtime path: parity with the torch reference, chat, and bad bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pulse_edge.cli.main import main
+from pulse_edge.errors import ConfigError, PromptError
+from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+from pulse_edge.export.model.torch_backend import TorchPipeline
+from pulse_edge.runtime.bundle.manifest import BundleError, read_manifest
+from pulse_edge.runtime.ecg.render import render_ecg
+from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
+from pulse_edge.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def ort_pipeline(tiny_bundle: Path) -> Pipeline:
+    return Pipeline.from_bundle(tiny_bundle)
+
+
+def _images() -> list[Image.Image]:
+    return [render_ecg(synthesize_ecg(r, seed=s), width_px=w, height_px=h)
+            for r, s, (w, h) in (("sinus", 11, (2200, 1700)), ("afib", 12, (3300, 2550)),
+                                 ("bradycardia", 13, (1700, 2200)))]
+
+
+def test_manifest_records_passing_validation(tiny_bundle: Path) -> None:
+    manifest = read_manifest(tiny_bundle)
+    assert manifest.precision == "fp32" and manifest.image.merge == "flat"
+    assert set(manifest.graphs) == {"vision", "decoder"}
+    validation = manifest.validation
+    assert validation["pass"] is True and validation["greedy"]["all_equal"] is True
+    lengths = [case["prefill_length"] for case in validation["decoder"]["cases"]]
+    assert lengths == [5, 64, 2950]
+    assert all(c["prefill"]["max_rel_err"] < 1e-4 for c in validation["decoder"]["cases"])
+    assert len(manifest.source.sha256) == 64
+
+
+@pytest.mark.parametrize("question", ["What is the rhythm?", "Is there ST elevation in V2?", "Report."])
+def test_ort_greedy_tokens_equal_torch(ort_pipeline: Pipeline, tiny_pipeline: TorchPipeline,
+                                       question: str) -> None:
+    for image in _images():
+        ours = ort_pipeline.generate(image, question, max_new_tokens=24)
+        ref = tiny_pipeline.generate(image, question, max_new_tokens=24)
+        assert ours.token_ids == ref.token_ids
+        assert (ours.image_tokens, ours.prompt_tokens, ours.text) == (ref.image_tokens, ref.prompt_tokens, ref.text)
+
+
+def test_multi_turn_chat_keeps_the_cache_and_matches_torch(ort_pipeline: Pipeline,
+                                                           tiny_pipeline: TorchPipeline) -> None:
+    image = _images()[0]
+    ours, ref = ort_pipeline.chat(), tiny_pipeline.chat()
+    for question, kwargs in (("What is the rhythm?", {"image": image}), ("And the rate?", {}), ("Axis?", {})):
+        a = ours.ask(question, max_new_tokens=6, **kwargs)
+        b = ref.ask(question, max_new_tokens=6, **kwargs)
+        assert a.token_ids == b.token_ids
+    assert ort_pipeline.engine.length > 2880  # the image is still in the cache after three turns
+    with pytest.raises(PromptError, match="cannot bring a new image"):
+        ours.ask("Another one?", image=image)
+
+
+def test_chunked_prefill_gives_the_same_answer(tiny_bundle: Path, ort_pipeline: Pipeline) -> None:
+    image = _images()[1]
+    assert ort_pipeline.engine.prefill_chunk == 512  # the default: ~3000-position prompts run in 6 chunks
+    one_pass = Pipeline.from_bundle(tiny_bundle, prefill_chunk=None)
+    assert (one_pass.generate(image, "Rate?", max_new_tokens=12).token_ids
+            == ort_pipeline.generate(image, "Rate?", max_new_tokens=12).token_ids)
+
+
+def test_fp16_bundle_validates_and_runs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    bundle = export_bundle(tiny_checkpoint, tmp_path / "fp16", ExportOptions(precision="fp16"))
+    manifest = read_manifest(bundle)
+    assert manifest.kv.dtype == "float16" and manifest.validation["pass"] is True
+    result = Pipeline.from_bundle(bundle).generate(_images()[0], "Rate?", max_new_tokens=5)
+    assert result.generated_tokens == 5
+
+
+def _edit_manifest(bundle: Path, **changes: object) -> None:
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _cli_error(bundle: Path, image: Path, *extra: str) -> str:
+    res = CliRunner().invoke(main, ["infer", str(image), "--model", str(bundle), "--max-new-tokens", "2", *extra])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("pulse-edge: error:") and res.stderr.count("\n") == 1, res.stderr
+    return res.stderr
+
+
+def test_bundle_from_another_version_is_refused(tiny_bundle: Path, tmp_path: Path, ecg_png: Path) -> None:
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    _edit_manifest(bundle, version=99)
+    assert "manifest version 99 is not supported" in _cli_error(bundle, ecg_png)
+
+
+def test_missing_and_truncated_graph_files_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    missing = shutil.copytree(tiny_bundle, tmp_path / "missing")
+    (missing / "decoder.onnx").unlink()
+    with pytest.raises(BundleError, match=r"decoder\.onnx named in manifest\.json is missing"):
+        read_manifest(missing)
+    truncated = shutil.copytree(tiny_bundle, tmp_path / "truncated")
+    data = truncated / "decoder.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="truncated"):
+        read_manifest(truncated)
+
+
+def test_short_context_refuses_long_prompts_and_big_images(tiny_checkpoint: Path, tmp_path: Path,
+                                                            ecg_png: Path) -> None:
+    bundle = export_bundle(tiny_checkpoint, tmp_path / "short", ExportOptions(max_context=2048))
+    assert "the image needs 2880 tokens but the context holds 2048" in _cli_error(bundle, ecg_png)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (336, 336), "white").save(small)  # 1 tile + base = 1152 image tokens: fits
+    assert "the prompt takes" in _cli_error(bundle, small, "--question", "Describe every lead. " * 300)
+
+
+def test_absent_provider_is_an_error_not_a_fallback(tiny_bundle: Path, ecg_png: Path) -> None:
+    err = _cli_error(tiny_bundle, ecg_png, "--provider", "cuda")
+    assert "provider 'cuda'" in err and "not available" in err
+
+
+def test_failed_export_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.export.build.bundle as bundle_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ConfigError("simulated failure halfway through the decoder")
+
+    monkeypatch.setattr(bundle_module, "build_decoder", broken)
+    with pytest.raises(ConfigError):
+        export_bundle(tiny_checkpoint, tmp_path / "never")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_infer_json_from_a_bundle_matches_the_checkpoint(tiny_bundle: Path, tiny_checkpoint: Path,
+                                                         ecg_png: Path) -> None:
+    runner = CliRunner()
+    args = ["infer", str(ecg_png), "--json", "--max-new-tokens", "8", "--model"]
+    ort = json.loads(runner.invoke(main, [*args, str(tiny_bundle)]).stdout)
+    ref = json.loads(runner.invoke(main, [*args, str(tiny_checkpoint)]).stdout)
+    assert ort["backend"] == "ort" and ref["backend"] == "torch"
+    assert ort["token_ids"] == ref["token_ids"] and ort["image_tokens"] == 2880
+
+
+def test_context_too_small_for_any_image_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--max-context must be between 1984 \(the smallest image takes 1728"):
+        export_bundle(tiny_checkpoint, tmp_path / "tiny-context", ExportOptions(max_context=1000))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serving_a_bundle_never_imports_torch(tiny_bundle: Path, ecg_png: Path) -> None:
+    """Not just the imports: a whole generation from a bundle runs without torch or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from pulse_edge.runtime.inputs.images import load_image\n"
+            "from pulse_edge.runtime.pipeline import Pipeline\n"
+            f"r = Pipeline.from_bundle({str(tiny_bundle)!r}).generate(load_image({str(ecg_png)!r}), 'Rate?', "
+            "max_new_tokens=3)\n"
+            "print(r.generated_tokens, [m for m in ('torch', 'transformers', 'triton') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split(maxsplit=1) == ["3", "[]\n"]
+
+
+def test_a_flat_bundle_has_no_image_newline(tiny_bundle: Path, ort_pipeline: Pipeline) -> None:
+    """spatial_unpad bundles carry image_newline.npy (tests/test_unpad_bundle.py); PULSE's flat ones do not."""
+    manifest = read_manifest(tiny_bundle)
+    assert manifest.image_newline is None
+    assert "image_newline" not in json.loads((tiny_bundle / "manifest.json").read_text())
+    assert not (tiny_bundle / "image_newline.npy").exists()
+    assert ort_pipeline.engine.merge.layout.merge == "flat" and ort_pipeline.engine.merge.image_newline is None
+
+
+def test_a_wrong_decoder_graph_fails_validation_and_writes_nothing(tiny_checkpoint: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break the graph for real (rotary tables of the wrong base): validation must catch it."""
+    import numpy as np
+
+    import pulse_edge.export.graphs.decoder as decoder_module
+    from pulse_edge.export.build.bundle import ExportValidationError
+
+    original = decoder_module._rotary_tables
+
+    def wrong_rotary(lm: object, shape: object) -> tuple[np.ndarray, np.ndarray]:
+        cos, sin = original(lm, shape)
+        return cos, np.roll(sin, 1, axis=-1)
+
+    monkeypatch.setattr(decoder_module, "_rotary_tables", wrong_rotary)
+    expected = r"disagree with the torch reference.*decoder after a 5-position prefill: rel err"
+    with pytest.raises(ExportValidationError, match=expected) as info:
+        export_bundle(tiny_checkpoint, tmp_path / "wrong")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backend_that_does_not_match_the_model_is_one_line(tiny_bundle: Path, tiny_checkpoint: Path,
+                                                             ecg_png: Path) -> None:
+    assert "the torch backend serves checkpoints" in _cli_error(tiny_bundle, ecg_png, "--backend", "torch")
+    assert "is not a pulse-edge bundle" in _cli_error(tiny_checkpoint, ecg_png, "--backend", "ort")
+
+
+def test_export_that_cannot_be_validated_here_is_refused_up_front(tiny_checkpoint: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 7B case on a 24 GiB machine, scaled down: refuse before writing anything, with the reason."""
+    import pulse_edge.export.build.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "mem_available_bytes", lambda: 1_000_000)  # 1 MB free
+    with pytest.raises(ConfigError, match=r"needs ~0.0 GiB of memory \(weights 0.0, KV cache 0.0 for \d+ "
+                                          r"positions\) but 0.0 GiB is available; export with a smaller"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp16"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp32_attention_is_refused_on_cuda_before_any_session(tiny_bundle: Path) -> None:
+    """ORT's CUDA GroupQueryAttention is fp16/bf16 only: an fp32 bundle there would run attention on the CPU
+    with the cache copied every layer. check_device says so without needing a GPU; fp16 bundles pass."""
+    import dataclasses
+
+    from pulse_edge.runtime.engines.ort import SessionConfig, check_device
+
+    manifest = read_manifest(tiny_bundle)
+    for provider in ("cuda", "tensorrt"):
+        with pytest.raises(ConfigError, match=r"computes attention in fp32.* --precision fp16 for a GPU$"):
+            check_device(manifest, SessionConfig(provider=provider))
+    check_device(manifest, SessionConfig(provider="cpu"))
+    check_device(dataclasses.replace(manifest, kv=dataclasses.replace(manifest.kv, dtype="float16")),
+                 SessionConfig(provider="cuda"))
+    fp8 = dataclasses.replace(manifest, precision="fp8")  # the fp8 recipe's fp32 base: no GPU path yet, said so
+    with pytest.raises(ConfigError, match=r"the fp8 recipe keeps an fp32 base today"):
+        check_device(fp8, SessionConfig(provider="tensorrt"))
+
+
+def test_tensorrt_falls_back_to_cuda_not_cpu_and_caches_engines(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pulse_edge.runtime.engines.ort import SessionConfig, graph_cache_key, provider_chain
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    chain = provider_chain(SessionConfig(provider="tensorrt", device_id=1), fp16=True)
+    assert [name for name, _ in chain] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    trt = chain[0][1]
+    assert trt["trt_fp16_enable"] is True and trt["device_id"] == 1 and chain[1][1] == {"device_id": 1}
+    assert trt["trt_engine_cache_path"] == str(tmp_path / "pulse-edge" / "tensorrt")
+    mine = provider_chain(SessionConfig(provider="tensorrt", provider_options={"trt_fp16_enable": False}), fp16=True)
+    assert mine[0][1]["trt_fp16_enable"] is False  # the caller's options win
+    assert provider_chain(SessionConfig(provider="cpu"), fp16=False) == ["CPUExecutionProvider"]
+    # ORT keys cached engines by graph structure: a re-exported bundle (same names, new weights) gets a new folder
+    graph = tmp_path / "b" / "decoder.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"graph")
+    graph.with_name("decoder.onnx.data").write_bytes(b"weights")
+    first = graph_cache_key(graph)
+    assert graph_cache_key(graph) == first
+    graph.with_name("decoder.onnx.data").write_bytes(b"other weights")
+    assert graph_cache_key(graph) != first
+
+
+def test_prefetch_reads_the_whole_file_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedding table is read through once at load (a cold row costs a disk read inside the decode loop);
+    a file that cannot be read is no error: the lookups fault the rows in themselves."""
+    import builtins
+
+    from pulse_edge.runtime.engines.bundle_engine import prefetch
+
+    table = tmp_path / "embed_tokens.npy"
+    table.write_bytes(bytes(range(256)) * 100_000)  # 25.6 MB: several 8 MiB reads
+    read = []
+    real_open = builtins.open
+
+    class Counting:
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        def readinto(self, buffer: bytearray) -> int:
+            n = self.f.readinto(buffer)
+            read.append(n)
+            return n
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: Counting(real_open(*a, **k)))
+    thread = prefetch(table)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and thread.daemon
+    assert sum(read) == table.stat().st_size and read[-1] == 0
+    prefetch(tmp_path / "missing.npy").join(timeout=30)  # no exception escapes the thread
+
+
+def test_a_bf16_reference_is_judged_as_an_oracle_with_its_own_error(tiny_checkpoint: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint too big for fp32 here is validated against its bf16 weights: the decoder checks use the
+    bf16-reference bound, the vision graph still the bundle's own (its reference is an fp32 copy)."""
+    import torch
+
+    import pulse_edge.export.build.bundle as bundle_module
+    from pulse_edge.export.validate.tolerances import TOLERANCES
+
+    monkeypatch.setattr(bundle_module, "reference_dtype", lambda _checkpoint: torch.bfloat16)
+    out = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp32"))
+    validation = read_manifest(out).validation
+    assert validation["pass"] and validation["reference_dtype"] == "bfloat16"
+    assert validation["tolerance_level"] == "bf16_reference"
+    assert validation["decoder"]["tolerance"]["max_rel_err"] == TOLERANCES["bf16_reference"].max_rel_err
+    assert validation["vision"]["tolerance"]["max_rel_err"] == TOLERANCES["fp32"].max_rel_err

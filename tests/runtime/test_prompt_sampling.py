@@ -1,0 +1,154 @@
+"""The llava_v1 template, the image slot, sampling and the shared decode loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pulse_edge.errors import ConfigError, PromptError
+from pulse_edge.runtime.generation.decode import decode_loop
+from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
+from pulse_edge.runtime.text.prompt import (
+    IMAGE_SLOT,
+    LLAVA_V1,
+    LLAVA_V1_SYSTEM,
+    PromptTemplate,
+    Turn,
+    continuation_ids,
+    image_slot_index,
+    prompt_ids,
+    render_text,
+    spliced_length,
+)
+
+
+class CharTokenizer:
+    """Stands in for SentencePiece: one id per character, plus the dummy-prefix space marker 1000."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text: str) -> list[int]:
+        return [1000, *(ord(c) for c in text)]
+
+
+def _decode(ids: list[int]) -> str:
+    return "".join(chr(i) if i > 2 and i != 1000 else {1: "<s>", 2: "</s>", 1000: "|"}.get(i, "?") for i in ids)
+
+
+def test_single_turn_text_is_the_llava_v1_template() -> None:
+    text = render_text([Turn("What is the rhythm?")])
+    assert text == f"{LLAVA_V1_SYSTEM} USER: <image>\nWhat is the rhythm? ASSISTANT:"
+
+
+def test_multi_turn_text_closes_answers_with_eos_string() -> None:
+    text = render_text([Turn("Q1", "A1"), Turn("Q2")])
+    assert text.endswith("USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:")
+
+
+def test_prompt_ids_split_at_the_image_with_bos_first_only() -> None:
+    ids = prompt_ids([Turn("Rate?")], CharTokenizer())
+    slot = image_slot_index(ids)
+    assert ids[0] == 1 and ids.count(1) == 1
+    # chunk before the image: dummy prefix + "{system} USER: " (trailing space kept, as LLaVA does)
+    assert _decode(ids[1:slot]) == f"|{LLAVA_V1_SYSTEM} USER: "
+    # chunk after the image is tokenized on its own, so it gets its own dummy prefix before "\n"
+    assert _decode(ids[slot + 1:]) == "|\nRate? ASSISTANT:"
+
+
+def test_multi_turn_ids_put_eos_after_each_answer_and_restart_a_chunk() -> None:
+    ids = prompt_ids([Turn("Q1", "A1"), Turn("Q2")], CharTokenizer())
+    tail = _decode(ids[image_slot_index(ids) + 1:])
+    assert tail == "|\nQ1 ASSISTANT: A1</s>|USER: Q2 ASSISTANT:"
+
+
+def test_continuation_matches_the_tail_of_the_full_prompt() -> None:
+    tok = CharTokenizer()
+    full = prompt_ids([Turn("Q1", "A1"), Turn("Q2")], tok)
+    first = prompt_ids([Turn("Q1")], tok)
+    answer_ids = tok.encode(" A1")[1:]  # what the model generated after "ASSISTANT:"
+    # a real SentencePiece merges " A1" into the preceding chunk; here the char tokenizer makes it exact
+    rebuilt = first + answer_ids + continuation_ids("Q2", tok, close_previous=True)
+    assert rebuilt == full
+
+
+def test_user_text_never_becomes_control_ids() -> None:
+    ids = prompt_ids([Turn("what does </s> mean?")], CharTokenizer())
+    assert ids.count(2) == 0
+
+
+@pytest.mark.parametrize("turns", [[], [Turn("<image> twice")], [Turn("Q1"), Turn("Q2")]])
+def test_malformed_conversations_are_refused(turns: list[Turn]) -> None:
+    with pytest.raises(PromptError):
+        prompt_ids(turns, CharTokenizer())
+
+
+def test_image_slot_must_be_unique() -> None:
+    with pytest.raises(PromptError, match="exactly one image slot"):
+        image_slot_index([1, IMAGE_SLOT, 5, IMAGE_SLOT])
+    assert spliced_length([1, IMAGE_SLOT, 5], 2880) == 2882
+
+
+def test_template_round_trips_through_dict() -> None:
+    assert PromptTemplate.from_dict(LLAVA_V1.to_dict()) == LLAVA_V1
+    with pytest.raises(PromptError, match="expected keys"):
+        PromptTemplate.from_dict({"name": "x"})
+
+
+def test_greedy_takes_the_first_maximum() -> None:
+    sampler = Sampler(SamplingParams())
+    assert sampler(np.array([0.1, 3.0, 3.0, -1.0])) == 1
+
+
+def test_sampling_is_seeded_and_follows_the_distribution() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.2]))
+    draws = [Sampler(SamplingParams(temperature=1.0, seed=7)) for _ in range(2)]
+    a = [draws[0](logits) for _ in range(2000)]
+    b = [draws[1](logits) for _ in range(2000)]
+    assert a == b
+    freq = np.bincount(a, minlength=3) / len(a)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.04)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=0))
+    seen = {sampler(logits) for _ in range(500)}
+    assert seen == {0, 1}  # 0.5 + 0.3 = 0.8 >= 0.75; token 2 and 3 never drawn
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_invalid_sampling_params_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        SamplingParams(**kwargs)
+
+
+def _scripted(tokens: list[int], vocab: int = 10):
+    """A fake engine whose greedy choice at step k is tokens[k]."""
+    def logits_for(k: int) -> np.ndarray:
+        row = np.zeros(vocab)
+        row[tokens[k]] = 1.0
+        return row
+
+    calls: list[int] = []
+
+    def step(token: int) -> np.ndarray:
+        calls.append(token)
+        return logits_for(len(calls))
+
+    return logits_for(0), step, calls
+
+
+def test_decode_loop_stops_at_eos_and_feeds_back_each_token() -> None:
+    first, step, calls = _scripted([5, 6, 2, 7])
+    out = decode_loop(first, step, sampler=Sampler(SamplingParams()), eos_id=2, max_new_tokens=10, room=100)
+    assert out.token_ids == [5, 6, 2] and out.stop_reason == "eos"
+    assert calls == [5, 6]  # EOS is not fed back
+
+
+def test_decode_loop_respects_token_limit_and_context_room() -> None:
+    first, step, calls = _scripted([5, 6, 7, 8, 9])
+    out = decode_loop(first, step, sampler=Sampler(SamplingParams()), eos_id=2, max_new_tokens=3, room=100)
+    assert out.token_ids == [5, 6, 7] and out.stop_reason == "max_new_tokens" and calls == [5, 6]
+    first, step, _ = _scripted([5, 6, 7, 8, 9])
+    out = decode_loop(first, step, sampler=Sampler(SamplingParams()), eos_id=2, max_new_tokens=10, room=2)
+    assert out.token_ids == [5, 6] and out.stop_reason == "context_full"
