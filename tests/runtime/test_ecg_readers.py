@@ -521,3 +521,17 @@ def test_damaged_wfdb_header(tmp_path):
     for _ in range(200):
         header.write_bytes(_damage(text, rng, len(text), printable=True))
         _read_or_refuse(read_wfdb, header)
+
+
+def test_calibration_and_benchmark_samples_render_recordings(tmp_path, signals):
+    from pulse_edge.calibration.datasets.ecgbench.readers import Sample, Turn
+    from pulse_edge.calibration.samples import CalibrationSample
+
+    path = write_dicom(tmp_path / "exam.dcm", dicom_dataset(signals, FS))
+    expected = np.asarray(load_input(path).image)
+    calibration = CalibrationSample(id="c1", source="ecginstruct", task="rhythm", turns=(("q", "a"),),
+                                    image_path=path)
+    benchmark = Sample("b1", "ptb-test", (Turn("q", "NORM"),), image_file=path, image_name="exam.dcm")
+    from_bytes = Sample("b2", "ptb-test", (Turn("q", "NORM"),), image_bytes=path.read_bytes(), image_name="exam.dcm")
+    for sample in (calibration, benchmark, from_bytes):
+        np.testing.assert_array_equal(np.asarray(sample.load_image()), expected)
