@@ -42,6 +42,9 @@ VALIDATION_PLANS = ("standard", "quick")
 # Rhythms the synthetic 12-lead generator draws (render-ecg, synthetic calibration samples).
 RHYTHMS = ("sinus", "tachycardia", "bradycardia", "afib", "first_degree_av_block")
 
+# Voltage units of a CSV or NPY recording, which does not store its own (runtime/ecg/units.py knows more spellings).
+VOLTAGE_UNITS = ("uV", "mV", "V")
+
 # Checkpoint shapes make-tiny writes.
 MERGES = ("flat", "spatial_unpad")
 CHECKPOINT_LAYOUTS = ("llava", "llava_next")

@@ -18,6 +18,7 @@ from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, BundleEngine
 from pulse_edge.runtime.engines.ort import SessionConfig, open_ort_engine
 from pulse_edge.runtime.generation.conversation import Conversation
+from pulse_edge.runtime.generation.interpretation import Interpretation, Source, interpret
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.generation.sampling import SamplingParams
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
@@ -53,3 +54,12 @@ class Pipeline:
                  sampling: SamplingParams | None = None,
                  on_text: Callable[[str], None] | None = None) -> GenerationResult:
         return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+
+    def interpret(self, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
+                  sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
+                  name: str | None = None, fs: float | None = None, leads: tuple[str, ...] | None = None,
+                  unit: str = "mV", layout: str | None = None) -> Interpretation:
+        """Any accepted ECG input (path, bytes, PIL image, image or signal array) -> an `Interpretation`: what
+        `infer --json` prints. fs, leads, unit and layout are for CSV, NPY and arrays (runtime/inputs/load.py)."""
+        return interpret(self, source, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                         name=name, fs=fs, leads=leads, unit=unit, layout=layout)
