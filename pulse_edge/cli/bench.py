@@ -171,3 +171,30 @@ def recipes_command(layers: int, width: str, recipes: str, runs: int | None, war
                                        transformers=not no_transformers), progress=progress)
     click.echo(recipes_table(report))
     write_json(json_path, report)
+
+
+@bench_group.command("gpu")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("gpu-check-out"), show_default=True,
+              help="Folder for gpu-check.md, gpu-check.json and gpu-check.log (rewritten after every step).")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Keep the made model and the steps' files here and reuse them [default: a temp dir, removed].")
+@click.option("--layers", type=click.IntRange(min=1, max=32), default=2, show_default=True,
+              help="Decoder layers of the real-width model the torch backend and ORT are timed on.")
+@click.option("--steps", default=None, help="Comma-separated steps to run (and the steps they need) [default: all].")
+@click.option("--budget-s", type=click.IntRange(min=60), default=450, show_default=True,
+              help="Seconds for the whole run: every step's timeout is cut to what is left; later steps are skipped.")
+@click.option("--dry-run", is_flag=True, help="Check the plan, the commands, the imports and the pytest marks; "
+              "print the plan; needs no GPU.")
+def gpu_command(out: Path, work: Path | None, layers: int, steps: str | None, budget_s: int, dry_run: bool) -> None:
+    """Every GPU check in one run (docs/gpu.md): GPU tests, bench projector, the torch backend (and ORT CUDA/TensorRT
+    where present) on a real-width model; a markdown and JSON report; exit 1 if a GPU test or a step failed."""
+    from pulse_edge.benchmarks.perf.gpu_check import run_gpu_check
+    from pulse_edge.benchmarks.perf.gpu_dry_run import dry_run as check_plan
+    from pulse_edge.benchmarks.perf.gpu_plan import GpuCheckConfig
+    from pulse_edge.benchmarks.perf.projector import parse_list
+    from pulse_edge.cli.main import main  # the root group: the dry run parses the steps' command lines with it
+
+    chosen = parse_list(steps) if steps is not None else None
+    config = GpuCheckConfig(out=out, work=work, layers=layers, budget_s=budget_s, steps=chosen)
+    code = check_plan(config, echo=click.echo, cli=main) if dry_run else run_gpu_check(config, echo=click.echo)
+    click.get_current_context().exit(code)
