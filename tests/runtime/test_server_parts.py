@@ -272,3 +272,33 @@ def test_a_client_leaving_or_the_deadline_cancels_the_generation(receive: Any, d
         worker.close()
 
     asyncio.run(scenario())
+
+
+# ---- the command: user errors before anything listens; the web stack stays out of the rest -------------------
+
+
+@pytest.mark.parametrize(("args", "env", "words"), [
+    (["--model", "{tmp}"], {}, "not a pulse-edge bundle"),
+    (["--model", "{tmp}", "--api-key", "env"], {API_KEY_ENV: ""}, f"${API_KEY_ENV} is not set or empty"),
+    (["--model", "{tmp}", "--allow-dir", "{tmp}/missing"], {}, "not an existing directory"),
+])
+def test_serve_refuses_bad_settings_in_one_line(tmp_path: Path, args: list[str], env: dict[str, str],
+                                                words: str) -> None:
+    from click.testing import CliRunner
+
+    from pulse_edge.cli.main import main
+
+    result = CliRunner().invoke(main, ["serve", *(a.format(tmp=tmp_path) for a in args)], env=env)
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_only_the_server_loads_the_web_stack() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, pulse_edge.cli.main, pulse_edge.runtime.pipeline\n"
+            "print(' '.join(m for m in ('starlette', 'uvicorn', 'prometheus_client') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "", f"importing the CLI or the pipeline loaded {out.stdout.strip()}"
