@@ -8,7 +8,7 @@ The engine is a `BundleEngine` (runtime/engines/bundle_engine.py) whose graphs r
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -18,6 +18,7 @@ from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, BundleEngine
 from pulse_edge.runtime.engines.ort import SessionConfig, open_ort_engine
 from pulse_edge.runtime.generation.conversation import Conversation
+from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.generation.interpretation import Interpretation, Source, interpret
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.generation.sampling import SamplingParams
@@ -45,21 +46,27 @@ class Pipeline:
         engine = open_ort_engine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
         return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine)
 
-    def chat(self) -> Conversation:
-        """A multi-turn conversation (ECG Arena style); the cache is kept between its turns."""
-        return Conversation(self.engine, self.tokenizer, self.manifest.image, backend="ort",
-                            template=self.manifest.prompt)
+    def chat(self, *, system: str | None = None) -> Conversation:
+        """A multi-turn conversation (ECG Arena style); the cache is kept between its turns.
+
+        `system` replaces the bundle's system prompt (the one PULSE was trained with) for this conversation.
+        """
+        template = self.manifest.prompt if system is None else replace(self.manifest.prompt, system=system)
+        return Conversation(self.engine, self.tokenizer, self.manifest.image, backend="ort", template=template)
 
     def generate(self, image: Image.Image, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
-                 sampling: SamplingParams | None = None,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+                 sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
+                 should_stop: StopCheck | None = None) -> GenerationResult:
+        return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                               should_stop=should_stop)
 
     def interpret(self, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
                   sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
-                  name: str | None = None, fs: float | None = None, leads: tuple[str, ...] | None = None,
-                  unit: str = "mV", layout: str | None = None) -> Interpretation:
+                  should_stop: StopCheck | None = None, name: str | None = None, fs: float | None = None,
+                  leads: tuple[str, ...] | None = None, unit: str = "mV",
+                  layout: str | None = None) -> Interpretation:
         """Any accepted ECG input (path, bytes, PIL image, image or signal array) -> an `Interpretation`: what
-        `infer --json` prints. fs, leads, unit and layout are for CSV, NPY and arrays (runtime/inputs/load.py)."""
+        `infer --json` prints. fs, leads, unit and layout are for CSV, NPY and arrays (runtime/inputs/load.py);
+        `should_stop` is checked before every decode step (a server cancels a disconnected client's answer)."""
         return interpret(self, source, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
-                         name=name, fs=fs, leads=leads, unit=unit, layout=layout)
+                         should_stop=should_stop, name=name, fs=fs, leads=leads, unit=unit, layout=layout)

@@ -198,3 +198,28 @@ def gpu_command(out: Path, work: Path | None, layers: int, steps: str | None, bu
     config = GpuCheckConfig(out=out, work=work, layers=layers, budget_s=budget_s, steps=chosen)
     code = check_plan(config, echo=click.echo, cli=main) if dry_run else run_gpu_check(config, echo=click.echo)
     click.get_current_context().exit(code)
+
+@bench_group.command("soak")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="A bundle; served by `pulse-edge serve` in a subprocess on a free localhost port.")
+@click.option("--sequential", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Requests sent one after another.")
+@click.option("--concurrent", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Requests shared by --clients clients sending at once.")
+@click.option("--clients", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Concurrent clients (the server's queue is sized to them: no 503 expected).")
+@click.option("--warmup", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Untimed requests before the first phase (the RSS baseline is read after them).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def soak_command(model_dir: Path, sequential: int, concurrent: int, clients: int, warmup: int,
+                 max_new_tokens: int, json_path: Path | None) -> None:
+    """Soak `pulse-edge serve`: sequential then concurrent chat, streamed chat and ECG-upload requests;
+    p50/p95 latency, errors, 503s, and the server's RSS from start to end (a leak shows as growth)."""
+    from pulse_edge.benchmarks.perf.soak import SoakConfig, run_soak, soak_table
+
+    config = SoakConfig(model=model_dir, sequential=sequential, concurrent=concurrent, clients=clients,
+                        warmup=warmup, max_new_tokens=max_new_tokens)
+    report = run_soak(config, progress=progress)
+    click.echo(soak_table(report))
+    write_json(json_path, report)

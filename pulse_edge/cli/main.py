@@ -20,6 +20,7 @@ from pulse_edge.cli.export import export_cmd
 from pulse_edge.cli.fixtures import make_tiny, render_ecg
 from pulse_edge.cli.group import UserErrorGroup
 from pulse_edge.cli.infer import infer
+from pulse_edge.cli.serve import serve
 
 
 @click.group(cls=UserErrorGroup)
@@ -44,6 +45,7 @@ main.add_command(render_ecg)
 main.add_command(calibrate_cmd)
 main.add_command(eval_group)
 main.add_command(bench_group)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pulse_edge.runtime.findings import Finding, extract_findings
+from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.inputs import EcgInput, load_input
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
@@ -63,16 +64,19 @@ class Interpretation(GenerationResult):
 
 def interpret(model: Generator, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
               sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
-              name: str | None = None, fs: float | None = None, leads: tuple[str, ...] | None = None,
-              unit: str = "mV", layout: str | None = None) -> Interpretation:
+              should_stop: StopCheck | None = None, name: str | None = None, fs: float | None = None,
+              leads: tuple[str, ...] | None = None, unit: str = "mV", layout: str | None = None) -> Interpretation:
     """Load `source` (load_input's forms, or an EcgInput already loaded), ask `question`, map the findings.
 
-    A bad input raises its one-line InputError before the model runs.
+    A bad input raises its one-line InputError before the model runs. `should_stop` (checked before every
+    decode step) is passed only when given: not every model's generate takes it.
     """
     start = time.perf_counter()
     ecg = source if isinstance(source, EcgInput) else load_input(
         Path(source) if isinstance(source, os.PathLike) else source, name=name, fs=fs, leads=leads, unit=unit,
         layout=layout)
     input_ms = 1e3 * (time.perf_counter() - start)
-    result = model.generate(ecg.image, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+    cancel = {} if should_stop is None else {"should_stop": should_stop}
+    result = model.generate(ecg.image, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                            **cancel)
     return Interpretation.of(result, ecg, question, input_ms)
