@@ -241,7 +241,8 @@ def test_a_replayed_chat_with_a_system_prompt_matches_the_runtime(server: Server
 
 
 @pytest.mark.parametrize(("image", "images", "words"), [
-    (b"this is not an image", 1, "not an image, PDF or ECG recording"), (None, 2, "found 2 images"), (None, 0, "found no image")])
+    (b"this is not an image", 1, "not an image, PDF or ECG recording"), (None, 2, "found 2 images"),
+    (None, 0, "found no image")])
 def test_a_bad_image_is_a_400_with_a_json_error(server: Server, bundle: Path, ecg_png: Path, image: bytes | None,
                                                 images: int, words: str) -> None:
     messages = _messages(image or ecg_png.read_bytes(), images=images)
