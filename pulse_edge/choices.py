@@ -25,6 +25,8 @@ KV_UPDATES = ("gqa", "scatter")
 # What `build-engines --target` builds for: TensorRT-RTX (RTX GPUs, ahead of time on any machine), JetPack's
 # TensorRT on a Jetson (on the device itself), or whichever of the two is installed.
 ENGINE_TARGETS = ("rtx", "jetson", "auto")
+# The compute capabilities TensorRT-RTX compiles for (Turing .. Blackwell; no Jetson Orin 8.7).
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 
 # Precisions a bundle is exported in; quantized ones go through a calibration recipe.
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
