@@ -18,7 +18,9 @@ from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES
               help="A bundle (from `pulse-edge export`) or a PULSE checkpoint directory.")
 @click.option("--question", default=None, help="The question to ask; default: a full ECG interpretation.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: ort for a bundle, torch for a checkpoint.")
+              help="auto: ort for a bundle, torch for a checkpoint; trt: the bundle's TensorRT engines (build-engines).")
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="trt backend: the engine directory (default: the bundle's one engines-* folder).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The paper's evaluation uses 1024.")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
@@ -42,7 +44,7 @@ from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES
                    "memory, measured a little faster); 0 = one pass.")
 @click.option("--prepack/--no-prepack", default=True, show_default=True,
               help="ort backend: let ORT repack weights (faster decode, but a second copy of the weights in RAM).")
-def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_new_tokens: int,
+def infer(image: Path, model_dir: Path, question: str | None, backend: str, engines: Path | None, max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
           device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
           prepack: bool) -> None:
@@ -56,7 +58,7 @@ def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack)
     pipeline = open_backend(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
-                             session=session, prefill_chunk=prefill_chunk)
+                             session=session, prefill_chunk=prefill_chunk, engines=engines)
 
     def stream(piece: str) -> None:
         click.echo(piece, nl=False)
