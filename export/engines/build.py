@@ -306,7 +306,8 @@ def build_engines(bundle: str | Path, options: EngineBuildOptions = EngineBuildO
     with staged_directory(out, what="engine") as work:
         specs, cache = {}, None
         for job in jobs:
-            progress(f"building the {job.role} engine ({job.graph.precision}) with {_describe_target(trt, capabilities)}")
+            target_text = _describe_target(trt, capabilities)
+            progress(f"building the {job.role} engine ({job.graph.precision}) with {target_text}")
             specs[job.role], cache = build_one(trt, bundle, manifest, job, work, limits, capabilities,
                                                options.workspace_gib, progress)
             spec = specs[job.role]

@@ -6,7 +6,7 @@ Two forms of one interface (`ops`):
       RMSNormalization (stash_type 1: fp32 inside)                        Cast fp32, x / sqrt(mean x^2 + eps), Cast
       RotaryEmbedding(x, cos, sin, position_ids)                          Gather(cos|sin, position_ids), rotate-half
       TensorScatter(past, new, write_index) = present (in place)          ScatterElements at write_index + [0, S)
-      Attention(q, K[:T], V[:T], bool mask)                               MatMul, Softmax in fp32 + additive mask, MatMul
+      Attention(q, K[:T], V[:T], bool mask)                               MatMul, fp32 Softmax + additive mask, MatMul
 
     inputs_embeds [1, S, H] f32 ─ Cast fp16           position_ids [1, S] i64 (= L .. L+S-1)
     write_index [1] i64 (= L)                          attention_mask [1, T] i64: only its SHAPE is read, T = L + S

@@ -18,7 +18,8 @@ from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES
               help="A bundle (from `pulse-edge export`) or a PULSE checkpoint directory.")
 @click.option("--question", default=None, help="The question to ask; default: a full ECG interpretation.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: ort for a bundle, torch for a checkpoint; trt: the bundle's TensorRT engines (build-engines).")
+              help="auto: ort for a bundle, torch for a checkpoint; trt: the bundle's TensorRT engines "
+                   "(build-engines).")
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help="trt backend: the engine directory (default: the bundle's one engines-* folder).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,

@@ -49,7 +49,8 @@ class ProfileSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProfileSpec:
-        shapes = {str(k): tuple(tuple(int(x) for x in s) for s in v) for k, v in _need(d, "shapes", "a profile").items()}
+        shapes = {str(k): tuple(tuple(int(x) for x in s) for s in v)
+                  for k, v in _need(d, "shapes", "a profile").items()}
         if any(len(v) != 3 for v in shapes.values()):
             raise BundleError(f"{ENGINES_FILE}: a profile shape is not (min, opt, max); rebuild the engines")
         return cls(name=str(_need(d, "name", "a profile")), shapes=shapes)
