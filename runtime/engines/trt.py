@@ -92,6 +92,17 @@ class Cuda:
     def synchronize(self) -> None:
         self._check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
+    def device(self) -> dict[str, Any]:
+        """Name, compute capability and the memory bandwidth bound (clock x bus width x 2, DDR) of device 0."""
+        props = self._check(self.rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
+        attr = self.rt.cudaDeviceAttr
+        clock_khz = self._check(self.rt.cudaDeviceGetAttribute(attr.cudaDevAttrMemoryClockRate, 0), "clock")
+        bus_bits = self._check(self.rt.cudaDeviceGetAttribute(attr.cudaDevAttrGlobalMemoryBusWidth, 0), "bus")
+        name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+        return {"name": name, "compute_capability": f"{props.major}.{props.minor}",
+                "memory_bytes": int(props.totalGlobalMem),
+                "peak_bandwidth_bytes_s": 2.0 * clock_khz * 1e3 * bus_bits / 8}
+
 
 @dataclass
 class DeviceTensor:
