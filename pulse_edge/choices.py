@@ -17,7 +17,7 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 # What `export --target` writes graphs for: ONNX Runtime (its fused contrib ops), or TensorRT (standard ONNX only,
 # which ONNX Runtime runs too). `--trt-ops`: the opset-24 LLM ops (TensorRT >= 10.15, TensorRT-RTX) or explicit
-# opset-21 ops (TensorRT 10.3, JetPack 6).
+# ops of opset 18 (21 with int4 blocks) for TensorRT 10.3 (JetPack 6).
 EXPORT_TARGETS = ("ort", "tensorrt")
 TRT_OPS = ("native", "explicit")
 # How a decoder graph writes its KV cache: ORT's GroupQueryAttention, or a standard scatter at `write_index`.

@@ -2,7 +2,7 @@
 
 Two forms of one interface (`ops`):
 
-    native (opset 24: TensorRT >= 10.15, TensorRT-RTX; ORT >= 1.23)    explicit (opset 21: TensorRT 10.3, JetPack 6)
+    native (opset 24: TensorRT >= 10.15, TensorRT-RTX; ORT >= 1.23)    explicit (opset 18-21: TensorRT 10.3, JetPack 6)
       RMSNormalization (stash_type 1: fp32 inside)                        Cast fp32, x / sqrt(mean x^2 + eps), Cast
       RotaryEmbedding(x, cos, sin, position_ids)                          Gather(cos|sin, position_ids), rotate-half
       TensorScatter(past, new, write_index) = present (in place)          ScatterElements at write_index + [0, S)
@@ -50,9 +50,10 @@ from pulse_edge.export.graphs.quant_ops import MatMulSpec
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, TensorSpec
 
-# The opset of each form: the native LLM ops arrived in 23 (Attention, RotaryEmbedding, RMSNormalization) and
-# 24 (TensorScatter); block-wise int4 DequantizeLinear needs 21, which TensorRT 10.3's parser reads.
-OPSETS = MappingProxyType({"native": 24, "explicit": 21})
+# The least opset of each form: the native LLM ops arrived in 23 (Attention, RotaryEmbedding, RMSNormalization)
+# and 24 (TensorScatter); the explicit form needs 18 (ReduceMean's axes as an input), so its fp16, int8 and fp8
+# graphs stay within what older parsers read. Quantized sites raise it (qdq_ops.MIN_OPSET: int4 blocks need 21).
+OPSETS = MappingProxyType({"native": 24, "explicit": 18})
 FLOAT = TensorProto.FLOAT16  # IAttention has fp16/bf16 kernels only: every TensorRT-ready decoder is fp16
 NP_FLOAT = np.float16
 # ORT fuses DequantizeLinear(int4/int8) + MatMul into MatMulNBits at accuracy level 4 (int8 activations; with

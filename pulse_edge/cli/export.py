@@ -123,7 +123,7 @@ def print_fidelity(bundle: Path) -> None:
                    "Runtime serves them too).")
 @click.option("--trt-ops", type=click.Choice(TRT_OPS), default="native", show_default=True,
               help="--target tensorrt: native = opset-24 attention/RoPE/RMSNorm/KV ops (TensorRT-RTX, TensorRT >= "
-                   "10.15); explicit = opset-21 ops for TensorRT 10.3 (JetPack 6).")
+                   "10.15); explicit = explicit opset-18 ops (21 with int4) for TensorRT 10.3 (JetPack 6).")
 @quant_options
 def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | None, vision_tower: Path | None,
                validation: str, target: str, trt_ops: str, **quant: Any) -> None:

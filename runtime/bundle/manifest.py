@@ -74,7 +74,7 @@ class GraphSpec:
     (standard ONNX only, which ORT runs too). A decoder's `kv_update` says how it takes positions and writes
     its cache ("gqa": GroupQueryAttention at seqlens_k; "scatter": position_ids, write_index and
     attention_mask); `trt_ops` the form of a TensorRT-ready decoder ("native" opset-24 ops or "explicit"
-    opset-21 ones). `ort_qdq_matmulnbits_accuracy_level`, when set, is the session config entry
+    opset-18..21 ones). `ort_qdq_matmulnbits_accuracy_level`, when set, is the session config entry
     `session.qdq_matmulnbits_accuracy_level` ORT must be opened with (its DequantizeLinear + MatMul fusion
     otherwise quantizes the activations to int8, and is wrong at level "extended" in fp16)."""
 

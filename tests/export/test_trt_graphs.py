@@ -68,7 +68,7 @@ def test_both_forms_match_the_reference_over_chunks_and_decode_steps(tiny_pipeli
     spec = build_trt_decoder(loaded.model.language_model, shape, tmp_path, plan=FLOAT_PLAN,
                              options=TrtDecoderOptions(ops=ops))
     counts = _ops(tmp_path / spec.file)
-    assert spec.opset == {"native": 24, "explicit": 21}[ops]
+    assert spec.opset == {"native": 24, "explicit": 18}[ops]
     assert bool(NATIVE_OPS & set(counts)) == (ops == "native")
     kv = KVLayout(layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim, dtype="float16",
                   max_length=256)
