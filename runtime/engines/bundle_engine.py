@@ -33,8 +33,8 @@ MERGES_SERVED = tuple(MERGE_FUNCTIONS)  # PULSE's flat, and LLaVA-1.6's spatial_
 DEFAULT_PREFILL_CHUNK = 512
 
 # Bundles whose recipe has no fp16 base yet: what a GPU user can do instead.
-GPU_FIX = {"fp8": "the fp8 recipe keeps an fp32 base today, so it cannot be served on a GPU until it gets an "
-                  "fp16 one; use an fp16 bundle there"}
+GPU_FIX = {"fp8": "the fp8 recipe for ONNX Runtime keeps an fp32 base; for a GPU export it with --target tensorrt "
+                  "(fp16 base) and serve its engines with --backend trt, or use an fp16 bundle"}
 
 
 def check_servable(manifest: Manifest, prefill_chunk: int | None) -> None:
