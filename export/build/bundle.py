@@ -107,6 +107,8 @@ class ExportOptions:
                               f"{', '.join(EXPORT_TARGETS)} / {', '.join(TRT_OPS)}")
         if self.target == "tensorrt":
             check_trt_options(self.precision, self.quant.recipe.decoder if self.quant else None)
+        elif self.trt_ops != "native":
+            raise ConfigError("--trt-ops chooses the form of a TensorRT-ready decoder: it goes with --target tensorrt")
 
     @classmethod
     def for_precision(cls, precision: str, **kwargs: Any) -> ExportOptions:

@@ -141,6 +141,8 @@ def test_int4_blocks_pack_and_round_trip() -> None:
 def test_target_tensorrt_refusals(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fp16 graphs"):
         ExportOptions(precision="fp32", target="tensorrt")
+    with pytest.raises(ConfigError, match="goes with --target tensorrt"):
+        ExportOptions(precision="fp16", trt_ops="explicit")
     runner = CliRunner()
     res = runner.invoke(main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--precision", "int8",
                                "--target", "tensorrt", "--int8-decoder", "weight-only"])
