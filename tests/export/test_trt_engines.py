@@ -142,3 +142,21 @@ def test_trt_engines_answer_like_onnx_runtime(built: dict[str, Path], ecg_png: P
     trt = Pipeline.from_bundle(bundle, backend="trt", engines=built["fp16"]).generate(
         image, "What is the rhythm?", max_new_tokens=16)
     assert trt.token_ids == ort.token_ids and trt.backend == "trt"
+
+
+def test_profiles_cover_pulse_shapes_and_limits_are_checked(trt_fp16_bundle: Path) -> None:
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.export.engines.profiles import decoder_profiles, resolve_limits, vision_profiles
+
+    manifest = read_manifest(trt_fp16_bundle)
+    limits = resolve_limits(manifest, None, None)
+    assert (limits.max_context, limits.max_tiles) == (manifest.kv.max_length, 5)
+    (tiles,) = vision_profiles(manifest, limits)
+    assert tiles.limits(names.PIXEL_VALUES, 0) == (1, 5)
+    decode, prefill = decoder_profiles(manifest, resolve_limits(manifest, 3072, 2))
+    assert decode.limits(names.INPUTS_EMBEDS, 1) == (1, 2) and prefill.limits(names.INPUTS_EMBEDS, 1) == (1, 3072)
+    assert prefill.shapes[names.INPUTS_EMBEDS][1] == (1, 512, manifest.text.hidden_size)
+    assert decode.limits(names.ATTENTION_MASK, 1) == (1, 3072)
+    for bad in ((manifest.kv.max_length + 1, None), (None, 0)):
+        with pytest.raises(ConfigError, match="must be"):
+            resolve_limits(manifest, *bad)
