@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from pulse_edge import __version__
-from pulse_edge.calibration.recipes import RECIPES
+from pulse_edge.calibration.recipes import RECIPES, make_recipe
 from pulse_edge.errors import ConfigError, PulseEdgeError
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
 from pulse_edge.export.validate.fidelity import fidelity_report
-from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, build_decoder
+from pulse_edge.export.build import tensorrt as trt_build
+from pulse_edge.export.build.tensorrt import check_trt_options
+from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.vision import export_vision_graph
 from pulse_edge.export.validate.tolerances import TOLERANCES
 from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
@@ -50,11 +52,11 @@ from pulse_edge.runtime.bundle.manifest import (
     SourceSpec,
     TextSpec,
 )
-from pulse_edge.runtime.engines.ort import SessionConfig, session_settings
+from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
 from pulse_edge.runtime.image.preprocess import image_token_count
 from pulse_edge.runtime.text.prompt import LLAVA_V1
 from pulse_edge.runtime.text.tokenizer import Tokenizer
-from pulse_edge.choices import EXPORT_PRECISIONS
+from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, TRT_OPS
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class ExportOptions:
     vision_tower: Path | None = None
     plan: ValidationPlan = field(default_factory=ValidationPlan)
     quant: QuantSettings | None = None  # int8 / int4 / fp8: the recipe, scales and gate
+    target: str = "ort"  # "tensorrt": standard-ONNX fp16 graphs (export/build/tensorrt.py)
+    trt_ops: str = "native"  # --target tensorrt: the decoder's form (export/graphs/trt_decoder.py)
 
     def __post_init__(self) -> None:
         if self.precision not in EXPORT_PRECISIONS:
@@ -98,12 +102,25 @@ class ExportOptions:
         quantized = self.precision in RECIPES
         if quantized != (self.quant is not None) or (self.quant and self.quant.recipe.name != self.precision):
             raise ConfigError(f"precision {self.precision} needs {'a' if quantized else 'no'} quantization recipe")
+        if self.target not in EXPORT_TARGETS or self.trt_ops not in TRT_OPS:
+            raise ConfigError(f"target {self.target!r} / trt ops {self.trt_ops!r} are not among "
+                              f"{', '.join(EXPORT_TARGETS)} / {', '.join(TRT_OPS)}")
+        if self.target == "tensorrt":
+            check_trt_options(self.precision, self.quant.recipe.decoder if self.quant else None)
+        elif self.trt_ops != "native":
+            raise ConfigError("--trt-ops chooses the form of a TensorRT-ready decoder: it goes with --target tensorrt")
 
     @classmethod
     def for_precision(cls, precision: str, **kwargs: Any) -> ExportOptions:
-        """Options with the default recipe when `precision` is a quantized one."""
-        quant = QuantSettings(RECIPES[precision]) if precision in RECIPES else None
+        """Options with the target's default recipe when `precision` is a quantized one."""
+        int8_decoder = "w8a8" if kwargs.get("target") == "tensorrt" else "weight-only"
+        quant = QuantSettings(make_recipe(precision, int8_decoder=int8_decoder)) if precision in RECIPES else None
         return cls(precision=precision, quant=kwargs.pop("quant", quant), **kwargs)
+
+    @property
+    def float_base(self) -> str:
+        """The float type of what the recipe leaves unquantized."""
+        return trt_build.FLOAT_BASE if self.target == "tensorrt" else FLOAT_BASE[self.precision]
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
@@ -118,18 +135,12 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
     _check_validation_memory(loaded, options.precision, max_context)
-    model, base = loaded.model, FLOAT_BASE[options.precision]
+    model = loaded.model
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
     write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)
     quant = (prepare_quantization(loaded, Tokenizer.from_file(work / names.TOKENIZER_FILE), options.quant, work)
              if options.quant else None)
-    log.info("exporting the vision graph (%s)", options.precision)
-    vision = export_vision_graph(model, work, precision=base)
-    if quant:
-        vision = quant.quantize_vision(loaded, work, vision)
-    log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
-    plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
-    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
+    vision, decoder, plan = _write_graphs(loaded, work, options, quant, shape)
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     np.save(work / names.EMBEDDING_FILE, table.astype(TABLE_DTYPES[options.precision]))
     if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
@@ -146,6 +157,27 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
                                     "nothing was written")
     if quant and fidelity is not None:
         check_gate(quant.settings.gate, fidelity)
+
+
+def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, quant: QuantContext | None,
+                  shape: DecoderShape) -> tuple[GraphSpec, GraphSpec, LinearPlan]:
+    """The vision and decoder graphs for the target: ORT's fused forms, or standard ONNX for TensorRT."""
+    log.info("exporting the vision graph (%s, for %s)", options.precision, options.target)
+    if options.target == "tensorrt":
+        vision = trt_build.write_vision(loaded, work, quant)
+        log.info("building the decoder graph (%s, %d layers, %s ops)", options.precision, shape.layers,
+                 options.trt_ops)
+        decoder, plan = trt_build.write_decoder(loaded, work, shape, quant, label=options.precision,
+                                                ops=options.trt_ops)
+        return vision, decoder, plan
+    model, base = loaded.model, options.float_base
+    vision = export_vision_graph(model, work, precision=base)
+    if quant:
+        vision = quant.quantize_vision(loaded, work, vision)
+    log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
+    plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
+    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
+    return vision, decoder, plan
 
 
 def failure_summary(validation: dict[str, Any]) -> str:
@@ -255,10 +287,13 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     # a bf16 oracle is itself ~2e-2 off at 32 layers (see BF16_REFERENCE_TOLERANCE); a quantized graph's own
     # error is larger than that. The vision graph is always checked against an fp32 copy of its tower.
     level = options.precision if reference_dtype == torch.float32 or quant else "bf16_reference"
+    if options.target == "tensorrt" and level != "bf16_reference":
+        level = trt_build.parity_level(options.precision)
     log.info("validating the vision graph against the %s reference", str(reference_dtype).removeprefix("torch."))
     vision = validate_vision_graph(model, work / manifest.graphs[names.VISION].file,
-                                   tolerance=TOLERANCES[options.precision])
-    session = validation_session(options.precision)
+                                   tolerance=TOLERANCES[options.precision],
+                                   entries=graph_config_entries(manifest.graphs[names.VISION]))
+    session = trt_build.validation_session() if options.target == "tensorrt" else validation_session(options.precision)
     log.info("validating the decoder graph at prefill lengths %s", list(options.plan.prefill_lengths))
     decoder = validate_decoder(model.language_model, work, manifest.graphs[names.DECODER], manifest.kv,
                                precision=level, plan=options.plan, session=session)
@@ -306,7 +341,7 @@ def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpe
         version=names.MANIFEST_VERSION, precision=options.precision,
         graphs={names.VISION: vision, names.DECODER: decoder},
         kv=KVLayout(layers=text.num_layers, kv_heads=text.num_kv_heads, head_dim=text.head_dim,
-                    dtype=KV_DTYPES[FLOAT_BASE[options.precision]], max_length=max_context),
+                    dtype=KV_DTYPES[options.float_base], max_length=max_context),
         text=TextSpec(hidden_size=text.hidden_size, vocab_size=text.vocab_size, bos_id=text.bos_id,
                       eos_id=text.eos_id, max_position_embeddings=text.max_position_embeddings),
         embedding=EmbeddingSpec(file=names.EMBEDDING_FILE, dtype=table_dtype,

@@ -19,7 +19,10 @@ from pulse_edge.errors import ConfigError
               help="A bundle (from `pulse-edge export`) or a PULSE checkpoint directory.")
 @click.option("--question", default=None, help="The question to ask; default: a full ECG interpretation.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: ort for a bundle, torch for a checkpoint.")
+              help="auto: ort for a bundle, torch for a checkpoint; trt: the bundle's TensorRT engines "
+                   "(build-engines).")
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="trt backend: the engine directory (default: the bundle's one engines-* folder).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The paper's evaluation uses 1024.")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
@@ -56,7 +59,8 @@ from pulse_edge.errors import ConfigError
               help="Lead order of an NPY recording, comma-separated; default I,II,III,aVR,aVL,aVF,V1,...,V6.")
 @click.option("--unit", type=click.Choice(VOLTAGE_UNITS), default="mV", show_default=True,
               help="Voltage unit of CSV and NPY recordings.")
-def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backend: str, max_new_tokens: int,
+def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backend: str, engines: Path | None,
+          max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
           device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
           prepack: bool, output: Path | None, fail_fast: bool, save_render: Path | None, fs: float | None,
@@ -75,7 +79,7 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
 
     def open_model():
         return open_backend(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
-                            session=session, prefill_chunk=prefill_chunk)
+                            session=session, prefill_chunk=prefill_chunk, engines=engines)
 
     reading = {"fs": fs, "unit": unit, "leads": tuple(n.strip() for n in leads.split(",")) if leads else None}
     if output is not None:

@@ -14,6 +14,7 @@ import click
 
 from pulse_edge import __version__
 from pulse_edge.cli.bench import bench_group
+from pulse_edge.cli.build_engines import build_engines_cmd
 from pulse_edge.cli.calibrate import calibrate_cmd
 from pulse_edge.cli.eval import eval_group
 from pulse_edge.cli.export import export_cmd
@@ -40,6 +41,7 @@ def main(verbose: bool) -> None:
 
 main.add_command(infer)
 main.add_command(export_cmd)
+main.add_command(build_engines_cmd)
 main.add_command(make_tiny)
 main.add_command(render_ecg)
 main.add_command(calibrate_cmd)
