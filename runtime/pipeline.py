@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.bundle.integrity import HashProgress, check_bundle
 from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, BundleEngine
 from pulse_edge.runtime.engines.ort import SessionConfig, open_ort_engine
@@ -35,9 +36,13 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, *, session: SessionConfig | None = None,
-                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> Pipeline:
+                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, verify: bool = False,
+                    progress: HashProgress | None = None) -> Pipeline:
+        """Every load checks the manifest, the files' sizes and sampled checksums and the embedding table
+        before any engine is built; `verify` also hashes every byte (runtime/bundle/integrity.py)."""
         root = Path(bundle)
         manifest = read_manifest(root)
+        check_bundle(root, manifest, verify=verify, progress=progress)
         tokenizer = Tokenizer.from_file(root / manifest.tokenizer)
         if (tokenizer.bos_id, tokenizer.eos_id) != (manifest.text.bos_id, manifest.text.eos_id):
             raise ConfigError(f"{root}: the tokenizer's <s>/</s> ids differ from the manifest's; re-export the bundle")

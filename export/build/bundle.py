@@ -41,9 +41,11 @@ from pulse_edge.staging import staged_directory
 from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.validate.parity import ValidationPlan, validate_decoder, validate_greedy
 from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.integrity import bundle_file_records
 from pulse_edge.runtime.bundle.manifest import (
     CalibrationSpec,
     EmbeddingSpec,
+    FileRecord,
     GraphSpec,
     KVLayout,
     Manifest,
@@ -135,7 +137,9 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
         np.save(work / names.NEWLINE_FILE, model.image_newline.detach().float().numpy())
     calibration = quant.manifest_entry(plan, vision.matmul_schemes) if quant else None
-    manifest = _manifest(loaded, options, vision, decoder, max_context, calibration=calibration)
+    log.info("hashing the bundle's files")
+    files = bundle_file_records(work)  # before validation, whose candidate runtime checks them
+    manifest = _manifest(loaded, options, vision, decoder, max_context, calibration=calibration, files=files)
     manifest.write(work)  # the candidate runtime reads it during validation
     validation, fidelity = _validate(loaded, work, manifest, options, quant)
     calibration = quant.manifest_entry(plan, vision.matmul_schemes, fidelity) if quant else None
@@ -298,7 +302,7 @@ def _merge_parity(model: Any, candidate: Any, image: Any, tolerance: Any) -> dic
 
 
 def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpec, decoder: GraphSpec,
-              max_context: int, calibration: CalibrationSpec | None) -> Manifest:
+              max_context: int, calibration: CalibrationSpec | None, files: dict[str, FileRecord]) -> Manifest:
     cfg = loaded.config
     text = cfg.text
     table_dtype = np.dtype(TABLE_DTYPES[options.precision]).name
@@ -315,5 +319,5 @@ def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpe
         source=SourceSpec(checkpoint=str(loaded.root.resolve()), layout=cfg.layout,
                           sha256=checkpoint_sha256(loaded.root), vision_tower=cfg.vision_tower_name),
         created_by=f"pulse-edge {__version__}", calibration=calibration,
-        image_newline=names.NEWLINE_FILE if loaded.model.image_newline is not None else None,
+        image_newline=names.NEWLINE_FILE if loaded.model.image_newline is not None else None, files=files,
     )

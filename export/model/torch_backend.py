@@ -10,6 +10,7 @@ differ only in the engine.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 from pulse_edge.runtime.text.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# transformers 5.x renamed the decoder's `past_key_values` argument to `cache` (the old name warns); both
+# versions take the cache under the name their forward declares.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 logger = logging.getLogger(__name__)
 
 
@@ -59,15 +63,15 @@ def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor,
             cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
     """Append a whole chunk of embeddings to the cache (a new one if None); returns the last logits [V]."""
     cache = cache if cache is not None else DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)  # [1, 1, V]
-    return out.logits[0, -1], out.past_key_values
+    out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache})  # [1, 1, V]
+    return out.logits[0, -1], cache  # DynamicCache grows in place
 
 
 @torch.inference_mode()
 def decode_one_token(lm: LlamaForCausalLM, token: int, cache: DynamicCache) -> torch.Tensor:
     """Feed one token at the next position; returns the logits [V] for the position after it."""
     ids = torch.tensor([[token]], device=lm.device)
-    out = lm(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = lm(input_ids=ids, use_cache=True, **{CACHE_ARG: cache})
     return out.logits[0, -1]
 
 

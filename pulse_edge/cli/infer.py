@@ -10,6 +10,7 @@ import click
 
 from pulse_edge.backends import open_backend
 from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES
+from pulse_edge.cli.progress import HashBar
 
 
 @click.command("infer")
@@ -42,10 +43,12 @@ from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES
                    "memory, measured a little faster); 0 = one pass.")
 @click.option("--prepack/--no-prepack", default=True, show_default=True,
               help="ort backend: let ORT repack weights (faster decode, but a second copy of the weights in RAM).")
+@click.option("--verify", is_flag=True,
+              help="Check every byte of the bundle against its manifest's sha256 before loading it.")
 def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
           device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
-          prepack: bool) -> None:
+          prepack: bool, verify: bool) -> None:
     """Answer a question about one ECG image (PNG, JPEG, TIFF, BMP or the first page of a PDF)."""
     from pulse_edge.runtime.engines.ort import SessionConfig
     from pulse_edge.runtime.generation.sampling import SamplingParams
@@ -55,8 +58,9 @@ def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_
     picture = load_image(image)  # bad input fails here, before any model is loaded
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack)
-    pipeline = open_backend(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
-                             session=session, prefill_chunk=prefill_chunk)
+    with HashBar() as bar:
+        pipeline = open_backend(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
+                                session=session, prefill_chunk=prefill_chunk, verify=verify, progress=bar)
 
     def stream(piece: str) -> None:
         click.echo(piece, nl=False)

@@ -24,6 +24,7 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout, Manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, GPU_FIX, BundleEngine, check_servable
+from pulse_edge.runtime.engines.graph_io import check_graph_io
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
 ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
@@ -202,6 +203,7 @@ class VisionEngine:
     def __init__(self, bundle: Path, spec: GraphSpec, config: SessionConfig) -> None:
         self.session = make_session(bundle / spec.file, config, graph_limit=spec.opt_level_limit,
                                     fp16=spec.precision == "fp16")
+        check_graph_io(spec, self.session)
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         feed = {names.PIXEL_VALUES: pixel_values.astype(np.float32, copy=False)}
@@ -215,6 +217,7 @@ class DecoderEngine:
         ort = _ort()
         self.session = make_session(bundle / spec.file, config, graph_limit=spec.opt_level_limit,
                                     fp16=spec.precision == "fp16")
+        check_graph_io(spec, self.session)
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
         device = "cuda" if config.provider in ("cuda", "tensorrt") else "cpu"
