@@ -117,6 +117,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
 
 def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
+    log.info("loading the checkpoint %s", checkpoint)
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
     _check_validation_memory(loaded, options.precision, max_context)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, LlamaForCausalLM
 
+from pulse_edge.choices import TORCH_DEVICES, is_torch_device
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from pulse_edge.export.model.reference import PulseReference
@@ -42,11 +43,16 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    if not is_torch_device(name):
+        raise ConfigError(f"device {name!r} is not one of {', '.join(TORCH_DEVICES)} or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0 is the first)")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

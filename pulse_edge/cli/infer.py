@@ -10,6 +10,7 @@ import click
 
 from pulse_edge.backends import open_backend
 from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES
+from pulse_edge.cli.params import SEED, TORCH_DEVICE
 from pulse_edge.cli.progress import HashBar
 
 
@@ -25,13 +26,14 @@ from pulse_edge.cli.progress import HashBar
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="0 = greedy, as in the paper's evaluation.")
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling (temperature > 0).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for sampling (temperature > 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None,
               help="A local CLIP vision tower directory; takes precedence over the tower named in the config.")
 @click.option("--dtype", type=click.Choice(TORCH_DTYPES), default="auto", show_default=True,
               help="auto: fp16 on a GPU, fp32 on a CPU.")
-@click.option("--device", default="auto", show_default=True, help="torch backend: auto, cpu, cuda or cuda:N.")
+@click.option("--device", type=TORCH_DEVICE, default="auto", show_default=True,
+              help="torch backend: auto, cpu, cuda or cuda:N.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
               help="ort backend: execution provider (cuda/tensorrt need onnxruntime-gpu; never a silent fallback).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,

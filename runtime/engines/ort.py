@@ -88,6 +88,16 @@ class SessionConfig:
             raise ConfigError(f"node order {self.node_order!r} is not one of {', '.join(NODE_ORDERS)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
+        if self.threads > usable_cpus():  # each thread has its own arena and scratch: 100000 of them OOM
+            raise ConfigError(f"threads {self.threads} is more than the {usable_cpus()} CPU cores this process "
+                              "may use; give at most that many (0 = one per core)")
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def effective_opt_level(asked: str, graph_limit: str | None) -> str:
