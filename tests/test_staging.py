@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from pulse_edge.cli import progress
 from pulse_edge.cli.main import main
-from pulse_edge.staging import stale_partials, staged_directory, target_lock
+
+# pulse_edge.staging's lock and pulse_edge.cli.progress are imported inside the tests that use them, so that the
+# CLI cases also run against a pulse-edge without them (where they fail: that is what they were written to show).
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -102,6 +103,8 @@ def test_stale_temporaries_of_the_target_are_removed(tmp_path: Path) -> None:
 
 
 def test_a_second_writer_of_one_target_is_refused_at_once(tmp_path: Path) -> None:
+    from pulse_edge.staging import staged_directory, stale_partials
+
     target = tmp_path / "ckpt"
     with staged_directory(target, what="checkpoint") as live:  # a live export of the same target
         (live / "half-written.bin").write_bytes(b"\0" * 1024)
@@ -117,9 +120,11 @@ def test_a_second_writer_of_one_target_is_refused_at_once(tmp_path: Path) -> Non
 
 
 def test_the_lock_is_held_across_processes_and_released_when_its_holder_dies(tmp_path: Path) -> None:
+    from pulse_edge.staging import target_lock
+
     target = tmp_path / "bundle"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pulse_edge.staging import target_lock\n"
+        [sys.executable, "-c", "import time; from pathlib import Path; from pulse_edge.staging import target_lock\n"
          f"with target_lock(Path({str(target)!r}), what='bundle'):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -142,13 +147,17 @@ class _Terminal(io.StringIO):
         return True
 
 
-def _console(monkeypatch: pytest.MonkeyPatch, stream: io.StringIO, **flags: bool) -> progress.Console:
+def _console(monkeypatch: pytest.MonkeyPatch, stream: io.StringIO, **flags: bool) -> Any:
+    from pulse_edge.cli import progress
+
     console = progress.configure(verbose=flags.get("verbose", False), quiet=flags.get("quiet", False))
     monkeypatch.setattr(console, "_stream", stream)
     return console
 
 
 def _job() -> None:
+    from pulse_edge.cli import progress
+
     log = logging.getLogger("pulse_edge.export.build.bundle")
     with progress.stage_progress("export fp32"):
         log.info("building the decoder graph (fp32, 2 layers)")

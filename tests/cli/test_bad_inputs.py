@@ -206,3 +206,8 @@ def test_a_multi_page_pdf_says_which_page_it_reads(tiny_bundle: Path, tmp_path: 
     assert result.stderr.strip() == f"pulse-edge: {pdf} has 2 pages; reading the first (export the ECG's page " \
                                     "alone to read another)"
     assert json.loads(result.stdout)["image_tokens"] == 2880  # the print on page 1, not the blank page 2
+
+
+def test_verify_of_a_checkpoint_says_it_has_no_checksums(tiny_checkpoint: Path, ecg_png: Path) -> None:
+    _one_line(_run("infer", str(ecg_png), "--model", str(tiny_checkpoint), "--verify"),
+              "--verify checks a bundle's files against its manifest; ")

@@ -18,11 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from pulse_edge.cli.main import main
-from pulse_edge.errors import BundleError
-from pulse_edge.runtime.bundle import integrity
 from pulse_edge.runtime.bundle.manifest import read_manifest
-from pulse_edge.runtime.engines.graph_io import check_graph_io
-from pulse_edge.runtime.pipeline import Pipeline
+
+# The checks' own modules are imported inside the tests that call them, so that the CLI cases of this file
+# also run against a pulse-edge without them (where they fail: that is what they were written to show).
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +143,10 @@ def test_a_graph_swapped_in_from_another_checkpoint_is_refused(graph: str, tiny_
 def test_zeroed_blocks_outside_the_sample_need_verify(tiny_bundle: Path, tmp_path: Path, ecg_png: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """With 2 sampled pages (first and last), a zeroed block in the middle passes a load; --verify finds it."""
+    from pulse_edge.errors import BundleError
+    from pulse_edge.runtime.bundle import integrity
+    from pulse_edge.runtime.pipeline import Pipeline
+
     bundle = _copy(tiny_bundle, tmp_path)
     monkeypatch.setattr(integrity, "SAMPLED_PAGES", 2)
     manifest = read_manifest(bundle)
@@ -189,6 +192,7 @@ def test_verify_shows_a_byte_bar_for_large_files_on_a_terminal(tiny_bundle: Path
     import io
 
     from pulse_edge.cli import progress
+    from pulse_edge.runtime.bundle import integrity
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -210,6 +214,9 @@ def test_verify_shows_a_byte_bar_for_large_files_on_a_terminal(tiny_bundle: Path
 
 
 def test_graph_io_is_checked_against_the_manifest(tiny_bundle: Path) -> None:
+    from pulse_edge.errors import BundleError
+    from pulse_edge.runtime.engines.graph_io import check_graph_io
+
     spec = read_manifest(tiny_bundle).graphs["vision"]
 
     def session(name: str = "pixel_values", dtype: str = "tensor(float)", shape: list | None = None) -> Any:
@@ -229,6 +236,7 @@ def test_graph_io_is_checked_against_the_manifest(tiny_bundle: Path) -> None:
 
 def test_the_embedding_check_is_a_pass_over_exponent_bits(tmp_path: Path) -> None:
     """Every non-finite fp16 / fp32 value is found, in any row of any block; finite extremes are not."""
+    from pulse_edge.errors import BundleError
     from pulse_edge.runtime.bundle.arrays import _check_finite
 
     for dtype in (np.float16, np.float32):
