@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pulse_edge.choices import BACKENDS
-from pulse_edge.errors import ConfigError
+from pulse_edge.errors import BundleError, CheckpointError, ConfigError
+from pulse_edge.runtime.bundle import names
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from pulse_edge.runtime.bundle.integrity import HashProgress
     from pulse_edge.runtime.engines.ort import SessionConfig
     from pulse_edge.runtime.generation.result import GenerationResult
     from pulse_edge.runtime.generation.sampling import SamplingParams
@@ -32,15 +34,15 @@ class Backend(Protocol):
                  on_text: Callable[[str], None] | None = ...) -> GenerationResult: ...
 
 
-
-
 def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str | Path | None = None,
                   dtype: str = "auto", device: str = "auto", session: SessionConfig | None = None,
-                  prefill_chunk: int | None = None, engines: str | Path | None = None) -> Backend:
+                  prefill_chunk: int | None = None, engines: str | Path | None = None, verify: bool = False,
+                  progress: HashProgress | None = None) -> Backend:
     """A bundle opens with the lean ort backend (or trt: its TensorRT engines); a checkpoint with torch.
     Heavy imports happen here only.
 
-    prefill_chunk: None keeps the runtime's default, 0 prefills in one pass.
+    prefill_chunk: None keeps the runtime's default, 0 prefills in one pass. verify: hash every file of a
+    bundle against its manifest before loading it (a checkpoint has no checksums to verify).
     """
     root = Path(model)
     if backend not in BACKENDS:
@@ -54,14 +56,35 @@ def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str 
         from pulse_edge.runtime.pipeline import Pipeline
 
         chunking = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk or None}
-        return Pipeline.from_bundle(root, session=session, backend=chosen, engines=engines, **chunking)
+        return Pipeline.from_bundle(root, session=session, backend=chosen, engines=engines, verify=verify,
+                                    progress=progress, **chunking)
     if engines is not None:
         raise ConfigError("--engines names TensorRT engines: it goes with --backend trt and a bundle")
     if is_bundle:
         raise ConfigError(f"{root} is a bundle; the torch backend serves checkpoints: use --backend ort (or trt)")
+    check_checkpoint_dir(root)
+    if verify:
+        raise ConfigError(f"--verify checks a bundle's files against its manifest; {root} is a checkpoint, which has "
+                          "none")
     import transformers
 
     transformers.logging.set_verbosity_error()
     from pulse_edge.export.model.torch_backend import TorchPipeline
 
     return TorchPipeline.from_checkpoint(root, vision_tower=vision_tower, dtype=dtype, device=device)
+
+
+def check_checkpoint_dir(root: Path) -> None:
+    """A directory that is neither a bundle nor a checkpoint is named for what it looks like."""
+    if not root.is_dir():
+        raise CheckpointError(f"{root} {'is not a directory' if root.exists() else 'does not exist'}: pass a bundle "
+                              "directory (from `pulse-edge export`) or a checkpoint directory")
+    if (root / "config.json").is_file():
+        return
+    graphs = sorted(p.name for p in root.glob("*.onnx"))
+    if graphs or (root / names.EMBEDDING_FILE).is_file():
+        raise BundleError(f"{root} looks like a pulse-edge bundle ({', '.join(graphs) or names.EMBEDDING_FILE}) but "
+                          "has no manifest.json: it was copied incompletely or its export did not finish; re-copy "
+                          "or re-export it")
+    raise CheckpointError(f"{root} is neither a pulse-edge bundle (no manifest.json) nor a checkpoint (no "
+                          "config.json); pass the directory `pulse-edge export` wrote, or a PULSE checkpoint")

@@ -36,6 +36,10 @@ QUANTIZED_PRECISIONS = ("int8", "int4", "fp8")
 GRAPH_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 # Element types of the tensors a bundle names, as numpy spells them.
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "uint8", "int8")
+# Where the torch backend runs: these, or "cuda:N" for the N-th GPU ("auto": cuda when torch sees one).
+TORCH_DEVICES = ("auto", "cpu", "cuda")
+# Seeds of the random generators (numpy's and torch's both take any of these).
+SEED_RANGE = (0, 2**32 - 1)
 # The torch backend's compute dtype ("auto": fp16 on a GPU, fp32 on a CPU).
 TORCH_DTYPES = ("auto", "fp32", "bf16", "fp16")
 # Calibration loads the reference in one of these ("auto": fp32 when it fits, else the checkpoint's bf16).
@@ -63,3 +67,11 @@ VOLTAGE_UNITS = ("uV", "mV", "V")
 MERGES = ("flat", "spatial_unpad")
 CHECKPOINT_LAYOUTS = ("llava", "llava_next")
 TOWER_PLACEMENTS = ("inside", "separate")
+
+
+def is_torch_device(name: str) -> bool:
+    """One of TORCH_DEVICES, or cuda:N."""
+    if name in TORCH_DEVICES:
+        return True
+    prefix, _, index = name.partition(":")
+    return prefix == "cuda" and index.isdigit()

@@ -18,6 +18,10 @@ class InputError(PulseEdgeError):
     """An input file (image, PDF, ...) cannot be used."""
 
 
+class BundleError(InputError):
+    """A bundle that cannot be served: wrong version, missing, damaged or replaced files, bad fields."""
+
+
 class CheckpointError(PulseEdgeError):
     """A checkpoint is missing files, has unexpected keys or unsupported settings."""
 

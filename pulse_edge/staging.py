@@ -1,37 +1,208 @@
-"""Write a directory so that it appears whole or not at all.
+"""Write outputs so that they appear whole or not at all, and check where they go before any work.
 
-`pulse-edge export` and `make-tiny` both write many large files; an
-interrupted or failed run must not leave a half-written bundle or checkpoint
-under the name the user asked for.
+`pulse-edge export` and `make-tiny` write many large files into a hidden temporary sibling of the target,
+`.NAME.XXXX.partial`, renamed into place at the end. Around that:
+
+- `check_output_dir` / `check_output_file` refuse a bad target before any work: a file where a directory
+  is wanted, a non-empty directory, a place that cannot be written (under a file, /proc, read-only).
+- A lock on the target (`.NAME.lock` beside it, `fcntl.flock`) is held from the start to the rename: a
+  second command writing the same target is refused at once. The kernel drops a flock when its process
+  dies, however it dies, so holding the lock proves that any `.NAME.*.partial` left beside the target is
+  stale (its writer held the same lock and is gone): those are removed, and a live writer's never is.
+- SIGTERM (and SIGHUP) are handled like Ctrl-C while the work runs: the temporary directory is removed,
+  and the command exits 128 + the signal's number.
+
+fcntl is POSIX (Linux, the Jetson boards, macOS): a library such as `filelock` adds nothing here and would
+leave its lock files behind; the lock file is unlinked while still locked, and a process that locked a
+file that was unlinked meanwhile tries again (so two processes can never both hold the target).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import FrameType
 
 from pulse_edge.errors import ConfigError
+
+_LOCK_TRIES = 5  # a lock file unlinked under us is re-created by the next try
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP during staged work; `signum` says which (the exit code is 128 + signum)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Handler:
+    """The signal handler while staged work runs: remembers that a signal came, then interrupts."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.cleaning = False  # a second Ctrl-C must not cut the removal of the temporary directory short
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        if not self.cleaning:
+            raise Interrupted(signum)
+
+
+def interrupt_requested() -> int | None:
+    """The signal received while staged work runs, if any: an exception that surfaces from deep inside a
+    library after it (torch.onnx wraps what it catches in its own errors) is an interruption, not a bug."""
+    handler = signal.getsignal(signal.SIGINT)
+    return handler.received if isinstance(handler, _Handler) else None
+
+
+@contextmanager
+def interrupts_handled() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP into `Interrupted` (cleanup runs) until the block ends."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    handler = _Handler()
+    previous = {s: signal.signal(s, handler) for s in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _nearest_existing(path: Path) -> Path:
+    current = path.absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _check_writable_place(out: Path, what: str) -> Path:
+    """The deepest existing folder on the way to `out` must be a directory this process can create in."""
+    place = _nearest_existing(out.parent)
+    if not place.is_dir():
+        raise ConfigError(f"{out} cannot be created: {place} is a file, not a directory; choose another {what} path")
+    try:
+        probe = tempfile.mkdtemp(prefix=".pulse-edge-probe.", dir=place)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise ConfigError(f"{out} cannot be created: {place} is not writable ({reason}); choose another {what} "
+                          "path") from e
+    os.rmdir(probe)
+    return place
+
+
+def check_output_dir(out: Path, *, what: str) -> None:
+    """Before any work: `out` is a new (or empty) directory in a place this process can write."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is a file; choose a new {what} directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new {what} directory (nothing was written)")
+    _check_writable_place(out, what)
+
+
+def check_output_file(out: Path, *, what: str, make_parents: bool = True) -> None:
+    """Before any work: `out` can be written as a file (replacing a file of that name is fine)."""
+    if out.is_dir():
+        raise ConfigError(f"{out} is a directory, not a {what}; give a file name")
+    _check_writable_place(out, what)
+    if not make_parents and not out.absolute().parent.is_dir():
+        raise ConfigError(f"the folder {out.absolute().parent} does not exist; create it first or choose another "
+                          f"{what} path")
+
+
+@contextmanager
+def target_lock(out: Path, *, what: str) -> Iterator[Path]:
+    """Hold `.NAME.lock` beside `out` exclusively; refused at once when another process holds it."""
+    lock = out.parent / f".{out.name}.lock"
+    for _ in range(_LOCK_TRIES):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(f"another pulse-edge command is writing {out} (it holds {lock}); wait for it to finish "
+                              f"or choose another {what} directory") from e
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the holder before us unlinked the file after we opened it: lock the new one
+    else:
+        raise ConfigError(f"could not lock {lock}: other pulse-edge commands keep taking it; try again")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)  # while still locked: whoever opened it meanwhile sees it gone and retries
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def stale_partials(out: Path) -> list[Path]:
+    """Hidden temporary siblings of `out` that staged_directory makes (`.NAME.XXXX.partial`)."""
+    return sorted(p for p in out.parent.glob(f".{out.name}.*.partial") if p.is_dir())
 
 
 @contextmanager
 def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of `out`; on success it is renamed to `out`, on any failure removed."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and is not empty (or is a file); choose a new {what} directory")
+    """Yield a hidden temporary sibling of `out`; on success it is renamed to `out`, on any failure or
+    signal removed. The target is locked throughout; stale temporaries of the same target are removed."""
+    out = Path(out)
+    check_output_dir(out, what=what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    with ExitStack() as stack:
+        stack.enter_context(target_lock(out, what=what))
+        stack.enter_context(interrupts_handled())
+        check_output_dir(out, what=what)  # another command may have finished writing it while we waited
+        for stale in stale_partials(out):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            yield work
+            share_like_umask(work)
+            if out.exists():
+                out.rmdir()
+            work.rename(out)
+        except BaseException:
+            handler = signal.getsignal(signal.SIGINT)
+            if isinstance(handler, _Handler):
+                handler.cleaning = True
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+@contextmanager
+def staged_file(out: Path) -> Iterator[Path]:
+    """Yield a hidden temporary name beside `out` (same suffix, so writers that go by it still do); on
+    success it replaces `out`, on any failure it is removed."""
+    out = Path(out)
+    fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".partial{out.suffix}", dir=out.parent)
+    os.close(fd)
+    work = Path(name)
     try:
         yield work
-        share_like_umask(work)
-        if out.exists():
-            out.rmdir()
-        work.rename(out)
+        umask = os.umask(0)
+        os.umask(umask)
+        work.chmod(0o666 & ~umask)
+        os.replace(work, out)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        work.unlink(missing_ok=True)
         raise
 
 

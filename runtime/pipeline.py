@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.bundle.integrity import HashProgress, check_bundle
 from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, BundleEngine
 from pulse_edge.runtime.engines.ort import SessionConfig, open_ort_engine
@@ -43,15 +44,20 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, bundle: str | Path, *, session: SessionConfig | None = None,
                     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, backend: str = "ort",
-                    engines: str | Path | None = None) -> Pipeline:
+                    engines: str | Path | None = None, verify: bool = False,
+                    progress: HashProgress | None = None) -> Pipeline:
         """backend "ort" runs the bundle's ONNX graphs (session: how); "trt" its TensorRT engines, from
-        `engines` (default: the bundle's one `engines-*` folder, made by `pulse-edge build-engines`)."""
+        `engines` (default: the bundle's one `engines-*` folder, made by `pulse-edge build-engines`).
+
+        Every load checks the manifest, the files' sizes and sampled checksums and the embedding table
+        before any engine is built; `verify` also hashes every byte (runtime/bundle/integrity.py)."""
         root = Path(bundle)
         if backend not in RUNTIME_BACKENDS:
             raise ConfigError(f"a bundle is served by {' or '.join(RUNTIME_BACKENDS)}, not {backend!r}")
         if backend != "trt" and engines is not None:
             raise ConfigError("--engines names TensorRT engines: it goes with --backend trt")
         manifest = read_manifest(root)
+        check_bundle(root, manifest, verify=verify, progress=progress)
         tokenizer = Tokenizer.from_file(root / manifest.tokenizer)
         if (tokenizer.bos_id, tokenizer.eos_id) != (manifest.text.bos_id, manifest.text.eos_id):
             raise ConfigError(f"{root}: the tokenizer's <s>/</s> ids differ from the manifest's; re-export the bundle")

@@ -57,6 +57,14 @@ def tiny_pipeline(tiny_checkpoint: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported to an fp32 bundle (validated); copy it before damaging it."""
+    from pulse_edge.export.build.bundle import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "fp32")
+
+
+@pytest.fixture(scope="session")
 def ecg_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A rendered 12-lead sinus-rhythm print, 2200x1700 (US letter at 200 dpi)."""
     from pulse_edge.runtime.ecg.render import render_ecg

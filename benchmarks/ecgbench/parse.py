@@ -4,7 +4,11 @@ compat reproduces the paper's evaluation script rule for rule, flaws included:
 label codes are case-sensitive *substrings* ("NORM" is found inside "ABNORMAL",
 "ST" inside "STTC"); option letters are looked for as "A." ... "H." anywhere
 (so "PAC." yields C), and after "Answer:" the first letter *in alphabetical
-order* that occurs anywhere (so "Answer: Because ..." yields B).
+order* that occurs anywhere (so "Answer: Because ..." yields B). ECG-QA options
+are the prompt's comma-separated list after the last "Options:"; every option
+that is a substring of the lower-cased response is predicted ("no" inside "not
+sure", "lead i" inside "lead ii"), and a sample is right when the set of options
+predicted equals `set()` of the gold answer, Python's semantics included.
 
 strict matches codes and options as whole words (no letter or digit on either
 side), takes the *first* standalone option letter by position, only accepts
@@ -29,6 +33,11 @@ ANSWER_TAG = "Answer:"
 OPTION_TAG = "The correct option is "
 ECGQA_OPTIONS_TAG = "Options:"
 ECGQA_INSTRUCTION = "Only answer based on the given Options without any explanation."
+# Why an ECG-QA sample cannot be won under the paper's rule (ecgqa_compat_unwinnable).
+ECGQA_TEXT_GOLD = "text gold"
+ECGQA_EMPTY_OPTION = "empty option"
+ECGQA_GOLD_NOT_FINDABLE = "gold not findable"
+ECGQA_SHADOWED = "gold contains another option"
 _NORM, _ABNORMAL = CODE15_WHOLE
 
 
@@ -116,22 +125,38 @@ def ecgqa_candidates(prompt: str) -> list[str]:
     return [c.strip() for c in options.split(",")]
 
 
-def ecgqa_compat(text: str, candidates: Sequence[str], text_key: str) -> list[str]:
-    """The candidates named in the response. The paper lower-cases the candidate only when the
-    answer came in a `text` field; from a `response` field the candidate keeps its case and so
-    never matches an option written with capitals."""
+def ecgqa_compat(text: str, candidates: Sequence[str]) -> list[str]:
+    """The paper's rule: every candidate, as written in the prompt, that is a substring of the lower-cased
+    response (duplicates kept, order of the options). So "no" is found inside "not sure", "lead i" inside
+    "lead ii", and a candidate written with capitals is never found; "text" and "response" fields alike."""
     lowered = text.lower()
-    if text_key == "text":
-        return [c for c in candidates if c.lower() in lowered]
     return [c for c in candidates if c in lowered]
 
 
 def ecgqa_compat_correct(predicted: Sequence[str], gold: str | tuple[str, ...]) -> bool:
-    """The paper compares `set("".join(predicted))` with `set(gold)`: for a text answer that is
-    the set of its *characters*. A list answer is joined first, so the same character rule
-    applies (the paper's data held text; `set()` of a list would compare words with letters)."""
-    gold_text = "".join(gold) if isinstance(gold, tuple) else gold
-    return set("".join(predicted)) == set(gold_text)
+    """The paper's `set(predict) == set(golden)`, with Python's semantics: a gold list (the released
+    ecgqa-test data) is a set of option strings; a gold *string* is the set of its characters, which a set
+    of options can equal only when every character is itself an option."""
+    return set(predicted) == set(gold)
+
+
+def ecgqa_compat_unwinnable(candidates: Sequence[str], gold: str | tuple[str, ...]) -> str | None:
+    """Why no response can be scored correct under the paper's rule; None when one can.
+
+    A response predicts exactly the candidates it contains. One naming the gold options and nothing else
+    (joined by a character no option has) predicts the gold plus every option contained in a gold one, and
+    a candidate with capitals is never found in the lower-cased response; so a sample can be won exactly
+    when every gold element is a lower-case candidate and no other such candidate is part of a gold one."""
+    golden = set(gold)
+    findable = {c for c in candidates if c == c.lower()}
+    others = findable - golden
+    if golden <= findable and not any(c in g for c in others for g in golden) and "" not in others:
+        return None
+    if isinstance(gold, str):
+        return ECGQA_TEXT_GOLD
+    if not golden <= findable:
+        return ECGQA_GOLD_NOT_FINDABLE
+    return ECGQA_EMPTY_OPTION if "" in others else ECGQA_SHADOWED
 
 
 def ecgqa_strict(text: str, candidates: Sequence[str]) -> set[str]:

@@ -26,7 +26,7 @@ TEXT_KEYS = ("text", "response")
 
 @dataclass(frozen=True)
 class Prediction:
-    """One answer. `text_key` matters: the paper's ECG-QA rule differs between `text` and `response`."""
+    """One answer; `text_key` says which field held it (`text` or `response`, read alike)."""
 
     id: str
     text: str

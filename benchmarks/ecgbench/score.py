@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
@@ -203,11 +204,14 @@ def _score_choice(spec: SubsetSpec, pairs: Sequence[Pair]) -> ScoreParts:
 def _score_ecgqa(spec: SubsetSpec, pairs: Sequence[Pair]) -> ScoreParts:
     compat_hits = strict_hits = unparsed = 0
     details: dict[str, SampleDetail] = {}
+    unwinnable: Counter[str] = Counter()
     for sample, prediction in pairs:
         # the options the model saw: the prompt it recorded, else the dataset's question
         candidates = parse.ecgqa_candidates(prediction.prompt or sample.question)
-        chosen = parse.ecgqa_compat(prediction.text, candidates, prediction.text_key)
-        compat_hits += parse.ecgqa_compat_correct(chosen, sample.answer)
+        compat_hits += parse.ecgqa_compat_correct(parse.ecgqa_compat(prediction.text, candidates), sample.answer)
+        reason = parse.ecgqa_compat_unwinnable(candidates, sample.answer)
+        if reason is not None:
+            unwinnable[reason] += 1
         picked = parse.ecgqa_strict(prediction.text, candidates)
         gold = parse.ecgqa_gold_strict(sample.answer)
         unparsed += not picked
@@ -215,8 +219,23 @@ def _score_ecgqa(spec: SubsetSpec, pairs: Sequence[Pair]) -> ScoreParts:
         strict_hits += correct
         details[sample.id] = SampleDetail(sorted(gold), sorted(picked), correct)
     n = len(pairs)
-    return ScoreParts({"accuracy": percent(compat_hits / n)},
-                   {"accuracy": percent(strict_hits / n), "unparsed": unparsed}, details)
+    notes = tuple(f"compat: {count} sample(s) can never be scored correct: {_UNWINNABLE[reason]}"
+                  for reason, count in sorted(unwinnable.items()))
+    return ScoreParts({"accuracy": percent(compat_hits / n), "unwinnable": sum(unwinnable.values())},
+                      {"accuracy": percent(strict_hits / n), "unparsed": unparsed}, details, notes)
+
+
+# Why a sample cannot be won under the paper's ECG-QA rule, for the notes of a score.
+_UNWINNABLE = MappingProxyType({
+    parse.ECGQA_TEXT_GOLD: "the gold answer is a string, and the paper's set(golden) is the set of its "
+                           "characters, which no set of the options named can equal",
+    parse.ECGQA_EMPTY_OPTION: "the options end in a comma, so an empty option is found in every response and "
+                              "never in the gold",
+    parse.ECGQA_GOLD_NOT_FINDABLE: "a gold option is not among the prompt's options as written in lower case, "
+                                   "so the lower-cased response can never name it",
+    parse.ECGQA_SHADOWED: "a gold option contains another option (\"not sure\" contains \"no\", \"lead ii\" "
+                          "contains \"lead i\"), so a response naming it always names the other too",
+})
 
 
 def _rate(details: Mapping[str, SampleDetail]) -> float | None:

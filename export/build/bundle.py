@@ -23,15 +23,14 @@ import torch
 
 from pulse_edge import __version__
 from pulse_edge.calibration.recipes import RECIPES, make_recipe
+from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, TRT_OPS
 from pulse_edge.errors import ConfigError, PulseEdgeError
-from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
-from pulse_edge.export.validate.fidelity import fidelity_report
 from pulse_edge.export.build import tensorrt as trt_build
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.vision import export_vision_graph
-from pulse_edge.export.validate.tolerances import TOLERANCES
-from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
+from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.quant.context import (
     QuantContext,
     QuantSettings,
@@ -39,13 +38,16 @@ from pulse_edge.export.quant.context import (
     held_out_samples,
     prepare_quantization,
 )
-from pulse_edge.staging import staged_directory
-from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
+from pulse_edge.export.validate.fidelity import fidelity_report
 from pulse_edge.export.validate.parity import ValidationPlan, validate_decoder, validate_greedy
+from pulse_edge.export.validate.tolerances import TOLERANCES
+from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
 from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.integrity import bundle_file_records
 from pulse_edge.runtime.bundle.manifest import (
     CalibrationSpec,
     EmbeddingSpec,
+    FileRecord,
     GraphSpec,
     KVLayout,
     Manifest,
@@ -56,7 +58,7 @@ from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, 
 from pulse_edge.runtime.image.preprocess import image_token_count
 from pulse_edge.runtime.text.prompt import LLAVA_V1
 from pulse_edge.runtime.text.tokenizer import Tokenizer
-from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, TRT_OPS
+from pulse_edge.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
 
 def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
+    log.info("loading the checkpoint %s", checkpoint)
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
     _check_validation_memory(loaded, options.precision, max_context)
@@ -146,7 +149,9 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
         np.save(work / names.NEWLINE_FILE, model.image_newline.detach().float().numpy())
     calibration = quant.manifest_entry(plan, vision.matmul_schemes) if quant else None
-    manifest = _manifest(loaded, options, vision, decoder, max_context, calibration=calibration)
+    log.info("hashing the bundle's files")
+    files = bundle_file_records(work)  # before validation, whose candidate runtime checks them
+    manifest = _manifest(loaded, options, vision, decoder, max_context, calibration=calibration, files=files)
     manifest.write(work)  # the candidate runtime reads it during validation
     validation, fidelity = _validate(loaded, work, manifest, options, quant)
     calibration = quant.manifest_entry(plan, vision.matmul_schemes, fidelity) if quant else None
@@ -275,9 +280,9 @@ def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:
 
 def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions,
               quant: QuantContext | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    from pulse_edge.export.model.torch_backend import TorchPipeline
     from pulse_edge.runtime.ecg.render import render_ecg
     from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
-    from pulse_edge.export.model.torch_backend import TorchPipeline
     from pulse_edge.runtime.pipeline import Pipeline
     from pulse_edge.runtime.text.tokenizer import Tokenizer
 
@@ -333,7 +338,7 @@ def _merge_parity(model: Any, candidate: Any, image: Any, tolerance: Any) -> dic
 
 
 def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpec, decoder: GraphSpec,
-              max_context: int, calibration: CalibrationSpec | None) -> Manifest:
+              max_context: int, calibration: CalibrationSpec | None, files: dict[str, FileRecord]) -> Manifest:
     cfg = loaded.config
     text = cfg.text
     table_dtype = np.dtype(TABLE_DTYPES[options.precision]).name
@@ -350,5 +355,5 @@ def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpe
         source=SourceSpec(checkpoint=str(loaded.root.resolve()), layout=cfg.layout,
                           sha256=checkpoint_sha256(loaded.root), vision_tower=cfg.vision_tower_name),
         created_by=f"pulse-edge {__version__}", calibration=calibration,
-        image_newline=names.NEWLINE_FILE if loaded.model.image_newline is not None else None,
+        image_newline=names.NEWLINE_FILE if loaded.model.image_newline is not None else None, files=files,
     )

@@ -85,6 +85,7 @@ from pulse_edge.export.model.config import VisionConfig
 from pulse_edge.export.model.reference import PulseReference
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, TensorSpec
+from pulse_edge.staging import Interrupted, interrupt_requested
 
 INPUT_NAME = names.PIXEL_VALUES
 OUTPUT_NAME = names.IMAGE_FEATURES
@@ -185,10 +186,18 @@ def _export_plain(module: VisionGraph, path: Path, *, image_size: int, external:
     example = torch.zeros(2, 3, image_size, image_size)  # 2, not 1: torch.export specialises size-1 dims
     tiles = torch.export.Dim(TILES_AXIS, min=1)
     with export_mode(module), torch.no_grad():
-        program = torch.onnx.export(
-            module, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: tiles}}, optimize=True,
-            verbose=False)
+        try:
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: tiles}}, optimize=True,
+                verbose=False)
+        except Exception as e:
+            # torch.onnx wraps what it catches in its own errors (a ConversionError asking for a bug report),
+            # an interruption it caught included: a signal that came during the export is the cause
+            signum = interrupt_requested()
+            if signum is not None:
+                raise Interrupted(signum) from e
+            raise
     # The graph uses nothing newer than IR 10 (standard opset-20 ops, float32/float16 only).
     program.model.ir_version = min(program.model.ir_version, MAX_IR_VERSION)
     program.save(path, external_data=external)

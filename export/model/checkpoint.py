@@ -227,7 +227,9 @@ def load_checkpoint(root: str | os.PathLike, *, vision_tower: str | os.PathLike 
     """Read config, weights and tokenizer of a checkpoint into an eval-mode PulseReference."""
     root = Path(root)
     if not root.is_dir():
-        raise CheckpointError(f"{root} is not a directory; --model takes a checkpoint directory")
+        state = "is not a directory" if root.exists() else "does not exist"
+        raise CheckpointError(f"{root} {state}: a checkpoint is a directory holding config.json, the weights and "
+                              "tokenizer.model")
     tower_dir = Path(vision_tower) if vision_tower is not None else None
     cfg = read_config(root)
     tokenizer_model = root / "tokenizer.model"

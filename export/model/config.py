@@ -52,6 +52,28 @@ KNOWN_TOWERS: dict[str, dict[str, Any]] = {
 }
 
 
+def positive_int(d: Mapping[str, Any], key: str, *, source: str, default: int | None = None) -> int:
+    """An integer field >= 1 (a count or a size); missing, null, fractional or out of range is one line."""
+    if key not in d and default is None:
+        raise CheckpointError(f"{source}: the config lacks {key!r}")
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{source}: {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def positive_float(d: Mapping[str, Any], key: str, default: float, *, source: str) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise CheckpointError(f"{source}: {key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _divides(part: str, whole: str, part_value: int, whole_value: int, source: str) -> None:
+    if whole_value % part_value:
+        raise CheckpointError(f"{source}: {whole} {whole_value} is not a multiple of {part} {part_value}")
+
+
 def check_allowed(key: str, value: Any, *, source: str) -> None:
     allowed = SUPPORTED[key]
     if value not in allowed:
@@ -86,19 +108,22 @@ class TextConfig:
         rope = d.get("rope_parameters") or {}
         if d.get("rope_scaling") or rope.get("rope_type", "default") != "default":
             raise CheckpointError(f"{source}: RoPE scaling is not supported (PULSE uses plain RoPE)")
-        try:
-            return cls(
-                hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
-                num_layers=int(d["num_hidden_layers"]), num_heads=int(d["num_attention_heads"]),
-                num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-                vocab_size=int(d["vocab_size"]), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                bos_id=int(d.get("bos_token_id", 1) or 1), eos_id=int(d.get("eos_token_id", 2) or 2),
-            )
-        except KeyError as e:
-            raise CheckpointError(f"{source}: the decoder config lacks {e.args[0]!r}") from e
+        heads = positive_int(d, "num_attention_heads", source=source)
+        kv_heads = positive_int(d, "num_key_value_heads", source=source) if d.get("num_key_value_heads") else heads
+        hidden = positive_int(d, "hidden_size", source=source)
+        _divides("num_attention_heads", "hidden_size", heads, hidden, source)
+        _divides("num_key_value_heads", "num_attention_heads", kv_heads, heads, source)
+        return cls(
+            hidden_size=hidden, intermediate_size=positive_int(d, "intermediate_size", source=source),
+            num_layers=positive_int(d, "num_hidden_layers", source=source), num_heads=heads, num_kv_heads=kv_heads,
+            vocab_size=positive_int(d, "vocab_size", source=source),
+            rms_norm_eps=positive_float(d, "rms_norm_eps", 1e-6, source=source),
+            rope_theta=positive_float({"rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0))},
+                                      "rope_theta", 10000.0, source=source),
+            max_position_embeddings=positive_int(d, "max_position_embeddings", source=source, default=4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_id=_token_id(d, "bos_token_id", 1, source), eos_id=_token_id(d, "eos_token_id", 2, source),
+        )
 
 
 @dataclass(frozen=True)
@@ -128,16 +153,18 @@ class VisionConfig:
     def from_hf(cls, d: Mapping[str, Any], *, select_layer: int, source: str) -> VisionConfig:
         if "vision_config" in d:  # a full CLIPModel config
             d = d["vision_config"]
-        try:
-            return cls(
-                hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
-                num_layers=int(d["num_hidden_layers"]), num_heads=int(d["num_attention_heads"]),
-                image_size=int(d["image_size"]), patch_size=int(d["patch_size"]),
-                hidden_act=str(d.get("hidden_act", "quick_gelu")), layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
-                select_layer=select_layer,
-            )
-        except KeyError as e:
-            raise CheckpointError(f"{source}: the vision-tower config lacks {e.args[0]!r}") from e
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"{source}: the vision-tower config must be an object, got {type(d).__name__}")
+        heads, hidden = (positive_int(d, k, source=source) for k in ("num_attention_heads", "hidden_size"))
+        _divides("num_attention_heads", "hidden_size", heads, hidden, source)
+        return cls(
+            hidden_size=hidden, intermediate_size=positive_int(d, "intermediate_size", source=source),
+            num_layers=positive_int(d, "num_hidden_layers", source=source), num_heads=heads,
+            image_size=positive_int(d, "image_size", source=source),
+            patch_size=positive_int(d, "patch_size", source=source),
+            hidden_act=str(d.get("hidden_act", "quick_gelu")),
+            layer_norm_eps=positive_float(d, "layer_norm_eps", 1e-5, source=source), select_layer=select_layer,
+        )
 
 
 @dataclass(frozen=True)
@@ -167,15 +194,29 @@ def read_config(checkpoint: Path) -> PulseConfig:
     """Parse `checkpoint/config.json` in either layout (the vision side may stay unresolved)."""
     path = checkpoint / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{checkpoint} is not a checkpoint: it has no config.json")
+        if (checkpoint / "manifest.json").is_file():
+            raise CheckpointError(f"{checkpoint} is a pulse-edge bundle, not a checkpoint: this command reads the "
+                                  "checkpoint a bundle is exported from (config.json, weights, tokenizer.model)")
+        raise CheckpointError(f"{checkpoint} is not a checkpoint: it has no config.json (a checkpoint holds "
+                              "config.json, the weights and tokenizer.model)")
     try:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} cannot be read as JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(d).__name__}, not a config object; the checkpoint is "
+                              "damaged: copy config.json again")
     model_type = d.get("model_type")
     check_allowed("model_type", model_type, source=str(path))
     parse = _parse_llava if model_type == "llava_llama" else _parse_llava_next
     return parse(d, str(path))
+
+
+def _token_id(d: Mapping[str, Any], key: str, default: int, source: str) -> int:
+    value = d.get(key) or default  # LLaVA configs often carry null ids
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{source}: {key} must be a token id >= 0, got {value!r}")
+    return value
 
 
 def _pinpoints(raw: Any, *, swap: bool, source: str) -> tuple[tuple[int, int], ...]:
@@ -195,13 +236,16 @@ def _parse_llava(d: Mapping[str, Any], source: str) -> PulseConfig:
                               "(PULSE uses neither)")
     if "mm_vision_tower" not in d or "mm_hidden_size" not in d:
         raise CheckpointError(f"{source}: a llava_llama config needs mm_vision_tower and mm_hidden_size")
-    select_layer = int(d.get("mm_vision_select_layer", -2))
+    select_layer = d.get("mm_vision_select_layer", -2)
+    if isinstance(select_layer, bool) or not isinstance(select_layer, int):
+        raise CheckpointError(f"{source}: mm_vision_select_layer must be one layer index, got {select_layer!r}")
     tile = _tile_size(d.get("mm_vision_tower"))
     image = ImageLayout(tile_size=tile, patch_size=14,
                         grid_pinpoints=_pinpoints(d.get("image_grid_pinpoints"), swap=False, source=source),
                         image_mean=CLIP_MEAN, image_std=CLIP_STD, merge=d.get("mm_patch_merge_type", "flat"))
     return PulseConfig(layout="llava", text=TextConfig.from_hf(d, source=source), vision=None,
-                       vision_tower_name=str(d["mm_vision_tower"]), mm_hidden_size=int(d["mm_hidden_size"]),
+                       vision_tower_name=str(d["mm_vision_tower"]),
+                       mm_hidden_size=positive_int(d, "mm_hidden_size", source=source),
                        image=image, select_layer=select_layer)
 
 
@@ -213,6 +257,9 @@ def _tile_size(tower_name: Any) -> int:
 
 def _parse_llava_next(d: Mapping[str, Any], source: str) -> PulseConfig:
     text_d, vision_d = d.get("text_config") or {}, d.get("vision_config") or {}
+    for key, value in (("text_config", text_d), ("vision_config", vision_d)):
+        if not isinstance(value, Mapping):
+            raise CheckpointError(f"{source}: {key} must be an object, got {type(value).__name__}")
     check_allowed("text_model_type", text_d.get("model_type", "llama"), source=source)
     check_allowed("vision_feature_select_strategy", d.get("vision_feature_select_strategy", "default"), source=source)
     check_allowed("projector_hidden_act", d.get("projector_hidden_act", "gelu"), source=source)

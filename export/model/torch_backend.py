@@ -10,6 +10,7 @@ differ only in the engine.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, LlamaForCausalLM
 
+from pulse_edge.choices import TORCH_DEVICES, is_torch_device
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from pulse_edge.export.model.reference import PulseReference
@@ -34,15 +36,23 @@ from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 from pulse_edge.runtime.text.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# transformers 5.x renamed the decoder's `past_key_values` argument to `cache` (the old name warns); both
+# versions take the cache under the name their forward declares.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    if not is_torch_device(name):
+        raise ConfigError(f"device {name!r} is not one of {', '.join(TORCH_DEVICES)} or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0 is the first)")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -59,15 +69,15 @@ def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor,
             cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
     """Append a whole chunk of embeddings to the cache (a new one if None); returns the last logits [V]."""
     cache = cache if cache is not None else DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)  # [1, 1, V]
-    return out.logits[0, -1], out.past_key_values
+    out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache})  # [1, 1, V]
+    return out.logits[0, -1], cache  # DynamicCache grows in place
 
 
 @torch.inference_mode()
 def decode_one_token(lm: LlamaForCausalLM, token: int, cache: DynamicCache) -> torch.Tensor:
     """Feed one token at the next position; returns the logits [V] for the position after it."""
     ids = torch.tensor([[token]], device=lm.device)
-    out = lm(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = lm(input_ids=ids, use_cache=True, **{CACHE_ARG: cache})
     return out.logits[0, -1]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import BLOCK_SIZE_CHOICES, CALIBRATION_DTYPES, CALIBRATION_METHODS, DEFAULT_BLOCK_SIZE
+from pulse_edge.cli.params import SEED
 
 
 @click.command("calibrate")
@@ -18,7 +19,7 @@ from pulse_edge.choices import BLOCK_SIZE_CHOICES, CALIBRATION_DTYPES, CALIBRATI
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--method", type=click.Choice(CALIBRATION_METHODS), default="minmax", show_default=True,
               help="How activation ranges are chosen (all four are stored; this is the default export uses).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--block-size", type=click.Choice(BLOCK_SIZE_CHOICES), default=str(DEFAULT_BLOCK_SIZE), show_default=True,
               help="The int4 block size the AWQ search assumes.")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
@@ -30,6 +31,9 @@ from pulse_edge.choices import BLOCK_SIZE_CHOICES, CALIBRATION_DTYPES, CALIBRATI
 def calibrate_cmd(model: Path, data: str, image_root: Path | None, samples: int, method: str, seed: int,
                   block_size: str, vision_tower: Path | None, dtype: str, out: Path) -> None:
     """Collect activation statistics of a checkpoint on ECG samples and search SmoothQuant / AWQ scales."""
+    from pulse_edge.staging import check_output_file
+
+    check_output_file(out, what="scales file")  # before minutes of work, and before the heavy imports
     import torch
     import transformers
 

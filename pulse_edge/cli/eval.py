@@ -19,6 +19,7 @@ import click
 
 from pulse_edge.choices import BACKENDS, TORCH_DTYPES
 from pulse_edge.cli.group import UserErrorGroup
+from pulse_edge.cli.params import TORCH_DEVICE
 from pulse_edge.errors import InputError
 
 _JUDGE_HELP = "OpenAI-compatible endpoint (e.g. http://host:8000/v1) of the LLM judge for ptb-test-report and " \
@@ -71,6 +72,9 @@ def score_command(subset: str, data_dir: Path, predictions: Path, judge_url: str
 
     spec = resolve_subset(subset)
     preds = read_predictions(predictions)
+    if not preds.predictions:
+        raise InputError(f"{predictions} holds no predictions{' (only a torn line)' if preds.torn_tail else ''}: "
+                         "nothing to score; run `pulse-edge eval ecgbench` to make them")
     source = find_subset(data_dir, spec.name)
     cache = predictions.with_name(f"{predictions.stem}.judge.jsonl")
     judge = _judge(judge_url, judge_model, judge_workers, lambda _: cache)
@@ -93,7 +97,7 @@ def score_command(subset: str, data_dir: Path, predictions: Path, judge_url: str
               help="auto: ort for a bundle (manifest.json), torch for a checkpoint.")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="Local CLIP tower directory.")
 @click.option("--dtype", type=click.Choice(TORCH_DTYPES), default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", type=TORCH_DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The paper's evaluation uses 1024 (greedy decoding).")
 def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], limit: int | None,

@@ -128,6 +128,10 @@ def print_fidelity(bundle: Path) -> None:
 def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | None, vision_tower: Path | None,
                validation: str, target: str, trt_ops: str, **quant: Any) -> None:
     """Export a checkpoint to a validated bundle (ONNX graphs, tokenizer.json, manifest.json)."""
+    from pulse_edge.cli.progress import stage_progress
+    from pulse_edge.staging import check_output_dir
+
+    check_output_dir(out, what="bundle")  # before minutes of work, and before the heavy imports
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -143,7 +147,7 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
         # torch's exporter warns about torchvision ops and trips its own pytree deprecation:
         # nothing a user exporting PULSE can act on.
         exporter_log.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), stage_progress(f"export {precision}"):
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
             path = export_bundle(checkpoint, out, options)
     finally:

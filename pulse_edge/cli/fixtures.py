@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import CHECKPOINT_LAYOUTS, MERGES, RHYTHMS, TOWER_PLACEMENTS
+from pulse_edge.cli.params import SEED
 
 
 @click.command("make-tiny")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--merge", type=click.Choice(MERGES), default="flat", show_default=True,
               help="flat is PULSE's layout; spatial_unpad adds image_newline (LLaVA-1.6 default).")
 @click.option("--tower", type=click.Choice(TOWER_PLACEMENTS), default="inside", show_default=True,
@@ -30,6 +31,10 @@ from pulse_edge.choices import CHECKPOINT_LAYOUTS, MERGES, RHYTHMS, TOWER_PLACEM
 def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, full_shape: bool,
               layers: int | None, outliers: int, outlier_scale: float) -> None:
     """Write a random PULSE-shaped checkpoint (original LLaVA layout) with a real SentencePiece tokenizer."""
+    from pulse_edge.cli.progress import stage_progress
+    from pulse_edge.staging import check_output_dir
+
+    check_output_dir(out_dir, what="checkpoint")
     import torch
 
     from pulse_edge.export.fixtures.tiny import TinySpec, make_tiny_checkpoint
@@ -37,27 +42,50 @@ def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, ful
     spec = TinySpec(seed=seed, merge=merge, tower=tower, layout=layout, full_shape=full_shape,
                     dtype=torch.bfloat16 if full_shape else torch.float32, layers=layers, outliers=outliers,
                     outlier_scale=outlier_scale)
-    path = make_tiny_checkpoint(out_dir, spec)
+    with stage_progress("make-tiny"):
+        path = make_tiny_checkpoint(out_dir, spec)
     click.echo(f"wrote {'full-shape' if full_shape else 'tiny'} random checkpoint to {path}")
+
+
+# The formats `infer` reads that Pillow writes, by extension.
+PRINT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+
+
+def _print_size(size: str) -> tuple[int, int]:
+    from pulse_edge.errors import ConfigError
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError as e:
+        raise ConfigError(f"--size must look like 2200x1700, got {size!r}") from e
+    return width, height
 
 
 @click.command("render-ecg")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--rhythm", type=click.Choice(RHYTHMS), default="sinus", show_default=True,
               help="The rhythm the synthetic signal has (its labels go to stdout).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--size", default="2200x1700", show_default=True, help="WIDTHxHEIGHT in pixels (200 dpi letter).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--size", default="2200x1700", show_default=True,
+              help="WIDTHxHEIGHT in pixels (200 dpi letter), at most 64 million pixels.")
 @click.option("--header", default=None, help="Header text printed at the top.")
 def render_ecg(out: Path, rhythm: str, seed: int, size: str, header: str | None) -> None:
-    """Render a synthetic 12-lead ECG print with a known rhythm to a PNG."""
+    """Render a synthetic 12-lead ECG print with a known rhythm (PNG, JPEG, TIFF or BMP by OUT's extension)."""
     from pulse_edge.errors import ConfigError
+    from pulse_edge.runtime.ecg.render import ecg_print_geometry
     from pulse_edge.runtime.ecg.render import render_ecg as render
     from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
+    from pulse_edge.staging import check_output_file, staged_file
 
-    try:
-        width, height = (int(v) for v in size.lower().split("x"))
-    except ValueError as e:
-        raise ConfigError(f"--size must look like 2200x1700, got {size!r}") from e
+    image_format = PRINT_FORMATS.get(out.suffix.lower())
+    if image_format is None:
+        raise ConfigError(f"{out}: the extension {out.suffix or '(none)'!r} is not one of "
+                          f"{', '.join(PRINT_FORMATS)}; the print's format follows it")
+    check_output_file(out, what="image", make_parents=False)
+    width, height = _print_size(size)
+    ecg_print_geometry(width, height)  # refuses a size out of bounds before anything is drawn
     record = synthesize_ecg(rhythm, seed=seed)
-    render(record, width_px=width, height_px=height, header=header).save(out)
+    image = render(record, width_px=width, height_px=height, header=header)
+    with staged_file(out) as work:
+        image.save(work, format=image_format)
     click.echo(f"wrote {out}: {record.description}")

@@ -1,12 +1,14 @@
 """The click group every pulse-edge command group uses: user errors become one line.
 
-A `PulseEdgeError` prints `pulse-edge: error: ...` on stderr and exits with its
-code (2), Ctrl-C exits 130; anything else is a bug and keeps its traceback.
+A `PulseEdgeError` or a bad option value of a subcommand prints `pulse-edge: error: ...` on stderr and
+exits with code 2, Ctrl-C exits 130 (SIGTERM during an export 143); anything else is a bug and keeps its
+traceback.
 Lean: click and pulse_edge.errors only, so the CLI starts fast.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import click
@@ -25,6 +27,12 @@ class UserErrorGroup(click.Group):
         except PulseEdgeError as e:
             click.echo(f"pulse-edge: error: {e}", err=True)
             ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo(f"pulse-edge: interrupted{self.interrupt_hint}", err=True)
-            ctx.exit(130)
+        except click.UsageError as e:  # a subcommand's bad option value: one line too, not click's three
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"pulse-edge: error: {e.format_message().rstrip('.')}{where}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt as e:  # Ctrl-C; staged work also turns SIGTERM and SIGHUP into one
+            signum = getattr(e, "signum", signal.SIGINT)
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            click.echo(f"pulse-edge: {what}{self.interrupt_hint}", err=True)
+            ctx.exit(128 + signum)

@@ -10,6 +10,8 @@ import click
 
 from pulse_edge.backends import open_backend
 from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES, VOLTAGE_UNITS
+from pulse_edge.cli.params import SEED, TORCH_DEVICE
+from pulse_edge.cli.progress import HashBar
 from pulse_edge.errors import ConfigError
 
 
@@ -28,13 +30,14 @@ from pulse_edge.errors import ConfigError
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="0 = greedy, as in the paper's evaluation.")
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling (temperature > 0).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for sampling (temperature > 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None,
               help="A local CLIP vision tower directory; takes precedence over the tower named in the config.")
 @click.option("--dtype", type=click.Choice(TORCH_DTYPES), default="auto", show_default=True,
               help="auto: fp16 on a GPU, fp32 on a CPU.")
-@click.option("--device", default="auto", show_default=True, help="torch backend: auto, cpu, cuda or cuda:N.")
+@click.option("--device", type=TORCH_DEVICE, default="auto", show_default=True,
+              help="torch backend: auto, cpu, cuda or cuda:N.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
               help="ort backend: execution provider (cuda/tensorrt need onnxruntime-gpu; never a silent fallback).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
@@ -59,12 +62,14 @@ from pulse_edge.errors import ConfigError
               help="Lead order of an NPY recording, comma-separated; default I,II,III,aVR,aVL,aVF,V1,...,V6.")
 @click.option("--unit", type=click.Choice(VOLTAGE_UNITS), default="mV", show_default=True,
               help="Voltage unit of CSV and NPY recordings.")
+@click.option("--verify", is_flag=True,
+              help="Check every byte of the bundle against its manifest's sha256 before loading it.")
 def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backend: str, engines: Path | None,
           max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
           device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
           prepack: bool, output: Path | None, fail_fast: bool, save_render: Path | None, fs: float | None,
-          leads: str | None, unit: str) -> None:
+          leads: str | None, unit: str, verify: bool) -> None:
     """Answer a question about an ECG: an image (PNG, JPEG, TIFF, BMP), the first page of a PDF, or a recording
     (DICOM waveform, WFDB record, HL7 aECG, CSV or NPY) rendered as the standard 12-lead print."""
     from pulse_edge.runtime.batch import save_image
@@ -78,8 +83,10 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack)
 
     def open_model():
-        return open_backend(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
-                            session=session, prefill_chunk=prefill_chunk, engines=engines)
+        with HashBar() as bar:
+            return open_backend(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
+                                session=session, prefill_chunk=prefill_chunk, engines=engines, verify=verify,
+                                progress=bar)
 
     reading = {"fs": fs, "unit": unit, "leads": tuple(n.strip() for n in leads.split(",")) if leads else None}
     if output is not None:

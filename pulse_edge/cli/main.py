@@ -7,9 +7,6 @@ torch/transformers only inside the command that needs them, and turns a
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
 from pulse_edge import __version__
@@ -21,25 +18,24 @@ from pulse_edge.cli.export import export_cmd
 from pulse_edge.cli.fixtures import make_tiny, render_ecg
 from pulse_edge.cli.group import UserErrorGroup
 from pulse_edge.cli.infer import infer
+from pulse_edge.cli.progress import configure as configure_logging
 from pulse_edge.cli.serve import serve
+from pulse_edge.cli.verify import verify_cmd
 
 
 @click.group(cls=UserErrorGroup)
 @click.version_option(__version__, prog_name="pulse-edge")
-@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
-def main(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log every stage to stderr, one line each.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr, only warnings and errors.")
+def main(verbose: bool, quiet: bool) -> None:
     """Run PULSE, the ECG-image LLM, on edge devices."""
-    # Only pulse-edge's own logger: exporters and optimisers log plenty at INFO on the root logger.
-    logger = logging.getLogger("pulse_edge")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("pulse-edge: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other; give one")
+    configure_logging(verbose=verbose, quiet=quiet)
 
 
 main.add_command(infer)
+main.add_command(verify_cmd)
 main.add_command(export_cmd)
 main.add_command(build_engines_cmd)
 main.add_command(make_tiny)

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.choices import EXPORT_TARGETS, GRAPH_PRECISIONS, KV_UPDATES, OPT_LEVELS, TENSOR_DTYPES, TRT_OPS
-from pulse_edge.errors import InputError
-from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE, MANIFEST_VERSION
+from pulse_edge.errors import BundleError
+from pulse_edge.runtime.bundle.checks import check_consistency
+from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE
+from pulse_edge.runtime.bundle.schema import check_manifest_json
 from pulse_edge.runtime.image.preprocess import ImageLayout
 from pulse_edge.runtime.text.prompt import PromptTemplate
 
@@ -26,10 +28,6 @@ ENGINES = ("onnx", "tensorrt")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 # Version-1 manifests written before the graph fields were typed kept them in an "extra" object.
 _LEGACY_GRAPH_KEYS = {"ort_opt_level": "opt_level_limit"}
-
-
-class BundleError(InputError):
-    """A bundle that cannot be served: wrong version, missing or truncated files, bad fields."""
 
 
 def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
@@ -225,6 +223,20 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    """One file of the bundle as export wrote it: its size, its sha256, and the sha256 of a fixed sample of
+    its pages (checked at every load; the whole file only by `pulse-edge verify` and `--verify`)."""
+
+    size: int
+    sha256: str
+    sampled_sha256: str
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FileRecord:
+        return cls(size=int(d["size"]), sha256=str(d["sha256"]), sampled_sha256=str(d["sampled_sha256"]))
+
+
+@dataclass(frozen=True)
 class Manifest:
     version: int
     precision: str
@@ -240,6 +252,7 @@ class Manifest:
     validation: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationSpec | None = None
     image_newline: str | None = None  # spatial_unpad only: a .npy file, float32 [hidden_size]
+    files: Mapping[str, FileRecord] = field(default_factory=dict)  # every file but the manifest; empty in v1
 
     def __post_init__(self) -> None:
         _choice(self.precision, GRAPH_PRECISIONS, "precision")
@@ -247,15 +260,10 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
-        if d.get("format") != FORMAT:
-            raise BundleError(f"manifest: format is {d.get('format')!r}, not {FORMAT!r}: not a pulse-edge bundle")
-        version = d.get("version")
-        if version != MANIFEST_VERSION:
-            raise BundleError(f"bundle manifest version {version!r} is not supported by this pulse-edge (reads "
-                              f"version {MANIFEST_VERSION}); re-export the bundle with this version")
+        check_manifest_json(d)  # the JSON shape of every field, format and version first
         calibration = d.get("calibration")
         return cls(
-            version=MANIFEST_VERSION, precision=str(d.get("precision")),
+            version=int(d["version"]), precision=str(d.get("precision")),
             graphs={k: GraphSpec.from_dict(v) for k, v in _need(d, "graphs", "the manifest").items()},
             kv=KVLayout.from_dict(_need(d, "kv", "the manifest")),
             text=TextSpec.from_dict(_need(d, "text", "the manifest")),
@@ -267,6 +275,7 @@ class Manifest:
             validation=dict(d.get("validation", {})),
             calibration=None if calibration is None else CalibrationSpec.from_dict(calibration),
             image_newline=d.get("image_newline"),
+            files={str(k): FileRecord.from_dict(v) for k, v in d.get("files", {}).items()},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,6 +284,8 @@ class Manifest:
         d["prompt"] = self.prompt.to_dict()
         if self.image_newline is None:
             del d["image_newline"]  # a flat bundle's manifest stays as it was before the field existed
+        if self.version < 2:
+            del d["files"]
         return {"format": FORMAT, **d}
 
     def write(self, bundle: Path) -> None:
@@ -297,8 +308,12 @@ def _check_image_newline(name: Any, image: ImageLayout) -> None:
 
 
 def read_manifest(bundle: Path) -> Manifest:
-    """Load and check a bundle's manifest, and that every file it names is there, whole."""
+    """Load and check a bundle's manifest (its JSON shape, then its fields against each other), and that every
+    file it names is there; the arrays and checksums are `integrity.check_bundle`'s."""
     path = bundle / MANIFEST_FILE
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle} {'is not a directory' if bundle.exists() else 'does not exist'}: a bundle is the "
+                          "directory `pulse-edge export` writes")
     if not path.is_file():
         raise BundleError(f"{bundle} is not a pulse-edge bundle: it has no {MANIFEST_FILE}")
     try:
@@ -307,6 +322,7 @@ def read_manifest(bundle: Path) -> Manifest:
         raise BundleError(f"{path} cannot be read as JSON ({e}); re-export the bundle") from e
     except (TypeError, ValueError) as e:
         raise BundleError(f"{path} has a malformed field ({e}); re-export the bundle") from e
+    check_consistency(manifest)
     check_files(bundle, manifest)
     return manifest
 

@@ -6,7 +6,7 @@ Export builds its graphs with these names and the runtime binds them; one spelli
 from __future__ import annotations
 
 FORMAT = "pulse-edge-bundle"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a size and sha256 per file (`files`)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDING_FILE = "embed_tokens.npy"

@@ -41,6 +41,9 @@ _CAL_PULSE_LEFT_MM = 3.0
 _CAL_PULSE_S = 0.2
 _CAL_PULSE_MV = 1.0
 _MIN_PX_PER_MM = 3.0  # below this the 1-mm grid becomes solid colour
+# The largest print drawn: the largest image the runtime reads (runtime/inputs/images.py, MAX_PIXELS); a
+# 600 dpi letter page is 33.7 MP. Without a bound, 100000x100000 asked for a 28 GiB canvas.
+MAX_PRINT_PIXELS = 64_000_000
 _COLUMNS = 4
 _ROWS = 4
 
@@ -116,6 +119,9 @@ class PrintLayout:
 
 def ecg_print_geometry(width_px: int, height_px: int) -> PrintLayout:
     """The print layout of a `width_px` x `height_px` page."""
+    if width_px < 1 or height_px < 1 or width_px * height_px > MAX_PRINT_PIXELS:
+        raise ConfigError(f"page {width_px}x{height_px} px is outside 1x1 .. {MAX_PRINT_PIXELS:,} pixels "
+                          "(2200x1700 is a letter page at 200 dpi)")
     paper = min(
         _PAPERS,
         key=lambda name: abs(math.log((width_px / height_px) / (_PAPERS[name][0] / _PAPERS[name][1]))),

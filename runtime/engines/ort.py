@@ -24,6 +24,7 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout, Manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, GPU_FIX, BundleEngine, check_servable
+from pulse_edge.runtime.engines.graph_io import check_graph_io
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
 ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
@@ -87,6 +88,16 @@ class SessionConfig:
             raise ConfigError(f"node order {self.node_order!r} is not one of {', '.join(NODE_ORDERS)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
+        if self.threads > usable_cpus():  # each thread has its own arena and scratch: 100000 of them OOM
+            raise ConfigError(f"threads {self.threads} is more than the {usable_cpus()} CPU cores this process "
+                              "may use; give at most that many (0 = one per core)")
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def effective_opt_level(asked: str, graph_limit: str | None) -> str:
@@ -211,6 +222,7 @@ class VisionEngine:
     def __init__(self, bundle: Path, spec: GraphSpec, config: SessionConfig) -> None:
         self.session = make_session(bundle / spec.file, config, graph_limit=spec.opt_level_limit,
                                     fp16=spec.precision == "fp16", entries=graph_config_entries(spec))
+        check_graph_io(spec, self.session)
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         feed = {names.PIXEL_VALUES: pixel_values.astype(np.float32, copy=False)}
@@ -224,6 +236,7 @@ class DecoderEngine:
         ort = _ort()
         self.session = make_session(bundle / spec.file, config, graph_limit=spec.opt_level_limit,
                                     fp16=spec.precision == "fp16", entries=graph_config_entries(spec))
+        check_graph_io(spec, self.session)
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
         device = "cuda" if config.provider in ("cuda", "tensorrt") else "cpu"

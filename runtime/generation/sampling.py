@@ -7,10 +7,12 @@ the cost is one pass over 32000 floats per token, negligible against decode.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from pulse_edge.choices import SEED_RANGE
 from pulse_edge.errors import ConfigError
 
 
@@ -23,10 +25,13 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        low, high = SEED_RANGE
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not low <= self.seed <= high:
+            raise ConfigError(f"seed must be an integer in [{low}, {high}], got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -13,6 +13,7 @@ that image-only deployments never load PDFium.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import struct
@@ -26,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pulse_edge.errors import InputError
+
+log = logging.getLogger(__name__)
 
 # A 12-lead ECG is printed as 3-4 rows of leads plus a rhythm strip. Below ~128 px
 # on the shorter side each row gets fewer than ~25 px, the 1 mm grid and the QRS
@@ -188,6 +191,9 @@ def _render_pdf(stream: BinaryIO, name: str) -> Image.Image:
             document = stack.enter_context(closing(pdfium.PdfDocument(stream)))
             if len(document) == 0:
                 raise _fail(name, "is a PDF with no pages", "export the ECG page again")
+            if len(document) > 1:  # never silently: the ECG may be on another page
+                log.warning("%s has %d pages; reading the first (export the ECG's page alone to read another)",
+                            name, len(document))
             page = stack.enter_context(closing(document[0]))
             scale = _pdf_scale(page.get_size(), name)
             bitmap = stack.enter_context(closing(page.render(scale=scale)))

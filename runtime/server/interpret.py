@@ -1,7 +1,7 @@
 """`POST /v1/ecg/interpret`: an ECG file in, the object `pulse-edge infer --json` prints out.
 
     multipart/form-data:  file=<the ECG>  | path=<a file under --allow-dir>,  question, max_tokens, temperature,
-                          top_p, seed (all optional)
+                          top_p, seed (all optional); a WFDB record is two `file` parts, NAME.hea and NAME.dat
     application/json:     {"path": ..., "question": ..., "max_tokens": ..., ...}   (paths only: no bytes in JSON)
 
 The file goes through the same input decoding as `infer` (content sniffed, never trusted from its name).
@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.server.chat import read_json
 from pulse_edge.runtime.server.errors import ApiError
-from pulse_edge.runtime.server.model import answer_json, decode_input
+from pulse_edge.runtime.server.model import Upload, answer_json, decode_input
 from pulse_edge.runtime.server.openai_api import max_tokens, sampling_params
 from pulse_edge.runtime.server.paths import resolve_allowed
 from pulse_edge.runtime.server.state import ServerState
@@ -57,13 +57,15 @@ async def interpret(request: Request) -> Response:
     return JSONResponse(answer)
 
 
-async def _read(request: Request, deadline: Deadline, root: Path | None) -> tuple[dict[str, Any], bytes | Path, str]:
-    """(parameters, the file's bytes or checked path, its name for messages) from a form or a JSON body."""
+async def _read(request: Request, deadline: Deadline,
+                root: Path | None) -> tuple[dict[str, Any], bytes | Path | tuple[Upload, ...], str]:
+    """(parameters, the file's bytes, a WFDB record's two files or a checked path, its name for messages) from a
+    form or a JSON body."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        params, upload = await _read_form(request, deadline)
+        params, uploads = await _read_form(request, deadline)
     elif kind == "application/json":
-        params, upload = await read_json(request, deadline), None
+        params, uploads = await read_json(request, deadline), []
         if not isinstance(params, Mapping):
             raise ApiError("bad_request", "the request body must be a JSON object")
     else:
@@ -73,34 +75,39 @@ async def _read(request: Request, deadline: Deadline, root: Path | None) -> tupl
     if unknown:
         raise ApiError("bad_request", f"unknown fields {unknown}; accepted: {', '.join(FIELDS)}")
     path = params.get("path")
-    if (upload is None) == (path is None):
+    if bool(uploads) == (path is not None):
         raise ApiError("bad_request", "send exactly one ECG: a `file` upload or a `path`", param="file")
-    if upload is not None:
-        return dict(params), await upload.read(), upload.filename or "the uploaded file"
+    if len(uploads) == 1:
+        return dict(params), await uploads[0].read(), uploads[0].filename or "the uploaded file"
+    if uploads:
+        parts = tuple([Upload(u.filename or "", await u.read()) for u in uploads])
+        return dict(params), parts, " + ".join(p.name for p in parts)
     if not isinstance(path, str):
         raise ApiError("bad_request", "path must be a string", param="path")
     return dict(params), resolve_allowed(path, root), path
 
 
-async def _read_form(request: Request, deadline: Deadline) -> tuple[dict[str, Any], UploadFile | None]:
-    try:
-        form = await asyncio.wait_for(request.form(max_files=1, max_fields=len(FIELDS),
+async def _read_form(request: Request, deadline: Deadline) -> tuple[dict[str, Any], list[UploadFile]]:
+    try:  # two files at most: a WFDB record's header and signal file
+        form = await asyncio.wait_for(request.form(max_files=2, max_fields=len(FIELDS),
                                                    max_part_size=MAX_FIELD_BYTES), deadline.remaining())
     except asyncio.TimeoutError:
         raise deadline.error() from None
     params: dict[str, Any] = {}
-    upload = None
+    uploads: list[UploadFile] = []
     for key, value in form.multi_items():
-        if key in params or (key == "file" and upload is not None):
+        if key in params:
             raise ApiError("bad_request", f"the field {key!r} is given twice", param=key)
         if isinstance(value, UploadFile):
             if key != "file":
                 raise ApiError("bad_request", f"the field {key!r} must not be a file (the ECG goes in `file`)",
                                param=key)
-            upload = value
+            uploads.append(value)
+        elif key == "file":
+            raise ApiError("bad_request", "the field 'file' must be a file upload", param="file")
         else:
             params[key] = _form_value(key, value)
-    return params, upload
+    return params, uploads
 
 
 def _form_value(key: str, value: str) -> Any:

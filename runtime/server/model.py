@@ -8,11 +8,13 @@ part of the server goes through these, so a change of the runtime's entry points
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from pulse_edge.errors import InputError
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 from pulse_edge.runtime.engines.ort import SessionConfig
 from pulse_edge.runtime.generation.decode import StopCheck
@@ -37,17 +39,43 @@ class ServedModel:
 
 
 def open_model(bundle: Path, session: SessionConfig) -> ServedModel:
-    """Load the bundle once for the server's lifetime (checks of the manifest and files happen here)."""
-    pipeline = Pipeline.from_bundle(bundle, session=session)
+    """Load the bundle once for the server's lifetime and hash every byte of it against the manifest
+    (a damaged or swapped file is refused at start, not answered from)."""
+    pipeline = Pipeline.from_bundle(bundle, session=session, verify=True)
     bundle_id = hashlib.sha256((bundle / MANIFEST_FILE).read_bytes()).hexdigest()
     return ServedModel(pipeline=pipeline, model_id=bundle.resolve().name, bundle_id=bundle_id,
                        provider=session.provider)
 
 
-def decode_input(source: bytes | Path, *, name: str) -> EcgInput:
-    """An uploaded file's bytes, or a checked path under --allow-dir, as the ECG the model reads (an image or
-    PDF, or a recording rendered as the standard print); InputError if unusable."""
+class Upload(NamedTuple):
+    name: str  # the client's file name: only its suffix and stem are used
+    data: bytes
+
+
+def decode_input(source: bytes | Path | tuple[Upload, ...], *, name: str) -> EcgInput:
+    """An uploaded file's bytes, a WFDB record's two uploaded files, or a checked path under --allow-dir, as
+    the ECG the model reads (an image or PDF, or a recording rendered as the standard print); InputError if
+    unusable."""
+    if isinstance(source, tuple):
+        return _decode_record(source, name=name)
     return load_input(source, name=name)
+
+
+def _decode_record(parts: tuple[Upload, ...], *, name: str) -> EcgInput:
+    """A WFDB record uploaded as NAME.hea + NAME.dat: the wfdb reader opens files by name (the header names its
+    signal file), so both are written to a private temporary folder under one stem and read from there."""
+    suffixes = sorted(Path(p.name).suffix.lower() for p in parts)
+    stems = {Path(p.name).stem for p in parts}
+    if suffixes != [".dat", ".hea"] or len(stems) != 1:
+        raise InputError(f"{name}: two files are read as one WFDB record, NAME.hea and NAME.dat with the same "
+                         "NAME; send any other ECG as one file")
+    stem = stems.pop()
+    if not stem or stem in (".", "..") or any(c in stem for c in "/\\\0"):
+        raise InputError(f"{name}: the record name {stem!r} cannot be a file name; rename the files")
+    with tempfile.TemporaryDirectory(prefix="pulse-edge-wfdb-") as folder:
+        for part in parts:
+            (Path(folder) / (stem + Path(part.name).suffix.lower())).write_bytes(part.data)
+        return load_input(Path(folder) / f"{stem}.hea", name=name)
 
 
 def answer_json(pipeline: Pipeline, ecg: EcgInput, question: str, *, max_new_tokens: int,

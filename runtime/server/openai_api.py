@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pulse_edge.choices import SEED_RANGE
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.generation.sampling import SamplingParams
 from pulse_edge.runtime.server.errors import ApiError
@@ -189,10 +190,11 @@ def sampling_params(body: Mapping[str, Any]) -> SamplingParams:
     if not 0.0 < top_p <= 1.0:
         raise ApiError("bad_request", f"top_p must be in (0, 1], got {top_p}", param="top_p")
     seed = body.get("seed")
+    low, high = SEED_RANGE
     if seed is None:
-        seed = secrets.randbits(63)  # as OpenAI: no seed, no reproducibility promise
-    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ApiError("bad_request", "seed must be a non-negative integer", param="seed")
+        seed = secrets.randbelow(high + 1)  # as OpenAI: no seed, no reproducibility promise
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise ApiError("bad_request", f"seed must be an integer in [{low}, {high}]", param="seed")
     return SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
 
 

@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, png: bytes) -> Path:
                          [item("c1", "q", "AF", png)], image_struct=False)
     write_parquet_subset(root / "mmmu-ecg.parquet", [item("m1", "Pick one", "B", png)])
     write_json_subset(root, "ecgqa-test", [item("e1", "Options: yes, no", ("yes",), png),
-                                           item("e2", "Options: lead I, lead II", ("lead I", "lead II"), png)])
+                                           item("e2", "Options: lead i, lead ii", ("lead i", "lead ii"), png)])
     return root
 
 
@@ -62,7 +62,7 @@ def test_scoring_reads_no_image_bytes_and_ids_filter(data_dir: Path) -> None:
 
 def test_json_layout_keeps_list_answers_and_finds_images(data_dir: Path) -> None:
     samples = list(iter_samples(find_subset(data_dir, "ecgqa-test"), with_images=True))
-    assert samples[1].answer == ("lead I", "lead II")
+    assert samples[1].answer == ("lead i", "lead ii")
     assert samples[0].image_file == data_dir / "images" / "ecgqa-test" / "e1.png"
     assert samples[0].load_image().size == (880, 680)
 
@@ -124,16 +124,16 @@ def test_progress_bar_shows_eta_in_plain_logs() -> None:
 
 
 def test_score_command_reads_paper_style_predictions(data_dir: Path, tmp_path: Path) -> None:
-    # e1 gold ["yes"], e2 gold ["lead I", "lead II"] (JSON lists); both answered right in both modes:
-    # e2 compat: "lead I" and "lead II" both occur -> characters of "lead Ilead II" on both sides
+    # e1 gold ["yes"], e2 gold ["lead i", "lead ii"] (JSON lists); both answered right in both modes:
+    # e2 compat: "lead i" and "lead ii" both occur in the lower-cased answer -> the set of both options
     predictions = tmp_path / "ecgqa.jsonl"
     predictions.write_text(
         '{"question_id": "e1", "prompt": "<image>\\nOptions: yes, no", "text": "yes"}\n'
-        '{"question_id": "e2", "prompt": "<image>\\nOptions: lead I, lead II", "text": "lead I, lead II"}\n'
+        '{"question_id": "e2", "prompt": "<image>\\nOptions: lead i, lead ii", "text": "Lead I, lead II"}\n'
         '{"question_id": "zz", "text": "yes"}\n')
     result = CliRunner().invoke(eval_group, ["score", "--subset", "ecgqa", "--data", str(data_dir),
                                              "--predictions", str(predictions)])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
-    assert out["compat"] == {"accuracy": 100.0} and out["strict"] == {"accuracy": 100.0, "unparsed": 0}
+    assert out["compat"] == {"accuracy": 100.0, "unwinnable": 0} and out["strict"] == {"accuracy": 100.0, "unparsed": 0}
     assert (out["coverage"]["scored"], out["coverage"]["unknown"], out["coverage"]["unknown_ids"]) == (2, 1, ["zz"])

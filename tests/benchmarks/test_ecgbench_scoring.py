@@ -132,40 +132,86 @@ def test_choice_compat_edge_cases() -> None:
 
 QUESTION = ("Question: Which leads show ST elevation?\nOptions: lead I, lead II, lead III, None\n\n"
             "Only answer based on the given Options without any explanation.")
+_INSTRUCTION = "\n\nOnly answer based on the given Options without any explanation."
+YES_NO = "Question: Does this ECG show atrial fibrillation?\nOptions: yes, no, not sure" + _INSTRUCTION
+LEADS = "Question: Which leads show ST elevation?\nOptions: lead i, lead ii, lead iii, lead v1, none" + _INSTRUCTION
+REPEATED = "Question: Is the axis normal?\nOptions: yes, no, yes" + _INSTRUCTION
+TRAILING_COMMA = "Question: Is there noise?\nOptions: yes, no, " + _INSTRUCTION
+CAPITALS = "Question: Which lead?\nOptions: lead I, lead II" + _INSTRUCTION
+
+# (id, prompt, gold, response, compat correct, strict correct, why compat can never be right), worked out from
+# the paper's rule: options = the prompt after the last "Options:", instruction removed, split on ",", stripped;
+# predicted = [o for o in options if o in response.lower()]; correct = set(predicted) == set(gold).
+ECGQA_CASES = [
+    # "No" lower-cased is "no": {no} == {no}
+    ("y1", YES_NO, ("no",), "No", True, True, None),
+    # "not sure" contains "no": {no, not sure} != {not sure}; no response can avoid it
+    ("y2", YES_NO, ("not sure",), "Not sure", False, True, parse.ECGQA_SHADOWED),
+    ("y3", YES_NO, ("yes",), "YES, it does.", True, True, None),
+    # a text gold: set("no") == {"n", "o"}, never a set of options
+    ("y4", YES_NO, "no", "no", False, True, parse.ECGQA_TEXT_GOLD),
+    # a repeated option is predicted twice; the sets are equal
+    ("y5", REPEATED, ("yes",), "yes", True, True, None),
+    # "lead ii" contains "lead i": {lead i, lead ii} != {lead ii}
+    ("l1", LEADS, ("lead ii",), "Lead II", False, True, parse.ECGQA_SHADOWED),
+    # ... and is credited when the gold is both (strict reads lead II only)
+    ("l2", LEADS, ("lead i", "lead ii"), "lead II", True, False, None),
+    # "lead iii" contains both others
+    ("l3", LEADS, ("lead iii",), "lead iii", False, True, parse.ECGQA_SHADOWED),
+    # a trailing comma makes an empty option, found in every response: {yes, ""} != {yes}
+    ("e1", TRAILING_COMMA, ("yes",), "yes", False, True, parse.ECGQA_EMPTY_OPTION),
+    # an option written with capitals is never in the lower-cased response: {} != {lead I}
+    ("c1", CAPITALS, ("lead I",), "lead I", False, True, parse.ECGQA_GOLD_NOT_FINDABLE),
+]
 
 
-def test_ecgqa_set_equality_and_list_answers() -> None:
-    # candidates: lead I, lead II, lead III, None
-    # q1 gold "lead II", "lead I and lead II": compat picks lead I, lead II (substrings) -> chars of
-    #    "lead Ilead II" = {l,e,a,d,' ',I} = chars of "lead II": correct (the paper compares character sets);
-    #    strict picks {lead i, lead ii} != {lead ii}: wrong
-    # q2 gold "lead II", "lead II": compat picks lead I (substring) and lead II: same characters, correct;
-    #    strict {lead ii}: correct
-    # q3 gold ["lead I", "lead III"] (a list), "lead III, lead I": compat joins both sides: correct;
-    #    strict {lead i, lead iii} (lead II is not a whole word of "lead III"): correct
-    # q4 gold "none", "None of them": compat picks "None", whose characters {N,o,n,e} != {n,o,e}: wrong;
-    #    strict compares lower-cased options: correct
-    # q5 gold "lead I", "I am not sure": nothing picked: wrong in both; strict counts it unreadable
-    # compat 3/5 = 60, strict 3/5 = 60 with 1 unreadable (different samples right)
-    score = _score("ecgqa-test", [("q1", "lead II", "lead I and lead II"), ("q2", "lead II", "lead II"),
-                                  ("q3", ("lead I", "lead III"), "lead III, lead I"), ("q4", "none", "None of them"),
-                                  ("q5", "lead I", "I am not sure")], question=QUESTION)
-    assert score.compat == {"accuracy": 60.0}
-    assert score.strict == {"accuracy": 60.0, "unparsed": 1}
-    assert [score.details[q].correct for q in ("q1", "q2", "q3", "q4", "q5")] == [False, True, True, True, False]
+def _score_ecgqa_cases(cases: list[tuple]) -> object:
+    samples = [Sample(i, "ecgqa-test", (Turn("unused: the recorded prompt wins", gold),))
+               for i, _, gold, *_ in cases]
+    predictions = tuple(Prediction(i, response, "text", prompt) for i, prompt, _, response, *_ in cases)
+    return score_subset(SUBSETS["ecgqa-test"], samples, PredictionFile(Path("p.jsonl"), predictions))
 
 
-def test_ecgqa_response_field_keeps_candidate_case() -> None:
-    # from a `response` field the paper does not lower-case the candidate: "lead I" never occurs in "lead ii"
-    rows = [("q", "lead II", "lead II")]
-    assert _score("ecgqa-test", rows, question=QUESTION, text_key="response").compat["accuracy"] == 0.0
-    assert _score("ecgqa-test", rows, question=QUESTION, text_key="text").compat["accuracy"] == 100.0
+def test_ecgqa_compat_is_the_papers_rule_quirk_by_quirk() -> None:
+    for i, prompt, gold, response, compat, _, why in ECGQA_CASES:
+        predicted = parse.ecgqa_compat(response, parse.ecgqa_candidates(prompt))
+        assert parse.ecgqa_compat_correct(predicted, gold) is compat, i
+        assert parse.ecgqa_compat_unwinnable(parse.ecgqa_candidates(prompt), gold) == why, i
+    assert parse.ecgqa_candidates(YES_NO) == ["yes", "no", "not sure"]
+    assert parse.ecgqa_candidates(TRAILING_COMMA) == ["yes", "no", ""]
+    assert parse.ecgqa_compat("Lead II", parse.ecgqa_candidates(LEADS)) == ["lead i", "lead ii"]
+    assert parse.ecgqa_compat("yes", parse.ecgqa_candidates(REPEATED)) == ["yes", "yes"]
+    # Python's semantics to the letter: an empty text gold is set() and is won by naming no option
+    assert parse.ecgqa_compat_correct([], "") and parse.ecgqa_compat_unwinnable(["yes", "no"], "") is None
+    # a text gold of single characters can be won when those characters are options
+    assert parse.ecgqa_compat_correct(["a", "b"], "ab") and parse.ecgqa_compat_unwinnable(["a", "b"], "ba") is None
+
+
+def test_ecgqa_compat_and_strict_scores_with_unwinnable_notes() -> None:
+    # compat right: y1 y3 y5 l2 = 4/10; strict right: all but l2 = 9/10, none unreadable
+    score = _score_ecgqa_cases(ECGQA_CASES)
+    assert score.compat == {"accuracy": 40.0, "unwinnable": 6}
+    assert score.strict == {"accuracy": 90.0, "unparsed": 0}
+    assert [score.details[c[0]].correct for c in ECGQA_CASES] == [c[5] for c in ECGQA_CASES]
+    notes = [n for n in score.notes if n.startswith("compat:")]
+    assert len(notes) == 4
+    assert any("3 sample(s)" in n and "contains another option" in n for n in notes)
+    assert any("1 sample(s)" in n and "set(golden) is the set of its characters" in n for n in notes)
+
+
+def test_ecgqa_text_and_response_fields_are_read_alike() -> None:
+    for key in ("text", "response"):
+        rows = [("q", ("lead ii", "lead i"), "Lead II")]
+        samples = [Sample("q", "ecgqa-test", (Turn(LEADS, rows[0][1]),))]
+        prediction = Prediction("q", "Lead II", key, LEADS)
+        assert score_subset(SUBSETS["ecgqa-test"], samples,
+                            PredictionFile(Path("p"), (prediction,))).compat["accuracy"] == 100.0
 
 
 def test_ecgqa_options_come_from_the_recorded_prompt() -> None:
-    # the prompt the model saw lists "lead V1"; the dataset question does not: the prompt wins
-    sample = Sample("q", "ecgqa-test", (Turn(QUESTION, "lead V1"),))
-    prediction = Prediction("q", "lead V1", prompt="Options: lead V1, lead V2")
+    # the prompt the model saw lists "lead v1"; the dataset question does not: the prompt wins
+    sample = Sample("q", "ecgqa-test", (Turn(QUESTION, ("lead v1",)),))
+    prediction = Prediction("q", "Lead V1", prompt="Options: lead v1, lead v2")
     score = score_subset(SUBSETS["ecgqa-test"], [sample], PredictionFile(Path("p"), (prediction,)))
     assert score.strict["accuracy"] == 100.0 and score.compat["accuracy"] == 100.0
 

@@ -76,7 +76,9 @@ def test_bad_images_give_one_line_and_exit_2(tmp_path: Path, tiny_checkpoint: Pa
 def test_bad_model_dir_gives_one_line(tmp_path: Path, ecg_png: Path) -> None:
     res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tmp_path)])
     assert res.exit_code == 2
-    assert res.stderr.strip() == f"pulse-edge: error: {tmp_path} is not a checkpoint: it has no config.json"
+    assert res.stderr.strip() == (f"pulse-edge: error: {tmp_path} is neither a pulse-edge bundle (no manifest.json) "
+                                  "nor a checkpoint (no config.json); pass the directory `pulse-edge export` wrote, "
+                                  "or a PULSE checkpoint")
 
 
 def test_make_tiny_refuses_a_non_empty_directory(tmp_path: Path) -> None:

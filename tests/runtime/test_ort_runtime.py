@@ -21,11 +21,6 @@ from pulse_edge.runtime.pipeline import Pipeline
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "fp32")
-
-
-@pytest.fixture(scope="session")
 def ort_pipeline(tiny_bundle: Path) -> Pipeline:
     return Pipeline.from_bundle(tiny_bundle)
 

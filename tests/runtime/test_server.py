@@ -159,13 +159,14 @@ def _messages(png: bytes, question: str = QUESTION, images: int = 1) -> list[dic
     return [{"role": "user", "content": parts}]
 
 
-def _multipart(fields: dict[str, str], file: tuple[str, bytes] | None = None) -> tuple[bytes, dict[str, str]]:
+def _multipart(fields: dict[str, str], file: tuple[str, bytes] | None = None,
+               *more: tuple[str, bytes]) -> tuple[bytes, dict[str, str]]:
     boundary = uuid.uuid4().hex
     chunks = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
               for k, v in fields.items()]
-    if file is not None:
-        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{file[0]}"\r\n'
-                      "Content-Type: application/octet-stream\r\n\r\n".encode() + file[1] + b"\r\n")
+    for name, data in ((file,) if file is not None else ()) + more:
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                      "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
@@ -280,6 +281,23 @@ def test_interpret_answers_an_upload_or_a_path_like_infer_json(server: Server, e
         assert {k: v for k, v in answer.items() if k not in varying} == {
             k: v for k, v in infer_answer.items() if k not in varying}
         assert Path(answer["source"]).name == source
+
+
+def test_interpret_reads_a_wfdb_record_uploaded_as_its_two_files(server: Server, tmp_path: Path) -> None:
+    pytest.importorskip("wfdb", reason="WFDB records need the ecg extra")
+    from pulse_testing.ecg_files import beats, write_wfdb
+
+    header = write_wfdb(tmp_path, "rec01", beats(5000, 500.0), 500.0)
+    parts = [(f"rec01{suffix}", header.with_suffix(suffix).read_bytes()) for suffix in (".hea", ".dat")]
+    upload, headers = _multipart({"max_tokens": "2"}, *parts)
+    status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", upload, _auth(headers))
+    assert status == 200, answer
+    assert json.loads(answer)["input_kind"] == "wfdb"
+    # Two files that are not one record's pair are refused with one line, before the model runs.
+    for wrong in ([parts[0], ("rec02.dat", parts[1][1])], [parts[0], ("rec01.png", b"x")]):
+        body, headers = _multipart({}, *wrong)
+        status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", body, _auth(headers))
+        assert status == 400 and "NAME.hea and NAME.dat" in json.loads(answer)["error"]["message"]
 
 
 @pytest.mark.parametrize(("path", "status"), [("../ecg.png", 403), ("outside.png", 403), ("/etc/hostname", 403),

@@ -132,11 +132,17 @@ def test_malformed_conversations_are_400s_that_say_why(messages: list, words: st
     ({"stop": ["\n"]}, "'stop' is not supported"), ({"n": 2}, "'n' is not supported"),
     ({"temperature": 3}, "temperature must be in"), ({"top_p": 0}, "top_p must be in"),
     ({"max_tokens": 0}, "max_tokens must be a positive integer"), ({"seed": -1}, "seed must be"),
+    ({"seed": 2**32}, r"seed must be an integer in \[0, 4294967295\]"),
     ({"stream": "yes"}, "stream must be true or false"),
 ])
 def test_unsupported_or_out_of_range_parameters_are_refused(extra: dict, words: str) -> None:
     with pytest.raises(ApiError, match=words):
         _parse(messages=[_user(_image())], **extra)
+
+
+def test_an_omitted_seed_is_drawn_inside_the_range_the_sampler_takes() -> None:
+    seeds = {_parse(messages=[_user(_image())]).sampling.seed for _ in range(64)}
+    assert len(seeds) > 1 and all(0 <= seed < 2**32 for seed in seeds)
 
 
 def test_bookkeeping_parameters_are_ignored_and_another_model_is_404() -> None:

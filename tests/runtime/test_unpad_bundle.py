@@ -17,7 +17,7 @@ from pulse_edge.export.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from pulse_edge.export.model.torch_backend import TorchPipeline
 from pulse_edge.export.validate.parity import ValidationPlan
 from pulse_edge.runtime.bundle.manifest import MANIFEST_FILE, BundleError, Manifest, read_manifest
-from pulse_edge.runtime.bundle.names import NEWLINE_FILE
+from pulse_edge.runtime.bundle.names import MANIFEST_VERSION, NEWLINE_FILE
 from pulse_edge.runtime.ecg.render import render_ecg
 from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
 from pulse_edge.runtime.engines.bundle_engine import MERGES_SERVED
@@ -128,7 +128,7 @@ def test_exported_unpad_bundle_passes_validation(unpad_bundles: dict[str, Path],
                                                  unpad_models: dict[str, LoadedCheckpoint], layout: str) -> None:
     bundle = unpad_bundles[layout]
     manifest = read_manifest(bundle)
-    assert manifest.version == 1 and manifest.image.merge == "spatial_unpad"
+    assert manifest.version == MANIFEST_VERSION and manifest.image.merge == "spatial_unpad"
     assert manifest.image_newline == NEWLINE_FILE
     validation = manifest.validation
     assert validation["pass"] is True and validation["tolerance_level"] == "fp32"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,7 +128,11 @@ def find_subset(data_dir: str | Path, subset: str) -> SubsetSource:
 def count_samples(source: SubsetSource) -> int:
     if source.layout == PARQUET:
         pq = _pyarrow_parquet()
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in source.files)
+        total = 0
+        for f in source.files:
+            with _parquet_errors(f):
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
     return sum(len(_json_records(f)) for f in source.files)
 
 
@@ -180,18 +185,37 @@ def _iter_parquet(source: SubsetSource, with_images: bool, ids: frozenset[str] |
 
     wanted = None if ids is None else pa.array(sorted(ids), pa.string())
     for path in source.files:
-        parquet = pq.ParquetFile(path)
-        names = set(parquet.schema_arrow.names)
+        with _parquet_errors(path):
+            parquet = pq.ParquetFile(path)
+            names = set(parquet.schema_arrow.names)
         missing = {"id", "conversations"} - names
         if missing or (with_images and "image" not in names):
             raise InputError(f"{path}: not an ECGBench parquet file (columns {sorted(names)}; "
                              "needs id, conversations and image)")
         columns = ["id", "conversations"] + [c for c in ("image_path", "image") if c in names and with_images]
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-            if wanted is not None:
-                batch = batch.filter(pc.is_in(pc.cast(batch.column("id"), pa.string()), value_set=wanted))
-            for row in batch.to_pylist():
+        batches = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+        while True:
+            with _parquet_errors(path):  # a damaged page surfaces when its batch is read
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                if wanted is not None:
+                    batch = batch.filter(pc.is_in(pc.cast(batch.column("id"), pa.string()), value_set=wanted))
+                rows = batch.to_pylist()
+            for row in rows:
                 yield _parquet_sample(row, source.subset, path)
+
+
+@contextmanager
+def _parquet_errors(path: Path) -> Iterator[None]:
+    """pyarrow's errors on a damaged or truncated file (ArrowInvalid, OSError) as one line."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path} is not a readable parquet file ({reason}); download it again") from e
 
 
 def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:

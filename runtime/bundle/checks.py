@@ -1,0 +1,139 @@
+"""A manifest's fields checked against each other, before any file is opened or any engine built.
+
+The JSON shape of each field is `schema.py`'s; here the fields must describe one model: the graphs the
+runtime binds by name (runtime/bundle/names.py), KV buffers for `kv.layers` layers in the decoder's IO,
+`text.vocab_size` rows in the embedding table and entries in the logits, `text.hidden_size` everywhere a
+hidden vector passes, a KV cache no longer than the model's positions. A damaged or hand-edited manifest
+fails here with one line instead of binding a wrong buffer (a logits buffer shorter than the graph's
+output would be written past its end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pulse_edge.errors import BundleError
+from pulse_edge.runtime.bundle import names
+
+if TYPE_CHECKING:
+    from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest, TensorSpec
+
+_FIX = "re-export the bundle"
+ONNX = "onnx"  # the engine whose graphs runtime/engines/ort.py binds
+
+
+def _fail(problem: str) -> BundleError:
+    return BundleError(f"manifest: {problem}; {_FIX}")
+
+
+def check_consistency(manifest: Manifest) -> None:
+    """Every cross-field rule, cheapest first; the first broken one is the error.
+
+    The IO rules are those of the ONNX graphs the runtime binds by name (engine "onnx"); a graph for another
+    engine is that engine's to check."""
+    missing = [role for role in (names.VISION, names.DECODER) if role not in manifest.graphs]
+    if missing:
+        raise _fail(f"graphs lacks {', '.join(map(repr, missing))} (has {sorted(manifest.graphs)})")
+    _check_text(manifest)
+    vision, decoder = manifest.graphs[names.VISION], manifest.graphs[names.DECODER]
+    if vision.engine == ONNX:
+        _check_vision_io(vision, manifest)
+    if decoder.engine == ONNX:
+        _check_decoder_io(decoder, manifest)
+    _check_records(manifest)
+
+
+def _check_text(manifest: Manifest) -> None:
+    text, kv, table = manifest.text, manifest.kv, manifest.embedding
+    if table.shape != (text.vocab_size, text.hidden_size):
+        raise _fail(f"the embedding table is {list(table.shape)} but text.vocab_size x text.hidden_size is "
+                    f"[{text.vocab_size}, {text.hidden_size}]")
+    for name, token in (("bos_id", text.bos_id), ("eos_id", text.eos_id)):
+        if token >= text.vocab_size:
+            raise _fail(f"text.{name} {token} is outside the vocabulary of {text.vocab_size}")
+    if kv.max_length > text.max_position_embeddings:
+        raise _fail(f"kv.max_length {kv.max_length} exceeds the model's {text.max_position_embeddings} positions")
+
+
+def _names(tensors: Sequence[TensorSpec]) -> list[str]:
+    return [t.name for t in tensors]
+
+
+def _check_names(graph: GraphSpec, kind: str, found: Sequence[TensorSpec], expected: Sequence[str]) -> None:
+    if sorted(_names(found)) != sorted(expected):
+        extra = sorted(set(_names(found)) - set(expected))
+        missing = sorted(set(expected) - set(_names(found)))
+        raise _fail(f"graph {graph.file} {kind} do not match what the runtime binds (unexpected {extra[:4]}, "
+                    f"missing {missing[:4]})")
+
+
+def _check_dims(graph: GraphSpec, tensor: TensorSpec, expected: Sequence[int | None], what: str) -> None:
+    """Static dimensions the runtime relies on (None: any); symbolic ones are the graph's to resolve."""
+    if len(tensor.shape) != len(expected):
+        raise _fail(f"graph {graph.file} tensor {tensor.name} has {len(tensor.shape)} dimensions, expected "
+                    f"{len(expected)} ({what})")
+    for axis, (dim, want) in enumerate(zip(tensor.shape, expected, strict=True)):
+        if want is not None and isinstance(dim, int) and dim != want:
+            raise _fail(f"graph {graph.file} tensor {tensor.name} has {dim} at axis {axis} where {what} needs "
+                        f"{want}")
+
+
+def _check_vision_io(graph: GraphSpec, manifest: Manifest) -> None:
+    _check_names(graph, "inputs", graph.inputs, [names.PIXEL_VALUES])
+    _check_names(graph, "outputs", graph.outputs, [names.IMAGE_FEATURES])
+    tile = manifest.image.tile_size
+    _check_dims(graph, graph.inputs[0], [None, 3, tile, tile], f"image.tile_size {tile}")
+    _check_dims(graph, graph.outputs[0], [None, None, manifest.text.hidden_size],
+                f"text.hidden_size {manifest.text.hidden_size}")
+
+
+def _kv_layers(tensors: Sequence[TensorSpec]) -> int:
+    return sum(1 for t in tensors if t.name.startswith("past_key_values.") and t.name.endswith(".key"))
+
+
+# How a decoder is told where its new positions go, by the manifest's `kv_update` (runtime/engines/ort.py binds
+# one set or the other).
+_POSITION_INPUTS = {
+    "gqa": (names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH),
+    "scatter": (names.POSITION_IDS, names.WRITE_INDEX, names.ATTENTION_MASK),
+}
+
+
+def _check_decoder_io(graph: GraphSpec, manifest: Manifest) -> None:
+    kv, text = manifest.kv, manifest.text
+    in_graph = _kv_layers(graph.inputs)
+    if in_graph != kv.layers:
+        raise _fail(f"kv.layers is {kv.layers} but the decoder graph {graph.file} has KV inputs for {in_graph} "
+                    "layers")
+    _check_names(graph, "inputs", graph.inputs, [names.INPUTS_EMBEDS, *_POSITION_INPUTS[graph.kv_update or "gqa"],
+                                                 *names.kv_names(kv.layers, "past")])
+    _check_names(graph, "outputs", graph.outputs, [names.LOGITS, *names.kv_names(kv.layers, "present")])
+    _check_dims(graph, graph.tensor(names.INPUTS_EMBEDS), [1, None, text.hidden_size],
+                f"text.hidden_size {text.hidden_size}")
+    logits = graph.tensor(names.LOGITS)
+    if logits.shape and isinstance(logits.shape[-1], int) and logits.shape[-1] != text.vocab_size:
+        raise _fail(f"text.vocab_size is {text.vocab_size} but the decoder's logits have {logits.shape[-1]} entries")
+    _check_dims(graph, logits, [1, 1, text.vocab_size], f"text.vocab_size {text.vocab_size}")
+    for name in names.kv_names(kv.layers, "past") + names.kv_names(kv.layers, "present"):
+        tensor = graph.tensor(name)
+        if tensor.dtype != kv.dtype:
+            raise _fail(f"kv.dtype is {kv.dtype} but the decoder's {name} is {tensor.dtype}")
+        _check_dims(graph, tensor, [1, kv.kv_heads, None, kv.head_dim], "kv.kv_heads and kv.head_dim")
+
+
+def _check_records(manifest: Manifest) -> None:
+    """From version 2 every file the runtime opens has a size and checksum record."""
+    if not manifest.files:
+        return
+    named = [manifest.tokenizer, manifest.embedding.file, *([manifest.image_newline] if manifest.image_newline else [])]
+    for graph in manifest.graphs.values():
+        named += [graph.file, *([graph.external_data] if graph.external_data else [])]
+    if manifest.calibration is not None:
+        named.append(manifest.calibration.file)
+    unrecorded = [name for name in named if name not in manifest.files]
+    if unrecorded:
+        raise _fail(f"files has no checksum for {', '.join(unrecorded)}")
+    bad = [name for name in manifest.files if "/" in name or name in (".", "..")]
+    if bad:
+        raise _fail(f"files names {bad[0]!r}, which is not a file inside the bundle")

@@ -1,0 +1,145 @@
+"""Is every file of a bundle the one export wrote? Sizes, sampled checksums, full checksums.
+
+A bundle's graphs and tables can be damaged on disk or in a copy (zeroed blocks), or replaced by the file of
+another export (the decoder of another checkpoint has the same names and sizes): both run and give wrong
+tokens without any error. Export records, per file, its size, its sha256 and the sha256 of a fixed sample
+of its pages (manifest `files`, version 2). What is checked when:
+
+- every load (`check_bundle`): the sizes; the sampled sha256 (256 pages of 4 KiB per file, small files
+  whole: ~1 MiB read per file); the embedding table's header, shape, dtype and finite values (one pass).
+- `--verify`, `Pipeline.from_bundle(verify=True)`, `pulse-edge verify`: the sha256 of every byte, one read
+  of the bundle (1.25 GB/s from the page cache here: ~11 s for a 14 GB fp16 7B bundle, more from a disk
+  slower than that).
+
+A file replaced by another export's fails the sampled check almost surely (any of 256 pages differs); a few
+zeroed blocks need the full hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pulse_edge.errors import BundleError
+from pulse_edge.runtime.bundle.arrays import check_embedding, read_newline
+from pulse_edge.runtime.bundle.manifest import FileRecord, Manifest, read_manifest
+from pulse_edge.runtime.bundle.names import MANIFEST_FILE
+
+PAGE = 4096
+SAMPLED_PAGES = 256  # read at every load: 1 MiB per file
+_CHUNK = 8 << 20  # full hashing reads 8 MiB at a time (measured 1.1 GB/s here, 0.8 with 1 MiB chunks)
+log = logging.getLogger(__name__)
+_REFETCH = "re-copy the bundle from where it was exported, or re-export it"
+
+
+class HashProgress(Protocol):
+    """Told what is being hashed, for a progress bar: `file` at the start of each file, `advance` per chunk."""
+
+    def file(self, name: str, size: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    files: int
+    bytes: int
+
+
+def file_sha256(path: Path, progress: HashProgress | None = None) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            if progress is not None:
+                progress.advance(n)
+    return digest.hexdigest()
+
+
+def sampled_sha256(path: Path) -> str:
+    """sha256 of the size and SAMPLED_PAGES pages evenly spread from the first to the last byte (the whole
+    file when it is no larger than the sample)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if size <= SAMPLED_PAGES * PAGE:
+            digest.update(os.pread(fd, size, 0))
+        else:
+            for k in range(SAMPLED_PAGES):
+                digest.update(os.pread(fd, PAGE, k * (size - PAGE) // (SAMPLED_PAGES - 1)))
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def file_record(path: Path, progress: HashProgress | None = None) -> FileRecord:
+    size = path.stat().st_size
+    if progress is not None:
+        progress.file(path.name, size)
+    return FileRecord(size=size, sha256=file_sha256(path, progress), sampled_sha256=sampled_sha256(path))
+
+
+def bundle_file_records(bundle: Path, progress: HashProgress | None = None) -> dict[str, FileRecord]:
+    """What export records: every file of the bundle directory except the manifest, by name."""
+    files = sorted(p for p in bundle.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    return {p.name: file_record(p, progress) for p in files}
+
+
+def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = False,
+                 progress: HashProgress | None = None) -> None:
+    """The checks of a load (see the module's table); with `verify`, every byte's sha256 too.
+
+    A bundle without checksums (manifest version 1) loads with a warning, and is refused when verification
+    is asked for."""
+    if verify and not manifest.files:
+        raise BundleError(f"{bundle} has no checksums to verify (manifest version {manifest.version}, written by "
+                          f"{manifest.created_by or 'an older pulse-edge'}); re-export it with this pulse-edge")
+    check_embedding(bundle, manifest)
+    read_newline(bundle, manifest)
+    records = manifest.files
+    for name, record in records.items():
+        _check_size(bundle / name, record.size)
+    for name, record in records.items():
+        if sampled_sha256(bundle / name) != record.sampled_sha256:
+            raise BundleError(f"{bundle / name} is not the file export wrote (its sampled checksum differs from "
+                              f"the manifest's): it was replaced or damaged; {_REFETCH}")
+    if verify:
+        _check_full(bundle, records.items(), progress)
+    if not records:
+        log.warning("%s has no checksums (manifest version %d): its files are checked by size only; re-export it "
+                    "to be able to verify it", bundle, manifest.version)
+
+
+def verify_bundle(bundle: str | Path, progress: HashProgress | None = None) -> VerifyReport:
+    """Every check a load does, and the sha256 of every file: `pulse-edge verify`."""
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    check_bundle(root, manifest, verify=True, progress=progress)
+    return VerifyReport(files=len(manifest.files), bytes=sum(r.size for r in manifest.files.values()))
+
+
+def _check_size(path: Path, size: int) -> None:
+    if not path.is_file():
+        raise BundleError(f"{path.parent}: {path.name} named in {MANIFEST_FILE} is missing; {_REFETCH}")
+    actual = path.stat().st_size
+    if actual != size:
+        raise BundleError(f"{path} is {actual} bytes but the manifest says {size}: the file is truncated or was "
+                          f"changed; {_REFETCH}")
+
+
+def _check_full(bundle: Path, records: Iterable[tuple[str, FileRecord]], progress: HashProgress | None) -> None:
+    for name, record in records:
+        if progress is not None:
+            progress.file(name, record.size)
+        actual = file_sha256(bundle / name, progress)
+        if actual != record.sha256:
+            raise BundleError(f"{bundle / name} is not the file export wrote (sha256 {actual[:16]}..., the manifest "
+                              f"says {record.sha256[:16]}...): it was damaged or replaced; {_REFETCH}")

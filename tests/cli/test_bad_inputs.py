@@ -1,0 +1,213 @@
+"""Hostile inputs a new user tries: each is one line `pulse-edge: error: ...`, exit 2, nothing written or lost.
+
+Bad configs, bad output paths (checked before any work), bad option values, damaged data files, and the
+messages that must say what a thing is and what to do. Damaged bundles are tests/runtime/test_bundle_integrity.py;
+locks, signals and stale temporaries are tests/test_staging.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pulse_edge.cli.main import main
+
+UNWRITABLE = Path("/proc/pulse-edge-test-output")  # a pseudo filesystem nobody may create in
+
+
+def _run(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args))
+
+
+def _one_line(result: Any, expected: str = "", code: int = 2) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pulse-edge: error:"), result.stderr
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- bad configs ------------------------------------------------------------------------------------------------
+
+CONFIG_DAMAGE = {
+    "vocab_size null": (lambda d: {**d, "vocab_size": None}, "vocab_size must be an integer >= 1, got None"),
+    "num_attention_heads 0": (lambda d: {**d, "num_attention_heads": 0},
+                              "num_attention_heads must be an integer >= 1, got 0"),
+    "a JSON list": (lambda d: [d], "holds a JSON list, not a config object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_DAMAGE))
+def test_a_bad_config_is_one_line(case: str, tiny_checkpoint: Path, tmp_path: Path, ecg_png: Path) -> None:
+    change, expected = CONFIG_DAMAGE[case]
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    config = checkpoint / "config.json"
+    config.write_text(json.dumps(change(json.loads(config.read_text()))))
+    _one_line(_run("export", str(checkpoint), "-o", str(tmp_path / "bundle")), expected)
+    _one_line(_run("infer", str(ecg_png), "--model", str(checkpoint)), expected)
+    _one_line(_run("calibrate", str(checkpoint), "-o", str(tmp_path / "s.npz")), expected)
+    assert _listing(tmp_path) == ["ckpt"]  # no bundle, no temporary folder, no lock, no scales
+
+
+# --- output paths -----------------------------------------------------------------------------------------------
+
+def _targets(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    afile = tmp_path / "notes.txt"
+    afile.write_text("user data")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("user data")
+    return {"under a file": (afile / "out", "is a file, not a directory"),
+            "under /proc": (UNWRITABLE / "out", "is not writable"),
+            "a non-empty directory": (full, "not empty")}
+
+
+@pytest.mark.parametrize("case", ["under a file", "under /proc", "a non-empty directory"])
+@pytest.mark.parametrize("command", ["export", "make-tiny", "calibrate"])
+def test_a_bad_output_path_is_refused_before_any_work(command: str, case: str, tiny_checkpoint: Path,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.export.fixtures.tiny as tiny
+    import pulse_edge.export.model.checkpoint as checkpoint
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started before the output path was checked")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", no_work)
+    monkeypatch.setattr(tiny, "_write_checkpoint", no_work)
+    out, expected = _targets(tmp_path)[case]
+    if command == "calibrate" and case == "a non-empty directory":
+        expected = "is a directory, not a scales file; give a file name"
+    args = {"export": ["export", str(tiny_checkpoint), "-o", str(out)], "make-tiny": ["make-tiny", str(out)],
+            "calibrate": ["calibrate", str(tiny_checkpoint), "-o", str(out / "scales.npz" if case != "a non-empty "
+                                                                          "directory" else out)]}[command]
+    _one_line(_run(*args), expected)
+    assert _listing(tmp_path) == ["full", "notes.txt"]
+    assert (tmp_path / "full" / "keep.txt").read_text() == "user data"
+    assert (tmp_path / "notes.txt").read_text() == "user data"
+
+
+# --- option values ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--temperature", "0.7", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range"),
+    (["--temperature", "inf"], "temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--threads", "100000"], "threads 100000 is more than the"),
+    (["--device", "banana"], "Invalid value for '--device': 'banana' is not one of auto, cpu, cuda or cuda:N"),
+    (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens': 0 is not in the range x>=1"),
+])
+def test_bad_infer_values_are_one_line(args: list[str], expected: str, tiny_bundle: Path, ecg_png: Path) -> None:
+    result = _run("infer", str(ecg_png), "--model", str(tiny_bundle), *args)
+    _one_line(result, expected)
+    assert result.stdout == ""
+
+
+def test_a_bad_device_for_the_torch_backend_is_one_line() -> None:
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.export.model.torch_backend import resolve_device
+
+    with pytest.raises(ConfigError, match="device 'banana' is not one of auto, cpu, cuda or cuda:N"):
+        resolve_device("banana")
+    with pytest.raises(ConfigError, match="device 'cpu:0x' is not one of"):
+        resolve_device("cpu:0x")
+
+
+@pytest.mark.parametrize(("name", "args", "expected"), [
+    ("x.png", ["--size", "0x0"], "page 0x0 px is outside 1x1 .. 64,000,000 pixels"),
+    ("x.png", ["--size", "100000x100000"], "page 100000x100000 px is outside"),
+    ("x.png", ["--size", "-3x5"], "page -3x5 px is outside"),
+    ("x.png", ["--seed", "-1"], "Invalid value for '--seed'"),
+    ("x.gif", [], "the extension '.gif' is not one of .png, .jpg"),
+    ("x", [], "the extension '(none)' is not one of"),
+    ("missing/x.png", [], "does not exist; create it first"),
+])
+def test_bad_render_ecg_values_are_one_line(name: str, args: list[str], expected: str, tmp_path: Path) -> None:
+    _one_line(_run("render-ecg", str(tmp_path / name), *args), expected)
+    assert _listing(tmp_path) == []
+
+
+def test_render_ecg_writes_each_format_it_names(tmp_path: Path) -> None:
+    for name, kind in (("a.jpg", "JPEG"), ("a.tif", "TIFF"), ("a.bmp", "BMP")):
+        result = _run("render-ecg", str(tmp_path / name), "--size", "1100x850")
+        assert result.exit_code == 0, result.output
+        assert Image.open(tmp_path / name).format == kind
+    assert _listing(tmp_path) == ["a.bmp", "a.jpg", "a.tif"]  # no temporary files left
+
+
+# --- data files -------------------------------------------------------------------------------------------------
+
+def _corrupt_parquet(folder: Path) -> Path:
+    path = folder / "ptb-test" / "test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PAR1" + b"\x00" * 200 + b"not a footer")
+    return path
+
+
+def test_a_corrupt_parquet_is_one_line_for_eval_score(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow", reason="parquet needs pyarrow (pulse-edge[bench])")
+    path = _corrupt_parquet(tmp_path / "data")
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"id": "a", "text": "NORM"}\n')
+    _one_line(_run("eval", "score", "--subset", "ptb", "--data", str(tmp_path / "data"), "--predictions",
+                   str(predictions)), f"{path} is not a readable parquet file")
+
+
+def test_a_corrupt_parquet_is_one_line_for_calibrate(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow", reason="parquet needs pyarrow (pulse-edge[bench])")
+    path = _corrupt_parquet(tmp_path / "data")
+    out = tmp_path / "scales.npz"
+    _one_line(_run("calibrate", str(tiny_checkpoint), "--data", str(path), "--samples", "2", "-o", str(out)),
+              f"{path} is not a readable parquet file")
+    assert not out.exists()
+
+
+def test_an_empty_predictions_file_has_nothing_to_score(tmp_path: Path) -> None:
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text("")
+    _one_line(_run("eval", "score", "--subset", "ptb", "--data", str(tmp_path), "--predictions", str(predictions)),
+              "holds no predictions: nothing to score")
+
+
+# --- messages ---------------------------------------------------------------------------------------------------
+
+def test_a_bundle_without_its_manifest_is_named_a_bundle(tiny_bundle: Path, tmp_path: Path, ecg_png: Path) -> None:
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    (bundle / "manifest.json").unlink()
+    line = _one_line(_run("infer", str(ecg_png), "--model", str(bundle)))
+    assert "looks like a pulse-edge bundle (decoder.onnx, vision.onnx) but has no manifest.json" in line
+    assert "re-copy or re-export it" in line and "not a checkpoint" not in line
+
+
+def test_export_and_calibrate_name_their_argument_not_an_option(tmp_path: Path, tiny_bundle: Path) -> None:
+    for command in ("export", "calibrate"):
+        missing = _one_line(_run(command, str(tmp_path / "nope"), "-o", str(tmp_path / "out")))
+        assert "--model" not in missing and "does not exist: a checkpoint is a directory" in missing
+        bundle = _one_line(_run(command, str(tiny_bundle), "-o", str(tmp_path / "out")))
+        assert "is a pulse-edge bundle, not a checkpoint" in bundle
+
+
+def test_a_multi_page_pdf_says_which_page_it_reads(tiny_bundle: Path, tmp_path: Path, ecg_png: Path) -> None:
+    pdf = tmp_path / "two.pdf"
+    first = Image.open(ecg_png).convert("RGB")
+    first.save(pdf, save_all=True, append_images=[Image.new("RGB", first.size, "white")], resolution=200)
+    result = _run("infer", str(pdf), "--model", str(tiny_bundle), "--max-new-tokens", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == f"pulse-edge: {pdf} has 2 pages; reading the first (export the ECG's page " \
+                                    "alone to read another)"
+    assert json.loads(result.stdout)["image_tokens"] == 2880  # the print on page 1, not the blank page 2
+
+
+def test_verify_of_a_checkpoint_says_it_has_no_checksums(tiny_checkpoint: Path, ecg_png: Path) -> None:
+    _one_line(_run("infer", str(ecg_png), "--model", str(tiny_checkpoint), "--verify"),
+              "--verify checks a bundle's files against its manifest; ")

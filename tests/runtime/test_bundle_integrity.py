@@ -1,0 +1,250 @@
+"""A damaged bundle is one line and exit 2, never tokens: checksums, manifest schema and cross-checks, arrays.
+
+Each case damages a copy of the tiny fp32 bundle the way a disk, a copy or a hand edit does, then runs
+`pulse-edge infer` on it (with `--verify` too, the only way a few zeroed blocks in a large file show).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pulse_edge.cli.main import main
+from pulse_edge.runtime.bundle.manifest import read_manifest
+
+# The checks' own modules are imported inside the tests that call them, so that the CLI cases of this file
+# also run against a pulse-edge without them (where they fail: that is what they were written to show).
+
+
+@pytest.fixture(scope="module")
+def other_graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vision.onnx and decoder.onnx(.data) of another tiny checkpoint (seed 1): same names, shapes, sizes."""
+    from pulse_edge.export.fixtures.tiny import TinySpec, make_tiny_checkpoint
+    from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, build_decoder
+    from pulse_edge.export.graphs.vision import export_vision_graph
+    from pulse_edge.export.model.checkpoint import load_checkpoint
+
+    root = tmp_path_factory.mktemp("other")
+    loaded = load_checkpoint(make_tiny_checkpoint(root / "ckpt", TinySpec(seed=1)))
+    out = root / "graphs"
+    out.mkdir()
+    export_vision_graph(loaded.model, out, precision="fp32")
+    build_decoder(loaded.model.language_model, DecoderShape.from_config(loaded.config, max_length=4096), out,
+                  precision="fp32", plan=FLOAT_PLAN, label="fp32")
+    return out
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+
+
+def _edit(bundle: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+    """Apply `change` to the manifest in place (what it returns is ignored)."""
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _zero_bytes(bundle: Path) -> None:
+    path = bundle / "decoder.onnx.data"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
+def _nan_row(bundle: Path) -> None:
+    table = np.load(bundle / "embed_tokens.npy")
+    table[7, 3] = np.nan
+    np.save(bundle / "embed_tokens.npy", table)
+
+
+def _junk_table(bundle: Path) -> None:
+    path = bundle / "embed_tokens.npy"
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def _truncated_table(bundle: Path) -> None:
+    path = bundle / "embed_tokens.npy"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], Any], str]] = {
+    "zeroed bytes in decoder.onnx.data": (_zero_bytes, "decoder.onnx.data is not the file export wrote"),
+    "NaN in embed_tokens.npy": (_nan_row, "holds NaN or infinite values (row 7 is the first)"),
+    "manifest.json is []": (lambda b: (b / "manifest.json").write_text("[]"), "manifest.json holds a list"),
+    "graphs made a list": (lambda b: _edit(b, lambda d: d.update(graphs=list(d["graphs"].values()))),
+                           "graphs must be an object, got a list"),
+    "kv.max_length = -5": (lambda b: _edit(b, lambda d: d["kv"].update(max_length=-5)),
+                           "kv.max_length must be an integer >= 1, got -5"),
+    "kv.layers off by 3": (lambda b: _edit(b, lambda d: d["kv"].update(layers=d["kv"]["layers"] + 3)),
+                           "kv.layers is 5 but the decoder graph decoder.onnx has KV inputs for 2 layers"),
+    "text.vocab_size = 10": (lambda b: _edit(b, lambda d: d["text"].update(vocab_size=10)),
+                             "text.vocab_size x text.hidden_size is [10, 64]"),
+    "embed_tokens.npy truncated": (_truncated_table, "embed_tokens.npy is truncated"),
+    "embed_tokens.npy junk of the same size": (_junk_table, "embed_tokens.npy is not a readable .npy array"),
+    "kv.max_length a string": (lambda b: _edit(b, lambda d: d["kv"].update(max_length="4096")),
+                               "kv.max_length must be an integer >= 1, got '4096'"),
+    "a graph file outside the bundle": (lambda b: _edit(b, lambda d: d["graphs"]["vision"].update(file="../x.onnx")),
+                                        "graphs.vision.file must be a file name inside the bundle"),
+    "text.bos_id outside the vocabulary": (lambda b: _edit(b, lambda d: d["text"].update(bos_id=5000)),
+                                           "text.bos_id 5000 is outside the vocabulary of 1000"),
+    "logits of another vocabulary": (
+        lambda b: _edit(b, lambda d: d["graphs"]["decoder"]["outputs"][0].update(shape=[1, 1, 999])),
+        "text.vocab_size is 1000 but the decoder's logits have 999 entries"),
+    "a checksum missing": (lambda b: _edit(b, lambda d: d["files"].pop("vision.onnx")),
+                           "files has no checksum for vision.onnx"),
+    "version 2 without checksums": (lambda b: _edit(b, lambda d: d.pop("files")), "lacks 'files'"),
+}
+
+
+def _infer(bundle: Path, image: Path, *extra: str) -> Any:
+    return CliRunner().invoke(main, ["infer", str(image), "--model", str(bundle), "--max-new-tokens", "2", *extra])
+
+
+def _assert_refused(result: Any, expected: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert result.stdout == "", "no tokens may be printed"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pulse-edge: error:"), result.stderr
+    assert expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_bundle_is_one_line_and_no_tokens(case: str, tiny_bundle: Path, tmp_path: Path,
+                                                    ecg_png: Path) -> None:
+    damage, expected = DAMAGE[case]
+    bundle = _copy(tiny_bundle, tmp_path)
+    damage(bundle)
+    _assert_refused(_infer(bundle, ecg_png), expected)
+    _assert_refused(_infer(bundle, ecg_png, "--verify"), expected)
+    _assert_refused(CliRunner().invoke(main, ["verify", str(bundle)]), expected)
+
+
+@pytest.mark.parametrize("graph", ["vision.onnx", "decoder.onnx.data"])
+def test_a_graph_swapped_in_from_another_checkpoint_is_refused(graph: str, tiny_bundle: Path, other_graphs: Path,
+                                                               tmp_path: Path, ecg_png: Path) -> None:
+    bundle = _copy(tiny_bundle, tmp_path)
+    assert (other_graphs / graph).stat().st_size == (bundle / graph).stat().st_size  # sizes cannot tell
+    assert (other_graphs / graph).read_bytes() != (bundle / graph).read_bytes()
+    shutil.copyfile(other_graphs / graph, bundle / graph)
+    _assert_refused(_infer(bundle, ecg_png), f"{graph} is not the file export wrote")
+    _assert_refused(_infer(bundle, ecg_png, "--verify"), f"{graph} is not the file export wrote")
+
+
+def test_zeroed_blocks_outside_the_sample_need_verify(tiny_bundle: Path, tmp_path: Path, ecg_png: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 sampled pages (first and last), a zeroed block in the middle passes a load; --verify finds it."""
+    from pulse_edge.errors import BundleError
+    from pulse_edge.runtime.bundle import integrity
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    monkeypatch.setattr(integrity, "SAMPLED_PAGES", 2)
+    manifest = read_manifest(bundle)
+    sampled = {name: integrity.sampled_sha256(bundle / name) for name in manifest.files}
+    _edit(bundle, lambda d: [d["files"][n].update(sampled_sha256=h) for n, h in sampled.items()])
+    _zero_bytes(bundle)
+    assert _infer(bundle, ecg_png).exit_code == 0
+    _assert_refused(_infer(bundle, ecg_png, "--verify"), "decoder.onnx.data is not the file export wrote (sha256")
+    with pytest.raises(BundleError, match=r"decoder\.onnx\.data is not the file export wrote"):
+        Pipeline.from_bundle(bundle, verify=True)
+
+
+def test_verify_reports_a_whole_bundle(tiny_bundle: Path) -> None:
+    result = CliRunner().invoke(main, ["verify", str(tiny_bundle)])
+    assert result.exit_code == 0, result.output
+    files = len(read_manifest(tiny_bundle).files)
+    assert files == 5 and f"ok, {files} files" in result.stdout and result.stderr == ""
+
+
+def test_a_version_1_bundle_loads_with_one_warning_and_cannot_be_verified(tiny_bundle: Path, tmp_path: Path,
+                                                                          ecg_png: Path) -> None:
+    bundle = _copy(tiny_bundle, tmp_path)
+    _edit(bundle, lambda d: (d.pop("files"), d.update(version=1)))
+    result = _infer(bundle, ecg_png, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["generated_tokens"] == 2
+    assert result.stderr.strip().splitlines() == [
+        f"pulse-edge: {bundle} has no checksums (manifest version 1): its files are checked by size only; "
+        "re-export it to be able to verify it"]
+    _assert_refused(_infer(bundle, ecg_png, "--verify"), "has no checksums to verify (manifest version 1")
+    _assert_refused(CliRunner().invoke(main, ["verify", str(bundle)]), "has no checksums to verify")
+    _nan_row(bundle)  # the cheap checks still run on a version-1 bundle
+    _assert_refused(_infer(bundle, ecg_png), "holds NaN or infinite values")
+
+
+def test_verify_of_what_is_not_a_bundle(tmp_path: Path) -> None:
+    _assert_refused(CliRunner().invoke(main, ["verify", str(tmp_path / "nope")]), "does not exist")
+    _assert_refused(CliRunner().invoke(main, ["verify", str(tmp_path)]), "it has no manifest.json")
+
+
+def test_verify_shows_a_byte_bar_for_large_files_on_a_terminal(tiny_bundle: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from pulse_edge.cli import progress
+    from pulse_edge.runtime.bundle import integrity
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    monkeypatch.setattr(progress, "HASH_BAR_MIN_BYTES", 500_000)  # the tiny decoder.onnx.data and vision.onnx
+    console = progress.configure(verbose=False, quiet=False)
+    monkeypatch.setattr(console, "_stream", stream)
+    with progress.HashBar() as bar:
+        integrity.verify_bundle(tiny_bundle, progress=bar)
+    shown = stream.getvalue()
+    assert "hashing decoder.onnx.data" in shown and "hashing vision.onnx" in shown and "embed_tokens" not in shown
+    quiet = progress.configure(verbose=False, quiet=True)
+    monkeypatch.setattr(quiet, "_stream", stream := Terminal())
+    with progress.HashBar() as bar:
+        integrity.verify_bundle(tiny_bundle, progress=bar)
+    assert stream.getvalue() == ""
+
+
+def test_graph_io_is_checked_against_the_manifest(tiny_bundle: Path) -> None:
+    from pulse_edge.errors import BundleError
+    from pulse_edge.runtime.engines.graph_io import check_graph_io
+
+    spec = read_manifest(tiny_bundle).graphs["vision"]
+
+    def session(name: str = "pixel_values", dtype: str = "tensor(float)", shape: list | None = None) -> Any:
+        arg = SimpleNamespace(name=name, type=dtype, shape=shape or ["tiles", 3, 336, 336])
+        out = SimpleNamespace(name="image_features", type="tensor(float)", shape=["tiles", 576, 64])
+        return SimpleNamespace(get_inputs=lambda: [arg], get_outputs=lambda: [out])
+
+    check_graph_io(spec, session())  # as exported
+    with pytest.raises(BundleError, match=r"vision.onnx does not have the inputs the manifest lists \(in the graph "
+                                          r"only: \['images'\], in the manifest only: \['pixel_values'\]\)"):
+        check_graph_io(spec, session(name="images"))
+    with pytest.raises(BundleError, match="pixel_values is float16 in the graph, float32 in the manifest"):
+        check_graph_io(spec, session(dtype="tensor(float16)"))
+    with pytest.raises(BundleError, match=r"pixel_values is \['tiles', 3, 224, 224\] in the graph"):
+        check_graph_io(spec, session(shape=["tiles", 3, 224, 224]))
+
+
+def test_the_embedding_check_is_a_pass_over_exponent_bits(tmp_path: Path) -> None:
+    """Every non-finite fp16 / fp32 value is found, in any row of any block; finite extremes are not."""
+    from pulse_edge.errors import BundleError
+    from pulse_edge.runtime.bundle.arrays import _check_finite
+
+    for dtype in (np.float16, np.float32):
+        table = np.full((3000, 8), np.finfo(dtype).max, dtype)
+        table[::2] = np.finfo(dtype).tiny  # subnormal-adjacent and huge values are fine
+        _check_finite(table, tmp_path / "t.npy")
+        for bad in (np.nan, np.inf, -np.inf):
+            broken = table.copy()
+            broken[2999, 7] = bad
+            with pytest.raises(BundleError, match="row 2999 is the first"):
+                _check_finite(broken, tmp_path / "t.npy")
