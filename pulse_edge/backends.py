@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pulse_edge.choices import BACKENDS
+from pulse_edge.choices import BACKENDS, BUNDLE_BACKENDS
 from pulse_edge.errors import BundleError, CheckpointError, ConfigError
 from pulse_edge.runtime.bundle import names
 
@@ -49,7 +49,7 @@ def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str 
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     is_bundle = (root / "manifest.json").is_file()
     chosen = backend if backend != "auto" else ("ort" if is_bundle else "torch")
-    if chosen in ("ort", "trt"):
+    if chosen in BUNDLE_BACKENDS:
         if not is_bundle:
             raise ConfigError(f"{root} is not a pulse-edge bundle (no manifest.json): make one with "
                               "`pulse-edge export`, or use --backend torch on a checkpoint")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 # Who serves a model: the lean runtime on ONNX Runtime or on TensorRT engines (`build-engines`), or the torch
 # reference (checkpoints only).
-BACKENDS = ("auto", "ort", "trt", "torch")
+BUNDLE_BACKENDS = ("ort", "trt")  # what serves a bundle: its ONNX graphs in ORT, or its TensorRT engines
+BACKENDS = ("auto", *BUNDLE_BACKENDS, "torch")
 # ONNX Runtime execution providers, by pulse-edge's short names.
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 # ONNX Runtime graph optimisation levels, lowest first (a graph may cap the level it runs at).

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pulse_edge.choices import BUNDLE_BACKENDS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle.integrity import HashProgress, check_bundle
 from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
@@ -26,8 +27,6 @@ from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.generation.sampling import SamplingParams
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 from pulse_edge.runtime.text.tokenizer import Tokenizer
-
-RUNTIME_BACKENDS = ("ort", "trt")
 
 
 @dataclass
@@ -52,8 +51,8 @@ class Pipeline:
         Every load checks the manifest, the files' sizes and sampled checksums and the embedding table
         before any engine is built; `verify` also hashes every byte (runtime/bundle/integrity.py)."""
         root = Path(bundle)
-        if backend not in RUNTIME_BACKENDS:
-            raise ConfigError(f"a bundle is served by {' or '.join(RUNTIME_BACKENDS)}, not {backend!r}")
+        if backend not in BUNDLE_BACKENDS:
+            raise ConfigError(f"a bundle is served by {' or '.join(BUNDLE_BACKENDS)}, not {backend!r}")
         if backend != "trt" and engines is not None:
             raise ConfigError("--engines names TensorRT engines: it goes with --backend trt")
         manifest = read_manifest(root)
