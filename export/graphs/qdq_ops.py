@@ -21,19 +21,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from pulse_edge.calibration.quant_math import (
-    E4M3_MAX,
     dequantize_blockwise,
     quantize_blockwise,
-    quantize_fp8_per_channel,
-    quantize_int8_per_channel,
 )
-from pulse_edge.export.graphs.quant_ops import MatMulSpec
+from pulse_edge.export.graphs.quant_ops import QDQ_TYPES, MatMulSpec
 
 INT8_MAX = 127.0
 # The opset each scheme needs: block-wise DequantizeLinear arrived in 21, fp16 scales and float8 in 19.
@@ -98,21 +94,8 @@ def _w4(spec: MatMulSpec, float_dtype: type) -> QDQEmitted:
                       int4={f"{p}.qweight": Int4Weight(pack_int4(codes), codes.shape)})
 
 
-@dataclass(frozen=True)
-class _ActType:
-    dtype: type
-    qmax: float
-    quantize_weight: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-ACT_TYPES = MappingProxyType({
-    "w8a8": _ActType(np.int8, INT8_MAX, quantize_int8_per_channel),
-    "fp8": _ActType(ml_dtypes.float8_e4m3fn, E4M3_MAX, quantize_fp8_per_channel),
-})
-
-
 def _w8a8_like(scheme: str) -> Callable[[MatMulSpec, type], QDQEmitted]:
-    kind = ACT_TYPES[scheme]
+    kind = QDQ_TYPES[scheme]
 
     def emit(spec: MatMulSpec, float_dtype: type) -> QDQEmitted:
         if spec.act_amax is None:

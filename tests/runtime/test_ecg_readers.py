@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pulse_testing.assertions import one_line
 from pulse_testing.ecg_files import (
     PTBXL_NAMES,
     aecg_document,
@@ -37,15 +38,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:::wfdb")  # wfdb 4.3 trips panda
 FS = 500
 N = 10 * FS
 EIGHT = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
-
-
-def one_line(match: str, call, *args, **kwargs) -> str:
-    """Call, expect an InputError whose message matches and fits on one line; return the message."""
-    with pytest.raises(InputError, match=match) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message and "\r" not in message, message
-    return message
 
 
 def twelve(rec):

@@ -6,9 +6,9 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+from pulse_testing.assertions import one_line
 from pulse_testing.ecg_files import beats
 
-from pulse_edge.errors import InputError
 from pulse_edge.runtime.ecg.derive import derive_limb_leads
 from pulse_edge.runtime.ecg.leads import LEADS, LIMB_LEADS, PRECORDIAL_LEADS, LeadName, normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording, to_twelve_lead
@@ -16,15 +16,6 @@ from pulse_edge.runtime.ecg.resample import resample
 
 FS = 500
 N = 10 * FS
-
-
-def one_line(match: str, call, *args, **kwargs) -> str:
-    """Call, expect an InputError whose message matches and fits on one line; return the message."""
-    with pytest.raises(InputError, match=match) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message and "\r" not in message, message
-    return message
 
 
 # --- lead names ----------------------------------------------------------------------------------
