@@ -1,0 +1,64 @@
+"""`pulse-edge infer FOLDER --output FILE.jsonl` end to end on a tiny bundle: 50 mixed files, 3 of them broken.
+
+Every input gets one line, the broken ones their error; the run completes (exit 0) and a rerun answers nothing
+again. runtime/batch.py's own tests (tests/runtime/test_batch.py) cover torn lines and --fail-fast with a
+stand-in model; this one runs the real command, bundle and readers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+from pulse_testing.ecg_files import beats
+
+from pulse_edge.cli.main import main
+
+GOOD = 47
+BROKEN = ("notes.txt", "cut.png", "short.npy")
+
+
+def _mixed_folder(root: Path) -> Path:
+    """47 readable inputs (PNG, JPEG, NPY recordings, in nested folders) and 3 broken ones."""
+    rng = np.random.default_rng(0)
+    for i in range(GOOD):
+        folder = root / f"ward{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        kind = i % 3
+        if kind == 2:
+            np.save(folder / f"exam{i:02d}.npy", beats(5000, 500.0, seed=i))
+            continue
+        pixels = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"exam{i:02d}.{'png' if kind == 0 else 'jpg'}")
+    (root / "notes.txt").write_text("not an ECG")
+    (root / "cut.png").write_bytes((root / "ward0" / "exam00.png").read_bytes()[:80])
+    np.save(root / "short.npy", beats(500, 500.0))  # 1 s of signal: under the 2.5 s a print needs
+    return root
+
+
+def _infer(folder: Path, out: Path, bundle: Path):
+    return CliRunner().invoke(main, ["-q", "infer", str(folder), "--model", str(bundle), "--output", str(out),
+                                     "--fs", "500", "--max-new-tokens", "1"])
+
+
+def test_a_folder_of_50_with_3_broken_completes_and_a_rerun_skips_the_47(tiny_bundle: Path, tmp_path: Path) -> None:
+    folder, out = _mixed_folder(tmp_path / "ecgs"), tmp_path / "answers.jsonl"
+    first = _infer(folder, out, tiny_bundle)
+    assert first.exit_code == 0, first.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == GOOD + len(BROKEN)
+    failed = {Path(line["source"]).name: line["error"] for line in lines if "error" in line}
+    assert set(failed) == set(BROKEN)
+    assert all("\n" not in message for message in failed.values())
+    answered = [line for line in lines if "error" not in line]
+    assert {line["input_kind"] for line in answered} == {"image", "npy"}
+    assert all(line["generated_tokens"] == 1 for line in answered)
+
+    again = _infer(folder, out, tiny_bundle)
+    assert again.exit_code == 0, again.output
+    rerun = [json.loads(line) for line in out.read_text().splitlines()][len(lines):]
+    assert sorted(Path(line["source"]).name for line in rerun) == sorted(BROKEN)  # only the failures are retried
+    assert all("error" in line for line in rerun)
