@@ -24,12 +24,12 @@ from types import MappingProxyType
 import numpy as np
 
 from pulse_edge import __version__
+from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample
 from pulse_edge.calibration.histogram import METHODS, AbsHistogram
 from pulse_edge.calibration.observe import SiteObserver, make_observers, observe, packed_weight
 from pulse_edge.calibration.quant_math import SearchResult, search_awq_scales, search_smooth_alpha, smooth_scales
 from pulse_edge.calibration.samples import (
     SYNTHETIC,
-    CalibrationSample,
     PreparedSample,
     load_samples,
     prepare_sample,

@@ -19,10 +19,10 @@ from types import MappingProxyType
 from typing import Any
 
 from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate, choose_samples, prepare_all
+from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample
 from pulse_edge.calibration.fidelity import AccuracyGate, json_safe
 from pulse_edge.calibration.observe import site_modules
 from pulse_edge.calibration.recipes import Recipe, check_keep
-from pulse_edge.calibration.samples import CalibrationSample
 from pulse_edge.calibration.scales import Scales
 from pulse_edge.errors import PulseEdgeError
 from pulse_edge.export.graphs.decoder import DecoderShape, LinearPlan

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample
 from pulse_edge.calibration.fidelity import greedy_agreement, logit_kl, tensor_fidelity
-from pulse_edge.calibration.samples import CalibrationSample, PreparedSample
+from pulse_edge.calibration.samples import PreparedSample
 from pulse_edge.export.model.torch_backend import TorchPipeline, decode_one_token, prefill
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.pipeline import Pipeline

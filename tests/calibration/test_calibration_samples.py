@@ -13,20 +13,16 @@ import numpy as np
 import pytest
 from pulse_testing.ecgbench_data import ecg_png, item, write_json_subset, write_parquet_subset
 
+from pulse_edge.calibration.datasets.calibration_sample import SOURCES, TASKS, CalibrationSample, classify_task
+from pulse_edge.calibration.datasets.ecgbench_samples import load_ecgbench
+from pulse_edge.calibration.datasets.ecginstruct import load_ecginstruct
+from pulse_edge.calibration.datasets.synthetic import PRINT_SIZES, synthetic_samples
 from pulse_edge.calibration.samples import (
     DEFAULT_SYNTHETIC_COUNT,
-    PRINT_SIZES,
-    SOURCES,
-    TASKS,
-    CalibrationSample,
-    classify_task,
-    load_ecgbench,
-    load_ecginstruct,
     load_samples,
     prepare_sample,
     select_samples,
     split_held_out,
-    synthetic_samples,
 )
 from pulse_edge.errors import ConfigError, InputError, PromptError
 from pulse_edge.runtime.image.preprocess import ImageLayout, image_token_count, preprocess
@@ -356,7 +352,8 @@ def test_synthetic_samples_are_deterministic_lazy_and_vary_in_tiles(layout: Imag
 
 
 def test_samples_module_imports_neither_torch_nor_transformers() -> None:
-    code = ("import sys; from pulse_edge.calibration.samples import synthetic_samples; "
+    code = ("import sys; import pulse_edge.calibration.samples; "
+            "from pulse_edge.calibration.datasets.synthetic import synthetic_samples; "
             "synthetic_samples(5, seed=0)[0].load_image(); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

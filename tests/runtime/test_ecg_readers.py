@@ -516,8 +516,8 @@ def test_damaged_wfdb_header(tmp_path):
 
 
 def test_calibration_and_benchmark_samples_render_recordings(tmp_path, signals):
+    from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample
     from pulse_edge.calibration.datasets.ecgbench.readers import Sample, Turn
-    from pulse_edge.calibration.samples import CalibrationSample
 
     path = write_dicom(tmp_path / "exam.dcm", dicom_dataset(signals, FS))
     expected = np.asarray(load_input(path).image)

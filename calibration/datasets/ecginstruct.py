@@ -1,0 +1,76 @@
+"""ECGInstruct (PULSE's training data) as calibration samples: a JSON list of `{id, image, conversations}`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample, classify_task
+from pulse_edge.calibration.datasets.ecgbench import readers as ecgbench_data
+from pulse_edge.errors import InputError
+from pulse_edge.runtime.text.prompt import IMAGE_MARKER
+
+
+def load_ecginstruct(json_path: str | Path, image_root: str | Path | None = None) -> list[CalibrationSample]:
+    """Read and validate an ECGInstruct JSON list; images are relative to `image_root` (default: the JSON's folder).
+
+    Every problem is one `InputError` line naming the item (index and id) and what is wrong.
+    """
+    path = Path(json_path)
+    root = Path(image_root) if image_root is not None else path.parent
+    items = _read_json_list(path)
+    return [_ecginstruct_sample(item, i, path, root) for i, item in enumerate(items)]
+
+
+def _read_json_list(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise InputError(f"{path}: ECGInstruct file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of {{id, image, conversations}} items "
+                         f"(ECGInstruct format), got a {type(data).__name__}")
+    return data
+
+
+def _ecginstruct_sample(item: Any, index: int, path: Path, root: Path) -> CalibrationSample:
+    where = f"{path}: item {index}"
+    if not isinstance(item, Mapping):
+        raise InputError(f"{where}: expected an object {{id, image, conversations}}, got a {type(item).__name__}")
+    where = f"{where} (id {item.get('id', '?')})"
+    missing = [key for key in ("id", "image", "conversations") if key not in item]
+    if missing:
+        raise InputError(f"{where}: missing key(s) {', '.join(missing)}")
+    turns = _conversation_turns(item["conversations"], where)
+    image = root / str(item["image"])
+    if not image.is_file():
+        raise InputError(f"{where}: image {item['image']!r} not found under {root}; "
+                         "pass the folder the image paths are relative to as image_root (--image-root)")
+    return CalibrationSample(id=str(item["id"]), source="ecginstruct", task=classify_task(turns[0][0]),
+                             turns=turns, image_path=image)
+
+
+def _conversation_turns(conversations: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """(question, answer) pairs from alternating human/gpt messages; `<image>` only opens the first question."""
+    if not isinstance(conversations, list) or not conversations:
+        raise InputError(f"{where}: conversations must be a non-empty list of {{from, value}} messages")
+    for j, message in enumerate(conversations):
+        expected = ("human",) if j % 2 == 0 else ("gpt", "assistant")
+        if not isinstance(message, Mapping) or not isinstance(message.get("value"), str):
+            raise InputError(f"{where}: conversation message {j} must be {{from, value}} with a text value")
+        if message.get("from") not in expected:
+            raise InputError(f"{where}: conversation message {j} is from {message.get('from')!r}, expected "
+                             f"{expected[0]!r} (messages must alternate human/gpt, starting with human)")
+    if len(conversations) % 2:
+        raise InputError(f"{where}: the conversation ends with a human message that has no gpt answer")
+    values = [str(message["value"]) for message in conversations]
+    if IMAGE_MARKER not in values[0]:
+        raise InputError(f"{where}: the first human message does not carry the image (expected it to start "
+                         f"with '{IMAGE_MARKER}\\n')")
+    if any(IMAGE_MARKER in value for value in values[2::2]):
+        raise InputError(f"{where}: '{IMAGE_MARKER}' appears in a later human message; PULSE takes one image")
+    return tuple((ecgbench_data.question_text(q), a) for q, a in zip(values[0::2], values[1::2], strict=True))
