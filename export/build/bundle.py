@@ -23,16 +23,15 @@ import numpy as np
 import torch
 
 from pulse_edge import __version__
-from pulse_edge.calibration.recipes import RECIPES
+from pulse_edge.calibration.recipes import RECIPES, make_recipe
+from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, TRT_OPS
 from pulse_edge.errors import ConfigError, PulseEdgeError
-from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
-from pulse_edge.export.validate.emulate import emulated_reference
-from pulse_edge.export.validate.sites import decoder_sites_parity, vision_sites
-from pulse_edge.export.validate.fidelity import fidelity_report, recommended_fidelity
+from pulse_edge.export.build import tensorrt as trt_build
+from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.vision import export_vision_graph
-from pulse_edge.export.validate.tolerances import tolerance_level
-from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
+from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.quant.context import (
     QuantContext,
     QuantSettings,
@@ -40,9 +39,12 @@ from pulse_edge.export.quant.context import (
     held_out_samples,
     prepare_quantization,
 )
-from pulse_edge.staging import staged_directory
-from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
+from pulse_edge.export.validate.emulate import emulated_reference
+from pulse_edge.export.validate.fidelity import fidelity_report, recommended_fidelity
 from pulse_edge.export.validate.parity import ValidationPlan, validate_decoder, validate_greedy
+from pulse_edge.export.validate.sites import decoder_sites_parity, vision_sites
+from pulse_edge.export.validate.tolerances import tolerance_level
+from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import (
     CalibrationSpec,
@@ -53,11 +55,11 @@ from pulse_edge.runtime.bundle.manifest import (
     SourceSpec,
     TextSpec,
 )
-from pulse_edge.runtime.engines.ort import SessionConfig, session_settings
+from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
 from pulse_edge.runtime.image.preprocess import image_token_count
 from pulse_edge.runtime.text.prompt import LLAVA_V1
 from pulse_edge.runtime.text.tokenizer import Tokenizer
-from pulse_edge.choices import EXPORT_PRECISIONS
+from pulse_edge.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,8 @@ class ExportOptions:
     plan: ValidationPlan = field(default_factory=ValidationPlan)
     quant: QuantSettings | None = None  # int8 / int4 / fp8: the recipe, scales and gate
     reference: torch.dtype | None = None  # the torch reference's dtype; None: fp32 when it fits (reference_dtype)
+    target: str = "ort"  # "tensorrt": standard-ONNX fp16 graphs (export/build/tensorrt.py)
+    trt_ops: str = "native"  # --target tensorrt: the decoder's form (export/graphs/trt_decoder.py)
 
     def __post_init__(self) -> None:
         if self.precision not in EXPORT_PRECISIONS:
@@ -105,12 +109,25 @@ class ExportOptions:
         quantized = self.precision in RECIPES
         if quantized != (self.quant is not None) or (self.quant and self.quant.recipe.name != self.precision):
             raise ConfigError(f"precision {self.precision} needs {'a' if quantized else 'no'} quantization recipe")
+        if self.target not in EXPORT_TARGETS or self.trt_ops not in TRT_OPS:
+            raise ConfigError(f"target {self.target!r} / trt ops {self.trt_ops!r} are not among "
+                              f"{', '.join(EXPORT_TARGETS)} / {', '.join(TRT_OPS)}")
+        if self.target == "tensorrt":
+            check_trt_options(self.precision, self.quant.recipe.decoder if self.quant else None)
+        elif self.trt_ops != "native":
+            raise ConfigError("--trt-ops chooses the form of a TensorRT-ready decoder: it goes with --target tensorrt")
 
     @classmethod
     def for_precision(cls, precision: str, **kwargs: Any) -> ExportOptions:
-        """Options with the default recipe when `precision` is a quantized one."""
-        quant = QuantSettings(RECIPES[precision]) if precision in RECIPES else None
+        """Options with the target's default recipe when `precision` is a quantized one."""
+        int8_decoder = "w8a8" if kwargs.get("target") == "tensorrt" else "weight-only"
+        quant = QuantSettings(make_recipe(precision, int8_decoder=int8_decoder)) if precision in RECIPES else None
         return cls(precision=precision, quant=kwargs.pop("quant", quant), **kwargs)
+
+    @property
+    def float_base(self) -> str:
+        """The float type of what the recipe leaves unquantized."""
+        return trt_build.FLOAT_BASE if self.target == "tensorrt" else FLOAT_BASE[self.precision]
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
@@ -126,18 +143,12 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
                              dtype=options.reference or reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
     _check_validation_memory(loaded, options.precision, max_context)
-    model, base = loaded.model, FLOAT_BASE[options.precision]
+    model = loaded.model
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
     write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)
     quant = (prepare_quantization(loaded, Tokenizer.from_file(work / names.TOKENIZER_FILE), options.quant, work)
              if options.quant else None)
-    log.info("exporting the vision graph (%s)", options.precision)
-    vision = export_vision_graph(model, work, precision=base)
-    if quant:
-        vision = quant.quantize_vision(loaded, work, vision)
-    log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
-    plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
-    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
+    vision, decoder, plan = _write_graphs(loaded, work, options, quant, shape)
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     np.save(work / names.EMBEDDING_FILE, table.astype(TABLE_DTYPES[options.precision]))
     if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
@@ -157,6 +168,27 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     if quant and fidelity is not None:
         _warn_below_recommended(options.precision, fidelity["recommended"])
         check_gate(quant.settings.gate, fidelity)
+
+
+def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, quant: QuantContext | None,
+                  shape: DecoderShape) -> tuple[GraphSpec, GraphSpec, LinearPlan]:
+    """The vision and decoder graphs for the target: ORT's fused forms, or standard ONNX for TensorRT."""
+    log.info("exporting the vision graph (%s, for %s)", options.precision, options.target)
+    if options.target == "tensorrt":
+        vision = trt_build.write_vision(loaded, work, quant)
+        log.info("building the decoder graph (%s, %d layers, %s ops)", options.precision, shape.layers,
+                 options.trt_ops)
+        decoder, plan = trt_build.write_decoder(loaded, work, shape, quant, label=options.precision,
+                                                ops=options.trt_ops)
+        return vision, decoder, plan
+    model, base = loaded.model, options.float_base
+    vision = export_vision_graph(model, work, precision=base)
+    if quant:
+        vision = quant.quantize_vision(loaded, work, vision)
+    log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
+    plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
+    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
+    return vision, decoder, plan
 
 
 def _warn_below_recommended(precision: str, recommended: dict[str, Any]) -> None:
@@ -296,10 +328,14 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
     # a bf16 oracle is itself ~2e-2 off at 32 layers (see BF16_REFERENCE_TOLERANCE). The vision graph is
     # always checked against an fp32 copy of its tower.
     level = tolerance_level(options.precision, fp32_reference=reference_dtype == torch.float32)
+    tensorrt = options.target == "tensorrt"
+    if tensorrt and reference_dtype == torch.float32:
+        level = trt_build.parity_level(options.precision)
     reference = TorchPipeline(loaded, Tokenizer.from_file(bundle / manifest.tokenizer))
-    session = validation_session(options.precision)
+    session = trt_build.validation_session() if tensorrt else validation_session(options.precision)
     label = f"the emulated {options.precision} reference" if quant else "the torch reference"
-    emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack) if quant
+    emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack,
+                                    scale_dtype=trt_build.SCALE_DTYPE if tensorrt else np.float32) if quant
                  else nullcontext())
     with emulation:
         parity = _parity(loaded, bundle, manifest, options, level, reference, session)
@@ -338,14 +374,19 @@ def _parity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: E
     log.info("validating the vision graph against the %s reference", str(model.dtype).removeprefix("torch."))
     quantized = options.quant is not None
     vision_level = f"{options.precision} vision" if quantized else options.precision
+    if options.target == "tensorrt":
+        vision_level = trt_build.parity_level(options.precision, vision=True)
     vision = validate_vision_graph(model, work / manifest.graphs[names.VISION].file,
                                    tolerance=options.plan.tolerances[vision_level],
-                                   reference=f"emulated {options.precision}" if quantized else None)
+                                   reference=f"emulated {options.precision}" if quantized else None,
+                                   entries=graph_config_entries(manifest.graphs[names.VISION]))
     log.info("validating the decoder graph at prefill lengths %s", list(options.plan.prefill_lengths))
     decoder = validate_decoder(model.language_model, work, manifest.graphs[names.DECODER], manifest.kv,
                                precision=level, plan=options.plan, session=session)
     report: dict[str, Any] = {"vision": vision, "decoder": decoder}
-    if quantized:
+    # The site probes read the ONNX Runtime forms' node names and feeds (export/validate/sites.py); a
+    # TensorRT-ready graph is judged end to end against the same emulated reference.
+    if quantized and options.target != "tensorrt":
         log.info("validating every MatMul site and folded norm on the graphs' own inputs")
         report["sites"] = _site_parity(model, work, manifest, options.plan.tolerances["site"], session)
     images = [render_ecg(synthesize_ecg(rhythm, seed=7), width_px=pages[0][0], height_px=pages[0][1])
@@ -392,7 +433,7 @@ def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpe
         version=names.MANIFEST_VERSION, precision=options.precision,
         graphs={names.VISION: vision, names.DECODER: decoder},
         kv=KVLayout(layers=text.num_layers, kv_heads=text.num_kv_heads, head_dim=text.head_dim,
-                    dtype=KV_DTYPES[FLOAT_BASE[options.precision]], max_length=max_context),
+                    dtype=KV_DTYPES[options.float_base], max_length=max_context),
         text=TextSpec(hidden_size=text.hidden_size, vocab_size=text.vocab_size, bos_id=text.bos_id,
                       eos_id=text.eos_id, max_position_embeddings=text.max_position_embeddings),
         embedding=EmbeddingSpec(file=names.EMBEDDING_FILE, dtype=table_dtype,

@@ -81,6 +81,9 @@ class SiteRecipe:
     block_size: int = 128
     accuracy_level: int = 4
     prepacked: bool = True
+    # The float type the graph stores its scales in: float32 in the ONNX Runtime forms, float16 in the
+    # TensorRT-ready ones (export/graphs/qdq_ops.py), whose every scale has the activations' type.
+    scale_dtype: type = np.float32
 
     def __post_init__(self) -> None:
         if self.scheme not in WEIGHTS:
@@ -89,9 +92,10 @@ class SiteRecipe:
             raise ValueError(f"{self.scheme} needs the calibrated activation clip")
 
 
-def activation_scale(amax: float, qmax: float) -> float:
-    """The per-tensor scale a Q/DQ graph stores for a clip of `amax` (float32, as export/graphs/quant_ops.py)."""
-    return float(np.float32(max(amax, 1e-12) / qmax))
+def activation_scale(amax: float, qmax: float, dtype: type = np.float32) -> float:
+    """The per-tensor scale a Q/DQ graph stores for a clip of `amax`, in the graph's scale type (float32 in
+    export/graphs/quant_ops.py, float16 in export/graphs/qdq_ops.py)."""
+    return float(np.asarray(max(amax, 1e-12) / qmax, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -119,13 +123,13 @@ def _mlas_int8_blocks(x: np.ndarray, site: SiteRecipe) -> np.ndarray:
 
 
 def _int8_per_tensor(x: np.ndarray, site: SiteRecipe) -> np.ndarray:
-    scale = np.float32(activation_scale(float(site.act_amax), INT8_QMAX))
+    scale = np.float32(activation_scale(float(site.act_amax), INT8_QMAX, site.scale_dtype))
     q = np.clip(np.rint(x / scale) + ACTIVATION_ZERO_POINT, *INT8_RANGE)
     return ((q - ACTIVATION_ZERO_POINT) * scale).astype(np.float32)
 
 
 def _fp8_per_tensor(x: np.ndarray, site: SiteRecipe) -> np.ndarray:
-    scale = np.float32(activation_scale(float(site.act_amax), E4M3_MAX))
+    scale = np.float32(activation_scale(float(site.act_amax), E4M3_MAX, site.scale_dtype))
     return to_float8_e4m3(x / scale).astype(np.float32) * scale  # nearest even, saturating (saturate=1)
 
 
@@ -179,6 +183,8 @@ class EmulatedLinear(nn.Module):
         self.site = site
         self.in_features, self.out_features = weight.shape  # weight [K, N], y = x @ weight
         codes, scales = WEIGHTS[site.scheme](np.asarray(weight, np.float32), site)
+        # rounded to the type the graph stores them in
+        scales = torch.from_numpy(scales.numpy().astype(site.scale_dtype).astype(np.float32))
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.weight, self.bias = linear.weight, linear.bias
@@ -231,19 +237,20 @@ def _gamma(norm: nn.Module, scale: np.ndarray) -> nn.Parameter:
     return nn.Parameter(torch.from_numpy(folded), requires_grad=False)
 
 
-def _site(plan: LinearPlan, site: str, prepacked: bool) -> SiteRecipe:
+def _site(plan: LinearPlan, site: str, prepacked: bool, scale_dtype: type) -> SiteRecipe:
     return SiteRecipe(scheme=plan.scheme(site), act_amax=plan.act_amax.get(site), block_size=plan.block_size,
-                      accuracy_level=plan.accuracy_level, prepacked=prepacked)
+                      accuracy_level=plan.accuracy_level, prepacked=prepacked, scale_dtype=scale_dtype)
 
 
-def decoder_layer_swaps(layer: nn.Module, i: int, plan: LinearPlan,
-                        prepacked: bool) -> dict[str, nn.Module | nn.Parameter]:
+def decoder_layer_swaps(layer: nn.Module, i: int, plan: LinearPlan, prepacked: bool,
+                        scale_dtype: type = np.float32) -> dict[str, nn.Module | nn.Parameter]:
     """Layer i's norms and Linears as the decoder graph computes them (paths relative to the layer)."""
     attn, mlp = layer.self_attn, layer.mlp
     hidden, inner = attn.q_proj.in_features, mlp.down_proj.in_features
     s_qkv, s_gu = plan.scale(f"layers.{i}.qkv", hidden), plan.scale(f"layers.{i}.gate_up", hidden)
     s_o, s_down = plan.scale(f"layers.{i}.o", attn.o_proj.in_features), plan.scale(f"layers.{i}.down", inner)
-    qkv, o, gate_up, down = (_site(plan, f"layers.{i}.{part}", prepacked) for part in ("qkv", "o", "gate_up", "down"))
+    qkv, o, gate_up, down = (_site(plan, f"layers.{i}.{part}", prepacked, scale_dtype)
+                             for part in ("qkv", "o", "gate_up", "down"))
     v = _t(attn.v_proj) * s_qkv[:, None]
     if f"layers.{i}.o" in plan.input_scales:  # o's input is v's output: heads == kv_heads (LinearPlan.check)
         v /= s_o[None, :]
@@ -262,16 +269,19 @@ def decoder_layer_swaps(layer: nn.Module, i: int, plan: LinearPlan,
     }
 
 
-def decoder_swaps(lm: nn.Module, plan: LinearPlan, *, prepacked: bool) -> dict[str, nn.Module | nn.Parameter]:
+def decoder_swaps(lm: nn.Module, plan: LinearPlan, *, prepacked: bool,
+                  scale_dtype: type = np.float32) -> dict[str, nn.Module | nn.Parameter]:
     """Every decoder site of a LlamaForCausalLM under `plan` (paths relative to `lm`)."""
     swaps: dict[str, nn.Module | nn.Parameter] = {}
     for i, layer in enumerate(lm.model.layers):
-        swaps.update({f"model.layers.{i}.{k}": v for k, v in decoder_layer_swaps(layer, i, plan, prepacked).items()})
-    swaps["lm_head"] = EmulatedLinear(_t(lm.lm_head), lm.lm_head, _site(plan, "lm_head", prepacked))
+        layer_swaps = decoder_layer_swaps(layer, i, plan, prepacked, scale_dtype)
+        swaps.update({f"model.layers.{i}.{k}": v for k, v in layer_swaps.items()})
+    swaps["lm_head"] = EmulatedLinear(_t(lm.lm_head), lm.lm_head, _site(plan, "lm_head", prepacked, scale_dtype))
     return swaps
 
 
-def vision_swaps(module: nn.Module, recipe: Recipe, scales: Scales) -> dict[str, nn.Module]:
+def vision_swaps(module: nn.Module, recipe: Recipe, scales: Scales,
+                 scale_dtype: type = np.float32) -> dict[str, nn.Module]:
     """The tower's and projector's quantized Linears (paths relative to `module`, a PulseReference or a
     VisionGraph: both hold `vision_tower` and `mm_projector`), with the clips the vision rewrite uses."""
     swaps: dict[str, nn.Module] = {}
@@ -285,16 +295,18 @@ def vision_swaps(module: nn.Module, recipe: Recipe, scales: Scales) -> dict[str,
         amax = scales.amax(site, fp8=scheme == "fp8")
         swaps[name] = EmulatedLinear(_t(linear), linear, SiteRecipe(scheme=scheme, act_amax=amax,
                                                                          block_size=recipe.block_size,
-                                                                         accuracy_level=recipe.accuracy_level))
+                                                                         accuracy_level=recipe.accuracy_level,
+                                                                         scale_dtype=scale_dtype))
     return swaps
 
 
 @contextmanager
 def emulated_reference(model: nn.Module, recipe: Recipe, scales: Scales, plan: LinearPlan, *,
-                       prepacked: bool) -> Iterator[None]:
+                       prepacked: bool, scale_dtype: type = np.float32) -> Iterator[None]:
     """The PulseReference `model` computing the recipe's vision graph and decoder graph, as ORT's CPU EP runs
-    them in a session that does (or does not) prepack weights, until the block ends."""
-    decoder = {f"language_model.{k}": v for k, v in decoder_swaps(model.language_model, plan,
-                                                                  prepacked=prepacked).items()}
-    with swapped(model, {**vision_swaps(model, recipe, scales), **decoder}):
+    them in a session that does (or does not) prepack weights, until the block ends. `scale_dtype`: the type
+    the graphs store their scales in (float16 for the TensorRT-ready graphs, export/build/tensorrt.py)."""
+    decoder = {f"language_model.{k}": v for k, v in decoder_swaps(model.language_model, plan, prepacked=prepacked,
+                                                                  scale_dtype=scale_dtype).items()}
+    with swapped(model, {**vision_swaps(model, recipe, scales, scale_dtype), **decoder}):
         yield
