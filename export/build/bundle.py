@@ -166,8 +166,8 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
                                     f"{validation['tolerance_level']} parity bounds ({failure_summary(validation)}); "
                                     "nothing was written")
     if quant and fidelity is not None:
+        check_gate(quant.settings.gate, fidelity)  # a refusal is its own one line: no warning before it
         _warn_below_recommended(options.precision, fidelity["recommended"])
-        check_gate(quant.settings.gate, fidelity)
 
 
 def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, quant: QuantContext | None,

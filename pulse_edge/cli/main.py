@@ -24,6 +24,19 @@ from pulse_edge.cli.infer import infer
 from pulse_edge.cli.serve import serve
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever sys.stderr is when a record is emitted: the handler outlives one invocation
+    (click's test runner, or a host program calling `main` twice swaps the streams in between)."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 @click.group(cls=UserErrorGroup)
 @click.version_option(__version__, prog_name="pulse-edge")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
@@ -32,7 +45,7 @@ def main(verbose: bool) -> None:
     # Only pulse-edge's own logger: exporters and optimisers log plenty at INFO on the root logger.
     logger = logging.getLogger("pulse_edge")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("pulse-edge: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False

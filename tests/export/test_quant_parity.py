@@ -9,9 +9,9 @@ parity, at the site that has the defect, while the unbroken copy of the same bun
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from pulse_testing.graph_surgery import Edit, edit_initializers, read_initialize
 
 from pulse_edge.calibration.fidelity import AccuracyGate
 from pulse_edge.calibration.recipes import make_recipe
-from pulse_edge.export.build.bundle import ExportOptions, bundle_parity, export_bundle, failure_summary
+from pulse_edge.calibration.scales import Scales
+from pulse_edge.export.build.bundle import ExportOptions, bundle_parity, failure_summary
 from pulse_edge.export.quant.context import QuantSettings
 from pulse_edge.export.validate.parity import ValidationPlan
-from pulse_edge.export.validate.tolerances import TOLERANCES
+from pulse_edge.export.validate.tolerances import RECOMMENDED_FIDELITY, TOLERANCES
 from pulse_edge.runtime.bundle.manifest import read_manifest
 
 RECIPES = ("int8", "int4", "fp8")
@@ -55,9 +56,11 @@ def instruct(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pulse_edge.export.fixtures.tiny import TinySpec, make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("init03") / "ckpt", TinySpec(init_range=0.3))
+    """`pulse-edge make-tiny --init-range 0.3`: LLaVA layout, hidden 64, ordinary random weights."""
+    out = tmp_path_factory.mktemp("init03") / "ckpt"
+    _cli("make-tiny", str(out), "--init-range", "0.3")
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +71,19 @@ def pipeline(checkpoint: Path):
 
 
 @pytest.fixture(scope="module")
-def scales(pipeline, instruct: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate
+def scales(checkpoint: Path, instruct: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pulse-edge calibrate` on the ECGInstruct-format file: 8 of its 15 items (the rest are held out)."""
+    out = tmp_path_factory.mktemp("s") / "scales.npz"
+    _cli("calibrate", str(checkpoint), "--data", str(instruct), "--samples", "8", "-o", str(out))
+    return out
 
-    options = CalibrationOptions(data=str(instruct), samples=8)
-    return calibrate(pipeline.loaded, pipeline.tokenizer, options).save(tmp_path_factory.mktemp("s") / "scales.npz")
+
+def _cli(*args: str, code: int = 0) -> Any:
+    from pulse_edge.cli.main import main
+
+    res = CliRunner().invoke(main, list(args))
+    assert res.exit_code == code, (res.output, res.exception)
+    return res
 
 
 def _options(precision: str, scales: Path, plan: ValidationPlan | None = None, **recipe: Any) -> ExportOptions:
@@ -80,113 +91,107 @@ def _options(precision: str, scales: Path, plan: ValidationPlan | None = None, *
     return ExportOptions(precision=precision, plan=plan or ValidationPlan.quick(), quant=settings)
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+def _export_args(checkpoint: Path, scales: Path, out: Path, precision: str) -> list[str]:
+    return ["export", str(checkpoint), "-o", str(out), "--precision", precision, "--scales", str(scales),
+            "--validation", "quick", "--held-out", "2"]
 
 
-@pytest.fixture(scope="module")
-def exported(checkpoint: Path, scales: Path, tmp_path_factory: pytest.TempPathFactory
-             ) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """The bundles, and the warning lines each export logged (the CLI prints them on stderr)."""
-    root = tmp_path_factory.mktemp("bundles")
-    options = {p: _options(p, scales) for p in RECIPES}
-    made, warned = {}, {}
-    for key, option in options.items():
-        handler = _Lines()
-        logging.getLogger("pulse_edge").addHandler(handler)
-        try:
-            made[key] = export_bundle(checkpoint, root / key, option)
-        finally:
-            logging.getLogger("pulse_edge").removeHandler(handler)
-        warned[key] = handler.lines
-    return made, warned
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    scales: Path
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="module")
-def bundles(exported: tuple[dict[str, Path], dict[str, list[str]]]) -> dict[str, Path]:
-    return exported[0]
+def exports(checkpoint: Path, scales: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Exported]:
+    """`pulse-edge export --scales` per recipe, run once each on first use (the slow tests ask for int4 / fp8)."""
+    root, made = tmp_path_factory.mktemp("bundles"), {}
+
+    def get(precision: str) -> Exported:
+        if precision not in made:
+            res = _cli(*_export_args(checkpoint, scales, root / precision, precision))
+            made[precision] = Exported(root / precision, scales, res.stdout, res.stderr)
+        return made[precision]
+    return get
+
+
+SLOW = pytest.mark.slow  # one more export each (~20 s on 2 busy cores)
+PRECISIONS = ["int8", pytest.param("int4", marks=SLOW), pytest.param("fp8", marks=SLOW)]
 
 
 # --- acceptance: a correct graph is kept, with both reports ---------------------------------------------------
 
 
-def test_every_recipe_exports_with_parity_and_fidelity_in_the_manifest(bundles: dict[str, Path]) -> None:
-    for precision in RECIPES:
-        manifest = read_manifest(bundles[precision])
-        validation, fidelity = manifest.validation, manifest.calibration.fidelity
-        assert validation["pass"] and validation["reference"] == f"the emulated {precision} reference"
-        sites = validation["sites"]
-        assert sites["pass"] and {c["site"] for c in sites["decoder"]["checks"]} >= {"layers.0.qkv", "lm_head",
-                                                                                     "layers.1.post_norm"}
-        assert sites["decoder"]["max_rel_err"] <= TOLERANCES["site"].max_rel_err
-        assert len(sites["vision"]["checks"]) == 14  # 2 layers x (q, k, v, o, fc1, fc2) + the projector's 2
-        assert all(c["pass"] for c in validation["decoder"]["cases"])
-        assert set(fidelity["summary"]) >= {"cosine", "kl", "agreement", "vision_cosine"}
-        assert fidelity["ort_session"]["prepack"] is True  # measured as `infer` serves the bundle
-        assert fidelity["recommended"]["levels"]
-        samples = manifest.calibration.samples
-        assert samples["data"].endswith("ecginstruct.json") and samples["count"] == 8
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_recipe_exports_with_parity_and_fidelity_in_the_manifest(precision: str,
+                                                                     exports: Callable[[str], Exported]) -> None:
+    made = exports(precision)
+    manifest = read_manifest(made.path)
+    validation, fidelity = manifest.validation, manifest.calibration.fidelity
+    assert validation["pass"] and validation["reference"] == f"the emulated {precision} reference"
+    assert f"validated against the emulated {precision} reference" in made.stdout
+    sites = validation["sites"]
+    assert sites["pass"] and {c["site"] for c in sites["decoder"]["checks"]} >= {"layers.0.qkv", "lm_head",
+                                                                                 "layers.1.post_norm"}
+    assert sites["decoder"]["max_rel_err"] <= TOLERANCES["site"].max_rel_err
+    assert len(sites["vision"]["checks"]) == 14  # 2 layers x (q, k, v, o, fc1, fc2) + the projector's 2
+    assert all(c["pass"] for c in validation["decoder"]["cases"])
+    assert set(fidelity["summary"]) >= {"cosine", "kl", "agreement", "vision_cosine"}
+    assert fidelity["ort_session"]["prepack"] is True  # measured as `infer` serves the bundle
+    assert fidelity["recommended"]["levels"] == RECOMMENDED_FIDELITY[precision]
+    samples = manifest.calibration.samples
+    assert samples["data"].endswith("ecginstruct.json") and samples["count"] == 8
+    assert not set(fidelity["held_out"]) & set(Scales.load(made.scales).samples["ids"])
 
 
-def test_parity_holds_where_fidelity_is_far_from_fp32(bundles: dict[str, Path]) -> None:
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_below_the_recommended_level_export_warns_on_one_stderr_line_and_keeps_the_bundle(
+        precision: str, exports: Callable[[str], Exported]) -> None:
+    made = exports(precision)
+    below = read_manifest(made.path).calibration.fidelity["recommended"]["below"]
+    warnings = [line for line in made.stderr.splitlines() if line.startswith("pulse-edge: warning:")]
+    assert len(warnings) == (1 if below else 0), made.stderr
+    assert all("below the level recommended for" in line and "; ".join(below) in line for line in warnings)
+    assert (made.path / "manifest.json").exists()
+    if precision == "int4":
+        assert below  # its cosine (~0.86 here) is below int4's recommended 0.97
+
+
+@pytest.mark.slow
+def test_parity_holds_where_fidelity_is_far_from_fp32(exports: Callable[[str], Exported]) -> None:
     """The int4 recipe's own error on these weights is large; its graph still matches its recipe to ~1e-6."""
-    manifest = read_manifest(bundles["int4"])
+    manifest = read_manifest(exports("int4").path)
     assert manifest.calibration.fidelity["summary"]["cosine"] < 0.99
     assert manifest.calibration.fidelity["recommended"]["below"]  # and export said so
     worst = max(s["max_rel_err"] for c in manifest.validation["decoder"]["cases"] for s in [c["prefill"], *c["decode"]])
     assert worst <= 1e-4
 
 
-def test_the_gate_reads_the_stored_fidelity(bundles: dict[str, Path]) -> None:
-    """What `--accuracy-gate 'cosine>=0.99'` decides for each bundle, from its stored report (the CLI run below
-    shows the refusal itself)."""
-    gate = AccuracyGate.from_string("cosine>=0.99")
-    verdicts = {p: gate.check(read_manifest(bundles[p]).calibration.fidelity["summary"]) for p in RECIPES}
-    assert verdicts["int4"] and verdicts["fp8"]
-    assert all(v[0].startswith("cosine ") for v in verdicts.values() if v)
+# The issue's gate, 'cosine>=0.99', refuses int4 and fp8 on this checkpoint; int8 (weight-only) keeps a logit
+# cosine above 0.99 here (docs/quantization.md has the figures), so a gate just above its own figure refuses it.
+GATES = {"int8": "cosine>=0.9995", "int4": "cosine>=0.99", "fp8": "cosine>=0.99"}
 
 
-def test_accuracy_gate_refuses_with_one_line(checkpoint: Path, scales: Path, tmp_path: Path) -> None:
-    from pulse_edge.cli.main import main
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_gate_decides_from_the_stored_fidelity(precision: str, exports: Callable[[str], Exported]) -> None:
+    summary = read_manifest(exports(precision).path).calibration.fidelity["summary"]
+    refusal = AccuracyGate.from_string(GATES[precision]).check(summary)
+    assert refusal and refusal[0].startswith("cosine ")
+    assert bool(AccuracyGate.from_string("cosine>=0.99").check(summary)) == (precision != "int8")
 
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_accuracy_gate_refuses_the_same_export_with_one_line(precision: str, checkpoint: Path, scales: Path,
+                                                             tmp_path: Path) -> None:
     out = tmp_path / "gated"
-    res = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out), "--precision", "int4", "--scales",
-                                    str(scales), "--validation", "quick", "--held-out", "2",
-                                    "--accuracy-gate", "cosine>=0.99"])
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert lines[-1].startswith("pulse-edge: error: the quantized bundle falls below --accuracy-gate (cosine ")
-    assert not [line for line in lines if "Traceback" in line]
+    res = _cli(*_export_args(checkpoint, scales, out, precision), "--accuracy-gate", GATES[precision], code=2)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("pulse-edge:")]
+    assert len(lines) == 1, res.stderr  # the refusal alone: no fidelity warning before it
+    assert lines[0].startswith("pulse-edge: error: the quantized bundle falls below --accuracy-gate (cosine ")
+    assert "Traceback" not in res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
-
-
-def test_below_the_recommended_level_export_warns_on_one_line_and_keeps_the_bundle(
-        exported: tuple[dict[str, Path], dict[str, list[str]]]) -> None:
-    bundles, warned = exported
-    for key, path in bundles.items():
-        below = read_manifest(path).calibration.fidelity["recommended"]["below"]
-        lines = [line for line in warned[key] if "recommended" in line]
-        assert len(lines) == (1 if below else 0), (key, warned[key])
-        assert all("\n" not in line and line.startswith("warning: ") for line in lines)
-    assert warned["int4"]  # its cosine (~0.86 here) is below int4's recommended 0.97
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", RECIPES)
-def test_accuracy_gate_refuses_every_recipe_on_this_checkpoint(precision: str, checkpoint: Path, scales: Path,
-                                                               tmp_path: Path) -> None:
-    from pulse_edge.cli.main import main
-
-    res = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(tmp_path / "g"), "--precision", precision,
-                                    "--scales", str(scales), "--validation", "quick", "--accuracy-gate",
-                                    "cosine>=0.99"])
-    assert res.exit_code == 2 and "falls below --accuracy-gate" in res.stderr.strip().splitlines()[-1]
-    assert list(tmp_path.iterdir()) == []
 
 
 # --- broken graphs are refused by parity --------------------------------------------------------------------
@@ -242,7 +247,6 @@ BREAKS: dict[str, tuple[str, Any, str]] = {
 
 
 def _parity(bundle: Path, pipeline, scales: Path, precision: str, **recipe: Any) -> dict[str, Any]:
-    from pulse_edge.calibration.scales import Scales
     from pulse_edge.export.graphs.decoder import DecoderShape
     from pulse_edge.export.quant.context import QuantContext
 
@@ -263,10 +267,10 @@ SLOW_BREAKS = [pytest.param(name, marks=pytest.mark.slow) for name in BREAKS if 
 
 
 @pytest.mark.parametrize("name", ["unbroken", *DEFAULT_BREAKS, *SLOW_BREAKS])
-def test_a_broken_graph_is_refused_by_parity_at_its_site(name: str, bundles: dict[str, Path], pipeline,
+def test_a_broken_graph_is_refused_by_parity_at_its_site(name: str, exports: Callable[[str], Exported], pipeline,
                                                          scales: Path, tmp_path: Path) -> None:
     key, edits, where = BREAKS.get(name, ("int8", {}, ""))
-    bundle = Path(shutil.copytree(bundles[key], tmp_path / key))
+    bundle = Path(shutil.copytree(exports(key).path, tmp_path / key))
     if edits == "gamma":
         edits = {"layers.0.input_norm.weight": _undo_gamma_fold(pipeline, "layers.0.qkv", 0)}
     elif edits == "weights":
