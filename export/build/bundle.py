@@ -334,9 +334,10 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
     reference = TorchPipeline(loaded, Tokenizer.from_file(bundle / manifest.tokenizer))
     session = trt_build.validation_session() if tensorrt else validation_session(options.precision)
     label = f"the emulated {options.precision} reference" if quant else "the torch reference"
-    emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack,
-                                    scale_dtype=trt_build.SCALE_DTYPE if tensorrt else np.float32) if quant
-                 else nullcontext())
+    forms = ({"vision_qdq": trt_build.qdq_form(bundle / manifest.graphs[names.VISION].file),
+              "decoder_qdq": trt_build.qdq_form(bundle / manifest.graphs[names.DECODER].file)} if tensorrt else {})
+    emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack, **forms)
+                 if quant else nullcontext())
     with emulation:
         parity = _parity(loaded, bundle, manifest, options, level, reference, session)
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "reference": label,

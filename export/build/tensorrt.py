@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan
 from pulse_edge.export.graphs.qdq_ops import emit_qdq_matmul
 from pulse_edge.export.graphs.quant_ops import Emitted, MatMulSpec
 from pulse_edge.export.graphs.trt_decoder import QDQ_MATMULNBITS_ACCURACY_LEVEL, TrtDecoderOptions, build_trt_decoder
-from pulse_edge.export.graphs.vision import export_vision_graph
+from pulse_edge.export.graphs.vision import export_vision_graph, graph_opset
+from pulse_edge.export.validate.emulate import QDQForm
 from pulse_edge.export.validate.tolerances import PARITY_TOLERANCES, TENSORRT
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 from pulse_edge.runtime.engines.ort import SessionConfig
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 # form: TensorRT's int8 decoder is W8A8 with SmoothQuant.
 TRT_DECODER_SCHEMES = ("fp", "w4", "w8a8", "fp8")
 FLOAT_BASE = "fp16"
-SCALE_DTYPE = np.float16  # every scale has the activations' float type (export/graphs/qdq_ops.py)
 # ORT's CPU EP in validation: fp16 graphs at "basic" without the arena keep the weights mapped (see
 # export/build/bundle.validation_session); fp8 runs as an exact Q/DQ emulation there.
 VALIDATION_SESSION = SessionConfig(prepack=False, emulate=True, opt_level="basic", mem_arena=False)
@@ -86,6 +87,13 @@ def write_decoder(loaded: LoadedCheckpoint, work: Path, shape: DecoderShape, qua
 
 def validation_session() -> SessionConfig:
     return VALIDATION_SESSION
+
+
+def qdq_form(graph: Path) -> QDQForm:
+    """How ORT computes the fp16 Q/DQ of the TensorRT-ready graph at `graph` (fp16 scales; QuantizeLinear
+    divides in fp16 from opset 23, so a native decoder and an explicit one round differently): the form its
+    emulated reference takes (export/validate/emulate.py)."""
+    return QDQForm.fp16(graph_opset(onnx.load(str(graph), load_external_data=False)))
 
 
 def parity_level(precision: str, *, vision: bool = False) -> str:

@@ -71,6 +71,29 @@ MLAS_INT8_LEVEL = 4  # MatMulNBits accuracy level at which MLAS quantizes the ac
 BLOCK_BITS = MappingProxyType({"w8": 8, "w4": 4})
 
 
+# ONNX Runtime's CPU QuantizeLinear on a float16 input divides x / scale in float32 up to opset 21 and in
+# float16 from opset 23 (measured, ORT 1.32, on single nodes: tests/export/test_emulate.py); the two give
+# different codes for ~0.5% (fp8) to ~2% (int8) of the values.
+QUOTIENT_IN_INPUT_TYPE_OPSET = 23
+
+
+@dataclass(frozen=True)
+class QDQForm:
+    """How a graph's Q/DQ computes: the float type its scales are stored in and the one QuantizeLinear divides
+    x / scale in. float32 for both in the ONNX Runtime forms (export/graphs/quant_ops.py)."""
+
+    scale: type = np.float32
+    quotient: type = np.float32
+
+    @classmethod
+    def fp16(cls, opset: int) -> QDQForm:
+        """An fp16 graph (export/graphs/qdq_ops.py): fp16 scales; the quotient as QuantizeLinear at `opset`."""
+        return cls(np.float16, np.float16 if opset >= QUOTIENT_IN_INPUT_TYPE_OPSET else np.float32)
+
+
+FP32_QDQ = QDQForm()
+
+
 @dataclass(frozen=True)
 class SiteRecipe:
     """What one graph MatMul computes: its scheme, the activation parameters the graph holds, and whether the
@@ -81,9 +104,7 @@ class SiteRecipe:
     block_size: int = 128
     accuracy_level: int = 4
     prepacked: bool = True
-    # The float type the graph stores its scales in: float32 in the ONNX Runtime forms, float16 in the
-    # TensorRT-ready ones (export/graphs/qdq_ops.py), whose every scale has the activations' type.
-    scale_dtype: type = np.float32
+    qdq: QDQForm = FP32_QDQ  # the TensorRT-ready graphs' fp16 Q/DQ: QDQForm.fp16(opset)
 
     def __post_init__(self) -> None:
         if self.scheme not in WEIGHTS:
@@ -122,15 +143,21 @@ def _mlas_int8_blocks(x: np.ndarray, site: SiteRecipe) -> np.ndarray:
     return (q * scale).reshape(*lead, -1)[..., :k]
 
 
+def _quotient(x: np.ndarray, scale: np.float32, site: SiteRecipe) -> np.ndarray:
+    """x / scale as QuantizeLinear computes it: in the graph's Q/DQ type, back in float32."""
+    dtype = site.qdq.quotient
+    return (x.astype(dtype, copy=False) / dtype(scale)).astype(np.float32, copy=False)
+
+
 def _int8_per_tensor(x: np.ndarray, site: SiteRecipe) -> np.ndarray:
-    scale = np.float32(activation_scale(float(site.act_amax), INT8_QMAX, site.scale_dtype))
-    q = np.clip(np.rint(x / scale) + ACTIVATION_ZERO_POINT, *INT8_RANGE)
+    scale = np.float32(activation_scale(float(site.act_amax), INT8_QMAX, site.qdq.scale))
+    q = np.clip(np.rint(_quotient(x, scale, site)) + ACTIVATION_ZERO_POINT, *INT8_RANGE)
     return ((q - ACTIVATION_ZERO_POINT) * scale).astype(np.float32)
 
 
 def _fp8_per_tensor(x: np.ndarray, site: SiteRecipe) -> np.ndarray:
-    scale = np.float32(activation_scale(float(site.act_amax), E4M3_MAX, site.scale_dtype))
-    return to_float8_e4m3(x / scale).astype(np.float32) * scale  # nearest even, saturating (saturate=1)
+    scale = np.float32(activation_scale(float(site.act_amax), E4M3_MAX, site.qdq.scale))
+    return to_float8_e4m3(_quotient(x, scale, site)).astype(np.float32) * scale  # nearest even, saturating
 
 
 ACTIVATIONS: Mapping[str, Callable[[np.ndarray, SiteRecipe], np.ndarray]] = MappingProxyType({
@@ -184,7 +211,7 @@ class EmulatedLinear(nn.Module):
         self.in_features, self.out_features = weight.shape  # weight [K, N], y = x @ weight
         codes, scales = WEIGHTS[site.scheme](np.asarray(weight, np.float32), site)
         # rounded to the type the graph stores them in
-        scales = torch.from_numpy(scales.numpy().astype(site.scale_dtype).astype(np.float32))
+        scales = torch.from_numpy(scales.numpy().astype(site.qdq.scale).astype(np.float32))
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.weight, self.bias = linear.weight, linear.bias
@@ -237,19 +264,19 @@ def _gamma(norm: nn.Module, scale: np.ndarray) -> nn.Parameter:
     return nn.Parameter(torch.from_numpy(folded), requires_grad=False)
 
 
-def _site(plan: LinearPlan, site: str, prepacked: bool, scale_dtype: type) -> SiteRecipe:
+def _site(plan: LinearPlan, site: str, prepacked: bool, qdq: QDQForm) -> SiteRecipe:
     return SiteRecipe(scheme=plan.scheme(site), act_amax=plan.act_amax.get(site), block_size=plan.block_size,
-                      accuracy_level=plan.accuracy_level, prepacked=prepacked, scale_dtype=scale_dtype)
+                      accuracy_level=plan.accuracy_level, prepacked=prepacked, qdq=qdq)
 
 
 def decoder_layer_swaps(layer: nn.Module, i: int, plan: LinearPlan, prepacked: bool,
-                        scale_dtype: type = np.float32) -> dict[str, nn.Module | nn.Parameter]:
+                        qdq: QDQForm = FP32_QDQ) -> dict[str, nn.Module | nn.Parameter]:
     """Layer i's norms and Linears as the decoder graph computes them (paths relative to the layer)."""
     attn, mlp = layer.self_attn, layer.mlp
     hidden, inner = attn.q_proj.in_features, mlp.down_proj.in_features
     s_qkv, s_gu = plan.scale(f"layers.{i}.qkv", hidden), plan.scale(f"layers.{i}.gate_up", hidden)
     s_o, s_down = plan.scale(f"layers.{i}.o", attn.o_proj.in_features), plan.scale(f"layers.{i}.down", inner)
-    qkv, o, gate_up, down = (_site(plan, f"layers.{i}.{part}", prepacked, scale_dtype)
+    qkv, o, gate_up, down = (_site(plan, f"layers.{i}.{part}", prepacked, qdq)
                              for part in ("qkv", "o", "gate_up", "down"))
     v = _t(attn.v_proj) * s_qkv[:, None]
     if f"layers.{i}.o" in plan.input_scales:  # o's input is v's output: heads == kv_heads (LinearPlan.check)
@@ -270,18 +297,18 @@ def decoder_layer_swaps(layer: nn.Module, i: int, plan: LinearPlan, prepacked: b
 
 
 def decoder_swaps(lm: nn.Module, plan: LinearPlan, *, prepacked: bool,
-                  scale_dtype: type = np.float32) -> dict[str, nn.Module | nn.Parameter]:
+                  qdq: QDQForm = FP32_QDQ) -> dict[str, nn.Module | nn.Parameter]:
     """Every decoder site of a LlamaForCausalLM under `plan` (paths relative to `lm`)."""
     swaps: dict[str, nn.Module | nn.Parameter] = {}
     for i, layer in enumerate(lm.model.layers):
-        layer_swaps = decoder_layer_swaps(layer, i, plan, prepacked, scale_dtype)
+        layer_swaps = decoder_layer_swaps(layer, i, plan, prepacked, qdq)
         swaps.update({f"model.layers.{i}.{k}": v for k, v in layer_swaps.items()})
-    swaps["lm_head"] = EmulatedLinear(_t(lm.lm_head), lm.lm_head, _site(plan, "lm_head", prepacked, scale_dtype))
+    swaps["lm_head"] = EmulatedLinear(_t(lm.lm_head), lm.lm_head, _site(plan, "lm_head", prepacked, qdq))
     return swaps
 
 
 def vision_swaps(module: nn.Module, recipe: Recipe, scales: Scales,
-                 scale_dtype: type = np.float32) -> dict[str, nn.Module]:
+                 qdq: QDQForm = FP32_QDQ) -> dict[str, nn.Module]:
     """The tower's and projector's quantized Linears (paths relative to `module`, a PulseReference or a
     VisionGraph: both hold `vision_tower` and `mm_projector`), with the clips the vision rewrite uses."""
     swaps: dict[str, nn.Module] = {}
@@ -296,17 +323,17 @@ def vision_swaps(module: nn.Module, recipe: Recipe, scales: Scales,
         swaps[name] = EmulatedLinear(_t(linear), linear, SiteRecipe(scheme=scheme, act_amax=amax,
                                                                          block_size=recipe.block_size,
                                                                          accuracy_level=recipe.accuracy_level,
-                                                                         scale_dtype=scale_dtype))
+                                                                         qdq=qdq))
     return swaps
 
 
 @contextmanager
-def emulated_reference(model: nn.Module, recipe: Recipe, scales: Scales, plan: LinearPlan, *,
-                       prepacked: bool, scale_dtype: type = np.float32) -> Iterator[None]:
+def emulated_reference(model: nn.Module, recipe: Recipe, scales: Scales, plan: LinearPlan, *, prepacked: bool,
+                       vision_qdq: QDQForm = FP32_QDQ, decoder_qdq: QDQForm = FP32_QDQ) -> Iterator[None]:
     """The PulseReference `model` computing the recipe's vision graph and decoder graph, as ORT's CPU EP runs
-    them in a session that does (or does not) prepack weights, until the block ends. `scale_dtype`: the type
-    the graphs store their scales in (float16 for the TensorRT-ready graphs, export/build/tensorrt.py)."""
+    them in a session that does (or does not) prepack weights, until the block ends. The Q/DQ forms are each
+    graph's (QDQForm.fp16 for the TensorRT-ready graphs, export/build/tensorrt.py)."""
     decoder = {f"language_model.{k}": v for k, v in decoder_swaps(model.language_model, plan, prepacked=prepacked,
-                                                                  scale_dtype=scale_dtype).items()}
-    with swapped(model, {**vision_swaps(model, recipe, scales, scale_dtype), **decoder}):
+                                                                  qdq=decoder_qdq).items()}
+    with swapped(model, {**vision_swaps(model, recipe, scales, vision_qdq), **decoder}):
         yield

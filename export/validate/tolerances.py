@@ -42,19 +42,26 @@ PARITY_TOLERANCES = {"int8": Tolerance(max_rel_err=2e-2, min_cosine=0.999),
                      "fp8": Tolerance(max_rel_err=2e-2, min_cosine=0.999)}
 VISION_PARITY_TOLERANCES = {f"{name} vision": Tolerance(max_rel_err=0.1, min_cosine=0.999)
                             for name in PARITY_TOLERANCES}
-# TensorRT-ready quantized graphs (export/build/tensorrt.py) against the emulated reference with fp16 scales:
-# the graph computes everything else in fp16 where the reference computes in fp32, so fp16's rounding adds to
-# the quantized bound (and moves more activations across a rounding boundary). Measured on the tiny model in
-# tests/export/test_trt_graphs.py (see docs/quantization.md).
+# TensorRT-ready quantized graphs (export/build/tensorrt.py) against the emulated reference with their fp16
+# Q/DQ (export/validate/emulate.py, QDQForm.fp16). Each quantized MatMul matches its emulation on the graph's own
+# input to fp16's output rounding (<= 4.2e-4 measured at every site of the tiny int8 W8A8 and fp8 decoders), but
+# the rest of the graph computes in fp16 where the reference computes in fp32, and that rounding moves per-tensor
+# int8 / fp8 activation codes across their boundaries, layer after layer: end to end the error is chaotic, about
+# as large as the recipe's own distance from fp32 for W8A8 and fp8. Worst measured (quick plan: prefills of 5
+# and 64 positions, 2 decode steps; the default tiny model / the initializer_range 0.3 one, docs/quantization.md):
+#   decoder  int4 1.0e-3 / 6.4e-3 (cosine >= 0.99997); int8 W8A8 2.9e-2 / 8.2e-2 (0.99595); fp8 6.1e-2 / 0.116 (0.99341)
+#   vision   W8A8 (the int8 and int4 recipes) 9.9e-2 (0.99874); fp8 0.176 (0.99434)
+# Bounds: fp16's for the int4 decoder (weight-only: float activations, nothing to flip); about 1.5-2x the worst
+# measured error otherwise. A wrong weight or activation scale moves a site by whole factors, far beyond them.
 TENSORRT = "tensorrt"
 TRT_PARITY_TOLERANCES = {
-    f"{name} {TENSORRT}": Tolerance(max_rel_err=tol.max_rel_err + FP16_TOLERANCE.max_rel_err,
-                                    min_cosine=tol.min_cosine - (1.0 - FP16_TOLERANCE.min_cosine))
-    for name, tol in PARITY_TOLERANCES.items()}
-TRT_VISION_PARITY_TOLERANCES = {
-    f"{name} {TENSORRT}": Tolerance(max_rel_err=tol.max_rel_err + FP16_TOLERANCE.max_rel_err,
-                                    min_cosine=tol.min_cosine - (1.0 - FP16_TOLERANCE.min_cosine))
-    for name, tol in VISION_PARITY_TOLERANCES.items()}
+    f"int4 {TENSORRT}": FP16_TOLERANCE,
+    f"int8 {TENSORRT}": Tolerance(max_rel_err=0.15, min_cosine=0.99),
+    f"fp8 {TENSORRT}": Tolerance(max_rel_err=0.2, min_cosine=0.985),
+    f"int4 vision {TENSORRT}": Tolerance(max_rel_err=0.15, min_cosine=0.995),
+    f"int8 vision {TENSORRT}": Tolerance(max_rel_err=0.15, min_cosine=0.995),
+    f"fp8 vision {TENSORRT}": Tolerance(max_rel_err=0.3, min_cosine=0.99),
+}
 # Each MatMul site (and folded norm) on the graph's own input (export/validate/sites.py): accumulation order only.
 SITE_TOLERANCE = Tolerance(max_rel_err=1e-4, min_cosine=0.99999)
 # A float graph against a bf16 reference (a model too big for fp32 here): the oracle's own rounding dominates.
@@ -75,7 +82,7 @@ def _with_bf16_reference(tol: Tolerance) -> Tolerance:
 
 TOLERANCES = MappingProxyType({
     "fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE, BF16_REFERENCE: BF16_REFERENCE_TOLERANCE, **PARITY_TOLERANCES,
-    **VISION_PARITY_TOLERANCES, **TRT_PARITY_TOLERANCES, **TRT_VISION_PARITY_TOLERANCES, "site": SITE_TOLERANCE,
+    **VISION_PARITY_TOLERANCES, **TRT_PARITY_TOLERANCES, "site": SITE_TOLERANCE,
     **{f"{name}+{BF16_REFERENCE}": _with_bf16_reference(tol) for name, tol in PARITY_TOLERANCES.items()},
 })
 

@@ -287,3 +287,14 @@ def test_a_broken_graph_is_refused_by_parity_at_its_site(name: str, exports: Cal
         return
     assert not report["pass"] and not report["sites"]["pass"]
     assert failure_summary(report).startswith(where + " ("), failure_summary(report)
+
+
+@pytest.mark.slow  # one more export (~17 s)
+def test_a_tensorrt_ready_export_is_judged_against_its_emulated_recipe(checkpoint: Path, scales: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "trt"
+    res = _cli(*_export_args(checkpoint, scales, out, "int8"), "--target", "tensorrt")
+    validation = read_manifest(out).validation
+    assert validation["pass"] and validation["tolerance_level"] == "int8 tensorrt"
+    assert validation["reference"] == "the emulated int8 reference" and "sites" not in validation
+    assert "for TensorRT" in res.stdout and "validated against the emulated int8 reference" in res.stdout

@@ -84,7 +84,7 @@ def test_both_forms_match_the_reference_over_chunks_and_decode_steps(tiny_pipeli
 
 def _trt_parity(bundle: Path, loaded, precision: str, scales=None) -> dict:
     manifest = read_manifest(bundle)
-    with trt_emulation(loaded, precision, manifest.kv.max_length, scales):
+    with trt_emulation(loaded, bundle, precision, scales):
         return validate_decoder(loaded.model.language_model, bundle, manifest.graphs[names.DECODER], manifest.kv,
                                 precision=trt_build.parity_level(precision), plan=PLAN,
                                 session=trt_build.validation_session())
@@ -123,7 +123,7 @@ def test_quantized_graphs_hold_their_recipe_and_pass_its_bound(precision: str, t
     wanted = {"int4": onnx.TensorProto.INT4, "int8": onnx.TensorProto.INT8,
               "fp8": onnx.TensorProto.FLOAT8E4M3FN}[precision]
     assert wanted in types and onnx.TensorProto.FLOAT not in types  # scales and weights are fp16
-    with trt_emulation(loaded, precision, manifest.kv.max_length, tiny_scales):
+    with trt_emulation(loaded, bundle, precision, tiny_scales):
         report = validate_decoder(loaded.model.language_model, bundle, decoder, manifest.kv,
                                   precision=trt_build.parity_level(precision), plan=PLAN,
                                   session=trt_build.validation_session())
