@@ -50,7 +50,7 @@ def validate_vision_graph(model: PulseReference, onnx_path: Path, *, tile_counts
     proto = onnx.load(str(onnx_path), load_external_data=False)
     precision = graph_precision(proto)
     tolerance = tolerance or TOLERANCES[precision]
-    reference = _fp32_reference(model)
+    forward = _fp32_reference(model)
     options = ort.SessionOptions()
     if graph_opset(proto) >= FP8_MIN_OPSET and has_float8(proto):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # see export/graphs/quant_ops.py
@@ -61,7 +61,7 @@ def validate_vision_graph(model: PulseReference, onnx_path: Path, *, tile_counts
     for tiles in tile_counts:
         pixels = random_pixel_values(tiles, model.cfg.image, seed)
         with torch.no_grad():
-            ref = reference(torch.from_numpy(pixels)).numpy()
+            ref = forward(torch.from_numpy(pixels)).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
         shapes.append({"tiles": tiles, **compare_features(ref, got, tolerance)})
     source = "vision_features" if model.dtype == torch.float32 else f"fp32 copy of the {model.dtype} weights"
