@@ -26,6 +26,7 @@ HIGHER = "higher is better"
 LOWER = "lower is better"
 METRICS: Mapping[str, str] = MappingProxyType({
     "cosine": HIGHER,
+    "vision_cosine": HIGHER,
     "sqnr_db": HIGHER,
     "agreement": HIGHER,
     "rel_err": LOWER,

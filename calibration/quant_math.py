@@ -241,10 +241,16 @@ def fake_quant_blockwise(w: np.ndarray, bits: int, block_size: int, *, scale_sea
     return recon.reshape(-1, w.shape[1])[: w.shape[0]]
 
 
+def signed_block_codes(bq: BlockQuantized) -> np.ndarray:
+    """The codes as MatMulNBits reads them from the packed bytes, minus the implied zero point:
+    int16 [N, n_blocks, block_size] (K's zero padding included)."""
+    _check_block_args(bq.bits, bq.block_size)
+    return _UNPACK[bq.bits](np.asarray(bq.packed, dtype=np.uint8)).astype(np.int16) - bq.zero_point
+
+
 def dequantize_blockwise(bq: BlockQuantized) -> np.ndarray:
     """The float32 [K, N] weight MatMulNBits computes with: (code - 2**(bits-1)) * scale."""
-    _check_block_args(bq.bits, bq.block_size)
-    codes = _UNPACK[bq.bits](np.asarray(bq.packed, dtype=np.uint8)).astype(np.int16) - bq.zero_point
+    codes = signed_block_codes(bq)
     scales = np.asarray(bq.scales, dtype=np.float32).reshape(bq.n, bq.n_blocks, 1)
     values = codes.astype(np.float32) * scales  # [N, n_blocks, block_size]
     return np.ascontiguousarray(values.reshape(bq.n, -1)[:, : bq.k].T)

@@ -7,7 +7,8 @@
 
 Everything is fp16 (TensorRT's attention kernels have no fp32 form) with a float32 interface, so the runtime
 feeds these graphs exactly like the ONNX Runtime ones. ONNX Runtime's CPU EP runs them too: export validates
-them there against the torch reference like any bundle, and `infer --backend ort` serves them.
+them there like any bundle (a float graph against the torch reference, a quantized one against the emulated
+reference of its recipe with fp16 scales, export/validate/emulate.py), and `infer --backend ort` serves them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan
 from pulse_edge.export.graphs.qdq_ops import emit_qdq_matmul
 from pulse_edge.export.graphs.quant_ops import Emitted, MatMulSpec
 from pulse_edge.export.graphs.trt_decoder import QDQ_MATMULNBITS_ACCURACY_LEVEL, TrtDecoderOptions, build_trt_decoder
-from pulse_edge.export.graphs.vision import export_vision_graph
+from pulse_edge.export.graphs.vision import export_vision_graph, graph_opset
+from pulse_edge.export.validate.emulate import QDQForm
+from pulse_edge.export.validate.tolerances import PARITY_TOLERANCES, TENSORRT
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 from pulse_edge.runtime.engines.ort import SessionConfig
 
@@ -85,8 +89,18 @@ def validation_session() -> SessionConfig:
     return VALIDATION_SESSION
 
 
-def parity_level(precision: str) -> str:
-    """The tolerance a TensorRT-ready graph is held to against the fp32 torch reference: fp16's bound for the
-    float graph, the recipe's bound (export/validate/tolerances.py) for a quantized one. The one place to switch
-    quantized graphs to a reference that emulates their recipe."""
-    return precision
+def qdq_form(graph: Path) -> QDQForm:
+    """How ORT computes the fp16 Q/DQ of the TensorRT-ready graph at `graph` (fp16 scales; QuantizeLinear
+    divides in fp16 from opset 23, so a native decoder and an explicit one round differently): the form its
+    emulated reference takes (export/validate/emulate.py)."""
+    return QDQForm.fp16(graph_opset(onnx.load(str(graph), load_external_data=False)))
+
+
+def parity_level(precision: str, *, vision: bool = False) -> str:
+    """The TOLERANCES key a TensorRT-ready graph is held to (export/validate/tolerances.py): fp16's bound
+    against the fp32 torch reference for a float graph; for a quantized one, its parity bound against the
+    emulated reference of its recipe (fp16 scales), widened by fp16's own rounding: the rest of the graph
+    computes in fp16 where the emulated reference computes in fp32."""
+    if precision not in PARITY_TOLERANCES:
+        return precision
+    return f"{precision} vision {TENSORRT}" if vision else f"{precision} {TENSORRT}"

@@ -9,7 +9,9 @@
 
 The summary holds the numbers `--accuracy-gate` checks: cosine / rel_err / sqnr_db /
 kl of the decoder's logits (mean over steps and samples), vision_cosine, and the
-greedy agreement.
+greedy agreement. `recommended_fidelity` compares it with the recipe's recommended
+level (export/validate/tolerances.py RECOMMENDED_FIDELITY): below it export warns,
+it never refuses (that is --accuracy-gate's job).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import numpy as np
 import torch
 
 from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample
-from pulse_edge.calibration.fidelity import greedy_agreement, logit_kl, tensor_fidelity
+from pulse_edge.calibration.fidelity import AccuracyGate, greedy_agreement, logit_kl, tensor_fidelity
 from pulse_edge.calibration.samples import PreparedSample
 from pulse_edge.export.model.torch_backend import TorchPipeline, decode_one_token, prefill
+from pulse_edge.export.validate.tolerances import RECOMMENDED_FIDELITY
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.pipeline import Pipeline
 from pulse_edge.runtime.text.prompt import Turn, prompt_ids
@@ -142,3 +145,9 @@ def fidelity_report(reference: TorchPipeline, candidate: Pipeline, samples: Sequ
                "size_ratio": sizes["total"] / max(float_bytes, 1)}
     return {"held_out": [s.id for s in samples], "summary": summary, "vision": vision, "decoder": decoder,
             "greedy": greedy, "sizes": sizes, "float_bytes": float_bytes}
+
+
+def recommended_fidelity(precision: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """{"levels": the recipe's recommended bounds, "below": one line per bound the summary misses}."""
+    levels = RECOMMENDED_FIDELITY[precision]
+    return {"levels": levels, "below": AccuracyGate.from_string(levels).check(summary)}

@@ -9,8 +9,8 @@ the export.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ class ValidationPlan:
     greedy_tokens: int = 16
     greedy_runs: int = 4  # (image, question) pairs
     seed: int = 0
+    # The bounds each check is judged by; a measurement (benchmarks/studies/parity.py) passes looser ones to
+    # record the errors of a graph whatever they are.
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: TOLERANCES)
 
     @classmethod
     def quick(cls) -> ValidationPlan:
@@ -59,11 +62,13 @@ def _sample_embeds(lm: LlamaForCausalLM, length: int, generator: torch.Generator
 
 def validate_decoder(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KVLayout, *, precision: str,
                      plan: ValidationPlan, session: SessionConfig | None = None) -> dict[str, Any]:
-    """Prefill and decode parity of the decoder graph at each planned length.
+    """Prefill and decode parity of the decoder graph at each planned length, under plan.tolerances[precision].
 
-    The default session does not prepack: the weights stay mapped from the file, so the reference and the
-    graph fit side by side (see export/bundle.validation_session)."""
-    tol = TOLERANCES[precision]
+    `lm` is the reference the graph must match: the fp32 (or bf16) model for a float graph, the model inside
+    export/validate/emulate.emulated_reference for a quantized one. The default session does not prepack: the
+    weights stay mapped from the file, so the reference and the graph fit side by side (see
+    export/build/bundle.validation_session)."""
+    tol = plan.tolerances[precision]
     engine = decoder_engine(bundle, spec, kv, lm.config.vocab_size, session or SessionConfig(prepack=False))
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight

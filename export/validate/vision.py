@@ -39,17 +39,18 @@ def random_pixel_values(tiles: int, layout: ImageLayout, seed: int) -> np.ndarra
 
 def validate_vision_graph(model: PulseReference, onnx_path: Path, *, tile_counts: tuple[int, ...] = (1, 5),
                           seed: int = 0, providers: list[str] | None = None,
-                          tolerance: Tolerance | None = None,
+                          tolerance: Tolerance | None = None, reference: str | None = None,
                           entries: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Compare the graph in ORT with the torch reference in fp32; pass=False is the caller's to act on.
 
-    The tolerance defaults to the graph's float precision; a quantized graph's caller passes its own.
+    The tolerance defaults to the graph's float precision; a quantized graph's caller passes its own and
+    runs this inside export/validate/emulate.emulated_reference (`reference` names it in the report).
     `entries`: session config entries the graph's manifest entry demands (runtime/engines/ort.py).
     """
     proto = onnx.load(str(onnx_path), load_external_data=False)
     precision = graph_precision(proto)
     tolerance = tolerance or TOLERANCES[precision]
-    reference = _fp32_reference(model)
+    forward = _fp32_reference(model)
     options = ort.SessionOptions()
     if graph_opset(proto) >= FP8_MIN_OPSET and has_float8(proto):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # see export/graphs/quant_ops.py
@@ -60,10 +61,11 @@ def validate_vision_graph(model: PulseReference, onnx_path: Path, *, tile_counts
     for tiles in tile_counts:
         pixels = random_pixel_values(tiles, model.cfg.image, seed)
         with torch.no_grad():
-            ref = reference(torch.from_numpy(pixels)).numpy()
+            ref = forward(torch.from_numpy(pixels)).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
         shapes.append({"tiles": tiles, **compare_features(ref, got, tolerance)})
     source = "vision_features" if model.dtype == torch.float32 else f"fp32 copy of the {model.dtype} weights"
+    source = f"{reference} ({source})" if reference else source
     return {"file": Path(onnx_path).name, "precision": precision, "providers": session.get_providers(),
             "reference": source, "tolerance": asdict(tolerance), "shapes": shapes,
             "pass": all(s["pass"] for s in shapes)}

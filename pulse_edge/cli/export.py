@@ -153,5 +153,8 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     finally:
         exporter_log.setLevel(level)
     print_fidelity(path)
+    from pulse_edge.runtime.bundle.manifest import read_manifest
+
+    reference = read_manifest(path).validation.get("reference", "the torch reference")
     made_for = " for TensorRT (`pulse-edge build-engines`; ONNX Runtime serves it too)" if target == "tensorrt" else ""
-    click.echo(f"wrote {precision} bundle{made_for} to {path} (validated against the torch reference)")
+    click.echo(f"wrote {precision} bundle{made_for} to {path} (validated against {reference})")

@@ -28,8 +28,11 @@ from pulse_edge.cli.params import SEED
                    "as trained LLMs have; for testing quantization.")
 @click.option("--outlier-scale", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
               help="How many times larger the outlier dims' activations are.")
+@click.option("--init-range", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Draw every weight matrix from N(0, R^2) (transformers' initializer_range) instead of the "
+                   "unit-scale N(0, 1/fan_in).")
 def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, full_shape: bool,
-              layers: int | None, outliers: int, outlier_scale: float) -> None:
+              layers: int | None, outliers: int, outlier_scale: float, init_range: float | None) -> None:
     """Write a random PULSE-shaped checkpoint (original LLaVA layout) with a real SentencePiece tokenizer."""
     from pulse_edge.cli.progress import stage_progress
     from pulse_edge.staging import check_output_dir
@@ -41,7 +44,7 @@ def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, ful
 
     spec = TinySpec(seed=seed, merge=merge, tower=tower, layout=layout, full_shape=full_shape,
                     dtype=torch.bfloat16 if full_shape else torch.float32, layers=layers, outliers=outliers,
-                    outlier_scale=outlier_scale)
+                    outlier_scale=outlier_scale, init_range=init_range)
     with stage_progress("make-tiny"):
         path = make_tiny_checkpoint(out_dir, spec)
     click.echo(f"wrote {'full-shape' if full_shape else 'tiny'} random checkpoint to {path}")

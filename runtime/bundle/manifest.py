@@ -198,7 +198,11 @@ class SourceSpec:
 @dataclass(frozen=True)
 class CalibrationSpec:
     """A quantized bundle's calibration: the scales file and how it was made, what the recipe quantized, the
-    device it needs, and the fidelity report (against the fp32 reference on held-out ECG samples)."""
+    device it needs, and the fidelity report ("is the recipe good enough?": the bundle as served against the
+    fp32 reference on held-out ECG samples; export/validate/fidelity.py): `summary` (the figures
+    --accuracy-gate checks), `vision`, `decoder`, `greedy` (per sample and step), `sizes`, `held_out` (ids),
+    `recommended` (`levels` for the recipe and the `below` misses, which export warns about) and
+    `ort_session`. Its parity record ("is the graph right?") is Manifest.validation."""
 
     recipe: Mapping[str, Any]
     file: str
@@ -249,6 +253,10 @@ class Manifest:
     tokenizer: str
     source: SourceSpec
     created_by: str
+    # Parity ("is the graph right?", export/build/bundle.py bundle_parity): `reference` (the torch reference,
+    # or the emulated recipe for a quantized bundle), `tolerance_level`, `vision` (`shapes`, `merge`),
+    # `decoder` (`cases`), `greedy`, quantized: `sites` (every MatMul and folded norm on the graph's own
+    # input), `ort_session`, and the verdict `pass`; each check carries its numbers and its `tolerance`.
     validation: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationSpec | None = None
     image_newline: str | None = None  # spatial_unpad only: a .npy file, float32 [hidden_size]

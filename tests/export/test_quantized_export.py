@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +149,8 @@ def test_accuracy_gate_refuses_and_writes_nothing(tiny_checkpoint: Path, scales_
 
 def test_a_broken_quantized_graph_fails_validation(tiny_checkpoint: Path, scales_file: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Block scales off by 3x make a graph that still runs: the parity check must catch it."""
+    """Block scales off by 3x make a graph that still runs: parity (against the emulated int8 reference, which
+    quantizes with the untouched functions) must refuse the export, naming a site, and write nothing."""
     import pulse_edge.export.graphs.quant_ops as onnx_quant
     from pulse_edge.calibration.quant_math import BlockQuantized, quantize_blockwise
 
@@ -159,7 +159,8 @@ def test_a_broken_quantized_graph_fails_validation(tiny_checkpoint: Path, scales
         return BlockQuantized(bq.packed, bq.scales * 3, bq.k, bq.n, bq.bits, bq.block_size)
 
     monkeypatch.setattr(onnx_quant, "quantize_blockwise", wrong)
-    with pytest.raises(ExportValidationError, match="int8 tolerance"):
+    with pytest.raises(ExportValidationError, match=r"emulated int8 reference beyond the int8 parity bounds "
+                                                    r"\((vision|decoder) \S+ \(.*\) on the graph's own input"):
         _export(tiny_checkpoint, tmp_path / "broken", "int8", scales_file)
     assert not (tmp_path / "broken").exists()
 
@@ -230,17 +231,18 @@ def outlier_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
 
 
 def test_smoothquant_rescues_w8a8_on_outlier_channels(outlier_checkpoint: tuple[Path, Path], tmp_path: Path) -> None:
-    """Plain W8A8 (one per-tensor scale for the 80x channels and the rest) breaks the decoder; smoothing
-    moves the outliers into the weights and keeps the logits' cosine above 0.99 (measured 0.9997)."""
+    """Plain W8A8 (one per-tensor scale for the 80x channels and the rest) is a correct graph of a poor recipe:
+    it passes parity and its fidelity falls below 0.99 (and below the recommended level); smoothing moves the
+    outliers into the weights and keeps the logits' cosine above 0.99 (measured 0.9997)."""
     checkpoint, scales = outlier_checkpoint
     smoothed = _export(checkpoint, tmp_path / "smooth", "int8", scales, int8_decoder="w8a8")
     fidelity = read_manifest(smoothed).calibration.fidelity
     assert fidelity["summary"]["cosine"] >= 0.99
     assert set(read_manifest(smoothed).calibration.smoothed_or_scaled_sites) >= {"layers.0.qkv", "layers.1.qkv"}
-    with pytest.raises(ExportValidationError) as failed:
-        _export(checkpoint, tmp_path / "plain", "int8", scales, int8_decoder="w8a8", smooth=False)
-    cosines = [float(c) for c in re.findall(r"cosine ([0-9.]+)", str(failed.value))]
-    assert cosines and max(cosines) < 0.99
+    plain = read_manifest(_export(checkpoint, tmp_path / "plain", "int8", scales, int8_decoder="w8a8", smooth=False))
+    assert plain.validation["pass"] and plain.validation["sites"]["pass"]
+    assert plain.calibration.fidelity["summary"]["cosine"] < 0.99
+    assert any(m.startswith("cosine ") for m in plain.calibration.fidelity["recommended"]["below"])
 
 
 def test_bench_outliers_ranks_the_recipes(outlier_checkpoint: tuple[Path, Path]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,11 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from pulse_testing.trt import quantized_trt_bundle
+from pulse_testing.graph_surgery import edit_initializers
+from pulse_testing.trt import quantized_trt_bundle, trt_emulation
 
 from pulse_edge.calibration.recipes import decoder_sites
 from pulse_edge.cli.main import main
 from pulse_edge.errors import ConfigError
+from pulse_edge.export.build import tensorrt as trt_build
 from pulse_edge.export.build.bundle import ExportOptions
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan
 from pulse_edge.export.graphs.qdq_ops import int4_blocks, pack_int4
@@ -79,6 +82,29 @@ def test_both_forms_match_the_reference_over_chunks_and_decode_steps(tiny_pipeli
     assert worst < 5e-3  # fp16 rounding (measured ~1e-3); a wrong position or cache slot is O(1)
 
 
+def _trt_parity(bundle: Path, loaded, precision: str, scales=None) -> dict:
+    manifest = read_manifest(bundle)
+    with trt_emulation(loaded, bundle, precision, scales):
+        return validate_decoder(loaded.model.language_model, bundle, manifest.graphs[names.DECODER], manifest.kv,
+                                precision=trt_build.parity_level(precision), plan=PLAN,
+                                session=trt_build.validation_session())
+
+
+def test_quantized_trt_graphs_are_judged_against_their_emulated_recipe(trt_fp16_bundle: Path, tiny_pipeline,
+                                                                       tmp_path: Path) -> None:
+    """A correct W8A8 TensorRT-ready decoder passes parity against its emulated recipe (fp16 scales); with one
+    site's weight scales x3 or its activation scale x3 the same graph is refused."""
+    loaded = tiny_pipeline.loaded
+    assert trt_build.parity_level("int8") == "int8 tensorrt" and trt_build.parity_level("fp16") == "fp16"
+    bundle = quantized_trt_bundle(trt_fp16_bundle, tmp_path / "int8", "int8", loaded)
+    report = _trt_parity(bundle, loaded, "int8")
+    assert report["pass"], report
+    for name in ("layers.0.qkv.w_scale", "layers.1.down.x_scale"):
+        broken = Path(shutil.copytree(bundle, tmp_path / name))
+        edit_initializers(broken / "decoder.onnx", {name: lambda a: a * np.float16(3)})
+        assert not _trt_parity(broken, loaded, "int8")["pass"], name
+
+
 @pytest.mark.slow  # calibration and three parity runs: ~1 min on an idle 2-core machine
 @pytest.mark.parametrize("precision", ["int4", "int8", "fp8"])
 def test_quantized_graphs_hold_their_recipe_and_pass_its_bound(precision: str, trt_fp16_bundle: Path, tiny_pipeline,
@@ -97,8 +123,10 @@ def test_quantized_graphs_hold_their_recipe_and_pass_its_bound(precision: str, t
     wanted = {"int4": onnx.TensorProto.INT4, "int8": onnx.TensorProto.INT8,
               "fp8": onnx.TensorProto.FLOAT8E4M3FN}[precision]
     assert wanted in types and onnx.TensorProto.FLOAT not in types  # scales and weights are fp16
-    report = validate_decoder(loaded.model.language_model, bundle, decoder, manifest.kv, precision=precision,
-                              plan=PLAN, session=SessionConfig(prepack=False, opt_level="basic", emulate=True))
+    with trt_emulation(loaded, bundle, precision, tiny_scales):
+        report = validate_decoder(loaded.model.language_model, bundle, decoder, manifest.kv,
+                                  precision=trt_build.parity_level(precision), plan=PLAN,
+                                  session=trt_build.validation_session())
     assert report["pass"], report
     vision_ops = _ops(bundle / manifest.graphs[names.VISION].file)
     assert vision_ops["QuantizeLinear"] == vision_ops["MatMul"] - 4  # attention's 2 MatMuls in each of 2 layers

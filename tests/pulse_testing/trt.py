@@ -8,6 +8,8 @@ the same accuracy.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,3 +62,22 @@ def quantized_trt_bundle(fp16_bundle: Path, out: Path, precision: str, loaded: A
     decoder, _ = trt_build.write_decoder(loaded, out, shape, quant, label=precision, ops=ops)
     replace(manifest, precision=precision, graphs={names.VISION: vision, names.DECODER: decoder}).write(out)
     return out
+
+
+@contextmanager
+def trt_emulation(loaded: Any, bundle: Path, precision: str, scales: Any = None) -> Iterator[None]:
+    """`loaded.model` computing `precision`'s TensorRT recipe as quantized_trt_bundle wrote it (the same plan and
+    ranges, fp16 scales): the emulated reference its graphs are judged against."""
+    from pulse_edge.export.validate.emulate import emulated_reference
+
+    recipe = make_recipe(precision, **TRT_RECIPES[precision])
+    quant = QuantContext(QuantSettings(recipe), scales, "test") if scales is not None else UncalibratedQuant(recipe)
+    manifest = read_manifest(bundle)
+    shape = DecoderShape.from_config(loaded.config, max_length=manifest.kv.max_length)
+    ranges = scales if scales is not None else _UnitRanges()
+    plan = quant.decoder_plan(loaded, shape)
+    forms = {f"{graph}_qdq": trt_build.qdq_form(bundle / manifest.graphs[graph].file)
+             for graph in (names.VISION, names.DECODER)}
+    with emulated_reference(loaded.model, recipe, ranges, plan, prepacked=trt_build.VALIDATION_SESSION.prepack,
+                            **forms):
+        yield
