@@ -34,6 +34,7 @@ DEFAULT_BLOCK_SIZE = 128
 BLOCK_SIZE_CHOICES = tuple(str(b) for b in BLOCK_SIZES)  # as command-line options spell them
 WEIGHT_BITS = (4, 8)
 INT8_DECODER_MODES = ("weight-only", "w8a8")
+KV_CACHES = ("fp32", "int8")  # how a CPU bundle stores its KV cache (int8: calibrated per-channel scales)
 INT4_METHODS = ("awq", "rtn")
 
 # Export validation plans.

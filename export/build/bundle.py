@@ -2,6 +2,7 @@
 
     checkpoint ─ load (reference) ─┬─ vision.onnx   (tower + projector)     ─┐
                                    ├─ decoder.onnx  (built from the weights) ├─ validate ─ manifest.json ─ rename
+                                   ├─ prefill.onnx  (CPU recipes: int8 GEMMs)│
                                    ├─ embed_tokens.npy                       │
                                    └─ tokenizer.json (from tokenizer.model) ─┘
 
@@ -27,6 +28,7 @@ from pulse_edge.errors import ConfigError, PulseEdgeError
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
 from pulse_edge.export.validate.fidelity import fidelity_report
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, build_decoder
+from pulse_edge.export.graphs.prefill import build_prefill, kv_scales_for
 from pulse_edge.export.graphs.vision import export_vision_graph
 from pulse_edge.export.validate.tolerances import TOLERANCES
 from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
@@ -129,13 +131,20 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
         vision = quant.quantize_vision(loaded, work, vision)
     log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
     plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
-    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
+    kv = kv_scales_for(quant.recipe, quant.scales, shape) if quant else None
+    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision,
+                            kv=kv)
+    graphs = {names.VISION: vision, names.DECODER: decoder}
+    if quant and quant.recipe.prefill:
+        log.info("building the prefill graph (%s decoder layers)", quant.recipe.prefill)
+        graphs[names.PREFILL] = build_prefill(model.language_model, shape, work, quant.recipe, plan, kv,
+                                              label=options.precision)
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     np.save(work / names.EMBEDDING_FILE, table.astype(TABLE_DTYPES[options.precision]))
     if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
         np.save(work / names.NEWLINE_FILE, model.image_newline.detach().float().numpy())
     calibration = quant.manifest_entry(plan, vision.matmul_schemes) if quant else None
-    manifest = _manifest(loaded, options, vision, decoder, max_context, calibration=calibration)
+    manifest = _manifest(loaded, options, graphs, max_context, calibration=calibration)
     manifest.write(work)  # the candidate runtime reads it during validation
     validation, fidelity = _validate(loaded, work, manifest, options, quant)
     calibration = quant.manifest_entry(plan, vision.matmul_schemes, fidelity) if quant else None
@@ -262,6 +271,11 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     log.info("validating the decoder graph at prefill lengths %s", list(options.plan.prefill_lengths))
     decoder = validate_decoder(model.language_model, work, manifest.graphs[names.DECODER], manifest.kv,
                                precision=level, plan=options.plan, session=session)
+    if names.PREFILL in manifest.graphs:  # the same checks on the prefill graph alone (same interface)
+        log.info("validating the prefill graph at prefill lengths %s", list(options.plan.prefill_lengths))
+        decoder["prefill_graph"] = validate_decoder(model.language_model, work, manifest.graphs[names.PREFILL],
+                                                    manifest.kv, precision=level, plan=options.plan, session=session)
+        decoder["pass"] = bool(decoder["pass"] and decoder["prefill_graph"]["pass"])
     reference = TorchPipeline(loaded, Tokenizer.from_file(work / manifest.tokenizer))
     images = [render_ecg(synthesize_ecg(rhythm, seed=7), width_px=pages[0][0], height_px=pages[0][1])
               for rhythm in ("sinus", "afib")]
@@ -297,16 +311,16 @@ def _merge_parity(model: Any, candidate: Any, image: Any, tolerance: Any) -> dic
     return {"image_size": list(image.size), **compare_features(ref[None], got[None], tolerance)}
 
 
-def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpec, decoder: GraphSpec,
+def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, graphs: dict[str, GraphSpec],
               max_context: int, calibration: CalibrationSpec | None) -> Manifest:
     cfg = loaded.config
     text = cfg.text
     table_dtype = np.dtype(TABLE_DTYPES[options.precision]).name
+    kv_dtype = graphs[names.DECODER].tensor(names.past_name(0, "key")).dtype  # the graph's own cache type
     return Manifest(
-        version=names.MANIFEST_VERSION, precision=options.precision,
-        graphs={names.VISION: vision, names.DECODER: decoder},
+        version=names.MANIFEST_VERSION, precision=options.precision, graphs=graphs,
         kv=KVLayout(layers=text.num_layers, kv_heads=text.num_kv_heads, head_dim=text.head_dim,
-                    dtype=KV_DTYPES[FLOAT_BASE[options.precision]], max_length=max_context),
+                    dtype=kv_dtype, max_length=max_context, scales="per_channel" if kv_dtype == "int8" else None),
         text=TextSpec(hidden_size=text.hidden_size, vocab_size=text.vocab_size, bos_id=text.bos_id,
                       eos_id=text.eos_id, max_position_embeddings=text.max_position_embeddings),
         embedding=EmbeddingSpec(file=names.EMBEDDING_FILE, dtype=table_dtype,

@@ -8,8 +8,9 @@ step. This builder emits what ORT runs fastest instead:
       layer i:
         n_i, h_i = SkipSimplifiedLayerNorm(m_{i-1}, h_{i-1}, w_in)   (layer 0: SimplifiedLayerNorm)
         qkv      = MatMul(n_i, W_qkv)                                 [1, S, (N + 2 KVN) D]
-        a, K, V  = GroupQueryAttention(qkv, past K_i, past V_i, seqlens_k, total_len, cos, sin)
-                   (RoPE inside; past and present share one [1, KVN, max_len, D] buffer)
+        a, K, V  = GroupQueryAttention(qkv, past K_i, past V_i, seqlens_k, total_len, cos, sin
+                                       [, k_scale_i, v_scale_i: int8 cache, PER_CHANNEL [1, KVN, 1, D]])
+                   (RoPE inside; past and present share one [1, KVN, max_len, D] buffer, float32 or int8)
         n'_i, h'_i = SkipSimplifiedLayerNorm(MatMul(a, W_o), h_i, w_post)
         g, u     = Split(MatMul(n'_i, W_gate_up))
         m_i      = MatMul(g * Sigmoid(g) * u, W_down)
@@ -30,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from transformers import LlamaForCausalLM
 
 from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, MatMulSpec, emit_matmul, graph_opt_level
@@ -42,6 +43,9 @@ IR_VERSION = 10  # ONNX Runtime 1.31 reads IR <= 13; 10 keeps older runtimes (Je
 OPSET = 17  # float and int graphs; fp8 graphs need FP8_MIN_OPSET (float8 Q/DQ)
 CONTRIB_OPS = frozenset({"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"})
 ALIGN = 4096
+# Quantized ops' scalars and shape constants stay in the graph: ORT's shape inference reads a Reshape's
+# shape at load time and cannot read it from external data.
+INLINE_BYTES = 64
 PRECISION_DTYPES = {"fp32": (np.float32, TensorProto.FLOAT, "float32"),
                     "fp16": (np.float16, TensorProto.FLOAT16, "float16")}
 
@@ -106,6 +110,24 @@ class LinearPlan:
 FLOAT_PLAN = LinearPlan()
 
 
+@dataclass(frozen=True)
+class KVScales:
+    """An int8 KV cache: per layer, static scales [kv_heads, head_dim] for the keys (as cached: after the
+    rotary embedding) and the values; GroupQueryAttention quantizes what it appends and reads the int8
+    cache with them (calibration/kv.py says where they come from)."""
+
+    key: tuple[np.ndarray, ...]
+    value: tuple[np.ndarray, ...]
+
+    def check(self, shape: DecoderShape) -> None:
+        want = (shape.kv_heads, shape.head_dim)
+        if len(self.key) != shape.layers or len(self.value) != shape.layers:
+            raise ValueError(f"KV scales for {len(self.key)} layers, the decoder has {shape.layers}")
+        bad = [s.shape for s in (*self.key, *self.value) if s.shape != want or not np.all(np.asarray(s) > 0)]
+        if bad:
+            raise ValueError(f"KV scales must be positive [{want[0]}, {want[1]}] arrays, got {bad[0]}")
+
+
 class ExternalData:
     """Appends tensors to one raw file and returns initializers that point into it."""
 
@@ -135,8 +157,8 @@ class ExternalData:
 class _Builder:
     """Collects nodes and initializers; names are unique by construction (prefix per layer)."""
 
-    def __init__(self, data: ExternalData, np_dtype: type, plan: LinearPlan) -> None:
-        self.data, self.np_dtype, self.plan = data, np_dtype, plan
+    def __init__(self, data: ExternalData, np_dtype: type, plan: LinearPlan, kv: KVScales | None = None) -> None:
+        self.data, self.np_dtype, self.plan, self.kv = data, np_dtype, plan, kv
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
 
@@ -154,13 +176,14 @@ class _Builder:
         """x @ weight [K, N] by the plan's scheme for `site`; returns the output's name."""
         spec = MatMulSpec(site=site, x=x, y=f"{site}.out", weight=weight,
                           act_amax=self.plan.act_amax.get(site), block_size=self.plan.block_size,
-                          accuracy_level=self.plan.accuracy_level)
+                          accuracy_level=self.plan.accuracy_level, opset=self.plan.opset)
         emitted = emit_matmul(self.plan.scheme(site), spec)
         self.nodes.extend(emitted.nodes)
         for name, array in emitted.arrays.items():
             self.weight(name, array)
         for name, array in emitted.raw.items():
-            self.inits.append(self.data.initializer(name, array))
+            self.inits.append(self.data.initializer(name, array) if array.nbytes > INLINE_BYTES
+                              else numpy_helper.from_array(array, name))
         return spec.y
 
 
@@ -181,12 +204,27 @@ def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape
     (out, _, _) = b.node(
         "GroupQueryAttention",
         [qkv, "", "", names.past_name(i, "key"), names.past_name(i, "value"), names.SEQLENS_K,
-         names.TOTAL_SEQUENCE_LENGTH, "rotary.cos", "rotary.sin"],
+         names.TOTAL_SEQUENCE_LENGTH, "rotary.cos", "rotary.sin", *_kv_scale_inputs(b, i, shape)],
         [f"{p}.out", names.present_name(i, "key"), names.present_name(i, "value")], f"{p}/gqa",
         num_heads=shape.heads, kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
-        scale=float(shape.head_dim ** -0.5))
+        scale=float(shape.head_dim ** -0.5), **(INT8_KV_ATTRS if b.kv is not None else {}))
     wo = _linear_t(attn.o_proj) * b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[:, None]
     return b.matmul(f"layers.{i}.o", out, wo)
+
+
+# GroupQueryAttention's quantized cache (ORT >= 1.23 on the CPU EP): int8, one scale per (kv head, channel).
+INT8_KV_ATTRS = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+
+
+def _kv_scale_inputs(b: _Builder, i: int, shape: DecoderShape) -> list[str]:
+    """GroupQueryAttention's inputs 9-13 (position_ids, attention_bias, head_sink unused; k_scale, v_scale)
+    for an int8 cache, nothing for a float one."""
+    if b.kv is None:
+        return []
+    scale_shape = (1, shape.kv_heads, 1, shape.head_dim)
+    key = b.weight(f"layers.{i}.attn.k_scale", np.asarray(b.kv.key[i], np.float32).reshape(scale_shape))
+    value = b.weight(f"layers.{i}.attn.v_scale", np.asarray(b.kv.value[i], np.float32).reshape(scale_shape))
+    return ["", "", "", key, value]
 
 
 def _mlp(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape) -> str:
@@ -226,18 +264,24 @@ def _rotary_tables(lm: LlamaForCausalLM, shape: DecoderShape) -> tuple[np.ndarra
 
 def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, precision: str = "fp32",
                   file_name: str = "decoder.onnx", plan: LinearPlan = FLOAT_PLAN,
-                  label: str | None = None) -> GraphSpec:
+                  label: str | None = None, kv: KVScales | None = None) -> GraphSpec:
     """Write `file_name` and `file_name.data`; return the graph's manifest entry.
 
     `precision` is the float type of everything the plan leaves unquantized; `label` is the
-    precision the manifest records (the recipe's name for a quantized graph).
+    precision the manifest records (the recipe's name for a quantized graph). `kv` makes the
+    cache int8 (fp32 graphs only: ORT's CPU kernel pairs an int8 cache with float32 attention).
     """
     np_dtype, onnx_dtype, dtype_name = PRECISION_DTYPES[precision]
     plan.check(shape)
     if precision != "fp32" and any(scheme != "fp" for scheme in plan.schemes.values()):
         raise ValueError("quantized plans are emitted with fp32 scales and activations (MatMulNBits' T1 is A's type)")
+    if kv is not None:
+        kv.check(shape)
+        if precision != "fp32":
+            raise ValueError("an int8 KV cache goes with float32 attention (ORT's CPU GroupQueryAttention)")
+    kv_dtype = "int8" if kv is not None else dtype_name
     data = ExternalData(out_dir / f"{file_name}.data")
-    b = _Builder(data, np_dtype, plan)
+    b = _Builder(data, np_dtype, plan, kv)
     try:
         cos, sin = _rotary_tables(lm, shape)
         b.weight("rotary.cos", cos)
@@ -248,13 +292,13 @@ def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, p
         _layers(b, lm, shape, hidden)
     finally:
         data.close()
-    inputs, outputs = _io_specs(shape, dtype_name)
+    inputs, outputs = _io_specs(shape, kv_dtype)
     graph = helper.make_graph(b.nodes, "pulse_decoder", _value_infos(inputs), _value_infos(outputs),
                               initializer=b.inits)
     opsets = [helper.make_opsetid("", plan.opset), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="pulse-edge")
     onnx.save_model(model, str(out_dir / file_name))
-    return describe(shape, label or precision, dtype_name, file_name, out_dir, opset=plan.opset,
+    return describe(shape, label or precision, kv_dtype, file_name, out_dir, opset=plan.opset,
                     opt_level_limit=plan.ort_opt_level)
 
 

@@ -28,7 +28,7 @@ from pulse_edge.calibration.scales import Scales
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.graphs.decoder import DecoderShape, LinearPlan
 from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, MatMulSpec, emit_matmul
-from pulse_edge.export.graphs.vision import EXTERNAL_DATA_THRESHOLD, install_graph
+from pulse_edge.export.graphs.vision import EXTERNAL_DATA_THRESHOLD, graph_opset, install_graph
 from pulse_edge.export.model.reference import PulseReference
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, sca
     sites = vision_site_fingerprints(model)
     inits = {init.name: init for init in proto.graph.initializer}
     nodes, counts, dropped, added, matched = [], Counter(), set(), [], set()
+    opset = graph_opset(proto)
     for node in proto.graph.node:
         site = _matched_site(node, inits, sites)
         matched.add(site)
@@ -122,7 +123,7 @@ def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, sca
         amax = scales.amax(site, fp8=scheme == "fp8")
         emitted = emit_matmul(scheme, MatMulSpec(site=site, x=node.input[0], y=node.output[0], weight=weight,
                                                  act_amax=amax, block_size=recipe.block_size,
-                                                 accuracy_level=recipe.accuracy_level))
+                                                 accuracy_level=recipe.accuracy_level, opset=opset))
         nodes.extend(emitted.nodes)
         added += [numpy_helper.from_array(a, n) for n, a in {**emitted.arrays, **emitted.raw}.items()]
         dropped.add(node.input[1])
