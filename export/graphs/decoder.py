@@ -34,6 +34,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import LlamaForCausalLM
 
+from pulse_edge.export.graphs.kv_cache import (
+    INT8_KV_ATTRS,
+    SCATTER_OPSET,
+    KVScales,
+    attention_over_int8_cache,
+    cache_positions,
+    scale_inputs,
+)
 from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, MatMulSpec, emit_matmul, graph_opt_level
 from pulse_edge.export.model.config import PulseConfig
 from pulse_edge.runtime.bundle import names
@@ -110,24 +118,6 @@ class LinearPlan:
 FLOAT_PLAN = LinearPlan()
 
 
-@dataclass(frozen=True)
-class KVScales:
-    """An int8 KV cache: per layer, static scales [kv_heads, head_dim] for the keys (as cached: after the
-    rotary embedding) and the values; GroupQueryAttention quantizes what it appends and reads the int8
-    cache with them (calibration/kv.py says where they come from)."""
-
-    key: tuple[np.ndarray, ...]
-    value: tuple[np.ndarray, ...]
-
-    def check(self, shape: DecoderShape) -> None:
-        want = (shape.kv_heads, shape.head_dim)
-        if len(self.key) != shape.layers or len(self.value) != shape.layers:
-            raise ValueError(f"KV scales for {len(self.key)} layers, the decoder has {shape.layers}")
-        bad = [s.shape for s in (*self.key, *self.value) if s.shape != want or not np.all(np.asarray(s) > 0)]
-        if bad:
-            raise ValueError(f"KV scales must be positive [{want[0]}, {want[1]}] arrays, got {bad[0]}")
-
-
 class ExternalData:
     """Appends tensors to one raw file and returns initializers that point into it."""
 
@@ -161,6 +151,17 @@ class _Builder:
         self.data, self.np_dtype, self.plan, self.kv = data, np_dtype, plan, kv
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
+        self._consts: set[str] = set()
+        # attending in float over an int8 cache writes it back with TensorScatter (opset 24)
+        self.opset = max(plan.opset, SCATTER_OPSET) if kv is not None and kv.float_attention else plan.opset
+        self.positions: tuple[str, str] | None = None  # kv_cache.cache_positions, made on first use
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        """A small constant kept in the graph (shape inference reads it at load time), added once per name."""
+        if name not in self._consts:
+            self._consts.add(name)
+            self.inits.append(numpy_helper.from_array(array, name))
+        return name
 
     def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
         array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
@@ -176,7 +177,7 @@ class _Builder:
         """x @ weight [K, N] by the plan's scheme for `site`; returns the output's name."""
         spec = MatMulSpec(site=site, x=x, y=f"{site}.out", weight=weight,
                           act_amax=self.plan.act_amax.get(site), block_size=self.plan.block_size,
-                          accuracy_level=self.plan.accuracy_level, opset=self.plan.opset)
+                          accuracy_level=self.plan.accuracy_level, opset=self.opset)
         emitted = emit_matmul(self.plan.scheme(site), spec)
         self.nodes.extend(emitted.nodes)
         for name, array in emitted.arrays.items():
@@ -193,7 +194,8 @@ def _linear_t(*linears: torch.nn.Linear) -> np.ndarray:
 
 
 def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape) -> str:
-    """qkv MatMul -> GroupQueryAttention (rotary, shared KV buffer) -> output MatMul."""
+    """qkv MatMul -> GroupQueryAttention (rotary, shared KV buffer; an int8 one: export/graphs/kv_cache.py)
+    -> output MatMul."""
     attn = layer.self_attn
     p = f"layers.{i}.attn"
     wqkv = _linear_t(attn.q_proj, attn.k_proj, attn.v_proj)  # [H, (N + 2 KVN) D]
@@ -201,30 +203,21 @@ def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape
     v_cols = slice(wqkv.shape[1] - shape.kv_heads * shape.head_dim, None)
     wqkv[:, v_cols] /= b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[None, :]  # LinearPlan.check
     qkv = b.matmul(f"layers.{i}.qkv", normed, wqkv)
-    (out, _, _) = b.node(
-        "GroupQueryAttention",
-        [qkv, "", "", names.past_name(i, "key"), names.past_name(i, "value"), names.SEQLENS_K,
-         names.TOTAL_SEQUENCE_LENGTH, "rotary.cos", "rotary.sin", *_kv_scale_inputs(b, i, shape)],
-        [f"{p}.out", names.present_name(i, "key"), names.present_name(i, "value")], f"{p}/gqa",
-        num_heads=shape.heads, kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
-        scale=float(shape.head_dim ** -0.5), **(INT8_KV_ATTRS if b.kv is not None else {}))
+    gqa = {"num_heads": shape.heads, "kv_num_heads": shape.kv_heads, "do_rotary": 1, "rotary_interleaved": 0,
+           "scale": float(shape.head_dim ** -0.5)}
+    if b.kv is not None and b.kv.float_attention:
+        b.positions = b.positions or cache_positions(b)
+        out = attention_over_int8_cache(b, b.kv, i, qkv, b.positions, gqa)
+    else:
+        scales = ["", "", "", *scale_inputs(b, b.kv, i)] if b.kv is not None else []
+        (out, _, _) = b.node(
+            "GroupQueryAttention",
+            [qkv, "", "", names.past_name(i, "key"), names.past_name(i, "value"), names.SEQLENS_K,
+             names.TOTAL_SEQUENCE_LENGTH, "rotary.cos", "rotary.sin", *scales],
+            [f"{p}.out", names.present_name(i, "key"), names.present_name(i, "value")], f"{p}/gqa",
+            **gqa, **(INT8_KV_ATTRS if b.kv is not None else {}))
     wo = _linear_t(attn.o_proj) * b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[:, None]
     return b.matmul(f"layers.{i}.o", out, wo)
-
-
-# GroupQueryAttention's quantized cache (ORT >= 1.23 on the CPU EP): int8, one scale per (kv head, channel).
-INT8_KV_ATTRS = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
-
-
-def _kv_scale_inputs(b: _Builder, i: int, shape: DecoderShape) -> list[str]:
-    """GroupQueryAttention's inputs 9-13 (position_ids, attention_bias, head_sink unused; k_scale, v_scale)
-    for an int8 cache, nothing for a float one."""
-    if b.kv is None:
-        return []
-    scale_shape = (1, shape.kv_heads, 1, shape.head_dim)
-    key = b.weight(f"layers.{i}.attn.k_scale", np.asarray(b.kv.key[i], np.float32).reshape(scale_shape))
-    value = b.weight(f"layers.{i}.attn.v_scale", np.asarray(b.kv.value[i], np.float32).reshape(scale_shape))
-    return ["", "", "", key, value]
 
 
 def _mlp(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape) -> str:
@@ -235,7 +228,7 @@ def _mlp(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape) -> s
     wgu = _linear_t(mlp.gate_proj, mlp.up_proj) * b.plan.scale(f"layers.{i}.gate_up", shape.hidden)[:, None]
     wgu[:, shape.intermediate:] /= down_scale[None, :]  # up / s: the down input arrives divided by s
     gu = b.matmul(f"layers.{i}.gate_up", normed, wgu)
-    split = {"num_outputs": 2} if b.plan.opset >= 18 else {}  # opset 18 made the output count explicit
+    split = {"num_outputs": 2} if b.opset >= 18 else {}  # opset 18 made the output count explicit
     gate, up = b.node("Split", [gu], [f"{p}.gate", f"{p}.up"], f"{p}/split", axis=-1, **split)
     (sig,) = b.node("Sigmoid", [gate], [f"{p}.sig"], f"{p}/sigmoid")
     (silu,) = b.node("Mul", [gate, sig], [f"{p}.silu"], f"{p}/silu")
@@ -276,7 +269,7 @@ def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, p
     if precision != "fp32" and any(scheme != "fp" for scheme in plan.schemes.values()):
         raise ValueError("quantized plans are emitted with fp32 scales and activations (MatMulNBits' T1 is A's type)")
     if kv is not None:
-        kv.check(shape)
+        kv.check(shape.layers, shape.kv_heads, shape.head_dim)
         if precision != "fp32":
             raise ValueError("an int8 KV cache goes with float32 attention (ORT's CPU GroupQueryAttention)")
     kv_dtype = "int8" if kv is not None else dtype_name
@@ -295,10 +288,11 @@ def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, p
     inputs, outputs = _io_specs(shape, kv_dtype)
     graph = helper.make_graph(b.nodes, "pulse_decoder", _value_infos(inputs), _value_infos(outputs),
                               initializer=b.inits)
-    opsets = [helper.make_opsetid("", plan.opset), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="pulse-edge")
+    opsets = [helper.make_opsetid("", b.opset), helper.make_opsetid("com.microsoft", 1)]
+    ir_version = max(IR_VERSION, helper.find_min_ir_version_for(opsets[:1]))  # opset 24 (TensorScatter): IR 12
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version, producer_name="pulse-edge")
     onnx.save_model(model, str(out_dir / file_name))
-    return describe(shape, label or precision, kv_dtype, file_name, out_dir, opset=plan.opset,
+    return describe(shape, label or precision, kv_dtype, file_name, out_dir, opset=b.opset,
                     opt_level_limit=plan.ort_opt_level)
 
 

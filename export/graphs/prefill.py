@@ -4,7 +4,8 @@
     prefill.onnx  (inputs of >= 16 positions)        w8a8dyn MatMuls: int8 x int8 on the CPU's fastest GEMM
          │                                            (AMX tiles where the CPU has them)
          └── same interface, same norms, rotary tables, folded input scales and lm_head scheme as decoder.onnx,
-             same KV cache (the runtime binds both sessions to one set of buffers)
+             same KV cache (the runtime binds both sessions to one set of buffers); over an int8 cache it
+             attends in float32 (export/graphs/kv_cache.py: ORT's quantized-cache attention is slow on prompts)
 
 A decode step is memory-bound: it streams every weight once, so the weight-only graph with
 the fewest bytes per weight is the fast one. A 2950-position prefill is compute-bound: its
@@ -30,7 +31,8 @@ from pulse_edge.calibration.kv import kv_scales
 from pulse_edge.calibration.recipes import Recipe, decoder_sites
 from pulse_edge.calibration.scales import Scales
 from pulse_edge.errors import ConfigError
-from pulse_edge.export.graphs.decoder import DecoderShape, KVScales, LinearPlan, build_decoder
+from pulse_edge.export.graphs.decoder import DecoderShape, LinearPlan, build_decoder
+from pulse_edge.export.graphs.kv_cache import KVScales
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 
 PREFILL_FILE = "prefill.onnx"
@@ -62,4 +64,4 @@ def build_prefill(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, reci
     if recipe.prefill is None:
         raise ValueError(f"recipe {recipe.name} has no prefill graph")
     return build_decoder(lm, shape, out_dir, file_name=PREFILL_FILE, plan=prefill_plan(recipe, plan, shape.layers),
-                         label=label, kv=kv)
+                         label=label, kv=None if kv is None else replace(kv, float_attention=True))

@@ -17,7 +17,8 @@ from pulse_edge.calibration.kv import KVObserver, kv_scales, observing_kv, pair_
 from pulse_edge.calibration.recipes import make_recipe
 from pulse_edge.calibration.scales import Scales
 from pulse_edge.errors import ConfigError
-from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, KVScales, build_decoder
+from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, build_decoder
+from pulse_edge.export.graphs.kv_cache import KVScales
 from pulse_edge.export.graphs.prefill import build_prefill, kv_scales_for
 from pulse_edge.export.graphs.quant_ops import MatMulSpec, emit_matmul
 from pulse_edge.runtime.bundle.manifest import BundleError, KVLayout
@@ -102,9 +103,11 @@ def _engine(out: Path, lm, shape: DecoderShape, kv_scales_: KVScales | None, pre
     return DecoderEngine(out, desc, kv, shape.vocab, SessionConfig(prepack=False), prefill=pre)
 
 
-def _run(engine: DecoderEngine, embeds: np.ndarray, steps: int = 3) -> np.ndarray:
+def _run(engine: DecoderEngine, embeds: np.ndarray, steps: int = 3, chunk: int | None = None) -> np.ndarray:
+    """Logits after each prompt chunk (all of it at once when `chunk` is None), then after each of `steps` steps."""
     engine.reset()
-    logits = [engine.forward(embeds).copy()]
+    chunk = chunk or embeds.shape[1]
+    logits = [engine.forward(embeds[:, s:s + chunk]).copy() for s in range(0, embeds.shape[1], chunk)]
     logits += [engine.forward(embeds[:, i:i + 1]).copy() for i in range(steps)]
     return np.stack(logits)
 
@@ -145,11 +148,13 @@ def test_prefill_graph_shares_the_cache_with_the_decode_graph(tiny_pipeline, tin
     assert engine.runner(PREFILL_GRAPH_MIN_POSITIONS)[0] is engine.prefill_session
     assert engine.runner(PREFILL_GRAPH_MIN_POSITIONS - 1)[0] is engine.session
     embeds = lm.get_input_embeddings().weight[torch.arange(5, 45)][None].detach().float().numpy()
-    both = _run(engine, embeds)  # 40 positions on the prefill graph, then 3 steps on the decode graph
+    # 2 chunks of 20 positions on the prefill graph (the second reads the first's int8 cache), then 3 steps on
+    # the decode graph, which agree only if it reads the cache the prefill graph wrote (one set of buffers)
+    both = _run(engine, embeds, chunk=20)
     engine.prefill_session = None  # everything on the decode graph
-    decode_only = _run(engine, embeds)
-    # the steps agree only if the decode graph reads the cache the prefill graph wrote (one set of buffers)
-    assert _cosine(both, decode_only) > 0.999
+    decode_only = _run(engine, embeds, chunk=20)
+    for got, ref in zip(both, decode_only, strict=True):
+        assert _cosine(got, ref) > 0.999
 
 
 def test_manifest_kv_layout_needs_scales_exactly_for_int8() -> None:
