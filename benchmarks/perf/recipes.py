@@ -63,7 +63,14 @@ class RecipesConfig:
     transformers: bool = True
     fp32: bool = True
     extra: tuple[tuple[str, Path], ...] = ()  # (name, bundle): bundles made elsewhere, e.g. by another version
-    baseline: str = "fp32"  # the row the speedup columns divide by
+    baseline: str = "fp32"  # the row the speedup columns divide by: one row, or "ROW=BASE,ROW=BASE" per row
+
+    def baseline_of(self, row: str) -> str | None:
+        """The row `row`'s speedups are against (None: no speedup for it)."""
+        if "=" not in self.baseline:
+            return self.baseline
+        pairs = dict(part.split("=", 1) for part in self.baseline.split(",") if part)
+        return pairs.get(row)
 
 
 def prepare_recipes(cfg: RecipesConfig, work: Path, progress: Callable[[str], None]) -> dict[str, Path]:
@@ -172,7 +179,8 @@ def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, pro
     if vision is not None:
         entry["vision_fraction_of_int8_peak"] = _quiet_median(
             [ops.vision(5) / (ms / 1e3) / probes.int8_peak for ms in vision.values], windows["vision"])
-    base = results.get(cfg.baseline)
+    base = results.get(cfg.baseline_of(key) or "")
+    entry["baseline"] = cfg.baseline_of(key) if base is not None else None
     if base is not None:
         for measure, better in (("vision_ms", "lower"), ("prefill_ms", "lower"), ("decode_tokens_per_s", "higher")):
             mine, theirs = result.get(measure), base.get(measure)
@@ -192,17 +200,17 @@ def _measure(bundles: dict[str, Path], checkpoint: Path, cfg: RecipesConfig, pro
     inputs = bench_inputs(next(iter(bundles.values())), base)
     benches: list[Any] = []
     facts = {key: bundle_decoder_facts(path) for key, path in bundles.items()}
+    meters = {key: BackendMeter() for key in (*(("transformers",) if cfg.transformers else ()), *bundles)}
     if cfg.transformers:
         progress("loading the checkpoint for transformers generate")
-        reference = TorchBench(checkpoint, inputs, base)
+        reference = meters["transformers"].load(lambda: TorchBench(checkpoint, inputs, base))
         generate = GenerateBench(reference, inputs, base)
         generate.vision = None  # transformers has no PULSE vision class: the recipes' vision is ORT's
         benches.append(generate)
         facts[generate.key] = torch_decoder_facts(reference.lm)
     for key, path in bundles.items():
         progress(f"loading the {key} bundle into onnxruntime")
-        benches.append(_ort_bench(key, path, inputs, base))
-    meters = {b.key: BackendMeter() for b in benches}
+        benches.append(meters[key].load(lambda key=key, path=path: _ort_bench(key, path, inputs, base)))
     results: dict[str, dict[str, Any]] = {b.key: {"name": b.name} for b in benches}
     windows: dict[str, list[HostWindow]] = {}
     for measure, method in MEASURES.items():
@@ -237,9 +245,9 @@ def _row(e: dict[str, Any]) -> list[str]:
     return [e["name"], pp(vision) if vision else "-", pp(e["prefill_ms"]), pp(e["decode_tokens_per_s"], 1),
             f"{gib(e['decoder_bytes'])} + {gib(e['kv_bytes'])}",
             _fraction(e.get("fraction_of_read")), _fraction(e.get("prefill_fraction_of_int8_peak")),
-            _fraction(e.get("vision_fraction_of_int8_peak")) if vision else "-",
-            _ratio(e.get("vision_ms_speedup")) if vision else "-", _ratio(e.get("prefill_ms_speedup")),
-            _ratio(e.get("decode_tokens_per_s_speedup")), _memory(e["meter"])]
+            _fraction(e.get("vision_fraction_of_int8_peak")) if vision else "-", e.get("baseline") or "-",
+            *(_ratio(e.get(f"{m}_speedup")) if e.get("baseline") and e.get(m) else "-" for m in MEASURES),
+            _memory(e["meter"])]
 
 
 def _memory(meter: dict[str, Any]) -> str:
@@ -252,8 +260,8 @@ def recipes_table(report: dict[str, Any]) -> str:
     s, m, p = report["settings"], report["model"], report["probes"]
     header = ["backend / recipe", "vision ms (5 tiles)", f"prefill ms ({s['prefill_positions']} pos)",
               f"decode tok/s @ {s['context']}", "bytes / step (weights + KV)", "decode % of read BW",
-              "prefill % of int8 peak", "vision % of int8 peak", f"vision vs {s['baseline']}",
-              f"prefill vs {s['baseline']}", f"decode vs {s['baseline']}", "memory: loaded + working"]
+              "prefill % of int8 peak", "vision % of int8 peak", "baseline", "vision speedup", "prefill speedup",
+              "decode speedup", "memory: loaded + working"]
     rows = [_row(e) for e in report["recipes"].values()]
     gemm = "; ".join(f"{when}: " + ", ".join(f"{k} {v:.2f}" for k, v in g["tops"].items())
                      for when, g in p["gemm"].items())

@@ -168,11 +168,13 @@ def failure_summary(validation: dict[str, Any]) -> str:
         if not merged["pass"]:
             parts.append(f"merged image features of a {merged['image_size'][0]}x{merged['image_size'][1]} print: "
                          f"rel err {merged['max_rel_err']:.2g}")
-    for case in validation["decoder"]["cases"]:
-        if not case["pass"]:
-            worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
-            parts.append(f"decoder after a {case['prefill_length']}-position prefill: rel err "
-                         f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
+    decoders = [("decoder", validation["decoder"]), ("prefill graph", validation["decoder"].get("prefill_graph"))]
+    for what, record in decoders:
+        for case in record["cases"] if record else []:
+            if not case["pass"]:
+                worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
+                parts.append(f"{what} after a {case['prefill_length']}-position prefill: rel err "
+                             f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
     for run in validation["greedy"]["runs"]:
         if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
             parts.append(f"greedy tokens differ from token {run['first_divergence']}")

@@ -152,7 +152,8 @@ def projector_command(tokens: str, precisions: str, runs: int, warmup: int, comp
 @click.option("--extra", "extra", multiple=True, metavar="NAME=DIR",
               help="Also time this bundle (made elsewhere, e.g. by another pulse-edge version); repeatable.")
 @click.option("--baseline", default="fp32", show_default=True,
-              help="The row the speedup columns compare against (a recipe, fp32, or an --extra NAME).")
+              help="The row the speedup columns compare against (a recipe, fp32, or an --extra NAME), or one per "
+                   "row: ROW=BASE,ROW=BASE.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Keep the made checkpoint and bundles here and reuse them [default: a temp dir, removed].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
@@ -173,8 +174,10 @@ def recipes_command(layers: int, width: str, recipes: str, runs: int | None, war
         raise ConfigError(f"--recipes: {', '.join(unknown)} not one of {', '.join(RECIPES)}")
     extras = tuple(_named_bundle(item) for item in extra)
     rows = {*chosen, *(name for name, _ in extras), *(() if no_fp32 else ("fp32",))}
-    if baseline not in rows:
-        raise ConfigError(f"--baseline {baseline!r} is not one of the timed rows ({', '.join(sorted(rows))})")
+    named = {n for pair in baseline.split(",") for n in pair.split("=")} if "=" in baseline else {baseline}
+    if not named <= rows:
+        raise ConfigError(f"--baseline names {', '.join(sorted(named - rows))}, not timed rows "
+                          f"({', '.join(sorted(rows))})")
     base = BackendsConfig(width=width, layers=layers, runs=runs, warmup=warmup, context=context,
                           decode_tokens=decode_tokens, work=work, threads=threads)
     report = run_recipes(RecipesConfig(base=base, recipes=chosen, calibration_samples=calibration_samples,
