@@ -66,7 +66,6 @@ class MatMulSpec:
     block_size: int = 128
     accuracy_level: int = 4
     opset: int = 17  # the graph's default-domain opset (ReduceMax took its axes as an input from 18)
-    bias: np.ndarray | None = None  # [N], added to y (w8a8dyn only: folded into its MatMulIntegerToFloat)
 
 
 @dataclass
@@ -158,8 +157,7 @@ def _w8a8_dynamic(spec: MatMulSpec) -> Emitted:
         node("Shape", [f"{p}.s_row"], [f"{p}.r"], name=f"{p}/r"),
         node("Expand", [f"{p}.zero_u8", f"{p}.r"], [f"{p}.zero_row"], name=f"{p}/zero_row"),       # [R] of 128
         node("QuantizeLinear", [f"{p}.x2", f"{p}.s_row", f"{p}.zero_row"], [f"{p}.xq"], name=f"{p}/q", axis=0),
-        node("MatMulIntegerToFloat", [f"{p}.xq", f"{p}.qweight", f"{p}.s_tok", f"{p}.w_scale", f"{p}.zero_u8",
-                                      *(["", f"{p}.bias"] if spec.bias is not None else [])],
+        node("MatMulIntegerToFloat", [f"{p}.xq", f"{p}.qweight", f"{p}.s_tok", f"{p}.w_scale", f"{p}.zero_u8"],
              [f"{p}.y2"], name=f"{p}/matmul_int", domain=CONTRIB),                                    # [R, N]
         node("Shape", [spec.x], [f"{p}.x_shape"], name=f"{p}/x_shape", end=-1),
         node("Concat", [f"{p}.x_shape", f"{p}.n"], [f"{p}.y_shape"], name=f"{p}/y_shape", axis=0),
@@ -169,8 +167,6 @@ def _w8a8_dynamic(spec: MatMulSpec) -> Emitted:
                 f"{p}.n": np.array([n], np.int64), f"{p}.inv_qmax": np.array(1.0 / INT8_MAX, np.float32),
                 f"{p}.s_min": np.array(1e-30, np.float32), f"{p}.zero_u8": np.array(UINT8_ZERO, np.uint8),
                 f"{p}.qweight": q, f"{p}.w_scale": w_scale.astype(np.float32)})
-    if spec.bias is not None:
-        raw[f"{p}.bias"] = np.asarray(spec.bias, np.float32)
     return Emitted(nodes, raw=raw)
 
 
@@ -181,8 +177,6 @@ EMITTERS: Mapping[str, Callable[[MatMulSpec], Emitted]] = MappingProxyType({
 
 
 def emit_matmul(scheme: str, spec: MatMulSpec) -> Emitted:
-    if spec.bias is not None and scheme != "w8a8dyn":
-        raise ValueError(f"{spec.site}: scheme {scheme} does not take a bias")
     return EMITTERS[scheme](spec)
 
 

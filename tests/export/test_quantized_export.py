@@ -66,9 +66,6 @@ def test_each_recipe_writes_its_own_kernels(bundles: dict[str, Path]) -> None:
     # every Linear becomes a per-token int8 product; the 2 attention MatMuls of each of the 2 layers stay float
     assert vision_int8["QuantizeLinear"] == vision_int8["MatMulIntegerToFloat"] == 6 * 2 + 2
     assert vision_int8["MatMul"] == 4
-    # each Linear's bias Add is folded into its MatMulIntegerToFloat (the bias input, the 7th)
-    vision = onnx.load(str(bundles["int8"] / "vision.onnx"), load_external_data=False)
-    assert all(len(n.input) == 7 and n.input[6] for n in vision.graph.node if n.op_type == "MatMulIntegerToFloat")
     # the CPU recipes' prefill graph: every decoder layer site W8A8 per token, lm_head as in the decode graph
     for precision in ("int8", "int4"):
         prefill = _ops(bundles[precision] / "prefill.onnx")
@@ -263,8 +260,5 @@ def test_bench_outliers_ranks_the_recipes(outlier_checkpoint: tuple[Path, Path])
     assert r["int8"]["cosine"] > r["int8-plain"]["cosine"]
     assert r["int8"]["scaled_sites"] == 4 and r["int8-plain"]["scaled_sites"] == 0  # qkv, gate_up x 2 layers
     assert r["int4-awq"]["decoder_bytes"] < r["int8"]["decoder_bytes"] < r["fp32"]["decoder_bytes"]
-    # the CPU bundles' int8 KV cache and prefill graph keep the int8 decoder's fidelity, at a quarter of the KV
-    assert r["int8-kv8"]["kv_bytes_per_position"] * 4 == r["int8"]["kv_bytes_per_position"]
-    assert min(r[k]["cosine"] for k in ("int8-kv8", "int8-prefill", "int8-cpu")) >= 0.99
     assert report["outlier_ratio"] > 20
     assert "W8A8 + SmoothQuant" in outliers_table(report)
