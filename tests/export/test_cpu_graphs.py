@@ -199,3 +199,27 @@ def test_prefill_graph_file_holds_int8_weights(tiny_pipeline, tiny_scales: Scale
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMulIntegerToFloat") == 4 * shape.layers and ops.count("MatMulNBits") == 1
     assert spec.file == "prefill.onnx" and spec.tensor("past_key_values.0.key").dtype == "float32"
+
+
+def test_ort_scales_a_bias_by_the_row_scale_so_w8a8dyn_never_passes_one() -> None:
+    """Why the vision graph keeps each Linear's bias Add: MatMulIntegerToFloat multiplies its bias input by a
+    per-row activation scale (ORT 1.32). If ORT fixes that, this test fails and the bias can be folded in."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((64, 32)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(32).astype(np.float32)
+    emitted = emit_matmul("w8a8dyn", MatMulSpec(site="s", x="x", y="y", weight=weight))
+    matmul = next(n for n in emitted.nodes if n.op_type == "MatMulIntegerToFloat")
+    matmul.input.extend(["", "s.bias"])
+    graph = helper.make_graph(emitted.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", 32])],
+                              initializer=[numpy_helper.from_array(a, n) for n, a in
+                                           {**emitted.raw, "s.bias": bias}.items()])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((1, 4, 64)).astype(np.float32) * 10
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    row_scale = np.abs(x).max(axis=-1, keepdims=True) / 127
+
+    def rel(ref: np.ndarray) -> float:
+        return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    assert rel(x @ weight + bias * row_scale) < 0.03 < rel(x @ weight + bias)
