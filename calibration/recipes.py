@@ -22,6 +22,8 @@ Schemes:
            scale (Q/DQ; ORT runs it as MatMulIntegerToFloat); SmoothQuant in the decoder
     fp8    E4M3 weights per output channel and activations per tensor (Q/DQ, for TensorRT on
            compute capability >= 8.9; ORT's CPU EP only emulates it, for validation)
+    w8a8u8 w8a8 as ORT's CPU EP runs it (uint8 activations, MatMulIntegerToFloat with the Linear's bias): the
+           CPU recipes' vision graph
     w8a8dyn  int8 weights per output channel, activations quantized per token at run time (no calibrated
            range): the CPU's fastest int8 GEMM (AMX where the CPU has it). The CPU recipes' prefill graph
            runs every decoder layer site in it; the decode graph keeps the weight-only scheme, which
@@ -45,7 +47,7 @@ from typing import Any
 from pulse_edge.choices import BLOCK_SIZES, INT4_METHODS, INT8_DECODER_MODES, KV_CACHES
 from pulse_edge.errors import ConfigError
 
-SCHEMES = ("fp", "w8", "w4", "w8a8", "fp8", "w8a8dyn")
+SCHEMES = ("fp", "w8", "w4", "w8a8", "fp8", "w8a8dyn", "w8a8u8")
 INT8_DECODER_SCHEMES = MappingProxyType(dict(zip(INT8_DECODER_MODES, ("w8", "w8a8"), strict=True)))
 # MatMulNBits accuracy_level: 0 computes in fp32 after dequantizing, 4 quantizes the activations to int8 per
 # block at run time and uses integer dot products. Measured on this 2-core Zen 5 (ORT 1.31, K 4096, N 11008,
@@ -119,8 +121,8 @@ class Recipe:
 
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType({
-    "int8": Recipe("int8", vision="w8a8dyn", decoder="w8", kv_cache="int8", prefill="w8a8dyn"),
-    "int4": Recipe("int4", vision="w8a8dyn", decoder="w4", kv_cache="int8", prefill="w8a8dyn"),
+    "int8": Recipe("int8", vision="w8a8u8", decoder="w8", kv_cache="int8", prefill="w8a8dyn"),
+    "int4": Recipe("int4", vision="w8a8u8", decoder="w4", kv_cache="int8", prefill="w8a8dyn"),
     "fp8": Recipe("fp8", vision="fp8", decoder="fp8"),
 })
 
