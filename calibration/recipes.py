@@ -29,7 +29,7 @@ Schemes:
            runs every decoder layer site in it; the decode graph keeps the weight-only scheme, which
            streams the fewest bytes per token.
 
-A recipe also says how the KV cache is stored (`kv_cache`: fp32, or int8 with calibrated per-channel
+A recipe also says how the KV cache is stored (`kv_cache`: the graphs' float type, or int8 with calibrated per-channel
 scales, calibration/kv.py) and whether the bundle gets a prefill graph (`prefill`: its scheme, or None).
 
 `keep` names sites, prefixes ("layers.0", "projector", "lm_head") or whole graphs
@@ -76,7 +76,7 @@ class Recipe:
     smooth: bool = True  # False: plain W8A8 (the baseline SmoothQuant is measured against)
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     keep: tuple[str, ...] = ()
-    kv_cache: str = "fp32"
+    kv_cache: str = "float"
     prefill: str | None = None  # the prefill graph's scheme for the decoder layer sites; None: no such graph
 
     def __post_init__(self) -> None:
@@ -130,16 +130,28 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({
 def make_recipe(precision: str, *, int8_decoder: str = "weight-only", int4_method: str = "awq",
                 block_size: int = 128, smooth_alpha: float | None = None, smooth: bool = True,
                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, keep: tuple[str, ...] = (),
-                kv_cache: str | None = None, prefill: bool = True) -> Recipe:
+                kv_cache: str | None = None, prefill: bool = True, target: str = "ort") -> Recipe:
     """The recipe for a quantized `--precision`, with the CLI's knobs applied (`kv_cache` None: the recipe's;
-    `prefill` False: no prefill graph)."""
+    `prefill` False: no prefill graph). For `target` tensorrt the ORT CPU parts give way to standard forms."""
     _check(precision, tuple(RECIPES), "quantized precision")
     _check(int8_decoder, INT8_DECODER_MODES, "int8 decoder mode")
-    base = RECIPES[precision]
+    base = RECIPES[precision] if target == "ort" else _standard_form(RECIPES[precision], kv_cache)
     decoder = INT8_DECODER_SCHEMES[int8_decoder] if precision == "int8" else base.decoder
     return replace(base, decoder=decoder, int4_method=int4_method, block_size=block_size,
                    smooth_alpha=smooth_alpha, smooth=smooth, accuracy_level=accuracy_level, keep=tuple(keep),
                    kv_cache=kv_cache or base.kv_cache, prefill=base.prefill if prefill else None)
+
+
+# ORT CPU schemes and the standard (Q/DQ) scheme a TensorRT-ready graph writes in their place.
+STANDARD_SCHEMES = MappingProxyType({"w8a8u8": "w8a8", "w8a8dyn": "w8a8"})
+
+
+def _standard_form(base: Recipe, kv_cache: str | None) -> Recipe:
+    """A recipe for standard-ONNX graphs (--target tensorrt): Q/DQ vision, no prefill graph, a float KV cache."""
+    if kv_cache == "int8":
+        raise ConfigError("--kv-cache int8 is the ORT CPU cache (GroupQueryAttention's quantized cache): "
+                          "--target tensorrt keeps a float (fp16) cache")
+    return replace(base, vision=STANDARD_SCHEMES.get(base.vision, base.vision), kv_cache="float", prefill=None)
 
 
 def check_keep(keep: tuple[str, ...], sites: list[str]) -> None:

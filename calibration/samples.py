@@ -39,7 +39,7 @@ from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS, resolve_su
 from pulse_edge.errors import ConfigError, InputError, PromptError
 from pulse_edge.runtime.ecg.synthetic import RHYTHMS, EcgRecord, synthesize_ecg
 from pulse_edge.runtime.image.preprocess import ImageLayout, image_token_count, preprocess
-from pulse_edge.runtime.inputs.images import load_image, load_image_bytes
+from pulse_edge.runtime.inputs import load_input
 from pulse_edge.runtime.text.prompt import (
     IMAGE_MARKER,
     LLAVA_V1,
@@ -116,12 +116,13 @@ class CalibrationSample:
             raise ConfigError(f"sample {self.id}: set exactly one of image_path, image_bytes, synthetic")
 
     def load_image(self) -> Image.Image:
-        """The RGB image, decoded by the runtime's own decoder (or rendered, for synthetic samples)."""
+        """The RGB image, decoded by the runtime's own decoder (or rendered, for synthetic samples); a sample
+        whose "image" is a recording (DICOM, WFDB .hea, HL7 aECG) gets its standard print, as `infer` does."""
         if self.synthetic is not None:
             return self.synthetic.render()
         if self.image_bytes is not None:
-            return load_image_bytes(self.image_bytes, name=self.id)
-        return load_image(self.image_path)
+            return load_input(self.image_bytes, name=self.id).image
+        return load_input(self.image_path).image
 
 
 # --- ECGInstruct ---------------------------------------------------------------------------------------------

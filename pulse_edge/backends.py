@@ -36,8 +36,9 @@ class Backend(Protocol):
 
 def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str | Path | None = None,
                   dtype: str = "auto", device: str = "auto", session: SessionConfig | None = None,
-                  prefill_chunk: int | None = None) -> Backend:
-    """A bundle opens with the lean ort backend; a checkpoint with torch. Heavy imports happen here only.
+                  prefill_chunk: int | None = None, engines: str | Path | None = None) -> Backend:
+    """A bundle opens with the lean ort backend (or trt: its TensorRT engines); a checkpoint with torch.
+    Heavy imports happen here only.
 
     prefill_chunk: None keeps the runtime's default, 0 prefills in one pass.
     """
@@ -46,16 +47,18 @@ def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str 
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     is_bundle = (root / "manifest.json").is_file()
     chosen = backend if backend != "auto" else ("ort" if is_bundle else "torch")
-    if chosen == "ort":
+    if chosen in ("ort", "trt"):
         if not is_bundle:
             raise ConfigError(f"{root} is not a pulse-edge bundle (no manifest.json): make one with "
                               "`pulse-edge export`, or use --backend torch on a checkpoint")
         from pulse_edge.runtime.pipeline import Pipeline
 
         chunking = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk or None}
-        return Pipeline.from_bundle(root, session=session, **chunking)
+        return Pipeline.from_bundle(root, session=session, backend=chosen, engines=engines, **chunking)
+    if engines is not None:
+        raise ConfigError("--engines names TensorRT engines: it goes with --backend trt and a bundle")
     if is_bundle:
-        raise ConfigError(f"{root} is a bundle; the torch backend serves checkpoints: use --backend ort")
+        raise ConfigError(f"{root} is a bundle; the torch backend serves checkpoints: use --backend ort (or trt)")
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -7,12 +7,26 @@ precision's numpy dtype). Standard library only; the lowest layer of the package
 
 from __future__ import annotations
 
-# Who serves a model: the lean runtime on ONNX Runtime, or the torch reference (checkpoints only).
-BACKENDS = ("auto", "ort", "torch")
+# Who serves a model: the lean runtime on ONNX Runtime or on TensorRT engines (`build-engines`), or the torch
+# reference (checkpoints only).
+BACKENDS = ("auto", "ort", "trt", "torch")
 # ONNX Runtime execution providers, by pulse-edge's short names.
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 # ONNX Runtime graph optimisation levels, lowest first (a graph may cap the level it runs at).
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+# What `export --target` writes graphs for: ONNX Runtime (its fused contrib ops), or TensorRT (standard ONNX only,
+# which ONNX Runtime runs too). `--trt-ops`: the opset-24 LLM ops (TensorRT >= 10.15, TensorRT-RTX) or explicit
+# ops of opset 18 (21 with int4 blocks) for TensorRT 10.3 (JetPack 6).
+EXPORT_TARGETS = ("ort", "tensorrt")
+TRT_OPS = ("native", "explicit")
+# How a decoder graph writes its KV cache: ORT's GroupQueryAttention, or a standard scatter at `write_index`.
+KV_UPDATES = ("gqa", "scatter")
+# What `build-engines --target` builds for: TensorRT-RTX (RTX GPUs, ahead of time on any machine), JetPack's
+# TensorRT on a Jetson (on the device itself), or whichever of the two is installed.
+ENGINE_TARGETS = ("rtx", "jetson", "auto")
+# The compute capabilities TensorRT-RTX compiles for (Turing .. Blackwell; no Jetson Orin 8.7).
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 
 # Precisions a bundle is exported in; quantized ones go through a calibration recipe.
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
@@ -34,7 +48,8 @@ DEFAULT_BLOCK_SIZE = 128
 BLOCK_SIZE_CHOICES = tuple(str(b) for b in BLOCK_SIZES)  # as command-line options spell them
 WEIGHT_BITS = (4, 8)
 INT8_DECODER_MODES = ("weight-only", "w8a8")
-KV_CACHES = ("fp32", "int8")  # how a CPU bundle stores its KV cache (int8: calibrated per-channel scales)
+KV_CACHES = ("float", "int8")  # how a quantized bundle stores its KV cache: the graphs' float type (fp32 on the
+# CPU, fp16 for TensorRT), or int8 with calibrated per-channel scales (ORT CPU only)
 INT4_METHODS = ("awq", "rtn")
 
 # Export validation plans.
@@ -42,6 +57,9 @@ VALIDATION_PLANS = ("standard", "quick")
 
 # Rhythms the synthetic 12-lead generator draws (render-ecg, synthetic calibration samples).
 RHYTHMS = ("sinus", "tachycardia", "bradycardia", "afib", "first_degree_av_block")
+
+# Voltage units of a CSV or NPY recording, which does not store its own (runtime/ecg/units.py knows more spellings).
+VOLTAGE_UNITS = ("uV", "mV", "V")
 
 # Checkpoint shapes make-tiny writes.
 MERGES = ("flat", "spatial_unpad")

@@ -2,13 +2,14 @@
 
     image -> preprocess -> engine (vision graph, merge, embeddings, decoder with its KV cache) -> sample -> text
 
-The engine is a `BundleEngine` (runtime/engines/bundle_engine.py) whose graphs run in ONNX Runtime.
+The engine is a `BundleEngine` (runtime/engines/bundle_engine.py) whose graphs run in ONNX Runtime, or whose
+TensorRT engines (`pulse-edge build-engines`) run on an NVIDIA GPU (runtime/engines/trt.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -18,38 +19,72 @@ from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, BundleEngine
 from pulse_edge.runtime.engines.ort import SessionConfig, open_ort_engine
 from pulse_edge.runtime.generation.conversation import Conversation
+from pulse_edge.runtime.generation.decode import StopCheck
+from pulse_edge.runtime.generation.interpretation import Interpretation, Source, interpret
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.generation.sampling import SamplingParams
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 from pulse_edge.runtime.text.tokenizer import Tokenizer
 
+RUNTIME_BACKENDS = ("ort", "trt")
+
 
 @dataclass
 class Pipeline:
-    """A bundle loaded into ONNX Runtime, answering questions about ECG images."""
+    """A bundle loaded into ONNX Runtime or TensorRT, answering questions about ECG images."""
 
     bundle: Path
     manifest: Manifest
     tokenizer: Tokenizer
     engine: BundleEngine
 
+    backend: str = "ort"
+
     @classmethod
     def from_bundle(cls, bundle: str | Path, *, session: SessionConfig | None = None,
-                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> Pipeline:
+                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, backend: str = "ort",
+                    engines: str | Path | None = None) -> Pipeline:
+        """backend "ort" runs the bundle's ONNX graphs (session: how); "trt" its TensorRT engines, from
+        `engines` (default: the bundle's one `engines-*` folder, made by `pulse-edge build-engines`)."""
         root = Path(bundle)
+        if backend not in RUNTIME_BACKENDS:
+            raise ConfigError(f"a bundle is served by {' or '.join(RUNTIME_BACKENDS)}, not {backend!r}")
+        if backend != "trt" and engines is not None:
+            raise ConfigError("--engines names TensorRT engines: it goes with --backend trt")
         manifest = read_manifest(root)
         tokenizer = Tokenizer.from_file(root / manifest.tokenizer)
         if (tokenizer.bos_id, tokenizer.eos_id) != (manifest.text.bos_id, manifest.text.eos_id):
             raise ConfigError(f"{root}: the tokenizer's <s>/</s> ids differ from the manifest's; re-export the bundle")
-        engine = open_ort_engine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
-        return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine)
+        if backend == "trt":
+            from pulse_edge.runtime.engines.trt import open_trt_engine
 
-    def chat(self) -> Conversation:
-        """A multi-turn conversation (ECG Arena style); the cache is kept between its turns."""
-        return Conversation(self.engine, self.tokenizer, self.manifest.image, backend="ort",
-                            template=self.manifest.prompt)
+            engine = open_trt_engine(root, manifest, engines_dir=Path(engines) if engines else None,
+                                     prefill_chunk=prefill_chunk)
+        else:
+            engine = open_ort_engine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
+        return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine, backend=backend)
+
+    def chat(self, *, system: str | None = None) -> Conversation:
+        """A multi-turn conversation (ECG Arena style); the cache is kept between its turns.
+
+        `system` replaces the bundle's system prompt (the one PULSE was trained with) for this conversation.
+        """
+        template = self.manifest.prompt if system is None else replace(self.manifest.prompt, system=system)
+        return Conversation(self.engine, self.tokenizer, self.manifest.image, backend=self.backend, template=template)
 
     def generate(self, image: Image.Image, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
-                 sampling: SamplingParams | None = None,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+                 sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
+                 should_stop: StopCheck | None = None) -> GenerationResult:
+        return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                               should_stop=should_stop)
+
+    def interpret(self, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
+                  sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
+                  should_stop: StopCheck | None = None, name: str | None = None, fs: float | None = None,
+                  leads: tuple[str, ...] | None = None, unit: str = "mV",
+                  layout: str | None = None) -> Interpretation:
+        """Any accepted ECG input (path, bytes, PIL image, image or signal array) -> an `Interpretation`: what
+        `infer --json` prints. fs, leads, unit and layout are for CSV, NPY and arrays (runtime/inputs/load.py);
+        `should_stop` is checked before every decode step (a server cancels a disconnected client's answer)."""
+        return interpret(self, source, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                         should_stop=should_stop, name=name, fs=fs, leads=leads, unit=unit, layout=layout)

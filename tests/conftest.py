@@ -1,7 +1,7 @@
 """Shared fixtures (tiny checkpoints, ECG images) and the marker rules.
 
 Markers: `slow` runs only with --run-slow; `gpu` needs CUDA; `tensorrt` needs
-the tensorrt package; `real_weights` needs $PULSE_EDGE_WEIGHTS. Each skip says
+tensorrt_rtx or tensorrt (building engines needs no GPU); `real_weights` needs $PULSE_EDGE_WEIGHTS. Each skip says
 why, so a skipped check is never mistaken for a passed one.
 """
 
@@ -30,7 +30,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     rules = {
         "slow": (not config.getoption("--run-slow"), "slow test: run with --run-slow"),
         "gpu": (not _cuda_available(), "needs a CUDA GPU; none is visible"),
-        "tensorrt": (importlib.util.find_spec("tensorrt") is None, "needs TensorRT; it is not installed here"),
+        "tensorrt": (not any(importlib.util.find_spec(m) for m in ("tensorrt_rtx", "tensorrt")),
+                     "needs TensorRT (tensorrt_rtx or tensorrt): pip install 'pulse-edge[rtx]'"),
         "real_weights": (not os.environ.get("PULSE_EDGE_WEIGHTS"),
                          "needs the real PULSE-7B checkpoint: set PULSE_EDGE_WEIGHTS=DIR"),
     }
@@ -68,7 +69,8 @@ def ecg_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The packages whose versions decide what the suite exercises; the header says which ran and whether they are
 # the tested ones of constraints.txt (the README's install command uses it).
-REPORTED_PACKAGES = ("numpy", "onnx", "onnxruntime", "torch", "transformers", "tokenizers", "triton", "pillow")
+REPORTED_PACKAGES = ("numpy", "onnx", "onnxruntime", "torch", "transformers", "tokenizers", "triton", "pillow",
+                     "tensorrt-rtx")
 
 
 def _pinned_versions() -> dict[str, str]:

@@ -9,7 +9,11 @@ order* that occurs anywhere (so "Answer: Because ..." yields B).
 strict matches codes and options as whole words (no letter or digit on either
 side), takes the *first* standalone option letter by position, only accepts
 letters valid for the subset, and reports an answer it cannot read as None
-instead of guessing.
+instead of guessing. It reads label codes through the runtime's findings
+(runtime/findings/): a label is read when a statement of the answer maps to it,
+written as its code ("LBBB") or in words ("left bundle branch block"), and not
+when the answer denies it ("no AF"). So `eval` and every `infer --json` result
+see the same labels in the same text.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 from collections.abc import Sequence
 
 from pulse_edge.calibration.datasets.ecgbench.subsets import CODE15_WHOLE
+from pulse_edge.runtime.findings import labels_in, word_pattern
 
 COMPAT_LETTERS = "ABCDEFGH"  # the paper looks for these whatever the number of options
 ANSWER_TAG = "Answer:"
@@ -35,8 +40,8 @@ def labels_compat(text: str, labels: Sequence[str]) -> list[str]:
 
 
 def labels_strict(text: str, labels: Sequence[str]) -> list[str]:
-    """Every label whose code occurs in `text` as a whole word."""
-    return [label for label in labels if _word(label).search(text)]
+    """Every label that a statement of `text` maps to (its code as a whole word, or its words), unless denied."""
+    return labels_in(text, labels)
 
 
 def code15_gold(answer: str, labels: Sequence[str], *, strict: bool) -> list[str]:
@@ -62,8 +67,7 @@ def code15_compat(text: str, labels: Sequence[str]) -> list[str]:
 
 def code15_strict(text: str, labels: Sequence[str]) -> list[str]:
     part = text.split(ANSWER_TAG)[-1]
-    whole = [w for w in CODE15_WHOLE if _word(w).search(part)]
-    return whole + labels_strict(part, labels)
+    return labels_in(part, CODE15_WHOLE) + labels_in(part, labels)
 
 
 # --- option letters ------------------------------------------------------------------------------
@@ -133,15 +137,10 @@ def ecgqa_compat_correct(predicted: Sequence[str], gold: str | tuple[str, ...]) 
 def ecgqa_strict(text: str, candidates: Sequence[str]) -> set[str]:
     """The distinct non-empty candidates named as whole phrases (any case), lower-cased."""
     options = {c.lower() for c in candidates if c.strip()}
-    return {c for c in options if _word(c, ignore_case=True).search(text)}
+    return {c for c in options if word_pattern(c, ignore_case=True).search(text)}
 
 
 def ecgqa_gold_strict(gold: str | tuple[str, ...]) -> set[str]:
     """The gold options, lower-cased; a text answer listing several is split on "," like the options."""
     parts = gold if isinstance(gold, tuple) else tuple(gold.split(","))
     return {p.strip().lower() for p in parts if p.strip()}
-
-
-def _word(phrase: str, *, ignore_case: bool = False) -> re.Pattern[str]:
-    # re keeps its own cache of compiled patterns, so building them per call is cheap
-    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(phrase)}(?![A-Za-z0-9])", re.IGNORECASE if ignore_case else 0)

@@ -2,21 +2,23 @@
 
 The same files the paper's scripts read: `id` (or `question_id`), the answer in
 `text` (or `response`), and for ECG-QA the `prompt` the model saw (a string or
-`{"prompt": ...}`). A run killed mid-write leaves a torn last line; it is
-reported and ignored, and cut off before a resumed run appends to the file. A
-broken line anywhere else is corruption, not a crash, and is an error.
+`{"prompt": ...}`). Appending and torn-line handling are pulse_edge/jsonl.py's:
+a run killed mid-write leaves a torn last line; it is reported and ignored, and
+cut off before a resumed run appends to the file. A broken line anywhere else is
+corruption, not a crash, and is an error.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from pulse_edge.errors import InputError
+from pulse_edge.jsonl import JsonLines, read_json_lines
+from pulse_edge.jsonl import append_record as append_record  # re-exported for the runner
+from pulse_edge.jsonl import prepare_for_append as prepare_lines
 
 ID_KEYS = ("id", "question_id")
 TEXT_KEYS = ("text", "response")
@@ -51,47 +53,20 @@ class PredictionFile:
 def read_predictions(path: str | Path, *, missing_ok: bool = False) -> PredictionFile:
     """Parse a predictions JSONL file; `missing_ok` reads a file that does not exist yet as empty."""
     path = Path(path)
-    if not path.is_file():
-        if missing_ok:
-            return PredictionFile(path, ())
+    if not path.is_file() and not missing_ok:
         raise InputError(f"{path}: predictions file not found")
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # after the last newline: b"" for a complete file
+    lines = read_json_lines(path, _prediction, missing_ok=True)
     seen: dict[str, Prediction] = {}
     duplicates: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            _keep(_parse_line(line, path, number), seen, duplicates)
-    good_bytes = len(data) - len(tail)
-    torn = unterminated = False
-    if tail.strip():
-        try:
-            record = _parse_line(tail, path, len(lines) + 1)
-        except InputError:
-            torn = True  # a write cut short by a crash or a kill
-        else:
-            _keep(record, seen, duplicates)
-            unterminated = True
-            good_bytes = len(data)
-    return PredictionFile(path, tuple(seen.values()), tuple(duplicates), torn, good_bytes, unterminated)
+    for prediction in lines.records:
+        _keep(prediction, seen, duplicates)
+    return PredictionFile(path, tuple(seen.values()), tuple(duplicates), lines.torn_tail, lines.good_bytes,
+                          lines.unterminated)
 
 
 def prepare_for_append(existing: PredictionFile) -> None:
     """Cut a torn last line off (or terminate an unterminated one) so that appended lines stay whole."""
-    if existing.torn_tail:
-        with open(existing.path, "r+b") as f:
-            f.truncate(existing.good_bytes)
-    elif existing.unterminated:
-        with open(existing.path, "ab") as f:
-            f.write(b"\n")
-
-
-def append_record(handle: IO[str], record: Mapping[str, Any]) -> None:
-    """Write one line and push it to disk now, so that a crash loses at most the sample in flight."""
-    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
+    prepare_lines(JsonLines(existing.path, (), existing.torn_tail, existing.good_bytes, existing.unterminated))
 
 
 def _keep(prediction: Prediction, seen: dict[str, Prediction], duplicates: list[str]) -> None:
@@ -101,13 +76,7 @@ def _keep(prediction: Prediction, seen: dict[str, Prediction], duplicates: list[
         seen[prediction.id] = prediction
 
 
-def _parse_line(line: bytes, path: Path, number: int) -> Prediction:
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: line {number} is not valid JSON ({e})") from e
-    if not isinstance(record, Mapping):
-        raise InputError(f"{path}: line {number} is not a JSON object")
+def _prediction(record: Mapping[str, Any], path: Path, number: int) -> Prediction:
     sample_id = next((record[k] for k in ID_KEYS if k in record), None)
     text_key = next((k for k in TEXT_KEYS if k in record), None)
     if sample_id is None or text_key is None:

@@ -134,7 +134,7 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
     bandwidth, bandwidth_dict = bandwidth_report(samples)
     return {"kind": "latency", "machine": {**machine, "load_average_end": load_average()},
             "model": model_info(cfg.model),
-            "backend": "ort" if facts.source.startswith("bundle") else "torch", "settings": _latency_settings(cfg),
+            "backend": getattr(pipeline, "backend", "torch"), "settings": _latency_settings(cfg),
             "bandwidth": bandwidth_dict, "decoder": facts.to_dict(),
             "model_bytes_on_disk": dir_size_bytes(cfg.model), "peak_rss_bytes": peak,
             "peak_rss_note": PEAK_NOTE if reset else RSS_NOTE,

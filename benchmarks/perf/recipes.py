@@ -50,7 +50,7 @@ RECIPES = {
     "int8-w8a8": ("int8: decoder W8A8 SmoothQuant (Q/DQ)", ["--precision", "int8", "--int8-decoder", "w8a8"]),
     "int4": ("int4: W8A8 vision, int4 AWQ decode, W8A8 prefill graph, int8 KV", ["--precision", "int4"]),
     "int8-single": ("int8 without the prefill graph, fp32 KV", ["--precision", "int8", "--no-prefill-graph",
-                                                               "--kv-cache", "fp32"]),
+                                                               "--kv-cache", "float"]),
 }
 MEASURES = {"vision_ms": "vision", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
 

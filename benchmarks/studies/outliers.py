@@ -25,7 +25,7 @@ from pulse_edge.benchmarks.common.output import progress, write_json
 # recipe key -> (label, make_recipe arguments); None = the float graph. The rows above the CPU ones are the
 # decode graph alone with an fp32 KV cache; the CPU rows are what the int8 / int4 bundles serve: the prefill
 # graph for the prompt, the decode graph for the steps, both on an int8 KV cache.
-_DECODE_ONLY = {"kv_cache": "fp32", "prefill": False}
+_DECODE_ONLY = {"kv_cache": "float", "prefill": False}
 DECODER_RECIPES: dict[str, tuple[str, dict[str, Any] | None]] = {
     "fp32": ("fp32 (no quantization)", None),
     "int8-plain": ("int8 weights (MatMulNBits), no smoothing", {"precision": "int8", "smooth": False, **_DECODE_ONLY}),
@@ -38,7 +38,7 @@ DECODER_RECIPES: dict[str, tuple[str, dict[str, Any] | None]] = {
     "int4-awq": ("int4 AWQ (block 128)", {"precision": "int4", **_DECODE_ONLY}),
     "int8-kv8": ("int8 weights + smoothing, int8 KV cache", {"precision": "int8", "kv_cache": "int8",
                                                              "prefill": False}),
-    "int8-prefill": ("int8 + W8A8 per-token prefill graph, fp32 KV", {"precision": "int8", "kv_cache": "fp32"}),
+    "int8-prefill": ("int8 + W8A8 per-token prefill graph, fp32 KV", {"precision": "int8", "kv_cache": "float"}),
     "int8-cpu": ("int8 CPU bundle: prefill graph + int8 KV (the int8 default)", {"precision": "int8"}),
     "int4-cpu": ("int4 CPU bundle: AWQ + prefill graph + int8 KV (the int4 default)", {"precision": "int4"}),
 }

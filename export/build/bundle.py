@@ -23,15 +23,16 @@ import numpy as np
 import torch
 
 from pulse_edge import __version__
-from pulse_edge.calibration.recipes import RECIPES
+from pulse_edge.calibration.recipes import RECIPES, make_recipe
+from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, TRT_OPS
 from pulse_edge.errors import ConfigError, PulseEdgeError
-from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
-from pulse_edge.export.validate.fidelity import fidelity_report
-from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, build_decoder
+from pulse_edge.export.build import tensorrt as trt_build
+from pulse_edge.export.build.tensorrt import check_trt_options
+from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.prefill import build_prefill, kv_scales_for
 from pulse_edge.export.graphs.vision import export_vision_graph
-from pulse_edge.export.validate.tolerances import TOLERANCES
-from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
+from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.quant.context import (
     QuantContext,
     QuantSettings,
@@ -39,9 +40,10 @@ from pulse_edge.export.quant.context import (
     held_out_samples,
     prepare_quantization,
 )
-from pulse_edge.staging import staged_directory
-from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
+from pulse_edge.export.validate.fidelity import fidelity_report
 from pulse_edge.export.validate.parity import ValidationPlan, validate_decoder, validate_greedy
+from pulse_edge.export.validate.tolerances import TOLERANCES
+from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import (
     CalibrationSpec,
@@ -52,11 +54,11 @@ from pulse_edge.runtime.bundle.manifest import (
     SourceSpec,
     TextSpec,
 )
-from pulse_edge.runtime.engines.ort import SessionConfig, session_settings
+from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
 from pulse_edge.runtime.image.preprocess import image_token_count
 from pulse_edge.runtime.text.prompt import LLAVA_V1
 from pulse_edge.runtime.text.tokenizer import Tokenizer
-from pulse_edge.choices import EXPORT_PRECISIONS
+from pulse_edge.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class ExportOptions:
     vision_tower: Path | None = None
     plan: ValidationPlan = field(default_factory=ValidationPlan)
     quant: QuantSettings | None = None  # int8 / int4 / fp8: the recipe, scales and gate
+    target: str = "ort"  # "tensorrt": standard-ONNX fp16 graphs (export/build/tensorrt.py)
+    trt_ops: str = "native"  # --target tensorrt: the decoder's form (export/graphs/trt_decoder.py)
 
     def __post_init__(self) -> None:
         if self.precision not in EXPORT_PRECISIONS:
@@ -100,12 +104,26 @@ class ExportOptions:
         quantized = self.precision in RECIPES
         if quantized != (self.quant is not None) or (self.quant and self.quant.recipe.name != self.precision):
             raise ConfigError(f"precision {self.precision} needs {'a' if quantized else 'no'} quantization recipe")
+        if self.target not in EXPORT_TARGETS or self.trt_ops not in TRT_OPS:
+            raise ConfigError(f"target {self.target!r} / trt ops {self.trt_ops!r} are not among "
+                              f"{', '.join(EXPORT_TARGETS)} / {', '.join(TRT_OPS)}")
+        if self.target == "tensorrt":
+            check_trt_options(self.precision, self.quant.recipe.decoder if self.quant else None)
+        elif self.trt_ops != "native":
+            raise ConfigError("--trt-ops chooses the form of a TensorRT-ready decoder: it goes with --target tensorrt")
 
     @classmethod
     def for_precision(cls, precision: str, **kwargs: Any) -> ExportOptions:
-        """Options with the default recipe when `precision` is a quantized one."""
-        quant = QuantSettings(RECIPES[precision]) if precision in RECIPES else None
+        """Options with the target's default recipe when `precision` is a quantized one."""
+        int8_decoder = "w8a8" if kwargs.get("target") == "tensorrt" else "weight-only"
+        quant = (QuantSettings(make_recipe(precision, int8_decoder=int8_decoder, target=kwargs.get("target", "ort")))
+                 if precision in RECIPES else None)
         return cls(precision=precision, quant=kwargs.pop("quant", quant), **kwargs)
+
+    @property
+    def float_base(self) -> str:
+        """The float type of what the recipe leaves unquantized."""
+        return trt_build.FLOAT_BASE if self.target == "tensorrt" else FLOAT_BASE[self.precision]
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
@@ -120,25 +138,13 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower, dtype=reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
     _check_validation_memory(loaded, options.precision, max_context)
-    model, base = loaded.model, FLOAT_BASE[options.precision]
+    model = loaded.model
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
     write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)
     quant = (prepare_quantization(loaded, Tokenizer.from_file(work / names.TOKENIZER_FILE), options.quant, work)
              if options.quant else None)
-    log.info("exporting the vision graph (%s)", options.precision)
-    vision = export_vision_graph(model, work, precision=base)
-    if quant:
-        vision = quant.quantize_vision(loaded, work, vision)
-    log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
-    plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
-    kv = kv_scales_for(quant.recipe, quant.scales, shape) if quant else None
-    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision,
-                            kv=kv)
-    graphs = {names.VISION: vision, names.DECODER: decoder}
-    if quant and quant.recipe.prefill:
-        log.info("building the prefill graph (%s decoder layers)", quant.recipe.prefill)
-        graphs[names.PREFILL] = build_prefill(model.language_model, shape, work, quant.recipe, plan, kv,
-                                              label=options.precision)
+    graphs, plan = _write_graphs(loaded, work, options, quant, shape)
+    vision = graphs[names.VISION]
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     np.save(work / names.EMBEDDING_FILE, table.astype(TABLE_DTYPES[options.precision]))
     if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
@@ -155,6 +161,35 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
                                     "nothing was written")
     if quant and fidelity is not None:
         check_gate(quant.settings.gate, fidelity)
+
+
+def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, quant: QuantContext | None,
+                  shape: DecoderShape) -> tuple[dict[str, GraphSpec], LinearPlan]:
+    """The bundle's graphs by name for the target: ORT's fused forms (with the CPU recipes' prefill graph and
+    int8 KV cache), or standard ONNX for TensorRT."""
+    log.info("exporting the vision graph (%s, for %s)", options.precision, options.target)
+    if options.target == "tensorrt":
+        vision = trt_build.write_vision(loaded, work, quant)
+        log.info("building the decoder graph (%s, %d layers, %s ops)", options.precision, shape.layers,
+                 options.trt_ops)
+        decoder, plan = trt_build.write_decoder(loaded, work, shape, quant, label=options.precision,
+                                                ops=options.trt_ops)
+        return {names.VISION: vision, names.DECODER: decoder}, plan
+    model, base = loaded.model, options.float_base
+    vision = export_vision_graph(model, work, precision=base)
+    if quant:
+        vision = quant.quantize_vision(loaded, work, vision)
+    log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
+    plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
+    kv = kv_scales_for(quant.recipe, quant.scales, shape) if quant else None
+    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision,
+                            kv=kv)
+    graphs = {names.VISION: vision, names.DECODER: decoder}
+    if quant and quant.recipe.prefill:
+        log.info("building the prefill graph (%s decoder layers)", quant.recipe.prefill)
+        graphs[names.PREFILL] = build_prefill(model.language_model, shape, work, quant.recipe, plan, kv,
+                                              label=options.precision)
+    return graphs, plan
 
 
 def failure_summary(validation: dict[str, Any]) -> str:
@@ -254,9 +289,9 @@ def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:
 
 def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions,
               quant: QuantContext | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    from pulse_edge.export.model.torch_backend import TorchPipeline
     from pulse_edge.runtime.ecg.render import render_ecg
     from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
-    from pulse_edge.export.model.torch_backend import TorchPipeline
     from pulse_edge.runtime.pipeline import Pipeline
     from pulse_edge.runtime.text.tokenizer import Tokenizer
 
@@ -266,10 +301,13 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     # a bf16 oracle is itself ~2e-2 off at 32 layers (see BF16_REFERENCE_TOLERANCE); a quantized graph's own
     # error is larger than that. The vision graph is always checked against an fp32 copy of its tower.
     level = options.precision if reference_dtype == torch.float32 or quant else "bf16_reference"
+    if options.target == "tensorrt" and level != "bf16_reference":
+        level = trt_build.parity_level(options.precision)
     log.info("validating the vision graph against the %s reference", str(reference_dtype).removeprefix("torch."))
     vision = validate_vision_graph(model, work / manifest.graphs[names.VISION].file,
-                                   tolerance=TOLERANCES[options.precision])
-    session = validation_session(options.precision)
+                                   tolerance=TOLERANCES[options.precision],
+                                   entries=graph_config_entries(manifest.graphs[names.VISION]))
+    session = trt_build.validation_session() if options.target == "tensorrt" else validation_session(options.precision)
     log.info("validating the decoder graph at prefill lengths %s", list(options.plan.prefill_lengths))
     decoder = validate_decoder(model.language_model, work, manifest.graphs[names.DECODER], manifest.kv,
                                precision=level, plan=options.plan, session=session)

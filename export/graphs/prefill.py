@@ -42,14 +42,14 @@ KV_HEADROOM = 1.25
 
 
 def kv_scales_for(recipe: Recipe, scales: Scales, shape: DecoderShape) -> KVScales | None:
-    """The int8 KV cache's scales from the calibration's KV statistics; None for an fp32 cache."""
+    """The int8 KV cache's scales from the calibration's KV statistics; None for a float cache."""
     if recipe.kv_cache != "int8":
         return None
     try:
         key, value = kv_scales(scales.kv, shape.layers, headroom=KV_HEADROOM)
     except KeyError as e:
         raise ConfigError("the scales file holds no key/value ranges (it predates the int8 KV cache): re-run "
-                          "pulse-edge calibrate, or export with --kv-cache fp32") from e
+                          "pulse-edge calibrate, or export with --kv-cache float") from e
     return KVScales(key=tuple(key), value=tuple(value))
 
 

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from pulse_edge.calibration.recipes import Recipe, decoder_sites
 from pulse_edge.calibration.scales import Scales
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.graphs.decoder import DecoderShape, LinearPlan
-from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, MatMulSpec, emit_matmul
+from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, Emitted, MatMulSpec, emit_matmul
 from pulse_edge.export.graphs.vision import EXTERNAL_DATA_THRESHOLD, graph_opset, install_graph
 from pulse_edge.export.model.reference import PulseReference
 
@@ -92,13 +93,14 @@ def _fingerprint(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def vision_site_fingerprints(model: PulseReference) -> dict[str, str]:
-    """{sha1 of W^T as float32: site} for the tower's and projector's Linears; two sites with identical
-    weights could not be told apart in the graph, so they are refused rather than guessed."""
+def vision_site_fingerprints(model: PulseReference, dtype: type = np.float32) -> dict[str, str]:
+    """{sha1 of W^T as float32: site} for the tower's and projector's Linears, rounded to the graph's float
+    `dtype` first (an fp16 graph holds fp16(W)^T); two sites with identical weights could not be told apart in
+    the graph, so they are refused rather than guessed."""
     found: dict[str, str] = {}
     for site, module in site_modules(model).items():
         if site.startswith(("vision.", "projector.")):
-            key = _fingerprint(module.weight.detach().float().numpy().T)
+            key = _fingerprint(module.weight.detach().float().numpy().T.astype(dtype))
             if key in found:
                 raise ConfigError(f"{site} and {found[key]} have identical weights: their MatMuls in the vision "
                                   "graph cannot be told apart; keep them at fp (--keep vision)")
@@ -106,10 +108,14 @@ def vision_site_fingerprints(model: PulseReference) -> dict[str, str]:
     return found
 
 
-def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, scales: Scales) -> dict[str, int]:
-    """Rewrite the float vision graph at `path` in place; returns {scheme: MatMul count}."""
+def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, scales: Scales, *,
+                          emit: Callable[[str, MatMulSpec], Emitted] = emit_matmul,
+                          dtype: type = np.float32) -> dict[str, int]:
+    """Rewrite the float vision graph at `path` in place; returns {scheme: MatMul count}.
+
+    `emit` writes one site's nodes (ORT's forms by default); `dtype` is the graph's float type."""
     proto = onnx.load(str(path))
-    sites = vision_site_fingerprints(model)
+    sites = vision_site_fingerprints(model, dtype)
     inits = {init.name: init for init in proto.graph.initializer}
     nodes, counts, dropped, added, matched = [], Counter(), set(), [], set()
     opset = graph_opset(proto)
@@ -132,9 +138,9 @@ def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, sca
             folded.add(id(add[0]))
             dropped.add(add[1])
         out = add[0].output[0] if add else node.output[0]
-        emitted = emit_matmul(scheme, MatMulSpec(site=site, x=node.input[0], y=out, weight=weight, act_amax=amax,
-                                                 block_size=recipe.block_size, accuracy_level=recipe.accuracy_level,
-                                                 opset=opset, bias=add[2] if add else None))
+        emitted = emit(scheme, MatMulSpec(site=site, x=node.input[0], y=out, weight=weight, act_amax=amax,
+                                          block_size=recipe.block_size, accuracy_level=recipe.accuracy_level,
+                                          opset=opset, bias=add[2] if add else None))
         nodes.extend(emitted.nodes)
         added += [numpy_helper.from_array(a, n) for n, a in {**emitted.arrays, **emitted.raw}.items()]
         dropped.add(node.input[1])

@@ -65,8 +65,9 @@ class QuantContext:
     def decoder_plan(self, loaded: LoadedCheckpoint, shape: DecoderShape) -> LinearPlan:
         return decoder_plan(loaded.model, self.recipe, self.scales, shape)
 
-    def quantize_vision(self, loaded: LoadedCheckpoint, work: Path, spec: GraphSpec) -> GraphSpec:
-        counts = quantize_vision_graph(work / spec.file, loaded.model, self.recipe, self.scales)
+    def quantize_vision(self, loaded: LoadedCheckpoint, work: Path, spec: GraphSpec, **emitter: Any) -> GraphSpec:
+        """`emitter`: quantize_vision_graph's emit and dtype, for graphs not written for ORT."""
+        counts = quantize_vision_graph(work / spec.file, loaded.model, self.recipe, self.scales, **emitter)
         from pulse_edge.export.graphs.vision import describe_vision_graph
 
         new = describe_vision_graph(work / spec.file)

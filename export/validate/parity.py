@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM
 from pulse_edge.export.model.torch_backend import decode_one_token, prefill
 from pulse_edge.export.validate.tolerances import TOLERANCES, Tolerance
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
-from pulse_edge.runtime.engines.ort import DecoderEngine, SessionConfig
+from pulse_edge.runtime.engines.ort import SessionConfig, decoder_engine
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def validate_decoder(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KV
     The default session does not prepack: the weights stay mapped from the file, so the reference and the
     graph fit side by side (see export/bundle.validation_session)."""
     tol = TOLERANCES[precision]
-    engine = DecoderEngine(bundle, spec, kv, lm.config.vocab_size, session or SessionConfig(prepack=False))
+    engine = decoder_engine(bundle, spec, kv, lm.config.vocab_size, session or SessionConfig(prepack=False))
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight
     cases = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,12 @@ def random_pixel_values(tiles: int, layout: ImageLayout, seed: int) -> np.ndarra
 
 def validate_vision_graph(model: PulseReference, onnx_path: Path, *, tile_counts: tuple[int, ...] = (1, 5),
                           seed: int = 0, providers: list[str] | None = None,
-                          tolerance: Tolerance | None = None) -> dict[str, Any]:
+                          tolerance: Tolerance | None = None,
+                          entries: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Compare the graph in ORT with the torch reference in fp32; pass=False is the caller's to act on.
 
     The tolerance defaults to the graph's float precision; a quantized graph's caller passes its own.
+    `entries`: session config entries the graph's manifest entry demands (runtime/engines/ort.py).
     """
     proto = onnx.load(str(onnx_path), load_external_data=False)
     precision = graph_precision(proto)
@@ -51,6 +53,8 @@ def validate_vision_graph(model: PulseReference, onnx_path: Path, *, tile_counts
     options = ort.SessionOptions()
     if graph_opset(proto) >= FP8_MIN_OPSET and has_float8(proto):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # see export/graphs/quant_ops.py
+    for key, value in (entries or {}).items():
+        options.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(onnx_path), options, providers=list(providers or CPU))
     shapes = []
     for tiles in tile_counts:

@@ -197,3 +197,56 @@ def _named_bundle(item: str) -> tuple[str, Path]:
     if not (Path(path) / "manifest.json").is_file():
         raise ConfigError(f"--extra {name}: {path} is not a bundle (no manifest.json)")
     return name, Path(path)
+
+
+@bench_group.command("gpu")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("gpu-check-out"), show_default=True,
+              help="Folder for gpu-check.md, gpu-check.json and gpu-check.log (rewritten after every step).")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Keep the made model and the steps' files here and reuse them [default: a temp dir, removed].")
+@click.option("--layers", type=click.IntRange(min=1, max=32), default=2, show_default=True,
+              help="Decoder layers of the real-width model the torch backend and ORT are timed on.")
+@click.option("--steps", default=None, help="Comma-separated steps to run (and the steps they need) [default: all].")
+@click.option("--budget-s", type=click.IntRange(min=60), default=450, show_default=True,
+              help="Seconds for the whole run: every step's timeout is cut to what is left; later steps are skipped.")
+@click.option("--dry-run", is_flag=True, help="Check the plan, the commands, the imports and the pytest marks; "
+              "print the plan; needs no GPU.")
+def gpu_command(out: Path, work: Path | None, layers: int, steps: str | None, budget_s: int, dry_run: bool) -> None:
+    """Every GPU check in one run (docs/gpu.md): GPU tests, bench projector, the torch backend (and ORT CUDA/TensorRT
+    where present) on a real-width model; a markdown and JSON report; exit 1 if a GPU test or a step failed."""
+    from pulse_edge.benchmarks.perf.gpu_check import run_gpu_check
+    from pulse_edge.benchmarks.perf.gpu_dry_run import dry_run as check_plan
+    from pulse_edge.benchmarks.perf.gpu_plan import GpuCheckConfig
+    from pulse_edge.benchmarks.perf.projector import parse_list
+    from pulse_edge.cli.main import main  # the root group: the dry run parses the steps' command lines with it
+
+    chosen = parse_list(steps) if steps is not None else None
+    config = GpuCheckConfig(out=out, work=work, layers=layers, budget_s=budget_s, steps=chosen)
+    code = check_plan(config, echo=click.echo, cli=main) if dry_run else run_gpu_check(config, echo=click.echo)
+    click.get_current_context().exit(code)
+
+
+@bench_group.command("soak")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="A bundle; served by `pulse-edge serve` in a subprocess on a free localhost port.")
+@click.option("--sequential", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Requests sent one after another.")
+@click.option("--concurrent", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Requests shared by --clients clients sending at once.")
+@click.option("--clients", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Concurrent clients (the server's queue is sized to them: no 503 expected).")
+@click.option("--warmup", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Untimed requests before the first phase (the RSS baseline is read after them).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def soak_command(model_dir: Path, sequential: int, concurrent: int, clients: int, warmup: int,
+                 max_new_tokens: int, json_path: Path | None) -> None:
+    """Soak `pulse-edge serve`: sequential then concurrent chat, streamed chat and ECG-upload requests;
+    p50/p95 latency, errors, 503s, and the server's RSS from start to end (a leak shows as growth)."""
+    from pulse_edge.benchmarks.perf.soak import SoakConfig, run_soak, soak_table
+
+    config = SoakConfig(model=model_dir, sequential=sequential, concurrent=concurrent, clients=clients,
+                        warmup=warmup, max_new_tokens=max_new_tokens)
+    report = run_soak(config, progress=progress)
+    click.echo(soak_table(report))
+    write_json(json_path, report)

@@ -17,9 +17,11 @@ from pulse_edge.choices import (
     BLOCK_SIZE_CHOICES,
     DEFAULT_BLOCK_SIZE,
     EXPORT_PRECISIONS,
+    EXPORT_TARGETS,
     INT4_METHODS,
     INT8_DECODER_MODES,
     KV_CACHES,
+    TRT_OPS,
     VALIDATION_PLANS,
 )
 
@@ -43,8 +45,9 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="A scales file from `pulse-edge calibrate` (default: calibrate on synthetic ECGs now)."),
         click.option("--calibration-samples", type=click.IntRange(min=1), default=16, show_default=True,
                      help="Synthetic samples to calibrate on when no --scales is given."),
-        click.option("--int8-decoder", type=click.Choice(INT8_DECODER_MODES), default="weight-only",
-                     show_default=True, help="int8: weight-only decoder, or W8A8 with SmoothQuant."),
+        click.option("--int8-decoder", type=click.Choice(INT8_DECODER_MODES), default=None,
+                     help="int8: weight-only decoder, or W8A8 with SmoothQuant (default: weight-only for --target "
+                          "ort, w8a8 for --target tensorrt)."),
         click.option("--smooth-alpha", default="auto", show_default=True,
                      help="SmoothQuant migration strength; auto = chosen per layer on the samples; off = plain W8A8."),
         click.option("--int4-method", type=click.Choice(INT4_METHODS), default="awq", show_default=True,
@@ -67,9 +70,10 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def quant_settings(precision: str, scales: Path | None, calibration_samples: int, int8_decoder: str,
+def quant_settings(precision: str, scales: Path | None, calibration_samples: int, int8_decoder: str | None,
                    smooth_alpha: str, int4_method: str, block_size: str, keep: str, held_out: int,
-                   accuracy_gate: str | None, kv_cache: str | None = None, prefill_graph: bool = True) -> Any:
+                   accuracy_gate: str | None, kv_cache: str | None = None, prefill_graph: bool = True,
+                   target: str = "ort") -> Any:
     """QuantSettings for a quantized precision, None for a float one."""
     from pulse_edge.calibration.fidelity import AccuracyGate
     from pulse_edge.calibration.recipes import RECIPES, make_recipe, parse_keep
@@ -83,9 +87,10 @@ def quant_settings(precision: str, scales: Path | None, calibration_samples: int
     except ValueError as e:
         raise ConfigError(f"--accuracy-gate: {e}") from e
     smooth, alpha = _alpha(smooth_alpha)
+    int8_decoder = int8_decoder or ("w8a8" if target == "tensorrt" else "weight-only")
     recipe = make_recipe(precision, int8_decoder=int8_decoder, int4_method=int4_method, block_size=int(block_size),
                          smooth_alpha=alpha, smooth=smooth, keep=parse_keep(keep), kv_cache=kv_cache,
-                         prefill=prefill_graph)
+                         prefill=prefill_graph, target=target)
     return QuantSettings(recipe=recipe, scales=scales, calibration_samples=calibration_samples, held_out=held_out,
                          gate=gate)
 
@@ -120,9 +125,15 @@ def print_fidelity(bundle: Path) -> None:
               help="A local CLIP vision tower directory; takes precedence over the tower named in the config.")
 @click.option("--validation", type=click.Choice(VALIDATION_PLANS), default="standard", show_default=True,
               help="quick: short prefills only (the full 7B in fp32 on a small CPU).")
+@click.option("--target", type=click.Choice(EXPORT_TARGETS), default="ort", show_default=True,
+              help="ort: ONNX Runtime's fused ops; tensorrt: standard-ONNX fp16 graphs for `build-engines` (ONNX "
+                   "Runtime serves them too).")
+@click.option("--trt-ops", type=click.Choice(TRT_OPS), default="native", show_default=True,
+              help="--target tensorrt: native = opset-24 attention/RoPE/RMSNorm/KV ops (TensorRT-RTX, TensorRT >= "
+                   "10.15); explicit = explicit opset-18 ops (21 with int4) for TensorRT 10.3 (JetPack 6).")
 @quant_options
 def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | None, vision_tower: Path | None,
-               validation: str, **quant: Any) -> None:
+               validation: str, target: str, trt_ops: str, **quant: Any) -> None:
     """Export a checkpoint to a validated bundle (ONNX graphs, tokenizer.json, manifest.json)."""
     import transformers
 
@@ -132,7 +143,7 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
 
     plan = ValidationPlan() if validation == "standard" else ValidationPlan.quick()
     options = ExportOptions(precision=precision, max_context=max_context, vision_tower=vision_tower, plan=plan,
-                            quant=quant_settings(precision, **quant))
+                            quant=quant_settings(precision, target=target, **quant), target=target, trt_ops=trt_ops)
     exporter_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = exporter_log.level
     try:
@@ -145,4 +156,5 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     finally:
         exporter_log.setLevel(level)
     print_fidelity(path)
-    click.echo(f"wrote {precision} bundle to {path} (validated against the torch reference)")
+    made_for = " for TensorRT (`pulse-edge build-engines`; ONNX Runtime serves it too)" if target == "tensorrt" else ""
+    click.echo(f"wrote {precision} bundle{made_for} to {path} (validated against the torch reference)")

@@ -1,4 +1,4 @@
-"""`pulse-edge infer`: answer a question about one ECG."""
+"""`pulse-edge infer`: answer a question about one ECG (image, PDF or recording), or about many into a file."""
 
 from __future__ import annotations
 
@@ -9,16 +9,20 @@ from pathlib import Path
 import click
 
 from pulse_edge.backends import open_backend
-from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES
+from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES, VOLTAGE_UNITS
+from pulse_edge.errors import ConfigError
 
 
 @click.command("infer")
-@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, metavar="IMAGE...")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="A bundle (from `pulse-edge export`) or a PULSE checkpoint directory.")
 @click.option("--question", default=None, help="The question to ask; default: a full ECG interpretation.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: ort for a bundle, torch for a checkpoint.")
+              help="auto: ort for a bundle, torch for a checkpoint; trt: the bundle's TensorRT engines "
+                   "(build-engines).")
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="trt backend: the engine directory (default: the bundle's one engines-* folder).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The paper's evaluation uses 1024.")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
@@ -42,28 +46,64 @@ from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES
                    "memory, measured a little faster); 0 = one pass.")
 @click.option("--prepack/--no-prepack", default=True, show_default=True,
               help="ort backend: let ORT repack weights (faster decode, but a second copy of the weights in RAM).")
-def infer(image: Path, model_dir: Path, question: str | None, backend: str, max_new_tokens: int,
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Answer every input (files, folders, quoted glob patterns) into this JSON-lines file, one line "
+                   "each; a rerun skips the inputs already answered.")
+@click.option("--fail-fast", is_flag=True, help="With --output: stop at the first input that fails.")
+@click.option("--save-render", type=click.Path(path_type=Path), default=None,
+              help="Keep the image the model read (a recording's rendered 12-lead print); with --output a folder "
+                   "that gets one PNG per recording.")
+@click.option("--fs", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Sampling rate in Hz of CSV and NPY recordings, which do not store one.")
+@click.option("--leads", default=None,
+              help="Lead order of an NPY recording, comma-separated; default I,II,III,aVR,aVL,aVF,V1,...,V6.")
+@click.option("--unit", type=click.Choice(VOLTAGE_UNITS), default="mV", show_default=True,
+              help="Voltage unit of CSV and NPY recordings.")
+def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backend: str, engines: Path | None,
+          max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
           device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
-          prepack: bool) -> None:
-    """Answer a question about one ECG image (PNG, JPEG, TIFF, BMP or the first page of a PDF)."""
+          prepack: bool, output: Path | None, fail_fast: bool, save_render: Path | None, fs: float | None,
+          leads: str | None, unit: str) -> None:
+    """Answer a question about an ECG: an image (PNG, JPEG, TIFF, BMP), the first page of a PDF, or a recording
+    (DICOM waveform, WFDB record, HL7 aECG, CSV or NPY) rendered as the standard 12-lead print."""
+    from pulse_edge.runtime.batch import save_image
     from pulse_edge.runtime.engines.ort import SessionConfig
+    from pulse_edge.runtime.generation.interpretation import interpret
     from pulse_edge.runtime.generation.sampling import SamplingParams
-    from pulse_edge.runtime.inputs.images import load_image
+    from pulse_edge.runtime.inputs import load_input
     from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 
-    picture = load_image(image)  # bad input fails here, before any model is loaded
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack)
-    pipeline = open_backend(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
-                             session=session, prefill_chunk=prefill_chunk)
+
+    def open_model():
+        return open_backend(model_dir, backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
+                            session=session, prefill_chunk=prefill_chunk, engines=engines)
+
+    reading = {"fs": fs, "unit": unit, "leads": tuple(n.strip() for n in leads.split(",")) if leads else None}
+    if output is not None:
+        from pulse_edge.cli.batch import infer_many
+
+        infer_many(inputs, output, open_model, question=question or DEFAULT_QUESTION, max_new_tokens=max_new_tokens,
+                   sampling=sampling, reading=reading, save_render=save_render, fail_fast=fail_fast)
+        return
+    if len(inputs) != 1 or fail_fast:
+        raise ConfigError("several inputs (and --fail-fast) need --output FILE: the answers go there, one JSON "
+                          "line each")
+    ecg = load_input(inputs[0], **reading)  # bad input fails here, before any model is loaded
+    if save_render is not None:
+        save_image(ecg.image, save_render)
+    for note in ecg.notes:
+        click.echo(f"pulse-edge: note: {note}", err=True)
+    pipeline = open_model()
 
     def stream(piece: str) -> None:
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    result = pipeline.generate(picture, question or DEFAULT_QUESTION, max_new_tokens=max_new_tokens,
-                               sampling=sampling, on_text=None if as_json else stream)
+    result = interpret(pipeline, ecg, question or DEFAULT_QUESTION, max_new_tokens=max_new_tokens,
+                       sampling=sampling, on_text=None if as_json else stream)
     if as_json:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
         return

@@ -14,12 +14,14 @@ import click
 
 from pulse_edge import __version__
 from pulse_edge.cli.bench import bench_group
+from pulse_edge.cli.build_engines import build_engines_cmd
 from pulse_edge.cli.calibrate import calibrate_cmd
 from pulse_edge.cli.eval import eval_group
 from pulse_edge.cli.export import export_cmd
 from pulse_edge.cli.fixtures import make_tiny, render_ecg
 from pulse_edge.cli.group import UserErrorGroup
 from pulse_edge.cli.infer import infer
+from pulse_edge.cli.serve import serve
 
 
 @click.group(cls=UserErrorGroup)
@@ -39,11 +41,13 @@ def main(verbose: bool) -> None:
 
 main.add_command(infer)
 main.add_command(export_cmd)
+main.add_command(build_engines_cmd)
 main.add_command(make_tiny)
 main.add_command(render_ecg)
 main.add_command(calibrate_cmd)
 main.add_command(eval_group)
 main.add_command(bench_group)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pulse_edge.choices import GRAPH_PRECISIONS, OPT_LEVELS, TENSOR_DTYPES
+from pulse_edge.choices import EXPORT_TARGETS, GRAPH_PRECISIONS, KV_UPDATES, OPT_LEVELS, TENSOR_DTYPES, TRT_OPS
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE, MANIFEST_VERSION
 from pulse_edge.runtime.image.preprocess import ImageLayout
@@ -48,6 +48,10 @@ def _optional_choice(value: Any, allowed: tuple[str, ...], what: str) -> str | N
     return None if value is None else _choice(value, allowed, what)
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -64,7 +68,15 @@ class TensorSpec:
 class GraphSpec:
     """One graph file. `sizes` holds the byte size of it and its external data, to catch truncation;
     `opt_level_limit` caps ONNX Runtime's optimisation level (ORT's level-"all" int8 fusions reject fp8
-    Q/DQ graphs); `fusions` counts ORT contrib ops fused in; `matmul_schemes` counts quantized MatMuls."""
+    Q/DQ graphs); `fusions` counts ORT contrib ops fused in; `matmul_schemes` counts quantized MatMuls.
+
+    `target` is the runtime the graph was written for: "ort" (may hold ORT's contrib ops) or "tensorrt"
+    (standard ONNX only, which ORT runs too). A decoder's `kv_update` says how it takes positions and writes
+    its cache ("gqa": GroupQueryAttention at seqlens_k; "scatter": position_ids, write_index and
+    attention_mask); `trt_ops` the form of a TensorRT-ready decoder ("native" opset-24 ops or "explicit"
+    opset-18..21 ones). `ort_qdq_matmulnbits_accuracy_level`, when set, is the session config entry
+    `session.qdq_matmulnbits_accuracy_level` ORT must be opened with (its DequantizeLinear + MatMul fusion
+    otherwise quantizes the activations to int8, and is wrong at level "extended" in fp16)."""
 
     file: str
     engine: str
@@ -80,6 +92,10 @@ class GraphSpec:
     kv_shared_buffer: bool = False  # past and present KV bound to one preallocated buffer per layer
     fusions: Mapping[str, int] = field(default_factory=dict)
     matmul_schemes: Mapping[str, int] = field(default_factory=dict)
+    target: str = "ort"
+    kv_update: str | None = None
+    trt_ops: str | None = None
+    ort_qdq_matmulnbits_accuracy_level: int | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GraphSpec:
@@ -96,7 +112,16 @@ class GraphSpec:
             builder=str(d.get("builder", "torch.onnx")), kv_shared_buffer=bool(d.get("kv_shared_buffer", False)),
             fusions={str(k): int(v) for k, v in d.get("fusions", {}).items()},
             matmul_schemes={str(k): int(v) for k, v in d.get("matmul_schemes", {}).items()},
+            target=_choice(d.get("target", "ort"), EXPORT_TARGETS, "graph target"),
+            kv_update=_optional_choice(d.get("kv_update"), KV_UPDATES, "graph kv_update"),
+            trt_ops=_optional_choice(d.get("trt_ops"), TRT_OPS, "graph trt_ops"),
+            ort_qdq_matmulnbits_accuracy_level=_optional_int(d.get("ort_qdq_matmulnbits_accuracy_level")),
         )
+
+    @property
+    def scatter_kv(self) -> bool:
+        """The decoder takes position_ids / write_index / attention_mask (else GroupQueryAttention's inputs)."""
+        return self.kv_update == "scatter"
 
     def tensor(self, name: str) -> TensorSpec:
         found = [t for t in (*self.inputs, *self.outputs) if t.name == name]

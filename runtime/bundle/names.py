@@ -28,6 +28,11 @@ LOGITS = "logits"
 # ORT's GroupQueryAttention: seqlens_k [1] = total length - 1, total_sequence_length [] = total length.
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+# TensorRT-ready decoders (standard ONNX): positions [1, S] int64, the cache index the new positions are written
+# at [1] int64, and attention_mask [1, T] int64 whose shape gives the positions held after the step.
+POSITION_IDS = "position_ids"
+WRITE_INDEX = "write_index"
+ATTENTION_MASK = "attention_mask"
 KV_PARTS = ("key", "value")
 
 

@@ -1,10 +1,12 @@
-"""Render an `EcgRecord` as a standard 12-lead ECG print (PNG-ready PIL image).
+"""Render 12 leads (a synthetic `EcgRecord` or a recording's `TwelveLead`) as a standard 12-lead ECG print.
 
 The layout is the one every cardiologist knows: red millimetre paper, 3 rows x
 4 columns of 2.5-s lead segments (I aVR V1 V4 / II aVL V2 V5 / III aVF V3 V6,
 column k showing seconds [2.5k, 2.5k + 2.5) of the same recording) and a
 full-length lead II rhythm strip underneath, each row preceded by a 1 mV
-calibration pulse. Millimetres are square: one `px_per_mm` serves both axes,
+calibration pulse. A recording shorter than the print's 10 s (2.5 s at least)
+shows its first 2.5 s in every column and the rhythm strip ends where the
+signal does: nothing is drawn that was not recorded. Millimetres are square: one `px_per_mm` serves both axes,
 derived from the page size as if the page were US letter or A4 landscape.
 
 All geometry lives in `PrintLayout` so tests can compute where things are drawn.
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from types import MappingProxyType
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pulse_edge.errors import ConfigError
-from pulse_edge.runtime.ecg.synthetic import LEADS, EcgRecord
+from pulse_edge.runtime.ecg.leads import LEADS
 
 # Landscape paper sizes in mm; the page is matched to the one of closest aspect ratio.
 _PAPERS = MappingProxyType({"letter": (279.4, 215.9), "a4": (297.0, 210.0)})
@@ -51,6 +55,13 @@ _WHITE = (255, 255, 255)
 _MINOR_RED = (246, 196, 196)
 _MAJOR_RED = (226, 112, 112)
 _INK = (0, 0, 0)
+
+
+class Printable(Protocol):
+    """What the renderer needs: [12, n] millivolts in LEADS order and their sampling rate."""
+
+    signals: np.ndarray
+    fs: int
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,7 @@ def ecg_print_geometry(width_px: int, height_px: int) -> PrintLayout:
 
 
 def render_ecg(
-    record: EcgRecord,
+    record: Printable,
     *,
     width_px: int = 2200,
     height_px: int = 1700,
@@ -150,23 +161,34 @@ def render_ecg(
     _check_settings(paper_speed_mm_s, gain_mm_per_mv)
     window_s = _TRACE_MM / paper_speed_mm_s
     n_window = round(window_s * record.fs)
-    if record.signals.shape[0] != len(LEADS) or record.signals.shape[1] < n_window:
+    n_leads, n_samples = record.signals.shape
+    if n_leads != len(LEADS) or n_samples < round(window_s / _COLUMNS * record.fs):
         raise ConfigError(
-            f"the print needs {len(LEADS)} leads x {window_s:g} s; "
-            f"record has {record.signals.shape[0]} leads x {record.duration_s:g} s"
+            f"the print needs {len(LEADS)} leads x at least {window_s / _COLUMNS:g} s; "
+            f"record has {n_leads} leads x {n_samples / record.fs:g} s"
         )
     layout = ecg_print_geometry(width_px, height_px)
     image = Image.fromarray(_grid_canvas(layout))
     pen = _Pen(ImageDraw.Draw(image), layout, paper_speed_mm_s, gain_mm_per_mv, record.fs)
     signals = record.signals[:, :n_window].astype(np.float64)
+    spans = column_spans(signals.shape[1], n_window)
     for row, leads in enumerate(_PANEL_LEADS):
-        _draw_panel_row(pen, row, [signals[LEADS.index(lead)] for lead in leads], leads)
+        _draw_panel_row(pen, row, [signals[LEADS.index(lead)] for lead in leads], leads, spans)
     rhythm_row = len(_PANEL_LEADS)
     pen.calibration_pulse(rhythm_row)
     pen.trace(rhythm_row, layout.trace_left_px, signals[LEADS.index(_RHYTHM_LEAD)])
     pen.label(rhythm_row, layout.trace_left_px, _RHYTHM_LEAD)
     _draw_texts(pen, header, paper_speed_mm_s, gain_mm_per_mv)
     return image
+
+
+def column_spans(n_samples: int, n_window: int) -> tuple[tuple[int, int], ...]:
+    """(start, stop) sample of each of the 4 columns: consecutive quarters of a full window, else the first
+    quarter-window of a shorter recording in every column."""
+    bounds = [round(column * n_window / _COLUMNS) for column in range(_COLUMNS + 1)]
+    if n_samples >= n_window:
+        return tuple(pairwise(bounds))
+    return ((0, bounds[1]),) * _COLUMNS
 
 
 def _check_settings(paper_speed_mm_s: float, gain_mm_per_mv: float) -> None:
@@ -260,14 +282,13 @@ class _Pen:
         self.draw.text(xy, text, fill=_INK, font=font)
 
 
-def _draw_panel_row(pen: _Pen, row: int, signals: list[np.ndarray], leads: tuple[str, ...]) -> None:
-    """One 3x4 row: each column shows its own lead over its own quarter of the window."""
+def _draw_panel_row(pen: _Pen, row: int, signals: list[np.ndarray], leads: tuple[str, ...],
+                    spans: tuple[tuple[int, int], ...]) -> None:
+    """One 3x4 row: each column shows its own lead over its own span of the recording."""
     pen.calibration_pulse(row)
-    n_window = signals[0].size
-    bounds = [round(column * n_window / _COLUMNS) for column in range(_COLUMNS + 1)]
-    for column, (lead, mv) in enumerate(zip(leads, signals, strict=True)):
+    for column, (lead, mv, (start, stop)) in enumerate(zip(leads, signals, spans, strict=True)):
         left = pen.layout.segment_left_px(column)
-        pen.trace(row, left, mv[bounds[column] : bounds[column + 1]])
+        pen.trace(row, left, mv[start:stop])
         pen.label(row, left, lead)
         if column:
             pen.separator(row, left)

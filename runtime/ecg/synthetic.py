@@ -24,8 +24,9 @@ import numpy as np
 
 from pulse_edge.choices import RHYTHMS
 from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.ecg.leads import LEADS
 
-LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+__all__ = ["LEADS", "RHYTHMS", "EcgRecord", "synthesize_ecg"]
 
 Vec3 = tuple[float, float, float]
 

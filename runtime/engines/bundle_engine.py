@@ -33,8 +33,8 @@ MERGES_SERVED = tuple(MERGE_FUNCTIONS)  # PULSE's flat, and LLaVA-1.6's spatial_
 DEFAULT_PREFILL_CHUNK = 512
 
 # Bundles whose recipe has no fp16 base yet: what a GPU user can do instead.
-GPU_FIX = {"fp8": "the fp8 recipe keeps an fp32 base today, so it cannot be served on a GPU until it gets an "
-                  "fp16 one; use an fp16 bundle there"}
+GPU_FIX = {"fp8": "the fp8 recipe for ONNX Runtime keeps an fp32 base; for a GPU export it with --target tensorrt "
+                  "(fp16 base) and serve its engines with --backend trt, or use an fp16 bundle"}
 
 
 def check_servable(manifest: Manifest, prefill_chunk: int | None) -> None:
@@ -87,13 +87,15 @@ class BundleEngine:
     """The bundle's two graphs (through their runners) and embedding table behind the `Engine` protocol."""
 
     def __init__(self, bundle: Path, manifest: Manifest, vision: VisionRunner, decoder: DecoderRunner, *,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, max_length: int | None = None) -> None:
+        """max_length: the positions the decoder runner's cache holds (default the bundle's; a TensorRT engine
+        may be built for fewer)."""
         check_servable(manifest, prefill_chunk)
         self.vision, self.decoder = vision, decoder
         prefetch(bundle / manifest.embedding.file)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
-        self.max_length = manifest.kv.max_length
+        self.max_length = manifest.kv.max_length if max_length is None else max_length
         self.prefill_chunk = prefill_chunk
 
     @property

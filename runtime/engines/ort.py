@@ -29,7 +29,7 @@ import numpy as np
 from pulse_edge.choices import OPT_LEVELS, PROVIDERS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle import names
-from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout, Manifest
+from pulse_edge.runtime.bundle.manifest import BundleError, GraphSpec, KVLayout, Manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, GPU_FIX, BundleEngine, check_servable
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
@@ -189,11 +189,20 @@ def _load_error(path: Path, config: SessionConfig, error: Exception) -> ConfigEr
                        "smaller bundle (int8, int4) or a machine with more memory")
 
 
-def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None = None, fp16: bool = False) -> Any:
-    """An InferenceSession on exactly the asked provider."""
+def graph_config_entries(spec: GraphSpec) -> dict[str, str]:
+    """The session config entries a graph's manifest entry demands (TensorRT-ready Q/DQ graphs: see GraphSpec)."""
+    level = spec.ort_qdq_matmulnbits_accuracy_level
+    return {} if level is None else {"session.qdq_matmulnbits_accuracy_level": str(level)}
+
+
+def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None = None, fp16: bool = False,
+                 entries: Mapping[str, str] | None = None) -> Any:
+    """An InferenceSession on exactly the asked provider; `entries`: session config entries the graph needs."""
     ort = _ort()
     require_provider(config)
     options = _session_options(ort, config, session_settings(config, graph_limit))
+    for key, value in (entries or {}).items():
+        options.add_session_config_entry(key, value)
     tensorrt = config.provider == "tensorrt"
     providers = provider_chain(config, fp16=fp16,
                                cache_dir=default_trt_cache() / graph_cache_key(path) if tensorrt else None)
@@ -210,7 +219,7 @@ class VisionEngine:
 
     def __init__(self, bundle: Path, spec: GraphSpec, config: SessionConfig) -> None:
         self.session = make_session(bundle / spec.file, config, graph_limit=spec.opt_level_limit,
-                                    fp16=spec.precision == "fp16")
+                                    fp16=spec.precision == "fp16", entries=graph_config_entries(spec))
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         feed = {names.PIXEL_VALUES: pixel_values.astype(np.float32, copy=False)}
@@ -239,7 +248,8 @@ class DecoderEngine:
 
     def _open(self, path: Path, spec: GraphSpec, config: SessionConfig) -> tuple[Any, Any]:
         """A session of one decoder graph, bound to the shared cache and logits buffers."""
-        session = make_session(path, config, graph_limit=spec.opt_level_limit, fp16=spec.precision == "fp16")
+        session = make_session(path, config, graph_limit=spec.opt_level_limit, fp16=spec.precision == "fp16",
+                               entries=graph_config_entries(spec))
         binding = session.io_binding()
         for past, present, buffer in zip(names.kv_names(self.kv.layers, "past"),
                                          names.kv_names(self.kv.layers, "present"), self._cache, strict=True):
@@ -277,6 +287,43 @@ class DecoderEngine:
         return self._logits[0, -1]
 
 
+class ScatterDecoderEngine(DecoderEngine):
+    """A TensorRT-ready decoder (standard ONNX, export --target tensorrt) on ONNX Runtime.
+
+    Same preallocated cache, bound as both `past` and `present` of each layer: the graph's TensorScatter (or
+    ScatterElements) writes the new positions at `write_index` in place. Per step it is fed the positions,
+    the write index and an attention_mask whose length is the positions held after the step."""
+
+    def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig) -> None:
+        super().__init__(bundle, spec, kv, vocab, config)  # no prefill graph: TensorRT-ready bundles have one
+        self._ones = np.ones((1, kv.max_length), np.int64)  # attention_mask: only its shape is read
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        steps = embeds.shape[1]
+        if steps > self.room:
+            raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.kv.max_length}")
+        start, total = self.length, self.length + steps
+        self._binding.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=np.float32))
+        self._binding.bind_cpu_input(names.POSITION_IDS, np.arange(start, total, dtype=np.int64)[None])
+        self._binding.bind_cpu_input(names.WRITE_INDEX, np.array([start], np.int64))
+        self._binding.bind_cpu_input(names.ATTENTION_MASK, self._ones[:, :total])
+        self.session.run_with_iobinding(self._binding)
+        self.length = total
+        return self._logits[0, -1]
+
+
+def decoder_engine(bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig, *,
+                   prefill: GraphSpec | None = None) -> DecoderEngine:
+    """The ORT runner for the decoder's interface (GroupQueryAttention's, with the CPU recipes' prefill graph
+    when the bundle has one, or the TensorRT-ready one)."""
+    if spec.scatter_kv:
+        if prefill is not None:
+            raise BundleError("manifest: a TensorRT-ready decoder (scatter KV) with a prefill graph is not a bundle "
+                              "pulse-edge writes; re-export it")
+        return ScatterDecoderEngine(bundle, spec, kv, vocab, config)
+    return DecoderEngine(bundle, spec, kv, vocab, config, prefill=prefill)
+
+
 def check_device(manifest: Manifest, config: SessionConfig) -> None:
     """Refuse a bundle the chosen provider cannot run natively, before any session is made."""
     needs = manifest.calibration.requires_compute_capability if manifest.calibration else None
@@ -300,6 +347,6 @@ def open_ort_engine(bundle: Path, manifest: Manifest, config: SessionConfig, *,
     require_provider(config)  # first: on a machine without the provider, that is the whole story
     check_device(manifest, config)
     vision = VisionEngine(bundle, manifest.graphs[names.VISION], config)
-    decoder = DecoderEngine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config,
-                            prefill=manifest.graphs.get(names.PREFILL))
+    decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config,
+                             prefill=manifest.graphs.get(names.PREFILL))
     return BundleEngine(bundle, manifest, vision, decoder, prefill_chunk=prefill_chunk)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pulse_edge.errors import PromptError
-from pulse_edge.runtime.generation.decode import decode_loop
+from pulse_edge.runtime.generation.decode import StopCheck, decode_loop
 from pulse_edge.runtime.generation.result import GenerationResult, Timings, decode_rate
 from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
 from pulse_edge.runtime.image.preprocess import ImageLayout, Preprocessed, preprocess
@@ -64,10 +64,16 @@ class Conversation:
         engine.reset()
 
     def ask(self, question: str, image: Image.Image | None = None, *, max_new_tokens: int = 1024,
-            sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """The first question needs the image; follow-ups must not pass one."""
+            sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
+            history: Sequence[Turn] = (), should_stop: StopCheck | None = None) -> GenerationResult:
+        """The first question needs the image; follow-ups must not pass one.
+
+        `history`: answered turns that come before `question` (first question only: a client replaying a
+        whole chat, as OpenAI-style clients do). `should_stop`: see `decode_loop`.
+        """
         t0 = time.perf_counter()
-        prompt = self._follow_up(question, image) if self._opened else self._first_prompt(question, image)
+        prompt = (self._follow_up(question, image, history) if self._opened
+                  else self._first_prompt(question, image, history))
         t1 = time.perf_counter()
         features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None
         t2 = time.perf_counter()
@@ -78,7 +84,7 @@ class Conversation:
         outcome = decode_loop(logits, self.engine.step, sampler=Sampler(sampling or SamplingParams()),
                               eos_id=self.tokenizer.eos_id, max_new_tokens=max_new_tokens,
                               room=self.engine.max_length - self.engine.length,
-                              on_token=_streamer(stream, on_text, self.tokenizer.eos_id))
+                              on_token=_streamer(stream, on_text, self.tokenizer.eos_id), should_stop=should_stop)
         if on_text is not None and (tail := stream.flush()):
             on_text(tail)
         self._pending, self._last_stop = outcome.token_ids[-1], outcome.stop_reason
@@ -92,18 +98,20 @@ class Conversation:
             image_tokens=prompt.pre.num_image_tokens if prompt.pre else 0, prompt_tokens=prompt.positions,
             generated_tokens=len(tokens), stop_reason=outcome.stop_reason, timings=timings, backend=self.backend)
 
-    def _first_prompt(self, question: str, image: Image.Image | None) -> _Prompt:
+    def _first_prompt(self, question: str, image: Image.Image | None, history: Sequence[Turn]) -> _Prompt:
         if image is None:
             raise PromptError("the first question of a conversation needs the ECG image")
         pre = preprocess(image, self.layout)
-        ids = prompt_ids([Turn(question)], self.tokenizer, self.template)
+        ids = prompt_ids([*history, Turn(question)], self.tokenizer, self.template)
         prompt = _Prompt(ids=ids, pre=pre, positions=spliced_length(ids, pre.num_image_tokens))
         self._check_room(prompt, image_tokens=pre.num_image_tokens)
         return prompt
 
-    def _follow_up(self, question: str, image: Image.Image | None) -> _Prompt:
+    def _follow_up(self, question: str, image: Image.Image | None, history: Sequence[Turn]) -> _Prompt:
         if image is not None:
             raise PromptError("a follow-up question cannot bring a new image: start a new conversation")
+        if history:
+            raise PromptError("a follow-up question cannot bring a history: the conversation keeps its own")
         ids = continuation_ids(question, self.tokenizer, close_previous=self._last_stop != "eos",
                                template=self.template)
         ids = [self._pending, *ids] if self._pending is not None else ids

@@ -16,21 +16,24 @@ import numpy as np
 from pulse_edge.runtime.generation.sampling import Sampler
 
 Step = Callable[[int], np.ndarray]  # token id -> logits [V] for the next position
+StopCheck = Callable[[], bool]  # True once the caller no longer wants the answer (e.g. its client went away)
 
 
 @dataclass(frozen=True)
 class DecodeOutcome:
     token_ids: list[int]
-    stop_reason: str  # "eos" | "max_new_tokens" | "context_full"
+    stop_reason: str  # "eos" | "max_new_tokens" | "context_full" | "cancelled"
     decode_ms: float  # time spent in the steps after the first token
 
 
 def decode_loop(first_logits: np.ndarray, step: Step, *, sampler: Sampler, eos_id: int, max_new_tokens: int,
-                room: int, on_token: Callable[[int], None] | None = None) -> DecodeOutcome:
+                room: int, on_token: Callable[[int], None] | None = None,
+                should_stop: StopCheck | None = None) -> DecodeOutcome:
     """Generate up to `max_new_tokens`, or until EOS, or until `room` positions are used.
 
     `room` is how many positions the context has left after the prompt; each generated
-    token that is fed back takes one.
+    token that is fed back takes one. `should_stop` is asked before every step (the costly
+    part); when it says yes the loop ends with "cancelled", always after at least one token.
     """
     tokens: list[int] = []
     logits = first_logits
@@ -45,6 +48,8 @@ def decode_loop(first_logits: np.ndarray, step: Step, *, sampler: Sampler, eos_i
             return DecodeOutcome(tokens, "eos", decode_s * 1000.0)
         if len(tokens) == limit:
             break
+        if should_stop is not None and should_stop():
+            return DecodeOutcome(tokens, "cancelled", decode_s * 1000.0)
         start = time.perf_counter()
         logits = step(token)
         decode_s += time.perf_counter() - start

@@ -25,7 +25,7 @@ class GenerationResult:
     image_tokens: int
     prompt_tokens: int
     generated_tokens: int
-    stop_reason: str  # "eos" | "max_new_tokens" | "context_full"
+    stop_reason: str  # "eos" | "max_new_tokens" | "context_full" | "cancelled"
     timings: Timings
     backend: str
 

@@ -60,6 +60,7 @@ _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
 )
 
 _ACCEPTED_HINT = f"accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+RECORDING_HINT = "DICOM, WFDB (.hea), HL7 aECG (.xml), CSV or NPY (with the sampling rate)"
 
 _CONVERT = f"convert it to PNG ({_ACCEPTED_HINT})"
 
@@ -70,8 +71,8 @@ _REFUSED: tuple[tuple[int, bytes, str, str], ...] = (
     (
         128,
         b"DICM",
-        "is a DICOM file; DICOM is not supported yet",
-        "export the ECG as PDF or PNG from the viewer",
+        "is a DICOM file, not an image",
+        "read it with load_input (pulse_edge.runtime.inputs), which renders ECG waveforms",
     ),
     (0, b"GIF87a", "is a GIF image, which is not accepted", _CONVERT),
     (0, b"GIF89a", "is a GIF image, which is not accepted", _CONVERT),
@@ -123,6 +124,13 @@ def load_image_bytes(data: bytes, *, name: str = "<bytes>") -> Image.Image:
     return _decode(io.BytesIO(data), _one_line(name))
 
 
+def accept_image(image: Image.Image, *, name: str = "<image>") -> Image.Image:
+    """An image handed over in memory, with the same size limits and RGB conversion as a decoded file."""
+    name = _one_line(name)
+    _check_size(image.size, name)
+    return _to_rgb(image, name)
+
+
 def _decode(stream: BinaryIO, name: str) -> Image.Image:
     """Sniff the format from the first bytes and hand the stream to the matching decoder."""
     header = stream.read(_HEADER_BYTES)
@@ -145,7 +153,8 @@ def _sniff(header: bytes, name: str) -> str:
     for offset, magic, problem, advice in _REFUSED:
         if header.startswith(magic, offset):
             raise _fail(name, problem, advice)
-    raise _fail(name, "is not an image or PDF that pulse-edge can read (unknown content)", _ACCEPTED_HINT)
+    raise _fail(name, "is not an image, PDF or ECG recording that pulse-edge can read (unknown content)",
+                f"{_ACCEPTED_HINT}; recordings: {RECORDING_HINT}")
 
 
 def _decode_raster(stream: BinaryIO, fmt: str, name: str) -> Image.Image:

@@ -172,7 +172,7 @@ def test_int8_kv_needs_scales_with_kv_ranges(tiny_pipeline, tiny_scales: Scales)
     shape = DecoderShape.from_config(tiny_pipeline.loaded.config, max_length=256)
     with pytest.raises(ConfigError, match="re-run pulse-edge calibrate"):
         kv_scales_for(make_recipe("int8"), replace(tiny_scales, kv={}), shape)
-    assert kv_scales_for(make_recipe("int8", kv_cache="fp32"), replace(tiny_scales, kv={}), shape) is None
+    assert kv_scales_for(make_recipe("int8", kv_cache="float"), replace(tiny_scales, kv={}), shape) is None
     key, value = kv_scales(tiny_scales.kv, shape.layers, headroom=1.0)
     np.testing.assert_allclose(key[0] * 127, tiny_scales.kv["layers.0.key"], rtol=1e-6)
     np.testing.assert_allclose(value[1] * 127, tiny_scales.kv["layers.1.value"], rtol=1e-6)
@@ -185,6 +185,16 @@ def test_recipe_prefill_scheme_keeps_lm_head_and_kept_sites() -> None:
     assert recipe.prefill_scheme("lm_head") == "w4"
     assert make_recipe("int8", prefill=False).prefill is None
     assert make_recipe("int8").to_dict()["kv_cache"] == "int8"
+
+
+def test_tensorrt_recipes_leave_out_the_cpu_forms() -> None:
+    """--target tensorrt: Q/DQ vision, no prefill graph, a float cache; an int8 cache is refused in one line."""
+    for precision in ("int8", "int4"):
+        recipe = make_recipe(precision, target="tensorrt")
+        assert (recipe.vision, recipe.prefill, recipe.kv_cache) == ("w8a8", None, "float")
+    assert make_recipe("fp8", target="tensorrt").vision == "fp8"
+    with pytest.raises(ConfigError, match="--target tensorrt keeps a float"):
+        make_recipe("int8", kv_cache="int8", target="tensorrt")
 
 
 def test_prefill_graph_file_holds_int8_weights(tiny_pipeline, tiny_scales: Scales, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pulse_edge.errors import ConfigError
-from pulse_edge.runtime.ecg.render import PrintLayout, ecg_print_geometry, render_ecg
+from pulse_edge.runtime.ecg.render import PrintLayout, column_spans, ecg_print_geometry, render_ecg
 from pulse_edge.runtime.ecg.synthetic import LEADS, EcgRecord, synthesize_ecg
 
 PANELS = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF", "V3", "V6"))
@@ -251,9 +251,17 @@ def test_other_sampling_rates_render(layout: PrintLayout) -> None:
     assert render_ecg(record).size == (2200, 1700)
 
 
-def test_too_short_record_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="10 s"):
-        render_ecg(synthesize_ecg("sinus", seed=0, duration_s=8.0))
+def test_under_one_column_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"at least 2\.5 s"):
+        render_ecg(flat_record(synthesize_ecg("sinus", seed=0).signals[:, :1249]))
+
+
+def test_a_short_record_shows_its_first_quarter_window_in_every_column() -> None:
+    # 10 s at 500 Hz: four consecutive quarters; 8 s: the first 2.5 s in each column, nothing invented
+    assert column_spans(5000, 5000) == ((0, 1250), (1250, 2500), (2500, 3750), (3750, 5000))
+    assert column_spans(4000, 5000) == ((0, 1250),) * 4
+    short = synthesize_ecg("sinus", seed=0, duration_s=8.0)
+    assert render_ecg(short).size == (2200, 1700)
 
 
 @pytest.mark.parametrize(("speed", "gain"), [(30.0, 10.0), (25.0, 7.0)])

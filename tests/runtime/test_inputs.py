@@ -289,10 +289,10 @@ def test_refused_image_formats_say_what_they_are(fmt, needle):
     assert_input_error(lambda: load_image_bytes(data, name=f"ecg.{fmt}"), f"ecg.{fmt}", needle, "PNG")
 
 
-def test_dicom_is_recognised_and_refused(tmp_path):
+def test_dicom_is_recognised_and_sent_to_load_input(tmp_path):
     # DICOM Part 10: 128-byte preamble, then "DICM", then data elements.
     path = write(tmp_path, "ecg.png", b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 64)
-    assert_input_error(lambda: load_image(path), "ecg.png", "DICOM", "not supported yet")
+    assert_input_error(lambda: load_image(path), "ecg.png", "DICOM", "not an image", "load_input")
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow on a cut TIFF tag table

@@ -6,9 +6,16 @@ import subprocess
 import sys
 
 HEAVY = ("torch", "transformers", "triton", "optimum", "sentencepiece")
+# The `ecg` extra's libraries (and what wfdb drags in) load only when a file of their format is read.
+FORMAT_LIBRARIES = ("pydicom", "wfdb", "defusedxml", "pandas", "scipy", "matplotlib")
 RUNTIME_MODULES = (
     "pulse_edge.runtime",
+    "pulse_edge.runtime.inputs",
     "pulse_edge.runtime.inputs.images",
+    "pulse_edge.runtime.inputs.discover",
+    "pulse_edge.runtime.findings",
+    "pulse_edge.runtime.generation.interpretation",
+    "pulse_edge.runtime.batch",
     "pulse_edge.runtime.image.preprocess",
     "pulse_edge.runtime.text.prompt",
     "pulse_edge.runtime.text.tokenizer",
@@ -33,6 +40,16 @@ def test_runtime_imports_no_heavy_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"the lean runtime imported: {out.stdout.strip()}"
+
+
+def test_format_libraries_load_only_when_a_recording_is_read() -> None:
+    code = (
+        "import sys\n"
+        f"for m in {RUNTIME_MODULES!r}: __import__(m)\n"
+        f"print(' '.join(m for m in {FORMAT_LIBRARIES!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing the runtime loaded: {out.stdout.strip()}"
 
 
 def test_the_check_itself_sees_a_heavy_import() -> None:

@@ -240,8 +240,8 @@ def test_fp32_attention_is_refused_on_cuda_before_any_session(tiny_bundle: Path)
     check_device(manifest, SessionConfig(provider="cpu"))
     check_device(dataclasses.replace(manifest, kv=dataclasses.replace(manifest.kv, dtype="float16")),
                  SessionConfig(provider="cuda"))
-    fp8 = dataclasses.replace(manifest, precision="fp8")  # the fp8 recipe's fp32 base: no GPU path yet, said so
-    with pytest.raises(ConfigError, match=r"the fp8 recipe keeps an fp32 base today"):
+    fp8 = dataclasses.replace(manifest, precision="fp8")  # the ORT fp8 recipe's fp32 base: the GPU path is TensorRT
+    with pytest.raises(ConfigError, match=r"keeps an fp32 base; for a GPU export it with --target tensorrt"):
         check_device(fp8, SessionConfig(provider="tensorrt"))
 
 

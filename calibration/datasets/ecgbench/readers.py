@@ -68,14 +68,15 @@ class Sample:
         return self.turns[0].answer
 
     def load_image(self) -> Image.Image:
-        from pulse_edge.runtime.inputs.images import load_image, load_image_bytes
+        """The image, or the standard print of a recording (DICOM, WFDB .hea, HL7 aECG), as `infer` reads it."""
+        from pulse_edge.runtime.inputs import load_input
 
         if self.image_bytes is not None:
-            return load_image_bytes(self.image_bytes, name=f"{self.subset}/{self.id} ({self.image_name})")
+            return load_input(self.image_bytes, name=f"{self.subset}/{self.id} ({self.image_name})").image
         if self.image_file is None or not self.image_file.is_file():
             raise InputError(f"{self.subset}/{self.id}: image {self.image_name!r} not found under the data folder; "
                              "unpack the image archives into images/ beside the JSON file")
-        return load_image(self.image_file)
+        return load_input(self.image_file).image
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.findings.vocabulary import CODE15_CLASSES, CPSC2018_CLASSES, PTBXL_SUPERCLASSES
+from pulse_edge.runtime.findings.vocabulary import CODE15_WHOLE as CODE15_WHOLE  # NORM / ABNORMAL answers
 
 # Scoring kinds; ecgbench_score maps each to its scorer.
 LABELS = "labels"  # multi-label by label-code substrings (PTB-XL super, CPSC 2018)
@@ -40,11 +42,11 @@ class SubsetSpec:
             raise ConfigError(f"subset kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
 
-PTB_LABELS = ("NORM", "MI", "STTC", "CD", "HYP")
-CPSC_LABELS = ("NORM", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
-CODE15_LABELS = ("1dAVb", "RBBB", "LBBB", "SB", "ST", "AF")
-# CODE-15% gold answers may be exactly one of these words instead of label codes.
-CODE15_WHOLE = ("NORM", "ABNORMAL")
+# The label spaces live with the findings vocabulary (runtime/findings/vocabulary.py), which maps statements
+# onto them, so the scorer and every inference result read labels the same way.
+PTB_LABELS = PTBXL_SUPERCLASSES
+CPSC_LABELS = CPSC2018_CLASSES
+CODE15_LABELS = CODE15_CLASSES
 REPORT_AXES = ("diagnosis", "waveform", "rhythm")
 ARENA_AXES = ("accuracy", "completeness", "instruction_adherence")
 

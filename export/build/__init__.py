@@ -1,0 +1,1 @@
+"""`pulse-edge export`: orchestration from a checkpoint to a validated bundle."""

@@ -1,0 +1,75 @@
+"""The optimisation profiles of PULSE's engines, from the bundle's manifest and the build's limits.
+
+    vision    pixel_values [K, 3, T, T]             K = 1 .. max_tiles (opt: the largest image's tile count)
+    decoder   "decode":  S = 1 .. 2 (opt 1)         T = 1 .. max_context       (one new token per step)
+              "prefill": S = 1 .. max_context        T = 1 .. max_context       (chunks; opt: the runtime's 512)
+
+S is the positions fed in one run (inputs_embeds [1, S, H], position_ids [1, S]); T the positions held after
+it (attention_mask [1, T]). The KV buffers have the static length max_context (TensorRT's KV-cache layer
+demands a static length: "The KV cache tensor must have a static sequence length dimension"). Both decoder
+profiles are dynamic: a profile fixed at S = 1 (min = opt = max) made TensorRT-RTX store every weight a second
+time (+75 % engine at 7B layer widths, docs/tensorrt.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.engines import ProfileSpec
+from pulse_edge.runtime.bundle.manifest import Manifest
+from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK
+from pulse_edge.runtime.image.preprocess import ImageLayout
+
+DECODE_MAX = 2  # a decode profile's S range 1..2: dynamic, so it shares the weights with the prefill profile
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    max_context: int  # positions the KV cache holds (T and S at most)
+    max_tiles: int  # tiles one vision run takes (larger images run in batches)
+
+
+def layout_max_tiles(layout: ImageLayout) -> int:
+    """The tiles of the largest pinpoint plus the base image (PULSE: 672x672 -> 4 + 1 = 5)."""
+    return 1 + max((w // layout.tile_size) * (h // layout.tile_size) for w, h in layout.grid_pinpoints)
+
+
+def resolve_limits(manifest: Manifest, max_context: int | None, max_tiles: int | None) -> BuildLimits:
+    """The asked limits, checked against what the bundle holds; defaults: the bundle's context, all tiles."""
+    held = manifest.kv.max_length
+    context = held if max_context is None else max_context
+    if not 1 <= context <= held:
+        raise ConfigError(f"--max-context must be between 1 and the bundle's {held} positions (its KV cache "
+                          f"length, set at export), got {context}")
+    tiles = layout_max_tiles(manifest.image) if max_tiles is None else max_tiles
+    if tiles < 1:
+        raise ConfigError(f"--max-tiles must be >= 1, got {tiles}")
+    return BuildLimits(max_context=context, max_tiles=tiles)
+
+
+def vision_profiles(manifest: Manifest, limits: BuildLimits) -> tuple[ProfileSpec, ...]:
+    tile = manifest.image.tile_size
+    largest = min(layout_max_tiles(manifest.image), limits.max_tiles)
+    shape = lambda k: (k, 3, tile, tile)  # noqa: E731 - one line per bound reads best
+    return (ProfileSpec("tiles", {names.PIXEL_VALUES: (shape(1), shape(largest), shape(limits.max_tiles))}),)
+
+
+def _decoder_profile(name: str, hidden: int, steps: tuple[int, int, int], total: tuple[int, int, int]) -> ProfileSpec:
+    return ProfileSpec(name, {
+        names.INPUTS_EMBEDS: tuple((1, s, hidden) for s in steps),
+        names.POSITION_IDS: tuple((1, s) for s in steps),
+        names.ATTENTION_MASK: tuple((1, t) for t in total),
+    })
+
+
+def decoder_profiles(manifest: Manifest, limits: BuildLimits) -> tuple[ProfileSpec, ...]:
+    context, hidden = limits.max_context, manifest.text.hidden_size
+    total = (1, max(1, context // 2), context)
+    decode = _decoder_profile("decode", hidden, (1, 1, min(DECODE_MAX, context)), total)
+    prefill = _decoder_profile("prefill", hidden, (1, min(DEFAULT_PREFILL_CHUNK, context), context), total)
+    return decode, prefill
+
+
+PROFILES = {names.VISION: vision_profiles, names.DECODER: decoder_profiles}

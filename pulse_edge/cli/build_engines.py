@@ -1,0 +1,41 @@
+"""`pulse-edge build-engines`: TensorRT engines from a bundle exported with --target tensorrt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pulse_edge.choices import ENGINE_TARGETS
+
+
+def _capabilities(text: str | None) -> tuple[str, ...] | None:
+    """'8.9,12.0' -> ("8.9", "12.0"); the library checks each value."""
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@click.command("build-engines")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(ENGINE_TARGETS), default="auto", show_default=True,
+              help="rtx: TensorRT-RTX, ahead of time on any machine (no GPU needed); jetson: JetPack's TensorRT, on "
+                   "the Jetson itself; auto: whichever is installed (TensorRT-RTX first).")
+@click.option("--max-context", type=click.IntRange(min=1), default=None,
+              help="Positions the engine's KV cache holds (default: the bundle's); less uses less device memory.")
+@click.option("--max-tiles", type=click.IntRange(min=1), default=None,
+              help="Image tiles per vision run (default: the largest image's, 5 for PULSE; more run in batches).")
+@click.option("--workspace", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="TensorRT's workspace limit in GiB (default: TensorRT's own).")
+@click.option("--compute-capability", "capabilities", default=None,
+              help="rtx: GPUs to compile for, e.g. 8.6,8.9,12.0 (the default; FP8 bundles: 8.9,12.0).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="The engine directory to create (default: BUNDLE/engines-<target>).")
+def build_engines_cmd(bundle: Path, target: str, max_context: int | None, max_tiles: int | None,
+                      workspace: float | None, capabilities: str | None, out: Path | None) -> None:
+    """Build the vision and decoder TensorRT engines of a bundle exported with --target tensorrt."""
+    from pulse_edge.export.engines.build import EngineBuildOptions, build_engines
+
+    options = EngineBuildOptions(target=target, max_context=max_context, max_tiles=max_tiles, workspace_gib=workspace,
+                                 compute_capabilities=_capabilities(capabilities), output=out)
+    path = build_engines(bundle, options, progress=lambda line: click.echo(line, err=True))
+    click.echo(f"wrote TensorRT engines to {path} (serve them with `pulse-edge infer IMAGE --model {bundle} "
+               "--backend trt`)")

@@ -1,0 +1,85 @@
+"""JSON lines appended one record at a time, so that a crash loses at most the record being written.
+
+Used for ECGBench predictions (benchmarks/ecgbench/predictions.py) and `pulse-edge infer --output`.
+Each record is flushed and fsynced as soon as it exists. A run killed mid-write leaves a torn last line:
+reading reports it and ignores it, and `prepare_for_append` cuts it off before a resumed run appends.
+A broken line anywhere else is corruption, not a crash, and is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Generic, TypeVar
+
+from pulse_edge.errors import InputError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JsonLines(Generic[T]):
+    """A JSON-lines file as read: its records in file order, and whether its end was cut short."""
+
+    path: Path
+    records: tuple[T, ...]
+    torn_tail: bool = False
+    good_bytes: int = 0  # end of the last complete line
+    unterminated: bool = False  # the last record is complete but lacks its newline
+
+
+def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path, int], T], *,
+                    missing_ok: bool = False) -> JsonLines[T]:
+    """Parse every line with `convert(record, path, line_number)`, which raises InputError on a bad record.
+    A last line that fails (no newline after it, bad JSON or a bad record) is a torn tail, not an error."""
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return JsonLines(path, ())
+        raise InputError(f"{path}: file not found")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # after the last newline: b"" for a complete file
+    records = [convert(_parse_line(line, path, number), path, number)
+               for number, line in enumerate(lines, start=1) if line.strip()]
+    good_bytes = len(data) - len(tail)
+    torn = unterminated = False
+    if tail.strip():
+        try:
+            records.append(convert(_parse_line(tail, path, len(lines) + 1), path, len(lines) + 1))
+        except InputError:
+            torn = True  # a write cut short by a crash or a kill
+        else:
+            unterminated = True
+            good_bytes = len(data)
+    return JsonLines(path, tuple(records), torn, good_bytes, unterminated)
+
+
+def prepare_for_append(existing: JsonLines[Any]) -> None:
+    """Cut a torn last line off (or terminate an unterminated one) so that appended lines stay whole."""
+    if existing.torn_tail:
+        with open(existing.path, "r+b") as f:
+            f.truncate(existing.good_bytes)
+    elif existing.unterminated:
+        with open(existing.path, "ab") as f:
+            f.write(b"\n")
+
+
+def append_record(handle: IO[str], record: Mapping[str, Any]) -> None:
+    """Write one line and push it to disk now, so that a crash loses at most the record in flight."""
+    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _parse_line(line: bytes, path: Path, number: int) -> Mapping[str, Any]:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: line {number} is not valid JSON ({e})") from e
+    if not isinstance(record, Mapping):
+        raise InputError(f"{path}: line {number} is not a JSON object")
+    return record

@@ -1,0 +1,135 @@
+"""Many ECGs through one model into a JSON-lines file, resumably: `pulse-edge infer DIR... --output FILE`.
+
+Each line is one input's `Interpretation.to_dict()` (which carries its `source`), or `{"source", "error"}`
+for an input that could not be read or asked about; lines are appended and pushed to disk one by one
+(pulse_edge/jsonl.py), so a crash loses at most the input in flight. A rerun into the same file skips the
+sources that already have an answer, retries those that failed (a source's last line is its current
+result), and cuts off a line torn by a crash. The model is opened only when some input is left to do.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pulse_edge.errors import ConfigError, InputError, PromptError
+from pulse_edge.jsonl import JsonLines, append_record, prepare_for_append, read_json_lines
+from pulse_edge.runtime.generation.interpretation import Generator, interpret
+from pulse_edge.runtime.inputs import RECORDING_KINDS, load_input
+from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
+
+# What one bad input may raise without stopping the others: an unusable file, a prompt that does not fit.
+PER_INPUT_ERRORS = (InputError, PromptError)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The sources still to do, and the output file as it was read."""
+
+    sources: tuple[str, ...]
+    todo: tuple[str, ...]
+    existing: JsonLines[Mapping[str, Any]]
+
+    @property
+    def already_done(self) -> int:
+        return len(self.sources) - len(self.todo)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How every input of a batch is read and asked about."""
+
+    question: str = DEFAULT_QUESTION
+    max_new_tokens: int = 1024
+    sampling: Any = None  # SamplingParams; None: greedy
+    input_options: Mapping[str, Any] = field(default_factory=dict)  # load_input's fs, leads, unit, layout
+    save_render_dir: Path | None = None  # the rendered print of every recording goes here as PNG
+    fail_fast: bool = False
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    total: int
+    already_done: int
+    answered: int
+    failed: int
+    seconds: float
+
+
+def plan_batch(sources: Sequence[str], output: str | Path) -> BatchPlan:
+    """Read the output file (if any) and list the sources without an answer in it."""
+    existing = read_json_lines(output, _output_record, missing_ok=True)
+    answered = {r["source"] for r in existing.records if "error" not in r}
+    return BatchPlan(tuple(sources), tuple(s for s in sources if s not in answered), existing)
+
+
+def run_batch(plan: BatchPlan, open_model: Callable[[], Generator], options: BatchOptions, *,
+              on_record: Callable[[Mapping[str, Any]], None] | None = None) -> BatchStats:
+    """Answer every source still to do, appending one line each; `on_record` sees each line as written."""
+    start = time.monotonic()
+    if not plan.todo:
+        return BatchStats(len(plan.sources), plan.already_done, 0, 0, 0.0)
+    model = open_model()
+    prepare_for_append(plan.existing)
+    answered = failed = 0
+    plan.existing.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(plan.existing.path, "a", encoding="utf-8") as handle:
+        for source in plan.todo:
+            record, error = _one(model, source, options)
+            append_record(handle, record)
+            answered, failed = answered + (error is None), failed + (error is not None)
+            if on_record is not None:
+                on_record(record)
+            if error is not None and options.fail_fast:
+                raise error
+    return BatchStats(len(plan.sources), plan.already_done, answered, failed, round(time.monotonic() - start, 3))
+
+
+def _one(model: Generator, source: str, options: BatchOptions) -> tuple[dict[str, Any], Exception | None]:
+    try:
+        ecg = load_input(source, name=source, **options.input_options)
+        if options.save_render_dir is not None and ecg.kind in RECORDING_KINDS:
+            save_image(ecg.image, options.save_render_dir / render_name(source))
+        result = interpret(model, ecg, options.question, max_new_tokens=options.max_new_tokens,
+                           sampling=options.sampling)
+    except PER_INPUT_ERRORS as error:
+        return {"source": source, "error": str(error)}, error
+    return result.to_dict(), None
+
+
+def render_name(source: str) -> str:
+    """The file name a source's rendered print is saved under: its path with separators as `__`, + .png."""
+    flat = source.replace("\\", "/").strip("/").replace("../", "").replace("/", "__")
+    return f"{flat.lstrip('.') or 'input'}.png"
+
+
+def save_image(image: Image.Image, path: str | Path) -> None:
+    """Write an image (format from the suffix) so that it appears whole or not at all."""
+    path = Path(path)
+    if Image.registered_extensions().get(path.suffix.lower()) is None:
+        raise ConfigError(f"{path}: unknown image suffix {path.suffix!r}; name it .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(temp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a saved print is the user's like any file
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _output_record(record: Mapping[str, Any], path: Path, number: int) -> Mapping[str, Any]:
+    if not isinstance(record.get("source"), str):
+        raise InputError(f"{path}: line {number} has no source; is it a `pulse-edge infer --output` file?")
+    return record

@@ -1,0 +1,103 @@
+"""Lead names: the dozens of spellings carts and file formats use, mapped to the 12 standard leads.
+
+Every format names leads differently: WFDB headers say "AVR", DICOM code meanings
+say "Lead I (Einthoven)", HL7 aECG says "MDC_ECG_LEAD_AVR", European carts say
+"DI"/"D2" for the limb leads and "C1".."C6" (IEC 60601-2-25) for V1..V6, and
+coded DICOM channels may carry only a code value from the SCPECG or MDC tables
+(DICOM PS3.16 CID 3001). All of them end up here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import MappingProxyType
+
+LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+LIMB_LEADS: tuple[str, ...] = LEADS[:6]
+PRECORDIAL_LEADS: tuple[str, ...] = LEADS[6:]
+
+# Lead numbers shared by the SCP-ECG code values ("5.6.3-9-<n>", coding scheme
+# SCPECG) and the MDC code values ("2:<n>", coding scheme MDC) of DICOM CID 3001.
+_CID3001_NUMBERS = MappingProxyType(
+    {1: "I", 2: "II", 61: "III", 62: "aVR", 63: "aVL", 64: "aVF", 3: "V1", 4: "V2", 5: "V3", 6: "V4", 7: "V5", 8: "V6"}
+)
+CODE_VALUES = MappingProxyType(
+    {
+        **{f"5.6.3-9-{n}": lead for n, lead in _CID3001_NUMBERS.items()},
+        **{f"2:{n}": lead for n, lead in _CID3001_NUMBERS.items()},
+    }
+)
+
+# Spellings after cleaning (lower case, no spaces, prefixes and "(Einthoven)" removed).
+_ALIASES = MappingProxyType(
+    {
+        **{lead.lower(): lead for lead in LEADS},
+        # Roman numerals with the European "D" (Einthoven's "Ableitung"/derivation) prefix.
+        "di": "I",
+        "dii": "II",
+        "diii": "III",
+        "d1": "I",
+        "d2": "II",
+        "d3": "III",
+        # IEC names of the chest electrodes.
+        **{f"c{k}": f"V{k}" for k in range(1, 7)},
+    }
+)
+
+# Removed from the front of a cleaned name before the alias look-up.
+_PREFIXES = ("mdc_ecg_lead_", "ecg_lead_", "lead_", "lead", "ableitung")
+# Text in brackets names the inventor or system ("Einthoven", "Goldberger", "Wilson"), not the lead.
+_BRACKETS = re.compile(r"\(.*?\)|\[.*?\]")
+_SEPARATORS = re.compile(r"[\s.]+")
+# "-aVR", "neg aVR", "minus aVR": the inverted lead of the Cabrera display.
+_NEGATIONS = ("-", "neg", "minus", "inverted", "inv")
+
+
+@dataclass(frozen=True)
+class LeadName:
+    """A recognised lead: the standard name and whether the channel holds its negative."""
+
+    lead: str
+    inverted: bool = False
+
+
+def normalise_lead_name(label: str | None) -> LeadName | None:
+    """The standard lead a channel label means, or None when it is no standard 12-lead lead.
+
+    >>> normalise_lead_name("Lead I (Einthoven)")
+    LeadName(lead='I', inverted=False)
+    >>> normalise_lead_name("-aVR")
+    LeadName(lead='aVR', inverted=True)
+    """
+    if label is None:
+        return None
+    raw = label.strip()
+    if raw in CODE_VALUES:  # codes contain '-' and ':' that the cleaning below would eat
+        return LeadName(CODE_VALUES[raw])
+    name = _SEPARATORS.sub("_", _BRACKETS.sub("", raw).strip().casefold()).strip("_")
+    name = _strip_prefix(name)
+    inverted = False
+    for negation in _NEGATIONS:
+        if name.startswith(negation) and name[len(negation) :].strip("_") in _ALIASES:
+            name, inverted = name[len(negation) :], True
+            break
+    name = name.replace("_", "").replace("-", "")
+    lead = _ALIASES.get(name)
+    return LeadName(lead, inverted) if lead else None
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in _PREFIXES:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix) :].strip("_")
+    return name
+
+
+def lead_from_code(code_value: str | None, code_meaning: str | None = None) -> LeadName | None:
+    """A DICOM/aECG coded lead: the code value first (it is normative), then its meaning text."""
+    for text in (code_value, code_meaning):
+        found = normalise_lead_name(text) if text else None
+        if found:
+            return found
+    return None

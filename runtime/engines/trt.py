@@ -1,0 +1,325 @@
+"""TensorRT engines behind `BundleEngine`: the `trt` backend (lean: no torch; cuda-bindings for device memory).
+
+    engines.json (runtime/bundle/engines.py) ─ Runtime.deserialize_cuda_engine ─ IO checked against it
+    device buffers, allocated once:
+      vision   pixel_values [max_tiles, 3, T, T] f32 -> image_features [max_tiles, P, H] f32 (images with more
+               tiles run in batches)
+      decoder  inputs_embeds [1, max_context, H] f32, position_ids, write_index, attention_mask, logits [1, 1, V];
+               the KV cache [1, KVN, max_context, D] fp16 per layer and part, bound as both `past` and `present`
+               (TensorRT's KV-cache layer writes in place); an engine that does not alias them gets a second
+               buffer per tensor, swapped after every run
+    per run: profile ("decode" for 1-2 positions, else "prefill"), set_input_shape, host-to-device copies,
+             execute_async_v3, the logits back, synchronize
+
+The feeding (embedding lookup, image splice, prefill chunks), generation loop and sampling are BundleEngine's
+and runtime/generation's, shared with the `ort` backend. The bookkeeping (which profile, which shapes, which
+buffer) is plain Python over the engine's and CUDA's interfaces, so it is tested here with stand-ins; running
+the engines needs an NVIDIA GPU and was not done on the machines pulse-edge is developed on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.engines import EngineSet, EngineSpec, find_engine_dir, read_engines
+from pulse_edge.runtime.bundle.manifest import BundleError, Manifest
+from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, BundleEngine, check_servable
+from pulse_edge.runtime.engines.tensorrt_api import TensorRT, load_module
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8,
+             "uint8": np.uint8, "bool": np.bool_}
+INPUT_MODE, OUTPUT_MODE = "INPUT", "OUTPUT"
+
+
+# ----------------------------------------------------------------------------- CUDA through cuda-bindings
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime  # cuda-bindings >= 12.6 (cuda-python's runtime module)
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # older cuda-python
+        except ImportError as e:
+            raise ConfigError("the trt backend needs cuda-bindings for device memory: pip install "
+                              "'pulse-edge[rtx]' (or cuda-bindings matching your CUDA, e.g. on a Jetson)") from e
+    return runtime
+
+
+class Cuda:
+    """The few CUDA runtime calls the backend makes; each failure becomes one line."""
+
+    def __init__(self, runtime: Any | None = None) -> None:
+        self.rt = runtime or _cudart()
+        err, count = self.rt.cudaGetDeviceCount()
+        if int(err) != 0 or count == 0:
+            raise ConfigError(f"no CUDA GPU is usable here ({self._message(err)}): the trt backend needs an NVIDIA "
+                              "GPU with a driver for this CUDA; use --backend ort")
+        self.stream = self._check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+
+    def _message(self, err: Any) -> str:
+        return self.rt.cudaGetErrorString(err)[1].decode(errors="replace") if int(err) else "no device"
+
+    def _check(self, result: Any, call: str) -> Any:
+        err, *values = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            raise RuntimeError(f"{call} failed: {self._message(err)}")
+        return values[0] if len(values) == 1 else values
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = int(self._check(self.rt.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes})"))
+        self._check(self.rt.cudaMemsetAsync(ptr, 0, max(nbytes, 1), self.stream), "cudaMemsetAsync")
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        self._check(self.rt.cudaFree(ptr), "cudaFree")
+
+    def upload(self, ptr: int, array: np.ndarray) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self.stream), "upload")
+
+    def download(self, array: np.ndarray, ptr: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._check(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, self.stream), "download")
+
+    def synchronize(self) -> None:
+        self._check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def device(self) -> dict[str, Any]:
+        """Name, compute capability and the memory bandwidth bound (clock x bus width x 2, DDR) of device 0."""
+        props = self._check(self.rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
+        attr = self.rt.cudaDeviceAttr
+        clock_khz = self._check(self.rt.cudaDeviceGetAttribute(attr.cudaDevAttrMemoryClockRate, 0), "clock")
+        bus_bits = self._check(self.rt.cudaDeviceGetAttribute(attr.cudaDevAttrGlobalMemoryBusWidth, 0), "bus")
+        name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+        return {"name": name, "compute_capability": f"{props.major}.{props.minor}",
+                "memory_bytes": int(props.totalGlobalMem),
+                "peak_bandwidth_bytes_s": 2.0 * clock_khz * 1e3 * bus_bits / 8}
+
+
+@dataclass
+class DeviceTensor:
+    """A device buffer for one tensor at its largest shape."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: type
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def allocate(cuda: Cuda, shape: tuple[int, ...], dtype: type) -> DeviceTensor:
+    return DeviceTensor(cuda.malloc(int(np.prod(shape)) * np.dtype(dtype).itemsize), tuple(shape), dtype)
+
+
+# ----------------------------------------------------------------------------- the engine's interface, checked
+
+
+def check_engine_io(engine: Any, spec: EngineSpec, trt: TensorRT) -> None:
+    """The deserialized engine must have exactly the IO engines.json records (names, directions, dtypes)."""
+    found = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = str(engine.get_tensor_mode(name)).rsplit(".", 1)[-1]
+        found[name] = (mode, trt.dtype_name(engine.get_tensor_dtype(name)))
+    want = {t.name: (INPUT_MODE, t.dtype) for t in spec.inputs} | {t.name: (OUTPUT_MODE, t.dtype) for t in spec.outputs}
+    if found != want:
+        raise BundleError(f"{spec.file}'s tensors {sorted(found.items())} differ from engines.json's "
+                          f"{sorted(want.items())}; rebuild the engines")
+    if engine.num_optimization_profiles != len(spec.profiles):
+        raise BundleError(f"{spec.file} has {engine.num_optimization_profiles} profiles, engines.json "
+                          f"{len(spec.profiles)}; rebuild the engines")
+
+
+def aliased_cache(engine: Any, aliases: Mapping[str, str]) -> bool:
+    """Whether every `present` output is written into its `past` input's memory (TensorRT's KV-cache layer)."""
+    probe = getattr(engine, "get_aliased_input_tensor", None)
+    return probe is not None and all(probe(present) == past for present, past in aliases.items())
+
+
+@dataclass(frozen=True)
+class DecoderPlan:
+    """Which profile and input shapes a run of S positions after L held ones needs (GPU-free bookkeeping)."""
+
+    spec: EngineSpec
+    max_length: int
+    hidden: int
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec) -> DecoderPlan:
+        past = spec.tensor(names.past_name(0, "key"))
+        return cls(spec=spec, max_length=int(past.shape[2]), hidden=int(spec.tensor(names.INPUTS_EMBEDS).shape[2]))
+
+    @property
+    def max_steps(self) -> int:
+        return max(p.limits(names.INPUTS_EMBEDS, 1)[1] for p in self.spec.profiles)
+
+    def shapes(self, steps: int, total: int) -> dict[str, tuple[int, ...]]:
+        return {names.INPUTS_EMBEDS: (1, steps, self.hidden), names.POSITION_IDS: (1, steps),
+                names.ATTENTION_MASK: (1, total)}
+
+    def profile_for(self, steps: int, total: int) -> int:
+        """The decode profile when it admits the run (it is tuned for one position), else the first that does."""
+        order = sorted(range(len(self.spec.profiles)), key=lambda i: self.spec.profiles[i].name != "decode")
+        shapes = self.shapes(steps, total)
+        for index in order:
+            if self.spec.profiles[index].admits(shapes):
+                return index
+        raise ValueError(f"no profile of {self.spec.file} takes {steps} positions with {total} held (engine built "
+                         f"for at most {self.max_steps} per run and {self.max_length} in all)")
+
+    def check_chunk(self, prefill_chunk: int | None) -> None:
+        if prefill_chunk is not None and prefill_chunk > self.max_steps:
+            raise ConfigError(f"prefill chunk {prefill_chunk} exceeds the {self.max_steps} positions per run the "
+                              "decoder engine was built for")
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def _execute(context: Any, cuda: Cuda) -> None:
+    if not context.execute_async_v3(cuda.stream):
+        raise RuntimeError("TensorRT's execute_async_v3 failed (its log has the reason)")
+
+
+class TrtVision:
+    """pixel_values [K, 3, T, T] float32 -> image_features [K, P, H] float32, max_tiles tiles per run."""
+
+    def __init__(self, engine: Any, context: Any, spec: EngineSpec, cuda: Cuda) -> None:
+        self.context, self.cuda, self.spec = context, cuda, spec
+        _, profile = spec.profile("tiles")
+        self.max_tiles = profile.limits(names.PIXEL_VALUES, 0)[1]
+        pixels = spec.tensor(names.PIXEL_VALUES).shape
+        features = spec.tensor(names.IMAGE_FEATURES).shape
+        self.pixels = allocate(cuda, (self.max_tiles, *pixels[1:]), np.float32)
+        self.features = allocate(cuda, (self.max_tiles, *features[1:]), np.float32)
+        context.set_optimization_profile_async(0, cuda.stream)
+        context.set_tensor_address(names.PIXEL_VALUES, self.pixels.ptr)
+        context.set_tensor_address(names.IMAGE_FEATURES, self.features.ptr)
+
+    def run(self, pixel_values: np.ndarray) -> np.ndarray:
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        out = np.empty((pixel_values.shape[0], *self.features.shape[1:]), np.float32)
+        for start in range(0, pixel_values.shape[0], self.max_tiles):
+            batch = pixel_values[start:start + self.max_tiles]
+            self.context.set_input_shape(names.PIXEL_VALUES, batch.shape)
+            self.cuda.upload(self.pixels.ptr, batch)
+            _execute(self.context, self.cuda)
+            self.cuda.download(out[start:start + len(batch)], self.features.ptr)
+        self.cuda.synchronize()
+        return out
+
+
+class TrtDecoder:
+    """The decoder engine with its device KV cache: `forward` appends positions and returns the last logits."""
+
+    def __init__(self, engine: Any, context: Any, spec: EngineSpec, cuda: Cuda, vocab: int) -> None:
+        self.context, self.cuda, self.spec = context, cuda, spec
+        self.plan = DecoderPlan.from_spec(spec)
+        self.length, self.active = 0, -1
+        steps, hidden, length = self.plan.max_steps, self.plan.hidden, self.plan.max_length
+        self.inputs = {names.INPUTS_EMBEDS: allocate(cuda, (1, steps, hidden), np.float32),
+                       names.POSITION_IDS: allocate(cuda, (1, steps), np.int64),
+                       names.WRITE_INDEX: allocate(cuda, (1,), np.int64),
+                       names.ATTENTION_MASK: allocate(cuda, (1, length), np.int64)}
+        self.logits = allocate(cuda, (1, 1, vocab), np.float32)
+        self._host_logits = np.zeros((1, 1, vocab), np.float32)
+        self.in_place = aliased_cache(engine, spec.kv_aliases)
+        self.cache = {past: self._cache_buffers(spec, past) for past in spec.kv_aliases.values()}
+        cuda.upload(self.inputs[names.ATTENTION_MASK].ptr, np.ones((1, length), np.int64))  # only its shape is read
+
+    def _cache_buffers(self, spec: EngineSpec, past: str) -> list[DeviceTensor]:
+        shape = tuple(int(d) for d in spec.tensor(past).shape)
+        return [allocate(self.cuda, shape, np.float16) for _ in range(1 if self.in_place else 2)]
+
+    @property
+    def room(self) -> int:
+        return self.plan.max_length - self.length
+
+    def reset(self) -> None:
+        """A new conversation; positions beyond `length` are never attended to, so nothing is cleared."""
+        self.length = 0
+
+    def _bind(self, profile: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        if profile != self.active:
+            self.context.set_optimization_profile_async(profile, self.cuda.stream)
+            self.active = profile
+        for name, shape in shapes.items():
+            self.context.set_input_shape(name, shape)
+        for name, tensor in self.inputs.items():
+            self.context.set_tensor_address(name, tensor.ptr)
+        self.context.set_tensor_address(names.LOGITS, self.logits.ptr)
+        for present, past in self.spec.kv_aliases.items():
+            buffers = self.cache[past]
+            self.context.set_tensor_address(past, buffers[0].ptr)
+            self.context.set_tensor_address(present, buffers[-1].ptr)
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        """embeds [1, S, H] float32 at positions [length, length + S) -> logits [V] of the last one."""
+        steps = embeds.shape[1]
+        if steps > self.room:
+            raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.plan.max_length}")
+        start, total = self.length, self.length + steps
+        self._bind(self.plan.profile_for(steps, total), self.plan.shapes(steps, total))
+        self.cuda.upload(self.inputs[names.INPUTS_EMBEDS].ptr, np.ascontiguousarray(embeds, dtype=np.float32))
+        self.cuda.upload(self.inputs[names.POSITION_IDS].ptr, np.arange(start, total, dtype=np.int64)[None])
+        self.cuda.upload(self.inputs[names.WRITE_INDEX].ptr, np.array([start], np.int64))
+        _execute(self.context, self.cuda)
+        self.cuda.download(self._host_logits, self.logits.ptr)
+        self.cuda.synchronize()
+        if not self.in_place:  # the present buffers hold the whole cache now: they are the next run's past
+            for buffers in self.cache.values():
+                buffers.reverse()
+        self.length = total
+        return self._host_logits[0, -1]
+
+
+# ----------------------------------------------------------------------------- opening a bundle's engines
+
+
+def _deserialize(trt: TensorRT, runtime: Any, path: Path) -> Any:
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise ConfigError(f"{trt.name} {trt.version} cannot load {path} (built for another GPU or TensorRT version? "
+                          "its log says why); rebuild it with pulse-edge build-engines on this machine")
+    return engine
+
+
+def check_engine_set(engines: EngineSet, manifest: Manifest) -> None:
+    if engines.max_context > manifest.kv.max_length:
+        raise BundleError(f"engines.json says {engines.max_context} positions, the bundle holds "
+                          f"{manifest.kv.max_length}; rebuild the engines")
+
+
+def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | None = None,
+                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, cuda: Cuda | None = None) -> BundleEngine:
+    """The bundle's engines (engines_dir, default its one `engines-*` folder) behind BundleEngine."""
+    check_servable(manifest, prefill_chunk)
+    directory = engines_dir or find_engine_dir(bundle)
+    engines = read_engines(directory, bundle)
+    check_engine_set(engines, manifest)
+    trt = load_module(engines.tensorrt)
+    cuda = cuda or Cuda()
+    logger = trt.logger(lambda severity, text: None)
+    runtime = trt.module.Runtime(logger)
+    runners = {}
+    for role in (names.VISION, names.DECODER):
+        spec = engines.engines[role]
+        engine = _deserialize(trt, runtime, directory / spec.file)
+        check_engine_io(engine, spec, trt)
+        context = engine.create_execution_context()
+        runners[role] = (TrtVision(engine, context, spec, cuda) if role == names.VISION else
+                         TrtDecoder(engine, context, spec, cuda, manifest.text.vocab_size))
+        runners[role]._keep = (engine, runtime, logger)  # contexts need their engine alive
+    runners[names.DECODER].plan.check_chunk(prefill_chunk)
+    return BundleEngine(bundle, manifest, runners[names.VISION], runners[names.DECODER], prefill_chunk=prefill_chunk,
+                        max_length=runners[names.DECODER].plan.max_length)

@@ -1,0 +1,177 @@
+"""Find the statements of the vocabulary in a generated answer, leaving out what the text denies.
+
+    "Sinus rhythm. No atrial fibrillation; possible LVH."  ->  SR (stated), LVH (possible); never AFIB
+
+A statement is a whole-word match of a concept's phrases (any case) or codes (exact case); where matches
+overlap, the longest wins ("incomplete right bundle branch block" is IRBBB, not RBBB). The text is cut
+into clauses at sentence punctuation and at "but", "however", ...; a mention is
+
+- left out when a negation comes before it in its clause ("no", "not", "without", "negative for", ...),
+  when a negation follows it ("AF is absent", "... not seen"), or when its clause is a question;
+- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", ...)
+  or follows it ("... cannot be excluded");
+- kept as "stated" otherwise.
+
+Negation reaches to the end of the clause, commas included ("no ST elevation, LBBB" drops both): a missed
+statement is a smaller harm than a finding the text does not state. A concept mentioned several times is
+reported once, by its first stated mention (else its first possible one).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pulse_edge.runtime.findings.vocabulary import CONCEPTS, Concept
+
+CERTAINTIES = ("stated", "possible")
+_LEFT, _RIGHT = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])"
+_BOUNDARY = re.compile(
+    r"[.;:!?](?!\d)|\n|(?<![A-Za-z])(?:but|however|although|though|whereas|except|apart from|aside from)(?![A-Za-z])",
+    re.IGNORECASE)
+_NEGATION_BEFORE = re.compile(
+    r"(?<![A-Za-z])(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|never|neither|nor"
+    r"|rather than|instead of)(?![A-Za-z])", re.IGNORECASE)
+# Negation words that do not deny what follows them.
+_PSEUDO_NEGATION = re.compile(
+    r"(?<![A-Za-z])(?:not only|not necessarily|no (?:significant |interval )?changes?)(?![A-Za-z])", re.IGNORECASE)
+_UNSURE = r"(?:(?:cannot|can't|can not) (?:be )?(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))"
+_HEDGE_BEFORE = re.compile(
+    rf"(?<![A-Za-z])(?:{_UNSURE}|possibl[ey]|probabl[ey]|likely|suspected|suspicious (?:for|of)"
+    r"|suggest(?:s|ive of|ing)?|consider|questionable|borderline|equivocal|may (?:be|represent|indicate|reflect)"
+    r"|might|could (?:be|represent)"
+    r"|rule out|r/o)(?![A-Za-z])", re.IGNORECASE)
+_FILLER = r"^[\s,]*(?:[\w/+-]+[\s,]+){0,4}?"  # up to four words between a statement and what follows it
+_VERB = r"(?:(?:is|are|was|were|has been|have been|appears?|seems?)\s+)?"
+_NEGATION_AFTER = re.compile(
+    rf"{_FILLER}{_VERB}(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
+    r"|shown|demonstrated)|absent|ruled out|excluded|unlikely|resolved)(?![A-Za-z])", re.IGNORECASE)
+_HEDGE_AFTER = re.compile(
+    rf"{_FILLER}{_VERB}(?:{_UNSURE}|possible|suspected|likely|questionable|not certain)(?![A-Za-z])", re.IGNORECASE)
+_CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", re.IGNORECASE)
+
+
+def word_pattern(phrase: str, *, ignore_case: bool = False) -> re.Pattern[str]:
+    """`phrase` (literal text) as a whole word: no letter or digit on either side. The scorer's rule."""
+    return re.compile(_LEFT + re.escape(phrase) + _RIGHT, re.IGNORECASE if ignore_case else 0)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One statement of the vocabulary found in a text, with the span that states it."""
+
+    code: str  # the concept's key (runtime/findings/vocabulary.py)
+    name: str
+    category: str
+    snomed_ct: str | None
+    scp_ecg: str | None
+    labels: dict[str, str]  # ECGBench label space -> label
+    text: str  # the matched span, as written
+    start: int  # character offsets of the span in the text
+    end: int
+    certainty: str  # "stated" | "possible"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "name": self.name, "category": self.category, "snomed_ct": self.snomed_ct,
+                "scp_ecg": self.scp_ecg, "labels": dict(self.labels), "text": self.text, "start": self.start,
+                "end": self.end, "certainty": self.certainty}
+
+
+@dataclass(frozen=True)
+class _Matcher:
+    concept: Concept
+    patterns: tuple[re.Pattern[str], ...]
+
+
+@dataclass
+class _Mention:
+    start: int
+    end: int
+    concept: Concept
+    negated: bool = False
+    hedged: bool = False
+
+
+def _matcher(concept: Concept) -> _Matcher:
+    patterns = []
+    if concept.phrases:
+        patterns.append(re.compile(f"{_LEFT}(?:{'|'.join(concept.phrases)}){_RIGHT}", re.IGNORECASE))
+    if concept.codes:
+        patterns.append(re.compile(f"{_LEFT}(?:{'|'.join(concept.codes)}){_RIGHT}"))
+    return _Matcher(concept, tuple(patterns))
+
+
+_MATCHERS: tuple[_Matcher, ...] = tuple(_matcher(c) for c in CONCEPTS)
+
+
+def extract_findings(text: str) -> list[Finding]:
+    """The vocabulary's statements that `text` makes, in order of first mention; none that it denies."""
+    mentions = _mentions(text)
+    for clause in _clauses(text):
+        _judge_clause(text, clause, [m for m in mentions if clause[0] <= m.start < clause[1]])
+    chosen: dict[str, _Mention] = {}
+    for mention in mentions:
+        if mention.negated:
+            continue
+        previous = chosen.get(mention.concept.key)
+        if previous is None or (previous.hedged and not mention.hedged):
+            chosen[mention.concept.key] = mention
+    return [_finding(text, m) for m in sorted(chosen.values(), key=lambda m: m.start)]
+
+
+def labels_in(text: str, labels: Sequence[str]) -> list[str]:
+    """Those of `labels` (codes of an ECGBench label space) that the statements of `text` map to, in the
+    order of `labels`. What the ECGBench scorer's strict mode reads, and what the findings of a result say."""
+    found = {label for finding in extract_findings(text) for label in finding.labels.values()}
+    return [label for label in labels if label in found]
+
+
+def _mentions(text: str) -> list[_Mention]:
+    """Every match of every concept; where matches overlap, the longest (then the earliest) is kept."""
+    found = [_Mention(hit.start(), hit.end(), m.concept) for m in _MATCHERS for p in m.patterns
+             for hit in p.finditer(text)]
+    kept: list[_Mention] = []
+    for mention in sorted(found, key=lambda m: (m.start - m.end, m.start)):
+        if all(mention.end <= k.start or mention.start >= k.end for k in kept):
+            kept.append(mention)
+    return sorted(kept, key=lambda m: m.start)
+
+
+def _clauses(text: str) -> list[tuple[int, int, bool]]:
+    """(start, end, is a question) of each clause."""
+    clauses, start = [], 0
+    for boundary in _BOUNDARY.finditer(text):
+        clauses.append((start, boundary.start(), boundary.group() == "?"))
+        start = boundary.end()
+    clauses.append((start, len(text), False))
+    return clauses
+
+
+def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Mention]) -> None:
+    """Mark the mentions of one clause negated or hedged."""
+    start, end, asked = clause
+    part = text[start:end]
+    hedges = [(start + h.start(), start + h.end()) for h in _HEDGE_BEFORE.finditer(part)]
+    pseudo = [(start + p.start(), start + p.end()) for p in _PSEUDO_NEGATION.finditer(part)]
+    negations = [start + n.start() for n in _NEGATION_BEFORE.finditer(part)
+                 if not any(a <= start + n.start() < b for a, b in (*hedges, *pseudo))]
+    for k, mention in enumerate(mentions):
+        gap_end = mentions[k + 1].start if k + 1 < len(mentions) else end
+        gap = text[mention.end:gap_end]
+        hedged_after = bool(_HEDGE_AFTER.match(gap))  # "... cannot be excluded" before "... excluded"
+        negated_after = not hedged_after and bool(_NEGATION_AFTER.match(gap))
+        mention.negated = asked or any(n < mention.start for n in negations) or negated_after
+        mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after
+    # "AF and flutter are absent": what follows the last of a list applies to the whole list.
+    for k in range(len(mentions) - 2, -1, -1):
+        if _CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
+            mentions[k].negated |= mentions[k + 1].negated
+            mentions[k].hedged |= mentions[k + 1].hedged
+
+
+def _finding(text: str, mention: _Mention) -> Finding:
+    c = mention.concept
+    return Finding(c.key, c.name, c.category, c.snomed, c.scp, dict(c.labels), text[mention.start:mention.end],
+                   mention.start, mention.end, "possible" if mention.hedged else "stated")

@@ -1,0 +1,202 @@
+"""DICOM ECG waveforms (12-Lead ECG, General ECG, Ambulatory and 32-bit ECG Waveform Storage).
+
+Samples come from pydicom's `Dataset.waveform_array(index)`, which (pydicom 3.0)
+returns float64 [samples, channels] as
+
+    raw * ChannelSensitivity * ChannelSensitivityCorrectionFactor + ChannelBaseline
+
+with 1.0 / 1.0 / 0.0 standing in for absent elements, in whatever unit each
+channel's ChannelSensitivityUnitsSequence names. It does NOT convert units, does
+not look at WaveformPaddingValue, and hands back the raw 8-bit codes of mu-law
+(MB) and A-law (AB) samples undecoded. So this reader insists on a sensitivity
+and a known unit per channel, converts units itself, and refuses MB/AB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from types import MappingProxyType
+
+import numpy as np
+
+from pulse_edge.runtime.ecg.checks import check_fs, one_line, recording_error
+from pulse_edge.runtime.ecg.leads import lead_from_code
+from pulse_edge.runtime.ecg.recording import Recording
+from pulse_edge.runtime.ecg.units import require_mv_per_unit
+from pulse_edge.runtime.inputs.extras import require
+
+_ECG_SOP_CLASSES = MappingProxyType(
+    {
+        "1.2.840.10008.5.1.4.1.1.9.1.1": "12-Lead ECG Waveform",
+        "1.2.840.10008.5.1.4.1.1.9.1.2": "General ECG Waveform",
+        "1.2.840.10008.5.1.4.1.1.9.1.3": "Ambulatory ECG Waveform",
+        "1.2.840.10008.5.1.4.1.1.9.1.4": "General 32-bit ECG Waveform",
+    }
+)
+# Multiplex groups that hold an averaged or representative beat, not the recording.
+_BEAT_GROUP_WORDS = ("MEDIAN", "BEAT", "AVERAGE", "TEMPLATE", "REPRESENTATIVE")
+_COMPANDED = ("MB", "AB")  # mu-law / A-law: pydicom returns the raw codes
+# NotImplementedError: pydicom's answer to a garbled explicit VR ("Unknown Value Representation").
+_LIBRARY_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    NotImplementedError,
+    struct.error,
+)
+_FIX = "export the ECG from the cart as a 12-lead or General ECG Waveform DICOM"
+
+
+def read_dicom(source: str | os.PathLike | bytes, *, name: str | None = None) -> Recording:
+    """The rhythm multiplex group of a DICOM ECG waveform file (path) or object (bytes)."""
+    label = name or ("<DICOM bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source))
+    ds = _open(source, label)
+    try:
+        leads, fs, notes = _read_dataset(ds, label)
+    except _library_errors() as exc:
+        raise recording_error(label, f"corrupt or truncated DICOM waveform ({one_line(exc)})", _FIX) from exc
+    check_fs(fs, label)
+    return Recording(leads, fs, "dicom", notes, source=label)
+
+
+def _read_dataset(ds, label: str) -> tuple[dict[str, np.ndarray], float, list[str]]:
+    _check_sop_class(ds, label)
+    groups = ds.get("WaveformSequence")
+    if not groups:
+        raise recording_error(
+            label, "DICOM file has no WaveformSequence (not an ECG waveform, or the file is cut short)", _FIX
+        )
+    index, notes = _pick_group(groups)
+    leads, channel_notes = _read_group(ds, index, groups[index], label)
+    return leads, float(groups[index].SamplingFrequency), notes + channel_notes
+
+
+def _open(source, label: str):
+    pydicom = require("pydicom", reading="DICOM", source=label)
+    from pydicom.errors import InvalidDicomError
+
+    # dcmread() takes bytes as a *file name*, so file contents go in as a stream.
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        ds = pydicom.dcmread(stream)
+        # pydicom parses sequences lazily and stops quietly at the end of a cut-short
+        # file; walking every element now turns a broken file into an error here.
+        for _ in ds.iterall():
+            pass
+        return ds
+    except FileNotFoundError:
+        raise recording_error(label, "file not found", "check the path") from None
+    except InvalidDicomError:
+        raise recording_error(label, "not a DICOM file (no DICM header)", _FIX) from None
+    except _library_errors() as exc:
+        raise recording_error(label, f"corrupt or truncated DICOM file ({one_line(exc)})", _FIX) from exc
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """What pydicom raises on broken input; its own BytesLengthException derives from Exception only."""
+    from pydicom.errors import BytesLengthException
+
+    return (*_LIBRARY_ERRORS, BytesLengthException)
+
+
+def _check_sop_class(ds, label: str) -> None:
+    sop = str(ds.get("SOPClassUID", ""))
+    if sop and sop not in _ECG_SOP_CLASSES:
+        kind = getattr(ds.SOPClassUID, "name", "") or sop
+        raise recording_error(label, f"DICOM object is a {kind}, not an ECG waveform", _FIX)
+
+
+def _pick_group(groups) -> tuple[int, list[str]]:
+    """Index of the rhythm group: not a median/average beat, ORIGINAL, labelled RHYTHM, most leads, longest."""
+    scores = [_group_score(item) for item in groups]
+    best = max(range(len(groups)), key=scores.__getitem__)
+    if len(groups) == 1:
+        return best, []
+    others = ", ".join(_group_name(groups[k], k) for k in range(len(groups)) if k != best)
+    return best, [f"used waveform group {_group_name(groups[best], best)}; skipped {others}"]
+
+
+def _group_score(item) -> tuple:
+    label = str(item.get("MultiplexGroupLabel", "")).upper()
+    is_beat = any(word in label for word in _BEAT_GROUP_WORDS)
+    original = str(item.get("WaveformOriginality", "")).upper() == "ORIGINAL"
+    n_leads = sum(_channel_lead(ch) is not None for ch in item.get("ChannelDefinitionSequence", []))
+    fs = float(item.get("SamplingFrequency", 0) or 0)
+    duration = int(item.get("NumberOfWaveformSamples", 0) or 0) / fs if fs > 0 else 0.0
+    return (not is_beat, original, "RHYTHM" in label, n_leads, duration)
+
+
+def _group_name(item, index: int) -> str:
+    label = item.get("MultiplexGroupLabel")
+    return f"{index} {str(label)!r}" if label else str(index)
+
+
+def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    channels = list(item.get("ChannelDefinitionSequence", []))
+    n_channels = int(item.NumberOfWaveformChannels)
+    if len(channels) != n_channels:
+        raise recording_error(
+            label, f"group {index} declares {n_channels} channels but defines {len(channels)} (file cut short?)", _FIX
+        )
+    _check_samples(item, label, index)
+    factors = [_mv_factor(ch, k, label) for k, ch in enumerate(channels)]
+    values = ds.waveform_array(index)  # [samples, channels], sensitivity and baseline applied
+    leads, notes = {}, []
+    for k, ch in enumerate(channels):
+        name = _channel_name(ch, k)
+        if name in leads:
+            notes.append(f"channel {k + 1} repeats {name!r}; kept the first")
+            continue
+        leads[name] = values[:, k] * factors[k]
+    return leads, notes
+
+
+def _check_samples(item, label: str, index: int) -> None:
+    interpretation = str(item.WaveformSampleInterpretation)
+    if interpretation in _COMPANDED:
+        raise recording_error(
+            label, f"group {index} stores mu-law/A-law samples ({interpretation}), which are not supported", _FIX
+        )
+    expected = (
+        int(item.NumberOfWaveformSamples) * int(item.NumberOfWaveformChannels) * int(item.WaveformBitsAllocated) // 8
+    )
+    stored = len(item.WaveformData)
+    if stored < expected:
+        raise recording_error(
+            label, f"WaveformData of group {index} holds {stored} bytes but needs {expected} (truncated file)", _FIX
+        )
+
+
+def _mv_factor(channel, k: int, label: str) -> float:
+    if "ChannelSensitivity" not in channel:
+        raise recording_error(
+            label,
+            f"channel {k + 1} ({_channel_name(channel, k)}) has no ChannelSensitivity, "
+            "so its samples have no voltage scale",
+            _FIX,
+        )
+    units = channel.get("ChannelSensitivityUnitsSequence")
+    unit = (units[0].get("CodeValue") or units[0].get("CodeMeaning")) if units else None
+    return require_mv_per_unit(unit, label, f"channel {k + 1} ({_channel_name(channel, k)})")
+
+
+def _channel_lead(channel):
+    source = (channel.get("ChannelSourceSequence") or [None])[0]
+    code = (source.get("CodeValue"), source.get("CodeMeaning")) if source is not None else (None, None)
+    return lead_from_code(*code) or lead_from_code(channel.get("ChannelLabel"))
+
+
+def _channel_name(channel, k: int) -> str:
+    """The standard name if the channel is a known lead, else its label for the 'ignored' note."""
+    lead = _channel_lead(channel)
+    if lead is not None:
+        return f"-{lead.lead}" if lead.inverted else lead.lead
+    source = (channel.get("ChannelSourceSequence") or [None])[0]
+    meaning = source.get("CodeMeaning") if source is not None else None
+    return str(meaning or channel.get("ChannelLabel") or f"channel {k + 1}")

@@ -1,0 +1,185 @@
+"""One entry point for every ECG input: `load_input(source) -> EcgInput`.
+
+An image or the first page of a PDF is read as it is (runtime/inputs/images.py).
+A digital recording (DICOM waveform, WFDB record, HL7 aECG, CSV, NPY or a numpy
+array) is read into millivolts, brought to the 12 standard leads at 500 Hz
+(runtime/ecg/recording.py) and drawn as the standard 12-lead print PULSE reads:
+3x4 panels and a lead II rhythm strip, 25 mm/s, 10 mm/mV, 2200x1700 px (US
+letter at 200 dpi; runtime/ecg/render.py). From there every input goes through
+the same preprocessing. What was done to a recording on the way (derived leads,
+resampling, skipped channels) comes back as one-line notes for a person to read.
+
+The format is told by content (DICOM's "DICM", NumPy's magic, XML, image and
+PDF signatures), by the suffix only where content cannot tell (WFDB signal
+files, CSV text), never by a suffix that contradicts the content.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+from PIL import Image
+
+from pulse_edge.errors import InputError
+from pulse_edge.runtime.ecg.checks import PRINT_SECONDS
+from pulse_edge.runtime.ecg.recording import Recording, TwelveLead, to_twelve_lead
+from pulse_edge.runtime.ecg.render import render_ecg
+from pulse_edge.runtime.inputs.aecg import read_aecg
+from pulse_edge.runtime.inputs.dicom import read_dicom
+from pulse_edge.runtime.inputs.images import accept_image, load_image, load_image_bytes
+from pulse_edge.runtime.inputs.tabular import read_array, read_csv, read_npy
+from pulse_edge.runtime.inputs.wfdb_record import read_wfdb
+
+IMAGE_KINDS = ("image", "pdf")
+RECORDING_KINDS = ("dicom", "wfdb", "hl7-aecg", "csv", "npy", "array")
+INPUT_KINDS = IMAGE_KINDS + RECORDING_KINDS
+PRINT_SIZE_PX = (2200, 1700)  # US letter at 200 dpi, landscape: the size of a typical scanned print
+_HEAD_BYTES = 1024
+_WFDB_SUFFIXES = (".hea", ".dat", ".mat")
+_CSV_SUFFIXES = (".csv", ".tsv")
+_NEEDS_FS = ("csv", "npy", "array")
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class EcgInput:
+    """An ECG ready for the model: the RGB image it reads, and where that image came from."""
+
+    image: Image.Image  # RGB; for a recording, the rendered 12-lead print
+    kind: str  # one of INPUT_KINDS
+    source: str  # the path or name it was loaded from
+    notes: tuple[str, ...] = ()  # one line each, e.g. "derived III, aVR, aVL, aVF from I and II"
+    recording: TwelveLead | None = None  # the 12 leads the print was drawn from (recordings only)
+
+
+@dataclass(frozen=True)
+class _Options:
+    name: str
+    fs: float | None
+    leads: tuple[str, ...] | None
+    unit: str
+    layout: str | None
+
+
+def load_input(
+    source: str | os.PathLike | bytes | np.ndarray | Image.Image,
+    *,
+    name: str | None = None,
+    fs: float | None = None,
+    leads: tuple[str, ...] | None = None,
+    unit: str = "mV",
+    layout: str | None = None,
+) -> EcgInput:
+    """Read any accepted ECG input; every way it can be unusable ends in one one-line `InputError`.
+
+    source: a path (image, PDF, .dcm, WFDB .hea/.dat or record name, aECG .xml, .csv, .npy), the bytes of
+    one such file (not WFDB, whose record is two files), a PIL image, an [H, W, 3] uint8 image array, or a
+    [leads, samples] signal array. name: what errors and notes call it (default: the path, "<bytes>").
+    fs (Hz), leads (the lead order of an NPY file or array; default the 12 standard leads), unit and
+    layout ("leads_first"/"samples_first") are for CSV, NPY and arrays, which store none of them.
+    """
+    if isinstance(source, Image.Image):
+        label = name or "<image>"
+        return EcgInput(accept_image(source, name=label), "image", label)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, _Options(name or "<array>", fs, leads, unit, layout))
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        options = _Options(name or "<bytes>", fs, leads, unit, layout)
+        suffix = Path(options.name).suffix.lower()
+        kind = "wfdb" if suffix in _WFDB_SUFFIXES else _kind_of(data[:_HEAD_BYTES], suffix)
+        return _read(kind, data, options)
+    path = Path(source)
+    options = _Options(name or os.fspath(source), fs, leads, unit, layout)
+    return _read(_kind_of_path(path, options.name), path, options)
+
+
+def _kind_of_path(path: Path, label: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".hea" or (suffix in _WFDB_SUFFIXES and path.with_suffix(".hea").is_file()):
+        return "wfdb"
+    if not path.exists():
+        if path.with_name(path.name + ".hea").is_file():  # PTB-XL names records without an extension
+            return "wfdb"
+        raise InputError(f"{label}: does not exist; check the path.")
+    if path.is_dir():
+        raise InputError(f"{label}: is a directory, not a file; pass one ECG file (or several inputs with --output)")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+    except OSError as exc:
+        raise InputError(f"{label}: cannot be opened ({exc.strerror or exc}); check its permissions.") from exc
+    return "wfdb" if suffix == ".dat" else _kind_of(head, suffix)
+
+
+def _kind_of(head: bytes, suffix: str) -> str:
+    """The input kind the first bytes say; images.py decides (and explains a refusal) for all the rest."""
+    if head[128:132] == b"DICM":  # 128-byte preamble, then the DICOM prefix (PS3.10)
+        return "dicom"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if b"%PDF-" in head:
+        return "pdf"
+    if head.removeprefix(_UTF8_BOM).lstrip(b" \t\r\n").startswith(b"<"):
+        return "hl7-aecg"
+    if suffix.lower() in _CSV_SUFFIXES:
+        return "csv"
+    return "image"
+
+
+def _read(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
+    if kind in IMAGE_KINDS:
+        image = load_image(source) if isinstance(source, Path) else load_image_bytes(source, name=options.name)
+        return EcgInput(image, kind, options.name)
+    if kind in _NEEDS_FS and options.fs is None:
+        raise InputError(f"{options.name}: a {kind.upper()} file stores no sampling rate; "
+                         "pass it (--fs HZ, or fs= in Python).")
+    if kind == "wfdb" and not isinstance(source, Path):
+        raise InputError(f"{options.name}: a WFDB record is a .hea header and its signal files; pass its path.")
+    return rendered(_READERS[kind](source, options), kind, options.name)
+
+
+def _from_array(array: np.ndarray, options: _Options) -> EcgInput:
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:  # [H, W, C] pixels
+        return EcgInput(accept_image(Image.fromarray(array), name=options.name), "image", options.name)
+    if options.fs is None:
+        raise InputError(f"{options.name}: a signal array needs its sampling rate; pass fs= (Hz).")
+    return rendered(_READERS["array"](array, options), "array", options.name)
+
+
+def rendered(recording: Recording, kind: str, name: str) -> EcgInput:
+    """A recording as the model reads it: 12 checked leads drawn as the standard print."""
+    twelve = to_twelve_lead(recording)
+    notes = [*twelve.notes, *_print_notes(twelve)]
+    image = render_ecg(twelve, width_px=PRINT_SIZE_PX[0], height_px=PRINT_SIZE_PX[1])
+    return EcgInput(image, kind, name, tuple(notes), twelve)
+
+
+def _print_notes(twelve: TwelveLead) -> list[str]:
+    seconds = twelve.duration_s
+    if seconds < PRINT_SECONDS:
+        return [f"the recording lasts {seconds:.2f} s, under the print's {PRINT_SECONDS:g} s: every column shows "
+                f"its first 2.5 s and the rhythm strip stops at {seconds:.2f} s"]
+    if seconds > PRINT_SECONDS + 1 / twelve.fs:
+        return [f"the print shows the first {PRINT_SECONDS:g} s of {seconds:.2f} s"]
+    return []
+
+
+def _leads(options: _Options) -> dict[str, tuple[str, ...]]:
+    return {} if options.leads is None else {"leads": tuple(options.leads)}
+
+
+_Reader = Callable[[object, _Options], Recording]
+_READERS: MappingProxyType[str, _Reader] = MappingProxyType({
+    "dicom": lambda source, o: read_dicom(source, name=o.name),
+    "wfdb": lambda source, o: read_wfdb(source),
+    "hl7-aecg": lambda source, o: read_aecg(source, name=o.name),
+    "csv": lambda source, o: read_csv(source, o.fs, unit=o.unit, name=o.name),
+    "npy": lambda source, o: read_npy(source, o.fs, unit=o.unit, layout=o.layout, name=o.name, **_leads(o)),
+    "array": lambda source, o: read_array(source, o.fs, unit=o.unit, layout=o.layout, name=o.name, **_leads(o)),
+})

@@ -1,0 +1,137 @@
+"""Plain arrays: CSV with a header of lead names, `.npy`, and numpy arrays handed over in Python.
+
+None of them stores a sampling rate or a unit, so the caller must give them;
+nothing here guesses a rate from the sample count.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import numpy as np
+
+from pulse_edge.runtime.ecg.checks import check_fs, one_line, recording_error
+from pulse_edge.runtime.ecg.leads import LEADS
+from pulse_edge.runtime.ecg.recording import Recording
+from pulse_edge.runtime.ecg.units import require_mv_per_unit
+
+LAYOUTS = ("leads_first", "samples_first")
+_DELIMITERS = (",", ";", "\t")
+_CSV_FIX = "fix or re-export the CSV"
+
+
+def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", name: str | None = None) -> Recording:
+    """Columns named by a header line (e.g. I,II,V1,...; a time column is ignored), one row per sample."""
+    label = name or ("<CSV bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source))
+    check_fs(fs, label)
+    factor = require_mv_per_unit(unit, label, "the CSV")
+    text = _csv_text(source, label)
+    first, _, rows = text.partition("\n")
+    header, delimiter = _header(first, label)
+    try:
+        values = np.loadtxt(io.StringIO(rows), delimiter=delimiter, ndmin=2, dtype=np.float64)
+    except ValueError as exc:
+        raise recording_error(label, f"CSV rows are not all numbers ({one_line(exc)})", _CSV_FIX) from exc
+    if values.size == 0:
+        raise recording_error(label, "the CSV has a header but no rows of samples", _CSV_FIX)
+    if values.shape[1] != len(header):
+        raise recording_error(
+            label, f"header names {len(header)} columns but rows have {values.shape[1]}", "fix the CSV header"
+        )
+    leads = {name: values[:, k] * factor for k, name in enumerate(header)}
+    return Recording(leads, float(fs), "csv", [], source=label)
+
+
+def _csv_text(source, label: str) -> str:
+    try:
+        data = bytes(source) if isinstance(source, bytes | bytearray) else open(source, "rb").read()  # noqa: SIM115
+        return data.decode("utf-8-sig")  # -sig: Excel writes a byte-order mark
+    except FileNotFoundError:
+        raise recording_error(label, "file not found", "check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise recording_error(label, f"unreadable CSV ({one_line(exc)})", "save it as UTF-8 text") from exc
+
+
+def _header(first: str, label: str) -> tuple[list[str], str]:
+    delimiter = max(_DELIMITERS, key=first.count)  # the header's most frequent candidate; Europe uses ';'
+    names = [cell.strip() for cell in next(csv.reader([first.strip()], delimiter=delimiter), [])]
+    if not names or _is_number(names[0]):
+        raise recording_error(label, "the first line is not a header of lead names", "add a header: I,II,III,...")
+    return names, delimiter
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_npy(
+    source: str | os.PathLike | bytes,
+    fs: float,
+    *,
+    leads: tuple[str, ...] = LEADS,
+    unit: str = "mV",
+    layout: str | None = None,
+    name: str | None = None,
+) -> Recording:
+    """A saved [len(leads), n] or [n, len(leads)] array; `layout` settles it when both sides match."""
+    label = name or ("<NPY bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source))
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        array = np.load(stream, allow_pickle=False)  # never unpickle: a .npy can carry code
+    except FileNotFoundError:
+        raise recording_error(label, "file not found", "check the path") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise recording_error(label, f"not a readable .npy array ({one_line(exc)})", "save it with numpy.save") from exc
+    return read_array(array, fs, leads=leads, unit=unit, layout=layout, name=label, source_format="npy")
+
+
+def read_array(
+    array: np.ndarray,
+    fs: float,
+    *,
+    leads: tuple[str, ...] = LEADS,
+    unit: str = "mV",
+    layout: str | None = None,
+    name: str = "<array>",
+    source_format: str = "array",
+) -> Recording:
+    """Signals already in memory: [len(leads), n] or [n, len(leads)], in `unit`, sampled at `fs`."""
+    check_fs(fs, name)
+    factor = require_mv_per_unit(unit, name, "the array")
+    array = np.asarray(array)
+    numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if array.ndim != 2 or not numeric:
+        raise recording_error(
+            name, f"array is {array.dtype} with shape {array.shape}, not a 2-D numeric array", "pass [leads, samples]"
+        )
+    rows = _rows_are_leads(array.shape, len(leads), layout, name)
+    data = array if rows else array.T
+    signals = {lead: data[k].astype(np.float64) * factor for k, lead in enumerate(leads)}
+    return Recording(signals, float(fs), source_format, [], source=name)
+
+
+def _rows_are_leads(shape: tuple[int, int], n_leads: int, layout: str | None, label: str) -> bool:
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        rows = layout == "leads_first"
+        if shape[0 if rows else 1] != n_leads:
+            raise recording_error(
+                label, f"array shape {shape} has no axis of {n_leads} leads as {layout}", "check the lead order"
+            )
+        return rows
+    if shape[0] == n_leads and shape[1] != n_leads:
+        return True
+    if shape[1] == n_leads and shape[0] != n_leads:
+        return False
+    raise recording_error(
+        label,
+        f"array shape {shape} does not tell which axis holds the {n_leads} leads",
+        "pass the layout (leads_first or samples_first) and the lead order",
+    )

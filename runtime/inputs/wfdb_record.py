@@ -1,0 +1,66 @@
+"""WFDB records (a .hea header plus signal files), as PTB-XL and most PhysioNet ECG sets are stored.
+
+`wfdb.rdrecord(name)` returns physical values, (digital - baseline) / adc_gain,
+as float64 `p_signal` [samples, channels] in each channel's `units`; samples
+that hold the format's "invalid" value (-32768 for format 16) come back as
+NaN, which the checks then report. The record name is given without the .hea
+extension (with it, wfdb looks for "x.hea.hea").
+
+Importing wfdb costs about 0.5 s and pulls in pandas; the import happens here
+only, when a WFDB record is actually read.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from pathlib import Path
+
+from pulse_edge.runtime.ecg.checks import check_fs, one_line, recording_error
+from pulse_edge.runtime.ecg.recording import Recording
+from pulse_edge.runtime.ecg.units import require_mv_per_unit
+from pulse_edge.runtime.inputs.extras import require
+
+_LIBRARY_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error)
+_SIGNAL_SUFFIXES = (".hea", ".dat", ".mat")
+_FIX = "check that the .hea header and its signal files are complete and side by side"
+
+
+def read_wfdb(path: str | os.PathLike) -> Recording:
+    """A WFDB record from its header path, signal-file path, or record name without extension."""
+    label = os.fspath(path)
+    record_name = _record_name(Path(label))
+    if not record_name.with_name(record_name.name + ".hea").is_file():
+        raise recording_error(label, f"no WFDB header {record_name.name}.hea next to it", _FIX)
+    record = _read(record_name, label)
+    fs = float(record.fs)
+    check_fs(fs, label)
+    if record.p_signal is None or record.p_signal.ndim != 2 or record.p_signal.shape[0] == 0:
+        raise recording_error(label, "WFDB record holds no samples", _FIX)
+    leads = {}
+    notes = []
+    for k, (name, unit) in enumerate(zip(record.sig_name, record.units, strict=True)):
+        factor = require_mv_per_unit(unit, label, f"signal {k + 1} ({name})")
+        if name in leads:
+            notes.append(f"signal {k + 1} repeats {name!r}; kept the first")
+            continue
+        leads[name] = record.p_signal[:, k] * factor
+    return Recording(leads, fs, "wfdb", notes, source=label)
+
+
+def _record_name(path: Path) -> Path:
+    # PTB-XL lists records as "records500/00000/00001_hr" without extension; accept that too.
+    return path.with_suffix("") if path.suffix.lower() in _SIGNAL_SUFFIXES else path
+
+
+def _read(record_name: Path, label: str):
+    try:
+        with warnings.catch_warnings():
+            # wfdb 4.3 parses headers with pandas and trips pandas 3.1's deprecation
+            # warnings (inplace=...) on every read and at import: noise for the cart log.
+            warnings.filterwarnings("ignore", module="wfdb")
+            wfdb = require("wfdb", reading="WFDB records", source=label)
+            return wfdb.rdrecord(str(record_name), physical=True)
+    except _LIBRARY_ERRORS as exc:
+        raise recording_error(label, f"corrupt or truncated WFDB record ({one_line(exc)})", _FIX) from exc

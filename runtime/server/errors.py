@@ -1,0 +1,53 @@
+"""Errors as OpenAI's API writes them, `{"error": {"message", "type", "param", "code"}}`; never a traceback.
+
+An `ApiError` names its kind (also the `outcome` label of the request counter); the kind fixes the HTTP status
+and OpenAI's error type, so clients built for OpenAI raise the matching exception (400 BadRequestError, 401
+AuthenticationError, 503 InternalServerError...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# kind -> (HTTP status, OpenAI error type)
+ERROR_KINDS: Mapping[str, tuple[int, str]] = {
+    "bad_request": (400, "invalid_request_error"),
+    "unauthorized": (401, "authentication_error"),
+    "forbidden": (403, "permission_error"),
+    "not_found": (404, "not_found_error"),
+    "method_not_allowed": (405, "invalid_request_error"),
+    "too_large": (413, "invalid_request_error"),
+    "unsupported_media_type": (415, "invalid_request_error"),
+    "cancelled": (499, "invalid_request_error"),  # the client went away; nobody reads this one
+    "error": (500, "server_error"),
+    "queue_full": (503, "server_error"),
+    "unavailable": (503, "server_error"),  # shutting down
+    "timeout": (504, "server_error"),
+}
+# Statuses Starlette raises itself (unknown route, wrong method) -> our kind; the first kind of a status wins.
+KIND_OF_STATUS: Mapping[int, str] = {status: kind for kind, (status, _) in reversed(ERROR_KINDS.items())}
+
+
+class ApiError(Exception):
+    """A request the server answers with an error status; `message` is one line for the client."""
+
+    def __init__(self, kind: str, message: str, *, param: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
+        self.kind, self.message, self.param = kind, message, param
+        self.headers = dict(headers or {})
+
+    @property
+    def status(self) -> int:
+        return ERROR_KINDS[self.kind][0]
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": ERROR_KINDS[self.kind][1], "param": self.param,
+                          "code": self.kind}}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its generation was cancelled."""

@@ -1,0 +1,113 @@
+"""`POST /v1/ecg/interpret`: an ECG file in, the object `pulse-edge infer --json` prints out.
+
+    multipart/form-data:  file=<the ECG>  | path=<a file under --allow-dir>,  question, max_tokens, temperature,
+                          top_p, seed (all optional)
+    application/json:     {"path": ..., "question": ..., "max_tokens": ..., ...}   (paths only: no bytes in JSON)
+
+The file goes through the same input decoding as `infer` (content sniffed, never trusted from its name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pulse_edge.runtime.generation.decode import StopCheck
+from pulse_edge.runtime.server.chat import read_json
+from pulse_edge.runtime.server.errors import ApiError
+from pulse_edge.runtime.server.model import answer_json, decode_input
+from pulse_edge.runtime.server.openai_api import max_tokens, sampling_params
+from pulse_edge.runtime.server.paths import resolve_allowed
+from pulse_edge.runtime.server.state import ServerState
+from pulse_edge.runtime.server.waiting import Deadline, settle
+from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
+
+FIELDS = ("file", "path", "question", "max_tokens", "temperature", "top_p", "seed")
+NUMERIC_FIELDS = ("max_tokens", "temperature", "top_p", "seed")
+MAX_FIELD_BYTES = 64 * 2**10  # a question, a path or a number; the file part has the body limit only
+
+
+async def interpret(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    deadline = Deadline(state.config.timeout_s)
+    params, source, name = await _read(request, deadline, state.config.allow_dir)
+    question = params.get("question") or DEFAULT_QUESTION
+    if not isinstance(question, str):
+        raise ApiError("bad_request", "question must be a string", param="question")
+    limit, sampling = max_tokens(params), sampling_params(params)
+
+    def job(should_stop: StopCheck) -> dict[str, Any]:
+        ecg = decode_input(source, name=name)
+        answer = answer_json(state.model.pipeline, ecg, question, max_new_tokens=limit, sampling=sampling,
+                             should_stop=should_stop)
+        state.metrics.generation(answer["stop_reason"], answer["timings"])
+        return answer
+
+    ticket = state.submit(job)
+    answer = await settle(ticket.result, ticket=ticket, receive=request.receive, deadline=deadline)
+    if answer["stop_reason"] == "cancelled":
+        raise ApiError("unavailable", "the server is shutting down; the generation was stopped")
+    return JSONResponse(answer)
+
+
+async def _read(request: Request, deadline: Deadline, root: Path | None) -> tuple[dict[str, Any], bytes | Path, str]:
+    """(parameters, the file's bytes or checked path, its name for messages) from a form or a JSON body."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        params, upload = await _read_form(request, deadline)
+    elif kind == "application/json":
+        params, upload = await read_json(request, deadline), None
+        if not isinstance(params, Mapping):
+            raise ApiError("bad_request", "the request body must be a JSON object")
+    else:
+        raise ApiError("unsupported_media_type", "send multipart/form-data (a `file` or a `path` field) or "
+                       "application/json (a `path`)")
+    unknown = sorted(set(params) - set(FIELDS))
+    if unknown:
+        raise ApiError("bad_request", f"unknown fields {unknown}; accepted: {', '.join(FIELDS)}")
+    path = params.get("path")
+    if (upload is None) == (path is None):
+        raise ApiError("bad_request", "send exactly one ECG: a `file` upload or a `path`", param="file")
+    if upload is not None:
+        return dict(params), await upload.read(), upload.filename or "the uploaded file"
+    if not isinstance(path, str):
+        raise ApiError("bad_request", "path must be a string", param="path")
+    return dict(params), resolve_allowed(path, root), path
+
+
+async def _read_form(request: Request, deadline: Deadline) -> tuple[dict[str, Any], UploadFile | None]:
+    try:
+        form = await asyncio.wait_for(request.form(max_files=1, max_fields=len(FIELDS),
+                                                   max_part_size=MAX_FIELD_BYTES), deadline.remaining())
+    except asyncio.TimeoutError:
+        raise deadline.error() from None
+    params: dict[str, Any] = {}
+    upload = None
+    for key, value in form.multi_items():
+        if key in params or (key == "file" and upload is not None):
+            raise ApiError("bad_request", f"the field {key!r} is given twice", param=key)
+        if isinstance(value, UploadFile):
+            if key != "file":
+                raise ApiError("bad_request", f"the field {key!r} must not be a file (the ECG goes in `file`)",
+                               param=key)
+            upload = value
+        else:
+            params[key] = _form_value(key, value)
+    return params, upload
+
+
+def _form_value(key: str, value: str) -> Any:
+    """Form fields are text; the numeric ones are read as JSON numbers so the JSON checks apply."""
+    if key not in NUMERIC_FIELDS:
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ApiError("bad_request", f"{key} must be a number, got {value!r}", param=key) from None

@@ -1,0 +1,61 @@
+"""Start the server: load the model, bind the socket, run uvicorn until SIGINT/SIGTERM.
+
+The model is loaded before the socket is bound, so a bad bundle fails as one line and nothing ever listens
+without a model. The socket is bound here (not by uvicorn) so that `--port 0` works: the line announcing the
+server names the port the system picked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+
+import uvicorn
+
+from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.server.app import create_app
+from pulse_edge.runtime.server.model import open_model
+from pulse_edge.runtime.server.state import ServerConfig, ServerState
+
+BACKLOG = 64
+# Connections and requests uvicorn admits at once beyond the model's slots: room for health checks, metrics
+# scrapes and the requests being refused with 503; past it uvicorn answers 503 itself, before any parsing.
+EXTRA_CONCURRENCY = 32
+GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, which cancels their generations
+
+
+def bind(host: str, port: int) -> socket.socket:
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        sock = socket.create_server(address[:2], family=family, backlog=BACKLOG)
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --host or --port") from e
+    return sock
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def serve(config: ServerConfig, say: Callable[[str], None]) -> None:
+    """Blocks until the server is stopped; `say` prints one line for the operator."""
+    model = open_model(config.bundle, config.session)
+    state = ServerState.create(config, model)
+    sock = bind(config.host, config.port)
+    if not is_loopback(sock):
+        say(f"warning: listening on {sock.getsockname()[0]}, reachable from other machines"
+            + ("" if config.api_key else " with no --api-key: anyone who can reach it can use the model"))
+    say(f"serving {model.model_id} ({model.pipeline.manifest.precision}, {config.session.provider}) at "
+        f"{url_of(sock)} (max queue {config.max_queue}, timeout {config.timeout_s:g} s"
+        + (f", files under {config.allow_dir}" if config.allow_dir else "") + ")")
+    settings = uvicorn.Config(create_app(state), lifespan="on", log_level="info", server_header=False,
+                              proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                              limit_concurrency=config.max_queue + 1 + EXTRA_CONCURRENCY)
+    uvicorn.Server(settings).run(sockets=[sock])

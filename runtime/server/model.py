@@ -1,0 +1,59 @@
+"""The served model, and the three places where the server meets the runtime's API.
+
+`open_model` opens the bundle, `decode_input` turns an upload or a file into the ECG image the model reads,
+`answer_json` answers one ECG-native request with the object `pulse-edge infer --json` prints. Every other
+part of the server goes through these, so a change of the runtime's entry points is a change here only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pulse_edge.runtime.bundle.names import MANIFEST_FILE
+from pulse_edge.runtime.engines.ort import SessionConfig
+from pulse_edge.runtime.generation.decode import StopCheck
+from pulse_edge.runtime.generation.sampling import SamplingParams
+from pulse_edge.runtime.inputs import EcgInput, load_input
+from pulse_edge.runtime.pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    pipeline: Pipeline
+    model_id: str  # what /v1/models lists and requests name: the bundle directory's name
+    bundle_id: str  # sha256 of manifest.json: it records every graph's size, precision and validation
+    provider: str  # the ONNX Runtime execution provider
+
+    def health(self) -> dict[str, Any]:
+        manifest = self.pipeline.manifest
+        return {"status": "ok", "model_loaded": True, "model": self.model_id, "backend": "ort",
+                "provider": self.provider,
+                "precision": manifest.precision, "bundle_id": self.bundle_id,
+                "source_sha256": manifest.source.sha256 or None, "max_context": self.pipeline.engine.max_length}
+
+
+def open_model(bundle: Path, session: SessionConfig) -> ServedModel:
+    """Load the bundle once for the server's lifetime (checks of the manifest and files happen here)."""
+    pipeline = Pipeline.from_bundle(bundle, session=session)
+    bundle_id = hashlib.sha256((bundle / MANIFEST_FILE).read_bytes()).hexdigest()
+    return ServedModel(pipeline=pipeline, model_id=bundle.resolve().name, bundle_id=bundle_id,
+                       provider=session.provider)
+
+
+def decode_input(source: bytes | Path, *, name: str) -> EcgInput:
+    """An uploaded file's bytes, or a checked path under --allow-dir, as the ECG the model reads (an image or
+    PDF, or a recording rendered as the standard print); InputError if unusable."""
+    return load_input(source, name=name)
+
+
+def answer_json(pipeline: Pipeline, ecg: EcgInput, question: str, *, max_new_tokens: int,
+                sampling: SamplingParams, should_stop: StopCheck,
+                on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One ECG-native answer as `pulse-edge infer --json` prints it (findings included); on the model thread."""
+    result = pipeline.interpret(ecg, question, max_new_tokens=max_new_tokens, sampling=sampling,
+                                on_text=on_text, should_stop=should_stop)
+    return result.to_dict()

@@ -1,0 +1,38 @@
+"""File paths named in a request: only inside `--allow-dir`, after every `..` and symlink is resolved.
+
+    "ecgs/today/12.png" or "/srv/ecg/ecgs/today/12.png"
+        -> lexically inside the root?          no: 403 (before touching the disk, so nothing outside is probed)
+        -> exists?                             no: 404
+        -> real path (symlinks resolved) inside the root?   no: 403
+
+Relative paths are taken from the root. What is read is the resolved path, so a symlink inside the root that
+points out of it is refused, and one that stays inside works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pulse_edge.runtime.server.errors import ApiError
+
+
+def resolve_allowed(requested: str, root: Path | None) -> Path:
+    """The real path of `requested` if it is a file under `root` (itself already resolved)."""
+    if root is None:
+        raise ApiError("forbidden", "this server accepts no file paths: upload the file, or start the server with "
+                       "--allow-dir DIR", param="path")
+    if not requested or "\x00" in requested:
+        raise ApiError("bad_request", "path must be a non-empty file path", param="path")
+    joined = Path(os.path.normpath(root / requested))  # root / an absolute path is that path
+    if not joined.is_relative_to(root):
+        raise ApiError("forbidden", f"{requested!r} is outside the allowed directory", param="path")
+    try:
+        real = joined.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # missing, unreadable, or a symlink loop
+        raise ApiError("not_found", f"{requested!r} does not exist under the allowed directory", param="path") from e
+    if not real.is_relative_to(root):
+        raise ApiError("forbidden", f"{requested!r} leads outside the allowed directory (a symlink)", param="path")
+    if not real.is_file():
+        raise ApiError("bad_request", f"{requested!r} is not a file", param="path")
+    return real

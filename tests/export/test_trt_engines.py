@@ -1,0 +1,162 @@
+"""`build-engines`: TensorRT engines of the tiny model in every recipe TensorRT-RTX builds, checked against the
+bundle's manifest through the builder's own network and profile objects (no GPU needed to build)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pulse_testing.trt import quantized_trt_bundle
+
+from pulse_edge.cli.main import main
+from pulse_edge.export.engines.build import EngineBuildOptions, build_engines
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.engines import read_engines
+from pulse_edge.runtime.bundle.manifest import read_manifest
+
+PRECISIONS = ("fp16", "int4", "int8", "fp8")
+CONTEXT = 512  # shorter than the bundle's 4096: the engine's cache is rewritten to this length
+
+
+@pytest.fixture(scope="module")
+def built(trt_fp16_bundle: Path, tiny_pipeline, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("engines")
+    bundles = {"fp16": trt_fp16_bundle}
+    for precision in PRECISIONS[1:]:
+        bundles[precision] = quantized_trt_bundle(trt_fp16_bundle, root / precision, precision, tiny_pipeline.loaded)
+    for precision, bundle in bundles.items():
+        build_engines(bundle, EngineBuildOptions(target="rtx", max_context=CONTEXT, output=root / f"e-{precision}"),
+                      progress=lambda line: None)
+    return {p: root / f"e-{p}" for p in PRECISIONS} | {f"bundle-{p}": b for p, b in bundles.items()}
+
+
+def _network(graph: Path):
+    import tensorrt_rtx as trt
+
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(graph))
+    return builder, network, parser
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_engines_match_the_manifest_and_the_builders_network(built: dict[str, Path], precision: str) -> None:
+    import tensorrt_rtx as trt
+
+    bundle, directory = built[f"bundle-{precision}"], built[precision]
+    manifest, engines = read_manifest(bundle), read_engines(directory, bundle)
+    assert engines.target == "rtx" and engines.tensorrt == "tensorrt_rtx" and engines.max_context == CONTEXT
+    assert engines.compute_capabilities == (("8.9", "12.0") if precision == "fp8" else ("8.6", "8.9", "12.0"))
+    for role, graph in manifest.graphs.items():
+        spec = engines.engines[role]
+        assert (directory / spec.file).stat().st_size == spec.size > 0 and spec.precision == graph.precision
+        assert [(t.name, t.dtype) for t in spec.inputs] == [(t.name, t.dtype) for t in graph.inputs]
+        assert [(t.name, t.dtype) for t in spec.outputs] == [(t.name, t.dtype) for t in graph.outputs]
+        builder, network, _parser = _network(bundle / graph.file)
+        io = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+        assert {n: str(t.dtype).rsplit(".", 1)[-1] for n, t in io.items()} == {
+            t.name: {"float32": "FLOAT", "float16": "HALF", "int64": "INT64"}[t.dtype] for t in spec.inputs}
+        for profile_spec in spec.profiles:  # the recorded profiles are ones TensorRT accepts and reads back
+            profile = builder.create_optimization_profile()
+            for name, (low, opt, high) in profile_spec.shapes.items():
+                profile.set_shape(name, low, opt, high)
+                assert [tuple(s) for s in profile.get_shape(name)] == [low, opt, high]
+            assert bool(profile)
+    decoder = engines.engines[names.DECODER]
+    assert [p.name for p in decoder.profiles] == ["decode", "prefill"]
+    assert decoder.tensor(names.past_name(0, "key")).shape[2] == CONTEXT
+    layers = decoder.layers
+    assert layers["KV_CACHE_UPDATE"] == 2 * manifest.kv.layers and layers["ATTENTION_INPUT"] == manifest.kv.layers
+    assert (layers.get("DEQUANTIZE", 0) > 0) == (precision != "fp16")
+    assert decoder.kv_aliases[names.present_name(1, "value")] == names.past_name(1, "value")
+    assert trt.__version__ == engines.tensorrt_version
+
+
+@pytest.mark.tensorrt
+def test_the_explicit_form_builds_too(trt_fp16_bundle: Path, tiny_pipeline, tmp_path: Path) -> None:
+    from pulse_edge.export.build import tensorrt as trt_build
+    from pulse_edge.export.graphs.decoder import DecoderShape
+
+    bundle = tmp_path / "explicit"
+    shutil.copytree(trt_fp16_bundle, bundle)
+    manifest = read_manifest(bundle)
+    shape = DecoderShape.from_config(tiny_pipeline.loaded.config, max_length=manifest.kv.max_length)
+    decoder, _ = trt_build.write_decoder(tiny_pipeline.loaded, bundle, shape, None, label="fp16", ops="explicit")
+    replace(manifest, graphs={**manifest.graphs, names.DECODER: decoder}).write(bundle)
+    out = build_engines(bundle, EngineBuildOptions(target="rtx", max_context=CONTEXT), progress=lambda line: None)
+    layers = read_engines(out, bundle).engines[names.DECODER].layers
+    assert "KV_CACHE_UPDATE" not in layers and layers["SCATTER"] == 2 * manifest.kv.layers
+
+
+@pytest.mark.tensorrt
+def test_build_engines_refusals_are_one_line(built: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["build-engines", str(built["bundle-fp8"]), "--target", "rtx",
+                               "--compute-capability", "8.6,8.9", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "needs compute capability >= 8.9" in res.output
+    res = runner.invoke(main, ["build-engines", str(built["bundle-fp16"]), "--target", "rtx",
+                               "--compute-capability", "8.7", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "cannot target Jetson Orin" in res.output
+    res = runner.invoke(main, ["build-engines", str(built["bundle-fp16"]), "--max-context", "99999",
+                               "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--max-context must be between" in res.output
+    assert all(len(r.output.strip().splitlines()) == 1 for r in [res]) and not (tmp_path / "x").exists()
+    data = json.loads((built["fp16"] / "engines.json").read_text())
+    assert data["engines"]["vision"]["profiles"][0]["shapes"]["pixel_values"][2][0] == 5  # PULSE: 4 tiles + base
+
+
+def test_an_ort_bundle_is_refused_before_any_tensorrt_import(trt_fp16_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "ort"
+    shutil.copytree(trt_fp16_bundle, bundle)
+    manifest = read_manifest(bundle)
+    graphs = {role: replace(graph, target="ort") for role, graph in manifest.graphs.items()}
+    replace(manifest, graphs=graphs).write(bundle)
+    res = CliRunner().invoke(main, ["build-engines", str(bundle)])
+    assert res.exit_code == 2 and "exported for ONNX Runtime" in res.output and "--target tensorrt" in res.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="standard TensorRT is installed here")
+def test_jetson_target_without_jetpack_tensorrt_says_how(trt_fp16_bundle: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["build-engines", str(trt_fp16_bundle), "--target", "jetson",
+                                    "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "comes with JetPack" in res.output
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_trt_engines_answer_like_onnx_runtime(built: dict[str, Path], ecg_png: Path) -> None:
+    """On an NVIDIA GPU: the fp16 engines' greedy tokens equal ONNX Runtime's on the same bundle."""
+    from pulse_edge.runtime.inputs.images import load_image
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    image, bundle = load_image(ecg_png), built["bundle-fp16"]
+    ort = Pipeline.from_bundle(bundle).generate(image, "What is the rhythm?", max_new_tokens=16)
+    trt = Pipeline.from_bundle(bundle, backend="trt", engines=built["fp16"]).generate(
+        image, "What is the rhythm?", max_new_tokens=16)
+    assert trt.token_ids == ort.token_ids and trt.backend == "trt"
+
+
+def test_profiles_cover_pulse_shapes_and_limits_are_checked(trt_fp16_bundle: Path) -> None:
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.export.engines.profiles import decoder_profiles, resolve_limits, vision_profiles
+
+    manifest = read_manifest(trt_fp16_bundle)
+    limits = resolve_limits(manifest, None, None)
+    assert (limits.max_context, limits.max_tiles) == (manifest.kv.max_length, 5)
+    (tiles,) = vision_profiles(manifest, limits)
+    assert tiles.limits(names.PIXEL_VALUES, 0) == (1, 5)
+    decode, prefill = decoder_profiles(manifest, resolve_limits(manifest, 3072, 2))
+    assert decode.limits(names.INPUTS_EMBEDS, 1) == (1, 2) and prefill.limits(names.INPUTS_EMBEDS, 1) == (1, 3072)
+    assert prefill.shapes[names.INPUTS_EMBEDS][1] == (1, 512, manifest.text.hidden_size)
+    assert decode.limits(names.ATTENTION_MASK, 1) == (1, 3072)
+    for bad in ((manifest.kv.max_length + 1, None), (None, 0)):
+        with pytest.raises(ConfigError, match="must be"):
+            resolve_limits(manifest, *bad)

@@ -1,0 +1,133 @@
+"""Folders of ECGs into a JSON-lines file (runtime/batch.py, runtime/inputs/discover.py) with a stand-in model:
+every input gets a line, failures are recorded and not fatal, reruns skip what is done and redo torn lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pulse_testing.ecg_files import beats
+
+from pulse_edge.errors import InputError
+from pulse_edge.runtime.batch import BatchOptions, plan_batch, render_name, run_batch
+from pulse_edge.runtime.generation.result import GenerationResult, Timings
+from pulse_edge.runtime.inputs.discover import expand_inputs
+
+ANSWER = "Sinus rhythm. No atrial fibrillation; left bundle branch block."
+
+
+class FakeModel:
+    """Answers every image with ANSWER and counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, image, question="", *, max_new_tokens=1024, sampling=None, on_text=None):
+        self.calls += 1
+        assert image.mode == "RGB"
+        return GenerationResult(ANSWER, [1, 2], 2880, 2950, 2, "eos", Timings(1, 1, 1, 1, 1, 1), "fake")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """3 good inputs (a PNG, a nested NPY recording, a JPEG) and 2 bad ones (text, a cut PNG), plus a hidden file."""
+    root = tmp_path / "ecgs"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (300, 200), "white").save(root / "a.png")
+    np.save(root / "sub" / "b.npy", beats(5000, 500))
+    Image.new("RGB", (300, 200), "white").save(root / "c.jpg")
+    (root / "d.txt").write_text("not an ECG")
+    (root / "e.png").write_bytes((root / "a.png").read_bytes()[:60])
+    (root / ".hidden.png").write_bytes(b"ignored")
+    return root
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _run(sources, out, model, **options):
+    opened = []
+    stats = run_batch(plan_batch(sources, out), lambda: opened.append(1) or model,
+                      BatchOptions(max_new_tokens=2, input_options={"fs": 500}, **options))
+    return stats, len(opened)
+
+
+def test_every_input_gets_a_line_and_failures_are_not_fatal(folder: Path, tmp_path: Path) -> None:
+    sources = expand_inputs([str(folder)])
+    assert [Path(s).name for s in sources] == ["a.png", "c.jpg", "d.txt", "e.png", "b.npy"]
+    out, model = tmp_path / "out.jsonl", FakeModel()
+    stats, opened = _run(sources, out, model)
+    assert (stats.answered, stats.failed, stats.already_done, opened, model.calls) == (3, 2, 0, 1, 3)
+    lines = _lines(out)
+    assert [line["source"] for line in lines] == sources
+    errors = {Path(line["source"]).name: line["error"] for line in lines if "error" in line}
+    assert set(errors) == {"d.txt", "e.png"} and "unknown content" in errors["d.txt"]
+    answered = next(line for line in lines if line["source"].endswith("b.npy"))
+    assert answered["input_kind"] == "npy" and answered["text"] == ANSWER
+    assert [f["code"] for f in answered["findings"]] == ["SR", "LBBB"]  # never the denied AFIB
+
+
+def test_a_rerun_skips_what_is_answered_and_retries_failures(folder: Path, tmp_path: Path) -> None:
+    sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
+    _run(sources, out, FakeModel())
+    (folder / "d.txt").unlink()
+    Image.new("RGB", (300, 200), "white").save(folder / "d.txt", format="PNG")  # fixed: a PNG under a .txt name
+    model = FakeModel()
+    stats, _ = _run(sources, out, model)
+    assert (stats.already_done, stats.answered, stats.failed, model.calls) == (3, 1, 1, 1)
+    assert len(_lines(out)) == 7  # 5 + the 2 retried; a source's last line is its current result
+    done = FakeModel()
+    stats, opened = _run(sources[:3], out, done)  # everything asked for is answered: no model is opened
+    assert (stats.already_done, opened, done.calls) == (3, 0, 0)
+
+
+def test_a_line_torn_by_a_crash_is_cut_off_and_redone(folder: Path, tmp_path: Path) -> None:
+    sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
+    _run(sources[:2], out, FakeModel())
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) - 40])  # the second line cut mid-write
+    plan = plan_batch(sources[:2], out)
+    assert plan.existing.torn_tail and plan.todo == (sources[1],)
+    _run(sources[:2], out, FakeModel())
+    assert [line["source"] for line in _lines(out)] == sources[:2]
+
+
+def test_fail_fast_records_the_failure_then_stops(folder: Path, tmp_path: Path) -> None:
+    sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
+    model = FakeModel()
+    with pytest.raises(InputError, match=r"d\.txt"):
+        _run(sources, out, model, fail_fast=True)
+    assert [Path(line["source"]).name for line in _lines(out)] == ["a.png", "c.jpg", "d.txt"]
+    assert model.calls == 2
+
+
+def test_save_render_keeps_one_print_per_recording(folder: Path, tmp_path: Path) -> None:
+    sources, out, prints = expand_inputs([str(folder)]), tmp_path / "out.jsonl", tmp_path / "prints"
+    _run(sources, out, FakeModel(), save_render_dir=prints)
+    saved = sorted(p.name for p in prints.iterdir())
+    assert saved == [render_name(str(folder / "sub" / "b.npy"))]
+    assert Image.open(prints / saved[0]).size == (2200, 1700)
+
+
+def test_a_file_that_is_not_an_infer_output_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "other.jsonl"
+    out.write_text('{"id": "1", "text": "x"}\n')
+    with pytest.raises(InputError, match="line 1 has no source"):
+        plan_batch(["a.png"], out)
+
+
+def test_inputs_expand_from_folders_globs_and_files(tmp_path: Path) -> None:
+    for name in ("r1.hea", "r1.dat", "r2.hea", "r2.mat", "x.png", "out.jsonl"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "y.dcm").write_bytes(b"")
+    names = [Path(p).name for p in expand_inputs([str(tmp_path)], exclude=[tmp_path / "out.jsonl"])]
+    assert names == ["r1.hea", "r2.hea", "x.png", "y.dcm"]  # one input per WFDB record; the output is no input
+    assert [Path(p).name for p in expand_inputs([str(tmp_path / "**" / "*.dcm")])] == ["y.dcm"]
+    assert expand_inputs([str(tmp_path / "r1.dat")]) == [str(tmp_path / "r1.dat")]  # named one by one: kept
+    with pytest.raises(InputError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.xml")])

@@ -1,0 +1,537 @@
+"""The recording readers (runtime/inputs): files written with pydicom, wfdb.wrsamp, ElementTree (HL7 aECG) and
+numpy, read back; every broken file ends in one one-line InputError, never a library exception."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pulse_testing.ecg_files import (
+    PTBXL_NAMES,
+    aecg_document,
+    beats,
+    dicom_bytes,
+    dicom_dataset,
+    write_csv,
+    write_dicom,
+    write_npy,
+    write_wfdb,
+)
+
+from pulse_edge.errors import InputError
+from pulse_edge.runtime.ecg.leads import LEADS
+from pulse_edge.runtime.ecg.recording import to_twelve_lead
+from pulse_edge.runtime.inputs import load_input
+from pulse_edge.runtime.inputs.aecg import read_aecg
+from pulse_edge.runtime.inputs.dicom import read_dicom
+from pulse_edge.runtime.inputs.tabular import read_csv, read_npy
+from pulse_edge.runtime.inputs.wfdb_record import read_wfdb
+
+pytest.importorskip("pydicom", reason="the ecg extra (pydicom, wfdb, defusedxml) is not installed")
+pytest.importorskip("wfdb", reason="the ecg extra (pydicom, wfdb, defusedxml) is not installed")
+pytest.importorskip("defusedxml", reason="the ecg extra (pydicom, wfdb, defusedxml) is not installed")
+pytestmark = pytest.mark.filterwarnings("ignore:::wfdb")  # wfdb 4.3 trips pandas 3's deprecation warnings
+
+FS = 500
+N = 10 * FS
+EIGHT = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
+
+
+def one_line(match: str, call, *args, **kwargs) -> str:
+    """Call, expect an InputError whose message matches and fits on one line; return the message."""
+    with pytest.raises(InputError, match=match) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message, message
+    return message
+
+
+def twelve(rec):
+    """(signals [12, n], fs) of a read recording; its notes stay on `rec`."""
+    out = to_twelve_lead(rec)
+    return out.signals, out.fs
+
+
+def load_twelve_lead(source, **kwargs):
+    """load_input's 12 leads (signals, fs) and what it says about them (notes, source, format)."""
+    ecg = load_input(source, **kwargs)
+    said = SimpleNamespace(notes=list(ecg.notes), source=ecg.source, source_format=ecg.kind)
+    return ecg.recording.signals, ecg.recording.fs, said
+
+
+@pytest.fixture
+def signals():
+    return beats(N, FS)
+
+
+# --- DICOM ---------------------------------------------------------------------------------------
+
+def test_twelve_lead_round_trip_within_half_a_step(tmp_path, signals):
+    path = write_dicom(tmp_path / "ecg.dcm", dicom_dataset(signals, FS, sensitivity=2.5))  # 2.5 uV per count
+    rec = read_dicom(path)
+    assert (rec.source_format, rec.fs, list(rec.leads)) == ("dicom", 500.0, list(LEADS))
+    out, fs = twelve(rec)
+    assert (out.shape, out.dtype, fs) == ((12, N), np.float32, 500)
+    assert np.abs(out - signals).max() <= 0.5 * 2.5e-3 + 1e-6
+    assert rec.notes == []
+
+
+def test_bytes_and_paths_read_the_same(tmp_path, signals):
+    path = write_dicom(tmp_path / "ecg.dcm", dicom_dataset(signals, FS))
+    from_bytes = read_dicom(path.read_bytes(), name="upload.dcm")
+    assert from_bytes.source == "upload.dcm"
+    for lead in LEADS:
+        assert np.array_equal(from_bytes.leads[lead], read_dicom(path).leads[lead])
+
+
+def test_eight_lead_file_gets_derived_limb_leads(tmp_path, signals):
+    eight = signals[[LEADS.index(lead) for lead in EIGHT]]
+    path = write_dicom(tmp_path / "eight.dcm", dicom_dataset(eight, FS, EIGHT))
+    out, _, rec = load_twelve_lead(path)
+    assert "derived III, aVR, aVL, aVF from I and II" in rec.notes
+    # Derived from quantised I and II, so the error can reach 1.5 steps (aVR = -(I+II)/2 keeps 1).
+    assert np.abs(out - signals).max() <= 1.5 * 2.5e-3 + 1e-6
+
+
+@pytest.mark.parametrize(("unit", "sensitivity"), [("mV", 0.005), ("V", 5e-6), ("uV", 1.0)])
+def test_units_are_converted_to_millivolts(tmp_path, signals, unit, sensitivity):
+    path = write_dicom(tmp_path / f"{unit}.dcm", dicom_dataset(signals, FS, unit=unit, sensitivity=sensitivity))
+    out, _, _ = load_twelve_lead(path)
+    step_mv = sensitivity * {"mV": 1.0, "V": 1e3, "uV": 1e-3}[unit]
+    assert np.abs(out - signals).max() <= 0.5 * step_mv + 1e-6
+
+
+def test_channel_baseline_is_added_in_physical_units(tmp_path, signals):
+    # DICOM: Channel Baseline is the offset of encoded 0 in sensitivity units (pydicom >= 2.4 adds it).
+    path = write_dicom(tmp_path / "base.dcm", dicom_dataset(signals, FS, baseline=40.0))
+    out, _, _ = load_twelve_lead(path)
+    assert np.abs(out - signals).max() <= 0.5 * 2.5e-3 + 1e-6
+
+
+def test_rhythm_group_is_chosen_over_a_median_beat_listed_first(tmp_path, signals):
+    path = write_dicom(tmp_path / "two.dcm", dicom_dataset(signals, FS, groups=("MEDIAN BEAT", "RHYTHM")))
+    rec = read_dicom(path)
+    assert rec.n_samples == N
+    assert rec.notes == ["used waveform group 1 'RHYTHM'; skipped 0 'MEDIAN BEAT'"]
+
+
+def test_general_ecg_sop_class_and_1000_hz(tmp_path):
+    signals = beats(10_000, 1000, noise_mv=0.0)
+    ds = dicom_dataset(signals, 1000, sop_class="1.2.840.10008.5.1.4.1.1.9.1.2")
+    out, fs, rec = load_twelve_lead(write_dicom(tmp_path / "general.dcm", ds))
+    assert (out.shape, fs) == ((12, N), 500)
+    assert "resampled 1000 Hz -> 500 Hz" in rec.notes
+    np.testing.assert_allclose(out, beats(N, 500, noise_mv=0.0), atol=3e-3)
+
+
+def test_no_waveform_sequence(tmp_path, signals):
+    ds = dicom_dataset(signals, FS)
+    del ds.WaveformSequence
+    path = write_dicom(tmp_path / "empty.dcm", ds)
+    message = one_line("has no WaveformSequence", read_dicom, path)
+    assert message.startswith(f"{path}: ")
+
+
+def test_an_image_is_not_an_ecg(tmp_path, signals):
+    ds = dicom_dataset(signals, FS, sop_class="1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
+    one_line(
+        "DICOM object is a CT Image Storage, not an ECG waveform", read_dicom, write_dicom(tmp_path / "ct.dcm", ds)
+    )
+
+
+def test_not_dicom_at_all(tmp_path):
+    path = tmp_path / "notes.dcm"
+    path.write_text("hello\nworld\n")
+    one_line(r"not a DICOM file \(no DICM header\)", read_dicom, path)
+
+
+def test_missing_file_dicom(tmp_path):
+    one_line("file not found", read_dicom, tmp_path / "nope.dcm")
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
+def test_truncated_files_dicom(tmp_path, signals, keep):
+    data = write_dicom(tmp_path / "full.dcm", dicom_dataset(signals, FS)).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    one_line("truncated|cut short", read_dicom, cut)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the cut UIDs
+def test_truncation_anywhere_gives_one_line_errors(signals):
+    data = dicom_bytes(dicom_dataset(signals[:, :1500], FS))
+    for end in range(0, len(data), 97):
+        one_line(".", read_dicom, data[:end])
+
+
+def test_unknown_unit_dicom(tmp_path, signals):
+    ds = dicom_dataset(signals, FS)
+    ds.WaveformSequence[0].ChannelDefinitionSequence[4].ChannelSensitivityUnitsSequence[0].CodeValue = "mm[Hg]"
+    one_line(r"channel 5 \(aVL\) is in unit 'mm\[Hg\]'", read_dicom, write_dicom(tmp_path / "unit.dcm", ds))
+
+
+def test_missing_sensitivity(tmp_path, signals):
+    ds = dicom_dataset(signals, FS)
+    del ds.WaveformSequence[0].ChannelDefinitionSequence[0].ChannelSensitivity
+    one_line(r"channel 1 \(I\) has no ChannelSensitivity", read_dicom, write_dicom(tmp_path / "sens.dcm", ds))
+
+
+def test_mu_law_samples_are_refused(tmp_path, signals):
+    ds = dicom_dataset(signals, FS)
+    ds.WaveformSequence[0].WaveformSampleInterpretation = "MB"
+    one_line("mu-law/A-law", read_dicom, write_dicom(tmp_path / "mulaw.dcm", ds))
+
+
+
+
+def test_missing_unit_dicom(tmp_path, signals):
+    ds = dicom_dataset(signals, FS)
+    del ds.WaveformSequence[0].ChannelDefinitionSequence[6].ChannelSensitivityUnitsSequence
+    one_line(r"channel 7 \(V1\) has no unit", read_dicom, write_dicom(tmp_path / "nounit.dcm", ds))
+
+# --- WFDB ----------------------------------------------------------------------------------------
+
+def test_ptbxl_like_record_round_trips_within_half_a_microvolt(tmp_path):
+    signals = beats(N, 500)
+    header = write_wfdb(tmp_path, "00001_hr", signals, 500)
+    rec = read_wfdb(header)
+    assert (rec.source_format, rec.fs, list(rec.leads)) == ("wfdb", 500.0, list(PTBXL_NAMES))
+    out, fs = twelve(rec)
+    assert fs == 500 and rec.notes == []
+    assert np.abs(out - signals).max() <= 0.5e-3 + 1e-6  # 1000 adu/mV: 1 uV steps
+
+
+@pytest.mark.parametrize("suffix", ["", ".hea", ".dat"])
+def test_record_can_be_named_by_header_signal_file_or_bare_name(tmp_path, suffix):
+    write_wfdb(tmp_path, "rec", beats(N, 500), 500)
+    assert read_wfdb(tmp_path / f"rec{suffix}").n_samples == N
+
+
+def test_1000_hz_record_is_resampled(tmp_path):
+    signals = beats(10_000, 1000, noise_mv=0.0)
+    out, fs, rec = load_twelve_lead(write_wfdb(tmp_path, "fast", signals, 1000))
+    assert (out.shape, fs, rec.notes) == ((12, N), 500, ["resampled 1000 Hz -> 500 Hz"])
+    np.testing.assert_allclose(out, beats(N, 500, noise_mv=0.0), atol=3e-3)
+
+
+def test_microvolt_record_is_converted(tmp_path):
+    signals = beats(N, 500)
+    out, _, _ = load_twelve_lead(write_wfdb(tmp_path, "uv", signals, 500, units="uV"))
+    assert np.abs(out - signals).max() <= 0.5e-3 + 1e-6
+
+
+def test_invalid_samples_come_back_as_nan_and_are_refused(tmp_path):
+    signals = beats(N, 500)
+    signals[7, 100:110] = np.nan  # wrsamp stores NaN as the format's invalid value (-32768)
+    rec = read_wfdb(write_wfdb(tmp_path, "gap", signals, 500))
+    one_line(r"lead V2 has 10 missing or non-finite samples \(first at 0.200 s\)", to_twelve_lead, rec)
+
+
+def test_unknown_unit_wfdb(tmp_path):
+    path = write_wfdb(tmp_path, "nu", beats(N, 500), 500)
+    text = path.read_text().replace("/mV", "/NU", 1)
+    path.write_text(text)
+    one_line(r"signal 1 \(I\) is in unit 'NU'", read_wfdb, path)
+
+
+def test_missing_header(tmp_path):
+    one_line("no WFDB header nope.hea", read_wfdb, tmp_path / "nope.dat")
+
+
+def test_truncated_signal_file(tmp_path):
+    path = write_wfdb(tmp_path, "cut", beats(N, 500), 500)
+    dat = tmp_path / "cut.dat"
+    dat.write_bytes(dat.read_bytes()[:30_000])
+    one_line(r"corrupt or truncated WFDB record", read_wfdb, path)
+
+
+def test_garbled_header(tmp_path):
+    path = write_wfdb(tmp_path, "bad", beats(N, 500), 500)
+    path.write_text("bad twelve five-hundred\n")
+    one_line(r"corrupt or truncated WFDB record", read_wfdb, path)
+
+
+def test_header_sampling_rate_is_checked(tmp_path):
+    path = write_wfdb(tmp_path, "slow", beats(N, 500), 500)
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace(" 500 ", " 20 ")
+    path.write_text("\n".join(lines) + "\n")
+    one_line("sampling rate 20 Hz is outside", read_wfdb, path)
+
+
+def test_lead_order_in_file_does_not_matter(tmp_path):
+    signals = beats(N, 500)
+    order = [11, 0, 5, 1, 3, 2, 4, 6, 7, 8, 9, 10]
+    import wfdb
+
+    wfdb.wrsamp(
+        "shuffled",
+        fs=500,
+        units=["mV"] * 12,
+        sig_name=[PTBXL_NAMES[k] for k in order],
+        p_signal=signals[order].T,
+        fmt=["16"] * 12,
+        adc_gain=[1000.0] * 12,
+        baseline=[0] * 12,
+        write_dir=str(tmp_path),
+    )
+    out, _, _ = load_twelve_lead(tmp_path / "shuffled.hea")
+    assert np.abs(out - signals).max() <= 0.5e-3 + 1e-6
+    assert LEADS[0] == "I"
+
+# --- HL7 aECG ------------------------------------------------------------------------------------
+
+def test_round_trip_within_half_a_scale_step(tmp_path, signals):
+    path = tmp_path / "ecg.xml"
+    path.write_bytes(aecg_document(signals, FS, scale_uv=5.0))
+    rec = read_aecg(path)
+    assert (rec.source_format, rec.fs) == ("hl7-aecg", 500.0)
+    assert list(rec.leads) == [f"MDC_ECG_LEAD_{lead.upper()}" for lead in LEADS]
+    out, fs = twelve(rec)
+    assert fs == 500 and np.abs(out - signals).max() <= 0.5 * 5e-3 + 1e-6
+    assert rec.n_samples == N  # the representative beat (a derivedSeries listed first) was skipped
+
+
+def test_origin_and_relative_time(signals):
+    doc = aecg_document(signals, FS, origin_uv=-250.0, scale_uv=2.5, time_code="TIME_RELATIVE")
+    out, _, rec = load_twelve_lead(doc, name="relative.xml")
+    assert rec.source == "relative.xml"
+    assert np.abs(out - signals).max() <= 0.5 * 2.5e-3 + 1e-6
+
+
+def test_eight_leads_get_derived_limb_leads(signals):
+    eight = signals[[LEADS.index(lead) for lead in EIGHT]]
+    out, _, rec = load_twelve_lead(aecg_document(eight, FS, EIGHT))
+    assert "derived III, aVR, aVL, aVF from I and II" in rec.notes
+    assert np.abs(out - signals).max() <= 1.5 * 5e-3 + 1e-6
+
+
+def test_250_hz_increment_is_resampled(signals):
+    slow = beats(2500, 250, noise_mv=0.0)
+    out, fs, rec = load_twelve_lead(aecg_document(slow, 250, scale_uv=1.0))
+    assert (out.shape, fs, rec.notes) == ((12, N), 500, ["resampled 250 Hz -> 500 Hz"])
+
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>
+<AnnotatedECG xmlns="urn:hl7-org:v3">&lol2;</AnnotatedECG>"""
+EXTERNAL_ENTITY = b"""<?xml version="1.0"?>
+<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>
+<AnnotatedECG xmlns="urn:hl7-org:v3">&x;</AnnotatedECG>"""
+
+
+@pytest.mark.parametrize("document", [BILLION_LAUGHS, EXTERNAL_ENTITY])
+def test_dtds_and_entities_are_refused(document):
+    one_line(r"XML uses a forbidden construct \(DTDForbidden\)", read_aecg, document, name="evil.xml")
+
+
+def test_not_xml(tmp_path):
+    path = tmp_path / "ecg.xml"
+    path.write_bytes(b"\x00\x01 binary junk")
+    one_line("not well-formed XML", read_aecg, path)
+
+
+def test_truncated_document(signals):
+    doc = aecg_document(signals, FS)
+    one_line("not well-formed XML, corrupt or truncated", read_aecg, doc[: len(doc) // 2])
+
+
+def test_other_xml_is_not_an_aecg():
+    one_line("XML root is 'svg', not an HL7 AnnotatedECG", read_aecg, b"<svg/>")
+
+
+def test_unknown_unit_hl7(signals):
+    doc = aecg_document(signals, FS, median_first=False).replace(b'unit="uV"', b'unit="mmHg"', 1)
+    one_line("the origin of lead MDC_ECG_LEAD_I is in unit 'mmHg'", read_aecg, doc)
+
+
+def test_missing_increment(signals):
+    doc = aecg_document(signals, FS, median_first=False)
+    start = doc.index(b"<increment")
+    doc = doc[:start] + doc[doc.index(b"/>", start) + 2 :]
+    one_line(r"time sequence has no <increment>", read_aecg, doc)
+
+
+def test_garbage_digits(signals):
+    doc = aecg_document(signals, FS, median_first=False).replace(b"<digits>", b"<digits>12 abc ", 1)
+    one_line("digits of lead MDC_ECG_LEAD_I contain something that is not a number", read_aecg, doc)
+
+
+def test_missing_file_hl7(tmp_path):
+    one_line("file not found", read_aecg, tmp_path / "nope.xml")
+
+# --- CSV, NPY and format detection ---------------------------------------------------------------
+
+def test_csv_round_trip(tmp_path, signals):
+    path = write_csv(tmp_path / "ecg.csv", signals, LEADS)
+    out, fs, rec = load_twelve_lead(path, fs=FS)
+    assert (rec.source_format, fs) == ("csv", 500)
+    assert np.abs(out - signals).max() <= 0.5e-6 + 1e-7  # written with 6 decimals
+
+
+def test_csv_with_semicolons_iec_names_microvolts_and_a_time_column(tmp_path, signals):
+    header = ("time", "DI", "DII", "DIII", "aVR", "aVL", "aVF", "C1", "C2", "C3", "C4", "C5", "C6")
+    table = np.vstack([np.arange(N) / FS, signals * 1000.0])
+    path = write_csv(tmp_path / "ecg.csv", table, header, delimiter=";")
+    out, _, rec = load_twelve_lead(path, fs=FS, unit="uV")
+    assert np.abs(out - signals).max() <= 1e-6
+    assert "ignored channels that are not standard leads: 'time'" in rec.notes
+
+
+def test_csv_without_header(tmp_path, signals):
+    path = tmp_path / "bare.csv"
+    np.savetxt(path, signals.T, delimiter=",")
+    one_line("the first line is not a header of lead names", read_csv, path, FS)
+
+
+def test_csv_with_text_in_rows(tmp_path, signals):
+    path = write_csv(tmp_path / "ecg.csv", signals, LEADS)
+    path.write_text(path.read_text().replace("\n", "\n1,2,oops,4,5,6,7,8,9,10,11,12\n", 1))
+    one_line("CSV rows are not all numbers", read_csv, path, FS)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_npy_in_either_orientation(tmp_path, signals, transpose):
+    array = (signals.T if transpose else signals).astype(np.float32)
+    out, _, rec = load_twelve_lead(write_npy(tmp_path / "ecg.npy", array), fs=FS)
+    assert rec.source_format == "npy"
+    np.testing.assert_array_equal(out, signals.astype(np.float32))
+
+
+def test_npy_with_caller_lead_order(tmp_path, signals):
+    order = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
+    eight = signals[[LEADS.index(lead) for lead in order]]
+    rec = read_npy(write_npy(tmp_path / "eight.npy", eight), FS, leads=order)
+    assert list(rec.leads) == list(order)
+
+
+def test_npy_square_array_is_ambiguous(tmp_path):
+    one_line(
+        "does not tell which axis holds the 12 leads", read_npy, write_npy(tmp_path / "sq.npy", np.zeros((12, 12))), FS
+    )
+
+
+def test_npy_objects_are_never_unpickled(tmp_path):
+    path = tmp_path / "obj.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    one_line("not a readable .npy array", read_npy, path, FS)
+
+
+def test_formats_are_told_by_content_not_by_a_misleading_suffix(tmp_path, signals):
+    dicom = write_dicom(tmp_path / "exam", dicom_dataset(signals, FS))  # no suffix: sniffed
+    disguised = write_dicom(tmp_path / "exam.png", dicom_dataset(signals, FS))  # renamed exports happen
+    xml = tmp_path / "exam.xml"
+    xml.write_bytes(aecg_document(signals, FS))
+    header = write_wfdb(tmp_path, "rec", signals, FS)
+    cases = {dicom: "dicom", disguised: "dicom", xml: "hl7-aecg", header: "wfdb", tmp_path / "rec": "wfdb",
+             tmp_path / "rec.dat": "wfdb"}
+    for source, kind in cases.items():
+        ecg = load_input(source)
+        assert (ecg.kind, ecg.recording.signals.shape, ecg.image.size) == (kind, (12, N), (2200, 1700)), source
+    assert load_input(dicom.read_bytes(), name="upload.dcm").kind == "dicom"
+    assert load_input(xml.read_bytes()).kind == "hl7-aecg"
+
+
+def test_arrays_images_and_missing_rates(tmp_path, signals):
+    assert load_input(signals, fs=FS).kind == "array"
+    assert load_input(signals.T, fs=FS, name="cart.npy").source == "cart.npy"
+    pixels = np.full((300, 400, 3), 255, dtype=np.uint8)
+    assert load_input(pixels).kind == "image" and load_input(pixels).image.size == (400, 300)
+    one_line(r"<array>: a signal array needs its sampling rate; pass fs=", load_input, signals)
+    path = write_csv(tmp_path / "ecg.csv", signals, LEADS)
+    one_line(r"ecg.csv: a CSV file stores no sampling rate; pass it \(--fs HZ", load_input, path)
+    one_line(r"a WFDB record is a .hea header and its signal files; pass its path", load_input,
+             write_wfdb(tmp_path, "r", signals, FS).read_bytes(), name="r.hea")
+
+
+def test_unknown_content_lists_images_and_recordings(tmp_path):
+    path = tmp_path / "notes.bin"
+    path.write_bytes(b"Sinus rhythm, rate 72.\n")
+    one_line("unknown content.*PNG.*DICOM, WFDB", load_input, path)
+    one_line("is a GIF image", load_input, b"GIF89a" + b"\0" * 64, name="x.gif")
+    one_line("does not exist", load_input, tmp_path / "nope.dcm")
+    one_line("is a directory", load_input, tmp_path)
+
+
+def test_the_print_says_what_it_shows(signals):
+    short = load_input(beats(6 * FS, FS), fs=FS)
+    assert short.notes == ("the recording lasts 6.00 s, under the print's 10 s: every column shows its first "
+                           "2.5 s and the rhythm strip stops at 6.00 s",)
+    long = load_input(beats(30 * FS, FS), fs=FS)
+    assert long.notes == ("the print shows the first 10 s of 30.00 s",) and long.recording.duration_s == 30.0
+    assert load_input(signals, fs=FS).notes == ()
+
+
+def test_a_missing_format_library_names_the_extra(tmp_path, signals, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pydicom(name, *args, **kwargs):
+        if name.split(".")[0] == "pydicom":
+            raise ImportError("No module named 'pydicom'")
+        return real_import(name, *args, **kwargs)
+
+    path = write_dicom(tmp_path / "ecg.dcm", dicom_dataset(signals, FS))
+    monkeypatch.delitem(__import__("sys").modules, "pydicom", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_pydicom)
+    one_line(r"ecg.dcm: reading DICOM needs the pydicom package.*pip install 'pulse-edge\[ecg\]'", load_input, path)
+
+
+# --- damaged files ---------------------------------------------------------------------------------
+
+def _damage(data: bytes, rng: np.random.Generator, limit: int, printable: bool = False) -> bytes:
+    damaged = bytearray(data)
+    for _ in range(int(rng.integers(1, 4))):
+        damaged[int(rng.integers(0, min(limit, len(data))))] = int(
+            rng.integers(32, 127) if printable else rng.integers(0, 256)
+        )
+    return bytes(damaged)
+
+
+def _read_or_refuse(read, source) -> None:
+    try:
+        to_twelve_lead(read(source))
+    except InputError as exc:
+        assert "\n" not in str(exc)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_damaged_dicom():
+    buffer = io.BytesIO()
+    dicom_dataset(beats(2000, 500), 500).save_as(buffer, enforce_file_format=True)
+    rng = np.random.default_rng(1)
+    for _ in range(400):  # the header and channel definitions sit in the first 3000 bytes
+        _read_or_refuse(read_dicom, _damage(buffer.getvalue(), rng, 3000))
+
+
+def test_damaged_aecg():
+    document = aecg_document(beats(2000, 500), 500)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        _read_or_refuse(read_aecg, _damage(document, rng, len(document)))
+
+
+def test_damaged_wfdb_header(tmp_path):
+    header = write_wfdb(tmp_path, "r", beats(2000, 500), 500)
+    text = header.read_bytes()
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        header.write_bytes(_damage(text, rng, len(text), printable=True))
+        _read_or_refuse(read_wfdb, header)
+
+
+def test_calibration_and_benchmark_samples_render_recordings(tmp_path, signals):
+    from pulse_edge.calibration.datasets.ecgbench.readers import Sample, Turn
+    from pulse_edge.calibration.samples import CalibrationSample
+
+    path = write_dicom(tmp_path / "exam.dcm", dicom_dataset(signals, FS))
+    expected = np.asarray(load_input(path).image)
+    calibration = CalibrationSample(id="c1", source="ecginstruct", task="rhythm", turns=(("q", "a"),),
+                                    image_path=path)
+    benchmark = Sample("b1", "ptb-test", (Turn("q", "NORM"),), image_file=path, image_name="exam.dcm")
+    from_bytes = Sample("b2", "ptb-test", (Turn("q", "NORM"),), image_bytes=path.read_bytes(), image_name="exam.dcm")
+    for sample in (calibration, benchmark, from_bytes):
+        np.testing.assert_array_equal(np.asarray(sample.load_image()), expected)

@@ -1,0 +1,95 @@
+"""Findings: statements of a generated answer mapped to the vocabulary, never one the text denies."""
+
+from __future__ import annotations
+
+import pytest
+
+from pulse_edge.benchmarks.ecgbench import parse
+from pulse_edge.runtime.findings import CONCEPTS, LABEL_SPACES, extract_findings, labels_in
+
+
+def found(text: str) -> dict[str, str]:
+    """{concept key: certainty} of the findings in `text`."""
+    return {f.code: f.certainty for f in extract_findings(text)}
+
+
+@pytest.mark.parametrize("text", [
+    "no atrial fibrillation",
+    "No atrial fibrillation.",
+    "There is no evidence of atrial fibrillation or flutter.",
+    "Sinus rhythm without AF.",
+    "Atrial fibrillation is absent.",
+    "AF was ruled out.",
+    "AF and atrial flutter are not seen.",
+    "Negative for atrial fibrillation.",
+    "This is not atrial fibrillation.",
+    "Is there atrial fibrillation?",
+])
+def test_denied_or_asked_statements_are_never_findings(text: str) -> None:
+    assert "AFIB" not in found(text) and "AFLT" not in found(text)
+
+
+def test_negation_ends_with_its_clause_and_does_not_reach_back() -> None:
+    assert found("Sinus rhythm. No atrial fibrillation; LBBB.") == {"SR": "stated", "LBBB": "stated"}
+    assert found("Atrial fibrillation without rapid ventricular response.") == {"AFIB": "stated"}
+    assert found("No ST elevation, but left bundle branch block.") == {"LBBB": "stated"}
+    # commas do not end a negation: a missed statement is a smaller harm than an invented one
+    assert found("No ST elevation, left axis deviation.") == {}
+    # "no change" denies nothing
+    assert found("No significant change compared with prior: LBBB persists.") == {"LBBB": "stated"}
+
+
+def test_hedges_are_kept_as_possible() -> None:
+    assert found("Possible left ventricular hypertrophy.") == {"LVH": "possible"}
+    assert found("Inferior infarct cannot be excluded.") == {"MI": "possible"}
+    assert found("MI not excluded") == {"MI": "possible"}
+    assert found("Cannot rule out AF; sinus tachycardia.") == {"AFIB": "possible", "STACH": "stated"}
+    assert found("possible AF. Atrial fibrillation confirmed in V1.")["AFIB"] == "stated"  # a stated mention wins
+
+
+def test_the_longest_statement_wins_and_its_span_is_reported() -> None:
+    text = "Sinus rhythm with incomplete right bundle branch block and first-degree AV block."
+    findings = extract_findings(text)
+    assert [f.code for f in findings] == ["SR", "IRBBB", "1AVB"]  # not RBBB
+    irbbb = findings[1]
+    assert text[irbbb.start:irbbb.end] == irbbb.text == "incomplete right bundle branch block"
+    assert irbbb.to_dict()["labels"] == {"ptbxl": "CD"}
+    first = findings[2].to_dict()
+    assert (first["snomed_ct"], first["scp_ecg"], first["labels"]) == (
+        "270492004", "1AVB", {"ptbxl": "CD", "cpsc2018": "I-AVB", "code15": "1dAVb"})
+
+
+def test_st_segment_words_are_not_codes_for_sinus_tachycardia() -> None:
+    assert found("ST elevation in V2-V4 and ST-T changes.") == {"STE": "stated", "STTC": "stated"}
+    assert found("Answer: ST, AF") == {"STACH": "stated", "AFIB": "stated"}
+    assert found("Non-ST elevation myocardial infarction.") == {"MI": "stated"}
+
+
+def test_codes_are_case_sensitive_whole_words_as_the_scorer_reads_them() -> None:
+    assert found("after a leaf") == {}  # "af" inside words, lower case
+    assert found("AFIB, LBBB, PVC") == {"AFIB": "stated", "LBBB": "stated", "PVC": "stated"}
+
+
+@pytest.mark.parametrize("space", sorted(LABEL_SPACES))
+def test_every_label_of_every_space_is_read_from_its_own_code(space: str) -> None:
+    for label in LABEL_SPACES[space]:
+        assert labels_in(label, LABEL_SPACES[space]) == [label], (space, label)
+
+
+def test_the_scorer_reads_labels_through_the_findings() -> None:
+    cpsc = LABEL_SPACES["cpsc2018"]
+    assert parse.labels_strict("Atrial fibrillation with premature ventricular contractions.", cpsc) == ["AF", "PVC"]
+    assert parse.labels_strict("No AF. Sinus rhythm with RBBB.", cpsc) == ["RBBB"]  # the denied AF is not read
+    ptb = LABEL_SPACES["ptbxl"]
+    assert parse.labels_strict("left bundle branch block and LVH", ptb) == ["CD", "HYP"]
+    assert parse.code15_strict("Answer: ABNORMAL, sinus bradycardia", ("1dAVb", "SB")) == ["ABNORMAL", "SB"]
+
+
+def test_vocabulary_is_well_formed() -> None:
+    keys = [c.key for c in CONCEPTS]
+    assert len(keys) == len(set(keys))
+    for concept in CONCEPTS:
+        assert concept.snomed is None or concept.snomed.isdigit(), concept.key
+        superclass = concept.labels.get("ptbxl") == concept.key  # a PTB-XL diagnostic superclass is its own code
+        assert concept.snomed or concept.scp or superclass, f"{concept.key} has no standard code"
+        assert concept.phrases or concept.codes, concept.key

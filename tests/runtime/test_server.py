@@ -1,0 +1,348 @@
+"""`pulse-edge serve` end to end: a subprocess on a free localhost port, spoken to with the official openai client.
+
+Two servers on one tiny bundle: the real command (an API key, an allowed directory, a small body limit), and
+the same command with a gate on every decode step (tests/pulse_testing/gated_serve.py) and no queue, which
+holds a generation mid-answer for as long as a test needs: a full queue and a client leaving are then
+deterministic. Both are always stopped; each must still be alive at the end and never have logged a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the serve extra")
+openai = pytest.importorskip("openai", reason="the acceptance test talks to the server with the openai client")
+
+from pulse_edge.export.build.bundle import export_bundle  # noqa: E402
+from pulse_edge.runtime.inputs.images import load_image  # noqa: E402
+from pulse_edge.runtime.pipeline import Pipeline  # noqa: E402
+from pulse_edge.runtime.text.prompt import Turn  # noqa: E402
+
+KEY = "test-key-0123456789"
+QUESTION = "What is the rhythm?"
+TOKENS = 24
+GATED = Path(__file__).resolve().parents[1] / "pulse_testing" / "gated_serve.py"
+STARTUP_S = 90
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "tiny-fp32")
+
+
+@pytest.fixture(scope="module")
+def allowed(ecg_png: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("allowed")
+    shutil.copy(ecg_png, root / "ecg.png")
+    (root / "outside.png").symlink_to(ecg_png)  # a real ECG, but outside the allowed directory
+    return root
+
+
+@pytest.fixture(scope="module")
+def infer_answer(bundle: Path, ecg_png: Path) -> dict[str, Any]:
+    done = subprocess.run([*_pulse_edge(), "infer", str(ecg_png), "--model", str(bundle), "--json",
+                           "--question", QUESTION, "--max-new-tokens", str(TOKENS)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _pulse_edge() -> list[str]:
+    script = Path(sys.executable).with_name("pulse-edge")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pulse_edge.cli.main"]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    log: Path
+    url: str = ""
+
+    def stop(self) -> str:
+        alive = self.process.poll() is None
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        text = self.log.read_text()
+        assert alive, f"the server died during the tests:\n{text[-3000:]}"
+        assert "Traceback" not in text, f"the server logged a traceback:\n{text[-3000:]}"
+        return text
+
+
+def _start(command: list[str], log: Path, env: dict[str, str] | None = None) -> Server:
+    server = Server(subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env), log)
+    deadline = time.monotonic() + STARTUP_S
+    while not server.url:
+        if server.process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+        found = re.search(r"serving .* at (http://127\.0\.0\.1:\d+)", log.read_text())
+        server.url = found.group(1) if found else ""
+        time.sleep(0.05)
+    while _http("GET", f"{server.url}/health")[0] != 200:
+        assert time.monotonic() < deadline, "the server never answered /health"
+        time.sleep(0.05)
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path, allowed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    command = [*_pulse_edge(), "serve", "--model", str(bundle), "--port", "0", "--api-key", "env",
+               "--allow-dir", str(allowed), "--max-body-mb", "2"]
+    running = _start(command, tmp_path_factory.mktemp("log") / "serve.log", {**os.environ, "PULSE_EDGE_API_KEY": KEY})
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gate") / "closed"
+
+
+@pytest.fixture(scope="module")
+def gated(bundle: Path, gate: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    command = [sys.executable, str(GATED), str(gate), "serve", "--model", str(bundle), "--port", "0",
+               "--max-queue", "0"]
+    running = _start(command, tmp_path_factory.mktemp("log") / "gated.log")
+    try:
+        yield running
+    finally:
+        gate.unlink(missing_ok=True)
+        running.stop()
+
+
+def _client(server: Server, key: str = KEY) -> Any:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _http(method: str, url: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+    except OSError:
+        return 0, {}, b""
+
+
+def _auth(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}", **(extra or {})}
+
+
+def _messages(png: bytes, question: str = QUESTION, images: int = 1) -> list[dict[str, Any]]:
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    parts = [{"type": "text", "text": question}] + [{"type": "image_url", "image_url": {"url": url}}] * images
+    return [{"role": "user", "content": parts}]
+
+
+def _multipart(fields: dict[str, str], file: tuple[str, bytes] | None = None) -> tuple[bytes, dict[str, str]]:
+    boundary = uuid.uuid4().hex
+    chunks = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+              for k, v in fields.items()]
+    if file is not None:
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{file[0]}"\r\n'
+                      "Content-Type: application/octet-stream\r\n\r\n".encode() + file[1] + b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _metric(server: Server, name: str, **labels: str) -> float:
+    status, _, body = _http("GET", f"{server.url}/metrics", headers=_auth())
+    assert status == 200
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(rf"^{re.escape(name)}{re.escape('{' + selector + '}') if labels else ''} (\S+)$",
+                      body.decode(), re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def _eventually(condition: Any, what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# ---- the OpenAI-compatible API ----------------------------------------------------------------------------
+
+
+def test_health_is_open_and_names_the_bundle(server: Server, bundle: Path) -> None:
+    status, headers, body = _http("GET", f"{server.url}/health")  # no key: probes need none
+    health = json.loads(body)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert health["model_loaded"] is True and health["model"] == bundle.name
+    assert (health["backend"], health["precision"]) == ("ort", "fp32")
+    assert health["bundle_id"] == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_models_lists_the_one_bundle(server: Server, bundle: Path) -> None:
+    assert [m.id for m in _client(server).models.list()] == [bundle.name]
+    assert _client(server).models.retrieve(bundle.name).owned_by == "pulse-edge"
+
+
+def test_a_completion_gives_infers_greedy_tokens(server: Server, bundle: Path, ecg_png: Path,
+                                                 infer_answer: dict[str, Any]) -> None:
+    reply = _client(server).chat.completions.create(
+        model=bundle.name, messages=_messages(ecg_png.read_bytes()), max_tokens=TOKENS, temperature=0,
+        extra_body={"return_token_ids": True})
+    choice = reply.choices[0]
+    assert choice.model_extra["token_ids"] == infer_answer["token_ids"]
+    assert choice.message.content == infer_answer["text"] and choice.finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (infer_answer["prompt_tokens"], TOKENS)
+    assert reply.object == "chat.completion" and reply.model == bundle.name
+
+
+def test_a_stream_gives_the_same_answer(server: Server, bundle: Path, ecg_png: Path,
+                                        infer_answer: dict[str, Any]) -> None:
+    chunks = list(_client(server).chat.completions.create(
+        model=bundle.name, messages=_messages(ecg_png.read_bytes()), max_tokens=TOKENS, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == infer_answer["text"]
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # streamed, not one piece
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == TOKENS
+    assert chunks[-1].usage.prompt_tokens == infer_answer["prompt_tokens"]
+
+
+def test_a_replayed_chat_with_a_system_prompt_matches_the_runtime(server: Server, bundle: Path,
+                                                                  ecg_png: Path) -> None:
+    messages = [{"role": "system", "content": "You read ECGs."}, *_messages(ecg_png.read_bytes()),
+                {"role": "assistant", "content": "Sinus rhythm."}, {"role": "user", "content": "And the rate?"}]
+    reply = _client(server).chat.completions.create(model=bundle.name, messages=messages, max_tokens=6,
+                                                    extra_body={"return_token_ids": True})
+    local = Pipeline.from_bundle(bundle).chat(system="You read ECGs.").ask(
+        "And the rate?", load_image(ecg_png), history=[Turn(QUESTION, "Sinus rhythm.")], max_new_tokens=6)
+    assert reply.choices[0].model_extra["token_ids"] == local.token_ids
+    assert reply.usage.prompt_tokens == local.prompt_tokens
+
+
+@pytest.mark.parametrize(("image", "images", "words"), [
+    (b"this is not an image", 1, "not an image, PDF or ECG recording"), (None, 2, "found 2 images"),
+    (None, 0, "found no image")])
+def test_a_bad_image_is_a_400_with_a_json_error(server: Server, bundle: Path, ecg_png: Path, image: bytes | None,
+                                                images: int, words: str) -> None:
+    messages = _messages(image or ecg_png.read_bytes(), images=images)
+    with pytest.raises(openai.BadRequestError) as caught:
+        _client(server).chat.completions.create(model=bundle.name, messages=messages, max_tokens=4)
+    assert caught.value.status_code == 400 and words in caught.value.body["message"]
+    assert caught.value.body["type"] == "invalid_request_error"
+    assert caught.value.response.headers["content-type"] == "application/json"
+
+
+def test_the_key_is_enforced(server: Server) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        _client(server, key="wrong").models.list()
+    status, headers, body = _http("GET", f"{server.url}/metrics")
+    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    assert headers["www-authenticate"] == "Bearer"
+    assert _http("GET", f"{server.url}/metrics", headers=_auth())[0] == 200
+
+
+# ---- the ECG-native API -----------------------------------------------------------------------------------
+
+
+def test_interpret_answers_an_upload_or_a_path_like_infer_json(server: Server, ecg_png: Path,
+                                                               infer_answer: dict[str, Any]) -> None:
+    fields = {"question": QUESTION, "max_tokens": str(TOKENS)}
+    upload, headers = _multipart(fields, ("renamed.bin", ecg_png.read_bytes()))
+    by_path = json.dumps({**fields, "max_tokens": TOKENS, "path": "ecg.png"}).encode()
+    varying = {"timings", "input_ms", "source"}  # per run; the source is what each request named
+    for body, extra, source in ((upload, headers, "renamed.bin"), (by_path, {"Content-Type": "application/json"},
+                                                                     "ecg.png")):
+        status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", body, _auth(extra))
+        assert status == 200, answer
+        answer = json.loads(answer)
+        assert set(answer) == set(infer_answer)
+        assert {k: v for k, v in answer.items() if k not in varying} == {
+            k: v for k, v in infer_answer.items() if k not in varying}
+        assert Path(answer["source"]).name == source
+
+
+@pytest.mark.parametrize(("path", "status"), [("../ecg.png", 403), ("outside.png", 403), ("/etc/hostname", 403),
+                                              ("missing.png", 404)])
+def test_interpret_reads_no_file_outside_the_allowed_directory(server: Server, path: str, status: int) -> None:
+    body = json.dumps({"path": path}).encode()
+    got, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", body, _auth({"Content-Type": "application/json"}))
+    assert got == status and json.loads(answer)["error"]["param"] == "path"
+
+
+# ---- limits, garbage, metrics -----------------------------------------------------------------------------
+
+
+JSON = "application/json"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "kind", "status"), [
+    ("POST", "/v1/chat/completions", b"x" * (2 * 2**20 + 1), JSON, 413),
+    ("POST", "/v1/chat/completions", b"{not json", JSON, 400),
+    ("POST", "/v1/chat/completions", b"[1, 2]", JSON, 400),
+    ("POST", "/v1/ecg/interpret", b"plain text", "text/plain", 415),
+    ("POST", "/v1/ecg/interpret", b"--x\r\nbroken", "multipart/form-data; boundary=x", 400),
+    ("GET", "/v1/nothing-here", None, JSON, 404),
+    ("GET", "/v1/chat/completions", None, JSON, 405),
+])
+def test_bad_requests_get_json_errors_and_the_server_lives_on(server: Server, method: str, path: str,
+                                                              body: bytes | None, kind: str, status: int) -> None:
+    got, headers, answer = _http(method, f"{server.url}{path}", body, _auth({"Content-Type": kind}))
+    assert got == status and headers["content-type"] == "application/json"
+    assert set(json.loads(answer)["error"]) == {"message", "type", "param", "code"}
+    assert _http("GET", f"{server.url}/health")[0] == 200
+
+
+def test_metrics_count_requests_by_outcome(server: Server) -> None:
+    before = _metric(server, "pulse_edge_requests_total", endpoint="/v1/chat/completions", outcome="bad_request")
+    _http("POST", f"{server.url}/v1/chat/completions", b"{}", _auth({"Content-Type": "application/json"}))
+    after = _metric(server, "pulse_edge_requests_total", endpoint="/v1/chat/completions", outcome="bad_request")
+    assert after == before + 1
+    _, _, text = _http("GET", f"{server.url}/metrics", headers=_auth())
+    for name in ("pulse_edge_queue_depth", "pulse_edge_time_to_first_token_seconds_bucket",
+                 "pulse_edge_decode_tokens_per_second_bucket", "pulse_edge_request_duration_seconds_bucket"):
+        assert name in text.decode()
+
+
+# ---- a full queue, and a client that leaves mid-answer ----------------------------------------------------
+
+
+def test_a_full_queue_is_503_and_a_client_leaving_frees_the_model(gated: Server, gate: Path, bundle: Path,
+                                                                  ecg_png: Path) -> None:
+    client, messages = _client(gated), _messages(ecg_png.read_bytes())
+    gate.touch()
+    stream = client.chat.completions.create(model=bundle.name, messages=messages, max_tokens=500, stream=True)
+    next(iter(stream))  # the answer has started: the model is inside its decode loop, held at the gate
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model=bundle.name, messages=messages, max_tokens=4)
+    assert caught.value.status_code == 503 and int(caught.value.response.headers["retry-after"]) >= 1
+    assert caught.value.body["code"] == "queue_full"
+    stream.close()  # the client goes away mid-answer
+    _eventually(lambda: _metric(gated, "pulse_edge_requests_total", endpoint="/v1/chat/completions",
+                                outcome="cancelled") == 1, "the server to see the disconnect")
+    gate.unlink()
+    _eventually(lambda: _metric(gated, "pulse_edge_generations_total", stop_reason="cancelled") == 1,
+                "the generation to stop")
+    reply = client.chat.completions.create(model=bundle.name, messages=messages, max_tokens=4)
+    assert reply.usage.completion_tokens == 4  # the slot is free again
+    assert _metric(gated, "pulse_edge_generations_total", stop_reason="max_new_tokens") == 1

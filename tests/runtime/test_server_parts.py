@@ -1,0 +1,304 @@
+"""The server's parts without a model: the decode loop's stop hook, request parsing, allowed paths, the queue.
+
+The server end to end (a subprocess, the official openai client) is tests/runtime/test_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the serve extra")
+
+from pulse_edge.cli.serve import API_KEY_ENV, resolve_api_key
+from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.generation.decode import decode_loop
+from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
+from pulse_edge.runtime.server.errors import ApiError, ClientGone
+from pulse_edge.runtime.server.openai_api import parse_chat_request
+from pulse_edge.runtime.server.paths import resolve_allowed
+from pulse_edge.runtime.server.waiting import Deadline, settle
+from pulse_edge.runtime.server.worker import ModelWorker, QueueFull
+from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, Turn
+
+# ---- the decode loop's cancellation hook -------------------------------------------------------------------
+
+
+def _loop(should_stop: Any, max_new_tokens: int = 50) -> tuple[list[int], str, int]:
+    steps = []
+
+    def step(token: int) -> np.ndarray:
+        steps.append(token)
+        logits = np.zeros(8, dtype=np.float32)
+        logits[(token + 1) % 7] = 1.0  # never 7, the EOS id here
+        return logits
+
+    first = np.eye(8, dtype=np.float32)[1]
+    out = decode_loop(first, step, sampler=Sampler(SamplingParams()), eos_id=7, max_new_tokens=max_new_tokens,
+                      room=1000, should_stop=should_stop)
+    return out.token_ids, out.stop_reason, len(steps)
+
+
+def test_should_stop_ends_the_loop_before_the_next_step() -> None:
+    asked = []
+
+    def stop_after_three() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    tokens, reason, steps = _loop(stop_after_three)
+    assert reason == "cancelled"
+    assert len(tokens) == 3 and steps == 2  # asked before each step; the third "yes" skipped the third step
+
+
+def test_should_stop_still_returns_the_first_token() -> None:
+    tokens, reason, steps = _loop(lambda: True)
+    assert (len(tokens), reason, steps) == (1, "cancelled", 0)
+
+
+def test_without_should_stop_the_loop_runs_to_its_limit() -> None:
+    assert _loop(None, 20)[:2] == (_loop(lambda: False, 20)[0], "max_new_tokens")
+    assert len(_loop(None, 20)[0]) == 20
+
+
+# ---- OpenAI request parsing -----------------------------------------------------------------------------
+
+
+PNG_URI = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nrest").decode()
+
+
+def _user(*parts: Any) -> dict[str, Any]:
+    return {"role": "user", "content": list(parts)}
+
+
+def _image(url: str = PNG_URI) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _text(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def _parse(**body: Any):
+    return parse_chat_request({"model": "m", **body}, "m")
+
+
+def test_a_request_becomes_question_image_and_sampling() -> None:
+    chat = _parse(messages=[_user(_text("Rhythm?"), _image())], temperature=0.5, top_p=0.9, seed=3,
+                  max_completion_tokens=12, stream=True, stream_options={"include_usage": True})
+    assert chat.question == "Rhythm?" and chat.image.startswith(b"\x89PNG") and chat.history == ()
+    assert chat.sampling == SamplingParams(temperature=0.5, top_p=0.9, seed=3)
+    assert (chat.max_tokens, chat.stream, chat.include_usage, chat.system) == (12, True, True, None)
+
+
+def test_omitted_sampling_is_greedy_and_an_image_alone_asks_the_default_question() -> None:
+    chat = _parse(messages=[_user(_image())])
+    assert chat.sampling.greedy and chat.max_tokens == 1024 and chat.question == DEFAULT_QUESTION
+
+
+def test_history_and_system_messages() -> None:
+    chat = _parse(messages=[{"role": "system", "content": "Be brief."}, _user(_image(), _text("Rhythm?")),
+                            {"role": "assistant", "content": "Sinus."}, {"role": "user", "content": "Rate?"},
+                            {"role": "user", "content": "And axis?"}])
+    assert chat.system == "Be brief."
+    assert chat.history == (Turn("Rhythm?", "Sinus."),)
+    assert chat.question == "Rate?\nAnd axis?"  # consecutive user messages are one question
+
+
+@pytest.mark.parametrize(("messages", "words"), [
+    ([_user(_text("Rhythm?"))], "exactly one ECG image"),
+    ([_user(_image(), _image())], "found 2 images"),
+    ([_user(_text("hi")), {"role": "assistant", "content": "hello"}, _user(_image())], "first user message"),
+    ([_user(_image("https://example.org/ecg.png"))], "data: URI"),
+    ([_user(_image("data:image/png;base64,***"))], "not valid base64"),
+    ([_user(_image()), {"role": "assistant", "content": "x"}], "last message must be the user's"),
+    ([{"role": "tool", "content": "x"}], "role 'tool'"),
+    ([], "non-empty list"),
+])
+def test_malformed_conversations_are_400s_that_say_why(messages: list, words: str) -> None:
+    with pytest.raises(ApiError, match=words) as caught:
+        _parse(messages=messages)
+    assert caught.value.status == 400 and caught.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ({"stop": ["\n"]}, "'stop' is not supported"), ({"n": 2}, "'n' is not supported"),
+    ({"temperature": 3}, "temperature must be in"), ({"top_p": 0}, "top_p must be in"),
+    ({"max_tokens": 0}, "max_tokens must be a positive integer"), ({"seed": -1}, "seed must be"),
+    ({"stream": "yes"}, "stream must be true or false"),
+])
+def test_unsupported_or_out_of_range_parameters_are_refused(extra: dict, words: str) -> None:
+    with pytest.raises(ApiError, match=words):
+        _parse(messages=[_user(_image())], **extra)
+
+
+def test_bookkeeping_parameters_are_ignored_and_another_model_is_404() -> None:
+    _parse(messages=[_user(_image())], user="cart-7", metadata={"site": "a"}, store=False, n=1, stop=None)
+    with pytest.raises(ApiError, match="not served here") as caught:
+        parse_chat_request({"model": "gpt-4o", "messages": [_user(_image())]}, "m")
+    assert caught.value.status == 404
+
+
+# ---- paths under --allow-dir ----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def allowed(tmp_path: Path) -> Path:
+    root = tmp_path / "allowed"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ecg.png").write_bytes(b"png")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    (root / "inside-link.png").symlink_to(root / "sub" / "ecg.png")
+    (root / "outside-link.png").symlink_to(tmp_path / "secret.png")
+    (root / "dir-link").symlink_to(tmp_path)
+    return root.resolve()
+
+
+def test_files_under_the_root_resolve(allowed: Path) -> None:
+    target = allowed / "sub" / "ecg.png"
+    assert resolve_allowed("sub/ecg.png", allowed) == target
+    assert resolve_allowed(str(target), allowed) == target
+    assert resolve_allowed("sub/../sub/ecg.png", allowed) == target
+    assert resolve_allowed("inside-link.png", allowed) == target  # a symlink that stays inside is fine
+
+
+@pytest.mark.parametrize(("requested", "kind"), [
+    ("../secret.png", "forbidden"), ("sub/../../secret.png", "forbidden"), ("/etc/passwd", "forbidden"),
+    ("outside-link.png", "forbidden"), ("dir-link/secret.png", "forbidden"), ("missing.png", "not_found"),
+    ("sub", "bad_request"), ("", "bad_request"), ("a\x00b", "bad_request"),
+])
+def test_traversal_and_symlinks_out_are_refused(allowed: Path, requested: str, kind: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        resolve_allowed(requested, allowed)
+    assert caught.value.kind == kind
+
+
+def test_no_root_accepts_no_path(allowed: Path) -> None:
+    with pytest.raises(ApiError, match="--allow-dir"):
+        resolve_allowed(str(allowed / "sub" / "ecg.png"), None)
+
+
+# ---- the API key ----------------------------------------------------------------------------------------
+
+
+def test_api_key_env_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(API_KEY_ENV, "s3cret")
+    assert resolve_api_key("env") == "s3cret" and resolve_api_key("literal") == "literal"
+    assert resolve_api_key(None) is None
+    monkeypatch.delenv(API_KEY_ENV)
+    with pytest.raises(ConfigError, match=API_KEY_ENV):
+        resolve_api_key("env")
+
+
+# ---- the queue ------------------------------------------------------------------------------------------
+
+
+def _blocking_job(release: threading.Event, log: list[str], name: str):
+    def job(should_stop) -> str:
+        log.append(f"{name} started")
+        while not release.is_set():
+            if should_stop():
+                log.append(f"{name} stopped")
+                return "stopped"
+            time.sleep(0.002)
+        return name
+
+    return job
+
+
+def test_the_queue_admits_one_running_plus_max_queue_and_frees_slots() -> None:
+    async def scenario() -> None:
+        worker, release, log = ModelWorker(max_queue=1), threading.Event(), []
+        first = worker.submit(_blocking_job(release, log, "a"))
+        second = worker.submit(_blocking_job(release, log, "b"))
+        with pytest.raises(QueueFull):
+            worker.submit(_blocking_job(release, log, "c"))
+        await asyncio.sleep(0.05)
+        assert worker.busy and worker.waiting == 1
+        second.cancel()  # cancelled while waiting: it never starts
+        release.set()
+        assert await first.result == "a"
+        await asyncio.sleep(0.05)
+        assert log == ["a started"] and worker.waiting == 0 and not worker.busy
+        third = worker.submit(_blocking_job(release, log, "c"))
+        assert await third.result == "c"
+        worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_a_running_job_stops_it_and_frees_the_slot() -> None:
+    async def scenario() -> None:
+        worker, release, log = ModelWorker(max_queue=0), threading.Event(), []
+        ticket = worker.submit(_blocking_job(release, log, "a"))
+        await asyncio.sleep(0.05)
+        ticket.cancel()
+        assert await asyncio.wait_for(asyncio.wrap_future(ticket._future), 2) == "stopped"
+        await asyncio.sleep(0.01)
+        assert worker.submit(lambda should_stop: "next") is not None  # the slot is free again
+        worker.close()
+
+    asyncio.run(scenario())
+
+
+async def _never_disconnects() -> dict[str, Any]:
+    await asyncio.sleep(3600)
+    return {}
+
+
+async def _disconnects_soon() -> dict[str, Any]:
+    await asyncio.sleep(0.05)
+    return {"type": "http.disconnect"}
+
+
+@pytest.mark.parametrize(("receive", "deadline_s", "error"), [
+    (_disconnects_soon, 60.0, ClientGone), (_never_disconnects, 0.1, ApiError)])
+def test_a_client_leaving_or_the_deadline_cancels_the_generation(receive: Any, deadline_s: float,
+                                                                  error: type) -> None:
+    async def scenario() -> None:
+        worker, release, log = ModelWorker(max_queue=0), threading.Event(), []
+        ticket = worker.submit(_blocking_job(release, log, "a"))
+        with pytest.raises(error):
+            await settle(ticket.result, ticket=ticket, receive=receive, deadline=Deadline(deadline_s))
+        await asyncio.sleep(0.05)
+        assert log == ["a started", "a stopped"] and not worker.busy
+        worker.close()
+
+    asyncio.run(scenario())
+
+
+# ---- the command: user errors before anything listens; the web stack stays out of the rest -------------------
+
+
+@pytest.mark.parametrize(("args", "env", "words"), [
+    (["--model", "{tmp}"], {}, "not a pulse-edge bundle"),
+    (["--model", "{tmp}", "--api-key", "env"], {API_KEY_ENV: ""}, f"${API_KEY_ENV} is not set or empty"),
+    (["--model", "{tmp}", "--allow-dir", "{tmp}/missing"], {}, "not an existing directory"),
+])
+def test_serve_refuses_bad_settings_in_one_line(tmp_path: Path, args: list[str], env: dict[str, str],
+                                                words: str) -> None:
+    from click.testing import CliRunner
+
+    from pulse_edge.cli.main import main
+
+    result = CliRunner().invoke(main, ["serve", *(a.format(tmp=tmp_path) for a in args)], env=env)
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_only_the_server_loads_the_web_stack() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, pulse_edge.cli.main, pulse_edge.runtime.pipeline\n"
+            "print(' '.join(m for m in ('starlette', 'uvicorn', 'prometheus_client') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "", f"importing the CLI or the pipeline loaded {out.stdout.strip()}"

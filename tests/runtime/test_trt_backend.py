@@ -1,0 +1,254 @@
+"""The `trt` backend's bookkeeping without a GPU: profiles, shapes, buffers and refusals, against stand-ins for
+the TensorRT engine and the CUDA runtime. Running real engines needs an NVIDIA GPU (the gpu-marked test)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.engines import (
+    ENGINES_FILE,
+    EngineSet,
+    EngineSpec,
+    ProfileSpec,
+    find_engine_dir,
+    manifest_sha256,
+    read_engines,
+)
+from pulse_edge.runtime.bundle.manifest import BundleError, TensorSpec
+from pulse_edge.runtime.engines import trt as trt_backend
+from pulse_edge.runtime.engines.tensorrt_api import TensorRT
+
+LAYERS, KVN, LENGTH, D, H, V = 2, 2, 64, 8, 16, 10
+
+
+def _decoder_spec(length: int = LENGTH) -> EngineSpec:
+    kv = (1, KVN, length, D)
+    past, present = names.kv_names(LAYERS, "past"), names.kv_names(LAYERS, "present")
+    total = ((1, 1), (1, length // 2), (1, length))
+
+    def profile(name: str, steps: tuple[int, int, int]) -> ProfileSpec:
+        return ProfileSpec(name, {names.INPUTS_EMBEDS: tuple((1, s, H) for s in steps),
+                                  names.POSITION_IDS: tuple((1, s) for s in steps), names.ATTENTION_MASK: total})
+
+    inputs = (TensorSpec(names.INPUTS_EMBEDS, "float32", (1, -1, H)), TensorSpec(names.POSITION_IDS, "int64", (1, -1)),
+              TensorSpec(names.WRITE_INDEX, "int64", (1,)), TensorSpec(names.ATTENTION_MASK, "int64", (1, -1)),
+              *(TensorSpec(n, "float16", kv) for n in past))
+    outputs = (TensorSpec(names.LOGITS, "float32", (1, -1, V)), *(TensorSpec(n, "float16", kv) for n in present))
+    return EngineSpec(file="decoder.engine", graph="decoder.onnx", precision="fp16", inputs=inputs, outputs=outputs,
+                      profiles=(profile("decode", (1, 1, 2)), profile("prefill", (1, 16, length))), size=1,
+                      kv_aliases=dict(zip(present, past, strict=True)))
+
+
+def _vision_spec(max_tiles: int = 2) -> EngineSpec:
+    pixels = TensorSpec(names.PIXEL_VALUES, "float32", (-1, 3, 14, 14))
+    shapes = {names.PIXEL_VALUES: ((1, 3, 14, 14), (max_tiles, 3, 14, 14), (max_tiles, 3, 14, 14))}
+    return EngineSpec(file="vision.engine", graph="vision.onnx", precision="fp16", inputs=(pixels,),
+                      outputs=(TensorSpec(names.IMAGE_FEATURES, "float32", (-1, 1, H)),),
+                      profiles=(ProfileSpec("tiles", shapes),), size=1)
+
+
+class FakeCuda:
+    """Device memory as host arrays; records what the runner asks for."""
+
+    stream = 7
+
+    def __init__(self) -> None:
+        self.memory: dict[int, bytearray] = {}
+        self.uploads: list[tuple[int, bytes]] = []
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = 4096 * (len(self.memory) + 1)
+        self.memory[ptr] = bytearray(max(nbytes, 1))
+        return ptr
+
+    def upload(self, ptr: int, array: np.ndarray) -> None:
+        data = np.ascontiguousarray(array).tobytes()
+        self.memory[ptr][: len(data)] = data
+        self.uploads.append((ptr, data))
+
+    def download(self, array: np.ndarray, ptr: int) -> None:
+        array[...] = np.frombuffer(bytes(self.memory[ptr][: array.nbytes]), array.dtype).reshape(array.shape)
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeContext:
+    """An execution context that records its calls; "running" writes a marker into the logits and cache."""
+
+    def __init__(self, cuda: FakeCuda) -> None:
+        self.cuda, self.profiles, self.shapes, self.addresses, self.runs = cuda, [], {}, {}, 0
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.profiles.append(index)
+        return True
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        self.runs += 1
+        if names.LOGITS in self.addresses:
+            logits = np.full(V, float(self.runs), np.float32)
+            self.cuda.memory[self.addresses[names.LOGITS]][: logits.nbytes] = logits.tobytes()
+        return True
+
+
+class FakeEngine:
+    def __init__(self, spec: EngineSpec, aliased: bool = True) -> None:
+        self.spec, self.aliased = spec, aliased
+        self.tensors = [(t.name, "INPUT", t.dtype) for t in spec.inputs] + [(t.name, "OUTPUT", t.dtype)
+                                                                           for t in spec.outputs]
+        self.num_io_tensors, self.num_optimization_profiles = len(self.tensors), len(spec.profiles)
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.tensors[i][0]
+
+    def _find(self, name: str) -> tuple[str, str, str]:
+        return next(t for t in self.tensors if t[0] == name)
+
+    def get_tensor_mode(self, name: str) -> str:
+        return f"TensorIOMode.{self._find(name)[1]}"
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return "DataType." + {"float32": "FLOAT", "float16": "HALF", "int64": "INT64"}[self._find(name)[2]]
+
+    def get_aliased_input_tensor(self, name: str) -> str | None:
+        return self.spec.kv_aliases.get(name) if self.aliased else None
+
+
+TRT = TensorRT(module=None, name="tensorrt_rtx")
+
+
+def _decoder(aliased: bool = True) -> tuple[trt_backend.TrtDecoder, FakeContext, FakeCuda]:
+    spec, cuda = _decoder_spec(), FakeCuda()
+    context = FakeContext(cuda)
+    return trt_backend.TrtDecoder(FakeEngine(spec, aliased), context, spec, cuda, V), context, cuda
+
+
+def test_decode_runs_use_the_decode_profile_and_prefill_the_other() -> None:
+    plan = trt_backend.DecoderPlan.from_spec(_decoder_spec())
+    assert plan.max_length == LENGTH and plan.max_steps == LENGTH
+    assert plan.profile_for(1, 40) == 0 and plan.profile_for(2, 3) == 0
+    assert plan.profile_for(3, 3) == 1 and plan.profile_for(LENGTH, LENGTH) == 1
+    with pytest.raises(ValueError, match="no profile"):
+        plan.profile_for(5, LENGTH + 1)
+    with pytest.raises(ConfigError, match="exceeds the 64 positions"):
+        plan.check_chunk(65)
+
+
+def test_forward_feeds_positions_shapes_and_keeps_the_length() -> None:
+    decoder, context, cuda = _decoder()
+    decoder.forward(np.zeros((1, 5, H), np.float32))
+    assert context.profiles == [1]
+    assert context.shapes == {names.INPUTS_EMBEDS: (1, 5, H), names.POSITION_IDS: (1, 5),
+                              names.ATTENTION_MASK: (1, 5)}
+    logits = decoder.forward(np.zeros((1, 1, H), np.float32))
+    assert context.profiles == [1, 0] and context.shapes[names.ATTENTION_MASK] == (1, 6)
+    positions = np.frombuffer(cuda.memory[decoder.inputs[names.POSITION_IDS].ptr][:8], np.int64)
+    write_index = np.frombuffer(cuda.memory[decoder.inputs[names.WRITE_INDEX].ptr][:8], np.int64)
+    assert positions.tolist() == [5] and write_index.tolist() == [5]
+    assert decoder.length == 6 and np.all(logits == 2.0)
+    decoder.forward(np.zeros((1, 1, H), np.float32))
+    assert context.profiles == [1, 0]  # the profile is switched only when the run's kind changes
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder.forward(np.zeros((1, LENGTH, H), np.float32))
+    decoder.reset()
+    assert decoder.length == 0
+
+
+def test_an_aliased_cache_is_one_buffer_bound_as_past_and_present() -> None:
+    decoder, context, _ = _decoder(aliased=True)
+    decoder.forward(np.zeros((1, 3, H), np.float32))
+    for present, past in decoder.spec.kv_aliases.items():
+        assert context.addresses[present] == context.addresses[past]
+    assert decoder.in_place and all(len(b) == 1 for b in decoder.cache.values())
+
+
+def test_an_unaliased_cache_swaps_two_buffers_after_each_run() -> None:
+    decoder, context, _ = _decoder(aliased=False)
+    decoder.forward(np.zeros((1, 3, H), np.float32))
+    present, past = next(iter(decoder.spec.kv_aliases.items()))
+    written = context.addresses[present]
+    assert written != context.addresses[past]
+    decoder.forward(np.zeros((1, 1, H), np.float32))
+    assert context.addresses[past] == written  # what the last run wrote is what the next one reads
+
+
+def test_vision_runs_large_images_in_batches_of_max_tiles() -> None:
+    spec, cuda = _vision_spec(max_tiles=2), FakeCuda()
+    context = FakeContext(cuda)
+    vision = trt_backend.TrtVision(FakeEngine(spec), context, spec, cuda)
+    out = vision.run(np.zeros((5, 3, 14, 14), np.float32))
+    assert out.shape == (5, 1, H) and context.runs == 3
+    assert context.shapes[names.PIXEL_VALUES] == (1, 3, 14, 14)  # the last batch holds the fifth tile
+
+
+def test_engine_io_must_match_engines_json() -> None:
+    spec = _decoder_spec()
+    trt_backend.check_engine_io(FakeEngine(spec), spec, TRT)
+    other = replace(spec, inputs=(*spec.inputs[:-1], TensorSpec(spec.inputs[-1].name, "float32", (1,))))
+    with pytest.raises(BundleError, match=r"differ from engines\.json"):
+        trt_backend.check_engine_io(FakeEngine(spec), other, TRT)
+
+
+def test_no_gpu_is_one_line() -> None:
+    def error_string(err: int) -> tuple[int, bytes]:
+        return 0, b"CUDA driver version is insufficient for CUDA runtime version"
+
+    runtime = SimpleNamespace(cudaGetDeviceCount=lambda: (35, 0), cudaGetErrorString=error_string)
+    with pytest.raises(ConfigError, match=r"no CUDA GPU is usable here \(CUDA driver version is insufficient"):
+        trt_backend.Cuda(runtime)
+
+
+def _engine_set(bundle: Path, directory: Path) -> EngineSet:
+    directory.mkdir()
+    specs = {}
+    for role, spec in ((names.VISION, _vision_spec()), (names.DECODER, _decoder_spec())):
+        (directory / spec.file).write_bytes(b"plan")
+        specs[role] = replace(spec, size=4)
+    engines = EngineSet(target="rtx", tensorrt="tensorrt_rtx", tensorrt_version="1.7.1.116",
+                        compute_capabilities=("8.6",), max_context=LENGTH, max_tiles=2,
+                        bundle_manifest_sha256=manifest_sha256(bundle), engines=specs)
+    engines.write(directory)
+    return engines
+
+
+def test_engines_json_round_trips_and_refuses_stale_or_truncated_engines(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / names.MANIFEST_FILE).write_text("{}")
+    written = _engine_set(bundle, bundle / "engines-rtx")
+    assert read_engines(bundle / "engines-rtx", bundle) == written
+    assert find_engine_dir(bundle) == bundle / "engines-rtx"
+    (bundle / "engines-rtx" / "decoder.engine").write_bytes(b"pl")
+    with pytest.raises(BundleError, match="incomplete"):
+        read_engines(bundle / "engines-rtx", bundle)
+    (bundle / names.MANIFEST_FILE).write_text('{"re-exported": 1}')
+    with pytest.raises(BundleError, match="built from another bundle"):
+        read_engines(bundle / "engines-rtx", bundle)
+    _engine_set(bundle, bundle / "engines-jetson")
+    with pytest.raises(BundleError, match="several engine directories"):
+        find_engine_dir(bundle)
+    bad = json.loads((bundle / "engines-rtx" / ENGINES_FILE).read_text()) | {"version": 99}
+    (bundle / "engines-rtx" / ENGINES_FILE).write_text(json.dumps(bad))
+    with pytest.raises(BundleError, match="rebuild the engines"):
+        read_engines(bundle / "engines-rtx", bundle)
+
+
+def test_a_bundle_without_engines_is_refused_by_the_trt_backend(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="has no TensorRT engines"):
+        find_engine_dir(tmp_path)
