@@ -212,8 +212,9 @@ def test_prefill_graph_file_holds_int8_weights(tiny_pipeline, tiny_scales: Scale
 
 
 def test_ort_scales_a_bias_by_the_row_scale_so_w8a8dyn_never_passes_one() -> None:
-    """Why the vision graph keeps each Linear's bias Add: MatMulIntegerToFloat multiplies its bias input by a
-    per-row activation scale (ORT 1.32). If ORT fixes that, this test fails and the bias can be folded in."""
+    """Why per-token w8a8dyn keeps each Linear's bias as an Add after the MatMul: MatMulIntegerToFloat multiplies
+    its bias input by the per-row activation scale (ORT 1.32); w8a8u8's one static scale makes folding it exact.
+    If ORT fixes that, this test fails and w8a8dyn can fold the bias too."""
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((64, 32)) * 0.1).astype(np.float32)
     bias = rng.standard_normal(32).astype(np.float32)
