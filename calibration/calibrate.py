@@ -5,6 +5,7 @@
           activation clips for every method (int8 and E4M3 grids)
           SmoothQuant alpha and scales (decoder qkv / gate_up, for W8A8)
           AWQ alpha and scales (decoder layer sites, for int4)
+        + the keys' and values' ranges per kv head and channel (an int8 KV cache's scales, kv.py)
       ─ scales.npz
 
 The searches run on the rows the observers sampled and on a seeded subset of the
@@ -26,6 +27,7 @@ import numpy as np
 from pulse_edge import __version__
 from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample
 from pulse_edge.calibration.histogram import METHODS, AbsHistogram
+from pulse_edge.calibration.kv import KVObserver, observing_kv
 from pulse_edge.calibration.observe import SiteObserver, make_observers, observe, packed_weight
 from pulse_edge.calibration.quant_math import SearchResult, search_awq_scales, search_smooth_alpha, smooth_scales
 from pulse_edge.calibration.samples import (
@@ -97,11 +99,13 @@ def calibrate(loaded: LoadedCheckpoint, tokenizer: Tokenizer, options: Calibrati
     prepared = prepare_all(loaded, tokenizer, samples, loaded.config.text.max_position_embeddings)
     observers = make_observers(loaded.model, reservoir_rows=options.reservoir_rows, seed=options.seed)
     log.info("calibrating on %d samples (%s)", len(prepared), _counts(samples))
-    observe(loaded.model, prepared, observers, progress=options.progress)
+    kv = KVObserver(head_dim=loaded.config.text.head_dim)
+    with observing_kv(loaded.model, kv):
+        observe(loaded.model, prepared, observers, progress=options.progress)
     sites = {site: _site_scales(loaded, site, obs, options) for site, obs in observers.items()}
     return Scales(method=options.method, checkpoint_sha256=checkpoint_sha256(loaded.root),
                   samples=_samples_meta(samples, prepared, options), awq_block_size=options.block_size,
-                  sites=sites, created_by=f"pulse-edge {__version__}")
+                  sites=sites, created_by=f"pulse-edge {__version__}", kv=kv.absmax)
 
 
 def _site_scales(loaded: LoadedCheckpoint, site: str, obs: SiteObserver, options: CalibrationOptions) -> SiteScales:

@@ -5,6 +5,8 @@
     {site}/mean_abs   [K] per-input-channel mean |x|
     {site}/smooth     [K] SmoothQuant scales at the chosen alpha   (decoder qkv / gate_up)
     {site}/awq        [K] AWQ scales at the chosen alpha            (decoder layer sites)
+    kv/layers.{i}.key    [kv_heads, D] largest rotary-pair length of the keys   (int8 KV cache; see kv.py)
+    kv/layers.{i}.value  [kv_heads, D] largest |value| per channel              (absent in older files)
 
 Per site the metadata holds the activation clip `amax` for every method (int8
 grid) and `amax_fp8` (E4M3 grid; only mse differs; entropy, which models an
@@ -33,6 +35,7 @@ FORMAT = "pulse-edge-scales"
 VERSION = 1
 META_KEY = "__meta__"
 ARRAYS = ("absmax", "mean_abs", "smooth", "awq")
+KV_PREFIX = "kv/"
 
 
 class ScalesError(InputError):
@@ -65,6 +68,7 @@ class Scales:
     awq_block_size: int
     sites: Mapping[str, SiteScales]
     created_by: str = ""
+    kv: Mapping[str, np.ndarray] = field(default_factory=dict)  # calibration/kv.py: {layers.{i}.{key|value}: [N, D]}
 
     def amax(self, site: str, *, fp8: bool = False, method: str | None = None) -> float:
         """The activation clip a Q/DQ site uses: the smoothed one where the site is smoothed."""
@@ -89,6 +93,7 @@ class Scales:
                 value = getattr(s, key)
                 if value is not None:
                     arrays[f"{site}/{key}"] = np.asarray(value, np.float32)
+        arrays.update({f"{KV_PREFIX}{name}": np.asarray(value, np.float32) for name, value in self.kv.items()})
         _atomic_write(path, arrays)
         return path
 
@@ -110,8 +115,10 @@ class Scales:
             mean_abs=arrays[f"{name}/mean_abs"], smooth=arrays.get(f"{name}/smooth"),
             smooth_alpha=m.get("smooth_alpha"), smooth_amax=m.get("smooth_amax", {}), awq=arrays.get(f"{name}/awq"),
             awq_alpha=m.get("awq_alpha"), search=m.get("search", {})) for name, m in meta["sites"].items()}
+        kv = {key.removeprefix(KV_PREFIX): value for key, value in arrays.items() if key.startswith(KV_PREFIX)}
         return cls(method=meta["method"], checkpoint_sha256=meta["checkpoint_sha256"], samples=meta["samples"],
-                   awq_block_size=int(meta["awq_block_size"]), sites=sites, created_by=meta.get("created_by", ""))
+                   awq_block_size=int(meta["awq_block_size"]), sites=sites, created_by=meta.get("created_by", ""),
+                   kv=kv)
 
     def check_model(self, sha256: str, path: Path) -> None:
         if sha256 != self.checkpoint_sha256:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pulse_edge.benchmarks.common.host import HostWindow, host_sample
 from pulse_edge.benchmarks.common.measure import Stat, ecg_print, peak_since_reset, proc_status_bytes, reset_peak
 
 if TYPE_CHECKING:
@@ -124,8 +125,16 @@ class OrtBench:
         return _elapsed_ms(lambda: self.engine.vision.run(self.inputs.pixel_values))
 
     def prefill(self) -> float:
-        self.engine.decoder.reset()
-        return _elapsed_ms(lambda: self.engine.decoder.forward(self.inputs.prompt))
+        """The prompt in the runtime's own chunks (BundleEngine.prefill_chunk), on whichever decoder graph
+        the runtime picks for them (a bundle's prefill graph when it has one)."""
+        decoder, prompt = self.engine.decoder, self.inputs.prompt
+        chunk = self.engine.prefill_chunk or prompt.shape[1]
+
+        def run() -> None:
+            decoder.reset()
+            for start in range(0, prompt.shape[1], chunk):
+                decoder.forward(prompt[:, start:start + chunk])
+        return _elapsed_ms(run)
 
     def decode(self) -> float:
         """Tokens/s over K steps, each at `context` positions: setting the length is all it takes,
@@ -323,11 +332,13 @@ class BackendMeter:
 
 
 def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig, meters: dict[str, BackendMeter],
-                before_round: Callable[[], object] | None = None) -> dict[str, Stat]:
+                before_round: Callable[[], object] | None = None,
+                windows: list[HostWindow] | None = None) -> dict[str, Stat]:
     """Warm every backend up, then time them in turn, run after run: a machine that gets busier or
     quieter during the measurement slows them far more alike than back-to-back phases would. Bursts
     shorter than a run can still skew one backend; its `others_cores` says when. `before_round` runs
-    untimed before each round (a bandwidth probe to pair with the round's runs)."""
+    untimed before each round (a bandwidth probe to pair with the round's runs); `windows` gets the
+    host's state over each round (benchmarks/common/host.py: was it quiet?)."""
     active = [b for b in benches if getattr(b, method) is not None]
     for bench in active:
         for _ in range(cfg.warmup):
@@ -336,6 +347,9 @@ def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig, meters
     for _ in range(cfg.timed_runs):
         if before_round is not None:
             before_round()
+        start = host_sample()
         for bench in active:
             values[bench.key].append(meters[bench.key].call(getattr(bench, method)))
+        if windows is not None:
+            windows.append(HostWindow.between(start, host_sample()))
     return {key: Stat.of(v) for key, v in values.items()}

@@ -183,8 +183,9 @@ METHODS = {  # how each column was measured, printed under the table
               "ORT = VisionEngine.run (vision.onnx); transformers = the torch reference's number (transformers "
               "has no class for PULSE's flat layout; the reference is built from its CLIP and LLaMA blocks)",
     "prefill": "{positions} positions of embedding-table rows (random ids): torch = export.torch_backend.prefill "
-               "(what TorchEngine.prefill runs); ORT = DecoderEngine.forward after reset; transformers = "
-               "generate(inputs_embeds, max_new_tokens=1, greedy): prefill + one greedy token + generate's setup",
+               "(what TorchEngine.prefill runs); ORT = DecoderEngine.forward after reset, in the runtime's chunks; "
+               "transformers = generate(inputs_embeds, max_new_tokens=1, greedy): prefill + one greedy token + "
+               "generate's setup",
     "decode": "{steps} steps per run at {context} positions of context: ORT = DecoderEngine.forward with "
               "DecoderEngine.length set to {context} - 1 before each step (the cost depends only on the length); "
               "torch = decode_one_token on a DynamicCache of {context} - 1 random positions, cropped back after "

@@ -1,36 +1,38 @@
-"""`pulse-edge bench recipes`: every precision recipe side by side on one random PULSE-shaped model.
+"""`pulse-edge bench recipes`: every precision recipe side by side on one random PULSE-shaped model, against the
+host's measured bounds.
 
     checkpoint ─ fp32 bundle ─┐
-       └ calibrate (N synthetic samples) ─ scales ─ int8 (weight-only) | int8 W8A8 | int4 AWQ bundles
-    ONE process: transformers generate, and ONNX Runtime on each bundle; each: vision (5 tiles),
-    prefill (~2950 positions), decode tok/s at a fixed context, achieved bandwidth, x fp32
+       └ calibrate (N synthetic samples) ─ scales ─ int8 | int8 W8A8 | int4 | ... bundles (+ --extra bundles)
+    probes at start and end: read / copy bandwidth (numpy) and the int8 GEMM peak (ORT, gemm_probe.py)
+    ONE process, each measurement interleaved round by round, the host's state noted per round:
+      vision (5 tiles), prefill (~2950 positions, the runtime's chunks), decode tok/s at a fixed context
 
-Bandwidth: bytes one decode step reads = the bundle's decoder files (packed weights and
-scales) + the KV cache at the context; achieved = tok/s x that, against the bandwidth
-measured in the same run. The backends are timed interleaved (see backends.py) so
-ratios hold on a noisy machine. fp8 bundles are not timed: ORT's CPU EP only emulates
-them (Q/DQ at the "basic" level), which says nothing about their speed on a GPU.
+Bounds: a decode step reads the decoder graph's files (packed weights and scales) plus the KV cache
+at the context (its own dtype: an int8 cache is a quarter of an fp32 one); its fraction is achieved
+GB/s over the best read probe. Prefill and vision are compute: their fraction is the linear layers'
+ops (2 x weights x positions) per second over the int8 GEMM peak. Ratios (these fractions, speedups
+against the baseline row) come from quiet rounds only, paired round by round; when fewer than
+host.MIN_QUIET_ROUNDS rounds were quiet the cell says "busy" and the report says why (mixing
+quiet and busy rounds would give a ratio of neither state). fp8 bundles are not timed: ORT's CPU EP
+only emulates them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pulse_edge.benchmarks.common.gemm_probe import GemmPeak, measure_gemm_peak
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
 from pulse_edge.benchmarks.common.machine import model_info
-from pulse_edge.benchmarks.common.measure import (
-    Stat,
-    bandwidth_probe,
-    bandwidth_report,
-    load_average,
-    machine_with_load,
-    torch_threads,
-)
-from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts, roofline_entry, torch_decoder_facts
-from pulse_edge.benchmarks.common.tables import gib, machine_lines, markdown_table, num, percent, pp
+from pulse_edge.benchmarks.common.measure import Stat, bandwidth_probe, load_average, machine_with_load, torch_threads
+from pulse_edge.benchmarks.common.roofline import GB, Bandwidth, bundle_decoder_facts, torch_decoder_facts
+from pulse_edge.benchmarks.common.tables import gib, machine_lines, markdown_table, percent, pp
 from pulse_edge.benchmarks.perf.backend_runs import (
     BackendMeter,
     GenerateBench,
@@ -40,13 +42,15 @@ from pulse_edge.benchmarks.perf.backend_runs import (
     interleaved,
 )
 from pulse_edge.benchmarks.perf.backends import BackendsConfig, prepare_model, run_cli, work_dir
+from pulse_edge.benchmarks.perf.model_ops import ModelOps, model_ops
 
 # recipe key -> (label, export arguments)
 RECIPES = {
-    "int8": ("int8: vision W8A8, decoder int8 weights (MatMulNBits)", ["--precision", "int8"]),
-    "int8-w8a8": ("int8: vision W8A8, decoder W8A8 SmoothQuant (Q/DQ)",
-                  ["--precision", "int8", "--int8-decoder", "w8a8"]),
-    "int4": ("int4: vision W8A8, decoder int4 AWQ (MatMulNBits)", ["--precision", "int4"]),
+    "int8": ("int8: W8A8 vision, int8-weight decode, W8A8 prefill graph, int8 KV", ["--precision", "int8"]),
+    "int8-w8a8": ("int8: decoder W8A8 SmoothQuant (Q/DQ)", ["--precision", "int8", "--int8-decoder", "w8a8"]),
+    "int4": ("int4: W8A8 vision, int4 AWQ decode, W8A8 prefill graph, int8 KV", ["--precision", "int4"]),
+    "int8-single": ("int8 without the prefill graph, fp32 KV", ["--precision", "int8", "--no-prefill-graph",
+                                                               "--kv-cache", "float"]),
 }
 MEASURES = {"vision_ms": "vision", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
 
@@ -54,9 +58,19 @@ MEASURES = {"vision_ms": "vision", "prefill_ms": "prefill", "decode_tokens_per_s
 @dataclass(frozen=True)
 class RecipesConfig:
     base: BackendsConfig
-    recipes: tuple[str, ...] = tuple(RECIPES)
+    recipes: tuple[str, ...] = ("int8", "int4")
     calibration_samples: int = 4  # speed does not depend on the scales' quality
     transformers: bool = True
+    fp32: bool = True
+    extra: tuple[tuple[str, Path], ...] = ()  # (name, bundle): bundles made elsewhere, e.g. by another version
+    baseline: str = "fp32"  # the row the speedup columns divide by: one row, or "ROW=BASE,ROW=BASE" per row
+
+    def baseline_of(self, row: str) -> str | None:
+        """The row `row`'s speedups are against (None: no speedup for it)."""
+        if "=" not in self.baseline:
+            return self.baseline
+        pairs = dict(part.split("=", 1) for part in self.baseline.split(",") if part)
+        return pairs.get(row)
 
 
 def prepare_recipes(cfg: RecipesConfig, work: Path, progress: Callable[[str], None]) -> dict[str, Path]:
@@ -66,16 +80,16 @@ def prepare_recipes(cfg: RecipesConfig, work: Path, progress: Callable[[str], No
     if not scales.is_file():
         progress(f"calibrating on {cfg.calibration_samples} synthetic samples")
         run_cli(["calibrate", str(prepared.checkpoint), "--samples", str(cfg.calibration_samples), "-o",
-                  str(scales)], "calibrate", progress)
-    bundles = {"fp32": prepared.bundle}
+                 str(scales)], "calibrate", progress)
+    bundles = {"fp32": prepared.bundle} if cfg.fp32 else {}
     for key in cfg.recipes:
         bundle = work / f"bundle-{key}"
         if not bundle.is_dir():
             progress(f"exporting the {key} bundle")
             run_cli(["export", str(prepared.checkpoint), "-o", str(bundle), *RECIPES[key][1], "--scales",
-                      str(scales), "--validation", "quick", "--held-out", "1"], f"export {key}", progress)
+                     str(scales), "--validation", "quick", "--held-out", "1"], f"export {key}", progress)
         bundles[key] = bundle
-    return bundles
+    return {**bundles, **dict(cfg.extra)}
 
 
 def _ort_bench(key: str, bundle: Path, inputs: Any, cfg: BackendsConfig) -> OrtBench:
@@ -84,88 +98,187 @@ def _ort_bench(key: str, bundle: Path, inputs: Any, cfg: BackendsConfig) -> OrtB
     return bench
 
 
+@dataclass(frozen=True)
+class Probes:
+    bandwidth: dict[str, Bandwidth]
+    gemm: dict[str, GemmPeak]
+
+    @property
+    def read(self) -> float:
+        return max(b.read for b in self.bandwidth.values())
+
+    @property
+    def int8_peak(self) -> float:
+        return max(g.peak for g in self.gemm.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"read_gb_s": self.read / GB, "int8_peak_tops": self.int8_peak / 1e12,
+                "bandwidth": {k: b.to_dict() for k, b in self.bandwidth.items()},
+                "gemm": {k: g.to_dict() for k, g in self.gemm.items()}}
+
+
+def _probe(cfg: BackendsConfig, probes: Probes, when: str, progress: Callable[[str], None]) -> None:
+    probes.bandwidth[when] = bandwidth_probe(cfg.bandwidth_bytes, progress, when)
+    progress(f"measuring the int8 GEMM peak ({when})")
+    probes.gemm[when] = measure_gemm_peak(threads=cfg.threads)
+
+
 def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.perf_counter()
     with work_dir(cfg.base.work) as work:
         bundles = prepare_recipes(cfg, work, progress)
+        ops = model_ops(work / "checkpoint")
         machine = machine_with_load()
-        samples = {"start": bandwidth_probe(cfg.base.bandwidth_bytes, progress, "start")}
-        results, facts = _measure(bundles, work / "checkpoint", cfg, progress)
-        samples["end"] = bandwidth_probe(cfg.base.bandwidth_bytes, progress, "end")
+        probes = Probes({}, {})
+        _probe(cfg.base, probes, "start", progress)
+        results, facts, windows = _measure(bundles, work / "checkpoint", cfg, progress)
+        _probe(cfg.base, probes, "end", progress)
         model = model_info(work / "checkpoint")
-    bandwidth, bandwidth_dict = bandwidth_report(samples)
-    fp32 = results["fp32"]["decode_tokens_per_s"].p50
-    rows = {}
-    for key, result in results.items():
-        entry = {k: v.to_dict() if isinstance(v, Stat) else v for k, v in result.items()}
-        entry.update(roofline_entry(facts[key], bandwidth, cfg.base.context, result["decode_tokens_per_s"].p50))
-        entry["speedup_vs_fp32"] = result["decode_tokens_per_s"].p50 / fp32
-        entry["decoder_bytes"] = facts[key].weight_bytes
-        rows[key] = entry
+    rows = {key: _row_report(key, result, facts[key], ops, probes, results, windows, cfg) for key, result in
+            results.items()}
     return {"kind": "recipes", "machine": {**machine, "load_average_end": load_average()}, "model": model,
-            "bandwidth": bandwidth_dict, "settings": {**_settings(cfg), "context": cfg.base.context},
-            "recipes": rows, "elapsed_s": time.perf_counter() - started}
+            "probes": probes.to_dict(), "bandwidth": _bandwidth_summary(probes), "ops": ops.to_dict(),
+            "settings": _settings(cfg), "recipes": rows,
+            "host": {m: {"rounds": [w.to_dict() for w in ws], "busy": busy_reason(ws)} for m, ws in windows.items()},
+            "elapsed_s": time.perf_counter() - started}
 
 
-def _measure(bundles: dict[str, Path], checkpoint: Path, cfg: RecipesConfig,
-             progress: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def _bandwidth_summary(probes: Probes) -> dict[str, Any]:
+    """What machine_lines prints: every bandwidth sample, and the read probe the fractions use."""
+    best = max(probes.bandwidth.values(), key=lambda b: b.read)
+    return {**best.to_dict(), "samples": {k: b.to_dict() for k, b in probes.bandwidth.items()}}
+
+
+def _quiet_median(values: Sequence[float], windows: Sequence[HostWindow]) -> float | None:
+    """Median over the quiet rounds, None when the host was too busy for a ratio (host.busy_reason)."""
+    if busy_reason(windows) is not None:
+        return None
+    return float(np.median([values[i] for i in quiet_rounds(windows)]))
+
+
+def _paired(a: Sequence[float], b: Sequence[float], windows: Sequence[HostWindow]) -> float | None:
+    """Median over quiet rounds of a[r] / b[r]: two backends timed in the same round share its state."""
+    return _quiet_median([x / y for x, y in zip(a, b, strict=True)], windows)
+
+
+def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, probes: Probes,
+                results: dict[str, dict[str, Any]], windows: dict[str, list[HostWindow]],
+                cfg: RecipesConfig) -> dict[str, Any]:
+    entry = {k: v.to_dict() if isinstance(v, Stat) else v for k, v in result.items()}
+    context, positions = cfg.base.context, cfg.base.prefill_positions
+    per_step = facts.bytes_per_token(context)
+    decode = result["decode_tokens_per_s"].values
+    entry.update(decoder_bytes=facts.weight_bytes, kv_bytes=facts.kv_bytes_per_position * context,
+                 bytes_per_step=per_step,
+                 fraction_of_read=_quiet_median([t * per_step / probes.read for t in decode], windows["decode"]))
+    prefill = result.get("prefill_ms")
+    if prefill is not None:
+        entry["prefill_fraction_of_int8_peak"] = _quiet_median(
+            [ops.prefill(positions) / (ms / 1e3) / probes.int8_peak for ms in prefill.values], windows["prefill"])
+    vision = result.get("vision_ms")
+    if vision is not None:
+        entry["vision_fraction_of_int8_peak"] = _quiet_median(
+            [ops.vision(5) / (ms / 1e3) / probes.int8_peak for ms in vision.values], windows["vision"])
+    base = results.get(cfg.baseline_of(key) or "")
+    entry["baseline"] = cfg.baseline_of(key) if base is not None else None
+    if base is not None:
+        for measure, better in (("vision_ms", "lower"), ("prefill_ms", "lower"), ("decode_tokens_per_s", "higher")):
+            mine, theirs = result.get(measure), base.get(measure)
+            if mine is not None and theirs is not None:
+                a, b = (theirs.values, mine.values) if better == "lower" else (mine.values, theirs.values)
+                entry[f"{measure}_speedup"] = _paired(a, b, windows[MEASURES[measure]])
+    return entry
+
+
+def _measure(bundles: dict[str, Path], checkpoint: Path, cfg: RecipesConfig, progress: Callable[[str], None],
+             ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, list[HostWindow]]]:
     import transformers
 
     transformers.logging.set_verbosity_error()
     base = cfg.base
     torch_threads(base.threads)
-    inputs = bench_inputs(bundles["fp32"], base)
+    inputs = bench_inputs(next(iter(bundles.values())), base)
     benches: list[Any] = []
     facts = {key: bundle_decoder_facts(path) for key, path in bundles.items()}
+    meters = {key: BackendMeter() for key in (*(("transformers",) if cfg.transformers else ()), *bundles)}
     if cfg.transformers:
         progress("loading the checkpoint for transformers generate")
-        reference = TorchBench(checkpoint, inputs, base)
+        reference = meters["transformers"].load(lambda: TorchBench(checkpoint, inputs, base))
         generate = GenerateBench(reference, inputs, base)
         generate.vision = None  # transformers has no PULSE vision class: the recipes' vision is ORT's
         benches.append(generate)
         facts[generate.key] = torch_decoder_facts(reference.lm)
     for key, path in bundles.items():
         progress(f"loading the {key} bundle into onnxruntime")
-        benches.append(_ort_bench(key, path, inputs, base))
-    meters = {b.key: BackendMeter() for b in benches}
+        benches.append(meters[key].load(lambda key=key, path=path: _ort_bench(key, path, inputs, base)))
     results: dict[str, dict[str, Any]] = {b.key: {"name": b.name} for b in benches}
+    windows: dict[str, list[HostWindow]] = {}
     for measure, method in MEASURES.items():
         progress(f"{method}: {base.warmup} warm-up + {base.timed_runs} timed runs per backend, interleaved")
-        for key, stat in interleaved(benches, method, base, meters).items():
+        windows[method] = []
+        for key, stat in interleaved(benches, method, base, meters, windows=windows[method]).items():
             results[key][measure] = stat
     for key, meter in meters.items():
         results[key]["meter"] = meter.to_dict()
     ordered = {k: results[k] for k in ("transformers", *bundles) if k in results}
-    return ordered, facts
+    return ordered, facts, windows
 
 
 def _settings(cfg: RecipesConfig) -> dict[str, Any]:
     b = cfg.base
-    return {"width": b.width, "layers": b.layers, "runs": b.timed_runs, "warmup": b.warmup,
+    return {"width": b.width, "layers": b.layers, "runs": b.timed_runs, "warmup": b.warmup, "context": b.context,
             "decode_steps": b.steps, "prefill_positions": b.prefill_positions, "threads": b.threads,
-            "calibration_samples": cfg.calibration_samples}
+            "calibration_samples": cfg.calibration_samples, "baseline": cfg.baseline,
+            "extra": {name: str(path) for name, path in cfg.extra}}
+
+
+def _ratio(value: float | None) -> str:
+    return "busy" if value is None else f"{value:.2f}x"
+
+
+def _fraction(value: float | None) -> str:
+    return "busy" if value is None else percent(value)
 
 
 def _row(e: dict[str, Any]) -> list[str]:
-    return [e["name"], pp(e.get("vision_ms")) if e.get("vision_ms") else "-", pp(e["prefill_ms"]),
-            pp(e["decode_tokens_per_s"], 1), f"{e['speedup_vs_fp32']:.2f}x", gib(e["decoder_bytes"]),
-            num(e["achieved_gb_s"]), percent(e["fraction_of_bandwidth"]),
-            num(e["roofline_tokens_per_s"])]
+    vision = e.get("vision_ms")
+    return [e["name"], pp(vision) if vision else "-", pp(e["prefill_ms"]), pp(e["decode_tokens_per_s"], 1),
+            f"{gib(e['decoder_bytes'])} + {gib(e['kv_bytes'])}",
+            _fraction(e.get("fraction_of_read")), _fraction(e.get("prefill_fraction_of_int8_peak")),
+            _fraction(e.get("vision_fraction_of_int8_peak")) if vision else "-", e.get("baseline") or "-",
+            *(_ratio(e.get(f"{m}_speedup")) if e.get("baseline") and e.get(m) else "-" for m in MEASURES),
+            _memory(e["meter"])]
+
+
+def _memory(meter: dict[str, Any]) -> str:
+    """What loading the backend added to the RSS + the most one of its calls raised it (backend_runs.BackendMeter)."""
+    working = "n/a" if meter["working_bytes"] is None else gib(meter["working_bytes"])
+    return f"{gib(meter['resident_bytes'])} + {working}"
 
 
 def recipes_table(report: dict[str, Any]) -> str:
-    s, m = report["settings"], report["model"]
+    s, m, p = report["settings"], report["model"], report["probes"]
     header = ["backend / recipe", "vision ms (5 tiles)", f"prefill ms ({s['prefill_positions']} pos)",
-              f"decode tok/s @ {s['context']}", "vs fp32", "decoder bytes", "achieved GB/s", "% of measured BW",
-              "roofline tok/s"]
+              f"decode tok/s @ {s['context']}", "bytes / step (weights + KV)", "decode % of read BW",
+              "prefill % of int8 peak", "vision % of int8 peak", "baseline", "vision speedup", "prefill speedup",
+              "decode speedup", "memory: loaded + working"]
     rows = [_row(e) for e in report["recipes"].values()]
+    gemm = "; ".join(f"{when}: " + ", ".join(f"{k} {v:.2f}" for k, v in g["tops"].items())
+                     for when, g in p["gemm"].items())
+    busy = [f"{m_}: {h['busy']}" for m_, h in report["host"].items() if h["busy"]]
     return "\n".join([
         *machine_lines(report),
+        f"int8 GEMM probe (TOP/s, M K N {p['gemm']['start']['shape_mkn']}): {gemm} -> peak {p['int8_peak_tops']:.2f}; "
+        f"read bandwidth for the decode bound {p['read_gb_s']:.1f} GB/s (best read probe)",
         f"model: random PULSE-shaped, hidden {m['hidden_size']}, {m['layers']} decoder layers; scales from "
         f"{s['calibration_samples']} synthetic samples; {s['runs']} timed runs after {s['warmup']} warm-up, "
-        f"decode {s['decode_steps']} steps per run; cells: p50 / p95",
+        f"decode {s['decode_steps']} steps per run; cells: p50 / p95 of all rounds; fractions and ratios: "
+        f"median of the quiet rounds, paired round by round",
         "", markdown_table(header, rows), "",
-        "decoder bytes: what one decode step reads besides the KV cache (the bundle's decoder files; transformers: "
-        "its fp32 parameters bar the embedding table); achieved GB/s = tok/s x (decoder bytes + KV at the context)",
+        "bytes / step: the decoder graph's files + the KV cache at the context (its own dtype); decode % of read BW "
+        "= tok/s x bytes / step over the read probe; prefill and vision % = linear-layer ops (2 x weights x "
+        f"positions: {report['ops']['decoder_ops_per_position'] / 1e9:.2f} GOP per prefill position, "
+        f"{report['ops']['vision_ops_per_tile'] / 1e9:.0f} GOP per tile) per second over the int8 GEMM peak",
+        *(f"no ratio: {line}" for line in busy),
         "fp8 is not timed: ONNX Runtime's CPU EP only emulates it; random weights: speed only, never accuracy",
         f"total {report['elapsed_s']:.0f} s"])

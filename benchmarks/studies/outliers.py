@@ -22,15 +22,25 @@ import click
 
 from pulse_edge.benchmarks.common.output import progress, write_json
 
-# recipe key -> (label, make_recipe arguments); None = the float graph
+# recipe key -> (label, make_recipe arguments); None = the float graph. The rows above the CPU ones are the
+# decode graph alone with an fp32 KV cache; the CPU rows are what the int8 / int4 bundles serve: the prefill
+# graph for the prompt, the decode graph for the steps, both on an int8 KV cache.
+_DECODE_ONLY = {"kv_cache": "float", "prefill": False}
 DECODER_RECIPES: dict[str, tuple[str, dict[str, Any] | None]] = {
     "fp32": ("fp32 (no quantization)", None),
-    "int8-plain": ("int8 weights (MatMulNBits), no smoothing", {"precision": "int8", "smooth": False}),
-    "int8": ("int8 weights (MatMulNBits) + smoothing (the int8 default)", {"precision": "int8"}),
-    "w8a8-plain": ("W8A8, no smoothing", {"precision": "int8", "int8_decoder": "w8a8", "smooth": False}),
-    "w8a8-smooth": ("W8A8 + SmoothQuant (alpha per site)", {"precision": "int8", "int8_decoder": "w8a8"}),
-    "int4-rtn": ("int4 RTN (block 128)", {"precision": "int4", "int4_method": "rtn"}),
-    "int4-awq": ("int4 AWQ (block 128)", {"precision": "int4"}),
+    "int8-plain": ("int8 weights (MatMulNBits), no smoothing", {"precision": "int8", "smooth": False, **_DECODE_ONLY}),
+    "int8": ("int8 weights (MatMulNBits) + smoothing", {"precision": "int8", **_DECODE_ONLY}),
+    "w8a8-plain": ("W8A8, no smoothing", {"precision": "int8", "int8_decoder": "w8a8", "smooth": False,
+                                          **_DECODE_ONLY}),
+    "w8a8-smooth": ("W8A8 + SmoothQuant (alpha per site)", {"precision": "int8", "int8_decoder": "w8a8",
+                                                            **_DECODE_ONLY}),
+    "int4-rtn": ("int4 RTN (block 128)", {"precision": "int4", "int4_method": "rtn", **_DECODE_ONLY}),
+    "int4-awq": ("int4 AWQ (block 128)", {"precision": "int4", **_DECODE_ONLY}),
+    "int8-kv8": ("int8 weights + smoothing, int8 KV cache", {"precision": "int8", "kv_cache": "int8",
+                                                             "prefill": False}),
+    "int8-prefill": ("int8 + W8A8 per-token prefill graph, fp32 KV", {"precision": "int8", "kv_cache": "float"}),
+    "int8-cpu": ("int8 CPU bundle: prefill graph + int8 KV (the int8 default)", {"precision": "int8"}),
+    "int4-cpu": ("int4 CPU bundle: AWQ + prefill graph + int8 KV (the int4 default)", {"precision": "int4"}),
 }
 
 
@@ -71,6 +81,7 @@ def run_outliers(cfg: OutliersConfig, progress: Callable[[str], None] = print) -
 def _one_recipe(key: str, reference: Any, scales: Any, traces: list[Any], out: Path) -> dict[str, Any]:
     from pulse_edge.calibration.recipes import make_recipe
     from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, build_decoder
+    from pulse_edge.export.graphs.prefill import build_prefill, kv_scales_for
     from pulse_edge.export.quant.apply import decoder_plan
     from pulse_edge.export.validate.fidelity import compare_trace, summarise_steps
     from pulse_edge.runtime.bundle.manifest import KVLayout
@@ -79,17 +90,22 @@ def _one_recipe(key: str, reference: Any, scales: Any, traces: list[Any], out: P
     label, args = DECODER_RECIPES[key]
     model, cfg = reference.model, reference.loaded.config
     shape = DecoderShape.from_config(cfg, max_length=4096)
-    plan = FLOAT_PLAN if args is None else decoder_plan(model, make_recipe(**args), scales, shape)
+    recipe = None if args is None else make_recipe(**args)
+    plan = FLOAT_PLAN if recipe is None else decoder_plan(model, recipe, scales, shape)
+    kv_scales = None if recipe is None else kv_scales_for(recipe, scales, shape)
     out.mkdir(parents=True)
-    desc = build_decoder(model.language_model, shape, out, precision="fp32", plan=plan)
-    kv = KVLayout(layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim, dtype="float32",
-                  max_length=shape.max_length)
-    engine = DecoderEngine(out, desc, kv, shape.vocab, SessionConfig(prepack=False))
+    desc = build_decoder(model.language_model, shape, out, precision="fp32", plan=plan, kv=kv_scales)
+    prefill = (build_prefill(model.language_model, shape, out, recipe, plan, kv_scales, label=recipe.name)
+               if recipe is not None and recipe.prefill else None)
+    kv = KVLayout(layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                  dtype="int8" if kv_scales else "float32", max_length=shape.max_length,
+                  scales="per_channel" if kv_scales else None)
+    engine = DecoderEngine(out, desc, kv, shape.vocab, SessionConfig(prepack=False), prefill=prefill)
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     rows = [row for trace in traces for row in compare_trace(trace, engine, lambda token: table[token])]
     summary = {k: v for k, v in summarise_steps(rows).items() if k != "steps"}
     return {"label": label, **summary, "decoder_bytes": int(sum(desc.sizes.values())),
-            "scaled_sites": len(plan.input_scales)}
+            "kv_bytes_per_position": kv.bytes_per_token, "scaled_sites": len(plan.input_scales)}
 
 
 def _outlier_ratio(scales: Any) -> float:
@@ -104,9 +120,11 @@ def _outlier_ratio(scales: Any) -> float:
 def outliers_table(report: dict[str, Any]) -> str:
     from pulse_edge.benchmarks.common.tables import gib, markdown_table
 
-    header = ["decoder recipe", "logit cosine (mean)", "min", "KL (mean)", "top-1 agree", "decoder bytes"]
+    header = ["decoder recipe", "logit cosine (mean)", "min", "KL (mean)", "top-1 agree", "decoder bytes",
+              "KV bytes / position"]
     rows = [[r["label"], f"{r['cosine']:.5f}", f"{r['min_cosine']:.5f}", f"{r['kl']:.3g}", f"{r['top1']:.2f}",
-             gib(r["decoder_bytes"])] for r in report["recipes"].values()]
+             gib(r["decoder_bytes"]), f"{r['kv_bytes_per_position'] / 2**10:.0f} KiB"]
+            for r in report["recipes"].values()]
     return "\n".join([
         f"checkpoint {report['checkpoint']}; scales {report['scales']}; qkv input max/median channel "
         f"{report['outlier_ratio']:.0f}x",

@@ -2,6 +2,7 @@
 
     checkpoint ─ load (reference) ─┬─ vision.onnx   (tower + projector)     ─┐
                                    ├─ decoder.onnx  (built from the weights) ├─ validate ─ manifest.json ─ rename
+                                   ├─ prefill.onnx  (CPU recipes: int8 GEMMs)│
                                    ├─ embed_tokens.npy                       │
                                    └─ tokenizer.json (from tokenizer.model) ─┘
 
@@ -29,6 +30,8 @@ from pulse_edge.errors import ConfigError, PulseEdgeError
 from pulse_edge.export.build import tensorrt as trt_build
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
+from pulse_edge.export.graphs.kv_cache import KVScales
+from pulse_edge.export.graphs.prefill import build_prefill, kv_scales_for, prefill_plan
 from pulse_edge.export.graphs.vision import export_vision_graph
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
 from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
@@ -123,7 +126,8 @@ class ExportOptions:
     def for_precision(cls, precision: str, **kwargs: Any) -> ExportOptions:
         """Options with the target's default recipe when `precision` is a quantized one."""
         int8_decoder = "w8a8" if kwargs.get("target") == "tensorrt" else "weight-only"
-        quant = QuantSettings(make_recipe(precision, int8_decoder=int8_decoder)) if precision in RECIPES else None
+        quant = (QuantSettings(make_recipe(precision, int8_decoder=int8_decoder, target=kwargs.get("target", "ort")))
+                 if precision in RECIPES else None)
         return cls(precision=precision, quant=kwargs.pop("quant", quant), **kwargs)
 
     @property
@@ -151,7 +155,8 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)
     quant = (prepare_quantization(loaded, Tokenizer.from_file(work / names.TOKENIZER_FILE), options.quant, work)
              if options.quant else None)
-    vision, decoder, plan = _write_graphs(loaded, work, options, quant, shape)
+    graphs, plan = _write_graphs(loaded, work, options, quant, shape)
+    vision = graphs[names.VISION]
     table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
     np.save(work / names.EMBEDDING_FILE, table.astype(TABLE_DTYPES[options.precision]))
     if model.image_newline is not None:  # spatial_unpad: the runtime's merge ends each feature row with it
@@ -159,7 +164,7 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     calibration = quant.manifest_entry(plan, vision.matmul_schemes) if quant else None
     log.info("hashing the bundle's files")
     files = bundle_file_records(work)  # before validation, whose candidate runtime checks them
-    manifest = _manifest(loaded, options, vision, decoder, max_context, calibration=calibration, files=files)
+    manifest = _manifest(loaded, options, graphs, max_context, calibration=calibration, files=files)
     manifest.write(work)  # the candidate runtime reads it during validation
     validation, fidelity = _validate(loaded, work, manifest, options, quant, plan)
     if fidelity is not None:
@@ -176,8 +181,9 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
 
 
 def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, quant: QuantContext | None,
-                  shape: DecoderShape) -> tuple[GraphSpec, GraphSpec, LinearPlan]:
-    """The vision and decoder graphs for the target: ORT's fused forms, or standard ONNX for TensorRT."""
+                  shape: DecoderShape) -> tuple[dict[str, GraphSpec], LinearPlan]:
+    """The bundle's graphs by name for the target: ORT's fused forms (with the CPU recipes' prefill graph and
+    int8 KV cache), or standard ONNX for TensorRT."""
     log.info("exporting the vision graph (%s, for %s)", options.precision, options.target)
     if options.target == "tensorrt":
         vision = trt_build.write_vision(loaded, work, quant)
@@ -185,15 +191,22 @@ def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, 
                  options.trt_ops)
         decoder, plan = trt_build.write_decoder(loaded, work, shape, quant, label=options.precision,
                                                 ops=options.trt_ops)
-        return vision, decoder, plan
+        return {names.VISION: vision, names.DECODER: decoder}, plan
     model, base = loaded.model, options.float_base
     vision = export_vision_graph(model, work, precision=base)
     if quant:
         vision = quant.quantize_vision(loaded, work, vision)
     log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
     plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
-    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision)
-    return vision, decoder, plan
+    kv = kv_scales_for(quant.recipe, quant.scales, shape) if quant else None
+    decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision,
+                            kv=kv)
+    graphs = {names.VISION: vision, names.DECODER: decoder}
+    if quant and quant.recipe.prefill:
+        log.info("building the prefill graph (%s decoder layers)", quant.recipe.prefill)
+        graphs[names.PREFILL] = build_prefill(model.language_model, shape, work, quant.recipe, plan, kv,
+                                              label=options.precision)
+    return graphs, plan
 
 
 def _warn_below_recommended(precision: str, recommended: dict[str, Any]) -> None:
@@ -222,11 +235,13 @@ def failure_summary(validation: dict[str, Any]) -> str:
         if not merged["pass"]:
             parts.append(f"merged image features of a {merged['image_size'][0]}x{merged['image_size'][1]} print: "
                          f"rel err {merged['max_rel_err']:.2g}")
-    for case in validation["decoder"]["cases"]:
-        if not case["pass"]:
-            worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
-            parts.append(f"decoder after a {case['prefill_length']}-position prefill: rel err "
-                         f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
+    decoders = [("decoder", validation["decoder"]), ("prefill graph", validation["decoder"].get("prefill_graph"))]
+    for what, record in decoders:
+        for case in record["cases"] if record else []:
+            if not case["pass"]:
+                worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
+                parts.append(f"{what} after a {case['prefill_length']}-position prefill: rel err "
+                             f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
     for run in validation["greedy"]["runs"]:
         if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
             parts.append(f"greedy tokens differ from token {run['first_divergence']}")
@@ -341,13 +356,36 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
     label = f"the emulated {options.precision} reference" if quant else "the torch reference"
     forms = ({"vision_qdq": trt_build.qdq_form(bundle / manifest.graphs[names.VISION].file),
               "decoder_qdq": trt_build.qdq_form(bundle / manifest.graphs[names.DECODER].file)} if tensorrt else {})
-    emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack, **forms)
-                 if quant else nullcontext())
+    emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack,
+                                    kv=_kv_scales(loaded, manifest, quant), **forms) if quant else nullcontext())
     with emulation:
         parity = _parity(loaded, bundle, manifest, options, level, reference, session)
+    if names.PREFILL in manifest.graphs and quant:
+        decoder = parity["decoder"]
+        decoder["prefill_graph"] = _prefill_parity(loaded, bundle, manifest, options, quant, plan, level, session)
+        decoder["pass"] = bool(decoder["pass"] and decoder["prefill_graph"]["pass"])
+        parity["pass"] = bool(parity["pass"] and decoder["pass"])
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "reference": label,
             "tolerance_level": level, **parity,
             "ort_session": session_settings(session, manifest.graphs[names.DECODER].opt_level_limit)}
+
+
+def _kv_scales(loaded: LoadedCheckpoint, manifest: Manifest, quant: QuantContext) -> KVScales | None:
+    """The int8 KV cache's scales as the graphs hold them (None for a float cache)."""
+    shape = DecoderShape.from_config(loaded.config, max_length=manifest.kv.max_length)
+    return kv_scales_for(quant.recipe, quant.scales, shape)
+
+
+def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, options: ExportOptions,
+                    quant: QuantContext, plan: LinearPlan, level: str, session: SessionConfig) -> dict[str, Any]:
+    """The prefill graph alone (same interface as the decoder graph) against the reference computing the
+    prefill graph's own schemes (export/graphs/prefill.py: the decode plan's folds, the prefill scheme)."""
+    log.info("validating the prefill graph at prefill lengths %s", list(options.plan.prefill_lengths))
+    own = prefill_plan(quant.recipe, plan, manifest.kv.layers)
+    with emulated_reference(loaded.model, quant.recipe, quant.scales, own, prepacked=session.prepack,
+                            kv=_kv_scales(loaded, manifest, quant), quantized_self=False):
+        return validate_decoder(loaded.model.language_model, bundle, manifest.graphs[names.PREFILL], manifest.kv,
+                                precision=level, plan=options.plan, session=session)
 
 
 def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: QuantContext) -> dict[str, Any]:
@@ -430,16 +468,16 @@ def _merge_parity(model: Any, candidate: Any, image: Any, tolerance: Any) -> dic
     return {"image_size": list(image.size), **compare_features(ref[None], got[None], tolerance)}
 
 
-def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, vision: GraphSpec, decoder: GraphSpec,
+def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, graphs: dict[str, GraphSpec],
               max_context: int, calibration: CalibrationSpec | None, files: dict[str, FileRecord]) -> Manifest:
     cfg = loaded.config
     text = cfg.text
     table_dtype = np.dtype(TABLE_DTYPES[options.precision]).name
+    kv_dtype = graphs[names.DECODER].tensor(names.past_name(0, "key")).dtype  # the graph's own cache type
     return Manifest(
-        version=names.MANIFEST_VERSION, precision=options.precision,
-        graphs={names.VISION: vision, names.DECODER: decoder},
+        version=names.MANIFEST_VERSION, precision=options.precision, graphs=graphs,
         kv=KVLayout(layers=text.num_layers, kv_heads=text.num_kv_heads, head_dim=text.head_dim,
-                    dtype=KV_DTYPES[options.float_base], max_length=max_context),
+                    dtype=kv_dtype, max_length=max_context, scales="per_channel" if kv_dtype == "int8" else None),
         text=TextSpec(hidden_size=text.hidden_size, vocab_size=text.vocab_size, bos_id=text.bos_id,
                       eos_id=text.eos_id, max_position_embeddings=text.max_position_embeddings),
         embedding=EmbeddingSpec(file=names.EMBEDDING_FILE, dtype=table_dtype,

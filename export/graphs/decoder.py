@@ -8,8 +8,9 @@ step. This builder emits what ORT runs fastest instead:
       layer i:
         n_i, h_i = SkipSimplifiedLayerNorm(m_{i-1}, h_{i-1}, w_in)   (layer 0: SimplifiedLayerNorm)
         qkv      = MatMul(n_i, W_qkv)                                 [1, S, (N + 2 KVN) D]
-        a, K, V  = GroupQueryAttention(qkv, past K_i, past V_i, seqlens_k, total_len, cos, sin)
-                   (RoPE inside; past and present share one [1, KVN, max_len, D] buffer)
+        a, K, V  = GroupQueryAttention(qkv, past K_i, past V_i, seqlens_k, total_len, cos, sin
+                                       [, k_scale_i, v_scale_i: int8 cache, PER_CHANNEL [1, KVN, 1, D]])
+                   (RoPE inside; past and present share one [1, KVN, max_len, D] buffer, float32 or int8)
         n'_i, h'_i = SkipSimplifiedLayerNorm(MatMul(a, W_o), h_i, w_post)
         g, u     = Split(MatMul(n'_i, W_gate_up))
         m_i      = MatMul(g * Sigmoid(g) * u, W_down)
@@ -30,9 +31,17 @@ from typing import Any, BinaryIO
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from transformers import LlamaForCausalLM
 
+from pulse_edge.export.graphs.kv_cache import (
+    INT8_KV_ATTRS,
+    SCATTER_OPSET,
+    KVScales,
+    attention_over_int8_cache,
+    cache_positions,
+    scale_inputs,
+)
 from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, MatMulSpec, emit_matmul, graph_opt_level
 from pulse_edge.export.model.config import PulseConfig
 from pulse_edge.runtime.bundle import names
@@ -42,6 +51,9 @@ IR_VERSION = 10  # ONNX Runtime 1.31 reads IR <= 13; 10 keeps older runtimes (Je
 OPSET = 17  # float and int graphs; fp8 graphs need FP8_MIN_OPSET (float8 Q/DQ)
 CONTRIB_OPS = frozenset({"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"})
 ALIGN = 4096
+# Quantized ops' scalars and shape constants stay in the graph: ORT's shape inference reads a Reshape's
+# shape at load time and cannot read it from external data.
+INLINE_BYTES = 64
 PRECISION_DTYPES = {"fp32": (np.float32, TensorProto.FLOAT, "float32"),
                     "fp16": (np.float16, TensorProto.FLOAT16, "float16")}
 
@@ -135,10 +147,21 @@ class ExternalData:
 class _Builder:
     """Collects nodes and initializers; names are unique by construction (prefix per layer)."""
 
-    def __init__(self, data: ExternalData, np_dtype: type, plan: LinearPlan) -> None:
-        self.data, self.np_dtype, self.plan = data, np_dtype, plan
+    def __init__(self, data: ExternalData, np_dtype: type, plan: LinearPlan, kv: KVScales | None = None) -> None:
+        self.data, self.np_dtype, self.plan, self.kv = data, np_dtype, plan, kv
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
+        self._consts: set[str] = set()
+        # attending in float over an int8 cache writes it back with TensorScatter (opset 24)
+        self.opset = max(plan.opset, SCATTER_OPSET) if kv is not None and kv.float_attention else plan.opset
+        self.positions: tuple[str, str] | None = None  # kv_cache.cache_positions, made on first use
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        """A small constant kept in the graph (shape inference reads it at load time), added once per name."""
+        if name not in self._consts:
+            self._consts.add(name)
+            self.inits.append(numpy_helper.from_array(array, name))
+        return name
 
     def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
         array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
@@ -154,13 +177,14 @@ class _Builder:
         """x @ weight [K, N] by the plan's scheme for `site`; returns the output's name."""
         spec = MatMulSpec(site=site, x=x, y=f"{site}.out", weight=weight,
                           act_amax=self.plan.act_amax.get(site), block_size=self.plan.block_size,
-                          accuracy_level=self.plan.accuracy_level)
+                          accuracy_level=self.plan.accuracy_level, opset=self.opset)
         emitted = emit_matmul(self.plan.scheme(site), spec)
         self.nodes.extend(emitted.nodes)
         for name, array in emitted.arrays.items():
             self.weight(name, array)
         for name, array in emitted.raw.items():
-            self.inits.append(self.data.initializer(name, array))
+            self.inits.append(self.data.initializer(name, array) if array.nbytes > INLINE_BYTES
+                              else numpy_helper.from_array(array, name))
         return spec.y
 
 
@@ -170,7 +194,8 @@ def _linear_t(*linears: torch.nn.Linear) -> np.ndarray:
 
 
 def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape) -> str:
-    """qkv MatMul -> GroupQueryAttention (rotary, shared KV buffer) -> output MatMul."""
+    """qkv MatMul -> GroupQueryAttention (rotary, shared KV buffer; an int8 one: export/graphs/kv_cache.py)
+    -> output MatMul."""
     attn = layer.self_attn
     p = f"layers.{i}.attn"
     wqkv = _linear_t(attn.q_proj, attn.k_proj, attn.v_proj)  # [H, (N + 2 KVN) D]
@@ -178,13 +203,19 @@ def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape
     v_cols = slice(wqkv.shape[1] - shape.kv_heads * shape.head_dim, None)
     wqkv[:, v_cols] /= b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[None, :]  # LinearPlan.check
     qkv = b.matmul(f"layers.{i}.qkv", normed, wqkv)
-    (out, _, _) = b.node(
-        "GroupQueryAttention",
-        [qkv, "", "", names.past_name(i, "key"), names.past_name(i, "value"), names.SEQLENS_K,
-         names.TOTAL_SEQUENCE_LENGTH, "rotary.cos", "rotary.sin"],
-        [f"{p}.out", names.present_name(i, "key"), names.present_name(i, "value")], f"{p}/gqa",
-        num_heads=shape.heads, kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
-        scale=float(shape.head_dim ** -0.5))
+    gqa = {"num_heads": shape.heads, "kv_num_heads": shape.kv_heads, "do_rotary": 1, "rotary_interleaved": 0,
+           "scale": float(shape.head_dim ** -0.5)}
+    if b.kv is not None and b.kv.float_attention:
+        b.positions = b.positions or cache_positions(b)
+        out = attention_over_int8_cache(b, b.kv, i, qkv, b.positions, gqa)
+    else:
+        scales = ["", "", "", *scale_inputs(b, b.kv, i)] if b.kv is not None else []
+        (out, _, _) = b.node(
+            "GroupQueryAttention",
+            [qkv, "", "", names.past_name(i, "key"), names.past_name(i, "value"), names.SEQLENS_K,
+             names.TOTAL_SEQUENCE_LENGTH, "rotary.cos", "rotary.sin", *scales],
+            [f"{p}.out", names.present_name(i, "key"), names.present_name(i, "value")], f"{p}/gqa",
+            **gqa, **(INT8_KV_ATTRS if b.kv is not None else {}))
     wo = _linear_t(attn.o_proj) * b.plan.scale(f"layers.{i}.o", shape.heads * shape.head_dim)[:, None]
     return b.matmul(f"layers.{i}.o", out, wo)
 
@@ -197,7 +228,7 @@ def _mlp(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape) -> s
     wgu = _linear_t(mlp.gate_proj, mlp.up_proj) * b.plan.scale(f"layers.{i}.gate_up", shape.hidden)[:, None]
     wgu[:, shape.intermediate:] /= down_scale[None, :]  # up / s: the down input arrives divided by s
     gu = b.matmul(f"layers.{i}.gate_up", normed, wgu)
-    split = {"num_outputs": 2} if b.plan.opset >= 18 else {}  # opset 18 made the output count explicit
+    split = {"num_outputs": 2} if b.opset >= 18 else {}  # opset 18 made the output count explicit
     gate, up = b.node("Split", [gu], [f"{p}.gate", f"{p}.up"], f"{p}/split", axis=-1, **split)
     (sig,) = b.node("Sigmoid", [gate], [f"{p}.sig"], f"{p}/sigmoid")
     (silu,) = b.node("Mul", [gate, sig], [f"{p}.silu"], f"{p}/silu")
@@ -226,18 +257,24 @@ def _rotary_tables(lm: LlamaForCausalLM, shape: DecoderShape) -> tuple[np.ndarra
 
 def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, precision: str = "fp32",
                   file_name: str = "decoder.onnx", plan: LinearPlan = FLOAT_PLAN,
-                  label: str | None = None) -> GraphSpec:
+                  label: str | None = None, kv: KVScales | None = None) -> GraphSpec:
     """Write `file_name` and `file_name.data`; return the graph's manifest entry.
 
     `precision` is the float type of everything the plan leaves unquantized; `label` is the
-    precision the manifest records (the recipe's name for a quantized graph).
+    precision the manifest records (the recipe's name for a quantized graph). `kv` makes the
+    cache int8 (fp32 graphs only: ORT's CPU kernel pairs an int8 cache with float32 attention).
     """
     np_dtype, onnx_dtype, dtype_name = PRECISION_DTYPES[precision]
     plan.check(shape)
     if precision != "fp32" and any(scheme != "fp" for scheme in plan.schemes.values()):
         raise ValueError("quantized plans are emitted with fp32 scales and activations (MatMulNBits' T1 is A's type)")
+    if kv is not None:
+        kv.check(shape.layers, shape.kv_heads, shape.head_dim)
+        if precision != "fp32":
+            raise ValueError("an int8 KV cache goes with float32 attention (ORT's CPU GroupQueryAttention)")
+    kv_dtype = "int8" if kv is not None else dtype_name
     data = ExternalData(out_dir / f"{file_name}.data")
-    b = _Builder(data, np_dtype, plan)
+    b = _Builder(data, np_dtype, plan, kv)
     try:
         cos, sin = _rotary_tables(lm, shape)
         b.weight("rotary.cos", cos)
@@ -248,13 +285,14 @@ def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, p
         _layers(b, lm, shape, hidden)
     finally:
         data.close()
-    inputs, outputs = _io_specs(shape, dtype_name)
+    inputs, outputs = _io_specs(shape, kv_dtype)
     graph = helper.make_graph(b.nodes, "pulse_decoder", _value_infos(inputs), _value_infos(outputs),
                               initializer=b.inits)
-    opsets = [helper.make_opsetid("", plan.opset), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="pulse-edge")
+    opsets = [helper.make_opsetid("", b.opset), helper.make_opsetid("com.microsoft", 1)]
+    ir_version = max(IR_VERSION, helper.find_min_ir_version_for(opsets[:1]))  # opset 24 (TensorScatter): IR 12
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version, producer_name="pulse-edge")
     onnx.save_model(model, str(out_dir / file_name))
-    return describe(shape, label or precision, dtype_name, file_name, out_dir, opset=plan.opset,
+    return describe(shape, label or precision, kv_dtype, file_name, out_dir, opset=b.opset,
                     opt_level_limit=plan.ort_opt_level)
 
 

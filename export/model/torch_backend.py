@@ -64,11 +64,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# A model may carry its own cache type here for a while: export/validate/emulate.py's int8 KV cache, which
+# stores keys and values as a bundle's int8 cache does.
+CACHE_FACTORY_ATTR = "pulse_edge_cache_factory"
+
+
+def new_cache(lm: LlamaForCausalLM) -> DynamicCache:
+    """An empty KV cache for `lm`: a DynamicCache, or the one the model was given under CACHE_FACTORY_ATTR."""
+    factory = getattr(lm, CACHE_FACTORY_ATTR, None)
+    return factory() if factory is not None else DynamicCache(config=lm.config)
+
+
 @torch.inference_mode()
 def prefill(lm: LlamaForCausalLM, embeds: torch.Tensor,
             cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
     """Append a whole chunk of embeddings to the cache (a new one if None); returns the last logits [V]."""
-    cache = cache if cache is not None else DynamicCache(config=lm.config)
+    cache = cache if cache is not None else new_cache(lm)
     out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache})  # [1, 1, V]
     return out.logits[0, -1], cache  # DynamicCache grows in place
 

@@ -5,7 +5,8 @@ its site's scheme). The vision graph comes from torch's exporter, whose weight
 initializers carry generated names; each MatMul is matched to its site by the
 bytes of its weight (the exporter stores W^T exactly), then rewritten:
 
-    x ─ MatMul(W) ─ y    ->    the scheme's nodes (see export/onnx_quant.py)
+    x ─ MatMul(W) ─ y    ->    the scheme's nodes (see export/graphs/quant_ops.py)
+    x ─ MatMul(W) ─ Add(b) ─ y    ->    w8a8u8 with b as MatMulIntegerToFloat's bias (one pass fewer)
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from pulse_edge.calibration.scales import Scales
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.graphs.decoder import DecoderShape, LinearPlan
 from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, Emitted, MatMulSpec, emit_matmul
-from pulse_edge.export.graphs.vision import EXTERNAL_DATA_THRESHOLD, install_graph
+from pulse_edge.export.graphs.vision import EXTERNAL_DATA_THRESHOLD, graph_opset, install_graph
 from pulse_edge.export.model.reference import PulseReference
 
 log = logging.getLogger(__name__)
 
-QDQ_SCHEMES = ("w8a8", "fp8")
+QDQ_SCHEMES = ("w8a8", "fp8", "w8a8u8")  # schemes with a calibrated activation range
+BIAS_SCHEMES = ("w8a8u8",)  # emitters that add a Linear's bias themselves (MatMulIntegerToFloat's bias input)
 
 
 def check_scales(recipe: Recipe, scales: Scales) -> None:
@@ -116,7 +118,12 @@ def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, sca
     sites = vision_site_fingerprints(model, dtype)
     inits = {init.name: init for init in proto.graph.initializer}
     nodes, counts, dropped, added, matched = [], Counter(), set(), [], set()
+    opset = graph_opset(proto)
+    biases = _bias_adds(proto, inits)
+    folded: set[int] = set()  # ids of the bias Adds folded into the quantized MatMul before them
     for node in proto.graph.node:
+        if id(node) in folded:
+            continue
         site = _matched_site(node, inits, sites)
         matched.add(site)
         scheme = recipe.scheme(site) if site else "fp"
@@ -126,9 +133,14 @@ def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, sca
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
         amax = scales.amax(site, fp8=scheme == "fp8")
-        emitted = emit(scheme, MatMulSpec(site=site, x=node.input[0], y=node.output[0], weight=weight,
-                                          act_amax=amax, block_size=recipe.block_size,
-                                          accuracy_level=recipe.accuracy_level))
+        add = biases.get(node.output[0]) if scheme in BIAS_SCHEMES else None
+        if add is not None:
+            folded.add(id(add[0]))
+            dropped.add(add[1])
+        out = add[0].output[0] if add else node.output[0]
+        emitted = emit(scheme, MatMulSpec(site=site, x=node.input[0], y=out, weight=weight, act_amax=amax,
+                                          block_size=recipe.block_size, accuracy_level=recipe.accuracy_level,
+                                          opset=opset, bias=add[2] if add else None))
         nodes.extend(emitted.nodes)
         added += [numpy_helper.from_array(a, n) for n, a in {**emitted.arrays, **emitted.raw}.items()]
         dropped.add(node.input[1])
@@ -142,6 +154,25 @@ def quantize_vision_graph(path: Path, model: PulseReference, recipe: Recipe, sca
     _replace(proto, nodes, dropped, added, fp8="fp8" in counts)
     _save(proto, path)
     return dict(counts)
+
+
+def _bias_adds(proto: onnx.ModelProto, inits: dict[str, onnx.TensorProto],
+               ) -> dict[str, tuple[onnx.NodeProto, str, np.ndarray]]:
+    """{MatMul output: (the Add that is its only consumer, its bias's name, the bias [N])} for Adds of a 1-D
+    initializer: the exporter writes every Linear as MatMul + Add(bias); a scheme that takes a bias folds the
+    Add away."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = {}
+    for name, users in consumers.items():
+        if len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2:
+            continue
+        other = users[0].input[1] if users[0].input[0] == name else users[0].input[0]
+        if other in inits and len(inits[other].dims) == 1:
+            found[name] = (users[0], other, numpy_helper.to_array(inits[other]).astype(np.float32))
+    return found
 
 
 def _matched_site(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], sites: dict[str, str]) -> str | None:

@@ -34,7 +34,8 @@ from pulse_edge.runtime.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SCHEME_LABELS = MappingProxyType({"w8a8": "int8", "w8": "int8", "w4": "int4", "fp8": "fp8", "fp": "fp32"})
+SCHEME_LABELS = MappingProxyType({"w8a8": "int8", "w8a8dyn": "int8", "w8a8u8": "int8", "w8": "int8", "w4": "int4",
+                                  "fp8": "fp8", "fp": "fp32"})
 HELD_OUT_SEED = 1  # held-out samples are drawn apart from the calibration draw (seed 0 by default)
 
 

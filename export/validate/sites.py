@@ -111,7 +111,7 @@ def _emulated(modules: Sequence[nn.Module], x: np.ndarray) -> np.ndarray:
     """The emulated site on the graph's input: each module's MatMul (EmulatedLinear) or norm, columns packed."""
     with torch.inference_mode():
         xt = torch.from_numpy(np.ascontiguousarray(x))
-        parts = [m.product(xt) if isinstance(m, EmulatedLinear) else m(xt) for m in modules]
+        parts = [m.site_output(xt) if isinstance(m, EmulatedLinear) else m(xt) for m in modules]
     return torch.cat([p.float() for p in parts], dim=-1).numpy()
 
 

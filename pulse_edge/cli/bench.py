@@ -140,23 +140,30 @@ def projector_command(tokens: str, precisions: str, runs: int, warmup: int, comp
 @bench_group.command("recipes")
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True, help="Decoder layers.")
 @click.option("--width", type=click.Choice(["tiny", "real"]), default="real", show_default=True)
-@click.option("--recipes", default="int8,int8-w8a8,int4", show_default=True,
-              help="Comma-separated: int8 (weight-only decoder), int8-w8a8 (SmoothQuant), int4 (AWQ).")
+@click.option("--recipes", default="int8,int4", show_default=True,
+              help="Comma-separated: int8, int4, int8-w8a8 (SmoothQuant), int8-single (no prefill graph, fp32 KV).")
 @click.option("--runs", type=click.IntRange(min=1), default=None, help="Timed runs [default: 5 tiny, 3 real].")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--context", type=click.IntRange(min=2), default=3000, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=None)
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--no-transformers", is_flag=True, help="Leave transformers generate out (saves its fp32 copy).")
+@click.option("--no-fp32", is_flag=True, help="Leave the fp32 bundle out of the timed rows (saves its memory).")
+@click.option("--extra", "extra", multiple=True, metavar="NAME=DIR",
+              help="Also time this bundle (made elsewhere, e.g. by another pulse-edge version); repeatable.")
+@click.option("--baseline", default="fp32", show_default=True,
+              help="The row the speedup columns compare against (a recipe, fp32, or an --extra NAME), or one per "
+                   "row: ROW=BASE,ROW=BASE.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Keep the made checkpoint and bundles here and reuse them [default: a temp dir, removed].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
 def recipes_command(layers: int, width: str, recipes: str, runs: int | None, warmup: int, context: int,
-                    decode_tokens: int | None, calibration_samples: int, no_transformers: bool, work: Path | None,
-                    threads: int, json_path: Path | None) -> None:
-    """fp32 vs int8 vs int8 W8A8 vs int4 bundles (and transformers generate) on one random PULSE-shaped model,
-    in one process: vision, prefill, decode tok/s, achieved bandwidth."""
+                    decode_tokens: int | None, calibration_samples: int, no_transformers: bool, no_fp32: bool,
+                    extra: tuple[str, ...], baseline: str, work: Path | None, threads: int,
+                    json_path: Path | None) -> None:
+    """fp32 vs int8 vs int4 bundles (and transformers generate) on one random PULSE-shaped model, in one
+    process, against this host's read bandwidth and int8 GEMM peak: vision, prefill, decode tok/s."""
     from pulse_edge.benchmarks.perf.backends import BackendsConfig
     from pulse_edge.benchmarks.perf.recipes import RECIPES, RecipesConfig, recipes_table, run_recipes
     from pulse_edge.errors import ConfigError
@@ -165,12 +172,31 @@ def recipes_command(layers: int, width: str, recipes: str, runs: int | None, war
     unknown = [r for r in chosen if r not in RECIPES]
     if unknown:
         raise ConfigError(f"--recipes: {', '.join(unknown)} not one of {', '.join(RECIPES)}")
+    extras = tuple(_named_bundle(item) for item in extra)
+    rows = {*chosen, *(name for name, _ in extras), *(() if no_fp32 else ("fp32",))}
+    named = {n for pair in baseline.split(",") for n in pair.split("=")} if "=" in baseline else {baseline}
+    if not named <= rows:
+        raise ConfigError(f"--baseline names {', '.join(sorted(named - rows))}, not timed rows "
+                          f"({', '.join(sorted(rows))})")
     base = BackendsConfig(width=width, layers=layers, runs=runs, warmup=warmup, context=context,
                           decode_tokens=decode_tokens, work=work, threads=threads)
     report = run_recipes(RecipesConfig(base=base, recipes=chosen, calibration_samples=calibration_samples,
-                                       transformers=not no_transformers), progress=progress)
+                                       transformers=not no_transformers, fp32=not no_fp32, extra=extras,
+                                       baseline=baseline), progress=progress)
     click.echo(recipes_table(report))
     write_json(json_path, report)
+
+
+def _named_bundle(item: str) -> tuple[str, Path]:
+    """--extra NAME=DIR -> (NAME, DIR); DIR must be a bundle directory."""
+    from pulse_edge.errors import ConfigError
+
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--extra takes NAME=DIR, got {item!r}")
+    if not (Path(path) / "manifest.json").is_file():
+        raise ConfigError(f"--extra {name}: {path} is not a bundle (no manifest.json)")
+    return name, Path(path)
 
 
 @bench_group.command("gpu")
@@ -198,6 +224,7 @@ def gpu_command(out: Path, work: Path | None, layers: int, steps: str | None, bu
     config = GpuCheckConfig(out=out, work=work, layers=layers, budget_s=budget_s, steps=chosen)
     code = check_plan(config, echo=click.echo, cli=main) if dry_run else run_gpu_check(config, echo=click.echo)
     click.get_current_context().exit(code)
+
 
 @bench_group.command("soak")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),

@@ -20,6 +20,7 @@ from pulse_edge.choices import (
     EXPORT_TARGETS,
     INT4_METHODS,
     INT8_DECODER_MODES,
+    KV_CACHES,
     TRT_OPS,
     VALIDATION_PLANS,
 )
@@ -53,6 +54,10 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="awq: activation-aware scaling from the scales file; rtn: plain rounding."),
         click.option("--block-size", type=click.Choice(BLOCK_SIZE_CHOICES), default=str(DEFAULT_BLOCK_SIZE),
                      show_default=True, help="Block size of the block-wise int4/int8 weights."),
+        click.option("--kv-cache", type=click.Choice(KV_CACHES), default=None,
+                     help="int8/int4: the KV cache's type [default: int8, with calibrated per-channel scales]."),
+        click.option("--prefill-graph/--no-prefill-graph", default=True, show_default=True,
+                     help="int8/int4: a second decoder graph on int8 GEMMs for long inputs (prompts, images)."),
         click.option("--keep", default="", help="Sites kept at fp32, comma-separated prefixes "
                                                 "(e.g. lm_head,layers.0,projector; vision = the whole vision graph)."),
         click.option("--held-out", type=click.IntRange(min=1), default=4, show_default=True,
@@ -67,7 +72,8 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def quant_settings(precision: str, scales: Path | None, calibration_samples: int, int8_decoder: str | None,
                    smooth_alpha: str, int4_method: str, block_size: str, keep: str, held_out: int,
-                   accuracy_gate: str | None, target: str = "ort") -> Any:
+                   accuracy_gate: str | None, kv_cache: str | None = None, prefill_graph: bool = True,
+                   target: str = "ort") -> Any:
     """QuantSettings for a quantized precision, None for a float one."""
     from pulse_edge.calibration.fidelity import AccuracyGate
     from pulse_edge.calibration.recipes import RECIPES, make_recipe, parse_keep
@@ -83,7 +89,8 @@ def quant_settings(precision: str, scales: Path | None, calibration_samples: int
     smooth, alpha = _alpha(smooth_alpha)
     int8_decoder = int8_decoder or ("w8a8" if target == "tensorrt" else "weight-only")
     recipe = make_recipe(precision, int8_decoder=int8_decoder, int4_method=int4_method, block_size=int(block_size),
-                         smooth_alpha=alpha, smooth=smooth, keep=parse_keep(keep))
+                         smooth_alpha=alpha, smooth=smooth, keep=parse_keep(keep), kv_cache=kv_cache,
+                         prefill=prefill_graph, target=target)
     return QuantSettings(recipe=recipe, scales=scales, calibration_samples=calibration_samples, held_out=held_out,
                          gate=gate)
 

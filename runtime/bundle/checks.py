@@ -41,6 +41,9 @@ def check_consistency(manifest: Manifest) -> None:
         _check_vision_io(vision, manifest)
     if decoder.engine == ONNX:
         _check_decoder_io(decoder, manifest)
+    prefill = manifest.graphs.get(names.PREFILL)
+    if prefill is not None and prefill.engine == ONNX:  # the decoder again, for long inputs: same IO, same cache
+        _check_decoder_io(prefill, manifest)
     _check_records(manifest)
 
 

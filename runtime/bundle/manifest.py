@@ -128,9 +128,13 @@ class GraphSpec:
         return found[0]
 
 
+KV_SCALES = ("per_channel",)  # an int8 cache: static scales per (kv head, channel), inside the decoder graphs
+
+
 @dataclass(frozen=True)
 class KVLayout:
-    """The decoder's cache: one key and one value buffer per layer, [1, kv_heads, max_length, head_dim]."""
+    """The decoder's cache: one key and one value buffer per layer, [1, kv_heads, max_length, head_dim].
+    `scales` says how an int8 cache is scaled (None for a float cache)."""
 
     layers: int
     kv_heads: int
@@ -138,13 +142,20 @@ class KVLayout:
     dtype: str
     max_length: int
     layout: str = "BNSH"
+    scales: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dtype == "int8") != (self.scales is not None):
+            raise BundleError(f"manifest: a {self.dtype} KV cache with scales {self.scales!r} (an int8 cache needs "
+                              f"them: {', '.join(KV_SCALES)}; a float one has none)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KVLayout:
         return cls(layers=int(_need(d, "layers", "kv")), kv_heads=int(_need(d, "kv_heads", "kv")),
                    head_dim=int(_need(d, "head_dim", "kv")), dtype=_choice(d.get("dtype"), TENSOR_DTYPES, "kv dtype"),
                    max_length=int(_need(d, "max_length", "kv")),
-                   layout=_choice(d.get("layout", "BNSH"), ("BNSH",), "kv layout"))
+                   layout=_choice(d.get("layout", "BNSH"), ("BNSH",), "kv layout"),
+                   scales=_optional_choice(d.get("scales"), KV_SCALES, "kv scales"))
 
     @property
     def bytes_per_token(self) -> int:
@@ -294,6 +305,8 @@ class Manifest:
             del d["image_newline"]  # a flat bundle's manifest stays as it was before the field existed
         if self.version < 2:
             del d["files"]
+        if self.kv.scales is None:
+            del d["kv"]["scales"]  # likewise a float cache's
         return {"format": FORMAT, **d}
 
     def write(self, bundle: Path) -> None:

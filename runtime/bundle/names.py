@@ -16,6 +16,7 @@ SCALES_FILE = "calibration.npz"  # quantized bundles: the scales they were built
 # The graphs of a bundle, by role.
 VISION = "vision"
 DECODER = "decoder"
+PREFILL = "prefill"  # optional: the decoder again, for long inputs (int8 activations; same interface and cache)
 
 # Vision graph: tiles [K, 3, T, T] float32 -> features [K, P, H] float32.
 PIXEL_VALUES = "pixel_values"

@@ -185,7 +185,7 @@ GRAPH = Obj(
      "kv_update": Optional(Str()), "trt_ops": Optional(Str()), "ort_qdq_matmulnbits_accuracy_level": Optional(Int(0))},
 )
 KV = Obj({"layers": Int(1), "kv_heads": Int(1), "head_dim": Int(1), "dtype": Str(), "max_length": Int(1)},
-         {"layout": Str()})
+         {"layout": Str(), "scales": Optional(Str())})
 TEXT = Obj({"hidden_size": Int(1), "vocab_size": Int(1), "bos_id": Int(0), "eos_id": Int(0),
             "max_position_embeddings": Int(1)})
 EMBEDDING = Obj({"file": FileName(), "dtype": Str(), "shape": List(Int(1), length=2)})

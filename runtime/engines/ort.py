@@ -6,6 +6,13 @@ reads the past from the same buffer it writes the present into (the buffers
 are bound as both input and output through IO binding), so no step copies
 or reallocates the cache. Only the new embeddings, two int32 scalars and the
 logits move per step; the logits land in a preallocated buffer too.
+
+A bundle may hold a second decoder graph for long inputs ("prefill": the same
+function with int8 activations, on the CPU's fastest int8 GEMM). Both sessions are
+bound to the same cache buffers and logits buffer; `forward` runs the prefill graph
+for inputs of PREFILL_GRAPH_MIN_POSITIONS positions or more and the decoder graph
+for the rest (a decode step reads every weight once, where weight-only int8/int4
+streams the fewest bytes).
 """
 
 from __future__ import annotations
@@ -22,14 +29,16 @@ import numpy as np
 from pulse_edge.choices import OPT_LEVELS, PROVIDERS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle import names
-from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout, Manifest
+from pulse_edge.runtime.bundle.manifest import BundleError, GraphSpec, KVLayout, Manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, GPU_FIX, BundleEngine, check_servable
 from pulse_edge.runtime.engines.graph_io import check_graph_io
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
 ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
                          strict=True))
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+# Inputs at least this long run on a bundle's prefill graph (when it has one).
+PREFILL_GRAPH_MIN_POSITIONS = 16
 NODE_ORDERS = {"default": "DEFAULT", "priority": "PRIORITY_BASED"}  # ours -> ort.ExecutionOrder
 
 
@@ -230,27 +239,37 @@ class VisionEngine:
 
 
 class DecoderEngine:
-    """The decoder with its KV cache: `forward` appends positions and returns the last logits."""
+    """The decoder with its KV cache: `forward` appends positions and returns the last logits.
 
-    def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig) -> None:
+    `prefill` (a bundle's prefill graph) runs inputs of PREFILL_GRAPH_MIN_POSITIONS or more positions
+    on the same cache."""
+
+    def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig, *,
+                 prefill: GraphSpec | None = None) -> None:
         ort = _ort()
-        self.session = make_session(bundle / spec.file, config, graph_limit=spec.opt_level_limit,
-                                    fp16=spec.precision == "fp16", entries=graph_config_entries(spec))
-        check_graph_io(spec, self.session)
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
         device = "cuda" if config.provider in ("cuda", "tensorrt") else "cpu"
-        dtype = NP_DTYPES[kv.dtype]
         shape = [1, kv.kv_heads, kv.max_length, kv.head_dim]
-        self._binding = self.session.io_binding()
-        for past, present in zip(names.kv_names(kv.layers, "past"), names.kv_names(kv.layers, "present"),
-                                 strict=True):
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, config.device_id)
-            self._binding.bind_ortvalue_input(past, buffer)
-            self._binding.bind_ortvalue_output(present, buffer)
+        self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, NP_DTYPES[kv.dtype], device, config.device_id)
+                       for _ in names.kv_names(kv.layers, "past")]
         self._logits = np.zeros((1, 1, vocab), np.float32)
-        self._binding.bind_output(names.LOGITS, "cpu", 0, np.float32, list(self._logits.shape),
-                                  self._logits.ctypes.data)
+        self.session, self._binding = self._open(bundle / spec.file, spec, config)
+        self.prefill_session, self._prefill_binding = (
+            self._open(bundle / prefill.file, prefill, config) if prefill is not None else (None, None))
+
+    def _open(self, path: Path, spec: GraphSpec, config: SessionConfig) -> tuple[Any, Any]:
+        """A session of one decoder graph, bound to the shared cache and logits buffers."""
+        session = make_session(path, config, graph_limit=spec.opt_level_limit, fp16=spec.precision == "fp16",
+                               entries=graph_config_entries(spec))
+        check_graph_io(spec, session)
+        binding = session.io_binding()
+        for past, present, buffer in zip(names.kv_names(self.kv.layers, "past"),
+                                         names.kv_names(self.kv.layers, "present"), self._cache, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        binding.bind_output(names.LOGITS, "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
+        return session, binding
 
     @property
     def room(self) -> int:
@@ -260,16 +279,23 @@ class DecoderEngine:
         """Start a new conversation; stale cache contents are never read (GQA masks by length)."""
         self.length = 0
 
+    def runner(self, steps: int) -> tuple[Any, Any]:
+        """The session (and its binding) that runs an input of `steps` positions."""
+        if self.prefill_session is not None and steps >= PREFILL_GRAPH_MIN_POSITIONS:
+            return self.prefill_session, self._prefill_binding
+        return self.session, self._binding
+
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         """embeds [1, S, H] float32 at positions [length, length + S) -> logits [V] of the last one."""
         steps = embeds.shape[1]
         if steps > self.room:
             raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.kv.max_length}")
         total = self.length + steps
-        self._binding.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=np.float32))
-        self._binding.bind_cpu_input(names.SEQLENS_K, np.array([total - 1], np.int32))
-        self._binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
-        self.session.run_with_iobinding(self._binding)
+        session, binding = self.runner(steps)
+        binding.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=np.float32))
+        binding.bind_cpu_input(names.SEQLENS_K, np.array([total - 1], np.int32))
+        binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
+        session.run_with_iobinding(binding)
         self.length = total
         return self._logits[0, -1]
 
@@ -282,7 +308,7 @@ class ScatterDecoderEngine(DecoderEngine):
     the write index and an attention_mask whose length is the positions held after the step."""
 
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig) -> None:
-        super().__init__(bundle, spec, kv, vocab, config)
+        super().__init__(bundle, spec, kv, vocab, config)  # no prefill graph: TensorRT-ready bundles have one
         self._ones = np.ones((1, kv.max_length), np.int64)  # attention_mask: only its shape is read
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
@@ -299,10 +325,16 @@ class ScatterDecoderEngine(DecoderEngine):
         return self._logits[0, -1]
 
 
-def decoder_engine(bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig) -> DecoderEngine:
-    """The ORT runner for the decoder's interface (GroupQueryAttention's, or the TensorRT-ready one)."""
-    kind = ScatterDecoderEngine if spec.scatter_kv else DecoderEngine
-    return kind(bundle, spec, kv, vocab, config)
+def decoder_engine(bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig, *,
+                   prefill: GraphSpec | None = None) -> DecoderEngine:
+    """The ORT runner for the decoder's interface (GroupQueryAttention's, with the CPU recipes' prefill graph
+    when the bundle has one, or the TensorRT-ready one)."""
+    if spec.scatter_kv:
+        if prefill is not None:
+            raise BundleError("manifest: a TensorRT-ready decoder (scatter KV) with a prefill graph is not a bundle "
+                              "pulse-edge writes; re-export it")
+        return ScatterDecoderEngine(bundle, spec, kv, vocab, config)
+    return DecoderEngine(bundle, spec, kv, vocab, config, prefill=prefill)
 
 
 def check_device(manifest: Manifest, config: SessionConfig) -> None:
@@ -314,7 +346,8 @@ def check_device(manifest: Manifest, config: SessionConfig) -> None:
                           "validation. Use an int8 or int4 bundle on this device")
     # ORT registers GroupQueryAttention for CUDA in fp16 and bf16 only: an fp32 decoder would run attention
     # on the CPU EP, with the whole KV cache copied between host and device in every layer of every step.
-    if config.provider in ("cuda", "tensorrt") and manifest.kv.dtype == "float32":
+    # (An int8 cache goes with fp32 attention in the bundles pulse-edge writes: CPU only as well.)
+    if config.provider in ("cuda", "tensorrt") and manifest.kv.dtype != "float16":
         fix = GPU_FIX.get(manifest.precision, "export it with --precision fp16 for a GPU")
         raise ConfigError(f"this {manifest.precision} bundle computes attention in fp32, which ONNX Runtime's CUDA "
                           f"kernels do not run (GroupQueryAttention is fp16/bf16 there); {fix}")
@@ -327,5 +360,6 @@ def open_ort_engine(bundle: Path, manifest: Manifest, config: SessionConfig, *,
     require_provider(config)  # first: on a machine without the provider, that is the whole story
     check_device(manifest, config)
     vision = VisionEngine(bundle, manifest.graphs[names.VISION], config)
-    decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config)
+    decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config,
+                             prefill=manifest.graphs.get(names.PREFILL))
     return BundleEngine(bundle, manifest, vision, decoder, prefill_chunk=prefill_chunk)

@@ -92,4 +92,4 @@ def test_vision_rewrite_refuses_a_graph_whose_weights_it_cannot_find(tiny_pipeli
     with pytest.raises(ConfigError, match=r"vision\.layers\.0\.fc1"):
         quantize_vision_graph(tmp_path / "vision.onnx", changed, make_recipe("int8"), scales)
     counts = quantize_vision_graph(tmp_path / "vision.onnx", tiny_pipeline.model, make_recipe("int8"), scales)
-    assert counts["w8a8"] == 14  # 6 Linears x 2 layers + the projector's 2
+    assert counts[make_recipe("int8").vision] == 14  # 6 Linears x 2 layers + the projector's 2

@@ -62,8 +62,16 @@ def test_each_recipe_writes_its_own_kernels(bundles: dict[str, Path]) -> None:
     assert next(o.version for o in fp8.opset_import if o.domain == "") >= 19
     assert _ops(bundles["fp8"] / "decoder.onnx")["QuantizeLinear"] == 4 * layers + 1
     vision_int8 = _ops(bundles["int8"] / "vision.onnx")
-    # every Linear gets Q/DQ; the 2 attention MatMuls of each of the 2 layers stay float
-    assert vision_int8["QuantizeLinear"] == vision_int8["MatMul"] - 4
+    # every Linear becomes a uint8 x int8 product; the 2 attention MatMuls of each of the 2 layers stay float
+    assert vision_int8["QuantizeLinear"] == vision_int8["MatMulIntegerToFloat"] == 6 * 2 + 2
+    assert vision_int8["MatMul"] == 4 and "DequantizeLinear" not in vision_int8
+    # each Linear's bias Add is folded into its MatMulIntegerToFloat (the bias input, the 7th)
+    vision = onnx.load(str(bundles["int8"] / "vision.onnx"), load_external_data=False)
+    assert all(len(n.input) == 7 and n.input[6] for n in vision.graph.node if n.op_type == "MatMulIntegerToFloat")
+    # the CPU recipes' prefill graph: every decoder layer site W8A8 per token, lm_head as in the decode graph
+    for precision in ("int8", "int4"):
+        prefill = _ops(bundles[precision] / "prefill.onnx")
+        assert prefill["MatMulIntegerToFloat"] == 4 * layers and prefill["MatMulNBits"] == 1
 
 
 def test_int4_weights_are_4_bit_with_the_asked_block(bundles: dict[str, Path]) -> None:

@@ -52,7 +52,7 @@ def quantized_trt_bundle(fp16_bundle: Path, out: Path, precision: str, loaded: A
     """The fp16 bundle with its graphs rewritten by `precision`'s TensorRT recipe (calibrated when `scales`)."""
     shutil.copytree(fp16_bundle, out)
     manifest = read_manifest(out)
-    recipe = make_recipe(precision, **TRT_RECIPES[precision])
+    recipe = make_recipe(precision, **TRT_RECIPES[precision], target="tensorrt")
     quant = QuantContext(QuantSettings(recipe), scales, "test") if scales is not None else UncalibratedQuant(recipe)
     decoder = manifest.graphs[names.DECODER]
     for file in (decoder.file, decoder.external_data):

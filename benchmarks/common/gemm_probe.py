@@ -1,0 +1,111 @@
+"""The compute bound on prefill: this host's int8 GEMM peak through ONNX Runtime, measured beside the bandwidth probe.
+
+    x [M, K] float32 ─ one MatMul of each kind ─ y [M, N]      M = 2048, K = 4096, N = 4096 (a decoder layer's size)
+      w8a8dyn      per-token uint8 activations x int8 weights (MatMulIntegerToFloat): the prefill graphs' GEMM
+      dqmm         DynamicQuantizeMatMul: the same product with one activation scale per call
+      nbits8       MatMulNBits bits 8, accuracy level 4: the weight-only decoder's GEMM
+      fp32         MatMul in float32 (MLAS SGEMM), for scale
+
+Each is timed as a whole ORT call (quantizing the activations included, as the graphs pay it),
+median of `repeats` after a warm-up, with the threads the benchmark uses. The peak is the best
+int8 kind's ops/s (2 M K N per call); a prefill's fraction of it counts the decoder's linear-layer
+MACs only (2 x weights x positions): attention and the norms are extra work the fraction charges
+to the prefill. Which int8 kind wins depends on the CPU: on Sapphire Rapids MLAS runs the u8 x s8
+kinds on AMX tiles, MatMulNBits on AVX-512 VNNI (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+INT8_KINDS = ("w8a8dyn", "dqmm", "nbits8")
+KINDS = (*INT8_KINDS, "fp32")
+PROBE_SHAPE = (2048, 4096, 4096)  # M, K, N
+
+
+@dataclass(frozen=True)
+class GemmPeak:
+    """Ops/s per kind (2 M K N per call); `peak` is the best int8 kind."""
+
+    ops_per_s: dict[str, float]
+    shape: tuple[int, int, int]
+    repeats: int
+    threads: int
+
+    @property
+    def best_kind(self) -> str:
+        return max(INT8_KINDS, key=lambda k: self.ops_per_s.get(k, 0.0))
+
+    @property
+    def peak(self) -> float:
+        return self.ops_per_s[self.best_kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tops": {k: v / 1e12 for k, v in self.ops_per_s.items()}, "peak_tops": self.peak / 1e12,
+                "best_kind": self.best_kind, "shape_mkn": list(self.shape), "repeats": self.repeats,
+                "threads": self.threads, "method": "one ORT MatMul per kind, whole call timed (activation "
+                                                   "quantization included), median of repeats after a warm-up"}
+
+
+def _graph(kind: str, weight: np.ndarray, m: int) -> Any:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pulse_edge.export.graphs.quant_ops import MatMulSpec, emit_matmul
+
+    k, n = weight.shape
+    if kind == "dqmm":
+        q = np.clip(np.rint(weight / (scale := np.abs(weight).max(0) / 127)), -127, 127).astype(np.int8)
+        nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "q", "s"], ["y"], domain="com.microsoft")]
+        arrays = {"q": q, "s": scale.astype(np.float32)}
+    else:
+        scheme = {"w8a8dyn": "w8a8dyn", "nbits8": "w8", "fp32": "fp"}[kind]
+        emitted = emit_matmul(scheme, MatMulSpec(site="probe", x="x", y="y", weight=weight, opset=17))
+        nodes, arrays = emitted.nodes, {**emitted.arrays, **emitted.raw}
+    graph = helper.make_graph(nodes, "gemm_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              initializer=[numpy_helper.from_array(a, name) for name, a in arrays.items()])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def _median_call_s(session: Any, x: np.ndarray, repeats: int) -> float:
+    session.run(None, {"x": x})  # warm-up: prepacking happened at load; this pays the arena's first growth
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_gemm_peak(threads: int = 0, repeats: int = 5, kinds: tuple[str, ...] = KINDS,
+                      shape: tuple[int, int, int] = PROBE_SHAPE) -> GemmPeak:
+    """Time each kind once per repeat, kinds interleaved within a repeat is not needed: each call is ~10-100 ms
+    and the median over repeats is taken per kind."""
+    import onnxruntime as ort
+
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    ops = {}
+    for kind in kinds:
+        session = ort.InferenceSession(_graph(kind, weight, m).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        ops[kind] = 2.0 * m * k * n / _median_call_s(session, x, repeats)
+        del session
+    return GemmPeak(ops_per_s=ops, shape=shape, repeats=repeats, threads=threads)
+
+
+def prefill_ops(weight_params: int, positions: int) -> float:
+    """The linear-layer ops of a prefill: 2 per weight per position (lm_head: one position, left out)."""
+    return 2.0 * weight_params * positions

@@ -1,0 +1,83 @@
+"""The CPU benchmarks' bounds and their refusal on a busy host: the int8 GEMM probe, the model's op count, the host's
+quiet/busy verdict per round and the ratios computed from quiet rounds only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS, measure_gemm_peak
+from pulse_edge.benchmarks.common.host import (
+    BUSY_OTHERS_CORES,
+    MIN_QUIET_ROUNDS,
+    HostSample,
+    HostWindow,
+    busy_reason,
+    host_sample,
+    quiet_rounds,
+)
+from pulse_edge.benchmarks.perf.model_ops import model_ops
+from pulse_edge.benchmarks.perf.recipes import _paired, _quiet_median
+
+
+def _window(others: float, steal: float = 0.0) -> HostWindow:
+    return HostWindow(seconds=1.0, others_cores=others, steal_fraction=steal, load_average=0.0)
+
+
+def test_a_round_is_busy_when_others_or_the_hypervisor_take_the_cpu() -> None:
+    assert _window(0.0).busy() is None
+    assert "other processes" in _window(BUSY_OTHERS_CORES + 0.01).busy()
+    assert "stole" in _window(0.0, steal=0.2).busy()
+    assert HostWindow(1.0, None, None, 0.0).busy() is not None  # unknown is not quiet
+
+
+def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:
+    quiet, busy = _window(0.0), _window(1.5)
+    windows = [quiet, busy, quiet, quiet]
+    assert quiet_rounds(windows) == [0, 2, 3] and busy_reason(windows) is None
+    # the busy round's value (10) is left out of the median, and the pairs are taken round by round
+    assert _quiet_median([1.0, 10.0, 2.0, 3.0], windows) == 2.0
+    assert _paired([2.0, 50.0, 4.0, 6.0], [1.0, 1.0, 2.0, 2.0], windows) == 2.0
+    mostly_busy = [quiet, busy, busy, quiet]
+    assert len(quiet_rounds(mostly_busy)) < MIN_QUIET_ROUNDS
+    assert busy_reason(mostly_busy).startswith("host busy: 2 of 4 rounds quiet")
+    assert _quiet_median([1.0, 2.0, 3.0, 4.0], mostly_busy) is None
+
+
+def test_host_window_takes_this_process_out_of_the_busy_time() -> None:
+    before = HostSample(wall=0.0, busy_s=100.0, steal_s=1.0, total_s=400.0, own_cpu_s=5.0)
+    after = HostSample(wall=2.0, busy_s=104.0, steal_s=1.0, total_s=404.0, own_cpu_s=8.0)
+    window = HostWindow.between(before, after)
+    assert window.others_cores == pytest.approx(0.5)  # 4 s busy, 3 of them ours, over 2 s
+    assert window.steal_fraction == 0.0
+    live = HostWindow.between(host_sample(), host_sample())
+    assert live.others_cores is None or live.others_cores >= 0.0
+
+
+def test_gemm_probe_measures_every_kind_and_names_the_best_int8_one() -> None:
+    peak = measure_gemm_peak(threads=1, repeats=1, shape=(64, 256, 128))
+    assert set(peak.ops_per_s) == {*INT8_KINDS, "fp32"} and all(v > 0 for v in peak.ops_per_s.values())
+    assert peak.best_kind in INT8_KINDS and peak.peak == max(peak.ops_per_s[k] for k in INT8_KINDS)
+    assert json.dumps(peak.to_dict())
+
+
+def test_model_ops_of_the_7b_shape(tmp_path: Path) -> None:
+    """Vicuna-7B: 6.48 G weights in the 32 decoder layers -> 12.95 GOP per prompt position; CLIP ViT-L/14-336 with
+    23 layers + projector on 577 tokens -> ~0.41 TOP per tile."""
+    config = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_size": 4096,
+              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "vocab_size": 32000, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_vision_select_layer": -2,
+              "mm_hidden_size": 1024,
+              "mm_projector_type": "mlp2x_gelu", "mm_patch_merge_type": "flat", "image_aspect_ratio": "anyres",
+              "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+              "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                "num_attention_heads": 16, "image_size": 336, "patch_size": 14}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ops = model_ops(tmp_path)
+    per_layer = 4096 * 3 * 4096 + 4096 * 4096 + 3 * 4096 * 11008
+    assert ops.decoder_ops_per_position == 2 * 32 * per_layer == pytest.approx(12.95e9, rel=1e-3)
+    tower = 2 * 23 * 577 * (4 * 1024**2 + 2 * 1024 * 4096)
+    assert ops.vision_ops_per_tile == tower + 2 * 576 * (1024 * 4096 + 4096**2)
