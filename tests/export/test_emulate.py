@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from pulse_testing.site_scales import random_site_scales
 
 from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, MatMulSpec, emit_matmul
 from pulse_edge.export.validate.emulate import EmulatedLinear, QDQForm, SiteRecipe, decoder_swaps, swapped
@@ -119,10 +120,7 @@ def test_folds_without_quantization_leave_the_decoder_unchanged(tiny_pipeline) -
     lm = tiny_pipeline.model.language_model
     shape = DecoderShape.from_config(tiny_pipeline.loaded.config, max_length=256)
     rng = np.random.default_rng(0)
-    sizes = {"qkv": shape.hidden, "o": shape.heads * shape.head_dim, "gate_up": shape.hidden,
-             "down": shape.intermediate}
-    scales = {f"layers.{i}.{part}": np.exp(rng.normal(size=n)).astype(np.float32)
-              for i in range(shape.layers) for part, n in sizes.items()}
+    scales = random_site_scales(shape, rng)
     embeds = torch.from_numpy(rng.normal(size=(1, 7, shape.hidden)).astype(np.float32))
     with torch.inference_mode():
         plain = prefill(lm, embeds)[0].numpy()

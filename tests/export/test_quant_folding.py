@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from pulse_testing.site_scales import random_site_scales
 
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.runtime.bundle.manifest import KVLayout
@@ -29,10 +30,7 @@ def test_folded_input_scales_leave_the_float_decoder_unchanged(tiny_pipeline, tm
     lm = tiny_pipeline.model.language_model
     shape = DecoderShape.from_config(tiny_pipeline.loaded.config, max_length=256)
     rng = np.random.default_rng(0)
-    sizes = {"qkv": shape.hidden, "o": shape.heads * shape.head_dim, "gate_up": shape.hidden,
-             "down": shape.intermediate}
-    scales = {f"layers.{i}.{part}": np.exp(rng.normal(size=n)).astype(np.float32)
-              for i in range(shape.layers) for part, n in sizes.items()}
+    scales = random_site_scales(shape, rng)
     embeds = rng.normal(size=(1, 7, shape.hidden)).astype(np.float32)
     plain = _logits(lm, shape, tmp_path / "plain", FLOAT_PLAN, embeds)
     folded = _logits(lm, shape, tmp_path / "folded", LinearPlan(input_scales=scales), embeds)
