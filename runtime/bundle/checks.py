@@ -11,16 +11,28 @@ output would be written past its end).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pulse_edge.errors import BundleError
 from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 
 if TYPE_CHECKING:
     from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest, TensorSpec
 
 _FIX = "re-export the bundle"
 ONNX = "onnx"  # the engine whose graphs runtime/engines/ort.py binds
+
+
+def check_file_size(path: Path, size: int, fix: str) -> None:
+    """A file the manifest names exists and has the size it records; `fix` ends the one-line error."""
+    if not path.is_file():
+        raise BundleError(f"{path.parent}: {path.name} named in {MANIFEST_FILE} is missing; {fix}")
+    actual = path.stat().st_size
+    if actual != size:
+        raise BundleError(f"{path} is {actual} bytes but the manifest says {size}: the file is truncated or was "
+                          f"changed; {fix}")
 
 
 def _fail(problem: str) -> BundleError:

@@ -27,6 +27,7 @@ from typing import Protocol
 
 from pulse_edge.errors import BundleError
 from pulse_edge.runtime.bundle.arrays import check_embedding, read_newline
+from pulse_edge.runtime.bundle.checks import check_file_size
 from pulse_edge.runtime.bundle.manifest import FileRecord, Manifest, read_manifest
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 
@@ -106,7 +107,7 @@ def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = False,
     read_newline(bundle, manifest)
     records = manifest.files
     for name, record in records.items():
-        _check_size(bundle / name, record.size)
+        check_file_size(bundle / name, record.size, _REFETCH)
     for name, record in records.items():
         if sampled_sha256(bundle / name) != record.sampled_sha256:
             raise BundleError(f"{bundle / name} is not the file export wrote (its sampled checksum differs from "
@@ -124,15 +125,6 @@ def verify_bundle(bundle: str | Path, progress: HashProgress | None = None) -> V
     manifest = read_manifest(root)
     check_bundle(root, manifest, verify=True, progress=progress)
     return VerifyReport(files=len(manifest.files), bytes=sum(r.size for r in manifest.files.values()))
-
-
-def _check_size(path: Path, size: int) -> None:
-    if not path.is_file():
-        raise BundleError(f"{path.parent}: {path.name} named in {MANIFEST_FILE} is missing; {_REFETCH}")
-    actual = path.stat().st_size
-    if actual != size:
-        raise BundleError(f"{path} is {actual} bytes but the manifest says {size}: the file is truncated or was "
-                          f"changed; {_REFETCH}")
 
 
 def _check_full(bundle: Path, records: Iterable[tuple[str, FileRecord]], progress: HashProgress | None) -> None:

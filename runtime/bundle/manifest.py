@@ -18,7 +18,7 @@ from typing import Any
 
 from pulse_edge.choices import EXPORT_TARGETS, GRAPH_PRECISIONS, KV_UPDATES, OPT_LEVELS, TENSOR_DTYPES, TRT_OPS
 from pulse_edge.errors import BundleError
-from pulse_edge.runtime.bundle.checks import check_consistency
+from pulse_edge.runtime.bundle.checks import check_consistency, check_file_size
 from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE
 from pulse_edge.runtime.bundle.schema import check_manifest_json
 from pulse_edge.runtime.image.preprocess import ImageLayout
@@ -353,16 +353,7 @@ def check_files(bundle: Path, manifest: Manifest) -> None:
     for graph in manifest.graphs.values():
         named.append(graph.file)
         for name, size in graph.sizes.items():
-            _check_size(bundle / name, size)
+            check_file_size(bundle / name, size, "re-export or re-copy the bundle")
     for name in named:
         if not (bundle / name).is_file():
             raise BundleError(f"{bundle}: {name} named in {MANIFEST_FILE} is missing; re-export the bundle")
-
-
-def _check_size(path: Path, size: int) -> None:
-    if not path.is_file():
-        raise BundleError(f"{path.parent}: {path.name} named in {MANIFEST_FILE} is missing; re-export the bundle")
-    actual = path.stat().st_size
-    if actual != size:
-        raise BundleError(f"{path} is {actual} bytes but the manifest says {size}: the file is truncated or "
-                          "was changed; re-export or re-copy the bundle")

@@ -32,24 +32,24 @@ RUNTIME_MODULES = (
 )
 
 
-def test_runtime_imports_no_heavy_module() -> None:
+def _loaded_by_the_runtime(candidates: tuple[str, ...]) -> str:
+    """Which of `candidates` a fresh interpreter holds after importing RUNTIME_MODULES, space-separated."""
     code = (
         "import sys\n"
         f"for m in {RUNTIME_MODULES!r}: __import__(m)\n"
-        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+        f"print(' '.join(m for m in {candidates!r} if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"the lean runtime imported: {out.stdout.strip()}"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_runtime_imports_no_heavy_module() -> None:
+    loaded = _loaded_by_the_runtime(HEAVY)
+    assert loaded == "", f"the lean runtime imported: {loaded}"
 
 
 def test_format_libraries_load_only_when_a_recording_is_read() -> None:
-    code = (
-        "import sys\n"
-        f"for m in {RUNTIME_MODULES!r}: __import__(m)\n"
-        f"print(' '.join(m for m in {FORMAT_LIBRARIES!r} if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"importing the runtime loaded: {out.stdout.strip()}"
+    loaded = _loaded_by_the_runtime(FORMAT_LIBRARIES)
+    assert loaded == "", f"importing the runtime loaded: {loaded}"
 
 
 def test_the_check_itself_sees_a_heavy_import() -> None:
