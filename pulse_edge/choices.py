@@ -13,6 +13,8 @@ BUNDLE_BACKENDS = ("ort", "trt")  # what serves a bundle: its ONNX graphs in ORT
 BACKENDS = ("auto", *BUNDLE_BACKENDS, "torch")
 # ONNX Runtime execution providers, by pulse-edge's short names.
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+# Whether the runtime loads a CPU bundle's prefill graph: when this machine's memory holds it, always, never.
+PREFILL_GRAPH_MODES = ("auto", "on", "off")
 # ONNX Runtime graph optimisation levels, lowest first (a graph may cap the level it runs at).
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 

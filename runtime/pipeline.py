@@ -69,6 +69,13 @@ class Pipeline:
             engine = open_ort_engine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
         return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine, backend=backend)
 
+    @property
+    def prefilled_by(self) -> str:
+        """Which graph runs long prompts: a CPU bundle's prefill graph where it was loaded
+        (runtime/engines/memory.py), else the decoder graph."""
+        loaded = getattr(self.engine.decoder, "prefill_session", None) is not None
+        return "prefill graph" if loaded else "decoder graph"
+
     def chat(self, *, system: str | None = None) -> Conversation:
         """A multi-turn conversation (ECG Arena style); the cache is kept between its turns.
 

@@ -249,7 +249,7 @@ def _check_room(prepared: PreparedModel, cfg: BackendsConfig) -> None:
     if cfg.context > read_max_length(prepared.bundle):
         raise ConfigError(f"--context {cfg.context} exceeds the bundle's KV length "
                           f"{read_max_length(prepared.bundle)}")
-    from pulse_edge.export.model.checkpoint import mem_available_bytes
+    from pulse_edge.runtime.engines.memory import mem_available_bytes
 
     need, available = 3 * dir_size_bytes(prepared.bundle), mem_available_bytes()
     if available is not None and need > available:

@@ -62,6 +62,7 @@ class LatencyConfig:
     threads: int = 0
     bandwidth_bytes: int = GIB
     question: str | None = None
+    prefill_graph: str = "auto"  # a CPU bundle's prefill graph (runtime/engines/memory.py)
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -85,8 +86,8 @@ def _open(cfg: LatencyConfig) -> tuple[Any, DecoderFacts]:
     from pulse_edge.runtime.engines.ort import SessionConfig
     from pulse_edge.runtime.pipeline import Pipeline as OrtPipeline
 
-    pipeline = open_backend(cfg.model, backend=cfg.backend,
-                             session=SessionConfig(provider=cfg.provider, threads=cfg.threads))
+    pipeline = open_backend(cfg.model, backend=cfg.backend, session=SessionConfig(
+        provider=cfg.provider, threads=cfg.threads, prefill_graph=cfg.prefill_graph))
     if isinstance(pipeline, OrtPipeline):
         return pipeline, bundle_decoder_facts(cfg.model)
     torch_threads(cfg.threads)
@@ -135,6 +136,7 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
     return {"kind": "latency", "machine": {**machine, "load_average_end": load_average()},
             "model": model_info(cfg.model),
             "backend": getattr(pipeline, "backend", "torch"), "settings": _latency_settings(cfg),
+            "prefilled_by": getattr(pipeline, "prefilled_by", "decoder graph"),  # the torch reference: one graph
             "bandwidth": bandwidth_dict, "decoder": facts.to_dict(),
             "model_bytes_on_disk": dir_size_bytes(cfg.model), "peak_rss_bytes": peak,
             "peak_rss_note": PEAK_NOTE if reset else RSS_NOTE,
@@ -143,7 +145,7 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
 
 def _latency_settings(cfg: LatencyConfig) -> dict[str, Any]:
     return {"runs": cfg.runs, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens, "provider": cfg.provider,
-            "threads": cfg.threads, "question": cfg.question or "default"}
+            "threads": cfg.threads, "question": cfg.question or "default", "prefill_graph": cfg.prefill_graph}
 
 
 def latency_table(report: dict[str, Any]) -> str:
@@ -157,7 +159,8 @@ def latency_table(report: dict[str, Any]) -> str:
     return "\n".join([
         *machine_lines(report),
         f"model: {model['name']} ({report['backend']} backend, {model['precision']}, hidden {model['hidden_size']}, "
-        f"{model['layers']} layers); on disk {gib(report['model_bytes_on_disk'])}; "
+        f"{model['layers']} layers; prompts prefilled by the {report.get('prefilled_by', 'decoder graph')}); "
+        f"on disk {gib(report['model_bytes_on_disk'])}; "
         f"peak RSS {gib(report['peak_rss_bytes'])} ({report['peak_rss_note']})",
         decoder_line(report["decoder"]),
         f"{s['runs']} runs after {s['warmup']} warm-up, up to {s['max_new_tokens']} new tokens, greedy; cells: "

@@ -33,7 +33,7 @@ from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPla
 from pulse_edge.export.graphs.kv_cache import KVScales
 from pulse_edge.export.graphs.prefill import build_prefill, kv_scales_for, prefill_plan
 from pulse_edge.export.graphs.vision import export_vision_graph
-from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint, mem_available_bytes
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint
 from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.quant.context import (
     QuantContext,
@@ -60,6 +60,7 @@ from pulse_edge.runtime.bundle.manifest import (
     SourceSpec,
     TextSpec,
 )
+from pulse_edge.runtime.engines.memory import mem_available_bytes
 from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
 from pulse_edge.runtime.image.preprocess import image_token_count
 from pulse_edge.runtime.text.prompt import LLAVA_V1
@@ -149,7 +150,7 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower,
                              dtype=options.reference or reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
-    _check_validation_memory(loaded, options.precision, max_context)
+    _check_validation_memory(loaded, options, max_context)
     model = loaded.model
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
     write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)
@@ -271,9 +272,13 @@ def validation_session(precision: str) -> SessionConfig:
 
 
 def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: int, max_context: int,
-                          precision: str) -> dict[str, float]:
-    """The anonymous memory a validation needs: ORT's packed weights, its KV cache, the rest per parameter."""
-    kv_itemsize = np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
+                          precision: str, kv_cache: str = "float") -> dict[str, float]:
+    """The anonymous memory a validation needs: ORT's packed weights, its KV cache, the rest per parameter.
+
+    kv_cache "int8": one byte per cached value whatever the base. A CPU recipe's prefill graph is not counted:
+    the fidelity check's pipeline loads it only where the memory left holds it (runtime/engines/memory.py)
+    and records which graph prefilled; the parity checks open one graph at a time with its weights mapped."""
+    kv_itemsize = 1 if kv_cache == "int8" else np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
     parts = {"weights": params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision],
              "kv_cache": 2 * layers * kv_heads * head_dim * max_context * kv_itemsize,
              "emulated_reference": params * EMULATION_BYTES_PER_WEIGHT.get(precision, 0.0),
@@ -281,17 +286,19 @@ def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: 
     return {**parts, "total": sum(parts.values())}
 
 
-def _check_validation_memory(loaded: LoadedCheckpoint, precision: str, max_context: int) -> None:
+def _check_validation_memory(loaded: LoadedCheckpoint, options: ExportOptions, max_context: int) -> None:
     """Refuse before writing anything when validation cannot run in this machine's memory.
 
     What must fit is the anonymous memory (validation_anon_bytes). Mapped weights (the 16-bit reference,
     the float graphs) need not fit beside each other: the kernel re-reads their pages from disk, which is
     slow but finishes.
     """
-    text = loaded.config.text
+    text, precision = loaded.config.text, options.precision
+    recipe = options.quant.recipe if options.quant else None
     params = sum(p.numel() for p in loaded.model.parameters())
     need = validation_anon_bytes(params, layers=text.num_layers, kv_heads=text.num_kv_heads,
-                                 head_dim=text.head_dim, max_context=max_context, precision=precision)
+                                 head_dim=text.head_dim, max_context=max_context, precision=precision,
+                                 kv_cache=recipe.kv_cache if recipe else "float")
     available = mem_available_bytes()
     if available is not None and need["total"] > available:
         raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
@@ -367,7 +374,8 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
         parity["pass"] = bool(parity["pass"] and decoder["pass"])
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "reference": label,
             "tolerance_level": level, **parity,
-            "ort_session": session_settings(session, manifest.graphs[names.DECODER].opt_level_limit)}
+            "ort_session": session_settings(session, manifest.graphs[names.DECODER].opt_level_limit,
+                                            shapes_vary=True)}
 
 
 def _kv_scales(loaded: LoadedCheckpoint, manifest: Manifest, quant: QuantContext) -> KVScales | None:
@@ -399,8 +407,9 @@ def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: Q
     samples, prepared = held_out_samples(quant, loaded, reference.tokenizer)
     float_bytes = sum(p.numel() for p in loaded.model.parameters()) * 4
     fidelity = fidelity_report(reference, served, samples, prepared, float_bytes=float_bytes)
-    return {**fidelity, "ort_session": session_settings(FIDELITY_SESSION,
-                                                         manifest.graphs[names.DECODER].opt_level_limit)}
+    limit = manifest.graphs[names.DECODER].opt_level_limit
+    return {**fidelity, "prefilled_by": served.prefilled_by,
+            "ort_session": session_settings(FIDELITY_SESSION, limit, shapes_vary=True)}
 
 
 def _parity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions, level: str,

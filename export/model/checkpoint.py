@@ -32,6 +32,7 @@ from torch import nn
 from pulse_edge.errors import CheckpointError
 from pulse_edge.export.model.config import KNOWN_TOWERS, PulseConfig, VisionConfig, read_config
 from pulse_edge.export.model.reference import PulseReference
+from pulse_edge.runtime.engines.memory import mem_available_bytes
 
 log = logging.getLogger(__name__)
 
@@ -294,16 +295,6 @@ def check_memory(model: nn.Module, dtype: torch.dtype, device: str | torch.devic
     if available is not None and need > available:
         raise CheckpointError(f"the weights need {need / 2**30:.1f} GiB in {dtype} but only "
                               f"{available / 2**30:.1f} GiB is available; use --dtype bf16 or fp16")
-
-
-def mem_available_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def checkpoint_sha256(root: Path) -> str:

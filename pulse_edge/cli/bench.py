@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.benchmarks.common.output import progress, write_json
-from pulse_edge.choices import BACKENDS, PROVIDERS
+from pulse_edge.choices import BACKENDS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.cli.group import UserErrorGroup
 
 _DEFAULT_SIZES = "2200x1700,3300x2550,3508x2480"  # letter 200 dpi, letter 300 dpi, A4 300 dpi
@@ -41,11 +41,14 @@ def bench_group() -> None:
               help="Intra-op threads (0 = one per core).")
 @click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Array size for the memory bandwidth measurement (far above the caches).")
+@click.option("--prefill-graph", type=click.Choice(PREFILL_GRAPH_MODES), default="auto", show_default=True,
+              help="ort backend: a CPU bundle's prefill graph (as infer --prefill-graph); the table says which "
+                   "graph prefilled.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
               help="Write latency.md, latency.json and latency.png (the per-stage breakdown) into this directory.")
 def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new_tokens: int, backend: str,
-                    provider: str, threads: int, bandwidth_mib: int, json_path: Path | None,
+                    provider: str, threads: int, bandwidth_mib: int, prefill_graph: str, json_path: Path | None,
                     report_dir: Path | None) -> None:
     """Preprocess, vision, time to first token, decode tok/s (p50/p95) on rendered 12-lead prints,
     beside the memory-bandwidth roofline measured on this machine."""
@@ -57,7 +60,7 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
         require_plotting()  # fail before a long run, not after it
     config = LatencyConfig(model=model_dir, runs=runs, warmup=warmup, sizes=parse_sizes(sizes),
                            max_new_tokens=max_new_tokens, backend=backend, provider=provider, threads=threads,
-                           bandwidth_bytes=bandwidth_mib * 2**20)
+                           bandwidth_bytes=bandwidth_mib * 2**20, prefill_graph=prefill_graph)
     report = run_latency(config, progress=progress)
     table = latency_table(report)
     click.echo(table)

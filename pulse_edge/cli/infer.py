@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.backends import open_backend
-from pulse_edge.choices import BACKENDS, OPT_LEVELS, PROVIDERS, TORCH_DTYPES, VOLTAGE_UNITS
+from pulse_edge.choices import BACKENDS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS, TORCH_DTYPES, VOLTAGE_UNITS
 from pulse_edge.cli.params import SEED, TORCH_DEVICE
 from pulse_edge.cli.progress import HashBar
 from pulse_edge.errors import ConfigError
@@ -49,6 +49,9 @@ from pulse_edge.errors import ConfigError
                    "memory, measured a little faster); 0 = one pass.")
 @click.option("--prepack/--no-prepack", default=True, show_default=True,
               help="ort backend: let ORT repack weights (faster decode, but a second copy of the weights in RAM).")
+@click.option("--prefill-graph", type=click.Choice(PREFILL_GRAPH_MODES), default="auto", show_default=True,
+              help="ort backend: a CPU bundle's prefill graph (int8 GEMM for long prompts); auto: loaded when this "
+                   "machine's memory holds it beside the decode graph, else the decode graph prefills (one warning).")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Answer every input (files, folders, quoted glob patterns) into this JSON-lines file, one line "
                    "each; a rerun skips the inputs already answered.")
@@ -68,8 +71,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
           max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
           device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
-          prepack: bool, output: Path | None, fail_fast: bool, save_render: Path | None, fs: float | None,
-          leads: str | None, unit: str, verify: bool) -> None:
+          prepack: bool, prefill_graph: str, output: Path | None, fail_fast: bool, save_render: Path | None,
+          fs: float | None, leads: str | None, unit: str, verify: bool) -> None:
     """Answer a question about an ECG: an image (PNG, JPEG, TIFF, BMP), the first page of a PDF, or a recording
     (DICOM waveform, WFDB record, HL7 aECG, CSV or NPY) rendered as the standard 12-lead print."""
     from pulse_edge.runtime.batch import save_image
@@ -80,7 +83,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack)
+    session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack,
+                            prefill_graph=prefill_graph)
 
     def open_model():
         with HashBar() as bar:

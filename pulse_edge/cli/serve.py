@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pulse_edge.choices import PROVIDERS
+from pulse_edge.choices import PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError
 
 # Module names of the `serve` extra's packages (python-multipart parses uploads).
@@ -71,8 +71,10 @@ def _allowed_root(path: Path | None) -> Path | None:
               help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Intra-op threads (0 = one per core).")
+@click.option("--prefill-graph", type=click.Choice(PREFILL_GRAPH_MODES), default="auto", show_default=True,
+              help="A CPU bundle's prefill graph; auto: loaded when memory holds it (see infer --help).")
 def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue: int, allow_dir: Path | None,
-          max_body_mb: float, timeout_s: float, provider: str, threads: int) -> None:
+          max_body_mb: float, timeout_s: float, provider: str, threads: int, prefill_graph: str) -> None:
     """Serve a bundle over HTTP: OpenAI-compatible /v1/chat/completions, ECG-native /v1/ecg/interpret,
     /health and /metrics. One model in memory, one generation at a time."""
     _require_extra()
@@ -83,5 +85,5 @@ def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue:
 
     config = ServerConfig(bundle=model_dir, host=host, port=port, api_key=key, max_queue=max_queue,
                           allow_dir=root, max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout_s,
-                          session=SessionConfig(provider=provider, threads=threads))
+                          session=SessionConfig(provider=provider, threads=threads, prefill_graph=prefill_graph))
     run_server(config, say=lambda line: click.echo(f"pulse-edge: {line}", err=True))

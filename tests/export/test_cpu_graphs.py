@@ -157,6 +157,40 @@ def test_prefill_graph_shares_the_cache_with_the_decode_graph(tiny_pipeline, tin
         assert _cosine(got, ref) > 0.999
 
 
+def test_the_prefill_graph_is_left_out_where_memory_cannot_hold_it(tiny_pipeline, tiny_scales: Scales,
+                                                                   tmp_path: Path, monkeypatch, caplog) -> None:
+    """runtime/engines/memory.py: measured MemAvailable after the decode graph decides; one warning line says so;
+    --prefill-graph on/off override it."""
+    import pulse_edge.runtime.engines.ort as ort_engines
+    from pulse_edge.export.quant.apply import decoder_plan
+
+    lm = tiny_pipeline.model.language_model
+    shape = DecoderShape.from_config(tiny_pipeline.loaded.config, max_length=64)
+    recipe = make_recipe("int8")
+    plan = decoder_plan(tiny_pipeline.model, recipe, tiny_scales, shape)
+    scales = kv_scales_for(recipe, tiny_scales, shape)
+    decode = build_decoder(lm, shape, tmp_path, plan=plan, kv=scales)
+    prefill = build_prefill(lm, shape, tmp_path, recipe, plan, scales, label="int8")
+    kv = KVLayout(layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim, dtype="int8",
+                  max_length=shape.max_length, scales="per_channel")
+
+    def loaded(free: int, **config) -> bool:
+        monkeypatch.setattr(ort_engines, "mem_available_bytes", lambda: free)
+        caplog.clear()
+        engine = DecoderEngine(tmp_path, decode, kv, shape.vocab, SessionConfig(**config), prefill=prefill)
+        return engine.prefill_session is not None
+
+    assert loaded(64 << 30)
+    assert not loaded(1 << 29)  # the tiny graph's weights are small; the margin left to the machine is not
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "\n" not in record.getMessage()
+    assert "needs ~1.0 GiB more memory but 0.5 GiB is available" in record.getMessage()
+    assert loaded(1 << 29, prefill_graph="on")
+    assert not loaded(64 << 30, prefill_graph="off") and not caplog.records
+    with pytest.raises(ConfigError, match="prefill graph 'maybe' is not one of auto, on, off"):
+        SessionConfig(prefill_graph="maybe")
+
+
 def test_manifest_kv_layout_needs_scales_exactly_for_int8() -> None:
     with pytest.raises(BundleError, match="int8 cache needs"):
         KVLayout(layers=1, kv_heads=1, head_dim=8, dtype="int8", max_length=8)

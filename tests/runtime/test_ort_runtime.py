@@ -74,6 +74,13 @@ def test_chunked_prefill_gives_the_same_answer(tiny_bundle: Path, ort_pipeline: 
             == ort_pipeline.generate(image, "Rate?", max_new_tokens=12).token_ids)
 
 
+def test_decoder_sessions_plan_no_memory_pattern_and_vision_does(ort_pipeline: Pipeline) -> None:
+    """The decoder's input shapes change every run (runtime/engines/ort.py session_settings)."""
+    engine = ort_pipeline.engine
+    assert engine.vision.session.get_session_options().enable_mem_pattern
+    assert not engine.decoder.session.get_session_options().enable_mem_pattern
+
+
 def test_fp16_bundle_validates_and_runs(tiny_checkpoint: Path, tmp_path: Path) -> None:
     bundle = export_bundle(tiny_checkpoint, tmp_path / "fp16", ExportOptions(precision="fp16"))
     manifest = read_manifest(bundle)
@@ -315,3 +322,13 @@ def test_a_bf16_reference_is_judged_as_an_oracle_with_its_own_error(tiny_checkpo
     assert validation["tolerance_level"] == "bf16_reference"
     assert validation["decoder"]["tolerance"]["max_rel_err"] == TOLERANCES["bf16_reference"].max_rel_err
     assert validation["vision"]["tolerance"]["max_rel_err"] == TOLERANCES["fp32"].max_rel_err
+
+
+def test_a_prefill_graph_needs_room_for_its_packed_weights_only_when_prepacked() -> None:
+    from pulse_edge.runtime.engines.memory import choose_prefill_graph
+
+    gib = 1 << 30
+    assert not choose_prefill_graph("auto", 8 * gib, prepacked=True, available=15 * gib).load  # 14.8 + 1 > 15
+    assert choose_prefill_graph("auto", 8 * gib, prepacked=True, available=16 * gib).load
+    assert choose_prefill_graph("auto", 8 * gib, prepacked=False, available=9 * gib).load  # weights stay mapped
+    assert choose_prefill_graph("auto", 8 * gib, prepacked=True, available=None).load  # no /proc/meminfo: no check
