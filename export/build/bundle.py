@@ -91,6 +91,11 @@ EMULATION_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 1.0, "fp8": 1.0}
 # (KV 4.0 GiB fp32, 2.0 fp16): at most 5.4 GiB beyond the KV, 0.82 bytes per parameter; 1.0 leaves room for
 # what the sampling missed.
 ANON_BYTES_PER_PARAM = 1.0
+# A CPU recipe's prefill graph is checked against the reference emulating its own scheme after the decode
+# graph's checks; that stage peaked at 21.9 GiB of anonymous memory for the 7B int8 bundle (7.06 B
+# parameters, bf16 reference, quick plan, 4096 positions, sampled every 10 s; 2026-12-06), more than the
+# parts above add up to (21.4 GiB): 3.33 bytes per parameter; 3.4 leaves room for what the sampling missed.
+PREFILL_PARITY_ANON_BYTES_PER_PARAM = 3.4
 GRAPH_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2}  # the float graphs' mapped weights (quantized: packed, in RAM)
 
 
@@ -223,8 +228,10 @@ def failure_summary(validation: dict[str, Any]) -> str:
     """The failed checks with their worst numbers, short enough for one line; a failed site first (it names
     the MatMul or norm that is wrong)."""
     parts = []
-    for graph in ("vision", "decoder"):
-        for check in validation.get("sites", {}).get(graph, {}).get("checks", []):
+    prefill_sites = (validation["decoder"].get("prefill_graph") or {}).get("sites", {})
+    for graph, sites in (("vision", validation.get("sites", {}).get("vision", {})),
+                         ("decoder", validation.get("sites", {}).get("decoder", {})), ("prefill graph", prefill_sites)):
+        for check in sites.get("checks", []):
             if not check["pass"]:
                 parts.append(f"{graph} {check['site']} ({check['run']}) on the graph's own input: rel err "
                              f"{check['max_rel_err']:.2g}, cosine {check['cosine']:.6f}")
@@ -272,18 +279,19 @@ def validation_session(precision: str) -> SessionConfig:
 
 
 def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: int, max_context: int,
-                          precision: str, kv_cache: str = "float") -> dict[str, float]:
+                          precision: str, kv_cache: str = "float", prefill_graph: bool = False) -> dict[str, float]:
     """The anonymous memory a validation needs: ORT's packed weights, its KV cache, the rest per parameter.
 
-    kv_cache "int8": one byte per cached value whatever the base. A CPU recipe's prefill graph is not counted:
-    the fidelity check's pipeline loads it only where the memory left holds it (runtime/engines/memory.py)
-    and records which graph prefilled; the parity checks open one graph at a time with its weights mapped."""
+    kv_cache "int8": one byte per cached value whatever the base. prefill_graph: a CPU recipe's second decoder
+    graph, whose parity stage needs PREFILL_PARITY_ANON_BYTES_PER_PARAM at least (the fidelity check's
+    pipeline loads that graph only where the memory left holds it: runtime/engines/memory.py)."""
     kv_itemsize = 1 if kv_cache == "int8" else np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
     parts = {"weights": params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision],
              "kv_cache": 2 * layers * kv_heads * head_dim * max_context * kv_itemsize,
              "emulated_reference": params * EMULATION_BYTES_PER_WEIGHT.get(precision, 0.0),
              "other": params * ANON_BYTES_PER_PARAM}
-    return {**parts, "total": sum(parts.values())}
+    floor = params * PREFILL_PARITY_ANON_BYTES_PER_PARAM if prefill_graph else 0.0
+    return {**parts, "total": max(sum(parts.values()), floor)}
 
 
 def _check_validation_memory(loaded: LoadedCheckpoint, options: ExportOptions, max_context: int) -> None:
@@ -298,7 +306,8 @@ def _check_validation_memory(loaded: LoadedCheckpoint, options: ExportOptions, m
     params = sum(p.numel() for p in loaded.model.parameters())
     need = validation_anon_bytes(params, layers=text.num_layers, kv_heads=text.num_kv_heads,
                                  head_dim=text.head_dim, max_context=max_context, precision=precision,
-                                 kv_cache=recipe.kv_cache if recipe else "float")
+                                 kv_cache=recipe.kv_cache if recipe else "float",
+                                 prefill_graph=bool(recipe and recipe.prefill))
     available = mem_available_bytes()
     if available is not None and need["total"] > available:
         raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
@@ -369,7 +378,10 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
         parity = _parity(loaded, bundle, manifest, options, level, reference, session)
     if names.PREFILL in manifest.graphs and quant:
         decoder = parity["decoder"]
-        decoder["prefill_graph"] = _prefill_parity(loaded, bundle, manifest, options, quant, plan, level, session)
+        prefill_level = tolerance_level(options.precision, fp32_reference=reference_dtype == torch.float32,
+                                        graph="prefill")
+        decoder["prefill_graph"] = _prefill_parity(loaded, bundle, manifest, options, quant, plan, prefill_level,
+                                                   session)
         decoder["pass"] = bool(decoder["pass"] and decoder["prefill_graph"]["pass"])
         parity["pass"] = bool(parity["pass"] and decoder["pass"])
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "reference": label,
@@ -387,13 +399,16 @@ def _kv_scales(loaded: LoadedCheckpoint, manifest: Manifest, quant: QuantContext
 def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, options: ExportOptions,
                     quant: QuantContext, plan: LinearPlan, level: str, session: SessionConfig) -> dict[str, Any]:
     """The prefill graph alone (same interface as the decoder graph) against the reference computing the
-    prefill graph's own schemes (export/graphs/prefill.py: the decode plan's folds, the prefill scheme)."""
-    log.info("validating the prefill graph at prefill lengths %s", list(options.plan.prefill_lengths))
+    prefill graph's own schemes (export/graphs/prefill.py: the decode plan's folds, the prefill scheme): end to
+    end under `level`, and every MatMul site and folded norm on the graph's own input."""
+    log.info("validating the prefill graph at prefill lengths %s and its sites", list(options.plan.prefill_lengths))
     own = prefill_plan(quant.recipe, plan, manifest.kv.layers)
+    lm, spec = loaded.model.language_model, manifest.graphs[names.PREFILL]
     with emulated_reference(loaded.model, quant.recipe, quant.scales, own, prepacked=session.prepack,
                             kv=_kv_scales(loaded, manifest, quant), quantized_self=False):
-        return validate_decoder(loaded.model.language_model, bundle, manifest.graphs[names.PREFILL], manifest.kv,
-                                precision=level, plan=options.plan, session=session)
+        report = validate_decoder(lm, bundle, spec, manifest.kv, precision=level, plan=options.plan, session=session)
+        sites = decoder_sites_parity(lm, bundle, spec, manifest.kv, session, options.plan.tolerances["site"])
+    return {**report, "tolerance_level": level, "sites": sites, "pass": bool(report["pass"] and sites["pass"])}
 
 
 def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: QuantContext) -> dict[str, Any]:

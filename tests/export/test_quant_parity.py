@@ -215,6 +215,11 @@ def _offset_codes(a: np.ndarray) -> np.ndarray:
     return np.minimum(a.astype(np.int16) + 1, 255).astype(np.uint8)
 
 
+def _offset_int8_codes(a: np.ndarray) -> np.ndarray:
+    """The prefill graph's int8 codes (per output channel) one higher."""
+    return np.minimum(a.astype(np.int16) + 1, 127).astype(np.int8)
+
+
 def _undo_gamma_fold(pipeline, site: str, layer: int) -> Callable[[Any], Edit]:
     """The input scale multiplied into the weights but not divided out of the RMSNorm weight."""
     gamma = pipeline.model.language_model.model.layers[layer].input_layernorm.weight.detach().numpy()
@@ -238,6 +243,8 @@ BREAKS: dict[str, tuple[str, Any, str]] = {
     "int8 blocks transposed": ("int8", {"layers.0.down.qweight": _transpose_blocks(64),
                                         "layers.0.down.scales": _transpose_blocks(64)}, "decoder layers.0.down"),
     "int8 codes offset by one": ("int8", {"layers.1.gate_up.qweight": _offset_codes}, "decoder layers.1.gate_up"),
+    "int8 prefill graph codes offset by one": ("int8", {"prefill:layers.1.gate_up.qweight": _offset_int8_codes},
+                                               "prefill graph layers.1.gate_up"),
     "int8 smoothing kept in the norm's weight": ("int8", "gamma", "decoder layers.0.input_norm"),
     "int8 smoothing missing from the weights": ("int8", "weights", "decoder layers.0.qkv"),
     "vision activation scale x3": ("int4", {"projector.0.x_scale": _times(3)}, "vision projector.0"),
@@ -259,7 +266,14 @@ def _parity(bundle: Path, pipeline, scales: Path, precision: str, **recipe: Any)
 
 # The issue's four in the default suite; the other breaks run with --run-slow (each costs a parity run).
 DEFAULT_BREAKS = ("int8 block scales x3", "int8 blocks transposed", "int8 smoothing kept in the norm's weight",
-                  "int8 codes offset by one")
+                  "int8 codes offset by one", "int8 prefill graph codes offset by one")
+PREFILL_EDIT = "prefill:"  # an edit of the CPU recipe's prefill graph (prefill.onnx), not the decoder graph's
+
+
+def _graph_of(name: str) -> str:
+    if name.startswith(PREFILL_EDIT):
+        return "prefill.onnx"
+    return "vision.onnx" if name.startswith(("vision.", "projector.")) else "decoder.onnx"
 
 
 SLOW_BREAKS = [pytest.param(name, marks=pytest.mark.slow) for name in BREAKS if name not in DEFAULT_BREAKS]
@@ -274,20 +288,22 @@ def test_a_broken_graph_is_refused_by_parity_at_its_site(name: str, exports: Cal
         edits = {"layers.0.input_norm.weight": _undo_gamma_fold(pipeline, "layers.0.qkv", 0)}
     elif edits == "weights":
         edits = _undo_weight_fold(pipeline, bundle, "layers.0.qkv")
-    for graph in ("decoder.onnx", "vision.onnx"):
-        names = {n for n in edits if n.startswith(("vision.", "projector.")) == (graph == "vision.onnx")}
-        if names:
-            before = {n: read_initializer(bundle / graph, n).copy() for n in names}
-            edit_initializers(bundle / graph, {n: edits[n] for n in names})
-            assert all(not np.array_equal(read_initializer(bundle / graph, n), before[n]) for n in names)
+    for graph in ("decoder.onnx", "vision.onnx", "prefill.onnx"):
+        graph_edits = {n.removeprefix(PREFILL_EDIT): edit for n, edit in edits.items() if _graph_of(n) == graph}
+        if graph_edits:
+            before = {n: read_initializer(bundle / graph, n).copy() for n in graph_edits}
+            edit_initializers(bundle / graph, graph_edits)
+            assert all(not np.array_equal(read_initializer(bundle / graph, n), before[n]) for n in graph_edits)
     # The integrity checks would refuse the edited files before parity sees them (tests/runtime/
     # test_bundle_integrity.py); record them as export would, so the graph itself is what is judged.
     replace(read_manifest(bundle), files=bundle_file_records(bundle)).write(bundle)
     report = _parity(bundle, pipeline, scales, key)
     if name == "unbroken":
         assert report["pass"], failure_summary(report)
+        assert report["decoder"]["prefill_graph"]["sites"]["pass"]  # the prefill graph's sites were checked too
         return
-    assert not report["pass"] and not report["sites"]["pass"]
+    prefill_sites = report["decoder"]["prefill_graph"]["sites"]
+    assert not report["pass"] and not (report["sites"]["pass"] and prefill_sites["pass"])
     assert failure_summary(report).startswith(where + " ("), failure_summary(report)
 
 
