@@ -310,11 +310,13 @@ def _check_validation_memory(loaded: LoadedCheckpoint, options: ExportOptions, m
                                  prefill_graph=bool(recipe and recipe.prefill))
     available = mem_available_bytes()
     if available is not None and need["total"] > available:
+        fix = ("without the prefill graph (--no-prefill-graph)" if recipe and recipe.prefill
+               else "with a smaller --max-context")
         raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
                           f"{need['total'] / 2**30:.1f} GiB of memory (weights {need['weights'] / 2**30:.1f}, KV "
                           f"cache {need['kv_cache'] / 2**30:.1f} for {max_context} positions) but "
-                          f"{available / 2**30:.1f} GiB is available; export with a smaller --max-context or on "
-                          "a machine with more memory")
+                          f"{available / 2**30:.1f} GiB is available; export {fix}, or on a machine with more "
+                          "memory")
     mapped = params * (loaded.model.dtype.itemsize + GRAPH_BYTES_PER_WEIGHT.get(precision, 0))
     if available is not None and mapped > available:
         log.warning("the reference's and the graph's weights (%.0f GiB) exceed the free memory (%.0f GiB): "

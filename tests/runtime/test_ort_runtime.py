@@ -225,6 +225,9 @@ def test_export_that_cannot_be_validated_here_is_refused_up_front(tiny_checkpoin
     with pytest.raises(ConfigError, match=r"needs ~0.0 GiB of memory \(weights 0.0, KV cache 0.0 for \d+ "
                                           r"positions\) but 0.0 GiB is available; export with a smaller"):
         export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp16"))
+    # a CPU recipe with a prefill graph: its parity stage is the peak, so dropping that graph is what helps
+    with pytest.raises(ConfigError, match=r"export without the prefill graph \(--no-prefill-graph\), or on a"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions.for_precision("int8"))
     assert list(tmp_path.iterdir()) == []
 
 
