@@ -92,9 +92,11 @@ EMULATION_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 1.0, "fp8": 1.0}
 # what the sampling missed.
 ANON_BYTES_PER_PARAM = 1.0
 # A CPU recipe's prefill graph is checked against the reference emulating its own scheme after the decode
-# graph's checks; that stage peaked at 21.9 GiB of anonymous memory for the 7B int8 bundle (7.06 B
-# parameters, bf16 reference, quick plan, 4096 positions, sampled every 10 s; 2026-12-06), more than the
-# parts above add up to (21.4 GiB): 3.33 bytes per parameter; 3.4 leaves room for what the sampling missed.
+# graph's checks; that stage is the validation's peak. Measured on the 7B int8 bundle (7.06 B parameters,
+# bf16 reference, quick plan, 4096 positions, anonymous memory sampled every 10 s; 2026-12-06): 21.9 GiB,
+# and 22.2 GiB once the prefill graph's sites were checked too (3.38 bytes per parameter), more than the
+# parts above add up to (21.4 GiB). 3.4 covers it, with little room: a machine with less free memory than
+# that is refused rather than killed half an hour in.
 PREFILL_PARITY_ANON_BYTES_PER_PARAM = 3.4
 GRAPH_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2}  # the float graphs' mapped weights (quantized: packed, in RAM)
 

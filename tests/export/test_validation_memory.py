@@ -218,13 +218,13 @@ def test_the_estimate_counts_an_int8_cache_as_one_byte() -> None:
 
 
 def test_the_estimate_covers_the_7b_two_graph_validation_measured() -> None:
-    """docs/performance.md: validating the 7B int8 CPU recipe (decode + prefill graph) peaked at 21.9 GiB of
+    """docs/performance.md: validating the 7B int8 CPU recipe (decode + prefill graph) peaked at 22.2 GiB of
     anonymous memory, in the prefill graph's parity stage."""
     shape = {"layers": 32, "kv_heads": 32, "head_dim": 128, "max_context": 4096, "precision": "int8",
              "kv_cache": "int8"}
     one_graph = validation_anon_bytes(7_060_000_000, **shape)
     two_graphs = validation_anon_bytes(7_060_000_000, prefill_graph=True, **shape)
-    assert one_graph["total"] < 21.9 * 2**30 <= two_graphs["total"] <= 23 * 2**30
+    assert one_graph["total"] < 22.2 * 2**30 <= two_graphs["total"] <= 23 * 2**30
 
 
 def test_only_mapped_cpu_sessions_change_orts_defaults() -> None:
