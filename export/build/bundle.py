@@ -376,15 +376,16 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
     label = f"the emulated {options.precision} reference" if quant else "the torch reference"
     forms = ({"vision_qdq": trt_build.qdq_form(bundle / manifest.graphs[names.VISION].file),
               "decoder_qdq": trt_build.qdq_form(bundle / manifest.graphs[names.DECODER].file)} if tensorrt else {})
-    emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack,
-                                    kv=_kv_scales(loaded, manifest, quant), **forms) if quant else nullcontext())
+    kv = _kv_scales(loaded, manifest, quant) if quant else None  # both decoder graphs' cache
+    emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack, kv=kv,
+                                    **forms) if quant else nullcontext())
     with emulation:
         parity = _parity(loaded, bundle, manifest, options, level, reference, session)
     if names.PREFILL in manifest.graphs and quant:
         decoder = parity["decoder"]
         prefill_level = tolerance_level(options.precision, fp32_reference=reference_dtype == torch.float32,
                                         graph="prefill")
-        decoder["prefill_graph"] = _prefill_parity(loaded, bundle, manifest, options, quant, plan, prefill_level,
+        decoder["prefill_graph"] = _prefill_parity(loaded, bundle, manifest, options, quant, plan, kv, prefill_level,
                                                    session)
         decoder["pass"] = bool(decoder["pass"] and decoder["prefill_graph"]["pass"])
         parity["pass"] = bool(parity["pass"] and decoder["pass"])
@@ -401,7 +402,8 @@ def _kv_scales(loaded: LoadedCheckpoint, manifest: Manifest, quant: QuantContext
 
 
 def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, options: ExportOptions,
-                    quant: QuantContext, plan: LinearPlan, level: str, session: SessionConfig) -> dict[str, Any]:
+                    quant: QuantContext, plan: LinearPlan, kv: KVScales | None, level: str,
+                    session: SessionConfig) -> dict[str, Any]:
     """The prefill graph alone (same interface as the decoder graph) against the reference computing the
     prefill graph's own schemes (export/graphs/prefill.py: the decode plan's folds, the prefill scheme): end to
     end under `level`, and every MatMul site and folded norm on the graph's own input."""
@@ -409,7 +411,7 @@ def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
     own = prefill_plan(quant.recipe, plan, manifest.kv.layers)
     lm, spec = loaded.model.language_model, manifest.graphs[names.PREFILL]
     with emulated_reference(loaded.model, quant.recipe, quant.scales, own, prepacked=session.prepack,
-                            kv=_kv_scales(loaded, manifest, quant), quantized_self=False):
+                            kv=kv, quantized_self=False):
         report = validate_decoder(lm, bundle, spec, manifest.kv, precision=level, plan=options.plan, session=session)
         sites = decoder_sites_parity(lm, bundle, spec, manifest.kv, session, options.plan.tolerances["site"])
     return {**report, "tolerance_level": level, "sites": sites, "pass": bool(report["pass"] and sites["pass"])}
