@@ -29,8 +29,8 @@ Schemes:
            runs every decoder layer site in it; the decode graph keeps the weight-only scheme, which
            streams the fewest bytes per token.
 
-A recipe also says how the KV cache is stored (`kv_cache`: the graphs' float type, or int8 with calibrated per-channel
-scales, calibration/kv.py) and whether the bundle gets a prefill graph (`prefill`: its scheme, or None).
+A recipe also says how the KV cache is stored (`kv_cache`: the graphs' float type, fp16, or int8 with calibrated
+per-channel scales, calibration/kv.py) and whether the bundle gets a prefill graph (`prefill`: its scheme, or None).
 
 `keep` names sites, prefixes ("layers.0", "projector", "lm_head") or whole graphs
 ("vision" = tower and projector, "decoder") that stay at fp: mixed precision for
@@ -147,7 +147,8 @@ STANDARD_SCHEMES = MappingProxyType({"w8a8u8": "w8a8", "w8a8dyn": "w8a8"})
 
 
 def _standard_form(base: Recipe, kv_cache: str | None) -> Recipe:
-    """A recipe for standard-ONNX graphs (--target tensorrt): Q/DQ vision, no prefill graph, a float KV cache."""
+    """A recipe for standard-ONNX graphs (--target tensorrt): Q/DQ vision, no prefill graph, a float KV cache (fp16
+    there, so --kv-cache fp16 asks for what it gets)."""
     if kv_cache == "int8":
         raise ConfigError("--kv-cache int8 is the ORT CPU cache (GroupQueryAttention's quantized cache): "
                           "--target tensorrt keeps a float (fp16) cache")

@@ -55,8 +55,9 @@ DEFAULT_BLOCK_SIZE = 128
 BLOCK_SIZE_CHOICES = tuple(str(b) for b in BLOCK_SIZES)  # as command-line options spell them
 WEIGHT_BITS = (4, 8)
 INT8_DECODER_MODES = ("weight-only", "w8a8")
-KV_CACHES = ("float", "int8")  # how a quantized bundle stores its KV cache: the graphs' float type (fp32 on the
-# CPU, fp16 for TensorRT), or int8 with calibrated per-channel scales (ORT CPU only)
+KV_CACHES = ("float", "fp16", "int8")  # how a bundle stores its KV cache: the graphs' float type (fp32 on the
+# CPU, fp16 for TensorRT), fp16 in an fp32 graph (ORT CPU), or int8 with calibrated per-channel scales (ORT CPU,
+# quantized recipes: the scales come from calibration)
 INT4_METHODS = ("awq", "rtn")
 
 # Export validation plans.

@@ -179,11 +179,13 @@ def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
             if out.exists():
                 out.rmdir()
             work.rename(out)
-        except BaseException:
+        except BaseException as e:
             handler = signal.getsignal(signal.SIGINT)
             if isinstance(handler, _Handler):
                 handler.cleaning = True
             shutil.rmtree(work, ignore_errors=True)
+            if isinstance(e, OSError) and e.filename is None:  # a write into a file object names no file
+                raise OSError(e.errno, e.strerror, str(out)) from e
             raise
 
 

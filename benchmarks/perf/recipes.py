@@ -51,6 +51,7 @@ RECIPES = {
     "int4": ("int4: W8A8 vision, int4 AWQ decode, W8A8 prefill graph, int8 KV", ["--precision", "int4"]),
     "int8-single": ("int8 without the prefill graph, fp32 KV", ["--precision", "int8", "--no-prefill-graph",
                                                                "--kv-cache", "float"]),
+    "fp32-kv16": ("fp32 with an fp16 KV cache (no calibration)", ["--precision", "fp32", "--kv-cache", "fp16"]),
 }
 MEASURES = {"vision_ms": "vision", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
 
@@ -86,8 +87,10 @@ def prepare_recipes(cfg: RecipesConfig, work: Path, progress: Callable[[str], No
         bundle = work / f"bundle-{key}"
         if not bundle.is_dir():
             progress(f"exporting the {key} bundle")
-            run_cli(["export", str(prepared.checkpoint), "-o", str(bundle), *RECIPES[key][1], "--scales",
-                     str(scales), "--validation", "quick", "--held-out", "1"], f"export {key}", progress)
+            args = RECIPES[key][1]
+            calibrated = ["--scales", str(scales)] if args[1] != "fp32" else []
+            run_cli(["export", str(prepared.checkpoint), "-o", str(bundle), *args, *calibrated, "--validation",
+                     "quick", "--held-out", "1"], f"export {key}", progress)
         bundles[key] = bundle
     return {**bundles, **dict(cfg.extra)}
 

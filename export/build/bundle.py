@@ -25,7 +25,7 @@ import torch
 
 from pulse_edge import __version__
 from pulse_edge.calibration.recipes import RECIPES, make_recipe
-from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, TRT_OPS
+from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, KV_CACHES, TRT_OPS
 from pulse_edge.errors import ConfigError, PulseEdgeError
 from pulse_edge.export.build import tensorrt as trt_build
 from pulse_edge.export.build.tensorrt import check_trt_options
@@ -41,9 +41,11 @@ from pulse_edge.export.quant.context import (
     check_gate,
     held_out_samples,
     prepare_quantization,
+    synthetic_held_out,
 )
 from pulse_edge.export.validate.emulate import emulated_reference
 from pulse_edge.export.validate.fidelity import fidelity_report, recommended_fidelity
+from pulse_edge.export.validate.kv_caches import fp16_kv_cache
 from pulse_edge.export.validate.parity import ValidationPlan, validate_decoder, validate_greedy
 from pulse_edge.export.validate.sites import decoder_sites_parity, vision_sites
 from pulse_edge.export.validate.tolerances import tolerance_level
@@ -115,6 +117,8 @@ class ExportOptions:
     reference: torch.dtype | None = None  # the torch reference's dtype; None: fp32 when it fits (reference_dtype)
     target: str = "ort"  # "tensorrt": standard-ONNX fp16 graphs (export/build/tensorrt.py)
     trt_ops: str = "native"  # --target tensorrt: the decoder's form (export/graphs/trt_decoder.py)
+    kv_cache: str | None = None  # a float precision's cache: "float" (None) or "fp16"; a quantized one: its recipe's
+    held_out: int = 4  # samples of the fidelity report of a float bundle with an fp16 cache
 
     def __post_init__(self) -> None:
         if self.precision not in EXPORT_PRECISIONS:
@@ -129,6 +133,12 @@ class ExportOptions:
             check_trt_options(self.precision, self.quant.recipe.decoder if self.quant else None)
         elif self.trt_ops != "native":
             raise ConfigError("--trt-ops chooses the form of a TensorRT-ready decoder: it goes with --target tensorrt")
+        if self.kv_cache not in (None, *KV_CACHES) or (quantized and self.kv_cache is not None):
+            raise ConfigError(f"kv cache {self.kv_cache!r}: a float precision's is one of {', '.join(KV_CACHES)}; a "
+                              "quantized precision's is its recipe's")
+        if self.kv_cache == "int8":
+            raise ConfigError("--kv-cache int8 stores keys and values on calibrated per-channel scales: it goes with "
+                              "--precision int8 or int4 (an fp32 export can keep an fp16 cache: --kv-cache fp16)")
 
     @classmethod
     def for_precision(cls, precision: str, **kwargs: Any) -> ExportOptions:
@@ -142,6 +152,16 @@ class ExportOptions:
     def float_base(self) -> str:
         """The float type of what the recipe leaves unquantized."""
         return trt_build.FLOAT_BASE if self.target == "tensorrt" else FLOAT_BASE[self.precision]
+
+    @property
+    def cache_type(self) -> str:
+        """How the KV cache is stored: KV_CACHES' names."""
+        return self.quant.recipe.kv_cache if self.quant else self.kv_cache or "float"
+
+    @property
+    def fp16_cache(self) -> bool:
+        """An fp16 cache in fp32 graphs (export/graphs/kv_cache.py); elsewhere fp16 is the float cache already."""
+        return self.cache_type == "fp16" and self.float_base == "fp32"
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
@@ -175,8 +195,10 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     manifest = _manifest(loaded, options, graphs, max_context, calibration=calibration, files=files)
     manifest.write(work)  # the candidate runtime reads it during validation
     validation, fidelity = _validate(loaded, work, manifest, options, quant, plan)
-    if fidelity is not None:
+    if quant and fidelity is not None:
         fidelity = {**fidelity, "recommended": recommended_fidelity(options.precision, fidelity["summary"])}
+    elif fidelity is not None:  # a float bundle's smaller cache: its cost beside the parity record
+        validation = {**validation, "fidelity": fidelity}
     calibration = quant.manifest_entry(plan, vision.matmul_schemes, fidelity) if quant else None
     replace(manifest, validation=validation, calibration=calibration).write(work)
     if not validation["pass"]:
@@ -208,12 +230,12 @@ def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, 
     plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
     kv = kv_scales_for(quant.recipe, quant.scales, shape) if quant else None
     decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision,
-                            kv=kv)
+                            kv=kv, fp16_cache=options.fp16_cache)
     graphs = {names.VISION: vision, names.DECODER: decoder}
     if quant and quant.recipe.prefill:
         log.info("building the prefill graph (%s decoder layers)", quant.recipe.prefill)
         graphs[names.PREFILL] = build_prefill(model.language_model, shape, work, quant.recipe, plan, kv,
-                                              label=options.precision)
+                                              label=options.precision, fp16_cache=options.fp16_cache)
     return graphs, plan
 
 
@@ -284,10 +306,10 @@ def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: 
                           precision: str, kv_cache: str = "float", prefill_graph: bool = False) -> dict[str, float]:
     """The anonymous memory a validation needs: ORT's packed weights, its KV cache, the rest per parameter.
 
-    kv_cache "int8": one byte per cached value whatever the base. prefill_graph: a CPU recipe's second decoder
-    graph, whose parity stage needs PREFILL_PARITY_ANON_BYTES_PER_PARAM at least (the fidelity check's
+    kv_cache "int8" / "fp16": one / two bytes per cached value whatever the base. prefill_graph: a CPU recipe's
+    second decoder graph, whose parity stage needs PREFILL_PARITY_ANON_BYTES_PER_PARAM at least (the fidelity check's
     pipeline loads that graph only where the memory left holds it: runtime/engines/memory.py)."""
-    kv_itemsize = 1 if kv_cache == "int8" else np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
+    kv_itemsize = {"int8": 1, "fp16": 2}.get(kv_cache) or np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
     parts = {"weights": params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision],
              "kv_cache": 2 * layers * kv_heads * head_dim * max_context * kv_itemsize,
              "emulated_reference": params * EMULATION_BYTES_PER_WEIGHT.get(precision, 0.0),
@@ -308,7 +330,7 @@ def _check_validation_memory(loaded: LoadedCheckpoint, options: ExportOptions, m
     params = sum(p.numel() for p in loaded.model.parameters())
     need = validation_anon_bytes(params, layers=text.num_layers, kv_heads=text.num_kv_heads,
                                  head_dim=text.head_dim, max_context=max_context, precision=precision,
-                                 kv_cache=recipe.kv_cache if recipe else "float",
+                                 kv_cache=options.cache_type,
                                  prefill_graph=bool(recipe and recipe.prefill))
     available = mem_available_bytes()
     if available is not None and need["total"] > available:
@@ -349,9 +371,11 @@ def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:
 
 def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions,
               quant: QuantContext | None, plan: LinearPlan) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Parity of every graph with its reference (pass/fail), then, for a quantized bundle, its fidelity."""
+    """Parity of every graph with its reference (pass/fail), then, for a quantized bundle or an fp16 cache, its
+    fidelity against fp32."""
     validation = bundle_parity(loaded, work, manifest, options, quant, plan)
-    return validation, (_fidelity(loaded, work, manifest, quant) if quant else None)
+    wanted = quant is not None or options.fp16_cache
+    return validation, (_fidelity(loaded, work, manifest, quant, options.held_out) if wanted else None)
 
 
 def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, options: ExportOptions,
@@ -367,19 +391,21 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
     model, reference_dtype = loaded.model, loaded.model.dtype
     # a bf16 oracle is itself ~2e-2 off at 32 layers (see BF16_REFERENCE_TOLERANCE). The vision graph is
     # always checked against an fp32 copy of its tower.
-    level = tolerance_level(options.precision, fp32_reference=reference_dtype == torch.float32)
+    level = tolerance_level(options.precision, fp32_reference=reference_dtype == torch.float32,
+                            fp16_cache=options.fp16_cache)
     tensorrt = options.target == "tensorrt"
     if tensorrt and reference_dtype == torch.float32:
         level = trt_build.parity_level(options.precision)
     reference = TorchPipeline(loaded, Tokenizer.from_file(bundle / manifest.tokenizer))
     session = trt_build.validation_session() if tensorrt else validation_session(options.precision)
-    label = f"the emulated {options.precision} reference" if quant else "the torch reference"
+    label = (f"the emulated {options.precision} reference" if quant else "the torch reference") + (
+        " with an fp16 KV cache" if options.fp16_cache else "")
     forms = ({"vision_qdq": trt_build.qdq_form(bundle / manifest.graphs[names.VISION].file),
               "decoder_qdq": trt_build.qdq_form(bundle / manifest.graphs[names.DECODER].file)} if tensorrt else {})
     kv = _kv_scales(loaded, manifest, quant) if quant else None  # both decoder graphs' cache
     emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack, kv=kv,
                                     **forms) if quant else nullcontext())
-    with emulation:
+    with emulation, _cache_emulation(model, options.fp16_cache):  # the cache's hooks go on the swapped Linears
         parity = _parity(loaded, bundle, manifest, options, level, reference, session)
     if names.PREFILL in manifest.graphs and quant:
         decoder = parity["decoder"]
@@ -393,6 +419,11 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
             "tolerance_level": level, **parity,
             "ort_session": session_settings(session, manifest.graphs[names.DECODER].opt_level_limit,
                                             shapes_vary=True)}
+
+
+def _cache_emulation(model: Any, fp16_cache: bool) -> Any:
+    """The reference caching as an fp32 graph's fp16 cache does (export/validate/kv_caches.py), or as it is."""
+    return fp16_kv_cache(model.language_model) if fp16_cache else nullcontext()
 
 
 def _kv_scales(loaded: LoadedCheckpoint, manifest: Manifest, quant: QuantContext) -> KVScales | None:
@@ -411,21 +442,24 @@ def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
     own = prefill_plan(quant.recipe, plan, manifest.kv.layers)
     lm, spec = loaded.model.language_model, manifest.graphs[names.PREFILL]
     with emulated_reference(loaded.model, quant.recipe, quant.scales, own, prepacked=session.prepack,
-                            kv=kv, quantized_self=False):
+                            kv=kv, quantized_self=False), _cache_emulation(loaded.model, options.fp16_cache):
         report = validate_decoder(lm, bundle, spec, manifest.kv, precision=level, plan=options.plan, session=session)
         sites = decoder_sites_parity(lm, bundle, spec, manifest.kv, session, options.plan.tolerances["site"])
     return {**report, "tolerance_level": level, "sites": sites, "pass": bool(report["pass"] and sites["pass"])}
 
 
-def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: QuantContext) -> dict[str, Any]:
-    """Is the recipe good enough? The bundle as served against the fp32 reference on held-out samples."""
+def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: QuantContext | None,
+              held_out: int) -> dict[str, Any]:
+    """Is the recipe good enough? The bundle as served against the fp32 reference on held-out samples (the
+    calibration's own data where there is one, else `held_out` synthetic ones)."""
     from pulse_edge.export.model.torch_backend import TorchPipeline
     from pulse_edge.runtime.pipeline import Pipeline
     from pulse_edge.runtime.text.tokenizer import Tokenizer
 
     reference = TorchPipeline(loaded, Tokenizer.from_file(work / manifest.tokenizer))
     served = Pipeline.from_bundle(work, session=FIDELITY_SESSION)
-    samples, prepared = held_out_samples(quant, loaded, reference.tokenizer)
+    samples, prepared = (held_out_samples(quant, loaded, reference.tokenizer) if quant
+                         else synthetic_held_out(held_out, loaded, reference.tokenizer))
     float_bytes = sum(p.numel() for p in loaded.model.parameters()) * 4
     fidelity = fidelity_report(reference, served, samples, prepared, float_bytes=float_bytes)
     limit = manifest.graphs[names.DECODER].opt_level_limit

@@ -38,8 +38,10 @@ from pulse_edge.export.graphs.kv_cache import (
     INT8_KV_ATTRS,
     SCATTER_OPSET,
     KVScales,
+    attention_over_fp16_cache,
     attention_over_int8_cache,
     cache_positions,
+    fp16_rotary_tables,
     scale_inputs,
 )
 from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, MatMulSpec, emit_matmul, graph_opt_level
@@ -147,8 +149,9 @@ class ExternalData:
 class _Builder:
     """Collects nodes and initializers; names are unique by construction (prefix per layer)."""
 
-    def __init__(self, data: ExternalData, np_dtype: type, plan: LinearPlan, kv: KVScales | None = None) -> None:
-        self.data, self.np_dtype, self.plan, self.kv = data, np_dtype, plan, kv
+    def __init__(self, data: ExternalData, np_dtype: type, plan: LinearPlan, kv: KVScales | None = None,
+                 fp16_cache: bool = False) -> None:
+        self.data, self.np_dtype, self.plan, self.kv, self.fp16_cache = data, np_dtype, plan, kv, fp16_cache
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self._consts: set[str] = set()
@@ -161,6 +164,11 @@ class _Builder:
         if name not in self._consts:
             self._consts.add(name)
             self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def raw(self, name: str, array: np.ndarray) -> str:
+        """A tensor in external data as given (its own dtype, not the graph's float type)."""
+        self.inits.append(self.data.initializer(name, array))
         return name
 
     def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
@@ -208,6 +216,8 @@ def _attention(b: _Builder, layer: Any, i: int, normed: str, shape: DecoderShape
     if b.kv is not None and b.kv.float_attention:
         b.positions = b.positions or cache_positions(b)
         out = attention_over_int8_cache(b, b.kv, i, qkv, b.positions, gqa)
+    elif b.fp16_cache:
+        out = attention_over_fp16_cache(b, i, qkv, gqa)
     else:
         scales = ["", "", "", *scale_inputs(b, b.kv, i)] if b.kv is not None else []
         (out, _, _) = b.node(
@@ -257,12 +267,13 @@ def _rotary_tables(lm: LlamaForCausalLM, shape: DecoderShape) -> tuple[np.ndarra
 
 def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, precision: str = "fp32",
                   file_name: str = "decoder.onnx", plan: LinearPlan = FLOAT_PLAN,
-                  label: str | None = None, kv: KVScales | None = None) -> GraphSpec:
+                  label: str | None = None, kv: KVScales | None = None, fp16_cache: bool = False) -> GraphSpec:
     """Write `file_name` and `file_name.data`; return the graph's manifest entry.
 
     `precision` is the float type of everything the plan leaves unquantized; `label` is the
     precision the manifest records (the recipe's name for a quantized graph). `kv` makes the
-    cache int8 (fp32 graphs only: ORT's CPU kernel pairs an int8 cache with float32 attention).
+    cache int8 (fp32 graphs only: ORT's CPU kernel pairs an int8 cache with float32 attention);
+    `fp16_cache` makes an fp32 graph's cache fp16, attended over in fp16 (export/graphs/kv_cache.py).
     """
     np_dtype, onnx_dtype, dtype_name = PRECISION_DTYPES[precision]
     plan.check(shape)
@@ -272,13 +283,18 @@ def build_decoder(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, *, p
         kv.check(shape.layers, shape.kv_heads, shape.head_dim)
         if precision != "fp32":
             raise ValueError("an int8 KV cache goes with float32 attention (ORT's CPU GroupQueryAttention)")
-    kv_dtype = "int8" if kv is not None else dtype_name
+    if fp16_cache and (kv is not None or precision != "fp32"):
+        raise ValueError("an fp16 KV cache is an fp32 graph's option (an fp16 graph's cache is fp16 already)")
+    kv_dtype = "int8" if kv is not None else "float16" if fp16_cache else dtype_name
     data = ExternalData(out_dir / f"{file_name}.data")
-    b = _Builder(data, np_dtype, plan, kv)
+    b = _Builder(data, np_dtype, plan, kv, fp16_cache)
     try:
         cos, sin = _rotary_tables(lm, shape)
-        b.weight("rotary.cos", cos)
-        b.weight("rotary.sin", sin)
+        if fp16_cache:
+            fp16_rotary_tables(b, cos, sin)
+        else:
+            b.weight("rotary.cos", cos)
+            b.weight("rotary.sin", sin)
         hidden = names.INPUTS_EMBEDS
         if precision != "fp32":
             (hidden,) = b.node("Cast", [hidden], ["embeds.cast"], "embeds/cast", to=onnx_dtype)

@@ -59,9 +59,11 @@ def prefill_plan(recipe: Recipe, plan: LinearPlan, layers: int) -> LinearPlan:
 
 
 def build_prefill(lm: LlamaForCausalLM, shape: DecoderShape, out_dir: Path, recipe: Recipe, plan: LinearPlan,
-                  kv: KVScales | None, *, label: str) -> GraphSpec:
-    """Write prefill.onnx (+ .data) beside the decoder graph; its manifest entry."""
+                  kv: KVScales | None, *, label: str, fp16_cache: bool = False) -> GraphSpec:
+    """Write prefill.onnx (+ .data) beside the decoder graph; its manifest entry (`fp16_cache`: as the decode
+    graph's, export/graphs/kv_cache.py)."""
     if recipe.prefill is None:
         raise ValueError(f"recipe {recipe.name} has no prefill graph")
     return build_decoder(lm, shape, out_dir, file_name=PREFILL_FILE, plan=prefill_plan(recipe, plan, shape.layers),
-                         label=label, kv=None if kv is None else replace(kv, float_attention=True))
+                         label=label, kv=None if kv is None else replace(kv, float_attention=True),
+                         fp16_cache=fp16_cache)

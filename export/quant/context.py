@@ -126,6 +126,13 @@ def held_out_samples(ctx: QuantContext, loaded: LoadedCheckpoint,
     return samples, prepare_all(loaded, tokenizer, samples, loaded.config.text.max_position_embeddings)
 
 
+def synthetic_held_out(count: int, loaded: LoadedCheckpoint,
+                       tokenizer: Tokenizer) -> tuple[list[CalibrationSample], list[Any]]:
+    """`count` synthetic samples drawn as held_out_samples draws them (a bundle without calibration data)."""
+    samples = choose_samples(CalibrationOptions(samples=count, seed=HELD_OUT_SEED))
+    return samples, prepare_all(loaded, tokenizer, samples, loaded.config.text.max_position_embeddings)
+
+
 def check_gate(gate: AccuracyGate | None, fidelity: dict[str, Any]) -> None:
     if gate is None:
         return

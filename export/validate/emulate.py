@@ -50,12 +50,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from pulse_edge.calibration.observe import site_name
 from pulse_edge.calibration.quant_math import (
@@ -72,10 +70,8 @@ from pulse_edge.calibration.scales import Scales
 from pulse_edge.export.graphs.decoder import LinearPlan
 from pulse_edge.export.graphs.kv_cache import KVScales
 from pulse_edge.export.graphs.quant_ops import DYNAMIC_SCALE_FLOOR, UINT8_ZERO
-from pulse_edge.export.model.torch_backend import CACHE_FACTORY_ATTR
+from pulse_edge.export.validate.kv_caches import INT8_RANGE, int8_kv_cache
 
-INT8_RANGE = (-128, 127)  # QuantizeLinear saturates to the whole int8 range
-KV_QMAX = 127  # the int8 KV cache's grid (export/graphs/kv_cache.py clips to +-127)
 ACTIVATION_ZERO_POINT = 0  # the recipes quantize activations symmetrically
 MLAS_INT8_LEVEL = 4  # MatMulNBits accuracy level at which MLAS quantizes the activations (CompInt8)
 BLOCK_BITS = MappingProxyType({"w8": 8, "w4": 4})
@@ -351,47 +347,6 @@ def vision_swaps(module: nn.Module, recipe: Recipe, scales: Scales,
                                                                          accuracy_level=recipe.accuracy_level,
                                                                          qdq=qdq))
     return swaps
-
-
-class Int8KVCache(DynamicCache):
-    """The decoder graphs' int8 KV cache (export/graphs/kv_cache.py): keys (after the rotary embedding) and
-    values stored as round(x / scale), one static scale per (kv head, channel).
-
-    `quantized_self` says which graph writes the cache. The decode graph (ORT's GroupQueryAttention): a chunk
-    attends to its own keys and values as cached, clipped to [-128, 127]. The prefill graph: a chunk attends
-    to its own in float32 and stores them clipped to +-127. (Each measured exact, rel err <= 1e-6, against ORT
-    1.32 on the tiny model at 5- and 64-position prefills; clipping to +-127 in the decode graph's rule left
-    1.7e-3 where keys saturate.)"""
-
-    def __init__(self, config: Any, kv: KVScales, *, quantized_self: bool) -> None:
-        super().__init__(config=config)
-        self.kv_scales, self.quantized_self = kv, quantized_self
-
-    def _round_trip(self, x: torch.Tensor, scale: np.ndarray) -> torch.Tensor:
-        s = torch.from_numpy(np.asarray(scale, np.float32))[None, :, None, :].to(x.device)  # [1, heads, 1, D]
-        low = INT8_RANGE[0] if self.quantized_self else -KV_QMAX
-        return (torch.clamp(torch.round(x.float() / s), low, KV_QMAX) * s).to(x.dtype)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self._round_trip(key_states, self.kv_scales.key[layer_idx])  # [B, heads, S, D]
-        v = self._round_trip(value_states, self.kv_scales.value[layer_idx])
-        keys, values = super().update(k, v, layer_idx, *args, **kwargs)
-        if self.quantized_self:
-            return keys, values
-        new = key_states.shape[-2]
-        return (torch.cat([keys[..., :-new, :], key_states], dim=-2),
-                torch.cat([values[..., :-new, :], value_states], dim=-2))
-
-
-@contextmanager
-def int8_kv_cache(lm: nn.Module, kv: KVScales, *, quantized_self: bool) -> Iterator[None]:
-    """`lm` builds Int8KVCache caches (export/model/torch_backend.new_cache) until the block ends."""
-    setattr(lm, CACHE_FACTORY_ATTR, lambda: Int8KVCache(lm.config, kv, quantized_self=quantized_self))
-    try:
-        yield
-    finally:
-        delattr(lm, CACHE_FACTORY_ATTR)
 
 
 @contextmanager

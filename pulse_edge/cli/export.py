@@ -55,13 +55,14 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--block-size", type=click.Choice(BLOCK_SIZE_CHOICES), default=str(DEFAULT_BLOCK_SIZE),
                      show_default=True, help="Block size of the block-wise int4/int8 weights."),
         click.option("--kv-cache", type=click.Choice(KV_CACHES), default=None,
-                     help="int8/int4: the KV cache's type [default: int8, with calibrated per-channel scales]."),
+                     help="The KV cache's type: int8/int4 default to int8 (calibrated per-channel scales), fp32 to "
+                          "float (fp32); fp16 halves an fp32 bundle's cache (fidelity measured at export)."),
         click.option("--prefill-graph/--no-prefill-graph", default=True, show_default=True,
                      help="int8/int4: a second decoder graph on int8 GEMMs for long inputs (prompts, images)."),
         click.option("--keep", default="", help="Sites kept at fp32, comma-separated prefixes "
                                                 "(e.g. lm_head,layers.0,projector; vision = the whole vision graph)."),
         click.option("--held-out", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Held-out samples for the fidelity report."),
+                     help="Held-out samples for the fidelity report (quantized bundles, an fp16 KV cache)."),
         click.option("--accuracy-gate", default=None,
                      help="Refuse the bundle below these, e.g. 'cosine>=0.99,kl<=0.05,agreement>=0.8'."),
     ]
@@ -146,8 +147,10 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     from pulse_edge.export.validate.parity import ValidationPlan
 
     plan = ValidationPlan() if validation == "standard" else ValidationPlan.quick()
+    settings = quant_settings(precision, target=target, **quant)
     options = ExportOptions(precision=precision, max_context=max_context, vision_tower=vision_tower, plan=plan,
-                            quant=quant_settings(precision, target=target, **quant), target=target, trt_ops=trt_ops)
+                            quant=settings, target=target, trt_ops=trt_ops, held_out=quant["held_out"],
+                            kv_cache=None if settings else quant["kv_cache"])
     exporter_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = exporter_log.level
     try:

@@ -1,19 +1,26 @@
 """The click group every pulse-edge command group uses: user errors become one line.
 
-A `PulseEdgeError` or a bad option value of a subcommand prints `pulse-edge: error: ...` on stderr and
-exits with code 2, Ctrl-C exits 130 (SIGTERM during an export 143); anything else is a bug and keeps its
-traceback.
+A `PulseEdgeError`, a bad option value of a subcommand, or a full (or read-only) disk prints
+`pulse-edge: error: ...` on stderr and exits with code 2, Ctrl-C exits 130 (SIGTERM during an export 143);
+anything else is a bug and keeps its traceback. Commands that write bundles and reports stage them
+(pulse_edge/staging.py), so a disk that fills half-way leaves nothing half-written behind.
 Lean: click and pulse_edge.errors only, so the CLI starts fast.
 """
 
 from __future__ import annotations
 
+import errno
 import signal
+from types import MappingProxyType
 from typing import Any
 
 import click
 
 from pulse_edge.errors import PulseEdgeError
+
+# OS errors that are the machine's state, not a bug: what to tell the user.
+DISK_ERRORS = MappingProxyType({errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                                errno.EROFS: "the file system is read-only"})
 
 
 class UserErrorGroup(click.Group):
@@ -31,6 +38,13 @@ class UserErrorGroup(click.Group):
             where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
             click.echo(f"pulse-edge: error: {e.format_message().rstrip('.')}{where}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"pulse-edge: error: {DISK_ERRORS[e.errno]}{where}: free some space (or choose another output "
+                       "directory) and run the command again", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt as e:  # Ctrl-C; staged work also turns SIGTERM and SIGHUP into one
             signum = getattr(e, "signum", signal.SIGINT)
             what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"

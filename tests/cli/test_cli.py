@@ -106,3 +106,38 @@ def test_interrupted_make_tiny_leaves_nothing_behind(tmp_path: Path, monkeypatch
     res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
     assert res.exit_code == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_filling_up_during_an_export_is_one_line_and_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from pulse_edge.export.graphs.decoder import ExternalData
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write into an open file raises it
+
+    monkeypatch.setattr(ExternalData, "initializer", full)
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--validation", "quick"])
+    assert res.exit_code == 2, res.output
+    assert f"the disk is full writing {out}" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no bundle, no partial directory, no lock file
+
+
+def test_other_os_errors_keep_their_traceback(tiny_checkpoint: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the machine's state (a full or read-only disk) is a user error: anything else stays visible as a bug."""
+    import errno
+
+    from pulse_edge.export.graphs.decoder import ExternalData
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EBADF, "bad file descriptor")
+
+    monkeypatch.setattr(ExternalData, "initializer", broken)
+    res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--validation",
+                                    "quick"])
+    assert res.exit_code == 1 and isinstance(res.exception, OSError) and res.exception.errno == errno.EBADF

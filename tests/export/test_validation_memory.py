@@ -206,7 +206,7 @@ def test_the_memory_estimate_covers_what_the_7b_validations_measured() -> None:
     assert 6.2 * 2**30 <= fp16["total"] <= 12 * 2**30
 
 
-def test_the_estimate_counts_an_int8_cache_as_one_byte() -> None:
+def test_the_estimate_counts_an_int8_cache_as_one_byte_and_an_fp16_one_as_two() -> None:
     """The int8 CPU recipes' cache: a quarter of the fp32 cache the estimate used to count (3 GiB less for the 7B
     at 4096 positions, which let the 7B int8 bundle be validated on this project's 23.5 GiB machine)."""
     shape = {"layers": 32, "kv_heads": 32, "head_dim": 128, "max_context": 4096, "precision": "int8"}
@@ -214,6 +214,9 @@ def test_the_estimate_counts_an_int8_cache_as_one_byte() -> None:
     int8_cache = validation_anon_bytes(7_060_000_000, kv_cache="int8", **shape)
     assert int8_cache["kv_cache"] == 2 * 32 * 32 * 128 * 4096 == plain["kv_cache"] / 4
     assert plain["total"] - int8_cache["total"] == 3 * 2**30
+    fp32 = {**shape, "precision": "fp32"}  # an fp32 bundle's fp16 cache: half its fp32 one
+    assert (validation_anon_bytes(7_060_000_000, kv_cache="fp16", **fp32)["kv_cache"] * 2
+            == validation_anon_bytes(7_060_000_000, **fp32)["kv_cache"] == 4 * 2**30)
 
 
 
