@@ -1,24 +1,119 @@
-"""The JSON shape of `manifest.json`, checked before any field is read.
+"""The JSON shape of `manifest.json`: a JSON Schema, checked with jsonschema before any field is read.
 
 `Manifest.from_dict` converts fields (`int(...)`, `tuple(...)`), which turns a damaged manifest into a
-traceback or, worse, a wrong value (`int("5")`, a list where an object belongs). This module says what
-each field must be (type, range, length, a plain file name) and refuses anything else with one line
-naming the field: `manifest.json: kv.max_length must be an integer >= 1, got -5; re-export the bundle`.
-Cross-checks between fields and with the files are in `checks.py` and `integrity.py`.
+traceback or, worse, a wrong value (`int("5")`, a list where an object belongs). MANIFEST_SCHEMA says what
+each field must be (type, range, length, a plain file name); a manifest that breaks it is refused with one
+line naming the field: `manifest.json: kv.max_length must be an integer >= 1, got -5; re-export the bundle`.
+Every fragment carries that phrase under EXPECTED (jsonschema ignores keywords it does not know), keyed by
+the keyword that failed where one fragment has several. Cross-checks between fields and with the files are
+in `checks.py` and `integrity.py`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
+
+from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema.exceptions import ValidationError, best_match
 
 from pulse_edge.errors import BundleError
 from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE, MANIFEST_VERSION
 
 # Version 1 manifests have no checksums; they still load, with a warning (see `read_manifest`).
 READABLE_VERSIONS = (1, MANIFEST_VERSION)
+EXPECTED = "x-pulse-edge-expected"  # the phrase "<field> must be ..." of a fragment, or one per keyword
+FINITE = "finite"  # a format: Python's json reads NaN and Infinity, which are no manifest's values
+
+Schema = dict[str, Any]
+
+
+def _int(minimum: int | None = None) -> Schema:
+    bound = {} if minimum is None else {"minimum": minimum}
+    return {"type": "integer", **bound, EXPECTED: "an integer" + ("" if minimum is None else f" >= {minimum}")}
+
+
+def _num(positive: bool = False) -> Schema:
+    bound = {"exclusiveMinimum": 0} if positive else {}
+    return {"type": "number", "format": FINITE, **bound, EXPECTED: "a finite number" + (" > 0" if positive else "")}
+
+
+def _optional(schema: Schema) -> Schema:
+    """null or `schema` (a fragment with one "type"; its other keywords pass null by)."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def _list(of: Schema, length: int | None = None, min_length: int = 0) -> Schema:
+    if length is not None:
+        sized = f"a list of {length}"
+        return {"type": "array", "items": of, "minItems": length, "maxItems": length,
+                EXPECTED: {"type": "a list", "minItems": sized, "maxItems": sized}}
+    return {"type": "array", "items": of, "minItems": min_length,
+            EXPECTED: {"type": "a list", "minItems": f"a list of at least {min_length}"}}
+
+
+def _map(of: Schema) -> Schema:
+    """An object with any keys (keys are always strings in JSON), every value `of`."""
+    return {"type": "object", "additionalProperties": of, EXPECTED: "an object"}
+
+
+def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None) -> Schema:
+    """An object with these keys (`required` must be there); keys not listed are left alone."""
+    return {"type": "object", "properties": {**required, **(optional or {})}, "required": list(required),
+            EXPECTED: "an object"}
+
+
+STR: Schema = {"type": "string", EXPECTED: "a string"}
+BOOL: Schema = {"type": "boolean", EXPECTED: "true or false"}
+ANYTHING: Schema = {}
+# A file inside the bundle: a plain name, never a path that could point outside it.
+FILE_NAME: Schema = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\]+$", EXPECTED: "a file name inside the bundle"}
+SHA256: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$", EXPECTED: "64 lower-case hex digits"}
+DIM: Schema = {"type": ["integer", "string", "null"], "minimum": 0, EXPECTED: "an integer >= 0"}  # size or name
+
+TENSOR = _obj({"name": STR, "dtype": STR, "shape": _list(DIM)})
+GRAPH = _obj(
+    {"file": FILE_NAME, "engine": STR, "precision": STR, "inputs": _list(TENSOR, min_length=1),
+     "outputs": _list(TENSOR, min_length=1)},
+    {"sizes": _map(_int(0)), "external_data": _optional(FILE_NAME), "opset": _optional(_int(1)),
+     "ir_version": _optional(_int(1)), "opt_level_limit": _optional(STR), "builder": STR, "kv_shared_buffer": BOOL,
+     "fusions": _map(_int(0)), "matmul_schemes": _map(_int(0)), "extra": _map(ANYTHING), "target": STR,
+     "kv_update": _optional(STR), "trt_ops": _optional(STR), "ort_qdq_matmulnbits_accuracy_level": _optional(_int(0))},
+)
+KV = _obj({"layers": _int(1), "kv_heads": _int(1), "head_dim": _int(1), "dtype": STR, "max_length": _int(1)},
+          {"layout": STR, "scales": _optional(STR)})
+TEXT = _obj({"hidden_size": _int(1), "vocab_size": _int(1), "bos_id": _int(0), "eos_id": _int(0),
+             "max_position_embeddings": _int(1)})
+EMBEDDING = _obj({"file": FILE_NAME, "dtype": STR, "shape": _list(_int(1), length=2)})
+IMAGE = _obj({}, {"tile_size": _int(1), "patch_size": _int(1),
+                  "grid_pinpoints": _list(_list(_int(1), length=2), min_length=1),
+                  "image_mean": _list(_num(), length=3), "image_std": _list(_num(positive=True), length=3),
+                  "merge": STR})
+PROMPT = _obj({"name": STR, "system": STR, "roles": _list(STR, length=2), "sep": STR}, {"image_marker": STR})
+SOURCE = _obj({}, {"checkpoint": STR, "layout": STR, "sha256": STR, "vision_tower": _optional(STR)})
+CALIBRATION = _obj({"recipe": _map(ANYTHING), "file": FILE_NAME},
+                   {"scales_source": STR, "method": STR, "samples": _map(ANYTHING), "decoder_schemes": _map(_int(0)),
+                    "smoothed_or_scaled_sites": _list(STR), "awq_block_size": _optional(_int(1)),
+                    "requires_compute_capability": _optional(STR), "fidelity": _optional(_map(ANYTHING))})
+FILE_RECORD = _obj({"size": _int(0), "sha256": SHA256, "sampled_sha256": SHA256})
+MANIFEST_SCHEMA: Schema = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    **_obj({"precision": STR, "graphs": _map(GRAPH), "kv": KV, "text": TEXT, "embedding": EMBEDDING, "image": IMAGE,
+            "prompt": PROMPT, "tokenizer": FILE_NAME},
+           {"source": SOURCE, "created_by": STR, "validation": _map(ANYTHING), "calibration": _optional(CALIBRATION),
+            "image_newline": _optional(FILE_NAME), "files": _map(FILE_RECORD)}),
+}
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _validator() -> Draft202012Validator:
+    formats = FormatChecker(formats=())
+    formats.checks(FINITE)(_finite)
+    return Draft202012Validator(MANIFEST_SCHEMA, format_checker=formats)
 
 
 def _json_type(value: Any) -> str:
@@ -29,182 +124,29 @@ def _json_type(value: Any) -> str:
     return "a number"
 
 
-def _fail(path: str, expected: str, value: Any, got: str | None = None) -> BundleError:
-    if got is None:
-        short = isinstance(value, (int, float, str)) and not isinstance(value, bool) and len(repr(value)) <= 40
-        got = repr(value) if short else _json_type(value)
-    return BundleError(f"{MANIFEST_FILE}: {path} must be {expected}, got {got}; re-export the bundle")
+def _path(parts: Iterable[str | int]) -> str:
+    """kv.max_length, graphs.vision.inputs[0].shape: as a user finds the field in the file."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-class Spec:
-    """What one JSON value must be; `check` raises a BundleError naming `path`."""
-
-    def check(self, value: Any, path: str) -> None:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Int(Spec):
-    minimum: int | None = None
-
-    def check(self, value: Any, path: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or (self.minimum is not None and value < self.minimum):
-            bound = "" if self.minimum is None else f" >= {self.minimum}"
-            raise _fail(path, f"an integer{bound}", value)
-
-
-@dataclass(frozen=True)
-class Num(Spec):
-    positive: bool = False
-
-    def check(self, value: Any, path: str) -> None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (self.positive and value <= 0):
-            raise _fail(path, "a finite number" + (" > 0" if self.positive else ""), value)
-
-
-@dataclass(frozen=True)
-class Str(Spec):
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, str):
-            raise _fail(path, "a string", value)
-
-
-@dataclass(frozen=True)
-class FileName(Spec):
-    """A file inside the bundle: a plain name, never a path that could point outside it."""
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value:
-            raise _fail(path, "a file name inside the bundle", value)
-
-
-@dataclass(frozen=True)
-class Hex(Spec):
-    digits: int
-
-    def check(self, value: Any, path: str) -> None:
-        if not (isinstance(value, str) and len(value) == self.digits and all(c in "0123456789abcdef" for c in value)):
-            raise _fail(path, f"{self.digits} lower-case hex digits", value)
-
-
-@dataclass(frozen=True)
-class Bool(Spec):
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, bool):
-            raise _fail(path, "true or false", value)
-
-
-@dataclass(frozen=True)
-class Anything(Spec):
-    def check(self, value: Any, path: str) -> None:
-        return
-
-
-@dataclass(frozen=True)
-class Optional(Spec):
-    """null or `spec`."""
-
-    spec: Spec
-
-    def check(self, value: Any, path: str) -> None:
-        if value is not None:
-            self.spec.check(value, path)
-
-
-@dataclass(frozen=True)
-class Dim(Spec):
-    """One dimension of a tensor's shape: a size >= 0, or a symbolic name (string or null)."""
-
-    def check(self, value: Any, path: str) -> None:
-        if value is None or isinstance(value, str):
-            return
-        Int(0).check(value, path)
-
-
-@dataclass(frozen=True)
-class List(Spec):
-    of: Spec
-    length: int | None = None
-    min_length: int = 0
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, list):
-            raise _fail(path, "a list", value)
-        if self.length is not None and len(value) != self.length:
-            raise _fail(path, f"a list of {self.length}", value, f"{len(value)} items")
-        if len(value) < self.min_length:
-            raise _fail(path, f"a list of at least {self.min_length}", value, f"{len(value)} items")
-        for i, item in enumerate(value):
-            self.of.check(item, f"{path}[{i}]")
-
-
-@dataclass(frozen=True)
-class Map(Spec):
-    """An object with any keys (keys are always strings in JSON), every value `of`."""
-
-    of: Spec
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise _fail(path, "an object", value)
-        for key, item in value.items():
-            self.of.check(item, _join(path, key))
-
-
-@dataclass(frozen=True)
-class Obj(Spec):
-    """An object with these keys (`required` must be there); keys not listed are left alone."""
-
-    required: Mapping[str, Spec]
-    optional: Mapping[str, Spec] = field(default_factory=dict)
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise _fail(path, "an object", value)
-        for key, spec in self.required.items():
-            if key not in value:
-                raise BundleError(f"{MANIFEST_FILE}: {path or 'the manifest'} lacks {key!r}; re-export the bundle")
-            spec.check(value[key], _join(path, key))
-        for key, spec in self.optional.items():
-            if key in value:
-                spec.check(value[key], _join(path, key))
-
-
-TENSOR = Obj({"name": Str(), "dtype": Str(), "shape": List(Dim())})
-GRAPH = Obj(
-    {"file": FileName(), "engine": Str(), "precision": Str(), "inputs": List(TENSOR, min_length=1),
-     "outputs": List(TENSOR, min_length=1)},
-    {"sizes": Map(Int(0)), "external_data": Optional(FileName()), "opset": Optional(Int(1)),
-     "ir_version": Optional(Int(1)), "opt_level_limit": Optional(Str()), "builder": Str(), "kv_shared_buffer": Bool(),
-     "fusions": Map(Int(0)), "matmul_schemes": Map(Int(0)), "extra": Map(Anything()), "target": Str(),
-     "kv_update": Optional(Str()), "trt_ops": Optional(Str()), "ort_qdq_matmulnbits_accuracy_level": Optional(Int(0))},
-)
-KV = Obj({"layers": Int(1), "kv_heads": Int(1), "head_dim": Int(1), "dtype": Str(), "max_length": Int(1)},
-         {"layout": Str(), "scales": Optional(Str())})
-TEXT = Obj({"hidden_size": Int(1), "vocab_size": Int(1), "bos_id": Int(0), "eos_id": Int(0),
-            "max_position_embeddings": Int(1)})
-EMBEDDING = Obj({"file": FileName(), "dtype": Str(), "shape": List(Int(1), length=2)})
-IMAGE = Obj({}, {"tile_size": Int(1), "patch_size": Int(1),
-                 "grid_pinpoints": List(List(Int(1), length=2), min_length=1), "image_mean": List(Num(), length=3),
-                 "image_std": List(Num(positive=True), length=3), "merge": Str()})
-PROMPT = Obj({"name": Str(), "system": Str(), "roles": List(Str(), length=2), "sep": Str()}, {"image_marker": Str()})
-SOURCE = Obj({}, {"checkpoint": Str(), "layout": Str(), "sha256": Str(), "vision_tower": Optional(Str())})
-CALIBRATION = Obj({"recipe": Map(Anything()), "file": FileName()},
-                  {"scales_source": Str(), "method": Str(), "samples": Map(Anything()), "decoder_schemes": Map(Int(0)),
-                   "smoothed_or_scaled_sites": List(Str()), "awq_block_size": Optional(Int(1)),
-                   "requires_compute_capability": Optional(Str()), "fidelity": Optional(Map(Anything()))})
-FILE_RECORD = Obj({"size": Int(0), "sha256": Hex(64), "sampled_sha256": Hex(64)})
-MANIFEST = Obj(
-    {"precision": Str(), "graphs": Map(GRAPH), "kv": KV, "text": TEXT, "embedding": EMBEDDING, "image": IMAGE,
-     "prompt": PROMPT, "tokenizer": FileName()},
-    {"source": SOURCE, "created_by": Str(), "validation": Map(Anything()), "calibration": Optional(CALIBRATION),
-     "image_newline": Optional(FileName()), "files": Map(FILE_RECORD)},
-)
+def _one_line(error: ValidationError) -> str:
+    path = _path(error.absolute_path)
+    if error.validator == "required":
+        missing = next(key for key in error.validator_value if key not in error.instance)
+        return f"{MANIFEST_FILE}: {path or 'the manifest'} lacks {missing!r}; re-export the bundle"
+    expected = error.schema.get(EXPECTED, "what this pulse-edge writes")
+    expected = expected.get(error.validator, expected["type"]) if isinstance(expected, dict) else expected
+    value = error.instance
+    if error.validator in ("minItems", "maxItems"):
+        got = f"{len(value)} items"
+    elif isinstance(value, (int, float, str)) and not isinstance(value, bool) and len(repr(value)) <= 40:
+        got = repr(value)
+    else:
+        got = _json_type(value)
+    return f"{MANIFEST_FILE}: {path} must be {expected}, got {got}; re-export the bundle"
 
 
 def check_manifest_json(d: Any) -> None:
@@ -221,4 +163,6 @@ def check_manifest_json(d: Any) -> None:
     if version >= 2 and "files" not in d:  # version 2 brought the checksums
         raise BundleError(f"{MANIFEST_FILE}: a version {version} manifest lacks 'files' (the checksums); re-export "
                           "the bundle")
-    MANIFEST.check(d, "")
+    error = best_match(_validator().iter_errors(d))
+    if error is not None:
+        raise BundleError(_one_line(error))

@@ -248,3 +248,36 @@ def test_the_embedding_check_is_a_pass_over_exponent_bits(tmp_path: Path) -> Non
             broken[2999, 7] = bad
             with pytest.raises(BundleError, match="row 2999 is the first"):
                 _check_finite(broken, tmp_path / "t.npy")
+
+
+def test_the_manifest_schema_is_valid_json_schema_and_names_the_field_in_one_line() -> None:
+    """The schema itself passes jsonschema's meta-schema, and values JSON allows but no manifest holds are refused
+    naming the field: NaN (Python's json reads it), a boolean where a count belongs, a list of the wrong length."""
+    from jsonschema import Draft202012Validator
+
+    from pulse_edge.errors import BundleError
+    from pulse_edge.runtime.bundle.schema import MANIFEST_SCHEMA, check_manifest_json
+
+    Draft202012Validator.check_schema(MANIFEST_SCHEMA)
+    good = json.loads(json.dumps({
+        "format": "pulse-edge-bundle", "version": 1, "precision": "fp32", "graphs": {}, "tokenizer": "tokenizer.json",
+        "kv": {"layers": 2, "kv_heads": 4, "head_dim": 16, "dtype": "float32", "max_length": 256},
+        "text": {"hidden_size": 64, "vocab_size": 1000, "bos_id": 1, "eos_id": 2, "max_position_embeddings": 256},
+        "embedding": {"file": "embed_tokens.npy", "dtype": "float32", "shape": [1000, 64]},
+        "image": {"image_std": [0.3, 0.3, 0.3]},
+        "prompt": {"name": "v1", "system": "", "roles": ["U", "A"], "sep": " "},
+    }))
+    check_manifest_json(good)
+    cases = {
+        "image.image_std[1] must be a finite number > 0, got nan": lambda d: d["image"].update(
+            image_std=[0.3, float("nan"), 0.3]),
+        "kv.layers must be an integer >= 1, got a boolean": lambda d: d["kv"].update(layers=True),
+        "prompt.roles must be a list of 2, got 3 items": lambda d: d["prompt"].update(roles=["a", "b", "c"]),
+        "text lacks 'eos_id'": lambda d: d["text"].pop("eos_id"),
+    }
+    for expected, damage in cases.items():
+        d = json.loads(json.dumps(good))
+        damage(d)
+        with pytest.raises(BundleError) as caught:
+            check_manifest_json(d)
+        assert str(caught.value) == f"manifest.json: {expected}; re-export the bundle"
