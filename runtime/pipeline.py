@@ -18,7 +18,7 @@ from pulse_edge.choices import BUNDLE_BACKENDS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle.integrity import HashProgress, check_bundle
 from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
-from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, BundleEngine
+from pulse_edge.runtime.engines.bundle_engine import AUTO_CHUNK, BundleEngine
 from pulse_edge.runtime.engines.ort import SessionConfig, open_ort_engine
 from pulse_edge.runtime.generation.conversation import Conversation
 from pulse_edge.runtime.generation.decode import StopCheck
@@ -42,7 +42,7 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, *, session: SessionConfig | None = None,
-                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, backend: str = "ort",
+                    prefill_chunk: int | str | None = AUTO_CHUNK, backend: str = "ort",
                     engines: str | Path | None = None, verify: bool = False,
                     progress: HashProgress | None = None) -> Pipeline:
         """backend "ort" runs the bundle's ONNX graphs (session: how); "trt" its TensorRT engines, from

@@ -63,6 +63,7 @@ class LatencyConfig:
     bandwidth_bytes: int = GIB
     question: str | None = None
     prefill_graph: str = "auto"  # a CPU bundle's prefill graph (runtime/engines/memory.py)
+    prefill_chunk: int | None = None  # None: the runtime's choice (runtime/engines/bundle_engine.py); 0: one pass
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -87,7 +88,7 @@ def _open(cfg: LatencyConfig) -> tuple[Any, DecoderFacts]:
     from pulse_edge.runtime.pipeline import Pipeline as OrtPipeline
 
     pipeline = open_backend(cfg.model, backend=cfg.backend, session=SessionConfig(
-        provider=cfg.provider, threads=cfg.threads, prefill_graph=cfg.prefill_graph))
+        provider=cfg.provider, threads=cfg.threads, prefill_graph=cfg.prefill_graph), prefill_chunk=cfg.prefill_chunk)
     if isinstance(pipeline, OrtPipeline):
         return pipeline, bundle_decoder_facts(cfg.model)
     torch_threads(cfg.threads)
@@ -137,6 +138,7 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
             "model": model_info(cfg.model),
             "backend": getattr(pipeline, "backend", "torch"), "settings": _latency_settings(cfg),
             "prefilled_by": getattr(pipeline, "prefilled_by", "decoder graph"),  # the torch reference: one graph
+            "prefill_chunk": getattr(getattr(pipeline, "engine", None), "prefill_chunk", None),  # None: one pass
             "bandwidth": bandwidth_dict, "decoder": facts.to_dict(),
             "model_bytes_on_disk": dir_size_bytes(cfg.model), "peak_rss_bytes": peak,
             "peak_rss_note": PEAK_NOTE if reset else RSS_NOTE,
@@ -146,6 +148,11 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
 def _latency_settings(cfg: LatencyConfig) -> dict[str, Any]:
     return {"runs": cfg.runs, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens, "provider": cfg.provider,
             "threads": cfg.threads, "question": cfg.question or "default", "prefill_graph": cfg.prefill_graph}
+
+
+def _chunking(report: dict[str, Any]) -> str:
+    chunk = report.get("prefill_chunk")
+    return f" in chunks of {chunk}" if chunk else (" in one pass" if report.get("backend") != "torch" else "")
 
 
 def latency_table(report: dict[str, Any]) -> str:
@@ -159,7 +166,8 @@ def latency_table(report: dict[str, Any]) -> str:
     return "\n".join([
         *machine_lines(report),
         f"model: {model['name']} ({report['backend']} backend, {model['precision']}, hidden {model['hidden_size']}, "
-        f"{model['layers']} layers; prompts prefilled by the {report.get('prefilled_by', 'decoder graph')}); "
+        f"{model['layers']} layers; prompts prefilled by the {report.get('prefilled_by', 'decoder graph')}"
+        f"{_chunking(report)}); "
         f"on disk {gib(report['model_bytes_on_disk'])}; "
         f"peak RSS {gib(report['peak_rss_bytes'])} ({report['peak_rss_note']})",
         decoder_line(report["decoder"]),

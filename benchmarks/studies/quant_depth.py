@@ -135,7 +135,7 @@ def depth_curve(lm: Any, config: DepthConfig) -> dict[str, Any]:
 
 
 def run_depth(config: DepthConfig) -> dict[str, Any]:
-    from pulse_edge.export.build.bundle import reference_dtype
+    from pulse_edge.export.build.memory import reference_dtype
     from pulse_edge.export.model.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(config.checkpoint, dtype=reference_dtype(config.checkpoint))

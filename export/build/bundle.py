@@ -13,7 +13,6 @@ export leaves nothing half-written under the bundle's name.
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from pulse_edge.calibration.recipes import RECIPES, make_recipe
 from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, KV_CACHES, TRT_OPS
 from pulse_edge.errors import ConfigError, PulseEdgeError
 from pulse_edge.export.build import tensorrt as trt_build
+from pulse_edge.export.build.memory import FLOAT_BASE, check_validation_memory, reference_dtype, validation_session
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.kv_cache import KVScales
@@ -62,7 +62,6 @@ from pulse_edge.runtime.bundle.manifest import (
     SourceSpec,
     TextSpec,
 )
-from pulse_edge.runtime.engines.memory import mem_available_bytes
 from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
 from pulse_edge.runtime.image.preprocess import image_token_count
 from pulse_edge.runtime.text.prompt import LLAVA_V1
@@ -73,34 +72,10 @@ log = logging.getLogger(__name__)
 
 PROMPT_MARGIN = 256  # room for the question and the answer beside the image
 GREEDY_PAGES = ((2200, 1700), (1400, 700))  # a letter print (2880 image tokens), a half-page strip (1728)
-# Quantized recipes keep fp32 for what they leave unquantized (ORT's CPU EP computes in fp32 anyway); their
-# embedding table is fp16: a lookup reads a few rows, and the 7B table drops from 524 to 262 MB.
-FLOAT_BASE = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "int4": "fp32", "fp8": "fp32"}
-KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
+# Quantized recipes' embedding table is fp16: a lookup reads a few rows, and the 7B table drops from 524 to
+# 262 MB (their graphs keep fp32 for what they leave unquantized: export/build/memory.py, FLOAT_BASE).
 TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16, "fp8": np.float16}
 GREEDY_QUESTIONS = ("What is the rhythm?", "Interpret this ECG.")
-# Anonymous bytes per weight that ORT's CPU EP holds in the validation sessions (`validation_session`): the
-# float graphs' weights stay mapped from the bundle file (file pages the kernel can drop and re-read); the
-# quantized figures are the packed bytes plus scales, as the formats store them.
-ORT_CPU_ANON_BYTES_PER_WEIGHT = {"fp32": 0.0, "fp16": 0.0, "int8": 1.1, "int4": 0.6, "fp8": 1.1}
-# The emulated reference a quantized bundle is checked against holds its weight codes as int8 (float8 for
-# fp8): one byte per weight, plus one site's float32 weight while it is quantized (export/validate/emulate.py).
-EMULATION_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 1.0, "fp8": 1.0}
-# Anonymous memory validation needs beyond ORT's KV cache, per parameter: the reference's cache and
-# activations for a 2880-image-token prompt, the fp32 copy of the vision tower, the embedding table, ORT's
-# arenas and (fp16) the per-call fp32 casts. Measured on the 7B (7.06 B parameters, peaks sampled every 10 s):
-# 6.8 GiB (fp32) and 6.2 GiB (fp16) with the quick plan, 9.4 GiB (fp32) with a 2950-position decoder check
-# (KV 4.0 GiB fp32, 2.0 fp16): at most 5.4 GiB beyond the KV, 0.82 bytes per parameter; 1.0 leaves room for
-# what the sampling missed.
-ANON_BYTES_PER_PARAM = 1.0
-# A CPU recipe's prefill graph is checked against the reference emulating its own scheme after the decode
-# graph's checks; that stage is the validation's peak. Measured on the 7B int8 bundle (7.06 B parameters,
-# bf16 reference, quick plan, 4096 positions, anonymous memory sampled every 10 s; 2026-12-06): 21.9 GiB,
-# and 22.2 GiB once the prefill graph's sites were checked too (3.38 bytes per parameter), more than the
-# parts above add up to (21.4 GiB). 3.4 covers it, with little room: a machine with less free memory than
-# that is refused rather than killed half an hour in.
-PREFILL_PARITY_ANON_BYTES_PER_PARAM = 3.4
-GRAPH_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2}  # the float graphs' mapped weights (quantized: packed, in RAM)
 
 
 class ExportValidationError(PulseEdgeError):
@@ -177,7 +152,9 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower,
                              dtype=options.reference or reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
-    _check_validation_memory(loaded, options, max_context)
+    recipe = options.quant.recipe if options.quant else None
+    check_validation_memory(loaded, max_context, precision=options.precision, kv_cache=options.cache_type,
+                            prefill_graph=bool(recipe and recipe.prefill))
     model = loaded.model
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
     write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)
@@ -285,76 +262,6 @@ def failure_summary(validation: dict[str, Any]) -> str:
 # level 4) only on prepacked weights, and computes with float activations without (see
 # export/validate/emulate.py). `emulate` lets an fp8 bundle run on the CPU EP.
 FIDELITY_SESSION = SessionConfig(emulate=True)
-
-
-def validation_session(precision: str) -> SessionConfig:
-    """How validation opens the bundle's graphs: so that a model as large as this machine's memory fits.
-
-    Without prepacking, ORT computes from the weights as they lie in the mapped external data file
-    (measured on 2 GiB of fp32 MatMul weights: +0 anonymous memory, +2 GiB with prepacking). An fp16 graph
-    on the CPU EP computes in fp32 behind Casts that ORT inserts; at level "all" it folds them into fp32
-    copies of every weight (1 GiB of fp16 weights: +2 GiB anonymous), at "basic" with the arena off the
-    casts run per call and their outputs are freed (+0). Casting is exact, so the numbers are the same.
-    make_session adds what every mapped session needs: no memory pattern, priority-based node order.
-    """
-    if precision == "fp16":
-        return SessionConfig(prepack=False, emulate=True, opt_level="basic", mem_arena=False)
-    return SessionConfig(prepack=False, emulate=True)
-
-
-def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: int, max_context: int,
-                          precision: str, kv_cache: str = "float", prefill_graph: bool = False) -> dict[str, float]:
-    """The anonymous memory a validation needs: ORT's packed weights, its KV cache, the rest per parameter.
-
-    kv_cache "int8" / "fp16": one / two bytes per cached value whatever the base. prefill_graph: a CPU recipe's
-    second decoder graph, whose parity stage needs PREFILL_PARITY_ANON_BYTES_PER_PARAM at least (the fidelity check's
-    pipeline loads that graph only where the memory left holds it: runtime/engines/memory.py)."""
-    kv_itemsize = {"int8": 1, "fp16": 2}.get(kv_cache) or np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
-    parts = {"weights": params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision],
-             "kv_cache": 2 * layers * kv_heads * head_dim * max_context * kv_itemsize,
-             "emulated_reference": params * EMULATION_BYTES_PER_WEIGHT.get(precision, 0.0),
-             "other": params * ANON_BYTES_PER_PARAM}
-    floor = params * PREFILL_PARITY_ANON_BYTES_PER_PARAM if prefill_graph else 0.0
-    return {**parts, "total": max(sum(parts.values()), floor)}
-
-
-def _check_validation_memory(loaded: LoadedCheckpoint, options: ExportOptions, max_context: int) -> None:
-    """Refuse before writing anything when validation cannot run in this machine's memory.
-
-    What must fit is the anonymous memory (validation_anon_bytes). Mapped weights (the 16-bit reference,
-    the float graphs) need not fit beside each other: the kernel re-reads their pages from disk, which is
-    slow but finishes.
-    """
-    text, precision = loaded.config.text, options.precision
-    recipe = options.quant.recipe if options.quant else None
-    params = sum(p.numel() for p in loaded.model.parameters())
-    need = validation_anon_bytes(params, layers=text.num_layers, kv_heads=text.num_kv_heads,
-                                 head_dim=text.head_dim, max_context=max_context, precision=precision,
-                                 kv_cache=options.cache_type,
-                                 prefill_graph=bool(recipe and recipe.prefill))
-    available = mem_available_bytes()
-    if available is not None and need["total"] > available:
-        fix = ("without the prefill graph (--no-prefill-graph)" if recipe and recipe.prefill
-               else "with a smaller --max-context")
-        raise ConfigError(f"validating a {precision} bundle of this model in ONNX Runtime's CPU EP needs ~"
-                          f"{need['total'] / 2**30:.1f} GiB of memory (weights {need['weights'] / 2**30:.1f}, KV "
-                          f"cache {need['kv_cache'] / 2**30:.1f} for {max_context} positions) but "
-                          f"{available / 2**30:.1f} GiB is available; export {fix}, or on a machine with more "
-                          "memory")
-    mapped = params * (loaded.model.dtype.itemsize + GRAPH_BYTES_PER_WEIGHT.get(precision, 0))
-    if available is not None and mapped > available:
-        log.warning("the reference's and the graph's weights (%.0f GiB) exceed the free memory (%.0f GiB): "
-                    "validation re-reads them from disk and takes a while", mapped / 2**30, available / 2**30)
-
-
-def reference_dtype(checkpoint: Path) -> torch.dtype:
-    """fp32 when it fits with room to spare, else the checkpoint's own dtype (its files map in place)."""
-    index = checkpoint / "model.safetensors.index.json"
-    total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.is_file() else None
-    available = mem_available_bytes()
-    if total is None or available is None or total * 2 < 0.4 * available:
-        return torch.float32
-    return torch.bfloat16
 
 
 def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:

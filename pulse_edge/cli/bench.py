@@ -44,12 +44,14 @@ def bench_group() -> None:
 @click.option("--prefill-graph", type=click.Choice(PREFILL_GRAPH_MODES), default="auto", show_default=True,
               help="ort backend: a CPU bundle's prefill graph (as infer --prefill-graph); the table says which "
                    "graph prefilled.")
+@click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
+              help="ort backend: as infer --prefill-chunk (default: the runtime's; 0 = one pass); the table says it.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
               help="Write latency.md, latency.json and latency.png (the per-stage breakdown) into this directory.")
 def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new_tokens: int, backend: str,
-                    provider: str, threads: int, bandwidth_mib: int, prefill_graph: str, json_path: Path | None,
-                    report_dir: Path | None) -> None:
+                    provider: str, threads: int, bandwidth_mib: int, prefill_graph: str, prefill_chunk: int | None,
+                    json_path: Path | None, report_dir: Path | None) -> None:
     """Preprocess, vision, time to first token, decode tok/s (p50/p95) on rendered 12-lead prints,
     beside the memory-bandwidth roofline measured on this machine."""
     from pulse_edge.benchmarks.perf.latency import LatencyConfig, latency_table, parse_sizes, run_latency
@@ -60,7 +62,8 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
         require_plotting()  # fail before a long run, not after it
     config = LatencyConfig(model=model_dir, runs=runs, warmup=warmup, sizes=parse_sizes(sizes),
                            max_new_tokens=max_new_tokens, backend=backend, provider=provider, threads=threads,
-                           bandwidth_bytes=bandwidth_mib * 2**20, prefill_graph=prefill_graph)
+                           bandwidth_bytes=bandwidth_mib * 2**20, prefill_graph=prefill_graph,
+                           prefill_chunk=prefill_chunk)
     report = run_latency(config, progress=progress)
     table = latency_table(report)
     click.echo(table)

@@ -40,7 +40,7 @@ def calibrate_cmd(model: Path, data: str, image_root: Path | None, samples: int,
     transformers.logging.set_verbosity_error()
     from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate, summary_rows
     from pulse_edge.calibration.fidelity import format_table
-    from pulse_edge.export.build.bundle import reference_dtype
+    from pulse_edge.export.build.memory import reference_dtype
     from pulse_edge.export.model.torch_backend import TorchPipeline
 
     options = CalibrationOptions(data=data, samples=samples, method=method, seed=seed, image_root=image_root,

@@ -31,7 +31,13 @@ from pulse_edge.choices import OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import BundleError, GraphSpec, KVLayout, Manifest
-from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, GPU_FIX, BundleEngine, check_servable
+from pulse_edge.runtime.engines.bundle_engine import (
+    AUTO_CHUNK,
+    GPU_FIX,
+    BundleEngine,
+    check_servable,
+    resolve_chunk,
+)
 from pulse_edge.runtime.engines.graph_io import check_graph_io
 from pulse_edge.runtime.engines.memory import choose_prefill_graph, mem_available_bytes
 
@@ -382,12 +388,14 @@ def check_device(manifest: Manifest, config: SessionConfig) -> None:
 
 
 def open_ort_engine(bundle: Path, manifest: Manifest, config: SessionConfig, *,
-                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> BundleEngine:
-    """The bundle's graphs in ONNX Runtime sessions on exactly the asked provider, behind `BundleEngine`."""
+                    prefill_chunk: int | str | None = AUTO_CHUNK) -> BundleEngine:
+    """The bundle's graphs in ONNX Runtime sessions on exactly the asked provider, behind `BundleEngine`
+    (prefill_chunk AUTO_CHUNK: chosen for the graph that prefills, bundle_engine.resolve_chunk)."""
     check_servable(manifest, prefill_chunk)
     require_provider(config)  # first: on a machine without the provider, that is the whole story
     check_device(manifest, config)
     vision = VisionEngine(bundle, manifest.graphs[names.VISION], config)
     decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config,
                              prefill=manifest.graphs.get(names.PREFILL))
-    return BundleEngine(bundle, manifest, vision, decoder, prefill_chunk=prefill_chunk)
+    chunk = resolve_chunk(prefill_chunk, prefill_graph=getattr(decoder, "prefill_session", None) is not None)
+    return BundleEngine(bundle, manifest, vision, decoder, prefill_chunk=chunk)

@@ -30,7 +30,7 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import EngineSet, EngineSpec, find_engine_dir, read_engines
 from pulse_edge.runtime.bundle.manifest import BundleError, Manifest
-from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, BundleEngine, check_servable
+from pulse_edge.runtime.engines.bundle_engine import AUTO_CHUNK, BundleEngine, check_servable, resolve_chunk
 from pulse_edge.runtime.engines.tensorrt_api import TensorRT, load_module
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8,
@@ -301,9 +301,10 @@ def check_engine_set(engines: EngineSet, manifest: Manifest) -> None:
 
 
 def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | None = None,
-                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, cuda: Cuda | None = None) -> BundleEngine:
+                    prefill_chunk: int | str | None = AUTO_CHUNK, cuda: Cuda | None = None) -> BundleEngine:
     """The bundle's engines (engines_dir, default its one `engines-*` folder) behind BundleEngine."""
     check_servable(manifest, prefill_chunk)
+    prefill_chunk = resolve_chunk(prefill_chunk, prefill_graph=False)  # the engines' profiles are built for it
     directory = engines_dir or find_engine_dir(bundle)
     engines = read_engines(directory, bundle)
     check_engine_set(engines, manifest)

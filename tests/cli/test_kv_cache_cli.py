@@ -62,3 +62,12 @@ def test_an_int8_export_with_an_fp16_cache_keeps_it_in_both_decoder_graphs(tiny_
     assert validation["pass"] and validation["decoder"]["prefill_graph"]["pass"]
     assert validation["reference"] == "the emulated int8 reference with an fp16 KV cache"
     assert manifest.calibration.recipe["kv_cache"] == "fp16"
+    # served: long prompts in the prefill graph's own chunk (int8 GEMMs run faster on more rows), unless asked
+    from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK, PREFILL_GRAPH_CHUNK
+    from pulse_edge.runtime.engines.ort import SessionConfig
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    assert Pipeline.from_bundle(out).engine.prefill_chunk == PREFILL_GRAPH_CHUNK
+    assert Pipeline.from_bundle(out, prefill_chunk=256).engine.prefill_chunk == 256
+    without = Pipeline.from_bundle(out, session=SessionConfig(prefill_graph="off"))
+    assert without.prefilled_by == "decoder graph" and without.engine.prefill_chunk == DEFAULT_PREFILL_CHUNK

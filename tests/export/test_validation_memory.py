@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pulse_edge.errors import ConfigError
-from pulse_edge.export.build.bundle import validation_anon_bytes, validation_session
+from pulse_edge.export.build.memory import validation_anon_bytes, validation_session
 from pulse_edge.runtime.engines.ort import SessionConfig, session_settings
 
 # RSS from /proc, and ORT's CPU EP upcasting fp16 MatMuls (on ARM64 it has native fp16 kernels, no Casts).

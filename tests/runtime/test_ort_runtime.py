@@ -219,9 +219,9 @@ def test_a_backend_that_does_not_match_the_model_is_one_line(tiny_bundle: Path, 
 def test_export_that_cannot_be_validated_here_is_refused_up_front(tiny_checkpoint: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The 7B case on a 24 GiB machine, scaled down: refuse before writing anything, with the reason."""
-    import pulse_edge.export.build.bundle as bundle_module
+    import pulse_edge.export.build.memory as memory_module
 
-    monkeypatch.setattr(bundle_module, "mem_available_bytes", lambda: 1_000_000)  # 1 MB free
+    monkeypatch.setattr(memory_module, "mem_available_bytes", lambda: 1_000_000)  # 1 MB free
     with pytest.raises(ConfigError, match=r"needs ~0.0 GiB of memory \(weights 0.0, KV cache 0.0 for \d+ "
                                           r"positions\) but 0.0 GiB is available; export with a smaller"):
         export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp16"))
@@ -335,3 +335,17 @@ def test_a_prefill_graph_needs_room_for_its_packed_weights_only_when_prepacked()
     assert choose_prefill_graph("auto", 8 * gib, prepacked=True, available=16 * gib).load
     assert choose_prefill_graph("auto", 8 * gib, prepacked=False, available=9 * gib).load  # weights stay mapped
     assert choose_prefill_graph("auto", 8 * gib, prepacked=True, available=None).load  # no /proc/meminfo: no check
+
+
+def test_the_prefill_chunk_is_the_runtimes_choice_unless_asked(tiny_bundle: Path) -> None:
+    """AUTO_CHUNK: 512 on a bundle without a prefill graph (measured with the int8 graph in tests/cli/
+    test_kv_cache_cli.py); an explicit chunk or one pass is kept; anything else is one line."""
+    from pulse_edge.runtime.engines.bundle_engine import AUTO_CHUNK, DEFAULT_PREFILL_CHUNK, resolve_chunk
+
+    assert Pipeline.from_bundle(tiny_bundle).engine.prefill_chunk == DEFAULT_PREFILL_CHUNK
+    assert Pipeline.from_bundle(tiny_bundle, prefill_chunk=None).engine.prefill_chunk is None
+    assert resolve_chunk(AUTO_CHUNK, prefill_graph=True) > resolve_chunk(AUTO_CHUNK, prefill_graph=False)
+    assert resolve_chunk(300, prefill_graph=True) == 300
+    for bad in (0, "big", True):
+        with pytest.raises(ConfigError, match="prefill chunk must be >= 1 token"):
+            Pipeline.from_bundle(tiny_bundle, prefill_chunk=bad)
