@@ -27,7 +27,13 @@ from pulse_edge.calibration.recipes import RECIPES, make_recipe
 from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, KV_CACHES, TRT_OPS
 from pulse_edge.errors import ConfigError, PulseEdgeError
 from pulse_edge.export.build import tensorrt as trt_build
-from pulse_edge.export.build.memory import FLOAT_BASE, check_validation_memory, reference_dtype, validation_session
+from pulse_edge.export.build.memory import (
+    FLOAT_BASE,
+    check_disk_space,
+    check_validation_memory,
+    reference_dtype,
+    validation_session,
+)
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.kv_cache import KVScales
@@ -155,6 +161,8 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     recipe = options.quant.recipe if options.quant else None
     check_validation_memory(loaded, max_context, precision=options.precision, kv_cache=options.cache_type,
                             prefill_graph=bool(recipe and recipe.prefill))
+    check_disk_space(work, sum(p.numel() for p in loaded.model.parameters()), precision=options.precision,
+                     prefill_graph=bool(recipe and recipe.prefill))
     model = loaded.model
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
     write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)

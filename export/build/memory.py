@@ -1,4 +1,5 @@
-"""What an export's validation needs from this machine, and how it opens the bundle's graphs to fit.
+"""What an export needs from this machine: memory for its validation (and how that opens the graphs to fit),
+and disk for the bundle.
 
 Validation runs the torch reference and the exported graphs side by side on the same machine; for the 7B that
 is most of a 24 GiB cart. The anonymous memory it needs (ORT's packed weights, KV caches, activations, the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,13 @@ ANON_BYTES_PER_PARAM = 1.0
 # that is refused rather than killed half an hour in.
 PREFILL_PARITY_ANON_BYTES_PER_PARAM = 3.4
 GRAPH_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2}  # the float graphs' mapped weights (quantized: packed, in RAM)
+# The least a bundle takes on disk per checkpoint parameter, below every bundle measured, so that a refusal is
+# sure (room above it is not promised). Measured (bytes on disk / parameters): real width with 4 layers (1.40 B
+# parameters): fp32 3.97, int8 1.79 and int4 1.41 with the prefill graph (~1.15 and ~0.85 without); the 7B (7.06
+# B): int8 1.90 and int4 1.42 with it, its parts 1.04 and 0.58 without (the decode graphs 6.8 / 3.5 GB, vision
+# 0.3, table 0.26). The prefill graph adds its int8 decoder layers: 0.69 (4 layers) to 0.93 (7B) per parameter.
+BUNDLE_BYTES_PER_PARAM = {"fp32": 3.5, "fp16": 1.75, "int8": 0.9, "int4": 0.45, "fp8": 0.9}
+PREFILL_GRAPH_BYTES_PER_PARAM = 0.6
 
 
 def validation_session(precision: str) -> SessionConfig:
@@ -106,6 +115,17 @@ def check_validation_memory(loaded: LoadedCheckpoint, max_context: int, *, preci
     if available is not None and mapped > available:
         log.warning("the reference's and the graph's weights (%.0f GiB) exceed the free memory (%.0f GiB): "
                     "validation re-reads them from disk and takes a while", mapped / 2**30, available / 2**30)
+
+
+def check_disk_space(where: Path, params: int, *, precision: str, prefill_graph: bool) -> None:
+    """Refuse before writing graphs when the disk holding `where` cannot take the bundle (a full disk
+    half-way is one line as well, pulse_edge/cli/group.py, but after minutes of work)."""
+    need = params * (BUNDLE_BYTES_PER_PARAM[precision] + (PREFILL_GRAPH_BYTES_PER_PARAM if prefill_graph else 0.0))
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ConfigError(f"the {precision} bundle of this model takes at least ~{need / 2**30:.1f} GiB on disk but "
+                          f"{free / 2**30:.1f} GiB is free where it is written ({where.parent}); free some space "
+                          "or choose another output directory")
 
 
 def reference_dtype(checkpoint: Path) -> torch.dtype:

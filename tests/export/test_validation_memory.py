@@ -244,3 +244,31 @@ def test_graphs_whose_shapes_vary_plan_no_memory_pattern_on_the_cpu() -> None:
     assert session_settings(SessionConfig(), shapes_vary=True)["mem_pattern"] is False
     assert session_settings(SessionConfig(provider="cuda"), shapes_vary=True)["mem_pattern"] is True
     assert session_settings(SessionConfig(mem_pattern=True), shapes_vary=True)["mem_pattern"] is True  # asked for
+
+
+def test_the_disk_estimate_is_below_every_bundle_measured() -> None:
+    """export/build/memory.py's floors against the bundle sizes measured (docs/performance.md): a refusal must
+    mean the bundle cannot fit."""
+    from pulse_edge.export.build.memory import BUNDLE_BYTES_PER_PARAM, PREFILL_GRAPH_BYTES_PER_PARAM
+
+    measured = {("fp32", False): 3.97, ("int8", True): 1.79, ("int4", True): 1.41, ("int8", False): 1.04,
+                ("int4", False): 0.58}
+    for (precision, prefill), per_param in measured.items():
+        assert BUNDLE_BYTES_PER_PARAM[precision] + PREFILL_GRAPH_BYTES_PER_PARAM * prefill < per_param
+
+
+def test_an_export_the_disk_cannot_hold_is_refused_before_any_graph(tiny_checkpoint: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import namedtuple
+
+    import pulse_edge.export.build.memory as memory
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+
+    usage = namedtuple("usage", "total used free")
+    free = usage(2**30, 2**30 - 4096, 4096)
+    monkeypatch.setattr(memory.shutil, "disk_usage", lambda _path: free)  # shutil's own, restored after the test
+    with pytest.raises(ConfigError, match=r"the fp32 bundle of this model takes at least ~0\.\d GiB on disk but 0\.0 "
+                                          r"GiB is free where it is written .*; free some space or choose another"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp32"))
+    assert list(tmp_path.iterdir()) == []
