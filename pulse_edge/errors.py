@@ -7,6 +7,16 @@ traceback. Anything else is a bug in pulse-edge and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+from types import MappingProxyType
+
+# OS errors that are the machine's state, not a bug: (what happened, what to do), for one line.
+DISK_ERRORS = MappingProxyType({
+    errno.ENOSPC: ("the disk is full", "free some space or choose another output directory"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space or choose another output directory"),
+    errno.EROFS: ("the file system is read-only", "choose an output directory on a writable disk"),
+})
+
 
 class PulseEdgeError(Exception):
     """Base of every user-facing error. `exit_code` is what the CLI exits with."""

@@ -31,7 +31,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 
-from pulse_edge.errors import ConfigError
+from pulse_edge.errors import DISK_ERRORS, ConfigError
 
 _LOCK_TRIES = 5  # a lock file unlinked under us is re-created by the next try
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -184,8 +184,8 @@ def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
             if isinstance(handler, _Handler):
                 handler.cleaning = True
             shutil.rmtree(work, ignore_errors=True)
-            if isinstance(e, OSError) and e.filename is None:  # a write into a file object names no file
-                raise OSError(e.errno, e.strerror, str(out)) from e
+            if isinstance(e, OSError) and e.errno in DISK_ERRORS and e.filename is None:  # a write into an open
+                raise OSError(e.errno, e.strerror, str(out)) from e  # file names none: name the target
             raise
 
 

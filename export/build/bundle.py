@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pulse_edge import __version__
+from pulse_edge.calibration.fidelity import AccuracyGate
 from pulse_edge.calibration.recipes import RECIPES, make_recipe
 from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, KV_CACHES, TRT_OPS
 from pulse_edge.errors import ConfigError, PulseEdgeError
@@ -100,6 +101,7 @@ class ExportOptions:
     trt_ops: str = "native"  # --target tensorrt: the decoder's form (export/graphs/trt_decoder.py)
     kv_cache: str | None = None  # a float precision's cache: "float" (None) or "fp16"; a quantized one: its recipe's
     held_out: int = 4  # samples of the fidelity report of a float bundle with an fp16 cache
+    gate: AccuracyGate | None = None  # a float bundle with an fp16 cache: refused below it (quantized: QuantSettings)
 
     def __post_init__(self) -> None:
         if self.precision not in EXPORT_PRECISIONS:
@@ -114,9 +116,9 @@ class ExportOptions:
             check_trt_options(self.precision, self.quant.recipe.decoder if self.quant else None)
         elif self.trt_ops != "native":
             raise ConfigError("--trt-ops chooses the form of a TensorRT-ready decoder: it goes with --target tensorrt")
-        if self.kv_cache not in (None, *KV_CACHES) or (quantized and self.kv_cache is not None):
-            raise ConfigError(f"kv cache {self.kv_cache!r}: a float precision's is one of {', '.join(KV_CACHES)}; a "
-                              "quantized precision's is its recipe's")
+        if self.kv_cache not in (None, *KV_CACHES) or (quantized and self.kv_cache is not None):  # int8: below
+            raise ConfigError(f"kv cache {self.kv_cache!r}: a float precision's is float or fp16; a quantized "
+                              "precision's is its recipe's")
         if self.kv_cache == "int8":
             raise ConfigError("--kv-cache int8 stores keys and values on calibrated per-channel scales: it goes with "
                               "--precision int8 or int4 (an fp32 export can keep an fp16 cache: --kv-cache fp16)")
@@ -193,6 +195,9 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     if quant and fidelity is not None:
         check_gate(quant.settings.gate, fidelity)  # a refusal is its own one line: no warning before it
         _warn_below_recommended(options.precision, fidelity["recommended"])
+    elif fidelity is not None:
+        check_gate(options.gate, fidelity, what="this bundle with an fp16 KV cache",
+                   fix="export it with --kv-cache float")
 
 
 def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, quant: QuantContext | None,
@@ -372,14 +377,17 @@ def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: Q
     from pulse_edge.runtime.text.tokenizer import Tokenizer
 
     reference = TorchPipeline(loaded, Tokenizer.from_file(work / manifest.tokenizer))
-    served = Pipeline.from_bundle(work, session=FIDELITY_SESSION)
+    # a float bundle (an fp16 cache's cost) keeps its weights mapped, as its validation does: prepacking would
+    # copy every fp32 weight into anonymous memory (28 GB for the 7B) and changes no float MatMul's numbers
+    session = FIDELITY_SESSION if quant else validation_session(manifest.precision)
+    served = Pipeline.from_bundle(work, session=session)
     samples, prepared = (held_out_samples(quant, loaded, reference.tokenizer) if quant
                          else synthetic_held_out(held_out, loaded, reference.tokenizer))
     float_bytes = sum(p.numel() for p in loaded.model.parameters()) * 4
     fidelity = fidelity_report(reference, served, samples, prepared, float_bytes=float_bytes)
     limit = manifest.graphs[names.DECODER].opt_level_limit
     return {**fidelity, "prefilled_by": served.prefilled_by,
-            "ort_session": session_settings(FIDELITY_SESSION, limit, shapes_vary=True)}
+            "ort_session": session_settings(session, limit, shapes_vary=True)}
 
 
 def _parity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions, level: str,
@@ -417,7 +425,9 @@ def _parity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: E
     pairs = [(image, question) for image in images for question in GREEDY_QUESTIONS][:options.plan.greedy_runs]
     candidate = Pipeline.from_bundle(work, session=session)
     log.info("validating greedy generation on %d rendered ECG(s) of %dx%d", len(pairs), *pages[0])
-    merge_tolerance = options.plan.tolerances[vision_level if quantized else level]
+    # the cache does not touch the vision graph: its merge is judged as the float graph's (or the bf16 oracle's)
+    float_level = tolerance_level(options.precision, fp32_reference=model.dtype == torch.float32)
+    merge_tolerance = options.plan.tolerances[vision_level if quantized else float_level]
     vision["merge"] = [_merge_parity(model, candidate, image, merge_tolerance) for image in images]
     vision["pass"] = bool(vision.get("pass") and all(m["pass"] for m in vision["merge"]))
     # Greedy tokens must be equal only for fp32: elsewhere one near-tie flips them legitimately (recorded).

@@ -24,7 +24,7 @@ needs opset 24.
 
 An fp16 cache in a float32 graph (`attention_over_fp16_cache`) needs no scales: ORT's CPU
 GroupQueryAttention runs on float16 inputs, so the graph casts qkv down and the output up,
-and the rotary tables are stored in fp16 beside the float32 ones:
+and stores its rotary tables in fp16 (instead of float32):
 
       qkv (float32) ─ Cast fp16 ─ GroupQueryAttention(past = present = the fp16 buffer, cos16, sin16)
                                    ─ out (fp16) ─ Cast float32 ─ out

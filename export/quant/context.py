@@ -133,11 +133,14 @@ def synthetic_held_out(count: int, loaded: LoadedCheckpoint,
     return samples, prepare_all(loaded, tokenizer, samples, loaded.config.text.max_position_embeddings)
 
 
-def check_gate(gate: AccuracyGate | None, fidelity: dict[str, Any]) -> None:
+QUANTIZED_FIX = "keep more layers at fp (--keep), try another method, or calibrate on more samples"
+
+
+def check_gate(gate: AccuracyGate | None, fidelity: dict[str, Any], *, what: str = "the quantized bundle",
+               fix: str = QUANTIZED_FIX) -> None:
     if gate is None:
         return
     failures = gate.check(fidelity["summary"])
     if failures:
-        raise AccuracyGateError(f"the quantized bundle falls below --accuracy-gate ({'; '.join(failures)}); "
-                                "nothing was written: keep more layers at fp (--keep), try another method, or "
-                                "calibrate on more samples")
+        raise AccuracyGateError(f"{what} falls below --accuracy-gate ({'; '.join(failures)}); nothing was written: "
+                                f"{fix}")

@@ -100,12 +100,13 @@ def fp16_kv_cache(lm: nn.Module) -> Iterator[None]:
     def round_input(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(_half(t) for t in inputs)
 
-    hooks = [lm.model.rotary_emb.register_forward_hook(round_output)]
-    for layer in lm.model.layers:
-        attn = layer.self_attn
-        hooks += [proj.register_forward_hook(round_output) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        hooks.append(attn.o_proj.register_forward_pre_hook(round_input))
-    try:
+    hooks = []
+    try:  # a model that fails half-way through the registration keeps none of them
+        hooks.append(lm.model.rotary_emb.register_forward_hook(round_output))
+        for layer in lm.model.layers:
+            attn = layer.self_attn
+            hooks += [proj.register_forward_hook(round_output) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            hooks.append(attn.o_proj.register_forward_pre_hook(round_input))
         with _cache_factory(lm, lambda: Fp16KVCache(config=lm.config)):
             yield
     finally:

@@ -96,18 +96,38 @@ def quant_settings(precision: str, scales: Path | None, calibration_samples: int
                          gate=gate)
 
 
+def float_gate(accuracy_gate: str | None, kv_cache: str | None) -> Any:
+    """--accuracy-gate for a float precision: it judges an fp16 KV cache's fidelity; with the float cache there is
+    nothing to judge (the bundle is the reference), which is refused rather than ignored."""
+    from pulse_edge.calibration.fidelity import AccuracyGate
+    from pulse_edge.errors import ConfigError
+
+    if accuracy_gate is None:
+        return None
+    if kv_cache != "fp16":
+        raise ConfigError("--accuracy-gate judges fidelity against fp32: a quantized bundle's, or one with "
+                          "--kv-cache fp16; this float bundle is the reference itself")
+    try:
+        return AccuracyGate.from_string(accuracy_gate)
+    except ValueError as e:
+        raise ConfigError(f"--accuracy-gate: {e}") from e
+
+
 def print_fidelity(bundle: Path) -> None:
-    """The fidelity report of a quantized bundle, from its manifest (nothing for a float bundle)."""
+    """The fidelity report from the manifest: a quantized bundle's, or a float bundle's with an fp16 KV cache
+    (nothing for a float bundle with its own cache: it is the reference)."""
     from pulse_edge.calibration.fidelity import format_table
     from pulse_edge.runtime.bundle.manifest import read_manifest
 
-    calibration = read_manifest(bundle).calibration
-    if calibration is None or not calibration.fidelity:
+    manifest = read_manifest(bundle)
+    calibration = manifest.calibration
+    report = calibration.fidelity if calibration is not None else manifest.validation.get("fidelity")
+    if not report:
         return
-    report = calibration.fidelity
     summary = {k: f"{float(v):.4g}" for k, v in report["summary"].items()}  # "inf"/"nan" strings read back
+    source = f"scales: {calibration.scales_source}" if calibration is not None else "its fp16 KV cache"
     click.echo(f"fidelity against the fp32 torch reference on {len(report['held_out'])} held-out samples "
-               f"(scales: {calibration.scales_source}):")
+               f"({source}):")
     click.echo(format_table([summary], list(summary)))
     sizes = report["sizes"]
     click.echo(f"size on disk: {sizes['total'] / 2**20:.1f} MiB ({float(report['summary']['size_ratio']):.2f} of fp32 "
@@ -150,7 +170,8 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     settings = quant_settings(precision, target=target, **quant)
     options = ExportOptions(precision=precision, max_context=max_context, vision_tower=vision_tower, plan=plan,
                             quant=settings, target=target, trt_ops=trt_ops, held_out=quant["held_out"],
-                            kv_cache=None if settings else quant["kv_cache"])
+                            kv_cache=None if settings else quant["kv_cache"],
+                            gate=None if settings else float_gate(quant["accuracy_gate"], quant["kv_cache"]))
     exporter_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = exporter_log.level
     try:

@@ -9,18 +9,12 @@ Lean: click and pulse_edge.errors only, so the CLI starts fast.
 
 from __future__ import annotations
 
-import errno
 import signal
-from types import MappingProxyType
 from typing import Any
 
 import click
 
-from pulse_edge.errors import PulseEdgeError
-
-# OS errors that are the machine's state, not a bug: what to tell the user.
-DISK_ERRORS = MappingProxyType({errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                                errno.EROFS: "the file system is read-only"})
+from pulse_edge.errors import DISK_ERRORS, PulseEdgeError
 
 
 class UserErrorGroup(click.Group):
@@ -41,9 +35,9 @@ class UserErrorGroup(click.Group):
         except OSError as e:
             if e.errno not in DISK_ERRORS:
                 raise
+            what, fix = DISK_ERRORS[e.errno]
             where = f" writing {e.filename}" if e.filename else ""
-            click.echo(f"pulse-edge: error: {DISK_ERRORS[e.errno]}{where}: free some space (or choose another output "
-                       "directory) and run the command again", err=True)
+            click.echo(f"pulse-edge: error: {what}{where}: {fix}, and run the command again", err=True)
             ctx.exit(2)
         except KeyboardInterrupt as e:  # Ctrl-C; staged work also turns SIGTERM and SIGHUP into one
             signum = getattr(e, "signum", signal.SIGINT)

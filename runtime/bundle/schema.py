@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from pulse_edge.errors import BundleError
@@ -69,7 +69,8 @@ BOOL: Schema = {"type": "boolean", EXPECTED: "true or false"}
 ANYTHING: Schema = {}
 # A file inside the bundle: a plain name, never a path that could point outside it.
 FILE_NAME: Schema = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\]+$", EXPECTED: "a file name inside the bundle"}
-SHA256: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$", EXPECTED: "64 lower-case hex digits"}
+# maxLength: Python's `$` also matches before a trailing newline
+SHA256: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$", "maxLength": 64, EXPECTED: "64 lower-case hex digits"}
 DIM: Schema = {"type": ["integer", "string", "null"], "minimum": 0, EXPECTED: "an integer >= 0"}  # size or name
 
 TENSOR = _obj({"name": STR, "dtype": STR, "shape": _list(DIM)})
@@ -110,10 +111,17 @@ def _finite(value: Any) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _validator() -> Draft202012Validator:
+def _strict_integer(_checker: Any, value: Any) -> bool:
+    """JSON Schema counts 5.0 as an integer; a count or size this runtime reads must be written as one."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validator() -> Any:
     formats = FormatChecker(formats=())
     formats.checks(FINITE)(_finite)
-    return Draft202012Validator(MANIFEST_SCHEMA, format_checker=formats)
+    types = Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer)
+    strict = validators.extend(Draft202012Validator, type_checker=types)
+    return strict(MANIFEST_SCHEMA, format_checker=formats)
 
 
 def _json_type(value: Any) -> str:

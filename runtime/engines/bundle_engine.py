@@ -101,16 +101,17 @@ class BundleEngine:
     """The bundle's two graphs (through their runners) and embedding table behind the `Engine` protocol."""
 
     def __init__(self, bundle: Path, manifest: Manifest, vision: VisionRunner, decoder: DecoderRunner, *,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, max_length: int | None = None) -> None:
+                 prefill_chunk: int | str | None = AUTO_CHUNK, max_length: int | None = None) -> None:
         """max_length: the positions the decoder runner's cache holds (default the bundle's; a TensorRT engine
-        may be built for fewer)."""
+        may be built for fewer). prefill_chunk AUTO_CHUNK: resolve_chunk for the runner's prefilling graph."""
         check_servable(manifest, prefill_chunk)
         self.vision, self.decoder = vision, decoder
         prefetch(bundle / manifest.embedding.file)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
         self.max_length = manifest.kv.max_length if max_length is None else max_length
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = resolve_chunk(prefill_chunk,
+                                           prefill_graph=getattr(decoder, "prefill_session", None) is not None)
 
     @property
     def length(self) -> int:

@@ -36,7 +36,6 @@ from pulse_edge.runtime.engines.bundle_engine import (
     GPU_FIX,
     BundleEngine,
     check_servable,
-    resolve_chunk,
 )
 from pulse_edge.runtime.engines.graph_io import check_graph_io
 from pulse_edge.runtime.engines.memory import choose_prefill_graph, mem_available_bytes
@@ -397,5 +396,4 @@ def open_ort_engine(bundle: Path, manifest: Manifest, config: SessionConfig, *,
     vision = VisionEngine(bundle, manifest.graphs[names.VISION], config)
     decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config,
                              prefill=manifest.graphs.get(names.PREFILL))
-    chunk = resolve_chunk(prefill_chunk, prefill_graph=getattr(decoder, "prefill_session", None) is not None)
-    return BundleEngine(bundle, manifest, vision, decoder, prefill_chunk=chunk)
+    return BundleEngine(bundle, manifest, vision, decoder, prefill_chunk=prefill_chunk)  # it resolves AUTO_CHUNK

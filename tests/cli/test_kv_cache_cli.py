@@ -17,9 +17,10 @@ def test_an_fp32_export_with_an_fp16_cache_is_validated_measured_and_served(tiny
                                                                            ecg_png: Path) -> None:
     out = tmp_path / "fp32-kv16"
     res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--kv-cache", "fp16",
-                                    "--validation", "quick", "--held-out", "1"])
+                                    "--validation", "quick", "--held-out", "1", "--accuracy-gate", "cosine>=0.999"])
     assert res.exit_code == 0, res.output
     assert "validated against the torch reference with an fp16 KV cache" in res.output
+    assert "fidelity against the fp32 torch reference on 1 held-out samples (its fp16 KV cache)" in res.output
     manifest = read_manifest(out)
     assert manifest.precision == "fp32" and manifest.kv.dtype == "float16" and manifest.kv.scales is None
     validation = manifest.validation
@@ -33,13 +34,20 @@ def test_an_fp32_export_with_an_fp16_cache_is_validated_measured_and_served(tiny
     assert json.loads(served.stdout)["generated_tokens"] >= 1
 
 
-def test_an_int8_cache_without_calibration_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    out = tmp_path / "never"
-    res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--kv-cache", "int8"])
-    assert res.exit_code == 2, res.output
-    assert "--kv-cache int8" in res.output and "--precision int8 or int4" in res.output
-    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
-    assert not out.exists()
+def test_float_cache_refusals_are_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """int8 needs calibrated scales; a gate on the float cache has nothing to judge; a gate the fp16 cache misses
+    writes nothing (cosine > 1 cannot be met)."""
+    cases = {"--precision int8 or int4": ["--kv-cache", "int8"],
+             "this float bundle is the reference itself": ["--accuracy-gate", "cosine>=0.99"],
+             "this bundle with an fp16 KV cache falls below --accuracy-gate": [
+                 "--kv-cache", "fp16", "--accuracy-gate", "cosine>=1.01", "--validation", "quick", "--held-out", "1"]}
+    for expected, extra in cases.items():
+        out = tmp_path / "never"
+        res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), *extra])
+        assert res.exit_code == 2, res.output
+        assert expected in res.output and "Traceback" not in res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+        assert not out.exists()
 
 
 def test_an_int8_export_with_an_fp16_cache_keeps_it_in_both_decoder_graphs(tiny_checkpoint: Path,

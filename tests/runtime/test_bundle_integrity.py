@@ -274,6 +274,7 @@ def test_the_manifest_schema_is_valid_json_schema_and_names_the_field_in_one_lin
         "kv.layers must be an integer >= 1, got a boolean": lambda d: d["kv"].update(layers=True),
         "prompt.roles must be a list of 2, got 3 items": lambda d: d["prompt"].update(roles=["a", "b", "c"]),
         "text lacks 'eos_id'": lambda d: d["text"].pop("eos_id"),
+        "kv.head_dim must be an integer >= 1, got 16.0": lambda d: d["kv"].update(head_dim=16.0),
     }
     for expected, damage in cases.items():
         d = json.loads(json.dumps(good))
