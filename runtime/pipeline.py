@@ -18,7 +18,7 @@ from pulse_edge.choices import BUNDLE_BACKENDS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle.integrity import HashProgress, check_bundle
 from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
-from pulse_edge.runtime.engines.bundle_engine import AUTO_CHUNK, BundleEngine
+from pulse_edge.runtime.engines.bundle_engine import AUTO_CHUNK, BundleEngine, has_prefill_graph
 from pulse_edge.runtime.engines.ort import SessionConfig, open_ort_engine
 from pulse_edge.runtime.generation.conversation import Conversation
 from pulse_edge.runtime.generation.decode import StopCheck
@@ -73,8 +73,7 @@ class Pipeline:
     def prefilled_by(self) -> str:
         """Which graph runs long prompts: a CPU bundle's prefill graph where it was loaded
         (runtime/engines/memory.py), else the decoder graph."""
-        loaded = getattr(self.engine.decoder, "prefill_session", None) is not None
-        return "prefill graph" if loaded else "decoder graph"
+        return "prefill graph" if has_prefill_graph(self.engine.decoder) else "decoder graph"
 
     def chat(self, *, system: str | None = None) -> Conversation:
         """A multi-turn conversation (ECG Arena style); the cache is kept between its turns.

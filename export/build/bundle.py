@@ -161,10 +161,10 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
                              dtype=options.reference or reference_dtype(checkpoint))
     max_context = _max_context(loaded, options.max_context)
     recipe = options.quant.recipe if options.quant else None
-    check_validation_memory(loaded, max_context, precision=options.precision, kv_cache=options.cache_type,
-                            prefill_graph=bool(recipe and recipe.prefill))
-    check_disk_space(work, sum(p.numel() for p in loaded.model.parameters()), precision=options.precision,
-                     prefill_graph=bool(recipe and recipe.prefill))
+    params, prefill_graph = sum(p.numel() for p in loaded.model.parameters()), bool(recipe and recipe.prefill)
+    check_validation_memory(loaded, params, max_context, precision=options.precision, kv_cache=options.cache_type,
+                            prefill_graph=prefill_graph)
+    check_disk_space(work, params, precision=options.precision, prefill_graph=prefill_graph)
     model = loaded.model
     shape = DecoderShape.from_config(loaded.config, max_length=max_context)
     write_tokenizer_json(loaded.tokenizer_model, work / names.TOKENIZER_FILE)

@@ -90,8 +90,8 @@ def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: 
     return {**parts, "total": max(sum(parts.values()), floor)}
 
 
-def check_validation_memory(loaded: LoadedCheckpoint, max_context: int, *, precision: str, kv_cache: str,
-                            prefill_graph: bool) -> None:
+def check_validation_memory(loaded: LoadedCheckpoint, params: int, max_context: int, *, precision: str,
+                            kv_cache: str, prefill_graph: bool) -> None:
     """Refuse before writing anything when validation cannot run in this machine's memory.
 
     What must fit is the anonymous memory (validation_anon_bytes). Mapped weights (the 16-bit reference,
@@ -99,7 +99,6 @@ def check_validation_memory(loaded: LoadedCheckpoint, max_context: int, *, preci
     slow but finishes.
     """
     text = loaded.config.text
-    params = sum(p.numel() for p in loaded.model.parameters())
     need = validation_anon_bytes(params, layers=text.num_layers, kv_heads=text.num_kv_heads,
                                  head_dim=text.head_dim, max_context=max_context, precision=precision,
                                  kv_cache=kv_cache, prefill_graph=prefill_graph)

@@ -76,17 +76,12 @@ def quant_settings(precision: str, scales: Path | None, calibration_samples: int
                    accuracy_gate: str | None, kv_cache: str | None = None, prefill_graph: bool = True,
                    target: str = "ort") -> Any:
     """QuantSettings for a quantized precision, None for a float one."""
-    from pulse_edge.calibration.fidelity import AccuracyGate
     from pulse_edge.calibration.recipes import RECIPES, make_recipe, parse_keep
-    from pulse_edge.errors import ConfigError
     from pulse_edge.export.quant.context import QuantSettings
 
     if precision not in RECIPES:
         return None
-    try:
-        gate = AccuracyGate.from_string(accuracy_gate) if accuracy_gate else None
-    except ValueError as e:
-        raise ConfigError(f"--accuracy-gate: {e}") from e
+    gate = _parse_gate(accuracy_gate) if accuracy_gate else None
     smooth, alpha = _alpha(smooth_alpha)
     int8_decoder = int8_decoder or ("w8a8" if target == "tensorrt" else "weight-only")
     recipe = make_recipe(precision, int8_decoder=int8_decoder, int4_method=int4_method, block_size=int(block_size),
@@ -96,10 +91,20 @@ def quant_settings(precision: str, scales: Path | None, calibration_samples: int
                          gate=gate)
 
 
+def _parse_gate(accuracy_gate: str) -> Any:
+    """--accuracy-gate's text as an AccuracyGate; a malformed one is one line."""
+    from pulse_edge.calibration.fidelity import AccuracyGate
+    from pulse_edge.errors import ConfigError
+
+    try:
+        return AccuracyGate.from_string(accuracy_gate)
+    except ValueError as e:
+        raise ConfigError(f"--accuracy-gate: {e}") from e
+
+
 def float_gate(accuracy_gate: str | None, kv_cache: str | None) -> Any:
     """--accuracy-gate for a float precision: it judges an fp16 KV cache's fidelity; with the float cache there is
     nothing to judge (the bundle is the reference), which is refused rather than ignored."""
-    from pulse_edge.calibration.fidelity import AccuracyGate
     from pulse_edge.errors import ConfigError
 
     if accuracy_gate is None:
@@ -107,10 +112,7 @@ def float_gate(accuracy_gate: str | None, kv_cache: str | None) -> Any:
     if kv_cache != "fp16":
         raise ConfigError("--accuracy-gate judges fidelity against fp32: a quantized bundle's, or one with "
                           "--kv-cache fp16; this float bundle is the reference itself")
-    try:
-        return AccuracyGate.from_string(accuracy_gate)
-    except ValueError as e:
-        raise ConfigError(f"--accuracy-gate: {e}") from e
+    return _parse_gate(accuracy_gate)
 
 
 def print_fidelity(bundle: Path) -> None:

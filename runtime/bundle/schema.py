@@ -11,6 +11,7 @@ in `checks.py` and `integrity.py`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -116,6 +117,7 @@ def _strict_integer(_checker: Any, value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+@functools.cache  # MANIFEST_SCHEMA is fixed: one validator serves every manifest read
 def _validator() -> Any:
     formats = FormatChecker(formats=())
     formats.checks(FINITE)(_finite)

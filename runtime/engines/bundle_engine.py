@@ -53,6 +53,12 @@ def check_servable(manifest: Manifest, prefill_chunk: int | str | None) -> None:
         raise ConfigError(f"prefill chunk must be >= 1 token, {AUTO_CHUNK!r} or None (one pass), got {prefill_chunk!r}")
 
 
+def has_prefill_graph(decoder: object) -> bool:
+    """Whether a decoder runner prefills long inputs on a CPU bundle's prefill graph (loaded where memory holds
+    it, runtime/engines/memory.py); TensorRT runners and single-graph bundles have none."""
+    return getattr(decoder, "prefill_session", None) is not None
+
+
 def resolve_chunk(asked: int | str | None, *, prefill_graph: bool) -> int | None:
     """The prefill chunk to run: `asked`, or for AUTO_CHUNK the one measured best for the graph that prefills."""
     if asked != AUTO_CHUNK:
@@ -110,8 +116,7 @@ class BundleEngine:
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
         self.max_length = manifest.kv.max_length if max_length is None else max_length
-        self.prefill_chunk = resolve_chunk(prefill_chunk,
-                                           prefill_graph=getattr(decoder, "prefill_session", None) is not None)
+        self.prefill_chunk = resolve_chunk(prefill_chunk, prefill_graph=has_prefill_graph(decoder))
 
     @property
     def length(self) -> int:
