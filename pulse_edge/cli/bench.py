@@ -75,6 +75,37 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
             click.echo(f"wrote {path}", err=True)
 
 
+@bench_group.command("profile")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="A bundle.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per phase.")
+@click.option("--positions", type=click.IntRange(min=16), default=2950, show_default=True,
+              help="Prompt positions prefilled (a letter print's prompt: 2880 image tokens and its text).")
+@click.option("--context", type=click.IntRange(min=2), default=3000, show_default=True,
+              help="Positions of context for the decode steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Decode steps per run.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Intra-op threads (0 = one per core).")
+@click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
+              help="As infer --prefill-chunk (default: the runtime's; 0 = one pass).")
+@click.option("--traces", type=click.Path(path_type=Path), default=None,
+              help="Keep ONNX Runtime's traces here (Perfetto or chrome://tracing opens them) [default: removed].")
+@click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Array size for the memory bandwidth measurement (far above the caches).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def profile_command(model_dir: Path, runs: int, positions: int, context: int, steps: int, threads: int,
+                    prefill_chunk: int | None, traces: Path | None, bandwidth_mib: int, json_path: Path | None) -> None:
+    """Where a bundle's time goes on this CPU: vision, prefill and decode op by op (ONNX Runtime's profiler),
+    grouped by role, each against this host's measured int8 GEMM, fp32 GEMM and read-bandwidth bounds."""
+    from pulse_edge.benchmarks.perf.profile import ProfileConfig, profile_table, run_profile
+
+    config = ProfileConfig(model=model_dir, runs=runs, positions=positions, context=context, steps=steps,
+                           threads=threads, prefill_chunk=prefill_chunk, traces=traces,
+                           bandwidth_bytes=bandwidth_mib * 2**20)
+    report = run_profile(config, progress=progress)
+    click.echo(profile_table(report))
+    write_json(json_path, report)
+
+
 @bench_group.command("backends")
 @click.option("--width", type=click.Choice(["tiny", "real"]), default="tiny", show_default=True,
               help="real: hidden 4096 and the full CLIP tower, with --layers decoder layers.")

@@ -97,6 +97,9 @@ class SessionConfig:
     provider_options: Mapping[str, Any] = field(default_factory=dict)
     emulate: bool = False  # run an fp8 bundle on the CPU EP as an exact Q/DQ emulation (validation only)
     prefill_graph: str = "auto"  # a CPU bundle's prefill graph: loaded where memory holds it (engines/memory.py)
+    # ONNX Runtime's profiler: each session writes a trace of every node it runs to DIR/<graph stem>_<time>.json
+    # when `end_profiling()` is called on it (`pulse-edge bench profile` reads them); None: off
+    profile_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in ORT_PROVIDERS:
@@ -235,6 +238,10 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
     options = _session_options(ort, config, session_settings(config, graph_limit, shapes_vary=shapes_vary))
     for key, value in (entries or {}).items():
         options.add_session_config_entry(key, value)
+    if config.profile_dir is not None:  # ORT writes no trace, and says nothing, into a folder that is not there
+        Path(config.profile_dir).mkdir(parents=True, exist_ok=True)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.fspath(Path(config.profile_dir) / path.stem)
     tensorrt = config.provider == "tensorrt"
     providers = provider_chain(config, fp16=fp16,
                                cache_dir=default_trt_cache() / graph_cache_key(path) if tensorrt else None)

@@ -1,0 +1,176 @@
+"""`pulse-edge bench profile`: ORT traces read and grouped by role, work counted from the recorded shapes, the phases
+placed by the clock, and the command on a tiny bundle."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from pulse_edge.benchmarks.common.ort_trace import (
+    ATTENTION,
+    FLOAT_GEMM,
+    INT8_GEMM,
+    NodeEvent,
+    in_window,
+    onnx_weight_bytes,
+    read_trace,
+    role_totals,
+)
+from pulse_edge.cli.bench import bench_group
+
+
+def _event(op: str, inputs=(), outputs=(), start: int = 0, dur: int = 1000, name: str = "n") -> NodeEvent:
+    return NodeEvent(graph="g", name=name, op=op, start_ns=start, dur_ns=dur, inputs=tuple(map(tuple, inputs)),
+                     outputs=tuple(map(tuple, outputs)))
+
+
+def test_a_gemm_counts_two_m_k_n_from_its_recorded_shapes() -> None:
+    # prepacked: the weight is not among the recorded inputs; the output shape gives N
+    e = _event("MatMulIntegerToFloat", [[2048, 4096], [2048, 1], [12288], []], [[2048, 12288]])
+    assert e.role == INT8_GEMM and e.gemm_ops() == 2 * 2048 * 4096 * 12288
+    assert _event("MatMulNBits", [[1, 1, 4096], [1024000]], [[1, 1, 32000]]).gemm_ops() == 2 * 4096 * 32000
+
+
+def test_a_matmul_of_two_activations_is_attention_not_a_linear_layer() -> None:
+    qk = _event("FusedMatMul", [[5, 16, 577, 64], [5, 16, 64, 577]], [[5, 16, 577, 577]])
+    linear = _event("MatMul", [[577, 1024], [1024, 1024]], [[577, 1024]])
+    assert qk.role == ATTENTION and linear.role == FLOAT_GEMM
+    assert _event("Softmax").role == ATTENTION and _event("NoSuchOp").role == "other"
+
+
+def test_group_query_attention_flops_count_the_full_product_orts_kernel_computes() -> None:
+    heads, kv, d, s, p = 32, 8, 128, 512, 1536
+    inputs = [[1, s, (heads + 2 * kv) * d], [1, kv, p, d], [1, kv, p, d], [1], [], [4096, 64]]
+    gqa = _event("GroupQueryAttention", inputs, [[1, s, heads * d], [1, kv, p + s, d], [1, kv, p + s, d]])
+    assert gqa.attention_flops() == 4 * heads * s * (p + s) * d
+    # a shared buffer: past and present are the whole buffer, so the attended length is not in the shapes
+    shared = _event("GroupQueryAttention", [[1, 1, (heads + 2 * kv) * d], [1, kv, 4096, d], [1, kv, 4096, d]],
+                    [[1, 1, heads * d], [1, kv, 4096, d], [1, kv, 4096, d]])
+    assert shared.attention_flops() is None
+
+
+def test_role_totals_are_per_run_and_say_unknown_work_instead_of_guessing() -> None:
+    gemm = [_event("MatMulIntegerToFloat", [[8, 16]], [[8, 32]], dur=3000, name=f"layers.{i}.qkv/matmul_int")
+            for i in range(4)]
+    shared = _event("GroupQueryAttention", [[1, 1, 96], [1, 1, 64, 32], [1, 1, 64, 32]],
+                    [[1, 1, 32], [1, 1, 64, 32], [1, 1, 64, 32]], dur=2000)
+    weights = {f"layers.{i}.qkv/matmul_int": 512 for i in range(4)}
+    totals = {t.role: t for t in role_totals([*gemm, shared, _event("Split", dur=1000)], runs=2, weight_bytes=weights)}
+    assert totals[INT8_GEMM].seconds == pytest.approx(6e-6) and totals[INT8_GEMM].nodes == 2
+    assert totals[INT8_GEMM].work == 2 * (2 * 8 * 16 * 32) and totals[INT8_GEMM].weight_bytes == 2 * 512
+    assert totals[ATTENTION].work is None  # one node of unknown work makes the role's work unknown
+    assert list(totals) == [INT8_GEMM, ATTENTION, "data movement"]  # ROLE_ORDER, not the order seen
+
+
+def test_events_are_read_onto_the_wall_clock_and_placed_in_windows(tmp_path: Path) -> None:
+    trace = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 50},
+             {"cat": "Node", "name": "a/matmul_kernel_time", "ts": 10, "dur": 5,
+              "args": {"op_name": "MatMul", "input_type_shape": [{"float": [2, 3]}, {"float": [3, 4]}],
+                       "output_type_shape": [{"float": [2, 4]}]}},
+             {"cat": "Node", "name": "b_fence_before", "ts": 20, "dur": 0, "args": {}}]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace))
+    (event,) = read_trace(path, "decoder", start_ns=1_000_000)
+    assert (event.name, event.op, event.start_ns, event.dur_ns) == ("a/matmul", "MatMul", 1_010_000, 5_000)
+    assert event.inputs == ((2, 3), (3, 4)) and event.gemm_ops() == 2 * 2 * 4 * 3
+    assert in_window([event], 1_000_000, 1_009_999) == [] and in_window([event], 1_010_000, 1_020_000) == [event]
+
+
+def _tiny_graph(path: Path) -> None:
+    """x [M, 16] -> MatMul(W [16, 8]) -> y, W in an external-data file (the bundles' layout)."""
+    w = numpy_helper.from_array(np.ones((16, 8), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj/matmul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 8])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+
+
+def test_weight_bytes_come_from_the_graph_without_reading_its_data(tmp_path: Path) -> None:
+    _tiny_graph(tmp_path / "g.onnx")
+    (tmp_path / "g.onnx.data").write_bytes(b"")  # emptied: only the headers may be read
+    assert onnx_weight_bytes(tmp_path / "g.onnx") == {"proj/matmul": 16 * 8 * 4}
+
+
+def test_an_ort_trace_lands_in_the_window_the_caller_timed(tmp_path: Path) -> None:
+    """The runtime's sessions write traces (SessionConfig.profile_dir) whose times are on the wall clock, with the
+    shapes the work is counted from: a guard against an ORT upgrade changing either."""
+    from pulse_edge.runtime.engines.ort import SessionConfig, make_session
+
+    _tiny_graph(tmp_path / "g.onnx")
+    session = make_session(tmp_path / "g.onnx", SessionConfig(threads=1, profile_dir=tmp_path / "traces"))
+    session.run(None, {"x": np.ones((4, 16), np.float32)})  # before the window
+    start = time.time_ns()
+    session.run(None, {"x": np.ones((32, 16), np.float32)})
+    end = time.time_ns()
+    trace = Path(session.end_profiling())
+    assert trace.parent == tmp_path / "traces" and trace.name.startswith("g_")
+    events = [e for e in read_trace(trace, "g", session.get_profiling_start_time_ns()) if e.op == "MatMul"]
+    assert len(events) == 2
+    (inside,) = in_window(events, start, end)
+    assert inside.gemm_ops() == 2 * 32 * 16 * 8
+
+
+@pytest.fixture(scope="module")
+def quick_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+    from pulse_edge.export.validate.parity import ValidationPlan
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("profile") / "bundle",
+                         ExportOptions(precision="fp32", plan=ValidationPlan.quick()))
+
+
+@pytest.fixture()
+def small_gemm_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real probe at a small shape: the test checks the report, not this host's peak."""
+    from pulse_edge.benchmarks.common import gemm_probe
+    from pulse_edge.benchmarks.perf import profile
+
+    def small(threads: int = 0):
+        return gemm_probe.measure_gemm_peak(threads=threads, repeats=1, shape=(64, 256, 256))
+    monkeypatch.setattr(profile, "measure_gemm_peak", small)
+
+
+def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, small_gemm_probe: None) -> None:
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--runs", "2", "--positions",
+                                              "40", "--context", "48", "--steps", "3", "--threads", "1",
+                                              "--bandwidth-mib", "8", "--traces", str(tmp_path / "traces"),
+                                              "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for name in ("vision", "prefill", "decode"):
+        phase = report["phases"][name]
+        assert f"{name}: " in result.output
+        assert 0 < phase["kernel_s_per_run"] <= phase["wall_s_per_run"]
+        assert abs(sum(r["seconds_per_run"] for r in phase["roles"]) - phase["kernel_s_per_run"]) < 1e-9
+    prefill = {r["role"]: r for r in report["phases"]["prefill"]["roles"]}
+    # the fp32 tiny decoder: its linear layers are float GEMMs over 40 positions (+ the lm_head's one row)
+    assert prefill[FLOAT_GEMM]["work_per_run"] >= 2 * 40 * 4 * 2 * 64 * 64
+    assert "attention" in prefill and report["config"]["prefilled_by"] == "decoder"
+    decode = {r["role"]: r for r in report["phases"]["decode"]["roles"]}
+    assert decode[FLOAT_GEMM]["weight_bytes_per_run"] > 0
+    assert report["phases"]["decode"]["achieved"]["rate"] > 0
+    assert sorted(p.name.split("_")[0] for p in (tmp_path / "traces").glob("*.json")) == ["decoder", "vision"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--positions", "5000"], "this bundle's cache holds"),
+    (["--context", "100000"], "this bundle's cache holds"),
+])
+def test_bench_profile_refuses_more_positions_than_the_cache_holds(quick_bundle: Path, args: list[str], message: str,
+                                                                    small_gemm_probe: None) -> None:
+    result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--bandwidth-mib", "8", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_bench_profile_refuses_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
+    result = CliRunner().invoke(bench_group, ["profile", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a bundle" in result.output
