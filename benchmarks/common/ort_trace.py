@@ -38,8 +38,8 @@ _ROLE_OPS = {
     WEIGHT_ONLY_GEMM: ("MatMulNBits",),
     FLOAT_GEMM: ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"),
     ATTENTION: ("GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax"),
-    "activation quantization": ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ReduceMax",
-                                "ReduceMin"),
+    "activation quantization": ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"),
+    "reductions": ("ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean"),  # the prefill graphs' per-token scales
     "norms": ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
               "SkipLayerNormalization"),
     "activations": ("QuickGelu", "Gelu", "FastGelu", "BiasGelu", "Sigmoid"),
@@ -101,24 +101,38 @@ def _shapes(recorded: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(d) for d in next(iter(entry.values()))) for entry in recorded or () if entry)
 
 
-def read_trace(path: Path, graph: str, start_ns: int) -> list[NodeEvent]:
-    """The node events of one session's trace; `start_ns`: the session's profiling start (ns since the epoch)."""
-    events = []
+@dataclass(frozen=True)
+class Trace:
+    """One session's trace: its node events and the start of each of its runs (model_run), on the wall clock."""
+
+    nodes: list[NodeEvent]
+    runs: list[int]
+
+
+def read_trace(path: Path, graph: str, start_ns: int) -> Trace:
+    """One session's trace; `start_ns`: the session's profiling start (ns since the epoch)."""
+    nodes, runs = [], []
     for event in json.loads(Path(path).read_text()):
         args = event.get("args") or {}
+        at = start_ns + int(event.get("ts", 0)) * 1000
+        if event.get("cat") == "Session" and event.get("name") == "model_run":
+            runs.append(at)
         if event.get("cat") != "Node" or "op_name" not in args:
             continue
-        name = str(event["name"]).removesuffix("_kernel_time")
-        events.append(NodeEvent(graph=graph, name=name, op=args["op_name"],
-                                start_ns=start_ns + int(event["ts"]) * 1000, dur_ns=int(event["dur"]) * 1000,
-                                inputs=_shapes(args.get("input_type_shape")),
-                                outputs=_shapes(args.get("output_type_shape"))))
-    return events
+        nodes.append(NodeEvent(graph=graph, name=str(event["name"]).removesuffix("_kernel_time"), op=args["op_name"],
+                               start_ns=at, dur_ns=int(event["dur"]) * 1000,
+                               inputs=_shapes(args.get("input_type_shape")),
+                               outputs=_shapes(args.get("output_type_shape"))))
+    return Trace(nodes=nodes, runs=runs)
 
 
 def in_window(events: Iterable[NodeEvent], start_ns: int, end_ns: int) -> list[NodeEvent]:
     """The events that started inside [start_ns, end_ns]."""
     return [e for e in events if start_ns <= e.start_ns <= end_ns]
+
+
+def runs_in_window(runs: Iterable[int], start_ns: int, end_ns: int) -> int:
+    return sum(1 for r in runs if start_ns <= r <= end_ns)
 
 
 @dataclass(frozen=True)
@@ -144,10 +158,11 @@ def _work(event: NodeEvent) -> float | None:
     return event.gemm_ops() if role_of(event.op) in GEMM_ROLES else event.attention_flops()
 
 
-def role_totals(events: Sequence[NodeEvent], runs: int, weight_bytes: Mapping[str, int] | None = None
-                ) -> list[RoleTotal]:
-    """Per role, in ROLE_ORDER, what `runs` runs of a phase spent, divided by `runs`. `weight_bytes`: node name ->
-    bytes of its weights (onnx_weight_bytes), for the GEMM roles' bytes read."""
+def role_totals(events: Sequence[NodeEvent], runs: int,
+                weight_bytes: Mapping[tuple[str, str], int] | None = None) -> list[RoleTotal]:
+    """Per role, in ROLE_ORDER, what `runs` runs of a phase spent, divided by `runs`. `weight_bytes`: (graph, node
+    name) -> bytes of its weights (onnx_weight_bytes), for the GEMM roles' bytes read; a GEMM node it does not
+    know, or knows as 0 bytes, makes the role's bytes unknown."""
     totals = []
     for role in ROLE_ORDER:
         mine = [e for e in events if e.role == role]
@@ -159,7 +174,8 @@ def role_totals(events: Sequence[NodeEvent], runs: int, weight_bytes: Mapping[st
         works = [_work(e) for e in mine]
         known = role in GEMM_ROLES or role == ATTENTION
         work = sum(w for w in works if w is not None) / runs if known and all(w is not None for w in works) else None
-        sizes = [weight_bytes.get(e.name) for e in mine] if weight_bytes is not None and role in GEMM_ROLES else []
+        sizes = ([weight_bytes.get((e.graph, e.name)) or None for e in mine]
+                 if weight_bytes is not None and role in GEMM_ROLES else [])
         read = sum(s for s in sizes if s is not None) / runs if sizes and all(s is not None for s in sizes) else None
         totals.append(RoleTotal(role=role, ops=tuple(sorted(per_op, key=per_op.get, reverse=True)),
                                 seconds=sum(per_op.values()) / 1e9 / runs, nodes=len(mine) // runs, work=work,
@@ -167,13 +183,28 @@ def role_totals(events: Sequence[NodeEvent], runs: int, weight_bytes: Mapping[st
     return totals
 
 
+# Ops a weight passes through on its way to a GEMM in a Q/DQ graph (ORT fuses them into the GEMM, keeping its name)
+PASS_THROUGH = frozenset({"DequantizeLinear", "Cast", "Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze"})
+
+
 def onnx_weight_bytes(path: Path) -> dict[str, int]:
-    """Node name -> bytes of the initializers it reads (external data included, read from the headers only)."""
+    """Node name -> bytes of the initializers it reads, directly or through PASS_THROUGH nodes (a Q/DQ weight's
+    DequantizeLinear); external data is sized from the headers, never read."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    sizes = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
-    return {n.name: sum(sizes[i] for i in n.input if i in sizes) for n in model.graph.node}
+    graph = onnx.load(str(path), load_external_data=False).graph
+    sizes = {t.name: _tensor_bytes(t) for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def weight(name: str, depth: int = 0) -> int:
+        if name in sizes:
+            return sizes[name]
+        node = producer.get(name)
+        if node is None or node.op_type not in PASS_THROUGH or depth > 4:
+            return 0
+        return sum(weight(i, depth + 1) for i in node.input)
+
+    return {n.name: sum(weight(i) for i in n.input) for n in graph.node}
 
 
 def _tensor_bytes(tensor: Any) -> int:

@@ -1,25 +1,24 @@
 """`pulse-edge bench profile`: where a bundle's time goes on this CPU, op by op, against the host's bounds.
 
-    probes: read bandwidth (numpy) and the int8 / fp32 GEMM peaks (ORT, gemm_probe.py)
-    bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir)
-      warm-up: each phase once, untimed
-      timed, one window per phase on the wall clock (the clock ORT's profiler starts from):
-        vision   the tiles of a letter print, `runs` times
-        prefill  `positions` positions in the runtime's chunks, on the graph the runtime picks, `runs` times
-        decode   `steps` steps at `context` positions of context, `runs` times
+    bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir): load refusals first
+    probes at the start and the end (the best of each counts): read bandwidth (numpy), int8 / fp32 GEMM (gemm_probe)
+    warm-up: each phase once, untimed
+    timed, one window per phase on the wall clock (the clock ORT's profiler starts from):
+      vision   the tiles of a letter print, `runs` times
+      prefill  `positions` positions in the runtime's chunks, on the graph the runtime picks, `runs` times
+      decode   `steps` steps at `context` positions of context, `runs` times
     each session's trace ─ the node events inside each window (benchmarks/common/ort_trace.py)
-    per phase: time per role (int8 GEMM, attention, activation quantization, ...) and its share; the GEMMs' ops/s
-    against the int8 probe (vision, prefill) or their weights' bytes/s against the read probe (decode); attention's
-    FLOP/s against the fp32 SGEMM probe; and the phase's ceiling if only its GEMMs and attention took time.
+      every window must hold all of its session runs (ORT's profiler stops recording after 1M events; a platform
+      whose profiler clock is not the wall clock would leave the windows empty): otherwise one line, no numbers
+    per phase: profile_report.py
 
-The ceiling answers "how far can this graph go with these kernels": a phase whose GEMMs already run at
-the probe and whose attention runs at the fp32 peak can only gain by dropping the other roles' time.
-Kernel times are ORT's own (the profiler adds a few microseconds per node: ~1% of a decode step); the
-gap between the window and the kernels is the session's own overhead, shown as "outside kernels".
+Kernel times are ORT's own (the profiler adds a few microseconds per node: ~1% of a decode step); the gap
+between the window and the kernels is the session's own overhead, shown as "outside kernels".
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,21 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from pulse_edge.benchmarks.common.gemm_probe import measure_gemm_peak
+from pulse_edge.benchmarks.common.gemm_probe import GemmPeak, measure_gemm_peak
 from pulse_edge.benchmarks.common.host import HostWindow, host_sample
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import bandwidth_probe, ecg_print, machine_with_load
-from pulse_edge.benchmarks.common.ort_trace import (
-    ATTENTION,
-    GEMM_ROLES,
-    NodeEvent,
-    RoleTotal,
-    in_window,
-    onnx_weight_bytes,
-    read_trace,
-    role_totals,
-)
-from pulse_edge.benchmarks.common.roofline import GB, bundle_decoder_facts
+from pulse_edge.benchmarks.common.ort_trace import Trace, onnx_weight_bytes, read_trace, runs_in_window
+from pulse_edge.benchmarks.common.roofline import GB, Bandwidth, bundle_decoder_facts
+from pulse_edge.benchmarks.perf.profile_report import Bounds, Phase, phase_report
 from pulse_edge.errors import ConfigError
 
 PHASES = ("vision", "prefill", "decode")
@@ -64,14 +55,6 @@ class ProfileConfig:
     seed: int = 0
 
 
-@dataclass
-class _Phase:
-    name: str
-    start_ns: int = 0
-    end_ns: int = 0
-    host: HostWindow | None = None
-
-
 class _Runner:
     """The bundle's engine as the runtime opens it, with the profiler on, and one callable per phase."""
 
@@ -81,8 +64,10 @@ class _Runner:
         from pulse_edge.runtime.pipeline import Pipeline
 
         chunk = {} if cfg.prefill_chunk is None else {"prefill_chunk": cfg.prefill_chunk or None}  # 0: one pass
+        self.opened = time.time_ns()
         self.pipeline = Pipeline.from_bundle(cfg.model, session=SessionConfig(threads=cfg.threads,
                                                                               profile_dir=trace_dir), **chunk)
+        self.loaded = time.time_ns()
         self.engine = self.pipeline.engine
         rng = np.random.default_rng(cfg.seed)
         table = self.engine.table
@@ -97,6 +82,9 @@ class _Runner:
         found = {"vision": self.engine.vision.session, "decoder": decoder.session,
                  "prefill": getattr(decoder, "prefill_session", None)}
         return {name: s for name, s in found.items() if s is not None}
+
+    def calls(self) -> dict[str, int]:
+        return {"vision": 1, "prefill": math.ceil(self.prompt.shape[1] / self.chunk), "decode": len(self.steps)}
 
     def vision(self) -> None:
         self.engine.vision.run(self.pixels)
@@ -114,7 +102,7 @@ class _Runner:
             decoder.forward(row[None, None])
 
 
-def _timed(phase: _Phase, fn: Callable[[], None], runs: int) -> None:
+def _timed(phase: Phase, fn: Callable[[], None], runs: int) -> None:
     before = host_sample()
     phase.start_ns = time.time_ns()
     for _ in range(runs):
@@ -123,18 +111,30 @@ def _timed(phase: _Phase, fn: Callable[[], None], runs: int) -> None:
     phase.host = HostWindow.between(before, host_sample())
 
 
-def _collect(runner: _Runner, bundle: Path) -> tuple[list[NodeEvent], dict[str, dict[str, int]]]:
-    """End every session's profiling: its node events and, per graph, node name -> weight bytes."""
-    events, weights = [], {}
+def _traces(runner: _Runner) -> dict[str, Trace]:
+    """End every session's profiling and read its trace; a profiler whose clock is not the wall clock is refused."""
+    traces = {}
     for graph, session in runner.sessions().items():
         start = session.get_profiling_start_time_ns()
-        events += read_trace(Path(session.end_profiling()), graph, start)
-        weights[graph] = onnx_weight_bytes(bundle / runner.pipeline.manifest.graphs[graph].file)
-    return events, weights
+        if not runner.opened <= start <= runner.loaded:
+            raise ConfigError("ONNX Runtime's profiler does not count time on the wall clock here (its start is "
+                              "outside the load); bench profile cannot place its events in the timed windows")
+        traces[graph] = read_trace(Path(session.end_profiling()), graph, start)
+    return traces
+
+
+def _check_complete(phase: Phase, traces: dict[str, Trace], runs: int) -> None:
+    """The window must hold every session run it timed, or its sums would be silently short."""
+    seen = {g: runs_in_window(t.runs, phase.start_ns, phase.end_ns) for g, t in traces.items()}
+    phase.graphs = [g for g, n in seen.items() if n]
+    if sum(seen.values()) != runs * phase.calls:
+        raise ConfigError(f"ONNX Runtime's trace holds {sum(seen.values())} of the {runs * phase.calls} session runs "
+                          f"of the {phase.name} window (its profiler stops after 1M events): ask for fewer --runs "
+                          "or --steps")
 
 
 def _check(cfg: ProfileConfig) -> None:
-    """Before the probes: a bundle, whose cache holds what is asked."""
+    """Before anything loads: a bundle whose cache holds what is asked, and a folder for the traces."""
     from pulse_edge.runtime.bundle.manifest import read_manifest
 
     if not (cfg.model / "manifest.json").is_file():
@@ -144,164 +144,60 @@ def _check(cfg: ProfileConfig) -> None:
     if max(cfg.positions, cfg.context) > room:
         raise ConfigError(f"--positions {cfg.positions} / --context {cfg.context}: this bundle's cache holds {room} "
                           "positions; ask for at most that many")
+    if cfg.traces is not None:
+        try:
+            cfg.traces.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.traces).close()
+        except OSError as e:
+            raise ConfigError(f"--traces {cfg.traces}: cannot write there ({e.strerror or e}); name a folder this "
+                              "user can write") from e
+
+
+def _probes(cfg: ProfileConfig, progress: Callable[[str], None], when: str) -> tuple[Bandwidth, GemmPeak]:
+    bandwidth = bandwidth_probe(cfg.bandwidth_bytes, progress, when)
+    progress(f"measuring the int8 and fp32 GEMM peaks ({when}, gemm_probe)")
+    return bandwidth, measure_gemm_peak(threads=cfg.threads)
+
+
+def _best(a: GemmPeak, b: GemmPeak) -> GemmPeak:
+    """Per kind the faster of two probes: the host did at least that."""
+    return GemmPeak(ops_per_s={k: max(a.ops_per_s.get(k, 0.0), v) for k, v in b.ops_per_s.items()}, shape=a.shape,
+                    repeats=a.repeats, threads=a.threads)
 
 
 def run_profile(cfg: ProfileConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     _check(cfg)
-    bandwidth = bandwidth_probe(cfg.bandwidth_bytes, progress, "start")
-    progress("measuring the int8 and fp32 GEMM peaks (gemm_probe)")
-    gemm = measure_gemm_peak(threads=cfg.threads)
     with tempfile.TemporaryDirectory(prefix="pulse-edge-profile-") as tmp:
-        trace_dir = cfg.traces or Path(tmp)
-        trace_dir.mkdir(parents=True, exist_ok=True)
         progress(f"loading {cfg.model} with ONNX Runtime's profiler on")
-        runner = _Runner(cfg, trace_dir)
-        phases = {name: _Phase(name) for name in PHASES}
-        for name in PHASES:
+        runner = _Runner(cfg, cfg.traces or Path(tmp))
+        bw_start, gemm_start = _probes(cfg, progress, "start")
+        phases = {name: Phase(name, calls=runner.calls()[name]) for name in PHASES}
+        for name, phase in phases.items():
             fn = getattr(runner, name)
             progress(f"{name}: 1 warm-up, {cfg.runs} timed")
             fn()
-            _timed(phases[name], fn, cfg.runs)
-        events, weights = _collect(runner, cfg.model)
+            _timed(phase, fn, cfg.runs)
+        bw_end, gemm_end = _probes(cfg, progress, "end")
+        traces = _traces(runner)
+        weights = {(graph, node): size for graph in traces
+                   for node, size in onnx_weight_bytes(cfg.model / runner.pipeline.manifest.graphs[graph].file).items()}
+    for phase in phases.values():
+        _check_complete(phase, traces, cfg.runs)
+    gemm, read = _best(gemm_start, gemm_end), max(bw_start.read, bw_end.read)
+    bounds = Bounds(int8=gemm.peak, fp32=gemm.ops_per_s.get("fp32", 0.0), read=read)
     facts = bundle_decoder_facts(cfg.model)
-    bound = _Bounds(int8=gemm.peak, fp32=gemm.ops_per_s.get("fp32", 0.0), read=bandwidth.read)
+    events = [e for t in traces.values() for e in t.nodes]
     return {
         "config": {"model": str(cfg.model), "runs": cfg.runs, "positions": cfg.positions, "context": cfg.context,
                    "steps": cfg.steps, "threads": cfg.threads, "prefill_chunk": runner.chunk,
-                   "prefilled_by": "prefill" if "prefill" in runner.sessions() else "decoder",
-                   "traces": str(cfg.traces) if cfg.traces else None},
+                   "prefilled_by": phases["prefill"].graphs, "traces": str(cfg.traces) if cfg.traces else None},
         "machine": machine_with_load(), "model": model_info(cfg.model),
-        "bounds": {"read_gb_s": bandwidth.read / GB, "int8_peak_tops": gemm.peak / 1e12,
-                   "int8_kind": gemm.best_kind, "fp32_tflops": gemm.ops_per_s.get("fp32", 0.0) / 1e12,
-                   "gemm": gemm.to_dict(), "bandwidth": bandwidth.to_dict()},
-        "phases": {name: _phase_report(p, events, weights, cfg, bound, facts.kv_bytes_per_position * cfg.context)
+        "bounds": {"read_gb_s": read / GB, "int8_peak_tops": gemm.peak / 1e12, "int8_kind": gemm.best_kind,
+                   "fp32_tflops": bounds.fp32 / 1e12, "gemm": gemm.to_dict(),
+                   "probes": {"start": {"bandwidth": bw_start.to_dict(), "gemm": gemm_start.to_dict()},
+                              "end": {"bandwidth": bw_end.to_dict(), "gemm": gemm_end.to_dict()}},
+                   "method": "the best of the start and end probes"},
+        "phases": {name: phase_report(p, events, weights, cfg.runs, bounds,
+                                      kv_bytes_per_run=facts.kv_bytes_per_position * cfg.context * cfg.steps)
                    for name, p in phases.items()},
     }
-
-
-def _phase_report(phase: _Phase, events: list[NodeEvent], weights: dict[str, dict[str, int]], cfg: ProfileConfig,
-                  bound: _Bounds, kv_bytes_per_step: float) -> dict[str, Any]:
-    """One phase's roles with their rates, the whole phase against its bound, and its ceiling."""
-    mine = in_window(events, phase.start_ns, phase.end_ns)
-    names = {w: b for graph in {e.graph for e in mine} for w, b in weights.get(graph, {}).items()}
-    roles = role_totals(mine, cfg.runs, names)
-    wall = (phase.end_ns - phase.start_ns) / 1e9 / cfg.runs
-    decode = phase.name == "decode"
-    kv = kv_bytes_per_step * cfg.steps if decode else None
-    gemms = [r for r in roles if r.role in GEMM_ROLES]
-    gemm_s = sum(r.seconds for r in gemms)
-    attention_s = sum(r.seconds for r in roles if r.role == ATTENTION)
-    # the phase's useful work against its bound: decode's bytes (weights + KV), the others' linear-layer ops
-    gemm_work = sum((r.weight_bytes if decode else r.work) or 0.0 for r in gemms)
-    work = gemm_work + (kv or 0.0)
-    against = bound.read if decode else bound.int8
-    return {
-        "wall_s_per_run": wall, "kernel_s_per_run": sum(r.seconds for r in roles),
-        "busy": phase.host.busy() if phase.host else "not timed",
-        "host": phase.host.to_dict() if phase.host else None,
-        "roles": [{**r.to_dict(), **_rates(r, bound, kv, min_seconds=MIN_SHARE * wall)} for r in roles],
-        "work_per_run": work, "work_unit": "bytes (weights + KV)" if decode else "ops (linear layers)",
-        "achieved": {"rate": work / wall, "of_bound": work / wall / against} if work else None,
-        "ceiling": {"gemm_and_attention": work / (gemm_s + attention_s) / against if gemm_s + attention_s else None,
-                    "gemm_only": gemm_work / gemm_s / against if gemm_s else None} if work else None,
-    }
-
-
-@dataclass(frozen=True)
-class _Bounds:
-    int8: float  # ops/s
-    fp32: float  # FLOP/s
-    read: float  # bytes/s
-
-
-MIN_SHARE = 0.01  # a role under 1% of its phase gets no rate: the lm_head's one row per prefill chunk is no GEMM
-# compute phases: role -> (the bound's field in _Bounds, its name); in decode every rate is bytes against the read probe
-COMPUTE_BOUNDS = {"int8 GEMM": ("int8", "int8 GEMM probe"), "weight-only GEMM": ("int8", "int8 GEMM probe"),
-                  "float GEMM": ("fp32", "fp32 SGEMM probe"), ATTENTION: ("fp32", "fp32 SGEMM probe")}
-
-
-def _rates(role: RoleTotal, bound: _Bounds, kv_bytes: float | None, *, min_seconds: float) -> dict[str, Any]:
-    """A role's achieved rate and the bound it is held against ({} where it has none). kv_bytes: the KV cache
-    bytes the decode phase's attention reads per run (None outside decode)."""
-    if role.seconds < max(min_seconds, 1e-9):
-        return {}
-    if kv_bytes is not None:  # decode: the GEMMs stream their weights, attention the cache
-        read = kv_bytes if role.role == ATTENTION else role.weight_bytes if role.role in GEMM_ROLES else None
-        if read is None:
-            return {}
-        unit = "bytes/s of KV cache" if role.role == ATTENTION else "bytes/s of weights"
-        return {"rate": read / role.seconds, "unit": unit, "of_bound": read / role.seconds / bound.read,
-                "bound": "read probe"}
-    if role.work is None or role.role not in COMPUTE_BOUNDS:
-        return {}
-    field, name = COMPUTE_BOUNDS[role.role]
-    rate, against = role.work / role.seconds, getattr(bound, field)
-    return {"rate": rate, "unit": "FLOP/s" if field == "fp32" else "ops/s",
-            "of_bound": rate / against if against else None, "bound": name}
-
-
-# ---------------------------------------------------------------- the printed report
-
-UNITS = {"ops/s": ("TOP/s", 1e12), "FLOP/s": ("TFLOP/s", 1e12), "bytes/s of weights": ("GB/s", 1e9),
-         "bytes/s of KV cache": ("GB/s", 1e9), "bytes (weights + KV)": ("GB/s", 1e9),
-         "ops (linear layers)": ("TOP/s", 1e12)}
-PHASE_WORDS = {
-    "vision": lambda c: "the 5 tiles of a letter print",
-    "prefill": lambda c: (f"{c['positions']} positions in chunks of {c['prefill_chunk']} on the "
-                          f"{c['prefilled_by']} graph"),
-    "decode": lambda c: f"{c['steps']} steps at {c['context']} positions of context",
-}
-
-
-def _rate(value: float | None, unit: str) -> str:
-    if value is None:
-        return ""
-    label, scale = UNITS[unit]
-    return f"{value / scale:.2f} {label}"
-
-
-def _of(fraction: float | None, busy: str | None) -> str:
-    if fraction is None:
-        return ""
-    return "busy" if busy else f"{100 * fraction:.0f}%"
-
-
-def profile_table(report: dict[str, Any]) -> str:
-    from pulse_edge.benchmarks.common.tables import markdown_table
-
-    c, b, m = report["config"], report["bounds"], report["machine"]
-    lines = [f"bench profile: {c['model']} ({report['model'].get('precision', '?')}), {c['threads'] or 'all'} "
-             f"threads, {c['runs']} timed runs per phase after 1 warm-up; ONNX Runtime's profiler on",
-             f"machine: {m['cpu']}, {m['cores']} cores; load average {' '.join(map(str, m['load_average']))}",
-             f"bounds: read {b['read_gb_s']:.1f} GB/s (numpy); int8 GEMM {b['int8_peak_tops']:.2f} TOP/s "
-             f"({b['int8_kind']}); fp32 SGEMM {b['fp32_tflops']:.2f} TFLOP/s (one ORT MatMul of "
-             f"{'x'.join(map(str, b['gemm']['shape_mkn']))})"]
-    for name, phase in report["phases"].items():
-        busy = phase["busy"]
-        wall = phase["wall_s_per_run"]
-        lines += ["", f"{name}: {PHASE_WORDS[name](c)}; {wall * 1e3:.0f} ms per run; host "
-                      f"{'busy (' + busy + '): no fractions printed' if busy else 'quiet'}"]
-        rows = [[r["role"], ", ".join(r["ops"][:3]) + (" ..." if len(r["ops"]) > 3 else ""),
-                 f"{r['seconds_per_run'] * 1e3:.1f}", f"{100 * r['seconds_per_run'] / wall:.0f}%",
-                 _rate(r.get("rate"), r.get("unit", "ops/s")),
-                 f"{_of(r.get('of_bound'), busy)} of {r['bound']}" if r.get("bound") else ""]
-                for r in phase["roles"]]
-        outside = wall - phase["kernel_s_per_run"]
-        rows.append(["outside kernels", "session overhead, gaps", f"{outside * 1e3:.1f}",
-                     f"{100 * outside / wall:.0f}%", "", ""])
-        lines.append(markdown_table(["role", "op types", "ms / run", "share", "achieved", "of bound"], rows))
-        lines.append(_phase_line(name, phase, busy))
-    return "\n".join(lines)
-
-
-def _phase_line(name: str, phase: dict[str, Any], busy: str | None) -> str:
-    a, ceiling = phase["achieved"], phase["ceiling"]
-    if a is None:
-        return "whole phase: no linear-layer work recorded"
-    probe = "read probe" if name == "decode" else "int8 GEMM probe"
-    what = "weights + KV" if name == "decode" else "linear-layer ops"
-    line = f"whole phase: {_rate(a['rate'], phase['work_unit'])} of {what} = {_of(a['of_bound'], busy)} of the {probe}"
-    parts = [f"{label} {_of(value, busy)}" for label, value in (
-        ("only the GEMMs and attention taking time:", ceiling["gemm_and_attention"]),
-        ("the GEMMs alone:", ceiling["gemm_only"])) if value is not None]
-    return line + ("; ceiling with " + "; ".join(parts) if parts else "")

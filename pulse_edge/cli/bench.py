@@ -96,7 +96,8 @@ def profile_command(model_dir: Path, runs: int, positions: int, context: int, st
                     prefill_chunk: int | None, traces: Path | None, bandwidth_mib: int, json_path: Path | None) -> None:
     """Where a bundle's time goes on this CPU: vision, prefill and decode op by op (ONNX Runtime's profiler),
     grouped by role, each against this host's measured int8 GEMM, fp32 GEMM and read-bandwidth bounds."""
-    from pulse_edge.benchmarks.perf.profile import ProfileConfig, profile_table, run_profile
+    from pulse_edge.benchmarks.perf.profile import ProfileConfig, run_profile
+    from pulse_edge.benchmarks.perf.profile_report import profile_table
 
     config = ProfileConfig(model=model_dir, runs=runs, positions=positions, context=context, steps=steps,
                            threads=threads, prefill_chunk=prefill_chunk, traces=traces,

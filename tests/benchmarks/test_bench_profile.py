@@ -13,16 +13,19 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from pulse_edge.benchmarks.common.host import HostWindow
 from pulse_edge.benchmarks.common.ort_trace import (
     ATTENTION,
     FLOAT_GEMM,
     INT8_GEMM,
+    WEIGHT_ONLY_GEMM,
     NodeEvent,
     in_window,
     onnx_weight_bytes,
     read_trace,
     role_totals,
 )
+from pulse_edge.benchmarks.perf.profile_report import Bounds, Phase, phase_report
 from pulse_edge.cli.bench import bench_group
 
 
@@ -45,8 +48,9 @@ def test_a_matmul_of_two_activations_is_attention_not_a_linear_layer() -> None:
     assert _event("Softmax").role == ATTENTION and _event("NoSuchOp").role == "other"
 
 
-def test_group_query_attention_flops_count_the_full_product_orts_kernel_computes() -> None:
-    heads, kv, d, s, p = 32, 8, 128, 512, 1536
+@pytest.mark.parametrize("p", [0, 1536])  # the first chunk (nothing cached) and a later one
+def test_group_query_attention_flops_count_the_full_product_orts_kernel_computes(p: int) -> None:
+    heads, kv, d, s = 32, 8, 128, 512
     inputs = [[1, s, (heads + 2 * kv) * d], [1, kv, p, d], [1, kv, p, d], [1], [], [4096, 64]]
     gqa = _event("GroupQueryAttention", inputs, [[1, s, heads * d], [1, kv, p + s, d], [1, kv, p + s, d]])
     assert gqa.attention_flops() == 4 * heads * s * (p + s) * d
@@ -61,12 +65,15 @@ def test_role_totals_are_per_run_and_say_unknown_work_instead_of_guessing() -> N
             for i in range(4)]
     shared = _event("GroupQueryAttention", [[1, 1, 96], [1, 1, 64, 32], [1, 1, 64, 32]],
                     [[1, 1, 32], [1, 1, 64, 32], [1, 1, 64, 32]], dur=2000)
-    weights = {f"layers.{i}.qkv/matmul_int": 512 for i in range(4)}
+    weights = {("g", f"layers.{i}.qkv/matmul_int"): 512 for i in range(4)}
     totals = {t.role: t for t in role_totals([*gemm, shared, _event("Split", dur=1000)], runs=2, weight_bytes=weights)}
     assert totals[INT8_GEMM].seconds == pytest.approx(6e-6) and totals[INT8_GEMM].nodes == 2
     assert totals[INT8_GEMM].work == 2 * (2 * 8 * 16 * 32) and totals[INT8_GEMM].weight_bytes == 2 * 512
     assert totals[ATTENTION].work is None  # one node of unknown work makes the role's work unknown
     assert list(totals) == [INT8_GEMM, ATTENTION, "data movement"]  # ROLE_ORDER, not the order seen
+    # weights known in another graph only, or as 0 bytes: unknown, not zero
+    for other in ({("prefill", n): 512 for _, n in weights}, {k: 0 for k in weights}):
+        assert role_totals(gemm, runs=2, weight_bytes=other)[0].weight_bytes is None
 
 
 def test_events_are_read_onto_the_wall_clock_and_placed_in_windows(tmp_path: Path) -> None:
@@ -77,7 +84,9 @@ def test_events_are_read_onto_the_wall_clock_and_placed_in_windows(tmp_path: Pat
              {"cat": "Node", "name": "b_fence_before", "ts": 20, "dur": 0, "args": {}}]
     path = tmp_path / "t.json"
     path.write_text(json.dumps(trace))
-    (event,) = read_trace(path, "decoder", start_ns=1_000_000)
+    read = read_trace(path, "decoder", start_ns=1_000_000)
+    assert read.runs == [1_000_000]
+    (event,) = read.nodes
     assert (event.name, event.op, event.start_ns, event.dur_ns) == ("a/matmul", "MatMul", 1_010_000, 5_000)
     assert event.inputs == ((2, 3), (3, 4)) and event.gemm_ops() == 2 * 2 * 4 * 3
     assert in_window([event], 1_000_000, 1_009_999) == [] and in_window([event], 1_010_000, 1_020_000) == [event]
@@ -99,6 +108,19 @@ def test_weight_bytes_come_from_the_graph_without_reading_its_data(tmp_path: Pat
     assert onnx_weight_bytes(tmp_path / "g.onnx") == {"proj/matmul": 16 * 8 * 4}
 
 
+def test_a_qdq_weight_is_counted_through_its_dequantize_node(tmp_path: Path) -> None:
+    """TensorRT-ready graphs feed a MatMul its weight through DequantizeLinear; ORT fuses the pair and keeps the
+    MatMul's name, so the weight's bytes must be found behind the DequantizeLinear."""
+    q = numpy_helper.from_array(np.ones((16, 8), np.int8), "wq")
+    scale = numpy_helper.from_array(np.ones(8, np.float32), "ws")
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="w/dq", axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="proj/matmul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 8])], initializer=[q, scale])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "q.onnx"))
+    assert onnx_weight_bytes(tmp_path / "q.onnx")["proj/matmul"] == 16 * 8 + 8 * 4
+
+
 def test_an_ort_trace_lands_in_the_window_the_caller_timed(tmp_path: Path) -> None:
     """The runtime's sessions write traces (SessionConfig.profile_dir) whose times are on the wall clock, with the
     shapes the work is counted from: a guard against an ORT upgrade changing either."""
@@ -112,8 +134,9 @@ def test_an_ort_trace_lands_in_the_window_the_caller_timed(tmp_path: Path) -> No
     end = time.time_ns()
     trace = Path(session.end_profiling())
     assert trace.parent == tmp_path / "traces" and trace.name.startswith("g_")
-    events = [e for e in read_trace(trace, "g", session.get_profiling_start_time_ns()) if e.op == "MatMul"]
-    assert len(events) == 2
+    read = read_trace(trace, "g", session.get_profiling_start_time_ns())
+    events = [e for e in read.nodes if e.op == "MatMul"]
+    assert len(events) == 2 and len(read.runs) == 2
     (inside,) = in_window(events, start, end)
     assert inside.gemm_ops() == 2 * 32 * 16 * 8
 
@@ -138,11 +161,18 @@ def small_gemm_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(profile, "measure_gemm_peak", small)
 
 
+def _decoder_matmuls(bundle: Path) -> list[tuple[str, int, int]]:
+    """(name, K, N) of the decoder graph's weight MatMuls, from the graph itself."""
+    proto = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
+    shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    return [(n.name, *shapes[n.input[1]]) for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in shapes]
+
+
 def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, small_gemm_probe: None) -> None:
-    out = tmp_path / "profile.json"
+    out, positions, steps = tmp_path / "profile.json", 40, 3
     result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--runs", "2", "--positions",
-                                              "40", "--context", "48", "--steps", "3", "--threads", "1",
-                                              "--bandwidth-mib", "8", "--traces", str(tmp_path / "traces"),
+                                              str(positions), "--context", "48", "--steps", str(steps), "--threads",
+                                              "1", "--bandwidth-mib", "8", "--traces", str(tmp_path / "traces"),
                                               "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -151,14 +181,59 @@ def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
         assert f"{name}: " in result.output
         assert 0 < phase["kernel_s_per_run"] <= phase["wall_s_per_run"]
         assert abs(sum(r["seconds_per_run"] for r in phase["roles"]) - phase["kernel_s_per_run"]) < 1e-9
+    # exact work per run, from the graph: the warm-up run and the other phases' runs are not counted
+    matmuls = _decoder_matmuls(quick_bundle)
     prefill = {r["role"]: r for r in report["phases"]["prefill"]["roles"]}
-    # the fp32 tiny decoder: its linear layers are float GEMMs over 40 positions (+ the lm_head's one row)
-    assert prefill[FLOAT_GEMM]["work_per_run"] >= 2 * 40 * 4 * 2 * 64 * 64
-    assert "attention" in prefill and report["config"]["prefilled_by"] == "decoder"
+    rows = {name: 1 if "lm_head" in name else positions for name, _, _ in matmuls}  # one chunk; logits of the last
+    assert prefill[FLOAT_GEMM]["work_per_run"] == sum(2 * k * n * rows[name] for name, k, n in matmuls)
+    assert prefill[FLOAT_GEMM]["node_runs_per_run"] == len(matmuls)
+    assert "attention" in prefill and report["config"]["prefilled_by"] == ["decoder"]
     decode = {r["role"]: r for r in report["phases"]["decode"]["roles"]}
-    assert decode[FLOAT_GEMM]["weight_bytes_per_run"] > 0
-    assert report["phases"]["decode"]["achieved"]["rate"] > 0
+    assert decode[FLOAT_GEMM]["weight_bytes_per_run"] == steps * sum(4 * k * n for _, k, n in matmuls)
+    assert decode[FLOAT_GEMM]["node_runs_per_run"] == steps * len(matmuls)
+    assert report["phases"]["decode"]["rate"] > 0
     assert sorted(p.name.split("_")[0] for p in (tmp_path / "traces").glob("*.json")) == ["decoder", "vision"]
+
+
+def _phase(busy: bool) -> Phase:
+    host = HostWindow(seconds=1.0, others_cores=1.5 if busy else 0.0, steal_fraction=0.0, load_average=0.0)
+    return Phase("prefill", calls=1, start_ns=0, end_ns=4_000_000_000, host=host)  # 2 runs of 2 s
+
+
+def _prefill_events(gemm_shapes: bool = True) -> list[NodeEvent]:
+    gemm = _event("MatMulIntegerToFloat", [[1000, 1000]] if gemm_shapes else [], [[1000, 1000]], dur=500_000_000)
+    attention = _event("GroupQueryAttention", [[1, 1000, 3 * 128], [1, 1, 0, 128]],
+                       [[1, 1000, 128], [1, 1, 1000, 128]], start=1, dur=500_000_000)
+    return [gemm, attention, _event("Split", start=2, dur=1_000_000_000),
+            _event("MatMulNBits", [[1, 1, 1000]], [[1, 1, 10]], start=3, dur=10_000_000)]  # 0.25% of the phase
+
+
+def test_a_phase_report_gives_rates_fractions_and_the_ceiling_as_times_say() -> None:
+    bounds = Bounds(int8=1e12, fp32=1e11, read=1e10)
+    report = phase_report(_phase(busy=False), _prefill_events(), {}, 2, bounds, kv_bytes_per_run=0.0)
+    roles = {r["role"]: r for r in report["roles"]}
+    gemm_ops = 2 * 1000 * 1000 * 1000 + 2 * 1000 * 10  # in 2 runs: the int8 GEMM and the lm_head-like GEMV
+    # per run: 1e9 ops in 0.25 s; attention (1 head: 3 x 128 wide, 1 kv head) 4 x 1000 x 1000 x 128 / 2 in 0.25 s
+    assert roles[INT8_GEMM]["rate"] == pytest.approx(1e9 / 0.25) and roles[INT8_GEMM]["of_bound"] == pytest.approx(4e-3)
+    assert roles[ATTENTION]["of_bound"] == pytest.approx(4 * 1000 * 1000 * 128 / 2 / 0.25 / 1e11)
+    assert "rate" not in roles[WEIGHT_ONLY_GEMM]  # under MIN_SHARE of the phase: no rate
+    assert report["rate"] == pytest.approx(gemm_ops / 2 / 2.0)
+    # wall 2 s per run; GEMMs 0.255 s, attention 0.25 s
+    assert report["ceiling_speedup"]["gemm_and_attention"] == pytest.approx(2.0 / 0.505)
+    assert report["ceiling_of_bound"]["gemm_only"] == pytest.approx(report["of_bound"] * 2.0 / 0.255)
+
+
+def test_a_busy_window_or_unknown_work_prints_no_fraction() -> None:
+    bounds = Bounds(int8=1e12, fp32=1e11, read=1e10)
+    busy = phase_report(_phase(busy=True), _prefill_events(), {}, 2, bounds, kv_bytes_per_run=0.0)
+    assert busy["busy"] and busy["of_bound"] is None and busy["ceiling_of_bound"] is None
+    assert all(r.get("of_bound") is None for r in busy["roles"]) and busy["rate"] > 0
+    unknown = phase_report(_phase(busy=False), _prefill_events(gemm_shapes=False), {}, 2, bounds, kv_bytes_per_run=0.0)
+    assert unknown["rate"] is None and unknown["of_bound"] is None and "int8 GEMM" in unknown["work_unknown"]
+    from pulse_edge.benchmarks.perf.profile_report import _phase_line
+
+    assert "no rate (the trace does not give the work of its int8 GEMM)" in _phase_line("prefill", unknown)
+    assert "busy: no fraction" in _phase_line("prefill", busy)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -174,3 +249,22 @@ def test_bench_profile_refuses_more_positions_than_the_cache_holds(quick_bundle:
 def test_bench_profile_refuses_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
     result = CliRunner().invoke(bench_group, ["profile", "--model", str(tmp_path)])
     assert result.exit_code == 2 and "is not a bundle" in result.output
+
+
+def test_bench_profile_refuses_a_traces_folder_it_cannot_write(quick_bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    for traces in (tmp_path / "file", tmp_path / "file" / "below"):
+        result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--traces", str(traces)])
+        assert result.exit_code == 2 and "cannot write there" in result.output and "Traceback" not in result.output
+
+
+def test_bench_profile_refuses_a_trace_short_of_the_runs_it_timed(quick_bundle: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  small_gemm_probe: None) -> None:
+    """ORT's profiler stops after 1M events: a window holding fewer session runs than were timed gives one line."""
+    from pulse_edge.benchmarks.perf import profile
+
+    calls = profile._Runner.calls
+    monkeypatch.setattr(profile._Runner, "calls", lambda self: {**calls(self), "decode": len(self.steps) + 1})
+    result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--runs", "1", "--positions",
+                                              "20", "--context", "24", "--steps", "2", "--bandwidth-mib", "8"])
+    assert result.exit_code == 2 and "holds 2 of the 3 session runs of the decode window" in result.output

@@ -1,0 +1,189 @@
+"""`bench profile`'s numbers and table: one phase's roles against the host's bounds, and the phase's ceiling.
+
+    per role (benchmarks/common/ort_trace.py): ms per run and share of the phase's window
+      vision, prefill  GEMMs: ops/s against the int8 GEMM probe (float GEMMs and attention: the fp32 SGEMM probe)
+      decode           GEMMs: their weights' bytes/s, attention: the KV cache's bytes/s, against the read probe
+    the whole phase    decode: (weights + KV) bytes/s, the others: linear-layer ops/s, against the same probes
+    the ceiling        how much faster the phase would be if only its GEMMs and attention took time, and if only
+                       its GEMMs did: a ratio of times, the same whatever the probes said; and the fraction of
+                       the probe that would give
+
+A probe is kernel-and-quantization time (gemm_probe.py times whole ORT calls); a GEMM role is kernel time only,
+its activations' quantization being a role of its own: a GEMM role can pass 100% of the probe.
+A fraction is printed only when the phase's window was quiet (benchmarks/common/host.py), and a phase whose
+linear work is not known from the traces (a GEMM whose shapes or weights the trace does not give) gets no
+whole-phase rate: it says so instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pulse_edge.benchmarks.common.host import HostWindow
+from pulse_edge.benchmarks.common.ort_trace import (
+    ATTENTION,
+    FLOAT_GEMM,
+    GEMM_ROLES,
+    INT8_GEMM,
+    WEIGHT_ONLY_GEMM,
+    NodeEvent,
+    RoleTotal,
+    in_window,
+    role_totals,
+)
+from pulse_edge.benchmarks.common.tables import markdown_table
+
+
+@dataclass
+class Phase:
+    """One phase's timed window (wall clock, ns), the host meanwhile, and the session runs it must hold."""
+
+    name: str
+    calls: int  # session runs per timed run
+    start_ns: int = 0
+    end_ns: int = 0
+    host: HostWindow | None = None
+    graphs: list[str] = field(default_factory=list)  # the sessions that ran in it
+
+
+@dataclass(frozen=True)
+class Bounds:
+    int8: float  # ops/s, the best int8 GEMM probe
+    fp32: float  # FLOP/s, the fp32 SGEMM probe
+    read: float  # bytes/s, the read bandwidth probe
+
+
+MIN_SHARE = 0.01  # a role under 1% of its phase gets no rate: the lm_head's one row per prefill chunk is no GEMM
+# compute phases: role -> (the Bounds field it is held against, its name)
+COMPUTE_BOUNDS = {INT8_GEMM: ("int8", "int8 GEMM probe"), WEIGHT_ONLY_GEMM: ("int8", "int8 GEMM probe"),
+                  FLOAT_GEMM: ("fp32", "fp32 SGEMM probe"), ATTENTION: ("fp32", "fp32 SGEMM probe")}
+
+
+def _rates(role: RoleTotal, bounds: Bounds, kv_bytes: float | None, *, min_seconds: float) -> dict[str, Any]:
+    """A role's achieved rate and the bound it is held against ({} where it has none). kv_bytes: the KV cache
+    bytes the decode phase's attention reads per run (None outside decode)."""
+    if role.seconds < max(min_seconds, 1e-9):
+        return {}
+    if kv_bytes is not None:  # decode: the GEMMs stream their weights, attention the cache
+        read = kv_bytes if role.role == ATTENTION else role.weight_bytes if role.role in GEMM_ROLES else None
+        if read is None:
+            return {}
+        unit = "bytes/s of KV cache" if role.role == ATTENTION else "bytes/s of weights"
+        return {"rate": read / role.seconds, "unit": unit, "of_bound": read / role.seconds / bounds.read,
+                "bound": "read probe"}
+    if role.work is None or role.role not in COMPUTE_BOUNDS:
+        return {}
+    kind, name = COMPUTE_BOUNDS[role.role]
+    rate, against = role.work / role.seconds, getattr(bounds, kind)
+    return {"rate": rate, "unit": "FLOP/s" if kind == "fp32" else "ops/s",
+            "of_bound": rate / against if against else None, "bound": name}
+
+
+def _linear_work(gemms: Sequence[RoleTotal], decode: bool, kv_bytes: float) -> tuple[float | None, str | None]:
+    """The phase's useful work per run, or None and why."""
+    unknown = [r.role for r in gemms if (r.weight_bytes if decode else r.work) is None]
+    if not gemms or unknown:
+        return None, (f"the trace does not give the work of its {', '.join(unknown)}" if unknown
+                      else "no GEMM ran in it")
+    return sum((r.weight_bytes if decode else r.work) or 0.0 for r in gemms) + (kv_bytes if decode else 0.0), None
+
+
+def phase_report(phase: Phase, events: list[NodeEvent], weights: Mapping[tuple[str, str], int], runs: int,
+                 bounds: Bounds, *, kv_bytes_per_run: float) -> dict[str, Any]:
+    """One phase's roles with their rates, the whole phase against its bound, and its ceiling."""
+    roles = role_totals(in_window(events, phase.start_ns, phase.end_ns), runs, weights)
+    wall = (phase.end_ns - phase.start_ns) / 1e9 / runs
+    decode = phase.name == "decode"
+    busy = phase.host.busy() if phase.host else "no host sample"
+    rows = [{**r.to_dict(), **_rates(r, bounds, kv_bytes_per_run if decode else None, min_seconds=MIN_SHARE * wall)}
+            for r in roles]
+    gemms = [r for r in roles if r.role in GEMM_ROLES]
+    gemm_s = sum(r.seconds for r in gemms)
+    both_s = gemm_s + sum(r.seconds for r in roles if r.role == ATTENTION)
+    work, unknown = _linear_work(gemms, decode, kv_bytes_per_run)
+    against = bounds.read if decode else bounds.int8
+    achieved = None if work is None else work / wall / against
+    speedups = {"gemm_and_attention": wall / both_s if both_s else None,
+                "gemm_only": wall / gemm_s if gemm_s else None}
+    report = {
+        "wall_s_per_run": wall, "kernel_s_per_run": sum(r.seconds for r in roles), "busy": busy,
+        "host": phase.host.to_dict() if phase.host else None, "graphs": phase.graphs, "roles": rows,
+        "work_per_run": work, "work_unit": "bytes (weights + KV)" if decode else "ops (linear layers)",
+        "work_unknown": unknown, "rate": None if work is None else work / wall, "of_bound": achieved,
+        "ceiling_speedup": speedups,
+        "ceiling_of_bound": {k: None if achieved is None or v is None else achieved * v for k, v in speedups.items()},
+    }
+    return _without_fractions(report) if busy else report
+
+
+def _without_fractions(report: dict[str, Any]) -> dict[str, Any]:
+    """A busy window's report keeps its times and rates, not a fraction of a bound nor a ceiling."""
+    roles = [{**r, "of_bound": None} if "of_bound" in r else r for r in report["roles"]]
+    return {**report, "roles": roles, "of_bound": None, "ceiling_speedup": None, "ceiling_of_bound": None}
+
+
+# ---------------------------------------------------------------- the printed report
+
+UNITS = {"ops/s": ("TOP/s", 1e12), "FLOP/s": ("TFLOP/s", 1e12), "bytes/s of weights": ("GB/s", 1e9),
+         "bytes/s of KV cache": ("GB/s", 1e9), "bytes (weights + KV)": ("GB/s", 1e9),
+         "ops (linear layers)": ("TOP/s", 1e12)}
+PHASE_WORDS = {
+    "vision": lambda c: "the 5 tiles of a letter print",
+    "prefill": lambda c: f"{c['positions']} positions in chunks of {c['prefill_chunk']} on the "
+                         f"{' and '.join(c['prefilled_by']) or '?'} graph",
+    "decode": lambda c: f"{c['steps']} steps at {c['context']} positions of context",
+}
+
+
+def _rate(value: float | None, unit: str) -> str:
+    if value is None:
+        return ""
+    label, scale = UNITS[unit]
+    return f"{value / scale:.2f} {label}"
+
+
+def _percent(fraction: float | None) -> str:
+    return "" if fraction is None else f"{100 * fraction:.0f}%"
+
+
+def profile_table(report: dict[str, Any]) -> str:
+    c, b, m = report["config"], report["bounds"], report["machine"]
+    lines = [f"bench profile: {c['model']} ({report['model'].get('precision', '?')}), {c['threads'] or 'all'} "
+             f"threads, {c['runs']} timed runs per phase after 1 warm-up; ONNX Runtime's profiler on",
+             f"machine: {m['cpu']}, {m['cores']} cores; load average {' '.join(map(str, m['load_average']))}",
+             f"bounds ({b['method']}): read {b['read_gb_s']:.1f} GB/s (numpy); int8 GEMM {b['int8_peak_tops']:.2f} "
+             f"TOP/s ({b['int8_kind']}); fp32 SGEMM {b['fp32_tflops']:.2f} TFLOP/s (one ORT MatMul of "
+             f"{'x'.join(map(str, b['gemm']['shape_mkn']))}, activation quantization included)"]
+    for name, phase in report["phases"].items():
+        wall, busy = phase["wall_s_per_run"], phase["busy"]
+        lines += ["", f"{name}: {PHASE_WORDS[name](c)}; {wall * 1e3:.0f} ms per run; host "
+                      f"{'busy (' + busy + '): no fractions printed' if busy else 'quiet'}"]
+        rows = [[r["role"], ", ".join(r["ops"][:3]) + (" ..." if len(r["ops"]) > 3 else ""),
+                 f"{r['seconds_per_run'] * 1e3:.1f}", f"{100 * r['seconds_per_run'] / wall:.0f}%",
+                 _rate(r.get("rate"), r.get("unit", "ops/s")),
+                 f"{_percent(r.get('of_bound')) or 'busy'} of {r['bound']}" if r.get("bound") else ""]
+                for r in phase["roles"]]
+        outside = wall - phase["kernel_s_per_run"]
+        rows.append(["outside kernels", "session overhead, gaps", f"{outside * 1e3:.1f}",
+                     f"{100 * outside / wall:.0f}%", "", ""])
+        lines.append(markdown_table(["role", "op types", "ms / run", "share", "achieved", "of bound"], rows))
+        lines.append(_phase_line(name, phase))
+    return "\n".join(lines)
+
+
+def _phase_line(name: str, phase: dict[str, Any]) -> str:
+    if phase["rate"] is None:
+        return f"whole phase: no rate ({phase['work_unknown']})"
+    probe = "read probe" if name == "decode" else "int8 GEMM probe"
+    what = "weights + KV" if name == "decode" else "linear-layer ops"
+    line = f"whole phase: {_rate(phase['rate'], phase['work_unit'])} of {what}"
+    if phase["busy"]:
+        return line + " (busy: no fraction)"
+    line += f" = {_percent(phase['of_bound'])} of the {probe}"
+    speed, frac = phase["ceiling_speedup"], phase["ceiling_of_bound"]
+    parts = [f"{label} {speed[key]:.2f}x faster" + (f" ({_percent(frac[key])})" if frac[key] is not None else "")
+             for key, label in (("gemm_and_attention", "only the GEMMs and attention taking time:"),
+                                ("gemm_only", "the GEMMs alone:")) if speed[key] is not None]
+    return line + ("; ceiling with " + "; ".join(parts) if parts else "")

@@ -1,0 +1,200 @@
+"""How fast ONNX Runtime's CPU kernels run the pieces `bench profile` names: a study, one table per kernel.
+
+    attention    GroupQueryAttention (fp32, heads x 128) at several (new positions S, cached P):
+                 FLOP/s of the full S x T product it computes; smaller S means less causal waste but a
+                 less efficient kernel, which is why splitting a chunk's attention does not pay
+    gemv         MatMulNBits at M = 1 (a decode step) over distinct weights far above the caches: bits 4 and 8,
+                 accuracy levels 1 (fp32 compute) and 4 (int8 compute), block sizes: GB/s of packed weights
+    vision       one CLIP layer's attention over 5 tiles: MatMul / Softmax / MatMul as the vision graph
+                 writes it against MultiHeadAttention (MLAS's flash attention on the CPU EP)
+
+Every cell: median of `repeats` timed calls after a warm-up, the variants of a table interleaved call by call.
+Random inputs: speed only. `python -m pulse_edge.benchmarks.studies.cpu_kernels --help`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from pulse_edge.benchmarks.common.output import write_json
+from pulse_edge.benchmarks.common.tables import markdown_table
+
+CONTRIB = "com.microsoft"
+
+
+def _session(model: Any, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: list[Any] = ()) -> Any:
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "study", inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB, 1)],
+                             ir_version=10)
+
+
+def _interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call, the variants interleaved (forward, then backward) after one warm-up each."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(repeats):
+        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gqa_rates(shapes: list[tuple[int, int]], heads: int, threads: int, repeats: int) -> list[dict[str, Any]]:
+    """GroupQueryAttention over a past of P positions (not a shared buffer), S new ones: FLOP/s of S x T."""
+    from onnx import TensorProto, helper
+
+    d, room = 128, max(s + p for s, p in shapes)
+    f32 = TensorProto.FLOAT
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "sk", "total", "cos", "sin"],
+                            ["o", "k", "v"], domain=CONTRIB, num_heads=heads, kv_num_heads=heads, do_rotary=1,
+                            scale=d ** -0.5)
+    inputs = [helper.make_tensor_value_info("qkv", f32, [1, "S", 3 * heads * d]),
+              *(helper.make_tensor_value_info(n, f32, [1, heads, "P", d]) for n in ("pk", "pv")),
+              helper.make_tensor_value_info("sk", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, []),
+              *(helper.make_tensor_value_info(n, f32, [room, d // 2]) for n in ("cos", "sin"))]
+    outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("o", "k", "v")]
+    session = _session(_model([node], inputs, outputs), threads)
+    rng = np.random.default_rng(0)
+    angles = np.arange(room)[:, None] / 10000 ** (np.arange(d // 2) / (d // 2))
+    rows = []
+    for s, p in shapes:
+        feed = {"qkv": rng.standard_normal((1, s, 3 * heads * d), np.float32),
+                "pk": rng.standard_normal((1, heads, p, d), np.float32),
+                "pv": rng.standard_normal((1, heads, p, d), np.float32),
+                "sk": np.array([p + s - 1], np.int32), "total": np.array(p + s, np.int32),
+                "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
+        seconds = _interleaved({"gqa": lambda feed=feed: session.run(None, feed)}, repeats)["gqa"]
+        rows.append({"s": s, "p": p, "ms": seconds * 1e3, "gflop_s": 4 * heads * s * (p + s) * d / seconds / 1e9})
+    return rows
+
+
+def _nbits_chain(k: int, n: int, layers: int, bits: int, block: int, level: int, rng: Any) -> tuple[Any, int]:
+    """`layers` MatMulNBits of distinct random packed weights, all fed the same [1, K] row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    for i in range(layers):
+        packed = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
+        scales = (rng.random(n * (k // block), dtype=np.float32) * 0.01 + 1e-3).astype(np.float32)
+        inits += [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"q{i}", f"s{i}"], [f"y{i}"], domain=CONTRIB, K=k, N=n,
+                                      bits=bits, block_size=block, accuracy_level=level))
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]) for i in range(layers)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], outputs, inits)
+    return model, sum(t.ByteSize() for t in inits)
+
+
+def gemv_rates(variants: list[tuple[int, int, int]], k: int, n: int, layers: int, threads: int,
+               repeats: int) -> list[dict[str, Any]]:
+    """MatMulNBits at M = 1 per (bits, accuracy level, block): GB/s of packed weights and scales."""
+    rng = np.random.default_rng(0)
+    x = {"x": (rng.standard_normal((1, k)) * 0.1).astype(np.float32)}
+    sessions, sizes = {}, {}
+    for bits, level, block in variants:
+        model, sizes[(bits, level, block)] = _nbits_chain(k, n, layers, bits, block, level, rng)
+        sessions[(bits, level, block)] = _session(model, threads)
+    seconds = _interleaved({key: (lambda s=s: s.run(None, x)) for key, s in sessions.items()}, repeats)
+    return [{"bits": b, "accuracy_level": lv, "block": bl, "mib": sizes[(b, lv, bl)] / 2**20,
+             "ms": seconds[(b, lv, bl)] * 1e3, "gb_s": sizes[(b, lv, bl)] / seconds[(b, lv, bl)] / 1e9}
+            for b, lv, bl in variants]
+
+
+def vision_attention(tiles: int, positions: int, heads: int, head_dim: int, threads: int,
+                     repeats: int) -> list[dict[str, Any]]:
+    """One layer's attention over the tiles: the vision graph's MatMul form against MultiHeadAttention."""
+    from onnx import TensorProto, helper
+
+    b, s, h, d = tiles, positions, heads, head_dim
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [b, s, h * d]) for n in "qkv"]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, s, h * d])]
+    split = [helper.make_node("Reshape", [n, "heads"], [f"{n}4"]) for n in "qkv"]
+    plain = [*split, helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+             helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+             helper.make_node("MatMul", ["qt", "kt"], ["scores"]), helper.make_node("Mul", ["scores", "scale"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["probs"], axis=-1), helper.make_node("MatMul", ["probs", "vt"], ["o"]),
+             helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["ot", "flat"], ["y"])]
+    consts = [helper.make_tensor("heads", TensorProto.INT64, [4], [b, s, h, d]),
+              helper.make_tensor("flat", TensorProto.INT64, [3], [b, s, h * d]),
+              helper.make_tensor("scale", TensorProto.FLOAT, [], [d ** -0.5])]
+    mha = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain=CONTRIB, num_heads=h)
+    sessions = {"MatMul / Softmax / MatMul": _session(_model(plain, io, out, consts), threads),
+                "MultiHeadAttention": _session(_model([mha], io, out), threads)}
+    rng = np.random.default_rng(0)
+    feed = {n: rng.standard_normal((b, s, h * d), np.float32) for n in "qkv"}
+    results = {name: s.run(None, feed)[0] for name, s in sessions.items()}
+    first, second = results.values()
+    if not np.allclose(first, second, atol=1e-4):
+        raise RuntimeError("the two attention forms disagree: the comparison would be meaningless")
+    seconds = _interleaved({name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}, repeats)
+    flops = 4 * b * h * s * s * d
+    return [{"form": name, "ms": t * 1e3, "gflop_s": flops / t / 1e9} for name, t in seconds.items()]
+
+
+def _tables(report: dict[str, Any]) -> str:
+    parts = [f"threads {report['threads']}, median of {report['repeats']} interleaved calls after a warm-up"]
+    parts += ["", "GroupQueryAttention, fp32, the full S x T product:",
+              markdown_table(["S new", "P cached", "ms", "GFLOP/s"],
+                             [[str(r["s"]), str(r["p"]), f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"]
+                              for r in report["attention"]])]
+    parts += ["", f"MatMulNBits at M = 1, {report['gemv_shape']}:",
+              markdown_table(["bits", "accuracy level", "block", "MiB", "ms", "GB/s"],
+                             [[str(r["bits"]), str(r["accuracy_level"]), str(r["block"]), f"{r['mib']:.0f}",
+                               f"{r['ms']:.1f}", f"{r['gb_s']:.1f}"] for r in report["gemv"]])]
+    parts += ["", f"vision attention, one layer, {report['vision_shape']}:",
+              markdown_table(["form", "ms", "GFLOP/s"],
+                             [[r["form"], f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"] for r in report["vision"]])]
+    return "\n".join(parts)
+
+
+GQA_SHAPES = [(2048, 0), (1024, 0), (512, 0), (512, 1536), (902, 2048), (2950, 0)]
+GEMV_VARIANTS = [(4, 4, 128), (4, 1, 128), (4, 4, 32), (4, 4, 256), (8, 4, 128), (8, 1, 128)]
+
+
+@click.command()
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--heads", type=click.IntRange(min=1), default=32, show_default=True, help="GQA heads (x 128).")
+@click.option("--scale", type=click.FloatRange(min=0.01, max=1.0), default=1.0, show_default=True,
+              help="Shrink every size (positions, layers) by this factor: 1 is PULSE's.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def main(threads: int, repeats: int, heads: int, scale: float, json_path: Path | None) -> None:
+    """ONNX Runtime's CPU attention and GEMV kernels at PULSE's shapes (the pieces `bench profile` names)."""
+    def shrink(size: int) -> int:  # one rule for every size
+        return max(16, int(size * scale))
+
+    gemv_layers, k, n = max(1, int(16 * scale)), 4096, max(256, shrink(12288) // 256 * 256)
+    report = {"threads": threads, "repeats": repeats,
+              "attention": gqa_rates([(shrink(s), shrink(p) if p else 0) for s, p in GQA_SHAPES], heads, threads,
+                                     repeats),
+              "gemv_shape": f"K {k} x N {n}, {gemv_layers} layers",
+              "gemv": gemv_rates(GEMV_VARIANTS, k, n, gemv_layers, threads, repeats),
+              "vision_shape": f"5 tiles x {shrink(577)} positions x 16 heads x 64",
+              "vision": vision_attention(5, shrink(577), 16, 64, threads, repeats)}
+    click.echo(_tables(report))
+    write_json(json_path, report)
+
+
+if __name__ == "__main__":
+    main()
