@@ -1,7 +1,9 @@
 """`pulse-edge bench profile`: where a bundle's time goes on this CPU, op by op, against the host's bounds.
 
-    bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir): load refusals first
+    the load's own checks of the bundle, before anything is measured
     probes at the start and the end (the best of each counts): read bandwidth (numpy), int8 / fp32 GEMM (gemm_probe)
+    bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir), released before the
+      end probes
     warm-up: each phase once, untimed
     timed, one window per phase on the wall clock (the clock ORT's profiler starts from):
       vision   the tiles of a letter print, `runs` times
@@ -134,13 +136,19 @@ def _check_complete(phase: Phase, traces: dict[str, Trace], runs: int) -> None:
 
 
 def _check(cfg: ProfileConfig) -> None:
-    """Before anything loads: a bundle whose cache holds what is asked, and a folder for the traces."""
+    """Before the probes: a bundle that passes the load's checks, whose cache holds what is asked, and a folder for
+    the traces (what only ORT can refuse, it refuses at load, after the start probes)."""
+    from pulse_edge.runtime.bundle.integrity import check_bundle
     from pulse_edge.runtime.bundle.manifest import read_manifest
+    from pulse_edge.runtime.engines.bundle_engine import check_servable
 
     if not (cfg.model / "manifest.json").is_file():
         raise ConfigError(f"--model {cfg.model} is not a bundle (no manifest.json); bench profile reads a bundle's "
                           "ONNX graphs")
-    room = read_manifest(cfg.model).kv.max_length
+    manifest = read_manifest(cfg.model)
+    check_bundle(cfg.model, manifest)
+    check_servable(manifest, cfg.prefill_chunk or None)
+    room = manifest.kv.max_length
     if max(cfg.positions, cfg.context) > room:
         raise ConfigError(f"--positions {cfg.positions} / --context {cfg.context}: this bundle's cache holds {room} "
                           "positions; ask for at most that many")
@@ -165,31 +173,39 @@ def _best(a: GemmPeak, b: GemmPeak) -> GemmPeak:
                     repeats=a.repeats, threads=a.threads)
 
 
+def _profiled(cfg: ProfileConfig, progress: Callable[[str], None], trace_dir: Path
+              ) -> tuple[dict[str, Phase], dict[str, Trace], dict[tuple[str, str], int], int]:
+    """Load, time every phase, read the traces; the engine is released when this returns (the end probes then
+    do not add their arrays to the model's memory)."""
+    progress(f"loading {cfg.model} with ONNX Runtime's profiler on")
+    runner = _Runner(cfg, trace_dir)
+    phases = {name: Phase(name, calls=runner.calls()[name]) for name in PHASES}
+    for name, phase in phases.items():
+        fn = getattr(runner, name)
+        progress(f"{name}: 1 warm-up, {cfg.runs} timed")
+        fn()
+        _timed(phase, fn, cfg.runs)
+    traces = _traces(runner)
+    weights = {(graph, node): size for graph in traces
+               for node, size in onnx_weight_bytes(cfg.model / runner.pipeline.manifest.graphs[graph].file).items()}
+    return phases, traces, weights, runner.chunk
+
+
 def run_profile(cfg: ProfileConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     _check(cfg)
+    bw_start, gemm_start = _probes(cfg, progress, "start")
     with tempfile.TemporaryDirectory(prefix="pulse-edge-profile-") as tmp:
-        progress(f"loading {cfg.model} with ONNX Runtime's profiler on")
-        runner = _Runner(cfg, cfg.traces or Path(tmp))
-        bw_start, gemm_start = _probes(cfg, progress, "start")
-        phases = {name: Phase(name, calls=runner.calls()[name]) for name in PHASES}
-        for name, phase in phases.items():
-            fn = getattr(runner, name)
-            progress(f"{name}: 1 warm-up, {cfg.runs} timed")
-            fn()
-            _timed(phase, fn, cfg.runs)
-        bw_end, gemm_end = _probes(cfg, progress, "end")
-        traces = _traces(runner)
-        weights = {(graph, node): size for graph in traces
-                   for node, size in onnx_weight_bytes(cfg.model / runner.pipeline.manifest.graphs[graph].file).items()}
+        phases, traces, weights, chunk = _profiled(cfg, progress, cfg.traces or Path(tmp))
     for phase in phases.values():
         _check_complete(phase, traces, cfg.runs)
+    bw_end, gemm_end = _probes(cfg, progress, "end")
     gemm, read = _best(gemm_start, gemm_end), max(bw_start.read, bw_end.read)
     bounds = Bounds(int8=gemm.peak, fp32=gemm.ops_per_s.get("fp32", 0.0), read=read)
     facts = bundle_decoder_facts(cfg.model)
     events = [e for t in traces.values() for e in t.nodes]
     return {
         "config": {"model": str(cfg.model), "runs": cfg.runs, "positions": cfg.positions, "context": cfg.context,
-                   "steps": cfg.steps, "threads": cfg.threads, "prefill_chunk": runner.chunk,
+                   "steps": cfg.steps, "threads": cfg.threads, "prefill_chunk": chunk,
                    "prefilled_by": phases["prefill"].graphs, "traces": str(cfg.traces) if cfg.traces else None},
         "machine": machine_with_load(), "model": model_info(cfg.model),
         "bounds": {"read_gb_s": read / GB, "int8_peak_tops": gemm.peak / 1e12, "int8_kind": gemm.best_kind,

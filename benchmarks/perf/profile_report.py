@@ -114,6 +114,10 @@ def phase_report(phase: Phase, events: list[NodeEvent], weights: Mapping[tuple[s
         "work_unknown": unknown, "rate": None if work is None else work / wall, "of_bound": achieved,
         "ceiling_speedup": speedups,
         "ceiling_of_bound": {k: None if achieved is None or v is None else achieved * v for k, v in speedups.items()},
+        # probe-free: the phase's linear ops run at this fraction of its own GEMMs' rate (and would with only the
+        # GEMMs and attention taking time); decode's bound is bytes, where this says nothing more
+        "of_own_gemm_rate": None if decode or not gemm_s else {"now": gemm_s / wall,
+                                                                "gemm_and_attention": gemm_s / both_s},
     }
     return _without_fractions(report) if busy else report
 
@@ -121,7 +125,8 @@ def phase_report(phase: Phase, events: list[NodeEvent], weights: Mapping[tuple[s
 def _without_fractions(report: dict[str, Any]) -> dict[str, Any]:
     """A busy window's report keeps its times and rates, not a fraction of a bound nor a ceiling."""
     roles = [{**r, "of_bound": None} if "of_bound" in r else r for r in report["roles"]]
-    return {**report, "roles": roles, "of_bound": None, "ceiling_speedup": None, "ceiling_of_bound": None}
+    return {**report, "roles": roles, "of_bound": None, "ceiling_speedup": None, "ceiling_of_bound": None,
+            "of_own_gemm_rate": None}
 
 
 # ---------------------------------------------------------------- the printed report
@@ -182,8 +187,15 @@ def _phase_line(name: str, phase: dict[str, Any]) -> str:
     if phase["busy"]:
         return line + " (busy: no fraction)"
     line += f" = {_percent(phase['of_bound'])} of the {probe}"
-    speed, frac = phase["ceiling_speedup"], phase["ceiling_of_bound"]
-    parts = [f"{label} {speed[key]:.2f}x faster" + (f" ({_percent(frac[key])})" if frac[key] is not None else "")
-             for key, label in (("gemm_and_attention", "only the GEMMs and attention taking time:"),
-                                ("gemm_only", "the GEMMs alone:")) if speed[key] is not None]
+    speed, frac, own = phase["ceiling_speedup"], phase["ceiling_of_bound"], phase["of_own_gemm_rate"] or {}
+    line += f" ({_percent(own['now'])} of its own GEMMs' rate)" if own else ""
+    parts = []
+    for key, label in (("gemm_and_attention", "only the GEMMs and attention taking time:"),
+                       ("gemm_only", "the GEMMs alone:")):
+        if speed[key] is None:
+            continue
+        notes = [f"{_percent(frac[key])} of the probe" if frac[key] is not None else "",
+                 f"{_percent(own[key])} of its own GEMMs' rate" if own.get(key) is not None else ""]
+        notes = [n for n in notes if n]
+        parts.append(f"{label} {speed[key]:.2f}x faster" + (f" ({', '.join(notes)})" if notes else ""))
     return line + ("; ceiling with " + "; ".join(parts) if parts else "")

@@ -221,6 +221,8 @@ def test_a_phase_report_gives_rates_fractions_and_the_ceiling_as_times_say() -> 
     # wall 2 s per run; GEMMs 0.255 s, attention 0.25 s
     assert report["ceiling_speedup"]["gemm_and_attention"] == pytest.approx(2.0 / 0.505)
     assert report["ceiling_of_bound"]["gemm_only"] == pytest.approx(report["of_bound"] * 2.0 / 0.255)
+    # probe-free: the linear ops run at the GEMMs' share of the time, and would at their share of GEMMs + attention
+    assert report["of_own_gemm_rate"] == pytest.approx({"now": 0.255 / 2.0, "gemm_and_attention": 0.255 / 0.505})
 
 
 def test_a_busy_window_or_unknown_work_prints_no_fraction() -> None:
