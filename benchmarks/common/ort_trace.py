@@ -9,7 +9,8 @@
 A float MatMul of two activations (its second operand batched, rank >= 3: the vision tower's
 Q x K' and P x V) is attention, not a GEMM, and so is Softmax (only attention uses it here): the
 GEMM roles are the linear layers, whose weights are 2-D (or prepacked, and then absent from the
-recorded inputs). Softmax's own FLOPs are not counted; its time is attention's.
+recorded inputs). So is RotaryEmbedding where a graph writes it apart (GroupQueryAttention does it inside).
+Softmax's and the rotation's own FLOPs are not counted; their time is attention's.
 
 Work is counted from the shapes ORT recorded, not from the model's config:
   GEMMs       2 x prod(output shape) x K (K = the first input's last axis); prepacked weights
@@ -37,17 +38,18 @@ _ROLE_OPS = {
     INT8_GEMM: ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger", "QLinearMatMul", "QGemm"),
     WEIGHT_ONLY_GEMM: ("MatMulNBits",),
     FLOAT_GEMM: ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"),
-    ATTENTION: ("GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax"),
+    ATTENTION: ("GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax", "RotaryEmbedding"),
     "activation quantization": ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"),
     "reductions": ("ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean"),  # the prefill graphs' per-token scales
     "norms": ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
-              "SkipLayerNormalization"),
+              "SkipLayerNormalization", "RMSNormalization"),
     "activations": ("QuickGelu", "Gelu", "FastGelu", "BiasGelu", "Sigmoid"),
     "elementwise": ("Add", "Sub", "Mul", "Div", "Neg", "Max", "Min", "Clip", "Round", "Cast", "Where", "Pow",
                     "Sqrt", "Erf", "Tanh"),
     "data movement": ("Split", "Slice", "Concat", "Transpose", "Reshape", "Gather", "Expand", "Shape", "Squeeze",
                       "Unsqueeze", "TensorScatter", "ScatterND", "Identity", "Flatten", "Pad"),
 }
+UNCOUNTED = frozenset({"Softmax", "RotaryEmbedding"})  # attention's own ops whose FLOPs are not counted
 ROLES: Mapping[str, str] = MappingProxyType({op: role for role, ops in _ROLE_OPS.items() for op in ops})
 ROLE_ORDER = (*_ROLE_OPS, "other")
 
@@ -152,8 +154,8 @@ class RoleTotal:
 
 
 def _work(event: NodeEvent) -> float | None:
-    """GEMM ops or attention FLOPs (Softmax: 0, module doc); None where the shapes do not say."""
-    if event.op == "Softmax":
+    """GEMM ops or attention FLOPs (Softmax, RotaryEmbedding: 0, module doc); None where the shapes do not say."""
+    if event.op in UNCOUNTED:
         return 0.0
     return event.gemm_ops() if role_of(event.op) in GEMM_ROLES else event.attention_flops()
 

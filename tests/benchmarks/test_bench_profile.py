@@ -46,6 +46,8 @@ def test_a_matmul_of_two_activations_is_attention_not_a_linear_layer() -> None:
     linear = _event("MatMul", [[577, 1024], [1024, 1024]], [[577, 1024]])
     assert qk.role == ATTENTION and linear.role == FLOAT_GEMM
     assert _event("Softmax").role == ATTENTION and _event("NoSuchOp").role == "other"
+    # TensorRT-ready graphs write the rotation and the norm as standard ops
+    assert _event("RotaryEmbedding").role == ATTENTION and _event("RMSNormalization").role == "norms"
 
 
 @pytest.mark.parametrize("p", [0, 1536])  # the first chunk (nothing cached) and a later one
