@@ -142,14 +142,15 @@ class RoleTotal:
     """One role's share of a phase, per run of the phase."""
 
     role: str
-    ops: tuple[str, ...]  # op types seen, most time first
+    ops: tuple[tuple[str, float], ...]  # (op type, seconds per run), most time first
     seconds: float  # per run
     nodes: int  # node runs per run
     work: float | None  # GEMM ops or attention FLOPs per run; None where the shapes do not say
     weight_bytes: float | None  # weight bytes the role's nodes read per run (decode), where known
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "ops": list(self.ops), "seconds_per_run": self.seconds,
+        return {"role": self.role, "ops": [op for op, _ in self.ops], "op_seconds_per_run": dict(self.ops),
+                "seconds_per_run": self.seconds,
                 "node_runs_per_run": self.nodes, "work_per_run": self.work, "weight_bytes_per_run": self.weight_bytes}
 
 
@@ -179,7 +180,8 @@ def role_totals(events: Sequence[NodeEvent], runs: int,
         sizes = ([weight_bytes.get((e.graph, e.name)) or None for e in mine]
                  if weight_bytes is not None and role in GEMM_ROLES else [])
         read = sum(s for s in sizes if s is not None) / runs if sizes and all(s is not None for s in sizes) else None
-        totals.append(RoleTotal(role=role, ops=tuple(sorted(per_op, key=per_op.get, reverse=True)),
+        ranked = sorted(per_op, key=per_op.get, reverse=True)
+        totals.append(RoleTotal(role=role, ops=tuple((op, per_op[op] / 1e9 / runs) for op in ranked),
                                 seconds=sum(per_op.values()) / 1e9 / runs, nodes=len(mine) // runs, work=work,
                                 weight_bytes=read))
     return totals

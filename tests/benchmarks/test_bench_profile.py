@@ -73,6 +73,7 @@ def test_role_totals_are_per_run_and_say_unknown_work_instead_of_guessing() -> N
     assert totals[INT8_GEMM].work == 2 * (2 * 8 * 16 * 32) and totals[INT8_GEMM].weight_bytes == 2 * 512
     assert totals[ATTENTION].work is None  # one node of unknown work makes the role's work unknown
     assert list(totals) == [INT8_GEMM, ATTENTION, "data movement"]  # ROLE_ORDER, not the order seen
+    assert totals["data movement"].to_dict()["op_seconds_per_run"] == {"Split": pytest.approx(0.5e-6)}
     # weights known in another graph only, or as 0 bytes: unknown, not zero
     for other in ({("prefill", n): 512 for _, n in weights}, {k: 0 for k in weights}):
         assert role_totals(gemm, runs=2, weight_bytes=other)[0].weight_bytes is None
