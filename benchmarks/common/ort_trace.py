@@ -212,7 +212,10 @@ def onnx_weight_bytes(path: Path) -> dict[str, int]:
 
 
 def _tensor_bytes(tensor: Any) -> int:
+    """Bytes as stored: 4-bit types pack two elements a byte (numpy's dtype for them says one byte each)."""
     import onnx
 
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return math.prod(tensor.dims) * itemsize
+    count = math.prod(tensor.dims)
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

@@ -81,43 +81,65 @@ def _rates(role: RoleTotal, bounds: Bounds, kv_bytes: float | None, *, min_secon
             "of_bound": rate / against if against else None, "bound": name}
 
 
-def _linear_work(gemms: Sequence[RoleTotal], decode: bool, kv_bytes: float) -> tuple[float | None, str | None]:
-    """The phase's useful work per run, or None and why."""
-    unknown = [r.role for r in gemms if (r.weight_bytes if decode else r.work) is None]
+@dataclass(frozen=True)
+class PhaseKind:
+    """How a phase is judged: decode by the bytes it streams, the others by the linear-layer ops they compute."""
+
+    bytes_bound: bool  # True: GEMMs count their weights' bytes and the phase adds the KV cache's
+    probe: str  # the Bounds field of the whole phase's bound
+    probe_name: str
+    work_unit: str
+    what: str
+
+
+BYTES_KIND = PhaseKind(True, "read", "read probe", "bytes (weights + KV)", "weights + KV")
+OPS_KIND = PhaseKind(False, "int8", "int8 GEMM probe", "ops (linear layers)", "linear-layer ops")
+PHASE_KINDS = {"decode": BYTES_KIND}  # every other phase: OPS_KIND
+
+
+def _gemm_work(gemms: Sequence[RoleTotal], kind: PhaseKind) -> tuple[float | None, str | None]:
+    """The GEMMs' work per run (their weights' bytes, or their ops), or None and why."""
+    works = [r.weight_bytes if kind.bytes_bound else r.work for r in gemms]
+    unknown = [r.role for r, w in zip(gemms, works, strict=True) if w is None]
     if not gemms or unknown:
         return None, (f"the trace does not give the work of its {', '.join(unknown)}" if unknown
                       else "no GEMM ran in it")
-    return sum((r.weight_bytes if decode else r.work) or 0.0 for r in gemms) + (kv_bytes if decode else 0.0), None
+    return sum(works), None
+
+
+def _ratio(num: float | None, den: float) -> float | None:
+    return None if num is None or not den else num / den
 
 
 def phase_report(phase: Phase, events: list[NodeEvent], weights: Mapping[tuple[str, str], int], runs: int,
                  bounds: Bounds, *, kv_bytes_per_run: float) -> dict[str, Any]:
     """One phase's roles with their rates, the whole phase against its bound, and its ceiling."""
+    kind = PHASE_KINDS.get(phase.name, OPS_KIND)
     roles = role_totals(in_window(events, phase.start_ns, phase.end_ns), runs, weights)
     wall = (phase.end_ns - phase.start_ns) / 1e9 / runs
-    decode = phase.name == "decode"
+    kv = kv_bytes_per_run if kind.bytes_bound else None
     busy = phase.host.busy() if phase.host else "no host sample"
-    rows = [{**r.to_dict(), **_rates(r, bounds, kv_bytes_per_run if decode else None, min_seconds=MIN_SHARE * wall)}
-            for r in roles]
     gemms = [r for r in roles if r.role in GEMM_ROLES]
     gemm_s = sum(r.seconds for r in gemms)
     both_s = gemm_s + sum(r.seconds for r in roles if r.role == ATTENTION)
-    work, unknown = _linear_work(gemms, decode, kv_bytes_per_run)
-    against = bounds.read if decode else bounds.int8
-    achieved = None if work is None else work / wall / against
-    speedups = {"gemm_and_attention": wall / both_s if both_s else None,
-                "gemm_only": wall / gemm_s if gemm_s else None}
+    gemm_work, unknown = _gemm_work(gemms, kind)
+    work = None if gemm_work is None else gemm_work + (kv or 0.0)  # decode's attention streams the cache
+    against = getattr(bounds, kind.probe)
     report = {
         "wall_s_per_run": wall, "kernel_s_per_run": sum(r.seconds for r in roles), "busy": busy,
-        "host": phase.host.to_dict() if phase.host else None, "graphs": phase.graphs, "roles": rows,
-        "work_per_run": work, "work_unit": "bytes (weights + KV)" if decode else "ops (linear layers)",
-        "work_unknown": unknown, "rate": None if work is None else work / wall, "of_bound": achieved,
-        "ceiling_speedup": speedups,
-        "ceiling_of_bound": {k: None if achieved is None or v is None else achieved * v for k, v in speedups.items()},
-        # probe-free: the phase's linear ops run at this fraction of its own GEMMs' rate (and would with only the
-        # GEMMs and attention taking time); decode's bound is bytes, where this says nothing more
-        "of_own_gemm_rate": None if decode or not gemm_s else {"now": gemm_s / wall,
-                                                                "gemm_and_attention": gemm_s / both_s},
+        "host": phase.host.to_dict() if phase.host else None, "graphs": phase.graphs,
+        "roles": [{**r.to_dict(), **_rates(r, bounds, kv, min_seconds=MIN_SHARE * wall)} for r in roles],
+        "work_per_run": work, "work_unit": kind.work_unit, "work_unknown": unknown,
+        "rate": _ratio(work, wall), "of_bound": _ratio(_ratio(work, wall), against),
+        "ceiling_speedup": {"gemm_and_attention": _ratio(wall, both_s), "gemm_only": _ratio(wall, gemm_s)},
+        # the bound's fraction each would reach: all the phase's work in the GEMMs' and attention's time; the
+        # GEMMs' own work in their time (decode: their weights, not the cache attention streams)
+        "ceiling_of_bound": {"gemm_and_attention": _ratio(_ratio(work, both_s), against),
+                             "gemm_only": _ratio(_ratio(gemm_work, gemm_s), against)},
+        # probe-free: the linear ops run at this fraction of the phase's own GEMMs' rate (and would with only the
+        # GEMMs and attention taking time); a bytes-bound phase's GEMM row already says it
+        "of_own_gemm_rate": None if kind.bytes_bound or not gemm_s else {"now": gemm_s / wall,
+                                                                          "gemm_and_attention": gemm_s / both_s},
     }
     return _without_fractions(report) if busy else report
 
@@ -135,7 +157,7 @@ UNITS = {"ops/s": ("TOP/s", 1e12), "FLOP/s": ("TFLOP/s", 1e12), "bytes/s of weig
          "bytes/s of KV cache": ("GB/s", 1e9), "bytes (weights + KV)": ("GB/s", 1e9),
          "ops (linear layers)": ("TOP/s", 1e12)}
 PHASE_WORDS = {
-    "vision": lambda c: "the 5 tiles of a letter print",
+    "vision": lambda c: f"the {c['tiles']} tiles of a letter print",
     "prefill": lambda c: f"{c['positions']} positions in chunks of {c['prefill_chunk']} on the "
                          f"{' and '.join(c['prefilled_by']) or '?'} graph",
     "decode": lambda c: f"{c['steps']} steps at {c['context']} positions of context",
@@ -158,18 +180,16 @@ def profile_table(report: dict[str, Any]) -> str:
     lines = [f"bench profile: {c['model']} ({report['model'].get('precision', '?')}), {c['threads'] or 'all'} "
              f"threads, {c['runs']} timed runs per phase after 1 warm-up; ONNX Runtime's profiler on",
              f"machine: {m['cpu']}, {m['cores']} cores; load average {' '.join(map(str, m['load_average']))}",
-             f"bounds ({b['method']}): read {b['read_gb_s']:.1f} GB/s (numpy); int8 GEMM {b['int8_peak_tops']:.2f} "
-             f"TOP/s ({b['int8_kind']}); fp32 SGEMM {b['fp32_tflops']:.2f} TFLOP/s (one ORT MatMul of "
-             f"{'x'.join(map(str, b['gemm']['shape_mkn']))}, activation quantization included)"]
+             f"bounds ({b['method']}): read {b['read_gb_s']:.1f} GB/s (numpy); one ORT MatMul of "
+             f"{'x'.join(map(str, b['gemm']['shape_mkn']))}: int8 GEMM {b['int8_peak_tops']:.2f} TOP/s "
+             f"({b['int8_kind']}, its activation quantization included), fp32 SGEMM {b['fp32_tflops']:.2f} TFLOP/s"]
     for name, phase in report["phases"].items():
         wall, busy = phase["wall_s_per_run"], phase["busy"]
         lines += ["", f"{name}: {PHASE_WORDS[name](c)}; {wall * 1e3:.0f} ms per run; host "
                       f"{'busy (' + busy + '): no fractions printed' if busy else 'quiet'}"]
         rows = [[r["role"], ", ".join(r["ops"][:3]) + (" ..." if len(r["ops"]) > 3 else ""),
                  f"{r['seconds_per_run'] * 1e3:.1f}", f"{100 * r['seconds_per_run'] / wall:.0f}%",
-                 _rate(r.get("rate"), r.get("unit", "ops/s")),
-                 f"{_percent(r.get('of_bound')) or 'busy'} of {r['bound']}" if r.get("bound") else ""]
-                for r in phase["roles"]]
+                 _rate(r.get("rate"), r.get("unit", "ops/s")), _of_bound_cell(r, busy)] for r in phase["roles"]]
         outside = wall - phase["kernel_s_per_run"]
         rows.append(["outside kernels", "session overhead, gaps", f"{outside * 1e3:.1f}",
                      f"{100 * outside / wall:.0f}%", "", ""])
@@ -178,15 +198,22 @@ def profile_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _of_bound_cell(role: dict[str, Any], busy: str | None) -> str:
+    if not role.get("bound"):
+        return ""
+    if busy:
+        return f"busy (of {role['bound']})"
+    return f"{_percent(role['of_bound'])} of {role['bound']}" if role["of_bound"] is not None else f"no {role['bound']}"
+
+
 def _phase_line(name: str, phase: dict[str, Any]) -> str:
+    kind = PHASE_KINDS.get(name, OPS_KIND)
     if phase["rate"] is None:
         return f"whole phase: no rate ({phase['work_unknown']})"
-    probe = "read probe" if name == "decode" else "int8 GEMM probe"
-    what = "weights + KV" if name == "decode" else "linear-layer ops"
-    line = f"whole phase: {_rate(phase['rate'], phase['work_unit'])} of {what}"
+    line = f"whole phase: {_rate(phase['rate'], phase['work_unit'])} of {kind.what}"
     if phase["busy"]:
         return line + " (busy: no fraction)"
-    line += f" = {_percent(phase['of_bound'])} of the {probe}"
+    line += f" = {_percent(phase['of_bound'])} of the {kind.probe_name}"
     speed, frac, own = phase["ceiling_speedup"], phase["ceiling_of_bound"], phase["of_own_gemm_rate"] or {}
     line += f" ({_percent(own['now'])} of its own GEMMs' rate)" if own else ""
     parts = []

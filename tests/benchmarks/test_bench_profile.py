@@ -124,6 +124,18 @@ def test_a_qdq_weight_is_counted_through_its_dequantize_node(tmp_path: Path) -> 
     assert onnx_weight_bytes(tmp_path / "q.onnx")["proj/matmul"] == 16 * 8 + 8 * 4
 
 
+def test_int4_weights_count_half_a_byte_each(tmp_path: Path) -> None:
+    """TensorRT-ready int4 graphs store INT4 initializers (numpy's dtype for them says one byte)."""
+    q = helper.make_tensor("wq", TensorProto.INT4, [16, 8], np.zeros(16 * 8, np.int8).tolist())
+    scale = numpy_helper.from_array(np.ones((1, 8), np.float32), "ws")
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="w/dq", axis=0, block_size=16),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="proj/matmul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 8])], initializer=[q, scale])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "q4.onnx"))
+    assert onnx_weight_bytes(tmp_path / "q4.onnx")["proj/matmul"] == 16 * 8 // 2 + 8 * 4
+
+
 def test_an_ort_trace_lands_in_the_window_the_caller_timed(tmp_path: Path) -> None:
     """The runtime's sessions write traces (SessionConfig.profile_dir) whose times are on the wall clock, with the
     shapes the work is counted from: a guard against an ORT upgrade changing either."""
@@ -194,7 +206,11 @@ def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
     decode = {r["role"]: r for r in report["phases"]["decode"]["roles"]}
     assert decode[FLOAT_GEMM]["weight_bytes_per_run"] == steps * sum(4 * k * n for _, k, n in matmuls)
     assert decode[FLOAT_GEMM]["node_runs_per_run"] == steps * len(matmuls)
-    assert report["phases"]["decode"]["rate"] > 0
+    from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts
+
+    kv_per_step = bundle_decoder_facts(quick_bundle).kv_bytes_per_position * 48  # --context 48
+    assert report["phases"]["decode"]["work_per_run"] == pytest.approx(
+        steps * (sum(4 * k * n for _, k, n in matmuls) + kv_per_step))
     assert sorted(p.name.split("_")[0] for p in (tmp_path / "traces").glob("*.json")) == ["decoder", "vision"]
 
 
@@ -226,6 +242,24 @@ def test_a_phase_report_gives_rates_fractions_and_the_ceiling_as_times_say() -> 
     assert report["ceiling_of_bound"]["gemm_only"] == pytest.approx(report["of_bound"] * 2.0 / 0.255)
     # probe-free: the linear ops run at the GEMMs' share of the time, and would at their share of GEMMs + attention
     assert report["of_own_gemm_rate"] == pytest.approx({"now": 0.255 / 2.0, "gemm_and_attention": 0.255 / 0.505})
+
+
+def test_a_decode_report_counts_weights_and_the_kv_cache_apart() -> None:
+    """Decode is judged by bytes: the GEMMs' weights, attention's KV cache; the GEMMs-alone ceiling counts only
+    the weights (the cache is attention's to stream)."""
+    bounds = Bounds(int8=1e12, fp32=1e11, read=1e10)
+    phase = Phase("decode", calls=1, start_ns=0, end_ns=2_000_000_000, host=_phase(busy=False).host)  # 1 run, 2 s
+    gemv = _event("MatMulNBits", [[1, 1, 64]], [[1, 1, 64]], dur=1_500_000_000, name="layers.0.qkv/matmul_nbits")
+    gqa = _event("GroupQueryAttention", [[1, 1, 96], [1, 1, 64, 32]], [[1, 1, 32], [1, 1, 64, 32]], start=1,
+                 dur=400_000_000)
+    weights = {("g", "layers.0.qkv/matmul_nbits"): 12_000_000_000}
+    report = phase_report(phase, [gemv, gqa], weights, 1, bounds, kv_bytes_per_run=2_000_000_000)
+    roles = {r["role"]: r for r in report["roles"]}
+    assert roles[WEIGHT_ONLY_GEMM]["rate"] == pytest.approx(12e9 / 1.5) and roles[ATTENTION]["rate"] == 2e9 / 0.4
+    assert report["work_per_run"] == 14e9 and report["of_bound"] == pytest.approx(14e9 / 2.0 / 1e10)
+    assert report["ceiling_of_bound"]["gemm_only"] == pytest.approx(12e9 / 1.5 / 1e10)  # 0.8, not (12 + 2) / 1.5
+    assert report["ceiling_of_bound"]["gemm_and_attention"] == pytest.approx(14e9 / 1.9 / 1e10)
+    assert report["of_own_gemm_rate"] is None
 
 
 def test_a_busy_window_or_unknown_work_prints_no_fraction() -> None:
@@ -273,3 +307,37 @@ def test_bench_profile_refuses_a_trace_short_of_the_runs_it_timed(quick_bundle: 
     result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--runs", "1", "--positions",
                                               "20", "--context", "24", "--steps", "2", "--bandwidth-mib", "8"])
     assert result.exit_code == 2 and "holds 2 of the 3 session runs of the decode window" in result.output
+
+
+def test_a_window_counts_session_runs_across_graphs_and_refuses_a_short_one() -> None:
+    """A prefill's chunks run on the prefill graph, a short last chunk on the decoder graph: both count."""
+    from pulse_edge.benchmarks.common.ort_trace import Trace
+    from pulse_edge.benchmarks.perf.profile import _check_complete
+    from pulse_edge.errors import ConfigError
+
+    traces = {"prefill": Trace(nodes=[], runs=[10, 20, 50]), "decoder": Trace(nodes=[], runs=[5, 30, 60, 200])}
+    # per timed run 3 session runs (2 chunks on the prefill graph, a short last one on the decoder graph); 2 runs
+    phase = Phase("prefill", calls=3, start_ns=10, end_ns=60)
+    with pytest.raises(ConfigError, match="holds 5 of the 6 session runs of the prefill window"):
+        _check_complete(phase, traces, runs=2)
+    traces["decoder"].runs.append(40)
+    _check_complete(phase, traces, runs=2)
+    assert phase.graphs == ["prefill", "decoder"]
+
+
+def test_a_profiler_off_the_wall_clock_is_refused() -> None:
+    from pulse_edge.benchmarks.perf.profile import _traces
+    from pulse_edge.errors import ConfigError
+
+    class Monotonic:  # a profiler start on another clock: far from the load's wall-clock window
+        def get_profiling_start_time_ns(self) -> int:
+            return 41_148_923_238_603
+
+    class Runner:
+        opened, loaded = time.time_ns() - 10**9, time.time_ns()
+
+        def sessions(self) -> dict:
+            return {"decoder": Monotonic()}
+
+    with pytest.raises(ConfigError, match="does not count time on the wall clock"):
+        _traces(Runner())
