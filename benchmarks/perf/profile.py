@@ -14,8 +14,9 @@
       whose profiler clock is not the wall clock would leave the windows empty): otherwise one line, no numbers
     per phase: profile_report.py
 
-Kernel times are ORT's own (the profiler adds a few microseconds per node: ~1% of a decode step); the gap
-between the window and the kernels is the session's own overhead, shown as "outside kernels".
+Kernel times are ORT's own; the profiler's cost did not show (a decode step of the 4-layer int8 bundle at 3000
+positions, profiler on against off in one process, 6 interleaved rounds of 16 steps: +0.1%). The gap between the
+window and the kernels is the session's own overhead, shown as "outside kernels".
 """
 
 from __future__ import annotations
