@@ -113,11 +113,13 @@ class OrtBench:
 
     key, name = "ort", "onnxruntime (cpu)"
 
-    def __init__(self, bundle: Path, inputs: BenchInputs, cfg: BackendsConfig) -> None:
+    def __init__(self, bundle: Path, inputs: BenchInputs, cfg: BackendsConfig, session: Any = None,
+                 **load: Any) -> None:
+        """session: the SessionConfig (default: cfg's threads); load: more Pipeline.from_bundle options."""
         from pulse_edge.runtime.engines.ort import SessionConfig
         from pulse_edge.runtime.pipeline import Pipeline
 
-        self.pipeline = Pipeline.from_bundle(bundle, session=SessionConfig(threads=cfg.threads))
+        self.pipeline = Pipeline.from_bundle(bundle, session=session or SessionConfig(threads=cfg.threads), **load)
         self.engine, self.inputs, self.context = self.pipeline.engine, inputs, cfg.context
         self.steps = self.engine.embed(inputs.step_ids)  # [K, H]
 

@@ -30,19 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pulse_edge.benchmarks.common.gemm_probe import GemmPeak, measure_gemm_peak
 from pulse_edge.benchmarks.common.host import HostWindow, host_sample
 from pulse_edge.benchmarks.common.machine import model_info
-from pulse_edge.benchmarks.common.measure import bandwidth_probe, ecg_print, machine_with_load
+from pulse_edge.benchmarks.common.measure import machine_with_load
 from pulse_edge.benchmarks.common.ort_trace import Trace, onnx_weight_bytes, read_trace, runs_in_window
-from pulse_edge.benchmarks.common.roofline import GB, Bandwidth, bundle_decoder_facts
+from pulse_edge.benchmarks.common.probes import Probes
+from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts
+from pulse_edge.benchmarks.perf.backend_runs import OrtBench, bench_inputs
+from pulse_edge.benchmarks.perf.backends import BackendsConfig
 from pulse_edge.benchmarks.perf.profile_report import Bounds, Phase, phase_report
 from pulse_edge.errors import ConfigError
 
 PHASES = ("vision", "prefill", "decode")
-BENCH_IMAGE = (2200, 1700)  # letter at 200 dpi: 5 tiles
 
 
 @dataclass(frozen=True)
@@ -60,26 +59,23 @@ class ProfileConfig:
 
 
 class _Runner:
-    """The bundle's engine as the runtime opens it, with the profiler on, and one callable per phase."""
+    """The bundle's engine as `bench backends` drives it (backend_runs.OrtBench, the same inputs), with the
+    profiler on; the phases are its vision, prefill and decode."""
 
     def __init__(self, cfg: ProfileConfig, trace_dir: Path) -> None:
         from pulse_edge.runtime.engines.ort import SessionConfig
-        from pulse_edge.runtime.image.preprocess import preprocess
-        from pulse_edge.runtime.pipeline import Pipeline
 
+        base = BackendsConfig(context=cfg.context, decode_tokens=cfg.steps, prefill_positions=cfg.positions,
+                              threads=cfg.threads, seed=cfg.seed)
         chunk = {} if cfg.prefill_chunk is None else {"prefill_chunk": cfg.prefill_chunk or None}  # 0: one pass
         self.opened = time.time_ns()
-        self.pipeline = Pipeline.from_bundle(cfg.model, session=SessionConfig(threads=cfg.threads,
-                                                                              profile_dir=trace_dir), **chunk)
+        self.bench = OrtBench(cfg.model, bench_inputs(cfg.model, base), base,
+                              session=SessionConfig(threads=cfg.threads, profile_dir=trace_dir), **chunk)
         self.loaded = time.time_ns()
-        self.engine = self.pipeline.engine
-        rng = np.random.default_rng(cfg.seed)
-        table = self.engine.table
-        self.pixels = preprocess(ecg_print(BENCH_IMAGE), self.pipeline.manifest.image).pixel_values
-        self.prompt = np.asarray(table[rng.integers(3, table.shape[0], cfg.positions)], np.float32)[None]
-        self.steps = np.asarray(table[rng.integers(3, table.shape[0], cfg.steps)], np.float32)
-        self.context = cfg.context
+        self.engine = self.bench.engine
+        self.tiles = len(self.bench.inputs.pixel_values)
         self.chunk = self.engine.prefill_chunk or cfg.positions
+        self.phases = {"vision": self.bench.vision, "prefill": self.bench.prefill, "decode": self.bench.decode}
 
     def sessions(self) -> dict[str, Any]:
         decoder = self.engine.decoder
@@ -88,28 +84,14 @@ class _Runner:
         return {name: s for name, s in found.items() if s is not None}
 
     def calls(self) -> dict[str, int]:
-        return {"vision": 1, "prefill": math.ceil(self.prompt.shape[1] / self.chunk), "decode": len(self.steps)}
-
-    def vision(self) -> None:
-        self.engine.vision.run(self.pixels)
-
-    def prefill(self) -> None:
-        decoder = self.engine.decoder
-        decoder.reset()
-        for start in range(0, self.prompt.shape[1], self.chunk):
-            decoder.forward(self.prompt[:, start:start + self.chunk])
-
-    def decode(self) -> None:
-        decoder = self.engine.decoder
-        for row in self.steps:
-            decoder.length = self.context - 1  # a step's cost depends on the cache length, not its content
-            decoder.forward(row[None, None])
+        positions = self.bench.inputs.prompt.shape[1]
+        return {"vision": 1, "prefill": math.ceil(positions / self.chunk), "decode": len(self.bench.steps)}
 
 
 TRACE_SLACK_NS = 2_000  # trace times are whole microseconds: the first run may read as starting just before the window
 
 
-def _timed(phase: Phase, fn: Callable[[], None], runs: int) -> None:
+def _timed(phase: Phase, fn: Callable[[], object], runs: int) -> None:
     before = host_sample()
     phase.start_ns = time.time_ns() - TRACE_SLACK_NS
     for _ in range(runs):
@@ -166,18 +148,6 @@ def _check(cfg: ProfileConfig) -> None:
                               "user can write") from e
 
 
-def _probes(cfg: ProfileConfig, progress: Callable[[str], None], when: str) -> tuple[Bandwidth, GemmPeak]:
-    bandwidth = bandwidth_probe(cfg.bandwidth_bytes, progress, when)
-    progress(f"measuring the int8 and fp32 GEMM peaks ({when}, gemm_probe)")
-    return bandwidth, measure_gemm_peak(threads=cfg.threads)
-
-
-def _best(a: GemmPeak, b: GemmPeak) -> GemmPeak:
-    """Per kind the faster of two probes: the host did at least that."""
-    return GemmPeak(ops_per_s={k: max(a.ops_per_s.get(k, 0.0), v) for k, v in b.ops_per_s.items()}, shape=a.shape,
-                    repeats=a.repeats, threads=a.threads)
-
-
 def _profiled(cfg: ProfileConfig, progress: Callable[[str], None], trace_dir: Path
               ) -> tuple[dict[str, Phase], dict[str, Trace], dict[tuple[str, str], int], int, int]:
     """Load, time every phase, read the traces; the engine is released when this returns (the end probes then
@@ -186,27 +156,28 @@ def _profiled(cfg: ProfileConfig, progress: Callable[[str], None], trace_dir: Pa
     runner = _Runner(cfg, trace_dir)
     phases = {name: Phase(name, calls=runner.calls()[name]) for name in PHASES}
     for name, phase in phases.items():
-        fn = getattr(runner, name)
+        fn = runner.phases[name]
         progress(f"{name}: 1 warm-up, {cfg.runs} timed")
         fn()
         _timed(phase, fn, cfg.runs)
     traces = _traces(runner)
+    graphs = runner.bench.pipeline.manifest.graphs
     weights = {(graph, node): size for graph in traces
-               for node, size in onnx_weight_bytes(cfg.model / runner.pipeline.manifest.graphs[graph].file).items()}
-    return phases, traces, weights, runner.chunk, runner.pixels.shape[0]
+               for node, size in onnx_weight_bytes(cfg.model / graphs[graph].file).items()}
+    return phases, traces, weights, runner.chunk, runner.tiles
 
 
 def run_profile(cfg: ProfileConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     _check(cfg)
-    bw_start, gemm_start = _probes(cfg, progress, "start")
+    probes = Probes()
+    probes.measure("start", cfg.bandwidth_bytes, cfg.threads, progress)
     with tempfile.TemporaryDirectory(prefix="pulse-edge-profile-") as tmp:
         phases, traces, weights, chunk, tiles = _profiled(cfg, progress, cfg.traces or Path(tmp))
     gc.collect()  # the engine is unreachable now: free it before the end probes allocate their arrays
     for phase in phases.values():
         _check_complete(phase, traces, cfg.runs)
-    bw_end, gemm_end = _probes(cfg, progress, "end")
-    gemm, read = _best(gemm_start, gemm_end), max(bw_start.read, bw_end.read)
-    bounds = Bounds(int8=gemm.peak, fp32=gemm.ops_per_s.get("fp32", 0.0), read=read)
+    probes.measure("end", cfg.bandwidth_bytes, cfg.threads, progress)
+    bounds = Bounds(int8=probes.int8_peak, fp32=probes.fp32, read=probes.read)
     facts = bundle_decoder_facts(cfg.model)
     events = [e for t in traces.values() for e in t.nodes]
     return {
@@ -214,10 +185,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str], None]) -> dict[str
                    "steps": cfg.steps, "threads": cfg.threads, "prefill_chunk": chunk, "tiles": tiles,
                    "prefilled_by": phases["prefill"].graphs, "traces": str(cfg.traces) if cfg.traces else None},
         "machine": machine_with_load(), "model": model_info(cfg.model),
-        "bounds": {"read_gb_s": read / GB, "int8_peak_tops": gemm.peak / 1e12, "int8_kind": gemm.best_kind,
-                   "fp32_tflops": bounds.fp32 / 1e12, "gemm": gemm.to_dict(),
-                   "probes": {"start": {"bandwidth": bw_start.to_dict(), "gemm": gemm_start.to_dict()},
-                              "end": {"bandwidth": bw_end.to_dict(), "gemm": gemm_end.to_dict()}},
+        "bounds": {**probes.to_dict(), "int8_kind": probes.int8_kind, "fp32_tflops": probes.fp32 / 1e12,
+                   "shape_mkn": list(next(iter(probes.gemm.values())).shape),
                    "method": "the best of the start and end probes"},
         "phases": {name: phase_report(p, events, weights, cfg.runs, bounds,
                                       kv_bytes_per_run=facts.kv_bytes_per_position * cfg.context * cfg.steps)

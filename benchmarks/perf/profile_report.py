@@ -181,7 +181,7 @@ def profile_table(report: dict[str, Any]) -> str:
              f"threads, {c['runs']} timed runs per phase after 1 warm-up; ONNX Runtime's profiler on",
              f"machine: {m['cpu']}, {m['cores']} cores; load average {' '.join(map(str, m['load_average']))}",
              f"bounds ({b['method']}): read {b['read_gb_s']:.1f} GB/s (numpy); one ORT MatMul of "
-             f"{'x'.join(map(str, b['gemm']['shape_mkn']))}: int8 GEMM {b['int8_peak_tops']:.2f} TOP/s "
+             f"{'x'.join(map(str, b['shape_mkn']))}: int8 GEMM {b['int8_peak_tops']:.2f} TOP/s "
              f"({b['int8_kind']}, its activation quantization included), fp32 SGEMM {b['fp32_tflops']:.2f} TFLOP/s"]
     for name, phase in report["phases"].items():
         wall, busy = phase["wall_s_per_run"], phase["busy"]

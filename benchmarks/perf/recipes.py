@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from pulse_edge.benchmarks.common.gemm_probe import GemmPeak, measure_gemm_peak
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
 from pulse_edge.benchmarks.common.machine import model_info
-from pulse_edge.benchmarks.common.measure import Stat, bandwidth_probe, load_average, machine_with_load, torch_threads
-from pulse_edge.benchmarks.common.roofline import GB, Bandwidth, bundle_decoder_facts, torch_decoder_facts
+from pulse_edge.benchmarks.common.measure import Stat, load_average, machine_with_load, torch_threads
+from pulse_edge.benchmarks.common.probes import Probes
+from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts, torch_decoder_facts
 from pulse_edge.benchmarks.common.tables import gib, machine_lines, markdown_table, percent, pp
 from pulse_edge.benchmarks.perf.backend_runs import (
     BackendMeter,
@@ -101,41 +101,16 @@ def _ort_bench(key: str, bundle: Path, inputs: Any, cfg: BackendsConfig) -> OrtB
     return bench
 
 
-@dataclass(frozen=True)
-class Probes:
-    bandwidth: dict[str, Bandwidth]
-    gemm: dict[str, GemmPeak]
-
-    @property
-    def read(self) -> float:
-        return max(b.read for b in self.bandwidth.values())
-
-    @property
-    def int8_peak(self) -> float:
-        return max(g.peak for g in self.gemm.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"read_gb_s": self.read / GB, "int8_peak_tops": self.int8_peak / 1e12,
-                "bandwidth": {k: b.to_dict() for k, b in self.bandwidth.items()},
-                "gemm": {k: g.to_dict() for k, g in self.gemm.items()}}
-
-
-def _probe(cfg: BackendsConfig, probes: Probes, when: str, progress: Callable[[str], None]) -> None:
-    probes.bandwidth[when] = bandwidth_probe(cfg.bandwidth_bytes, progress, when)
-    progress(f"measuring the int8 GEMM peak ({when})")
-    probes.gemm[when] = measure_gemm_peak(threads=cfg.threads)
-
-
 def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.perf_counter()
     with work_dir(cfg.base.work) as work:
         bundles = prepare_recipes(cfg, work, progress)
         ops = model_ops(work / "checkpoint")
         machine = machine_with_load()
-        probes = Probes({}, {})
-        _probe(cfg.base, probes, "start", progress)
+        probes = Probes()
+        probes.measure("start", cfg.base.bandwidth_bytes, cfg.base.threads, progress)
         results, facts, windows = _measure(bundles, work / "checkpoint", cfg, progress)
-        _probe(cfg.base, probes, "end", progress)
+        probes.measure("end", cfg.base.bandwidth_bytes, cfg.base.threads, progress)
         model = model_info(work / "checkpoint")
     rows = {key: _row_report(key, result, facts[key], ops, probes, results, windows, cfg) for key, result in
             results.items()}

@@ -168,12 +168,11 @@ def quick_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture()
 def small_gemm_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real probe at a small shape: the test checks the report, not this host's peak."""
-    from pulse_edge.benchmarks.common import gemm_probe
-    from pulse_edge.benchmarks.perf import profile
+    from pulse_edge.benchmarks.common import gemm_probe, probes
 
     def small(threads: int = 0):
         return gemm_probe.measure_gemm_peak(threads=threads, repeats=1, shape=(64, 256, 256))
-    monkeypatch.setattr(profile, "measure_gemm_peak", small)
+    monkeypatch.setattr(probes, "measure_gemm_peak", small)
 
 
 def _decoder_matmuls(bundle: Path) -> list[tuple[str, int, int]]:
@@ -303,7 +302,7 @@ def test_bench_profile_refuses_a_trace_short_of_the_runs_it_timed(quick_bundle: 
     from pulse_edge.benchmarks.perf import profile
 
     calls = profile._Runner.calls
-    monkeypatch.setattr(profile._Runner, "calls", lambda self: {**calls(self), "decode": len(self.steps) + 1})
+    monkeypatch.setattr(profile._Runner, "calls", lambda self: {**calls(self), "decode": calls(self)["decode"] + 1})
     result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--runs", "1", "--positions",
                                               "20", "--context", "24", "--steps", "2", "--bandwidth-mib", "8"])
     assert result.exit_code == 2 and "holds 2 of the 3 session runs of the decode window" in result.output
