@@ -1,10 +1,10 @@
 """`pulse-edge bench profile`: where a bundle's time goes on this CPU, op by op, against the host's bounds.
 
     the load's own checks of the bundle, before anything is measured
-    probes at the start and the end (the best of each counts): read bandwidth (numpy), int8 / fp32 GEMM (gemm_probe)
-    bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir), released before the
-      end probes
-    warm-up: each phase once, untimed
+    bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir)
+    per phase: warm-up (once, untimed) ─ probe ─ timed window ─ probe
+      the probes are the phase's bounds, the best of the two (PHASE_PROBES): int8 / fp32 GEMM (gemm_probe) for
+      vision and prefill, read bandwidth (numpy) for decode; they run beside the loaded model, outside the window
     timed, one window per phase on the wall clock (the clock ORT's profiler starts from):
       vision   the tiles of a letter print, `runs` times
       prefill  `positions` positions in the runtime's chunks, on the graph the runtime picks, `runs` times
@@ -21,7 +21,6 @@ window and the kernels is the session's own overhead, shown as "outside kernels"
 
 from __future__ import annotations
 
-import gc
 import math
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pulse_edge.benchmarks.common.host import HostWindow, host_sample
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import machine_with_load
 from pulse_edge.benchmarks.common.ort_trace import Trace, onnx_weight_bytes, read_trace, runs_in_window
-from pulse_edge.benchmarks.common.probes import Probes
+from pulse_edge.benchmarks.common.probes import GEMM, READ
 from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts
 from pulse_edge.benchmarks.perf.backend_runs import OrtBench, bench_inputs
 from pulse_edge.benchmarks.perf.backends import BackendsConfig
@@ -42,6 +41,8 @@ from pulse_edge.benchmarks.perf.profile_report import Bounds, Phase, phase_repor
 from pulse_edge.errors import ConfigError
 
 PHASES = ("vision", "prefill", "decode")
+# what bounds each phase (profile_report.PHASE_KINDS): the compute phases' GEMMs and attention, decode's streaming
+PHASE_PROBES = {"vision": (GEMM,), "prefill": (GEMM,), "decode": (READ,)}
 
 
 @dataclass(frozen=True)
@@ -148,18 +149,24 @@ def _check(cfg: ProfileConfig) -> None:
                               "user can write") from e
 
 
+def _probe(phase: Phase, when: str, cfg: ProfileConfig, progress: Callable[[str], None]) -> None:
+    phase.probes.measure(f"{phase.name} {when}", cfg.bandwidth_bytes, cfg.threads, progress,
+                         what=PHASE_PROBES[phase.name])
+
+
 def _profiled(cfg: ProfileConfig, progress: Callable[[str], None], trace_dir: Path
               ) -> tuple[dict[str, Phase], dict[str, Trace], dict[tuple[str, str], int], int, int]:
-    """Load, time every phase, read the traces; the engine is released when this returns (the end probes then
-    do not add their arrays to the model's memory)."""
+    """Load; per phase: warm up, probe, time, probe; read the traces. The engine is released when this returns."""
     progress(f"loading {cfg.model} with ONNX Runtime's profiler on")
     runner = _Runner(cfg, trace_dir)
     phases = {name: Phase(name, calls=runner.calls()[name]) for name in PHASES}
     for name, phase in phases.items():
         fn = runner.phases[name]
-        progress(f"{name}: 1 warm-up, {cfg.runs} timed")
+        progress(f"{name}: 1 warm-up, a probe, {cfg.runs} timed, a probe")
         fn()
+        _probe(phase, "before", cfg, progress)
         _timed(phase, fn, cfg.runs)
+        _probe(phase, "after", cfg, progress)
     traces = _traces(runner)
     graphs = runner.bench.pipeline.manifest.graphs
     weights = {(graph, node): size for graph in traces
@@ -169,15 +176,10 @@ def _profiled(cfg: ProfileConfig, progress: Callable[[str], None], trace_dir: Pa
 
 def run_profile(cfg: ProfileConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     _check(cfg)
-    probes = Probes()
-    probes.measure("start", cfg.bandwidth_bytes, cfg.threads, progress)
     with tempfile.TemporaryDirectory(prefix="pulse-edge-profile-") as tmp:
         phases, traces, weights, chunk, tiles = _profiled(cfg, progress, cfg.traces or Path(tmp))
-    gc.collect()  # the engine is unreachable now: free it before the end probes allocate their arrays
     for phase in phases.values():
         _check_complete(phase, traces, cfg.runs)
-    probes.measure("end", cfg.bandwidth_bytes, cfg.threads, progress)
-    bounds = Bounds(int8=probes.int8_peak, fp32=probes.fp32, read=probes.read)
     facts = bundle_decoder_facts(cfg.model)
     events = [e for t in traces.values() for e in t.nodes]
     return {
@@ -185,10 +187,9 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str], None]) -> dict[str
                    "steps": cfg.steps, "threads": cfg.threads, "prefill_chunk": chunk, "tiles": tiles,
                    "prefilled_by": phases["prefill"].graphs, "traces": str(cfg.traces) if cfg.traces else None},
         "machine": machine_with_load(), "model": model_info(cfg.model),
-        "bounds": {**probes.to_dict(), "int8_kind": probes.int8_kind, "fp32_tflops": probes.fp32 / 1e12,
-                   "shape_mkn": list(next(iter(probes.gemm.values())).shape),
-                   "method": "the best of the start and end probes"},
-        "phases": {name: phase_report(p, events, weights, cfg.runs, bounds,
-                                      kv_bytes_per_run=facts.kv_bytes_per_position * cfg.context * cfg.steps)
+        "probe_method": "per phase, a probe just before and just after its window; the best of the two counts",
+        "phases": {name: {**phase_report(p, events, weights, cfg.runs, Bounds.of(p.probes),
+                                         kv_bytes_per_run=facts.kv_bytes_per_position * cfg.context * cfg.steps),
+                          "bounds": p.probes.to_dict()}
                    for name, p in phases.items()},
     }

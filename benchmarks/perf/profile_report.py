@@ -8,6 +8,8 @@
                        its GEMMs did: a ratio of times, the same whatever the probes said; and the fraction of
                        the probe that would give
 
+Each phase is held against probes taken just before and just after its window (the best of the two), not
+against probes of the run's start: the host's int8 rate moves within minutes (benchmarks/common/probes.py).
 A probe is kernel-and-quantization time (gemm_probe.py times whole ORT calls); a GEMM role is kernel time only,
 its activations' quantization being a role of its own: a GEMM role can pass 100% of the probe.
 A fraction is printed only when the phase's window was quiet (benchmarks/common/host.py), and a phase whose
@@ -33,12 +35,14 @@ from pulse_edge.benchmarks.common.ort_trace import (
     in_window,
     role_totals,
 )
+from pulse_edge.benchmarks.common.probes import Probes
 from pulse_edge.benchmarks.common.tables import markdown_table
 
 
 @dataclass
 class Phase:
-    """One phase's timed window (wall clock, ns), the host meanwhile, and the session runs it must hold."""
+    """One phase's timed window (wall clock, ns), the host meanwhile, the session runs it must hold, and the probes
+    taken beside it."""
 
     name: str
     calls: int  # session runs per timed run
@@ -46,13 +50,20 @@ class Phase:
     end_ns: int = 0
     host: HostWindow | None = None
     graphs: list[str] = field(default_factory=list)  # the sessions that ran in it
+    probes: Probes = field(default_factory=Probes)
 
 
 @dataclass(frozen=True)
 class Bounds:
-    int8: float  # ops/s, the best int8 GEMM probe
-    fp32: float  # FLOP/s, the fp32 SGEMM probe
-    read: float  # bytes/s, the read bandwidth probe
+    """A phase's bounds; None: not probed beside it (no fraction of it is given)."""
+
+    int8: float | None  # ops/s, the best int8 GEMM probe
+    fp32: float | None  # FLOP/s, the fp32 SGEMM probe
+    read: float | None  # bytes/s, the read bandwidth probe
+
+    @classmethod
+    def of(cls, probes: Probes) -> Bounds:
+        return cls(int8=probes.int8_peak, fp32=probes.fp32, read=probes.read)
 
 
 MIN_SHARE = 0.01  # a role under 1% of its phase gets no rate: the lm_head's one row per prefill chunk is no GEMM
@@ -71,14 +82,14 @@ def _rates(role: RoleTotal, bounds: Bounds, kv_bytes: float | None, *, min_secon
         if read is None:
             return {}
         unit = "bytes/s of KV cache" if role.role == ATTENTION else "bytes/s of weights"
-        return {"rate": read / role.seconds, "unit": unit, "of_bound": read / role.seconds / bounds.read,
+        return {"rate": read / role.seconds, "unit": unit, "of_bound": _ratio(read / role.seconds, bounds.read),
                 "bound": "read probe"}
     if role.work is None or role.role not in COMPUTE_BOUNDS:
         return {}
     kind, name = COMPUTE_BOUNDS[role.role]
     rate, against = role.work / role.seconds, getattr(bounds, kind)
     return {"rate": rate, "unit": "FLOP/s" if kind == "fp32" else "ops/s",
-            "of_bound": rate / against if against else None, "bound": name}
+            "of_bound": _ratio(rate, against), "bound": name}
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,7 @@ def _gemm_work(gemms: Sequence[RoleTotal], kind: PhaseKind) -> tuple[float | Non
     return sum(works), None
 
 
-def _ratio(num: float | None, den: float) -> float | None:
+def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or not den else num / den
 
 
@@ -176,17 +187,16 @@ def _percent(fraction: float | None) -> str:
 
 
 def profile_table(report: dict[str, Any]) -> str:
-    c, b, m = report["config"], report["bounds"], report["machine"]
+    c, m = report["config"], report["machine"]
     lines = [f"bench profile: {c['model']} ({report['model'].get('precision', '?')}), {c['threads'] or 'all'} "
              f"threads, {c['runs']} timed runs per phase after 1 warm-up; ONNX Runtime's profiler on",
              f"machine: {m['cpu']}, {m['cores']} cores; load average {' '.join(map(str, m['load_average']))}",
-             f"bounds ({b['method']}): read {b['read_gb_s']:.1f} GB/s (numpy); one ORT MatMul of "
-             f"{'x'.join(map(str, b['shape_mkn']))}: int8 GEMM {b['int8_peak_tops']:.2f} TOP/s "
-             f"({b['int8_kind']}, its activation quantization included), fp32 SGEMM {b['fp32_tflops']:.2f} TFLOP/s"]
+             f"bounds: {report['probe_method']}"]
     for name, phase in report["phases"].items():
         wall, busy = phase["wall_s_per_run"], phase["busy"]
         lines += ["", f"{name}: {PHASE_WORDS[name](c)}; {wall * 1e3:.0f} ms per run; host "
-                      f"{'busy (' + busy + '): no fractions printed' if busy else 'quiet'}"]
+                      f"{'busy (' + busy + '): no fractions printed' if busy else 'quiet'}",
+                  f"bounds: {_bounds_words(phase['bounds'])}"]
         rows = [[r["role"], ", ".join(r["ops"][:3]) + (" ..." if len(r["ops"]) > 3 else ""),
                  f"{r['seconds_per_run'] * 1e3:.1f}", f"{100 * r['seconds_per_run'] / wall:.0f}%",
                  _rate(r.get("rate"), r.get("unit", "ops/s")), _of_bound_cell(r, busy)] for r in phase["roles"]]
@@ -196,6 +206,21 @@ def profile_table(report: dict[str, Any]) -> str:
         lines.append(markdown_table(["role", "op types", "ms / run", "share", "achieved", "of bound"], rows))
         lines.append(_phase_line(name, phase))
     return "\n".join(lines)
+
+
+def _bounds_words(b: dict[str, Any]) -> str:
+    """The probes beside one phase: each sample, and the best that counts."""
+    parts = []
+    if b["bandwidth"]:
+        samples = ", ".join(f"{v['read_gb_s']:.1f}" for v in b["bandwidth"].values())
+        parts.append(f"read {b['read_gb_s']:.1f} GB/s (numpy; samples {samples})")
+    if b["gemm"]:
+        shape = "x".join(map(str, next(iter(b["gemm"].values()))["shape_mkn"]))
+        samples = ", ".join(f"{v['peak_tops']:.2f}" for v in b["gemm"].values())
+        parts.append(f"int8 GEMM {b['int8_peak_tops']:.2f} TOP/s ({b['int8_kind']}, one ORT MatMul of {shape}, "
+                     f"its activation quantization included; samples {samples}), fp32 SGEMM "
+                     f"{b['fp32_tflops']:.2f} TFLOP/s")
+    return "; ".join(parts) or "none probed"
 
 
 def _of_bound_cell(role: dict[str, Any], busy: str | None) -> str:

@@ -3,15 +3,18 @@ host's measured bounds.
 
     checkpoint ─ fp32 bundle ─┐
        └ calibrate (N synthetic samples) ─ scales ─ int8 | int8 W8A8 | int4 | ... bundles (+ --extra bundles)
-    probes at start and end: read / copy bandwidth (numpy) and the int8 GEMM peak (ORT, gemm_probe.py)
+    probes at start and end: read / copy bandwidth (numpy) and the GEMM peaks (ORT, gemm_probe.py), for the header
     ONE process, each measurement interleaved round by round, the host's state noted per round:
       vision (5 tiles), prefill (~2950 positions, the runtime's chunks), decode tok/s at a fixed context
+      before each round, the probe its fractions are held against (ROUND_PROBES): int8 GEMM peak, read bandwidth
 
 Bounds: a decode step reads the decoder graph's files (packed weights and scales) plus the KV cache
 at the context (its own dtype: an int8 cache is a quarter of an fp32 one); its fraction is achieved
-GB/s over the best read probe. Prefill and vision are compute: their fraction is the linear layers'
-ops (2 x weights x positions) per second over the int8 GEMM peak. Ratios (these fractions, speedups
-against the baseline row) come from quiet rounds only, paired round by round; when fewer than
+GB/s over the read probe. Prefill and vision are compute: their fraction is the linear layers'
+ops (2 x weights x positions) per second over the int8 GEMM peak. Each round's fraction is held
+against the probe taken just before that round, as a speedup pairs two rows of one round: the
+host's int8 rate moves within minutes (benchmarks/common/probes.py). Ratios (these fractions,
+speedups against the baseline row) come from quiet rounds only, paired round by round; when fewer than
 host.MIN_QUIET_ROUNDS rounds were quiet the cell says "busy" and the report says why (mixing
 quiet and busy rounds would give a ratio of neither state). fp8 bundles are not timed: ORT's CPU EP
 only emulates them.
@@ -30,7 +33,7 @@ import numpy as np
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import Stat, load_average, machine_with_load, torch_threads
-from pulse_edge.benchmarks.common.probes import Probes
+from pulse_edge.benchmarks.common.probes import GEMM, READ, Probes
 from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts, torch_decoder_facts
 from pulse_edge.benchmarks.common.tables import gib, machine_lines, markdown_table, percent, pp
 from pulse_edge.benchmarks.perf.backend_runs import (
@@ -54,6 +57,9 @@ RECIPES = {
     "fp32-kv16": ("fp32 with an fp16 KV cache (no calibration)", ["--precision", "fp32", "--kv-cache", "fp16"]),
 }
 MEASURES = {"vision_ms": "vision", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
+# what each measurement's rounds are held against, probed before every round
+ROUND_PROBES = {"vision": GEMM, "prefill": GEMM, "decode": READ}
+RoundProbes = dict[str, list[Probes]]  # measurement -> one probe per round, in round order
 
 
 @dataclass(frozen=True)
@@ -109,13 +115,14 @@ def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> 
         machine = machine_with_load()
         probes = Probes()
         probes.measure("start", cfg.base.bandwidth_bytes, cfg.base.threads, progress)
-        results, facts, windows = _measure(bundles, work / "checkpoint", cfg, progress)
+        results, facts, windows, rounds = _measure(bundles, work / "checkpoint", cfg, progress)
         probes.measure("end", cfg.base.bandwidth_bytes, cfg.base.threads, progress)
         model = model_info(work / "checkpoint")
-    rows = {key: _row_report(key, result, facts[key], ops, probes, results, windows, cfg) for key, result in
+    rows = {key: _row_report(key, result, facts[key], ops, rounds, results, windows, cfg) for key, result in
             results.items()}
     return {"kind": "recipes", "machine": {**machine, "load_average_end": load_average()}, "model": model,
             "probes": probes.to_dict(), "bandwidth": _bandwidth_summary(probes), "ops": ops.to_dict(),
+            "round_probes": {m: [p.to_dict() for p in ps] for m, ps in rounds.items()},
             "settings": _settings(cfg), "recipes": rows,
             "host": {m: {"rounds": [w.to_dict() for w in ws], "busy": busy_reason(ws)} for m, ws in windows.items()},
             "elapsed_s": time.perf_counter() - started}
@@ -139,7 +146,16 @@ def _paired(a: Sequence[float], b: Sequence[float], windows: Sequence[HostWindow
     return _quiet_median([x / y for x, y in zip(a, b, strict=True)], windows)
 
 
-def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, probes: Probes,
+def _round_fractions(rates: Sequence[float], bounds: Sequence[float | None], windows: Sequence[HostWindow]
+                     ) -> float | None:
+    """Median over quiet rounds of each round's rate over the bound probed just before it (None: busy, or a
+    round without its probe)."""
+    if any(b is None for b in bounds):
+        return None
+    return _quiet_median([r / b for r, b in zip(rates, bounds, strict=True)], windows)
+
+
+def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, rounds: RoundProbes,
                 results: dict[str, dict[str, Any]], windows: dict[str, list[HostWindow]],
                 cfg: RecipesConfig) -> dict[str, Any]:
     entry = {k: v.to_dict() if isinstance(v, Stat) else v for k, v in result.items()}
@@ -148,15 +164,13 @@ def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, pro
     decode = result["decode_tokens_per_s"].values
     entry.update(decoder_bytes=facts.weight_bytes, kv_bytes=facts.kv_bytes_per_position * context,
                  bytes_per_step=per_step,
-                 fraction_of_read=_quiet_median([t * per_step / probes.read for t in decode], windows["decode"]))
-    prefill = result.get("prefill_ms")
-    if prefill is not None:
-        entry["prefill_fraction_of_int8_peak"] = _quiet_median(
-            [ops.prefill(positions) / (ms / 1e3) / probes.int8_peak for ms in prefill.values], windows["prefill"])
-    vision = result.get("vision_ms")
-    if vision is not None:
-        entry["vision_fraction_of_int8_peak"] = _quiet_median(
-            [ops.vision(5) / (ms / 1e3) / probes.int8_peak for ms in vision.values], windows["vision"])
+                 fraction_of_read=_round_fractions([t * per_step for t in decode],
+                                                   [p.read for p in rounds["decode"]], windows["decode"]))
+    for method, work in (("prefill", ops.prefill(positions)), ("vision", ops.vision(5))):
+        stat = result.get(f"{method}_ms")
+        if stat is not None:
+            entry[f"{method}_fraction_of_int8_peak"] = _round_fractions(
+                [work / (ms / 1e3) for ms in stat.values], [p.int8_peak for p in rounds[method]], windows[method])
     base = results.get(cfg.baseline_of(key) or "")
     entry["baseline"] = cfg.baseline_of(key) if base is not None else None
     if base is not None:
@@ -169,7 +183,7 @@ def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, pro
 
 
 def _measure(bundles: dict[str, Path], checkpoint: Path, cfg: RecipesConfig, progress: Callable[[str], None],
-             ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, list[HostWindow]]]:
+             ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, list[HostWindow]], RoundProbes]:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -191,15 +205,30 @@ def _measure(bundles: dict[str, Path], checkpoint: Path, cfg: RecipesConfig, pro
         benches.append(meters[key].load(lambda key=key, path=path: _ort_bench(key, path, inputs, base)))
     results: dict[str, dict[str, Any]] = {b.key: {"name": b.name} for b in benches}
     windows: dict[str, list[HostWindow]] = {}
+    rounds: RoundProbes = {}
     for measure, method in MEASURES.items():
-        progress(f"{method}: {base.warmup} warm-up + {base.timed_runs} timed runs per backend, interleaved")
-        windows[method] = []
-        for key, stat in interleaved(benches, method, base, meters, windows=windows[method]).items():
+        progress(f"{method}: {base.warmup} warm-up + {base.timed_runs} timed runs per backend, interleaved, a "
+                 f"{ROUND_PROBES[method]} probe before each round")
+        windows[method], rounds[method] = [], []
+        probe = _round_probe(method, rounds[method], base, progress)
+        for key, stat in interleaved(benches, method, base, meters, before_round=probe,
+                                     windows=windows[method]).items():
             results[key][measure] = stat
     for key, meter in meters.items():
         results[key]["meter"] = meter.to_dict()
     ordered = {k: results[k] for k in ("transformers", *bundles) if k in results}
-    return ordered, facts, windows
+    return ordered, facts, windows, rounds
+
+
+def _round_probe(method: str, into: list[Probes], base: BackendsConfig, progress: Callable[[str], None]
+                 ) -> Callable[[], None]:
+    """What runs before each round of `method`: its bound's probe, appended to `into` (one per round)."""
+    def probe() -> None:
+        probes = Probes()
+        probes.measure(f"{method} round {len(into) + 1}", base.bandwidth_bytes, base.threads, progress,
+                       what=(ROUND_PROBES[method],), fp32=False)
+        into.append(probes)
+    return probe
 
 
 def _settings(cfg: RecipesConfig) -> dict[str, Any]:
@@ -234,6 +263,16 @@ def _memory(meter: dict[str, Any]) -> str:
     return f"{gib(meter['resident_bytes'])} + {working}"
 
 
+def _round_bounds_words(rounds: dict[str, list[dict[str, Any]]]) -> str:
+    """Each measurement's per-round probes as a range: how far the host moved during the run."""
+    parts = []
+    for method, probes in rounds.items():
+        key, unit = ("read_gb_s", "GB/s read") if ROUND_PROBES[method] == READ else ("int8_peak_tops", "TOP/s int8")
+        values = [p[key] for p in probes]
+        parts.append(f"{method} {min(values):.2f}-{max(values):.2f} {unit}" if values else f"{method} none")
+    return "; ".join(parts)
+
+
 def recipes_table(report: dict[str, Any]) -> str:
     s, m, p = report["settings"], report["model"], report["probes"]
     header = ["backend / recipe", "vision ms (5 tiles)", f"prefill ms ({s['prefill_positions']} pos)",
@@ -246,17 +285,17 @@ def recipes_table(report: dict[str, Any]) -> str:
     busy = [f"{m_}: {h['busy']}" for m_, h in report["host"].items() if h["busy"]]
     return "\n".join([
         *machine_lines(report),
-        f"int8 GEMM probe (TOP/s, M K N {p['gemm']['start']['shape_mkn']}): {gemm} -> peak {p['int8_peak_tops']:.2f}; "
-        f"read bandwidth for the decode bound {p['read_gb_s']:.1f} GB/s (best read probe)",
+        f"int8 GEMM probe at start and end (TOP/s, M K N {p['gemm']['start']['shape_mkn']}): {gemm}",
+        f"the bounds the fractions use, probed before each round: {_round_bounds_words(report['round_probes'])}",
         f"model: random PULSE-shaped, hidden {m['hidden_size']}, {m['layers']} decoder layers; scales from "
         f"{s['calibration_samples']} synthetic samples; {s['runs']} timed runs after {s['warmup']} warm-up, "
         f"decode {s['decode_steps']} steps per run; cells: p50 / p95 of all rounds; fractions and ratios: "
         f"median of the quiet rounds, paired round by round",
         "", markdown_table(header, rows), "",
         "bytes / step: the decoder graph's files + the KV cache at the context (its own dtype); decode % of read BW "
-        "= tok/s x bytes / step over the read probe; prefill and vision % = linear-layer ops (2 x weights x "
+        "= tok/s x bytes / step over the round's read probe; prefill and vision % = linear-layer ops (2 x weights x "
         f"positions: {report['ops']['decoder_ops_per_position'] / 1e9:.2f} GOP per prefill position, "
-        f"{report['ops']['vision_ops_per_tile'] / 1e9:.0f} GOP per tile) per second over the int8 GEMM peak",
+        f"{report['ops']['vision_ops_per_tile'] / 1e9:.0f} GOP per tile) per second over the round's int8 GEMM peak",
         *(f"no ratio: {line}" for line in busy),
         "fp8 is not timed: ONNX Runtime's CPU EP only emulates it; random weights: speed only, never accuracy",
         f"total {report['elapsed_s']:.0f} s"])

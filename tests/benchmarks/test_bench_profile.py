@@ -170,8 +170,8 @@ def small_gemm_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real probe at a small shape: the test checks the report, not this host's peak."""
     from pulse_edge.benchmarks.common import gemm_probe, probes
 
-    def small(threads: int = 0):
-        return gemm_probe.measure_gemm_peak(threads=threads, repeats=1, shape=(64, 256, 256))
+    def small(threads: int = 0, kinds: tuple[str, ...] = gemm_probe.KINDS):
+        return gemm_probe.measure_gemm_peak(threads=threads, repeats=1, kinds=kinds, shape=(64, 256, 256))
     monkeypatch.setattr(probes, "measure_gemm_peak", small)
 
 
@@ -211,6 +211,19 @@ def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
     assert report["phases"]["decode"]["work_per_run"] == pytest.approx(
         steps * (sum(4 * k * n for _, k, n in matmuls) + kv_per_step))
     assert sorted(p.name.split("_")[0] for p in (tmp_path / "traces").glob("*.json")) == ["decoder", "vision"]
+    # each phase against the probes just before and after its own window, the best of the two; decode by bandwidth
+    for name, phase in report["phases"].items():
+        bounds, probed = phase["bounds"], ("bandwidth" if name == "decode" else "gemm")
+        assert list(bounds[probed]) == [f"{name} before", f"{name} after"]
+        assert not bounds["gemm" if name == "decode" else "bandwidth"]
+    decode_bounds = report["phases"]["decode"]["bounds"]
+    best_read = max(b["read_gb_s"] for b in decode_bounds["bandwidth"].values())
+    assert decode_bounds["read_gb_s"] == best_read
+    decode_phase = report["phases"]["decode"]
+    expected = None if decode_phase["busy"] else pytest.approx(decode_phase["rate"] / (best_read * 1e9))
+    assert decode_phase["of_bound"] == expected  # busy: no fraction
+    vision = report["phases"]["vision"]["bounds"]
+    assert vision["int8_peak_tops"] == max(g["peak_tops"] for g in vision["gemm"].values())
 
 
 def _phase(busy: bool) -> Phase:

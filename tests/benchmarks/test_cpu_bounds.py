@@ -19,7 +19,7 @@ from pulse_edge.benchmarks.common.host import (
     quiet_rounds,
 )
 from pulse_edge.benchmarks.perf.model_ops import model_ops
-from pulse_edge.benchmarks.perf.recipes import _paired, _quiet_median
+from pulse_edge.benchmarks.perf.recipes import _paired, _quiet_median, _round_fractions
 
 
 def _window(others: float, steal: float = 0.0) -> HostWindow:
@@ -46,6 +46,17 @@ def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:
     assert _quiet_median([1.0, 2.0, 3.0, 4.0], mostly_busy) is None
 
 
+def test_each_rounds_fraction_is_held_against_the_probe_just_before_it() -> None:
+    """The host's rate moves between rounds: a round's rate over its own probe, not over the best probe of the run
+    (which would read 50% here for the rounds the slow host ran at its full speed)."""
+    quiet, busy = _window(0.0), _window(1.5)
+    rates, probes = [1.0, 2.0, 2.0, 9.0], [2.0, 4.0, 4.0, 10.0]
+    assert _round_fractions(rates, probes, [quiet, quiet, quiet, busy]) == 0.5
+    assert _round_fractions([1.0, 1.0, 1.0], [1.0, 2.0, 4.0], [quiet] * 3) == 0.5  # the median of 1, 0.5, 0.25
+    assert _round_fractions(rates, probes, [quiet, busy, busy, quiet]) is None  # too few quiet rounds
+    assert _round_fractions([1.0, 1.0, 1.0], [1.0, None, 1.0], [quiet] * 3) is None  # a round without its bound
+
+
 def test_host_window_takes_this_process_out_of_the_busy_time() -> None:
     before = HostSample(wall=0.0, busy_s=100.0, steal_s=1.0, total_s=400.0, own_cpu_s=5.0)
     after = HostSample(wall=2.0, busy_s=104.0, steal_s=1.0, total_s=404.0, own_cpu_s=8.0)
@@ -60,7 +71,22 @@ def test_gemm_probe_measures_every_kind_and_names_the_best_int8_one() -> None:
     peak = measure_gemm_peak(threads=1, repeats=1, shape=(64, 256, 128))
     assert set(peak.ops_per_s) == {*INT8_KINDS, "fp32"} and all(v > 0 for v in peak.ops_per_s.values())
     assert peak.best_kind in INT8_KINDS and peak.peak == max(peak.ops_per_s[k] for k in INT8_KINDS)
+    many = measure_gemm_peak(threads=1, repeats=5, kinds=("fp32",), shape=(64, 256, 128))
+    assert many.ops_per_s["fp32"] >= many.median_ops_per_s["fp32"] > 0  # the best call counts, the median is kept
     assert json.dumps(peak.to_dict())
+
+
+def test_a_probe_gives_only_the_bounds_it_measured() -> None:
+    from pulse_edge.benchmarks.common.probes import READ, Probes
+
+    probes = Probes()
+    for when in ("before", "after"):
+        probes.measure(when, 8 * 2**20, 1, lambda _: None, what=(READ,))
+    assert probes.read == max(b.read for b in probes.bandwidth.values()) > 0
+    assert probes.int8_peak is None and probes.fp32 is None and probes.int8_kind is None
+    summary = probes.to_dict()
+    assert summary["int8_peak_tops"] is None and list(summary["bandwidth"]) == ["before", "after"]
+    assert json.dumps(summary)
 
 
 def test_model_ops_of_the_7b_shape(tmp_path: Path) -> None:
