@@ -45,16 +45,19 @@ class GemmPeak:
     threads: int
 
     @property
-    def best_kind(self) -> str:
-        return max(INT8_KINDS, key=lambda k: self.ops_per_s.get(k, 0.0))
+    def best_kind(self) -> str | None:
+        """The fastest int8 kind timed (None: only fp32 was)."""
+        timed = [k for k in INT8_KINDS if k in self.ops_per_s]
+        return max(timed, key=self.ops_per_s.__getitem__) if timed else None
 
     @property
-    def peak(self) -> float:
-        return self.ops_per_s[self.best_kind]
+    def peak(self) -> float | None:
+        return None if self.best_kind is None else self.ops_per_s[self.best_kind]
 
     def to_dict(self) -> dict[str, Any]:
         return {"tops": {k: v / 1e12 for k, v in self.ops_per_s.items()},
-                "median_tops": {k: v / 1e12 for k, v in self.median_ops_per_s.items()}, "peak_tops": self.peak / 1e12,
+                "median_tops": {k: v / 1e12 for k, v in self.median_ops_per_s.items()},
+                "peak_tops": None if self.peak is None else self.peak / 1e12,
                 "best_kind": self.best_kind, "shape_mkn": list(self.shape), "repeats": self.repeats,
                 "threads": self.threads, "method": f"one ORT MatMul per kind, whole call timed (activation "
                                                    f"quantization included), the best of the repeats after "

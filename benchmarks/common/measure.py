@@ -92,9 +92,9 @@ def torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def bandwidth_probe(array_bytes: int, progress: Callable[[str], None], when: str) -> Bandwidth:
-    progress(f"measuring memory bandwidth ({when}, {gib(array_bytes)} arrays)")
-    return measure_bandwidth(array_bytes)
+def bandwidth_probe(array_bytes: int, progress: Callable[[str], None], when: str, copy: bool = True) -> Bandwidth:
+    progress(f"measuring memory bandwidth ({when}, {gib(array_bytes)} arrays{'' if copy else ', read only'})")
+    return measure_bandwidth(array_bytes, copy=copy)
 
 
 def bandwidth_report(samples: dict[str, Bandwidth]) -> tuple[Bandwidth, dict[str, Any]]:

@@ -31,9 +31,11 @@ class Probes:
     gemm: dict[str, GemmPeak] = field(default_factory=dict)
 
     def measure(self, when: str, bandwidth_bytes: int, threads: int, progress: Callable[[str], None],
-                what: tuple[str, ...] = (READ, GEMM), fp32: bool = True) -> None:
+                what: tuple[str, ...] = (READ, GEMM), fp32: bool = True, copy: bool = True) -> None:
+        """Probe `what`; fp32=False leaves the fp32 SGEMM kind out, copy=False the copy bandwidth (and its second
+        array: a probe beside a loaded model adds one array to its memory, not two)."""
         if READ in what:
-            self.bandwidth[when] = bandwidth_probe(bandwidth_bytes, progress, when)
+            self.bandwidth[when] = bandwidth_probe(bandwidth_bytes, progress, when, copy=copy)
         if GEMM in what:
             progress(f"measuring the GEMM peaks ({when})")
             self.gemm[when] = measure_gemm_peak(threads=threads, kinds=GEMM_KINDS[fp32])
@@ -44,11 +46,12 @@ class Probes:
 
     @property
     def int8_peak(self) -> float | None:
-        return max((g.peak for g in self.gemm.values()), default=None)
+        return max((g.peak for g in self.gemm.values() if g.peak is not None), default=None)
 
     @property
     def int8_kind(self) -> str | None:
-        return max(self.gemm.values(), key=lambda g: g.peak).best_kind if self.gemm else None
+        timed = [g for g in self.gemm.values() if g.peak is not None]
+        return max(timed, key=lambda g: g.peak).best_kind if timed else None
 
     @property
     def fp32(self) -> float | None:

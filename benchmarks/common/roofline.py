@@ -70,20 +70,20 @@ def vicuna_rooflines(bandwidth_bytes_s: float, context: int) -> dict[str, float]
 
 @dataclass(frozen=True)
 class Bandwidth:
-    """Measured memory bandwidth in bytes/s; `best` is what the roofline uses."""
+    """Measured memory bandwidth in bytes/s; `best` is what the roofline uses. copy None: read only probed."""
 
     read: float
-    copy: float
+    copy: float | None
     array_bytes: int
     repeats: int
     threads: int
 
     @property
     def best(self) -> float:
-        return max(self.read, self.copy)
+        return max(self.read, self.copy or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "read_gb_s": self.read / GB, "copy_gb_s": self.copy / GB,
+        return {**asdict(self), "read_gb_s": self.read / GB, "copy_gb_s": None if self.copy is None else self.copy / GB,
                 "best_gb_s": self.best / GB, "method": "numpy max (read) and copyto (read + write, counted twice), "
                                                        "split over threads, median of repeats"}
 
@@ -98,17 +98,21 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_bandwidth(array_bytes: int = GIB, repeats: int = 5, threads: int | None = None) -> Bandwidth:
-    """Read and copy bandwidth of main memory: `array_bytes` must be far larger than the caches."""
+def measure_bandwidth(array_bytes: int = GIB, repeats: int = 5, threads: int | None = None,
+                      copy: bool = True) -> Bandwidth:
+    """Read and copy bandwidth of main memory: `array_bytes` must be far larger than the caches. copy=False: the
+    read only, with one array instead of two (a probe beside a loaded model adds half the memory)."""
     threads = threads or os.cpu_count() or 1
     src = np.ones(max(array_bytes // 4, threads), dtype=np.float32)
-    dst = np.empty_like(src)
-    src_parts, dst_parts = np.array_split(src, threads), np.array_split(dst, threads)
+    src_parts = np.array_split(src, threads)
     with ThreadPoolExecutor(threads) as pool:
         read_s = _median_seconds(lambda: list(pool.map(np.max, src_parts)), repeats)
-        copy_s = _median_seconds(lambda: list(pool.map(np.copyto, dst_parts, src_parts)), repeats)
-    return Bandwidth(read=src.nbytes / read_s, copy=2 * src.nbytes / copy_s, array_bytes=src.nbytes,
-                     repeats=repeats, threads=threads)
+        copied = None
+        if copy:
+            dst = np.empty_like(src)
+            dst_parts = np.array_split(dst, threads)
+            copied = 2 * src.nbytes / _median_seconds(lambda: list(pool.map(np.copyto, dst_parts, src_parts)), repeats)
+    return Bandwidth(read=src.nbytes / read_s, copy=copied, array_bytes=src.nbytes, repeats=repeats, threads=threads)
 
 
 # ---------------------------------------------------------------- what one decode step reads

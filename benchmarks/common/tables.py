@@ -30,15 +30,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
-def machine_lines(report: dict[str, Any]) -> list[str]:
+ROOFLINE_USE = "the roofline uses {best:.1f} GB/s (the best seen)"
+
+
+def machine_lines(report: dict[str, Any], use: str = ROOFLINE_USE) -> list[str]:
+    """The machine and its bandwidth samples; `use` says what the report does with them ({best}: the best GB/s)."""
     m, bw = report["machine"], report["bandwidth"]
-    samples = "; ".join(f"{when}: read {b['read_gb_s']:.1f}, copy {b['copy_gb_s']:.1f}"
+    samples = "; ".join(f"{when}: read {b['read_gb_s']:.1f}, copy "
+                        + ("-" if b["copy_gb_s"] is None else f"{b['copy_gb_s']:.1f}")
                         for when, b in bw["samples"].items())
     return [f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['platform']}; "
             f"python {m['python']}; load average {' '.join(map(str, m['load_average']))} at start, "
             f"{' '.join(map(str, m['load_average_end']))} at end",
             f"memory bandwidth (numpy, {gib(bw['array_bytes'])} arrays, {bw['threads']} threads, median of "
-            f"{bw['repeats']}; GB/s) {samples} -> the roofline uses {bw['best_gb_s']:.1f} GB/s (the best seen)"]
+            f"{bw['repeats']}; GB/s) {samples} -> {use.format(best=bw['best_gb_s'])}"]
 
 
 def decoder_line(facts: dict[str, Any]) -> str:

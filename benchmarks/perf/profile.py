@@ -1,10 +1,11 @@
 """`pulse-edge bench profile`: where a bundle's time goes on this CPU, op by op, against the host's bounds.
 
-    the load's own checks of the bundle, before anything is measured
+    what is asked, checked against the manifest; the load's own checks of the bundle, before anything is measured
     bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir)
     per phase: warm-up (once, untimed) ─ probe ─ timed window ─ probe
       the probes are the phase's bounds, the best of the two (PHASE_PROBES): int8 / fp32 GEMM (gemm_probe) for
-      vision and prefill, read bandwidth (numpy) for decode; they run beside the loaded model, outside the window
+      vision and prefill, read bandwidth (numpy, one array) for decode; they run beside the loaded model, outside
+      the window
     timed, one window per phase on the wall clock (the clock ORT's profiler starts from):
       vision   the tiles of a letter print, `runs` times
       prefill  `positions` positions in the runtime's chunks, on the graph the runtime picks, `runs` times
@@ -124,9 +125,8 @@ def _check_complete(phase: Phase, traces: dict[str, Trace], runs: int) -> None:
 
 
 def _check(cfg: ProfileConfig) -> None:
-    """Before the probes: a bundle that passes the load's checks, whose cache holds what is asked, and a folder for
-    the traces (what only ORT can refuse, it refuses at load, after the start probes)."""
-    from pulse_edge.runtime.bundle.integrity import check_bundle
+    """Before the load: a bundle whose cache holds what is asked, and a folder for the traces (the load checks the
+    bundle's files itself, before anything is timed)."""
     from pulse_edge.runtime.bundle.manifest import read_manifest
     from pulse_edge.runtime.engines.bundle_engine import check_servable
 
@@ -134,7 +134,6 @@ def _check(cfg: ProfileConfig) -> None:
         raise ConfigError(f"--model {cfg.model} is not a bundle (no manifest.json); bench profile reads a bundle's "
                           "ONNX graphs")
     manifest = read_manifest(cfg.model)
-    check_bundle(cfg.model, manifest)
     check_servable(manifest, cfg.prefill_chunk or None)
     room = manifest.kv.max_length
     if max(cfg.positions, cfg.context) > room:
@@ -151,7 +150,7 @@ def _check(cfg: ProfileConfig) -> None:
 
 def _probe(phase: Phase, when: str, cfg: ProfileConfig, progress: Callable[[str], None]) -> None:
     phase.probes.measure(f"{phase.name} {when}", cfg.bandwidth_bytes, cfg.threads, progress,
-                         what=PHASE_PROBES[phase.name])
+                         what=PHASE_PROBES[phase.name], copy=False)  # beside the model: one array, not two
 
 
 def _profiled(cfg: ProfileConfig, progress: Callable[[str], None], trace_dir: Path

@@ -217,9 +217,9 @@ def _bounds_words(b: dict[str, Any]) -> str:
     if b["gemm"]:
         shape = "x".join(map(str, next(iter(b["gemm"].values()))["shape_mkn"]))
         samples = ", ".join(f"{v['peak_tops']:.2f}" for v in b["gemm"].values())
+        fp32 = "not probed" if b["fp32_tflops"] is None else f"{b['fp32_tflops']:.2f} TFLOP/s"
         parts.append(f"int8 GEMM {b['int8_peak_tops']:.2f} TOP/s ({b['int8_kind']}, one ORT MatMul of {shape}, "
-                     f"its activation quantization included; samples {samples}), fp32 SGEMM "
-                     f"{b['fp32_tflops']:.2f} TFLOP/s")
+                     f"its activation quantization included; samples {samples}), fp32 SGEMM {fp32}")
     return "; ".join(parts) or "none probed"
 
 
@@ -238,6 +238,8 @@ def _phase_line(name: str, phase: dict[str, Any]) -> str:
     line = f"whole phase: {_rate(phase['rate'], phase['work_unit'])} of {kind.what}"
     if phase["busy"]:
         return line + " (busy: no fraction)"
+    if phase["of_bound"] is None:
+        return line + f" (no {kind.probe_name}: no fraction)"
     line += f" = {_percent(phase['of_bound'])} of the {kind.probe_name}"
     speed, frac, own = phase["ceiling_speedup"], phase["ceiling_of_bound"], phase["of_own_gemm_rate"] or {}
     line += f" ({_percent(own['now'])} of its own GEMMs' rate)" if own else ""

@@ -6,14 +6,16 @@ host's measured bounds.
     probes at start and end: read / copy bandwidth (numpy) and the GEMM peaks (ORT, gemm_probe.py), for the header
     ONE process, each measurement interleaved round by round, the host's state noted per round:
       vision (5 tiles), prefill (~2950 positions, the runtime's chunks), decode tok/s at a fixed context
-      before each round, the probe its fractions are held against (ROUND_PROBES): int8 GEMM peak, read bandwidth
+      before each round and after the last, the probe its fractions are held against (ROUND_PROBES): int8 GEMM
+      peak, read bandwidth; a round against the better of the probes on either side of it
 
 Bounds: a decode step reads the decoder graph's files (packed weights and scales) plus the KV cache
 at the context (its own dtype: an int8 cache is a quarter of an fp32 one); its fraction is achieved
 GB/s over the read probe. Prefill and vision are compute: their fraction is the linear layers'
 ops (2 x weights x positions) per second over the int8 GEMM peak. Each round's fraction is held
-against the probe taken just before that round, as a speedup pairs two rows of one round: the
-host's int8 rate moves within minutes (benchmarks/common/probes.py). Ratios (these fractions,
+against the probes taken just before and just after that round (the better of the two: a probe
+that caught a neighbour's burst does not inflate the fraction), as a speedup pairs two rows of one
+round: the host's int8 rate moves within minutes (benchmarks/common/probes.py). Ratios (these fractions,
 speedups against the baseline row) come from quiet rounds only, paired round by round; when fewer than
 host.MIN_QUIET_ROUNDS rounds were quiet the cell says "busy" and the report says why (mixing
 quiet and busy rounds would give a ratio of neither state). fp8 bundles are not timed: ORT's CPU EP
@@ -22,6 +24,7 @@ only emulates them.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,7 +62,7 @@ RECIPES = {
 MEASURES = {"vision_ms": "vision", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
 # what each measurement's rounds are held against, probed before every round
 ROUND_PROBES = {"vision": GEMM, "prefill": GEMM, "decode": READ}
-RoundProbes = dict[str, list[Probes]]  # measurement -> one probe per round, in round order
+RoundProbes = dict[str, list[Probes]]  # measurement -> a probe before each round and one after the last
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> 
 
 
 def _bandwidth_summary(probes: Probes) -> dict[str, Any]:
-    """What machine_lines prints: every bandwidth sample, and the read probe the fractions use."""
+    """What machine_lines prints: the start and end bandwidth samples (the fractions use the rounds' probes)."""
     best = max(probes.bandwidth.values(), key=lambda b: b.read)
     return {**best.to_dict(), "samples": {k: b.to_dict() for k, b in probes.bandwidth.items()}}
 
@@ -146,10 +149,16 @@ def _paired(a: Sequence[float], b: Sequence[float], windows: Sequence[HostWindow
     return _quiet_median([x / y for x, y in zip(a, b, strict=True)], windows)
 
 
+def _round_bounds(probes: Sequence[Probes], bound: str) -> list[float | None]:
+    """Round r's bound: the better of the probes before it (probes[r]) and after it (probes[r + 1])."""
+    values = [getattr(p, bound) for p in probes]
+    return [None if a is None or b is None else max(a, b) for a, b in itertools.pairwise(values)]
+
+
 def _round_fractions(rates: Sequence[float], bounds: Sequence[float | None], windows: Sequence[HostWindow]
                      ) -> float | None:
-    """Median over quiet rounds of each round's rate over the bound probed just before it (None: busy, or a
-    round without its probe)."""
+    """Median over quiet rounds of each round's rate over its own bound (_round_bounds) (None: busy, or a round
+    without its probes)."""
     if any(b is None for b in bounds):
         return None
     return _quiet_median([r / b for r, b in zip(rates, bounds, strict=True)], windows)
@@ -165,12 +174,13 @@ def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, rou
     entry.update(decoder_bytes=facts.weight_bytes, kv_bytes=facts.kv_bytes_per_position * context,
                  bytes_per_step=per_step,
                  fraction_of_read=_round_fractions([t * per_step for t in decode],
-                                                   [p.read for p in rounds["decode"]], windows["decode"]))
+                                                   _round_bounds(rounds["decode"], "read"), windows["decode"]))
     for method, work in (("prefill", ops.prefill(positions)), ("vision", ops.vision(5))):
         stat = result.get(f"{method}_ms")
         if stat is not None:
             entry[f"{method}_fraction_of_int8_peak"] = _round_fractions(
-                [work / (ms / 1e3) for ms in stat.values], [p.int8_peak for p in rounds[method]], windows[method])
+                [work / (ms / 1e3) for ms in stat.values], _round_bounds(rounds[method], "int8_peak"),
+                windows[method])
     base = results.get(cfg.baseline_of(key) or "")
     entry["baseline"] = cfg.baseline_of(key) if base is not None else None
     if base is not None:
@@ -208,11 +218,10 @@ def _measure(bundles: dict[str, Path], checkpoint: Path, cfg: RecipesConfig, pro
     rounds: RoundProbes = {}
     for measure, method in MEASURES.items():
         progress(f"{method}: {base.warmup} warm-up + {base.timed_runs} timed runs per backend, interleaved, a "
-                 f"{ROUND_PROBES[method]} probe before each round")
-        windows[method], rounds[method] = [], []
-        probe = _round_probe(method, rounds[method], base, progress)
-        for key, stat in interleaved(benches, method, base, meters, before_round=probe,
-                                     windows=windows[method]).items():
+                 f"{ROUND_PROBES[method]} probe before each round and after the last")
+        windows[method] = []
+        stats, rounds[method] = probed_rounds(benches, method, base, meters, windows[method], progress)
+        for key, stat in stats.items():
             results[key][measure] = stat
     for key, meter in meters.items():
         results[key]["meter"] = meter.to_dict()
@@ -220,15 +229,22 @@ def _measure(bundles: dict[str, Path], checkpoint: Path, cfg: RecipesConfig, pro
     return ordered, facts, windows, rounds
 
 
-def _round_probe(method: str, into: list[Probes], base: BackendsConfig, progress: Callable[[str], None]
-                 ) -> Callable[[], None]:
-    """What runs before each round of `method`: its bound's probe, appended to `into` (one per round)."""
+def probed_rounds(benches: Sequence[Any], method: str, base: BackendsConfig, meters: dict[str, BackendMeter],
+                  windows: list[HostWindow], progress: Callable[[str], None]) -> tuple[dict[str, Stat], list[Probes]]:
+    """backend_runs.interleaved, with `method`'s bound probed before every round and after the last (beside the
+    loaded backends: read only, one array; the int8 kinds only)."""
+    probes: list[Probes] = []
+
     def probe() -> None:
-        probes = Probes()
-        probes.measure(f"{method} round {len(into) + 1}", base.bandwidth_bytes, base.threads, progress,
-                       what=(ROUND_PROBES[method],), fp32=False)
-        into.append(probes)
-    return probe
+        when = f"{method}, before round {len(probes) + 1}" if len(probes) < base.timed_runs else f"{method}, after"
+        taken = Probes()
+        taken.measure(when, base.bandwidth_bytes, base.threads, progress, what=(ROUND_PROBES[method],), fp32=False,
+                      copy=False)
+        probes.append(taken)
+
+    stats = interleaved(benches, method, base, meters, before_round=probe, windows=windows)
+    probe()
+    return stats, probes
 
 
 def _settings(cfg: RecipesConfig) -> dict[str, Any]:
@@ -268,7 +284,7 @@ def _round_bounds_words(rounds: dict[str, list[dict[str, Any]]]) -> str:
     parts = []
     for method, probes in rounds.items():
         key, unit = ("read_gb_s", "GB/s read") if ROUND_PROBES[method] == READ else ("int8_peak_tops", "TOP/s int8")
-        values = [p[key] for p in probes]
+        values = [p[key] for p in probes if p[key] is not None]
         parts.append(f"{method} {min(values):.2f}-{max(values):.2f} {unit}" if values else f"{method} none")
     return "; ".join(parts)
 
@@ -284,9 +300,10 @@ def recipes_table(report: dict[str, Any]) -> str:
                      for when, g in p["gemm"].items())
     busy = [f"{m_}: {h['busy']}" for m_, h in report["host"].items() if h["busy"]]
     return "\n".join([
-        *machine_lines(report),
+        *machine_lines(report, use="the fractions use the probes beside the rounds (below)"),
         f"int8 GEMM probe at start and end (TOP/s, M K N {p['gemm']['start']['shape_mkn']}): {gemm}",
-        f"the bounds the fractions use, probed before each round: {_round_bounds_words(report['round_probes'])}",
+        f"the bounds the fractions use, probed before each round and after the last: "
+        f"{_round_bounds_words(report['round_probes'])}",
         f"model: random PULSE-shaped, hidden {m['hidden_size']}, {m['layers']} decoder layers; scales from "
         f"{s['calibration_samples']} synthetic samples; {s['runs']} timed runs after {s['warmup']} warm-up, "
         f"decode {s['decode_steps']} steps per run; cells: p50 / p95 of all rounds; fractions and ratios: "

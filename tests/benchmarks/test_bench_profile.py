@@ -222,8 +222,11 @@ def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
     decode_phase = report["phases"]["decode"]
     expected = None if decode_phase["busy"] else pytest.approx(decode_phase["rate"] / (best_read * 1e9))
     assert decode_phase["of_bound"] == expected  # busy: no fraction
-    vision = report["phases"]["vision"]["bounds"]
-    assert vision["int8_peak_tops"] == max(g["peak_tops"] for g in vision["gemm"].values())
+    for name in ("vision", "prefill"):  # the compute phases against the int8 probes beside their own windows
+        phase, bounds = report["phases"][name], report["phases"][name]["bounds"]
+        assert bounds["int8_peak_tops"] == max(g["peak_tops"] for g in bounds["gemm"].values())
+        expected = None if phase["busy"] else pytest.approx(phase["rate"] / (bounds["int8_peak_tops"] * 1e12))
+        assert phase["of_bound"] == expected
 
 
 def _phase(busy: bool) -> Phase:

@@ -19,7 +19,7 @@ from pulse_edge.benchmarks.common.host import (
     quiet_rounds,
 )
 from pulse_edge.benchmarks.perf.model_ops import model_ops
-from pulse_edge.benchmarks.perf.recipes import _paired, _quiet_median, _round_fractions
+from pulse_edge.benchmarks.perf.recipes import _paired, _quiet_median, _round_bounds, _round_fractions
 
 
 def _window(others: float, steal: float = 0.0) -> HostWindow:
@@ -47,14 +47,54 @@ def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:
 
 
 def test_each_rounds_fraction_is_held_against_the_probe_just_before_it() -> None:
-    """The host's rate moves between rounds: a round's rate over its own probe, not over the best probe of the run
-    (which would read 50% here for the rounds the slow host ran at its full speed)."""
+    """The host's rate moves between rounds: a round's rate over its own bound, not over the best probe of the run
+    (which, 10 here, would read 20% for the quiet rounds the slow host ran at half its speed)."""
     quiet, busy = _window(0.0), _window(1.5)
     rates, probes = [1.0, 2.0, 2.0, 9.0], [2.0, 4.0, 4.0, 10.0]
     assert _round_fractions(rates, probes, [quiet, quiet, quiet, busy]) == 0.5
     assert _round_fractions([1.0, 1.0, 1.0], [1.0, 2.0, 4.0], [quiet] * 3) == 0.5  # the median of 1, 0.5, 0.25
     assert _round_fractions(rates, probes, [quiet, busy, busy, quiet]) is None  # too few quiet rounds
     assert _round_fractions([1.0, 1.0, 1.0], [1.0, None, 1.0], [quiet] * 3) is None  # a round without its bound
+
+
+class _Bench:
+    """A backend whose decode returns the next of `values` and logs the call; one with no vision."""
+
+    def __init__(self, key: str, log: list[str], values: list[float]) -> None:
+        self.key, self.name, self.vision, self._log, self._values = key, key, None, log, iter(values)
+
+    def decode(self) -> float:
+        self._log.append(self.key)
+        return next(self._values)
+
+
+def test_recipes_probe_each_rounds_bound_before_it_and_after_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pulse_edge.benchmarks.common.probes import READ, Probes
+    from pulse_edge.benchmarks.common.roofline import Bandwidth
+    from pulse_edge.benchmarks.perf.backend_runs import BackendMeter
+    from pulse_edge.benchmarks.perf.backends import BackendsConfig
+    from pulse_edge.benchmarks.perf.recipes import probed_rounds
+
+    log: list[str] = []
+    reads = iter([10.0, 20.0, 5.0, 8.0])
+
+    def fake_measure(self: Probes, when: str, *args: object, what: tuple[str, ...], copy: bool, **kw: object) -> None:
+        assert what == (READ,) and not copy  # decode's bound, read only beside the loaded backends
+        log.append(f"probe: {when}")
+        self.bandwidth[when] = Bandwidth(read=next(reads), copy=None, array_bytes=1, repeats=1, threads=1)
+    monkeypatch.setattr(Probes, "measure", fake_measure)
+    cfg = BackendsConfig(runs=3, warmup=1)
+    benches = [_Bench("a", log, [0.0, 1.0, 2.0, 3.0]), _Bench("b", log, [0.0, 4.0, 5.0, 6.0])]
+    windows: list = []
+    stats, probes = probed_rounds(benches, "decode", cfg, {"a": BackendMeter(), "b": BackendMeter()}, windows,
+                                  lambda _: None)
+    assert log == ["a", "b",  # the warm-up, unprobed
+                   "probe: decode, before round 1", "a", "b", "probe: decode, before round 2", "a", "b",
+                   "probe: decode, before round 3", "a", "b", "probe: decode, after"]
+    assert len(probes) == cfg.timed_runs + 1 and len(windows) == cfg.timed_runs
+    assert stats["a"].values == (1.0, 2.0, 3.0) and stats["b"].values == (4.0, 5.0, 6.0)
+    assert _round_bounds(probes, "read") == [20.0, 20.0, 8.0]  # the better of the probes on either side
+    assert _round_bounds(probes, "int8_peak") == [None, None, None]  # not probed: no bound, no fraction
 
 
 def test_host_window_takes_this_process_out_of_the_busy_time() -> None:
