@@ -93,7 +93,7 @@ def torch_threads(threads: int) -> None:
 
 
 def bandwidth_probe(array_bytes: int, progress: Callable[[str], None], when: str, copy: bool = True) -> Bandwidth:
-    progress(f"measuring memory bandwidth ({when}, {gib(array_bytes)} arrays{'' if copy else ', read only'})")
+    progress(f"measuring memory bandwidth ({when}, {gib(array_bytes)} " + ("arrays)" if copy else "array, read only)"))
     return measure_bandwidth(array_bytes, copy=copy)
 
 

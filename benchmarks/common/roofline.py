@@ -83,9 +83,9 @@ class Bandwidth:
         return max(self.read, self.copy or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
+        method = "numpy max (read)" + ("" if self.copy is None else " and copyto (read + write, counted twice)")
         return {**asdict(self), "read_gb_s": self.read / GB, "copy_gb_s": None if self.copy is None else self.copy / GB,
-                "best_gb_s": self.best / GB, "method": "numpy max (read) and copyto (read + write, counted twice), "
-                                                       "split over threads, median of repeats"}
+                "best_gb_s": self.best / GB, "method": f"{method}, split over threads, median of repeats"}
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -208,6 +208,10 @@ def profile_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tops(value: float | None) -> str:
+    return "not probed" if value is None else f"{value:.2f}"
+
+
 def _bounds_words(b: dict[str, Any]) -> str:
     """The probes beside one phase: each sample, and the best that counts."""
     parts = []
@@ -216,10 +220,10 @@ def _bounds_words(b: dict[str, Any]) -> str:
         parts.append(f"read {b['read_gb_s']:.1f} GB/s (numpy; samples {samples})")
     if b["gemm"]:
         shape = "x".join(map(str, next(iter(b["gemm"].values()))["shape_mkn"]))
-        samples = ", ".join(f"{v['peak_tops']:.2f}" for v in b["gemm"].values())
-        fp32 = "not probed" if b["fp32_tflops"] is None else f"{b['fp32_tflops']:.2f} TFLOP/s"
-        parts.append(f"int8 GEMM {b['int8_peak_tops']:.2f} TOP/s ({b['int8_kind']}, one ORT MatMul of {shape}, "
-                     f"its activation quantization included; samples {samples}), fp32 SGEMM {fp32}")
+        samples = ", ".join(_tops(v["peak_tops"]) for v in b["gemm"].values())
+        parts.append(f"int8 GEMM {_tops(b['int8_peak_tops'])} TOP/s ({b['int8_kind']}, one ORT MatMul of {shape}, "
+                     f"its activation quantization included; samples {samples}), fp32 SGEMM "
+                     f"{_tops(b['fp32_tflops'])} TFLOP/s")
     return "; ".join(parts) or "none probed"
 
 

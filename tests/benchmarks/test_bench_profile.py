@@ -305,6 +305,24 @@ def test_bench_profile_refuses_a_folder_that_is_not_a_bundle(tmp_path: Path) -> 
     assert result.exit_code == 2 and "is not a bundle" in result.output
 
 
+def test_bench_profile_refuses_a_damaged_bundle_in_one_line(quick_bundle: Path, tmp_path: Path) -> None:
+    """A truncated embedding table (the first file the benchmark opens) or a replaced graph: one line, exit 2,
+    before anything is timed."""
+    import shutil
+
+    from pulse_edge.runtime.bundle.manifest import read_manifest
+
+    manifest = read_manifest(quick_bundle)
+    for damaged in (manifest.embedding.file, "decoder.onnx"):
+        bundle = tmp_path / damaged
+        shutil.copytree(quick_bundle, bundle)
+        target = bundle / damaged
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+        result = CliRunner().invoke(bench_group, ["profile", "--model", str(bundle), "--bandwidth-mib", "8"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert str(target) in result.output and "measuring" not in result.output
+
+
 def test_bench_profile_refuses_a_traces_folder_it_cannot_write(quick_bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     for traces in (tmp_path / "file", tmp_path / "file" / "below"):

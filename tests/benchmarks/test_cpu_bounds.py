@@ -46,7 +46,7 @@ def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:
     assert _quiet_median([1.0, 2.0, 3.0, 4.0], mostly_busy) is None
 
 
-def test_each_rounds_fraction_is_held_against_the_probe_just_before_it() -> None:
+def test_each_rounds_fraction_is_held_against_its_own_bound() -> None:
     """The host's rate moves between rounds: a round's rate over its own bound, not over the best probe of the run
     (which, 10 here, would read 20% for the quiet rounds the slow host ran at half its speed)."""
     quiet, busy = _window(0.0), _window(1.5)
@@ -113,6 +113,7 @@ def test_gemm_probe_measures_every_kind_and_names_the_best_int8_one() -> None:
     assert peak.best_kind in INT8_KINDS and peak.peak == max(peak.ops_per_s[k] for k in INT8_KINDS)
     many = measure_gemm_peak(threads=1, repeats=5, kinds=("fp32",), shape=(64, 256, 128))
     assert many.ops_per_s["fp32"] >= many.median_ops_per_s["fp32"] > 0  # the best call counts, the median is kept
+    assert many.best_kind is None and many.peak is None and json.dumps(many.to_dict())  # no int8 kind: no int8 peak
     assert json.dumps(peak.to_dict())
 
 
