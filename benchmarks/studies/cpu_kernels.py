@@ -7,6 +7,10 @@
                  accuracy levels 1 (fp32 compute) and 4 (int8 compute), block sizes: GB/s of packed weights
     vision       one CLIP layer's attention over 5 tiles: MatMul / Softmax / MatMul as the vision graph
                  writes it against MultiHeadAttention (MLAS's flash attention on the CPU EP)
+    decode       GroupQueryAttention at one new position over a shared cache buffer (int8 with per-channel
+                 scales, as the decode graph keeps it, and fp32), at 1 and `threads` threads and several buffer
+                 lengths: GB/s of the cache's used positions. Time that halves with twice the threads is
+                 compute, not memory; time that does not move with the buffer's length reads only the context
 
 Every cell: median of `repeats` timed calls after a warm-up, the variants of a table interleaved call by call.
 Random inputs: speed only. `python -m pulse_edge.benchmarks.studies.cpu_kernels --help`.
@@ -152,6 +156,70 @@ def vision_attention(tiles: int, positions: int, heads: int, head_dim: int, thre
     return [{"form": name, "ms": t * 1e3, "gflop_s": flops / t / 1e9} for name, t in seconds.items()]
 
 
+def _decode_gqa(int8: bool, heads: int, layers: int, room: int) -> Any:
+    """`layers` GroupQueryAttention nodes at S = 1, each over its own shared buffer [1, heads, L, 128]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d, cache = 128, TensorProto.INT8 if int8 else TensorProto.FLOAT
+    angles = np.arange(room)[:, None] / 10000 ** (np.arange(d // 2) / (d // 2))
+    inits = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+             numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
+    scales, attrs = [], {}
+    if int8:  # the decode graph's form (export/graphs/kv_cache.py): PER_CHANNEL scales [1, heads, 1, D]
+        inits += [numpy_helper.from_array(np.full((1, heads, 1, d), 0.05, np.float32), n) for n in ("ks", "vs")]
+        scales, attrs = ["", "", "", "ks", "vs"], {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL",
+                                                   "kv_cache_bit_width": 8}
+    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, 1, 3 * heads * d]),
+              helper.make_tensor_value_info("sk", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    nodes, outputs = [], []
+    for i in range(layers):
+        names = [f"{kv}{i}" for kv in ("k", "v")]
+        inputs += [helper.make_tensor_value_info(f"past_{n}", cache, [1, heads, "L", d]) for n in names]
+        outputs += [helper.make_tensor_value_info(f"present_{n}", cache, [1, heads, "L", d]) for n in names]
+        outputs.append(helper.make_tensor_value_info(f"o{i}", TensorProto.FLOAT, None))
+        nodes.append(helper.make_node("GroupQueryAttention", ["qkv", "", "", *(f"past_{n}" for n in names), "sk",
+                                                              "total", "cos", "sin", *scales],
+                                      [f"o{i}", *(f"present_{n}" for n in names)], domain=CONTRIB, num_heads=heads,
+                                      kv_num_heads=heads, do_rotary=1, scale=d ** -0.5, **attrs))
+    return _model(nodes, inputs, outputs, inits)
+
+
+def decode_attention(context: int, buffers: list[int], heads: int, layers: int, threads: list[int],
+                     repeats: int) -> list[dict[str, Any]]:
+    """A decode step's attention over `context` positions, the buffer shared as the runtime binds it (IO binding,
+    present = past); per cache dtype and thread count, the buffer lengths interleaved."""
+    import onnxruntime as ort
+
+    rng, rows = np.random.default_rng(0), []
+    for int8 in (True, False):
+        model = _decode_gqa(int8, heads, layers, max(buffers))
+        for n in threads:
+            session, bindings, kept = _session(model, n), {}, []
+            for length in buffers:
+                binding = session.io_binding()
+                binding.bind_cpu_input("qkv", rng.standard_normal((1, 1, 3 * heads * 128), np.float32))
+                binding.bind_cpu_input("sk", np.array([context - 1], np.int32))
+                binding.bind_cpu_input("total", np.array(context, np.int32))
+                for i in range(layers):
+                    for kv in ("k", "v"):
+                        shape = (1, heads, length, 128)
+                        cache = rng.integers(-100, 100, shape).astype(np.int8) if int8 else rng.standard_normal(
+                            shape, np.float32)
+                        value = ort.OrtValue.ortvalue_from_numpy(cache)
+                        kept.append(value)
+                        binding.bind_ortvalue_input(f"past_{kv}{i}", value)
+                        binding.bind_ortvalue_output(f"present_{kv}{i}", value)
+                    binding.bind_output(f"o{i}")
+                bindings[length] = binding
+            seconds = _interleaved({b: (lambda s=session, x=x: s.run_with_iobinding(x)) for b, x in bindings.items()},
+                                   repeats)
+            used = layers * 2 * heads * context * 128 * (1 if int8 else 4)
+            rows += [{"cache": "int8" if int8 else "fp32", "threads": n, "buffer": b, "ms": t * 1e3,
+                      "gb_s": used / t / 1e9} for b, t in seconds.items()]
+    return rows
+
+
 def _tables(report: dict[str, Any]) -> str:
     parts = [f"threads {report['threads']}, median of {report['repeats']} interleaved calls after a warm-up"]
     parts += ["", "GroupQueryAttention, fp32, the full S x T product:",
@@ -165,10 +233,15 @@ def _tables(report: dict[str, Any]) -> str:
     parts += ["", f"vision attention, one layer, {report['vision_shape']}:",
               markdown_table(["form", "ms", "GFLOP/s"],
                              [[r["form"], f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"] for r in report["vision"]])]
+    parts += ["", f"decode attention, one position over {report['decode_shape']}:",
+              markdown_table(["cache", "threads", "buffer", "ms", "GB/s of the context"],
+                             [[r["cache"], str(r["threads"]), str(r["buffer"]), f"{r['ms']:.2f}", f"{r['gb_s']:.1f}"]
+                              for r in report["decode"]])]
     return "\n".join(parts)
 
 
 GQA_SHAPES = [(2048, 0), (1024, 0), (512, 0), (512, 1536), (902, 2048), (2950, 0)]
+DECODE_BUFFERS = [3008, 4096, 8192]  # the cache buffer's length: just above the context, PULSE's 4096, twice that
 GEMV_VARIANTS = [(4, 4, 128), (4, 1, 128), (4, 4, 32), (4, 4, 256), (8, 4, 128), (8, 1, 128)]
 
 
@@ -191,7 +264,10 @@ def main(threads: int, repeats: int, heads: int, scale: float, json_path: Path |
               "gemv_shape": f"K {k} x N {n}, {gemv_layers} layers",
               "gemv": gemv_rates(GEMV_VARIANTS, k, n, gemv_layers, threads, repeats),
               "vision_shape": f"5 tiles x {shrink(577)} positions x 16 heads x 64",
-              "vision": vision_attention(5, shrink(577), 16, 64, threads, repeats)}
+              "vision": vision_attention(5, shrink(577), 16, 64, threads, repeats),
+              "decode_shape": f"{shrink(3000)} positions of context, {heads} heads x 128, 4 layers",
+              "decode": decode_attention(shrink(3000), [shrink(b) for b in DECODE_BUFFERS], heads, 4,
+                                         sorted({1, threads}), repeats)}
     click.echo(_tables(report))
     write_json(json_path, report)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
-from pulse_edge.benchmarks.studies.cpu_kernels import GEMV_VARIANTS, GQA_SHAPES, main
+from pulse_edge.benchmarks.studies.cpu_kernels import DECODE_BUFFERS, GEMV_VARIANTS, GQA_SHAPES, main
 
 
 def test_the_kernel_study_times_every_variant_it_names(tmp_path: Path) -> None:
@@ -24,3 +25,13 @@ def test_the_kernel_study_times_every_variant_it_names(tmp_path: Path) -> None:
     assert {r["form"] for r in report["vision"]} == {"MatMul / Softmax / MatMul", "MultiHeadAttention"}
     assert all(r["gflop_s"] > 0 for r in (*report["attention"], *report["vision"]))
     assert "GroupQueryAttention" in result.output and "MatMulNBits at M = 1" in result.output
+    # decode attention: both caches, at 1 thread (--threads 1: one count), every buffer length; the int8 cache
+    # moves a quarter of the fp32 one's bytes for the same context, so its GB/s per ms is a quarter
+    decode = report["decode"]
+    assert [(r["cache"], r["threads"]) for r in decode] == [("int8", 1)] * 3 + [("fp32", 1)] * 3
+    assert len({r["buffer"] for r in decode}) == len(DECODE_BUFFERS)
+    by = {(r["cache"], r["buffer"]): r for r in decode}
+    for b in {r["buffer"] for r in decode}:
+        int8_bytes, fp32_bytes = (by[c, b]["gb_s"] * by[c, b]["ms"] for c in ("int8", "fp32"))
+        assert int8_bytes == pytest.approx(fp32_bytes / 4)
+    assert "decode attention" in result.output
