@@ -24,6 +24,7 @@ only emulates them.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -119,6 +120,7 @@ def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> 
         probes = Probes()
         probes.measure("start", cfg.base.bandwidth_bytes, cfg.base.threads, progress)
         results, facts, windows, rounds = _measure(bundles, work / "checkpoint", cfg, progress)
+        gc.collect()  # the backends are unreachable now: free them before the end probe allocates its arrays
         probes.measure("end", cfg.base.bandwidth_bytes, cfg.base.threads, progress)
         model = model_info(work / "checkpoint")
     rows = {key: _row_report(key, result, facts[key], ops, rounds, results, windows, cfg) for key, result in

@@ -1,0 +1,57 @@
+"""`pulse-edge bench recipes` end to end on the tiny model, with small probes: each measurement's rounds are held
+against the probes taken around them, and the report's fractions are those rounds' medians."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
+from pulse_edge.cli.bench import bench_group
+
+RUNS = 3
+
+
+@pytest.fixture()
+def small_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real probes at small sizes: the test checks the report, not this host's bounds."""
+    from pulse_edge.benchmarks.common import gemm_probe, measure, probes
+
+    def gemm(threads: int = 0, kinds: tuple[str, ...] = gemm_probe.KINDS):
+        return gemm_probe.measure_gemm_peak(threads=threads, repeats=1, kinds=kinds, shape=(64, 256, 256))
+
+    def bandwidth(array_bytes: int, progress, when: str, copy: bool = True):
+        return measure.bandwidth_probe(8 * 2**20, progress, when, copy=copy)
+    monkeypatch.setattr(probes, "measure_gemm_peak", gemm)
+    monkeypatch.setattr(probes, "bandwidth_probe", bandwidth)
+
+
+def _bounds(probes: list[dict], key: str) -> list[float]:
+    return [max(a[key], b[key]) for a, b in itertools.pairwise(probes)]
+
+
+@pytest.mark.slow
+def test_bench_recipes_holds_each_round_against_the_probes_around_it(tmp_path: Path, small_probes: None) -> None:
+    out = tmp_path / "recipes.json"
+    result = CliRunner().invoke(bench_group, ["recipes", "--width", "tiny", "--layers", "1", "--recipes", "int8",
+                                              "--runs", str(RUNS), "--context", "64", "--threads", "1",
+                                              "--no-transformers", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rounds = report["round_probes"]
+    assert {m: len(p) for m, p in rounds.items()} == {"vision": RUNS + 1, "prefill": RUNS + 1, "decode": RUNS + 1}
+    assert all(p["read_gb_s"] is not None and p["int8_peak_tops"] is None for p in rounds["decode"])
+    assert all(p["int8_peak_tops"] is not None and p["read_gb_s"] is None for p in rounds["prefill"])
+    row = report["recipes"]["int8"]
+    windows = [HostWindow(**{k: v for k, v in w.items() if k != "busy"}) for w in report["host"]["decode"]["rounds"]]
+    decode = [t * row["bytes_per_step"] / (b * 1e9) for t, b in
+              zip(row["decode_tokens_per_s"]["values"], _bounds(rounds["decode"], "read_gb_s"), strict=True)]
+    expected = (None if busy_reason(windows) else  # a busy host: no fraction
+                pytest.approx(statistics.median(decode[i] for i in quiet_rounds(windows))))
+    assert row["fraction_of_read"] == expected
+    assert "probed before each round and after the last" in result.output
