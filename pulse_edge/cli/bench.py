@@ -95,7 +95,8 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
 def profile_command(model_dir: Path, runs: int, positions: int, context: int, steps: int, threads: int,
                     prefill_chunk: int | None, traces: Path | None, bandwidth_mib: int, json_path: Path | None) -> None:
     """Where a bundle's time goes on this CPU: vision, prefill and decode op by op (ONNX Runtime's profiler),
-    grouped by role, each against this host's measured int8 GEMM, fp32 GEMM and read-bandwidth bounds."""
+    grouped by role, each against this host's int8 GEMM, fp32 GEMM and read-bandwidth bounds, probed just before
+    and just after each phase."""
     from pulse_edge.benchmarks.perf.profile import ProfileConfig, run_profile
     from pulse_edge.benchmarks.perf.profile_report import profile_table
 
@@ -202,7 +203,8 @@ def recipes_command(layers: int, width: str, recipes: str, runs: int | None, war
                     extra: tuple[str, ...], baseline: str, work: Path | None, threads: int,
                     json_path: Path | None) -> None:
     """fp32 vs int8 vs int4 bundles (and transformers generate) on one random PULSE-shaped model, in one
-    process, against this host's read bandwidth and int8 GEMM peak: vision, prefill, decode tok/s."""
+    process, against this host's read bandwidth and int8 GEMM peak, probed around every round: vision, prefill,
+    decode tok/s."""
     from pulse_edge.benchmarks.perf.backends import BackendsConfig
     from pulse_edge.benchmarks.perf.recipes import RECIPES, RecipesConfig, recipes_table, run_recipes
     from pulse_edge.errors import ConfigError
