@@ -3,6 +3,8 @@
     attention    GroupQueryAttention (fp32, heads x 128) at several (new positions S, cached P):
                  FLOP/s of the full S x T product it computes; smaller S means less causal waste but a
                  less efficient kernel, which is why splitting a chunk's attention does not pay
+    causal       a prompt chunk's causal attention: GroupQueryAttention against ONNX's own Attention (opset 23,
+                 is_causal), the same outputs
     gemv         MatMulNBits at M = 1 (a decode step) over distinct weights far above the caches: bits 4 and 8,
                  accuracy levels 1 (fp32 compute) and 4 (int8 compute), block sizes: GB/s of packed weights
     vision       one CLIP layer's attention over 5 tiles: MatMul / Softmax / MatMul as the vision graph
@@ -156,6 +158,44 @@ def vision_attention(tiles: int, positions: int, heads: int, head_dim: int, thre
     return [{"form": name, "ms": t * 1e3, "gflop_s": flops / t / 1e9} for name, t in seconds.items()]
 
 
+GQA_OP, ONNX_ATTENTION_OP = "GroupQueryAttention", "Attention (opset 23, is_causal)"
+
+
+def _causal_models(s: int, heads: int, d: int) -> dict[str, Any]:
+    """The two ops ORT's CPU EP offers for one chunk's causal self-attention (no past, no rotary)."""
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    gqa = helper.make_node(GQA_OP, ["qkv", "", "", "", "", "sk", "total"], ["y", "pk", "pv"], domain=CONTRIB,
+                           num_heads=heads, kv_num_heads=heads, scale=d ** -0.5)
+    gqa_in = [helper.make_tensor_value_info("qkv", f32, [1, s, 3 * heads * d]),
+              helper.make_tensor_value_info("sk", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    gqa_out = [helper.make_tensor_value_info(n, f32, None) for n in ("y", "pk", "pv")]
+    attention = helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1, scale=d ** -0.5)
+    graph = helper.make_graph([attention], "study", [helper.make_tensor_value_info(n, f32, [1, heads, s, d])
+                                                     for n in "qkv"], [helper.make_tensor_value_info("y", f32, None)])
+    return {GQA_OP: _model([gqa], gqa_in, gqa_out),
+            ONNX_ATTENTION_OP: helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=11)}
+
+
+def causal_attention(s: int, heads: int, threads: int, repeats: int) -> list[dict[str, Any]]:
+    """A prompt chunk's causal attention in both ops, checked equal, then timed interleaved."""
+    d = 128
+    sessions = {name: _session(model, threads) for name, model in _causal_models(s, heads, d).items()}
+    qkv = np.random.default_rng(0).standard_normal((1, s, 3 * heads * d), np.float32)
+    q, k, v = (np.ascontiguousarray(qkv[..., i * heads * d:(i + 1) * heads * d].reshape(1, s, heads, d)
+                                    .transpose(0, 2, 1, 3)) for i in range(3))  # [1, H, S, D]
+    feeds = {GQA_OP: {"qkv": qkv, "sk": np.array([s - 1], np.int32), "total": np.array(s, np.int32)},
+             ONNX_ATTENTION_OP: {"q": q, "k": k, "v": v}}
+    first = sessions[GQA_OP].run(None, feeds[GQA_OP])[0]  # [1, S, H * D]
+    second = sessions[ONNX_ATTENTION_OP].run(None, feeds[ONNX_ATTENTION_OP])[0]  # [1, H, S, D]
+    if not np.allclose(first, second.transpose(0, 2, 1, 3).reshape(first.shape), atol=1e-4):
+        raise RuntimeError("the two causal attention ops disagree: the comparison would be meaningless")
+    seconds = _interleaved({n: (lambda x=x, fd=feeds[n]: x.run(None, fd)) for n, x in sessions.items()}, repeats)
+    return [{"op": n, "s": s, "ms": t * 1e3, "gflop_s": 4 * heads * s * s * d / t / 1e9} for n, t in seconds.items()]
+
+
 def _decode_gqa(int8: bool, heads: int, layers: int, room: int) -> Any:
     """`layers` GroupQueryAttention nodes at S = 1, each over its own shared buffer [1, heads, L, 128]."""
     from onnx import TensorProto, helper, numpy_helper
@@ -233,6 +273,9 @@ def _tables(report: dict[str, Any]) -> str:
     parts += ["", f"vision attention, one layer, {report['vision_shape']}:",
               markdown_table(["form", "ms", "GFLOP/s"],
                              [[r["form"], f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"] for r in report["vision"]])]
+    parts += ["", "a prompt chunk's causal attention, fp32, GFLOP/s of the full S x S product:",
+              markdown_table(["op", "S", "ms", "GFLOP/s"], [[r["op"], str(r["s"]), f"{r['ms']:.1f}",
+                                                             f"{r['gflop_s']:.0f}"] for r in report["causal"]])]
     parts += ["", f"decode attention, one position over {report['decode_shape']}:",
               markdown_table(["cache", "threads", "buffer", "ms", "GB/s of the context"],
                              [[r["cache"], str(r["threads"]), str(r["buffer"]), f"{r['ms']:.2f}", f"{r['gb_s']:.1f}"]
@@ -261,6 +304,7 @@ def main(threads: int, repeats: int, heads: int, scale: float, json_path: Path |
     report = {"threads": threads, "repeats": repeats,
               "attention": gqa_rates([(shrink(s), shrink(p) if p else 0) for s, p in GQA_SHAPES], heads, threads,
                                      repeats),
+              "causal": causal_attention(shrink(2048), heads, threads, repeats),
               "gemv_shape": f"K {k} x N {n}, {gemv_layers} layers",
               "gemv": gemv_rates(GEMV_VARIANTS, k, n, gemv_layers, threads, repeats),
               "vision_shape": f"5 tiles x {shrink(577)} positions x 16 heads x 64",
