@@ -21,11 +21,12 @@ AVX-512 VNNI (docs/performance.md).
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from pulse_edge.benchmarks.common.roofline import call_seconds
 
 INT8_KINDS = ("w8a8dyn", "dqmm", "nbits8")
 KINDS = (*INT8_KINDS, "fp32")
@@ -85,17 +86,6 @@ def _graph(kind: str, weight: np.ndarray, m: int) -> Any:
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
-def _call_seconds(session: Any, x: np.ndarray, repeats: int) -> list[float]:
-    for _ in range(WARMUP):  # prepacking happened at load; these pay the arena's growth and the threads' start
-        session.run(None, {"x": x})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {"x": x})
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def measure_gemm_peak(threads: int = 0, repeats: int = REPEATS, kinds: tuple[str, ...] = KINDS,
                       shape: tuple[int, int, int] = PROBE_SHAPE) -> GemmPeak:
     """Time each kind in its own session, one kind after the other (each call is ~10-200 ms)."""
@@ -113,7 +103,8 @@ def measure_gemm_peak(threads: int = 0, repeats: int = REPEATS, kinds: tuple[str
     for kind in kinds:
         session = ort.InferenceSession(_graph(kind, weight, m).SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
-        times = _call_seconds(session, x, repeats)
+        # prepacking happened at load; the warm-up calls pay the arena's growth and the threads' start
+        times = call_seconds(lambda session=session: session.run(None, {"x": x}), repeats, WARMUP)
         best[kind], median[kind] = 2.0 * m * k * n / min(times), 2.0 * m * k * n / statistics.median(times)
         del session
     return GemmPeak(ops_per_s=best, median_ops_per_s=median, shape=shape, repeats=repeats, threads=threads)

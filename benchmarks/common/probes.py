@@ -23,6 +23,8 @@ from pulse_edge.benchmarks.common.roofline import GB, Bandwidth
 READ, GEMM = "read", "gemm"  # what a probe measures: read bandwidth, the GEMM peaks
 # the GEMM kinds a probe times, by whether it must give the fp32 SGEMM rate too
 GEMM_KINDS = {True: KINDS, False: INT8_KINDS}
+# what bounds each phase of a run: vision and prefill compute (GEMMs, attention), decode streams weights and cache
+PHASE_BOUNDS = {"vision": GEMM, "prefill": GEMM, "decode": READ}
 
 
 @dataclass(frozen=True)

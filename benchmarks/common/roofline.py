@@ -88,14 +88,21 @@ class Bandwidth:
                 "best_gb_s": self.best / GB, "method": f"{method}, split over threads, median of repeats"}
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: faults the pages in, so the timed runs see memory, not the page allocator
+def call_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """`warmup` untimed calls, then the seconds of each of `repeats` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    # one warm-up: it faults the pages in, so the timed runs see memory, not the page allocator
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def measure_bandwidth(array_bytes: int = GIB, repeats: int = 5, threads: int | None = None,

@@ -3,7 +3,7 @@
     what is asked, checked against the manifest; the load's own checks of the bundle, before anything is measured
     bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir)
     per phase: warm-up (once, untimed) ─ probe ─ timed window ─ probe
-      the probes are the phase's bounds, the best of the two (PHASE_PROBES): int8 / fp32 GEMM (gemm_probe) for
+      the probes are the phase's bounds, the best of the two (probes.PHASE_BOUNDS): int8 / fp32 GEMM (gemm_probe) for
       vision and prefill, read bandwidth (numpy, one array) for decode; they run beside the loaded model, outside
       the window
     timed, one window per phase on the wall clock (the clock ORT's profiler starts from):
@@ -34,7 +34,7 @@ from pulse_edge.benchmarks.common.host import HostWindow, host_sample
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import machine_with_load
 from pulse_edge.benchmarks.common.ort_trace import Trace, onnx_weight_bytes, read_trace, runs_in_window
-from pulse_edge.benchmarks.common.probes import GEMM, READ
+from pulse_edge.benchmarks.common.probes import PHASE_BOUNDS
 from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts
 from pulse_edge.benchmarks.perf.backend_runs import OrtBench, bench_inputs
 from pulse_edge.benchmarks.perf.backends import BackendsConfig
@@ -42,8 +42,6 @@ from pulse_edge.benchmarks.perf.profile_report import Bounds, Phase, phase_repor
 from pulse_edge.errors import ConfigError
 
 PHASES = ("vision", "prefill", "decode")
-# what bounds each phase (profile_report.PHASE_KINDS): the compute phases' GEMMs and attention, decode's streaming
-PHASE_PROBES = {"vision": (GEMM,), "prefill": (GEMM,), "decode": (READ,)}
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,7 @@ def _check(cfg: ProfileConfig) -> None:
 
 def _probe(phase: Phase, when: str, cfg: ProfileConfig, progress: Callable[[str], None]) -> None:
     phase.probes.measure(f"{phase.name} {when}", cfg.bandwidth_bytes, cfg.threads, progress,
-                         what=PHASE_PROBES[phase.name], copy=False)  # beside the model: one array, not two
+                         what=(PHASE_BOUNDS[phase.name],), copy=False)  # beside the model: one array, not two
 
 
 def _profiled(cfg: ProfileConfig, progress: Callable[[str], None], trace_dir: Path

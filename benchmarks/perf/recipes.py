@@ -6,7 +6,7 @@ host's measured bounds.
     probes at start and end: read / copy bandwidth (numpy) and the GEMM peaks (ORT, gemm_probe.py), for the header
     ONE process, each measurement interleaved round by round, the host's state noted per round:
       vision (5 tiles), prefill (~2950 positions, the runtime's chunks), decode tok/s at a fixed context
-      before each round and after the last, the probe its fractions are held against (ROUND_PROBES): int8 GEMM
+      before each round and after the last, the probe its fractions are held against (probes.PHASE_BOUNDS): int8 GEMM
       peak, read bandwidth; a round against the better of the probes on either side of it
 
 Bounds: a decode step reads the decoder graph's files (packed weights and scales) plus the KV cache
@@ -36,8 +36,14 @@ import numpy as np
 
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
 from pulse_edge.benchmarks.common.machine import model_info
-from pulse_edge.benchmarks.common.measure import Stat, load_average, machine_with_load, torch_threads
-from pulse_edge.benchmarks.common.probes import GEMM, READ, Probes
+from pulse_edge.benchmarks.common.measure import (
+    Stat,
+    bandwidth_report,
+    load_average,
+    machine_with_load,
+    torch_threads,
+)
+from pulse_edge.benchmarks.common.probes import PHASE_BOUNDS, READ, Probes
 from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts, torch_decoder_facts
 from pulse_edge.benchmarks.common.tables import gib, machine_lines, markdown_table, percent, pp
 from pulse_edge.benchmarks.perf.backend_runs import (
@@ -61,8 +67,6 @@ RECIPES = {
     "fp32-kv16": ("fp32 with an fp16 KV cache (no calibration)", ["--precision", "fp32", "--kv-cache", "fp16"]),
 }
 MEASURES = {"vision_ms": "vision", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
-# what each measurement's rounds are held against, probed before every round and after the last
-ROUND_PROBES = {"vision": GEMM, "prefill": GEMM, "decode": READ}
 RoundProbes = dict[str, list[Probes]]  # measurement -> a probe before each round and one after the last
 
 
@@ -126,17 +130,11 @@ def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> 
     rows = {key: _row_report(key, result, facts[key], ops, rounds, results, windows, cfg) for key, result in
             results.items()}
     return {"kind": "recipes", "machine": {**machine, "load_average_end": load_average()}, "model": model,
-            "probes": probes.to_dict(), "bandwidth": _bandwidth_summary(probes), "ops": ops.to_dict(),
+            "probes": probes.to_dict(), "bandwidth": bandwidth_report(probes.bandwidth)[1], "ops": ops.to_dict(),
             "round_probes": {m: [p.to_dict() for p in ps] for m, ps in rounds.items()},
             "settings": _settings(cfg), "recipes": rows,
             "host": {m: {"rounds": [w.to_dict() for w in ws], "busy": busy_reason(ws)} for m, ws in windows.items()},
             "elapsed_s": time.perf_counter() - started}
-
-
-def _bandwidth_summary(probes: Probes) -> dict[str, Any]:
-    """What machine_lines prints: the start and end bandwidth samples (the fractions use the rounds' probes)."""
-    best = max(probes.bandwidth.values(), key=lambda b: b.read)
-    return {**best.to_dict(), "samples": {k: b.to_dict() for k, b in probes.bandwidth.items()}}
 
 
 def _quiet_median(values: Sequence[float], windows: Sequence[HostWindow]) -> float | None:
@@ -161,9 +159,7 @@ def _round_fractions(rates: Sequence[float], bounds: Sequence[float | None], win
                      ) -> float | None:
     """Median over quiet rounds of each round's rate over its own bound (_round_bounds) (None: busy, or a round
     without its probes)."""
-    if any(b is None for b in bounds):
-        return None
-    return _quiet_median([r / b for r, b in zip(rates, bounds, strict=True)], windows)
+    return None if any(b is None for b in bounds) else _paired(rates, bounds, windows)
 
 
 def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, rounds: RoundProbes,
@@ -220,7 +216,7 @@ def _measure(bundles: dict[str, Path], checkpoint: Path, cfg: RecipesConfig, pro
     rounds: RoundProbes = {}
     for measure, method in MEASURES.items():
         progress(f"{method}: {base.warmup} warm-up + {base.timed_runs} timed runs per backend, interleaved, a "
-                 f"{ROUND_PROBES[method]} probe before each round and after the last")
+                 f"{PHASE_BOUNDS[method]} probe before each round and after the last")
         windows[method] = []
         stats, rounds[method] = probed_rounds(benches, method, base, meters, windows[method], progress)
         for key, stat in stats.items():
@@ -240,7 +236,7 @@ def probed_rounds(benches: Sequence[Any], method: str, base: BackendsConfig, met
     def probe() -> None:
         when = f"{method}, before round {len(probes) + 1}" if len(probes) < base.timed_runs else f"{method}, after"
         taken = Probes()
-        taken.measure(when, base.bandwidth_bytes, base.threads, progress, what=(ROUND_PROBES[method],), fp32=False,
+        taken.measure(when, base.bandwidth_bytes, base.threads, progress, what=(PHASE_BOUNDS[method],), fp32=False,
                       copy=False)
         probes.append(taken)
 
@@ -285,7 +281,7 @@ def _round_bounds_words(rounds: dict[str, list[dict[str, Any]]]) -> str:
     """Each measurement's per-round probes as a range: how far the host moved during the run."""
     parts = []
     for method, probes in rounds.items():
-        key, unit = ("read_gb_s", "GB/s read") if ROUND_PROBES[method] == READ else ("int8_peak_tops", "TOP/s int8")
+        key, unit = ("read_gb_s", "GB/s read") if PHASE_BOUNDS[method] == READ else ("int8_peak_tops", "TOP/s int8")
         values = [p[key] for p in probes if p[key] is not None]
         parts.append(f"{method} {min(values):.2f}-{max(values):.2f} {unit}" if values else f"{method} none")
     return "; ".join(parts)

@@ -64,6 +64,12 @@ def _interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[s
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _rotary(room: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """GroupQueryAttention's cos / sin tables [room, d / 2] (base 10000; the speed does not depend on them)."""
+    angles = np.arange(room)[:, None] / 10000 ** (np.arange(d // 2) / (d // 2))
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
 def gqa_rates(shapes: list[tuple[int, int]], heads: int, threads: int, repeats: int) -> list[dict[str, Any]]:
     """GroupQueryAttention over a past of P positions (not a shared buffer), S new ones: FLOP/s of S x T."""
     from onnx import TensorProto, helper
@@ -81,14 +87,14 @@ def gqa_rates(shapes: list[tuple[int, int]], heads: int, threads: int, repeats: 
     outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("o", "k", "v")]
     session = _session(_model([node], inputs, outputs), threads)
     rng = np.random.default_rng(0)
-    angles = np.arange(room)[:, None] / 10000 ** (np.arange(d // 2) / (d // 2))
+    cos, sin = _rotary(room, d)
     rows = []
     for s, p in shapes:
         feed = {"qkv": rng.standard_normal((1, s, 3 * heads * d), np.float32),
                 "pk": rng.standard_normal((1, heads, p, d), np.float32),
                 "pv": rng.standard_normal((1, heads, p, d), np.float32),
                 "sk": np.array([p + s - 1], np.int32), "total": np.array(p + s, np.int32),
-                "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
+                "cos": cos, "sin": sin}
         seconds = _interleaved({"gqa": lambda feed=feed: session.run(None, feed)}, repeats)["gqa"]
         rows.append({"s": s, "p": p, "ms": seconds * 1e3, "gflop_s": 4 * heads * s * (p + s) * d / seconds / 1e9})
     return rows
@@ -200,15 +206,14 @@ def _decode_gqa(int8: bool, heads: int, layers: int, room: int) -> Any:
     """`layers` GroupQueryAttention nodes at S = 1, each over its own shared buffer [1, heads, L, 128]."""
     from onnx import TensorProto, helper, numpy_helper
 
+    from pulse_edge.export.graphs.kv_cache import INT8_KV_ATTRS
+
     d, cache = 128, TensorProto.INT8 if int8 else TensorProto.FLOAT
-    angles = np.arange(room)[:, None] / 10000 ** (np.arange(d // 2) / (d // 2))
-    inits = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
-             numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
+    inits = [numpy_helper.from_array(table, name) for name, table in zip(("cos", "sin"), _rotary(room, d), strict=True)]
     scales, attrs = [], {}
     if int8:  # the decode graph's form (export/graphs/kv_cache.py): PER_CHANNEL scales [1, heads, 1, D]
         inits += [numpy_helper.from_array(np.full((1, heads, 1, d), 0.05, np.float32), n) for n in ("ks", "vs")]
-        scales, attrs = ["", "", "", "ks", "vs"], {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL",
-                                                   "kv_cache_bit_width": 8}
+        scales, attrs = ["", "", "", "ks", "vs"], INT8_KV_ATTRS
     inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, 1, 3 * heads * d]),
               helper.make_tensor_value_info("sk", TensorProto.INT32, [1]),
               helper.make_tensor_value_info("total", TensorProto.INT32, [])]
@@ -225,35 +230,40 @@ def _decode_gqa(int8: bool, heads: int, layers: int, room: int) -> Any:
     return _model(nodes, inputs, outputs, inits)
 
 
+def _bind_decode(session: Any, context: int, length: int, heads: int, layers: int, int8: bool, rng: Any
+                 ) -> tuple[Any, list[Any]]:
+    """An IO binding of one decode step over caches of `length` positions, each bound as input and output (present =
+    past, as the runtime binds its buffer), and the OrtValues it binds: they hold the numpy memory the binding
+    points into, so the caller keeps them as long as the binding runs."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    binding.bind_cpu_input("qkv", rng.standard_normal((1, 1, 3 * heads * 128), np.float32))
+    binding.bind_cpu_input("sk", np.array([context - 1], np.int32))
+    binding.bind_cpu_input("total", np.array(context, np.int32))
+    shape, values = (1, heads, length, 128), []
+    for name in (f"{kv}{i}" for i in range(layers) for kv in ("k", "v")):
+        cache = rng.integers(-100, 100, shape).astype(np.int8) if int8 else rng.standard_normal(shape, np.float32)
+        values.append(ort.OrtValue.ortvalue_from_numpy(cache))
+        binding.bind_ortvalue_input(f"past_{name}", values[-1])
+        binding.bind_ortvalue_output(f"present_{name}", values[-1])
+    for i in range(layers):
+        binding.bind_output(f"o{i}")
+    return binding, values
+
+
 def decode_attention(context: int, buffers: list[int], heads: int, layers: int, threads: list[int],
                      repeats: int) -> list[dict[str, Any]]:
     """A decode step's attention over `context` positions, the buffer shared as the runtime binds it (IO binding,
     present = past); per cache dtype and thread count, the buffer lengths interleaved."""
-    import onnxruntime as ort
-
     rng, rows = np.random.default_rng(0), []
     for int8 in (True, False):
         model = _decode_gqa(int8, heads, layers, max(buffers))
         for n in threads:
-            session, bindings, kept = _session(model, n), {}, []
-            for length in buffers:
-                binding = session.io_binding()
-                binding.bind_cpu_input("qkv", rng.standard_normal((1, 1, 3 * heads * 128), np.float32))
-                binding.bind_cpu_input("sk", np.array([context - 1], np.int32))
-                binding.bind_cpu_input("total", np.array(context, np.int32))
-                for i in range(layers):
-                    for kv in ("k", "v"):
-                        shape = (1, heads, length, 128)
-                        cache = rng.integers(-100, 100, shape).astype(np.int8) if int8 else rng.standard_normal(
-                            shape, np.float32)
-                        value = ort.OrtValue.ortvalue_from_numpy(cache)
-                        kept.append(value)
-                        binding.bind_ortvalue_input(f"past_{kv}{i}", value)
-                        binding.bind_ortvalue_output(f"present_{kv}{i}", value)
-                    binding.bind_output(f"o{i}")
-                bindings[length] = binding
-            seconds = _interleaved({b: (lambda s=session, x=x: s.run_with_iobinding(x)) for b, x in bindings.items()},
-                                   repeats)
+            session = _session(model, n)
+            bindings = {b: _bind_decode(session, context, b, heads, layers, int8, rng) for b in buffers}
+            seconds = _interleaved({b: (lambda s=session, x=x: s.run_with_iobinding(x)) for b, (x, _) in
+                                    bindings.items()}, repeats)
             used = layers * 2 * heads * context * 128 * (1 if int8 else 4)
             rows += [{"cache": "int8" if int8 else "fp32", "threads": n, "buffer": b, "ms": t * 1e3,
                       "gb_s": used / t / 1e9} for b, t in seconds.items()]

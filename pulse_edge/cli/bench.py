@@ -10,6 +10,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,6 +19,15 @@ from pulse_edge.choices import BACKENDS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.cli.group import UserErrorGroup
 
 _DEFAULT_SIZES = "2200x1700,3300x2550,3508x2480"  # letter 200 dpi, letter 300 dpi, A4 300 dpi
+TORCH_AND_ORT_THREADS = "Intra-op threads for torch and ORT (0 = one per core)."
+
+# options the measuring commands share
+BANDWIDTH_MIB = click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
+                             help="Array size for the memory bandwidth measurement (far above the caches).")
+
+
+def threads_option(help_text: str = "Intra-op threads (0 = one per core).") -> Any:
+    return click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help=help_text)
 
 
 @click.group("bench", cls=UserErrorGroup)
@@ -37,10 +47,8 @@ def bench_group() -> None:
               help="auto: ort for a bundle, torch for a checkpoint.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
               help="ort backend: execution provider.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Intra-op threads (0 = one per core).")
-@click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Array size for the memory bandwidth measurement (far above the caches).")
+@threads_option()
+@BANDWIDTH_MIB
 @click.option("--prefill-graph", type=click.Choice(PREFILL_GRAPH_MODES), default="auto", show_default=True,
               help="ort backend: a CPU bundle's prefill graph (as infer --prefill-graph); the table says which "
                    "graph prefilled.")
@@ -83,14 +91,12 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
 @click.option("--context", type=click.IntRange(min=2), default=3000, show_default=True,
               help="Positions of context for the decode steps.")
 @click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Decode steps per run.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Intra-op threads (0 = one per core).")
+@threads_option()
 @click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
               help="As infer --prefill-chunk (default: the runtime's; 0 = one pass).")
 @click.option("--traces", type=click.Path(path_type=Path), default=None,
               help="Keep ONNX Runtime's traces here (Perfetto or chrome://tracing opens them) [default: removed].")
-@click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Array size for the memory bandwidth measurement (far above the caches).")
+@BANDWIDTH_MIB
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
 def profile_command(model_dir: Path, runs: int, positions: int, context: int, steps: int, threads: int,
                     prefill_chunk: int | None, traces: Path | None, bandwidth_mib: int, json_path: Path | None) -> None:
@@ -121,10 +127,8 @@ def profile_command(model_dir: Path, runs: int, positions: int, context: int, st
               help="Decode steps per timed run [default: 32 tiny, 16 real].")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Keep the made checkpoint and bundle here and reuse them [default: a temp dir, removed].")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Intra-op threads for torch and ORT (0 = one per core).")
-@click.option("--bandwidth-mib", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Array size for the memory bandwidth measurement.")
+@threads_option(TORCH_AND_ORT_THREADS)
+@BANDWIDTH_MIB
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
 def backends_command(width: str, layers: int, runs: int | None, warmup: int, context: int,
                      decode_tokens: int | None, work: Path | None, threads: int, bandwidth_mib: int,
@@ -196,7 +200,7 @@ def projector_command(tokens: str, precisions: str, runs: int, warmup: int, comp
                    "row: ROW=BASE,ROW=BASE.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Keep the made checkpoint and bundles here and reuse them [default: a temp dir, removed].")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@threads_option(TORCH_AND_ORT_THREADS)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
 def recipes_command(layers: int, width: str, recipes: str, runs: int | None, warmup: int, context: int,
                     decode_tokens: int | None, calibration_samples: int, no_transformers: bool, no_fp32: bool,

@@ -165,16 +165,6 @@ def quick_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                          ExportOptions(precision="fp32", plan=ValidationPlan.quick()))
 
 
-@pytest.fixture()
-def small_gemm_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real probe at a small shape: the test checks the report, not this host's peak."""
-    from pulse_edge.benchmarks.common import gemm_probe, probes
-
-    def small(threads: int = 0, kinds: tuple[str, ...] = gemm_probe.KINDS):
-        return gemm_probe.measure_gemm_peak(threads=threads, repeats=1, kinds=kinds, shape=(64, 256, 256))
-    monkeypatch.setattr(probes, "measure_gemm_peak", small)
-
-
 def _decoder_matmuls(bundle: Path) -> list[tuple[str, int, int]]:
     """(name, K, N) of the decoder graph's weight MatMuls, from the graph itself."""
     proto = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
@@ -182,7 +172,7 @@ def _decoder_matmuls(bundle: Path) -> list[tuple[str, int, int]]:
     return [(n.name, *shapes[n.input[1]]) for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in shapes]
 
 
-def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, small_gemm_probe: None) -> None:
+def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, small_probes: None) -> None:
     out, positions, steps = tmp_path / "profile.json", 40, 3
     result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--runs", "2", "--positions",
                                               str(positions), "--context", "48", "--steps", str(steps), "--threads",
@@ -295,7 +285,7 @@ def test_a_busy_window_or_unknown_work_prints_no_fraction() -> None:
     (["--context", "100000"], "this bundle's cache holds"),
 ])
 def test_bench_profile_refuses_more_positions_than_the_cache_holds(quick_bundle: Path, args: list[str], message: str,
-                                                                    small_gemm_probe: None) -> None:
+                                                                    small_probes: None) -> None:
     result = CliRunner().invoke(bench_group, ["profile", "--model", str(quick_bundle), "--bandwidth-mib", "8", *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
@@ -331,7 +321,7 @@ def test_bench_profile_refuses_a_traces_folder_it_cannot_write(quick_bundle: Pat
 
 
 def test_bench_profile_refuses_a_trace_short_of_the_runs_it_timed(quick_bundle: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  small_gemm_probe: None) -> None:
+                                                                  small_probes: None) -> None:
     """ORT's profiler stops after 1M events: a window holding fewer session runs than were timed gives one line."""
     from pulse_edge.benchmarks.perf import profile
 

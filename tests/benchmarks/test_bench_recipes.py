@@ -17,20 +17,6 @@ from pulse_edge.cli.bench import bench_group
 RUNS = 3
 
 
-@pytest.fixture()
-def small_probes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real probes at small sizes: the test checks the report, not this host's bounds."""
-    from pulse_edge.benchmarks.common import gemm_probe, measure, probes
-
-    def gemm(threads: int = 0, kinds: tuple[str, ...] = gemm_probe.KINDS):
-        return gemm_probe.measure_gemm_peak(threads=threads, repeats=1, kinds=kinds, shape=(64, 256, 256))
-
-    def bandwidth(array_bytes: int, progress, when: str, copy: bool = True):
-        return measure.bandwidth_probe(8 * 2**20, progress, when, copy=copy)
-    monkeypatch.setattr(probes, "measure_gemm_peak", gemm)
-    monkeypatch.setattr(probes, "bandwidth_probe", bandwidth)
-
-
 def _bounds(probes: list[dict], key: str) -> list[float]:
     return [max(a[key], b[key]) for a, b in itertools.pairwise(probes)]
 
