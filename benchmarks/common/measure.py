@@ -61,6 +61,30 @@ def peak_since_reset(reset_worked: bool) -> int:
     return (proc_status_bytes("VmHWM") if reset_worked else None) or peak_rss_bytes()
 
 
+@dataclass
+class PeakWatch:
+    """The process's RSS high-water mark over stretches of work, leaving out what runs `aside` between them (a
+    probe's arrays beside a loaded model say nothing about the model). Where the mark cannot be reset (not Linux),
+    ru_maxrss: the asides included."""
+
+    reset_works: bool
+    peak: int = 0
+
+    @classmethod
+    def start(cls) -> PeakWatch:
+        return cls(reset_peak())
+
+    def aside(self, fn: Callable[[], object]) -> None:
+        self.stop()
+        fn()
+        if self.reset_works:
+            reset_peak()
+
+    def stop(self) -> int:
+        self.peak = max(self.peak, peak_since_reset(self.reset_works))
+        return self.peak
+
+
 def proc_status_bytes(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

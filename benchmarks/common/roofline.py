@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,13 +187,3 @@ def roofline_entry(facts: DecoderFacts, bandwidth: Bandwidth, context: float, to
             "achieved_gb_s": achieved / GB if achieved is not None else None,
             "fraction_of_bandwidth": achieved / bandwidth.best if achieved is not None else None}
 
-
-def paired_fraction(facts: DecoderFacts, context: float, tokens_per_s: Sequence[float],
-                    probes_bytes_s: Sequence[float]) -> float | None:
-    """Median over decode rounds of achieved / the bandwidth probed just before that round: the machine's
-    bandwidth moves within a run (neighbours), and a probe beside each round follows it; None without probes."""
-    if not probes_bytes_s or len(probes_bytes_s) != len(tokens_per_s):
-        return None
-    per_token = facts.bytes_per_token(round(context))
-    return float(np.median([achieved_bandwidth(t, per_token) / b for t, b in zip(tokens_per_s, probes_bytes_s,
-                                                                                 strict=True)]))

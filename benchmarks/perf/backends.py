@@ -15,6 +15,7 @@ functions that use them; the CLI imports this module only when a command runs.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason
 from pulse_edge.benchmarks.common.machine import machine_info, model_info
 from pulse_edge.benchmarks.common.measure import (
     Stat,
@@ -36,17 +38,17 @@ from pulse_edge.benchmarks.common.measure import (
     machine_with_load,
     torch_threads,
 )
+from pulse_edge.benchmarks.common.probes import READ, Probes
 from pulse_edge.benchmarks.common.roofline import (
     GB,
     GIB,
     Bandwidth,
     DecoderFacts,
     bundle_decoder_facts,
-    measure_bandwidth,
-    paired_fraction,
     roofline_entry,
     vicuna_rooflines,
 )
+from pulse_edge.benchmarks.common.rounds import RoundProber, round_bounds, round_fractions
 from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines, markdown_table, num, percent, pp
 from pulse_edge.benchmarks.perf.backend_runs import (
     BackendMeter,
@@ -193,25 +195,28 @@ METHODS = {  # how each column was measured, printed under the table
               "positions), clocked per token by a streamer: the {steps} steps after the first token, with "
               "generate's own per-step work",
     "bandwidth": "achieved GB/s = decode tok/s x bytes one step must read (decoder weights + KV at the context); "
-                 "% of measured = of the best start/end probe, which the roofline uses; % of paired = median over "
-                 "decode rounds of the round's achieved GB/s against a probe taken just before that round",
+                 "% of read BW = median over the quiet decode rounds of the round's achieved GB/s against the "
+                 "better of the read probes taken just before and just after that round (common/rounds.py); the "
+                 "roofline is drawn at the best of those probes",
     "memory": "own = what loading the backend added to the process RSS (its weights; torch's includes the random "
               "decode cache) + the most one of its calls raised the RSS (activations, arenas, cache copies): "
               "about its peak on its own; transformers shares the reference's loaded model",
     "cores": "CPU seconds per wall second during the backend's calls, this process / everything else on the "
              "machine (/proc/stat, steal included): others well above 0 means its numbers are contended; "
-             "memory traffic from outside this VM does not show there (the bandwidth probes at start and end do)",
+             "memory traffic from outside this VM does not show there (the read probes beside the rounds do)",
 }
 
 
-def _summaries(backends: dict[str, dict[str, Any]], facts: DecoderFacts, bandwidth: Bandwidth,
-               context: int, round_probes: list[Bandwidth]) -> dict[str, dict[str, Any]]:
-    out = {}
+def _summaries(backends: dict[str, dict[str, Any]], facts: DecoderFacts, context: int, rounds: DecodeRounds
+               ) -> dict[str, dict[str, Any]]:
+    """Each backend's decode against the read bound: the roofline at the best probe beside the decode rounds, and
+    each round over the better of its two neighbouring probes (the median over quiet rounds, or None: busy)."""
+    out, per_step, bounds = {}, facts.bytes_per_token(context), round_bounds(rounds.probes, "read")
     for key, result in backends.items():
         entry = {k: v.to_dict() if isinstance(v, Stat) else v for k, v in result.items()}
-        entry.update(roofline_entry(facts, bandwidth, context, result["decode_tokens_per_s"].p50))
-        entry["fraction_of_paired_bandwidth"] = paired_fraction(facts, context, result["decode_tokens_per_s"].values,
-                                                                [b.best for b in round_probes])
+        decode = result["decode_tokens_per_s"]
+        entry.update(roofline_entry(facts, rounds.best_read, context, decode.p50))
+        entry["fraction_of_read"] = round_fractions([t * per_step for t in decode.values], bounds, rounds.windows)
         out[key] = entry
     return out
 
@@ -224,22 +229,23 @@ def run_backends(cfg: BackendsConfig, progress: Callable[[str], None] = print) -
         progress(f"model ready in {prepared.seconds:.0f} s")
         machine = machine_with_load()
         samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start")}
-        backends, overhead, round_probes = _measure_backends(prepared, cfg, progress)
+        backends, overhead, rounds = _measure_backends(prepared, cfg, progress)
+        gc.collect()  # the backends are unreachable now: free them before the end probe allocates its arrays
         samples["end"] = bandwidth_probe(cfg.bandwidth_bytes, progress, "end")
         model = {**model_info(prepared.checkpoint), "width": cfg.width, "bundle": str(prepared.bundle),
                  "bundle_bytes_on_disk": dir_size_bytes(prepared.bundle), "prepared_s": prepared.seconds,
                  "reused": prepared.reused, "work_kept": cfg.work is not None}
         facts = bundle_decoder_facts(prepared.bundle)
-    bandwidth, bandwidth_dict = bandwidth_report(samples)
     # The meters reset the high-water mark around every load and call, so the process's peak (bandwidth
     # probes aside: their 2 GiB of arrays say nothing about the model) is the largest one they saw.
     peak = max(b["meter"]["peak_rss_bytes"] for b in backends.values())
     return {"kind": "backends", "machine": {**machine, "load_average_end": load_average()}, "model": model,
-            "bandwidth": bandwidth_dict, "decoder": facts.to_dict(), "settings": _settings(cfg),
-            "backends": _summaries(backends, facts, bandwidth, cfg.context, round_probes),
-            "decode_round_bandwidth_gb_s": [b.best / GB for b in round_probes],
+            "bandwidth": bandwidth_report(samples)[1], "decoder": facts.to_dict(), "settings": _settings(cfg),
+            "backends": _summaries(backends, facts, cfg.context, rounds),
+            "decode_round_read_gb_s": [p.read / GB for p in rounds.probes],
+            "decode_host": {"rounds": [w.to_dict() for w in rounds.windows], "busy": busy_reason(rounds.windows)},
             "pipeline_overhead": overhead, "methods": _methods(cfg),
-            "pulse7b_rooflines": vicuna_rooflines(bandwidth.best, cfg.context),
+            "pulse7b_rooflines": vicuna_rooflines(rounds.best_read.read, cfg.context),
             "notes": _notes(cfg), "peak_rss_bytes": peak, "elapsed_s": time.perf_counter() - started}
 
 
@@ -257,8 +263,20 @@ def _check_room(prepared: PreparedModel, cfg: BackendsConfig) -> None:
                           "available: close other programs or use fewer --layers")
 
 
+@dataclass(frozen=True)
+class DecodeRounds:
+    """The read probes beside the decode rounds (one before each, one after the last) and the host over each."""
+
+    probes: list[Probes]
+    windows: list[HostWindow]
+
+    @property
+    def best_read(self) -> Bandwidth:
+        return max((b for p in self.probes for b in p.bandwidth.values()), key=lambda b: b.read)
+
+
 def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Callable[[str], None],
-                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], list[Bandwidth]]:
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], DecodeRounds]:
     """Load ORT and the torch reference side by side, then measure vision, prefill and decode with the
     backends interleaved, then the ORT pipeline's own overhead."""
     import transformers
@@ -274,16 +292,17 @@ def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Ca
     reference = meters["torch"].load(lambda: TorchBench(prepared.checkpoint, inputs, cfg))
     benches = [GenerateBench(reference, inputs, cfg), reference, ort]
     results: dict[str, dict[str, Any]] = {b.key: {"name": b.name} for b in benches}
-    round_probes: list[Bandwidth] = []  # one before each decode round: its runs' own bandwidth
-
-    def probe() -> None:
-        round_probes.append(measure_bandwidth(cfg.bandwidth_bytes, repeats=3))
-
+    prober = RoundProber("decode", (READ,), cfg.timed_runs, cfg.bandwidth_bytes, cfg.threads, progress)
+    windows: list[HostWindow] = []
     for measure, method in MEASURES.items():
+        decode = method == "decode"
         progress(f"{method}: {cfg.warmup} warm-up + {cfg.timed_runs} timed runs per backend, interleaved"
-                 + (", a bandwidth probe before each round" if method == "decode" else ""))
-        rounds = interleaved(benches, method, cfg, meters, before_round=probe if method == "decode" else None)
-        for key, stat in rounds.items():
+                 + (", a read probe before each round and after the last" if decode else ""))
+        stats = interleaved(benches, method, cfg, meters, before_round=prober if decode else None,
+                            windows=windows if decode else None)
+        if decode:
+            prober()
+        for key, stat in stats.items():
             results[key][measure] = stat
     progress("onnxruntime: pipeline overhead (one Conversation.ask)")
     overhead = meters["ort"].call(lambda: pipeline_overhead(ort.pipeline, inputs.image, cfg.steps + 1))
@@ -291,7 +310,7 @@ def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Ca
     results["transformers"]["vision_note"] = "the torch reference's modules and number"
     for key, meter in meters.items():
         results[key]["meter"] = meter.to_dict()
-    return results, overhead, round_probes
+    return results, overhead, DecodeRounds(prober.taken, windows)
 
 
 def read_max_length(bundle: Path) -> int:
@@ -330,7 +349,7 @@ def _backend_row(entry: dict[str, Any]) -> list[str]:
     meter, shared = entry["meter"], "vision_note" in entry
     return [entry["name"], pp(entry["vision_ms"]) + (" (=torch)" if shared else ""),
             pp(entry["prefill_ms"]), pp(entry["decode_tokens_per_s"], 1), num(entry["achieved_gb_s"]),
-            percent(entry["fraction_of_bandwidth"]), percent(entry.get("fraction_of_paired_bandwidth")),
+            "busy" if entry["fraction_of_read"] is None else percent(entry["fraction_of_read"]),
             num(entry["roofline_tokens_per_s"]),
             _memory_cell(meter, shared), f"{num(meter['cores_used'], 2)} / {num(meter['others_cores'], 2)}"]
 
@@ -353,19 +372,21 @@ def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
 def backends_table(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["model"]
     header = ["backend", "vision ms (5 tiles)", f"prefill ms ({s['prefill_positions']} pos)",
-              f"decode tok/s @ {s['context']}", "achieved GB/s", "% of measured BW", "% of paired BW",
-              "roofline tok/s",
+              f"decode tok/s @ {s['context']}", "achieved GB/s", "% of read BW", "roofline tok/s",
               "memory: loaded + working", "cores: ours / others"]
     rows = [_backend_row(entry) for entry in report["backends"].values()]
     rooflines = ", ".join(f"{p} {v:.1f}" for p, v in report["pulse7b_rooflines"].items())
+    busy = report["decode_host"]["busy"]
     return "\n".join([
-        *machine_lines(report),
+        *machine_lines(report, use="a description of the machine; the decode bound is the read probes beside the "
+                                   "decode rounds (below)"),
         f"model: random PULSE-shaped, {s['width']} width (hidden {m['hidden_size']}), {m['layers']} decoder layers; "
         f"fp32 bundle {gib(m['bundle_bytes_on_disk'])} on disk; {'reused' if m['reused'] else 'made'} in "
         f"{m['prepared_s']:.0f} s",
         decoder_line(report["decoder"]),
-        "bandwidth probed before each decode round (GB/s): "
-        + ", ".join(f"{v:.1f}" for v in report.get("decode_round_bandwidth_gb_s", [])),
+        "read bandwidth probed before each decode round and after the last (GB/s, one array): "
+        + ", ".join(f"{v:.1f}" for v in report["decode_round_read_gb_s"]),
+        *([f"no fraction: decode {busy}"] if busy else []),
         f"{s['runs']} timed runs after {s['warmup']} warm-up per measurement; decode {s['decode_steps']} steps per "
         f"run; threads {s['threads'] or 'one per core'}; cells: p50 / p95",
         "", markdown_table(header, rows), "",

@@ -1,13 +1,17 @@
 """Latency suite: `pulse-edge bench latency` (one model, real ECG prints).
 
     ECG print (letter 200/300 dpi, A4 300 dpi) -> Conversation.ask x (warm-up + runs)
+      a probe before each timed run and after the last (CPU runs): read bandwidth (numpy, one array) and the
+      int8 GEMM peak (gemm_probe.py), beside the loaded model, outside the runs and outside their peak RSS
     -> p50/p95 of preprocess, vision, prefill, time to first token, decode tokens/s
-    -> beside it the memory-bandwidth roofline at this machine's measured bandwidth
+    -> each run against the better of the probes on either side of it (common/rounds.py), median over quiet runs:
+       vision and prefill as linear-layer ops/s (model_ops.py) of the int8 peak, decode as bytes/s of the read
+       bound (weights + KV at the mean context), and the roofline at the best read probe
 
-Absolute times on a shared machine drift, which is why the bandwidth is measured
-in the same run. torch and onnxruntime are imported inside the functions that
-use them; the CLI imports this module only when a command runs. The side-by-side
-`bench backends` is in backends.py; what both share is in bench_common.py.
+Absolute times on a shared machine drift, which is why the bounds are measured beside each run: on this
+project's 2-vCPU VM the int8 probe moved 1.9-4.0 TOP/s within 40 minutes (docs/performance.md). torch and
+onnxruntime are imported inside the functions that use them; the CLI imports this module only when a command
+runs. The side-by-side `bench backends` is in backends.py; what the benchmarks share is in benchmarks/common.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import (
+    PeakWatch,
     Stat,
     bandwidth_probe,
     bandwidth_report,
@@ -27,10 +33,9 @@ from pulse_edge.benchmarks.common.measure import (
     ecg_print,
     load_average,
     machine_with_load,
-    peak_since_reset,
-    reset_peak,
     torch_threads,
 )
+from pulse_edge.benchmarks.common.probes import GEMM, READ, Probes
 from pulse_edge.benchmarks.common.roofline import (
     GIB,
     Bandwidth,
@@ -39,15 +44,17 @@ from pulse_edge.benchmarks.common.roofline import (
     roofline_entry,
     torch_decoder_facts,
 )
-from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines, markdown_table, num, pp
+from pulse_edge.benchmarks.common.rounds import RoundProber, round_fractions
+from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines, markdown_table, num, percent, pp
+from pulse_edge.benchmarks.perf.model_ops import ModelOps, ops_of
 from pulse_edge.errors import ConfigError
 
 # Common ECG print sizes in pixels (width x height): what a cart's scanner or PDF export produces.
 PRINT_SIZES = {(2200, 1700): "letter 200 dpi", (3300, 2550): "letter 300 dpi", (3508, 2480): "A4 300 dpi"}
 TIMING_FIELDS = ("preprocess_ms", "vision_ms", "prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s")
 RSS_NOTE = "peak resident set size (RSS) of the whole benchmark process, from getrusage ru_maxrss"
-PEAK_NOTE = ("peak resident set size (RSS) of the process from loading the model to its last run (Linux VmHWM, "
-             "reset after the bandwidth probe freed its arrays; what ru_maxrss reports from that point)")
+PEAK_NOTE = ("peak resident set size (RSS) of the process from loading the model to its last run, the probes "
+             "beside the runs left out (Linux VmHWM, reset after each probe)")
 
 
 @dataclass(frozen=True)
@@ -95,13 +102,32 @@ def _open(cfg: LatencyConfig) -> tuple[Any, DecoderFacts]:
     return pipeline, torch_decoder_facts(pipeline.model.language_model)
 
 
-def _latency_row(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig) -> dict[str, Any]:
+def _timed_runs(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig, prober: RoundProber | None,
+                watch: PeakWatch) -> tuple[list[Any], list[HostWindow]]:
+    """Warm-up runs, then the timed runs, each with the host's state over it; a probe before each timed run and one
+    after the last (outside the runs, and outside the watched peak)."""
     from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 
-    image = ecg_print(size)
-    question = cfg.question or DEFAULT_QUESTION
-    results = [pipeline.generate(image, question, max_new_tokens=cfg.max_new_tokens)
-               for _ in range(cfg.warmup + cfg.runs)][cfg.warmup:]
+    image, question = ecg_print(size), cfg.question or DEFAULT_QUESTION
+
+    def answer() -> Any:
+        return pipeline.generate(image, question, max_new_tokens=cfg.max_new_tokens)
+
+    for _ in range(cfg.warmup):
+        answer()
+    results, windows = [], []
+    for _ in range(cfg.runs):
+        if prober is not None:
+            watch.aside(prober)
+        before = host_sample()
+        results.append(answer())
+        windows.append(HostWindow.between(before, host_sample()))
+    if prober is not None:
+        watch.aside(prober)
+    return results, windows
+
+
+def _latency_row(results: list[Any], size: tuple[int, int]) -> dict[str, Any]:
     timings = [r.timings for r in results]
     stats = {name: Stat.of([getattr(t, name) for t in timings]) for name in TIMING_FIELDS}
     last = results[-1]
@@ -115,34 +141,78 @@ def _latency_row(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig) -> di
             "decode_context": last.prompt_tokens + last.generated_tokens / 2}  # the mean over the decode steps
 
 
-def _with_roofline(row: dict[str, Any], facts: DecoderFacts, bandwidth: Bandwidth) -> dict[str, Any]:
+def _fractions(results: list[Any], windows: list[HostWindow], prober: RoundProber, facts: DecoderFacts,
+               ops: ModelOps | None, context: float) -> dict[str, float | None]:
+    """Each run against the better of the probes on either side of it, the median over quiet runs (rounds.py):
+    vision and prefill as linear-layer ops/s of the int8 GEMM peak, decode as bytes read/s of the read probe."""
+    timings, last = [r.timings for r in results], results[-1]
+    int8, read = prober.bounds("int8_peak"), prober.bounds("read")
+    fractions: dict[str, float | None] = {}
+    if ops is not None and ops.tile_tokens and all(t.vision_ms > 0 and t.prefill_ms > 0 for t in timings):
+        vision_work = ops.vision(last.image_tokens // ops.tile_tokens)
+        prefill_work = ops.prefill(last.prompt_tokens)
+        fractions["vision_of_int8_peak"] = round_fractions([vision_work / (t.vision_ms / 1e3) for t in timings],
+                                                           int8, windows)
+        fractions["prefill_of_int8_peak"] = round_fractions([prefill_work / (t.prefill_ms / 1e3) for t in timings],
+                                                            int8, windows)
+    if all(t.decode_tokens_per_s > 0 for t in timings):
+        per_step = facts.bytes_per_token(round(context))
+        fractions["decode_of_read"] = round_fractions([t.decode_tokens_per_s * per_step for t in timings], read,
+                                                      windows)
+    return fractions
+
+
+def _best_read(probes: list[Probes]) -> Bandwidth | None:
+    """The best read probe beside the runs, as the bandwidth a roofline is drawn at (the decode bound is a read)."""
+    samples = [b for p in probes for b in p.bandwidth.values()]
+    return max(samples, key=lambda b: b.read, default=None)
+
+
+def _measure_size(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig, facts: DecoderFacts,
+                  ops: ModelOps | None, watch: PeakWatch, progress: Callable[[str], None]) -> dict[str, Any]:
+    probed = host_bound(cfg, pipeline)
+    progress(f"{size[0]}x{size[1]}: {cfg.warmup} warm-up + {cfg.runs} runs"
+             + (", the read and int8 bounds probed before each run and after the last" if probed else ""))
+    prober = RoundProber(f"{size[0]}x{size[1]}", (READ, GEMM), cfg.runs, cfg.bandwidth_bytes, cfg.threads,
+                         progress) if probed else None
+    results, windows = _timed_runs(pipeline, size, cfg, prober, watch)
+    row = {**_latency_row(results, size), "host": {"runs": [w.to_dict() for w in windows],
+                                                   "busy": busy_reason(windows)}}
+    if prober is None:
+        return {**row, "probes": [], "fractions": {}}
+    row.update(probes=[p.to_dict() for p in prober.taken],
+               fractions=_fractions(results, windows, prober, facts, ops, row["decode_context"]))
+    bandwidth = _best_read(prober.taken)
     rate = row["timings"].get("decode_tokens_per_s", {}).get("p50")
-    return {**row, **roofline_entry(facts, bandwidth, row["decode_context"], rate)}
+    return {**row, **(roofline_entry(facts, bandwidth, row["decode_context"], rate) if bandwidth else {})}
+
+
+def host_bound(cfg: LatencyConfig, pipeline: Any) -> bool:
+    """Whether this host's CPU and memory bound the run: the torch reference and ORT's CPU provider; a GPU run is
+    held against no probe of this host."""
+    return cfg.provider == "cpu" and getattr(pipeline, "backend", "torch") in ("ort", "torch")
 
 
 def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure one model on each print size; returns the report (see `latency_table`)."""
     started, machine = time.perf_counter(), machine_with_load()
-    samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start")}
-    reset = reset_peak()  # the probe's arrays are freed: they would otherwise be the peak of a small model
+    samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start")}  # describes the machine
+    watch = PeakWatch.start()  # the probe's arrays are freed: they would otherwise be the peak of a small model
     progress(f"loading {cfg.model}")
     pipeline, facts = _open(cfg)
-    rows = []
-    for size in cfg.sizes:
-        progress(f"{size[0]}x{size[1]}: {cfg.warmup} warm-up + {cfg.runs} runs")
-        rows.append(_latency_row(pipeline, size, cfg))
-    peak = peak_since_reset(reset)
-    samples["end"] = bandwidth_probe(cfg.bandwidth_bytes, progress, "end")
-    bandwidth, bandwidth_dict = bandwidth_report(samples)
+    ops = ops_of(cfg.model)
+    rows = [_measure_size(pipeline, size, cfg, facts, ops, watch, progress) for size in cfg.sizes]
     return {"kind": "latency", "machine": {**machine, "load_average_end": load_average()},
             "model": model_info(cfg.model),
             "backend": getattr(pipeline, "backend", "torch"), "settings": _latency_settings(cfg),
             "prefilled_by": getattr(pipeline, "prefilled_by", "decoder graph"),  # the torch reference: one graph
             "prefill_chunk": getattr(getattr(pipeline, "engine", None), "prefill_chunk", None),  # None: one pass
-            "bandwidth": bandwidth_dict, "decoder": facts.to_dict(),
-            "model_bytes_on_disk": dir_size_bytes(cfg.model), "peak_rss_bytes": peak,
-            "peak_rss_note": PEAK_NOTE if reset else RSS_NOTE,
-            "sizes": [_with_roofline(r, facts, bandwidth) for r in rows], "elapsed_s": time.perf_counter() - started}
+            "bandwidth": bandwidth_report(samples)[1], "decoder": facts.to_dict(),
+            "ops": ops.to_dict() if ops is not None else None,
+            "probed": host_bound(cfg, pipeline),
+            "model_bytes_on_disk": dir_size_bytes(cfg.model), "peak_rss_bytes": watch.stop(),
+            "peak_rss_note": PEAK_NOTE if watch.reset_works else RSS_NOTE,
+            "sizes": rows, "elapsed_s": time.perf_counter() - started}
 
 
 def _latency_settings(cfg: LatencyConfig) -> dict[str, Any]:
@@ -155,16 +225,49 @@ def _chunking(report: dict[str, Any]) -> str:
     return f" in chunks of {chunk}" if chunk else (" in one pass" if report.get("backend") != "torch" else "")
 
 
+FRACTIONS = (("vision_of_int8_peak", "vision % of int8 peak"), ("prefill_of_int8_peak", "prefill % of int8 peak"),
+             ("decode_of_read", "decode % of read BW"))
+
+
+def _fraction_cell(row: dict[str, Any], key: str) -> str:
+    """The fraction; "busy" where the host was too busy for one; "n/a" where nothing was probed or timed."""
+    fractions = row.get("fractions", {})
+    if key not in fractions:
+        return "n/a"
+    return "busy" if fractions[key] is None else percent(fractions[key])
+
+
+def _bounds_words(row: dict[str, Any]) -> str:
+    """The bounds probed beside a size's runs, as ranges: how far the host moved while it ran."""
+    reads = [p["read_gb_s"] for p in row["probes"] if p["read_gb_s"] is not None]
+    int8 = [p["int8_peak_tops"] for p in row["probes"] if p["int8_peak_tops"] is not None]
+    kinds = sorted({p["int8_kind"] for p in row["probes"] if p["int8_kind"]})
+    return (f"{row['size']}: read {min(reads):.1f}-{max(reads):.1f} GB/s, int8 {min(int8):.2f}-{max(int8):.2f} TOP/s "
+            f"(best kind: {', '.join(kinds)})") if reads and int8 else f"{row['size']}: none"
+
+
+def _probe_lines(report: dict[str, Any]) -> list[str]:
+    if not report.get("probed"):
+        return ["no bounds beside the runs: the bounds probed here are this host's CPU and memory, and this run's "
+                "work was not on them (a GPU provider or engine); no fractions, no roofline"]
+    busy = [f"no fraction for {r['size']}: {r['host']['busy']}" for r in report["sizes"] if r["host"]["busy"]]
+    return [f"bounds probed before each run and after the last, beside the loaded model: "
+            f"{'; '.join(_bounds_words(r) for r in report['sizes'])}", *busy]
+
+
 def latency_table(report: dict[str, Any]) -> str:
     model, s = report["model"], report["settings"]
     header = ["print", "pixels", "image tok", "preprocess ms", "vision ms", "prefill ms", "TTFT ms",
-              "decode tok/s", "roofline tok/s", "achieved GB/s"]
+              "decode tok/s", "roofline tok/s", "achieved GB/s", *(label for _, label in FRACTIONS)]
     rows = [[r["print"], r["size"], str(r["image_tokens"]), pp(r["timings"]["preprocess_ms"]),
              pp(r["timings"]["vision_ms"]), pp(r["timings"]["prefill_ms"]),
              pp(r["timings"]["time_to_first_token_ms"]), pp(r["timings"].get("decode_tokens_per_s"), 1),
-             num(r["roofline_tokens_per_s"]), num(r["achieved_gb_s"])] for r in report["sizes"]]
+             num(r.get("roofline_tokens_per_s")), num(r.get("achieved_gb_s")),
+             *(_fraction_cell(r, key) for key, _ in FRACTIONS)] for r in report["sizes"]]
+    ops = report.get("ops") or {}
     return "\n".join([
-        *machine_lines(report),
+        *machine_lines(report, use="a description of the machine; the fractions use the probes beside the runs"),
+        *_probe_lines(report),
         f"model: {model['name']} ({report['backend']} backend, {model['precision']}, hidden {model['hidden_size']}, "
         f"{model['layers']} layers; prompts prefilled by the {report.get('prefilled_by', 'decoder graph')}"
         f"{_chunking(report)}); "
@@ -172,6 +275,11 @@ def latency_table(report: dict[str, Any]) -> str:
         f"peak RSS {gib(report['peak_rss_bytes'])} ({report['peak_rss_note']})",
         decoder_line(report["decoder"]),
         f"{s['runs']} runs after {s['warmup']} warm-up, up to {s['max_new_tokens']} new tokens, greedy; cells: "
-        "p50 / p95; decode tok/s as Conversation.ask times it (the steps after the first token); roofline at the "
-        "mean decode context (prompt + half the generated tokens)",
+        "p50 / p95; decode tok/s as Conversation.ask times it (the steps after the first token); roofline and "
+        "achieved GB/s at the mean decode context (prompt + half the generated tokens), the roofline at the best "
+        "read probe beside the runs",
+        "fractions: each run over the better of the probes before and after it, the median of the quiet runs; "
+        "vision and prefill count the linear layers' ops (2 x weights x positions"
+        + (f": {ops['decoder_ops_per_position'] / 1e9:.2f} GOP per prompt position, "
+           f"{ops['vision_ops_per_tile'] / 1e9:.0f} GOP per tile" if ops else "") + "), decode the bytes a step reads",
         "", markdown_table(header, rows)])

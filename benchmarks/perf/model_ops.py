@@ -6,19 +6,30 @@
 
 Attention's own products (QK^T, PV), the norms and lm_head (one position) are left out: they are
 extra work a fraction of the GEMM peak charges to the measured time.
+
+A bundle is counted from its own graphs (bundle_ops), so a cart without the checkpoint gets the same figures:
+every product with a constant weight, K x N multiply-adds per position (the lm_head, N = vocab, left out);
+a tile's vision products on all T tokens, the projector's on the CLS token too (0.01% more than above at
+PULSE's shape).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from pulse_edge.benchmarks.common.ort_trace import GEMM_ROLES, PASS_THROUGH, role_of
+
+WEIGHT_INPUT = {"QLinearMatMul": 3, "QGemm": 3}  # where each product's weight comes in; the others: input 1
 
 
 @dataclass(frozen=True)
 class ModelOps:
     decoder_ops_per_position: float
     vision_ops_per_tile: float
+    tile_tokens: int  # image tokens a tile gives the decoder: (image / patch)^2
 
     def prefill(self, positions: int) -> float:
         return self.decoder_ops_per_position * positions
@@ -40,10 +51,60 @@ def model_ops(checkpoint: Path) -> ModelOps:
     per_layer = t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * d + t.num_heads * d * t.hidden_size \
         + 3 * t.hidden_size * t.intermediate_size
     decoder = 2.0 * t.num_layers * per_layer
-    vision = 0.0
+    vision, tile_tokens = 0.0, 0
     if v is not None:
         tokens = (v.image_size // v.patch_size) ** 2 + 1
         tower = 2.0 * v.layers_used * tokens * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
         projector = 2.0 * (tokens - 1) * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
-        vision = tower + projector
-    return ModelOps(decoder_ops_per_position=decoder, vision_ops_per_tile=vision)
+        vision, tile_tokens = tower + projector, tokens - 1
+    return ModelOps(decoder_ops_per_position=decoder, vision_ops_per_tile=vision, tile_tokens=tile_tokens)
+
+
+def ops_of(model_dir: Path) -> ModelOps | None:
+    """A bundle's work from its graphs, a checkpoint's from its config; None: a bundle of engines (no ONNX)."""
+    return bundle_ops(model_dir) if (model_dir / "manifest.json").is_file() else model_ops(model_dir)
+
+
+def bundle_ops(bundle: Path) -> ModelOps | None:
+    from pulse_edge.runtime.bundle.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    files = {name: bundle / spec.file for name, spec in manifest.graphs.items() if name in ("decoder", "vision")}
+    if "decoder" not in files or any(path.suffix != ".onnx" for path in files.values()):
+        return None
+    image = manifest.image
+    tokens = (image.tile_size // image.patch_size) ** 2 + 1
+    vision = 2.0 * tokens * graph_linear_macs(files["vision"]) if "vision" in files else 0.0
+    return ModelOps(decoder_ops_per_position=2.0 * graph_linear_macs(files["decoder"], manifest.text.vocab_size),
+                    vision_ops_per_tile=vision, tile_tokens=tokens - 1)
+
+
+def graph_linear_macs(path: Path, vocab_size: int | None = None) -> int:
+    """Multiply-adds per position of an ONNX graph's products with a constant weight: K x N each, MatMulNBits from
+    its K and N attributes, the others from their weight's dims (through a Q/DQ weight's DequantizeLinear). A
+    product with vocab_size among its dims (the lm_head) is left out; products of two activations (attention)
+    have no constant weight."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {t.name: tuple(t.dims) for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def weight_dims(name: str, depth: int = 0) -> tuple[int, ...] | None:
+        node = producer.get(name)
+        if name in dims or node is None or node.op_type not in PASS_THROUGH or depth > 4:
+            return dims.get(name)
+        return weight_dims(node.input[0], depth + 1)
+
+    total = 0
+    for node in graph.node:
+        if role_of(node.op_type) not in GEMM_ROLES:
+            continue
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            shape: tuple[int, ...] | None = (attrs["K"], attrs["N"])
+        else:
+            shape = weight_dims(node.input[WEIGHT_INPUT.get(node.op_type, 1)])
+        if shape is not None and vocab_size not in shape:
+            total += math.prod(shape)
+    return total

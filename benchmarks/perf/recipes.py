@@ -25,16 +25,13 @@ only emulates them.
 from __future__ import annotations
 
 import gc
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import (
     Stat,
@@ -45,6 +42,7 @@ from pulse_edge.benchmarks.common.measure import (
 )
 from pulse_edge.benchmarks.common.probes import PHASE_BOUNDS, READ, Probes
 from pulse_edge.benchmarks.common.roofline import bundle_decoder_facts, torch_decoder_facts
+from pulse_edge.benchmarks.common.rounds import RoundProber, paired, round_bounds, round_fractions
 from pulse_edge.benchmarks.common.tables import gib, machine_lines, markdown_table, percent, pp
 from pulse_edge.benchmarks.perf.backend_runs import (
     BackendMeter,
@@ -137,31 +135,6 @@ def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> 
             "elapsed_s": time.perf_counter() - started}
 
 
-def _quiet_median(values: Sequence[float], windows: Sequence[HostWindow]) -> float | None:
-    """Median over the quiet rounds, None when the host was too busy for a ratio (host.busy_reason)."""
-    if busy_reason(windows) is not None:
-        return None
-    return float(np.median([values[i] for i in quiet_rounds(windows)]))
-
-
-def _paired(a: Sequence[float], b: Sequence[float], windows: Sequence[HostWindow]) -> float | None:
-    """Median over quiet rounds of a[r] / b[r]: two backends timed in the same round share its state."""
-    return _quiet_median([x / y for x, y in zip(a, b, strict=True)], windows)
-
-
-def _round_bounds(probes: Sequence[Probes], bound: str) -> list[float | None]:
-    """Round r's bound: the better of the probes before it (probes[r]) and after it (probes[r + 1])."""
-    values = [getattr(p, bound) for p in probes]
-    return [None if a is None or b is None else max(a, b) for a, b in itertools.pairwise(values)]
-
-
-def _round_fractions(rates: Sequence[float], bounds: Sequence[float | None], windows: Sequence[HostWindow]
-                     ) -> float | None:
-    """Median over quiet rounds of each round's rate over its own bound (_round_bounds) (None: busy, or a round
-    without its probes)."""
-    return None if any(b is None for b in bounds) else _paired(rates, bounds, windows)
-
-
 def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, rounds: RoundProbes,
                 results: dict[str, dict[str, Any]], windows: dict[str, list[HostWindow]],
                 cfg: RecipesConfig) -> dict[str, Any]:
@@ -171,13 +144,13 @@ def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, rou
     decode = result["decode_tokens_per_s"].values
     entry.update(decoder_bytes=facts.weight_bytes, kv_bytes=facts.kv_bytes_per_position * context,
                  bytes_per_step=per_step,
-                 fraction_of_read=_round_fractions([t * per_step for t in decode],
-                                                   _round_bounds(rounds["decode"], "read"), windows["decode"]))
+                 fraction_of_read=round_fractions([t * per_step for t in decode],
+                                                   round_bounds(rounds["decode"], "read"), windows["decode"]))
     for method, work in (("prefill", ops.prefill(positions)), ("vision", ops.vision(5))):
         stat = result.get(f"{method}_ms")
         if stat is not None:
-            entry[f"{method}_fraction_of_int8_peak"] = _round_fractions(
-                [work / (ms / 1e3) for ms in stat.values], _round_bounds(rounds[method], "int8_peak"),
+            entry[f"{method}_fraction_of_int8_peak"] = round_fractions(
+                [work / (ms / 1e3) for ms in stat.values], round_bounds(rounds[method], "int8_peak"),
                 windows[method])
     base = results.get(cfg.baseline_of(key) or "")
     entry["baseline"] = cfg.baseline_of(key) if base is not None else None
@@ -186,7 +159,7 @@ def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, rou
             mine, theirs = result.get(measure), base.get(measure)
             if mine is not None and theirs is not None:
                 a, b = (theirs.values, mine.values) if better == "lower" else (mine.values, theirs.values)
-                entry[f"{measure}_speedup"] = _paired(a, b, windows[MEASURES[measure]])
+                entry[f"{measure}_speedup"] = paired(a, b, windows[MEASURES[measure]])
     return entry
 
 
@@ -231,18 +204,11 @@ def probed_rounds(benches: Sequence[Any], method: str, base: BackendsConfig, met
                   windows: list[HostWindow], progress: Callable[[str], None]) -> tuple[dict[str, Stat], list[Probes]]:
     """backend_runs.interleaved, with `method`'s bound probed before every round and after the last (beside the
     loaded backends: read only, one array; the int8 kinds only)."""
-    probes: list[Probes] = []
-
-    def probe() -> None:
-        when = f"{method}, before round {len(probes) + 1}" if len(probes) < base.timed_runs else f"{method}, after"
-        taken = Probes()
-        taken.measure(when, base.bandwidth_bytes, base.threads, progress, what=(PHASE_BOUNDS[method],), fp32=False,
-                      copy=False)
-        probes.append(taken)
-
-    stats = interleaved(benches, method, base, meters, before_round=probe, windows=windows)
-    probe()
-    return stats, probes
+    prober = RoundProber(method, (PHASE_BOUNDS[method],), base.timed_runs, base.bandwidth_bytes, base.threads,
+                         progress)
+    stats = interleaved(benches, method, base, meters, before_round=prober, windows=windows)
+    prober()
+    return stats, prober.taken
 
 
 def _settings(cfg: RecipesConfig) -> dict[str, Any]:

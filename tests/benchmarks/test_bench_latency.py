@@ -3,6 +3,7 @@ commands end to end on the tiny model (numbers positive and ordered, JSON comple
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_importing_the_group_pulls_in_nothing_heavy() -> None:
     assert json.loads(out.stdout) == []
 
 
-def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path) -> None:
+def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, small_probes: None) -> None:
     out = tmp_path / "latency.json"
     printed = _invoke(["latency", "--model", str(quick_bundle), "--runs", "3", "--warmup", "1",
                        "--sizes", "2200x1700,3508x2480", "--max-new-tokens", "6", "--bandwidth-mib", "64",
@@ -113,7 +114,7 @@ def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path) -> N
     report = json.loads(out.read_text())
     assert report["backend"] == "ort" and report["peak_rss_bytes"] > 0 and report["model_bytes_on_disk"] > 0
     assert report["prefilled_by"] == "decoder graph" and "prompts prefilled by the decoder graph" in printed
-    assert report["bandwidth"]["best_gb_s"] > 0 and "peak resident set size" in report["peak_rss_note"]
+    assert report["bandwidth"]["best_gb_s"] > 0 and "probes beside the runs left out" in report["peak_rss_note"]
     assert [row["size"] for row in report["sizes"]] == ["2200x1700", "3508x2480"]
     for row in report["sizes"]:
         assert row["image_tokens"] == 2880 and row["prompt_tokens"] > 2880
@@ -123,9 +124,37 @@ def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path) -> N
             _assert_stat(stat)
             assert len(stat["values"]) == 3
         assert row["roofline_tokens_per_s"] > 0 and row["achieved_gb_s"] > 0
+        _assert_fractions_from_own_probes(row, report)
+    assert "bounds probed before each run and after the last" in printed and "% of int8 peak" in printed
 
 
-def test_bench_latency_on_a_checkpoint_uses_torch(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def _assert_fractions_from_own_probes(row: dict, report: dict) -> None:
+    """A probe before each run and one after the last, read and int8; every fraction recomputed from the report's
+    own numbers: each run against the better of its two neighbouring probes, the median over the runs (or busy)."""
+    probes = row["probes"]
+    assert [list(p["bandwidth"]) for p in probes] == [[f"{row['size']}, before round {r}"] for r in (1, 2, 3)] + [
+        [f"{row['size']}, after"]]
+    assert all(p["read_gb_s"] > 0 and p["int8_peak_tops"] > 0 and p["fp32_tflops"] is None for p in probes)
+    assert all(b["copy_gb_s"] is None for p in probes for b in p["bandwidth"].values())  # one array, read only
+    int8 = [max(a["int8_peak_tops"], b["int8_peak_tops"]) * 1e12 for a, b in itertools.pairwise(probes)]
+    read = [max(a["read_gb_s"], b["read_gb_s"]) * 1e9 for a, b in itertools.pairwise(probes)]
+    t, ops = row["timings"], report["ops"]
+    tiles = row["image_tokens"] // ops["tile_tokens"]
+    per_step = report["decoder"]["weight_bytes"] + report["decoder"]["kv_bytes_per_position"] * round(
+        row["decode_context"])
+    expected = {
+        "vision_of_int8_peak": [ops["vision_ops_per_tile"] * tiles / (ms / 1e3) / b
+                                for ms, b in zip(t["vision_ms"]["values"], int8, strict=True)],
+        "prefill_of_int8_peak": [ops["decoder_ops_per_position"] * row["prompt_tokens"] / (ms / 1e3) / b
+                                 for ms, b in zip(t["prefill_ms"]["values"], int8, strict=True)],
+        "decode_of_read": [tok * per_step / b for tok, b in zip(t["decode_tokens_per_s"]["values"], read, strict=True)]}
+    quiet = [i for i, w in enumerate(row["host"]["runs"]) if w["busy"] is None]
+    for key, values in expected.items():
+        wanted = None if row["host"]["busy"] else pytest.approx(np.median([values[i] for i in quiet]), rel=1e-9)
+        assert row["fractions"][key] == wanted, key
+
+
+def test_bench_latency_on_a_checkpoint_uses_torch(tiny_checkpoint: Path, tmp_path: Path, small_probes: None) -> None:
     out = tmp_path / "latency.json"
     _invoke(["latency", "--model", str(tiny_checkpoint), "--runs", "1", "--warmup", "0", "--sizes", "2200x1700",
              "--max-new-tokens", "4", "--bandwidth-mib", "64", "--json", str(out)])
@@ -142,7 +171,8 @@ def _cached_work(tmp_path: Path, checkpoint: Path, bundle: Path) -> Path:
     return work
 
 
-def test_bench_backends_tiny_runs_all_three(tiny_checkpoint: Path, quick_bundle: Path, tmp_path: Path) -> None:
+def test_bench_backends_tiny_runs_all_three(tiny_checkpoint: Path, quick_bundle: Path, tmp_path: Path,
+                                            small_probes: None) -> None:
     out = tmp_path / "backends.json"
     work = _cached_work(tmp_path, tiny_checkpoint, quick_bundle)
     printed = _invoke(["backends", "--width", "tiny", "--runs", "2", "--decode-tokens", "8", "--work", str(work),
@@ -157,13 +187,18 @@ def test_bench_backends_tiny_runs_all_three(tiny_checkpoint: Path, quick_bundle:
             _assert_stat(entry[key])
         assert entry["achieved_gb_s"] > 0 and entry["roofline_tokens_per_s"] > 0
         assert entry["meter"]["peak_rss_bytes"] > 0 and entry["meter"]["cores_used"] > 0
-    rounds = report["decode_round_bandwidth_gb_s"]  # one probe before each of the 2 decode rounds
-    assert len(rounds) == 2 and all(r > 0 for r in rounds)
-    assert "bandwidth probed before each decode round" in printed and "% of paired BW" in printed
-    for entry in report["backends"].values():  # the paired figure, recomputed from the report's own numbers
+    reads = report["decode_round_read_gb_s"]  # a read probe before each of the 2 decode rounds and after the last
+    assert len(reads) == 3 and all(r > 0 for r in reads)
+    assert "read bandwidth probed before each decode round and after the last" in printed and "% of read BW" in printed
+    bounds = [max(a, b) * 1e9 for a, b in itertools.pairwise(reads)]
+    windows = report["decode_host"]["rounds"]
+    quiet = [i for i, w in enumerate(windows) if w["busy"] is None]
+    for entry in report["backends"].values():  # each round against its two neighbours, from the report's numbers
         runs = entry["decode_tokens_per_s"]["values"]
-        expected = np.median([t * entry["bytes_per_token"] / (b * 1e9) for t, b in zip(runs, rounds, strict=True)])
-        assert entry["fraction_of_paired_bandwidth"] == pytest.approx(expected, rel=1e-9)
+        per_round = [t * entry["bytes_per_token"] / b for t, b in zip(runs, bounds, strict=True)]
+        expected = None if report["decode_host"]["busy"] else pytest.approx(np.median([per_round[i] for i in quiet]))
+        assert entry["fraction_of_read"] == expected
+        assert entry["roofline_tokens_per_s"] == pytest.approx(max(reads) * 1e9 / entry["bytes_per_token"])
     overhead = report["pipeline_overhead"]
     assert overhead["decode_steps"] > 0 and overhead["engine_forward_ms"] > 0
     assert 0 < overhead["engine_forward_ms"] <= overhead["loop_ms"]
@@ -178,7 +213,8 @@ def test_a_cached_model_of_another_shape_is_refused(tiny_checkpoint: Path, quick
     assert "use another --work directory" in result.output and "Traceback" not in result.output
 
 
-def test_latency_report_writes_markdown_json_and_a_breakdown_plot(quick_bundle: Path, tmp_path: Path) -> None:
+def test_latency_report_writes_markdown_json_and_a_breakdown_plot(quick_bundle: Path, tmp_path: Path,
+                                                                   small_probes: None) -> None:
     from PIL import Image
 
     from pulse_edge.benchmarks.perf.latency_report import stage_medians

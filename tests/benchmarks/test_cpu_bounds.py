@@ -18,8 +18,8 @@ from pulse_edge.benchmarks.common.host import (
     host_sample,
     quiet_rounds,
 )
+from pulse_edge.benchmarks.common.rounds import paired, quiet_median, round_bounds, round_fractions
 from pulse_edge.benchmarks.perf.model_ops import model_ops
-from pulse_edge.benchmarks.perf.recipes import _paired, _quiet_median, _round_bounds, _round_fractions
 
 
 def _window(others: float, steal: float = 0.0) -> HostWindow:
@@ -38,12 +38,12 @@ def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:
     windows = [quiet, busy, quiet, quiet]
     assert quiet_rounds(windows) == [0, 2, 3] and busy_reason(windows) is None
     # the busy round's value (10) is left out of the median, and the pairs are taken round by round
-    assert _quiet_median([1.0, 10.0, 2.0, 3.0], windows) == 2.0
-    assert _paired([2.0, 50.0, 4.0, 6.0], [1.0, 1.0, 2.0, 2.0], windows) == 2.0
+    assert quiet_median([1.0, 10.0, 2.0, 3.0], windows) == 2.0
+    assert paired([2.0, 50.0, 4.0, 6.0], [1.0, 1.0, 2.0, 2.0], windows) == 2.0
     mostly_busy = [quiet, busy, busy, quiet]
     assert len(quiet_rounds(mostly_busy)) < MIN_QUIET_ROUNDS
     assert busy_reason(mostly_busy).startswith("host busy: 2 of 4 rounds quiet")
-    assert _quiet_median([1.0, 2.0, 3.0, 4.0], mostly_busy) is None
+    assert quiet_median([1.0, 2.0, 3.0, 4.0], mostly_busy) is None
 
 
 def test_each_rounds_fraction_is_held_against_its_own_bound() -> None:
@@ -51,10 +51,10 @@ def test_each_rounds_fraction_is_held_against_its_own_bound() -> None:
     (which, 10 here, would read 20% for the quiet rounds the slow host ran at half its speed)."""
     quiet, busy = _window(0.0), _window(1.5)
     rates, probes = [1.0, 2.0, 2.0, 9.0], [2.0, 4.0, 4.0, 10.0]
-    assert _round_fractions(rates, probes, [quiet, quiet, quiet, busy]) == 0.5
-    assert _round_fractions([1.0, 1.0, 1.0], [1.0, 2.0, 4.0], [quiet] * 3) == 0.5  # the median of 1, 0.5, 0.25
-    assert _round_fractions(rates, probes, [quiet, busy, busy, quiet]) is None  # too few quiet rounds
-    assert _round_fractions([1.0, 1.0, 1.0], [1.0, None, 1.0], [quiet] * 3) is None  # a round without its bound
+    assert round_fractions(rates, probes, [quiet, quiet, quiet, busy]) == 0.5
+    assert round_fractions([1.0, 1.0, 1.0], [1.0, 2.0, 4.0], [quiet] * 3) == 0.5  # the median of 1, 0.5, 0.25
+    assert round_fractions(rates, probes, [quiet, busy, busy, quiet]) is None  # too few quiet rounds
+    assert round_fractions([1.0, 1.0, 1.0], [1.0, None, 1.0], [quiet] * 3) is None  # a round without its bound
 
 
 class _Bench:
@@ -93,8 +93,8 @@ def test_recipes_probe_each_rounds_bound_before_it_and_after_the_last(monkeypatc
                    "probe: decode, before round 3", "a", "b", "probe: decode, after"]
     assert len(probes) == cfg.timed_runs + 1 and len(windows) == cfg.timed_runs
     assert stats["a"].values == (1.0, 2.0, 3.0) and stats["b"].values == (4.0, 5.0, 6.0)
-    assert _round_bounds(probes, "read") == [20.0, 20.0, 8.0]  # the better of the probes on either side
-    assert _round_bounds(probes, "int8_peak") == [None, None, None]  # not probed: no bound, no fraction
+    assert round_bounds(probes, "read") == [20.0, 20.0, 8.0]  # the better of the probes on either side
+    assert round_bounds(probes, "int8_peak") == [None, None, None]  # not probed: no bound, no fraction
 
 
 def test_host_window_takes_this_process_out_of_the_busy_time() -> None:
@@ -148,3 +148,33 @@ def test_model_ops_of_the_7b_shape(tmp_path: Path) -> None:
     assert ops.decoder_ops_per_position == 2 * 32 * per_layer == pytest.approx(12.95e9, rel=1e-3)
     tower = 2 * 23 * 577 * (4 * 1024**2 + 2 * 1024 * 4096)
     assert ops.vision_ops_per_tile == tower + 2 * 576 * (1024 * 4096 + 4096**2)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the RSS high-water mark resets on Linux only")
+def test_a_peak_watch_leaves_out_what_runs_aside() -> None:
+    """bench latency probes beside a loaded model: the probe's 1 GiB array must not become the model's peak RSS."""
+    import numpy as np
+
+    from pulse_edge.benchmarks.common.measure import PeakWatch
+
+    watch = PeakWatch.start()
+    assert watch.reset_works
+    size = 256 * 2**20
+
+    def touch() -> None:
+        np.ones(size, dtype=np.uint8).sum()  # faulted in: 256 MiB resident while it lives
+
+    watch.aside(touch)
+    aside = watch.stop()
+    touch()
+    assert watch.stop() >= aside + size // 2 > aside  # the same work outside counts
+
+
+def test_latency_probes_the_host_only_where_the_work_runs_on_it() -> None:
+    from types import SimpleNamespace
+
+    from pulse_edge.benchmarks.perf.latency import LatencyConfig, host_bound
+
+    cpu, cuda = LatencyConfig(model=Path("m")), LatencyConfig(model=Path("m"), provider="cuda")
+    assert host_bound(cpu, SimpleNamespace(backend="ort")) and host_bound(cpu, SimpleNamespace(backend="torch"))
+    assert not host_bound(cpu, SimpleNamespace(backend="trt")) and not host_bound(cuda, SimpleNamespace(backend="ort"))

@@ -267,3 +267,20 @@ def test_bench_outliers_ranks_the_recipes(outlier_checkpoint: tuple[Path, Path])
     assert r["int4-awq"]["decoder_bytes"] < r["int8"]["decoder_bytes"] < r["fp32"]["decoder_bytes"]
     assert report["outlier_ratio"] > 20
     assert "W8A8 + SmoothQuant" in outliers_table(report)
+
+
+def test_benchmarks_count_the_same_linear_work_in_every_graph_form(bundles: dict[str, Path], tiny_bundle: Path,
+                                                                    tiny_checkpoint: Path) -> None:
+    """bench latency counts a bundle's work from its graphs (a cart has no checkpoint): fp32 MatMuls, int8 and int4
+    MatMulNBits, W8A8 vision Q/DQ all give the checkpoint config's count (vision: + the projector on the CLS
+    token); the lm_head is left out."""
+    from pulse_edge.benchmarks.perf.model_ops import bundle_ops, model_ops, ops_of
+
+    reference = model_ops(tiny_checkpoint)
+    assert ops_of(tiny_checkpoint) == reference
+    for bundle in (tiny_bundle, bundles["int8"], bundles["int4"]):
+        counted = ops_of(bundle)
+        assert counted.decoder_ops_per_position == reference.decoder_ops_per_position, bundle.name
+        assert counted.tile_tokens == reference.tile_tokens == 576
+        assert 0 < counted.vision_ops_per_tile - reference.vision_ops_per_tile < 1e-3 * reference.vision_ops_per_tile
+    assert bundle_ops(tiny_bundle) == ops_of(tiny_bundle)

@@ -1,0 +1,74 @@
+"""Ratios over timed rounds, each round held against the bound probed on either side of it.
+
+    probe ─ round 1 ─ probe ─ round 2 ─ ... ─ round n ─ probe          (RoundProber: n + 1 probes)
+    round r's bound = the better of probes r and r + 1                   (round_bounds)
+    a fraction      = median over the quiet rounds of rate[r] / bound[r] (round_fractions; host.py says which)
+
+A round is held against its own neighbours, not the run's best probe: on this project's 2-vCPU VM the int8
+GEMM peak moved 1.9-4.0 TOP/s within 40 minutes (2026-12-06), so a probe minutes away measures another
+minute's host. The better of the two neighbours counts, so a probe that caught a neighbour's burst does not
+inflate the fraction. `bench recipes`, `bench backends` and `bench latency` share this.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
+from pulse_edge.benchmarks.common.probes import Probes
+
+
+def quiet_median(values: Sequence[float], windows: Sequence[HostWindow]) -> float | None:
+    """Median over the quiet rounds, None when the host was too busy for a ratio (host.busy_reason)."""
+    if busy_reason(windows) is not None:
+        return None
+    return float(np.median([values[i] for i in quiet_rounds(windows)]))
+
+
+def paired(a: Sequence[float], b: Sequence[float], windows: Sequence[HostWindow]) -> float | None:
+    """Median over quiet rounds of a[r] / b[r]: two measurements taken in the same round share its state."""
+    return quiet_median([x / y for x, y in zip(a, b, strict=True)], windows)
+
+
+def round_bounds(probes: Sequence[Probes], bound: str) -> list[float | None]:
+    """Round r's bound (a Probes property: read, int8_peak, fp32): the better of probes[r] and probes[r + 1]."""
+    values = [getattr(p, bound) for p in probes]
+    return [None if a is None or b is None else max(a, b) for a, b in itertools.pairwise(values)]
+
+
+def round_fractions(rates: Sequence[float], bounds: Sequence[float | None], windows: Sequence[HostWindow]
+                    ) -> float | None:
+    """Median over quiet rounds of each round's rate over its own bound (None: busy, or a round without its
+    probes)."""
+    if len(bounds) != len(rates) or any(b is None for b in bounds):
+        return None
+    return paired(rates, bounds, windows)
+
+
+@dataclass
+class RoundProber:
+    """Called before each of `rounds` rounds and once after the last: each call probes `what` (probes.READ,
+    probes.GEMM) beside the loaded model: read bandwidth with one array (no copy), the int8 GEMM kinds only."""
+
+    label: str
+    what: tuple[str, ...]
+    rounds: int
+    bandwidth_bytes: int
+    threads: int
+    progress: Callable[[str], None]
+    taken: list[Probes] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        n = len(self.taken)
+        when = f"{self.label}, before round {n + 1}" if n < self.rounds else f"{self.label}, after"
+        probes = Probes()
+        probes.measure(when, self.bandwidth_bytes, self.threads, self.progress, what=self.what, fp32=False,
+                       copy=False)
+        self.taken.append(probes)
+
+    def bounds(self, bound: str) -> list[float | None]:
+        return round_bounds(self.taken, bound)
