@@ -6,8 +6,8 @@
 A ratio between two measurements (a speedup, a fraction of a probed bound) means something only
 when both were taken on the same machine in the same state. On a shared VM the state moves
 within minutes, so each interleaved round is judged on its own, and a benchmark computes its
-ratios from quiet rounds only; with fewer than MIN_QUIET_ROUNDS of them it prints why instead
-of a number (mixing quiet and busy rounds gives a ratio of neither).
+ratios from quiet rounds only; with fewer than MIN_QUIET_ROUNDS of them (every round, where fewer
+were run) it prints why instead of a number (mixing quiet and busy rounds gives a ratio of neither).
 
 `others_cores` counts what every other process used (and what the hypervisor stole) in cores,
 averaged over the round; this process's own threads (ORT's spinning workers included) are
@@ -101,9 +101,9 @@ def quiet_rounds(windows: Sequence[HostWindow]) -> list[int]:
 
 def busy_reason(windows: Sequence[HostWindow]) -> str | None:
     """None when enough rounds were quiet to compute a ratio from them, else the reason to print instead."""
-    quiet = quiet_rounds(windows)
-    if len(quiet) >= min(MIN_QUIET_ROUNDS, len(windows)) and windows:
+    quiet, need = quiet_rounds(windows), min(MIN_QUIET_ROUNDS, len(windows))
+    if len(quiet) >= need and windows:
         return None
     reasons = [w.busy() for w in windows if w.busy() is not None]
-    return (f"host busy: {len(quiet)} of {len(windows)} rounds quiet (need {MIN_QUIET_ROUNDS}); "
+    return (f"host busy: {len(quiet)} of {len(windows)} rounds quiet (need {need or 1}); "
             f"e.g. {reasons[0] if reasons else 'no rounds'}")

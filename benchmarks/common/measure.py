@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.roofline import Bandwidth, measure_bandwidth
 from pulse_edge.benchmarks.common.tables import gib
 
+T = TypeVar("T")
 RU_MAXRSS_UNIT = {"darwin": 1}  # bytes on macOS; KiB on Linux and the BSDs
 
 
@@ -74,11 +75,13 @@ class PeakWatch:
     def start(cls) -> PeakWatch:
         return cls(reset_peak())
 
-    def aside(self, fn: Callable[[], object]) -> None:
+    def aside(self, fn: Callable[[], T]) -> T:
+        """fn(), its memory left out of the peak."""
         self.stop()
-        fn()
+        result = fn()
         if self.reset_works:
             reset_peak()
+        return result
 
     def stop(self) -> int:
         self.peak = max(self.peak, peak_since_reset(self.reset_works))

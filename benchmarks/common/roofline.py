@@ -177,13 +177,19 @@ def torch_decoder_facts(lm: Any) -> DecoderFacts:
                         source=f"checkpoint: language-model parameters x {itemsize} bytes")
 
 
+def decode_entry(facts: DecoderFacts, context: float, tokens_per_s: float | None) -> dict[str, Any]:
+    """What one decode step reads at `context` positions, and the bytes/s a rate of `tokens_per_s` needed."""
+    per_token = facts.bytes_per_token(round(context))
+    achieved = achieved_bandwidth(tokens_per_s, per_token) if tokens_per_s else None
+    return {"context": context, "bytes_per_token": per_token,
+            "achieved_gb_s": achieved / GB if achieved is not None else None}
+
+
 def roofline_entry(facts: DecoderFacts, bandwidth: Bandwidth, context: float, tokens_per_s: float | None,
                    ) -> dict[str, Any]:
     """The bound and what was achieved against it, at one context length."""
-    per_token = facts.bytes_per_token(round(context))
+    entry = decode_entry(facts, context, tokens_per_s)
     bound = roofline_tokens_per_s(bandwidth.best, facts.weight_bytes, facts.kv_bytes_per_position, round(context))
-    achieved = achieved_bandwidth(tokens_per_s, per_token) if tokens_per_s else None
-    return {"context": context, "bytes_per_token": per_token, "roofline_tokens_per_s": bound,
-            "achieved_gb_s": achieved / GB if achieved is not None else None,
-            "fraction_of_bandwidth": achieved / bandwidth.best if achieved is not None else None}
-
+    achieved = entry["achieved_gb_s"]
+    return {**entry, "roofline_tokens_per_s": bound,
+            "fraction_of_bandwidth": achieved * GB / bandwidth.best if achieved is not None else None}

@@ -41,10 +41,11 @@ from pulse_edge.benchmarks.common.roofline import (
     Bandwidth,
     DecoderFacts,
     bundle_decoder_facts,
+    decode_entry,
     roofline_entry,
     torch_decoder_facts,
 )
-from pulse_edge.benchmarks.common.rounds import RoundProber, round_fractions
+from pulse_edge.benchmarks.common.rounds import RoundProber, round_bounds, round_fractions
 from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines, markdown_table, num, percent, pp
 from pulse_edge.benchmarks.perf.model_ops import ModelOps, ops_of
 from pulse_edge.errors import ConfigError
@@ -141,25 +142,30 @@ def _latency_row(results: list[Any], size: tuple[int, int]) -> dict[str, Any]:
             "decode_context": last.prompt_tokens + last.generated_tokens / 2}  # the mean over the decode steps
 
 
-def _fractions(results: list[Any], windows: list[HostWindow], prober: RoundProber, facts: DecoderFacts,
-               ops: ModelOps | None, context: float) -> dict[str, float | None]:
+def _fractions(results: list[Any], windows: list[HostWindow], probes: list[Probes], facts: DecoderFacts,
+               work: dict[str, float | None], context: float) -> dict[str, float | None]:
     """Each run against the better of the probes on either side of it, the median over quiet runs (rounds.py):
-    vision and prefill as linear-layer ops/s of the int8 GEMM peak, decode as bytes read/s of the read probe."""
-    timings, last = [r.timings for r in results], results[-1]
-    int8, read = prober.bounds("int8_peak"), prober.bounds("read")
+    vision and prefill as linear-layer ops/s (`work`: ops per run) of the int8 GEMM peak, decode as bytes/s of the
+    read probe; a fraction whose work is unknown or whose time is zero is left out."""
+    timings = [r.timings for r in results]
+    int8, read = round_bounds(probes, "int8_peak"), round_bounds(probes, "read")
     fractions: dict[str, float | None] = {}
-    if ops is not None and ops.tile_tokens and all(t.vision_ms > 0 and t.prefill_ms > 0 for t in timings):
-        vision_work = ops.vision(last.image_tokens // ops.tile_tokens)
-        prefill_work = ops.prefill(last.prompt_tokens)
-        fractions["vision_of_int8_peak"] = round_fractions([vision_work / (t.vision_ms / 1e3) for t in timings],
-                                                           int8, windows)
-        fractions["prefill_of_int8_peak"] = round_fractions([prefill_work / (t.prefill_ms / 1e3) for t in timings],
-                                                            int8, windows)
+    for phase in ("vision", "prefill"):
+        ops, seconds = work.get(phase), [getattr(t, f"{phase}_ms") / 1e3 for t in timings]
+        if ops and all(s > 0 for s in seconds):
+            fractions[f"{phase}_of_int8_peak"] = round_fractions([ops / s for s in seconds], int8, windows)
     if all(t.decode_tokens_per_s > 0 for t in timings):
         per_step = facts.bytes_per_token(round(context))
         fractions["decode_of_read"] = round_fractions([t.decode_tokens_per_s * per_step for t in timings], read,
                                                       windows)
     return fractions
+
+
+def _work(ops: ModelOps | None, size: tuple[int, int], prompt_tokens: int) -> dict[str, float | None]:
+    """Linear-layer ops of one run's vision (the tiles of a `size` print) and prefill (its prompt)."""
+    tiles = ops.tiles(size) if ops is not None else None
+    return {"vision_tiles": tiles, "vision": None if tiles is None else ops.vision(tiles),
+            "prefill": None if ops is None else ops.prefill(prompt_tokens)}
 
 
 def _best_read(probes: list[Probes]) -> Bandwidth | None:
@@ -178,19 +184,24 @@ def _measure_size(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig, fact
     results, windows = _timed_runs(pipeline, size, cfg, prober, watch)
     row = {**_latency_row(results, size), "host": {"runs": [w.to_dict() for w in windows],
                                                    "busy": busy_reason(windows)}}
-    if prober is None:
+    work = _work(ops, size, row["prompt_tokens"])
+    rate, context = row["timings"].get("decode_tokens_per_s", {}).get("p50"), row["decode_context"]
+    row.update(decode_entry(facts, context, rate), vision_tiles=work["vision_tiles"])
+    if prober is None:  # the bytes a step reads still say something; a roofline of this host would not
         return {**row, "probes": [], "fractions": {}}
     row.update(probes=[p.to_dict() for p in prober.taken],
-               fractions=_fractions(results, windows, prober, facts, ops, row["decode_context"]))
+               fractions=_fractions(results, windows, prober.taken, facts, work, context))
     bandwidth = _best_read(prober.taken)
-    rate = row["timings"].get("decode_tokens_per_s", {}).get("p50")
-    return {**row, **(roofline_entry(facts, bandwidth, row["decode_context"], rate) if bandwidth else {})}
+    return {**row, **(roofline_entry(facts, bandwidth, context, rate) if bandwidth else {})}
 
 
 def host_bound(cfg: LatencyConfig, pipeline: Any) -> bool:
-    """Whether this host's CPU and memory bound the run: the torch reference and ORT's CPU provider; a GPU run is
-    held against no probe of this host."""
-    return cfg.provider == "cpu" and getattr(pipeline, "backend", "torch") in ("ort", "torch")
+    """Whether this host's CPU and memory bound the run: ORT's CPU provider, or the torch reference on the CPU
+    (--provider is ORT's; torch picks its device at load); a GPU run is held against no probe of this host."""
+    backend = getattr(pipeline, "backend", "torch")
+    if backend == "torch":
+        return next(pipeline.model.parameters()).device.type == "cpu"
+    return backend == "ort" and cfg.provider == "cpu"
 
 
 def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -200,7 +211,7 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
     watch = PeakWatch.start()  # the probe's arrays are freed: they would otherwise be the peak of a small model
     progress(f"loading {cfg.model}")
     pipeline, facts = _open(cfg)
-    ops = ops_of(cfg.model)
+    ops = watch.aside(lambda: ops_of(cfg.model))  # reading the graphs is no part of the model's memory
     rows = [_measure_size(pipeline, size, cfg, facts, ops, watch, progress) for size in cfg.sizes]
     return {"kind": "latency", "machine": {**machine, "load_average_end": load_average()},
             "model": model_info(cfg.model),
@@ -264,7 +275,6 @@ def latency_table(report: dict[str, Any]) -> str:
              pp(r["timings"]["time_to_first_token_ms"]), pp(r["timings"].get("decode_tokens_per_s"), 1),
              num(r.get("roofline_tokens_per_s")), num(r.get("achieved_gb_s")),
              *(_fraction_cell(r, key) for key, _ in FRACTIONS)] for r in report["sizes"]]
-    ops = report.get("ops") or {}
     return "\n".join([
         *machine_lines(report, use="a description of the machine; the fractions use the probes beside the runs"),
         *_probe_lines(report),
@@ -275,11 +285,16 @@ def latency_table(report: dict[str, Any]) -> str:
         f"peak RSS {gib(report['peak_rss_bytes'])} ({report['peak_rss_note']})",
         decoder_line(report["decoder"]),
         f"{s['runs']} runs after {s['warmup']} warm-up, up to {s['max_new_tokens']} new tokens, greedy; cells: "
-        "p50 / p95; decode tok/s as Conversation.ask times it (the steps after the first token); roofline and "
-        "achieved GB/s at the mean decode context (prompt + half the generated tokens), the roofline at the best "
-        "read probe beside the runs",
-        "fractions: each run over the better of the probes before and after it, the median of the quiet runs; "
-        "vision and prefill count the linear layers' ops (2 x weights x positions"
-        + (f": {ops['decoder_ops_per_position'] / 1e9:.2f} GOP per prompt position, "
-           f"{ops['vision_ops_per_tile'] / 1e9:.0f} GOP per tile" if ops else "") + "), decode the bytes a step reads",
+        "p50 / p95; decode tok/s as Conversation.ask times it (the steps after the first token); achieved GB/s "
+        "at the mean decode context (prompt + half the generated tokens)"
+        + (", the roofline at the best read probe beside the runs" if report.get("probed") else ""),
+        *([_fractions_line(report.get("ops"))] if report.get("probed") else []),
         "", markdown_table(header, rows)])
+
+
+def _fractions_line(ops: dict[str, Any] | None) -> str:
+    counted = (f": {ops['decoder_ops_per_position'] / 1e9:.2f} GOP per prompt position, "
+               f"{ops['vision_ops_per_tile'] / 1e9:.0f} GOP per tile" if ops else "; not counted for this model")
+    return ("fractions: each run over the better of the probes before and after it, the median of the quiet runs; "
+            f"vision and prefill count the linear layers' ops (2 x weights x positions{counted}), decode the bytes a "
+            "step reads")

@@ -16,11 +16,12 @@ PULSE's shape).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pulse_edge.benchmarks.common.ort_trace import GEMM_ROLES, PASS_THROUGH, role_of
+from pulse_edge.runtime.image.preprocess import ImageLayout
 
 WEIGHT_INPUT = {"QLinearMatMul": 3, "QGemm": 3}  # where each product's weight comes in; the others: input 1
 
@@ -28,8 +29,8 @@ WEIGHT_INPUT = {"QLinearMatMul": 3, "QGemm": 3}  # where each product's weight c
 @dataclass(frozen=True)
 class ModelOps:
     decoder_ops_per_position: float
-    vision_ops_per_tile: float
-    tile_tokens: int  # image tokens a tile gives the decoder: (image / patch)^2
+    vision_ops_per_tile: float  # 0: no vision graph to count
+    image: ImageLayout | None = None  # how many tiles an image takes (None: unknown, no vision work counted)
 
     def prefill(self, positions: int) -> float:
         return self.decoder_ops_per_position * positions
@@ -37,8 +38,15 @@ class ModelOps:
     def vision(self, tiles: int) -> float:
         return self.vision_ops_per_tile * tiles
 
+    def tiles(self, image_size: tuple[int, int]) -> int | None:
+        """The tiles the vision tower runs for an image of `image_size` (width, height)."""
+        from pulse_edge.runtime.image.preprocess import tile_count
+
+        return tile_count(image_size, self.image) if self.image is not None and self.vision_ops_per_tile else None
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"decoder_ops_per_position": self.decoder_ops_per_position,
+                "vision_ops_per_tile": self.vision_ops_per_tile}
 
 
 def model_ops(checkpoint: Path) -> ModelOps:
@@ -51,13 +59,13 @@ def model_ops(checkpoint: Path) -> ModelOps:
     per_layer = t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * d + t.num_heads * d * t.hidden_size \
         + 3 * t.hidden_size * t.intermediate_size
     decoder = 2.0 * t.num_layers * per_layer
-    vision, tile_tokens = 0.0, 0
+    vision = 0.0
     if v is not None:
         tokens = (v.image_size // v.patch_size) ** 2 + 1
         tower = 2.0 * v.layers_used * tokens * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
         projector = 2.0 * (tokens - 1) * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
-        vision, tile_tokens = tower + projector, tokens - 1
-    return ModelOps(decoder_ops_per_position=decoder, vision_ops_per_tile=vision, tile_tokens=tile_tokens)
+        vision = tower + projector
+    return ModelOps(decoder_ops_per_position=decoder, vision_ops_per_tile=vision, image=cfg.image)
 
 
 def ops_of(model_dir: Path) -> ModelOps | None:
@@ -76,14 +84,15 @@ def bundle_ops(bundle: Path) -> ModelOps | None:
     tokens = (image.tile_size // image.patch_size) ** 2 + 1
     vision = 2.0 * tokens * graph_linear_macs(files["vision"]) if "vision" in files else 0.0
     return ModelOps(decoder_ops_per_position=2.0 * graph_linear_macs(files["decoder"], manifest.text.vocab_size),
-                    vision_ops_per_tile=vision, tile_tokens=tokens - 1)
+                    vision_ops_per_tile=vision, image=image)
 
 
 def graph_linear_macs(path: Path, vocab_size: int | None = None) -> int:
     """Multiply-adds per position of an ONNX graph's products with a constant weight: K x N each, MatMulNBits from
     its K and N attributes, the others from their weight's dims (through a Q/DQ weight's DequantizeLinear). A
     product with vocab_size among its dims (the lm_head) is left out; products of two activations (attention)
-    have no constant weight."""
+    have no constant weight. ORT's fused `Attention` op (packed QKV weights, from its offline optimizer) is not
+    counted: the export never writes it."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph

@@ -196,6 +196,13 @@ def image_token_count(image_size: tuple[int, int], layout: ImageLayout) -> int:
     return _TOKEN_COUNTERS[layout.merge](image_size, columns, rows, layout)
 
 
+def tile_count(image_size: tuple[int, int], layout: ImageLayout) -> int:
+    """How many tiles the vision tower runs for an image of `image_size`: the base view and the grid's tiles (both
+    merges run them all; spatial_unpad only drops some of their tokens)."""
+    columns, rows = _grid(image_size, layout)
+    return 1 + columns * rows
+
+
 def preprocess(image: Image.Image, layout: ImageLayout) -> Preprocessed:
     """Everything the vision tower and the prompt builder need for one image."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")

@@ -175,6 +175,46 @@ def test_latency_probes_the_host_only_where_the_work_runs_on_it() -> None:
 
     from pulse_edge.benchmarks.perf.latency import LatencyConfig, host_bound
 
+    def torch_on(device: str) -> SimpleNamespace:  # the torch reference: its device is its parameters'
+        parameter = SimpleNamespace(device=SimpleNamespace(type=device))
+        return SimpleNamespace(backend="torch", model=SimpleNamespace(parameters=lambda: iter([parameter])))
+
     cpu, cuda = LatencyConfig(model=Path("m")), LatencyConfig(model=Path("m"), provider="cuda")
-    assert host_bound(cpu, SimpleNamespace(backend="ort")) and host_bound(cpu, SimpleNamespace(backend="torch"))
-    assert not host_bound(cpu, SimpleNamespace(backend="trt")) and not host_bound(cuda, SimpleNamespace(backend="ort"))
+    assert host_bound(cpu, SimpleNamespace(backend="ort")) and not host_bound(cuda, SimpleNamespace(backend="ort"))
+    assert not host_bound(cpu, SimpleNamespace(backend="trt"))
+    assert host_bound(cpu, torch_on("cpu")) and host_bound(cuda, torch_on("cpu"))  # --provider is ORT's
+    assert not host_bound(cpu, torch_on("cuda"))
+
+
+def test_latency_fractions_pair_each_run_with_its_neighbouring_probes() -> None:
+    """Run r against max(probe r, probe r + 1), the median over quiet runs; a busy run left out; work unknown or
+    a zero time: no fraction."""
+    from types import SimpleNamespace
+
+    from pulse_edge.benchmarks.common.probes import Probes
+    from pulse_edge.benchmarks.common.roofline import Bandwidth, DecoderFacts
+    from pulse_edge.benchmarks.perf.latency import _fractions
+
+    def probe(read: float, int8: float) -> Probes:
+        taken = Probes(bandwidth={"x": Bandwidth(read=read, copy=None, array_bytes=1, repeats=1, threads=1)})
+        taken.gemm["x"] = SimpleNamespace(peak=int8, best_kind="dqmm", ops_per_s={"dqmm": int8})
+        return taken
+
+    # read 10 40 20 5 30 -> each run's bound 40 40 20 30; int8 100 50 400 10 200 -> 100 400 400 200
+    probes = [probe(r, p) for r, p in ((10.0, 100.0), (40.0, 50.0), (20.0, 400.0), (5.0, 10.0), (30.0, 200.0))]
+    runs = [SimpleNamespace(timings=SimpleNamespace(vision_ms=1000.0, prefill_ms=2000.0 * (i + 1),
+                                                    decode_tokens_per_s=4.0)) for i in range(4)]
+    facts = DecoderFacts(weight_bytes=2, kv_bytes_per_position=0.0, layers=1, kv_heads=1, head_dim=1, kv_itemsize=1,
+                         hidden_size=1, source="test")
+    quiet, busy = _window(0.0), _window(1.5)
+    work = {"vision": 40.0, "prefill": 800.0}
+    got = _fractions(runs, [quiet] * 4, probes, facts, work, 0)
+    assert got["vision_of_int8_peak"] == pytest.approx(0.15)  # 40 ops/s: 0.4 0.1 0.1 0.2
+    assert got["prefill_of_int8_peak"] == pytest.approx(0.5)  # 400 200 133 100 ops/s: 4 0.5 0.33 0.5
+    assert got["decode_of_read"] == pytest.approx((0.2 + 8 / 30) / 2)  # 8 B/s: 0.2 0.2 0.4 0.27
+    got = _fractions(runs, [busy, quiet, quiet, quiet], probes, facts, work, 0)  # the first run left out
+    assert got["vision_of_int8_peak"] == pytest.approx(0.1) and got["decode_of_read"] == pytest.approx(8 / 30)
+    got = _fractions(runs, [busy, busy, quiet, quiet], probes, facts, {"vision": None, "prefill": 800.0}, 0)
+    assert got == {"prefill_of_int8_peak": None, "decode_of_read": None}  # too few quiet runs; no vision work
+    runs[0].timings.prefill_ms = 0.0
+    assert "prefill_of_int8_peak" not in _fractions(runs, [quiet] * 3, probes, facts, {"prefill": 800.0}, 0)

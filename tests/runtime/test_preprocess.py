@@ -27,6 +27,7 @@ from pulse_edge.runtime.image.preprocess import (
     preprocess,
     resize_and_pad,
     select_best_resolution,
+    tile_count,
 )
 
 FLAT = ImageLayout()
@@ -130,6 +131,7 @@ def test_preprocess_shapes_follow_the_grid(size, best, grid, tokens):
     assert out.pixel_values.dtype == np.float32
     assert out.pixel_values.flags["C_CONTIGUOUS"]
     assert out.num_image_tokens == tokens == 576 * out.pixel_values.shape[0]
+    assert tile_count(size, FLAT) == tile_count(size, UNPAD) == out.pixel_values.shape[0]  # what the tower runs
 
 
 @pytest.mark.parametrize(("size", "tokens"), UNPAD_SIZES)
