@@ -105,15 +105,6 @@ def test_importing_the_group_pulls_in_nothing_heavy() -> None:
     assert json.loads(out.stdout) == []
 
 
-@pytest.fixture()
-def quiet_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every round quiet, whatever else this machine runs: the tests check the fractions' arithmetic, which a busy
-    round would leave out (None)."""
-    from pulse_edge.benchmarks.common.host import HostWindow
-
-    monkeypatch.setattr(HostWindow, "busy", lambda self: None)
-
-
 def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, small_probes: None,
                                         quiet_host: None) -> None:
     out = tmp_path / "latency.json"

@@ -22,7 +22,8 @@ def _bounds(probes: list[dict], key: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_bench_recipes_holds_each_round_against_the_probes_around_it(tmp_path: Path, small_probes: None) -> None:
+def test_bench_recipes_holds_each_round_against_the_probes_around_it(tmp_path: Path, small_probes: None,
+                                                                     quiet_host: None) -> None:
     out = tmp_path / "recipes.json"
     result = CliRunner().invoke(bench_group, ["recipes", "--width", "tiny", "--layers", "1", "--recipes", "int8",
                                               "--runs", str(RUNS), "--context", "64", "--threads", "1",
@@ -37,7 +38,6 @@ def test_bench_recipes_holds_each_round_against_the_probes_around_it(tmp_path: P
     windows = [HostWindow(**{k: v for k, v in w.items() if k != "busy"}) for w in report["host"]["decode"]["rounds"]]
     decode = [t * row["bytes_per_step"] / (b * 1e9) for t, b in
               zip(row["decode_tokens_per_s"]["values"], _bounds(rounds["decode"], "read_gb_s"), strict=True)]
-    expected = (None if busy_reason(windows) else  # a busy host: no fraction
-                pytest.approx(statistics.median(decode[i] for i in quiet_rounds(windows))))
-    assert row["fraction_of_read"] == expected
+    assert busy_reason(windows) is None and quiet_rounds(windows) == list(range(RUNS))
+    assert row["fraction_of_read"] == pytest.approx(statistics.median(decode))
     assert "probed before each round and after the last" in result.output
