@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pulse_edge.benchmarks.common.roofline import call_seconds
+from pulse_edge.errors import ConfigError
 
 INT8_KINDS = ("w8a8dyn", "dqmm", "nbits8")
 KINDS = (*INT8_KINDS, "fp32")
@@ -63,6 +64,15 @@ class GemmPeak:
                 "threads": self.threads, "method": f"one ORT MatMul per kind, whole call timed (activation "
                                                    f"quantization included), the best of the repeats after "
                                                    f"{WARMUP} warm-up calls"}
+
+
+def require_onnx() -> None:
+    """Fail before a long run, not in its middle: the probe builds its graphs with the onnx package."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("the int8 GEMM probe builds its graphs with the onnx package, which is not installed: "
+                          "install pulse-edge[bench]") from e
 
 
 def _graph(kind: str, weight: np.ndarray, m: int) -> Any:

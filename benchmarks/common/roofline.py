@@ -187,9 +187,7 @@ def decode_entry(facts: DecoderFacts, context: float, tokens_per_s: float | None
 
 def roofline_entry(facts: DecoderFacts, bandwidth: Bandwidth, context: float, tokens_per_s: float | None,
                    ) -> dict[str, Any]:
-    """The bound and what was achieved against it, at one context length."""
-    entry = decode_entry(facts, context, tokens_per_s)
+    """The bound at one context length, and what a step reads and was achieved (the fraction of a bound is each
+    benchmark's own: per run against its neighbouring probes, common/rounds.py)."""
     bound = roofline_tokens_per_s(bandwidth.best, facts.weight_bytes, facts.kv_bytes_per_position, round(context))
-    achieved = entry["achieved_gb_s"]
-    return {**entry, "roofline_tokens_per_s": bound,
-            "fraction_of_bandwidth": achieved * GB / bandwidth.best if achieved is not None else None}
+    return {**decode_entry(facts, context, tokens_per_s), "roofline_tokens_per_s": bound}

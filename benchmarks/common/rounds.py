@@ -69,6 +69,3 @@ class RoundProber:
         probes.measure(when, self.bandwidth_bytes, self.threads, self.progress, what=self.what, fp32=False,
                        copy=False)
         self.taken.append(probes)
-
-    def bounds(self, bound: str) -> list[float | None]:
-        return round_bounds(self.taken, bound)

@@ -9,7 +9,7 @@ Absolute times on a shared machine drift; ratios measured in the same run hold,
 which is why the backends are measured side by side in one process and the
 bandwidth is measured in the same run. This module makes the model, runs the
 measurements and prints the table; the per-backend benches and the meter are in
-backend_benches.py. torch, transformers and onnxruntime are imported inside the
+backend_runs.py. torch, transformers and onnxruntime are imported inside the
 functions that use them; the CLI imports this module only when a command runs.
 """
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pulse_edge.benchmarks.common.gemm_probe import require_onnx
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import (
@@ -175,8 +176,8 @@ def _best_read(probes: list[Probes]) -> Bandwidth | None:
 
 
 def _measure_size(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig, facts: DecoderFacts,
-                  ops: ModelOps | None, watch: PeakWatch, progress: Callable[[str], None]) -> dict[str, Any]:
-    probed = host_bound(cfg, pipeline)
+                  ops: ModelOps | None, probed: bool, watch: PeakWatch, progress: Callable[[str], None]
+                  ) -> dict[str, Any]:
     progress(f"{size[0]}x{size[1]}: {cfg.warmup} warm-up + {cfg.runs} runs"
              + (", the read and int8 bounds probed before each run and after the last" if probed else ""))
     prober = RoundProber(f"{size[0]}x{size[1]}", (READ, GEMM), cfg.runs, cfg.bandwidth_bytes, cfg.threads,
@@ -206,21 +207,24 @@ def host_bound(cfg: LatencyConfig, pipeline: Any) -> bool:
 
 def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure one model on each print size; returns the report (see `latency_table`)."""
+    if cfg.provider == "cpu":
+        require_onnx()  # the int8 probe beside the runs; refused before anything is loaded
     started, machine = time.perf_counter(), machine_with_load()
     samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start")}  # describes the machine
     watch = PeakWatch.start()  # the probe's arrays are freed: they would otherwise be the peak of a small model
     progress(f"loading {cfg.model}")
     pipeline, facts = _open(cfg)
-    ops = watch.aside(lambda: ops_of(cfg.model))  # reading the graphs is no part of the model's memory
-    rows = [_measure_size(pipeline, size, cfg, facts, ops, watch, progress) for size in cfg.sizes]
+    probed = host_bound(cfg, pipeline)
+    # the work the compute fractions count; reading the graphs is no part of the model's memory
+    ops = watch.aside(lambda: ops_of(cfg.model)) if probed else None
+    rows = [_measure_size(pipeline, size, cfg, facts, ops, probed, watch, progress) for size in cfg.sizes]
     return {"kind": "latency", "machine": {**machine, "load_average_end": load_average()},
             "model": model_info(cfg.model),
             "backend": getattr(pipeline, "backend", "torch"), "settings": _latency_settings(cfg),
             "prefilled_by": getattr(pipeline, "prefilled_by", "decoder graph"),  # the torch reference: one graph
             "prefill_chunk": getattr(getattr(pipeline, "engine", None), "prefill_chunk", None),  # None: one pass
             "bandwidth": bandwidth_report(samples)[1], "decoder": facts.to_dict(),
-            "ops": ops.to_dict() if ops is not None else None,
-            "probed": host_bound(cfg, pipeline),
+            "ops": ops.to_dict() if ops is not None else None, "probed": probed,
             "model_bytes_on_disk": dir_size_bytes(cfg.model), "peak_rss_bytes": watch.stop(),
             "peak_rss_note": PEAK_NOTE if watch.reset_works else RSS_NOTE,
             "sizes": rows, "elapsed_s": time.perf_counter() - started}
@@ -241,11 +245,11 @@ FRACTIONS = (("vision_of_int8_peak", "vision % of int8 peak"), ("prefill_of_int8
 
 
 def _fraction_cell(row: dict[str, Any], key: str) -> str:
-    """The fraction; "busy" where the host was too busy for one; "n/a" where nothing was probed or timed."""
-    fractions = row.get("fractions", {})
-    if key not in fractions:
-        return "n/a"
-    return "busy" if fractions[key] is None else percent(fractions[key])
+    """The fraction; "busy" where the host was too busy for one; "n/a" where nothing was probed, counted or timed."""
+    value = row.get("fractions", {}).get(key)
+    if value is None:
+        return "busy" if key in row.get("fractions", {}) and row["host"]["busy"] else "n/a"
+    return percent(value)
 
 
 def _bounds_words(row: dict[str, Any]) -> str:
@@ -276,7 +280,8 @@ def latency_table(report: dict[str, Any]) -> str:
              num(r.get("roofline_tokens_per_s")), num(r.get("achieved_gb_s")),
              *(_fraction_cell(r, key) for key, _ in FRACTIONS)] for r in report["sizes"]]
     return "\n".join([
-        *machine_lines(report, use="a description of the machine; the fractions use the probes beside the runs"),
+        *machine_lines(report, use="a description of the machine" + (
+            "; the fractions use the probes beside the runs" if report.get("probed") else "")),
         *_probe_lines(report),
         f"model: {model['name']} ({report['backend']} backend, {model['precision']}, hidden {model['hidden_size']}, "
         f"{model['layers']} layers; prompts prefilled by the {report.get('prefilled_by', 'decoder graph')}"
@@ -293,8 +298,12 @@ def latency_table(report: dict[str, Any]) -> str:
 
 
 def _fractions_line(ops: dict[str, Any] | None) -> str:
-    counted = (f": {ops['decoder_ops_per_position'] / 1e9:.2f} GOP per prompt position, "
-               f"{ops['vision_ops_per_tile'] / 1e9:.0f} GOP per tile" if ops else "; not counted for this model")
+    if ops is None:
+        counted = "; not counted for this model"
+    else:
+        tile = ops["vision_ops_per_tile"]
+        counted = (f": {ops['decoder_ops_per_position'] / 1e9:.2f} GOP per prompt position"
+                   + (f", {tile / 1e9:.0f} GOP per tile" if tile else ", no vision graph"))
     return ("fractions: each run over the better of the probes before and after it, the median of the quiet runs; "
             f"vision and prefill count the linear layers' ops (2 x weights x positions{counted}), decode the bytes a "
             "step reads")

@@ -8,7 +8,7 @@ Attention's own products (QK^T, PV), the norms and lm_head (one position) are le
 extra work a fraction of the GEMM peak charges to the measured time.
 
 A bundle is counted from its own graphs (bundle_ops), so a cart without the checkpoint gets the same figures:
-every product with a constant weight, K x N multiply-adds per position (the lm_head, N = vocab, left out);
+every product with a constant weight, K x N multiply-adds per position (the lm_head, the logits' product, left out);
 a tile's vision products on all T tokens, the projector's on the CLS token too (0.01% more than above at
 PULSE's shape).
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.benchmarks.common.ort_trace import GEMM_ROLES, PASS_THROUGH, role_of
-from pulse_edge.runtime.image.preprocess import ImageLayout
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.image.preprocess import ImageLayout, tile_count
 
 WEIGHT_INPUT = {"QLinearMatMul": 3, "QGemm": 3}  # where each product's weight comes in; the others: input 1
 
@@ -40,8 +41,6 @@ class ModelOps:
 
     def tiles(self, image_size: tuple[int, int]) -> int | None:
         """The tiles the vision tower runs for an image of `image_size` (width, height)."""
-        from pulse_edge.runtime.image.preprocess import tile_count
-
         return tile_count(image_size, self.image) if self.image is not None and self.vision_ops_per_tile else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,37 +82,38 @@ def bundle_ops(bundle: Path) -> ModelOps | None:
     image = manifest.image
     tokens = (image.tile_size // image.patch_size) ** 2 + 1
     vision = 2.0 * tokens * graph_linear_macs(files["vision"]) if "vision" in files else 0.0
-    return ModelOps(decoder_ops_per_position=2.0 * graph_linear_macs(files["decoder"], manifest.text.vocab_size),
-                    vision_ops_per_tile=vision, image=image)
+    return ModelOps(decoder_ops_per_position=2.0 * graph_linear_macs(files["decoder"]), vision_ops_per_tile=vision,
+                    image=image)
 
 
-def graph_linear_macs(path: Path, vocab_size: int | None = None) -> int:
+def graph_linear_macs(path: Path) -> int:
     """Multiply-adds per position of an ONNX graph's products with a constant weight: K x N each, MatMulNBits from
-    its K and N attributes, the others from their weight's dims (through a Q/DQ weight's DequantizeLinear). A
-    product with vocab_size among its dims (the lm_head) is left out; products of two activations (attention)
-    have no constant weight. ORT's fused `Attention` op (packed QKV weights, from its offline optimizer) is not
-    counted: the export never writes it."""
+    its K and N attributes, the others from their weight's dims (through a Q/DQ weight's DequantizeLinear). The
+    product the `logits` output comes from (the lm_head: one position) is left out; products of two activations
+    (attention) have no constant weight. ORT's fused `Attention` op (packed QKV weights, from its offline
+    optimizer) is not counted: the export never writes it. Needs the onnx package (the export extra)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     dims = {t.name: tuple(t.dims) for t in graph.initializer}
     producer = {out: n for n in graph.node for out in n.output}
 
-    def weight_dims(name: str, depth: int = 0) -> tuple[int, ...] | None:
+    def source(name: str, depth: int = 0) -> tuple[str, Any]:
+        """The initializer or node a tensor comes from, through PASS_THROUGH nodes (a Cast, a DequantizeLinear)."""
         node = producer.get(name)
         if name in dims or node is None or node.op_type not in PASS_THROUGH or depth > 4:
-            return dims.get(name)
-        return weight_dims(node.input[0], depth + 1)
+            return name, node
+        return source(node.input[0], depth + 1)
 
+    lm_head = source(names.LOGITS)[1]
     total = 0
     for node in graph.node:
-        if role_of(node.op_type) not in GEMM_ROLES:
+        if role_of(node.op_type) not in GEMM_ROLES or node is lm_head:
             continue
         if node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
-            shape: tuple[int, ...] | None = (attrs["K"], attrs["N"])
-        else:
-            shape = weight_dims(node.input[WEIGHT_INPUT.get(node.op_type, 1)])
-        if shape is not None and vocab_size not in shape:
-            total += math.prod(shape)
+            total += attrs["K"] * attrs["N"]
+            continue
+        weight = source(node.input[WEIGHT_INPUT.get(node.op_type, 1)])[0]
+        total += math.prod(dims[weight]) if weight in dims else 0
     return total

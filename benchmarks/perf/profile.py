@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pulse_edge.benchmarks.common.gemm_probe import require_onnx
 from pulse_edge.benchmarks.common.host import HostWindow, host_sample
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import machine_with_load
@@ -128,6 +129,7 @@ def _check(cfg: ProfileConfig) -> None:
     from pulse_edge.runtime.bundle.manifest import read_manifest
     from pulse_edge.runtime.engines.bundle_engine import check_servable
 
+    require_onnx()  # the GEMM probe beside vision and prefill, and the traces' weight sizes
     if not (cfg.model / "manifest.json").is_file():
         raise ConfigError(f"--model {cfg.model} is not a bundle (no manifest.json); bench profile reads a bundle's "
                           "ONNX graphs")

@@ -124,7 +124,9 @@ def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
         for stat in row["timings"].values():
             _assert_stat(stat)
             assert len(stat["values"]) == 3
-        assert row["roofline_tokens_per_s"] > 0 and row["achieved_gb_s"] > 0
+        best_read = max(p["read_gb_s"] for p in row["probes"]) * 1e9  # the roofline at the best probe beside the runs
+        assert row["roofline_tokens_per_s"] == pytest.approx(best_read / row["bytes_per_token"])
+        assert row["achieved_gb_s"] > 0
         _assert_fractions_from_own_probes(row, report)
     assert "bounds probed before each run and after the last" in printed and "% of int8 peak" in printed
 
@@ -155,14 +157,28 @@ def _assert_fractions_from_own_probes(row: dict, report: dict) -> None:
         assert row["fractions"][key] == pytest.approx(np.median(values), rel=1e-9), key
 
 
-def test_bench_latency_on_a_checkpoint_uses_torch(tiny_checkpoint: Path, tmp_path: Path, small_probes: None) -> None:
+def test_bench_latency_on_a_checkpoint_uses_torch(tiny_checkpoint: Path, tmp_path: Path, small_probes: None,
+                                                  quiet_host: None) -> None:
     out = tmp_path / "latency.json"
     _invoke(["latency", "--model", str(tiny_checkpoint), "--runs", "1", "--warmup", "0", "--sizes", "2200x1700",
              "--max-new-tokens", "4", "--bandwidth-mib", "64", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["backend"] == "torch" and report["decoder"]["source"].startswith("checkpoint")
     assert report["decoder"]["kv_bytes_per_position"] == 2 * 2 * 4 * 16 * 4  # tiny: 2 layers, 4 heads x 16, fp32
+    # the reference runs on this CPU: probed, its work counted from the checkpoint's config
+    (row,) = report["sizes"]
+    assert report["probed"] and len(row["probes"]) == 2 and row["vision_tiles"] == 5
+    assert all(row["fractions"][k] > 0 for k in ("vision_of_int8_peak", "prefill_of_int8_peak"))
 
+
+def test_without_onnx_bench_latency_refuses_before_loading(quick_bundle: Path, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """The int8 probe builds its graphs with onnx (the bench extra): without it, one line before anything loads."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now fails, as where it is not installed
+    result = CliRunner().invoke(bench_group, ["latency", "--model", str(quick_bundle), "--runs", "1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "onnx package, which is not installed: install pulse-edge[bench]" in result.output
+    assert "loading" not in result.output and "measuring" not in result.output
 
 def _cached_work(tmp_path: Path, checkpoint: Path, bundle: Path) -> Path:
     work = tmp_path / "work"

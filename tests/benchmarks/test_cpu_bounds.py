@@ -150,7 +150,6 @@ def test_model_ops_of_the_7b_shape(tmp_path: Path) -> None:
     assert ops.vision_ops_per_tile == tower + 2 * 576 * (1024 * 4096 + 4096**2)
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the RSS high-water mark resets on Linux only")
 def test_a_peak_watch_leaves_out_what_runs_aside() -> None:
     """bench latency probes beside a loaded model: the probe's 1 GiB array must not become the model's peak RSS."""
     import numpy as np
@@ -158,7 +157,8 @@ def test_a_peak_watch_leaves_out_what_runs_aside() -> None:
     from pulse_edge.benchmarks.common.measure import PeakWatch
 
     watch = PeakWatch.start()
-    assert watch.reset_works
+    if not watch.reset_works:
+        pytest.skip("this process cannot reset its RSS high-water mark (Linux /proc/self/clear_refs)")
     size = 256 * 2**20
 
     def touch() -> None:
@@ -217,4 +217,4 @@ def test_latency_fractions_pair_each_run_with_its_neighbouring_probes() -> None:
     got = _fractions(runs, [busy, busy, quiet, quiet], probes, facts, {"vision": None, "prefill": 800.0}, 0)
     assert got == {"prefill_of_int8_peak": None, "decode_of_read": None}  # too few quiet runs; no vision work
     runs[0].timings.prefill_ms = 0.0
-    assert "prefill_of_int8_peak" not in _fractions(runs, [quiet] * 3, probes, facts, {"prefill": 800.0}, 0)
+    assert "prefill_of_int8_peak" not in _fractions(runs, [quiet] * 4, probes, facts, {"prefill": 800.0}, 0)

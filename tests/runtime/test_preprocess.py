@@ -131,7 +131,8 @@ def test_preprocess_shapes_follow_the_grid(size, best, grid, tokens):
     assert out.pixel_values.dtype == np.float32
     assert out.pixel_values.flags["C_CONTIGUOUS"]
     assert out.num_image_tokens == tokens == 576 * out.pixel_values.shape[0]
-    assert tile_count(size, FLAT) == tile_count(size, UNPAD) == out.pixel_values.shape[0]  # what the tower runs
+    assert tile_count(size, FLAT) == out.pixel_values.shape[0]  # what the tower runs
+    assert tile_count(size, UNPAD) == preprocess(solid(size), UNPAD).pixel_values.shape[0]  # fewer tokens, same tiles
 
 
 @pytest.mark.parametrize(("size", "tokens"), UNPAD_SIZES)
