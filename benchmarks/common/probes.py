@@ -16,13 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS, KINDS, GemmPeak, measure_gemm_peak
+from pulse_edge.benchmarks.common.gemm_probe import KINDS, GemmPeak, measure_gemm_peak
 from pulse_edge.benchmarks.common.measure import bandwidth_probe
 from pulse_edge.benchmarks.common.roofline import GB, Bandwidth
 
 READ, GEMM = "read", "gemm"  # what a probe measures: read bandwidth, the GEMM peaks
-# the GEMM kinds a probe times, by whether it must give the fp32 SGEMM rate too
-GEMM_KINDS = {True: KINDS, False: INT8_KINDS}
 # what bounds each phase of a run: vision and prefill compute (GEMMs, attention), decode streams weights and cache
 PHASE_BOUNDS = {"vision": GEMM, "prefill": GEMM, "decode": READ}
 
@@ -33,14 +31,14 @@ class Probes:
     gemm: dict[str, GemmPeak] = field(default_factory=dict)
 
     def measure(self, when: str, bandwidth_bytes: int, threads: int, progress: Callable[[str], None],
-                what: tuple[str, ...] = (READ, GEMM), fp32: bool = True, copy: bool = True) -> None:
-        """Probe `what`; fp32=False leaves the fp32 SGEMM kind out, copy=False the copy bandwidth (and its second
-        array: a probe beside a loaded model adds one array to its memory, not two)."""
+                what: tuple[str, ...] = (READ, GEMM), kinds: tuple[str, ...] = KINDS, copy: bool = True) -> None:
+        """Probe `what`: the GEMM `kinds` (gemm_probe.KINDS; INT8_KINDS leaves the fp32 SGEMM out); copy=False leaves
+        the copy bandwidth out (and its second array: a probe beside a loaded model adds one array, not two)."""
         if READ in what:
             self.bandwidth[when] = bandwidth_probe(bandwidth_bytes, progress, when, copy=copy)
         if GEMM in what:
             progress(f"measuring the GEMM peaks ({when})")
-            self.gemm[when] = measure_gemm_peak(threads=threads, kinds=GEMM_KINDS[fp32])
+            self.gemm[when] = measure_gemm_peak(threads=threads, kinds=kinds)
 
     @property
     def read(self) -> float | None:

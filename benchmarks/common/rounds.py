@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
 from pulse_edge.benchmarks.common.probes import Probes
 
@@ -52,7 +53,8 @@ def round_fractions(rates: Sequence[float], bounds: Sequence[float | None], wind
 @dataclass
 class RoundProber:
     """Called before each of `rounds` rounds and once after the last: each call probes `what` (probes.READ,
-    probes.GEMM) beside the loaded model: read bandwidth with one array (no copy), the int8 GEMM kinds only."""
+    probes.GEMM) beside the loaded model: read bandwidth with one array (no copy), the GEMM `kinds` (int8 ones by
+    default)."""
 
     label: str
     what: tuple[str, ...]
@@ -60,12 +62,13 @@ class RoundProber:
     bandwidth_bytes: int
     threads: int
     progress: Callable[[str], None]
+    kinds: tuple[str, ...] = INT8_KINDS
     taken: list[Probes] = field(default_factory=list)
 
     def __call__(self) -> None:
         n = len(self.taken)
         when = f"{self.label}, before round {n + 1}" if n < self.rounds else f"{self.label}, after"
         probes = Probes()
-        probes.measure(when, self.bandwidth_bytes, self.threads, self.progress, what=self.what, fp32=False,
+        probes.measure(when, self.bandwidth_bytes, self.threads, self.progress, what=self.what, kinds=self.kinds,
                        copy=False)
         self.taken.append(probes)

@@ -2,10 +2,11 @@
 
     ECG print (letter 200/300 dpi, A4 300 dpi) -> Conversation.ask x (warm-up + runs)
       a probe before each timed run and after the last (CPU runs): read bandwidth (numpy, one array) and the
-      int8 GEMM peak (gemm_probe.py), beside the loaded model, outside the runs and outside their peak RSS
+      compute peak of the model's GEMMs (gemm_probe.py: int8 kinds for a quantized bundle, fp32 SGEMM for a float
+      one), beside the loaded model, outside the runs and outside their peak RSS
     -> p50/p95 of preprocess, vision, prefill, time to first token, decode tokens/s
     -> each run against the better of the probes on either side of it (common/rounds.py), median over quiet runs:
-       vision and prefill as linear-layer ops/s (model_ops.py) of the int8 peak, decode as bytes/s of the read
+       vision and prefill as linear-layer ops/s (model_ops.py) of that peak, decode as bytes/s of the read
        bound (weights + KV at the mean context), and the roofline at the best read probe
 
 Absolute times on a shared machine drift, which is why the bounds are measured beside each run: on this
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pulse_edge.benchmarks.common.gemm_probe import require_onnx
+from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS, require_onnx
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
 from pulse_edge.benchmarks.common.machine import model_info
 from pulse_edge.benchmarks.common.measure import (
@@ -49,12 +50,20 @@ from pulse_edge.benchmarks.common.roofline import (
 from pulse_edge.benchmarks.common.rounds import RoundProber, round_bounds, round_fractions
 from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines, markdown_table, num, percent, pp
 from pulse_edge.benchmarks.perf.model_ops import ModelOps, ops_of
+from pulse_edge.choices import QUANTIZED_PRECISIONS
 from pulse_edge.errors import ConfigError
 
 # Common ECG print sizes in pixels (width x height): what a cart's scanner or PDF export produces.
 PRINT_SIZES = {(2200, 1700): "letter 200 dpi", (3300, 2550): "letter 300 dpi", (3508, 2480): "A4 300 dpi"}
 TIMING_FIELDS = ("preprocess_ms", "vision_ms", "prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s")
 RSS_NOTE = "peak resident set size (RSS) of the whole benchmark process, from getrusage ru_maxrss"
+# What a run's vision and prefill are held against, by the GEMMs they run (is the model quantized?): a quantized
+# bundle's vision and prefill graphs run int8 GEMMs (W8A8, or the weight-only decode graph at accuracy level 4);
+# a float bundle and the torch reference run float ones, held against MLAS's fp32 SGEMM.
+COMPUTE_BOUNDS = {True: {"bound": "int8_peak", "kinds": INT8_KINDS, "label": "int8 peak", "probe": "int8_peak_tops",
+                         "unit": "TOP/s int8"},
+                  False: {"bound": "fp32", "kinds": ("fp32",), "label": "fp32 peak", "probe": "fp32_tflops",
+                          "unit": "TFLOP/s fp32"}}
 PEAK_NOTE = ("peak resident set size (RSS) of the process from loading the model to its last run, the probes "
              "beside the runs left out (Linux VmHWM, reset after each probe)")
 
@@ -144,17 +153,18 @@ def _latency_row(results: list[Any], size: tuple[int, int]) -> dict[str, Any]:
 
 
 def _fractions(results: list[Any], windows: list[HostWindow], probes: list[Probes], facts: DecoderFacts,
-               work: dict[str, float | None], context: float) -> dict[str, float | None]:
+               work: dict[str, float | None], context: float, bound: str) -> dict[str, float | None]:
     """Each run against the better of the probes on either side of it, the median over quiet runs (rounds.py):
-    vision and prefill as linear-layer ops/s (`work`: ops per run) of the int8 GEMM peak, decode as bytes/s of the
-    read probe; a fraction whose work is unknown or whose time is zero is left out."""
+    vision and prefill as linear-layer ops/s (`work`: ops per run) of the compute `bound` (a Probes property:
+    int8_peak, fp32), decode as bytes/s of the read probe; a fraction whose work is unknown or whose time is zero
+    is left out."""
     timings = [r.timings for r in results]
-    int8, read = round_bounds(probes, "int8_peak"), round_bounds(probes, "read")
+    compute, read = round_bounds(probes, bound), round_bounds(probes, "read")
     fractions: dict[str, float | None] = {}
     for phase in ("vision", "prefill"):
         ops, seconds = work.get(phase), [getattr(t, f"{phase}_ms") / 1e3 for t in timings]
         if ops and all(s > 0 for s in seconds):
-            fractions[f"{phase}_of_int8_peak"] = round_fractions([ops / s for s in seconds], int8, windows)
+            fractions[f"{phase}_of_compute_peak"] = round_fractions([ops / s for s in seconds], compute, windows)
     if all(t.decode_tokens_per_s > 0 for t in timings):
         per_step = facts.bytes_per_token(round(context))
         fractions["decode_of_read"] = round_fractions([t.decode_tokens_per_s * per_step for t in timings], read,
@@ -176,12 +186,13 @@ def _best_read(probes: list[Probes]) -> Bandwidth | None:
 
 
 def _measure_size(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig, facts: DecoderFacts,
-                  ops: ModelOps | None, probed: bool, watch: PeakWatch, progress: Callable[[str], None]
-                  ) -> dict[str, Any]:
-    progress(f"{size[0]}x{size[1]}: {cfg.warmup} warm-up + {cfg.runs} runs"
-             + (", the read and int8 bounds probed before each run and after the last" if probed else ""))
+                  ops: ModelOps | None, compute: dict[str, Any] | None, watch: PeakWatch,
+                  progress: Callable[[str], None]) -> dict[str, Any]:
+    """One print size's runs; `compute`: the compute bound (COMPUTE_BOUNDS) when the run is probed, else None."""
+    progress(f"{size[0]}x{size[1]}: {cfg.warmup} warm-up + {cfg.runs} runs" + (
+        f", read bandwidth and the {compute['label']} probed before each run and after the last" if compute else ""))
     prober = RoundProber(f"{size[0]}x{size[1]}", (READ, GEMM), cfg.runs, cfg.bandwidth_bytes, cfg.threads,
-                         progress) if probed else None
+                         progress, kinds=compute["kinds"]) if compute else None
     results, windows = _timed_runs(pipeline, size, cfg, prober, watch)
     row = {**_latency_row(results, size), "host": {"runs": [w.to_dict() for w in windows],
                                                    "busy": busy_reason(windows)}}
@@ -191,9 +202,14 @@ def _measure_size(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig, fact
     if prober is None:  # the bytes a step reads still say something; a roofline of this host would not
         return {**row, "probes": [], "fractions": {}}
     row.update(probes=[p.to_dict() for p in prober.taken],
-               fractions=_fractions(results, windows, prober.taken, facts, work, context))
+               fractions=_fractions(results, windows, prober.taken, facts, work, context, compute["bound"]))
     bandwidth = _best_read(prober.taken)
     return {**row, **(roofline_entry(facts, bandwidth, context, rate) if bandwidth else {})}
+
+
+def compute_bound(precision: str) -> dict[str, Any]:
+    """The bound a model's vision and prefill are held against (COMPUTE_BOUNDS), by its precision."""
+    return COMPUTE_BOUNDS[precision in QUANTIZED_PRECISIONS]
 
 
 def host_bound(cfg: LatencyConfig, pipeline: Any) -> bool:
@@ -208,23 +224,24 @@ def host_bound(cfg: LatencyConfig, pipeline: Any) -> bool:
 def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure one model on each print size; returns the report (see `latency_table`)."""
     if cfg.provider == "cpu":
-        require_onnx()  # the int8 probe beside the runs; refused before anything is loaded
+        require_onnx()  # the GEMM probe beside the runs; refused before anything is loaded
     started, machine = time.perf_counter(), machine_with_load()
     samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start")}  # describes the machine
     watch = PeakWatch.start()  # the probe's arrays are freed: they would otherwise be the peak of a small model
     progress(f"loading {cfg.model}")
     pipeline, facts = _open(cfg)
-    probed = host_bound(cfg, pipeline)
+    probed, model = host_bound(cfg, pipeline), model_info(cfg.model)
+    compute = compute_bound(model["precision"]) if probed else None
     # the work the compute fractions count; reading the graphs is no part of the model's memory
     ops = watch.aside(lambda: ops_of(cfg.model)) if probed else None
-    rows = [_measure_size(pipeline, size, cfg, facts, ops, probed, watch, progress) for size in cfg.sizes]
-    return {"kind": "latency", "machine": {**machine, "load_average_end": load_average()},
-            "model": model_info(cfg.model),
+    rows = [_measure_size(pipeline, size, cfg, facts, ops, compute, watch, progress) for size in cfg.sizes]
+    return {"kind": "latency", "machine": {**machine, "load_average_end": load_average()}, "model": model,
             "backend": getattr(pipeline, "backend", "torch"), "settings": _latency_settings(cfg),
             "prefilled_by": getattr(pipeline, "prefilled_by", "decoder graph"),  # the torch reference: one graph
             "prefill_chunk": getattr(getattr(pipeline, "engine", None), "prefill_chunk", None),  # None: one pass
             "bandwidth": bandwidth_report(samples)[1], "decoder": facts.to_dict(),
             "ops": ops.to_dict() if ops is not None else None, "probed": probed,
+            "compute_bound": None if compute is None else {**compute, "kinds": list(compute["kinds"])},
             "model_bytes_on_disk": dir_size_bytes(cfg.model), "peak_rss_bytes": watch.stop(),
             "peak_rss_note": PEAK_NOTE if watch.reset_works else RSS_NOTE,
             "sizes": rows, "elapsed_s": time.perf_counter() - started}
@@ -240,7 +257,7 @@ def _chunking(report: dict[str, Any]) -> str:
     return f" in chunks of {chunk}" if chunk else (" in one pass" if report.get("backend") != "torch" else "")
 
 
-FRACTIONS = (("vision_of_int8_peak", "vision % of int8 peak"), ("prefill_of_int8_peak", "prefill % of int8 peak"),
+FRACTIONS = (("vision_of_compute_peak", "vision % of {compute}"), ("prefill_of_compute_peak", "prefill % of {compute}"),
              ("decode_of_read", "decode % of read BW"))
 
 
@@ -252,13 +269,14 @@ def _fraction_cell(row: dict[str, Any], key: str) -> str:
     return percent(value)
 
 
-def _bounds_words(row: dict[str, Any]) -> str:
+def _bounds_words(row: dict[str, Any], compute: dict[str, Any]) -> str:
     """The bounds probed beside a size's runs, as ranges: how far the host moved while it ran."""
     reads = [p["read_gb_s"] for p in row["probes"] if p["read_gb_s"] is not None]
-    int8 = [p["int8_peak_tops"] for p in row["probes"] if p["int8_peak_tops"] is not None]
+    peaks = [p[compute["probe"]] for p in row["probes"] if p[compute["probe"]] is not None]
     kinds = sorted({p["int8_kind"] for p in row["probes"] if p["int8_kind"]})
-    return (f"{row['size']}: read {min(reads):.1f}-{max(reads):.1f} GB/s, int8 {min(int8):.2f}-{max(int8):.2f} TOP/s "
-            f"(best kind: {', '.join(kinds)})") if reads and int8 else f"{row['size']}: none"
+    return (f"{row['size']}: read {min(reads):.1f}-{max(reads):.1f} GB/s, {min(peaks):.2f}-{max(peaks):.2f} "
+            f"{compute['unit']}" + (f" (best kind: {', '.join(kinds)})" if kinds else "")
+            ) if reads and peaks else f"{row['size']}: none"
 
 
 def _probe_lines(report: dict[str, Any]) -> list[str]:
@@ -266,14 +284,17 @@ def _probe_lines(report: dict[str, Any]) -> list[str]:
         return ["no bounds beside the runs: the bounds probed here are this host's CPU and memory, and this run's "
                 "work was not on them (a GPU provider or engine); no fractions, no roofline"]
     busy = [f"no fraction for {r['size']}: {r['host']['busy']}" for r in report["sizes"] if r["host"]["busy"]]
-    return [f"bounds probed before each run and after the last, beside the loaded model: "
-            f"{'; '.join(_bounds_words(r) for r in report['sizes'])}", *busy]
+    compute = report["compute_bound"]
+    return [f"bounds probed before each run and after the last, beside the loaded model (vision and prefill against "
+            f"the {compute['label']}: this model's GEMMs): "
+            f"{'; '.join(_bounds_words(r, compute) for r in report['sizes'])}", *busy]
 
 
 def latency_table(report: dict[str, Any]) -> str:
     model, s = report["model"], report["settings"]
-    header = ["print", "pixels", "image tok", "preprocess ms", "vision ms", "prefill ms", "TTFT ms",
-              "decode tok/s", "roofline tok/s", "achieved GB/s", *(label for _, label in FRACTIONS)]
+    compute = (report.get("compute_bound") or {}).get("label", "compute peak")
+    header = ["print", "pixels", "image tok", "preprocess ms", "vision ms", "prefill ms", "TTFT ms", "decode tok/s",
+              "roofline tok/s", "achieved GB/s", *(label.format(compute=compute) for _, label in FRACTIONS)]
     rows = [[r["print"], r["size"], str(r["image_tokens"]), pp(r["timings"]["preprocess_ms"]),
              pp(r["timings"]["vision_ms"]), pp(r["timings"]["prefill_ms"]),
              pp(r["timings"]["time_to_first_token_ms"]), pp(r["timings"].get("decode_tokens_per_s"), 1),

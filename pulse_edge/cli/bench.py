@@ -61,8 +61,9 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
                     provider: str, threads: int, bandwidth_mib: int, prefill_graph: str, prefill_chunk: int | None,
                     json_path: Path | None, report_dir: Path | None) -> None:
     """Preprocess, vision, time to first token, decode tok/s (p50/p95) on rendered 12-lead prints. On the CPU,
-    read bandwidth and the int8 GEMM peak are probed before each run and after the last, and each run is held
-    against the better of its two probes: vision and prefill as % of the int8 peak, decode as % of the read bound."""
+    read bandwidth and the peak of the model's GEMMs (int8 for a quantized bundle, fp32 for a float model) are probed
+    before each run and after the last, and each run is held against the better of its two probes: vision and
+    prefill as % of that peak, decode as % of the read bound."""
     from pulse_edge.benchmarks.perf.latency import LatencyConfig, latency_table, parse_sizes, run_latency
 
     if report_dir is not None:

@@ -128,18 +128,20 @@ def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
         assert row["roofline_tokens_per_s"] == pytest.approx(best_read / row["bytes_per_token"])
         assert row["achieved_gb_s"] > 0
         _assert_fractions_from_own_probes(row, report)
-    assert "bounds probed before each run and after the last" in printed and "% of int8 peak" in printed
+    assert "bounds probed before each run and after the last" in printed and "prefill % of fp32 peak" in printed
+    assert report["compute_bound"]["bound"] == "fp32"  # an fp32 bundle: its GEMMs are MLAS's SGEMM
 
 
 def _assert_fractions_from_own_probes(row: dict, report: dict) -> None:
-    """A probe before each run and one after the last, read and int8; every fraction recomputed from the report's
-    own numbers: each run against the better of its two neighbouring probes, the median over the runs (or busy)."""
+    """A probe before each run and one after the last, read and fp32 (an fp32 bundle's GEMMs); every fraction
+    recomputed from the report's own numbers: each run against the better of its two neighbouring probes, the
+    median over the runs."""
     probes = row["probes"]
     assert [list(p["bandwidth"]) for p in probes] == [[f"{row['size']}, before round {r}"] for r in (1, 2, 3)] + [
         [f"{row['size']}, after"]]
-    assert all(p["read_gb_s"] > 0 and p["int8_peak_tops"] > 0 and p["fp32_tflops"] is None for p in probes)
+    assert all(p["read_gb_s"] > 0 and p["fp32_tflops"] > 0 and p["int8_peak_tops"] is None for p in probes)
     assert all(b["copy_gb_s"] is None for p in probes for b in p["bandwidth"].values())  # one array, read only
-    int8 = [max(a["int8_peak_tops"], b["int8_peak_tops"]) * 1e12 for a, b in itertools.pairwise(probes)]
+    peak = [max(a["fp32_tflops"], b["fp32_tflops"]) * 1e12 for a, b in itertools.pairwise(probes)]
     read = [max(a["read_gb_s"], b["read_gb_s"]) * 1e9 for a, b in itertools.pairwise(probes)]
     t, ops = row["timings"], report["ops"]
     tiles = row["vision_tiles"]
@@ -147,10 +149,10 @@ def _assert_fractions_from_own_probes(row: dict, report: dict) -> None:
     per_step = report["decoder"]["weight_bytes"] + report["decoder"]["kv_bytes_per_position"] * round(
         row["decode_context"])
     expected = {
-        "vision_of_int8_peak": [ops["vision_ops_per_tile"] * tiles / (ms / 1e3) / b
-                                for ms, b in zip(t["vision_ms"]["values"], int8, strict=True)],
-        "prefill_of_int8_peak": [ops["decoder_ops_per_position"] * row["prompt_tokens"] / (ms / 1e3) / b
-                                 for ms, b in zip(t["prefill_ms"]["values"], int8, strict=True)],
+        "vision_of_compute_peak": [ops["vision_ops_per_tile"] * tiles / (ms / 1e3) / b
+                                   for ms, b in zip(t["vision_ms"]["values"], peak, strict=True)],
+        "prefill_of_compute_peak": [ops["decoder_ops_per_position"] * row["prompt_tokens"] / (ms / 1e3) / b
+                                    for ms, b in zip(t["prefill_ms"]["values"], peak, strict=True)],
         "decode_of_read": [tok * per_step / b for tok, b in zip(t["decode_tokens_per_s"]["values"], read, strict=True)]}
     assert row["host"]["busy"] is None
     for key, values in expected.items():
@@ -168,7 +170,8 @@ def test_bench_latency_on_a_checkpoint_uses_torch(tiny_checkpoint: Path, tmp_pat
     # the reference runs on this CPU: probed, its work counted from the checkpoint's config
     (row,) = report["sizes"]
     assert report["probed"] and len(row["probes"]) == 2 and row["vision_tiles"] == 5
-    assert all(row["fractions"][k] > 0 for k in ("vision_of_int8_peak", "prefill_of_int8_peak"))
+    assert all(row["fractions"][k] > 0 for k in ("vision_of_compute_peak", "prefill_of_compute_peak"))
+    assert report["compute_bound"]["bound"] == "fp32" and row["probes"][0]["fp32_tflops"] > 0
 
 
 def test_without_onnx_bench_latency_refuses_before_loading(quick_bundle: Path, monkeypatch: pytest.MonkeyPatch

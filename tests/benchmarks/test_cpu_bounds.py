@@ -186,6 +186,17 @@ def test_latency_probes_the_host_only_where_the_work_runs_on_it() -> None:
     assert not host_bound(cpu, torch_on("cuda"))
 
 
+def test_latency_holds_vision_and_prefill_against_the_peak_of_the_models_own_gemms() -> None:
+    from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS
+    from pulse_edge.benchmarks.common.machine import CHECKPOINT_PRECISION
+    from pulse_edge.benchmarks.perf.latency import compute_bound
+
+    for precision in ("int8", "int4"):  # W8A8 vision and prefill graphs (or the decode graph at accuracy level 4)
+        assert compute_bound(precision)["bound"] == "int8_peak" and compute_bound(precision)["kinds"] == INT8_KINDS
+    for precision in ("fp32", "fp16", CHECKPOINT_PRECISION):  # float GEMMs: MLAS's SGEMM, not an int8 kind
+        assert compute_bound(precision)["bound"] == "fp32" and compute_bound(precision)["kinds"] == ("fp32",)
+
+
 def test_latency_fractions_pair_each_run_with_its_neighbouring_probes() -> None:
     """Run r against max(probe r, probe r + 1), the median over quiet runs; a busy run left out; work unknown or
     a zero time: no fraction."""
@@ -208,13 +219,16 @@ def test_latency_fractions_pair_each_run_with_its_neighbouring_probes() -> None:
                          hidden_size=1, source="test")
     quiet, busy = _window(0.0), _window(1.5)
     work = {"vision": 40.0, "prefill": 800.0}
-    got = _fractions(runs, [quiet] * 4, probes, facts, work, 0)
-    assert got["vision_of_int8_peak"] == pytest.approx(0.15)  # 40 ops/s: 0.4 0.1 0.1 0.2
-    assert got["prefill_of_int8_peak"] == pytest.approx(0.5)  # 400 200 133 100 ops/s: 4 0.5 0.33 0.5
+    got = _fractions(runs, [quiet] * 4, probes, facts, work, 0, "int8_peak")
+    assert got["vision_of_compute_peak"] == pytest.approx(0.15)  # 40 ops/s: 0.4 0.1 0.1 0.2
+    assert got["prefill_of_compute_peak"] == pytest.approx(0.5)  # 400 200 133 100 ops/s: 4 0.5 0.33 0.5
     assert got["decode_of_read"] == pytest.approx((0.2 + 8 / 30) / 2)  # 8 B/s: 0.2 0.2 0.4 0.27
-    got = _fractions(runs, [busy, quiet, quiet, quiet], probes, facts, work, 0)  # the first run left out
-    assert got["vision_of_int8_peak"] == pytest.approx(0.1) and got["decode_of_read"] == pytest.approx(8 / 30)
-    got = _fractions(runs, [busy, busy, quiet, quiet], probes, facts, {"vision": None, "prefill": 800.0}, 0)
-    assert got == {"prefill_of_int8_peak": None, "decode_of_read": None}  # too few quiet runs; no vision work
+    got = _fractions(runs, [busy, quiet, quiet, quiet], probes, facts, work, 0, "int8_peak")  # the first run out
+    assert got["vision_of_compute_peak"] == pytest.approx(0.1) and got["decode_of_read"] == pytest.approx(8 / 30)
+    got = _fractions(runs, [busy, busy, quiet, quiet], probes, facts, {"vision": None, "prefill": 800.0}, 0,
+                     "int8_peak")
+    assert got == {"prefill_of_compute_peak": None, "decode_of_read": None}  # too few quiet runs; no vision work
+    assert _fractions(runs, [quiet] * 4, probes, facts, work, 0, "fp32")["vision_of_compute_peak"] is None  # unprobed
     runs[0].timings.prefill_ms = 0.0
-    assert "prefill_of_int8_peak" not in _fractions(runs, [quiet] * 4, probes, facts, {"prefill": 800.0}, 0)
+    assert "prefill_of_compute_peak" not in _fractions(runs, [quiet] * 4, probes, facts, {"prefill": 800.0}, 0,
+                                                       "int8_peak")
