@@ -4,8 +4,9 @@
     bundle ─ the runtime's sessions with ONNX Runtime's profiler on (SessionConfig.profile_dir)
     per phase: warm-up (once, untimed) ─ probe ─ timed window ─ probe
       the probes are the phase's bounds, the best of the two (probes.PHASE_BOUNDS): int8 / fp32 GEMM (gemm_probe) for
-      vision and prefill, read bandwidth (numpy, one array) for decode; they run beside the loaded model, outside
-      the window
+      vision and prefill (the whole phase against the int8 peak, or the fp32 one where all its GEMMs are float:
+      profile_report._phase_kind), read bandwidth (numpy, one array) for decode; they run beside the loaded model,
+      outside the window
     timed, one window per phase on the wall clock (the clock ORT's profiler starts from):
       vision   the tiles of a letter print, `runs` times
       prefill  `positions` positions in the runtime's chunks, on the graph the runtime picks, `runs` times

@@ -105,7 +105,17 @@ class PhaseKind:
 
 BYTES_KIND = PhaseKind(True, "read", "read probe", "bytes (weights + KV)", "weights + KV")
 OPS_KIND = PhaseKind(False, "int8", "int8 GEMM probe", "ops (linear layers)", "linear-layer ops")
-PHASE_KINDS = {"decode": BYTES_KIND}  # every other phase: OPS_KIND
+FLOAT_OPS_KIND = PhaseKind(False, "fp32", "fp32 SGEMM probe", "ops (linear layers)", "linear-layer ops")
+PHASE_KINDS = {"decode": BYTES_KIND}  # every other phase: OPS_KIND, or FLOAT_OPS_KIND (_phase_kind)
+
+
+def _phase_kind(name: str, gemms: Sequence[RoleTotal]) -> PhaseKind:
+    """Decode by the bytes it streams; a compute phase by the peak of the GEMMs it ran: float GEMMs only (an fp32
+    bundle) against the fp32 SGEMM probe, any int8 or weight-only GEMM against the int8 one."""
+    kind = PHASE_KINDS.get(name, OPS_KIND)
+    if kind is OPS_KIND and gemms and all(r.role == FLOAT_GEMM for r in gemms):
+        return FLOAT_OPS_KIND
+    return kind
 
 
 def _gemm_work(gemms: Sequence[RoleTotal], kind: PhaseKind) -> tuple[float | None, str | None]:
@@ -125,12 +135,12 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 def phase_report(phase: Phase, events: list[NodeEvent], weights: Mapping[tuple[str, str], int], runs: int,
                  bounds: Bounds, *, kv_bytes_per_run: float) -> dict[str, Any]:
     """One phase's roles with their rates, the whole phase against its bound, and its ceiling."""
-    kind = PHASE_KINDS.get(phase.name, OPS_KIND)
     roles = role_totals(in_window(events, phase.start_ns, phase.end_ns), runs, weights)
+    gemms = [r for r in roles if r.role in GEMM_ROLES]
+    kind = _phase_kind(phase.name, gemms)
     wall = (phase.end_ns - phase.start_ns) / 1e9 / runs
     kv = kv_bytes_per_run if kind.bytes_bound else None
     busy = phase.host.busy() if phase.host else "no host sample"
-    gemms = [r for r in roles if r.role in GEMM_ROLES]
     gemm_s = sum(r.seconds for r in gemms)
     both_s = gemm_s + sum(r.seconds for r in roles if r.role == ATTENTION)
     gemm_work, unknown = _gemm_work(gemms, kind)
@@ -141,7 +151,7 @@ def phase_report(phase: Phase, events: list[NodeEvent], weights: Mapping[tuple[s
         "host": phase.host.to_dict() if phase.host else None, "graphs": phase.graphs,
         "roles": [{**r.to_dict(), **_rates(r, bounds, kv, min_seconds=MIN_SHARE * wall)} for r in roles],
         "work_per_run": work, "work_unit": kind.work_unit, "work_unknown": unknown,
-        "rate": _ratio(work, wall), "of_bound": _ratio(_ratio(work, wall), against),
+        "rate": _ratio(work, wall), "of_bound": _ratio(_ratio(work, wall), against), "bound": kind.probe_name,
         "ceiling_speedup": {"gemm_and_attention": _ratio(wall, both_s), "gemm_only": _ratio(wall, gemm_s)},
         # the bound's fraction each would reach: all the phase's work in the GEMMs' and attention's time; the
         # GEMMs' own work in their time (decode: their weights, not the cache attention streams)
@@ -243,8 +253,8 @@ def _phase_line(name: str, phase: dict[str, Any]) -> str:
     if phase["busy"]:
         return line + " (busy: no fraction)"
     if phase["of_bound"] is None:
-        return line + f" (no {kind.probe_name}: no fraction)"
-    line += f" = {_percent(phase['of_bound'])} of the {kind.probe_name}"
+        return line + f" (no {phase['bound']}: no fraction)"
+    line += f" = {_percent(phase['of_bound'])} of the {phase['bound']}"
     speed, frac, own = phase["ceiling_speedup"], phase["ceiling_of_bound"], phase["of_own_gemm_rate"] or {}
     line += f" ({_percent(own['now'])} of its own GEMMs' rate)" if own else ""
     parts = []

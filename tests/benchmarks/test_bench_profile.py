@@ -213,10 +213,13 @@ def test_bench_profile_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
     decode_phase = report["phases"]["decode"]
     assert decode_phase["busy"] is None
     assert decode_phase["of_bound"] == pytest.approx(decode_phase["rate"] / (best_read * 1e9))
-    for name in ("vision", "prefill"):  # the compute phases against the int8 probes beside their own windows
-        phase, bounds = report["phases"][name], report["phases"][name]["bounds"]
+    for name in ("vision", "prefill"):  # the compute phases against the probes beside their own windows: an fp32
+        phase, bounds = report["phases"][name], report["phases"][name]["bounds"]  # bundle's GEMMs are SGEMMs
         assert bounds["int8_peak_tops"] == max(g["peak_tops"] for g in bounds["gemm"].values())
-        assert phase["of_bound"] == pytest.approx(phase["rate"] / (bounds["int8_peak_tops"] * 1e12))
+        best_fp32 = max(g["tops"]["fp32"] for g in bounds["gemm"].values())
+        assert bounds["fp32_tflops"] == best_fp32 and phase["bound"] == "fp32 SGEMM probe"
+        assert phase["of_bound"] == pytest.approx(phase["rate"] / (best_fp32 * 1e12))
+        assert "of the fp32 SGEMM probe" in result.output
 
 
 def _phase(busy: bool) -> Phase:
@@ -247,6 +250,16 @@ def test_a_phase_report_gives_rates_fractions_and_the_ceiling_as_times_say() -> 
     assert report["ceiling_of_bound"]["gemm_only"] == pytest.approx(report["of_bound"] * 2.0 / 0.255)
     # probe-free: the linear ops run at the GEMMs' share of the time, and would at their share of GEMMs + attention
     assert report["of_own_gemm_rate"] == pytest.approx({"now": 0.255 / 2.0, "gemm_and_attention": 0.255 / 0.505})
+    assert report["bound"] == "int8 GEMM probe" and report["of_bound"] == pytest.approx(report["rate"] / 1e12)
+
+
+def test_a_phase_of_float_gemms_only_is_held_against_the_fp32_probe() -> None:
+    """An fp32 bundle's prefill runs MLAS's SGEMM: its fraction of the int8 peak would say little."""
+    bounds = Bounds(int8=1e12, fp32=1e11, read=1e10)
+    events = [_event("MatMul", [[1000, 1000], [1000, 1000]], [[1000, 1000]], dur=500_000_000)]
+    report = phase_report(_phase(busy=False), events, {("g", "n"): 4_000_000}, 2, bounds, kv_bytes_per_run=0.0)
+    assert report["bound"] == "fp32 SGEMM probe"
+    assert report["of_bound"] == pytest.approx(2 * 1000**3 / 2 / 2.0 / 1e11)  # 2e9 FLOP over 2 runs of 2 s, of 1e11
 
 
 def test_a_decode_report_counts_weights_and_the_kv_cache_apart() -> None:
