@@ -118,8 +118,3 @@ def measure_gemm_peak(threads: int = 0, repeats: int = REPEATS, kinds: tuple[str
         best[kind], median[kind] = 2.0 * m * k * n / min(times), 2.0 * m * k * n / statistics.median(times)
         del session
     return GemmPeak(ops_per_s=best, median_ops_per_s=median, shape=shape, repeats=repeats, threads=threads)
-
-
-def prefill_ops(weight_params: int, positions: int) -> float:
-    """The linear-layer ops of a prefill: 2 per weight per position (lm_head: one position, left out)."""
-    return 2.0 * weight_params * positions

@@ -21,6 +21,7 @@ import numpy as np
 from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
 from pulse_edge.benchmarks.common.probes import Probes
+from pulse_edge.benchmarks.common.roofline import Bandwidth
 
 
 def quiet_median(values: Sequence[float], windows: Sequence[HostWindow]) -> float | None:
@@ -39,6 +40,11 @@ def round_bounds(probes: Sequence[Probes], bound: str) -> list[float | None]:
     """Round r's bound (a Probes property: read, int8_peak, fp32): the better of probes[r] and probes[r + 1]."""
     values = [getattr(p, bound) for p in probes]
     return [None if a is None or b is None else max(a, b) for a, b in itertools.pairwise(values)]
+
+
+def best_read(probes: Sequence[Probes]) -> Bandwidth | None:
+    """The best read sample of all the probes: the bandwidth a roofline beside the rounds is drawn at."""
+    return max((b for p in probes for b in p.bandwidth.values()), key=lambda b: b.read, default=None)
 
 
 def round_fractions(rates: Sequence[float], bounds: Sequence[float | None], windows: Sequence[HostWindow]

@@ -48,7 +48,7 @@ from pulse_edge.benchmarks.common.roofline import (
     roofline_entry,
     vicuna_rooflines,
 )
-from pulse_edge.benchmarks.common.rounds import RoundProber, round_bounds, round_fractions
+from pulse_edge.benchmarks.common.rounds import RoundProber, best_read, round_bounds, round_fractions
 from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines, markdown_table, num, percent, pp
 from pulse_edge.benchmarks.perf.backend_runs import (
     BackendMeter,
@@ -207,15 +207,15 @@ METHODS = {  # how each column was measured, printed under the table
 }
 
 
-def _summaries(backends: dict[str, dict[str, Any]], facts: DecoderFacts, context: int, rounds: DecodeRounds
-               ) -> dict[str, dict[str, Any]]:
+def _summaries(backends: dict[str, dict[str, Any]], facts: DecoderFacts, context: int, rounds: DecodeRounds,
+               read: Bandwidth) -> dict[str, dict[str, Any]]:
     """Each backend's decode against the read bound: the roofline at the best probe beside the decode rounds, and
     each round over the better of its two neighbouring probes (the median over quiet rounds, or None: busy)."""
     out, per_step, bounds = {}, facts.bytes_per_token(context), round_bounds(rounds.probes, "read")
     for key, result in backends.items():
         entry = {k: v.to_dict() if isinstance(v, Stat) else v for k, v in result.items()}
         decode = result["decode_tokens_per_s"]
-        entry.update(roofline_entry(facts, rounds.best_read, context, decode.p50))
+        entry.update(roofline_entry(facts, read, context, decode.p50))
         entry["fraction_of_read"] = round_fractions([t * per_step for t in decode.values], bounds, rounds.windows)
         out[key] = entry
     return out
@@ -239,13 +239,14 @@ def run_backends(cfg: BackendsConfig, progress: Callable[[str], None] = print) -
     # The meters reset the high-water mark around every load and call, so the process's peak (bandwidth
     # probes aside: their 2 GiB of arrays say nothing about the model) is the largest one they saw.
     peak = max(b["meter"]["peak_rss_bytes"] for b in backends.values())
+    read = best_read(rounds.probes)  # a probe before each decode round and after the last: never none
     return {"kind": "backends", "machine": {**machine, "load_average_end": load_average()}, "model": model,
             "bandwidth": bandwidth_report(samples)[1], "decoder": facts.to_dict(), "settings": _settings(cfg),
-            "backends": _summaries(backends, facts, cfg.context, rounds),
+            "backends": _summaries(backends, facts, cfg.context, rounds, read),
             "decode_round_read_gb_s": [p.read / GB for p in rounds.probes],
             "decode_host": {"rounds": [w.to_dict() for w in rounds.windows], "busy": busy_reason(rounds.windows)},
             "pipeline_overhead": overhead, "methods": _methods(cfg),
-            "pulse7b_rooflines": vicuna_rooflines(rounds.best_read.read, cfg.context),
+            "pulse7b_rooflines": vicuna_rooflines(read.read, cfg.context),
             "notes": _notes(cfg), "peak_rss_bytes": peak, "elapsed_s": time.perf_counter() - started}
 
 
@@ -269,10 +270,6 @@ class DecodeRounds:
 
     probes: list[Probes]
     windows: list[HostWindow]
-
-    @property
-    def best_read(self) -> Bandwidth:
-        return max((b for p in self.probes for b in p.bandwidth.values()), key=lambda b: b.read)
 
 
 def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Callable[[str], None],

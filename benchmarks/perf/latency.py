@@ -40,14 +40,13 @@ from pulse_edge.benchmarks.common.measure import (
 from pulse_edge.benchmarks.common.probes import GEMM, READ, Probes
 from pulse_edge.benchmarks.common.roofline import (
     GIB,
-    Bandwidth,
     DecoderFacts,
     bundle_decoder_facts,
     decode_entry,
     roofline_entry,
     torch_decoder_facts,
 )
-from pulse_edge.benchmarks.common.rounds import RoundProber, round_bounds, round_fractions
+from pulse_edge.benchmarks.common.rounds import RoundProber, best_read, round_bounds, round_fractions
 from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines, markdown_table, num, percent, pp
 from pulse_edge.benchmarks.perf.model_ops import ModelOps, ops_of
 from pulse_edge.choices import QUANTIZED_PRECISIONS
@@ -179,12 +178,6 @@ def _work(ops: ModelOps | None, size: tuple[int, int], prompt_tokens: int) -> di
             "prefill": None if ops is None else ops.prefill(prompt_tokens)}
 
 
-def _best_read(probes: list[Probes]) -> Bandwidth | None:
-    """The best read probe beside the runs, as the bandwidth a roofline is drawn at (the decode bound is a read)."""
-    samples = [b for p in probes for b in p.bandwidth.values()]
-    return max(samples, key=lambda b: b.read, default=None)
-
-
 def _measure_size(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig, facts: DecoderFacts,
                   ops: ModelOps | None, compute: dict[str, Any] | None, watch: PeakWatch,
                   progress: Callable[[str], None]) -> dict[str, Any]:
@@ -203,7 +196,7 @@ def _measure_size(pipeline: Any, size: tuple[int, int], cfg: LatencyConfig, fact
         return {**row, "probes": [], "fractions": {}}
     row.update(probes=[p.to_dict() for p in prober.taken],
                fractions=_fractions(results, windows, prober.taken, facts, work, context, compute["bound"]))
-    bandwidth = _best_read(prober.taken)
+    bandwidth = best_read(prober.taken)  # the decode bound is a read
     return {**row, **(roofline_entry(facts, bandwidth, context, rate) if bandwidth else {})}
 
 
