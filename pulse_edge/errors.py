@@ -42,3 +42,7 @@ class ConfigError(PulseEdgeError):
 
 class PromptError(PulseEdgeError):
     """A prompt cannot be built or does not fit the context."""
+
+
+class KernelUnavailable(PulseEdgeError):
+    """A compiled CPU kernel cannot run on this machine: no compiler, or the CPU or kernel lacks what it needs."""

@@ -1,0 +1,118 @@
+"""A prompt chunk's causal attention over the int8 KV cache, on AMX-BF16 tiles: kernels/cpu/causal_attention.c.
+
+Why: a 2950-position prefill spends about half its time in attention, which ONNX Runtime's CPU EP runs in
+float32 over every chunk's full S x T product (docs/performance.md). This kernel skips the masked half,
+reads the cache's int8 codes as they are (exact in bf16; the key scales folded into q, the value scales
+applied at the end) and multiplies on AMX tiles; only q and the softmax weights are rounded to bf16.
+
+    attention = CausalAttention.load()          # builds once per machine; KernelUnavailable where it cannot
+    out = attention(q, k_codes, v_codes, k_scale, v_scale, past=P, threads=2)
+
+    q                 [S, heads, D] float32, the chunk's queries after the rotary embedding
+    k_codes, v_codes  [kv_heads, capacity, D] int8, the cache buffer; positions [0, P + S) written
+    k_scale, v_scale  [kv_heads, D] float32, per (kv head, channel)
+    out               [S, heads, D] float32: row i attends to cache positions [0, P + i]
+
+`reference` is the same function in float32 numpy: the oracle of the tests and the study.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pulse_edge.errors import KernelUnavailable
+from pulse_edge.kernels.cpu import build
+
+SOURCE = "causal_attention.c"
+# Named features, not -march=native: the library's hash then names what it needs, and a build on one
+# machine states the same requirement as on any other.
+ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
+CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
+D_MULTIPLE = 64  # the value product runs 64 channels (four 16-column tiles) at a time
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_SIGNATURE = (_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _I)
+
+
+def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray, vs: np.ndarray, past: int) -> None:
+    """Shapes, dtypes and layout the C code assumes; a violation is a caller's bug (ValueError)."""
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape:
+        raise ValueError(f"q must be [S, heads, D] and the caches [kv_heads, capacity, D]: {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    rows, heads, d = q.shape
+    kv_heads, capacity, d_cache = k.shape
+    wanted = {"q": (q, np.float32), "k_codes": (k, np.int8), "v_codes": (v, np.int8), "k_scale": (ks, np.float32),
+              "v_scale": (vs, np.float32)}
+    for name, (array, dtype) in wanted.items():
+        if array.dtype != dtype or not array.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous {np.dtype(dtype).name}, got {array.dtype}")
+    problems = [
+        (d != d_cache or d % D_MULTIPLE, f"head dim {d} (cache {d_cache}) must match, a multiple of {D_MULTIPLE}"),
+        (heads % kv_heads, f"{heads} query heads are not a multiple of {kv_heads} kv heads"),
+        (ks.shape != (kv_heads, d) or vs.shape != (kv_heads, d), f"scales must be [{kv_heads}, {d}]"),
+        (rows < 1 or past < 0 or past + rows > capacity,
+         f"positions [0, {past} + {rows}) exceed the cache's {capacity}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class CausalAttention:
+    """The compiled kernel, AMX state granted to this process."""
+
+    library: ctypes.CDLL
+    path: Path
+
+    @classmethod
+    def load(cls, cache: Path | None = None) -> CausalAttention:
+        build.require_cpu(CPU_FEATURES, "the AMX-BF16 prefill attention")
+        path = build.build(build.SOURCE_DIR / SOURCE, ISA_FLAGS, cache)
+        library = build.load(path)
+        if library.pe_request_amx() != 0:
+            raise KernelUnavailable("Linux refused this process AMX state (arch_prctl; Linux >= 5.16 grants it): "
+                                    "ONNX Runtime's own attention runs instead")
+        library.pe_causal_attention_int8kv.argtypes = _SIGNATURE
+        library.pe_causal_attention_int8kv.restype = _I
+        return cls(library, path)
+
+    def __call__(self, q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: np.ndarray,
+                 v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None) -> np.ndarray:
+        _check(q, k_codes, v_codes, k_scale, v_scale, past)
+        if out is None:
+            out = np.empty_like(q)
+        elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float32 {q.shape}")
+        rows, heads, d = q.shape
+        kv_heads, capacity, _ = k_codes.shape
+        status = self.library.pe_causal_attention_int8kv(
+            q.ctypes.data, k_codes.ctypes.data, v_codes.ctypes.data, k_scale.ctypes.data, v_scale.ctypes.data,
+            out.ctypes.data, rows, past, heads, kv_heads, capacity, d, float(d) ** -0.5, max(1, threads))
+        if status != 0:
+            raise MemoryError("the attention kernel could not allocate its per-thread scratch")
+        return out
+
+
+def reference(q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: np.ndarray, v_scale: np.ndarray,
+              *, past: int) -> np.ndarray:
+    """The kernel's function in float32 numpy, one head at a time."""
+    _check(q, k_codes, v_codes, k_scale, v_scale, past)
+    rows, heads, d = q.shape
+    kv_heads = k_codes.shape[0]
+    total, group = past + rows, heads // kv_heads
+    keys = k_codes[:, :total].astype(np.float32) * k_scale[:, None]  # [kv_heads, T, D]
+    values = v_codes[:, :total].astype(np.float32) * v_scale[:, None]
+    masked = np.arange(total)[None, :] > (past + np.arange(rows))[:, None]  # [S, T]: key after the query
+    out = np.empty_like(q)
+    for h in range(heads):
+        scores = q[:, h] @ keys[h // group].T * np.float32(d ** -0.5)  # [S, T]
+        scores[masked] = -np.inf
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out[:, h] = (weights / weights.sum(axis=1, keepdims=True)) @ values[h // group]
+    return out

@@ -1,0 +1,127 @@
+"""Compile a kernel's C source on this machine, once, into a shared library kept in a cache folder.
+
+Why on this machine: the kernels use the CPU's own instruction sets (AMX, AVX-512 BF16) and a cart's
+compiler knows its own CPU; nothing prebuilt is shipped. The library's name carries a hash of the source,
+the flags and the compiler's version, so an edited kernel or another compiler builds anew and an old
+library is never loaded for a new source. Builds write a temporary file and rename it (a reader never sees
+half a library); a lock in the cache folder makes a second process wait for the first one's build rather
+than compile the same file beside it.
+
+Everything that stops a build or a load is a KernelUnavailable with one line: no compiler, a compiler too
+old for the flags, a CPU without the instructions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sysconfig
+from collections.abc import Iterable
+from pathlib import Path
+
+from pulse_edge.errors import KernelUnavailable
+from pulse_edge.staging import staged_file
+
+SOURCE_DIR = Path(__file__).resolve().parent
+CACHE_ENV = "PULSE_EDGE_KERNEL_CACHE"
+COMMON_FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-std=c11", "-D_GNU_SOURCE")
+BUILD_TIMEOUT_S = 120
+
+
+def default_cache() -> Path:
+    """$PULSE_EDGE_KERNEL_CACHE, else the user's cache folder (as ORT's engine cache: runtime/engines/ort.py)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "pulse-edge" / "kernels"
+
+
+def compiler() -> list[str]:
+    """$CC, else the compiler Python was built with, else `cc`; the command as a list."""
+    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc"):
+        if candidate and shutil.which(shlex.split(candidate)[0]):
+            return shlex.split(candidate)
+    raise KernelUnavailable("no C compiler found ($CC, Python's own CC, cc): install one (Debian: apt install gcc) "
+                            "to build pulse-edge's CPU kernels")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags as Linux names them; empty where /proc/cpuinfo cannot be read."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def require_cpu(needed: Iterable[str], what: str, flags: frozenset[str] | None = None) -> None:
+    missing = sorted(set(needed) - (cpu_flags() if flags is None else flags))
+    if missing:
+        raise KernelUnavailable(f"{what} needs CPU features this machine lacks ({', '.join(missing)}); ONNX "
+                                "Runtime's own kernels run instead")
+
+
+def _version(cc: list[str]) -> str:
+    try:
+        done = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise KernelUnavailable(f"the C compiler {cc[0]} does not run ({e}); set $CC to a working one") from e
+    return done.stdout
+
+
+def library_path(source: Path, flags: tuple[str, ...], cache: Path, cc: list[str]) -> Path:
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), " ".join((*cc, *flags)).encode(), _version(cc).encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return cache / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+
+
+def _compile(cc: list[str], source: Path, flags: tuple[str, ...], out: Path) -> None:
+    command = [*cc, *COMMON_FLAGS, *flags, str(source), "-o", str(out)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise KernelUnavailable(f"compiling {source.name} failed ({e}); set $CC to a working compiler") from e
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
+        raise KernelUnavailable(f"{cc[0]} could not compile {source.name} ({lines[0].strip()}); a compiler with "
+                                f"{' '.join(flags)} is needed (gcc >= 11, clang >= 12)")
+
+
+def build(source: Path, flags: tuple[str, ...], cache: Path | None = None) -> Path:
+    """The compiled library of `source` (a kernel here: SOURCE_DIR / name), built now if the cache lacks it."""
+    cache = default_cache() if cache is None else Path(cache)
+    cc = compiler()
+    out = library_path(source, flags, cache, cc)
+    if out.is_file():
+        return out
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(cache / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise KernelUnavailable(f"the kernel cache {cache} is not writable ({e.strerror or e}); set ${CACHE_ENV} to a "
+                                "writable folder") from e
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # wait: another process may be building this very library
+        if not out.is_file():
+            with staged_file(out) as partial:
+                _compile(cc, source, flags, partial)
+    finally:
+        os.close(lock_fd)
+    return out
+
+
+def load(path: Path) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelUnavailable(f"the compiled kernel {path} does not load ({e}); delete it to rebuild") from e

@@ -1,0 +1,291 @@
+/* Causal attention of a prompt chunk over an int8 KV cache, on AMX-BF16 tiles (Sapphire Rapids and later).
+ *
+ * What it computes, per head h (kv head g = h / (heads / kv_heads)) and query row i of the chunk, whose
+ * absolute position is past + i:
+ *
+ *     out[i, h, :] = vs[g, :] * sum_{t <= past + i} softmax_t( scale * sum_d q[i, h, d] ks[g, d] kq[g, t, d] ) vq[g, t, :]
+ *
+ * with kq / vq the int8 codes in the cache and ks / vs their per-(kv head, channel) scales: the cache the
+ * decoder graphs keep (export/graphs/kv_cache.py). The chunk's own keys and values are already in it.
+ *
+ * Why the codes go to the tiles as they are: an int8 code (|c| <= 127, 7 bits) is exact in bfloat16 (8
+ * significant bits), so the key scale is folded into q and the value scale applied once at the end; the
+ * cache is never dequantized. Only q (times its scales) and the softmax weights are rounded to bf16.
+ *
+ * The loop, one head on one thread, a block of 16 query rows at a time (flash attention: the scores of
+ * one row are never held whole, a running max and sum rescale what is accumulated):
+ *
+ *     q rows [16, D] ─ x ks x scale x log2(e) ─ bf16 ─┐
+ *                                                     ├─ AMX: S [16, 64] = Q K^T    (tiles 0-3, 4 steps of 32 d)
+ *     key codes, packed once per head ── bf16 ────────┘
+ *     S ─ causal mask ─ running max m, p = 2^(S - m), running sum l ─ P bf16 [16, 64]
+ *     P ─┬─ AMX: P V [16, 64 d] twice (tiles 0-3, 2 steps of 32 keys) ─ O = O * 2^(m_old - m) + P V
+ *     value codes, packed once per head ─┘
+ *     ... next 64 keys, up to the last row's position ...
+ *     out = O / l * vs
+ *
+ * Tile shapes (all 16 rows x 64 bytes): tiles 0-3 accumulate fp32 [16, 16]; tile 4 holds A (16 rows x 32
+ * bf16); tile 5 holds B in the pairwise ("VNNI") layout dpbf16ps reads: row k holds, for each of 16
+ * columns n, the pair (B[2k, n], B[2k + 1, n]). Keys pack as Kp[d / 2][t][2] (a B row is 16 keys' pair of
+ * channels), values as Vp[t / 2][d][2] (16 channels' pair of keys).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define BQ 16          /* query rows per block: one tile's rows */
+#define BK 64          /* keys per block: four accumulator tiles of 16 columns */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define LOG2E 1.4426950408889634f
+
+/* The tile configuration's memory format (Intel SDM, LDTILECFG). */
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Linux hands out AMX state only to a process that asks for it. 0 where granted. */
+int pe_request_amx(void) {
+    return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+}
+
+static void configure_tiles(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int i = 0; i < 6; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* 2^x for x <= 0, to ~1e-7 relative: 2^round(x) by scalef, 2^f on [-0.5, 0.5] by its Taylor series in
+ * f ln2 (degree 6). x is clamped at -126 first: a masked score (-inf) must give 0, not NaN. */
+static inline __m512 exp2_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline uint16_t bf16_of(float x) {  /* round to nearest even; the inputs here are finite */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline __m512 codes_ps(const int8_t *c) {  /* 16 int8 codes as fp32 (exact) */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c)));
+}
+
+/* Kp[d / 2][t][2] and Vp[t / 2][d][2] for t < rows; zeros up to padded (a multiple of BK). The codes are
+ * exact in bf16, so this is a reordering, vectorised: a key row's 64 channel pairs scatter to 64 rows of
+ * Kp (one 32-bit pair each); two value rows interleave into one row of Vp. */
+static void pack_head(const int8_t *k, const int8_t *v, int rows, int padded, int d_head, int row_stride,
+                      uint16_t *kp, uint16_t *vp) {
+    memset(kp, 0, sizeof(uint16_t) * (size_t)padded * d_head);
+    memset(vp, 0, sizeof(uint16_t) * (size_t)padded * d_head);
+    const __m512i pair_rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm512_set1_epi32(padded));
+    for (int t = 0; t < rows; t++) {
+        const int8_t *kr = k + (size_t)t * row_stride;
+        for (int d = 0; d < d_head; d += 32) {
+            __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(codes_ps(kr + d + 16), codes_ps(kr + d));
+            _mm512_i32scatter_epi32((int *)kp + (size_t)(d / 2) * padded + t, pair_rows, pairs, 4);
+        }
+    }
+    for (int t = 0; t < rows; t += 2) {
+        const int8_t *even = v + (size_t)t * row_stride, *odd = even + row_stride;
+        uint32_t *dst = (uint32_t *)vp + (size_t)(t / 2) * d_head;
+        for (int d = 0; d < d_head; d += 16) {
+            __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(codes_ps(even + d)));
+            __m512i hi = t + 1 < rows ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(codes_ps(odd + d)))
+                                      : _mm512_setzero_si512();
+            _mm512_storeu_si512((void *)(dst + d), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+/* S [16, 64] = Q [16, D] x K[key0 : key0 + 64]^T, into s (fp32, row stride BK). */
+static void scores_block(const uint16_t *qb, const uint16_t *kp, int padded, int d_head, int key0, float *s) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int j = 0; j < d_head / 32; j++) {
+        const uint16_t *b = kp + ((size_t)16 * j * padded + key0) * 2;
+        const long b_stride = (long)padded * 4;
+        _tile_loadd(4, qb + 32 * j, d_head * 2);
+        _tile_loadd(5, b, b_stride);      _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(5, b + 32, b_stride); _tile_dpbf16ps(1, 4, 5);
+        _tile_loadd(5, b + 64, b_stride); _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(5, b + 96, b_stride); _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, s, BK * 4); _tile_stored(1, s + 16, BK * 4);
+    _tile_stored(2, s + 32, BK * 4); _tile_stored(3, s + 48, BK * 4);
+}
+
+/* PV [16, D] = P [16, 64] x V[key0 : key0 + 64], into pv (fp32, row stride D), 64 channels at a time. */
+static void values_block(const uint16_t *pb, const uint16_t *vp, int d_head, int key0, float *pv) {
+    const long b_stride = (long)d_head * 4;
+    for (int d0 = 0; d0 < d_head; d0 += 64) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int ks = 0; ks < 2; ks++) {
+            const uint16_t *b = vp + ((size_t)(key0 / 2 + 16 * ks) * d_head + d0) * 2;
+            _tile_loadd(4, pb + 32 * ks, BK * 2);
+            _tile_loadd(5, b, b_stride);      _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(5, b + 32, b_stride); _tile_dpbf16ps(1, 4, 5);
+            _tile_loadd(5, b + 64, b_stride); _tile_dpbf16ps(2, 4, 5);
+            _tile_loadd(5, b + 96, b_stride); _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, pv + d0, d_head * 4); _tile_stored(1, pv + d0 + 16, d_head * 4);
+        _tile_stored(2, pv + d0 + 32, d_head * 4); _tile_stored(3, pv + d0 + 48, d_head * 4);
+    }
+}
+
+/* One row's online softmax over a block: mask keys past `last` (inclusive bound), update m and l, write the
+ * row's weights as bf16 and return the factor the row's accumulator is rescaled by. */
+static float softmax_row(float *s, int key0, int last, float *m, float *l, uint16_t *p) {
+    __m512 v[BK / 16];
+    __mmask16 keep[BK / 16];
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c < BK / 16; c++) {
+        int valid = last - (key0 + 16 * c) + 1;  /* keys of this 16 at or before `last` */
+        keep[c] = valid >= 16 ? 0xffff : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
+        v[c] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep[c], s + 16 * c);
+        mx = _mm512_max_ps(mx, v[c]);
+    }
+    float m_new = fmaxf(*m, _mm512_reduce_max_ps(mx));
+    float alpha = *m == -INFINITY ? 0.0f : exp2f(*m - m_new);
+    __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(m_new);
+    for (int c = 0; c < BK / 16; c += 2) {
+        /* a masked key's weight is exactly 0 (exp2_ps alone would give 2^-126) */
+        __m512 a = _mm512_maskz_mov_ps(keep[c], exp2_ps(_mm512_sub_ps(v[c], mv)));
+        __m512 b = _mm512_maskz_mov_ps(keep[c + 1], exp2_ps(_mm512_sub_ps(v[c + 1], mv)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
+        _mm512_storeu_si512((void *)(p + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+    *l = *l * alpha + _mm512_reduce_add_ps(sum);
+    *m = m_new;
+    return alpha;
+}
+
+/* One head: every block of 16 query rows against the keys its rows may see. */
+static void attend_head(const float *q, int q_stride, const float *ks, const float *vs, const uint16_t *kp,
+                        const uint16_t *vp, int padded, int rows, int past, int total, int d_head, float scale,
+                        float *out, int out_stride, void *scratch) {
+    uint16_t *qb = scratch;                       /* [16, D] bf16 */
+    uint16_t *pb = qb + BQ * d_head;              /* [16, 64] bf16 */
+    float *s = (float *)(pb + BQ * BK);           /* [16, 64] */
+    float *pv = s + BQ * BK;                      /* [16, D] */
+    float *acc = pv + BQ * d_head;                /* [16, D] */
+    float m[BQ], l[BQ];
+    for (int i0 = 0; i0 < rows; i0 += BQ) {
+        int n = rows - i0 < BQ ? rows - i0 : BQ;
+        for (int r = 0; r < BQ; r++)
+            for (int d = 0; d < d_head; d++)
+                qb[r * d_head + d] = r < n ? bf16_of(q[(size_t)(i0 + r) * q_stride + d] * ks[d] * scale * LOG2E) : 0;
+        memset(acc, 0, sizeof(float) * BQ * d_head);
+        for (int r = 0; r < BQ; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
+        int last_key = past + i0 + n - 1;         /* the block's last row sees keys [0, last_key] */
+        for (int key0 = 0; key0 <= last_key; key0 += BK) {
+            scores_block(qb, kp, padded, d_head, key0, s);
+            float alpha[BQ];
+            for (int r = 0; r < BQ; r++) {
+                int last = r < n ? past + i0 + r : 0;   /* padding rows see key 0 only */
+                if (last > total - 1) last = total - 1;
+                alpha[r] = softmax_row(s + r * BK, key0, last, &m[r], &l[r], pb + r * BK);
+            }
+            values_block(pb, vp, d_head, key0, pv);
+            for (int r = 0; r < BQ; r++) {
+                __m512 a = _mm512_set1_ps(alpha[r]);
+                for (int d = 0; d < d_head; d += 16) {
+                    __m512 o = _mm512_loadu_ps(acc + r * d_head + d);
+                    _mm512_storeu_ps(acc + r * d_head + d, _mm512_fmadd_ps(o, a, _mm512_loadu_ps(pv + r * d_head + d)));
+                }
+            }
+        }
+        for (int r = 0; r < n; r++) {
+            __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+            for (int d = 0; d < d_head; d += 16)
+                _mm512_storeu_ps(out + (size_t)(i0 + r) * out_stride + d,
+                                 _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(acc + r * d_head + d), inv),
+                                               _mm512_loadu_ps(vs + d)));
+        }
+    }
+}
+
+/* What one thread does: every `threads`-th kv head from `first`, with its own scratch. */
+typedef struct {
+    const float *q; const int8_t *kq, *vq; const float *ks, *vs; float *out;
+    int rows, past, heads, kv_heads, capacity, d_head, first, threads;
+    float scale;
+    char *scratch;
+} job;
+
+static void *run_job(void *arg) {
+    const job *j = arg;
+    const int total = j->past + j->rows, padded = (total + BK - 1) / BK * BK, group = j->heads / j->kv_heads;
+    const size_t pack = (size_t)padded * j->d_head;
+    uint16_t *kp = (uint16_t *)j->scratch, *vp = kp + pack;
+    configure_tiles();  /* tile state is per thread */
+    for (int g = j->first; g < j->kv_heads; g += j->threads) {
+        const size_t base = (size_t)g * j->capacity * j->d_head;
+        pack_head(j->kq + base, j->vq + base, total, padded, j->d_head, j->d_head, kp, vp);
+        for (int h = g * group; h < (g + 1) * group; h++)
+            attend_head(j->q + (size_t)h * j->d_head, j->heads * j->d_head, j->ks + (size_t)g * j->d_head,
+                        j->vs + (size_t)g * j->d_head, kp, vp, padded, j->rows, j->past, total, j->d_head, j->scale,
+                        j->out + (size_t)h * j->d_head, j->heads * j->d_head, vp + pack);
+    }
+    _tile_release();
+    return NULL;
+}
+
+/* The entry point (see the head comment). Layouts, all C order:
+ *   q      [rows, heads, d_head] fp32: the chunk's queries, rotary applied
+ *   kq, vq [kv_heads, capacity, d_head] int8: the cache buffer, positions [0, past + rows) filled
+ *   ks, vs [kv_heads, d_head] fp32
+ *   out    [rows, heads, d_head] fp32
+ * d_head must be a multiple of 64. Threads are started per call and joined before it returns: no pool that
+ * spins between calls and competes with ONNX Runtime's own threads on a small CPU (an OpenMP build's spinning
+ * pool made calls between ORT runs up to 10x slower). Returns 0, or -1 where memory or a thread was refused. */
+int pe_causal_attention_int8kv(const float *q, const int8_t *kq, const int8_t *vq, const float *ks, const float *vs,
+                               float *out, int rows, int past, int heads, int kv_heads, int capacity, int d_head,
+                               float scale, int threads) {
+    const int total = past + rows, padded = (total + BK - 1) / BK * BK;
+    const size_t pack = (size_t)padded * d_head;
+    const size_t work = sizeof(uint16_t) * (BQ * d_head + BQ * BK) + sizeof(float) * (BQ * BK + 2 * BQ * d_head);
+    const size_t per_thread = (sizeof(uint16_t) * 2 * pack + work + 63) / 64 * 64;
+    if (threads > kv_heads) threads = kv_heads;
+    if (threads < 1) threads = 1;
+    char *arena = aligned_alloc(64, per_thread * (size_t)threads);
+    job *jobs = calloc((size_t)threads, sizeof(job));
+    pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
+    int status = arena && jobs && ids ? 0 : -1, started = 0;
+    for (int t = 0; status == 0 && t < threads; t++) {
+        jobs[t] = (job){q, kq, vq, ks, vs, out, rows, past, heads, kv_heads, capacity, d_head, t, threads, scale,
+                        arena + per_thread * (size_t)t};
+        if (t > 0) {
+            if (pthread_create(&ids[t], NULL, run_job, &jobs[t]) != 0) status = -1;
+            else started = t;
+        }
+    }
+    if (status == 0) run_job(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    free(arena); free(jobs); free(ids);
+    return status;
+}

@@ -1,0 +1,165 @@
+"""The AMX-BF16 prefill attention (kernels/cpu) against its numpy twin, and the build that makes it.
+
+The kernel tests skip, with the reason KernelUnavailable gives, on a machine without AMX-BF16 or a C
+compiler; the build tests compile a plain C file and run wherever a compiler is.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pulse_edge.errors import KernelUnavailable
+from pulse_edge.kernels.cpu import build
+from pulse_edge.kernels.cpu.attention import CausalAttention, reference
+
+# q and the softmax weights are rounded to bf16 (8 significant bits, 2^-9 relative each); over a weighted
+# mean of values the error stays near that: the largest seen was 2.8e-3 of the output's norm.
+REL_TOL = 6e-3
+
+
+@pytest.fixture(scope="module")
+def attention(tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
+    try:
+        return CausalAttention.load(tmp_path_factory.mktemp("kernels"))
+    except KernelUnavailable as e:
+        pytest.skip(str(e))
+
+
+def _inputs(rows: int, past: int, heads: int, kv_heads: int, capacity: int, d: int, sharp: float = 1.0,
+            seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Random codes over the whole buffer; scales put the scores near N(0, sharp^2)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((rows, heads, d), np.float32)
+    k = rng.integers(-127, 128, (kv_heads, capacity, d), dtype=np.int8)
+    v = rng.integers(-127, 128, (kv_heads, capacity, d), dtype=np.int8)
+    ks = (rng.uniform(0.5, 1.5, (kv_heads, d)) * sharp / 73).astype(np.float32)  # 73 ~ the codes' std
+    vs = rng.uniform(0.005, 0.02, (kv_heads, d)).astype(np.float32)
+    return q, k, v, ks, vs
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+SHAPES = [  # rows, past, heads, kv_heads, capacity, d: edges of the 16-row and 64-key blocks, GQA groups
+    (1, 0, 2, 2, 64, 64),
+    (1, 700, 2, 2, 800, 128),
+    (37, 0, 4, 4, 64, 128),
+    (100, 29, 4, 2, 200, 64),
+    (16, 1000, 2, 2, 1100, 128),
+    (130, 77, 3, 1, 400, 128),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "rows{}-past{}-h{}-kv{}-cap{}-d{}".format(*s))
+def test_matches_the_numpy_twin(attention: CausalAttention, shape: tuple[int, ...]) -> None:
+    q, k, v, ks, vs = _inputs(*shape)
+    past = shape[1]
+    out = attention(q, k, v, ks, vs, past=past, threads=2)
+    assert np.isfinite(out).all()
+    assert _relative(out, reference(q, k, v, ks, vs, past=past)) < REL_TOL
+
+
+# bf16 q moves each score by about |score| x 2^-9, so the bound grows with the scores' spread (7.3e-3 seen
+# at 30); a wrong rescale of the running sum would be off by O(1).
+@pytest.mark.parametrize(("sharp", "tol"), [(8.0, REL_TOL), (30.0, 2e-2)])
+def test_peaked_softmax_rescales_the_running_sum(attention: CausalAttention, sharp: float, tol: float) -> None:
+    """Scores spread over tens of units: the running max moves between key blocks many times."""
+    q, k, v, ks, vs = _inputs(90, 300, 2, 2, 400, 128, sharp=sharp, seed=1)
+    out = attention(q, k, v, ks, vs, past=300, threads=2)
+    assert _relative(out, reference(q, k, v, ks, vs, past=300)) < tol
+
+
+def test_a_row_never_sees_later_positions(attention: CausalAttention) -> None:
+    q, k, v, ks, vs = _inputs(40, 10, 2, 2, 64, 128)
+    before = attention(q, k, v, ks, vs, past=10, threads=1)
+    k[:, 30:], v[:, 30:] = -k[:, 30:], 127  # rows 0-19 sit at positions 10-29
+    after = attention(q, k, v, ks, vs, past=10, threads=1)
+    np.testing.assert_array_equal(after[:20], before[:20])
+    assert not np.allclose(after[20:], before[20:])
+
+
+def test_the_thread_count_does_not_change_the_result(attention: CausalAttention) -> None:
+    q, k, v, ks, vs = _inputs(70, 50, 4, 2, 128, 128)
+    np.testing.assert_array_equal(attention(q, k, v, ks, vs, past=50, threads=1),
+                                  attention(q, k, v, ks, vs, past=50, threads=2))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda a: {**a, "q": a["q"][:, :, :96].copy(), "k": a["k"][:, :, :96].copy(), "v": a["v"][:, :, :96].copy()},
+     "multiple of 64"),
+    (lambda a: {**a, "q": np.zeros((8, 3, 128), np.float32)}, "not a multiple"),
+    (lambda a: {**a, "past": 60}, "exceed the cache"),
+    (lambda a: {**a, "k": a["k"].astype(np.int16)}, "k_codes must be"),
+    (lambda a: {**a, "q": np.asfortranarray(a["q"])}, "q must be C-contiguous"),
+    (lambda a: {**a, "ks": a["ks"][:1].copy()}, "scales must be"),
+])
+def test_refuses_what_the_c_code_cannot_take(change, message: str) -> None:
+    """The checks run before the library is touched: reference() shares them, so no AMX is needed."""
+    q, k, v, ks, vs = _inputs(8, 0, 4, 2, 64, 128)
+    args = change({"q": q, "k": k, "v": v, "ks": ks, "vs": vs, "past": 0})
+    with pytest.raises(ValueError, match=message):
+        reference(args["q"], args["k"], args["v"], args["ks"], args["vs"], past=args["past"])
+
+
+# The build: a plain C file, so these run wherever a compiler is.
+PLAIN = "int pe_answer(void) { return 42; }\n"
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    if not shutil.which("cc") and not shutil.which("gcc"):
+        pytest.skip("no C compiler on this machine")
+    path = tmp_path / "plain.c"
+    path.write_text(PLAIN)
+    return path
+
+
+def test_builds_once_and_loads(source: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = build.build(source, (), cache)
+    stamp = first.stat().st_mtime_ns
+    assert build.build(source, (), cache) == first and first.stat().st_mtime_ns == stamp
+    assert build.load(first).pe_answer() == 42
+    source.write_text(PLAIN.replace("42", "43"))  # an edited source is another library
+    second = build.build(source, (), cache)
+    assert second != first and build.load(second).pe_answer() == 43
+
+
+def _build_in_child(source: str, cache: str) -> str:
+    return str(build.build(Path(source), (), Path(cache)))
+
+
+def test_concurrent_builds_leave_one_library_and_no_partials(source: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        paths = pool.starmap(_build_in_child, [(str(source), str(cache))] * 3)
+    assert len(set(paths)) == 1
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [Path(paths[0]).name]
+
+
+def test_a_compile_error_is_one_line_and_leaves_nothing(source: Path, tmp_path: Path) -> None:
+    source.write_text("int broken(void) { return }\n")
+    cache = tmp_path / "cache"
+    with pytest.raises(KernelUnavailable, match=r"could not compile plain\.c \(.*error") as caught:
+        build.build(source, (), cache)
+    assert "\n" not in str(caught.value)
+    assert not [p for p in cache.iterdir() if p.suffix == ".so" or "partial" in p.name]
+
+
+def test_no_compiler_no_cpu_feature_no_cache_are_refused(source: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(KernelUnavailable, match="lacks \\(amx_bf16, amx_tile\\)"):
+        build.require_cpu(["avx512f", "amx_tile", "amx_bf16"], "this kernel", flags=frozenset({"avx512f"}))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(KernelUnavailable, match="is not writable"):
+        build.build(source, (), blocker / "cache")
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    with pytest.raises(KernelUnavailable, match="no C compiler found"):
+        build.build(source, (), tmp_path / "cache")
