@@ -72,7 +72,9 @@ class Pipeline:
     @property
     def prefilled_by(self) -> str:
         """Which graph runs long prompts: a CPU bundle's prefill graph where it was loaded
-        (runtime/engines/memory.py), else the decoder graph."""
+        (runtime/engines/memory.py), in segments with the attention kernel where that runs, else the decoder graph."""
+        if getattr(self.engine.decoder, "segmented", None) is not None:
+            return "prefill graph segments + attention kernel"
         return "prefill graph" if has_prefill_graph(self.engine.decoder) else "decoder graph"
 
     def chat(self, *, system: str | None = None) -> Conversation:

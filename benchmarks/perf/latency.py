@@ -80,6 +80,7 @@ class LatencyConfig:
     bandwidth_bytes: int = GIB
     question: str | None = None
     prefill_graph: str = "auto"  # a CPU bundle's prefill graph (runtime/engines/memory.py)
+    prefill_attention: str = "auto"  # a cut prefill graph's attention: the CPU kernel where it runs
     prefill_chunk: int | None = None  # None: the runtime's choice (runtime/engines/bundle_engine.py); 0: one pass
 
 
@@ -105,7 +106,8 @@ def _open(cfg: LatencyConfig) -> tuple[Any, DecoderFacts]:
     from pulse_edge.runtime.pipeline import Pipeline as OrtPipeline
 
     pipeline = open_backend(cfg.model, backend=cfg.backend, session=SessionConfig(
-        provider=cfg.provider, threads=cfg.threads, prefill_graph=cfg.prefill_graph), prefill_chunk=cfg.prefill_chunk)
+        provider=cfg.provider, threads=cfg.threads, prefill_graph=cfg.prefill_graph,
+        prefill_attention=cfg.prefill_attention), prefill_chunk=cfg.prefill_chunk)
     if isinstance(pipeline, OrtPipeline):
         return pipeline, bundle_decoder_facts(cfg.model)
     torch_threads(cfg.threads)
@@ -242,7 +244,8 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
 
 def _latency_settings(cfg: LatencyConfig) -> dict[str, Any]:
     return {"runs": cfg.runs, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens, "provider": cfg.provider,
-            "threads": cfg.threads, "question": cfg.question or "default", "prefill_graph": cfg.prefill_graph}
+            "threads": cfg.threads, "question": cfg.question or "default", "prefill_graph": cfg.prefill_graph,
+            "prefill_attention": cfg.prefill_attention}
 
 
 def _chunking(report: dict[str, Any]) -> str:

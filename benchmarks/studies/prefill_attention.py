@@ -1,4 +1,4 @@
-"""pulse-edge's AMX-BF16 prefill attention (kernels/cpu) against what the prefill graph runs today: a study.
+"""pulse-edge's AMX-BF16 prefill attention (runtime/kernels) against what the prefill graph runs today: a study.
 
 The prefill graph of the CPU recipes attends, per layer and chunk, as export/graphs/kv_cache.py draws it:
 
@@ -31,7 +31,7 @@ from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.rounds import paired, quiet_median
 from pulse_edge.benchmarks.common.tables import markdown_table
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.kernels.cpu.attention import CausalAttention, reference
+from pulse_edge.runtime.kernels.attention import CausalAttention, reference
 
 CONTRIB = "com.microsoft"
 HEAD_DIM = 128

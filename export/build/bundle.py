@@ -35,6 +35,7 @@ from pulse_edge.export.build.memory import (
     reference_dtype,
     validation_session,
 )
+from pulse_edge.export.build.prefill_segments import cut_prefill, drop_segments, segments_parity
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.kv_cache import KVScales
@@ -53,7 +54,11 @@ from pulse_edge.export.quant.context import (
 from pulse_edge.export.validate.emulate import emulated_reference
 from pulse_edge.export.validate.fidelity import fidelity_report, recommended_fidelity
 from pulse_edge.export.validate.kv_caches import fp16_kv_cache
-from pulse_edge.export.validate.parity import ValidationPlan, validate_decoder, validate_greedy
+from pulse_edge.export.validate.parity import (
+    ValidationPlan,
+    validate_decoder,
+    validate_greedy,
+)
 from pulse_edge.export.validate.sites import decoder_sites_parity, vision_sites
 from pulse_edge.export.validate.tolerances import tolerance_level
 from pulse_edge.export.validate.vision import compare_features, validate_vision_graph
@@ -181,7 +186,7 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     files = bundle_file_records(work)  # before validation, whose candidate runtime checks them
     manifest = _manifest(loaded, options, graphs, max_context, calibration=calibration, files=files)
     manifest.write(work)  # the candidate runtime reads it during validation
-    validation, fidelity = _validate(loaded, work, manifest, options, quant, plan)
+    validation, fidelity, manifest = _validate(loaded, work, manifest, options, quant, plan)
     if quant and fidelity is not None:
         fidelity = {**fidelity, "recommended": recommended_fidelity(options.precision, fidelity["summary"])}
     elif fidelity is not None:  # a float bundle's smaller cache: its cost beside the parity record
@@ -226,7 +231,11 @@ def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, 
         log.info("building the prefill graph (%s decoder layers)", quant.recipe.prefill)
         graphs[names.PREFILL] = build_prefill(model.language_model, shape, work, quant.recipe, plan, kv,
                                               label=options.precision, fp16_cache=options.fp16_cache)
+        if kv is not None:
+            graphs[names.PREFILL] = cut_prefill(work, graphs[names.PREFILL], shape)
     return graphs, plan
+
+
 
 
 def _warn_below_recommended(precision: str, recommended: dict[str, Any]) -> None:
@@ -267,6 +276,11 @@ def failure_summary(validation: dict[str, Any]) -> str:
     for run in validation["greedy"]["runs"]:
         if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
             parts.append(f"greedy tokens differ from token {run['first_divergence']}")
+    for case in (validation["decoder"].get("prefill_segments") or {}).get("cases", []):
+        if not case["pass"]:  # the cut itself (the kernel's own rounding drops the segments instead: _validate)
+            twin = case["prefill_twin"]
+            parts.append(f"prefill segments with the kernel's float32 twin after {case['prefill_length']} positions "
+                         f"in two chunks: rel err {twin['max_rel_err']:.2g}, cosine {twin['cosine']:.6f}")
     return "; ".join(parts[:3]) + (f"; +{len(parts) - 3} more" if len(parts) > 3 else "")
 
 
@@ -290,12 +304,16 @@ def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:
 
 
 def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions,
-              quant: QuantContext | None, plan: LinearPlan) -> tuple[dict[str, Any], dict[str, Any] | None]:
+              quant: QuantContext | None, plan: LinearPlan
+              ) -> tuple[dict[str, Any], dict[str, Any] | None, Manifest]:
     """Parity of every graph with its reference (pass/fail), then, for a quantized bundle or an fp16 cache, its
-    fidelity against fp32."""
+    fidelity against fp32 (as served: after prefill segments the kernel is not accurate enough for are dropped)."""
     validation = bundle_parity(loaded, work, manifest, options, quant, plan)
+    segments = validation["decoder"].get("prefill_segments")
+    if segments and segments["pass"] and not segments["kernel_pass"]:
+        manifest = drop_segments(work, manifest, segments)
     wanted = quant is not None or options.fp16_cache
-    return validation, (_fidelity(loaded, work, manifest, quant, options.held_out) if wanted else None)
+    return validation, (_fidelity(loaded, work, manifest, quant, options.held_out) if wanted else None), manifest
 
 
 def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, options: ExportOptions,
@@ -334,6 +352,10 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
         decoder["prefill_graph"] = _prefill_parity(loaded, bundle, manifest, options, quant, plan, kv, prefill_level,
                                                    session)
         decoder["pass"] = bool(decoder["pass"] and decoder["prefill_graph"]["pass"])
+        if manifest.graphs[names.PREFILL].segments:
+            decoder["prefill_segments"] = segments_parity(loaded, bundle, manifest, options.plan, quant, plan, kv,
+                                                           prefill_level, session)
+            decoder["pass"] = bool(decoder["pass"] and decoder["prefill_segments"]["pass"])
         parity["pass"] = bool(parity["pass"] and decoder["pass"])
     return {"reference_dtype": str(reference_dtype).removeprefix("torch."), "reference": label,
             "tolerance_level": level, **parity,
@@ -366,6 +388,8 @@ def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
         report = validate_decoder(lm, bundle, spec, manifest.kv, precision=level, plan=options.plan, session=session)
         sites = decoder_sites_parity(lm, bundle, spec, manifest.kv, session, options.plan.tolerances["site"])
     return {**report, "tolerance_level": level, "sites": sites, "pass": bool(report["pass"] and sites["pass"])}
+
+
 
 
 def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: QuantContext | None,

@@ -352,15 +352,16 @@ def vision_swaps(module: nn.Module, recipe: Recipe, scales: Scales,
 @contextmanager
 def emulated_reference(model: nn.Module, recipe: Recipe, scales: Scales, plan: LinearPlan, *, prepacked: bool,
                        vision_qdq: QDQForm = FP32_QDQ, decoder_qdq: QDQForm = FP32_QDQ, kv: KVScales | None = None,
-                       quantized_self: bool = True) -> Iterator[None]:
+                       quantized_self: bool = True, symmetric: bool | None = None) -> Iterator[None]:
     """The PulseReference `model` computing the recipe's vision graph and decoder graph, as ORT's CPU EP runs
     them in a session that does (or does not) prepack weights, until the block ends. The Q/DQ forms are each
     graph's (QDQForm.fp16 for the TensorRT-ready graphs, export/build/tensorrt.py); `kv`, an int8 KV cache's
-    scales (then `quantized_self` as Int8KVCache says)."""
+    scales (then `quantized_self` and `symmetric` as Int8KVCache says)."""
     decoder = {f"language_model.{k}": v for k, v in decoder_swaps(model.language_model, plan, prepacked=prepacked,
                                                                   qdq=decoder_qdq).items()}
     with ExitStack() as stack:
         stack.enter_context(swapped(model, {**vision_swaps(model, recipe, scales, vision_qdq), **decoder}))
         if kv is not None:
-            stack.enter_context(int8_kv_cache(model.language_model, kv, quantized_self=quantized_self))
+            stack.enter_context(int8_kv_cache(model.language_model, kv, quantized_self=quantized_self,
+                                              symmetric=symmetric))
         yield

@@ -32,15 +32,18 @@ class Int8KVCache(DynamicCache):
     attends to its own keys and values as cached, clipped to [-128, 127]. The prefill graph: a chunk attends
     to its own in float32 and stores them clipped to +-127. (Each measured exact, rel err <= 1e-6, against ORT
     1.32 on the tiny model at 5- and 64-position prefills; clipping to +-127 in the decode graph's rule left
-    1.7e-3 where keys saturate.)"""
+    1.7e-3 where keys saturate.) The prefill graph's segments (export/graphs/segments.py) store as the prefill
+    graph does (+-127) and the kernel then attends to the chunk as cached: `quantized_self` and `symmetric`.
+    `symmetric` None: the clip of the graph `quantized_self` names."""
 
-    def __init__(self, config: Any, kv: KVScales, *, quantized_self: bool) -> None:
+    def __init__(self, config: Any, kv: KVScales, *, quantized_self: bool, symmetric: bool | None = None) -> None:
         super().__init__(config=config)
         self.kv_scales, self.quantized_self = kv, quantized_self
+        self.symmetric = not quantized_self if symmetric is None else symmetric
 
     def _round_trip(self, x: torch.Tensor, scale: np.ndarray) -> torch.Tensor:
         s = torch.from_numpy(np.asarray(scale, np.float32))[None, :, None, :].to(x.device)  # [1, heads, 1, D]
-        low = INT8_RANGE[0] if self.quantized_self else -KV_QMAX
+        low = -KV_QMAX if self.symmetric else INT8_RANGE[0]
         return (torch.clamp(torch.round(x.float() / s), low, KV_QMAX) * s).to(x.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
@@ -80,9 +83,10 @@ def _cache_factory(lm: nn.Module, factory: Callable[[], DynamicCache]) -> Iterat
         delattr(lm, CACHE_FACTORY_ATTR)
 
 
-def int8_kv_cache(lm: nn.Module, kv: KVScales, *, quantized_self: bool) -> Any:
-    """A context in which `lm` caches as the int8 cache of a decode graph (`quantized_self`) or a prefill graph."""
-    return _cache_factory(lm, lambda: Int8KVCache(lm.config, kv, quantized_self=quantized_self))
+def int8_kv_cache(lm: nn.Module, kv: KVScales, *, quantized_self: bool, symmetric: bool | None = None) -> Any:
+    """A context in which `lm` caches as the int8 cache of a decode graph (`quantized_self`), a prefill graph, or
+    the prefill graph's segments (`quantized_self`, `symmetric`): Int8KVCache."""
+    return _cache_factory(lm, lambda: Int8KVCache(lm.config, kv, quantized_self=quantized_self, symmetric=symmetric))
 
 
 @contextmanager

@@ -21,7 +21,8 @@ from transformers import LlamaForCausalLM
 from pulse_edge.export.model.torch_backend import decode_one_token, prefill
 from pulse_edge.export.validate.tolerances import TOLERANCES, Tolerance
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
-from pulse_edge.runtime.engines.ort import SessionConfig, decoder_engine
+from pulse_edge.runtime.engines.ort import PREFILL_GRAPH_MIN_POSITIONS, SessionConfig, decoder_engine
+from pulse_edge.runtime.kernels.attention import TwinAttention
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,45 @@ def validate_decoder(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KV
         cases.append({"prefill_length": length, "prefill": steps[0], "decode": steps[1:],
                       "pass": all(_passes(s, tol) for s in steps)})
     return {"tolerance": asdict(tol), "cases": cases, "pass": all(c["pass"] for c in cases)}
+
+
+def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, decoder: GraphSpec, segmented: GraphSpec,
+                               kv: KVLayout, *, precision: str, plan: ValidationPlan,
+                               session: SessionConfig) -> dict[str, Any]:
+    """The prefill graph's segments (runtime/engines/segmented.py) against `lm`, the reference computing the
+    prefill's recipe with the chunk attending to its own keys and values as cached (the kernel's reading).
+
+    Each planned length of >= 2 x PREFILL_GRAPH_MIN_POSITIONS positions (that length where the plan has none)
+    goes in two chunks (the second attends over the first from the cache), twice: with the kernel's float32
+    twin between the segments, which checks the cut itself (to float rounding, as the whole graph is checked),
+    and with the kernel (its bf16 q and weights on top). "pass" is the twin's verdict under `precision`'s
+    bound (is the cut right?); "kernel_pass" the kernel's under the same bound (is bf16 attention close enough
+    for this model?)."""
+    tol = plan.tolerances[precision]
+    engine = decoder_engine(bundle, decoder, kv, lm.config.vocab_size, session, prefill=segmented)
+    if engine.segmented is None:
+        raise RuntimeError("the decoder engine did not open the prefill segments: nothing would be validated")
+    attention = {"prefill": engine.segmented.kernel, "prefill_twin": TwinAttention()}
+    generator = torch.Generator().manual_seed(plan.seed)
+    table = lm.get_input_embeddings().weight
+    shortest = 2 * PREFILL_GRAPH_MIN_POSITIONS  # two chunks, each long enough for the prefill path
+    lengths = [n for n in plan.prefill_lengths if shortest <= n < kv.max_length] or [shortest]
+    cases = []
+    for length in lengths:
+        embeds = _sample_embeds(lm, length, generator)
+        first = length // 2
+        with torch.inference_mode():
+            ref, _ = prefill(lm, embeds.to(table.dtype))
+        case: dict[str, Any] = {"prefill_length": length, "chunks": [first, length - first]}
+        for key, kernel in attention.items():
+            engine.segmented.kernel = kernel
+            engine.reset()
+            engine.forward(embeds[:, :first].numpy())
+            case[key] = compare_logits(engine.forward(embeds[:, first:].numpy()), ref.float().numpy())
+        case["pass"], case["kernel_pass"] = _passes(case["prefill_twin"], tol), _passes(case["prefill"], tol)
+        cases.append(case)
+    return {"tolerance": asdict(tol), "cases": cases, "pass": bool(cases) and all(c["pass"] for c in cases),
+            "kernel_pass": bool(cases) and all(c["kernel_pass"] for c in cases)}
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:

@@ -56,6 +56,8 @@ def check_consistency(manifest: Manifest) -> None:
     prefill = manifest.graphs.get(names.PREFILL)
     if prefill is not None and prefill.engine == ONNX:  # the decoder again, for long inputs: same IO, same cache
         _check_decoder_io(prefill, manifest)
+        if prefill.segments or prefill.segment_scales:
+            _check_segments(prefill, manifest)
     _check_records(manifest)
 
 
@@ -137,13 +139,31 @@ def _check_decoder_io(graph: GraphSpec, manifest: Manifest) -> None:
         _check_dims(graph, tensor, [1, kv.kv_heads, None, kv.head_dim], "kv.kv_heads and kv.head_dim")
 
 
+def _check_segments(prefill: GraphSpec, manifest: Manifest) -> None:
+    """A prefill graph cut at its attentions: one segment per layer and one after the last, chained by the
+    attention names, over an int8 cache whose scales file is named."""
+    segments, layers = prefill.segments, manifest.kv.layers
+    if manifest.kv.dtype != "int8" or not prefill.segment_scales:
+        raise _fail("graphs.prefill.segments needs an int8 KV cache and segment_scales (the kernel's scales)")
+    if len(segments) != layers + 1:
+        raise _fail(f"graphs.prefill.segments holds {len(segments)} segments for {layers} layers (needs {layers + 1})")
+    for k, segment in enumerate(segments):
+        needs = [names.attention_output_name(k - 1)] if k else []
+        gives = [names.attention_query_name(k)] if k < layers else [names.LOGITS]
+        missing = [n for n in needs if n not in segment.inputs] + [n for n in gives if n not in segment.outputs]
+        if missing:
+            raise _fail(f"graphs.prefill.segments[{k}] ({segment.file}) lacks {missing[0]!r}")
+
+
 def _check_records(manifest: Manifest) -> None:
     """From version 2 every file the runtime opens has a size and checksum record."""
     if not manifest.files:
         return
     named = [manifest.tokenizer, manifest.embedding.file, *([manifest.image_newline] if manifest.image_newline else [])]
     for graph in manifest.graphs.values():
-        named += [graph.file, *([graph.external_data] if graph.external_data else [])]
+        named += [graph.file, *([graph.external_data] if graph.external_data else []),
+                  *(segment.file for segment in graph.segments),
+                  *([graph.segment_scales] if graph.segment_scales else [])]
     if manifest.calibration is not None:
         named.append(manifest.calibration.file)
     unrecorded = [name for name in named if name not in manifest.files]

@@ -63,6 +63,22 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class SegmentSpec:
+    """One piece of a prefill graph cut at every layer's attention (export/graphs/segments.py): a graph file
+    and the names of its inputs and outputs, in order. Segment i ends with layer i's query and starts from
+    layer i - 1's attention output (runtime/bundle/names.py), which the CPU attention kernel computes."""
+
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SegmentSpec:
+        return cls(file=str(_need(d, "file", "a segment")), inputs=tuple(map(str, _need(d, "inputs", "a segment"))),
+                   outputs=tuple(map(str, _need(d, "outputs", "a segment"))))
+
+
+@dataclass(frozen=True)
 class GraphSpec:
     """One graph file. `sizes` holds the byte size of it and its external data, to catch truncation;
     `opt_level_limit` caps ONNX Runtime's optimisation level (ORT's level-"all" int8 fusions reject fp8
@@ -94,6 +110,10 @@ class GraphSpec:
     kv_update: str | None = None
     trt_ops: str | None = None
     ort_qdq_matmulnbits_accuracy_level: int | None = None
+    # a prefill graph over an int8 cache may come cut at its attentions too (SegmentSpec), with the cache's
+    # scales for the kernel in `segment_scales` (names.SEGMENT_SCALES_FILE); its own file stays whole
+    segments: tuple[SegmentSpec, ...] = ()
+    segment_scales: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GraphSpec:
@@ -114,6 +134,8 @@ class GraphSpec:
             kv_update=_optional_choice(d.get("kv_update"), KV_UPDATES, "graph kv_update"),
             trt_ops=_optional_choice(d.get("trt_ops"), TRT_OPS, "graph trt_ops"),
             ort_qdq_matmulnbits_accuracy_level=_optional_int(d.get("ort_qdq_matmulnbits_accuracy_level")),
+            segments=tuple(SegmentSpec.from_dict(x) for x in d.get("segments", ())),
+            segment_scales=d.get("segment_scales"),
         )
 
     @property
@@ -307,6 +329,9 @@ class Manifest:
             del d["files"]
         if self.kv.scales is None:
             del d["kv"]["scales"]  # likewise a float cache's
+        for graph in d["graphs"].values():  # and a graph that is not cut in segments
+            if not graph["segments"] and graph["segment_scales"] is None:
+                del graph["segments"], graph["segment_scales"]
         return {"format": FORMAT, **d}
 
     def write(self, bundle: Path) -> None:

@@ -48,3 +48,19 @@ def kv_names(layers: int, kind: str) -> list[str]:
     """Every layer's key and value tensor, in graph order; kind "past" (inputs) or "present" (outputs)."""
     name = {"past": past_name, "present": present_name}[kind]
     return [name(i, part) for i in range(layers) for part in KV_PARTS]
+
+
+# The prefill graph cut at each layer's attention (export/graphs/segments.py), for the CPU attention kernel
+# (runtime/kernels): segment i ends with layer i's query, segment i + 1 starts from its attention output.
+SEGMENT_FILE = "prefill.seg{:02d}.onnx"
+SEGMENT_SCALES_FILE = "prefill.kv_scales.npy"  # float32 [layers, 2 (key, value), kv_heads, head_dim]
+
+
+def attention_query_name(layer: int) -> str:
+    """Layer `layer`'s queries after the rotary embedding, [1, S, heads x head_dim] float32."""
+    return f"layers.{layer}.attn.q"
+
+
+def attention_output_name(layer: int) -> str:
+    """Layer `layer`'s attention output, [1, S, heads x head_dim] float32 (before the output projection)."""
+    return f"layers.{layer}.attn.out"

@@ -55,8 +55,9 @@ def check_servable(manifest: Manifest, prefill_chunk: int | str | None) -> None:
 
 def has_prefill_graph(decoder: object) -> bool:
     """Whether a decoder runner prefills long inputs on a CPU bundle's prefill graph (loaded where memory holds
-    it, runtime/engines/memory.py); TensorRT runners and single-graph bundles have none."""
-    return getattr(decoder, "prefill_session", None) is not None
+    it, runtime/engines/memory.py), whole or in segments with the attention kernel (runtime/engines/segmented.py);
+    TensorRT runners and single-graph bundles have none."""
+    return getattr(decoder, "prefill_session", None) is not None or getattr(decoder, "segmented", None) is not None
 
 
 def resolve_chunk(asked: int | str | None, *, prefill_graph: bool) -> int | None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pulse_edge.errors import BundleError
-from pulse_edge.runtime.bundle.manifest import GraphSpec, TensorSpec
+from pulse_edge.runtime.bundle.manifest import GraphSpec, SegmentSpec, TensorSpec
 
 # ONNX Runtime's element type names -> the manifest's (pulse_edge.choices.TENSOR_DTYPES).
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -23,6 +23,15 @@ def check_graph_io(spec: GraphSpec, session: Any) -> None:
     """`session`: an onnxruntime InferenceSession (anything with get_inputs/get_outputs of NodeArgs)."""
     _compare(spec, "inputs", spec.inputs, session.get_inputs())
     _compare(spec, "outputs", spec.outputs, session.get_outputs())
+
+
+def check_segment_io(segment: SegmentSpec, session: Any) -> None:
+    """A prefill segment's names against its manifest entry, in order: the runtime binds its outputs by it."""
+    for kind, declared, found in (("inputs", segment.inputs, session.get_inputs()),
+                                  ("outputs", segment.outputs, session.get_outputs())):
+        if sorted(declared) != sorted(arg.name for arg in found):
+            raise BundleError(f"{segment.file} does not have the {kind} the manifest lists; the graph was replaced "
+                              "or the manifest edited; re-copy or re-export the bundle")
 
 
 def _compare(spec: GraphSpec, kind: str, declared: Sequence[TensorSpec], found: Sequence[Any]) -> None:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from pulse_edge.benchmarks.studies import prefill_attention
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.kernels.cpu.attention import CausalAttention
+from pulse_edge.runtime.kernels.attention import CausalAttention
 
 
 @pytest.fixture(scope="module")

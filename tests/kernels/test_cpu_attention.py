@@ -1,4 +1,4 @@
-"""The AMX-BF16 prefill attention (kernels/cpu) against its numpy twin, and the build that makes it.
+"""The AMX-BF16 prefill attention (runtime/kernels) against its numpy twin, and the build that makes it.
 
 The kernel tests skip, with the reason KernelUnavailable gives, on a machine without AMX-BF16 or a C
 compiler; the build tests compile a plain C file and run wherever a compiler is.
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.kernels.cpu import build
-from pulse_edge.kernels.cpu.attention import CausalAttention, reference
+from pulse_edge.runtime.kernels import build
+from pulse_edge.runtime.kernels.attention import CausalAttention, reference
 
 # q and the softmax weights are rounded to bf16 (8 significant bits, 2^-9 relative each); over a weighted
 # mean of values the error stays near that: the largest seen was 2.8e-3 of the output's norm.
@@ -53,6 +53,8 @@ SHAPES = [  # rows, past, heads, kv_heads, capacity, d: edges of the 16-row and 
     (100, 29, 4, 2, 200, 64),
     (16, 1000, 2, 2, 1100, 128),
     (130, 77, 3, 1, 400, 128),
+    (50, 20, 4, 4, 80, 16),  # the tiny test model's heads: 16 channels, padded to 64 in the tiles
+    (33, 40, 2, 2, 90, 80),  # 80 channels: one 32-channel step half used, one 64-channel block partly
 ]
 
 
@@ -91,8 +93,8 @@ def test_the_thread_count_does_not_change_the_result(attention: CausalAttention)
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda a: {**a, "q": a["q"][:, :, :96].copy(), "k": a["k"][:, :, :96].copy(), "v": a["v"][:, :, :96].copy()},
-     "multiple of 64"),
+    (lambda a: {**a, "q": a["q"][:, :, :72].copy(), "k": a["k"][:, :, :72].copy(), "v": a["v"][:, :, :72].copy()},
+     "multiple of 16"),
     (lambda a: {**a, "q": np.zeros((8, 3, 128), np.float32)}, "not a multiple"),
     (lambda a: {**a, "past": 60}, "exceed the cache"),
     (lambda a: {**a, "k": a["k"].astype(np.int16)}, "k_codes must be"),

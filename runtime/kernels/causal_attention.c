@@ -91,45 +91,52 @@ static inline uint16_t bf16_of(float x) {  /* round to nearest even; the inputs 
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static inline __m512 codes_ps(const int8_t *c) {  /* 16 int8 codes as fp32 (exact) */
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c)));
+static inline __mmask16 first(int n) {  /* the first n of 16 lanes (n may be <= 0 or >= 16) */
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
-/* Kp[d / 2][t][2] and Vp[t / 2][d][2] for t < rows; zeros up to padded (a multiple of BK). The codes are
- * exact in bf16, so this is a reordering, vectorised: a key row's 64 channel pairs scatter to 64 rows of
- * Kp (one 32-bit pair each); two value rows interleave into one row of Vp. */
-static void pack_head(const int8_t *k, const int8_t *v, int rows, int padded, int d_head, int row_stride,
+static inline __m512 codes_ps(const int8_t *c, int n) {  /* the first n of 16 int8 codes as fp32 (exact), 0 after */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first(n), c)));
+}
+
+/* Kp[dp / 2][t][2] and Vp[t / 2][dp][2] for t < rows; zeros up to `padded` positions (a multiple of BK) and `dp`
+ * channels (d_head rounded up to 64: the tiles' width). The codes are exact in bf16, so this is a reordering,
+ * vectorised: a key row's channel pairs scatter to the rows of Kp (one 32-bit pair each); two value rows
+ * interleave into one row of Vp. */
+static void pack_head(const int8_t *k, const int8_t *v, int rows, int padded, int d_head, int dp, int row_stride,
                       uint16_t *kp, uint16_t *vp) {
-    memset(kp, 0, sizeof(uint16_t) * (size_t)padded * d_head);
-    memset(vp, 0, sizeof(uint16_t) * (size_t)padded * d_head);
+    memset(kp, 0, sizeof(uint16_t) * (size_t)padded * dp);
+    memset(vp, 0, sizeof(uint16_t) * (size_t)padded * dp);
     const __m512i pair_rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                  _mm512_set1_epi32(padded));
     for (int t = 0; t < rows; t++) {
         const int8_t *kr = k + (size_t)t * row_stride;
         for (int d = 0; d < d_head; d += 32) {
-            __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(codes_ps(kr + d + 16), codes_ps(kr + d));
-            _mm512_i32scatter_epi32((int *)kp + (size_t)(d / 2) * padded + t, pair_rows, pairs, 4);
+            __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(codes_ps(kr + d + 16, d_head - d - 16),
+                                                         codes_ps(kr + d, d_head - d));
+            _mm512_mask_i32scatter_epi32((int *)kp + (size_t)(d / 2) * padded + t, first((d_head - d + 1) / 2),
+                                         pair_rows, pairs, 4);
         }
     }
     for (int t = 0; t < rows; t += 2) {
         const int8_t *even = v + (size_t)t * row_stride, *odd = even + row_stride;
-        uint32_t *dst = (uint32_t *)vp + (size_t)(t / 2) * d_head;
+        uint32_t *dst = (uint32_t *)vp + (size_t)(t / 2) * dp;
         for (int d = 0; d < d_head; d += 16) {
-            __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(codes_ps(even + d)));
-            __m512i hi = t + 1 < rows ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(codes_ps(odd + d)))
+            __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(codes_ps(even + d, d_head - d)));
+            __m512i hi = t + 1 < rows ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(codes_ps(odd + d, d_head - d)))
                                       : _mm512_setzero_si512();
-            _mm512_storeu_si512((void *)(dst + d), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+            _mm512_mask_storeu_epi32(dst + d, first(d_head - d), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
     }
 }
 
-/* S [16, 64] = Q [16, D] x K[key0 : key0 + 64]^T, into s (fp32, row stride BK). */
-static void scores_block(const uint16_t *qb, const uint16_t *kp, int padded, int d_head, int key0, float *s) {
+/* S [16, 64] = Q [16, dp] x K[key0 : key0 + 64]^T, into s (fp32, row stride BK). */
+static void scores_block(const uint16_t *qb, const uint16_t *kp, int padded, int dp, int key0, float *s) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int j = 0; j < d_head / 32; j++) {
+    for (int j = 0; j < dp / 32; j++) {
         const uint16_t *b = kp + ((size_t)16 * j * padded + key0) * 2;
         const long b_stride = (long)padded * 4;
-        _tile_loadd(4, qb + 32 * j, d_head * 2);
+        _tile_loadd(4, qb + 32 * j, dp * 2);
         _tile_loadd(5, b, b_stride);      _tile_dpbf16ps(0, 4, 5);
         _tile_loadd(5, b + 32, b_stride); _tile_dpbf16ps(1, 4, 5);
         _tile_loadd(5, b + 64, b_stride); _tile_dpbf16ps(2, 4, 5);
@@ -139,21 +146,21 @@ static void scores_block(const uint16_t *qb, const uint16_t *kp, int padded, int
     _tile_stored(2, s + 32, BK * 4); _tile_stored(3, s + 48, BK * 4);
 }
 
-/* PV [16, D] = P [16, 64] x V[key0 : key0 + 64], into pv (fp32, row stride D), 64 channels at a time. */
-static void values_block(const uint16_t *pb, const uint16_t *vp, int d_head, int key0, float *pv) {
-    const long b_stride = (long)d_head * 4;
-    for (int d0 = 0; d0 < d_head; d0 += 64) {
+/* PV [16, dp] = P [16, 64] x V[key0 : key0 + 64], into pv (fp32, row stride dp), 64 channels at a time. */
+static void values_block(const uint16_t *pb, const uint16_t *vp, int dp, int key0, float *pv) {
+    const long b_stride = (long)dp * 4;
+    for (int d0 = 0; d0 < dp; d0 += 64) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int ks = 0; ks < 2; ks++) {
-            const uint16_t *b = vp + ((size_t)(key0 / 2 + 16 * ks) * d_head + d0) * 2;
+            const uint16_t *b = vp + ((size_t)(key0 / 2 + 16 * ks) * dp + d0) * 2;
             _tile_loadd(4, pb + 32 * ks, BK * 2);
             _tile_loadd(5, b, b_stride);      _tile_dpbf16ps(0, 4, 5);
             _tile_loadd(5, b + 32, b_stride); _tile_dpbf16ps(1, 4, 5);
             _tile_loadd(5, b + 64, b_stride); _tile_dpbf16ps(2, 4, 5);
             _tile_loadd(5, b + 96, b_stride); _tile_dpbf16ps(3, 4, 5);
         }
-        _tile_stored(0, pv + d0, d_head * 4); _tile_stored(1, pv + d0 + 16, d_head * 4);
-        _tile_stored(2, pv + d0 + 32, d_head * 4); _tile_stored(3, pv + d0 + 48, d_head * 4);
+        _tile_stored(0, pv + d0, dp * 4); _tile_stored(1, pv + d0 + 16, dp * 4);
+        _tile_stored(2, pv + d0 + 32, dp * 4); _tile_stored(3, pv + d0 + 48, dp * 4);
     }
 }
 
@@ -184,38 +191,40 @@ static float softmax_row(float *s, int key0, int last, float *m, float *l, uint1
     return alpha;
 }
 
-/* One head: every block of 16 query rows against the keys its rows may see. */
+/* One head: every block of 16 query rows against the keys its rows may see. q, ks, vs and out hold d_head
+ * channels; the tiles and the working rows dp (zeros beyond d_head). */
 static void attend_head(const float *q, int q_stride, const float *ks, const float *vs, const uint16_t *kp,
-                        const uint16_t *vp, int padded, int rows, int past, int total, int d_head, float scale,
+                        const uint16_t *vp, int padded, int rows, int past, int total, int d_head, int dp, float scale,
                         float *out, int out_stride, void *scratch) {
-    uint16_t *qb = scratch;                       /* [16, D] bf16 */
-    uint16_t *pb = qb + BQ * d_head;              /* [16, 64] bf16 */
+    uint16_t *qb = scratch;                       /* [16, dp] bf16 */
+    uint16_t *pb = qb + BQ * dp;                  /* [16, 64] bf16 */
     float *s = (float *)(pb + BQ * BK);           /* [16, 64] */
-    float *pv = s + BQ * BK;                      /* [16, D] */
-    float *acc = pv + BQ * d_head;                /* [16, D] */
+    float *pv = s + BQ * BK;                      /* [16, dp] */
+    float *acc = pv + BQ * dp;                    /* [16, dp] */
     float m[BQ], l[BQ];
     for (int i0 = 0; i0 < rows; i0 += BQ) {
         int n = rows - i0 < BQ ? rows - i0 : BQ;
-        for (int r = 0; r < BQ; r++)
+        memset(qb, 0, sizeof(uint16_t) * BQ * dp);
+        for (int r = 0; r < n; r++)
             for (int d = 0; d < d_head; d++)
-                qb[r * d_head + d] = r < n ? bf16_of(q[(size_t)(i0 + r) * q_stride + d] * ks[d] * scale * LOG2E) : 0;
-        memset(acc, 0, sizeof(float) * BQ * d_head);
+                qb[r * dp + d] = bf16_of(q[(size_t)(i0 + r) * q_stride + d] * ks[d] * scale * LOG2E);
+        memset(acc, 0, sizeof(float) * BQ * dp);
         for (int r = 0; r < BQ; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
         int last_key = past + i0 + n - 1;         /* the block's last row sees keys [0, last_key] */
         for (int key0 = 0; key0 <= last_key; key0 += BK) {
-            scores_block(qb, kp, padded, d_head, key0, s);
+            scores_block(qb, kp, padded, dp, key0, s);
             float alpha[BQ];
             for (int r = 0; r < BQ; r++) {
                 int last = r < n ? past + i0 + r : 0;   /* padding rows see key 0 only */
                 if (last > total - 1) last = total - 1;
                 alpha[r] = softmax_row(s + r * BK, key0, last, &m[r], &l[r], pb + r * BK);
             }
-            values_block(pb, vp, d_head, key0, pv);
+            values_block(pb, vp, dp, key0, pv);
             for (int r = 0; r < BQ; r++) {
                 __m512 a = _mm512_set1_ps(alpha[r]);
-                for (int d = 0; d < d_head; d += 16) {
-                    __m512 o = _mm512_loadu_ps(acc + r * d_head + d);
-                    _mm512_storeu_ps(acc + r * d_head + d, _mm512_fmadd_ps(o, a, _mm512_loadu_ps(pv + r * d_head + d)));
+                for (int d = 0; d < dp; d += 16) {
+                    __m512 o = _mm512_loadu_ps(acc + r * dp + d);
+                    _mm512_storeu_ps(acc + r * dp + d, _mm512_fmadd_ps(o, a, _mm512_loadu_ps(pv + r * dp + d)));
                 }
             }
         }
@@ -223,7 +232,7 @@ static void attend_head(const float *q, int q_stride, const float *ks, const flo
             __m512 inv = _mm512_set1_ps(1.0f / l[r]);
             for (int d = 0; d < d_head; d += 16)
                 _mm512_storeu_ps(out + (size_t)(i0 + r) * out_stride + d,
-                                 _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(acc + r * d_head + d), inv),
+                                 _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(acc + r * dp + d), inv),
                                                _mm512_loadu_ps(vs + d)));
         }
     }
@@ -232,7 +241,7 @@ static void attend_head(const float *q, int q_stride, const float *ks, const flo
 /* What one thread does: every `threads`-th kv head from `first`, with its own scratch. */
 typedef struct {
     const float *q; const int8_t *kq, *vq; const float *ks, *vs; float *out;
-    int rows, past, heads, kv_heads, capacity, d_head, first, threads;
+    int rows, past, heads, kv_heads, capacity, d_head, dp, first, threads;
     float scale;
     char *scratch;
 } job;
@@ -240,15 +249,16 @@ typedef struct {
 static void *run_job(void *arg) {
     const job *j = arg;
     const int total = j->past + j->rows, padded = (total + BK - 1) / BK * BK, group = j->heads / j->kv_heads;
-    const size_t pack = (size_t)padded * j->d_head;
+    const size_t pack = (size_t)padded * j->dp;
     uint16_t *kp = (uint16_t *)j->scratch, *vp = kp + pack;
     configure_tiles();  /* tile state is per thread */
     for (int g = j->first; g < j->kv_heads; g += j->threads) {
         const size_t base = (size_t)g * j->capacity * j->d_head;
-        pack_head(j->kq + base, j->vq + base, total, padded, j->d_head, j->d_head, kp, vp);
+        pack_head(j->kq + base, j->vq + base, total, padded, j->d_head, j->dp, j->d_head, kp, vp);
         for (int h = g * group; h < (g + 1) * group; h++)
             attend_head(j->q + (size_t)h * j->d_head, j->heads * j->d_head, j->ks + (size_t)g * j->d_head,
-                        j->vs + (size_t)g * j->d_head, kp, vp, padded, j->rows, j->past, total, j->d_head, j->scale,
+                        j->vs + (size_t)g * j->d_head, kp, vp, padded, j->rows, j->past, total, j->d_head, j->dp,
+                        j->scale,
                         j->out + (size_t)h * j->d_head, j->heads * j->d_head, vp + pack);
     }
     _tile_release();
@@ -260,15 +270,16 @@ static void *run_job(void *arg) {
  *   kq, vq [kv_heads, capacity, d_head] int8: the cache buffer, positions [0, past + rows) filled
  *   ks, vs [kv_heads, d_head] fp32
  *   out    [rows, heads, d_head] fp32
- * d_head must be a multiple of 64. Threads are started per call and joined before it returns: no pool that
+ * d_head must be a multiple of 16 (the tiles work on it rounded up to 64, zeros beyond). Threads are started
+ * per call and joined before it returns: no pool that
  * spins between calls and competes with ONNX Runtime's own threads on a small CPU (an OpenMP build's spinning
  * pool made calls between ORT runs up to 10x slower). Returns 0, or -1 where memory or a thread was refused. */
 int pe_causal_attention_int8kv(const float *q, const int8_t *kq, const int8_t *vq, const float *ks, const float *vs,
                                float *out, int rows, int past, int heads, int kv_heads, int capacity, int d_head,
                                float scale, int threads) {
-    const int total = past + rows, padded = (total + BK - 1) / BK * BK;
-    const size_t pack = (size_t)padded * d_head;
-    const size_t work = sizeof(uint16_t) * (BQ * d_head + BQ * BK) + sizeof(float) * (BQ * BK + 2 * BQ * d_head);
+    const int total = past + rows, padded = (total + BK - 1) / BK * BK, dp = (d_head + 63) / 64 * 64;
+    const size_t pack = (size_t)padded * dp;
+    const size_t work = sizeof(uint16_t) * (BQ * dp + BQ * BK) + sizeof(float) * (BQ * BK + 2 * BQ * dp);
     const size_t per_thread = (sizeof(uint16_t) * 2 * pack + work + 63) / 64 * 64;
     if (threads > kv_heads) threads = kv_heads;
     if (threads < 1) threads = 1;
@@ -277,7 +288,7 @@ int pe_causal_attention_int8kv(const float *q, const int8_t *kq, const int8_t *v
     pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
     int status = arena && jobs && ids ? 0 : -1, started = 0;
     for (int t = 0; status == 0 && t < threads; t++) {
-        jobs[t] = (job){q, kq, vq, ks, vs, out, rows, past, heads, kv_heads, capacity, d_head, t, threads, scale,
+        jobs[t] = (job){q, kq, vq, ks, vs, out, rows, past, heads, kv_heads, capacity, d_head, dp, t, threads, scale,
                         arena + per_thread * (size_t)t};
         if (t > 0) {
             if (pthread_create(&ids[t], NULL, run_job, &jobs[t]) != 0) status = -1;

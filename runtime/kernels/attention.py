@@ -1,4 +1,4 @@
-"""A prompt chunk's causal attention over the int8 KV cache, on AMX-BF16 tiles: kernels/cpu/causal_attention.c.
+"""A prompt chunk's causal attention over the int8 KV cache, on AMX-BF16 tiles: runtime/kernels/causal_attention.c.
 
 Why: a 2950-position prefill spends about half its time in attention, which ONNX Runtime's CPU EP runs in
 float32 over every chunk's full S x T product (docs/performance.md). This kernel skips the masked half,
@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.kernels.cpu import build
+from pulse_edge.runtime.kernels import build
 
 SOURCE = "causal_attention.c"
 # Named features, not -march=native: the library's hash then names what it needs, and a build on one
 # machine states the same requirement as on any other.
 ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
-D_MULTIPLE = 64  # the value product runs 64 channels (four 16-column tiles) at a time
+D_MULTIPLE = 16  # whole 16-lane vectors; the tiles run on it rounded up to 64 channels (zeros beyond)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -116,3 +116,16 @@ def reference(q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: 
         weights = np.exp(scores - scores.max(axis=1, keepdims=True))
         out[:, h] = (weights / weights.sum(axis=1, keepdims=True)) @ values[h // group]
     return out
+
+
+class TwinAttention:
+    """`reference` behind the kernel's call: what the export runs the prefill segments with to check the cut
+    itself to float32's rounding, apart from the kernel's bf16 (export/validate/parity.py)."""
+
+    def __call__(self, q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: np.ndarray,
+                 v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None) -> np.ndarray:
+        result = reference(q, k_codes, v_codes, k_scale, v_scale, past=past)
+        if out is None:
+            return result
+        out[...] = result
+        return out

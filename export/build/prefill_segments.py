@@ -1,0 +1,84 @@
+"""The CPU recipes' prefill graph cut at its attentions for the CPU attention kernel, in the export.
+
+    cut_prefill        after the prefill graph is written: the segments beside it (export/graphs/segments.py),
+                       where the kernel runs on this machine (only then can they be validated with it)
+    segments_parity    the segments against the reference, with the kernel's float32 twin (is the cut right?
+                       refuses like any graph) and with the kernel (is bf16 attention close enough here?)
+    drop_segments      the kernel not close enough for this model: the bundle keeps the whole graph only
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pulse_edge.errors import KernelUnavailable
+from pulse_edge.export.graphs.decoder import DecoderShape, LinearPlan
+from pulse_edge.export.graphs.kv_cache import KVScales
+from pulse_edge.export.graphs.prefill import prefill_plan
+from pulse_edge.export.graphs.segments import write_segments
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint
+from pulse_edge.export.quant.context import QuantContext
+from pulse_edge.export.validate.emulate import emulated_reference
+from pulse_edge.export.validate.parity import ValidationPlan, validate_segmented_prefill
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest
+from pulse_edge.runtime.engines.ort import SessionConfig
+from pulse_edge.runtime.kernels.attention import CausalAttention
+
+log = logging.getLogger(__name__)
+
+
+def cut_prefill(work: Path, spec: GraphSpec, shape: DecoderShape) -> GraphSpec:
+    """The prefill graph also cut at its attentions for the CPU attention kernel (export/graphs/segments.py),
+    where the kernel runs on this machine: only then can the export validate the pieces with it."""
+    try:
+        CausalAttention.load()
+    except KernelUnavailable as e:
+        log.info("the prefill graph is not cut for the attention kernel: %s", e)
+        return spec
+    log.info("cutting the prefill graph at its %d attentions (for the CPU attention kernel)", shape.layers)
+    segments = write_segments(work, spec.file, shape.layers, shape.kv_heads, shape.head_dim)
+    written = [*(s.file for s in segments), names.SEGMENT_SCALES_FILE]
+    return replace(spec, segments=segments, segment_scales=names.SEGMENT_SCALES_FILE,
+                   sizes={**spec.sizes, **{f: (work / f).stat().st_size for f in written}})
+
+
+def segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, checks: ValidationPlan,
+                    quant: QuantContext, linear: LinearPlan, kv: KVScales | None, level: str,
+                    session: SessionConfig) -> dict[str, Any]:
+    """The prefill segments against the reference computing the prefill graph's schemes (`linear`'s folds, the
+    prefill scheme), the chunk stored as the prefill graph stores it (+-127) and attended to as cached (as the
+    kernel reads it)."""
+    log.info("validating the prefill segments with the attention kernel at %s positions in two chunks",
+             list(checks.prefill_lengths))
+    own = prefill_plan(quant.recipe, linear, manifest.kv.layers)
+    with emulated_reference(loaded.model, quant.recipe, quant.scales, own, prepacked=session.prepack,
+                            kv=kv, quantized_self=True, symmetric=True):
+        report = validate_segmented_prefill(
+            loaded.model.language_model, bundle, manifest.graphs[names.DECODER], manifest.graphs[names.PREFILL],
+            manifest.kv, precision=level, plan=checks, session=replace(session, prefill_attention="kernel"))
+    return {**report, "tolerance_level": level, "kernel": "AMX-BF16 causal attention (runtime/kernels)",
+            "kept": True}
+
+
+def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Manifest:
+    """The cut is right but the kernel's bf16 attention moves this model's logits past the recipe's bound (large
+    scores: bf16 q moves each by |score| x 2^-9): the bundle keeps only the whole prefill graph. Says so once."""
+    worst = max((c["prefill"] for c in record["cases"]), key=lambda s: s["max_rel_err"])
+    log.warning("the CPU attention kernel's bf16 rounding moves this model's logits by rel err %.2g (cosine %.6f), "
+                "beyond the %s bound: the prefill graph is kept whole (no segments); long prompts prefill in float32",
+                worst["max_rel_err"], worst["cosine"], record["tolerance_level"])
+    record["kept"] = False
+    prefill = manifest.graphs[names.PREFILL]
+    dropped = [*(s.file for s in prefill.segments), str(prefill.segment_scales)]
+    for name in dropped:
+        (work / name).unlink()
+    whole = replace(prefill, segments=(), segment_scales=None,
+                    sizes={k: v for k, v in prefill.sizes.items() if k not in dropped})
+    manifest = replace(manifest, graphs={**manifest.graphs, names.PREFILL: whole},
+                       files={k: v for k, v in manifest.files.items() if k not in dropped})
+    manifest.write(work)
+    return manifest

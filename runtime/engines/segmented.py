@@ -1,0 +1,159 @@
+"""A prefill graph cut at its attentions, run with pulse-edge's CPU attention kernel between the pieces.
+
+    embeds ─ segment 0 ─ q_0 ─ kernel(q_0, int8 cache 0) ─ out_0 ─ segment 1 ─ q_1 ─ ... ─ segment L ─ logits
+               └ stores the chunk's keys and values into cache 0 in place, as the whole prefill graph does
+
+export/graphs/segments.py says how the pieces are cut, runtime/kernels/attention.py what the kernel
+computes. The cache buffers are the decoder's own OrtValues, bound to the segments as past and present and
+read by the kernel in place; the activations that cross segments stay ORT values (no copies, each dropped
+after its last reader); the query and attention-output buffers are numpy arrays both sides write into.
+
+Why it exists: ORT's CPU EP attends over a prompt chunk in float32 over the full S x T product; the kernel,
+on AMX-BF16 tiles, skips the masked half (4x faster per chunk, docs/performance.md). Where the kernel cannot
+run (no AMX-BF16, no compiler) the whole prefill graph runs as before: `open_segmented` returns None and says
+why in one log line, or, asked for the kernel outright, refuses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout, SegmentSpec
+from pulse_edge.runtime.engines.graph_io import check_segment_io
+from pulse_edge.runtime.kernels.attention import CausalAttention
+
+log = logging.getLogger(__name__)
+
+# ORT's pool spins after a run and then competes with the kernel for the cores: on 2 cores the kernel ran
+# ~25% slower between ORT runs (90 against 68 ms per 2048-position chunk), ORT's own time the same either way
+NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
+
+
+def _int8_view(value: Any) -> np.ndarray:
+    """A cache OrtValue [1, kv_heads, max_length, head_dim] int8 as a numpy array over the same memory."""
+    shape = tuple(value.shape())[1:]
+    buffer = (ctypes.c_int8 * int(np.prod(shape))).from_address(value.data_ptr())
+    return np.ctypeslib.as_array(buffer).reshape(shape)
+
+
+def load_scales(path: Path, kv: KVLayout) -> np.ndarray:
+    """The kernel's cache scales [layers, 2, kv_heads, head_dim]: positive and finite, or the bundle is damaged."""
+    try:
+        scales = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path} cannot be read ({e}); re-export the bundle") from e
+    wanted = (kv.layers, 2, kv.kv_heads, kv.head_dim)
+    if scales.shape != wanted or scales.dtype != np.float32 or not (np.isfinite(scales).all() and (scales > 0).all()):
+        raise BundleError(f"{path} holds {scales.dtype} {list(scales.shape)}, not positive finite float32 "
+                          f"{list(wanted)}; re-export the bundle")
+    return scales
+
+
+class SegmentedPrefill:
+    """Runs inputs of many positions through the segments and the kernel, on the decoder's cache and logits."""
+
+    def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, cache: Sequence[Any], logits: np.ndarray,
+                 sessions: Sequence[Any], kernel: CausalAttention, threads: int) -> None:
+        self.spec, self.kv, self.kernel, self.threads, self.logits = spec, kv, kernel, threads, logits
+        self.sessions = list(sessions)
+        for session, segment in zip(self.sessions, spec.segments, strict=True):
+            check_segment_io(segment, session)
+        self.scales = load_scales(bundle / str(spec.segment_scales), kv)
+        past, present = names.kv_names(kv.layers, "past"), names.kv_names(kv.layers, "present")
+        self.cache = {**dict(zip(past, cache, strict=True)), **dict(zip(present, cache, strict=True))}
+        self.codes = [_int8_view(value) for value in cache]  # [kv_heads, max_length, head_dim] per layer and part
+        self.width = _query_width(self.sessions[0])
+        self.last_use = {name: k for k, seg in enumerate(spec.segments) for name in seg.inputs}
+        self.bindings = [session.io_binding() for session in self.sessions]
+
+    @property
+    def layers(self) -> int:
+        return self.kv.layers
+
+    def forward(self, embeds: np.ndarray, past: int) -> None:
+        """embeds [1, S, H] float32 at positions [past, past + S): the chunk cached, the logits buffer filled."""
+        steps, total = embeds.shape[1], past + embeds.shape[1]
+        fed = {names.INPUTS_EMBEDS: embeds, names.TOTAL_SEQUENCE_LENGTH: np.array(total, np.int32),
+               names.SEQLENS_K: np.array([total - 1], np.int32)}
+        query = np.empty((1, steps, self.width), np.float32)  # [1, S, N D]
+        attended = np.empty_like(query)
+        carried: dict[str, Any] = {}
+        for k, (session, binding, segment) in enumerate(zip(self.sessions, self.bindings, self.spec.segments,
+                                                            strict=True)):
+            self._bind(binding, segment, {**fed, **carried}, query, attended)
+            session.run_with_iobinding(binding)
+            carried = self._carry(k, binding, segment, carried)
+            if k < self.layers:
+                self._attend(k, query, attended, past)
+
+    def _bind(self, binding: Any, segment: SegmentSpec, values: dict[str, Any], query: np.ndarray,
+              attended: np.ndarray) -> None:
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name in segment.inputs:
+            if name in self.cache:
+                binding.bind_ortvalue_input(name, self.cache[name])
+            elif name.endswith(".attn.out"):
+                binding.bind_cpu_input(name, attended)
+            elif isinstance(values[name], np.ndarray):
+                binding.bind_cpu_input(name, values[name])
+            else:
+                binding.bind_ortvalue_input(name, values[name])
+        for name in segment.outputs:  # bound in the segment's order: get_outputs() answers in it
+            if name in self.cache:
+                binding.bind_ortvalue_output(name, self.cache[name])
+            elif name.endswith(".attn.q"):
+                binding.bind_output(name, "cpu", 0, np.float32, list(query.shape), query.ctypes.data)
+            elif name == names.LOGITS:
+                binding.bind_output(name, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+            else:
+                binding.bind_output(name, "cpu")
+
+    def _carry(self, k: int, binding: Any, segment: SegmentSpec, carried: dict[str, Any]) -> dict[str, Any]:
+        """What later segments read: this segment's other outputs, and what is still to be read of before."""
+        produced = dict(zip(segment.outputs, binding.get_outputs(), strict=True))
+        kept = {n: v for n, v in carried.items() if self.last_use.get(n, -1) > k}
+        return {**kept, **{n: v for n, v in produced.items() if self.last_use.get(n, -1) > k}}
+
+    def _attend(self, layer: int, query: np.ndarray, attended: np.ndarray, past: int) -> None:
+        steps = query.shape[1]
+        heads = self.width // self.kv.head_dim
+        self.kernel(query.reshape(steps, heads, self.kv.head_dim), self.codes[2 * layer], self.codes[2 * layer + 1],
+                    self.scales[layer, 0], self.scales[layer, 1], past=past, threads=self.threads,
+                    out=attended.reshape(steps, heads, self.kv.head_dim))
+
+
+def _query_width(session: Any) -> int:
+    """N x D of the queries, as segment 0 declares its query output [1, sequence, N D]."""
+    found = [o.shape[-1] for o in session.get_outputs() if o.name == names.attention_query_name(0)]
+    if not found or not isinstance(found[0], int):
+        raise BundleError("the first prefill segment does not declare its query's width; re-export the bundle")
+    return found[0]
+
+
+def kernel_for(spec: GraphSpec, mode: str, provider: str) -> CausalAttention | None:
+    """The attention kernel for a cut prefill graph, or None where the whole graph runs (module doc)."""
+    if mode == "graph":
+        return None
+    if not spec.segments:
+        if mode == "kernel":
+            raise ConfigError("this bundle's prefill graph is not cut for the attention kernel (it has no segments); "
+                              "re-export it, or use --prefill-attention auto")
+        return None
+    if provider != "cpu":
+        return None
+    try:
+        return CausalAttention.load()
+    except KernelUnavailable as e:
+        if mode == "kernel":
+            raise ConfigError(f"--prefill-attention kernel: {e}") from e
+        log.info("prefill attention: the whole prefill graph runs (%s)", e)
+        return None

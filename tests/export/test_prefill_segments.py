@@ -1,0 +1,182 @@
+"""The prefill graph cut at its attentions (export/graphs/segments.py) and run with the CPU attention kernel
+(runtime/engines/segmented.py), on an int8 bundle of the tiny model.
+
+Where the kernel cannot run (no AMX-BF16 or no compiler) the export writes no segments: those tests skip with
+the kernel's reason; the fallback tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate
+from pulse_edge.calibration.recipes import make_recipe
+from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
+from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+from pulse_edge.export.graphs.segments import build_segments
+from pulse_edge.export.quant.context import QuantSettings
+from pulse_edge.export.validate.parity import ValidationPlan
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
+from pulse_edge.runtime.engines.ort import SessionConfig
+from pulse_edge.runtime.kernels.attention import CausalAttention
+from pulse_edge.runtime.pipeline import Pipeline
+
+LAYERS = 2  # the tiny decoder
+
+
+@pytest.fixture(scope="module")
+def kernel_here() -> None:
+    try:
+        CausalAttention.load()
+    except KernelUnavailable as e:
+        pytest.skip(f"the export writes no segments here: {e}")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_pipeline, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("segments")
+    scales = calibrate(tiny_pipeline.loaded, tiny_pipeline.tokenizer, CalibrationOptions(samples=6))
+    scales_file = scales.save(root / "scales.npz")
+    settings = QuantSettings(make_recipe("int8"), scales=scales_file, held_out=2)
+    return export_bundle(tiny_checkpoint, root / "int8", ExportOptions(precision="int8", plan=ValidationPlan.quick(),
+                                                                      quant=settings))
+
+
+def _embeds(length: int, hidden: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((1, length, hidden)) * 0.5).astype(np.float32)
+
+
+def _prefill(bundle: Path, mode: str, embeds: np.ndarray, cut: int) -> tuple[np.ndarray, list[np.ndarray], str]:
+    """The logits after two chunks, the cache as left, and what prefilled."""
+    pipeline = Pipeline.from_bundle(bundle, session=SessionConfig(threads=1, prefill_attention=mode))
+    decoder = pipeline.engine.decoder
+    decoder.forward(embeds[:, :cut])
+    logits = decoder.forward(embeds[:, cut:]).copy()
+    return logits, [value.numpy().copy() for value in decoder._cache], pipeline.prefilled_by
+
+
+def test_the_export_cuts_validates_and_records_the_segments(bundle: Path, kernel_here: None) -> None:
+    manifest = read_manifest(bundle)
+    prefill = manifest.graphs[names.PREFILL]
+    assert [s.file for s in prefill.segments] == [names.SEGMENT_FILE.format(k) for k in range(LAYERS + 1)]
+    assert prefill.segment_scales == names.SEGMENT_SCALES_FILE
+    assert all(s.file in manifest.files for s in prefill.segments) and prefill.segment_scales in manifest.files
+    parity = manifest.validation["decoder"]["prefill_segments"]
+    assert parity["pass"] and parity["cases"] and all(len(c["chunks"]) == 2 for c in parity["cases"])
+    # the fidelity against fp32 was measured on what serves long prompts here: the segments with the kernel
+    assert manifest.calibration.fidelity["prefilled_by"] == "prefill graph segments + attention kernel"
+    # only nodes were written: every segment's weights point into prefill.onnx.data
+    for segment in prefill.segments:
+        proto = onnx.load(str(bundle / segment.file), load_external_data=False)
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations <= {"prefill.onnx.data"}
+        assert (bundle / segment.file).stat().st_size < 64 * 1024
+
+
+def test_the_segments_store_what_the_whole_graph_stores(bundle: Path, kernel_here: None) -> None:
+    """Layer 0 reads only the embeddings: its cached codes (rotary, quantization, position) are bit for bit the
+    whole graph's. Later layers see the kernel's bf16 attention; the logits stay close."""
+    hidden = read_manifest(bundle).text.hidden_size
+    embeds = _embeds(70, hidden)
+    whole, whole_cache, whole_by = _prefill(bundle, "graph", embeds, 40)
+    cut, cut_cache, cut_by = _prefill(bundle, "kernel", embeds, 40)
+    assert (whole_by, cut_by) == ("prefill graph", "prefill graph segments + attention kernel")
+    positions = slice(0, 70)
+    for part in range(2):
+        np.testing.assert_array_equal(cut_cache[part][:, :, positions], whole_cache[part][:, :, positions])
+    cosine = float(whole @ cut / np.linalg.norm(whole) / np.linalg.norm(cut))
+    assert cosine > 0.999 and int(np.argmax(whole)) == int(np.argmax(cut))
+
+
+def test_without_the_kernel_the_whole_graph_prefills(bundle: Path, kernel_here: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable(cls: type, cache: Path | None = None) -> CausalAttention:
+        raise KernelUnavailable("the AMX-BF16 prefill attention needs CPU features this machine lacks (amx_bf16)")
+
+    monkeypatch.setattr(CausalAttention, "load", classmethod(unavailable))
+    assert Pipeline.from_bundle(bundle).prefilled_by == "prefill graph"
+    with pytest.raises(ConfigError, match=r"--prefill-attention kernel: .*lacks \(amx_bf16\)"):
+        Pipeline.from_bundle(bundle, session=SessionConfig(prefill_attention="kernel"))
+
+
+def test_asking_for_the_kernel_on_an_uncut_bundle_is_refused(tiny_bundle: Path, bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="has no prefill graph, so none is cut"):
+        Pipeline.from_bundle(tiny_bundle, session=SessionConfig(prefill_attention="kernel"))
+    whole = _copy(bundle, tmp_path / "whole")  # a prefill graph without segments (an older export, or dropped)
+    _rewrite(whole, lambda d: [d["graphs"]["prefill"].pop(k, None) for k in ("segments", "segment_scales")])
+    with pytest.raises(ConfigError, match="not cut for the attention kernel"):
+        Pipeline.from_bundle(whole, session=SessionConfig(prefill_attention="kernel"))
+    assert Pipeline.from_bundle(whole).prefilled_by == "prefill graph"
+
+
+def _copy(bundle: Path, dest: Path) -> Path:
+    shutil.copytree(bundle, dest)
+    return dest
+
+
+def _rewrite(bundle: Path, change) -> None:
+    data = json.loads((bundle / "manifest.json").read_text())
+    change(data)
+    (bundle / "manifest.json").write_text(json.dumps(data))
+
+
+def test_damaged_scales_or_segments_are_one_line(bundle: Path, kernel_here: None, tmp_path: Path) -> None:
+    broken = _copy(bundle, tmp_path / "nan")
+    scales = np.load(broken / names.SEGMENT_SCALES_FILE)
+    scales[0, 0, 0, 0] = np.nan
+    np.save(broken / names.SEGMENT_SCALES_FILE, scales)
+    _rewrite(broken, lambda d: d["files"].pop(names.SEGMENT_SCALES_FILE) and d["files"].update(
+        {names.SEGMENT_SCALES_FILE: _record(broken / names.SEGMENT_SCALES_FILE)}))
+    with pytest.raises(BundleError, match="not positive finite float32"):
+        Pipeline.from_bundle(broken, session=SessionConfig(prefill_attention="kernel"))
+    short = _copy(bundle, tmp_path / "short")
+    _rewrite(short, lambda d: d["graphs"]["prefill"]["segments"].pop())
+    with pytest.raises(BundleError, match=f"holds {LAYERS} segments for {LAYERS} layers"):
+        Pipeline.from_bundle(short)
+
+
+def _record(path: Path) -> dict:
+    from dataclasses import asdict
+
+    from pulse_edge.runtime.bundle.integrity import file_record
+
+    return asdict(file_record(path))
+
+
+def test_manifest_round_trip_keeps_segments_and_omits_them_when_absent(bundle: Path, kernel_here: None) -> None:
+    manifest = read_manifest(bundle)
+    again = Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
+    assert again.graphs[names.PREFILL].segments == manifest.graphs[names.PREFILL].segments
+    uncut = replace(manifest, graphs={**manifest.graphs, names.PREFILL: replace(
+        manifest.graphs[names.PREFILL], segments=(), segment_scales=None)})
+    assert "segments" not in uncut.to_dict()["graphs"][names.PREFILL]
+
+
+def test_segments_the_kernel_is_not_close_enough_for_are_dropped(bundle: Path, kernel_here: None,
+                                                                 tmp_path: Path) -> None:
+    """The export's answer when the twin passes but the kernel's bf16 does not (export/build/prefill_segments.py):
+    the files go, the manifest keeps the whole graph, and the bundle still loads and prefills."""
+    from pulse_edge.export.build.prefill_segments import drop_segments
+
+    copy = _copy(bundle, tmp_path / "drop")
+    record = {"cases": [{"prefill": {"max_rel_err": 0.09, "cosine": 0.995}}], "tolerance_level": "int8 prefill"}
+    manifest = drop_segments(copy, read_manifest(copy), record)
+    assert record["kept"] is False and not manifest.graphs[names.PREFILL].segments
+    assert not list(copy.glob("prefill.seg*.onnx")) and not (copy / names.SEGMENT_SCALES_FILE).exists()
+    assert read_manifest(copy).graphs[names.PREFILL].segment_scales is None
+    assert Pipeline.from_bundle(copy, verify=True).prefilled_by == "prefill graph"
+
+
+def test_a_graph_without_an_int8_cache_cannot_be_cut(tiny_bundle: Path) -> None:
+    """The tiny float bundle's decoder attends in one GroupQueryAttention without the int8 cache's stores."""
+    proto = onnx.load(str(tiny_bundle / "decoder.onnx"), load_external_data=False)
+    with pytest.raises(ValueError, match=r"not a prefill graph over an int8 cache|only GroupQueryAttention"):
+        build_segments(proto, LAYERS, 4, 16)
