@@ -236,8 +236,6 @@ def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, 
     return graphs, plan
 
 
-
-
 def _warn_below_recommended(precision: str, recommended: dict[str, Any]) -> None:
     """One loud line when the recipe's fidelity is below its recommended level; the bundle is kept."""
     if recommended["below"]:
@@ -276,11 +274,15 @@ def failure_summary(validation: dict[str, Any]) -> str:
     for run in validation["greedy"]["runs"]:
         if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
             parts.append(f"greedy tokens differ from token {run['first_divergence']}")
-    for case in (validation["decoder"].get("prefill_segments") or {}).get("cases", []):
+    segments = validation["decoder"].get("prefill_segments") or {}
+    for case in segments.get("cases", []):
         if not case["pass"]:  # the cut itself (the kernel's own rounding drops the segments instead: _validate)
             twin = case["prefill_twin"]
             parts.append(f"prefill segments with the kernel's float32 twin after {case['prefill_length']} positions "
                          f"in two chunks: rel err {twin['max_rel_err']:.2g}, cosine {twin['cosine']:.6f}")
+        elif not segments.get("kernel_plausible", True):
+            parts.append(f"the CPU attention kernel after {case['prefill_length']} positions: cosine "
+                         f"{case['kernel_vs_twin']['cosine']:.6f} to its float32 twin, beyond its bf16 rounding")
     return "; ".join(parts[:3]) + (f"; +{len(parts) - 3} more" if len(parts) > 3 else "")
 
 
@@ -310,7 +312,7 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     fidelity against fp32 (as served: after prefill segments the kernel is not accurate enough for are dropped)."""
     validation = bundle_parity(loaded, work, manifest, options, quant, plan)
     segments = validation["decoder"].get("prefill_segments")
-    if segments and segments["pass"] and not segments["kernel_pass"]:
+    if segments and segments["pass"] and not segments["kernel_pass"]:  # the cut right, the kernel's rounding not
         manifest = drop_segments(work, manifest, segments)
     wanted = quant is not None or options.fp16_cache
     return validation, (_fidelity(loaded, work, manifest, quant, options.held_out) if wanted else None), manifest
@@ -388,8 +390,6 @@ def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
         report = validate_decoder(lm, bundle, spec, manifest.kv, precision=level, plan=options.plan, session=session)
         sites = decoder_sites_parity(lm, bundle, spec, manifest.kv, session, options.plan.tolerances["site"])
     return {**report, "tolerance_level": level, "sites": sites, "pass": bool(report["pass"] and sites["pass"])}
-
-
 
 
 def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: QuantContext | None,

@@ -29,6 +29,13 @@ from pulse_edge.runtime.engines.ort import SessionConfig
 from pulse_edge.runtime.kernels.attention import CausalAttention
 
 log = logging.getLogger(__name__)
+# What the kernel's bf16 rounding alone may move the logits by, as the cosine between the segments run with the
+# kernel and with its float32 twin (same cut, same model): from KEEP_COSINE up the segments stay; down to
+# ROUNDING_MIN_COSINE the rounding is too coarse for this model (large scores: bf16 q moves each by |score| x
+# 2^-9) and they are dropped; below it the kernel computes something else and the export is refused. Measured:
+# the tiny int4 model 0.99992 (against the reference); the outlier-channel test model (80x channels) 0.9957.
+KEEP_COSINE = 0.999
+ROUNDING_MIN_COSINE = 0.99
 
 
 def cut_prefill(work: Path, spec: GraphSpec, shape: DecoderShape) -> GraphSpec:
@@ -59,18 +66,24 @@ def segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
                             kv=kv, quantized_self=True, symmetric=True):
         report = validate_segmented_prefill(
             loaded.model.language_model, bundle, manifest.graphs[names.DECODER], manifest.graphs[names.PREFILL],
-            manifest.kv, precision=level, plan=checks, session=replace(session, prefill_attention="kernel"))
-    return {**report, "tolerance_level": level, "kernel": "AMX-BF16 causal attention (runtime/kernels)",
-            "kept": True}
+            manifest.kv, precision=level, plan=checks,
+            session=replace(session, prefill_attention="kernel", prefill_graph="on"))  # "on": whatever memory says
+    cosines = [c["kernel_vs_twin"]["cosine"] for c in report["cases"]]
+    keep, plausible = (bool(cosines) and min(cosines) >= bound for bound in (KEEP_COSINE, ROUNDING_MIN_COSINE))
+    # the verdict: the cut right, and the kernel either close to its twin or off by what its rounding explains
+    # (then the segments are dropped, drop_segments); further off, the kernel computes something else: refused
+    return {**report, "twin_pass": report["pass"], "kernel_pass": keep, "kernel_plausible": plausible,
+            "pass": bool(report["pass"] and plausible), "tolerance_level": level,
+            "kernel_keep_cosine": KEEP_COSINE, "kernel": "AMX-BF16 causal attention (runtime/kernels)", "kept": True}
 
 
 def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Manifest:
-    """The cut is right but the kernel's bf16 attention moves this model's logits past the recipe's bound (large
+    """The cut is right but the kernel's bf16 attention moves this model's logits too far from its twin's (large
     scores: bf16 q moves each by |score| x 2^-9): the bundle keeps only the whole prefill graph. Says so once."""
-    worst = max((c["prefill"] for c in record["cases"]), key=lambda s: s["max_rel_err"])
-    log.warning("the CPU attention kernel's bf16 rounding moves this model's logits by rel err %.2g (cosine %.6f), "
-                "beyond the %s bound: the prefill graph is kept whole (no segments); long prompts prefill in float32",
-                worst["max_rel_err"], worst["cosine"], record["tolerance_level"])
+    worst = min(c["kernel_vs_twin"]["cosine"] for c in record["cases"])
+    log.warning("the CPU attention kernel's bf16 rounding moves this model's logits to cosine %.6f of its float32 "
+                "twin's (kept from %s): the prefill graph is kept whole (no segments); long prompts prefill in "
+                "float32", worst, KEEP_COSINE)
     record["kept"] = False
     prefill = manifest.graphs[names.PREFILL]
     dropped = [*(s.file for s in prefill.segments), str(prefill.segment_scales)]

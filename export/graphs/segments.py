@@ -57,8 +57,7 @@ def _open_attention(gqa: onnx.NodeProto, i: int, kv_heads: int, head_dim: int) -
     """Layer i's GQA replaced by what the kernel needs before it (module doc): rotary q out, k and v to the store."""
     attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
     heads, p = int(attrs["num_heads"]), f"layers.{i}.attn"
-    if int(attrs.get("do_rotary", 0)) != 1 or int(attrs.get("rotary_interleaved", 0)) != 0:
-        raise ValueError(f"{gqa.name}: only GroupQueryAttention with half-split rotary inside can be opened")
+    _check_attention(gqa.name, attrs, kv_heads, head_dim)
     qkv, cos, sin = gqa.input[0], gqa.input[7], gqa.input[8]
     widths = numpy_helper.from_array(np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim],
                                               np.int64), f"{p}.split_widths")
@@ -75,6 +74,19 @@ def _open_attention(gqa: onnx.NodeProto, i: int, kv_heads: int, head_dim: int) -
                   helper.make_node("Transpose", [f"{p}.{part}_bsnh"], [f"{p}.{part}_new"], name=f"{p}/{part}_bnsh",
                                    perm=[0, 2, 1, 3])]
     return nodes, [widths, bnsh]
+
+
+def _check_attention(name: str, attrs: dict, kv_heads: int, head_dim: int) -> None:
+    """The attention the kernel computes (runtime/kernels/attention.py): half-split rotary inside, scale
+    head_dim^-0.5, no softcap, no local window, `kv_heads` kv heads. Anything else would change silently."""
+    wanted = {"do_rotary": 1, "rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1,
+              "kv_num_heads": kv_heads}
+    defaults = {"rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1}
+    for key, value in wanted.items():
+        if attrs.get(key, defaults.get(key)) != value:
+            raise ValueError(f"{name}: {key} {attrs.get(key)!r}, the attention kernel computes {value!r}; not cut")
+    if abs(float(attrs.get("scale", head_dim ** -0.5)) - head_dim ** -0.5) > 1e-6 * head_dim ** -0.5:
+        raise ValueError(f"{name}: scale {attrs['scale']}, the attention kernel computes head_dim^-0.5; not cut")
 
 
 def _removed(i: int) -> set[str]:
@@ -98,10 +110,14 @@ def open_graph(model: onnx.ModelProto, layers: int, kv_heads: int, head_dim: int
             added += consts
         elif node.name not in drop:
             nodes.append(node)
+            if "kv.past_len" in node.output:  # in topological order: right after what they read
+                nodes += position_nodes
     missing = [name for name in by_layer if name not in {n.name for n in model.graph.node}]
     if missing:
         raise ValueError(f"the prefill graph has no {missing[0]}: not a graph export/graphs/kv_cache.py wrote")
-    return position_nodes + nodes, added
+    if not any(n.name == position_nodes[0].name for n in nodes):
+        raise ValueError("the graph has no kv/past_len: not a prefill graph over an int8 cache")
+    return nodes, added
 
 
 def _cut(nodes: list[onnx.NodeProto], layers: int) -> tuple[list[onnx.NodeProto], list[list[onnx.NodeProto]]]:

@@ -103,8 +103,8 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, decoder: Grap
     goes in two chunks (the second attends over the first from the cache), twice: with the kernel's float32
     twin between the segments, which checks the cut itself (to float rounding, as the whole graph is checked),
     and with the kernel (its bf16 q and weights on top). "pass" is the twin's verdict under `precision`'s
-    bound (is the cut right?); "kernel_pass" the kernel's under the same bound (is bf16 attention close enough
-    for this model?)."""
+    bound (is the cut right?); "kernel_vs_twin" what the kernel's rounding alone moves (export/build/
+    prefill_segments.py decides on it)."""
     tol = plan.tolerances[precision]
     engine = decoder_engine(bundle, decoder, kv, lm.config.vocab_size, session, prefill=segmented)
     if engine.segmented is None:
@@ -113,7 +113,8 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, decoder: Grap
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight
     shortest = 2 * PREFILL_GRAPH_MIN_POSITIONS  # two chunks, each long enough for the prefill path
-    lengths = [n for n in plan.prefill_lengths if shortest <= n < kv.max_length] or [shortest]
+    lengths = [n for n in plan.prefill_lengths if shortest <= n < kv.max_length] or [
+        n for n in [shortest] if n < kv.max_length]
     cases = []
     for length in lengths:
         embeds = _sample_embeds(lm, length, generator)
@@ -121,15 +122,17 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, decoder: Grap
         with torch.inference_mode():
             ref, _ = prefill(lm, embeds.to(table.dtype))
         case: dict[str, Any] = {"prefill_length": length, "chunks": [first, length - first]}
+        logits = {}
         for key, kernel in attention.items():
             engine.segmented.kernel = kernel
             engine.reset()
             engine.forward(embeds[:, :first].numpy())
-            case[key] = compare_logits(engine.forward(embeds[:, first:].numpy()), ref.float().numpy())
-        case["pass"], case["kernel_pass"] = _passes(case["prefill_twin"], tol), _passes(case["prefill"], tol)
+            logits[key] = engine.forward(embeds[:, first:].numpy()).copy()
+            case[key] = compare_logits(logits[key], ref.float().numpy())
+        case["kernel_vs_twin"] = compare_logits(logits["prefill"], logits["prefill_twin"])
+        case["pass"] = _passes(case["prefill_twin"], tol)
         cases.append(case)
-    return {"tolerance": asdict(tol), "cases": cases, "pass": bool(cases) and all(c["pass"] for c in cases),
-            "kernel_pass": bool(cases) and all(c["kernel_pass"] for c in cases)}
+    return {"tolerance": asdict(tol), "cases": cases, "pass": bool(cases) and all(c["pass"] for c in cases)}
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:

@@ -26,7 +26,8 @@ def check_graph_io(spec: GraphSpec, session: Any) -> None:
 
 
 def check_segment_io(segment: SegmentSpec, session: Any) -> None:
-    """A prefill segment's names against its manifest entry, in order: the runtime binds its outputs by it."""
+    """A prefill segment's names against its manifest entry (as sets: the runtime binds by name, in the manifest's
+    order)."""
     for kind, declared, found in (("inputs", segment.inputs, session.get_inputs()),
                                   ("outputs", segment.outputs, session.get_outputs())):
         if sorted(declared) != sorted(arg.name for arg in found):

@@ -5,13 +5,14 @@
 
 export/graphs/segments.py says how the pieces are cut, runtime/kernels/attention.py what the kernel
 computes. The cache buffers are the decoder's own OrtValues, bound to the segments as past and present and
-read by the kernel in place; the activations that cross segments stay ORT values (no copies, each dropped
-after its last reader); the query and attention-output buffers are numpy arrays both sides write into.
+read by the kernel in place; the activations that cross segments stay ORT values (no copies; each binding is
+cleared once the last segment that reads its outputs has run); the query and attention-output buffers are
+numpy arrays both sides write into.
 
 Why it exists: ORT's CPU EP attends over a prompt chunk in float32 over the full S x T product; the kernel,
-on AMX-BF16 tiles, skips the masked half (4x faster per chunk, docs/performance.md). Where the kernel cannot
-run (no AMX-BF16, no compiler) the whole prefill graph runs as before: `open_segmented` returns None and says
-why in one log line, or, asked for the kernel outright, refuses.
+on AMX-BF16 tiles, skips the masked half (3.9-5.1x faster per chunk than ORT's form of it, docs/performance.md).
+Where the kernel cannot run (no AMX-BF16, no compiler) the whole prefill graph runs as before: `kernel_for`
+returns None and says why in one log line, or, asked for the kernel outright, refuses.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import numpy as np
 
 from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
 from pulse_edge.runtime.bundle import names
-from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout, SegmentSpec
+from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.engines.graph_io import check_segment_io
 from pulse_edge.runtime.kernels.attention import CausalAttention
+from pulse_edge.runtime.kernels.build import CPUUnsupported
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,10 @@ def load_scales(path: Path, kv: KVLayout) -> np.ndarray:
 class SegmentedPrefill:
     """Runs inputs of many positions through the segments and the kernel, on the decoder's cache and logits."""
 
+    FED = (names.INPUTS_EMBEDS, names.TOTAL_SEQUENCE_LENGTH, names.SEQLENS_K)  # what forward() binds itself
+
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, cache: Sequence[Any], logits: np.ndarray,
-                 sessions: Sequence[Any], kernel: CausalAttention, threads: int) -> None:
+                 sessions: Sequence[Any], kernel: Any, threads: int) -> None:
         self.spec, self.kv, self.kernel, self.threads, self.logits = spec, kv, kernel, threads, logits
         self.sessions = list(sessions)
         for session, segment in zip(self.sessions, spec.segments, strict=True):
@@ -72,7 +76,22 @@ class SegmentedPrefill:
         self.codes = [_int8_view(value) for value in cache]  # [kv_heads, max_length, head_dim] per layer and part
         self.width = _query_width(self.sessions[0])
         self.last_use = {name: k for k, seg in enumerate(spec.segments) for name in seg.inputs}
+        self._check_chain()
+        # binding k can be cleared once every segment reading one of its outputs has run
+        self.release_after = [max([k, *(self.last_use.get(o, k) for o in seg.outputs)])
+                              for k, seg in enumerate(spec.segments)]
         self.bindings = [session.io_binding() for session in self.sessions]
+
+    def _check_chain(self) -> None:
+        """Every segment input is fed, a cache buffer, the attention output before it, or an earlier output."""
+        produced: set[str] = set()
+        for k, segment in enumerate(self.spec.segments):
+            known = {*self.FED, *self.cache, *produced, *([names.attention_output_name(k - 1)] if k else [])}
+            unknown = [name for name in segment.inputs if name not in known]
+            if unknown:
+                raise BundleError(f"{segment.file} reads {unknown[0]!r}, which no earlier segment writes; the "
+                                  "manifest was edited or the bundle is damaged; re-export it")
+            produced.update(segment.outputs)
 
     @property
     def layers(self) -> int:
@@ -86,22 +105,26 @@ class SegmentedPrefill:
         query = np.empty((1, steps, self.width), np.float32)  # [1, S, N D]
         attended = np.empty_like(query)
         carried: dict[str, Any] = {}
-        for k, (session, binding, segment) in enumerate(zip(self.sessions, self.bindings, self.spec.segments,
-                                                            strict=True)):
-            self._bind(binding, segment, {**fed, **carried}, query, attended)
-            session.run_with_iobinding(binding)
-            carried = self._carry(k, binding, segment, carried)
-            if k < self.layers:
-                self._attend(k, query, attended, past)
+        try:
+            for k, (session, binding) in enumerate(zip(self.sessions, self.bindings, strict=True)):
+                self._bind(k, binding, {**fed, **carried}, query, attended)
+                session.run_with_iobinding(binding)
+                carried = self._carry(k, binding, carried)
+                if k < self.layers:
+                    self._attend(k, query, attended, past)
+                self._release(k)
+        finally:
+            for binding in self.bindings:  # nothing keeps a pointer into this call's numpy buffers
+                binding.clear_binding_inputs()
+                binding.clear_binding_outputs()
 
-    def _bind(self, binding: Any, segment: SegmentSpec, values: dict[str, Any], query: np.ndarray,
-              attended: np.ndarray) -> None:
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+    def _bind(self, k: int, binding: Any, values: dict[str, Any], query: np.ndarray, attended: np.ndarray) -> None:
+        segment = self.spec.segments[k]
+        attention_in = names.attention_output_name(k - 1) if k else None
         for name in segment.inputs:
             if name in self.cache:
                 binding.bind_ortvalue_input(name, self.cache[name])
-            elif name.endswith(".attn.out"):
+            elif name == attention_in:
                 binding.bind_cpu_input(name, attended)
             elif isinstance(values[name], np.ndarray):
                 binding.bind_cpu_input(name, values[name])
@@ -110,18 +133,26 @@ class SegmentedPrefill:
         for name in segment.outputs:  # bound in the segment's order: get_outputs() answers in it
             if name in self.cache:
                 binding.bind_ortvalue_output(name, self.cache[name])
-            elif name.endswith(".attn.q"):
+            elif name == names.attention_query_name(k):
                 binding.bind_output(name, "cpu", 0, np.float32, list(query.shape), query.ctypes.data)
             elif name == names.LOGITS:
                 binding.bind_output(name, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
             else:
                 binding.bind_output(name, "cpu")
 
-    def _carry(self, k: int, binding: Any, segment: SegmentSpec, carried: dict[str, Any]) -> dict[str, Any]:
-        """What later segments read: this segment's other outputs, and what is still to be read of before."""
-        produced = dict(zip(segment.outputs, binding.get_outputs(), strict=True))
+    def _carry(self, k: int, binding: Any, carried: dict[str, Any]) -> dict[str, Any]:
+        """What later segments read: this segment's other outputs, and what is still to be read of before.
+        (get_outputs() hands out a copy of the binding's values: clearing the binding later leaves them valid.)"""
+        produced = dict(zip(self.spec.segments[k].outputs, binding.get_outputs(), strict=True))
         kept = {n: v for n, v in carried.items() if self.last_use.get(n, -1) > k}
         return {**kept, **{n: v for n, v in produced.items() if self.last_use.get(n, -1) > k}}
+
+    def _release(self, k: int) -> None:
+        """Clear the bindings whose outputs no later segment reads: the arena gets their activations back."""
+        self.bindings[k].clear_binding_inputs()
+        for j in range(k + 1):
+            if self.release_after[j] == k:
+                self.bindings[j].clear_binding_outputs()
 
     def _attend(self, layer: int, query: np.ndarray, attended: np.ndarray, past: int) -> None:
         steps = query.shape[1]
@@ -149,11 +180,16 @@ def kernel_for(spec: GraphSpec, mode: str, provider: str) -> CausalAttention | N
                               "re-export it, or use --prefill-attention auto")
         return None
     if provider != "cpu":
+        if mode == "kernel":
+            raise ConfigError(f"--prefill-attention kernel: the kernel runs on the CPU, not with --provider {provider}")
         return None
     try:
         return CausalAttention.load()
     except KernelUnavailable as e:
         if mode == "kernel":
             raise ConfigError(f"--prefill-attention kernel: {e}") from e
-        log.info("prefill attention: the whole prefill graph runs (%s)", e)
+        # a CPU without AMX is expected (one info line); a compiler or permission missing where the CPU has it
+        # costs this machine its fast prefill: a warning
+        log.log(logging.INFO if isinstance(e, CPUUnsupported) else logging.WARNING,
+                "prefill attention: the whole prefill graph runs (%s)", e)
         return None

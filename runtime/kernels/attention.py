@@ -19,6 +19,8 @@ applied at the end) and multiplies on AMX tiles; only q and the softmax weights 
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ SOURCE = "causal_attention.c"
 # machine states the same requirement as on any other.
 ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
+SELF_TEST_TOL = 1e-2  # bf16 q and weights give ~2e-3 on scores near N(0, 1); a wrong mask or stride gives O(1)
 D_MULTIPLE = 16  # whole 16-lane vectors; the tiles run on it rounded up to 64 channels (zeros beyond)
 
 _P = ctypes.c_void_p
@@ -75,12 +78,33 @@ class CausalAttention:
         build.require_cpu(CPU_FEATURES, "the AMX-BF16 prefill attention")
         path = build.build(build.SOURCE_DIR / SOURCE, ISA_FLAGS, cache)
         library = build.load(path)
-        if library.pe_request_amx() != 0:
-            raise KernelUnavailable("Linux refused this process AMX state (arch_prctl; Linux >= 5.16 grants it): "
-                                    "ONNX Runtime's own attention runs instead")
+        status = library.pe_request_amx()
+        if status != 0:
+            reason = os.strerror(-status) if status < 0 else str(status)
+            hint = ("a signal stack too small for AMX state (faulthandler or sigaltstack set before)"
+                    if -status == errno.ENOSPC else "Linux >= 5.16 grants it")
+            raise KernelUnavailable(f"Linux refused this process AMX state (arch_prctl: {reason}; {hint}): ONNX "
+                                    "Runtime's own attention runs instead")
         library.pe_causal_attention_int8kv.argtypes = _SIGNATURE
         library.pe_causal_attention_int8kv.restype = _I
-        return cls(library, path)
+        kernel = cls(library, path)
+        kernel.self_test()
+        return kernel
+
+    def self_test(self) -> None:
+        """The library this machine built against the twin, on a small case with every edge (a partial query
+        block, a partial key block, a head dim padded inside the tiles, two heads per kv head): a compiler or
+        CPU that makes it compute something else is refused here, never used."""
+        rng = np.random.default_rng(7)
+        q = rng.standard_normal((33, 4, 80), np.float32)
+        k, v = (rng.integers(-127, 128, (2, 90, 80), dtype=np.int8) for _ in range(2))
+        ks, vs = (rng.uniform(0.005, 0.015, (2, 80)).astype(np.float32) for _ in range(2))
+        got, want = self(q, k, v, ks, vs, past=40, threads=2), reference(q, k, v, ks, vs, past=40)
+        error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        if not np.isfinite(got).all() or error > SELF_TEST_TOL:
+            raise KernelUnavailable(f"the attention kernel built here ({self.path.name}) disagrees with its twin "
+                                    f"(relative error {error:.2g}, allowed {SELF_TEST_TOL}); report it, with the "
+                                    "compiler's version: ONNX Runtime's own attention runs instead")
 
     def __call__(self, q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: np.ndarray,
                  v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -95,7 +119,7 @@ class CausalAttention:
             q.ctypes.data, k_codes.ctypes.data, v_codes.ctypes.data, k_scale.ctypes.data, v_scale.ctypes.data,
             out.ctypes.data, rows, past, heads, kv_heads, capacity, d, float(d) ** -0.5, max(1, threads))
         if status != 0:
-            raise MemoryError("the attention kernel could not allocate its per-thread scratch")
+            raise MemoryError("the attention kernel could not allocate its scratch or start its threads")
         return out
 
 

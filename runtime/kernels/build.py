@@ -62,10 +62,14 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+class CPUUnsupported(KernelUnavailable):
+    """The CPU lacks the instructions: expected on most machines, not a fault of the installation."""
+
+
 def require_cpu(needed: Iterable[str], what: str, flags: frozenset[str] | None = None) -> None:
     missing = sorted(set(needed) - (cpu_flags() if flags is None else flags))
     if missing:
-        raise KernelUnavailable(f"{what} needs CPU features this machine lacks ({', '.join(missing)}); ONNX "
+        raise CPUUnsupported(f"{what} needs CPU features this machine lacks ({', '.join(missing)}); ONNX "
                                 "Runtime's own kernels run instead")
 
 
@@ -79,7 +83,7 @@ def _version(cc: list[str]) -> str:
 
 def library_path(source: Path, flags: tuple[str, ...], cache: Path, cc: list[str]) -> Path:
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join((*cc, *flags)).encode(), _version(cc).encode()):
+    for part in (source.read_bytes(), " ".join((*cc, *COMMON_FLAGS, *flags)).encode(), _version(cc).encode()):
         digest.update(part)
         digest.update(b"\0")
     return cache / f"{source.stem}-{digest.hexdigest()[:16]}.so"
@@ -113,6 +117,8 @@ def build(source: Path, flags: tuple[str, ...], cache: Path | None = None) -> Pa
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # wait: another process may be building this very library
         if not out.is_file():
+            for stale in cache.glob(f".{out.stem}.*.partial{out.suffix}"):  # a build killed half-way, under this lock
+                stale.unlink(missing_ok=True)
             with staged_file(out) as partial:
                 _compile(cc, source, flags, partial)
     finally:
@@ -124,4 +130,5 @@ def load(path: Path) -> ctypes.CDLL:
     try:
         return ctypes.CDLL(str(path))
     except OSError as e:
-        raise KernelUnavailable(f"the compiled kernel {path} does not load ({e}); delete it to rebuild") from e
+        raise KernelUnavailable(f"the compiled kernel {path} does not load ({e}); delete it to rebuild, or set "
+                                f"${CACHE_ENV} to a folder on a disk that may hold programs (not noexec)") from e

@@ -29,6 +29,7 @@
  * columns n, the pair (B[2k, n], B[2k + 1, n]). Keys pack as Kp[d / 2][t][2] (a B row is 16 keys' pair of
  * channels), values as Vp[t / 2][d][2] (16 channels' pair of keys).
  */
+#include <errno.h>
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
@@ -53,9 +54,9 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Linux hands out AMX state only to a process that asks for it. 0 where granted. */
+/* Linux hands out AMX state only to a process that asks for it. 0 where granted, else -errno. */
 int pe_request_amx(void) {
-    return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -errno;
 }
 
 static void configure_tiles(void) {

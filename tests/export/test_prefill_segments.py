@@ -167,7 +167,7 @@ def test_segments_the_kernel_is_not_close_enough_for_are_dropped(bundle: Path, k
     from pulse_edge.export.build.prefill_segments import drop_segments
 
     copy = _copy(bundle, tmp_path / "drop")
-    record = {"cases": [{"prefill": {"max_rel_err": 0.09, "cosine": 0.995}}], "tolerance_level": "int8 prefill"}
+    record = {"cases": [{"kernel_vs_twin": {"max_rel_err": 0.09, "cosine": 0.995}}], "tolerance_level": "int8 prefill"}
     manifest = drop_segments(copy, read_manifest(copy), record)
     assert record["kept"] is False and not manifest.graphs[names.PREFILL].segments
     assert not list(copy.glob("prefill.seg*.onnx")) and not (copy / names.SEGMENT_SCALES_FILE).exists()
@@ -178,5 +178,64 @@ def test_segments_the_kernel_is_not_close_enough_for_are_dropped(bundle: Path, k
 def test_a_graph_without_an_int8_cache_cannot_be_cut(tiny_bundle: Path) -> None:
     """The tiny float bundle's decoder attends in one GroupQueryAttention without the int8 cache's stores."""
     proto = onnx.load(str(tiny_bundle / "decoder.onnx"), load_external_data=False)
-    with pytest.raises(ValueError, match=r"not a prefill graph over an int8 cache|only GroupQueryAttention"):
+    with pytest.raises(ValueError, match=r"not a prefill graph over an int8 cache"):
         build_segments(proto, LAYERS, 4, 16)
+
+
+def test_asking_for_the_kernel_without_the_prefill_graph_is_refused(bundle: Path, kernel_here: None) -> None:
+    with pytest.raises(ConfigError, match="the prefill graph is not loaded"):
+        Pipeline.from_bundle(bundle, session=SessionConfig(prefill_attention="kernel", prefill_graph="off"))
+
+
+def test_a_segment_reading_what_nothing_writes_is_refused_at_load(bundle: Path, kernel_here: None,
+                                                                 tmp_path: Path) -> None:
+    edited = _copy(bundle, tmp_path / "edited")
+    _rewrite(edited, lambda d: d["graphs"]["prefill"]["segments"][1]["inputs"].append("layers.9.attn.out"))
+    with pytest.raises(BundleError, match="does not have the inputs the manifest lists"):
+        Pipeline.from_bundle(edited)
+
+
+def _break_rotary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cut with the rotary tables swapped in every layer: a wrong graph the twin pass must catch."""
+    from pulse_edge.export.graphs import segments
+
+    real = segments._open_attention
+
+    def swapped(gqa, i, kv_heads, head_dim):
+        nodes, consts = real(gqa, i, kv_heads, head_dim)
+        for node in nodes:
+            if node.op_type == "RotaryEmbedding":
+                node.input[2], node.input[3] = node.input[3], node.input[2]
+        return nodes, consts
+
+    monkeypatch.setattr(segments, "_open_attention", swapped)
+
+
+def _break_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that passes its load's self-test but attends wrongly in the bundle (as a miscompiled corner
+    could): the export must refuse, not blame bf16 and drop the segments."""
+    monkeypatch.setattr(CausalAttention, "self_test", lambda self: None)
+    real = CausalAttention.__call__
+
+    def shifted(self, q, k, v, ks, vs, *, past, threads, out=None):
+        result = real(self, q, k, v, ks, vs, past=past, threads=threads, out=out)
+        result[...] = result[::-1]  # every query row gets another row's answer
+        return result
+
+    monkeypatch.setattr(CausalAttention, "__call__", shifted)
+
+
+@pytest.mark.parametrize(("breaks", "reason"), [(_break_rotary, "with the kernel's float32 twin"),
+                                               (_break_kernel, "beyond its bf16 rounding")],
+                         ids=["cut", "kernel"])
+def test_a_wrong_cut_or_kernel_refuses_the_export(breaks, reason: str, tiny_checkpoint: Path, bundle: Path,
+                                                 kernel_here: None, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    from pulse_edge.export.build.bundle import ExportValidationError
+
+    breaks(monkeypatch)
+    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)  # the fixture's
+    with pytest.raises(ExportValidationError, match=reason):
+        export_bundle(tiny_checkpoint, tmp_path / "refused", ExportOptions(precision="int8", quant=settings,
+                                                                          plan=ValidationPlan.quick()))
+    assert not (tmp_path / "refused").exists()

@@ -53,6 +53,8 @@ SHAPES = [  # rows, past, heads, kv_heads, capacity, d: edges of the 16-row and 
     (100, 29, 4, 2, 200, 64),
     (16, 1000, 2, 2, 1100, 128),
     (130, 77, 3, 1, 400, 128),
+    (24, 40, 2, 2, 64, 128),  # positions end on a 64-key block: no padding keys, the buffer read to its end
+    (64, 64, 4, 2, 128, 80),  # whole query and key blocks, past + rows == capacity
     (50, 20, 4, 4, 80, 16),  # the tiny test model's heads: 16 channels, padded to 64 in the tiles
     (33, 40, 2, 2, 90, 80),  # 80 channels: one 32-channel step half used, one 64-channel block partly
 ]
@@ -133,16 +135,44 @@ def test_builds_once_and_loads(source: Path, tmp_path: Path) -> None:
     assert second != first and build.load(second).pe_answer() == 43
 
 
-def _build_in_child(source: str, cache: str) -> str:
+def _build_in_child(source: str, cache: str, cc: str) -> str:
+    import os
+
+    os.environ["CC"] = cc
     return str(build.build(Path(source), (), Path(cache)))
 
 
-def test_concurrent_builds_leave_one_library_and_no_partials(source: Path, tmp_path: Path) -> None:
+def test_concurrent_builds_compile_once(source: Path, tmp_path: Path) -> None:
+    """Three processes ask for the same library at once: the lock makes two of them wait for the first one's
+    build (the compiler wrapper logs every compile; --version calls are not compiles)."""
+    log = tmp_path / "compiles.log"
+    wrapper = tmp_path / "cc"
+    real = shutil.which("cc") or shutil.which("gcc")
+    wrapper.write_text(f'#!/bin/sh\ncase "$1" in --version) ;; *) echo x >> {log}; sleep 1 ;; esac\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
     cache = tmp_path / "cache"
     with multiprocessing.get_context("spawn").Pool(3) as pool:
-        paths = pool.starmap(_build_in_child, [(str(source), str(cache))] * 3)
-    assert len(set(paths)) == 1
+        paths = pool.starmap(_build_in_child, [(str(source), str(cache), str(wrapper))] * 3)
+    assert len(set(paths)) == 1 and log.read_text().count("x") == 1
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [Path(paths[0]).name]
+
+
+def test_a_partial_library_left_by_a_killed_build_is_removed(source: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    target = build.library_path(source, (), cache, build.compiler())
+    cache.mkdir()
+    stale = cache / f".{target.stem}.dead.partial{target.suffix}"
+    stale.write_text("half a library")
+    assert build.build(source, (), cache) == target and not stale.exists()
+
+
+def test_a_library_that_disagrees_with_its_twin_is_never_used(attention: CausalAttention,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load's self-test: a compiler or CPU that makes the kernel compute something else is refused."""
+    real = CausalAttention.__call__
+    monkeypatch.setattr(CausalAttention, "__call__", lambda self, *a, **k: real(self, *a, **k) * 1.1)
+    with pytest.raises(KernelUnavailable, match="disagrees with its twin"):
+        attention.self_test()
 
 
 def test_a_compile_error_is_one_line_and_leaves_nothing(source: Path, tmp_path: Path) -> None:
