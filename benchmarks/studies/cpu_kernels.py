@@ -31,6 +31,7 @@ import numpy as np
 
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.tables import markdown_table
+from pulse_edge.benchmarks.studies.options import study_options
 
 CONTRIB = "com.microsoft"
 
@@ -299,12 +300,8 @@ GEMV_VARIANTS = [(4, 4, 128), (4, 1, 128), (4, 4, 32), (4, 4, 256), (8, 4, 128),
 
 
 @click.command()
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@study_options
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--heads", type=click.IntRange(min=1), default=32, show_default=True, help="GQA heads (x 128).")
-@click.option("--scale", type=click.FloatRange(min=0.01, max=1.0), default=1.0, show_default=True,
-              help="Shrink every size (positions, layers) by this factor: 1 is PULSE's.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
 def main(threads: int, repeats: int, heads: int, scale: float, json_path: Path | None) -> None:
     """ONNX Runtime's CPU attention and GEMV kernels at PULSE's shapes (the pieces `bench profile` names)."""
     def shrink(size: int) -> int:  # one rule for every size

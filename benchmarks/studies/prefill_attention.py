@@ -30,6 +30,7 @@ from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.rounds import paired, quiet_median
 from pulse_edge.benchmarks.common.tables import markdown_table
+from pulse_edge.benchmarks.studies.options import study_options
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels.attention import CausalAttention, reference
 
@@ -144,12 +145,8 @@ def table(report: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@study_options
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--heads", type=click.IntRange(min=1), default=32, show_default=True, help="Heads (x 128).")
-@click.option("--scale", type=click.FloatRange(min=0.01, max=1.0), default=1.0, show_default=True,
-              help="Shrink the chunks' positions by this factor: 1 is PULSE's.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
 def main(threads: int, rounds: int, heads: int, scale: float, json_path: Path | None) -> None:
     """The AMX-BF16 prefill attention against ORT's form of it, at the chunks of a 2950-position prompt."""
     try:
