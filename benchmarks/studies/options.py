@@ -13,7 +13,7 @@ STUDY_OPTIONS = (
     click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True),
     click.option("--heads", type=click.IntRange(min=1), default=32, show_default=True, help="Heads (x 128)."),
     click.option("--scale", type=click.FloatRange(min=0.01, max=1.0), default=1.0, show_default=True,
-                 help="Shrink every size (positions, layers) by this factor: 1 is PULSE's."),
+                 help="Shrink the study's sizes (positions; layers where it has them) by this factor: 1 is PULSE's."),
     click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report."),
 )
 

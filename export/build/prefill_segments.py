@@ -29,13 +29,16 @@ from pulse_edge.runtime.engines.ort import SessionConfig
 from pulse_edge.runtime.kernels.attention import CausalAttention
 
 log = logging.getLogger(__name__)
-# What the kernel's bf16 rounding alone may move the logits by, as the cosine between the segments run with the
-# kernel and with its float32 twin (same cut, same model): from KEEP_COSINE up the segments stay; down to
-# ROUNDING_MIN_COSINE the rounding is too coarse for this model (large scores: bf16 q moves each by |score| x
-# 2^-9) and they are dropped; below it the kernel computes something else and the export is refused. Measured:
-# the tiny int4 model 0.99992 (against the reference); the outlier-channel test model (80x channels) 0.9957.
+# The kernel's verdict, from two measurements (export/validate/parity.py validate_segmented_prefill):
+#   - each kernel call against its float32 twin on the same inputs: bf16 q moves a score by |score| x 2^-9, so a
+#     call is off by ~2e-3 on scores near N(0, 1) and by a few percent on a peaked softmax (7.3e-3 at scores of
+#     spread 30, tests/kernels); a call off by more than WRONG_CALL_REL_ERR attends wrongly: the export is refused;
+#   - the logits with the kernel against those with the twin (same cut, same model): from KEEP_COSINE up the
+#     segments stay; below, the rounding is too coarse for this model and they are dropped with one warning.
+#     Measured: real width 4 layers int8 0.99942; the tiny model with 80x channels, SmoothQuant 0.99984, plain
+#     W8A8 0.99568 (dropped).
 KEEP_COSINE = 0.999
-ROUNDING_MIN_COSINE = 0.99
+WRONG_CALL_REL_ERR = 0.25
 
 
 def cut_prefill(work: Path, spec: GraphSpec, shape: DecoderShape) -> GraphSpec:
@@ -68,13 +71,15 @@ def segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
             loaded.model.language_model, bundle, manifest.graphs[names.DECODER], manifest.graphs[names.PREFILL],
             manifest.kv, precision=level, plan=checks,
             session=replace(session, prefill_attention="kernel", prefill_graph="on"))  # "on": whatever memory says
-    cosines = [c["kernel_vs_twin"]["cosine"] for c in report["cases"]]
-    keep, plausible = (bool(cosines) and min(cosines) >= bound for bound in (KEEP_COSINE, ROUNDING_MIN_COSINE))
-    # the verdict: the cut right, and the kernel either close to its twin or off by what its rounding explains
-    # (then the segments are dropped, drop_segments); further off, the kernel computes something else: refused
+    cases = report["cases"]
+    keep = bool(cases) and min(c["kernel_vs_twin"]["cosine"] for c in cases) >= KEEP_COSINE
+    plausible = bool(cases) and max(c["kernel_call_rel_err"] for c in cases) <= WRONG_CALL_REL_ERR
+    # the verdict: the cut right and the kernel right (else refused); kept when its rounding is fine here, else
+    # dropped (drop_segments)
     return {**report, "twin_pass": report["pass"], "kernel_pass": keep, "kernel_plausible": plausible,
-            "pass": bool(report["pass"] and plausible), "tolerance_level": level,
-            "kernel_keep_cosine": KEEP_COSINE, "kernel": "AMX-BF16 causal attention (runtime/kernels)", "kept": True}
+            "pass": bool(report["pass"] and plausible), "tolerance_level": level, "kernel_keep_cosine": KEEP_COSINE,
+            "kernel_wrong_call_rel_err": WRONG_CALL_REL_ERR, "kernel": "AMX-BF16 causal attention (runtime/kernels)",
+            "kept": True}
 
 
 def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Manifest:

@@ -58,6 +58,8 @@ def _open_attention(gqa: onnx.NodeProto, i: int, kv_heads: int, head_dim: int) -
     attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
     heads, p = int(attrs["num_heads"]), f"layers.{i}.attn"
     _check_attention(gqa.name, attrs, kv_heads, head_dim)
+    if any(gqa.input[9:]):  # position_ids, attention_bias, head_sink: attention the kernel does not compute
+        raise ValueError(f"{gqa.name}: inputs beyond the rotary tables ({[x for x in gqa.input[9:] if x]}); not cut")
     qkv, cos, sin = gqa.input[0], gqa.input[7], gqa.input[8]
     widths = numpy_helper.from_array(np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim],
                                               np.int64), f"{p}.split_widths")
@@ -79,9 +81,9 @@ def _open_attention(gqa: onnx.NodeProto, i: int, kv_heads: int, head_dim: int) -
 def _check_attention(name: str, attrs: dict, kv_heads: int, head_dim: int) -> None:
     """The attention the kernel computes (runtime/kernels/attention.py): half-split rotary inside, scale
     head_dim^-0.5, no softcap, no local window, `kv_heads` kv heads. Anything else would change silently."""
-    wanted = {"do_rotary": 1, "rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1,
+    wanted = {"do_rotary": 1, "rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1, "smooth_softmax": 0,
               "kv_num_heads": kv_heads}
-    defaults = {"rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1}
+    defaults = {"rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1, "smooth_softmax": 0}
     for key, value in wanted.items():
         if attrs.get(key, defaults.get(key)) != value:
             raise ValueError(f"{name}: {key} {attrs.get(key)!r}, the attention kernel computes {value!r}; not cut")

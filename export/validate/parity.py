@@ -22,7 +22,7 @@ from pulse_edge.export.model.torch_backend import decode_one_token, prefill
 from pulse_edge.export.validate.tolerances import TOLERANCES, Tolerance
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.engines.ort import PREFILL_GRAPH_MIN_POSITIONS, SessionConfig, decoder_engine
-from pulse_edge.runtime.kernels.attention import TwinAttention
+from pulse_edge.runtime.kernels.attention import CheckedAttention, TwinAttention
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,15 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, decoder: Grap
     goes in two chunks (the second attends over the first from the cache), twice: with the kernel's float32
     twin between the segments, which checks the cut itself (to float rounding, as the whole graph is checked),
     and with the kernel (its bf16 q and weights on top). "pass" is the twin's verdict under `precision`'s
-    bound (is the cut right?); "kernel_vs_twin" what the kernel's rounding alone moves (export/build/
-    prefill_segments.py decides on it)."""
+    bound (is the cut right?); "kernel_vs_twin" what the kernel's rounding alone moves the logits by, and
+    "kernel_call_rel_err" the worst kernel call against the twin on the same inputs (export/build/
+    prefill_segments.py decides on both)."""
     tol = plan.tolerances[precision]
     engine = decoder_engine(bundle, decoder, kv, lm.config.vocab_size, session, prefill=segmented)
     if engine.segmented is None:
         raise RuntimeError("the decoder engine did not open the prefill segments: nothing would be validated")
-    attention = {"prefill": engine.segmented.kernel, "prefill_twin": TwinAttention()}
+    checked = CheckedAttention(engine.segmented.kernel)
+    attention = {"prefill": checked, "prefill_twin": TwinAttention()}
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight
     shortest = 2 * PREFILL_GRAPH_MIN_POSITIONS  # two chunks, each long enough for the prefill path
@@ -130,6 +132,7 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, decoder: Grap
             logits[key] = engine.forward(embeds[:, first:].numpy()).copy()
             case[key] = compare_logits(logits[key], ref.float().numpy())
         case["kernel_vs_twin"] = compare_logits(logits["prefill"], logits["prefill_twin"])
+        case["kernel_call_rel_err"], checked.worst = checked.worst, 0.0  # the worst call against the twin
         case["pass"] = _passes(case["prefill_twin"], tol)
         cases.append(case)
     return {"tolerance": asdict(tol), "cases": cases, "pass": bool(cases) and all(c["pass"] for c in cases)}

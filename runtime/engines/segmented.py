@@ -10,7 +10,7 @@ cleared once the last segment that reads its outputs has run); the query and att
 numpy arrays both sides write into.
 
 Why it exists: ORT's CPU EP attends over a prompt chunk in float32 over the full S x T product; the kernel,
-on AMX-BF16 tiles, skips the masked half (3.9-5.1x faster per chunk than ORT's form of it, docs/performance.md).
+on AMX-BF16 tiles, skips the masked half (3.8-4.9x faster per chunk than ORT's form of it, docs/performance.md).
 Where the kernel cannot run (no AMX-BF16, no compiler) the whole prefill graph runs as before: `kernel_for`
 returns None and says why in one log line, or, asked for the kernel outright, refuses.
 """
@@ -114,9 +114,9 @@ class SegmentedPrefill:
                     self._attend(k, query, attended, past)
                 self._release(k)
         finally:
-            for binding in self.bindings:  # nothing keeps a pointer into this call's numpy buffers
-                binding.clear_binding_inputs()
-                binding.clear_binding_outputs()
+            for binding in self.bindings:  # ORT's side lets go of this call's buffers and activations (its Python
+                binding.clear_binding_inputs()  # wrapper still references the last numpy inputs it was given, ~100
+                binding.clear_binding_outputs()  # MB at 2048 x 4096, until the next prefill binds new ones)
 
     def _bind(self, k: int, binding: Any, values: dict[str, Any], query: np.ndarray, attended: np.ndarray) -> None:
         segment = self.spec.segments[k]

@@ -182,7 +182,7 @@ def test_a_graph_without_an_int8_cache_cannot_be_cut(tiny_bundle: Path) -> None:
         build_segments(proto, LAYERS, 4, 16)
 
 
-def test_asking_for_the_kernel_without_the_prefill_graph_is_refused(bundle: Path, kernel_here: None) -> None:
+def test_asking_for_the_kernel_without_the_prefill_graph_is_refused(bundle: Path) -> None:
     with pytest.raises(ConfigError, match="the prefill graph is not loaded"):
         Pipeline.from_bundle(bundle, session=SessionConfig(prefill_attention="kernel", prefill_graph="off"))
 
@@ -193,6 +193,24 @@ def test_a_segment_reading_what_nothing_writes_is_refused_at_load(bundle: Path, 
     _rewrite(edited, lambda d: d["graphs"]["prefill"]["segments"][1]["inputs"].append("layers.9.attn.out"))
     with pytest.raises(BundleError, match="does not have the inputs the manifest lists"):
         Pipeline.from_bundle(edited)
+
+
+def test_the_chain_check_names_an_input_no_earlier_segment_writes() -> None:
+    """SegmentedPrefill._check_chain on its own (the graphs' own names pass check_segment_io first)."""
+    from pulse_edge.runtime.bundle.manifest import GraphSpec, SegmentSpec
+    from pulse_edge.runtime.engines.segmented import SegmentedPrefill
+
+    def chain(second_reads: str) -> None:
+        runner = SegmentedPrefill.__new__(SegmentedPrefill)
+        runner.cache = {names.past_name(0, "key"): None, names.present_name(0, "key"): None}
+        runner.spec = GraphSpec(file="prefill.onnx", engine="onnx", precision="int8", inputs=(), outputs=(), segments=(
+            SegmentSpec("s0", (names.INPUTS_EMBEDS, names.past_name(0, "key")), ("layers.0.attn.q", "h0")),
+            SegmentSpec("s1", ("layers.0.attn.out", second_reads), (names.LOGITS,))))
+        runner._check_chain()
+
+    chain("h0")  # written by the segment before
+    with pytest.raises(BundleError, match="s1 reads 'h9', which no earlier segment writes"):
+        chain("h9")
 
 
 def _break_rotary(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,6 +241,38 @@ def _break_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
         return result
 
     monkeypatch.setattr(CausalAttention, "__call__", shifted)
+
+
+def _blur_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel right to within ~18% per call, as a much coarser rounding would be: its segments must be dropped,
+    the export kept (the tiny model's logits barely move: 10% per call left them at cosine 0.99929 to the twin's)."""
+    monkeypatch.setattr(CausalAttention, "self_test", lambda self: None)
+    real = CausalAttention.__call__
+    noise = np.random.default_rng(3)
+
+    def blurred(self, q, k, v, ks, vs, *, past, threads, out=None):
+        result = real(self, q, k, v, ks, vs, past=past, threads=threads, out=out)
+        result += (0.18 * result.std() * noise.standard_normal(result.shape)).astype(np.float32)
+        return result
+
+    monkeypatch.setattr(CausalAttention, "__call__", blurred)
+
+
+def test_a_kernel_too_coarse_for_the_model_loses_its_segments_not_the_export(
+        tiny_checkpoint: Path, bundle: Path, kernel_here: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    _blur_kernel(monkeypatch)
+    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)
+    with caplog.at_level("WARNING"):
+        out = export_bundle(tiny_checkpoint, tmp_path / "blurred", ExportOptions(
+            precision="int8", quant=settings, plan=ValidationPlan.quick()))
+    manifest = read_manifest(out)
+    record = manifest.validation["decoder"]["prefill_segments"]
+    assert record["kept"] is False and not record["kernel_pass"] and record["pass"]
+    assert 0.01 < max(c["kernel_call_rel_err"] for c in record["cases"]) <= record["kernel_wrong_call_rel_err"]
+    assert not manifest.graphs[names.PREFILL].segments and not list(out.glob("prefill.seg*.onnx"))
+    assert manifest.calibration.fidelity["prefilled_by"] == "prefill graph"
+    assert sum("the prefill graph is kept whole" in r.message for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize(("breaks", "reason"), [(_break_rotary, "with the kernel's float32 twin"),

@@ -53,7 +53,7 @@ SHAPES = [  # rows, past, heads, kv_heads, capacity, d: edges of the 16-row and 
     (100, 29, 4, 2, 200, 64),
     (16, 1000, 2, 2, 1100, 128),
     (130, 77, 3, 1, 400, 128),
-    (24, 40, 2, 2, 64, 128),  # positions end on a 64-key block: no padding keys, the buffer read to its end
+    (24, 40, 2, 2, 64, 128),  # positions end on a 64-key block: no padding keys, the buffer's last position read
     (64, 64, 4, 2, 128, 80),  # whole query and key blocks, past + rows == capacity
     (50, 20, 4, 4, 80, 16),  # the tiny test model's heads: 16 channels, padded to 64 in the tiles
     (33, 40, 2, 2, 90, 80),  # 80 channels: one 32-channel step half used, one 64-channel block partly
@@ -135,10 +135,11 @@ def test_builds_once_and_loads(source: Path, tmp_path: Path) -> None:
     assert second != first and build.load(second).pe_answer() == 43
 
 
-def _build_in_child(source: str, cache: str, cc: str) -> str:
+def _build_in_child(source: str, cache: str, cc: str, barrier) -> str:
     import os
 
     os.environ["CC"] = cc
+    barrier.wait()  # the three ask at once, not one after another
     return str(build.build(Path(source), (), Path(cache)))
 
 
@@ -151,8 +152,10 @@ def test_concurrent_builds_compile_once(source: Path, tmp_path: Path) -> None:
     wrapper.write_text(f'#!/bin/sh\ncase "$1" in --version) ;; *) echo x >> {log}; sleep 1 ;; esac\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     cache = tmp_path / "cache"
-    with multiprocessing.get_context("spawn").Pool(3) as pool:
-        paths = pool.starmap(_build_in_child, [(str(source), str(cache), str(wrapper))] * 3)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(3) as pool:
+        barrier = manager.Barrier(3)
+        paths = pool.starmap(_build_in_child, [(str(source), str(cache), str(wrapper), barrier)] * 3)
     assert len(set(paths)) == 1 and log.read_text().count("x") == 1
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [Path(paths[0]).name]
 
@@ -166,13 +169,23 @@ def test_a_partial_library_left_by_a_killed_build_is_removed(source: Path, tmp_p
     assert build.build(source, (), cache) == target and not stale.exists()
 
 
-def test_a_library_that_disagrees_with_its_twin_is_never_used(attention: CausalAttention,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The load's self-test: a compiler or CPU that makes the kernel compute something else is refused."""
+def test_a_library_that_disagrees_with_its_twin_is_never_used(attention: CausalAttention, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The load's self-test: a compiler or CPU that makes the kernel compute something else is refused, and the
+    runtime's auto mode runs the whole prefill graph instead, with a warning."""
+    from pulse_edge.runtime.bundle.manifest import GraphSpec, SegmentSpec
+    from pulse_edge.runtime.engines.segmented import kernel_for
+
     real = CausalAttention.__call__
     monkeypatch.setattr(CausalAttention, "__call__", lambda self, *a, **k: real(self, *a, **k) * 1.1)
     with pytest.raises(KernelUnavailable, match="disagrees with its twin"):
-        attention.self_test()
+        CausalAttention.load(tmp_path / "cache")
+    cut = GraphSpec(file="prefill.onnx", engine="onnx", precision="int8", inputs=(), outputs=(),
+                    segments=(SegmentSpec("prefill.seg00.onnx", (), ("logits",)),))
+    with caplog.at_level("INFO"):
+        assert kernel_for(cut, "auto", "cpu") is None
+    assert [r.levelname for r in caplog.records if "disagrees with its twin" in r.message] == ["WARNING"]
 
 
 def test_a_compile_error_is_one_line_and_leaves_nothing(source: Path, tmp_path: Path) -> None:
