@@ -289,3 +289,20 @@ def test_a_wrong_cut_or_kernel_refuses_the_export(breaks, reason: str, tiny_chec
         export_bundle(tiny_checkpoint, tmp_path / "refused", ExportOptions(precision="int8", quant=settings,
                                                                           plan=ValidationPlan.quick()))
     assert not (tmp_path / "refused").exists()
+
+
+def test_infer_takes_the_prefill_attention_from_the_command_line(bundle: Path, kernel_here: None, tiny_bundle: Path,
+                                                                 ecg_png: Path) -> None:
+    """The user's path: the kernel answers a print; asked for on a bundle it cannot serve, one line and exit 2."""
+    from click.testing import CliRunner
+
+    from pulse_edge.cli.main import main
+
+    args = ["infer", str(ecg_png), "--json", "--max-new-tokens", "4", "--prefill-attention", "kernel"]
+    served = CliRunner().invoke(main, [*args, "--model", str(bundle)])
+    assert served.exit_code == 0, served.output
+    assert json.loads(served.output.strip().splitlines()[-1])["text"] is not None
+    refused = CliRunner().invoke(main, [*args, "--model", str(tiny_bundle)])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--prefill-attention kernel: this bundle has no prefill graph" in lines[0]
