@@ -1,0 +1,227 @@
+"""ONNX Runtime sessions as pulse-edge opens them: the asked provider exactly, the settings chosen on purpose
+(`SessionConfig`), the load errors as one line. The engines (runtime/engines/ort.py, segmented.py) build on it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pulse_edge.choices import OPT_LEVELS, PREFILL_ATTENTION_MODES, PREFILL_GRAPH_MODES, PROVIDERS
+from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.bundle.manifest import GraphSpec
+
+# ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
+ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
+                         strict=True))
+NODE_ORDERS = {"default": "DEFAULT", "priority": "PRIORITY_BASED"}  # ours -> ort.ExecutionOrder
+
+
+def load_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ConfigError("onnxruntime is not installed: pip install 'pulse-edge[cpu]' "
+                          "(or 'pulse-edge[gpu]' for CUDA / TensorRT)") from e
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Session options, chosen on purpose and exposed (`infer --threads/--opt-level`).
+
+    threads 0 means one per physical core as ORT counts them; decode is memory-bound,
+    so more threads than cores only add contention. The memory arena stays on: the
+    decoder's per-step temporaries have the same sizes every step and reuse it.
+    `prepack` lets ORT repack MatMul weights into its own layout: measured ~10-20%
+    faster decode on the real-width decoder here, but it is a second, anonymous copy
+    of every weight. Without it the weights stay memory-mapped from the bundle
+    (loads in no time, pages are shared and reclaimable): the choice for a cart
+    whose RAM barely holds the model once. `mem_pattern` lets ORT plan one block for
+    the graph's tensors up front; that plan reserves address space for every weight
+    too, so a graph whose weights exceed RAM + swap fails to load with bad_alloc
+    (measured: 26 GB of mapped fp32 weights on this 23.5 GiB machine) unless it is off.
+    None (the default) turns it off exactly when the weights are mapped (no prepacking,
+    CPU EP).
+    `node_order` None likewise runs mapped sessions in ORT's priority-based order ("priority")
+    and others in its default one ("default"): in the default order
+    the Casts that the CPU EP puts after every fp16 weight have no inputs to wait for
+    and all run first, holding an fp32 copy of every weight at once (measured: the 7B
+    fp16 decoder passed 12 GiB of anonymous memory on a 5-token prefill; 0.8 GiB in
+    priority order). Neither costs speed: real-width 2-layer fp32 decoder, mapped, 3 rounds
+    interleaved, decode 28.8 vs 28.5 tok/s and a 512-position prefill 916 vs 919 ms.
+    """
+
+    provider: str = "cpu"
+    threads: int = 0
+    opt_level: str = "all"
+    mem_arena: bool = True
+    prepack: bool = True
+    mem_pattern: bool | None = None
+    node_order: str | None = None
+    device_id: int = 0
+    provider_options: Mapping[str, Any] = field(default_factory=dict)
+    emulate: bool = False  # run an fp8 bundle on the CPU EP as an exact Q/DQ emulation (validation only)
+    prefill_graph: str = "auto"  # a CPU bundle's prefill graph: loaded where memory holds it (engines/memory.py)
+    # a prefill graph cut for the CPU attention kernel: run so where the kernel runs (engines/segmented.py)
+    prefill_attention: str = "auto"
+    # ONNX Runtime's profiler: each session writes a trace of every node it runs to DIR/<graph stem>_<time>.json
+    # when `end_profiling()` is called on it (`pulse-edge bench profile` reads them); None: off
+    profile_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.provider not in ORT_PROVIDERS:
+            raise ConfigError(f"provider {self.provider!r} is not one of {', '.join(PROVIDERS)}")
+        if self.opt_level not in OPT_LEVELS:
+            raise ConfigError(f"optimisation level {self.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
+        if self.prefill_graph not in PREFILL_GRAPH_MODES:
+            raise ConfigError(f"prefill graph {self.prefill_graph!r} is not one of {', '.join(PREFILL_GRAPH_MODES)}")
+        if self.prefill_attention not in PREFILL_ATTENTION_MODES:
+            raise ConfigError(f"prefill attention {self.prefill_attention!r} is not one of "
+                              f"{', '.join(PREFILL_ATTENTION_MODES)}")
+        if self.node_order not in (None, *NODE_ORDERS):
+            raise ConfigError(f"node order {self.node_order!r} is not one of {', '.join(NODE_ORDERS)}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
+        if self.threads > usable_cpus():  # each thread has its own arena and scratch: 100000 of them OOM
+            raise ConfigError(f"threads {self.threads} is more than the {usable_cpus()} CPU cores this process "
+                              "may use; give at most that many (0 = one per core)")
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def effective_opt_level(asked: str, graph_limit: str | None) -> str:
+    """The lower of the asked level and the graph's own limit (fp8 Q/DQ graphs run only at "basic" in ORT)."""
+    if graph_limit is None:
+        return asked
+    return OPT_LEVELS[min(OPT_LEVELS.index(asked), OPT_LEVELS.index(graph_limit))]
+
+
+def require_provider(config: SessionConfig) -> str:
+    """ORT's name for the asked provider; an absent provider is an error, never a fallback."""
+    ort = load_onnxruntime()
+    wanted = ORT_PROVIDERS[config.provider]
+    if wanted not in ort.get_available_providers():
+        raise ConfigError(f"provider {config.provider!r} ({wanted}) is not available in this onnxruntime "
+                          f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                          "for cuda/tensorrt, or use --provider cpu")
+    return wanted
+
+
+def default_trt_cache() -> Path:
+    """Where TensorRT engines built from bundles are kept: building a 7B engine takes minutes, once."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "pulse-edge" / "tensorrt"
+
+
+def graph_cache_key(path: Path) -> str:
+    """One engine-cache folder per graph file as written: ORT names cached engines by the model's name,
+    inputs and nodes, not its weights, and every bundle's decoder is called decoder.onnx."""
+    parts = [os.fspath(path.resolve())]
+    for file in (path, path.with_name(path.name + ".data")):
+        if file.is_file():
+            stat = file.stat()
+            parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def provider_chain(config: SessionConfig, *, fp16: bool, cache_dir: Path | None = None) -> list[Any]:
+    """The providers in ORT's order of preference. TensorRT takes the subgraphs it can build; the contrib ops
+    it has no layer for (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits) go to the CUDA
+    EP behind it rather than to the CPU. Written against ORT's documented provider options; not run here
+    (no GPU): the options the caller passes win."""
+    if config.provider == "cpu":
+        return [ORT_PROVIDERS["cpu"]]
+    cuda = ("CUDAExecutionProvider", {"device_id": config.device_id})
+    if config.provider == "cuda":
+        return [(ORT_PROVIDERS["cuda"], {**cuda[1], **config.provider_options})]
+    trt = {"device_id": config.device_id, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
+           "trt_engine_cache_path": os.fspath(cache_dir or default_trt_cache())}
+    return [(ORT_PROVIDERS["tensorrt"], {**trt, **config.provider_options}), cuda]
+
+
+def session_settings(config: SessionConfig, graph_limit: str | None = None, *,
+                     shapes_vary: bool = False) -> dict[str, Any]:
+    """What a session is made with once the automatic choices are resolved (recorded by validation).
+
+    Mapped weights (no prepacking on the CPU EP) turn the memory pattern off and order nodes by priority
+    (see SessionConfig); on a GPU provider the weights live in device memory, so the defaults stay.
+    `shapes_vary` (the decoder graphs: every step and every prefill chunk sees a longer context) turns the
+    memory pattern off on the CPU EP too: a pattern is planned for one set of input shapes, so these
+    graphs gain no reuse from it, only arena growth. Measured on the real-width 4-layer int8 bundle
+    (2 threads, two 3024-position prefills in chunks of 512, ORT 1.32): with it +1.0 GiB, then +0.6 GiB
+    more on the identical second prefill; without it +0.86 GiB, then nothing; same speed (7.1 vs 7.2 s,
+    16.2 tok/s decode)."""
+    mapped = not config.prepack and config.provider == "cpu"
+    planned = not mapped and not (shapes_vary and config.provider == "cpu")
+    return {"opt_level": effective_opt_level(config.opt_level, graph_limit), "prepack": config.prepack,
+            "mem_arena": config.mem_arena,
+            "mem_pattern": planned if config.mem_pattern is None else config.mem_pattern,
+            "node_order": config.node_order or ("priority" if mapped else "default")}
+
+
+def _session_options(ort: Any, config: SessionConfig, settings: Mapping[str, Any]) -> Any:
+    options = ort.SessionOptions()
+    level = settings["opt_level"]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}"
+                                               if level != "disable" else "ORT_DISABLE_ALL")
+    options.intra_op_num_threads = config.threads
+    options.inter_op_num_threads = 1  # one graph at a time: parallelism is inside the ops
+    options.enable_cpu_mem_arena = config.mem_arena
+    options.enable_mem_pattern = settings["mem_pattern"]
+    options.execution_order = getattr(ort.ExecutionOrder, NODE_ORDERS[settings["node_order"]])
+    if not config.prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    options.log_severity_level = 3
+    return options
+
+
+def _load_error(path: Path, config: SessionConfig, error: Exception) -> ConfigError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "bad_alloc" not in first:
+        return ConfigError(f"{path.name} cannot be loaded by onnxruntime ({first}); re-export the bundle")
+    # the bundle is fine: this machine's memory is not enough for this way of loading it
+    if config.prepack:
+        return ConfigError(f"{path.name} does not fit in memory when onnxruntime copies its weights; serve it "
+                           "with --no-prepack (the weights stay mapped from the file) or on a machine with more "
+                           "memory")
+    return ConfigError(f"{path.name} does not fit in this machine's memory even with its weights mapped; use a "
+                       "smaller bundle (int8, int4) or a machine with more memory")
+
+
+def graph_config_entries(spec: GraphSpec) -> dict[str, str]:
+    """The session config entries a graph's manifest entry demands (TensorRT-ready Q/DQ graphs: see GraphSpec)."""
+    level = spec.ort_qdq_matmulnbits_accuracy_level
+    return {} if level is None else {"session.qdq_matmulnbits_accuracy_level": str(level)}
+
+
+def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None = None, fp16: bool = False,
+                 entries: Mapping[str, str] | None = None, shapes_vary: bool = False) -> Any:
+    """An InferenceSession on exactly the asked provider; `entries`: session config entries the graph needs;
+    `shapes_vary`: see session_settings."""
+    ort = load_onnxruntime()
+    require_provider(config)
+    options = _session_options(ort, config, session_settings(config, graph_limit, shapes_vary=shapes_vary))
+    for key, value in (entries or {}).items():
+        options.add_session_config_entry(key, value)
+    if config.profile_dir is not None:  # ORT writes no trace, and says nothing, into a folder that is not there
+        Path(config.profile_dir).mkdir(parents=True, exist_ok=True)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.fspath(Path(config.profile_dir) / path.stem)
+    tensorrt = config.provider == "tensorrt"
+    providers = provider_chain(config, fp16=fp16,
+                               cache_dir=default_trt_cache() / graph_cache_key(path) if tensorrt else None)
+    if tensorrt:  # ORT creates only the last folder of the cache path
+        Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+    try:
+        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all Exception subclasses
+        raise _load_error(path, config, e) from e
