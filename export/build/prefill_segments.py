@@ -68,8 +68,8 @@ def segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
     with emulated_reference(loaded.model, quant.recipe, quant.scales, own, prepacked=session.prepack,
                             kv=kv, quantized_self=True, symmetric=True):
         report = validate_segmented_prefill(
-            loaded.model.language_model, bundle, manifest.graphs[names.DECODER], manifest.graphs[names.PREFILL],
-            manifest.kv, precision=level, plan=checks,
+            loaded.model.language_model, bundle, manifest.graphs[names.PREFILL], manifest.kv, precision=level,
+            plan=checks,
             session=replace(session, prefill_attention="kernel", prefill_graph="on"))  # "on": whatever memory says
     cases = report["cases"]
     keep = bool(cases) and min(c["kernel_vs_twin"]["cosine"] for c in cases) >= KEEP_COSINE

@@ -93,9 +93,8 @@ def validate_decoder(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KV
     return {"tolerance": asdict(tol), "cases": cases, "pass": all(c["pass"] for c in cases)}
 
 
-def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, decoder: GraphSpec, segmented: GraphSpec,
-                               kv: KVLayout, *, precision: str, plan: ValidationPlan,
-                               session: SessionConfig) -> dict[str, Any]:
+def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, segmented: GraphSpec, kv: KVLayout, *,
+                               precision: str, plan: ValidationPlan, session: SessionConfig) -> dict[str, Any]:
     """The prefill graph's segments (runtime/engines/segmented.py) against `lm`, the reference computing the
     prefill's recipe with the chunk attending to its own keys and values as cached (the kernel's reading).
 
@@ -107,7 +106,9 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, decoder: Grap
     "kernel_call_rel_err" the worst kernel call against the twin on the same inputs (export/build/
     prefill_segments.py decides on both)."""
     tol = plan.tolerances[precision]
-    engine = decoder_engine(bundle, decoder, kv, lm.config.vocab_size, session, prefill=segmented)
+    # the prefill graph as the engine's main graph too (as its own parity opens it): no decode graph loaded beside
+    # the reference, and the segments map the same weights file (shared pages with mapped weights)
+    engine = decoder_engine(bundle, segmented, kv, lm.config.vocab_size, session, prefill=segmented)
     if engine.segmented is None:
         raise RuntimeError("the decoder engine did not open the prefill segments: nothing would be validated")
     checked = CheckedAttention(engine.segmented.kernel)
