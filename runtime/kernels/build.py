@@ -82,8 +82,13 @@ def _version(cc: list[str]) -> str:
 
 
 def library_path(source: Path, flags: tuple[str, ...], cache: Path, cc: list[str]) -> Path:
+    try:
+        text = source.read_bytes()
+    except OSError as e:
+        raise KernelUnavailable(f"the kernel's source {source} cannot be read ({e.strerror or e}); reinstall "
+                                "pulse-edge") from e
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join((*cc, *COMMON_FLAGS, *flags)).encode(), _version(cc).encode()):
+    for part in (text, " ".join((*cc, *COMMON_FLAGS, *flags)).encode(), _version(cc).encode()):
         digest.update(part)
         digest.update(b"\0")
     return cache / f"{source.stem}-{digest.hexdigest()[:16]}.so"

@@ -201,6 +201,8 @@ def test_no_compiler_no_cpu_feature_no_cache_are_refused(source: Path, tmp_path:
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KernelUnavailable, match="lacks \\(amx_bf16, amx_tile\\)"):
         build.require_cpu(["avx512f", "amx_tile", "amx_bf16"], "this kernel", flags=frozenset({"avx512f"}))
+    with pytest.raises(KernelUnavailable, match=r"cannot be read .*reinstall pulse-edge"):
+        build.build(tmp_path / "missing.c", (), tmp_path / "cache")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(KernelUnavailable, match="is not writable"):
