@@ -140,19 +140,26 @@ def _check_decoder_io(graph: GraphSpec, manifest: Manifest) -> None:
 
 
 def _check_segments(prefill: GraphSpec, manifest: Manifest) -> None:
-    """A prefill graph cut at its attentions: one segment per layer and one after the last, chained by the
-    attention names, over an int8 cache whose scales file is named."""
+    """A prefill graph cut at its attentions: one segment per layer and one after the last, over an int8 cache
+    whose scales file is named; segment k reads only the whole graph's inputs, what earlier segments write and
+    layer k - 1's attention output (the kernel's), and writes layer k's query (the last one the logits)."""
     segments, layers = prefill.segments, manifest.kv.layers
     if manifest.kv.dtype != "int8" or not prefill.segment_scales:
         raise _fail("graphs.prefill.segments needs an int8 KV cache and segment_scales (the kernel's scales)")
     if len(segments) != layers + 1:
         raise _fail(f"graphs.prefill.segments holds {len(segments)} segments for {layers} layers (needs {layers + 1})")
+    readable = {t.name for t in prefill.inputs}
     for k, segment in enumerate(segments):
-        needs = [names.attention_output_name(k - 1)] if k else []
+        attention = [names.attention_output_name(k - 1)] if k else []
+        unknown = [n for n in segment.inputs if n not in readable and n not in attention]
+        if unknown:
+            raise _fail(f"graphs.prefill.segments[{k}] ({segment.file}) reads {unknown[0]!r}, which no earlier "
+                        "segment writes")
         gives = [names.attention_query_name(k)] if k < layers else [names.LOGITS]
-        missing = [n for n in needs if n not in segment.inputs] + [n for n in gives if n not in segment.outputs]
+        missing = [n for n in attention if n not in segment.inputs] + [n for n in gives if n not in segment.outputs]
         if missing:
             raise _fail(f"graphs.prefill.segments[{k}] ({segment.file}) lacks {missing[0]!r}")
+        readable.update(segment.outputs)
 
 
 def _check_records(manifest: Manifest) -> None:

@@ -62,8 +62,6 @@ def load_scales(path: Path, kv: KVLayout) -> np.ndarray:
 class SegmentedPrefill:
     """Runs inputs of many positions through the segments and the kernel, on the decoder's cache and logits."""
 
-    FED = (names.INPUTS_EMBEDS, names.TOTAL_SEQUENCE_LENGTH, names.SEQLENS_K)  # what forward() binds itself
-
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, cache: Sequence[Any], logits: np.ndarray,
                  sessions: Sequence[Any], kernel: Any, threads: int) -> None:
         self.spec, self.kv, self.kernel, self.threads, self.logits = spec, kv, kernel, threads, logits
@@ -75,23 +73,12 @@ class SegmentedPrefill:
         self.cache = {**dict(zip(past, cache, strict=True)), **dict(zip(present, cache, strict=True))}
         self.codes = [_int8_view(value) for value in cache]  # [kv_heads, max_length, head_dim] per layer and part
         self.width = _query_width(self.sessions[0])
+        # every input resolves to the graph's inputs, an earlier output or the kernel's (runtime/bundle/checks.py)
         self.last_use = {name: k for k, seg in enumerate(spec.segments) for name in seg.inputs}
-        self._check_chain()
         # binding k can be cleared once every segment reading one of its outputs has run
         self.release_after = [max([k, *(self.last_use.get(o, k) for o in seg.outputs)])
                               for k, seg in enumerate(spec.segments)]
         self.bindings = [session.io_binding() for session in self.sessions]
-
-    def _check_chain(self) -> None:
-        """Every segment input is fed, a cache buffer, the attention output before it, or an earlier output."""
-        produced: set[str] = set()
-        for k, segment in enumerate(self.spec.segments):
-            known = {*self.FED, *self.cache, *produced, *([names.attention_output_name(k - 1)] if k else [])}
-            unknown = [name for name in segment.inputs if name not in known]
-            if unknown:
-                raise BundleError(f"{segment.file} reads {unknown[0]!r}, which no earlier segment writes; the "
-                                  "manifest was edited or the bundle is damaged; re-export it")
-            produced.update(segment.outputs)
 
     @property
     def layers(self) -> int:

@@ -189,28 +189,21 @@ def test_asking_for_the_kernel_without_the_prefill_graph_is_refused(bundle: Path
 
 def test_a_segment_reading_what_nothing_writes_is_refused_at_load(bundle: Path, kernel_here: None,
                                                                  tmp_path: Path) -> None:
+    """The manifest's own check (runtime/bundle/checks.py), before any session is made."""
     edited = _copy(bundle, tmp_path / "edited")
     _rewrite(edited, lambda d: d["graphs"]["prefill"]["segments"][1]["inputs"].append("layers.9.attn.out"))
-    with pytest.raises(BundleError, match="does not have the inputs the manifest lists"):
+    with pytest.raises(BundleError, match=r"segments\[1\] \(prefill.seg01.onnx\) reads 'layers.9.attn.out', which no "
+                                          "earlier segment writes"):
         Pipeline.from_bundle(edited)
 
 
-def test_the_chain_check_names_an_input_no_earlier_segment_writes() -> None:
-    """SegmentedPrefill._check_chain on its own (the graphs' own names pass check_segment_io first)."""
-    from pulse_edge.runtime.bundle.manifest import GraphSpec, SegmentSpec
-    from pulse_edge.runtime.engines.segmented import SegmentedPrefill
-
-    def chain(second_reads: str) -> None:
-        runner = SegmentedPrefill.__new__(SegmentedPrefill)
-        runner.cache = {names.past_name(0, "key"): None, names.present_name(0, "key"): None}
-        runner.spec = GraphSpec(file="prefill.onnx", engine="onnx", precision="int8", inputs=(), outputs=(), segments=(
-            SegmentSpec("s0", (names.INPUTS_EMBEDS, names.past_name(0, "key")), ("layers.0.attn.q", "h0")),
-            SegmentSpec("s1", ("layers.0.attn.out", second_reads), (names.LOGITS,))))
-        runner._check_chain()
-
-    chain("h0")  # written by the segment before
-    with pytest.raises(BundleError, match="s1 reads 'h9', which no earlier segment writes"):
-        chain("h9")
+def test_a_segment_listing_what_its_graph_lacks_is_refused_at_load(bundle: Path, kernel_here: None,
+                                                                  tmp_path: Path) -> None:
+    """A name the chain allows (segment 0 writes it) but segment 1's graph does not read: the session's check."""
+    edited = _copy(bundle, tmp_path / "edited")
+    _rewrite(edited, lambda d: d["graphs"]["prefill"]["segments"][1]["inputs"].append(names.attention_query_name(0)))
+    with pytest.raises(BundleError, match="does not have the inputs the manifest lists"):
+        Pipeline.from_bundle(edited)
 
 
 def _break_rotary(monkeypatch: pytest.MonkeyPatch) -> None:
