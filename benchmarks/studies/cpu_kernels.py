@@ -31,25 +31,7 @@ import numpy as np
 
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.tables import markdown_table
-from pulse_edge.benchmarks.studies.options import study_options
-
-CONTRIB = "com.microsoft"
-
-
-def _session(model: Any, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: list[Any] = ()) -> Any:
-    from onnx import helper
-
-    graph = helper.make_graph(nodes, "study", inputs, outputs, initializer=list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB, 1)],
-                             ir_version=10)
+from pulse_edge.benchmarks.studies.common import CONTRIB, study_model, study_options, study_session
 
 
 def _interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -86,7 +68,7 @@ def gqa_rates(shapes: list[tuple[int, int]], heads: int, threads: int, repeats: 
               helper.make_tensor_value_info("total", TensorProto.INT32, []),
               *(helper.make_tensor_value_info(n, f32, [room, d // 2]) for n in ("cos", "sin"))]
     outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("o", "k", "v")]
-    session = _session(_model([node], inputs, outputs), threads)
+    session = study_session(study_model([node], inputs, outputs), threads)
     rng = np.random.default_rng(0)
     cos, sin = _rotary(room, d)
     rows = []
@@ -113,7 +95,7 @@ def _nbits_chain(k: int, n: int, layers: int, bits: int, block: int, level: int,
         nodes.append(helper.make_node("MatMulNBits", ["x", f"q{i}", f"s{i}"], [f"y{i}"], domain=CONTRIB, K=k, N=n,
                                       bits=bits, block_size=block, accuracy_level=level))
     outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]) for i in range(layers)]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], outputs, inits)
+    model = study_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], outputs, inits)
     return model, sum(t.ByteSize() for t in inits)
 
 
@@ -125,7 +107,7 @@ def gemv_rates(variants: list[tuple[int, int, int]], k: int, n: int, layers: int
     sessions, sizes = {}, {}
     for bits, level, block in variants:
         model, sizes[(bits, level, block)] = _nbits_chain(k, n, layers, bits, block, level, rng)
-        sessions[(bits, level, block)] = _session(model, threads)
+        sessions[(bits, level, block)] = study_session(model, threads)
     seconds = _interleaved({key: (lambda s=s: s.run(None, x)) for key, s in sessions.items()}, repeats)
     return [{"bits": b, "accuracy_level": lv, "block": bl, "mib": sizes[(b, lv, bl)] / 2**20,
              "ms": seconds[(b, lv, bl)] * 1e3, "gb_s": sizes[(b, lv, bl)] / seconds[(b, lv, bl)] / 1e9}
@@ -152,8 +134,8 @@ def vision_attention(tiles: int, positions: int, heads: int, head_dim: int, thre
               helper.make_tensor("flat", TensorProto.INT64, [3], [b, s, h * d]),
               helper.make_tensor("scale", TensorProto.FLOAT, [], [d ** -0.5])]
     mha = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain=CONTRIB, num_heads=h)
-    sessions = {"MatMul / Softmax / MatMul": _session(_model(plain, io, out, consts), threads),
-                "MultiHeadAttention": _session(_model([mha], io, out), threads)}
+    sessions = {"MatMul / Softmax / MatMul": study_session(study_model(plain, io, out, consts), threads),
+                "MultiHeadAttention": study_session(study_model([mha], io, out), threads)}
     rng = np.random.default_rng(0)
     feed = {n: rng.standard_normal((b, s, h * d), np.float32) for n in "qkv"}
     results = {name: s.run(None, feed)[0] for name, s in sessions.items()}
@@ -182,14 +164,14 @@ def _causal_models(s: int, heads: int, d: int) -> dict[str, Any]:
     attention = helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1, scale=d ** -0.5)
     graph = helper.make_graph([attention], "study", [helper.make_tensor_value_info(n, f32, [1, heads, s, d])
                                                      for n in "qkv"], [helper.make_tensor_value_info("y", f32, None)])
-    return {GQA_OP: _model([gqa], gqa_in, gqa_out),
+    return {GQA_OP: study_model([gqa], gqa_in, gqa_out),
             ONNX_ATTENTION_OP: helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=11)}
 
 
 def causal_attention(s: int, heads: int, threads: int, repeats: int) -> list[dict[str, Any]]:
     """A prompt chunk's causal attention in both ops, checked equal, then timed interleaved."""
     d = 128
-    sessions = {name: _session(model, threads) for name, model in _causal_models(s, heads, d).items()}
+    sessions = {name: study_session(model, threads) for name, model in _causal_models(s, heads, d).items()}
     qkv = np.random.default_rng(0).standard_normal((1, s, 3 * heads * d), np.float32)
     q, k, v = (np.ascontiguousarray(qkv[..., i * heads * d:(i + 1) * heads * d].reshape(1, s, heads, d)
                                     .transpose(0, 2, 1, 3)) for i in range(3))  # [1, H, S, D]
@@ -228,7 +210,7 @@ def _decode_gqa(int8: bool, heads: int, layers: int, room: int) -> Any:
                                                               "total", "cos", "sin", *scales],
                                       [f"o{i}", *(f"present_{n}" for n in names)], domain=CONTRIB, num_heads=heads,
                                       kv_num_heads=heads, do_rotary=1, scale=d ** -0.5, **attrs))
-    return _model(nodes, inputs, outputs, inits)
+    return study_model(nodes, inputs, outputs, inits)
 
 
 def _bind_decode(session: Any, context: int, length: int, heads: int, layers: int, int8: bool, rng: Any
@@ -261,7 +243,7 @@ def decode_attention(context: int, buffers: list[int], heads: int, layers: int, 
     for int8 in (True, False):
         model = _decode_gqa(int8, heads, layers, max(buffers))
         for n in threads:
-            session = _session(model, n)
+            session = study_session(model, n)
             bindings = {b: _bind_decode(session, context, b, heads, layers, int8, rng) for b in buffers}
             seconds = _interleaved({b: (lambda s=session, x=x: s.run_with_iobinding(x)) for b, (x, _) in
                                     bindings.items()}, repeats)

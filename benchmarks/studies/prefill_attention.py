@@ -30,11 +30,10 @@ from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.rounds import paired, quiet_median
 from pulse_edge.benchmarks.common.tables import markdown_table
-from pulse_edge.benchmarks.studies.options import study_options
+from pulse_edge.benchmarks.studies.common import CONTRIB, study_model, study_options, study_session
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels.attention import CausalAttention, reference
 
-CONTRIB = "com.microsoft"
 HEAD_DIM = 128
 # (new positions S, cached P): PULSE's 2950 positions in chunks of 2048 (the runtime's default), then of 512
 CHUNKS = [(2048, 0), (902, 2048), (512, 0), (512, 2438)]
@@ -60,22 +59,7 @@ def _ort_form(rows: int, past: int, heads: int, capacity: int) -> Any:
     nodes.append(helper.make_node("GroupQueryAttention", ["qkv", "", "", "k_past", "v_past", "seqlens_k", "total"],
                                   ["out", "k_all", "v_all"], domain=CONTRIB, num_heads=heads, kv_num_heads=heads,
                                   scale=HEAD_DIM ** -0.5))
-    outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("out", "k_all", "v_all")]
-    graph = helper.make_graph(nodes, "prefill_attention", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB, 1)],
-                             ir_version=10)
-
-
-def _session(model: Any, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
-    # ORT's pool spins after a run by default and then competes with the kernel for the cores: on 2 cores the
-    # kernel ran ~25% slower between ORT runs (90 against 68 ms per 2048-position chunk), ORT's own time the
-    # same either way. A prefill that alternates the two would turn the spinning off, so the study does.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return study_model(nodes, inputs, [helper.make_tensor_value_info(n, f32, None) for n in ("out", "k_all", "v_all")])
 
 
 def _inputs(rows: int, past: int, heads: int, capacity: int, rng: Any) -> dict[str, np.ndarray]:
@@ -99,7 +83,10 @@ def compare(rows: int, past: int, heads: int, threads: int, rounds: int, kernel:
     """One chunk shape: both forms checked against the twin, then timed in ABBA rounds."""
     capacity = past + rows
     x = _inputs(rows, past, heads, capacity, np.random.default_rng(seed))
-    session = _session(_ort_form(rows, past, heads, capacity), threads)
+    # ORT's pool spins after a run by default and then competes with the kernel for the cores: on 2 cores the
+    # kernel ran ~25% slower between ORT runs (90 against 68 ms per 2048-position chunk), ORT's own time the
+    # same either way. A prefill that alternates the two turns the spinning off, so the study does.
+    session = study_session(_ort_form(rows, past, heads, capacity), threads, spinning=False)
     feed = {"qkv": x["qkv"], "k8": x["k"][None], "v8": x["v"][None], "ks": x["ks"][:, None][None],
             "vs": x["vs"][:, None][None], "past": np.array([past], np.int64),
             "seqlens_k": np.array([capacity - 1], np.int32), "total": np.array(capacity, np.int32)}

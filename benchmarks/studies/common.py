@@ -1,0 +1,49 @@
+"""What the kernel studies share (`cpu_kernels`, `prefill_attention`): their options (threads, heads, a size
+scale, a report file; each study adds its own repeat count), one-graph models with ORT's contrib opset, and the
+session that runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+STUDY_OPTIONS = (
+    click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True),
+    click.option("--heads", type=click.IntRange(min=1), default=32, show_default=True, help="Heads (x 128)."),
+    click.option("--scale", type=click.FloatRange(min=0.01, max=1.0), default=1.0, show_default=True,
+                 help="Shrink the study's sizes (positions; layers where it has them) by this factor: 1 is PULSE's."),
+    click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report."),
+)
+
+
+def study_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(STUDY_OPTIONS):
+        command = option(command)
+    return command
+
+
+CONTRIB = "com.microsoft"
+
+
+def study_model(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: Sequence[Any] = ()) -> Any:
+    """One graph, opset 17 and ORT's contrib ops."""
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "study", inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB, 1)],
+                             ir_version=10)
+
+
+def study_session(model: Any, threads: int, *, spinning: bool = True) -> Any:
+    """A CPU session of `threads` threads. `spinning` False: the pool does not spin after a run, as the prefill's
+    segment sessions do (runtime/engines/segmented.py), so a kernel running between ORT runs keeps the cores."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
