@@ -54,11 +54,7 @@ from pulse_edge.export.quant.context import (
 from pulse_edge.export.validate.emulate import emulated_reference
 from pulse_edge.export.validate.fidelity import fidelity_report, recommended_fidelity
 from pulse_edge.export.validate.kv_caches import fp16_kv_cache
-from pulse_edge.export.validate.parity import (
-    ValidationPlan,
-    validate_decoder,
-    validate_greedy,
-)
+from pulse_edge.export.validate.parity import ValidationPlan, validate_decoder, validate_greedy
 from pulse_edge.export.validate.sites import decoder_sites_parity, vision_sites
 from pulse_edge.export.validate.tolerances import tolerance_level
 from pulse_edge.export.validate.vision import compare_features, validate_vision_graph

@@ -116,8 +116,8 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, segmented: Gr
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight
     shortest = 2 * PREFILL_GRAPH_MIN_POSITIONS  # two chunks, each long enough for the prefill path
-    lengths = [n for n in plan.prefill_lengths if shortest <= n < kv.max_length] or [
-        n for n in [shortest] if n < kv.max_length]
+    planned = [n for n in plan.prefill_lengths if shortest <= n < kv.max_length]
+    lengths = planned or ([shortest] if shortest < kv.max_length else [])
     cases = []
     for length in lengths:
         embeds = _sample_embeds(lm, length, generator)
