@@ -15,8 +15,9 @@ BACKENDS = ("auto", *BUNDLE_BACKENDS, "torch")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 # Whether the runtime loads a CPU bundle's prefill graph: when this machine's memory holds it, always, never.
 PREFILL_GRAPH_MODES = ("auto", "on", "off")
-# a prefill graph cut for the CPU attention kernel: the kernel where it runs, the kernel or an error, the whole graph
-PREFILL_ATTENTION_MODES = ("auto", "kernel", "graph")
+# a graph cut for a CPU attention kernel (the prefill graph, the decode graph): the kernel where it runs, the kernel
+# or an error, the whole graph
+ATTENTION_MODES = ("auto", "kernel", "graph")
 # ONNX Runtime graph optimisation levels, lowest first (a graph may cap the level it runs at).
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 

@@ -77,6 +77,13 @@ class Pipeline:
             return "prefill graph segments + attention kernel"
         return "prefill graph" if has_prefill_graph(self.engine.decoder) else "decoder graph"
 
+    @property
+    def decoded_by(self) -> str:
+        """Which graph runs decode steps: the decode graph in segments with the decode kernel where that runs."""
+        if getattr(self.engine.decoder, "decode_segments", None) is not None:
+            return "decoder graph segments + decode kernel"
+        return "decoder graph"
+
     def chat(self, *, system: str | None = None) -> Conversation:
         """A multi-turn conversation (ECG Arena style); the cache is kept between its turns.
 

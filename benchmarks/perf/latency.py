@@ -81,6 +81,7 @@ class LatencyConfig:
     question: str | None = None
     prefill_graph: str = "auto"  # a CPU bundle's prefill graph (runtime/engines/memory.py)
     prefill_attention: str = "auto"  # a cut prefill graph's attention: the CPU kernel where it runs
+    decode_attention: str = "auto"  # a cut decode graph's attention: the CPU decode kernel where it runs
     prefill_chunk: int | None = None  # None: the runtime's choice (runtime/engines/bundle_engine.py); 0: one pass
 
 
@@ -107,7 +108,8 @@ def _open(cfg: LatencyConfig) -> tuple[Any, DecoderFacts]:
 
     pipeline = open_backend(cfg.model, backend=cfg.backend, session=SessionConfig(
         provider=cfg.provider, threads=cfg.threads, prefill_graph=cfg.prefill_graph,
-        prefill_attention=cfg.prefill_attention), prefill_chunk=cfg.prefill_chunk)
+        prefill_attention=cfg.prefill_attention, decode_attention=cfg.decode_attention),
+        prefill_chunk=cfg.prefill_chunk)
     if isinstance(pipeline, OrtPipeline):
         return pipeline, bundle_decoder_facts(cfg.model)
     torch_threads(cfg.threads)
@@ -233,6 +235,7 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
     return {"kind": "latency", "machine": {**machine, "load_average_end": load_average()}, "model": model,
             "backend": getattr(pipeline, "backend", "torch"), "settings": _latency_settings(cfg),
             "prefilled_by": getattr(pipeline, "prefilled_by", "decoder graph"),  # the torch reference: one graph
+            "decoded_by": getattr(pipeline, "decoded_by", "decoder graph"),
             "prefill_chunk": getattr(getattr(pipeline, "engine", None), "prefill_chunk", None),  # None: one pass
             "bandwidth": bandwidth_report(samples)[1], "decoder": facts.to_dict(),
             "ops": ops.to_dict() if ops is not None else None, "probed": probed,
@@ -245,7 +248,7 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
 def _latency_settings(cfg: LatencyConfig) -> dict[str, Any]:
     return {"runs": cfg.runs, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens, "provider": cfg.provider,
             "threads": cfg.threads, "question": cfg.question or "default", "prefill_graph": cfg.prefill_graph,
-            "prefill_attention": cfg.prefill_attention}
+            "prefill_attention": cfg.prefill_attention, "decode_attention": cfg.decode_attention}
 
 
 def _chunking(report: dict[str, Any]) -> str:
@@ -302,7 +305,7 @@ def latency_table(report: dict[str, Any]) -> str:
         *_probe_lines(report),
         f"model: {model['name']} ({report['backend']} backend, {model['precision']}, hidden {model['hidden_size']}, "
         f"{model['layers']} layers; prompts prefilled by the {report.get('prefilled_by', 'decoder graph')}"
-        f"{_chunking(report)}); "
+        f"{_chunking(report)}, decode steps by the {report.get('decoded_by', 'decoder graph')}); "
         f"on disk {gib(report['model_bytes_on_disk'])}; "
         f"peak RSS {gib(report['peak_rss_bytes'])} ({report['peak_rss_note']})",
         decoder_line(report["decoder"]),

@@ -71,11 +71,12 @@ class _Runner:
                               threads=cfg.threads, seed=cfg.seed)
         chunk = {} if cfg.prefill_chunk is None else {"prefill_chunk": cfg.prefill_chunk or None}  # 0: one pass
         self.opened = time.time_ns()
-        # the whole prefill graph, also where the bundle's is cut for the CPU attention kernel: the kernel runs
+        # the whole decoder graphs, also where the bundle cuts them for the CPU attention kernels: a kernel runs
         # outside ONNX Runtime, so no trace would hold its time (runtime/engines/segmented.py)
         self.bench = OrtBench(cfg.model, bench_inputs(cfg.model, base), base,
                               session=SessionConfig(threads=cfg.threads, profile_dir=trace_dir,
-                                                    prefill_attention="graph"), **chunk)
+                                                    prefill_attention="graph",
+                                                    decode_attention="graph"), **chunk)
         self.loaded = time.time_ns()
         self.engine = self.bench.engine
         self.tiles = len(self.bench.inputs.pixel_values)

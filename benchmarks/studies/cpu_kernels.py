@@ -185,7 +185,7 @@ def causal_attention(s: int, heads: int, threads: int, repeats: int) -> list[dic
     return [{"op": n, "s": s, "ms": t * 1e3, "gflop_s": 4 * heads * s * s * d / t / 1e9} for n, t in seconds.items()]
 
 
-def _decode_gqa(int8: bool, heads: int, layers: int, room: int) -> Any:
+def decode_gqa_model(int8: bool, heads: int, layers: int, room: int) -> Any:
     """`layers` GroupQueryAttention nodes at S = 1, each over its own shared buffer [1, heads, L, 128]."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -213,7 +213,7 @@ def _decode_gqa(int8: bool, heads: int, layers: int, room: int) -> Any:
     return study_model(nodes, inputs, outputs, inits)
 
 
-def _bind_decode(session: Any, context: int, length: int, heads: int, layers: int, int8: bool, rng: Any
+def bind_decode(session: Any, context: int, length: int, heads: int, layers: int, int8: bool, rng: Any
                  ) -> tuple[Any, list[Any]]:
     """An IO binding of one decode step over caches of `length` positions, each bound as input and output (present =
     past, as the runtime binds its buffer), and the OrtValues it binds: they hold the numpy memory the binding
@@ -241,10 +241,10 @@ def decode_attention(context: int, buffers: list[int], heads: int, layers: int, 
     present = past); per cache dtype and thread count, the buffer lengths interleaved."""
     rng, rows = np.random.default_rng(0), []
     for int8 in (True, False):
-        model = _decode_gqa(int8, heads, layers, max(buffers))
+        model = decode_gqa_model(int8, heads, layers, max(buffers))
         for n in threads:
             session = study_session(model, n)
-            bindings = {b: _bind_decode(session, context, b, heads, layers, int8, rng) for b in buffers}
+            bindings = {b: bind_decode(session, context, b, heads, layers, int8, rng) for b in buffers}
             seconds = _interleaved({b: (lambda s=session, x=x: s.run_with_iobinding(x)) for b, (x, _) in
                                     bindings.items()}, repeats)
             used = layers * 2 * heads * context * 128 * (1 if int8 else 4)

@@ -35,7 +35,7 @@ from pulse_edge.export.build.memory import (
     reference_dtype,
     validation_session,
 )
-from pulse_edge.export.build.prefill_segments import cut_prefill, drop_segments, segments_parity
+from pulse_edge.export.build.segments import cut_graph, decode_segments_parity, drop_segments, segments_parity
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.kv_cache import KVScales
@@ -228,7 +228,9 @@ def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, 
         graphs[names.PREFILL] = build_prefill(model.language_model, shape, work, quant.recipe, plan, kv,
                                               label=options.precision, fp16_cache=options.fp16_cache)
         if kv is not None:
-            graphs[names.PREFILL] = cut_prefill(work, graphs[names.PREFILL], shape)
+            graphs[names.PREFILL] = cut_graph(work, names.PREFILL, graphs[names.PREFILL], shape)
+    if kv is not None:  # the decode steps' attention over the same cache: the decode kernel's
+        graphs[names.DECODER] = cut_graph(work, names.DECODER, graphs[names.DECODER], shape)
     return graphs, plan
 
 
@@ -260,13 +262,20 @@ def failure_summary(validation: dict[str, Any]) -> str:
         if not merged["pass"]:
             parts.append(f"merged image features of a {merged['image_size'][0]}x{merged['image_size'][1]} print: "
                          f"rel err {merged['max_rel_err']:.2g}")
-    decoders = [("decoder", validation["decoder"]), ("prefill graph", validation["decoder"].get("prefill_graph"))]
+    decoders = [("decoder", validation["decoder"]), ("prefill graph", validation["decoder"].get("prefill_graph")),
+                ("decode segments with the decode kernel", validation["decoder"].get("decode_segments"))]
     for what, record in decoders:
         for case in record["cases"] if record else []:
             if not case["pass"]:
                 worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
                 parts.append(f"{what} after a {case['prefill_length']}-position prefill: rel err "
                              f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
+    decode = validation["decoder"].get("decode_segments")
+    if decode and not decode["cases"]:
+        parts.append("decode segments: no prompt length to validate them at (the cache holds too few positions)")
+    if decode and decode["kernel_call_rel_err"] > decode["kernel_wrong_call_rel_err"]:
+        parts.append("the CPU decode-attention kernel: a call off its float32 twin by "
+                     f"{decode['kernel_call_rel_err']:.2g} on the same inputs")
     for run in validation["greedy"]["runs"]:
         if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
             parts.append(f"greedy tokens differ from token {run['first_divergence']}")
@@ -343,8 +352,15 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
     kv = _kv_scales(loaded, manifest, quant) if quant else None  # both decoder graphs' cache
     emulation = (emulated_reference(model, quant.recipe, quant.scales, plan, prepacked=session.prepack, kv=kv,
                                     **forms) if quant else nullcontext())
+    whole = replace(session, decode_attention="graph")  # the decode graph itself; its segments checked below
     with emulation, _cache_emulation(model, options.fp16_cache):  # the cache's hooks go on the swapped Linears
-        parity = _parity(loaded, bundle, manifest, options, level, reference, session)
+        parity = _parity(loaded, bundle, manifest, options, level, reference, whole)
+    if manifest.graphs[names.DECODER].segments and quant:
+        decoder = parity["decoder"]
+        decoder["decode_segments"] = decode_segments_parity(loaded, bundle, manifest, options.plan, quant, plan, kv,
+                                                            level, session)
+        decoder["pass"] = bool(decoder["pass"] and decoder["decode_segments"]["pass"])
+        parity["pass"] = bool(parity["pass"] and decoder["pass"])
     if names.PREFILL in manifest.graphs and quant:
         decoder = parity["decoder"]
         prefill_level = tolerance_level(options.precision, fp32_reference=reference_dtype == torch.float32,
@@ -385,7 +401,8 @@ def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
     lm, spec = loaded.model.language_model, manifest.graphs[names.PREFILL]
     with emulated_reference(loaded.model, quant.recipe, quant.scales, own, prepacked=session.prepack,
                             kv=kv, quantized_self=False), _cache_emulation(loaded.model, options.fp16_cache):
-        report = validate_decoder(lm, bundle, spec, manifest.kv, precision=level, plan=options.plan, session=session)
+        report = validate_decoder(lm, bundle, spec, manifest.kv, precision=level, plan=options.plan, session=session,
+                                  graph=names.PREFILL)
         sites = decoder_sites_parity(lm, bundle, spec, manifest.kv, session, options.plan.tolerances["site"])
     return {**report, "tolerance_level": level, "sites": sites, "pass": bool(report["pass"] and sites["pass"])}
 
@@ -408,7 +425,7 @@ def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: Q
     float_bytes = sum(p.numel() for p in loaded.model.parameters()) * 4
     fidelity = fidelity_report(reference, served, samples, prepared, float_bytes=float_bytes)
     limit = manifest.graphs[names.DECODER].opt_level_limit
-    return {**fidelity, "prefilled_by": served.prefilled_by,
+    return {**fidelity, "prefilled_by": served.prefilled_by, "decoded_by": served.decoded_by,
             "ort_session": session_settings(session, limit, shapes_vary=True)}
 
 

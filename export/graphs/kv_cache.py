@@ -129,6 +129,14 @@ def _store_new(b: GraphBuilder, part: str, i: int, present: str, scale: str, pas
     end = b.const("kv.to_end", np.array([np.iinfo(np.int64).max], np.int64))
     axis = b.const("kv.seq_axis", np.array([2], np.int64))
     (new,) = b.node("Slice", [present, past_len, end, axis], [f"{p}.{part}_new"], f"{p}/{part}_new")
+    store_int8(b, part, i, new, scale, past_len)
+
+
+def store_int8(b: GraphBuilder, part: str, i: int, new: str, scale: str, past_len: str) -> None:
+    """new [1, KVN, S, D] float quantized (round, clip to +-127) into layer i's cache buffer at position P: the
+    rule the CPU attention kernels read the cache by (export/graphs/segments.py writes it into the cut decode
+    graph too)."""
+    p = f"layers.{i}.attn"
     (grid,) = b.node("Div", [new, scale], [f"{p}.{part}_grid"], f"{p}/{part}_to_grid")
     (rounded,) = b.node("Round", [grid], [f"{p}.{part}_round"], f"{p}/{part}_round")
     low, high = b.const("kv.low", np.array(-INT8_LIMIT, np.float32)), b.const("kv.high", np.array(INT8_LIMIT,

@@ -10,7 +10,7 @@ the export.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM
 
 from pulse_edge.export.model.torch_backend import decode_one_token, prefill
 from pulse_edge.export.validate.tolerances import TOLERANCES, Tolerance
+from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.engines.ort import PREFILL_GRAPH_MIN_POSITIONS, SessionConfig, decoder_engine
 from pulse_edge.runtime.kernels.attention import CheckedAttention, TwinAttention
@@ -62,20 +63,45 @@ def _sample_embeds(lm: LlamaForCausalLM, length: int, generator: torch.Generator
 
 
 def validate_decoder(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KVLayout, *, precision: str,
-                     plan: ValidationPlan, session: SessionConfig | None = None) -> dict[str, Any]:
+                     plan: ValidationPlan, session: SessionConfig | None = None,
+                     graph: str = names.DECODER) -> dict[str, Any]:
     """Prefill and decode parity of the decoder graph at each planned length, under plan.tolerances[precision].
 
     `lm` is the reference the graph must match: the fp32 (or bf16) model for a float graph, the model inside
     export/validate/emulate.emulated_reference for a quantized one. The default session does not prepack: the
     weights stay mapped from the file, so the reference and the graph fit side by side (see
-    export/build/bundle.validation_session)."""
-    tol = plan.tolerances[precision]
-    engine = decoder_engine(bundle, spec, kv, lm.config.vocab_size, session or SessionConfig(prepack=False))
+    export/build/bundle.validation_session). `graph`: which graph `spec` is; it runs whole, never in segments."""
+    engine = decoder_engine(bundle, spec, kv, lm.config.vocab_size, session or SessionConfig(prepack=False),
+                            graph=graph)
+    return _decoder_cases(lm, engine, plan, plan.tolerances[precision])
+
+
+def validate_segmented_decode(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KVLayout, *, precision: str,
+                              plan: ValidationPlan, session: SessionConfig) -> dict[str, Any]:
+    """The decode graph's segments with the decode kernel (runtime/engines/segmented.py) against `lm`, the
+    reference computing the decode graph's recipe with each input attending to its own keys and values as stored
+    (+-127, the kernel's reading), at the planned lengths as validate_decoder checks the whole graph: the
+    segments run every input here, the prefill included (no prefill graph is opened). The kernel computes in
+    float32, so it is held to the graph's own bound; "kernel_call_rel_err" is its worst call against its float32
+    twin on the same inputs."""
+    engine = decoder_engine(bundle, spec, kv, lm.config.vocab_size, replace(session, decode_attention="kernel"))
+    if engine.decode_segments is None:
+        raise RuntimeError("the decoder engine did not open the decode segments: nothing would be validated")
+    checked = CheckedAttention(engine.decode_segments.kernel)
+    engine.decode_segments.kernel = checked
+    report = _decoder_cases(lm, engine, plan, plan.tolerances[precision])
+    # no planned length fits the cache: nothing ran, so nothing passed
+    return {**report, "pass": bool(report["cases"]) and report["pass"], "kernel_call_rel_err": checked.worst}
+
+
+def _decoder_cases(lm: LlamaForCausalLM, engine: Any, plan: ValidationPlan, tol: Tolerance) -> dict[str, Any]:
+    """Each planned prefill length that leaves room for the decode steps: the prefill's logits and each greedy
+    step's against the reference's."""
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight
     cases = []
     for length in plan.prefill_lengths:
-        if length + plan.decode_steps >= kv.max_length:
+        if length + plan.decode_steps >= engine.kv.max_length:
             continue
         engine.reset()
         embeds = _sample_embeds(lm, length, generator)
@@ -104,11 +130,12 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, segmented: Gr
     and with the kernel (its bf16 q and weights on top). "pass" is the twin's verdict under `precision`'s
     bound (is the cut right?); "kernel_vs_twin" what the kernel's rounding alone moves the logits by, and
     "kernel_call_rel_err" the worst kernel call against the twin on the same inputs (export/build/
-    prefill_segments.py decides on both)."""
+    segments.py decides on both)."""
     tol = plan.tolerances[precision]
     # the prefill graph as the engine's main graph too (as its own parity opens it): no decode graph loaded beside
     # the reference, and the segments map the same weights file (shared pages with mapped weights)
-    engine = decoder_engine(bundle, segmented, kv, lm.config.vocab_size, session, prefill=segmented)
+    engine = decoder_engine(bundle, segmented, kv, lm.config.vocab_size, session, prefill=segmented,
+                            graph=names.PREFILL)
     if engine.segmented is None:
         raise RuntimeError("the decoder engine did not open the prefill segments: nothing would be validated")
     checked = CheckedAttention(engine.segmented.kernel)

@@ -10,9 +10,9 @@ import click
 
 from pulse_edge.backends import open_backend
 from pulse_edge.choices import (
+    ATTENTION_MODES,
     BACKENDS,
     OPT_LEVELS,
-    PREFILL_ATTENTION_MODES,
     PREFILL_GRAPH_MODES,
     PROVIDERS,
     TORCH_DTYPES,
@@ -60,10 +60,13 @@ from pulse_edge.errors import ConfigError
 @click.option("--prefill-graph", type=click.Choice(PREFILL_GRAPH_MODES), default="auto", show_default=True,
               help="ort backend: a CPU bundle's prefill graph (int8 GEMM for long prompts); auto: loaded when this "
                    "machine's memory holds it beside the decode graph, else the decode graph prefills (one warning).")
-@click.option("--prefill-attention", type=click.Choice(PREFILL_ATTENTION_MODES), default="auto", show_default=True,
+@click.option("--prefill-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
               help="ort backend, a prefill graph cut for pulse-edge's CPU attention kernel (AMX-BF16): auto: the "
                    "kernel where this CPU and a C compiler run it, else the whole graph; kernel: or an error; graph: "
                    "always the whole graph.")
+@click.option("--decode-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
+              help="ort backend, a decode graph cut for pulse-edge's CPU decode-attention kernel (AVX-512, reads the "
+                   "int8 cache at memory speed): auto, kernel, graph as for --prefill-attention.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Answer every input (files, folders, quoted glob patterns) into this JSON-lines file, one line "
                    "each; a rerun skips the inputs already answered.")
@@ -83,7 +86,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
           max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
           device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
-          prepack: bool, prefill_graph: str, prefill_attention: str, output: Path | None, fail_fast: bool,
+          prepack: bool, prefill_graph: str, prefill_attention: str, decode_attention: str, output: Path | None,
+          fail_fast: bool,
           save_render: Path | None,
           fs: float | None, leads: str | None, unit: str, verify: bool) -> None:
     """Answer a question about an ECG: an image (PNG, JPEG, TIFF, BMP), the first page of a PDF, or a recording
@@ -97,7 +101,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack,
-                            prefill_graph=prefill_graph, prefill_attention=prefill_attention)
+                            prefill_graph=prefill_graph, prefill_attention=prefill_attention,
+                            decode_attention=decode_attention)
 
     def open_model():
         with HashBar() as bar:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pulse_edge.choices import PREFILL_ATTENTION_MODES, PREFILL_GRAPH_MODES, PROVIDERS
+from pulse_edge.choices import ATTENTION_MODES, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError
 
 # Module names of the `serve` extra's packages (python-multipart parses uploads).
@@ -73,11 +73,13 @@ def _allowed_root(path: Path | None) -> Path | None:
               help="Intra-op threads (0 = one per core).")
 @click.option("--prefill-graph", type=click.Choice(PREFILL_GRAPH_MODES), default="auto", show_default=True,
               help="A CPU bundle's prefill graph; auto: loaded when memory holds it (see infer --help).")
-@click.option("--prefill-attention", type=click.Choice(PREFILL_ATTENTION_MODES), default="auto", show_default=True,
+@click.option("--prefill-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
               help="The prefill's attention: pulse-edge's CPU kernel where it runs (see infer --help).")
+@click.option("--decode-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
+              help="A decode step's attention: pulse-edge's CPU kernel where it runs (see infer --help).")
 def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue: int, allow_dir: Path | None,
           max_body_mb: float, timeout_s: float, provider: str, threads: int, prefill_graph: str,
-          prefill_attention: str) -> None:
+          prefill_attention: str, decode_attention: str) -> None:
     """Serve a bundle over HTTP: OpenAI-compatible /v1/chat/completions, ECG-native /v1/ecg/interpret,
     /health and /metrics. One model in memory, one generation at a time."""
     _require_extra()
@@ -89,5 +91,6 @@ def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue:
     config = ServerConfig(bundle=model_dir, host=host, port=port, api_key=key, max_queue=max_queue,
                           allow_dir=root, max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout_s,
                           session=SessionConfig(provider=provider, threads=threads, prefill_graph=prefill_graph,
-                                                prefill_attention=prefill_attention))
+                                                prefill_attention=prefill_attention,
+                                                decode_attention=decode_attention))
     run_server(config, say=lambda line: click.echo(f"pulse-edge: {line}", err=True))

@@ -56,8 +56,10 @@ def check_consistency(manifest: Manifest) -> None:
     prefill = manifest.graphs.get(names.PREFILL)
     if prefill is not None and prefill.engine == ONNX:  # the decoder again, for long inputs: same IO, same cache
         _check_decoder_io(prefill, manifest)
-        if prefill.segments or prefill.segment_scales:
-            _check_segments(prefill, manifest)
+    for key in (names.DECODER, names.PREFILL):
+        graph = manifest.graphs.get(key)
+        if graph is not None and graph.engine == ONNX and (graph.segments or graph.segment_scales):
+            _check_segments(key, graph, manifest)
     _check_records(manifest)
 
 
@@ -139,26 +141,25 @@ def _check_decoder_io(graph: GraphSpec, manifest: Manifest) -> None:
         _check_dims(graph, tensor, [1, kv.kv_heads, None, kv.head_dim], "kv.kv_heads and kv.head_dim")
 
 
-def _check_segments(prefill: GraphSpec, manifest: Manifest) -> None:
-    """A prefill graph cut at its attentions: one segment per layer and one after the last, over an int8 cache
+def _check_segments(key: str, graph: GraphSpec, manifest: Manifest) -> None:
+    """A decoder graph cut at its attentions: one segment per layer and one after the last, over an int8 cache
     whose scales file is named; segment k reads only the whole graph's inputs, what earlier segments write and
     layer k - 1's attention output (the kernel's), and writes layer k's query (the last one the logits)."""
-    segments, layers = prefill.segments, manifest.kv.layers
-    if manifest.kv.dtype != "int8" or not prefill.segment_scales:
-        raise _fail("graphs.prefill.segments needs an int8 KV cache and segment_scales (the kernel's scales)")
+    segments, layers, where = graph.segments, manifest.kv.layers, f"graphs.{key}.segments"
+    if manifest.kv.dtype != "int8" or not graph.segment_scales:
+        raise _fail(f"{where} needs an int8 KV cache and segment_scales (the kernel's scales)")
     if len(segments) != layers + 1:
-        raise _fail(f"graphs.prefill.segments holds {len(segments)} segments for {layers} layers (needs {layers + 1})")
-    readable = {t.name for t in prefill.inputs}
+        raise _fail(f"{where} holds {len(segments)} segments for {layers} layers (needs {layers + 1})")
+    readable = {t.name for t in graph.inputs}
     for k, segment in enumerate(segments):
         attention = [names.attention_output_name(k - 1)] if k else []
         unknown = [n for n in segment.inputs if n not in readable and n not in attention]
         if unknown:
-            raise _fail(f"graphs.prefill.segments[{k}] ({segment.file}) reads {unknown[0]!r}, which no earlier "
-                        "segment writes")
+            raise _fail(f"{where}[{k}] ({segment.file}) reads {unknown[0]!r}, which no earlier segment writes")
         gives = [names.attention_query_name(k)] if k < layers else [names.LOGITS]
         missing = [n for n in attention if n not in segment.inputs] + [n for n in gives if n not in segment.outputs]
         if missing:
-            raise _fail(f"graphs.prefill.segments[{k}] ({segment.file}) lacks {missing[0]!r}")
+            raise _fail(f"{where}[{k}] ({segment.file}) lacks {missing[0]!r}")
         readable.update(segment.outputs)
 
 

@@ -50,10 +50,19 @@ def kv_names(layers: int, kind: str) -> list[str]:
     return [name(i, part) for i in range(layers) for part in KV_PARTS]
 
 
-# The prefill graph cut at each layer's attention (export/graphs/segments.py), for the CPU attention kernel
-# (runtime/kernels): segment i ends with layer i's query, segment i + 1 starts from its attention output.
-SEGMENT_FILE = "prefill.seg{:02d}.onnx"
-SEGMENT_SCALES_FILE = "prefill.kv_scales.npy"  # float32 [layers, 2 (key, value), kv_heads, head_dim]
+# A decoder graph (the prefill graph, the decode graph) cut at each layer's attention (export/graphs/segments.py),
+# for the CPU attention kernels (runtime/kernels): segment i ends with layer i's query, segment i + 1 starts from
+# its attention output. Files named after the graph's key: prefill.seg00.onnx, decoder.kv_scales.npy.
+SEGMENT_FILE = "{graph}.seg{k:02d}.onnx"
+SEGMENT_SCALES_FILE = "{graph}.kv_scales.npy"  # float32 [layers, 2 (key, value), kv_heads, head_dim]
+
+
+def segment_file(graph: str, k: int) -> str:
+    return SEGMENT_FILE.format(graph=graph, k=k)
+
+
+def segment_scales_file(graph: str) -> str:
+    return SEGMENT_SCALES_FILE.format(graph=graph)
 
 
 def attention_query_name(layer: int) -> str:

@@ -13,6 +13,15 @@ bound to the same cache buffers and logits buffer; `forward` runs the prefill gr
 for inputs of PREFILL_GRAPH_MIN_POSITIONS positions or more and the decoder graph
 for the rest (a decode step reads every weight once, where weight-only int8/int4
 streams the fewest bytes).
+
+Either graph may come cut at its attentions for a CPU kernel (engines/segmented.py); where the kernel runs,
+the segments replace the whole graph's session (the same weights, mapped or prepacked once):
+
+    input positions   prefill graph loaded      runs
+    >= 16             cut, kernel runs          prefill segments + AMX-BF16 prefill kernel
+    >= 16             whole                     the prefill graph
+    any other input   decode graph cut, kernel  decode segments + AVX-512 decode kernel
+    any other input   decode graph whole        the decode graph
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from pulse_edge.runtime.engines.bundle_engine import (
 )
 from pulse_edge.runtime.engines.graph_io import check_graph_io
 from pulse_edge.runtime.engines.memory import choose_prefill_graph, mem_available_bytes
-from pulse_edge.runtime.engines.segmented import NO_SPINNING, SegmentedPrefill, kernel_for
+from pulse_edge.runtime.engines.segmented import NO_SPINNING, SegmentedDecoder, kernel_for
 from pulse_edge.runtime.engines.sessions import ORT_PROVIDERS as ORT_PROVIDERS  # re-exported: the engines' API
 from pulse_edge.runtime.engines.sessions import SessionConfig as SessionConfig
 from pulse_edge.runtime.engines.sessions import default_trt_cache as default_trt_cache
@@ -71,7 +80,7 @@ class DecoderEngine:
     on the same cache."""
 
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig, *,
-                 prefill: GraphSpec | None = None) -> None:
+                 prefill: GraphSpec | None = None, graph: str = names.DECODER) -> None:
         ort = load_onnxruntime()
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
@@ -80,13 +89,18 @@ class DecoderEngine:
         self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, NP_DTYPES[kv.dtype], device, config.device_id)
                        for _ in names.kv_names(kv.layers, "past")]
         self._logits = np.zeros((1, 1, vocab), np.float32)
-        self.session, self._binding = self._open(bundle / spec.file, spec, config)
+        # the decode graph in segments with the decode kernel where it runs, else whole. `graph`: which of the
+        # bundle's graphs `spec` is (validation opens the prefill graph in this place too, and checks it whole)
+        self.decode_segments = (_open_segmented(names.DECODER, bundle, spec, kv, self._cache, self._logits, config)
+                                if graph == names.DECODER else None)
+        self.session, self._binding = (None, None) if self.decode_segments else self._open(bundle / spec.file, spec,
+                                                                                           config)
         self.prefill_session, self._prefill_binding, self.segmented = None, None, None
         if prefill is None and config.prefill_attention == "kernel":
             raise ConfigError("--prefill-attention kernel: this bundle has no prefill graph, so none is cut for the "
                               "attention kernel (an int8 or int4 CPU bundle has one); use --prefill-attention auto")
         if prefill is not None and _prefill_graph_fits(bundle, prefill, config):
-            self.segmented = _open_segmented(bundle, prefill, kv, self._cache, self._logits, config)
+            self.segmented = _open_segmented(names.PREFILL, bundle, prefill, kv, self._cache, self._logits, config)
             if self.segmented is None:
                 self.prefill_session, self._prefill_binding = self._open(bundle / prefill.file, prefill, config)
         if config.prefill_attention == "kernel" and self.segmented is None:  # asked outright: never a quiet fallback
@@ -115,9 +129,14 @@ class DecoderEngine:
         self.length = 0
 
     def runner(self, steps: int) -> tuple[Any, Any]:
-        """The session (and its binding) that runs an input of `steps` positions."""
-        if self.prefill_session is not None and steps >= PREFILL_GRAPH_MIN_POSITIONS:
+        """What runs an input of `steps` positions (module doc): a segmented graph, or a session and its binding."""
+        long = steps >= PREFILL_GRAPH_MIN_POSITIONS
+        if long and self.segmented is not None:
+            return self.segmented, None
+        if long and self.prefill_session is not None:
             return self.prefill_session, self._prefill_binding
+        if self.decode_segments is not None:
+            return self.decode_segments, None
         return self.session, self._binding
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
@@ -126,29 +145,30 @@ class DecoderEngine:
         if steps > self.room:
             raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.kv.max_length}")
         total = self.length + steps
-        if self.segmented is not None and steps >= PREFILL_GRAPH_MIN_POSITIONS:
-            self.segmented.forward(np.ascontiguousarray(embeds, dtype=np.float32), self.length)
-            self.length = total
-            return self._logits[0, -1]
-        session, binding = self.runner(steps)
-        binding.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=np.float32))
-        binding.bind_cpu_input(names.SEQLENS_K, np.array([total - 1], np.int32))
-        binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
-        session.run_with_iobinding(binding)
+        runner, binding = self.runner(steps)
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if binding is None:
+            runner.forward(embeds, self.length)
+        else:
+            binding.bind_cpu_input(names.INPUTS_EMBEDS, embeds)
+            binding.bind_cpu_input(names.SEQLENS_K, np.array([total - 1], np.int32))
+            binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
+            runner.run_with_iobinding(binding)
         self.length = total
         return self._logits[0, -1]
 
 
-def _open_segmented(bundle: Path, prefill: GraphSpec, kv: KVLayout, cache: list[Any], logits: np.ndarray,
-                    config: SessionConfig) -> Any:
-    """The prefill graph's segments with the attention kernel (engines/segmented.py), or None: the whole graph."""
-    kernel = kernel_for(prefill, config.prefill_attention, config.provider)
+def _open_segmented(key: str, bundle: Path, graph: GraphSpec, kv: KVLayout, cache: list[Any], logits: np.ndarray,
+                    config: SessionConfig) -> SegmentedDecoder | None:
+    """Graph `key`'s segments with its attention kernel (engines/segmented.py), or None: the whole graph."""
+    mode = config.prefill_attention if key == names.PREFILL else config.decode_attention
+    kernel = kernel_for(key, graph, mode, config.provider)
     if kernel is None:
         return None
-    entries = {**graph_config_entries(prefill), **NO_SPINNING, **(_shared_cpu_arena() if config.mem_arena else {})}
-    sessions = [make_session(bundle / segment.file, config, graph_limit=prefill.opt_level_limit, entries=entries,
-                             shapes_vary=True) for segment in prefill.segments]
-    return SegmentedPrefill(bundle, prefill, kv, cache, logits, sessions, kernel, config.threads or usable_cpus())
+    entries = {**graph_config_entries(graph), **NO_SPINNING, **(_shared_cpu_arena() if config.mem_arena else {})}
+    sessions = [make_session(bundle / segment.file, config, graph_limit=graph.opt_level_limit, entries=entries,
+                             shapes_vary=True) for segment in graph.segments]
+    return SegmentedDecoder(bundle, graph, kv, cache, logits, sessions, kernel, config.threads or usable_cpus())
 
 
 def _shared_cpu_arena() -> dict[str, str]:
@@ -204,7 +224,7 @@ class ScatterDecoderEngine(DecoderEngine):
 
 
 def decoder_engine(bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig, *,
-                   prefill: GraphSpec | None = None) -> DecoderEngine:
+                   prefill: GraphSpec | None = None, graph: str = names.DECODER) -> DecoderEngine:
     """The ORT runner for the decoder's interface (GroupQueryAttention's, with the CPU recipes' prefill graph
     when the bundle has one, or the TensorRT-ready one)."""
     if spec.scatter_kv:
@@ -212,7 +232,7 @@ def decoder_engine(bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, conf
             raise BundleError("manifest: a TensorRT-ready decoder (scatter KV) with a prefill graph is not a bundle "
                               "pulse-edge writes; re-export it")
         return ScatterDecoderEngine(bundle, spec, kv, vocab, config)
-    return DecoderEngine(bundle, spec, kv, vocab, config, prefill=prefill)
+    return DecoderEngine(bundle, spec, kv, vocab, config, prefill=prefill, graph=graph)
 
 
 def check_device(manifest: Manifest, config: SessionConfig) -> None:

@@ -1,4 +1,4 @@
-"""A prefill graph cut at its attentions, run with pulse-edge's CPU attention kernel between the pieces.
+"""A decoder graph cut at its attentions, run with one of pulse-edge's CPU attention kernels between the pieces.
 
     embeds ─ segment 0 ─ q_0 ─ kernel(q_0, int8 cache 0) ─ out_0 ─ segment 1 ─ q_1 ─ ... ─ segment L ─ logits
                └ stores the chunk's keys and values into cache 0 in place, as the whole prefill graph does
@@ -9,10 +9,13 @@ read by the kernel in place; the activations that cross segments stay ORT values
 cleared once the last segment that reads its outputs has run); the query and attention-output buffers are
 numpy arrays both sides write into.
 
-Why it exists: ORT's CPU EP attends over a prompt chunk in float32 over the full S x T product; the kernel,
-on AMX-BF16 tiles, skips the masked half (3.8-4.9x faster per chunk than ORT's form of it, docs/performance.md).
-Where the kernel cannot run (no AMX-BF16, no compiler) the whole prefill graph runs as before: `kernel_for`
-returns None and says why in one log line, or, asked for the kernel outright, refuses.
+Why it exists: ORT's CPU EP attends over a prompt chunk in float32 over the full S x T product; the prefill
+kernel, on AMX-BF16 tiles, skips the masked half (3.8-4.9x faster per chunk than ORT's form of it). A decode
+step's attention in ORT is compute-bound at about 40% of the read bandwidth; the decode kernel streams the int8
+cache at about 80% of it (docs/performance.md). The prefill graph's segments run with the prefill kernel, the
+decode graph's with the decode kernel. Where a kernel cannot run (no AMX-BF16 or AVX-512, no compiler) the whole
+graph runs as before: `kernel_for` returns None and says why in one log line, or, asked for the kernel
+outright, refuses.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.engines.graph_io import check_segment_io
-from pulse_edge.runtime.kernels.attention import CausalAttention
+from pulse_edge.runtime.kernels.attention import D_MULTIPLE, DECODE, PREFILL, CausalAttention, KernelKind
 from pulse_edge.runtime.kernels.build import CPUUnsupported
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ log = logging.getLogger(__name__)
 NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
 
 
-def _int8_view(value: Any) -> np.ndarray:
+def int8_view(value: Any) -> np.ndarray:
     """A cache OrtValue [1, kv_heads, max_length, head_dim] int8 as a numpy array over the same memory."""
     shape = tuple(value.shape())[1:]
     buffer = (ctypes.c_int8 * int(np.prod(shape))).from_address(value.data_ptr())
@@ -59,19 +62,28 @@ def load_scales(path: Path, kv: KVLayout) -> np.ndarray:
     return scales
 
 
-class SegmentedPrefill:
-    """Runs inputs of many positions through the segments and the kernel, on the decoder's cache and logits."""
+# Which kernel runs between a graph's segments, and the flag that chooses (the manifest's graph key)
+KERNELS: dict[str, tuple[KernelKind, str]] = {names.PREFILL: (PREFILL, "--prefill-attention"),
+                                              names.DECODER: (DECODE, "--decode-attention")}
+
+
+class SegmentedDecoder:
+    """Runs inputs through the segments and the kernel, on the decoder's cache and logits."""
 
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, cache: Sequence[Any], logits: np.ndarray,
                  sessions: Sequence[Any], kernel: Any, threads: int) -> None:
         self.spec, self.kv, self.kernel, self.threads, self.logits = spec, kv, kernel, threads, logits
+        limit = getattr(getattr(kernel, "kind", None), "max_head_dim", None) or kv.head_dim
+        if kv.head_dim % D_MULTIPLE or kv.head_dim > limit:  # export cuts no such graph (export/build/segments.py)
+            raise BundleError(f"the bundle's segments attend over heads of {kv.head_dim} channels, which the CPU "
+                              "kernel does not compute; re-export the bundle")
         self.sessions = list(sessions)
         for session, segment in zip(self.sessions, spec.segments, strict=True):
             check_segment_io(segment, session)
         self.scales = load_scales(bundle / str(spec.segment_scales), kv)
         past, present = names.kv_names(kv.layers, "past"), names.kv_names(kv.layers, "present")
         self.cache = {**dict(zip(past, cache, strict=True)), **dict(zip(present, cache, strict=True))}
-        self.codes = [_int8_view(value) for value in cache]  # [kv_heads, max_length, head_dim] per layer and part
+        self.codes = [int8_view(value) for value in cache]  # [kv_heads, max_length, head_dim] per layer and part
         self.width = _query_width(self.sessions[0])
         # every input resolves to the graph's inputs, an earlier output or the kernel's (runtime/bundle/checks.py)
         self.last_use = {name: k for k, seg in enumerate(spec.segments) for name in seg.inputs}
@@ -79,6 +91,11 @@ class SegmentedPrefill:
         self.release_after = [max([k, *(self.last_use.get(o, k) for o in seg.outputs)])
                               for k, seg in enumerate(spec.segments)]
         self.bindings = [session.io_binding() for session in self.sessions]
+        # one-position inputs (decode steps) run on bindings made once, after the first such input showed the
+        # shapes of what crosses segments: a step then only runs (Python's rebinding cost ~0.17 ms a segment,
+        # 5.7 ms of a 7B step)
+        self.step: _StepBindings | None = None
+        self._shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None
 
     @property
     def layers(self) -> int:
@@ -86,6 +103,16 @@ class SegmentedPrefill:
 
     def forward(self, embeds: np.ndarray, past: int) -> None:
         """embeds [1, S, H] float32 at positions [past, past + S): the chunk cached, the logits buffer filled."""
+        if embeds.shape[1] == 1 and self.step is not None:
+            self.step.run(self, embeds, past)
+            return
+        self._shapes = {} if embeds.shape[1] == 1 else None  # this one-position run records them
+        self._forward(embeds, past)
+        if self._shapes is not None:
+            self.step = _StepBindings(self, self._shapes, embeds.shape[-1])
+            self._shapes = None
+
+    def _forward(self, embeds: np.ndarray, past: int) -> None:
         steps, total = embeds.shape[1], past + embeds.shape[1]
         fed = {names.INPUTS_EMBEDS: embeds, names.TOTAL_SEQUENCE_LENGTH: np.array(total, np.int32),
                names.SEQLENS_K: np.array([total - 1], np.int32)}
@@ -131,6 +158,8 @@ class SegmentedPrefill:
         """What later segments read: this segment's other outputs, and what is still to be read of before.
         (get_outputs() hands out a copy of the binding's values: clearing the binding later leaves them valid.)"""
         produced = dict(zip(self.spec.segments[k].outputs, binding.get_outputs(), strict=True))
+        if self._shapes is not None:
+            self._shapes.update({n: (tuple(v.shape()), v.numpy().dtype) for n, v in produced.items()})
         kept = {n: v for n, v in carried.items() if self.last_use.get(n, -1) > k}
         return {**kept, **{n: v for n, v in produced.items() if self.last_use.get(n, -1) > k}}
 
@@ -149,34 +178,81 @@ class SegmentedPrefill:
                     out=attended.reshape(steps, heads, self.kv.head_dim))
 
 
+class _StepBindings:
+    """Every segment's binding for a one-position input, made once: the embeddings, the two position scalars and
+    every activation crossing segments live in buffers of their own (numpy memory under OrtValues), the query,
+    attention output, cache and logits in theirs; a step writes its inputs in place and runs."""
+
+    def __init__(self, graph: SegmentedDecoder, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 hidden: int) -> None:
+        from pulse_edge.runtime.engines.sessions import load_onnxruntime
+
+        wrap = load_onnxruntime().OrtValue.ortvalue_from_numpy
+        self.embeds = np.zeros((1, 1, hidden), np.float32)
+        self.total, self.seqlens = np.zeros((), np.int32), np.zeros(1, np.int32)
+        self.query, self.attended = (np.zeros((1, 1, graph.width), np.float32) for _ in range(2))
+        arrays = {names.INPUTS_EMBEDS: self.embeds, names.TOTAL_SEQUENCE_LENGTH: self.total,
+                  names.SEQLENS_K: self.seqlens,
+                  **{n: np.zeros(shape, dtype) for n, (shape, dtype) in shapes.items() if n not in graph.cache}}
+        self.values = {n: wrap(a) for n, a in arrays.items()}  # the OrtValues hold the arrays: kept together
+        self.arrays = arrays
+        self.bindings = [self._binding(graph, k, session) for k, session in enumerate(graph.sessions)]
+
+    def _binding(self, graph: SegmentedDecoder, k: int, session: Any) -> Any:
+        binding, segment = session.io_binding(), graph.spec.segments[k]
+        special = {names.attention_query_name(k): self.query, names.LOGITS: graph.logits}
+        for name in segment.inputs:
+            if name == names.attention_output_name(k - 1):
+                binding.bind_input(name, "cpu", 0, np.float32, list(self.attended.shape), self.attended.ctypes.data)
+            else:
+                binding.bind_ortvalue_input(name, graph.cache[name] if name in graph.cache else self.values[name])
+        for name in segment.outputs:
+            if name in special:
+                array = special[name]
+                binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+            else:
+                binding.bind_ortvalue_output(name, graph.cache[name] if name in graph.cache else self.values[name])
+        return binding
+
+    def run(self, graph: SegmentedDecoder, embeds: np.ndarray, past: int) -> None:
+        self.embeds[...] = embeds
+        self.total[...], self.seqlens[...] = past + 1, past
+        for k, (session, binding) in enumerate(zip(graph.sessions, self.bindings, strict=True)):
+            session.run_with_iobinding(binding)
+            if k < graph.layers:
+                graph._attend(k, self.query, self.attended, past)
+
+
 def _query_width(session: Any) -> int:
     """N x D of the queries, as segment 0 declares its query output [1, sequence, N D]."""
     found = [o.shape[-1] for o in session.get_outputs() if o.name == names.attention_query_name(0)]
     if not found or not isinstance(found[0], int):
-        raise BundleError("the first prefill segment does not declare its query's width; re-export the bundle")
+        raise BundleError("the first segment does not declare its query's width; re-export the bundle")
     return found[0]
 
 
-def kernel_for(spec: GraphSpec, mode: str, provider: str) -> CausalAttention | None:
-    """The attention kernel for a cut prefill graph, or None where the whole graph runs (module doc)."""
+def kernel_for(key: str, spec: GraphSpec, mode: str, provider: str) -> CausalAttention | None:
+    """The attention kernel for graph `key` (names.PREFILL, names.DECODER) cut in segments, or None where the whole
+    graph runs (module doc)."""
+    kind, flag = KERNELS[key]
     if mode == "graph":
         return None
     if not spec.segments:
         if mode == "kernel":
-            raise ConfigError("this bundle's prefill graph is not cut for the attention kernel (it has no segments); "
-                              "re-export it, or use --prefill-attention auto")
+            raise ConfigError(f"{flag} kernel: this bundle's {key} graph is not cut for the attention kernel (it has "
+                              f"no segments); re-export it, or use {flag} auto")
         return None
     if provider != "cpu":
         if mode == "kernel":
-            raise ConfigError(f"--prefill-attention kernel: the kernel runs on the CPU, not with --provider {provider}")
+            raise ConfigError(f"{flag} kernel: the kernel runs on the CPU, not with --provider {provider}")
         return None
     try:
-        return CausalAttention.load()
+        return CausalAttention.load(kind)
     except KernelUnavailable as e:
         if mode == "kernel":
-            raise ConfigError(f"--prefill-attention kernel: {e}") from e
-        # a CPU without AMX is expected (one info line); a compiler or permission missing where the CPU has it
-        # costs this machine its fast prefill: a warning
+            raise ConfigError(f"{flag} kernel: {e}") from e
+        # a CPU without the instructions is expected (one info line); a compiler or permission missing where the
+        # CPU has them costs this machine its fast attention: a warning
         log.log(logging.INFO if isinstance(e, CPUUnsupported) else logging.WARNING,
-                "prefill attention: the whole prefill graph runs (%s)", e)
+                "%s attention: the whole %s graph runs (%s)", key, key, e)
         return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pulse_edge.choices import OPT_LEVELS, PREFILL_ATTENTION_MODES, PREFILL_GRAPH_MODES, PROVIDERS
+from pulse_edge.choices import ATTENTION_MODES, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 
@@ -68,6 +68,7 @@ class SessionConfig:
     prefill_graph: str = "auto"  # a CPU bundle's prefill graph: loaded where memory holds it (engines/memory.py)
     # a prefill graph cut for the CPU attention kernel: run so where the kernel runs (engines/segmented.py)
     prefill_attention: str = "auto"
+    decode_attention: str = "auto"  # the same for a decode graph cut for the CPU decode-attention kernel
     # ONNX Runtime's profiler: each session writes a trace of every node it runs to DIR/<graph stem>_<time>.json
     # when `end_profiling()` is called on it (`pulse-edge bench profile` reads them); None: off
     profile_dir: Path | None = None
@@ -79,9 +80,9 @@ class SessionConfig:
             raise ConfigError(f"optimisation level {self.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
         if self.prefill_graph not in PREFILL_GRAPH_MODES:
             raise ConfigError(f"prefill graph {self.prefill_graph!r} is not one of {', '.join(PREFILL_GRAPH_MODES)}")
-        if self.prefill_attention not in PREFILL_ATTENTION_MODES:
-            raise ConfigError(f"prefill attention {self.prefill_attention!r} is not one of "
-                              f"{', '.join(PREFILL_ATTENTION_MODES)}")
+        for what, mode in (("prefill", self.prefill_attention), ("decode", self.decode_attention)):
+            if mode not in ATTENTION_MODES:
+                raise ConfigError(f"{what} attention {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
         if self.node_order not in (None, *NODE_ORDERS):
             raise ConfigError(f"node order {self.node_order!r} is not one of {', '.join(NODE_ORDERS)}")
         if self.threads < 0:

@@ -1,14 +1,21 @@
-"""A prompt chunk's causal attention over the int8 KV cache, on AMX-BF16 tiles: runtime/kernels/causal_attention.c.
+"""Causal attention of new positions over the int8 KV cache, in kernels of pulse-edge's own (runtime/kernels/*.c).
 
-Why: a 2950-position prefill spends about half its time in attention, which ONNX Runtime's CPU EP runs in
-float32 over every chunk's full S x T product (docs/performance.md). This kernel skips the masked half,
-reads the cache's int8 codes as they are (exact in bf16; the key scales folded into q, the value scales
-applied at the end) and multiplies on AMX tiles; only q and the softmax weights are rounded to bf16.
+Two kernels compute the same function, each fit for one end of a conversation:
 
-    attention = CausalAttention.load()          # builds once per machine; KernelUnavailable where it cannot
+    PREFILL  causal_attention.c   a prompt chunk on AMX-BF16 tiles (Sapphire Rapids and later): a 2950-position
+                                  prefill spends about half its time in attention, which ONNX Runtime's CPU EP
+                                  runs in float32 over every chunk's full S x T product (docs/performance.md);
+                                  this one skips the masked half, reads the cache's int8 codes as they are (exact
+                                  in bf16; the key scales folded into q, the value scales applied at the end) and
+                                  rounds only q and the softmax weights to bf16
+    DECODE   decode_attention.c   a decode step's one position (or a few) in float32 on AVX-512: a stream over
+                                  the cache at memory speed, where ORT's kernel is compute-bound; exact to float32
+                                  rounding
+
+    attention = CausalAttention.load(PREFILL)   # builds once per machine; KernelUnavailable where it cannot
     out = attention(q, k_codes, v_codes, k_scale, v_scale, past=P, threads=2)
 
-    q                 [S, heads, D] float32, the chunk's queries after the rotary embedding
+    q                 [S, heads, D] float32, the new positions' queries after the rotary embedding
     k_codes, v_codes  [kv_heads, capacity, D] int8, the cache buffer; positions [0, P + S) written
     k_scale, v_scale  [kv_heads, D] float32, per (kv head, channel)
     out               [S, heads, D] float32: row i attends to cache positions [0, P + i]
@@ -29,20 +36,42 @@ import numpy as np
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels import build
 
-SOURCE = "causal_attention.c"
-# Named features, not -march=native: the library's hash then names what it needs, and a build on one
-# machine states the same requirement as on any other.
-ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
-CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
-SELF_TEST_TOL = 1e-2  # bf16 q and weights give ~2e-3 on scores near N(0, 1); a wrong mask or stride gives O(1)
-D_MULTIPLE = 16  # whole 16-lane vectors; the tiles run on it rounded up to 64 channels (zeros beyond)
+D_MULTIPLE = 16  # whole 16-lane vectors (the AMX kernel's tiles run on it rounded up to 64 channels, zeros beyond)
+
+
+@dataclass(frozen=True)
+class KernelKind:
+    """One kernel: its source, entry point, the instructions it is built for, and its self-test's bound."""
+
+    source: str
+    symbol: str
+    # named features, not -march=native: the library's hash then names what it needs, and a build on one
+    # machine states the same requirement as on any other
+    isa_flags: tuple[str, ...]
+    cpu_features: tuple[str, ...]
+    what: str
+    amx: bool  # Linux grants AMX state only on request (pe_request_amx)
+    self_test_tol: float
+    max_head_dim: int | None = None
+
+
+PREFILL = KernelKind(
+    "causal_attention.c", "pe_causal_attention_int8kv",
+    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+    ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"), "the AMX-BF16 prefill attention",
+    amx=True, self_test_tol=1e-2)  # bf16 q and weights give ~2e-3 on scores near N(0, 1); a wrong mask gives O(1)
+DECODE = KernelKind(
+    "decode_attention.c", "pe_decode_attention_int8kv", ("-mavx512f", "-mavx512bw", "-mavx512vl"),
+    ("avx512f", "avx512bw", "avx512vl"), "the AVX-512 decode attention", amx=False,
+    self_test_tol=1e-5, max_head_dim=256)  # float32 throughout: ~1e-7 (measured ~3e-7)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _SIGNATURE = (_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _I)
 
 
-def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray, vs: np.ndarray, past: int) -> None:
+def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray, vs: np.ndarray, past: int,
+           max_head_dim: int | None = None) -> None:
     """Shapes, dtypes and layout the C code assumes; a violation is a caller's bug (ValueError)."""
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape:
         raise ValueError(f"q must be [S, heads, D] and the caches [kv_heads, capacity, D]: {q.shape}, {k.shape}, "
@@ -55,7 +84,9 @@ def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray, vs: np.n
         if array.dtype != dtype or not array.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous {np.dtype(dtype).name}, got {array.dtype}")
     problems = [
-        (d != d_cache or d % D_MULTIPLE, f"head dim {d} (cache {d_cache}) must match, a multiple of {D_MULTIPLE}"),
+        (d != d_cache or d % D_MULTIPLE or d > (max_head_dim or d),
+         f"head dim {d} (cache {d_cache}) must match, a multiple of {D_MULTIPLE}"
+         + (f" up to {max_head_dim}" if max_head_dim else "")),
         (heads % kv_heads, f"{heads} query heads are not a multiple of {kv_heads} kv heads"),
         (ks.shape != (kv_heads, d) or vs.shape != (kv_heads, d), f"scales must be [{kv_heads}, {d}]"),
         (rows < 1 or past < 0 or past + rows > capacity,
@@ -68,57 +99,61 @@ def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray, vs: np.n
 
 @dataclass(frozen=True)
 class CausalAttention:
-    """The compiled kernel, AMX state granted to this process."""
+    """A compiled kernel (`kind`), with AMX state granted to this process where it needs it."""
 
     library: ctypes.CDLL
     path: Path
+    kind: KernelKind = PREFILL
 
     @classmethod
-    def load(cls, cache: Path | None = None) -> CausalAttention:
-        build.require_cpu(CPU_FEATURES, "the AMX-BF16 prefill attention")
-        path = build.build(build.SOURCE_DIR / SOURCE, ISA_FLAGS, cache)
+    def load(cls, kind: KernelKind = PREFILL, cache: Path | None = None) -> CausalAttention:
+        build.require_cpu(kind.cpu_features, kind.what)
+        path = build.build(build.SOURCE_DIR / kind.source, kind.isa_flags, cache)
         library = build.load(path)
-        status = library.pe_request_amx()
+        status = library.pe_request_amx() if kind.amx else 0
         if status != 0:
             reason = os.strerror(-status) if status < 0 else str(status)
             hint = ("a signal stack too small for AMX state (faulthandler or sigaltstack set before)"
                     if -status == errno.ENOSPC else "Linux >= 5.16 grants it")
             raise KernelUnavailable(f"Linux refused this process AMX state (arch_prctl: {reason}; {hint}): ONNX "
                                     "Runtime's own attention runs instead")
-        library.pe_causal_attention_int8kv.argtypes = _SIGNATURE
-        library.pe_causal_attention_int8kv.restype = _I
-        kernel = cls(library, path)
+        entry = getattr(library, kind.symbol)
+        entry.argtypes = _SIGNATURE
+        entry.restype = _I
+        kernel = cls(library, path, kind)
         kernel.self_test()
         return kernel
 
     def self_test(self) -> None:
-        """The library this machine built against the twin, on a small case with every edge (a partial query
-        block, a partial key block, a head dim padded inside the tiles, two heads per kv head): a compiler or
-        CPU that makes it compute something else is refused here, never used."""
+        """The library this machine built against the twin, on small cases with every edge (a partial query
+        block, a partial key block, a head dim padded inside the tiles, two heads per kv head) and at the head
+        dims the models use (64, 128: the decode kernel compiles those apart): a compiler or CPU that makes it
+        compute something else is refused here, never used."""
         rng = np.random.default_rng(7)
-        q = rng.standard_normal((33, 4, 80), np.float32)
-        k, v = (rng.integers(-127, 128, (2, 90, 80), dtype=np.int8) for _ in range(2))
-        ks, vs = (rng.uniform(0.005, 0.015, (2, 80)).astype(np.float32) for _ in range(2))
         checked = CheckedAttention(self)  # a non-finite output counts as an infinite error
-        try:
-            checked(q, k, v, ks, vs, past=40, threads=2)
-        except MemoryError as e:  # no scratch or no thread now: the machine, not the bundle; the graph runs instead
-            raise KernelUnavailable(f"the attention kernel could not run its self-test ({e})") from e
-        if checked.worst > SELF_TEST_TOL:
+        for rows, past, d in ((33, 40, 80), (3, 70, 128), (2, 20, 64)):
+            q = rng.standard_normal((rows, 4, d), np.float32)
+            k, v = (rng.integers(-127, 128, (2, past + rows + 5, d), dtype=np.int8) for _ in range(2))
+            ks, vs = (rng.uniform(0.005, 0.015, (2, d)).astype(np.float32) for _ in range(2))
+            try:
+                checked(q, k, v, ks, vs, past=past, threads=2)
+            except MemoryError as e:  # no scratch or no thread now: the machine, not the bundle; the graph runs
+                raise KernelUnavailable(f"the attention kernel could not run its self-test ({e})") from e
+        if checked.worst > self.kind.self_test_tol:
             raise KernelUnavailable(f"the attention kernel built here ({self.path.name}) disagrees with its twin "
-                                    f"(relative error {checked.worst:.2g}, allowed {SELF_TEST_TOL}); report it, with "
-                                    "the compiler's version: ONNX Runtime's own attention runs instead")
+                                    f"(relative error {checked.worst:.2g}, allowed {self.kind.self_test_tol}); report "
+                                    "it, with the compiler's version: ONNX Runtime's own attention runs instead")
 
     def __call__(self, q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: np.ndarray,
                  v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None) -> np.ndarray:
-        _check(q, k_codes, v_codes, k_scale, v_scale, past)
+        _check(q, k_codes, v_codes, k_scale, v_scale, past, self.kind.max_head_dim)
         if out is None:
             out = np.empty_like(q)
         elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 {q.shape}")
         rows, heads, d = q.shape
         kv_heads, capacity, _ = k_codes.shape
-        status = self.library.pe_causal_attention_int8kv(
+        status = getattr(self.library, self.kind.symbol)(
             q.ctypes.data, k_codes.ctypes.data, v_codes.ctypes.data, k_scale.ctypes.data, v_scale.ctypes.data,
             out.ctypes.data, rows, past, heads, kv_heads, capacity, d, float(d) ** -0.5, max(1, threads))
         if status != 0:

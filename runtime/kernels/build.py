@@ -82,13 +82,13 @@ def _version(cc: list[str]) -> str:
 
 
 def library_path(source: Path, flags: tuple[str, ...], cache: Path, cc: list[str]) -> Path:
-    try:
-        text = source.read_bytes()
+    try:  # the source and every header beside it (vector_math.h): an edited header builds anew too
+        texts = [path.read_bytes() for path in (source, *sorted(source.parent.glob("*.h")))]
     except OSError as e:
-        raise KernelUnavailable(f"the kernel's source {source} cannot be read ({e.strerror or e}); reinstall "
+        raise KernelUnavailable(f"the kernel's source {e.filename} cannot be read ({e.strerror or e}); reinstall "
                                 "pulse-edge") from e
     digest = hashlib.sha256()
-    for part in (text, " ".join((*cc, *COMMON_FLAGS, *flags)).encode(), _version(cc).encode()):
+    for part in (*texts, " ".join((*cc, *COMMON_FLAGS, *flags)).encode(), _version(cc).encode()):
         digest.update(part)
         digest.update(b"\0")
     return cache / f"{source.stem}-{digest.hexdigest()[:16]}.so"

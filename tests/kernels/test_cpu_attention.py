@@ -1,4 +1,5 @@
-"""The AMX-BF16 prefill attention (runtime/kernels) against its numpy twin, and the build that makes it.
+"""The CPU attention kernels (runtime/kernels: the AMX-BF16 prefill one, the AVX-512 decode one) against their
+numpy twin, and the build that makes them.
 
 The kernel tests skip, with the reason KernelUnavailable gives, on a machine without AMX-BF16 or a C
 compiler; the build tests compile a plain C file and run wherever a compiler is.
@@ -15,7 +16,7 @@ import pytest
 
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels import build
-from pulse_edge.runtime.kernels.attention import CausalAttention, reference
+from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention, reference
 
 # q and the softmax weights are rounded to bf16 (8 significant bits, 2^-9 relative each); over a weighted
 # mean of values the error stays near that: the largest seen was 2.8e-3 of the output's norm.
@@ -25,7 +26,15 @@ REL_TOL = 6e-3
 @pytest.fixture(scope="module")
 def attention(tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
     try:
-        return CausalAttention.load(tmp_path_factory.mktemp("kernels"))
+        return CausalAttention.load(cache=tmp_path_factory.mktemp("kernels"))
+    except KernelUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def decode(tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
+    try:
+        return CausalAttention.load(DECODE, cache=tmp_path_factory.mktemp("kernels"))
     except KernelUnavailable as e:
         pytest.skip(str(e))
 
@@ -67,6 +76,42 @@ def test_matches_the_numpy_twin(attention: CausalAttention, shape: tuple[int, ..
     out = attention(q, k, v, ks, vs, past=past, threads=2)
     assert np.isfinite(out).all()
     assert _relative(out, reference(q, k, v, ks, vs, past=past)) < REL_TOL
+
+
+DECODE_SHAPES = [  # rows, past, heads, kv_heads, capacity, d: a decode step, a few rows, GQA, the head dims
+    (1, 0, 2, 2, 16, 128),  # the first position: one key, softmax of one
+    (1, 3039, 4, 4, 3100, 128),  # a decode step at ECG context
+    (1, 100, 8, 2, 128, 64),
+    (3, 200, 4, 4, 256, 16),  # the tiny test model's heads
+    (15, 40, 2, 1, 64, 48),  # the most rows the decode graph's segments see; a head dim of three vectors
+    (2, 500, 2, 2, 600, 256),  # the largest head dim
+    (40, 0, 2, 2, 64, 128),  # a whole prompt (the decode graph prefills where no prefill graph is loaded)
+]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "rows{}-past{}-h{}-kv{}-cap{}-d{}".format(*s))
+def test_the_decode_kernel_matches_the_twin_to_float32(decode: CausalAttention, shape: tuple[int, ...]) -> None:
+    """float32 throughout (the codes exact, 2^x to ~1e-7): the twin's result to float32 rounding."""
+    q, k, v, ks, vs = _inputs(*shape, sharp=4.0)
+    past = shape[1]
+    out = decode(q, k, v, ks, vs, past=past, threads=2)
+    assert _relative(out, reference(q, k, v, ks, vs, past=past)) < 1e-5
+
+
+def test_the_decode_kernel_reads_only_the_positions_it_may(decode: CausalAttention) -> None:
+    """Codes past the last position (a longer conversation's stale cache) change nothing; the last position's do."""
+    q, k, v, ks, vs = _inputs(2, 60, 2, 2, 100, 64)
+    before = decode(q, k, v, ks, vs, past=60, threads=1)
+    k[:, 62:], v[:, 62:] = 127, -127
+    np.testing.assert_array_equal(decode(q, k, v, ks, vs, past=60, threads=2), before)
+    v[:, 61] = 127
+    assert _relative(decode(q, k, v, ks, vs, past=60, threads=2), before) > 1e-3
+
+
+def test_the_decode_kernel_refuses_a_head_dim_it_does_not_hold(decode: CausalAttention) -> None:
+    q, k, v, ks, vs = _inputs(1, 3, 1, 1, 8, 272)
+    with pytest.raises(ValueError, match="up to 256"):
+        decode(q, k, v, ks, vs, past=3, threads=1)
 
 
 # bf16 q moves each score by about |score| x 2^-9, so the bound grows with the scores' spread (7.3e-3 seen
@@ -135,6 +180,18 @@ def test_builds_once_and_loads(source: Path, tmp_path: Path) -> None:
     assert second != first and build.load(second).pe_answer() == 43
 
 
+def test_an_edited_header_beside_the_source_is_another_library(source: Path, tmp_path: Path) -> None:
+    """The kernels share vector_math.h: a change there must rebuild them, never load a library built before it."""
+    cache = tmp_path / "cache"
+    header = source.parent / "shared.h"
+    header.write_text("#define ANSWER 42\n")
+    source.write_text('#include "shared.h"\nint pe_answer(void) { return ANSWER; }\n')
+    first = build.build(source, (), cache)
+    header.write_text("#define ANSWER 43\n")
+    second = build.build(source, (), cache)
+    assert second != first and build.load(second).pe_answer() == 43
+
+
 def _build_in_child(source: str, cache: str, cc: str, barrier) -> str:
     import os
 
@@ -180,11 +237,11 @@ def test_a_library_that_disagrees_with_its_twin_is_never_used(attention: CausalA
     real = CausalAttention.__call__
     monkeypatch.setattr(CausalAttention, "__call__", lambda self, *a, **k: real(self, *a, **k) * 1.1)
     with pytest.raises(KernelUnavailable, match="disagrees with its twin"):
-        CausalAttention.load(tmp_path / "cache")
+        CausalAttention.load(cache=tmp_path / "cache")
     cut = GraphSpec(file="prefill.onnx", engine="onnx", precision="int8", inputs=(), outputs=(),
                     segments=(SegmentSpec("prefill.seg00.onnx", (), ("logits",)),))
     with caplog.at_level("INFO"):
-        assert kernel_for(cut, "auto", "cpu") is None
+        assert kernel_for("prefill", cut, "auto", "cpu") is None
     assert [r.levelname for r in caplog.records if "disagrees with its twin" in r.message] == ["WARNING"]
 
 

@@ -1,9 +1,11 @@
-"""The CPU recipes' prefill graph cut at its attentions for the CPU attention kernel, in the export.
+"""The CPU recipes' decoder graphs cut at their attentions for the CPU attention kernels, in the export.
 
-    cut_prefill        after the prefill graph is written: the segments beside it (export/graphs/segments.py),
-                       where the kernel runs on this machine (only then can they be validated with it)
-    segments_parity    the segments against the reference, with the kernel's float32 twin (is the cut right?
-                       refuses like any graph) and with the kernel (is bf16 attention close enough here?)
+    cut_graph          after a decoder graph over the int8 cache is written (the prefill graph, the decode graph):
+                       the segments beside it (export/graphs/segments.py), where its kernel runs on this machine
+                       (only then can they be validated with it)
+    segments_parity    the prefill segments against the reference, with the kernel's float32 twin (is the cut
+                       right? refuses like any graph) and with the kernel (is bf16 attention close enough here?)
+    decode_segments_parity  the decode segments with the decode kernel (float32) against the reference
     drop_segments      the kernel not close enough for this model: the bundle keeps the whole graph only
 """
 
@@ -22,11 +24,12 @@ from pulse_edge.export.graphs.segments import write_segments
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint
 from pulse_edge.export.quant.context import QuantContext
 from pulse_edge.export.validate.emulate import emulated_reference
-from pulse_edge.export.validate.parity import ValidationPlan, validate_segmented_prefill
+from pulse_edge.export.validate.parity import ValidationPlan, validate_segmented_decode, validate_segmented_prefill
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest
 from pulse_edge.runtime.engines.ort import SessionConfig
-from pulse_edge.runtime.kernels.attention import CausalAttention
+from pulse_edge.runtime.engines.segmented import KERNELS
+from pulse_edge.runtime.kernels.attention import D_MULTIPLE, CausalAttention
 
 log = logging.getLogger(__name__)
 # The kernel's verdict, from two measurements (export/validate/parity.py validate_segmented_prefill):
@@ -39,20 +42,29 @@ log = logging.getLogger(__name__)
 #     W8A8 0.99568 (dropped).
 KEEP_COSINE = 0.999
 WRONG_CALL_REL_ERR = 0.25
+# The decode kernel computes in float32 (runtime/kernels/decode_attention.c): a call off its twin by more than
+# this (measured ~1e-6) is a wrong kernel, refused
+WRONG_DECODE_CALL_REL_ERR = 1e-4
 
 
-def cut_prefill(work: Path, spec: GraphSpec, shape: DecoderShape) -> GraphSpec:
-    """The prefill graph also cut at its attentions for the CPU attention kernel (export/graphs/segments.py),
-    where the kernel runs on this machine: only then can the export validate the pieces with it."""
+def cut_graph(work: Path, key: str, spec: GraphSpec, shape: DecoderShape) -> GraphSpec:
+    """Graph `key` (names.PREFILL, names.DECODER) also cut at its attentions for its CPU kernel
+    (export/graphs/segments.py, runtime/engines/segmented.py KERNELS), where that kernel runs on this machine:
+    only then can the export validate the pieces with it."""
+    kind = KERNELS[key][0]
     try:
-        CausalAttention.load()
+        CausalAttention.load(kind)
+        if shape.head_dim % D_MULTIPLE or shape.head_dim > (kind.max_head_dim or shape.head_dim):
+            raise KernelUnavailable(f"its head dim {shape.head_dim} is not a multiple of {D_MULTIPLE} up to "
+                                    f"{kind.max_head_dim}")
     except KernelUnavailable as e:
-        log.info("the prefill graph is not cut for the attention kernel: %s", e)
+        log.info("the %s graph is not cut for %s: %s", key, kind.what, e)
         return spec
-    log.info("cutting the prefill graph at its %d attentions (for the CPU attention kernel)", shape.layers)
-    segments = write_segments(work, spec.file, shape.layers, shape.kv_heads, shape.head_dim)
-    written = [*(s.file for s in segments), names.SEGMENT_SCALES_FILE]
-    return replace(spec, segments=segments, segment_scales=names.SEGMENT_SCALES_FILE,
+    log.info("cutting the %s graph at its %d attentions (for %s)", key, shape.layers, kind.what)
+    segments = write_segments(work, spec.file, shape.layers, shape.kv_heads, shape.head_dim, key)
+    scales = names.segment_scales_file(key)
+    written = [*(s.file for s in segments), scales]
+    return replace(spec, segments=segments, segment_scales=scales,
                    sizes={**spec.sizes, **{f: (work / f).stat().st_size for f in written}})
 
 
@@ -80,6 +92,24 @@ def segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
             "pass": bool(report["pass"] and plausible), "tolerance_level": level, "kernel_keep_cosine": KEEP_COSINE,
             "kernel_wrong_call_rel_err": WRONG_CALL_REL_ERR, "kernel": "AMX-BF16 causal attention (runtime/kernels)",
             "kept": True}
+
+
+def decode_segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, checks: ValidationPlan,
+                           quant: QuantContext, linear: LinearPlan, kv: KVScales | None, level: str,
+                           session: SessionConfig) -> dict[str, Any]:
+    """The decode segments against the reference computing the decode graph's schemes, each input attending to its
+    keys and values as the segments store them (+-127) and the kernel reads them; held to the decode graph's own
+    bound (the kernel rounds as float32 does). Refused like any graph where they differ."""
+    log.info("validating the decode segments with the decode kernel at prefill lengths %s",
+             list(checks.prefill_lengths))
+    with emulated_reference(loaded.model, quant.recipe, quant.scales, linear, prepacked=session.prepack, kv=kv,
+                            quantized_self=True, symmetric=True):
+        report = validate_segmented_decode(loaded.model.language_model, bundle, manifest.graphs[names.DECODER],
+                                           manifest.kv, precision=level, plan=checks, session=session)
+    plausible = report["kernel_call_rel_err"] <= WRONG_DECODE_CALL_REL_ERR
+    return {**report, "graph_pass": report["pass"], "pass": bool(report["pass"] and plausible),
+            "tolerance_level": level, "kernel_wrong_call_rel_err": WRONG_DECODE_CALL_REL_ERR,
+            "kernel": "AVX-512 decode attention (runtime/kernels)"}
 
 
 def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Manifest:

@@ -1,8 +1,9 @@
-"""The prefill graph cut at its attentions (export/graphs/segments.py) and run with the CPU attention kernel
-(runtime/engines/segmented.py), on an int8 bundle of the tiny model.
+"""The decoder graphs cut at their attentions (export/graphs/segments.py) and run with the CPU attention kernels
+(runtime/engines/segmented.py), on an int8 bundle of the tiny model: the prefill graph with the AMX-BF16
+kernel, the decode graph with the AVX-512 one.
 
-Where the kernel cannot run (no AMX-BF16 or no compiler) the export writes no segments: those tests skip with
-the kernel's reason; the fallback tests run everywhere.
+Where a kernel cannot run (no AMX-BF16 or AVX-512, or no compiler) the export writes no segments for its graph:
+those tests skip with the kernel's reason; the fallback tests run everywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pulse_edge.export.validate.parity import ValidationPlan
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
 from pulse_edge.runtime.engines.ort import SessionConfig
-from pulse_edge.runtime.kernels.attention import CausalAttention
+from pulse_edge.runtime.kernels.attention import DECODE, PREFILL, CausalAttention
 from pulse_edge.runtime.pipeline import Pipeline
 
 LAYERS = 2  # the tiny decoder
@@ -38,6 +39,14 @@ def kernel_here() -> None:
         CausalAttention.load()
     except KernelUnavailable as e:
         pytest.skip(f"the export writes no segments here: {e}")
+
+
+@pytest.fixture(scope="module")
+def decode_kernel_here() -> None:
+    try:
+        CausalAttention.load(DECODE)
+    except KernelUnavailable as e:
+        pytest.skip(f"the export writes no decode segments here: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +75,8 @@ def _prefill(bundle: Path, mode: str, embeds: np.ndarray, cut: int) -> tuple[np.
 def test_the_export_cuts_validates_and_records_the_segments(bundle: Path, kernel_here: None) -> None:
     manifest = read_manifest(bundle)
     prefill = manifest.graphs[names.PREFILL]
-    assert [s.file for s in prefill.segments] == [names.SEGMENT_FILE.format(k) for k in range(LAYERS + 1)]
-    assert prefill.segment_scales == names.SEGMENT_SCALES_FILE
+    assert [s.file for s in prefill.segments] == [names.segment_file(names.PREFILL, k) for k in range(LAYERS + 1)]
+    assert prefill.segment_scales == names.segment_scales_file(names.PREFILL)
     assert all(s.file in manifest.files for s in prefill.segments) and prefill.segment_scales in manifest.files
     parity = manifest.validation["decoder"]["prefill_segments"]
     assert parity["pass"] and parity["cases"] and all(len(c["chunks"]) == 2 for c in parity["cases"])
@@ -130,11 +139,11 @@ def _rewrite(bundle: Path, change) -> None:
 
 def test_damaged_scales_or_segments_are_one_line(bundle: Path, kernel_here: None, tmp_path: Path) -> None:
     broken = _copy(bundle, tmp_path / "nan")
-    scales = np.load(broken / names.SEGMENT_SCALES_FILE)
+    scales = np.load(broken / names.segment_scales_file(names.PREFILL))
     scales[0, 0, 0, 0] = np.nan
-    np.save(broken / names.SEGMENT_SCALES_FILE, scales)
-    _rewrite(broken, lambda d: d["files"].pop(names.SEGMENT_SCALES_FILE) and d["files"].update(
-        {names.SEGMENT_SCALES_FILE: _record(broken / names.SEGMENT_SCALES_FILE)}))
+    np.save(broken / names.segment_scales_file(names.PREFILL), scales)
+    _rewrite(broken, lambda d: d["files"].pop(names.segment_scales_file(names.PREFILL)) and d["files"].update(
+        {names.segment_scales_file(names.PREFILL): _record(broken / names.segment_scales_file(names.PREFILL))}))
     with pytest.raises(BundleError, match="not positive finite float32"):
         Pipeline.from_bundle(broken, session=SessionConfig(prefill_attention="kernel"))
     short = _copy(bundle, tmp_path / "short")
@@ -162,15 +171,15 @@ def test_manifest_round_trip_keeps_segments_and_omits_them_when_absent(bundle: P
 
 def test_segments_the_kernel_is_not_close_enough_for_are_dropped(bundle: Path, kernel_here: None,
                                                                  tmp_path: Path) -> None:
-    """The export's answer when the twin passes but the kernel's bf16 does not (export/build/prefill_segments.py):
+    """The export's answer when the twin passes but the kernel's bf16 does not (export/build/segments.py):
     the files go, the manifest keeps the whole graph, and the bundle still loads and prefills."""
-    from pulse_edge.export.build.prefill_segments import drop_segments
+    from pulse_edge.export.build.segments import drop_segments
 
     copy = _copy(bundle, tmp_path / "drop")
     record = {"cases": [{"kernel_vs_twin": {"max_rel_err": 0.09, "cosine": 0.995}}], "tolerance_level": "int8 prefill"}
     manifest = drop_segments(copy, read_manifest(copy), record)
     assert record["kept"] is False and not manifest.graphs[names.PREFILL].segments
-    assert not list(copy.glob("prefill.seg*.onnx")) and not (copy / names.SEGMENT_SCALES_FILE).exists()
+    assert not list(copy.glob("prefill.seg*.onnx")) and not (copy / names.segment_scales_file(names.PREFILL)).exists()
     assert read_manifest(copy).graphs[names.PREFILL].segment_scales is None
     assert Pipeline.from_bundle(copy, verify=True).prefilled_by == "prefill graph"
 
@@ -178,7 +187,7 @@ def test_segments_the_kernel_is_not_close_enough_for_are_dropped(bundle: Path, k
 def test_a_graph_without_an_int8_cache_cannot_be_cut(tiny_bundle: Path) -> None:
     """The tiny float bundle's decoder attends in one GroupQueryAttention without the int8 cache's stores."""
     proto = onnx.load(str(tiny_bundle / "decoder.onnx"), load_external_data=False)
-    with pytest.raises(ValueError, match=r"not a prefill graph over an int8 cache"):
+    with pytest.raises(ValueError, match=r"not a decoder graph over an int8 cache"):
         build_segments(proto, LAYERS, 4, 16)
 
 
@@ -230,7 +239,8 @@ def _break_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def shifted(self, q, k, v, ks, vs, *, past, threads, out=None):
         result = real(self, q, k, v, ks, vs, past=past, threads=threads, out=out)
-        result[...] = result[::-1]  # every query row gets another row's answer
+        if self.kind is PREFILL:  # the prefill kernel's fault; the decode kernel's own checks are elsewhere
+            result[...] = result[::-1]  # every query row gets another row's answer
         return result
 
     monkeypatch.setattr(CausalAttention, "__call__", shifted)
@@ -245,7 +255,8 @@ def _blur_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def blurred(self, q, k, v, ks, vs, *, past, threads, out=None):
         result = real(self, q, k, v, ks, vs, past=past, threads=threads, out=out)
-        result += (0.18 * result.std() * noise.standard_normal(result.shape)).astype(np.float32)
+        if self.kind is PREFILL:  # bf16's kind of error; the decode kernel computes in float32
+            result += (0.18 * result.std() * noise.standard_normal(result.shape)).astype(np.float32)
         return result
 
     monkeypatch.setattr(CausalAttention, "__call__", blurred)
@@ -299,3 +310,75 @@ def test_infer_takes_the_prefill_attention_from_the_command_line(bundle: Path, k
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     lines = [line for line in refused.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--prefill-attention kernel: this bundle has no prefill graph" in lines[0]
+
+
+def test_the_export_cuts_and_validates_the_decode_graph(bundle: Path, decode_kernel_here: None) -> None:
+    manifest = read_manifest(bundle)
+    decoder = manifest.graphs[names.DECODER]
+    assert [s.file for s in decoder.segments] == [names.segment_file(names.DECODER, k) for k in range(LAYERS + 1)]
+    assert decoder.segment_scales == names.segment_scales_file(names.DECODER)
+    assert decoder.segment_scales in manifest.files
+    for segment in decoder.segments:  # only nodes: the weights are the decode graph's
+        proto = onnx.load(str(bundle / segment.file), load_external_data=False)
+        assert {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"} <= {
+            "decoder.onnx.data"}
+    parity = manifest.validation["decoder"]["decode_segments"]
+    assert parity["pass"] and parity["cases"] and all(c["decode"] for c in parity["cases"])
+    assert 0 < parity["kernel_call_rel_err"] < 1e-5  # float32 against the float32 twin
+    assert manifest.validation["decoder"]["pass"]
+    np.testing.assert_array_equal(np.load(bundle / decoder.segment_scales),
+                                  np.load(bundle / manifest.graphs[names.PREFILL].segment_scales))
+
+
+def _decode(bundle: Path, mode: str, embeds: np.ndarray, steps: int) -> tuple[list[np.ndarray], str]:
+    """Logits of a 40-position prompt (prefill graph) and `steps` decode steps, and what decoded."""
+    pipeline = Pipeline.from_bundle(bundle, session=SessionConfig(threads=1, decode_attention=mode,
+                                                                  prefill_graph="on"))
+    decoder = pipeline.engine.decoder
+    logits = [decoder.forward(embeds[:, :40]).copy()]
+    logits += [decoder.forward(embeds[:, 40 + i:41 + i]).copy() for i in range(steps)]
+    return logits, pipeline.decoded_by
+
+
+def test_decode_steps_on_the_kernel_follow_the_whole_decode_graph(bundle: Path, decode_kernel_here: None) -> None:
+    """The same steps on the whole decode graph (ORT's own int8 cache) and on its segments with the kernel; they
+    differ only by how a new position is stored (ORT clips to -128, the cut to -127) and by float32 sums."""
+    embeds = _embeds(46, read_manifest(bundle).text.hidden_size, seed=3)
+    whole, whole_by = _decode(bundle, "graph", embeds, 6)
+    cut, cut_by = _decode(bundle, "kernel", embeds, 6)
+    assert (whole_by, cut_by) == ("decoder graph", "decoder graph segments + decode kernel")
+    np.testing.assert_array_equal(whole[0], cut[0])  # the prompt: the prefill graph either way
+    for a, b in zip(whole[1:], cut[1:], strict=True):
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.9999 and np.argmax(a) == np.argmax(b)
+
+
+def test_decode_attention_kernel_on_a_bundle_without_decode_segments_is_refused(tiny_bundle: Path) -> None:
+    with pytest.raises(ConfigError, match="--decode-attention kernel: this bundle's decoder graph is not cut"):
+        Pipeline.from_bundle(tiny_bundle, session=SessionConfig(decode_attention="kernel"))
+    assert Pipeline.from_bundle(tiny_bundle).decoded_by == "decoder graph"
+
+
+def test_decode_steps_on_bindings_made_once_match_rebinding_every_step(bundle: Path, decode_kernel_here: None) -> None:
+    """runtime/engines/segmented.py binds a one-position input's buffers once (after the first step showed their
+    shapes); an input of a few positions between steps takes the general path. Same logits bit for bit."""
+    embeds = _embeds(52, read_manifest(bundle).text.hidden_size, seed=5)
+    pipeline = Pipeline.from_bundle(bundle, session=SessionConfig(threads=1, decode_attention="kernel",
+                                                                  prefill_graph="on"))
+    decoder = pipeline.engine.decoder
+    segments = decoder.decode_segments
+    inputs = [embeds[:, :40], *(embeds[:, 40 + i:41 + i] for i in range(4)), embeds[:, 44:47],
+              *(embeds[:, 47 + i:48 + i] for i in range(5))]  # a prompt, steps, a 3-position turn, steps
+
+    def run(rebind: bool) -> list[np.ndarray]:
+        decoder.reset()
+        logits = []
+        for chunk in inputs:
+            if rebind:
+                segments.step = None
+            logits.append(decoder.forward(chunk).copy())
+        return logits
+
+    once = run(rebind=False)
+    assert segments.step is not None
+    for a, b in zip(once, run(rebind=True), strict=True):
+        np.testing.assert_array_equal(a, b)
