@@ -13,13 +13,14 @@ inflate the fraction. `bench recipes`, `bench backends` and `bench latency` shar
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS
-from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, quiet_rounds
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample, quiet_rounds
 from pulse_edge.benchmarks.common.probes import Probes
 from pulse_edge.benchmarks.common.roofline import Bandwidth
 
@@ -29,6 +30,22 @@ def quiet_median(values: Sequence[float], windows: Sequence[HostWindow]) -> floa
     if busy_reason(windows) is not None:
         return None
     return float(np.median([values[i] for i in quiet_rounds(windows)]))
+
+
+def abba(first: Callable[[], object], second: Callable[[], object], rounds: int
+         ) -> tuple[list[float], list[float], list[HostWindow]]:
+    """Each call timed once per round, in the order first, second, then second, first, ... (ABBA: neither always
+    runs after the other), with each round's host window: (first's seconds, second's seconds, windows)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    windows = []
+    for r in range(rounds):
+        before = host_sample()
+        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (first, second)[which]()
+            times[which].append(time.perf_counter() - start)
+        windows.append(HostWindow.between(before, host_sample()))
+    return times[0], times[1], windows
 
 
 def paired(a: Sequence[float], b: Sequence[float], windows: Sequence[HostWindow]) -> float | None:

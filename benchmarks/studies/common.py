@@ -1,6 +1,6 @@
-"""What the kernel studies share (`cpu_kernels`, `prefill_attention`): their options (threads, heads, a size
-scale, a report file; each study adds its own repeat count), one-graph models with ORT's contrib opset, and the
-session that runs them."""
+"""What the kernel studies share (`cpu_kernels`, `prefill_attention`, `decode_attention`): their options (threads,
+heads, a size scale, a report file; each study adds its own repeat count), one-graph models with ORT's contrib
+opset, the session that runs them, and the summary of ORT's form against a kernel over ABBA rounds."""
 
 from __future__ import annotations
 
@@ -47,3 +47,24 @@ def study_session(model: Any, threads: int, *, spinning: bool = True) -> Any:
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def against_kernel(ort_s: Sequence[float], kernel_s: Sequence[float], windows: Sequence[Any], amount: float,
+                   rate: str) -> dict[str, Any]:
+    """ORT's form and the kernel timed in the same rounds (benchmarks/common/rounds.py abba): the median ms of
+    each over the quiet rounds, `rate` = amount / second / 1e9 of each, the median of the rounds' own speedups,
+    and the rounds; None and a "busy" reason where the host was too busy for a ratio."""
+    from pulse_edge.benchmarks.common.host import busy_reason
+    from pulse_edge.benchmarks.common.rounds import paired, quiet_median
+
+    medians = {"ort": quiet_median(ort_s, windows), "kernel": quiet_median(kernel_s, windows)}
+    return {"ms": {n: None if m is None else m * 1e3 for n, m in medians.items()},
+            rate: {n: None if m is None else amount / m / 1e9 for n, m in medians.items()},
+            "speedup": paired(ort_s, kernel_s, windows), "busy": busy_reason(windows),
+            "rounds": [{"ort_ms": a * 1e3, "kernel_ms": b * 1e3, **w.to_dict()}
+                       for a, b, w in zip(ort_s, kernel_s, windows, strict=True)]}
+
+
+def cell(value: float | None, form: str) -> str:
+    """A table cell: the value, or "busy" where the rounds gave none."""
+    return "busy" if value is None else format(value, form)

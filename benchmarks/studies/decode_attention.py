@@ -16,19 +16,17 @@ keys and values once. `python -m pulse_edge.benchmarks.studies.decode_attention 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
 from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.output import write_json
-from pulse_edge.benchmarks.common.rounds import paired, quiet_median
+from pulse_edge.benchmarks.common.rounds import abba
 from pulse_edge.benchmarks.common.tables import markdown_table
-from pulse_edge.benchmarks.studies.common import study_options, study_session
+from pulse_edge.benchmarks.studies.common import against_kernel, cell, study_options, study_session
 from pulse_edge.benchmarks.studies.cpu_kernels import bind_decode, decode_gqa_model
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.engines.segmented import int8_view
@@ -64,28 +62,10 @@ def compare(context: int, heads: int, layers: int, threads: int, rounds: int, ke
     error = float(np.linalg.norm(kernel(q, *caches[0], scales, scales, past=context - 1, threads=threads)
                                  - (want := reference(q, *caches[0], scales, scales, past=context - 1)))
                   / np.linalg.norm(want))
-    calls = {"ort": lambda: session.run_with_iobinding(binding), "kernel": run_kernel}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    windows = []
-    for r in range(rounds):
-        before = host_sample()
-        for name in (("ort", "kernel") if r % 2 == 0 else ("kernel", "ort")):
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-        windows.append(HostWindow.between(before, host_sample()))
+    ort_s, kernel_s, windows = abba(lambda: session.run_with_iobinding(binding), run_kernel, rounds)
     read = layers * 2 * heads * context * HEAD_DIM  # the context's int8 keys and values
-    medians = {name: quiet_median(t, windows) for name, t in times.items()}
     return {"context": context, "layers": layers, "heads": heads, "kernel_relative_error": error,
-            "ms": {n: None if m is None else m * 1e3 for n, m in medians.items()},
-            "gb_s": {n: None if m is None else read / m / 1e9 for n, m in medians.items()},
-            "speedup": paired(times["ort"], times["kernel"], windows), "busy": busy_reason(windows),
-            "rounds": [{"ort_ms": a * 1e3, "kernel_ms": b * 1e3, **w.to_dict()}
-                       for a, b, w in zip(times["ort"], times["kernel"], windows, strict=True)]}
-
-
-def _cell(value: float | None, form: str) -> str:
-    return "busy" if value is None else format(value, form)
+            **against_kernel(ort_s, kernel_s, windows, read, "gb_s")}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -93,9 +73,9 @@ def table(report: dict[str, Any]) -> str:
     head = (f"{m['cpu']}, {m['cores']} cores; {report['threads']} threads; {report['rounds']} ABBA rounds, medians "
             f"over quiet rounds; {report['heads']} heads x {HEAD_DIM}, {report['layers']} layers per step; kernel "
             f"{report['kernel']}")
-    rows = [[str(r["context"]), _cell(r["ms"]["ort"], ".2f"), _cell(r["ms"]["kernel"], ".2f"),
-             _cell(r["speedup"], ".2f") + ("" if r["speedup"] is None else "x"),
-             f"{_cell(r['gb_s']['ort'], '.1f')} / {_cell(r['gb_s']['kernel'], '.1f')}",
+    rows = [[str(r["context"]), cell(r["ms"]["ort"], ".2f"), cell(r["ms"]["kernel"], ".2f"),
+             cell(r["speedup"], ".2f") + ("" if r["speedup"] is None else "x"),
+             f"{cell(r['gb_s']['ort'], '.1f')} / {cell(r['gb_s']['kernel'], '.1f')}",
              f"{r['kernel_relative_error']:.1e}"] for r in report["contexts"]]
     return "\n".join([head, "", markdown_table(
         ["context", "ORT GroupQueryAttention (int8 cache), ms", "AVX-512 kernel, ms", "speedup (per round)",

@@ -18,19 +18,24 @@ inputs: speed and rounding only. `python -m pulse_edge.benchmarks.studies.prefil
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
 from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.output import write_json
-from pulse_edge.benchmarks.common.rounds import paired, quiet_median
+from pulse_edge.benchmarks.common.rounds import abba
 from pulse_edge.benchmarks.common.tables import markdown_table
-from pulse_edge.benchmarks.studies.common import CONTRIB, study_model, study_options, study_session
+from pulse_edge.benchmarks.studies.common import (
+    CONTRIB,
+    against_kernel,
+    cell,
+    study_model,
+    study_options,
+    study_session,
+)
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels.attention import CausalAttention, reference
 
@@ -95,36 +100,19 @@ def compare(rows: int, past: int, heads: int, threads: int, rounds: int, kernel:
              "kernel": lambda: kernel(x["q"], x["k"], x["v"], x["ks"], x["vs"], past=past, threads=threads, out=out)}
     truth = reference(x["q"], x["k"], x["v"], x["ks"], x["vs"], past=past)
     errors = {name: _relative(np.asarray(call()).reshape(truth.shape), truth) for name, call in calls.items()}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    windows = []
-    for r in range(rounds):
-        before = host_sample()
-        for name in (("ort", "kernel") if r % 2 == 0 else ("kernel", "ort")):
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-        windows.append(HostWindow.between(before, host_sample()))
+    ort_s, kernel_s, windows = abba(calls["ort"], calls["kernel"], rounds)
     work = 4 * heads * HEAD_DIM * sum(past + i + 1 for i in range(rows))  # the causal product, both GEMMs
-    medians = {name: quiet_median(t, windows) for name, t in times.items()}
     return {"rows": rows, "past": past, "heads": heads, "relative_error": errors,
-            "ms": {n: None if m is None else m * 1e3 for n, m in medians.items()},
-            "causal_gflop_s": {n: None if m is None else work / m / 1e9 for n, m in medians.items()},
-            "speedup": paired(times["ort"], times["kernel"], windows), "busy": busy_reason(windows),
-            "rounds": [{"ort_ms": a * 1e3, "kernel_ms": b * 1e3, **w.to_dict()}
-                       for a, b, w in zip(times["ort"], times["kernel"], windows, strict=True)]}
-
-
-def _cell(value: float | None, form: str) -> str:
-    return "busy" if value is None else format(value, form)
+            **against_kernel(ort_s, kernel_s, windows, work, "causal_gflop_s")}
 
 
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     head = (f"{m['cpu']}, {m['cores']} cores; {report['threads']} threads; {report['rounds']} ABBA rounds, "
             f"medians over quiet rounds; {report['heads']} heads x {HEAD_DIM}; kernel {report['kernel']}")
-    rows = [[str(r["rows"]), str(r["past"]), _cell(r["ms"]["ort"], ".1f"), _cell(r["ms"]["kernel"], ".1f"),
-             _cell(r["speedup"], ".2f") + ("" if r["speedup"] is None else "x"),
-             _cell(r["causal_gflop_s"]["kernel"], ".0f"),
+    rows = [[str(r["rows"]), str(r["past"]), cell(r["ms"]["ort"], ".1f"), cell(r["ms"]["kernel"], ".1f"),
+             cell(r["speedup"], ".2f") + ("" if r["speedup"] is None else "x"),
+             cell(r["causal_gflop_s"]["kernel"], ".0f"),
              f"{r['relative_error']['ort']:.1e} / {r['relative_error']['kernel']:.1e}"] for r in report["chunks"]]
     return "\n".join([head, "", markdown_table(
         ["S new", "P cached", "ORT dequantize + GQA fp32, ms", "AMX-BF16 kernel, ms", "speedup (per round)",
