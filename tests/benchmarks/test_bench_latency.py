@@ -115,6 +115,7 @@ def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
     report = json.loads(out.read_text())
     assert report["backend"] == "ort" and report["peak_rss_bytes"] > 0 and report["model_bytes_on_disk"] > 0
     assert report["prefilled_by"] == "decoder graph" and "prompts prefilled by the decoder graph" in printed
+    assert report["decoded_by"] == "decoder graph" and "decode steps by the decoder graph" in printed
     assert report["bandwidth"]["best_gb_s"] > 0 and "probes beside the runs left out" in report["peak_rss_note"]
     assert [row["size"] for row in report["sizes"]] == ["2200x1700", "3508x2480"]
     for row in report["sizes"]:

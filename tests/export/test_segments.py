@@ -382,3 +382,20 @@ def test_decode_steps_on_bindings_made_once_match_rebinding_every_step(bundle: P
     assert segments.step is not None
     for a, b in zip(once, run(rebind=True), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_infer_takes_the_decode_attention_from_the_command_line(bundle: Path, decode_kernel_here: None,
+                                                                tiny_bundle: Path, ecg_png: Path) -> None:
+    """The kernel decodes a print's answer; asked for on a bundle whose decode graph is not cut, one line, exit 2."""
+    from click.testing import CliRunner
+
+    from pulse_edge.cli.main import main
+
+    args = ["infer", str(ecg_png), "--json", "--max-new-tokens", "4", "--decode-attention", "kernel"]
+    served = CliRunner().invoke(main, [*args, "--model", str(bundle)])
+    assert served.exit_code == 0, served.output
+    assert json.loads(served.output.strip().splitlines()[-1])["text"] is not None
+    refused = CliRunner().invoke(main, [*args, "--model", str(tiny_bundle)])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--decode-attention kernel: this bundle's decoder graph is not cut" in lines[0]
