@@ -62,6 +62,10 @@ def load_scales(path: Path, kv: KVLayout) -> np.ndarray:
     return scales
 
 
+# ORT's element types of what crosses segments, as numpy's (OrtValue.data_type(): no copy, where .numpy() copies)
+ORT_DTYPES = {f"tensor({name})": np.dtype(dtype) for name, dtype in (
+    ("float", np.float32), ("float16", np.float16), ("int64", np.int64), ("int32", np.int32), ("int8", np.int8))}
+
 # Which kernel runs between a graph's segments, and the flag that chooses (the manifest's graph key)
 KERNELS: dict[str, tuple[KernelKind, str]] = {names.PREFILL: (PREFILL, "--prefill-attention"),
                                               names.DECODER: (DECODE, "--decode-attention")}
@@ -158,8 +162,9 @@ class SegmentedDecoder:
         """What later segments read: this segment's other outputs, and what is still to be read of before.
         (get_outputs() hands out a copy of the binding's values: clearing the binding later leaves them valid.)"""
         produced = dict(zip(self.spec.segments[k].outputs, binding.get_outputs(), strict=True))
-        if self._shapes is not None:
-            self._shapes.update({n: (tuple(v.shape()), v.numpy().dtype) for n, v in produced.items()})
+        if self._shapes is not None:  # what crosses segments (not the cache, the query or the logits: bound apart)
+            self._shapes.update({n: (tuple(v.shape()), ORT_DTYPES[v.data_type()]) for n, v in produced.items()
+                                 if n not in self.cache and n not in (names.attention_query_name(k), names.LOGITS)})
         kept = {n: v for n, v in carried.items() if self.last_use.get(n, -1) > k}
         return {**kept, **{n: v for n, v in produced.items() if self.last_use.get(n, -1) > k}}
 
@@ -193,7 +198,7 @@ class _StepBindings:
         self.query, self.attended = (np.zeros((1, 1, graph.width), np.float32) for _ in range(2))
         arrays = {names.INPUTS_EMBEDS: self.embeds, names.TOTAL_SEQUENCE_LENGTH: self.total,
                   names.SEQLENS_K: self.seqlens,
-                  **{n: np.zeros(shape, dtype) for n, (shape, dtype) in shapes.items() if n not in graph.cache}}
+                  **{n: np.zeros(shape, dtype) for n, (shape, dtype) in shapes.items()}}
         self.values = {n: wrap(a) for n, a in arrays.items()}  # the OrtValues hold the arrays: kept together
         self.arrays = arrays
         self.bindings = [self._binding(graph, k, session) for k, session in enumerate(graph.sessions)]
