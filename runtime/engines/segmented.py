@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,29 +132,31 @@ class SegmentedDecoder:
                     self._attend(k, query, attended, past)
                 self._release(k)
         finally:
-            for binding in self.bindings:  # ORT's side lets go of this call's buffers and activations (its Python
-                binding.clear_binding_inputs()  # wrapper still references the last numpy inputs it was given, ~100
-                binding.clear_binding_outputs()  # MB at 2048 x 4096, until the next prefill binds new ones)
+            for binding in self.bindings:  # ORT lets go of this call's activations (~100 MB at 2048 x 4096) and of
+                binding.clear_binding_inputs()  # the pointers into this call's numpy buffers, which go with it
+                binding.clear_binding_outputs()
 
-    def _bind(self, k: int, binding: Any, values: dict[str, Any], query: np.ndarray, attended: np.ndarray) -> None:
+    def _bind(self, k: int, binding: Any, values: Mapping[str, Any], query: np.ndarray, attended: np.ndarray,
+              outputs: Mapping[str, np.ndarray] | None = None) -> None:
+        """Segment k's inputs and outputs: the cache's OrtValues; numpy buffers by their memory (the kernel's query
+        and attention output, the logits, numpy `values`); other inputs from `values` (OrtValues); other outputs
+        into `outputs`' buffers, or (None) where ORT allocates them."""
         segment = self.spec.segments[k]
-        attention_in = names.attention_output_name(k - 1) if k else None
+        own = {names.attention_query_name(k): query, names.LOGITS: self.logits}
+        if k:
+            own[names.attention_output_name(k - 1)] = attended
         for name in segment.inputs:
-            if name in self.cache:
-                binding.bind_ortvalue_input(name, self.cache[name])
-            elif name == attention_in:
-                binding.bind_cpu_input(name, attended)
-            elif isinstance(values[name], np.ndarray):
-                binding.bind_cpu_input(name, values[name])
+            value = self.cache[name] if name in self.cache else own.get(name, values.get(name))
+            if isinstance(value, np.ndarray):  # its memory, no copy: it outlives the run
+                binding.bind_input(name, "cpu", 0, value.dtype.type, list(value.shape), value.ctypes.data)
             else:
-                binding.bind_ortvalue_input(name, values[name])
+                binding.bind_ortvalue_input(name, value)
         for name in segment.outputs:  # bound in the segment's order: get_outputs() answers in it
+            array = own.get(name, (outputs or {}).get(name))
             if name in self.cache:
                 binding.bind_ortvalue_output(name, self.cache[name])
-            elif name == names.attention_query_name(k):
-                binding.bind_output(name, "cpu", 0, np.float32, list(query.shape), query.ctypes.data)
-            elif name == names.LOGITS:
-                binding.bind_output(name, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+            elif array is not None:
+                binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
             else:
                 binding.bind_output(name, "cpu")
 
@@ -184,40 +186,22 @@ class SegmentedDecoder:
 
 
 class _StepBindings:
-    """Every segment's binding for a one-position input, made once: the embeddings, the two position scalars and
-    every activation crossing segments live in buffers of their own (numpy memory under OrtValues), the query,
+    """Every segment's binding for a one-position input, made once (SegmentedDecoder._bind): the embeddings, the
+    two position scalars and every activation crossing segments live in numpy buffers of their own, the query,
     attention output, cache and logits in theirs; a step writes its inputs in place and runs."""
 
     def __init__(self, graph: SegmentedDecoder, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
                  hidden: int) -> None:
-        from pulse_edge.runtime.engines.sessions import load_onnxruntime
-
-        wrap = load_onnxruntime().OrtValue.ortvalue_from_numpy
         self.embeds = np.zeros((1, 1, hidden), np.float32)
         self.total, self.seqlens = np.zeros((), np.int32), np.zeros(1, np.int32)
         self.query, self.attended = (np.zeros((1, 1, graph.width), np.float32) for _ in range(2))
-        arrays = {names.INPUTS_EMBEDS: self.embeds, names.TOTAL_SEQUENCE_LENGTH: self.total,
-                  names.SEQLENS_K: self.seqlens,
-                  **{n: np.zeros(shape, dtype) for n, (shape, dtype) in shapes.items()}}
-        self.values = {n: wrap(a) for n, a in arrays.items()}  # the OrtValues hold the arrays: kept together
-        self.arrays = arrays
-        self.bindings = [self._binding(graph, k, session) for k, session in enumerate(graph.sessions)]
-
-    def _binding(self, graph: SegmentedDecoder, k: int, session: Any) -> Any:
-        binding, segment = session.io_binding(), graph.spec.segments[k]
-        special = {names.attention_query_name(k): self.query, names.LOGITS: graph.logits}
-        for name in segment.inputs:
-            if name == names.attention_output_name(k - 1):
-                binding.bind_input(name, "cpu", 0, np.float32, list(self.attended.shape), self.attended.ctypes.data)
-            else:
-                binding.bind_ortvalue_input(name, graph.cache[name] if name in graph.cache else self.values[name])
-        for name in segment.outputs:
-            if name in special:
-                array = special[name]
-                binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
-            else:
-                binding.bind_ortvalue_output(name, graph.cache[name] if name in graph.cache else self.values[name])
-        return binding
+        crossing = {n: np.zeros(shape, dtype) for n, (shape, dtype) in shapes.items()}
+        self.arrays = {names.INPUTS_EMBEDS: self.embeds, names.TOTAL_SEQUENCE_LENGTH: self.total,
+                       names.SEQLENS_K: self.seqlens, **crossing}
+        self.bindings = []  # the bindings point into the arrays above, which live as long as this object
+        for k, session in enumerate(graph.sessions):
+            self.bindings.append(session.io_binding())
+            graph._bind(k, self.bindings[-1], self.arrays, self.query, self.attended, outputs=self.arrays)
 
     def run(self, graph: SegmentedDecoder, embeds: np.ndarray, past: int) -> None:
         self.embeds[...] = embeds
