@@ -271,17 +271,16 @@ def failure_summary(validation: dict[str, Any]) -> str:
                 parts.append(f"{what} after a {case['prefill_length']}-position prefill: rel err "
                              f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
     decode = validation["decoder"].get("decode_segments")
-    if decode and not decode["cases"]:
-        parts.append("decode segments: no prompt length to validate them at (the cache holds too few positions)")
+    segments = validation["decoder"].get("prefill_segments") or {}
+    for what, record in (("decode", decode), ("prefill", segments)):
+        if record and not record["cases"]:
+            parts.append(f"{what} segments: no prompt length to validate them at (the cache holds too few positions)")
     if decode and decode["kernel_call_rel_err"] > decode["kernel_wrong_call_rel_err"]:
         parts.append("the CPU decode-attention kernel: a call off its float32 twin by "
                      f"{decode['kernel_call_rel_err']:.2g} on the same inputs")
     for run in validation["greedy"]["runs"]:
         if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
             parts.append(f"greedy tokens differ from token {run['first_divergence']}")
-    segments = validation["decoder"].get("prefill_segments") or {}
-    if segments and not segments["cases"]:
-        parts.append("prefill segments: no prompt length to validate them at (the cache holds too few positions)")
     for case in segments.get("cases", []):
         if not case["pass"]:  # the cut itself (the kernel's own rounding drops the segments instead: _validate)
             twin = case["prefill_twin"]
