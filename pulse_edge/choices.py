@@ -18,6 +18,9 @@ PREFILL_GRAPH_MODES = ("auto", "on", "off")
 # a graph cut for a CPU attention kernel (the prefill graph, the decode graph): the kernel where it runs, the kernel
 # or an error, the whole graph
 ATTENTION_MODES = ("auto", "kernel", "graph")
+# Who computes a decode step (runtime/engines/native.py): pulse-edge's own kernels from the decode graph's weights
+# (native), or ONNX Runtime running the decode graph (onnx); auto: native where it runs
+DECODE_STEPS = ("auto", "native", "onnx")
 # ONNX Runtime graph optimisation levels, lowest first (a graph may cap the level it runs at).
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 

@@ -79,7 +79,10 @@ class Pipeline:
 
     @property
     def decoded_by(self) -> str:
-        """Which graph runs decode steps: the decode graph in segments with the decode kernel where that runs."""
+        """Who runs decode steps: pulse-edge's own kernels over the decode graph's weights, or the decode graph in
+        segments with the decode kernel where that runs, or whole."""
+        if getattr(self.engine.decoder, "native", None) is not None:
+            return "native decode step (block GEMV + decode kernel)"
         if getattr(self.engine.decoder, "decode_segments", None) is not None:
             return "decoder graph segments + decode kernel"
         return "decoder graph"

@@ -82,6 +82,7 @@ class LatencyConfig:
     prefill_graph: str = "auto"  # a CPU bundle's prefill graph (runtime/engines/memory.py)
     prefill_attention: str = "auto"  # a cut prefill graph's attention: the CPU kernel where it runs
     decode_attention: str = "auto"  # a cut decode graph's attention: the CPU decode kernel where it runs
+    decode_step: str = "auto"  # a decode graph with a decode index: pulse-edge's own decode step where it runs
     prefill_chunk: int | None = None  # None: the runtime's choice (runtime/engines/bundle_engine.py); 0: one pass
 
 
@@ -108,7 +109,8 @@ def _open(cfg: LatencyConfig) -> tuple[Any, DecoderFacts]:
 
     pipeline = open_backend(cfg.model, backend=cfg.backend, session=SessionConfig(
         provider=cfg.provider, threads=cfg.threads, prefill_graph=cfg.prefill_graph,
-        prefill_attention=cfg.prefill_attention, decode_attention=cfg.decode_attention),
+        prefill_attention=cfg.prefill_attention, decode_attention=cfg.decode_attention,
+        decode_step=cfg.decode_step),
         prefill_chunk=cfg.prefill_chunk)
     if isinstance(pipeline, OrtPipeline):
         return pipeline, bundle_decoder_facts(cfg.model)
@@ -248,7 +250,8 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
 def _latency_settings(cfg: LatencyConfig) -> dict[str, Any]:
     return {"runs": cfg.runs, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens, "provider": cfg.provider,
             "threads": cfg.threads, "question": cfg.question or "default", "prefill_graph": cfg.prefill_graph,
-            "prefill_attention": cfg.prefill_attention, "decode_attention": cfg.decode_attention}
+            "prefill_attention": cfg.prefill_attention, "decode_attention": cfg.decode_attention,
+            "decode_step": cfg.decode_step}
 
 
 def _chunking(report: dict[str, Any]) -> str:

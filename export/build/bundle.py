@@ -35,6 +35,7 @@ from pulse_edge.export.build.memory import (
     reference_dtype,
     validation_session,
 )
+from pulse_edge.export.build.native import index_graph, native_parity
 from pulse_edge.export.build.segments import cut_graph, decode_segments_parity, drop_segments, segments_parity
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
@@ -231,6 +232,8 @@ def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, 
             graphs[names.PREFILL] = cut_graph(work, names.PREFILL, graphs[names.PREFILL], shape)
     if kv is not None:  # the decode steps' attention over the same cache: the decode kernel's
         graphs[names.DECODER] = cut_graph(work, names.DECODER, graphs[names.DECODER], shape)
+        if quant:  # and the whole step on pulse-edge's kernels, where its weights are MatMulNBits
+            graphs[names.DECODER] = index_graph(work, graphs[names.DECODER])
     return graphs, plan
 
 
@@ -263,7 +266,8 @@ def failure_summary(validation: dict[str, Any]) -> str:
             parts.append(f"merged image features of a {merged['image_size'][0]}x{merged['image_size'][1]} print: "
                          f"rel err {merged['max_rel_err']:.2g}")
     decoders = [("decoder", validation["decoder"]), ("prefill graph", validation["decoder"].get("prefill_graph")),
-                ("decode segments with the decode kernel", validation["decoder"].get("decode_segments"))]
+                ("decode segments with the decode kernel", validation["decoder"].get("decode_segments")),
+                ("native decode step", validation["decoder"].get("native_decode"))]
     for what, record in decoders:
         for case in record["cases"] if record else []:
             if not case["pass"]:
@@ -271,13 +275,15 @@ def failure_summary(validation: dict[str, Any]) -> str:
                 parts.append(f"{what} after a {case['prefill_length']}-position prefill: rel err "
                              f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
     decode = validation["decoder"].get("decode_segments")
+    native = validation["decoder"].get("native_decode")
     segments = validation["decoder"].get("prefill_segments") or {}
-    for what, record in (("decode", decode), ("prefill", segments)):
+    for what, record in (("decode segments", decode), ("prefill segments", segments), ("native decode step", native)):
         if record and not record["cases"]:
-            parts.append(f"{what} segments: no prompt length to validate them at (the cache holds too few positions)")
-    if decode and decode["kernel_call_rel_err"] > decode["kernel_wrong_call_rel_err"]:
-        parts.append("the CPU decode-attention kernel: a call off its float32 twin by "
-                     f"{decode['kernel_call_rel_err']:.2g} on the same inputs")
+            parts.append(f"{what}: no prompt length to validate at (the cache holds too few positions)")
+    for what, record in (("decode segments", decode), ("native decode step", native)):
+        if record and record["kernel_call_rel_err"] > record["kernel_wrong_call_rel_err"]:
+            parts.append(f"the CPU decode-attention kernel in the {what}: a call off its float32 twin by "
+                         f"{record['kernel_call_rel_err']:.2g} on the same inputs")
     for run in validation["greedy"]["runs"]:
         if run["first_divergence"] is not None and validation["greedy"]["required_equal"]:
             parts.append(f"greedy tokens differ from token {run['first_divergence']}")
@@ -359,6 +365,12 @@ def bundle_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, op
         decoder["decode_segments"] = decode_segments_parity(loaded, bundle, manifest, options.plan, quant, plan, kv,
                                                             level, session)
         decoder["pass"] = bool(decoder["pass"] and decoder["decode_segments"]["pass"])
+        parity["pass"] = bool(parity["pass"] and decoder["pass"])
+    if manifest.graphs[names.DECODER].native_index and quant:
+        decoder = parity["decoder"]
+        decoder["native_decode"] = native_parity(loaded, bundle, manifest, options.plan, quant, plan, kv, level,
+                                                 session)
+        decoder["pass"] = bool(decoder["pass"] and decoder["native_decode"]["pass"])
         parity["pass"] = bool(parity["pass"] and decoder["pass"])
     if names.PREFILL in manifest.graphs and quant:
         decoder = parity["decoder"]

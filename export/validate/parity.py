@@ -94,6 +94,22 @@ def validate_segmented_decode(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpe
     return {**report, "pass": bool(report["cases"]) and report["pass"], "kernel_call_rel_err": checked.worst}
 
 
+def validate_native_decode(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KVLayout, *, precision: str,
+                           plan: ValidationPlan, session: SessionConfig) -> dict[str, Any]:
+    """The native decode step (runtime/engines/native.py) against `lm`, as validate_segmented_decode checks the
+    segments: every input through the step (the prefill included), the same reference and bound (the step stores
+    as the segments do and computes in float32 what MatMulNBits computes); "kernel_call_rel_err" is the worst
+    attention call against its float32 twin."""
+    engine = decoder_engine(bundle, spec, kv, lm.config.vocab_size, replace(session, decode_step="native",
+                                                                           decode_attention="auto"))
+    if engine.native is None:
+        raise RuntimeError("the decoder engine did not open the native decode step: nothing would be validated")
+    checked = CheckedAttention(engine.native.kernels.attention)
+    engine.native.kernels = replace(engine.native.kernels, attention=checked)
+    report = _decoder_cases(lm, engine, plan, plan.tolerances[precision])
+    return {**report, "pass": bool(report["cases"]) and report["pass"], "kernel_call_rel_err": checked.worst}
+
+
 def _decoder_cases(lm: LlamaForCausalLM, engine: Any, plan: ValidationPlan, tol: Tolerance) -> dict[str, Any]:
     """Each planned prefill length that leaves room for the decode steps: the prefill's logits and each greedy
     step's against the reference's."""

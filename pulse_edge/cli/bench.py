@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from pulse_edge.benchmarks.common.output import progress, write_json
-from pulse_edge.choices import ATTENTION_MODES, BACKENDS, PREFILL_GRAPH_MODES, PROVIDERS
+from pulse_edge.choices import ATTENTION_MODES, BACKENDS, DECODE_STEPS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.cli.group import UserErrorGroup
 
 _DEFAULT_SIZES = "2200x1700,3300x2550,3508x2480"  # letter 200 dpi, letter 300 dpi, A4 300 dpi
@@ -56,6 +56,8 @@ def bench_group() -> None:
               help="ort backend: as infer --prefill-attention; the table says what prefilled.")
 @click.option("--decode-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
               help="ort backend: as infer --decode-attention; the table says what decoded.")
+@click.option("--decode-step", type=click.Choice(DECODE_STEPS), default="auto", show_default=True,
+              help="ort backend: as infer --decode-step; the table says what decoded.")
 @click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
               help="ort backend: as infer --prefill-chunk (default: the runtime's; 0 = one pass); the table says it.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
@@ -63,7 +65,7 @@ def bench_group() -> None:
               help="Write latency.md, latency.json and latency.png (the per-stage breakdown) into this directory.")
 def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new_tokens: int, backend: str,
                     provider: str, threads: int, bandwidth_mib: int, prefill_graph: str, prefill_attention: str,
-                    decode_attention: str, prefill_chunk: int | None, json_path: Path | None,
+                    decode_attention: str, decode_step: str, prefill_chunk: int | None, json_path: Path | None,
                     report_dir: Path | None) -> None:
     """Preprocess, vision, time to first token, decode tok/s (p50/p95) on rendered 12-lead prints. On the CPU,
     read bandwidth and the peak of the model's GEMMs (int8 for a quantized bundle, fp32 for a float model) are probed
@@ -79,7 +81,7 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
                            max_new_tokens=max_new_tokens, backend=backend, provider=provider, threads=threads,
                            bandwidth_bytes=bandwidth_mib * 2**20, prefill_graph=prefill_graph,
                            prefill_attention=prefill_attention, decode_attention=decode_attention,
-                           prefill_chunk=prefill_chunk)
+                           decode_step=decode_step, prefill_chunk=prefill_chunk)
     report = run_latency(config, progress=progress)
     table = latency_table(report)
     click.echo(table)

@@ -12,6 +12,7 @@ from pulse_edge.backends import open_backend
 from pulse_edge.choices import (
     ATTENTION_MODES,
     BACKENDS,
+    DECODE_STEPS,
     OPT_LEVELS,
     PREFILL_GRAPH_MODES,
     PROVIDERS,
@@ -67,6 +68,10 @@ from pulse_edge.errors import ConfigError
 @click.option("--decode-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
               help="ort backend, a decode graph cut for pulse-edge's CPU decode-attention kernel (AVX-512, reads the "
                    "int8 cache at memory speed): auto, kernel, graph as for --prefill-attention.")
+@click.option("--decode-step", type=click.Choice(DECODE_STEPS), default="auto", show_default=True,
+              help="ort backend, an int8/int4 CPU bundle: native: decode steps on pulse-edge's own kernels (AVX-512 "
+                   "VNNI) from the decode graph's weights, or an error; onnx: ONNX Runtime runs the decode graph; "
+                   "auto: native where it runs and --decode-attention is auto.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Answer every input (files, folders, quoted glob patterns) into this JSON-lines file, one line "
                    "each; a rerun skips the inputs already answered.")
@@ -86,7 +91,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
           max_new_tokens: int,
           temperature: float, top_p: float, seed: int, as_json: bool, vision_tower: Path | None, dtype: str,
           device: str, provider: str, threads: int, opt_level: str, prefill_chunk: int | None,
-          prepack: bool, prefill_graph: str, prefill_attention: str, decode_attention: str, output: Path | None,
+          prepack: bool, prefill_graph: str, prefill_attention: str, decode_attention: str, decode_step: str,
+          output: Path | None,
           fail_fast: bool,
           save_render: Path | None,
           fs: float | None, leads: str | None, unit: str, verify: bool) -> None:
@@ -102,7 +108,7 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack,
                             prefill_graph=prefill_graph, prefill_attention=prefill_attention,
-                            decode_attention=decode_attention)
+                            decode_attention=decode_attention, decode_step=decode_step)
 
     def open_model():
         with HashBar() as bar:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pulse_edge.choices import ATTENTION_MODES, PREFILL_GRAPH_MODES, PROVIDERS
+from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError
 
 # Module names of the `serve` extra's packages (python-multipart parses uploads).
@@ -77,9 +77,11 @@ def _allowed_root(path: Path | None) -> Path | None:
               help="The prefill's attention: pulse-edge's CPU kernel where it runs (see infer --help).")
 @click.option("--decode-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
               help="A decode step's attention: pulse-edge's CPU kernel where it runs (see infer --help).")
+@click.option("--decode-step", type=click.Choice(DECODE_STEPS), default="auto", show_default=True,
+              help="Decode steps on pulse-edge's own CPU kernels where they run (see infer --help).")
 def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue: int, allow_dir: Path | None,
           max_body_mb: float, timeout_s: float, provider: str, threads: int, prefill_graph: str,
-          prefill_attention: str, decode_attention: str) -> None:
+          prefill_attention: str, decode_attention: str, decode_step: str) -> None:
     """Serve a bundle over HTTP: OpenAI-compatible /v1/chat/completions, ECG-native /v1/ecg/interpret,
     /health and /metrics. One model in memory, one generation at a time."""
     _require_extra()
@@ -92,5 +94,5 @@ def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue:
                           allow_dir=root, max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout_s,
                           session=SessionConfig(provider=provider, threads=threads, prefill_graph=prefill_graph,
                                                 prefill_attention=prefill_attention,
-                                                decode_attention=decode_attention))
+                                                decode_attention=decode_attention, decode_step=decode_step))
     run_server(config, say=lambda line: click.echo(f"pulse-edge: {line}", err=True))

@@ -60,6 +60,9 @@ def check_consistency(manifest: Manifest) -> None:
         graph = manifest.graphs.get(key)
         if graph is not None and graph.engine == ONNX and (graph.segments or graph.segment_scales):
             _check_segments(key, graph, manifest)
+    for key, graph in manifest.graphs.items():
+        if graph.native_index and (key != names.DECODER or manifest.kv.dtype != "int8"):
+            raise _fail(f"graphs.{key}.native_index: only the decode graph over an int8 cache has a decode index")
     _check_records(manifest)
 
 
@@ -171,7 +174,8 @@ def _check_records(manifest: Manifest) -> None:
     for graph in manifest.graphs.values():
         named += [graph.file, *([graph.external_data] if graph.external_data else []),
                   *(segment.file for segment in graph.segments),
-                  *([graph.segment_scales] if graph.segment_scales else [])]
+                  *([graph.segment_scales] if graph.segment_scales else []),
+                  *([graph.native_index] if graph.native_index else [])]
     if manifest.calibration is not None:
         named.append(manifest.calibration.file)
     unrecorded = [name for name in named if name not in manifest.files]

@@ -114,6 +114,9 @@ class GraphSpec:
     # scales for the kernel in `segment_scales` (names.SEGMENT_SCALES_FILE); its own file stays whole
     segments: tuple[SegmentSpec, ...] = ()
     segment_scales: str | None = None
+    # a decode graph the native decode step computes (runtime/engines/native.py): where its weights lie
+    # (names.DECODE_INDEX_FILE, runtime/bundle/decode_index.py)
+    native_index: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GraphSpec:
@@ -135,7 +138,7 @@ class GraphSpec:
             trt_ops=_optional_choice(d.get("trt_ops"), TRT_OPS, "graph trt_ops"),
             ort_qdq_matmulnbits_accuracy_level=_optional_int(d.get("ort_qdq_matmulnbits_accuracy_level")),
             segments=tuple(SegmentSpec.from_dict(x) for x in d.get("segments", ())),
-            segment_scales=d.get("segment_scales"),
+            segment_scales=d.get("segment_scales"), native_index=d.get("native_index"),
         )
 
     @property
@@ -332,6 +335,8 @@ class Manifest:
         for graph in d["graphs"].values():  # and a graph that is not cut in segments
             if not graph["segments"] and graph["segment_scales"] is None:
                 del graph["segments"], graph["segment_scales"]
+            if graph["native_index"] is None:
+                del graph["native_index"]
         return {"format": FORMAT, **d}
 
     def write(self, bundle: Path) -> None:

@@ -57,6 +57,10 @@ SEGMENT_FILE = "{graph}.seg{k:02d}.onnx"
 SEGMENT_SCALES_FILE = "{graph}.kv_scales.npy"  # float32 [layers, 2 (key, value), kv_heads, head_dim]
 
 
+# The decode graph's index for the native decode step (runtime/bundle/decode_index.py, runtime/engines/native.py).
+DECODE_INDEX_FILE = "decoder.index.json"
+
+
 def segment_file(graph: str, k: int) -> str:
     return SEGMENT_FILE.format(graph=graph, k=k)
 

@@ -84,7 +84,8 @@ GRAPH = _obj(
      "kv_update": _optional(STR), "trt_ops": _optional(STR), "ort_qdq_matmulnbits_accuracy_level": _optional(_int(0))},
 )
 SEGMENT = _obj({"file": FILE_NAME, "inputs": _list(STR), "outputs": _list(STR, min_length=1)})
-GRAPH["properties"].update({"segments": _list(SEGMENT), "segment_scales": _optional(FILE_NAME)})
+GRAPH["properties"].update({"segments": _list(SEGMENT), "segment_scales": _optional(FILE_NAME),
+                            "native_index": _optional(FILE_NAME)})
 KV = _obj({"layers": _int(1), "kv_heads": _int(1), "head_dim": _int(1), "dtype": STR, "max_length": _int(1)},
           {"layout": STR, "scales": _optional(STR)})
 TEXT = _obj({"hidden_size": _int(1), "vocab_size": _int(1), "bos_id": _int(0), "eos_id": _int(0),

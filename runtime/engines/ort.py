@@ -20,6 +20,8 @@ the segments replace the whole graph's session (the same weights, mapped or prep
     input positions   prefill graph loaded      runs
     >= 16             cut, kernel runs          prefill segments + AMX-BF16 prefill kernel
     >= 16             whole                     the prefill graph
+    any other input   decode index, kernels     the native decode step (engines/native.py): pulse-edge's own
+                                                GEMV and decode attention over the decode graph's weights
     any other input   decode graph cut, kernel  decode segments + AVX-512 decode kernel
     any other input   decode graph whole        the decode graph
 """
@@ -43,6 +45,7 @@ from pulse_edge.runtime.engines.bundle_engine import (
 )
 from pulse_edge.runtime.engines.graph_io import check_graph_io
 from pulse_edge.runtime.engines.memory import choose_prefill_graph, mem_available_bytes
+from pulse_edge.runtime.engines.native import NativeDecoder, native_for, open_native
 from pulse_edge.runtime.engines.segmented import NO_SPINNING, SegmentedDecoder, kernel_for
 from pulse_edge.runtime.engines.sessions import ORT_PROVIDERS as ORT_PROVIDERS  # re-exported: the engines' API
 from pulse_edge.runtime.engines.sessions import SessionConfig as SessionConfig
@@ -89,12 +92,15 @@ class DecoderEngine:
         self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, NP_DTYPES[kv.dtype], device, config.device_id)
                        for _ in names.kv_names(kv.layers, "past")]
         self._logits = np.zeros((1, 1, vocab), np.float32)
-        # the decode graph in segments with the decode kernel where it runs, else whole. `graph`: which of the
-        # bundle's graphs `spec` is (validation opens the prefill graph in this place too, and checks it whole)
+        # decode steps on pulse-edge's own kernels where they run, else the decode graph in segments with the decode
+        # kernel, else whole. `graph`: which of the bundle's graphs `spec` is (validation opens the prefill graph in
+        # this place too, and checks it whole)
+        self.native = _open_native(bundle, spec, kv, self._cache, self._logits, config) if graph == names.DECODER \
+            else None
         self.decode_segments = (_open_segmented(names.DECODER, bundle, spec, kv, self._cache, self._logits, config)
-                                if graph == names.DECODER else None)
-        self.session, self._binding = (None, None) if self.decode_segments else self._open(bundle / spec.file, spec,
-                                                                                           config)
+                                if graph == names.DECODER and self.native is None else None)
+        self.session, self._binding = ((None, None) if self.native or self.decode_segments
+                                       else self._open(bundle / spec.file, spec, config))
         self.prefill_session, self._prefill_binding, self.segmented = None, None, None
         if prefill is None and config.prefill_attention == "kernel":
             raise ConfigError("--prefill-attention kernel: this bundle has no prefill graph, so none is cut for the "
@@ -135,6 +141,8 @@ class DecoderEngine:
             return self.segmented, None
         if long and self.prefill_session is not None:
             return self.prefill_session, self._prefill_binding
+        if self.native is not None:
+            return self.native, None
         if self.decode_segments is not None:
             return self.decode_segments, None
         return self.session, self._binding
@@ -169,6 +177,16 @@ def _open_segmented(key: str, bundle: Path, graph: GraphSpec, kv: KVLayout, cach
     sessions = [make_session(bundle / segment.file, config, graph_limit=graph.opt_level_limit, entries=entries,
                              shapes_vary=True) for segment in graph.segments]
     return SegmentedDecoder(bundle, graph, kv, cache, logits, sessions, kernel, config.threads or usable_cpus())
+
+
+def _open_native(bundle: Path, spec: GraphSpec, kv: KVLayout, cache: list[Any], logits: np.ndarray,
+                 config: SessionConfig) -> NativeDecoder | None:
+    """The native decode step (engines/native.py) over the decode graph's weights, or None: ONNX Runtime decodes.
+    Its weights are copied into memory when ORT would prepack them, else read from the mapped file."""
+    kernels = native_for(spec, config.decode_step, config.decode_attention, config.provider)
+    if kernels is None:
+        return None
+    return open_native(bundle, spec, kv, cache, logits, kernels, config.threads or usable_cpus(), config.prepack)
 
 
 def _shared_cpu_arena() -> dict[str, str]:

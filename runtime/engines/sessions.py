@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pulse_edge.choices import ATTENTION_MODES, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
+from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 
@@ -69,6 +69,8 @@ class SessionConfig:
     # a prefill graph cut for the CPU attention kernel: run so where the kernel runs (engines/segmented.py)
     prefill_attention: str = "auto"
     decode_attention: str = "auto"  # the same for a decode graph cut for the CPU decode-attention kernel
+    # a decode graph with a decode index: decode steps on pulse-edge's own kernels (engines/native.py) where they run
+    decode_step: str = "auto"
     # ONNX Runtime's profiler: each session writes a trace of every node it runs to DIR/<graph stem>_<time>.json
     # when `end_profiling()` is called on it (`pulse-edge bench profile` reads them); None: off
     profile_dir: Path | None = None
@@ -83,6 +85,8 @@ class SessionConfig:
         for what, mode in (("prefill", self.prefill_attention), ("decode", self.decode_attention)):
             if mode not in ATTENTION_MODES:
                 raise ConfigError(f"{what} attention {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
+        if self.decode_step not in DECODE_STEPS:
+            raise ConfigError(f"decode step {self.decode_step!r} is not one of {', '.join(DECODE_STEPS)}")
         if self.node_order not in (None, *NODE_ORDERS):
             raise ConfigError(f"node order {self.node_order!r} is not one of {', '.join(NODE_ORDERS)}")
         if self.threads < 0:

@@ -30,6 +30,7 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class KernelKind:
     amx: bool  # Linux grants AMX state only on request (pe_request_amx)
     self_test_tol: float
     max_head_dim: int | None = None
+    pooled_symbol: str | None = None  # the entry point on a linear.WorkerPool's threads
 
 
 PREFILL = KernelKind(
@@ -63,7 +65,8 @@ PREFILL = KernelKind(
 DECODE = KernelKind(
     "decode_attention.c", "pe_decode_attention_int8kv", ("-mavx512f", "-mavx512bw", "-mavx512vl"),
     ("avx512f", "avx512bw", "avx512vl"), "the AVX-512 decode attention", amx=False,
-    self_test_tol=1e-5, max_head_dim=256)  # float32 throughout: ~1e-7 (measured ~3e-7)
+    self_test_tol=1e-5, max_head_dim=256,  # float32 throughout: ~1e-7 (measured ~3e-7)
+    pooled_symbol="pe_decode_attention_int8kv_pooled")
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -120,6 +123,10 @@ class CausalAttention:
         entry = getattr(library, kind.symbol)
         entry.argtypes = _SIGNATURE
         entry.restype = _I
+        if kind.pooled_symbol:
+            pooled = getattr(library, kind.pooled_symbol)
+            pooled.argtypes = (_P, *_SIGNATURE[:-1])
+            pooled.restype = _I
         kernel = cls(library, path, kind)
         kernel.self_test()
         return kernel
@@ -145,7 +152,9 @@ class CausalAttention:
                                     "it, with the compiler's version: ONNX Runtime's own attention runs instead")
 
     def __call__(self, q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: np.ndarray,
-                 v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None) -> np.ndarray:
+                 v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None,
+                 pool: Any = None) -> np.ndarray:
+        """`pool` (a linear.WorkerPool; the decode kernel only): its threads instead of `threads` started here."""
         _check(q, k_codes, v_codes, k_scale, v_scale, past, self.kind.max_head_dim)
         if out is None:
             out = np.empty_like(q)
@@ -153,9 +162,15 @@ class CausalAttention:
             raise ValueError(f"out must be C-contiguous float32 {q.shape}")
         rows, heads, d = q.shape
         kv_heads, capacity, _ = k_codes.shape
-        status = getattr(self.library, self.kind.symbol)(
-            q.ctypes.data, k_codes.ctypes.data, v_codes.ctypes.data, k_scale.ctypes.data, v_scale.ctypes.data,
-            out.ctypes.data, rows, past, heads, kv_heads, capacity, d, float(d) ** -0.5, max(1, threads))
+        arrays = (q.ctypes.data, k_codes.ctypes.data, v_codes.ctypes.data, k_scale.ctypes.data, v_scale.ctypes.data,
+                  out.ctypes.data)
+        sizes = (rows, past, heads, kv_heads, capacity, d)
+        if pool is not None and self.kind.pooled_symbol:
+            with pool.lock:
+                status = getattr(self.library, self.kind.pooled_symbol)(pool.handle, *arrays, *sizes,
+                                                                        float(d) ** -0.5)
+        else:
+            status = getattr(self.library, self.kind.symbol)(*arrays, *sizes, float(d) ** -0.5, max(1, threads))
         if status != 0:
             raise MemoryError("the attention kernel could not allocate its scratch or start its threads")
         return out
@@ -189,8 +204,9 @@ class CheckedAttention:
         self.kernel, self.worst = kernel, 0.0
 
     def __call__(self, q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: np.ndarray,
-                 v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None) -> np.ndarray:
-        got = self.kernel(q, k_codes, v_codes, k_scale, v_scale, past=past, threads=threads, out=out)
+                 v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None,
+                 pool: Any = None) -> np.ndarray:
+        got = self.kernel(q, k_codes, v_codes, k_scale, v_scale, past=past, threads=threads, out=out, pool=pool)
         want = reference(q, k_codes, v_codes, k_scale, v_scale, past=past)
         error = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
         self.worst = max(self.worst, error if np.isfinite(error) else float("inf"))

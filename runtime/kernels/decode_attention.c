@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "thread_pool.h"
 #include "vector_math.h"
 
 #define MAX_D 256  /* the accumulators of one row: 16 vectors */
@@ -172,4 +173,26 @@ int pe_decode_attention_int8kv(const float *q, const int8_t *kq, const int8_t *v
     }
     free(jobs); free(ids);
     return status;
+}
+
+typedef struct { job base; atomic_int failed; } pooled_job;
+
+static void run_part(void *context, int part, int parts) {
+    pooled_job *pj = context;
+    job j = pj->base;
+    j.first = part;
+    j.threads = parts;
+    if (run_job(&j) != NULL) atomic_store(&pj->failed, 1);
+}
+
+/* The same on a pool of worker threads kept between calls (thread_pool.h; made by pe_pool_create in
+ * block_gemv.c), for the native decode step, which calls it once a layer between its quantized projections on
+ * the same pool: no thread is started per call, and no second pool spins beside the first. */
+int pe_decode_attention_int8kv_pooled(void *threads, const float *q, const int8_t *kq, const int8_t *vq,
+                                      const float *ks, const float *vs, float *out, int rows, int past, int heads,
+                                      int kv_heads, int capacity, int d_head, float scale) {
+    if (!threads || d_head % 16 || d_head > MAX_D) return -1;
+    pooled_job pj = {{q, kq, vq, ks, vs, out, rows, past, heads, kv_heads, capacity, d_head, 0, 1, scale}, 0};
+    pool_run(threads, run_part, &pj);
+    return atomic_load(&pj.failed) ? -1 : 0;
 }

@@ -1,4 +1,4 @@
-"""Fixtures shared by the TensorRT-ready graph and engine tests: scales and the fp16 bundle."""
+"""Fixtures shared by the export tests: scales, the TensorRT-ready fp16 bundle, the CPU int8 bundle."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate
+from pulse_edge.calibration.recipes import make_recipe
 from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+from pulse_edge.export.quant.context import QuantSettings
 from pulse_edge.export.validate.parity import ValidationPlan
 
 
@@ -22,3 +24,14 @@ def trt_fp16_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     """The tiny model exported with --target tensorrt, fp16, validated (quick plan)."""
     options = ExportOptions(precision="fp16", target="tensorrt", plan=ValidationPlan.quick())
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("trt") / "fp16", options)
+
+
+@pytest.fixture(scope="session")
+def cpu_int8_bundle(tiny_pipeline, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's int8 CPU bundle (quick plan): the prefill graph, and where this machine's CPU kernels run,
+    the graphs cut for them (test_segments.py) and the decode index (test_native_decode.py)."""
+    root = tmp_path_factory.mktemp("cpu-int8")
+    scales = calibrate(tiny_pipeline.loaded, tiny_pipeline.tokenizer, CalibrationOptions(samples=6))
+    settings = QuantSettings(make_recipe("int8"), scales=scales.save(root / "scales.npz"), held_out=2)
+    return export_bundle(tiny_checkpoint, root / "int8", ExportOptions(precision="int8", plan=ValidationPlan.quick(),
+                                                                      quant=settings))

@@ -267,3 +267,19 @@ def test_no_compiler_no_cpu_feature_no_cache_are_refused(source: Path, tmp_path:
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     with pytest.raises(KernelUnavailable, match="no C compiler found"):
         build.build(source, (), tmp_path / "cache")
+
+
+def test_the_decode_kernel_on_a_worker_pool_gives_the_same_output(decode: CausalAttention) -> None:
+    """The native decode step runs the decode kernel on the quantized linear kernel's worker threads
+    (runtime/kernels/thread_pool.h): the same heads split the same way, so the same output bit for bit."""
+    from pulse_edge.runtime.kernels.linear import BlockGemv
+
+    try:
+        pool = BlockGemv.load().pool(2)
+    except KernelUnavailable as e:
+        pytest.skip(str(e))
+    q, k, v, ks, vs = _inputs(3, 500, 8, 2, 600, 128, seed=9)
+    started = decode(q, k, v, ks, vs, past=500, threads=2)
+    pooled = decode(q, k, v, ks, vs, past=500, threads=2, pool=pool)
+    np.testing.assert_array_equal(started, pooled)
+    assert _relative(pooled, reference(q, k, v, ks, vs, past=500)) < 1e-5

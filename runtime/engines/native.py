@@ -1,0 +1,246 @@
+"""The decode step on pulse-edge's own CPU kernels: the decode graph's function computed from its weights in place,
+without ONNX Runtime.
+
+    embeds ─┬─ RMSNorm ─ qkv (block GEMV) ─ rotary ─ store k, v (int8) ─ attention (decode kernel) ─ o ─ + ─┐
+            └────────────────────────────────────────────────────────────────────────────────────────────┘
+              ─┬─ RMSNorm ─ gate_up ─ SiLU(gate) * up ─ down ─ + ─ ... next layer ... ─ RMSNorm ─ lm_head ─ logits
+               └──────────────────────────────────────────────┘
+
+Why: a decode step streams every weight once. ONNX Runtime's MatMulNBits read 4-bit weights at ~60% of the read
+bandwidth inside a 7B decode step on the 2-core VM of docs/performance.md (8-bit ones at ~83%), and a decode
+graph cut for the attention kernel paid 33 ORT runs a step. Here each projection is one call of
+runtime/kernels/block_gemv.c (the same function as MatMulNBits at accuracy level 4), attention one call of the
+decode kernel (runtime/kernels/decode_attention.c), and the rest a few numpy operations on [rows, hidden] vectors.
+
+What it reads: the decode index (runtime/bundle/decode_index.py), written by the export beside a decode graph it
+checked node by node, and the decode graph's data file it points into; the cache buffers are the decoder's own
+(the prefill graph writes them, this reads and extends them). The export validates this step against the
+reference like any graph (export/build/native.py); where the kernels cannot run here, or the bundle has no index,
+the decode graph runs on ONNX Runtime as before (`native_for` says why in one line, or refuses when asked
+outright: `--decode-step native`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
+from pulse_edge.runtime.bundle.decode_index import DecodeIndex, Linear, Tensor, read_index
+from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
+from pulse_edge.runtime.engines.segmented import int8_view
+from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention
+from pulse_edge.runtime.kernels.build import CPUUnsupported
+from pulse_edge.runtime.kernels.linear import MAX_ROWS, BlockGemv, BlockWeight
+
+log = logging.getLogger(__name__)
+INT8_LIMIT = 127.0  # the store rule the attention kernels read the cache by (decode_index.STORE_RULE)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    gemv: BlockGemv
+    attention: Any  # CausalAttention, or a checked one (export/validate/parity.py)
+
+
+class _Weights:
+    """The index's tensors as numpy arrays over the data file: copied into memory (`resident`, as ORT's
+    prepacking does: the step then never waits on the page cache) or views of the mapped file."""
+
+    def __init__(self, path: Path, resident: bool) -> None:
+        try:
+            self.data = np.memmap(path, np.uint8, "r")
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{path} cannot be mapped ({e}); re-export the bundle") from e
+        self.resident = resident
+
+    def array(self, t: Tensor) -> np.ndarray:
+        count = int(np.prod(t.shape))
+        end = t.offset + count * np.dtype(t.dtype).itemsize
+        if end > self.data.size:
+            raise BundleError(f"the decode index places {t.name} past the end of {Path(self.data.filename).name}; "
+                              "re-export the bundle")
+        view = np.frombuffer(self.data, t.dtype, count, t.offset).reshape(t.shape)
+        return np.array(view) if self.resident else view
+
+    def linear(self, lin: Linear, k: int, n: int, what: str) -> BlockWeight | np.ndarray:
+        if (lin.k, lin.n) != (k, n):
+            raise BundleError(f"the decode index's {what} is [{lin.k}, {lin.n}], not [{k}, {n}]; re-export the bundle")
+        if lin.bits == 0:
+            weight = self.array(lin.weight) if lin.weight else None
+            if weight is None or weight.shape != (k, n):
+                raise BundleError(f"the decode index's {what} has no float32 [{k}, {n}] weight; re-export the bundle")
+            return weight
+        if lin.codes is None or lin.scales is None:
+            raise BundleError(f"the decode index's {what} lacks its codes or scales; re-export the bundle")
+        weight = BlockWeight(self.array(lin.codes), self.array(lin.scales).reshape(-1), lin.k, lin.n, lin.bits,
+                             lin.block)
+        try:
+            weight.check()
+        except ValueError as e:
+            raise BundleError(f"the decode index's {what}: {e}; re-export the bundle") from e
+        return weight
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: np.ndarray  # [H]
+    qkv: BlockWeight | np.ndarray  # [H] -> [(N + 2 KVN) D]
+    k_scale: np.ndarray  # [KVN, D]
+    v_scale: np.ndarray
+    o: BlockWeight | np.ndarray  # [N D] -> [H]
+    post_norm: np.ndarray
+    gate_up: BlockWeight | np.ndarray  # [H] -> [2 I]
+    down: BlockWeight | np.ndarray  # [I] -> [H]
+
+
+def _vector(weights: _Weights, t: Tensor, shape: tuple[int, ...], what: str, positive: bool = False) -> np.ndarray:
+    array = weights.array(t)
+    if array.size != int(np.prod(shape)) or array.dtype != np.float32:
+        raise BundleError(f"the decode index's {what} is {array.dtype} {list(array.shape)}, not float32 {list(shape)}; "
+                          "re-export the bundle")
+    array = np.ascontiguousarray(array.reshape(shape))
+    if not np.isfinite(array).all() or (positive and not (array > 0).all()):
+        raise BundleError(f"the decode index's {what} holds non-finite{' or non-positive' if positive else ''} "
+                          "values: the bundle is damaged; re-export it")
+    return array
+
+
+class NativeDecoder:
+    """Runs inputs through the decode step (module doc) on the decoder's cache and logits buffer."""
+
+    def __init__(self, bundle: Path, index: DecodeIndex, kv: KVLayout, cache: list[Any], logits: np.ndarray,
+                 kernels: Kernels, threads: int, resident: bool = True) -> None:
+        if (index.kv_heads, index.head_dim, len(index.layers)) != (kv.kv_heads, kv.head_dim, kv.layers):
+            raise BundleError(f"the decode index holds {len(index.layers)} layers of {index.kv_heads} x "
+                              f"{index.head_dim} kv heads, the manifest's cache {kv.layers} of {kv.kv_heads} x "
+                              f"{kv.head_dim}; re-export the bundle")
+        if index.heads % index.kv_heads or logits.shape[-1] != index.vocab:
+            raise BundleError("the decode index's heads or vocabulary do not match the manifest; re-export the bundle")
+        self.index, self.kv, self.kernels, self.threads, self.logits = index, kv, kernels, threads, logits
+        self.codes = [int8_view(value) for value in cache]  # [kv_heads, max_length, head_dim] per layer and part
+        self.pool = kernels.gemv.pool(threads)  # the attention kernel runs on the projections' worker threads
+        w = _Weights(bundle / index.data, resident)
+        h, d, half = index.hidden, index.head_dim, index.head_dim // 2
+        self.cos, self.sin = (_vector(w, t, (t.shape[0], half), "rotary table") for t in index.rotary)
+        if self.cos.shape[0] < kv.max_length:
+            raise BundleError(f"the rotary tables hold {self.cos.shape[0]} positions, the cache {kv.max_length}; "
+                              "re-export the bundle")
+        width = (index.heads + 2 * index.kv_heads) * d
+        self.layers = [_Layer(
+            _vector(w, x.input_norm, (h,), f"layer {i} input norm"),
+            w.linear(x.qkv, h, width, f"layer {i} qkv"),
+            _vector(w, x.k_scale, (index.kv_heads, d), f"layer {i} key scales", positive=True),
+            _vector(w, x.v_scale, (index.kv_heads, d), f"layer {i} value scales", positive=True),
+            w.linear(x.o, index.heads * d, h, f"layer {i} o"),
+            _vector(w, x.post_norm, (h,), f"layer {i} post norm"),
+            w.linear(x.gate_up, h, 2 * index.intermediate, f"layer {i} gate_up"),
+            w.linear(x.down, index.intermediate, h, f"layer {i} down")) for i, x in enumerate(index.layers)]
+        self.final_norm = _vector(w, index.final_norm, (h,), "final norm")
+        self.lm_head = w.linear(index.lm_head, h, index.vocab, "lm_head")
+
+    @property
+    def layer_count(self) -> int:
+        return len(self.layers)
+
+    def forward(self, embeds: np.ndarray, past: int) -> None:
+        """embeds [1, S, H] float32 at positions [past, past + S): cached, the last one's logits in the buffer.
+        Up to MAX_ROWS positions share each pass over the weights; a longer input goes in groups, each through
+        every layer before the next (its keys then in the cache for the next group to attend to)."""
+        rows = embeds[0]
+        for start in range(0, rows.shape[0], MAX_ROWS):
+            hidden = self._rows(np.ascontiguousarray(rows[start:start + MAX_ROWS], np.float32), past + start)
+        self.logits.reshape(-1)[:] = self._linear(self._norm(hidden[-1:], self.final_norm), self.lm_head)[0]
+
+    def _rows(self, hidden: np.ndarray, past: int) -> np.ndarray:
+        """hidden [r, H] at positions [past, past + r) through every layer; the residual stream after the last."""
+        mlp = None
+        for i, layer in enumerate(self.layers):
+            if mlp is not None:
+                hidden = hidden + mlp
+            attended = self._attention(i, layer, self._norm(hidden, layer.input_norm), past)
+            hidden = hidden + self._linear(attended, layer.o)
+            mlp = self._mlp(layer, self._norm(hidden, layer.post_norm))
+        return hidden + mlp
+
+    def _attention(self, i: int, layer: _Layer, normed: np.ndarray, past: int) -> np.ndarray:
+        """[r, H] -> [r, N D]: the fused projection, rotary, the new keys and values stored, attention."""
+        x, rows, d = self.index, normed.shape[0], self.index.head_dim
+        qkv = self._linear(normed, layer.qkv)  # [r, (N + 2 KVN) D]
+        q = qkv[:, :x.heads * d].reshape(rows, x.heads, d)
+        k = qkv[:, x.heads * d:(x.heads + x.kv_heads) * d].reshape(rows, x.kv_heads, d)
+        v = qkv[:, (x.heads + x.kv_heads) * d:].reshape(rows, x.kv_heads, d)
+        q, k = self._rotary(q, past), self._rotary(k, past)
+        keys, values = self.codes[2 * i], self.codes[2 * i + 1]
+        keys[:, past:past + rows] = _store(k, layer.k_scale)  # [KVN, r, D]
+        values[:, past:past + rows] = _store(v, layer.v_scale)
+        out = self.kernels.attention(np.ascontiguousarray(q), keys, values, layer.k_scale, layer.v_scale, past=past,
+                                     threads=self.threads, pool=self.pool)  # [r, N, D]
+        return out.reshape(rows, x.heads * d)
+
+    def _rotary(self, x: np.ndarray, past: int) -> np.ndarray:
+        """x [r, heads, D] at positions past.. rotated by halves (GroupQueryAttention's rotary_interleaved=0)."""
+        half = x.shape[-1] // 2
+        cos, sin = self.cos[past:past + x.shape[0], None], self.sin[past:past + x.shape[0], None]  # [r, 1, D/2]
+        first, second = x[..., :half], x[..., half:]
+        return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+    def _mlp(self, layer: _Layer, normed: np.ndarray) -> np.ndarray:
+        up_from = self.index.intermediate
+        gate_up = self._linear(normed, layer.gate_up)  # [r, 2 I]
+        gate, up = gate_up[:, :up_from], gate_up[:, up_from:]
+        sigmoid = np.float32(1.0) / (np.float32(1.0) + np.exp(-gate))
+        return self._linear(np.ascontiguousarray(gate * sigmoid * up), layer.down)
+
+    def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """RMSNorm as SimplifiedLayerNormalization: x / sqrt(mean(x^2) + eps) * weight."""
+        mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
+        return np.ascontiguousarray(x / np.sqrt(mean_square + np.float32(self.index.eps)) * weight)
+
+    def _linear(self, x: np.ndarray, weight: BlockWeight | np.ndarray) -> np.ndarray:
+        if isinstance(weight, np.ndarray):
+            return x @ weight
+        gemv = self.kernels.gemv
+        return gemv(gemv.quantize(x, weight), weight, threads=self.threads)
+
+
+def _store(new: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """new [r, KVN, D] float -> int8 codes [KVN, r, D]: x / scale rounded half to even, clipped to +-127."""
+    grid = np.rint(new / scale[None])
+    return np.clip(grid, -INT8_LIMIT, INT8_LIMIT).astype(np.int8).transpose(1, 0, 2)
+
+
+def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str) -> Kernels | None:
+    """The kernels of the native decode step for this decode graph, or None where ONNX Runtime decodes (module doc).
+    `auto` takes it only with `--decode-attention auto`: an explicit attention choice is a choice of the graph."""
+    flag = "--decode-step native"
+    refuse = mode == "native"
+    if mode == "onnx" or (mode == "auto" and decode_attention != "auto"):
+        return None
+    if not spec.native_index:
+        if refuse:
+            raise ConfigError(f"{flag}: this bundle has no decode index (an int8 or int4 CPU bundle exported by this "
+                              "version has one); re-export it, or use --decode-step auto")
+        return None
+    if provider != "cpu":
+        if refuse:
+            raise ConfigError(f"{flag}: the native decode step runs on the CPU, not with --provider {provider}")
+        return None
+    try:
+        return Kernels(BlockGemv.load(), CausalAttention.load(DECODE))
+    except KernelUnavailable as e:
+        if refuse:
+            raise ConfigError(f"{flag}: {e}") from e
+        log.log(logging.INFO if isinstance(e, CPUUnsupported) else logging.WARNING,
+                "native decode step: ONNX Runtime decodes (%s)", e)
+        return None
+
+
+def open_native(bundle: Path, spec: GraphSpec, kv: KVLayout, cache: list[Any], logits: np.ndarray, kernels: Kernels,
+                threads: int, resident: bool) -> NativeDecoder:
+    index = read_index(bundle / str(spec.native_index))
+    return NativeDecoder(bundle, index, kv, cache, logits, kernels, threads, resident)

@@ -1,0 +1,160 @@
+"""The native decode step (runtime/engines/native.py): its index written and validated by the export
+(export/build/native.py), its steps against the decode graph's, its choice and its refusals, on the tiny model's
+int8 CPU bundle.
+
+Where its kernels cannot run (no AVX-512 VNNI, no compiler) the export writes no index: those tests skip with the
+kernels' reason; the refusal and fallback tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pulse_edge.cli.main import main
+from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
+from pulse_edge.export.graphs.decode_index import NotIndexable, read_decode_graph
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.decode_index import read_index
+from pulse_edge.runtime.bundle.manifest import read_manifest
+from pulse_edge.runtime.engines.ort import SessionConfig
+from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention
+from pulse_edge.runtime.kernels.linear import BlockGemv
+from pulse_edge.runtime.pipeline import Pipeline
+
+NATIVE = "native decode step (block GEMV + decode kernel)"
+
+
+@pytest.fixture(scope="module")
+def bundle(cpu_int8_bundle: Path) -> Path:
+    try:
+        BlockGemv.load()
+        CausalAttention.load(DECODE)
+    except KernelUnavailable as e:
+        pytest.skip(f"the export writes no decode index here: {e}")
+    return cpu_int8_bundle
+
+
+def _embeds(length: int, hidden: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((1, length, hidden)) * 0.5).astype(np.float32)
+
+
+def _decode(bundle: Path, session: SessionConfig, embeds: np.ndarray, steps: int) -> tuple[list[np.ndarray], str]:
+    """Logits of a 40-position prompt (the prefill graph) and `steps` decode steps, and who decoded."""
+    pipeline = Pipeline.from_bundle(bundle, session=session)
+    decoder = pipeline.engine.decoder
+    logits = [decoder.forward(embeds[:, :40]).copy()]
+    logits += [decoder.forward(embeds[:, 40 + i:41 + i]).copy() for i in range(steps)]
+    return logits, pipeline.decoded_by
+
+
+def test_the_export_writes_validates_and_records_the_index(bundle: Path) -> None:
+    manifest = read_manifest(bundle)
+    decoder = manifest.graphs[names.DECODER]
+    assert decoder.native_index == names.DECODE_INDEX_FILE and decoder.native_index in manifest.files
+    index = read_index(bundle / decoder.native_index)
+    assert len(index.layers) == manifest.kv.layers and index.data == f"{decoder.file}.data"
+    assert {layer.qkv.bits for layer in index.layers} == {8}  # int8: MatMulNBits at 8 bits
+    parity = manifest.validation["decoder"]["native_decode"]
+    assert parity["pass"] and parity["cases"] and all(c["decode"] for c in parity["cases"])
+    assert 0 < parity["kernel_call_rel_err"] < 1e-5  # float32 attention against its float32 twin
+    assert manifest.validation["decoder"]["pass"]
+    assert manifest.calibration.fidelity["decoded_by"] == NATIVE  # fidelity measured as served
+
+
+def test_native_steps_follow_the_decode_graph_and_its_segments(bundle: Path) -> None:
+    """The same prompt and steps decoded natively, by the whole decode graph (ORT's own int8 store: -128..127) and
+    by its segments with the decode kernel (the same +-127 store as the native step): the native step computes
+    the segments' function to float32 rounding, and the whole graph's but for the store rule."""
+    embeds = _embeds(46, read_manifest(bundle).text.hidden_size, seed=3)
+    native, native_by = _decode(bundle, SessionConfig(threads=2, prefill_graph="on"), embeds, 6)
+    whole, whole_by = _decode(bundle, SessionConfig(threads=1, decode_step="onnx", decode_attention="graph",
+                                                    prefill_graph="on"), embeds, 6)
+    assert (native_by, whole_by) == (NATIVE, "decoder graph")
+    np.testing.assert_array_equal(native[0], whole[0])  # the prompt: the prefill graph either way
+    for a, b in zip(native[1:], whole[1:], strict=True):
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.9999 and np.argmax(a) == np.argmax(b)
+    if read_manifest(bundle).graphs[names.DECODER].segments:
+        cut, cut_by = _decode(bundle, SessionConfig(threads=1, decode_attention="kernel", prefill_graph="on"), embeds,
+                              6)
+        assert cut_by == "decoder graph segments + decode kernel"
+        for a, b in zip(native[1:], cut[1:], strict=True):
+            assert float(np.abs(a - b).max() / np.abs(b).max()) < 1e-4
+
+
+def test_a_long_input_goes_in_groups_of_rows(bundle: Path) -> None:
+    """Inputs the prefill graph does not take run through the step in groups of 4 rows, each through every layer
+    before the next: 11 positions at once give the logits of 11 positions one by one."""
+    embeds = _embeds(11, read_manifest(bundle).text.hidden_size, seed=4)
+    decoder = Pipeline.from_bundle(bundle, session=SessionConfig(threads=2, prefill_graph="off")).engine.decoder
+    at_once = decoder.forward(embeds).copy()
+    decoder.reset()
+    for i in range(11):
+        one_by_one = decoder.forward(embeds[:, i:i + 1])
+    assert float(np.abs(at_once - one_by_one).max() / np.abs(one_by_one).max()) < 1e-4
+
+
+def test_the_decode_step_flag_chooses_and_refuses(bundle: Path, tiny_bundle: Path) -> None:
+    assert Pipeline.from_bundle(bundle, session=SessionConfig(decode_step="onnx")).decoded_by != NATIVE
+    # an explicit attention choice is a choice of the graph: auto leaves the step to ORT then
+    assert Pipeline.from_bundle(bundle, session=SessionConfig(decode_attention="graph")).decoded_by == "decoder graph"
+    with pytest.raises(ConfigError, match="--decode-step native: this bundle has no decode index"):
+        Pipeline.from_bundle(tiny_bundle, session=SessionConfig(decode_step="native"))
+    assert Pipeline.from_bundle(tiny_bundle).decoded_by == "decoder graph"  # fp32: no index, auto falls back
+
+
+@pytest.mark.parametrize("step", ["native", "onnx"])
+def test_infer_takes_the_decode_step_from_the_command_line(step: str, bundle: Path, tiny_bundle: Path,
+                                                           ecg_png: Path) -> None:
+    """The user's path: either step answers a print; native asked for on a bundle without an index is one line
+    and exit 2."""
+    args = ["infer", str(ecg_png), "--json", "--max-new-tokens", "3", "--decode-step", step]
+    served = CliRunner().invoke(main, [*args, "--model", str(bundle)])
+    assert served.exit_code == 0, served.output
+    assert json.loads(served.output.strip().splitlines()[-1])["text"] is not None
+    refused = CliRunner().invoke(main, [*args[:-1], "native", "--model", str(tiny_bundle)])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--decode-step native: this bundle has no decode index" in lines[0]
+
+
+def test_a_damaged_index_is_one_line(bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "index.json"
+    d = json.loads((bundle / names.DECODE_INDEX_FILE).read_text())
+    d["layers"][0]["qkv"]["codes"]["offset"] = -1
+    copy.write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=r"layers\.0\.qkv\.codes\.offset: -1 is less than the minimum of 0"):
+        read_index(copy)
+    copy.write_text("{not json")
+    with pytest.raises(BundleError, match="cannot be read"):
+        read_index(copy)
+
+
+def test_an_index_pointing_past_its_data_is_refused(bundle: Path, tmp_path: Path) -> None:
+    """A hand-edited bundle whose index places a weight beyond the data file: refused at load, never read out of
+    bounds (the manifest's checksum is rewritten so only the index itself is at fault)."""
+    work = tmp_path / "bundle"
+    shutil.copytree(bundle, work, copy_function=lambda s, d: Path(d).symlink_to(s) if not str(s).endswith(".json")
+                    else shutil.copy(s, d))
+    index = json.loads((work / names.DECODE_INDEX_FILE).read_text())
+    index["layers"][0]["down"]["codes"]["offset"] = (work / index["data"]).stat().st_size
+    (work / names.DECODE_INDEX_FILE).write_text(json.dumps(index))
+    manifest = json.loads((work / names.MANIFEST_FILE).read_text())
+    sizes = manifest["graphs"][names.DECODER]["sizes"]
+    sizes[names.DECODE_INDEX_FILE] = (work / names.DECODE_INDEX_FILE).stat().st_size
+    manifest.pop("files")
+    manifest["version"] = 1  # no checksums: the index is read as it is
+    (work / names.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"past the end of decoder\.onnx\.data"):
+        Pipeline.from_bundle(work, session=SessionConfig(decode_step="native"))
+
+
+def test_a_graph_of_another_form_gets_no_index(tiny_bundle: Path) -> None:
+    """The fp32 bundle's decode graph: float MatMuls and a float cache, not the step's form."""
+    with pytest.raises(NotIndexable, match="not rotary attention over an int8 per-channel cache"):
+        read_decode_graph(tiny_bundle / read_manifest(tiny_bundle).graphs[names.DECODER].file)
