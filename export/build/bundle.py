@@ -326,6 +326,10 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     segments = validation["decoder"].get("prefill_segments")
     if segments and segments["pass"] and not segments["kernel_pass"]:  # the cut right, the kernel's rounding not
         manifest = drop_segments(work, manifest, segments)
+    # the candidate runtime then serves as the written bundle will (the native decode step only where its
+    # validation is recorded: runtime/engines/native.py)
+    manifest = replace(manifest, validation=validation)
+    manifest.write(work)
     wanted = quant is not None or options.fp16_cache
     return validation, (_fidelity(loaded, work, manifest, quant, options.held_out) if wanted else None), manifest
 

@@ -14,19 +14,21 @@ one line saying why: the bundle then decodes on ONNX Runtime as before.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
+from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.decode_index import DecodeIndex, Layer, Linear, Tensor
+from pulse_edge.runtime.kernels.attention import D_MULTIPLE, DECODE
 from pulse_edge.runtime.kernels.linear import BLOCK_MULTIPLE
 
 MLAS_INT8_LEVEL = 4  # MatMulNBits quantizes its activations per block only at this level (docs/quantization.md)
 GQA_SCALE_INPUTS = (12, 13)  # k_scale, v_scale
+ROTARY = ("rotary.cos", "rotary.sin")  # export/graphs/decoder.py: one pair of tables, every layer's
 
 
 class NotIndexable(ValueError):
@@ -40,6 +42,7 @@ class _Graph:
         model = onnx.load(str(path), load_external_data=False)
         self.nodes = list(model.graph.node)
         self.inits = {t.name: t for t in model.graph.initializer}
+        self.data = f"{path.name}.data"  # the one data file the index points into (export/graphs/decoder.py)
         self.at = 0
 
     def next(self, op: str) -> onnx.NodeProto:
@@ -56,7 +59,17 @@ class _Graph:
         if np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).name != dtype:
             raise NotIndexable(f"{name!r} is {helper.tensor_dtype_to_np_dtype(t.data_type)}, not {dtype}")
         entry = {e.key: e.value for e in t.external_data}
+        if entry.get("location") != self.data or "offset" not in entry:
+            raise NotIndexable(f"{name!r} lies in {entry.get('location')!r}, not at an offset of {self.data}")
         return Tensor(name, dtype, tuple(int(d) for d in t.dims), int(entry["offset"]))
+
+
+def _constant(g: _Graph, name: str) -> list[int] | None:
+    """An int64 initializer kept in the graph, as a list (None where it is not one)."""
+    t = g.inits.get(name)
+    if t is None or t.data_location == onnx.TensorProto.EXTERNAL or t.data_type != onnx.TensorProto.INT64:
+        return None
+    return [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -99,12 +112,22 @@ def _heads(gqa: onnx.NodeProto) -> tuple[int, int, float]:
     return a["num_heads"], a["kv_num_heads"], float(a.get("scale", 0.0))
 
 
-def _attention(g: _Graph, qkv: str, heads: tuple[int, int, float] | None) -> tuple[onnx.NodeProto, Tensor, Tensor]:
+# GroupQueryAttention's attributes the step computes as given, and those it computes only at their defaults
+GQA_REQUIRED = {"do_rotary": 1, "rotary_interleaved": 0, "k_quant_type": b"PER_CHANNEL", "v_quant_type": b"PER_CHANNEL",
+                "kv_cache_bit_width": 8}
+GQA_DEFAULTS = {"softcap": 0.0, "local_window_size": -1, "smooth_softmax": 0, "qk_output": 0}
+
+
+def _attention(g: _Graph, i: int, qkv: str, heads: tuple[int, int, float] | None
+               ) -> tuple[onnx.NodeProto, Tensor, Tensor]:
+    """Layer i's GroupQueryAttention: over layer i's own cache buffers, rotary from the graph's one pair of tables."""
     node = g.next("GroupQueryAttention")
     a = _attrs(node)
-    wanted = {"do_rotary": 1, "rotary_interleaved": 0, "k_quant_type": b"PER_CHANNEL", "v_quant_type": b"PER_CHANNEL",
-              "kv_cache_bit_width": 8}
-    off = [k for k, v in wanted.items() if a.get(k) != v]
+    off = [k for k, v in GQA_REQUIRED.items() if a.get(k) != v]
+    off += [k for k, v in GQA_DEFAULTS.items() if a.get(k, v) != v]
+    cache = [names.past_name(i, "key"), names.past_name(i, "value")]
+    if list(node.input[3:5]) != cache or list(node.input[7:9]) != list(ROTARY):
+        off.append(f"reads {list(node.input[3:5])} and {list(node.input[7:9])}, not {cache} and {list(ROTARY)}")
     if off or node.input[0] != qkv or any(node.input[1:3]):
         raise NotIndexable(f"{node.name}: not rotary attention over an int8 per-channel cache from the fused qkv "
                            f"({', '.join(off) or 'inputs'})")
@@ -117,7 +140,8 @@ def _attention(g: _Graph, qkv: str, heads: tuple[int, int, float] | None) -> tup
 def _skip(g: _Graph, x: str, residual: str) -> tuple[onnx.NodeProto, Tensor, str]:
     """RMSNorm(x + residual): the node, its weight and the new residual stream (the sum it outputs)."""
     node, weight = _norm(g, False)
-    if list(node.input[:2]) != [x, residual] or len(node.output) < 4 or not node.output[3]:
+    if (list(node.input[:2]) != [x, residual] or (len(node.input) > 3 and any(node.input[3:]))
+            or len(node.output) < 4 or not node.output[3]):
         raise NotIndexable(f"{node.name} does not normalise {x!r} + the residual stream")
     return node, weight, node.output[3]
 
@@ -126,10 +150,11 @@ def _at(g: _Graph, ahead: int, op: str) -> bool:
     return g.at + ahead < len(g.nodes) and g.nodes[g.at + ahead].op_type == op
 
 
-def _layers(g: _Graph) -> Iterator[tuple[Layer, onnx.NodeProto, onnx.NodeProto, str]]:
-    """Each layer as the runtime reads it, with its GroupQueryAttention and input norm nodes and the residual
+def _layers(g: _Graph) -> list[tuple[Layer, onnx.NodeProto, list[onnx.NodeProto], str]]:
+    """Each layer as the runtime reads it, with its GroupQueryAttention, its two norm nodes and the residual
     stream after it; every node checked to read what the one before wrote."""
     mlp_out, residual, heads = None, None, None
+    read: list[tuple[Layer, onnx.NodeProto, list[onnx.NodeProto], str]] = []
     while _at(g, 2, "GroupQueryAttention"):
         if mlp_out is None:
             norm, input_norm = _norm(g, True)
@@ -137,33 +162,38 @@ def _layers(g: _Graph) -> Iterator[tuple[Layer, onnx.NodeProto, onnx.NodeProto, 
         else:
             norm, input_norm, residual = _skip(g, mlp_out, str(residual))
         qkv, out = _linear(g, norm.output[0])
-        gqa, k_scale, v_scale = _attention(g, out, heads)
+        gqa, k_scale, v_scale = _attention(g, len(read), out, heads)
         heads = _heads(gqa)
         o, out = _linear(g, gqa.output[0])
         post, post_norm, residual = _skip(g, out, residual)
         gate_up, out = _linear(g, post.output[0])
         split = g.next("Split")
         sig, silu, act = g.next("Sigmoid"), g.next("Mul"), g.next("Mul")
-        if (split.input[0] != out or sig.input[0] != split.output[0]
+        halves = _attrs(split).get("axis") in (-1, 2) and len(split.output) == 2 and not any(split.input[1:])
+        if (not halves or gate_up.n % 2 or split.input[0] != out or sig.input[0] != split.output[0]
                 or list(silu.input) != [split.output[0], sig.output[0]]
                 or list(act.input) != [silu.output[0], split.output[1]]):
             raise NotIndexable(f"{split.name}: not SiLU(gate) * up of the fused gate/up projection")
         down, mlp_out = _linear(g, act.output[0])
-        yield Layer(input_norm, qkv, k_scale, v_scale, o, post_norm, gate_up, down), gqa, norm, residual
+        read.append((Layer(input_norm, qkv, k_scale, v_scale, o, post_norm, gate_up, down), gqa, [norm, post],
+                     residual))
+    return read
 
 
 def read_decode_graph(path: Path) -> DecodeIndex:
     """The index of the decode graph at `path` (its data file beside it), or NotIndexable saying why not."""
     g = _Graph(path)
-    read = list(_layers(g))
+    read = _layers(g)
     if not read:
         raise NotIndexable("no layer of the decode step's form")
     layers = [layer for layer, _, _, _ in read]
-    norms = [norm for _, _, norm, _ in read]
+    norms = [norm for _, _, pair, _ in read for norm in pair]
     _, gqa, _, residual = read[-1]
     mlp_out = g.nodes[g.at - 1].output[0]  # the last layer's down projection
     final, final_norm, _ = _skip(g, mlp_out, residual)
     last = g.next("Slice")
+    if [_constant(g, name) for name in last.input[1:4]] != [[-1], [np.iinfo(np.int64).max], [1]]:
+        raise NotIndexable(f"{last.name} does not take the last position")
     lm_head, out = _linear(g, last.output[0])
     cast = g.next("Cast")
     if last.input[0] != final.output[0] or cast.input[0] != out or g.at != len(g.nodes):
@@ -172,12 +202,15 @@ def read_decode_graph(path: Path) -> DecodeIndex:
     if len(eps) != 1:
         raise NotIndexable(f"the norms' epsilons differ ({sorted(eps)})")
     a = _attrs(gqa)
-    cos, sin = (g.tensor(gqa.input[j], "float32") for j in (7, 8))
+    cos, sin = (g.tensor(name, "float32") for name in ROTARY)
     first = layers[0]
     head_dim = cos.shape[1] * 2
+    if head_dim % D_MULTIPLE or head_dim > (DECODE.max_head_dim or head_dim):
+        raise NotIndexable(f"head dim {head_dim}: the decode attention kernel takes multiples of {D_MULTIPLE} up to "
+                           f"{DECODE.max_head_dim}")
     scale = _heads(gqa)[2]
     if scale and not np.isclose(scale, head_dim ** -0.5, rtol=1e-6):
         raise NotIndexable(f"attention scale {scale}, not 1/sqrt({head_dim}) (the attention kernel's)")
-    return DecodeIndex(data=f"{path.name}.data", hidden=first.qkv.k, heads=a["num_heads"], kv_heads=a["kv_num_heads"],
+    return DecodeIndex(data=g.data, hidden=first.qkv.k, heads=a["num_heads"], kv_heads=a["kv_num_heads"],
                        head_dim=head_dim, intermediate=first.down.k, vocab=lm_head.n, eps=eps.pop(),
                        rotary=(cos, sin), layers=tuple(layers), final_norm=final_norm, lm_head=lm_head)

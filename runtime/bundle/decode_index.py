@@ -49,7 +49,10 @@ _TENSOR = {"type": "object", "required": ["name", "dtype", "shape", "offset"], "
     "offset": {"type": "integer", "minimum": 0}}}
 _LINEAR = {"type": "object", "required": ["bits", "k", "n"], "properties": {
     "bits": {"enum": [0, 4, 8]}, "block": {"type": "integer", "minimum": 1}, "k": {"type": "integer", "minimum": 1},
-    "n": {"type": "integer", "minimum": 1}, "codes": _TENSOR, "scales": _TENSOR, "weight": _TENSOR}}
+    "n": {"type": "integer", "minimum": 1}, "codes": _TENSOR, "scales": _TENSOR, "weight": _TENSOR},
+    # a MatMulNBits holds its block, codes and scales; a float MatMul its weight
+    "if": {"properties": {"bits": {"const": 0}}},
+    "then": {"required": ["weight"]}, "else": {"required": ["block", "codes", "scales"]}}
 _POSITIVE = {"type": "integer", "minimum": 1}
 SCHEMA = {
     "type": "object",

@@ -23,6 +23,7 @@ outright: `--decode-step native`).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,11 @@ from typing import Any
 import numpy as np
 
 from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
+from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.decode_index import DecodeIndex, Linear, Tensor, read_index
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.engines.segmented import int8_view
-from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention
+from pulse_edge.runtime.kernels.attention import D_MULTIPLE, DECODE, CausalAttention
 from pulse_edge.runtime.kernels.build import CPUUnsupported
 from pulse_edge.runtime.kernels.linear import MAX_ROWS, BlockGemv, BlockWeight
 
@@ -59,7 +61,7 @@ class _Weights:
         self.resident = resident
 
     def array(self, t: Tensor) -> np.ndarray:
-        count = int(np.prod(t.shape))
+        count = math.prod(t.shape)  # Python ints: a huge shape cannot wrap round to a small count
         end = t.offset + count * np.dtype(t.dtype).itemsize
         if end > self.data.size:
             raise BundleError(f"the decode index places {t.name} past the end of {Path(self.data.filename).name}; "
@@ -71,8 +73,10 @@ class _Weights:
         if (lin.k, lin.n) != (k, n):
             raise BundleError(f"the decode index's {what} is [{lin.k}, {lin.n}], not [{k}, {n}]; re-export the bundle")
         if lin.bits == 0:
-            weight = self.array(lin.weight) if lin.weight else None
-            if weight is None or weight.shape != (k, n):
+            if lin.weight is None or lin.weight.dtype != "float32":
+                raise BundleError(f"the decode index's {what} has no float32 weight; re-export the bundle")
+            weight = self.array(lin.weight)
+            if weight.shape != (k, n):
                 raise BundleError(f"the decode index's {what} has no float32 [{k}, {n}] weight; re-export the bundle")
             return weight
         if lin.codes is None or lin.scales is None:
@@ -121,6 +125,11 @@ class NativeDecoder:
                               f"{kv.head_dim}; re-export the bundle")
         if index.heads % index.kv_heads or logits.shape[-1] != index.vocab:
             raise BundleError("the decode index's heads or vocabulary do not match the manifest; re-export the bundle")
+        limit = kernels.attention.kind.max_head_dim or index.head_dim
+        if index.head_dim % D_MULTIPLE or index.head_dim > limit:  # export indexes no such graph
+            raise BundleError(f"the decode index's heads of {index.head_dim} channels are not a multiple of "
+                              f"{D_MULTIPLE} up to {limit}, which the decode attention kernel takes; re-export the "
+                              "bundle")
         self.index, self.kv, self.kernels, self.threads, self.logits = index, kv, kernels, threads, logits
         self.codes = [int8_view(value) for value in cache]  # [kv_heads, max_length, head_dim] per layer and part
         self.pool = kernels.gemv.pool(threads)  # the attention kernel runs on the projections' worker threads
@@ -193,7 +202,8 @@ class NativeDecoder:
         up_from = self.index.intermediate
         gate_up = self._linear(normed, layer.gate_up)  # [r, 2 I]
         gate, up = gate_up[:, :up_from], gate_up[:, up_from:]
-        sigmoid = np.float32(1.0) / (np.float32(1.0) + np.exp(-gate))
+        with np.errstate(over="ignore"):  # exp(-gate) is inf below gate = -88: sigmoid 0, as it should be
+            sigmoid = np.float32(1.0) / (np.float32(1.0) + np.exp(-gate))
         return self._linear(np.ascontiguousarray(gate * sigmoid * up), layer.down)
 
     def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -214,13 +224,19 @@ def _store(new: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(grid, -INT8_LIMIT, INT8_LIMIT).astype(np.int8).transpose(1, 0, 2)
 
 
-def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str) -> Kernels | None:
+def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str, validated: bool) -> Kernels | None:
     """The kernels of the native decode step for this decode graph, or None where ONNX Runtime decodes (module doc).
-    `auto` takes it only with `--decode-attention auto`: an explicit attention choice is a choice of the graph."""
+    `auto` takes it only with `--decode-attention auto` (an explicit attention choice is a choice of the graph) and
+    where the manifest records the step's validation; `native` takes an unvalidated one with a warning."""
     flag = "--decode-step native"
     refuse = mode == "native"
     if mode == "onnx" or (mode == "auto" and decode_attention != "auto"):
         return None
+    if spec.native_index and not validated:
+        if not refuse:
+            return None
+        log.warning("%s: the manifest records no validation of the native decode step for this bundle; it runs "
+                    "because it was asked for", flag)
     if not spec.native_index:
         if refuse:
             raise ConfigError(f"{flag}: this bundle has no decode index (an int8 or int4 CPU bundle exported by this "
@@ -242,5 +258,18 @@ def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str)
 
 def open_native(bundle: Path, spec: GraphSpec, kv: KVLayout, cache: list[Any], logits: np.ndarray, kernels: Kernels,
                 threads: int, resident: bool) -> NativeDecoder:
-    index = read_index(bundle / str(spec.native_index))
-    return NativeDecoder(bundle, index, kv, cache, logits, kernels, threads, resident)
+    """The step over the bundle's index, which must point into the decode graph's own data file and take its input
+    width; a pool that cannot start its threads is a ConfigError line."""
+    path = bundle / str(spec.native_index)
+    index = read_index(path)
+    if index.data != spec.external_data:
+        raise BundleError(f"{path} points into {index.data!r}, not the decode graph's data file "
+                          f"{spec.external_data!r}; re-export the bundle")
+    width = spec.tensor(names.INPUTS_EMBEDS).shape[-1]
+    if index.hidden != width:
+        raise BundleError(f"{path} describes a hidden size of {index.hidden}, the decode graph's input {width}; "
+                          "re-export the bundle")
+    try:
+        return NativeDecoder(bundle, index, kv, cache, logits, kernels, threads, resident)
+    except MemoryError as e:
+        raise ConfigError(f"--decode-step native: {e}; use --decode-step onnx, or fewer --threads") from e

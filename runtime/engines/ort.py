@@ -83,7 +83,7 @@ class DecoderEngine:
     on the same cache."""
 
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig, *,
-                 prefill: GraphSpec | None = None, graph: str = names.DECODER) -> None:
+                 prefill: GraphSpec | None = None, graph: str = names.DECODER, native_validated: bool = False) -> None:
         ort = load_onnxruntime()
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
@@ -95,8 +95,8 @@ class DecoderEngine:
         # decode steps on pulse-edge's own kernels where they run, else the decode graph in segments with the decode
         # kernel, else whole. `graph`: which of the bundle's graphs `spec` is (validation opens the prefill graph in
         # this place too, and checks it whole)
-        self.native = _open_native(bundle, spec, kv, self._cache, self._logits, config) if graph == names.DECODER \
-            else None
+        self.native = (_open_native(bundle, spec, kv, self._cache, self._logits, config, native_validated)
+                       if graph == names.DECODER else None)
         self.decode_segments = (_open_segmented(names.DECODER, bundle, spec, kv, self._cache, self._logits, config)
                                 if graph == names.DECODER and self.native is None else None)
         self.session, self._binding = ((None, None) if self.native or self.decode_segments
@@ -112,6 +112,21 @@ class DecoderEngine:
         if config.prefill_attention == "kernel" and self.segmented is None:  # asked outright: never a quiet fallback
             raise ConfigError("--prefill-attention kernel: the prefill graph is not loaded (--prefill-graph off, or "
                               "this machine's memory does not hold it); use --prefill-attention auto")
+        if self.native is not None and prefill is not None and self.segmented is None and self.prefill_session is None:
+            self._without_prefill_graph(bundle, spec, config)
+
+    def _without_prefill_graph(self, bundle: Path, spec: GraphSpec, config: SessionConfig) -> None:
+        """The prefill graph was not loaded: the native step would take a long prompt 4 positions at a time (every
+        weight read once per 4), where the decode graph takes it in one run. auto: the decode graph decodes (as
+        without the step); native asked outright: refused."""
+        if config.decode_step == "native":
+            raise ConfigError("--decode-step native: the prefill graph is not loaded (--prefill-graph off, or this "
+                              "machine's memory does not hold it), and the native step would take a long prompt 4 "
+                              "positions at a time; use --decode-step auto")
+        self.native = None
+        self.decode_segments = _open_segmented(names.DECODER, bundle, spec, self.kv, self._cache, self._logits, config)
+        if self.decode_segments is None:
+            self.session, self._binding = self._open(bundle / spec.file, spec, config)
 
     def _open(self, path: Path, spec: GraphSpec, config: SessionConfig) -> tuple[Any, Any]:
         """A session of one decoder graph, bound to the shared cache and logits buffers."""
@@ -180,10 +195,10 @@ def _open_segmented(key: str, bundle: Path, graph: GraphSpec, kv: KVLayout, cach
 
 
 def _open_native(bundle: Path, spec: GraphSpec, kv: KVLayout, cache: list[Any], logits: np.ndarray,
-                 config: SessionConfig) -> NativeDecoder | None:
+                 config: SessionConfig, validated: bool) -> NativeDecoder | None:
     """The native decode step (engines/native.py) over the decode graph's weights, or None: ONNX Runtime decodes.
     Its weights are copied into memory when ORT would prepack them, else read from the mapped file."""
-    kernels = native_for(spec, config.decode_step, config.decode_attention, config.provider)
+    kernels = native_for(spec, config.decode_step, config.decode_attention, config.provider, validated)
     if kernels is None:
         return None
     return open_native(bundle, spec, kv, cache, logits, kernels, config.threads or usable_cpus(), config.prepack)
@@ -224,6 +239,9 @@ class ScatterDecoderEngine(DecoderEngine):
     the write index and an attention_mask whose length is the positions held after the step."""
 
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig) -> None:
+        if config.decode_step == "native":
+            raise ConfigError("--decode-step native: a TensorRT-ready decoder has no decode index (it is a CPU "
+                              "int8/int4 bundle's); use --decode-step auto")
         super().__init__(bundle, spec, kv, vocab, config)  # no prefill graph: TensorRT-ready bundles have one
         self._ones = np.ones((1, kv.max_length), np.int64)  # attention_mask: only its shape is read
 
@@ -242,7 +260,8 @@ class ScatterDecoderEngine(DecoderEngine):
 
 
 def decoder_engine(bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig, *,
-                   prefill: GraphSpec | None = None, graph: str = names.DECODER) -> DecoderEngine:
+                   prefill: GraphSpec | None = None, graph: str = names.DECODER,
+                   native_validated: bool = False) -> DecoderEngine:
     """The ORT runner for the decoder's interface (GroupQueryAttention's, with the CPU recipes' prefill graph
     when the bundle has one, or the TensorRT-ready one)."""
     if spec.scatter_kv:
@@ -250,7 +269,8 @@ def decoder_engine(bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, conf
             raise BundleError("manifest: a TensorRT-ready decoder (scatter KV) with a prefill graph is not a bundle "
                               "pulse-edge writes; re-export it")
         return ScatterDecoderEngine(bundle, spec, kv, vocab, config)
-    return DecoderEngine(bundle, spec, kv, vocab, config, prefill=prefill, graph=graph)
+    return DecoderEngine(bundle, spec, kv, vocab, config, prefill=prefill, graph=graph,
+                         native_validated=native_validated)
 
 
 def check_device(manifest: Manifest, config: SessionConfig) -> None:
@@ -277,6 +297,7 @@ def open_ort_engine(bundle: Path, manifest: Manifest, config: SessionConfig, *,
     require_provider(config)  # first: on a machine without the provider, that is the whole story
     check_device(manifest, config)
     vision = VisionEngine(bundle, manifest.graphs[names.VISION], config)
+    native = ((manifest.validation or {}).get("decoder") or {}).get("native_decode") or {}
     decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config,
-                             prefill=manifest.graphs.get(names.PREFILL))
+                             prefill=manifest.graphs.get(names.PREFILL), native_validated=native.get("pass") is True)
     return BundleEngine(bundle, manifest, vision, decoder, prefill_chunk=prefill_chunk)  # it resolves AUTO_CHUNK

@@ -87,6 +87,9 @@ class SessionConfig:
                 raise ConfigError(f"{what} attention {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
         if self.decode_step not in DECODE_STEPS:
             raise ConfigError(f"decode step {self.decode_step!r} is not one of {', '.join(DECODE_STEPS)}")
+        if self.decode_step == "native" and self.decode_attention != "auto":
+            raise ConfigError(f"--decode-step native computes the decode attention itself (on the decode kernel); "
+                              f"--decode-attention {self.decode_attention} chooses for the decode graph: use one")
         if self.node_order not in (None, *NODE_ORDERS):
             raise ConfigError(f"node order {self.node_order!r} is not one of {', '.join(NODE_ORDERS)}")
         if self.threads < 0:

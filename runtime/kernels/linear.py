@@ -57,10 +57,11 @@ class BlockWeight:
 
     def check(self) -> None:
         """The layout the C code reads; a violation is the bundle's (or a caller's) bug."""
+        if self.bits not in BLOCK_MULTIPLE or self.block < 1 or self.block % BLOCK_MULTIPLE[self.bits]:
+            raise ValueError(f"a block-quantized weight the kernel cannot read: {self.bits}-bit blocks of {self.block} "
+                             "(the kernel takes 4 bits in blocks of 128k, 8 bits of 64k)")
         row = self.block * self.bits // 8
         problems = [
-            (self.bits not in BLOCK_MULTIPLE or self.block % BLOCK_MULTIPLE.get(self.bits, 1),
-             f"{self.bits}-bit blocks of {self.block} (the kernel takes 4 bits in blocks of 128k, 8 bits of 64k)"),
             (self.codes.dtype != np.uint8 or self.codes.shape != (self.n, self.blocks, row),
              f"codes {self.codes.dtype} {list(self.codes.shape)}, not uint8 [{self.n}, {self.blocks}, {row}]"),
             (self.scales.dtype != np.float32 or self.scales.shape != (self.n * self.blocks,),
@@ -109,6 +110,7 @@ class BlockGemv:
     library: ctypes.CDLL
     path: Path
     pools: dict[int, WorkerPool] = field(default_factory=dict, compare=False, repr=False)
+    making: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @classmethod
     def load(cls, cache: Path | None = None) -> BlockGemv:
@@ -149,10 +151,11 @@ class BlockGemv:
                                     "compiler's version: ONNX Runtime's own kernels run instead")
 
     def pool(self, threads: int) -> WorkerPool:
-        """The pool of `threads` threads (made on first use)."""
-        if threads not in self.pools:
-            self.pools[threads] = WorkerPool(self.library, threads)
-        return self.pools[threads]
+        """The pool of `threads` threads (made on first use, once: under a lock)."""
+        with self.making:
+            if threads not in self.pools:
+                self.pools[threads] = WorkerPool(self.library, threads)
+            return self.pools[threads]
 
     def quantize(self, x: np.ndarray, weight: BlockWeight, out: QuantizedRows | None = None) -> QuantizedRows:
         """x [rows, K] float32 -> its int8 blocks for `weight`'s bits and block (into `out` where given); the C

@@ -22,7 +22,7 @@ from pulse_edge.export.graphs.decode_index import NotIndexable, read_decode_grap
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.decode_index import read_index
 from pulse_edge.runtime.bundle.manifest import read_manifest
-from pulse_edge.runtime.engines.ort import SessionConfig
+from pulse_edge.runtime.engines.ort import SessionConfig, decoder_engine
 from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention
 from pulse_edge.runtime.kernels.linear import BlockGemv
 from pulse_edge.runtime.pipeline import Pipeline
@@ -89,9 +89,13 @@ def test_native_steps_follow_the_decode_graph_and_its_segments(bundle: Path) -> 
 
 def test_a_long_input_goes_in_groups_of_rows(bundle: Path) -> None:
     """Inputs the prefill graph does not take run through the step in groups of 4 rows, each through every layer
-    before the next: 11 positions at once give the logits of 11 positions one by one."""
-    embeds = _embeds(11, read_manifest(bundle).text.hidden_size, seed=4)
-    decoder = Pipeline.from_bundle(bundle, session=SessionConfig(threads=2, prefill_graph="off")).engine.decoder
+    before the next: 11 positions at once give the logits of 11 positions one by one (an engine opened without
+    the prefill graph, as validation opens it: every input through the step)."""
+    manifest = read_manifest(bundle)
+    embeds = _embeds(11, manifest.text.hidden_size, seed=4)
+    decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size,
+                             SessionConfig(threads=2, decode_step="native"))
+    assert decoder.native is not None
     at_once = decoder.forward(embeds).copy()
     decoder.reset()
     for i in range(11):
@@ -106,6 +110,70 @@ def test_the_decode_step_flag_chooses_and_refuses(bundle: Path, tiny_bundle: Pat
     with pytest.raises(ConfigError, match="--decode-step native: this bundle has no decode index"):
         Pipeline.from_bundle(tiny_bundle, session=SessionConfig(decode_step="native"))
     assert Pipeline.from_bundle(tiny_bundle).decoded_by == "decoder graph"  # fp32: no index, auto falls back
+    with pytest.raises(ConfigError, match="--decode-step native computes the decode attention itself"):
+        SessionConfig(decode_step="native", decode_attention="graph")
+
+
+def test_without_the_prefill_graph_long_prompts_keep_the_decode_graph(bundle: Path) -> None:
+    """The step takes a long prompt 4 positions at a time (every weight read once per 4): where the prefill graph is
+    not loaded, auto keeps ORT's decode graph for the whole conversation, and native asked outright refuses."""
+    off = SessionConfig(prefill_graph="off")
+    assert Pipeline.from_bundle(bundle, session=off).decoded_by == "decoder graph segments + decode kernel"
+    with pytest.raises(ConfigError, match="--decode-step native: the prefill graph is not loaded"):
+        Pipeline.from_bundle(bundle, session=SessionConfig(prefill_graph="off", decode_step="native"))
+
+
+def _edited_copy(bundle: Path, work: Path, edit) -> Path:
+    """The bundle with its decode index (and manifest) edited; the big files linked, not copied."""
+    shutil.copytree(bundle, work, copy_function=lambda s, d: Path(d).symlink_to(s) if not str(s).endswith(".json")
+                    else shutil.copy(s, d))
+    manifest = json.loads((work / names.MANIFEST_FILE).read_text())
+    index = json.loads((work / names.DECODE_INDEX_FILE).read_text())
+    edit(index, manifest)
+    (work / names.DECODE_INDEX_FILE).write_text(json.dumps(index))
+    sizes = manifest["graphs"][names.DECODER]["sizes"]
+    sizes[names.DECODE_INDEX_FILE] = (work / names.DECODE_INDEX_FILE).stat().st_size
+    manifest.pop("files")
+    manifest["version"] = 1  # no checksums: the index is read as it is
+    (work / names.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return work
+
+
+def _drop(key: str):
+    def edit(index: dict, manifest: dict) -> None:
+        index["layers"][0]["qkv"].pop(key)
+    return edit
+
+
+def _retype(index: dict, manifest: dict) -> None:
+    index["lm_head"] = {"bits": 0, "k": index["hidden"], "n": index["vocab"],
+                        "weight": {**index["layers"][0]["qkv"]["codes"], "shape": [index["hidden"], index["vocab"]]}}
+
+
+def _escape(index: dict, manifest: dict) -> None:
+    index["data"] = "../" + index["data"]
+
+
+def _unvalidated(index: dict, manifest: dict) -> None:
+    manifest["validation"]["decoder"].pop("native_decode")
+
+
+@pytest.mark.parametrize(("edit", "refusal"), [
+    (_drop("block"), r"layers\.0\.qkv: .*block"), (_drop("codes"), r"layers\.0\.qkv: .*codes"),
+    (_retype, "has no float32 weight"), (_escape, "not the decode graph's data file")],
+    ids=["no block", "no codes", "uint8 float weight", "data outside"])
+def test_a_damaged_index_is_refused_at_load(bundle: Path, tmp_path: Path, edit, refusal: str) -> None:
+    work = _edited_copy(bundle, tmp_path / "bundle", edit)
+    with pytest.raises(BundleError, match=refusal):
+        Pipeline.from_bundle(work, session=SessionConfig(decode_step="native"))
+
+
+def test_an_unvalidated_step_is_taken_only_when_asked(bundle: Path, tmp_path: Path) -> None:
+    """auto takes the step only where the manifest records its validation; native asked outright takes it (one
+    warning)."""
+    work = _edited_copy(bundle, tmp_path / "bundle", _unvalidated)
+    assert Pipeline.from_bundle(work).decoded_by != NATIVE
+    assert Pipeline.from_bundle(work, session=SessionConfig(decode_step="native")).decoded_by == NATIVE
 
 
 @pytest.mark.parametrize("step", ["native", "onnx"])
@@ -137,19 +205,11 @@ def test_a_damaged_index_is_one_line(bundle: Path, tmp_path: Path) -> None:
 
 def test_an_index_pointing_past_its_data_is_refused(bundle: Path, tmp_path: Path) -> None:
     """A hand-edited bundle whose index places a weight beyond the data file: refused at load, never read out of
-    bounds (the manifest's checksum is rewritten so only the index itself is at fault)."""
-    work = tmp_path / "bundle"
-    shutil.copytree(bundle, work, copy_function=lambda s, d: Path(d).symlink_to(s) if not str(s).endswith(".json")
-                    else shutil.copy(s, d))
-    index = json.loads((work / names.DECODE_INDEX_FILE).read_text())
-    index["layers"][0]["down"]["codes"]["offset"] = (work / index["data"]).stat().st_size
-    (work / names.DECODE_INDEX_FILE).write_text(json.dumps(index))
-    manifest = json.loads((work / names.MANIFEST_FILE).read_text())
-    sizes = manifest["graphs"][names.DECODER]["sizes"]
-    sizes[names.DECODE_INDEX_FILE] = (work / names.DECODE_INDEX_FILE).stat().st_size
-    manifest.pop("files")
-    manifest["version"] = 1  # no checksums: the index is read as it is
-    (work / names.MANIFEST_FILE).write_text(json.dumps(manifest))
+    bounds."""
+    def past_the_end(index: dict, manifest: dict) -> None:
+        index["layers"][0]["down"]["codes"]["offset"] = (bundle / index["data"]).stat().st_size
+
+    work = _edited_copy(bundle, tmp_path / "bundle", past_the_end)
     with pytest.raises(BundleError, match=r"past the end of decoder\.onnx\.data"):
         Pipeline.from_bundle(work, session=SessionConfig(decode_step="native"))
 

@@ -91,3 +91,50 @@ def test_an_all_zero_row_gives_zeros(gemv: BlockGemv) -> None:
     weight = random_weight(np.random.default_rng(1), 256, 32, 4, 128)
     y = gemv(gemv.quantize(np.zeros((1, 256), np.float32), weight), weight, threads=2)
     assert np.array_equal(y, np.zeros_like(y))
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_any_thread_count_gives_the_same_output(gemv: BlockGemv, threads: int) -> None:
+    """Outputs are split among the pool's threads (at least 16 each): 1 thread, an odd count, and more threads than
+    there are shares of 16 outputs all compute each output the same way, so bit for bit the same."""
+    rng = np.random.default_rng(threads)
+    weight = random_weight(rng, 512, 40, 4, 128)  # 40 outputs: at most 2 shares of 16
+    x = gemv.quantize(rng.standard_normal((2, 512)).astype(np.float32), weight)
+    np.testing.assert_array_equal(gemv(x, weight, threads=threads), gemv(x, weight, threads=2))
+
+
+def _in_child(gemv: BlockGemv, weight: BlockWeight, x: np.ndarray, queue) -> None:
+    queue.put(gemv(gemv.quantize(x, weight), weight, threads=2))
+
+
+def test_a_forked_child_computes_on_its_own_thread(gemv: BlockGemv) -> None:
+    """A process forked after the pool started has its memory but not its workers: it runs every part itself
+    (thread_pool.h) instead of waiting on workers that do not exist there."""
+    import multiprocessing
+
+    rng = np.random.default_rng(5)
+    weight = random_weight(rng, 256, 64, 8, 128)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    want = gemv(gemv.quantize(x, weight), weight, threads=2)  # the pool exists before the fork
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_in_child, args=(gemv, weight, x, queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got, want)
+
+
+def test_the_c_entry_points_refuse_a_block_they_have_no_layout_for(gemv: BlockGemv) -> None:
+    """The C code checks too (a damaged bundle's block of 0 would divide by zero, a 4-bit block of 64 write past the
+    activations' buffer): -1, nothing written."""
+    x = np.ones((1, 128), np.float32)
+    codes, scales = np.zeros(256, np.int8), np.zeros(2, np.float32)
+    for bits, block in ((4, 64), (8, 0), (8, 96)):
+        assert gemv.library.pe_block_quantize(x.ctypes.data, 1, 128, bits, block, codes.ctypes.data,
+                                              scales.ctypes.data, scales.ctypes.data) == -1
+        assert gemv.library.pe_block_gemv(gemv.pool(1).handle, codes.ctypes.data, scales.ctypes.data,
+                                          codes.ctypes.data, scales.ctypes.data, scales.ctypes.data, x.ctypes.data,
+                                          1, 16, 128, bits, block) == -1
+    assert not codes.any()
