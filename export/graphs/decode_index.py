@@ -128,6 +128,10 @@ def _attention(g: _Graph, i: int, qkv: str, heads: tuple[int, int, float] | None
     cache = [names.past_name(i, "key"), names.past_name(i, "value")]
     if list(node.input[3:5]) != cache or list(node.input[7:9]) != list(ROTARY):
         off.append(f"reads {list(node.input[3:5])} and {list(node.input[7:9])}, not {cache} and {list(ROTARY)}")
+    if any(node.input[9:12]) or any(node.input[14:]):  # position ids, attention bias, head sink, ...
+        off.append("inputs the step does not take")
+    if list(node.output[1:3]) != [names.present_name(i, "key"), names.present_name(i, "value")]:
+        off.append(f"writes {list(node.output[1:3])}, not layer {i}'s cache")
     if off or node.input[0] != qkv or any(node.input[1:3]):
         raise NotIndexable(f"{node.name}: not rotary attention over an int8 per-channel cache from the fused qkv "
                            f"({', '.join(off) or 'inputs'})")
@@ -192,13 +196,14 @@ def read_decode_graph(path: Path) -> DecodeIndex:
     mlp_out = g.nodes[g.at - 1].output[0]  # the last layer's down projection
     final, final_norm, _ = _skip(g, mlp_out, residual)
     last = g.next("Slice")
-    if [_constant(g, name) for name in last.input[1:4]] != [[-1], [np.iinfo(np.int64).max], [1]]:
+    if ([_constant(g, name) for name in last.input[1:4]] != [[-1], [np.iinfo(np.int64).max], [1]]
+            or any(last.input[4:])):
         raise NotIndexable(f"{last.name} does not take the last position")
     lm_head, out = _linear(g, last.output[0])
     cast = g.next("Cast")
     if last.input[0] != final.output[0] or cast.input[0] != out or g.at != len(g.nodes):
         raise NotIndexable("the graph does not end in final norm, last position, lm_head, logits")
-    eps = {float(_attrs(n)["epsilon"]) for n in (*norms, final)}
+    eps = {float(_attrs(n).get("epsilon", 1e-5)) for n in (*norms, final)}  # ONNX's default where not set
     if len(eps) != 1:
         raise NotIndexable(f"the norms' epsilons differ ({sorted(eps)})")
     a = _attrs(gqa)

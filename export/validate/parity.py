@@ -100,8 +100,9 @@ def validate_native_decode(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, 
     segments: every input through the step (the prefill included), the same reference and bound (the step stores
     as the segments do and computes in float32 what MatMulNBits computes); "kernel_call_rel_err" is the worst
     attention call against its float32 twin."""
-    engine = decoder_engine(bundle, spec, kv, lm.config.vocab_size, replace(session, decode_step="native",
-                                                                           decode_attention="auto"))
+    # the step under validation: not yet validated, asked for outright (and not warned about)
+    engine = decoder_engine(bundle, spec, kv, lm.config.vocab_size,
+                            replace(session, decode_step="native", decode_attention="auto"), native_validated=True)
     if engine.native is None:
         raise RuntimeError("the decoder engine did not open the native decode step: nothing would be validated")
     checked = CheckedAttention(engine.native.kernels.attention)

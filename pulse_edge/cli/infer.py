@@ -71,7 +71,8 @@ from pulse_edge.errors import ConfigError
 @click.option("--decode-step", type=click.Choice(DECODE_STEPS), default="auto", show_default=True,
               help="ort backend, an int8/int4 CPU bundle: native: decode steps on pulse-edge's own kernels (AVX-512 "
                    "VNNI) from the decode graph's weights, or an error; onnx: ONNX Runtime runs the decode graph; "
-                   "auto: native where it runs and --decode-attention is auto.")
+                   "auto: native where it runs, the export validated it, the prefill graph is loaded and "
+                   "--decode-attention is auto.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Answer every input (files, folders, quoted glob patterns) into this JSON-lines file, one line "
                    "each; a rerun skips the inputs already answered.")

@@ -5,7 +5,9 @@ KV layout, the embedding table, image preprocessing, the prompt template and spe
 file, the source checkpoint, and the calibration and validation records. Export constructs these dataclasses
 and writes `Manifest.to_dict()`; the runtime reads `Manifest.from_dict()`, which checks every field (a value
 outside the allowed set names the allowed ones). The `validation` record and calibration's `recipe`,
-`samples` and `fidelity` are reports for people and tools; the runtime decides nothing from them.
+`samples` and `fidelity` are reports for people and tools; the runtime decides one thing from them: the native
+decode step is taken by default only where `validation.decoder.native_decode.pass` is true
+(`native_validated`).
 """
 
 from __future__ import annotations
@@ -341,6 +343,14 @@ class Manifest:
 
     def write(self, bundle: Path) -> None:
         (bundle / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+
+
+def native_validated(manifest: Manifest) -> bool:
+    """Did the export validate this bundle's native decode step (runtime/engines/native.py)? False for a bundle
+    without the record (older ones), or whose record is not the export's shape."""
+    decoder = manifest.validation.get("decoder") if isinstance(manifest.validation, dict) else None
+    record = decoder.get("native_decode") if isinstance(decoder, dict) else None
+    return isinstance(record, dict) and record.get("pass") is True
 
 
 def _json_default(value: Any) -> Any:

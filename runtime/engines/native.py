@@ -125,7 +125,7 @@ class NativeDecoder:
                               f"{kv.head_dim}; re-export the bundle")
         if index.heads % index.kv_heads or logits.shape[-1] != index.vocab:
             raise BundleError("the decode index's heads or vocabulary do not match the manifest; re-export the bundle")
-        limit = kernels.attention.kind.max_head_dim or index.head_dim
+        limit = DECODE.max_head_dim or index.head_dim
         if index.head_dim % D_MULTIPLE or index.head_dim > limit:  # export indexes no such graph
             raise BundleError(f"the decode index's heads of {index.head_dim} channels are not a multiple of "
                               f"{D_MULTIPLE} up to {limit}, which the decode attention kernel takes; re-export the "
@@ -257,9 +257,10 @@ def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str,
 
 
 def open_native(bundle: Path, spec: GraphSpec, kv: KVLayout, cache: list[Any], logits: np.ndarray, kernels: Kernels,
-                threads: int, resident: bool) -> NativeDecoder:
+                threads: int, resident: bool, asked: bool) -> NativeDecoder | None:
     """The step over the bundle's index, which must point into the decode graph's own data file and take its input
-    width; a pool that cannot start its threads is a ConfigError line."""
+    width. Memory or threads refused: None (ONNX Runtime decodes, one warning), or a ConfigError line where the step
+    was `asked` for outright."""
     path = bundle / str(spec.native_index)
     index = read_index(path)
     if index.data != spec.external_data:
@@ -272,4 +273,7 @@ def open_native(bundle: Path, spec: GraphSpec, kv: KVLayout, cache: list[Any], l
     try:
         return NativeDecoder(bundle, index, kv, cache, logits, kernels, threads, resident)
     except MemoryError as e:
-        raise ConfigError(f"--decode-step native: {e}; use --decode-step onnx, or fewer --threads") from e
+        if asked:
+            raise ConfigError(f"--decode-step native: {e}; use --decode-step onnx, or fewer --threads") from e
+        log.warning("native decode step: ONNX Runtime decodes (%s)", e)
+        return None

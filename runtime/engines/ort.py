@@ -36,7 +36,7 @@ import numpy as np
 
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle import names
-from pulse_edge.runtime.bundle.manifest import BundleError, GraphSpec, KVLayout, Manifest
+from pulse_edge.runtime.bundle.manifest import BundleError, GraphSpec, KVLayout, Manifest, native_validated
 from pulse_edge.runtime.engines.bundle_engine import (
     AUTO_CHUNK,
     GPU_FIX,
@@ -95,8 +95,11 @@ class DecoderEngine:
         # decode steps on pulse-edge's own kernels where they run, else the decode graph in segments with the decode
         # kernel, else whole. `graph`: which of the bundle's graphs `spec` is (validation opens the prefill graph in
         # this place too, and checks it whole)
+        # auto: only beside a prefill graph that takes long prompts (below); off means none will be loaded
+        wanted = graph == names.DECODER and (config.decode_step == "native"
+                                             or (prefill is not None and config.prefill_graph != "off"))
         self.native = (_open_native(bundle, spec, kv, self._cache, self._logits, config, native_validated)
-                       if graph == names.DECODER else None)
+                       if wanted else None)
         self.decode_segments = (_open_segmented(names.DECODER, bundle, spec, kv, self._cache, self._logits, config)
                                 if graph == names.DECODER and self.native is None else None)
         self.session, self._binding = ((None, None) if self.native or self.decode_segments
@@ -113,7 +116,7 @@ class DecoderEngine:
             raise ConfigError("--prefill-attention kernel: the prefill graph is not loaded (--prefill-graph off, or "
                               "this machine's memory does not hold it); use --prefill-attention auto")
         if self.native is not None and prefill is not None and self.segmented is None and self.prefill_session is None:
-            self._without_prefill_graph(bundle, spec, config)
+            self._without_prefill_graph(bundle, spec, config)  # a bundle with a prefill graph, not loaded here
 
     def _without_prefill_graph(self, bundle: Path, spec: GraphSpec, config: SessionConfig) -> None:
         """The prefill graph was not loaded: the native step would take a long prompt 4 positions at a time (every
@@ -201,7 +204,8 @@ def _open_native(bundle: Path, spec: GraphSpec, kv: KVLayout, cache: list[Any], 
     kernels = native_for(spec, config.decode_step, config.decode_attention, config.provider, validated)
     if kernels is None:
         return None
-    return open_native(bundle, spec, kv, cache, logits, kernels, config.threads or usable_cpus(), config.prepack)
+    return open_native(bundle, spec, kv, cache, logits, kernels, config.threads or usable_cpus(), config.prepack,
+                       asked=config.decode_step == "native")
 
 
 def _shared_cpu_arena() -> dict[str, str]:
@@ -297,7 +301,6 @@ def open_ort_engine(bundle: Path, manifest: Manifest, config: SessionConfig, *,
     require_provider(config)  # first: on a machine without the provider, that is the whole story
     check_device(manifest, config)
     vision = VisionEngine(bundle, manifest.graphs[names.VISION], config)
-    native = ((manifest.validation or {}).get("decoder") or {}).get("native_decode") or {}
     decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config,
-                             prefill=manifest.graphs.get(names.PREFILL), native_validated=native.get("pass") is True)
+                             prefill=manifest.graphs.get(names.PREFILL), native_validated=native_validated(manifest))
     return BundleEngine(bundle, manifest, vision, decoder, prefill_chunk=prefill_chunk)  # it resolves AUTO_CHUNK
