@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.export.build.segments import WRONG_DECODE_CALL_REL_ERR
+from pulse_edge.export.build.segments import checked_decode_parity
 from pulse_edge.export.graphs.decode_index import NotIndexable, read_decode_graph
 from pulse_edge.export.graphs.decoder import LinearPlan
 from pulse_edge.export.graphs.kv_cache import KVScales
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint
 from pulse_edge.export.quant.context import QuantContext
-from pulse_edge.export.validate.emulate import emulated_reference
 from pulse_edge.export.validate.parity import ValidationPlan, validate_native_decode
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest
@@ -56,11 +55,6 @@ def native_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, ch
     log.info("validating the native decode step at prefill lengths %s", list(checks.prefill_lengths))
     # the step always quantizes the activations per block, as MatMulNBits does on prepacked weights; validation
     # sessions map the weights unpacked (export/build/memory.py), so the reference is told "prepacked" here
-    with emulated_reference(loaded.model, quant.recipe, quant.scales, linear, prepacked=True, kv=kv,
-                            quantized_self=True, symmetric=True):
-        report = validate_native_decode(loaded.model.language_model, bundle, manifest.graphs[names.DECODER],
-                                        manifest.kv, precision=level, plan=checks, session=session)
-    plausible = report["kernel_call_rel_err"] <= WRONG_DECODE_CALL_REL_ERR
-    return {**report, "graph_pass": report["pass"], "pass": bool(report["pass"] and plausible),
-            "tolerance_level": level, "kernel_wrong_call_rel_err": WRONG_DECODE_CALL_REL_ERR,
-            "kernel": "block GEMV (AVX-512 VNNI) + AVX-512 decode attention (runtime/kernels)"}
+    return checked_decode_parity(validate_native_decode,
+                                 "block GEMV (AVX-512 VNNI) + AVX-512 decode attention (runtime/kernels)", loaded,
+                                 bundle, manifest, checks, quant, linear, kv, level, session, prepacked=True)

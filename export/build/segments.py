@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -102,14 +103,25 @@ def decode_segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Man
     bound (the kernel rounds as float32 does). Refused like any graph where they differ."""
     log.info("validating the decode segments with the decode kernel at prefill lengths %s",
              list(checks.prefill_lengths))
-    with emulated_reference(loaded.model, quant.recipe, quant.scales, linear, prepacked=session.prepack, kv=kv,
+    return checked_decode_parity(validate_segmented_decode, "AVX-512 decode attention (runtime/kernels)", loaded,
+                                 bundle, manifest, checks, quant, linear, kv, level, session,
+                                 prepacked=session.prepack)
+
+
+def checked_decode_parity(validate: Callable[..., dict[str, Any]], kernel: str, loaded: LoadedCheckpoint,
+                          bundle: Path, manifest: Manifest, checks: ValidationPlan, quant: QuantContext,
+                          linear: LinearPlan, kv: KVScales | None, level: str, session: SessionConfig, *,
+                          prepacked: bool) -> dict[str, Any]:
+    """A decode path on the decode kernel (the segments, the native step: `validate`) against the emulated reference
+    storing as the kernel reads (+-127), `prepacked` saying how MatMulNBits' activations are quantized; the verdict
+    also needs every attention call within WRONG_DECODE_CALL_REL_ERR of its float32 twin."""
+    with emulated_reference(loaded.model, quant.recipe, quant.scales, linear, prepacked=prepacked, kv=kv,
                             quantized_self=True, symmetric=True):
-        report = validate_segmented_decode(loaded.model.language_model, bundle, manifest.graphs[names.DECODER],
-                                           manifest.kv, precision=level, plan=checks, session=session)
+        report = validate(loaded.model.language_model, bundle, manifest.graphs[names.DECODER], manifest.kv,
+                          precision=level, plan=checks, session=session)
     plausible = report["kernel_call_rel_err"] <= WRONG_DECODE_CALL_REL_ERR
     return {**report, "graph_pass": report["pass"], "pass": bool(report["pass"] and plausible),
-            "tolerance_level": level, "kernel_wrong_call_rel_err": WRONG_DECODE_CALL_REL_ERR,
-            "kernel": "AVX-512 decode attention (runtime/kernels)"}
+            "tolerance_level": level, "kernel_wrong_call_rel_err": WRONG_DECODE_CALL_REL_ERR, "kernel": kernel}
 
 
 def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Manifest:
