@@ -71,6 +71,7 @@ from pulse_edge.export.graphs.decoder import LinearPlan
 from pulse_edge.export.graphs.kv_cache import KVScales
 from pulse_edge.export.graphs.quant_ops import DYNAMIC_SCALE_FLOOR, UINT8_ZERO
 from pulse_edge.export.validate.kv_caches import INT8_RANGE, int8_kv_cache
+from pulse_edge.runtime.kernels.linear import activation_blocks
 
 ACTIVATION_ZERO_POINT = 0  # the recipes quantize activations symmetrically
 MLAS_INT8_LEVEL = 4  # MatMulNBits accuracy level at which MLAS quantizes the activations (CompInt8)
@@ -140,15 +141,8 @@ def _mlas_int8_blocks(x: np.ndarray, site: SiteRecipe) -> np.ndarray:
     """x [..., K] as MLAS hands it to the int8 kernel at accuracy level 4, back in float32."""
     if site.accuracy_level != MLAS_INT8_LEVEL or not site.prepacked:
         return x
-    *lead, k = x.shape
-    padded = np.pad(x, [(0, 0)] * len(lead) + [(0, -k % site.block_size)])  # zeros never raise a block's max
-    blocks = padded.reshape(*lead, -1, site.block_size)  # [..., nb, bs]
-    amax = np.abs(blocks).max(axis=-1, keepdims=True)  # [..., nb, 1]
-    scale = amax / np.float32(INT8_QMAX)
-    with np.errstate(divide="ignore"):
-        inverse = np.where(amax > 0, np.float32(INT8_QMAX) / amax, np.float32(0.0))  # 127 / amax in one op
-    q = np.rint(blocks * inverse)  # round half to even, as _MM_ROUND_NEAREST
-    return (q * scale).reshape(*lead, -1)[..., :k]
+    q, scale = activation_blocks(x, site.block_size)  # the kernel's own rule (runtime/kernels/linear.py)
+    return (q * scale).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
 
 
 def _quotient(x: np.ndarray, scale: np.float32, site: SiteRecipe) -> np.ndarray:

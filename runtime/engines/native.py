@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
+from pulse_edge.errors import BundleError, ConfigError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.decode_index import DecodeIndex, Linear, Tensor, read_index
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
-from pulse_edge.runtime.engines.segmented import int8_view
+from pulse_edge.runtime.engines.segmented import cpu_kernel, int8_view
 from pulse_edge.runtime.kernels.attention import D_MULTIPLE, DECODE, CausalAttention
-from pulse_edge.runtime.kernels.build import CPUUnsupported
 from pulse_edge.runtime.kernels.linear import MAX_ROWS, BlockGemv, BlockWeight
 
 log = logging.getLogger(__name__)
@@ -152,10 +151,6 @@ class NativeDecoder:
         self.final_norm = _vector(w, index.final_norm, (h,), "final norm")
         self.lm_head = w.linear(index.lm_head, h, index.vocab, "lm_head")
 
-    @property
-    def layer_count(self) -> int:
-        return len(self.layers)
-
     def forward(self, embeds: np.ndarray, past: int) -> None:
         """embeds [1, S, H] float32 at positions [past, past + S): cached, the last one's logits in the buffer.
         Up to MAX_ROWS positions share each pass over the weights; a longer input goes in groups, each through
@@ -232,28 +227,18 @@ def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str,
     refuse = mode == "native"
     if mode == "onnx" or (mode == "auto" and decode_attention != "auto"):
         return None
-    if spec.native_index and not validated:
-        if not refuse:
-            return None
-        log.warning("%s: the manifest records no validation of the native decode step for this bundle; it runs "
-                    "because it was asked for", flag)
     if not spec.native_index:
         if refuse:
             raise ConfigError(f"{flag}: this bundle has no decode index (an int8 or int4 CPU bundle exported by this "
                               "version has one); re-export it, or use --decode-step auto")
         return None
-    if provider != "cpu":
-        if refuse:
-            raise ConfigError(f"{flag}: the native decode step runs on the CPU, not with --provider {provider}")
-        return None
-    try:
-        return Kernels(BlockGemv.load(), CausalAttention.load(DECODE))
-    except KernelUnavailable as e:
-        if refuse:
-            raise ConfigError(f"{flag}: {e}") from e
-        log.log(logging.INFO if isinstance(e, CPUUnsupported) else logging.WARNING,
-                "native decode step: ONNX Runtime decodes (%s)", e)
-        return None
+    if not validated:
+        if not refuse:
+            return None
+        log.warning("%s: the manifest records no validation of the native decode step for this bundle; it runs "
+                    "because it was asked for", flag)
+    return cpu_kernel(lambda: Kernels(BlockGemv.load(), CausalAttention.load(DECODE)), provider,
+                      flag if refuse else None, "the native decode step", "native decode step: ONNX Runtime decodes")
 
 
 def open_native(bundle: Path, spec: GraphSpec, kv: KVLayout, cache: list[Any], logits: np.ndarray, kernels: Kernels,

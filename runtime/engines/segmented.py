@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from pulse_edge.runtime.kernels.attention import D_MULTIPLE, DECODE, PREFILL, Ca
 from pulse_edge.runtime.kernels.build import CPUUnsupported
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ORT's pool spins after a run and then competes with the kernel for the cores: on 2 cores the kernel ran
 # ~25% slower between ORT runs (90 against 68 ms per 2048-position chunk), ORT's own time the same either way
@@ -231,17 +232,25 @@ def kernel_for(key: str, spec: GraphSpec, mode: str, provider: str) -> CausalAtt
             raise ConfigError(f"{flag} kernel: this bundle's {key} graph is not cut for the attention kernel (it has "
                               f"no segments); re-export it, or use {flag} auto")
         return None
+    asked = f"{flag} kernel" if mode == "kernel" else None
+    return cpu_kernel(lambda: CausalAttention.load(kind), provider, asked, "the kernel",
+                      f"{key} attention: the whole {key} graph runs")
+
+
+def cpu_kernel(load: Callable[[], T], provider: str, asked: str | None, what: str, fallback: str) -> T | None:
+    """`load()`: a CPU kernel (or kernels) of pulse-edge's own, or None where ONNX Runtime's run instead. `asked`: the
+    flag that asked for it outright, which makes every reason a ConfigError line starting so (None: auto); `what`
+    names the kernel in the provider refusal; `fallback` says what runs instead in the log line."""
     if provider != "cpu":
-        if mode == "kernel":
-            raise ConfigError(f"{flag} kernel: the kernel runs on the CPU, not with --provider {provider}")
+        if asked:
+            raise ConfigError(f"{asked}: {what} runs on the CPU, not with --provider {provider}")
         return None
     try:
-        return CausalAttention.load(kind)
+        return load()
     except KernelUnavailable as e:
-        if mode == "kernel":
-            raise ConfigError(f"{flag} kernel: {e}") from e
+        if asked:
+            raise ConfigError(f"{asked}: {e}") from e
         # a CPU without the instructions is expected (one info line); a compiler or permission missing where the
-        # CPU has them costs this machine its fast attention: a warning
-        log.log(logging.INFO if isinstance(e, CPUUnsupported) else logging.WARNING,
-                "%s attention: the whole %s graph runs (%s)", key, key, e)
+        # CPU has them costs this machine its fast kernel: a warning
+        log.log(logging.INFO if isinstance(e, CPUUnsupported) else logging.WARNING, "%s (%s)", fallback, e)
         return None

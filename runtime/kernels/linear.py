@@ -209,21 +209,28 @@ def unpack_codes(weight: BlockWeight) -> np.ndarray:
     return codes.astype(np.int16) - (1 << (weight.bits - 1))
 
 
+def activation_blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., K] float32 as MLAS quantizes it at accuracy level 4 (and pe_block_quantize does): codes
+    [..., blocks, block] (round half to even of x * (127 / max), integers held in float32) and scales max / 127
+    [..., blocks, 1]; K padded with zeros, which never raise a block's max. Also export/validate/emulate.py's
+    emulation of MatMulNBits' activations."""
+    *lead, k = x.shape
+    padded = np.pad(x, [(0, 0)] * len(lead) + [(0, -k % block)])
+    blocks = padded.reshape(*lead, -1, block)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = amax / np.float32(INT8_MAX)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(amax > 0, np.float32(INT8_MAX) / amax, np.float32(0.0))  # 127 / amax in one op
+    return np.rint(blocks * inverse), scale
+
+
 def reference(x: np.ndarray, weight: BlockWeight) -> np.ndarray:
     """x [rows, K] -> [rows, N] by the function of block_gemv.c's head comment, in numpy."""
-    rows, k = x.shape
-    padded = np.zeros((rows, weight.blocks * weight.block), np.float32)
-    padded[:, :k] = x
-    blocks = padded.reshape(rows, weight.blocks, weight.block)
-    amax = np.abs(blocks).max(axis=-1, keepdims=True)  # [rows, blocks, 1]
-    with np.errstate(divide="ignore"):
-        inverse = np.where(amax > 0, np.float32(INT8_MAX) / amax, np.float32(0.0))
-    q = np.rint(blocks * inverse)  # half to even, as the kernel and MLAS
-    x_scale = (amax / np.float32(INT8_MAX))[..., 0]  # [rows, blocks]
+    q, x_scale = activation_blocks(x, weight.block)  # [rows, blocks, block], [rows, blocks, 1]
     w = unpack_codes(weight).reshape(weight.n, weight.blocks, weight.block).astype(np.float64)
     dots = np.einsum("rbk,nbk->rnb", q.astype(np.float64), w)  # [rows, N, blocks], exact integers
     w_scale = weight.scales.reshape(weight.n, weight.blocks).astype(np.float64)
-    return np.einsum("rnb,nb,rb->rn", dots, w_scale, x_scale.astype(np.float64)).astype(np.float32)
+    return np.einsum("rnb,nb,rb->rn", dots, w_scale, x_scale[..., 0].astype(np.float64)).astype(np.float32)
 
 
 def random_weight(rng: np.random.Generator, k: int, n: int, bits: int, block: int) -> BlockWeight:
