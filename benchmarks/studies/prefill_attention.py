@@ -1,10 +1,11 @@
-"""pulse-edge's AMX-BF16 prefill attention (runtime/kernels) against what the prefill graph runs today: a study.
+"""pulse-edge's bf16 prefill attention (runtime/kernels: AMX, else AVX-512 BF16) against what the prefill graph runs
+today: a study.
 
 The prefill graph of the CPU recipes attends, per layer and chunk, as export/graphs/kv_cache.py draws it:
 
     ORT today:   int8 cache ─ Slice [0, P) ─ Cast ─ x scale ─┐
                  qkv (new keys, values in float) ─────────── GroupQueryAttention, float32 ─ out
-    the kernel:  int8 cache (the chunk already stored) ─ AMX-BF16 causal flash attention ─ out
+    the kernel:  int8 cache (the chunk already stored) ─ bf16 causal flash attention (AMX or AVX-512) ─ out
 
 Both sides here leave out what either design keeps in the graph (the rotary embedding; quantizing the
 chunk's keys and values and storing them). The chunk's keys and values are drawn on the int8 grid, so both
@@ -115,7 +116,7 @@ def table(report: dict[str, Any]) -> str:
              cell(r["causal_gflop_s"]["kernel"], ".0f"),
              f"{r['relative_error']['ort']:.1e} / {r['relative_error']['kernel']:.1e}"] for r in report["chunks"]]
     return "\n".join([head, "", markdown_table(
-        ["S new", "P cached", "ORT dequantize + GQA fp32, ms", "AMX-BF16 kernel, ms", "speedup (per round)",
+        ["S new", "P cached", "ORT dequantize + GQA fp32, ms", "bf16 kernel, ms", "speedup (per round)",
          "kernel GFLOP/s (causal work)", "error vs fp32 twin: ORT / kernel"], rows)])
 
 
@@ -123,14 +124,15 @@ def table(report: dict[str, Any]) -> str:
 @study_options
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 def main(threads: int, rounds: int, heads: int, scale: float, json_path: Path | None) -> None:
-    """The AMX-BF16 prefill attention against ORT's form of it, at the chunks of a 2950-position prompt."""
+    """The bf16 prefill attention (AMX, else AVX-512 BF16) against ORT's form of it, at the chunks of a
+    2950-position prompt."""
     try:
         kernel = CausalAttention.load()
     except KernelUnavailable as e:
         raise click.ClickException(str(e)) from e
     chunks = [(max(1, int(s * scale)), int(p * scale)) for s, p in CHUNKS]
     report = {"machine": machine_info(), "threads": threads, "rounds": rounds, "heads": heads,
-              "kernel": kernel.path.name,
+              "kernel": f"{kernel.kind.what} ({kernel.path.name})",
               "chunks": [compare(s, p, heads, threads, rounds, kernel) for s, p in chunks]}
     click.echo(table(report))
     write_json(json_path, report)

@@ -52,14 +52,14 @@ def cut_graph(work: Path, key: str, spec: GraphSpec, shape: DecoderShape) -> Gra
     """Graph `key` (names.PREFILL, names.DECODER) also cut at its attentions for its CPU kernel
     (export/graphs/segments.py, runtime/engines/segmented.py KERNELS), where that kernel runs on this machine:
     only then can the export validate the pieces with it."""
-    kind = KERNELS[key][0]
+    kinds = KERNELS[key][0]
     try:
-        CausalAttention.load(kind)
+        kind = CausalAttention.load(kinds).kind
         if shape.head_dim % D_MULTIPLE or shape.head_dim > (kind.max_head_dim or shape.head_dim):
             raise KernelUnavailable(f"its head dim {shape.head_dim} is not a multiple of {D_MULTIPLE} up to "
                                     f"{kind.max_head_dim}")
     except KernelUnavailable as e:
-        log.info("the %s graph is not cut for %s: %s", key, kind.what, e)
+        log.info("the %s graph is not cut for %s: %s", key, " or ".join(k.what for k in kinds), e)
         return spec
     log.info("cutting the %s graph at its %d attentions (for %s)", key, shape.layers, kind.what)
     segments = write_segments(work, spec.file, shape.layers, shape.kv_heads, shape.head_dim, key)
@@ -91,8 +91,13 @@ def segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
     # dropped (drop_segments)
     return {**report, "twin_pass": report["pass"], "kernel_pass": keep, "kernel_plausible": plausible,
             "pass": bool(report["pass"] and plausible), "tolerance_level": level, "kernel_keep_cosine": KEEP_COSINE,
-            "kernel_wrong_call_rel_err": WRONG_CALL_REL_ERR, "kernel": "AMX-BF16 causal attention (runtime/kernels)",
+            "kernel_wrong_call_rel_err": WRONG_CALL_REL_ERR, "kernel": _prefill_kernel_name(),
             "kept": True}
+
+
+def _prefill_kernel_name() -> str:
+    """Which prefill kernel the validation ran (the runtime's choice on this machine; loaded, so cached)."""
+    return f"{CausalAttention.load(KERNELS[names.PREFILL][0]).kind.what} (runtime/kernels)"
 
 
 def decode_segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, checks: ValidationPlan,

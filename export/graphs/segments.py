@@ -1,7 +1,8 @@
 """A decoder graph cut at every layer's attention, so a CPU attention kernel (runtime/kernels) can run there.
 
 ONNX Runtime's CPU EP attends over a prompt chunk in float32 and computes the masked half too; pulse-edge's
-AMX-BF16 kernel does the same attention about 4x faster (benchmarks/studies/prefill_attention.py). A decode
+bf16 kernel does the same attention about 4x faster on AMX tiles, 2.2x on AVX-512 BF16
+(benchmarks/studies/prefill_attention.py). A decode
 step's attention in ORT reads the int8 cache at about 40% of the read bandwidth; pulse-edge's AVX-512 decode
 kernel streams it at about 80% (docs/performance.md). ORT cannot
 call it from inside a graph (its wheel ships no custom-op headers; onnxruntime-extensions' Python ops copy

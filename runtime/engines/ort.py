@@ -18,7 +18,7 @@ Either graph may come cut at its attentions for a CPU kernel (engines/segmented.
 the segments replace the whole graph's session (the same weights, mapped or prepacked once):
 
     input positions   prefill graph loaded      runs
-    >= 16             cut, kernel runs          prefill segments + AMX-BF16 prefill kernel
+    >= 16             cut, kernel runs          prefill segments + bf16 prefill kernel (AMX or AVX-512 BF16)
     >= 16             whole                     the prefill graph
     any other input   decode index, kernels     the native decode step (engines/native.py): pulse-edge's own
                                                 GEMV and decode attention over the decode graph's weights

@@ -10,10 +10,11 @@ cleared once the last segment that reads its outputs has run); the query and att
 numpy arrays both sides write into.
 
 Why it exists: ORT's CPU EP attends over a prompt chunk in float32 over the full S x T product; the prefill
-kernel, on AMX-BF16 tiles, skips the masked half (3.8-4.9x faster per chunk than ORT's form of it). A decode
+kernel, in bf16 on AMX tiles or AVX-512 BF16, skips the masked half (3.8-4.9x faster per chunk than ORT's form of
+it on AMX, 2.2-2.7x on AVX-512 BF16). A decode
 step's attention in ORT is compute-bound at about 40% of the read bandwidth; the decode kernel streams the int8
 cache at about 80% of it (docs/performance.md). The prefill graph's segments run with the prefill kernel, the
-decode graph's with the decode kernel. Where a kernel cannot run (no AMX-BF16 or AVX-512, no compiler) the whole
+decode graph's with the decode kernel. Where a kernel cannot run (no AVX-512 BF16 or AVX-512, no compiler) the whole
 graph runs as before: `kernel_for` returns None and says why in one log line, or, asked for the kernel
 outright, refuses.
 """
@@ -67,9 +68,10 @@ def load_scales(path: Path, kv: KVLayout) -> np.ndarray:
 ORT_DTYPES = {f"tensor({name})": np.dtype(dtype) for name, dtype in (
     ("float", np.float32), ("float16", np.float16), ("int64", np.int64), ("int32", np.int32), ("int8", np.int8))}
 
-# Which kernel runs between a graph's segments, and the flag that chooses (the manifest's graph key)
-KERNELS: dict[str, tuple[KernelKind, str]] = {names.PREFILL: (PREFILL, "--prefill-attention"),
-                                              names.DECODER: (DECODE, "--decode-attention")}
+# Which kernel runs between a graph's segments (the first of the kinds this machine runs: AMX, else AVX-512
+# BF16 for the prefill), and the flag that chooses; by the manifest's graph key
+KERNELS: dict[str, tuple[tuple[KernelKind, ...], str]] = {names.PREFILL: (PREFILL, "--prefill-attention"),
+                                                          names.DECODER: ((DECODE,), "--decode-attention")}
 
 
 class SegmentedDecoder:
@@ -224,7 +226,7 @@ def _query_width(session: Any) -> int:
 def kernel_for(key: str, spec: GraphSpec, mode: str, provider: str) -> CausalAttention | None:
     """The attention kernel for graph `key` (names.PREFILL, names.DECODER) cut in segments, or None where the whole
     graph runs (module doc)."""
-    kind, flag = KERNELS[key]
+    kinds, flag = KERNELS[key]
     if mode == "graph":
         return None
     if not spec.segments:
@@ -233,7 +235,7 @@ def kernel_for(key: str, spec: GraphSpec, mode: str, provider: str) -> CausalAtt
                               f"no segments); re-export it, or use {flag} auto")
         return None
     asked = f"{flag} kernel" if mode == "kernel" else None
-    return cpu_kernel(lambda: CausalAttention.load(kind), provider, asked, "the kernel",
+    return cpu_kernel(lambda: CausalAttention.load(kinds), provider, asked, "the kernel",
                       f"{key} attention: the whole {key} graph runs")
 
 

@@ -1,6 +1,7 @@
 """CPU kernels of pulse-edge's own, in C, compiled on the machine that runs them (runtime/kernels/build.py).
 
-    causal_attention.c   a prompt chunk's causal attention over the int8 KV cache on AMX-BF16 tiles
+    causal_attention.c   a prompt chunk's causal attention over the int8 KV cache in bf16: on AMX tiles, or
+                         built with -DPE_NO_AMX on AVX-512 BF16 dot products (CPUs without AMX)
     decode_attention.c   the same for a decode step's one position (or a few), float32 on AVX-512
     vector_math.h        what both share: 2^x, lane masks, int8 codes as float32
     attention.py         their Python face (ctypes, numpy arrays in and out) and their numpy twin, the test oracle

@@ -2,8 +2,9 @@
 
 Two kernels compute the same function, each fit for one end of a conversation:
 
-    PREFILL  causal_attention.c   a prompt chunk on AMX-BF16 tiles (Sapphire Rapids and later): a 2950-position
-                                  prefill spends about half its time in attention, which ONNX Runtime's CPU EP
+    PREFILL  causal_attention.c   a prompt chunk in bf16, on AMX tiles (Sapphire Rapids and later) or else on
+                                  AVX-512 BF16 dot products (Zen 4 and later): a 2950-position prefill
+                                  spends about half its time in attention, which ONNX Runtime's CPU EP
                                   runs in float32 over every chunk's full S x T product (docs/performance.md);
                                   this one skips the masked half, reads the cache's int8 codes as they are (exact
                                   in bf16; the key scales folded into q, the value scales applied at the end) and
@@ -12,7 +13,8 @@ Two kernels compute the same function, each fit for one end of a conversation:
                                   the cache at memory speed, where ORT's kernel is compute-bound; exact to float32
                                   rounding
 
-    attention = CausalAttention.load(PREFILL)   # builds once per machine; KernelUnavailable where it cannot
+    attention = CausalAttention.load(PREFILL)   # the first of its kinds that builds and passes here, once per
+                                                # machine; KernelUnavailable where none does
     out = attention(q, k_codes, v_codes, k_scale, v_scale, past=P, threads=2)
 
     q                 [S, heads, D] float32, the new positions' queries after the rotary embedding
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ import numpy as np
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels import build
 
+log = logging.getLogger(__name__)
 D_MULTIPLE = 16  # whole 16-lane vectors (the AMX kernel's tiles run on it rounded up to 64 channels, zeros beyond)
 
 
@@ -55,13 +59,21 @@ class KernelKind:
     self_test_tol: float
     max_head_dim: int | None = None
     pooled_symbol: str | None = None  # the entry point on a linear.WorkerPool's threads
+    defines: tuple[str, ...] = ()  # -D flags choosing a variant of the source
 
 
-PREFILL = KernelKind(
-    "causal_attention.c", "pe_causal_attention_int8kv",
-    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
-    ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"), "the AMX-BF16 prefill attention",
+_BF16 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+_BF16_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+PREFILL_AMX = KernelKind(
+    "causal_attention.c", "pe_causal_attention_int8kv", (*_BF16, "-mamx-tile", "-mamx-bf16"),
+    (*_BF16_CPU, "amx_tile", "amx_bf16"), "the AMX-BF16 prefill attention",
     amx=True, self_test_tol=1e-2)  # bf16 q and weights give ~2e-3 on scores near N(0, 1); a wrong mask gives O(1)
+# The same function and rounding on AVX-512 BF16 dot products, for CPUs with them and no AMX (Zen 4 and later)
+PREFILL_AVX512 = KernelKind(
+    "causal_attention.c", "pe_causal_attention_int8kv", _BF16, _BF16_CPU, "the AVX-512 BF16 prefill attention",
+    amx=False, self_test_tol=1e-2, defines=("-DPE_NO_AMX",))
+# The prefill kernel: the first of these this machine runs (CausalAttention.load)
+PREFILL = (PREFILL_AMX, PREFILL_AVX512)
 DECODE = KernelKind(
     "decode_attention.c", "pe_decode_attention_int8kv", ("-mavx512f", "-mavx512bw", "-mavx512vl"),
     ("avx512f", "avx512bw", "avx512vl"), "the AVX-512 decode attention", amx=False,
@@ -106,12 +118,32 @@ class CausalAttention:
 
     library: ctypes.CDLL
     path: Path
-    kind: KernelKind = PREFILL
+    kind: KernelKind
 
     @classmethod
-    def load(cls, kind: KernelKind = PREFILL, cache: Path | None = None) -> CausalAttention:
+    def load(cls, kind: KernelKind | tuple[KernelKind, ...] = PREFILL, cache: Path | None = None) -> CausalAttention:
+        """`kind`, or the first of several that loads here. A kind passed over for another reason than the CPU
+        (Linux refused AMX state, a self-test failed) is logged as a warning; where none loads, that reason is
+        raised, else the last kind's."""
+        if isinstance(kind, KernelKind):
+            return cls._load_one(kind, cache)
+        refusals: list[KernelUnavailable] = []
+        for each in kind:
+            try:
+                kernel = cls._load_one(each, cache)
+            except KernelUnavailable as e:
+                refusals.append(e)
+                continue
+            for e in refusals:
+                if not isinstance(e, build.CPUUnsupported):
+                    log.warning("%s runs instead: %s", each.what, e)
+            return kernel
+        raise next((e for e in refusals if not isinstance(e, build.CPUUnsupported)), refusals[-1])
+
+    @classmethod
+    def _load_one(cls, kind: KernelKind, cache: Path | None) -> CausalAttention:
         build.require_cpu(kind.cpu_features, kind.what)
-        path = build.build(build.SOURCE_DIR / kind.source, kind.isa_flags, cache)
+        path = build.build(build.SOURCE_DIR / kind.source, (*kind.isa_flags, *kind.defines), cache)
         library = build.load(path)
         status = library.pe_request_amx() if kind.amx else 0
         if status != 0:

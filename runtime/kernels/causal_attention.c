@@ -1,4 +1,5 @@
-/* Causal attention of a prompt chunk over an int8 KV cache, on AMX-BF16 tiles (Sapphire Rapids and later).
+/* Causal attention of a prompt chunk over an int8 KV cache in bf16: on AMX-BF16 tiles (Sapphire Rapids and
+ * later), or, built with -DPE_NO_AMX, on AVX-512 BF16 dot products (Zen 4 and later, Cooper Lake).
  *
  * What it computes, per head h (kv head g = h / (heads / kv_heads)) and query row i of the chunk, whose
  * absolute position is past + i:
@@ -28,6 +29,10 @@
  * bf16); tile 5 holds B in the pairwise ("VNNI") layout dpbf16ps reads: row k holds, for each of 16
  * columns n, the pair (B[2k, n], B[2k + 1, n]). Keys pack as Kp[d / 2][t][2] (a B row is 16 keys' pair of
  * channels), values as Vp[t / 2][d][2] (16 channels' pair of keys).
+ *
+ * Without AMX the same two block products run on vdpbf16ps over the same packed layouts: a B row's 64 columns
+ * are four zmm registers of pairs, each of 4 A rows' pair broadcast into them, 16 accumulators in registers
+ * (block_4x64). The rounding is the same (bf16 products summed in fp32); only the order of the fp32 sums differs.
  */
 #include <errno.h>
 #include <immintrin.h>
@@ -47,6 +52,7 @@
 #define XFEATURE_XTILEDATA 18
 #define LOG2E 1.4426950408889634f
 
+#ifndef PE_NO_AMX
 /* The tile configuration's memory format (Intel SDM, LDTILECFG). */
 typedef struct {
     uint8_t palette_id;
@@ -71,6 +77,13 @@ static void configure_tiles(void) {
     }
     _tile_loadconfig(&cfg);
 }
+#define TILES_BEGIN() configure_tiles()  /* tile state is per thread */
+#define TILES_END() _tile_release()
+#else
+int pe_request_amx(void) { return 0; }  /* nothing to ask for */
+#define TILES_BEGIN() ((void)0)
+#define TILES_END() ((void)0)
+#endif
 
 static inline uint16_t bf16_of(float x) {  /* round to nearest even; the inputs here are finite */
     uint32_t u;
@@ -109,6 +122,7 @@ static void pack_head(const int8_t *k, const int8_t *v, int rows, int padded, in
     }
 }
 
+#ifndef PE_NO_AMX
 /* S [16, 64] = Q [16, dp] x K[key0 : key0 + 64]^T, into s (fp32, row stride BK). */
 static void scores_block(const uint16_t *qb, const uint16_t *kp, int padded, int dp, int key0, float *s) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -142,6 +156,42 @@ static void values_block(const uint16_t *pb, const uint16_t *vp, int dp, int key
         _tile_stored(2, pv + d0 + 32, dp * 4); _tile_stored(3, pv + d0 + 48, dp * 4);
     }
 }
+#else
+/* C [4, 64] = A [4, 2 pairs] x B [pairs, 64] in fp32, B in the pairwise layout: A row r's pair k is one 32-bit word at
+ * a + r * a_stride + 2k, B's row k the 64 columns' pairs at b + k * b_stride (uint16 units). */
+static void block_4x64(const uint16_t *a, int a_stride, const uint16_t *b, long b_stride, int pairs, float *c,
+                       int c_stride) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int n = 0; n < 4; n++) acc[r][n] = _mm512_setzero_ps();
+    for (int k = 0; k < pairs; k++) {
+        const uint16_t *row = b + k * b_stride;
+        __m512bh col[4];
+        for (int n = 0; n < 4; n++) col[n] = (__m512bh)_mm512_loadu_si512((const void *)(row + 32 * n));
+        for (int r = 0; r < 4; r++) {
+            uint32_t pair;
+            memcpy(&pair, a + (size_t)r * a_stride + 2 * k, 4);
+            __m512bh ar = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int n = 0; n < 4; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], ar, col[n]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int n = 0; n < 4; n++) _mm512_storeu_ps(c + (size_t)r * c_stride + 16 * n, acc[r][n]);
+}
+
+/* The two block products of the AMX path above, four query rows at a time. */
+static void scores_block(const uint16_t *qb, const uint16_t *kp, int padded, int dp, int key0, float *s) {
+    for (int r0 = 0; r0 < BQ; r0 += 4)
+        block_4x64(qb + (size_t)r0 * dp, dp, kp + (size_t)key0 * 2, (long)padded * 2, dp / 2, s + r0 * BK, BK);
+}
+
+static void values_block(const uint16_t *pb, const uint16_t *vp, int dp, int key0, float *pv) {
+    for (int d0 = 0; d0 < dp; d0 += 64)
+        for (int r0 = 0; r0 < BQ; r0 += 4)
+            block_4x64(pb + r0 * BK, BK, vp + ((size_t)(key0 / 2) * dp + d0) * 2, (long)dp * 2, BK / 2,
+                       pv + (size_t)r0 * dp + d0, dp);
+}
+#endif
 
 /* One row's online softmax over a block: mask keys past `last` (inclusive bound), update m and l, write the
  * row's weights as bf16 and return the factor the row's accumulator is rescaled by. */
@@ -230,7 +280,7 @@ static void *run_job(void *arg) {
     const int total = j->past + j->rows, padded = (total + BK - 1) / BK * BK, group = j->heads / j->kv_heads;
     const size_t pack = (size_t)padded * j->dp;
     uint16_t *kp = (uint16_t *)j->scratch, *vp = kp + pack;
-    configure_tiles();  /* tile state is per thread */
+    TILES_BEGIN();
     for (int g = j->first; g < j->kv_heads; g += j->threads) {
         const size_t base = (size_t)g * j->capacity * j->d_head;
         pack_head(j->kq + base, j->vq + base, total, padded, j->d_head, j->dp, j->d_head, kp, vp);
@@ -240,7 +290,7 @@ static void *run_job(void *arg) {
                         j->scale,
                         j->out + (size_t)h * j->d_head, j->heads * j->d_head, vp + pack);
     }
-    _tile_release();
+    TILES_END();
     return NULL;
 }
 

@@ -231,9 +231,9 @@ def _break_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CausalAttention, "self_test", lambda self: None)
     real = CausalAttention.__call__
 
-    def shifted(self, q, k, v, ks, vs, *, past, threads, out=None):
-        result = real(self, q, k, v, ks, vs, past=past, threads=threads, out=out)
-        if self.kind is PREFILL:  # the prefill kernel's fault; the decode kernel's own checks are elsewhere
+    def shifted(self, q, k, v, ks, vs, *, past, threads, out=None, pool=None):
+        result = real(self, q, k, v, ks, vs, past=past, threads=threads, out=out, pool=pool)
+        if self.kind in PREFILL:  # the prefill kernel's fault; the decode kernel's own checks are elsewhere
             result[...] = result[::-1]  # every query row gets another row's answer
         return result
 
@@ -247,9 +247,9 @@ def _blur_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     real = CausalAttention.__call__
     noise = np.random.default_rng(3)
 
-    def blurred(self, q, k, v, ks, vs, *, past, threads, out=None):
-        result = real(self, q, k, v, ks, vs, past=past, threads=threads, out=out)
-        if self.kind is PREFILL:  # bf16's kind of error; the decode kernel computes in float32
+    def blurred(self, q, k, v, ks, vs, *, past, threads, out=None, pool=None):
+        result = real(self, q, k, v, ks, vs, past=past, threads=threads, out=out, pool=pool)
+        if self.kind in PREFILL:  # bf16's kind of error; the decode kernel computes in float32
             result += (0.18 * result.std() * noise.standard_normal(result.shape)).astype(np.float32)
         return result
 

@@ -1,8 +1,9 @@
-"""The CPU attention kernels (runtime/kernels: the AMX-BF16 prefill one, the AVX-512 decode one) against their
-numpy twin, and the build that makes them.
+"""The CPU attention kernels (runtime/kernels: the bf16 prefill one on AMX tiles or on AVX-512 BF16, the AVX-512
+decode one) against their numpy twin, and the build that makes them.
 
-The kernel tests skip, with the reason KernelUnavailable gives, on a machine without AMX-BF16 or a C
-compiler; the build tests compile a plain C file and run wherever a compiler is.
+The prefill tests run once per variant this machine has; each kernel test skips, with the reason
+KernelUnavailable gives, on a machine without its instructions or a C compiler. The build tests compile a
+plain C file and run wherever a compiler is.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ import pytest
 
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels import build
-from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention, reference
+from pulse_edge.runtime.kernels.attention import DECODE, PREFILL, CausalAttention, KernelKind, reference
 
 # q and the softmax weights are rounded to bf16 (8 significant bits, 2^-9 relative each); over a weighted
 # mean of values the error stays near that: the largest seen was 2.8e-3 of the output's norm.
 REL_TOL = 6e-3
 
 
-@pytest.fixture(scope="module")
-def attention(tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
+@pytest.fixture(scope="module", params=PREFILL, ids=["amx", "avx512-bf16"])
+def attention(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
     try:
-        return CausalAttention.load(cache=tmp_path_factory.mktemp("kernels"))
+        return CausalAttention.load(request.param, cache=tmp_path_factory.mktemp("kernels"))
     except KernelUnavailable as e:
         pytest.skip(str(e))
 
@@ -131,6 +132,61 @@ def test_a_row_never_sees_later_positions(attention: CausalAttention) -> None:
     after = attention(q, k, v, ks, vs, past=10, threads=1)
     np.testing.assert_array_equal(after[:20], before[:20])
     assert not np.allclose(after[20:], before[20:])
+
+
+def test_the_prefill_variants_round_alike(tmp_path: Path) -> None:
+    """Where both run (an AMX CPU): the AVX-512 BF16 variant rounds as the AMX one does (bf16 products summed in
+    fp32; only the order of the sums differs), so a bundle validated with one serves as well with the other."""
+    try:
+        amx, avx = (CausalAttention.load(kind, cache=tmp_path / "cache") for kind in PREFILL)
+    except KernelUnavailable as e:
+        pytest.skip(f"both variants needed: {e}")
+    q, k, v, ks, vs = _inputs(300, 200, 4, 2, 512, 128, sharp=4.0)
+    want = reference(q, k, v, ks, vs, past=200)
+    a, b = (kernel(q, k, v, ks, vs, past=200, threads=2) for kernel in (amx, avx))
+    assert _relative(a, b) < 1e-3 < _relative(a, want)  # apart by the sums' order, not by the rounding
+
+
+def _kinds(*whats: str) -> tuple[KernelKind, ...]:
+    return tuple(KernelKind("x.c", "f", (), (), what, amx=False, self_test_tol=0.0) for what in whats)
+
+
+@pytest.mark.parametrize(("refusals", "loaded", "warned"), [
+    ({"first": build.CPUUnsupported("no amx")}, "second", []),  # the expected case on a CPU without AMX: no warning
+    ({"first": KernelUnavailable("Linux refused AMX state")}, "second", ["Linux refused AMX state"]),
+    ({}, "first", []),
+], ids=["cpu", "refused", "first"])
+def test_the_first_kind_that_loads_is_the_kernel(refusals: dict, loaded: str, warned: list[str],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    def load_one(cls, kind: KernelKind, cache: Path | None) -> str:
+        if kind.what in refusals:
+            raise refusals[kind.what]
+        return kind.what
+
+    monkeypatch.setattr(CausalAttention, "_load_one", classmethod(load_one))
+    with caplog.at_level("WARNING"):
+        assert CausalAttention.load(_kinds("first", "second")) == loaded
+    assert [r.message for r in caplog.records] == [f"second runs instead: {m}" for m in warned]
+
+
+@pytest.mark.parametrize(("refusals", "raised"), [
+    ((build.CPUUnsupported("lacks amx"), build.CPUUnsupported("lacks avx512_bf16")), "lacks avx512_bf16"),
+    ((KernelUnavailable("Linux refused AMX state"), build.CPUUnsupported("lacks avx512_bf16")),
+     "Linux refused AMX state"),
+], ids=["cpu", "refused"])
+def test_where_no_kind_loads_the_reason_that_matters_is_raised(refusals: tuple, raised: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without the instructions is the expected, quiet case; anything else (a refusal, a compiler) is what the
+    user must hear about, so it wins over the CPU's."""
+    by_name = dict(zip(("first", "second"), refusals, strict=True))
+
+    def load_one(cls, kind: KernelKind, cache: Path | None) -> None:
+        raise by_name[kind.what]
+
+    monkeypatch.setattr(CausalAttention, "_load_one", classmethod(load_one))
+    with pytest.raises(KernelUnavailable, match=raised):
+        CausalAttention.load(_kinds("first", "second"))
 
 
 def test_the_thread_count_does_not_change_the_result(attention: CausalAttention) -> None:
