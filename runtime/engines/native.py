@@ -10,7 +10,8 @@ Why: a decode step streams every weight once. ONNX Runtime's MatMulNBits read 4-
 bandwidth inside a 7B decode step on the 2-core VM of docs/performance.md (8-bit ones at ~83%), and a decode
 graph cut for the attention kernel paid 33 ORT runs a step. Here each projection is one call of
 runtime/kernels/block_gemv.c (the same function as MatMulNBits at accuracy level 4), attention one call of the
-decode kernel (runtime/kernels/decode_attention.c), and the rest a few numpy operations on [rows, hidden] vectors.
+decode kernel (runtime/kernels/decode_attention.c), and the elementwise work between them (RMSNorm and the
+residual, rotary and the cache store, SiLU) one call each of runtime/kernels/layer_ops.c.
 
 What it reads: the decode index (runtime/bundle/decode_index.py), written by the export beside a decode graph it
 checked node by node, and the decode graph's data file it points into; the cache buffers are the decoder's own
@@ -36,16 +37,17 @@ from pulse_edge.runtime.bundle.decode_index import DecodeIndex, Linear, Tensor, 
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.engines.segmented import cpu_kernel, int8_view
 from pulse_edge.runtime.kernels.attention import D_MULTIPLE, DECODE, CausalAttention
+from pulse_edge.runtime.kernels.layer_ops import LayerOps
 from pulse_edge.runtime.kernels.linear import MAX_ROWS, BlockGemv, BlockWeight
 
 log = logging.getLogger(__name__)
-INT8_LIMIT = 127.0  # the store rule the attention kernels read the cache by (decode_index.STORE_RULE)
 
 
 @dataclass(frozen=True)
 class Kernels:
     gemv: BlockGemv
     attention: Any  # CausalAttention, or a checked one (export/validate/parity.py)
+    ops: LayerOps
 
 
 class _Weights:
@@ -157,66 +159,46 @@ class NativeDecoder:
         every layer before the next (its keys then in the cache for the next group to attend to)."""
         rows = embeds[0]
         for start in range(0, rows.shape[0], MAX_ROWS):
-            hidden = self._rows(np.ascontiguousarray(rows[start:start + MAX_ROWS], np.float32), past + start)
-        self.logits.reshape(-1)[:] = self._linear(self._norm(hidden[-1:], self.final_norm), self.lm_head)[0]
+            # a copy: the residual stream is added to in place, the caller's embeddings are not
+            hidden = self._rows(np.array(rows[start:start + MAX_ROWS], np.float32), past + start)
+        last = hidden[-1:]
+        self.logits.reshape(-1)[:] = self._linear(self._norm(last, None, self.final_norm), self.lm_head)[0]
 
     def _rows(self, hidden: np.ndarray, past: int) -> np.ndarray:
-        """hidden [r, H] at positions [past, past + r) through every layer; the residual stream after the last."""
+        """hidden [r, H] at positions [past, past + r) through every layer, in place; the residual stream after the
+        last."""
         mlp = None
         for i, layer in enumerate(self.layers):
-            if mlp is not None:
-                hidden = hidden + mlp
-            attended = self._attention(i, layer, self._norm(hidden, layer.input_norm), past)
-            hidden = hidden + self._linear(attended, layer.o)
-            mlp = self._mlp(layer, self._norm(hidden, layer.post_norm))
-        return hidden + mlp
+            attended = self._attention(i, layer, self._norm(hidden, mlp, layer.input_norm), past)
+            mlp = self._mlp(layer, self._norm(hidden, self._linear(attended, layer.o), layer.post_norm))
+        hidden += mlp
+        return hidden
 
     def _attention(self, i: int, layer: _Layer, normed: np.ndarray, past: int) -> np.ndarray:
         """[r, H] -> [r, N D]: the fused projection, rotary, the new keys and values stored, attention."""
         x, rows, d = self.index, normed.shape[0], self.index.head_dim
         qkv = self._linear(normed, layer.qkv)  # [r, (N + 2 KVN) D]
-        q = qkv[:, :x.heads * d].reshape(rows, x.heads, d)
-        k = qkv[:, x.heads * d:(x.heads + x.kv_heads) * d].reshape(rows, x.kv_heads, d)
-        v = qkv[:, (x.heads + x.kv_heads) * d:].reshape(rows, x.kv_heads, d)
-        q, k = self._rotary(q, past), self._rotary(k, past)
-        keys, values = self.codes[2 * i], self.codes[2 * i + 1]
-        keys[:, past:past + rows] = _store(k, layer.k_scale)  # [KVN, r, D]
-        values[:, past:past + rows] = _store(v, layer.v_scale)
-        out = self.kernels.attention(np.ascontiguousarray(q), keys, values, layer.k_scale, layer.v_scale, past=past,
-                                     threads=self.threads, pool=self.pool)  # [r, N, D]
+        keys, values = self.codes[2 * i], self.codes[2 * i + 1]  # [KVN, capacity, D] each
+        q = self.kernels.ops.rotary_store(qkv, self.cos, self.sin, layer.k_scale, layer.v_scale, keys, values, past,
+                                          x.heads, np.empty((rows, x.heads, d), np.float32))  # [r, N, D] rotated
+        out = self.kernels.attention(q, keys, values, layer.k_scale, layer.v_scale, past=past, threads=self.threads,
+                                     pool=self.pool)  # [r, N, D]
         return out.reshape(rows, x.heads * d)
 
-    def _rotary(self, x: np.ndarray, past: int) -> np.ndarray:
-        """x [r, heads, D] at positions past.. rotated by halves (GroupQueryAttention's rotary_interleaved=0)."""
-        half = x.shape[-1] // 2
-        cos, sin = self.cos[past:past + x.shape[0], None], self.sin[past:past + x.shape[0], None]  # [r, 1, D/2]
-        first, second = x[..., :half], x[..., half:]
-        return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-
     def _mlp(self, layer: _Layer, normed: np.ndarray) -> np.ndarray:
-        up_from = self.index.intermediate
         gate_up = self._linear(normed, layer.gate_up)  # [r, 2 I]
-        gate, up = gate_up[:, :up_from], gate_up[:, up_from:]
-        with np.errstate(over="ignore"):  # exp(-gate) is inf below gate = -88: sigmoid 0, as it should be
-            sigmoid = np.float32(1.0) / (np.float32(1.0) + np.exp(-gate))
-        return self._linear(np.ascontiguousarray(gate * sigmoid * up), layer.down)
+        activated = np.empty((gate_up.shape[0], self.index.intermediate), np.float32)
+        return self._linear(self.kernels.ops.silu_mul(gate_up, activated), layer.down)
 
-    def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """RMSNorm as SimplifiedLayerNormalization: x / sqrt(mean(x^2) + eps) * weight."""
-        mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
-        return np.ascontiguousarray(x / np.sqrt(mean_square + np.float32(self.index.eps)) * weight)
+    def _norm(self, hidden: np.ndarray, delta: np.ndarray | None, weight: np.ndarray) -> np.ndarray:
+        """hidden += delta (in place, where given), then RMSNorm as SimplifiedLayerNormalization."""
+        return self.kernels.ops.add_rms_norm(hidden, delta, weight, self.index.eps, np.empty_like(hidden))
 
     def _linear(self, x: np.ndarray, weight: BlockWeight | np.ndarray) -> np.ndarray:
         if isinstance(weight, np.ndarray):
             return x @ weight
         gemv = self.kernels.gemv
         return gemv(gemv.quantize(x, weight), weight, threads=self.threads)
-
-
-def _store(new: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """new [r, KVN, D] float -> int8 codes [KVN, r, D]: x / scale rounded half to even, clipped to +-127."""
-    grid = np.rint(new / scale[None])
-    return np.clip(grid, -INT8_LIMIT, INT8_LIMIT).astype(np.int8).transpose(1, 0, 2)
 
 
 def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str, validated: bool) -> Kernels | None:
@@ -237,7 +219,7 @@ def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str,
             return None
         log.warning("%s: the manifest records no validation of the native decode step for this bundle; it runs "
                     "because it was asked for", flag)
-    return cpu_kernel(lambda: Kernels(BlockGemv.load(), CausalAttention.load(DECODE)), provider,
+    return cpu_kernel(lambda: Kernels(BlockGemv.load(), CausalAttention.load(DECODE), LayerOps.load()), provider,
                       flag if refuse else None, "the native decode step", "native decode step: ONNX Runtime decodes")
 
 
