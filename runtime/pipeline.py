@@ -72,9 +72,12 @@ class Pipeline:
     @property
     def prefilled_by(self) -> str:
         """Which graph runs long prompts: a CPU bundle's prefill graph where it was loaded
-        (runtime/engines/memory.py), in segments with the attention kernel where that runs, else the decoder graph."""
-        if getattr(self.engine.decoder, "segmented", None) is not None:
-            return "prefill graph segments + attention kernel"
+        (runtime/engines/memory.py), in segments with the attention kernel where that runs (named: which variant
+        ran says which rounding and speed to expect), else the decoder graph."""
+        segmented = getattr(self.engine.decoder, "segmented", None)
+        if segmented is not None:
+            kind = getattr(segmented.kernel, "kind", None)  # a checked or twin kernel (export's checks) has none
+            return f"prefill graph segments + {kind.what if kind else 'attention kernel'}"
         return "prefill graph" if has_prefill_graph(self.engine.decoder) else "decoder graph"
 
     @property

@@ -91,13 +91,8 @@ def segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
     # dropped (drop_segments)
     return {**report, "twin_pass": report["pass"], "kernel_pass": keep, "kernel_plausible": plausible,
             "pass": bool(report["pass"] and plausible), "tolerance_level": level, "kernel_keep_cosine": KEEP_COSINE,
-            "kernel_wrong_call_rel_err": WRONG_CALL_REL_ERR, "kernel": _prefill_kernel_name(),
+            "kernel_wrong_call_rel_err": WRONG_CALL_REL_ERR,
             "kept": True}
-
-
-def _prefill_kernel_name() -> str:
-    """Which prefill kernel the validation ran (the runtime's choice on this machine; loaded, so cached)."""
-    return f"{CausalAttention.load(KERNELS[names.PREFILL][0]).kind.what} (runtime/kernels)"
 
 
 def decode_segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, checks: ValidationPlan,

@@ -155,7 +155,8 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, segmented: Gr
                             graph=names.PREFILL)
     if engine.segmented is None:
         raise RuntimeError("the decoder engine did not open the prefill segments: nothing would be validated")
-    checked = CheckedAttention(engine.segmented.kernel)
+    served = engine.segmented.kernel
+    checked = CheckedAttention(served)
     attention = {"prefill": checked, "prefill_twin": TwinAttention()}
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight
@@ -180,7 +181,8 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, segmented: Gr
         case["kernel_call_rel_err"], checked.worst = checked.worst, 0.0  # the worst call against the twin
         case["pass"] = _passes(case["prefill_twin"], tol)
         cases.append(case)
-    return {"tolerance": asdict(tol), "cases": cases, "pass": bool(cases) and all(c["pass"] for c in cases)}
+    return {"tolerance": asdict(tol), "cases": cases, "pass": bool(cases) and all(c["pass"] for c in cases),
+            "kernel": f"{served.kind.what} (runtime/kernels)"}  # the variant that ran: its rounding was measured
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:

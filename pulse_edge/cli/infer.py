@@ -62,9 +62,9 @@ from pulse_edge.errors import ConfigError
               help="ort backend: a CPU bundle's prefill graph (int8 GEMM for long prompts); auto: loaded when this "
                    "machine's memory holds it beside the decode graph, else the decode graph prefills (one warning).")
 @click.option("--prefill-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
-              help="ort backend, a prefill graph cut for pulse-edge's CPU attention kernel (AMX-BF16): auto: the "
-                   "kernel where this CPU and a C compiler run it, else the whole graph; kernel: or an error; graph: "
-                   "always the whole graph.")
+              help="ort backend, a prefill graph cut for pulse-edge's CPU attention kernel (bf16: AMX or AVX-512): "
+                   "auto: the kernel where this CPU and a C compiler run it, else the whole graph; kernel: or an "
+                   "error; graph: always the whole graph.")
 @click.option("--decode-attention", type=click.Choice(ATTENTION_MODES), default="auto", show_default=True,
               help="ort backend, a decode graph cut for pulse-edge's CPU decode-attention kernel (AVX-512, reads the "
                    "int8 cache at memory speed): auto, kernel, graph as for --prefill-attention.")

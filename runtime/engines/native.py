@@ -160,7 +160,7 @@ class NativeDecoder:
         rows = embeds[0]
         for start in range(0, rows.shape[0], MAX_ROWS):
             # a copy: the residual stream is added to in place, the caller's embeddings are not
-            hidden = self._rows(np.array(rows[start:start + MAX_ROWS], np.float32), past + start)
+            hidden = self._rows(np.array(rows[start:start + MAX_ROWS], np.float32, order="C"), past + start)
         last = hidden[-1:]
         self.logits.reshape(-1)[:] = self._linear(self._norm(last, None, self.final_norm), self.lm_head)[0]
 

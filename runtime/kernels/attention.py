@@ -41,7 +41,7 @@ from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels import build
 
 log = logging.getLogger(__name__)
-D_MULTIPLE = 16  # whole 16-lane vectors (the AMX kernel's tiles run on it rounded up to 64 channels, zeros beyond)
+D_MULTIPLE = 16  # whole 16-lane vectors (the prefill kernel's blocks run on it rounded up to 64 channels, zeros beyond)
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,8 @@ class CausalAttention:
         raised, else the last kind's."""
         if isinstance(kind, KernelKind):
             return cls._load_one(kind, cache)
+        if not kind:
+            raise ValueError("no kernel kind to load")
         refusals: list[KernelUnavailable] = []
         for each in kind:
             try:
@@ -150,8 +152,7 @@ class CausalAttention:
             reason = os.strerror(-status) if status < 0 else str(status)
             hint = ("a signal stack too small for AMX state (faulthandler or sigaltstack set before)"
                     if -status == errno.ENOSPC else "Linux >= 5.16 grants it")
-            raise KernelUnavailable(f"Linux refused this process AMX state (arch_prctl: {reason}; {hint}): ONNX "
-                                    "Runtime's own attention runs instead")
+            raise KernelUnavailable(f"Linux refused this process AMX state (arch_prctl: {reason}; {hint})")
         entry = getattr(library, kind.symbol)
         entry.argtypes = _SIGNATURE
         entry.restype = _I
@@ -181,7 +182,7 @@ class CausalAttention:
         if checked.worst > self.kind.self_test_tol:
             raise KernelUnavailable(f"the attention kernel built here ({self.path.name}) disagrees with its twin "
                                     f"(relative error {checked.worst:.2g}, allowed {self.kind.self_test_tol}); report "
-                                    "it, with the compiler's version: ONNX Runtime's own attention runs instead")
+                                    "it, with the compiler's version")
 
     def __call__(self, q: np.ndarray, k_codes: np.ndarray, v_codes: np.ndarray, k_scale: np.ndarray,
                  v_scale: np.ndarray, *, past: int, threads: int, out: np.ndarray | None = None,

@@ -65,7 +65,8 @@ static void store_codes(const float *x, const float *scale, int d, int8_t *dst) 
         __mmask16 live = first(d - i);
         __m512 grid = _mm512_div_ps(_mm512_maskz_loadu_ps(live, x + i), _mm512_mask_loadu_ps(hi, live, scale + i));
         grid = _mm512_min_ps(_mm512_max_ps(grid, lo), hi);  /* clipped before the conversion: no overflow */
-        _mm_mask_storeu_epi8(dst + i, live, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(grid)));
+        __m512i codes = _mm512_cvt_roundps_epi32(grid, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  /* as rint */
+        _mm_mask_storeu_epi8(dst + i, live, _mm512_cvtepi32_epi8(codes));
     }
 }
 

@@ -27,7 +27,8 @@ from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels import build
 
 SOURCE = "layer_ops.c"
-ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl")
+# no contraction of a product and a sum into one FMA: the twins' roundings, whatever the compiler's default
+ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl")
 INT8_LIMIT = 127.0  # the store rule the attention kernels read the cache by (decode_index.STORE_RULE)
 SELF_TEST_TOL = 1e-5  # float32 rounding of another sum order and of 2^x: ~1e-7

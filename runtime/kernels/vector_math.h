@@ -1,5 +1,6 @@
 /* What the CPU kernels share (AVX-512F/BW/VL): 2^x for softmax weights, lane masks, int8 codes as float32.
- * Included by causal_attention.c and decode_attention.c; runtime/kernels/build.py hashes it with each source. */
+ * Included by causal_attention.c, decode_attention.c and layer_ops.c; runtime/kernels/build.py hashes it with each
+ * source. */
 #ifndef PULSE_EDGE_VECTOR_MATH_H
 #define PULSE_EDGE_VECTOR_MATH_H
 

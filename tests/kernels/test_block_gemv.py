@@ -111,6 +111,7 @@ def test_a_forked_child_computes_on_its_own_thread(gemv: BlockGemv) -> None:
     """A process forked after the pool started has its memory but not its workers: it runs every part itself
     (thread_pool.h) instead of waiting on workers that do not exist there."""
     import multiprocessing
+    from queue import Empty
 
     rng = np.random.default_rng(5)
     weight = random_weight(rng, 256, 64, 8, 128)
@@ -123,10 +124,13 @@ def test_a_forked_child_computes_on_its_own_thread(gemv: BlockGemv) -> None:
     try:
         got = queue.get(timeout=60)
         child.join(timeout=60)
+    except Empty:  # says which way it failed: a hang in the kernel, or a child that died before answering
+        pytest.fail(f"the forked child answered nothing in 60 s (alive: {child.is_alive()}, exit code "
+                    f"{child.exitcode})")
     finally:
         if child.is_alive():  # a hung child (workers waited on that do not exist) must not outlive the test
             child.terminate()
-    assert child.exitcode == 0
+    assert child.exitcode == 0, f"the forked child answered, then exited with {child.exitcode}"
     np.testing.assert_array_equal(got, want)
 
 

@@ -293,7 +293,9 @@ def test_a_library_that_disagrees_with_its_twin_is_never_used(attention: CausalA
     real = CausalAttention.__call__
     monkeypatch.setattr(CausalAttention, "__call__", lambda self, *a, **k: real(self, *a, **k) * 1.1)
     with pytest.raises(KernelUnavailable, match="disagrees with its twin"):
-        CausalAttention.load(cache=tmp_path / "cache")
+        CausalAttention.load(attention.kind, cache=tmp_path / "cache")  # this run's variant
+    with pytest.raises(KernelUnavailable, match="disagrees with its twin"):
+        CausalAttention.load(cache=tmp_path / "cache")  # and the runtime's choice among them
     cut = GraphSpec(file="prefill.onnx", engine="onnx", precision="int8", inputs=(), outputs=(),
                     segments=(SegmentSpec("prefill.seg00.onnx", (), ("logits",)),))
     with caplog.at_level("INFO"):

@@ -89,7 +89,8 @@ def test_a_wrong_layout_is_refused_before_the_c_code_sees_it(ops: LayerOps) -> N
         ops.silu_mul(np.zeros((2, 8), np.float64), np.empty((2, 4), np.float32))
 
 
-def test_a_library_that_disagrees_with_its_twins_is_never_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_library_that_disagrees_with_its_twins_is_never_used(ops: LayerOps, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real = LayerOps.silu_mul
     monkeypatch.setattr(LayerOps, "silu_mul", lambda self, g, out: real(self, g, out) * 1.001)
     with pytest.raises(KernelUnavailable, match="disagree with their twins"):
