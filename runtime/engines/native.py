@@ -38,7 +38,7 @@ from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.engines.segmented import cpu_kernel, int8_view
 from pulse_edge.runtime.kernels.attention import D_MULTIPLE, DECODE, CausalAttention
 from pulse_edge.runtime.kernels.layer_ops import LayerOps
-from pulse_edge.runtime.kernels.linear import MAX_ROWS, BlockGemv, BlockWeight
+from pulse_edge.runtime.kernels.linear import MAX_ROWS, BlockGemv, BlockWeight, LinearScratch
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,9 @@ class NativeDecoder:
             w.linear(x.down, index.intermediate, h, f"layer {i} down")) for i, x in enumerate(index.layers)]
         self.final_norm = _vector(w, index.final_norm, (h,), "final norm")
         self.lm_head = w.linear(index.lm_head, h, index.vocab, "lm_head")
+        projections = (self.lm_head, *(p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)))
+        quantized = [p for p in projections if isinstance(p, BlockWeight)]
+        self.scratch = LinearScratch(*quantized) if quantized else None  # the quantized activations' room
 
     def forward(self, embeds: np.ndarray, past: int) -> None:
         """embeds [1, S, H] float32 at positions [past, past + S): cached, the last one's logits in the buffer.
@@ -197,8 +200,7 @@ class NativeDecoder:
     def _linear(self, x: np.ndarray, weight: BlockWeight | np.ndarray) -> np.ndarray:
         if isinstance(weight, np.ndarray):
             return x @ weight
-        gemv = self.kernels.gemv
-        return gemv(gemv.quantize(x, weight), weight, threads=self.threads)
+        return self.kernels.gemv.linear(x, weight, threads=self.threads, scratch=self.scratch)
 
 
 def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str, validated: bool) -> Kernels | None:

@@ -21,6 +21,7 @@ import ctypes
 import threading
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,11 @@ class BlockWeight:
     def blocks(self) -> int:
         return -(-self.k // self.block)
 
+    @cached_property
+    def addresses(self) -> tuple[int, int]:
+        """The codes' and scales' addresses, taken once (numpy's .ctypes.data costs ~1 us a call)."""
+        return self.codes.ctypes.data, self.scales.ctypes.data
+
     def check(self) -> None:
         """The layout the C code reads; a violation is the bundle's (or a caller's) bug."""
         if self.bits not in BLOCK_MULTIPLE or self.block < 1 or self.block % BLOCK_MULTIPLE[self.bits]:
@@ -86,6 +92,19 @@ class QuantizedRows:
     @property
     def rows(self) -> int:
         return self.codes.shape[0]
+
+
+class LinearScratch:
+    """Room for up to MAX_ROWS rows of activations quantized for the given weights (their inputs padded to whole
+    blocks), its addresses taken once: what `BlockGemv.linear` quantizes into. One per caller; used under the
+    pool's lock."""
+
+    def __init__(self, *weights: BlockWeight) -> None:
+        self.k = max(w.blocks * w.block for w in weights)
+        self.codes = np.empty(MAX_ROWS * self.k, np.int8)
+        most_blocks = MAX_ROWS * self.k // min(BLOCK_MULTIPLE.values())
+        self.scales, self.zero_terms = np.empty(most_blocks, np.float32), np.empty(most_blocks, np.float32)
+        self.addresses = (self.codes.ctypes.data, self.scales.ctypes.data, self.zero_terms.ctypes.data)
 
 
 class WorkerPool:
@@ -121,6 +140,8 @@ class BlockGemv:
         library.pe_block_quantize.restype = _I
         library.pe_block_gemv.argtypes = (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I)
         library.pe_block_gemv.restype = _I
+        library.pe_block_linear.argtypes = (_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I)
+        library.pe_block_linear.restype = _I
         library.pe_pool_create.argtypes = (_I,)
         library.pe_pool_create.restype = _P
         library.pe_pool_destroy.argtypes = (_P,)
@@ -140,11 +161,12 @@ class BlockGemv:
             x = rng.standard_normal((rows, k)).astype(np.float32)
             try:
                 got = self(self.quantize(x, weight), weight, threads=2)
+                fused = self.linear(x, weight, threads=2, scratch=LinearScratch(weight))
             except MemoryError as e:
                 raise KernelUnavailable(f"the quantized linear kernel could not run its self-test ({e})") from e
             want = reference(x, weight)
             error = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
-            worst = max(worst, error if np.isfinite(error) else float("inf"))
+            worst = max(worst, error if np.isfinite(error) and np.array_equal(fused, got) else float("inf"))
         if worst > SELF_TEST_TOL:
             raise KernelUnavailable(f"the quantized linear kernel built here ({self.path.name}) disagrees with its "
                                     f"twin (relative error {worst:.2g}, allowed {SELF_TEST_TOL}); report it, with the "
@@ -173,6 +195,25 @@ class BlockGemv:
         status = self.library.pe_block_quantize(x.ctypes.data, rows, weight.k, weight.bits, weight.block,
                                                 out.codes.ctypes.data, out.scales.ctypes.data,
                                                 out.zero_terms.ctypes.data)
+        if status != 0:
+            weight.check()  # says which part of the layout is wrong
+            raise ValueError("the quantized linear kernel refused its arguments")
+        return out
+
+    def linear(self, x: np.ndarray, weight: BlockWeight, *, threads: int, scratch: LinearScratch) -> np.ndarray:
+        """y [rows, N] float32 = x @ W, x [rows, K] quantized into `scratch` and multiplied in one call: the decode
+        step's path (the same result as `self(self.quantize(x, weight), weight)`, bit for bit)."""
+        rows = x.shape[0]
+        if x.dtype != np.float32 or not x.flags.c_contiguous or x.shape != (rows, weight.k):
+            raise ValueError(f"x must be C-contiguous float32 [rows, {weight.k}], got {x.dtype} {list(x.shape)}")
+        if not 1 <= rows <= MAX_ROWS or weight.blocks * weight.block > scratch.k:
+            raise ValueError(f"{rows} rows of {weight.blocks * weight.block} (whole blocks): the kernel takes 1 to "
+                             f"{MAX_ROWS}, the scratch {scratch.k} wide")
+        out = np.empty((rows, weight.n), np.float32)
+        pool = self.pool(max(1, threads))
+        with pool.lock:
+            status = self.library.pe_block_linear(pool.handle, *weight.addresses, x.ctypes.data, *scratch.addresses,
+                                                  out.ctypes.data, rows, weight.n, weight.k, weight.bits, weight.block)
         if status != 0:
             weight.check()  # says which part of the layout is wrong
             raise ValueError("the quantized linear kernel refused its arguments")

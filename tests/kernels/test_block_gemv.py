@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pulse_edge.calibration.quant_math import quantize_blockwise
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.runtime.kernels.linear import BlockGemv, BlockWeight, random_weight, reference
+from pulse_edge.runtime.kernels.linear import BlockGemv, BlockWeight, LinearScratch, random_weight, reference
 
 # exact integer dots, float32 sums in another order than the twin's float64 ones: measured 3-8e-7
 REL_TOL = 1e-5
@@ -62,6 +62,32 @@ def _matmul_nbits(x: np.ndarray, weight: np.ndarray, bits: int, block: int) -> t
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     packed = BlockWeight(bq.packed, bq.scales.astype(np.float32).reshape(-1), bq.k, bq.n, bits, block)
     return session.run(None, {"x": x})[0], packed
+
+
+@pytest.mark.parametrize(("bits", "block", "k", "n", "rows"), SHAPES)
+def test_the_one_call_path_is_the_two_calls_bit_for_bit(gemv: BlockGemv, bits: int, block: int, k: int, n: int,
+                                                        rows: int) -> None:
+    """`linear` (quantize into a shared scratch and multiply in one C call: the decode step's path) against
+    quantize + multiply, with one scratch serving a wider weight first: the rows' prefix is all it reads."""
+    rng = np.random.default_rng(k + rows)
+    weight, wider = random_weight(rng, k, n, bits, block), random_weight(rng, k + 512, 8, bits, block)
+    scratch = LinearScratch(weight, wider)
+    gemv.linear(rng.standard_normal((4, k + 512)).astype(np.float32), wider, threads=2, scratch=scratch)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    np.testing.assert_array_equal(gemv.linear(x, weight, threads=2, scratch=scratch),
+                                  gemv(gemv.quantize(x, weight), weight, threads=2))
+
+
+def test_the_one_call_path_refuses_what_it_cannot_hold(gemv: BlockGemv) -> None:
+    rng = np.random.default_rng(3)
+    weight, wider = random_weight(rng, 256, 16, 4, 128), random_weight(rng, 512, 16, 4, 128)
+    scratch = LinearScratch(weight)
+    with pytest.raises(ValueError, match="the scratch 256 wide"):
+        gemv.linear(np.zeros((1, 512), np.float32), wider, threads=1, scratch=scratch)
+    with pytest.raises(ValueError, match="the kernel takes 1 to 4"):
+        gemv.linear(np.zeros((5, 256), np.float32), weight, threads=1, scratch=scratch)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        gemv.linear(np.zeros((1, 256), np.float64), weight, threads=1, scratch=scratch)
 
 
 @pytest.mark.parametrize(("bits", "block", "k"), [(4, 128, 512), (8, 128, 384), (4, 256, 700), (8, 64, 300)])
