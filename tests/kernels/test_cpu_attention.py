@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +26,13 @@ REL_TOL = 6e-3
 
 
 @pytest.fixture(scope="module", params=PREFILL, ids=["amx", "avx512-bf16"])
-def attention(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
-    try:
-        return CausalAttention.load(request.param, cache=tmp_path_factory.mktemp("kernels"))
-    except KernelUnavailable as e:
-        pytest.skip(str(e))
+def attention(request: pytest.FixtureRequest, load_or_skip: Callable[..., CausalAttention]) -> CausalAttention:
+    return load_or_skip(lambda cache: CausalAttention.load(request.param, cache=cache))
 
 
 @pytest.fixture(scope="module")
-def decode(tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
-    try:
-        return CausalAttention.load(DECODE, cache=tmp_path_factory.mktemp("kernels"))
-    except KernelUnavailable as e:
-        pytest.skip(str(e))
+def decode(load_or_skip: Callable[..., CausalAttention]) -> CausalAttention:
+    return load_or_skip(lambda cache: CausalAttention.load(DECODE, cache=cache))
 
 
 def _inputs(rows: int, past: int, heads: int, kv_heads: int, capacity: int, d: int, sharp: float = 1.0,

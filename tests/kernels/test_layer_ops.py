@@ -5,6 +5,7 @@ Skips, with the reason KernelUnavailable gives, on a machine without AVX-512 or 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,8 @@ from pulse_edge.runtime.kernels.layer_ops import LayerOps
 
 
 @pytest.fixture(scope="module")
-def ops(tmp_path_factory: pytest.TempPathFactory) -> LayerOps:
-    try:
-        return LayerOps.load(cache=tmp_path_factory.mktemp("kernels"))
-    except KernelUnavailable as e:
-        pytest.skip(str(e))
+def ops(load_or_skip: Callable[..., LayerOps]) -> LayerOps:
+    return load_or_skip(lambda cache: LayerOps.load(cache=cache))
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
