@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +41,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, (skip, reason) in rules.items():
             if skip and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def kernel_or_skip() -> Callable[..., Any]:
+    """`kernel_or_skip(load, why="")`: `load()` (a CPU kernel of pulse-edge's), or the test skipped where this
+    machine cannot run it (runtime/kernels/build.py MachineUnsupported: the CPU's instructions, no compiler, no AMX
+    state). Any other refusal (a failed self-test, a source that does not compile) fails the test: a broken kernel
+    must never read as a skip on the machines that run it."""
+    from pulse_edge.runtime.kernels.build import MachineUnsupported
+
+    def load_or_skip(load: Callable[[], Any], why: str = "") -> Any:
+        try:
+            return load()
+        except MachineUnsupported as e:
+            pytest.skip(f"{why}{e}")
+    return load_or_skip
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest
 from pulse_edge.runtime.engines.ort import SessionConfig
 from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention
+from pulse_edge.runtime.kernels.layer_ops import LayerOps
 from pulse_edge.runtime.kernels.linear import BlockGemv
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def index_graph(work: Path, spec: GraphSpec) -> GraphSpec:
     try:
         BlockGemv.load()
         CausalAttention.load(DECODE)
+        LayerOps.load()  # all three, as the runtime loads them (runtime/engines/native.py native_for)
         index = read_decode_graph(work / spec.file)
     except (KernelUnavailable, NotIndexable) as e:
         log.info("no native decode step for this bundle: %s", e)

@@ -1,7 +1,7 @@
 """The click group every pulse-edge command group uses: user errors become one line.
 
-A `PulseEdgeError`, a bad option value of a subcommand, or a full (or read-only) disk prints
-`pulse-edge: error: ...` on stderr and exits with code 2, Ctrl-C exits 130 (SIGTERM during an export 143);
+A `PulseEdgeError`, a bad option value of a subcommand, a full (or read-only) disk, or memory (or a thread) refused
+prints `pulse-edge: error: ...` on stderr and exits with code 2, Ctrl-C exits 130 (SIGTERM during an export 143);
 anything else is a bug and keeps its traceback. Commands that write bundles and reports stage them
 (pulse_edge/staging.py), so a disk that fills half-way leaves nothing half-written behind.
 Lean: click and pulse_edge.errors only, so the CLI starts fast.
@@ -38,6 +38,11 @@ class UserErrorGroup(click.Group):
             what, fix = DISK_ERRORS[e.errno]
             where = f" writing {e.filename}" if e.filename else ""
             click.echo(f"pulse-edge: error: {what}{where}: {fix}, and run the command again", err=True)
+            ctx.exit(2)
+        except MemoryError as e:  # numpy, ONNX Runtime or a kernel's scratch or threads refused: the machine's state
+            what = str(e).rstrip(".") or "out of memory"
+            click.echo(f"pulse-edge: error: {what}: free memory (close other programs) or use a smaller bundle or "
+                       "fewer --threads, and run the command again", err=True)
             ctx.exit(2)
         except KeyboardInterrupt as e:  # Ctrl-C; staged work also turns SIGTERM and SIGHUP into one
             signum = getattr(e, "signum", signal.SIGINT)

@@ -82,13 +82,11 @@ class _Weights:
             return weight
         if lin.codes is None or lin.scales is None:
             raise BundleError(f"the decode index's {what} lacks its codes or scales; re-export the bundle")
-        weight = BlockWeight(self.array(lin.codes), self.array(lin.scales).reshape(-1), lin.k, lin.n, lin.bits,
-                             lin.block)
+        codes, scales = self.array(lin.codes), self.array(lin.scales).reshape(-1)
         try:
-            weight.check()
+            return BlockWeight(codes, scales, lin.k, lin.n, lin.bits, lin.block)  # checks the layout
         except ValueError as e:
             raise BundleError(f"the decode index's {what}: {e}; re-export the bundle") from e
-        return weight
 
 
 @dataclass(frozen=True)

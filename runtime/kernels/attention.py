@@ -80,6 +80,7 @@ DECODE = KernelKind(
     self_test_tol=1e-5, max_head_dim=256,  # float32 throughout: ~1e-7 (measured ~3e-7)
     pooled_symbol="pe_decode_attention_int8kv_pooled")
 
+BAD_ARGUMENTS = -2  # PE_BAD_ARGUMENTS (vector_math.h)
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _SIGNATURE = (_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _I)
@@ -152,7 +153,7 @@ class CausalAttention:
             reason = os.strerror(-status) if status < 0 else str(status)
             hint = ("a signal stack too small for AMX state (faulthandler or sigaltstack set before)"
                     if -status == errno.ENOSPC else "Linux >= 5.16 grants it")
-            raise KernelUnavailable(f"Linux refused this process AMX state (arch_prctl: {reason}; {hint})")
+            raise build.MachineUnsupported(f"Linux refused this process AMX state (arch_prctl: {reason}; {hint})")
         entry = getattr(library, kind.symbol)
         entry.argtypes = _SIGNATURE
         entry.restype = _I
@@ -204,6 +205,9 @@ class CausalAttention:
                                                                         float(d) ** -0.5)
         else:
             status = getattr(self.library, self.kind.symbol)(*arrays, *sizes, float(d) ** -0.5, max(1, threads))
+        if status == BAD_ARGUMENTS:  # _check above lets no such call through: a caller's bug
+            raise ValueError(f"the attention kernel refused its arguments (q {list(q.shape)}, cache "
+                             f"{list(k_codes.shape)}, past {past})")
         if status != 0:
             raise MemoryError("the attention kernel could not allocate its scratch or start its threads")
         return out

@@ -46,8 +46,8 @@ def compiler() -> list[str]:
     for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc"):
         if candidate and shutil.which(shlex.split(candidate)[0]):
             return shlex.split(candidate)
-    raise KernelUnavailable("no C compiler found ($CC, Python's own CC, cc): install one (Debian: apt install gcc) "
-                            "to build pulse-edge's CPU kernels")
+    raise MachineUnsupported("no C compiler found ($CC, Python's own CC, cc): install one (Debian: apt install gcc) "
+                             "to build pulse-edge's CPU kernels")
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -62,7 +62,13 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
-class CPUUnsupported(KernelUnavailable):
+class MachineUnsupported(KernelUnavailable):
+    """This machine cannot run the kernel (its CPU's instructions, no C compiler, the OS refusing AMX state): not a
+    fault of the kernel. Every other KernelUnavailable (a source that does not compile with a working compiler, a
+    library that does not load, a failed self-test) is one: the tests fail on those rather than skip."""
+
+
+class CPUUnsupported(MachineUnsupported):
     """The CPU lacks the instructions: expected on most machines, not a fault of the installation."""
 
 

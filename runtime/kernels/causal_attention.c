@@ -302,10 +302,12 @@ static void *run_job(void *arg) {
  * d_head must be a multiple of 16 (the tiles work on it rounded up to 64, zeros beyond). Threads are started
  * per call and joined before it returns: no pool that
  * spins between calls and competes with ONNX Runtime's own threads on a small CPU (an OpenMP build's spinning
- * pool made calls between ORT runs up to 10x slower). Returns 0, or -1 where memory or a thread was refused. */
+ * pool made calls between ORT runs up to 10x slower). Returns 0, -1 where memory or a thread was refused, or
+ * PE_BAD_ARGUMENTS. */
 int pe_causal_attention_int8kv(const float *q, const int8_t *kq, const int8_t *vq, const float *ks, const float *vs,
                                float *out, int rows, int past, int heads, int kv_heads, int capacity, int d_head,
                                float scale, int threads) {
+    if (!attention_args_ok(rows, past, heads, kv_heads, capacity, d_head, 0)) return PE_BAD_ARGUMENTS;
     const int total = past + rows, padded = (total + BK - 1) / BK * BK, dp = (d_head + 63) / 64 * 64;
     const size_t pack = (size_t)padded * dp;
     const size_t work = sizeof(uint16_t) * (BQ * dp + BQ * BK) + sizeof(float) * (BQ * BK + 2 * BQ * dp);

@@ -20,8 +20,9 @@
  *     p[t] = 2^(s[t] - max s),  l = sum p                    [T]
  *     out = vs / l * sum_t p[t] vq[g, t]                     [D]    pass 2: the value codes, accumulators in registers
  *
- * Heads are shared among threads started per call (see causal_attention.c: no spinning pool between the
- * ONNX Runtime runs around it).
+ * Heads are shared among threads: started per call between ONNX Runtime runs (see causal_attention.c: no
+ * spinning pool beside ORT's), or, for the native decode step, the workers of the GEMV's pool
+ * (pe_decode_attention_int8kv_pooled below), which runs no ORT beside it.
  */
 #include <math.h>
 #include <pthread.h>
@@ -148,11 +149,11 @@ static void *run_job(void *arg) {
 }
 
 /* The entry point; layouts as pe_causal_attention_int8kv's (causal_attention.c), d_head a multiple of 16 and
- * at most MAX_D. Returns 0, or -1 where memory or a thread was refused. */
+ * at most MAX_D. Returns 0, -1 where memory or a thread was refused, or PE_BAD_ARGUMENTS. */
 int pe_decode_attention_int8kv(const float *q, const int8_t *kq, const int8_t *vq, const float *ks, const float *vs,
                                float *out, int rows, int past, int heads, int kv_heads, int capacity, int d_head,
                                float scale, int threads) {
-    if (d_head % 16 || d_head > MAX_D) return -1;
+    if (!attention_args_ok(rows, past, heads, kv_heads, capacity, d_head, MAX_D)) return PE_BAD_ARGUMENTS;
     if (threads > heads) threads = heads;
     if (threads < 1) threads = 1;
     job *jobs = calloc((size_t)threads, sizeof(job));
@@ -191,7 +192,8 @@ static void run_part(void *context, int part, int parts) {
 int pe_decode_attention_int8kv_pooled(void *threads, const float *q, const int8_t *kq, const int8_t *vq,
                                       const float *ks, const float *vs, float *out, int rows, int past, int heads,
                                       int kv_heads, int capacity, int d_head, float scale) {
-    if (!threads || d_head % 16 || d_head > MAX_D) return -1;
+    if (!threads) return -1;
+    if (!attention_args_ok(rows, past, heads, kv_heads, capacity, d_head, MAX_D)) return PE_BAD_ARGUMENTS;
     pooled_job pj = {{q, kq, vq, ks, vs, out, rows, past, heads, kv_heads, capacity, d_head, 0, 1, scale}, 0};
     pool_run(threads, run_part, &pj);
     return atomic_load(&pj.failed) ? -1 : 0;

@@ -92,7 +92,8 @@ int pe_rotary_store(const float *qkv, int rows, int heads, int kv_heads, int d, 
     return 0;
 }
 
-/* 1 / (1 + e^-g) for any g, to ~1e-7 relative, from exp2_ps of a value <= 0 only. */
+/* 1 / (1 + e^-g), to ~1e-7 relative for g >= -87, from exp2_ps of a value <= 0 only. Below, exp2_ps stops at 2^-126:
+ * sigmoid comes out ~1e-38 where it is smaller still, so SiLU (g x sigmoid) is under 1e-35 either way. */
 static inline __m512 sigmoid_ps(__m512 g) {
     /* t = e^-|g| <= 1; sigmoid = 1 / (1 + t) for g >= 0, t / (1 + t) below: no overflow either side */
     __m512 t = exp2_ps(_mm512_mul_ps(_mm512_abs_ps(g), _mm512_set1_ps(-LOG2E)));

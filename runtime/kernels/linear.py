@@ -52,6 +52,9 @@ class BlockWeight:
     bits: int
     block: int
 
+    def __post_init__(self) -> None:
+        self.check()  # once, here: the calls pass the arrays' addresses to C unchecked
+
     @property
     def blocks(self) -> int:
         return -(-self.k // self.block)
@@ -88,6 +91,16 @@ class QuantizedRows:
     zero_terms: np.ndarray  # float32 [rows, blocks]: 2^(bits-1) s_x sum q
     bits: int
     block: int
+
+    def __post_init__(self) -> None:
+        rows, width = self.codes.shape if self.codes.ndim == 2 else (0, -1)
+        blocks = width // self.block if self.block > 0 and width % self.block == 0 else -1
+        arrays = (("codes", self.codes, np.int8, (rows, width)), ("scales", self.scales, np.float32, (rows, blocks)),
+                  ("zero_terms", self.zero_terms, np.float32, (rows, blocks)))
+        for name, array, dtype, shape in arrays:
+            if blocks < 0 or array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
+                raise ValueError(f"quantized rows the kernel cannot read: {name} {array.dtype} {list(array.shape)}, "
+                                 f"not C-contiguous {np.dtype(dtype).name} {list(shape)} in blocks of {self.block}")
 
     @property
     def rows(self) -> int:

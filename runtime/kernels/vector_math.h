@@ -1,4 +1,5 @@
-/* What the CPU kernels share (AVX-512F/BW/VL): 2^x for softmax weights, lane masks, int8 codes as float32.
+/* What the CPU kernels share (AVX-512F/BW/VL): 2^x for softmax weights, lane masks, int8 codes as float32, the
+ * attention entry points' argument check.
  * Included by causal_attention.c, decode_attention.c and layer_ops.c; runtime/kernels/build.py hashes it with each
  * source. */
 #ifndef PULSE_EDGE_VECTOR_MATH_H
@@ -29,6 +30,15 @@ static inline __mmask16 first(int n) {  /* the first n of 16 lanes (n may be <= 
 
 static inline __m512 codes_ps(const int8_t *c, int n) {  /* the first n of 16 int8 codes as fp32 (exact), 0 after */
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first(n), c)));
+}
+
+/* What an attention entry point returns for arguments its loops cannot take (runtime/kernels/attention.py checks
+ * them first; this keeps a caller that did not from writing past a buffer); -1 stays memory or a thread refused. */
+#define PE_BAD_ARGUMENTS (-2)
+
+static inline int attention_args_ok(int rows, int past, int heads, int kv_heads, int capacity, int d_head, int max_d) {
+    return rows >= 1 && past >= 0 && heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0 && d_head >= 16 &&
+           d_head % 16 == 0 && (max_d <= 0 || d_head <= max_d) && past <= capacity - rows;
 }
 
 #endif

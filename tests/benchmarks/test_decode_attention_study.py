@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from pulse_edge.benchmarks.studies import decode_attention
-from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention
 
 
 @pytest.fixture(scope="module")
-def kernel() -> CausalAttention:
-    try:
-        return CausalAttention.load(DECODE)
-    except KernelUnavailable as e:
-        pytest.skip(str(e))
+def kernel(kernel_or_skip: Callable[..., CausalAttention]) -> CausalAttention:
+    return kernel_or_skip(lambda: CausalAttention.load(DECODE))
 
 
 def test_the_kernel_is_checked_on_the_cache_ort_wrote_then_both_are_timed(kernel: CausalAttention,

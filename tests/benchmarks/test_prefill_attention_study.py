@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,8 @@ from pulse_edge.runtime.kernels.attention import CausalAttention
 
 
 @pytest.fixture(scope="module")
-def kernel() -> CausalAttention:
-    try:
-        return CausalAttention.load()
-    except KernelUnavailable as e:
-        pytest.skip(str(e))
+def kernel(kernel_or_skip: Callable[..., CausalAttention]) -> CausalAttention:
+    return kernel_or_skip(CausalAttention.load)
 
 
 def test_both_forms_compute_the_same_function_before_they_are_timed(kernel: CausalAttention, quiet_host: None

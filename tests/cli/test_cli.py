@@ -127,6 +127,23 @@ def test_a_disk_filling_up_during_an_export_is_one_line_and_leaves_nothing(tiny_
     assert list(tmp_path.iterdir()) == []  # no bundle, no partial directory, no lock file
 
 
+def test_memory_refused_while_answering_is_one_line(tiny_bundle: Path, ecg_png: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel's scratch or threads, numpy or ONNX Runtime refused mid-answer: the machine's state, one line,
+    exit 2."""
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise MemoryError("the attention kernel could not allocate its scratch or start its threads")
+
+    monkeypatch.setattr(Pipeline, "generate", refused)
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--max-new-tokens", "2"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("pulse-edge: error: the attention kernel could not allocate")
+    assert "free memory" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
 def test_other_os_errors_keep_their_traceback(tiny_checkpoint: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the machine's state (a full or read-only disk) is a user error: anything else stays visible as a bug."""

@@ -9,8 +9,12 @@ kernels' reason; the refusal and fallback tests run everywhere.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +28,7 @@ from pulse_edge.runtime.bundle.decode_index import read_index
 from pulse_edge.runtime.bundle.manifest import read_manifest
 from pulse_edge.runtime.engines.ort import SessionConfig, decoder_engine
 from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention
+from pulse_edge.runtime.kernels.layer_ops import LayerOps
 from pulse_edge.runtime.kernels.linear import BlockGemv
 from pulse_edge.runtime.pipeline import Pipeline
 
@@ -31,12 +36,9 @@ NATIVE = "native decode step (block GEMV + decode kernel)"
 
 
 @pytest.fixture(scope="module")
-def bundle(cpu_int8_bundle: Path) -> Path:
-    try:
-        BlockGemv.load()
-        CausalAttention.load(DECODE)
-    except KernelUnavailable as e:
-        pytest.skip(f"the export writes no decode index here: {e}")
+def bundle(cpu_int8_bundle: Path, kernel_or_skip: Callable[..., Any]) -> Path:
+    for load in (BlockGemv.load, lambda: CausalAttention.load(DECODE), LayerOps.load):
+        kernel_or_skip(load, "the export writes no decode index here: ")
     return cpu_int8_bundle
 
 
@@ -221,3 +223,24 @@ def test_a_graph_of_another_form_gets_no_index(tiny_bundle: Path) -> None:
     """The fp32 bundle's decode graph: float MatMuls and a float cache, not the step's form."""
     with pytest.raises(NotIndexable, match="not rotary attention over an int8 per-channel cache"):
         read_decode_graph(tiny_bundle / read_manifest(tiny_bundle).graphs[names.DECODER].file)
+
+
+@pytest.mark.parametrize("missing", ["BlockGemv", "CausalAttention", "LayerOps"])
+def test_no_index_where_one_of_the_steps_kernels_cannot_run(missing: str, bundle: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Any of the three kernels the runtime loads for the step refused on the export's machine: no index (one info
+    line), never an index whose validation then stops the export with a flag the user did not pass."""
+    from pulse_edge.export.build import native
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise KernelUnavailable(f"{missing} refused for the test")
+
+    monkeypatch.setattr(getattr(native, missing), "load", refuse)
+    spec = read_manifest(bundle).graphs[names.DECODER]
+    work = tmp_path / "work"
+    work.mkdir()
+    with caplog.at_level(logging.INFO, logger="pulse_edge"):
+        kept = native.index_graph(work, replace(spec, native_index=None))
+    assert kept.native_index is None and not list(work.iterdir())
+    assert f"no native decode step for this bundle: {missing} refused for the test" in caplog.text

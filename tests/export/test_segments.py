@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -33,19 +35,13 @@ LAYERS = 2  # the tiny decoder
 
 
 @pytest.fixture(scope="module")
-def kernel_here() -> None:
-    try:
-        CausalAttention.load()
-    except KernelUnavailable as e:
-        pytest.skip(f"the export writes no segments here: {e}")
+def kernel_here(kernel_or_skip: Callable[..., Any]) -> None:
+    kernel_or_skip(CausalAttention.load, "the export writes no segments here: ")
 
 
 @pytest.fixture(scope="module")
-def decode_kernel_here() -> None:
-    try:
-        CausalAttention.load(DECODE)
-    except KernelUnavailable as e:
-        pytest.skip(f"the export writes no decode segments here: {e}")
+def decode_kernel_here(kernel_or_skip: Callable[..., Any]) -> None:
+    kernel_or_skip(lambda: CausalAttention.load(DECODE), "the export writes no decode segments here: ")
 
 
 @pytest.fixture(scope="module")
@@ -294,16 +290,14 @@ def test_a_wrong_cut_or_kernel_refuses_the_export(breaks, reason: str, tiny_chec
     ("--decode-attention", DECODE, "--decode-attention kernel: this bundle's decoder graph is not cut")],
     ids=["prefill", "decode"])
 def test_infer_takes_the_attention_kernels_from_the_command_line(flag: str, kernel, refusal: str, bundle: Path,
-                                                                 tiny_bundle: Path, ecg_png: Path) -> None:
+                                                                 tiny_bundle: Path, ecg_png: Path,
+                                                                 kernel_or_skip: Callable[..., Any]) -> None:
     """The user's path: the kernel answers a print; asked for on a bundle it cannot serve, one line and exit 2."""
     from click.testing import CliRunner
 
     from pulse_edge.cli.main import main
 
-    try:
-        CausalAttention.load(kernel)
-    except KernelUnavailable as e:
-        pytest.skip(f"the export writes no segments for this kernel here: {e}")
+    kernel_or_skip(lambda: CausalAttention.load(kernel), "the export writes no segments for this kernel here: ")
     args = ["infer", str(ecg_png), "--json", "--max-new-tokens", "4", flag, "kernel"]
     served = CliRunner().invoke(main, [*args, "--model", str(bundle)])
     assert served.exit_code == 0, served.output

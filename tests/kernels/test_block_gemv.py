@@ -1,7 +1,8 @@
 """The quantized linear kernel (runtime/kernels/block_gemv.c) against its numpy twin and against what it stands in
 for, ONNX Runtime's MatMulNBits at accuracy level 4 on prepacked weights.
 
-Skips, with KernelUnavailable's reason, on a machine without AVX-512 VNNI or a C compiler.
+Skips (tests/conftest.py kernel_or_skip) on a machine without AVX-512 VNNI or a C compiler; fails where the kernel
+is broken.
 """
 
 from __future__ import annotations
@@ -14,15 +15,22 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pulse_edge.calibration.quant_math import quantize_blockwise
-from pulse_edge.runtime.kernels.linear import BlockGemv, BlockWeight, LinearScratch, random_weight, reference
+from pulse_edge.runtime.kernels.linear import (
+    BlockGemv,
+    BlockWeight,
+    LinearScratch,
+    QuantizedRows,
+    random_weight,
+    reference,
+)
 
 # exact integer dots, float32 sums in another order than the twin's float64 ones: measured 3-8e-7
 REL_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def gemv(load_or_skip: Callable[..., BlockGemv]) -> BlockGemv:
-    return load_or_skip(lambda cache: BlockGemv.load(cache=cache))
+def gemv(kernel_or_skip: Callable[..., BlockGemv], tmp_path_factory: pytest.TempPathFactory) -> BlockGemv:
+    return kernel_or_skip(lambda: BlockGemv.load(cache=tmp_path_factory.mktemp("kernels")))
 
 
 def _relative(got: np.ndarray, want: np.ndarray) -> float:
@@ -100,9 +108,11 @@ def test_the_kernel_computes_what_matmulnbits_computes(gemv: BlockGemv, bits: in
 
 def test_the_kernel_refuses_what_it_does_not_compute(gemv: BlockGemv) -> None:
     rng = np.random.default_rng(0)
-    odd = random_weight(rng, 64, 16, 4, 64)  # 4-bit blocks of 64: not a whole 64-byte load
-    with pytest.raises(ValueError, match="blocks of 64"):
-        gemv(gemv.quantize(np.ones((1, 64), np.float32), odd), odd, threads=1)
+    with pytest.raises(ValueError, match="blocks of 64"):  # 4-bit blocks of 64: not a whole 64-byte load
+        random_weight(rng, 64, 16, 4, 64)
+    x, codes, scales = np.ones((1, 64), np.float32), np.empty(64, np.int8), np.empty(2, np.float32)
+    assert gemv.library.pe_block_quantize(x.ctypes.data, 1, 64, 4, 64, codes.ctypes.data, scales.ctypes.data,
+                                          scales[1:].ctypes.data) == -1  # and the C code refuses them itself
     weight = random_weight(rng, 128, 16, 8, 128)
     with pytest.raises(ValueError, match="1 to 4"):
         gemv(gemv.quantize(np.ones((5, 128), np.float32), weight), weight, threads=1)
@@ -170,3 +180,22 @@ def test_the_c_entry_points_refuse_a_block_they_have_no_layout_for(gemv: BlockGe
                                           codes.ctypes.data, scales.ctypes.data, scales.ctypes.data, x.ctypes.data,
                                           1, 16, 128, bits, block) == -1
     assert not codes.any() and (x == 1).all()  # x stood in for the output too
+
+
+def test_buffers_the_c_code_would_misread_are_refused_when_made() -> None:
+    """The calls hand the arrays' addresses to C as they are: a weight or quantized rows of another shape, type or
+    layout are refused when made, before any call can read past them."""
+    rng = np.random.default_rng(3)
+    good = random_weight(rng, 256, 8, 4, 128)
+    with pytest.raises(ValueError, match="codes uint8"):
+        BlockWeight(good.codes[:, :1], good.scales, 256, 8, 4, 128)  # one block of two
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        BlockWeight(np.asfortranarray(good.codes), good.scales, 256, 8, 4, 128)
+    with pytest.raises(ValueError, match="scales float64"):
+        BlockWeight(good.codes, good.scales.astype(np.float64), 256, 8, 4, 128)
+    codes, scales = np.zeros((2, 256), np.int8), np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match="zero_terms float32 \\[2, 1\\]"):
+        QuantizedRows(codes, scales, np.zeros((2, 1), np.float32), 4, 128)
+    with pytest.raises(ValueError, match="codes int16"):
+        QuantizedRows(codes.astype(np.int16), scales, scales.copy(), 4, 128)
+    QuantizedRows(codes, scales, scales.copy(), 4, 128)  # the layout pe_block_quantize writes

@@ -1,17 +1,19 @@
 """The CPU attention kernels (runtime/kernels: the bf16 prefill one on AMX tiles or on AVX-512 BF16, the AVX-512
 decode one) against their numpy twin, and the build that makes them.
 
-The prefill tests run once per variant this machine has; each kernel test skips, with the reason
-KernelUnavailable gives, on a machine without its instructions or a C compiler. The build tests compile a
-plain C file and run wherever a compiler is.
+The prefill tests run once per variant this machine has; each kernel test skips on a machine without its
+instructions or a C compiler (tests/conftest.py kernel_or_skip), and fails where the kernel is broken. The build
+tests compile a plain C file and run wherever a compiler is.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,13 +28,14 @@ REL_TOL = 6e-3
 
 
 @pytest.fixture(scope="module", params=PREFILL, ids=["amx", "avx512-bf16"])
-def attention(request: pytest.FixtureRequest, load_or_skip: Callable[..., CausalAttention]) -> CausalAttention:
-    return load_or_skip(lambda cache: CausalAttention.load(request.param, cache=cache))
+def attention(request: pytest.FixtureRequest, kernel_or_skip: Callable[..., CausalAttention],
+              tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
+    return kernel_or_skip(lambda: CausalAttention.load(request.param, cache=tmp_path_factory.mktemp("kernels")))
 
 
 @pytest.fixture(scope="module")
-def decode(load_or_skip: Callable[..., CausalAttention]) -> CausalAttention:
-    return load_or_skip(lambda cache: CausalAttention.load(DECODE, cache=cache))
+def decode(kernel_or_skip: Callable[..., CausalAttention], tmp_path_factory: pytest.TempPathFactory) -> CausalAttention:
+    return kernel_or_skip(lambda: CausalAttention.load(DECODE, cache=tmp_path_factory.mktemp("kernels")))
 
 
 def _inputs(rows: int, past: int, heads: int, kv_heads: int, capacity: int, d: int, sharp: float = 1.0,
@@ -129,13 +132,11 @@ def test_a_row_never_sees_later_positions(attention: CausalAttention) -> None:
     assert not np.allclose(after[20:], before[20:])
 
 
-def test_the_prefill_variants_round_alike(tmp_path: Path) -> None:
+def test_the_prefill_variants_round_alike(tmp_path: Path, kernel_or_skip: Callable[..., CausalAttention]) -> None:
     """Where both run (an AMX CPU): the AVX-512 BF16 variant rounds as the AMX one does (bf16 products summed in
     fp32; only the order of the sums differs), so a bundle validated with one serves as well with the other."""
-    try:
-        amx, avx = (CausalAttention.load(kind, cache=tmp_path / "cache") for kind in PREFILL)
-    except KernelUnavailable as e:
-        pytest.skip(f"both variants needed: {e}")
+    amx, avx = (kernel_or_skip(lambda kind=kind: CausalAttention.load(kind, cache=tmp_path / "cache"),
+                               "both variants needed: ") for kind in PREFILL)
     q, k, v, ks, vs = _inputs(300, 200, 4, 2, 512, 128, sharp=4.0)
     want = reference(q, k, v, ks, vs, past=200)
     a, b = (kernel(q, k, v, ks, vs, past=200, threads=2) for kernel in (amx, avx))
@@ -199,12 +200,33 @@ def test_the_thread_count_does_not_change_the_result(attention: CausalAttention)
     (lambda a: {**a, "q": np.asfortranarray(a["q"])}, "q must be C-contiguous"),
     (lambda a: {**a, "ks": a["ks"][:1].copy()}, "scales must be"),
 ])
-def test_refuses_what_the_c_code_cannot_take(change, message: str) -> None:
-    """The checks run before the library is touched: reference() shares them, so no AMX is needed."""
+def test_refuses_what_the_c_code_cannot_take(change, message: str, decode: CausalAttention) -> None:
+    """The checks run before the library is touched, in the kernel's call and in the twin alike."""
     q, k, v, ks, vs = _inputs(8, 0, 4, 2, 64, 128)
     args = change({"q": q, "k": k, "v": v, "ks": ks, "vs": vs, "past": 0})
-    with pytest.raises(ValueError, match=message):
-        reference(args["q"], args["k"], args["v"], args["ks"], args["vs"], past=args["past"])
+    for compute in (reference, functools.partial(decode, threads=2)):
+        with pytest.raises(ValueError, match=message):
+            compute(args["q"], args["k"], args["v"], args["ks"], args["vs"], past=args["past"])
+
+
+@pytest.mark.parametrize(("rows", "past", "heads", "kv_heads", "capacity", "d"), [
+    (8, 0, 4, 2, 64, 72), (8, 0, 3, 2, 64, 128), (8, 60, 4, 2, 64, 128), (0, 0, 4, 2, 64, 128)])
+def test_the_c_entry_points_refuse_what_they_cannot_take(attention: CausalAttention, decode: CausalAttention,
+                                                         rows: int, past: int, heads: int, kv_heads: int,
+                                                         capacity: int, d: int) -> None:
+    """A caller that skipped the Python checks still gets no write past a buffer: the C code refuses with its own
+    code (PE_BAD_ARGUMENTS), and leaves the output as it was."""
+    from pulse_edge.runtime.kernels.attention import BAD_ARGUMENTS
+
+    q = np.ones((max(rows, 1), heads, d), np.float32)
+    k = np.zeros((kv_heads, capacity, d), np.int8)
+    scales = np.ones((kv_heads, d), np.float32)
+    for kernel in (attention, decode):
+        out = np.full_like(q, 7.0)
+        status = getattr(kernel.library, kernel.kind.symbol)(
+            q.ctypes.data, k.ctypes.data, k.ctypes.data, scales.ctypes.data, scales.ctypes.data, out.ctypes.data,
+            rows, past, heads, kv_heads, capacity, d, 0.1, 2)
+        assert status == BAD_ARGUMENTS and (out == 7.0).all()
 
 
 # The build: a plain C file, so these run wherever a compiler is.
@@ -322,17 +344,30 @@ def test_no_compiler_no_cpu_feature_no_cache_are_refused(source: Path, tmp_path:
         build.build(source, (), tmp_path / "cache")
 
 
-def test_the_decode_kernel_on_a_worker_pool_gives_the_same_output(decode: CausalAttention) -> None:
+def test_the_decode_kernel_on_a_worker_pool_gives_the_same_output(decode: CausalAttention,
+                                                                  kernel_or_skip: Callable[..., Any]) -> None:
     """The native decode step runs the decode kernel on the quantized linear kernel's worker threads
     (runtime/kernels/thread_pool.h): the same heads split the same way, so the same output bit for bit."""
     from pulse_edge.runtime.kernels.linear import BlockGemv
 
-    try:
-        pool = BlockGemv.load().pool(2)
-    except KernelUnavailable as e:
-        pytest.skip(str(e))
+    pool = kernel_or_skip(BlockGemv.load).pool(2)
     q, k, v, ks, vs = _inputs(3, 500, 8, 2, 600, 128, seed=9)
     started = decode(q, k, v, ks, vs, past=500, threads=2)
     pooled = decode(q, k, v, ks, vs, past=500, threads=2, pool=pool)
     np.testing.assert_array_equal(started, pooled)
     assert _relative(pooled, reference(q, k, v, ks, vs, past=500)) < 1e-5
+
+
+@pytest.mark.parametrize(("refusal", "skipped"), [
+    (build.CPUUnsupported("lacks avx512_bf16"), True), (build.MachineUnsupported("no C compiler found"), True),
+    (KernelUnavailable("the attention kernel built here disagrees with its twin"), False),
+    (KernelUnavailable("cc could not compile causal_attention.c (error: ...)"), False)])
+def test_only_what_the_machine_lacks_skips_a_kernel_test(refusal: KernelUnavailable, skipped: bool,
+                                                         kernel_or_skip: Callable[..., Any]) -> None:
+    """The tests' loader: a CPU, compiler or OS without what the kernel needs skips; a kernel that fails its
+    self-test or does not compile fails the test instead (else CI stays green on exactly the machines that run it)."""
+    def load() -> None:
+        raise refusal
+
+    with pytest.raises(pytest.skip.Exception if skipped else KernelUnavailable, match=str(refusal)[:12]):
+        kernel_or_skip(load)

@@ -1,6 +1,7 @@
 """The native decode step's elementwise kernels (runtime/kernels/layer_ops.c) against their numpy twins.
 
-Skips, with the reason KernelUnavailable gives, on a machine without AVX-512 or a C compiler.
+Skips (tests/conftest.py kernel_or_skip) on a machine without AVX-512 or a C compiler; fails where the kernel is
+broken.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pulse_edge.runtime.kernels.layer_ops import LayerOps
 
 
 @pytest.fixture(scope="module")
-def ops(load_or_skip: Callable[..., LayerOps]) -> LayerOps:
-    return load_or_skip(lambda cache: LayerOps.load(cache=cache))
+def ops(kernel_or_skip: Callable[..., LayerOps], tmp_path_factory: pytest.TempPathFactory) -> LayerOps:
+    return kernel_or_skip(lambda: LayerOps.load(cache=tmp_path_factory.mktemp("kernels")))
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
