@@ -35,7 +35,7 @@ from pulse_edge.export.build.memory import (
     reference_dtype,
     validation_session,
 )
-from pulse_edge.export.build.native import index_graph, native_parity
+from pulse_edge.export.build.native import drop_native_index, index_graph, native_parity
 from pulse_edge.export.build.segments import cut_graph, decode_segments_parity, drop_segments, segments_parity
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
@@ -265,9 +265,10 @@ def failure_summary(validation: dict[str, Any]) -> str:
         if not merged["pass"]:
             parts.append(f"merged image features of a {merged['image_size'][0]}x{merged['image_size'][1]} print: "
                          f"rel err {merged['max_rel_err']:.2g}")
+    native = validation["decoder"].get("native_decode")
     decoders = [("decoder", validation["decoder"]), ("prefill graph", validation["decoder"].get("prefill_graph")),
                 ("decode segments with the decode kernel", validation["decoder"].get("decode_segments")),
-                ("native decode step", validation["decoder"].get("native_decode"))]
+                ("native decode step", native if native and not native["pass"] else None)]  # else dropped, not refused
     for what, record in decoders:
         for case in record["cases"] if record else []:
             if not case["pass"]:
@@ -275,7 +276,6 @@ def failure_summary(validation: dict[str, Any]) -> str:
                 parts.append(f"{what} after a {case['prefill_length']}-position prefill: rel err "
                              f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
     decode = validation["decoder"].get("decode_segments")
-    native = validation["decoder"].get("native_decode")
     segments = validation["decoder"].get("prefill_segments") or {}
     for what, record in (("decode segments", decode), ("prefill segments", segments), ("native decode step", native)):
         if record and not record["cases"]:
@@ -326,6 +326,9 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     segments = validation["decoder"].get("prefill_segments")
     if segments and segments["pass"] and not segments["kernel_pass"]:  # the cut right, the kernel's rounding not
         manifest = drop_segments(work, manifest, segments)
+    native = validation["decoder"].get("native_decode")
+    if native and native["pass"] and not native["kept"]:  # the step right, its rounding too coarse here
+        manifest = drop_native_index(work, manifest, native)
     # the candidate runtime then serves as the written bundle will (the native decode step only where its
     # validation is recorded: runtime/engines/native.py)
     manifest = replace(manifest, validation=validation)

@@ -346,11 +346,12 @@ class Manifest:
 
 
 def native_validated(manifest: Manifest) -> bool:
-    """Did the export validate this bundle's native decode step (runtime/engines/native.py)? False for a bundle
-    without the record (older ones), or whose record is not the export's shape."""
+    """Did the export validate this bundle's native decode step (runtime/engines/native.py), and keep it? False for a
+    bundle without the record (older ones), whose record is not the export's shape, or whose step the export dropped
+    (`kept` false: its rounding too coarse for the model; export/build/native.py)."""
     decoder = manifest.validation.get("decoder") if isinstance(manifest.validation, dict) else None
     record = decoder.get("native_decode") if isinstance(decoder, dict) else None
-    return isinstance(record, dict) and record.get("pass") is True
+    return isinstance(record, dict) and record.get("pass") is True and record.get("kept", True) is True
 
 
 def _json_default(value: Any) -> Any:

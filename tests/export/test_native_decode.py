@@ -63,7 +63,7 @@ def test_the_export_writes_validates_and_records_the_index(bundle: Path) -> None
     assert len(index.layers) == manifest.kv.layers and index.data == f"{decoder.file}.data"
     assert {layer.qkv.bits for layer in index.layers} == {8}  # int8: MatMulNBits at 8 bits
     parity = manifest.validation["decoder"]["native_decode"]
-    assert parity["pass"] and parity["cases"] and all(c["decode"] for c in parity["cases"])
+    assert parity["pass"] and parity["kept"] and parity["cases"] and all(c["decode"] for c in parity["cases"])
     assert 0 < parity["kernel_call_rel_err"] < 1e-5  # float32 attention against its float32 twin
     assert manifest.validation["decoder"]["pass"]
     assert manifest.calibration.fidelity["decoded_by"] == NATIVE  # fidelity measured as served
@@ -244,3 +244,57 @@ def test_no_index_where_one_of_the_steps_kernels_cannot_run(missing: str, bundle
         kept = native.index_graph(work, replace(spec, native_index=None))
     assert kept.native_index is None and not list(work.iterdir())
     assert f"no native decode step for this bundle: {missing} refused for the test" in caplog.text
+
+
+def _blur_step(monkeypatch: pytest.MonkeyPatch, spread: float) -> None:
+    """The native step's logits off by noise of `spread` x their own spread: 0.1 moves them to cosine ~0.995 (beyond
+    the bound, as a rounding too coarse for the model would), 1.0 to ~0.7 (a step computing something else)."""
+    from pulse_edge.runtime.engines.native import NativeDecoder
+
+    real = NativeDecoder.forward
+    noise = np.random.default_rng(5)
+
+    def blurred(self, embeds: np.ndarray, past: int) -> None:
+        real(self, embeds, past)
+        self.logits += (spread * self.logits.std() * noise.standard_normal(self.logits.shape)).astype(np.float32)
+
+    monkeypatch.setattr(NativeDecoder, "forward", blurred)
+
+
+def _export(bundle: Path, tiny_checkpoint: Path, out: Path) -> Path:
+    from pulse_edge.calibration.recipes import make_recipe
+    from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+    from pulse_edge.export.quant.context import QuantSettings
+    from pulse_edge.export.validate.parity import ValidationPlan
+
+    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)  # the fixture's
+    return export_bundle(tiny_checkpoint, out, ExportOptions(precision="int8", quant=settings,
+                                                             plan=ValidationPlan.quick()))
+
+
+def test_a_step_too_coarse_for_the_model_is_dropped_not_the_export(bundle: Path, tiny_checkpoint: Path,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Beyond its bound but still the recipe's function: the bundle keeps the decode graph only, one warning says
+    so, and the runtime decodes on ONNX Runtime."""
+    _blur_step(monkeypatch, 0.1)
+    with caplog.at_level(logging.WARNING):
+        out = _export(bundle, tiny_checkpoint, tmp_path / "coarse")
+    manifest = read_manifest(out)
+    record = manifest.validation["decoder"]["native_decode"]
+    assert record["pass"] and not record["kept"] and not record["graph_pass"]
+    assert min(s["cosine"] for c in record["cases"] for s in (c["prefill"], *c["decode"])) >= 0.99
+    assert manifest.graphs[names.DECODER].native_index is None and not (out / names.DECODE_INDEX_FILE).exists()
+    assert names.DECODE_INDEX_FILE not in manifest.files and manifest.validation["pass"]
+    assert sum("the bundle has no native decode step" in r.message for r in caplog.records) == 1
+    assert manifest.calibration.fidelity["decoded_by"] != NATIVE
+
+
+def test_a_step_computing_something_else_refuses_the_export(bundle: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from pulse_edge.export.build.bundle import ExportValidationError
+
+    _blur_step(monkeypatch, 1.0)
+    with pytest.raises(ExportValidationError, match="native decode step after a"):
+        _export(bundle, tiny_checkpoint, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
