@@ -330,7 +330,7 @@ def _validate(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options:
     if native and native["pass"] and not native["kept"]:  # the step right, its rounding too coarse here
         manifest = drop_native_index(work, manifest, native)
     # the candidate runtime then serves as the written bundle will (the native decode step only where its
-    # validation is recorded: runtime/engines/native.py)
+    # validation is recorded and kept: runtime/engines/native.py)
     manifest = replace(manifest, validation=validation)
     manifest.write(work)
     wanted = quant is not None or options.fp16_cache

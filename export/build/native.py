@@ -69,7 +69,8 @@ def native_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, ch
                   quant: QuantContext, linear: LinearPlan, kv: KVScales | None, level: str,
                   session: SessionConfig) -> dict[str, Any]:
     """The native decode step against the reference computing the decode graph's schemes with the step's store
-    rule; refused like any graph where they differ, or where an attention call is off its twin."""
+    rule: kept within the bound, dropped beyond it (drop_native_index), refused where it computes something else
+    (a logit row below WRONG_STEP_COSINE, an attention call off its twin)."""
     log.info("validating the native decode step at prefill lengths %s", list(checks.prefill_lengths))
     # the step always quantizes the activations per block, as MatMulNBits does on prepacked weights; validation
     # sessions map the weights unpacked (export/build/memory.py), so the reference is told "prepacked" here

@@ -124,8 +124,8 @@ class CausalAttention:
     @classmethod
     def load(cls, kind: KernelKind | tuple[KernelKind, ...] = PREFILL, cache: Path | None = None) -> CausalAttention:
         """`kind`, or the first of several that loads here. A kind passed over for another reason than the CPU
-        (Linux refused AMX state, a self-test failed) is logged as a warning; where none loads, that reason is
-        raised, else the last kind's."""
+        (Linux refused AMX state, a self-test failed) is logged as a warning; where none loads, a broken kernel's
+        reason is raised first, then the machine's (build.MachineUnsupported), else the last kind's."""
         if isinstance(kind, KernelKind):
             return cls._load_one(kind, cache)
         if not kind:
@@ -141,7 +141,13 @@ class CausalAttention:
                 if not isinstance(e, build.CPUUnsupported):
                     log.warning("%s runs instead: %s", each.what, e)
             return kernel
-        raise next((e for e in refusals if not isinstance(e, build.CPUUnsupported)), refusals[-1])
+        # what the user must hear first: a broken kernel, then the machine's reasons beyond the CPU (AMX state refused,
+        # no compiler), the CPU's own last
+        for quiet in (build.MachineUnsupported, build.CPUUnsupported):
+            loud = [e for e in refusals if not isinstance(e, quiet)]
+            if loud:
+                raise loud[0]
+        raise refusals[-1]
 
     @classmethod
     def _load_one(cls, kind: KernelKind, cache: Path | None) -> CausalAttention:

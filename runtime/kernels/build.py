@@ -7,8 +7,9 @@ library is never loaded for a new source. Builds write a temporary file and rena
 half a library); a lock in the cache folder makes a second process wait for the first one's build rather
 than compile the same file beside it.
 
-Everything that stops a build or a load is a KernelUnavailable with one line: no compiler, a compiler too
-old for the flags, a CPU without the instructions.
+Everything that stops a build or a load is a KernelUnavailable with one line. What the machine lacks (a CPU
+without the instructions, no compiler, a compiler too old for the flags) is its MachineUnsupported kind; the
+rest (a source that a working compiler refuses, a library that does not load) means a broken kernel.
 """
 
 from __future__ import annotations
@@ -108,8 +109,25 @@ def _compile(cc: list[str], source: Path, flags: tuple[str, ...], out: Path) -> 
         raise KernelUnavailable(f"compiling {source.name} failed ({e}); set $CC to a working compiler") from e
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
-        raise KernelUnavailable(f"{cc[0]} could not compile {source.name} ({lines[0].strip()}); a compiler with "
-                                f"{' '.join(flags)} is needed (gcc >= 11, clang >= 12)")
+        # a compiler too old for the flags is the machine's limit; one that takes them but not the source, a broken
+        # kernel (the tests fail on that one, not skip)
+        refusal = MachineUnsupported if not _takes_flags(cc, flags, out.parent) else KernelUnavailable
+        raise refusal(f"{cc[0]} could not compile {source.name} ({lines[0].strip()}); a compiler with "
+                      f"{' '.join(flags)} is needed (gcc >= 11, clang >= 12)")
+
+
+def _takes_flags(cc: list[str], flags: tuple[str, ...], scratch: Path) -> bool:
+    """Does the compiler accept these flags at all (an empty translation unit)?"""
+    empty = scratch / f".flags-{os.getpid()}.c"
+    try:
+        empty.write_text("int pe_nothing;\n")
+        done = subprocess.run([*cc, *COMMON_FLAGS, *flags, str(empty), "-o", os.devnull], capture_output=True,
+                              timeout=BUILD_TIMEOUT_S)
+        return done.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        empty.unlink(missing_ok=True)
 
 
 def build(source: Path, flags: tuple[str, ...], cache: Path | None = None) -> Path:

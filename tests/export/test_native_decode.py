@@ -267,7 +267,7 @@ def _export(bundle: Path, tiny_checkpoint: Path, out: Path) -> Path:
     from pulse_edge.export.quant.context import QuantSettings
     from pulse_edge.export.validate.parity import ValidationPlan
 
-    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)  # the fixture's
+    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)  # its scales
     return export_bundle(tiny_checkpoint, out, ExportOptions(precision="int8", quant=settings,
                                                              plan=ValidationPlan.quick()))
 

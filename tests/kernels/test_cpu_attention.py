@@ -8,7 +8,6 @@ tests compile a plain C file and run wherever a compiler is.
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import shutil
 from collections.abc import Callable
@@ -149,7 +148,7 @@ def _kinds(*whats: str) -> tuple[KernelKind, ...]:
 
 @pytest.mark.parametrize(("refusals", "loaded", "warned"), [
     ({"first": build.CPUUnsupported("no amx")}, "second", []),  # the expected case on a CPU without AMX: no warning
-    ({"first": KernelUnavailable("Linux refused AMX state")}, "second", ["Linux refused AMX state"]),
+    ({"first": build.MachineUnsupported("Linux refused AMX state")}, "second", ["Linux refused AMX state"]),
     ({}, "first", []),
 ], ids=["cpu", "refused", "first"])
 def test_the_first_kind_that_loads_is_the_kernel(refusals: dict, loaded: str, warned: list[str],
@@ -168,13 +167,16 @@ def test_the_first_kind_that_loads_is_the_kernel(refusals: dict, loaded: str, wa
 
 @pytest.mark.parametrize(("refusals", "raised"), [
     ((build.CPUUnsupported("lacks amx"), build.CPUUnsupported("lacks avx512_bf16")), "lacks avx512_bf16"),
-    ((KernelUnavailable("Linux refused AMX state"), build.CPUUnsupported("lacks avx512_bf16")),
+    ((build.MachineUnsupported("Linux refused AMX state"), build.CPUUnsupported("lacks avx512_bf16")),
      "Linux refused AMX state"),
-], ids=["cpu", "refused"])
+    ((build.MachineUnsupported("Linux refused AMX state"), KernelUnavailable("disagrees with its twin")),
+     "disagrees with its twin"),
+], ids=["cpu", "refused", "broken"])
 def test_where_no_kind_loads_the_reason_that_matters_is_raised(refusals: tuple, raised: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU without the instructions is the expected, quiet case; anything else (a refusal, a compiler) is what the
-    user must hear about, so it wins over the CPU's."""
+    user must hear about, so it wins over the CPU's; and a broken kernel wins over the machine's reasons (a test
+    must then fail, not skip)."""
     by_name = dict(zip(("first", "second"), refusals, strict=True))
 
     def load_one(cls, kind: KernelKind, cache: Path | None) -> None:
@@ -191,7 +193,7 @@ def test_the_thread_count_does_not_change_the_result(attention: CausalAttention)
                                   attention(q, k, v, ks, vs, past=50, threads=2))
 
 
-@pytest.mark.parametrize(("change", "message"), [
+REFUSALS = [
     (lambda a: {**a, "q": a["q"][:, :, :72].copy(), "k": a["k"][:, :, :72].copy(), "v": a["v"][:, :, :72].copy()},
      "multiple of 16"),
     (lambda a: {**a, "q": np.zeros((8, 3, 128), np.float32)}, "not a multiple"),
@@ -199,14 +201,24 @@ def test_the_thread_count_does_not_change_the_result(attention: CausalAttention)
     (lambda a: {**a, "k": a["k"].astype(np.int16)}, "k_codes must be"),
     (lambda a: {**a, "q": np.asfortranarray(a["q"])}, "q must be C-contiguous"),
     (lambda a: {**a, "ks": a["ks"][:1].copy()}, "scales must be"),
-])
-def test_refuses_what_the_c_code_cannot_take(change, message: str, decode: CausalAttention) -> None:
-    """The checks run before the library is touched, in the kernel's call and in the twin alike."""
+]
+
+
+@pytest.mark.parametrize(("change", "message"), REFUSALS)
+def test_refuses_what_the_c_code_cannot_take(change, message: str) -> None:
+    """The checks run before the library is touched: reference() shares them, so they run on any machine."""
     q, k, v, ks, vs = _inputs(8, 0, 4, 2, 64, 128)
     args = change({"q": q, "k": k, "v": v, "ks": ks, "vs": vs, "past": 0})
-    for compute in (reference, functools.partial(decode, threads=2)):
-        with pytest.raises(ValueError, match=message):
-            compute(args["q"], args["k"], args["v"], args["ks"], args["vs"], past=args["past"])
+    with pytest.raises(ValueError, match=message):
+        reference(args["q"], args["k"], args["v"], args["ks"], args["vs"], past=args["past"])
+
+
+@pytest.mark.parametrize(("change", "message"), REFUSALS)
+def test_the_kernels_call_refuses_it_too(change, message: str, decode: CausalAttention) -> None:
+    q, k, v, ks, vs = _inputs(8, 0, 4, 2, 64, 128)
+    args = change({"q": q, "k": k, "v": v, "ks": ks, "vs": vs, "past": 0})
+    with pytest.raises(ValueError, match=message):
+        decode(args["q"], args["k"], args["v"], args["ks"], args["vs"], past=args["past"], threads=2)
 
 
 @pytest.mark.parametrize(("rows", "past", "heads", "kv_heads", "capacity", "d"), [
@@ -325,8 +337,15 @@ def test_a_compile_error_is_one_line_and_leaves_nothing(source: Path, tmp_path: 
     cache = tmp_path / "cache"
     with pytest.raises(KernelUnavailable, match=r"could not compile plain\.c \(.*error") as caught:
         build.build(source, (), cache)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and not isinstance(caught.value, build.MachineUnsupported)  # a broken source
     assert not [p for p in cache.iterdir() if p.suffix == ".so" or "partial" in p.name]
+
+
+def test_a_compiler_too_old_for_the_flags_is_the_machines_limit(source: Path, tmp_path: Path) -> None:
+    """A flag the compiler does not know (an old gcc and -mamx-tile): the machine lacks it, the tests skip."""
+    with pytest.raises(build.MachineUnsupported, match=r"could not compile plain\.c"):
+        build.build(source, ("-mno-such-flag-pulse-edge",), tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix in (".so", ".c")]
 
 
 def test_no_compiler_no_cpu_feature_no_cache_are_refused(source: Path, tmp_path: Path,
