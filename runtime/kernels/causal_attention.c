@@ -30,9 +30,11 @@
  * columns n, the pair (B[2k, n], B[2k + 1, n]). Keys pack as Kp[d / 2][t][2] (a B row is 16 keys' pair of
  * channels), values as Vp[t / 2][d][2] (16 channels' pair of keys).
  *
- * Without AMX the same two block products run on vdpbf16ps over the same packed layouts: a B row's 64 columns
- * are four zmm registers of pairs, each of 4 A rows' pair broadcast into them, 16 accumulators in registers
- * (block_4x64). The rounding is the same (bf16 products summed in fp32); only the order of the fp32 sums differs.
+ * Without AMX the same two block products run on vdpbf16ps over the same packed layouts (Kp's rows one cache line
+ * longer: KEY_PAD, see pack_head): a B row's 64 columns are four zmm registers of pairs, each of 4 A rows' pair
+ * broadcast into them, 16 accumulators in registers (block_4x64). P V accumulates straight into O there, each row
+ * rescaled as it is loaded into the registers. The rounding is the same (bf16 products summed in fp32); only the
+ * order of the fp32 sums differs.
  */
 #include <errno.h>
 #include <immintrin.h>
@@ -51,6 +53,11 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define LOG2E 1.4426950408889634f
+#ifdef PE_NO_AMX
+#define KEY_PAD 16     /* keys of padding per row of Kp, so its rows do not fall on the same cache sets (see pack_head) */
+#else
+#define KEY_PAD 0
+#endif
 
 #ifndef PE_NO_AMX
 /* The tile configuration's memory format (Intel SDM, LDTILECFG). */
@@ -85,28 +92,27 @@ int pe_request_amx(void) { return 0; }  /* nothing to ask for */
 #define TILES_END() ((void)0)
 #endif
 
-static inline uint16_t bf16_of(float x) {  /* round to nearest even; the inputs here are finite */
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 /* Kp[dp / 2][t][2] and Vp[t / 2][dp][2] for t < rows; zeros up to `padded` positions (a multiple of BK) and `dp`
- * channels (d_head rounded up to 64: the tiles' width). The codes are exact in bf16, so this is a reordering,
- * vectorised: a key row's channel pairs scatter to the rows of Kp (one 32-bit pair each); two value rows
- * interleave into one row of Vp. */
-static void pack_head(const int8_t *k, const int8_t *v, int rows, int padded, int d_head, int dp, int row_stride,
-                      uint16_t *kp, uint16_t *vp) {
-    memset(kp, 0, sizeof(uint16_t) * (size_t)padded * dp);
+ * channels (d_head rounded up to 64: the tiles' width); Kp's rows `kstride` keys apart. The codes are exact in bf16,
+ * so this is a reordering, vectorised: a key row's channel pairs scatter to the rows of Kp (one 32-bit pair each);
+ * two value rows interleave into one row of Vp.
+ *
+ * Why kstride = padded + KEY_PAD: a block of scores reads 64 rows of Kp, 256 bytes each, padded x 4 bytes apart. At
+ * 2048 or 3072 positions (a prompt's first chunk, and its whole length) that distance is a multiple of 4 KiB, so
+ * every row falls on the same four sets of the 8-way L1 and the four row groups of block_4x64 re-read them from L2.
+ * One cache line more per row spreads them over every set. The AMX build keeps padded (not measured there). */
+static void pack_head(const int8_t *k, const int8_t *v, int rows, int padded, int kstride, int d_head, int dp,
+                      int row_stride, uint16_t *kp, uint16_t *vp) {
+    memset(kp, 0, sizeof(uint16_t) * (size_t)kstride * dp);
     memset(vp, 0, sizeof(uint16_t) * (size_t)padded * dp);
     const __m512i pair_rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                 _mm512_set1_epi32(padded));
+                                                 _mm512_set1_epi32(kstride));
     for (int t = 0; t < rows; t++) {
         const int8_t *kr = k + (size_t)t * row_stride;
         for (int d = 0; d < d_head; d += 32) {
             __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(codes_ps(kr + d + 16, d_head - d - 16),
                                                          codes_ps(kr + d, d_head - d));
-            _mm512_mask_i32scatter_epi32((int *)kp + (size_t)(d / 2) * padded + t, first((d_head - d + 1) / 2),
+            _mm512_mask_i32scatter_epi32((int *)kp + (size_t)(d / 2) * kstride + t, first((d_head - d + 1) / 2),
                                          pair_rows, pairs, 4);
         }
     }
@@ -124,11 +130,11 @@ static void pack_head(const int8_t *k, const int8_t *v, int rows, int padded, in
 
 #ifndef PE_NO_AMX
 /* S [16, 64] = Q [16, dp] x K[key0 : key0 + 64]^T, into s (fp32, row stride BK). */
-static void scores_block(const uint16_t *qb, const uint16_t *kp, int padded, int dp, int key0, float *s) {
+static void scores_block(const uint16_t *qb, const uint16_t *kp, int kstride, int dp, int key0, float *s) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int j = 0; j < dp / 32; j++) {
-        const uint16_t *b = kp + ((size_t)16 * j * padded + key0) * 2;
-        const long b_stride = (long)padded * 4;
+        const uint16_t *b = kp + ((size_t)16 * j * kstride + key0) * 2;
+        const long b_stride = (long)kstride * 4;
         _tile_loadd(4, qb + 32 * j, dp * 2);
         _tile_loadd(5, b, b_stride);      _tile_dpbf16ps(0, 4, 5);
         _tile_loadd(5, b + 32, b_stride); _tile_dpbf16ps(1, 4, 5);
@@ -156,14 +162,30 @@ static void values_block(const uint16_t *pb, const uint16_t *vp, int dp, int key
         _tile_stored(2, pv + d0 + 32, dp * 4); _tile_stored(3, pv + d0 + 48, dp * 4);
     }
 }
+
+/* acc [16, dp] = acc x alpha (each row its own) + P [16, 64] x V[key0 : key0 + 64]: the product into pv, then added. */
+static void accumulate_values(const uint16_t *pb, const uint16_t *vp, int dp, int key0, const float *alpha, float *acc,
+                              float *pv) {
+    values_block(pb, vp, dp, key0, pv);
+    for (int r = 0; r < BQ; r++) {
+        __m512 a = _mm512_set1_ps(alpha[r]);
+        for (int d = 0; d < dp; d += 16) {
+            __m512 o = _mm512_loadu_ps(acc + r * dp + d);
+            _mm512_storeu_ps(acc + r * dp + d, _mm512_fmadd_ps(o, a, _mm512_loadu_ps(pv + r * dp + d)));
+        }
+    }
+}
 #else
-/* C [4, 64] = A [4, 2 pairs] x B [pairs, 64] in fp32, B in the pairwise layout: A row r's pair k is one 32-bit word at
- * a + r * a_stride + 2k, B's row k the 64 columns' pairs at b + k * b_stride (uint16 units). */
+/* C [4, 64] = C x alpha + A [4, 2 pairs] x B [pairs, 64] in fp32 (alpha NULL: C = A B), B in the pairwise layout: A row
+ * r's pair k is one 32-bit word at a + r * a_stride + 2k, B's row k the 64 columns' pairs at b + k * b_stride (uint16
+ * units); alpha[r] scales C's row r. */
 static void block_4x64(const uint16_t *a, int a_stride, const uint16_t *b, long b_stride, int pairs, float *c,
-                       int c_stride) {
+                       int c_stride, const float *alpha) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
-        for (int n = 0; n < 4; n++) acc[r][n] = _mm512_setzero_ps();
+        for (int n = 0; n < 4; n++)
+            acc[r][n] = alpha ? _mm512_mul_ps(_mm512_loadu_ps(c + (size_t)r * c_stride + 16 * n), _mm512_set1_ps(alpha[r]))
+                              : _mm512_setzero_ps();
     for (int k = 0; k < pairs; k++) {
         const uint16_t *row = b + k * b_stride;
         __m512bh col[4];
@@ -179,19 +201,38 @@ static void block_4x64(const uint16_t *a, int a_stride, const uint16_t *b, long 
         for (int n = 0; n < 4; n++) _mm512_storeu_ps(c + (size_t)r * c_stride + 16 * n, acc[r][n]);
 }
 
-/* The two block products of the AMX path above, four query rows at a time. */
-static void scores_block(const uint16_t *qb, const uint16_t *kp, int padded, int dp, int key0, float *s) {
+/* The block products of the AMX path above, four query rows at a time. Here P V accumulates straight into acc, its
+ * rows scaled by alpha as they are loaded (the registers hold them anyway): no second pass over acc, and the pv
+ * scratch the AMX path needs goes unused. */
+static void scores_block(const uint16_t *qb, const uint16_t *kp, int kstride, int dp, int key0, float *s) {
     for (int r0 = 0; r0 < BQ; r0 += 4)
-        block_4x64(qb + (size_t)r0 * dp, dp, kp + (size_t)key0 * 2, (long)padded * 2, dp / 2, s + r0 * BK, BK);
+        block_4x64(qb + (size_t)r0 * dp, dp, kp + (size_t)key0 * 2, (long)kstride * 2, dp / 2, s + r0 * BK, BK, NULL);
 }
 
-static void values_block(const uint16_t *pb, const uint16_t *vp, int dp, int key0, float *pv) {
+static void accumulate_values(const uint16_t *pb, const uint16_t *vp, int dp, int key0, const float *alpha, float *acc,
+                              float *pv) {
+    (void)pv;
     for (int d0 = 0; d0 < dp; d0 += 64)
         for (int r0 = 0; r0 < BQ; r0 += 4)
             block_4x64(pb + r0 * BK, BK, vp + ((size_t)(key0 / 2) * dp + d0) * 2, (long)dp * 2, BK / 2,
-                       pv + (size_t)r0 * dp + d0, dp);
+                       acc + (size_t)r0 * dp + d0, dp, alpha + r0);
 }
 #endif
+
+/* qb [16, dp] bf16: the block's n query rows x ks x scale x log2(e), multiplied in that order in fp32 and rounded to
+ * nearest even (vcvtneps2bf16: a subnormal product, below 1.2e-38, becomes 0); zeros past n rows and d_head channels
+ * (d_head a multiple of 16). */
+static void query_block(const float *q, int q_stride, const float *ks, int n, int d_head, int dp, float scale,
+                        uint16_t *qb) {
+    memset(qb, 0, sizeof(uint16_t) * BQ * dp);
+    const __m512 s = _mm512_set1_ps(scale), e = _mm512_set1_ps(LOG2E);
+    for (int r = 0; r < n; r++)
+        for (int d = 0; d < d_head; d += 16) {
+            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(q + (size_t)r * q_stride + d), _mm512_loadu_ps(ks + d));
+            x = _mm512_mul_ps(_mm512_mul_ps(x, s), e);
+            _mm256_storeu_si256((__m256i *)(qb + (size_t)r * dp + d), (__m256i)_mm512_cvtneps_pbh(x));
+        }
+}
 
 /* One row's online softmax over a block: mask keys past `last` (inclusive bound), update m and l, write the
  * row's weights as bf16 and return the factor the row's accumulator is rescaled by. */
@@ -206,7 +247,7 @@ static float softmax_row(float *s, int key0, int last, float *m, float *l, uint1
         mx = _mm512_max_ps(mx, v[c]);
     }
     float m_new = fmaxf(*m, _mm512_reduce_max_ps(mx));
-    float alpha = *m == -INFINITY ? 0.0f : exp2f(*m - m_new);
+    float alpha = *m == -INFINITY ? 0.0f : *m == m_new ? 1.0f : exp2f(*m - m_new);  /* exp2f(0) is 1: no call */
     __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(m_new);
     for (int c = 0; c < BK / 16; c += 2) {
         /* a masked key's weight is exactly 0 (exp2_ps alone would give 2^-126) */
@@ -223,7 +264,7 @@ static float softmax_row(float *s, int key0, int last, float *m, float *l, uint1
 /* One head: every block of 16 query rows against the keys its rows may see. q, ks, vs and out hold d_head
  * channels; the tiles and the working rows dp (zeros beyond d_head). */
 static void attend_head(const float *q, int q_stride, const float *ks, const float *vs, const uint16_t *kp,
-                        const uint16_t *vp, int padded, int rows, int past, int total, int d_head, int dp, float scale,
+                        const uint16_t *vp, int kstride, int rows, int past, int total, int d_head, int dp, float scale,
                         float *out, int out_stride, void *scratch) {
     uint16_t *qb = scratch;                       /* [16, dp] bf16 */
     uint16_t *pb = qb + BQ * dp;                  /* [16, 64] bf16 */
@@ -233,29 +274,19 @@ static void attend_head(const float *q, int q_stride, const float *ks, const flo
     float m[BQ], l[BQ];
     for (int i0 = 0; i0 < rows; i0 += BQ) {
         int n = rows - i0 < BQ ? rows - i0 : BQ;
-        memset(qb, 0, sizeof(uint16_t) * BQ * dp);
-        for (int r = 0; r < n; r++)
-            for (int d = 0; d < d_head; d++)
-                qb[r * dp + d] = bf16_of(q[(size_t)(i0 + r) * q_stride + d] * ks[d] * scale * LOG2E);
+        query_block(q + (size_t)i0 * q_stride, q_stride, ks, n, d_head, dp, scale, qb);
         memset(acc, 0, sizeof(float) * BQ * dp);
         for (int r = 0; r < BQ; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
         int last_key = past + i0 + n - 1;         /* the block's last row sees keys [0, last_key] */
         for (int key0 = 0; key0 <= last_key; key0 += BK) {
-            scores_block(qb, kp, padded, dp, key0, s);
+            scores_block(qb, kp, kstride, dp, key0, s);
             float alpha[BQ];
             for (int r = 0; r < BQ; r++) {
                 int last = r < n ? past + i0 + r : 0;   /* padding rows see key 0 only */
                 if (last > total - 1) last = total - 1;
                 alpha[r] = softmax_row(s + r * BK, key0, last, &m[r], &l[r], pb + r * BK);
             }
-            values_block(pb, vp, dp, key0, pv);
-            for (int r = 0; r < BQ; r++) {
-                __m512 a = _mm512_set1_ps(alpha[r]);
-                for (int d = 0; d < dp; d += 16) {
-                    __m512 o = _mm512_loadu_ps(acc + r * dp + d);
-                    _mm512_storeu_ps(acc + r * dp + d, _mm512_fmadd_ps(o, a, _mm512_loadu_ps(pv + r * dp + d)));
-                }
-            }
+            accumulate_values(pb, vp, dp, key0, alpha, acc, pv);
         }
         for (int r = 0; r < n; r++) {
             __m512 inv = _mm512_set1_ps(1.0f / l[r]);
@@ -278,15 +309,16 @@ typedef struct {
 static void *run_job(void *arg) {
     const job *j = arg;
     const int total = j->past + j->rows, padded = (total + BK - 1) / BK * BK, group = j->heads / j->kv_heads;
-    const size_t pack = (size_t)padded * j->dp;
+    const int kstride = padded + KEY_PAD;
+    const size_t pack = (size_t)kstride * j->dp;
     uint16_t *kp = (uint16_t *)j->scratch, *vp = kp + pack;
     TILES_BEGIN();
     for (int g = j->first; g < j->kv_heads; g += j->threads) {
         const size_t base = (size_t)g * j->capacity * j->d_head;
-        pack_head(j->kq + base, j->vq + base, total, padded, j->d_head, j->dp, j->d_head, kp, vp);
+        pack_head(j->kq + base, j->vq + base, total, padded, kstride, j->d_head, j->dp, j->d_head, kp, vp);
         for (int h = g * group; h < (g + 1) * group; h++)
             attend_head(j->q + (size_t)h * j->d_head, j->heads * j->d_head, j->ks + (size_t)g * j->d_head,
-                        j->vs + (size_t)g * j->d_head, kp, vp, padded, j->rows, j->past, total, j->d_head, j->dp,
+                        j->vs + (size_t)g * j->d_head, kp, vp, kstride, j->rows, j->past, total, j->d_head, j->dp,
                         j->scale,
                         j->out + (size_t)h * j->d_head, j->heads * j->d_head, vp + pack);
     }
@@ -309,7 +341,7 @@ int pe_causal_attention_int8kv(const float *q, const int8_t *kq, const int8_t *v
                                float scale, int threads) {
     if (!attention_args_ok(rows, past, heads, kv_heads, capacity, d_head, 0)) return PE_BAD_ARGUMENTS;
     const int total = past + rows, padded = (total + BK - 1) / BK * BK, dp = (d_head + 63) / 64 * 64;
-    const size_t pack = (size_t)padded * dp;
+    const size_t pack = (size_t)(padded + KEY_PAD) * dp;
     const size_t work = sizeof(uint16_t) * (BQ * dp + BQ * BK) + sizeof(float) * (BQ * BK + 2 * BQ * dp);
     const size_t per_thread = (sizeof(uint16_t) * 2 * pack + work + 63) / 64 * 64;
     if (threads > kv_heads) threads = kv_heads;
