@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 #     W8A8 0.99568 (dropped).
 KEEP_COSINE = 0.999
 WRONG_CALL_REL_ERR = 0.25
+# The cut's verdict, from the logits with the kernel's float32 twin against the reference: within the prefill
+# graph's own bound the cut is right; below WRONG_CUT_COSINE it computes something else and the export is refused;
+# between the two it is rounding: per-token activation codes flip under another float order and the flips compound
+# with depth (the random 32-layer int4 export: 0.079 / 0.996984 after 64 positions in two chunks against 0.15 / 0.997,
+# the whole prefill graph passing its own check), so the segments are dropped and the bundle written.
+WRONG_CUT_COSINE = 0.99
 # The decode kernel computes in float32 (runtime/kernels/decode_attention.c): a call off its twin by more than
 # this (measured ~1e-6) is a wrong kernel, refused
 WRONG_DECODE_CALL_REL_ERR = 1e-4
@@ -85,13 +91,14 @@ def segments_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, 
             plan=checks,
             session=replace(session, prefill_attention="kernel", prefill_graph="on"))  # "on": whatever memory says
     cases = report["cases"]
-    keep = bool(cases) and min(c["kernel_vs_twin"]["cosine"] for c in cases) >= KEEP_COSINE
-    plausible = bool(cases) and max(c["kernel_call_rel_err"] for c in cases) <= WRONG_CALL_REL_ERR
-    # the verdict: the cut right and the kernel right (else refused); kept when its rounding is fine here, else
-    # dropped (drop_segments)
+    keep = bool(cases) and all(c["kernel_vs_twin"]["cosine"] >= KEEP_COSINE for c in cases)  # NaN: not kept
+    plausible = bool(cases) and all(c["kernel_call_rel_err"] <= WRONG_CALL_REL_ERR for c in cases)
+    cut_right = bool(cases) and all(c["prefill_twin"]["cosine"] >= WRONG_CUT_COSINE for c in cases)
+    # the verdict: the cut and the kernel not wrong (else refused); kept when the twin is within the bound and the
+    # kernel's rounding fine here, else dropped (drop_segments)
     return {**report, "twin_pass": report["pass"], "kernel_pass": keep, "kernel_plausible": plausible,
-            "pass": bool(report["pass"] and plausible), "tolerance_level": level, "kernel_keep_cosine": KEEP_COSINE,
-            "kernel_wrong_call_rel_err": WRONG_CALL_REL_ERR,
+            "pass": bool(cut_right and plausible), "tolerance_level": level, "kernel_keep_cosine": KEEP_COSINE,
+            "kernel_wrong_call_rel_err": WRONG_CALL_REL_ERR, "wrong_cut_cosine": WRONG_CUT_COSINE,
             "kept": True}
 
 
@@ -125,12 +132,21 @@ def checked_decode_parity(validate: Callable[..., dict[str, Any]], kernel: str, 
 
 
 def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Manifest:
-    """The cut is right but the kernel's bf16 attention moves this model's logits too far from its twin's (large
-    scores: bf16 q moves each by |score| x 2^-9): the bundle keeps only the whole prefill graph. Says so once."""
-    worst = min(c["kernel_vs_twin"]["cosine"] for c in record["cases"])
-    log.warning("the CPU attention kernel's bf16 rounding moves this model's logits to cosine %.6f of its float32 "
-                "twin's (kept from %s): the prefill graph is kept whole (no segments); long prompts prefill in "
-                "float32", worst, KEEP_COSINE)
+    """The cut and the kernel compute the prefill, but rounding moves this model's logits too far: the segments' own
+    (the twin's logits beyond the prefill graph's bound: per-token codes flipping layer after layer) or the kernel's
+    bf16 attention against its twin (large scores: bf16 q moves each by |score| x 2^-9). The bundle keeps only the
+    whole prefill graph. Says so once."""
+    if not record["twin_pass"]:
+        worst = min(c["prefill_twin"]["cosine"] for c in record["cases"])
+        log.warning("the prefill segments (with the attention kernel's float32 twin) move this model's logits beyond "
+                    "the prefill graph's bound (cosine %.6f; bound %s): rounding, not a wrong cut (from %s); the "
+                    "prefill graph is kept whole (no segments), long prompts prefill in float32", worst,
+                    record["tolerance"], WRONG_CUT_COSINE)
+    else:
+        worst = min(c["kernel_vs_twin"]["cosine"] for c in record["cases"])
+        log.warning("the CPU attention kernel's bf16 rounding moves this model's logits to cosine %.6f of its float32 "
+                    "twin's (kept from %s): the prefill graph is kept whole (no segments); long prompts prefill in "
+                    "float32", worst, KEEP_COSINE)
     record["kept"] = False
     prefill = manifest.graphs[names.PREFILL]
     dropped = [*(s.file for s in prefill.segments), str(prefill.segment_scales)]
