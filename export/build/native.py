@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.export.build.segments import checked_decode_parity
+from pulse_edge.export.build.segments import bound_text, checked_decode_parity
 from pulse_edge.export.graphs.decode_index import NotIndexable, read_decode_graph
 from pulse_edge.export.graphs.decoder import LinearPlan
 from pulse_edge.export.graphs.kv_cache import KVScales
@@ -91,7 +91,7 @@ def drop_native_index(work: Path, manifest: Manifest, record: dict[str, Any]) ->
                 default=float("nan"))
     log.warning("the native decode step's per-block activation rounding moves this model's logits beyond its bound "
                 "(worst rel err %.3g; bound %s): the bundle has no native decode step, ONNX Runtime decodes",
-                worst, record["tolerance"])
+                worst, bound_text(record["tolerance"]))
     decoder = manifest.graphs[names.DECODER]
     index = str(decoder.native_index)
     (work / index).unlink()

@@ -131,6 +131,11 @@ def checked_decode_parity(validate: Callable[..., dict[str, Any]], kernel: str, 
             "tolerance_level": level, "kernel_wrong_call_rel_err": WRONG_DECODE_CALL_REL_ERR, "kernel": kernel}
 
 
+def bound_text(tolerance: dict[str, float]) -> str:
+    """A parity bound as the logs print it: "rel err 0.15, cosine 0.997"."""
+    return f"rel err {tolerance['max_rel_err']:.3g}, cosine {tolerance['min_cosine']:.6g}"
+
+
 def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Manifest:
     """The cut and the kernel compute the prefill, but rounding moves this model's logits too far: the segments' own
     (the twin's logits beyond the prefill graph's bound: per-token codes flipping layer after layer) or the kernel's
@@ -139,9 +144,9 @@ def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Man
     if not record["twin_pass"]:
         worst = min(c["prefill_twin"]["cosine"] for c in record["cases"])
         log.warning("the prefill segments (with the attention kernel's float32 twin) move this model's logits beyond "
-                    "the prefill graph's bound (cosine %.6f; bound %s): rounding, not a wrong cut (from %s); the "
-                    "prefill graph is kept whole (no segments), long prompts prefill in float32", worst,
-                    record["tolerance"], WRONG_CUT_COSINE)
+                    "the prefill graph's bound (cosine %.6f; bound %s): rounding, not a wrong cut (that is below "
+                    "%s); the prefill graph is kept whole (no segments), long prompts prefill in float32", worst,
+                    bound_text(record["tolerance"]), WRONG_CUT_COSINE)
     else:
         worst = min(c["kernel_vs_twin"]["cosine"] for c in record["cases"])
         log.warning("the CPU attention kernel's bf16 rounding moves this model's logits to cosine %.6f of its float32 "

@@ -253,14 +253,19 @@ def _blur_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CausalAttention, "__call__", blurred)
 
 
+def _reexport(tiny_checkpoint: Path, bundle: Path, out: Path) -> Path:
+    """The tiny model's int8 bundle exported again with the fixture's scales (quick plan, one held-out sample)."""
+    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)
+    return export_bundle(tiny_checkpoint, out, ExportOptions(precision="int8", quant=settings,
+                                                             plan=ValidationPlan.quick()))
+
+
 def test_a_kernel_too_coarse_for_the_model_loses_its_segments_not_the_export(
         tiny_checkpoint: Path, bundle: Path, kernel_here: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     _blur_kernel(monkeypatch)
-    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)
     with caplog.at_level("WARNING"):
-        out = export_bundle(tiny_checkpoint, tmp_path / "blurred", ExportOptions(
-            precision="int8", quant=settings, plan=ValidationPlan.quick()))
+        out = _reexport(tiny_checkpoint, bundle, tmp_path / "blurred")
     manifest = read_manifest(out)
     record = manifest.validation["decoder"]["prefill_segments"]
     assert record["kept"] is False and not record["kernel_pass"] and record["pass"]
@@ -288,10 +293,8 @@ def test_a_cut_beyond_its_bound_by_rounding_loses_its_segments_not_the_export(
         return {**report, "pass": False}
 
     monkeypatch.setattr(build_segments, "validate_segmented_prefill", beyond)
-    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)
     with caplog.at_level("WARNING"):
-        out = export_bundle(tiny_checkpoint, tmp_path / "rounded", ExportOptions(
-            precision="int8", quant=settings, plan=ValidationPlan.quick()))
+        out = _reexport(tiny_checkpoint, bundle, tmp_path / "rounded")
     manifest = read_manifest(out)
     record = manifest.validation["decoder"]["prefill_segments"]
     assert record["pass"] and not record["twin_pass"] and record["kept"] is False and manifest.validation["pass"]
@@ -308,10 +311,8 @@ def test_a_wrong_cut_or_kernel_refuses_the_export(breaks, reason: str, tiny_chec
     from pulse_edge.export.build.bundle import ExportValidationError
 
     breaks(monkeypatch)
-    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)  # the fixture's
     with pytest.raises(ExportValidationError, match=reason):
-        export_bundle(tiny_checkpoint, tmp_path / "refused", ExportOptions(precision="int8", quant=settings,
-                                                                          plan=ValidationPlan.quick()))
+        _reexport(tiny_checkpoint, bundle, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 
 
