@@ -145,13 +145,13 @@ def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Man
         worst = min(c["prefill_twin"]["cosine"] for c in record["cases"])
         log.warning("the prefill segments (with the attention kernel's float32 twin) move this model's logits beyond "
                     "the prefill graph's bound (cosine %.6f; bound %s): rounding, not a wrong cut (that is below "
-                    "%s); the prefill graph is kept whole (no segments), long prompts prefill in float32", worst,
-                    bound_text(record["tolerance"]), WRONG_CUT_COSINE)
+                    "%s); the prefill graph is kept whole (no segments): its attention runs in ONNX Runtime's "
+                    "float32", worst, bound_text(record["tolerance"]), WRONG_CUT_COSINE)
     else:
         worst = min(c["kernel_vs_twin"]["cosine"] for c in record["cases"])
         log.warning("the CPU attention kernel's bf16 rounding moves this model's logits to cosine %.6f of its float32 "
-                    "twin's (kept from %s): the prefill graph is kept whole (no segments); long prompts prefill in "
-                    "float32", worst, KEEP_COSINE)
+                    "twin's (kept from %s): the prefill graph is kept whole (no segments): its attention runs in ONNX "
+                    "Runtime's float32", worst, KEEP_COSINE)
     record["kept"] = False
     prefill = manifest.graphs[names.PREFILL]
     dropped = [*(s.file for s in prefill.segments), str(prefill.segment_scales)]
