@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.export.build.segments import bound_text, checked_decode_parity
+from pulse_edge.export.build.segments import bound_text, checked_decode_parity, without_files
 from pulse_edge.export.graphs.decode_index import NotIndexable, read_decode_graph
 from pulse_edge.export.graphs.decoder import LinearPlan
 from pulse_edge.export.graphs.kv_cache import KVScales
@@ -77,9 +77,8 @@ def native_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, ch
     record = checked_decode_parity(validate_native_decode,
                                    "block GEMV (AVX-512 VNNI) + AVX-512 decode attention (runtime/kernels)", loaded,
                                    bundle, manifest, checks, quant, linear, kv, level, session, prepacked=True)
-    rows = [step for case in record["cases"] for step in (case["prefill"], *case["decode"])]
-    calls_right = record["kernel_call_rel_err"] <= record["kernel_wrong_call_rel_err"]
-    right = bool(rows) and calls_right and all(step["cosine"] >= WRONG_STEP_COSINE for step in rows)  # NaN: wrong
+    rows = _steps(record)
+    right = bool(rows) and record["kernel_plausible"] and all(s["cosine"] >= WRONG_STEP_COSINE for s in rows)  # NaN
     return {**record, "pass": right, "kept": bool(right and record["graph_pass"]),
             "wrong_step_cosine": WRONG_STEP_COSINE}
 
@@ -87,16 +86,14 @@ def native_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, ch
 def drop_native_index(work: Path, manifest: Manifest, record: dict[str, Any]) -> Manifest:
     """The step computes the recipe but moves this model's logits beyond its bound: the bundle keeps the decode graph
     only (its index removed, the manifest rewritten). Says so once."""
-    worst = max((step["max_rel_err"] for case in record["cases"] for step in (case["prefill"], *case["decode"])),
-                default=float("nan"))
+    worst = max((step["max_rel_err"] for step in _steps(record)), default=float("nan"))
     log.warning("the native decode step's per-block activation rounding moves this model's logits beyond its bound "
                 "(worst rel err %.3g; bound %s): the bundle has no native decode step, ONNX Runtime decodes",
                 worst, bound_text(record["tolerance"]))
-    decoder = manifest.graphs[names.DECODER]
-    index = str(decoder.native_index)
-    (work / index).unlink()
-    spec = replace(decoder, native_index=None, sizes={k: v for k, v in decoder.sizes.items() if k != index})
-    manifest = replace(manifest, graphs={**manifest.graphs, names.DECODER: spec},
-                       files={k: v for k, v in manifest.files.items() if k != index})
-    manifest.write(work)
-    return manifest
+    index = str(manifest.graphs[names.DECODER].native_index)
+    return without_files(work, manifest, names.DECODER, [index], native_index=None)
+
+
+def _steps(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every compared logit row of a decode-path record: each case's prefill and its decode steps."""
+    return [step for case in record["cases"] for step in (case["prefill"], *case["decode"])]

@@ -128,6 +128,7 @@ def checked_decode_parity(validate: Callable[..., dict[str, Any]], kernel: str, 
                           precision=level, plan=checks, session=session)
     plausible = report["kernel_call_rel_err"] <= WRONG_DECODE_CALL_REL_ERR
     return {**report, "graph_pass": report["pass"], "pass": bool(report["pass"] and plausible),
+            "kernel_plausible": plausible,
             "tolerance_level": level, "kernel_wrong_call_rel_err": WRONG_DECODE_CALL_REL_ERR, "kernel": kernel}
 
 
@@ -155,11 +156,17 @@ def drop_segments(work: Path, manifest: Manifest, record: dict[str, Any]) -> Man
     record["kept"] = False
     prefill = manifest.graphs[names.PREFILL]
     dropped = [*(s.file for s in prefill.segments), str(prefill.segment_scales)]
+    return without_files(work, manifest, names.PREFILL, dropped, segments=(), segment_scales=None)
+
+
+def without_files(work: Path, manifest: Manifest, key: str, dropped: list[str], **changes: Any) -> Manifest:
+    """Graph `key` with `changes` and without the files `dropped` (deleted from `work`, from the graph's sizes and
+    from the manifest's files); the manifest rewritten."""
     for name in dropped:
         (work / name).unlink()
-    whole = replace(prefill, segments=(), segment_scales=None,
-                    sizes={k: v for k, v in prefill.sizes.items() if k not in dropped})
-    manifest = replace(manifest, graphs={**manifest.graphs, names.PREFILL: whole},
+    graph = manifest.graphs[key]
+    spec = replace(graph, **changes, sizes={k: v for k, v in graph.sizes.items() if k not in dropped})
+    manifest = replace(manifest, graphs={**manifest.graphs, key: spec},
                        files={k: v for k, v in manifest.files.items() if k not in dropped})
     manifest.write(work)
     return manifest

@@ -208,8 +208,7 @@ class BlockGemv:
         status = self.library.pe_block_quantize(x.ctypes.data, rows, weight.k, weight.bits, weight.block,
                                                 out.codes.ctypes.data, out.scales.ctypes.data,
                                                 out.zero_terms.ctypes.data)
-        if status != 0:
-            weight.check()  # says which part of the layout is wrong
+        if status != 0:  # the layouts were checked before (BlockWeight when made): a caller's bug
             raise ValueError("the quantized linear kernel refused its arguments")
         return out
 
@@ -227,8 +226,7 @@ class BlockGemv:
         with pool.lock:
             status = self.library.pe_block_linear(pool.handle, *weight.addresses, x.ctypes.data, *scratch.addresses,
                                                   out.ctypes.data, rows, weight.n, weight.k, weight.bits, weight.block)
-        if status != 0:
-            weight.check()  # says which part of the layout is wrong
+        if status != 0:  # the layouts were checked before (BlockWeight when made): a caller's bug
             raise ValueError("the quantized linear kernel refused its arguments")
         return out
 
@@ -249,8 +247,7 @@ class BlockGemv:
                 pool.handle, weight.codes.ctypes.data, weight.scales.ctypes.data, x.codes.ctypes.data,
                 x.scales.ctypes.data, x.zero_terms.ctypes.data, out.ctypes.data, x.rows, weight.n, weight.k,
                 weight.bits, weight.block)
-        if status != 0:
-            weight.check()  # says which part of the layout is wrong
+        if status != 0:  # the layouts were checked before (BlockWeight when made): a caller's bug
             raise ValueError("the quantized linear kernel refused its arguments")
         return out
 
