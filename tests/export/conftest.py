@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,14 @@ def cpu_int8_bundle(tiny_pipeline, tiny_checkpoint: Path, tmp_path_factory: pyte
     settings = QuantSettings(make_recipe("int8"), scales=scales.save(root / "scales.npz"), held_out=2)
     return export_bundle(tiny_checkpoint, root / "int8", ExportOptions(precision="int8", plan=ValidationPlan.quick(),
                                                                       quant=settings))
+
+
+@pytest.fixture(scope="session")
+def reexport_int8(cpu_int8_bundle: Path, tiny_checkpoint: Path) -> Callable[[Path], Path]:
+    """`reexport_int8(out)`: the tiny model's int8 CPU bundle exported again to `out` with the same scales (quick
+    plan, one held-out sample), for tests that change what the export meets."""
+    def reexport(out: Path) -> Path:
+        settings = QuantSettings(make_recipe("int8"), scales=cpu_int8_bundle.parent / "scales.npz", held_out=1)
+        return export_bundle(tiny_checkpoint, out, ExportOptions(precision="int8", quant=settings,
+                                                                 plan=ValidationPlan.quick()))
+    return reexport

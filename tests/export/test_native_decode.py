@@ -261,25 +261,14 @@ def _blur_step(monkeypatch: pytest.MonkeyPatch, spread: float) -> None:
     monkeypatch.setattr(NativeDecoder, "forward", blurred)
 
 
-def _export(bundle: Path, tiny_checkpoint: Path, out: Path) -> Path:
-    from pulse_edge.calibration.recipes import make_recipe
-    from pulse_edge.export.build.bundle import ExportOptions, export_bundle
-    from pulse_edge.export.quant.context import QuantSettings
-    from pulse_edge.export.validate.parity import ValidationPlan
-
-    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)  # its scales
-    return export_bundle(tiny_checkpoint, out, ExportOptions(precision="int8", quant=settings,
-                                                             plan=ValidationPlan.quick()))
-
-
-def test_a_step_too_coarse_for_the_model_is_dropped_not_the_export(bundle: Path, tiny_checkpoint: Path,
+def test_a_step_too_coarse_for_the_model_is_dropped_not_the_export(bundle: Path, reexport_int8: Callable[[Path], Path],
                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """Beyond its bound but still the recipe's function: the bundle keeps the decode graph only, one warning says
     so, and the runtime decodes on ONNX Runtime."""
     _blur_step(monkeypatch, 0.1)
     with caplog.at_level(logging.WARNING):
-        out = _export(bundle, tiny_checkpoint, tmp_path / "coarse")
+        out = reexport_int8(tmp_path / "coarse")
     manifest = read_manifest(out)
     record = manifest.validation["decoder"]["native_decode"]
     assert record["pass"] and not record["kept"] and not record["graph_pass"]
@@ -290,11 +279,11 @@ def test_a_step_too_coarse_for_the_model_is_dropped_not_the_export(bundle: Path,
     assert manifest.calibration.fidelity["decoded_by"] != NATIVE
 
 
-def test_a_step_computing_something_else_refuses_the_export(bundle: Path, tiny_checkpoint: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_step_computing_something_else_refuses_the_export(bundle: Path, reexport_int8: Callable[[Path], Path],
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pulse_edge.export.build.bundle import ExportValidationError
 
     _blur_step(monkeypatch, 1.0)
     with pytest.raises(ExportValidationError, match="native decode step after a"):
-        _export(bundle, tiny_checkpoint, tmp_path / "wrong")
+        reexport_int8(tmp_path / "wrong")
     assert not (tmp_path / "wrong").exists()

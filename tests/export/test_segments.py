@@ -19,12 +19,8 @@ import numpy as np
 import onnx
 import pytest
 
-from pulse_edge.calibration.recipes import make_recipe
 from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
-from pulse_edge.export.build.bundle import ExportOptions, export_bundle
 from pulse_edge.export.graphs.segments import build_segments
-from pulse_edge.export.quant.context import QuantSettings
-from pulse_edge.export.validate.parity import ValidationPlan
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
 from pulse_edge.runtime.engines.ort import SessionConfig
@@ -253,19 +249,12 @@ def _blur_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CausalAttention, "__call__", blurred)
 
 
-def _reexport(tiny_checkpoint: Path, bundle: Path, out: Path) -> Path:
-    """The tiny model's int8 bundle exported again with the fixture's scales (quick plan, one held-out sample)."""
-    settings = QuantSettings(make_recipe("int8"), scales=bundle.parent / "scales.npz", held_out=1)
-    return export_bundle(tiny_checkpoint, out, ExportOptions(precision="int8", quant=settings,
-                                                             plan=ValidationPlan.quick()))
-
-
 def test_a_kernel_too_coarse_for_the_model_loses_its_segments_not_the_export(
-        tiny_checkpoint: Path, bundle: Path, kernel_here: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
+        reexport_int8: Callable[[Path], Path], bundle: Path, kernel_here: None, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _blur_kernel(monkeypatch)
     with caplog.at_level("WARNING"):
-        out = _reexport(tiny_checkpoint, bundle, tmp_path / "blurred")
+        out = reexport_int8(tmp_path / "blurred")
     manifest = read_manifest(out)
     record = manifest.validation["decoder"]["prefill_segments"]
     assert record["kept"] is False and not record["kernel_pass"] and record["pass"]
@@ -276,8 +265,8 @@ def test_a_kernel_too_coarse_for_the_model_loses_its_segments_not_the_export(
 
 
 def test_a_cut_beyond_its_bound_by_rounding_loses_its_segments_not_the_export(
-        tiny_checkpoint: Path, bundle: Path, kernel_here: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
+        reexport_int8: Callable[[Path], Path], bundle: Path, kernel_here: None, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The twin's logits beyond the prefill graph's bound but above WRONG_CUT_COSINE, as at 32 random layers where
     per-token codes flip and compound (0.996984 against 0.997): rounding, so the segments go, the bundle stays. The
     record is the real validation's with its twin cosine set there (the tiny model rounds far less)."""
@@ -294,7 +283,7 @@ def test_a_cut_beyond_its_bound_by_rounding_loses_its_segments_not_the_export(
 
     monkeypatch.setattr(build_segments, "validate_segmented_prefill", beyond)
     with caplog.at_level("WARNING"):
-        out = _reexport(tiny_checkpoint, bundle, tmp_path / "rounded")
+        out = reexport_int8(tmp_path / "rounded")
     manifest = read_manifest(out)
     record = manifest.validation["decoder"]["prefill_segments"]
     assert record["pass"] and not record["twin_pass"] and record["kept"] is False and manifest.validation["pass"]
@@ -305,14 +294,14 @@ def test_a_cut_beyond_its_bound_by_rounding_loses_its_segments_not_the_export(
 @pytest.mark.parametrize(("breaks", "reason"), [(_break_rotary, "with the kernel's float32 twin"),
                                                (_break_kernel, "beyond its bf16 rounding")],
                          ids=["cut", "kernel"])
-def test_a_wrong_cut_or_kernel_refuses_the_export(breaks, reason: str, tiny_checkpoint: Path, bundle: Path,
-                                                 kernel_here: None, monkeypatch: pytest.MonkeyPatch,
+def test_a_wrong_cut_or_kernel_refuses_the_export(breaks, reason: str, reexport_int8: Callable[[Path], Path],
+                                                 bundle: Path, kernel_here: None, monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
     from pulse_edge.export.build.bundle import ExportValidationError
 
     breaks(monkeypatch)
     with pytest.raises(ExportValidationError, match=reason):
-        _reexport(tiny_checkpoint, bundle, tmp_path / "refused")
+        reexport_int8(tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 
 
