@@ -36,7 +36,13 @@ from pulse_edge.export.build.memory import (
     validation_session,
 )
 from pulse_edge.export.build.native import drop_native_index, index_graph, native_parity
-from pulse_edge.export.build.segments import cut_graph, decode_segments_parity, drop_segments, segments_parity
+from pulse_edge.export.build.segments import (
+    bound_text,
+    cut_graph,
+    decode_segments_parity,
+    drop_segments,
+    segments_parity,
+)
 from pulse_edge.export.build.tensorrt import check_trt_options
 from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPlan, build_decoder
 from pulse_edge.export.graphs.kv_cache import KVScales
@@ -274,7 +280,8 @@ def failure_summary(validation: dict[str, Any]) -> str:
             if not case["pass"]:
                 worst = max([case["prefill"], *case["decode"]], key=lambda s: s["max_rel_err"])
                 parts.append(f"{what} after a {case['prefill_length']}-position prefill: rel err "
-                             f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f}")
+                             f"{worst['max_rel_err']:.2g}, cosine {worst['cosine']:.6f} (its bound: "
+                             f"{bound_text(record['tolerance'])})")
     decode = validation["decoder"].get("decode_segments")
     segments = validation["decoder"].get("prefill_segments") or {}
     for what, record in (("decode segments", decode), ("prefill segments", segments), ("native decode step", native)):
@@ -291,7 +298,8 @@ def failure_summary(validation: dict[str, Any]) -> str:
         if not case["pass"]:  # the cut itself
             twin = case["prefill_twin"]
             parts.append(f"prefill segments with the kernel's float32 twin after {case['prefill_length']} positions "
-                         f"in two chunks: rel err {twin['max_rel_err']:.2g}, cosine {twin['cosine']:.6f}")
+                         f"in two chunks: rel err {twin['max_rel_err']:.2g}, cosine {twin['cosine']:.6f} (wrong "
+                         f"below cosine {segments['wrong_cut_cosine']})")
         if case["kernel_call_rel_err"] > segments["kernel_wrong_call_rel_err"]:
             parts.append(f"the CPU attention kernel after {case['prefill_length']} positions: a call off its float32 "
                          f"twin by {case['kernel_call_rel_err']:.2g} on the same inputs, beyond its bf16 rounding")

@@ -46,8 +46,9 @@ WRONG_CALL_REL_ERR = 0.25
 # The cut's verdict, from the logits with the kernel's float32 twin against the reference: within the prefill
 # graph's own bound the cut is right; below WRONG_CUT_COSINE it computes something else and the export is refused;
 # between the two it is rounding: per-token activation codes flip under another float order and the flips compound
-# with depth (the random 32-layer int4 export: 0.079 / 0.996984 after 64 positions in two chunks against 0.15 / 0.997,
-# the whole prefill graph passing its own check), so the segments are dropped and the bundle written.
+# with depth (the random 32-layer int4 export: 0.079 / 0.996984 after 64 positions in two chunks against the bound
+# then, 0.15 / 0.997, the whole prefill graph passing its own check), so the segments are dropped and the bundle
+# written.
 WRONG_CUT_COSINE = 0.99
 # The decode kernel computes in float32 (runtime/kernels/decode_attention.c): a call off its twin by more than
 # this (measured ~1e-6) is a wrong kernel, refused

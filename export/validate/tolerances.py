@@ -77,7 +77,7 @@ TRT_PARITY_TOLERANCES = {
 # (prefills of 5 and 64 positions): real width, 4 layers, fp32 reference: rel err 0.021 / 0.032, cosine
 # >= 0.99958; the full 7B, bf16 reference: 0.062 / 0.071, cosine >= 0.99784. Every site of the prefill graph
 # is checked on the graph's own input as well (SITE_TOLERANCE), which a wrong scale or code cannot pass.
-# Bounds: ~3x the fp32-reference error; a bf16 reference adds its allowance as for the others.
+# Bounds: ~3x the fp32-reference error; with a bf16 reference, PREFILL_BF16_REFERENCE_TOLERANCE (below).
 PREFILL = "prefill"
 PREFILL_PARITY_TOLERANCES = {f"{name} {PREFILL}": Tolerance(max_rel_err=0.1, min_cosine=0.998)
                              for name in ("int8", "int4")}
@@ -92,9 +92,23 @@ BF16_REFERENCE_TOLERANCE = Tolerance(max_rel_err=5e-2, min_cosine=0.999)
 BF16_REFERENCE = "bf16_reference"
 
 
+# A prefill graph against its emulated reference in bf16: the two errors do not add. The oracle's bf16
+# rounding (8 mantissa bits) moves ITS per-token activation codes across int8 steps far more often than float32
+# order moves the graph's, and those flips compound through the layers like the graph's own, so the distance
+# grows with depth where a float graph's bf16 allowance (above) does not. Measured on the random 32-layer 7B
+# (quick plan: prefills of 5 and 64 positions, 2 decode steps each; docs/performance.md): int8 rel err 0.072,
+# cosine >= 0.99757; int4 0.079, >= 0.99716, where the sum of the two bounds (0.15 / 0.997) left 0.00016 to
+# spare. Bound: ~2.5x the worst measured (rel err and 1 - cosine). It stays above the 0.99 below which the
+# CPU fast paths judged under it are refused as wrong (export/build/native.py, segments.py); what it cannot
+# see, a wrong scale or code at one site, the site checks (SITE_TOLERANCE) catch on the graph's own inputs.
+PREFILL_BF16_REFERENCE_TOLERANCE = Tolerance(max_rel_err=0.2, min_cosine=0.993)
+
+
 def _with_bf16_reference(tol: Tolerance) -> Tolerance:
-    """A quantized graph against an emulated reference whose float parts run in bf16: both errors at once
-    (an estimate, not measured: the models that need a bf16 reference are the ones too big to test here)."""
+    """A decode graph against an emulated reference whose float parts run in bf16: both errors at once. The 7B's
+    int8 and int4 decode graphs measured 0.022 / 0.99977 at worst against the resulting 0.07 / 0.998
+    (docs/performance.md): their per-block activation codes, unlike the prefill graph's per-token ones, did
+    not compound measurably."""
     return Tolerance(max_rel_err=tol.max_rel_err + BF16_REFERENCE_TOLERANCE.max_rel_err,
                      min_cosine=tol.min_cosine - (1.0 - BF16_REFERENCE_TOLERANCE.min_cosine))
 
@@ -104,8 +118,8 @@ TOLERANCES = MappingProxyType({
     FP16_KV: FP16_KV_TOLERANCE,
     **VISION_PARITY_TOLERANCES, **TRT_PARITY_TOLERANCES, "site": SITE_TOLERANCE,
     **PREFILL_PARITY_TOLERANCES,
-    **{f"{name}+{BF16_REFERENCE}": _with_bf16_reference(tol)
-       for name, tol in {**PARITY_TOLERANCES, **PREFILL_PARITY_TOLERANCES}.items()},
+    **{f"{name}+{BF16_REFERENCE}": _with_bf16_reference(tol) for name, tol in PARITY_TOLERANCES.items()},
+    **{f"{name}+{BF16_REFERENCE}": PREFILL_BF16_REFERENCE_TOLERANCE for name in PREFILL_PARITY_TOLERANCES},
 })
 
 

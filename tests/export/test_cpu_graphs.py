@@ -268,3 +268,48 @@ def test_ort_scales_a_bias_by_the_row_scale_so_w8a8dyn_never_passes_one() -> Non
     def rel(ref: np.ndarray) -> float:
         return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
     assert rel(x @ weight + bias * row_scale) < 0.03 < rel(x @ weight + bias)
+
+
+def _export_bf16(cpu_int8_bundle: Path, tiny_checkpoint: Path, out: Path) -> Path:
+    """The tiny int8 CPU bundle exported again, judged against its emulated reference in bf16 (a model too big for
+    fp32 here is): the prefill graph's checks run under the measured prefill+bf16 bound."""
+    from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+    from pulse_edge.export.quant.context import QuantSettings
+    from pulse_edge.export.validate.parity import ValidationPlan
+
+    settings = QuantSettings(make_recipe("int8"), scales=cpu_int8_bundle.parent / "scales.npz", held_out=1)
+    plan = ValidationPlan(prefill_lengths=(5, 64), decode_steps=1, greedy_runs=0)
+    return export_bundle(tiny_checkpoint, out, ExportOptions(precision="int8", quant=settings, plan=plan,
+                                                             reference=torch.bfloat16))
+
+
+def test_a_bf16_reference_judges_the_prefill_graph_by_its_bound_and_still_refuses_a_wrong_one(
+        cpu_int8_bundle: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The bound a 32-layer model needs against a bf16 oracle (per-token codes flip on both sides) is wider than the
+    sum of the two errors, but not blind: a prefill graph with sin and cos swapped passes every site (rotary is
+    no MatMul) and must still be refused end to end, with nothing written."""
+    import pulse_edge.export.build.bundle as bundle_module
+    from pulse_edge.export.build.bundle import ExportValidationError
+    from pulse_edge.export.build.segments import bound_text
+    from pulse_edge.export.graphs import decoder as decoder_graph
+    from pulse_edge.export.validate.tolerances import TOLERANCES
+    from pulse_edge.runtime.bundle.manifest import read_manifest
+
+    good = read_manifest(_export_bf16(cpu_int8_bundle, tiny_checkpoint, tmp_path / "good")).validation
+    record = good["decoder"]["prefill_graph"]
+    assert good["pass"] and good["reference_dtype"] == "bfloat16" and record["pass"]
+    assert record["tolerance_level"] == "int8 prefill+bf16_reference"
+    assert record["tolerance"]["min_cosine"] == TOLERANCES["int8 prefill+bf16_reference"].min_cosine < 0.997
+
+    real_build, real_tables = bundle_module.build_prefill, decoder_graph._rotary_tables
+
+    def swapped_prefill(*args, **kwargs):
+        with monkeypatch.context() as patch:  # the prefill graph only: the decode graph stays right
+            patch.setattr(decoder_graph, "_rotary_tables", lambda lm, shape: real_tables(lm, shape)[::-1])
+            return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(bundle_module, "build_prefill", swapped_prefill)
+    with pytest.raises(ExportValidationError, match="prefill graph") as refused:
+        _export_bf16(cpu_int8_bundle, tiny_checkpoint, tmp_path / "wrong")
+    assert f"(its bound: {bound_text(record['tolerance'])})" in str(refused.value)
+    assert not (tmp_path / "wrong").exists()

@@ -268,8 +268,9 @@ def test_a_cut_beyond_its_bound_by_rounding_loses_its_segments_not_the_export(
         reexport_int8: Callable[[Path], Path], bundle: Path, kernel_here: None, monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The twin's logits beyond the prefill graph's bound but above WRONG_CUT_COSINE, as at 32 random layers where
-    per-token codes flip and compound (0.996984 against 0.997): rounding, so the segments go, the bundle stays. The
-    record is the real validation's with its twin cosine set there (the tiny model rounds far less)."""
+    per-token codes flip and compound (0.996984 against the then bound 0.997): rounding, so the segments go, the
+    bundle stays. The record is the real validation's with its twin cosine set there (the tiny model rounds far
+    less)."""
     from pulse_edge.export.build import segments as build_segments
 
     real = build_segments.validate_segmented_prefill
