@@ -104,8 +104,9 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     from pulse_edge.runtime.generation.interpretation import interpret
     from pulse_edge.runtime.generation.sampling import SamplingParams
     from pulse_edge.runtime.inputs import load_input
-    from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
+    from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, check_text
 
+    question = check_text(question or DEFAULT_QUESTION, "--question")  # before any model is loaded
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack,
                             prefill_graph=prefill_graph, prefill_attention=prefill_attention,
@@ -121,7 +122,7 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     if output is not None:
         from pulse_edge.cli.batch import infer_many
 
-        infer_many(inputs, output, open_model, question=question or DEFAULT_QUESTION, max_new_tokens=max_new_tokens,
+        infer_many(inputs, output, open_model, question=question, max_new_tokens=max_new_tokens,
                    sampling=sampling, reading=reading, save_render=save_render, fail_fast=fail_fast)
         return
     if len(inputs) != 1 or fail_fast:
@@ -138,7 +139,7 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    result = interpret(pipeline, ecg, question or DEFAULT_QUESTION, max_new_tokens=max_new_tokens,
+    result = interpret(pipeline, ecg, question, max_new_tokens=max_new_tokens,
                        sampling=sampling, on_text=None if as_json else stream)
     if as_json:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))

@@ -57,8 +57,8 @@ def read_aecg(source: str | os.PathLike | bytes, *, name: str | None = None) -> 
             f"used the {len(by_timing[timing])} leads recorded together; skipped leads recorded at other times"
         )
     fs = 1.0 / timing[1]
+    check_fs(fs, label)  # first: a 1e-320 s increment gives inf, which round() cannot take
     fs = float(round(fs)) if abs(fs - round(fs)) < 1e-4 * fs else fs  # "0.00277778" s is 360 Hz
-    check_fs(fs, label)
     return Recording(dict(by_timing[timing]), fs, "hl7-aecg", notes, source=label)
 
 

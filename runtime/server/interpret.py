@@ -27,7 +27,7 @@ from pulse_edge.runtime.server.openai_api import max_tokens, sampling_params
 from pulse_edge.runtime.server.paths import resolve_allowed
 from pulse_edge.runtime.server.state import ServerState
 from pulse_edge.runtime.server.waiting import Deadline, settle
-from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
+from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, check_text
 
 FIELDS = ("file", "path", "question", "max_tokens", "temperature", "top_p", "seed")
 NUMERIC_FIELDS = ("max_tokens", "temperature", "top_p", "seed")
@@ -41,6 +41,7 @@ async def interpret(request: Request) -> Response:
     question = params.get("question") or DEFAULT_QUESTION
     if not isinstance(question, str):
         raise ApiError("bad_request", "question must be a string", param="question")
+    check_text(question, "question")  # before queueing: a PromptError is the 400 app.py makes of it
     limit, sampling = max_tokens(params), sampling_params(params)
 
     def job(should_stop: StopCheck) -> dict[str, Any]:

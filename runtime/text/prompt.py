@@ -39,6 +39,17 @@ DEFAULT_QUESTION = (
 )
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` if it is Unicode the tokenizer can take; else PromptError. A lone UTF-16 surrogate (JSON "\\ud800",
+    or a byte that is not UTF-8 on the command line, which Python decodes to one) has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"the {what} is not valid text: character {e.start} ({text[e.start]!r}) is half of a "
+                          "UTF-16 pair or a byte that is not UTF-8; send the text as UTF-8") from None
+    return text
+
+
 class TextEncoder(Protocol):
     """What the prompt needs of a tokenizer (runtime.tokenizer.Tokenizer fits)."""
 
@@ -57,6 +68,9 @@ class PromptTemplate:
     roles: tuple[str, str]
     sep: str
     image_marker: str = IMAGE_MARKER
+
+    def __post_init__(self) -> None:
+        check_text(self.system, "system prompt")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "system": self.system, "roles": list(self.roles), "sep": self.sep,
@@ -81,6 +95,11 @@ class Turn:
 
     question: str
     answer: str | None = None
+
+    def __post_init__(self) -> None:
+        check_text(self.question, "question")
+        if self.answer is not None:
+            check_text(self.answer, "answer in the history")
 
 
 def render_text(turns: Sequence[Turn], template: PromptTemplate = LLAVA_V1) -> str:
@@ -127,7 +146,7 @@ def continuation_ids(question: str, tokenizer: TextEncoder, *, close_previous: b
     The previous answer normally ended with the model's EOS; when generation stopped on the
     token limit instead, `close_previous` adds the EOS the template expects after an answer.
     """
-    if template.image_marker in question:
+    if template.image_marker in check_text(question, "question"):
         raise PromptError(f"only the first question carries the image; remove {template.image_marker!r}")
     user, assistant = template.roles
     head = [tokenizer.eos_id] if close_previous else []

@@ -106,6 +106,7 @@ def test_a_bad_output_path_is_refused_before_any_work(command: str, case: str, t
     (["--threads", "100000"], "threads 100000 is more than the"),
     (["--device", "banana"], "Invalid value for '--device': 'banana' is not one of auto, cpu, cuda or cuda:N"),
     (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens': 0 is not in the range x>=1"),
+    (["--question", "Rate\udce9?"], "the --question is not valid text: character 4"),  # a Latin-1 byte in argv
 ])
 def test_bad_infer_values_are_one_line(args: list[str], expected: str, tiny_bundle: Path, ecg_png: Path) -> None:
     result = _run("infer", str(ecg_png), "--model", str(tiny_bundle), *args)

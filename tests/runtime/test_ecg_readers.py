@@ -346,6 +346,15 @@ def test_missing_increment(signals):
     one_line(r"time sequence has no <increment>", read_aecg, doc)
 
 
+@pytest.mark.parametrize("increment", [b"1e-320", b"1e-9", b"0", b"-0.002", b"nan"])
+def test_an_absurd_increment_is_one_line(signals, increment: bytes):
+    """A sample interval whose rate is infinite (1e-320 s), too high, zero, negative or NaN: the file's fault."""
+    doc = aecg_document(signals, FS, median_first=False)
+    start = doc.index(b'value="', doc.index(b"<increment")) + len(b'value="')
+    doc = doc[:start] + increment + doc[doc.index(b'"', start):]
+    one_line(r"sampling rate .* Hz is outside|time increment .* is not positive", read_aecg, doc)
+
+
 def test_garbage_digits(signals):
     doc = aecg_document(signals, FS, median_first=False).replace(b"<digits>", b"<digits>12 abc ", 1)
     one_line("digits of lead MDC_ECG_LEAD_I contain something that is not a number", read_aecg, doc)

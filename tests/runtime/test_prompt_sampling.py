@@ -82,6 +82,15 @@ def test_malformed_conversations_are_refused(turns: list[Turn]) -> None:
         prompt_ids(turns, CharTokenizer())
 
 
+@pytest.mark.parametrize(("make", "what"), [
+    (lambda: Turn("Rate?\ud800"), "question"), (lambda: Turn("Q", "A\udc80"), "answer in the history"),
+    (lambda: continuation_ids("\ud800", CharTokenizer(), close_previous=False), "question"),
+    (lambda: PromptTemplate.from_dict({**LLAVA_V1.to_dict(), "system": "\udfff"}), "system prompt")])
+def test_text_with_half_a_utf16_pair_is_refused_where_it_enters(make, what: str) -> None:
+    with pytest.raises(PromptError, match=f"the {what} is not valid text"):
+        make()
+
+
 def test_image_slot_must_be_unique() -> None:
     with pytest.raises(PromptError, match="exactly one image slot"):
         image_slot_index([1, IMAGE_SLOT, 5, IMAGE_SLOT])

@@ -331,6 +331,18 @@ def test_bad_requests_get_json_errors_and_the_server_lives_on(server: Server, me
     assert _http("GET", f"{server.url}/health")[0] == 200
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/ecg/interpret"])
+def test_a_question_that_is_not_unicode_text_is_a_400(server: Server, ecg_png: Path, endpoint: str) -> None:
+    """JSON can carry half a UTF-16 pair ("\\ud800"), which no tokenizer takes: refused before the queue."""
+    question = "Rate?\ud800"
+    body = ({"messages": _messages(ecg_png.read_bytes(), question), "max_tokens": 4} if "chat" in endpoint
+            else {"path": "ecg.png", "question": question, "max_tokens": 4})
+    got, _, answer = _http("POST", f"{server.url}{endpoint}", json.dumps(body).encode(), _auth({"Content-Type": JSON}))
+    assert got == 400, answer
+    assert "the question is not valid text: character 5" in json.loads(answer)["error"]["message"]
+    assert _http("GET", f"{server.url}/health")[0] == 200
+
+
 def test_metrics_count_requests_by_outcome(server: Server) -> None:
     before = _metric(server, "pulse_edge_requests_total", endpoint="/v1/chat/completions", outcome="bad_request")
     _http("POST", f"{server.url}/v1/chat/completions", b"{}", _auth({"Content-Type": "application/json"}))
