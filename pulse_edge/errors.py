@@ -44,5 +44,10 @@ class PromptError(PulseEdgeError):
     """A prompt cannot be built or does not fit the context."""
 
 
+class ModelOutputError(PulseEdgeError):
+    """The model computed something no answer can come from (NaN or inf logits): a damaged bundle or a numeric
+    overflow, refused rather than decoded into text."""
+
+
 class KernelUnavailable(PulseEdgeError):
     """A compiled CPU kernel cannot run on this machine: no compiler, or the CPU or kernel lacks what it needs."""

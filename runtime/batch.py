@@ -21,6 +21,7 @@ from PIL import Image
 
 from pulse_edge.errors import ConfigError, InputError, PromptError
 from pulse_edge.jsonl import JsonLines, append_record, prepare_for_append, read_json_lines
+from pulse_edge.runtime.generation.decode import check_token_limit
 from pulse_edge.runtime.generation.interpretation import Generator, interpret
 from pulse_edge.runtime.inputs import RECORDING_KINDS, load_input
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
@@ -52,6 +53,9 @@ class BatchOptions:
     input_options: Mapping[str, Any] = field(default_factory=dict)  # load_input's fs, leads, unit, layout
     save_render_dir: Path | None = None  # the rendered print of every recording goes here as PNG
     fail_fast: bool = False
+
+    def __post_init__(self) -> None:
+        check_token_limit(self.max_new_tokens)  # before the model loads, not after it
 
 
 @dataclass(frozen=True)

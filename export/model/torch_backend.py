@@ -116,11 +116,11 @@ class TorchEngine:
     def __init__(self, model: PulseReference) -> None:
         self.model = model
         self.max_length = model.cfg.text.max_position_embeddings
-        self.length = 0
+        self.length, self.epoch = 0, 0
         self._cache: DynamicCache | None = None
 
     def reset(self) -> None:
-        self.length, self._cache = 0, None
+        self.length, self._cache, self.epoch = 0, None, self.epoch + 1
 
     @torch.inference_mode()
     def image_features(self, pre: Preprocessed) -> torch.Tensor:

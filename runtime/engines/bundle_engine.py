@@ -117,6 +117,7 @@ class BundleEngine:
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
         self.max_length = manifest.kv.max_length if max_length is None else max_length
+        self.epoch = 0
         self.prefill_chunk = resolve_chunk(prefill_chunk, prefill_graph=has_prefill_graph(decoder))
 
     @property
@@ -125,6 +126,7 @@ class BundleEngine:
 
     def reset(self) -> None:
         self.decoder.reset()
+        self.epoch += 1
 
     def image_features(self, pre: Preprocessed) -> np.ndarray:
         merged = self.merge(self.vision.run(pre.pixel_values), pre.image_size)  # [K, P, H] -> [T, H]

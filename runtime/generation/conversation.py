@@ -19,10 +19,11 @@ import numpy as np
 from PIL import Image
 
 from pulse_edge.errors import PromptError
-from pulse_edge.runtime.generation.decode import StopCheck, decode_loop
+from pulse_edge.runtime.generation.decode import StopCheck, check_token_limit, decode_loop
 from pulse_edge.runtime.generation.result import GenerationResult, Timings, decode_rate
 from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
 from pulse_edge.runtime.image.preprocess import ImageLayout, Preprocessed, preprocess
+from pulse_edge.runtime.inputs.images import accept_image
 from pulse_edge.runtime.text.prompt import LLAVA_V1, PromptTemplate, Turn, continuation_ids, prompt_ids, spliced_length
 from pulse_edge.runtime.text.tokenizer import StreamDecoder, Tokenizer
 
@@ -31,11 +32,12 @@ class Engine(Protocol):
     """What a backend provides: image features, and a decoder that appends to its own cache."""
 
     max_length: int
+    epoch: int  # how many times the cache was reset: a conversation owns it while no newer one has reset it
 
     @property
     def length(self) -> int: ...
 
-    def reset(self) -> None: ...
+    def reset(self) -> None: ...  # empties the cache and adds 1 to epoch
 
     def image_features(self, pre: Preprocessed) -> Any: ...
 
@@ -62,6 +64,7 @@ class Conversation:
         self._last_stop = "eos"
         self._opened = False  # the image and first question are in the cache
         engine.reset()
+        self._epoch = engine.epoch  # a later conversation on this engine (pipeline.generate, chat) resets it
 
     def ask(self, question: str, image: Image.Image | None = None, *, max_new_tokens: int = 1024,
             sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
@@ -72,6 +75,10 @@ class Conversation:
         whole chat, as OpenAI-style clients do). `should_stop`: see `decode_loop`.
         """
         t0 = time.perf_counter()
+        check_token_limit(max_new_tokens)
+        if self.engine.epoch != self._epoch:  # its cache now holds another conversation's ECG: never answer on it
+            raise PromptError("this conversation's cache was taken by a newer conversation on the same model "
+                              "(chat(), generate() and interpret() each start one): ask in a new conversation")
         prompt = (self._follow_up(question, image, history) if self._opened
                   else self._first_prompt(question, image, history))
         t1 = time.perf_counter()
@@ -101,7 +108,7 @@ class Conversation:
     def _first_prompt(self, question: str, image: Image.Image | None, history: Sequence[Turn]) -> _Prompt:
         if image is None:
             raise PromptError("the first question of a conversation needs the ECG image")
-        pre = preprocess(image, self.layout)
+        pre = preprocess(accept_image(image), self.layout)  # size limits, RGBA onto white (as a file's)
         ids = prompt_ids([*history, Turn(question)], self.tokenizer, self.template)
         prompt = _Prompt(ids=ids, pre=pre, positions=spliced_length(ids, pre.num_image_tokens))
         self._check_room(prompt, image_tokens=pre.num_image_tokens)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.generation.sampling import Sampler
 
 Step = Callable[[int], np.ndarray]  # token id -> logits [V] for the next position
@@ -24,6 +25,13 @@ class DecodeOutcome:
     token_ids: list[int]
     stop_reason: str  # "eos" | "max_new_tokens" | "context_full" | "cancelled"
     decode_ms: float  # time spent in the steps after the first token
+
+
+def check_token_limit(max_new_tokens: object) -> int:
+    """`max_new_tokens` if it is a whole number >= 1 (0, a negative, a float or NaN would answer nothing)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    return max_new_tokens
 
 
 def decode_loop(first_logits: np.ndarray, step: Step, *, sampler: Sampler, eos_id: int, max_new_tokens: int,

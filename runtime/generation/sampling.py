@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pulse_edge.choices import SEED_RANGE
-from pulse_edge.errors import ConfigError
+from pulse_edge.errors import ConfigError, ModelOutputError
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         logits = np.asarray(logits).reshape(-1)  # [V]
+        # argmax would pick the first NaN as a token and answer garbage in silence; ~15 us per 32000 logits
+        if not np.isfinite(logits).all():
+            raise ModelOutputError("the model's logits hold NaN or inf, so no answer is given: the bundle may be "
+                                   "damaged (run `pulse-edge verify MODEL`) or its precision overflowed on this input")
         if self.params.greedy:
             return int(np.argmax(logits))
         probs = _softmax(logits.astype(np.float64) / self.params.temperature)

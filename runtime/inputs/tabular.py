@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.ecg.checks import check_fs, one_line, recording_error
 from pulse_edge.runtime.ecg.leads import LEADS
 from pulse_edge.runtime.ecg.recording import Recording
@@ -119,7 +120,7 @@ def read_array(
 def _rows_are_leads(shape: tuple[int, int], n_leads: int, layout: str | None, label: str) -> bool:
     if layout is not None:
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         rows = layout == "leads_first"
         if shape[0 if rows else 1] != n_leads:
             raise recording_error(

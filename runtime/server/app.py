@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pulse_edge.errors import PulseEdgeError
 from pulse_edge.runtime.server.chat import OUTCOME, chat_completions
-from pulse_edge.runtime.server.errors import KIND_OF_STATUS, ApiError, ClientGone
+from pulse_edge.runtime.server.errors import KIND_OF_STATUS, ApiError, ClientGone, from_runtime
 from pulse_edge.runtime.server.interpret import interpret
 from pulse_edge.runtime.server.metrics import CONTENT_TYPE, Metrics
 from pulse_edge.runtime.server.state import ServerState
@@ -79,8 +79,9 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 
 async def _user_error(request: Request, exc: Exception) -> Response:
-    """A bad file or prompt found by the runtime: its one-line message, as a 400."""
-    return error_response(ApiError("bad_request", str(exc)))
+    """A bad file or prompt found by the runtime: its one-line message, as a 400 (errors.from_runtime)."""
+    assert isinstance(exc, PulseEdgeError)
+    return error_response(from_runtime(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

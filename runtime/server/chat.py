@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from pulse_edge.errors import PulseEdgeError
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.generation.result import GenerationResult
-from pulse_edge.runtime.server.errors import ApiError
+from pulse_edge.runtime.server.errors import ApiError, from_runtime
 from pulse_edge.runtime.server.model import decode_input
 from pulse_edge.runtime.server.openai_api import ChatRequest, Reply, finish_reason, parse_chat_request
 from pulse_edge.runtime.server.state import ServerState
@@ -104,7 +104,7 @@ async def _events(first: Any, pipe: TextPipe, ticket: Ticket[GenerationResult], 
         yield _failed(request, e)
         return
     except PulseEdgeError as e:
-        yield _failed(request, ApiError("bad_request", str(e)))
+        yield _failed(request, from_runtime(e))
         return
     except Exception:
         log.exception("a streamed generation failed")

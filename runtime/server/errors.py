@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pulse_edge.errors import ModelOutputError, PulseEdgeError
+
 # kind -> (HTTP status, OpenAI error type)
 ERROR_KINDS: Mapping[str, tuple[int, str]] = {
     "bad_request": (400, "invalid_request_error"),
@@ -47,6 +49,12 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": ERROR_KINDS[self.kind][1], "param": self.param,
                           "code": self.kind}}
+
+
+def from_runtime(exc: PulseEdgeError) -> ApiError:
+    """A runtime refusal as the client reads it: its one line; a 400 (the request's file or prompt), or a 500 when
+    the model computed no usable answer (not the client's doing)."""
+    return ApiError("error" if isinstance(exc, ModelOutputError) else "bad_request", str(exc))
 
 
 class ClientGone(Exception):

@@ -66,6 +66,53 @@ def test_multi_turn_chat_keeps_the_cache_and_matches_torch(ort_pipeline: Pipelin
         ours.ask("Another one?", image=image)
 
 
+def test_a_conversation_whose_cache_a_newer_one_took_refuses_its_follow_up(ort_pipeline: Pipeline) -> None:
+    """Conversations share the pipeline's one cache: after generate() on another print, a follow-up in the old
+    chat would be answered about the wrong ECG, in silence. It is refused; a fresh chat answers."""
+    first, second = _images()[:2]
+    chat = ort_pipeline.chat()
+    chat.ask("What is the rhythm?", first, max_new_tokens=2)
+    chat.ask("And the rate?", max_new_tokens=2)  # its own follow-up: the cache is still its own
+    ort_pipeline.generate(second, "What is the rhythm?", max_new_tokens=2)
+    with pytest.raises(PromptError, match="taken by a newer conversation"):
+        chat.ask("And the axis?", max_new_tokens=2)
+    assert ort_pipeline.chat().ask("What is the rhythm?", first, max_new_tokens=2).generated_tokens == 2
+
+
+@pytest.mark.parametrize("limit", [0, -3, 2.5, float("nan"), True])
+def test_an_absurd_token_limit_is_refused_before_any_work(ort_pipeline: Pipeline, limit: object) -> None:
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.runtime.batch import BatchOptions
+
+    with pytest.raises(ConfigError, match="max_new_tokens must be a whole number >= 1"):
+        ort_pipeline.generate(_images()[0], "Rate?", max_new_tokens=limit)
+    with pytest.raises(ConfigError, match="max_new_tokens must be a whole number >= 1"):
+        BatchOptions(max_new_tokens=limit)
+
+
+def test_an_image_handed_over_in_memory_meets_a_files_limits(ort_pipeline: Pipeline) -> None:
+    """generate() takes a PIL image: the same size limits and transparency rule as a decoded file."""
+    from pulse_edge.errors import InputError
+
+    with pytest.raises(InputError, match="too small"):
+        ort_pipeline.generate(Image.new("RGB", (8, 8)), "Rate?", max_new_tokens=1)
+    # black ink whose opacity is the print's darkness: composited on white it is the print in grey; read as RGB
+    # without compositing, a black page
+    ink = _images()[0].convert("L")
+    transparent = Image.new("RGBA", ink.size, "black")
+    transparent.putalpha(Image.eval(ink, lambda v: 255 - v))
+
+    def tokens(image: Image.Image) -> list[int]:
+        return ort_pipeline.generate(image, "Rate?", max_new_tokens=3).token_ids
+
+    assert tokens(transparent) == tokens(_flatten(transparent)) != tokens(transparent.convert("RGB"))
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    white = Image.new("RGBA", image.size, "white")
+    return Image.alpha_composite(white, image).convert("RGB")
+
+
 def test_chunked_prefill_gives_the_same_answer(tiny_bundle: Path, ort_pipeline: Pipeline) -> None:
     image = _images()[1]
     assert ort_pipeline.engine.prefill_chunk == 512  # the default: ~3000-position prompts run in 6 chunks

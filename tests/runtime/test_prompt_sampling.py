@@ -108,6 +108,16 @@ def test_greedy_takes_the_first_maximum() -> None:
     assert sampler(np.array([0.1, 3.0, 3.0, -1.0])) == 1
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9)], ids=["greedy", "p"])
+def test_non_finite_logits_are_refused_not_decoded(bad: float, params: SamplingParams) -> None:
+    """argmax would take a NaN as the token; sampling would raise numpy's ValueError: both refuse in one line."""
+    from pulse_edge.errors import ModelOutputError
+
+    with pytest.raises(ModelOutputError, match="logits hold NaN or inf"):
+        Sampler(params)(np.array([0.1, bad, 3.0], dtype=np.float32))
+
+
 def test_sampling_is_seeded_and_follows_the_distribution() -> None:
     logits = np.log(np.array([0.5, 0.3, 0.2]))
     draws = [Sampler(SamplingParams(temperature=1.0, seed=7)) for _ in range(2)]

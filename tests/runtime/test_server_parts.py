@@ -308,3 +308,13 @@ def test_only_the_server_loads_the_web_stack() -> None:
             "print(' '.join(m for m in ('starlette', 'uvicorn', 'prometheus_client') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "", f"importing the CLI or the pipeline loaded {out.stdout.strip()}"
+
+
+def test_a_runtime_refusal_is_the_clients_400_unless_the_model_failed() -> None:
+    """A bad file or prompt is the request's (400); NaN logits are not the client's doing (500), both one line."""
+    from pulse_edge.errors import InputError, ModelOutputError
+    from pulse_edge.runtime.server.errors import from_runtime
+
+    assert from_runtime(InputError("ecg.png: is empty")).body()["error"]["code"] == "bad_request"
+    failed = from_runtime(ModelOutputError("the model's logits hold NaN or inf"))
+    assert failed.status == 500 and failed.body()["error"]["message"] == "the model's logits hold NaN or inf"
