@@ -34,7 +34,9 @@ class JsonLines(Generic[T]):
 def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path, int], T], *,
                     missing_ok: bool = False) -> JsonLines[T]:
     """Parse every line with `convert(record, path, line_number)`, which raises InputError on a bad record.
-    A last line that fails (no newline after it, bad JSON or a bad record) is a torn tail, not an error."""
+    A last line without its newline that is not JSON is a torn tail (a write cut short: a record's prefix never
+    parses), not an error; one that parses but is no record is another file's content, and an error like any
+    bad line (a resumed run would otherwise cut it off: `--output config.json` emptied)."""
     path = Path(path)
     if not path.is_file():
         if missing_ok:
@@ -49,10 +51,11 @@ def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path
     torn = unterminated = False
     if tail.strip():
         try:
-            records.append(convert(_parse_line(tail, path, len(lines) + 1), path, len(lines) + 1))
+            last = _parse_line(tail, path, len(lines) + 1)
         except InputError:
             torn = True  # a write cut short by a crash or a kill
         else:
+            records.append(convert(last, path, len(lines) + 1))
             unterminated = True
             good_bytes = len(data)
     return JsonLines(path, tuple(records), torn, good_bytes, unterminated)

@@ -134,7 +134,7 @@ def target_lock(out: Path, *, what: str) -> Iterator[Path]:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             raise ConfigError(f"another pulse-edge command is writing {out} (it holds {lock}); wait for it to finish "
-                              f"or choose another {what} directory") from e
+                              f"or choose another {what}") from e
         if _same_file(fd, lock):
             break
         os.close(fd)  # the holder before us unlinked the file after we opened it: lock the new one
@@ -167,7 +167,7 @@ def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
     check_output_dir(out, what=what)
     out.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        stack.enter_context(target_lock(out, what=what))
+        stack.enter_context(target_lock(out, what=f"{what} directory"))
         stack.enter_context(interrupts_handled())
         check_output_dir(out, what=what)  # another command may have finished writing it while we waited
         for stale in stale_partials(out):

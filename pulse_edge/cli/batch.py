@@ -6,6 +6,7 @@ only), reports each failure as it happens and the totals at the end, all on stde
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,24 +15,43 @@ from typing import Any
 import click
 
 from pulse_edge.errors import ConfigError
+from pulse_edge.staging import check_output_file, target_lock
 
 
 def infer_many(inputs: tuple[str, ...], output: Path, open_model: Callable[[], Any], *, question: str,
                max_new_tokens: int, sampling: Any, reading: Mapping[str, Any], save_render: Path | None,
                fail_fast: bool) -> None:
-    from tqdm import tqdm
+    from pulse_edge.runtime.batch import BatchOptions
 
-    from pulse_edge.runtime.batch import BatchOptions, plan_batch, run_batch
-    from pulse_edge.runtime.inputs.discover import expand_inputs
+    _check_places(output, save_render)  # before the model loads: the answers must have somewhere to go
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(output, what="--output file"):  # one writer: a second run would append the same answers
+        _run(inputs, output, open_model, BatchOptions(
+            question=question, max_new_tokens=max_new_tokens, sampling=sampling, input_options=dict(reading),
+            save_render_dir=save_render, fail_fast=fail_fast))
 
+
+def _check_places(output: Path, save_render: Path | None) -> None:
+    check_output_file(output, what="--output file")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise ConfigError(f"{output} is not writable by this user; choose another --output file")
     if save_render is not None and save_render.exists() and not save_render.is_dir():
         raise ConfigError(f"{save_render} is a file; with --output, --save-render names a folder for the prints")
+    if save_render is not None:
+        check_output_file(save_render / "print.png", what="--save-render folder")
+
+
+def _run(inputs: tuple[str, ...], output: Path, open_model: Callable[[], Any], options: Any) -> None:
+    from tqdm import tqdm
+
+    from pulse_edge.runtime.batch import plan_batch, run_batch
+    from pulse_edge.runtime.inputs.discover import expand_inputs
+
+    fail_fast = options.fail_fast
     sources = expand_inputs(inputs, exclude=[output])
-    plan = plan_batch(sources, output)
+    plan = plan_batch(sources, output)  # read under the lock: what is answered is what this run sees
     if plan.existing.torn_tail:
         click.echo(f"pulse-edge: {output}: its last line was cut short (a crash?); it is redone", err=True)
-    options = BatchOptions(question=question, max_new_tokens=max_new_tokens, sampling=sampling,
-                           input_options=dict(reading), save_render_dir=save_render, fail_fast=fail_fast)
     # disable=None: a bar on a terminal only, nothing in logs and pipes
     with tqdm(total=len(plan.todo), unit="ECG", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
         def advance(record: Mapping[str, Any]) -> None:

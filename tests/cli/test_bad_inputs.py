@@ -97,6 +97,48 @@ def test_a_bad_output_path_is_refused_before_any_work(command: str, case: str, t
     assert (tmp_path / "notes.txt").read_text() == "user data"
 
 
+def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.cli.infer as infer_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the output places were checked")
+
+    monkeypatch.setattr(infer_module, "open_backend", refuse)
+
+
+@pytest.mark.parametrize("case", ["a directory", "under /proc", "renders under /proc", "another file's JSON"])
+def test_infer_output_places_are_checked_before_the_model_loads(case: str, tiny_bundle: Path, ecg_png: Path,
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--output` a folder, in a place nobody can write, with --save-render there, or a file that is not an infer
+    output (a config.json written by json.dump: one object, no newline): one line, and the file is untouched."""
+    _no_model(monkeypatch)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"threads": 2}))
+    args, expected = {
+        "a directory": (["--output", str(tmp_path)], "is a directory, not a --output file"),
+        "under /proc": (["--output", str(UNWRITABLE / "a.jsonl")], "is not writable"),
+        "renders under /proc": (["--output", str(tmp_path / "a.jsonl"), "--save-render", str(UNWRITABLE)],
+                                "is not writable"),
+        "another file's JSON": (["--output", str(config)], "line 1 has no source"),
+    }[case]
+    _one_line(_run("infer", str(ecg_png), "--model", str(tiny_bundle), *args), expected)
+    assert config.read_text() == json.dumps({"threads": 2}) and not (tmp_path / "a.jsonl").exists()
+
+
+def test_a_second_infer_into_the_same_output_is_refused_while_the_first_writes(tiny_bundle: Path, ecg_png: Path,
+                                                                               tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from pulse_edge.staging import target_lock
+
+    _no_model(monkeypatch)
+    out = tmp_path / "answers.jsonl"
+    with target_lock(out, what="--output file"):  # as a first run holds it for its whole batch
+        result = _run("infer", str(ecg_png), "--model", str(tiny_bundle), "--output", str(out))
+    _one_line(result, f"another pulse-edge command is writing {out}")
+    assert not out.exists()
+
+
 # --- option values ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "expected"), [
