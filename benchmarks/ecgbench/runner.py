@@ -34,6 +34,7 @@ from pulse_edge.benchmarks.ecgbench.predictions import (
 from pulse_edge.calibration.datasets.ecgbench.readers import Sample, SubsetSource, discover, iter_samples, load_samples
 from pulse_edge.calibration.datasets.ecgbench.subsets import SubsetSpec, resolve_subset
 from pulse_edge.errors import ConfigError, InputError, PromptError
+from pulse_edge.staging import staged_file
 
 PAPER_MAX_NEW_TOKENS = 1024
 RUN_FILE = "run.json"
@@ -131,7 +132,7 @@ def pin_settings(out_dir: str | Path, settings: RunSettings) -> None:
     path = Path(out_dir) / RUN_FILE
     record = {"format": RUN_FORMAT, "version": 1, **asdict(settings)}
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = _read_run(path)
         changed = [k for k in _PINNED if old.get(k) != record[k]]
         if changed:
             detail = ", ".join(f"{k} {old.get(k)!r} -> {record[k]!r}" for k in changed)
@@ -141,7 +142,19 @@ def pin_settings(out_dir: str | Path, settings: RunSettings) -> None:
     record["created"] = record.get("created") or _now()
     record.update(updated=_now(), machine=machine_info())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    with staged_file(path) as work:  # whole or not at all: a kill mid-write must not leave a run.json to trip on
+        work.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        record = e
+    if not isinstance(record, dict):
+        raise InputError(f"{path} is damaged (not the run's settings as JSON); delete it to resume with the answers "
+                         "kept (the settings are pinned again), or use another --out")
+    return record
 
 
 def run_plans(plans: Sequence[SubsetPlan], open_model: Callable[[], Any], *,

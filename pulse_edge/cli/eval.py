@@ -21,6 +21,7 @@ from pulse_edge.choices import BACKENDS, TORCH_DTYPES
 from pulse_edge.cli.group import UserErrorGroup
 from pulse_edge.cli.params import TORCH_DEVICE
 from pulse_edge.errors import InputError
+from pulse_edge.staging import staged_file, target_lock
 
 _JUDGE_HELP = "OpenAI-compatible endpoint (e.g. http://host:8000/v1) of the LLM judge for ptb-test-report and " \
               "arena; the API key is read from $PULSE_EDGE_JUDGE_KEY."
@@ -105,15 +106,25 @@ def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], 
                      judge_workers: int, backend: str, vision_tower: Path | None, dtype: str, device: str,
                      max_new_tokens: int) -> None:
     """Run a model over ECGBench (greedy, resumable), then score it; prints the scores as JSON."""
+    if not model_dir.is_dir():
+        raise InputError(f"{model_dir}: model directory not found")
+    _check_options(judge_url, judge_model, report_dir)
+    out = out_dir or Path(f"ecgbench-{model_dir.resolve().name}")
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(out, what="--out directory"):  # two runs into one --out would answer every id twice
+        _run_ecgbench(model_dir, data_dir, subsets, out, limit, report_dir, judge_url, judge_model, judge_workers,
+                      backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
+                      max_new_tokens=max_new_tokens)
+
+
+def _run_ecgbench(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], out: Path, limit: int | None,
+                  report_dir: Path | None, judge_url: str | None, judge_model: str | None, judge_workers: int, *,
+                  backend: str, vision_tower: Path | None, dtype: str, device: str, max_new_tokens: int) -> None:
     from pulse_edge.benchmarks.common.machine import model_info
     from pulse_edge.benchmarks.ecgbench import runner
     from pulse_edge.benchmarks.ecgbench.predictions import read_predictions
     from pulse_edge.benchmarks.ecgbench.score import score_subset
 
-    if not model_dir.is_dir():
-        raise InputError(f"{model_dir}: model directory not found")
-    _check_options(judge_url, judge_model, report_dir)
-    out = out_dir or Path(f"ecgbench-{model_dir.resolve().name}")
     plans = runner.plan_run(data_dir, subsets, out, limit)
     _announce(data_dir, plans)
     runner.check_images(plans)
@@ -132,7 +143,8 @@ def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], 
     scores = [score_subset(p.spec, p.reference, read_predictions(p.out_file, missing_ok=True), judge) for p in plans]
     result = {"out": str(out), "model": model, "runs": [vars(s) for s in stats],
               "subsets": [s.to_dict() for s in scores]}
-    (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    with staged_file(out / "scores.json") as work:
+        work.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if report_dir is not None:
         _run_report(report_dir, scores, model, vars(settings))
     click.echo(json.dumps(result, indent=2))

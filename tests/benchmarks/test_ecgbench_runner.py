@@ -137,6 +137,33 @@ def test_a_run_folder_keeps_its_model_and_settings(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run.json").read_text())["machine"]["cores"] >= 1
 
 
+@pytest.mark.parametrize("damage", ["", '{"format": "pulse-edge', "[1, 2]"])
+def test_a_damaged_run_record_is_one_line_and_left_for_the_user(tmp_path: Path, damage: str) -> None:
+    """Empty (a full disk), cut mid-write (a kill before it was written whole), or not an object: refused in one
+    line naming the file, which stays as it was (the answers beside it are the user's)."""
+    (tmp_path / "run.json").write_text(damage)
+    with pytest.raises(InputError, match=r"run.json is damaged .* delete it to resume"):
+        pin_settings(tmp_path, RunSettings(model="/m/fp16", precision="fp16"))
+    assert (tmp_path / "run.json").read_text() == damage
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_one_runs(data_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.backends
+    from pulse_edge.staging import target_lock
+
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2}))
+    monkeypatch.setattr(pulse_edge.backends, "open_backend", lambda *a, **k: FakePipeline())
+    out = tmp_path / "out"
+    with target_lock(out, what="--out directory"):  # as a running `eval ecgbench` holds it
+        result = CliRunner().invoke(eval_group, ["ecgbench", "--model", str(model), "--data", str(data_dir),
+                                                 "--subset", "csn", "--limit", "2", "--out", str(out)])
+    assert result.exit_code == 2 and f"another pulse-edge command is writing {out}" in result.output
+    assert not (out / "csn.jsonl").exists()
+
+
 def test_cli_runs_scores_reports_and_resumes(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pulse_edge.backends
 
