@@ -75,6 +75,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def run_step(step: Step, timeout_s: float, *, cwd: Path, env: dict[str, str], log: IO[str],
              echo: Callable[[str], None]) -> Outcome:
     header = f"==> {step.name} (timeout {timeout_s:.0f} s): {shlex.join(step.argv)}"
+    if step.result is not None:  # a reused --work: a step killed before it writes must not leave the last run's
+        step.result.unlink(missing_ok=True)
     log.write(header + "\n")
     echo(header)
     start = time.monotonic()

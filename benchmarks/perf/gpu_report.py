@@ -8,7 +8,8 @@
 The targets are fixed numbers (docs/gpu.md): the fused bf16 projector at T = 2880 at least 1.15x torch eager and
 at least 70% of the bf16 matmul peak measured in the same run; fused fp8 at least 1.5x fused bf16 on Hopper;
 decode at least 70% of the bound set by the copy bandwidth measured on the same GPU. A target that could not be
-measured says why. The exit code is 1 when a GPU test failed, none ran, or a step failed or timed out.
+measured says why. The exit code is 1 when a GPU test failed, none ran, or a step failed, timed out or was
+skipped (the budget spent, a step it needs failed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,10 +189,15 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- the report
 
-def exit_code(outcomes: list[Outcome], tests: dict[str, Any] | None) -> int:
-    step_failed = any(o.status in ("failed", "timed out") for o in outcomes)
-    tests_failed = tests is not None and (tests["failed"] > 0 or tests["passed"] == 0)
-    return 1 if step_failed or tests_failed else 0
+def exit_code(outcomes: list[Outcome], tests: dict[str, Any] | None, planned: Sequence[str]) -> int:
+    """0 only when every planned step ran and passed and, where the plan holds the GPU tests, at least one ran and
+    none failed; 1 otherwise: a step that failed, timed out, or was skipped (a dependency failed, the budget ran
+    out) is a check not done, never a pass."""
+    passed = {o.name for o in outcomes if o.status == "passed"}
+    incomplete = any(name not in passed for name in planned)
+    tests_failed = ("pytest-gpu" in planned and tests is None) or (
+        tests is not None and (tests["failed"] > 0 or tests["passed"] == 0))
+    return 1 if incomplete or tests_failed else 0
 
 
 def _read(path: Path | None) -> Any:
@@ -224,7 +230,7 @@ def build_report(cfg: GpuCheckConfig, machine: Machine, plan: Plan, outcomes: li
         "failure_tails": {o.name: sections.get(o.name, [])[-FAILURE_TAIL:] for o in outcomes
                           if o.status in ("failed", "timed out")}}
     report["targets"] = evaluate_targets(report)
-    report["exit_code"] = exit_code(outcomes, tests)
+    report["exit_code"] = exit_code(outcomes, tests, [s.name for s in plan.steps])
     return report
 
 

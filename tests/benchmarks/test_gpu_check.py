@@ -5,6 +5,7 @@ The report tests use hand-made step results (formatting and arithmetic only, not
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -235,8 +236,27 @@ def test_no_gpu_test_that_ran_is_a_failure(tmp_path: Path) -> None:
     report = _report(tmp_path, skipped_only)
     assert report["tests"]["passed"] == 0 and report["tests"]["failed"] == 0
     outcomes = [gc.Outcome("pytest-gpu", "passed", 1.0, 0)]
-    assert gr.exit_code(outcomes, report["tests"]) == 1
-    assert gr.exit_code(outcomes, {**report["tests"], "passed": 3}) == 0
+    assert gr.exit_code(outcomes, report["tests"], ["pytest-gpu"]) == 1
+    assert gr.exit_code(outcomes, {**report["tests"], "passed": 3}, ["pytest-gpu"]) == 0
+
+
+def test_a_step_that_never_ran_is_not_a_pass() -> None:
+    """Skipped for the budget or a failed dependency, or never reached: the check was not done, exit 1."""
+    ok = {"passed": 3, "failed": 0}
+    tests = gc.Outcome("pytest-gpu", "passed", 1.0, 0)
+    assert gr.exit_code([tests, gc.Outcome("projector", "passed", 5.0, 0)], ok, ["pytest-gpu", "projector"]) == 0
+    budget = gc.Outcome("projector", "skipped", reason="the time budget is spent (20 s left)")
+    assert gr.exit_code([tests, budget], ok, ["pytest-gpu", "projector"]) == 1
+    assert gr.exit_code([tests], ok, ["pytest-gpu", "projector"]) == 1  # stopped before its turn
+    assert gr.exit_code([gc.Outcome("pytest-gpu", "skipped", reason="x")], None, ["pytest-gpu"]) == 1
+
+
+def test_a_reused_work_folder_never_reports_the_last_runs_results(tmp_path: Path) -> None:
+    stale = tmp_path / "pytest-gpu.xml"
+    stale.write_text(JUNIT)
+    step = gp.Step("pytest-gpu", "", _py("import sys; sys.exit(1)"), 1, 60, result=stale)
+    outcome = gc.run_step(step, 60, cwd=tmp_path, env=dict(os.environ), log=io.StringIO(), echo=lambda _: None)
+    assert outcome.status == "failed" and not stale.exists()
 
 
 # ---------------------------------------------------------------- the steps, on the CPU test path
