@@ -63,6 +63,7 @@ class SubsetComparison:
     scores: tuple[SubsetScore, ...]  # one per run, on the common ids
     deltas: tuple[Mapping[str, Mapping[str, float]], ...]  # per later run: mode -> metric -> delta vs the first
     agreement: tuple[Agreement, ...]
+    unanswered: Mapping[str, int] = field(default_factory=dict)  # per run: reference samples another run answered
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Comparison:
         return {"runs": [{"label": r.label, "path": str(r.path), "settings": dict(r.settings)} for r in self.runs],
                 "skipped": dict(self.skipped),
                 "subsets": [{"subset": c.subset, "common_samples": c.common, "not_common": dict(c.not_common),
+                             "unanswered": dict(c.unanswered),
                              "scores": dict(zip(labels, (s.to_dict() for s in c.scores), strict=True)),
                              "deltas_vs_first": dict(zip(labels[1:], (dict(d) for d in c.deltas), strict=True)),
                              "agreement_vs_first": [{"run": a.other, "text_identical": a.text_rate,
@@ -154,8 +156,10 @@ def compare_runs(runs: Sequence[RunDir], data_dir: str | Path,
 
 
 def gate_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str]:
-    """One message per metric that fell more than allowed (or cannot be checked)."""
-    failures: list[str] = []
+    """One message per metric that fell more than allowed (or cannot be checked), and per subset a rule covers that
+    was not compared whole: one run has no answers for it, or left out samples another run answered (an int8 run
+    stopped after 10 of 1000 would otherwise be gated on those 10). A check not done never passes."""
+    failures = _coverage_failures(comparison, rules)
     names = {c.subset for c in comparison.subsets}
     for rule in rules:
         if rule.subset is not None and rule.subset not in names:
@@ -168,6 +172,19 @@ def gate_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str
                               "subsets report score only with --judge-url and --judge-model)")
         for c in matched:
             failures += _check(rule, c, comparison.runs)
+    return failures
+
+
+def _coverage_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str]:
+    covered = {rule.subset for rule in rules}
+    failures = [f"{name} was not compared ({why})" for name, why in comparison.skipped.items()
+                if None in covered or name in covered]
+    for c in comparison.subsets:
+        short = {label: n for label, n in c.unanswered.items() if n}
+        if short and (None in covered or c.subset in covered):
+            failures.append(f"{c.subset} was compared on {c.common} samples only: " + ", ".join(
+                f"{label} lacks {n} that another run answered" for label, n in short.items())
+                + " (resume the run with `eval ecgbench` to finish it)")
     return failures
 
 
@@ -196,7 +213,10 @@ def _compare_subset(name: str, source: Any, runs: Sequence[RunDir], files: Seque
     answers = [_RunAnswers(r.label, t.by_id(), sc) for r, t, sc in zip(runs, trimmed, scores, strict=True)]
     agreement = tuple(_agreement(samples, answers[0], other, spec.kind == JUDGE) for other in answers[1:])
     not_common = {r.label: sum(1 for p in f.predictions if p.id not in common) for r, f in zip(runs, read, strict=True)}
-    return SubsetComparison(name, len(samples), not_common, scores, deltas, agreement)
+    answered = [{p.id for p in r.predictions} & {s.id for s in reference} for r in read]
+    anyone = set.union(*answered)
+    unanswered = {r.label: len(anyone - a) for r, a in zip(runs, answered, strict=True)}
+    return SubsetComparison(name, len(samples), not_common, scores, deltas, agreement, unanswered)
 
 
 def _deltas(base: SubsetScore, other: SubsetScore) -> dict[str, dict[str, float]]:

@@ -84,6 +84,27 @@ def test_gate_fails_with_one_line_and_passes_within_budget(setup: tuple[Path, Pa
     assert json.loads(passed.output)["gate_failures"] == []
 
 
+def test_the_gate_fails_on_what_it_could_not_compare(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A run that stopped short (g4 never answered) or never ran a subset (no ptb file): its scores would look
+    fine on what it did answer, so a gate over those subsets fails and says what is missing."""
+    data, fp16, _ = setup
+    short = tmp_path / "run-short"
+    short.mkdir()
+    (short / "run.json").write_text(json.dumps({"model": "/models/short", "precision": "int8"}))
+    (short / "csn-test-no-cot.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                                         for i, t in list(CSN_GOLD.items())[:3]))
+    result = CliRunner().invoke(eval_group, ["compare", str(fp16), str(short), "--data", str(data), "--changes",
+                                             str(tmp_path / "changes.json"), "--max-drop", "accuracy=100"])
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "ptb-test was not compared (no answers in int8)" in last
+    assert "csn-test-no-cot was compared on 3 samples only: int8 lacks 1 that another run answered" in last
+    csn = next(s for s in json.loads(result.output[:result.output.rindex("}") + 1])["subsets"])
+    assert csn["unanswered"] == {"fp16": 0, "int8": 1}
+    whole = _compare(setup, tmp_path, "--max-drop", "accuracy=100")  # both runs answered both subsets whole
+    assert whole.exit_code == 0, whole.output
+
+
 def test_gate_rules_are_checked() -> None:
     assert DropRule.parse("strict.csn.accuracy=1.5") == DropRule("accuracy", 1.5, "strict", "csn-test-no-cot")
     assert DropRule.parse("auc=2").key("ptb-test") == ("compat", "compat.ptb-test.auc")
