@@ -338,7 +338,9 @@ def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig, meters
                 before_round: Callable[[], object] | None = None,
                 windows: list[HostWindow] | None = None) -> dict[str, Stat]:
     """Warm every backend up, then time them in turn, run after run: a machine that gets busier or
-    quieter during the measurement slows them far more alike than back-to-back phases would. Bursts
+    quieter during the measurement slows them far more alike than back-to-back phases would. The order
+    rotates each round, so no backend always runs right after another's (an ORT session's spinning threads
+    slowed whichever ran next by 45-70%: benchmarks/studies/plain_decoder.py). Bursts
     shorter than a run can still skew one backend; its `others_cores` says when. `before_round` runs
     untimed before each round (a bandwidth probe to pair with the round's runs); `windows` gets the
     host's state over each round (benchmarks/common/host.py: was it quiet?)."""
@@ -347,11 +349,12 @@ def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig, meters
         for _ in range(cfg.warmup):
             meters[bench.key].call(getattr(bench, method))
     values: dict[str, list[float]] = {b.key: [] for b in active}
-    for _ in range(cfg.timed_runs):
+    for round_ in range(cfg.timed_runs):
         if before_round is not None:
             before_round()
         start = host_sample()
-        for bench in active:
+        shift = round_ % len(active) if active else 0
+        for bench in active[shift:] + active[:shift]:
             values[bench.key].append(meters[bench.key].call(getattr(bench, method)))
         if windows is not None:
             windows.append(HostWindow.between(start, host_sample()))

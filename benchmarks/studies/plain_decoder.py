@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 from pulse_edge.runtime.bundle.names import past_name
 
@@ -359,10 +360,13 @@ def _plain(cfg: BenchConfig) -> Contender:
 
 
 def _interleaved(contenders: Sequence[Contender], fn: str, embeds: np.ndarray, cfg: BenchConfig,
-                 runs: int) -> dict[str, list[float]]:
-    """Warm-up then timed runs, alternating contenders each round so drift on a shared machine hits both."""
+                 runs: int) -> tuple[dict[str, list[float]], list[HostWindow]]:
+    """Warm-up then timed runs, alternating contenders each round so drift on a shared machine hits both; the
+    host's state over each timed round (was it quiet?)."""
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    windows: list[HostWindow] = []
     for round_ in range(cfg.warmup + runs):
+        start = host_sample()
         for c in contenders if round_ % 2 == 0 else reversed(contenders):
             if fn == "decode":
                 c.before_decode()
@@ -370,7 +374,9 @@ def _interleaved(contenders: Sequence[Contender], fn: str, embeds: np.ndarray, c
             ms = time_ms(lambda c=c: getattr(c, fn)(embeds))
             if round_ >= cfg.warmup:
                 times[c.name].append(ms)
-    return times
+        if round_ >= cfg.warmup:
+            windows.append(HostWindow.between(start, host_sample()))
+    return times, windows
 
 
 def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] = say) -> dict[str, Any]:
@@ -397,9 +403,9 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] = say) -> di
     agreement = logits_agreement(*logits)
     reset_worked = reset_peak()
     progress(f"timing prefill of {cfg.prefill} positions")
-    prefill_ms = _interleaved(contenders, "prefill", prompt, cfg, cfg.runs)
+    prefill_ms, prefill_host = _interleaved(contenders, "prefill", prompt, cfg, cfg.runs)
     progress(f"timing one decode step at {cfg.context} positions of context")
-    decode_ms = _interleaved(contenders, "decode", token, cfg, cfg.decode_runs)
+    decode_ms, decode_host = _interleaved(contenders, "decode", token, cfg, cfg.decode_runs)
     peak = peak_since_reset(reset_worked)
     rows = [{"graph": c.name,
              "prefill_ms": statistics.median(prefill_ms[c.name]), "prefill_runs_ms": prefill_ms[c.name],
@@ -410,7 +416,14 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] = say) -> di
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info(),
             "settings": {k: str(v) for k, v in vars(cfg).items()}, "rows": rows,
             "prefill_logits_agreement": agreement, "load_average": [load_start, os.getloadavg()],
+            "host": {"prefill": [w.to_dict() for w in prefill_host], "decode": [w.to_dict() for w in decode_host]},
+            "busy": {"prefill": busy_reason(prefill_host), "decode": busy_reason(decode_host)},
             "rss_before_runs_bytes": base_rss, "peak_rss_runs_bytes": peak}
+
+
+def _ratio(plain_ms: float, direct_ms: float, busy: str | None) -> str:
+    """The ratio, or why it is not printed: a busy host slows the two graphs unlike each other."""
+    return f"not printed ({busy})" if busy else f"{plain_ms / direct_ms:.2f}x"
 
 
 def _range(values: Sequence[float], digits: int) -> str:
@@ -443,9 +456,9 @@ def report_table(report: dict[str, Any]) -> str:
                      f"{r['nodes']['total']} | {r['nodes_after_ort']} | "
                      f"{_top_ops(r['nodes'])} |")
     plain, direct = report["rows"]
-    lines += ["",
-              f"direct vs plain: prefill x{plain['prefill_ms'] / direct['prefill_ms']:.2f} faster, "
-              f"decode x{plain['decode_ms'] / direct['decode_ms']:.2f} faster.",
+    lines += ["", "direct over plain (plain p50 / direct p50; above 1 the direct graph is faster): " + ", ".join(
+        f"{phase} {_ratio(plain[f'{phase}_ms'], direct[f'{phase}_ms'], report['busy'][phase])}"
+        for phase in ("prefill", "decode")) + ".",
               f"measuring process (export ran in a child): RSS with both sessions loaded "
               f"{report['rss_before_runs_bytes'] / 2**30:.2f} GiB, peak over all timed runs (both ORT arenas) "
               f"{report['peak_rss_runs_bytes'] / 2**30:.2f} GiB.",

@@ -89,8 +89,8 @@ def test_recipes_probe_each_rounds_bound_before_it_and_after_the_last(monkeypatc
     stats, probes = probed_rounds(benches, "decode", cfg, {"a": BackendMeter(), "b": BackendMeter()}, windows,
                                   lambda _: None)
     assert log == ["a", "b",  # the warm-up, unprobed
-                   "probe: decode, before round 1", "a", "b", "probe: decode, before round 2", "a", "b",
-                   "probe: decode, before round 3", "a", "b", "probe: decode, after"]
+                   "probe: decode, before round 1", "a", "b", "probe: decode, before round 2", "b", "a",
+                   "probe: decode, before round 3", "a", "b", "probe: decode, after"]  # the order rotates
     assert len(probes) == cfg.timed_runs + 1 and len(windows) == cfg.timed_runs
     assert stats["a"].values == (1.0, 2.0, 3.0) and stats["b"].values == (4.0, 5.0, 6.0)
     assert round_bounds(probes, "read") == [20.0, 20.0, 8.0]  # the better of the probes on either side
@@ -232,3 +232,21 @@ def test_latency_fractions_pair_each_run_with_its_neighbouring_probes() -> None:
     runs[0].timings.prefill_ms = 0.0
     assert "prefill_of_compute_peak" not in _fractions(runs, [quiet] * 4, probes, facts, {"prefill": 800.0}, 0,
                                                        "int8_peak")
+
+
+def test_interleaved_rounds_rotate_the_backends_order() -> None:
+    """Each backend runs first, second and third equally often: none always follows another (a session's
+    spinning threads slow whoever runs next), and none always runs after the round's probe."""
+    from types import SimpleNamespace
+
+    from pulse_edge.benchmarks.perf.backend_runs import BackendMeter, interleaved
+
+    order: list[str] = []
+    benches = [SimpleNamespace(key=k, run=lambda k=k: order.append(k) or 1.0) for k in "abc"]  # ms
+    meters = {k: BackendMeter() for k in "abc"}
+    stats = interleaved(benches, "run", SimpleNamespace(warmup=1, timed_runs=6), meters)
+    timed = [order[i:i + 3] for i in range(3, len(order), 3)]  # after the three warm-up calls
+    assert len(timed) == 6 and all(sorted(r) == ["a", "b", "c"] for r in timed)
+    for position in range(3):
+        assert sorted(r[position] for r in timed) == ["a", "a", "b", "b", "c", "c"]
+    assert set(stats) == {"a", "b", "c"}

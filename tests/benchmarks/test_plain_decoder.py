@@ -69,3 +69,20 @@ def test_plain_export_matches_torch_prefill_chunk_and_decode(exported) -> None:
             errors.append(_rel_err(got, ref))
     assert runner.length == 23
     assert max(errors) < REL_TOL, errors
+
+
+def test_the_table_prints_a_ratio_only_from_a_quiet_host() -> None:
+    """The study's closing line: plain / direct per phase, or why not, never a ratio from busy rounds."""
+    from pulse_edge.benchmarks.studies.plain_decoder import report_table
+
+    row = {"prefill_runs_ms": [1.0], "decode_runs_ms": [1.0], "load_rss_bytes": 0, "prefill_working_bytes": 0,
+           "nodes": {"total": 1, "MatMul": 1}, "nodes_after_ort": 1}
+    report = {"date": "d", "machine": {"cpu": "c", "cores": 2, "ram_gib": 1}, "load_average": [[0.1], [0.2]],
+              "settings": {"runs": 3, "decode_runs": 3, "warmup": 1, "prefill": 8, "context": 9},
+              "rows": [{**row, "graph": "plain", "prefill_ms": 120.0, "decode_ms": 10.0},
+                       {**row, "graph": "direct", "prefill_ms": 100.0, "decode_ms": 20.0}],
+              "busy": {"prefill": None, "decode": "host busy: 0 of 3 rounds quiet (need 3)"},
+              "rss_before_runs_bytes": 0, "peak_rss_runs_bytes": 0,
+              "prefill_logits_agreement": {"max_abs": 0.0, "ref_max": 1.0, "cosine": 1.0, "argmax_equal": True}}
+    line = next(s for s in report_table(report).splitlines() if s.startswith("direct over plain"))
+    assert "prefill 1.20x" in line and "decode not printed (host busy: 0 of 3 rounds quiet" in line
