@@ -245,6 +245,8 @@ def run_backends(cfg: BackendsConfig, progress: Callable[[str], None] = print) -
             "backends": _summaries(backends, facts, cfg.context, rounds, read),
             "decode_round_read_gb_s": [p.read / GB for p in rounds.probes],
             "decode_host": {"rounds": [w.to_dict() for w in rounds.windows], "busy": busy_reason(rounds.windows)},
+            "host": {phase: {"rounds": [w.to_dict() for w in windows], "busy": busy_reason(windows)}
+                     for phase, windows in rounds.phases.items()},
             "pipeline_overhead": overhead, "methods": _methods(cfg),
             "pulse7b_rooflines": vicuna_rooflines(read.read, cfg.context),
             "notes": _notes(cfg), "peak_rss_bytes": peak, "elapsed_s": time.perf_counter() - started}
@@ -270,6 +272,7 @@ class DecodeRounds:
 
     probes: list[Probes]
     windows: list[HostWindow]
+    phases: dict[str, list[HostWindow]]  # every phase's rounds (vision, prefill, decode)
 
 
 def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Callable[[str], None],
@@ -290,13 +293,13 @@ def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Ca
     benches = [GenerateBench(reference, inputs, cfg), reference, ort]
     results: dict[str, dict[str, Any]] = {b.key: {"name": b.name} for b in benches}
     prober = RoundProber("decode", (READ,), cfg.timed_runs, cfg.bandwidth_bytes, cfg.threads, progress)
-    windows: list[HostWindow] = []
+    hosts: dict[str, list[HostWindow]] = {method: [] for method in MEASURES.values()}  # was each round quiet?
     for measure, method in MEASURES.items():
         decode = method == "decode"
         progress(f"{method}: {cfg.warmup} warm-up + {cfg.timed_runs} timed runs per backend, interleaved"
                  + (", a read probe before each round and after the last" if decode else ""))
         stats = interleaved(benches, method, cfg, meters, before_round=prober if decode else None,
-                            windows=windows if decode else None)
+                            windows=hosts[method])
         if decode:
             prober()
         for key, stat in stats.items():
@@ -307,7 +310,7 @@ def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Ca
     results["transformers"]["vision_note"] = "the torch reference's modules and number"
     for key, meter in meters.items():
         results[key]["meter"] = meter.to_dict()
-    return results, overhead, DecodeRounds(prober.taken, windows)
+    return results, overhead, DecodeRounds(prober.taken, hosts["decode"], hosts)
 
 
 def read_max_length(bundle: Path) -> int:
@@ -384,6 +387,8 @@ def backends_table(report: dict[str, Any]) -> str:
         "read bandwidth probed before each decode round and after the last (GB/s, one array): "
         + ", ".join(f"{v:.1f}" for v in report["decode_round_read_gb_s"]),
         *([f"no fraction: decode {busy}"] if busy else []),
+        *(f"{phase}: {host['busy']}; its columns come from busy rounds: no ratio between backends holds"
+          for phase, host in report["host"].items() if phase != "decode" and host["busy"]),
         f"{s['runs']} timed runs after {s['warmup']} warm-up per measurement; decode {s['decode_steps']} steps per "
         f"run; threads {s['threads'] or 'one per core'}; cells: p50 / p95",
         "", markdown_table(header, rows), "",

@@ -213,6 +213,14 @@ def test_bench_backends_tiny_runs_all_three(tiny_checkpoint: Path, quick_bundle:
     assert "read bandwidth probed before each decode round and after the last" in printed and "% of read BW" in printed
     bounds = [max(a, b) * 1e9 for a, b in itertools.pairwise(reads)]
     assert report["decode_host"]["busy"] is None
+    assert {p: (len(h["rounds"]), h["busy"]) for p, h in report["host"].items()} == {
+        "vision": (2, None), "prefill": (2, None), "decode": (2, None)}  # every phase's rounds judged
+    assert "busy rounds" not in printed
+    from pulse_edge.benchmarks.perf.backends import backends_table
+
+    report["host"]["prefill"]["busy"] = "host busy: 0 of 2 rounds quiet (need 2); e.g. other processes used 1.2 cores"
+    assert ("prefill: host busy: 0 of 2 rounds quiet (need 2); e.g. other processes used 1.2 cores; its columns "
+            "come from busy rounds") in backends_table(report)
     for entry in report["backends"].values():  # each round against its two neighbours, from the report's numbers
         runs = entry["decode_tokens_per_s"]["values"]
         per_round = [t * entry["bytes_per_token"] / b for t, b in zip(runs, bounds, strict=True)]
