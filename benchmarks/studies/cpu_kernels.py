@@ -29,6 +29,8 @@ from typing import Any
 import click
 import numpy as np
 
+from pulse_edge.benchmarks.common.host import HostWindow, host_sample
+from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.tables import markdown_table
 from pulse_edge.benchmarks.studies.common import CONTRIB, study_model, study_options, study_session
@@ -253,23 +255,40 @@ def decode_attention(context: int, buffers: list[int], heads: int, layers: int, 
     return rows
 
 
+def _timed(section: Callable[[], Any], hosts: dict[str, Any], name: str) -> Any:
+    """Run one section of the study and note the host over it: a busy one's numbers say little about the kernels."""
+    start = host_sample()
+    rows = section()
+    window = HostWindow.between(start, host_sample())
+    hosts[name] = {**window.to_dict(), "busy": window.busy()}
+    return rows
+
+
+def _host(report: dict[str, Any], name: str) -> str:
+    busy = report["host"][name]["busy"]
+    return f" (host BUSY over this section: {busy})" if busy else " (host quiet)"
+
+
 def _tables(report: dict[str, Any]) -> str:
-    parts = [f"threads {report['threads']}, median of {report['repeats']} interleaved calls after a warm-up"]
-    parts += ["", "GroupQueryAttention, fp32, the full S x T product:",
+    m = report["machine"]
+    parts = [f"{report['date']}; {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; threads {report['threads']}, "
+             f"median of {report['repeats']} interleaved calls after a warm-up"]
+    parts += ["", "GroupQueryAttention, fp32, the full S x T product" + _host(report, "attention") + ":",
               markdown_table(["S new", "P cached", "ms", "GFLOP/s"],
                              [[str(r["s"]), str(r["p"]), f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"]
                               for r in report["attention"]])]
-    parts += ["", f"MatMulNBits at M = 1, {report['gemv_shape']}:",
+    parts += ["", f"MatMulNBits at M = 1, {report['gemv_shape']}" + _host(report, "gemv") + ":",
               markdown_table(["bits", "accuracy level", "block", "MiB", "ms", "GB/s"],
                              [[str(r["bits"]), str(r["accuracy_level"]), str(r["block"]), f"{r['mib']:.0f}",
                                f"{r['ms']:.1f}", f"{r['gb_s']:.1f}"] for r in report["gemv"]])]
-    parts += ["", f"vision attention, one layer, {report['vision_shape']}:",
+    parts += ["", f"vision attention, one layer, {report['vision_shape']}" + _host(report, "vision") + ":",
               markdown_table(["form", "ms", "GFLOP/s"],
                              [[r["form"], f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"] for r in report["vision"]])]
-    parts += ["", "a prompt chunk's causal attention, fp32, GFLOP/s of the full S x S product:",
+    parts += ["", "a prompt chunk's causal attention, fp32, GFLOP/s of the full S x S product"
+              + _host(report, "causal") + ":",
               markdown_table(["op", "S", "ms", "GFLOP/s"], [[r["op"], str(r["s"]), f"{r['ms']:.1f}",
                                                              f"{r['gflop_s']:.0f}"] for r in report["causal"]])]
-    parts += ["", f"decode attention, one position over {report['decode_shape']}:",
+    parts += ["", f"decode attention, one position over {report['decode_shape']}" + _host(report, "decode") + ":",
               markdown_table(["cache", "threads", "buffer", "ms", "GB/s of the context"],
                              [[r["cache"], str(r["threads"]), str(r["buffer"]), f"{r['ms']:.2f}", f"{r['gb_s']:.1f}"]
                               for r in report["decode"]])]
@@ -290,17 +309,20 @@ def main(threads: int, repeats: int, heads: int, scale: float, json_path: Path |
         return max(16, int(size * scale))
 
     gemv_layers, k, n = max(1, int(16 * scale)), 4096, max(256, shrink(12288) // 256 * 256)
-    report = {"threads": threads, "repeats": repeats,
-              "attention": gqa_rates([(shrink(s), shrink(p) if p else 0) for s, p in GQA_SHAPES], heads, threads,
-                                     repeats),
-              "causal": causal_attention(shrink(2048), heads, threads, repeats),
+    hosts: dict[str, Any] = {}
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(),
+              "threads": threads, "repeats": repeats,
+              "attention": _timed(lambda: gqa_rates([(shrink(s), shrink(p) if p else 0) for s, p in GQA_SHAPES],
+                                                    heads, threads, repeats), hosts, "attention"),
+              "causal": _timed(lambda: causal_attention(shrink(2048), heads, threads, repeats), hosts, "causal"),
               "gemv_shape": f"K {k} x N {n}, {gemv_layers} layers",
-              "gemv": gemv_rates(GEMV_VARIANTS, k, n, gemv_layers, threads, repeats),
+              "gemv": _timed(lambda: gemv_rates(GEMV_VARIANTS, k, n, gemv_layers, threads, repeats), hosts, "gemv"),
               "vision_shape": f"5 tiles x {shrink(577)} positions x 16 heads x 64",
-              "vision": vision_attention(5, shrink(577), 16, 64, threads, repeats),
+              "vision": _timed(lambda: vision_attention(5, shrink(577), 16, 64, threads, repeats), hosts, "vision"),
               "decode_shape": f"{shrink(3000)} positions of context, {heads} heads x 128, 4 layers",
-              "decode": decode_attention(shrink(3000), [shrink(b) for b in DECODE_BUFFERS], heads, 4,
-                                         sorted({1, threads}), repeats)}
+              "decode": _timed(lambda: decode_attention(shrink(3000), [shrink(b) for b in DECODE_BUFFERS], heads, 4,
+                                                        sorted({1, threads}), repeats), hosts, "decode"),
+              "host": hosts}
     click.echo(_tables(report))
     write_json(json_path, report)
 

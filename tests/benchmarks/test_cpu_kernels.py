@@ -35,4 +35,7 @@ def test_the_kernel_study_times_every_variant_it_names(tmp_path: Path) -> None:
         int8_bytes, fp32_bytes = (by[c, b]["gb_s"] * by[c, b]["ms"] for c in ("int8", "fp32"))
         assert int8_bytes == pytest.approx(fp32_bytes / 4)
     assert "decode attention" in result.output
+    assert report["machine"]["cores"] >= 1 and f"{report['machine']['cores']} cores" in result.output
+    assert set(report["host"]) == {"attention", "causal", "gemv", "vision", "decode"}
+    assert result.output.count("(host quiet)") + result.output.count("(host BUSY over this section") == 5
     assert [r["op"] for r in report["causal"]] == ["GroupQueryAttention", "Attention (opset 23, is_causal)"]
