@@ -54,6 +54,7 @@ from pulse_edge.benchmarks.perf.backend_runs import (
 )
 from pulse_edge.benchmarks.perf.backends import BackendsConfig, prepare_model, run_cli, work_dir
 from pulse_edge.benchmarks.perf.model_ops import ModelOps, model_ops
+from pulse_edge.choices import FLOAT_PRECISIONS
 
 # recipe key -> (label, export arguments)
 RECIPES = {
@@ -117,6 +118,7 @@ def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> 
     started = time.perf_counter()
     with work_dir(cfg.base.work) as work:
         bundles = prepare_recipes(cfg, work, progress)
+        quantized = {key: _quantized(path) for key, path in bundles.items()}  # transformers: float, like fp32
         ops = model_ops(work / "checkpoint")
         machine = machine_with_load()
         probes = Probes()
@@ -125,8 +127,8 @@ def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> 
         gc.collect()  # the backends are unreachable now: free them before the end probe allocates its arrays
         probes.measure("end", cfg.base.bandwidth_bytes, cfg.base.threads, progress)
         model = model_info(work / "checkpoint")
-    rows = {key: _row_report(key, result, facts[key], ops, rounds, results, windows, cfg) for key, result in
-            results.items()}
+    rows = {key: _row_report(key, result, facts[key], ops, rounds, results, windows, cfg, quantized.get(key, False))
+            for key, result in results.items()}
     return {"kind": "recipes", "machine": {**machine, "load_average_end": load_average()}, "model": model,
             "probes": probes.to_dict(), "bandwidth": bandwidth_report(probes.bandwidth)[1], "ops": ops.to_dict(),
             "round_probes": {m: [p.to_dict() for p in ps] for m, ps in rounds.items()},
@@ -135,9 +137,15 @@ def run_recipes(cfg: RecipesConfig, progress: Callable[[str], None] = print) -> 
             "elapsed_s": time.perf_counter() - started}
 
 
+def _quantized(bundle: Path) -> bool:
+    from pulse_edge.runtime.bundle.manifest import read_manifest
+
+    return read_manifest(bundle).precision not in FLOAT_PRECISIONS
+
+
 def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, rounds: RoundProbes,
                 results: dict[str, dict[str, Any]], windows: dict[str, list[HostWindow]],
-                cfg: RecipesConfig) -> dict[str, Any]:
+                cfg: RecipesConfig, quantized: bool) -> dict[str, Any]:
     entry = {k: v.to_dict() if isinstance(v, Stat) else v for k, v in result.items()}
     context, positions = cfg.base.context, cfg.base.prefill_positions
     per_step = facts.bytes_per_token(context)
@@ -146,9 +154,10 @@ def _row_report(key: str, result: dict[str, Any], facts: Any, ops: ModelOps, rou
                  bytes_per_step=per_step,
                  fraction_of_read=round_fractions([t * per_step for t in decode],
                                                    round_bounds(rounds["decode"], "read"), windows["decode"]))
-    for method, work in (("prefill", ops.prefill(positions)), ("vision", ops.vision(5))):
+    entry["float_gemms"] = not quantized  # its GEMMs are fp32 ones: no fraction of the int8 peak (bench latency
+    for method, work in (("prefill", ops.prefill(positions)), ("vision", ops.vision(5))):  # holds those to SGEMM)
         stat = result.get(f"{method}_ms")
-        if stat is not None:
+        if stat is not None and quantized:
             entry[f"{method}_fraction_of_int8_peak"] = round_fractions(
                 [work / (ms / 1e3) for ms in stat.values], round_bounds(rounds[method], "int8_peak"),
                 windows[method])
@@ -231,10 +240,17 @@ def _row(e: dict[str, Any]) -> list[str]:
     vision = e.get("vision_ms")
     return [e["name"], pp(vision) if vision else "-", pp(e["prefill_ms"]), pp(e["decode_tokens_per_s"], 1),
             f"{gib(e['decoder_bytes'])} + {gib(e['kv_bytes'])}",
-            _fraction(e.get("fraction_of_read")), _fraction(e.get("prefill_fraction_of_int8_peak")),
-            _fraction(e.get("vision_fraction_of_int8_peak")) if vision else "-", e.get("baseline") or "-",
+            _fraction(e.get("fraction_of_read")), *_compute_fractions(e, bool(vision)), e.get("baseline") or "-",
             *(_ratio(e.get(f"{m}_speedup")) if e.get("baseline") and e.get(m) else "-" for m in MEASURES),
             _memory(e["meter"])]
+
+
+def _compute_fractions(e: dict[str, Any], vision: bool) -> list[str]:
+    """Prefill's and vision's fractions of the int8 peak; a float row runs fp32 GEMMs, which it does not bound."""
+    if e.get("float_gemms"):
+        return ["n/a (fp32 GEMMs)", "n/a (fp32 GEMMs)" if vision else "-"]
+    return [_fraction(e.get("prefill_fraction_of_int8_peak")),
+            _fraction(e.get("vision_fraction_of_int8_peak")) if vision else "-"]
 
 
 def _memory(meter: dict[str, Any]) -> str:

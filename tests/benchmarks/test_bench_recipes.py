@@ -41,3 +41,6 @@ def test_bench_recipes_holds_each_round_against_the_probes_around_it(tmp_path: P
     assert busy_reason(windows) is None and quiet_rounds(windows) == list(range(RUNS))
     assert row["fraction_of_read"] == pytest.approx(statistics.median(decode))
     assert "probed before each round and after the last" in result.output
+    fp32 = report["recipes"]["fp32"]  # fp32 GEMMs: the int8 peak bounds nothing there
+    assert fp32["float_gemms"] and "prefill_fraction_of_int8_peak" not in fp32 and not row["float_gemms"]
+    assert "n/a (fp32 GEMMs)" in result.output and "prefill_fraction_of_int8_peak" in row
