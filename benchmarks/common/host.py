@@ -67,6 +67,10 @@ class HostWindow:
     others_cores: float | None
     steal_fraction: float | None
     load_average: float
+    # /proc/stat counts whole clock ticks per CPU (10 ms each at USER_HZ 100), so over a short round the busy time
+    # is known to within one tick per CPU: 0.6 cores over a 34 ms round on 2 CPUs, 0.02 over a second. A round is
+    # judged busy only beyond that, never on a tick that happened to land inside it.
+    resolution_cores: float = 0.0
 
     @classmethod
     def between(cls, before: HostSample, after: HostSample) -> HostWindow:
@@ -78,13 +82,15 @@ class HostWindow:
             others = max(after.busy_s - before.busy_s - own, 0.0) / wall
             total = max(after.total_s - before.total_s, 1e-9)
             steal = (after.steal_s - before.steal_s) / total
-        return cls(seconds=wall, others_cores=others, steal_fraction=steal, load_average=os.getloadavg()[0])
+        resolution = (os.cpu_count() or 1) / os.sysconf("SC_CLK_TCK") / wall
+        return cls(seconds=wall, others_cores=others, steal_fraction=steal, load_average=os.getloadavg()[0],
+                   resolution_cores=resolution)
 
     def busy(self) -> str | None:
         """Why this window was busy, or None when it was quiet (unknown counts as busy: no /proc/stat)."""
         if self.others_cores is None or self.steal_fraction is None:
             return "no /proc/stat to tell"
-        if self.others_cores > BUSY_OTHERS_CORES:
+        if self.others_cores > BUSY_OTHERS_CORES + self.resolution_cores:
             return f"other processes used {self.others_cores:.2f} cores"
         if self.steal_fraction > BUSY_STEAL_FRACTION:
             return f"the hypervisor stole {100 * self.steal_fraction:.0f}% of the CPU time"

@@ -4,6 +4,7 @@ quiet/busy verdict per round and the ratios computed from quiet rounds only."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,23 @@ def test_a_round_is_busy_when_others_or_the_hypervisor_take_the_cpu() -> None:
     assert "other processes" in _window(BUSY_OTHERS_CORES + 0.01).busy()
     assert "stole" in _window(0.0, steal=0.2).busy()
     assert HostWindow(1.0, None, None, 0.0).busy() is not None  # unknown is not quiet
+
+
+def test_a_short_round_is_judged_busy_only_beyond_what_clock_ticks_can_tell() -> None:
+    """/proc/stat counts 10 ms ticks per CPU: in a 34 ms round one stray tick reads as 0.3 cores. A window knows its
+    resolution, and only others' use beyond the threshold plus it is busy."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    before = HostSample(wall=0.0, busy_s=100.0, steal_s=1.0, total_s=400.0, own_cpu_s=5.0)
+    one_tick = HostSample(wall=0.034, busy_s=100.0 + 0.034 + 1 / ticks, steal_s=1.0, total_s=400.068,
+                          own_cpu_s=5.034)  # our own 34 ms and one tick of someone else's
+    short = HostWindow.between(before, one_tick)
+    assert short.others_cores > BUSY_OTHERS_CORES and short.busy() is None
+    assert short.resolution_cores == pytest.approx((os.cpu_count() or 1) / ticks / 0.034)
+    whole = HostSample(wall=0.034, busy_s=100.0 + 2 * 0.034, steal_s=1.0, total_s=400.068, own_cpu_s=5.034)
+    long_round = HostWindow(seconds=1.0, others_cores=0.3, steal_fraction=0.0, load_average=0.0,
+                            resolution_cores=0.02)
+    assert long_round.busy() is not None  # a second resolves 0.3 cores
+    assert HostWindow.between(before, whole).others_cores == pytest.approx(1.0)  # a whole core beside us
 
 
 def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:
