@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -155,8 +156,11 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def stale_partials(out: Path) -> list[Path]:
-    """Hidden temporary siblings of `out` that staged_directory makes (`.NAME.XXXX.partial`)."""
-    return sorted(p for p in out.parent.glob(f".{out.name}.*.partial") if p.is_dir())
+    """Hidden temporary siblings of `out` that staged_directory makes (`.NAME.XXXXXXXX.partial`: mkdtemp's eight
+    characters exactly). A glob's `*` would also match `.NAME.int8.XXXXXXXX.partial`, the live work of an export
+    to `NAME.int8`, which holds another lock than `NAME`'s."""
+    own = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}" + re.escape(".partial"))
+    return sorted(p for p in out.parent.glob(f".{out.name}.*.partial") if own.fullmatch(p.name) and p.is_dir())
 
 
 @contextmanager

@@ -91,15 +91,18 @@ def test_an_exporter_error_without_a_signal_stays_a_bug(tiny_checkpoint: Path, t
 
 
 def test_stale_temporaries_of_the_target_are_removed(tmp_path: Path) -> None:
-    stale = [tmp_path / ".ckpt.abc123.partial", tmp_path / ".ckpt.zz.partial"]
+    stale = [tmp_path / ".ckpt.abc123_x.partial", tmp_path / ".ckpt.zz9y8x7w.partial"]  # mkdtemp's 8 characters
     for folder in stale:
         (folder / "sub").mkdir(parents=True)
         (folder / "sub" / "weights.bin").write_bytes(b"\0" * 1024)
-    other = tmp_path / ".other.abc.partial"  # another target's: not ours to judge
+    other = tmp_path / ".other.abcdefgh.partial"  # another target's: not ours to judge
     other.mkdir()
+    # the live work of an export to ckpt.int8 (another name, another lock): `.ckpt.*.partial` matches it too
+    longer = tmp_path / ".ckpt.int8.k2j4h6g8.partial"
+    longer.mkdir()
     result = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
     assert result.exit_code == 0, result.output
-    assert _leftovers(tmp_path) == [".other.abc.partial", "ckpt"]
+    assert _leftovers(tmp_path) == [".ckpt.int8.k2j4h6g8.partial", ".other.abcdefgh.partial", "ckpt"]
 
 
 def test_a_second_writer_of_one_target_is_refused_at_once(tmp_path: Path) -> None:
