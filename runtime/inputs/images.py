@@ -128,10 +128,10 @@ def load_image_bytes(data: bytes, *, name: str = "<bytes>") -> Image.Image:
 
 
 def accept_image(image: Image.Image, *, name: str = "<image>") -> Image.Image:
-    """An image handed over in memory, with the same size limits and RGB conversion as a decoded file."""
+    """An image handed over in memory (`Image.open` is lazy: it may not be decoded yet) with a decoded file's
+    checks: size limits, a decode that fails in one line here rather than later, EXIF rotation, RGB."""
     name = _one_line(name)
-    _check_size(image.size, name)
-    return _to_rgb(image, name)
+    return _to_rgb(_decoded(image, image.format or "image", name), name)
 
 
 def _decode(stream: BinaryIO, name: str) -> Image.Image:
@@ -168,10 +168,24 @@ def _decode_raster(stream: BinaryIO, fmt: str, name: str) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(stream, formats=[fmt])
-            # From the header alone: refuse huge images before decoding a single pixel.
-            _check_size(image.size, name)
+        except _BOMB_ERRORS as exc:
+            raise _fail(name, f"is too large (more than {MAX_PIXELS:,} pixels)", _SHRINK_ADVICE) from exc
+        except _PIL_DECODE_ERRORS as exc:
+            raise _fail(
+                name, f"is a corrupt or truncated {fmt} ({_pil_reason(exc)})", "re-export or re-scan it"
+            ) from exc
+        return _to_rgb(_decoded(image, fmt, name), name)
+
+
+def _decoded(image: Image.Image, fmt: str, name: str) -> Image.Image:
+    """Check the header's size, decode every pixel, turn by the EXIF orientation (phone photos of printouts
+    carry their rotation there, not in the pixels); a multi-page TIFF or GIF says it reads the first page."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            _check_size(image.size, name)  # from the header alone: before decoding a single pixel
             image.load()
-            # Phone photos of ECG printouts carry their rotation in EXIF, not in the pixels.
+            frames = getattr(image, "n_frames", 1)
             image = ImageOps.exif_transpose(image)
         except _BOMB_ERRORS as exc:
             raise _fail(name, f"is too large (more than {MAX_PIXELS:,} pixels)", _SHRINK_ADVICE) from exc
@@ -179,7 +193,9 @@ def _decode_raster(stream: BinaryIO, fmt: str, name: str) -> Image.Image:
             raise _fail(
                 name, f"is a corrupt or truncated {fmt} ({_pil_reason(exc)})", "re-export or re-scan it"
             ) from exc
-    return _to_rgb(image, name)
+    if frames > 1:  # never silently, as for a PDF: the ECG may be on another page
+        log.warning("%s has %d pages; reading the first (export the ECG's page alone to read another)", name, frames)
+    return image
 
 
 def _render_pdf(stream: BinaryIO, name: str) -> Image.Image:

@@ -186,6 +186,29 @@ def test_grey_palette_and_cmyk_become_rgb():
     assert cmyk_jpeg[0] > 230 and max(cmyk_jpeg[1:]) < 25
 
 
+def test_an_image_opened_by_the_caller_is_read_as_its_file_would_be(caplog):
+    """`Image.open` is lazy: handed over in memory, a phone photo must still turn by its EXIF orientation, a
+    truncated file still fail in one line here (not later, deep in preprocessing), and a second TIFF page
+    still be said."""
+    from pulse_edge.runtime.inputs import load_input
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = encode(pattern((300, 200)), "JPEG", quality=95, exif=exif)
+    in_memory = load_input(Image.open(io.BytesIO(photo)), name="phone.jpg").image
+    assert in_memory.size == (200, 300) and in_memory.tobytes() == load_image_bytes(photo, name="p.jpg").tobytes()
+    png = encode(pattern(), "PNG")
+    assert_input_error(lambda: load_input(Image.open(io.BytesIO(png[: len(png) // 2])), name="cut.png"), "cut.png",
+                       "corrupt or truncated")
+    pages = io.BytesIO()
+    Image.new("RGB", (400, 300), "white").save(pages, "TIFF", save_all=True, append_images=[pattern()])
+    with caplog.at_level("WARNING"):
+        load_image_bytes(pages.getvalue(), name="two.tif")
+        load_input(Image.open(io.BytesIO(pages.getvalue())), name="two-in-memory.tif")
+    assert [r.getMessage().split(" has ")[0] for r in caplog.records if "has 2 pages" in r.getMessage()] == [
+        "two.tif", "two-in-memory.tif"]
+
+
 def test_float_images_are_refused_with_the_mode():
     floats = Image.fromarray(np.ones((200, 200), dtype=np.float32))
     assert_input_error(lambda: load_image_bytes(encode(floats, "TIFF"), name="f.tif"), "f.tif", "'F'")
