@@ -19,6 +19,9 @@ PRINT_SECONDS = 10.0  # the print's 250 mm at 25 mm/s
 MAX_SPAN_MV = 20.0
 MIN_SPAN_MV = 0.05
 FLAT_SPAN_MV = 1e-6  # float32 round-off of a constant signal
+# Every lead's samples together, checked from a file's header where it has one (before anything is allocated):
+# 1 GiB as float64, a 12-lead hour at 3 kHz. More is a Holter or a damaged length field, not a resting ECG.
+MAX_SAMPLES = 2**27
 _MAX_QUOTE = 160  # characters of a library's message quoted inside an error
 # Robust span: 0.5th to 99.5th percentile, so a few pacemaker spikes or an
 # electrode pop do not count as the lead's amplitude.
@@ -36,6 +39,13 @@ def one_line(exc: BaseException) -> str:
     """A library exception as short single-line text, for quoting inside a recording error."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= _MAX_QUOTE else text[: _MAX_QUOTE - 3] + "..."
+
+
+def check_samples(total: int, source: str) -> None:
+    if total > MAX_SAMPLES:
+        raise recording_error(source, f"the recording holds {total:,} samples, more than the {MAX_SAMPLES:,} a "
+                                      "resting ECG needs (a Holter, or a damaged length field)",
+                              "export the 10 s to read (or the first minute) on its own")
 
 
 def check_fs(fs: float, source: str) -> None:

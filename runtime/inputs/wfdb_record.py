@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from functools import partial
 from pathlib import Path
 
-from pulse_edge.runtime.ecg.checks import check_fs, one_line, recording_error
+from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, recording_error
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
 from pulse_edge.runtime.inputs.extras import require
@@ -33,13 +34,13 @@ def read_wfdb(path: str | os.PathLike) -> Recording:
     record_name = _record_name(Path(label))
     if not record_name.with_name(record_name.name + ".hea").is_file():
         raise recording_error(label, f"no WFDB header {record_name.name}.hea next to it", _FIX)
-    record = _read(record_name, label)
+    notes = _check_header(record_name, label)
+    record = _read(record_name, label, "rdrecord")
     fs = float(record.fs)
     check_fs(fs, label)
     if record.p_signal is None or record.p_signal.ndim != 2 or record.p_signal.shape[0] == 0:
         raise recording_error(label, "WFDB record holds no samples", _FIX)
     leads = {}
-    notes = []
     for k, (name, unit) in enumerate(zip(record.sig_name, record.units, strict=True)):
         factor = require_mv_per_unit(unit, label, f"signal {k + 1} ({name})")
         if name in leads:
@@ -54,13 +55,35 @@ def _record_name(path: Path) -> Path:
     return path.with_suffix("") if path.suffix.lower() in _SIGNAL_SUFFIXES else path
 
 
-def _read(record_name: Path, label: str):
+def _check_header(record_name: Path, label: str) -> list[str]:
+    """Before any sample is read: the sampling frequency as the header writes it, and the samples it declares.
+    wfdb falls back to the format's default 250 Hz where it cannot parse the frequency ("-500", "nan"), which
+    would draw a 500 Hz ECG at half speed in silence; a declared length of 10**12 samples would be allocated."""
+    header = _read(record_name, label, "rdheader")
+    check_samples(int(header.sig_len or 0) * int(header.n_sig or 0), label)
+    lines = record_name.with_name(record_name.name + ".hea").read_text(errors="replace").splitlines()
+    fields = next((line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")), [])
+    if len(fields) < 3:  # no frequency written: the WFDB specification's default
+        return [f"the header gives no sampling frequency; WFDB's default {float(header.fs):g} Hz is assumed"]
+    written = fields[2].split("/")[0].split("(")[0]
+    try:
+        value = float(written)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or abs(value - float(header.fs)) > 1e-6 * value:
+        raise recording_error(label, f"the header's sampling frequency {fields[2]!r} is not a positive number",
+                              "correct the record line of the .hea file (e.g. `rec 12 500 5000`)")
+    return []
+
+
+def _read(record_name: Path, label: str, what: str):
     try:
         with warnings.catch_warnings():
             # wfdb 4.3 parses headers with pandas and trips pandas 3.1's deprecation
             # warnings (inplace=...) on every read and at import: noise for the cart log.
             warnings.filterwarnings("ignore", module="wfdb")
             wfdb = require("wfdb", reading="WFDB records", source=label)
-            return wfdb.rdrecord(str(record_name), physical=True)
+            read = {"rdheader": wfdb.rdheader, "rdrecord": partial(wfdb.rdrecord, physical=True)}[what]
+            return read(str(record_name))
     except _LIBRARY_ERRORS as exc:
         raise recording_error(label, f"corrupt or truncated WFDB record ({one_line(exc)})", _FIX) from exc

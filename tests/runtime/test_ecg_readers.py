@@ -4,6 +4,7 @@ numpy, read back; every broken file ends in one one-line InputError, never a lib
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -243,6 +244,31 @@ def test_garbled_header(tmp_path):
     path = write_wfdb(tmp_path, "bad", beats(N, 500), 500)
     path.write_text("bad twelve five-hundred\n")
     one_line(r"corrupt or truncated WFDB record", read_wfdb, path)
+
+
+def _record_line(path: Path, edit) -> Path:
+    lines = path.read_text().splitlines()
+    lines[0] = " ".join(edit(lines[0].split()))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fs", ["-500", "nan", "five"])
+def test_a_sampling_frequency_wfdb_cannot_parse_is_refused_not_taken_as_250(tmp_path, fs: str):
+    """wfdb falls back to 250 Hz for a frequency its header regex cannot read: a 500 Hz record would be drawn at
+    half speed (the rate halved) with no error."""
+    path = _record_line(write_wfdb(tmp_path, "odd", beats(N, 500), 500), lambda f: [*f[:2], fs, *f[3:]])
+    one_line(rf"the header's sampling frequency '{fs}' is not a positive number", read_wfdb, path)
+
+
+def test_a_header_without_a_frequency_says_it_assumes_wfdbs_default(tmp_path):
+    path = _record_line(write_wfdb(tmp_path, "nofs", beats(N, 250), 250), lambda f: f[:2])
+    assert "WFDB's default 250 Hz is assumed" in " ".join(read_wfdb(path).notes)
+
+
+def test_an_absurd_declared_length_is_refused_before_anything_is_allocated(tmp_path):
+    path = _record_line(write_wfdb(tmp_path, "huge", beats(N, 500), 500), lambda f: [*f[:3], "1000000000000"])
+    one_line(r"holds 12,000,000,000,000 samples, more than the", read_wfdb, path)
 
 
 def test_header_sampling_rate_is_checked(tmp_path):
