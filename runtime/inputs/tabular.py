@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
+from typing import BinaryIO
 
 import numpy as np
 
 from pulse_edge.errors import ConfigError
-from pulse_edge.runtime.ecg.checks import check_fs, one_line, recording_error
+from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, recording_error
 from pulse_edge.runtime.ecg.leads import LEADS
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
@@ -82,14 +84,31 @@ def read_npy(
 ) -> Recording:
     """A saved [len(leads), n] or [n, len(leads)] array; `layout` settles it when both sides match."""
     label = name or ("<NPY bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source))
-    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
-        array = np.load(stream, allow_pickle=False)  # never unpickle: a .npy can carry code
+        with io.BytesIO(source) if isinstance(source, bytes | bytearray) else open(source, "rb") as stream:
+            _check_npy_header(stream, label)
+            array = np.load(stream, allow_pickle=False)  # never unpickle: a .npy can carry code
     except FileNotFoundError:
         raise recording_error(label, "file not found", "check the path") from None
     except (ValueError, OSError, EOFError) as exc:
         raise recording_error(label, f"not a readable .npy array ({one_line(exc)})", "save it with numpy.save") from exc
     return read_array(array, fs, leads=leads, unit=unit, layout=layout, name=label, source_format="npy")
+
+
+def _check_npy_header(stream: BinaryIO, label: str) -> None:
+    """From the header alone, before numpy allocates what it declares: a shape of (12, 10**11) over 100 bytes
+    of data is a damaged file, not 8.7 TiB to reserve. Leaves the stream where it was."""
+    start = stream.tell()
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(stream)
+    data_start = stream.tell()
+    count, data_bytes = math.prod(shape), stream.seek(0, io.SEEK_END) - data_start
+    stream.seek(start)
+    check_samples(count, label)
+    if not dtype.hasobject and count * dtype.itemsize > data_bytes:
+        raise recording_error(label, f"the header declares {shape} {dtype} but the file holds {data_bytes:,} bytes "
+                              "of data (truncated or damaged)", "save it again with numpy.save")
 
 
 def read_array(

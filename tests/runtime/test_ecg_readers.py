@@ -440,6 +440,17 @@ def test_npy_square_array_is_ambiguous(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("shape", "message"), [
+    ("(12, 100000000000)", r"holds 1,200,000,000,000 samples, more than the"),
+    (f"(12, {10**30})", r"holds 12(,000){10} samples"),  # numpy itself overflows a C long on it
+    ("(12, 5000)", r"header declares \(12, 5000\) float64 but the file holds 100 bytes of data")])
+def test_an_npy_header_is_checked_before_numpy_allocates_it(shape: str, message: str):
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': " + shape + ", }"
+    header += " " * (118 - len(header)) + "\n"
+    data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 100
+    one_line(message, read_npy, data, FS)
+
+
 def test_npy_objects_are_never_unpickled(tmp_path):
     path = tmp_path / "obj.npy"
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
