@@ -147,7 +147,8 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
     _check_samples(item, label, index)
     factors = [_mv_factor(ch, k, label) for k, ch in enumerate(channels)]
     values = ds.waveform_array(index)  # [samples, channels], sensitivity and baseline applied
-    leads, notes = {}, []
+    values, notes = _without_padding(item, values)
+    leads = {}
     for k, ch in enumerate(channels):
         name = _channel_name(ch, k)
         if name in leads:
@@ -155,6 +156,31 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
             continue
         leads[name] = values[:, k] * factors[k]
     return leads, notes
+
+
+# WaveformSampleInterpretation -> the stored sample's numpy type (little endian: the explicit VR LE transfer
+# syntaxes pydicom writes and carts send), to read WaveformPaddingValue and the raw codes it marks.
+_RAW_TYPES = MappingProxyType({"SB": "i1", "UB": "u1", "SS": "<i2", "US": "<u2", "SV": "<i8", "UV": "<u8"})
+
+
+def _without_padding(item, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """pydicom scales WaveformPaddingValue's code like any sample (a -32768 pad becomes -81.92 mV at 2.5 uV per
+    count, drawn as a plunge off the row). Padding after the last real sample is cut off with a note; padding
+    anywhere else becomes NaN, which the recording's checks refuse as a gap."""
+    raw_type = _RAW_TYPES.get(str(item.get("WaveformSampleInterpretation", "")))
+    padding = item.get("WaveformPaddingValue")
+    if raw_type is None or padding is None or len(bytes(padding)) < np.dtype(raw_type).itemsize:
+        return values, []
+    pad = np.frombuffer(bytes(padding), raw_type, count=1)[0]
+    raw = np.frombuffer(bytes(item.WaveformData), raw_type, count=values.size).reshape(values.shape)
+    padded = raw == pad  # [samples, channels]
+    if not padded.any():
+        return values, []
+    real = np.flatnonzero(~padded.all(axis=1))
+    end = int(real[-1]) + 1 if real.size else 0
+    values = np.where(padded, np.nan, values)[:end]
+    trimmed = padded.shape[0] - end
+    return values, [f"cut {trimmed} padding samples off the end"] if trimmed else []
 
 
 def _check_samples(item, label: str, index: int) -> None:

@@ -71,6 +71,30 @@ def test_twelve_lead_round_trip_within_half_a_step(tmp_path, signals):
     assert rec.notes == []
 
 
+def _padded(signals, rows: slice):
+    """The 12-lead dataset with WaveformPaddingValue -32768 written over the samples at `rows` of every channel."""
+    ds = dicom_dataset(signals, FS, sensitivity=2.5)
+    item = ds.WaveformSequence[0]
+    raw = np.frombuffer(item.WaveformData, "<i2").reshape(-1, 12).copy()
+    raw[rows] = -32768
+    item.WaveformData, item.WaveformPaddingValue = raw.tobytes(), np.int16(-32768).tobytes()
+    return ds
+
+
+def test_padding_after_the_recording_is_cut_off_with_a_note(tmp_path, signals):
+    """pydicom scales the padding code like a sample: -32768 at 2.5 uV per count is -81.92 mV, drawn as a plunge
+    off the row. The padded tail goes, said."""
+    rec = read_dicom(write_dicom(tmp_path / "tail.dcm", _padded(signals, slice(N - 20, None))))
+    assert rec.notes == ["cut 20 padding samples off the end"]
+    assert all(len(v) == N - 20 and np.abs(v).max() < 10 for v in rec.leads.values())
+
+
+def test_padding_inside_the_recording_is_a_gap(tmp_path, signals):
+    path = write_dicom(tmp_path / "gap.dcm", _padded(signals, slice(1000, 1100)))
+    with pytest.raises(InputError, match=r"lead I has 100 missing or non-finite samples \(first at 2.000 s\)"):
+        twelve(read_dicom(path))
+
+
 def test_bytes_and_paths_read_the_same(tmp_path, signals):
     path = write_dicom(tmp_path / "ecg.dcm", dicom_dataset(signals, FS))
     from_bytes = read_dicom(path.read_bytes(), name="upload.dcm")
