@@ -51,6 +51,8 @@ def read_aecg(source: str | os.PathLike | bytes, *, name: str | None = None) -> 
         timing, leads = _read_sequence_set(sequence_set, label)
         for lead, samples in leads.items():
             by_timing[timing].setdefault(lead, samples)
+    if not by_timing:  # time sequences only, or leads without a code or a value
+        raise recording_error(label, "the rhythm series holds no lead sequences (MDC_ECG_LEAD_... with values)", _FIX)
     timing = max(by_timing, key=lambda key: len(by_timing[key]))
     if len(by_timing) > 1:
         notes.append(

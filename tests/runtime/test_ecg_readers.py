@@ -389,6 +389,11 @@ def test_unknown_unit_hl7(signals):
     one_line("the origin of lead MDC_ECG_LEAD_I is in unit 'mmHg'", read_aecg, doc)
 
 
+def test_a_series_with_timing_but_no_leads_is_one_line(signals):
+    doc = aecg_document(signals, FS, median_first=False).replace(b'code="MDC_ECG_LEAD_', b'label="MDC_ECG_LEAD_')
+    one_line(r"the rhythm series holds no lead sequences", read_aecg, doc)
+
+
 def test_missing_increment(signals):
     doc = aecg_document(signals, FS, median_first=False)
     start = doc.index(b"<increment")
