@@ -10,7 +10,6 @@ from disk, slow but it finishes. The figures below were measured on the 7B; docs
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from pulse_edge.errors import ConfigError
-from pulse_edge.export.model.checkpoint import LoadedCheckpoint
+from pulse_edge.export.model.checkpoint import SHARD_INDEX, LoadedCheckpoint, read_shard_index
 from pulse_edge.runtime.engines.memory import mem_available_bytes
 from pulse_edge.runtime.engines.ort import SessionConfig
 
@@ -129,8 +128,10 @@ def check_disk_space(where: Path, params: int, *, precision: str, prefill_graph:
 
 def reference_dtype(checkpoint: Path) -> torch.dtype:
     """fp32 when it fits with room to spare, else the checkpoint's own dtype (its files map in place)."""
-    index = checkpoint / "model.safetensors.index.json"
-    total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.is_file() else None
+    index = checkpoint / SHARD_INDEX
+    metadata = read_shard_index(index).get("metadata") if index.is_file() else None
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    total = total if isinstance(total, int) and not isinstance(total, bool) and total > 0 else None
     available = mem_available_bytes()
     if total is None or available is None or total * 2 < 0.4 * available:
         return torch.float32

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -86,14 +87,26 @@ class TensorSource:
     key: str
 
 
+def read_shard_index(index: Path) -> dict[str, Any]:
+    """model.safetensors.index.json as a JSON object, or one line: cut short, not UTF-8, a list..."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{index} is not a valid shard index ({e}); re-download the checkpoint") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index} is not a valid shard index (a JSON {type(data).__name__}, not an object); "
+                              "re-download the checkpoint")
+    return data
+
+
 def shard_files(root: Path) -> list[Path]:
     """The safetensors files of a checkpoint, checked against its index when there is one."""
     index = root / SHARD_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index} is not a valid shard index ({e})") from e
+        weight_map = read_shard_index(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n for n in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid shard index (its weight_map must map tensor names to "
+                                  "shard file names); re-download the checkpoint")
         files = sorted({root / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -159,6 +172,13 @@ def _local_dir(name: str, root: Path) -> Path | None:
     return None
 
 
+def _tower_config(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({e}); copy the vision tower's config.json again") from e
+
+
 def resolve_vision(cfg: PulseConfig, root: Path, vision_tower: Path | None,
                    has_tower_weights: bool) -> tuple[PulseConfig, Path | None]:
     """The tower's architecture, and the directory its weights come from (None: the checkpoint)."""
@@ -167,8 +187,8 @@ def resolve_vision(cfg: PulseConfig, root: Path, vision_tower: Path | None,
     local = vision_tower or _local_dir(cfg.vision_tower_name, root)
     if cfg.vision is None:
         if local is not None:
-            raw = json.loads((local / "config.json").read_text())
-            vision = VisionConfig.from_hf(raw, select_layer=cfg.select_layer, source=str(local / "config.json"))
+            vision = VisionConfig.from_hf(_tower_config(local / "config.json"), select_layer=cfg.select_layer,
+                                          source=str(local / "config.json"))
         elif cfg.vision_tower_name in KNOWN_TOWERS:
             vision = VisionConfig.from_hf(KNOWN_TOWERS[cfg.vision_tower_name], select_layer=cfg.select_layer,
                                           source=cfg.vision_tower_name)
@@ -242,7 +262,14 @@ def load_checkpoint(root: str | os.PathLike, *, vision_tower: str | os.PathLike 
     if weights_dir is not None:
         sources.update(index_tensors(tower_files(weights_dir), "clip", source=weights_dir))
     with parameters_on_meta():
-        model = PulseReference(cfg, attn_implementation=attn_implementation)
+        try:  # each Linear's weight is allocated (never touched) before it is moved to meta
+            model = PulseReference(cfg, attn_implementation=attn_implementation)
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and "alloc" not in str(e):
+                raise
+            raise CheckpointError(f"{root}: the config's sizes (hidden {cfg.text.hidden_size}, vocab "
+                                  f"{cfg.text.vocab_size}, {cfg.text.num_layers} layers) cannot even be laid out "
+                                  "in this machine's memory; check config.json") from e
     check_memory(model, dtype, device)
     fill_parameters(model, sources, dtype=dtype, device=torch.device(device))
     model.drop_unused_vision_layers()
@@ -272,6 +299,9 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, shape: torch.Size,
     if tensor.shape != shape:
         raise CheckpointError(f"weight {name}: shape {tuple(tensor.shape)} in the checkpoint, "
                               f"{tuple(shape)} expected from its config")
+    if not tensor.dtype.is_floating_point:  # .to(dtype) would turn codes into weights, and the reference with them
+        raise CheckpointError(f"weight {name} is stored as {tensor.dtype}, not a float type; the checkpoint is "
+                              "damaged or quantized (pulse-edge reads fp32, fp16 or bf16 weights)")
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)

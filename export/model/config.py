@@ -20,6 +20,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pulse_edge.errors import CheckpointError
@@ -36,6 +37,15 @@ SUPPORTED = {
     "text_model_type": ("llama",),
     "hidden_act": ("silu",),
 }
+VISION_ACTIVATIONS = ("quick_gelu", "gelu")  # CLIP towers' hidden_act (transformers' ACT2FN names)
+# Upper bounds on a config's sizes, far above any LLaVA's (PULSE: hidden 4096, 32 layers, vocab 32000, 4096
+# positions; its tower 1024 wide, 24 layers): a damaged or absurd value (hidden_size 10**9, 10**7 layers) is one
+# line here rather than an allocation failure, or millions of modules built, before the memory check can run.
+SIZE_LIMITS = MappingProxyType({
+    "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10, "vocab_size": 1 << 20,
+    "max_position_embeddings": 1 << 20, "image_size": 1 << 12, "patch_size": 1 << 10, "mm_hidden_size": 1 << 16,
+})
 
 # The vision towers LLaVA-1.6 names, with their architecture (facts from their
 # public configs), so a checkpoint that carries the tower's weights but only
@@ -56,9 +66,12 @@ def positive_int(d: Mapping[str, Any], key: str, *, source: str, default: int | 
     """An integer field >= 1 (a count or a size); missing, null, fractional or out of range is one line."""
     if key not in d and default is None:
         raise CheckpointError(f"{source}: the config lacks {key!r}")
-    value = d.get(key, default)
+    value, limit = d.get(key, default), SIZE_LIMITS.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"{source}: {key} must be an integer >= 1, got {value!r}")
+    if limit is not None and value > limit:
+        raise CheckpointError(f"{source}: {key} {value} is beyond any LLaVA model's (at most {limit}); the config "
+                              "is damaged: copy config.json again")
     return value
 
 
@@ -126,6 +139,14 @@ class TextConfig:
         )
 
 
+def _vision_act(d: Mapping[str, Any], source: str) -> str:
+    value = d.get("hidden_act", "quick_gelu")
+    if value not in VISION_ACTIVATIONS:
+        raise CheckpointError(f"{source}: the vision tower's hidden_act = {value!r} is not supported; pulse-edge "
+                              f"runs {', '.join(map(repr, VISION_ACTIVATIONS))}")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """The CLIP ViT tower; `select_layer` indexes its hidden states as LLaVA does (-2)."""
@@ -162,7 +183,7 @@ class VisionConfig:
             num_layers=positive_int(d, "num_hidden_layers", source=source), num_heads=heads,
             image_size=positive_int(d, "image_size", source=source),
             patch_size=positive_int(d, "patch_size", source=source),
-            hidden_act=str(d.get("hidden_act", "quick_gelu")),
+            hidden_act=_vision_act(d, source),
             layer_norm_eps=positive_float(d, "layer_norm_eps", 1e-5, source=source), select_layer=select_layer,
         )
 

@@ -45,6 +45,9 @@ CONFIG_DAMAGE = {
     "num_attention_heads 0": (lambda d: {**d, "num_attention_heads": 0},
                               "num_attention_heads must be an integer >= 1, got 0"),
     "a JSON list": (lambda d: [d], "holds a JSON list, not a config object"),
+    "hidden_size 10**9": (lambda d: {**d, "hidden_size": 10**9}, "hidden_size 1000000000 is beyond any LLaVA"),
+    "num_hidden_layers 10**7": (lambda d: {**d, "num_hidden_layers": 10**7},
+                                "num_hidden_layers 10000000 is beyond any LLaVA"),
 }
 
 
@@ -58,6 +61,40 @@ def test_a_bad_config_is_one_line(case: str, tiny_checkpoint: Path, tmp_path: Pa
     _one_line(_run("infer", str(ecg_png), "--model", str(checkpoint)), expected)
     _one_line(_run("calibrate", str(checkpoint), "-o", str(tmp_path / "s.npz")), expected)
     assert _listing(tmp_path) == ["ckpt"]  # no bundle, no temporary folder, no lock, no scales
+
+
+def _damage_index(checkpoint: Path, change: Any) -> None:
+    index = checkpoint / "model.safetensors.index.json"
+    if not index.is_file():
+        pytest.skip("the tiny checkpoint is one file: no shard index to damage")
+    index.write_text(change(index.read_text()))
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda text: text[: len(text) // 2], "is not a valid shard index (Unterminated string"),
+    (lambda text: "[]", "is not a valid shard index (a JSON list, not an object)"),
+    (lambda text: json.dumps({**json.loads(text), "weight_map": []}), "its weight_map must map tensor names"),
+], ids=["cut short", "a list", "weight_map a list"])
+def test_a_damaged_shard_index_is_one_line(change: Any, expected: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    _damage_index(checkpoint, change)
+    _one_line(_run("export", str(checkpoint), "-o", str(tmp_path / "bundle")), expected)
+    _one_line(_run("calibrate", str(checkpoint), "-o", str(tmp_path / "s.npz")), expected)
+    assert _listing(tmp_path) == ["ckpt"]
+
+
+def test_integer_weights_are_refused_not_cast(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A norm stored as int64 with the right shape: .to(float32) would make weights of its codes, and the
+    reference built from the same values would pass every check."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    shard = next(f for f in sorted(checkpoint.glob("*.safetensors"))
+                 if any(k.endswith("norm.weight") for k in load_file(f)))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("norm.weight"))
+    save_file({**tensors, key: tensors[key].round().long()}, shard, metadata={"format": "pt"})
+    _one_line(_run("export", str(checkpoint), "-o", str(tmp_path / "bundle")), "is stored as torch.int64")
 
 
 # --- output paths -----------------------------------------------------------------------------------------------
