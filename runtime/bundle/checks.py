@@ -167,8 +167,12 @@ def _check_segments(key: str, graph: GraphSpec, manifest: Manifest) -> None:
 
 
 def _check_records(manifest: Manifest) -> None:
-    """From version 2 every file the runtime opens has a size and checksum record."""
+    """From version 2 every file the runtime opens has a size and checksum record (an empty `files` would turn
+    every checksum check off while the bundle still claimed a version that has them)."""
     if not manifest.files:
+        if manifest.version >= 2:
+            raise _fail(f"files is empty, but a version-{manifest.version} manifest records every file's size and "
+                        "checksum")
         return
     named = [manifest.tokenizer, manifest.embedding.file, *([manifest.image_newline] if manifest.image_newline else [])]
     for graph in manifest.graphs.values():

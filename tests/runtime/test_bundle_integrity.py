@@ -103,6 +103,8 @@ DAMAGE: dict[str, tuple[Callable[[Path], Any], str]] = {
     "a checksum missing": (lambda b: _edit(b, lambda d: d["files"].pop("vision.onnx")),
                            "files has no checksum for vision.onnx"),
     "version 2 without checksums": (lambda b: _edit(b, lambda d: d.pop("files")), "lacks 'files'"),
+    "version 2 with files emptied": (lambda b: _edit(b, lambda d: d.update(files={})),
+                                     "files is empty, but a version-2 manifest records every file's"),
 }
 
 
