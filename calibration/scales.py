@@ -103,10 +103,12 @@ class Scales:
         arrays = _read_npz(path)
         meta = _meta(arrays, path)
         try:
-            return cls._from(meta, arrays)
-        except (KeyError, TypeError, ValueError) as e:
+            scales = cls._from(meta, arrays)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ScalesError(f"{path} is damaged or incomplete ({e!r} is missing or malformed); re-run "
                               "pulse-edge calibrate") from e
+        _check_values(scales, path)
+        return scales
 
     @classmethod
     def _from(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Scales:
@@ -124,6 +126,37 @@ class Scales:
         if sha256 != self.checkpoint_sha256:
             raise ScalesError(f"{path} was calibrated on another checkpoint (sha256 {self.checkpoint_sha256[:12]}..., "
                               f"this one is {sha256[:12]}...); re-run pulse-edge calibrate on this checkpoint")
+
+
+def _check_values(scales: Scales, path: Path) -> None:
+    """Every range a graph is quantized with: finite, and a scale above 0. A zero or negative amax would be
+    floored to 1e-12 by the graph and the emulated reference alike, so parity would pass a bundle that quantizes
+    every activation to its extreme code; a NaN one fails the export late, as "graphs disagree"."""
+    checks: list[tuple[str, Any, bool]] = []  # (what, value, must be > 0); absmax 0 is a channel never active
+    for name, site in scales.sites.items():
+        for key, ranges in (("amax", site.amax), ("amax_fp8", site.amax_fp8)):  # one range per method
+            checks += [(f"{name} {key}[{method!r}]", value, True) for method, value in _by_method(ranges).items()]
+        checks += [(f"{name} absmax", site.absmax, False), (f"{name} mean_abs", site.mean_abs, False)]
+        checks += [(f"{name} {key}", value, True) for key, value in (("smooth", site.smooth), ("awq", site.awq))
+                   if value is not None]
+    checks += [(f"kv {name}", value, False) for name, value in scales.kv.items()]
+    for what, value, positive in checks:
+        try:
+            values = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            values = np.array([np.nan])
+        bad = ~np.isfinite(values) | ((values <= 0) if positive else (values < 0))
+        if bad.any():
+            need = "finite number above 0" if positive else "finite number >= 0"
+            shown = value if not isinstance(value, np.ndarray) else values[bad][0].item()
+            raise ScalesError(f"{path}: {what} holds {shown!r}, not a {need}; the file is damaged: re-run "
+                              "pulse-edge calibrate")
+
+
+def _by_method(ranges: Any) -> dict[str, Any]:
+    if not isinstance(ranges, Mapping) or not ranges:
+        raise ScalesError(f"a site's ranges are {ranges!r}, not a map from calibration method to amax")
+    return dict(ranges)
 
 
 def _atomic_write(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -159,6 +192,9 @@ def _meta(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
         meta = json.loads(arrays[META_KEY].tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ScalesError(f"{path}: its metadata is unreadable ({e}); re-run pulse-edge calibrate") from e
+    if not isinstance(meta, dict):
+        raise ScalesError(f"{path}: its metadata is a JSON {type(meta).__name__}, not an object; re-run pulse-edge "
+                          "calibrate")
     if meta.get("format") != FORMAT:
         raise ScalesError(f"{path} is not a pulse-edge scales file (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:

@@ -197,6 +197,39 @@ def test_scales_round_trip_and_refusals(scales_file: Path, tmp_path: Path, tiny_
         _export(tiny_checkpoint, tmp_path / "bs", "int4", scales_file, block_size=32)
 
 
+def _edited_scales(scales_file: Path, out: Path, edit_meta=None, edit_arrays=None) -> Path:
+    arrays = dict(np.load(scales_file))
+    meta = json.loads(arrays["__meta__"].tobytes())
+    meta = edit_meta(meta) if edit_meta else meta
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(out, **(edit_arrays(arrays) if edit_arrays else arrays))
+    return out
+
+
+def _site_meta(meta: dict, field: str, value: object) -> dict:
+    """One calibration method's range of one site set to `value` (each site keeps one amax per method)."""
+    site = meta["sites"]["layers.0.qkv"]
+    site[field] = {**site[field], "minmax": value}
+    return meta
+
+
+@pytest.mark.parametrize(("edit_meta", "edit_arrays", "expected"), [
+    (lambda m: _site_meta(m, "amax", 0.0), None, r"layers.0.qkv amax\['minmax'\] holds 0.0, not a finite number"),
+    (lambda m: _site_meta(m, "amax", -3.0), None, r"layers.0.qkv amax\['minmax'\] holds -3.0"),
+    (lambda m: _site_meta(m, "amax_fp8", float("nan")), None, r"layers.0.qkv amax_fp8\['minmax'\] holds nan"),
+    (lambda m: _site_meta(m, "amax", "big"), None, r"layers.0.qkv amax\['minmax'\] holds 'big'"),
+    (None, lambda a: {**a, "layers.0.qkv/absmax": a["layers.0.qkv/absmax"] * np.inf}, r"absmax holds"),
+    (lambda m: [m], None, r"its metadata is a JSON list, not an object"),
+    (lambda m: {**m, "sites": []}, None, r"is damaged or incomplete"),
+], ids=["amax 0", "amax negative", "amax_fp8 NaN", "amax a string", "absmax inf", "meta a list", "sites a list"])
+def test_a_scales_file_with_unusable_ranges_is_one_line(scales_file: Path, tmp_path: Path, edit_meta, edit_arrays,
+                                                        expected: str) -> None:
+    """A zero amax would be floored to 1e-12 by the graph and the emulated reference alike: parity would pass a
+    bundle that saturates every activation. Refused when the file is read, naming the site."""
+    with pytest.raises(ScalesError, match=expected):
+        Scales.load(_edited_scales(scales_file, tmp_path / "bad.npz", edit_meta, edit_arrays))
+
+
 def test_export_options_require_a_recipe_exactly_for_quantized_precisions() -> None:
     with pytest.raises(ConfigError):
         ExportOptions(precision="int8")
