@@ -17,13 +17,14 @@ from typing import Any
 
 from pulse_edge.choices import ENGINE_TARGETS, GRAPH_PRECISIONS
 from pulse_edge.runtime.bundle.manifest import BundleError, TensorSpec
-from pulse_edge.runtime.bundle.names import MANIFEST_FILE
+from pulse_edge.runtime.bundle.names import DECODER, MANIFEST_FILE, VISION
 
 ENGINES_FORMAT = "pulse-edge-engines"
 ENGINES_VERSION = 1
 ENGINES_FILE = "engines.json"
 ENGINE_SUFFIX = ".engine"
 TENSORRT_MODULES = ("tensorrt_rtx", "tensorrt")
+ENGINE_ROLES = (VISION, DECODER)  # the graphs an engine set must hold: the TensorRT backend runs both
 
 Shape = tuple[int, ...]
 
@@ -164,13 +165,22 @@ def read_engines(directory: Path, bundle: Path) -> EngineSet:
         raise BundleError(f"{directory} holds no {ENGINES_FILE}: build engines with `pulse-edge build-engines "
                           f"{bundle}`")
     try:
-        engines = EngineSet.from_dict(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
+        data = json.loads(path.read_text())
+        if not isinstance(data, Mapping) or not isinstance(data.get("engines"), Mapping):
+            raise TypeError("it is not an engine set: an object whose engines map graph names to engines")
+        engines = EngineSet.from_dict(data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{path} cannot be read ({e}); rebuild the engines") from e
+    missing = [role for role in ENGINE_ROLES if role not in engines.engines]
+    if missing:
+        raise BundleError(f"{path} has no {missing[0]} engine; rebuild the engines")
     if engines.bundle_manifest_sha256 != manifest_sha256(bundle):
         raise BundleError(f"the engines in {directory} were built from another bundle (or before {bundle} was "
                           f"re-exported): rebuild them with `pulse-edge build-engines {bundle}`")
     for spec in engines.engines.values():
+        if Path(spec.file).name != spec.file or spec.file in ("", ".", ".."):
+            raise BundleError(f"{path}: engine file {spec.file!r} is not a file name inside {directory}; rebuild the "
+                              "engines")
         file = directory / spec.file
         if not file.is_file() or file.stat().st_size != spec.size:
             raise BundleError(f"{file} is missing or not {spec.size} bytes as {ENGINES_FILE} says: the copy is "

@@ -4,6 +4,7 @@ the TensorRT engine and the CUDA runtime. Running real engines needs an NVIDIA G
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -246,6 +247,26 @@ def test_engines_json_round_trips_and_refuses_stale_or_truncated_engines(tmp_pat
     bad = json.loads((bundle / "engines-rtx" / ENGINES_FILE).read_text()) | {"version": 99}
     (bundle / "engines-rtx" / ENGINES_FILE).write_text(json.dumps(bad))
     with pytest.raises(BundleError, match="rebuild the engines"):
+        read_engines(bundle / "engines-rtx", bundle)
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda d: [d], "it is not an engine set"),
+    (lambda d: {**d, "engines": []}, "it is not an engine set"),
+    (lambda d: {**d, "engines": {"decoder": d["engines"]["decoder"]}}, "has no vision engine"),
+    (lambda d: {**d, "engines": {**d["engines"], "vision": {**d["engines"]["vision"], "file": "../x.engine"}}},
+     "engine file '../x.engine' is not a file name inside"),
+    (lambda d: {**d, "engines": {**d["engines"], "vision": {**d["engines"]["vision"], "file": "/etc/x.engine"}}},
+     "engine file '/etc/x.engine' is not a file name inside"),
+], ids=["a list", "engines a list", "no vision engine", "a file up a folder", "an absolute file"])
+def test_a_malformed_engines_json_is_one_line(tmp_path: Path, edit, expected: str) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / names.MANIFEST_FILE).write_text("{}")
+    _engine_set(bundle, bundle / "engines-rtx")
+    path = bundle / "engines-rtx" / ENGINES_FILE
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(BundleError, match=re.escape(expected)):
         read_engines(bundle / "engines-rtx", bundle)
 
 
