@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -31,9 +32,16 @@ from pulse_edge.cli.params import SEED
 def calibrate_cmd(model: Path, data: str, image_root: Path | None, samples: int, method: str, seed: int,
                   block_size: str, vision_tower: Path | None, dtype: str, out: Path) -> None:
     """Collect activation statistics of a checkpoint on ECG samples and search SmoothQuant / AWQ scales."""
-    from pulse_edge.staging import check_output_file
+    from pulse_edge.staging import check_output_file, target_lock
 
     check_output_file(out, what="scales file")  # before minutes of work, and before the heavy imports
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(out, what="scales file"):  # two runs into one file: the later would silently win
+        _calibrate(model, out, dtype, vision_tower, data=data, samples=samples, method=method, seed=seed,
+                   image_root=image_root, block_size=int(block_size))
+
+
+def _calibrate(model: Path, out: Path, dtype: str, vision_tower: Path | None, **settings: Any) -> None:
     import torch
     import transformers
 
@@ -43,8 +51,7 @@ def calibrate_cmd(model: Path, data: str, image_root: Path | None, samples: int,
     from pulse_edge.export.build.memory import reference_dtype
     from pulse_edge.export.model.torch_backend import TorchPipeline
 
-    options = CalibrationOptions(data=data, samples=samples, method=method, seed=seed, image_root=image_root,
-                                 block_size=int(block_size), progress=True)
+    options = CalibrationOptions(**settings, progress=True)
     if dtype == "auto":
         dtype = "fp32" if reference_dtype(model) == torch.float32 else "bf16"
     pipe = TorchPipeline.from_checkpoint(model, vision_tower=vision_tower, dtype=dtype, device="cpu",
@@ -55,4 +62,4 @@ def calibrate_cmd(model: Path, data: str, image_root: Path | None, samples: int,
     click.echo(format_table(rows, list(rows[0])))
     counts = scales.samples
     click.echo(f"wrote {out}: {counts['count']} samples ({counts['by_source']}; {counts['by_task']}), "
-               f"{counts['tokens']} positions, method {method}")
+               f"{counts['tokens']} positions, method {settings['method']}")

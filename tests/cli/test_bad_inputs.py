@@ -176,6 +176,16 @@ def test_a_second_infer_into_the_same_output_is_refused_while_the_first_writes(t
     assert not out.exists()
 
 
+def test_a_second_calibrate_into_the_same_file_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from pulse_edge.staging import target_lock
+
+    out = tmp_path / "scales.npz"
+    with target_lock(out, what="scales file"):  # as a running calibrate holds it until its file is written
+        _one_line(_run("calibrate", str(tiny_checkpoint), "-o", str(out)),
+                  f"another pulse-edge command is writing {out}")
+    assert not out.exists()
+
+
 # --- option values ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "expected"), [
