@@ -39,7 +39,7 @@ from pulse_edge.calibration.samples import (
 )
 from pulse_edge.calibration.scales import Scales, SiteScales
 from pulse_edge.errors import ConfigError
-from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint
 from pulse_edge.runtime.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def calibrate(loaded: LoadedCheckpoint, tokenizer: Tokenizer, options: Calibrati
     with observing_kv(loaded.model, kv):
         observe(loaded.model, prepared, observers, progress=options.progress)
     sites = {site: _site_scales(loaded, site, obs, options) for site, obs in observers.items()}
-    return Scales(method=options.method, checkpoint_sha256=checkpoint_sha256(loaded.root),
+    return Scales(method=options.method, checkpoint_sha256=loaded.sha256,
                   samples=_samples_meta(samples, prepared, options), awq_block_size=options.block_size,
                   sites=sites, created_by=f"pulse-edge {__version__}", kv=kv.absmax)
 

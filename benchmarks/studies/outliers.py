@@ -56,14 +56,13 @@ class OutliersConfig:
 def run_outliers(cfg: OutliersConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     from pulse_edge.calibration.calibrate import CalibrationOptions, choose_samples, prepare_all
     from pulse_edge.calibration.scales import Scales
-    from pulse_edge.export.model.checkpoint import checkpoint_sha256
     from pulse_edge.export.model.torch_backend import TorchPipeline
     from pulse_edge.export.validate.fidelity import reference_trace
 
     started = time.perf_counter()
     reference = TorchPipeline.from_checkpoint(cfg.checkpoint, dtype="fp32", device="cpu", fused_projector=False)
     scales = Scales.load(cfg.scales)
-    scales.check_model(checkpoint_sha256(cfg.checkpoint), cfg.scales)
+    scales.check_model(reference.loaded.sha256, cfg.scales)
     samples = choose_samples(CalibrationOptions(samples=cfg.samples, seed=1), exclude=scales.samples.get("ids", []))
     prepared = prepare_all(reference.loaded, reference.tokenizer, samples, 4096)
     progress(f"reference logits on {len(samples)} held-out samples")

@@ -48,7 +48,7 @@ from pulse_edge.export.graphs.decoder import FLOAT_PLAN, DecoderShape, LinearPla
 from pulse_edge.export.graphs.kv_cache import KVScales
 from pulse_edge.export.graphs.prefill import build_prefill, kv_scales_for, prefill_plan
 from pulse_edge.export.graphs.vision import export_vision_graph
-from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_checkpoint
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from pulse_edge.export.model.tokenizer_convert import write_tokenizer_json
 from pulse_edge.export.quant.context import (
     QuantContext,
@@ -542,7 +542,7 @@ def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, graphs: dict[str
                                 shape=(text.vocab_size, text.hidden_size)),
         image=cfg.image, prompt=LLAVA_V1, tokenizer=names.TOKENIZER_FILE,
         source=SourceSpec(checkpoint=str(loaded.root.resolve()), layout=cfg.layout,
-                          sha256=checkpoint_sha256(loaded.root), vision_tower=cfg.vision_tower_name),
+                          sha256=loaded.sha256, vision_tower=cfg.vision_tower_name),
         created_by=f"pulse-edge {__version__}", calibration=calibration,
         image_newline=names.NEWLINE_FILE if loaded.model.image_newline is not None else None, files=files,
     )

@@ -240,6 +240,11 @@ class LoadedCheckpoint:
     config: PulseConfig
     root: Path
     tokenizer_model: Path
+    tower_dir: Path | None = None  # the vision tower's weights, when they came from outside the checkpoint
+
+    @property
+    def sha256(self) -> str:
+        return checkpoint_sha256(self.root, self.tower_dir)
 
 
 def load_checkpoint(root: str | os.PathLike, *, vision_tower: str | os.PathLike | None = None,
@@ -274,7 +279,8 @@ def load_checkpoint(root: str | os.PathLike, *, vision_tower: str | os.PathLike 
     fill_parameters(model, sources, dtype=dtype, device=torch.device(device))
     model.drop_unused_vision_layers()
     model.to(device)  # the buffers (rotary inv_freq, position ids)
-    return LoadedCheckpoint(model=model.eval(), config=cfg, root=root, tokenizer_model=tokenizer_model)
+    return LoadedCheckpoint(model=model.eval(), config=cfg, root=root, tokenizer_model=tokenizer_model,
+                            tower_dir=weights_dir)
 
 
 def fill_parameters(model: nn.Module, sources: dict[str, TensorSource], *, dtype: torch.dtype,
@@ -327,10 +333,14 @@ def check_memory(model: nn.Module, dtype: torch.dtype, device: str | torch.devic
                               f"{available / 2**30:.1f} GiB is available; use --dtype bf16 or fp16")
 
 
-def checkpoint_sha256(root: Path) -> str:
-    """sha256 over config.json and the weight shards: what bundles and scales files are bound to."""
+def checkpoint_sha256(root: Path, tower_dir: Path | None = None) -> str:
+    """sha256 over config.json and the weight shards: what bundles and scales files are bound to. `tower_dir`:
+    where the vision tower's weights came from when the checkpoint lacks them (LLaVA-1.6 checkpoints name their
+    CLIP tower and ship without it): its config and shards count too, or scales calibrated with one tower would
+    be taken for an export with another."""
     digest = hashlib.sha256()
-    for path in [root / "config.json", *shard_files(root)]:
+    tower = [tower_dir / "config.json", *tower_files(tower_dir)] if tower_dir is not None else []
+    for path in [root / "config.json", *shard_files(root), *tower]:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)

@@ -26,7 +26,7 @@ from pulse_edge.calibration.recipes import Recipe, check_keep
 from pulse_edge.calibration.scales import Scales
 from pulse_edge.errors import PulseEdgeError
 from pulse_edge.export.graphs.decoder import DecoderShape, LinearPlan
-from pulse_edge.export.model.checkpoint import LoadedCheckpoint, checkpoint_sha256
+from pulse_edge.export.model.checkpoint import LoadedCheckpoint
 from pulse_edge.export.quant.apply import check_scales, decoder_plan, quantize_vision_graph
 from pulse_edge.runtime.bundle.manifest import CalibrationSpec, GraphSpec
 from pulse_edge.runtime.bundle.names import SCALES_FILE
@@ -94,7 +94,7 @@ def prepare_quantization(loaded: LoadedCheckpoint, tokenizer: Tokenizer, setting
     """Load (and check) or compute the scales, and keep a copy in the bundle."""
     if settings.scales is not None:
         scales = Scales.load(settings.scales)
-        scales.check_model(checkpoint_sha256(loaded.root), settings.scales)
+        scales.check_model(loaded.sha256, settings.scales)
         source = str(settings.scales)
         shutil.copyfile(settings.scales, work / SCALES_FILE)
     else:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pulse_edge.errors import CheckpointError
 from pulse_edge.export.fixtures.tiny import TOWER_DIR, TinySpec, make_tiny_checkpoint
-from pulse_edge.export.model.checkpoint import load_checkpoint
+from pulse_edge.export.model.checkpoint import checkpoint_sha256, load_checkpoint
 
 
 def _params(root: Path, **kwargs) -> dict[str, torch.Tensor]:
@@ -83,6 +83,22 @@ def test_vision_tower_dir_takes_precedence_over_the_named_tower(tmp_path: Path) 
     named = _params(root)["vision_tower.pre_layrnorm.weight"]
     given = _params(root, vision_tower=other)["vision_tower.pre_layrnorm.weight"]
     assert not torch.equal(named, given) and torch.all(given == 3.0)
+
+
+def test_the_checkpoint_identity_covers_a_tower_from_outside_it(tmp_path: Path) -> None:
+    """LLaVA-1.6 checkpoints ship without their CLIP tower: scales calibrated with one tower must not be taken
+    for an export with another, so the identity scales and bundles are bound to hashes the tower's files too."""
+    root = make_tiny_checkpoint(tmp_path / "sep", TinySpec(tower="separate"))
+    tower = _copy(root / TOWER_DIR, tmp_path / "tower")
+    other = _copy(root / TOWER_DIR, tmp_path / "other")
+    weights = load_file(str(other / "model.safetensors"))
+    key = "vision_model.pre_layrnorm.weight"
+    save_file({**weights, key: weights[key] + 1.0}, str(other / "model.safetensors"))
+    with_tower, with_other = (load_checkpoint(root, vision_tower=t) for t in (tower, other))
+    assert with_tower.tower_dir == tower and with_tower.sha256 != with_other.sha256
+    assert load_checkpoint(root, vision_tower=tower).sha256 == with_tower.sha256  # stable
+    inside = load_checkpoint(make_tiny_checkpoint(tmp_path / "in", TinySpec()))
+    assert inside.tower_dir is None and inside.sha256 == checkpoint_sha256(inside.root)
 
 
 def _llava_next_from_transformers(original: Path, out: Path) -> Path:
