@@ -8,6 +8,7 @@ the checks, writing what it did into `notes` so it can be shown to a person.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,8 @@ from pulse_edge.runtime.ecg.resample import resample
 PRINT_FS = 500  # the rate every recording is brought to before it is drawn
 MIN_FS_OUT = 100  # the renderer draws 25 mm/s; below 100 Hz a QRS is under 10 points
 SHORTFALL_TOLERANCE_S = 0.02  # 0.5 mm on the print: filled by repeating the last sample
+# Kept past the printed 10 s: the resampling kernel's reach (24 zero crossings: under 0.25 s at 100 Hz) with room.
+KEPT_BEYOND_PRINT_S = 1.0
 
 
 @dataclass
@@ -61,6 +64,7 @@ class TwelveLead:
     source_format: str
     notes: tuple[str, ...] = ()
     leads: tuple[str, ...] = LEADS
+    recorded_s: float | None = None  # how long the recording was, where only its printed start was kept
 
     @property
     def duration_s(self) -> float:
@@ -80,7 +84,8 @@ def to_twelve_lead(rec: Recording, fs_out: int = PRINT_FS) -> TwelveLead:
         raise ValueError(f"fs_out must be an integer >= {MIN_FS_OUT}, got {fs_out}")
     checks.check_fs(rec.fs, source)
     checks.check_duration(rec.n_samples, rec.fs, source)
-    leads = _standard_leads(rec)
+    recorded_s = rec.duration_s
+    leads = _standard_leads(rec, keep=math.ceil((checks.PRINT_SECONDS + KEPT_BEYOND_PRINT_S) * rec.fs))
     checks.check_finite(leads, rec.fs, source)
     _complete_limb_leads(leads, rec)
     signals = np.stack([leads[name] for name in LEADS])  # [12, n]
@@ -89,11 +94,14 @@ def to_twelve_lead(rec: Recording, fs_out: int = PRINT_FS) -> TwelveLead:
         signals = resample(signals, rec.fs, fs_out)
         rec.notes.append(f"resampled {rec.fs:g} Hz -> {fs_out} Hz")
     signals = _fill_last_samples(signals, int(fs_out), rec)
-    return TwelveLead(signals.astype(np.float32), int(fs_out), rec.source_format, tuple(rec.notes))
+    return TwelveLead(signals.astype(np.float32), int(fs_out), rec.source_format, tuple(rec.notes),
+                      recorded_s=recorded_s)
 
 
-def _standard_leads(rec: Recording) -> dict[str, np.ndarray]:
-    """Recorded channels under their standard names (float64); others are dropped with a note."""
+def _standard_leads(rec: Recording, keep: int) -> dict[str, np.ndarray]:
+    """Recorded channels under their standard names (float64), their first `keep` samples (what the print can
+    show, and the resampling kernel's reach past it: an hour's Holter is not copied, checked and resampled whole
+    to draw 10 s of it); others are dropped with a note."""
     leads: dict[str, np.ndarray] = {}
     ignored: list[str] = []
     for label, samples in rec.leads.items():
@@ -103,7 +111,8 @@ def _standard_leads(rec: Recording) -> dict[str, np.ndarray]:
         elif name.lead in leads:
             rec.notes.append(f"channel {label!r} repeats lead {name.lead}; kept the first")
         else:
-            leads[name.lead] = -samples.astype(np.float64) if name.inverted else samples.astype(np.float64)
+            kept = samples[:keep].astype(np.float64)
+            leads[name.lead] = -kept if name.inverted else kept
             if name.inverted:  # a plain respelling ("AVR", "Lead V1") is not worth a note; this is
                 rec.notes.append(f"channel {label!r} is inverted {name.lead}; inverted it back")
     if ignored:

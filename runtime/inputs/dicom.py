@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from pulse_edge.runtime.ecg.checks import check_fs, one_line, recording_error
+from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, recording_error
 from pulse_edge.runtime.ecg.leads import lead_from_code
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
@@ -145,6 +145,7 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
             label, f"group {index} declares {n_channels} channels but defines {len(channels)} (file cut short?)", _FIX
         )
     _check_samples(item, label, index)
+    check_samples(int(item.NumberOfWaveformSamples) * n_channels, label)  # before pydicom scales it as float64
     factors = [_mv_factor(ch, k, label) for k, ch in enumerate(channels)]
     values = ds.waveform_array(index)  # [samples, channels], sensitivity and baseline applied
     values, notes = _without_padding(item, values)

@@ -161,7 +161,7 @@ def rendered(recording: Recording, kind: str, name: str) -> EcgInput:
 
 
 def _print_notes(twelve: TwelveLead) -> list[str]:
-    seconds = twelve.duration_s
+    seconds = twelve.recorded_s if twelve.recorded_s is not None else twelve.duration_s
     if seconds < PRINT_SECONDS:
         return [f"the recording lasts {seconds:.2f} s, under the print's {PRINT_SECONDS:g} s: every column shows "
                 f"its first 2.5 s and the rhythm strip stops at {seconds:.2f} s"]

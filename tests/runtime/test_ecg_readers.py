@@ -527,7 +527,7 @@ def test_the_print_says_what_it_shows(signals):
     assert short.notes == ("the recording lasts 6.00 s, under the print's 10 s: every column shows its first "
                            "2.5 s and the rhythm strip stops at 6.00 s",)
     long = load_input(beats(30 * FS, FS), fs=FS)
-    assert long.notes == ("the print shows the first 10 s of 30.00 s",) and long.recording.duration_s == 30.0
+    assert long.notes == ("the print shows the first 10 s of 30.00 s",) and long.recording.recorded_s == 30.0
     assert load_input(signals, fs=FS).notes == ()
 
 

@@ -245,9 +245,12 @@ def test_a_few_missing_samples_are_filled_with_a_note():
     assert "repeated the last sample to fill the final 0.006 s" in rec.notes
 
 
-def test_longer_records_are_kept_whole():
-    signals = to_twelve_lead(_rec(_full(n=30 * FS))).signals
-    assert signals.shape == (12, 30 * FS)
+def test_a_long_record_keeps_what_the_print_shows_and_says_how_long_it_was():
+    """Only the first 10 s are drawn: the rest is not copied, checked or resampled (an hour's Holter would be)."""
+    twelve = to_twelve_lead(_rec(_full(n=30 * FS)))
+    assert twelve.signals.shape == (12, 11 * FS) and twelve.recorded_s == 30.0
+    resampled = to_twelve_lead(_rec(_full(n=30 * 1000, fs=1000, noise_mv=0.0), fs=1000), 500)
+    assert resampled.signals.shape == (12, 11 * 500) and resampled.recorded_s == 30.0
 
 
 def test_resampling_note_and_length():
