@@ -43,8 +43,13 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
         raise recording_error(
             label, f"header names {len(header)} columns but rows have {values.shape[1]}", "fix the CSV header"
         )
-    leads = {name: values[:, k] * factor for k, name in enumerate(header)}
-    return Recording(leads, float(fs), "csv", [], source=label)
+    leads, notes = {}, []
+    for k, name in enumerate(header):  # a repeated column: the first is kept and said, as the other readers do
+        if name in leads:
+            notes.append(f"column {k + 1} repeats {name!r}; kept the first")
+        else:
+            leads[name] = values[:, k] * factor
+    return Recording(leads, float(fs), "csv", notes, source=label)
 
 
 def _csv_text(source, label: str) -> str:

@@ -436,6 +436,13 @@ def test_csv_with_semicolons_iec_names_microvolts_and_a_time_column(tmp_path, si
     assert "ignored channels that are not standard leads: 'time'" in rec.notes
 
 
+def test_csv_with_a_repeated_column_keeps_the_first_and_says_so(tmp_path, signals):
+    table = np.vstack([signals, signals[:1] * 0.0])  # a 13th column named I again, all zeros
+    rec = read_csv(write_csv(tmp_path / "ecg.csv", table, (*LEADS, "I")), FS)
+    assert rec.notes == ["column 13 repeats 'I'; kept the first"]
+    assert np.abs(rec.leads["I"] - signals[0]).max() <= 1e-6
+
+
 def test_csv_without_header(tmp_path, signals):
     path = tmp_path / "bare.csv"
     np.savetxt(path, signals.T, delimiter=",")
