@@ -147,6 +147,10 @@ def _read(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
 def _from_array(array: np.ndarray, options: _Options) -> EcgInput:
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:  # [H, W, C] pixels
         return EcgInput(accept_image(Image.fromarray(array), name=options.name), "image", options.name)
+    if array.ndim == 3:  # pixels, but not as 8-bit RGB(A): a signal is [leads, samples]
+        raise InputError(f"{options.name}: a 3-D array is read as an image, which must be uint8 [height, width, 3 or "
+                         f"4]; got {array.dtype} {list(array.shape)} (convert it, e.g. with np.clip(a, 0, 255)"
+                         ".astype(np.uint8))")
     if options.fs is None:
         raise InputError(f"{options.name}: a signal array needs its sampling rate; pass fs= (Hz).")
     return rendered(_READERS["array"](array, options), "array", options.name)

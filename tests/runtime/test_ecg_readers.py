@@ -514,6 +514,9 @@ def test_arrays_images_and_missing_rates(tmp_path, signals):
     pixels = np.full((300, 400, 3), 255, dtype=np.uint8)
     assert load_input(pixels).kind == "image" and load_input(pixels).image.size == (400, 300)
     one_line(r"<array>: a signal array needs its sampling rate; pass fs=", load_input, signals)
+    for odd in (pixels.astype(np.float32), pixels.astype(np.uint16), pixels[..., :2]):  # pixels, not 8-bit RGB
+        one_line(r"a 3-D array is read as an image, which must be uint8 \[height, width, 3 or 4\]", load_input, odd,
+                 fs=FS)
     path = write_csv(tmp_path / "ecg.csv", signals, LEADS)
     one_line(r"ecg.csv: a CSV file stores no sampling rate; pass it \(--fs HZ", load_input, path)
     one_line(r"a WFDB record is a .hea header and its signal files; pass its path", load_input,
