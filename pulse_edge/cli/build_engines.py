@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import ENGINE_TARGETS
+from pulse_edge.cli.params import FiniteFloatRange
 
 
 def _capabilities(text: str | None) -> tuple[str, ...] | None:
@@ -23,7 +24,7 @@ def _capabilities(text: str | None) -> tuple[str, ...] | None:
               help="Positions the engine's KV cache holds (default: the bundle's); less uses less device memory.")
 @click.option("--max-tiles", type=click.IntRange(min=1), default=None,
               help="Image tiles per vision run (default: the largest image's, 5 for PULSE; more run in batches).")
-@click.option("--workspace", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--workspace", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="TensorRT's workspace limit in GiB (default: TensorRT's own).")
 @click.option("--compute-capability", "capabilities", default=None,
               help="rtx: GPUs to compile for, e.g. 8.6,8.9,12.0 (the default; FP8 bundles: 8.9,12.0).")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import CHECKPOINT_LAYOUTS, MERGES, RHYTHMS, TOWER_PLACEMENTS
-from pulse_edge.cli.params import SEED
+from pulse_edge.cli.params import SEED, FiniteFloatRange
 
 
 @click.command("make-tiny")
@@ -26,9 +26,9 @@ from pulse_edge.cli.params import SEED
 @click.option("--outliers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Hidden dims whose q/k/v and gate/up inputs get outlier activations (function-preserving), "
                    "as trained LLMs have; for testing quantization.")
-@click.option("--outlier-scale", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
+@click.option("--outlier-scale", type=FiniteFloatRange(min=0, min_open=True), default=50.0, show_default=True,
               help="How many times larger the outlier dims' activations are.")
-@click.option("--init-range", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--init-range", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Draw every weight matrix from N(0, R^2) (transformers' initializer_range) instead of the "
                    "unit-scale N(0, 1/fan_in).")
 def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, full_shape: bool,

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, PREFILL_GRAPH_MODES, PROVIDERS
+from pulse_edge.cli.params import FiniteFloatRange
 from pulse_edge.errors import ConfigError
 
 # Module names of the `serve` extra's packages (python-multipart parses uploads).
@@ -62,10 +63,10 @@ def _allowed_root(path: Path | None) -> Path | None:
 @click.option("--allow-dir", type=click.Path(path_type=Path), default=None,
               help="Requests may name files under this directory (symlinks resolved); none without it.")
 # 32 MiB: a 600-dpi scan as PNG, base64-encoded in a data URI, with room to spare.
-@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=32.0, show_default=True,
+@click.option("--max-body-mb", type=FiniteFloatRange(min=0.001), default=32.0, show_default=True,
               help="Largest request body in MiB (413 beyond).")
 # 600 s: the 7B on a 2-core CPU takes ~1 min to the first token and ~2 min more for 1024 tokens.
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteFloatRange(min=0.1), default=600.0, show_default=True,
               help="Seconds per request, queueing included; past it the generation is cancelled (504).")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu).")

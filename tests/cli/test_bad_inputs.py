@@ -203,6 +203,16 @@ def test_bad_infer_values_are_one_line(args: list[str], expected: str, tiny_bund
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("args", [["serve", "b", "--timeout", "nan"], ["serve", "b", "--max-body-mb", "inf"],
+                                  ["build-engines", "b", "--workspace", "nan"],
+                                  ["make-tiny", "t", "--outlier-scale", "inf"]],
+                         ids=["serve timeout nan", "serve body inf", "workspace nan", "outlier scale inf"])
+def test_nan_and_inf_are_refused_where_a_range_would_let_them_through(args: list[str], tmp_path: Path) -> None:
+    """nan fails every comparison, so a bare range admitted it: --timeout nan answered every request 504."""
+    _one_line(_run(*args[:1], str(tmp_path / args[1]), *args[2:]), "is not a finite number")
+    assert _listing(tmp_path) == []
+
+
 def test_a_bad_device_for_the_torch_backend_is_one_line() -> None:
     from pulse_edge.errors import ConfigError
     from pulse_edge.export.model.torch_backend import resolve_device
