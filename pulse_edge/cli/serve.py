@@ -80,9 +80,12 @@ def _allowed_root(path: Path | None) -> Path | None:
               help="A decode step's attention: pulse-edge's CPU kernel where it runs (see infer --help).")
 @click.option("--decode-step", type=click.Choice(DECODE_STEPS), default="auto", show_default=True,
               help="Decode steps on pulse-edge's own CPU kernels where they run (see infer --help).")
+@click.option("--prepack/--no-prepack", default=True, show_default=True,
+              help="Let ONNX Runtime copy the weights into its packed layout (faster); --no-prepack keeps them "
+                   "mapped from the file, for a machine whose memory cannot hold the copy (see infer --help).")
 def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue: int, allow_dir: Path | None,
           max_body_mb: float, timeout_s: float, provider: str, threads: int, prefill_graph: str,
-          prefill_attention: str, decode_attention: str, decode_step: str) -> None:
+          prefill_attention: str, decode_attention: str, decode_step: str, prepack: bool) -> None:
     """Serve a bundle over HTTP: OpenAI-compatible /v1/chat/completions, ECG-native /v1/ecg/interpret,
     /health and /metrics. One model in memory, one generation at a time."""
     _require_extra()
@@ -94,6 +97,7 @@ def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue:
     config = ServerConfig(bundle=model_dir, host=host, port=port, api_key=key, max_queue=max_queue,
                           allow_dir=root, max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout_s,
                           session=SessionConfig(provider=provider, threads=threads, prefill_graph=prefill_graph,
+                                                prepack=prepack,
                                                 prefill_attention=prefill_attention,
                                                 decode_attention=decode_attention, decode_step=decode_step))
     run_server(config, say=lambda line: click.echo(f"pulse-edge: {line}", err=True))

@@ -198,9 +198,9 @@ def _load_error(path: Path, config: SessionConfig, error: Exception) -> ConfigEr
         return ConfigError(f"{path.name} cannot be loaded by onnxruntime ({first}); re-export the bundle")
     # the bundle is fine: this machine's memory is not enough for this way of loading it
     if config.prepack:
-        return ConfigError(f"{path.name} does not fit in memory when onnxruntime copies its weights; serve it "
-                           "with --no-prepack (the weights stay mapped from the file) or on a machine with more "
-                           "memory")
+        return ConfigError(f"{path.name} does not fit in memory when onnxruntime copies its weights; run `infer` "
+                           "or `serve` with --no-prepack (the weights stay mapped from the file) or use a machine "
+                           "with more memory")
     return ConfigError(f"{path.name} does not fit in this machine's memory even with its weights mapped; use a "
                        "smaller bundle (int8, int4) or a machine with more memory")
 

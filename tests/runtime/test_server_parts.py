@@ -300,6 +300,22 @@ def test_serve_refuses_bad_settings_in_one_line(tmp_path: Path, args: list[str],
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("flag", "prepack"), [([], True), (["--no-prepack"], False)])
+def test_serve_passes_no_prepack_to_its_sessions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: list[str],
+                                                 prepack: bool) -> None:
+    """A bundle whose prepacked weights do not fit is told to load with --no-prepack: serve must have it."""
+    from click.testing import CliRunner
+
+    import pulse_edge.runtime.server.launch as launch
+    from pulse_edge.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(launch, "serve", lambda config, say: seen.append(config))
+    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path), *flag])
+    assert result.exit_code == 0, result.output
+    assert seen[0].session.prepack is prepack
+
+
 def test_only_the_server_loads_the_web_stack() -> None:
     import subprocess
     import sys
