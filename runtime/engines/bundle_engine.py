@@ -36,6 +36,8 @@ DEFAULT_PREFILL_CHUNK = 512
 # the 7B int8 bundle, 3024 positions: 39.9 / 40.3 s in chunks of 512, 33.8 / 31.5 s in chunks of 2048 (1.22x),
 # peak RSS 18.90 vs 18.11 GiB; the real-width 4-layer one, 2950 positions: 1.1-1.2x, +0.17 GiB.
 PREFILL_GRAPH_CHUNK = 2048
+# Inputs at least this long run on a bundle's prefill graph (when it has one); shorter ones on the decode path.
+PREFILL_GRAPH_MIN_POSITIONS = 16
 AUTO_CHUNK = "auto"  # the runtime's choice: PREFILL_GRAPH_CHUNK where the prefill graph runs, else the default
 
 # Bundles whose recipe has no fp16 base yet: what a GPU user can do instead.
@@ -119,6 +121,13 @@ class BundleEngine:
         self.max_length = manifest.kv.max_length if max_length is None else max_length
         self.epoch = 0
         self.prefill_chunk = resolve_chunk(prefill_chunk, prefill_graph=has_prefill_graph(decoder))
+        short = (self.prefill_chunk or PREFILL_GRAPH_MIN_POSITIONS) < PREFILL_GRAPH_MIN_POSITIONS
+        if short and has_prefill_graph(decoder):
+            # never a quiet detour: the loaded prefill graph (and its attention kernel) would run no chunk at all
+            raise ConfigError(f"--prefill-chunk {self.prefill_chunk}: chunks under {PREFILL_GRAPH_MIN_POSITIONS} "
+                              "positions never reach this bundle's prefill graph, which then prefills nothing; use "
+                              f"{PREFILL_GRAPH_MIN_POSITIONS} or more (auto: {PREFILL_GRAPH_CHUNK}), or "
+                              "--prefill-graph off")
 
     @property
     def length(self) -> int:

@@ -40,6 +40,7 @@ from pulse_edge.runtime.bundle.manifest import BundleError, GraphSpec, KVLayout,
 from pulse_edge.runtime.engines.bundle_engine import (
     AUTO_CHUNK,
     GPU_FIX,
+    PREFILL_GRAPH_MIN_POSITIONS,
     BundleEngine,
     check_servable,
 )
@@ -59,8 +60,6 @@ from pulse_edge.runtime.engines.sessions import session_settings as session_sett
 log = logging.getLogger(__name__)
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
-# Inputs at least this long run on a bundle's prefill graph (when it has one).
-PREFILL_GRAPH_MIN_POSITIONS = 16
 
 
 class VisionEngine:

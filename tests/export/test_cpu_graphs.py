@@ -313,3 +313,16 @@ def test_a_bf16_reference_judges_the_prefill_graph_by_its_bound_and_still_refuse
         _export_bf16(cpu_int8_bundle, tiny_checkpoint, tmp_path / "wrong")
     assert f"(its bound: {bound_text(record['tolerance'])})" in str(refused.value)
     assert not (tmp_path / "wrong").exists()
+
+
+def test_a_chunk_too_short_for_the_loaded_prefill_graph_is_refused(cpu_int8_bundle: Path) -> None:
+    """Chunks under 16 positions run on the decode path: with the prefill graph loaded (and a kernel asked for
+    it) nothing would run where the reports say it does. One line instead; without the graph, any chunk."""
+    from pulse_edge.runtime.engines.ort import SessionConfig
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    with pytest.raises(ConfigError, match="--prefill-chunk 8: chunks under 16 positions never reach"):
+        Pipeline.from_bundle(cpu_int8_bundle, prefill_chunk=8)
+    assert Pipeline.from_bundle(cpu_int8_bundle, prefill_chunk=16).engine.prefill_chunk == 16
+    without = Pipeline.from_bundle(cpu_int8_bundle, prefill_chunk=8, session=SessionConfig(prefill_graph="off"))
+    assert without.engine.prefill_chunk == 8
