@@ -51,11 +51,11 @@ def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path
     torn = unterminated = False
     if tail.strip():
         try:
-            last = _parse_line(tail, path, len(lines) + 1)
-        except InputError:
-            torn = True  # a write cut short by a crash or a kill
-        else:
-            records.append(convert(last, path, len(lines) + 1))
+            json.loads(tail)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            torn = True  # a write cut short by a crash or a kill: a record's prefix never parses
+        else:  # whole JSON: a record without its newline, or another file's content (an error, not cut off)
+            records.append(convert(_parse_line(tail, path, len(lines) + 1), path, len(lines) + 1))
             unterminated = True
             good_bytes = len(data)
     return JsonLines(path, tuple(records), torn, good_bytes, unterminated)

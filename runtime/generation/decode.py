@@ -7,6 +7,7 @@ loop owns the stopping rules so that backends cannot disagree on them.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +30,13 @@ class DecodeOutcome:
 
 def check_token_limit(max_new_tokens: object) -> int:
     """`max_new_tokens` if it is a whole number >= 1 (0, a negative, a float or NaN would answer nothing)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    try:  # any integer type (numpy's too); not a bool, a float or NaN
+        count = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)  # type: ignore[arg-type]
+    except TypeError:
+        count = None
+    if count is None or count < 1:
         raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-    return max_new_tokens
+    return count
 
 
 def decode_loop(first_logits: np.ndarray, step: Step, *, sampler: Sampler, eos_id: int, max_new_tokens: int,

@@ -143,24 +143,28 @@ def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(infer_module, "open_backend", refuse)
 
 
-@pytest.mark.parametrize("case", ["a directory", "under /proc", "renders under /proc", "another file's JSON"])
+@pytest.mark.parametrize("case", ["a directory", "under /proc", "renders under /proc", "another file's JSON",
+                                  "a JSON list", "a JSON number"])
 def test_infer_output_places_are_checked_before_the_model_loads(case: str, tiny_bundle: Path, ecg_png: Path,
                                                                 tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`--output` a folder, in a place nobody can write, with --save-render there, or a file that is not an infer
     output (a config.json written by json.dump: one object, no newline): one line, and the file is untouched."""
     _no_model(monkeypatch)
+    content = {"a JSON list": "[{\"threads\": 2}]", "a JSON number": "42"}.get(case, json.dumps({"threads": 2}))
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"threads": 2}))
+    config.write_text(content)
     args, expected = {
         "a directory": (["--output", str(tmp_path)], "is a directory, not a --output file"),
         "under /proc": (["--output", str(UNWRITABLE / "a.jsonl")], "is not writable"),
         "renders under /proc": (["--output", str(tmp_path / "a.jsonl"), "--save-render", str(UNWRITABLE)],
                                 "is not writable"),
         "another file's JSON": (["--output", str(config)], "line 1 has no source"),
+        "a JSON list": (["--output", str(config)], "line 1 is not a JSON object"),
+        "a JSON number": (["--output", str(config)], "line 1 is not a JSON object"),
     }[case]
     _one_line(_run("infer", str(ecg_png), "--model", str(tiny_bundle), *args), expected)
-    assert config.read_text() == json.dumps({"threads": 2}) and not (tmp_path / "a.jsonl").exists()
+    assert config.read_text() == content and not (tmp_path / "a.jsonl").exists()
 
 
 def test_a_second_infer_into_the_same_output_is_refused_while_the_first_writes(tiny_bundle: Path, ecg_png: Path,

@@ -79,6 +79,12 @@ def test_a_conversation_whose_cache_a_newer_one_took_refuses_its_follow_up(ort_p
     assert ort_pipeline.chat().ask("What is the rhythm?", first, max_new_tokens=2).generated_tokens == 2
 
 
+def test_a_numpy_integer_is_a_token_limit(ort_pipeline: Pipeline) -> None:
+    import numpy as np
+
+    assert ort_pipeline.generate(_images()[0], "Rate?", max_new_tokens=np.int64(2)).generated_tokens == 2
+
+
 @pytest.mark.parametrize("limit", [0, -3, 2.5, float("nan"), True])
 def test_an_absurd_token_limit_is_refused_before_any_work(ort_pipeline: Pipeline, limit: object) -> None:
     from pulse_edge.errors import ConfigError
