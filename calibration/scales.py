@@ -134,8 +134,11 @@ def _check_values(scales: Scales, path: Path) -> None:
     every activation to its extreme code; a NaN one fails the export late, as "graphs disagree"."""
     checks: list[tuple[str, Any, bool]] = []  # (what, value, must be > 0); absmax 0 is a channel never active
     for name, site in scales.sites.items():
-        for key, ranges in (("amax", site.amax), ("amax_fp8", site.amax_fp8)):  # one range per method
-            checks += [(f"{name} {key}[{method!r}]", value, True) for method, value in _by_method(ranges).items()]
+        tables = [("amax", site.amax), ("amax_fp8", site.amax_fp8)]  # one range per calibration method
+        tables += [("smooth_amax", site.smooth_amax)] if site.smooth is not None else []  # what a smoothed site uses
+        for key, ranges in tables:
+            checks += [(f"{name} {key}[{method!r}]", value, True)
+                       for method, value in _by_method(ranges, f"{path}: {name} {key}").items()]
         checks += [(f"{name} absmax", site.absmax, False), (f"{name} mean_abs", site.mean_abs, False)]
         checks += [(f"{name} {key}", value, True) for key, value in (("smooth", site.smooth), ("awq", site.awq))
                    if value is not None]
@@ -153,9 +156,10 @@ def _check_values(scales: Scales, path: Path) -> None:
                               "pulse-edge calibrate")
 
 
-def _by_method(ranges: Any) -> dict[str, Any]:
-    if not isinstance(ranges, Mapping) or not ranges:
-        raise ScalesError(f"a site's ranges are {ranges!r}, not a map from calibration method to amax")
+def _by_method(ranges: Any, where: str) -> dict[str, Any]:
+    if not isinstance(ranges, Mapping) or "mse" not in ranges:  # Scales.amax falls back to mse
+        raise ScalesError(f"{where} is {ranges!r}, not a map from calibration method to amax (mse among them); the "
+                          "file is damaged: re-run pulse-edge calibrate")
     return dict(ranges)
 
 

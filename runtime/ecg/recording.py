@@ -84,8 +84,9 @@ def to_twelve_lead(rec: Recording, fs_out: int = PRINT_FS) -> TwelveLead:
         raise ValueError(f"fs_out must be an integer >= {MIN_FS_OUT}, got {fs_out}")
     checks.check_fs(rec.fs, source)
     checks.check_duration(rec.n_samples, rec.fs, source)
-    recorded_s = rec.duration_s
-    leads = _standard_leads(rec, keep=math.ceil((checks.PRINT_SECONDS + KEPT_BEYOND_PRINT_S) * rec.fs))
+    keep = math.ceil((checks.PRINT_SECONDS + KEPT_BEYOND_PRINT_S) * rec.fs)
+    recorded_s = rec.duration_s if rec.n_samples > keep else None  # said only where the rest was left out
+    leads = _standard_leads(rec, keep=keep)
     checks.check_finite(leads, rec.fs, source)
     _complete_limb_leads(leads, rec)
     signals = np.stack([leads[name] for name in LEADS])  # [12, n]

@@ -18,6 +18,7 @@ import io
 import os
 import struct
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -169,10 +170,9 @@ def _without_padding(item, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     count, drawn as a plunge off the row). Padding after the last real sample is cut off with a note; padding
     anywhere else becomes NaN, which the recording's checks refuse as a gap."""
     raw_type = _RAW_TYPES.get(str(item.get("WaveformSampleInterpretation", "")))
-    padding = item.get("WaveformPaddingValue")
-    if raw_type is None or padding is None or len(bytes(padding)) < np.dtype(raw_type).itemsize:
+    pad = _padding_code(item.get("WaveformPaddingValue"), raw_type)
+    if pad is None:
         return values, []
-    pad = np.frombuffer(bytes(padding), raw_type, count=1)[0]
     raw = np.frombuffer(bytes(item.WaveformData), raw_type, count=values.size).reshape(values.shape)
     padded = raw == pad  # [samples, channels]
     if not padded.any():
@@ -182,6 +182,19 @@ def _without_padding(item, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     values = np.where(padded, np.nan, values)[:end]
     trimmed = padded.shape[0] - end
     return values, [f"cut {trimmed} padding samples off the end"] if trimmed else []
+
+
+def _padding_code(padding: Any, raw_type: str | None) -> Any:
+    """The stored code padding is written as: OB/OW give its bytes; a file that wrote it as SS, US (or another
+    integer VR) gives pydicom an int, taken modulo the sample type (32768 as US is -32768 as SS)."""
+    if raw_type is None or padding is None:
+        return None
+    if isinstance(padding, bytes | bytearray):
+        size = np.dtype(raw_type).itemsize
+        return np.frombuffer(bytes(padding), raw_type, count=1)[0] if len(padding) >= size else None
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        return np.array(padding, dtype=np.int64).astype(raw_type)[()]
+    return None  # a multi-valued or odd element: no padding this reader can tell
 
 
 def _check_samples(item, label: str, index: int) -> None:

@@ -219,9 +219,13 @@ def _site_meta(meta: dict, field: str, value: object) -> dict:
     (lambda m: _site_meta(m, "amax_fp8", float("nan")), None, r"layers.0.qkv amax_fp8\['minmax'\] holds nan"),
     (lambda m: _site_meta(m, "amax", "big"), None, r"layers.0.qkv amax\['minmax'\] holds 'big'"),
     (None, lambda a: {**a, "layers.0.qkv/absmax": a["layers.0.qkv/absmax"] * np.inf}, r"absmax holds"),
+    (lambda m: _site_meta(m, "smooth_amax", 0.0), None, r"layers.0.qkv smooth_amax\['minmax'\] holds 0.0"),
+    (lambda m: {**m, "sites": {**m["sites"], "layers.0.qkv": {**m["sites"]["layers.0.qkv"], "smooth_amax": {}}}},
+     None, r"layers.0.qkv smooth_amax is \{\}, not a map from calibration method"),
     (lambda m: [m], None, r"its metadata is a JSON list, not an object"),
     (lambda m: {**m, "sites": []}, None, r"is damaged or incomplete"),
-], ids=["amax 0", "amax negative", "amax_fp8 NaN", "amax a string", "absmax inf", "meta a list", "sites a list"])
+], ids=["amax 0", "amax negative", "amax_fp8 NaN", "amax a string", "absmax inf", "smoothed clip 0",
+        "smoothed clips missing", "meta a list", "sites a list"])
 def test_a_scales_file_with_unusable_ranges_is_one_line(scales_file: Path, tmp_path: Path, edit_meta, edit_arrays,
                                                         expected: str) -> None:
     """A zero amax would be floored to 1e-12 by the graph and the emulated reference alike: parity would pass a

@@ -71,20 +71,24 @@ def test_twelve_lead_round_trip_within_half_a_step(tmp_path, signals):
     assert rec.notes == []
 
 
-def _padded(signals, rows: slice):
-    """The 12-lead dataset with WaveformPaddingValue -32768 written over the samples at `rows` of every channel."""
+def _padded(signals, rows: slice, vr: str = "OW"):
+    """The 12-lead dataset with WaveformPaddingValue -32768 written over the samples at `rows` of every channel,
+    the value stored as OW bytes (the standard's VR) or, as some carts write it, as SS or US."""
     ds = dicom_dataset(signals, FS, sensitivity=2.5)
     item = ds.WaveformSequence[0]
     raw = np.frombuffer(item.WaveformData, "<i2").reshape(-1, 12).copy()
     raw[rows] = -32768
-    item.WaveformData, item.WaveformPaddingValue = raw.tobytes(), np.int16(-32768).tobytes()
+    item.WaveformData = raw.tobytes()
+    value = {"OW": np.int16(-32768).tobytes(), "SS": -32768, "US": 32768}[vr]
+    item.add_new(0x5400100A, vr, value)  # WaveformPaddingValue
     return ds
 
 
-def test_padding_after_the_recording_is_cut_off_with_a_note(tmp_path, signals):
+@pytest.mark.parametrize("vr", ["OW", "SS", "US"])
+def test_padding_after_the_recording_is_cut_off_with_a_note(tmp_path, signals, vr: str):
     """pydicom scales the padding code like a sample: -32768 at 2.5 uV per count is -81.92 mV, drawn as a plunge
     off the row. The padded tail goes, said."""
-    rec = read_dicom(write_dicom(tmp_path / "tail.dcm", _padded(signals, slice(N - 20, None))))
+    rec = read_dicom(write_dicom(tmp_path / "tail.dcm", _padded(signals, slice(N - 20, None), vr)))
     assert rec.notes == ["cut 20 padding samples off the end"]
     assert all(len(v) == N - 20 and np.abs(v).max() < 10 for v in rec.leads.values())
 
@@ -536,6 +540,8 @@ def test_the_print_says_what_it_shows(signals):
     short = load_input(beats(6 * FS, FS), fs=FS)
     assert short.notes == ("the recording lasts 6.00 s, under the print's 10 s: every column shows its first "
                            "2.5 s and the rhythm strip stops at 6.00 s",)
+    almost = load_input(beats(10 * FS - 1, FS), fs=FS)  # carts write 4999 samples for "10 s"
+    assert not any("under the print's" in note or "shows the first" in note for note in almost.notes)
     long = load_input(beats(30 * FS, FS), fs=FS)
     assert long.notes == ("the print shows the first 10 s of 30.00 s",) and long.recording.recorded_s == 30.0
     assert load_input(signals, fs=FS).notes == ()
