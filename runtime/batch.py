@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from pulse_edge.errors import ConfigError, InputError, PromptError
+from pulse_edge.errors import ConfigError, InputError, ModelOutputError, PromptError
 from pulse_edge.jsonl import JsonLines, append_record, prepare_for_append, read_json_lines
 from pulse_edge.runtime.generation.decode import check_token_limit
 from pulse_edge.runtime.generation.interpretation import Generator, interpret
@@ -27,7 +27,9 @@ from pulse_edge.runtime.inputs import RECORDING_KINDS, load_input
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 
 # What one bad input may raise without stopping the others: an unusable file, a prompt that does not fit.
-PER_INPUT_ERRORS = (InputError, PromptError)
+# recorded on the input's line and the batch goes on: its file, its prompt, or logits this input made non-finite
+# (a resumed batch would otherwise stop on the same input every time)
+PER_INPUT_ERRORS = (InputError, PromptError, ModelOutputError)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,25 @@ def test_every_input_gets_a_line_and_failures_are_not_fatal(folder: Path, tmp_pa
     assert [f["code"] for f in answered["findings"]] == ["SR", "LBBB"]  # never the denied AFIB
 
 
+def test_an_input_whose_logits_are_not_finite_is_its_own_failure(folder: Path, tmp_path: Path) -> None:
+    """A model that computes NaN on one print: that line records it and the batch goes on (a batch stopped there
+    would stop there again on every resume)."""
+    from pulse_edge.errors import ModelOutputError
+
+    class NanOnJpeg(FakeModel):
+        def generate(self, image, question="", **kwargs):
+            if image.size == (300, 200) and self.calls == 1:  # the second input, c.jpg
+                self.calls += 1
+                raise ModelOutputError("the model's logits hold NaN or inf, so no answer is given")
+            return super().generate(image, question, **kwargs)
+
+    sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
+    stats, _ = _run(sources, out, NanOnJpeg())
+    assert (stats.answered, stats.failed) == (2, 3)
+    errors = {Path(line["source"]).name: line["error"] for line in _lines(out) if "error" in line}
+    assert errors["c.jpg"].startswith("the model's logits hold NaN")
+
+
 def test_a_rerun_skips_what_is_answered_and_retries_failures(folder: Path, tmp_path: Path) -> None:
     sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
     _run(sources, out, FakeModel())
