@@ -334,13 +334,24 @@ class BackendMeter:
                 "others_cores": self.others / self.wall if self.wall > 0 and self.others is not None else None}
 
 
+def round_order(items: Sequence[Any], r: int) -> list[Any]:
+    """Round r's order: the list rotated by r, reversed every other pass of len(items) rounds. Rotation alone
+    keeps each item's successor (a, b, c / b, c, a / c, a, b: c is always followed by a); with the reversed
+    passes every item follows every other equally often over 2 x len(items) rounds (two items: ABBA)."""
+    n = len(items)
+    if n == 0:
+        return []
+    base = list(items) if (r // n) % 2 == 0 else list(items)[::-1]
+    return base[r % n:] + base[:r % n]
+
+
 def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig, meters: dict[str, BackendMeter],
                 before_round: Callable[[], object] | None = None,
                 windows: list[HostWindow] | None = None) -> dict[str, Stat]:
     """Warm every backend up, then time them in turn, run after run: a machine that gets busier or
     quieter during the measurement slows them far more alike than back-to-back phases would. The order
-    rotates each round, so no backend always runs right after another's (an ORT session's spinning threads
-    slowed whichever ran next by 45-70%: benchmarks/studies/plain_decoder.py). Bursts
+    changes each round (round_order), so no backend always runs right after another's (an ORT session's spinning
+    threads slowed whichever ran next by 45-70%: benchmarks/studies/plain_decoder.py). Bursts
     shorter than a run can still skew one backend; its `others_cores` says when. `before_round` runs
     untimed before each round (a bandwidth probe to pair with the round's runs); `windows` gets the
     host's state over each round (benchmarks/common/host.py: was it quiet?)."""
@@ -353,8 +364,7 @@ def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig, meters
         if before_round is not None:
             before_round()
         start = host_sample()
-        shift = round_ % len(active) if active else 0
-        for bench in active[shift:] + active[:shift]:
+        for bench in round_order(active, round_):
             values[bench.key].append(meters[bench.key].call(getattr(bench, method)))
         if windows is not None:
             windows.append(HostWindow.between(start, host_sample()))

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
+from pulse_edge.benchmarks.common.rounds import paired
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 from pulse_edge.runtime.bundle.names import past_name
 
@@ -418,12 +419,15 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] = say) -> di
             "prefill_logits_agreement": agreement, "load_average": [load_start, os.getloadavg()],
             "host": {"prefill": [w.to_dict() for w in prefill_host], "decode": [w.to_dict() for w in decode_host]},
             "busy": {"prefill": busy_reason(prefill_host), "decode": busy_reason(decode_host)},
+            # plain / direct round by round, the median over quiet rounds only (None: too few were quiet)
+            "ratio": {phase: paired(ms[contenders[0].name], ms[contenders[1].name], host) for phase, ms, host in
+                      (("prefill", prefill_ms, prefill_host), ("decode", decode_ms, decode_host))},
             "rss_before_runs_bytes": base_rss, "peak_rss_runs_bytes": peak}
 
 
-def _ratio(plain_ms: float, direct_ms: float, busy: str | None) -> str:
+def _ratio(ratio: float | None, busy: str | None) -> str:
     """The ratio, or why it is not printed: a busy host slows the two graphs unlike each other."""
-    return f"not printed ({busy})" if busy else f"{plain_ms / direct_ms:.2f}x"
+    return f"{ratio:.2f}x" if ratio is not None else f"not printed ({busy})"
 
 
 def _range(values: Sequence[float], digits: int) -> str:
@@ -455,10 +459,9 @@ def report_table(report: dict[str, Any]) -> str:
                      f"{r['load_rss_bytes'] / 2**30:.2f} GiB | {r['prefill_working_bytes'] / 2**30:.2f} GiB | "
                      f"{r['nodes']['total']} | {r['nodes_after_ort']} | "
                      f"{_top_ops(r['nodes'])} |")
-    plain, direct = report["rows"]
-    lines += ["", "direct over plain (plain p50 / direct p50; above 1 the direct graph is faster): " + ", ".join(
-        f"{phase} {_ratio(plain[f'{phase}_ms'], direct[f'{phase}_ms'], report['busy'][phase])}"
-        for phase in ("prefill", "decode")) + ".",
+    lines += ["", "direct over plain (plain / direct per round, the median of the quiet rounds; above 1 the direct "
+              "graph is faster): " + ", ".join(f"{phase} {_ratio(report['ratio'][phase], report['busy'][phase])}"
+                                              for phase in ("prefill", "decode")) + ".",
               f"measuring process (export ran in a child): RSS with both sessions loaded "
               f"{report['rss_before_runs_bytes'] / 2**30:.2f} GiB, peak over all timed runs (both ORT arenas) "
               f"{report['peak_rss_runs_bytes'] / 2**30:.2f} GiB.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def test_recipes_probe_each_rounds_bound_before_it_and_after_the_last(monkeypatc
                                   lambda _: None)
     assert log == ["a", "b",  # the warm-up, unprobed
                    "probe: decode, before round 1", "a", "b", "probe: decode, before round 2", "b", "a",
-                   "probe: decode, before round 3", "a", "b", "probe: decode, after"]  # the order rotates
+                   "probe: decode, before round 3", "b", "a", "probe: decode, after"]  # ABBA: round_order
     assert len(probes) == cfg.timed_runs + 1 and len(windows) == cfg.timed_runs
     assert stats["a"].values == (1.0, 2.0, 3.0) and stats["b"].values == (4.0, 5.0, 6.0)
     assert round_bounds(probes, "read") == [20.0, 20.0, 8.0]  # the better of the probes on either side
@@ -253,8 +254,8 @@ def test_latency_fractions_pair_each_run_with_its_neighbouring_probes() -> None:
 
 
 def test_interleaved_rounds_rotate_the_backends_order() -> None:
-    """Each backend runs first, second and third equally often: none always follows another (a session's
-    spinning threads slow whoever runs next), and none always runs after the round's probe."""
+    """Each backend runs first, second and third equally often and follows each other backend equally often (a
+    session's spinning threads slow whoever runs next); none always runs after the round's probe."""
     from types import SimpleNamespace
 
     from pulse_edge.benchmarks.perf.backend_runs import BackendMeter, interleaved
@@ -267,4 +268,6 @@ def test_interleaved_rounds_rotate_the_backends_order() -> None:
     assert len(timed) == 6 and all(sorted(r) == ["a", "b", "c"] for r in timed)
     for position in range(3):
         assert sorted(r[position] for r in timed) == ["a", "a", "b", "b", "c", "c"]
+    followers = Counter((r[i], r[i + 1]) for r in timed for i in range(2))
+    assert set(followers) == {(x, y) for x in "abc" for y in "abc" if x != y} and set(followers.values()) == {2}
     assert set(stats) == {"a", "b", "c"}
