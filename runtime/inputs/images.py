@@ -179,23 +179,40 @@ def _decode_raster(stream: BinaryIO, fmt: str, name: str) -> Image.Image:
 
 def _decoded(image: Image.Image, fmt: str, name: str) -> Image.Image:
     """Check the header's size, decode every pixel, turn by the EXIF orientation (phone photos of printouts
-    carry their rotation there, not in the pixels); a multi-page TIFF or GIF says it reads the first page."""
+    carry their rotation there, not in the pixels); a multi-page TIFF or GIF says which page it reads."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             _check_size(image.size, name)  # from the header alone: before decoding a single pixel
             image.load()
-            frames = getattr(image, "n_frames", 1)
-            image = ImageOps.exif_transpose(image)
+            page = image.tell()
+            oriented = ImageOps.exif_transpose(image)  # a new image, detached from the file
         except _BOMB_ERRORS as exc:
             raise _fail(name, f"is too large (more than {MAX_PIXELS:,} pixels)", _SHRINK_ADVICE) from exc
         except _PIL_DECODE_ERRORS as exc:
+            if "closed image" in str(exc):
+                raise _fail(name, "was closed before it was handed over", "pass it open (or loaded)") from exc
             raise _fail(
                 name, f"is a corrupt or truncated {fmt} ({_pil_reason(exc)})", "re-export or re-scan it"
             ) from exc
-    if frames > 1:  # never silently, as for a PDF: the ECG may be on another page
-        log.warning("%s has %d pages; reading the first (export the ECG's page alone to read another)", name, frames)
-    return image
+    _say_pages(image, page, name)
+    return oriented
+
+
+def _say_pages(image: Image.Image, page: int, name: str) -> None:
+    """Never silently, as for a PDF: the ECG may be on another page. Counting pages seeks through the file, so
+    it runs after the page read was copied out; a later page too damaged to count is said as such. A phone
+    JPEG's preview (MPO) is no page."""
+    if image.format == "MPO":
+        return
+    try:
+        frames = getattr(image, "n_frames", 1)
+    except _PIL_DECODE_ERRORS:
+        frames = None
+    if frames != 1:
+        count = f"{frames} pages" if frames else "more than one page (a later one unreadable)"
+        log.warning("%s has %s; reading page %d (export the ECG's page alone to read another)", name, count,
+                    page + 1)
 
 
 def _render_pdf(stream: BinaryIO, name: str) -> Image.Image:

@@ -207,6 +207,15 @@ def test_an_image_opened_by_the_caller_is_read_as_its_file_would_be(caplog):
         load_input(Image.open(io.BytesIO(pages.getvalue())), name="two-in-memory.tif")
     assert [r.getMessage().split(" has ")[0] for r in caplog.records if "has 2 pages" in r.getMessage()] == [
         "two.tif", "two-in-memory.tif"]
+    caplog.clear()
+    phone = io.BytesIO()  # a phone JPEG with its MPF preview: Pillow opens it as two frames, yet it is one photo
+    pattern().save(phone, "MPO", save_all=True, append_images=[pattern((160, 120))])
+    with caplog.at_level("WARNING"):
+        load_image_bytes(phone.getvalue(), name="phone.jpg")
+    assert not [r for r in caplog.records if "pages" in r.getMessage()]
+    closed = Image.open(io.BytesIO(png))
+    closed.close()
+    assert_input_error(lambda: load_input(closed, name="gone.png"), "gone.png", "was closed before it was handed over")
 
 
 def test_float_images_are_refused_with_the_mode():
