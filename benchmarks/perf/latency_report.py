@@ -15,6 +15,7 @@ from typing import Any
 
 from pulse_edge.benchmarks.common.machine import accuracy_warning
 from pulse_edge.benchmarks.common.plots import matplotlib_figure
+from pulse_edge.staging import staged_file
 
 PLOT_FILE, MARKDOWN_FILE, JSON_FILE = "latency.png", "latency.md", "latency.json"
 STAGES = (("preprocess", "preprocess_ms"), ("vision", "vision_ms"), ("prefill", "prefill_ms"))
@@ -66,6 +67,10 @@ def write_latency_report(report_dir: str | Path, report: Mapping[str, Any], tabl
     warning = accuracy_warning(model)
     lines += [f"> {warning}", ""] if warning else []
     lines += [table, "", f"![latency breakdown]({PLOT_FILE})", ""]
-    (out / MARKDOWN_FILE).write_text("\n".join(lines), encoding="utf-8")
-    (out / JSON_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return [out / MARKDOWN_FILE, out / JSON_FILE, plot_latency(out / PLOT_FILE, report)]
+    # the plot first (the likeliest to fail), each file whole or not at all: never a report naming a missing plot
+    with staged_file(out / PLOT_FILE) as work:
+        plot_latency(work, report)
+    for name, text in ((JSON_FILE, json.dumps(report, indent=2) + "\n"), (MARKDOWN_FILE, "\n".join(lines))):
+        with staged_file(out / name) as work:
+            work.write_text(text, encoding="utf-8")
+    return [out / MARKDOWN_FILE, out / JSON_FILE, out / PLOT_FILE]

@@ -5,17 +5,18 @@ opset, the session that runs them, and the summary of ORT's form against a kerne
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import click
+
+from pulse_edge.benchmarks.common.output import REPORT_PATH
 
 STUDY_OPTIONS = (
     click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True),
     click.option("--heads", type=click.IntRange(min=1), default=32, show_default=True, help="Heads (x 128)."),
     click.option("--scale", type=click.FloatRange(min=0.01, max=1.0), default=1.0, show_default=True,
                  help="Shrink the study's sizes (positions; layers where it has them) by this factor: 1 is PULSE's."),
-    click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report."),
+    click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report."),
 )
 
 

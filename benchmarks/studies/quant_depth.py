@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pulse_edge.benchmarks.common.output import write_json
+from pulse_edge.benchmarks.common.output import REPORT_PATH, write_json
 from pulse_edge.calibration.quant_math import fake_quant_blockwise
 from pulse_edge.choices import BLOCK_SIZE_CHOICES, DEFAULT_BLOCK_SIZE, WEIGHT_BITS
 
@@ -158,7 +158,7 @@ def depth_table(report: dict[str, Any]) -> str:
 @click.option("--positions", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--act-quant/--no-act-quant", default=True, show_default=True,
               help="Also quantize activations to int8 per block, as MatMulNBits does at accuracy level 4.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 def main(checkpoint: Path, bits: str, block_size: str, positions: int, act_quant: bool,
                   json_path: Path | None) -> None:
     """How a block-wise weight recipe's logit error grows with depth (torch only): tells a recipe's own

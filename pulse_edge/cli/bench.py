@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from pulse_edge.benchmarks.common.output import progress, write_json
+from pulse_edge.benchmarks.common.output import REPORT_PATH, progress, write_json
 from pulse_edge.choices import ATTENTION_MODES, BACKENDS, DECODE_STEPS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.cli.group import UserErrorGroup
 
@@ -60,7 +60,7 @@ def bench_group() -> None:
               help="ort backend: as infer --decode-step; the table says what decoded.")
 @click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
               help="ort backend: as infer --prefill-chunk (default: the runtime's; 0 = one pass); the table says it.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
               help="Write latency.md, latency.json and latency.png (the per-stage breakdown) into this directory.")
 def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new_tokens: int, backend: str,
@@ -75,8 +75,10 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
 
     if report_dir is not None:
         from pulse_edge.benchmarks.common.plots import require_plotting
+        from pulse_edge.staging import check_output_file
 
         require_plotting()  # fail before a long run, not after it
+        check_output_file(report_dir / "latency.md", what="--report folder")
     config = LatencyConfig(model=model_dir, runs=runs, warmup=warmup, sizes=parse_sizes(sizes),
                            max_new_tokens=max_new_tokens, backend=backend, provider=provider, threads=threads,
                            bandwidth_bytes=bandwidth_mib * 2**20, prefill_graph=prefill_graph,
@@ -107,7 +109,7 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
 @click.option("--traces", type=click.Path(path_type=Path), default=None,
               help="Keep ONNX Runtime's traces here (Perfetto or chrome://tracing opens them) [default: removed].")
 @BANDWIDTH_MIB
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 def profile_command(model_dir: Path, runs: int, positions: int, context: int, steps: int, threads: int,
                     prefill_chunk: int | None, traces: Path | None, bandwidth_mib: int, json_path: Path | None) -> None:
     """Where a bundle's time goes on this CPU: vision, prefill and decode op by op (ONNX Runtime's profiler),
@@ -139,7 +141,7 @@ def profile_command(model_dir: Path, runs: int, positions: int, context: int, st
               help="Keep the made checkpoint and bundle here and reuse them [default: a temp dir, removed].")
 @threads_option(TORCH_AND_ORT_THREADS)
 @BANDWIDTH_MIB
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 def backends_command(width: str, layers: int, runs: int | None, warmup: int, context: int,
                      decode_tokens: int | None, work: Path | None, threads: int, bandwidth_mib: int,
                      json_path: Path | None) -> None:
@@ -167,7 +169,7 @@ def backends_command(width: str, layers: int, runs: int | None, warmup: int, con
               help="Untimed calls first (autotuning and torch.compile happen here).")
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
               help="Also time torch.compile of the eager projector.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 def projector_command(tokens: str, precisions: str, runs: int, warmup: int, compile_: bool,
                       json_path: Path | None) -> None:
     """The fused Triton vision projector vs torch eager vs torch.compile on this CUDA GPU: median time,
@@ -211,7 +213,7 @@ def projector_command(tokens: str, precisions: str, runs: int, warmup: int, comp
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Keep the made checkpoint and bundles here and reuse them [default: a temp dir, removed].")
 @threads_option(TORCH_AND_ORT_THREADS)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 def recipes_command(layers: int, width: str, recipes: str, runs: int | None, warmup: int, context: int,
                     decode_tokens: int | None, calibration_samples: int, no_transformers: bool, no_fp32: bool,
                     extra: tuple[str, ...], baseline: str, work: Path | None, threads: int,
@@ -293,7 +295,7 @@ def gpu_command(out: Path, work: Path | None, layers: int, steps: str | None, bu
 @click.option("--warmup", type=click.IntRange(min=0), default=6, show_default=True,
               help="Untimed requests before the first phase (the RSS baseline is read after them).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 def soak_command(model_dir: Path, sequential: int, concurrent: int, clients: int, warmup: int,
                  max_new_tokens: int, json_path: Path | None) -> None:
     """Soak `pulse-edge serve`: sequential then concurrent chat, streamed chat and ECG-upload requests;

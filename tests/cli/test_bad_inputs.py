@@ -217,6 +217,16 @@ def test_nan_and_inf_are_refused_where_a_range_would_let_them_through(args: list
     assert _listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("args", [["bench", "latency", "--model", "m"], ["bench", "profile", "--model", "m"],
+                                  ["bench", "backends"]], ids=["latency", "profile", "backends"])
+def test_a_bench_report_path_is_checked_before_any_measuring(args: list[str], tmp_path: Path) -> None:
+    """--json naming a folder or an unwritable place: one line when the command line is read, not a traceback
+    after minutes of runs (the model path is never even opened)."""
+    for target, expected in ((tmp_path, "is a directory, not a report file"),
+                             (UNWRITABLE / "r.json", "is not writable")):
+        _one_line(_run(*[a if a != "m" else str(tmp_path / "none") for a in args], "--json", str(target)), expected)
+
+
 def test_a_bad_device_for_the_torch_backend_is_one_line() -> None:
     from pulse_edge.errors import ConfigError
     from pulse_edge.export.model.torch_backend import resolve_device
