@@ -20,6 +20,7 @@ from pulse_edge.runtime.bundle.integrity import HashProgress, check_bundle
 from pulse_edge.runtime.bundle.manifest import Manifest, read_manifest
 from pulse_edge.runtime.engines.bundle_engine import AUTO_CHUNK, BundleEngine, has_prefill_graph
 from pulse_edge.runtime.engines.ort import SessionConfig, open_ort_engine
+from pulse_edge.runtime.engines.sessions import ort_settings_given
 from pulse_edge.runtime.generation.conversation import Conversation
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.generation.interpretation import Interpretation, Source, interpret
@@ -62,6 +63,10 @@ class Pipeline:
             raise ConfigError(f"{root}: the tokenizer's <s>/</s> ids differ from the manifest's; re-export the bundle")
         if backend == "trt":
             from pulse_edge.runtime.engines.trt import open_trt_engine
+
+            if given := ort_settings_given(session):  # asked for, and TensorRT has no such choice: never ignored
+                raise ConfigError(f"{', '.join(given)}: ONNX Runtime settings; the trt backend runs TensorRT engines "
+                                  "and has none of them: leave them out, or use --backend ort")
 
             engine = open_trt_engine(root, manifest, engines_dir=Path(engines) if engines else None,
                                      prefill_chunk=prefill_chunk)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,17 @@ def _load_error(path: Path, config: SessionConfig, error: Exception) -> ConfigEr
                            "with more memory")
     return ConfigError(f"{path.name} does not fit in this machine's memory even with its weights mapped; use a "
                        "smaller bundle (int8, int4) or a machine with more memory")
+
+
+def ort_settings_given(session: SessionConfig | None) -> list[str]:
+    """The ONNX Runtime settings in `session` that differ from the defaults, as the command line spells them: what
+    a backend without ONNX Runtime (TensorRT engines, the torch reference) would ignore in silence."""
+    if session is None:
+        return []
+    default = SessionConfig()
+    flags = {"prepack": "--no-prepack"}
+    return [flags.get(f.name, "--" + f.name.replace("_", "-")) for f in fields(SessionConfig)
+            if getattr(session, f.name) != getattr(default, f.name)]
 
 
 def graph_config_entries(spec: GraphSpec) -> dict[str, str]:

@@ -227,6 +227,19 @@ def test_a_bench_report_path_is_checked_before_any_measuring(args: list[str], tm
         _one_line(_run(*[a if a != "m" else str(tmp_path / "none") for a in args], "--json", str(target)), expected)
 
 
+@pytest.mark.parametrize(("model", "args", "expected"), [
+    ("checkpoint", ["--threads", "2"], "--threads: settings of the ort backend; the torch backend"),
+    ("checkpoint", ["--prefill-chunk", "64"], "--prefill-chunk: settings of the ort backend"),
+    ("bundle", ["--backend", "trt", "--decode-step", "native", "--no-prepack"],
+     "--no-prepack, --decode-step: ONNX Runtime settings; the trt backend runs TensorRT engines"),
+], ids=["torch threads", "torch chunk", "trt decode step"])
+def test_ort_settings_given_to_another_backend_are_refused_not_ignored(model: str, args: list[str], expected: str,
+                                                                       tiny_checkpoint: Path, tiny_bundle: Path,
+                                                                       ecg_png: Path) -> None:
+    path = tiny_checkpoint if model == "checkpoint" else tiny_bundle
+    _one_line(_run("infer", str(ecg_png), "--model", str(path), *args), expected)
+
+
 def test_a_bad_device_for_the_torch_backend_is_one_line() -> None:
     from pulse_edge.errors import ConfigError
     from pulse_edge.export.model.torch_backend import resolve_device
