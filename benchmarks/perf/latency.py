@@ -51,6 +51,7 @@ from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines
 from pulse_edge.benchmarks.perf.model_ops import ModelOps, ops_of
 from pulse_edge.choices import QUANTIZED_PRECISIONS
 from pulse_edge.errors import ConfigError
+from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 
 # Common ECG print sizes in pixels (width x height): what a cart's scanner or PDF export produces.
 PRINT_SIZES = {(2200, 1700): "letter 200 dpi", (3300, 2550): "letter 300 dpi", (3508, 2480): "A4 300 dpi"}
@@ -107,8 +108,9 @@ def _open(cfg: LatencyConfig) -> tuple[Any, DecoderFacts]:
     from pulse_edge.runtime.engines.ort import SessionConfig
     from pulse_edge.runtime.pipeline import Pipeline as OrtPipeline
 
+    bundle = (Path(cfg.model) / MANIFEST_FILE).is_file()  # a checkpoint's torch backend takes threads from torch
     pipeline = open_backend(cfg.model, backend=cfg.backend, session=SessionConfig(
-        provider=cfg.provider, threads=cfg.threads, prefill_graph=cfg.prefill_graph,
+        provider=cfg.provider, threads=cfg.threads if bundle else 0, prefill_graph=cfg.prefill_graph,
         prefill_attention=cfg.prefill_attention, decode_attention=cfg.decode_attention,
         decode_step=cfg.decode_step),
         prefill_chunk=cfg.prefill_chunk)

@@ -164,7 +164,7 @@ def test_bench_latency_on_a_checkpoint_uses_torch(tiny_checkpoint: Path, tmp_pat
                                                   quiet_host: None) -> None:
     out = tmp_path / "latency.json"
     _invoke(["latency", "--model", str(tiny_checkpoint), "--runs", "1", "--warmup", "0", "--sizes", "2200x1700",
-             "--max-new-tokens", "4", "--bandwidth-mib", "64", "--json", str(out)])
+             "--threads", "1", "--max-new-tokens", "4", "--bandwidth-mib", "64", "--json", str(out)])  # torch's threads
     report = json.loads(out.read_text())
     assert report["backend"] == "torch" and report["decoder"]["source"].startswith("checkpoint")
     assert report["decoder"]["kv_bytes_per_position"] == 2 * 2 * 4 * 16 * 4  # tiny: 2 layers, 4 heads x 16, fp32
