@@ -78,14 +78,13 @@ from pulse_edge.runtime.bundle.manifest import (
     TextSpec,
 )
 from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
-from pulse_edge.runtime.image.preprocess import image_token_count
+from pulse_edge.runtime.image.preprocess import PROMPT_MARGIN, image_token_count, min_context
 from pulse_edge.runtime.text.prompt import LLAVA_V1
 from pulse_edge.runtime.text.tokenizer import Tokenizer
 from pulse_edge.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
-PROMPT_MARGIN = 256  # room for the question and the answer beside the image
 GREEDY_PAGES = ((2200, 1700), (1400, 700))  # a letter print (2880 image tokens), a half-page strip (1728)
 # Quantized recipes' embedding table is fp16: a lookup reads a few rows, and the 7B table drops from 524 to
 # 262 MB (their graphs keep fp32 for what they leave unquantized: export/build/memory.py, FLOAT_BASE).
@@ -315,13 +314,11 @@ FIDELITY_SESSION = SessionConfig(emulate=True)
 
 def _max_context(loaded: LoadedCheckpoint, asked: int | None) -> int:
     """The KV length: at most the model's positions, at least the smallest image plus a short exchange."""
-    limit = loaded.config.text.max_position_embeddings
-    layout = loaded.config.image
-    smallest = min(image_token_count((w, h), layout) for w, h in layout.grid_pinpoints)
+    limit, least = loaded.config.text.max_position_embeddings, min_context(loaded.config.image)
     value = limit if asked is None else asked
-    if not smallest + PROMPT_MARGIN <= value <= limit:
-        raise ConfigError(f"--max-context must be between {smallest + PROMPT_MARGIN} (the smallest image takes "
-                          f"{smallest} tokens) and the model's {limit}, got {value}")
+    if not least <= value <= limit:
+        raise ConfigError(f"--max-context must be between {least} (the smallest image's tokens and "
+                          f"{PROMPT_MARGIN} for the exchange) and the model's {limit}, got {value}")
     return value
 
 

@@ -20,7 +20,7 @@ from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import ProfileSpec
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.engines.bundle_engine import DEFAULT_PREFILL_CHUNK
-from pulse_edge.runtime.image.preprocess import ImageLayout
+from pulse_edge.runtime.image.preprocess import ImageLayout, min_context
 
 DECODE_MAX = 2  # a decode profile's S range 1..2: dynamic, so it shares the weights with the prefill profile
 
@@ -38,11 +38,12 @@ def layout_max_tiles(layout: ImageLayout) -> int:
 
 def resolve_limits(manifest: Manifest, max_context: int | None, max_tiles: int | None) -> BuildLimits:
     """The asked limits, checked against what the bundle holds; defaults: the bundle's context, all tiles."""
-    held = manifest.kv.max_length
+    held, least = manifest.kv.max_length, min_context(manifest.image)
     context = held if max_context is None else max_context
-    if not 1 <= context <= held:
-        raise ConfigError(f"--max-context must be between 1 and the bundle's {held} positions (its KV cache "
-                          f"length, set at export), got {context}")
+    if not least <= context <= held:  # fewer positions than the smallest image needs: engines that answer nothing
+        raise ConfigError(f"--max-context must be between {least} (the smallest image's tokens and room for the "
+                          f"exchange) and the bundle's {held} positions (its KV cache length, set at export), got "
+                          f"{context}")
     tiles = layout_max_tiles(manifest.image) if max_tiles is None else max_tiles
     if tiles < 1:
         raise ConfigError(f"--max-tiles must be >= 1, got {tiles}")

@@ -196,6 +196,15 @@ def image_token_count(image_size: tuple[int, int], layout: ImageLayout) -> int:
     return _TOKEN_COUNTERS[layout.merge](image_size, columns, rows, layout)
 
 
+PROMPT_MARGIN = 256  # KV positions for the question and the answer beside the image
+
+
+def min_context(layout: ImageLayout) -> int:
+    """The fewest KV positions a conversation needs: the smallest image the layout makes, and PROMPT_MARGIN. A
+    bundle (export --max-context) or an engine set (build-engines --max-context) holding fewer answers nothing."""
+    return min(image_token_count((w, h), layout) for w, h in layout.grid_pinpoints) + PROMPT_MARGIN
+
+
 def tile_count(image_size: tuple[int, int], layout: ImageLayout) -> int:
     """How many tiles the vision tower runs for an image of `image_size`: the base view and the grid's tiles (both
     merges run them all; spatial_unpad only drops some of their tokens)."""

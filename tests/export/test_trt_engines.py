@@ -20,7 +20,7 @@ from pulse_edge.runtime.bundle.engines import read_engines
 from pulse_edge.runtime.bundle.manifest import read_manifest
 
 PRECISIONS = ("fp16", "int4", "int8", "fp8")
-CONTEXT = 512  # shorter than the bundle's 4096: the engine's cache is rewritten to this length
+CONTEXT = 2048  # under the bundle's 4096 (the engine cache is rewritten to it), over the smallest image's 1984
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,5 @@ def test_profiles_cover_pulse_shapes_and_limits_are_checked(trt_fp16_bundle: Pat
     for bad in ((manifest.kv.max_length + 1, None), (None, 0)):
         with pytest.raises(ConfigError, match="must be"):
             resolve_limits(manifest, *bad)
+    with pytest.raises(ConfigError, match="must be between 1984 \\(the smallest image's tokens"):
+        resolve_limits(manifest, 600, None)  # engines no print fits in: refused before minutes of building

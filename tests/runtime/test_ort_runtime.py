@@ -212,7 +212,7 @@ def test_infer_json_from_a_bundle_matches_the_checkpoint(tiny_bundle: Path, tiny
 
 
 def test_context_too_small_for_any_image_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--max-context must be between 1984 \(the smallest image takes 1728"):
+    with pytest.raises(ConfigError, match=r"--max-context must be between 1984 \(the smallest image.s tokens and 256"):
         export_bundle(tiny_checkpoint, tmp_path / "tiny-context", ExportOptions(max_context=1000))
     assert list(tmp_path.iterdir()) == []
 
