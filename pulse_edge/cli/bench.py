@@ -17,6 +17,7 @@ import click
 from pulse_edge.benchmarks.common.output import REPORT_PATH, progress, write_json
 from pulse_edge.choices import ATTENTION_MODES, BACKENDS, DECODE_STEPS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.cli.group import UserErrorGroup
+from pulse_edge.cli.params import at_most_usable_cpus
 
 _DEFAULT_SIZES = "2200x1700,3300x2550,3508x2480"  # letter 200 dpi, letter 300 dpi, A4 300 dpi
 TORCH_AND_ORT_THREADS = "Intra-op threads for torch and ORT (0 = one per core)."
@@ -27,7 +28,8 @@ BANDWIDTH_MIB = click.option("--bandwidth-mib", type=click.IntRange(min=1), defa
 
 
 def threads_option(help_text: str = "Intra-op threads (0 = one per core).") -> Any:
-    return click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help=help_text)
+    return click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help=help_text,
+                        callback=at_most_usable_cpus)
 
 
 @click.group("bench", cls=UserErrorGroup)

@@ -35,3 +35,14 @@ class TorchDevice(click.ParamType):
 
 
 TORCH_DEVICE = TorchDevice()
+
+
+def at_most_usable_cpus(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """A --threads callback: more threads than this process's cores is refused when the command line is read, not
+    minutes later when a session is made (or never, where torch or a probe takes the number as it is)."""
+    from pulse_edge.runtime.engines.sessions import usable_cpus
+
+    if value > usable_cpus():
+        raise click.BadParameter(f"{value} is more than the {usable_cpus()} CPU cores this process may use "
+                                 "(0 = one per core)", ctx=ctx, param=param)
+    return value

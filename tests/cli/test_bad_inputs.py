@@ -240,6 +240,13 @@ def test_ort_settings_given_to_another_backend_are_refused_not_ignored(model: st
     _one_line(_run("infer", str(ecg_png), "--model", str(path), *args), expected)
 
 
+@pytest.mark.parametrize("command", ["backends", "recipes", "latency"])
+def test_bench_threads_beyond_the_cores_are_refused_when_read(command: str, tmp_path: Path) -> None:
+    """Not after minutes of exports and calibration (bench recipes) or a torch set to 100000 threads."""
+    model = ["--model", str(tmp_path / "none")] if command == "latency" else []
+    _one_line(_run("bench", command, *model, "--threads", "100000"), "100000 is more than the")
+
+
 def test_a_bad_device_for_the_torch_backend_is_one_line() -> None:
     from pulse_edge.errors import ConfigError
     from pulse_edge.export.model.torch_backend import resolve_device
