@@ -53,6 +53,9 @@ def _cudart() -> Any:
     return runtime
 
 
+CUDA_OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation (CUDA runtime API)
+
+
 class Cuda:
     """The few CUDA runtime calls the backend makes; each failure becomes one line."""
 
@@ -69,6 +72,9 @@ class Cuda:
 
     def _check(self, result: Any, call: str) -> Any:
         err, *values = result if isinstance(result, tuple) else (result,)
+        if int(err) == CUDA_OUT_OF_MEMORY:  # the machine's state, not a bug: one line (pulse_edge/cli/group.py)
+            raise MemoryError(f"the GPU's memory is full ({call}: {self._message(err)}); build the engines for a "
+                              "shorter context (build-engines --max-context) or free the GPU")
         if int(err) != 0:
             raise RuntimeError(f"{call} failed: {self._message(err)}")
         return values[0] if len(values) == 1 else values

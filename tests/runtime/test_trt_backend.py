@@ -206,6 +206,19 @@ def test_engine_io_must_match_engines_json() -> None:
         trt_backend.check_engine_io(FakeEngine(spec), other, TRT)
 
 
+def test_a_full_gpu_is_a_memory_error_the_cli_says_in_one_line() -> None:
+    """cudaErrorMemoryAllocation (2) on the cache's allocation: the machine's state (a MemoryError, which the CLI
+    prints as one line), not a RuntimeError traceback; other failures stay errors of their own."""
+    runtime = SimpleNamespace(cudaGetDeviceCount=lambda: (0, 1), cudaStreamCreate=lambda: (0, 7),
+                              cudaMalloc=lambda n: (2, 0), cudaGetErrorString=lambda err: (0, b"out of memory"))
+    cuda = trt_backend.Cuda(runtime)
+    with pytest.raises(MemoryError, match=r"the GPU's memory is full \(cudaMalloc\(1024\): out of memory\)"):
+        cuda.malloc(1024)
+    runtime.cudaMalloc = lambda n: (700, 0)
+    with pytest.raises(RuntimeError, match="cudaMalloc"):
+        cuda.malloc(1024)
+
+
 def test_no_gpu_is_one_line() -> None:
     def error_string(err: int) -> tuple[int, bytes]:
         return 0, b"CUDA driver version is insufficient for CUDA runtime version"
