@@ -30,6 +30,7 @@ from pulse_edge.errors import ConfigError, InputError, PulseEdgeError
 
 MODES = ("compat", "strict")
 METRICS = ("auc", "f1", "hl", "accuracy", "score", "exact_match")
+JUDGED_METRIC = "score"  # the one metric judged subsets report (with a judge)
 
 
 class GateFailed(PulseEdgeError):
@@ -99,7 +100,7 @@ class DropRule:
             points = float(value)
         except ValueError:
             points = -1.0
-        if not sep or points < 0:
+        if not sep or not 0 <= points < float("inf"):  # nan would pass every comparison: a gate that never fails
             raise ConfigError(f"--max-drop {text!r}: expected METRIC=POINTS with POINTS >= 0, e.g. f1=2")
         parts = name.strip().split(".")
         mode = parts.pop(0) if len(parts) > 1 and parts[0] in MODES else None
@@ -165,9 +166,14 @@ def gate_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str
         if rule.subset is not None and rule.subset not in names:
             raise ConfigError(f"--max-drop names {rule.subset}, which is not among the compared subsets "
                               f"({', '.join(sorted(names))})")
-        matched = [c for c in comparison.subsets if rule.subset in (None, c.subset) and
-                   rule.metric in getattr(c.scores[0], rule.key(c.subset)[0])]
-        if not matched:
+        covered = [c for c in comparison.subsets if rule.subset in (None, c.subset)]
+        unscored = [(c, getattr(c.scores[0], rule.key(c.subset)[0])) for c in covered]
+        # a check not done never passes: a subset the rule names, or a judged score that no verdict gave
+        failures += [f"{c.subset} could not be scored for {rule.metric} ({table.get('reason', 'no score')})"
+                     for c, table in unscored if table.get("scored") is False
+                     and (rule.subset == c.subset or rule.metric == JUDGED_METRIC)]
+        matched = [c for c in covered if rule.metric in getattr(c.scores[0], rule.key(c.subset)[0])]
+        if not matched and not failures:  # else nothing could be compared, which the failures already say
             raise ConfigError(f"--max-drop {rule.metric}: no compared subset reports that metric (judged "
                               "subsets report score only with --judge-url and --judge-model)")
         for c in matched:
@@ -180,6 +186,8 @@ def _coverage_failures(comparison: Comparison, rules: Sequence[DropRule]) -> lis
     failures = [f"{name} was not compared ({why})" for name, why in comparison.skipped.items()
                 if None in covered or name in covered]
     for c in comparison.subsets:
+        if c.common == 0 and (None in covered or c.subset in covered):
+            failures.append(f"{c.subset} has no sample every run answered (do the runs' ids match the reference's?)")
         short = {label: n for label, n in c.unanswered.items() if n}
         if short and (None in covered or c.subset in covered):
             failures.append(f"{c.subset} was compared on {c.common} samples only: " + ", ".join(

@@ -20,6 +20,7 @@ judged by the same model.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -114,6 +115,8 @@ def ask(config: JudgeConfig, prompt: str) -> str:
         raise JudgeUnavailable(f"HTTP {e.code} from {config.endpoint}") from e
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         raise JudgeUnavailable(f"{config.endpoint} unreachable ({getattr(e, 'reason', e)})") from e
+    except http.client.HTTPException as e:  # a status line or body that is not HTTP (BadStatusLine, IncompleteRead)
+        raise JudgeUnavailable(f"{config.endpoint} did not answer in HTTP ({type(e).__name__})") from e
     except (ValueError, KeyError, IndexError, TypeError) as e:
         raise JudgeUnavailable(f"{config.endpoint} did not answer with a chat completion ({e!r})") from e
 

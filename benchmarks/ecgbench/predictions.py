@@ -78,12 +78,16 @@ def _keep(prediction: Prediction, seen: dict[str, Prediction], duplicates: list[
 
 def _prediction(record: Mapping[str, Any], path: Path, number: int) -> Prediction:
     sample_id = next((record[k] for k in ID_KEYS if k in record), None)
-    text_key = next((k for k in TEXT_KEYS if k in record), None)
-    if sample_id is None or text_key is None:
+    text_key = next((k for k in TEXT_KEYS if record.get(k) is not None), None)  # a null text yields to response
+    if sample_id is None or not any(k in record for k in TEXT_KEYS):
         raise InputError(f"{path}: line {number} needs an id (or question_id) and a text (or response)")
+    if text_key is not None and not isinstance(record[text_key], str):
+        raise InputError(f"{path}: line {number}'s {text_key} is a {type(record[text_key]).__name__}, not text")
     prompt = record.get("prompt")
     if isinstance(prompt, Mapping):  # some LLaVA scripts store {"prompt": ...}
         prompt = prompt.get("prompt")
     error = record.get("error")
-    return Prediction(str(sample_id), str(record[text_key] or ""), text_key,
+    if text_key is None:  # every text field null: the sample was never answered, never scored as an answer
+        error = error if error is not None else "no answer (its text is null)"
+    return Prediction(str(sample_id), "" if text_key is None else record[text_key], text_key or TEXT_KEYS[0],
                       None if prompt is None else str(prompt), None if error is None else str(error))

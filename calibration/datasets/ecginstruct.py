@@ -29,6 +29,8 @@ def _read_json_list(path: Path) -> list[Any]:
         raise InputError(f"{path}: ECGInstruct file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from e
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(data, list):

@@ -105,10 +105,26 @@ def test_the_gate_fails_on_what_it_could_not_compare(setup: tuple[Path, Path, Pa
     assert whole.exit_code == 0, whole.output
 
 
+def test_a_subset_no_sample_of_which_every_run_answered_fails_the_gate(setup: tuple[Path, Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """Runs whose ids match none of the reference's (common 0): nothing was compared, so nothing may pass."""
+    data, fp16, _ = setup
+    other = tmp_path / "run-other"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"model": "/models/other", "precision": "int8"}))
+    for subset, texts in FP16.items():
+        (other / f"{subset}.jsonl").write_text("".join(json.dumps({"id": f"x-{i}", "text": t}) + "\n"
+                                                       for i, t in texts.items()))
+    result = CliRunner().invoke(eval_group, ["compare", str(fp16), str(other), "--data", str(data), "--changes",
+                                             str(tmp_path / "changes.json"), "--max-drop", "accuracy=100"])
+    assert result.exit_code != 0, result.output
+    assert "csn-test-no-cot has no sample every run answered" in result.output
+
+
 def test_gate_rules_are_checked() -> None:
     assert DropRule.parse("strict.csn.accuracy=1.5") == DropRule("accuracy", 1.5, "strict", "csn-test-no-cot")
     assert DropRule.parse("auc=2").key("ptb-test") == ("compat", "compat.ptb-test.auc")
-    for bad in ("accuracy", "accuracy=-1", "bleu=2", "strict.auc=1", "nosuch.f1=1"):
+    for bad in ("accuracy", "accuracy=-1", "bleu=2", "strict.auc=1", "nosuch.f1=1", "f1=nan", "f1=inf"):
         with pytest.raises(ConfigError):
             DropRule.parse(bad)
 

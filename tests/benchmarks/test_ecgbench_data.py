@@ -85,6 +85,46 @@ def test_bad_conversations_are_refused(tmp_path: Path) -> None:
         load_samples(find_subset(tmp_path, "arena"))
 
 
+def _conversation(gold: object, question: object = "Which?") -> list[dict]:
+    return [{"id": "a1", "image": "x.png",
+             "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": gold}]}]
+
+
+@pytest.mark.parametrize(("write", "expected"), [
+    (lambda path: path.write_text(json.dumps(_conversation(None))), "a conversation turn has no answer"),
+    (lambda path: path.write_text(json.dumps(_conversation("A", None))), "a conversation turn has no question"),
+    (lambda path: path.write_bytes(json.dumps(_conversation("Caf\u00e9")).encode().replace(b"Caf", b"\xe9")),
+     "not UTF-8 text"),
+], ids=["null gold", "null question", "latin-1 bytes"])
+def test_a_damaged_subset_file_is_one_line(tmp_path: Path, write, expected: str) -> None:
+    """A null gold would become "" and be scored (an empty answer matching it); Latin-1 bytes a traceback."""
+    write(tmp_path / "mmmu-ecg.json")
+    with pytest.raises(InputError, match=expected):
+        load_samples(find_subset(tmp_path, "mmmu-ecg"))
+
+
+def test_a_parquet_id_column_that_is_not_strings_or_integers_is_refused(tmp_path: Path, png: bytes) -> None:
+    """str(1.0) is "1.0" where arrow's cast that selects rows by id gives "1": the samples were listed, never read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = write_parquet_subset(tmp_path / "mmmu-ecg" / "test-00000-of-00001.parquet", [item("1", "Which?", "A", png)])
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(0, "id", pa.array([1.0])), path)
+    with pytest.raises(InputError, match="the id column holds double, not strings or integers"):
+        load_samples(find_subset(tmp_path, "mmmu-ecg"))
+
+
+def test_a_null_answer_in_predictions_is_an_error_not_an_answer(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "text": null}\n{"id": "b", "text": null, "response": "B"}\n')
+    a, b = read_predictions(path).predictions
+    assert (a.text, a.error) == ("", "no answer (its text is null)") and (b.text, b.error) == ("B", None)
+    path.write_text('{"id": "a", "text": 7}\n')
+    with pytest.raises(InputError, match="line 1's text is a int, not text"):
+        read_predictions(path)
+
+
 def test_subsets_command_lists_what_is_there(data_dir: Path) -> None:
     result = CliRunner().invoke(eval_group, ["subsets", "--data", str(data_dir)])
     assert result.exit_code == 0, result.output

@@ -148,3 +148,26 @@ def test_score_command_with_and_without_a_judge(judge_server: ThreadingHTTPServe
     assert judged.exit_code == 0, judged.output
     assert json.loads(judged.output)["compat"]["score"] == 65.0
     assert (tmp_path / "reports.judge.jsonl").is_file()
+
+
+def test_a_judge_that_does_not_speak_http_is_unavailable_not_a_traceback() -> None:
+    """A status line that is not HTTP ("garbage"), or a body shorter than its length: one line."""
+    from pulse_edge.benchmarks.ecgbench.judge import JudgeUnavailable, ask
+
+    def garbage(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"garbage\r\n\r\n")
+        conn.close()
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    thread = threading.Thread(target=lambda: garbage(server.accept()[0]), daemon=True)
+    thread.start()
+    config = JudgeConfig(url=f"http://127.0.0.1:{server.getsockname()[1]}/v1", model="judge", timeout_s=10)
+    try:
+        with pytest.raises(JudgeUnavailable, match="did not answer in HTTP"):
+            ask(config, "score this")
+    finally:
+        thread.join(timeout=10)
+        server.close()

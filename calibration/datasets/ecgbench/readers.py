@@ -192,6 +192,11 @@ def _iter_parquet(source: SubsetSource, with_images: bool, ids: frozenset[str] |
         if missing or (with_images and "image" not in names):
             raise InputError(f"{path}: not an ECGBench parquet file (columns {sorted(names)}; "
                              "needs id, conversations and image)")
+        id_type = parquet.schema_arrow.field("id").type
+        if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
+            # str() of a float, bool or bytes id differs from arrow's cast that selects rows by id: its samples
+            # would be listed, never read, and every rerun would have them "to answer"
+            raise InputError(f"{path}: the id column holds {id_type}, not strings or integers; not an ECGBench file")
         columns = ["id", "conversations"] + [c for c in ("image_path", "image") if c in names and with_images]
         batches = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
         while True:
@@ -219,6 +224,8 @@ def _parquet_errors(path: Path) -> Iterator[None]:
 
 
 def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
+    if row["id"] is None:
+        raise InputError(f"{path}: a row has no id (null); the subset file is damaged: download it again")
     sample_id = str(row["id"])
     turns = _turns(row["conversations"], f"{path}: {sample_id}")
     image = row.get("image")
@@ -248,16 +255,27 @@ def _iter_json(source: SubsetSource, with_images: bool, ids: frozenset[str] | No
 
 
 def _json_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    if path.suffix == ".jsonl":
+        return [_json_line(line, number, path) for number, line in enumerate(text.splitlines(), start=1)
+                if line.strip()]
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of {{id, image, conversations}} items")
     return data
+
+
+def _json_line(line: str, number: int, path: Path) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {number} is not valid JSON ({e.msg})") from e
 
 
 def _resolve_image(roots: tuple[Path, ...], name: str) -> Path | None:
@@ -280,7 +298,10 @@ def _turns(conversations: Any, where: str) -> tuple[Turn, ...]:
             raise InputError(f"{where}: each conversation entry must be {{from, value}}")
         if question.get("from") != "human" or answer.get("from") not in ("gpt", "assistant"):
             raise InputError(f"{where}: conversations must alternate human / gpt, starting with human")
-        value = answer.get("value")
-        gold = tuple(str(v) for v in value) if isinstance(value, list) else str(value if value is not None else "")
-        turns.append(Turn(question_text(str(question.get("value") or "")), gold))
+        value, asked = answer.get("value"), question.get("value")
+        if value is None or asked is None:  # "" would be scored: an empty answer matching an empty gold
+            raise InputError(f"{where}: a conversation turn has no {'answer' if value is None else 'question'} "
+                             "(null); the subset file is damaged: download it again")
+        gold = tuple(str(v) for v in value) if isinstance(value, list) else str(value)
+        turns.append(Turn(question_text(str(asked)), gold))
     return tuple(turns)
