@@ -68,7 +68,7 @@ def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str 
     given = ort_settings_given(session) + (["--prefill-chunk"] if prefill_chunk is not None else [])
     if given:  # the torch reference prefills in one pass with its own kernels: never ignored in silence
         raise ConfigError(f"{', '.join(given)}: settings of the ort backend; the torch backend (a checkpoint) has "
-                          "none of them: leave them out, or export a bundle and use it")
+                          "none of them (its device is --device): leave them out, or export a bundle and use it")
     if verify:
         raise ConfigError(f"--verify checks a bundle's files against its manifest; {root} is a checkpoint, which has "
                           "none")

@@ -49,5 +49,9 @@ class ModelOutputError(PulseEdgeError):
     overflow, refused rather than decoded into text."""
 
 
+class DeviceMemoryError(MemoryError):
+    """A GPU's memory is full; the message carries its own remedy (the host's RAM and --threads are not it)."""
+
+
 class KernelUnavailable(PulseEdgeError):
     """A compiled CPU kernel cannot run on this machine: no compiler, or the CPU or kernel lacks what it needs."""

@@ -53,6 +53,9 @@ def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path
         try:
             json.loads(tail)
         except (json.JSONDecodeError, UnicodeDecodeError):
+            if not tail.lstrip().startswith(b"{"):  # not a record's start: another file's text, never cut off
+                raise InputError(f"{path}: line {len(lines) + 1} is not JSON; is it a JSON-lines file of "
+                                 "pulse-edge's?") from None
             torn = True  # a write cut short by a crash or a kill: a record's prefix never parses
         else:  # whole JSON: a record without its newline, or another file's content (an error, not cut off)
             records.append(convert(_parse_line(tail, path, len(lines) + 1), path, len(lines) + 1))

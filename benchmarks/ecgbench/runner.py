@@ -33,7 +33,7 @@ from pulse_edge.benchmarks.ecgbench.predictions import (
 )
 from pulse_edge.calibration.datasets.ecgbench.readers import Sample, SubsetSource, discover, iter_samples, load_samples
 from pulse_edge.calibration.datasets.ecgbench.subsets import SubsetSpec, resolve_subset
-from pulse_edge.errors import ConfigError, InputError, ModelOutputError, PromptError
+from pulse_edge.errors import ConfigError, InputError, PromptError
 from pulse_edge.staging import staged_file
 
 PAPER_MAX_NEW_TOKENS = 1024
@@ -204,7 +204,10 @@ def answer_sample(pipeline: Any, sample: Sample, *, max_new_tokens: int, samplin
             record.update(_result_fields(result))
             if len(sample.turns) > 1:  # a pipeline without chat(): the first turn (the one judged) only
                 record.update(turns_run=1, turns_not_run=len(sample.turns) - 1)
-    except (InputError, PromptError, ModelOutputError) as e:  # this sample's: recorded, the run goes on
+    # This sample's fault: recorded, and the run goes on. Non-finite logits (ModelOutputError) stop the run
+    # instead: an item with an error counts as done, so a damaged bundle's run of empty answers would never be
+    # redone once the bundle is fixed; stopped, a rerun resumes where it stopped.
+    except (InputError, PromptError) as e:
         record.update(text="", error=str(e))
         return record
     record["seconds"] = round(clock() - start, 3)

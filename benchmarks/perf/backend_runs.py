@@ -335,14 +335,16 @@ class BackendMeter:
 
 
 def round_order(items: Sequence[Any], r: int) -> list[Any]:
-    """Round r's order: the list rotated by r, reversed every other pass of len(items) rounds. Rotation alone
-    keeps each item's successor (a, b, c / b, c, a / c, a, b: c is always followed by a); with the reversed
-    passes every item follows every other equally often over 2 x len(items) rounds (two items: ABBA)."""
+    """Round r's order: reversed every other round, rotated one step every two. Rotation alone keeps each item's
+    successor (a, b, c / b, c, a / c, a, b: c is always followed by a); this way every item takes every place
+    and follows every other equally often over 2 x len(items) rounds, and no pair dominates before that (two
+    items: ABBA; three: abc, cba, bca, bac, cab, acb)."""
     n = len(items)
     if n == 0:
         return []
-    base = list(items) if (r // n) % 2 == 0 else list(items)[::-1]
-    return base[r % n:] + base[:r % n]
+    base = list(items) if r % 2 == 0 else list(items)[::-1]
+    shift = (r // 2) % n
+    return base[shift:] + base[:shift]
 
 
 def interleaved(benches: Sequence[Any], method: str, cfg: BackendsConfig, meters: dict[str, BackendMeter],

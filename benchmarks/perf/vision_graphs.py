@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from pulse_edge.benchmarks.perf.backend_runs import round_order
 from pulse_edge.export.graphs.vision import INPUT_NAME, OUTPUT_NAME
 
 CPU = ("CPUExecutionProvider",)
@@ -20,7 +21,7 @@ def time_vision_graphs(paths: Mapping[str, Path], *, tile_counts: Sequence[int] 
     """Wall time (ms) of one `session.run`: {name: {tiles: {median, min, max}}} over `rounds`.
 
     All sessions stay open and every round runs each graph once per tile count, in an
-    order rotated per round, so load from other processes spreads over all graphs
+    order that changes per round (backend_runs.round_order), so load from other processes spreads over all graphs
     instead of landing on whichever ran last; the ratios are what carries over to
     other machines, not the absolute times.
     """
@@ -33,8 +34,7 @@ def time_vision_graphs(paths: Mapping[str, Path], *, tile_counts: Sequence[int] 
             session.run([OUTPUT_NAME], {INPUT_NAME: pixels})  # warm-up: allocations, prepacking
     samples: dict[tuple[str, int], list[float]] = {(n, t): [] for n, _ in sessions for t in tile_counts}
     for index in range(rounds):
-        shift = index % len(sessions)
-        for name, session in sessions[shift:] + sessions[:shift]:
+        for name, session in round_order(sessions, index):
             for tiles in tile_counts:
                 start = time.perf_counter()
                 session.run([OUTPUT_NAME], {INPUT_NAME: inputs[tiles]})

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from pulse_edge.benchmarks.common.output import progress, write_json
+from pulse_edge.benchmarks.common.output import REPORT_PATH, progress, write_json
 
 # recipe key -> (label, make_recipe arguments); None = the float graph. The rows above the CPU ones are the
 # decode graph alone with an fp32 KV cache; the CPU rows are what the int8 / int4 bundles serve: the prefill
@@ -138,7 +138,7 @@ def outliers_table(report: dict[str, Any]) -> str:
 @click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Held-out samples.")
 @click.option("--steps", type=click.IntRange(min=0), default=8, show_default=True,
               help="Teacher-forced decode steps after each prefill.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 def main(checkpoint: Path, scales: Path, samples: int, steps: int, json_path: Path | None) -> None:
     """Logit fidelity of each decoder recipe (int8, W8A8 plain vs SmoothQuant, int4 RTN vs AWQ) against the
     fp32 torch reference, on held-out ECG samples: for models with outlier channels (make-tiny --outliers)."""

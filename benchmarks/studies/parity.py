@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 
-from pulse_edge.benchmarks.common.output import write_json
+from pulse_edge.benchmarks.common.output import REPORT_PATH, write_json
 
 # recipe key -> make_recipe arguments
 RECIPES: dict[str, dict[str, Any]] = {
@@ -118,7 +118,7 @@ def parity_table(report: dict[str, Any]) -> str:
 @click.option("--scales", type=click.Path(path_type=Path), required=True, help="From `pulse-edge calibrate`.")
 @click.option("--recipes", default=",".join(RECIPES), show_default=True, help="Comma-separated keys.")
 @click.option("--quick", is_flag=True, help="The quick validation plan (prefills of 5 and 64 positions).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 def main(checkpoint: Path, scales: Path, recipes: str, quick: bool, json_path: Path | None) -> None:
     """Export each recipe with the parity bounds lifted and print its errors against the emulated reference."""
     from pulse_edge.errors import ConfigError

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from pulse_edge.benchmarks.common.output import progress, write_json
+from pulse_edge.benchmarks.common.output import REPORT_PATH, progress, write_json
 
 QUESTION = "What is the rhythm?"
 PRINT = (2200, 1700)  # US letter at 200 dpi: PULSE's 672x672 pinpoint, 4 tiles + base = 2880 image tokens
@@ -97,7 +97,7 @@ def report_table(r: dict[str, Any]) -> str:
 @click.option("--reference-provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
 @click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "json_path", type=REPORT_PATH, default=None)
 def main(bundle: Path, engines: Path | None, reference: Path | None, reference_provider: str, tokens: int,
          runs: int, json_path: Path | None) -> None:
     """Greedy tokens of the engines against ONNX Runtime, and prefill/decode speed on this GPU."""

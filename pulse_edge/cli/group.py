@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from pulse_edge.errors import DISK_ERRORS, PulseEdgeError
+from pulse_edge.errors import DISK_ERRORS, DeviceMemoryError, PulseEdgeError
 
 
 class UserErrorGroup(click.Group):
@@ -38,6 +38,9 @@ class UserErrorGroup(click.Group):
             what, fix = DISK_ERRORS[e.errno]
             where = f" writing {e.filename}" if e.filename else ""
             click.echo(f"pulse-edge: error: {what}{where}: {fix}, and run the command again", err=True)
+            ctx.exit(2)
+        except DeviceMemoryError as e:  # a full GPU: its message says what to do
+            click.echo(f"pulse-edge: error: {e}", err=True)
             ctx.exit(2)
         except MemoryError as e:  # numpy, ONNX Runtime or a kernel's scratch or threads refused: the machine's state
             what = str(e).rstrip(".") or "out of memory"

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
@@ -206,14 +207,21 @@ def _load_error(path: Path, config: SessionConfig, error: Exception) -> ConfigEr
 
 
 def ort_settings_given(session: SessionConfig | None) -> list[str]:
-    """The ONNX Runtime settings in `session` that differ from the defaults, as the command line spells them: what
-    a backend without ONNX Runtime (TensorRT engines, the torch reference) would ignore in silence."""
+    """The ONNX Runtime settings in `session` that differ from the defaults, as the command line spells them (the
+    Python API's others as SessionConfig fields): what a backend without ONNX Runtime (TensorRT engines, the torch
+    reference) would ignore in silence."""
     if session is None:
         return []
     default = SessionConfig()
-    flags = {"prepack": "--no-prepack"}
-    return [flags.get(f.name, "--" + f.name.replace("_", "-")) for f in fields(SessionConfig)
+    return [CLI_FLAGS.get(f.name, f"SessionConfig.{f.name}") for f in fields(SessionConfig)
             if getattr(session, f.name) != getattr(default, f.name)]
+
+
+# SessionConfig fields that `infer`, `serve` and `bench latency` set from a flag, and that flag
+CLI_FLAGS = MappingProxyType({
+    "provider": "--provider", "threads": "--threads", "opt_level": "--opt-level", "prepack": "--no-prepack",
+    "prefill_graph": "--prefill-graph", "prefill_attention": "--prefill-attention",
+    "decode_attention": "--decode-attention", "decode_step": "--decode-step"})
 
 
 def graph_config_entries(spec: GraphSpec) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pulse_edge.errors import ConfigError
+from pulse_edge.errors import ConfigError, DeviceMemoryError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import EngineSet, EngineSpec, find_engine_dir, read_engines
 from pulse_edge.runtime.bundle.manifest import BundleError, Manifest
@@ -73,7 +73,7 @@ class Cuda:
     def _check(self, result: Any, call: str) -> Any:
         err, *values = result if isinstance(result, tuple) else (result,)
         if int(err) == CUDA_OUT_OF_MEMORY:  # the machine's state, not a bug: one line (pulse_edge/cli/group.py)
-            raise MemoryError(f"the GPU's memory is full ({call}: {self._message(err)}); build the engines for a "
+            raise DeviceMemoryError(f"the GPU's memory is full ({call}: {self._message(err)}); build the engines for a "
                               "shorter context (build-engines --max-context) or free the GPU")
         if int(err) != 0:
             raise RuntimeError(f"{call} failed: {self._message(err)}")

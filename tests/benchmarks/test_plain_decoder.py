@@ -82,8 +82,8 @@ def test_the_table_prints_a_ratio_only_from_a_quiet_host() -> None:
               "rows": [{**row, "graph": "plain", "prefill_ms": 120.0, "decode_ms": 10.0},
                        {**row, "graph": "direct", "prefill_ms": 100.0, "decode_ms": 20.0}],
               "busy": {"prefill": None, "decode": "host busy: 0 of 3 rounds quiet (need 3)"},
-              "ratio": {"prefill": 1.2, "decode": None},
+              "ratio": {"prefill": 1.35, "decode": None},  # per-round, quiet-only: not the rows' 120 / 100
               "rss_before_runs_bytes": 0, "peak_rss_runs_bytes": 0,
               "prefill_logits_agreement": {"max_abs": 0.0, "ref_max": 1.0, "cosine": 1.0, "argmax_equal": True}}
     line = next(s for s in report_table(report).splitlines() if s.startswith("direct over plain"))
-    assert "prefill 1.20x" in line and "decode not printed (host busy: 0 of 3 rounds quiet" in line
+    assert "prefill 1.35x" in line and "decode not printed (host busy: 0 of 3 rounds quiet" in line

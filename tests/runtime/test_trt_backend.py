@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import click
 import numpy as np
 import pytest
 
@@ -212,8 +213,25 @@ def test_a_full_gpu_is_a_memory_error_the_cli_says_in_one_line() -> None:
     runtime = SimpleNamespace(cudaGetDeviceCount=lambda: (0, 1), cudaStreamCreate=lambda: (0, 7),
                               cudaMalloc=lambda n: (2, 0), cudaGetErrorString=lambda err: (0, b"out of memory"))
     cuda = trt_backend.Cuda(runtime)
-    with pytest.raises(MemoryError, match=r"the GPU's memory is full \(cudaMalloc\(1024\): out of memory\)"):
+    from click.testing import CliRunner
+
+    from pulse_edge.cli.group import UserErrorGroup
+    from pulse_edge.errors import DeviceMemoryError
+
+    with pytest.raises(DeviceMemoryError, match=r"the GPU's memory is full \(cudaMalloc\(1024\): out of memory\)"):
         cuda.malloc(1024)
+
+    @click.group(cls=UserErrorGroup)
+    def group() -> None: ...
+
+    @group.command()
+    def serve() -> None:
+        cuda.malloc(1024)
+
+    runtime.cudaMalloc = lambda n: (2, 0)
+    said = CliRunner().invoke(group, ["serve"])
+    assert said.exit_code == 2 and said.output.count("\n") == 1 and "build-engines --max-context" in said.output
+    assert "--threads" not in said.output  # the host's advice (RAM, threads) is not a full GPU's
     runtime.cudaMalloc = lambda n: (700, 0)
     with pytest.raises(RuntimeError, match="cudaMalloc"):
         cuda.malloc(1024)
