@@ -144,14 +144,15 @@ def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("case", ["a directory", "under /proc", "renders under /proc", "another file's JSON",
-                                  "a JSON list", "a JSON number"])
+                                  "a JSON list", "a JSON number", "a text file"])
 def test_infer_output_places_are_checked_before_the_model_loads(case: str, tiny_bundle: Path, ecg_png: Path,
                                                                 tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`--output` a folder, in a place nobody can write, with --save-render there, or a file that is not an infer
     output (a config.json written by json.dump: one object, no newline): one line, and the file is untouched."""
     _no_model(monkeypatch)
-    content = {"a JSON list": "[{\"threads\": 2}]", "a JSON number": "42"}.get(case, json.dumps({"threads": 2}))
+    content = {"a JSON list": "[{\"threads\": 2}]", "a JSON number": "42", "a text file": "api_key: sk-123"}.get(
+        case, json.dumps({"threads": 2}))
     config = tmp_path / "config.json"
     config.write_text(content)
     args, expected = {
@@ -162,6 +163,7 @@ def test_infer_output_places_are_checked_before_the_model_loads(case: str, tiny_
         "another file's JSON": (["--output", str(config)], "line 1 has no source"),
         "a JSON list": (["--output", str(config)], "line 1 is not a JSON object"),
         "a JSON number": (["--output", str(config)], "line 1 is not a JSON object"),
+        "a text file": (["--output", str(config)], "line 1 is not JSON"),
     }[case]
     _one_line(_run("infer", str(ecg_png), "--model", str(tiny_bundle), *args), expected)
     assert config.read_text() == content and not (tmp_path / "a.jsonl").exists()
