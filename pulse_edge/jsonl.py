@@ -34,9 +34,10 @@ class JsonLines(Generic[T]):
 def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path, int], T], *,
                     missing_ok: bool = False) -> JsonLines[T]:
     """Parse every line with `convert(record, path, line_number)`, which raises InputError on a bad record.
-    A last line without its newline that is not JSON is a torn tail (a write cut short: a record's prefix never
-    parses), not an error; one that parses but is no record is another file's content, and an error like any
-    bad line (a resumed run would otherwise cut it off: `--output config.json` emptied)."""
+    A last line without its newline that starts a record (`{`) but does not parse is a torn tail (a write cut
+    short: a record's prefix never parses), not an error. Any other last line that is not a record (text, a JSON
+    list, an object of another file) is another file's content and an error like any bad line: a resumed run
+    would otherwise cut it off (`--output config.json` emptied)."""
     path = Path(path)
     if not path.is_file():
         if missing_ok:
