@@ -6,10 +6,14 @@ A statement is a whole-word match of a concept's phrases (any case) or codes (ex
 overlap, the longest wins ("incomplete right bundle branch block" is IRBBB, not RBBB). The text is cut
 into clauses at sentence punctuation and at "but", "however", ...; a mention is
 
-- left out when a negation comes before it in its clause ("no", "not", "without", "negative for", ...),
-  when a negation follows it ("AF is absent", "... not seen"), or when its clause is a question;
-- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", ...)
-  or follows it ("... cannot be excluded");
+- left out when a negation comes before it in its clause ("no", "not", "without", "negative for", "history of",
+  "known", "no longer", ...), when a negation follows it ("AF is absent", "... not seen", "criteria not met"),
+  when "non-" or "pseudo-" prefixes it, or when its clause is a question ("now", "today" start a new clause:
+  "history of AF, now in sinus rhythm" states SR only);
+- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", "?LVH",
+  "differential includes", ...) or follows it ("... cannot be excluded", "... doubtful"), and when it is one
+  side of "vs" / "or" ("AF vs flutter" states neither); a hedge that runs on into the next statement is that
+  one's ("sinus rhythm, possible LVH");
 - kept as "stated" otherwise.
 
 Negation reaches to the end of the clause, commas included ("no ST elevation, LBBB" drops both): a missed
@@ -29,28 +33,41 @@ from pulse_edge.runtime.findings.vocabulary import CONCEPTS, Concept
 CERTAINTIES = ("stated", "possible")
 _LEFT, _RIGHT = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])"
 _BOUNDARY = re.compile(
-    r"[.;:!?](?!\d)|\n|(?<![A-Za-z])(?:but|however|although|though|whereas|except|apart from|aside from)(?![A-Za-z])",
-    re.IGNORECASE)
+    r"[.;:!](?!\d)|\?(?!\s*[A-Za-z])|\n|(?<![A-Za-z])(?:but|however|although|though|whereas|except|apart from"
+    r"|aside from|now|currently|today)(?![A-Za-z])", re.IGNORECASE)
+# Also what the text says is not the tracing's: a history ("history of AF", "known AF" now in sinus rhythm), a
+# finding ruled out or unlikely, one no longer there.
 _NEGATION_BEFORE = re.compile(
-    r"(?<![A-Za-z])(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|never|neither|nor"
-    r"|rather than|instead of)(?![A-Za-z])", re.IGNORECASE)
+    r"(?<![A-Za-z])(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|rules out|never"
+    r"|neither|nor|rather than|instead of|(?:a |past |prior )?history of|known|unlikely to (?:be|represent)"
+    r"|low likelihood of|no longer)(?![A-Za-z])", re.IGNORECASE)
 # Negation words that do not deny what follows them.
 _PSEUDO_NEGATION = re.compile(
     r"(?<![A-Za-z])(?:not only|not necessarily|no (?:significant |interval )?changes?)(?![A-Za-z])", re.IGNORECASE)
-_UNSURE = r"(?:(?:cannot|can't|can not) (?:be )?(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))"
+_UNSURE = (r"(?:(?:cannot|can't|can not|could not|couldn't|does not|doesn't|did not|do not|unable to) (?:be )?"
+           r"(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))")
 _HEDGE_BEFORE = re.compile(
     rf"(?<![A-Za-z])(?:{_UNSURE}|possibl[ey]|probabl[ey]|likely|suspected|suspicious (?:for|of)"
     r"|suggest(?:s|ive of|ing)?|consider|questionable|borderline|equivocal|may (?:be|represent|indicate|reflect)"
-    r"|might|could (?:be|represent)"
-    r"|rule out|r/o)(?![A-Za-z])", re.IGNORECASE)
-_FILLER = r"^[\s,]*(?:[\w/+-]+[\s,]+){0,4}?"  # up to four words between a statement and what follows it
+    r"|might|could (?:be|represent)|doubtful|query|differential(?: diagnosis)?(?: includes?| of)?"
+    r"|rule out|r/o)(?![A-Za-z])|\?(?=\s*[A-Za-z])", re.IGNORECASE)  # "?LVH": a query, not a question
+# Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
+# "flutter" alone is no statement of the vocabulary. The price: "AF, P waves are absent" drops AF too (a missed
+# statement is the smaller harm, as for the negation's reach above).
+_FILLER = r"^[\s,]*(?:[\w/+-]+[\s,]+){0,4}?"
 _VERB = r"(?:(?:is|are|was|were|has been|have been|appears?|seems?)\s+)?"
 _NEGATION_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
-    r"|shown|demonstrated)|absent|ruled out|excluded|unlikely|resolved)(?![A-Za-z])", re.IGNORECASE)
+    r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent|ruled out|excluded|unlikely|resolved"
+    r"|criteria (?:are |were )?not met|mimic|pattern mimic)(?![A-Za-z])"
+    r"(?![\s,]+(?:on|in|from|compared (?:to|with)) (?:the )?(?:prior|previous|old|earlier))",  # "not seen on the
+    re.IGNORECASE)  # prior ECG": new, not denied
 _HEDGE_AFTER = re.compile(
-    rf"{_FILLER}{_VERB}(?:{_UNSURE}|possible|suspected|likely|questionable|not certain)(?![A-Za-z])", re.IGNORECASE)
+    rf"{_FILLER}{_VERB}(?:{_UNSURE}|possible|suspected|likely|questionable|not certain|doubtful|\?)(?![A-Za-z])",
+    re.IGNORECASE)
 _CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", re.IGNORECASE)
+# "AF vs flutter", "AF or flutter": a differential; neither is stated
+_ALTERNATIVE = re.compile(r"^[\s,]*(?:vs\.?|versus|or)[\s,]*$", re.IGNORECASE)
 
 
 def word_pattern(phrase: str, *, ignore_case: bool = False) -> re.Pattern[str]:
@@ -94,12 +111,16 @@ class _Mention:
     hedged: bool = False
 
 
+# "non-sinus rhythm", "non-ischemic", "pseudo-infarct": the prefix says the opposite of the statement
+_NOT_PREFIXED = r"(?<![Nn]on-)(?<![Nn]on )(?<![Pp]seudo-)(?<![Pp]seudo )(?<!NON-)"
+
+
 def _matcher(concept: Concept) -> _Matcher:
     patterns = []
     if concept.phrases:
-        patterns.append(re.compile(f"{_LEFT}(?:{'|'.join(concept.phrases)}){_RIGHT}", re.IGNORECASE))
+        patterns.append(re.compile(f"{_LEFT}{_NOT_PREFIXED}(?:{'|'.join(concept.phrases)}){_RIGHT}", re.IGNORECASE))
     if concept.codes:
-        patterns.append(re.compile(f"{_LEFT}(?:{'|'.join(concept.codes)}){_RIGHT}"))
+        patterns.append(re.compile(f"{_LEFT}{_NOT_PREFIXED}(?:{'|'.join(concept.codes)}){_RIGHT}"))
     return _Matcher(concept, tuple(patterns))
 
 
@@ -160,15 +181,29 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
     for k, mention in enumerate(mentions):
         gap_end = mentions[k + 1].start if k + 1 < len(mentions) else end
         gap = text[mention.end:gap_end]
-        hedged_after = bool(_HEDGE_AFTER.match(gap))  # "... cannot be excluded" before "... excluded"
-        negated_after = not hedged_after and bool(_NEGATION_AFTER.match(gap))
+        hedged_after = _after(_HEDGE_AFTER, gap, last=k + 1 == len(mentions))  # before "... excluded"
+        negated_after = not hedged_after and _after(_NEGATION_AFTER, gap, last=k + 1 == len(mentions))
         mention.negated = asked or any(n < mention.start for n in negations) or negated_after
         mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after
     # "AF and flutter are absent": what follows the last of a list applies to the whole list.
     for k in range(len(mentions) - 2, -1, -1):
-        if _CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
+        between = text[mentions[k].end:mentions[k + 1].start]
+        if _ALTERNATIVE.match(between) and not (mentions[k].negated or mentions[k + 1].negated):
+            mentions[k].hedged = mentions[k + 1].hedged = True
+        if _CONJUNCTION.match(between):
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
+
+
+def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> bool:
+    """A negation or hedge right after a statement belongs to it when a separator follows it ("LVH possible, and
+    ...") or nothing does; one that runs on into the next statement opens that one instead ("Sinus rhythm,
+    possible LVH", "LBBB, cannot exclude anterior MI": the hedge is LVH's and MI's, not SR's or LBBB's)."""
+    hit = pattern.match(gap)
+    return bool(hit) and (last or bool(_SEPARATOR.match(gap[hit.end():])))
+
+
+_SEPARATOR = re.compile(r"\s*(?:[,/]|(?:and|or|nor|with)(?![A-Za-z]))", re.IGNORECASE)
 
 
 def _finding(text: str, mention: _Mention) -> Finding:

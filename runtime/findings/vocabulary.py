@@ -38,7 +38,8 @@ LABEL_SPACES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 CATEGORIES = ("global", "rhythm", "conduction", "ectopy", "ischemia", "infarction", "hypertrophy", "axis", "waves")
 
 # "ST" is CODE-15's code for sinus tachycardia and also the start of "ST elevation", "ST-T changes", ...
-_ST_SEGMENT_WORDS = r"(?![\s-]*(?:segments?|elevat|depress|changes?|waves?|T\b|abnormal|interval|deviation))"
+_ST_SEGMENT_WORDS = (r"(?![\s\-\u2013\u2014/]*(?:segments?|elev|depress|changes?|waves?|T\b|abnormal|interval"
+                     r"|deviation|flat|sag|scoop|straighten|is\b|are\b|and\b|&))")
 _BEATS = r"(?:contractions?|complex(?:es)?|beats?|depolari[sz]ations?)"
 _AV = r"(?:av|a-v|atrioventricular|heart)"
 
@@ -72,20 +73,20 @@ def _c(key: str, name: str, category: str, snomed: str | None, scp: str | None, 
 CONCEPTS: tuple[Concept, ...] = (
     # --- the whole ECG -------------------------------------------------------------------------------
     _c("NORM", "normal ECG", "global", "164854000", "NORM",
-       (r"normal (?:12[- ]lead )?(?:ecg|ekg|electrocardiogram)",
+       (r"(?<!otherwise )(?<!otherwise a )normal (?:12[- ]lead )?(?:ecg|ekg|electrocardiogram)",
         r"(?:ecg|ekg|electrocardiogram) (?:is )?within normal limits"), ("NORM",),
        ptbxl="NORM", cpsc2018="NORM", code15="NORM"),
     _c("ABNORMAL", "abnormal ECG", "global", "102594003", None,
        (r"abnormal (?:12[- ]lead )?(?:ecg|ekg|electrocardiogram)",), ("ABNORMAL",), code15="ABNORMAL"),
     # --- rhythm ----------------------------------------------------------------------------------------
     _c("SR", "sinus rhythm", "rhythm", "426783006", "SR", (r"(?:normal )?sinus rhythm",), ("SR", "NSR")),
-    _c("STACH", "sinus tachycardia", "rhythm", "427084000", "STACH", (r"sinus tachycardia",),
+    _c("STACH", "sinus tachycardia", "rhythm", "427084000", "STACH", (r"sinus tach(?:ycardia)?",),
        ("STACH", "STach", "ST" + _ST_SEGMENT_WORDS), code15="ST"),
-    _c("SBRAD", "sinus bradycardia", "rhythm", "426177001", "SBRAD", (r"sinus bradycardia",), ("SBRAD", "SB"),
+    _c("SBRAD", "sinus bradycardia", "rhythm", "426177001", "SBRAD", (r"sinus brady(?:cardia)?",), ("SBRAD", "SB"),
        code15="SB"),
     _c("SARRH", "sinus arrhythmia", "rhythm", "427393009", "SARRH", (r"sinus arrhythmia",), ("SARRH",)),
     _c("AFIB", "atrial fibrillation", "rhythm", "164889003", "AFIB",
-       (r"atrial fibrillation", r"a\.?-?fib"), ("AFIB", "AF"), cpsc2018="AF", code15="AF"),
+       (r"atrial fib(?:rillation)?", r"a\.?[- ]?fib"), ("AFIB", "AF"), cpsc2018="AF", code15="AF"),
     _c("AFLT", "atrial flutter", "rhythm", "164890007", "AFLT", (r"atrial flutter", r"a\.?-?flutter"),
        ("AFLT", "AFL")),
     _c("SVTAC", "supraventricular tachycardia", "rhythm", "426761007", "SVTAC",
@@ -108,8 +109,9 @@ CONCEPTS: tuple[Concept, ...] = (
        ("TRIGU",)),
     # --- conduction ------------------------------------------------------------------------------------
     _c("1AVB", "first-degree AV block", "conduction", "270492004", "1AVB",
-       (rf"(?:first|1st)[- ]degree {_AV} (?:block|conduction delay)", rf"(?:first|1st)[- ]degree {_AV}b",
-        r"(?:first|1st)[- ]degree block"), ("1AVB", "I-AVB", "1dAVb", "IAVB"),
+       (rf"(?:first|1st|1\u00b0|I\u00b0)[- ]?(?:degree )?{_AV} (?:block|conduction delay)",
+        rf"(?:first|1st)[- ]degree {_AV}b", r"(?:first|1st)[- ]degree block",
+        rf"{_AV} block,? (?:of )?first[- ]degree"), ("1AVB", "I-AVB", "1dAVb", "IAVB"),
        ptbxl="CD", cpsc2018="I-AVB", code15="1dAVb"),
     _c("2AVB", "second-degree AV block", "conduction", "195042002", "2AVB",
        (rf"(?:second|2nd)[- ]degree (?:{_AV} )?block", r"mobitz(?: type)? (?:i{1,2}|1|2)", r"wenckebach"),
@@ -117,12 +119,12 @@ CONCEPTS: tuple[Concept, ...] = (
     _c("3AVB", "third-degree AV block", "conduction", "27885002", "3AVB",
        (rf"(?:third|3rd)[- ]degree (?:{_AV} )?block", rf"complete {_AV} block"), ("3AVB", "CHB"), ptbxl="CD"),
     _c("LBBB", "left bundle branch block", "conduction", "164909002", "CLBBB",
-       (r"(?:complete )?left bundle[- ]branch block",), ("LBBB", "CLBBB"),
+       (r"(?:complete )?left bundle[- ]branch block", r"left bbb"), ("LBBB", "CLBBB"),
        ptbxl="CD", cpsc2018="LBBB", code15="LBBB"),
     _c("ILBBB", "incomplete left bundle branch block", "conduction", "251120003", "ILBBB",
        (r"incomplete left bundle[- ]branch block", r"incomplete LBBB"), ("ILBBB",), ptbxl="CD"),
     _c("RBBB", "right bundle branch block", "conduction", "59118001", "CRBBB",
-       (r"(?:complete )?right bundle[- ]branch block",), ("RBBB", "CRBBB"),
+       (r"(?:complete )?right bundle[- ]branch block", r"right bbb"), ("RBBB", "CRBBB"),
        ptbxl="CD", cpsc2018="RBBB", code15="RBBB"),
     _c("IRBBB", "incomplete right bundle branch block", "conduction", "713426002", "IRBBB",
        (r"incomplete right bundle[- ]branch block", r"incomplete RBBB"), ("IRBBB",), ptbxl="CD"),
@@ -141,7 +143,8 @@ CONCEPTS: tuple[Concept, ...] = (
     _c("CD", "conduction disturbance", "conduction", "44808001", None,
        (r"conduction (?:disturbance|disorder|abnormality|defect)",), ("CD",), ptbxl="CD"),
     _c("LPR", "prolonged PR interval", "conduction", "164947007", "LPR",
-       (r"(?:prolonged|long) pr(?: interval)?", r"pr(?: interval)? prolongation"), ("LPR",)),
+       (r"(?:prolonged|long) pr(?: interval)?", r"pr(?: interval)? prolongation",
+        r"pr(?: interval)? (?:is )?prolonged"), ("LPR",)),
     # --- ectopic beats ---------------------------------------------------------------------------------
     _c("PAC", "premature atrial contraction", "ectopy", "284470004", "PAC",
        (rf"premature atrial {_BEATS}", rf"atrial premature {_BEATS}", rf"supraventricular premature {_BEATS}",
@@ -167,12 +170,13 @@ CONCEPTS: tuple[Concept, ...] = (
        (r"(?:non-?specific )?t[- ]wave (?:abnormalit(?:y|ies)|changes?)", r"abnormal t[- ]waves?"), ("NDT", "TAb"),
        ptbxl="STTC"),
     _c("TINV", "T-wave inversion", "waves", "59931005", "INVT",
-       (r"t[- ]wave inversions?", r"inverted t[- ]waves?", r"t[- ]waves? (?:are )?inverted"), ("INVT", "TInv")),
+       (r"t[- ]wave inversions?", r"inverted t[- ]waves?", r"t[- ]waves? (?:are )?inverted"), ("INVT", "TInv", "TWI")),
     _c("ISC", "myocardial ischemia", "ischemia", "164861001", "ISC_",
        (r"(?:myocardial |subendocardial )?isch(?:a)?emi(?:a|c)(?: changes?| st[- ]t changes?)?",), ("ISC_",),
        ptbxl="STTC"),
     _c("LNGQT", "prolonged QT interval", "waves", "111975006", "LNGQT",
-       (r"(?:prolonged|long) qtc?(?: interval)?", r"qtc?(?: interval)? prolongation"), ("LNGQT", "LQT"),
+       (r"(?:prolonged|long) qtc?(?: interval)?", r"qtc?(?: interval)? prolongation",
+        r"qtc?(?: interval)? (?:is )?prolonged"), ("LNGQT", "LQT"),
        ptbxl="STTC"),
     # --- infarction ------------------------------------------------------------------------------------
     _c("MI", "myocardial infarction", "infarction", "164865005", None,
@@ -187,9 +191,9 @@ CONCEPTS: tuple[Concept, ...] = (
        (r"(?:pathologic(?:al)?|abnormal|significant|deep) q[- ]waves?",), ("QWAVE", "QAb")),
     # --- hypertrophy and enlargement -------------------------------------------------------------------
     _c("LVH", "left ventricular hypertrophy", "hypertrophy", "164873001", "LVH",
-       (r"left ventricular (?:hypertrophy|enlargement)",), ("LVH", "VCLVH"), ptbxl="HYP"),
+       (r"(?:left ventricular|lv) (?:hypertrophy|enlargement)",), ("LVH", "VCLVH"), ptbxl="HYP"),
     _c("RVH", "right ventricular hypertrophy", "hypertrophy", "89792004", "RVH",
-       (r"right ventricular (?:hypertrophy|enlargement)",), ("RVH",), ptbxl="HYP"),
+       (r"(?:right ventricular|rv) (?:hypertrophy|enlargement)",), ("RVH",), ptbxl="HYP"),
     _c("VH", "ventricular hypertrophy", "hypertrophy", "266249003", None,
        (r"(?:bi)?ventricular hypertrophy",), ("VH",), ptbxl="HYP"),
     _c("LAE", "left atrial enlargement", "hypertrophy", "67741000119109", "LAO/LAE",

@@ -47,6 +47,47 @@ def test_hedges_are_kept_as_possible() -> None:
     assert found("possible AF. Atrial fibrillation confirmed in V1.")["AFIB"] == "stated"  # a stated mention wins
 
 
+def _coded(text: str) -> list[tuple[str, str]]:
+    return [(f.code, f.certainty) for f in extract_findings(text)]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # a differential states neither
+    ("Atrial fibrillation vs atrial flutter.", [("AFIB", "possible"), ("AFLT", "possible")]),
+    ("Atrial flutter or atrial fibrillation.", [("AFLT", "possible"), ("AFIB", "possible")]),
+    ("Differential includes atrial flutter.", [("AFLT", "possible")]),
+    # a history is not the tracing; what it shows now is
+    ("History of atrial fibrillation, now in sinus rhythm.", [("SR", "stated")]),
+    ("Known atrial fibrillation; sinus rhythm today.", [("SR", "stated")]),
+    # prefixes, criteria, mimics, what is no longer there
+    ("Non-sinus rhythm.", []), ("Pseudo-infarct pattern.", []), ("STEMI criteria not met.", []),
+    ("STEMI mimic.", []), ("This ECG rules out MI.", []), ("Atrial fibrillation is no longer present.", []),
+    ("Unlikely to represent ischemia.", []), ("Low likelihood of MI.", []),
+    ("Sinus rhythm with LBBB, otherwise normal ECG.", [("SR", "stated"), ("LBBB", "stated")]),
+    # doubt, in its other spellings
+    ("Doubtful LVH.", [("LVH", "possible")]), ("?LVH", [("LVH", "possible")]), ("LVH doubtful.", [("LVH", "possible")]),
+    ("Could not exclude inferior MI.", [("MI", "possible")]), ("Does not rule out MI.", [("MI", "possible")]),
+    ("Unable to exclude inferior MI.", [("MI", "possible")]),
+    # a hedge that opens the next statement is not the one before it
+    ("Sinus rhythm, possible LVH.", [("SR", "stated"), ("LVH", "possible")]),
+    ("Left bundle branch block, cannot exclude anterior MI.", [("LBBB", "stated"), ("MI", "possible")]),
+    ("AF cannot be excluded.", [("AFIB", "possible")]),
+    # new, not denied
+    ("LBBB, not seen on prior ECG.", [("LBBB", "stated")]),
+    # ST-segment words after ST are not CODE-15's ST (sinus tachycardia)
+    ("ST flattening in lateral leads.", []), ("ST elev in V2-V4.", []), ("ST is elevated in V1-V3.", []),
+    # spellings a report uses
+    ("QTc is prolonged.", [("LNGQT", "stated")]), ("PR interval is prolonged at 240 ms.", [("LPR", "stated")]),
+    ("1\u00b0 AV block.", [("1AVB", "stated")]), ("AV block, first degree.", [("1AVB", "stated")]),
+    ("Atrial fib with RVR.", [("AFIB", "stated")]), ("A fib with RVR.", [("AFIB", "stated")]),
+    ("LV hypertrophy.", [("LVH", "stated")]), ("TWI in V1-V3.", [("TINV", "stated")]),
+    ("Sinus brady.", [("SBRAD", "stated")]), ("Sinus tach.", [("STACH", "stated")]),
+    ("Right BBB.", [("RBBB", "stated")]),
+])
+def test_report_phrasings_are_read_as_a_clinician_reads_them(text: str, expected: list[tuple[str, str]]) -> None:
+    assert _coded(text) == expected
+
+
 def test_the_longest_statement_wins_and_its_span_is_reported() -> None:
     text = "Sinus rhythm with incomplete right bundle branch block and first-degree AV block."
     findings = extract_findings(text)
