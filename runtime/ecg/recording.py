@@ -24,6 +24,7 @@ MIN_FS_OUT = 100  # the renderer draws 25 mm/s; below 100 Hz a QRS is under 10 p
 SHORTFALL_TOLERANCE_S = 0.02  # 0.5 mm on the print: filled by repeating the last sample
 # Kept past the printed 10 s: the resampling kernel's reach (24 zero crossings: under 0.25 s at 100 Hz) with room.
 KEPT_BEYOND_PRINT_S = 1.0
+OFFSET_MV = 0.5  # a baseline further from 0 than this is an offset, not an ECG's own (ST shifts are ~0.1-0.3 mV)
 
 
 @dataclass
@@ -91,12 +92,26 @@ def to_twelve_lead(rec: Recording, fs_out: int = PRINT_FS) -> TwelveLead:
     _complete_limb_leads(leads, rec)
     signals = np.stack([leads[name] for name in LEADS])  # [12, n]
     rec.notes.extend(checks.check_amplitudes(signals, LEADS, source))
+    signals = _centred(signals, rec)
     if rec.fs != fs_out:
         signals = resample(signals, rec.fs, fs_out)
         rec.notes.append(f"resampled {rec.fs:g} Hz -> {fs_out} Hz")
     signals = _fill_last_samples(signals, int(fs_out), rec)
     return TwelveLead(signals.astype(np.float32), int(fs_out), rec.source_format, tuple(rec.notes),
                       recorded_s=recorded_s)
+
+
+def _centred(signals: np.ndarray, rec: Recording) -> np.ndarray:
+    """Leads whose baseline sits more than OFFSET_MV from 0 (an unfiltered export's DC offset) moved onto it, said
+    in a note: drawn as recorded, a +4 mV offset put V1 40 mm up, across the row above. A cart's print removes it
+    (its baseline filter); leads within OFFSET_MV are drawn exactly as recorded."""
+    offsets = np.median(signals, axis=1)  # [12]: where each lead's isoelectric line lies (most samples are on it)
+    moved = np.abs(offsets) > OFFSET_MV
+    if moved.any():
+        rec.notes.append("moved the baseline of " + ", ".join(
+            f"{lead} ({offset:+.2f} mV)" for lead, offset, m in zip(LEADS, offsets, moved, strict=True) if m)
+            + " to 0, as a cart's baseline filter would")
+    return signals - np.where(moved, offsets, 0.0)[:, None]
 
 
 def _standard_leads(rec: Recording, keep: int) -> dict[str, np.ndarray]:

@@ -275,3 +275,17 @@ def test_empty_recording_is_refused():
 def test_bad_fs_out_is_a_programming_error():
     with pytest.raises(ValueError, match="fs_out"):
         to_twelve_lead(_rec(_full()), 62.5)
+
+
+def test_a_lead_offset_from_its_baseline_is_moved_onto_it_and_said():
+    """An unfiltered export's +4 mV on V1 would put V1 40 mm up, across the row above; a cart's baseline filter
+    removes it. Leads within 0.5 mV of 0 (every real baseline) are left exactly as recorded."""
+    leads = _full(noise_mv=0.0)
+    shifted = {**leads, "V1": leads["V1"] + 4.0}
+    rec = _rec(shifted)
+    twelve = to_twelve_lead(rec)
+    v1 = twelve.signals[LEADS.index("V1")]
+    assert abs(float(np.median(v1))) < 0.05 and any("moved the baseline of V1 (+4." in note for note in rec.notes)
+    untouched = to_twelve_lead(_rec(leads))
+    np.testing.assert_array_equal(untouched.signals[LEADS.index("II")], twelve.signals[LEADS.index("II")])
+    assert not any("baseline" in note for note in untouched.notes)
