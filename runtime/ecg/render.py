@@ -189,11 +189,13 @@ def render_ecg(
 
 
 def column_spans(n_samples: int, n_window: int) -> tuple[tuple[int, int], ...]:
-    """(start, stop) sample of each of the 4 columns: consecutive quarters of a full window, else the first
-    quarter-window of a shorter recording in every column."""
+    """(start, stop) sample of each of the 4 columns: each column its own quarter of the window, lined up with
+    the rhythm strip below, the last one stopping where the recording does; only a recording that ends before
+    the last quarter starts (7.5 s) shows its first quarter in every column (a 9.9 s one repeated its first 2.5 s
+    four times beside a rhythm strip that showed otherwise)."""
     bounds = [round(column * n_window / _COLUMNS) for column in range(_COLUMNS + 1)]
-    if n_samples >= n_window:
-        return tuple(pairwise(bounds))
+    if n_samples > bounds[-2]:
+        return tuple((start, min(stop, n_samples)) for start, stop in pairwise(bounds))
     return ((0, bounds[1]),) * _COLUMNS
 
 

@@ -166,9 +166,12 @@ def rendered(recording: Recording, kind: str, name: str) -> EcgInput:
 
 def _print_notes(twelve: TwelveLead) -> list[str]:
     seconds = twelve.recorded_s if twelve.recorded_s is not None else twelve.duration_s
-    if seconds < PRINT_SECONDS:
+    if seconds < 0.75 * PRINT_SECONDS:  # render.column_spans: it ends before the last column's quarter starts
         return [f"the recording lasts {seconds:.2f} s, under the print's {PRINT_SECONDS:g} s: every column shows "
                 f"its first 2.5 s and the rhythm strip stops at {seconds:.2f} s"]
+    if seconds < PRINT_SECONDS:
+        return [f"the recording lasts {seconds:.2f} s, under the print's {PRINT_SECONDS:g} s: the last column and "
+                f"the rhythm strip stop at {seconds:.2f} s"]
     if seconds > PRINT_SECONDS + 1 / twelve.fs:
         return [f"the print shows the first {PRINT_SECONDS:g} s of {seconds:.2f} s"]
     return []
