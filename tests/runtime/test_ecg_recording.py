@@ -49,13 +49,15 @@ def test_spellings_map_to_the_standard_lead(lead, spelling):
     assert normalise_lead_name(spelling) == LeadName(lead)
 
 
-@pytest.mark.parametrize("spelling", ["-aVR", "-AVR", "neg aVR", "MDC_ECG_LEAD_-aVR", "minus avr"])
+@pytest.mark.parametrize("spelling", ["-aVR", "-AVR", "neg aVR", "MDC_ECG_LEAD_-aVR", "minus avr", "aVR (inverted)",
+                                      "aVR [neg]", "aVR (-)", "aVR inverted", "aVR-"])
 def test_negative_avr_is_recognised_as_inverted(spelling):
     assert normalise_lead_name(spelling) == LeadName("aVR", inverted=True)
 
 
 @pytest.mark.parametrize(
-    "spelling", ["MLII", "V4R", "V7", "RESP", "Pacemaker", "", "1", "12", "time", "X", "MDC_ECG_LEAD_V7", None]
+    "spelling", ["MLII", "V4R", "V7", "RESP", "Pacemaker", "", "1", "12", "time", "X", "MDC_ECG_LEAD_V7", None,
+                 "I-II", "II-I"]  # a difference of two leads is no lead ("I-II" once read as III)
 )
 def test_other_channels_are_not_standard_leads(spelling):
     assert normalise_lead_name(spelling) is None
