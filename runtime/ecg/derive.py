@@ -88,3 +88,25 @@ def _combine(coefficients: tuple[Fraction, Fraction], signals: list[np.ndarray])
         if coefficient:
             out = out + float(coefficient) * signal.astype(np.float64)
     return out
+
+
+# How far a supplied limb lead may sit from what I and II give for it before it is said: recorded limb leads obey
+# the laws exactly up to noise and rounding; a swapped, mislabelled or unmarked inverted channel misses by its size.
+DISAGREEMENT = 0.3
+
+
+def disagreeing_limb_leads(leads: dict[str, np.ndarray]) -> dict[str, float]:
+    """The supplied limb leads (beyond I and II) that Einthoven's and Goldberger's laws put elsewhere: lead ->
+    rms of the difference over rms of the lead (at least 0.05 mV). Empty without both I and II."""
+    if "I" not in leads or "II" not in leads:
+        return {}
+    out = {}
+    for lead in LIMB_LEADS:
+        if lead in ("I", "II") or lead not in leads:
+            continue
+        expected = _combine(_IN_TERMS_OF_I_II[lead], [leads["I"], leads["II"]])
+        scale = max(float(np.sqrt(np.mean(leads[lead] ** 2))), float(np.sqrt(np.mean(expected ** 2))), 0.05)
+        miss = float(np.sqrt(np.mean((leads[lead] - expected) ** 2))) / scale
+        if miss > DISAGREEMENT:
+            out[lead] = miss
+    return out

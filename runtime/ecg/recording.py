@@ -15,7 +15,7 @@ import numpy as np
 
 from pulse_edge.runtime.ecg import checks
 from pulse_edge.runtime.ecg.checks import recording_error
-from pulse_edge.runtime.ecg.derive import derive_limb_leads
+from pulse_edge.runtime.ecg.derive import derive_limb_leads, disagreeing_limb_leads
 from pulse_edge.runtime.ecg.leads import LEADS, LIMB_LEADS, PRECORDIAL_LEADS, normalise_lead_name
 from pulse_edge.runtime.ecg.resample import resample
 
@@ -90,6 +90,10 @@ def to_twelve_lead(rec: Recording, fs_out: int = PRINT_FS) -> TwelveLead:
     leads = _standard_leads(rec, keep=keep)
     checks.check_finite(leads, rec.fs, source)
     _complete_limb_leads(leads, rec)
+    if odd := disagreeing_limb_leads(leads):  # drawn as supplied; said, since the model will read it as truth
+        rec.notes.append("limb leads " + ", ".join(f"{lead} (off by {100 * miss:.0f}%)" for lead, miss in odd.items())
+                         + " disagree with I and II by Einthoven's and Goldberger's laws: a channel may be swapped, "
+                         "mislabelled or inverted")
     signals = np.stack([leads[name] for name in LEADS])  # [12, n]
     rec.notes.extend(checks.check_amplitudes(signals, LEADS, source))
     signals = _centred(signals, rec)

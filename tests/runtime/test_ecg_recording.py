@@ -291,3 +291,20 @@ def test_a_lead_offset_from_its_baseline_is_moved_onto_it_and_said():
     untouched = to_twelve_lead(_rec(leads))
     np.testing.assert_array_equal(untouched.signals[LEADS.index("II")], twelve.signals[LEADS.index("II")])
     assert not any("baseline" in note for note in untouched.notes)
+
+
+def test_supplied_limb_leads_that_break_einthovens_law_are_said():
+    """Channels swapped or inverted without a label would be drawn as fact; the laws that tie the six limb leads
+    to I and II tell them apart, and a note says which (the print keeps what was supplied)."""
+    leads = _full(noise_mv=0.0)
+    swapped = {**leads, "III": leads["aVF"], "aVF": leads["III"]}
+    rec = _rec(swapped)
+    to_twelve_lead(rec)
+    note = next(n for n in rec.notes if "disagree with I and II" in n)
+    assert "III (off by" in note and "aVF (off by" in note and "aVR" not in note
+    unmarked = _rec({**leads, "aVR": -leads["aVR"]})  # inverted, no label says so
+    to_twelve_lead(unmarked)
+    assert any("aVR (off by 200%)" in n for n in unmarked.notes)
+    consistent = _rec(leads)
+    to_twelve_lead(consistent)
+    assert not any("disagree" in n for n in consistent.notes)
