@@ -26,7 +26,10 @@ import math
 
 import numpy as np
 
-_CHUNK = 2048  # output samples per block: bounds the gathered [leads, chunk, taps] array to a few MB
+# The gathered [leads, chunk, taps] float64 array's budget: the chunk of output samples shrinks as the taps grow
+# (20 kHz -> 500 Hz takes 1920 taps: a 2048-sample chunk of 12 leads was 377 MB, 16 MiB now).
+_BLOCK_BYTES = 16 * 2**20
+_MAX_CHUNK = 2048
 
 
 def resample(
@@ -61,8 +64,9 @@ def resample(
     reach = math.ceil(half_width / shrink)  # input samples on each side of an output position
     offsets = np.arange(-reach + 1, reach + 1)
     out = np.empty((x.shape[0], n_out))
-    for start in range(0, n_out, _CHUNK):
-        positions = np.arange(start, min(start + _CHUNK, n_out)) * step
+    chunk = max(1, min(_MAX_CHUNK, _BLOCK_BYTES // (8 * x.shape[0] * offsets.size)))
+    for start in range(0, n_out, chunk):
+        positions = np.arange(start, min(start + chunk, n_out)) * step
         taps = np.floor(positions).astype(np.int64)[:, None] + offsets  # [chunk, 2*reach]
         weights = _kernel(positions[:, None] - taps, cutoff, reach, beta)
         # Clipping the indices repeats the edge samples: see the module docstring.
