@@ -97,7 +97,7 @@ DISAGREEMENT = 0.3
 
 def disagreeing_limb_leads(leads: dict[str, np.ndarray]) -> dict[str, float]:
     """The supplied limb leads (beyond I and II) that Einthoven's and Goldberger's laws put elsewhere: lead ->
-    rms of the difference over rms of the lead (at least 0.05 mV). Empty without both I and II."""
+    rms of the difference over rms of the lead (at least 0.15 mV). Empty without both I and II."""
     if "I" not in leads or "II" not in leads:
         return {}
     out = {}
@@ -105,7 +105,8 @@ def disagreeing_limb_leads(leads: dict[str, np.ndarray]) -> dict[str, float]:
         if lead in ("I", "II") or lead not in leads:
             continue
         expected = _combine(_IN_TERMS_OF_I_II[lead], [leads["I"], leads["II"]])
-        scale = max(float(np.sqrt(np.mean(leads[lead] ** 2))), float(np.sqrt(np.mean(expected ** 2))), 0.05)
+        # 0.15 mV floor: an isoelectric III (rms ~0.03 mV) must not be "off" by a few microvolts of noise
+        scale = max(float(np.sqrt(np.mean(leads[lead] ** 2))), float(np.sqrt(np.mean(expected ** 2))), 0.15)
         miss = float(np.sqrt(np.mean((leads[lead] - expected) ** 2))) / scale
         if miss > DISAGREEMENT:
             out[lead] = miss

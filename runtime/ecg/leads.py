@@ -76,16 +76,16 @@ def normalise_lead_name(label: str | None) -> LeadName | None:
     if raw in CODE_VALUES:  # codes contain '-' and ':' that the cleaning below would eat
         return LeadName(CODE_VALUES[raw])
     # a bracket names a system ("Einthoven"), or says the channel is inverted: "aVR (inverted)", "aVR [-]"
-    qualifiers = [q.strip("()[] \u2212").casefold() or "-" for q in _BRACKETS.findall(raw)]
+    qualifiers = [q[1:-1].strip().casefold().replace("\u2212", "-") for q in _BRACKETS.findall(raw)]
     name = _SEPARATORS.sub("_", _BRACKETS.sub("", raw).strip().casefold()).strip("_")
     name = _strip_prefix(name)
     inverted = any(q in _NEGATIONS for q in qualifiers)
     for negation in _NEGATIONS:
         if name.startswith(negation) and name[len(negation) :].strip("_") in _ALIASES:
-            name, inverted = name[len(negation) :], not inverted
+            name, inverted = name[len(negation) :], True  # said twice ("-aVR (inverted)") is still inverted
             break
         if name.endswith(negation) and name[: -len(negation)].strip("_") in _ALIASES:  # "aVR-", "aVR inverted"
-            name, inverted = name[: -len(negation)], not inverted
+            name, inverted = name[: -len(negation)], True
             break
     parts = [p for p in name.split("-") if p]
     if len(parts) > 1 and all(p.strip("_") in _ALIASES for p in parts):

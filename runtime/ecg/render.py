@@ -188,13 +188,16 @@ def render_ecg(
     return image
 
 
+FULL_ENOUGH = 0.8  # of the last column's 2.5 s: 2 s, two beats at 60 bpm
+
+
 def column_spans(n_samples: int, n_window: int) -> tuple[tuple[int, int], ...]:
     """(start, stop) sample of each of the 4 columns: each column its own quarter of the window, lined up with
-    the rhythm strip below, the last one stopping where the recording does; only a recording that ends before
-    the last quarter starts (7.5 s) shows its first quarter in every column (a 9.9 s one repeated its first 2.5 s
-    four times beside a rhythm strip that showed otherwise)."""
+    the rhythm strip below, the last one stopping where the recording does, when the recording holds at least
+    FULL_ENOUGH of that last quarter (a 9.9 s one repeated its first 2.5 s four times beside a rhythm strip that
+    showed otherwise); a shorter one shows its first quarter in every column (an 8 s one would give V4-V6 0.5 s)."""
     bounds = [round(column * n_window / _COLUMNS) for column in range(_COLUMNS + 1)]
-    if n_samples > bounds[-2]:
+    if n_samples >= bounds[-2] + FULL_ENOUGH * (bounds[-1] - bounds[-2]):
         return tuple((start, min(stop, n_samples)) for start, stop in pairwise(bounds))
     return ((0, bounds[1]),) * _COLUMNS
 

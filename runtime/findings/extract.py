@@ -6,14 +6,14 @@ A statement is a whole-word match of a concept's phrases (any case) or codes (ex
 overlap, the longest wins ("incomplete right bundle branch block" is IRBBB, not RBBB). The text is cut
 into clauses at sentence punctuation and at "but", "however", ...; a mention is
 
-- left out when a negation comes before it in its clause ("no", "not", "without", "negative for", "history of",
-  "known", "no longer", ...), when a negation follows it ("AF is absent", "... not seen", "criteria not met"),
-  when "non-" or "pseudo-" prefixes it, or when its clause is a question ("now", "today" start a new clause:
-  "history of AF, now in sinus rhythm" states SR only);
-- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", "?LVH",
-  "differential includes", ...) or follows it ("... cannot be excluded", "... doubtful"), and when it is one
-  side of "vs" / "or" ("AF vs flutter" states neither); a hedge that runs on into the next statement is that
-  one's ("sinus rhythm, possible LVH");
+- left out when a negation comes before it in its clause ("no", "not", "without", "negative for", "no longer",
+  ...), when a negation follows it ("AF is absent", "... not seen", "criteria not met", "STEMI mimic"), when
+  "non-" or "pseudo-" prefixes it, when "history of" governs it (that statement only: "history of AF, now in
+  sinus rhythm" states SR), or when its clause is a question;
+- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out",
+  "differential includes", ...), when "?" is glued to it ("?LVH"), when a hedge follows it ("... cannot be
+  excluded", "... doubtful"), and when it is one side of "vs" / "or" ("AF vs flutter" states neither); a hedge
+  that runs on into the next statement is that one's ("sinus rhythm, possible LVH");
 - kept as "stated" otherwise.
 
 Negation reaches to the end of the clause, commas included ("no ST elevation, LBBB" drops both): a missed
@@ -23,6 +23,7 @@ reported once, by its first stated mention (else its first possible one).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,15 +33,20 @@ from pulse_edge.runtime.findings.vocabulary import CONCEPTS, Concept
 
 CERTAINTIES = ("stated", "possible")
 _LEFT, _RIGHT = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])"
+# A "?" ends a question unless a word follows it at once ("?LVH": a query of that one statement).
 _BOUNDARY = re.compile(
-    r"[.;:!](?!\d)|\?(?!\s*[A-Za-z])|\n|(?<![A-Za-z])(?:but|however|although|though|whereas|except|apart from"
-    r"|aside from|now|currently|today)(?![A-Za-z])", re.IGNORECASE)
-# Also what the text says is not the tracing's: a history ("history of AF", "known AF" now in sinus rhythm), a
-# finding ruled out or unlikely, one no longer there.
+    r"[.;:!](?!\d)|\?(?![A-Za-z])|\n|(?<![A-Za-z])(?:but|however|although|though|whereas|except|apart from"
+    r"|aside from)(?![A-Za-z])", re.IGNORECASE)
+# Also a finding ruled out or unlikely, or one no longer there.
 _NEGATION_BEFORE = re.compile(
     r"(?<![A-Za-z])(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|rules out|never"
-    r"|neither|nor|rather than|instead of|(?:a |past |prior )?history of|known|unlikely to (?:be|represent)"
-    r"|low likelihood of|no longer)(?![A-Za-z])", re.IGNORECASE)
+    r"|neither|nor|rather than|instead of|unlikely to (?:be|represent)|low likelihood of|no longer)(?![A-Za-z])",
+    re.IGNORECASE)
+# What only the statement right after it is: a history ("history of AF, now in sinus rhythm" states SR, and
+# "history of hypertension, sinus rhythm" too), or a query ("?LVH, RBBB": LVH possible, RBBB stated).
+_HISTORY_OF = re.compile(r"(?:(?<![A-Za-z])(?:a |past |prior )?history of|(?<![A-Za-z])h/o)\s+(?:[A-Za-z-]+\s+){0,2}$",
+                         re.IGNORECASE)
+_QUERY = re.compile(r"\?$")
 # Negation words that do not deny what follows them.
 _PSEUDO_NEGATION = re.compile(
     r"(?<![A-Za-z])(?:not only|not necessarily|no (?:significant |interval )?changes?)(?![A-Za-z])", re.IGNORECASE)
@@ -50,7 +56,8 @@ _HEDGE_BEFORE = re.compile(
     rf"(?<![A-Za-z])(?:{_UNSURE}|possibl[ey]|probabl[ey]|likely|suspected|suspicious (?:for|of)"
     r"|suggest(?:s|ive of|ing)?|consider|questionable|borderline|equivocal|may (?:be|represent|indicate|reflect)"
     r"|might|could (?:be|represent)|doubtful|query|differential(?: diagnosis)?(?: includes?| of)?"
-    r"|rule out|r/o)(?![A-Za-z])|\?(?=\s*[A-Za-z])", re.IGNORECASE)  # "?LVH": a query, not a question
+    r"|(?:can|may|could) (?:mimic|mask|obscure)(?: or (?:mimic|mask|obscure))?"
+    r"|rule out|r/o)(?![A-Za-z])", re.IGNORECASE)
 # Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
 # "flutter" alone is no statement of the vocabulary. The price: "AF, P waves are absent" drops AF too (a missed
 # statement is the smaller harm, as for the negation's reach above).
@@ -59,12 +66,14 @@ _VERB = r"(?:(?:is|are|was|were|has been|have been|appears?|seems?)\s+)?"
 _NEGATION_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent|ruled out|excluded|unlikely|resolved"
-    r"|criteria (?:are |were )?not met|mimic|pattern mimic)(?![A-Za-z])"
+    r"|criteria (?:are |were )?not met)(?![A-Za-z])"
     r"(?![\s,]+(?:on|in|from|compared (?:to|with)) (?:the )?(?:prior|previous|old|earlier))",  # "not seen on the
     re.IGNORECASE)  # prior ECG": new, not denied
 _HEDGE_AFTER = re.compile(
-    rf"{_FILLER}{_VERB}(?:{_UNSURE}|possible|suspected|likely|questionable|not certain|doubtful|\?)(?![A-Za-z])",
+    rf"{_FILLER}{_VERB}(?:{_UNSURE}|possible|suspected|likely|questionable|not certain|doubtful)(?![A-Za-z])",
     re.IGNORECASE)
+# "STEMI mimic", "LBBB mimicker": the statement names what it is not (never "LBBB, which can mimic MI")
+_MIMIC = re.compile(r"^[\s-]*mimic(?:s|ker)?(?![A-Za-z])[\s,]*$", re.IGNORECASE)
 _CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", re.IGNORECASE)
 # "AF vs flutter", "AF or flutter": a differential; neither is stated
 _ALTERNATIVE = re.compile(r"^[\s,]*(?:vs\.?|versus|or)[\s,]*$", re.IGNORECASE)
@@ -181,29 +190,33 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
     for k, mention in enumerate(mentions):
         gap_end = mentions[k + 1].start if k + 1 < len(mentions) else end
         gap = text[mention.end:gap_end]
-        hedged_after = _after(_HEDGE_AFTER, gap, last=k + 1 == len(mentions))  # before "... excluded"
-        negated_after = not hedged_after and _after(_NEGATION_AFTER, gap, last=k + 1 == len(mentions))
-        mention.negated = asked or any(n < mention.start for n in negations) or negated_after
-        mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after
+        before = text[mentions[k - 1].end if k else start:mention.start]
+        last = k + 1 == len(mentions)
+        hedged_after = _after(_HEDGE_AFTER, gap, last=last)  # before "... excluded"
+        negated_after = not hedged_after and (_after(_NEGATION_AFTER, gap, last=last) or bool(_MIMIC.match(gap)))
+        mention.negated = (asked or any(n < mention.start for n in negations) or negated_after
+                           or bool(_HISTORY_OF.search(before)))
+        mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after or bool(_QUERY.search(before))
     # "AF and flutter are absent": what follows the last of a list applies to the whole list.
     for k in range(len(mentions) - 2, -1, -1):
-        between = text[mentions[k].end:mentions[k + 1].start]
-        if _ALTERNATIVE.match(between) and not (mentions[k].negated or mentions[k + 1].negated):
-            mentions[k].hedged = mentions[k + 1].hedged = True
-        if _CONJUNCTION.match(between):
+        if _CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
+    # "AF vs flutter", "RBBB or IVCD": both sides possible, after the lists (a differential hedges only its pair)
+    for first, second in itertools.pairwise(mentions):
+        if _ALTERNATIVE.match(text[first.end:second.start]) and not (first.negated or second.negated):
+            first.hedged = second.hedged = True
 
 
 def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> bool:
-    """A negation or hedge right after a statement belongs to it when a separator follows it ("LVH possible, and
-    ...") or nothing does; one that runs on into the next statement opens that one instead ("Sinus rhythm,
-    possible LVH", "LBBB, cannot exclude anterior MI": the hedge is LVH's and MI's, not SR's or LBBB's)."""
+    """A negation or hedge after a statement is its own, unless it opens the next one: nothing but up to two words
+    stand between it and that statement ("Sinus rhythm, possible LVH", "LBBB, cannot exclude anterior MI": the
+    hedge is LVH's and MI's), where "AF not present on this tracing, sinus rhythm" keeps it AF's."""
     hit = pattern.match(gap)
-    return bool(hit) and (last or bool(_SEPARATOR.match(gap[hit.end():])))
+    return bool(hit) and (last or not _OPENS_NEXT.fullmatch(gap[hit.end():]))
 
 
-_SEPARATOR = re.compile(r"\s*(?:[,/]|(?:and|or|nor|with)(?![A-Za-z]))", re.IGNORECASE)
+_OPENS_NEXT = re.compile(r"\s*(?:[A-Za-z-]+\s+){0,2}")
 
 
 def _finding(text: str, mention: _Mention) -> Finding:

@@ -39,7 +39,7 @@ CATEGORIES = ("global", "rhythm", "conduction", "ectopy", "ischemia", "infarctio
 
 # "ST" is CODE-15's code for sinus tachycardia and also the start of "ST elevation", "ST-T changes", ...
 _ST_SEGMENT_WORDS = (r"(?![\s\-\u2013\u2014/]*(?:segments?|elev|depress|changes?|waves?|T\b|abnormal|interval"
-                     r"|deviation|flat|sag|scoop|straighten|is\b|are\b|and\b|&))")
+                     r"|deviation|flat|sag|scoop|straighten|is\b|are\b|(?:and|&)\s*T\b))")
 _BEATS = r"(?:contractions?|complex(?:es)?|beats?|depolari[sz]ations?)"
 _AV = r"(?:av|a-v|atrioventricular|heart)"
 

@@ -28,7 +28,7 @@ from PIL import Image
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.ecg.checks import PRINT_SECONDS
 from pulse_edge.runtime.ecg.recording import Recording, TwelveLead, to_twelve_lead
-from pulse_edge.runtime.ecg.render import render_ecg
+from pulse_edge.runtime.ecg.render import FULL_ENOUGH, render_ecg
 from pulse_edge.runtime.inputs.aecg import read_aecg
 from pulse_edge.runtime.inputs.dicom import read_dicom
 from pulse_edge.runtime.inputs.images import accept_image, load_image, load_image_bytes
@@ -166,7 +166,7 @@ def rendered(recording: Recording, kind: str, name: str) -> EcgInput:
 
 def _print_notes(twelve: TwelveLead) -> list[str]:
     seconds = twelve.recorded_s if twelve.recorded_s is not None else twelve.duration_s
-    if seconds < 0.75 * PRINT_SECONDS:  # render.column_spans: it ends before the last column's quarter starts
+    if seconds < (0.75 + 0.25 * FULL_ENOUGH) * PRINT_SECONDS:  # render.column_spans: too little for the last column
         return [f"the recording lasts {seconds:.2f} s, under the print's {PRINT_SECONDS:g} s: every column shows "
                 f"its first 2.5 s and the rhythm strip stops at {seconds:.2f} s"]
     if seconds < PRINT_SECONDS:

@@ -258,12 +258,13 @@ def test_under_one_column_is_rejected() -> None:
 
 
 def test_a_short_record_shows_its_first_quarter_window_in_every_column() -> None:
-    # 10 s at 500 Hz: four consecutive quarters; 9.9 s and 8 s: the same quarters, lined up with the rhythm
-    # strip, the last one shorter; 7 s (before the last quarter starts): the first 2.5 s in each, nothing invented
+    # 10 s at 500 Hz: four consecutive quarters; 9.9 s and 9.5 s: the same quarters, lined up with the rhythm
+    # strip, the last one shorter; 8 s (V4-V6 would get 0.5 s): the first 2.5 s in each, nothing invented
     assert column_spans(5000, 5000) == ((0, 1250), (1250, 2500), (2500, 3750), (3750, 5000))
     assert column_spans(4950, 5000) == ((0, 1250), (1250, 2500), (2500, 3750), (3750, 4950))
-    assert column_spans(4000, 5000) == ((0, 1250), (1250, 2500), (2500, 3750), (3750, 4000))
-    assert column_spans(3500, 5000) == ((0, 1250),) * 4
+    assert column_spans(4750, 5000) == ((0, 1250), (1250, 2500), (2500, 3750), (3750, 4750))
+    assert column_spans(4000, 5000) == ((0, 1250),) * 4
+    assert column_spans(2400, 2500) == ((0, 625), (625, 1250), (1250, 1875), (1875, 2400))  # 250 Hz, 9.6 s
     short = synthesize_ecg("sinus", seed=0, duration_s=8.0)
     assert render_ecg(short).size == (2200, 1700)
 

@@ -58,7 +58,22 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("Differential includes atrial flutter.", [("AFLT", "possible")]),
     # a history is not the tracing; what it shows now is
     ("History of atrial fibrillation, now in sinus rhythm.", [("SR", "stated")]),
-    ("Known atrial fibrillation; sinus rhythm today.", [("SR", "stated")]),
+    ("History of hypertension, sinus rhythm with LVH.", [("SR", "stated"), ("LVH", "stated")]),
+    ("Known LBBB.", [("LBBB", "stated")]),  # a documented finding that is still there
+    # a question is a question; "?" glued to a word queries that word only
+    ("Does the ECG show LBBB? No, it shows sinus rhythm.", [("SR", "stated")]),
+    ("Is this atrial fibrillation? The rhythm is sinus.", []),
+    ("?LVH, RBBB", [("LVH", "possible"), ("RBBB", "stated")]),
+    # a negation or hedge after a statement stays its own past further words
+    # (its "not" also reaches past the comma: SR and the PACs go too, the documented price of the clause rule)
+    ("Atrial fibrillation not present on this tracing, sinus rhythm with PACs.", []),
+    ("ST elevation absent in the inferior leads, T wave inversion in V1-V3.", [("TINV", "stated")]),
+    ("Not currently in atrial fibrillation.", []), ("Atrial fibrillation, now resolved.", []),
+    # a differential hedges its pair only; a mimic is named, a finding that mimics is kept
+    ("Sinus bradycardia, RBBB or IVCD.", [("SBRAD", "stated"), ("RBBB", "possible"), ("IVCD", "possible")]),
+    ("ST elevation in V1-V3, pattern may mimic Brugada.", [("STE", "stated")]),
+    ("LBBB, which can mimic or mask MI.", [("LBBB", "stated"), ("MI", "possible")]),
+    ("ST and LBBB", [("STACH", "stated"), ("LBBB", "stated")]), ("ST and T wave changes.", [("STTC", "stated")]),
     # prefixes, criteria, mimics, what is no longer there
     ("Non-sinus rhythm.", []), ("Pseudo-infarct pattern.", []), ("STEMI criteria not met.", []),
     ("STEMI mimic.", []), ("This ECG rules out MI.", []), ("Atrial fibrillation is no longer present.", []),
