@@ -188,8 +188,12 @@ def test_accuracy_gate_refuses_the_same_export_with_one_line(precision: str, che
                                                              tmp_path: Path) -> None:
     out = tmp_path / "gated"
     res = _cli(*_export_args(checkpoint, scales, out, precision), "--accuracy-gate", GATES[precision], code=2)
-    lines = [line for line in res.stderr.splitlines() if line.startswith("pulse-edge:")]
-    assert len(lines) == 1, res.stderr  # the refusal alone: no fidelity warning before it
+    # the refusal alone: no fidelity warning before it. Where this CPU runs the bf16 prefill kernel, its segments
+    # may be dropped with a notice of their own (rounding on this outlier model, export/build/segments.py): not
+    # the fidelity's, and not this test's subject
+    lines = [line for line in res.stderr.splitlines() if line.startswith("pulse-edge:")
+             and "the CPU attention kernel's bf16 rounding" not in line]
+    assert len(lines) == 1, res.stderr
     assert lines[0].startswith("pulse-edge: error: the quantized bundle falls below --accuracy-gate (cosine ")
     assert "Traceback" not in res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
