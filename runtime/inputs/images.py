@@ -18,8 +18,8 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Callable
-from contextlib import ExitStack, closing
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -162,31 +162,31 @@ def _sniff(header: bytes, name: str) -> str:
 
 def _decode_raster(stream: BinaryIO, fmt: str, name: str) -> Image.Image:
     """Open with Pillow restricted to the sniffed format, check the header size, then decode fully."""
-    # Pillow only warns between its own limit and twice that; turn the warning into
-    # an error for this block only. catch_warnings restores the filters on exit.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(stream, formats=[fmt])
-        except _BOMB_ERRORS as exc:
-            raise _fail(name, f"is too large (more than {MAX_PIXELS:,} pixels)", _SHRINK_ADVICE) from exc
-        except _PIL_DECODE_ERRORS as exc:
-            raise _fail(
-                name, f"is a corrupt or truncated {fmt} ({_pil_reason(exc)})", "re-export or re-scan it"
-            ) from exc
-        return _to_rgb(_decoded(image, fmt, name), name)
+    with _pillow_errors(name, fmt):
+        image = Image.open(stream, formats=[fmt])
+    return _to_rgb(_decoded(image, fmt, name), name)
 
 
 def _decoded(image: Image.Image, fmt: str, name: str) -> Image.Image:
     """Check the header's size, decode every pixel, turn by the EXIF orientation (phone photos of printouts
     carry their rotation there, not in the pixels); a multi-page TIFF or GIF says which page it reads."""
+    with _pillow_errors(name, fmt):
+        _check_size(image.size, name)  # from the header alone: before decoding a single pixel
+        image.load()
+        page = image.tell()
+        oriented = ImageOps.exif_transpose(image)  # a new image, detached from the file
+    _say_pages(image, page, name)
+    return oriented
+
+
+@contextmanager
+def _pillow_errors(name: str, fmt: str) -> Iterator[None]:
+    """Pillow's refusals as one line each. Pillow only warns between its own pixel limit and twice that: the
+    warning is an error inside this block only (catch_warnings restores the filters on exit)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            _check_size(image.size, name)  # from the header alone: before decoding a single pixel
-            image.load()
-            page = image.tell()
-            oriented = ImageOps.exif_transpose(image)  # a new image, detached from the file
+            yield
         except _BOMB_ERRORS as exc:
             raise _fail(name, f"is too large (more than {MAX_PIXELS:,} pixels)", _SHRINK_ADVICE) from exc
         except _PIL_DECODE_ERRORS as exc:
@@ -195,8 +195,6 @@ def _decoded(image: Image.Image, fmt: str, name: str) -> Image.Image:
             raise _fail(
                 name, f"is a corrupt or truncated {fmt} ({_pil_reason(exc)})", "re-export or re-scan it"
             ) from exc
-    _say_pages(image, page, name)
-    return oriented
 
 
 def _say_pages(image: Image.Image, page: int, name: str) -> None:
