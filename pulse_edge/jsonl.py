@@ -52,14 +52,14 @@ def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path
     torn = unterminated = False
     if tail.strip():
         try:
-            json.loads(tail)
+            last = json.loads(tail)
         except (json.JSONDecodeError, UnicodeDecodeError):
             if not tail.lstrip().startswith(b"{"):  # not a record's start: another file's text, never cut off
                 raise InputError(f"{path}: line {len(lines) + 1} is not JSON; is it a JSON-lines file of "
                                  "pulse-edge's?") from None
             torn = True  # a write cut short by a crash or a kill: a record's prefix never parses
         else:  # whole JSON: a record without its newline, or another file's content (an error, not cut off)
-            records.append(convert(_parse_line(tail, path, len(lines) + 1), path, len(lines) + 1))
+            records.append(convert(_as_record(last, path, len(lines) + 1), path, len(lines) + 1))
             unterminated = True
             good_bytes = len(data)
     return JsonLines(path, tuple(records), torn, good_bytes, unterminated)
@@ -87,6 +87,10 @@ def _parse_line(line: bytes, path: Path, number: int) -> Mapping[str, Any]:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: line {number} is not valid JSON ({e})") from e
-    if not isinstance(record, Mapping):
+    return _as_record(record, path, number)
+
+
+def _as_record(value: Any, path: Path, number: int) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
         raise InputError(f"{path}: line {number} is not a JSON object")
-    return record
+    return value
