@@ -35,9 +35,9 @@ def _check_places(output: Path, save_render: Path | None) -> None:
     check_output_file(output, what="--output file")
     if output.exists() and not os.access(output, os.W_OK):
         raise ConfigError(f"{output} is not writable by this user; choose another --output file")
-    if save_render is not None and save_render.exists() and not save_render.is_dir():
-        raise ConfigError(f"{save_render} is a file; with --output, --save-render names a folder for the prints")
     if save_render is not None:
+        if save_render.exists() and not save_render.is_dir():
+            raise ConfigError(f"{save_render} is a file; with --output, --save-render names a folder for the prints")
         check_output_file(save_render / "print.png", what="--save-render folder")
 
 

@@ -46,7 +46,6 @@ _NEGATION_BEFORE = re.compile(
 # "history of hypertension, sinus rhythm" too), or a query ("?LVH, RBBB": LVH possible, RBBB stated).
 _HISTORY_OF = re.compile(r"(?:(?<![A-Za-z])(?:a |past |prior )?history of|(?<![A-Za-z])h/o)\s+(?:[A-Za-z-]+\s+){0,2}$",
                          re.IGNORECASE)
-_QUERY = re.compile(r"\?$")
 # Negation words that do not deny what follows them.
 _PSEUDO_NEGATION = re.compile(
     r"(?<![A-Za-z])(?:not only|not necessarily|no (?:significant |interval )?changes?)(?![A-Za-z])", re.IGNORECASE)
@@ -196,7 +195,7 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
         negated_after = not hedged_after and (_after(_NEGATION_AFTER, gap, last=last) or bool(_MIMIC.match(gap)))
         mention.negated = (asked or any(n < mention.start for n in negations) or negated_after
                            or bool(_HISTORY_OF.search(before)))
-        mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after or bool(_QUERY.search(before))
+        mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after or before.endswith("?")
     # "AF and flutter are absent": what follows the last of a list applies to the whole list.
     for k in range(len(mentions) - 2, -1, -1):
         if _CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
