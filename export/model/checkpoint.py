@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +243,10 @@ class LoadedCheckpoint:
     tokenizer_model: Path
     tower_dir: Path | None = None  # the vision tower's weights, when they came from outside the checkpoint
 
-    @property
+    @cached_property
     def sha256(self) -> str:
+        """Hashed once per load: an export asks for it twice (the scales' check, the manifest), and the 7B's
+        shards are 13 GB."""
         return checkpoint_sha256(self.root, self.tower_dir)
 
 
