@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from pulse_edge.choices import SEED_RANGE, TORCH_DEVICES, is_torch_device
+from pulse_edge.errors import ConfigError
 
 SEED = click.IntRange(*SEED_RANGE)
 
@@ -38,11 +39,12 @@ TORCH_DEVICE = TorchDevice()
 
 
 def at_most_usable_cpus(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    """A --threads callback: more threads than this process's cores is refused when the command line is read, not
-    minutes later when a session is made (or never, where torch or a probe takes the number as it is)."""
-    from pulse_edge.runtime.engines.sessions import usable_cpus
+    """A --threads callback: SessionConfig's check when the command line is read, not minutes later when a session
+    is made (or never, where torch or a probe takes the number as it is)."""
+    from pulse_edge.runtime.engines.sessions import check_threads
 
-    if value > usable_cpus():
-        raise click.BadParameter(f"{value} is more than the {usable_cpus()} CPU cores this process may use "
-                                 "(0 = one per core)", ctx=ctx, param=param)
+    try:
+        check_threads(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
     return value

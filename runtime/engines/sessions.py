@@ -93,11 +93,16 @@ class SessionConfig:
                               f"--decode-attention {self.decode_attention} chooses for the decode graph: use one")
         if self.node_order not in (None, *NODE_ORDERS):
             raise ConfigError(f"node order {self.node_order!r} is not one of {', '.join(NODE_ORDERS)}")
-        if self.threads < 0:
-            raise ConfigError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
-        if self.threads > usable_cpus():  # each thread has its own arena and scratch: 100000 of them OOM
-            raise ConfigError(f"threads {self.threads} is more than the {usable_cpus()} CPU cores this process "
-                              "may use; give at most that many (0 = one per core)")
+        check_threads(self.threads)
+
+
+def check_threads(threads: int) -> None:
+    """0 (one per core) up to this process's cores; each thread has its own arena and scratch: 100000 of them OOM."""
+    if threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 = one per core), got {threads}")
+    if threads > usable_cpus():
+        raise ConfigError(f"threads {threads} is more than the {usable_cpus()} CPU cores this process may use; give "
+                          "at most that many (0 = one per core)")
 
 
 def usable_cpus() -> int:
