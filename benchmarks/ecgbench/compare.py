@@ -167,12 +167,12 @@ def gate_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str
             raise ConfigError(f"--max-drop names {rule.subset}, which is not among the compared subsets "
                               f"({', '.join(sorted(names))})")
         covered = [c for c in comparison.subsets if rule.subset in (None, c.subset)]
-        unscored = [(c, getattr(c.scores[0], rule.key(c.subset)[0])) for c in covered]
+        tables = [(c, getattr(c.scores[0], rule.key(c.subset)[0])) for c in covered]  # the first run's scores
         # a check not done never passes: a subset the rule names, or a judged score that no verdict gave
         failures += [f"{c.subset} could not be scored for {rule.metric} ({table.get('reason', 'no score')})"
-                     for c, table in unscored if table.get("scored") is False
+                     for c, table in tables if table.get("scored") is False
                      and (rule.subset == c.subset or rule.metric == JUDGED_METRIC)]
-        matched = [c for c in covered if rule.metric in getattr(c.scores[0], rule.key(c.subset)[0])]
+        matched = [c for c, table in tables if rule.metric in table]
         if not matched and not failures:  # else nothing could be compared, which the failures already say
             raise ConfigError(f"--max-drop {rule.metric}: no compared subset reports that metric (judged "
                               "subsets report score only with --judge-url and --judge-model)")
@@ -182,14 +182,17 @@ def gate_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str
 
 
 def _coverage_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str]:
-    covered = {rule.subset for rule in rules}
-    failures = [f"{name} was not compared ({why})" for name, why in comparison.skipped.items()
-                if None in covered or name in covered]
-    for c in comparison.subsets:
-        if c.common == 0 and (None in covered or c.subset in covered):
+    named = {rule.subset for rule in rules}
+
+    def covered(subset: str) -> bool:  # a rule without a subset covers them all
+        return None in named or subset in named
+
+    failures = [f"{name} was not compared ({why})" for name, why in comparison.skipped.items() if covered(name)]
+    for c in (c for c in comparison.subsets if covered(c.subset)):
+        if c.common == 0:
             failures.append(f"{c.subset} has no sample every run answered (do the runs' ids match the reference's?)")
         short = {label: n for label, n in c.unanswered.items() if n}
-        if short and (None in covered or c.subset in covered):
+        if short:
             failures.append(f"{c.subset} was compared on {c.common} samples only: " + ", ".join(
                 f"{label} lacks {n} that another run answered" for label, n in short.items())
                 + " (resume the run with `eval ecgbench` to finish it)")
