@@ -268,11 +268,16 @@ def _check_room(prepared: PreparedModel, cfg: BackendsConfig) -> None:
 
 @dataclass(frozen=True)
 class DecodeRounds:
-    """The read probes beside the decode rounds (one before each, one after the last) and the host over each."""
+    """The read probes beside the decode rounds (one before each, one after the last) and the host over every
+    phase's rounds (vision, prefill, decode)."""
 
     probes: list[Probes]
-    windows: list[HostWindow]
-    phases: dict[str, list[HostWindow]]  # every phase's rounds (vision, prefill, decode)
+    phases: dict[str, list[HostWindow]]
+
+    @property
+    def windows(self) -> list[HostWindow]:
+        """The decode rounds' host windows, which the read fractions are judged by."""
+        return self.phases["decode"]
 
 
 def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Callable[[str], None],
@@ -310,7 +315,7 @@ def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Ca
     results["transformers"]["vision_note"] = "the torch reference's modules and number"
     for key, meter in meters.items():
         results[key]["meter"] = meter.to_dict()
-    return results, overhead, DecodeRounds(prober.taken, hosts["decode"], hosts)
+    return results, overhead, DecodeRounds(prober.taken, hosts)
 
 
 def read_max_length(bundle: Path) -> int:
