@@ -164,7 +164,7 @@ CONCEPTS: tuple[Concept, ...] = (
        (r"st[- ](?:segment )?depressions?", r"depressed st(?:[- ]segments?)?", r"st[- ](?:segments? )?depressed"),
        ("STD", "STD_"), cpsc2018="STD"),
     _c("STE", "ST elevation", "ischemia", "164931005", "STE_",
-       (r"(?<!non-)(?<!non )st[- ](?:segment )?elevations?", r"elevated st(?:[- ]segments?)?",
+       (r"st[- ](?:segment )?elevations?", r"elevated st(?:[- ]segments?)?",
         r"st[- ](?:segments? )?elevated"), ("STE", "STE_"), cpsc2018="STE"),
     _c("TAB", "T-wave abnormality", "waves", "164934002", "NDT",
        (r"(?:non-?specific )?t[- ]wave (?:abnormalit(?:y|ies)|changes?)", r"abnormal t[- ]waves?"), ("NDT", "TAb"),
