@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, recording_error
 from pulse_edge.runtime.ecg.recording import Recording
@@ -35,7 +35,7 @@ def read_wfdb(path: str | os.PathLike) -> Recording:
     if not record_name.with_name(record_name.name + ".hea").is_file():
         raise recording_error(label, f"no WFDB header {record_name.name}.hea next to it", _FIX)
     notes = _check_header(record_name, label)
-    record = _read(record_name, label, "rdrecord")
+    record = _read(record_name, label, "rdrecord", physical=True)
     fs = float(record.fs)
     check_fs(fs, label)
     if record.p_signal is None or record.p_signal.ndim != 2 or record.p_signal.shape[0] == 0:
@@ -76,14 +76,13 @@ def _check_header(record_name: Path, label: str) -> list[str]:
     return []
 
 
-def _read(record_name: Path, label: str, what: str):
+def _read(record_name: Path, label: str, call: str, **kwargs: Any):
     try:
         with warnings.catch_warnings():
             # wfdb 4.3 parses headers with pandas and trips pandas 3.1's deprecation
             # warnings (inplace=...) on every read and at import: noise for the cart log.
             warnings.filterwarnings("ignore", module="wfdb")
             wfdb = require("wfdb", reading="WFDB records", source=label)
-            read = {"rdheader": wfdb.rdheader, "rdrecord": partial(wfdb.rdrecord, physical=True)}[what]
-            return read(str(record_name))
+            return getattr(wfdb, call)(str(record_name), **kwargs)
     except _LIBRARY_ERRORS as exc:
         raise recording_error(label, f"corrupt or truncated WFDB record ({one_line(exc)})", _FIX) from exc
