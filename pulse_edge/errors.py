@@ -1,8 +1,10 @@
 """Errors that reach the user as one line and a non-zero exit code.
 
 Anything raised as a `PulseEdgeError` is the user's to fix (a bad file, a wrong
-flag, an unsupported checkpoint); the CLI prints its message without a
-traceback. Anything else is a bug in pulse-edge and keeps its traceback.
+flag, an unsupported checkpoint: exit code 2) or a fault the user can only
+report (an engine failing mid-run, `EngineRunError`: exit code 3); the CLI prints
+its message without a traceback. Anything else is a bug in pulse-edge and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ class PromptError(PulseEdgeError):
 class ModelOutputError(PulseEdgeError):
     """The model computed something no answer can come from (NaN or inf logits): a damaged bundle or a numeric
     overflow, refused rather than decoded into text."""
+
+
+class EngineRunError(ModelOutputError):
+    """An inference engine failed while running a graph of a bundle that passed its load checks: a fault in
+    pulse-edge or the engine, not the user's input, hence its own exit code. Like non-finite logits, no answer."""
+
+    exit_code = 3
 
 
 class DeviceMemoryError(MemoryError):

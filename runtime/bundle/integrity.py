@@ -7,6 +7,7 @@ of its pages (manifest `files`, version 2). What is checked when:
 
 - every load (`check_bundle`): the sizes; the sampled sha256 (256 pages of 4 KiB per file, small files
   whole: ~1 MiB read per file); the embedding table's header, shape, dtype and finite values (one pass).
+- every load, before these: the manifest's own checksum (`seal.py`, manifest version 3).
 - `--verify`, `Pipeline.from_bundle(verify=True)`, `pulse-edge verify`: the sha256 of every byte, one read
   of the bundle (1.25 GB/s from the page cache here: ~11 s for a 14 GB fp16 7B bundle, more from a disk
   slower than that).
@@ -30,6 +31,7 @@ from pulse_edge.runtime.bundle.arrays import check_embedding, read_newline
 from pulse_edge.runtime.bundle.checks import check_file_size
 from pulse_edge.runtime.bundle.manifest import FileRecord, Manifest, read_manifest
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
+from pulse_edge.runtime.bundle.seal import SEALED_FROM_VERSION
 
 PAGE = 4096
 SAMPLED_PAGES = 256  # read at every load: 1 MiB per file
@@ -117,6 +119,9 @@ def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = False,
     if not records:
         log.warning("%s has no checksums (manifest version %d): its files are checked by size only; re-export it "
                     "to be able to verify it", bundle, manifest.version)
+    elif manifest.version < SEALED_FROM_VERSION:
+        log.warning("%s has no checksum of its manifest (version %d): an edit to manifest.json goes unnoticed; "
+                    "re-export it to seal it", bundle, manifest.version)
 
 
 def verify_bundle(bundle: str | Path, progress: HashProgress | None = None) -> VerifyReport:

@@ -23,6 +23,7 @@ from pulse_edge.errors import BundleError
 from pulse_edge.runtime.bundle.checks import check_consistency, check_file_size
 from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE
 from pulse_edge.runtime.bundle.schema import check_manifest_json
+from pulse_edge.runtime.bundle.seal import SEALED_FROM_VERSION, seal
 from pulse_edge.runtime.image.preprocess import ImageLayout
 from pulse_edge.runtime.text.prompt import PromptTemplate
 
@@ -339,10 +340,11 @@ class Manifest:
                 del graph["segments"], graph["segment_scales"]
             if graph["native_index"] is None:
                 del graph["native_index"]
-        return {"format": FORMAT, **d}
+        plain = json.loads(json.dumps({"format": FORMAT, **d}, default=_json_default))  # numpy scalars in reports
+        return seal(plain) if self.version >= SEALED_FROM_VERSION else plain
 
     def write(self, bundle: Path) -> None:
-        (bundle / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+        (bundle / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2))
 
 
 def native_validated(manifest: Manifest) -> bool:

@@ -6,8 +6,9 @@ Export builds its graphs with these names and the runtime binds them; one spelli
 from __future__ import annotations
 
 FORMAT = "pulse-edge-bundle"
-MANIFEST_VERSION = 2  # 2: a size and sha256 per file (`files`)
+MANIFEST_VERSION = 3  # 2: a size and sha256 per file (`files`); 3: the manifest's own sha256 (SEAL_KEY)
 MANIFEST_FILE = "manifest.json"
+SEAL_KEY = "manifest_sha256"  # runtime/bundle/seal.py
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDING_FILE = "embed_tokens.npy"
 NEWLINE_FILE = "image_newline.npy"  # spatial_unpad only: float32 [hidden]

@@ -20,10 +20,12 @@ from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from pulse_edge.errors import BundleError
-from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE, MANIFEST_VERSION
+from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, SEAL_KEY
+from pulse_edge.runtime.bundle.seal import check_seal
 
-# Version 1 manifests have no checksums; they still load, with a warning (see `read_manifest`).
-READABLE_VERSIONS = (1, MANIFEST_VERSION)
+# Version 1 manifests have no checksums, version 2 ones no checksum of the manifest itself (seal.py); both still
+# load, with a warning (`integrity.check_bundle`).
+READABLE_VERSIONS = (1, 2, MANIFEST_VERSION)
 EXPECTED = "x-pulse-edge-expected"  # the phrase "<field> must be ..." of a fragment, or one per keyword
 FINITE = "finite"  # a format: Python's json reads NaN and Infinity, which are no manifest's values
 
@@ -107,7 +109,7 @@ MANIFEST_SCHEMA: Schema = {
     **_obj({"precision": STR, "graphs": _map(GRAPH), "kv": KV, "text": TEXT, "embedding": EMBEDDING, "image": IMAGE,
             "prompt": PROMPT, "tokenizer": FILE_NAME},
            {"source": SOURCE, "created_by": STR, "validation": _map(ANYTHING), "calibration": _optional(CALIBRATION),
-            "image_newline": _optional(FILE_NAME), "files": _map(FILE_RECORD)}),
+            "image_newline": _optional(FILE_NAME), "files": _map(FILE_RECORD), SEAL_KEY: SHA256}),
 }
 
 
@@ -179,3 +181,4 @@ def check_manifest_json(d: Any) -> None:
     error = best_match(_validator().iter_errors(d))
     if error is not None:
         raise BundleError(_one_line(error))
+    check_seal(d)  # after the schema: a field it refuses is named, an edit it allows is caught here

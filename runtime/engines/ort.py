@@ -52,7 +52,13 @@ from pulse_edge.runtime.engines.sessions import ORT_PROVIDERS as ORT_PROVIDERS  
 from pulse_edge.runtime.engines.sessions import SessionConfig as SessionConfig
 from pulse_edge.runtime.engines.sessions import default_trt_cache as default_trt_cache
 from pulse_edge.runtime.engines.sessions import graph_cache_key as graph_cache_key
-from pulse_edge.runtime.engines.sessions import graph_config_entries, load_onnxruntime, make_session, usable_cpus
+from pulse_edge.runtime.engines.sessions import (
+    graph_config_entries,
+    load_onnxruntime,
+    make_session,
+    ort_run_errors,
+    usable_cpus,
+)
 from pulse_edge.runtime.engines.sessions import provider_chain as provider_chain
 from pulse_edge.runtime.engines.sessions import require_provider as require_provider
 from pulse_edge.runtime.engines.sessions import session_settings as session_settings
@@ -69,10 +75,12 @@ class VisionEngine:
         self.session = make_session(bundle / spec.file, config, graph_limit=spec.opt_level_limit,
                                     fp16=spec.precision == "fp16", entries=graph_config_entries(spec))
         check_graph_io(spec, self.session)
+        self.file = spec.file
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         feed = {names.PIXEL_VALUES: pixel_values.astype(np.float32, copy=False)}
-        return self.session.run([names.IMAGE_FEATURES], feed)[0]
+        with ort_run_errors(self.file):
+            return self.session.run([names.IMAGE_FEATURES], feed)[0]
 
 
 class DecoderEngine:
@@ -86,6 +94,7 @@ class DecoderEngine:
         ort = load_onnxruntime()
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
+        self.files = (spec.file, prefill.file if prefill is not None else None)  # decode, prefill: named in errors
         device = "cuda" if config.provider in ("cuda", "tensorrt") else "cpu"
         shape = [1, kv.kv_heads, kv.max_length, kv.head_dim]
         self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, NP_DTYPES[kv.dtype], device, config.device_id)
@@ -178,7 +187,8 @@ class DecoderEngine:
             binding.bind_cpu_input(names.INPUTS_EMBEDS, embeds)
             binding.bind_cpu_input(names.SEQLENS_K, np.array([total - 1], np.int32))
             binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
-            runner.run_with_iobinding(binding)
+            with ort_run_errors(self.files[runner is self.prefill_session]):
+                runner.run_with_iobinding(binding)
         self.length = total
         return self._logits[0, -1]
 
@@ -257,7 +267,8 @@ class ScatterDecoderEngine(DecoderEngine):
         self._binding.bind_cpu_input(names.POSITION_IDS, np.arange(start, total, dtype=np.int64)[None])
         self._binding.bind_cpu_input(names.WRITE_INDEX, np.array([start], np.int64))
         self._binding.bind_cpu_input(names.ATTENTION_MASK, self._ones[:, :total])
-        self.session.run_with_iobinding(self._binding)
+        with ort_run_errors(self.files[0]):
+            self.session.run_with_iobinding(self._binding)
         self.length = total
         return self._logits[0, -1]
 

@@ -33,6 +33,7 @@ from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
 from pulse_edge.runtime.engines.graph_io import check_segment_io
+from pulse_edge.runtime.engines.sessions import ort_run_errors
 from pulse_edge.runtime.kernels.attention import D_MULTIPLE, DECODE, PREFILL, CausalAttention, KernelKind
 from pulse_edge.runtime.kernels.build import CPUUnsupported
 
@@ -129,7 +130,8 @@ class SegmentedDecoder:
         try:
             for k, (session, binding) in enumerate(zip(self.sessions, self.bindings, strict=True)):
                 self._bind(k, binding, {**fed, **carried}, query, attended)
-                session.run_with_iobinding(binding)
+                with ort_run_errors(self.spec.segments[k].file):
+                    session.run_with_iobinding(binding)
                 carried = self._carry(k, binding, carried)
                 if k < self.layers:
                     self._attend(k, query, attended, past)
@@ -210,7 +212,8 @@ class _StepBindings:
         self.embeds[...] = embeds
         self.total[...], self.seqlens[...] = past + 1, past
         for k, (session, binding) in enumerate(zip(graph.sessions, self.bindings, strict=True)):
-            session.run_with_iobinding(binding)
+            with ort_run_errors(graph.spec.segments[k].file):
+                session.run_with_iobinding(binding)
             if k < graph.layers:
                 graph._attend(k, self.query, self.attended, past)
 

@@ -1,24 +1,30 @@
 """ONNX Runtime sessions as pulse-edge opens them: the asked provider exactly, the settings chosen on purpose
-(`SessionConfig`), the load errors as one line. The engines (runtime/engines/ort.py, segmented.py) build on it."""
+(`SessionConfig`), the load and run errors as one line. The engines (runtime/engines/ort.py, segmented.py) build on
+it."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
-from pulse_edge.errors import ConfigError
+from pulse_edge.errors import ConfigError, EngineRunError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
 ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
                          strict=True))
 NODE_ORDERS = {"default": "DEFAULT", "priority": "PRIORITY_BASED"}  # ours -> ort.ExecutionOrder
+# ONNX Runtime raises its own exception types (Fail, RuntimeException, InvalidArgument...), all from this module and
+# all plain Exception subclasses; an allocation that failed inside it says so in one of these phrases.
+ORT_ERRORS_MODULE = "onnxruntime.capi.onnxruntime_pybind11_state"
+OUT_OF_MEMORY_PHRASES = ("bad_alloc", "bad allocation", "Failed to allocate memory")
 
 
 def load_onnxruntime() -> Any:
@@ -257,3 +263,22 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
         return ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all Exception subclasses
         raise _load_error(path, config, e) from e
+
+
+@contextmanager
+def ort_run_errors(graph: str) -> Iterator[None]:
+    """ONNX Runtime's failures while running `graph` as one line: out of memory as a MemoryError (the machine's
+    state), anything else as an EngineRunError (no answer; the bundle passed its load checks, so the fault is ours
+    or the engine's). Only ORT's own exception types are translated; any other error passes through as it is."""
+    try:
+        yield
+    except Exception as e:
+        if type(e).__module__ != ORT_ERRORS_MODULE:
+            raise
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        if any(phrase in text for phrase in OUT_OF_MEMORY_PHRASES):
+            raise MemoryError(f"onnxruntime could not allocate memory running {graph} ({first})") from e
+        raise EngineRunError(f"onnxruntime failed running {graph} ({first}); the bundle passed its load checks, so "
+                             "this is a fault in pulse-edge or onnxruntime: please report it with the output of "
+                             "`pulse-edge --version` and the bundle's manifest.json") from e

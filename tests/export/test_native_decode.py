@@ -136,6 +136,7 @@ def _edited_copy(bundle: Path, work: Path, edit) -> Path:
     sizes = manifest["graphs"][names.DECODER]["sizes"]
     sizes[names.DECODE_INDEX_FILE] = (work / names.DECODE_INDEX_FILE).stat().st_size
     manifest.pop("files")
+    manifest.pop("manifest_sha256")
     manifest["version"] = 1  # no checksums: the index is read as it is
     (work / names.MANIFEST_FILE).write_text(json.dumps(manifest))
     return work

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from pulse_testing.manifests import edit_manifest
 
 from pulse_edge.errors import BundleError, ConfigError, KernelUnavailable
 from pulse_edge.export.graphs.segments import build_segments
@@ -117,10 +118,7 @@ def _copy(bundle: Path, dest: Path) -> Path:
     return dest
 
 
-def _rewrite(bundle: Path, change) -> None:
-    data = json.loads((bundle / "manifest.json").read_text())
-    change(data)
-    (bundle / "manifest.json").write_text(json.dumps(data))
+_rewrite = edit_manifest
 
 
 def test_damaged_scales_or_segments_are_one_line(bundle: Path, kernel_here: None, tmp_path: Path) -> None:

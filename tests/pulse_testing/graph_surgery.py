@@ -8,13 +8,14 @@ thing, which is what the parity checks must catch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from pulse_testing.manifests import edit_manifest
 
 Edit = Callable[[np.ndarray], np.ndarray]
 
@@ -53,9 +54,9 @@ def edit_initializers(graph: Path, edits: Mapping[str, Edit]) -> None:
 
 
 def _update_sizes(graph: Path) -> None:
-    manifest_path = graph.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    for spec in manifest["graphs"].values():
-        for file in spec.get("sizes", {}):
-            spec["sizes"][file] = (graph.parent / file).stat().st_size
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    def resize(manifest: dict) -> None:
+        for spec in manifest["graphs"].values():
+            for file in spec.get("sizes", {}):
+                spec["sizes"][file] = (graph.parent / file).stat().st_size
+
+    edit_manifest(graph.parent, resize)

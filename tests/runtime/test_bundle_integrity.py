@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pulse_testing.manifests import edit_manifest
 
 from pulse_edge.cli.main import main
+from pulse_edge.errors import BundleError
 from pulse_edge.runtime.bundle.manifest import read_manifest
 
 # The checks' own modules are imported inside the tests that call them, so that the CLI cases of this file
@@ -46,12 +48,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(bundle, tmp_path / "bundle"))
 
 
-def _edit(bundle: Path, change: Callable[[dict[str, Any]], Any]) -> None:
-    """Apply `change` to the manifest in place (what it returns is ignored)."""
-    path = bundle / "manifest.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
+_edit = edit_manifest
 
 
 def _zero_bytes(bundle: Path) -> None:
@@ -102,10 +99,26 @@ DAMAGE: dict[str, tuple[Callable[[Path], Any], str]] = {
         "text.vocab_size is 1000 but the decoder's logits have 999 entries"),
     "a checksum missing": (lambda b: _edit(b, lambda d: d["files"].pop("vision.onnx")),
                            "files has no checksum for vision.onnx"),
-    "version 2 without checksums": (lambda b: _edit(b, lambda d: d.pop("files")), "lacks 'files'"),
-    "version 2 with files emptied": (lambda b: _edit(b, lambda d: d.update(files={})),
-                                     "files is empty, but a version-2 manifest records every file's"),
+    "version 3 without checksums": (lambda b: _edit(b, lambda d: d.pop("files")), "lacks 'files'"),
+    "version 3 with files emptied": (lambda b: _edit(b, lambda d: d.update(files={})),
+                                     "files is empty, but a version-3 manifest records every file's"),
+    # edits the schema and the cross-checks allow, left unsealed as a hand-edit leaves them: only the seal sees them
+    "image_std edited by hand": (lambda b: _unsealed(b, lambda d: d["image"].update(image_std=[0.5, 0.5, 0.5])),
+                                 "manifest.json was changed after export: its contents no longer match"),
+    "the prompt's system text edited by hand": (
+        lambda b: _unsealed(b, lambda d: d["prompt"].update(system=d["prompt"]["system"] + " Be brief.")),
+        "manifest.json was changed after export"),
+    "version lowered to 2 by hand": (lambda b: _unsealed(b, lambda d: d.update(version=2)),
+                                     "manifest.json was changed after export"),
+    "the seal removed": (lambda b: _unsealed(b, lambda d: d.pop("manifest_sha256")),
+                         "a version 3 manifest lacks 'manifest_sha256'"),
+    "the seal not a sha256": (lambda b: _unsealed(b, lambda d: d.update(manifest_sha256="0" * 63)),
+                              "manifest_sha256 must be 64 lower-case hex digits"),
 }
+
+
+def _unsealed(bundle: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+    edit_manifest(bundle, change, resealed=False)
 
 
 def _infer(bundle: Path, image: Path, *extra: str) -> Any:
@@ -171,7 +184,7 @@ def test_verify_reports_a_whole_bundle(tiny_bundle: Path) -> None:
 def test_a_version_1_bundle_loads_with_one_warning_and_cannot_be_verified(tiny_bundle: Path, tmp_path: Path,
                                                                           ecg_png: Path) -> None:
     bundle = _copy(tiny_bundle, tmp_path)
-    _edit(bundle, lambda d: (d.pop("files"), d.update(version=1)))
+    _unsealed(bundle, lambda d: (d.pop("files"), d.pop("manifest_sha256"), d.update(version=1)))
     result = _infer(bundle, ecg_png, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["generated_tokens"] == 2
@@ -182,6 +195,40 @@ def test_a_version_1_bundle_loads_with_one_warning_and_cannot_be_verified(tiny_b
     _assert_refused(CliRunner().invoke(main, ["verify", str(bundle)]), "has no checksums to verify")
     _nan_row(bundle)  # the cheap checks still run on a version-1 bundle
     _assert_refused(_infer(bundle, ecg_png), "holds NaN or infinite values")
+
+
+def test_a_version_2_bundle_loads_and_verifies_with_one_warning_about_its_unsealed_manifest(
+        tiny_bundle: Path, tmp_path: Path, ecg_png: Path) -> None:
+    """Bundles exported before the seal still load; the warning says what goes unchecked, and an edit still goes
+    through (nothing to check it against), which is why the warning is there."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    _unsealed(bundle, lambda d: (d.pop("manifest_sha256"), d.update(version=2)))
+    warning = (f"pulse-edge: {bundle} has no checksum of its manifest (version 2): an edit to manifest.json goes "
+               "unnoticed; re-export it to seal it")
+    result = _infer(bundle, ecg_png, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["generated_tokens"] == 2 and result.stderr.strip().splitlines() == [warning]
+    verified = CliRunner().invoke(main, ["verify", str(bundle)])
+    assert verified.exit_code == 0 and "ok, 5 files" in verified.stdout, verified.output
+    assert verified.stderr.strip().splitlines() == [warning]
+    _unsealed(bundle, lambda d: d["image"].update(image_std=[0.5, 0.5, 0.5]))
+    assert _infer(bundle, ecg_png, "--json").exit_code == 0
+
+
+def test_the_seal_covers_values_not_formatting(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Re-indenting or reordering the manifest's keys changes no value and keeps it valid; a number written
+    another way (1 as 1.0) is a change."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(reversed(list(data.items()))), separators=(",", ":")))
+    assert read_manifest(bundle).to_dict() == data
+    path.write_text(json.dumps(data).replace('"bos_id": 1,', '"bos_id": 1.0,'))
+    with pytest.raises(BundleError, match="text.bos_id must be an integer >= 0, got 1.0"):
+        read_manifest(bundle)
+    path.write_text(json.dumps(data).replace('"system": "', '"system": " '))
+    with pytest.raises(BundleError, match="manifest.json was changed after export"):
+        read_manifest(bundle)
 
 
 def test_verify_of_what_is_not_a_bundle(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from pulse_testing.manifests import edit_manifest
 
 from pulse_edge.cli.main import main
 from pulse_edge.errors import ConfigError, PromptError
@@ -143,10 +144,7 @@ def test_fp16_bundle_validates_and_runs(tiny_checkpoint: Path, tmp_path: Path) -
 
 
 def _edit_manifest(bundle: Path, **changes: object) -> None:
-    path = bundle / "manifest.json"
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
+    edit_manifest(bundle, lambda data: data.update(changes))
 
 
 def _cli_error(bundle: Path, image: Path, *extra: str) -> str:
@@ -402,3 +400,46 @@ def test_the_prefill_chunk_is_the_runtimes_choice_unless_asked(tiny_bundle: Path
     for bad in (0, "big", True):
         with pytest.raises(ConfigError, match="prefill chunk must be >= 1 token"):
             Pipeline.from_bundle(tiny_bundle, prefill_chunk=bad)
+
+
+def _failing(error: Exception):
+    def run(*_args: object, **_kwargs: object) -> None:
+        raise error
+    return run
+
+
+def test_onnxruntime_failing_mid_run_is_one_line_with_its_own_exit_code(tiny_bundle: Path, ecg_png: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's own exception types raised while a graph runs: out of memory is the machine's state (exit 2, what to
+    free); anything else is a fault of ours or ORT's (exit 3, what to report); no tokens, no traceback."""
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    fail = ort_state.Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Add node.\n"
+                          "Stacktrace: ...")
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", _failing(fail))
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--max-new-tokens", "2"])
+    assert (res.exit_code, res.stdout) == (3, ""), res.output
+    assert res.stderr.splitlines() == [
+        "pulse-edge: error: onnxruntime failed running vision.onnx ([ONNXRuntimeError] : 1 : FAIL : Non-zero status "
+        "code returned while running Add node.); the bundle passed its load checks, so this is a fault in pulse-edge "
+        "or onnxruntime: please report it with the output of `pulse-edge --version` and the bundle's manifest.json"]
+    monkeypatch.undo()
+    full = ort_state.RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run_with_iobinding", _failing(full))
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--max-new-tokens", "2"])
+    assert (res.exit_code, res.stdout) == (2, ""), res.output
+    assert res.stderr.splitlines() == [
+        "pulse-edge: error: onnxruntime could not allocate memory running decoder.onnx ([ONNXRuntimeError] : 6 : "
+        "RUNTIME_EXCEPTION : std::bad_alloc): free memory (close other programs) or use a smaller bundle or fewer "
+        "--threads, and run the command again"]
+
+
+def test_an_error_that_is_not_onnxruntimes_passes_through_as_it_is(tiny_bundle: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    pipeline = Pipeline.from_bundle(tiny_bundle)
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", _failing(ValueError("ours")))
+    with pytest.raises(ValueError, match="^ours$"):
+        pipeline.generate(_images()[0], "Rate?", max_new_tokens=2)

@@ -18,6 +18,7 @@ from pulse_edge.export.model.torch_backend import TorchPipeline
 from pulse_edge.export.validate.parity import ValidationPlan
 from pulse_edge.runtime.bundle.manifest import MANIFEST_FILE, BundleError, Manifest, read_manifest
 from pulse_edge.runtime.bundle.names import MANIFEST_VERSION, NEWLINE_FILE
+from pulse_edge.runtime.bundle.seal import seal
 from pulse_edge.runtime.ecg.render import render_ecg
 from pulse_edge.runtime.ecg.synthetic import synthesize_ecg
 from pulse_edge.runtime.engines.bundle_engine import MERGES_SERVED
@@ -175,7 +176,7 @@ def test_unpad_manifest_without_newline_is_one_clear_line(unpad_bundle: Path) ->
     d = _manifest_dict(unpad_bundle)
     del d["image_newline"]
     with pytest.raises(BundleError, match=r"the spatial_unpad merge needs 'image_newline'") as info:
-        Manifest.from_dict(d)
+        Manifest.from_dict(seal(d))
     assert "\n" not in str(info.value)
 
 
@@ -197,9 +198,9 @@ def test_flat_manifests_name_no_newline(unpad_bundle: Path) -> None:
     d = _manifest_dict(unpad_bundle)
     d["image"]["merge"] = "flat"
     with pytest.raises(BundleError, match="'image_newline' belongs to the spatial_unpad merge, not 'flat'"):
-        Manifest.from_dict(d)
+        Manifest.from_dict(seal(d))
     del d["image_newline"]
-    flat = Manifest.from_dict(d)
+    flat = Manifest.from_dict(seal(d))
     assert flat.image_newline is None and "image_newline" not in flat.to_dict()  # flat manifests stay unchanged
     unpad = Manifest.from_dict(_manifest_dict(unpad_bundle))
     assert Manifest.from_dict(json.loads(json.dumps(unpad.to_dict()))) == unpad

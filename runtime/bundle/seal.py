@@ -1,0 +1,54 @@
+"""The manifest's own checksum: `manifest_sha256`, the sha256 of every other field (manifest version 3).
+
+The runtime trusts every field of `manifest.json`: the prompt template, `image_std`, the special ids, the
+cache length, which file is which graph. A hand-edit or a damaged copy that still parses and passes the schema
+changes answers without any error (a new `image_std` shifts every pixel the vision graph sees), and the files'
+checksums (`files`) cannot see it, since they live in the manifest. So export seals it: the sha256 of the
+manifest in one canonical JSON form, written into the manifest itself, checked at every load after the schema
+(a field the schema refuses is named; an edit the schema allows is caught here).
+
+The canonical form is `json.dumps` with sorted keys, no whitespace and ASCII escapes, of the parsed manifest
+without its `manifest_sha256`: what the file parses to, not its bytes, so indentation and key order do not
+matter, and Python's float repr makes every number read back to the text it was written as.
+
+It guards against accidents (an editor, a copy, a disk), not against someone set on changing the manifest:
+anyone can recompute the seal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pulse_edge.errors import BundleError
+from pulse_edge.runtime.bundle.names import MANIFEST_FILE, SEAL_KEY
+
+SEALED_FROM_VERSION = 3
+
+
+def manifest_digest(d: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON form, its own `manifest_sha256` left out."""
+    body = {k: v for k, v in d.items() if k != SEAL_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def seal(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest with its `manifest_sha256` (re)computed: what export writes."""
+    return {**{k: v for k, v in d.items() if k != SEAL_KEY}, SEAL_KEY: manifest_digest(d)}
+
+
+def check_seal(d: Mapping[str, Any]) -> None:
+    """A version-3 manifest must carry its checksum, and any checksum present must match (so a version lowered by
+    hand does not skip it; earlier versions were written without one)."""
+    if SEAL_KEY not in d and d["version"] < SEALED_FROM_VERSION:
+        return
+    if SEAL_KEY not in d:
+        raise BundleError(f"{MANIFEST_FILE}: a version {d['version']} manifest lacks {SEAL_KEY!r} (its own "
+                          "checksum); re-export the bundle")
+    if d[SEAL_KEY] != manifest_digest(d):
+        raise BundleError(f"{MANIFEST_FILE} was changed after export: its contents no longer match its {SEAL_KEY} "
+                          "(a hand-edit or a damaged copy; the runtime would trust every changed field); re-copy the "
+                          "bundle from where it was exported, or re-export it")
