@@ -103,7 +103,7 @@ def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray, vs: np.n
         (d != d_cache or d % D_MULTIPLE or d > (max_head_dim or d),
          f"head dim {d} (cache {d_cache}) must match, a multiple of {D_MULTIPLE}"
          + (f" up to {max_head_dim}" if max_head_dim else "")),
-        (heads % kv_heads, f"{heads} query heads are not a multiple of {kv_heads} kv heads"),
+        (kv_heads < 1 or heads % kv_heads, f"{heads} query heads are not a multiple of {kv_heads} kv heads"),
         (ks.shape != (kv_heads, d) or vs.shape != (kv_heads, d), f"scales must be [{kv_heads}, {d}]"),
         (rows < 1 or past < 0 or past + rows > capacity,
          f"positions [0, {past} + {rows}) exceed the cache's {capacity}"),

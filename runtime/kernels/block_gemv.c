@@ -53,11 +53,16 @@ int pe_block_quantize(const float *x, int rows, int k, int bits, int block, int8
             const float *src = x + (size_t)m * k + (size_t)b * block;
             const int live = k - b * block < block ? k - b * block : block;
             __m512 top = _mm512_setzero_ps();
+            __mmask16 nan = 0;
             for (int i = 0; i < live; i += 16) {
                 __mmask16 mask = live - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (live - i)) - 1);
-                top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, src + i)));
+                __m512 v = _mm512_maskz_loadu_ps(mask, src + i);
+                nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                top = _mm512_max_ps(top, _mm512_abs_ps(v));
             }
-            const float amax = _mm512_reduce_max_ps(top);
+            /* a NaN activation makes the block's scale NaN, so every output of its row is NaN (vmaxps alone drops
+             * it, and its code, INT_MIN, would have skewed the zero-point term into huge finite garbage) */
+            const float amax = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(top);
             const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
             int8_t *dst = xq + ((size_t)m * blocks + b) * block;
             __m512i sum = _mm512_setzero_si512();

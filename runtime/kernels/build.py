@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sysconfig
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,10 +44,15 @@ def default_cache() -> Path:
 
 
 def compiler() -> list[str]:
-    """$CC, else the compiler Python was built with, else `cc`; the command as a list."""
+    """$CC, else the compiler Python was built with, else `cc`; the command as a list. A $CC that is no command
+    line (blank, an unclosed quote) counts as no compiler there, like one that is not installed."""
     for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc"):
-        if candidate and shutil.which(shlex.split(candidate)[0]):
-            return shlex.split(candidate)
+        try:
+            words = shlex.split(candidate or "")
+        except ValueError:
+            continue
+        if words and shutil.which(words[0]):
+            return words
     raise MachineUnsupported("no C compiler found ($CC, Python's own CC, cc): install one (Debian: apt install gcc) "
                              "to build pulse-edge's CPU kernels")
 
@@ -117,10 +123,14 @@ def _compile(cc: list[str], source: Path, flags: tuple[str, ...], out: Path) -> 
 
 
 def _takes_flags(cc: list[str], flags: tuple[str, ...], scratch: Path) -> bool:
-    """Does the compiler accept these flags at all (an empty translation unit)?"""
-    empty = scratch / f".flags-{os.getpid()}.c"
+    """Does the compiler accept these flags at all (an empty translation unit)? A probe that cannot even be written
+    (a full disk) says nothing about the compiler: then the failed build stays the kernel's KernelUnavailable."""
+    empty = scratch / f".flags-{os.getpid()}-{threading.get_ident()}.c"  # threads of one process build at once too
     try:
         empty.write_text("int pe_nothing;\n")
+    except OSError:
+        return True
+    try:
         done = subprocess.run([*cc, *COMMON_FLAGS, *flags, str(empty), "-o", os.devnull], capture_output=True,
                               timeout=BUILD_TIMEOUT_S)
         return done.returncode == 0
@@ -150,6 +160,9 @@ def build(source: Path, flags: tuple[str, ...], cache: Path | None = None) -> Pa
                 stale.unlink(missing_ok=True)
             with staged_file(out) as partial:
                 _compile(cc, source, flags, partial)
+    except OSError as e:  # a full disk, a lock the file system does not take (some NFS mounts): ORT's kernels run
+        raise KernelUnavailable(f"the kernel cache {cache} cannot hold a new build ({e.strerror or e}); free some "
+                                f"space or set ${CACHE_ENV} to a writable local folder") from e
     finally:
         os.close(lock_fd)
     return out

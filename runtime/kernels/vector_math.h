@@ -9,9 +9,11 @@
 #include <stdint.h>
 
 /* 2^x for x <= 0, to ~1e-7 relative: 2^round(x) by scalef, 2^f on [-0.5, 0.5] by its Taylor series in
- * f ln2 (degree 6). x is clamped at -126 first: a masked score (-inf) must give 0, not NaN. */
+ * f ln2 (degree 6). x is clamped at -126 first: a masked score (-inf) must give 0, not NaN. x goes second: vmaxps
+ * returns its second operand when either is NaN, so a NaN score stays NaN (with x first it became 2^-126, and a
+ * NaN query gave every key the same weight: a plausible, finite, wrong attention output). */
 static inline __m512 exp2_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
     __m512 p = _mm512_set1_ps(1.0f / 720.0f);

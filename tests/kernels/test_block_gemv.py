@@ -127,6 +127,19 @@ def test_an_all_zero_row_gives_zeros(gemv: BlockGemv) -> None:
     assert np.array_equal(y, np.zeros_like(y))
 
 
+@pytest.mark.parametrize(("bits", "bad"), [(4, np.nan), (8, np.nan), (4, np.inf)])
+def test_a_non_finite_activation_makes_its_row_nan_not_garbage(gemv: BlockGemv, bits: int, bad: float) -> None:
+    """A NaN activation once came out as huge finite outputs (its code INT_MIN skewed the zero-point term): an
+    overflow upstream must reach the logits, where the sampler refuses it. The other row is untouched."""
+    rng = np.random.default_rng(3)
+    weight = random_weight(rng, 512, 32, bits, 128)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    clean = gemv(gemv.quantize(x, weight), weight, threads=2)
+    x[0, 5] = bad
+    y = gemv(gemv.quantize(x, weight), weight, threads=2)
+    assert np.isnan(y[0]).all() and np.array_equal(y[1], clean[1])
+
+
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_any_thread_count_gives_the_same_output(gemv: BlockGemv, threads: int) -> None:
     """Outputs are split among the pool's threads (at least 16 each): 1 thread, an odd count, and more threads than

@@ -96,6 +96,27 @@ def test_the_decode_kernel_matches_the_twin_to_float32(decode: CausalAttention, 
     assert _relative(out, reference(q, k, v, ks, vs, past=past)) < 1e-5
 
 
+def _nan_in_its_head_only(attend: CausalAttention, bad: float) -> None:
+    q, k, v, ks, vs = _inputs(2, 30, 4, 2, 64, 128)
+    q[1, 2, 5] = bad
+    out = attend(q, k, v, ks, vs, past=30, threads=2)
+    assert np.isnan(out[1, 2]).all() and np.isfinite(np.delete(out[1], 2, axis=0)).all() and np.isfinite(out[0]).all()
+    assert _relative(out[0], reference(q[:1], k, v, ks, vs, past=30)[0]) < REL_TOL
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_query_gives_a_non_finite_output_in_its_head_only(attention: CausalAttention,
+                                                                       bad: float) -> None:
+    """An overflow upstream must reach the logits (where the sampler refuses it), not become every key's equal
+    weight: a plausible mean of the values. The other heads stay as the twin computes them."""
+    _nan_in_its_head_only(attention, bad)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_the_decode_kernel_passes_a_non_finite_query_on_too(decode: CausalAttention, bad: float) -> None:
+    _nan_in_its_head_only(decode, bad)
+
+
 def test_the_decode_kernel_reads_only_the_positions_it_may(decode: CausalAttention) -> None:
     """Codes past the last position (a longer conversation's stale cache) change nothing; the last position's do."""
     q, k, v, ks, vs = _inputs(2, 60, 2, 2, 100, 64)
@@ -201,6 +222,7 @@ REFUSALS = [
     (lambda a: {**a, "k": a["k"].astype(np.int16)}, "k_codes must be"),
     (lambda a: {**a, "q": np.asfortranarray(a["q"])}, "q must be C-contiguous"),
     (lambda a: {**a, "ks": a["ks"][:1].copy()}, "scales must be"),
+    (lambda a: {**a, "k": a["k"][:0].copy(), "v": a["v"][:0].copy()}, "not a multiple of 0 kv heads"),
 ]
 
 
@@ -361,6 +383,33 @@ def test_no_compiler_no_cpu_feature_no_cache_are_refused(source: Path, tmp_path:
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     with pytest.raises(KernelUnavailable, match="no C compiler found"):
         build.build(source, (), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("cc", [" ", 'gcc "unclosed', ""])
+def test_a_cc_that_is_no_command_line_is_skipped_for_the_next_compiler(cc: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", cc)
+    monkeypatch.setattr(build.sysconfig, "get_config_var", lambda name: None)
+    monkeypatch.setattr(build.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert build.compiler() == ["cc"]
+
+
+def test_a_cache_that_cannot_hold_the_build_is_kernel_unavailable(source: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (or a lock the file system refuses) while building: the engines fall back to ORT's kernels on
+    KernelUnavailable; a bare OSError would have stopped the load."""
+    import contextlib
+    import errno
+
+    @contextlib.contextmanager
+    def full_disk(path: Path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+        yield path  # never reached: a generator for contextmanager
+
+    monkeypatch.setattr(build, "staged_file", full_disk)
+    with pytest.raises(KernelUnavailable, match=r"cannot hold a new build \(No space left on device\); free some"):
+        build.build(source, (), tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.so"))
 
 
 def test_the_decode_kernel_on_a_worker_pool_gives_the_same_output(decode: CausalAttention,

@@ -224,10 +224,10 @@ def test_the_seal_covers_values_not_formatting(tiny_bundle: Path, tmp_path: Path
     path.write_text(json.dumps(dict(reversed(list(data.items()))), separators=(",", ":")))
     assert read_manifest(bundle).to_dict() == data
     path.write_text(json.dumps(data).replace('"bos_id": 1,', '"bos_id": 1.0,'))
-    with pytest.raises(BundleError, match="text.bos_id must be an integer >= 0, got 1.0"):
+    with pytest.raises(BundleError, match=r"text\.bos_id must be an integer >= 0, got 1\.0"):
         read_manifest(bundle)
     path.write_text(json.dumps(data).replace('"system": "', '"system": " '))
-    with pytest.raises(BundleError, match="manifest.json was changed after export"):
+    with pytest.raises(BundleError, match=r"manifest\.json was changed after export"):
         read_manifest(bundle)
 
 

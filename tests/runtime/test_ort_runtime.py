@@ -441,5 +441,5 @@ def test_an_error_that_is_not_onnxruntimes_passes_through_as_it_is(tiny_bundle: 
 
     pipeline = Pipeline.from_bundle(tiny_bundle)
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", _failing(ValueError("ours")))
-    with pytest.raises(ValueError, match="^ours$"):
+    with pytest.raises(ValueError, match=r"^ours$"):
         pipeline.generate(_images()[0], "Rate?", max_new_tokens=2)
