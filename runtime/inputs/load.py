@@ -138,7 +138,7 @@ def _read(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
         return EcgInput(image, kind, options.name)
     if kind in _NEEDS_FS and options.fs is None:
         raise InputError(f"{options.name}: a {kind.upper()} file stores no sampling rate; "
-                         "pass it (--fs HZ, or fs= in Python).")
+                         "pass it (--fs HZ; fs= in Python; the server's `fs` field).")
     if kind == "wfdb" and not isinstance(source, Path):
         raise InputError(f"{options.name}: a WFDB record is a .hea header and its signal files; pass its path.")
     return rendered(_READERS[kind](source, options), kind, options.name)

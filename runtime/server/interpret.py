@@ -1,10 +1,13 @@
 """`POST /v1/ecg/interpret`: an ECG file in, the object `pulse-edge infer --json` prints out.
 
     multipart/form-data:  file=<the ECG>  | path=<a file under --allow-dir>,  question, max_tokens, temperature,
-                          top_p, seed (all optional); a WFDB record is two `file` parts, NAME.hea and NAME.dat
+                          top_p, seed, fs, leads, unit (all optional); a WFDB record is two `file` parts, NAME.hea
+                          and NAME.dat
     application/json:     {"path": ..., "question": ..., "max_tokens": ..., ...}   (paths only: no bytes in JSON)
 
-The file goes through the same input decoding as `infer` (content sniffed, never trusted from its name).
+The file goes through the same input decoding as `infer` (content sniffed, never trusted from its name). `fs` (Hz),
+`leads` (an NPY file's lead order: "I,II,..." or, in JSON, a list) and `unit` are `infer`'s --fs, --leads and
+--unit, for the CSV and NPY recordings that store none of them; the readers check their values as for `infer`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from pulse_edge.choices import VOLTAGE_UNITS
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.server.chat import read_json
 from pulse_edge.runtime.server.errors import ApiError
@@ -29,8 +33,8 @@ from pulse_edge.runtime.server.state import ServerState
 from pulse_edge.runtime.server.waiting import Deadline, settle
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, check_text
 
-FIELDS = ("file", "path", "question", "max_tokens", "temperature", "top_p", "seed")
-NUMERIC_FIELDS = ("max_tokens", "temperature", "top_p", "seed")
+FIELDS = ("file", "path", "question", "max_tokens", "temperature", "top_p", "seed", "fs", "leads", "unit")
+NUMERIC_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "fs")
 MAX_FIELD_BYTES = 64 * 2**10  # a question, a path or a number; the file part has the body limit only
 
 
@@ -42,10 +46,10 @@ async def interpret(request: Request) -> Response:
     if not isinstance(question, str):
         raise ApiError("bad_request", "question must be a string", param="question")
     check_text(question, "question")  # before queueing: a PromptError is the 400 app.py makes of it
-    limit, sampling = max_tokens(params), sampling_params(params)
+    limit, sampling, reading = max_tokens(params), sampling_params(params), recording_options(params)
 
     def job(should_stop: StopCheck) -> dict[str, Any]:
-        ecg = decode_input(source, name=name)
+        ecg = decode_input(source, name=name, **reading)
         answer = answer_json(state.model.pipeline, ecg, question, max_new_tokens=limit, sampling=sampling,
                              should_stop=should_stop)
         state.metrics.generation(answer["stop_reason"], answer["timings"])
@@ -109,6 +113,22 @@ async def _read_form(request: Request, deadline: Deadline) -> tuple[dict[str, An
         else:
             params[key] = _form_value(key, value)
     return params, uploads
+
+
+def recording_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`fs`, `leads` and `unit` as load_input takes them; their types checked here (a 400 naming the field), their
+    values by the readers (an InputError, the 400 `infer` prints as one line)."""
+    fs, unit, leads = params.get("fs"), params.get("unit", "mV"), params.get("leads")
+    if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int | float)):
+        raise ApiError("bad_request", "fs must be a number: the sampling rate in Hz", param="fs")
+    if unit not in VOLTAGE_UNITS:
+        raise ApiError("bad_request", f"unit must be one of {', '.join(VOLTAGE_UNITS)}", param="unit")
+    if isinstance(leads, str):
+        leads = [name.strip() for name in leads.split(",")]
+    if leads is not None and (not isinstance(leads, list) or not all(isinstance(n, str) and n for n in leads)):
+        raise ApiError("bad_request", "leads must name the leads in order: \"I,II,III,...\" or a list of names",
+                       param="leads")
+    return {"fs": None if fs is None else float(fs), "unit": unit, "leads": tuple(leads) if leads else None}
 
 
 def _form_value(key: str, value: str) -> Any:

@@ -52,13 +52,13 @@ class Upload(NamedTuple):
     data: bytes
 
 
-def decode_input(source: bytes | Path | tuple[Upload, ...], *, name: str) -> EcgInput:
+def decode_input(source: bytes | Path | tuple[Upload, ...], *, name: str, **reading: Any) -> EcgInput:
     """An uploaded file's bytes, a WFDB record's two uploaded files, or a checked path under --allow-dir, as
     the ECG the model reads (an image or PDF, or a recording rendered as the standard print); InputError if
-    unusable."""
+    unusable. `reading`: load_input's fs, leads and unit, for CSV and NPY recordings."""
     if isinstance(source, tuple):
         return _decode_record(source, name=name)
-    return load_input(source, name=name)
+    return load_input(source, name=name, **reading)
 
 
 def _decode_record(parts: tuple[Upload, ...], *, name: str) -> EcgInput:

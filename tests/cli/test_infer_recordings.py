@@ -99,7 +99,7 @@ def test_a_csv_without_fs_says_how_to_give_it(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["infer", str(path), "--model", str(tmp_path)])
     assert res.exit_code == 2
     assert res.stderr == (f"pulse-edge: error: {path}: a CSV file stores no sampling rate; "
-                          "pass it (--fs HZ, or fs= in Python).\n")
+                          "pass it (--fs HZ; fs= in Python; the server's `fs` field).\n")
 
 
 def test_several_inputs_need_an_output_file(tmp_path: Path) -> None:

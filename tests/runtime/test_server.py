@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="the server needs the serve extra")
@@ -298,6 +299,34 @@ def test_interpret_reads_a_wfdb_record_uploaded_as_its_two_files(server: Server,
         body, headers = _multipart({}, *wrong)
         status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", body, _auth(headers))
         assert status == 400 and "NAME.hea and NAME.dat" in json.loads(answer)["error"]["message"]
+
+
+def test_interpret_reads_csv_and_npy_recordings_with_their_fs_leads_and_unit(server: Server, tmp_path: Path) -> None:
+    """What `infer --fs/--leads/--unit` gives a recording that stores none of them; without fs, the reader's line."""
+    from pulse_testing.ecg_files import LEADS, beats, write_csv
+
+    signals = beats(5000, 500.0)  # [12, 5000] mV
+    csv = write_csv(tmp_path / "cart.csv", signals * 1000.0, LEADS).read_bytes()  # written in microvolts
+    npy_path = tmp_path / "cart.npy"
+    np.save(npy_path, signals[::-1].copy())  # the leads in reverse order, as --leads says
+    url = f"{server.url}/v1/ecg/interpret"
+    for file, fields in ((("cart.csv", csv), {"fs": "500", "unit": "uV"}),
+                         (("cart.npy", npy_path.read_bytes()), {"fs": "500", "leads": ",".join(LEADS[::-1])})):
+        body, headers = _multipart({"max_tokens": "2", **fields}, file)
+        status, _, answer = _http("POST", url, body, _auth(headers))
+        assert status == 200, answer
+        assert json.loads(answer)["input_kind"] == file[0].rsplit(".", 1)[1]
+    refusals = [({}, "a CSV file stores no sampling rate; pass it (--fs HZ; fs= in Python; the server's `fs` field)",
+                 None),
+                ({"fs": "fast"}, "fs must be a number, got 'fast'", "fs"),
+                ({"fs": "500", "unit": "mm"}, "unit must be one of uV, mV, V", "unit"),
+                ({"fs": "5"}, "sampling rate 5 Hz is outside 50-20000 Hz", None),
+                ({"fs": "500", "leads": "I,,II"}, "leads must name the leads in order", "leads")]
+    for fields, message, param in refusals:
+        body, headers = _multipart({"max_tokens": "2", **fields}, ("cart.csv", csv))
+        status, _, answer = _http("POST", url, body, _auth(headers))
+        error = json.loads(answer)["error"]
+        assert status == 400 and message in error["message"] and error["param"] == param, answer
 
 
 @pytest.mark.parametrize(("path", "status"), [("../ecg.png", 403), ("outside.png", 403), ("/etc/hostname", 403),
