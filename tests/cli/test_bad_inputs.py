@@ -114,13 +114,16 @@ def _targets(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize("command", ["export", "make-tiny", "calibrate"])
 def test_a_bad_output_path_is_refused_before_any_work(command: str, case: str, tiny_checkpoint: Path,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.export.build.bundle as bundle
     import pulse_edge.export.fixtures.tiny as tiny
-    import pulse_edge.export.model.checkpoint as checkpoint
+    import pulse_edge.export.model.torch_backend as torch_backend
 
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("work started before the output path was checked")
 
-    monkeypatch.setattr(checkpoint, "load_checkpoint", no_work)
+    # where the commands call it (each module imported the function by name): export, calibrate
+    monkeypatch.setattr(bundle, "load_checkpoint", no_work)
+    monkeypatch.setattr(torch_backend, "load_checkpoint", no_work)
     monkeypatch.setattr(tiny, "_write_checkpoint", no_work)
     out, expected = _targets(tmp_path)[case]
     if command == "calibrate" and case == "a non-empty directory":

@@ -2,8 +2,9 @@
 (export/build/native.py), its steps against the decode graph's, its choice and its refusals, on the tiny model's
 int8 CPU bundle.
 
-Where its kernels cannot run (no AVX-512 VNNI, no compiler) the export writes no index: those tests skip with the
-kernels' reason; the refusal and fallback tests run everywhere.
+Where its kernels cannot run (no AVX-512 VNNI, no compiler) the export writes no index, and every test that needs the
+exported bundle (most refusal and fallback tests among them) skips with the kernels' reason; the others run
+everywhere.
 """
 
 from __future__ import annotations

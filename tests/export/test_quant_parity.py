@@ -160,6 +160,23 @@ def test_below_the_recommended_level_export_warns_on_one_stderr_line_and_keeps_t
         assert below  # its cosine (~0.86 here) is below int4's recommended 0.97
 
 
+def test_an_int8_bundle_below_a_stricter_level_warns_once_and_is_kept(checkpoint: Path, scales: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default suite's own case of the warning (int8 meets its real level, so the test above sees none
+    without --run-slow): the level raised past what this int8 export reaches."""
+    import pulse_edge.export.validate.fidelity as fidelity
+
+    levels = "cosine>=0.9999999,vision_cosine>=0.99"
+    monkeypatch.setattr(fidelity, "RECOMMENDED_FIDELITY", {"int8": levels})
+    res = _cli(*_export_args(checkpoint, scales, tmp_path / "int8", "int8"))
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("pulse-edge: warning:")]
+    below = read_manifest(tmp_path / "int8").calibration.fidelity["recommended"]["below"]
+    assert len(below) == 1 and below[0].startswith("cosine ")
+    assert warnings == [f"pulse-edge: warning: this int8 bundle's fidelity against fp32 is below the level recommended "
+                        f"for int8 ({below[0]}; recommended {levels}): its answers may depart from the fp32 model's; "
+                        "the report is in manifest.json (calibration.fidelity); --accuracy-gate refuses such bundles"]
+
+
 @pytest.mark.slow
 def test_parity_holds_where_fidelity_is_far_from_fp32(exports: Callable[[str], Exported]) -> None:
     """The int4 recipe's own error on these weights is large; its graph still matches its recipe to ~1e-6."""

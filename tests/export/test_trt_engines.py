@@ -98,17 +98,15 @@ def test_the_explicit_form_builds_too(trt_fp16_bundle: Path, tiny_pipeline, tmp_
 
 @pytest.mark.tensorrt
 def test_build_engines_refusals_are_one_line(built: dict[str, Path], tmp_path: Path) -> None:
-    runner = CliRunner()
-    res = runner.invoke(main, ["build-engines", str(built["bundle-fp8"]), "--target", "rtx",
-                               "--compute-capability", "8.6,8.9", "-o", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "needs compute capability >= 8.9" in res.output
-    res = runner.invoke(main, ["build-engines", str(built["bundle-fp16"]), "--target", "rtx",
-                               "--compute-capability", "8.7", "-o", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "cannot target Jetson Orin" in res.output
-    res = runner.invoke(main, ["build-engines", str(built["bundle-fp16"]), "--max-context", "99999",
-                               "-o", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "--max-context must be between" in res.output
-    assert all(len(r.output.strip().splitlines()) == 1 for r in [res]) and not (tmp_path / "x").exists()
+    cases = [([str(built["bundle-fp8"]), "--target", "rtx", "--compute-capability", "8.6,8.9"],
+              "needs compute capability >= 8.9"),
+             ([str(built["bundle-fp16"]), "--target", "rtx", "--compute-capability", "8.7"],
+              "cannot target Jetson Orin"),
+             ([str(built["bundle-fp16"]), "--max-context", "99999"], "--max-context must be between")]
+    for args, expected in cases:
+        res = CliRunner().invoke(main, ["build-engines", *args, "-o", str(tmp_path / "x")])
+        assert res.exit_code == 2 and expected in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), res.output
     data = json.loads((built["fp16"] / "engines.json").read_text())
     assert data["engines"]["vision"]["profiles"][0]["shapes"]["pixel_values"][2][0] == 5  # PULSE: 4 tiles + base
 
