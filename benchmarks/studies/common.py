@@ -4,26 +4,18 @@ opset, the session that runs them, and the summary of ORT's form against a kerne
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
 from pulse_edge.benchmarks.common.output import REPORT_PATH
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    """nan passes a FloatRange (every comparison with it is false) and fails later on int(): refused here."""
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
-    return value
-
+from pulse_edge.click_types import FiniteFloatRange
 
 STUDY_OPTIONS = (
     click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True),
     click.option("--heads", type=click.IntRange(min=1), default=32, show_default=True, help="Heads (x 128)."),
-    click.option("--scale", type=click.FloatRange(min=0.01, max=1.0), default=1.0, show_default=True, callback=_finite,
+    click.option("--scale", type=FiniteFloatRange(min=0.01, max=1.0), default=1.0, show_default=True,
                  help="Shrink the study's sizes (positions; layers where it has them) by this factor: 1 is PULSE's."),
     click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report."),
 )

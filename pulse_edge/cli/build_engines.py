@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import ENGINE_TARGETS
-from pulse_edge.cli.params import FiniteFloatRange
+from pulse_edge.click_types import FiniteFloatRange
 
 
 def _capabilities(text: str | None) -> tuple[str, ...] | None:

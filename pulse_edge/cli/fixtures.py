@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import CHECKPOINT_LAYOUTS, MERGES, RHYTHMS, TOWER_PLACEMENTS
-from pulse_edge.cli.params import SEED, FiniteFloatRange
+from pulse_edge.cli.params import SEED
+from pulse_edge.click_types import FiniteFloatRange
 
 
 @click.command("make-tiny")

@@ -21,6 +21,7 @@ from pulse_edge.choices import (
 )
 from pulse_edge.cli.params import SEED, TORCH_DEVICE
 from pulse_edge.cli.progress import HashBar
+from pulse_edge.click_types import FiniteFloatRange
 from pulse_edge.errors import ConfigError
 
 
@@ -36,9 +37,9 @@ from pulse_edge.errors import ConfigError
               help="trt backend: the engine directory (default: the bundle's one engines-* folder).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The paper's evaluation uses 1024.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+@click.option("--temperature", type=FiniteFloatRange(min=0.0), default=0.0, show_default=True,
               help="0 = greedy, as in the paper's evaluation.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-p", type=FiniteFloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for sampling (temperature > 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None,
@@ -80,7 +81,7 @@ from pulse_edge.errors import ConfigError
 @click.option("--save-render", type=click.Path(path_type=Path), default=None,
               help="Keep the image the model read (a recording's rendered 12-lead print); with --output a folder "
                    "that gets one PNG per recording.")
-@click.option("--fs", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--fs", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Sampling rate in Hz of CSV and NPY recordings, which do not store one.")
 @click.option("--leads", default=None,
               help="Lead order of an NPY recording, comma-separated; default I,II,III,aVR,aVL,aVF,V1,...,V6.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import click
@@ -11,17 +10,6 @@ from pulse_edge.choices import SEED_RANGE, TORCH_DEVICES, is_torch_device
 from pulse_edge.errors import ConfigError
 
 SEED = click.IntRange(*SEED_RANGE)
-
-
-class FiniteFloatRange(click.FloatRange):
-    """click's FloatRange, refusing nan and inf too: nan fails every comparison, so a range alone lets it through
-    (a server's --timeout nan answered every request 504; --max-body-mb nan failed on int())."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{number} is not a finite number", param, ctx)
-        return number
 
 
 class TorchDevice(click.ParamType):

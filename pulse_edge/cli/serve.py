@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, PREFILL_GRAPH_MODES, PROVIDERS
-from pulse_edge.cli.params import FiniteFloatRange
+from pulse_edge.click_types import FiniteFloatRange
 from pulse_edge.errors import ConfigError
 
 # Module names of the `serve` extra's packages (python-multipart parses uploads).

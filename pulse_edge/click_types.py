@@ -1,0 +1,20 @@
+"""click parameter types any of pulse-edge's command lines may use: the CLI's commands and the benchmark studies'
+own entry points. Here, below both in the layer contract, so that neither restates them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing nan and inf too: nan fails every comparison, so a range alone lets it through
+    (a server's --timeout nan answered every request 504; --max-body-mb nan failed on int())."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
