@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample, classify_task
 from pulse_edge.calibration.datasets.ecgbench import readers as ecgbench_data
+from pulse_edge.calibration.datasets.json_text import parse_json, read_utf8
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.text.prompt import IMAGE_MARKER
 
@@ -27,12 +27,7 @@ def load_ecginstruct(json_path: str | Path, image_root: str | Path | None = None
 def _read_json_list(path: Path) -> list[Any]:
     if not path.is_file():
         raise InputError(f"{path}: ECGInstruct file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    data = parse_json(read_utf8(path), path)
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of {{id, image, conversations}} items "
                          f"(ECGInstruct format), got a {type(data).__name__}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
+from pulse_edge.calibration.datasets.json_text import parse_json, read_utf8
 from pulse_edge.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -255,17 +256,11 @@ def _iter_json(source: SubsetSource, with_images: bool, ids: frozenset[str] | No
 
 
 def _json_records(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
         return [_json_line(line, number, path) for number, line in enumerate(text.splitlines(), start=1)
                 if line.strip()]
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    data = parse_json(text, path)
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of {{id, image, conversations}} items")
     return data
