@@ -51,9 +51,10 @@ class ModelOutputError(PulseEdgeError):
     overflow, refused rather than decoded into text."""
 
 
-class EngineRunError(ModelOutputError):
+class EngineRunError(PulseEdgeError):
     """An inference engine failed while running a graph of a bundle that passed its load checks: a fault in
-    pulse-edge or the engine, not the user's input, hence its own exit code. Like non-finite logits, no answer."""
+    pulse-edge or the engine, not the user's input, hence its own exit code. Unlike non-finite logits (one input's
+    failure), it stops a batch: the next input would meet the same fault."""
 
     exit_code = 3
 

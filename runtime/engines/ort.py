@@ -75,11 +75,11 @@ class VisionEngine:
         self.session = make_session(bundle / spec.file, config, graph_limit=spec.opt_level_limit,
                                     fp16=spec.precision == "fp16", entries=graph_config_entries(spec))
         check_graph_io(spec, self.session)
-        self.file = spec.file
+        self.file, self.provider = spec.file, config.provider
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         feed = {names.PIXEL_VALUES: pixel_values.astype(np.float32, copy=False)}
-        with ort_run_errors(self.file):
+        with ort_run_errors(self.file, self.provider):
             return self.session.run([names.IMAGE_FEATURES], feed)[0]
 
 
@@ -95,6 +95,7 @@ class DecoderEngine:
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
         self.files = (spec.file, prefill.file if prefill is not None else None)  # decode, prefill: named in errors
+        self.provider = config.provider
         device = "cuda" if config.provider in ("cuda", "tensorrt") else "cpu"
         shape = [1, kv.kv_heads, kv.max_length, kv.head_dim]
         self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, NP_DTYPES[kv.dtype], device, config.device_id)
@@ -187,7 +188,7 @@ class DecoderEngine:
             binding.bind_cpu_input(names.INPUTS_EMBEDS, embeds)
             binding.bind_cpu_input(names.SEQLENS_K, np.array([total - 1], np.int32))
             binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
-            with ort_run_errors(self.files[runner is self.prefill_session]):
+            with ort_run_errors(self.files[runner is self.prefill_session], self.provider):
                 runner.run_with_iobinding(binding)
         self.length = total
         return self._logits[0, -1]
@@ -267,7 +268,7 @@ class ScatterDecoderEngine(DecoderEngine):
         self._binding.bind_cpu_input(names.POSITION_IDS, np.arange(start, total, dtype=np.int64)[None])
         self._binding.bind_cpu_input(names.WRITE_INDEX, np.array([start], np.int64))
         self._binding.bind_cpu_input(names.ATTENTION_MASK, self._ones[:, :total])
-        with ort_run_errors(self.files[0]):
+        with ort_run_errors(self.files[0], self.provider):
             self.session.run_with_iobinding(self._binding)
         self.length = total
         return self._logits[0, -1]

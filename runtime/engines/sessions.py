@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
-from pulse_edge.errors import ConfigError, EngineRunError
+from pulse_edge.errors import ConfigError, DeviceMemoryError, EngineRunError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
@@ -24,7 +24,7 @@ NODE_ORDERS = {"default": "DEFAULT", "priority": "PRIORITY_BASED"}  # ours -> or
 # ONNX Runtime raises its own exception types (Fail, RuntimeException, InvalidArgument...), all from this module and
 # all plain Exception subclasses; an allocation that failed inside it says so in one of these phrases.
 ORT_ERRORS_MODULE = "onnxruntime.capi.onnxruntime_pybind11_state"
-OUT_OF_MEMORY_PHRASES = ("bad_alloc", "bad allocation", "Failed to allocate memory")
+OUT_OF_MEMORY_PHRASES = ("bad_alloc", "bad allocation", "Failed to allocate memory", "out of memory")
 
 
 def load_onnxruntime() -> Any:
@@ -266,10 +266,11 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
 
 
 @contextmanager
-def ort_run_errors(graph: str) -> Iterator[None]:
-    """ONNX Runtime's failures while running `graph` as one line: out of memory as a MemoryError (the machine's
-    state), anything else as an EngineRunError (no answer; the bundle passed its load checks, so the fault is ours
-    or the engine's). Only ORT's own exception types are translated; any other error passes through as it is."""
+def ort_run_errors(graph: str, provider: str = "cpu") -> Iterator[None]:
+    """ONNX Runtime's failures while running `graph` as one line: out of memory as the machine's state (the host's
+    MemoryError, or on a GPU provider a DeviceMemoryError, whose remedy is not the host's RAM), anything else as an
+    EngineRunError (no answer; the bundle passed its load checks, so the fault is ours or the engine's). Only ORT's
+    own exception types are translated; any other error passes through as it is."""
     try:
         yield
     except Exception as e:
@@ -277,7 +278,12 @@ def ort_run_errors(graph: str) -> Iterator[None]:
             raise
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
-        if any(phrase in text for phrase in OUT_OF_MEMORY_PHRASES):
+        full = any(phrase in text for phrase in OUT_OF_MEMORY_PHRASES)
+        if full and provider != "cpu":
+            raise DeviceMemoryError(f"the GPU's memory is full running {graph} ({first}); export the bundle with a "
+                                    "shorter context (export --max-context) or a smaller precision, or free the "
+                                    "GPU") from e
+        if full:
             raise MemoryError(f"onnxruntime could not allocate memory running {graph} ({first})") from e
         raise EngineRunError(f"onnxruntime failed running {graph} ({first}); the bundle passed its load checks, so "
                              "this is a fault in pulse-edge or onnxruntime: please report it with the output of "

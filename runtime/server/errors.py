@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pulse_edge.errors import ModelOutputError, PulseEdgeError
+from pulse_edge.errors import EngineRunError, ModelOutputError, PulseEdgeError
 
 # kind -> (HTTP status, OpenAI error type)
 ERROR_KINDS: Mapping[str, tuple[int, str]] = {
@@ -54,7 +54,7 @@ class ApiError(Exception):
 def from_runtime(exc: PulseEdgeError) -> ApiError:
     """A runtime refusal as the client reads it: its one line; a 400 (the request's file or prompt), or a 500 when
     the model computed no usable answer (not the client's doing)."""
-    return ApiError("error" if isinstance(exc, ModelOutputError) else "bad_request", str(exc))
+    return ApiError("error" if isinstance(exc, ModelOutputError | EngineRunError) else "bad_request", str(exc))
 
 
 class ClientGone(Exception):

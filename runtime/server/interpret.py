@@ -27,7 +27,7 @@ from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.server.chat import read_json
 from pulse_edge.runtime.server.errors import ApiError
 from pulse_edge.runtime.server.model import Upload, answer_json, decode_input
-from pulse_edge.runtime.server.openai_api import max_tokens, sampling_params
+from pulse_edge.runtime.server.openai_api import max_tokens, number_field, sampling_params
 from pulse_edge.runtime.server.paths import resolve_allowed
 from pulse_edge.runtime.server.state import ServerState
 from pulse_edge.runtime.server.waiting import Deadline, settle
@@ -118,17 +118,24 @@ async def _read_form(request: Request, deadline: Deadline) -> tuple[dict[str, An
 def recording_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """`fs`, `leads` and `unit` as load_input takes them; their types checked here (a 400 naming the field), their
     values by the readers (an InputError, the 400 `infer` prints as one line)."""
-    fs, unit, leads = params.get("fs"), params.get("unit", "mV"), params.get("leads")
-    if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int | float)):
-        raise ApiError("bad_request", "fs must be a number: the sampling rate in Hz", param="fs")
+    fs = number_field(params, "fs", None, "a finite number: the sampling rate in Hz")
+    unit, leads = params.get("unit", "mV"), params.get("leads")
     if unit not in VOLTAGE_UNITS:
         raise ApiError("bad_request", f"unit must be one of {', '.join(VOLTAGE_UNITS)}", param="unit")
-    if isinstance(leads, str):
-        leads = [name.strip() for name in leads.split(",")]
-    if leads is not None and (not isinstance(leads, list) or not all(isinstance(n, str) and n for n in leads)):
+    if isinstance(leads, str):  # a form's text: "I,II,..." or a JSON list written as text
+        leads = _json_list(leads) if leads.lstrip().startswith("[") else [name.strip() for name in leads.split(",")]
+    if leads is not None and (not isinstance(leads, list) or not leads
+                              or not all(isinstance(n, str) and n.strip() for n in leads)):
         raise ApiError("bad_request", "leads must name the leads in order: \"I,II,III,...\" or a list of names",
                        param="leads")
-    return {"fs": None if fs is None else float(fs), "unit": unit, "leads": tuple(leads) if leads else None}
+    return {"fs": fs, "unit": unit, "leads": tuple(leads) if leads is not None else None}
+
+
+def _json_list(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # not a list: refused by the caller, naming the field
 
 
 def _form_value(key: str, value: str) -> Any:

@@ -172,18 +172,23 @@ def _the_image(images: list[tuple[int, bytes]], messages: Sequence[Any]) -> byte
     return data
 
 
-def _number(body: Mapping[str, Any], name: str, default: float) -> float:
+def number_field(body: Mapping[str, Any], name: str, default: float | None, what: str = "a number") -> float | None:
+    """A finite JSON number, or `default` when absent or null; an integer too large for a float is no number."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ApiError("bad_request", f"{name} must be a number", param=name)
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # 10**400: JSON allows it, a float does not
+        number = math.nan
+    if not math.isfinite(number):
+        raise ApiError("bad_request", f"{name} must be {what}", param=name)
+    return number
 
 
 def sampling_params(body: Mapping[str, Any]) -> SamplingParams:
-    temperature = _number(body, "temperature", 0.0)
-    top_p = _number(body, "top_p", 1.0)
+    temperature = number_field(body, "temperature", 0.0)
+    top_p = number_field(body, "top_p", 1.0)
     if not 0.0 <= temperature <= 2.0:
         raise ApiError("bad_request", f"temperature must be in [0, 2] (0 = greedy), got {temperature}",
                        param="temperature")

@@ -436,6 +436,40 @@ def test_onnxruntime_failing_mid_run_is_one_line_with_its_own_exit_code(tiny_bun
         "--threads, and run the command again"]
 
 
+def test_an_engine_fault_stops_a_batch_and_records_nothing_for_its_input(tiny_bundle: Path, ecg_png: Path,
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unlike one input's bad file or non-finite logits, the next input would meet the same fault: exit 3 at the first,
+    and no error line that would mark it done (a rerun retries it)."""
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", _failing(ort_state.Fail("FAIL : a kernel failed")))
+    out = tmp_path / "answers.jsonl"
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), str(ecg_png), "--model", str(tiny_bundle),
+                                    "--max-new-tokens", "2", "--output", str(out)])
+    assert res.exit_code == 3, res.output
+    assert [line for line in res.stderr.splitlines() if line.startswith("pulse-edge: error:")] == [
+        "pulse-edge: error: onnxruntime failed running vision.onnx (FAIL : a kernel failed); the bundle passed its "
+        "load checks, so this is a fault in pulse-edge or onnxruntime: please report it with the output of "
+        "`pulse-edge --version` and the bundle's manifest.json"]
+    assert not out.exists() or out.read_text() == ""
+
+
+@pytest.mark.parametrize(("provider", "raised"), [("cpu", MemoryError), ("cuda", "DeviceMemoryError")])
+def test_out_of_memory_mid_run_is_the_hosts_or_the_gpus(provider: str, raised: object) -> None:
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    from pulse_edge.errors import DeviceMemoryError
+    from pulse_edge.runtime.engines.sessions import ort_run_errors
+
+    expected = DeviceMemoryError if raised == "DeviceMemoryError" else MemoryError
+    with pytest.raises(MemoryError) as caught, ort_run_errors("decoder.onnx", provider):
+        raise ort_state.RuntimeException("CUDA failure 2: out of memory ; GPU=0")
+    assert type(caught.value) is expected
+    assert ("the GPU's memory is full" in str(caught.value)) == (provider == "cuda")
+
+
 def test_an_error_that_is_not_onnxruntimes_passes_through_as_it_is(tiny_bundle: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime

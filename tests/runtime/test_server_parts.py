@@ -134,6 +134,7 @@ def test_malformed_conversations_are_400s_that_say_why(messages: list, words: st
     ({"max_tokens": 0}, "max_tokens must be a positive integer"), ({"seed": -1}, "seed must be"),
     ({"seed": 2**32}, r"seed must be an integer in \[0, 4294967295\]"),
     ({"stream": "yes"}, "stream must be true or false"),
+    ({"temperature": 10**400}, "temperature must be a number"),  # JSON allows it; float() overflows
 ])
 def test_unsupported_or_out_of_range_parameters_are_refused(extra: dict, words: str) -> None:
     with pytest.raises(ApiError, match=words):
@@ -328,9 +329,36 @@ def test_only_the_server_loads_the_web_stack() -> None:
 
 def test_a_runtime_refusal_is_the_clients_400_unless_the_model_failed() -> None:
     """A bad file or prompt is the request's (400); NaN logits are not the client's doing (500), both one line."""
-    from pulse_edge.errors import InputError, ModelOutputError
+    from pulse_edge.errors import EngineRunError, InputError, ModelOutputError
     from pulse_edge.runtime.server.errors import from_runtime
 
     assert from_runtime(InputError("ecg.png: is empty")).body()["error"]["code"] == "bad_request"
     failed = from_runtime(ModelOutputError("the model's logits hold NaN or inf"))
     assert failed.status == 500 and failed.body()["error"]["message"] == "the model's logits hold NaN or inf"
+    assert from_runtime(EngineRunError("onnxruntime failed running decoder.onnx (...)")).status == 500
+
+
+@pytest.mark.parametrize(("fields", "param", "words"), [
+    ({"fs": 10**400}, "fs", "fs must be a finite number: the sampling rate in Hz"),
+    ({"fs": True}, "fs", "fs must be a finite number"), ({"fs": "500"}, "fs", "fs must be a finite number"),
+    ({"unit": "mm"}, "unit", "unit must be one of uV, mV, V"),
+    ({"leads": []}, "leads", "leads must name the leads in order"),
+    ({"leads": "I,,II"}, "leads", "leads must name"), ({"leads": '["I", 2]'}, "leads", "leads must name"),
+    ({"leads": '["I", "II"'}, "leads", "leads must name"),
+])
+def test_a_recordings_fields_of_the_wrong_kind_are_400s_naming_the_field(fields: dict, param: str,
+                                                                         words: str) -> None:
+    from pulse_edge.runtime.server.interpret import recording_options
+
+    with pytest.raises(ApiError, match=words) as caught:
+        recording_options(fields)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_leads_are_a_list_in_json_or_in_a_forms_text() -> None:
+    """In a multipart form a JSON list arrives as text: read as the list, not split on its commas."""
+    from pulse_edge.runtime.server.interpret import recording_options
+
+    wanted = {"fs": 500.0, "unit": "uV", "leads": ("V1", "II")}
+    for leads in (["V1", "II"], '["V1", "II"]', "V1, II"):
+        assert recording_options({"fs": 500, "unit": "uV", "leads": leads}) == wanted
