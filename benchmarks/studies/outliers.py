@@ -91,7 +91,7 @@ def _one_recipe(key: str, reference: Any, scales: Any, traces: list[Any], out: P
     shape = DecoderShape.from_config(cfg, max_length=4096)
     recipe = None if args is None else make_recipe(**args)
     plan = FLOAT_PLAN if recipe is None else decoder_plan(model, recipe, scales, shape)
-    kv_scales = None if recipe is None else kv_scales_for(recipe, scales, shape)
+    kv_scales = None if recipe is None else kv_scales_for(recipe, scales, shape, plan)
     out.mkdir(parents=True)
     desc = build_decoder(model.language_model, shape, out, precision="fp32", plan=plan, kv=kv_scales)
     prefill = (build_prefill(model.language_model, shape, out, recipe, plan, kv_scales, label=recipe.name)

@@ -225,7 +225,7 @@ def _write_graphs(loaded: LoadedCheckpoint, work: Path, options: ExportOptions, 
         vision = quant.quantize_vision(loaded, work, vision)
     log.info("building the decoder graph (%s, %d layers)", options.precision, shape.layers)
     plan = quant.decoder_plan(loaded, shape) if quant else FLOAT_PLAN
-    kv = kv_scales_for(quant.recipe, quant.scales, shape) if quant else None
+    kv = kv_scales_for(quant.recipe, quant.scales, shape, plan) if quant else None
     decoder = build_decoder(model.language_model, shape, work, precision=base, plan=plan, label=options.precision,
                             kv=kv, fp16_cache=options.fp16_cache)
     graphs = {names.VISION: vision, names.DECODER: decoder}
@@ -414,7 +414,7 @@ def _cache_emulation(model: Any, fp16_cache: bool) -> Any:
 def _kv_scales(loaded: LoadedCheckpoint, manifest: Manifest, quant: QuantContext) -> KVScales | None:
     """The int8 KV cache's scales as the graphs hold them (None for a float cache)."""
     shape = DecoderShape.from_config(loaded.config, max_length=manifest.kv.max_length)
-    return kv_scales_for(quant.recipe, quant.scales, shape)
+    return kv_scales_for(quant.recipe, quant.scales, shape, quant.decoder_plan(loaded, shape))
 
 
 def _prefill_parity(loaded: LoadedCheckpoint, bundle: Path, manifest: Manifest, options: ExportOptions,
