@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,7 @@ from typing import Any
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError, DeviceMemoryError, EngineRunError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
+from pulse_edge.runtime.kernels.build import cpu_flags
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
 ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
@@ -185,7 +187,24 @@ def session_settings(config: SessionConfig, graph_limit: str | None = None, *,
     return {"opt_level": effective_opt_level(config.opt_level, graph_limit), "prepack": config.prepack,
             "mem_arena": config.mem_arena,
             "mem_pattern": planned if config.mem_pattern is None else config.mem_pattern,
-            "node_order": config.node_order or ("priority" if mapped else "default")}
+            "node_order": config.node_order or ("priority" if mapped else "default"),
+            "u8u8_matmul": config.provider == "cpu" and int8_products_saturate()}
+
+
+# x86 CPUs without VNNI multiply ORT's u8 x s8 MatMulIntegerToFloat / DynamicQuantizeMatMul (the vision graph's
+# w8a8u8, the prefill graph's w8a8dyn) with vpmaddubsw, whose pair sums saturate at int16: codes near 255 against
+# weights near 127 (2 x 255 x 127 = 64770) come out clipped, a silent error the emulated reference (exact int32
+# products) does not have. ORT's session.x64quantprecision rewrites those weights to u8 (exactly: code + 128 at
+# zero point 128) and multiplies u8 x u8 without the saturation. VNNI's vpdpbusd sums in int32: nothing to do there.
+EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+U8U8_ENTRY = "session.x64quantprecision"
+
+
+def int8_products_saturate(flags: frozenset[str] | None = None) -> bool:
+    """Would ORT's u8 x s8 GEMMs saturate on this CPU (x86 without VNNI)? Not on other architectures."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return not (cpu_flags() if flags is None else flags) & EXACT_INT8_FLAGS
 
 
 def _session_options(ort: Any, config: SessionConfig, settings: Mapping[str, Any]) -> Any:
@@ -247,7 +266,10 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
     `shapes_vary`: see session_settings."""
     ort = load_onnxruntime()
     require_provider(config)
-    options = _session_options(ort, config, session_settings(config, graph_limit, shapes_vary=shapes_vary))
+    settings = session_settings(config, graph_limit, shapes_vary=shapes_vary)
+    options = _session_options(ort, config, settings)
+    if settings["u8u8_matmul"]:
+        options.add_session_config_entry(U8U8_ENTRY, "1")
     for key, value in (entries or {}).items():
         options.add_session_config_entry(key, value)
     if config.profile_dir is not None:  # ORT writes no trace, and says nothing, into a folder that is not there

@@ -232,9 +232,12 @@ def test_the_estimate_covers_the_7b_two_graph_validation_measured() -> None:
     assert one_graph["total"] < 22.2 * 2**30 <= two_graphs["total"] <= 23 * 2**30
 
 
-def test_only_mapped_cpu_sessions_change_orts_defaults() -> None:
+def test_only_mapped_cpu_sessions_change_orts_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.runtime.engines.sessions as sessions
+
+    monkeypatch.setattr(sessions, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     assert session_settings(SessionConfig()) == {"opt_level": "all", "prepack": True, "mem_arena": True,
-                                                 "mem_pattern": True, "node_order": "default"}
+                                                 "mem_pattern": True, "node_order": "default", "u8u8_matmul": False}
     mapped = session_settings(SessionConfig(prepack=False))
     assert (mapped["mem_pattern"], mapped["node_order"]) == (False, "priority")
     gpu = session_settings(SessionConfig(provider="cuda", prepack=False))  # weights live on the device there
@@ -274,3 +277,56 @@ def test_an_export_the_disk_cannot_hold_is_refused_before_any_graph(tiny_checkpo
                                           r"GiB is free where it is written .*; free some space or choose another"):
         export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(precision="fp32"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("machine", "flags", "provider", "u8u8"), [
+    ("x86_64", {"avx2", "fma"}, "cpu", True),  # AVX2 without VNNI (Zen 2/3, Intel before Ice Lake): saturates
+    ("x86_64", {"avx2", "avx512f", "avx512bw"}, "cpu", True),  # AVX-512 without VNNI (Skylake-SP)
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, "cpu", False),
+    ("x86_64", {"avx2", "avx_vnni"}, "cpu", False),  # Alder Lake's AVX-VNNI
+    ("x86_64", {"avx2"}, "cuda", False),  # the GPU computes those GEMMs
+    ("aarch64", set(), "cpu", False),  # a Jetson's CPU: no vpmaddubsw
+])
+def test_int8_gemms_run_u8u8_where_orts_u8s8_products_would_saturate(machine: str, flags: set[str], provider: str,
+                                                                      u8u8: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.runtime.engines.sessions as sessions
+
+    monkeypatch.setattr(sessions.platform, "machine", lambda: machine)
+    monkeypatch.setattr(sessions, "cpu_flags", lambda: frozenset(flags))
+    assert session_settings(SessionConfig(provider=provider))["u8u8_matmul"] is u8u8
+
+
+def test_a_u8u8_session_computes_the_exact_int32_products(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The codes that saturate vpmaddubsw's int16 pair sums (255 against 127), through the session as make_session
+    opens it on a CPU without VNNI: the exact product, as the emulated reference computes it. (On this CPU the
+    saturating kernel is not the one ORT picks either way; this pins that the entry is taken and changes no
+    result.)"""
+    import onnxruntime
+
+    import pulse_edge.runtime.engines.sessions as sessions
+    from pulse_edge.runtime.engines.ort import make_session
+
+    k, n = 64, 8
+    w = np.full((k, n), 127, np.int8)
+    nodes = [helper.make_node("MatMulIntegerToFloat", ["a", "w", "sa", "sw", "za"], ["y"], domain="com.microsoft")]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0.5, np.float32), "sa"),
+             numpy_helper.from_array(np.full(n, 0.25, np.float32), "sw"),
+             numpy_helper.from_array(np.array(0, np.uint8), "za")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft",
+                                                                                                     1)])
+    model.ir_version = 9
+    path = tmp_path / "mm.onnx"
+    onnx.save_model(model, path)
+    seen: dict[str, str] = {}
+    entry = onnxruntime.SessionOptions.add_session_config_entry
+    monkeypatch.setattr(onnxruntime.SessionOptions, "add_session_config_entry",
+                        lambda self, key, value: (seen.__setitem__(key, value), entry(self, key, value))[1])
+    monkeypatch.setattr(sessions, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(sessions.platform, "machine", lambda: "x86_64")
+    a = np.full((1, k), 255, np.uint8)
+    got = make_session(path, SessionConfig()).run(None, {"a": a})[0]
+    assert seen.get("session.x64quantprecision") == "1"
+    np.testing.assert_array_equal(got, np.full((1, n), 255 * 127 * k * 0.5 * 0.25, np.float32))
