@@ -37,7 +37,7 @@ from pulse_edge.calibration.samples import (
     prepare_sample,
     select_samples,
 )
-from pulse_edge.calibration.scales import Scales, SiteScales
+from pulse_edge.calibration.scales import Scales, SiteScales, check_values
 from pulse_edge.errors import ConfigError
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint
 from pulse_edge.runtime.text.tokenizer import Tokenizer
@@ -103,9 +103,13 @@ def calibrate(loaded: LoadedCheckpoint, tokenizer: Tokenizer, options: Calibrati
     with observing_kv(loaded.model, kv):
         observe(loaded.model, prepared, observers, progress=options.progress)
     sites = {site: _site_scales(loaded, site, obs, options) for site, obs in observers.items()}
-    return Scales(method=options.method, checkpoint_sha256=loaded.sha256,
-                  samples=_samples_meta(samples, prepared, options), awq_block_size=options.block_size,
-                  sites=sites, created_by=f"pulse-edge {__version__}", kv=kv.absmax)
+    scales = Scales(method=options.method, checkpoint_sha256=loaded.sha256,
+                    samples=_samples_meta(samples, prepared, options), awq_block_size=options.block_size,
+                    sites=sites, created_by=f"pulse-edge {__version__}", kv=kv.absmax)
+    # what Scales.load refuses in a file, refused here before it is written or exported with (a site the samples
+    # never moved has amax 0: every activation would be quantized to its extreme code)
+    check_values(scales, f"the calibration on {len(prepared)} samples", "calibrate on more or other ECG samples")
+    return scales
 
 
 def _site_scales(loaded: LoadedCheckpoint, site: str, obs: SiteObserver, options: CalibrationOptions) -> SiteScales:

@@ -107,7 +107,7 @@ class Scales:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ScalesError(f"{path} is damaged or incomplete ({e!r} is missing or malformed); re-run "
                               "pulse-edge calibrate") from e
-        _check_values(scales, path)
+        check_values(scales, str(path), "the file is damaged: re-run pulse-edge calibrate")
         return scales
 
     @classmethod
@@ -128,10 +128,12 @@ class Scales:
                               f"this one is {sha256[:12]}...); re-run pulse-edge calibrate on this checkpoint")
 
 
-def _check_values(scales: Scales, path: Path) -> None:
+def check_values(scales: Scales, where: str, fix: str) -> None:
     """Every range a graph is quantized with: finite, and a scale above 0. A zero or negative amax would be
     floored to 1e-12 by the graph and the emulated reference alike, so parity would pass a bundle that quantizes
-    every activation to its extreme code; a NaN one fails the export late, as "graphs disagree"."""
+    every activation to its extreme code; a NaN one fails the export late, as "graphs disagree". Checked on a
+    file read (`where` its path; damaged) and on a calibration just run (a site its samples never moved)."""
+    path = where
     checks: list[tuple[str, Any, bool]] = []  # (what, value, must be > 0); absmax 0 is a channel never active
     for name, site in scales.sites.items():
         tables = [("amax", site.amax), ("amax_fp8", site.amax_fp8)]  # one range per calibration method
@@ -152,8 +154,7 @@ def _check_values(scales: Scales, path: Path) -> None:
         if bad.any():
             need = "finite number above 0" if positive else "finite number >= 0"
             shown = value if not isinstance(value, np.ndarray) else values[bad][0].item()
-            raise ScalesError(f"{path}: {what} holds {shown!r}, not a {need}; the file is damaged: re-run "
-                              "pulse-edge calibrate")
+            raise ScalesError(f"{path}: {what} holds {shown!r}, not a {need}; {fix}")
 
 
 def _by_method(ranges: Any, where: str) -> dict[str, Any]:

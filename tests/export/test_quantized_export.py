@@ -321,3 +321,18 @@ def test_benchmarks_count_the_same_linear_work_in_every_graph_form(bundles: dict
         assert counted.tiles((2200, 1700)) == reference.tiles((2200, 1700)) == 5  # the base view + a 2 x 2 grid
         assert 0 < counted.vision_ops_per_tile - reference.vision_ops_per_tile < 1e-3 * reference.vision_ops_per_tile
     assert bundle_ops(tiny_bundle) == ops_of(tiny_bundle)
+
+
+def test_a_calibration_whose_samples_never_moved_a_site_is_refused_before_it_is_used(tiny_pipeline,
+                                                                                    monkeypatch) -> None:
+    """What Scales.load refuses in a file is refused in a calibration just run too (export calibrates itself
+    without --scales): an amax of 0 would quantize every activation of that site to its extreme code."""
+    from pulse_edge.calibration import calibrate as calibration
+    from pulse_edge.calibration.calibrate import CalibrationOptions
+
+    real = calibration.AbsHistogram.amax
+    monkeypatch.setattr(calibration.AbsHistogram, "amax", lambda self, method, **kw: 0.0 if method == "mse" else
+                        real(self, method, **kw))
+    with pytest.raises(ScalesError, match=r"^the calibration on 1 samples: \S+ amax\['mse'\] holds 0\.0, not a "
+                                          r"finite number above 0; calibrate on more or other ECG samples$"):
+        calibration.calibrate(tiny_pipeline.loaded, tiny_pipeline.tokenizer, CalibrationOptions(samples=1))
