@@ -39,12 +39,21 @@ def _m_bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()  # next power of two: one tuning per size class of M
 
 
-def _check_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> None:
+def _check_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *scales: torch.Tensor | None) -> None:
+    """Shapes the kernel indexes as it does: the weight scale per output channel ([N]: the kernel reads
+    b_scale[rn] masked by N only, so a per-tensor [1] would be read past its end, where the twin broadcasts it),
+    the activation and output scales one number each."""
     if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
         raise ValueError(f"linear: a {tuple(a.shape)} and w {tuple(w.shape)} do not chain as [M, K] x [N, K]")
     if bias.shape != (w.shape[0],):
         raise ValueError(f"linear: bias {tuple(bias.shape)} is not [{w.shape[0]}]")
-    devices = {t.device for t in (a, w, bias)}
+    w_scale, *per_tensor = scales
+    if w_scale is not None and w_scale.shape != (w.shape[0],):
+        raise ValueError(f"linear: the weight scale {tuple(w_scale.shape)} is not one per output channel "
+                         f"[{w.shape[0]}]")
+    if any(s is not None and s.numel() != 1 for s in per_tensor):
+        raise ValueError("linear: the activation and output scales are one number each (per tensor)")
+    devices = {t.device for t in (a, w, bias, *(s for s in scales if s is not None))}
     if len(devices) != 1:
         raise ValueError(f"linear: tensors on several devices: {sorted(map(str, devices))}")
 
@@ -57,7 +66,7 @@ def linear(source: ModuleType, a: torch.Tensor, w: torch.Tensor, bias: torch.Ten
 
     `out` may be given (tests poison it to prove that every element is written).
     """
-    _check_linear(a, w, bias)
+    _check_linear(a, w, bias, w_scale, a_scale, out_scale)
     m, n, k = a.shape[0], w.shape[0], a.shape[1]
     out = torch.empty((m, n), device=a.device, dtype=out_dtype) if out is None else out
     if out.shape != (m, n) or out.dtype != out_dtype:

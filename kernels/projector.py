@@ -30,8 +30,18 @@ from pulse_edge.kernels.dispatch import kernel_source, resolve
 from pulse_edge.kernels.quant import FP8_DTYPE, Fp8Weights, Int8Weights
 
 
-def _check(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weight_dtype: torch.dtype | None = None) -> None:
-    """Shapes that chain, and weights stored as the variant expects (x's dtype when weight_dtype is None)."""
+def _check(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weight_dtype: torch.dtype | None = None,
+           scales: tuple[torch.Tensor, ...] = (), per_tensor: tuple[torch.Tensor, ...] = ()) -> None:
+    """Shapes that chain, weights stored as the variant expects (x's dtype when weight_dtype is None), and their
+    scales one per output channel (`scales`: s1, s2), the activations' one number each: checked before the twin
+    or the kernel is chosen, so both refuse alike (the twin would broadcast a per-tensor weight scale, the
+    kernel reads one per channel)."""
+    for s, w, name in zip(scales, (w1, w2), ("s1", "s2"), strict=False):
+        if s.shape != (w.shape[0],):
+            raise ValueError(f"mlp2x_gelu: {name} {tuple(s.shape)} is not one scale per output channel "
+                             f"[{w.shape[0]}]")
+    if any(s.numel() != 1 for s in per_tensor):
+        raise ValueError("mlp2x_gelu: x_scale and h_scale are one number each (per tensor)")
     if x.shape[-1] != w1.shape[1] or w1.shape[0] != w2.shape[1]:
         raise ValueError(f"mlp2x_gelu: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} do not chain "
                          "as [..., K] -> [H, K] -> [N, H]")
@@ -47,7 +57,8 @@ def _run(x: torch.Tensor, impl: str, precision: str, twin: Callable[[], torch.Te
     if not choice.fused:
         return twin()
     flat = x.reshape(-1, x.shape[-1])
-    return kernels(kernel_source(choice.impl == "interpret"), flat).reshape(*x.shape[:-1], -1)
+    y = kernels(kernel_source(choice.impl == "interpret"), flat)  # [T, N]
+    return y.reshape(*x.shape[:-1], y.shape[-1])  # not -1: a reshape cannot infer it from 0 rows
 
 
 def mlp2x_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,
@@ -65,7 +76,7 @@ def mlp2x_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
 def mlp2x_gelu_int8(x: torch.Tensor, w1_q: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor, w2_q: torch.Tensor,
                     s2: torch.Tensor, b2: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """Weight-only int8 (W8A16): int8 weights cast to x's dtype in the kernel, per-channel scales in the epilogue."""
-    _check(x, w1_q, w2_q, torch.int8)
+    _check(x, w1_q, w2_q, torch.int8, (s1, s2))
 
     def kernels(src: ModuleType, flat: torch.Tensor) -> torch.Tensor:
         h = launch.linear(src, flat, w1_q, b1, out_dtype=x.dtype, w_scale=s1, gelu=True)
@@ -79,7 +90,7 @@ def mlp2x_gelu_fp8(x: torch.Tensor, x_scale: torch.Tensor, w1_q: torch.Tensor, s
                    impl: str = "auto") -> torch.Tensor:
     """fp8 E4M3 on compute capability >= 8.9: x quantized by x_scale as it is loaded, h stored as fp8 by
     h_scale (half the bytes of the round trip), weights by per-channel scales; output in x's dtype."""
-    _check(x, w1_q, w2_q, FP8_DTYPE)
+    _check(x, w1_q, w2_q, FP8_DTYPE, (s1, s2), (x_scale, h_scale))
 
     def kernels(src: ModuleType, flat: torch.Tensor) -> torch.Tensor:
         h = launch.linear(src, flat, w1_q, b1, out_dtype=FP8_DTYPE, w_scale=s1, a_scale=x_scale, quant_a=True,

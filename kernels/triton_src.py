@@ -3,7 +3,8 @@
     linear_kernel:  C[M, N] = epilogue(A[M, K] @ B[N, K]^T)        B in nn.Linear layout [out, in]
         prologue    A -> fp8 E4M3 by a per-tensor scale (QUANT_A), B cast to A's type (int8 weights -> fp16/bf16)
         epilogue    x per-channel weight scale, x per-tensor activation scale, + bias, exact erf GELU,
-                    optional fp8 output by a per-tensor scale; fp32 throughout until the store
+                    optional fp8 output by a per-tensor scale; fp32 throughout until the store (on Hopper's
+                    fp8 tensor cores, each K block's sum is promoted to it: max_num_imprecise_acc)
 
     normalize_tiles_kernel:  uint8 [N, H, W, 3] -> [N, 3, H, W] (x / 255 - mean) / std, as one multiply-add
 
@@ -149,7 +150,12 @@ def linear_kernel(a_ptr, b_ptr, bias_ptr, b_scale_ptr, a_scale_ptr, out_scale_pt
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         a, b = _prologue(a, b, inv_a_scale, QUANT_A, INTERPRET)
-        acc = tl.dot(a, b, acc)
+        # BLOCK_K: each K block's partial sum joins the fp32 accumulator. Triton's default for fp8 x fp8 on sm_90
+        # (2**30) lets Hopper's fp8 tensor cores keep the running sum in their reduced-precision accumulator over
+        # all of K (4096 in the second GEMM; DeepSeek-V3's report: ~14 bits kept); promoting every 64-128 products
+        # is their remedy, and keeps wgmma (0 would fall back to mma.sync: HMMA, not QGMMA, in the AOT SASS).
+        # Other GPUs and dtypes ignore it.
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     acc = _epilogue(acc, rn, N, bias_ptr, b_scale_ptr, a_scale_ptr, out_scale_ptr, HAS_B_SCALE, HAS_A_SCALE,
@@ -182,7 +188,7 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 
 
 # GPU autotuning candidates per mode. Not timed here (no GPU was lent to the task that wrote them),
-# but compiled ahead of time for sm_80/87/89/90 (kernels/aot.py, tests/test_kernels_aot.py): each
+# but compiled ahead of time for sm_80/87/89/90 (kernels/aot.py, tests/kernels/test_kernels_aot.py): each
 # target keeps at least one candidate that fits its shared memory without spilling registers. A
 # candidate too big for a device fails there with OutOfResources and the autotuner skips it. fp8
 # takes K blocks twice as deep (same bytes); its first GEMM stages x in bf16/fp16 before quantizing

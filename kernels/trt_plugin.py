@@ -1,7 +1,7 @@
 """How the fused projector enters a TensorRT engine: the design, and the one piece of it built here.
 
 Status: design. No TensorRT and no GPU exist where this was written, so no engine with the plugin
-has been built or run. What is built and tested (tests/test_kernels_aot.py) is the kernel side: the
+has been built or run. What is built and tested (tests/kernels/test_kernels_aot.py) is the kernel side: the
 PTX/cubin per GPU and the launch description below (`plugin_kernel`). The TensorRT facts marked
 [doc] are from NVIDIA's TensorRT 10 Python-plugin documentation (tensorrt.plugin: register,
 aot_impl, autotune, KernelLaunchParams); everything marked [unverified] has not been tried.

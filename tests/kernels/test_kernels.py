@@ -124,6 +124,25 @@ def test_int8_weight_only_matches_the_twin(backend, dtype, gen) -> None:
         assert err <= BOUND[dtype], f"{(tokens, k, h)} error {err:.2e} (seed {gen.initial_seed()})"
 
 
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_a_per_tensor_weight_scale_is_refused_by_the_twin_and_the_kernel_alike(impl: str, gen) -> None:
+    """The kernel reads one weight scale per output channel (masked by N only): a [1] scale would be read past its
+    end there while the twin broadcast it as per-tensor. Both refuse it, as they refuse per-channel x / h scales."""
+    from dataclasses import replace
+
+    x = randn(gen, 5, 16, dtype=torch.float16, device="cpu")
+    weights = quant.quantize_projector_int8(*linears(*projector_weights(gen, 16, 12, torch.float16, "cpu")))
+    with pytest.raises(ValueError, match=r"s1 \(1,\) is not one scale per output channel \[12\]"):
+        run_int8(x, replace(weights, s1=weights.s1[:1].contiguous()), impl=impl)
+    flat = x.reshape(-1, 16)
+    with pytest.raises(ValueError, match=r"the weight scale \(1,\) is not one per output channel"):
+        launch.linear(kernel_source(True), flat, weights.w1, weights.b1, out_dtype=torch.float16,
+                      w_scale=weights.s1[:1].contiguous())
+    with pytest.raises(ValueError, match="the activation and output scales are one number each"):
+        launch.linear(kernel_source(True), flat, weights.w1, weights.b1, out_dtype=torch.float16,
+                      w_scale=weights.s1, a_scale=torch.ones(12))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_matches_the_twin(backend, dtype, gen) -> None:
     impl, device, shapes = backend
