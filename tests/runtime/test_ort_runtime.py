@@ -409,31 +409,34 @@ def _failing(error: Exception):
     return run
 
 
-def test_onnxruntime_failing_mid_run_is_one_line_with_its_own_exit_code(tiny_bundle: Path, ecg_png: Path,
+MID_RUN_FAILURES = {  # ORT's own exception type raised by the method, the exit code, the one line after "error: "
+    "a kernel failed": ("run", "Fail", "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running "
+                        "Add node.\nStacktrace: ...", 3,
+                        "onnxruntime failed running vision.onnx ([ONNXRuntimeError] : 1 : FAIL : Non-zero status code "
+                        "returned while running Add node.); the bundle passed its load checks, so this is a fault in "
+                        "pulse-edge or onnxruntime: please report it with the output of `pulse-edge --version` and the "
+                        "bundle's manifest.json"),
+    "out of memory": ("run_with_iobinding", "RuntimeException",
+                      "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc", 2,
+                      "onnxruntime could not allocate memory running decoder.onnx ([ONNXRuntimeError] : 6 : "
+                      "RUNTIME_EXCEPTION : std::bad_alloc): free memory (close other programs) or use a smaller "
+                      "bundle or fewer --threads, and run the command again"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MID_RUN_FAILURES))
+def test_onnxruntime_failing_mid_run_is_one_line_with_its_own_exit_code(case: str, tiny_bundle: Path, ecg_png: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """ORT's own exception types raised while a graph runs: out of memory is the machine's state (exit 2, what to
     free); anything else is a fault of ours or ORT's (exit 3, what to report); no tokens, no traceback."""
     import onnxruntime
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-    fail = ort_state.Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Add node.\n"
-                          "Stacktrace: ...")
-    monkeypatch.setattr(onnxruntime.InferenceSession, "run", _failing(fail))
+    method, kind, text, code, line = MID_RUN_FAILURES[case]
+    monkeypatch.setattr(onnxruntime.InferenceSession, method, _failing(getattr(ort_state, kind)(text)))
     res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--max-new-tokens", "2"])
-    assert (res.exit_code, res.stdout) == (3, ""), res.output
-    assert res.stderr.splitlines() == [
-        "pulse-edge: error: onnxruntime failed running vision.onnx ([ONNXRuntimeError] : 1 : FAIL : Non-zero status "
-        "code returned while running Add node.); the bundle passed its load checks, so this is a fault in pulse-edge "
-        "or onnxruntime: please report it with the output of `pulse-edge --version` and the bundle's manifest.json"]
-    monkeypatch.undo()
-    full = ort_state.RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
-    monkeypatch.setattr(onnxruntime.InferenceSession, "run_with_iobinding", _failing(full))
-    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--max-new-tokens", "2"])
-    assert (res.exit_code, res.stdout) == (2, ""), res.output
-    assert res.stderr.splitlines() == [
-        "pulse-edge: error: onnxruntime could not allocate memory running decoder.onnx ([ONNXRuntimeError] : 6 : "
-        "RUNTIME_EXCEPTION : std::bad_alloc): free memory (close other programs) or use a smaller bundle or fewer "
-        "--threads, and run the command again"]
+    assert (res.exit_code, res.stdout) == (code, ""), res.output
+    assert res.stderr.splitlines() == [f"pulse-edge: error: {line}"]
 
 
 def test_an_engine_fault_stops_a_batch_and_records_nothing_for_its_input(tiny_bundle: Path, ecg_png: Path,
