@@ -50,6 +50,7 @@ class EngineBuildOptions:
     target: str = "auto"
     max_context: int | None = None
     max_tiles: int | None = None
+    max_chunk: int | None = None  # positions per prefill run (profiles.BuildLimits)
     workspace_gib: float | None = None
     compute_capabilities: tuple[str, ...] | None = None  # rtx only; default DEFAULT_RTX_CAPABILITIES
     output: Path | None = None
@@ -296,7 +297,7 @@ def build_engines(bundle: str | Path, options: EngineBuildOptions = EngineBuildO
     trt = load_tensorrt(options.target)
     check_target(manifest, trt)
     capabilities = compute_capabilities(trt, options.compute_capabilities, uses_fp8(manifest))
-    limits = resolve_limits(manifest, options.max_context, options.max_tiles)
+    limits = resolve_limits(manifest, options.max_context, options.max_tiles, options.max_chunk)
     if options.workspace_gib is not None and options.workspace_gib <= 0:
         raise ConfigError(f"--workspace must be > 0 GiB, got {options.workspace_gib}")
     target = "rtx" if trt.flavour == "rtx" else "jetson"

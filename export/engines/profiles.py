@@ -2,13 +2,17 @@
 
     vision    pixel_values [K, 3, T, T]             K = 1 .. max_tiles (opt: the largest image's tile count)
     decoder   "decode":  S = 1 .. 2 (opt 1)         T = 1 .. max_context       (one new token per step)
-              "prefill": S = 1 .. max_context        T = 1 .. max_context       (chunks; opt: the runtime's 512)
+              "prefill": S = 1 .. max_chunk          T = 1 .. max_context       (chunks; opt and default max: the
+                                                                                  runtime's 512)
 
 S is the positions fed in one run (inputs_embeds [1, S, H], position_ids [1, S]); T the positions held after
 it (attention_mask [1, T]). The KV buffers have the static length max_context (TensorRT's KV-cache layer
 demands a static length: "The KV cache tensor must have a static sequence length dimension"). Both decoder
 profiles are dynamic: a profile fixed at S = 1 (min = opt = max) made TensorRT-RTX store every weight a second
-time (+75 % engine at 7B layer widths, docs/tensorrt.md).
+time (+75 % engine at 7B layer widths, docs/tensorrt.md). The prefill profile stops at max_chunk: TensorRT
+reserves a context's scratch memory for the largest shape its profiles admit, and the explicit form's attention
+holds fp32 scores [1, heads, S, T] (1.2 GB at S = T = 3072 against 0.2 GB at S = 512), memory a Jetson shares
+with its CPU; the runtime feeds 512 positions per run unless asked otherwise.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ DECODE_MAX = 2  # a decode profile's S range 1..2: dynamic, so it shares the wei
 
 @dataclass(frozen=True)
 class BuildLimits:
-    max_context: int  # positions the KV cache holds (T and S at most)
+    max_context: int  # positions the KV cache holds (T at most)
     max_tiles: int  # tiles one vision run takes (larger images run in batches)
+    max_chunk: int = DEFAULT_PREFILL_CHUNK  # positions one prefill run takes (S at most)
 
 
 def layout_max_tiles(layout: ImageLayout) -> int:
@@ -36,8 +41,10 @@ def layout_max_tiles(layout: ImageLayout) -> int:
     return 1 + max((w // layout.tile_size) * (h // layout.tile_size) for w, h in layout.grid_pinpoints)
 
 
-def resolve_limits(manifest: Manifest, max_context: int | None, max_tiles: int | None) -> BuildLimits:
-    """The asked limits, checked against what the bundle holds; defaults: the bundle's context, all tiles."""
+def resolve_limits(manifest: Manifest, max_context: int | None, max_tiles: int | None,
+                   max_chunk: int | None = None) -> BuildLimits:
+    """The asked limits, checked against what the bundle holds; defaults: the bundle's context, all tiles, the
+    runtime's prefill chunk (never more than the context)."""
     held, least = manifest.kv.max_length, min_context(manifest.image)
     context = held if max_context is None else max_context
     if not least <= context <= held:  # fewer positions than the smallest image needs: engines that answer nothing
@@ -47,7 +54,11 @@ def resolve_limits(manifest: Manifest, max_context: int | None, max_tiles: int |
     tiles = layout_max_tiles(manifest.image) if max_tiles is None else max_tiles
     if tiles < 1:
         raise ConfigError(f"--max-tiles must be >= 1, got {tiles}")
-    return BuildLimits(max_context=context, max_tiles=tiles)
+    chunk = min(DEFAULT_PREFILL_CHUNK, context) if max_chunk is None else max_chunk
+    if not DECODE_MAX <= chunk <= context:
+        raise ConfigError(f"--max-chunk must be between {DECODE_MAX} and the context's {context} positions, got "
+                          f"{chunk}")
+    return BuildLimits(max_context=context, max_tiles=tiles, max_chunk=chunk)
 
 
 def vision_profiles(manifest: Manifest, limits: BuildLimits) -> tuple[ProfileSpec, ...]:
@@ -69,7 +80,8 @@ def decoder_profiles(manifest: Manifest, limits: BuildLimits) -> tuple[ProfileSp
     context, hidden = limits.max_context, manifest.text.hidden_size
     total = (1, max(1, context // 2), context)
     decode = _decoder_profile("decode", hidden, (1, 1, min(DECODE_MAX, context)), total)
-    prefill = _decoder_profile("prefill", hidden, (1, min(DEFAULT_PREFILL_CHUNK, context), context), total)
+    prefill = _decoder_profile("prefill", hidden, (1, min(DEFAULT_PREFILL_CHUNK, limits.max_chunk),
+                                                   limits.max_chunk), total)
     return decode, prefill
 
 

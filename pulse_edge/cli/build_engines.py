@@ -24,6 +24,10 @@ def _capabilities(text: str | None) -> tuple[str, ...] | None:
               help="Positions the engine's KV cache holds (default: the bundle's); less uses less device memory.")
 @click.option("--max-tiles", type=click.IntRange(min=1), default=None,
               help="Image tiles per vision run (default: the largest image's, 5 for PULSE; more run in batches).")
+@click.option("--max-chunk", type=click.IntRange(min=1), default=None,
+              help="Positions one prefill run takes (default 512, the runtime's chunk). TensorRT reserves scratch "
+                   "memory for the largest run, device memory a Jetson shares with its CPU; --prefill-chunk at run "
+                   "time may not exceed it.")
 @click.option("--workspace", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="TensorRT's workspace limit in GiB (default: TensorRT's own).")
 @click.option("--compute-capability", "capabilities", default=None,
@@ -31,11 +35,13 @@ def _capabilities(text: str | None) -> tuple[str, ...] | None:
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
               help="The engine directory to create (default: BUNDLE/engines-<target>).")
 def build_engines_cmd(bundle: Path, target: str, max_context: int | None, max_tiles: int | None,
-                      workspace: float | None, capabilities: str | None, out: Path | None) -> None:
+                      max_chunk: int | None, workspace: float | None, capabilities: str | None,
+                      out: Path | None) -> None:
     """Build the vision and decoder TensorRT engines of a bundle exported with --target tensorrt."""
     from pulse_edge.export.engines.build import EngineBuildOptions, build_engines
 
-    options = EngineBuildOptions(target=target, max_context=max_context, max_tiles=max_tiles, workspace_gib=workspace,
+    options = EngineBuildOptions(target=target, max_context=max_context, max_tiles=max_tiles, max_chunk=max_chunk,
+                                 workspace_gib=workspace,
                                  compute_capabilities=_capabilities(capabilities), output=out)
     path = build_engines(bundle, options, progress=lambda line: click.echo(line, err=True))
     click.echo(f"wrote TensorRT engines to {path} (serve them with `pulse-edge infer IMAGE --model {bundle} "

@@ -71,4 +71,4 @@ def choose_prefill_graph(mode: str, weights_file_bytes: int, *, prepacked: bool,
     return PrefillGraphChoice(load=False, warning=(
         f"the prefill graph needs ~{need / 2**30:.1f} GiB more memory but {available / 2**30:.1f} GiB is "
         "available: long prompts run on the decode graph (a slower first token; both graphs are validated); "
-        "free memory, or load with --prefill-graph off to skip this check"))
+        "free memory, or pass --prefill-graph on to load it anyway (--prefill-graph off: never load it, no warning)"))

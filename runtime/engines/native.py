@@ -215,7 +215,9 @@ def native_for(spec: GraphSpec, mode: str, decode_attention: str, provider: str,
                               "version has one); re-export it, or use --decode-step auto")
         return None
     if not validated:
-        if not refuse:
+        if not refuse:  # said at -v: the export's own record (an older export, or a step it dropped) decides
+            log.info("the native decode step: this bundle's export did not validate it, or dropped it; ONNX Runtime "
+                     "decodes")
             return None
         log.warning("%s: the manifest records no validation of the native decode step for this bundle; it runs "
                     "because it was asked for", flag)

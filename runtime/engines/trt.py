@@ -19,6 +19,8 @@ the engines needs an NVIDIA GPU and was not done on the machines pulse-edge is d
 
 from __future__ import annotations
 
+import mmap
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pulse_edge.errors import ConfigError, DeviceMemoryError
+from pulse_edge.errors import ConfigError, DeviceMemoryError, EngineRunError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import EngineSet, EngineSpec, find_engine_dir, read_engines
 from pulse_edge.runtime.bundle.manifest import BundleError, Manifest
@@ -36,6 +38,8 @@ from pulse_edge.runtime.engines.tensorrt_api import TensorRT, load_module
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8,
              "uint8": np.uint8, "bool": np.bool_}
 INPUT_MODE, OUTPUT_MODE = "INPUT", "OUTPUT"
+# build-engines refuses a non-empty output folder: the old engines go first
+REBUILD = "delete {directory} and rebuild the engines with pulse-edge build-engines on this machine"
 
 
 # ----------------------------------------------------------------------------- CUDA through cuda-bindings
@@ -75,8 +79,10 @@ class Cuda:
         if int(err) == CUDA_OUT_OF_MEMORY:  # the machine's state, not a bug: one line (pulse_edge/cli/group.py)
             raise DeviceMemoryError(f"the GPU's memory is full ({call}: {self._message(err)}); build the engines for a "
                               "shorter context (build-engines --max-context) or free the GPU")
-        if int(err) != 0:
-            raise RuntimeError(f"{call} failed: {self._message(err)}")
+        if int(err) != 0:  # an illegal address, a launch failure: the engines passed their checks, a fault to report
+            raise EngineRunError(f"CUDA's {call} failed ({self._message(err)}); the engines passed their load checks, "
+                                 "so this is a fault in pulse-edge, TensorRT or the driver: please report it with "
+                                 "`pulse-edge --version`, the GPU and the engines' engines.json")
         return values[0] if len(values) == 1 else values
 
     def malloc(self, nbytes: int) -> int:
@@ -184,24 +190,46 @@ class DecoderPlan:
                          f"for at most {self.max_steps} per run and {self.max_length} in all)")
 
     def check_chunk(self, prefill_chunk: int | None) -> None:
+        """None: the whole prompt in one run, which needs engines whose prefill profile spans the context."""
+        if prefill_chunk is None and self.max_steps < self.max_length:
+            raise ConfigError(f"a prefill in one run needs the decoder engine to take {self.max_length} positions per "
+                              f"run; it was built for {self.max_steps} (build-engines --max-chunk): give "
+                              f"--prefill-chunk {self.max_steps} or less")
         if prefill_chunk is not None and prefill_chunk > self.max_steps:
             raise ConfigError(f"prefill chunk {prefill_chunk} exceeds the {self.max_steps} positions per run the "
-                              "decoder engine was built for")
+                              "decoder engine was built for (build-engines --max-chunk)")
 
 
 # ----------------------------------------------------------------------------- runners
 
 
-def _execute(context: Any, cuda: Cuda) -> None:
+class TrtLog:
+    """TensorRT's errors, the last few kept: its refusals return None or False and say why only to its logger."""
+
+    KEPT = 3
+
+    def __init__(self) -> None:
+        self.errors: deque[str] = deque(maxlen=self.KEPT)
+
+    def __call__(self, severity: str, text: str) -> None:
+        if severity in ("ERROR", "INTERNAL_ERROR"):
+            self.errors.append(" ".join(text.split()))
+
+    def reason(self) -> str:
+        return "; ".join(self.errors) or "TensorRT gave no reason"
+
+
+def _execute(context: Any, cuda: Cuda, log: TrtLog) -> None:
     if not context.execute_async_v3(cuda.stream):
-        raise RuntimeError("TensorRT's execute_async_v3 failed (its log has the reason)")
+        raise EngineRunError(f"TensorRT's execute_async_v3 failed ({log.reason()}); please report it with "
+                             "`pulse-edge --version`, the GPU and the engines' engines.json")
 
 
 class TrtVision:
     """pixel_values [K, 3, T, T] float32 -> image_features [K, P, H] float32, max_tiles tiles per run."""
 
-    def __init__(self, engine: Any, context: Any, spec: EngineSpec, cuda: Cuda) -> None:
-        self.context, self.cuda, self.spec = context, cuda, spec
+    def __init__(self, engine: Any, context: Any, spec: EngineSpec, cuda: Cuda, log: TrtLog | None = None) -> None:
+        self.context, self.cuda, self.spec, self.log = context, cuda, spec, log or TrtLog()
         _, profile = spec.profile("tiles")
         self.max_tiles = profile.limits(names.PIXEL_VALUES, 0)[1]
         pixels = spec.tensor(names.PIXEL_VALUES).shape
@@ -219,7 +247,7 @@ class TrtVision:
             batch = pixel_values[start:start + self.max_tiles]
             self.context.set_input_shape(names.PIXEL_VALUES, batch.shape)
             self.cuda.upload(self.pixels.ptr, batch)
-            _execute(self.context, self.cuda)
+            _execute(self.context, self.cuda, self.log)
             self.cuda.download(out[start:start + len(batch)], self.features.ptr)
         self.cuda.synchronize()
         return out
@@ -228,8 +256,9 @@ class TrtVision:
 class TrtDecoder:
     """The decoder engine with its device KV cache: `forward` appends positions and returns the last logits."""
 
-    def __init__(self, engine: Any, context: Any, spec: EngineSpec, cuda: Cuda, vocab: int) -> None:
-        self.context, self.cuda, self.spec = context, cuda, spec
+    def __init__(self, engine: Any, context: Any, spec: EngineSpec, cuda: Cuda, vocab: int,
+                 log: TrtLog | None = None) -> None:
+        self.context, self.cuda, self.spec, self.log = context, cuda, spec, log or TrtLog()
         self.plan = DecoderPlan.from_spec(spec)
         self.length, self.active = 0, -1
         steps, hidden, length = self.plan.max_steps, self.plan.hidden, self.plan.max_length
@@ -279,7 +308,7 @@ class TrtDecoder:
         self.cuda.upload(self.inputs[names.INPUTS_EMBEDS].ptr, np.ascontiguousarray(embeds, dtype=np.float32))
         self.cuda.upload(self.inputs[names.POSITION_IDS].ptr, np.arange(start, total, dtype=np.int64)[None])
         self.cuda.upload(self.inputs[names.WRITE_INDEX].ptr, np.array([start], np.int64))
-        _execute(self.context, self.cuda)
+        _execute(self.context, self.cuda, self.log)
         self.cuda.download(self._host_logits, self.logits.ptr)
         self.cuda.synchronize()
         if not self.in_place:  # the present buffers hold the whole cache now: they are the next run's past
@@ -292,12 +321,34 @@ class TrtDecoder:
 # ----------------------------------------------------------------------------- opening a bundle's engines
 
 
-def _deserialize(trt: TensorRT, runtime: Any, path: Path) -> Any:
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+def _deserialize(trt: TensorRT, runtime: Any, path: Path, log: TrtLog) -> Any:
+    """The engine from its file, mapped rather than read: a host copy of a 7 GB engine beside its device copy would
+    not fit a Jetson, whose GPU shares the same memory."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
-        raise ConfigError(f"{trt.name} {trt.version} cannot load {path} (built for another GPU or TensorRT version? "
-                          "its log says why); rebuild it with pulse-edge build-engines on this machine")
+        rebuild = REBUILD.format(directory=path.parent)
+        raise ConfigError(f"{trt.name} {trt.version} cannot load {path} ({log.reason()}); {rebuild}")
     return engine
+
+
+def _context(engine: Any, path: Path, log: TrtLog) -> Any:
+    """An execution context, whose scratch memory TensorRT allocates for the largest shape the profiles admit."""
+    context = engine.create_execution_context()
+    if context is None:
+        raise DeviceMemoryError(f"the GPU cannot hold the scratch memory of {path.name} ({log.reason()}); build the "
+                                "engines for a shorter context or prefill chunk (build-engines --max-context, "
+                                "--max-chunk) or free the GPU")
+    return context
+
+
+def check_build_versions(engines: EngineSet, trt: TensorRT, directory: Path) -> None:
+    """An engine loads only in the TensorRT it was built with (major.minor): said before deserializing, which would
+    only return None."""
+    built = tuple(int(p) for p in engines.tensorrt_version.split(".")[:2] if p.isdigit())
+    if built != trt.version_tuple:
+        raise ConfigError(f"the engines in {directory} were built with {engines.tensorrt} {engines.tensorrt_version}, "
+                          f"this is {trt.version}; {REBUILD.format(directory=directory)}")
 
 
 def check_engine_set(engines: EngineSet, manifest: Manifest) -> None:
@@ -310,23 +361,29 @@ def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | Non
                     prefill_chunk: int | str | None = AUTO_CHUNK, cuda: Cuda | None = None) -> BundleEngine:
     """The bundle's engines (engines_dir, default its one `engines-*` folder) behind BundleEngine."""
     check_servable(manifest, prefill_chunk)
-    prefill_chunk = resolve_chunk(prefill_chunk, prefill_graph=False)  # the engines' profiles are built for it
     directory = engines_dir or find_engine_dir(bundle)
     engines = read_engines(directory, bundle)
     check_engine_set(engines, manifest)
+    plan = DecoderPlan.from_spec(engines.engines[names.DECODER])
+    # auto: the runtime's chunk, or the engines' largest run where they were built for less (build-engines
+    # --max-chunk); anything asked is checked against it before a byte of the engines is loaded
+    prefill_chunk = (min(resolve_chunk(AUTO_CHUNK, prefill_graph=False), plan.max_steps)
+                     if prefill_chunk == AUTO_CHUNK else prefill_chunk)
+    plan.check_chunk(prefill_chunk)  # type: ignore[arg-type]  # check_servable let only ints and None through
     trt = load_module(engines.tensorrt)
+    check_build_versions(engines, trt, directory)
     cuda = cuda or Cuda()
-    logger = trt.logger(lambda severity, text: None)
+    log = TrtLog()
+    logger = trt.logger(log)
     runtime = trt.module.Runtime(logger)
     runners = {}
     for role in (names.VISION, names.DECODER):
         spec = engines.engines[role]
-        engine = _deserialize(trt, runtime, directory / spec.file)
+        engine = _deserialize(trt, runtime, directory / spec.file, log)
         check_engine_io(engine, spec, trt)
-        context = engine.create_execution_context()
-        runners[role] = (TrtVision(engine, context, spec, cuda) if role == names.VISION else
-                         TrtDecoder(engine, context, spec, cuda, manifest.text.vocab_size))
+        context = _context(engine, directory / spec.file, log)
+        runners[role] = (TrtVision(engine, context, spec, cuda, log) if role == names.VISION else
+                         TrtDecoder(engine, context, spec, cuda, manifest.text.vocab_size, log))
         runners[role]._keep = (engine, runtime, logger)  # contexts need their engine alive
-    runners[names.DECODER].plan.check_chunk(prefill_chunk)
     return BundleEngine(bundle, manifest, runners[names.VISION], runners[names.DECODER], prefill_chunk=prefill_chunk,
                         max_length=runners[names.DECODER].plan.max_length)

@@ -63,6 +63,7 @@ class Conversation:
         self._pending: int | None = None  # the last generated token, not yet in the cache
         self._last_stop = "eos"
         self._opened = False  # the image and first question are in the cache
+        self._broken: str | None = None  # why an earlier ask stopped with its positions half in the cache
         engine.reset()
         self._epoch = engine.epoch  # a later conversation on this engine (pipeline.generate, chat) resets it
 
@@ -79,21 +80,28 @@ class Conversation:
         if self.engine.epoch != self._epoch:  # its cache now holds another conversation's ECG: never answer on it
             raise PromptError("this conversation's cache was taken by a newer conversation on the same model "
                               "(chat(), generate() and interpret() each start one): ask in a new conversation")
+        if self._broken is not None:  # its cache holds part of a question or answer the conversation never recorded
+            raise PromptError(f"an earlier question of this conversation stopped partway ({self._broken}), leaving "
+                              "the cache out of step with it: ask in a new conversation")
         prompt = (self._follow_up(question, image, history) if self._opened
                   else self._first_prompt(question, image, history))
         t1 = time.perf_counter()
-        features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None
-        t2 = time.perf_counter()
-        logits = self.engine.prefill(prompt.ids, features)
-        self._opened = True
-        t3 = time.perf_counter()
-        stream = StreamDecoder(self.tokenizer)
-        outcome = decode_loop(logits, self.engine.step, sampler=Sampler(sampling or SamplingParams()),
-                              eos_id=self.tokenizer.eos_id, max_new_tokens=max_new_tokens,
-                              room=self.engine.max_length - self.engine.length,
-                              on_token=_streamer(stream, on_text, self.tokenizer.eos_id), should_stop=should_stop)
-        if on_text is not None and (tail := stream.flush()):
-            on_text(tail)
+        try:  # from here on the cache moves: a failure leaves it holding what this conversation never saw
+            features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None
+            t2 = time.perf_counter()
+            logits = self.engine.prefill(prompt.ids, features)
+            self._opened = True
+            t3 = time.perf_counter()
+            stream = StreamDecoder(self.tokenizer)
+            outcome = decode_loop(logits, self.engine.step, sampler=Sampler(sampling or SamplingParams()),
+                                  eos_id=self.tokenizer.eos_id, max_new_tokens=max_new_tokens,
+                                  room=self.engine.max_length - self.engine.length,
+                                  on_token=_streamer(stream, on_text, self.tokenizer.eos_id), should_stop=should_stop)
+            if on_text is not None and (tail := stream.flush()):
+                on_text(tail)
+        except BaseException as e:  # Ctrl-C included: the cache is as far as the interrupted step got
+            self._broken = type(e).__name__
+            raise
         self._pending, self._last_stop = outcome.token_ids[-1], outcome.stop_reason
         tokens = outcome.token_ids
         timings = Timings(preprocess_ms=(t1 - t0) * 1e3, vision_ms=(t2 - t1) * 1e3, prefill_ms=(t3 - t2) * 1e3,

@@ -148,14 +148,17 @@ def test_profiles_cover_pulse_shapes_and_limits_are_checked(trt_fp16_bundle: Pat
 
     manifest = read_manifest(trt_fp16_bundle)
     limits = resolve_limits(manifest, None, None)
-    assert (limits.max_context, limits.max_tiles) == (manifest.kv.max_length, 5)
+    assert (limits.max_context, limits.max_tiles, limits.max_chunk) == (manifest.kv.max_length, 5, 512)
     (tiles,) = vision_profiles(manifest, limits)
     assert tiles.limits(names.PIXEL_VALUES, 0) == (1, 5)
     decode, prefill = decoder_profiles(manifest, resolve_limits(manifest, 3072, 2))
-    assert decode.limits(names.INPUTS_EMBEDS, 1) == (1, 2) and prefill.limits(names.INPUTS_EMBEDS, 1) == (1, 3072)
+    # runs of the runtime's 512-position chunk at most: TensorRT sizes the context's scratch for the largest run
+    assert decode.limits(names.INPUTS_EMBEDS, 1) == (1, 2) and prefill.limits(names.INPUTS_EMBEDS, 1) == (1, 512)
     assert prefill.shapes[names.INPUTS_EMBEDS][1] == (1, 512, manifest.text.hidden_size)
-    assert decode.limits(names.ATTENTION_MASK, 1) == (1, 3072)
-    for bad in ((manifest.kv.max_length + 1, None), (None, 0)):
+    assert decode.limits(names.ATTENTION_MASK, 1) == prefill.limits(names.ATTENTION_MASK, 1) == (1, 3072)
+    _, whole = decoder_profiles(manifest, resolve_limits(manifest, 3072, 2, 3072))  # one-pass prefills
+    assert whole.limits(names.INPUTS_EMBEDS, 1) == (1, 3072) and whole.shapes[names.INPUTS_EMBEDS][1][1] == 512
+    for bad in ((manifest.kv.max_length + 1, None), (None, 0), (3072, None, 3073), (3072, None, 1)):
         with pytest.raises(ConfigError, match="must be"):
             resolve_limits(manifest, *bad)
     with pytest.raises(ConfigError, match="must be between 1984 \\(the smallest image's tokens"):

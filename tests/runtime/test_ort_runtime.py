@@ -80,6 +80,27 @@ def test_a_conversation_whose_cache_a_newer_one_took_refuses_its_follow_up(ort_p
     assert ort_pipeline.chat().ask("What is the rhythm?", first, max_new_tokens=2).generated_tokens == 2
 
 
+def test_a_conversation_whose_question_stopped_partway_refuses_to_go_on(ort_pipeline: Pipeline) -> None:
+    """A question that fails after its positions entered the cache (an engine fault, non-finite logits, a raising
+    on_text, Ctrl-C) leaves the cache ahead of the conversation: a retry or follow-up would attend to positions
+    it never recorded. Refused in one line; a new conversation answers."""
+    image = _images()[0]
+    chat = ort_pipeline.chat()
+
+    def interrupted(text: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        chat.ask("What is the rhythm?", image, max_new_tokens=4, on_text=interrupted)
+    for retry in ({"question": "What is the rhythm?", "image": image}, {"question": "And the rate?"}):
+        with pytest.raises(PromptError, match=r"^an earlier question of this conversation stopped partway "
+                                              r"\(KeyboardInterrupt\), leaving the cache out of step with it: "
+                                              r"ask in a new conversation$"):
+            chat.ask(max_new_tokens=2, **retry)
+    fresh = ort_pipeline.chat().ask("What is the rhythm?", image, max_new_tokens=4)
+    assert fresh.token_ids == ort_pipeline.generate(image, "What is the rhythm?", max_new_tokens=4).token_ids
+
+
 def test_a_numpy_integer_is_a_token_limit(ort_pipeline: Pipeline) -> None:
     import numpy as np
 

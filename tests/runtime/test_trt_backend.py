@@ -150,6 +150,66 @@ def test_decode_runs_use_the_decode_profile_and_prefill_the_other() -> None:
         plan.profile_for(5, LENGTH + 1)
     with pytest.raises(ConfigError, match="exceeds the 64 positions"):
         plan.check_chunk(65)
+    plan.check_chunk(None)  # one run of the whole context: this engine's prefill profile spans it
+
+
+def test_engines_built_for_shorter_runs_refuse_a_longer_chunk_or_one_pass() -> None:
+    """build-engines --max-chunk caps the prefill profile (TensorRT reserves scratch for its largest run)."""
+    spec = _decoder_spec()
+    short = replace(spec, profiles=(spec.profiles[0], replace(spec.profiles[1], shapes={
+        name: (low, opt, (*high[:-2], 32, *high[-1:]) if name == names.INPUTS_EMBEDS else
+               ((1, 32) if name == names.POSITION_IDS else high))
+        for name, (low, opt, high) in spec.profiles[1].shapes.items()})))
+    plan = trt_backend.DecoderPlan.from_spec(short)
+    assert plan.max_steps == 32 and plan.max_length == LENGTH
+    plan.check_chunk(32)
+    with pytest.raises(ConfigError, match=r"prefill chunk 33 exceeds the 32 positions .*--max-chunk"):
+        plan.check_chunk(33)
+    with pytest.raises(ConfigError, match=r"a prefill in one run needs the decoder engine to take 64 positions per "
+                                          r"run; it was built for 32 \(build-engines --max-chunk\): give "
+                                          r"--prefill-chunk 32 or less"):
+        plan.check_chunk(None)
+
+
+def test_tensorrts_own_reason_reaches_the_refusal() -> None:
+    """TensorRT returns None or False and tells only its logger why; the last errors are kept for the message."""
+    from pulse_edge.errors import DeviceMemoryError, EngineRunError
+
+    log = trt_backend.TrtLog()
+    for severity, text in [("WARNING", "slow"), ("ERROR", "first"), ("INFO", "x"), ("ERROR", "second\nline"),
+                           ("INTERNAL_ERROR", "third"), ("ERROR", "fourth")]:
+        log(severity, text)
+    assert log.reason() == "second line; third; fourth" and trt_backend.TrtLog().reason() == "TensorRT gave no reason"
+    failing = SimpleNamespace(execute_async_v3=lambda stream: False)
+    with pytest.raises(EngineRunError, match=r"^TensorRT's execute_async_v3 failed \(second line; third; fourth\)"):
+        trt_backend._execute(failing, SimpleNamespace(stream=1), log)
+    with pytest.raises(DeviceMemoryError, match=r"the GPU cannot hold the scratch memory of decoder\.engine "
+                                                r"\(second line; third; fourth\).*--max-chunk"):
+        trt_backend._context(SimpleNamespace(create_execution_context=lambda: None), Path("e/decoder.engine"), log)
+
+
+def test_an_engine_file_is_mapped_not_read_and_a_refusal_says_delete_and_rebuild(tmp_path: Path) -> None:
+    import mmap
+
+    path = tmp_path / "engines-rtx" / "decoder.engine"
+    path.parent.mkdir()
+    path.write_bytes(b"not an engine")
+    seen = []
+    runtime = SimpleNamespace(deserialize_cuda_engine=lambda data: seen.append(type(data)))
+    log = trt_backend.TrtLog()
+    log("ERROR", "Serialization assertion header.magicTag == kEXPECTED_MAGIC_TAG failed")
+    with pytest.raises(ConfigError, match=rf"cannot load {re.escape(str(path))} \(Serialization assertion .*\); "
+                                          rf"delete {re.escape(str(path.parent))} and rebuild the engines"):
+        trt_backend._deserialize(SimpleNamespace(name="tensorrt_rtx", version="1.7.1"), runtime, path, log)
+    assert seen == [mmap.mmap]
+
+
+def test_engines_of_another_tensorrt_version_are_refused_before_loading(tmp_path: Path) -> None:
+    engines = SimpleNamespace(tensorrt="tensorrt", tensorrt_version="10.3.0")
+    jetpack_upgraded = SimpleNamespace(version="10.7.0", version_tuple=(10, 7))
+    with pytest.raises(ConfigError, match=r"built with tensorrt 10\.3\.0, this is 10\.7\.0; delete .* and rebuild"):
+        trt_backend.check_build_versions(engines, jetpack_upgraded, tmp_path)
+    trt_backend.check_build_versions(engines, SimpleNamespace(version="10.3.1", version_tuple=(10, 3)), tmp_path)
 
 
 def test_forward_feeds_positions_shapes_and_keeps_the_length() -> None:
@@ -232,9 +292,13 @@ def test_a_full_gpu_is_a_memory_error_the_cli_says_in_one_line() -> None:
     said = CliRunner().invoke(group, ["serve"])
     assert said.exit_code == 2 and said.output.count("\n") == 1 and "build-engines --max-context" in said.output
     assert "--threads" not in said.output  # the host's advice (RAM, threads) is not a full GPU's
-    runtime.cudaMalloc = lambda n: (700, 0)
-    with pytest.raises(RuntimeError, match="cudaMalloc"):
-        cuda.malloc(1024)
+    runtime.cudaMalloc = lambda n: (700, 0)  # cudaErrorIllegalAddress: a fault to report, one line, exit 3
+    runtime.cudaGetErrorString = lambda err: (0, b"an illegal memory access was encountered")
+    said = CliRunner().invoke(group, ["serve"])
+    assert said.exit_code == 3 and said.output.splitlines() == [
+        "pulse-edge: error: CUDA's cudaMalloc(1024) failed (an illegal memory access was encountered); the engines "
+        "passed their load checks, so this is a fault in pulse-edge, TensorRT or the driver: please report it with "
+        "`pulse-edge --version`, the GPU and the engines' engines.json"]
 
 
 def test_no_gpu_is_one_line() -> None:
