@@ -13,6 +13,7 @@ standard TensorRT builds on (and for) the GPU it runs on, so a Jetson engine is 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,10 +30,13 @@ from pulse_edge.export.engines.graphs import prepared_graph
 from pulse_edge.export.engines.profiles import PROFILES, BuildLimits, resolve_limits
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import ENGINE_SUFFIX, EngineSet, EngineSpec, ProfileSpec, manifest_sha256
+from pulse_edge.runtime.bundle.integrity import check_bundle as check_files_intact
 from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest, TensorSpec, read_manifest
 from pulse_edge.runtime.engines.ort import default_trt_cache
 from pulse_edge.runtime.engines.tensorrt_api import TensorRT, load_tensorrt
-from pulse_edge.staging import staged_directory
+from pulse_edge.staging import staged_directory, staged_file
+
+log = logging.getLogger(__name__)
 
 # RTX GPUs by generation: Ampere 8.6 (RTX 30), Ada 8.9 (RTX 40), Blackwell 12.0 (RTX 50). FP8 needs 8.9.
 DEFAULT_RTX_CAPABILITIES = ("8.6", "8.9", "12.0")
@@ -192,17 +196,30 @@ def _configure(build: _Build, profiles: tuple[ProfileSpec, ...], capabilities: t
 
 def _timing_cache(build: _Build) -> str:
     path = default_trt_cache() / f"timing-{build.trt.name}-{build.trt.version}.cache"
-    cache = build.config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
-    build.config.set_timing_cache(cache, ignore_mismatch=False)
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError:
+        data = b""  # an unreadable cache costs build time, nothing else
+    cache = build.config.create_timing_cache(data)
+    if not build.config.set_timing_cache(cache, ignore_mismatch=False):  # another GPU's: built without it
+        log.warning("the timing cache %s was made on another GPU; this build measures its tactics anew", path)
+        build.config.set_timing_cache(build.config.create_timing_cache(b""), ignore_mismatch=False)
     build.keep.append(cache)
     return os.fspath(path)
 
 
 def _save_timing_cache(build: _Build, path: str | None) -> None:
+    """Written whole or not at all (two builds at once each replace it whole); a cache that cannot be written
+    (a read-only home) costs the next build time, never this build's engines."""
     if path is None:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(bytes(build.config.get_timing_cache().serialize()))
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with staged_file(Path(path)) as partial:
+            partial.write_bytes(bytes(build.config.get_timing_cache().serialize()))
+    except OSError as e:
+        log.warning("the timing cache %s could not be saved (%s); the next build measures its tactics anew", path,
+                    e.strerror or e)
 
 
 def _serialize(build: _Build, out: Path) -> None:
@@ -294,6 +311,7 @@ def build_engines(bundle: str | Path, options: EngineBuildOptions = EngineBuildO
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     check_bundle(manifest, bundle)
+    check_files_intact(bundle, manifest)  # sizes and sampled checksums: engines of a damaged copy would load later
     trt = load_tensorrt(options.target)
     check_target(manifest, trt)
     capabilities = compute_capabilities(trt, options.compute_capabilities, uses_fp8(manifest))

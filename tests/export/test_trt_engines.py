@@ -163,3 +163,52 @@ def test_profiles_cover_pulse_shapes_and_limits_are_checked(trt_fp16_bundle: Pat
             resolve_limits(manifest, *bad)
     with pytest.raises(ConfigError, match="must be between 1984 \\(the smallest image's tokens"):
         resolve_limits(manifest, 600, None)  # engines no print fits in: refused before minutes of building
+
+
+def test_a_damaged_bundle_is_refused_before_any_engine_is_built(trt_fp16_bundle: Path, tmp_path: Path) -> None:
+    """Engines are tied to the manifest's sha256 only: engines built from a damaged copy would load later."""
+    bundle = Path(shutil.copytree(trt_fp16_bundle, tmp_path / "copy"))
+    data = bundle / "decoder.onnx.data"
+    damaged = bytearray(data.read_bytes())
+    damaged[:4096] = bytes(4096)
+    data.write_bytes(bytes(damaged))
+    res = CliRunner().invoke(main, ["build-engines", str(bundle), "-o", str(tmp_path / "engines")])
+    assert res.exit_code == 2 and "decoder.onnx.data is not the file export wrote" in res.output, res.output
+    assert not (tmp_path / "engines").exists()
+
+
+class _Config:
+    """A builder config's timing-cache calls, for the standard TensorRT path (TensorRT-RTX has none)."""
+
+    def __init__(self, takes: bool) -> None:
+        self.takes, self.set = takes, []
+
+    def create_timing_cache(self, data: bytes) -> bytes:
+        return data
+
+    def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        self.set.append(cache)
+        return self.takes or cache == b""
+
+    def get_timing_cache(self):
+        return type("Cache", (), {"serialize": lambda self: b"tactics"})()
+
+
+def test_a_timing_cache_of_another_gpu_or_one_that_cannot_be_saved_costs_time_not_engines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    import pulse_edge.export.engines.build as build
+
+    monkeypatch.setattr(build, "default_trt_cache", lambda: tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "timing-tensorrt-10.3.0.cache").write_bytes(b"other gpu")
+    job = SimpleNamespace(trt=SimpleNamespace(name="tensorrt", version="10.3.0"), config=_Config(takes=False), keep=[])
+    path = build._timing_cache(job)
+    assert job.config.set == [b"other gpu", b""] and "made on another GPU" in caplog.text
+    build._save_timing_cache(job, path)
+    assert Path(path).read_bytes() == b"tactics" and not list((tmp_path / "cache").glob(".*partial*"))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    build._save_timing_cache(job, str(blocked / "timing.cache"))  # its folder cannot be made: warned, not raised
+    assert "could not be saved" in caplog.text
