@@ -324,6 +324,8 @@ class TrtDecoder:
 def _deserialize(trt: TensorRT, runtime: Any, path: Path, log: TrtLog) -> Any:
     """The engine from its file, mapped rather than read: a host copy of a 7 GB engine beside its device copy would
     not fit a Jetson, whose GPU shares the same memory."""
+    if path.stat().st_size == 0:  # nothing to map (mmap refuses an empty file)
+        raise ConfigError(f"{path} is empty; {REBUILD.format(directory=path.parent)}")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         engine = runtime.deserialize_cuda_engine(data)
     if engine is None:

@@ -86,9 +86,9 @@ class Conversation:
         prompt = (self._follow_up(question, image, history) if self._opened
                   else self._first_prompt(question, image, history))
         t1 = time.perf_counter()
+        features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None  # the cache unmoved
+        t2 = time.perf_counter()
         try:  # from here on the cache moves: a failure leaves it holding what this conversation never saw
-            features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None
-            t2 = time.perf_counter()
             logits = self.engine.prefill(prompt.ids, features)
             self._opened = True
             t3 = time.perf_counter()

@@ -202,6 +202,9 @@ def test_an_engine_file_is_mapped_not_read_and_a_refusal_says_delete_and_rebuild
                                           rf"delete {re.escape(str(path.parent))} and rebuild the engines"):
         trt_backend._deserialize(SimpleNamespace(name="tensorrt_rtx", version="1.7.1"), runtime, path, log)
     assert seen == [mmap.mmap]
+    path.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"decoder\.engine is empty; delete .* and rebuild the engines"):
+        trt_backend._deserialize(SimpleNamespace(name="tensorrt_rtx", version="1.7.1"), runtime, path, log)
 
 
 def test_engines_of_another_tensorrt_version_are_refused_before_loading(tmp_path: Path) -> None:
