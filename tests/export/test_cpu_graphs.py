@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -243,3 +244,119 @@ def test_the_value_scales_follow_the_awq_scale_folded_into_v(tiny_pipeline, tiny
     fixed, stale = value_codes("fixed", scales, only_v), value_codes("stale", recorded, only_v)
     assert np.abs(fixed - float_codes).max() <= 1  # one float rounding from a boundary at most
     assert np.abs(stale - float_codes).max() > 1
+
+
+def test_recipe_prefill_scheme_keeps_lm_head_and_kept_sites() -> None:
+    recipe = make_recipe("int4", keep=("layers.1",))
+    assert recipe.prefill_scheme("layers.0.qkv") == "w8a8dyn"
+    assert recipe.prefill_scheme("layers.1.down") == "fp"
+    assert recipe.prefill_scheme("lm_head") == "w4"
+    assert make_recipe("int8", prefill=False).prefill is None
+    assert make_recipe("int8").to_dict()["kv_cache"] == "int8"
+
+
+def test_tensorrt_recipes_leave_out_the_cpu_forms() -> None:
+    """--target tensorrt: Q/DQ vision, no prefill graph, a float cache; an int8 cache is refused in one line."""
+    for precision in ("int8", "int4"):
+        recipe = make_recipe(precision, target="tensorrt")
+        assert (recipe.vision, recipe.prefill, recipe.kv_cache) == ("w8a8", None, "float")
+    assert make_recipe("fp8", target="tensorrt").vision == "fp8"
+    with pytest.raises(ConfigError, match="--target tensorrt keeps a float"):
+        make_recipe("int8", kv_cache="int8", target="tensorrt")
+
+
+def test_prefill_graph_file_holds_int8_weights(tiny_pipeline, tiny_scales: Scales, tmp_path: Path) -> None:
+    from pulse_edge.export.quant.apply import decoder_plan
+
+    lm = tiny_pipeline.model.language_model
+    shape = DecoderShape.from_config(tiny_pipeline.loaded.config, max_length=256)
+    recipe = make_recipe("int4")
+    spec = build_prefill(lm, shape, tmp_path, recipe, decoder_plan(tiny_pipeline.model, recipe, tiny_scales, shape),
+                         None, label="int4")
+    proto = onnx.load(str(tmp_path / spec.file), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 4 * shape.layers and ops.count("MatMulNBits") == 1
+    assert spec.file == "prefill.onnx" and spec.tensor("past_key_values.0.key").dtype == "float32"
+
+
+def test_ort_scales_a_bias_by_the_row_scale_so_w8a8dyn_never_passes_one() -> None:
+    """Why per-token w8a8dyn keeps each Linear's bias as an Add after the MatMul: MatMulIntegerToFloat multiplies
+    its bias input by the per-row activation scale (ORT 1.32); w8a8u8's one static scale makes folding it exact.
+    If ORT fixes that, this test fails and w8a8dyn can fold the bias too."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((64, 32)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(32).astype(np.float32)
+    emitted = emit_matmul("w8a8dyn", MatMulSpec(site="s", x="x", y="y", weight=weight))
+    matmul = next(n for n in emitted.nodes if n.op_type == "MatMulIntegerToFloat")
+    matmul.input.extend(["", "s.bias"])
+    graph = helper.make_graph(emitted.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", 32])],
+                              initializer=[numpy_helper.from_array(a, n) for n, a in
+                                           {**emitted.raw, "s.bias": bias}.items()])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((1, 4, 64)).astype(np.float32) * 10
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    row_scale = np.abs(x).max(axis=-1, keepdims=True) / 127
+
+    def rel(ref: np.ndarray) -> float:
+        return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    assert rel(x @ weight + bias * row_scale) < 0.03 < rel(x @ weight + bias)
+
+
+def _export_bf16(cpu_int8_bundle: Path, tiny_checkpoint: Path, out: Path) -> Path:
+    """The tiny int8 CPU bundle exported again, judged against its emulated reference in bf16 (a model too big for
+    fp32 here is): the prefill graph's checks run under the measured prefill+bf16 bound."""
+    from pulse_edge.export.build.bundle import ExportOptions, export_bundle
+    from pulse_edge.export.quant.context import QuantSettings
+    from pulse_edge.export.validate.parity import ValidationPlan
+
+    settings = QuantSettings(make_recipe("int8"), scales=cpu_int8_bundle.parent / "scales.npz", held_out=1)
+    plan = ValidationPlan(prefill_lengths=(5, 64), decode_steps=1, greedy_runs=0)
+    return export_bundle(tiny_checkpoint, out, ExportOptions(precision="int8", quant=settings, plan=plan,
+                                                             reference=torch.bfloat16))
+
+
+def test_a_bf16_reference_judges_the_prefill_graph_by_its_bound_and_still_refuses_a_wrong_one(
+        cpu_int8_bundle: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The bound a 32-layer model needs against a bf16 oracle (per-token codes flip on both sides) is wider than the
+    sum of the two errors, but not blind: a prefill graph with sin and cos swapped passes every site (rotary is
+    no MatMul) and must still be refused end to end, with nothing written."""
+    import pulse_edge.export.build.bundle as bundle_module
+    from pulse_edge.export.build.bundle import ExportValidationError
+    from pulse_edge.export.build.segments import bound_text
+    from pulse_edge.export.graphs import decoder as decoder_graph
+    from pulse_edge.export.validate.tolerances import TOLERANCES
+    from pulse_edge.runtime.bundle.manifest import read_manifest
+
+    good = read_manifest(_export_bf16(cpu_int8_bundle, tiny_checkpoint, tmp_path / "good")).validation
+    record = good["decoder"]["prefill_graph"]
+    assert good["pass"] and good["reference_dtype"] == "bfloat16" and record["pass"]
+    assert record["tolerance_level"] == "int8 prefill+bf16_reference"
+    assert record["tolerance"]["min_cosine"] == TOLERANCES["int8 prefill+bf16_reference"].min_cosine < 0.997
+
+    real_build, real_tables = bundle_module.build_prefill, decoder_graph._rotary_tables
+
+    def swapped_prefill(*args, **kwargs):
+        with monkeypatch.context() as patch:  # the prefill graph only: the decode graph stays right
+            patch.setattr(decoder_graph, "_rotary_tables", lambda lm, shape: real_tables(lm, shape)[::-1])
+            return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(bundle_module, "build_prefill", swapped_prefill)
+    with pytest.raises(ExportValidationError, match="prefill graph") as refused:
+        _export_bf16(cpu_int8_bundle, tiny_checkpoint, tmp_path / "wrong")
+    assert f"(its bound: {bound_text(record['tolerance'])})" in str(refused.value)
+    assert not (tmp_path / "wrong").exists()
+
+
+def test_a_chunk_too_short_for_the_loaded_prefill_graph_is_refused(cpu_int8_bundle: Path) -> None:
+    """Chunks under 16 positions run on the decode path: with the prefill graph loaded (and a kernel asked for
+    it) nothing would run where the reports say it does. One line instead; without the graph, any chunk."""
+    from pulse_edge.runtime.engines.ort import SessionConfig
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    with pytest.raises(ConfigError, match="--prefill-chunk 8: chunks under 16 positions never reach"):
+        Pipeline.from_bundle(cpu_int8_bundle, prefill_chunk=8)
+    assert Pipeline.from_bundle(cpu_int8_bundle, prefill_chunk=16).engine.prefill_chunk == 16
+    without = Pipeline.from_bundle(cpu_int8_bundle, prefill_chunk=8, session=SessionConfig(prefill_graph="off"))
+    assert without.engine.prefill_chunk == 8
