@@ -108,7 +108,8 @@ def calibrate(loaded: LoadedCheckpoint, tokenizer: Tokenizer, options: Calibrati
                     sites=sites, created_by=f"pulse-edge {__version__}", kv=kv.absmax)
     # what Scales.load refuses in a file, refused here before it is written or exported with (a site the samples
     # never moved has amax 0: every activation would be quantized to its extreme code)
-    check_values(scales, f"the calibration on {len(prepared)} samples", "calibrate on more or other ECG samples")
+    count = f"{len(prepared)} sample{'s' if len(prepared) != 1 else ''}"
+    check_values(scales, f"the calibration on {count}", "calibrate on more or other ECG samples")
     return scales
 
 

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from pulse_edge.benchmarks.perf.backend_runs import round_order
 from pulse_edge.export.graphs.vision import INPUT_NAME, OUTPUT_NAME
+from pulse_edge.runtime.engines.sessions import cpu_precision_entries
 
 CPU = ("CPUExecutionProvider",)
 
@@ -25,7 +26,10 @@ def time_vision_graphs(paths: Mapping[str, Path], *, tile_counts: Sequence[int] 
     instead of landing on whichever ran last; the ratios are what carries over to
     other machines, not the absolute times.
     """
-    sessions = [(name, ort.InferenceSession(str(path), providers=list(providers or CPU)))
+    options = ort.SessionOptions()
+    for key, value in cpu_precision_entries().items():  # the int8 kernels the runtime uses on this CPU
+        options.add_session_config_entry(key, value)
+    sessions = [(name, ort.InferenceSession(str(path), options, providers=list(providers or CPU)))
                 for name, path in paths.items()]
     size = sessions[0][1].get_inputs()[0].shape[-1]
     inputs = {tiles: np.zeros((tiles, 3, size, size), dtype=np.float32) for tiles in tile_counts}

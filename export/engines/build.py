@@ -201,6 +201,9 @@ def _timing_cache(build: _Build) -> str:
     except OSError:
         data = b""  # an unreadable cache costs build time, nothing else
     cache = build.config.create_timing_cache(data)
+    if cache is None:  # a damaged file (one cut short by the writes before they were staged): start empty
+        log.warning("the timing cache %s is damaged; this build measures its tactics anew", path)
+        cache = build.config.create_timing_cache(b"")
     if not build.config.set_timing_cache(cache, ignore_mismatch=False):  # another GPU's: built without it
         log.warning("the timing cache %s was made on another GPU; this build measures its tactics anew", path)
         build.config.set_timing_cache(build.config.create_timing_cache(b""), ignore_mismatch=False)

@@ -58,6 +58,7 @@ def kv_scales_for(recipe: Recipe, scales: Scales, shape: DecoderShape, plan: Lin
     except KeyError as e:
         raise ConfigError("the scales file holds no key/value ranges (it predates the int8 KV cache): re-run "
                           "pulse-edge calibrate, or export with --kv-cache float") from e
+    plan.check(shape)  # o's scale only where heads == kv_heads: then it is per (kv head, channel), as the cache
     value = [v / plan.input_scales[site].reshape(v.shape).astype(np.float32) if site in plan.input_scales else v
              for v, site in ((v, f"layers.{i}.o") for i, v in enumerate(value))]  # o's scale only where heads == kv
     return KVScales(key=tuple(key), value=tuple(value))

@@ -23,6 +23,7 @@ from pulse_edge.export.graphs.vision import (
 )
 from pulse_edge.export.model.reference import PulseReference
 from pulse_edge.export.validate.tolerances import TOLERANCES, Tolerance
+from pulse_edge.runtime.engines.sessions import cpu_precision_entries
 from pulse_edge.runtime.image.preprocess import ImageLayout
 
 CPU = ("CPUExecutionProvider",)
@@ -54,7 +55,7 @@ def validate_vision_graph(model: PulseReference, onnx_path: Path, *, tile_counts
     options = ort.SessionOptions()
     if graph_opset(proto) >= FP8_MIN_OPSET and has_float8(proto):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # see export/graphs/quant_ops.py
-    for key, value in (entries or {}).items():
+    for key, value in {**cpu_precision_entries(), **(entries or {})}.items():  # as the runtime opens it
         options.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(onnx_path), options, providers=list(providers or CPU))
     shapes = []

@@ -188,7 +188,8 @@ def session_settings(config: SessionConfig, graph_limit: str | None = None, *,
             "mem_arena": config.mem_arena,
             "mem_pattern": planned if config.mem_pattern is None else config.mem_pattern,
             "node_order": config.node_order or ("priority" if mapped else "default"),
-            "u8u8_matmul": config.provider == "cpu" and int8_products_saturate()}
+            "u8u8_matmul": (config.provider == "cpu" and int8_products_saturate()
+                            and effective_opt_level(config.opt_level, graph_limit) in U8U8_LEVELS)}
 
 
 # x86 CPUs without VNNI multiply ORT's u8 x s8 MatMulIntegerToFloat / DynamicQuantizeMatMul (the vision graph's
@@ -198,6 +199,15 @@ def session_settings(config: SessionConfig, graph_limit: str | None = None, *,
 # zero point 128) and multiplies u8 x u8 without the saturation. VNNI's vpdpbusd sums in int32: nothing to do there.
 EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 U8U8_ENTRY = "session.x64quantprecision"
+# ORT rewrites the weights in a level-2 graph transformer: at "basic" or "disable" the entry does nothing, and such
+# a session keeps the saturating kernel (recorded as u8u8_matmul false; the int8 bundles run at "all")
+U8U8_LEVELS = ("extended", "all")
+
+
+def cpu_precision_entries() -> dict[str, str]:
+    """The config entries a CPU session of a quantized graph needs on this machine (for the sessions export
+    validation and the benchmarks open themselves; make_session adds them from session_settings)."""
+    return {U8U8_ENTRY: "1"} if int8_products_saturate() else {}
 
 
 def int8_products_saturate(flags: frozenset[str] | None = None) -> bool:

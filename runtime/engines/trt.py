@@ -218,8 +218,13 @@ class TrtLog:
     def reason(self) -> str:
         return "; ".join(self.errors) or "TensorRT gave no reason"
 
+    def clear(self) -> None:
+        """Before each call whose refusal may quote the log: an earlier one's errors are not its reason."""
+        self.errors.clear()
+
 
 def _execute(context: Any, cuda: Cuda, log: TrtLog) -> None:
+    log.clear()
     if not context.execute_async_v3(cuda.stream):
         raise EngineRunError(f"TensorRT's execute_async_v3 failed ({log.reason()}); please report it with "
                              "`pulse-edge --version`, the GPU and the engines' engines.json")
@@ -326,6 +331,7 @@ def _deserialize(trt: TensorRT, runtime: Any, path: Path, log: TrtLog) -> Any:
     not fit a Jetson, whose GPU shares the same memory."""
     if path.stat().st_size == 0:  # nothing to map (mmap refuses an empty file)
         raise ConfigError(f"{path} is empty; {REBUILD.format(directory=path.parent)}")
+    log.clear()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
@@ -336,6 +342,7 @@ def _deserialize(trt: TensorRT, runtime: Any, path: Path, log: TrtLog) -> Any:
 
 def _context(engine: Any, path: Path, log: TrtLog) -> Any:
     """An execution context, whose scratch memory TensorRT allocates for the largest shape the profiles admit."""
+    log.clear()
     context = engine.create_execution_context()
     if context is None:
         raise DeviceMemoryError(f"the GPU cannot hold the scratch memory of {path.name} ({log.reason()}); build the "

@@ -333,6 +333,6 @@ def test_a_calibration_whose_samples_never_moved_a_site_is_refused_before_it_is_
     real = calibration.AbsHistogram.amax
     monkeypatch.setattr(calibration.AbsHistogram, "amax", lambda self, method, **kw: 0.0 if method == "mse" else
                         real(self, method, **kw))
-    with pytest.raises(ScalesError, match=r"^the calibration on 1 samples: \S+ amax\['mse'\] holds 0\.0, not a "
+    with pytest.raises(ScalesError, match=r"^the calibration on 1 sample: \S+ amax\['mse'\] holds 0\.0, not a "
                                           r"finite number above 0; calibrate on more or other ECG samples$"):
         calibration.calibrate(tiny_pipeline.loaded, tiny_pipeline.tokenizer, CalibrationOptions(samples=1))

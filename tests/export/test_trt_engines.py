@@ -17,6 +17,7 @@ from pulse_edge.cli.main import main
 from pulse_edge.export.engines.build import EngineBuildOptions, build_engines
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import read_engines
+from pulse_edge.runtime.bundle.integrity import bundle_file_records
 from pulse_edge.runtime.bundle.manifest import read_manifest
 
 PRECISIONS = ("fp16", "int4", "int8", "fp8")
@@ -90,7 +91,8 @@ def test_the_explicit_form_builds_too(trt_fp16_bundle: Path, tiny_pipeline, tmp_
     manifest = read_manifest(bundle)
     shape = DecoderShape.from_config(tiny_pipeline.loaded.config, max_length=manifest.kv.max_length)
     decoder, _ = trt_build.write_decoder(tiny_pipeline.loaded, bundle, shape, None, label="fp16", ops="explicit")
-    replace(manifest, graphs={**manifest.graphs, names.DECODER: decoder}).write(bundle)
+    graphs = {**manifest.graphs, names.DECODER: decoder}
+    replace(manifest, graphs=graphs, files=bundle_file_records(bundle)).write(bundle)
     out = build_engines(bundle, EngineBuildOptions(target="rtx", max_context=CONTEXT), progress=lambda line: None)
     layers = read_engines(out, bundle).engines[names.DECODER].layers
     assert "KV_CACHE_UPDATE" not in layers and layers["SCATTER"] == 2 * manifest.kv.layers
@@ -183,8 +185,8 @@ class _Config:
     def __init__(self, takes: bool) -> None:
         self.takes, self.set = takes, []
 
-    def create_timing_cache(self, data: bytes) -> bytes:
-        return data
+    def create_timing_cache(self, data: bytes) -> bytes | None:
+        return None if data == b"damaged" else data  # TensorRT gives None for a file it cannot parse
 
     def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
         self.set.append(cache)
@@ -208,6 +210,10 @@ def test_a_timing_cache_of_another_gpu_or_one_that_cannot_be_saved_costs_time_no
     assert job.config.set == [b"other gpu", b""] and "made on another GPU" in caplog.text
     build._save_timing_cache(job, path)
     assert Path(path).read_bytes() == b"tactics" and not list((tmp_path / "cache").glob(".*partial*"))
+    Path(path).write_bytes(b"damaged")
+    fresh = SimpleNamespace(trt=job.trt, config=_Config(takes=True), keep=[])
+    build._timing_cache(fresh)
+    assert fresh.config.set == [b""] and "is damaged" in caplog.text
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     build._save_timing_cache(job, str(blocked / "timing.cache"))  # its folder cannot be made: warned, not raised

@@ -295,6 +295,9 @@ def test_int8_gemms_run_u8u8_where_orts_u8s8_products_would_saturate(machine: st
     monkeypatch.setattr(sessions.platform, "machine", lambda: machine)
     monkeypatch.setattr(sessions, "cpu_flags", lambda: frozenset(flags))
     assert session_settings(SessionConfig(provider=provider))["u8u8_matmul"] is u8u8
+    assert sessions.cpu_precision_entries() == ({"session.x64quantprecision": "1"} if u8u8 else {}) or provider != "cpu"
+    # ORT rewrites the weights at level 2: a session held to "basic" keeps the saturating kernel, and says so
+    assert session_settings(SessionConfig(provider=provider, opt_level="basic"))["u8u8_matmul"] is False
 
 
 def test_a_u8u8_session_computes_the_exact_int32_products(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from pulse_edge.export.graphs.vision import describe_vision_graph
 from pulse_edge.export.quant.apply import quantize_vision_graph
 from pulse_edge.export.quant.context import SCHEME_LABELS, QuantContext, QuantSettings
 from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.integrity import bundle_file_records
 from pulse_edge.runtime.bundle.manifest import GraphSpec, read_manifest
 
 TRT_RECIPES = {"int4": {}, "int8": {"int8_decoder": "w8a8"}, "fp8": {}}
@@ -60,7 +61,9 @@ def quantized_trt_bundle(fp16_bundle: Path, out: Path, precision: str, loaded: A
     vision = trt_build.quantize_vision(loaded, out, manifest.graphs[names.VISION], quant)
     shape = DecoderShape.from_config(loaded.config, max_length=manifest.kv.max_length)
     decoder, _ = trt_build.write_decoder(loaded, out, shape, quant, label=precision, ops=ops)
-    replace(manifest, precision=precision, graphs={names.VISION: vision, names.DECODER: decoder}).write(out)
+    # the files' sizes and checksums as export records them: build-engines checks them before it builds
+    replace(manifest, precision=precision, graphs={names.VISION: vision, names.DECODER: decoder},
+            files=bundle_file_records(out)).write(out)
     return out
 
 

@@ -180,12 +180,18 @@ def test_tensorrts_own_reason_reaches_the_refusal() -> None:
                            ("INTERNAL_ERROR", "third"), ("ERROR", "fourth")]:
         log(severity, text)
     assert log.reason() == "second line; third; fourth" and trt_backend.TrtLog().reason() == "TensorRT gave no reason"
-    failing = SimpleNamespace(execute_async_v3=lambda stream: False)
-    with pytest.raises(EngineRunError, match=r"^TensorRT's execute_async_v3 failed \(second line; third; fourth\)"):
+
+    def refusing(result: object, said: str):  # TensorRT logs its reason during the call, then returns
+        return lambda *args: (log("ERROR", said), result)[1]
+
+    # each call's message quotes what TensorRT said during that call, not an earlier one's errors
+    failing = SimpleNamespace(execute_async_v3=refusing(False, "an illegal memory access"))
+    with pytest.raises(EngineRunError, match=r"^TensorRT's execute_async_v3 failed \(an illegal memory access\);"):
         trt_backend._execute(failing, SimpleNamespace(stream=1), log)
     with pytest.raises(DeviceMemoryError, match=r"the GPU cannot hold the scratch memory of decoder\.engine "
-                                                r"\(second line; third; fourth\).*--max-chunk"):
-        trt_backend._context(SimpleNamespace(create_execution_context=lambda: None), Path("e/decoder.engine"), log)
+                                                r"\(out of device memory\).*--max-chunk"):
+        trt_backend._context(SimpleNamespace(create_execution_context=refusing(None, "out of device memory")),
+                             Path("e/decoder.engine"), log)
 
 
 def test_an_engine_file_is_mapped_not_read_and_a_refusal_says_delete_and_rebuild(tmp_path: Path) -> None:
@@ -195,10 +201,15 @@ def test_an_engine_file_is_mapped_not_read_and_a_refusal_says_delete_and_rebuild
     path.parent.mkdir()
     path.write_bytes(b"not an engine")
     seen = []
-    runtime = SimpleNamespace(deserialize_cuda_engine=lambda data: seen.append(type(data)))
     log = trt_backend.TrtLog()
-    log("ERROR", "Serialization assertion header.magicTag == kEXPECTED_MAGIC_TAG failed")
-    with pytest.raises(ConfigError, match=rf"cannot load {re.escape(str(path))} \(Serialization assertion .*\); "
+    log("ERROR", "an earlier load's error")  # not this load's reason
+
+    def deserialize(data: object) -> None:
+        seen.append(type(data))
+        log("ERROR", "Serialization assertion header.magicTag == kEXPECTED_MAGIC_TAG failed")
+
+    runtime = SimpleNamespace(deserialize_cuda_engine=deserialize)
+    with pytest.raises(ConfigError, match=rf"cannot load {re.escape(str(path))} \(Serialization assertion [^;]*\); "
                                           rf"delete {re.escape(str(path.parent))} and rebuild the engines"):
         trt_backend._deserialize(SimpleNamespace(name="tensorrt_rtx", version="1.7.1"), runtime, path, log)
     assert seen == [mmap.mmap]
