@@ -18,6 +18,18 @@ from typing import IO, Any, Generic, TypeVar
 from pulse_edge.errors import InputError
 
 T = TypeVar("T")
+# What json.loads raises on text it cannot read: JSONDecodeError and UnicodeDecodeError (both ValueErrors), the bare
+# ValueError of an integer past Python's 4300-digit limit, and RecursionError for arrays nested past its stack.
+JSON_TEXT_ERRORS = (ValueError, RecursionError)
+
+
+def json_error_reason(error: Exception) -> str:
+    """Why json.loads refused a text, in a few words (no advice about interpreter settings)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at line {error.lineno} column {error.colno}"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0]  # the digit limit's own text goes on to name sys.set_int_max_str_digits
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path
     if tail.strip():
         try:
             last = json.loads(tail)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except JSON_TEXT_ERRORS:
             if not tail.lstrip().startswith(b"{"):  # not a record's start: another file's text, never cut off
                 raise InputError(f"{path}: line {len(lines) + 1} is not JSON; is it a JSON-lines file of "
                                  "pulse-edge's?") from None
@@ -85,8 +97,8 @@ def append_record(handle: IO[str], record: Mapping[str, Any]) -> None:
 def _parse_line(line: bytes, path: Path, number: int) -> Mapping[str, Any]:
     try:
         record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: line {number} is not valid JSON ({e})") from e
+    except JSON_TEXT_ERRORS as e:
+        raise InputError(f"{path}: line {number} is not valid JSON ({json_error_reason(e)})") from e
     return _as_record(record, path, number)
 
 

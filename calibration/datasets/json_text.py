@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.errors import InputError
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 
 
 def read_utf8(path: Path) -> str:
@@ -21,5 +22,5 @@ def parse_json(text: str, path: Path) -> Any:
     """The whole of `path`'s text as JSON."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except JSON_TEXT_ERRORS as e:
+        raise InputError(f"{path}: not valid JSON ({json_error_reason(e)})") from e

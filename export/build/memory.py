@@ -21,6 +21,7 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.export.model.checkpoint import SHARD_INDEX, LoadedCheckpoint, read_shard_index
 from pulse_edge.runtime.engines.memory import mem_available_bytes
 from pulse_edge.runtime.engines.ort import SessionConfig
+from pulse_edge.runtime.engines.sessions import int8_products_saturate
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ ANON_BYTES_PER_PARAM = 1.0
 # parts above add up to (21.4 GiB). 3.4 covers it, with little room: a machine with less free memory than
 # that is refused rather than killed half an hour in.
 PREFILL_PARITY_ANON_BYTES_PER_PARAM = 3.4
+# On an x86 CPU without VNNI ORT rewrites every int8 GEMM weight into a u8 copy in anonymous memory, prepacking
+# or not (runtime/engines/sessions.py U8U8_ENTRY): the prefill graph's int8 decoder layers (0.93 bytes per
+# parameter on the 7B, see below) and the vision graph's (0.04). Measured with the entry set on this project's
+# VNNI machine (ORT 1.32 rewrites wherever it is set): one DynamicQuantizeMatMul of 128 MiB of int8 weights in
+# external data, prepacking off, added 130 MiB of anonymous memory against 2 MiB without the entry.
+U8_COPY_BYTES_PER_PARAM = 1.0
 GRAPH_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2}  # the float graphs' mapped weights (quantized: packed, in RAM)
 # The least a bundle takes on disk per checkpoint parameter, below every bundle measured, so that a refusal is
 # sure (room above it is not promised). Measured (bytes on disk / parameters): real width with 4 layers (1.40 B
@@ -74,18 +81,21 @@ def validation_session(precision: str) -> SessionConfig:
 
 
 def validation_anon_bytes(params: int, *, layers: int, kv_heads: int, head_dim: int, max_context: int,
-                          precision: str, kv_cache: str = "float", prefill_graph: bool = False) -> dict[str, float]:
+                          precision: str, kv_cache: str = "float", prefill_graph: bool = False,
+                          u8_copies: bool = False) -> dict[str, float]:
     """The anonymous memory a validation needs: ORT's packed weights, its KV cache, the rest per parameter.
 
     kv_cache "int8" / "fp16": one / two bytes per cached value whatever the base. prefill_graph: a CPU recipe's
     second decoder graph, whose parity stage needs PREFILL_PARITY_ANON_BYTES_PER_PARAM at least (the fidelity check's
-    pipeline loads that graph only where the memory left holds it: runtime/engines/memory.py)."""
+    pipeline loads that graph only where the memory left holds it: runtime/engines/memory.py). u8_copies: this CPU
+    has ORT copy the int8 GEMMs' weights (U8_COPY_BYTES_PER_PARAM), counted with the prefill graph."""
     kv_itemsize = {"int8": 1, "fp16": 2}.get(kv_cache) or np.dtype(KV_DTYPES[FLOAT_BASE[precision]]).itemsize
     parts = {"weights": params * ORT_CPU_ANON_BYTES_PER_WEIGHT[precision],
              "kv_cache": 2 * layers * kv_heads * head_dim * max_context * kv_itemsize,
              "emulated_reference": params * EMULATION_BYTES_PER_WEIGHT.get(precision, 0.0),
-             "other": params * ANON_BYTES_PER_PARAM}
-    floor = params * PREFILL_PARITY_ANON_BYTES_PER_PARAM if prefill_graph else 0.0
+             "other": params * ANON_BYTES_PER_PARAM,
+             "u8_weight_copies": params * U8_COPY_BYTES_PER_PARAM if prefill_graph and u8_copies else 0.0}
+    floor = params * PREFILL_PARITY_ANON_BYTES_PER_PARAM + parts["u8_weight_copies"] if prefill_graph else 0.0
     return {**parts, "total": max(sum(parts.values()), floor)}
 
 
@@ -100,7 +110,8 @@ def check_validation_memory(loaded: LoadedCheckpoint, params: int, max_context: 
     text = loaded.config.text
     need = validation_anon_bytes(params, layers=text.num_layers, kv_heads=text.num_kv_heads,
                                  head_dim=text.head_dim, max_context=max_context, precision=precision,
-                                 kv_cache=kv_cache, prefill_graph=prefill_graph)
+                                 kv_cache=kv_cache, prefill_graph=prefill_graph,
+                                 u8_copies=int8_products_saturate())
     available = mem_available_bytes()
     if available is not None and need["total"] > available:
         fix = "without the prefill graph (--no-prefill-graph)" if prefill_graph else "with a smaller --max-context"

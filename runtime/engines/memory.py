@@ -59,13 +59,17 @@ def prefill_graph_need(weights_file_bytes: int) -> int:
     return int(weights_file_bytes * PREFILL_PER_FILE_BYTE) + MARGIN_BYTES
 
 
-def choose_prefill_graph(mode: str, weights_file_bytes: int, *, prepacked: bool,
-                         available: int | None) -> PrefillGraphChoice:
+def choose_prefill_graph(mode: str, weights_file_bytes: int, *, prepacked: bool, available: int | None,
+                         u8_copies: bool = False) -> PrefillGraphChoice:
     """mode "auto" | "on" | "off" (pulse_edge.choices.PREFILL_GRAPH_MODES). Without prepacking the weights stay
-    mapped from the file (pages the kernel can drop), so only the working memory must fit."""
+    mapped from the file (pages the kernel can drop), so only the working memory must fit; unless `u8_copies`
+    (an x86 CPU without VNNI: ORT rewrites every int8 weight of the graph into a u8 copy of its own,
+    runtime/engines/sessions.py U8U8_ENTRY), which adds one byte per weight byte (128 MiB of int8 weights: +130
+    MiB anonymous, export/build/memory.py U8_COPY_BYTES_PER_PARAM)."""
     if mode == "off":
         return PrefillGraphChoice(load=False)
-    need = prefill_graph_need(weights_file_bytes) if prepacked else PREFILL_WORKING_BYTES + MARGIN_BYTES
+    copies = weights_file_bytes if u8_copies else 0
+    need = prefill_graph_need(weights_file_bytes) if prepacked else copies + PREFILL_WORKING_BYTES + MARGIN_BYTES
     if mode == "on" or available is None or need <= available:
         return PrefillGraphChoice(load=True)
     return PrefillGraphChoice(load=False, warning=(

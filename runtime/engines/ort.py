@@ -57,6 +57,7 @@ from pulse_edge.runtime.engines.sessions import (
     load_onnxruntime,
     make_session,
     ort_run_errors,
+    saturation_warning,
     usable_cpus,
 )
 from pulse_edge.runtime.engines.sessions import provider_chain as provider_chain
@@ -238,8 +239,10 @@ def _prefill_graph_fits(bundle: Path, prefill: GraphSpec, config: SessionConfig)
     """Load the prefill graph? Asked after the vision and decode graphs are loaded, so MemAvailable is what
     is left for it (runtime/engines/memory.py)."""
     weights = sum(prefill.sizes.values()) if prefill.sizes else (bundle / prefill.file).stat().st_size
-    choice = choose_prefill_graph(config.prefill_graph, weights, prepacked=config.prepack and config.provider == "cpu",
-                                  available=mem_available_bytes())
+    cpu = config.provider == "cpu"
+    choice = choose_prefill_graph(config.prefill_graph, weights, prepacked=config.prepack and cpu,
+                                  available=mem_available_bytes(),
+                                  u8_copies=session_settings(config, prefill.opt_level_limit)["u8u8_matmul"])
     if choice.warning:
         log.warning(choice.warning)
     return choice.load
@@ -304,6 +307,17 @@ def check_device(manifest: Manifest, config: SessionConfig) -> None:
                           f"kernels do not run (GroupQueryAttention is fp16/bf16 there); {fix}")
 
 
+def _warn_if_int8_saturates(manifest: Manifest, config: SessionConfig) -> None:
+    """Once per bundle: its int8 GEMMs are the vision graph's, the prefill graph's (every one w8a8dyn) and, with
+    --int8-decoder w8a8, the decoder's."""
+    for role, spec in manifest.graphs.items():
+        schemes = {names.VISION: spec.matmul_schemes, names.PREFILL: ("w8a8dyn",),
+                   names.DECODER: manifest.calibration.decoder_schemes if manifest.calibration else ()}.get(role, ())
+        if warning := saturation_warning(config, spec.opt_level_limit, schemes):
+            log.warning(warning)
+            return
+
+
 def open_ort_engine(bundle: Path, manifest: Manifest, config: SessionConfig, *,
                     prefill_chunk: int | str | None = AUTO_CHUNK) -> BundleEngine:
     """The bundle's graphs in ONNX Runtime sessions on exactly the asked provider, behind `BundleEngine`
@@ -311,6 +325,7 @@ def open_ort_engine(bundle: Path, manifest: Manifest, config: SessionConfig, *,
     check_servable(manifest, prefill_chunk)
     require_provider(config)  # first: on a machine without the provider, that is the whole story
     check_device(manifest, config)
+    _warn_if_int8_saturates(manifest, config)
     vision = VisionEngine(bundle, manifest.graphs[names.VISION], config)
     decoder = decoder_engine(bundle, manifest.graphs[names.DECODER], manifest.kv, manifest.text.vocab_size, config,
                              prefill=manifest.graphs.get(names.PREFILL), native_validated=native_validated(manifest))

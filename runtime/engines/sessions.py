@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,10 +23,16 @@ from pulse_edge.runtime.kernels.build import cpu_flags
 ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
                          strict=True))
 NODE_ORDERS = {"default": "DEFAULT", "priority": "PRIORITY_BASED"}  # ours -> ort.ExecutionOrder
-# ONNX Runtime raises its own exception types (Fail, RuntimeException, InvalidArgument...), all from this module and
-# all plain Exception subclasses; an allocation that failed inside it says so in one of these phrases.
+# ONNX Runtime's `run` raises its own exception types (Fail, RuntimeException, InvalidArgument...), all from this
+# module and all plain Exception subclasses; `run_with_iobinding` (every decoder call) raises a builtin RuntimeError
+# whose text starts with IOBINDING_FAILURE instead (onnxruntime 1.32, both checked on a failing graph in the tests).
 ORT_ERRORS_MODULE = "onnxruntime.capi.onnxruntime_pybind11_state"
-OUT_OF_MEMORY_PHRASES = ("bad_alloc", "bad allocation", "Failed to allocate memory", "out of memory")
+IOBINDING_FAILURE = "Error in execution: "
+# An allocation that failed says so in one of these phrases. C++'s bad_alloc is always the host's; CUDA's are always
+# the GPU's; ORT's arena says the same for either, so it is the device's where the provider has one.
+HOST_OUT_OF_MEMORY = ("bad_alloc", "bad allocation")
+GPU_OUT_OF_MEMORY = ("CUDA failure 2", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "out of memory")
+ARENA_OUT_OF_MEMORY = ("Failed to allocate memory",)
 
 
 def load_onnxruntime() -> Any:
@@ -49,7 +55,8 @@ class SessionConfig:
     faster decode on the real-width decoder here, but it is a second, anonymous copy
     of every weight. Without it the weights stay memory-mapped from the bundle
     (loads in no time, pages are shared and reclaimable): the choice for a cart
-    whose RAM barely holds the model once. `mem_pattern` lets ORT plan one block for
+    whose RAM barely holds the model once; except the int8 GEMMs' weights on an x86
+    CPU without VNNI, which ORT copies to u8 (U8U8_ENTRY). `mem_pattern` lets ORT plan one block for
     the graph's tensors up front; that plan reserves address space for every weight
     too, so a graph whose weights exceed RAM + swap fails to load with bad_alloc
     (measured: 26 GB of mapped fp32 weights on this 23.5 GiB machine) unless it is off.
@@ -204,6 +211,22 @@ U8U8_ENTRY = "session.x64quantprecision"
 U8U8_LEVELS = ("extended", "all")
 
 
+# The schemes ORT's CPU EP runs as int8 x int8 GEMMs (MatMulIntegerToFloat, DynamicQuantizeMatMul).
+INT8_GEMM_SCHEMES = frozenset({"w8a8", "w8a8u8", "w8a8dyn"})
+
+
+def saturation_warning(config: SessionConfig, graph_limit: str | None, schemes: Iterable[str]) -> str | None:
+    """The line to warn with when a graph's int8 GEMMs (`schemes`: the scheme of each quantized MatMul) will run
+    on the saturating kernel: this CPU needs the u8 x u8 rewrite and the session's level is below where ORT
+    makes it (an --opt-level the user lowered)."""
+    if (config.provider != "cpu" or not int8_products_saturate() or not INT8_GEMM_SCHEMES & set(schemes)
+            or session_settings(config, graph_limit)["u8u8_matmul"]):
+        return None
+    return (f"at --opt-level {effective_opt_level(config.opt_level, graph_limit)} onnxruntime multiplies this "
+            "bundle's int8 activations and weights with a kernel that saturates on this CPU (x86 without VNNI), so "
+            "its answers may differ from the validated ones; use --opt-level extended or all")
+
+
 def cpu_precision_entries() -> dict[str, str]:
     """The config entries a CPU session of a quantized graph needs on this machine (for the sessions export
     validation and the benchmarks open themselves; make_session adds them from session_settings)."""
@@ -302,21 +325,34 @@ def ort_run_errors(graph: str, provider: str = "cpu") -> Iterator[None]:
     """ONNX Runtime's failures while running `graph` as one line: out of memory as the machine's state (the host's
     MemoryError, or on a GPU provider a DeviceMemoryError, whose remedy is not the host's RAM), anything else as an
     EngineRunError (no answer; the bundle passed its load checks, so the fault is ours or the engine's). Only ORT's
-    own exception types are translated; any other error passes through as it is."""
+    own failures are translated; any other error passes through as it is."""
     try:
         yield
     except Exception as e:
-        if type(e).__module__ != ORT_ERRORS_MODULE:
+        text = ort_failure_text(e)
+        if text is None:
             raise
-        text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
-        full = any(phrase in text for phrase in OUT_OF_MEMORY_PHRASES)
-        if full and provider != "cpu":
+        if provider != "cpu" and _says(text, GPU_OUT_OF_MEMORY + ARENA_OUT_OF_MEMORY) and not _says(
+                text, HOST_OUT_OF_MEMORY):
             raise DeviceMemoryError(f"the GPU's memory is full running {graph} ({first}); export the bundle with a "
                                     "shorter context (export --max-context) or a smaller precision, or free the "
                                     "GPU") from e
-        if full:
+        if _says(text, HOST_OUT_OF_MEMORY + ARENA_OUT_OF_MEMORY + GPU_OUT_OF_MEMORY):
             raise MemoryError(f"onnxruntime could not allocate memory running {graph} ({first})") from e
         raise EngineRunError(f"onnxruntime failed running {graph} ({first}); the bundle passed its load checks, so "
                              "this is a fault in pulse-edge or onnxruntime: please report it with the output of "
                              "`pulse-edge --version` and the bundle's manifest.json") from e
+
+
+def ort_failure_text(error: BaseException) -> str | None:
+    """The text of an error ONNX Runtime raised running a graph, without the binding's prefix; None for any other."""
+    if type(error).__module__ == ORT_ERRORS_MODULE:
+        return str(error).strip()
+    if type(error) is RuntimeError and str(error).startswith(IOBINDING_FAILURE):
+        return str(error).removeprefix(IOBINDING_FAILURE).strip()
+    return None
+
+
+def _says(text: str, phrases: tuple[str, ...]) -> bool:
+    return any(phrase in text for phrase in phrases)

@@ -58,6 +58,7 @@ def _cudart() -> Any:
 
 
 CUDA_OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation (CUDA runtime API)
+MEMORY_WORDS = ("memory", "alloc")  # in TensorRT's log when a context's scratch memory was refused
 
 
 class Cuda:
@@ -69,7 +70,12 @@ class Cuda:
         if int(err) != 0 or count == 0:
             raise ConfigError(f"no CUDA GPU is usable here ({self._message(err)}): the trt backend needs an NVIDIA "
                               "GPU with a driver for this CUDA; use --backend ort")
-        self.stream = self._check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.owned: list[int] = []  # device buffers from malloc, in order (free_from releases a failed load's)
+        err, stream = self.rt.cudaStreamCreate()  # the first call that makes a CUDA context on the GPU
+        if int(err) not in (0, CUDA_OUT_OF_MEMORY):  # before any engine: the GPU's state or the driver, not a fault
+            raise ConfigError(f"the GPU cannot be used ({self._message(err)}): another process may hold it in "
+                              "exclusive mode, or the driver does not match this CUDA; use --backend ort")
+        self.stream = self._check((err, stream), "cudaStreamCreate")
 
     def _message(self, err: Any) -> str:
         return self.rt.cudaGetErrorString(err)[1].decode(errors="replace") if int(err) else "no device"
@@ -87,11 +93,19 @@ class Cuda:
 
     def malloc(self, nbytes: int) -> int:
         ptr = int(self._check(self.rt.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes})"))
+        self.owned.append(ptr)
         self._check(self.rt.cudaMemsetAsync(ptr, 0, max(nbytes, 1), self.stream), "cudaMemsetAsync")
         return ptr
 
     def free(self, ptr: int) -> None:
         self._check(self.rt.cudaFree(ptr), "cudaFree")
+        self.owned.remove(ptr)
+
+    def free_from(self, mark: int) -> None:
+        """Free every buffer allocated since len(owned) was `mark`, newest first; on a failing path, so CUDA's own
+        errors here are not raised over the failure being reported."""
+        while len(self.owned) > mark:
+            self.rt.cudaFree(self.owned.pop())
 
     def upload(self, ptr: int, array: np.ndarray) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -344,7 +358,11 @@ def _context(engine: Any, path: Path, log: TrtLog) -> Any:
     """An execution context, whose scratch memory TensorRT allocates for the largest shape the profiles admit."""
     log.clear()
     context = engine.create_execution_context()
-    if context is None:
+    if context is None and log.errors and not any(word in log.reason().lower() for word in MEMORY_WORDS):
+        # TensorRT-RTX also compiles its kernels for this GPU here: a failure of that is not the memory's
+        raise ConfigError(f"TensorRT cannot create an execution context for {path.name} ({log.reason()}); "
+                          f"{REBUILD.format(directory=path.parent)}")
+    if context is None:  # its scratch memory for the largest shape the profiles admit, the usual cause
         raise DeviceMemoryError(f"the GPU cannot hold the scratch memory of {path.name} ({log.reason()}); build the "
                                 "engines for a shorter context or prefill chunk (build-engines --max-context, "
                                 "--max-chunk) or free the GPU")
@@ -352,10 +370,10 @@ def _context(engine: Any, path: Path, log: TrtLog) -> Any:
 
 
 def check_build_versions(engines: EngineSet, trt: TensorRT, directory: Path) -> None:
-    """An engine loads only in the TensorRT it was built with (major.minor): said before deserializing, which would
-    only return None."""
-    built = tuple(int(p) for p in engines.tensorrt_version.split(".")[:2] if p.isdigit())
-    if built != trt.version_tuple:
+    """An engine loads only in the TensorRT release it was built with, patch level included (TensorRT refuses
+    "expecting library version X got Y"; TensorRT-RTX's engines are not compatible between releases): said before
+    deserializing, which would only return None."""
+    if engines.tensorrt_version != trt.version:
         raise ConfigError(f"the engines in {directory} were built with {engines.tensorrt} {engines.tensorrt_version}, "
                           f"this is {trt.version}; {REBUILD.format(directory=directory)}")
 
@@ -364,6 +382,30 @@ def check_engine_set(engines: EngineSet, manifest: Manifest) -> None:
     if engines.max_context > manifest.kv.max_length:
         raise BundleError(f"engines.json says {engines.max_context} positions, the bundle holds "
                           f"{manifest.kv.max_length}; rebuild the engines")
+
+
+def _runners(trt: TensorRT, directory: Path, engines: EngineSet, manifest: Manifest,
+             cuda: Cuda) -> dict[str, Any]:
+    """The vision and decoder runners. A refusal partway (a full GPU, a stale engine) frees the device buffers
+    made before it: a caller may retry with smaller engines, and a Jetson's GPU memory is the host's."""
+    log = TrtLog()
+    logger = trt.logger(log)
+    runtime = trt.module.Runtime(logger)
+    runners: dict[str, Any] = {}
+    mark = len(cuda.owned)
+    try:
+        for role in (names.VISION, names.DECODER):
+            spec = engines.engines[role]
+            engine = _deserialize(trt, runtime, directory / spec.file, log)
+            check_engine_io(engine, spec, trt)
+            context = _context(engine, directory / spec.file, log)
+            runners[role] = (TrtVision(engine, context, spec, cuda, log) if role == names.VISION else
+                             TrtDecoder(engine, context, spec, cuda, manifest.text.vocab_size, log))
+            runners[role]._keep = (engine, runtime, logger)  # contexts need their engine alive
+    except BaseException:
+        cuda.free_from(mark)
+        raise
+    return runners
 
 
 def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | None = None,
@@ -381,18 +423,6 @@ def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | Non
     plan.check_chunk(prefill_chunk)  # type: ignore[arg-type]  # check_servable let only ints and None through
     trt = load_module(engines.tensorrt)
     check_build_versions(engines, trt, directory)
-    cuda = cuda or Cuda()
-    log = TrtLog()
-    logger = trt.logger(log)
-    runtime = trt.module.Runtime(logger)
-    runners = {}
-    for role in (names.VISION, names.DECODER):
-        spec = engines.engines[role]
-        engine = _deserialize(trt, runtime, directory / spec.file, log)
-        check_engine_io(engine, spec, trt)
-        context = _context(engine, directory / spec.file, log)
-        runners[role] = (TrtVision(engine, context, spec, cuda, log) if role == names.VISION else
-                         TrtDecoder(engine, context, spec, cuda, manifest.text.vocab_size, log))
-        runners[role]._keep = (engine, runtime, logger)  # contexts need their engine alive
+    runners = _runners(trt, directory, engines, manifest, cuda or Cuda())
     return BundleEngine(bundle, manifest, runners[names.VISION], runners[names.DECODER], prefill_chunk=prefill_chunk,
                         max_length=runners[names.DECODER].plan.max_length)

@@ -78,9 +78,10 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def _user_error(request: Request, exc: Exception) -> Response:
-    """A bad file or prompt found by the runtime: its one-line message, as a 400 (errors.from_runtime)."""
-    assert isinstance(exc, PulseEdgeError)
+async def _runtime_error(request: Request, exc: Exception) -> Response:
+    """A refusal of the runtime's (a bad file or prompt, a failed model) or a full memory: its one line, with the
+    status errors.from_runtime gives it, never the traceback of _bug."""
+    assert isinstance(exc, PulseEdgeError | MemoryError)
     return error_response(from_runtime(exc))
 
 
@@ -207,7 +208,8 @@ def create_app(state: ServerState) -> Starlette:
     app = Starlette(routes=list(ROUTES), lifespan=lifespan, middleware=[
         Middleware(Observe, metrics=state.metrics, endpoints=endpoints),
         Middleware(Guard, api_key=state.config.api_key, max_body_bytes=state.config.max_body_bytes),
-    ], exception_handlers={ApiError: _api_error, ClientGone: _client_gone, PulseEdgeError: _user_error,
+    ], exception_handlers={ApiError: _api_error, ClientGone: _client_gone, PulseEdgeError: _runtime_error,
+                           MemoryError: _runtime_error,
                            HTTPException: _http_error, Exception: _bug})
     app.state.server = state
     return app

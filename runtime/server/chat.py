@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pulse_edge.errors import PulseEdgeError
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.server.errors import ApiError, from_runtime
@@ -41,8 +42,8 @@ async def read_json(request: Request, deadline: Deadline) -> Any:
         raise deadline.error() from None
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError("bad_request", f"the request body is not valid JSON ({e})") from e
+    except JSON_TEXT_ERRORS as e:
+        raise ApiError("bad_request", f"the request body is not valid JSON ({json_error_reason(e)})") from e
 
 
 async def chat_completions(request: Request) -> Response:
@@ -103,7 +104,7 @@ async def _events(first: Any, pipe: TextPipe, ticket: Ticket[GenerationResult], 
     except ApiError as e:
         yield _failed(request, e)
         return
-    except PulseEdgeError as e:
+    except (PulseEdgeError, MemoryError) as e:
         yield _failed(request, from_runtime(e))
         return
     except Exception:

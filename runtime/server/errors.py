@@ -7,10 +7,13 @@ AuthenticationError, 503 InternalServerError...).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from pulse_edge.errors import EngineRunError, ModelOutputError, PulseEdgeError
+
+log = logging.getLogger("pulse_edge.server")
 
 # kind -> (HTTP status, OpenAI error type)
 ERROR_KINDS: Mapping[str, tuple[int, str]] = {
@@ -51,9 +54,14 @@ class ApiError(Exception):
                           "code": self.kind}}
 
 
-def from_runtime(exc: PulseEdgeError) -> ApiError:
-    """A runtime refusal as the client reads it: its one line; a 400 (the request's file or prompt), or a 500 when
-    the model computed no usable answer (not the client's doing)."""
+def from_runtime(exc: PulseEdgeError | MemoryError) -> ApiError:
+    """A runtime refusal as the client reads it: its one line; a 400 (the request's file or prompt), a 500 when
+    the model computed no usable answer (not the client's doing), or a 503 when the host's or the GPU's memory ran
+    out (the machine's state, which may pass: OpenAI's clients retry a 503), logged for the operator."""
+    if isinstance(exc, MemoryError):
+        what = str(exc).rstrip(".") or "out of memory"
+        log.warning("a request ran out of memory: %s", what)
+        return ApiError("unavailable", f"{what}: the server ran out of memory; retry later")
     return ApiError("error" if isinstance(exc, ModelOutputError | EngineRunError) else "bad_request", str(exc))
 
 

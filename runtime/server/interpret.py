@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pulse_edge.choices import VOLTAGE_UNITS
+from pulse_edge.jsonl import JSON_TEXT_ERRORS
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.server.chat import read_json
 from pulse_edge.runtime.server.errors import ApiError
@@ -134,7 +135,7 @@ def recording_options(params: Mapping[str, Any]) -> dict[str, Any]:
 def _json_list(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except JSON_TEXT_ERRORS:
         return text  # not a list: refused by the caller, naming the field
 
 
@@ -144,5 +145,5 @@ def _form_value(key: str, value: str) -> Any:
         return value
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
-        raise ApiError("bad_request", f"{key} must be a number, got {value!r}", param=key) from None
+    except JSON_TEXT_ERRORS:  # a field may be 64 KiB: the message quotes its start
+        raise ApiError("bad_request", f"{key} must be a number, got {value[:40]!r}", param=key) from None

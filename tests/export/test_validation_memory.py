@@ -297,7 +297,29 @@ def test_int8_gemms_run_u8u8_where_orts_u8s8_products_would_saturate(machine: st
     assert session_settings(SessionConfig(provider=provider))["u8u8_matmul"] is u8u8
     assert sessions.cpu_precision_entries() == ({"session.x64quantprecision": "1"} if u8u8 else {}) or provider != "cpu"
     # ORT rewrites the weights at level 2: a session held to "basic" keeps the saturating kernel, and says so
-    assert session_settings(SessionConfig(provider=provider, opt_level="basic"))["u8u8_matmul"] is False
+    basic = SessionConfig(provider=provider, opt_level="basic")
+    assert session_settings(basic)["u8u8_matmul"] is False
+    # ... and the runtime warns where that loses the exact products: int8 GEMMs on such a CPU at such a level
+    assert (sessions.saturation_warning(basic, None, ["w8a8u8", "fp"]) is not None) is u8u8
+    assert sessions.saturation_warning(basic, None, ["w4", "fp"]) is None  # MatMulNBits: no int8 x int8 GEMM
+    assert sessions.saturation_warning(SessionConfig(provider=provider), None, ["w8a8dyn"]) is None  # rewritten
+
+
+def test_the_u8_weight_copies_are_counted_where_ort_makes_them() -> None:
+    """On x86 without VNNI the u8 x u8 rewrite copies the int8 GEMMs' weights into the process's memory even when
+    they are not prepacked: counted by the export's check (with the prefill graph) and the runtime's choice."""
+    from pulse_edge.runtime.engines.memory import choose_prefill_graph
+
+    shape = {"layers": 32, "kv_heads": 32, "head_dim": 128, "max_context": 4096, "precision": "int8",
+             "kv_cache": "int8"}
+    plain = validation_anon_bytes(7_060_000_000, prefill_graph=True, **shape)
+    copied = validation_anon_bytes(7_060_000_000, prefill_graph=True, u8_copies=True, **shape)
+    assert copied["total"] - plain["total"] == copied["u8_weight_copies"] == 7_060_000_000
+    assert validation_anon_bytes(7_060_000_000, u8_copies=True, **shape)["u8_weight_copies"] == 0  # no int8 GEMM
+    gib = 2**30
+    assert choose_prefill_graph("auto", 6 * gib, prepacked=False, available=9 * gib).load  # mapped: 2 GiB
+    assert not choose_prefill_graph("auto", 6 * gib, prepacked=False, available=7 * gib, u8_copies=True).load
+    assert choose_prefill_graph("auto", 6 * gib, prepacked=False, available=9 * gib, u8_copies=True).load
 
 
 def test_a_u8u8_session_computes_the_exact_int32_products(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

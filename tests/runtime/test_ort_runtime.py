@@ -430,18 +430,23 @@ def _failing(error: Exception):
     return run
 
 
-MID_RUN_FAILURES = {  # ORT's own exception type raised by the method, the exit code, the one line after "error: "
+# the method that fails, the exception type it raises in onnxruntime 1.32 (`run`: ORT's own; `run_with_iobinding`,
+# every decoder call: a builtin RuntimeError; test_onnxruntimes_own_failures_are_translated_from_both_run_methods
+# shows both on a real graph), its text, the exit code and the one line after "error: "
+MID_RUN_FAILURES = {
     "a kernel failed": ("run", "Fail", "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running "
                         "Add node.\nStacktrace: ...", 3,
                         "onnxruntime failed running vision.onnx ([ONNXRuntimeError] : 1 : FAIL : Non-zero status code "
                         "returned while running Add node.); the bundle passed its load checks, so this is a fault in "
                         "pulse-edge or onnxruntime: please report it with the output of `pulse-edge --version` and the "
                         "bundle's manifest.json"),
-    "out of memory": ("run_with_iobinding", "RuntimeException",
-                      "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc", 2,
-                      "onnxruntime could not allocate memory running decoder.onnx ([ONNXRuntimeError] : 6 : "
-                      "RUNTIME_EXCEPTION : std::bad_alloc): free memory (close other programs) or use a smaller "
-                      "bundle or fewer --threads, and run the command again"),
+    "out of memory": ("run_with_iobinding", "RuntimeError",
+                      "Error in execution: Non-zero status code returned while running MatMul node. Name:'m' Status "
+                      "Message: bfc_arena.cc:360 Failed to allocate memory for requested buffer of size 4096\n", 2,
+                      "onnxruntime could not allocate memory running decoder.onnx (Non-zero status code returned while "
+                      "running MatMul node. Name:'m' Status Message: bfc_arena.cc:360 Failed to allocate memory for "
+                      "requested buffer of size 4096): free memory (close other programs) or use a smaller bundle or "
+                      "fewer --threads, and run the command again"),
 }
 
 
@@ -454,7 +459,8 @@ def test_onnxruntime_failing_mid_run_is_one_line_with_its_own_exit_code(case: st
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
     method, kind, text, code, line = MID_RUN_FAILURES[case]
-    monkeypatch.setattr(onnxruntime.InferenceSession, method, _failing(getattr(ort_state, kind)(text)))
+    error = RuntimeError(text) if kind == "RuntimeError" else getattr(ort_state, kind)(text)
+    monkeypatch.setattr(onnxruntime.InferenceSession, method, _failing(error))
     res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--max-new-tokens", "2"])
     assert (res.exit_code, res.stdout) == (code, ""), res.output
     assert res.stderr.splitlines() == [f"pulse-edge: error: {line}"]
@@ -480,18 +486,55 @@ def test_an_engine_fault_stops_a_batch_and_records_nothing_for_its_input(tiny_bu
     assert not out.exists() or out.read_text() == ""
 
 
-@pytest.mark.parametrize(("provider", "raised"), [("cpu", MemoryError), ("cuda", "DeviceMemoryError")])
-def test_out_of_memory_mid_run_is_the_hosts_or_the_gpus(provider: str, raised: object) -> None:
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-
+@pytest.mark.parametrize(("provider", "text", "gpus"), [
+    ("cpu", "CUDA failure 2: out of memory ; GPU=0", False),
+    ("cuda", "CUDA failure 2: out of memory ; GPU=0", True),
+    ("cuda", "Failed to allocate memory for requested buffer of size 4096", True),  # the CUDA arena's
+    ("cuda", "std::bad_alloc", False),  # C++'s new: the host's memory, whatever the provider
+])
+def test_out_of_memory_mid_run_is_the_hosts_or_the_gpus(provider: str, text: str, gpus: bool) -> None:
     from pulse_edge.errors import DeviceMemoryError
     from pulse_edge.runtime.engines.sessions import ort_run_errors
 
-    expected = DeviceMemoryError if raised == "DeviceMemoryError" else MemoryError
     with pytest.raises(MemoryError) as caught, ort_run_errors("decoder.onnx", provider):
-        raise ort_state.RuntimeException("CUDA failure 2: out of memory ; GPU=0")
-    assert type(caught.value) is expected
-    assert ("the GPU's memory is full" in str(caught.value)) == (provider == "cuda")
+        raise RuntimeError(f"Error in execution: {text}")
+    assert (type(caught.value) is DeviceMemoryError) == gpus
+    assert ("the GPU's memory is full" in str(caught.value)) == gpus
+
+
+@pytest.mark.parametrize("method", ["run", "run_with_iobinding"])
+@pytest.mark.parametrize(("values", "size", "raised"), [(1, 1 << 42, MemoryError), (2, 3, "EngineRunError")])
+def test_onnxruntimes_own_failures_are_translated_from_both_run_methods(method: str, values: int, size: int,
+                                                                        raised: object) -> None:
+    """A real graph failing in onnxruntime, not a stand-in exception: Expand of `values` numbers to `size` (16 TiB
+    cannot be allocated; 2 numbers do not broadcast to 3), run the way the vision graph (`run`) or the decoder
+    (`run_with_iobinding`) runs; both raise other exception types, and both are one line."""
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from pulse_edge.errors import EngineRunError
+    from pulse_edge.runtime.engines.sessions import ort_run_errors
+
+    graph = helper.make_graph([helper.make_node("Expand", ["x", "shape"], ["y"])], "expand",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+                               helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"x": np.zeros(values, np.float32), "shape": np.array([size], np.int64)}
+    expected = EngineRunError if raised == "EngineRunError" else MemoryError
+    said = r"running g\.onnx \((\[ONNXRuntimeError\] : \d : [A-Z_]+ : )?Non-zero status code returned while running Ex"
+    with pytest.raises(expected, match=said) as caught, ort_run_errors("g.onnx"):
+        if method == "run":
+            session.run(None, feed)
+        else:
+            binding = session.io_binding()
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output("y", "cpu")
+            session.run_with_iobinding(binding)
+    assert type(caught.value) is expected and "\n" not in str(caught.value)
 
 
 def test_an_error_that_is_not_onnxruntimes_passes_through_as_it_is(tiny_bundle: Path,

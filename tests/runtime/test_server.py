@@ -310,12 +310,16 @@ def test_interpret_reads_csv_and_npy_recordings_with_their_fs_leads_and_unit(ser
     npy_path = tmp_path / "cart.npy"
     np.save(npy_path, signals[::-1].copy())  # the leads in reverse order, as --leads says
     url = f"{server.url}/v1/ecg/interpret"
-    for file, fields in ((("cart.csv", csv), {"fs": "500", "unit": "uV"}),
-                         (("cart.npy", npy_path.read_bytes()), {"fs": "500", "leads": ",".join(LEADS[::-1])})):
+    npy = ("cart.npy", npy_path.read_bytes())
+    swapped = "disagree with I and II by Einthoven's"  # the note on limb leads read in the wrong order
+    for file, fields, noted in ((("cart.csv", csv), {"fs": "500", "unit": "uV"}, False),
+                                (npy, {"fs": "500", "leads": ",".join(LEADS[::-1])}, False),
+                                (npy, {"fs": "500"}, True)):  # without `leads`, the reversed channels disagree
         body, headers = _multipart({"max_tokens": "2", **fields}, file)
         status, _, answer = _http("POST", url, body, _auth(headers))
         assert status == 200, answer
         assert json.loads(answer)["input_kind"] == file[0].rsplit(".", 1)[1]
+        assert any(swapped in note for note in json.loads(answer).get("notes", [])) is noted, answer
     refusals = [({}, "a CSV file stores no sampling rate; pass it (--fs HZ; fs= in Python; the server's `fs` field)",
                  None),
                 ({"fs": "fast"}, "fs must be a number, got 'fast'", "fs"),
@@ -347,6 +351,8 @@ JSON = "application/json"
     ("POST", "/v1/chat/completions", b"x" * (2 * 2**20 + 1), JSON, 413),
     ("POST", "/v1/chat/completions", b"{not json", JSON, 400),
     ("POST", "/v1/chat/completions", b"[1, 2]", JSON, 400),
+    ("POST", "/v1/chat/completions", b'{"max_tokens": ' + b"1" * 5000 + b"}", JSON, 400),  # past int()'s digit limit
+    ("POST", "/v1/chat/completions", b"[" * 5000, JSON, 400),  # nested past Python's stack
     ("POST", "/v1/ecg/interpret", b"plain text", "text/plain", 415),
     ("POST", "/v1/ecg/interpret", b"--x\r\nbroken", "multipart/form-data; boundary=x", 400),
     ("GET", "/v1/nothing-here", None, JSON, 404),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import threading
 import time
 from pathlib import Path
@@ -329,13 +330,17 @@ def test_only_the_server_loads_the_web_stack() -> None:
 
 def test_a_runtime_refusal_is_the_clients_400_unless_the_model_failed() -> None:
     """A bad file or prompt is the request's (400); NaN logits are not the client's doing (500), both one line."""
-    from pulse_edge.errors import EngineRunError, InputError, ModelOutputError
+    from pulse_edge.errors import DeviceMemoryError, EngineRunError, InputError, ModelOutputError
     from pulse_edge.runtime.server.errors import from_runtime
 
     assert from_runtime(InputError("ecg.png: is empty")).body()["error"]["code"] == "bad_request"
     failed = from_runtime(ModelOutputError("the model's logits hold NaN or inf"))
     assert failed.status == 500 and failed.body()["error"]["message"] == "the model's logits hold NaN or inf"
     assert from_runtime(EngineRunError("onnxruntime failed running decoder.onnx (...)")).status == 500
+    for full in (MemoryError("onnxruntime could not allocate memory running decoder.onnx (bad_alloc)"),
+                 DeviceMemoryError("the GPU's memory is full running decoder.onnx (...)"), MemoryError()):
+        busy = from_runtime(full)  # the machine's state, which may pass: a 503 OpenAI's clients retry
+        assert busy.status == 503 and busy.body()["error"]["message"].endswith("ran out of memory; retry later")
 
 
 @pytest.mark.parametrize(("fields", "param", "words"), [
@@ -345,6 +350,8 @@ def test_a_runtime_refusal_is_the_clients_400_unless_the_model_failed() -> None:
     ({"leads": []}, "leads", "leads must name the leads in order"),
     ({"leads": "I,,II"}, "leads", "leads must name"), ({"leads": '["I", 2]'}, "leads", "leads must name"),
     ({"leads": '["I", "II"'}, "leads", "leads must name"),
+    ({"leads": "[" * 5000}, "leads", "leads must name"),  # nested past Python's stack: refused, not a 500
+    ({"leads": "[" + "1" * 5000 + "]"}, "leads", "leads must name"),  # past int()'s 4300-digit limit
 ])
 def test_a_recordings_fields_of_the_wrong_kind_are_400s_naming_the_field(fields: dict, param: str,
                                                                          words: str) -> None:
@@ -353,6 +360,15 @@ def test_a_recordings_fields_of_the_wrong_kind_are_400s_naming_the_field(fields:
     with pytest.raises(ApiError, match=words) as caught:
         recording_options(fields)
     assert caught.value.status == 400 and caught.value.param == param
+
+
+@pytest.mark.parametrize("text", ["fast", "1" * 5000, "[" * 5000])  # a word, past int()'s digit limit, too deep
+def test_a_numeric_form_field_that_json_cannot_read_is_a_400_quoting_its_start(text: str) -> None:
+    from pulse_edge.runtime.server.interpret import _form_value
+
+    with pytest.raises(ApiError, match=rf"^fs must be a number, got {re.escape(repr(text[:40]))}$") as caught:
+        _form_value("fs", text)
+    assert caught.value.status == 400 and caught.value.param == "fs"
 
 
 def test_leads_are_a_list_in_json_or_in_a_forms_text() -> None:

@@ -192,6 +192,11 @@ def test_tensorrts_own_reason_reaches_the_refusal() -> None:
                                                 r"\(out of device memory\).*--max-chunk"):
         trt_backend._context(SimpleNamespace(create_execution_context=refusing(None, "out of device memory")),
                              Path("e/decoder.engine"), log)
+    # TensorRT-RTX compiles for this GPU when a context is made: a failure of that is not the memory's
+    with pytest.raises(ConfigError, match=r"^TensorRT cannot create an execution context for decoder\.engine "
+                                          r"\(no kernel for this GPU\); delete e and rebuild the engines"):
+        trt_backend._context(SimpleNamespace(create_execution_context=refusing(None, "no kernel for this GPU")),
+                             Path("e/decoder.engine"), log)
 
 
 def test_an_engine_file_is_mapped_not_read_and_a_refusal_says_delete_and_rebuild(tmp_path: Path) -> None:
@@ -220,10 +225,11 @@ def test_an_engine_file_is_mapped_not_read_and_a_refusal_says_delete_and_rebuild
 
 def test_engines_of_another_tensorrt_version_are_refused_before_loading(tmp_path: Path) -> None:
     engines = SimpleNamespace(tensorrt="tensorrt", tensorrt_version="10.3.0")
-    jetpack_upgraded = SimpleNamespace(version="10.7.0", version_tuple=(10, 7))
-    with pytest.raises(ConfigError, match=r"built with tensorrt 10\.3\.0, this is 10\.7\.0; delete .* and rebuild"):
-        trt_backend.check_build_versions(engines, jetpack_upgraded, tmp_path)
-    trt_backend.check_build_versions(engines, SimpleNamespace(version="10.3.1", version_tuple=(10, 3)), tmp_path)
+    for other in ("10.7.0", "10.3.1"):  # a JetPack upgrade; a patch release, which TensorRT refuses too
+        with pytest.raises(ConfigError, match=rf"built with tensorrt 10\.3\.0, this is {re.escape(other)}; delete .* "
+                                              "and rebuild"):
+            trt_backend.check_build_versions(engines, SimpleNamespace(version=other), tmp_path)
+    trt_backend.check_build_versions(engines, SimpleNamespace(version="10.3.0"), tmp_path)
 
 
 def test_forward_feeds_positions_shapes_and_keeps_the_length() -> None:
@@ -322,6 +328,42 @@ def test_no_gpu_is_one_line() -> None:
     runtime = SimpleNamespace(cudaGetDeviceCount=lambda: (35, 0), cudaGetErrorString=error_string)
     with pytest.raises(ConfigError, match=r"no CUDA GPU is usable here \(CUDA driver version is insufficient"):
         trt_backend.Cuda(runtime)
+    # a GPU another process holds in exclusive mode fails at the first context, before any engine: not a fault
+    busy = SimpleNamespace(cudaGetDeviceCount=lambda: (0, 1), cudaStreamCreate=lambda: (46, 0),
+                           cudaGetErrorString=lambda err: (0, b"CUDA-capable device(s) is/are busy or unavailable"))
+    with pytest.raises(ConfigError, match=r"^the GPU cannot be used \(CUDA-capable device\(s\) is/are busy or "
+                                          r"unavailable\): another process may hold it in exclusive mode"):
+        trt_backend.Cuda(busy)
+
+
+def test_a_load_that_fails_partway_frees_the_device_buffers_it_made(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vision runner's buffers are made before the decoder's engine is refused (here: its context, a full
+    GPU): they are freed, and buffers made before the load are not touched."""
+    from pulse_edge.errors import DeviceMemoryError
+
+    freed: list[int] = []
+    runtime = SimpleNamespace(cudaGetDeviceCount=lambda: (0, 1), cudaStreamCreate=lambda: (0, 7),
+                              cudaMalloc=lambda n: (0, 4096 * (len(cuda.owned) + 1)),
+                              cudaMemsetAsync=lambda *a: 0, cudaFree=lambda ptr: freed.append(ptr) or 0)
+    cuda = trt_backend.Cuda(runtime)
+    earlier = cuda.malloc(16)  # the caller's, from before this load
+    specs = {names.VISION: _vision_spec(), names.DECODER: _decoder_spec()}
+    engines = SimpleNamespace(engines={role: replace(spec, file=f"{role}.engine") for role, spec in specs.items()})
+    monkeypatch.setattr(trt_backend, "_deserialize", lambda trt, runtime, path, log: FakeEngine(specs[path.stem]))
+    monkeypatch.setattr(trt_backend, "check_engine_io", lambda engine, spec, trt: None)
+
+    def context(engine: FakeEngine, path: Path, log: object) -> FakeContext:
+        if path.stem == names.DECODER:
+            raise DeviceMemoryError("the GPU cannot hold the scratch memory of decoder.engine")
+        return FakeContext(FakeCuda())
+
+    monkeypatch.setattr(trt_backend, "_context", context)
+    trt = SimpleNamespace(logger=lambda log: None, module=SimpleNamespace(Runtime=lambda logger: None))
+    manifest = SimpleNamespace(text=SimpleNamespace(vocab_size=V))
+    with pytest.raises(DeviceMemoryError):
+        trt_backend._runners(trt, tmp_path, engines, manifest, cuda)
+    assert len(freed) == 2 and earlier not in freed and cuda.owned == [earlier]  # the vision runner's two buffers
 
 
 def _engine_set(bundle: Path, directory: Path) -> EngineSet:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
 from pulse_edge.calibration.datasets.json_text import parse_json, read_utf8
 from pulse_edge.errors import ConfigError, InputError
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -269,8 +270,8 @@ def _json_records(path: Path) -> list[Any]:
 def _json_line(line: str, number: int, path: Path) -> Any:
     try:
         return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: line {number} is not valid JSON ({e.msg})") from e
+    except JSON_TEXT_ERRORS as e:
+        raise InputError(f"{path}: line {number} is not valid JSON ({json_error_reason(e)})") from e
 
 
 def _resolve_image(roots: tuple[Path, ...], name: str) -> Path | None:
