@@ -8,8 +8,10 @@ manifest in one canonical JSON form, written into the manifest itself, checked a
 (a field the schema refuses is named; an edit the schema allows is caught here).
 
 The canonical form is `json.dumps` with sorted keys, no whitespace and ASCII escapes, of the parsed manifest
-without its `manifest_sha256`: what the file parses to, not its bytes, so indentation and key order do not
-matter, and Python's float repr makes every number read back to the text it was written as.
+without its `manifest_sha256`, with every whole float written as an integer: what the file parses to, not its
+bytes, so indentation, key order and how a number is spelled do not matter (jq and JavaScript rewrite 1.0 as 1,
+and 1e-05 as 0.00001; both parse to the same values). A number the schema needs as an integer is still refused
+as 1.0 by the schema.
 
 It guards against accidents (an editor, a copy, a disk), not against someone set on changing the manifest:
 anyone can recompute the seal.
@@ -30,9 +32,19 @@ SEALED_FROM_VERSION = 3
 
 def manifest_digest(d: Mapping[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON form, its own `manifest_sha256` left out."""
-    body = {k: v for k, v in d.items() if k != SEAL_KEY}
+    body = _whole_floats_as_ints({k: v for k, v in d.items() if k != SEAL_KEY})
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {k: _whole_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_whole_floats_as_ints(v) for v in value]
+    return value
 
 
 def seal(d: Mapping[str, Any]) -> dict[str, Any]:

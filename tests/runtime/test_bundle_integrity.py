@@ -7,6 +7,7 @@ Each case damages a copy of the tiny fp32 bundle the way a disk, a copy or a han
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -216,12 +217,16 @@ def test_a_version_2_bundle_loads_and_verifies_with_one_warning_about_its_unseal
 
 
 def test_the_seal_covers_values_not_formatting(tiny_bundle: Path, tmp_path: Path) -> None:
-    """Re-indenting or reordering the manifest's keys changes no value and keeps it valid; a number written
-    another way (1 as 1.0) is a change."""
+    """Re-indenting or reordering the manifest's keys changes no value and keeps it valid, and so does a number
+    spelled another way (jq writes 1.0 as 1); an integer field written as 1.0 is the schema's refusal."""
     bundle = _copy(tiny_bundle, tmp_path)
     path = bundle / "manifest.json"
     data = json.loads(path.read_text())
     path.write_text(json.dumps(dict(reversed(list(data.items()))), separators=(",", ":")))
+    assert read_manifest(bundle).to_dict() == data
+    respelled = re.sub(r"(?<=[\[,:])(-?\d+)\.0(?=[,\]}])", r"\1", path.read_text())  # jq 1.6's 1.0 -> 1
+    assert respelled != path.read_text()
+    path.write_text(respelled)
     assert read_manifest(bundle).to_dict() == data
     path.write_text(json.dumps(data).replace('"bos_id": 1,', '"bos_id": 1.0,'))
     with pytest.raises(BundleError, match=r"text\.bos_id must be an integer >= 0, got 1\.0"):
