@@ -74,6 +74,18 @@ class Pipeline:
             engine = open_ort_engine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
         return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine, backend=backend)
 
+    def close(self) -> None:
+        """Free the bundle's engines now (a TensorRT engine's GPU memory, ONNX Runtime's sessions), as a cart that
+        switches bundles needs; `with Pipeline.from_bundle(...) as pipeline:` does it at the block's end. Later
+        use is refused in one line. Not while another thread is computing an answer with it."""
+        self.engine.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def prefilled_by(self) -> str:
         """Which graph runs long prompts: a CPU bundle's prefill graph where it was loaded

@@ -13,7 +13,7 @@ table of the 7B model is never copied.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -106,15 +106,38 @@ def prefetch(path: Path) -> threading.Thread:
     return thread
 
 
+CLOSED = "this pipeline was closed (Pipeline.close); load the bundle again to go on"
+
+
+class ClosedRunner:
+    """What a closed engine holds in place of its runners: any use is one line, not a freed buffer's crash."""
+
+    def run(self, pixel_values: np.ndarray) -> np.ndarray:
+        raise ConfigError(CLOSED)
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        raise ConfigError(CLOSED)
+
+    def reset(self) -> None:
+        raise ConfigError(CLOSED)
+
+    @property
+    def length(self) -> int:
+        raise ConfigError(CLOSED)
+
+
 class BundleEngine:
     """The bundle's two graphs (through their runners) and embedding table behind the `Engine` protocol."""
 
     def __init__(self, bundle: Path, manifest: Manifest, vision: VisionRunner, decoder: DecoderRunner, *,
-                 prefill_chunk: int | str | None = AUTO_CHUNK, max_length: int | None = None) -> None:
+                 prefill_chunk: int | str | None = AUTO_CHUNK, max_length: int | None = None,
+                 release: Callable[[], None] | None = None) -> None:
         """max_length: the positions the decoder runner's cache holds (default the bundle's; a TensorRT engine
-        may be built for fewer). prefill_chunk AUTO_CHUNK: resolve_chunk for the runner's prefilling graph."""
+        may be built for fewer). prefill_chunk AUTO_CHUNK: resolve_chunk for the runner's prefilling graph.
+        release: frees what the runners hold outside Python's memory (a TensorRT engine's device buffers)."""
         check_servable(manifest, prefill_chunk)
         self.vision, self.decoder = vision, decoder
+        self.release, self.closed = release, False
         prefetch(bundle / manifest.embedding.file)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
@@ -128,6 +151,17 @@ class BundleEngine:
                               "positions never reach this bundle's prefill graph, which then prefills nothing; use "
                               f"{PREFILL_GRAPH_MIN_POSITIONS} or more (auto: {PREFILL_GRAPH_CHUNK}), or "
                               "--prefill-graph off")
+
+    def close(self) -> None:
+        """Free the engine's memory now, not when the process ends: ONNX Runtime's sessions and caches (their last
+        reference dropped) and a TensorRT engine's device buffers. Any later use is refused in one line. Not while
+        an answer is being computed (its buffers would go from under it); a second close does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        self.vision = self.decoder = ClosedRunner()  # type: ignore[assignment]  # the runners' contexts go first
+        if self.release is not None:
+            self.release()
 
     @property
     def length(self) -> int:

@@ -101,6 +101,14 @@ class Cuda:
         self._check(self.rt.cudaFree(ptr), "cudaFree")
         self.owned.remove(ptr)
 
+    def close(self) -> None:
+        """Free every buffer and the stream (BundleEngine.close); CUDA's errors are not raised: nothing could
+        act on them, and the process's end frees the rest."""
+        self.free_from(0)
+        if self.stream is not None:
+            self.rt.cudaStreamDestroy(self.stream)
+            self.stream = None
+
     def free_from(self, mark: int) -> None:
         """Free every buffer allocated since len(owned) was `mark`, newest first; on a failing path, so CUDA's own
         errors here are not raised over the failure being reported."""
@@ -423,6 +431,10 @@ def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | Non
     plan.check_chunk(prefill_chunk)  # type: ignore[arg-type]  # check_servable let only ints and None through
     trt = load_module(engines.tensorrt)
     check_build_versions(engines, trt, directory)
-    runners = _runners(trt, directory, engines, manifest, cuda or Cuda())
+    own = cuda is None
+    cuda = cuda or Cuda()
+    mark = len(cuda.owned)
+    runners = _runners(trt, directory, engines, manifest, cuda)
     return BundleEngine(bundle, manifest, runners[names.VISION], runners[names.DECODER], prefill_chunk=prefill_chunk,
-                        max_length=runners[names.DECODER].plan.max_length)
+                        max_length=runners[names.DECODER].plan.max_length,
+                        release=cuda.close if own else lambda: cuda.free_from(mark))

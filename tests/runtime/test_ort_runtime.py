@@ -545,3 +545,23 @@ def test_an_error_that_is_not_onnxruntimes_passes_through_as_it_is(tiny_bundle: 
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", _failing(ValueError("ours")))
     with pytest.raises(ValueError, match=r"^ours$"):
         pipeline.generate(_images()[0], "Rate?", max_new_tokens=2)
+
+
+def test_a_closed_pipeline_drops_its_sessions_and_refuses_in_one_line(tiny_bundle: Path) -> None:
+    """A cart switching bundles frees the first one's memory; answering with a closed pipeline is one line, not a
+    crash on freed buffers."""
+    import gc
+    import weakref
+
+    released: list[int] = []
+    with Pipeline.from_bundle(tiny_bundle) as pipeline:
+        assert pipeline.generate(_images()[0], "Rate?", max_new_tokens=2).token_ids
+        session = weakref.ref(pipeline.engine.vision.session)
+        pipeline.engine.release = lambda: released.append(1)  # what a TensorRT engine frees its GPU memory with
+    gc.collect()
+    assert session() is None  # ONNX Runtime's session (and its memory) is gone, not only hidden
+    for use in (lambda: pipeline.generate(_images()[0], "Rate?", max_new_tokens=2), lambda: pipeline.chat().ask("x")):
+        with pytest.raises(ConfigError, match=r"^this pipeline was closed \(Pipeline\.close\); load the bundle again"):
+            use()
+    pipeline.close()  # a second close does nothing
+    assert released == [1]

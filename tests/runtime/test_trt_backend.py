@@ -424,3 +424,20 @@ def test_a_malformed_engines_json_is_one_line(tmp_path: Path, edit, expected: st
 def test_a_bundle_without_engines_is_refused_by_the_trt_backend(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="has no TensorRT engines"):
         find_engine_dir(tmp_path)
+
+
+def test_closing_frees_the_engines_device_buffers_and_stream() -> None:
+    """BundleEngine.close -> release: a Cuda made by open_trt_engine is closed whole; buffers of a caller's Cuda
+    made before the load stay."""
+    freed, destroyed = [], []
+    runtime = SimpleNamespace(cudaGetDeviceCount=lambda: (0, 1), cudaStreamCreate=lambda: (0, 7),
+                              cudaMalloc=lambda n: (0, 4096 * (len(cuda.owned) + 1)), cudaMemsetAsync=lambda *a: 0,
+                              cudaFree=lambda ptr: freed.append(ptr) or 0,
+                              cudaStreamDestroy=lambda stream: destroyed.append(stream) or 0)
+    cuda = trt_backend.Cuda(runtime)
+    buffers = [cuda.malloc(16) for _ in range(3)]
+    cuda.free_from(1)
+    assert freed == buffers[:0:-1] and cuda.owned == buffers[:1]
+    cuda.close()
+    cuda.close()
+    assert freed == [*buffers[:0:-1], buffers[0]] and destroyed == [7] and cuda.owned == []
