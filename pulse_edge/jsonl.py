@@ -65,11 +65,13 @@ def read_json_lines(path: str | Path, convert: Callable[[Mapping[str, Any], Path
     if tail.strip():
         try:
             last = json.loads(tail)
-        except JSON_TEXT_ERRORS:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if not tail.lstrip().startswith(b"{"):  # not a record's start: another file's text, never cut off
                 raise InputError(f"{path}: line {len(lines) + 1} is not JSON; is it a JSON-lines file of "
                                  "pulse-edge's?") from None
             torn = True  # a write cut short by a crash or a kill: a record's prefix never parses
+        except JSON_TEXT_ERRORS as e:  # whole but unreadable (no prefix of a line json.dumps wrote is): kept, refused
+            raise InputError(f"{path}: line {len(lines) + 1} is not valid JSON ({json_error_reason(e)})") from e
         else:  # whole JSON: a record without its newline, or another file's content (an error, not cut off)
             records.append(convert(_as_record(last, path, len(lines) + 1), path, len(lines) + 1))
             unterminated = True

@@ -91,6 +91,7 @@ class Pipeline:
         """Which graph runs long prompts: a CPU bundle's prefill graph where it was loaded
         (runtime/engines/memory.py), in segments with the attention kernel where that runs (named: which variant
         ran says which rounding and speed to expect), else the decoder graph."""
+        self.engine.check_open()
         segmented = getattr(self.engine.decoder, "segmented", None)
         if segmented is not None:
             kind = getattr(segmented.kernel, "kind", None)  # a checked or twin kernel (export's checks) has none
@@ -101,6 +102,7 @@ class Pipeline:
     def decoded_by(self) -> str:
         """Who runs decode steps: pulse-edge's own kernels over the decode graph's weights, or the decode graph in
         segments with the decode kernel where that runs, or whole."""
+        self.engine.check_open()
         if getattr(self.engine.decoder, "native", None) is not None:
             return "native decode step (block GEMV + decode kernel)"
         if getattr(self.engine.decoder, "decode_segments", None) is not None:

@@ -176,7 +176,8 @@ def read_engines(directory: Path, bundle: Path) -> EngineSet:
         raise BundleError(f"{path} has no {missing[0]} engine; rebuild the engines")
     if engines.bundle_manifest_sha256 != manifest_sha256(bundle):
         raise BundleError(f"the engines in {directory} were built from another bundle (or before {bundle} was "
-                          f"re-exported): delete {directory} and rebuild them with `pulse-edge build-engines {bundle}`")
+                          f"re-exported, or its manifest.json rewritten): delete {directory} and rebuild them with "
+                          f"`pulse-edge build-engines {bundle}`")
     for spec in engines.engines.values():
         if Path(spec.file).name != spec.file or spec.file in ("", ".", ".."):
             raise BundleError(f"{path}: engine file {spec.file!r} is not a file name inside {directory}; rebuild the "

@@ -11,7 +11,8 @@ The canonical form is `json.dumps` with sorted keys, no whitespace and ASCII esc
 without its `manifest_sha256`, with every whole float written as an integer: what the file parses to, not its
 bytes, so indentation, key order and how a number is spelled do not matter (jq and JavaScript rewrite 1.0 as 1,
 and 1e-05 as 0.00001; both parse to the same values). A number the schema needs as an integer is still refused
-as 1.0 by the schema.
+as 1.0 by the schema. (That is the seal's view: TensorRT engines record the manifest's bytes,
+runtime/bundle/engines.py, so a reformatted manifest needs `build-engines` again.)
 
 It guards against accidents (an editor, a copy, a disk), not against someone set on changing the manifest:
 anyone can recompute the seal.

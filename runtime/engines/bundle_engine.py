@@ -163,6 +163,10 @@ class BundleEngine:
         if self.release is not None:
             self.release()
 
+    def check_open(self) -> None:
+        if self.closed:
+            raise ConfigError(CLOSED)
+
     @property
     def length(self) -> int:
         return self.decoder.length

@@ -308,11 +308,9 @@ def check_device(manifest: Manifest, config: SessionConfig) -> None:
 
 
 def _warn_if_int8_saturates(manifest: Manifest, config: SessionConfig) -> None:
-    """Once per bundle: its int8 GEMMs are the vision graph's, the prefill graph's (every one w8a8dyn) and, with
-    --int8-decoder w8a8, the decoder's."""
+    """Once per bundle: its int8 GEMM ops are the vision graph's (w8a8u8) and the prefill graph's (w8a8dyn)."""
     for role, spec in manifest.graphs.items():
-        schemes = {names.VISION: spec.matmul_schemes, names.PREFILL: ("w8a8dyn",),
-                   names.DECODER: manifest.calibration.decoder_schemes if manifest.calibration else ()}.get(role, ())
+        schemes = {names.VISION: spec.matmul_schemes, names.PREFILL: ("w8a8dyn",)}.get(role, ())
         if warning := saturation_warning(config, spec.opt_level_limit, schemes):
             log.warning(warning)
             return

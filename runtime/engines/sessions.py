@@ -31,7 +31,8 @@ IOBINDING_FAILURE = "Error in execution: "
 # An allocation that failed says so in one of these phrases. C++'s bad_alloc is always the host's; CUDA's are always
 # the GPU's; ORT's arena says the same for either, so it is the device's where the provider has one.
 HOST_OUT_OF_MEMORY = ("bad_alloc", "bad allocation")
-GPU_OUT_OF_MEMORY = ("CUDA failure 2", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "out of memory")
+GPU_OUT_OF_MEMORY = ("CUDA failure 2", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "out of memory",
+                     "ALLOC_FAILED")  # the last: cuBLAS's and cuDNN's STATUS_ALLOC_FAILED
 ARENA_OUT_OF_MEMORY = ("Failed to allocate memory",)
 
 
@@ -211,8 +212,10 @@ U8U8_ENTRY = "session.x64quantprecision"
 U8U8_LEVELS = ("extended", "all")
 
 
-# The schemes ORT's CPU EP runs as int8 x int8 GEMMs (MatMulIntegerToFloat, DynamicQuantizeMatMul).
-INT8_GEMM_SCHEMES = frozenset({"w8a8", "w8a8u8", "w8a8dyn"})
+# The schemes written as ORT's int8 GEMM ops (MatMulIntegerToFloat, DynamicQuantizeMatMul), which a session at
+# "basic" runs on the saturating kernel. Not `w8a8` (Q/DQ): ORT fuses it into MatMulIntegerToFloat at level 2 only,
+# where the u8 rewrite applies too; at "basic" it stays a float MatMul.
+INT8_GEMM_SCHEMES = frozenset({"w8a8u8", "w8a8dyn"})
 
 
 def saturation_warning(config: SessionConfig, graph_limit: str | None, schemes: Iterable[str]) -> str | None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import mmap
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,14 @@ class Cuda:
     def free_from(self, mark: int) -> None:
         """Free every buffer allocated since len(owned) was `mark`, newest first; on a failing path, so CUDA's own
         errors here are not raised over the failure being reported."""
-        while len(self.owned) > mark:
-            self.rt.cudaFree(self.owned.pop())
+        self.free_buffers(self.owned[mark:])
+
+    def free_buffers(self, ptrs: Sequence[int]) -> None:
+        """Free these buffers of ours, newest first, best effort (as free_from)."""
+        for ptr in reversed(ptrs):
+            if ptr in self.owned:
+                self.owned.remove(ptr)
+                self.rt.cudaFree(ptr)
 
     def upload(self, ptr: int, array: np.ndarray) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -437,4 +444,10 @@ def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | Non
     runners = _runners(trt, directory, engines, manifest, cuda)
     return BundleEngine(bundle, manifest, runners[names.VISION], runners[names.DECODER], prefill_chunk=prefill_chunk,
                         max_length=runners[names.DECODER].plan.max_length,
-                        release=cuda.close if own else lambda: cuda.free_from(mark))
+                        release=engine_release(cuda, cuda.owned[mark:], own=own))
+
+
+def engine_release(cuda: Cuda, made: Sequence[int], *, own: bool) -> Callable[[], None]:
+    """What BundleEngine.close calls: a Cuda made for this engine is closed whole; on a caller's Cuda, exactly the
+    buffers this engine made (another engine's on the same Cuda stay)."""
+    return cuda.close if own else partial(cuda.free_buffers, tuple(made))

@@ -75,6 +75,7 @@ def error_response(error: ApiError) -> JSONResponse:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    request.scope[OUTCOME] = exc.kind  # the metrics' outcome: a status may mean more than one kind (503)
     return error_response(exc)
 
 
@@ -82,7 +83,9 @@ async def _runtime_error(request: Request, exc: Exception) -> Response:
     """A refusal of the runtime's (a bad file or prompt, a failed model) or a full memory: its one line, with the
     status errors.from_runtime gives it, never the traceback of _bug."""
     assert isinstance(exc, PulseEdgeError | MemoryError)
-    return error_response(from_runtime(exc))
+    error = from_runtime(exc)
+    request.scope[OUTCOME] = error.kind
+    return error_response(error)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

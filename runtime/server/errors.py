@@ -27,7 +27,7 @@ ERROR_KINDS: Mapping[str, tuple[int, str]] = {
     "cancelled": (499, "invalid_request_error"),  # the client went away; nobody reads this one
     "error": (500, "server_error"),
     "queue_full": (503, "server_error"),
-    "unavailable": (503, "server_error"),  # shutting down
+    "unavailable": (503, "server_error"),  # shutting down, or out of memory
     "timeout": (504, "server_error"),
 }
 # Statuses Starlette raises itself (unknown route, wrong method) -> our kind; the first kind of a status wins.

@@ -360,3 +360,26 @@ def test_a_chunk_too_short_for_the_loaded_prefill_graph_is_refused(cpu_int8_bund
     assert Pipeline.from_bundle(cpu_int8_bundle, prefill_chunk=16).engine.prefill_chunk == 16
     without = Pipeline.from_bundle(cpu_int8_bundle, prefill_chunk=8, session=SessionConfig(prefill_graph="off"))
     assert without.engine.prefill_chunk == 8
+
+
+def test_on_a_cpu_without_vnni_the_runtime_counts_the_u8_copies_and_warns_at_a_lowered_level(
+        cpu_int8_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Such a CPU (stood in for: ORT makes the u8 rewrite on any x86 where the entry is set): at the default level
+    the prefill graph's memory check counts the u8 copies and nothing is said; at "basic", where ORT keeps the
+    saturating kernel, one warning for the bundle."""
+    import pulse_edge.runtime.engines.ort as ort_engines
+    import pulse_edge.runtime.engines.sessions as sessions
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    monkeypatch.setattr(sessions, "int8_products_saturate", lambda flags=None: True)
+    copies: list[bool] = []
+    choose = ort_engines.choose_prefill_graph
+    monkeypatch.setattr(ort_engines, "choose_prefill_graph",
+                        lambda *args, **kw: copies.append(kw["u8_copies"]) or choose(*args, **kw))
+    for level, counted, warned in (("all", True, 0), ("basic", False, 1)):
+        copies.clear()
+        caplog.clear()
+        with caplog.at_level("WARNING"), Pipeline.from_bundle(cpu_int8_bundle, session=SessionConfig(opt_level=level)):
+            pass
+        assert copies == [counted]
+        assert sum("saturates on this CPU (x86 without VNNI)" in r.getMessage() for r in caplog.records) == warned

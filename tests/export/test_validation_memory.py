@@ -355,3 +355,17 @@ def test_a_u8u8_session_computes_the_exact_int32_products(tmp_path: Path, monkey
     got = make_session(path, SessionConfig()).run(None, {"a": a})[0]
     assert seen.get("session.x64quantprecision") == "1"
     np.testing.assert_array_equal(got, np.full((1, n), 255 * 127 * k * 0.5 * 0.25, np.float32))
+
+
+def test_the_export_counts_the_u8_copies_where_this_cpu_needs_them(tiny_pipeline,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.export.build.memory as memory
+
+    seen: list[bool] = []
+    monkeypatch.setattr(memory, "validation_anon_bytes",
+                        lambda *args, **kw: seen.append(kw["u8_copies"]) or {"total": 0.0})
+    for saturate in (True, False):
+        monkeypatch.setattr(memory, "int8_products_saturate", lambda saturate=saturate: saturate)
+        memory.check_validation_memory(tiny_pipeline.loaded, 1000, 64, precision="int8", kv_cache="int8",
+                                       prefill_graph=True)
+    assert seen == [True, False]

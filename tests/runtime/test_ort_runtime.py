@@ -560,7 +560,8 @@ def test_a_closed_pipeline_drops_its_sessions_and_refuses_in_one_line(tiny_bundl
         pipeline.engine.release = lambda: released.append(1)  # what a TensorRT engine frees its GPU memory with
     gc.collect()
     assert session() is None  # ONNX Runtime's session (and its memory) is gone, not only hidden
-    for use in (lambda: pipeline.generate(_images()[0], "Rate?", max_new_tokens=2), lambda: pipeline.chat().ask("x")):
+    for use in (lambda: pipeline.generate(_images()[0], "Rate?", max_new_tokens=2), lambda: pipeline.chat().ask("x"),
+                lambda: pipeline.prefilled_by, lambda: pipeline.decoded_by):  # the reports, too, say nothing stale
         with pytest.raises(ConfigError, match=r"^this pipeline was closed \(Pipeline\.close\); load the bundle again"):
             use()
     pipeline.close()  # a second close does nothing

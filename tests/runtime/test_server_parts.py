@@ -378,3 +378,84 @@ def test_leads_are_a_list_in_json_or_in_a_forms_text() -> None:
     wanted = {"fs": 500.0, "unit": "uV", "leads": ("V1", "II")}
     for leads in (["V1", "II"], '["V1", "II"]', "V1, II"):
         assert recording_options({"fs": 500, "unit": "uV", "leads": leads}) == wanted
+
+
+# ---- a full memory through the app: one line, a 503, counted as such -------------------------------------------
+
+
+class _FullMemory:
+    """A pipeline whose answers run out of memory, before any text or after `said`."""
+
+    def __init__(self, said: str | None) -> None:
+        self.said = said
+
+    def chat(self, system: str | None = None) -> _FullMemory:
+        return self
+
+    def ask(self, question: str, image: Any, *, on_text: Any = None, **kwargs: Any) -> None:
+        if self.said is not None and on_text is not None:
+            on_text(self.said)
+        raise MemoryError("onnxruntime could not allocate memory running decoder.onnx (std::bad_alloc)")
+
+
+async def _asgi(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    sent: list[dict[str, Any]] = []
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if incoming:
+            return incoming.pop()
+        await asyncio.sleep(3600)  # the client stays: no disconnect
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+@pytest.mark.parametrize(("stream", "said"), [(False, None), (True, None), (True, "Sinus")])
+def test_a_full_memory_is_a_503_with_its_line_and_counted_as_unavailable(tmp_path: Path, stream: bool,
+                                                                          said: str | None) -> None:
+    """Not a 500 with a traceback: the machine's state, which may pass (OpenAI's clients retry a 503); mid-stream
+    (status 200 already sent) the error event carries it. /metrics counts it as `unavailable`, not `queue_full`."""
+    import json
+    from io import BytesIO
+
+    from PIL import Image
+
+    from pulse_edge.runtime.server.app import create_app
+    from pulse_edge.runtime.server.model import ServedModel
+    from pulse_edge.runtime.server.state import ServerConfig, ServerState
+
+    config = ServerConfig(bundle=tmp_path, host="127.0.0.1", port=0, api_key=None, max_queue=2, allow_dir=None,
+                          max_body_bytes=1 << 20, timeout_s=30.0)
+    model = ServedModel(pipeline=_FullMemory(said), model_id="tiny", bundle_id="0" * 64, provider="cpu")
+    state = ServerState.create(config, model)
+    app = create_app(state)
+    png = BytesIO()
+    Image.new("RGB", (256, 256), "white").save(png, format="PNG")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+        png.getvalue()).decode()}}
+    body = json.dumps({"model": "tiny", "stream": stream, "max_tokens": 4,
+                       "messages": [{"role": "user", "content": [image, {"type": "text", "text": "Rate?"}]}]})
+
+    async def scenario() -> tuple[int, bytes, bytes]:
+        status, answer = await _asgi(app, "POST", "/v1/chat/completions", body.encode())
+        return status, answer, (await _asgi(app, "GET", "/metrics"))[1]
+
+    try:
+        status, answer, metrics = asyncio.run(scenario())
+    finally:
+        state.worker.close()
+    events = [json.loads(e.removeprefix("data: ")) for e in answer.decode().split("\n\n") if e.startswith("data: {")]
+    error = json.loads(answer)["error"] if not said else next(e["error"] for e in events if "error" in e)
+    assert status == (200 if said else 503)
+    assert error["message"] == ("onnxruntime could not allocate memory running decoder.onnx (std::bad_alloc): the "
+                                "server ran out of memory; retry later") and error["type"] == "server_error"
+    assert b'outcome="unavailable"} 1.0' in metrics and b'outcome="queue_full"} 1.0' not in metrics

@@ -427,17 +427,20 @@ def test_a_bundle_without_engines_is_refused_by_the_trt_backend(tmp_path: Path) 
 
 
 def test_closing_frees_the_engines_device_buffers_and_stream() -> None:
-    """BundleEngine.close -> release: a Cuda made by open_trt_engine is closed whole; buffers of a caller's Cuda
-    made before the load stay."""
+    """BundleEngine.close -> release: a Cuda made by open_trt_engine is closed whole; on a caller's Cuda exactly the
+    engine's own buffers are freed (another engine's on it, made later, stay)."""
     freed, destroyed = [], []
     runtime = SimpleNamespace(cudaGetDeviceCount=lambda: (0, 1), cudaStreamCreate=lambda: (0, 7),
                               cudaMalloc=lambda n: (0, 4096 * (len(cuda.owned) + 1)), cudaMemsetAsync=lambda *a: 0,
                               cudaFree=lambda ptr: freed.append(ptr) or 0,
                               cudaStreamDestroy=lambda stream: destroyed.append(stream) or 0)
     cuda = trt_backend.Cuda(runtime)
-    buffers = [cuda.malloc(16) for _ in range(3)]
-    cuda.free_from(1)
-    assert freed == buffers[:0:-1] and cuda.owned == buffers[:1]
-    cuda.close()
-    cuda.close()
-    assert freed == [*buffers[:0:-1], buffers[0]] and destroyed == [7] and cuda.owned == []
+    earlier = cuda.malloc(16)
+    engine_a = [cuda.malloc(16) for _ in range(2)]
+    engine_b = [cuda.malloc(16) for _ in range(2)]  # opened on the same Cuda after A
+    trt_backend.engine_release(cuda, engine_a, own=False)()  # A closes
+    assert freed == engine_a[::-1] and cuda.owned == [earlier, *engine_b] and destroyed == []
+    trt_backend.engine_release(cuda, engine_a, own=False)()  # nothing twice
+    trt_backend.engine_release(cuda, [], own=True)()  # an engine that made its Cuda closes it whole
+    trt_backend.engine_release(cuda, [], own=True)()
+    assert freed == [*engine_a[::-1], *engine_b[::-1], earlier] and destroyed == [7] and cuda.owned == []
