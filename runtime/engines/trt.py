@@ -98,10 +98,6 @@ class Cuda:
         self._check(self.rt.cudaMemsetAsync(ptr, 0, max(nbytes, 1), self.stream), "cudaMemsetAsync")
         return ptr
 
-    def free(self, ptr: int) -> None:
-        self._check(self.rt.cudaFree(ptr), "cudaFree")
-        self.owned.remove(ptr)
-
     def close(self) -> None:
         """Free every buffer and the stream (BundleEngine.close); CUDA's errors are not raised: nothing could
         act on them, and the process's end frees the rest."""
@@ -441,7 +437,12 @@ def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | Non
     own = cuda is None
     cuda = cuda or Cuda()
     mark = len(cuda.owned)
-    runners = _runners(trt, directory, engines, manifest, cuda)
+    try:
+        runners = _runners(trt, directory, engines, manifest, cuda)  # frees its buffers when it fails
+    except BaseException:
+        if own:  # and the stream made for it
+            cuda.close()
+        raise
     return BundleEngine(bundle, manifest, runners[names.VISION], runners[names.DECODER], prefill_chunk=prefill_chunk,
                         max_length=runners[names.DECODER].plan.max_length,
                         release=engine_release(cuda, cuda.owned[mark:], own=own))
