@@ -55,8 +55,9 @@ from pulse_edge.errors import ConfigError
 @click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all", show_default=True,
               help="ort backend: graph optimisation level.")
 @click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
-              help="ort backend: prefill long prompts in chunks of N positions; default: the runtime's (2048 on a "
-                   "CPU bundle's prefill graph, else 512; measured fastest); 0 = one pass.")
+              help="prefill long prompts in chunks of N positions; default: the runtime's (2048 on a CPU bundle's "
+                   "prefill graph, else 512; measured fastest; trt: at most the engines' --max-chunk); 0 = one "
+                   "pass.")
 @click.option("--prepack/--no-prepack", default=True, show_default=True,
               help="ort backend: let ORT repack weights (faster decode, but a second copy of the weights in RAM).")
 @click.option("--prefill-graph", type=click.Choice(PREFILL_GRAPH_MODES), default="auto", show_default=True,

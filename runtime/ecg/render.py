@@ -4,9 +4,10 @@ The layout is the one every cardiologist knows: red millimetre paper, 3 rows x
 4 columns of 2.5-s lead segments (I aVR V1 V4 / II aVL V2 V5 / III aVF V3 V6,
 column k showing seconds [2.5k, 2.5k + 2.5) of the same recording) and a
 full-length lead II rhythm strip underneath, each row preceded by a 1 mV
-calibration pulse. A recording shorter than the print's 10 s (2.5 s at least)
-shows its first 2.5 s in every column and the rhythm strip ends where the
-signal does: nothing is drawn that was not recorded. Millimetres are square: one `px_per_mm` serves both axes,
+calibration pulse. A recording too short to fill the last column (under 9.5 s:
+`column_spans`, FULL_ENOUGH; 2.5 s at least) shows its first 2.5 s in every
+column; from 9.5 s each column keeps its own time slot. The rhythm strip ends
+where the signal does: nothing is drawn that was not recorded. Millimetres are square: one `px_per_mm` serves both axes,
 derived from the page size as if the page were US letter or A4 landscape.
 
 All geometry lives in `PrintLayout` so tests can compute where things are drawn.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -43,6 +43,12 @@ _HEAD_BYTES = 1024
 _WFDB_SUFFIXES = (".hea", ".dat", ".mat")
 _CSV_SUFFIXES = (".csv", ".tsv")
 _NEEDS_FS = ("csv", "npy", "array")
+# What a kind reads of the options a caller gives (fs, leads, layout; unit has a default, so it cannot be told given
+# from not): an option given for another kind is said in a note, never dropped in silence. A DICOM, WFDB or aECG
+# file stores its own rate and lead names; a CSV names its leads in its header; an image is read as it is drawn.
+_READS = MappingProxyType({"csv": ("fs",), "npy": ("fs", "leads", "layout"), "array": ("fs", "leads", "layout")})
+_WHY_UNUSED = MappingProxyType({"csv": "a CSV file names its leads in its header and lays them out as columns",
+                                "image": "an image is read as it is drawn", "pdf": "a PDF is read as it is drawn"})
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -81,11 +87,13 @@ def load_input(
     one such file (not WFDB, whose record is two files), a PIL image, an [H, W, 3] uint8 image array, or a
     [leads, samples] signal array. name: what errors and notes call it (default: the path, "<bytes>").
     fs (Hz), leads (the lead order of an NPY file or array; default the 12 standard leads), unit and
-    layout ("leads_first"/"samples_first") are for CSV, NPY and arrays, which store none of them.
+    layout ("leads_first"/"samples_first") are for CSV, NPY and arrays, which store none of them (a CSV names
+    its leads in its header); one given where it is not read is not used, and a note says so.
     """
     if isinstance(source, Image.Image):
         label = name or "<image>"
-        return EcgInput(accept_image(source, name=label), "image", label)
+        return EcgInput(accept_image(source, name=label), "image", label,
+                        _unused("image", _Options(label, fs, leads, unit, layout)))
     if isinstance(source, np.ndarray):
         return _from_array(source, _Options(name or "<array>", fs, leads, unit, layout))
     if isinstance(source, bytes | bytearray | memoryview):
@@ -132,7 +140,21 @@ def _kind_of(head: bytes, suffix: str) -> str:
     return "image"
 
 
+def _unused(kind: str, options: _Options) -> tuple[str, ...]:
+    """The note on options given that `kind` does not read (empty when none)."""
+    unused = [n for n in ("fs", "leads", "layout") if getattr(options, n) is not None and n not in _READS.get(kind, ())]
+    if not unused:
+        return ()
+    why = _WHY_UNUSED.get(kind, f"a {kind.upper()} file stores its own")
+    return (f"{', '.join(unused)} given but not used: {why}",)
+
+
 def _read(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
+    ecg = _read_kind(kind, source, options)
+    return replace(ecg, notes=(*ecg.notes, *_unused(kind, options)))
+
+
+def _read_kind(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
     if kind in IMAGE_KINDS:
         image = load_image(source) if isinstance(source, Path) else load_image_bytes(source, name=options.name)
         return EcgInput(image, kind, options.name)
@@ -146,7 +168,8 @@ def _read(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
 
 def _from_array(array: np.ndarray, options: _Options) -> EcgInput:
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:  # [H, W, C] pixels
-        return EcgInput(accept_image(Image.fromarray(array), name=options.name), "image", options.name)
+        return EcgInput(accept_image(Image.fromarray(array), name=options.name), "image", options.name,
+                        _unused("image", options))
     if array.ndim == 3:  # pixels, but not as 8-bit RGB(A): a signal is [leads, samples]
         raise InputError(f"{options.name}: a 3-D array is read as an image, which must be uint8 [height, width, 3 or "
                          f"4]; got {array.dtype} {list(array.shape)} (convert it, e.g. with np.clip(a, 0, 255)"

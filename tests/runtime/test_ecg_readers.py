@@ -624,3 +624,19 @@ def test_calibration_and_benchmark_samples_render_recordings(tmp_path, signals):
     from_bytes = Sample("b2", "ptb-test", (Turn("q", "NORM"),), image_bytes=path.read_bytes(), image_name="exam.dcm")
     for sample in (calibration, benchmark, from_bytes):
         np.testing.assert_array_equal(np.asarray(sample.load_image()), expected)
+
+
+def test_an_option_the_input_does_not_read_is_noted_never_dropped_in_silence(tmp_path, signals):
+    """`infer a.dcm b.csv --fs 500` is one batch: the DICOM keeps its own rate, and its answer says --fs was not
+    used; a CSV's leads come from its header; an image is read as drawn. What an input does read is not noted."""
+    dicom = write_dicom(tmp_path / "exam.dcm", dicom_dataset(signals, FS))
+    csv = write_csv(tmp_path / "ecg.csv", signals, LEADS)
+    npy = write_npy(tmp_path / "ecg.npy", signals)
+    pixels = np.full((300, 400, 3), 255, dtype=np.uint8)
+    cases = [(dicom, {"fs": 250.0}, "fs given but not used: a DICOM file stores its own"),
+             (csv, {"fs": FS, "leads": LEADS}, "leads given but not used: a CSV file names its leads in its header"),
+             (pixels, {"fs": FS, "layout": "leads_first"}, "fs, layout given but not used: an image is read as it is"),
+             (npy, {"fs": FS, "leads": LEADS}, None), (signals, {"fs": FS, "leads": LEADS}, None)]
+    for source, options, note in cases:
+        notes = [n for n in load_input(source, **options).notes if "given but not used" in n]
+        assert notes == ([] if note is None else [notes[0]]) and (note is None or notes[0].startswith(note)), notes
