@@ -5,15 +5,20 @@ for an input that could not be read or asked about; lines are appended and pushe
 (pulse_edge/jsonl.py), so a crash loses at most the input in flight. A rerun into the same file skips the
 sources that already have an answer, retries those that failed (a source's last line is its current
 result), and cuts off a line torn by a crash. The model is opened only when some input is left to do.
+
+Every answer's line also records the `settings` it was asked with (the question, the token limit, sampling,
+the model, how the inputs were read): a rerun with other settings into the same file is refused, since it would
+skip the inputs answered before and leave answers to two different requests in one file, unmarked.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +60,17 @@ class BatchOptions:
     input_options: Mapping[str, Any] = field(default_factory=dict)  # load_input's fs, leads, unit, layout
     save_render_dir: Path | None = None  # the rendered print of every recording goes here as PNG
     fail_fast: bool = False
+    model: str | None = None  # the model the answers come from, as the command resolved it
 
     def __post_init__(self) -> None:
         check_token_limit(self.max_new_tokens)  # before the model loads, not after it
+
+    def settings(self) -> dict[str, Any]:
+        """What decides an answer besides its input, as its line records it (JSON's own types)."""
+        return json.loads(json.dumps({
+            "question": self.question, "max_new_tokens": self.max_new_tokens, "model": self.model,
+            "sampling": asdict(self.sampling) if self.sampling is not None else None,
+            "input_options": dict(self.input_options)}))
 
 
 @dataclass(frozen=True)
@@ -69,11 +82,26 @@ class BatchStats:
     seconds: float
 
 
-def plan_batch(sources: Sequence[str], output: str | Path) -> BatchPlan:
-    """Read the output file (if any) and list the sources without an answer in it."""
+def plan_batch(sources: Sequence[str], output: str | Path, settings: Mapping[str, Any] | None = None) -> BatchPlan:
+    """Read the output file (if any) and list the sources without an answer in it; `settings`
+    (BatchOptions.settings) must be those its answers were asked with."""
     existing = read_json_lines(output, _output_record, missing_ok=True)
-    answered = {r["source"] for r in existing.records if "error" not in r}
+    answers = [r for r in existing.records if "error" not in r]
+    if settings is not None:
+        for record in answers:
+            _check_same_settings(record, settings, existing.path)
+    answered = {r["source"] for r in answers}
     return BatchPlan(tuple(sources), tuple(s for s in sources if s not in answered), existing)
+
+
+def _check_same_settings(record: Mapping[str, Any], settings: Mapping[str, Any], path: Path) -> None:
+    # a line written before settings were recorded holds its question only
+    recorded = record.get("settings") or {"question": record.get("question")}
+    for key, value in recorded.items():
+        if key in settings and settings[key] != value:
+            raise ConfigError(f"{path} holds answers asked with another {key} ({value!r}; this run: "
+                              f"{settings[key]!r}), which a rerun would leave beside this run's unmarked: write to "
+                              f"another --output file, or delete {path} to answer everything again")
 
 
 def run_batch(plan: BatchPlan, open_model: Callable[[], Generator], options: BatchOptions, *,
@@ -107,7 +135,7 @@ def _one(model: Generator, source: str, options: BatchOptions) -> tuple[dict[str
                            sampling=options.sampling)
     except PER_INPUT_ERRORS as error:
         return {"source": source, "error": str(error)}, error
-    return result.to_dict(), None
+    return {**result.to_dict(), "settings": options.settings()}, None
 
 
 def render_name(source: str) -> str:

@@ -20,7 +20,7 @@ from pulse_edge.staging import check_output_file, target_lock
 
 def infer_many(inputs: tuple[str, ...], output: Path, open_model: Callable[[], Any], *, question: str,
                max_new_tokens: int, sampling: Any, reading: Mapping[str, Any], save_render: Path | None,
-               fail_fast: bool) -> None:
+               fail_fast: bool, model: str) -> None:
     from pulse_edge.runtime.batch import BatchOptions
 
     _check_places(output, save_render)  # before the model loads: the answers must have somewhere to go
@@ -28,7 +28,7 @@ def infer_many(inputs: tuple[str, ...], output: Path, open_model: Callable[[], A
     with target_lock(output, what="--output file"):  # one writer: a second run would append the same answers
         _run(inputs, output, open_model, BatchOptions(
             question=question, max_new_tokens=max_new_tokens, sampling=sampling, input_options=dict(reading),
-            save_render_dir=save_render, fail_fast=fail_fast))
+            save_render_dir=save_render, fail_fast=fail_fast, model=model))
 
 
 def _check_places(output: Path, save_render: Path | None) -> None:
@@ -49,7 +49,7 @@ def _run(inputs: tuple[str, ...], output: Path, open_model: Callable[[], Any], o
 
     fail_fast = options.fail_fast
     sources = expand_inputs(inputs, exclude=[output])
-    plan = plan_batch(sources, output)  # read under the lock: what is answered is what this run sees
+    plan = plan_batch(sources, output, options.settings())  # read under the lock: what this run sees is answered
     if plan.existing.torn_tail:
         click.echo(f"pulse-edge: {output}: its last line was cut short (a crash?); it is redone", err=True)
     # disable=None: a bar on a terminal only, nothing in logs and pipes

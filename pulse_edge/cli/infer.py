@@ -125,7 +125,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
         from pulse_edge.cli.batch import infer_many
 
         infer_many(inputs, output, open_model, question=question, max_new_tokens=max_new_tokens,
-                   sampling=sampling, reading=reading, save_render=save_render, fail_fast=fail_fast)
+                   sampling=sampling, reading=reading, save_render=save_render, fail_fast=fail_fast,
+                   model=str(Path(model_dir).resolve()))
         return
     if len(inputs) != 1 or fail_fast:
         raise ConfigError("several inputs (and --fail-fast) need --output FILE: the answers go there, one JSON "

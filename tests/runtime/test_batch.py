@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 from pulse_testing.ecg_files import beats
 
-from pulse_edge.errors import InputError
+from pulse_edge.errors import ConfigError, InputError
 from pulse_edge.runtime.batch import BatchOptions, plan_batch, render_name, run_batch
 from pulse_edge.runtime.generation.result import GenerationResult, Timings
+from pulse_edge.runtime.generation.sampling import SamplingParams
 from pulse_edge.runtime.inputs.discover import expand_inputs
 
 ANSWER = "Sinus rhythm. No atrial fibrillation; left bundle branch block."
@@ -49,10 +50,10 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _run(sources, out, model, **options):
+def _run(sources, out, fake, **options):
     opened = []
-    stats = run_batch(plan_batch(sources, out), lambda: opened.append(1) or model,
-                      BatchOptions(max_new_tokens=2, input_options={"fs": 500}, **options))
+    batch = BatchOptions(**{"max_new_tokens": 2, "input_options": {"fs": 500}, **options})
+    stats = run_batch(plan_batch(sources, out, batch.settings()), lambda: opened.append(1) or fake, batch)
     return stats, len(opened)
 
 
@@ -130,6 +131,28 @@ def test_save_render_keeps_one_print_per_recording(folder: Path, tmp_path: Path)
     saved = sorted(p.name for p in prints.iterdir())
     assert saved == [render_name(str(folder / "sub" / "b.npy"))]
     assert Image.open(prints / saved[0]).size == (2200, 1700)
+
+
+@pytest.mark.parametrize(("changed", "key"), [
+    ({"question": "Is there atrial fibrillation?"}, "question"), ({"max_new_tokens": 5}, "max_new_tokens"),
+    ({"sampling": SamplingParams(temperature=0.7)}, "sampling"), ({"model": "/models/other"}, "model"),
+    ({"input_options": {"fs": 250}}, "input_options")])
+def test_a_rerun_with_other_settings_into_the_same_file_is_refused(folder: Path, tmp_path: Path, changed: dict,
+                                                                    key: str) -> None:
+    """A rerun skips what is answered: with another question (or model, sampling...) it would report nothing to do,
+    or mix answers to two requests in one file. Refused before the model opens; the same settings resume."""
+    sources, out = [str(folder / "a.png"), str(folder / "c.jpg")], tmp_path / "out.jsonl"
+    _run(sources[:1], out, FakeModel(), model="/models/pulse")
+    assert _lines(out)[0]["settings"]["model"] == "/models/pulse"
+    with pytest.raises(ConfigError, match=rf"out\.jsonl holds answers asked with another {key} \(.*; this run: .*\), "
+                                          r"which a rerun would leave beside this run's unmarked: write to another"):
+        _run(sources, out, FakeModel(), **{"model": "/models/pulse", **changed})
+    stats, opened = _run(sources, out, FakeModel(), model="/models/pulse")
+    assert (stats.already_done, stats.answered, opened) == (1, 1, 1)
+    legacy = tmp_path / "legacy.jsonl"  # written before settings were recorded: its question is compared
+    legacy.write_text(json.dumps({"source": sources[0], "question": "Old?", "text": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=r"another question \('Old\?'"):
+        _run(sources, legacy, FakeModel())
 
 
 def test_a_file_that_is_not_an_infer_output_is_refused(tmp_path: Path) -> None:
