@@ -6,10 +6,11 @@
 Rules: exactly one image per conversation, as a `data:` URI in the first user message (the server fetches no
 URL; the content is sniffed, not trusted from the MIME type); the last message is the user's question; earlier
 user/assistant pairs become answered turns; system (or developer) messages before the first user message
-replace PULSE's system prompt. Parameters that would change the answer but are not implemented (`stop`,
-`n` > 1, penalties, tools, logprobs, response formats) are refused, never silently ignored; bookkeeping ones
-(`user`, `metadata`, `store`...) are ignored. Omitted sampling parameters mean greedy, up to 1024 tokens: the
-paper's evaluation setting, not OpenAI's temperature 1.
+replace PULSE's system prompt. The fields a request may hold are listed (HONOURED, BOOKKEEPING): any other,
+OpenAI's not implemented here (`stop`, `n` > 1, penalties, tools, logprobs, response formats) or another
+server's (vLLM's `top_k`, `repetition_penalty`...), is refused, never silently ignored; bookkeeping ones
+(`user`, `metadata`, `store`...) change no answer and are ignored. Omitted sampling parameters mean greedy,
+up to 1024 tokens: the paper's evaluation setting, not OpenAI's temperature 1.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ DEFAULT_MAX_TOKENS = 1024
 SYSTEM_ROLES = ("system", "developer")
 # OpenAI's finish reasons for the runtime's stop reasons (the context running out is a length limit too).
 FINISH_REASONS: Mapping[str, str] = {"eos": "stop", "max_new_tokens": "length", "context_full": "length"}
-# Parameter -> the value that means "not used"; anything else is refused.
+# The fields this server reads, and those that change no answer; every other field is refused (an allow-list: a
+# client written for another server sends parameters no list of refusals would foresee).
+HONOURED = frozenset({"model", "messages", "stream", "stream_options", "temperature", "top_p", "seed", "max_tokens",
+                      "max_completion_tokens", "return_token_ids"})
+BOOKKEEPING = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+# OpenAI's parameters this server does not implement -> the value that means "not used" (clients send those).
 UNSUPPORTED: Mapping[str, Any] = {
     "n": 1, "stop": None, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "logprobs": False,
     "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
@@ -80,8 +86,10 @@ def _check_model(model: Any, model_id: str) -> None:
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
-    for name, unused in UNSUPPORTED.items():
-        if body.get(name, unused) not in (unused, None):
+    for name, value in body.items():
+        if name in HONOURED or name in BOOKKEEPING:
+            continue
+        if name not in UNSUPPORTED or value not in (UNSUPPORTED[name], None):
             raise ApiError("bad_request", f"{name!r} is not supported by this server; leave it out", param=name)
 
 
@@ -204,6 +212,10 @@ def sampling_params(body: Mapping[str, Any]) -> SamplingParams:
 
 
 def max_tokens(body: Mapping[str, Any]) -> int:
+    both = body.get("max_tokens"), body.get("max_completion_tokens")
+    if None not in both and both[0] != both[1]:  # OpenAI's old name and its new one: which was meant is unknown
+        raise ApiError("bad_request", f"max_tokens ({both[0]!r}) and max_completion_tokens ({both[1]!r}) differ; "
+                       "give one", param="max_completion_tokens")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     value = body.get(name)
     if value is None:

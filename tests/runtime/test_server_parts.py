@@ -136,6 +136,10 @@ def test_malformed_conversations_are_400s_that_say_why(messages: list, words: st
     ({"seed": 2**32}, r"seed must be an integer in \[0, 4294967295\]"),
     ({"stream": "yes"}, "stream must be true or false"),
     ({"temperature": 10**400}, "temperature must be a number"),  # JSON allows it; float() overflows
+    # other servers' parameters that would change the answer (vLLM's), never dropped in silence
+    ({"top_k": 5}, "'top_k' is not supported"), ({"repetition_penalty": 1.1}, "'repetition_penalty' is not"),
+    ({"min_tokens": 8}, "'min_tokens' is not supported"), ({"ignore_eos": True}, "'ignore_eos' is not supported"),
+    ({"max_tokens": 10, "max_completion_tokens": 20}, r"max_tokens \(10\) and max_completion_tokens \(20\) differ"),
 ])
 def test_unsupported_or_out_of_range_parameters_are_refused(extra: dict, words: str) -> None:
     with pytest.raises(ApiError, match=words):
@@ -148,7 +152,8 @@ def test_an_omitted_seed_is_drawn_inside_the_range_the_sampler_takes() -> None:
 
 
 def test_bookkeeping_parameters_are_ignored_and_another_model_is_404() -> None:
-    _parse(messages=[_user(_image())], user="cart-7", metadata={"site": "a"}, store=False, n=1, stop=None)
+    _parse(messages=[_user(_image())], user="cart-7", metadata={"site": "a"}, store=False, n=1, stop=None,
+           stream_options={"include_usage": True}, max_tokens=8, max_completion_tokens=8, return_token_ids=True)
     with pytest.raises(ApiError, match="not served here") as caught:
         parse_chat_request({"model": "gpt-4o", "messages": [_user(_image())]}, "m")
     assert caught.value.status == 404
