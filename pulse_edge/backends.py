@@ -53,6 +53,11 @@ def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str 
         if not is_bundle:
             raise ConfigError(f"{root} is not a pulse-edge bundle (no manifest.json): make one with "
                               "`pulse-edge export`, or use --backend torch on a checkpoint")
+        torch_given = [flag for flag, given in (("--vision-tower", vision_tower is not None),
+                                                ("--dtype", dtype != "auto"), ("--device", device != "auto")) if given]
+        if torch_given:  # a bundle's precision and tower are its own, its device the provider's: never ignored
+            raise ConfigError(f"{', '.join(torch_given)}: settings of the torch backend (a checkpoint); a bundle has "
+                              "its own precision and vision tower and runs where --provider says: leave them out")
         from pulse_edge.runtime.pipeline import Pipeline
 
         chunking = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk or None}

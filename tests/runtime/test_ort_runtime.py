@@ -566,3 +566,15 @@ def test_a_closed_pipeline_drops_its_sessions_and_refuses_in_one_line(tiny_bundl
             use()
     pipeline.close()  # a second close does nothing
     assert released == [1]
+
+
+def test_torch_settings_given_with_a_bundle_are_refused_not_ignored(tiny_bundle: Path, ecg_png: Path) -> None:
+    """--dtype fp32 --device cuda:3 with a bundle used to run the bundle's own precision on the CPU, silently."""
+    from pulse_edge.backends import open_backend
+
+    for given, named in (({"dtype": "fp32"}, "--dtype"), ({"device": "cuda:3"}, "--device"),
+                         ({"vision_tower": "/towers/clip"}, "--vision-tower")):
+        with pytest.raises(ConfigError, match=rf"^{named}: settings of the torch backend \(a checkpoint\); a bundle"):
+            open_backend(tiny_bundle, **given)
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--dtype", "bf16"])
+    assert res.exit_code == 2 and "--dtype: settings of the torch backend" in res.output
