@@ -45,6 +45,9 @@ DEFAULT_SYNTHETIC_COUNT = 256
 def load_samples(data: str | Path, *, image_root: str | Path | None = None) -> list[CalibrationSample]:
     """`synthetic[:N]` (N defaults to DEFAULT_SYNTHETIC_COUNT, seed 0), an ECGInstruct .json, or ECGBench parquet."""
     text = str(data)
+    if image_root is not None and (text == SYNTHETIC or text.startswith(SYNTHETIC + ":")):
+        raise ConfigError(f"--image-root {image_root}: where an ECGInstruct .json file's images lie; synthetic "
+                          "samples are drawn: leave it out")
     if text == SYNTHETIC or text.startswith(SYNTHETIC + ":"):
         count = text.removeprefix(SYNTHETIC).removeprefix(":") or str(DEFAULT_SYNTHETIC_COUNT)
         if not count.isdigit():
@@ -54,6 +57,9 @@ def load_samples(data: str | Path, *, image_root: str | Path | None = None) -> l
     if path.suffix == ".json":
         return load_ecginstruct(path, image_root)
     if path.suffix == ".parquet" or path.is_dir():
+        if image_root is not None:  # ECGBench's parquet files hold their images: never ignored in silence
+            raise ConfigError(f"--image-root {image_root}: where an ECGInstruct .json file's images lie; ECGBench's "
+                              "files hold theirs: leave it out")
         return load_ecgbench(path)
     raise InputError(f"{data}: not a calibration source; pass 'synthetic[:N]', an ECGInstruct .json file, "
                      "or an ECGBench .parquet file or data folder")

@@ -124,6 +124,10 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     if output is not None:
         from pulse_edge.cli.batch import infer_many
 
+        if as_json:
+            raise ConfigError("--json prints one answer as JSON; with --output every answer is a JSON line of that "
+                              "file already: leave --json out")
+
         infer_many(inputs, output, open_model, question=question, max_new_tokens=max_new_tokens,
                    sampling=sampling, reading=reading, save_render=save_render, fail_fast=fail_fast,
                    model=str(Path(model_dir).resolve()))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
+from pulse_edge.errors import InputError
 from pulse_edge.runtime.findings import Finding, extract_findings
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.generation.result import GenerationResult
@@ -72,6 +73,11 @@ def interpret(model: Generator, source: Source, question: str = DEFAULT_QUESTION
     decode step) is passed only when given: not every model's generate takes it.
     """
     start = time.perf_counter()
+    if isinstance(source, EcgInput) and (given := [n for n, v in (("name", name), ("fs", fs), ("leads", leads),
+                                                                   ("unit", unit if unit != "mV" else None),
+                                                                   ("layout", layout)) if v is not None]):
+        raise InputError(f"{', '.join(given)}: how to read an input, but this one was read already (an EcgInput); "
+                         "pass them to load_input, or pass the file instead")
     ecg = source if isinstance(source, EcgInput) else load_input(
         Path(source) if isinstance(source, os.PathLike) else source, name=name, fs=fs, leads=leads, unit=unit,
         layout=layout)

@@ -188,6 +188,9 @@ def test_load_samples_dispatches_on_the_argument(instruct: Path, tmp_path: Path,
     with pytest.raises(InputError, match=r"not a calibration source; pass 'synthetic\[:N\]'") as err:
         load_samples(tmp_path / "notes.txt")
     assert "\n" not in str(err.value)
+    for carried in ("synthetic:4", parquet):  # they carry their images: --image-root is refused, not ignored
+        with pytest.raises(ConfigError, match=r"^--image-root /data/images: where an ECGInstruct \.json file's "):
+            load_samples(carried, image_root="/data/images")
 
 
 @pytest.mark.parametrize(("question", "task"), [

@@ -578,3 +578,27 @@ def test_torch_settings_given_with_a_bundle_are_refused_not_ignored(tiny_bundle:
             open_backend(tiny_bundle, **given)
     res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--dtype", "bf16"])
     assert res.exit_code == 2 and "--dtype: settings of the torch backend" in res.output
+
+
+def test_reading_options_given_with_an_input_already_read_are_refused(tiny_bundle: Path, ecg_png: Path) -> None:
+    """Pipeline.interpret(EcgInput, fs=...) used to drop them: the input was read already, with its own."""
+    from pulse_edge.errors import InputError
+    from pulse_edge.runtime.inputs import load_input
+
+    pipeline = Pipeline.from_bundle(tiny_bundle)
+    ecg = load_input(ecg_png)
+    with pytest.raises(InputError, match=r"^fs, leads: how to read an input, but this one was read already"):
+        pipeline.interpret(ecg, fs=500.0, leads=("I", "II"), max_new_tokens=1)
+    assert pipeline.interpret(ecg, max_new_tokens=1).source == str(ecg_png)
+
+
+def test_prefill_graph_on_for_a_bundle_without_one_is_refused(tiny_bundle: Path, ecg_png: Path,
+                                                               tmp_path: Path) -> None:
+    from pulse_edge.runtime.engines.ort import SessionConfig
+
+    with pytest.raises(ConfigError, match=r"^--prefill-graph on: this bundle has no prefill graph"):
+        Pipeline.from_bundle(tiny_bundle, session=SessionConfig(prefill_graph="on"))
+    res = CliRunner().invoke(main, ["infer", str(ecg_png), "--model", str(tiny_bundle), "--json", "--output",
+                                    str(tmp_path / "answers.jsonl")])
+    assert res.exit_code == 2 and "--json prints one answer as JSON; with --output" in res.output, res.output
+    assert not (tmp_path / "answers.jsonl").exists()
