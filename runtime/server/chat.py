@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -53,9 +53,9 @@ async def chat_completions(request: Request) -> Response:
     reply = Reply.new(state.model.model_id, f"pulse-edge-{state.model.bundle_id[:16]}")
     if not chat.stream:
         ticket = state.submit(_job(state, chat, on_text=None))
-        result = await settle(ticket.result, ticket=ticket, receive=request.receive, deadline=deadline)
-        finish_reason(result)  # refuses a generation the server's shutdown cut short
-        return JSONResponse(reply.completion(result, token_ids=chat.return_token_ids))
+        answer = await settle(ticket.result, ticket=ticket, receive=request.receive, deadline=deadline)
+        finish_reason(answer.result)  # refuses a generation the server's shutdown cut short
+        return JSONResponse(reply.completion(answer.result, token_ids=chat.return_token_ids, notes=answer.notes))
     pipe = TextPipe(asyncio.get_running_loop())
     ticket = state.submit(_job(state, chat, on_text=pipe.put))
     ticket.add_done_callback(pipe.end)
@@ -67,15 +67,20 @@ async def chat_completions(request: Request) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class ChatAnswer(NamedTuple):
+    result: GenerationResult
+    notes: tuple[str, ...]  # what was done to the input on its way to the model (a recording's, as infer says)
+
+
 def _job(state: ServerState, chat: ChatRequest,
-         on_text: Callable[[str], None] | None) -> Callable[[StopCheck], GenerationResult]:
-    def job(should_stop: StopCheck) -> GenerationResult:
+         on_text: Callable[[str], None] | None) -> Callable[[StopCheck], ChatAnswer]:
+    def job(should_stop: StopCheck) -> ChatAnswer:
         ecg = decode_input(chat.image, name=IMAGE_NAME)
         result = state.model.pipeline.chat(system=chat.system).ask(
             chat.question, ecg.image, history=chat.history, max_new_tokens=chat.max_tokens,
             sampling=chat.sampling, on_text=on_text, should_stop=should_stop)
         state.metrics.generation(result.stop_reason, asdict(result.timings))
-        return result
+        return ChatAnswer(result, ecg.notes)
 
     return job
 
@@ -84,7 +89,7 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(first: Any, pipe: TextPipe, ticket: Ticket[GenerationResult], reply: Reply, chat: ChatRequest,
+async def _events(first: Any, pipe: TextPipe, ticket: Ticket[ChatAnswer], reply: Reply, chat: ChatRequest,
                   deadline: Deadline, request: Request) -> AsyncIterator[str]:
     """The chunks of one streamed answer; a client that goes away cancels the generation (finally)."""
     try:
@@ -93,8 +98,8 @@ async def _events(first: Any, pipe: TextPipe, ticket: Ticket[GenerationResult], 
         while piece is not END:
             yield sse(reply.chunk({"content": piece}))
             piece = await asyncio.wait_for(pipe.get(), deadline.remaining())
-        result = await ticket.result
-        finish = finish_reason(result)
+        answer = await ticket.result
+        finish = finish_reason(answer.result)
     except asyncio.CancelledError:
         request.scope[OUTCOME] = "cancelled"
         raise
@@ -113,9 +118,9 @@ async def _events(first: Any, pipe: TextPipe, ticket: Ticket[GenerationResult], 
         return
     finally:
         ticket.cancel()  # a no-op once the job is over; otherwise it stops the model at its next step
-    yield sse(reply.chunk({}, finish_reason=finish))
+    yield sse(reply.chunk({}, finish_reason=finish, notes=answer.notes))
     if chat.include_usage:
-        yield sse(reply.usage_chunk(result))
+        yield sse(reply.usage_chunk(answer.result))
     yield "data: [DONE]\n\n"
 
 

@@ -57,11 +57,11 @@ def decode_input(source: bytes | Path | tuple[Upload, ...], *, name: str, **read
     the ECG the model reads (an image or PDF, or a recording rendered as the standard print); InputError if
     unusable. `reading`: load_input's fs, leads and unit, for CSV and NPY recordings."""
     if isinstance(source, tuple):
-        return _decode_record(source, name=name)
+        return _decode_record(source, name=name, **reading)
     return load_input(source, name=name, **reading)
 
 
-def _decode_record(parts: tuple[Upload, ...], *, name: str) -> EcgInput:
+def _decode_record(parts: tuple[Upload, ...], *, name: str, **reading: Any) -> EcgInput:
     """A WFDB record uploaded as NAME.hea + NAME.dat: the wfdb reader opens files by name (the header names its
     signal file), so both are written to a private temporary folder under one stem and read from there."""
     suffixes = sorted(Path(p.name).suffix.lower() for p in parts)
@@ -75,7 +75,7 @@ def _decode_record(parts: tuple[Upload, ...], *, name: str) -> EcgInput:
     with tempfile.TemporaryDirectory(prefix="pulse-edge-wfdb-") as folder:
         for part in parts:
             (Path(folder) / (stem + Path(part.name).suffix.lower())).write_bytes(part.data)
-        return load_input(Path(folder) / f"{stem}.hea", name=name)
+        return load_input(Path(folder) / f"{stem}.hea", name=name, **reading)  # what it does not read is noted
 
 
 def answer_json(pipeline: Pipeline, ecg: EcgInput, question: str, *, max_new_tokens: int,

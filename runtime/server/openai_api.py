@@ -249,16 +249,20 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint}
 
-    def completion(self, result: GenerationResult, *, token_ids: bool) -> dict[str, Any]:
+    def completion(self, result: GenerationResult, *, token_ids: bool, notes: Sequence[str] = ()) -> dict[str, Any]:
+        """`notes`: what was done to the input on its way to the model (an extension, as `infer --json` has it)."""
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result.text},
                                   "finish_reason": finish_reason(result), "logprobs": None}
         if token_ids:
             choice["token_ids"] = list(result.token_ids)
-        return {**self._head("chat.completion"), "choices": [choice], "usage": usage(result)}
+        return {**self._head("chat.completion"), "choices": [choice], "usage": usage(result), "notes": list(notes)}
 
-    def chunk(self, delta: Mapping[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(self, delta: Mapping[str, Any], finish_reason: str | None = None,
+              notes: Sequence[str] | None = None) -> dict[str, Any]:
+        """A stream's chunk; its last (with the finish reason) carries the `notes`."""
         choice = {"index": 0, "delta": dict(delta), "finish_reason": finish_reason, "logprobs": None}
-        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        extra = {} if notes is None else {"notes": list(notes)}
+        return {**self._head("chat.completion.chunk"), "choices": [choice], **extra}
 
     def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
         return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage(result)}

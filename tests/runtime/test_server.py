@@ -215,6 +215,24 @@ def test_a_completion_gives_infers_greedy_tokens(server: Server, bundle: Path, e
     assert choice.message.content == infer_answer["text"] and choice.finish_reason == "length"
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (infer_answer["prompt_tokens"], TOKENS)
     assert reply.object == "chat.completion" and reply.model == bundle.name
+    assert reply.model_extra["notes"] == []  # an image goes to the model as it is
+
+
+def test_a_chat_about_a_recording_says_what_was_done_to_it(server: Server, bundle: Path) -> None:
+    """A DICOM in the data URI is rendered as the print: its notes (here: 8 s, under the print's 10) reach the
+    client, in the completion and in a stream's last chunk, as infer prints them."""
+    from pulse_testing.ecg_files import beats, dicom_bytes, dicom_dataset
+
+    url = "data:application/dicom;base64," + base64.b64encode(
+        dicom_bytes(dicom_dataset(beats(4000, 500.0), 500.0))).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    reply = _client(server).chat.completions.create(model=bundle.name, messages=messages, max_tokens=2)
+    assert any("the recording lasts 8.00 s" in note for note in reply.model_extra["notes"]), reply.model_extra
+    chunks = list(_client(server).chat.completions.create(model=bundle.name, messages=messages, max_tokens=2,
+                                                          stream=True))
+    last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert last.model_extra["notes"] == reply.model_extra["notes"]
 
 
 def test_a_stream_gives_the_same_answer(server: Server, bundle: Path, ecg_png: Path,
@@ -290,10 +308,12 @@ def test_interpret_reads_a_wfdb_record_uploaded_as_its_two_files(server: Server,
 
     header = write_wfdb(tmp_path, "rec01", beats(5000, 500.0), 500.0)
     parts = [(f"rec01{suffix}", header.with_suffix(suffix).read_bytes()) for suffix in (".hea", ".dat")]
-    upload, headers = _multipart({"max_tokens": "2"}, *parts)
+    upload, headers = _multipart({"max_tokens": "2", "fs": "250"}, *parts)
     status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", upload, _auth(headers))
     assert status == 200, answer
     assert json.loads(answer)["input_kind"] == "wfdb"
+    # its header holds its rate: an fs given is not used, and the answer says so
+    assert "fs given but not used: a WFDB file stores its own" in json.loads(answer)["notes"], answer
     # Two files that are not one record's pair are refused with one line, before the model runs.
     for wrong in ([parts[0], ("rec02.dat", parts[1][1])], [parts[0], ("rec01.png", b"x")]):
         body, headers = _multipart({}, *wrong)
