@@ -126,7 +126,7 @@ class Pipeline:
     def interpret(self, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
                   sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
                   should_stop: StopCheck | None = None, name: str | None = None, fs: float | None = None,
-                  leads: tuple[str, ...] | None = None, unit: str = "mV",
+                  leads: tuple[str, ...] | None = None, unit: str | None = None,
                   layout: str | None = None) -> Interpretation:
         """Any accepted ECG input (path, bytes, PIL image, image or signal array) -> an `Interpretation`: what
         `infer --json` prints. fs, leads, unit and layout are for CSV, NPY and arrays (runtime/inputs/load.py);

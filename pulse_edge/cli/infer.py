@@ -86,8 +86,8 @@ from pulse_edge.errors import ConfigError
               help="Sampling rate in Hz of CSV and NPY recordings, which do not store one.")
 @click.option("--leads", default=None,
               help="Lead order of an NPY recording, comma-separated; default I,II,III,aVR,aVL,aVF,V1,...,V6.")
-@click.option("--unit", type=click.Choice(VOLTAGE_UNITS), default="mV", show_default=True,
-              help="Voltage unit of CSV and NPY recordings.")
+@click.option("--unit", type=click.Choice(VOLTAGE_UNITS), default=None,
+              help="Voltage unit of CSV and NPY recordings (default mV).")
 @click.option("--verify", is_flag=True,
               help="Check every byte of the bundle against its manifest's sha256 before loading it.")
 def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backend: str, engines: Path | None,
@@ -98,7 +98,7 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
           output: Path | None,
           fail_fast: bool,
           save_render: Path | None,
-          fs: float | None, leads: str | None, unit: str, verify: bool) -> None:
+          fs: float | None, leads: str | None, unit: str | None, verify: bool) -> None:
     """Answer a question about an ECG: an image (PNG, JPEG, TIFF, BMP), the first page of a PDF, or a recording
     (DICOM waveform, WFDB record, HL7 aECG, CSV or NPY) rendered as the standard 12-lead print."""
     from pulse_edge.runtime.batch import save_image
@@ -110,6 +110,12 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
 
     question = check_text(question or DEFAULT_QUESTION, "--question")  # before any model is loaded
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    context = click.get_current_context()
+    unused = [f"--{name.replace('_', '-')}" for name in ("top_p", "seed")
+              if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if temperature == 0 and unused:  # never dropped in silence: the answer is the greedy one
+        click.echo(f"pulse-edge: note: {', '.join(unused)} shape sampling (--temperature > 0); with --temperature 0 "
+                   "the answer is greedy and they are not used", err=True)
     session = SessionConfig(provider=provider, threads=threads, opt_level=opt_level, prepack=prepack,
                             prefill_graph=prefill_graph, prefill_attention=prefill_attention,
                             decode_attention=decode_attention, decode_step=decode_step)

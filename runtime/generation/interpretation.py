@@ -66,16 +66,16 @@ class Interpretation(GenerationResult):
 def interpret(model: Generator, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
               sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
               should_stop: StopCheck | None = None, name: str | None = None, fs: float | None = None,
-              leads: tuple[str, ...] | None = None, unit: str = "mV", layout: str | None = None) -> Interpretation:
+              leads: tuple[str, ...] | None = None, unit: str | None = None,
+              layout: str | None = None) -> Interpretation:
     """Load `source` (load_input's forms, or an EcgInput already loaded), ask `question`, map the findings.
 
     A bad input raises its one-line InputError before the model runs. `should_stop` (checked before every
     decode step) is passed only when given: not every model's generate takes it.
     """
     start = time.perf_counter()
-    if isinstance(source, EcgInput) and (given := [n for n, v in (("name", name), ("fs", fs), ("leads", leads),
-                                                                   ("unit", unit if unit != "mV" else None),
-                                                                   ("layout", layout)) if v is not None]):
+    reading = {"name": name, "fs": fs, "leads": leads, "unit": unit, "layout": layout}
+    if isinstance(source, EcgInput) and (given := [n for n, v in reading.items() if v is not None]):
         raise InputError(f"{', '.join(given)}: how to read an input, but this one was read already (an EcgInput); "
                          "pass them to load_input, or pass the file instead")
     ecg = source if isinstance(source, EcgInput) else load_input(

@@ -43,10 +43,12 @@ _HEAD_BYTES = 1024
 _WFDB_SUFFIXES = (".hea", ".dat", ".mat")
 _CSV_SUFFIXES = (".csv", ".tsv")
 _NEEDS_FS = ("csv", "npy", "array")
-# What a kind reads of the options a caller gives (fs, leads, layout; unit has a default, so it cannot be told given
-# from not): an option given for another kind is said in a note, never dropped in silence. A DICOM, WFDB or aECG
-# file stores its own rate and lead names; a CSV names its leads in its header; an image is read as it is drawn.
-_READS = MappingProxyType({"csv": ("fs",), "npy": ("fs", "leads", "layout"), "array": ("fs", "leads", "layout")})
+# What a kind reads of the options a caller gives: an option given for another kind is said in a note, never
+# dropped in silence. A DICOM, WFDB or aECG file stores its own rate, unit and lead names; a CSV names its leads in
+# its header; an image is read as it is drawn. (unit None: not given, read as millivolts where a kind reads it.)
+_OPTIONS = ("fs", "leads", "unit", "layout")
+_READS = MappingProxyType({"csv": ("fs", "unit"), "npy": _OPTIONS, "array": _OPTIONS})
+DEFAULT_UNIT = "mV"
 _WHY_UNUSED = MappingProxyType({"csv": "a CSV file names its leads in its header and lays them out as columns",
                                 "image": "an image is read as it is drawn", "pdf": "a PDF is read as it is drawn"})
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -68,8 +70,12 @@ class _Options:
     name: str
     fs: float | None
     leads: tuple[str, ...] | None
-    unit: str
+    unit: str | None
     layout: str | None
+
+    @property
+    def volts(self) -> str:
+        return self.unit or DEFAULT_UNIT
 
 
 def load_input(
@@ -78,7 +84,7 @@ def load_input(
     name: str | None = None,
     fs: float | None = None,
     leads: tuple[str, ...] | None = None,
-    unit: str = "mV",
+    unit: str | None = None,
     layout: str | None = None,
 ) -> EcgInput:
     """Read any accepted ECG input; every way it can be unusable ends in one one-line `InputError`.
@@ -86,7 +92,7 @@ def load_input(
     source: a path (image, PDF, .dcm, WFDB .hea/.dat or record name, aECG .xml, .csv, .npy), the bytes of
     one such file (not WFDB, whose record is two files), a PIL image, an [H, W, 3] uint8 image array, or a
     [leads, samples] signal array. name: what errors and notes call it (default: the path, "<bytes>").
-    fs (Hz), leads (the lead order of an NPY file or array; default the 12 standard leads), unit and
+    fs (Hz), leads (the lead order of an NPY file or array; default the 12 standard leads), unit (default mV) and
     layout ("leads_first"/"samples_first") are for CSV, NPY and arrays, which store none of them (a CSV names
     its leads in its header); one given where it is not read is not used, and a note says so.
     """
@@ -142,7 +148,7 @@ def _kind_of(head: bytes, suffix: str) -> str:
 
 def _unused(kind: str, options: _Options) -> tuple[str, ...]:
     """The note on options given that `kind` does not read (empty when none)."""
-    unused = [n for n in ("fs", "leads", "layout") if getattr(options, n) is not None and n not in _READS.get(kind, ())]
+    unused = [n for n in _OPTIONS if getattr(options, n) is not None and n not in _READS.get(kind, ())]
     if not unused:
         return ()
     why = _WHY_UNUSED.get(kind, f"a {kind.upper()} file stores its own")
@@ -209,7 +215,7 @@ _READERS: MappingProxyType[str, _Reader] = MappingProxyType({
     "dicom": lambda source, o: read_dicom(source, name=o.name),
     "wfdb": lambda source, o: read_wfdb(source),
     "hl7-aecg": lambda source, o: read_aecg(source, name=o.name),
-    "csv": lambda source, o: read_csv(source, o.fs, unit=o.unit, name=o.name),
-    "npy": lambda source, o: read_npy(source, o.fs, unit=o.unit, layout=o.layout, name=o.name, **_leads(o)),
-    "array": lambda source, o: read_array(source, o.fs, unit=o.unit, layout=o.layout, name=o.name, **_leads(o)),
+    "csv": lambda source, o: read_csv(source, o.fs, unit=o.volts, name=o.name),
+    "npy": lambda source, o: read_npy(source, o.fs, unit=o.volts, layout=o.layout, name=o.name, **_leads(o)),
+    "array": lambda source, o: read_array(source, o.fs, unit=o.volts, layout=o.layout, name=o.name, **_leads(o)),
 })

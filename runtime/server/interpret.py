@@ -120,8 +120,8 @@ def recording_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """`fs`, `leads` and `unit` as load_input takes them; their types checked here (a 400 naming the field), their
     values by the readers (an InputError, the 400 `infer` prints as one line)."""
     fs = number_field(params, "fs", None, "a finite number: the sampling rate in Hz")
-    unit, leads = params.get("unit", "mV"), params.get("leads")
-    if unit not in VOLTAGE_UNITS:
+    unit, leads = params.get("unit"), params.get("leads")
+    if unit is not None and unit not in VOLTAGE_UNITS:  # None: not given (millivolts where it is read)
         raise ApiError("bad_request", f"unit must be one of {', '.join(VOLTAGE_UNITS)}", param="unit")
     if isinstance(leads, str):  # a form's text: "I,II,..." or a JSON list written as text
         leads = _json_list(leads) if leads.lstrip().startswith("[") else [name.strip() for name in leads.split(",")]

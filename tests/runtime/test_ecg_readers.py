@@ -634,8 +634,11 @@ def test_an_option_the_input_does_not_read_is_noted_never_dropped_in_silence(tmp
     npy = write_npy(tmp_path / "ecg.npy", signals)
     pixels = np.full((300, 400, 3), 255, dtype=np.uint8)
     cases = [(dicom, {"fs": 250.0}, "fs given but not used: a DICOM file stores its own"),
+             (dicom, {"unit": "uV"}, "unit given but not used: a DICOM file stores its own"),
+             (csv, {"fs": FS, "unit": "mV"}, None),
              (csv, {"fs": FS, "leads": LEADS}, "leads given but not used: a CSV file names its leads in its header"),
-             (pixels, {"fs": FS, "layout": "leads_first"}, "fs, layout given but not used: an image is read as it is"),
+             (pixels, {"fs": FS, "layout": "leads_first", "unit": "mV"},
+              "fs, unit, layout given but not used: an image is read as it is"),
              (npy, {"fs": FS, "leads": LEADS}, None), (signals, {"fs": FS, "leads": LEADS}, None)]
     for source, options, note in cases:
         notes = [n for n in load_input(source, **options).notes if "given but not used" in n]

@@ -602,3 +602,16 @@ def test_prefill_graph_on_for_a_bundle_without_one_is_refused(tiny_bundle: Path,
                                     str(tmp_path / "answers.jsonl")])
     assert res.exit_code == 2 and "--json prints one answer as JSON; with --output" in res.output, res.output
     assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_sampling_options_with_greedy_decoding_are_noted(tiny_bundle: Path, ecg_png: Path) -> None:
+    """--top-p and --seed shape sampling only: with --temperature 0 (the default) the CLI says they are not used;
+    with sampling, or not given, it says nothing."""
+    base = ["infer", str(ecg_png), "--model", str(tiny_bundle), "--max-new-tokens", "1"]
+    note = "pulse-edge: note: --top-p, --seed shape sampling (--temperature > 0); with --temperature 0 the answer"
+    runs = {(): False, ("--top-p", "0.5", "--seed", "7"): True,
+            ("--top-p", "0.5", "--seed", "7", "--temperature", "0.7"): False}
+    for extra, noted in runs.items():
+        res = CliRunner().invoke(main, [*base, *extra])
+        assert res.exit_code == 0, res.output
+        assert (note in res.stderr) is noted, res.stderr
