@@ -71,6 +71,25 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+# The quantization options only some precisions read (option name -> those precisions); one given outright for
+# another is refused, never dropped in silence: the manifest would record a recipe knob that did nothing.
+QUANT_ONLY = {"scales": ("int8", "int4", "fp8"), "calibration_samples": ("int8", "int4", "fp8"),
+              "int8_decoder": ("int8",), "smooth_alpha": ("int8", "int4", "fp8"), "int4_method": ("int4",),
+              "block_size": ("int8", "int4"), "prefill_graph": ("int8", "int4"), "keep": ("int8", "int4", "fp8")}
+
+
+def check_quant_options(precision: str, given: Callable[[str], bool]) -> None:
+    """`given(name)`: the option was on the command line (not its default)."""
+    from pulse_edge.errors import ConfigError
+
+    unused = [f"--{name.replace('_', '-')}" for name, readers in QUANT_ONLY.items()
+              if given(name) and precision not in readers]
+    if given("calibration_samples") and given("scales"):
+        unused.append("--calibration-samples (with --scales: the scales file's samples)")
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: not used by a {precision} export; leave them out")
+
+
 def quant_settings(precision: str, scales: Path | None, calibration_samples: int, int8_decoder: str | None,
                    smooth_alpha: str, int4_method: str, block_size: str, keep: str, held_out: int,
                    accuracy_gate: str | None, kv_cache: str | None = None, prefill_graph: bool = True,
@@ -161,6 +180,9 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     from pulse_edge.cli.progress import stage_progress
     from pulse_edge.staging import check_output_dir
 
+    context = click.get_current_context()
+    check_quant_options(precision, lambda name: context.get_parameter_source(name)
+                        is not click.core.ParameterSource.DEFAULT)
     check_output_dir(out, what="bundle")  # before minutes of work, and before the heavy imports
     import transformers
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pulse_edge.calibration.scales import Scales
@@ -30,6 +31,24 @@ def test_calibrate_then_export_int4_with_those_scales(tiny_checkpoint: Path, tmp
     assert manifest["calibration"]["recipe"]["block_size"] == 32
     assert manifest["calibration"]["method"] == "percentile"
     assert manifest["calibration"]["smoothed_or_scaled_sites"] == []  # rtn: no AWQ scales folded
+
+
+@pytest.mark.parametrize(("precision", "extra", "named"), [
+    ("fp32", ["--scales", "s.npz"], "--scales"), ("fp16", ["--keep", "lm_head"], "--keep"),
+    ("int4", ["--int8-decoder", "w8a8"], "--int8-decoder"), ("int8", ["--int4-method", "rtn"], "--int4-method"),
+    ("fp8", ["--block-size", "64"], "--block-size"), ("fp32", ["--no-prefill-graph"], "--prefill-graph"),
+    ("int8", ["--scales", "s.npz", "--calibration-samples", "8"], "--calibration-samples (with --scales"),
+])
+def test_a_quantization_option_the_precision_does_not_read_is_refused(tiny_checkpoint: Path, tmp_path: Path,
+                                                                      precision: str, extra: list[str],
+                                                                      named: str) -> None:
+    """The manifest would record a recipe knob that did nothing: refused in one line before any work."""
+    out = tmp_path / "never"
+    res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--precision", precision,
+                                    *extra])
+    assert res.exit_code == 2 and res.output.startswith(f"pulse-edge: error: {named}"), res.output
+    assert f"not used by a {precision} export; leave them out" in res.output and not out.exists()
+    assert len(res.output.strip().splitlines()) == 1
 
 
 def test_quantization_errors_are_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
