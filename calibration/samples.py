@@ -58,8 +58,8 @@ def load_samples(data: str | Path, *, image_root: str | Path | None = None) -> l
         return load_ecginstruct(path, image_root)
     if path.suffix == ".parquet" or path.is_dir():
         if image_root is not None:  # ECGBench's parquet files hold their images: never ignored in silence
-            raise ConfigError(f"--image-root {image_root}: where an ECGInstruct .json file's images lie; ECGBench's "
-                              "files hold theirs: leave it out")
+            raise ConfigError(f"--image-root {image_root}: where an ECGInstruct .json file's images lie; ECGBench "
+                              "finds its own (in its parquet files, or its folder's images/): leave it out")
         return load_ecgbench(path)
     raise InputError(f"{data}: not a calibration source; pass 'synthetic[:N]', an ECGInstruct .json file, "
                      "or an ECGBench .parquet file or data folder")

@@ -34,6 +34,21 @@ class Backend(Protocol):
                  on_text: Callable[[str], None] | None = ...) -> GenerationResult: ...
 
 
+def serves_bundle(model: str | Path, backend: str) -> bool:
+    """Whether `backend` (auto included) opens `model` as a bundle."""
+    return backend != "torch" and (Path(model) / "manifest.json").is_file()
+
+
+def refuse_torch_settings(*, vision_tower: str | Path | None, dtype: str, device: str) -> None:
+    """A bundle's precision and tower are its own, its device the provider's: torch's settings given with one are
+    refused, never ignored (called before anything is written, e.g. an ECGBench run's settings)."""
+    given = [flag for flag, on in (("--vision-tower", vision_tower is not None), ("--dtype", dtype != "auto"),
+                                   ("--device", device != "auto")) if on]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: settings of the torch backend (a checkpoint); a bundle has its own "
+                          "precision and vision tower and runs where --provider says: leave them out")
+
+
 def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str | Path | None = None,
                   dtype: str = "auto", device: str = "auto", session: SessionConfig | None = None,
                   prefill_chunk: int | None = None, engines: str | Path | None = None, verify: bool = False,
@@ -53,11 +68,7 @@ def open_backend(model: str | Path, *, backend: str = "auto", vision_tower: str 
         if not is_bundle:
             raise ConfigError(f"{root} is not a pulse-edge bundle (no manifest.json): make one with "
                               "`pulse-edge export`, or use --backend torch on a checkpoint")
-        torch_given = [flag for flag, given in (("--vision-tower", vision_tower is not None),
-                                                ("--dtype", dtype != "auto"), ("--device", device != "auto")) if given]
-        if torch_given:  # a bundle's precision and tower are its own, its device the provider's: never ignored
-            raise ConfigError(f"{', '.join(torch_given)}: settings of the torch backend (a checkpoint); a bundle has "
-                              "its own precision and vision tower and runs where --provider says: leave them out")
+        refuse_torch_settings(vision_tower=vision_tower, dtype=dtype, device=device)
         from pulse_edge.runtime.pipeline import Pipeline
 
         chunking = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk or None}

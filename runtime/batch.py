@@ -28,7 +28,9 @@ from pulse_edge.errors import ConfigError, InputError, ModelOutputError, PromptE
 from pulse_edge.jsonl import JsonLines, append_record, prepare_for_append, read_json_lines
 from pulse_edge.runtime.generation.decode import check_token_limit
 from pulse_edge.runtime.generation.interpretation import Generator, interpret
+from pulse_edge.runtime.generation.sampling import SamplingParams
 from pulse_edge.runtime.inputs import RECORDING_KINDS, load_input
+from pulse_edge.runtime.inputs.load import DEFAULT_UNIT
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 
 # What one bad input may raise without stopping the others: an unusable file, a prompt that does not fit.
@@ -66,11 +68,14 @@ class BatchOptions:
         check_token_limit(self.max_new_tokens)  # before the model loads, not after it
 
     def settings(self) -> dict[str, Any]:
-        """What decides an answer besides its input, as its line records it (JSON's own types)."""
+        """What decides an answer besides its input, as its line records it (JSON's own types), in the form it
+        acts: greedy decoding is greedy whatever its top_p and seed; a unit not given is millivolts."""
+        sampling = self.sampling or SamplingParams()
+        reading = {"unit": DEFAULT_UNIT, **{k: v for k, v in self.input_options.items() if v is not None}}
         return json.loads(json.dumps({
             "question": self.question, "max_new_tokens": self.max_new_tokens, "model": self.model,
-            "sampling": asdict(self.sampling) if self.sampling is not None else None,
-            "input_options": dict(self.input_options)}))
+            "sampling": asdict(sampling) if sampling.temperature > 0 else {"temperature": 0.0},
+            "input_options": reading}))
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def held_out_samples(ctx: QuantContext, loaded: LoadedCheckpoint,
     """Samples the calibration did not see: from its own data when that is still readable, else synthetic."""
     used = list(ctx.scales.samples.get("ids", []))
     data = str(ctx.scales.samples.get("data") or "synthetic")
-    root = ctx.scales.samples.get("image_root")
+    root = ctx.scales.samples.get("image_root") if data.endswith(".json") else None  # only ECGInstruct reads it
     try:
         options = CalibrationOptions(data=data, samples=ctx.settings.held_out, seed=HELD_OUT_SEED,
                                      image_root=Path(root) if root else None)

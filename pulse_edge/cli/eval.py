@@ -120,11 +120,14 @@ def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], 
 def _run_ecgbench(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], out: Path, limit: int | None,
                   report_dir: Path | None, judge_url: str | None, judge_model: str | None, judge_workers: int, *,
                   backend: str, vision_tower: Path | None, dtype: str, device: str, max_new_tokens: int) -> None:
+    from pulse_edge.backends import refuse_torch_settings, serves_bundle
     from pulse_edge.benchmarks.common.machine import model_info
     from pulse_edge.benchmarks.ecgbench import runner
     from pulse_edge.benchmarks.ecgbench.predictions import read_predictions
     from pulse_edge.benchmarks.ecgbench.score import score_subset
 
+    if serves_bundle(model_dir, backend):  # before run.json pins them, which would lock a rerun out
+        refuse_torch_settings(vision_tower=vision_tower, dtype=dtype, device=device)
     plans = runner.plan_run(data_dir, subsets, out, limit)
     _announce(data_dir, plans)
     runner.check_images(plans)

@@ -74,20 +74,21 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
 # The quantization options only some precisions read (option name -> those precisions); one given outright for
 # another is refused, never dropped in silence: the manifest would record a recipe knob that did nothing.
 QUANT_ONLY = {"scales": ("int8", "int4", "fp8"), "calibration_samples": ("int8", "int4", "fp8"),
-              "int8_decoder": ("int8",), "smooth_alpha": ("int8", "int4", "fp8"), "int4_method": ("int4",),
+              "int8_decoder": ("int8",), "smooth_alpha": ("int8",), "int4_method": ("int4",),
               "block_size": ("int8", "int4"), "prefill_graph": ("int8", "int4"), "keep": ("int8", "int4", "fp8")}
+FLAGS = {"prefill_graph": "--no-prefill-graph"}  # the flag a non-default value is given with
 
 
 def check_quant_options(precision: str, given: Callable[[str], bool]) -> None:
     """`given(name)`: the option was on the command line (not its default)."""
     from pulse_edge.errors import ConfigError
 
-    unused = [f"--{name.replace('_', '-')}" for name, readers in QUANT_ONLY.items()
+    unused = [FLAGS.get(name, f"--{name.replace('_', '-')}") for name, readers in QUANT_ONLY.items()
               if given(name) and precision not in readers]
-    if given("calibration_samples") and given("scales"):
-        unused.append("--calibration-samples (with --scales: the scales file's samples)")
+    if given("calibration_samples") and given("scales") and precision in QUANT_ONLY["scales"]:
+        unused.append("--calibration-samples (the scales file's samples are used)")
     if unused:
-        raise ConfigError(f"{', '.join(unused)}: not used by a {precision} export; leave them out")
+        raise ConfigError(f"{', '.join(unused)}: not used by an export at --precision {precision}; leave them out")
 
 
 def quant_settings(precision: str, scales: Path | None, calibration_samples: int, int8_decoder: str | None,

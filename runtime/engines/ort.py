@@ -92,6 +92,9 @@ class DecoderEngine:
 
     def __init__(self, bundle: Path, spec: GraphSpec, kv: KVLayout, vocab: int, config: SessionConfig, *,
                  prefill: GraphSpec | None = None, graph: str = names.DECODER, native_validated: bool = False) -> None:
+        if prefill is None and config.prefill_graph == "on" and graph == names.DECODER:  # before any session
+            raise ConfigError("--prefill-graph on: this bundle has no prefill graph (an int8 or int4 CPU bundle has "
+                              "one); its decoder graph prefills: use --prefill-graph auto")
         ort = load_onnxruntime()
         self.kv = kv
         self.length = 0  # positions of the cache that hold the current conversation
@@ -115,9 +118,6 @@ class DecoderEngine:
         self.session, self._binding = ((None, None) if self.native or self.decode_segments
                                        else self._open(bundle / spec.file, spec, config))
         self.prefill_session, self._prefill_binding, self.segmented = None, None, None
-        if prefill is None and config.prefill_graph == "on" and graph == names.DECODER:
-            raise ConfigError("--prefill-graph on: this bundle has no prefill graph (an int8 or int4 CPU bundle has "
-                              "one); its decoder graph prefills: use --prefill-graph auto")
         if prefill is None and config.prefill_attention == "kernel":
             raise ConfigError("--prefill-attention kernel: this bundle has no prefill graph, so none is cut for the "
                               "attention kernel (an int8 or int4 CPU bundle has one); use --prefill-attention auto")

@@ -39,7 +39,8 @@ FINISH_REASONS: Mapping[str, str] = {"eos": "stop", "max_new_tokens": "length", 
 # client written for another server sends parameters no list of refusals would foresee).
 HONOURED = frozenset({"model", "messages", "stream", "stream_options", "temperature", "top_p", "seed", "max_tokens",
                       "max_completion_tokens", "return_token_ids"})
-BOOKKEEPING = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+BOOKKEEPING = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+                         "safety_identifier"})
 # OpenAI's parameters this server does not implement -> the value that means "not used" (clients send those).
 UNSUPPORTED: Mapping[str, Any] = {
     "n": 1, "stop": None, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "logprobs": False,

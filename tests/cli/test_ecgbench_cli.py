@@ -75,3 +75,15 @@ def test_missing_optional_dependencies_say_what_to_install(tmp_path: Path, monke
         load_samples(find_subset(tmp_path, "mmmu-ecg"))
     with pytest.raises(ConfigError, match=r"need matplotlib: install pulse-edge\[bench\]"):
         require_plotting()
+
+
+def test_a_bundle_with_torch_settings_is_refused_before_the_run_pins_them(tmp_path: Path) -> None:
+    """Refused after run.json was written, the settings would be pinned there and lock every rerun out."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")  # what makes a folder a bundle for --backend auto
+    out = tmp_path / "run"
+    result = CliRunner().invoke(eval_group, ["ecgbench", "--model", str(bundle), "--data", str(tmp_path),
+                                             "--device", "cuda", "--out", str(out)])
+    assert result.exit_code == 2 and "--device: settings of the torch backend" in result.output, result.output
+    assert not (out / "run.json").exists()

@@ -149,6 +149,10 @@ def test_a_rerun_with_other_settings_into_the_same_file_is_refused(folder: Path,
         _run(sources, out, FakeModel(), **{"model": "/models/pulse", **changed})
     stats, opened = _run(sources, out, FakeModel(), model="/models/pulse")
     assert (stats.already_done, stats.answered, opened) == (1, 1, 1)
+    # settings that act the same are the same: greedy whatever its seed, a unit not given is millivolts
+    stats, opened = _run(sources, out, FakeModel(), model="/models/pulse", sampling=SamplingParams(seed=9),
+                         input_options={"fs": 500, "unit": "mV", "leads": None})
+    assert (stats.already_done, opened) == (2, 0)
     legacy = tmp_path / "legacy.jsonl"  # written before settings were recorded: its question is compared
     legacy.write_text(json.dumps({"source": sources[0], "question": "Old?", "text": "x"}) + "\n")
     with pytest.raises(ConfigError, match=r"another question \('Old\?'"):
