@@ -9,6 +9,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import click
@@ -73,10 +74,11 @@ def quant_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 # The quantization options only some precisions read (option name -> those precisions); one given outright for
 # another is refused, never dropped in silence: the manifest would record a recipe knob that did nothing.
-QUANT_ONLY = {"scales": ("int8", "int4", "fp8"), "calibration_samples": ("int8", "int4", "fp8"),
-              "int8_decoder": ("int8",), "smooth_alpha": ("int8",), "int4_method": ("int4",),
-              "block_size": ("int8", "int4"), "prefill_graph": ("int8", "int4"), "keep": ("int8", "int4", "fp8")}
-FLAGS = {"prefill_graph": "--no-prefill-graph"}  # the flag a non-default value is given with
+QUANT_ONLY = MappingProxyType({
+    "scales": ("int8", "int4", "fp8"), "calibration_samples": ("int8", "int4", "fp8"), "int8_decoder": ("int8",),
+    "smooth_alpha": ("int8",), "int4_method": ("int4",), "block_size": ("int8", "int4"),
+    "prefill_graph": ("int8", "int4"), "keep": ("int8", "int4", "fp8")})
+FLAGS = MappingProxyType({"prefill_graph": "--no-prefill-graph"})  # the flag a non-default value is given with
 
 
 def check_quant_options(precision: str, given: Callable[[str], bool]) -> None:
