@@ -104,8 +104,9 @@ _WHITE = (255, 255, 255, 255)
 _U16_TO_U8 = 257  # 65535 / 255: maps 0 -> 0 and 65535 -> 255 exactly
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image or PDF file and return it as a fully decoded RGB image."""
+def load_image(path: str | os.PathLike, *, said: list[str] | None = None) -> Image.Image:
+    """Read an image or PDF file and return it as a fully decoded RGB image. `said`: where to put what the reader
+    has to say (which page of several it read), for the caller to pass on as notes; None logs it as a warning."""
     p = Path(path)
     name = _one_line(os.fspath(path))
     if not p.exists():
@@ -118,30 +119,42 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except OSError as exc:
         reason = _one_line(exc.strerror or str(exc))
         raise _fail(name, f"cannot be opened ({reason})", "check its permissions") from exc
-    with stream:
-        return _decode(stream, name)
+    with stream, _saying(said) as say:
+        return _decode(stream, name, say)
 
 
-def load_image_bytes(data: bytes, *, name: str = "<bytes>") -> Image.Image:
+def load_image_bytes(data: bytes, *, name: str = "<bytes>", said: list[str] | None = None) -> Image.Image:
     """Decode an image or PDF held in memory (e.g. a dataset row) with the same rules as `load_image`."""
-    return _decode(io.BytesIO(data), _one_line(name))
+    with _saying(said) as say:
+        return _decode(io.BytesIO(data), _one_line(name), say)
 
 
-def accept_image(image: Image.Image, *, name: str = "<image>") -> Image.Image:
+def accept_image(image: Image.Image, *, name: str = "<image>", said: list[str] | None = None) -> Image.Image:
     """An image handed over in memory (`Image.open` is lazy: it may not be decoded yet) with a decoded file's
     checks: size limits, a decode that fails in one line here rather than later, EXIF rotation, RGB."""
     name = _one_line(name)
-    return _to_rgb(_decoded(image, image.format or "image", name), name)
+    with _saying(said) as say:
+        return _to_rgb(_decoded(image, image.format or "image", name, say), name)
 
 
-def _decode(stream: BinaryIO, name: str) -> Image.Image:
+@contextmanager
+def _saying(said: list[str] | None) -> Iterator[list[str]]:
+    """The list the decoders append their lines to: the caller's, or one logged as warnings at the end."""
+    lines = said if said is not None else []
+    yield lines
+    if said is None:
+        for line in lines:
+            log.warning("%s", line)
+
+
+def _decode(stream: BinaryIO, name: str, say: list[str]) -> Image.Image:
     """Sniff the format from the first bytes and hand the stream to the matching decoder."""
     header = stream.read(_HEADER_BYTES)
     stream.seek(0)
     if not header:
         raise _fail(name, "is empty (0 bytes)", "re-export or re-download the file")
     fmt = _sniff(header, name)
-    image = _render_pdf(stream, name) if fmt == "PDF" else _decode_raster(stream, fmt, name)
+    image = _render_pdf(stream, name, say) if fmt == "PDF" else _decode_raster(stream, fmt, name, say)
     _check_size(image.size, name)
     return image
 
@@ -160,14 +173,14 @@ def _sniff(header: bytes, name: str) -> str:
                 f"{_ACCEPTED_HINT}; recordings: {RECORDING_HINT}")
 
 
-def _decode_raster(stream: BinaryIO, fmt: str, name: str) -> Image.Image:
+def _decode_raster(stream: BinaryIO, fmt: str, name: str, say: list[str]) -> Image.Image:
     """Open with Pillow restricted to the sniffed format, check the header size, then decode fully."""
     with _pillow_errors(name, fmt):
         image = Image.open(stream, formats=[fmt])
-    return _to_rgb(_decoded(image, fmt, name), name)
+    return _to_rgb(_decoded(image, fmt, name, say), name)
 
 
-def _decoded(image: Image.Image, fmt: str, name: str) -> Image.Image:
+def _decoded(image: Image.Image, fmt: str, name: str, say: list[str]) -> Image.Image:
     """Check the header's size, decode every pixel, turn by the EXIF orientation (phone photos of printouts
     carry their rotation there, not in the pixels); a multi-page TIFF or GIF says which page it reads."""
     with _pillow_errors(name, fmt):
@@ -175,7 +188,7 @@ def _decoded(image: Image.Image, fmt: str, name: str) -> Image.Image:
         image.load()
         page = image.tell()
         oriented = ImageOps.exif_transpose(image)  # a new image, detached from the file
-    _say_pages(image, page, name)
+    say.extend(_pages_line(image, page, name))
     return oriented
 
 
@@ -197,23 +210,23 @@ def _pillow_errors(name: str, fmt: str) -> Iterator[None]:
             ) from exc
 
 
-def _say_pages(image: Image.Image, page: int, name: str) -> None:
+def _pages_line(image: Image.Image, page: int, name: str) -> list[str]:
     """Never silently, as for a PDF: the ECG may be on another page. Counting pages seeks through the file, so
     it runs after the page read was copied out; a later page too damaged to count is said as such. A phone
     JPEG's preview (MPO) is no page."""
     if image.format == "MPO":
-        return
+        return []
     try:
         frames = getattr(image, "n_frames", 1)
     except _PIL_DECODE_ERRORS:
         frames = None
-    if frames != 1:
-        count = f"{frames} pages" if frames else "more than one page (a later one unreadable)"
-        log.warning("%s has %s; reading page %d (export the ECG's page alone to read another)", name, count,
-                    page + 1)
+    if frames == 1:
+        return []
+    count = f"{frames} pages" if frames else "more than one page (a later one unreadable)"
+    return [f"{name} has {count}; reading page {page + 1} (export the ECG's page alone to read another)"]
 
 
-def _render_pdf(stream: BinaryIO, name: str) -> Image.Image:
+def _render_pdf(stream: BinaryIO, name: str, say: list[str]) -> Image.Image:
     """Render the first page of a PDF at PDF_DPI (capped to MAX_PIXELS) as RGB."""
     import pypdfium2 as pdfium  # lazy: only PDF inputs pay for loading PDFium
 
@@ -223,8 +236,8 @@ def _render_pdf(stream: BinaryIO, name: str) -> Image.Image:
             if len(document) == 0:
                 raise _fail(name, "is a PDF with no pages", "export the ECG page again")
             if len(document) > 1:  # never silently: the ECG may be on another page
-                log.warning("%s has %d pages; reading the first (export the ECG's page alone to read another)",
-                            name, len(document))
+                say.append(f"{name} has {len(document)} pages; reading the first (export the ECG's page alone to "
+                           "read another)")
             page = stack.enter_context(closing(document[0]))
             scale = _pdf_scale(page.get_size(), name)
             bitmap = stack.enter_context(closing(page.render(scale=scale)))

@@ -97,9 +97,9 @@ def load_input(
     its leads in its header); one given where it is not read is not used, and a note says so.
     """
     if isinstance(source, Image.Image):
-        label = name or "<image>"
-        return EcgInput(accept_image(source, name=label), "image", label,
-                        _unused("image", _Options(label, fs, leads, unit, layout)))
+        label, said = name or "<image>", []
+        image = accept_image(source, name=label, said=said)  # said: which page of several it read
+        return EcgInput(image, "image", label, (*said, *_unused("image", _Options(label, fs, leads, unit, layout))))
     if isinstance(source, np.ndarray):
         return _from_array(source, _Options(name or "<array>", fs, leads, unit, layout))
     if isinstance(source, bytes | bytearray | memoryview):
@@ -162,8 +162,10 @@ def _read(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
 
 def _read_kind(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
     if kind in IMAGE_KINDS:
-        image = load_image(source) if isinstance(source, Path) else load_image_bytes(source, name=options.name)
-        return EcgInput(image, kind, options.name)
+        said: list[str] = []  # which page of several it read: a note, as the server's clients see none of the log
+        image = (load_image(source, said=said) if isinstance(source, Path)
+                 else load_image_bytes(source, name=options.name, said=said))
+        return EcgInput(image, kind, options.name, tuple(said))
     if kind in _NEEDS_FS and options.fs is None:
         raise InputError(f"{options.name}: a {kind.upper()} file stores no sampling rate; "
                          "pass it (--fs HZ; fs= in Python; the server's `fs` field).")

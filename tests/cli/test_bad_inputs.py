@@ -351,8 +351,8 @@ def test_a_multi_page_pdf_says_which_page_it_reads(tiny_bundle: Path, tmp_path: 
     first.save(pdf, save_all=True, append_images=[Image.new("RGB", first.size, "white")], resolution=200)
     result = _run("infer", str(pdf), "--model", str(tiny_bundle), "--max-new-tokens", "1", "--json")
     assert result.exit_code == 0, result.output
-    assert result.stderr.strip() == f"pulse-edge: {pdf} has 2 pages; reading the first (export the ECG's page " \
-                                    "alone to read another)"
+    assert result.stderr.strip() == f"pulse-edge: note: {pdf} has 2 pages; reading the first (export the ECG's " \
+                                    "page alone to read another)"
     assert json.loads(result.stdout)["image_tokens"] == 2880  # the print on page 1, not the blank page 2
 
 

@@ -205,10 +205,13 @@ def test_an_image_opened_by_the_caller_is_read_as_its_file_would_be(caplog):
     pages = io.BytesIO()
     Image.new("RGB", (400, 300), "white").save(pages, "TIFF", save_all=True, append_images=[pattern()])
     with caplog.at_level("WARNING"):
-        load_image_bytes(pages.getvalue(), name="two.tif")
-        load_input(Image.open(io.BytesIO(pages.getvalue())), name="two-in-memory.tif")
-    assert [r.getMessage().split(" has ")[0] for r in caplog.records if "has 2 pages" in r.getMessage()] == [
-        "two.tif", "two-in-memory.tif"]
+        load_image_bytes(pages.getvalue(), name="two.tif")  # a caller that takes no notes: the log says it
+        in_memory = load_input(Image.open(io.BytesIO(pages.getvalue())), name="two-in-memory.tif")
+        as_file = load_input(pages.getvalue(), name="two-bytes.tif")
+    assert [r.getMessage().split(" has ")[0] for r in caplog.records if "has 2 pages" in r.getMessage()] == ["two.tif"]
+    # load_input's callers (infer, the server's clients) get it as a note of the answer instead
+    assert [n.split(" has ")[0] for n in (*in_memory.notes, *as_file.notes) if "has 2 pages; reading page 1" in n] == [
+        "two-in-memory.tif", "two-bytes.tif"]
     caplog.clear()
     phone = io.BytesIO()  # a phone JPEG with its MPF preview: Pillow opens it as two frames, yet it is one photo
     pattern().save(phone, "MPO", save_all=True, append_images=[pattern((160, 120))])
