@@ -39,6 +39,17 @@ def serves_bundle(model: str | Path, backend: str) -> bool:
     return backend != "torch" and (Path(model) / "manifest.json").is_file()
 
 
+def model_identity(model: str | Path, backend: str) -> str:
+    """What a batch's answers record as their model: a bundle by the sha256 of its manifest (which records every
+    file's checksum), so a re-export at the same path is told apart and a moved copy is not; a checkpoint by its
+    resolved path."""
+    if serves_bundle(model, backend):
+        from pulse_edge.runtime.bundle.engines import manifest_sha256
+
+        return f"bundle sha256:{manifest_sha256(Path(model))}"
+    return str(Path(model).resolve())
+
+
 def refuse_torch_settings(*, vision_tower: str | Path | None, dtype: str, device: str) -> None:
     """A bundle's precision and tower are its own, its device the provider's: torch's settings given with one are
     refused, never ignored (called before anything is written, e.g. an ECGBench run's settings)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pulse_edge.backends import open_backend
+from pulse_edge.backends import model_identity, open_backend
 from pulse_edge.choices import (
     ATTENTION_MODES,
     BACKENDS,
@@ -136,7 +136,7 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
 
         infer_many(inputs, output, open_model, question=question, max_new_tokens=max_new_tokens,
                    sampling=sampling, reading=reading, save_render=save_render, fail_fast=fail_fast,
-                   model=str(Path(model_dir).resolve()))
+                   model=model_identity(model_dir, backend))
         return
     if len(inputs) != 1 or fail_fast:
         raise ConfigError("several inputs (and --fail-fast) need --output FILE: the answers go there, one JSON "

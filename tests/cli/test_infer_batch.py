@@ -62,3 +62,29 @@ def test_a_folder_of_50_with_3_broken_completes_and_a_rerun_skips_the_47(tiny_bu
     rerun = [json.loads(line) for line in out.read_text().splitlines()][len(lines):]
     assert sorted(Path(line["source"]).name for line in rerun) == sorted(BROKEN)  # only the failures are retried
     assert all("error" in line for line in rerun)
+
+
+def test_a_batch_records_the_bundle_by_its_manifest_so_a_re_export_in_place_is_refused(tiny_bundle: Path,
+                                                                                       tmp_path: Path) -> None:
+    """A bundle moved or copied answers as the same model; one re-exported at the same path (another manifest)
+    does not: its answers would sit beside the first bundle's in one file."""
+    import hashlib
+    import shutil
+
+    folder, out = tmp_path / "ecgs", tmp_path / "answers.jsonl"
+    folder.mkdir()
+    Image.new("RGB", (300, 200), "white").save(folder / "a.png")
+    bundle = tmp_path / "pulse"
+    shutil.copytree(tiny_bundle, bundle)
+    assert _infer(folder, out, bundle).exit_code == 0
+    manifest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    assert json.loads(out.read_text())["settings"]["model"] == f"bundle sha256:{manifest}"
+    moved = tmp_path / "moved"
+    bundle.rename(moved)
+    Image.new("RGB", (300, 200), "white").save(folder / "b.png")
+    assert _infer(folder, out, moved).exit_code == 0  # the same bundle elsewhere: resumes
+    manifest_file = moved / "manifest.json"
+    manifest_file.write_text(manifest_file.read_text() + "\n")  # other bytes, as a re-export's manifest has
+    Image.new("RGB", (300, 200), "white").save(folder / "c.png")
+    refused = _infer(folder, out, moved)
+    assert refused.exit_code == 2 and "holds answers asked with another model ('bundle sha256:" in refused.output
