@@ -81,16 +81,21 @@ QUANT_ONLY = MappingProxyType({
 FLAGS = MappingProxyType({"prefill_graph": "--no-prefill-graph"})  # the flag a non-default value is given with
 
 
-def check_quant_options(precision: str, given: Callable[[str], bool]) -> None:
-    """`given(name)`: the option was on the command line (not its default)."""
+def check_quant_options(precision: str, given: Callable[[str], bool], *, target: str = "ort",
+                        int8_decoder: str | None = None) -> None:
+    """`given(name)`: the option was on the command line (not its default). Beyond the precision: the prefill
+    graph is the ORT CPU recipes' only, and an int8 W8A8 decoder (TensorRT's default) has no weight blocks."""
     from pulse_edge.errors import ConfigError
 
+    w8a8 = (int8_decoder or ("w8a8" if target == "tensorrt" else "weight-only")) == "w8a8"
+    beside = {"prefill_graph": target == "ort", "block_size": not (precision == "int8" and w8a8)}
     unused = [FLAGS.get(name, f"--{name.replace('_', '-')}") for name, readers in QUANT_ONLY.items()
-              if given(name) and precision not in readers]
+              if given(name) and (precision not in readers or not beside.get(name, True))]
     if given("calibration_samples") and given("scales") and precision in QUANT_ONLY["scales"]:
         unused.append("--calibration-samples (the scales file's samples are used)")
     if unused:
-        raise ConfigError(f"{', '.join(unused)}: not used by an export at --precision {precision}; leave them out")
+        raise ConfigError(f"{', '.join(unused)}: not used by an export at --precision {precision} (--target "
+                          f"{target}); leave them out")
 
 
 def quant_settings(precision: str, scales: Path | None, calibration_samples: int, int8_decoder: str | None,
@@ -185,7 +190,7 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
 
     context = click.get_current_context()
     check_quant_options(precision, lambda name: context.get_parameter_source(name)
-                        is not click.core.ParameterSource.DEFAULT)
+                        is not click.core.ParameterSource.DEFAULT, target=target, int8_decoder=quant["int8_decoder"])
     check_output_dir(out, what="bundle")  # before minutes of work, and before the heavy imports
     import transformers
 

@@ -39,6 +39,8 @@ def test_calibrate_then_export_int4_with_those_scales(tiny_checkpoint: Path, tmp
     ("fp8", ["--block-size", "64"], "--block-size"), ("fp32", ["--no-prefill-graph"], "--no-prefill-graph"),
     ("int4", ["--smooth-alpha", "0.5"], "--smooth-alpha"),  # SmoothQuant: int8's w8 / w8a8 sites only
     ("int8", ["--scales", "s.npz", "--calibration-samples", "8"], "--calibration-samples (the scales file's"),
+    ("int8", ["--int8-decoder", "w8a8", "--block-size", "64"], "--block-size"),  # per channel: no blocks
+    ("int4", ["--target", "tensorrt", "--no-prefill-graph"], "--no-prefill-graph"),  # the CPU recipes' graph
 ])
 def test_a_quantization_option_the_precision_does_not_read_is_refused(tiny_checkpoint: Path, tmp_path: Path,
                                                                       precision: str, extra: list[str],
@@ -48,7 +50,7 @@ def test_a_quantization_option_the_precision_does_not_read_is_refused(tiny_check
     res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--precision", precision,
                                     *extra])
     assert res.exit_code == 2 and res.output.startswith(f"pulse-edge: error: {named}"), res.output
-    assert f"not used by an export at --precision {precision}; leave them out" in res.output and not out.exists()
+    assert f"not used by an export at --precision {precision} (--target " in res.output and not out.exists()
     assert len(res.output.strip().splitlines()) == 1
 
 
