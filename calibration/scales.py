@@ -133,14 +133,13 @@ def check_values(scales: Scales, where: str, fix: str) -> None:
     floored to 1e-12 by the graph and the emulated reference alike, so parity would pass a bundle that quantizes
     every activation to its extreme code; a NaN one fails the export late, as "graphs disagree". Checked on a
     file read (`where` its path; damaged) and on a calibration just run (a site its samples never moved)."""
-    path = where
     checks: list[tuple[str, Any, bool]] = []  # (what, value, must be > 0); absmax 0 is a channel never active
     for name, site in scales.sites.items():
         tables = [("amax", site.amax), ("amax_fp8", site.amax_fp8)]  # one range per calibration method
         tables += [("smooth_amax", site.smooth_amax)] if site.smooth is not None else []  # what a smoothed site uses
         for key, ranges in tables:
             checks += [(f"{name} {key}[{method!r}]", value, True)
-                       for method, value in _by_method(ranges, f"{path}: {name} {key}").items()]
+                       for method, value in _by_method(ranges, f"{where}: {name} {key}").items()]
         checks += [(f"{name} absmax", site.absmax, False), (f"{name} mean_abs", site.mean_abs, False)]
         checks += [(f"{name} {key}", value, True) for key, value in (("smooth", site.smooth), ("awq", site.awq))
                    if value is not None]
@@ -154,7 +153,7 @@ def check_values(scales: Scales, where: str, fix: str) -> None:
         if bad.any():
             need = "finite number above 0" if positive else "finite number >= 0"
             shown = value if not isinstance(value, np.ndarray) else values[bad][0].item()
-            raise ScalesError(f"{path}: {what} holds {shown!r}, not a {need}; {fix}")
+            raise ScalesError(f"{where}: {what} holds {shown!r}, not a {need}; {fix}")
 
 
 def _by_method(ranges: Any, where: str) -> dict[str, Any]:

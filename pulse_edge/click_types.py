@@ -9,6 +9,12 @@ from typing import Any
 import click
 
 
+def given(name: str) -> bool:
+    """Was the current command's parameter `name` given (command line, environment), not left at its default? For
+    options that some modes do not read: refused or noted there, never dropped in silence."""
+    return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
 class FiniteFloatRange(click.FloatRange):
     """click's FloatRange, refusing nan and inf too: nan fails every comparison, so a range alone lets it through
     (a server's --timeout nan answered every request 504; --max-body-mb nan failed on int())."""

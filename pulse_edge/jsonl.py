@@ -96,12 +96,16 @@ def append_record(handle: IO[str], record: Mapping[str, Any]) -> None:
     os.fsync(handle.fileno())
 
 
-def _parse_line(line: bytes, path: Path, number: int) -> Mapping[str, Any]:
+def parse_json_line(line: str | bytes, path: Path, number: int) -> Any:
+    """One line of a JSON-lines file (ours, or a dataset's) as JSON; unreadable, one line naming file and line."""
     try:
-        record = json.loads(line)
+        return json.loads(line)
     except JSON_TEXT_ERRORS as e:
         raise InputError(f"{path}: line {number} is not valid JSON ({json_error_reason(e)})") from e
-    return _as_record(record, path, number)
+
+
+def _parse_line(line: bytes, path: Path, number: int) -> Mapping[str, Any]:
+    return _as_record(parse_json_line(line, path, number), path, number)
 
 
 def _as_record(value: Any, path: Path, number: int) -> Mapping[str, Any]:

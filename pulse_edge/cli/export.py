@@ -25,6 +25,7 @@ from pulse_edge.choices import (
     TRT_OPS,
     VALIDATION_PLANS,
 )
+from pulse_edge.click_types import given
 
 
 def _alpha(value: str) -> tuple[bool, float | None]:
@@ -188,9 +189,7 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     from pulse_edge.cli.progress import stage_progress
     from pulse_edge.staging import check_output_dir
 
-    context = click.get_current_context()
-    check_quant_options(precision, lambda name: context.get_parameter_source(name)
-                        is not click.core.ParameterSource.DEFAULT, target=target, int8_decoder=quant["int8_decoder"])
+    check_quant_options(precision, given, target=target, int8_decoder=quant["int8_decoder"])
     check_output_dir(out, what="bundle")  # before minutes of work, and before the heavy imports
     import transformers
 

@@ -21,7 +21,7 @@ from pulse_edge.choices import (
 )
 from pulse_edge.cli.params import SEED, TORCH_DEVICE
 from pulse_edge.cli.progress import HashBar
-from pulse_edge.click_types import FiniteFloatRange
+from pulse_edge.click_types import FiniteFloatRange, given
 from pulse_edge.errors import ConfigError
 
 
@@ -110,9 +110,7 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
 
     question = check_text(question or DEFAULT_QUESTION, "--question")  # before any model is loaded
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    context = click.get_current_context()
-    unused = [f"--{name.replace('_', '-')}" for name in ("top_p", "seed")
-              if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    unused = [f"--{name.replace('_', '-')}" for name in ("top_p", "seed") if given(name)]
     if temperature == 0 and unused:  # never dropped in silence: the answer is the greedy one
         click.echo(f"pulse-edge: note: {', '.join(unused)} shape sampling (--temperature > 0); with --temperature 0 "
                    "the answer is greedy and they are not used", err=True)

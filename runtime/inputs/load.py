@@ -97,9 +97,7 @@ def load_input(
     its leads in its header); one given where it is not read is not used, and a note says so.
     """
     if isinstance(source, Image.Image):
-        label, said = name or "<image>", []
-        image = accept_image(source, name=label, said=said)  # said: which page of several it read
-        return EcgInput(image, "image", label, (*said, *_unused("image", _Options(label, fs, leads, unit, layout))))
+        return _in_memory_image(source, _Options(name or "<image>", fs, leads, unit, layout))
     if isinstance(source, np.ndarray):
         return _from_array(source, _Options(name or "<array>", fs, leads, unit, layout))
     if isinstance(source, bytes | bytearray | memoryview):
@@ -146,6 +144,12 @@ def _kind_of(head: bytes, suffix: str) -> str:
     return "image"
 
 
+def _in_memory_image(image: Image.Image, options: _Options) -> EcgInput:
+    said: list[str] = []  # which page of several it read
+    accepted = accept_image(image, name=options.name, said=said)
+    return EcgInput(accepted, "image", options.name, (*said, *_unused("image", options)))
+
+
 def _unused(kind: str, options: _Options) -> tuple[str, ...]:
     """The note on options given that `kind` does not read (empty when none)."""
     unused = [n for n in _OPTIONS if getattr(options, n) is not None and n not in _READS.get(kind, ())]
@@ -176,8 +180,7 @@ def _read_kind(kind: str, source: Path | bytes, options: _Options) -> EcgInput:
 
 def _from_array(array: np.ndarray, options: _Options) -> EcgInput:
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:  # [H, W, C] pixels
-        return EcgInput(accept_image(Image.fromarray(array), name=options.name), "image", options.name,
-                        _unused("image", options))
+        return _in_memory_image(Image.fromarray(array), options)
     if array.ndim == 3:  # pixels, but not as 8-bit RGB(A): a signal is [leads, samples]
         raise InputError(f"{options.name}: a 3-D array is read as an image, which must be uint8 [height, width, 3 or "
                          f"4]; got {array.dtype} {list(array.shape)} (convert it, e.g. with np.clip(a, 0, 255)"

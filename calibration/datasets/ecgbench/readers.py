@@ -16,7 +16,6 @@ never touches the image bytes of a 3 GB file, and inference holds one batch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
 from pulse_edge.calibration.datasets.json_text import parse_json, read_utf8
 from pulse_edge.errors import ConfigError, InputError
-from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
+from pulse_edge.jsonl import parse_json_line
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -259,19 +258,12 @@ def _iter_json(source: SubsetSource, with_images: bool, ids: frozenset[str] | No
 def _json_records(path: Path) -> list[Any]:
     text = read_utf8(path)
     if path.suffix == ".jsonl":
-        return [_json_line(line, number, path) for number, line in enumerate(text.splitlines(), start=1)
+        return [parse_json_line(line, path, number) for number, line in enumerate(text.splitlines(), start=1)
                 if line.strip()]
     data = parse_json(text, path)
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of {{id, image, conversations}} items")
     return data
-
-
-def _json_line(line: str, number: int, path: Path) -> Any:
-    try:
-        return json.loads(line)
-    except JSON_TEXT_ERRORS as e:
-        raise InputError(f"{path}: line {number} is not valid JSON ({json_error_reason(e)})") from e
 
 
 def _resolve_image(roots: tuple[Path, ...], name: str) -> Path | None:
