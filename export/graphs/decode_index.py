@@ -154,6 +154,21 @@ def _at(g: _Graph, ahead: int, op: str) -> bool:
     return g.at + ahead < len(g.nodes) and g.nodes[g.at + ahead].op_type == op
 
 
+def _poison(g: _Graph, final: str, logits: str) -> str:
+    """An int8 cache's graphs add 0 x the sum of the final hidden states to the logits (export/graphs/decoder.py
+    `_poisoned`); the native step does the same check its own way (runtime/engines/native.py). The logits' name
+    after it."""
+    if not _at(g, 0, "Mul"):
+        return logits
+    mul, total, add = g.next("Mul"), g.next("ReduceSum"), g.next("Add")
+    zero = g.inits.get(mul.input[1])
+    if (mul.input[0] != final or zero is None or numpy_helper.to_array(zero).size != 1
+            or float(numpy_helper.to_array(zero).reshape(-1)[0]) != 0.0 or total.input[0] != mul.output[0]
+            or sorted(add.input) != sorted([logits, total.output[0]])):
+        raise NotIndexable(f"{add.name}: not the logits plus 0 x the final hidden states")
+    return add.output[0]
+
+
 def _layers(g: _Graph) -> list[tuple[Layer, onnx.NodeProto, list[onnx.NodeProto], str]]:
     """Each layer as the runtime reads it, with its GroupQueryAttention, its two norm nodes and the residual
     stream after it; every node checked to read what the one before wrote."""
@@ -200,6 +215,7 @@ def read_decode_graph(path: Path) -> DecodeIndex:
             or any(last.input[4:])):
         raise NotIndexable(f"{last.name} does not take the last position")
     lm_head, out = _linear(g, last.output[0])
+    out = _poison(g, final.output[0], out)
     cast = g.next("Cast")
     if last.input[0] != final.output[0] or cast.input[0] != out or g.at != len(g.nodes):
         raise NotIndexable("the graph does not end in final norm, last position, lm_head, logits")

@@ -324,7 +324,29 @@ def _layers(b: _Builder, lm: LlamaForCausalLM, shape: DecoderShape, embeds: str)
     final, _ = _skip_norm(b, mlp_out, residual, _gamma(lm.model.norm), "final_norm", shape.eps)
     last = _last_position(b, final)
     logits = b.matmul("lm_head", last, _linear_t(lm.lm_head))
+    if b.kv is not None:
+        logits = _poisoned(b, final, logits)
     b.node("Cast", [logits], [names.LOGITS], "logits/cast", to=TensorProto.FLOAT)
+
+
+def _poisoned(b: _Builder, final: str, logits: str) -> str:
+    """The logits made NaN where any position's final hidden state is NaN or inf (an int8 cache's graphs).
+
+        final [1, S, H] ─ Mul 0 ─ ReduceSum (every axis) ─ poison [] (0, or NaN)
+        logits [1, 1, V] ─────────────────────────────────── Add ─ logits
+
+    An int8 cache stores a NaN or inf key or value as a finite code (the graphs' round-and-clip, and ORT's own
+    quantizer in GroupQueryAttention, write ±127 or 0), so a position that went non-finite in the middle of a
+    prompt would be attended to as a plausible one, and the last position's logits would stay finite: a wrong
+    answer with no error. A position's residual stream, once non-finite, stays so through the final norm, and
+    0 x NaN and 0 x inf are NaN, so the sum carries it into every logit, where the runtime refuses to answer
+    (runtime/engines/bundle_engine.py checks every chunk). A float cache keeps NaN, which then reaches the
+    logits through attention: those graphs have no such nodes. Cost: S x H multiplies and adds per run.
+    """
+    zero = b.const("poison.zero", np.array(0.0, np.float32))
+    (zeroed,) = b.node("Mul", [final, zero], ["poison.zeroed"], "poison/zero")
+    (poison,) = b.node("ReduceSum", [zeroed], ["poison.sum"], "poison/sum", keepdims=0)
+    return b.node("Add", [logits, poison], ["logits.checked"], "poison/add")[0]
 
 
 def _gamma(norm: torch.nn.Module) -> np.ndarray:

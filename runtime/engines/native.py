@@ -159,11 +159,15 @@ class NativeDecoder:
         Up to MAX_ROWS positions share each pass over the weights; a longer input goes in groups, each through
         every layer before the next (its keys then in the cache for the next group to attend to)."""
         rows = embeds[0]
+        finite = True
         for start in range(0, rows.shape[0], MAX_ROWS):
             # a copy: the residual stream is added to in place, the caller's embeddings are not
             hidden = self._rows(np.array(rows[start:start + MAX_ROWS], np.float32, order="C"), past + start)
+            finite = finite and bool(np.isfinite(hidden).all())
         last = hidden[-1:]
         self.logits.reshape(-1)[:] = self._linear(self._norm(last, None, self.final_norm), self.lm_head)[0]
+        if not finite:  # the graphs' rule (export/graphs/decoder.py `_poisoned`): the int8 cache hid a NaN position
+            self.logits.fill(np.nan)
 
     def _rows(self, hidden: np.ndarray, past: int) -> np.ndarray:
         """hidden [r, H] at positions [past, past + r) through every layer, in place; the residual stream after the

@@ -38,6 +38,14 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def check_logits(logits: np.ndarray) -> None:
+    """Refuse non-finite logits: argmax would pick the first NaN as a token and answer garbage in silence.
+    4 us for 32000 logits here."""
+    if not np.isfinite(logits).all():
+        raise ModelOutputError("the model's logits hold NaN or inf, so no answer is given: the bundle may be "
+                               "damaged (run `pulse-edge verify MODEL`) or its precision overflowed on this input")
+
+
 class Sampler:
     """Stateful only in its random generator, so a seed gives a reproducible run."""
 
@@ -47,10 +55,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         logits = np.asarray(logits).reshape(-1)  # [V]
-        # argmax would pick the first NaN as a token and answer garbage in silence; 4 us for 32000 logits here
-        if not np.isfinite(logits).all():
-            raise ModelOutputError("the model's logits hold NaN or inf, so no answer is given: the bundle may be "
-                                   "damaged (run `pulse-edge verify MODEL`) or its precision overflowed on this input")
+        check_logits(logits)
         if self.params.greedy:
             return int(np.argmax(logits))
         probs = _softmax(logits.astype(np.float64) / self.params.temperature)
