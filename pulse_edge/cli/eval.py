@@ -20,7 +20,8 @@ import click
 from pulse_edge.choices import BACKENDS, TORCH_DTYPES
 from pulse_edge.cli.group import UserErrorGroup
 from pulse_edge.cli.params import TORCH_DEVICE
-from pulse_edge.errors import InputError
+from pulse_edge.click_types import given
+from pulse_edge.errors import ConfigError, InputError
 from pulse_edge.staging import staged_file, target_lock
 
 _JUDGE_HELP = "OpenAI-compatible endpoint (e.g. http://host:8000/v1) of the LLM judge for ptb-test-report and " \
@@ -71,6 +72,7 @@ def score_command(subset: str, data_dir: Path, predictions: Path, judge_url: str
     from pulse_edge.calibration.datasets.ecgbench.readers import find_subset, load_samples
     from pulse_edge.calibration.datasets.ecgbench.subsets import resolve_subset
 
+    _check_options(judge_url, judge_model, None)
     spec = resolve_subset(subset)
     preds = read_predictions(predictions)
     if not preds.predictions:
@@ -214,10 +216,18 @@ def _check_options(judge_url: str | None, judge_model: str | None, report_dir: P
     from pulse_edge.benchmarks.ecgbench.judge import JudgeConfig
 
     JudgeConfig.from_options(judge_url, judge_model)
+    _workers_need_a_judge(judge_url)
     if report_dir is not None:
         from pulse_edge.benchmarks.common.plots import require_plotting
 
         require_plotting()
+
+
+def _workers_need_a_judge(url: str | None) -> None:
+    """--judge-workers without a judge would be dropped in silence (JudgeConfig.from_options refused half a one)."""
+    if url is None and given("judge_workers"):
+        raise ConfigError("--judge-workers sets how many requests go to the LLM judge: give --judge-url and "
+                          "--judge-model too, or leave it out")
 
 
 def _judge(url: str | None, model: str | None, workers: int, cache_for: Callable[[str], Path]) -> Any:
@@ -225,4 +235,5 @@ def _judge(url: str | None, model: str | None, workers: int, cache_for: Callable
     from pulse_edge.benchmarks.ecgbench.judge import JudgeConfig, make_judge_scorer
 
     config = JudgeConfig.from_options(url, model, workers)
+    _workers_need_a_judge(url)
     return None if config is None else make_judge_scorer(config, cache_for)

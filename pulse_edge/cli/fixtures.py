@@ -8,7 +8,8 @@ import click
 
 from pulse_edge.choices import CHECKPOINT_LAYOUTS, MERGES, RHYTHMS, TOWER_PLACEMENTS
 from pulse_edge.cli.params import SEED
-from pulse_edge.click_types import FiniteFloatRange
+from pulse_edge.click_types import FiniteFloatRange, given
+from pulse_edge.errors import ConfigError
 
 
 @click.command("make-tiny")
@@ -38,6 +39,9 @@ def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, ful
     from pulse_edge.cli.progress import stage_progress
     from pulse_edge.staging import check_output_dir
 
+    if not outliers and given("outlier_scale"):  # no dims to scale: the option would be dropped in silence
+        raise ConfigError("--outlier-scale sets how large the --outliers dims are: give --outliers N too, or leave it "
+                          "out")
     check_output_dir(out_dir, what="checkpoint")
     import torch
 
@@ -56,7 +60,6 @@ PRINT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF",
 
 
 def _print_size(size: str) -> tuple[int, int]:
-    from pulse_edge.errors import ConfigError
 
     try:
         width, height = (int(v) for v in size.lower().split("x"))
@@ -75,7 +78,6 @@ def _print_size(size: str) -> tuple[int, int]:
 @click.option("--header", default=None, help="Header text printed at the top.")
 def render_ecg(out: Path, rhythm: str, seed: int, size: str, header: str | None) -> None:
     """Render a synthetic 12-lead ECG print with a known rhythm (PNG, JPEG, TIFF or BMP by OUT's extension)."""
-    from pulse_edge.errors import ConfigError
     from pulse_edge.runtime.ecg.render import ecg_print_geometry
     from pulse_edge.runtime.ecg.render import render_ecg as render
     from pulse_edge.runtime.ecg.synthetic import synthesize_ecg

@@ -107,6 +107,9 @@ class SessionConfig:
         if self.decode_step == "native" and self.decode_attention != "auto":
             raise ConfigError(f"--decode-step native computes the decode attention itself (on the decode kernel); "
                               f"--decode-attention {self.decode_attention} chooses for the decode graph: use one")
+        if self.provider == "cpu" and (self.provider_options or self.device_id):  # the CPU EP reads neither
+            raise ConfigError("provider_options and device_id are for the cuda and tensorrt providers; the cpu "
+                              "provider takes neither: leave them out")
         if self.node_order not in (None, *NODE_ORDERS):
             raise ConfigError(f"node order {self.node_order!r} is not one of {', '.join(NODE_ORDERS)}")
         check_threads(self.threads)

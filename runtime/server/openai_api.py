@@ -80,6 +80,10 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
                        return_token_ids=_flag(body, "return_token_ids"))
 
 
+# image_url's detail values that ask for what the model always does (its full anyres grid); None: not given
+FULL_DETAIL = (None, "auto", "high")
+
+
 def _check_model(model: Any, model_id: str) -> None:
     if model is not None and model != model_id:
         raise ApiError("not_found", f"model {model!r} is not served here; this server serves {model_id!r}",
@@ -155,6 +159,11 @@ def _message(message: Any, i: int, images: list[tuple[int, bytes]]) -> tuple[str
 
 def _image_bytes(image_url: Any, i: int) -> bytes:
     url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+    detail = image_url.get("detail") if isinstance(image_url, Mapping) else None
+    if detail not in FULL_DETAIL:  # OpenAI's "low" is one small tile: not what PULSE was trained to read
+        raise ApiError("bad_request", f"messages[{i}]: image_url detail {detail!r} is not supported: PULSE reads "
+                       "every ECG at full resolution (the original and 4 tiles); use 'auto' or 'high', or leave it "
+                       "out", param="messages")
     if not isinstance(url, str) or not url.startswith("data:"):
         raise ApiError("bad_request", f"messages[{i}]: image_url must be a data: URI "
                        "(data:image/png;base64,...); this server fetches no URL", param="messages")

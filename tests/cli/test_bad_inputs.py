@@ -212,6 +212,11 @@ def test_bad_infer_values_are_one_line(args: list[str], expected: str, tiny_bund
     assert result.stdout == ""
 
 
+def test_make_tiny_refuses_an_outlier_scale_with_no_outlier_dims(tmp_path: Path) -> None:
+    _one_line(_run("make-tiny", str(tmp_path / "t"), "--outlier-scale", "20"), "give --outliers N too")
+    assert _listing(tmp_path) == []
+
+
 @pytest.mark.parametrize("args", [["serve", "b", "--timeout", "nan"], ["serve", "b", "--max-body-mb", "inf"],
                                   ["build-engines", "b", "--workspace", "nan"],
                                   ["make-tiny", "t", "--outlier-scale", "inf"], ["infer", "x.png", "--fs", "nan"],

@@ -49,6 +49,11 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
         (["subsets", "--data", str(tmp_path / "missing")], "does not exist"),
         (["ecgbench", "--model", str(tmp_path), "--data", str(tmp_path), "--judge-url", "http://x"],
          "needs both --judge-url and --judge-model"),
+        # read only by a judge: dropped in silence before
+        (["ecgbench", "--model", str(tmp_path), "--data", str(tmp_path), "--judge-workers", "8"],
+         "--judge-workers sets how many requests go to the LLM judge"),
+        (["score", "--subset", "csn", "--data", str(tmp_path), "--predictions", "p.jsonl", "--judge-workers", "8"],
+         "--judge-workers sets how many requests go to the LLM judge"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(eval_group, args)

@@ -336,6 +336,9 @@ def test_tensorrt_falls_back_to_cuda_not_cpu_and_caches_engines(tmp_path: Path,
     mine = provider_chain(SessionConfig(provider="tensorrt", provider_options={"trt_fp16_enable": False}), fp16=True)
     assert mine[0][1]["trt_fp16_enable"] is False  # the caller's options win
     assert provider_chain(SessionConfig(provider="cpu"), fp16=False) == ["CPUExecutionProvider"]
+    for given in ({"provider_options": {"trt_fp16_enable": False}}, {"device_id": 1}):  # read by no CPU session
+        with pytest.raises(ConfigError, match="the cpu provider takes neither"):
+            SessionConfig(provider="cpu", **given)
     # ORT keys cached engines by graph structure: a re-exported bundle (same names, new weights) gets a new folder
     graph = tmp_path / "b" / "decoder.onnx"
     graph.parent.mkdir()

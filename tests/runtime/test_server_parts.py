@@ -99,6 +99,12 @@ def test_a_request_becomes_question_image_and_sampling() -> None:
     assert (chat.max_tokens, chat.stream, chat.include_usage, chat.system) == (12, True, True, None)
 
 
+def test_detail_that_asks_for_the_full_grid_is_taken() -> None:
+    for detail in ("auto", "high"):
+        image = {"type": "image_url", "image_url": {"url": PNG_URI, "detail": detail}}
+        assert _parse(messages=[_user(image)]).image.startswith(b"\x89PNG")
+
+
 def test_omitted_sampling_is_greedy_and_an_image_alone_asks_the_default_question() -> None:
     chat = _parse(messages=[_user(_image())])
     assert chat.sampling.greedy and chat.max_tokens == 1024 and chat.question == DEFAULT_QUESTION
@@ -122,6 +128,7 @@ def test_history_and_system_messages() -> None:
     ([_user(_image()), {"role": "assistant", "content": "x"}], "last message must be the user's"),
     ([{"role": "tool", "content": "x"}], "role 'tool'"),
     ([], "non-empty list"),
+    ([_user({"type": "image_url", "image_url": {"url": PNG_URI, "detail": "low"}})], "detail 'low' is not supported"),
 ])
 def test_malformed_conversations_are_400s_that_say_why(messages: list, words: str) -> None:
     with pytest.raises(ApiError, match=words) as caught:
