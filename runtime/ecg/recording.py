@@ -36,6 +36,7 @@ class Recording:
     source_format: str  # "dicom", "wfdb", "hl7-aecg", "csv", "npy", "array"
     notes: list[str] = field(default_factory=list)
     source: str = ""  # file name, used in error messages
+    recorded_s: float | None = None  # how long the file's recording is, where the reader parsed only its start
 
     def __post_init__(self) -> None:
         if not self.leads:
@@ -72,6 +73,11 @@ class TwelveLead:
         return self.signals.shape[1] / self.fs
 
 
+def samples_kept(fs: float) -> int:
+    """How many samples from a recording's start the print uses: its 10 s and KEPT_BEYOND_PRINT_S more."""
+    return math.ceil((checks.PRINT_SECONDS + KEPT_BEYOND_PRINT_S) * fs)
+
+
 def to_twelve_lead(rec: Recording, fs_out: int = PRINT_FS) -> TwelveLead:
     """The recording as 12 checked leads at `fs_out`; appends what it did to rec.notes.
 
@@ -85,8 +91,8 @@ def to_twelve_lead(rec: Recording, fs_out: int = PRINT_FS) -> TwelveLead:
         raise ValueError(f"fs_out must be an integer >= {MIN_FS_OUT}, got {fs_out}")
     checks.check_fs(rec.fs, source)
     checks.check_duration(rec.n_samples, rec.fs, source)
-    keep = math.ceil((checks.PRINT_SECONDS + KEPT_BEYOND_PRINT_S) * rec.fs)
-    recorded_s = rec.duration_s if rec.n_samples > keep else None  # said only where the rest was left out
+    keep = samples_kept(rec.fs)
+    recorded_s = rec.recorded_s or (rec.duration_s if rec.n_samples > keep else None)  # said where the rest went
     leads = _standard_leads(rec, keep=keep)
     checks.check_finite(leads, rec.fs, source)
     _complete_limb_leads(leads, rec)

@@ -68,6 +68,10 @@ def read_dicom(source: str | os.PathLike | bytes, *, name: str | None = None) ->
 
 def _read_dataset(ds, label: str) -> tuple[dict[str, np.ndarray], float, list[str]]:
     _check_sop_class(ds, label)
+    if str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "")) == _BIG_ENDIAN:
+        raise recording_error(label, "the file is in the retired Explicit VR Big Endian transfer syntax, whose "
+                              "waveform samples this reader would take in the wrong byte order",
+                              "export it from the cart (or convert it) as Explicit VR Little Endian")
     groups = ds.get("WaveformSequence")
     if not groups:
         raise recording_error(
@@ -153,6 +157,8 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
     leads = {}
     for k, ch in enumerate(channels):
         name = _channel_name(ch, k)
+        if _status_leaves_out(ch, k, name, label, notes):
+            continue
         if name in leads:
             notes.append(f"channel {k + 1} repeats {name!r}; kept the first")
             continue
@@ -160,9 +166,34 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
     return leads, notes
 
 
+def _status_leaves_out(channel, k: int, name: str, label: str, notes: list[str]) -> bool:
+    """What the cart's ChannelStatus says of channel k: refused (not a patient's calibrated signal), left out
+    with a note (nothing connected), or said in a note (the cart doubts it); True where it is left out."""
+    status = channel.get("ChannelStatus")
+    items = [status] if isinstance(status, str) else list(status or [])  # one value, or pydicom's MultiValue
+    values = {str(v).strip().upper() for v in items if v}
+    if refused := sorted(values.intersection(_STATUS_REFUSED)):
+        raise recording_error(label, f"channel {k + 1} ({name}) is marked {' and '.join(refused)} by the cart "
+                              "(ChannelStatus), so its samples are not a patient's calibrated signal",
+                              "record the ECG again, or export it without the test or uncalibrated channels")
+    if left := sorted(values.intersection(_STATUS_LEFT_OUT)):
+        notes.append(f"left out channel {k + 1} ({name}): the cart marks it {left[0]}")
+        return True
+    if said := sorted(values.intersection(_STATUS_SAID)):
+        notes.append(f"channel {k + 1} ({name}) is marked {' and '.join(said)} by the cart; drawn as recorded")
+    return False
+
+
 # WaveformSampleInterpretation -> the stored sample's numpy type (little endian: the explicit VR LE transfer
 # syntaxes pydicom writes and carts send), to read WaveformPaddingValue and the raw codes it marks.
-_RAW_TYPES = MappingProxyType({"SB": "i1", "UB": "u1", "SS": "<i2", "US": "<u2", "SV": "<i8", "UV": "<u8"})
+_RAW_TYPES = MappingProxyType({"SB": "i1", "UB": "u1", "SS": "<i2", "US": "<u2", "SL": "<i4", "UL": "<u4",
+                               "SV": "<i8", "UV": "<u8"})
+# ChannelStatus (003A,0205) values a cart sets on a channel: refused where the samples are not a patient's
+# calibrated signal, the lead left out where nothing was connected, said where the cart doubts it.
+_STATUS_REFUSED = ("INVALID", "TEST DATA", "UNCALIBRATED")
+_STATUS_LEFT_OUT = ("DISCONNECTED",)
+_STATUS_SAID = ("QUESTIONABLE", "UNZEROED")
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"  # Explicit VR Big Endian (retired): pydicom reads waveform words as stored
 
 
 def _without_padding(item, values: np.ndarray) -> tuple[np.ndarray, list[str]]:

@@ -85,8 +85,8 @@ _REFUSED: tuple[tuple[int, bytes, str, str], ...] = (
     (
         0,
         b"PK\x03\x04",
-        "is a ZIP archive or office document",
-        f"export the ECG page as PDF ({_ACCEPTED_HINT})",
+        "is a ZIP archive (an office document, or numpy's .npz)",
+        f"export the ECG page as PDF ({_ACCEPTED_HINT}), or save one signal array with numpy.save (.npy)",
     ),
 )
 
@@ -102,6 +102,8 @@ _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _SHRINK_ADVICE = "downscale it (300 dpi is plenty for an ECG)"
 _WHITE = (255, 255, 255, 255)
 _U16_TO_U8 = 257  # 65535 / 255: maps 0 -> 0 and 65535 -> 255 exactly
+_I32_MAX = 2**31 - 1
+BLANK_LEVELS = 2  # a page whose every channel spans no more levels than this is blank (JPEG noise included)
 
 
 def load_image(path: str | os.PathLike, *, said: list[str] | None = None) -> Image.Image:
@@ -134,7 +136,7 @@ def accept_image(image: Image.Image, *, name: str = "<image>", said: list[str] |
     checks: size limits, a decode that fails in one line here rather than later, EXIF rotation, RGB."""
     name = _one_line(name)
     with _saying(said) as say:
-        return _to_rgb(_decoded(image, image.format or "image", name, say), name)
+        return _check_not_blank(_to_rgb(_decoded(image, image.format or "image", name, say), name), name)
 
 
 @contextmanager
@@ -156,7 +158,7 @@ def _decode(stream: BinaryIO, name: str, say: list[str]) -> Image.Image:
     fmt = _sniff(header, name)
     image = _render_pdf(stream, name, say) if fmt == "PDF" else _decode_raster(stream, fmt, name, say)
     _check_size(image.size, name)
-    return image
+    return _check_not_blank(image, name)
 
 
 def _sniff(header: bytes, name: str) -> str:
@@ -275,6 +277,16 @@ def _check_size(size: tuple[int, int], name: str) -> None:
         )
 
 
+def _check_not_blank(image: Image.Image, name: str) -> Image.Image:
+    """Refuse a page of one colour: a blank PDF page, an all-black scan, or a PNG whose alpha hid everything (some
+    exporters leave alpha 0 as 'unused'). The model would answer about a trace that is not there. getextrema
+    reads the pixels once and copies nothing."""
+    if all(high - low <= BLANK_LEVELS for low, high in image.getextrema()):
+        raise _fail(name, "holds no ECG trace: every pixel is the same colour (a blank page, or transparency that "
+                    "hid everything)", "export the ECG page again, with its trace")
+    return image
+
+
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     """Convert any supported pixel mode to RGB; transparency is composited on white."""
     if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
@@ -298,6 +310,16 @@ def _from_16bit(image: Image.Image) -> Image.Image:
     # scale the full 0..65535 range instead, rounding to nearest.
     values = np.asarray(image).astype(np.int64)
     scaled = (np.clip(values, 0, 65535) + _U16_TO_U8 // 2) // _U16_TO_U8
+    return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+
+
+def _from_integer_grey(image: Image.Image) -> Image.Image:
+    """Pillow's mode I holds 16-bit greyscale in some formats and 32-bit in others (a TIFF with BitsPerSample 32):
+    values past 65535 are 32-bit, scaled from their full 0..2**31 - 1 range; clipped at 65535 they turned white."""
+    values = np.asarray(image).astype(np.int64)
+    if values.max(initial=0) <= 65535:
+        return _from_16bit(image)
+    scaled = (np.clip(values, 0, _I32_MAX) * 255 + _I32_MAX // 2) // _I32_MAX
     return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
 
 
@@ -325,7 +347,7 @@ _MODE_CONVERTERS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "I;16L": _from_16bit,
     "I;16B": _from_16bit,
     "I;16N": _from_16bit,
-    "I": _from_16bit,  # what Pillow gives for 16/32-bit integer greyscale in some formats
+    "I": _from_integer_grey,  # what Pillow gives for 16/32-bit integer greyscale in some formats
 }
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import os
+import warnings
 from typing import BinaryIO
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, recording_error
 from pulse_edge.runtime.ecg.leads import LEADS
-from pulse_edge.runtime.ecg.recording import Recording
+from pulse_edge.runtime.ecg.recording import Recording, samples_kept
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
 
 LAYOUTS = ("leads_first", "samples_first")
@@ -30,11 +31,17 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
     label = name or ("<CSV bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source))
     check_fs(fs, label)
     factor = require_mv_per_unit(unit, label, "the CSV")
-    text = _csv_text(source, label)
+    # a classic Mac's (or an old cart's) CR-only line ends: the csv module refused them with a traceback
+    text = _csv_text(source, label).replace("\r\n", "\n").replace("\r", "\n")
     first, _, rows = text.partition("\n")
     header, delimiter = _header(first, label)
+    lines = sum(1 for line in rows.split("\n") if line.strip())  # loadtxt skips blank lines too
+    check_samples(lines * len(header), label)  # before parsing: numpy holds ~7x the text's bytes while it does
+    kept = samples_kept(fs)  # only the start the print draws is parsed; how long the rest is, is counted
     try:
-        values = np.loadtxt(io.StringIO(rows), delimiter=delimiter, ndmin=2, dtype=np.float64)
+        with warnings.catch_warnings():  # "input contained no data": refused below in one line
+            warnings.simplefilter("ignore", UserWarning)
+            values = np.loadtxt(io.StringIO(rows), delimiter=delimiter, ndmin=2, dtype=np.float64, max_rows=kept)
     except ValueError as exc:
         raise recording_error(label, f"CSV rows are not all numbers ({one_line(exc)})", _CSV_FIX) from exc
     if values.size == 0:
@@ -49,7 +56,8 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
             notes.append(f"column {k + 1} repeats {name!r}; kept the first")
         else:
             leads[name] = values[:, k] * factor
-    return Recording(leads, float(fs), "csv", notes, source=label)
+    recorded_s = lines / fs if lines > kept else None
+    return Recording(leads, float(fs), "csv", notes, source=label, recorded_s=recorded_s)
 
 
 def _csv_text(source, label: str) -> str:
@@ -64,7 +72,10 @@ def _csv_text(source, label: str) -> str:
 
 def _header(first: str, label: str) -> tuple[list[str], str]:
     delimiter = max(_DELIMITERS, key=first.count)  # the header's most frequent candidate; Europe uses ';'
-    names = [cell.strip() for cell in next(csv.reader([first.strip()], delimiter=delimiter), [])]
+    try:
+        names = [cell.strip() for cell in next(csv.reader([first.strip()], delimiter=delimiter), [])]
+    except csv.Error as exc:
+        raise recording_error(label, f"the CSV header cannot be parsed ({one_line(exc)})", _CSV_FIX) from exc
     if not names or _is_number(names[0]):
         raise recording_error(label, "the first line is not a header of lead names", "add a header: I,II,III,...")
     return names, delimiter
@@ -135,6 +146,8 @@ def read_array(
         raise recording_error(
             name, f"array is {array.dtype} with shape {array.shape}, not a 2-D numeric array", "pass [leads, samples]"
         )
+    if repeated := sorted({lead for lead in leads if leads.count(lead) > 1}):  # a dict would keep the last in silence
+        raise ConfigError(f"the lead order names {', '.join(repeated)} more than once; give each row's lead once")
     rows = _rows_are_leads(array.shape, len(leads), layout, name)
     data = array if rows else array.T
     signals = {lead: data[k].astype(np.float64) * factor for k, lead in enumerate(leads)}

@@ -62,7 +62,10 @@ def _check_header(record_name: Path, label: str) -> list[str]:
     header = _read(record_name, label, "rdheader")
     check_samples(int(header.sig_len or 0) * int(header.n_sig or 0), label)
     lines = record_name.with_name(record_name.name + ".hea").read_text(errors="replace").splitlines()
-    fields = next((line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")), [])
+    records = [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    fields = records[0] if records else []
+    if fields and "/" not in fields[0]:  # a single-segment record: its signal lines follow
+        _check_gains(records[1:1 + int(header.n_sig or 0)], list(header.sig_name or []), label)
     if len(fields) < 3:  # no frequency written: the WFDB specification's default
         return [f"the header gives no sampling frequency; WFDB's default {float(header.fs):g} Hz is assumed"]
     written = fields[2].split("/")[0].split("(")[0]
@@ -74,6 +77,23 @@ def _check_header(record_name: Path, label: str) -> list[str]:
         raise recording_error(label, f"the header's sampling frequency {fields[2]!r} is not a positive number",
                               "correct the record line of the .hea file (e.g. `rec 12 500 5000`)")
     return []
+
+
+def _check_gains(signal_lines: list[list[str]], names: list[str], label: str) -> None:
+    """An ADC gain of 0, or none written, marks an uncalibrated signal (the WFDB header format); wfdb puts its
+    default 200 in its place, which read a 1000-per-mV cart's lead 5x too large, in silence."""
+    for k, fields in enumerate(signal_lines):
+        written = fields[2].split("/")[0].split("(")[0] if len(fields) > 2 else ""
+        try:
+            gain = float(written)
+        except ValueError:
+            gain = 0.0
+        if gain == 0.0:
+            name = names[k] if k < len(names) else ""
+            raise recording_error(label, f"signal {k + 1}{f' ({name})' if name else ''} has no ADC gain in the header "
+                                  f"({written or 'none written'}): WFDB's mark of an uncalibrated signal, with no "
+                                  "voltage scale", "write the cart's gain (units per mV) into the .hea file, e.g. "
+                                  "`1000/mV`")
 
 
 def _read(record_name: Path, label: str, call: str, **kwargs: Any):

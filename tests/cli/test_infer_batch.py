@@ -14,6 +14,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 from pulse_testing.ecg_files import beats
+from pulse_testing.pages import page
 
 from pulse_edge.cli.main import main
 
@@ -73,7 +74,7 @@ def test_a_batch_records_the_bundle_by_its_manifest_so_a_re_export_in_place_is_r
 
     folder, out = tmp_path / "ecgs", tmp_path / "answers.jsonl"
     folder.mkdir()
-    Image.new("RGB", (300, 200), "white").save(folder / "a.png")
+    page((300, 200)).save(folder / "a.png")
     bundle = tmp_path / "pulse"
     shutil.copytree(tiny_bundle, bundle)
     assert _infer(folder, out, bundle).exit_code == 0
@@ -81,10 +82,10 @@ def test_a_batch_records_the_bundle_by_its_manifest_so_a_re_export_in_place_is_r
     assert json.loads(out.read_text())["settings"]["model"] == f"bundle sha256:{manifest}"
     moved = tmp_path / "moved"
     bundle.rename(moved)
-    Image.new("RGB", (300, 200), "white").save(folder / "b.png")
+    page((300, 200)).save(folder / "b.png")
     assert _infer(folder, out, moved).exit_code == 0  # the same bundle elsewhere: resumes
     manifest_file = moved / "manifest.json"
     manifest_file.write_text(manifest_file.read_text() + "\n")  # other bytes, as a re-export's manifest has
-    Image.new("RGB", (300, 200), "white").save(folder / "c.png")
+    page((300, 200)).save(folder / "c.png")
     refused = _infer(folder, out, moved)
     assert refused.exit_code == 2 and "holds answers asked with another model ('bundle sha256:" in refused.output

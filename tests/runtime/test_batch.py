@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pulse_testing.ecg_files import beats
+from pulse_testing.pages import page
 
 from pulse_edge.errors import ConfigError, InputError
 from pulse_edge.runtime.batch import BatchOptions, plan_batch, render_name, run_batch
@@ -37,9 +38,9 @@ def folder(tmp_path: Path) -> Path:
     """3 good inputs (a PNG, a nested NPY recording, a JPEG) and 2 bad ones (text, a cut PNG), plus a hidden file."""
     root = tmp_path / "ecgs"
     (root / "sub").mkdir(parents=True)
-    Image.new("RGB", (300, 200), "white").save(root / "a.png")
+    page((300, 200)).save(root / "a.png")
     np.save(root / "sub" / "b.npy", beats(5000, 500))
-    Image.new("RGB", (300, 200), "white").save(root / "c.jpg")
+    page((300, 200)).save(root / "c.jpg")
     (root / "d.txt").write_text("not an ECG")
     (root / "e.png").write_bytes((root / "a.png").read_bytes()[:60])
     (root / ".hidden.png").write_bytes(b"ignored")
@@ -95,7 +96,7 @@ def test_a_rerun_skips_what_is_answered_and_retries_failures(folder: Path, tmp_p
     sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
     _run(sources, out, FakeModel())
     (folder / "d.txt").unlink()
-    Image.new("RGB", (300, 200), "white").save(folder / "d.txt", format="PNG")  # fixed: a PNG under a .txt name
+    page((300, 200)).save(folder / "d.txt", format="PNG")  # fixed: a PNG under a .txt name
     model = FakeModel()
     stats, _ = _run(sources, out, model)
     assert (stats.already_done, stats.answered, stats.failed, model.calls) == (3, 1, 1, 1)

@@ -93,6 +93,50 @@ def test_padding_after_the_recording_is_cut_off_with_a_note(tmp_path, signals, v
     assert all(len(v) == N - 20 and np.abs(v).max() < 10 for v in rec.leads.values())
 
 
+def test_32_bit_samples_have_their_padding_cut_off_too(tmp_path, signals):
+    """The 32-bit ECG Waveform Storage class stores SL samples: a padding code of -2**31 was drawn as a line of
+    -5 million mV through every row before SL had a raw type."""
+    ds = dicom_dataset(signals, FS, sop_class="1.2.840.10008.5.1.4.1.1.9.1.4")
+    item = ds.WaveformSequence[0]
+    raw = np.frombuffer(item.WaveformData, "<i2").reshape(-1, 12).astype("<i4")
+    raw[N - 20:] = -2**31
+    item.WaveformBitsAllocated, item.WaveformSampleInterpretation = 32, "SL"
+    item.WaveformData = raw.tobytes()
+    item.add_new(0x5400100A, "OB", np.int32(-2**31).tobytes())  # WaveformPaddingValue
+    rec = read_dicom(write_dicom(tmp_path / "sl.dcm", ds))
+    assert rec.notes == ["cut 20 padding samples off the end"]
+    assert all(len(v) == N - 20 and np.abs(v).max() < 10 for v in rec.leads.values())
+
+
+@pytest.mark.parametrize(("status", "refused", "outcome"), [
+    ("TEST DATA", True, "is marked TEST DATA by the cart"), ("INVALID", True, "is marked INVALID by the cart"),
+    (["OK", "UNCALIBRATED"], True, "is marked UNCALIBRATED by the cart"),
+    ("DISCONNECTED", False, "left out channel 8 (V2): the cart marks it DISCONNECTED"),
+    ("QUESTIONABLE", False, "channel 8 (V2) is marked QUESTIONABLE by the cart; drawn as recorded")])
+def test_the_carts_channel_status_is_refused_left_out_or_said(tmp_path, signals, status, refused, outcome):
+    """A cart marks its test signal, an uncalibrated or invalid channel, a loose electrode: read as a patient's
+    calibrated lead before, in silence."""
+    ds = dicom_dataset(signals, FS)
+    ds.WaveformSequence[0].ChannelDefinitionSequence[LEADS.index("V2")].ChannelStatus = status
+    path = write_dicom(tmp_path / "status.dcm", ds)
+    if refused:
+        one_line(rf"channel 8 \(V2\) {outcome} \(ChannelStatus\)", read_dicom, path)
+        return
+    rec = read_dicom(path)
+    assert rec.notes == [outcome]
+    assert ("V2" in rec.leads) == ("DISCONNECTED" not in status)
+
+
+def test_a_big_endian_file_is_refused_not_read_byte_swapped(tmp_path, signals):
+    from pydicom.uid import ExplicitVRBigEndian
+
+    ds = dicom_dataset(signals, FS)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    path = tmp_path / "be.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    one_line("retired Explicit VR Big Endian transfer syntax", read_dicom, path)
+
+
 def test_padding_inside_the_recording_is_a_gap(tmp_path, signals):
     path = write_dicom(tmp_path / "gap.dcm", _padded(signals, slice(1000, 1100)))
     with pytest.raises(InputError, match=r"lead I has 100 missing or non-finite samples \(first at 2.000 s\)"):
@@ -290,6 +334,20 @@ def test_a_sampling_frequency_wfdb_cannot_parse_is_refused_not_taken_as_250(tmp_
     one_line(rf"the header's sampling frequency '{fs}' is not a positive number", read_wfdb, path)
 
 
+@pytest.mark.parametrize("gain", ["0", None])
+def test_a_signal_without_an_adc_gain_is_refused_not_read_at_wfdbs_200(tmp_path, signals, gain):
+    """WFDB marks an uncalibrated signal with gain 0 (or none); wfdb reads it at 200 units per mV, which drew a
+    1000-per-mV lead 5x too large, with no note."""
+    header = write_wfdb(tmp_path, "g", signals, FS)
+    lines = header.read_text().splitlines()
+    fields = lines[3].split()  # signal 3 (III)
+    lines[3] = " ".join([*fields[:2], "0/mV", *fields[3:]] if gain == "0" else fields[:2])
+    header.write_text("\n".join(lines) + "\n")
+    # with no gain written, the line ends there: no description, so no name
+    one_line(r"signal 3( \(III\))? has no ADC gain in the header \((0|none written)\): WFDB's mark of an uncalibrated",
+             read_wfdb, header)
+
+
 def test_a_header_without_a_frequency_says_it_assumes_wfdbs_default(tmp_path):
     path = _record_line(write_wfdb(tmp_path, "nofs", beats(N, 250), 250), lambda f: f[:2])
     assert "WFDB's default 250 Hz is assumed" in " ".join(read_wfdb(path).notes)
@@ -448,6 +506,48 @@ def test_csv_with_a_repeated_column_keeps_the_first_and_says_so(tmp_path, signal
     assert np.abs(rec.leads["I"] - signals[0]).max() <= 1e-6
 
 
+def test_csv_with_classic_mac_line_ends_reads_like_any_other(tmp_path, signals):
+    """CR-only line ends: the csv module raised its own error, a traceback from infer and a 500 from the server."""
+    path = write_csv(tmp_path / "ecg.csv", signals, LEADS)
+    mac = tmp_path / "mac.csv"
+    mac.write_bytes(path.read_bytes().replace(b"\n", b"\r"))
+    assert np.array_equal(read_csv(mac, FS).leads["V3"], read_csv(path, FS).leads["V3"])
+
+
+def test_a_long_csv_is_parsed_only_as_far_as_the_print_reads_and_says_how_long_it_was(tmp_path):
+    """numpy holds ~7x a CSV's bytes while it parses: a minute of 12 leads is parsed for its first 11 s, and the
+    print still says the recording's whole length."""
+    path = write_csv(tmp_path / "long.csv", beats(60 * FS, FS), LEADS)
+    rec = read_csv(path, FS)
+    assert rec.n_samples == 11 * FS and rec.recorded_s == pytest.approx(60.0)
+    assert "the print shows the first 10 s of 60.00 s" in load_input(path, fs=FS).notes
+
+
+def test_a_header_only_csv_is_one_line_and_no_numpy_warning(tmp_path):
+    import warnings
+
+    path = tmp_path / "empty.csv"
+    path.write_text(",".join(LEADS) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_line("the CSV has a header but no rows of samples", read_csv, path, FS)
+
+
+def test_a_lead_named_twice_in_the_order_is_refused_not_overwritten(signals):
+    """A dict kept the last row of a repeated name in silence: V1 drawn from another row."""
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.runtime.inputs.tabular import read_array
+
+    with pytest.raises(ConfigError, match="the lead order names V1 more than once"):
+        read_array(np.vstack([signals, signals[:1]]), FS, leads=(*LEADS, "V1"))
+
+
+def test_an_npz_archive_is_told_to_be_saved_as_one_array(tmp_path, signals):
+    path = tmp_path / "ecg.npz"
+    np.savez(path, signals=signals)
+    one_line(r"numpy's \.npz.*save one signal array with numpy\.save \(\.npy\)", load_input, path)
+
+
 def test_csv_without_header(tmp_path, signals):
     path = tmp_path / "bare.csv"
     np.savetxt(path, signals.T, delimiter=",")
@@ -517,6 +617,7 @@ def test_arrays_images_and_missing_rates(tmp_path, signals):
     assert load_input(signals, fs=FS).kind == "array"
     assert load_input(signals.T, fs=FS, name="cart.npy").source == "cart.npy"
     pixels = np.full((300, 400, 3), 255, dtype=np.uint8)
+    pixels[150] = 0  # a trace: a page of one colour is refused as blank
     assert load_input(pixels).kind == "image" and load_input(pixels).image.size == (400, 300)
     one_line(r"<array>: a signal array needs its sampling rate; pass fs=", load_input, signals)
     for odd in (pixels.astype(np.float32), pixels.astype(np.uint16), pixels[..., :2]):  # pixels, not 8-bit RGB
@@ -633,6 +734,7 @@ def test_an_option_the_input_does_not_read_is_noted_never_dropped_in_silence(tmp
     csv = write_csv(tmp_path / "ecg.csv", signals, LEADS)
     npy = write_npy(tmp_path / "ecg.npy", signals)
     pixels = np.full((300, 400, 3), 255, dtype=np.uint8)
+    pixels[150] = 0  # a trace: a page of one colour is refused as blank
     cases = [(dicom, {"fs": 250.0}, "fs given but not used: a DICOM file stores its own"),
              (dicom, {"unit": "uV"}, "unit given but not used: a DICOM file stores its own"),
              (csv, {"fs": FS, "unit": "mV"}, None),

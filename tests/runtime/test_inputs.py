@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pulse_testing.pages import page
 
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.inputs import images as inputs
@@ -105,11 +106,11 @@ def test_format_is_sniffed_not_taken_from_the_extension(tmp_path):
 
 
 def test_multi_frame_tiff_gives_the_first_frame(tmp_path):
-    frames = [Image.new("RGB", (200, 200), colour) for colour in (GREEN, RED, BLUE)]
+    frames = [page((200, 200), colour) for colour in (GREEN, RED, BLUE)]
     data = encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
     assert Image.open(io.BytesIO(data)).n_frames == 3
     loaded = load_image(write(tmp_path, "multi.tif", data))
-    assert loaded.getpixel((100, 100)) == GREEN
+    assert loaded.getpixel((100, 50)) == GREEN
 
 
 def test_pdf_first_page_renders_at_200_dpi(tmp_path):
@@ -129,7 +130,7 @@ def test_pdf_render_is_capped_below_max_pixels(monkeypatch):
     # 200x200 px at 2 dpi is a 100x100 in page: 20000x20000 px at 200 dpi, far above the cap.
     monkeypatch.setattr(inputs, "MAX_PIXELS", 4_000_000)
     loaded = load_image_bytes(
-        encode(Image.new("RGB", (200, 200), "white"), "PDF", resolution=2), name="poster.pdf"
+        encode(page((200, 200)), "PDF", resolution=2), name="poster.pdf"
     )
     width, height = loaded.size
     assert width * height <= 4_000_000
@@ -149,13 +150,13 @@ def test_transparent_png_is_composited_on_white(tmp_path):
 
 
 def test_half_transparent_pixels_blend_with_white():
-    rgba = Image.new("RGBA", (200, 200), (0, 0, 0, 128))
+    rgba = page((200, 200), (0, 0, 0, 128), "RGBA")
     loaded = load_image_bytes(encode(rgba, "PNG"), name="half.png")
     assert loaded.getpixel((5, 5)) == (127, 127, 127)  # 255 * (1 - 128/255) rounds to 127
 
 
 def test_grey_with_alpha_and_palette_with_transparency_go_on_white():
-    la = Image.new("LA", (200, 200), (0, 0))
+    la = page((200, 200), (0, 0), "LA")
     palette = Image.new("P", (200, 200), 0)
     palette.putpalette([0, 0, 0, 255, 0, 0])
     palette.paste(1, (0, 0, 100, 200))
@@ -177,10 +178,32 @@ def test_16_bit_grey_is_scaled_not_clipped():
         assert loaded[0, [0, 60, 110, 160]].tolist() == [[0, 0, 0], [100] * 3, [128] * 3, [255] * 3]
 
 
+def test_32_bit_grey_is_scaled_from_its_range_not_clipped_at_16_bits():
+    """Pillow's mode I holds a TIFF's 32-bit greyscale: clipped at 65535, everything above 0 came out white."""
+    values = np.zeros((200, 200), dtype=np.int32)
+    values[:, 50:100], values[:, 100:] = 2**30, 2**31 - 1
+    loaded = np.asarray(load_image_bytes(encode(Image.fromarray(values, mode="I"), "TIFF"), name="grey32.tif"))
+    assert loaded[0, [0, 60, 110]].tolist() == [[0, 0, 0], [128] * 3, [255] * 3]
+
+
+@pytest.mark.parametrize(("image", "fmt"), [
+    (Image.new("RGB", (400, 300), "white"), "PNG"), (Image.new("RGB", (400, 300), "black"), "JPEG"),
+    (Image.new("RGBA", (400, 300), (0, 80, 0, 0)), "PNG"),  # alpha 0 everywhere: white once composited
+    (Image.new("RGB", (400, 300), "white"), "PDF")], ids=["white", "black jpeg", "transparent", "blank pdf page"])
+def test_a_page_of_one_colour_is_refused_as_blank(image: Image.Image, fmt: str) -> None:
+    """The model would answer about a trace that is not there."""
+    assert_input_error(lambda: load_image_bytes(encode(image, fmt), name=f"blank.{fmt.lower()}"),
+                       f"blank.{fmt.lower()}", "holds no ECG trace: every pixel is the same colour")
+    from pulse_edge.runtime.inputs import load_input
+
+    assert_input_error(lambda: load_input(image, name="in-memory"), "in-memory", "holds no ECG trace")
+    assert load_image_bytes(encode(page((400, 300)), fmt), name="ok").size[0] >= 400  # one line is enough
+
+
 def test_grey_palette_and_cmyk_become_rgb():
-    grey = Image.new("L", (200, 200), 77)
-    cmyk = Image.new("CMYK", (200, 200), (0, 255, 255, 0))  # no cyan/black, full magenta+yellow = red
-    palette = Image.new("RGB", (200, 200), GREEN).convert("P")
+    grey = page((200, 200), 77, "L")
+    cmyk = page((200, 200), (0, 255, 255, 0), "CMYK")  # no cyan/black, full magenta+yellow = red
+    palette = page((200, 200), GREEN).convert("P")
     assert load_image_bytes(encode(grey, "PNG"), name="l.png").getpixel((1, 1)) == (77, 77, 77)
     assert load_image_bytes(encode(cmyk, "TIFF"), name="c.tif").getpixel((1, 1)) == RED
     assert load_image_bytes(encode(palette, "BMP"), name="p.bmp").getpixel((1, 1)) == GREEN
@@ -203,7 +226,7 @@ def test_an_image_opened_by_the_caller_is_read_as_its_file_would_be(caplog):
     assert_input_error(lambda: load_input(Image.open(io.BytesIO(png[: len(png) // 2])), name="cut.png"), "cut.png",
                        "corrupt or truncated")
     pages = io.BytesIO()
-    Image.new("RGB", (400, 300), "white").save(pages, "TIFF", save_all=True, append_images=[pattern()])
+    page((400, 300)).save(pages, "TIFF", save_all=True, append_images=[pattern()])
     with caplog.at_level("WARNING"):
         load_image_bytes(pages.getvalue(), name="two.tif")  # a caller that takes no notes: the log says it
         in_memory = load_input(Image.open(io.BytesIO(pages.getvalue())), name="two-in-memory.tif")
@@ -259,7 +282,7 @@ def test_one_by_one_is_too_small():
 
 
 def test_min_side_boundary():
-    ok = load_image_bytes(encode(Image.new("RGB", (MIN_SIDE_PX, 1000)), "PNG"), name="ok.png")
+    ok = load_image_bytes(encode(page((MIN_SIDE_PX, 1000)), "PNG"), name="ok.png")
     assert ok.size == (MIN_SIDE_PX, 1000)
     narrow = encode(Image.new("RGB", (1000, MIN_SIDE_PX - 1)), "PNG")
     assert_input_error(lambda: load_image_bytes(narrow, name="strip.png"), "strip.png", "too small")

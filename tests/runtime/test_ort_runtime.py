@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 from pulse_testing.manifests import edit_manifest
+from pulse_testing.pages import page
 
 from pulse_edge.cli.main import main
 from pulse_edge.errors import ConfigError, PromptError
@@ -133,7 +134,9 @@ def test_an_image_handed_over_in_memory_meets_a_files_limits(ort_pipeline: Pipel
     def tokens(image: Image.Image) -> list[int]:
         return ort_pipeline.generate(image, "Rate?", max_new_tokens=3).token_ids
 
-    assert tokens(transparent) == tokens(_flatten(transparent)) != tokens(transparent.convert("RGB"))
+    assert tokens(transparent) == tokens(_flatten(transparent))
+    with pytest.raises(InputError, match="holds no ECG trace"):  # alpha dropped: a black page, refused as blank
+        tokens(transparent.convert("RGB"))
 
 
 def _flatten(image: Image.Image) -> Image.Image:
@@ -199,7 +202,7 @@ def test_short_context_refuses_long_prompts_and_big_images(tiny_checkpoint: Path
     bundle = export_bundle(tiny_checkpoint, tmp_path / "short", ExportOptions(max_context=2048))
     assert "the image needs 2880 tokens but the context holds 2048" in _cli_error(bundle, ecg_png)
     small = tmp_path / "small.png"
-    Image.new("RGB", (336, 336), "white").save(small)  # 1 tile + base = 1152 image tokens: fits
+    page((336, 336)).save(small)  # 1 tile + base = 1152 image tokens: fits
     assert "the prompt takes" in _cli_error(bundle, small, "--question", "Describe every lead. " * 300)
 
 
