@@ -12,6 +12,8 @@ Every error reaches the client as OpenAI's JSON error object; tracebacks go to t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -22,7 +24,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -91,7 +93,8 @@ async def _runtime_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own: unknown route, wrong method, a malformed multipart body."""
     assert isinstance(exc, HTTPException)
-    return error_response(ApiError(KIND_OF_STATUS.get(exc.status_code, "bad_request"), str(exc.detail)))
+    kind = KIND_OF_STATUS.get(exc.status_code, "bad_request")
+    return error_response(ApiError(kind, str(exc.detail), headers=exc.headers))  # a 405's Allow (RFC 9110)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -145,8 +148,8 @@ async def drain(receive: Receive) -> None:
 class Guard:
     """The bearer key (constant-time compare) on every path but /health, and the request body limit (413)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_body_bytes, self.timeout_s = app, max_body_bytes, timeout_s
         self.key = None if api_key is None else f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,8 +164,12 @@ class Guard:
             return
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_body_bytes:
-            await drain(receive)
-            await error_response(self._too_large())(scope, receive, send)
+            # a client that waits for 100 Continue is told at once (uvicorn sends it at the first receive); one
+            # that stalls mid-body is not waited for past the server's timeout; either way the connection closes
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(drain(receive), self.timeout_s)
+            await error_response(self._too_large(close=True))(scope, receive, send)
             return
         await self.app(scope, self._limited(receive), send)
 
@@ -170,9 +177,9 @@ class Guard:
         assert self.key is not None
         return hmac.compare_digest(headers.get(b"authorization", b""), self.key)
 
-    def _too_large(self) -> ApiError:
+    def _too_large(self, close: bool = False) -> ApiError:
         return ApiError("too_large", f"the request body is larger than the server's limit of "
-                        f"{self.max_body_bytes / 2**20:g} MiB")
+                        f"{self.max_body_bytes / 2**20:g} MiB", headers={"Connection": "close"} if close else None)
 
     def _limited(self, receive: Receive) -> Receive:
         """A chunked body has no Content-Length: count what arrives instead."""
@@ -210,8 +217,10 @@ def create_app(state: ServerState) -> Starlette:
     endpoints = frozenset(r.path for r in ROUTES if "{" not in r.path)
     app = Starlette(routes=list(ROUTES), lifespan=lifespan, middleware=[
         Middleware(Observe, metrics=state.metrics, endpoints=endpoints),
-        Middleware(Guard, api_key=state.config.api_key, max_body_bytes=state.config.max_body_bytes),
-    ], exception_handlers={ApiError: _api_error, ClientGone: _client_gone, PulseEdgeError: _runtime_error,
+        Middleware(Guard, api_key=state.config.api_key, max_body_bytes=state.config.max_body_bytes,
+                   timeout_s=state.config.timeout_s),
+    ], exception_handlers={ApiError: _api_error, ClientGone: _client_gone, ClientDisconnect: _client_gone,
+                           PulseEdgeError: _runtime_error,
                            MemoryError: _runtime_error,
                            HTTPException: _http_error, Exception: _bug})
     app.state.server = state

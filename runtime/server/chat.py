@@ -27,7 +27,7 @@ from pulse_edge.runtime.server.errors import ApiError, from_runtime
 from pulse_edge.runtime.server.model import decode_input
 from pulse_edge.runtime.server.openai_api import ChatRequest, Reply, finish_reason, parse_chat_request
 from pulse_edge.runtime.server.state import ServerState
-from pulse_edge.runtime.server.waiting import END, Deadline, TextPipe, settle
+from pulse_edge.runtime.server.waiting import END, Deadline, TextPipe, job_result, settle
 from pulse_edge.runtime.server.worker import Ticket
 
 log = logging.getLogger("pulse_edge.server")
@@ -61,7 +61,7 @@ async def chat_completions(request: Request) -> Response:
     ticket.add_done_callback(pipe.end)
     first = await settle(pipe.get(), ticket=ticket, receive=request.receive, deadline=deadline)
     if first is END:
-        await ticket.result  # the job failed before any text (its error becomes the response) or said nothing
+        await job_result(ticket)  # the job failed before any text (its error becomes the response) or said nothing
     events = _events(first, pipe, ticket, reply, chat, deadline, request)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -98,7 +98,7 @@ async def _events(first: Any, pipe: TextPipe, ticket: Ticket[ChatAnswer], reply:
         while piece is not END:
             yield sse(reply.chunk({"content": piece}))
             piece = await asyncio.wait_for(pipe.get(), deadline.remaining())
-        answer = await ticket.result
+        answer = await job_result(ticket)
         finish = finish_reason(answer.result)
     except asyncio.CancelledError:
         request.scope[OUTCOME] = "cancelled"
@@ -118,7 +118,8 @@ async def _events(first: Any, pipe: TextPipe, ticket: Ticket[ChatAnswer], reply:
         return
     finally:
         ticket.cancel()  # a no-op once the job is over; otherwise it stops the model at its next step
-    yield sse(reply.chunk({}, finish_reason=finish, notes=answer.notes))
+    yield sse(reply.chunk({}, finish_reason=finish, notes=answer.notes,
+                          token_ids=answer.result.token_ids if chat.return_token_ids else None))
     if chat.include_usage:
         yield sse(reply.usage_chunk(answer.result))
     yield "data: [DONE]\n\n"

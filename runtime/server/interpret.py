@@ -26,7 +26,7 @@ from pulse_edge.choices import VOLTAGE_UNITS
 from pulse_edge.jsonl import JSON_TEXT_ERRORS
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.server.chat import read_json
-from pulse_edge.runtime.server.errors import ApiError
+from pulse_edge.runtime.server.errors import SHUTTING_DOWN, ApiError
 from pulse_edge.runtime.server.model import Upload, answer_json, decode_input
 from pulse_edge.runtime.server.openai_api import max_tokens, number_field, sampling_params
 from pulse_edge.runtime.server.paths import resolve_allowed
@@ -43,9 +43,10 @@ async def interpret(request: Request) -> Response:
     state: ServerState = request.app.state.server
     deadline = Deadline(state.config.timeout_s)
     params, source, name = await _read(request, deadline, state.config.allow_dir)
-    question = params.get("question") or DEFAULT_QUESTION
-    if not isinstance(question, str):
+    question = params.get("question")
+    if question is not None and not isinstance(question, str):  # 0 or [] were the default question before
         raise ApiError("bad_request", "question must be a string", param="question")
+    question = question or DEFAULT_QUESTION  # "" as OpenAI's image-only message: the default question
     check_text(question, "question")  # before queueing: a PromptError is the 400 app.py makes of it
     limit, sampling, reading = max_tokens(params), sampling_params(params), recording_options(params)
 
@@ -59,7 +60,7 @@ async def interpret(request: Request) -> Response:
     ticket = state.submit(job)
     answer = await settle(ticket.result, ticket=ticket, receive=request.receive, deadline=deadline)
     if answer["stop_reason"] == "cancelled":
-        raise ApiError("unavailable", "the server is shutting down; the generation was stopped")
+        raise ApiError("unavailable", SHUTTING_DOWN)
     return JSONResponse(answer)
 
 
@@ -74,6 +75,9 @@ async def _read(request: Request, deadline: Deadline,
         params, uploads = await read_json(request, deadline), []
         if not isinstance(params, Mapping):
             raise ApiError("bad_request", "the request body must be a JSON object")
+        if "file" in params:  # answered from `path` before, the file dropped in silence
+            raise ApiError("bad_request", "a JSON body names a `path` on the server; send a file as a "
+                           "multipart/form-data upload in `file`", param="file")
     else:
         raise ApiError("unsupported_media_type", "send multipart/form-data (a `file` or a `path` field) or "
                        "application/json (a `path`)")

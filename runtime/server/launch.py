@@ -19,9 +19,11 @@ from pulse_edge.runtime.server.model import open_model
 from pulse_edge.runtime.server.state import ServerConfig, ServerState
 
 BACKLOG = 64
-# Connections and requests uvicorn admits at once beyond the model's slots: room for health checks, metrics
-# scrapes and the requests being refused with 503; past it uvicorn answers 503 itself, before any parsing.
-EXTRA_CONCURRENCY = 32
+# Connections uvicorn admits at once: a backstop against a flood (file descriptors), far past the model's slots.
+# uvicorn counts open connections, idle ones too, and past the limit answers a bare text 503 to everything,
+# /health included: with room for only 33, a cart's connection pool alone shut the probe out. The app's own
+# queue refuses requests past the model's slots with the JSON 503 and its Retry-After.
+CONNECTION_LIMIT = 1024
 GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, which cancels their generations
 
 
@@ -57,5 +59,19 @@ def serve(config: ServerConfig, say: Callable[[str], None]) -> None:
         + (f", files under {config.allow_dir}" if config.allow_dir else "") + ")")
     settings = uvicorn.Config(create_app(state), lifespan="on", log_level="info", server_header=False,
                               proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                              limit_concurrency=config.max_queue + 1 + EXTRA_CONCURRENCY)
-    uvicorn.Server(settings).run(sockets=[sock])
+                              limit_concurrency=max(CONNECTION_LIMIT, config.max_queue + 1))
+    ClosingServer(settings, state.worker.close).run(sockets=[sock])
+
+
+class ClosingServer(uvicorn.Server):
+    """uvicorn waits GRACEFUL_SHUTDOWN_S for open requests, then cancels their handlers (a bare 500 and a traceback
+    each), and only then runs the app's lifespan shutdown. Closing the model worker first instead answers every
+    waiting request with the JSON 503 at once and stops a running generation at its next step (its 503 too)."""
+
+    def __init__(self, config: uvicorn.Config, close_worker: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.close_worker = close_worker
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.close_worker()
+        await super().shutdown(sockets=sockets)

@@ -28,7 +28,7 @@ from typing import Any
 from pulse_edge.choices import SEED_RANGE
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.generation.sampling import SamplingParams
-from pulse_edge.runtime.server.errors import ApiError
+from pulse_edge.runtime.server.errors import SHUTTING_DOWN, ApiError
 from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, Turn
 
 DEFAULT_MAX_TOKENS = 1024
@@ -37,6 +37,7 @@ SYSTEM_ROLES = ("system", "developer")
 FINISH_REASONS: Mapping[str, str] = {"eos": "stop", "max_new_tokens": "length", "context_full": "length"}
 # The fields this server reads, and those that change no answer; every other field is refused (an allow-list: a
 # client written for another server sends parameters no list of refusals would foresee).
+STREAM_OPTIONS = frozenset({"include_usage"})
 HONOURED = frozenset({"model", "messages", "stream", "stream_options", "temperature", "top_p", "seed", "max_tokens",
                       "max_completion_tokens", "return_token_ids"})
 BOOKKEEPING = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
@@ -74,6 +75,12 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, Mapping):
         raise ApiError("bad_request", "stream_options must be an object", param="stream_options")
+    if stream_options and not _flag(body, "stream"):  # as OpenAI answers it: read by no whole answer
+        raise ApiError("bad_request", "stream_options is only read with stream: true; leave it out",
+                       param="stream_options")
+    if unknown := sorted(set(stream_options) - STREAM_OPTIONS):
+        raise ApiError("bad_request", f"stream_options {unknown} are not supported by this server (it reads "
+                       f"{', '.join(sorted(STREAM_OPTIONS))}); leave them out", param="stream_options")
     return ChatRequest(system=system, history=tuple(history), question=last.question or DEFAULT_QUESTION,
                        image=image, sampling=sampling_params(body), max_tokens=max_tokens(body),
                        stream=_flag(body, "stream"), include_usage=_flag(stream_options, "include_usage"),
@@ -268,9 +275,12 @@ class Reply:
         return {**self._head("chat.completion"), "choices": [choice], "usage": usage(result), "notes": list(notes)}
 
     def chunk(self, delta: Mapping[str, Any], finish_reason: str | None = None,
-              notes: Sequence[str] | None = None) -> dict[str, Any]:
-        """A stream's chunk; its last (with the finish reason) carries the `notes`."""
-        choice = {"index": 0, "delta": dict(delta), "finish_reason": finish_reason, "logprobs": None}
+              notes: Sequence[str] | None = None, token_ids: Sequence[int] | None = None) -> dict[str, Any]:
+        """A stream's chunk; its last (with the finish reason) carries the `notes`, and the generated ids where
+        return_token_ids asked for them."""
+        choice: dict[str, Any] = {"index": 0, "delta": dict(delta), "finish_reason": finish_reason, "logprobs": None}
+        if token_ids is not None:
+            choice["token_ids"] = list(token_ids)
         extra = {} if notes is None else {"notes": list(notes)}
         return {**self._head("chat.completion.chunk"), "choices": [choice], **extra}
 
@@ -281,7 +291,7 @@ class Reply:
 def finish_reason(result: GenerationResult) -> str:
     """OpenAI's finish reason; a generation that was cut short (the server is closing) has none: 503."""
     if result.stop_reason not in FINISH_REASONS:
-        raise ApiError("unavailable", "the server is shutting down; the generation was stopped")
+        raise ApiError("unavailable", SHUTTING_DOWN)
     return FINISH_REASONS[result.stop_reason]
 
 

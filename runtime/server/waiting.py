@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Receive
 
-from pulse_edge.runtime.server.errors import ApiError, ClientGone
+from pulse_edge.runtime.server.errors import SHUTTING_DOWN, ApiError, ClientGone
 from pulse_edge.runtime.server.worker import Ticket
 
 T = TypeVar("T")
@@ -56,12 +56,26 @@ async def settle(awaitable: Awaitable[T], *, ticket: Ticket, receive: Receive, d
     finally:
         watcher.cancel()
     if task in done:
+        if task.cancelled():  # a waiting job the closing worker dropped (ModelWorker.close)
+            raise ApiError("unavailable", SHUTTING_DOWN)
         return task.result()
     task.cancel()
     ticket.cancel()
     if watcher in done:
         raise ClientGone()
     raise deadline.error()
+
+
+async def job_result(ticket: Ticket[T]) -> T:
+    """The job's value, once it has ended; a job the server's shutdown cancelled before it started is the 503 a
+    stopped one gets, not a CancelledError (a traceback and a bare 500)."""
+    assert ticket.result is not None
+    try:
+        return await asyncio.shield(ticket.result)
+    except asyncio.CancelledError:
+        if ticket.result.cancelled():  # the job's, not this handler's: the worker closed before it ran
+            raise ApiError("unavailable", SHUTTING_DOWN) from None
+        raise
 
 
 class TextPipe:

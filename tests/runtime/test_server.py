@@ -9,6 +9,7 @@ deterministic. Both are always stopped; each must still be alive at the end and 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -431,3 +432,112 @@ def test_a_full_queue_is_503_and_a_client_leaving_frees_the_model(gated: Server,
     reply = client.chat.completions.create(model=bundle.name, messages=messages, max_tokens=4)
     assert reply.usage.completion_tokens == 4  # the slot is free again
     assert _metric(gated, "pulse_edge_generations_total", stop_reason="max_new_tokens") == 1
+
+
+# ---- shutting down with requests in flight -------------------------------------------------------------------
+
+
+def test_shutdown_answers_the_waiting_and_the_running_request_with_the_json_503(bundle: Path, ecg_png: Path,
+                                                                                tmp_path: Path) -> None:
+    """uvicorn waited 5 s for open requests, then cancelled their handlers (a text 500 and a traceback each);
+    the model worker closed only after that. Now it closes first: at once for the waiting one, at the next step
+    for the running one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate = tmp_path / "closed"
+    running = _start([sys.executable, str(GATED), str(gate), "serve", "--model", str(bundle), "--port", "0",
+                      "--max-queue", "2"], tmp_path / "gated.log")
+    try:
+        client, messages = _client(running), _messages(ecg_png.read_bytes())
+        gate.touch()
+        chunks = iter(client.chat.completions.create(model=bundle.name, messages=messages, max_tokens=500,
+                                                     stream=True))
+        next(chunks)  # generating, held at the gate
+        body = json.dumps({"messages": messages, "max_tokens": 4}).encode()
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_http, "POST", f"{running.url}/v1/chat/completions", body, {"Content-Type": JSON})
+            _eventually(lambda: json.loads(_http("GET", f"{running.url}/health")[2])["queue"]["waiting"] == 1,
+                        "the second request to queue")
+            asked = time.monotonic()
+            running.process.terminate()
+            status, headers, answer = waiting.result(timeout=60)
+        assert time.monotonic() - asked < 4  # not after uvicorn's 5 s grace
+        assert (status, headers["content-type"]) == (503, "application/json"), answer
+        assert "the server is shutting down" in json.loads(answer)["error"]["message"]
+        gate.unlink()  # the running generation's next step sees the closed worker
+        with pytest.raises(openai.APIError, match="the server is shutting down"):
+            for _ in chunks:
+                pass
+        running.process.wait(timeout=30)
+        assert "Traceback" not in running.log.read_text()
+    finally:
+        gate.unlink(missing_ok=True)
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
+def _raw(server: Server, request: bytes, wait_s: float = 10) -> bytes:
+    """What the server sends on one connection for `request` until it closes it (or `wait_s` passes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    answer = b""
+    with socket.create_connection((url.hostname, url.port), timeout=wait_s) as sock:
+        sock.sendall(request)
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def test_an_oversize_body_is_refused_without_waiting_for_it(server: Server) -> None:
+    """A client waiting for 100 Continue was told to upload 2 MiB past the limit first; one that stalls mid-body
+    held the connection open past the timeout (a place of uvicorn's connection limit with it)."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 5000000\r\n").encode()
+    answered = _raw(server, head + b"Expect: 100-continue\r\n\r\n")
+    assert answered.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answered, answered[:200]
+    assert b"connection: close" in answered.lower()
+
+
+def test_a_wrong_method_says_which_are_allowed(server: Server) -> None:
+    status, headers, _ = _http("GET", f"{server.url}/v1/chat/completions", headers=_auth())
+    assert status == 405 and headers.get("allow") == "POST"
+
+
+def test_a_stream_returns_the_token_ids_asked_for(server: Server, bundle: Path, ecg_png: Path) -> None:
+    messages = _messages(ecg_png.read_bytes())
+    whole = _client(server).chat.completions.create(model=bundle.name, messages=messages, max_tokens=6,
+                                                    extra_body={"return_token_ids": True})
+    chunks = list(_client(server).chat.completions.create(model=bundle.name, messages=messages, max_tokens=6,
+                                                          stream=True, extra_body={"return_token_ids": True}))
+    last = chunks[-1].choices[0].model_extra
+    assert last["token_ids"] == whole.choices[0].model_extra["token_ids"] and len(last["token_ids"]) == 6
+
+
+@pytest.mark.parametrize(("body", "words"), [({"path": "ecg.png", "question": 0}, "question must be a string"),
+                                             ({"path": "ecg.png", "question": []}, "question must be a string"),
+                                             ({"path": "ecg.png", "file": "iVBORw0KGgo="}, "multipart")])
+def test_interpret_refuses_what_it_would_have_dropped(server: Server, body: dict[str, Any], words: str) -> None:
+    status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", json.dumps(body).encode(),
+                              _auth({"Content-Type": JSON}))
+    assert status == 400 and words in json.loads(answer)["error"]["message"]
+
+
+def test_a_client_leaving_mid_upload_is_counted_as_cancelled_not_an_error(server: Server) -> None:
+    before = {o: _metric(server, "pulse_edge_requests_total", endpoint="/v1/chat/completions", outcome=o)
+              for o in ("cancelled", "error")}
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(head + b'{"messages": ')
+    _eventually(lambda: _metric(server, "pulse_edge_requests_total", endpoint="/v1/chat/completions",
+                                outcome="cancelled") == before["cancelled"] + 1, "the disconnect to be counted")
+    assert _metric(server, "pulse_edge_requests_total", endpoint="/v1/chat/completions",
+                   outcome="error") == before["error"]

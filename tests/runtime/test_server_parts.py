@@ -160,7 +160,11 @@ def test_an_omitted_seed_is_drawn_inside_the_range_the_sampler_takes() -> None:
 
 def test_bookkeeping_parameters_are_ignored_and_another_model_is_404() -> None:
     _parse(messages=[_user(_image())], user="cart-7", metadata={"site": "a"}, store=False, n=1, stop=None,
-           stream_options={"include_usage": True}, max_tokens=8, max_completion_tokens=8, return_token_ids=True)
+           max_tokens=8, max_completion_tokens=8, return_token_ids=True)
+    for options, words in (({"include_usage": True}, "only read with stream: true"),
+                           ({"include_obfuscation": True}, "\\['include_obfuscation'\\] are not supported")):
+        with pytest.raises(ApiError, match=words):  # as OpenAI refuses them; read by nothing here
+            _parse(messages=[_user(_image())], stream=options.get("include_usage") is None, stream_options=options)
     with pytest.raises(ApiError, match="not served here") as caught:
         parse_chat_request({"model": "gpt-4o", "messages": [_user(_image())]}, "m")
     assert caught.value.status == 404
@@ -439,7 +443,7 @@ def test_a_full_memory_is_a_503_with_its_line_and_counted_as_unavailable(tmp_pat
     import json
     from io import BytesIO
 
-    from PIL import Image
+    from pulse_testing.pages import page
 
     from pulse_edge.runtime.server.app import create_app
     from pulse_edge.runtime.server.model import ServedModel
@@ -451,7 +455,7 @@ def test_a_full_memory_is_a_503_with_its_line_and_counted_as_unavailable(tmp_pat
     state = ServerState.create(config, model)
     app = create_app(state)
     png = BytesIO()
-    Image.new("RGB", (256, 256), "white").save(png, format="PNG")
+    page((256, 256)).save(png, format="PNG")
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
         png.getvalue()).decode()}}
     body = json.dumps({"model": "tiny", "stream": stream, "max_tokens": 4,
