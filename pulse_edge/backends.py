@@ -9,6 +9,7 @@ care which one they hold.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -39,15 +40,36 @@ def serves_bundle(model: str | Path, backend: str) -> bool:
     return backend != "torch" and (Path(model) / "manifest.json").is_file()
 
 
-def model_identity(model: str | Path, backend: str) -> str:
-    """What a batch's answers record as their model: a bundle by the sha256 of its manifest (which records every
-    file's checksum), so a re-export at the same path is told apart and a moved copy is not; a checkpoint by its
-    resolved path."""
-    if serves_bundle(model, backend):
-        from pulse_edge.runtime.bundle.engines import manifest_sha256
+def model_identity(model: str | Path, backend: str, *, provider: str = "cpu", engines: str | Path | None = None,
+                   dtype: str = "auto", device: str = "auto", vision_tower: str | Path | None = None) -> str:
+    """What a run's answers record as their model, with what else decides them (a batch, an ECGBench run).
 
-        return f"bundle sha256:{manifest_sha256(Path(model))}"
-    return str(Path(model).resolve())
+    A bundle by the sha256 of its manifest (which records every file's checksum), so a re-export at the same path
+    is told apart and a moved copy is not, with its runner: ONNX Runtime and its provider, or TensorRT and its
+    engine set (engines.json's sha256). A checkpoint by its resolved path and its files' names, sizes and
+    modification times (hashing 14 GB on every run would cost minutes; a checkpoint made again in place changes
+    them), with torch's dtype and device."""
+    if serves_bundle(model, backend):
+        from pulse_edge.runtime.bundle.engines import ENGINES_FILE, find_engine_dir, manifest_sha256
+
+        bundle = f"bundle sha256:{manifest_sha256(Path(model))}"
+        if backend != "trt":
+            return f"{bundle} on onnxruntime {provider}"
+        listing = (Path(engines) if engines is not None else find_engine_dir(Path(model))) / ENGINES_FILE
+        engine_set = hashlib.sha256(listing.read_bytes()).hexdigest() if listing.is_file() else "none"
+        return f"{bundle} on tensorrt engines sha256:{engine_set}"
+    files = [Path(model), *([Path(vision_tower)] if vision_tower is not None else [])]
+    return f"checkpoint {Path(model).resolve()} files:{_stat_digest(files)} dtype {dtype} device {device}"
+
+
+def _stat_digest(folders: list[Path]) -> str:
+    """sha256 (16 hex) over the name, size and mtime of every file in `folders` (not their subfolders)."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []:
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def refuse_torch_settings(*, vision_tower: str | Path | None, dtype: str, device: str) -> None:

@@ -134,7 +134,11 @@ def _run_ecgbench(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], out
     _announce(data_dir, plans)
     runner.check_images(plans)
     model = model_info(model_dir)
-    settings = runner.RunSettings(model=model["path"], precision=model["precision"], backend=backend, dtype=dtype,
+    from pulse_edge.backends import model_identity
+
+    # the model by what it is, not where: a re-export in place resumed and mixed two models' answers in one score
+    identity = model_identity(model_dir, backend, dtype=dtype, device=device, vision_tower=vision_tower)
+    settings = runner.RunSettings(model=identity, precision=model["precision"], backend=backend, dtype=dtype,
                                   device=device, max_new_tokens=max_new_tokens)
     runner.pin_settings(out, settings)
 

@@ -134,7 +134,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
 
         infer_many(inputs, output, open_model, question=question, max_new_tokens=max_new_tokens,
                    sampling=sampling, reading=reading, save_render=save_render, fail_fast=fail_fast,
-                   model=model_identity(model_dir, backend))
+                   model=model_identity(model_dir, backend, provider=provider, engines=engines, dtype=dtype,
+                                        device=device, vision_tower=vision_tower))
         return
     if len(inputs) != 1 or fail_fast:
         raise ConfigError("several inputs (and --fail-fast) need --output FILE: the answers go there, one JSON "

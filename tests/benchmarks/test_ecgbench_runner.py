@@ -164,6 +164,31 @@ def test_a_second_run_into_the_same_out_is_refused_while_one_runs(data_dir: Path
     assert not (out / "csn.jsonl").exists()
 
 
+def test_a_run_pins_the_bundle_by_its_manifest_not_its_path(data_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """By path, a bundle re-exported in place resumed, and two models' answers were scored as one; a moved copy
+    was refused."""
+    import pulse_edge.backends
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"precision": "int8"}))
+    monkeypatch.setattr(pulse_edge.backends, "open_backend", lambda *a, **k: FakePipeline())
+    out = tmp_path / "out"
+
+    def run(model: Path, limit: int) -> Any:
+        return CliRunner().invoke(eval_group, ["ecgbench", "--model", str(model), "--data", str(data_dir),
+                                               "--subset", "csn", "--limit", str(limit), "--out", str(out)])
+
+    assert run(bundle, 2).exit_code == 0
+    moved = bundle.rename(tmp_path / "moved")
+    assert run(moved, 3).exit_code == 0  # the same bundle elsewhere: resumes
+    (moved / "manifest.json").write_text(json.dumps({"precision": "int8", "note": "re-exported"}))
+    refused = run(moved, 4)
+    assert refused.exit_code == 2 and "holds answers made with other settings (model 'bundle sha256:" in refused.output
+    assert [r["id"] for r in _records(out / "csn-test-no-cot.jsonl")] == ["g1", "g2", "g3"]
+
+
 def test_cli_runs_scores_reports_and_resumes(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pulse_edge.backends
 

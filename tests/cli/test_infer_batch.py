@@ -79,7 +79,7 @@ def test_a_batch_records_the_bundle_by_its_manifest_so_a_re_export_in_place_is_r
     shutil.copytree(tiny_bundle, bundle)
     assert _infer(folder, out, bundle).exit_code == 0
     manifest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-    assert json.loads(out.read_text())["settings"]["model"] == f"bundle sha256:{manifest}"
+    assert json.loads(out.read_text())["settings"]["model"] == f"bundle sha256:{manifest} on onnxruntime cpu"
     moved = tmp_path / "moved"
     bundle.rename(moved)
     page((300, 200)).save(folder / "b.png")
@@ -89,3 +89,24 @@ def test_a_batch_records_the_bundle_by_its_manifest_so_a_re_export_in_place_is_r
     page((300, 200)).save(folder / "c.png")
     refused = _infer(folder, out, moved)
     assert refused.exit_code == 2 and "holds answers asked with another model ('bundle sha256:" in refused.output
+
+
+def test_a_checkpoint_is_recorded_with_its_files_and_torchs_dtype(tmp_path: Path) -> None:
+    """By path alone, fp32 and bf16 answers, or a checkpoint made again in place, went into one file unmarked."""
+    from pulse_edge.backends import model_identity
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    first = model_identity(checkpoint, "torch", dtype="fp32")
+    assert first == model_identity(checkpoint, "torch", dtype="fp32")
+    assert first != model_identity(checkpoint, "torch", dtype="bf16")
+    (checkpoint / "config.json").write_text('{"seed": 7}')  # made again: another size and time
+    assert first != model_identity(checkpoint, "torch", dtype="fp32")
+
+
+def test_a_bundle_is_recorded_with_what_runs_it(tiny_bundle: Path) -> None:
+    from pulse_edge.backends import model_identity
+
+    on_cpu = model_identity(tiny_bundle, "ort")
+    assert on_cpu.endswith("on onnxruntime cpu") and on_cpu != model_identity(tiny_bundle, "ort", provider="cuda")
