@@ -34,6 +34,7 @@ from types import FrameType
 
 from pulse_edge.errors import DISK_ERRORS, ConfigError
 
+FULL_BELOW_BYTES = 1 << 20  # a file system with less free is taken as full
 _LOCK_TRIES = 5  # a lock file unlinked under us is re-created by the next try
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -105,6 +106,8 @@ def _check_writable_place(out: Path, what: str) -> Path:
 
 def check_output_dir(out: Path, *, what: str) -> None:
     """Before any work: `out` is a new (or empty) directory in a place this process can write."""
+    if out.is_symlink():  # the work is renamed onto `out` at the end: onto a link it fails, after all the work
+        raise ConfigError(f"{out} is a symbolic link; give the {what} directory's real path")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is a file; choose a new {what} directory")
     if out.is_dir() and any(out.iterdir()):
@@ -124,8 +127,10 @@ def check_output_file(out: Path, *, what: str, make_parents: bool = True) -> Non
 
 @contextmanager
 def target_lock(out: Path, *, what: str) -> Iterator[Path]:
-    """Hold `.NAME.lock` beside `out` exclusively; refused at once when another process holds it."""
-    lock = out.parent / f".{out.name}.lock"
+    """Hold `.NAME.lock` beside `out` exclusively; refused at once when another process holds it. The lock goes
+    beside the path with every link resolved: two spellings of one file (a symbolic link to it) share it."""
+    real = Path(out).resolve()
+    lock = real.parent / f".{real.name}.lock"
     for _ in range(_LOCK_TRIES):
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -146,6 +151,15 @@ def target_lock(out: Path, *, what: str) -> Iterator[Path]:
     finally:
         lock.unlink(missing_ok=True)  # while still locked: whoever opened it meanwhile sees it gone and retries
         os.close(fd)
+
+
+def _disk_full(place: Path) -> bool:
+    """Whether the file system holding `place` has (almost) nothing left: what an OSError without errno from a
+    writer means when it comes with that."""
+    try:
+        return shutil.disk_usage(place).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -187,7 +201,10 @@ def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
             handler = signal.getsignal(signal.SIGINT)
             if isinstance(handler, _Handler):
                 handler.cleaning = True
+            full = isinstance(e, OSError) and e.errno is None and _disk_full(work)  # before the space comes back
             shutil.rmtree(work, ignore_errors=True)
+            if full:  # numpy's short write ("N requested and M written") carries no errno
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from e
             if isinstance(e, OSError) and e.errno in DISK_ERRORS and e.filename is None:  # a write into an open
                 raise OSError(e.errno, e.strerror, str(out)) from e  # file names none: name the target
             raise

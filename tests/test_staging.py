@@ -105,6 +105,64 @@ def test_stale_temporaries_of_the_target_are_removed(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == [".ckpt.int8.k2j4h6g8.partial", ".other.abcdefgh.partial", "ckpt"]
 
 
+def test_sighup_during_make_tiny_cleans_up_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cart's session closing (its terminal hung up) is a SIGHUP: handled like SIGTERM, exit 129."""
+    import pulse_edge.export.fixtures.tiny as tiny
+
+    def hang_up(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)
+        raise AssertionError("SIGHUP did not interrupt the work")
+
+    monkeypatch.setattr(tiny, "write_shards", hang_up)
+    result = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+    assert result.exit_code == 128 + signal.SIGHUP, result.output
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_output_directory_that_is_a_symbolic_link_is_refused_before_any_work(tmp_path: Path) -> None:
+    """The finished work is renamed onto the path: onto a link that failed with a traceback, after the export."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    result = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "link")])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"pulse-edge: error: {tmp_path / 'link'} is a symbolic link; give the checkpoint directory's real path")
+    assert _leftovers(real) == [] and _leftovers(tmp_path) == ["link", "real"]
+
+
+def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path) -> None:
+    """By the name as spelled, `infer --output answers.jsonl` and `--output link.jsonl` both appended to one file."""
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.staging import target_lock
+
+    (tmp_path / "answers.jsonl").touch()
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "answers.jsonl")
+    with target_lock(tmp_path / "answers.jsonl", what="output file"):
+        with pytest.raises(ConfigError, match="another pulse-edge command is writing"):
+            with target_lock(tmp_path / "link.jsonl", what="output file"):
+                pass
+
+
+def test_a_short_write_with_no_errno_on_a_full_disk_is_the_disk_full_line(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy's tofile raises OSError("64000 requested and 61408 written") with no errno: a traceback before."""
+    import shutil
+
+    import pulse_edge.export.fixtures.tiny as tiny
+
+    def short_write(*args: object, **kwargs: object) -> None:
+        raise OSError("64000 requested and 61408 written")
+
+    monkeypatch.setattr(tiny, "write_shards", short_write)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    result = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().startswith("pulse-edge: error:") and "the disk is full" in result.stderr
+    assert _leftovers(tmp_path) == []
+
+
 def test_a_second_writer_of_one_target_is_refused_at_once(tmp_path: Path) -> None:
     from pulse_edge.staging import staged_directory, stale_partials
 
