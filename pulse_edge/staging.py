@@ -82,6 +82,13 @@ def interrupts_handled() -> Iterator[None]:
             signal.signal(s, old)
 
 
+def user_cache_dir() -> Path:
+    """pulse-edge's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache): built kernels, TensorRT engine
+    caches, verification stamps."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "pulse-edge"
+
+
 def _nearest_existing(path: Path) -> Path:
     current = path.absolute()
     while not current.exists() and current != current.parent:

@@ -8,12 +8,13 @@ of its pages (manifest `files`, version 2). What is checked when:
 - every load (`check_bundle`): the sizes; the sampled sha256 (256 pages of 4 KiB per file, small files
   whole: ~1 MiB read per file); the embedding table's header, shape, dtype and finite values (one pass).
 - every load, before these: the manifest's own checksum (`seal.py`, manifest version 3).
-- `--verify`, `Pipeline.from_bundle(verify=True)`, `pulse-edge verify`: the sha256 of every byte, one read
+- the first load of these files on this machine (`verified.py`: no stamp for their inode, size and times),
+  `--verify`, `Pipeline.from_bundle(verify=True)`, `pulse-edge verify`: the sha256 of every byte, one read
   of the bundle (1.25 GB/s from the page cache here: ~11 s for a 14 GB fp16 7B bundle, more from a disk
   slower than that).
 
 A file replaced by another export's fails the sampled check almost surely (any of 256 pages differs); a few
-zeroed blocks need the full hash.
+zeroed blocks or flipped bits need the full hash, which every copy now gets once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pulse_edge.runtime.bundle.checks import check_file_size
 from pulse_edge.runtime.bundle.manifest import FileRecord, Manifest, read_manifest
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 from pulse_edge.runtime.bundle.seal import SEALED_FROM_VERSION
+from pulse_edge.runtime.bundle.verified import is_stamped, stamp
 
 PAGE = 4096
 SAMPLED_PAGES = 256  # read at every load: 1 MiB per file
@@ -114,8 +116,9 @@ def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = False,
         if sampled_sha256(bundle / name) != record.sampled_sha256:
             raise BundleError(f"{bundle / name} is not the file export wrote (its sampled checksum differs from "
                               f"the manifest's): it was replaced or damaged; {_REFETCH}")
-    if verify:
+    if records and (verify or not is_stamped(bundle, records)):  # the first load of a copy: every byte, once
         _check_full(bundle, records.items(), progress)
+        stamp(bundle, records)
     if not records:
         log.warning("%s has no checksums (manifest version %d): its files are checked by size only; re-export it "
                     "to be able to verify it", bundle, manifest.version)

@@ -18,6 +18,7 @@ from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFIL
 from pulse_edge.errors import ConfigError, DeviceMemoryError, EngineRunError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 from pulse_edge.runtime.kernels.build import cpu_flags
+from pulse_edge.staging import user_cache_dir
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
 ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
@@ -151,8 +152,7 @@ def require_provider(config: SessionConfig) -> str:
 
 def default_trt_cache() -> Path:
     """Where TensorRT engines built from bundles are kept: building a 7B engine takes minutes, once."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "pulse-edge" / "tensorrt"
+    return user_cache_dir() / "tensorrt"
 
 
 def graph_cache_key(path: Path) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pulse_edge.errors import KernelUnavailable
-from pulse_edge.staging import staged_file
+from pulse_edge.staging import staged_file, user_cache_dir
 
 SOURCE_DIR = Path(__file__).resolve().parent
 CACHE_ENV = "PULSE_EDGE_KERNEL_CACHE"
@@ -39,8 +39,7 @@ def default_cache() -> Path:
     """$PULSE_EDGE_KERNEL_CACHE, else the user's cache folder (as ORT's engine cache: runtime/engines/ort.py)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "pulse-edge" / "kernels"
+    return user_cache_dir() / "kernels"
 
 
 def compiler() -> list[str]:

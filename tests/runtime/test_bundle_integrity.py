@@ -156,23 +156,73 @@ def test_a_graph_swapped_in_from_another_checkpoint_is_refused(graph: str, tiny_
     _assert_refused(_infer(bundle, ecg_png, "--verify"), f"{graph} is not the file export wrote")
 
 
-def test_zeroed_blocks_outside_the_sample_need_verify(tiny_bundle: Path, tmp_path: Path, ecg_png: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """With 2 sampled pages (first and last), a zeroed block in the middle passes a load; --verify finds it."""
+def test_zeroed_blocks_outside_the_sample_are_found_by_the_first_loads_full_hash(
+        tiny_bundle: Path, tmp_path: Path, ecg_png: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 sampled pages (first and last), a zeroed block in the middle passes the sample. Loaded once
+    unstamped, the copy is hashed whole and refused; stamped while clean, then damaged in place, its times
+    change and it is hashed again (runtime/bundle/verified.py)."""
     from pulse_edge.errors import BundleError
     from pulse_edge.runtime.bundle import integrity
     from pulse_edge.runtime.pipeline import Pipeline
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     bundle = _copy(tiny_bundle, tmp_path)
     monkeypatch.setattr(integrity, "SAMPLED_PAGES", 2)
     manifest = read_manifest(bundle)
     sampled = {name: integrity.sampled_sha256(bundle / name) for name in manifest.files}
     _edit(bundle, lambda d: [d["files"][n].update(sampled_sha256=h) for n, h in sampled.items()])
+    clean = tmp_path / "clean"
+    shutil.copytree(bundle, clean)
     _zero_bytes(bundle)
-    assert _infer(bundle, ecg_png).exit_code == 0
-    _assert_refused(_infer(bundle, ecg_png, "--verify"), "decoder.onnx.data is not the file export wrote (sha256")
-    with pytest.raises(BundleError, match=r"decoder\.onnx\.data is not the file export wrote"):
-        Pipeline.from_bundle(bundle, verify=True)
+    _assert_refused(_infer(bundle, ecg_png), "decoder.onnx.data is not the file export wrote (sha256")
+    assert _infer(clean, ecg_png).exit_code == 0  # hashed whole, stamped
+    _zero_bytes(clean)
+    with pytest.raises(BundleError, match=r"decoder\.onnx\.data is not the file export wrote \(sha256"):
+        Pipeline.from_bundle(clean)
+
+
+def test_a_stamped_bundle_is_not_hashed_whole_again_until_its_files_change(
+        tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pulse_edge.runtime.bundle import integrity, verified
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _copy(tiny_bundle, tmp_path)
+    hashed: list[str] = []
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path, progress=None: hashed.append(path.name) or real(path))
+    Pipeline.from_bundle(bundle).close()
+    files = sorted(read_manifest(bundle).files)
+    assert sorted(hashed) == files  # the first load: every file
+    Pipeline.from_bundle(bundle).close()
+    assert sorted(hashed) == files  # stamped: the sample only
+    Pipeline.from_bundle(bundle, verify=True).close()
+    assert sorted(hashed) == sorted(files * 2)  # --verify always hashes
+    verified.stamp_path(bundle).write_text("{not json")  # an unreadable stamp costs a full hash, nothing else
+    Pipeline.from_bundle(bundle).close()
+    assert len(hashed) == 3 * len(files)
+
+
+def test_the_sample_reaches_the_files_end_and_the_full_hash_every_chunk(tiny_bundle: Path, tmp_path: Path,
+                                                                        ecg_png: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampled pages run from the first byte to the last; the full hash reads past its first chunk."""
+    import hashlib
+
+    from pulse_edge.runtime.bundle import integrity
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    data = bundle / "decoder.onnx.data"
+    monkeypatch.setattr(integrity, "_CHUNK", 4096)
+    assert integrity.file_sha256(data) == hashlib.sha256(data.read_bytes()).hexdigest()
+    monkeypatch.setattr(integrity, "SAMPLED_PAGES", 2)
+    before = integrity.sampled_sha256(data)
+    with open(data, "r+b") as f:  # the last page, every bit flipped
+        f.seek(-4096, 2)
+        last = f.read()
+        f.seek(-4096, 2)
+        f.write(bytes(b ^ 0xFF for b in last))
+    assert integrity.sampled_sha256(data) != before
 
 
 def test_verify_reports_a_whole_bundle(tiny_bundle: Path) -> None:
