@@ -69,7 +69,7 @@ class Pipeline:
                                   "and has none of them: leave them out, or use --backend ort")
 
             engine = open_trt_engine(root, manifest, engines_dir=Path(engines) if engines else None,
-                                     prefill_chunk=prefill_chunk)
+                                     prefill_chunk=prefill_chunk, verify=verify, progress=progress)
         else:
             engine = open_ort_engine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
         return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine, backend=backend)

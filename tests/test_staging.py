@@ -138,10 +138,10 @@ def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path) -> None:
 
     (tmp_path / "answers.jsonl").touch()
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "answers.jsonl")
-    with target_lock(tmp_path / "answers.jsonl", what="output file"):
-        with pytest.raises(ConfigError, match="another pulse-edge command is writing"):
-            with target_lock(tmp_path / "link.jsonl", what="output file"):
-                pass
+    with target_lock(tmp_path / "answers.jsonl", what="output file"), \
+            pytest.raises(ConfigError, match="another pulse-edge command is writing"), \
+            target_lock(tmp_path / "link.jsonl", what="output file"):
+        pass
 
 
 def test_a_short_write_with_no_errno_on_a_full_disk_is_the_disk_full_line(tmp_path: Path,

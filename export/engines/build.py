@@ -31,6 +31,7 @@ from pulse_edge.export.engines.profiles import PROFILES, BuildLimits, resolve_li
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import ENGINE_SUFFIX, EngineSet, EngineSpec, ProfileSpec, manifest_sha256
 from pulse_edge.runtime.bundle.integrity import check_bundle as check_files_intact
+from pulse_edge.runtime.bundle.integrity import file_record
 from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest, TensorSpec, read_manifest
 from pulse_edge.runtime.engines.ort import default_trt_cache
 from pulse_edge.runtime.engines.tensorrt_api import TensorRT, load_tensorrt
@@ -296,10 +297,12 @@ def build_one(trt: TensorRT, bundle: Path, manifest: Manifest, job: _Job, work: 
             _serialize(build, out)
         _save_timing_cache(build, cache)
         layers = _layer_counts(build)
+    record = file_record(out)  # what the runtime checks at every load (sampled) and a copy's first (whole)
     spec = EngineSpec(file=out.name, graph=job.graph.file, precision=job.graph.precision, inputs=inputs,
-                      outputs=outputs, profiles=job.profiles, size=out.stat().st_size,
+                      outputs=outputs, profiles=job.profiles, size=record.size,
                       build_seconds=round(time.monotonic() - start, 3), peak_rss_bytes=memory.peak, layers=layers,
-                      kv_aliases=_kv_aliases(job.role, manifest))
+                      kv_aliases=_kv_aliases(job.role, manifest), sha256=record.sha256,
+                      sampled_sha256=record.sampled_sha256)
     return spec, cache
 
 

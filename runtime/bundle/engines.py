@@ -3,25 +3,36 @@
 An engine directory sits beside (by default inside) its bundle: `vision.engine`, `decoder.engine` and this
 manifest. The runtime's `trt` backend reads the engines' IO tensors and optimisation profiles from here, and
 refuses engines built from another bundle (the sha256 of the bundle's manifest.json is recorded), built with
-the other TensorRT module, or truncated. The build figures (seconds, peak memory) are reports for people.
+the other TensorRT module, truncated or damaged: version 2 records each engine's sha256 and sampled sha256,
+checked as a bundle's files are (runtime/bundle/integrity.py: the sample at every load, every byte at a copy's
+first), and seals the file itself (`engines_sha256`, the canonical digest runtime/bundle/seal.py gives the
+manifest), so an edit to a profile or an alias is refused. A plan carries no checksum of its weights: a flipped
+bit in one ran. The build figures (seconds, peak memory) are reports for people.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pulse_edge.choices import ENGINE_TARGETS, GRAPH_PRECISIONS
-from pulse_edge.runtime.bundle.manifest import BundleError, TensorSpec
+from pulse_edge.runtime.bundle.integrity import HashProgress, Recorded, check_files
+from pulse_edge.runtime.bundle.manifest import BundleError, FileRecord, TensorSpec
 from pulse_edge.runtime.bundle.names import DECODER, MANIFEST_FILE, VISION
+from pulse_edge.runtime.bundle.seal import canonical_digest
 
 ENGINES_FORMAT = "pulse-edge-engines"
-ENGINES_VERSION = 1
+ENGINES_VERSION = 2
+READ_VERSIONS = (1, ENGINES_VERSION)  # 1: no checksums, no seal; read with a warning, by size only
+ENGINES_SEAL = "engines_sha256"
 ENGINES_FILE = "engines.json"
+BUILT = Recorded("build-engines", ENGINES_FILE, "rebuild or re-copy the engines")
+log = logging.getLogger(__name__)
 ENGINE_SUFFIX = ".engine"
 TENSORRT_MODULES = ("tensorrt_rtx", "tensorrt")
 ENGINE_ROLES = (VISION, DECODER)  # the graphs an engine set must hold: the TensorRT backend runs both
@@ -86,6 +97,8 @@ class EngineSpec:
     peak_rss_bytes: int = 0
     layers: Mapping[str, int] = field(default_factory=dict)  # the network's layer types and counts
     kv_aliases: Mapping[str, str] = field(default_factory=dict)  # present output -> the past input it writes into
+    sha256: str = ""  # of the plan file; "" in a version-1 set
+    sampled_sha256: str = ""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EngineSpec:
@@ -97,7 +110,11 @@ class EngineSpec:
                    size=int(_need(d, "size", "an engine")), build_seconds=float(d.get("build_seconds", 0.0)),
                    peak_rss_bytes=int(d.get("peak_rss_bytes", 0)),
                    layers={str(k): int(v) for k, v in d.get("layers", {}).items()},
-                   kv_aliases={str(k): str(v) for k, v in d.get("kv_aliases", {}).items()})
+                   kv_aliases={str(k): str(v) for k, v in d.get("kv_aliases", {}).items()},
+                   sha256=str(d.get("sha256", "")), sampled_sha256=str(d.get("sampled_sha256", "")))
+
+    def record(self) -> FileRecord:
+        return FileRecord(size=self.size, sha256=self.sha256, sampled_sha256=self.sampled_sha256)
 
     def tensor(self, name: str) -> TensorSpec:
         found = [t for t in (*self.inputs, *self.outputs) if t.name == name]
@@ -132,9 +149,9 @@ class EngineSet:
     def from_dict(cls, d: Mapping[str, Any]) -> EngineSet:
         if d.get("format") != ENGINES_FORMAT:
             raise BundleError(f"{ENGINES_FILE}: format is {d.get('format')!r}, not {ENGINES_FORMAT!r}")
-        if d.get("version") != ENGINES_VERSION:
+        if d.get("version") not in READ_VERSIONS:
             raise BundleError(f"{ENGINES_FILE} version {d.get('version')!r} is not read by this pulse-edge (reads "
-                              f"{ENGINES_VERSION}); rebuild the engines")
+                              f"{', '.join(map(str, READ_VERSIONS))}); rebuild the engines")
         return cls(target=_choice(d.get("target"), ENGINE_TARGETS, "target"),
                    tensorrt=_choice(d.get("tensorrt"), TENSORRT_MODULES, "tensorrt module"),
                    tensorrt_version=str(_need(d, "tensorrt_version", "the engine set")),
@@ -150,7 +167,10 @@ class EngineSet:
         return {"format": ENGINES_FORMAT, "version": ENGINES_VERSION, **asdict(self)}
 
     def write(self, directory: Path) -> None:
-        (directory / ENGINES_FILE).write_text(json.dumps(self.to_dict(), indent=2))
+        """engines.json, sealed; every engine's checksums must be in its spec (build-engines records them)."""
+        d = self.to_dict()
+        (directory / ENGINES_FILE).write_text(json.dumps({**d, ENGINES_SEAL: canonical_digest(d, ENGINES_SEAL)},
+                                                         indent=2))
 
 
 def manifest_sha256(bundle: Path) -> str:
@@ -158,8 +178,10 @@ def manifest_sha256(bundle: Path) -> str:
     return hashlib.sha256((bundle / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
-def read_engines(directory: Path, bundle: Path) -> EngineSet:
-    """Load an engine directory's manifest and check it belongs to `bundle` and its files are whole."""
+def read_engines(directory: Path, bundle: Path, *, verify: bool = False,
+                 progress: HashProgress | None = None) -> EngineSet:
+    """Load an engine directory's manifest and check it belongs to `bundle` and its files are whole (every byte
+    with `verify`, or at their first load on this machine)."""
     path = directory / ENGINES_FILE
     if not path.is_file():
         raise BundleError(f"{directory} holds no {ENGINES_FILE}: build engines with `pulse-edge build-engines "
@@ -171,6 +193,10 @@ def read_engines(directory: Path, bundle: Path) -> EngineSet:
         engines = EngineSet.from_dict(data)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{path} cannot be read ({e}); rebuild the engines") from e
+    sealed = data["version"] >= ENGINES_VERSION
+    if sealed and data.get(ENGINES_SEAL) != canonical_digest(data, ENGINES_SEAL):
+        raise BundleError(f"{path} was changed after build-engines wrote it: its contents no longer match its "
+                          f"{ENGINES_SEAL} (a hand-edit or a damaged copy); rebuild or re-copy the engines")
     missing = [role for role in ENGINE_ROLES if role not in engines.engines]
     if missing:
         raise BundleError(f"{path} has no {missing[0]} engine; rebuild the engines")
@@ -186,6 +212,12 @@ def read_engines(directory: Path, bundle: Path) -> EngineSet:
         if not file.is_file() or file.stat().st_size != spec.size:
             raise BundleError(f"{file} is missing or not {spec.size} bytes as {ENGINES_FILE} says: the copy is "
                               "incomplete; rebuild or re-copy the engines")
+    if sealed:
+        check_files(directory, {s.file: s.record() for s in engines.engines.values()}, BUILT, verify=verify,
+                    progress=progress)
+    else:
+        log.warning("%s is version 1: its engines are checked by size only and the file itself is not sealed; "
+                    "rebuild them to have them checked", path)
     return engines
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -110,21 +110,40 @@ def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = False,
     check_embedding(bundle, manifest)
     read_newline(bundle, manifest)
     records = manifest.files
-    for name, record in records.items():
-        check_file_size(bundle / name, record.size, _REFETCH)
-    for name, record in records.items():
-        if sampled_sha256(bundle / name) != record.sampled_sha256:
-            raise BundleError(f"{bundle / name} is not the file export wrote (its sampled checksum differs from "
-                              f"the manifest's): it was replaced or damaged; {_REFETCH}")
-    if records and (verify or not is_stamped(bundle, records)):  # the first load of a copy: every byte, once
-        _check_full(bundle, records.items(), progress)
-        stamp(bundle, records)
+    check_files(bundle, records, EXPORTED, verify=verify, progress=progress)
     if not records:
         log.warning("%s has no checksums (manifest version %d): its files are checked by size only; re-export it "
                     "to be able to verify it", bundle, manifest.version)
     elif manifest.version < SEALED_FROM_VERSION:
         log.warning("%s has no checksum of its manifest (version %d): an edit to manifest.json goes unnoticed; "
                     "re-export it to seal it", bundle, manifest.version)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Who recorded a folder's checksums, in which file, and what to do when a file differs: for the messages."""
+
+    writer: str  # "export"
+    listing: str  # the JSON file that records them, whose bytes also key the folder's stamp (verified.py)
+    fix: str
+
+
+EXPORTED = Recorded("export", MANIFEST_FILE, _REFETCH)
+
+
+def check_files(folder: Path, records: Mapping[str, FileRecord], recorded: Recorded, *, verify: bool = False,
+                progress: HashProgress | None = None) -> None:
+    """Each recorded file's size and sampled sha256; every byte's sha256 with `verify` or where the folder's files
+    were never hashed whole on this machine as they are now (verified.py), then stamped."""
+    for name, record in records.items():
+        check_file_size(folder / name, record.size, recorded.fix)
+    for name, record in records.items():
+        if sampled_sha256(folder / name) != record.sampled_sha256:
+            raise BundleError(f"{folder / name} is not the file {recorded.writer} wrote (its sampled checksum "
+                              f"differs from {recorded.listing}'s): it was replaced or damaged; {recorded.fix}")
+    if records and (verify or not is_stamped(folder, records, recorded.listing)):  # a copy's first load: once
+        _check_full(folder, records.items(), recorded, progress)
+        stamp(folder, records, recorded.listing)
 
 
 def verify_bundle(bundle: str | Path, progress: HashProgress | None = None) -> VerifyReport:
@@ -135,11 +154,13 @@ def verify_bundle(bundle: str | Path, progress: HashProgress | None = None) -> V
     return VerifyReport(files=len(manifest.files), bytes=sum(r.size for r in manifest.files.values()))
 
 
-def _check_full(bundle: Path, records: Iterable[tuple[str, FileRecord]], progress: HashProgress | None) -> None:
+def _check_full(folder: Path, records: Iterable[tuple[str, FileRecord]], recorded: Recorded,
+                progress: HashProgress | None) -> None:
     for name, record in records:
         if progress is not None:
             progress.file(name, record.size)
-        actual = file_sha256(bundle / name, progress)
+        actual = file_sha256(folder / name, progress)
         if actual != record.sha256:
-            raise BundleError(f"{bundle / name} is not the file export wrote (sha256 {actual[:16]}..., the manifest "
-                              f"says {record.sha256[:16]}...): it was damaged or replaced; {_REFETCH}")
+            raise BundleError(f"{folder / name} is not the file {recorded.writer} wrote (sha256 {actual[:16]}..., "
+                              f"{recorded.listing} says {record.sha256[:16]}...): it was damaged or replaced; "
+                              f"{recorded.fix}")

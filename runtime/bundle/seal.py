@@ -33,7 +33,13 @@ SEALED_FROM_VERSION = 3
 
 def manifest_digest(d: Mapping[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON form, its own `manifest_sha256` left out."""
-    body = _whole_floats_as_ints({k: v for k, v in d.items() if k != SEAL_KEY})
+    return canonical_digest(d, SEAL_KEY)
+
+
+def canonical_digest(d: Mapping[str, Any], seal_key: str) -> str:
+    """sha256 of a JSON object's canonical form (module doc), its `seal_key` left out: the manifest's, and
+    engines.json's (runtime/bundle/engines.py)."""
+    body = _whole_floats_as_ints({k: v for k, v in d.items() if k != seal_key})
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 

@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 STAMP_FORMAT = "pulse-edge-verified"
 
 
-def stamp_path(bundle: Path) -> Path:
-    """The stamp of the bundle whose manifest.json has these bytes (a moved copy finds its own stamp)."""
-    digest = hashlib.sha256((bundle / MANIFEST_FILE).read_bytes()).hexdigest()
+def stamp_path(folder: Path, listing: str = MANIFEST_FILE) -> Path:
+    """The stamp of the folder whose `listing` (the JSON file recording its checksums: a bundle's manifest.json, an
+    engine set's engines.json) has these bytes; a moved copy finds its own stamp."""
+    digest = hashlib.sha256((folder / listing).read_bytes()).hexdigest()
     return user_cache_dir() / "verified" / f"{digest}.json"
 
 
@@ -44,22 +45,22 @@ def _identity(path: Path) -> list[int]:
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
-def is_stamped(bundle: Path, records: Mapping[str, FileRecord]) -> bool:
+def is_stamped(bundle: Path, records: Mapping[str, FileRecord], listing: str = MANIFEST_FILE) -> bool:
     """Whether every file of `records` was hashed whole, as it is now (module doc)."""
     try:
-        stamp = json.loads(stamp_path(bundle).read_text(encoding="utf-8"))
+        stamp = json.loads(stamp_path(bundle, listing).read_text(encoding="utf-8"))
         files = stamp["files"] if stamp.get("format") == STAMP_FORMAT else {}
         return bool(records) and all(files.get(name) == _identity(bundle / name) for name in records)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False  # none yet, or unreadable: hashed whole again
 
 
-def stamp(bundle: Path, records: Mapping[str, FileRecord]) -> None:
+def stamp(bundle: Path, records: Mapping[str, FileRecord], listing: str = MANIFEST_FILE) -> None:
     """Record that `records`' files were hashed whole and matched; a failure to write it is only logged."""
     record = {"format": STAMP_FORMAT, "version": 1, "bundle": str(bundle.resolve()),
               "files": {name: _identity(bundle / name) for name in records}}
     try:
-        path = stamp_path(bundle)
+        path = stamp_path(bundle, listing)
         path.parent.mkdir(parents=True, exist_ok=True)
         with staged_file(path) as work:
             work.write_text(json.dumps(record) + "\n", encoding="utf-8")

@@ -32,6 +32,7 @@ import numpy as np
 from pulse_edge.errors import ConfigError, DeviceMemoryError, EngineRunError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import EngineSet, EngineSpec, find_engine_dir, read_engines
+from pulse_edge.runtime.bundle.integrity import HashProgress
 from pulse_edge.runtime.bundle.manifest import BundleError, Manifest
 from pulse_edge.runtime.engines.bundle_engine import AUTO_CHUNK, BundleEngine, check_servable, resolve_chunk
 from pulse_edge.runtime.engines.tensorrt_api import TensorRT, load_module
@@ -420,11 +421,13 @@ def _runners(trt: TensorRT, directory: Path, engines: EngineSet, manifest: Manif
 
 
 def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | None = None,
-                    prefill_chunk: int | str | None = AUTO_CHUNK, cuda: Cuda | None = None) -> BundleEngine:
-    """The bundle's engines (engines_dir, default its one `engines-*` folder) behind BundleEngine."""
+                    prefill_chunk: int | str | None = AUTO_CHUNK, cuda: Cuda | None = None, verify: bool = False,
+                    progress: HashProgress | None = None) -> BundleEngine:
+    """The bundle's engines (engines_dir, default its one `engines-*` folder) behind BundleEngine; `verify`:
+    every byte of the engines hashed too (runtime/bundle/engines.py)."""
     check_servable(manifest, prefill_chunk)
     directory = engines_dir or find_engine_dir(bundle)
-    engines = read_engines(directory, bundle)
+    engines = read_engines(directory, bundle, verify=verify, progress=progress)
     check_engine_set(engines, manifest)
     plan = DecoderPlan.from_spec(engines.engines[names.DECODER])
     # auto: the runtime's chunk, or the engines' largest run where they were built for less (build-engines

@@ -111,6 +111,13 @@ def test_build_engines_refusals_are_one_line(built: dict[str, Path], tmp_path: P
         assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), res.output
     data = json.loads((built["fp16"] / "engines.json").read_text())
     assert data["engines"]["vision"]["profiles"][0]["shapes"]["pixel_values"][2][0] == 5  # PULSE: 4 tiles + base
+    import hashlib
+
+    for engine in data["engines"].values():  # recorded for every load's check (runtime/bundle/engines.py)
+        assert engine["sha256"] == hashlib.sha256((built["fp16"] / engine["file"]).read_bytes()).hexdigest()
+    from pulse_edge.runtime.bundle.engines import read_engines
+
+    assert read_engines(built["fp16"], built["bundle-fp16"], verify=True).engines.keys() == data["engines"].keys()
 
 
 def test_an_ort_bundle_is_refused_before_any_tensorrt_import(trt_fp16_bundle: Path, tmp_path: Path) -> None:

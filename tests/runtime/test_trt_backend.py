@@ -17,6 +17,7 @@ from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import (
     ENGINES_FILE,
+    ENGINES_SEAL,
     EngineSet,
     EngineSpec,
     ProfileSpec,
@@ -24,7 +25,9 @@ from pulse_edge.runtime.bundle.engines import (
     manifest_sha256,
     read_engines,
 )
+from pulse_edge.runtime.bundle.integrity import file_record
 from pulse_edge.runtime.bundle.manifest import BundleError, TensorSpec
+from pulse_edge.runtime.bundle.seal import canonical_digest
 from pulse_edge.runtime.engines import trt as trt_backend
 from pulse_edge.runtime.engines.tensorrt_api import TensorRT
 
@@ -371,7 +374,8 @@ def _engine_set(bundle: Path, directory: Path) -> EngineSet:
     specs = {}
     for role, spec in ((names.VISION, _vision_spec()), (names.DECODER, _decoder_spec())):
         (directory / spec.file).write_bytes(b"plan")
-        specs[role] = replace(spec, size=4)
+        record = file_record(directory / spec.file)
+        specs[role] = replace(spec, size=record.size, sha256=record.sha256, sampled_sha256=record.sampled_sha256)
     engines = EngineSet(target="rtx", tensorrt="tensorrt_rtx", tensorrt_version="1.7.1.116",
                         compute_capabilities=("8.6",), max_context=LENGTH, max_tiles=2,
                         bundle_manifest_sha256=manifest_sha256(bundle), engines=specs)
@@ -401,6 +405,34 @@ def test_engines_json_round_trips_and_refuses_stale_or_truncated_engines(tmp_pat
         read_engines(bundle / "engines-rtx", bundle)
 
 
+def test_a_damaged_engine_or_an_edited_engines_json_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Sizes alone let a flipped bit in a plan (it carries no checksum of its weights) and an edited profile or
+    alias through: version 2 records and seals them."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / names.MANIFEST_FILE).write_text("{}")
+    directory = bundle / "engines-rtx"
+    _engine_set(bundle, directory)
+    read_engines(directory, bundle)  # hashed whole and stamped
+    (directory / "decoder.engine").write_bytes(b"plAn")  # same size
+    with pytest.raises(BundleError, match=r"decoder\.engine is not the file build-engines wrote"):
+        read_engines(directory, bundle)
+    (directory / "decoder.engine").write_bytes(b"plan")
+    listing = directory / ENGINES_FILE
+    data = json.loads(listing.read_text())
+    data["engines"]["decoder"]["kv_aliases"] = {"present.0.key": "past.1.key"}
+    listing.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="was changed after build-engines wrote it"):
+        read_engines(directory, bundle)
+    old = {k: v for k, v in data.items() if k != "engines_sha256"} | {"version": 1}  # before checksums
+    listing.write_text(json.dumps(old))
+    with caplog.at_level("WARNING"):
+        assert read_engines(directory, bundle).engines["decoder"].kv_aliases == {"present.0.key": "past.1.key"}
+    assert "version 1: its engines are checked by size only" in caplog.text
+
+
 @pytest.mark.parametrize(("edit", "expected"), [
     (lambda d: [d], "it is not an engine set"),
     (lambda d: {**d, "engines": []}, "it is not an engine set"),
@@ -416,7 +448,10 @@ def test_a_malformed_engines_json_is_one_line(tmp_path: Path, edit, expected: st
     (bundle / names.MANIFEST_FILE).write_text("{}")
     _engine_set(bundle, bundle / "engines-rtx")
     path = bundle / "engines-rtx" / ENGINES_FILE
-    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    edited = edit(json.loads(path.read_text()))
+    if isinstance(edited, dict):  # sealed again, as a builder that wrote it so would: the checks behind the seal
+        edited[ENGINES_SEAL] = canonical_digest(edited, ENGINES_SEAL)
+    path.write_text(json.dumps(edited))
     with pytest.raises(BundleError, match=re.escape(expected)):
         read_engines(bundle / "engines-rtx", bundle)
 
@@ -444,3 +479,20 @@ def test_closing_frees_the_engines_device_buffers_and_stream() -> None:
     trt_backend.engine_release(cuda, [], own=True)()  # an engine that made its Cuda closes it whole
     trt_backend.engine_release(cuda, [], own=True)()
     assert freed == [*engine_a[::-1], *engine_b[::-1], earlier] and destroyed == [7] and cuda.owned == []
+
+
+def test_verify_checks_the_engine_sets_inside_a_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pulse_edge.cli.main import main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    _engine_set(bundle, bundle / "engines-rtx")
+    ok = CliRunner().invoke(main, ["verify", str(bundle)])
+    assert ok.exit_code == 0 and "engines-rtx: its engines match engines.json" in ok.stdout, ok.output
+    (bundle / "engines-rtx" / "vision.engine").write_bytes(b"PLAN")
+    damaged = CliRunner().invoke(main, ["verify", str(bundle)])
+    assert damaged.exit_code == 2 and "vision.engine is not the file build-engines wrote" in damaged.stderr
