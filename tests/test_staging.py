@@ -260,3 +260,24 @@ def test_the_torch_reference_raises_no_future_warning(tiny_pipeline: Any, ecg_pn
         warnings.simplefilter("error", FutureWarning)
         result = tiny_pipeline.generate(Image.open(ecg_png), "Rate?", max_new_tokens=3)
     assert result.generated_tokens == 3
+
+
+def test_a_lock_file_unlinked_between_open_and_lock_is_locked_again(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder unlinks its lock file while still locked; a process that opened the old file before that gets
+    its flock on a file nobody else will ever open: it must try again on the new one, or two processes would
+    both hold the target."""
+    import pulse_edge.staging as staging
+
+    calls = []
+    real = staging._same_file
+
+    def unlinked_once(fd: int, path: Path) -> bool:
+        calls.append(path)
+        if len(calls) == 1:  # as the previous holder leaving: its file gone from under our descriptor
+            path.unlink()
+        return real(fd, path)
+
+    monkeypatch.setattr(staging, "_same_file", unlinked_once)
+    with staging.target_lock(tmp_path / "out", what="output") as lock:
+        assert len(calls) == 2 and lock.is_file()  # tried again, and holds the file that is there now

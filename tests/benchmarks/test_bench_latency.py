@@ -155,7 +155,6 @@ def _assert_fractions_from_own_probes(row: dict, report: dict) -> None:
         "prefill_of_compute_peak": [ops["decoder_ops_per_position"] * row["prompt_tokens"] / (ms / 1e3) / b
                                     for ms, b in zip(t["prefill_ms"]["values"], peak, strict=True)],
         "decode_of_read": [tok * per_step / b for tok, b in zip(t["decode_tokens_per_s"]["values"], read, strict=True)]}
-    assert row["host"]["busy"] is None
     for key, values in expected.items():
         assert row["fractions"][key] == pytest.approx(np.median(values), rel=1e-9), key
 
@@ -212,9 +211,8 @@ def test_bench_backends_tiny_runs_all_three(tiny_checkpoint: Path, quick_bundle:
     assert len(reads) == 3 and all(r > 0 for r in reads)
     assert "read bandwidth probed before each decode round and after the last" in printed and "% of read BW" in printed
     bounds = [max(a, b) * 1e9 for a, b in itertools.pairwise(reads)]
-    assert report["decode_host"]["busy"] is None
-    assert {p: (len(h["rounds"]), h["busy"]) for p, h in report["host"].items()} == {
-        "vision": (2, None), "prefill": (2, None), "decode": (2, None)}  # every phase's rounds judged
+    assert {p: len(h["rounds"]) for p, h in report["host"].items()} == {
+        "vision": 2, "prefill": 2, "decode": 2}  # every phase's rounds judged (as quiet_host says)
     assert "busy rounds" not in printed
     from pulse_edge.benchmarks.perf.backends import backends_table
 

@@ -22,7 +22,7 @@ def test_the_kernel_is_checked_on_the_cache_ort_wrote_then_both_are_timed(kernel
                                                                           quiet_host: None) -> None:
     row = decode_attention.compare(50, 2, 3, 1, 3, kernel)
     assert row["kernel_relative_error"] < 1e-5  # float32 against the twin, over ORT's own stores
-    assert len(row["rounds"]) == 3 and row["busy"] is None
+    assert len(row["rounds"]) == 3
     per_round = sorted(r["ort_ms"] / r["kernel_ms"] for r in row["rounds"])
     assert row["speedup"] == pytest.approx(per_round[1])  # the median of the rounds' own ratios
     read = 3 * 2 * 2 * 50 * 128

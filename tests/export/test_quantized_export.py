@@ -224,8 +224,11 @@ def _site_meta(meta: dict, field: str, value: object) -> dict:
      None, r"layers.0.qkv smooth_amax is \{\}, not a map from calibration method"),
     (lambda m: [m], None, r"its metadata is a JSON list, not an object"),
     (lambda m: {**m, "sites": []}, None, r"is damaged or incomplete"),
+    (None, lambda a: {**a, "layers.0.qkv/smooth": a["layers.0.qkv/smooth"] * 0}, r"layers.0.qkv smooth holds 0.0"),
+    (None, lambda a: {**a, "layers.0.o/awq": a["layers.0.o/awq"] * np.nan}, r"layers.0.o awq holds nan"),
+    (None, lambda a: {**a, "kv/layers.0.key": -a["kv/layers.0.key"]}, r"kv layers.0.key holds -"),
 ], ids=["amax 0", "amax negative", "amax_fp8 NaN", "amax a string", "absmax inf", "smoothed clip 0",
-        "smoothed clips missing", "meta a list", "sites a list"])
+        "smoothed clips missing", "meta a list", "sites a list", "smoothing 0", "awq NaN", "kv negative"])
 def test_a_scales_file_with_unusable_ranges_is_one_line(scales_file: Path, tmp_path: Path, edit_meta, edit_arrays,
                                                         expected: str) -> None:
     """A zero amax would be floored to 1e-12 by the graph and the emulated reference alike: parity would pass a

@@ -212,3 +212,15 @@ def test_buffers_the_c_code_would_misread_are_refused_when_made() -> None:
     with pytest.raises(ValueError, match="codes int16"):
         QuantizedRows(codes.astype(np.int16), scales, scales.copy(), 4, 128)
     QuantizedRows(codes, scales, scales.copy(), 4, 128)  # the layout pe_block_quantize writes
+
+
+def test_a_library_that_disagrees_with_its_twin_is_refused_at_load(gemv: BlockGemv, tmp_path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load's self-test: a compiler or CPU that makes the kernel compute something else is refused (ONNX
+    Runtime's kernels run instead), as the attention and elementwise kernels' are."""
+    from pulse_edge.errors import KernelUnavailable
+
+    real = BlockGemv.__call__
+    monkeypatch.setattr(BlockGemv, "__call__", lambda self, *a, **k: real(self, *a, **k) * (1 + 1e-4))
+    with pytest.raises(KernelUnavailable, match="disagrees with its twin"):
+        BlockGemv.load(cache=tmp_path / "cache")

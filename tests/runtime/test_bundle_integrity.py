@@ -338,11 +338,14 @@ def test_graph_io_is_checked_against_the_manifest(tiny_bundle: Path) -> None:
         check_graph_io(spec, session(shape=["tiles", 3, 224, 224]))
 
 
-def test_the_embedding_check_is_a_pass_over_exponent_bits(tmp_path: Path) -> None:
-    """Every non-finite fp16 / fp32 value is found, in any row of any block; finite extremes are not."""
+def test_the_embedding_check_is_a_pass_over_exponent_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every non-finite fp16 / fp32 value is found, in any row of any block; finite extremes are not. Blocks of
+    1 KiB: the table spans many, the bad row sits in the last, and its number counts the blocks before it."""
     from pulse_edge.errors import BundleError
+    from pulse_edge.runtime.bundle import arrays
     from pulse_edge.runtime.bundle.arrays import _check_finite
 
+    monkeypatch.setattr(arrays, "_BLOCK_BYTES", 1024)
     for dtype in (np.float16, np.float32):
         table = np.full((3000, 8), np.finfo(dtype).max, dtype)
         table[::2] = np.finfo(dtype).tiny  # subnormal-adjacent and huge values are fine
@@ -352,6 +355,21 @@ def test_the_embedding_check_is_a_pass_over_exponent_bits(tmp_path: Path) -> Non
             broken[2999, 7] = bad
             with pytest.raises(BundleError, match="row 2999 is the first"):
                 _check_finite(broken, tmp_path / "t.npy")
+
+
+def test_a_non_finite_image_newline_is_refused_at_load(tmp_path: Path) -> None:
+    """spatial_unpad's newline vector is spliced after every row of image tokens: a NaN in it was caught only
+    later, named as the vision graph's output."""
+    from pulse_edge.errors import BundleError
+    from pulse_edge.runtime.bundle.arrays import _read_newline
+
+    vector = np.linspace(-1, 1, 16, dtype=np.float32)
+    np.save(tmp_path / "newline.npy", vector)
+    assert np.array_equal(_read_newline(tmp_path / "newline.npy", 16), vector)
+    vector[5] = np.nan
+    np.save(tmp_path / "newline.npy", vector)
+    with pytest.raises(BundleError, match=r"newline\.npy holds NaN or infinite values"):
+        _read_newline(tmp_path / "newline.npy", 16)
 
 
 def test_the_manifest_schema_is_valid_json_schema_and_names_the_field_in_one_line() -> None:

@@ -126,6 +126,12 @@ def test_sampling_is_seeded_and_follows_the_distribution() -> None:
     assert a == b
     freq = np.bincount(a, minlength=3) / len(a)
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.04)
+    # the temperature divides the logits: p ** (1 / T), renormalised (at T = 1 dividing changes nothing)
+    for temperature in (0.5, 2.0):
+        sampler = Sampler(SamplingParams(temperature=temperature, seed=3))
+        freq = np.bincount([sampler(logits) for _ in range(4000)], minlength=3) / 4000
+        expected = np.array([0.5, 0.3, 0.2]) ** (1 / temperature)
+        np.testing.assert_allclose(freq, expected / expected.sum(), atol=0.03)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
