@@ -99,6 +99,9 @@ async def _read(request: Request, deadline: Deadline,
 
 async def _read_form(request: Request, deadline: Deadline) -> tuple[dict[str, Any], list[UploadFile]]:
     try:  # two files at most: a WFDB record's header and signal file
+        # the raw body first (Guard bounds it; the form is parsed from it): Starlette decodes a text field that is
+        # not UTF-8 as Latin-1, and only the raw bytes tell that apart (_check_utf8)
+        body = await asyncio.wait_for(request.body(), deadline.remaining())
         form = await asyncio.wait_for(request.form(max_files=2, max_fields=len(FIELDS),
                                                    max_part_size=MAX_FIELD_BYTES), deadline.remaining())
     except asyncio.TimeoutError:
@@ -116,7 +119,7 @@ async def _read_form(request: Request, deadline: Deadline) -> tuple[dict[str, An
         elif key == "file":
             raise ApiError("bad_request", "the field 'file' must be a file upload", param="file")
         else:
-            params[key] = _form_value(key, value)
+            params[key] = _form_value(key, _check_utf8(key, value, body))
     return params, uploads
 
 
@@ -141,6 +144,15 @@ def _json_list(text: str) -> Any:
         return json.loads(text)
     except JSON_TEXT_ERRORS:
         return text  # not a list: refused by the caller, naming the field
+
+
+def _check_utf8(key: str, value: str, body: bytes) -> str:
+    """A form field as sent: where its bytes were not UTF-8, Starlette decoded them as Latin-1 ("\\xff\\xfe" became
+    "ÿþ") and the model would have been asked garbled text. Read as UTF-8, a non-ASCII value's UTF-8 bytes are
+    in the body as they were sent; read as Latin-1, they are not."""
+    if not value.isascii() and value.encode("utf-8") not in body:
+        raise ApiError("bad_request", f"the field {key!r} is not UTF-8 text; send form fields as UTF-8", param=key)
+    return value
 
 
 def _form_value(key: str, value: str) -> Any:

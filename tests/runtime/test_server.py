@@ -541,3 +541,17 @@ def test_a_client_leaving_mid_upload_is_counted_as_cancelled_not_an_error(server
                                 outcome="cancelled") == before["cancelled"] + 1, "the disconnect to be counted")
     assert _metric(server, "pulse_edge_requests_total", endpoint="/v1/chat/completions",
                    outcome="error") == before["error"]
+
+
+def test_a_form_question_that_is_not_utf8_is_a_400_and_one_that_is_is_read(server: Server, ecg_png: Path) -> None:
+    """Starlette reads a form field that is not UTF-8 as Latin-1: the model was asked "what is ÿþ rhythm"."""
+    def post(question: bytes) -> tuple[int, dict[str, Any]]:
+        body, headers = _multipart({"question": "QUESTION", "max_tokens": "2"}, ("ecg.png", ecg_png.read_bytes()))
+        status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", body.replace(b"QUESTION", question),
+                                  _auth(headers))
+        return status, json.loads(answer)
+
+    status, answer = post(b"what is \xff\xfe rhythm")
+    assert status == 400 and "the field 'question' is not UTF-8 text" in answer["error"]["message"]
+    status, answer = post("Quel est le rythme cardiaque ? (é, ü)".encode())
+    assert status == 200 and answer["question"] == "Quel est le rythme cardiaque ? (é, ü)"
