@@ -51,6 +51,11 @@ class ModelOutputError(PulseEdgeError):
     overflow, refused rather than decoded into text."""
 
 
+class GenerationStopped(PulseEdgeError):
+    """The caller's `should_stop` said stop before the first token (between prefill chunks): a server's client
+    gone, its deadline passed or it is shutting down. The conversation's cache holds part of the prompt."""
+
+
 class EngineRunError(PulseEdgeError):
     """An inference engine failed while running a graph of a bundle that passed its load checks: a fault in
     pulse-edge or the engine, not the user's input, hence its own exit code. Unlike non-finite logits (one input's

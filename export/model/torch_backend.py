@@ -132,7 +132,9 @@ class TorchEngine:
         return features
 
     @torch.inference_mode()
-    def prefill(self, ids: Sequence[int], image_features: torch.Tensor | None) -> np.ndarray:
+    def prefill(self, ids: Sequence[int], image_features: torch.Tensor | None,
+                should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """One pass (the reference is not chunked): `should_stop` has no chunk boundary to be asked at."""
         embeds = self.model.embed(ids, image_features)
         logits, self._cache = prefill(self.model.language_model, embeds, self._cache)
         self.length += embeds.shape[1]

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pulse_edge.errors import ConfigError, ModelOutputError
+from pulse_edge.errors import ConfigError, GenerationStopped, ModelOutputError
 from pulse_edge.runtime.bundle.arrays import read_newline
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.generation.sampling import check_logits
@@ -191,7 +191,10 @@ class BundleEngine:
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)  # [S, H]
 
-    def prefill(self, ids: Sequence[int], image_features: np.ndarray | None) -> np.ndarray:
+    def prefill(self, ids: Sequence[int], image_features: np.ndarray | None,
+                should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """The prompt's positions into the cache, in chunks; the last position's logits. `should_stop` is asked
+        between chunks: a 7B prompt on a CPU takes tens of seconds, which a cancelled request no longer holds."""
         if image_features is None:
             embeds = self.embed(ids)
         else:
@@ -200,6 +203,8 @@ class BundleEngine:
         chunk = self.prefill_chunk or embeds.shape[0]
         logits = None
         for start in range(0, embeds.shape[0], chunk):
+            if start and should_stop is not None and should_stop():
+                raise GenerationStopped(f"stopped after {start} of the prompt's {embeds.shape[0]} positions")
             logits = self.decoder.forward(embeds[None, start:start + chunk])
             # an int8 cache hides a non-finite position from later chunks; its graphs make this chunk's logits NaN
             # (export/graphs/decoder.py `_poisoned`), which only this check sees: the next chunk overwrites them

@@ -41,7 +41,8 @@ class Engine(Protocol):
 
     def image_features(self, pre: Preprocessed) -> Any: ...
 
-    def prefill(self, ids: Sequence[int], image_features: Any | None) -> np.ndarray: ...
+    def prefill(self, ids: Sequence[int], image_features: Any | None,
+                should_stop: StopCheck | None = None) -> np.ndarray: ...
 
     def step(self, token: int) -> np.ndarray: ...
 
@@ -89,7 +90,7 @@ class Conversation:
         features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None  # the cache unmoved
         t2 = time.perf_counter()
         try:  # from here on the cache moves: a failure leaves it holding what this conversation never saw
-            logits = self.engine.prefill(prompt.ids, features)
+            logits = self.engine.prefill(prompt.ids, features, should_stop=should_stop)
             self._opened = True
             t3 = time.perf_counter()
             stream = StreamDecoder(self.tokenizer)

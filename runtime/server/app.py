@@ -150,7 +150,7 @@ class Guard:
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, timeout_s: float) -> None:
         self.app, self.max_body_bytes, self.timeout_s = app, max_body_bytes, timeout_s
-        self.key = None if api_key is None else f"Bearer {api_key}".encode()
+        self.key = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,7 +175,9 @@ class Guard:
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         assert self.key is not None
-        return hmac.compare_digest(headers.get(b"authorization", b""), self.key)
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        # the scheme is case-insensitive (RFC 9110: "bearer" is Bearer); the key is compared in constant time
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
     def _too_large(self, close: bool = False) -> ApiError:
         return ApiError("too_large", f"the request body is larger than the server's limit of "

@@ -39,7 +39,7 @@ async def read_json(request: Request, deadline: Deadline) -> Any:
     try:
         body = await asyncio.wait_for(request.body(), deadline.remaining())
     except asyncio.TimeoutError:
-        raise deadline.error() from None
+        raise deadline.body_error() from None
     try:
         return json.loads(body)
     except JSON_TEXT_ERRORS as e:

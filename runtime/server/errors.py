@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from pulse_edge.errors import EngineRunError, ModelOutputError, PulseEdgeError
+from pulse_edge.errors import EngineRunError, GenerationStopped, ModelOutputError, PulseEdgeError
 
 log = logging.getLogger("pulse_edge.server")
 
@@ -22,6 +22,7 @@ ERROR_KINDS: Mapping[str, tuple[int, str]] = {
     "forbidden": (403, "permission_error"),
     "not_found": (404, "not_found_error"),
     "method_not_allowed": (405, "invalid_request_error"),
+    "request_timeout": (408, "invalid_request_error"),  # the client's body did not arrive in time
     "too_large": (413, "invalid_request_error"),
     "unsupported_media_type": (415, "invalid_request_error"),
     "cancelled": (499, "invalid_request_error"),  # the client went away; nobody reads this one
@@ -59,6 +60,8 @@ def from_runtime(exc: PulseEdgeError | MemoryError) -> ApiError:
     """A runtime refusal as the client reads it: its one line; a 400 (the request's file or prompt), a 500 when
     the model computed no usable answer (not the client's doing), or a 503 when the host's or the GPU's memory ran
     out (the machine's state, which may pass: OpenAI's clients retry a 503), logged for the operator."""
+    if isinstance(exc, GenerationStopped):  # what reaches a client only when the worker closed mid-prompt
+        return ApiError("unavailable", SHUTTING_DOWN)
     if isinstance(exc, MemoryError):
         what = str(exc).rstrip(".") or "out of memory"
         log.warning("a request ran out of memory: %s", what)

@@ -105,7 +105,7 @@ async def _read_form(request: Request, deadline: Deadline) -> tuple[dict[str, An
         form = await asyncio.wait_for(request.form(max_files=2, max_fields=len(FIELDS),
                                                    max_part_size=MAX_FIELD_BYTES), deadline.remaining())
     except asyncio.TimeoutError:
-        raise deadline.error() from None
+        raise deadline.body_error() from None
     params: dict[str, Any] = {}
     uploads: list[UploadFile] = []
     for key, value in form.multi_items():

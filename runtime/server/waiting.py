@@ -36,6 +36,11 @@ class Deadline:
         return ApiError("timeout", f"the request took longer than the server's limit of {self.seconds:g} s; "
                         "it was cancelled")
 
+    def body_error(self) -> ApiError:
+        """The client's body did not arrive in time: a slow client (408), not a slow server (504)."""
+        return ApiError("request_timeout", f"the request body did not arrive within the server's limit of "
+                        f"{self.seconds:g} s")
+
 
 async def wait_disconnect(receive: Receive) -> None:
     """Returns once the client has gone (call only after the request body has been read)."""

@@ -621,3 +621,20 @@ def test_sampling_options_with_greedy_decoding_are_noted(tiny_bundle: Path, ecg_
         res = CliRunner().invoke(main, [*base, *extra])
         assert res.exit_code == 0, res.output
         assert (note in res.stderr) is noted, res.stderr
+
+
+def test_a_stop_asked_during_the_prefill_ends_it_at_the_next_chunk(tiny_bundle: Path) -> None:
+    """A 7B prompt on a CPU takes tens of seconds: a server's cancelled request (client gone, deadline, shutdown)
+    held the model until its first token. Now it stops between chunks, and the conversation is closed to
+    follow-ups (its cache holds part of the prompt)."""
+    from pulse_edge.errors import GenerationStopped
+
+    pipeline = Pipeline.from_bundle(tiny_bundle, prefill_chunk=64)
+    asked: list[int] = []
+    chat = pipeline.chat()
+    with pytest.raises(GenerationStopped, match="stopped after 64 of the prompt's"):
+        chat.ask("Rate?", _images()[0], should_stop=lambda: asked.append(1) or True)
+    assert asked == [1]  # asked at the first chunk boundary, not before the first chunk
+    with pytest.raises(PromptError, match="stopped partway"):
+        chat.ask("And the axis?")
+    assert pipeline.chat().ask("Rate?", _images()[0], max_new_tokens=2).generated_tokens == 2  # a new one runs

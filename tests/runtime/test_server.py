@@ -281,6 +281,10 @@ def test_the_key_is_enforced(server: Server) -> None:
     assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
     assert headers["www-authenticate"] == "Bearer"
     assert _http("GET", f"{server.url}/metrics", headers=_auth())[0] == 200
+    # the scheme is case-insensitive (RFC 9110); the key is not
+    assert _http("GET", f"{server.url}/metrics", headers={"Authorization": f"bearer {KEY}"})[0] == 200
+    assert _http("GET", f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY.upper()}"})[0] == 401
+    assert _http("GET", f"{server.url}/metrics", headers={"Authorization": KEY})[0] == 401
 
 
 # ---- the ECG-native API -----------------------------------------------------------------------------------

@@ -475,3 +475,36 @@ def test_a_full_memory_is_a_503_with_its_line_and_counted_as_unavailable(tmp_pat
     assert error["message"] == ("onnxruntime could not allocate memory running decoder.onnx (std::bad_alloc): the "
                                 "server ran out of memory; retry later") and error["type"] == "server_error"
     assert b'outcome="unavailable"} 1.0' in metrics and b'outcome="queue_full"} 1.0' not in metrics
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(tmp_path: Path) -> None:
+    """A slow client, not a slow server: 504 said the server was."""
+    import json
+
+    from pulse_edge.runtime.server.app import create_app
+    from pulse_edge.runtime.server.model import ServedModel
+    from pulse_edge.runtime.server.state import ServerConfig, ServerState
+
+    config = ServerConfig(bundle=tmp_path, host="127.0.0.1", port=0, api_key=None, max_queue=2, allow_dir=None,
+                          max_body_bytes=1 << 20, timeout_s=0.2)
+    model = ServedModel(pipeline=_FullMemory(None), model_id="tiny", bundle_id="0" * 64, provider="cpu")
+    app = create_app(ServerState.create(config, model))
+    sent: list[dict[str, Any]] = []
+    arriving = [{"type": "http.request", "body": b'{"messages": ', "more_body": True}]  # then nothing more
+
+    async def receive() -> dict[str, Any]:
+        if arriving:
+            return arriving.pop()
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 408
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert "the request body did not arrive within" in body["error"]["message"]
