@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ class TorchEngine:
         self.max_length = model.cfg.text.max_position_embeddings
         self.length, self.epoch = 0, 0
         self._cache: DynamicCache | None = None
+        self.lock = threading.RLock()  # one per conversation's engine (TorchPipeline.chat makes one each)
 
     def reset(self) -> None:
         self.length, self._cache, self.epoch = 0, None, self.epoch + 1

@@ -139,6 +139,9 @@ class BundleEngine:
         check_servable(manifest, prefill_chunk)
         self.vision, self.decoder = vision, decoder
         self.release, self.closed = release, False
+        # one computation at a time on the one cache: a conversation holds it for a whole question (its reset and
+        # every step), so a second thread's reset could not move the cache under a running answer (Conversation)
+        self.lock = threading.RLock()
         prefetch(bundle / manifest.embedding.file)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
@@ -155,14 +158,17 @@ class BundleEngine:
 
     def close(self) -> None:
         """Free the engine's memory now, not when the process ends: ONNX Runtime's sessions and caches (their last
-        reference dropped) and a TensorRT engine's device buffers. Any later use is refused in one line. Not while
-        an answer is being computed (its buffers would go from under it); a second close does nothing."""
-        if self.closed:
-            return
-        self.closed = True
-        self.vision = self.decoder = ClosedRunner()  # type: ignore[assignment]  # the runners' contexts go first
-        if self.release is not None:
-            self.release()
+        reference dropped), the embedding table's map and a TensorRT engine's device buffers. Any later use is
+        refused in one line. Called while another thread computes an answer, it waits for that answer; a second
+        close does nothing."""
+        with self.lock:  # after the answer another thread is computing, never under it
+            if self.closed:
+                return
+            self.closed = True
+            self.vision = self.decoder = ClosedRunner()  # type: ignore[assignment]  # the runners' contexts go first
+            self.table = np.empty((0, self.table.shape[1]), self.table.dtype)  # the 500 MB map and its file go
+            if self.release is not None:
+                self.release()
 
     def check_open(self) -> None:
         if self.closed:

@@ -34,6 +34,8 @@ from pulse_edge.runtime.findings.vocabulary import CONCEPTS, Concept
 CERTAINTIES = ("stated", "possible")
 _LEFT, _RIGHT = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])"
 # A "?" ends a question unless a word follows it at once ("?LVH": a query of that one statement).
+# where a sentence ends: '.', '!' or '?' before whitespace or the end of the text (not "0.12 s"), or a line break
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 _BOUNDARY = re.compile(
     r"[.;:!](?!\d)|\?(?![A-Za-z])|\n|(?<![A-Za-z])(?:but|however|although|though|whereas|except|apart from"
     r"|aside from)(?![A-Za-z])", re.IGNORECASE)
@@ -133,6 +135,13 @@ def _matcher(concept: Concept) -> _Matcher:
 
 
 _MATCHERS: tuple[_Matcher, ...] = tuple(_matcher(c) for c in CONCEPTS)
+
+
+def finished_sentences(text: str) -> str:
+    """`text` up to the end of its last finished sentence (a '.', '!' or '?' before a space or the end, or a
+    line break); "" where none is finished."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]] if ends else ""
 
 
 def extract_findings(text: str) -> list[Finding]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +34,7 @@ class Engine(Protocol):
 
     max_length: int
     epoch: int  # how many times the cache was reset: a conversation owns it while no newer one has reset it
+    lock: AbstractContextManager[Any]  # held by a conversation for its reset and for each whole question
 
     @property
     def length(self) -> int: ...
@@ -65,8 +67,9 @@ class Conversation:
         self._last_stop = "eos"
         self._opened = False  # the image and first question are in the cache
         self._broken: str | None = None  # why an earlier ask stopped with its positions half in the cache
-        engine.reset()
-        self._epoch = engine.epoch  # a later conversation on this engine (pipeline.generate, chat) resets it
+        with engine.lock:  # not while another thread's conversation is mid-answer on this engine's cache
+            engine.reset()
+            self._epoch = engine.epoch  # a later conversation on this engine (pipeline.generate, chat) resets it
 
     def ask(self, question: str, image: Image.Image | None = None, *, max_new_tokens: int = 1024,
             sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
@@ -74,8 +77,16 @@ class Conversation:
         """The first question needs the image; follow-ups must not pass one.
 
         `history`: answered turns that come before `question` (first question only: a client replaying a
-        whole chat, as OpenAI-style clients do). `should_stop`: see `decode_loop`.
+        whole chat, as OpenAI-style clients do). `should_stop`: see `decode_loop`. Thread-safe: a question holds
+        the engine (its cache) from its first check to its last token; another thread's waits.
         """
+        with self.engine.lock:
+            return self._ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                             history=history, should_stop=should_stop)
+
+    def _ask(self, question: str, image: Image.Image | None, *, max_new_tokens: int,
+             sampling: SamplingParams | None, on_text: Callable[[str], None] | None, history: Sequence[Turn],
+             should_stop: StopCheck | None) -> GenerationResult:
         t0 = time.perf_counter()
         check_token_limit(max_new_tokens)
         if self.engine.epoch != self._epoch:  # its cache now holds another conversation's ECG: never answer on it

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.findings import Finding, extract_findings
+from pulse_edge.runtime.findings.extract import finished_sentences
 from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.inputs import EcgInput, load_input
@@ -59,8 +60,11 @@ class Interpretation(GenerationResult):
     @classmethod
     def of(cls, result: GenerationResult, ecg: EcgInput, question: str, input_ms: float) -> Interpretation:
         inherited = {f.name: getattr(result, f.name) for f in fields(GenerationResult)}
+        # an answer cut short (max_new_tokens, a cancel, a full context) may stop before the words that deny or
+        # hedge its last statement ("Atrial fibrillation is| absent"): only its finished sentences give findings
+        said = result.text if result.stop_reason == "eos" else finished_sentences(result.text)
         return cls(**inherited, source=ecg.source, input_kind=ecg.kind, question=question, notes=ecg.notes,
-                   findings=tuple(extract_findings(result.text)), input_ms=round(input_ms, 3))
+                   findings=tuple(extract_findings(said)), input_ms=round(input_ms, 3))
 
 
 def interpret(model: Generator, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,

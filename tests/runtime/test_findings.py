@@ -149,3 +149,26 @@ def test_vocabulary_is_well_formed() -> None:
         superclass = concept.labels.get("ptbxl") == concept.key  # a PTB-XL diagnostic superclass is its own code
         assert concept.snomed or concept.scp or superclass, f"{concept.key} has no standard code"
         assert concept.phrases or concept.codes, concept.key
+
+
+@pytest.mark.parametrize(("text", "codes"), [
+    ("Sinus rhythm. Atrial fibrillation is", ["SR"]),  # cut before "absent"
+    ("Sinus rhythm. Left bundle branch block cannot", ["SR"]),  # before "be excluded": not stated
+    ("Sinus rhythm.\nQRS 0.12 s, left bundle branch block", ["SR"]),
+    ("Atrial fibrillation", []),
+])
+def test_an_answer_cut_short_gives_findings_from_its_finished_sentences_only(text: str, codes: list[str]) -> None:
+    """SNOMED-coded findings a cart files: a cut answer's last words may be the ones that deny or hedge them."""
+    from pulse_edge.runtime.generation.interpretation import Interpretation
+    from pulse_edge.runtime.generation.result import GenerationResult, Timings
+    from pulse_edge.runtime.inputs.load import EcgInput
+
+    def result(stop: str) -> GenerationResult:
+        return GenerationResult(text=text, token_ids=[1], image_tokens=0, prompt_tokens=1, generated_tokens=1,
+                                stop_reason=stop, timings=Timings(0.0, 0.0, 0.0, 0.0, 0.0, 0.0), backend="ort")
+
+    ecg = EcgInput(image=None, kind="image", source="x.png", notes=())  # type: ignore[arg-type]
+    cut = Interpretation.of(result("max_new_tokens"), ecg, "Rhythm?", 0.0)
+    assert [f.code for f in cut.findings] == codes
+    whole = Interpretation.of(result("eos"), ecg, "Rhythm?", 0.0)
+    assert [f.code for f in whole.findings] == [f.code for f in extract_findings(text)]

@@ -572,6 +572,30 @@ def test_a_closed_pipeline_drops_its_sessions_and_refuses_in_one_line(tiny_bundl
             use()
     pipeline.close()  # a second close does nothing
     assert released == [1]
+    table = tiny_bundle / read_manifest(tiny_bundle).embedding.file
+    assert str(table.resolve()) not in Path("/proc/self/maps").read_text()  # the table's map went too
+
+
+def test_two_threads_on_one_pipeline_get_each_its_own_answer(tiny_bundle: Path) -> None:
+    """One cache: a second thread's conversation reset it under the first's running answer, and both answered
+    partly from the other's ECG, with no error. A question now holds the engine; the other waits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pulse_edge.runtime.generation.sampling import SamplingParams
+
+    pipeline = Pipeline.from_bundle(tiny_bundle)
+    images = _images()
+
+    def answer(i: int) -> list[int]:  # sampled, seeded: the random model's greedy answers are alike
+        sampling = SamplingParams(temperature=1.0, seed=i % 2)
+        return pipeline.generate(images[i % 2], "Rate?", max_new_tokens=24, sampling=sampling).token_ids
+
+    alone = [answer(0), answer(1)]
+    assert alone[0] != alone[1]
+
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(answer, range(8)))
+    assert together == [alone[i % 2] for i in range(8)]
 
 
 def test_torch_settings_given_with_a_bundle_are_refused_not_ignored(tiny_bundle: Path, ecg_png: Path) -> None:
