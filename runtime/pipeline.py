@@ -52,6 +52,8 @@ class Pipeline:
         Every load checks the manifest, the files' sizes and sampled checksums and the embedding table
         before any engine is built; `verify` also hashes every byte (runtime/bundle/integrity.py)."""
         root = Path(bundle)
+        if session is not None and not isinstance(session, SessionConfig):
+            raise ConfigError(f"session must be a SessionConfig, got {type(session).__name__}")
         if backend not in BUNDLE_BACKENDS:
             raise ConfigError(f"a bundle is served by {' or '.join(BUNDLE_BACKENDS)}, not {backend!r}")
         if backend != "trt" and engines is not None:

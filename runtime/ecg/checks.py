@@ -49,6 +49,9 @@ def check_samples(total: int, source: str) -> None:
 
 
 def check_fs(fs: float, source: str) -> None:
+    if isinstance(fs, bool) or not isinstance(fs, int | float | np.integer | np.floating):
+        raise recording_error(source, f"the sampling rate must be a number of Hz, got {fs!r}",
+                              "pass fs as a number (e.g. 500)")
     if not np.isfinite(fs) or not MIN_FS_HZ <= fs <= MAX_FS_HZ:
         raise recording_error(
             source,

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from pulse_edge.errors import PromptError
+from pulse_edge.errors import ConfigError, PromptError
 from pulse_edge.runtime.generation.decode import StopCheck, check_token_limit, decode_loop
 from pulse_edge.runtime.generation.result import GenerationResult, Timings, decode_rate
 from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
@@ -80,6 +80,10 @@ class Conversation:
         whole chat, as OpenAI-style clients do). `should_stop`: see `decode_loop`. Thread-safe: a question holds
         the engine (its cache) from its first check to its last token; another thread's waits.
         """
+        if not isinstance(question, str):  # checked before the cache moves: a bad argument never breaks the chat
+            raise PromptError(f"the question must be text (str), got {type(question).__name__}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ConfigError(f"sampling must be a SamplingParams (or None: greedy), got {type(sampling).__name__}")
         with self.engine.lock:
             return self._ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
                              history=history, should_stop=should_stop)

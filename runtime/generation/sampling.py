@@ -15,6 +15,8 @@ import numpy as np
 from pulse_edge.choices import SEED_RANGE
 from pulse_edge.errors import ConfigError, ModelOutputError
 
+MIN_TEMPERATURE = 1e-4  # logits of up to ~1e4 over it stay far inside float64's range
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,8 +27,15 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):  # a string or None failed inside a comparison, as a TypeError
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:  # logits / 5e-324 is inf: the softmax of infs is NaN
+            raise ConfigError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
+                              f"{self.temperature:g}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         low, high = SEED_RANGE

@@ -135,6 +135,9 @@ def accept_image(image: Image.Image, *, name: str = "<image>", said: list[str] |
     """An image handed over in memory (`Image.open` is lazy: it may not be decoded yet) with a decoded file's
     checks: size limits, a decode that fails in one line here rather than later, EXIF rotation, RGB."""
     name = _one_line(name)
+    if not isinstance(image, Image.Image):  # a path handed to generate(): interpret() and load_input() read files
+        raise _fail(name, f"is a {type(image).__name__}, not a PIL image", "pass an image, or a file to "
+                    "Pipeline.interpret or load_input")
     with _saying(said) as say:
         return _check_not_blank(_to_rgb(_decoded(image, image.format or "image", name, say), name), name)
 

@@ -113,6 +113,12 @@ def load_input(
 
 def _kind_of_path(path: Path, label: str) -> str:
     suffix = path.suffix.lower()
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass  # said below, after a WFDB record's bare name is tried
+    except OSError as exc:  # a name too long, a loop of links, a folder on the way that is a file
+        raise InputError(f"{label[:200]}: cannot be read as a path ({exc.strerror or exc}); check the path.") from exc
     if suffix == ".hea" or (suffix in _WFDB_SUFFIXES and path.with_suffix(".hea").is_file()):
         return "wfdb"
     if not path.exists():

@@ -662,3 +662,31 @@ def test_a_stop_asked_during_the_prefill_ends_it_at_the_next_chunk(tiny_bundle: 
     with pytest.raises(PromptError, match="stopped partway"):
         chat.ask("And the axis?")
     assert pipeline.chat().ask("Rate?", _images()[0], max_new_tokens=2).generated_tokens == 2  # a new one runs
+
+
+def test_wrong_argument_types_are_one_line_errors_before_the_cache_moves(tiny_bundle: Path, ecg_png: Path) -> None:
+    """Cart code calling the API wrongly got a raw AttributeError or TypeError (and a chat broken for good)."""
+    import numpy as np
+
+    from pulse_edge.errors import InputError
+    from pulse_edge.runtime.generation.sampling import SamplingParams
+    from pulse_edge.runtime.inputs import load_input
+
+    pipeline = Pipeline.from_bundle(tiny_bundle)
+    chat = pipeline.chat()
+    cases = [(lambda: chat.ask("Rate?", _images()[0], sampling={"temperature": 1}), ConfigError,
+              "sampling must be a SamplingParams"),
+             (lambda: chat.ask(None, _images()[0]), PromptError, "the question must be text"),
+             (lambda: SamplingParams(temperature="1"), ConfigError, "temperature must be a number"),
+             (lambda: SamplingParams(temperature=5e-324), ConfigError, "0 \\(greedy\\) or at least"),
+             (lambda: load_input(np.zeros((12, 5000)), fs="500"), InputError, "must be a number of Hz"),
+             (lambda: load_input("x" * 5000 + ".png"), InputError, "cannot be read as a path"),
+             (lambda: Pipeline.from_bundle(tiny_bundle, session={"threads": 2}), ConfigError,
+              "session must be a SessionConfig")]
+    for call, error, words in cases:
+        with pytest.raises(error, match=words) as caught:
+            call()
+        assert "\n" not in str(caught.value)
+    assert chat.ask("Rate?", _images()[0], max_new_tokens=2).generated_tokens == 2  # the chat was not broken
+    with pytest.raises(InputError, match="not a PIL image"):  # a path: interpret() and load_input() read files
+        pipeline.generate(str(ecg_png), "Rate?")
