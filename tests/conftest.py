@@ -20,6 +20,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_user_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tests' bundles are stamped as verified (runtime/bundle/verified.py) in a cache of their own, not the
+    user's; the compiled CPU kernels stay in the shared kernel cache (building them takes seconds each)."""
+    from pulse_edge.runtime.kernels.build import CACHE_ENV, default_cache
+
+    saved = {name: os.environ.get(name) for name in ("XDG_CACHE_HOME", CACHE_ENV)}
+    os.environ[CACHE_ENV] = str(default_cache())  # resolved before the cache root moves
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def _cuda_available() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False

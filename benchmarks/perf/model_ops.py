@@ -101,7 +101,8 @@ def graph_linear_macs(path: Path) -> int:
     def source(name: str, depth: int = 0) -> tuple[str, Any]:
         """The initializer or node a tensor comes from, through PASS_THROUGH nodes (a Cast, a DequantizeLinear)."""
         node = producer.get(name)
-        if name in dims or node is None or node.op_type not in PASS_THROUGH or depth > 4:
+        through = node is not None and (node.op_type in PASS_THROUGH or node.name == names.POISON_ADD)
+        if name in dims or not through or depth > 4:
             return name, node
         return source(node.input[0], depth + 1)
 

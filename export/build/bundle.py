@@ -76,7 +76,9 @@ from pulse_edge.runtime.bundle.manifest import (
     Manifest,
     SourceSpec,
     TextSpec,
+    read_manifest,
 )
+from pulse_edge.runtime.bundle.verified import stamp
 from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
 from pulse_edge.runtime.image.preprocess import PROMPT_MARGIN, image_token_count, min_context
 from pulse_edge.runtime.text.prompt import LLAVA_V1
@@ -159,6 +161,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     out = Path(out)
     with staged_directory(out, what="bundle") as work:
         _export_into(Path(checkpoint), work, options or ExportOptions())
+    stamp(out, read_manifest(out).files)  # hashed by this export: the first load need not hash it again
     return out
 
 
@@ -188,6 +191,7 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     files = bundle_file_records(work)  # before validation, whose candidate runtime checks them
     manifest = _manifest(loaded, options, graphs, max_context, calibration=calibration, files=files)
     manifest.write(work)  # the candidate runtime reads it during validation
+    stamp(work, files)  # just hashed: validation's loads check the sample, not every byte again
     validation, fidelity, manifest = _validate(loaded, work, manifest, options, quant, plan)
     if quant and fidelity is not None:
         fidelity = {**fidelity, "recommended": recommended_fidelity(options.precision, fidelity["summary"])}

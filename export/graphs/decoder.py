@@ -346,7 +346,7 @@ def _poisoned(b: _Builder, final: str, logits: str) -> str:
     zero = b.const("poison.zero", np.array(0.0, np.float32))
     (zeroed,) = b.node("Mul", [final, zero], ["poison.zeroed"], "poison/zero")
     (poison,) = b.node("ReduceSum", [zeroed], ["poison.sum"], "poison/sum", keepdims=0)
-    return b.node("Add", [logits, poison], ["logits.checked"], "poison/add")[0]
+    return b.node("Add", [logits, poison], ["logits.checked"], names.POISON_ADD)[0]
 
 
 def _gamma(norm: torch.nn.Module) -> np.ndarray:

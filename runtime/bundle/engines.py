@@ -215,6 +215,9 @@ def read_engines(directory: Path, bundle: Path, *, verify: bool = False,
     if sealed:
         check_files(directory, {s.file: s.record() for s in engines.engines.values()}, BUILT, verify=verify,
                     progress=progress)
+    elif verify:  # "verified" must mean hashed: a version-1 set has nothing to hash against
+        raise BundleError(f"{path} is version 1 and records no checksums of its engines to verify; rebuild them "
+                          f"with `pulse-edge build-engines {bundle}`")
     else:
         log.warning("%s is version 1: its engines are checked by size only and the file itself is not sealed; "
                     "rebuild them to have them checked", path)

@@ -33,7 +33,7 @@ from pulse_edge.runtime.bundle.checks import check_file_size
 from pulse_edge.runtime.bundle.manifest import FileRecord, Manifest, read_manifest
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 from pulse_edge.runtime.bundle.seal import SEALED_FROM_VERSION
-from pulse_edge.runtime.bundle.verified import is_stamped, stamp
+from pulse_edge.runtime.bundle.verified import identities, is_stamped, stamp
 
 PAGE = 4096
 SAMPLED_PAGES = 256  # read at every load: 1 MiB per file
@@ -142,8 +142,9 @@ def check_files(folder: Path, records: Mapping[str, FileRecord], recorded: Recor
             raise BundleError(f"{folder / name} is not the file {recorded.writer} wrote (its sampled checksum "
                               f"differs from {recorded.listing}'s): it was replaced or damaged; {recorded.fix}")
     if records and (verify or not is_stamped(folder, records, recorded.listing)):  # a copy's first load: once
+        before = identities(folder, records)
         _check_full(folder, records.items(), recorded, progress)
-        stamp(folder, records, recorded.listing)
+        stamp(folder, records, recorded.listing, before=before)
 
 
 def verify_bundle(bundle: str | Path, progress: HashProgress | None = None) -> VerifyReport:

@@ -26,6 +26,9 @@ IMAGE_FEATURES = "image_features"
 # Decoder graph: inputs_embeds [1, S, H] float32 at positions [L, L + S) -> logits [1, 1, V] of the last one.
 INPUTS_EMBEDS = "inputs_embeds"
 LOGITS = "logits"
+# the Add that carries a non-finite position into an int8 cache's logits (export/graphs/decoder.py `_poisoned`):
+# the logits' own value passes through it (input 0), as through a Cast
+POISON_ADD = "poison/add"
 # ORT's GroupQueryAttention: seqlens_k [1] = total length - 1, total_sequence_length [] = total length.
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"

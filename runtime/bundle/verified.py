@@ -34,15 +34,23 @@ STAMP_FORMAT = "pulse-edge-verified"
 
 
 def stamp_path(folder: Path, listing: str = MANIFEST_FILE) -> Path:
-    """The stamp of the folder whose `listing` (the JSON file recording its checksums: a bundle's manifest.json, an
-    engine set's engines.json) has these bytes; a moved copy finds its own stamp."""
-    digest = hashlib.sha256((folder / listing).read_bytes()).hexdigest()
-    return user_cache_dir() / "verified" / f"{digest}.json"
+    """The stamp of this folder with a `listing` (the JSON file recording its checksums: a bundle's manifest.json,
+    an engine set's engines.json) of these bytes: two copies of one bundle keep a stamp each (one for both was
+    rewritten by every load of the other, which then hashed all again)."""
+    digest = hashlib.sha256((folder / listing).read_bytes())
+    digest.update(str(folder.resolve()).encode("utf-8", "surrogateescape"))
+    return user_cache_dir() / "verified" / f"{digest.hexdigest()}.json"
 
 
 def _identity(path: Path) -> list[int]:
     stat = os.stat(path)
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def identities(folder: Path, records: Mapping[str, FileRecord]) -> dict[str, list[int]]:
+    """The files' identities now: taken before a full hash and compared after it, so a file written while it was
+    hashed is never stamped as the one that matched."""
+    return {name: _identity(folder / name) for name in records}
 
 
 def is_stamped(bundle: Path, records: Mapping[str, FileRecord], listing: str = MANIFEST_FILE) -> bool:
@@ -55,10 +63,15 @@ def is_stamped(bundle: Path, records: Mapping[str, FileRecord], listing: str = M
         return False  # none yet, or unreadable: hashed whole again
 
 
-def stamp(bundle: Path, records: Mapping[str, FileRecord], listing: str = MANIFEST_FILE) -> None:
-    """Record that `records`' files were hashed whole and matched; a failure to write it is only logged."""
-    record = {"format": STAMP_FORMAT, "version": 1, "bundle": str(bundle.resolve()),
-              "files": {name: _identity(bundle / name) for name in records}}
+def stamp(bundle: Path, records: Mapping[str, FileRecord], listing: str = MANIFEST_FILE, *,
+          before: Mapping[str, list[int]] | None = None) -> None:
+    """Record that `records`' files were hashed whole and matched, unless any changed since `before` (their
+    identities when the hash began); a failure to write it is only logged."""
+    files = identities(bundle, records)
+    if before is not None and files != dict(before):
+        log.warning("%s changed while it was hashed: not recorded as verified; the next load hashes it again", bundle)
+        return
+    record = {"format": STAMP_FORMAT, "version": 1, "bundle": str(bundle.resolve()), "files": files}
     try:
         path = stamp_path(bundle, listing)
         path.parent.mkdir(parents=True, exist_ok=True)

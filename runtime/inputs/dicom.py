@@ -169,6 +169,8 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
 def _status_leaves_out(channel, k: int, name: str, label: str, notes: list[str]) -> bool:
     """What the cart's ChannelStatus says of channel k: refused (not a patient's calibrated signal), left out
     with a note (nothing connected), or said in a note (the cart doubts it); True where it is left out."""
+    if _channel_lead(channel) is None:  # not a lead: left out anyway (a respiration channel's test flag is no matter)
+        return False
     status = channel.get("ChannelStatus")
     items = [status] if isinstance(status, str) else list(status or [])  # one value, or pydicom's MultiValue
     values = {str(v).strip().upper() for v in items if v}

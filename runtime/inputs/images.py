@@ -103,6 +103,7 @@ _SHRINK_ADVICE = "downscale it (300 dpi is plenty for an ECG)"
 _WHITE = (255, 255, 255, 255)
 _U16_TO_U8 = 257  # 65535 / 255: maps 0 -> 0 and 65535 -> 255 exactly
 _I32_MAX = 2**31 - 1
+_U32_MAX = 2**32 - 1
 BLANK_LEVELS = 2  # a page whose every channel spans no more levels than this is blank (JPEG noise included)
 
 
@@ -192,7 +193,7 @@ def _decoded(image: Image.Image, fmt: str, name: str, say: list[str]) -> Image.I
         _check_size(image.size, name)  # from the header alone: before decoding a single pixel
         image.load()
         page = image.tell()
-        oriented = ImageOps.exif_transpose(image)  # a new image, detached from the file
+        oriented = ImageOps.exif_transpose(_unsigned_32bit(image))  # a new image, detached from the file
     say.extend(_pages_line(image, page, name))
     return oriented
 
@@ -314,6 +315,17 @@ def _from_16bit(image: Image.Image) -> Image.Image:
     values = np.asarray(image).astype(np.int64)
     scaled = (np.clip(values, 0, 65535) + _U16_TO_U8 // 2) // _U16_TO_U8
     return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+
+
+def _unsigned_32bit(image: Image.Image) -> Image.Image:
+    """A TIFF of unsigned 32-bit grey (SampleFormat 1, also its default) as 8-bit grey scaled from 0..2**32 - 1:
+    Pillow reads it as signed mode I, where white (2**32 - 1) is -1, and clipped at 0 the page turned black. Read
+    while the TIFF's tags are at hand (exif_transpose's copy has none); any other image as it is."""
+    tags = getattr(image, "tag_v2", None)
+    if image.mode != "I" or tags is None or tags.get(258) not in (32, (32,)) or tags.get(339, 1) not in (1, (1,)):
+        return image
+    values = np.asarray(image).view(np.uint32).astype(np.uint64)
+    return Image.fromarray(((values * 255 + _U32_MAX // 2) // _U32_MAX).astype(np.uint8), mode="L")
 
 
 def _from_integer_grey(image: Image.Image) -> Image.Image:

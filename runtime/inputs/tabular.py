@@ -31,17 +31,19 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
     label = name or ("<CSV bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source))
     check_fs(fs, label)
     factor = require_mv_per_unit(unit, label, "the CSV")
-    # a classic Mac's (or an old cart's) CR-only line ends: the csv module refused them with a traceback
-    text = _csv_text(source, label).replace("\r\n", "\n").replace("\r", "\n")
-    first, _, rows = text.partition("\n")
-    header, delimiter = _header(first, label)
-    lines = sum(1 for line in rows.split("\n") if line.strip())  # loadtxt skips blank lines too
+    text = _csv_text(source, label)
+    # universal line ends, read without copying the text: a classic Mac's (or an old cart's) CR-only lines made
+    # the csv module fail with a traceback
+    stream = io.StringIO(text, newline=None)
+    header, delimiter = _header(stream.readline().rstrip("\n"), label)
+    breaks = text.count("\n") + text.count("\r") - text.count("\r\n")
+    lines = breaks + (not text.endswith(("\n", "\r"))) - 1  # the rows after the header (blank ones counted too)
     check_samples(lines * len(header), label)  # before parsing: numpy holds ~7x the text's bytes while it does
     kept = samples_kept(fs)  # only the start the print draws is parsed; how long the rest is, is counted
     try:
         with warnings.catch_warnings():  # "input contained no data": refused below in one line
             warnings.simplefilter("ignore", UserWarning)
-            values = np.loadtxt(io.StringIO(rows), delimiter=delimiter, ndmin=2, dtype=np.float64, max_rows=kept)
+            values = np.loadtxt(stream, delimiter=delimiter, ndmin=2, dtype=np.float64, max_rows=kept)
     except ValueError as exc:
         raise recording_error(label, f"CSV rows are not all numbers ({one_line(exc)})", _CSV_FIX) from exc
     if values.size == 0:
@@ -62,7 +64,11 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
 
 def _csv_text(source, label: str) -> str:
     try:
-        data = bytes(source) if isinstance(source, bytes | bytearray) else open(source, "rb").read()  # noqa: SIM115
+        if isinstance(source, bytes | bytearray):
+            data = bytes(source)
+        else:
+            with open(source, "rb") as stream:
+                data = stream.read()
         return data.decode("utf-8-sig")  # -sig: Excel writes a byte-order mark
     except FileNotFoundError:
         raise recording_error(label, "file not found", "check the path") from None

@@ -8,6 +8,7 @@ server names the port the system picked.
 from __future__ import annotations
 
 import ipaddress
+import resource
 import socket
 from collections.abc import Callable
 
@@ -24,7 +25,23 @@ BACKLOG = 64
 # /health included: with room for only 33, a cart's connection pool alone shut the probe out. The app's own
 # queue refuses requests past the model's slots with the JSON 503 and its Retry-After.
 CONNECTION_LIMIT = 1024
+FD_MARGIN = 64  # descriptors kept for the model's files, logs and the listening socket
 GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, which cancels their generations
+
+
+def connection_limit(max_queue: int) -> int:
+    """CONNECTION_LIMIT, within the open files this process may have: past that, accept() fails with EMFILE, and
+    uvicorn logs it in a loop while /health goes unanswered (systemd's default soft limit is 1024). The soft limit
+    is raised to the hard one first, where the system allows it."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            wanted = CONNECTION_LIMIT + FD_MARGIN if hard == resource.RLIM_INFINITY else hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+            soft = max(soft, wanted)
+    except (OSError, ValueError):
+        return max(min(CONNECTION_LIMIT, 256), max_queue + 1)  # no limits to read: a modest backstop
+    return max(min(CONNECTION_LIMIT, soft - FD_MARGIN), max_queue + 1)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -59,7 +76,7 @@ def serve(config: ServerConfig, say: Callable[[str], None]) -> None:
         + (f", files under {config.allow_dir}" if config.allow_dir else "") + ")")
     settings = uvicorn.Config(create_app(state), lifespan="on", log_level="info", server_header=False,
                               proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                              limit_concurrency=max(CONNECTION_LIMIT, config.max_queue + 1))
+                              limit_concurrency=connection_limit(config.max_queue))
     ClosingServer(settings, state.worker.close).run(sockets=[sock])
 
 

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from pulse_edge.runtime.engines.ort import SessionConfig
 from pulse_edge.runtime.generation.decode import StopCheck
-from pulse_edge.runtime.server.errors import ApiError
+from pulse_edge.runtime.server.errors import SHUTTING_DOWN, ApiError
 from pulse_edge.runtime.server.metrics import Metrics
 from pulse_edge.runtime.server.model import ServedModel
 from pulse_edge.runtime.server.worker import ModelWorker, QueueFull, Ticket
@@ -51,6 +51,8 @@ class ServerState:
         try:
             ticket = self.worker.submit(job)
         except QueueFull:
+            if self.worker.closing:  # not busy: gone, once the running answer ends (launch.ClosingServer)
+                raise ApiError("unavailable", SHUTTING_DOWN) from None
             wait = max(1, min(600, math.ceil(self.worker.expected_job_s())))
             raise ApiError("queue_full", f"the model is busy ({self.worker.max_queue} requests already waiting); "
                            f"retry in {wait} s", headers={"Retry-After": str(wait)}) from None

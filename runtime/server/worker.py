@@ -77,6 +77,10 @@ class ModelWorker:
     def busy(self) -> bool:
         return self._running
 
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
     def submit(self, job: Callable[[StopCheck], T]) -> Ticket[T]:
         """Queue `job`; raises QueueFull when every slot is taken. Call from the event loop's thread."""
         with self._lock:

@@ -7,6 +7,7 @@ Each case damages a copy of the tiny fp32 bundle the way a disk, a copy or a han
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -201,6 +202,33 @@ def test_a_stamped_bundle_is_not_hashed_whole_again_until_its_files_change(
     verified.stamp_path(bundle).write_text("{not json")  # an unreadable stamp costs a full hash, nothing else
     Pipeline.from_bundle(bundle).close()
     assert len(hashed) == 3 * len(files)
+
+
+def test_two_copies_keep_a_stamp_each_and_a_file_changed_while_hashed_is_not_stamped(
+        tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One stamp per manifest was rewritten by each copy's load: every load of the other hashed all again. A file
+    written while it was hashed must not be recorded as the one that matched."""
+    from pulse_edge.runtime.bundle import integrity, verified
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    copies = [_copy(tiny_bundle, tmp_path / "a"), _copy(tiny_bundle, tmp_path / "b")]
+    manifest = read_manifest(copies[0])
+    hashed: list[Path] = []
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path, progress=None: hashed.append(path) or real(path))
+    for bundle in copies * 2:
+        integrity.check_bundle(bundle, manifest)
+    assert len(hashed) == 2 * len(manifest.files)  # each copy once
+    fresh = _copy(tiny_bundle, tmp_path / "c")
+
+    def touched_while_hashed(path: Path, progress: object = None) -> str:
+        digest = real(path)
+        os.utime(path)  # as a copy still writing would: the file's times move after its hash was taken
+        return digest
+
+    monkeypatch.setattr(integrity, "file_sha256", touched_while_hashed)
+    integrity.check_bundle(fresh, manifest)
+    assert not verified.is_stamped(fresh, manifest.files)
 
 
 def test_the_sample_reaches_the_files_end_and_the_full_hash_every_chunk(tiny_bundle: Path, tmp_path: Path,

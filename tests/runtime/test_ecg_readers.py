@@ -127,6 +127,16 @@ def test_the_carts_channel_status_is_refused_left_out_or_said(tmp_path, signals,
     assert ("V2" in rec.leads) == ("DISCONNECTED" not in status)
 
 
+def test_a_status_on_a_channel_that_is_not_a_lead_refuses_nothing(tmp_path, signals):
+    """A respiration channel the cart marks TEST DATA is left out as any non-lead channel is; the ECG is read."""
+    ds = dicom_dataset(np.vstack([signals, signals[-1:]]), FS, (*LEADS, "V6"))
+    extra = ds.WaveformSequence[0].ChannelDefinitionSequence[12]
+    extra.ChannelSourceSequence[0].CodeValue, extra.ChannelSourceSequence[0].CodeMeaning = "RESP", "Respiration"
+    extra.ChannelStatus = "TEST DATA"
+    rec = read_dicom(write_dicom(tmp_path / "resp.dcm", ds))
+    assert set(LEADS) <= set(rec.leads)
+
+
 def test_a_big_endian_file_is_refused_not_read_byte_swapped(tmp_path, signals):
     from pydicom.uid import ExplicitVRBigEndian
 

@@ -186,6 +186,18 @@ def test_32_bit_grey_is_scaled_from_its_range_not_clipped_at_16_bits():
     assert loaded[0, [0, 60, 110]].tolist() == [[0, 0, 0], [128] * 3, [255] * 3]
 
 
+def test_unsigned_32_bit_grey_keeps_white_white():
+    """A TIFF's usual 32-bit grey is unsigned (SampleFormat 1, its default): Pillow reads it as signed, white as -1,
+    and clipped at 0 the page was black (refused as blank)."""
+    values = np.full((200, 300), 2**32 - 1, np.uint32)
+    values[100], values[:, 50] = 0, 2**31
+    data = encode(Image.fromarray(values.view(np.int32), mode="I"), "TIFF")
+    signed, unsigned = b"\x53\x01\x03\x00\x01\x00\x00\x00\x02\x00", b"\x53\x01\x03\x00\x01\x00\x00\x00\x01\x00"
+    assert data.count(signed) == 1  # Pillow's SampleFormat 2 entry, turned into 1 as other writers set it
+    loaded = np.asarray(load_image_bytes(data.replace(signed, unsigned), name="u32.tif"))
+    assert loaded[0, [0, 50]].tolist() == [[255] * 3, [128] * 3] and loaded[100, 0].tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize(("image", "fmt"), [
     (Image.new("RGB", (400, 300), "white"), "PNG"), (Image.new("RGB", (400, 300), "black"), "JPEG"),
     (Image.new("RGBA", (400, 300), (0, 80, 0, 0)), "PNG"),  # alpha 0 everywhere: white once composited

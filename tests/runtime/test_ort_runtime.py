@@ -163,6 +163,9 @@ def test_fp16_bundle_validates_and_runs(tiny_checkpoint: Path, tmp_path: Path) -
     bundle = export_bundle(tiny_checkpoint, tmp_path / "fp16", ExportOptions(precision="fp16"))
     manifest = read_manifest(bundle)
     assert manifest.kv.dtype == "float16" and manifest.validation["pass"] is True
+    from pulse_edge.runtime.bundle.verified import is_stamped
+
+    assert is_stamped(bundle, manifest.files)  # export hashed it: the first load need not again
     result = Pipeline.from_bundle(bundle).generate(_images()[0], "Rate?", max_new_tokens=5)
     assert result.generated_tokens == 5
 

@@ -508,3 +508,34 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(tmp_path: Path) -> None:
     assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 408
     body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     assert "the request body did not arrive within" in body["error"]["message"]
+
+
+def test_the_connection_limit_stays_within_the_open_files_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1024 connections under systemd's soft limit of 1024 files: accept() failed with EMFILE in a loop while
+    /health went unanswered. The soft limit is raised to the hard one, and the limit kept below it."""
+    import resource
+
+    from pulse_edge.runtime.server import launch
+
+    set_to: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: set_to.append(limits))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 1024))
+    assert launch.connection_limit(4) == 1024 - launch.FD_MARGIN and set_to == []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 4096))
+    assert launch.connection_limit(4) == launch.CONNECTION_LIMIT and set_to == [(4096, 4096)]
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (64, 64))
+    assert launch.connection_limit(4) == 5  # never below the model's own slots
+
+
+def test_a_request_during_shutdown_is_told_so_not_that_the_model_is_busy(tmp_path: Path) -> None:
+    from pulse_edge.runtime.server.model import ServedModel
+    from pulse_edge.runtime.server.state import ServerConfig, ServerState
+
+    config = ServerConfig(bundle=tmp_path, host="127.0.0.1", port=0, api_key=None, max_queue=2, allow_dir=None,
+                          max_body_bytes=1 << 20, timeout_s=30.0)
+    state = ServerState.create(config, ServedModel(pipeline=_FullMemory(None), model_id="tiny",
+                                                   bundle_id="0" * 64, provider="cpu"))
+    state.worker.close()
+    with pytest.raises(ApiError, match="the server is shutting down") as caught:
+        state.submit(lambda should_stop: None)
+    assert caught.value.status == 503 and caught.value.kind == "unavailable"

@@ -431,6 +431,8 @@ def test_a_damaged_engine_or_an_edited_engines_json_is_refused(tmp_path: Path, m
     with caplog.at_level("WARNING"):
         assert read_engines(directory, bundle).engines["decoder"].kv_aliases == {"present.0.key": "past.1.key"}
     assert "version 1: its engines are checked by size only" in caplog.text
+    with pytest.raises(BundleError, match="is version 1 and records no checksums of its engines to verify"):
+        read_engines(directory, bundle, verify=True)  # `verify` saying "match" must mean they were hashed
 
 
 @pytest.mark.parametrize(("edit", "expected"), [
