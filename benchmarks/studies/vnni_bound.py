@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS, measure_gemm_peak, require_onnx
+from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS, PROBE_SHAPE, measure_gemm_peak, require_onnx
 from pulse_edge.benchmarks.common.host import busy_reason
 from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.output import REPORT_PATH, write_json
@@ -64,14 +64,16 @@ def instruction_bound(spin: Any, threads: int, iterations: int = ITERATIONS) -> 
     return threads * iterations * CHAINS * OPS_PER_INSTRUCTION / (time.perf_counter() - start)
 
 
-def compare(threads: int, rounds: int, iterations: int = ITERATIONS) -> dict[str, Any]:
-    """The bound and each int8 GEMM kind, timed in ABBA rounds; rates in ops/s."""
+def compare(threads: int, rounds: int, iterations: int = ITERATIONS,
+            shape: tuple[int, int, int] = PROBE_SHAPE) -> dict[str, Any]:
+    """The bound and each int8 GEMM kind (of `shape`), timed in ABBA rounds; rates in ops/s."""
     spin = load_spin()
     bound: list[float] = []
     gemms: list[dict[str, float]] = []
     seconds_bound, seconds_gemm, windows = abba(lambda: bound.append(instruction_bound(spin, threads, iterations)),
                                                 lambda: gemms.append(measure_gemm_peak(
-                                                    threads=threads, kinds=INT8_KINDS, repeats=5).ops_per_s),
+                                                    threads=threads, kinds=INT8_KINDS, repeats=5,
+                                                    shape=shape).ops_per_s),
                                                 rounds)
     rows = {"vpdpbusd zmm": quiet_median(bound, windows)}
     fractions = {}
