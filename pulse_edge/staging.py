@@ -201,9 +201,11 @@ def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
         try:
             yield work
             share_like_umask(work)
+            synced(work)
             if out.exists():
                 out.rmdir()
             work.rename(out)
+            _sync_dir(out.parent)
         except BaseException as e:
             handler = signal.getsignal(signal.SIGINT)
             if isinstance(handler, _Handler):
@@ -230,10 +232,44 @@ def staged_file(out: Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         work.chmod(0o666 & ~umask)
+        synced(work)
         os.replace(work, out)
+        _sync_dir(out.parent)
     except BaseException:
         work.unlink(missing_ok=True)
         raise
+
+
+def synced(root: Path) -> None:
+    """Every file under `root` (or the file `root`) and its folders on the disk before the rename that shows them:
+    a cart that loses power right after an export must find the old state or the whole new one, not files of
+    the right size and times full of zeros (which a verification stamp would then pass, runtime/bundle/verified.py).
+    Costs the time to write what the page cache still holds: once per export, before it is called done."""
+    paths = [root] if root.is_file() else [*(p for p in root.rglob("*") if p.is_file()), root,
+                                           *(p for p in root.rglob("*") if p.is_dir())]
+    for path in paths:
+        if path.is_dir():
+            _sync_dir(path)
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _sync_dir(folder: Path) -> None:
+    """A folder's entries (a rename into it) on the disk; where a file system cannot sync a folder, nothing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory (EINVAL): their renames are what they are
+    finally:
+        os.close(fd)
 
 
 def share_like_umask(root: Path) -> None:

@@ -281,3 +281,27 @@ def test_a_lock_file_unlinked_between_open_and_lock_is_locked_again(tmp_path: Pa
     monkeypatch.setattr(staging, "_same_file", unlinked_once)
     with staging.target_lock(tmp_path / "out", what="output") as lock:
         assert len(calls) == 2 and lock.is_file()  # tried again, and holds the file that is there now
+
+
+def test_what_a_stage_wrote_is_on_the_disk_before_the_rename_shows_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power loss right after the rename left files of the right size and times full of zeros: a stamp of the
+    export's hash (runtime/bundle/verified.py) would then have passed them."""
+    from pulse_edge import staging
+
+    synced: list[str] = []
+    real_fsync, real_rename, real_replace = os.fsync, Path.rename, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(Path, "rename", lambda self, target: synced.append("rename") or real_rename(self, target))
+    monkeypatch.setattr(os, "replace", lambda a, b: synced.append("replace") or real_replace(a, b))
+    with staging.staged_directory(tmp_path / "out", what="bundle") as work:
+        (work / "sub").mkdir()
+        (work / "a.bin").write_bytes(b"a")
+        (work / "sub" / "b.bin").write_bytes(b"b")
+    before = synced[:synced.index("rename")]
+    assert {Path(p).name for p in before} >= {"a.bin", "b.bin", "sub"}  # every file and folder first
+    assert synced[-1] == str(tmp_path)  # then the folder the rename went into
+    synced.clear()
+    with staging.staged_file(tmp_path / "one.json") as work:
+        work.write_text("{}")
+    assert Path(synced[0]).name.endswith(".partial.json") and synced[1:] == ["replace", str(tmp_path)]
