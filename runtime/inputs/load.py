@@ -52,6 +52,7 @@ DEFAULT_UNIT = "mV"
 _WHY_UNUSED = MappingProxyType({"csv": "a CSV file names its leads in its header and lays them out as columns",
                                 "image": "an image is read as it is drawn", "pdf": "a PDF is read as it is drawn"})
 _UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,14 @@ def _kind_of_path(path: Path, label: str) -> str:
     return "wfdb" if suffix == ".dat" else _kind_of(head, suffix)
 
 
+def _utf16_xml(head: bytes) -> bool:
+    """XML written as UTF-16 with its byte-order mark (some carts' aECG export): the XML parser reads it by the
+    mark, as the standard says; only this sniff did not know it."""
+    if not head.startswith(_UTF16_BOMS):
+        return False
+    return head[:64].decode("utf-16", errors="ignore").lstrip().startswith("<")
+
+
 def _kind_of(head: bytes, suffix: str) -> str:
     """The input kind the first bytes say; images.py decides (and explains a refusal) for all the rest."""
     if head[128:132] == b"DICM":  # 128-byte preamble, then the DICOM prefix (PS3.10)
@@ -143,7 +152,7 @@ def _kind_of(head: bytes, suffix: str) -> str:
         return "npy"
     if b"%PDF-" in head:
         return "pdf"
-    if head.removeprefix(_UTF8_BOM).lstrip(b" \t\r\n").startswith(b"<"):
+    if head.removeprefix(_UTF8_BOM).lstrip(b" \t\r\n").startswith(b"<") or _utf16_xml(head):
         return "hl7-aecg"
     if suffix.lower() in _CSV_SUFFIXES:
         return "csv"

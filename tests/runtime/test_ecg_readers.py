@@ -409,6 +409,19 @@ def test_round_trip_within_half_a_scale_step(tmp_path, signals):
     assert rec.n_samples == N  # the representative beat (a derivedSeries listed first) was skipped
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_an_aecg_written_as_utf16_is_read_as_its_utf8_twin(tmp_path, signals, encoding):
+    """Refused as "unknown content" before, though the parser reads UTF-16 by its byte-order mark."""
+    text = aecg_document(signals, FS).decode().replace("encoding='utf-8'", "encoding='UTF-16'")
+    bom = b"\xff\xfe" if encoding.endswith("le") else b"\xfe\xff"
+    path = tmp_path / "ecg16.xml"
+    path.write_bytes(bom + text.encode(encoding))
+    ecg = load_input(path)
+    assert ecg.kind == "hl7-aecg"
+    utf8 = load_input(aecg_document(signals, FS), name="ecg8.xml")
+    assert np.array_equal(ecg.recording.signals, utf8.recording.signals)
+
+
 def test_origin_and_relative_time(signals):
     doc = aecg_document(signals, FS, origin_uv=-250.0, scale_uv=2.5, time_code="TIME_RELATIVE")
     out, _, rec = load_twelve_lead(doc, name="relative.xml")
