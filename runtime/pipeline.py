@@ -79,7 +79,11 @@ class Pipeline:
     def close(self) -> None:
         """Free the bundle's engines now (a TensorRT engine's GPU memory, ONNX Runtime's sessions), as a cart that
         switches bundles needs; `with Pipeline.from_bundle(...) as pipeline:` does it at the block's end. Later
-        use is refused in one line. Not while another thread is computing an answer with it."""
+        use is refused in one line. An answer another thread is computing stops at its next step with that line,
+        and the memory goes as its question ends (close does not wait for it).
+
+        Thread-safe: one question at a time per pipeline (another thread's waits); each generate and interpret is
+        its own conversation, so a chat() that another thread's call started anew refuses its follow-ups."""
         self.engine.close()
 
     def __enter__(self) -> Pipeline:
@@ -122,8 +126,9 @@ class Pipeline:
     def generate(self, image: Image.Image, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
                  sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
                  should_stop: StopCheck | None = None) -> GenerationResult:
-        return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
-                               should_stop=should_stop)
+        with self.engine.lock:  # a new conversation's reset and its question as one: no thread's reset between
+            return self.chat().ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling,
+                                   on_text=on_text, should_stop=should_stop)
 
     def interpret(self, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
                   sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,

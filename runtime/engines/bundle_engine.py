@@ -138,7 +138,7 @@ class BundleEngine:
         release: frees what the runners hold outside Python's memory (a TensorRT engine's device buffers)."""
         check_servable(manifest, prefill_chunk)
         self.vision, self.decoder = vision, decoder
-        self.release, self.closed = release, False
+        self.release, self.closed, self.closing = release, False, False
         # one computation at a time on the one cache: a conversation holds it for a whole question (its reset and
         # every step), so a second thread's reset could not move the cache under a running answer (Conversation)
         self.lock = threading.RLock()
@@ -159,19 +159,33 @@ class BundleEngine:
     def close(self) -> None:
         """Free the engine's memory now, not when the process ends: ONNX Runtime's sessions and caches (their last
         reference dropped), the embedding table's map and a TensorRT engine's device buffers. Any later use is
-        refused in one line. Called while another thread computes an answer, it waits for that answer; a second
-        close does nothing."""
-        with self.lock:  # after the answer another thread is computing, never under it
-            if self.closed:
-                return
-            self.closed = True
-            self.vision = self.decoder = ClosedRunner()  # type: ignore[assignment]  # the runners' contexts go first
-            self.table = np.empty((0, self.table.shape[1]), self.table.dtype)  # the 500 MB map and its file go
-            if self.release is not None:
-                self.release()
+        refused in one line; a second close does nothing. While another thread computes an answer, it does not
+        wait (that thread's on_text may be waiting on this one): the answer stops at its next step with the
+        closed pipeline's one line, and the memory goes when its question ends (`after_question`)."""
+        self.closing = True
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            self._release()
+        finally:
+            self.lock.release()
+
+    def after_question(self) -> None:
+        """Called by a conversation as its question ends, the lock still held: a close asked meanwhile happens."""
+        if self.closing:
+            self._release()
+
+    def _release(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.vision = self.decoder = ClosedRunner()  # type: ignore[assignment]  # the runners' contexts go first
+        self.table = np.empty((0, self.table.shape[1]), self.table.dtype)  # the 500 MB map and its file go
+        if self.release is not None:
+            self.release()
 
     def check_open(self) -> None:
-        if self.closed:
+        if self.closed or self.closing:
             raise ConfigError(CLOSED)
 
     @property
@@ -183,6 +197,7 @@ class BundleEngine:
         self.epoch += 1
 
     def image_features(self, pre: Preprocessed) -> np.ndarray:
+        self.check_open()
         merged = self.merge(self.vision.run(pre.pixel_values), pre.image_size)  # [K, P, H] -> [T, H]
         # The prompt reserved num_image_tokens positions: any other length would shift the whole cache.
         if merged.shape[0] != pre.num_image_tokens:
@@ -195,6 +210,7 @@ class BundleEngine:
         return merged
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
+        self.check_open()  # a close asked mid-answer (another thread, or this one's on_text) stops it here
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)  # [S, H]
 
     def prefill(self, ids: Sequence[int], image_features: np.ndarray | None,

@@ -325,7 +325,8 @@ def _unsigned_32bit(image: Image.Image) -> Image.Image:
     if image.mode != "I" or tags is None or tags.get(258) not in (32, (32,)) or tags.get(339, 1) not in (1, (1,)):
         return image
     values = np.asarray(image).view(np.uint32).astype(np.uint64)
-    return Image.fromarray(((values * 255 + _U32_MAX // 2) // _U32_MAX).astype(np.uint8), mode="L")
+    full = _U32_MAX if values.max(initial=0) > 65535 else 65535  # 16-bit data in a 32-bit file: its own range
+    return Image.fromarray(((values * 255 + full // 2) // full).astype(np.uint8), mode="L")
 
 
 def _from_integer_grey(image: Image.Image) -> Image.Image:

@@ -36,8 +36,9 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
     # the csv module fail with a traceback
     stream = io.StringIO(text, newline=None)
     header, delimiter = _header(stream.readline().rstrip("\n"), label)
-    breaks = text.count("\n") + text.count("\r") - text.count("\r\n")
-    lines = breaks + (not text.endswith(("\n", "\r"))) - 1  # the rows after the header (blank ones counted too)
+    # the rows after the header, blank ones left out as loadtxt leaves them ("\r\r\n" ends are a row and a blank);
+    # one line at a time, not a list of all of them
+    lines = sum(1 for line in io.StringIO(text, newline=None) if line.strip()) - 1
     check_samples(lines * len(header), label)  # before parsing: numpy holds ~7x the text's bytes while it does
     kept = samples_kept(fs)  # only the start the print draws is parsed; how long the rest is, is counted
     try:

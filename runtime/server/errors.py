@@ -31,7 +31,7 @@ ERROR_KINDS: Mapping[str, tuple[int, str]] = {
     "unavailable": (503, "server_error"),  # shutting down, or out of memory
     "timeout": (504, "server_error"),
 }
-SHUTTING_DOWN = "the server is shutting down; the generation was stopped"  # a 503: retry once it is back
+SHUTTING_DOWN = "the server is shutting down: the request was not answered; send it again once the server is back"
 # Statuses Starlette raises itself (unknown route, wrong method) -> our kind; the first kind of a status wins.
 KIND_OF_STATUS: Mapping[int, str] = {status: kind for kind, (status, _) in reversed(ERROR_KINDS.items())}
 

@@ -32,16 +32,21 @@ GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, which cancels their genera
 def connection_limit(max_queue: int) -> int:
     """CONNECTION_LIMIT, within the open files this process may have: past that, accept() fails with EMFILE, and
     uvicorn logs it in a loop while /health goes unanswered (systemd's default soft limit is 1024). The soft limit
-    is raised to the hard one first, where the system allows it."""
+    is raised to what the limit needs (within the hard one) first, where the system allows it."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or soft < hard:
-            wanted = CONNECTION_LIMIT + FD_MARGIN if hard == resource.RLIM_INFINITY else hard
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
-            soft = max(soft, wanted)
     except (OSError, ValueError):
-        return max(min(CONNECTION_LIMIT, 256), max_queue + 1)  # no limits to read: a modest backstop
-    return max(min(CONNECTION_LIMIT, soft - FD_MARGIN), max_queue + 1)
+        return max(256, max_queue + 1)  # no limits to read: a modest backstop
+    wanted = CONNECTION_LIMIT + FD_MARGIN  # no higher: children inherit it, and select() breaks past 1024
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass  # the system said no (a sandbox, macOS's own cap): stay within what there is
+    room = CONNECTION_LIMIT if soft == resource.RLIM_INFINITY else soft - FD_MARGIN
+    return max(min(CONNECTION_LIMIT, room), max_queue + 1)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -546,6 +546,17 @@ def test_a_long_csv_is_parsed_only_as_far_as_the_print_reads_and_says_how_long_i
     assert "the print shows the first 10 s of 60.00 s" in load_input(path, fs=FS).notes
 
 
+def test_blank_lines_and_doubled_line_ends_are_not_counted_as_samples(tmp_path):
+    """Windows' csv.writer without newline='' writes "\\r\\r\\n": counted as two lines each, a 6 s recording was
+    said to last 12 s and its "under the print's 10 s" note went missing."""
+    path = write_csv(tmp_path / "six.csv", beats(6 * FS, FS), LEADS)
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_bytes(path.read_bytes().replace(b"\n", b"\r\r\n") + b"\r\n\r\n")
+    rec = read_csv(doubled, FS)
+    assert rec.n_samples == 6 * FS and rec.recorded_s is None
+    assert any("lasts 6.00 s, under the print's 10 s" in n for n in load_input(doubled, fs=FS).notes)
+
+
 def test_a_header_only_csv_is_one_line_and_no_numpy_warning(tmp_path):
     import warnings
 

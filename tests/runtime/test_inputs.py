@@ -196,6 +196,9 @@ def test_unsigned_32_bit_grey_keeps_white_white():
     assert data.count(signed) == 1  # Pillow's SampleFormat 2 entry, turned into 1 as other writers set it
     loaded = np.asarray(load_image_bytes(data.replace(signed, unsigned), name="u32.tif"))
     assert loaded[0, [0, 50]].tolist() == [[255] * 3, [128] * 3] and loaded[100, 0].tolist() == [0, 0, 0]
+    sixteen = (values >> 16).astype(np.uint32)  # 16-bit data stored in 32 bits: scaled from its own range
+    data = encode(Image.fromarray(sixteen.view(np.int32), mode="I"), "TIFF").replace(signed, unsigned)
+    assert np.asarray(load_image_bytes(data, name="u16in32.tif"))[0, 0].tolist() == [255] * 3
 
 
 @pytest.mark.parametrize(("image", "fmt"), [

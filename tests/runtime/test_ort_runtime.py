@@ -581,6 +581,29 @@ def test_a_closed_pipeline_drops_its_sessions_and_refuses_in_one_line(tiny_bundl
     assert str(table.resolve()) not in Path("/proc/self/maps").read_text()  # the table's map went too
 
 
+def test_close_from_another_thread_or_from_on_text_never_hangs_and_is_one_line(tiny_bundle: Path) -> None:
+    """close() waited for the running answer while that answer's on_text waited for the closing thread (a UI
+    thread): a hang. Closed from inside on_text, the next step indexed an emptied table (a raw IndexError)."""
+    import threading
+
+    from pulse_edge.runtime.generation.sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=1.0, seed=3)  # no early EOS: the answer runs until it is stopped
+    pipeline = Pipeline.from_bundle(tiny_bundle)
+    closed = threading.Event()
+
+    def wait_for_the_close(_: str) -> None:  # as a UI's on_text that hands each piece to the closing thread
+        threading.Thread(target=lambda: (pipeline.close(), closed.set())).start()
+        assert closed.wait(10), "close() waited for the answer whose on_text waits for it"
+
+    with pytest.raises(ConfigError, match=r"^this pipeline was closed"):
+        pipeline.generate(_images()[0], "Rate?", max_new_tokens=200, sampling=sampling, on_text=wait_for_the_close)
+    assert pipeline.engine.closed  # released as the question ended
+    again = Pipeline.from_bundle(tiny_bundle)
+    with pytest.raises(ConfigError, match=r"^this pipeline was closed"):
+        again.generate(_images()[0], "Rate?", max_new_tokens=200, sampling=sampling, on_text=lambda _: again.close())
+
+
 def test_two_threads_on_one_pipeline_get_each_its_own_answer(tiny_bundle: Path) -> None:
     """One cache: a second thread's conversation reset it under the first's running answer, and both answered
     partly from the other's ECG, with no error. A question now holds the engine; the other waits."""
@@ -598,9 +621,9 @@ def test_two_threads_on_one_pipeline_get_each_its_own_answer(tiny_bundle: Path) 
     alone = [answer(0), answer(1)]
     assert alone[0] != alone[1]
 
-    with ThreadPoolExecutor(2) as pool:
-        together = list(pool.map(answer, range(8)))
-    assert together == [alone[i % 2] for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:  # 3 or more threads found the gap between generate's reset and its ask
+        together = list(pool.map(answer, range(12)))
+    assert together == [alone[i % 2] for i in range(12)]
 
 
 def test_torch_settings_given_with_a_bundle_are_refused_not_ignored(tiny_bundle: Path, ecg_png: Path) -> None:

@@ -521,10 +521,18 @@ def test_the_connection_limit_stays_within_the_open_files_allowed(monkeypatch: p
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: set_to.append(limits))
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 1024))
     assert launch.connection_limit(4) == 1024 - launch.FD_MARGIN and set_to == []
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 4096))
-    assert launch.connection_limit(4) == launch.CONNECTION_LIMIT and set_to == [(4096, 4096)]
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 1 << 30))  # raised only as far as needed
+    needed = launch.CONNECTION_LIMIT + launch.FD_MARGIN
+    assert launch.connection_limit(4) == launch.CONNECTION_LIMIT and set_to == [(needed, 1 << 30)]
     monkeypatch.setattr(resource, "getrlimit", lambda which: (64, 64))
     assert launch.connection_limit(4) == 5  # never below the model's own slots
+
+    def refused(which: int, limits: tuple[int, int]) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "setrlimit", refused)  # a sandbox, or macOS's own cap: stay within the soft one
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 1 << 30))
+    assert launch.connection_limit(4) == 256 - launch.FD_MARGIN
 
 
 def test_a_request_during_shutdown_is_told_so_not_that_the_model_is_busy(tmp_path: Path) -> None:
