@@ -54,6 +54,8 @@ def _coded(text: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("text", "expected"), [
     # a differential states neither
     ("Atrial fibrillation vs atrial flutter.", [("AFIB", "possible"), ("AFLT", "possible")]),
+    ("Atrial fibrillation vs. atrial flutter.", [("AFIB", "possible"), ("AFLT", "possible")]),  # the dot ends nothing
+    ("ST elevation in lead I. Atrial fibrillation is absent.", [("STE", "stated")]),  # "I." still ends a sentence
     ("Atrial flutter or atrial fibrillation.", [("AFLT", "possible"), ("AFIB", "possible")]),
     ("Differential includes atrial flutter.", [("AFLT", "possible")]),
     # a history is not the tracing; what it shows now is
