@@ -124,9 +124,6 @@ class TorchEngine:
     def reset(self) -> None:
         self.length, self._cache, self.epoch = 0, None, self.epoch + 1
 
-    def after_question(self) -> None:
-        """Nothing waits on a reference engine's question (it has no close)."""
-
     @torch.inference_mode()
     def image_features(self, pre: Preprocessed) -> torch.Tensor:
         features = self.model.merge(self.model.vision_features(torch.from_numpy(pre.pixel_values)), pre.image_size)

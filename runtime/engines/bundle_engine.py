@@ -127,6 +127,38 @@ class ClosedRunner:
         raise ConfigError(CLOSED)
 
 
+class EngineLock:
+    """The engine's re-entrant lock; a close asked while a thread held it is carried out as the outermost hold
+    ends. Close raises its flag and then tries the lock; a holder lets go and then looks at the flag: in either
+    order one of them sees both, so a close is never lost (a flag checked while still holding, before the
+    closer's try, was: neither side released)."""
+
+    def __init__(self, when_free: Callable[[], None]) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0  # changed only by the holder
+        self._when_free = when_free
+
+    def acquire(self, blocking: bool = True) -> bool:
+        got = self._lock.acquire(blocking)
+        if got:
+            self._depth += 1
+        return got
+
+    def release(self) -> None:
+        self._depth -= 1
+        outermost = self._depth == 0
+        self._lock.release()
+        if outermost:
+            self._when_free()
+
+    def __enter__(self) -> EngineLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class BundleEngine:
     """The bundle's two graphs (through their runners) and embedding table behind the `Engine` protocol."""
 
@@ -141,7 +173,7 @@ class BundleEngine:
         self.release, self.closed, self.closing = release, False, False
         # one computation at a time on the one cache: a conversation holds it for a whole question (its reset and
         # every step), so a second thread's reset could not move the cache under a running answer (Conversation)
-        self.lock = threading.RLock()
+        self.lock = EngineLock(self._close_if_asked)
         prefetch(bundle / manifest.embedding.file)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
@@ -161,19 +193,18 @@ class BundleEngine:
         reference dropped), the embedding table's map and a TensorRT engine's device buffers. Any later use is
         refused in one line; a second close does nothing. While another thread computes an answer, it does not
         wait (that thread's on_text may be waiting on this one): the answer stops at its next step with the
-        closed pipeline's one line, and the memory goes when its question ends (`after_question`)."""
+        closed pipeline's one line, and the memory goes as that thread lets the engine go (EngineLock)."""
         self.closing = True
-        if not self.lock.acquire(blocking=False):
-            return
-        try:
-            self._release()
-        finally:
-            self.lock.release()
+        self._close_if_asked()
 
-    def after_question(self) -> None:
-        """Called by a conversation as its question ends, the lock still held: a close asked meanwhile happens."""
-        if self.closing:
-            self._release()
+    def _close_if_asked(self) -> None:
+        """Release, if a close was asked and the lock is free now (or this thread's). Run by close() after it
+        raises the flag, and by the lock as its outermost holder lets go: whichever looks last sees both."""
+        if self.closing and not self.closed and self.lock.acquire(blocking=False):
+            try:
+                self._release()
+            finally:
+                self.lock.release()
 
     def _release(self) -> None:
         if self.closed:

@@ -35,10 +35,10 @@ CERTAINTIES = ("stated", "possible")
 _LEFT, _RIGHT = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])"
 # A "?" ends a question unless a word follows it at once ("?LVH": a query of that one statement).
 # where a sentence ends: '.', '!' or '?' before whitespace or the end of the text (not "0.12 s"), or a line break
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
-# (a '.' after "vs", "e.g" or "i.e" ends no clause: "AF vs. flutter" split in two stated both sides)
+_SENTENCE_END = re.compile(r"(?<!\bvs)(?<!\bVs)(?<!\bVS)\.(?=\s|$)|[!?](?=\s|$)|\n")
+# (the '.' of "vs." ends no clause: "AF vs. flutter" split in two stated both sides)
 _BOUNDARY = re.compile(
-    r"(?<!\bvs)(?<!\b(?-i:[ei]))(?<!\b(?-i:e\.g))(?<!\b(?-i:i\.e))\.(?!\d)|[;:!](?!\d)|\?(?![A-Za-z])|\n"
+    r"(?<!\bvs)\.(?!\d)|[;:!](?!\d)|\?(?![A-Za-z])|\n"
     r"|(?<![A-Za-z])(?:but|however|although|though|whereas|except|apart from"
     r"|aside from)(?![A-Za-z])", re.IGNORECASE)
 # Also a finding ruled out or unlikely, or one no longer there.

@@ -48,8 +48,6 @@ class Engine(Protocol):
 
     def step(self, token: int) -> np.ndarray: ...
 
-    def after_question(self) -> None: ...  # the lock still held: whatever waited for the question to end
-
 
 @dataclass
 class _Prompt:
@@ -86,12 +84,9 @@ class Conversation:
             raise PromptError(f"the question must be text (str), got {type(question).__name__}")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ConfigError(f"sampling must be a SamplingParams (or None: greedy), got {type(sampling).__name__}")
-        with self.engine.lock:
-            try:
-                return self._ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling,
-                                 on_text=on_text, history=history, should_stop=should_stop)
-            finally:
-                self.engine.after_question()  # a close another thread asked for meanwhile happens now
+        with self.engine.lock:  # a close asked meanwhile happens as the lock is let go (runtime/engines)
+            return self._ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                             history=history, should_stop=should_stop)
 
     def _ask(self, question: str, image: Image.Image | None, *, max_new_tokens: int,
              sampling: SamplingParams | None, on_text: Callable[[str], None] | None, history: Sequence[Turn],

@@ -56,6 +56,7 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("Atrial fibrillation vs atrial flutter.", [("AFIB", "possible"), ("AFLT", "possible")]),
     ("Atrial fibrillation vs. atrial flutter.", [("AFIB", "possible"), ("AFLT", "possible")]),  # the dot ends nothing
     ("ST elevation in lead I. Atrial fibrillation is absent.", [("STE", "stated")]),  # "I." still ends a sentence
+    ("No ST elevation in lead i. Atrial fibrillation.", [("AFIB", "stated")]),  # nor does a lone lowercase "i."
     ("Atrial flutter or atrial fibrillation.", [("AFLT", "possible"), ("AFIB", "possible")]),
     ("Differential includes atrial flutter.", [("AFLT", "possible")]),
     # a history is not the tracing; what it shows now is
@@ -158,6 +159,7 @@ def test_vocabulary_is_well_formed() -> None:
     ("Sinus rhythm. Left bundle branch block cannot", ["SR"]),  # before "be excluded": not stated
     ("Sinus rhythm.\nQRS 0.12 s, left bundle branch block", ["SR"]),
     ("Atrial fibrillation", []),
+    ("Sinus tachycardia. Atrial fibrillation vs. atrial flut", ["STACH"]),  # "vs." ends no sentence either
 ])
 def test_an_answer_cut_short_gives_findings_from_its_finished_sentences_only(text: str, codes: list[str]) -> None:
     """SNOMED-coded findings a cart files: a cut answer's last words may be the ones that deny or hedge them."""

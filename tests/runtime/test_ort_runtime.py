@@ -718,3 +718,30 @@ def test_wrong_argument_types_are_one_line_errors_before_the_cache_moves(tiny_bu
     assert chat.ask("Rate?", _images()[0], max_new_tokens=2).generated_tokens == 2  # the chat was not broken
     with pytest.raises(InputError, match="not a PIL image"):  # a path: interpret() and load_input() read files
         pipeline.generate(str(ecg_png), "Rate?")
+
+
+def test_a_close_asked_while_another_thread_holds_the_engine_is_carried_out_when_it_lets_go(
+        tiny_bundle: Path, tmp_path: Path) -> None:
+    """A close asked while another thread held the engine for a chat()'s reset (no question after it) set the
+    flag and freed nothing, ever: a TensorRT engine's GPU memory stayed."""
+    import threading
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    pipeline = Pipeline.from_bundle(bundle)
+    holding, closed = threading.Event(), threading.Event()
+    under_the_holder: list[bool] = []
+
+    def hold() -> None:
+        with pipeline.engine.lock:  # as chat() holds it for its reset
+            holding.set()
+            closed.wait(10)
+            under_the_holder.append(pipeline.engine.closed)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    pipeline.close()  # the lock is taken: close returns at once, the flag raised
+    closed.set()
+    holder.join(10)
+    assert not holder.is_alive() and under_the_holder == [False]  # never freed under the holder
+    assert pipeline.engine.closed  # but as it let go
