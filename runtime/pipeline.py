@@ -76,15 +76,16 @@ class Pipeline:
             engine = open_ort_engine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
         return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine, backend=backend)
 
-    def close(self) -> None:
+    def close(self, wait: float | None = None) -> None:
         """Free the bundle's engines now (a TensorRT engine's GPU memory, ONNX Runtime's sessions), as a cart that
         switches bundles needs; `with Pipeline.from_bundle(...) as pipeline:` does it at the block's end. Later
         use is refused in one line. An answer another thread is computing stops at its next step with that line,
-        and the memory goes as its question ends (close does not wait for it).
+        and the memory goes as its question ends; `wait` (seconds) waits for that, refusing in one line if it
+        has not happened by then.
 
         Thread-safe: one question at a time per pipeline (another thread's waits); each generate and interpret is
         its own conversation, so a chat() that another thread's call started anew refuses its follow-ups."""
-        self.engine.close()
+        self.engine.close(wait)
 
     def __enter__(self) -> Pipeline:
         return self

@@ -171,6 +171,7 @@ class BundleEngine:
         check_servable(manifest, prefill_chunk)
         self.vision, self.decoder = vision, decoder
         self.release, self.closed, self.closing = release, False, False
+        self.released = threading.Event()  # set once the memory is gone (close may leave it to a running answer)
         # one computation at a time on the one cache: a conversation holds it for a whole question (its reset and
         # every step), so a second thread's reset could not move the cache under a running answer (Conversation)
         self.lock = EngineLock(self._close_if_asked)
@@ -188,14 +189,22 @@ class BundleEngine:
                               f"{PREFILL_GRAPH_MIN_POSITIONS} or more (auto: {PREFILL_GRAPH_CHUNK}), or "
                               "--prefill-graph off")
 
-    def close(self) -> None:
+    def close(self, wait: float | None = None) -> None:
         """Free the engine's memory now, not when the process ends: ONNX Runtime's sessions and caches (their last
         reference dropped), the embedding table's map and a TensorRT engine's device buffers. Any later use is
         refused in one line; a second close does nothing. While another thread computes an answer, it does not
         wait (that thread's on_text may be waiting on this one): the answer stops at its next step with the
-        closed pipeline's one line, and the memory goes as that thread lets the engine go (EngineLock)."""
+        closed pipeline's one line, and the memory goes as that thread lets the engine go (EngineLock). `wait`:
+        seconds to wait for that (a cart loading its next TensorRT bundle needs the GPU memory back first); a
+        ConfigError if it has not gone by then."""
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0):
+            raise ConfigError(f"close(wait=...) takes seconds >= 0 (or None: do not wait), got {wait!r}")
         self.closing = True
         self._close_if_asked()
+        if wait is not None and not self.released.wait(wait):
+            raise ConfigError(f"the answer another thread is computing did not end within {wait:g} s, so this "
+                              "pipeline's memory is not free yet (it goes when that answer ends); wait longer, or "
+                              "stop the answer (should_stop)")
 
     def _close_if_asked(self) -> None:
         """Release, if a close was asked and the lock is free now (or this thread's). Run by close() after it
@@ -214,6 +223,7 @@ class BundleEngine:
         self.table = np.empty((0, self.table.shape[1]), self.table.dtype)  # the 500 MB map and its file go
         if self.release is not None:
             self.release()
+        self.released.set()
 
     def check_open(self) -> None:
         if self.closed or self.closing:

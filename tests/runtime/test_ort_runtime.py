@@ -745,3 +745,29 @@ def test_a_close_asked_while_another_thread_holds_the_engine_is_carried_out_when
     holder.join(10)
     assert not holder.is_alive() and under_the_holder == [False]  # never freed under the holder
     assert pipeline.engine.closed  # but as it let go
+
+
+def test_close_can_wait_for_the_running_answer_to_let_the_memory_go(tiny_bundle: Path) -> None:
+    """A cart loading its next TensorRT bundle needs the first one's GPU memory back: close(wait=...) waits for
+    the answer another thread holds the engine with, or says in one line that it did not end in time."""
+    import threading
+
+    pipeline = Pipeline.from_bundle(tiny_bundle)
+    holding, go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with pipeline.engine.lock:
+            holding.set()
+            go.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    with pytest.raises(ConfigError, match=r"did not end within 0\.05 s"):
+        pipeline.close(wait=0.05)
+    threading.Timer(0.2, go.set).start()
+    pipeline.close(wait=10)  # returns once the holder let go and the memory went
+    assert pipeline.engine.released.is_set() and pipeline.engine.closed
+    holder.join(10)
+    with pytest.raises(ConfigError, match="takes seconds >= 0"):
+        pipeline.close(wait=-1)
