@@ -108,6 +108,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     from pulse_edge.runtime.inputs import load_input
     from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, check_text
 
+    if question is not None and not question.strip():  # given, yet nothing to ask: never the default in silence
+        raise ConfigError("--question is empty; leave it out to ask for a full interpretation")
     question = check_text(question or DEFAULT_QUESTION, "--question")  # before any model is loaded
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     unused = [f"--{name.replace('_', '-')}" for name in ("top_p", "seed") if given(name)]

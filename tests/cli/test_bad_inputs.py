@@ -205,6 +205,7 @@ def test_a_second_calibrate_into_the_same_file_is_refused(tiny_checkpoint: Path,
     (["--device", "banana"], "Invalid value for '--device': 'banana' is not one of auto, cpu, cuda or cuda:N"),
     (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens': 0 is not in the range x>=1"),
     (["--question", "Rate\udce9?"], "the --question is not valid text: character 4"),  # a Latin-1 byte in argv
+    (["--question", "  "], "--question is empty; leave it out"),  # asked the default question in silence before
 ])
 def test_bad_infer_values_are_one_line(args: list[str], expected: str, tiny_bundle: Path, ecg_png: Path) -> None:
     result = _run("infer", str(ecg_png), "--model", str(tiny_bundle), *args)
