@@ -42,6 +42,9 @@ def read_wfdb(path: str | os.PathLike) -> Recording:
         raise recording_error(label, "WFDB record holds no samples", _FIX)
     leads = {}
     for k, (name, unit) in enumerate(zip(record.sig_name, record.units, strict=True)):
+        if not name:  # "missing I ... V6" would blame the leads, not the header that names none
+            raise recording_error(label, f"signal {k + 1} has no name in the header, so which lead it is cannot be "
+                                  "told", "write each signal's lead name at the end of its line in the .hea file")
         factor = require_mv_per_unit(unit, label, f"signal {k + 1} ({name})")
         if name in leads:
             notes.append(f"signal {k + 1} repeats {name!r}; kept the first")

@@ -358,6 +358,15 @@ def test_a_signal_without_an_adc_gain_is_refused_not_read_at_wfdbs_200(tmp_path,
              read_wfdb, header)
 
 
+def test_signals_without_names_are_named_as_the_headers_fault(tmp_path, signals):
+    """It read "missing I ... V6: no limb lead was recorded", blaming the leads for what the header left out."""
+    header = write_wfdb(tmp_path, "anon", signals, FS)
+    lines = header.read_text().splitlines()
+    lines[1:13] = [" ".join(line.split()[:-1]) for line in lines[1:13]]  # each signal line without its name
+    header.write_text("\n".join(lines) + "\n")
+    one_line("signal 1 has no name in the header", read_wfdb, header)
+
+
 def test_a_header_without_a_frequency_says_it_assumes_wfdbs_default(tmp_path):
     path = _record_line(write_wfdb(tmp_path, "nofs", beats(N, 250), 250), lambda f: f[:2])
     assert "WFDB's default 250 Hz is assumed" in " ".join(read_wfdb(path).notes)
