@@ -85,6 +85,9 @@ def choose_samples(options: CalibrationOptions, *, exclude: Sequence[str] = ()) 
     pool = [s for s in load_samples(data, image_root=options.image_root) if s.id not in excluded]
     if not pool:
         raise ConfigError(f"{options.data} holds no usable calibration samples")
+    if len(pool) < options.samples:  # said: the scales then rest on fewer samples than were asked for
+        log.warning("%s holds %d usable samples, fewer than the %d asked for: calibrating on those", options.data,
+                    len(pool), options.samples)
     return select_samples(pool, min(options.samples, len(pool)), options.seed)
 
 
@@ -94,9 +97,14 @@ def prepare_all(loaded: LoadedCheckpoint, tokenizer: Tokenizer, samples: Sequenc
     return [prepare_sample(s, loaded.config.image, tokenizer, max_length=max_length) for s in samples]
 
 
-def calibrate(loaded: LoadedCheckpoint, tokenizer: Tokenizer, options: CalibrationOptions) -> Scales:
-    samples = choose_samples(options)
+def calibrate(loaded: LoadedCheckpoint, tokenizer: Tokenizer, options: CalibrationOptions,
+              samples: Sequence[CalibrationSample] | None = None) -> Scales:
+    """`samples`: chosen already (the CLI reads the data before it loads the model); default choose_samples."""
+    samples = choose_samples(options) if samples is None else samples
     prepared = prepare_all(loaded, tokenizer, samples, loaded.config.text.max_position_embeddings)
+    if cut := sum(p.truncated for p in prepared):
+        log.warning("%d of %d calibration samples were longer than the context and were cut (later turns dropped "
+                    "or the first answer shortened)", cut, len(prepared))
     observers = make_observers(loaded.model, reservoir_rows=options.reservoir_rows, seed=options.seed)
     log.info("calibrating on %d samples (%s)", len(prepared), _counts(samples))
     kv = KVObserver(head_dim=loaded.config.text.head_dim)

@@ -103,8 +103,9 @@ def plan_run(data_dir: str | Path, subsets: Sequence[str], out_dir: str | Path,
         raise InputError(f"{data_dir}: subsets {', '.join(missing)} not found; present: {', '.join(found) or 'none'}")
     plans = []
     for name in names:
-        reference = tuple(load_samples(found[name], limit=limit))
-        repeated = len(reference) - len({s.id for s in reference})
+        whole = load_samples(found[name])  # ids checked over the whole file: the run matches answers across it
+        reference = tuple(whole[:limit] if limit is not None else whole)
+        repeated = len(whole) - len({s.id for s in whole})
         if repeated:
             raise InputError(f"{found[name].describe()}: {repeated} repeated sample ids; answers are kept and "
                              "resumed by id, so ids must be unique")

@@ -34,6 +34,7 @@ from pulse_edge.calibration.datasets.ecgbench.subsets import (
     LABELS,
     SubsetSpec,
 )
+from pulse_edge.errors import InputError
 
 RANDOM_SEED = 42  # the paper's script seeds Python's `random` with 42
 _LISTED_IDS = 20  # how many missing / unknown ids a score names (the counts are always complete)
@@ -98,13 +99,14 @@ def score_subset(spec: SubsetSpec, samples: Sequence[Sample], predictions: Predi
                  judge: JudgeScorer | None = None) -> SubsetScore:
     """Compat and strict scores of one subset; `samples` is the reference (all, or the first N of a limited run)."""
     gold = {s.id: s for s in samples}
+    if len(gold) != len(samples):  # an answer would be scored against another sample's question (the last one's)
+        raise InputError(f"{spec.name}: {len(samples) - len(gold)} repeated sample ids in the reference data; "
+                         "answers are matched by id, so ids must be unique: fix or re-download the subset")
     pairs = [(gold[p.id], p) for p in predictions.predictions if p.id in gold]
     coverage = _coverage(samples, predictions, {p.id for _, p in pairs})
     notes: list[str] = []
     if coverage.samples != spec.paper_size:
         notes.append(f"{coverage.samples} reference samples, the paper's subset has {spec.paper_size}")
-    if len(gold) != len(samples):
-        notes.append(f"{len(samples) - len(gold)} repeated ids in the reference data: the last one of each counts")
     if not pairs:
         empty = {"scored": False, "reason": "no predictions for this subset's samples"}
         return SubsetScore(spec.name, spec.title, spec.kind, coverage, empty, empty, tuple(notes))

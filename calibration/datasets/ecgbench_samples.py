@@ -10,6 +10,7 @@ from pathlib import Path
 from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample, classify_task
 from pulse_edge.calibration.datasets.ecgbench import readers as ecgbench_data
 from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS, resolve_subset
+from pulse_edge.calibration.datasets.image_paths import image_under
 from pulse_edge.errors import InputError
 
 
@@ -39,7 +40,8 @@ def _folder_sources(folder: Path, subset: str | None) -> list[ecgbench_data.Subs
 
 def _ecgbench_sample(sample: ecgbench_data.Sample) -> CalibrationSample:
     sample_id = f"{sample.subset}/{sample.id}"
-    if sample.image_bytes is None and (sample.image_file is None or not sample.image_file.is_file()):
+    file = sample.image_file
+    if sample.image_bytes is None and (file is None or image_under(file.parent, file.name, sample_id) is None):
         raise InputError(f"ECGBench {sample_id}: image {sample.image_name!r} not found; unpack the image "
                          "archives into images/ beside the JSON file")
     turns = tuple((t.question, t.answer if isinstance(t.answer, str) else ", ".join(t.answer))

@@ -8,6 +8,7 @@ from typing import Any
 
 from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample, classify_task
 from pulse_edge.calibration.datasets.ecgbench import readers as ecgbench_data
+from pulse_edge.calibration.datasets.image_paths import image_under
 from pulse_edge.calibration.datasets.json_text import parse_json, read_utf8
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.text.prompt import IMAGE_MARKER
@@ -43,8 +44,8 @@ def _ecginstruct_sample(item: Any, index: int, path: Path, root: Path) -> Calibr
     if missing:
         raise InputError(f"{where}: missing key(s) {', '.join(missing)}")
     turns = _conversation_turns(item["conversations"], where)
-    image = root / str(item["image"])
-    if not image.is_file():
+    image = image_under(root, str(item["image"]), where)
+    if image is None:
         raise InputError(f"{where}: image {item['image']!r} not found under {root}; "
                          "pass the folder the image paths are relative to as image_root (--image-root)")
     return CalibrationSample(id=str(item["id"]), source="ecginstruct", task=classify_task(turns[0][0]),

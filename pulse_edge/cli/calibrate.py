@@ -46,17 +46,18 @@ def _calibrate(model: Path, out: Path, dtype: str, vision_tower: Path | None, **
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate, summary_rows
+    from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate, choose_samples, summary_rows
     from pulse_edge.calibration.fidelity import format_table
     from pulse_edge.export.build.memory import reference_dtype
     from pulse_edge.export.model.torch_backend import TorchPipeline
 
     options = CalibrationOptions(**settings, progress=True)
+    chosen = choose_samples(options)  # a bad --data is one line before minutes of loading the model
     if dtype == "auto":
         dtype = "fp32" if reference_dtype(model) == torch.float32 else "bf16"
     pipe = TorchPipeline.from_checkpoint(model, vision_tower=vision_tower, dtype=dtype, device="cpu",
                                          fused_projector=False)
-    scales = calibrate(pipe.loaded, pipe.tokenizer, options)
+    scales = calibrate(pipe.loaded, pipe.tokenizer, options, samples=chosen)
     scales.save(out)
     rows = summary_rows(scales)
     click.echo(format_table(rows, list(rows[0])))

@@ -241,3 +241,24 @@ def test_cli_checks_images_before_loading_a_model(data_dir: Path, tmp_path: Path
     assert result.output.strip().splitlines()[-1] == (
         "pulse-edge: error: arena: 1 of 2 images not found (first: 'arena/a1.png'); unpack the image archives "
         "into images/ beside the JSON file")
+
+
+def test_repeated_ids_are_refused_over_the_whole_file_and_when_scored(tmp_path: Path) -> None:
+    """With ids 1, 2, 1 and --limit 2 the check saw no repeat, the run matched answers across the whole file, and
+    scoring matched id 1's answer to the last id 1's question."""
+    from pulse_edge.benchmarks.ecgbench.predictions import read_predictions
+    from pulse_edge.benchmarks.ecgbench.score import score_subset
+    from pulse_edge.calibration.datasets.ecgbench.readers import find_subset, load_samples
+    from pulse_edge.calibration.datasets.ecgbench.subsets import resolve_subset
+
+    png = ecg_png(seed=2)
+    write_json_subset(tmp_path, "csn-test-no-cot", [item("1", "Q1 A. ... H. ...", "A", png),
+                                                    item("2", "Q2 A. ... H. ...", "B", png),
+                                                    item("1", "Q3 A. ... H. ...", "C", png)])
+    with pytest.raises(InputError, match="1 repeated sample ids"):
+        plan_run(tmp_path, ("csn",), tmp_path / "out", 2)
+    answers = tmp_path / "p.jsonl"
+    answers.write_text(json.dumps({"id": "1", "text": "A"}) + "\n")
+    spec = resolve_subset("csn")
+    with pytest.raises(InputError, match="repeated sample ids in the reference data"):
+        score_subset(spec, load_samples(find_subset(tmp_path, spec.name)), read_predictions(answers))

@@ -127,6 +127,10 @@ MALFORMED = [
     ([_good(image="images/missing.png")], r"image 'images/missing.png' not found under .*image_root"),
     ([_good(conversations=_conversation([(DIAG_Q, "A"), ("<image>\nAgain?", "B")]))],
      r"'<image>' appears in a later human message"),
+    # a dataset file from elsewhere must not read outside the image folder; a name no OS takes is one line
+    ([_good(image="../outside.png")], r"image '../outside.png' is not a path inside the image folder"),
+    ([_good(image="/etc/hostname")], r"image '/etc/hostname' is not a path inside the image folder"),
+    ([_good(image="x" * 5000 + ".png")], r"cannot be a file name"),
 ]
 
 
@@ -167,6 +171,19 @@ def test_ecgbench_folder_without_subsets_and_missing_images(tmp_path: Path, pngs
     write_json_subset(tmp_path, "mmmu-ecg", [item("m1", "Q?", "A", pngs["sinus"])])
     (tmp_path / "images" / "mmmu-ecg" / "m1.png").unlink()
     with pytest.raises(InputError, match=r"mmmu-ecg/m1: image 'mmmu-ecg/m1.png' not found"):
+        load_ecgbench(tmp_path, subset="mmmu")
+
+
+def test_ecgbench_json_images_stay_inside_and_questions_need_answers(tmp_path: Path, pngs: dict[str, bytes]) -> None:
+    path = write_json_subset(tmp_path, "mmmu-ecg", [item("m1", "Q?", "A", pngs["sinus"])])
+    records = json.loads(path.read_text())
+    for name, words in (("../../secret.png", "is not a path inside the image folder"), ("y" * 5000, "file name")):
+        path.write_text(json.dumps([{**records[0], "image": name}]))
+        with pytest.raises(InputError, match=words):
+            load_ecgbench(tmp_path, subset="mmmu")
+    unanswered = [*records[0]["conversations"], {"from": "human", "value": "And the rate?"}]
+    path.write_text(json.dumps([{**records[0], "conversations": unanswered}]))
+    with pytest.raises(InputError, match="ends with a question that has no answer"):
         load_ecgbench(tmp_path, subset="mmmu")
 
 

@@ -365,3 +365,27 @@ def test_a_multi_page_pdf_says_which_page_it_reads(tiny_bundle: Path, tmp_path: 
 def test_verify_of_a_checkpoint_says_it_has_no_checksums(tiny_checkpoint: Path, ecg_png: Path) -> None:
     _one_line(_run("infer", str(ecg_png), "--model", str(tiny_checkpoint), "--verify"),
               "--verify checks a bundle's files against its manifest; ")
+
+
+def test_calibrate_reads_its_data_before_it_loads_the_model(tiny_checkpoint: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in --data cost minutes and ~14 GB of loading the 7B before it was reported."""
+    from pulse_edge.export.model.torch_backend import TorchPipeline
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model must not be loaded before the data is read")
+
+    monkeypatch.setattr(TorchPipeline, "from_checkpoint", never)
+    (tmp_path / "bad.json").write_text('{"not": "a list"}')
+    result = _run("calibrate", str(tiny_checkpoint), "--data", str(tmp_path / "bad.json"), "-o",
+                  str(tmp_path / "s.npz"))
+    _one_line(result, "bad.json")
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_calibration_on_fewer_samples_than_asked_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from pulse_edge.calibration.calibrate import CalibrationOptions, choose_samples
+
+    with caplog.at_level("WARNING"):
+        chosen = choose_samples(CalibrationOptions(data="synthetic:3", samples=8))
+    assert len(chosen) == 3 and "holds 3 usable samples, fewer than the 8 asked for" in caplog.text

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
+from pulse_edge.calibration.datasets.image_paths import image_under
 from pulse_edge.calibration.datasets.json_text import parse_json, read_utf8
 from pulse_edge.errors import ConfigError, InputError
 from pulse_edge.jsonl import parse_json_line
@@ -235,7 +236,9 @@ def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
         name = name or str(image.get("path") or "")
         data = image.get("bytes")
         if data is None and image.get("path"):  # an image stored by reference, beside the parquet file
-            return Sample(sample_id, subset, turns, image_file=path.parent / str(image["path"]), image_name=name)
+            beside = image_under(path.parent, str(image["path"]), f"{path}: {sample_id}") or path.parent / str(
+                image["path"])  # not found: the sample's image is refused as missing where it is read
+            return Sample(sample_id, subset, turns, image_file=beside, image_name=name)
         image = data
     return Sample(sample_id, subset, turns, image_bytes=image if isinstance(image, bytes) else None, image_name=name)
 
@@ -251,7 +254,7 @@ def _iter_json(source: SubsetSource, with_images: bool, ids: frozenset[str] | No
             turns = _turns(record["conversations"], f"{path}: {sample_id}")
             name = record.get("image", record.get("image_path", ""))
             name = str(name[0] if isinstance(name, list) and name else name or "")
-            image_file = _resolve_image(source.image_roots, name) if with_images else None
+            image_file = _resolve_image(source.image_roots, name, f"{path}: {sample_id}") if with_images else None
             yield Sample(sample_id, source.subset, turns, image_file=image_file, image_name=name)
 
 
@@ -266,13 +269,12 @@ def _json_records(path: Path) -> list[Any]:
     return data
 
 
-def _resolve_image(roots: tuple[Path, ...], name: str) -> Path | None:
+def _resolve_image(roots: tuple[Path, ...], name: str, where: str = "") -> Path | None:
     if not name:
         return None
     for root in roots:
-        candidate = root / name
-        if candidate.is_file():
-            return candidate
+        if (found := image_under(root, name, where or name)) is not None:
+            return found
     return None
 
 
@@ -281,7 +283,9 @@ def _turns(conversations: Any, where: str) -> tuple[Turn, ...]:
     if not isinstance(conversations, list) or len(conversations) < 2:
         raise InputError(f"{where}: conversations must hold a question and an answer")
     turns: list[Turn] = []
-    for question, answer in zip(conversations[0::2], conversations[1::2], strict=False):
+    if len(conversations) % 2:  # a last question with no answer was dropped in silence (arena's turns undercounted)
+        raise InputError(f"{where}: the conversation ends with a question that has no answer")
+    for question, answer in zip(conversations[0::2], conversations[1::2], strict=True):
         if not (isinstance(question, Mapping) and isinstance(answer, Mapping)):
             raise InputError(f"{where}: each conversation entry must be {{from, value}}")
         if question.get("from") != "human" or answer.get("from") not in ("gpt", "assistant"):
