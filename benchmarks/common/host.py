@@ -29,6 +29,10 @@ from typing import Any
 BUSY_OTHERS_CORES = 0.25
 BUSY_STEAL_FRACTION = 0.05
 MIN_QUIET_ROUNDS = 3
+# A window so short that one clock tick per CPU is more than a whole core (under 20 ms on 2 CPUs at 100 Hz) cannot
+# tell a neighbour's full core from nothing: it is not judged quiet (a study's 0.3 ms rounds read as quiet beside
+# a busy loop, and printed a 0.07x "speedup").
+MAX_RESOLUTION_CORES = 1.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class HostWindow:
         """Why this window was busy, or None when it was quiet (unknown counts as busy: no /proc/stat)."""
         if self.others_cores is None or self.steal_fraction is None:
             return "no /proc/stat to tell"
+        if self.resolution_cores > MAX_RESOLUTION_CORES:
+            return f"the round was too short to judge ({1e3 * self.seconds:.1f} ms: /proc/stat counts 10 ms ticks)"
         if self.others_cores > BUSY_OTHERS_CORES + self.resolution_cores:
             return f"other processes used {self.others_cores:.2f} cores"
         if self.steal_fraction > BUSY_STEAL_FRACTION:

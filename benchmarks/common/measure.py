@@ -119,9 +119,11 @@ def torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def bandwidth_probe(array_bytes: int, progress: Callable[[str], None], when: str, copy: bool = True) -> Bandwidth:
+def bandwidth_probe(array_bytes: int, progress: Callable[[str], None], when: str, copy: bool = True,
+                    threads: int = 0) -> Bandwidth:
+    """threads: the run's own (0: every core), so a 1-thread decode is held against what 1 thread can read."""
     progress(f"measuring memory bandwidth ({when}, {gib(array_bytes)} " + ("arrays)" if copy else "array, read only)"))
-    return measure_bandwidth(array_bytes, copy=copy)
+    return measure_bandwidth(array_bytes, copy=copy, threads=threads or None)
 
 
 def bandwidth_report(samples: dict[str, Bandwidth]) -> tuple[Bandwidth, dict[str, Any]]:

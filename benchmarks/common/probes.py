@@ -35,7 +35,7 @@ class Probes:
         """Probe `what`: the GEMM `kinds` (gemm_probe.KINDS; INT8_KINDS leaves the fp32 SGEMM out); copy=False leaves
         the copy bandwidth out (and its second array: a probe beside a loaded model adds one array, not two)."""
         if READ in what:
-            self.bandwidth[when] = bandwidth_probe(bandwidth_bytes, progress, when, copy=copy)
+            self.bandwidth[when] = bandwidth_probe(bandwidth_bytes, progress, when, copy=copy, threads=threads)
         if GEMM in what:
             progress(f"measuring the GEMM peaks ({when})")
             self.gemm[when] = measure_gemm_peak(threads=threads, kinds=kinds)

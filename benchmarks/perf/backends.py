@@ -228,10 +228,10 @@ def run_backends(cfg: BackendsConfig, progress: Callable[[str], None] = print) -
         prepared = prepare_model(cfg, work, progress)
         progress(f"model ready in {prepared.seconds:.0f} s")
         machine = machine_with_load()
-        samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start")}
+        samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start", threads=cfg.threads)}
         backends, overhead, rounds = _measure_backends(prepared, cfg, progress)
         gc.collect()  # the backends are unreachable now: free them before the end probe allocates its arrays
-        samples["end"] = bandwidth_probe(cfg.bandwidth_bytes, progress, "end")
+        samples["end"] = bandwidth_probe(cfg.bandwidth_bytes, progress, "end", threads=cfg.threads)
         model = {**model_info(prepared.checkpoint), "width": cfg.width, "bundle": str(prepared.bundle),
                  "bundle_bytes_on_disk": dir_size_bytes(prepared.bundle), "prepared_s": prepared.seconds,
                  "reused": prepared.reused, "work_kept": cfg.work is not None}

@@ -227,7 +227,7 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
     if cfg.provider == "cpu":
         require_onnx()  # the GEMM probe beside the runs; refused before anything is loaded
     started, machine = time.perf_counter(), machine_with_load()
-    samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start")}  # describes the machine
+    samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start", threads=cfg.threads)}  # the machine
     watch = PeakWatch.start()  # the probe's arrays are freed: they would otherwise be the peak of a small model
     progress(f"loading {cfg.model}")
     pipeline, facts = _open(cfg)

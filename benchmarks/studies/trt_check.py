@@ -59,8 +59,10 @@ def run_check(bundle: Path, engines: Path | None, reference: Path | None, tokens
     timings = [r.timings for r in results]
     facts = bundle_decoder_facts(bundle)
     context = results[-1].prompt_tokens + results[-1].generated_tokens / 2
-    decode = _median([t.decode_tokens_per_s for t in timings])
-    achieved = decode * facts.bytes_per_token(round(context))
+    rates = [t.decode_tokens_per_s for t in timings if t.decode_tokens_per_s > 0]  # 0: one token, no decode step
+    decode = _median(rates) if rates else None  # printed n/a, never 0 tok/s as if measured
+    bandwidth = device["peak_bandwidth_bytes_s"] or None  # a device that reports no memory clock: no bound
+    achieved = None if decode is None else decode * facts.bytes_per_token(round(context))
     return {"device": device, "bundle": str(bundle), "reference": str(reference or bundle),
             "engines": str(engines or "the bundle's engines-* folder"), "image_tokens": results[-1].image_tokens,
             "prompt_tokens": results[-1].prompt_tokens, "tokens_trt": results[-1].token_ids,
@@ -70,7 +72,8 @@ def run_check(bundle: Path, engines: Path | None, reference: Path | None, tokens
             "prefill_ms": _median([t.prefill_ms for t in timings]),
             "ttft_ms": _median([t.time_to_first_token_ms for t in timings]), "decode_tokens_per_s": decode,
             "decode_context": context, "bytes_per_token": facts.bytes_per_token(round(context)),
-            "fraction_of_bandwidth": achieved / device["peak_bandwidth_bytes_s"], "runs": runs}
+            "fraction_of_bandwidth": None if achieved is None or bandwidth is None else achieved / bandwidth,
+            "runs": runs}
 
 
 def report_table(r: dict[str, Any]) -> str:
@@ -84,8 +87,13 @@ def report_table(r: dict[str, Any]) -> str:
         "prompt positions", "",
         "| vision ms | prefill ms | time to first token ms | decode tok/s | bytes per decode step | % of bandwidth |",
         "|---|---|---|---|---|---|",
-        f"| {r['vision_ms']:.1f} | {r['prefill_ms']:.1f} | {r['ttft_ms']:.1f} | {r['decode_tokens_per_s']:.1f} | "
-        f"{r['bytes_per_token'] / 2**20:.0f} MiB | {100 * r['fraction_of_bandwidth']:.0f} % |"])
+        f"| {r['vision_ms']:.1f} | {r['prefill_ms']:.1f} | {r['ttft_ms']:.1f} | {_cell(r['decode_tokens_per_s'], 1)} | "
+        f"{r['bytes_per_token'] / 2**20:.0f} MiB | {_cell(r['fraction_of_bandwidth'], 0, 100)} % |"])
+
+
+def _cell(value: float | None, digits: int, scale: float = 1.0) -> str:
+    """n/a where nothing was measured (no decode step ran, or no bandwidth bound)."""
+    return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
 
 @click.command("trt_check")
@@ -95,7 +103,8 @@ def report_table(r: dict[str, Any]) -> str:
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="The bundle ONNX Runtime answers with (default: BUNDLE), e.g. the fp16 one.")
 @click.option("--reference-provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
-@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="New tokens per run (>= 2: the first comes from the prefill, a decode rate needs a step).")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--json", "json_path", type=REPORT_PATH, default=None)
 def main(bundle: Path, engines: Path | None, reference: Path | None, reference_provider: str, tokens: int,

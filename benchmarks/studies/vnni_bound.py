@@ -14,13 +14,14 @@ study says so and stops. `python -m pulse_edge.benchmarks.studies.vnni_bound --h
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS, PROBE_SHAPE, measure_gemm_peak, require_onnx
-from pulse_edge.benchmarks.common.host import busy_reason
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
 from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.output import REPORT_PATH, write_json
 from pulse_edge.benchmarks.common.rounds import abba, paired, quiet_median
@@ -34,7 +35,9 @@ ISA_FLAGS = ("-mavx512f", "-mavx512vnni")
 CPU_FEATURES = ("avx512f", "avx512_vnni")
 OPS_PER_INSTRUCTION = 2 * 64  # 64 u8 x s8 products, each a multiply and an add
 CHAINS = 10  # vpdpbusd per loop iteration (vnni_bound.c)
-ITERATIONS = 20_000_000  # per thread and call: ~0.5 s at one instruction a cycle and 4 GHz
+# per thread and call: 2e9 vpdpbusd, ~0.55 s at one a cycle and 3.6 GHz (measured 0.055 s for a tenth of it): long
+# enough that a neighbour's burst during it weighs in the round's host window as much as during the GEMMs
+ITERATIONS = 200_000_000
 
 
 def load_spin() -> Any:
@@ -66,20 +69,32 @@ def instruction_bound(spin: Any, threads: int, iterations: int = ITERATIONS) -> 
 
 def compare(threads: int, rounds: int, iterations: int = ITERATIONS,
             shape: tuple[int, int, int] = PROBE_SHAPE) -> dict[str, Any]:
-    """The bound and each int8 GEMM kind (of `shape`), timed in ABBA rounds; rates in ops/s."""
+    """The bound and each int8 GEMM kind (of `shape`), timed in ABBA rounds; rates in ops/s. Each side has its
+    own host window, and a round counts as quiet only when both were: in one window for both, a burst during the
+    short bound was diluted by the GEMMs' seconds, and fractions above 100% were printed as quiet."""
     spin = load_spin()
     bound: list[float] = []
     gemms: list[dict[str, float]] = []
-    seconds_bound, seconds_gemm, windows = abba(lambda: bound.append(instruction_bound(spin, threads, iterations)),
-                                                lambda: gemms.append(measure_gemm_peak(
-                                                    threads=threads, kinds=INT8_KINDS, repeats=5,
-                                                    shape=shape).ops_per_s),
-                                                rounds)
+    sides: tuple[list[HostWindow], list[HostWindow]] = ([], [])
+
+    def timed(side: int, work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            before = host_sample()
+            work()
+            sides[side].append(HostWindow.between(before, host_sample()))
+        return run
+
+    seconds_bound, seconds_gemm, _ = abba(
+        timed(0, lambda: bound.append(instruction_bound(spin, threads, iterations))),
+        timed(1, lambda: gemms.append(measure_gemm_peak(threads=threads, kinds=INT8_KINDS, repeats=5,
+                                                        shape=shape).median_ops_per_s)),  # one statistic: medians
+        rounds)
+    windows = [b if b.busy() else g for b, g in zip(*sides, strict=True)]  # busy if either side was
     rows = {"vpdpbusd zmm": quiet_median(bound, windows)}
     fractions = {}
     for kind in INT8_KINDS:
         rates = [g[kind] for g in gemms]
-        rows[kind] = quiet_median(rates, windows)
+        rows[kind] = quiet_median(rates, windows)  # each round's median call (5 after gemm_probe's warm-up)
         fractions[kind] = paired(rates, bound, windows)
     return {"threads": threads, "ops_per_s": rows, "of_bound": fractions, "busy": busy_reason(windows),
             "rounds": [{"bound_ops_per_s": b, **{k: g[k] for k in INT8_KINDS}, **w.to_dict()}
@@ -88,9 +103,13 @@ def compare(threads: int, rounds: int, iterations: int = ITERATIONS,
 
 
 def table(row: dict[str, Any]) -> str:
-    lines = [[name, cell(None if rate is None else rate / 1e12, ".3f"),
-              "100%" if name == "vpdpbusd zmm" else cell(None if row["of_bound"][name] is None
-                                                          else 100 * row["of_bound"][name], ".0f") + "%"]
+    def share(name: str) -> str:
+        if row["busy"]:
+            return "busy"
+        fraction = 1.0 if name == "vpdpbusd zmm" else row["of_bound"][name]
+        return cell(None if fraction is None else 100 * fraction, ".0f") + "%"
+
+    lines = [[name, cell(None if rate is None else rate / 1e12, ".3f"), share(name)]
              for name, rate in row["ops_per_s"].items()]
     return markdown_table(["", f"TOP/s, {row['threads']} threads (median of quiet rounds)", "of the bound"], lines)
 

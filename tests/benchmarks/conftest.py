@@ -16,8 +16,9 @@ def small_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     def gemm(threads: int = 0, kinds: tuple[str, ...] = gemm_probe.KINDS) -> gemm_probe.GemmPeak:
         return gemm_probe.measure_gemm_peak(threads=threads, repeats=1, kinds=kinds, shape=(64, 256, 256))
 
-    def bandwidth(array_bytes: int, progress: Callable[[str], None], when: str, copy: bool = True):
-        return measure.bandwidth_probe(8 * 2**20, progress, when, copy=copy)
+    def bandwidth(array_bytes: int, progress: Callable[[str], None], when: str, copy: bool = True,
+                  threads: int = 0):
+        return measure.bandwidth_probe(8 * 2**20, progress, when, copy=copy, threads=threads)
     monkeypatch.setattr(probes, "measure_gemm_peak", gemm)
     monkeypatch.setattr(probes, "bandwidth_probe", bandwidth)
 

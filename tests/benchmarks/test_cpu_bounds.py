@@ -50,6 +50,8 @@ def test_a_short_round_is_judged_busy_only_beyond_what_clock_ticks_can_tell() ->
                             resolution_cores=0.02)
     assert long_round.busy() is not None  # a second resolves 0.3 cores
     assert HostWindow.between(before, whole).others_cores == pytest.approx(1.0)  # a whole core beside us
+    blink = HostSample(wall=0.003, busy_s=100.003, steal_s=1.0, total_s=400.006, own_cpu_s=5.003)
+    assert "too short to judge (3.0 ms" in HostWindow.between(before, blink).busy()  # a tick is more than a core
 
 
 def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:
@@ -271,3 +273,12 @@ def test_interleaved_rounds_rotate_the_backends_order() -> None:
     followers = Counter((r[i], r[i + 1]) for r in timed for i in range(2))
     assert set(followers) == {(x, y) for x in "abc" for y in "abc" if x != y} and set(followers.values()) == {2}
     assert set(stats) == {"a", "b", "c"}
+
+
+def test_the_bandwidth_probe_reads_with_the_runs_threads() -> None:
+    """A 1-thread decode was held against what every core could read, while the GEMM probe used its 1 thread."""
+    from pulse_edge.benchmarks.common.probes import READ, Probes
+
+    probes = Probes()
+    probes.measure("before", 8 * 2**20, 1, lambda _: None, what=(READ,), copy=False)
+    assert probes.bandwidth["before"].threads == 1

@@ -36,3 +36,12 @@ def test_a_cpu_without_vnni_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"sse2"}))
     with pytest.raises(ConfigError, match="needs CPU features this machine lacks"):
         vnni_bound.load_spin()
+
+
+def test_a_busy_run_prints_busy_cells_not_fractions() -> None:
+    """Busy rounds printed "busy%" beside a "100%" bound row."""
+    kinds = {k: None for k in vnni_bound.INT8_KINDS}
+    row = {"threads": 2, "ops_per_s": {"vpdpbusd zmm": None, **kinds}, "of_bound": kinds,
+           "busy": "host busy: 0 of 4 rounds quiet (need 3)"}
+    lines = vnni_bound.table(row).splitlines()[2:]
+    assert all(line.endswith("| busy | busy |") for line in lines) and "%" not in "".join(lines)
