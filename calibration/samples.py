@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pulse_edge.calibration.datasets.calibration_sample import SOURCES, TASKS, CalibrationSample
+from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
 from pulse_edge.calibration.datasets.ecgbench_samples import load_ecgbench
 from pulse_edge.calibration.datasets.ecginstruct import load_ecginstruct
 from pulse_edge.calibration.datasets.synthetic import synthetic_samples
@@ -54,13 +55,15 @@ def load_samples(data: str | Path, *, image_root: str | Path | None = None) -> l
             raise ConfigError(f"calibration data {text!r}: the sample count after 'synthetic:' must be a number")
         return synthetic_samples(int(count), seed=0)
     path = Path(data)
-    if path.suffix == ".json":
+    subset = path.stem.replace("_", "-")
+    bench = path.suffix == ".json" and subset in SUBSETS  # ECGBench's ptb-test.json: test data, not ECGInstruct
+    if path.suffix == ".json" and not bench:
         return load_ecginstruct(path, image_root)
-    if path.suffix == ".parquet" or path.is_dir():
+    if bench or path.suffix == ".parquet" or path.is_dir():
         if image_root is not None:  # ECGBench's parquet files hold their images: never ignored in silence
             raise ConfigError(f"--image-root {image_root}: where an ECGInstruct .json file's images lie; ECGBench "
                               "finds its own (in its parquet files, or its folder's images/): leave it out")
-        return load_ecgbench(path)
+        return load_ecgbench(path.parent, subset=subset) if bench else load_ecgbench(path)
     raise InputError(f"{data}: not a calibration source; pass 'synthetic[:N]', an ECGInstruct .json file, "
                      "or an ECGBench .parquet file or data folder")
 

@@ -187,6 +187,18 @@ def test_ecgbench_json_images_stay_inside_and_questions_need_answers(tmp_path: P
         load_ecgbench(tmp_path, subset="mmmu")
 
 
+def test_an_ecgbench_json_file_is_read_as_ecgbench_not_as_ecginstruct(tmp_path: Path,
+                                                                      pngs: dict[str, bytes]) -> None:
+    """Read as ECGInstruct, ECGBench's test data was recorded as training data in the scales and the manifest."""
+    from pulse_edge.calibration.samples import load_samples
+
+    path = write_json_subset(tmp_path, "ptb-test", [item("p1", "Which rhythm is shown?", "Sinus rhythm",
+                                                         pngs["sinus"])])
+    assert path.name == "ptb-test.json"
+    (sample,) = load_samples(path)
+    assert (sample.source, sample.id) == ("ecgbench", "ptb-test/p1")
+
+
 # --- source dispatch and task rules --------------------------------------------------------------------------
 
 
