@@ -63,7 +63,7 @@ def load_samples(data: str | Path, *, image_root: str | Path | None = None) -> l
         if image_root is not None:  # ECGBench's parquet files hold their images: never ignored in silence
             raise ConfigError(f"--image-root {image_root}: where an ECGInstruct .json file's images lie; ECGBench "
                               "finds its own (in its parquet files, or its folder's images/): leave it out")
-        return load_ecgbench(path.parent, subset=subset) if bench else load_ecgbench(path)
+        return load_ecgbench(path, subset=subset) if bench else load_ecgbench(path)
     raise InputError(f"{data}: not a calibration source; pass 'synthetic[:N]', an ECGInstruct .json file, "
                      "or an ECGBench .parquet file or data folder")
 

@@ -95,7 +95,8 @@ class HostWindow:
         if self.others_cores is None or self.steal_fraction is None:
             return "no /proc/stat to tell"
         if self.resolution_cores > MAX_RESOLUTION_CORES:
-            return f"the round was too short to judge ({1e3 * self.seconds:.1f} ms: /proc/stat counts 10 ms ticks)"
+            return (f"the round was too short to judge ({1e3 * self.seconds:.1f} ms: /proc/stat counts 10 ms ticks "
+                    f"on each of {os.cpu_count() or 1} CPUs)")
         if self.others_cores > BUSY_OTHERS_CORES + self.resolution_cores:
             return f"other processes used {self.others_cores:.2f} cores"
         if self.steal_fraction > BUSY_STEAL_FRACTION:

@@ -15,15 +15,19 @@ from pulse_edge.errors import InputError
 
 
 def load_ecgbench(path: str | Path, subset: str | None = None) -> list[CalibrationSample]:
-    """Items of an ECGBench parquet file, or of every subset (or `subset`) in a data folder, with their images."""
+    """Items of an ECGBench parquet or JSON file, or of every subset (or `subset`) in a data folder, with their
+    images."""
     p = Path(path)
     if p.is_file() and p.suffix == ".parquet":
         name = subset or (p.parent.name if p.parent.name in SUBSETS else p.stem)
         sources = [ecgbench_data.SubsetSource(name, ecgbench_data.PARQUET, (p,))]
+    elif p.is_file() and p.suffix == ".json":  # the file named, not whichever layout its folder also holds
+        sources = [ecgbench_data.json_source(p, resolve_subset(subset or p.stem.replace("_", "-")).name)]
     elif p.is_dir():
         sources = _folder_sources(p, subset)
     else:
-        raise InputError(f"{p}: {'not an' if p.exists() else 'no such'} ECGBench .parquet file or data folder")
+        raise InputError(f"{p}: {'not an' if p.exists() else 'no such'} ECGBench .parquet or .json file or data "
+                         "folder")
     return [_ecgbench_sample(sample) for source in sources
             for sample in ecgbench_data.iter_samples(source, with_images=True)]
 

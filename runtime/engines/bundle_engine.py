@@ -221,9 +221,11 @@ class BundleEngine:
         self.closed = True
         self.vision = self.decoder = ClosedRunner()  # type: ignore[assignment]  # the runners' contexts go first
         self.table = np.empty((0, self.table.shape[1]), self.table.dtype)  # the 500 MB map and its file go
-        if self.release is not None:
-            self.release()
-        self.released.set()
+        try:
+            if self.release is not None:
+                self.release()
+        finally:
+            self.released.set()  # a release that failed said so itself: close(wait=...) must not wait for it
 
     def check_open(self) -> None:
         if self.closed or self.closing:

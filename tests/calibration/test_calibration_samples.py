@@ -174,17 +174,13 @@ def test_ecgbench_folder_without_subsets_and_missing_images(tmp_path: Path, pngs
         load_ecgbench(tmp_path, subset="mmmu")
 
 
-def test_ecgbench_json_images_stay_inside_and_questions_need_answers(tmp_path: Path, pngs: dict[str, bytes]) -> None:
+def test_ecgbench_json_images_stay_inside_the_image_folder(tmp_path: Path, pngs: dict[str, bytes]) -> None:
     path = write_json_subset(tmp_path, "mmmu-ecg", [item("m1", "Q?", "A", pngs["sinus"])])
     records = json.loads(path.read_text())
     for name, words in (("../../secret.png", "is not a path inside the image folder"), ("y" * 5000, "file name")):
         path.write_text(json.dumps([{**records[0], "image": name}]))
         with pytest.raises(InputError, match=words):
             load_ecgbench(tmp_path, subset="mmmu")
-    unanswered = [*records[0]["conversations"], {"from": "human", "value": "And the rate?"}]
-    path.write_text(json.dumps([{**records[0], "conversations": unanswered}]))
-    with pytest.raises(InputError, match="ends with a question that has no answer"):
-        load_ecgbench(tmp_path, subset="mmmu")
 
 
 def test_an_ecgbench_json_file_is_read_as_ecgbench_not_as_ecginstruct(tmp_path: Path,
@@ -195,6 +191,9 @@ def test_an_ecgbench_json_file_is_read_as_ecgbench_not_as_ecginstruct(tmp_path: 
     path = write_json_subset(tmp_path, "ptb-test", [item("p1", "Which rhythm is shown?", "Sinus rhythm",
                                                          pngs["sinus"])])
     assert path.name == "ptb-test.json"
+    # the same subset as parquet in the folder too: the file named is the one read
+    write_parquet_subset(tmp_path / "ptb-test" / "test-00000-of-00001.parquet",
+                         [item("q9", "Which rhythm is shown?", "Sinus rhythm", pngs["sinus"])])
     (sample,) = load_samples(path)
     assert (sample.source, sample.id) == ("ecgbench", "ptb-test/p1")
 
@@ -212,7 +211,7 @@ def test_load_samples_dispatches_on_the_argument(instruct: Path, tmp_path: Path,
         load_samples("synthetic:many")
     with pytest.raises(InputError, match="ECGInstruct file not found"):
         load_samples(tmp_path / "missing.json")
-    with pytest.raises(InputError, match=r"no such ECGBench \.parquet file"):
+    with pytest.raises(InputError, match=r"no such ECGBench \.parquet or \.json file"):
         load_samples(tmp_path / "missing.parquet")
     with pytest.raises(InputError, match=r"not a calibration source; pass 'synthetic\[:N\]'") as err:
         load_samples(tmp_path / "notes.txt")

@@ -167,9 +167,15 @@ def _find_json(root: Path, name: str) -> SubsetSource | None:
     for pattern in _JSON_PATTERNS:
         path = root / pattern.format(s=name, u=name.replace("-", "_"))
         if path.is_file():
-            roots = (path.parent / "images", path.parent, root / "images", root / "ECGBench" / "images", root)
-            return SubsetSource(name, JSON, (path,), tuple(dict.fromkeys(roots)))
+            return json_source(path, name, root)
     return None
+
+
+def json_source(path: Path, name: str, root: Path | None = None) -> SubsetSource:
+    """A subset's JSON file as a source: its images under images/ beside it (or the data folder's, `root`)."""
+    root = path.parent if root is None else root
+    roots = (path.parent / "images", path.parent, root / "images", root / "ECGBench" / "images", root)
+    return SubsetSource(name, JSON, (path,), tuple(dict.fromkeys(roots)))
 
 
 def _pyarrow_parquet() -> Any:
@@ -236,9 +242,8 @@ def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
         name = name or str(image.get("path") or "")
         data = image.get("bytes")
         if data is None and image.get("path"):  # an image stored by reference, beside the parquet file
-            beside = image_under(path.parent, str(image["path"]), f"{path}: {sample_id}") or path.parent / str(
-                image["path"])  # not found: the sample's image is refused as missing where it is read
-            return Sample(sample_id, subset, turns, image_file=beside, image_name=name)
+            # Hugging Face's own form for images kept outside the file: a path beside it, or an absolute one
+            return Sample(sample_id, subset, turns, image_file=path.parent / str(image["path"]), image_name=name)
         image = data
     return Sample(sample_id, subset, turns, image_bytes=image if isinstance(image, bytes) else None, image_name=name)
 
@@ -283,9 +288,9 @@ def _turns(conversations: Any, where: str) -> tuple[Turn, ...]:
     if not isinstance(conversations, list) or len(conversations) < 2:
         raise InputError(f"{where}: conversations must hold a question and an answer")
     turns: list[Turn] = []
-    if len(conversations) % 2:  # a last question with no answer was dropped in silence (arena's turns undercounted)
-        raise InputError(f"{where}: the conversation ends with a question that has no answer")
-    for question, answer in zip(conversations[0::2], conversations[1::2], strict=True):
+    # a last question with no reference answer is left out (arena asks later turns after the model's own answers;
+    # a refusal here lost the whole subset over one such item)
+    for question, answer in zip(conversations[0::2], conversations[1::2], strict=False):
         if not (isinstance(question, Mapping) and isinstance(answer, Mapping)):
             raise InputError(f"{where}: each conversation entry must be {{from, value}}")
         if question.get("from") != "human" or answer.get("from") not in ("gpt", "assistant"):
