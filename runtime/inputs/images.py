@@ -101,7 +101,7 @@ _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 _SHRINK_ADVICE = "downscale it (300 dpi is plenty for an ECG)"
 _WHITE = (255, 255, 255, 255)
-_U16_TO_U8 = 257  # 65535 / 255: maps 0 -> 0 and 65535 -> 255 exactly
+_U16_MAX = 2**16 - 1
 _I32_MAX = 2**31 - 1
 _U32_MAX = 2**32 - 1
 BLANK_LEVELS = 2  # a page whose every channel spans no more levels than this is blank (JPEG noise included)
@@ -309,12 +309,15 @@ def _on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+def _grey_8bit(values: np.ndarray, full: int) -> Image.Image:
+    """Integer grey levels 0..full (clipped there) as 8-bit grey, rounded to nearest: full -> 255 exactly."""
+    return Image.fromarray(((np.clip(values, 0, full) * 255 + full // 2) // full).astype(np.uint8), mode="L")
+
+
 def _from_16bit(image: Image.Image) -> Image.Image:
     # Pillow's own I -> L conversion clips at 255, turning a 16-bit scan white;
     # scale the full 0..65535 range instead, rounding to nearest.
-    values = np.asarray(image).astype(np.int64)
-    scaled = (np.clip(values, 0, 65535) + _U16_TO_U8 // 2) // _U16_TO_U8
-    return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    return _grey_8bit(np.asarray(image).astype(np.int64), _U16_MAX).convert("RGB")
 
 
 def _unsigned_32bit(image: Image.Image) -> Image.Image:
@@ -324,19 +327,15 @@ def _unsigned_32bit(image: Image.Image) -> Image.Image:
     tags = getattr(image, "tag_v2", None)
     if image.mode != "I" or tags is None or tags.get(258) not in (32, (32,)) or tags.get(339, 1) not in (1, (1,)):
         return image
-    values = np.asarray(image).view(np.uint32).astype(np.uint64)
-    full = _U32_MAX if values.max(initial=0) > 65535 else 65535  # 16-bit data in a 32-bit file: its own range
-    return Image.fromarray(((values * 255 + full // 2) // full).astype(np.uint8), mode="L")
+    values = np.asarray(image).view(np.uint32).astype(np.int64)
+    return _grey_8bit(values, _U32_MAX if values.max(initial=0) > _U16_MAX else _U16_MAX)  # 16-bit data: its range
 
 
 def _from_integer_grey(image: Image.Image) -> Image.Image:
     """Pillow's mode I holds 16-bit greyscale in some formats and 32-bit in others (a TIFF with BitsPerSample 32):
     values past 65535 are 32-bit, scaled from their full 0..2**31 - 1 range; clipped at 65535 they turned white."""
     values = np.asarray(image).astype(np.int64)
-    if values.max(initial=0) <= 65535:
-        return _from_16bit(image)
-    scaled = (np.clip(values, 0, _I32_MAX) * 255 + _I32_MAX // 2) // _I32_MAX
-    return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    return _grey_8bit(values, _I32_MAX if values.max(initial=0) > _U16_MAX else _U16_MAX).convert("RGB")
 
 
 def _identity(image: Image.Image) -> Image.Image:
