@@ -29,7 +29,7 @@ import numpy as np
 
 from pulse_edge.calibration.datasets.calibration_sample import SOURCES, TASKS, CalibrationSample
 from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
-from pulse_edge.calibration.datasets.ecgbench_samples import load_ecgbench
+from pulse_edge.calibration.datasets.ecgbench_samples import fetch_images, load_ecgbench
 from pulse_edge.calibration.datasets.ecginstruct import load_ecginstruct
 from pulse_edge.calibration.datasets.synthetic import synthetic_samples
 from pulse_edge.errors import ConfigError, InputError, PromptError
@@ -72,13 +72,14 @@ def load_samples(data: str | Path, *, image_root: str | Path | None = None) -> l
 
 
 def select_samples(samples: Sequence[CalibrationSample], n: int, seed: int) -> list[CalibrationSample]:
-    """`n` samples stratified by (source, task), in input order; the same seed gives the same list.
+    """`n` samples stratified by (source, task), in input order, their images read; the same seed gives the
+    same list.
 
     Each stratum gets its proportional share, at least one while `n` allows (when `n` is
     below the number of strata, the largest strata get one each), rounded by largest
     remainder. Which members of a stratum are taken depends only on the seed and that stratum.
     """
-    return [samples[i] for i in _select_indices(samples, n, seed)]
+    return fetch_images([samples[i] for i in _select_indices(samples, n, seed)])
 
 
 def split_held_out(samples: Sequence[CalibrationSample], held_out: int, seed: int

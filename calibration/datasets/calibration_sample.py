@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.ecg.synthetic import EcgRecord, synthesize_ecg
@@ -61,9 +61,17 @@ class SyntheticEcg:
         return render_ecg(self.record(), width_px=self.width_px, height_px=self.height_px)
 
 
+class DeferredImage(Protocol):
+    """An image left in its data file until its sample is chosen: ECGBench's parquet files hold gigabytes of
+    prints, and a pool of every sample's bytes would not fit a cart's memory (`ecgbench_samples.fetch_images`
+    reads the chosen ones in one pass)."""
+
+    def load(self) -> Image.Image: ...
+
+
 @dataclass(frozen=True)
 class CalibrationSample:
-    """One image and its conversation; exactly one of image_path / image_bytes / synthetic is set."""
+    """One image and its conversation; exactly one of image_path / image_bytes / synthetic / deferred is set."""
 
     id: str
     source: str
@@ -72,6 +80,7 @@ class CalibrationSample:
     image_path: Path | None = None
     image_bytes: bytes | None = field(default=None, repr=False)
     synthetic: SyntheticEcg | None = None
+    deferred: DeferredImage | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -80,14 +89,16 @@ class CalibrationSample:
             raise ConfigError(f"sample {self.id}: task {self.task!r} is not one of {', '.join(TASKS)}")
         if not self.turns:
             raise ConfigError(f"sample {self.id}: needs at least one (question, answer) turn")
-        if sum(x is not None for x in (self.image_path, self.image_bytes, self.synthetic)) != 1:
-            raise ConfigError(f"sample {self.id}: set exactly one of image_path, image_bytes, synthetic")
+        if sum(x is not None for x in (self.image_path, self.image_bytes, self.synthetic, self.deferred)) != 1:
+            raise ConfigError(f"sample {self.id}: set exactly one of image_path, image_bytes, synthetic, deferred")
 
     def load_image(self) -> Image.Image:
         """The RGB image, decoded by the runtime's own decoder (or rendered, for synthetic samples); a sample
         whose "image" is a recording (DICOM, WFDB .hea, HL7 aECG) gets its standard print, as `infer` does."""
         if self.synthetic is not None:
             return self.synthetic.render()
+        if self.deferred is not None:  # one sample's read: a whole chosen list goes through fetch_images
+            return self.deferred.load()
         if self.image_bytes is not None:
             return load_input(self.image_bytes, name=self.id).image
         return load_input(self.image_path).image

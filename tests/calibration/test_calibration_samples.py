@@ -14,7 +14,7 @@ import pytest
 from pulse_testing.ecgbench_data import ecg_png, item, write_json_subset, write_parquet_subset
 
 from pulse_edge.calibration.datasets.calibration_sample import SOURCES, TASKS, CalibrationSample, classify_task
-from pulse_edge.calibration.datasets.ecgbench_samples import load_ecgbench
+from pulse_edge.calibration.datasets.ecgbench_samples import fetch_images, load_ecgbench
 from pulse_edge.calibration.datasets.ecginstruct import load_ecginstruct
 from pulse_edge.calibration.datasets.synthetic import PRINT_SIZES, synthetic_samples
 from pulse_edge.calibration.samples import (
@@ -154,7 +154,8 @@ def test_ecgbench_parquet_file_and_json_folder(tmp_path: Path, pngs: dict[str, b
     from_parquet = load_ecgbench(parquet)
     assert [s.id for s in from_parquet] == ["cpsc-test/p1", "cpsc-test/p2"]
     assert [s.task for s in from_parquet] == ["rhythm", "diagnosis"]
-    assert from_parquet[0].image_bytes == pngs["sinus"] and from_parquet[0].image_path is None
+    assert from_parquet[0].image_bytes is None and from_parquet[0].deferred is not None  # read once chosen
+    assert fetch_images(from_parquet)[0].image_bytes == pngs["sinus"]
     assert from_parquet[1].turns == (("Is this abnormal?", "yes, AF"),)
     write_json_subset(tmp_path / "js", "ptb-test", items)
     from_json = load_ecgbench(tmp_path / "js")
@@ -163,6 +164,53 @@ def test_ecgbench_parquet_file_and_json_folder(tmp_path: Path, pngs: dict[str, b
     same = [np.asarray(s.load_image()) for s in (from_parquet[1], from_json[1])]
     assert np.array_equal(same[0], same[1])
     assert {s.source for s in from_parquet + from_json} == {"ecgbench"}
+
+
+def test_an_ecgbench_pool_holds_no_image_bytes_and_the_chosen_are_read_in_one_pass(
+        tmp_path: Path, pngs: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole release holds ~13 GB of prints: a pool of every sample's bytes does not fit a cart's memory."""
+    from pulse_edge.calibration.datasets.ecgbench import readers
+
+    items = [item(f"p{i}", "Which rhythm is shown?", "Sinus rhythm", pngs["sinus" if i % 2 else "afib"])
+             for i in range(6)]
+    write_parquet_subset(tmp_path / "cpsc-test" / "test-00000-of-00001.parquet", items[:3])
+    write_parquet_subset(tmp_path / "cpsc-test" / "test-00001-of-00001.parquet", items[3:])
+    write_json_subset(tmp_path, "ptb-test", items[:1])
+    pool = load_samples(tmp_path)
+    assert [s.image_bytes for s in pool if s.source == "ecgbench" and s.id.startswith("cpsc")] == [None] * 6
+    reads = []
+    real = readers.iter_samples
+    monkeypatch.setattr(readers, "iter_samples", lambda *a, **k: reads.append(k) or real(*a, **k))
+    chosen = select_samples(pool, 4, seed=0)
+    by_id = {f"cpsc-test/{i.id}": i.image for i in items}
+    rows = {s.id.removeprefix("cpsc-test/") for s in chosen if s.id in by_id}  # the JSON one is a file's path
+    assert len(reads) == 1 and reads[0]["with_images"] and reads[0]["ids"] == rows
+    for sample in chosen:
+        if sample.id in by_id:  # each chosen row with its own image, not a neighbour's
+            assert sample.image_bytes == by_id[sample.id] and sample.deferred is None
+        else:
+            assert sample.image_path is not None
+    # one sample's image on its own (fidelity reads a sample at a time)
+    assert np.array_equal(np.asarray(pool[1].load_image()), np.asarray(fetch_images([pool[1]])[0].load_image()))
+
+
+def test_a_chosen_ecgbench_row_without_an_image_or_gone_is_one_line(tmp_path: Path,
+                                                                     pngs: dict[str, bytes]) -> None:
+    path = write_parquet_subset(tmp_path / "cpsc-test" / "test-00000-of-00001.parquet",
+                                [item("p1", "Q?", "A", pngs["sinus"]), item("p1", "Q2?", "B", pngs["afib"])])
+    pool = load_ecgbench(path)
+    with pytest.raises(InputError, match="the id is repeated"):
+        fetch_images(pool[:1])
+    write_parquet_subset(path, [item("p2", "Q?", "A", pngs["sinus"])])
+    with pytest.raises(InputError, match=r"p1: no longer in .*replaced while calibrating"):
+        fetch_images(pool[:1])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(2, "image", pa.nulls(1, table.schema.field("image").type)), path)
+    with pytest.raises(InputError, match="its row holds no image: download the subset's parquet files again"):
+        fetch_images(load_ecgbench(path))
 
 
 def test_ecgbench_folder_without_subsets_and_missing_images(tmp_path: Path, pngs: dict[str, bytes]) -> None:
