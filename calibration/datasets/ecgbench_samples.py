@@ -94,7 +94,7 @@ def _ecgbench_sample(sample: ecgbench_data.Sample, source: ecgbench_data.SubsetS
     """`deferred`: read without its image (a parquet pool), which `ParquetImage` reads once it is chosen."""
     sample_id = f"{sample.subset}/{sample.id}"
     turns = tuple((t.question, t.answer if isinstance(t.answer, str) else ", ".join(t.answer))
-                  for t in sample.turns)
+                  for t in sample.turns if t.answer is not None)  # calibration feeds the reference answers
     base = CalibrationSample(id=sample_id, source="ecgbench", task=classify_task(turns[0][0]), turns=turns,
                              deferred=ParquetImage(source, sample.id))
     if deferred:

@@ -129,6 +129,25 @@ def test_arena_runs_every_turn_when_the_pipeline_can_chat(data_dir: Path, tmp_pa
                                                                   ("And the axis?", "turn 2")]
 
 
+def test_an_arena_question_without_a_reference_answer_is_still_asked(tmp_path: Path) -> None:
+    """Arena's later turns follow the model's own answers; a last question the release left unanswered is a
+    turn like the others (it was dropped, and turns_not_run said 0)."""
+    path = write_json_subset(tmp_path / "data", "arena", [item("a1", "Describe [a1]", "Sinus rhythm.", ecg_png(seed=2),
+                                                                ("And the axis?", "Normal."))])
+    records = json.loads(path.read_text())
+    records[0]["conversations"].append({"from": "human", "value": "And the rate?"})
+    path.write_text(json.dumps(records))
+    run_plans(plan_run(tmp_path / "data", ["arena"], tmp_path / "out"), lambda: FakeChatPipeline(lambda q: "SR."),
+              stream=io.StringIO())
+    a1 = _records(tmp_path / "out" / "arena.jsonl")[0]
+    assert (a1["turns_run"], a1["turns_not_run"]) == (3, 0)
+    assert [t["question"] for t in a1["turns"]] == ["Describe [a1]", "And the axis?", "And the rate?"]
+    records[0]["conversations"].append({"from": "human", "value": "Two questions in a row?"})
+    path.write_text(json.dumps(records))
+    with pytest.raises(InputError, match="conversations must alternate human / gpt"):
+        plan_run(tmp_path / "data", ["arena"], tmp_path / "out2")
+
+
 def test_a_run_folder_keeps_its_model_and_settings(tmp_path: Path) -> None:
     pin_settings(tmp_path, RunSettings(model="/m/fp16", precision="fp16"))
     pin_settings(tmp_path, RunSettings(model="/m/fp16", precision="fp16"))  # same settings: resume

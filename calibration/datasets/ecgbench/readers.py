@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pulse_edge.calibration.datasets.ecgbench.subsets import SUBSETS
 from pulse_edge.calibration.datasets.image_paths import image_under
@@ -45,10 +45,11 @@ _JSON_PATTERNS = ("{s}.json", "{s}.jsonl", "{u}.json", "{u}.jsonl", "data/{s}.js
 
 @dataclass(frozen=True)
 class Turn:
-    """One question and its reference answer (ECG-QA answers may be several options)."""
+    """One question and its reference answer (ECG-QA answers may be several options). Only an item's last
+    question may lack one (None): arena asks it after the model's own answers, and only the first is scored."""
 
     question: str
-    answer: str | tuple[str, ...]
+    answer: str | tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Sample:
 
     @property
     def answer(self) -> str | tuple[str, ...]:
-        return self.turns[0].answer
+        return cast("str | tuple[str, ...]", self.turns[0].answer)  # _turns answers every first question
 
     def load_image(self) -> Image.Image:
         """The image, or the standard print of a recording (DICOM, WFDB .hea, HL7 aECG), as `infer` reads it."""
@@ -288,8 +289,12 @@ def _turns(conversations: Any, where: str) -> tuple[Turn, ...]:
     if not isinstance(conversations, list) or len(conversations) < 2:
         raise InputError(f"{where}: conversations must hold a question and an answer")
     turns: list[Turn] = []
-    # a last question with no reference answer is left out (arena asks later turns after the model's own answers;
-    # a refusal here lost the whole subset over one such item)
+    # a last question with no reference answer is kept, answer None: arena asks later turns after the model's own
+    # answers, and only the first is scored (a refusal here lost the whole subset over one such item)
+    if len(conversations) % 2:
+        last = conversations[-1]
+        if not (isinstance(last, Mapping) and last.get("from") == "human" and last.get("value") is not None):
+            raise InputError(f"{where}: conversations must alternate human / gpt, starting with human")
     for question, answer in zip(conversations[0::2], conversations[1::2], strict=False):
         if not (isinstance(question, Mapping) and isinstance(answer, Mapping)):
             raise InputError(f"{where}: each conversation entry must be {{from, value}}")
@@ -301,4 +306,6 @@ def _turns(conversations: Any, where: str) -> tuple[Turn, ...]:
                              "(null); the subset file is damaged: download it again")
         gold = tuple(str(v) for v in value) if isinstance(value, list) else str(value)
         turns.append(Turn(question_text(str(asked)), gold))
+    if len(conversations) % 2:
+        turns.append(Turn(question_text(str(conversations[-1]["value"])), None))
     return tuple(turns)
