@@ -53,7 +53,8 @@ class Engine(Protocol):
 class _Prompt:
     ids: list[int]
     pre: Preprocessed | None
-    positions: int
+    positions: int  # what it takes in the cache
+    counted: int  # its prompt_tokens: a follow-up's first id is the previous answer's, counted there
 
 
 class Conversation:
@@ -126,7 +127,7 @@ class Conversation:
                           time_to_first_token_ms=(t3 - t0) * 1e3)
         return GenerationResult(
             text=self.tokenizer.decode([t for t in tokens if t != self.tokenizer.eos_id]), token_ids=tokens,
-            image_tokens=prompt.pre.num_image_tokens if prompt.pre else 0, prompt_tokens=prompt.positions,
+            image_tokens=prompt.pre.num_image_tokens if prompt.pre else 0, prompt_tokens=prompt.counted,
             generated_tokens=len(tokens), stop_reason=outcome.stop_reason, timings=timings, backend=self.backend)
 
     def _first_prompt(self, question: str, image: Image.Image | None, history: Sequence[Turn]) -> _Prompt:
@@ -134,7 +135,8 @@ class Conversation:
             raise PromptError("the first question of a conversation needs the ECG image")
         pre = preprocess(accept_image(image), self.layout)  # size limits, RGBA onto white (as a file's)
         ids = prompt_ids([*history, Turn(question)], self.tokenizer, self.template)
-        prompt = _Prompt(ids=ids, pre=pre, positions=spliced_length(ids, pre.num_image_tokens))
+        positions = spliced_length(ids, pre.num_image_tokens)
+        prompt = _Prompt(ids=ids, pre=pre, positions=positions, counted=positions)
         self._check_room(prompt, image_tokens=pre.num_image_tokens)
         return prompt
 
@@ -145,8 +147,9 @@ class Conversation:
             raise PromptError("a follow-up question cannot bring a history: the conversation keeps its own")
         ids = continuation_ids(question, self.tokenizer, close_previous=self._last_stop != "eos",
                                template=self.template)
+        counted = len(ids)
         ids = [self._pending, *ids] if self._pending is not None else ids
-        prompt = _Prompt(ids=ids, pre=None, positions=len(ids))
+        prompt = _Prompt(ids=ids, pre=None, positions=len(ids), counted=counted)
         self._check_room(prompt, image_tokens=0)
         return prompt
 

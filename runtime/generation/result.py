@@ -23,8 +23,11 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     image_tokens: int
+    # positions this question added to the cache, image tokens included; a follow-up's do not count the previous
+    # answer's last token (fed to the cache now, counted in that answer's generated_tokens), so a conversation's
+    # prompt_tokens and generated_tokens add up to the positions it used
     prompt_tokens: int
-    generated_tokens: int
+    generated_tokens: int  # the eos too, when the answer ended with one
     stop_reason: str  # "eos" | "max_new_tokens" | "context_full" | "cancelled"
     timings: Timings
     backend: str

@@ -59,11 +59,15 @@ def test_multi_turn_chat_keeps_the_cache_and_matches_torch(ort_pipeline: Pipelin
                                                            tiny_pipeline: TorchPipeline) -> None:
     image = _images()[0]
     ours, ref = ort_pipeline.chat(), tiny_pipeline.chat()
+    counted = 0
     for question, kwargs in (("What is the rhythm?", {"image": image}), ("And the rate?", {}), ("Axis?", {})):
         a = ours.ask(question, max_new_tokens=6, **kwargs)
         b = ref.ask(question, max_new_tokens=6, **kwargs)
-        assert a.token_ids == b.token_ids
+        assert a.token_ids == b.token_ids and a.prompt_tokens == b.prompt_tokens
+        counted += a.prompt_tokens + a.generated_tokens
     assert ort_pipeline.engine.length > 2880  # the image is still in the cache after three turns
+    # every position counted once: the last answer's last token is the only one not (yet) in the cache
+    assert counted == ort_pipeline.engine.length + 1
     with pytest.raises(PromptError, match="cannot bring a new image"):
         ours.ask("Another one?", image=image)
 
