@@ -62,10 +62,15 @@ class BatchOptions:
     input_options: Mapping[str, Any] = field(default_factory=dict)  # load_input's fs, leads, unit, layout
     save_render_dir: Path | None = None  # the rendered print of every recording goes here as PNG
     fail_fast: bool = False
-    model: str | None = None  # the model the answers come from, as the command resolved it
+    # the model the answers come from, with what else decides them (pulse_edge.backends.model_identity): required,
+    # since a rerun into the same file checks it, and answers of two models left side by side are scored as one
+    model: str = ""
 
     def __post_init__(self) -> None:
         check_token_limit(self.max_new_tokens)  # before the model loads, not after it
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError("BatchOptions needs model: what the answers come from (pulse_edge.backends."
+                              "model_identity), so that a rerun into the same file with another model is refused")
 
     def settings(self) -> dict[str, Any]:
         """What decides an answer besides its input, as its line records it (JSON's own types), in the form it

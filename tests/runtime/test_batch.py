@@ -53,7 +53,7 @@ def _lines(path: Path) -> list[dict]:
 
 def _run(sources, out, fake, **options):
     opened = []
-    batch = BatchOptions(**{"max_new_tokens": 2, "input_options": {"fs": 500}, **options})
+    batch = BatchOptions(**{"max_new_tokens": 2, "input_options": {"fs": 500}, "model": "fake", **options})
     stats = run_batch(plan_batch(sources, out, batch.settings()), lambda: opened.append(1) or fake, batch)
     return stats, len(opened)
 

@@ -120,7 +120,10 @@ def test_an_absurd_token_limit_is_refused_before_any_work(ort_pipeline: Pipeline
     with pytest.raises(ConfigError, match="max_new_tokens must be a whole number >= 1"):
         ort_pipeline.generate(_images()[0], "Rate?", max_new_tokens=limit)
     with pytest.raises(ConfigError, match="max_new_tokens must be a whole number >= 1"):
-        BatchOptions(max_new_tokens=limit)
+        BatchOptions(max_new_tokens=limit, model="m")
+    for model in ("", None, "  "):  # a Python caller's batch: the rerun check needs the model to compare
+        with pytest.raises(ConfigError, match="BatchOptions needs model"):
+            BatchOptions(model=model)
 
 
 def test_an_image_handed_over_in_memory_meets_a_files_limits(ort_pipeline: Pipeline) -> None:
