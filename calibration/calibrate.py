@@ -94,7 +94,8 @@ def choose_samples(options: CalibrationOptions, *, exclude: Sequence[str] = ()) 
 def prepare_all(loaded: LoadedCheckpoint, tokenizer: Tokenizer, samples: Sequence[CalibrationSample],
                 max_length: int) -> list[PreparedSample]:
     """Every sample through the runtime's own preprocessing and prompt code."""
-    return [prepare_sample(s, loaded.config.image, tokenizer, max_length=max_length) for s in samples]
+    return [prepare_sample(s, loaded.config.image, tokenizer, template=loaded.template, max_length=max_length)
+            for s in samples]
 
 
 def calibrate(loaded: LoadedCheckpoint, tokenizer: Tokenizer, options: CalibrationOptions,

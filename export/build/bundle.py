@@ -81,7 +81,6 @@ from pulse_edge.runtime.bundle.manifest import (
 from pulse_edge.runtime.bundle.verified import stamp
 from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
 from pulse_edge.runtime.image.preprocess import PROMPT_MARGIN, image_token_count, min_context
-from pulse_edge.runtime.text.prompt import LLAVA_V1
 from pulse_edge.runtime.text.tokenizer import Tokenizer
 from pulse_edge.staging import staged_directory
 
@@ -541,7 +540,7 @@ def _manifest(loaded: LoadedCheckpoint, options: ExportOptions, graphs: dict[str
                       eos_id=text.eos_id, max_position_embeddings=text.max_position_embeddings),
         embedding=EmbeddingSpec(file=names.EMBEDDING_FILE, dtype=table_dtype,
                                 shape=(text.vocab_size, text.hidden_size)),
-        image=cfg.image, prompt=LLAVA_V1, tokenizer=names.TOKENIZER_FILE,
+        image=cfg.image, prompt=loaded.template, tokenizer=names.TOKENIZER_FILE,
         source=SourceSpec(checkpoint=str(loaded.root.resolve()), layout=cfg.layout,
                           sha256=loaded.sha256, vision_tower=cfg.vision_tower_name),
         created_by=f"pulse-edge {__version__}", calibration=calibration,

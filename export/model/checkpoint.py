@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from pulse_edge.errors import CheckpointError
 from pulse_edge.export.model.config import KNOWN_TOWERS, PulseConfig, VisionConfig, read_config
 from pulse_edge.export.model.reference import PulseReference
 from pulse_edge.runtime.engines.memory import mem_available_bytes
+from pulse_edge.runtime.text.prompt import LLAVA_V1, PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ class LoadedCheckpoint:
     root: Path
     tokenizer_model: Path
     tower_dir: Path | None = None  # the vision tower's weights, when they came from outside the checkpoint
+    template: PromptTemplate = LLAVA_V1  # as its tokenizer encodes text after </s> (read_template)
 
     @cached_property
     def sha256(self) -> str:
@@ -283,7 +285,26 @@ def load_checkpoint(root: str | os.PathLike, *, vision_tower: str | os.PathLike 
     model.drop_unused_vision_layers()
     model.to(device)  # the buffers (rotary inv_freq, position ids)
     return LoadedCheckpoint(model=model.eval(), config=cfg, root=root, tokenizer_model=tokenizer_model,
-                            tower_dir=weights_dir)
+                            tower_dir=weights_dir, template=read_template(root))
+
+
+def read_template(root: Path) -> PromptTemplate:
+    """llava_v1 with text after </s> encoded as the checkpoint's tokenizer encodes it: tokenizer_config.json's
+    `legacy` (runtime/text/prompt.py). Unset, or no file, is legacy, as LLaVA's transformers (4.37) reads it."""
+    path = root / "tokenizer_config.json"
+    if not path.is_file():
+        return LLAVA_V1
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              "copy it again from the checkpoint's release") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds no JSON object; copy it again from the checkpoint's release")
+    legacy = config.get("legacy")
+    if not isinstance(legacy, bool | None):
+        raise CheckpointError(f"{path}: 'legacy' must be true, false or absent, got {legacy!r}")
+    return replace(LLAVA_V1, dummy_prefix_after_eos=legacy is not False)
 
 
 def fill_parameters(model: nn.Module, sources: dict[str, TensorSource], *, dtype: torch.dtype,

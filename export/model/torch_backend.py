@@ -172,7 +172,8 @@ class TorchPipeline:
 
     def chat(self) -> Conversation:
         """A multi-turn conversation; its first `ask` takes the image."""
-        return Conversation(TorchEngine(self.model), self.tokenizer, self.loaded.config.image, backend="torch")
+        return Conversation(TorchEngine(self.model), self.tokenizer, self.loaded.config.image, backend="torch",
+                            template=self.loaded.template)
 
     def generate(self, image: Image.Image, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,
                  sampling: SamplingParams | None = None,

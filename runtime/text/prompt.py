@@ -10,7 +10,12 @@ adds its dummy-prefix space to every piece, which is why the piece after the
 image starts with "▁" + "<0x0A>"); BOS only at the very start; the image slot
 is marked with IMAGE_SLOT (-200, not a vocabulary id) and replaced by the
 image features at splice time. `</s>` after an answer is the EOS id, as
-LLaVA's slow tokenizer produces it; text after it is a fresh piece.
+LLaVA's slow tokenizer produces it; text after it is a fresh piece, with the
+dummy prefix ("▁USER") only if the checkpoint's tokenizer is `legacy`: vicuna
+v1.5's, which LLaVA trains from, is not ("legacy": false in its
+tokenizer_config.json), and gives "USER" there; LLaVA's train.py corrects its
+label masks for exactly that. The template records which
+(`dummy_prefix_after_eos`; export reads it from the checkpoint).
 
 User text is always tokenized as text: a literal "</s>" typed by a user does
 not become a control token (LLaVA's slow tokenizer would map it; we refuse to
@@ -56,7 +61,7 @@ class TextEncoder(Protocol):
     bos_id: int
     eos_id: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, dummy_prefix: bool = True) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -68,20 +73,24 @@ class PromptTemplate:
     roles: tuple[str, str]
     sep: str
     image_marker: str = IMAGE_MARKER
+    # text after </s> starts with SentencePiece's "▁" (a `legacy` LLaMA tokenizer, and manifests written before
+    # this field); False: as a non-legacy one encodes it, "</s>USER" (module doc)
+    dummy_prefix_after_eos: bool = True
 
     def __post_init__(self) -> None:
         check_text(self.system, "system prompt")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "system": self.system, "roles": list(self.roles), "sep": self.sep,
-                "image_marker": self.image_marker}
+                "image_marker": self.image_marker, "dummy_prefix_after_eos": self.dummy_prefix_after_eos}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PromptTemplate:
         try:
             roles = tuple(d["roles"])
             return cls(name=str(d["name"]), system=str(d["system"]), roles=(roles[0], roles[1]),
-                       sep=str(d["sep"]), image_marker=str(d.get("image_marker", IMAGE_MARKER)))
+                       sep=str(d["sep"]), image_marker=str(d.get("image_marker", IMAGE_MARKER)),
+                       dummy_prefix_after_eos=bool(d.get("dummy_prefix_after_eos", True)))
         except (KeyError, IndexError, TypeError) as e:
             raise PromptError(f"prompt template is malformed ({e!r}); expected keys name, system, roles, sep") from e
 
@@ -118,6 +127,8 @@ def prompt_ids(turns: Sequence[Turn], tokenizer: TextEncoder, template: PromptTe
     """Token ids of a whole conversation, with one IMAGE_SLOT before the first question.
 
     [BOS] enc("{system} USER: ") [IMAGE_SLOT] enc("\\n{q1} ASSISTANT: {a1}") [EOS] enc("USER: {q2} ASSISTANT:")
+
+    Text after an EOS has the dummy prefix as the template says (`dummy_prefix_after_eos`).
     """
     if not turns:
         raise PromptError("a prompt needs at least one question")
@@ -132,10 +143,10 @@ def prompt_ids(turns: Sequence[Turn], tokenizer: TextEncoder, template: PromptTe
     for i, turn in enumerate(turns):
         head = f"\n{turn.question}" if i == 0 else f"{user}: {turn.question}"
         piece = f"{head}{template.sep}{assistant}:"
+        text = piece if turn.answer is None else f"{piece} {turn.answer}"
+        ids += tokenizer.encode(text, dummy_prefix=i == 0 or template.dummy_prefix_after_eos)
         if turn.answer is not None:
-            ids += [*tokenizer.encode(f"{piece} {turn.answer}"), tokenizer.eos_id]
-        else:
-            ids += tokenizer.encode(piece)
+            ids.append(tokenizer.eos_id)
     return ids
 
 
@@ -150,7 +161,8 @@ def continuation_ids(question: str, tokenizer: TextEncoder, *, close_previous: b
         raise PromptError(f"only the first question carries the image; remove {template.image_marker!r}")
     user, assistant = template.roles
     head = [tokenizer.eos_id] if close_previous else []
-    return head + tokenizer.encode(f"{user}: {question}{template.sep}{assistant}:")
+    return head + tokenizer.encode(f"{user}: {question}{template.sep}{assistant}:",
+                                   dummy_prefix=template.dummy_prefix_after_eos)  # after the EOS, either way
 
 
 def image_slot_index(ids: Sequence[int]) -> int:

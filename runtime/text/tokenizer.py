@@ -18,6 +18,7 @@ Lean: imports only the standard library, `tokenizers` and `pulse_edge.errors`.
 from __future__ import annotations
 
 import codecs
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,20 @@ class _DecodeState:
         return piece.replace(_SPACE, " "), stripped
 
 
+def _without_dummy_prefix(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """`tok` with the "▁" its normalizer prepends left out (export/model/tokenizer_convert.py writes
+    Sequence[Prepend("▁"), Replace(" ", "▁")]); the rest of its encoding is the same."""
+    spec = json.loads(tok.to_str())
+    steps = (spec.get("normalizer") or {}).get("normalizers") or []
+    if not steps or steps[0] != {"type": "Prepend", "prepend": _SPACE}:
+        raise InputError("the tokenizer's normalizer does not start by prepending '▁' (the dummy prefix), so text "
+                         "cannot be encoded without it; re-export the bundle with this pulse-edge")
+    spec["normalizer"]["normalizers"] = steps[1:]
+    bare = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    bare.encode_special_tokens = True  # as for `tok`: not stored in tokenizer.json
+    return bare
+
+
 def _piece_table(tok: tokenizers.Tokenizer) -> _Pieces:
     vocab = tok.get_vocab(with_added_tokens=True)
     pieces = [""] * len(vocab)
@@ -179,6 +194,7 @@ class Tokenizer:
                 raise ValueError(f"{name} {value} is outside the vocabulary (size {self.vocab_size})")
         self.bos_id = bos_id
         self.eos_id = eos_id
+        self._bare: tokenizers.Tokenizer | None = None  # the same without the dummy prefix, made when first asked
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -201,9 +217,16 @@ class Tokenizer:
         """Wrap a copy of an in-memory `tokenizers.Tokenizer` (the caller's object is not changed)."""
         return cls(tokenizers.Tokenizer.from_str(tok.to_str()), bos_id=bos_id, eos_id=eos_id)
 
-    def encode(self, text: str) -> list[int]:
-        """SentencePiece's `encode(text)`: dummy prefix, no BOS/EOS; one call is one chunk."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, dummy_prefix: bool = True) -> list[int]:
+        """SentencePiece's `encode(text)`: dummy prefix, no BOS/EOS; one call is one chunk.
+
+        `dummy_prefix=False`: no "▁" is put before the text, as a LLaMA tokenizer that is not `legacy` (transformers)
+        encodes text that follows a control token: "</s>USER" gives "USER", not "▁USER"."""
+        if dummy_prefix:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        if self._bare is None:
+            self._bare = _without_dummy_prefix(self._tok)
+        return self._bare.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         """SentencePiece's `decode(ids)`; with `skip_special=False` control pieces show as text."""

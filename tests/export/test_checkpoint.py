@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from pulse_edge.errors import CheckpointError
 from pulse_edge.export.fixtures.tiny import TOWER_DIR, TinySpec, make_tiny_checkpoint
-from pulse_edge.export.model.checkpoint import checkpoint_sha256, load_checkpoint
+from pulse_edge.export.model.checkpoint import checkpoint_sha256, load_checkpoint, read_template
 
 
 def _params(root: Path, **kwargs) -> dict[str, torch.Tensor]:
@@ -223,6 +224,35 @@ def test_truncated_shard_is_refused(tmp_path: Path, tiny_checkpoint: Path, keep:
     shard.write_bytes(shard.read_bytes()[:keep])
     with pytest.raises(CheckpointError, match=f"{shard.name} is not a readable safetensors file"):
         load_checkpoint(root)
+
+
+@pytest.mark.parametrize(("content", "after_eos"), [
+    (None, True),  # no file: transformers reads an unset flag as legacy
+    ({"tokenizer_class": "LlamaTokenizer"}, True),
+    ({"legacy": True}, True),
+    ({"legacy": False}, False),  # vicuna v1.5's, as the tiny checkpoint ships it
+])
+def test_the_template_follows_the_checkpoints_tokenizer_config(tmp_path: Path, content: dict | None,
+                                                               after_eos: bool) -> None:
+    if content is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(content))
+    assert read_template(tmp_path).dummy_prefix_after_eos is after_eos
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('{"legacy": "false"}', "'legacy' must be true, false or absent, got 'false'"),
+    ("[1]", "holds no JSON object"),
+    ('{"legacy": fal', "is not readable JSON"),
+])
+def test_a_damaged_tokenizer_config_is_one_line(tmp_path: Path, text: str, words: str) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(words)) as info:
+        read_template(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_the_tiny_checkpoint_loads_with_a_non_legacy_template(tiny_checkpoint: Path) -> None:
+    assert load_checkpoint(tiny_checkpoint).template.dummy_prefix_after_eos is False
 
 
 @pytest.mark.parametrize("victim", ["config.json", "tokenizer.model"])

@@ -36,6 +36,7 @@ def _images() -> list[Image.Image]:
 def test_manifest_records_passing_validation(tiny_bundle: Path) -> None:
     manifest = read_manifest(tiny_bundle)
     assert manifest.precision == "fp32" and manifest.image.merge == "flat"
+    assert manifest.prompt.dummy_prefix_after_eos is False  # the checkpoint's tokenizer_config.json: not legacy
     assert set(manifest.graphs) == {"vision", "decoder"}
     validation = manifest.validation
     assert validation["pass"] is True and validation["greedy"]["all_equal"] is True

@@ -27,8 +27,8 @@ class CharTokenizer:
 
     bos_id, eos_id = 1, 2
 
-    def encode(self, text: str) -> list[int]:
-        return [1000, *(ord(c) for c in text)]
+    def encode(self, text: str, *, dummy_prefix: bool = True) -> list[int]:
+        return [1000] * dummy_prefix + [ord(c) for c in text]
 
 
 def _decode(ids: list[int]) -> str:

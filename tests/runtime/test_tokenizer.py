@@ -408,3 +408,41 @@ def test_ids_beyond_the_vocabulary_decode_as_unknown(runtime: Tokenizer) -> None
     assert text.startswith("Sinus rhythm") and text.endswith(" \u2047 ")
     stream = StreamDecoder(runtime)
     assert "".join(stream.push(i) for i in ids) + stream.flush() == text
+
+
+def test_encoding_without_the_dummy_prefix_is_sentencepiece_without_it(model_path: Path, runtime: Tokenizer) -> None:
+    """What a non-legacy LLaMA tokenizer does with text after a control token: SentencePiece with
+    add_dummy_prefix off."""
+    proto = _model_proto(model_path)
+    proto.normalizer_spec.add_dummy_prefix = False
+    bare = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    rng = random.Random(7)
+    words = [*ecg_report_corpus(40, seed=3)[0].split(), "USER:", "ASSISTANT:", HEART, " ", "\n", "</s>"]
+    texts = [*TEXTS, *(_random_text(rng, words) for _ in range(300))]
+    for text in texts:
+        assert runtime.encode(text, dummy_prefix=False) == bare.encode(text), text
+    assert runtime.encode("USER: Rate?", dummy_prefix=False) != runtime.encode("USER: Rate?")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_chat_prompts_match_transformers_llama_tokenizer_as_llava_splits_them(
+        model_path: Path, runtime: Tokenizer, legacy: bool, tmp_path: Path) -> None:
+    """prompt_ids of a replayed chat and continuation_ids of a follow-up give the ids LLaVA gives: its
+    tokenizer_image_token cuts the prompt at <image> and tokenizes each piece with the checkpoint's LlamaTokenizer,
+    whose `legacy` flag decides the text after </s> (PULSE's base, vicuna v1.5, is not legacy)."""
+    transformers = pytest.importorskip("transformers", reason="transformers' tokenizer is the reference")
+    from dataclasses import replace
+
+    from pulse_edge.runtime.text.prompt import IMAGE_SLOT, LLAVA_V1, Turn, continuation_ids, prompt_ids, render_text
+
+    (tmp_path / "tokenizer.model").write_bytes(model_path.read_bytes())  # alone: not beside our tokenizer.json
+    reference = transformers.LlamaTokenizer.from_pretrained(tmp_path, legacy=legacy)
+    template = replace(LLAVA_V1, dummy_prefix_after_eos=legacy)
+    turns = [Turn("What is the rhythm?", "Sinus rhythm."), Turn("And the rate?", "About 70 bpm."), Turn("Axis?")]
+    before, after = render_text(turns, template).split("<image>")
+    pieces = [reference(text, add_special_tokens=False).input_ids for text in (before, after)]
+    expected = [runtime.bos_id, *pieces[0], IMAGE_SLOT, *pieces[1]]  # BOS: add_bos_token, as LLaVA's config has
+    assert prompt_ids(turns, runtime, template) == expected
+    follow_up = reference("</s>USER: Axis? ASSISTANT:", add_special_tokens=False).input_ids
+    assert continuation_ids("Axis?", runtime, close_previous=True, template=template) == follow_up
+    assert runtime.id_to_piece(follow_up[1]) == ("▁USER" if legacy else "USER")
