@@ -62,3 +62,5 @@ def _run(inputs: tuple[str, ...], output: Path, open_model: Callable[[], Any], o
         stats = run_batch(plan, open_model, options, on_record=advance)
     click.echo(f"pulse-edge: {stats.answered} answered, {stats.failed} failed, {stats.already_done} already in "
                f"{output} (of {stats.total} inputs) in {stats.seconds:.1f} s", err=True)
+    if stats.failed:  # a cart script reads $?: exit 0 only when every input has its answer (a rerun retries them)
+        click.get_current_context().exit(2)

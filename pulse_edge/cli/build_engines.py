@@ -44,5 +44,7 @@ def build_engines_cmd(bundle: Path, target: str, max_context: int | None, max_ti
                                  workspace_gib=workspace,
                                  compute_capabilities=_capabilities(capabilities), output=out)
     path = build_engines(bundle, options, progress=lambda line: click.echo(line, err=True))
+    # outside the bundle (-o) the trt backend finds them only when named
+    inside = path.resolve().parent == Path(bundle).resolve()
     click.echo(f"wrote TensorRT engines to {path} (serve them with `pulse-edge infer IMAGE --model {bundle} "
-               "--backend trt`)")
+               f"--backend trt{'' if inside else f' --engines {path}'}`)")

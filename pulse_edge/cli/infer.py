@@ -159,6 +159,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
         return
     click.echo()
+    for note in result.notes[len(ecg.notes):]:  # about the answer (the input's were said before it)
+        click.echo(f"pulse-edge: note: {note}", err=True)
     t = result.timings
     click.echo(f"[{result.backend}: {result.image_tokens} image tokens, {result.prompt_tokens} prompt positions, "
                f"{result.generated_tokens} generated ({result.stop_reason}); preprocess {t.preprocess_ms:.0f} ms, "

@@ -425,6 +425,10 @@ def open_trt_engine(bundle: Path, manifest: Manifest, *, engines_dir: Path | Non
                     progress: HashProgress | None = None) -> BundleEngine:
     """The bundle's engines (engines_dir, default its one `engines-*` folder) behind BundleEngine; `verify`:
     every byte of the engines hashed too (runtime/bundle/engines.py)."""
+    if any(graph.target != "tensorrt" for graph in manifest.graphs.values()):  # build-engines would refuse it too
+        raise BundleError(f"{bundle} was exported for ONNX Runtime, which has no TensorRT engines: serve it with "
+                          "--backend ort, or export the checkpoint with --target tensorrt and run `pulse-edge "
+                          "build-engines` on that bundle")
     check_servable(manifest, prefill_chunk)
     directory = engines_dir or find_engine_dir(bundle)
     engines = read_engines(directory, bundle, verify=verify, progress=progress)

@@ -47,7 +47,8 @@ class Interpretation(GenerationResult):
     source: str  # the path or name of the input
     input_kind: str  # runtime/inputs/load.py INPUT_KINDS: image, pdf, dicom, wfdb, hl7-aecg, csv, npy, array
     question: str
-    notes: tuple[str, ...]  # what was done to a recording on its way to the print, one line each
+    # what was done to a recording on its way to the print, and an answer the context cut short; one line each
+    notes: tuple[str, ...]
     findings: tuple[Finding, ...]  # the answer's statements (runtime/findings), none that it denies
     input_ms: float  # reading (and for a recording, checking and rendering) the input
 
@@ -63,8 +64,17 @@ class Interpretation(GenerationResult):
         # an answer cut short (max_new_tokens, a cancel, a full context) may stop before the words that deny or
         # hedge its last statement ("Atrial fibrillation is| absent"): only its finished sentences give findings
         said = result.text if result.stop_reason == "eos" else finished_sentences(result.text)
-        return cls(**inherited, source=ecg.source, input_kind=ecg.kind, question=question, notes=ecg.notes,
+        notes = ecg.notes + ((context_full_note(result),) if result.stop_reason == "context_full" else ())
+        return cls(**inherited, source=ecg.source, input_kind=ecg.kind, question=question, notes=notes,
                    findings=tuple(extract_findings(said)), input_ms=round(input_ms, 3))
+
+
+def context_full_note(result: GenerationResult) -> str:
+    """Said, not only coded in stop_reason: a bundle built for the shortest context that holds a print (3072
+    positions) leaves ~100 tokens for the answer."""
+    return (f"the answer stopped at the end of the model's context, after {result.generated_tokens} tokens "
+            f"({result.prompt_tokens} positions went to the prompt): for a full answer use a bundle exported (or "
+            "TensorRT engines built) with a longer --max-context")
 
 
 def interpret(model: Generator, source: Source, question: str = DEFAULT_QUESTION, *, max_new_tokens: int = 1024,

@@ -6,7 +6,8 @@
         -> real path (symlinks resolved) inside the root?   no: 403
 
 Relative paths are taken from the root. What is read is the resolved path, so a symlink inside the root that
-points out of it is refused, and one that stays inside works.
+points out of it is refused, and one that stays inside works. A WFDB record may be named bare, as `infer`
+takes it ("rec" for rec.hea and rec.dat): the header is what is read.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def resolve_allowed(requested: str, root: Path | None) -> Path:
     joined = Path(os.path.normpath(root / requested))  # root / an absolute path is that path
     if not joined.is_relative_to(root):
         raise ApiError("forbidden", f"{requested!r} is outside the allowed directory", param="path")
+    if not joined.exists() and (header := joined.with_name(joined.name + ".hea")).is_file():
+        joined = header  # a bare WFDB record name; its real path is checked like any other below
     try:
         real = joined.resolve(strict=True)
     except (OSError, RuntimeError) as e:  # missing, unreadable, or a symlink loop

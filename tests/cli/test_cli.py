@@ -158,3 +158,18 @@ def test_other_os_errors_keep_their_traceback(tiny_checkpoint: Path, tmp_path: P
     res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--validation",
                                     "quick"])
     assert res.exit_code == 1 and isinstance(res.exception, OSError) and res.exception.errno == errno.EBADF
+
+
+def test_build_engines_says_how_to_serve_engines_written_outside_the_bundle(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trt backend looks inside the bundle only: engines written elsewhere (-o) need --engines to be found."""
+    from pulse_edge.export.engines import build
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for out, hint in ((None, "--backend trt`)"), (tmp_path / "elsewhere", f"--backend trt --engines {tmp_path}")):
+        written = bundle / "engines-rtx" if out is None else out
+        monkeypatch.setattr(build, "build_engines", lambda b, options, progress, w=written: w)
+        res = CliRunner().invoke(main, ["build-engines", str(bundle), *(["-o", str(out)] if out else [])])
+        assert res.exit_code == 0, res.output
+        assert res.stdout.strip().endswith(hint + ("/elsewhere`)" if out else "")), res.stdout

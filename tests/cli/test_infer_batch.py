@@ -48,7 +48,8 @@ def _infer(folder: Path, out: Path, bundle: Path):
 def test_a_folder_of_50_with_3_broken_completes_and_a_rerun_skips_the_47(tiny_bundle: Path, tmp_path: Path) -> None:
     folder, out = _mixed_folder(tmp_path / "ecgs"), tmp_path / "answers.jsonl"
     first = _infer(folder, out, tiny_bundle)
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 2, first.output  # the batch ran through, and a script is told not all answered
+    assert first.stderr.splitlines()[-1].startswith(f"pulse-edge: {GOOD} answered, {len(BROKEN)} failed, 0 already")
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == GOOD + len(BROKEN)
     failed = {Path(line["source"]).name: line["error"] for line in lines if "error" in line}
@@ -59,10 +60,13 @@ def test_a_folder_of_50_with_3_broken_completes_and_a_rerun_skips_the_47(tiny_bu
     assert all(line["generated_tokens"] == 1 for line in answered)
 
     again = _infer(folder, out, tiny_bundle)
-    assert again.exit_code == 0, again.output
+    assert again.exit_code == 2, again.output
     rerun = [json.loads(line) for line in out.read_text().splitlines()][len(lines):]
     assert sorted(Path(line["source"]).name for line in rerun) == sorted(BROKEN)  # only the failures are retried
     assert all("error" in line for line in rerun)
+    for name in BROKEN:
+        (folder / name).unlink()
+    assert _infer(folder, out, tiny_bundle).exit_code == 0  # every input answered: 0
 
 
 def test_a_batch_records_the_bundle_by_its_manifest_so_a_re_export_in_place_is_refused(tiny_bundle: Path,

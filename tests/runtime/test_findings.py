@@ -176,3 +176,22 @@ def test_an_answer_cut_short_gives_findings_from_its_finished_sentences_only(tex
     assert [f.code for f in cut.findings] == codes
     whole = Interpretation.of(result("eos"), ecg, "Rhythm?", 0.0)
     assert [f.code for f in whole.findings] == [f.code for f in extract_findings(text)]
+
+
+def test_an_answer_the_context_cut_short_says_so_in_its_notes() -> None:
+    """A bundle built for the shortest context that holds a print leaves ~100 tokens: said, not only coded."""
+    from pulse_edge.runtime.generation.interpretation import Interpretation
+    from pulse_edge.runtime.generation.result import GenerationResult, Timings
+    from pulse_edge.runtime.inputs.load import EcgInput
+
+    ecg = EcgInput(image=None, kind="dicom", source="x.dcm", notes=("derived III from I and II",))  # type: ignore[arg-type]
+    notes = {}
+    for stop in ("context_full", "max_new_tokens", "eos"):
+        result = GenerationResult(text="Sinus rhythm.", token_ids=[1] * 90, image_tokens=2880, prompt_tokens=2982,
+                                  generated_tokens=90, stop_reason=stop, timings=Timings(0, 0, 0, 0, 0, 0),
+                                  backend="ort")
+        notes[stop] = Interpretation.of(result, ecg, "Rhythm?", 0.0).notes
+    assert notes["eos"] == notes["max_new_tokens"] == ecg.notes
+    assert notes["context_full"] == (*ecg.notes, (
+        "the answer stopped at the end of the model's context, after 90 tokens (2982 positions went to the prompt): "
+        "for a full answer use a bundle exported (or TensorRT engines built) with a longer --max-context"))

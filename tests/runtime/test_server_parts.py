@@ -191,6 +191,8 @@ def test_files_under_the_root_resolve(allowed: Path) -> None:
     assert resolve_allowed(str(target), allowed) == target
     assert resolve_allowed("sub/../sub/ecg.png", allowed) == target
     assert resolve_allowed("inside-link.png", allowed) == target  # a symlink that stays inside is fine
+    (allowed / "sub" / "rec.hea").write_text("rec 12 500 5000\n")
+    assert resolve_allowed("sub/rec", allowed) == allowed / "sub" / "rec.hea"  # a bare WFDB record, as infer takes
 
 
 @pytest.mark.parametrize(("requested", "kind"), [

@@ -26,7 +26,7 @@ from pulse_edge.runtime.bundle.engines import (
     read_engines,
 )
 from pulse_edge.runtime.bundle.integrity import file_record
-from pulse_edge.runtime.bundle.manifest import BundleError, TensorSpec
+from pulse_edge.runtime.bundle.manifest import BundleError, TensorSpec, read_manifest
 from pulse_edge.runtime.bundle.seal import canonical_digest
 from pulse_edge.runtime.engines import trt as trt_backend
 from pulse_edge.runtime.engines.tensorrt_api import TensorRT
@@ -458,9 +458,13 @@ def test_a_malformed_engines_json_is_one_line(tmp_path: Path, edit, expected: st
         read_engines(bundle / "engines-rtx", bundle)
 
 
-def test_a_bundle_without_engines_is_refused_by_the_trt_backend(tmp_path: Path) -> None:
+def test_a_bundle_without_engines_is_refused_by_the_trt_backend(tmp_path: Path, tiny_bundle: Path) -> None:
     with pytest.raises(BundleError, match="has no TensorRT engines"):
         find_engine_dir(tmp_path)
+    # an ONNX Runtime bundle: not "build its engines", which build-engines then refuses
+    with pytest.raises(BundleError, match="was exported for ONNX Runtime, which has no TensorRT engines: serve it "
+                                          "with --backend ort, or export the checkpoint with --target tensorrt"):
+        trt_backend.open_trt_engine(tiny_bundle, read_manifest(tiny_bundle))
 
 
 def test_closing_frees_the_engines_device_buffers_and_stream() -> None:
