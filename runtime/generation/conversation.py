@@ -83,6 +83,9 @@ class Conversation:
         """
         if not isinstance(question, str):  # checked before the cache moves: a bad argument never breaks the chat
             raise PromptError(f"the question must be text (str), got {type(question).__name__}")
+        if not question.strip():  # nothing asked: never answered as if something were (nor the default, in silence)
+            raise PromptError("the question is blank; ask something, or leave the question out of generate() and "
+                              "interpret() for a full interpretation")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ConfigError(f"sampling must be a SamplingParams (or None: greedy), got {type(sampling).__name__}")
         with self.engine.lock:  # a close asked meanwhile happens as the lock is let go (runtime/engines)

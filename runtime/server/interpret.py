@@ -46,7 +46,7 @@ async def interpret(request: Request) -> Response:
     question = params.get("question")
     if question is not None and not isinstance(question, str):  # 0 or [] were the default question before
         raise ApiError("bad_request", "question must be a string", param="question")
-    question = question or DEFAULT_QUESTION  # "" as OpenAI's image-only message: the default question
+    question = question if question and question.strip() else DEFAULT_QUESTION  # as an image-only chat message
     check_text(question, "question")  # before queueing: a PromptError is the 400 app.py makes of it
     limit, sampling, reading = max_tokens(params), sampling_params(params), recording_options(params)
 

@@ -81,7 +81,8 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
     if unknown := sorted(set(stream_options) - STREAM_OPTIONS):
         raise ApiError("bad_request", f"stream_options {unknown} are not supported by this server (it reads "
                        f"{', '.join(sorted(STREAM_OPTIONS))}); leave them out", param="stream_options")
-    return ChatRequest(system=system, history=tuple(history), question=last.question or DEFAULT_QUESTION,
+    question = last.question if last.question.strip() else DEFAULT_QUESTION  # an image-only (or blank) message
+    return ChatRequest(system=system, history=tuple(history), question=question,
                        image=image, sampling=sampling_params(body), max_tokens=max_tokens(body),
                        stream=_flag(body, "stream"), include_usage=_flag(stream_options, "include_usage"),
                        return_token_ids=_flag(body, "return_token_ids"))

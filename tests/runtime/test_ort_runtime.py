@@ -127,6 +127,19 @@ def test_an_absurd_token_limit_is_refused_before_any_work(ort_pipeline: Pipeline
             BatchOptions(model=model)
 
 
+def test_a_blank_question_is_refused_before_the_cache_moves(ort_pipeline: Pipeline) -> None:
+    """Nothing asked: it was answered as if a question had been (the CLI refused it already)."""
+    image = _images()[0]
+    for blank in ("", "  ", "\n"):
+        with pytest.raises(PromptError, match=r"^the question is blank; ask something"):
+            ort_pipeline.generate(image, blank, max_new_tokens=2)
+    chat = ort_pipeline.chat()
+    chat.ask("What is the rhythm?", image, max_new_tokens=2)
+    with pytest.raises(PromptError, match="the question is blank"):
+        chat.ask(" ", max_new_tokens=2)
+    assert chat.ask("And the rate?", max_new_tokens=2).generated_tokens == 2  # the chat goes on
+
+
 def test_an_image_handed_over_in_memory_meets_a_files_limits(ort_pipeline: Pipeline) -> None:
     """generate() takes a PIL image: the same size limits and transparency rule as a decoded file."""
     from pulse_edge.errors import InputError

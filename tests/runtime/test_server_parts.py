@@ -108,6 +108,8 @@ def test_detail_that_asks_for_the_full_grid_is_taken() -> None:
 def test_omitted_sampling_is_greedy_and_an_image_alone_asks_the_default_question() -> None:
     chat = _parse(messages=[_user(_image())])
     assert chat.sampling.greedy and chat.max_tokens == 1024 and chat.question == DEFAULT_QUESTION
+    for blank in (" ", "\n\t"):  # an empty form field as some clients send it: the same as none
+        assert _parse(messages=[_user(_image(), _text(blank))]).question == DEFAULT_QUESTION
 
 
 def test_history_and_system_messages() -> None:
