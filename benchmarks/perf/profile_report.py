@@ -199,7 +199,8 @@ def _percent(fraction: float | None) -> str:
 def profile_table(report: dict[str, Any]) -> str:
     c, m = report["config"], report["machine"]
     lines = [f"bench profile: {c['model']} ({report['model'].get('precision', '?')}), {c['threads'] or 'all'} "
-             f"threads, {c['runs']} timed runs per phase after 1 warm-up; ONNX Runtime's profiler on",
+             f"threads, {c['runs']} timed runs per phase after 1 warm-up; ONNX Runtime's profiler on; times per run "
+             "are means over the runs (a breakdown: `bench latency` gives medians)",
              f"machine: {m['cpu']}, {m['cores']} cores; load average (1, 5, 15 min) when the report was written: "
              f"{' '.join(map(str, m['load_average']))} (each phase's own host state is in its row)",
              f"bounds: {report['probe_method']}"]

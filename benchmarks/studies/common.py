@@ -67,6 +67,11 @@ def against_kernel(ort_s: Sequence[float], kernel_s: Sequence[float], windows: S
                        for a, b, w in zip(ort_s, kernel_s, windows, strict=True)]}
 
 
+def busy_lines(records: Sequence[dict[str, Any]], label: Any) -> list[str]:
+    """Under a table: why each row that printed "busy" had no quiet rounds (its JSON has the rounds)."""
+    return [f"{label(r)}: busy: {r['busy']}" for r in records if r.get("busy")]
+
+
 def cell(value: float | None, form: str) -> str:
     """A table cell: the value, or "busy" where the rounds gave none."""
     return "busy" if value is None else format(value, form)

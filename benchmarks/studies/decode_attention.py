@@ -26,7 +26,7 @@ from pulse_edge.benchmarks.common.machine import machine_info
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.rounds import abba
 from pulse_edge.benchmarks.common.tables import markdown_table
-from pulse_edge.benchmarks.studies.common import against_kernel, cell, study_options, study_session
+from pulse_edge.benchmarks.studies.common import against_kernel, busy_lines, cell, study_options, study_session
 from pulse_edge.benchmarks.studies.cpu_kernels import bind_decode, decode_gqa_model
 from pulse_edge.errors import KernelUnavailable
 from pulse_edge.runtime.engines.segmented import int8_view
@@ -79,7 +79,8 @@ def table(report: dict[str, Any]) -> str:
              f"{r['kernel_relative_error']:.1e}"] for r in report["contexts"]]
     return "\n".join([head, "", markdown_table(
         ["context", "ORT GroupQueryAttention (int8 cache), ms", "AVX-512 kernel, ms", "speedup (per round)",
-         "GB/s of the context: ORT / kernel", "kernel vs fp32 twin"], rows)])
+         "GB/s of the context: ORT / kernel", "kernel vs fp32 twin"], rows),
+        *busy_lines(report["contexts"], lambda r: f"context {r['context']}")])
 
 
 @click.command()

@@ -32,6 +32,7 @@ from pulse_edge.benchmarks.common.tables import markdown_table
 from pulse_edge.benchmarks.studies.common import (
     CONTRIB,
     against_kernel,
+    busy_lines,
     cell,
     study_model,
     study_options,
@@ -117,7 +118,8 @@ def table(report: dict[str, Any]) -> str:
              f"{r['relative_error']['ort']:.1e} / {r['relative_error']['kernel']:.1e}"] for r in report["chunks"]]
     return "\n".join([head, "", markdown_table(
         ["S new", "P cached", "ORT dequantize + GQA fp32, ms", "bf16 kernel, ms", "speedup (per round)",
-         "kernel GFLOP/s (causal work)", "error vs fp32 twin: ORT / kernel"], rows)])
+         "kernel GFLOP/s (causal work)", "error vs fp32 twin: ORT / kernel"], rows),
+        *busy_lines(report["chunks"], lambda r: f"S {r['rows']}, P {r['past']}")])
 
 
 @click.command()

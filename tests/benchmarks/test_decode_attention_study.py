@@ -38,6 +38,7 @@ def test_a_busy_host_prints_busy_not_a_ratio(kernel: CausalAttention, monkeypatc
     report = {"machine": {"cpu": "x", "cores": 2}, "threads": 1, "rounds": 3, "heads": 2, "layers": 1,
               "kernel": "k", "contexts": [row]}
     assert "| busy | busy | busy |" in decode_attention.table(report)
+    assert "busy: " + row["busy"] in decode_attention.table(report).splitlines()[-1]  # the reason, not only the word
 
 
 def test_the_study_runs_each_context(kernel: CausalAttention, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ def test_a_busy_host_prints_busy_not_a_ratio(kernel: CausalAttention, monkeypatc
     report = {"machine": {"cpu": "x", "cores": 2}, "threads": 1, "rounds": 3, "heads": 2, "kernel": "k",
               "chunks": [row]}
     assert "| busy | busy | busy |" in prefill_attention.table(report)
+    assert "busy: " + row["busy"] in prefill_attention.table(report).splitlines()[-1]  # the reason, not only the word
 
 
 def test_the_study_runs_every_chunk_of_a_prompt(kernel: CausalAttention, tmp_path: Path) -> None:
