@@ -31,7 +31,7 @@ from pulse_edge.export.graphs.decoder import LinearPlan
 from pulse_edge.export.graphs.kv_cache import KVScales
 from pulse_edge.export.model.checkpoint import LoadedCheckpoint
 from pulse_edge.export.quant.context import QuantContext
-from pulse_edge.export.validate.parity import ValidationPlan, validate_native_decode
+from pulse_edge.export.validate.parity import ValidationPlan, case_checks, validate_native_decode
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest
 from pulse_edge.runtime.engines.ort import SessionConfig
@@ -96,4 +96,4 @@ def drop_native_index(work: Path, manifest: Manifest, record: dict[str, Any]) ->
 
 def _steps(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Every compared logit row of a decode-path record: each case's prefill and its decode steps."""
-    return [step for case in record["cases"] for step in (case["prefill"], *case["decode"])]
+    return [step for case in record["cases"] for step in case_checks(case)]

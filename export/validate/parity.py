@@ -22,7 +22,8 @@ from pulse_edge.errors import ModelOutputError
 from pulse_edge.export.model.torch_backend import decode_one_token, prefill
 from pulse_edge.export.validate.tolerances import TOLERANCES, Tolerance
 from pulse_edge.runtime.bundle import names
-from pulse_edge.runtime.bundle.manifest import GraphSpec, KVLayout
+from pulse_edge.runtime.bundle.arrays import open_npy
+from pulse_edge.runtime.bundle.manifest import EmbeddingSpec, GraphSpec, KVLayout
 from pulse_edge.runtime.engines.ort import PREFILL_GRAPH_MIN_POSITIONS, SessionConfig, decoder_engine
 from pulse_edge.runtime.kernels.attention import CheckedAttention, TwinAttention
 
@@ -61,6 +62,23 @@ def _sample_embeds(lm: LlamaForCausalLM, length: int, generator: torch.Generator
     table = lm.get_input_embeddings().weight
     ids = torch.randint(0, table.shape[0], (length,), generator=generator)
     return table[ids].float()[None]  # [1, L, H]
+
+
+def validate_embedding(lm: LlamaForCausalLM, bundle: Path, spec: EmbeddingSpec, rows_per_read: int = 4096
+                       ) -> dict[str, Any]:
+    """The bundle's token table as the runtime maps it (runtime/bundle/arrays.py) against the reference's cast to
+    the table's dtype, row for row and bit for bit: every graph check feeds torch's own table, so a shifted or
+    mis-read table would pass them all and answer from the wrong tokens."""
+    table, ref = open_npy(bundle / spec.file), lm.get_input_embeddings().weight
+    if table.shape != tuple(ref.shape):
+        return {"rows": int(ref.shape[0]), "shape": list(table.shape), "pass": False}
+    differing = []
+    for start in range(0, table.shape[0], rows_per_read):
+        want = ref[start:start + rows_per_read].detach().float().cpu().numpy().astype(table.dtype)
+        got = np.asarray(table[start:start + rows_per_read])
+        differing += (start + np.flatnonzero(np.any(got.view(np.uint8) != want.view(np.uint8), axis=1))).tolist()
+    return {"rows": int(table.shape[0]), "rows_differing": len(differing),
+            "first_differing_row": differing[0] if differing else None, "pass": not differing}
 
 
 def validate_decoder(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, kv: KVLayout, *, precision: str,
@@ -112,9 +130,16 @@ def validate_native_decode(lm: LlamaForCausalLM, bundle: Path, spec: GraphSpec, 
     return {**report, "pass": bool(report["cases"]) and report["pass"], "kernel_call_rel_err": checked.worst}
 
 
+# Planned lengths up to this are also prefilled in two chunks, the second at a nonzero position, as the runtime
+# sends a long prompt (in 512- or 2048-position chunks) and a chat's follow-up: a graph that stores or attends
+# wrongly only there would pass the one-pass cases. Any length shows such a fault; short ones cost little.
+CHUNKED_MAX_POSITIONS = 512
+
+
 def _decoder_cases(lm: LlamaForCausalLM, engine: Any, plan: ValidationPlan, tol: Tolerance) -> dict[str, Any]:
     """Each planned prefill length that leaves room for the decode steps: the prefill's logits and each greedy
-    step's against the reference's."""
+    step's against the reference's; up to CHUNKED_MAX_POSITIONS, the same prefill in two chunks then the first
+    step too ("chunked")."""
     generator = torch.Generator().manual_seed(plan.seed)
     table = lm.get_input_embeddings().weight
     cases = []
@@ -125,16 +150,52 @@ def _decoder_cases(lm: LlamaForCausalLM, engine: Any, plan: ValidationPlan, tol:
         embeds = _sample_embeds(lm, length, generator)
         with torch.inference_mode():
             ref, cache = prefill(lm, embeds.to(table.dtype))
+            refs, tokens = [ref.float().numpy()], []
             got = engine.forward(embeds.numpy())
-            steps = [compare_logits(got, ref.float().numpy())]
+            steps = [compare_logits(got, refs[0])]
             for _ in range(plan.decode_steps):
-                token = int(torch.argmax(ref))
-                ref = decode_one_token(lm, token, cache)
-                got = engine.forward(table[token].float().numpy()[None, None])
-                steps.append(compare_logits(got, ref.float().numpy()))
-        cases.append({"prefill_length": length, "prefill": steps[0], "decode": steps[1:],
-                      "pass": all(_passes(s, tol) for s in steps)})
+                tokens.append(int(torch.argmax(ref)))
+                ref = decode_one_token(lm, tokens[-1], cache)
+                refs.append(ref.float().numpy())
+                got = engine.forward(table[tokens[-1]].float().numpy()[None, None])
+                steps.append(compare_logits(got, refs[-1]))
+            case = {"prefill_length": length, "prefill": steps[0], "decode": steps[1:],
+                    "pass": all(_passes(s, tol) for s in steps)}
+            if 2 <= length <= CHUNKED_MAX_POSITIONS:
+                case["chunked"] = _chunked_case(lm, engine, embeds.to(table.dtype), plan.decode_steps > 0, tol)
+                case["pass"] = case["pass"] and case["chunked"]["pass"]
+        cases.append(case)
     return {"tolerance": asdict(tol), "cases": cases, "pass": all(c["pass"] for c in cases)}
+
+
+def case_checks(case: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every compared logit row of one decoder case: its prefill, its decode steps, and the same in two chunks."""
+    chunked = case.get("chunked")
+    return [case["prefill"], *case["decode"], *([chunked["prefill"], *chunked["decode"]] if chunked else [])]
+
+
+def _chunked_case(lm: LlamaForCausalLM, engine: Any, embeds: torch.Tensor, step: bool, tol: Tolerance
+                  ) -> dict[str, Any]:
+    """The prefill of `embeds` [1, L, H] in two chunks (the second at position L // 2), then (`step`) one decode
+    step, on both sides: the reference chunked too, so that a recipe whose cache stores the first chunk rounded
+    (an int8 cache) is held to what it computes, not to the one-pass logits."""
+    first = embeds.shape[1] // 2
+    table = lm.get_input_embeddings().weight
+    with torch.inference_mode():
+        _, cache = prefill(lm, embeds[:, :first])
+        ref, cache = prefill(lm, embeds[:, first:], cache)
+        refs = [ref.float().numpy()]
+        token = int(torch.argmax(ref))
+        if step:
+            refs.append(decode_one_token(lm, token, cache).float().numpy())
+        engine.reset()
+        engine.forward(embeds[:, :first].float().numpy())
+        got = [engine.forward(embeds[:, first:].float().numpy()).copy()]  # the engine reuses its logits buffer
+        if step:
+            got.append(engine.forward(table[token].float().numpy()[None, None]))
+    checks = [compare_logits(g, r) for g, r in zip(got, refs, strict=True)]
+    return {"chunks": [first, embeds.shape[1] - first], "prefill": checks[0], "decode": checks[1:],
+            "pass": all(_passes(c, tol) for c in checks)}
 
 
 def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, segmented: GraphSpec, kv: KVLayout, *,

@@ -1,0 +1,64 @@
+"""What export validation must catch beyond the one-pass graph checks: a wrong token table, and a graph that is
+right in one pass but wrong for a chunk at a nonzero position (how the runtime sends long prompts and follow-ups)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from pulse_edge.export.model.torch_backend import TorchPipeline, prefill
+from pulse_edge.export.validate.parity import ValidationPlan, _decoder_cases, validate_embedding
+from pulse_edge.export.validate.tolerances import TOLERANCES
+from pulse_edge.runtime.bundle import names
+from pulse_edge.runtime.bundle.manifest import read_manifest
+
+
+def test_the_bundles_token_table_is_checked_row_for_row(tiny_bundle: Path, tiny_pipeline: TorchPipeline,
+                                                         tmp_path: Path) -> None:
+    lm, spec = tiny_pipeline.model.language_model, read_manifest(tiny_bundle).embedding
+    record = validate_embedding(lm, tiny_bundle, spec, rows_per_read=100)
+    assert record == {"rows": spec.shape[0], "rows_differing": 0, "first_differing_row": None, "pass": True}
+    assert read_manifest(tiny_bundle).validation["embedding"]["pass"] is True  # recorded by export
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    table = np.load(bundle / names.EMBEDDING_FILE)
+    np.save(bundle / names.EMBEDDING_FILE, np.roll(table, 1, axis=0))  # every id one row off
+    shifted = validate_embedding(lm, bundle, spec, rows_per_read=100)
+    assert not shifted["pass"] and shifted["rows_differing"] == spec.shape[0] and shifted["first_differing_row"] == 0
+    table[777, 3] = np.nextafter(table[777, 3], np.float32(np.inf))  # one value, one ulp
+    np.save(bundle / names.EMBEDDING_FILE, table)
+    assert validate_embedding(lm, bundle, spec)["first_differing_row"] == 777
+
+
+class _Reference:
+    """The torch model as a decoder engine; `forget_chunks` answers a chunk after the first as if it were the start
+    of the prompt (a cache stored at the wrong positions): right in one pass, wrong in two."""
+
+    def __init__(self, lm: torch.nn.Module, forget_chunks: bool) -> None:
+        self.lm, self.forget, self.cache = lm, forget_chunks, None
+        self.kv = SimpleNamespace(max_length=4096)
+
+    def reset(self) -> None:
+        self.cache = None
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            restart = self.cache is None or (self.forget and embeds.shape[1] > 1)
+            logits, self.cache = prefill(self.lm, torch.from_numpy(embeds), None if restart else self.cache)
+        return logits.float().numpy()
+
+
+def test_a_graph_wrong_only_for_a_later_chunk_fails_validation(tiny_pipeline: TorchPipeline) -> None:
+    lm, tol = tiny_pipeline.model.language_model, TOLERANCES["fp32"]
+    plan = ValidationPlan(prefill_lengths=(5, 64, 600), decode_steps=2)
+    right = _decoder_cases(lm, _Reference(lm, forget_chunks=False), plan, tol)
+    assert right["pass"] and [c["chunked"]["chunks"] for c in right["cases"][:2]] == [[2, 3], [32, 32]]
+    assert "chunked" not in right["cases"][2]  # over CHUNKED_MAX_POSITIONS: one pass only
+    assert all(len(c["chunked"]["decode"]) == 1 for c in right["cases"][:2])
+    wrong = _decoder_cases(lm, _Reference(lm, forget_chunks=True), plan, tol)
+    assert not wrong["pass"]
+    assert all(c["prefill"]["max_rel_err"] < 1e-5 for c in wrong["cases"])  # the one-pass checks cannot see it
+    assert [c["chunked"]["pass"] for c in wrong["cases"][:2]] == [False, False]
