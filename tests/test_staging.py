@@ -180,6 +180,30 @@ def test_a_second_writer_of_one_target_is_refused_at_once(tmp_path: Path) -> Non
     assert _leftovers(tmp_path) == ["ckpt"]
 
 
+def test_a_target_another_writer_finished_before_the_lock_was_taken_is_left_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked before the lock (to refuse early) and again under it: the other writer may have renamed its work
+    into place between the two, and a second rename would replace what it wrote."""
+    from contextlib import contextmanager
+
+    from pulse_edge import staging
+    from pulse_edge.errors import ConfigError
+
+    target, real_lock = tmp_path / "bundle", staging.target_lock
+
+    @contextmanager
+    def lock_after_the_other_finished(out: Path, **kwargs: Any):
+        target.mkdir()
+        (target / "manifest.json").write_text("theirs")
+        with real_lock(out, **kwargs):
+            yield
+
+    monkeypatch.setattr(staging, "target_lock", lock_after_the_other_finished)
+    with pytest.raises(ConfigError, match="exists and is not empty"), staging.staged_directory(target, what="bundle"):
+        pytest.fail("no work may start")
+    assert (target / "manifest.json").read_text() == "theirs" and staging.stale_partials(target) == []
+
+
 def test_the_lock_is_held_across_processes_and_released_when_its_holder_dies(tmp_path: Path) -> None:
     from pulse_edge.staging import target_lock
 

@@ -65,6 +65,8 @@ def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:
     assert len(quiet_rounds(mostly_busy)) < MIN_QUIET_ROUNDS
     assert busy_reason(mostly_busy).startswith("host busy: 2 of 4 rounds quiet")
     assert quiet_median([1.0, 2.0, 3.0, 4.0], mostly_busy) is None
+    assert busy_reason([quiet, quiet]) is None  # fewer rounds than MIN_QUIET_ROUNDS, all quiet: judged on those
+    assert busy_reason([]) is not None  # no round at all is no quiet host
 
 
 def test_each_rounds_fraction_is_held_against_its_own_bound() -> None:

@@ -412,6 +412,7 @@ def test_minmax_and_percentile_match_numpy(q: float) -> None:
     # tail two neighbours can be bins apart, so it is no sharper reference.)
     want = np.percentile(values, q, method="inverted_cdf")
     assert abs(hist.amax("percentile", percentile=q) - want) <= hist.bin_width
+    assert hist.amax("percentile", percentile=100.0) == hist.max  # never beyond the largest value seen
 
 
 def test_entropy_and_mse_on_known_distributions() -> None:

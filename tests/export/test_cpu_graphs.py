@@ -3,6 +3,7 @@ graph beside the decode graph on one cache, and the manifest's record of them.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +384,23 @@ def test_on_a_cpu_without_vnni_the_runtime_counts_the_u8_copies_and_warns_at_a_l
             pass
         assert copies == [counted]
         assert sum("saturates on this CPU (x86 without VNNI)" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_smoothing_is_kept_only_where_it_beats_plain_w8a8(tiny_pipeline, tiny_scales: Scales,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmoothQuant's alpha 0 is not s = 1: where no alpha beats the unscaled error, the site keeps plain W8A8."""
+    from pulse_edge.calibration import calibrate as calibrate_module
+    from pulse_edge.calibration.quant_math import search_smooth_alpha
+
+    searched = {name: site for name, site in tiny_scales.sites.items() if site.search.get("smooth_errors")}
+    assert searched and all(site.smooth is not None for site in searched.values())  # on these, smoothing wins
+
+    def losing(*args, **kwargs):  # the same search, its best alpha no better than no scaling
+        result = search_smooth_alpha(*args, **kwargs)
+        return replace(result, baseline_error=result.error)
+
+    monkeypatch.setattr(calibrate_module, "search_smooth_alpha", losing)
+    plain = calibrate(tiny_pipeline.loaded, tiny_pipeline.tokenizer, CalibrationOptions(samples=2))
+    for name in searched:
+        site = plain.sites[name]
+        assert site.smooth is None and site.smooth_alpha is None and site.smooth_amax == {}, name

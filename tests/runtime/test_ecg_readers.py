@@ -178,6 +178,14 @@ def test_units_are_converted_to_millivolts(tmp_path, signals, unit, sensitivity)
     assert np.abs(out - signals).max() <= 0.5 * step_mv + 1e-6
 
 
+def test_every_spelling_of_a_unit_has_its_own_power_of_ten():
+    from pulse_edge.runtime.ecg.units import mv_per_unit
+
+    for spelling, mv in (("nV", 1e-6), ("nanovolts", 1e-6), ("uV", 1e-3), ("\u00b5V", 1e-3), ("\u03bcV", 1e-3),
+                         ("microvolts", 1e-3), ("mV", 1.0), ("millivolt", 1.0), ("V", 1e3), ("Volts", 1e3)):
+        assert mv_per_unit(spelling) == mv, spelling
+
+
 def test_channel_baseline_is_added_in_physical_units(tmp_path, signals):
     # DICOM: Channel Baseline is the offset of encoded 0 in sensitivity units (pydicom >= 2.4 adds it).
     path = write_dicom(tmp_path / "base.dcm", dicom_dataset(signals, FS, baseline=40.0))

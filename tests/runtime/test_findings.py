@@ -101,6 +101,12 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("LV hypertrophy.", [("LVH", "stated")]), ("TWI in V1-V3.", [("TINV", "stated")]),
     ("Sinus brady.", [("SBRAD", "stated")]), ("Sinus tach.", [("STACH", "stated")]),
     ("Right BBB.", [("RBBB", "stated")]),
+    # each below was read wrong by a one-line change that no other case caught
+    ("NON-STEMI.", []),  # not an ST-elevation MI
+    ("No QRS widening beyond 0.12 s or LBBB.", []),  # a decimal point ends no clause: the negation holds
+    ("History of paroxysmal atrial fibrillation.", []),  # a history, with a word between, is not this tracing
+    ("LBBB and RBBB cannot be excluded.", [("LBBB", "possible"), ("RBBB", "possible")]),  # the hedge is the list's
+    ("No significant change, atrial fibrillation.", [("AFIB", "stated")]),  # "no change" denies nothing
 ])
 def test_report_phrasings_are_read_as_a_clinician_reads_them(text: str, expected: list[tuple[str, str]]) -> None:
     assert _coded(text) == expected

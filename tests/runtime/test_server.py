@@ -285,6 +285,7 @@ def test_the_key_is_enforced(server: Server) -> None:
     assert _http("GET", f"{server.url}/metrics", headers={"Authorization": f"bearer {KEY}"})[0] == 200
     assert _http("GET", f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY.upper()}"})[0] == 401
     assert _http("GET", f"{server.url}/metrics", headers={"Authorization": KEY})[0] == 401
+    assert _http("GET", f"{server.url}/metrics", headers={"Authorization": f"Basic {KEY}"})[0] == 401  # only Bearer
 
 
 # ---- the ECG-native API -----------------------------------------------------------------------------------
