@@ -62,3 +62,15 @@ def test_a_graph_wrong_only_for_a_later_chunk_fails_validation(tiny_pipeline: To
     assert not wrong["pass"]
     assert all(c["prefill"]["max_rel_err"] < 1e-5 for c in wrong["cases"])  # the one-pass checks cannot see it
     assert [c["chunked"]["pass"] for c in wrong["cases"][:2]] == [False, False]
+
+
+def test_the_refusal_names_the_run_that_failed_once(tiny_pipeline: TorchPipeline) -> None:
+    from pulse_edge.export.build.bundle import failure_summary
+
+    lm, tol = tiny_pipeline.model.language_model, TOLERANCES["fp32"]
+    plan = ValidationPlan(prefill_lengths=(5,), decode_steps=1)
+    decoder = _decoder_cases(lm, _Reference(lm, forget_chunks=True), plan, tol)
+    validation = {"vision": {}, "decoder": decoder, "greedy": {"runs": [], "required_equal": False}}
+    summary = failure_summary(validation)
+    assert summary.startswith("decoder after a 5-position prefill in two chunks (2+3): rel err ") and summary.count(
+        "decoder after") == 1, summary
