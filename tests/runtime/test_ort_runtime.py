@@ -73,6 +73,22 @@ def test_multi_turn_chat_keeps_the_cache_and_matches_torch(ort_pipeline: Pipelin
         ours.ask("Another one?", image=image)
 
 
+def test_a_follow_up_closes_an_answer_the_token_limit_cut(ort_pipeline: Pipeline,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template puts </s> after every answer: one the model ended has it as its last token; one cut at
+    max_new_tokens gets it before the next question, or the model reads its question as the answer's words."""
+    prefilled: list[list[int]] = []
+    real = ort_pipeline.engine.prefill
+    monkeypatch.setattr(ort_pipeline.engine, "prefill",
+                        lambda ids, features, **kw: prefilled.append(list(ids)) or real(ids, features, **kw))
+    chat = ort_pipeline.chat()
+    first = chat.ask("What is the rhythm?", _images()[0], max_new_tokens=1)
+    assert first.stop_reason == "max_new_tokens" and first.token_ids[-1] != ort_pipeline.tokenizer.eos_id
+    chat.ask("And the rate?", max_new_tokens=1)
+    eos = ort_pipeline.tokenizer.eos_id
+    assert prefilled[1][:2] == [first.token_ids[-1], eos]  # the answer's last token, then the closing </s>
+
+
 def test_a_conversation_whose_cache_a_newer_one_took_refuses_its_follow_up(ort_pipeline: Pipeline) -> None:
     """Conversations share the pipeline's one cache: after generate() on another print, a follow-up in the old
     chat would be answered about the wrong ECG, in silence. It is refused; a fresh chat answers."""
