@@ -164,6 +164,12 @@ def _machine_line(machine: Mapping[str, Any]) -> str:
             f"{machine.get('ram_gib')} GiB RAM")
 
 
+# Rows whose measured figure is not computed as the paper's was: said in the row, not only in the notes.
+NOT_COMPARABLE = MappingProxyType({
+    "arena": "turn 1 only: the paper's judge scores the whole two-turn conversation, so not comparable",
+})
+
+
 def _compat_table(scores: Sequence[SubsetScore]) -> list[str]:
     names = list(REFERENCE)
     lines = ["## Results (compat: the paper's scoring rules)", "",
@@ -172,8 +178,9 @@ def _compat_table(scores: Sequence[SubsetScore]) -> list[str]:
     for s in scores:
         for metric in REFERENCE[names[0]].get(s.subset, {}):
             refs = " | ".join(f"{REFERENCE[n][s.subset][metric]:.1f}" for n in names)
+            caveat = f" ({NOT_COMPARABLE[s.subset]})" if s.subset in NOT_COMPARABLE else ""
             lines.append(f"| {s.title} | {s.coverage.scored} ({SUBSETS[s.subset].paper_size}) | "
-                         f"{_METRIC_NAMES[metric]} | {_fmt(s.compat.get(metric), s.compat)} | {refs} |")
+                         f"{_METRIC_NAMES[metric]}{caveat} | {_fmt(s.compat.get(metric), s.compat)} | {refs} |")
     return [*lines, "", f"Reference figures: {SOURCE}."]
 
 

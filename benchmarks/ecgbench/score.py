@@ -8,7 +8,13 @@ responses it could not read; its numbers are the ones to compare runs by.
 Predictions are taken in file order (the order decides which random letter an
 unreadable answer gets in compat mode, as in the paper's script); ids that are
 not in the subset and subset ids without a prediction are counted, never
-dropped silently. Percentages are x100 like the paper's table.
+dropped silently. Percentages are x100 like the paper's table, unrounded: the
+paper rounds once, round(100 x, 1), and so do the printed tables (rounded here
+first, 67.35003 became 67.35 and then printed 67.3, not the paper's 67.4).
+
+The paper's script seeds Python's one generator once and scores MMMU-ECG, then
+CSN, then G12EC, each guessing from where the last left off; `score_subsets`
+scores them in that order from one generator (`score_subset` alone starts its own).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pulse_edge.calibration.datasets.ecgbench.subsets import (
 from pulse_edge.errors import InputError
 
 RANDOM_SEED = 42  # the paper's script seeds Python's `random` with 42
+PAPER_DRAW_ORDER = ("mmmu-ecg", "csn-test-no-cot", "g12-test-no-cot")  # the subsets that guess, in its order
 _LISTED_IDS = 20  # how many missing / unknown ids a score names (the counts are always complete)
 
 Pair = tuple[Sample, Prediction]
@@ -95,9 +102,23 @@ class ScoreParts:
 JudgeScorer = Callable[[SubsetSpec, Sequence[Pair]], ScoreParts]
 
 
+def score_subsets(runs: Sequence[tuple[SubsetSpec, Sequence[Sample], PredictionFile]],
+                  judge: JudgeScorer | None = None) -> list[SubsetScore]:
+    """`score_subset` of each (spec, samples, predictions), in the given order, the guessing subsets scored in
+    the paper's order from one generator, as its script does (module doc)."""
+    rng = random.Random(RANDOM_SEED)
+    rank = {name: i for i, name in enumerate(PAPER_DRAW_ORDER)}
+    order = sorted(range(len(runs)), key=lambda i: rank.get(runs[i][0].name, -1))
+    scored = {i: score_subset(*runs[i], judge, rng=rng, drawn_before=[runs[j][0].name for j in order[:k]])
+              for k, i in enumerate(order)}
+    return [scored[i] for i in range(len(runs))]
+
+
 def score_subset(spec: SubsetSpec, samples: Sequence[Sample], predictions: PredictionFile,
-                 judge: JudgeScorer | None = None) -> SubsetScore:
-    """Compat and strict scores of one subset; `samples` is the reference (all, or the first N of a limited run)."""
+                 judge: JudgeScorer | None = None, *, rng: random.Random | None = None,
+                 drawn_before: Sequence[str] = ()) -> SubsetScore:
+    """Compat and strict scores of one subset; `samples` is the reference (all, or the first N of a limited run).
+    `rng`: the compat guesses' generator, where earlier subsets `drawn_before` drew from it (score_subsets)."""
     gold = {s.id: s for s in samples}
     if len(gold) != len(samples):  # an answer would be scored against another sample's question (the last one's)
         raise InputError(f"{spec.name}: {len(samples) - len(gold)} repeated sample ids in the reference data; "
@@ -112,6 +133,9 @@ def score_subset(spec: SubsetSpec, samples: Sequence[Sample], predictions: Predi
         return SubsetScore(spec.name, spec.title, spec.kind, coverage, empty, empty, tuple(notes))
     if spec.kind == JUDGE:
         result = judge(spec, pairs) if judge is not None else _unjudged()
+    elif spec.kind == CHOICE:
+        result = _score_choice(spec, pairs, random.Random(RANDOM_SEED) if rng is None else rng)
+        notes += _guess_note(spec, result, drawn_before)
     else:
         result = _SCORERS[spec.kind](spec, pairs)
     return SubsetScore(spec.name, spec.title, spec.kind, coverage, result.compat, result.strict,
@@ -123,8 +147,19 @@ def answer_text(answer: str | tuple[str, ...]) -> str:
 
 
 def percent(value: float) -> float | None:
-    """x100, rounded for printing; None for NaN (JSON has no NaN)."""
-    return None if math.isnan(value) else round(100.0 * value, 4)
+    """x100, unrounded (module doc); None for NaN (JSON has no NaN)."""
+    return None if math.isnan(value) else 100.0 * value
+
+
+def _guess_note(spec: SubsetSpec, result: ScoreParts, drawn_before: Sequence[str]) -> list[str]:
+    """Said where the guesses cannot be the paper's: a subset it scores first was not scored with this one."""
+    earlier = PAPER_DRAW_ORDER[:PAPER_DRAW_ORDER.index(spec.name)] if spec.name in PAPER_DRAW_ORDER else ()
+    missing = [name for name in earlier if name not in drawn_before]
+    if not result.compat.get("random_fallbacks") or not missing:
+        return []
+    return [f"compat guessed {result.compat['random_fallbacks']} unreadable answer(s) from a generator that did not "
+            f"first draw {', '.join(missing)}'s guesses as the paper's script does: its accuracy may differ from "
+            "the script's by up to that many answers (score the subsets together: eval ecgbench)"]
 
 
 def _coverage(samples: Sequence[Sample], predictions: PredictionFile, scored: set[str]) -> Coverage:
@@ -181,8 +216,7 @@ def _multilabel(pairs: Sequence[Pair], gold_c: list[list[str]], pred_c: list[lis
         details, tuple(notes))
 
 
-def _score_choice(spec: SubsetSpec, pairs: Sequence[Pair]) -> ScoreParts:
-    rng = random.Random(RANDOM_SEED)
+def _score_choice(spec: SubsetSpec, pairs: Sequence[Pair], rng: random.Random) -> ScoreParts:
     letters = list(spec.letters)
     compat_hits = fallbacks = strict_hits = unparsed = 0
     details: dict[str, SampleDetail] = {}
@@ -245,5 +279,5 @@ def _rate(details: Mapping[str, SampleDetail]) -> float | None:
 
 
 _SCORERS: Mapping[str, Callable[[SubsetSpec, Sequence[Pair]], ScoreParts]] = MappingProxyType({
-    LABELS: _score_labels, CODE15: _score_code15, CHOICE: _score_choice, ECGQA: _score_ecgqa,
+    LABELS: _score_labels, CODE15: _score_code15, ECGQA: _score_ecgqa,  # CHOICE: score_subset passes its generator
 })

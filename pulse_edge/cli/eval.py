@@ -126,7 +126,7 @@ def _run_ecgbench(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], out
     from pulse_edge.benchmarks.common.machine import model_info
     from pulse_edge.benchmarks.ecgbench import runner
     from pulse_edge.benchmarks.ecgbench.predictions import read_predictions
-    from pulse_edge.benchmarks.ecgbench.score import score_subset
+    from pulse_edge.benchmarks.ecgbench.score import score_subsets
 
     if serves_bundle(model_dir, backend):  # before run.json pins them, which would lock a rerun out
         refuse_torch_settings(vision_tower=vision_tower, dtype=dtype, device=device)
@@ -149,7 +149,9 @@ def _run_ecgbench(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], out
 
     stats = runner.run_plans(plans, open_model, max_new_tokens=max_new_tokens, stream=sys.stderr)
     judge = _judge(judge_url, judge_model, judge_workers, lambda name: out / f"{name}.judge.jsonl")
-    scores = [score_subset(p.spec, p.reference, read_predictions(p.out_file, missing_ok=True), judge) for p in plans]
+    # together: the guessing subsets draw from one generator in the paper's order, as its script does
+    scores = score_subsets([(p.spec, p.reference, read_predictions(p.out_file, missing_ok=True)) for p in plans],
+                           judge)
     result = {"out": str(out), "model": model, "runs": [vars(s) for s in stats],
               "subsets": [s.to_dict() for s in scores]}
     with staged_file(out / "scores.json") as work:
