@@ -84,12 +84,14 @@ def select_samples(samples: Sequence[CalibrationSample], n: int, seed: int) -> l
 
 def split_held_out(samples: Sequence[CalibrationSample], held_out: int, seed: int
                    ) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
-    """(calibration, held-out): disjoint, both in input order; the held-out part is stratified like `select_samples`."""
+    """(calibration, held-out): disjoint, both in input order, their images read; the held-out part is stratified
+    like `select_samples`."""
     if not 0 <= held_out < len(samples):
         raise ConfigError(f"held_out must be between 0 and {len(samples) - 1} (there are {len(samples)} samples, "
                           f"and calibration needs at least one), got {held_out}")
     chosen = set(_select_indices(samples, held_out, seed))
-    return ([s for i, s in enumerate(samples) if i not in chosen], [samples[i] for i in sorted(chosen)])
+    parts = ([s for i, s in enumerate(samples) if i not in chosen], [samples[i] for i in sorted(chosen)])
+    return fetch_images(parts[0]), fetch_images(parts[1])  # their images read, as select_samples gives them
 
 
 def _select_indices(samples: Sequence[CalibrationSample], n: int, seed: int) -> list[int]:

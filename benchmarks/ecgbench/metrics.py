@@ -8,6 +8,8 @@
   the single corner (FPR, TPR), so its area is (1 + TPR - FPR) / 2; a class
   whose gold column holds one value only has no ROC curve: NaN.
 - Hamming loss = wrong cells / all cells.
+- One class only: scikit-learn reads a one-column matrix as a binary target, and F1 with `average=None` is then
+  given for the label 0 as well as 1 (each present in gold or prediction); the paper averages those.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ class MultiLabelScores:
     f1_per_class: tuple[float, ...]
     auc_per_class: tuple[float, ...]
     hamming: float
+    f1_terms: tuple[float, ...] | None = None  # what the mean F1 averages, where not f1_per_class (module doc)
 
     @property
     def f1(self) -> float:
-        return _mean(self.f1_per_class)
+        return _mean(self.f1_per_class if self.f1_terms is None else self.f1_terms)
 
     @property
     def auc(self) -> float:
@@ -83,7 +86,10 @@ def multilabel_scores(gold: Sequence[Collection[str]], predicted: Sequence[Colle
     y_true, y_pred = binarize(gold, classes), binarize(predicted, classes)
     f1 = f1_per_class(y_true, y_pred)
     auc = [hard_auc(y_true[:, j], y_pred[:, j]) for j in range(len(classes))]
-    return MultiLabelScores(classes, tuple(float(v) for v in f1), tuple(auc), hamming_loss(y_true, y_pred))
+    terms = None
+    if len(classes) == 1 and np.any(y_true == 0) | np.any(y_pred == 0):  # a binary target to scikit-learn
+        terms = (float(f1_per_class(1 - y_true, 1 - y_pred)[0]), float(f1[0]))
+    return MultiLabelScores(classes, tuple(float(v) for v in f1), tuple(auc), hamming_loss(y_true, y_pred), terms)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -31,7 +31,7 @@ from pulse_edge.export.model.torch_backend import TorchPipeline, decode_one_toke
 from pulse_edge.export.validate.tolerances import RECOMMENDED_FIDELITY
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.pipeline import Pipeline
-from pulse_edge.runtime.text.prompt import Turn, prompt_ids
+from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, Turn, prompt_ids
 
 DECODE_STEPS = 8
 GREEDY_TOKENS = 16
@@ -120,7 +120,9 @@ def greedy_fidelity(reference: TorchPipeline, candidate: Pipeline, samples: Sequ
                     tokens: int = GREEDY_TOKENS) -> dict[str, Any]:
     runs = []
     for sample in samples:
-        image, question = sample.load_image(), sample.turns[0][0]
+        # a sample whose prompt is the image alone: any question serves a comparison, and the API refuses a blank one
+        asked = sample.turns[0][0]
+        image, question = sample.load_image(), asked if asked.strip() else DEFAULT_QUESTION
         ref = reference.generate(image, question, max_new_tokens=tokens).token_ids
         got = candidate.generate(image, question, max_new_tokens=tokens).token_ids
         runs.append({"id": sample.id, **greedy_agreement(ref, got)})

@@ -22,7 +22,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pulse_edge.choices import SEED_RANGE
@@ -69,6 +69,9 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
     _check_model(body.get("model"), model_id)
     _refuse_unsupported(body)
     system, turns, image = _read_messages(body.get("messages"))
+    # an image-only (or blank) message asks the default question, replayed turns included: the answer in the
+    # history was given to it, and replayed as a blank question the prompt would not be the one it answered
+    turns = [t if t.question.strip() else replace(t, question=DEFAULT_QUESTION) for t in turns]
     *history, last = turns
     if last.answer is not None:
         raise ApiError("bad_request", "the last message must be the user's question", param="messages")
@@ -81,8 +84,7 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
     if unknown := sorted(set(stream_options) - STREAM_OPTIONS):
         raise ApiError("bad_request", f"stream_options {unknown} are not supported by this server (it reads "
                        f"{', '.join(sorted(STREAM_OPTIONS))}); leave them out", param="stream_options")
-    question = last.question if last.question.strip() else DEFAULT_QUESTION  # an image-only (or blank) message
-    return ChatRequest(system=system, history=tuple(history), question=question,
+    return ChatRequest(system=system, history=tuple(history), question=last.question,
                        image=image, sampling=sampling_params(body), max_tokens=max_tokens(body),
                        stream=_flag(body, "stream"), include_usage=_flag(stream_options, "include_usage"),
                        return_token_ids=_flag(body, "return_token_ids"))

@@ -7,7 +7,8 @@
 
 Relative paths are taken from the root. What is read is the resolved path, so a symlink inside the root that
 points out of it is refused, and one that stays inside works. A WFDB record may be named bare, as `infer`
-takes it ("rec" for rec.hea and rec.dat): the header is what is read.
+takes it ("rec" for rec.hea and rec.dat): the header is what is read, and the files it names beside it (its
+signal files, a multi-segment record's segments) are held to the same rule, since the reader opens them too.
 """
 
 from __future__ import annotations
@@ -38,4 +39,32 @@ def resolve_allowed(requested: str, root: Path | None) -> Path:
         raise ApiError("forbidden", f"{requested!r} leads outside the allowed directory (a symlink)", param="path")
     if not real.is_file():
         raise ApiError("bad_request", f"{requested!r} is not a file", param="path")
+    if real.suffix.lower() == ".hea":
+        _check_header_files(real, root, requested)
     return real
+
+
+MAX_HEADER_BYTES = 1 << 20  # a 12-lead header is a few hundred bytes: one larger is refused, not read in part
+
+
+def _check_header_files(header: Path, root: Path, requested: str) -> None:
+    """Each file a WFDB header names (the first word of each line after the record line: a signal file, or a
+    segment whose own header and signals follow) that exists beside it must resolve inside the root."""
+    try:
+        with open(header, "rb") as f:
+            data = f.read(MAX_HEADER_BYTES + 1)
+    except OSError:
+        return  # the reader says why it cannot read it
+    if len(data) > MAX_HEADER_BYTES:
+        raise ApiError("bad_request", f"{requested!r} is a WFDB header larger than {MAX_HEADER_BYTES >> 20} MiB; "
+                       "a 12-lead record's is a few hundred bytes", param="path")
+    text = data.decode("utf-8", "replace")
+    lines = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    for words in lines[1:]:
+        for name in (words[0], f"{words[0]}.hea"):
+            path = header.parent / name
+            if path.is_symlink() or path.exists():
+                real = path.resolve()
+                if not real.is_relative_to(root):
+                    raise ApiError("forbidden", f"{requested!r} names {name!r}, which leads outside the allowed "
+                                   "directory (a symlink)", param="path")

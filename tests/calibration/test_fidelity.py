@@ -192,3 +192,25 @@ def test_format_table() -> None:
         "int4-awq    0.98        -     12  -",
     ]
     assert format_table([], ["a"]) == "a\n-"
+
+
+def test_a_held_out_sample_that_is_the_image_alone_is_asked_the_default_question() -> None:
+    """ECGInstruct items may prompt with the image alone; the API refuses a blank question, and the export's
+    fidelity run must not stop there after hours of calibration and export."""
+    from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample, SyntheticEcg
+    from pulse_edge.export.validate.fidelity import greedy_fidelity
+    from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
+
+    asked = []
+
+    class Model:
+        def generate(self, image, question, *, max_new_tokens):
+            asked.append(question)
+            return type("R", (), {"token_ids": [1, 2]})()
+
+    image = SyntheticEcg("sinus", seed=1, heart_rate_bpm=70, width_px=880, height_px=680)
+    samples = [CalibrationSample(id=i, source="synthetic", task="other", turns=((q, "a"),), synthetic=image)
+               for i, q in (("blank", " "), ("asked", "What is the rhythm? "))]
+    report = greedy_fidelity(Model(), Model(), samples, tokens=2)
+    assert asked == [DEFAULT_QUESTION, DEFAULT_QUESTION, "What is the rhythm? ", "What is the rhythm? "]
+    assert report["agreement"] == 1.0

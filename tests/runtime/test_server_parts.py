@@ -119,6 +119,9 @@ def test_history_and_system_messages() -> None:
     assert chat.system == "Be brief."
     assert chat.history == (Turn("Rhythm?", "Sinus."),)
     assert chat.question == "Rate?\nAnd axis?"  # consecutive user messages are one question
+    # an image-only first message was answered as the default question: replayed, it is that question again
+    replayed = _parse(messages=[_user(_image()), {"role": "assistant", "content": "Sinus."}, _user(_text("Rate?"))])
+    assert replayed.history == (Turn(DEFAULT_QUESTION, "Sinus."),) and replayed.question == "Rate?"
 
 
 @pytest.mark.parametrize(("messages", "words"), [
@@ -206,6 +209,20 @@ def test_traversal_and_symlinks_out_are_refused(allowed: Path, requested: str, k
     with pytest.raises(ApiError) as caught:
         resolve_allowed(requested, allowed)
     assert caught.value.kind == kind
+
+
+def test_a_wfdb_headers_signal_file_is_held_to_the_root_too(allowed: Path, tmp_path: Path) -> None:
+    """The reader opens the files a header names: a .dat linked out of the root was read and drawn."""
+    (tmp_path / "outside.dat").write_bytes(b"\0" * 64)
+    (allowed / "sub" / "out.hea").write_text("out 1 500 32\nout.dat 16 200 16 0 0 0 0 I\n")
+    (allowed / "sub" / "out.dat").symlink_to(tmp_path / "outside.dat")
+    for requested in ("sub/out", "sub/out.hea"):
+        with pytest.raises(ApiError, match=r"names 'out\.dat', which leads outside") as caught:
+            resolve_allowed(requested, allowed)
+        assert caught.value.kind == "forbidden"
+    (allowed / "sub" / "in.hea").write_text("# a comment\nin 1 500 32\nin.dat 16 200 16 0 0 0 0 I\n")
+    (allowed / "sub" / "in.dat").symlink_to(allowed / "sub" / "ecg.png")  # a link that stays inside
+    assert resolve_allowed("sub/in", allowed) == allowed / "sub" / "in.hea"
 
 
 def test_no_root_accepts_no_path(allowed: Path) -> None:
