@@ -48,6 +48,11 @@ SMOOTH_SITES = ("qkv", "gate_up")  # the RMSNorm outputs, where SmoothQuant migr
 AWQ_SITES = ("qkv", "o", "gate_up", "down")  # lm_head stays plain RTN, as in AWQ's reference code
 AWQ_BITS = 4
 FP8_METHODS = ("minmax", "percentile", "mse")  # entropy models an integer grid; fp8 sites calibrated "entropy" use mse
+
+
+def fp8_method(method: str) -> str:
+    """The clip method an fp8 (E4M3) site uses for scales calibrated with `method`."""
+    return method if method in FP8_METHODS else "mse"
 ALPHAS = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 11))
 METHOD_HELP = MappingProxyType({
     "minmax": "the largest |x| seen (no clipping)",

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate, choose_samples, prepare_all
+from pulse_edge.calibration.calibrate import CalibrationOptions, calibrate, choose_samples, fp8_method, prepare_all
 from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample
 from pulse_edge.calibration.fidelity import AccuracyGate, json_safe
 from pulse_edge.calibration.observe import site_modules
@@ -86,7 +86,9 @@ class QuantContext:
             decoder_schemes=dict(Counter(plan.schemes.values())),
             smoothed_or_scaled_sites=tuple(sorted(plan.input_scales)),
             requires_compute_capability=self.recipe.compute_capability if fp8 else None,
-            fidelity=None if fidelity is None else json_safe(fidelity))  # +inf SQNR -> "inf": strict JSON
+            fidelity=None if fidelity is None else json_safe(fidelity),  # +inf SQNR -> "inf": strict JSON
+            # said, not left to `method`: E4M3 has no entropy clip, and such sites used mse (calibration/scales.py)
+            fp8_method=fp8_method(self.scales.method) if fp8 else None)
 
 
 def prepare_quantization(loaded: LoadedCheckpoint, tokenizer: Tokenizer, settings: QuantSettings,

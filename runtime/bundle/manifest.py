@@ -253,6 +253,7 @@ class CalibrationSpec:
     awq_block_size: int | None = None
     requires_compute_capability: str | None = None  # fp8: a GPU of at least this capability
     fidelity: Mapping[str, Any] | None = None
+    fp8_method: str | None = None  # the clip method fp8 sites used: `method`, or mse where E4M3 has none of it
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CalibrationSpec:
@@ -262,7 +263,8 @@ class CalibrationSpec:
                    decoder_schemes={str(k): int(v) for k, v in d.get("decoder_schemes", {}).items()},
                    smoothed_or_scaled_sites=tuple(d.get("smoothed_or_scaled_sites", ())),
                    awq_block_size=d.get("awq_block_size"),
-                   requires_compute_capability=d.get("requires_compute_capability"), fidelity=d.get("fidelity"))
+                   requires_compute_capability=d.get("requires_compute_capability"), fidelity=d.get("fidelity"),
+                   fp8_method=d.get("fp8_method"))
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,8 @@ SOURCE = _obj({}, {"checkpoint": STR, "layout": STR, "sha256": STR, "vision_towe
 CALIBRATION = _obj({"recipe": _map(ANYTHING), "file": FILE_NAME},
                    {"scales_source": STR, "method": STR, "samples": _map(ANYTHING), "decoder_schemes": _map(_int(0)),
                     "smoothed_or_scaled_sites": _list(STR), "awq_block_size": _optional(_int(1)),
-                    "requires_compute_capability": _optional(STR), "fidelity": _optional(_map(ANYTHING))})
+                    "requires_compute_capability": _optional(STR), "fidelity": _optional(_map(ANYTHING)),
+                    "fp8_method": _optional(STR)})
 FILE_RECORD = _obj({"size": _int(0), "sha256": SHA256, "sampled_sha256": SHA256})
 MANIFEST_SCHEMA: Schema = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -90,6 +90,11 @@ def test_manifests_record_validation_recipe_and_requirements(bundles: dict[str, 
         assert calibration.recipe["name"] == precision
         assert (path / calibration.file).is_file()
         assert calibration.requires_compute_capability == ("8.9" if precision == "fp8" else None)
+        assert calibration.fp8_method == ("minmax" if precision == "fp8" else None)  # what its fp8 sites used
+    from pulse_edge.calibration.calibrate import fp8_method
+
+    assert [fp8_method(m) for m in ("minmax", "percentile", "mse", "entropy")] == ["minmax", "percentile", "mse",
+                                                                                  "mse"]  # E4M3 has no entropy clip
     assert read_manifest(bundles["fp8"]).graphs["decoder"].opt_level_limit == "basic"
 
 
