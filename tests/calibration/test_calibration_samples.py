@@ -379,6 +379,9 @@ def test_too_long_conversations_drop_later_turns_then_cut_the_answer(instruct: P
     assert cut.input_ids == first_turn[:len(cut.input_ids)] and cut.input_ids.count(IMAGE_SLOT) == 1
     with pytest.raises(PromptError, match=r"the image .* and the first question need"):
         prepare_sample(sample, layout, tokenizer, max_length=question_only - 1)
+    whole = spliced_length(prompt_ids([Turn(q, a) for q, a in MULTI], tokenizer), image_tokens)
+    exact = prepare_sample(sample, layout, tokenizer, max_length=whole)  # fits to the last position: nothing cut
+    assert not exact.truncated and spliced_length(exact.input_ids, image_tokens) == whole
 
 
 # --- synthetic -----------------------------------------------------------------------------------------------

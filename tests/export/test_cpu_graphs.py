@@ -404,3 +404,17 @@ def test_smoothing_is_kept_only_where_it_beats_plain_w8a8(tiny_pipeline, tiny_sc
     for name in searched:
         site = plain.sites[name]
         assert site.smooth is None and site.smooth_alpha is None and site.smooth_amax == {}, name
+
+
+def test_each_site_is_clipped_by_the_calibration_method_asked(tiny_scales: Scales) -> None:
+    """--method chooses each activation's clip: a graph built with another method's ranges would pass parity
+    (its reference reads the same table) and serve other scales than the ones asked for."""
+    from pulse_edge.export.quant.apply import _act_amax
+
+    site = next(name for name, s in tiny_scales.sites.items() if s.smooth is None and len(set(s.amax.values())) > 1)
+    stats = tiny_scales.site(site)
+    for method in stats.amax:
+        assert _act_amax(replace(tiny_scales, method=method), site, "w8a8", None) == stats.amax[method]
+    for method in stats.amax_fp8:
+        assert _act_amax(replace(tiny_scales, method=method), site, "fp8", None) == stats.amax_fp8[method]
+    assert _act_amax(replace(tiny_scales, method="entropy"), site, "fp8", None) == stats.amax_fp8["mse"]

@@ -121,10 +121,11 @@ def _copy(bundle: Path, dest: Path) -> Path:
 _rewrite = edit_manifest
 
 
-def test_damaged_scales_or_segments_are_one_line(bundle: Path, kernel_here: None, tmp_path: Path) -> None:
-    broken = _copy(bundle, tmp_path / "nan")
+@pytest.mark.parametrize("bad", [np.nan, 0.0, -1.0])
+def test_damaged_scales_or_segments_are_one_line(bundle: Path, kernel_here: None, tmp_path: Path, bad: float) -> None:
+    broken = _copy(bundle, tmp_path / "bad")
     scales = np.load(broken / names.segment_scales_file(names.PREFILL))
-    scales[0, 0, 0, 0] = np.nan
+    scales[0, 0, 0, 0] = bad  # a zero or negative scale reads the cache wrong as surely as a NaN
     np.save(broken / names.segment_scales_file(names.PREFILL), scales)
     _rewrite(broken, lambda d: d["files"].pop(names.segment_scales_file(names.PREFILL)) and d["files"].update(
         {names.segment_scales_file(names.PREFILL): _record(broken / names.segment_scales_file(names.PREFILL))}))

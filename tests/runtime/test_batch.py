@@ -176,5 +176,14 @@ def test_inputs_expand_from_folders_globs_and_files(tmp_path: Path) -> None:
     assert names == ["r1.hea", "r2.hea", "x.png", "y.dcm"]  # one input per WFDB record; the output is no input
     assert [Path(p).name for p in expand_inputs([str(tmp_path / "**" / "*.dcm")])] == ["y.dcm"]
     assert expand_inputs([str(tmp_path / "r1.dat")]) == [str(tmp_path / "r1.dat")]  # named one by one: kept
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "z.png").write_bytes(b"")  # below a hidden folder: never an ECG
+    (tmp_path / "deep" / "er").mkdir()
+    (tmp_path / "deep" / "er" / "w.dcm").write_bytes(b"")
+    (tmp_path / "orphan.dat").write_bytes(b"")  # no header beside it: an input, refused when read, not dropped
+    names = [Path(p).name for p in expand_inputs([str(tmp_path)], exclude=[tmp_path / "out.jsonl"])]
+    assert names == ["orphan.dat", "r1.hea", "r2.hea", "x.png", "y.dcm", "w.dcm"]
+    assert [Path(p).name for p in expand_inputs([str(tmp_path / "r*")])] == ["r1.hea", "r2.hea"]  # not r1.dat
+    assert [Path(p).name for p in expand_inputs([str(tmp_path / "**" / "*.dcm")])] == ["w.dcm", "y.dcm"]  # sorted paths
     with pytest.raises(InputError, match="matches no file"):
         expand_inputs([str(tmp_path / "*.xml")])

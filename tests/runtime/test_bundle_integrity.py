@@ -96,6 +96,13 @@ DAMAGE: dict[str, tuple[Callable[[Path], Any], str]] = {
                                         "graphs.vision.file must be a file name inside the bundle"),
     "text.bos_id outside the vocabulary": (lambda b: _edit(b, lambda d: d["text"].update(bos_id=5000)),
                                            "text.bos_id 5000 is outside the vocabulary of 1000"),
+    # answers would never stop before the token limit
+    "text.eos_id outside the vocabulary": (lambda b: _edit(b, lambda d: d["text"].update(eos_id=5000)),
+                                           "text.eos_id 5000 is outside the vocabulary of 1000"),
+    # positions past the model's trained range would run without a word
+    "kv.max_length beyond the model's positions": (
+        lambda b: _edit(b, lambda d: d["kv"].update(max_length=d["text"]["max_position_embeddings"] + 1)),
+        "kv.max_length 4097 exceeds the model's 4096 positions"),
     "logits of another vocabulary": (
         lambda b: _edit(b, lambda d: d["graphs"]["decoder"]["outputs"][0].update(shape=[1, 1, 999])),
         "text.vocab_size is 1000 but the decoder's logits have 999 entries"),

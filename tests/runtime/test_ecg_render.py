@@ -146,6 +146,17 @@ def test_calibration_pulse_is_1_mv_tall(layout: PrintLayout) -> None:
             assert base - peak == pytest.approx(gain * layout.px_per_mm, abs=1.0)
 
 
+@pytest.mark.parametrize("speed", [12.5, 25.0, 50.0])
+def test_calibration_pulse_lasts_200_ms_at_the_papers_speed(layout: PrintLayout, speed: float) -> None:
+    """The pulse proves the speed as well as the gain: 5 mm wide at 25 mm/s, 10 mm at 50, 2.5 mm at 12.5."""
+    rgb = pixels(render_ecg(flat_record(np.zeros((12, 5000))), paper_speed_mm_s=speed))
+    peak_y = round(layout.baseline_px(0) - 10.0 * layout.px_per_mm)  # 1 mV at 10 mm/mV
+    start = round(layout.x_px(layout.cal_pulse_left_mm - 1.0))
+    row = ink(rgb[peak_y, start:round(layout.trace_left_px)])  # ink along the pulse's top
+    width_mm = (np.flatnonzero(row)[-1] - np.flatnonzero(row)[0]) / layout.px_per_mm
+    assert width_mm == pytest.approx(0.2 * speed, abs=0.5)
+
+
 def test_each_panel_shows_its_own_lead_and_quarter_of_the_record(layout: PrintLayout) -> None:
     """Lead k sits at 0.08*(k+1) mV and every 2.5-s quarter adds 0.4 mV: both must land where expected."""
     t = np.arange(5000) / FS

@@ -215,6 +215,16 @@ def test_a_page_of_one_colour_is_refused_as_blank(image: Image.Image, fmt: str) 
     assert load_image_bytes(encode(page((400, 300)), fmt), name="ok").size[0] >= 400  # one line is enough
 
 
+def test_a_white_scan_with_sensor_noise_is_blank_and_a_faint_line_is_not() -> None:
+    """A scanner's blank page is not one colour: levels 253-255 (the noise BLANK_LEVELS allows) are still blank."""
+    noise = np.random.default_rng(0).integers(253, 256, (300, 400, 3), dtype=np.uint8)
+    assert_input_error(lambda: load_image_bytes(encode(Image.fromarray(noise), "PNG"), name="scan.png"),
+                       "scan.png", "holds no ECG trace")
+    traced = noise.copy()
+    traced[150, 20:380] = 200  # one faint trace line
+    assert load_image_bytes(encode(Image.fromarray(traced), "PNG"), name="trace.png").size == (400, 300)
+
+
 def test_grey_palette_and_cmyk_become_rgb():
     grey = page((200, 200), 77, "L")
     cmyk = page((200, 200), (0, 255, 255, 0), "CMYK")  # no cyan/black, full magenta+yellow = red

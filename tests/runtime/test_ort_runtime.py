@@ -156,6 +156,25 @@ def test_a_blank_question_is_refused_before_the_cache_moves(ort_pipeline: Pipeli
     assert chat.ask("And the rate?", max_new_tokens=2).generated_tokens == 2  # the chat goes on
 
 
+def test_merged_features_of_another_length_than_counted_are_refused(ort_pipeline: Pipeline,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompt reserved the counted positions: features one short would shift every position after them."""
+    from pulse_edge.runtime.image.preprocess import preprocess
+
+    engine = ort_pipeline.engine
+    real = engine.merge
+
+    class OneShort:
+        layout = real.layout
+
+        def __call__(self, features, size):
+            return real(features, size)[:-1]
+
+    monkeypatch.setattr(engine, "merge", OneShort())
+    with pytest.raises(RuntimeError, match="merge produced 2879 image tokens, preprocessing counted 2880"):
+        engine.image_features(preprocess(_images()[0], ort_pipeline.manifest.image))
+
+
 def test_an_image_handed_over_in_memory_meets_a_files_limits(ort_pipeline: Pipeline) -> None:
     """generate() takes a PIL image: the same size limits and transparency rule as a decoded file."""
     from pulse_edge.errors import InputError

@@ -190,6 +190,17 @@ def test_unpad_counts_agree_with_transformers_llava_next():
     assert compared > 250
 
 
+def test_a_size_where_floats_land_just_under_a_whole_row_counts_and_merges_alike():
+    """176 x 198 on a 1 x 2 grid: 198 x 24 / 176 is 26.999999999999996 in floats. Rounded to 27 before int(), as
+    transformers' processor does, the feature map keeps 28 rows: 576 + 28 x 25 = 1276 tokens (truncated to 26, as
+    LLaVA's int() alone, 1226). The count the prompt reserves and the merge's rows must agree on it."""
+    from pulse_edge.runtime.image.merge import unpad_merge
+
+    assert image_token_count((176, 198), UNPAD) == 576 + 28 * 25
+    features = np.zeros((3, 576, 8), dtype=np.float32)  # the base tile and a 1 x 2 grid
+    assert unpad_merge(features, (176, 198), UNPAD, np.zeros(8, dtype=np.float32)).shape == (1276, 8)
+
+
 def test_select_best_resolution_rejects_empty_image():
     with pytest.raises(ValueError, match="positive"):
         select_best_resolution((0, 10), PULSE_PINPOINTS)
