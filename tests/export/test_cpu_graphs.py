@@ -418,3 +418,16 @@ def test_each_site_is_clipped_by_the_calibration_method_asked(tiny_scales: Scale
     for method in stats.amax_fp8:
         assert _act_amax(replace(tiny_scales, method=method), site, "fp8", None) == stats.amax_fp8[method]
     assert _act_amax(replace(tiny_scales, method="entropy"), site, "fp8", None) == stats.amax_fp8["mse"]
+
+
+def test_int4_scales_searched_for_another_block_size_are_refused(tiny_scales: Scales) -> None:
+    """AWQ's scales are searched for one block size: applied to another they scale the wrong groups, in silence."""
+    from pulse_edge.calibration.recipes import make_recipe
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.export.quant.apply import check_scales
+
+    assert tiny_scales.awq_block_size == 128
+    check_scales(make_recipe("int4", block_size=128), tiny_scales)  # the same size: taken
+    with pytest.raises(ConfigError, match="the scales' AWQ search assumed int4 blocks of 128; pass --block-size 128"):
+        check_scales(make_recipe("int4", block_size=32), tiny_scales)
+    check_scales(make_recipe("int8"), tiny_scales)  # no int4 AWQ: the block size is not read

@@ -99,6 +99,12 @@ DAMAGE: dict[str, tuple[Callable[[Path], Any], str]] = {
     # answers would never stop before the token limit
     "text.eos_id outside the vocabulary": (lambda b: _edit(b, lambda d: d["text"].update(eos_id=5000)),
                                            "text.eos_id 5000 is outside the vocabulary of 1000"),
+    # the cache bound as another type or shape than the graph reads it
+    "kv.dtype another than the graph's": (lambda b: _edit(b, lambda d: d["kv"].update(dtype="float16")),
+                                         "kv.dtype is float16 but the decoder's past_key_values.0.key is float32"),
+    "kv.kv_heads another than the graph's": (
+        lambda b: _edit(b, lambda d: d["kv"].update(kv_heads=d["kv"]["kv_heads"] * 2)),
+        "tensor past_key_values.0.key has 4 at axis 1 where kv.kv_heads and kv.head_dim needs 8"),
     # positions past the model's trained range would run without a word
     "kv.max_length beyond the model's positions": (
         lambda b: _edit(b, lambda d: d["kv"].update(max_length=d["text"]["max_position_embeddings"] + 1)),
