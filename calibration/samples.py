@@ -84,14 +84,15 @@ def select_samples(samples: Sequence[CalibrationSample], n: int, seed: int) -> l
 
 def split_held_out(samples: Sequence[CalibrationSample], held_out: int, seed: int
                    ) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
-    """(calibration, held-out): disjoint, both in input order, their images read; the held-out part is stratified
-    like `select_samples`."""
+    """(calibration, held-out): disjoint, both in input order; the held-out part is stratified like
+    `select_samples`, and its images are read."""
     if not 0 <= held_out < len(samples):
         raise ConfigError(f"held_out must be between 0 and {len(samples) - 1} (there are {len(samples)} samples, "
                           f"and calibration needs at least one), got {held_out}")
     chosen = set(_select_indices(samples, held_out, seed))
-    parts = ([s for i, s in enumerate(samples) if i not in chosen], [samples[i] for i in sorted(chosen)])
-    return fetch_images(parts[0]), fetch_images(parts[1])  # their images read, as select_samples gives them
+    # the held-out part's images read, as select_samples gives them; the rest keeps its deferred ones (all of
+    # ECGBench's, read at once, would be ~13 GB): choose from it with select_samples
+    return [s for i, s in enumerate(samples) if i not in chosen], fetch_images([samples[i] for i in sorted(chosen)])
 
 
 def _select_indices(samples: Sequence[CalibrationSample], n: int, seed: int) -> list[int]:

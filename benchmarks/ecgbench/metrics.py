@@ -8,8 +8,9 @@
   the single corner (FPR, TPR), so its area is (1 + TPR - FPR) / 2; a class
   whose gold column holds one value only has no ROC curve: NaN.
 - Hamming loss = wrong cells / all cells.
-- One class only: scikit-learn reads a one-column matrix as a binary target, and F1 with `average=None` is then
-  given for the label 0 as well as 1 (each present in gold or prediction); the paper averages those.
+- One class only, fitted on the gold labels (the paper's path): scikit-learn reads a one-column matrix as a
+  binary target, and F1 with `average=None` is then given for the label 0 as well as 1 (each present in gold
+  or prediction); the paper averages those. Classes given (strict mode) keep the per-class mean.
 """
 
 from __future__ import annotations
@@ -82,12 +83,13 @@ def hamming_loss(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def multilabel_scores(gold: Sequence[Collection[str]], predicted: Sequence[Collection[str]],
                       classes: Sequence[str] | None = None) -> MultiLabelScores:
     """F1 / hard AUC / Hamming loss; classes default to those fitted on the gold labels (the paper's rule)."""
+    fitted = classes is None
     classes = tuple(classes) if classes is not None else fit_classes(gold)
     y_true, y_pred = binarize(gold, classes), binarize(predicted, classes)
     f1 = f1_per_class(y_true, y_pred)
     auc = [hard_auc(y_true[:, j], y_pred[:, j]) for j in range(len(classes))]
     terms = None
-    if len(classes) == 1 and np.any(y_true == 0) | np.any(y_pred == 0):  # a binary target to scikit-learn
+    if fitted and len(classes) == 1 and np.any(y_true == 0) | np.any(y_pred == 0):  # binary to scikit-learn
         terms = (float(f1_per_class(1 - y_true, 1 - y_pred)[0]), float(f1[0]))
     return MultiLabelScores(classes, tuple(float(v) for v in f1), tuple(auc), hamming_loss(y_true, y_pred), terms)
 

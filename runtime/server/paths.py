@@ -7,8 +7,9 @@
 
 Relative paths are taken from the root. What is read is the resolved path, so a symlink inside the root that
 points out of it is refused, and one that stays inside works. A WFDB record may be named bare, as `infer`
-takes it ("rec" for rec.hea and rec.dat): the header is what is read, and the files it names beside it (its
-signal files, a multi-segment record's segments) are held to the same rule, since the reader opens them too.
+takes it ("rec" for rec.hea and rec.dat), by its header or by a signal file: the reader then opens the header
+and the files it names beside it (signal files; a multi-segment record's segments, and theirs), which are held
+to the same rule.
 """
 
 from __future__ import annotations
@@ -39,32 +40,59 @@ def resolve_allowed(requested: str, root: Path | None) -> Path:
         raise ApiError("forbidden", f"{requested!r} leads outside the allowed directory (a symlink)", param="path")
     if not real.is_file():
         raise ApiError("bad_request", f"{requested!r} is not a file", param="path")
-    if real.suffix.lower() == ".hea":
-        _check_header_files(real, root, requested)
+    if (header := _wfdb_header(real)) is not None:
+        _check_record(header, root, requested, depth=0)
     return real
 
 
 MAX_HEADER_BYTES = 1 << 20  # a 12-lead header is a few hundred bytes: one larger is refused, not read in part
+_SIGNAL_SUFFIXES = (".dat", ".mat")  # read as the record whose header is beside them (runtime/inputs/load.py)
 
 
-def _check_header_files(header: Path, root: Path, requested: str) -> None:
-    """Each file a WFDB header names (the first word of each line after the record line: a signal file, or a
-    segment whose own header and signals follow) that exists beside it must resolve inside the root."""
+def _wfdb_header(real: Path) -> Path | None:
+    """The header the reader opens when given `real`: itself, or the one beside a signal file it stands for."""
+    suffix = real.suffix.lower()
+    if suffix == ".hea":
+        return real
+    beside = real.with_suffix(".hea")
+    return beside if suffix in _SIGNAL_SUFFIXES and beside.is_file() else None
+
+
+def _check_record(header: Path, root: Path, requested: str, *, depth: int) -> None:
+    """The header, each file it names beside it (the first word of each line after the record line: a signal
+    file, or a segment, whose own header is checked the same way) and their real paths: inside the root."""
+    _inside(header, root, requested, header.name)
+    lines = _header_lines(header, requested)
+    segmented = bool(lines) and "/" in lines[0][0]  # "name/segments": the lines after it name segments
+    for words in lines[1:]:
+        _inside(header.parent / words[0], root, requested, words[0])
+        segment = header.parent / f"{words[0]}.hea"
+        if segmented and depth == 0 and _exists(segment, requested):
+            _check_record(segment, root, requested, depth=1)
+
+
+def _inside(path: Path, root: Path, requested: str, name: str) -> None:
+    if _exists(path, requested) and not path.resolve().is_relative_to(root):
+        raise ApiError("forbidden", f"{requested!r} names {name!r}, which leads outside the allowed directory "
+                       "(a symlink)", param="path")
+
+
+def _exists(path: Path, requested: str) -> bool:
+    try:
+        return path.is_symlink() or path.exists()
+    except OSError as e:  # a name too long for the OS, a folder on the way that cannot be read
+        raise ApiError("bad_request", f"{requested!r} is a WFDB record whose header names a file that cannot be "
+                       f"looked up ({e.strerror or e})", param="path") from e
+
+
+def _header_lines(header: Path, requested: str) -> list[list[str]]:
     try:
         with open(header, "rb") as f:
             data = f.read(MAX_HEADER_BYTES + 1)
     except OSError:
-        return  # the reader says why it cannot read it
+        return []  # the reader says why it cannot read it
     if len(data) > MAX_HEADER_BYTES:
         raise ApiError("bad_request", f"{requested!r} is a WFDB header larger than {MAX_HEADER_BYTES >> 20} MiB; "
                        "a 12-lead record's is a few hundred bytes", param="path")
     text = data.decode("utf-8", "replace")
-    lines = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    for words in lines[1:]:
-        for name in (words[0], f"{words[0]}.hea"):
-            path = header.parent / name
-            if path.is_symlink() or path.exists():
-                real = path.resolve()
-                if not real.is_relative_to(root):
-                    raise ApiError("forbidden", f"{requested!r} names {name!r}, which leads outside the allowed "
-                                   "directory (a symlink)", param="path")
+    return [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]

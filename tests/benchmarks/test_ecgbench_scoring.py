@@ -309,3 +309,5 @@ def test_one_gold_class_is_scored_as_scikit_learn_reads_a_one_column_matrix() ->
     assert multilabel_scores([["STTC"], ["STTC"]], [["STTC"], ["STTC"]]).f1 == 1.0  # only 1s: one label, as sklearn
     two = multilabel_scores([["MI"], ["STTC"]], [["MI"], ["MI"]])  # two classes: the plain per-class mean
     assert two.f1 == pytest.approx((2 / 3 + 0) / 2)
+    # strict mode names its classes: the per-class mean, one class or several (only compat follows sklearn)
+    assert multilabel_scores([[], ["STTC"]], [["STTC"], ["STTC"]], ("STTC",)).f1 == pytest.approx(2 / 3)

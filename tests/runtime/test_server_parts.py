@@ -220,6 +220,21 @@ def test_a_wfdb_headers_signal_file_is_held_to_the_root_too(allowed: Path, tmp_p
         with pytest.raises(ApiError, match=r"names 'out\.dat', which leads outside") as caught:
             resolve_allowed(requested, allowed)
         assert caught.value.kind == "forbidden"
+    # asked for by its signal file, the record is read through its header: held to the root the same way
+    (allowed / "sub" / "rec.hea").write_text("rec 1 500 32\nsecret.dat 16 200 16 0 0 0 0 I\n")
+    (allowed / "sub" / "rec.dat").write_bytes(b"\0" * 64)
+    (allowed / "sub" / "secret.dat").symlink_to(tmp_path / "outside.dat")
+    # a multi-segment record: a segment's header names the file
+    (allowed / "sub" / "multi.hea").write_text("multi/1 1 500 32\nseg1 32\n")
+    (allowed / "sub" / "seg1.hea").write_text("seg1 1 500 32\nsecret.dat 16 200 16 0 0 0 0 I\n")
+    for requested in ("sub/rec.dat", "sub/rec", "sub/multi", "sub/multi.hea"):
+        with pytest.raises(ApiError, match=r"names 'secret\.dat', which leads outside") as caught:
+            resolve_allowed(requested, allowed)
+        assert caught.value.kind == "forbidden", requested
+    (allowed / "sub" / "long.hea").write_text(f"long 1 500 32\n{'x' * 300}.dat 16 200 16 0 0 0 0 I\n")
+    with pytest.raises(ApiError, match="names a file that cannot be looked up") as caught:  # not a 500
+        resolve_allowed("sub/long", allowed)
+    assert caught.value.kind == "bad_request"
     (allowed / "sub" / "in.hea").write_text("# a comment\nin 1 500 32\nin.dat 16 200 16 0 0 0 0 I\n")
     (allowed / "sub" / "in.dat").symlink_to(allowed / "sub" / "ecg.png")  # a link that stays inside
     assert resolve_allowed("sub/in", allowed) == allowed / "sub" / "in.hea"
