@@ -108,9 +108,12 @@ def score_subsets(runs: Sequence[tuple[SubsetSpec, Sequence[Sample], PredictionF
     the paper's order from one generator, as its script does (module doc)."""
     rng = random.Random(RANDOM_SEED)
     rank = {name: i for i, name in enumerate(PAPER_DRAW_ORDER)}
-    order = sorted(range(len(runs)), key=lambda i: rank.get(runs[i][0].name, -1))
-    scored = {i: score_subset(*runs[i], judge, rng=rng, drawn_before=[runs[j][0].name for j in order[:k]])
-              for k, i in enumerate(order)}
+    scored: dict[int, SubsetScore] = {}
+    whole: list[str] = []  # earlier subsets whose every paper sample was scored: they drew as the script did
+    for i in sorted(range(len(runs)), key=lambda i: rank.get(runs[i][0].name, -1)):
+        scored[i] = score_subset(*runs[i], judge, rng=rng, drawn_before=whole)
+        if scored[i].coverage.scored == runs[i][0].paper_size:
+            whole = [*whole, runs[i][0].name]
     return [scored[i] for i in range(len(runs))]
 
 
@@ -158,8 +161,8 @@ def _guess_note(spec: SubsetSpec, result: ScoreParts, drawn_before: Sequence[str
     if not result.compat.get("random_fallbacks") or not missing:
         return []
     return [f"compat guessed {result.compat['random_fallbacks']} unreadable answer(s) from a generator that did not "
-            f"first draw {', '.join(missing)}'s guesses as the paper's script does: its accuracy may differ from "
-            "the script's by up to that many answers (score the subsets together: eval ecgbench)"]
+            f"first draw all of {', '.join(missing)}'s guesses as the paper's script does (not scored here, or not "
+            "every sample): its accuracy may differ from the script's by up to that many answers"]
 
 
 def _coverage(samples: Sequence[Sample], predictions: PredictionFile, scored: set[str]) -> Coverage:
