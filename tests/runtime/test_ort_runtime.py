@@ -156,6 +156,23 @@ def test_a_blank_question_is_refused_before_the_cache_moves(ort_pipeline: Pipeli
     assert chat.ask("And the rate?", max_new_tokens=2).generated_tokens == 2  # the chat goes on
 
 
+def test_the_decoder_engine_refuses_positions_past_its_cache(tiny_bundle: Path) -> None:
+    """Below the prompt's and the decode loop's own limits, the engine keeps its cache from overrunning."""
+    import numpy as np
+
+    from pulse_edge.runtime.engines.ort import SessionConfig, decoder_engine
+
+    manifest = read_manifest(tiny_bundle)
+    engine = decoder_engine(tiny_bundle, manifest.graphs["decoder"], manifest.kv, manifest.text.vocab_size,
+                            SessionConfig(prepack=False))
+    hidden = manifest.text.hidden_size
+    engine.forward(np.zeros((1, 3, hidden), dtype=np.float32))
+    room = manifest.kv.max_length - 3
+    with pytest.raises(ValueError, match=f"^{room + 1} positions do not fit: {room} left of"):
+        engine.forward(np.zeros((1, room + 1, hidden), dtype=np.float32))
+    assert engine.length == 3  # refused before anything moved
+
+
 def test_merged_features_of_another_length_than_counted_are_refused(ort_pipeline: Pipeline,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The prompt reserved the counted positions: features one short would shift every position after them."""
