@@ -443,3 +443,18 @@ def test_importing_inputs_loads_neither_torch_nor_pdfium():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_pdf_page_is_rendered_as_large_as_fits_and_never_past_the_limit() -> None:
+    """PDFium rounds each side up: the scale that fits exactly in real numbers can tip the page just over
+    MAX_PIXELS, and a large page would then be refused instead of rendered a little smaller."""
+    import math
+
+    from pulse_edge.runtime.inputs.images import PDF_DPI, _pdf_scale
+
+    rng = np.random.default_rng(5)
+    for width, height in [(14400.0, 14400.0), (1191.0, 842.0), *rng.uniform(3000, 40000, (200, 2)).tolist()]:
+        scale = _pdf_scale((width, height), "p.pdf")
+        pixels = math.ceil(width * scale) * math.ceil(height * scale)
+        assert pixels <= MAX_PIXELS, (width, height)
+        assert pixels > 0.99 * MAX_PIXELS or scale == PDF_DPI / 72  # shrunk no further than needed, or full dpi
