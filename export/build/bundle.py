@@ -63,9 +63,11 @@ from pulse_edge.export.validate.fidelity import fidelity_report, recommended_fid
 from pulse_edge.export.validate.kv_caches import fp16_kv_cache
 from pulse_edge.export.validate.parity import (
     ValidationPlan,
+    case_runs,
     validate_decoder,
     validate_embedding,
     validate_greedy,
+    within,
 )
 from pulse_edge.export.validate.sites import decoder_sites_parity, vision_sites
 from pulse_edge.export.validate.tolerances import tolerance_level
@@ -524,12 +526,7 @@ def _parity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: E
 def _failed_runs(case: dict[str, Any], tolerance: dict[str, float]) -> list[tuple[str, list[dict[str, Any]]]]:
     """The run of a decoder case that broke its bound: the one-pass run, else ("in two chunks") the chunked one (a
     graph wrong in one pass is wrong in two as well: said once)."""
-    chunked = case.get("chunked")
-    runs = [("", [case["prefill"], *case["decode"]])]
-    if chunked:
-        runs.append((" in two chunks ({}+{})".format(*chunked["chunks"]), [chunked["prefill"], *chunked["decode"]]))
-    failed = [(how, rows) for how, rows in runs if not all(
-        s["max_rel_err"] <= tolerance["max_rel_err"] and s["cosine"] >= tolerance["min_cosine"] for s in rows)]
+    failed = [(how, rows) for how, rows in case_runs(case) if not all(within(s, tolerance) for s in rows)]
     return failed[:1]
 
 

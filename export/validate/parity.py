@@ -168,10 +168,23 @@ def _decoder_cases(lm: LlamaForCausalLM, engine: Any, plan: ValidationPlan, tol:
     return {"tolerance": asdict(tol), "cases": cases, "pass": all(c["pass"] for c in cases)}
 
 
+def case_runs(case: Mapping[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The runs of one decoder case, each named for a message and with its compared logit rows: in one pass
+    (""), then, where checked, in two chunks."""
+    runs = [("", [case["prefill"], *case["decode"]])]
+    if chunked := case.get("chunked"):
+        runs.append((" in two chunks ({}+{})".format(*chunked["chunks"]), [chunked["prefill"], *chunked["decode"]]))
+    return runs
+
+
 def case_checks(case: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every compared logit row of one decoder case: its prefill, its decode steps, and the same in two chunks."""
-    chunked = case.get("chunked")
-    return [case["prefill"], *case["decode"], *([chunked["prefill"], *chunked["decode"]] if chunked else [])]
+    """Every compared logit row of one decoder case (case_runs' rows, in order)."""
+    return [row for _, rows in case_runs(case) for row in rows]
+
+
+def within(stats: Mapping[str, Any], tolerance: Mapping[str, float]) -> bool:
+    """`_passes` for a tolerance as the record holds it (asdict of a Tolerance)."""
+    return _passes(stats, Tolerance(**tolerance))
 
 
 def _chunked_case(lm: LlamaForCausalLM, engine: Any, embeds: torch.Tensor, step: bool, tol: Tolerance
