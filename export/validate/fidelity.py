@@ -31,7 +31,7 @@ from pulse_edge.export.model.torch_backend import TorchPipeline, decode_one_toke
 from pulse_edge.export.validate.tolerances import RECOMMENDED_FIDELITY
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.pipeline import Pipeline
-from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, Turn, prompt_ids
+from pulse_edge.runtime.text.prompt import Turn, prompt_ids, question_or_default
 
 DECODE_STEPS = 8
 GREEDY_TOKENS = 16
@@ -121,8 +121,7 @@ def greedy_fidelity(reference: TorchPipeline, candidate: Pipeline, samples: Sequ
     runs = []
     for sample in samples:
         # a sample whose prompt is the image alone: any question serves a comparison, and the API refuses a blank one
-        asked = sample.turns[0][0]
-        image, question = sample.load_image(), asked if asked.strip() else DEFAULT_QUESTION
+        image, question = sample.load_image(), question_or_default(sample.turns[0][0])
         ref = reference.generate(image, question, max_new_tokens=tokens).token_ids
         got = candidate.generate(image, question, max_new_tokens=tokens).token_ids
         runs.append({"id": sample.id, **greedy_agreement(ref, got)})

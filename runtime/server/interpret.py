@@ -32,7 +32,7 @@ from pulse_edge.runtime.server.openai_api import max_tokens, number_field, sampl
 from pulse_edge.runtime.server.paths import resolve_allowed
 from pulse_edge.runtime.server.state import ServerState
 from pulse_edge.runtime.server.waiting import Deadline, settle
-from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, check_text
+from pulse_edge.runtime.text.prompt import check_text, question_or_default
 
 FIELDS = ("file", "path", "question", "max_tokens", "temperature", "top_p", "seed", "fs", "leads", "unit")
 NUMERIC_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "fs")
@@ -46,7 +46,7 @@ async def interpret(request: Request) -> Response:
     question = params.get("question")
     if question is not None and not isinstance(question, str):  # 0 or [] were the default question before
         raise ApiError("bad_request", "question must be a string", param="question")
-    question = question if question and question.strip() else DEFAULT_QUESTION  # as an image-only chat message
+    question = question_or_default(question)  # "" or blank as an image-only chat message: the default question
     check_text(question, "question")  # before queueing: a PromptError is the 400 app.py makes of it
     limit, sampling, reading = max_tokens(params), sampling_params(params), recording_options(params)
 

@@ -29,7 +29,7 @@ from pulse_edge.choices import SEED_RANGE
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.generation.sampling import SamplingParams
 from pulse_edge.runtime.server.errors import SHUTTING_DOWN, ApiError
-from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, Turn
+from pulse_edge.runtime.text.prompt import Turn, question_or_default
 
 DEFAULT_MAX_TOKENS = 1024
 SYSTEM_ROLES = ("system", "developer")
@@ -71,7 +71,7 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
     system, turns, image = _read_messages(body.get("messages"))
     # an image-only (or blank) message asks the default question, replayed turns included: the answer in the
     # history was given to it, and replayed as a blank question the prompt would not be the one it answered
-    turns = [t if t.question.strip() else replace(t, question=DEFAULT_QUESTION) for t in turns]
+    turns = [replace(t, question=question_or_default(t.question)) for t in turns]
     *history, last = turns
     if last.answer is not None:
         raise ApiError("bad_request", "the last message must be the user's question", param="messages")

@@ -44,6 +44,12 @@ DEFAULT_QUESTION = (
 )
 
 
+def question_or_default(question: str | None) -> str:
+    """`question`, or DEFAULT_QUESTION where it is absent or blank: what an image-only chat message asks (the API
+    itself refuses a blank question: Conversation.ask)."""
+    return question if question and question.strip() else DEFAULT_QUESTION
+
+
 def check_text(text: str, what: str) -> str:
     """`text` if it is Unicode the tokenizer can take; else PromptError. A lone UTF-16 surrogate (JSON "\\ud800",
     or a byte that is not UTF-8 on the command line, which Python decodes to one) has no UTF-8 form."""
