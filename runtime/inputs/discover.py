@@ -15,9 +15,9 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from pulse_edge.errors import InputError
+from pulse_edge.runtime.inputs.wfdb_names import HEADER_SUFFIX, header_of
 
 _GLOB_CHARS = ("*", "?", "[")
-_WFDB_SIGNAL_SUFFIXES = (".dat", ".mat")
 
 
 def expand_inputs(arguments: Sequence[str], *, exclude: Collection[str | os.PathLike] = ()) -> list[str]:
@@ -64,4 +64,4 @@ def _walk(folder: Path) -> Iterator[str]:
 
 def _is_wfdb_signal_file(path: str) -> bool:
     p = Path(path)
-    return p.suffix.lower() in _WFDB_SIGNAL_SUFFIXES and p.with_suffix(".hea").is_file()
+    return p.suffix.lower() != HEADER_SUFFIX and header_of(p) is not None

@@ -33,6 +33,7 @@ from pulse_edge.runtime.inputs.aecg import read_aecg
 from pulse_edge.runtime.inputs.dicom import read_dicom
 from pulse_edge.runtime.inputs.images import accept_image, load_image, load_image_bytes
 from pulse_edge.runtime.inputs.tabular import read_array, read_csv, read_npy
+from pulse_edge.runtime.inputs.wfdb_names import RECORD_SUFFIXES, header_of
 from pulse_edge.runtime.inputs.wfdb_record import read_wfdb
 
 IMAGE_KINDS = ("image", "pdf")
@@ -40,7 +41,6 @@ RECORDING_KINDS = ("dicom", "wfdb", "hl7-aecg", "csv", "npy", "array")
 INPUT_KINDS = IMAGE_KINDS + RECORDING_KINDS
 PRINT_SIZE_PX = (2200, 1700)  # US letter at 200 dpi, landscape: the size of a typical scanned print
 _HEAD_BYTES = 1024
-_WFDB_SUFFIXES = (".hea", ".dat", ".mat")
 _CSV_SUFFIXES = (".csv", ".tsv")
 _NEEDS_FS = ("csv", "npy", "array")
 # What a kind reads of the options a caller gives: an option given for another kind is said in a note, never
@@ -105,7 +105,7 @@ def load_input(
         data = bytes(source)
         options = _Options(name or "<bytes>", fs, leads, unit, layout)
         suffix = Path(options.name).suffix.lower()
-        kind = "wfdb" if suffix in _WFDB_SUFFIXES else _kind_of(data[:_HEAD_BYTES], suffix)
+        kind = "wfdb" if suffix in RECORD_SUFFIXES else _kind_of(data[:_HEAD_BYTES], suffix)
         return _read(kind, data, options)
     path = Path(source)
     options = _Options(name or os.fspath(source), fs, leads, unit, layout)
@@ -120,7 +120,7 @@ def _kind_of_path(path: Path, label: str) -> str:
         pass  # said below, after a WFDB record's bare name is tried
     except OSError as exc:  # a name too long, a loop of links, a folder on the way that is a file
         raise InputError(f"{label[:200]}: cannot be read as a path ({exc.strerror or exc}); check the path.") from exc
-    if suffix == ".hea" or (suffix in _WFDB_SUFFIXES and path.with_suffix(".hea").is_file()):
+    if header_of(path) is not None:
         return "wfdb"
     if not path.exists():
         if path.with_name(path.name + ".hea").is_file():  # PTB-XL names records without an extension

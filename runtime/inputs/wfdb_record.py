@@ -22,9 +22,9 @@ from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, rec
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
 from pulse_edge.runtime.inputs.extras import require
+from pulse_edge.runtime.inputs.wfdb_names import RECORD_SUFFIXES, header_words
 
 _LIBRARY_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error)
-_SIGNAL_SUFFIXES = (".hea", ".dat", ".mat")
 _FIX = "check that the .hea header and its signal files are complete and side by side"
 
 
@@ -55,7 +55,7 @@ def read_wfdb(path: str | os.PathLike) -> Recording:
 
 def _record_name(path: Path) -> Path:
     # PTB-XL lists records as "records500/00000/00001_hr" without extension; accept that too.
-    return path.with_suffix("") if path.suffix.lower() in _SIGNAL_SUFFIXES else path
+    return path.with_suffix("") if path.suffix.lower() in RECORD_SUFFIXES else path
 
 
 def _check_header(record_name: Path, label: str) -> list[str]:
@@ -64,8 +64,7 @@ def _check_header(record_name: Path, label: str) -> list[str]:
     would draw a 500 Hz ECG at half speed in silence; a declared length of 10**12 samples would be allocated."""
     header = _read(record_name, label, "rdheader")
     check_samples(int(header.sig_len or 0) * int(header.n_sig or 0), label)
-    lines = record_name.with_name(record_name.name + ".hea").read_text(errors="replace").splitlines()
-    records = [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    records = header_words(record_name.with_name(record_name.name + ".hea").read_text(errors="replace"))
     fields = records[0] if records else []
     if fields and "/" not in fields[0]:  # a single-segment record: its signal lines follow
         _check_gains(records[1:1 + int(header.n_sig or 0)], list(header.sig_name or []), label)

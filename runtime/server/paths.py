@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pulse_edge.runtime.inputs.wfdb_names import header_of, header_words
 from pulse_edge.runtime.server.errors import ApiError
 
 
@@ -40,22 +41,12 @@ def resolve_allowed(requested: str, root: Path | None) -> Path:
         raise ApiError("forbidden", f"{requested!r} leads outside the allowed directory (a symlink)", param="path")
     if not real.is_file():
         raise ApiError("bad_request", f"{requested!r} is not a file", param="path")
-    if (header := _wfdb_header(real)) is not None:
+    if (header := header_of(real)) is not None:  # the header the reader opens for it
         _check_record(header, root, requested, depth=0)
     return real
 
 
 MAX_HEADER_BYTES = 1 << 20  # a 12-lead header is a few hundred bytes: one larger is refused, not read in part
-_SIGNAL_SUFFIXES = (".dat", ".mat")  # read as the record whose header is beside them (runtime/inputs/load.py)
-
-
-def _wfdb_header(real: Path) -> Path | None:
-    """The header the reader opens when given `real`: itself, or the one beside a signal file it stands for."""
-    suffix = real.suffix.lower()
-    if suffix == ".hea":
-        return real
-    beside = real.with_suffix(".hea")
-    return beside if suffix in _SIGNAL_SUFFIXES and beside.is_file() else None
 
 
 def _check_record(header: Path, root: Path, requested: str, *, depth: int) -> None:
@@ -94,5 +85,4 @@ def _header_lines(header: Path, requested: str) -> list[list[str]]:
     if len(data) > MAX_HEADER_BYTES:
         raise ApiError("bad_request", f"{requested!r} is a WFDB header larger than {MAX_HEADER_BYTES >> 20} MiB; "
                        "a 12-lead record's is a few hundred bytes", param="path")
-    text = data.decode("utf-8", "replace")
-    return [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return header_words(data.decode("utf-8", "replace"))
