@@ -61,6 +61,13 @@ _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"MM\x00+", "TIFF"),
     (0, b"BM", "BMP"),
 )
+# Files of an accepted format whose header form Pillow cannot open, where its refusal would read "corrupt":
+# (magic, what the file is, what to do). Pillow 13 takes a BigTIFF for a classic TIFF unless it is little-endian
+# (it tests the version's first byte, which is 0 in big-endian order), so a sound big-endian BigTIFF fails to open.
+_PILLOW_CANNOT_OPEN: tuple[tuple[bytes, str, str], ...] = (
+    (b"MM\x00+", f"is a big-endian BigTIFF, which Pillow {Image.__version__} cannot open",
+     "save it as PNG, or as a classic or little-endian TIFF"),
+)
 
 _ACCEPTED_HINT = f"accepted formats: {', '.join(ACCEPTED_FORMATS)}"
 RECORDING_HINT = "DICOM, WFDB (.hea), HL7 aECG (.xml), CSV or NPY (with the sampling rate)"
@@ -181,8 +188,16 @@ def _sniff(header: bytes, name: str) -> str:
 
 def _decode_raster(stream: BinaryIO, fmt: str, name: str, say: list[str]) -> Image.Image:
     """Open with Pillow restricted to the sniffed format, check the header size, then decode fully."""
-    with _pillow_errors(name, fmt):
-        image = Image.open(stream, formats=[fmt])
+    try:
+        with _pillow_errors(name, fmt):
+            image = Image.open(stream, formats=[fmt])
+    except InputError:
+        stream.seek(0)
+        header = stream.read(8)
+        for magic, problem, advice in _PILLOW_CANNOT_OPEN:
+            if header.startswith(magic):
+                raise _fail(name, problem, advice) from None
+        raise
     return _to_rgb(_decoded(image, fmt, name, say), name)
 
 

@@ -92,6 +92,25 @@ def test_jpeg_round_trips_within_compression_error(tmp_path):
     assert np.abs(np.asarray(loaded, dtype=int) - np.asarray(pattern(), dtype=int))[:, 10:190].max() < 12
 
 
+# Every TIFF header form: classic and BigTIFF (big_tiff), little- and big-endian (Pillow writes 16-bit grey "I;16B"
+# in big-endian order).
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow misreading the big-endian BigTIFF
+@pytest.mark.parametrize(("mode", "big_tiff", "magic"), [("I;16", False, b"II*\x00"), ("I;16B", False, b"MM\x00*"),
+                                                         ("I;16", True, b"II+\x00"), ("I;16B", True, b"MM\x00+")])
+def test_every_tiff_header_form_is_read_or_refused_for_what_it_is(mode, big_tiff, magic):
+    values = np.zeros((200, 200), dtype=np.uint16)
+    values[:, 100:] = 65535
+    data = encode(Image.frombytes(mode, (200, 200), values.astype(">u2" if mode == "I;16B" else "<u2").tobytes()),
+                  "TIFF", big_tiff=big_tiff)
+    assert data[:4] == magic
+    try:
+        loaded = np.asarray(load_image_bytes(data, name="g.tif"))
+    except InputError as e:  # Pillow 13 cannot open a big-endian BigTIFF: said so, not "corrupt, re-scan it"
+        assert magic == b"MM\x00+" and "is a big-endian BigTIFF, which Pillow" in str(e) and "corrupt" not in str(e)
+        return
+    assert loaded[0, [0, 150]].tolist() == [[0, 0, 0], [255] * 3]
+
+
 def test_bytes_and_path_give_the_same_pixels(tmp_path):
     data = encode(pattern(), "PNG")
     from_bytes = load_image_bytes(data, name="row-17")
