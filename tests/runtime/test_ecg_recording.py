@@ -9,7 +9,7 @@ import pytest
 from pulse_testing.assertions import one_line
 from pulse_testing.ecg_files import beats
 
-from pulse_edge.runtime.ecg.derive import derive_limb_leads
+from pulse_edge.runtime.ecg.derive import derive_limb_leads, disagreeing_limb_leads
 from pulse_edge.runtime.ecg.leads import LEADS, LIMB_LEADS, PRECORDIAL_LEADS, LeadName, normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording, to_twelve_lead
 from pulse_edge.runtime.ecg.resample import resample
@@ -308,3 +308,16 @@ def test_supplied_limb_leads_that_break_einthovens_law_are_said():
     consistent = _rec(leads)
     to_twelve_lead(consistent)
     assert not any("disagree" in n for n in consistent.notes)
+
+
+def test_a_flat_limb_lead_is_not_off_by_its_noise():
+    """A frontal axis along I makes III flat (I = II): what the laws leave there is each channel's own noise, which
+    over III's own tiny rms would read as 100% "off". The 0.15 mV floor under the scale keeps it unsaid, and a
+    channel of real size supplied wrongly is still said."""
+    rng = np.random.default_rng(0)
+    wave = _full(noise_mv=0.0)["II"]
+    noise = {lead: rng.normal(0.0, 0.015, wave.shape) for lead in ("I", "II", "III")}  # 15 uV per channel
+    leads = {"I": wave + noise["I"], "II": wave + noise["II"], "III": noise["III"]}
+    assert disagreeing_limb_leads(leads) == {}
+    miss = disagreeing_limb_leads({**leads, "III": -wave})["III"]  # III given as -I: off by its whole size
+    assert miss > 0.9
