@@ -45,8 +45,11 @@ _ALIASES = MappingProxyType(
     }
 )
 
-# Removed from the front of a cleaned name before the alias look-up.
-_PREFIXES = ("mdc_ecg_lead_", "ecg_lead_", "lead_", "lead", "ableitung")
+# Words removed from the front of a cleaned name before the alias look-up (spaces and dots are "_" by then).
+_PREFIXES = ("mdc_ecg_lead", "ecg_lead", "lead", "ableitung")
+# What may join a prefix to the lead and means nothing: "Lead II", "Lead-II", "Lead - II", "LEAD_II". A minus
+# with a space before it and none after ("Lead -aVR") is kept: it is the sign of Cabrera's inverted lead.
+_PREFIX_JOINS = re.compile(r"_*-_+|-|_+(?!-)")
 # Text in brackets names the inventor or system ("Einthoven", "Goldberger", "Wilson"), not the lead.
 _BRACKETS = re.compile(r"\(.*?\)|\[.*?\]")
 _SEPARATORS = re.compile(r"[\s.]+")
@@ -72,11 +75,11 @@ def normalise_lead_name(label: str | None) -> LeadName | None:
     """
     if label is None:
         return None
-    raw = label.strip()
+    raw = label.strip().replace("\u2212", "-")  # a typeset minus sign: "\u2212aVR"
     if raw in CODE_VALUES:  # codes contain '-' and ':' that the cleaning below would eat
         return LeadName(CODE_VALUES[raw])
     # a bracket names a system ("Einthoven"), or says the channel is inverted: "aVR (inverted)", "aVR [-]"
-    qualifiers = [q[1:-1].strip().casefold().replace("\u2212", "-") for q in _BRACKETS.findall(raw)]
+    qualifiers = [q[1:-1].strip().casefold() for q in _BRACKETS.findall(raw)]
     name = _SEPARATORS.sub("_", _BRACKETS.sub("", raw).strip().casefold()).strip("_")
     name = _strip_prefix(name)
     inverted = any(q in _NEGATIONS for q in qualifiers)
@@ -98,7 +101,9 @@ def normalise_lead_name(label: str | None) -> LeadName | None:
 def _strip_prefix(name: str) -> str:
     for prefix in _PREFIXES:
         if name.startswith(prefix) and len(name) > len(prefix):
-            return name[len(prefix) :].strip("_")
+            rest = name[len(prefix) :]
+            join = _PREFIX_JOINS.match(rest)
+            return (rest[join.end() :] if join else rest).strip("_")
     return name
 
 

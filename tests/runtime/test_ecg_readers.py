@@ -539,6 +539,15 @@ def test_csv_with_semicolons_iec_names_microvolts_and_a_time_column(tmp_path, si
     assert "ignored channels that are not standard leads: 'time'" in rec.notes
 
 
+def test_csv_with_lead_hyphen_names_is_drawn_upright(tmp_path, signals):
+    """"Lead-II": the hyphen joins a word to the name. Read as a minus sign, every lead was inverted "back" and the
+    whole print drawn upside down, with notes calling it a correction."""
+    path = write_csv(tmp_path / "ecg.csv", signals, tuple(f"Lead-{lead}" for lead in LEADS))
+    out, _, rec = load_twelve_lead(path, fs=FS)
+    assert np.abs(out - signals).max() <= 1e-6
+    assert not any("invert" in note for note in rec.notes)
+
+
 def test_csv_with_a_repeated_column_keeps_the_first_and_says_so(tmp_path, signals):
     table = np.vstack([signals, signals[:1] * 0.0])  # a 13th column named I again, all zeros
     rec = read_csv(write_csv(tmp_path / "ecg.csv", table, (*LEADS, "I")), FS)

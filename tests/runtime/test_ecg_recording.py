@@ -33,14 +33,17 @@ SPELLINGS = {
         "5.6.3-9-1",
         "2:1",
     ],
-    "II": ["II", "Lead II", "DII", "D2", "d2", "MDC_ECG_LEAD_II", "5.6.3-9-2", "2:2", " II "],
+    # a hyphen joining "Lead" to the lead is no minus sign: "Lead-II" was read as an inverted II, and a file
+    # labelled so was drawn upside down, every lead
+    "II": ["II", "Lead II", "DII", "D2", "d2", "MDC_ECG_LEAD_II", "5.6.3-9-2", "2:2", " II ", "Lead-II", "LEAD-II",
+           "lead - II", "Lead.II", "Ableitung-II", "lead_II"],
     "III": ["III", "DIII", "D3", "Lead III", "MDC_ECG_LEAD_III", "5.6.3-9-61", "2:61"],
     "aVR": ["aVR", "AVR", "avr", "Lead aVR", "MDC_ECG_LEAD_AVR", "5.6.3-9-62", "2:62", "aVR (Goldberger)"],
     "aVL": ["aVL", "AVL", "Lead aVL", "MDC_ECG_LEAD_AVL", "5.6.3-9-63", "2:63"],
     "aVF": ["aVF", "AVF", "Lead aVF", "MDC_ECG_LEAD_AVF", "5.6.3-9-64", "2:64"],
     "V1": ["V1", "v1", "C1", "Lead V1", "MDC_ECG_LEAD_V1", "5.6.3-9-3", "2:3", "Lead V1 (Wilson)"],
     "V4": ["V4", "C4", "c4", "Lead V4", "MDC_ECG_LEAD_V4", "5.6.3-9-6", "2:6"],
-    "V6": ["V6", "C6", "MDC_ECG_LEAD_V6", "5.6.3-9-8", "2:8"],
+    "V6": ["V6", "C6", "MDC_ECG_LEAD_V6", "5.6.3-9-8", "2:8", "lead-V6", "ECG Lead V6"],
 }
 
 
@@ -50,7 +53,8 @@ def test_spellings_map_to_the_standard_lead(lead, spelling):
 
 
 @pytest.mark.parametrize("spelling", ["-aVR", "-AVR", "neg aVR", "MDC_ECG_LEAD_-aVR", "minus avr", "aVR (inverted)",
-                                      "aVR [neg]", "aVR (-)", "aVR inverted", "aVR-"])
+                                      "aVR [neg]", "aVR (-)", "aVR inverted", "aVR-", "Lead -aVR", "\u2212aVR",
+                                      "Lead \u2212aVR", "aVR (\u2212)"])
 def test_negative_avr_is_recognised_as_inverted(spelling):
     assert normalise_lead_name(spelling) == LeadName("aVR", inverted=True)
 
