@@ -68,6 +68,9 @@ def _check_header(record_name: Path, label: str) -> list[str]:
     fields = records[0] if records else []
     if fields and "/" not in fields[0]:  # a single-segment record: its signal lines follow
         _check_gains(records[1:1 + int(header.n_sig or 0)], list(header.sig_name or []), label)
+    else:  # "name/segments": each segment read is a record of its own, with its own gains
+        for segment, words in _read_segments(record_name, records[1:]):
+            _check_gains(words[1:], [" ".join(line[8:]) for line in words[1:]], f"{label} (segment {segment})")
     if len(fields) < 3:  # no frequency written: the WFDB specification's default
         return [f"the header gives no sampling frequency; WFDB's default {float(header.fs):g} Hz is assumed"]
     written = fields[2].split("/")[0].split("(")[0]
@@ -79,6 +82,22 @@ def _check_header(record_name: Path, label: str) -> list[str]:
         raise recording_error(label, f"the header's sampling frequency {fields[2]!r} is not a positive number",
                               "correct the record line of the .hea file (e.g. `rec 12 500 5000`)")
     return []
+
+
+def _read_segments(record_name: Path, lines: list[list[str]]) -> list[tuple[str, list[list[str]]]]:
+    """The segments of a multi-segment record that hold samples, each (name, its header's lines as words): not the
+    null segments ("~") nor a layout segment (0 samples; it only lists the signals). One whose header cannot be
+    read is left to wfdb's read, which refuses it."""
+    segments = []
+    for words in lines:
+        if len(words) < 2 or words[0] == "~" or words[1] == "0":
+            continue
+        try:
+            text = record_name.with_name(f"{words[0]}.hea").read_text(errors="replace")
+        except OSError:
+            continue
+        segments.append((words[0], header_words(text)))
+    return segments
 
 
 def _check_gains(signal_lines: list[list[str]], names: list[str], label: str) -> None:

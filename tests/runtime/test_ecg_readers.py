@@ -366,6 +366,31 @@ def test_a_signal_without_an_adc_gain_is_refused_not_read_at_wfdbs_200(tmp_path,
              read_wfdb, header)
 
 
+def _two_segments(folder: Path, signals: np.ndarray) -> Path:
+    """A fixed-layout multi-segment record: the master header names two segments, each a record of its own."""
+    half = signals.shape[1] // 2
+    for name, part in (("s1", signals[:, :half]), ("s2", signals[:, half:])):
+        write_wfdb(folder, name, part, FS)
+    master = folder / "multi.hea"
+    master.write_text(f"multi/2 12 {FS} {signals.shape[1]}\ns1 {half}\ns2 {signals.shape[1] - half}\n")
+    return master
+
+
+@pytest.mark.parametrize("gain", ["0", None])
+def test_a_segment_without_an_adc_gain_is_refused_as_a_record_is(tmp_path, signals, gain):
+    """Only a single-segment header's gains were checked: a multi-segment record whose second segment wrote none
+    drew its last 5 s (V1-V6 and half the rhythm strip) 5x too large, with no note."""
+    master = _two_segments(tmp_path, signals)
+    out, _, _ = load_twelve_lead(master)
+    assert np.abs(out - signals).max() <= 0.5e-3 + 1e-6  # whole, both segments at their own gain
+    header = tmp_path / "s2.hea"
+    lines = header.read_text().splitlines()
+    fields = lines[3].split()  # signal 3 (III)
+    lines[3] = " ".join([*fields[:2], "0/mV", *fields[3:]] if gain == "0" else fields[:2])
+    header.write_text("\n".join(lines) + "\n")
+    one_line(r"multi\.hea \(segment s2\): signal 3( \(III\))? has no ADC gain in the header", read_wfdb, master)
+
+
 def test_signals_without_names_are_named_as_the_headers_fault(tmp_path, signals):
     """It read "missing I ... V6: no limb lead was recorded", blaming the leads for what the header left out."""
     header = write_wfdb(tmp_path, "anon", signals, FS)
