@@ -37,10 +37,14 @@ class Recording:
     notes: list[str] = field(default_factory=list)
     source: str = ""  # file name, used in error messages
     recorded_s: float | None = None  # how long the file's recording is, where the reader parsed only its start
+    # channels a reader left out as no standard lead (respiration in Ohm, blood pressure in mmHg), as the file names
+    # them: their units are not the ECG's to judge; the "ignored channels" note names them with the rest
+    others: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.leads:
-            raise recording_error(self.source, "the file holds no ECG channels", "export the ECG leads")
+            only = f" (only {', '.join(map(repr, self.others))})" if self.others else ""
+            raise recording_error(self.source, f"the file holds no ECG channels{only}", "export the ECG leads")
         self.leads = {name: np.asarray(v, dtype=np.float32).reshape(-1) for name, v in self.leads.items()}
         lengths = {v.size for v in self.leads.values()}
         if len(lengths) != 1:
@@ -129,7 +133,7 @@ def _standard_leads(rec: Recording, keep: int) -> dict[str, np.ndarray]:
     show, and the resampling kernel's reach past it: an hour's Holter is not copied, checked and resampled whole
     to draw 10 s of it); others are dropped with a note."""
     leads: dict[str, np.ndarray] = {}
-    ignored: list[str] = []
+    ignored: list[str] = list(rec.others)
     for label, samples in rec.leads.items():
         name = normalise_lead_name(label)
         if name is None:

@@ -24,6 +24,7 @@ from collections import defaultdict
 import numpy as np
 
 from pulse_edge.runtime.ecg.checks import check_fs, one_line, recording_error
+from pulse_edge.runtime.ecg.leads import normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
 from pulse_edge.runtime.inputs.extras import require
@@ -47,9 +48,12 @@ def read_aecg(source: str | os.PathLike | bytes, *, name: str | None = None) -> 
     if not sets:
         raise recording_error(label, "the rhythm series has no sequenceSet (no waveforms)", _FIX)
     by_timing: dict[tuple, dict[str, np.ndarray]] = defaultdict(dict)
+    others: dict[str, None] = {}  # sequences that are no lead (Recording.others), each named once
     for sequence_set in sets:
-        timing, leads = _read_sequence_set(sequence_set, label)
+        timing, leads = _read_sequence_set(sequence_set, label, notes, others)
         for lead, samples in leads.items():
+            if lead in by_timing[timing]:
+                notes.append(f"lead {lead} is recorded twice over the same time span; kept the first")
             by_timing[timing].setdefault(lead, samples)
     if not by_timing:  # time sequences only, or leads without a code or a value
         raise recording_error(label, "the rhythm series holds no lead sequences (MDC_ECG_LEAD_... with values)", _FIX)
@@ -61,7 +65,7 @@ def read_aecg(source: str | os.PathLike | bytes, *, name: str | None = None) -> 
     fs = 1.0 / timing[1]
     check_fs(fs, label)  # first: a 1e-320 s increment gives inf, which round() cannot take
     fs = float(round(fs)) if abs(fs - round(fs)) < 1e-4 * fs else fs  # "0.00277778" s is 360 Hz
-    return Recording(dict(by_timing[timing]), fs, "hl7-aecg", notes, source=label)
+    return Recording(dict(by_timing[timing]), fs, "hl7-aecg", notes, source=label, others=tuple(others))
 
 
 def _parse(source, label: str):
@@ -99,8 +103,10 @@ def _code(element) -> str | None:
     return code.get("code") if code is not None else None
 
 
-def _read_sequence_set(sequence_set, label: str) -> tuple[tuple, dict[str, np.ndarray]]:
-    """((time head, seconds per sample), {lead code: mV samples}) of one sequenceSet."""
+def _read_sequence_set(sequence_set, label: str, notes: list[str], others: dict[str, None]
+                       ) -> tuple[tuple, dict[str, np.ndarray]]:
+    """((time head, seconds per sample), {lead code: mV samples}) of one sequenceSet; a lead's second sequence is
+    said in `notes`, a sequence that is no lead (its unit not judged) named in `others`."""
     timing, leads = None, {}
     for sequence in sequence_set.findall("h:component/h:sequence", _NS):
         code, value = _code(sequence), sequence.find("h:value", _NS)
@@ -108,7 +114,11 @@ def _read_sequence_set(sequence_set, label: str) -> tuple[tuple, dict[str, np.nd
             continue
         if code in _TIME_CODES:
             timing = _timing(value, label)
-        elif code not in leads:
+        elif normalise_lead_name(code) is None:
+            others[code] = None
+        elif code in leads:
+            notes.append(f"lead {code} has a second sequence in one sequenceSet; kept the first")
+        else:
             leads[code] = _lead_samples(code, value, label)
     if timing is None:
         raise recording_error(label, "a sequenceSet has no TIME_ABSOLUTE/TIME_RELATIVE sequence", _FIX)

@@ -59,14 +59,14 @@ def read_dicom(source: str | os.PathLike | bytes, *, name: str | None = None) ->
     label = name or ("<DICOM bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source))
     ds = _open(source, label)
     try:
-        leads, fs, notes = _read_dataset(ds, label)
+        leads, fs, notes, others = _read_dataset(ds, label)
     except _library_errors() as exc:
         raise recording_error(label, f"corrupt or truncated DICOM waveform ({one_line(exc)})", _FIX) from exc
     check_fs(fs, label)
-    return Recording(leads, fs, "dicom", notes, source=label)
+    return Recording(leads, fs, "dicom", notes, source=label, others=others)
 
 
-def _read_dataset(ds, label: str) -> tuple[dict[str, np.ndarray], float, list[str]]:
+def _read_dataset(ds, label: str) -> tuple[dict[str, np.ndarray], float, list[str], tuple[str, ...]]:
     _check_sop_class(ds, label)
     if str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "")) == _BIG_ENDIAN:
         raise recording_error(label, "the file is in the retired Explicit VR Big Endian transfer syntax, whose "
@@ -78,8 +78,8 @@ def _read_dataset(ds, label: str) -> tuple[dict[str, np.ndarray], float, list[st
             label, "DICOM file has no WaveformSequence (not an ECG waveform, or the file is cut short)", _FIX
         )
     index, notes = _pick_group(groups)
-    leads, channel_notes = _read_group(ds, index, groups[index], label)
-    return leads, float(groups[index].SamplingFrequency), notes + channel_notes
+    leads, channel_notes, others = _read_group(ds, index, groups[index], label)
+    return leads, float(groups[index].SamplingFrequency), notes + channel_notes, others
 
 
 def _open(source, label: str):
@@ -142,7 +142,9 @@ def _group_name(item, index: int) -> str:
     return f"{index} {str(label)!r}" if label else str(index)
 
 
-def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray], list[str], tuple[str, ...]]:
+    """The group's leads in mV, its notes, and the channels that are no standard lead (Recording.others): their
+    units (respiration in Ohm) are not judged."""
     channels = list(item.get("ChannelDefinitionSequence", []))
     n_channels = int(item.NumberOfWaveformChannels)
     if len(channels) != n_channels:
@@ -151,26 +153,27 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
         )
     _check_samples(item, label, index)
     check_samples(int(item.NumberOfWaveformSamples) * n_channels, label)  # before pydicom scales it as float64
-    factors = [_mv_factor(ch, k, label) for k, ch in enumerate(channels)]
+    factors = {k: _mv_factor(ch, k, label) for k, ch in enumerate(channels) if _channel_lead(ch) is not None}
     values = ds.waveform_array(index)  # [samples, channels], sensitivity and baseline applied
     values, notes = _without_padding(item, values)
-    leads = {}
+    leads, others = {}, []
     for k, ch in enumerate(channels):
         name = _channel_name(ch, k)
+        if k not in factors:
+            others.append(name)
+            continue
         if _status_leaves_out(ch, k, name, label, notes):
             continue
         if name in leads:
             notes.append(f"channel {k + 1} repeats {name!r}; kept the first")
             continue
         leads[name] = values[:, k] * factors[k]
-    return leads, notes
+    return leads, notes, tuple(others)
 
 
 def _status_leaves_out(channel, k: int, name: str, label: str, notes: list[str]) -> bool:
     """What the cart's ChannelStatus says of channel k: refused (not a patient's calibrated signal), left out
     with a note (nothing connected), or said in a note (the cart doubts it); True where it is left out."""
-    if _channel_lead(channel) is None:  # not a lead: left out anyway (a respiration channel's test flag is no matter)
-        return False
     status = channel.get("ChannelStatus")
     items = [status] if isinstance(status, str) else list(status or [])  # one value, or pydicom's MultiValue
     values = {str(v).strip().upper() for v in items if v}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, recording_error
+from pulse_edge.runtime.ecg.leads import normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
 from pulse_edge.runtime.inputs.extras import require
@@ -40,17 +41,20 @@ def read_wfdb(path: str | os.PathLike) -> Recording:
     check_fs(fs, label)
     if record.p_signal is None or record.p_signal.ndim != 2 or record.p_signal.shape[0] == 0:
         raise recording_error(label, "WFDB record holds no samples", _FIX)
-    leads = {}
+    leads, others = {}, []
     for k, (name, unit) in enumerate(zip(record.sig_name, record.units, strict=True)):
         if not name:  # "missing I ... V6" would blame the leads, not the header that names none
             raise recording_error(label, f"signal {k + 1} has no name in the header, so which lead it is cannot be "
                                   "told", "write each signal's lead name at the end of its line in the .hea file")
+        if normalise_lead_name(name) is None:  # respiration in Ohm, blood pressure in mmHg: no lead to draw
+            others.append(name)
+            continue
         factor = require_mv_per_unit(unit, label, f"signal {k + 1} ({name})")
         if name in leads:
             notes.append(f"signal {k + 1} repeats {name!r}; kept the first")
             continue
         leads[name] = record.p_signal[:, k] * factor
-    return Recording(leads, fs, "wfdb", notes, source=label)
+    return Recording(leads, fs, "wfdb", notes, source=label, others=tuple(others))
 
 
 def _record_name(path: Path) -> Path:

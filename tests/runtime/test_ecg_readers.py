@@ -137,6 +137,29 @@ def test_a_status_on_a_channel_that_is_not_a_lead_refuses_nothing(tmp_path, sign
     assert set(LEADS) <= set(rec.leads)
 
 
+def test_a_channel_that_is_no_lead_is_left_out_whatever_its_unit(tmp_path, signals):
+    """A cart's 12 leads plus respiration in Ohm (DICOM) or blood pressure in mmHg (WFDB): the whole file was
+    refused for a unit that is not the ECG's."""
+    import wfdb
+
+    ds = dicom_dataset(np.vstack([signals, signals[-1:]]), FS, (*LEADS, "V6"))
+    extra = ds.WaveformSequence[0].ChannelDefinitionSequence[12]
+    extra.ChannelSourceSequence[0].CodeValue, extra.ChannelSourceSequence[0].CodeMeaning = "RESP", "Respiration"
+    extra.ChannelSensitivityUnitsSequence[0].CodeValue = "Ohm"
+    extra.ChannelSensitivityUnitsSequence[0].CodeMeaning = "ohm"
+    wfdb.wrsamp("abp", fs=FS, units=[*["mV"] * 12, "mmHg"], sig_name=[*PTBXL_NAMES, "ABP"],
+                p_signal=np.vstack([signals, 80 + 40 * signals[:1]]).T, fmt=["16"] * 13,
+                adc_gain=[1000.0] * 12 + [100.0], baseline=[0] * 13, write_dir=str(tmp_path))
+    for path, other in ((write_dicom(tmp_path / "resp.dcm", ds), "Respiration"), (tmp_path / "abp.hea", "ABP")):
+        out, _, rec = load_twelve_lead(path)
+        assert np.abs(out - signals).max() <= 1.25e-3 + 1e-6, path  # half a step of 2.5 uV (DICOM), 1 uV (WFDB)
+        assert f"ignored channels that are not standard leads: {other!r}" in rec.notes
+    # a lead in a unit that is no voltage is still refused
+    extra.ChannelSourceSequence[0].CodeValue, extra.ChannelSourceSequence[0].CodeMeaning = "5.6.3-9-1", "Lead I"
+    one_line(r"channel 13 \(I\) is in unit 'Ohm', which is not a voltage unit", read_dicom,
+             write_dicom(tmp_path / "ohm.dcm", ds))
+
+
 def test_a_big_endian_file_is_refused_not_read_byte_swapped(tmp_path, signals):
     from pydicom.uid import ExplicitVRBigEndian
 
@@ -541,6 +564,32 @@ def test_an_absurd_increment_is_one_line(signals, increment: bytes):
 def test_garbage_digits(signals):
     doc = aecg_document(signals, FS, median_first=False).replace(b"<digits>", b"<digits>12 abc ", 1)
     one_line("digits of lead MDC_ECG_LEAD_I contain something that is not a number", read_aecg, doc)
+
+
+def test_hl7_a_second_sequence_of_a_lead_is_said_and_one_of_no_lead_is_left_out(tmp_path, signals):
+    """A V1 sequence before the real one won in silence (twice as tall here), where every other reader says "kept the
+    first"; a respiration sequence in Ohm refused the whole file for a unit that is not the ECG's."""
+    import copy
+    import xml.etree.ElementTree as ET
+
+    ns = {"h": "urn:hl7-org:v3"}
+    root = ET.fromstring(aecg_document(signals, FS, median_first=False))
+    sequence_set = root.find("h:component/h:series/h:component/h:sequenceSet", ns)
+    components = sequence_set.findall("h:component", ns)
+    v1 = components[1 + LEADS.index("V1")]
+    twin = copy.deepcopy(v1)
+    twin.find("h:sequence/h:value/h:scale", ns).set("value", "10")
+    resp = copy.deepcopy(v1)
+    resp.find("h:sequence/h:code", ns).set("code", "MDC_RESP")
+    for part in ("origin", "scale"):
+        resp.find(f"h:sequence/h:value/h:{part}", ns).set("unit", "Ohm")
+    for k, extra in enumerate((twin, resp)):
+        sequence_set.insert(list(sequence_set).index(v1) + k, extra)
+    rec = read_aecg(ET.tostring(root), name="twice.xml")
+    assert "lead MDC_ECG_LEAD_V1 has a second sequence in one sequenceSet; kept the first" in rec.notes
+    out, _ = twelve(rec)
+    assert np.abs(out[LEADS.index("V1")] - 2 * signals[LEADS.index("V1")]).max() <= 5e-3 + 1e-6  # the first
+    assert "ignored channels that are not standard leads: 'MDC_RESP'" in rec.notes
 
 
 def test_missing_file_hl7(tmp_path):
