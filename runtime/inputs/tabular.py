@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import os
+import re
 import warnings
 from typing import BinaryIO
 
@@ -24,6 +25,10 @@ from pulse_edge.runtime.ecg.units import require_mv_per_unit
 LAYOUTS = ("leads_first", "samples_first")
 _DELIMITERS = (",", ";", "\t")
 _CSV_FIX = "fix or re-export the CSV"
+# A column of times, as carts and spreadsheets name it, with the seconds one of its units holds (None: not said).
+_TIME_COLUMN = re.compile(r"(?:time|t|timestamp|elapsed)?[\s_]*[(\[]?(s|sec|seconds|ms|msec)?[)\]]?", re.IGNORECASE)
+_SECONDS_PER_TIME_UNIT = {"s": 1.0, "sec": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3}
+TIME_RATE_TOLERANCE = 0.01  # a time column's rate may differ from the given one by 1% (rounded stamps average out)
 
 
 def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", name: str | None = None) -> Recording:
@@ -53,6 +58,7 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
         raise recording_error(
             label, f"header names {len(header)} columns but rows have {values.shape[1]}", "fix the CSV header"
         )
+    _check_time_columns(header, values, fs, label)
     leads, notes = {}, []
     for k, name in enumerate(header):  # a repeated column: the first is kept and said, as the other readers do
         if name in leads:
@@ -61,6 +67,28 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
             leads[name] = values[:, k] * factor
     recorded_s = lines / fs if lines > kept else None
     return Recording(leads, float(fs), "csv", notes, source=label, recorded_s=recorded_s)
+
+
+def _check_time_columns(header: list[str], values: np.ndarray, fs: float, label: str) -> None:
+    """A time column is left out of the print, but it says the rate the samples were taken at: a rate given
+    otherwise (250 Hz samples read at --fs 500) drew the ECG at twice its speed, its heart rate doubled, in
+    silence. Its mean step over the rows read is held to 1 / fs (in seconds or, where its name does not say,
+    in milliseconds as well)."""
+    for k, name in enumerate(header):
+        match = _TIME_COLUMN.fullmatch(name.strip())
+        if not match or not name.strip() or values.shape[0] < 2:
+            continue
+        said = match.group(1)
+        step = (values[-1, k] - values[0, k]) / (values.shape[0] - 1)
+        units = [said.lower()] if said else ["s", "ms"]
+        rates = [1.0 / (step * _SECONDS_PER_TIME_UNIT[unit]) if step > 0 else math.nan for unit in units]
+        if any(abs(rate - fs) <= TIME_RATE_TOLERANCE * fs for rate in rates):
+            continue
+        given = f"{rates[0]:.4g} Hz" if rates[0] > 0 else "no rate: its times do not increase"
+        raise recording_error(label, f"its {name!r} column steps {step:.6g}{' ' + said if said else ''} from row to "
+                              f"row ({given}{' if in seconds' if not said and rates[0] > 0 else ''}), but the "
+                              f"sampling rate given is {fs:g} Hz", "give the rate the samples were taken at (--fs), "
+                              "or fix the time column")
 
 
 def _csv_text(source, label: str) -> str:

@@ -622,6 +622,26 @@ def test_csv_with_lead_hyphen_names_is_drawn_upright(tmp_path, signals):
     assert not any("invert" in note for note in rec.notes)
 
 
+@pytest.mark.parametrize(("column", "times", "fs", "refused"), [
+    ("time", np.arange(N) / 250, 500, r"its .time. column steps 0.004 from row to row \(250 Hz if in seconds\), but "
+                                      "the sampling rate given is 500 Hz"),
+    ("Time (ms)", np.arange(N) * 4.0, 500, r"its 'Time \(ms\)' column steps 4 ms from row to row \(250 Hz\)"),
+    ("t", np.zeros(N), 500, "no rate: its times do not increase"),
+    ("time", np.arange(N) / 500, 500, None),
+    ("time_ms", np.arange(N) * 2.0, 500, None),
+    ("Time", np.arange(N) * 2.0, 500, None),  # no unit said: milliseconds fit
+    ("time (s)", np.round(np.arange(N) / 360, 3), 360, None),  # stamps rounded to 1 ms: 7% off step by step
+])
+def test_a_csv_time_column_that_contradicts_the_given_rate_is_refused(tmp_path, signals, column, times, fs, refused):
+    """The time column was dropped unread: 250 Hz samples read at --fs 500 were drawn as 5 s at twice the heart
+    rate, with no word."""
+    path = write_csv(tmp_path / "ecg.csv", np.vstack([times, signals]), (column, *LEADS))
+    if refused:
+        one_line(refused, read_csv, path, fs)
+    else:
+        assert read_csv(path, fs).fs == fs
+
+
 def test_csv_with_a_repeated_column_keeps_the_first_and_says_so(tmp_path, signals):
     table = np.vstack([signals, signals[:1] * 0.0])  # a 13th column named I again, all zeros
     rec = read_csv(write_csv(tmp_path / "ecg.csv", table, (*LEADS, "I")), FS)
