@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Generic, TypeVar
 
 from pulse_edge.runtime.generation.decode import StopCheck
@@ -52,6 +53,14 @@ class Ticket(Generic[T]):
         """`fn(future)` once the job has ended, been cancelled before starting, or failed (on any thread)."""
         assert self._future is not None
         self._future.add_done_callback(fn)
+
+
+def _read_if_stopped(ticket: Ticket, result: asyncio.Future) -> None:
+    """A job whose request was stopped (the client left, the deadline passed) ends in GenerationStopped, or its own
+    error, with no handler left to await it: read here, or asyncio logs it "never retrieved" with a traceback,
+    long after, for a routine 504 or disconnect."""
+    if ticket.cancelled and not result.cancelled():
+        result.exception()
 
 
 class ModelWorker:
@@ -98,14 +107,16 @@ class ModelWorker:
             try:
                 return job(should_stop)
             finally:
-                with self._lock:
+                with self._lock:  # not running and not admitted at once: never counted as waiting in between
                     self._running = False
+                    self._admitted -= 1
                     took = time.perf_counter() - ticket.started
                     self._mean_job_s += JOB_TIME_WEIGHT * (took - self._mean_job_s)
 
         ticket._future = self._executor.submit(run)
         ticket.result = asyncio.wrap_future(ticket._future)
-        ticket._future.add_done_callback(self._release)
+        ticket._future.add_done_callback(self._release_unstarted)
+        ticket.result.add_done_callback(partial(_read_if_stopped, ticket))
         return ticket
 
     def expected_job_s(self) -> float:
@@ -113,9 +124,11 @@ class ModelWorker:
         with self._lock:
             return self._mean_job_s
 
-    def _release(self, _: Future) -> None:
-        with self._lock:
-            self._admitted -= 1
+    def _release_unstarted(self, future: Future) -> None:
+        """A job cancelled before it ran (a started one cannot be) frees its slot here; a run frees its own."""
+        if future.cancelled():
+            with self._lock:
+                self._admitted -= 1
 
     def close(self) -> None:
         """Stop every job at its next decode step and start no waiting one."""

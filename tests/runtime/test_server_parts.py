@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import re
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 pytest.importorskip("starlette", reason="the server needs the serve extra")
 
 from pulse_edge.cli.serve import API_KEY_ENV, resolve_api_key
-from pulse_edge.errors import ConfigError
+from pulse_edge.errors import ConfigError, GenerationStopped
 from pulse_edge.runtime.generation.decode import decode_loop
 from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
 from pulse_edge.runtime.server.errors import ApiError, ClientGone
@@ -306,6 +307,45 @@ def test_cancelling_a_running_job_stops_it_and_frees_the_slot() -> None:
         worker.close()
 
     asyncio.run(scenario())
+
+
+def test_a_finished_job_is_never_counted_as_waiting() -> None:
+    """/health read {"waiting": 1, "generating": false} with one request in flight, at its end: the slot was freed
+    by a callback that ran after the answer was handed back."""
+    async def scenario() -> list[int]:
+        worker, seen = ModelWorker(max_queue=0), []
+        for _ in range(300):
+            await worker.submit(lambda should_stop: None).result
+            seen.append(worker.waiting)
+        worker.close()
+        return seen
+
+    assert set(asyncio.run(scenario())) == {0}
+
+
+def test_a_stopped_jobs_error_is_not_logged_as_never_retrieved() -> None:
+    """A stream whose client left, or whose deadline passed, stops its job, which then raises GenerationStopped
+    with no handler left to await it: asyncio logged "Future exception was never retrieved" with a traceback."""
+    def job(should_stop: Any) -> None:
+        while not should_stop():
+            time.sleep(0.002)
+        raise GenerationStopped("stopped after 512 of the prompt's 2981 positions")
+
+    async def scenario() -> list[str]:
+        loop, unhandled = asyncio.get_running_loop(), []
+        loop.set_exception_handler(lambda _, context: unhandled.append(context["message"]))
+        worker = ModelWorker(max_queue=0)
+        ticket = worker.submit(job)
+        await asyncio.sleep(0.02)
+        ticket.cancel()
+        await asyncio.sleep(0.1)  # the job sees its stop, raises, and its result is set on this loop
+        worker.close()
+        del ticket
+        gc.collect()
+        await asyncio.sleep(0)
+        return unhandled
+
+    assert asyncio.run(scenario()) == []
 
 
 async def _never_disconnects() -> dict[str, Any]:
