@@ -4,21 +4,27 @@
 
 A statement is a whole-word match of a concept's phrases (any case) or codes (exact case); where matches
 overlap, the longest wins ("incomplete right bundle branch block" is IRBBB, not RBBB). The text is cut
-into clauses at sentence punctuation and at "but", "however", ...; a mention is
+into clauses at sentence punctuation (full-width too), ';', ':' and at "but", "however", "except", ...; a mention is
 
-- left out when a negation comes before it in its clause ("no", "not", "without", "negative for", "no longer",
-  ...), when a negation follows it ("AF is absent", "... not seen", "criteria not met", "STEMI mimic"), when
-  "non-" or "pseudo-" prefixes it, when "history of" governs it (that statement only: "history of AF, now in
-  sinus rhythm" states SR), or when its clause is a question;
-- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out",
-  "differential includes", ...), when "?" is glued to it ("?LVH"), when a hedge follows it ("... cannot be
-  excluded", "... doubtful"), and when it is one side of "vs" / "or" ("AF vs flutter" states neither); a hedge
-  that runs on into the next statement is that one's ("sinus rhythm, possible LVH");
-- kept as "stated" otherwise.
+- left out when a negation comes before it in its clause ("no", "not", "isn't", "without", "lack of", "fails to
+  meet criteria for", "artifact simulating", ...), unless the negation denied nothing that is a statement before
+  "consistent with" stands between them ("No P waves, consistent with AF" states AF); when a negation follows it
+  ("AF is absent", "... not seen", "criteria not met", "due to artifact", "STEMI mimic") or its field says so
+  ("ST elevation: none"); when "non-" or "pseudo-" prefixes it; when it is past: a history ("history of AF, now
+  in sinus rhythm" states SR; "history of MI and AF" neither), what an earlier tracing showed ("prior ECG showed
+  AF", "AF on prior ECG"), what converted or gave way ("AF converted to sinus rhythm"); or when its clause is a
+  question. "Not seen on the prior ECG" and "not seen previously" deny nothing: the finding is new;
+- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", "evaluate
+  for", "voltage criteria for", ...), when "?" is glued to it ("?LVH"), when a hedge follows it ("... cannot be
+  excluded", "... may be present"), and when it is a side of a differential, "vs" / "versus" / "or", whether or
+  not the other side is a statement ("AF vs flutter", "Pericarditis vs STEMI"); a hedge that runs on into the
+  next statement is that one's ("sinus rhythm, possible LVH");
+- kept as "stated" otherwise; "normal ECG" beside a stated abnormality is left out ("Normal ECG except for left
+  axis deviation"), and only possible beside a possible one.
 
 Negation reaches to the end of the clause, commas included ("no ST elevation, LBBB" drops both): a missed
 statement is a smaller harm than a finding the text does not state. A concept mentioned several times is
-reported once, by its first stated mention (else its first possible one).
+reported once, by its first stated mention (else its first possible one). The wording: wording.py.
 """
 
 from __future__ import annotations
@@ -29,57 +35,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pulse_edge.runtime.findings import wording as w
 from pulse_edge.runtime.findings.vocabulary import CONCEPTS, Concept
 
 CERTAINTIES = ("stated", "possible")
 _LEFT, _RIGHT = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])"
-# A "?" ends a question unless a word follows it at once ("?LVH": a query of that one statement).
-# where a sentence ends: '.', '!' or '?' before whitespace or the end of the text (not "0.12 s"), or a line break
-_SENTENCE_END = re.compile(r"(?<!\bvs)(?<!\bVs)(?<!\bVS)\.(?=\s|$)|[!?](?=\s|$)|\n")
-# (the '.' of "vs." ends no clause: "AF vs. flutter" split in two stated both sides)
-_BOUNDARY = re.compile(
-    r"(?<!\bvs)\.(?!\d)|[;:!](?!\d)|\?(?![A-Za-z])|\n"
-    r"|(?<![A-Za-z])(?:but|however|although|though|whereas|except|apart from"
-    r"|aside from)(?![A-Za-z])", re.IGNORECASE)
-# Also a finding ruled out or unlikely, or one no longer there.
-_NEGATION_BEFORE = re.compile(
-    r"(?<![A-Za-z])(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|rules out|never"
-    r"|neither|nor|rather than|instead of|unlikely to (?:be|represent)|low likelihood of|no longer)(?![A-Za-z])",
-    re.IGNORECASE)
-# What only the statement right after it is: a history ("history of AF, now in sinus rhythm" states SR, and
-# "history of hypertension, sinus rhythm" too), or a query ("?LVH, RBBB": LVH possible, RBBB stated).
-_HISTORY_OF = re.compile(r"(?:(?<![A-Za-z])(?:a |past |prior )?history of|(?<![A-Za-z])h/o)\s+(?:[A-Za-z-]+\s+){0,2}$",
-                         re.IGNORECASE)
-# Negation words that do not deny what follows them.
-_PSEUDO_NEGATION = re.compile(
-    r"(?<![A-Za-z])(?:not only|not necessarily|no (?:significant |interval )?changes?)(?![A-Za-z])", re.IGNORECASE)
-_UNSURE = (r"(?:(?:cannot|can't|can not|could not|couldn't|does not|doesn't|did not|do not|unable to) (?:be )?"
-           r"(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))")
-_HEDGE_BEFORE = re.compile(
-    rf"(?<![A-Za-z])(?:{_UNSURE}|possibl[ey]|probabl[ey]|likely|suspected|suspicious (?:for|of)"
-    r"|suggest(?:s|ive of|ing)?|consider|questionable|borderline|equivocal|may (?:be|represent|indicate|reflect)"
-    r"|might|could (?:be|represent)|doubtful|query|differential(?: diagnosis)?(?: includes?| of)?"
-    r"|(?:can|may|could) (?:mimic|mask|obscure)(?: or (?:mimic|mask|obscure))?"
-    r"|rule out|r/o)(?![A-Za-z])", re.IGNORECASE)
-# Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
-# "flutter" alone is no statement of the vocabulary. The price: "AF, P waves are absent" drops AF too (a missed
-# statement is the smaller harm, as for the negation's reach above).
-_FILLER = r"^[\s,]*(?:[\w/+-]+[\s,]+){0,4}?"
-_VERB = r"(?:(?:is|are|was|were|has been|have been|appears?|seems?)\s+)?"
-_NEGATION_AFTER = re.compile(
-    rf"{_FILLER}{_VERB}(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
-    r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent|ruled out|excluded|unlikely|resolved"
-    r"|criteria (?:are |were )?not met)(?![A-Za-z])"
-    r"(?![\s,]+(?:on|in|from|compared (?:to|with)) (?:the )?(?:prior|previous|old|earlier))",  # "not seen on the
-    re.IGNORECASE)  # prior ECG": new, not denied
-_HEDGE_AFTER = re.compile(
-    rf"{_FILLER}{_VERB}(?:{_UNSURE}|possible|suspected|likely|questionable|not certain|doubtful)(?![A-Za-z])",
-    re.IGNORECASE)
-# "STEMI mimic", "LBBB mimicker": the statement names what it is not (never "LBBB, which can mimic MI")
-_MIMIC = re.compile(r"^[\s-]*mimic(?:s|ker)?(?![A-Za-z])[\s,]*$", re.IGNORECASE)
-_CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", re.IGNORECASE)
-# "AF vs flutter", "AF or flutter": a differential; neither is stated
-_ALTERNATIVE = re.compile(r"^[\s,]*(?:vs\.?|versus|or)[\s,]*$", re.IGNORECASE)
+# Statements a normal ECG may carry; any other stated one makes "normal ECG" a contradiction the text resolves
+# ("Normal ECG except for left axis deviation", "Normal ECG with first-degree AV block"): the abnormality wins.
+_NORMAL_WITH = frozenset({"NORM", "SR", "SARRH"})
 
 
 def word_pattern(phrase: str, *, ignore_case: bool = False) -> re.Pattern[str]:
@@ -121,6 +84,7 @@ class _Mention:
     concept: Concept
     negated: bool = False
     hedged: bool = False
+    past: bool = False  # a history, or what an earlier tracing showed
 
 
 # "non-sinus rhythm", "non-ischemic", "pseudo-infarct": the prefix says the opposite of the statement
@@ -142,7 +106,7 @@ _MATCHERS: tuple[_Matcher, ...] = tuple(_matcher(c) for c in CONCEPTS)
 def finished_sentences(text: str) -> str:
     """`text` up to the end of its last finished sentence (a '.', '!' or '?' before a space or the end, or a
     line break); "" where none is finished."""
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    ends = [m.end() for m in w.SENTENCE_END.finditer(text)]
     return text[:ends[-1]] if ends else ""
 
 
@@ -158,7 +122,20 @@ def extract_findings(text: str) -> list[Finding]:
         previous = chosen.get(mention.concept.key)
         if previous is None or (previous.hedged and not mention.hedged):
             chosen[mention.concept.key] = mention
-    return [_finding(text, m) for m in sorted(chosen.values(), key=lambda m: m.start)]
+    return [_finding(text, m) for m in sorted(_normal_resolved(chosen), key=lambda m: m.start)]
+
+
+def _normal_resolved(chosen: dict[str, _Mention]) -> list[_Mention]:
+    """The chosen mentions, "normal ECG" left out beside a stated abnormality and only possible beside a possible
+    one (_NORMAL_WITH)."""
+    others = [m for key, m in chosen.items() if key not in _NORMAL_WITH]
+    normal = chosen.get("NORM")
+    if normal is None or not others:
+        return list(chosen.values())
+    if any(not m.hedged for m in others):
+        return [m for key, m in chosen.items() if key != "NORM"]
+    normal.hedged = True
+    return list(chosen.values())
 
 
 def labels_in(text: str, labels: Sequence[str]) -> list[str]:
@@ -182,7 +159,7 @@ def _mentions(text: str) -> list[_Mention]:
 def _clauses(text: str) -> list[tuple[int, int, bool]]:
     """(start, end, is a question) of each clause."""
     clauses, start = [], 0
-    for boundary in _BOUNDARY.finditer(text):
+    for boundary in w.BOUNDARY.finditer(text):
         clauses.append((start, boundary.start(), boundary.group() == "?"))
         start = boundary.end()
     clauses.append((start, len(text), False))
@@ -190,32 +167,53 @@ def _clauses(text: str) -> list[tuple[int, int, bool]]:
 
 
 def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Mention]) -> None:
-    """Mark the mentions of one clause negated or hedged."""
+    """Mark the mentions of one clause negated, hedged or past (module doc; the patterns: wording.py)."""
     start, end, asked = clause
     part = text[start:end]
-    hedges = [(start + h.start(), start + h.end()) for h in _HEDGE_BEFORE.finditer(part)]
-    pseudo = [(start + p.start(), start + p.end()) for p in _PSEUDO_NEGATION.finditer(part)]
-    negations = [start + n.start() for n in _NEGATION_BEFORE.finditer(part)
-                 if not any(a <= start + n.start() < b for a, b in (*hedges, *pseudo))]
+    hedges = _spans(w.HEDGE_BEFORE, part, start)
+    skipped = [*hedges, *_spans(w.PSEUDO_NEGATION, part, start)]  # negation words inside these deny nothing
+    negations = [a for a, _ in _spans(w.NEGATION_BEFORE, part, start) if not any(s <= a < e for s, e in skipped)]
+    negations += [a for a, _ in _spans(w.EARLIER_TRACING_BEFORE, part, start)]
+    breaks = [a for a, _ in _spans(w.SCOPE_BREAK, part, start)]
+    alternatives = []
     for k, mention in enumerate(mentions):
-        gap_end = mentions[k + 1].start if k + 1 < len(mentions) else end
-        gap = text[mention.end:gap_end]
+        gap = text[mention.end:mentions[k + 1].start if k + 1 < len(mentions) else end]
         before = text[mentions[k - 1].end if k else start:mention.start]
         last = k + 1 == len(mentions)
-        hedged_after = _after(_HEDGE_AFTER, gap, last=last)  # before "... excluded"
-        negated_after = not hedged_after and (_after(_NEGATION_AFTER, gap, last=last) or bool(_MIMIC.match(gap)))
-        mention.negated = (asked or any(n < mention.start for n in negations) or negated_after
-                           or bool(_HISTORY_OF.search(before)))
+        hedged_after = _after(w.HEDGE_AFTER, gap, last=last)  # before "... excluded"
+        mention.past = bool(w.HISTORY_OF.search(before)) or bool(w.GONE_AFTER.match(gap))
+        negated_after = not hedged_after and (_after(w.NEGATION_AFTER, gap, last=last) or bool(w.MIMIC.match(gap))
+                                              or (last and bool(w.DENIED_AFTER_COLON.match(text[end:]))))
+        reached = any(n < mention.start and not _broken(n, mention, breaks, mentions) for n in negations)
+        mention.negated = asked or reached or negated_after or mention.past
         mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after or before.endswith("?")
-    # "AF and flutter are absent": what follows the last of a list applies to the whole list.
+        alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)))
+    _along_lists(text, mentions)
+    # "AF vs flutter", "Pericarditis vs STEMI": possible, after the lists (a differential hedges its own sides only)
+    for mention, alternative in zip(mentions, alternatives, strict=True):
+        mention.hedged |= alternative and not mention.negated
+
+
+def _spans(pattern: re.Pattern[str], part: str, offset: int) -> list[tuple[int, int]]:
+    return [(offset + m.start(), offset + m.end()) for m in pattern.finditer(part)]
+
+
+def _broken(negation: int, mention: _Mention, breaks: list[int], mentions: list[_Mention]) -> bool:
+    """Does a negation stop short of `mention`? Where "consistent with" (wording.SCOPE_BREAK) stands between them
+    and the negation denied no statement before it ("No P waves, consistent with AF")."""
+    return any(negation < b < mention.start and not any(negation < m.start < b for m in mentions) for b in breaks)
+
+
+def _along_lists(text: str, mentions: list[_Mention]) -> None:
+    """"AF and flutter are absent": what follows the last of a list applies to the whole list; "history of MI and
+    AF": a history reaches along the list it opens."""
     for k in range(len(mentions) - 2, -1, -1):
-        if _CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
+        if w.CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
-    # "AF vs flutter", "RBBB or IVCD": both sides possible, after the lists (a differential hedges only its pair)
     for first, second in itertools.pairwise(mentions):
-        if _ALTERNATIVE.match(text[first.end:second.start]) and not (first.negated or second.negated):
-            first.hedged = second.hedged = True
+        if first.past and w.JOINED.match(text[first.end:second.start]):
+            second.past = second.negated = True
 
 
 def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> bool:

@@ -37,9 +37,10 @@ LABEL_SPACES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 })
 CATEGORIES = ("global", "rhythm", "conduction", "ectopy", "ischemia", "infarction", "hypertrophy", "axis", "waves")
 
-# "ST" is CODE-15's code for sinus tachycardia and also the start of "ST elevation", "ST-T changes", ...
-_ST_SEGMENT_WORDS = (r"(?![\s\-\u2013\u2014/]*(?:segments?|elev|depress|changes?|waves?|T\b|abnormal|interval"
-                     r"|deviation|flat|sag|scoop|straighten|is\b|are\b|(?:and|&)\s*T\b))")
+# "ST" is CODE-15's code for sinus tachycardia and also the ST segment ("ST elevation", "ST in V1-V3 is elevated",
+# "PR, QRS, ST, T normal"): the code only where it stands alone, at the end of the text, a clause or a list item,
+# and never before "T" ("ST, T wave changes", "ST and T").
+_ST_ALONE = r"(?=[ \t]*(?:$|[.;:)\]\n]|,(?![ \t]*T\b)|[ \t]+(?:and|or|&)[ \t]+(?!T\b)))"
 _BEATS = r"(?:contractions?|complex(?:es)?|beats?|depolari[sz]ations?)"
 _AV = r"(?:av|a-v|atrioventricular|heart)"
 
@@ -79,9 +80,9 @@ CONCEPTS: tuple[Concept, ...] = (
     _c("ABNORMAL", "abnormal ECG", "global", "102594003", None,
        (r"abnormal (?:12[- ]lead )?(?:ecg|ekg|electrocardiogram)",), ("ABNORMAL",), code15="ABNORMAL"),
     # --- rhythm ----------------------------------------------------------------------------------------
-    _c("SR", "sinus rhythm", "rhythm", "426783006", "SR", (r"(?:normal )?sinus rhythm",), ("SR", "NSR")),
+    _c("SR", "sinus rhythm", "rhythm", "426783006", "SR", (r"(?:normal )?sinus rhythm",), ("SR", "NSR", "SNR")),
     _c("STACH", "sinus tachycardia", "rhythm", "427084000", "STACH", (r"sinus tach(?:ycardia)?",),
-       ("STACH", "STach", "ST" + _ST_SEGMENT_WORDS), code15="ST"),
+       ("STACH", "STach", "ST" + _ST_ALONE), code15="ST"),
     _c("SBRAD", "sinus bradycardia", "rhythm", "426177001", "SBRAD", (r"sinus brady(?:cardia)?",), ("SBRAD", "SB"),
        code15="SB"),
     _c("SARRH", "sinus arrhythmia", "rhythm", "427393009", "SARRH", (r"sinus arrhythmia",), ("SARRH",)),
@@ -102,7 +103,8 @@ CONCEPTS: tuple[Concept, ...] = (
     _c("VFIB", "ventricular fibrillation", "rhythm", "164896001", None, (r"ventricular fibrillation",), ("VF",)),
     _c("PACE", "paced rhythm", "rhythm", "10370003", "PACE",
        (r"(?:atrial(?:ly)?|ventricular(?:ly)?|a-?v|dual[- ]chamber) paced rhythm", r"pac(?:ed|ing|emaker) rhythm",
-        r"(?:artificial|electronic) pacemaker"), ("PACE",)),
+        r"(?:artificial|electronic) pacemaker", r"(?:atrial|ventricular|a-?v|av sequential|dual[- ]chamber) pacing"),
+       ("PACE",)),
     _c("BIGU", "bigeminy", "rhythm", None, "BIGU", (r"(?:ventricular |atrial )?bigemin(?:y|al(?: pattern)?)",),
        ("BIGU",)),
     _c("TRIGU", "trigeminy", "rhythm", None, "TRIGU", (r"(?:ventricular |atrial )?trigemin(?:y|al(?: pattern)?)",),
@@ -110,7 +112,8 @@ CONCEPTS: tuple[Concept, ...] = (
     # --- conduction ------------------------------------------------------------------------------------
     _c("1AVB", "first-degree AV block", "conduction", "270492004", "1AVB",
        (rf"(?:first|1st|1\u00b0|I\u00b0)[- ]?(?:degree )?{_AV} (?:block|conduction delay)",
-        rf"(?:first|1st)[- ]degree {_AV}b", r"(?:first|1st)[- ]degree block",
+        rf"(?:first|1st)[- ]degree {_AV}b", r"(?:first|1st)[- ]degree block", r"(?:1|i)\u00b0 avb",
+        rf"{_AV} block (?:1|i)\u00b0",
         rf"{_AV} block,? (?:of )?first[- ]degree"), ("1AVB", "I-AVB", "1dAVb", "IAVB"),
        ptbxl="CD", cpsc2018="I-AVB", code15="1dAVb"),
     _c("2AVB", "second-degree AV block", "conduction", "195042002", "2AVB",
@@ -122,18 +125,20 @@ CONCEPTS: tuple[Concept, ...] = (
        (r"(?:complete )?left bundle[- ]branch block", r"left bbb"), ("LBBB", "CLBBB"),
        ptbxl="CD", cpsc2018="LBBB", code15="LBBB"),
     _c("ILBBB", "incomplete left bundle branch block", "conduction", "251120003", "ILBBB",
-       (r"incomplete left bundle[- ]branch block", r"incomplete LBBB"), ("ILBBB",), ptbxl="CD"),
+       (r"(?:incomplete|partial) left (?:bundle[- ]branch block|bbb)", r"incomplete LBBB",
+        r"(?:left bundle[- ]branch block|left bbb|lbbb),? incomplete(?: type)?"), ("ILBBB",), ptbxl="CD"),
     _c("RBBB", "right bundle branch block", "conduction", "59118001", "CRBBB",
        (r"(?:complete )?right bundle[- ]branch block", r"right bbb"), ("RBBB", "CRBBB"),
        ptbxl="CD", cpsc2018="RBBB", code15="RBBB"),
     _c("IRBBB", "incomplete right bundle branch block", "conduction", "713426002", "IRBBB",
-       (r"incomplete right bundle[- ]branch block", r"incomplete RBBB"), ("IRBBB",), ptbxl="CD"),
+       (r"(?:incomplete|partial) right (?:bundle[- ]branch block|bbb)", r"incomplete RBBB",
+        r"(?:right bundle[- ]branch block|right bbb|rbbb),? incomplete(?: type)?"), ("IRBBB",), ptbxl="CD"),
     _c("BBB", "bundle branch block", "conduction", "6374002", None, (r"bundle[- ]branch block",), ("BBB",),
        ptbxl="CD"),
     _c("LAFB", "left anterior fascicular block", "conduction", "445118002", "LAFB",
-       (r"left anterior (?:fascicular block|hemiblock)",), ("LAFB", "LAnFB"), ptbxl="CD"),
+       (r"left anterior (?:fascicular block|hemi-?block)",), ("LAFB", "LAnFB", "LAHB"), ptbxl="CD"),
     _c("LPFB", "left posterior fascicular block", "conduction", "445211001", "LPFB",
-       (r"left posterior (?:fascicular block|hemiblock)",), ("LPFB",), ptbxl="CD"),
+       (r"left posterior (?:fascicular block|hemi-?block)",), ("LPFB", "LPHB"), ptbxl="CD"),
     _c("IVCD", "intraventricular conduction delay", "conduction", "698252002", "IVCD",
        (r"(?:non-?specific )?intraventricular conduction (?:delay|disturbance|defect|disorder|block)",),
        ("IVCD", "NSIVCB"), ptbxl="CD"),
@@ -152,7 +157,8 @@ CONCEPTS: tuple[Concept, ...] = (
        cpsc2018="PAC"),
     _c("PVC", "premature ventricular contraction", "ectopy", "427172004", "PVC",
        (rf"premature ventricular {_BEATS}", rf"ventricular premature {_BEATS}", rf"ventricular ectopic {_BEATS}",
-        r"ventricular ectopy", r"ventricular extrasystoles?"), ("PVC", "PVCs", "VPB", "VPC"), cpsc2018="PVC"),
+        r"ventricular ectopy", r"ventricular extrasystoles?"), ("PVC", "PVCs", "VPB", "VPC", "VEB"),
+       cpsc2018="PVC"),
     # --- ST segment and T wave -------------------------------------------------------------------------
     # ST depression/elevation and T inversion are PTB-XL form statements (STD_, STE_, INVT) with no
     # diagnostic superclass; only the diagnostic ST/T statements project onto PTB-XL's STTC.
@@ -172,8 +178,11 @@ CONCEPTS: tuple[Concept, ...] = (
     _c("TINV", "T-wave inversion", "waves", "59931005", "INVT",
        (r"t[- ]wave inversions?", r"inverted t[- ]waves?", r"t[- ]waves? (?:are )?inverted"), ("INVT", "TInv", "TWI")),
     _c("ISC", "myocardial ischemia", "ischemia", "164861001", "ISC_",
-       (r"(?:myocardial |subendocardial )?isch(?:a)?emi(?:a|c)(?: changes?| st[- ]t changes?)?",), ("ISC_",),
-       ptbxl="STTC"),
+       # not "ischemic cardiomyopathy" or "ischemic heart disease": a patient's history, not this tracing
+       (r"(?:myocardial |subendocardial )?isch(?:a)?emi(?:a|c)(?! (?:cardiomyopathy|heart disease))"
+        r"(?: changes?| st[- ]t changes?)?",),
+       # PTB-XL's ischemia statements by region (diagnostic class STTC): ISC_ and ISCAL, ISCAS, ISCIN, ...
+       ("ISC_", "ISCAL", "ISCAS", "ISCIN", "ISCIL", "ISCLA", "ISCAN"), ptbxl="STTC"),
     _c("LNGQT", "prolonged QT interval", "waves", "111975006", "LNGQT",
        (r"(?:prolonged|long) qtc?(?: interval)?", r"qtc?(?: interval)? prolongation",
         r"qtc?(?: interval)? (?:is )?prolonged"), ("LNGQT", "LQT"),
@@ -191,7 +200,8 @@ CONCEPTS: tuple[Concept, ...] = (
        (r"(?:pathologic(?:al)?|abnormal|significant|deep) q[- ]waves?",), ("QWAVE", "QAb")),
     # --- hypertrophy and enlargement -------------------------------------------------------------------
     _c("LVH", "left ventricular hypertrophy", "hypertrophy", "164873001", "LVH",
-       (r"(?:left ventricular|lv) (?:hypertrophy|enlargement)",), ("LVH", "VCLVH"), ptbxl="HYP"),
+       # not PTB-XL's VCLVH: "voltage criteria for LVH" is a form statement, no diagnosis (wording.py hedges it)
+       (r"(?:left ventricular|lv) (?:hypertrophy|enlargement)",), ("LVH",), ptbxl="HYP"),
     _c("RVH", "right ventricular hypertrophy", "hypertrophy", "89792004", "RVH",
        (r"(?:right ventricular|rv) (?:hypertrophy|enlargement)",), ("RVH",), ptbxl="HYP"),
     _c("VH", "ventricular hypertrophy", "hypertrophy", "266249003", None,
@@ -207,7 +217,7 @@ CONCEPTS: tuple[Concept, ...] = (
     _c("LAD", "left axis deviation", "axis", "39732003", None, (r"left axis deviation",)),
     _c("RAD", "right axis deviation", "axis", "47665007", None, (r"right axis deviation",)),
     _c("LVOLT", "low QRS voltage", "axis", "251146004", "LVOLT",
-       (r"low (?:qrs )?voltages?(?: qrs)?(?: complex(?:es)?)?",), ("LVOLT", "LQRSV")),
+       (r"low[- ](?:qrs[- ])?voltages?(?:[- ]qrs)?(?: complex(?:es)?)?",), ("LVOLT", "LQRSV")),
     _c("PRWP", "poor R-wave progression", "waves", "365413008", None, (r"poor r[- ]wave progression",),
        ("PRWP",)),
 )

@@ -201,3 +201,97 @@ def test_an_answer_the_context_cut_short_says_so_in_its_notes() -> None:
     assert notes["context_full"] == (*ecg.notes, (
         "the answer stopped at the end of the model's context, after 90 tokens (2982 positions went to the prompt): "
         "for a full answer use a bundle exported (or TensorRT engines built) with a longer --max-context"))
+
+
+# Read wrong before (a review of realistic report wording, 2026-12-07); each case is one way a text says it.
+@pytest.mark.parametrize(("text", "expected"), [
+    # a finding named, then denied after a colon, a contraction, or words the lists lacked
+    ("ST elevation: none.", []), ("ST elevation: absent.", []), ("AF: no.", []),
+    ("Ventricular tachycardia: not present.", []), ("- Atrial fibrillation: absent", []),
+    ("Rhythm: sinus rhythm. ST elevation: none. Q waves: none. Impression: normal ECG.",
+     [("SR", "stated"), ("NORM", "stated")]),
+    ("There isn't any ST elevation.", []), ("I don't see atrial fibrillation.", []),
+    ("The rhythm wasn\u2019t atrial fibrillation.", []), ("Doesn't meet STEMI criteria.", []),
+    ("Lack of ST elevation.", []), ("Absent ST elevation.", []), ("Unlikely atrial fibrillation.", []),
+    ("Fails to meet criteria for LVH.", []), ("Insufficient criteria for LVH.", []),
+    ("LVH criteria are not fulfilled.", []), ("Nothing to suggest ischemia.", []),
+    # a negation spent on what is no statement does not reach past "consistent with"
+    ("No P waves, consistent with atrial fibrillation.", [("AFIB", "stated")]),
+    ("Absent P waves consistent with atrial fibrillation.", [("AFIB", "stated")]),
+    ("No ST elevation consistent with STEMI.", []),
+    # one side of a differential, the other side no statement of the vocabulary or words away
+    ("Pericarditis vs STEMI.", [("MI", "possible")]),
+    ("Early repolarization vs pericarditis vs STEMI.", [("MI", "possible")]),
+    ("Wide QRS rhythm, LBBB versus ventricular rhythm.", [("LBBB", "possible")]),
+    ("Sinus rhythm or ectopic atrial rhythm.", [("SR", "possible")]),
+    ("SVT with aberrancy vs ventricular tachycardia.", [("SVTAC", "possible"), ("VTACH", "possible")]),
+    ("Atrial fibrillation with aberrant conduction vs ventricular tachycardia.",
+     [("AFIB", "possible"), ("VTACH", "possible")]),
+    ("Atrial fibrillation vs multifocal atrial tachycardia.", [("AFIB", "possible"), ("ATACH", "possible")]),
+    ("One or more PVCs.", [("PVC", "stated")]),
+    # artifact that looks like a rhythm is no rhythm
+    ("Artifact simulating ventricular tachycardia.", []), ("Artifact mimicking atrial fibrillation.", []),
+    ("Tremor artifact resembling atrial flutter.", []), ("Baseline artifact, may simulate atrial flutter.", []),
+    ("Apparent ST elevation is due to artifact.", []),
+    # what an earlier tracing showed, or a history, is not this tracing
+    ("Prior ECG showed atrial fibrillation. Now sinus rhythm.", [("SR", "stated")]),
+    ("Atrial fibrillation on prior ECG; now sinus rhythm.", [("SR", "stated")]),
+    ("Atrial fibrillation seen on the previous ECG is no longer present.", []),
+    ("Atrial fibrillation converted to sinus rhythm.", [("SR", "stated")]),
+    ("Atrial fibrillation has replaced sinus rhythm.", [("AFIB", "stated")]),
+    ("LBBB replaced by RBBB.", [("RBBB", "stated")]),
+    ("History of MI and atrial fibrillation.", []),
+    ("Patient has a history of LBBB and atrial fibrillation; today sinus rhythm.", [("SR", "stated")]),
+    ("Hx of atrial fibrillation. Sinus rhythm today.", [("SR", "stated")]),
+    ("LBBB, unchanged from prior ECG.", [("LBBB", "stated")]),
+    # "normal" with an abnormality is not a normal ECG
+    ("Normal ECG except for left axis deviation.", [("LAD", "stated")]),
+    ("Normal ECG, apart from sinus bradycardia.", [("SBRAD", "stated")]),
+    ("Normal ECG with first-degree AV block.", [("1AVB", "stated")]),
+    ("Normal ECG; RBBB.", [("RBBB", "stated")]),
+    ("Normal ECG. Possible LVH.", [("NORM", "possible"), ("LVH", "possible")]),
+    ("Sinus arrhythmia, otherwise a normal ECG. Normal ECG.", [("SARRH", "stated"), ("NORM", "stated")]),
+    # hedges in other words
+    ("LVH may be present.", [("LVH", "possible")]), ("Exclude atrial fibrillation.", [("AFIB", "possible")]),
+    ("To exclude MI, serial ECGs recommended.", [("MI", "possible")]), ("Evaluate for ischemia.", [("ISC", "possible")]),
+    ("Correlate clinically for ischemia.", [("ISC", "possible")]), ("Raises the possibility of LVH.", [("LVH", "possible")]),
+    ("Atrial flutter is a consideration.", [("AFLT", "possible")]),
+    ("Uncertain whether this is atrial fibrillation.", [("AFIB", "possible")]),
+    ("Atrial fibrillation is uncertain.", [("AFIB", "possible")]),
+    ("Cannot distinguish between atrial fibrillation and atrial flutter.", [("AFIB", "possible"), ("AFLT", "possible")]),
+    ("Sinus rhythm, minimal voltage criteria for LVH, may be normal variant.", [("SR", "stated"), ("LVH", "possible")]),
+    # new, not denied: "not seen before" says the finding is there now
+    ("Anterior ST elevation, not seen on the ECG from yesterday.", [("STE", "stated")]),
+    ("LBBB, not seen previously.", [("LBBB", "stated")]), ("LBBB, which was not present before.", [("LBBB", "stated")]),
+    ("Atrial fibrillation, not present in the 2019 ECG.", [("AFIB", "stated")]),
+    ("With no prior ECG available, atrial fibrillation with LBBB.", [("AFIB", "stated"), ("LBBB", "stated")]),
+    ("In the absence of a prior tracing, LBBB should be considered new.", [("LBBB", "stated")]),
+    # incomplete is not complete
+    ("Incomplete right BBB.", [("IRBBB", "stated")]), ("RBBB, incomplete.", [("IRBBB", "stated")]),
+    ("Right bundle branch block, incomplete type.", [("IRBBB", "stated")]),
+    ("Partial right bundle branch block.", [("IRBBB", "stated")]), ("LBBB, incomplete.", [("ILBBB", "stated")]),
+    # CODE-15's "ST" is a label only where it stands alone, never the ST segment
+    ("ST in V1-V3 is elevated by 2 mm.", []), ("ST normal.", []), ("ST isoelectric.", []),
+    ("PR, QRS, ST, T normal.", []), ("ST within normal limits.", []), ("ST upsloping in V2.", []),
+    ("ST-J point depression.", []), ("ST, T wave changes.", [("TAB", "stated")]),
+    ("1dAVb, ST, AF", [("1AVB", "stated"), ("STACH", "stated"), ("AFIB", "stated")]), ("Answer: ST", [("STACH", "stated")]),
+    # other languages' negations and full stops
+    ("SR, kein AF, LBBB.", [("SR", "stated")]), ("Sinus rhythm. Pas de AF.", [("SR", "stated")]),
+    ("\u7aa6\u6027\u5fc3\u5f8b\u3002\u6ca1\u6709 AF\u3002", []),
+    ("Sinus rhythm\u3002No atrial fibrillation\u3002LBBB\u3002", [("SR", "stated"), ("LBBB", "stated")]),
+    # wording not in the vocabulary before
+    ("Patient with ischemic cardiomyopathy.", []), ("LAHB.", [("LAFB", "stated")]), ("LPHB.", [("LPFB", "stated")]),
+    ("Left anterior hemi-block.", [("LAFB", "stated")]), ("1\u00b0 AVB.", [("1AVB", "stated")]),
+    ("AV block I\u00b0.", [("1AVB", "stated")]), ("Low-voltage QRS complexes.", [("LVOLT", "stated")]),
+    ("Ventricular pacing.", [("PACE", "stated")]), ("ISCAL", [("ISC", "stated")]), ("SNR", [("SR", "stated")]),
+    ("VEB", [("PVC", "stated")]), ("VCLVH", []),
+])
+def test_report_wording_from_review(text: str, expected: list[tuple[str, str]]) -> None:
+    assert _coded(text) == expected
+
+
+def test_the_scorer_reads_a_denial_after_a_colon_and_never_the_st_segment_as_sinus_tachycardia() -> None:
+    cpsc = LABEL_SPACES["cpsc2018"]
+    assert parse.labels_strict("Sinus rhythm. ST elevation: none. ST depression in V5-V6.", cpsc) == ["STD"]
+    assert parse.code15_strict("Answer: ABNORMAL. 1dAVb. ST in V1-V3 normal.", ("1dAVb", "ST")) == ["ABNORMAL", "1dAVb"]
+    assert parse.labels_strict("Normal ECG with first-degree AV block.", LABEL_SPACES["ptbxl"]) == ["CD"]

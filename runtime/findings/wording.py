@@ -1,0 +1,119 @@
+"""How report text denies, doubts, dates or bounds a statement: the patterns extract.py judges mentions by.
+
+Each pattern is matched around one mention of the vocabulary (runtime/findings/vocabulary.py):
+    in its clause, before it      negations, hedges, what breaks a negation's reach, what an earlier ECG showed
+    right before it               a history ("history of", "Hx of"), the far side of a differential ("... vs")
+    right after it (its gap)      negations, hedges, a mimic, a differential, what an earlier ECG showed,
+                                  a denial after a colon ("ST elevation: none")
+All are case-insensitive, whole words. Sources of the wording: the phrasing of ECG reports and of the answers
+ECG models give; each case is a test in tests/runtime/test_findings.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+_I = re.IGNORECASE
+_W = r"(?<![A-Za-z])"  # a word starts here
+_E = r"(?![A-Za-z])"  # a word ends here
+_EARLIER = r"(?:prior|previous|old|older|earlier|last|preceding)"
+_TRACING = r"(?:ecgs?|ekgs?|electrocardiograms?|tracings?|stud(?:y|ies)|records?)"
+
+# Where a sentence ends: '.', '!' or '?' before whitespace or the end of the text (not "0.12 s"), a line break, or
+# a full-width full stop, exclamation or question mark (CJK text). The '.' of "vs." ends nothing: "AF vs. flutter"
+# split in two stated both sides.
+SENTENCE_END = re.compile(r"(?<!\bvs)(?<!\bVs)(?<!\bVS)\.(?=\s|$)|[!?](?=\s|$)|\n|[\u3002\uff01\uff1f]")
+# Where a clause ends: sentence punctuation, ';' and ':' (a "?" glued to a word queries that word: "?LVH"), and
+# the words that turn the sentence ("but", "except", ...).
+BOUNDARY = re.compile(
+    r"(?<!\bvs)\.(?!\d)|[;:!](?!\d)|\?(?![A-Za-z])|\n|[\u3002\uff1b\uff1a\uff01\uff1f]"
+    rf"|{_W}(?:but|however|although|though|whereas|except|apart from|aside from){_E}", _I)
+
+# --- before a mention, anywhere earlier in its clause ---------------------------------------------------------
+# A finding denied, ruled out or unlikely, or one no longer there; contractions ("isn't", "don't"); criteria not
+# met; artifact that looks like a rhythm; what a new rhythm replaced; the negations of German, French, Spanish and
+# Chinese answers around English codes ("kein AF", "pas de AF", "没有 AF").
+NEGATION_BEFORE = re.compile(
+    rf"{_W}(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|(?<![A-Za-z] )(?:absent|unlikely)|lack of"
+    r"|free of|ruled out|rules out|never|neither|nor|rather than|instead of|low likelihood of|no longer"
+    r"|[a-z]+n['\u2019]t"
+    r"|fails? to meet(?: the)? criteria (?:for|of)|insufficient(?: voltage)? criteria (?:for|of)"
+    r"|nothing (?:to suggest|suggest(?:s|ing|ive of))"
+    r"|art[ie]fact\w*[\s,]+(?:(?:that|which)\s+)?(?:(?:may|can|could|might)\s+)?(?:simulat|mimick?|resembl)\w*"
+    r"|(?:has |have )?replaced(?!\s+by)"
+    rf"|kein(?:e|en|er)?|ohne|nicht|pas de|sans|aucune?|sin){_E}|\u6ca1\u6709|\u65e0|\u672a\u89c1", _I)
+# ("absent" and "unlikely" right after a word are that word's, as in "ST elevation absent in the inferior leads, T
+# wave inversion": wording after a mention, NEGATION_AFTER.)
+# Negation words that deny nothing after them: "not only", "no significant change", "no prior ECG available".
+PSEUDO_NEGATION = re.compile(
+    rf"{_W}(?:not only|not necessarily|no (?:significant |interval )?changes?"
+    rf"|(?:(?:in the )?absence of|no|without|lack of) (?:an? |any )?(?:{_EARLIER}|comparison) {_TRACING}){_E}", _I)
+# A negation spent on something that is no statement does not reach past these: "No P waves, consistent with
+# atrial fibrillation" states AF (where "No ST elevation consistent with STEMI" still denies both).
+SCOPE_BREAK = re.compile(
+    rf"{_W}(?:consistent with|compatible with|in keeping with|suggest(?:s|ive of|ing)|indicat(?:es|ive of|ing)"
+    rf"|diagnostic of|typical of|characteristic of|due to){_E}", _I)
+UNSURE = (r"(?:(?:cannot|can't|can not|could not|couldn't|does not|doesn't|did not|do not|unable to) (?:be )?"
+          r"(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))")
+HEDGE_BEFORE = re.compile(
+    rf"{_W}(?:{UNSURE}|possibl[ey]|probabl[ey]|likely|suspected|suspicious (?:for|of)|possibility of"
+    r"|suggest(?:s|ive of|ing)?|consider|questionable|borderline|equivocal|uncertain(?: whether| if)?"
+    r"|may (?:be|represent|indicate|reflect)|might|could (?:be|represent)|doubtful|query"
+    r"|differential(?: diagnosis)?(?: includes?| of)?|(?:can|may|could) (?:mimic|mask|obscure)(?: or (?:mimic|mask"
+    r"|obscure))?|rule out|r/o|(?:to )?exclude|evaluate for|assess for|correlate(?: clinically)? (?:for|with)"
+    r"|clinical correlation (?:for|with)|(?:cannot|can't|can not|unable to) (?:distinguish|differentiate)"
+    rf"(?: between)?|(?:minimal |borderline |isolated )?voltage criteria (?:for|of)){_E}", _I)
+# What an earlier tracing showed is not this one: "Prior ECG showed atrial fibrillation. Now sinus rhythm."
+EARLIER_TRACING_BEFORE = re.compile(
+    rf"{_W}{_EARLIER} {_TRACING} (?:showed|shows?|demonstrated|revealed|had|with){_E}", _I)
+
+# --- right before a mention (the text since the previous mention) --------------------------------------------
+# A history is not the tracing ("history of AF, now in sinus rhythm" states SR); it governs the statement right
+# after it, and those joined to that one by "and" / "or".
+HISTORY_OF = re.compile(
+    rf"(?:{_W}(?:a |past |prior )?history of|{_W}hx of|{_W}h/o)\s+(?:[A-Za-z-]+\s+){{0,2}}$", _I)
+# The far side of a differential whose near side is no statement of the vocabulary, or words away: "Pericarditis
+# vs STEMI", "SVT with aberrancy vs ventricular tachycardia", "RBBB or IVCD".
+ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}}|(?:^|[\s,]){_W}or\s+)$", _I)
+
+# --- right after a mention (its gap: up to the next mention or the clause's end) ------------------------------
+# Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
+# "flutter" alone is no statement of the vocabulary. The price: "AF, P waves are absent" drops AF too (a missed
+# statement is the smaller harm, as for the negation's reach).
+_FILLER = r"^[\s,]*(?:[\w/+-]+[\s,]+){0,4}?"
+_VERB = r"(?:(?:is|are|was|were|has been|have been|appears?|seems?)\s+)?"
+# "not seen on the prior ECG", "not present in the 2019 ECG", "not seen on the ECG from yesterday", "not seen
+# previously": new, not denied (where "not seen on the ECG" or "on this tracing" denies)
+_DATED = r"(?:\d{4}|\d{1,2}[/.-]\d{1,2}(?:[/.-]\d{2,4})?)"
+_NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[\w-]+\s+){{0,2}}?{_EARLIER}{_E}"
+        rf"|{_DATED}\s+{_TRACING}|{_TRACING}\s+(?:from|of|dated|on)\s+(?!this|today)\w)"
+        rf"|(?:previously|before|earlier){_E}))")
+NEGATION_AFTER = re.compile(
+    rf"{_FILLER}{_VERB}(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
+    r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent|ruled out|excluded|unlikely|resolved"
+    r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
+    rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}", _I)
+HEDGE_AFTER = re.compile(
+    rf"{_FILLER}{_VERB}(?:{UNSURE}|possible|suspected|likely|questionable|not certain|uncertain|doubtful"
+    r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant)(?![A-Za-z])", _I)
+# What a finding became or gave way to is what the tracing shows: "AF converted to sinus rhythm" states SR only;
+# and a finding seen on an earlier tracing ("AF on prior ECG; now sinus rhythm") is not this one.
+GONE_AFTER = re.compile(
+    rf"^[\s,]*(?:(?:has |have |had )?(?:converted|reverted|changed) (?:back )?to|(?:has been |was |is )?replaced by"
+    rf"|(?:(?:was|were|is) )?(?:(?:seen|noted|present|documented|recorded) )?(?:on|in) (?:the |an? )?{_EARLIER}"
+    rf" {_TRACING}){_E}", _I)
+# "ST elevation: none", "- Atrial fibrillation: absent": a report's field and its value
+DENIED_AFTER_COLON = re.compile(
+    r"^[ \t]*[:\uff1a][ \t]*(?:none|absent|no|nil|negative|not (?:present|seen|identified|detected|found|evident))"
+    r"(?![A-Za-z])", _I)
+# "STEMI mimic", "LBBB mimicker": the statement names what it is not (never "LBBB, which can mimic MI")
+MIMIC = re.compile(r"^[\s-]*mimic(?:s|ker)?(?![A-Za-z])[\s,]*$", _I)
+# the gap inside a list: "AF and flutter are absent", "LBBB and RBBB cannot be excluded"
+CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
+# the same, with its word: a history reaches along "MI and AF", not along a bare comma
+JOINED = re.compile(r"^[\s,]*(?:and|or|and/or)[\s,]*$", _I)
+# "AF vs flutter", "Sinus rhythm or ectopic atrial rhythm", "SVT with aberrancy vs VT": a differential; neither
+# side is stated ("one or more PVCs" is no differential)
+ALTERNATIVE_AFTER = re.compile(
+    rf"^[\s,]*(?:(?:[\w-]+\s+){{0,3}}?(?:vs\.?|versus){_E}|or\s+(?!(?:more|less|greater|fewer|so){_E})(?=[A-Za-z]|$))",
+    _I)
