@@ -253,12 +253,14 @@ def test_an_answer_the_context_cut_short_says_so_in_its_notes() -> None:
     ("Sinus arrhythmia, otherwise a normal ECG. Normal ECG.", [("SARRH", "stated"), ("NORM", "stated")]),
     # hedges in other words
     ("LVH may be present.", [("LVH", "possible")]), ("Exclude atrial fibrillation.", [("AFIB", "possible")]),
-    ("To exclude MI, serial ECGs recommended.", [("MI", "possible")]), ("Evaluate for ischemia.", [("ISC", "possible")]),
-    ("Correlate clinically for ischemia.", [("ISC", "possible")]), ("Raises the possibility of LVH.", [("LVH", "possible")]),
+    ("To exclude MI, serial ECGs recommended.", [("MI", "possible")]),
+    ("Evaluate for ischemia.", [("ISC", "possible")]), ("Correlate clinically for ischemia.", [("ISC", "possible")]),
+    ("Raises the possibility of LVH.", [("LVH", "possible")]),
     ("Atrial flutter is a consideration.", [("AFLT", "possible")]),
     ("Uncertain whether this is atrial fibrillation.", [("AFIB", "possible")]),
     ("Atrial fibrillation is uncertain.", [("AFIB", "possible")]),
-    ("Cannot distinguish between atrial fibrillation and atrial flutter.", [("AFIB", "possible"), ("AFLT", "possible")]),
+    ("Cannot distinguish between atrial fibrillation and atrial flutter.",
+     [("AFIB", "possible"), ("AFLT", "possible")]),
     ("Sinus rhythm, minimal voltage criteria for LVH, may be normal variant.", [("SR", "stated"), ("LVH", "possible")]),
     # new, not denied: "not seen before" says the finding is there now
     ("Anterior ST elevation, not seen on the ECG from yesterday.", [("STE", "stated")]),
@@ -274,7 +276,8 @@ def test_an_answer_the_context_cut_short_says_so_in_its_notes() -> None:
     ("ST in V1-V3 is elevated by 2 mm.", []), ("ST normal.", []), ("ST isoelectric.", []),
     ("PR, QRS, ST, T normal.", []), ("ST within normal limits.", []), ("ST upsloping in V2.", []),
     ("ST-J point depression.", []), ("ST, T wave changes.", [("TAB", "stated")]),
-    ("1dAVb, ST, AF", [("1AVB", "stated"), ("STACH", "stated"), ("AFIB", "stated")]), ("Answer: ST", [("STACH", "stated")]),
+    ("1dAVb, ST, AF", [("1AVB", "stated"), ("STACH", "stated"), ("AFIB", "stated")]),
+    ("Answer: ST", [("STACH", "stated")]),
     # other languages' negations and full stops
     ("SR, kein AF, LBBB.", [("SR", "stated")]), ("Sinus rhythm. Pas de AF.", [("SR", "stated")]),
     ("\u7aa6\u6027\u5fc3\u5f8b\u3002\u6ca1\u6709 AF\u3002", []),
