@@ -6,17 +6,38 @@ import json
 import os
 import platform
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from pulse_edge.runtime.kernels.build import cpu_flags
 
 CHECKPOINT_PRECISION = "checkpoint (fp32/bf16/fp16 as run)"
 # PULSE-7B's decoder (Vicuna-7B): a model of another shape is a test model whatever its weights.
 PULSE_HIDDEN, PULSE_LAYERS = 4096, 32
 
 
+# The instruction sets the CPU paths choose between (runtime/kernels: AMX tiles or AVX-512; ORT's MLAS: VNNI),
+# which a model name alone does not tell ("AMD EPYC" is Zen 4 or Zen 5 on two VMs of the same name).
+ISA_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+# the libraries whose kernels the CPU benchmarks time
+LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "numpy")
+
+
 def machine_info() -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
-            "cores": os.cpu_count(), "ram_gib": _ram_gib()}
+            "cpu_id": _cpu_id(), "isa": [flag for flag in ISA_FLAGS if flag in cpu_flags()],
+            "libraries": _libraries(), "cores": os.cpu_count(), "ram_gib": _ram_gib()}
+
+
+def machine_text(m: Mapping[str, Any]) -> str:
+    """One line for a report's heading: the CPU as the kernels see it, the cores, the RAM and the libraries (a
+    record from before these were kept prints what it has)."""
+    cpu = m["cpu"] + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
+    isa = f"; ISA {' '.join(m['isa']) or 'none of ' + '/'.join(ISA_FLAGS)}" if "isa" in m else ""
+    libraries = "; " + ", ".join(f"{name} {version}" for name, version in m["libraries"].items()) if m.get(
+        "libraries") else ""
+    return f"{cpu}, {m['cores']} cores, {m['ram_gib']} GiB RAM{isa}{libraries}"
 
 
 def model_info(model_dir: str | Path) -> dict[str, Any]:
@@ -44,6 +65,32 @@ def accuracy_warning(model: Mapping[str, Any]) -> str:
                 "PULSE-7B's shape. These results exercise the pipeline only and are MEANINGLESS for accuracy.")
     return ("Accuracy means something only if these are the real PULSE-7B weights: a random-weight model of the "
             "full shape looks the same from here, and its results are meaningless for accuracy.")
+
+
+def _cpu_id() -> str | None:
+    """Linux's "cpu family", "model" and "stepping" of the first CPU: tells CPU generations apart."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first CPU's block ends at its blank line
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    parts = [f"{name} {fields[key]}" for key, name in (("cpu family", "family"), ("model", "model"),
+                                                        ("stepping", "stepping")) if key in fields]
+    return " ".join(parts) or None
+
+
+def _libraries() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def _cpu_model() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pulse_edge.benchmarks.common.machine import machine_text
+
 GIB = 2**30
 
 
@@ -39,7 +41,7 @@ def machine_lines(report: dict[str, Any], use: str = ROOFLINE_USE) -> list[str]:
     samples = "; ".join(f"{when}: read {b['read_gb_s']:.1f}, copy "
                         + ("-" if b["copy_gb_s"] is None else f"{b['copy_gb_s']:.1f}")
                         for when, b in bw["samples"].items())
-    return [f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['platform']}; "
+    return [f"machine: {machine_text(m)}; {m['platform']}; "
             f"python {m['python']}; load average {' '.join(map(str, m['load_average']))} at start, "
             f"{' '.join(map(str, m['load_average_end']))} at end",
             f"memory bandwidth (numpy, {gib(bw['array_bytes'])} arrays, {bw['threads']} threads, median of "

@@ -24,11 +24,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason
 from pulse_edge.benchmarks.common.machine import machine_info, model_info
+from pulse_edge.benchmarks.common.made import ensure_made
 from pulse_edge.benchmarks.common.measure import (
     Stat,
     bandwidth_probe,
@@ -137,25 +139,23 @@ def run_cli(args: list[str], what: str, progress: Callable[[str], None]) -> None
 
 
 def prepare_model(cfg: BackendsConfig, work: Path, progress: Callable[[str], None]) -> PreparedModel:
-    """The random checkpoint and its fp32 bundle in `work`, made once (by the project's own make-tiny
-    and export commands) and reused when already there."""
+    """The random checkpoint and its fp32 bundle in `work`, made by the project's own make-tiny and export commands,
+    and reused where made so already (benchmarks/common/made.py)."""
     checkpoint, bundle = work / "checkpoint", work / "bundle-fp32"
     started = time.perf_counter()
-    if checkpoint.is_dir():
-        _check_checkpoint(checkpoint, cfg)
-        if bundle.is_dir():
-            _check_bundle(checkpoint, bundle)
-            return PreparedModel(checkpoint, bundle, time.perf_counter() - started, reused=True)
-    else:
+    # --full-shape writes bf16 files (half the disk and the write); both backends load the same fp32 values
+    full = ["--full-shape"] if WIDTH_SHAPES[cfg.width]["full_shape"] else []
+    make = ["make-tiny", str(checkpoint), *full, "--layers", str(cfg.layers), "--seed", str(cfg.seed)]
+    export = ["export", str(checkpoint), "-o", str(bundle), "--precision", "fp32", "--validation", "quick"]
+    if not checkpoint.exists():
         progress(f"writing a random {cfg.width}-width checkpoint with {cfg.layers} decoder layers to {checkpoint}")
-        # --full-shape writes bf16 files (half the disk and the write); both backends load the same fp32 values
-        full = ["--full-shape"] if WIDTH_SHAPES[cfg.width]["full_shape"] else []
-        run_cli(["make-tiny", str(checkpoint), *full, "--layers", str(cfg.layers), "--seed", str(cfg.seed)],
-                 "make-tiny", progress)
-    progress(f"exporting the fp32 bundle (quick validation) to {bundle}")
-    run_cli(["export", str(checkpoint), "-o", str(bundle), "--precision", "fp32", "--validation", "quick"],
-             "export", progress)
-    return PreparedModel(checkpoint, bundle, time.perf_counter() - started, reused=False)
+    reused = ensure_made(checkpoint, make, partial(run_cli, what="make-tiny", progress=progress), progress)
+    _check_checkpoint(checkpoint, cfg)
+    if not bundle.exists():
+        progress(f"exporting the fp32 bundle (quick validation) to {bundle}")
+    reused &= ensure_made(bundle, export, partial(run_cli, what="export", progress=progress), progress, inputs=make)
+    _check_bundle(checkpoint, bundle)
+    return PreparedModel(checkpoint, bundle, time.perf_counter() - started, reused=reused)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pulse_edge.benchmarks.common.host import HostWindow
+from pulse_edge.benchmarks.common.machine import machine_text
 from pulse_edge.benchmarks.common.ort_trace import (
     ATTENTION,
     FLOAT_GEMM,
@@ -201,7 +202,7 @@ def profile_table(report: dict[str, Any]) -> str:
     lines = [f"bench profile: {c['model']} ({report['model'].get('precision', '?')}), {c['threads'] or 'all'} "
              f"threads, {c['runs']} timed runs per phase after 1 warm-up; ONNX Runtime's profiler on; times per run "
              "are means over the runs (a breakdown: `bench latency` gives medians)",
-             f"machine: {m['cpu']}, {m['cores']} cores; load average (1, 5, 15 min) when the report was written: "
+             f"machine: {machine_text(m)}; load average (1, 5, 15 min) when the report was written: "
              f"{' '.join(map(str, m['load_average']))} (each phase's own host state is in its row)",
              f"bounds: {report['probe_method']}"]
     for name, phase in report["phases"].items():

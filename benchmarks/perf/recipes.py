@@ -28,11 +28,13 @@ import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason
 from pulse_edge.benchmarks.common.machine import model_info
+from pulse_edge.benchmarks.common.made import ensure_made, file_digest, made_as_asked, stamp_path
 from pulse_edge.benchmarks.common.measure import (
     Stat,
     bandwidth_report,
@@ -88,24 +90,34 @@ class RecipesConfig:
 
 
 def prepare_recipes(cfg: RecipesConfig, work: Path, progress: Callable[[str], None]) -> dict[str, Path]:
-    """fp32 bundle (backends.prepare_model), scales, and one bundle per recipe, each made once and reused."""
+    """fp32 bundle (backends.prepare_model), scales, and one bundle per recipe, each made once and reused where
+    made so already: the same arguments and code (benchmarks/common/made.py)."""
     prepared = prepare_model(cfg.base, work, progress)
     scales = work / "scales.npz"
-    if not scales.is_file():
+    calibrate = ["calibrate", str(prepared.checkpoint), "--samples", str(cfg.calibration_samples), "-o", str(scales)]
+    if not made_as_asked(scales, [*calibrate, *_from(prepared.checkpoint)]):
         progress(f"calibrating on {cfg.calibration_samples} synthetic samples")
-        run_cli(["calibrate", str(prepared.checkpoint), "--samples", str(cfg.calibration_samples), "-o",
-                 str(scales)], "calibrate", progress)
+    ensure_made(scales, calibrate, partial(run_cli, what="calibrate", progress=progress), progress,
+                inputs=_from(prepared.checkpoint))
     bundles = {"fp32": prepared.bundle} if cfg.fp32 else {}
     for key in cfg.recipes:
         bundle = work / f"bundle-{key}"
-        if not bundle.is_dir():
+        args = RECIPES[key][1]
+        calibrated = ["--scales", str(scales)] if args[1] != "fp32" else []
+        export = ["export", str(prepared.checkpoint), "-o", str(bundle), *args, *calibrated, "--validation", "quick",
+                  "--held-out", "1"]
+        inputs = [*_from(prepared.checkpoint), *(["scales", file_digest(scales)] if calibrated else [])]
+        if not made_as_asked(bundle, [*export, *inputs]):
             progress(f"exporting the {key} bundle")
-            args = RECIPES[key][1]
-            calibrated = ["--scales", str(scales)] if args[1] != "fp32" else []
-            run_cli(["export", str(prepared.checkpoint), "-o", str(bundle), *args, *calibrated, "--validation",
-                     "quick", "--held-out", "1"], f"export {key}", progress)
+        ensure_made(bundle, export, partial(run_cli, what=f"export {key}", progress=progress), progress, inputs=inputs)
         bundles[key] = bundle
     return {**bundles, **dict(cfg.extra)}
+
+
+def _from(checkpoint: Path) -> list[str]:
+    """What a calibration or export is made from: the checkpoint, as its own stamp records it."""
+    return ["checkpoint", stamp_path(checkpoint).read_text(encoding="utf-8") if stamp_path(checkpoint).is_file()
+            else str(checkpoint.resolve())]
 
 
 def _ort_bench(key: str, bundle: Path, inputs: Any, cfg: BackendsConfig) -> OrtBench:

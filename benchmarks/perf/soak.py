@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pulse_edge.benchmarks.common.machine import machine_info, model_info
+from pulse_edge.benchmarks.common.machine import machine_info, machine_text, model_info
 from pulse_edge.benchmarks.common.measure import Stat, ecg_print, load_average
 from pulse_edge.benchmarks.common.tables import gib, markdown_table
 from pulse_edge.errors import ConfigError
@@ -270,7 +270,7 @@ def soak_table(report: dict[str, Any]) -> str:
              f"{report['config']['max_new_tokens']} new tokens per request, a {report['config']['size'][0]}x"
              f"{report['config']['size'][1]} PNG ({report['config']['png_bytes'] / 1024:.0f} KiB); requests cycle "
              f"{', '.join(KINDS)}",
-             f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['platform']}; python "
+             f"machine: {machine_text(m)}; {m['platform']}; python "
              f"{m['python']}; load average {' '.join(map(str, m['load_average']))} at start, "
              f"{' '.join(map(str, m['load_average_end']))} at end"]
     return "\n".join(lines)

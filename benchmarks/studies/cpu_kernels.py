@@ -30,7 +30,7 @@ import click
 import numpy as np
 
 from pulse_edge.benchmarks.common.host import HostWindow, host_sample
-from pulse_edge.benchmarks.common.machine import machine_info
+from pulse_edge.benchmarks.common.machine import machine_info, machine_text
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.tables import markdown_table
 from pulse_edge.benchmarks.studies.common import CONTRIB, study_model, study_options, study_session
@@ -271,7 +271,7 @@ def _host(report: dict[str, Any], name: str) -> str:
 
 def _tables(report: dict[str, Any]) -> str:
     m = report["machine"]
-    parts = [f"{report['date']}; {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; threads {report['threads']}, "
+    parts = [f"{report['date']}; {machine_text(m)}; threads {report['threads']}, "
              f"median of {report['repeats']} interleaved calls after a warm-up"]
     parts += ["", "GroupQueryAttention, fp32, the full S x T product" + _host(report, "attention") + ":",
               markdown_table(["S new", "P cached", "ms", "GFLOP/s"],

@@ -22,7 +22,7 @@ from typing import Any
 import click
 import numpy as np
 
-from pulse_edge.benchmarks.common.machine import machine_info
+from pulse_edge.benchmarks.common.machine import machine_info, machine_text
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.rounds import abba
 from pulse_edge.benchmarks.common.tables import markdown_table
@@ -70,7 +70,7 @@ def compare(context: int, heads: int, layers: int, threads: int, rounds: int, ke
 
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
-    head = (f"{m['cpu']}, {m['cores']} cores; {report['threads']} threads; {report['rounds']} ABBA rounds, medians "
+    head = (f"{machine_text(m)}; {report['threads']} threads; {report['rounds']} ABBA rounds, medians "
             f"over quiet rounds; {report['heads']} heads x {HEAD_DIM}, {report['layers']} layers per step; kernel "
             f"{report['kernel']}")
     rows = [[str(r["context"]), cell(r["ms"]["ort"], ".2f"), cell(r["ms"]["kernel"], ".2f"),

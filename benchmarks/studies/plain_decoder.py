@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
+from pulse_edge.benchmarks.common.machine import machine_text
 from pulse_edge.benchmarks.common.rounds import paired
 from pulse_edge.runtime.bundle.manifest import GraphSpec
 from pulse_edge.runtime.bundle.names import past_name
@@ -442,7 +443,7 @@ def report_table(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     agree = report["prefill_logits_agreement"]
     lines = [f"Plain `torch.onnx` export vs direct builder, real-width PULSE-7B decoder with 2 layers, fp32, "
-             f"ORT CPU; {report['date']}; {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM.",
+             f"ORT CPU; {report['date']}; {machine_text(m)}.",
              f"p50 of {s['runs']} prefill / {s['decode_runs']} decode runs after {s['warmup']} warm-up, the two "
              f"graphs interleaved in one process; "
              f"prefill {s['prefill']} positions, decode one token with {s['context']} positions attended; "

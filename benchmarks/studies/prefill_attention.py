@@ -25,7 +25,7 @@ from typing import Any
 import click
 import numpy as np
 
-from pulse_edge.benchmarks.common.machine import machine_info
+from pulse_edge.benchmarks.common.machine import machine_info, machine_text
 from pulse_edge.benchmarks.common.output import write_json
 from pulse_edge.benchmarks.common.rounds import abba
 from pulse_edge.benchmarks.common.tables import markdown_table
@@ -110,7 +110,7 @@ def compare(rows: int, past: int, heads: int, threads: int, rounds: int, kernel:
 
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
-    head = (f"{m['cpu']}, {m['cores']} cores; {report['threads']} threads; {report['rounds']} ABBA rounds, "
+    head = (f"{machine_text(m)}; {report['threads']} threads; {report['rounds']} ABBA rounds, "
             f"medians over quiet rounds; {report['heads']} heads x {HEAD_DIM}; kernel {report['kernel']}")
     rows = [[str(r["rows"]), str(r["past"]), cell(r["ms"]["ort"], ".1f"), cell(r["ms"]["kernel"], ".1f"),
              cell(r["speedup"], ".2f") + ("" if r["speedup"] is None else "x"),

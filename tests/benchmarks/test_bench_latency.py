@@ -98,6 +98,22 @@ def test_a_temporary_work_dir_is_removed() -> None:
     assert not path.exists()
 
 
+def test_the_machine_line_tells_cpu_generations_and_libraries_apart() -> None:
+    """"AMD EPYC" named a Zen 4 and a Zen 5 VM alike, and nothing said which ONNX Runtime ran, while the docs set
+    their figures side by side and the kernels choose AMX or AVX-512 by the CPU's flags."""
+    from pulse_edge.benchmarks.common.machine import ISA_FLAGS, machine_info, machine_text
+    from pulse_edge.runtime.kernels.build import cpu_flags
+
+    m = machine_info()
+    assert m["isa"] == [flag for flag in ISA_FLAGS if flag in cpu_flags()]
+    text = machine_text(m)
+    assert f"{m['cores']} cores" in text and "numpy " in text and m["libraries"]["numpy"] in text
+    if Path("/proc/cpuinfo").is_file():
+        assert m["cpu_id"] and f"({m['cpu_id']})" in text and "family" in m["cpu_id"]
+    old = {"cpu": "AMD EPYC", "cores": 2, "ram_gib": 23.5}  # a record from before
+    assert machine_text(old) == "AMD EPYC, 2 cores, 23.5 GiB RAM"
+
+
 def test_importing_the_group_pulls_in_nothing_heavy() -> None:
     code = ("import sys, json; import pulse_edge.cli.bench; "
             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")

@@ -44,3 +44,51 @@ def test_bench_recipes_holds_each_round_against_the_probes_around_it(tmp_path: P
     fp32 = report["recipes"]["fp32"]  # fp32 GEMMs: the int8 peak bounds nothing there
     assert fp32["float_gemms"] and "prefill_fraction_of_int8_peak" not in fp32 and not row["float_gemms"]
     assert "n/a (fp32 GEMMs)" in result.output and "prefill_fraction_of_int8_peak" in row
+
+
+def test_a_cached_artifact_is_reused_only_as_made_and_another_is_made_again(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--work` reused scales from 2 samples under a header that said 8, and bundles older code exported."""
+    from pulse_edge.benchmarks.common import made
+    from pulse_edge.errors import ConfigError
+
+    runs: list[list[str]] = []
+
+    def run(args: list[str]) -> None:  # a command that writes its artifact: the last argument
+        runs.append(args)
+        Path(args[-1]).write_text(" ".join(args))
+
+    scales = tmp_path / "scales.npz"
+    two, eight = ["calibrate", "--samples", "2", str(scales)], ["calibrate", "--samples", "8", str(scales)]
+    assert made.ensure_made(scales, two, run, print) is False
+    assert made.ensure_made(scales, two, run, print) is True and len(runs) == 1  # as asked: reused
+    assert made.ensure_made(scales, eight, run, print) is False and scales.read_text().endswith(f"8 {scales}")
+    assert made.ensure_made(scales, eight, run, print, inputs=["checkpoint", "other"]) is False  # made from another
+    monkeypatch.setattr(made, "code_digest", lambda: "other source")
+    assert made.ensure_made(scales, eight, run, print, inputs=["checkpoint", "other"]) is False  # by other code
+    assert len(runs) == 4
+    unstamped = tmp_path / "bundle-int8"
+    unstamped.mkdir()
+    with pytest.raises(ConfigError, match="holds no record of how it was made"):
+        made.ensure_made(unstamped, ["export", str(unstamped)], run, print)
+    assert unstamped.is_dir()  # refused, never removed
+    link = tmp_path / "bundle-fp32"
+    link.symlink_to(unstamped)
+    assert made.ensure_made(link, ["export", str(link)], run, print) is True and len(runs) == 4  # the user's
+
+
+def test_the_code_digest_follows_the_source_of_the_packages_that_make_artifacts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pulse_edge.benchmarks.common import made
+
+    names = [name for name, _ in made.sources()]
+    assert "pulse_edge.export/build/bundle.py" in names and "pulse_edge.calibration/histogram.py" in names
+    package = tmp_path / "pe_made_probe"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "step.py").write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = made.code_digest(("pe_made_probe",))
+    assert made.code_digest(("pe_made_probe",)) == before
+    (package / "sub" / "step.py").write_text("SCALE = 2\n")
+    assert made.code_digest(("pe_made_probe",)) != before
