@@ -15,8 +15,14 @@ def gib(value: float) -> str:
     return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / 2**20:.1f} MiB"
 
 
-def pp(stat: dict[str, Any] | None, digits: int = 0) -> str:
-    return "n/a" if stat is None else f"{stat['p50']:.{digits}f} / {stat['p95']:.{digits}f}"
+BUSY_MARK = " (busy)"  # on a cell whose rounds were too few quiet ones for a ratio (host.busy_reason)
+
+
+def pp(stat: dict[str, Any] | None, digits: int = 0, *, busy: bool = False) -> str:
+    """p50 / p95; marked where the rounds behind it were busy, so that no one sets it beside a quiet cell."""
+    if stat is None:
+        return "n/a"
+    return f"{stat['p50']:.{digits}f} / {stat['p95']:.{digits}f}" + (BUSY_MARK if busy else "")
 
 
 def num(value: float | None, digits: int = 1) -> str:

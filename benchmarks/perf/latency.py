@@ -299,9 +299,7 @@ def latency_table(report: dict[str, Any]) -> str:
     compute = (report.get("compute_bound") or {}).get("label", "compute peak")
     header = ["print", "pixels", "image tok", "preprocess ms", "vision ms", "prefill ms", "TTFT ms", "decode tok/s",
               "roofline tok/s", "achieved GB/s", *(label.format(compute=compute) for _, label in FRACTIONS)]
-    rows = [[r["print"], r["size"], str(r["image_tokens"]), pp(r["timings"]["preprocess_ms"]),
-             pp(r["timings"]["vision_ms"]), pp(r["timings"]["prefill_ms"]),
-             pp(r["timings"]["time_to_first_token_ms"]), pp(r["timings"].get("decode_tokens_per_s"), 1),
+    rows = [[r["print"], r["size"], str(r["image_tokens"]), *_time_cells(r),
              num(r.get("roofline_tokens_per_s")), num(r.get("achieved_gb_s")),
              *(_fraction_cell(r, key) for key, _ in FRACTIONS)] for r in report["sizes"]]
     return "\n".join([
@@ -315,11 +313,19 @@ def latency_table(report: dict[str, Any]) -> str:
         f"peak RSS {gib(report['peak_rss_bytes'])} ({report['peak_rss_note']})",
         decoder_line(report["decoder"]),
         f"{s['runs']} runs after {s['warmup']} warm-up, up to {s['max_new_tokens']} new tokens, greedy; cells: "
-        "p50 / p95; decode tok/s as Conversation.ask times it (the steps after the first token); achieved GB/s "
+        "p50 / p95 (\"busy\" where too few runs were quiet: not for comparison); decode tok/s as "
+        "Conversation.ask times it (the steps after the first token); achieved GB/s "
         "at the mean decode context (prompt + half the generated tokens)"
         + (", the roofline at the best read probe beside the runs" if report.get("probed") else ""),
         *([_fractions_line(report.get("ops"))] if report.get("probed") else []),
         "", markdown_table(header, rows)])
+
+
+def _time_cells(row: dict[str, Any]) -> list[str]:
+    """A size's p50 / p95 cells, marked where its runs were too busy for a fraction (or unjudged: no probes)."""
+    t, busy = row["timings"], bool(row.get("host", {}).get("busy"))
+    return [*(pp(t[key], busy=busy) for key in ("preprocess_ms", "vision_ms", "prefill_ms", "time_to_first_token_ms")),
+            pp(t.get("decode_tokens_per_s"), 1, busy=busy)]
 
 
 def _fractions_line(ops: dict[str, Any] | None) -> str:

@@ -248,9 +248,11 @@ def _fraction(value: float | None) -> str:
     return "busy" if value is None else percent(value)
 
 
-def _row(e: dict[str, Any]) -> list[str]:
+def _row(e: dict[str, Any], busy: set[str]) -> list[str]:
+    """One backend's cells; those of a measurement whose rounds were busy (`busy`: its names) are marked."""
     vision = e.get("vision_ms")
-    return [e["name"], pp(vision) if vision else "-", pp(e["prefill_ms"]), pp(e["decode_tokens_per_s"], 1),
+    return [e["name"], pp(vision, busy="vision" in busy) if vision else "-",
+            pp(e["prefill_ms"], busy="prefill" in busy), pp(e["decode_tokens_per_s"], 1, busy="decode" in busy),
             f"{gib(e['decoder_bytes'])} + {gib(e['kv_bytes'])}",
             _fraction(e.get("fraction_of_read")), *_compute_fractions(e, bool(vision)), e.get("baseline") or "-",
             *(_ratio(e.get(f"{m}_speedup")) if e.get("baseline") and e.get(m) else "-" for m in MEASURES),
@@ -287,7 +289,7 @@ def recipes_table(report: dict[str, Any]) -> str:
               f"decode tok/s @ {s['context']}", "bytes / step (weights + KV)", "decode % of read BW",
               "prefill % of int8 peak", "vision % of int8 peak", "baseline", "vision speedup", "prefill speedup",
               "decode speedup", "memory: loaded + working"]
-    rows = [_row(e) for e in report["recipes"].values()]
+    rows = [_row(e, {m_ for m_, h in report["host"].items() if h["busy"]}) for e in report["recipes"].values()]
     gemm = "; ".join(f"{when}: " + ", ".join(f"{k} {v:.2f}" for k, v in g["tops"].items())
                      for when, g in p["gemm"].items())
     busy = [f"{m_}: {h['busy']}" for m_, h in report["host"].items() if h["busy"]]
@@ -298,8 +300,8 @@ def recipes_table(report: dict[str, Any]) -> str:
         f"{_round_bounds_words(report['round_probes'])}",
         f"model: random PULSE-shaped, hidden {m['hidden_size']}, {m['layers']} decoder layers; scales from "
         f"{s['calibration_samples']} synthetic samples; {s['runs']} timed runs after {s['warmup']} warm-up, "
-        f"decode {s['decode_steps']} steps per run; cells: p50 / p95 of all rounds; fractions and ratios: "
-        f"median of the quiet rounds, paired round by round",
+        f"decode {s['decode_steps']} steps per run; cells: p50 / p95 of all rounds (\"busy\" where too few were "
+        f"quiet: not for comparison); fractions and ratios: median of the quiet rounds, paired round by round",
         "", markdown_table(header, rows), "",
         "bytes / step: the decoder graph's files + the KV cache at the context (its own dtype); decode % of read BW "
         "= tok/s x bytes / step over the better of the read probes before and after the round; prefill and "

@@ -147,6 +147,13 @@ def test_bench_latency_on_a_tiny_bundle(quick_bundle: Path, tmp_path: Path, smal
         _assert_fractions_from_own_probes(row, report)
     assert "bounds probed before each run and after the last" in printed and "prefill % of fp32 peak" in printed
     assert report["compute_bound"]["bound"] == "fp32"  # an fp32 bundle: its GEMMs are MLAS's SGEMM
+    # a size whose runs were busy has its cells marked, not only a line under the table that says so
+    from pulse_edge.benchmarks.perf.latency import latency_table
+
+    assert "(busy)" not in printed
+    report["sizes"][0]["host"]["busy"] = "host busy: 0 of 3 rounds quiet (need 3); e.g. other processes used 1 core"
+    rows = [line for line in latency_table(report).splitlines() if line.startswith("| ")][1:]
+    assert rows[0].count(" (busy)") == 5 and " (busy)" not in rows[1]
 
 
 def _assert_fractions_from_own_probes(row: dict, report: dict) -> None:

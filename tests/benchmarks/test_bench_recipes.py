@@ -92,3 +92,14 @@ def test_the_code_digest_follows_the_source_of_the_packages_that_make_artifacts(
     assert made.code_digest(("pe_made_probe",)) == before
     (package / "sub" / "step.py").write_text("SCALE = 2\n")
     assert made.code_digest(("pe_made_probe",)) != before
+
+
+def test_a_measurements_cells_are_marked_where_its_rounds_were_busy() -> None:
+    from pulse_edge.benchmarks.perf.recipes import _row
+
+    stat = {"p50": 10.0, "p95": 12.0}
+    entry = {"name": "onnxruntime int8", "vision_ms": stat, "prefill_ms": stat, "decode_tokens_per_s": stat,
+             "decoder_bytes": 2**20, "kv_bytes": 2**20, "meter": {"resident_bytes": 2**20, "working_bytes": None},
+             "float_gemms": True}
+    assert _row(entry, {"prefill"})[1:4] == ["10 / 12", "10 / 12 (busy)", "10.0 / 12.0"]
+    assert _row(entry, set())[1:4] == ["10 / 12", "10 / 12", "10.0 / 12.0"]
