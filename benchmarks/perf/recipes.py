@@ -65,6 +65,8 @@ RECIPES = {
     "int4": ("int4: W8A8 vision, int4 AWQ decode, W8A8 prefill graph, int8 KV", ["--precision", "int4"]),
     "int8-single": ("int8 without the prefill graph, fp32 KV", ["--precision", "int8", "--no-prefill-graph",
                                                                "--kv-cache", "float"]),
+    "int4-single": ("int4 without the prefill graph, fp32 KV", ["--precision", "int4", "--no-prefill-graph",
+                                                               "--kv-cache", "float"]),
     "fp32-kv16": ("fp32 with an fp16 KV cache (no calibration)", ["--precision", "fp32", "--kv-cache", "fp16"]),
 }
 MEASURES = {"vision_ms": "vision", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}

@@ -198,8 +198,8 @@ def projector_command(tokens: str, precisions: str, runs: int, warmup: int, comp
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True, help="Decoder layers.")
 @click.option("--width", type=click.Choice(["tiny", "real"]), default="real", show_default=True)
 @click.option("--recipes", default="int8,int4", show_default=True,
-              help="Comma-separated: int8, int4, int8-w8a8 (SmoothQuant), int8-single (no prefill graph, fp32 KV), "
-                   "fp32-kv16 (fp32 with an fp16 KV cache).")
+              help="Comma-separated: int8, int4, int8-w8a8 (SmoothQuant), int8-single and int4-single (no "
+                   "prefill graph, fp32 KV: the single-graph bundles), fp32-kv16 (fp32 with an fp16 KV cache).")
 @click.option("--runs", type=click.IntRange(min=1), default=None, help="Timed runs [default: 5 tiny, 3 real].")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--context", type=click.IntRange(min=2), default=3000, show_default=True)
