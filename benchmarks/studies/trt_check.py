@@ -22,17 +22,10 @@ from typing import Any
 import click
 
 from pulse_edge.benchmarks.common.output import REPORT_PATH, progress, write_json
+from pulse_edge.calibration.fidelity import first_divergence
 
 QUESTION = "What is the rhythm?"
 PRINT = (2200, 1700)  # US letter at 200 dpi: PULSE's 672x672 pinpoint, 4 tiles + base = 2880 image tokens
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    """Index of the first differing token (or of the shorter end), None when equal (no torch import here)."""
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def _median(values: list[float]) -> float:

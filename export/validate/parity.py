@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
+from pulse_edge.calibration.fidelity import first_divergence
 from pulse_edge.errors import ModelOutputError
 from pulse_edge.export.model.torch_backend import decode_one_token, prefill
 from pulse_edge.export.validate.tolerances import TOLERANCES, Tolerance
@@ -258,14 +259,6 @@ def validate_segmented_prefill(lm: LlamaForCausalLM, bundle: Path, segmented: Gr
         cases.append(case)
     return {"tolerance": asdict(tol), "cases": cases, "pass": bool(cases) and all(c["pass"] for c in cases),
             "kernel": f"{served.kind.what} (runtime/kernels)"}  # the variant that ran: its rounding was measured
-
-
-def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
-    """Index of the first differing token (or of the shorter end), None when equal."""
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def validate_greedy(reference: Any, candidate: Any, pairs: Sequence[tuple[Any, str]], *,

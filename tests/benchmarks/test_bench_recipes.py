@@ -103,3 +103,19 @@ def test_a_measurements_cells_are_marked_where_its_rounds_were_busy() -> None:
              "float_gemms": True}
     assert _row(entry, {"prefill"})[1:4] == ["10 / 12", "10 / 12 (busy)", "10.0 / 12.0"]
     assert _row(entry, set())[1:4] == ["10 / 12", "10 / 12", "10.0 / 12.0"]
+
+
+def test_the_peak_is_the_highest_stretch_and_abba_alternates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PeakWatch reported only its last stretch's peak; the ABBA order is what keeps a ratio free of which side
+    ran second."""
+    from pulse_edge.benchmarks.common import measure, rounds
+
+    marks = iter([100, 50])
+    monkeypatch.setattr(measure, "peak_since_reset", lambda reset_worked: next(marks))
+    monkeypatch.setattr(measure, "reset_peak", lambda: True)
+    watch = measure.PeakWatch.start()
+    watch.aside(lambda: None)  # the first stretch ends here, at 100
+    assert watch.stop() == 100  # the second reached 50 only
+    order: list[str] = []
+    rounds.abba(lambda: order.append("A"), lambda: order.append("B"), 3)
+    assert "".join(order) == "ABBAAB"

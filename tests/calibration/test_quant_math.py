@@ -555,3 +555,15 @@ def test_reservoir_is_uniform_and_seeded() -> None:
         r.update(stream[:300])
         r.update(stream[300:])
     np.testing.assert_array_equal(a.sample(), b.sample())
+
+
+def test_reservoir_keeps_a_later_row_no_more_often_than_an_earlier_one() -> None:
+    """Row t replaces a kept one with probability capacity / (t + 1): with capacity 1 and two rows, each is kept
+    half the time. Drawing the slot from [0, t) instead kept the second row always (the loose test above passed)."""
+    kept_first = 0
+    for seed in range(400):
+        res = RowReservoir(capacity=1, seed=seed)
+        res.update(np.array([[0.0]], np.float32))
+        res.update(np.array([[1.0]], np.float32))
+        kept_first += int(res.sample()[0, 0] == 0.0)
+    assert 160 < kept_first < 240  # 200 expected, sd 10

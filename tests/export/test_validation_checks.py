@@ -74,3 +74,38 @@ def test_the_refusal_names_the_run_that_failed_once(tiny_pipeline: TorchPipeline
     summary = failure_summary(validation)
     assert summary.startswith("decoder after a 5-position prefill in two chunks (2+3): rel err ") and summary.count(
         "decoder after") == 1, summary
+
+
+def test_a_graph_passes_only_within_both_bounds_and_its_error_is_relative_to_the_reference() -> None:
+    from pulse_edge.export.validate.parity import _passes, compare_logits
+
+    tol = TOLERANCES["fp32"]
+    assert not _passes({"max_rel_err": 0.0, "cosine": 0.5}, tol)  # pointing elsewhere, however small the error
+    assert not _passes({"max_rel_err": 1.0, "cosine": 1.0}, tol)
+    assert _passes({"max_rel_err": tol.max_rel_err, "cosine": tol.min_cosine}, tol)
+    ref = np.array([1.0, -4.0, 2.0])
+    assert compare_logits(2 * ref, ref)["max_rel_err"] == 1.0  # |2r - r| / max|r|: over the reference's scale
+
+
+class _Greedy:
+    def __init__(self, tokens: list[int] | None) -> None:
+        self.tokens = tokens
+
+    def generate(self, image: object, question: str, max_new_tokens: int) -> SimpleNamespace:
+        from pulse_edge.errors import ModelOutputError
+
+        if self.tokens is None:
+            raise ModelOutputError("the decoder's logits are not finite (NaN)")
+        return SimpleNamespace(token_ids=self.tokens[:max_new_tokens])
+
+
+def test_greedy_validation_fails_a_bundle_that_breaks_or_stops_early_whatever_the_precision() -> None:
+    from pulse_edge.export.validate.parity import validate_greedy
+
+    ref, pairs = _Greedy([5, 6, 7, 8]), [(None, "Rhythm?")]
+    broken = validate_greedy(ref, _Greedy(None), pairs, tokens=4, require_equal=False)
+    assert broken["pass"] is False and "not finite" in broken["runs"][0]["error"]  # NaN logits fail int8 too
+    early = validate_greedy(ref, _Greedy([5, 6]), pairs, tokens=4, require_equal=True)  # an early end of text
+    assert early["runs"][0]["first_divergence"] == 2 and not early["all_equal"] and early["pass"] is False
+    assert validate_greedy(ref, _Greedy([5, 6]), pairs, tokens=4, require_equal=False)["pass"] is True
+    assert validate_greedy(ref, _Greedy([5, 6, 7, 8]), pairs, tokens=4, require_equal=True)["pass"] is True

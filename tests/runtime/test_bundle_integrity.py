@@ -445,3 +445,8 @@ def test_the_manifest_schema_is_valid_json_schema_and_names_the_field_in_one_lin
         with pytest.raises(BundleError) as caught:
             check_manifest_json(d)
         assert str(caught.value) == f"manifest.json: {expected}; re-export the bundle"
+    # another tool's manifest, or a version JSON spells as true (read as 1 it skipped the checksums)
+    for damage, words in (({"format": "other-tool-bundle"}, "not a pulse-edge bundle"),
+                          ({"version": True}, "bundle manifest version True is not supported")):
+        with pytest.raises(BundleError, match=words):
+            check_manifest_json({**json.loads(json.dumps(good)), **damage})

@@ -141,7 +141,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert seen == {0, 1}  # 0.5 + 0.3 = 0.8 >= 0.75; token 2 and 3 never drawn
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}])
+@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5},
+                                    {"temperature": 1e-6}, {"temperature": 1e-320},  # logits / t: inf, then NaN
+                                    {"seed": -1}, {"seed": 2**64}, {"seed": 1.5}, {"seed": True}])
 def test_invalid_sampling_params_are_refused(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)
@@ -177,3 +179,113 @@ def test_decode_loop_respects_token_limit_and_context_room() -> None:
     first, step, _ = _scripted([5, 6, 7, 8, 9])
     out = decode_loop(first, step, sampler=Sampler(SamplingParams()), eos_id=2, max_new_tokens=10, room=2)
     assert out.token_ids == [5, 6] and out.stop_reason == "context_full"
+
+
+def test_decode_loop_ends_at_an_eos_that_comes_first() -> None:
+    """An answer that is only </s>: nothing after it is generated, and no step runs."""
+    first, step, calls = _scripted([2, 5, 6])
+    out = decode_loop(first, step, sampler=Sampler(SamplingParams()), eos_id=2, max_new_tokens=10, room=100)
+    assert (out.token_ids, out.stop_reason, calls) == ([2], "eos", [])
+
+
+def test_decode_time_is_every_steps_time() -> None:
+    """decode_ms is the sum over the steps, not the last one (tokens/s would be inflated)."""
+    import time
+
+    base_step = _scripted([5, 6, 7, 8, 2])[1]
+
+    def slow_step(token: int) -> np.ndarray:
+        time.sleep(0.02)
+        return base_step(token)
+
+    first = _scripted([5, 6, 7, 8, 2])[0]
+    out = decode_loop(first, slow_step, sampler=Sampler(SamplingParams()), eos_id=2, max_new_tokens=10, room=100)
+    assert out.token_ids == [5, 6, 7, 8, 2] and out.decode_ms >= 4 * 20.0
+
+
+class _CountingEngine:
+    """An engine that only counts positions, as a real cache fills: it refuses to go past max_length, and its logits
+    never pick the EOS id (each answer runs to its limit)."""
+
+    def __init__(self, max_length: int, vocab: int) -> None:
+        import threading
+
+        self.max_length, self.epoch, self.lock, self.vocab = max_length, 0, threading.RLock(), vocab
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length, self.epoch = 0, self.epoch + 1
+
+    def image_features(self, pre: object) -> np.ndarray:
+        return np.zeros((pre.num_image_tokens, 1), np.float32)
+
+    def _advance(self, positions: int) -> np.ndarray:
+        assert self.length + positions <= self.max_length, "wrote past the cache"
+        self.length += positions
+        logits = np.zeros(self.vocab, np.float32)
+        logits[10] = 1.0  # an ordinary token, never EOS
+        return logits
+
+    def prefill(self, ids: list[int], image_features: np.ndarray | None, should_stop: object = None) -> np.ndarray:
+        return self._advance(len(ids) - 1 + image_features.shape[0] if image_features is not None else len(ids))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._advance(1)
+
+
+@pytest.fixture
+def counting_chat(tiny_bundle):
+    """(a conversation on a _CountingEngine with room for its prompt and `room` more positions, its image)."""
+    from PIL import Image
+
+    from pulse_edge.runtime.generation.conversation import Conversation
+    from pulse_edge.runtime.image.preprocess import ImageLayout
+    from pulse_edge.runtime.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tiny_bundle / "tokenizer.json")
+    image = Image.new("RGB", (336, 336), "white")
+    image.paste((0, 0, 0), (100, 100, 236, 236))  # not blank
+
+    def make(room: int):
+        probe = _CountingEngine(10**6, tokenizer.vocab_size)
+        Conversation(probe, tokenizer, ImageLayout(), backend="fake").ask("Rate?", image, max_new_tokens=1)
+        prompt = probe.length  # the prompt's positions (its one answer token never enters the cache)
+        engine = _CountingEngine(prompt + room, tokenizer.vocab_size)
+        return Conversation(engine, tokenizer, ImageLayout(), backend="fake"), engine, image
+
+    return make
+
+
+def test_a_prompt_that_fills_the_context_is_refused_in_one_line(counting_chat) -> None:
+    """room 0: decode_loop got no room and returned no token; the answer's last token was then an IndexError."""
+    chat, engine, image = counting_chat(0)
+    with pytest.raises(PromptError, match="but the context holds"):
+        chat.ask("Rate?", image, max_new_tokens=4)
+    assert engine.length == 0
+
+
+def test_an_answer_that_fills_the_context_stops_there_never_past_it(counting_chat) -> None:
+    chat, engine, image = counting_chat(5)
+    result = chat.ask("Rate?", image, max_new_tokens=50)
+    assert result.stop_reason == "context_full" and engine.length <= engine.max_length
+    assert result.generated_tokens == 5  # one per position left; the last one never enters the cache
+    assert result.timings.decode_tokens_per_s == pytest.approx((5 - 1) / (result.timings.decode_ms / 1e3))
+
+
+def test_a_follow_up_cannot_bring_a_history(counting_chat) -> None:
+    from pulse_edge.runtime.text.prompt import Turn
+
+    chat, _, image = counting_chat(200)
+    chat.ask("Rate?", image, max_new_tokens=2)
+    with pytest.raises(PromptError, match="cannot bring a history"):
+        chat.ask("And the axis?", history=[Turn("q", "a")], max_new_tokens=2)
+
+
+def test_a_template_from_before_the_field_reads_text_after_eos_with_the_dummy_prefix() -> None:
+    """Manifests written before dummy_prefix_after_eos existed were exported with "</s>▁USER" (the legacy encoding
+    they ran with): read without the field, they keep it, so their chats do not drift from what was validated."""
+    from pulse_edge.runtime.text.prompt import PromptTemplate
+
+    old = {"name": "llava_v1", "system": "A chat.", "roles": ["USER", "ASSISTANT"], "sep": " "}
+    assert PromptTemplate.from_dict(old).dummy_prefix_after_eos is True
+    assert PromptTemplate.from_dict({**old, "dummy_prefix_after_eos": False}).dummy_prefix_after_eos is False

@@ -623,3 +623,65 @@ def test_a_request_during_shutdown_is_told_so_not_that_the_model_is_busy(tmp_pat
     with pytest.raises(ApiError, match="the server is shutting down") as caught:
         state.submit(lambda should_stop: None)
     assert caught.value.status == 503 and caught.value.kind == "unavailable"
+
+
+# ---- what the mutation review found untested (2026-12-07) -------------------------------------------------
+
+
+def test_a_chunked_body_past_the_limit_is_refused_as_it_arrives_and_one_at_the_limit_is_read() -> None:
+    """A body without Content-Length is counted as it arrives: unlimited, a client could stream any size into
+    memory. One of exactly the limit is read."""
+    from pulse_edge.runtime.server.app import Guard
+
+    async def serve(chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> list[int]:
+        messages = [{"type": "http.request", "body": c, "more_body": i + 1 < len(chunks)} for i, c in enumerate(chunks)]
+        got: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            while True:
+                message = await receive()
+                got.append(len(message["body"]))
+                if not message["more_body"]:
+                    return
+
+        scope = {"type": "http", "path": "/v1/chat/completions", "headers": headers}
+        await Guard(app, api_key=None, max_body_bytes=1000, timeout_s=5.0)(scope, receive, None)
+        return got
+
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(serve([b"x" * 600] * 3 + [b""], []))
+    assert caught.value.kind == "too_large"
+    assert asyncio.run(serve([b"x" * 400, b"x" * 600], [])) == [400, 600]
+    assert asyncio.run(serve([b"x" * 1000], [(b"content-length", b"1000")])) == [1000]
+
+
+def test_finish_reason_and_usage_as_openai_clients_read_them() -> None:
+    """An answer the context cut short is "length" (a client takes "stop" for a whole answer); usage adds up."""
+    from pulse_edge.runtime.generation.result import GenerationResult, Timings
+    from pulse_edge.runtime.server.openai_api import finish_reason, usage
+
+    def result(stop: str) -> GenerationResult:
+        return GenerationResult(text="Sinus.", token_ids=[5, 2], image_tokens=2880, prompt_tokens=2950,
+                                generated_tokens=2, stop_reason=stop, timings=Timings(0, 0, 0, 0, 0, 0),
+                                backend="ort")
+
+    assert [finish_reason(result(s)) for s in ("eos", "max_new_tokens", "context_full")] == ["stop", "length",
+                                                                                           "length"]
+    assert usage(result("eos")) == {"prompt_tokens": 2950, "completion_tokens": 2, "total_tokens": 2952}
+    with pytest.raises(ApiError, match="system messages must come before"):
+        _parse(messages=[_user(_image()), {"role": "system", "content": "Be brief."}])
+
+
+def test_metrics_count_generations_and_leave_a_rate_of_zero_out() -> None:
+    from pulse_edge.runtime.server.metrics import Metrics
+
+    metrics = Metrics(waiting=lambda: 0, busy=lambda: False)
+    metrics.generation("eos", {"time_to_first_token_ms": 900.0, "decode_tokens_per_s": 0.0})  # one token: no rate
+    metrics.generation("eos", {"time_to_first_token_ms": 800.0, "decode_tokens_per_s": 12.5})
+    text = metrics.render().decode()
+    assert 'pulse_edge_generations_total{stop_reason="eos"} 2.0' in text
+    assert "pulse_edge_decode_tokens_per_second_count 1.0" in text
+    assert "pulse_edge_time_to_first_token_seconds_count 2.0" in text

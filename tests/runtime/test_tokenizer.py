@@ -403,11 +403,12 @@ def test_ids_beyond_the_vocabulary_decode_as_unknown(runtime: Tokenizer) -> None
     """A model padded past the tokenizer's pieces must not crash decoding (or streaming)."""
     from pulse_edge.runtime.text.tokenizer import StreamDecoder
 
-    ids = [*runtime.encode("Sinus rhythm"), runtime.vocab_size + 5]
+    ids = [*runtime.encode("Sinus rhythm"), runtime.vocab_size + 5]  # and the first id past it, below
     text = runtime.decode(ids)
     assert text.startswith("Sinus rhythm") and text.endswith(" \u2047 ")
     stream = StreamDecoder(runtime)
     assert "".join(stream.push(i) for i in ids) + stream.flush() == text
+    assert runtime.decode([runtime.vocab_size]) == " \u2047 "  # the first id past the pieces (off by one)
 
 
 def test_encoding_without_the_dummy_prefix_is_sentencepiece_without_it(model_path: Path, runtime: Tokenizer) -> None:
