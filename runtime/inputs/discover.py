@@ -40,6 +40,8 @@ def _expand(argument: str) -> Iterator[str]:
     if path.is_dir():
         yield from _walk(path)
     elif not path.exists() and any(c in argument for c in _GLOB_CHARS):
+        if any(c in str(path.parent) for c in _GLOB_CHARS):  # it reaches into folders, which glob skips in silence
+            _check_listable(_fixed_prefix(path))
         matches = sorted(glob.glob(argument, recursive=True))
         if not matches:
             raise InputError(f"{argument}: the pattern matches no file; check it (quote it to let pulse-edge "
@@ -54,12 +56,42 @@ def _expand(argument: str) -> Iterator[str]:
 
 
 def _walk(folder: Path) -> Iterator[str]:
-    for root, dirs, files in os.walk(folder):
+    """Every file below `folder`; a folder below it that cannot be listed refuses the whole batch before anything
+    is read (os.walk skips it in silence: its ECGs would go unanswered with a batch that exits 0)."""
+    unreadable: list[OSError] = []
+    for root, dirs, files in os.walk(folder, onerror=unreadable.append):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             path = os.path.join(root, name)
             if not name.startswith(".") and not _is_wfdb_signal_file(path):
                 yield path
+    _refuse_unlisted(unreadable)
+
+
+def _check_listable(folder: Path) -> None:
+    """Refuse a batch when a folder below `folder` cannot be listed (what a glob would skip)."""
+    unreadable: list[OSError] = []
+    for _, dirs, _ in os.walk(folder, onerror=unreadable.append):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    _refuse_unlisted(unreadable)
+
+
+def _refuse_unlisted(unreadable: list[OSError]) -> None:
+    if unreadable:
+        first = unreadable[0]
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise InputError(f"{first.filename}: this folder cannot be listed ({first.strerror or first}){more}, so its "
+                         "ECGs would be left out; fix its permissions, or pass the folders that can be read.")
+
+
+def _fixed_prefix(pattern: Path) -> Path:
+    """The folder a pattern starts in: its parts before the first with a glob character."""
+    fixed = []
+    for part in pattern.parts:
+        if any(c in part for c in _GLOB_CHARS):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
 
 
 def _is_wfdb_signal_file(path: str) -> bool:

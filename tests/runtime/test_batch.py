@@ -167,6 +167,28 @@ def test_a_file_that_is_not_an_infer_output_is_refused(tmp_path: Path) -> None:
         plan_batch(["a.png"], out)
 
 
+def test_a_folder_that_cannot_be_listed_refuses_the_batch_before_anything_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.walk skipped it in silence: the batch answered the rest and exited 0, its ECGs never read. (As root a
+    mode 000 folder is still listed, so the OS's refusal is played here.)"""
+    import os
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "b.png").write_bytes(b"")
+    scandir = os.scandir
+
+    def refusing(path: object = ".") -> object:
+        if Path(str(path)).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    for argument in (str(tmp_path), str(tmp_path / "**" / "*.png")):
+        with pytest.raises(InputError, match=r"locked: this folder cannot be listed \(Permission denied\)"):
+            expand_inputs([argument])
+
+
 def test_inputs_expand_from_folders_globs_and_files(tmp_path: Path) -> None:
     for name in ("r1.hea", "r1.dat", "r2.hea", "r2.mat", "x.png", "out.jsonl"):
         (tmp_path / name).write_bytes(b"")
