@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -107,8 +108,9 @@ def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = False,
     if verify and not manifest.files:
         raise BundleError(f"{bundle} has no checksums to verify (manifest version {manifest.version}, written by "
                           f"{manifest.created_by or 'an older pulse-edge'}); re-export it with this pulse-edge")
-    check_embedding(bundle, manifest)
-    read_newline(bundle, manifest)
+    with readable():
+        check_embedding(bundle, manifest)
+        read_newline(bundle, manifest)
     records = manifest.files
     check_files(bundle, records, EXPORTED, verify=verify, progress=progress)
     if not records:
@@ -137,14 +139,26 @@ def check_files(folder: Path, records: Mapping[str, FileRecord], recorded: Recor
     were never hashed whole on this machine as they are now (verified.py), then stamped."""
     for name, record in records.items():
         check_file_size(folder / name, record.size, recorded.fix)
-    for name, record in records.items():
-        if sampled_sha256(folder / name) != record.sampled_sha256:
-            raise BundleError(f"{folder / name} is not the file {recorded.writer} wrote (its sampled checksum "
-                              f"differs from {recorded.listing}'s): it was replaced or damaged; {recorded.fix}")
-    if records and (verify or not is_stamped(folder, records, recorded.listing)):  # a copy's first load: once
-        before = identities(folder, records)
-        _check_full(folder, records.items(), recorded, progress)
-        stamp(folder, records, recorded.listing, before=before)
+    with readable():
+        for name, record in records.items():
+            if sampled_sha256(folder / name) != record.sampled_sha256:
+                raise BundleError(f"{folder / name} is not the file {recorded.writer} wrote (its sampled checksum "
+                                  f"differs from {recorded.listing}'s): it was replaced or damaged; {recorded.fix}")
+        if records and (verify or not is_stamped(folder, records, recorded.listing)):  # a copy's first load: once
+            before = identities(folder, records)
+            _check_full(folder, records.items(), recorded, progress)
+            stamp(folder, records, recorded.listing, before=before)
+
+
+@contextmanager
+def readable() -> Iterator[None]:
+    """A file the OS will not let this user read (a bundle copied by root with a tight umask and served by a service
+    user) is one line naming it, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise BundleError(f"{e.filename or 'a bundle file'} cannot be read ({e.strerror or e}); make every file of "
+                          "the bundle readable by the user that runs pulse-edge (chmod -R a+rX, or chown)") from e
 
 
 def verify_bundle(bundle: str | Path, progress: HashProgress | None = None) -> VerifyReport:

@@ -159,6 +159,26 @@ def test_a_damaged_bundle_is_one_line_and_no_tokens(case: str, tiny_bundle: Path
     _assert_refused(CliRunner().invoke(main, ["verify", str(bundle)]), expected)
 
 
+def test_a_bundle_file_this_user_cannot_read_is_one_line(tiny_bundle: Path, tmp_path: Path, ecg_png: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle copied by root with a tight umask and served by a service user: a PermissionError traceback. (As
+    root a mode 000 file is still read, so the OS's refusal is played here.)"""
+    from pulse_edge.runtime.bundle import integrity
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    real_open = os.open
+
+    def refusing(path: Any, flags: int, *args: Any) -> int:
+        if Path(path).name == "decoder.onnx.data":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(integrity.os, "open", refusing)
+    expected = "decoder.onnx.data cannot be read (Permission denied); make every file of the bundle readable"
+    _assert_refused(_infer(bundle, ecg_png), expected)
+    _assert_refused(CliRunner().invoke(main, ["verify", str(bundle)]), expected)
+
+
 @pytest.mark.parametrize("graph", ["vision.onnx", "decoder.onnx.data"])
 def test_a_graph_swapped_in_from_another_checkpoint_is_refused(graph: str, tiny_bundle: Path, other_graphs: Path,
                                                                tmp_path: Path, ecg_png: Path) -> None:
