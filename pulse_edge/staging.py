@@ -126,6 +126,8 @@ def check_output_file(out: Path, *, what: str, make_parents: bool = True) -> Non
     """Before any work: `out` can be written as a file (replacing a file of that name is fine)."""
     if out.is_dir():
         raise ConfigError(f"{out} is a directory, not a {what}; give a file name")
+    if out.exists() and not out.is_file():  # /dev/null, a pipe: written through, never replaced (nor fsync'd)
+        raise ConfigError(f"{out} is not a regular file (a device or a pipe); give a file name for the {what}")
     _check_writable_place(out, what)
     if not make_parents and not out.absolute().parent.is_dir():
         raise ConfigError(f"the folder {out.absolute().parent} does not exist; create it first or choose another "

@@ -23,6 +23,7 @@ from pulse_edge.cli.params import SEED, TORCH_DEVICE
 from pulse_edge.cli.progress import HashBar
 from pulse_edge.click_types import FiniteFloatRange, given
 from pulse_edge.errors import ConfigError
+from pulse_edge.staging import check_output_file
 
 
 @click.command("infer")
@@ -142,6 +143,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     if len(inputs) != 1 or fail_fast:
         raise ConfigError("several inputs (and --fail-fast) need --output FILE: the answers go there, one JSON "
                           "line each")
+    if save_render is not None:
+        check_output_file(save_render, what="--save-render file")
     ecg = load_input(inputs[0], **reading)  # bad input fails here, before any model is loaded
     if save_render is not None:
         save_image(ecg.image, save_render)

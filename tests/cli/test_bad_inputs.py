@@ -147,7 +147,8 @@ def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("case", ["a directory", "under /proc", "renders under /proc", "another file's JSON",
-                                  "a JSON list", "a JSON number", "a text file"])
+                                  "a JSON list", "a JSON number", "a text file", "a device",
+                                  "one render under /proc", "one render into a folder", "one render under a file"])
 def test_infer_output_places_are_checked_before_the_model_loads(case: str, tiny_bundle: Path, ecg_png: Path,
                                                                 tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,6 +168,12 @@ def test_infer_output_places_are_checked_before_the_model_loads(case: str, tiny_
         "a JSON list": (["--output", str(config)], "line 1 is not a JSON object"),
         "a JSON number": (["--output", str(config)], "line 1 is not a JSON object"),
         "a text file": (["--output", str(config)], "line 1 is not JSON"),
+        # /dev/null: fsync refused it with a traceback after the first answer
+        "a device": (["--output", "/dev/null"], "/dev/null is not a regular file (a device or a pipe)"),
+        # one input: --save-render was never checked, and failed with a traceback
+        "one render under /proc": (["--save-render", str(UNWRITABLE / "r.png")], "is not writable"),
+        "one render into a folder": (["--save-render", str(tmp_path)], "is a directory, not a --save-render file"),
+        "one render under a file": (["--save-render", str(config / "r.png")], "is a file, not a directory"),
     }[case]
     _one_line(_run("infer", str(ecg_png), "--model", str(tiny_bundle), *args), expected)
     assert config.read_text() == content and not (tmp_path / "a.jsonl").exists()
