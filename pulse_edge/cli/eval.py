@@ -22,7 +22,7 @@ from pulse_edge.cli.group import UserErrorGroup
 from pulse_edge.cli.params import TORCH_DEVICE
 from pulse_edge.click_types import given
 from pulse_edge.errors import ConfigError, InputError
-from pulse_edge.staging import staged_file, target_lock
+from pulse_edge.staging import check_output_file, staged_file, target_lock
 
 _JUDGE_HELP = "OpenAI-compatible endpoint (e.g. http://host:8000/v1) of the LLM judge for ptb-test-report and " \
               "arena; the API key is read from $PULSE_EDGE_JUDGE_KEY."
@@ -112,6 +112,7 @@ def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], 
         raise InputError(f"{model_dir}: model directory not found")
     _check_options(judge_url, judge_model, report_dir)
     out = out_dir or Path(f"ecgbench-{model_dir.resolve().name}")
+    _check_folder(out, "--out", "answers.jsonl")
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with target_lock(out, what="--out directory"):  # two runs into one --out would answer every id twice
         _run_ecgbench(model_dir, data_dir, subsets, out, limit, report_dir, judge_url, judge_model, judge_workers,
@@ -189,6 +190,7 @@ def compare_command(run_dirs: tuple[Path, ...], data_dir: Path, max_drops: tuple
 
     rules = [compare.DropRule.parse(text) for text in max_drops]
     _check_options(judge_url, judge_model, report_dir)
+    check_output_file(changes_file, what="--changes file")
     runs = compare.load_runs(run_dirs)
     judges = [_judge(judge_url, judge_model, judge_workers, lambda name, d=r.path: d / f"{name}.judge.jsonl")
               for r in runs]
@@ -227,6 +229,15 @@ def _check_options(judge_url: str | None, judge_model: str | None, report_dir: P
         from pulse_edge.benchmarks.common.plots import require_plotting
 
         require_plotting()
+        _check_folder(report_dir, "--report", "report.md")
+
+
+def _check_folder(folder: Path, option: str, example: str) -> None:
+    """A folder the command writes into (made if absent): not a file, in a place this user can write. Checked before
+    the work: the report was written after an ECGBench run of hours, and failed there with a traceback."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file; {option} names a folder")
+    check_output_file(folder / example, what=f"{option} folder")
 
 
 def _workers_need_a_judge(url: str | None) -> None:

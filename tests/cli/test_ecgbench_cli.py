@@ -40,6 +40,8 @@ def test_help_lists_the_commands() -> None:
 
 
 def test_user_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
+    a_file = tmp_path / "ecg.png"
+    a_file.write_bytes(b"not a folder")
     cases = [
         (["ecgbench", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)], "model directory not found"),
         (["score", "--subset", "ptb-xl-form", "--data", str(tmp_path), "--predictions", "p.jsonl"],
@@ -54,6 +56,15 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
          "--judge-workers sets how many requests go to the LLM judge"),
         (["score", "--subset", "csn", "--data", str(tmp_path), "--predictions", "p.jsonl", "--judge-workers", "8"],
          "--judge-workers sets how many requests go to the LLM judge"),
+        # output places, checked before the run: a report was written after hours of ECGBench, and failed there
+        (["ecgbench", "--model", str(tmp_path), "--data", str(tmp_path), "--out", str(a_file)],
+         "is a file; --out names a folder"),
+        (["ecgbench", "--model", str(tmp_path), "--data", str(tmp_path), "--report", str(a_file)],
+         "is a file; --report names a folder"),
+        (["compare", str(tmp_path), str(tmp_path), "--data", str(tmp_path), "--changes", str(tmp_path)],
+         "is a directory, not a --changes file"),
+        (["compare", str(tmp_path), str(tmp_path), "--data", str(tmp_path), "--report", str(a_file)],
+         "is a file; --report names a folder"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(eval_group, args)
