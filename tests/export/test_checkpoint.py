@@ -216,6 +216,26 @@ def test_unexpected_keys_are_listed(tmp_path: Path, tiny_checkpoint: Path) -> No
         load_checkpoint(root)
 
 
+@pytest.mark.parametrize(("value", "dtype", "words"), [
+    (float("nan"), None, "holds NaN or infinite values: the checkpoint is damaged"),
+    (float("inf"), None, "holds NaN or infinite values: the checkpoint is damaged"),
+    (1e6, torch.float16, r"overflows torch.float16 \(its largest magnitude is 1e\+06\); load it with --dtype fp32"),
+])
+def test_weights_that_are_not_finite_are_the_checkpoints_fault(tmp_path: Path, tiny_checkpoint: Path, value: float,
+                                                              dtype: torch.dtype | None, words: str) -> None:
+    """Loaded as they were, the export failed at its end naming its own temporary folder and "re-export the
+    bundle" as the fix (found in review)."""
+    root = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    shard = sorted(root.glob("model-*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    key = next(k for k, t in tensors.items() if t.dtype.is_floating_point and t.numel() > 1)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[1] = value
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(root, **({"dtype": dtype} if dtype is not None else {}))
+
+
 @pytest.mark.parametrize("keep", [100, -100])
 def test_truncated_shard_is_refused(tmp_path: Path, tiny_checkpoint: Path, keep: int) -> None:
     """Cut inside the header, or inside the tensor data (an interrupted download)."""
