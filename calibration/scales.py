@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from pulse_edge.errors import ConfigError, InputError
+from pulse_edge.staging import staged_file
 
 FORMAT = "pulse-edge-scales"
 VERSION = 1
@@ -167,16 +166,8 @@ def _atomic_write(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; -o takes the scales file's name (e.g. scales.npz)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as work, open(work, "wb") as f:  # the user's umask, not mkstemp's 0600: a service
+        np.savez(f, **arrays)  # user exporting with scales another user calibrated must read them
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ def test_calibrate_then_export_int4_with_those_scales(tiny_checkpoint: Path, tmp
     assert "layers.0.qkv" in res.output and "wrote" in res.output
     loaded = Scales.load(scales)
     assert loaded.method == "percentile" and loaded.samples["count"] == 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert scales.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: another user exports with them
+    assert [p.name for p in tmp_path.iterdir()] == ["scales.npz"]  # nothing temporary left beside it
     out = tmp_path / "b4"
     res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--precision", "int4",
                                     "--scales", str(scales), "--validation", "quick", "--held-out", "1",
