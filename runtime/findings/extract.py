@@ -19,16 +19,20 @@ into clauses at sentence punctuation (full-width too), ';', ':' and at "but", "h
   excluded", "... may be present"), and when it is a side of a differential, "vs" / "versus" / "or", whether or
   not the other side is a statement ("AF vs flutter", "Pericarditis vs STEMI"); a hedge that runs on into the
   next statement is that one's ("sinus rhythm, possible LVH");
-- kept as "stated" otherwise; "normal ECG" beside a stated abnormality is left out ("Normal ECG except for left
-  axis deviation"), and only possible beside a possible one.
+- kept as "stated" otherwise; "normal ECG" beside a stated diagnostic abnormality is left out ("Normal ECG except
+  for left axis deviation"; not beside a rhythm: PTB-XL labels NORM with sinus bradycardia), and only possible
+  beside a possible one.
 
-Negation reaches to the end of the clause, commas included ("no ST elevation, LBBB" drops both): a missed
-statement is a smaller harm than a finding the text does not state. A concept mentioned several times is
+"No", "not", "without" and their kin reach to the end of the clause, commas included ("no ST elevation, LBBB"
+drops both): a missed statement is a smaller harm than a finding the text does not state. The rest ("absent",
+"isn't", "lack of", "kein", what an earlier tracing showed, ...) reach to the next comma ("Absent P waves, atrial
+fibrillation" states AF). A concept mentioned several times is
 reported once, by its first stated mention (else its first possible one). The wording: wording.py.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
 from collections.abc import Sequence
@@ -40,9 +44,10 @@ from pulse_edge.runtime.findings.vocabulary import CONCEPTS, Concept
 
 CERTAINTIES = ("stated", "possible")
 _LEFT, _RIGHT = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])"
-# Statements a normal ECG may carry; any other stated one makes "normal ECG" a contradiction the text resolves
-# ("Normal ECG except for left axis deviation", "Normal ECG with first-degree AV block"): the abnormality wins.
-_NORMAL_WITH = frozenset({"NORM", "SR", "SARRH"})
+# Diagnostic statements that contradict "normal ECG" ("Normal ECG except for left axis deviation", "Normal ECG with
+# first-degree AV block"): the abnormality wins. Not the rhythm and its ectopic beats: PTB-XL labels NORM beside
+# sinus bradycardia, tachycardia or PACs (its rhythm statements are annotated apart from its diagnoses).
+_NOT_NORMAL = frozenset({"conduction", "ischemia", "infarction", "hypertrophy", "axis", "waves"})
 
 
 def word_pattern(phrase: str, *, ignore_case: bool = False) -> re.Pattern[str]:
@@ -127,8 +132,8 @@ def extract_findings(text: str) -> list[Finding]:
 
 def _normal_resolved(chosen: dict[str, _Mention]) -> list[_Mention]:
     """The chosen mentions, "normal ECG" left out beside a stated abnormality and only possible beside a possible
-    one (_NORMAL_WITH)."""
-    others = [m for key, m in chosen.items() if key not in _NORMAL_WITH]
+    one (_NOT_NORMAL)."""
+    others = [m for m in chosen.values() if m.concept.category in _NOT_NORMAL]
     normal = chosen.get("NORM")
     if normal is None or not others:
         return list(chosen.values())
@@ -171,10 +176,7 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
     start, end, asked = clause
     part = text[start:end]
     hedges = _spans(w.HEDGE_BEFORE, part, start)
-    skipped = [*hedges, *_spans(w.PSEUDO_NEGATION, part, start)]  # negation words inside these deny nothing
-    negations = [a for a, _ in _spans(w.NEGATION_BEFORE, part, start) if not any(s <= a < e for s, e in skipped)]
-    negations += [a for a, _ in _spans(w.EARLIER_TRACING_BEFORE, part, start)]
-    breaks = [a for a, _ in _spans(w.SCOPE_BREAK, part, start)]
+    denials = _denials(text, clause, hedges, [m.start for m in mentions])
     alternatives = []
     for k, mention in enumerate(mentions):
         gap = text[mention.end:mentions[k + 1].start if k + 1 < len(mentions) else end]
@@ -184,7 +186,7 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
         mention.past = bool(w.HISTORY_OF.search(before)) or bool(w.GONE_AFTER.match(gap))
         negated_after = not hedged_after and (_after(w.NEGATION_AFTER, gap, last=last) or bool(w.MIMIC.match(gap))
                                               or (last and bool(w.DENIED_AFTER_COLON.match(text[end:]))))
-        reached = any(n < mention.start and not _broken(n, mention, breaks, mentions) for n in negations)
+        reached = any(n < mention.start < reach for n, reach in denials)
         mention.negated = asked or reached or negated_after or mention.past
         mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after or before.endswith("?")
         alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)))
@@ -198,10 +200,31 @@ def _spans(pattern: re.Pattern[str], part: str, offset: int) -> list[tuple[int, 
     return [(offset + m.start(), offset + m.end()) for m in pattern.finditer(part)]
 
 
-def _broken(negation: int, mention: _Mention, breaks: list[int], mentions: list[_Mention]) -> bool:
-    """Does a negation stop short of `mention`? Where "consistent with" (wording.SCOPE_BREAK) stands between them
-    and the negation denied no statement before it ("No P waves, consistent with AF")."""
-    return any(negation < b < mention.start and not any(negation < m.start < b for m in mentions) for b in breaks)
+def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, int]], starts: list[int]
+             ) -> list[tuple[int, int]]:
+    """(where each denial of the clause starts, where its reach ends): the clause's end, or the next comma for the
+    narrower ones (wording.NEGATION_TO_COMMA, EARLIER_TRACING_BEFORE); sooner where "consistent with"
+    (wording.SCOPE_BREAK) follows before it denied any statement ("No P waves, consistent with AF" states AF).
+    A negation word inside a hedge or a pseudo-negation ("cannot rule out", "no prior ECG") denies nothing."""
+    start, end, _ = clause
+    part = text[start:end]
+    skipped = [*hedges, *_spans(w.PSEUDO_NEGATION, part, start)]
+    commas = [a for a, _ in _spans(w.COMMA, part, start)]
+    breaks = [a for a, _ in _spans(w.SCOPE_BREAK, part, start)]
+    found = [(a, end) for a, _ in _spans(w.NEGATION_BEFORE, part, start)]
+    found += [(a, next((c for c in commas if c >= e), end)) for pattern in (w.NEGATION_TO_COMMA,
+              w.EARLIER_TRACING_BEFORE) for a, e in _spans(pattern, part, start)]
+    denials = []
+    for first, reach in found:
+        if any(s <= first < e for s, e in skipped):
+            continue
+        spent = bisect.bisect_right(starts, first)  # the first statement after the denial
+        for b in breaks:
+            if first < b < reach and (spent == len(starts) or starts[spent] > b):
+                reach = b
+                break
+        denials.append((first, reach))
+    return denials
 
 
 def _along_lists(text: str, mentions: list[_Mention]) -> None:

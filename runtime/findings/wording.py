@@ -29,21 +29,26 @@ BOUNDARY = re.compile(
     r"(?<!\bvs)\.(?!\d)|[;:!](?!\d)|\?(?![A-Za-z])|\n|[\u3002\uff1b\uff1a\uff01\uff1f]"
     rf"|{_W}(?:but|however|although|though|whereas|except|apart from|aside from){_E}", _I)
 
-# --- before a mention, anywhere earlier in its clause ---------------------------------------------------------
-# A finding denied, ruled out or unlikely, or one no longer there; contractions ("isn't", "don't"); criteria not
-# met; artifact that looks like a rhythm; what a new rhythm replaced; the negations of German, French, Spanish and
-# Chinese answers around English codes ("kein AF", "pas de AF", "没有 AF").
+# --- before a mention, earlier in its clause ------------------------------------------------------------------
+# A finding denied, ruled out, or no longer there: these reach to the end of the clause, commas included (module
+# doc of extract.py: "no ST elevation, LBBB" drops both).
 NEGATION_BEFORE = re.compile(
-    rf"{_W}(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|(?<![A-Za-z] )(?:absent|unlikely)|lack of"
-    r"|free of|ruled out|rules out|never|neither|nor|rather than|instead of|low likelihood of|no longer"
-    r"|[a-z]+n['\u2019]t"
+    rf"{_W}(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|rules out|never|neither|nor"
+    rf"|rather than|instead of|unlikely to (?:be|represent)|low likelihood of|no longer){_E}", _I)
+# Denials of a narrower reach, to the next comma only ("Absent P waves, atrial fibrillation" states AF;
+# "I can't see P waves, atrial fibrillation" too): a leading "absent" / "unlikely" / "lack of" (right after a word
+# they are that word's: "ST elevation absent in the inferior leads, T wave inversion", NEGATION_AFTER),
+# contractions ("isn't", "don't"; "can't rule out" is a hedge), criteria not met, artifact that looks like a
+# rhythm, what a new rhythm replaced, and the negations of German, French and Chinese answers around English
+# codes ("kein AF", "pas de AF", "没有 AF"; not Spanish "sin", which is also short for "sinus").
+NEGATION_TO_COMMA = re.compile(
+    rf"{_W}(?:(?<![A-Za-z] )(?<!\()(?:absent|unlikely)|lack of|[a-z]+n['\u2019]t"
     r"|fails? to meet(?: the)? criteria (?:for|of)|insufficient(?: voltage)? criteria (?:for|of)"
     r"|nothing (?:to suggest|suggest(?:s|ing|ive of))"
     r"|art[ie]fact\w*[\s,]+(?:(?:that|which)\s+)?(?:(?:may|can|could|might)\s+)?(?:simulat|mimick?|resembl)\w*"
-    r"|(?:has |have )?replaced(?!\s+by)"
-    rf"|kein(?:e|en|er)?|ohne|nicht|pas de|sans|aucune?|sin){_E}|\u6ca1\u6709|\u65e0|\u672a\u89c1", _I)
-# ("absent" and "unlikely" right after a word are that word's, as in "ST elevation absent in the inferior leads, T
-# wave inversion": wording after a mention, NEGATION_AFTER.)
+    rf"|(?:has |have )?replaced(?!\s+by)|kein(?:e|en|er)?|ohne|nicht|pas de|aucune?){_E}"
+    r"|\u6ca1\u6709|\u65e0|\u672a\u89c1", _I)
+COMMA = re.compile(r"[,\uff0c]")
 # Negation words that deny nothing after them: "not only", "no significant change", "no prior ECG available".
 PSEUDO_NEGATION = re.compile(
     rf"{_W}(?:not only|not necessarily|no (?:significant |interval )?changes?"
@@ -63,7 +68,9 @@ HEDGE_BEFORE = re.compile(
     r"|obscure))?|rule out|r/o|(?:to )?exclude|evaluate for|assess for|correlate(?: clinically)? (?:for|with)"
     r"|clinical correlation (?:for|with)|(?:cannot|can't|can not|unable to) (?:distinguish|differentiate)"
     rf"(?: between)?|(?:minimal |borderline |isolated )?voltage criteria (?:for|of)){_E}", _I)
-# What an earlier tracing showed is not this one: "Prior ECG showed atrial fibrillation. Now sinus rhythm."
+# What an earlier tracing showed is not this one ("Prior ECG showed atrial fibrillation. Now sinus rhythm."), to
+# the next comma ("Previous ECG with sinus rhythm, now atrial fibrillation" and "Compared with the prior ECG with
+# sinus rhythm, AF is new" state AF).
 EARLIER_TRACING_BEFORE = re.compile(
     rf"{_W}{_EARLIER} {_TRACING} (?:showed|shows?|demonstrated|revealed|had|with){_E}", _I)
 
@@ -80,8 +87,10 @@ ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}
 # Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
 # "flutter" alone is no statement of the vocabulary. The price: "AF, P waves are absent" drops AF too (a missed
 # statement is the smaller harm, as for the negation's reach).
-_FILLER = r"^[\s,]*(?:[\w/+-]+[\s,]+){0,4}?"
+_FILLER = r"^[\s,(]*(?:[\w/+-]+[\s,]+){0,4}?"  # "ST elevation (absent)" too
 _VERB = r"(?:(?:is|are|was|were|has been|have been|appears?|seems?)\s+)?"
+# ("absent" before a noun is that noun's: "Atrial fibrillation, absent P waves" states AF; "ST elevation absent in
+# the inferior leads" denies STE.)
 # "not seen on the prior ECG", "not present in the 2019 ECG", "not seen on the ECG from yesterday", "not seen
 # previously": new, not denied (where "not seen on the ECG" or "on this tracing" denies)
 _DATED = r"(?:\d{4}|\d{1,2}[/.-]\d{1,2}(?:[/.-]\d{2,4})?)"
@@ -90,22 +99,25 @@ _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[
         rf"|(?:previously|before|earlier){_E}))")
 NEGATION_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
-    r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent|ruled out|excluded|unlikely|resolved"
+    r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
+    r"[A-Za-z])|ruled out|excluded|unlikely|resolved"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
     rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}", _I)
 HEDGE_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:{UNSURE}|possible|suspected|likely|questionable|not certain|uncertain|doubtful"
     r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant)(?![A-Za-z])", _I)
 # What a finding became or gave way to is what the tracing shows: "AF converted to sinus rhythm" states SR only;
-# and a finding seen on an earlier tracing ("AF on prior ECG; now sinus rhythm") is not this one.
+# and a finding seen on an earlier tracing ("AF on prior ECG; now sinus rhythm") is not this one (where "present
+# on the previous ECG" or "as on the prior ECG" says it persists).
 GONE_AFTER = re.compile(
     rf"^[\s,]*(?:(?:has |have |had )?(?:converted|reverted|changed) (?:back )?to|(?:has been |was |is )?replaced by"
-    rf"|(?:(?:was|were|is) )?(?:(?:seen|noted|present|documented|recorded) )?(?:on|in) (?:the |an? )?{_EARLIER}"
+    rf"|(?:(?:was|were|is) )?(?:(?:seen|noted) )?(?:on|in) (?:the |an? )?{_EARLIER}"
     rf" {_TRACING}){_E}", _I)
-# "ST elevation: none", "- Atrial fibrillation: absent": a report's field and its value
+# "ST elevation: none", "- Atrial fibrillation: absent": a report's field and a value that denies it whole, and ends
+# there ("Atrial fibrillation: no RVR", "Inferior MI: negative T waves in III" state theirs)
 DENIED_AFTER_COLON = re.compile(
     r"^[ \t]*[:\uff1a][ \t]*(?:none|absent|no|nil|negative|not (?:present|seen|identified|detected|found|evident))"
-    r"(?![A-Za-z])", _I)
+    r"[ \t]*(?:[.;,!\n\u3002\uff0c\uff1b]|$)", _I)
 # "STEMI mimic", "LBBB mimicker": the statement names what it is not (never "LBBB, which can mimic MI")
 MIMIC = re.compile(r"^[\s-]*mimic(?:s|ker)?(?![A-Za-z])[\s,]*$", _I)
 # the gap inside a list: "AF and flutter are absent", "LBBB and RBBB cannot be excluded"
