@@ -157,8 +157,9 @@ def readable() -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise BundleError(f"{e.filename or 'a bundle file'} cannot be read ({e.strerror or e}); make every file of "
-                          "the bundle readable by the user that runs pulse-edge (chmod -R a+rX, or chown)") from e
+        fix = ("make every file of the bundle readable by the user that runs pulse-edge (chmod -R a+rX, or chown)"
+               if isinstance(e, PermissionError) else "the disk or the copy is damaged: copy the bundle again")
+        raise BundleError(f"{e.filename or 'a bundle file'} cannot be read ({e.strerror or e}); {fix}") from e
 
 
 def verify_bundle(bundle: str | Path, progress: HashProgress | None = None) -> VerifyReport:

@@ -43,8 +43,10 @@ class Recording:
 
     def __post_init__(self) -> None:
         if not self.leads:
-            only = f" (only {', '.join(map(repr, self.others))})" if self.others else ""
-            raise recording_error(self.source, f"the file holds no ECG channels{only}", "export the ECG leads")
+            if self.others:  # MIT-BIH's MLII and V5 are ECG channels, just none of the 12 standard leads
+                raise recording_error(self.source, "the file holds none of the 12 standard leads (its channels: "
+                                      f"{', '.join(map(repr, self.others))})", "export the ECG's 12 leads")
+            raise recording_error(self.source, "the file holds no ECG channels", "export the ECG leads")
         self.leads = {name: np.asarray(v, dtype=np.float32).reshape(-1) for name, v in self.leads.items()}
         lengths = {v.size for v in self.leads.values()}
         if len(lengths) != 1:

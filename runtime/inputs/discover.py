@@ -18,6 +18,7 @@ from pulse_edge.errors import InputError
 from pulse_edge.runtime.inputs.wfdb_names import HEADER_SUFFIX, header_of
 
 _GLOB_CHARS = ("*", "?", "[")
+_NEVER_ECGS = frozenset({"lost+found"})  # a file system's own folder, root's only: listing it is no one's business
 
 
 def expand_inputs(arguments: Sequence[str], *, exclude: Collection[str | os.PathLike] = ()) -> list[str]:
@@ -41,7 +42,7 @@ def _expand(argument: str) -> Iterator[str]:
         yield from _walk(path)
     elif not path.exists() and any(c in argument for c in _GLOB_CHARS):
         if any(c in str(path.parent) for c in _GLOB_CHARS):  # it reaches into folders, which glob skips in silence
-            _check_listable(_fixed_prefix(path))
+            _check_listable(path)
         matches = sorted(glob.glob(argument, recursive=True))
         if not matches:
             raise InputError(f"{argument}: the pattern matches no file; check it (quote it to let pulse-edge "
@@ -56,27 +57,24 @@ def _expand(argument: str) -> Iterator[str]:
 
 
 def _walk(folder: Path) -> Iterator[str]:
-    """Every file below `folder`; a folder below it that cannot be listed refuses the whole batch before anything
-    is read (os.walk skips it in silence: its ECGs would go unanswered with a batch that exits 0)."""
-    unreadable: list[OSError] = []
-    for root, dirs, files in os.walk(folder, onerror=unreadable.append):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    """Every file below `folder`, hidden ones left out."""
+    for root, files in _listing(folder, depth=None):
         for name in sorted(files):
             path = os.path.join(root, name)
             if not name.startswith(".") and not _is_wfdb_signal_file(path):
                 yield path
-    _refuse_unlisted(unreadable)
 
 
-def _check_listable(folder: Path) -> None:
-    """Refuse a batch when a folder below `folder` cannot be listed (what a glob would skip)."""
+def _listing(folder: Path, depth: int | None) -> Iterator[tuple[str, list[str]]]:
+    """(folder, its file names) below `folder`, down to `depth` levels (None: all), hidden folders and a file
+    system's lost+found left out; a folder that cannot be listed refuses the whole batch, after the walk and
+    before anything is read (os.walk skips it in silence: its ECGs would go unanswered in a batch that exits 0)."""
     unreadable: list[OSError] = []
-    for _, dirs, _ in os.walk(folder, onerror=unreadable.append):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-    _refuse_unlisted(unreadable)
-
-
-def _refuse_unlisted(unreadable: list[OSError]) -> None:
+    top = len(folder.parts)
+    for root, dirs, files in os.walk(folder, onerror=unreadable.append):
+        deeper = depth is None or len(Path(root).parts) - top < depth
+        dirs[:] = sorted(d for d in dirs if deeper and not d.startswith(".") and d not in _NEVER_ECGS)
+        yield root, files
     if unreadable:
         first = unreadable[0]
         more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
@@ -84,14 +82,20 @@ def _refuse_unlisted(unreadable: list[OSError]) -> None:
                          "ECGs would be left out; fix its permissions, or pass the folders that can be read.")
 
 
-def _fixed_prefix(pattern: Path) -> Path:
-    """The folder a pattern starts in: its parts before the first with a glob character."""
+def _check_listable(pattern: Path) -> None:
+    """Refuse a batch where a folder the pattern reaches into cannot be listed (a glob skips it in silence): every
+    level below its fixed start for `**`, else as many levels as the pattern has folders. A start that does not
+    exist is left to the glob, which then matches nothing and says so."""
     fixed = []
     for part in pattern.parts:
         if any(c in part for c in _GLOB_CHARS):
             break
         fixed.append(part)
-    return Path(*fixed) if fixed else Path(".")
+    start = Path(*fixed) if fixed else Path(".")
+    if start.is_dir():
+        depth = None if "**" in pattern.parts else len(pattern.parts) - len(fixed) - 1
+        for _ in _listing(start, depth):
+            pass
 
 
 def _is_wfdb_signal_file(path: str) -> bool:

@@ -25,8 +25,10 @@ from pulse_edge.runtime.ecg.units import require_mv_per_unit
 LAYOUTS = ("leads_first", "samples_first")
 _DELIMITERS = (",", ";", "\t")
 _CSV_FIX = "fix or re-export the CSV"
-# A column of times, as carts and spreadsheets name it, with the seconds one of its units holds (None: not said).
-_TIME_COLUMN = re.compile(r"(?:time|t|timestamp|elapsed)?[\s_]*[(\[]?(s|sec|seconds|ms|msec)?[)\]]?", re.IGNORECASE)
+# A column of times, as carts and spreadsheets name it ("time", "Time (s)", "time_ms", "timestamp", "seconds"), with
+# the unit its name says (None: not said). Not a bare "t" or "s": a column of sample indices is often so named.
+_TIME_COLUMN = re.compile(r"(?:time(?:stamp)?|elapsed)[\s_]*[(\[]?(s|sec|seconds|ms|msec)?[)\]]?|(sec|seconds|ms|msec)",
+                          re.IGNORECASE)
 _SECONDS_PER_TIME_UNIT = {"s": 1.0, "sec": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3}
 TIME_RATE_TOLERANCE = 0.01  # a time column's rate may differ from the given one by 1% (rounded stamps average out)
 
@@ -76,9 +78,9 @@ def _check_time_columns(header: list[str], values: np.ndarray, fs: float, label:
     in milliseconds as well)."""
     for k, name in enumerate(header):
         match = _TIME_COLUMN.fullmatch(name.strip())
-        if not match or not name.strip() or values.shape[0] < 2:
+        if not match or values.shape[0] < 2 or _sample_indices(values[:, k]):
             continue
-        said = match.group(1)
+        said = match.group(1) or match.group(2)
         step = (values[-1, k] - values[0, k]) / (values.shape[0] - 1)
         units = [said.lower()] if said else ["s", "ms"]
         rates = [1.0 / (step * _SECONDS_PER_TIME_UNIT[unit]) if step > 0 else math.nan for unit in units]
@@ -89,6 +91,11 @@ def _check_time_columns(header: list[str], values: np.ndarray, fs: float, label:
                               f"row ({given}{' if in seconds' if not said and rates[0] > 0 else ''}), but the "
                               f"sampling rate given is {fs:g} Hz", "give the rate the samples were taken at (--fs), "
                               "or fix the time column")
+
+
+def _sample_indices(column: np.ndarray) -> bool:
+    """0, 1, 2, ... (or from any start): sample numbers, which say no rate."""
+    return bool(np.all(np.diff(column) == 1.0)) and float(column[0]).is_integer()
 
 
 def _csv_text(source, label: str) -> str:

@@ -106,8 +106,11 @@ def _read_segments(record_name: Path, lines: list[list[str]]) -> list[tuple[str,
 
 def _check_gains(signal_lines: list[list[str]], names: list[str], label: str) -> None:
     """An ADC gain of 0, or none written, marks an uncalibrated signal (the WFDB header format); wfdb puts its
-    default 200 in its place, which read a 1000-per-mV cart's lead 5x too large, in silence."""
+    default 200 in its place, which read a 1000-per-mV cart's lead 5x too large, in silence. A signal that is no
+    lead (respiration, blood pressure) is left out by the reader whatever its gain."""
     for k, fields in enumerate(signal_lines):
+        if k < len(names) and names[k] and normalise_lead_name(names[k]) is None:
+            continue
         written = fields[2].split("/")[0].split("(")[0] if len(fields) > 2 else ""
         try:
             gain = float(written)

@@ -307,3 +307,13 @@ def test_full_shape_checkpoint_loads_within_24_gib(tmp_path: Path) -> None:
     assert logits.shape == (1, 578, 32000) and torch.isfinite(logits).all()
     assert 7.0e9 < n_params < 7.2e9
     assert peak_gib < 24
+
+
+def test_a_sum_that_overflows_is_no_infinite_weight() -> None:
+    """The finite test is a sum first: where only the sum overflows (fp16's range is 65504), the elementwise test
+    decides, and the weights load."""
+    from pulse_edge.export.model.checkpoint import _finite
+
+    big = torch.full((4,), 60000.0, dtype=torch.float16)
+    assert not bool(torch.isfinite(big.sum())) and _finite(big)
+    assert not _finite(torch.tensor([1.0, float("inf")], dtype=torch.float16))

@@ -179,14 +179,24 @@ def test_a_folder_that_cannot_be_listed_refuses_the_batch_before_anything_is_rea
     scandir = os.scandir
 
     def refusing(path: object = ".") -> object:
-        if Path(str(path)).name == "locked":
+        if Path(str(path)).name in ("locked", "lost+found"):
             raise PermissionError(13, "Permission denied", str(path))
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", refusing)
-    for argument in (str(tmp_path), str(tmp_path / "**" / "*.png")):
+    for argument in (str(tmp_path), str(tmp_path / "**" / "*.png"), str(tmp_path / "*" / "*.png")):
         with pytest.raises(InputError, match=r"locked: this folder cannot be listed \(Permission denied\)"):
             expand_inputs([argument])
+    # a pattern that does not reach it, a file system's own lost+found, a folder that is not there: as before
+    (tmp_path / "one" / "two" / "locked").mkdir(parents=True)
+    (tmp_path / "one" / "b.png").write_bytes(b"")
+    (tmp_path / "locked").rename(tmp_path / "lost+found")
+    assert [Path(p).name for p in expand_inputs([str(tmp_path / "*" / "*.png")])] == ["b.png"]  # one level down
+    (tmp_path / "one" / "two" / "locked").rmdir()
+    (tmp_path / "one" / "two" / "lost+found").mkdir()
+    assert [Path(p).name for p in expand_inputs([str(tmp_path)])] == ["a.png", "b.png"]
+    with pytest.raises(InputError, match="the pattern matches no file"):
+        expand_inputs([str(tmp_path / "nodir" / "*" / "x.png")])
 
 
 def test_inputs_expand_from_folders_globs_and_files(tmp_path: Path) -> None:

@@ -178,6 +178,14 @@ def test_a_bundle_file_this_user_cannot_read_is_one_line(tiny_bundle: Path, tmp_
     _assert_refused(_infer(bundle, ecg_png), expected)
     _assert_refused(CliRunner().invoke(main, ["verify", str(bundle)]), expected)
 
+    def failing(path: Any, flags: int, *args: Any) -> int:  # a disk error is no permission to fix
+        if Path(path).name == "decoder.onnx.data":
+            raise OSError(5, "Input/output error", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(integrity.os, "open", failing)
+    _assert_refused(_infer(bundle, ecg_png), "cannot be read (Input/output error); the disk or the copy is damaged")
+
 
 @pytest.mark.parametrize("graph", ["vision.onnx", "decoder.onnx.data"])
 def test_a_graph_swapped_in_from_another_checkpoint_is_refused(graph: str, tiny_bundle: Path, other_graphs: Path,

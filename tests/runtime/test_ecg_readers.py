@@ -154,6 +154,17 @@ def test_a_channel_that_is_no_lead_is_left_out_whatever_its_unit(tmp_path, signa
         out, _, rec = load_twelve_lead(path)
         assert np.abs(out - signals).max() <= 1.25e-3 + 1e-6, path  # half a step of 2.5 uV (DICOM), 1 uV (WFDB)
         assert f"ignored channels that are not standard leads: {other!r}" in rec.notes
+    # nor its gain: WFDB's mark of an uncalibrated signal, on a channel that is never drawn
+    header = tmp_path / "abp.hea"
+    lines = header.read_text().splitlines()
+    fields = lines[13].split()
+    lines[13] = " ".join([*fields[:2], "0/mmHg", *fields[3:]])
+    header.write_text("\n".join(lines) + "\n")
+    assert np.abs(load_twelve_lead(header)[0] - signals).max() <= 1.25e-3 + 1e-6
+    # an ECG channel that is none of the 12 standard leads (MIT-BIH's modified lead II): said as such
+    wfdb.wrsamp("mitdb", fs=FS, units=["mV", "mV"], sig_name=["MLII", "CM5"], p_signal=signals[:2].T, fmt=["16"] * 2,
+                adc_gain=[200.0] * 2, baseline=[0] * 2, write_dir=str(tmp_path))
+    one_line(r"holds none of the 12 standard leads \(its channels: 'MLII', 'CM5'\)", read_wfdb, tmp_path / "mitdb.hea")
     # a lead in a unit that is no voltage is still refused
     extra.ChannelSourceSequence[0].CodeValue, extra.ChannelSourceSequence[0].CodeMeaning = "5.6.3-9-1", "Lead I"
     one_line(r"channel 13 \(I\) is in unit 'Ohm', which is not a voltage unit", read_dicom,
@@ -626,7 +637,10 @@ def test_csv_with_lead_hyphen_names_is_drawn_upright(tmp_path, signals):
     ("time", np.arange(N) / 250, 500, r"its .time. column steps 0.004 from row to row \(250 Hz if in seconds\), but "
                                       "the sampling rate given is 500 Hz"),
     ("Time (ms)", np.arange(N) * 4.0, 500, r"its 'Time \(ms\)' column steps 4 ms from row to row \(250 Hz\)"),
-    ("t", np.zeros(N), 500, "no rate: its times do not increase"),
+    ("time", np.zeros(N), 500, "no rate: its times do not increase"),
+    # not time: sample numbers, or a name that says nothing (the file was read before; it still is)
+    ("t", np.arange(N, dtype=float), 500, None), ("time", np.arange(N, dtype=float) + 1, 500, None),
+    ("s", np.arange(N) / 250, 500, None),
     ("time", np.arange(N) / 500, 500, None),
     ("time_ms", np.arange(N) * 2.0, 500, None),
     ("Time", np.arange(N) * 2.0, 500, None),  # no unit said: milliseconds fit
