@@ -37,7 +37,8 @@ def machine_text(m: Mapping[str, Any]) -> str:
     isa = f"; ISA {' '.join(m['isa']) or 'none of ' + '/'.join(ISA_FLAGS)}" if "isa" in m else ""
     libraries = "; " + ", ".join(f"{name} {version}" for name, version in m["libraries"].items()) if m.get(
         "libraries") else ""
-    return f"{cpu}, {m['cores']} cores, {m['ram_gib']} GiB RAM{isa}{libraries}"
+    ram = f", {m['ram_gib']} GiB RAM" if m.get("ram_gib") is not None else ""
+    return f"{cpu}, {m['cores']} cores{ram}{isa}{libraries}"
 
 
 def model_info(model_dir: str | Path) -> dict[str, Any]:
