@@ -78,9 +78,10 @@ def _check_time_columns(header: list[str], values: np.ndarray, fs: float, label:
     in milliseconds as well)."""
     for k, name in enumerate(header):
         match = _TIME_COLUMN.fullmatch(name.strip())
-        if not match or values.shape[0] < 2 or _sample_indices(values[:, k]):
+        said = (match.group(1) or match.group(2)) if match else None
+        # 0, 1, 2, ... under a name without a unit: sample numbers as likely as times (a "time_ms" one is 1 kHz)
+        if not match or values.shape[0] < 2 or (not said and _sample_indices(values[:, k])):
             continue
-        said = match.group(1) or match.group(2)
         step = (values[-1, k] - values[0, k]) / (values.shape[0] - 1)
         units = [said.lower()] if said else ["s", "ms"]
         rates = [1.0 / (step * _SECONDS_PER_TIME_UNIT[unit]) if step > 0 else math.nan for unit in units]

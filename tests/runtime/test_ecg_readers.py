@@ -641,6 +641,7 @@ def test_csv_with_lead_hyphen_names_is_drawn_upright(tmp_path, signals):
     # not time: sample numbers, or a name that says nothing (the file was read before; it still is)
     ("t", np.arange(N, dtype=float), 500, None), ("time", np.arange(N, dtype=float) + 1, 500, None),
     ("s", np.arange(N) / 250, 500, None),
+    ("time_ms", np.arange(N, dtype=float), 500, r"steps 1 ms from row to row \(1000 Hz\)"),  # not sample numbers
     ("time", np.arange(N) / 500, 500, None),
     ("time_ms", np.arange(N) * 2.0, 500, None),
     ("Time", np.arange(N) * 2.0, 500, None),  # no unit said: milliseconds fit
