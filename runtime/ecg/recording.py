@@ -43,7 +43,7 @@ class Recording:
 
     def __post_init__(self) -> None:
         if not self.leads:
-            if self.others:  # MIT-BIH's MLII and V5 are ECG channels, just none of the 12 standard leads
+            if self.others:  # MIT-BIH's MLII is an ECG channel, just none of the 12 standard leads
                 raise recording_error(self.source, "the file holds none of the 12 standard leads (its channels: "
                                       f"{', '.join(map(repr, self.others))})", "export the ECG's 12 leads")
             raise recording_error(self.source, "the file holds no ECG channels", "export the ECG leads")

@@ -96,9 +96,9 @@ def _read_segments(record_name: Path, lines: list[list[str]]) -> list[tuple[str,
     for words in lines:
         if len(words) < 2 or words[0] == "~" or words[1] == "0":
             continue
-        try:
+        try:  # a name with a "/" is no segment beside the record (with_name refuses it: ValueError)
             text = record_name.with_name(f"{words[0]}.hea").read_text(errors="replace")
-        except OSError:
+        except (OSError, ValueError):
             continue
         segments.append((words[0], header_words(text)))
     return segments

@@ -423,6 +423,8 @@ def test_a_segment_without_an_adc_gain_is_refused_as_a_record_is(tmp_path, signa
     lines[3] = " ".join([*fields[:2], "0/mV", *fields[3:]] if gain == "0" else fields[:2])
     header.write_text("\n".join(lines) + "\n")
     one_line(r"multi\.hea \(segment s2\): signal 3( \(III\))? has no ADC gain in the header", read_wfdb, master)
+    master.write_text(f"multi/2 12 {FS} {N}\nsub/s1 {N // 2}\ns2 {N // 2}\n")  # a name no file beside it can have
+    one_line("corrupt or truncated WFDB record", read_wfdb, master)  # wfdb's header parser refuses it first
 
 
 def test_signals_without_names_are_named_as_the_headers_fault(tmp_path, signals):
