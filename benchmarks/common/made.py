@@ -78,11 +78,12 @@ def _record(args: list[str]) -> dict[str, Any]:
 
 
 def ensure_made(artifact: Path, args: list[str], run: Callable[[list[str]], None], progress: Callable[[str], None],
-                *, inputs: list[str] = ()) -> bool:
+                *, inputs: list[str] = (), saying: str | None = None) -> bool:
     """`artifact` as `args` (a pulse-edge command line) makes it, from `inputs` (what it is made from: the maker's
     arguments or a file's digest); True where it was already so (reused). A link there is the user's: reused as
     given (the caller checks what it can). A stamped artifact made otherwise is made again; an unstamped one (an
-    older pulse-edge's, or not the benchmark's) is refused rather than removed."""
+    older pulse-edge's, or not the benchmark's) is refused rather than removed. `saying`: the progress line given
+    when it is made."""
     asked = [*args, *inputs]
     if artifact.is_symlink():
         progress(f"{artifact.name} is a link: reused as given")
@@ -95,6 +96,8 @@ def ensure_made(artifact: Path, args: list[str], run: Callable[[list[str]], None
                               "benchmark's): remove it, or use another --work directory")
         progress(f"{artifact.name} was made by other arguments or other code: making it again")
         discard(artifact)
+    if saying is not None:
+        progress(saying)
     run(args)
     record_made(artifact, asked)
     return False

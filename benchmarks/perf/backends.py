@@ -147,13 +147,12 @@ def prepare_model(cfg: BackendsConfig, work: Path, progress: Callable[[str], Non
     full = ["--full-shape"] if WIDTH_SHAPES[cfg.width]["full_shape"] else []
     make = ["make-tiny", str(checkpoint), *full, "--layers", str(cfg.layers), "--seed", str(cfg.seed)]
     export = ["export", str(checkpoint), "-o", str(bundle), "--precision", "fp32", "--validation", "quick"]
-    if not checkpoint.exists():
-        progress(f"writing a random {cfg.width}-width checkpoint with {cfg.layers} decoder layers to {checkpoint}")
-    reused = ensure_made(checkpoint, make, partial(run_cli, what="make-tiny", progress=progress), progress)
+    reused = ensure_made(checkpoint, make, partial(run_cli, what="make-tiny", progress=progress), progress,
+                         saying=f"writing a random {cfg.width}-width checkpoint with {cfg.layers} decoder layers "
+                         f"to {checkpoint}")
     _check_checkpoint(checkpoint, cfg)
-    if not bundle.exists():
-        progress(f"exporting the fp32 bundle (quick validation) to {bundle}")
-    reused &= ensure_made(bundle, export, partial(run_cli, what="export", progress=progress), progress, inputs=make)
+    reused &= ensure_made(bundle, export, partial(run_cli, what="export", progress=progress), progress, inputs=make,
+                          saying=f"exporting the fp32 bundle (quick validation) to {bundle}")
     _check_bundle(checkpoint, bundle)
     return PreparedModel(checkpoint, bundle, time.perf_counter() - started, reused=reused)
 

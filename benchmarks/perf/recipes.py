@@ -34,7 +34,7 @@ from typing import Any
 
 from pulse_edge.benchmarks.common.host import HostWindow, busy_reason
 from pulse_edge.benchmarks.common.machine import model_info
-from pulse_edge.benchmarks.common.made import ensure_made, file_digest, made_as_asked, stamp_path
+from pulse_edge.benchmarks.common.made import ensure_made, file_digest, stamp_path
 from pulse_edge.benchmarks.common.measure import (
     Stat,
     bandwidth_report,
@@ -97,10 +97,8 @@ def prepare_recipes(cfg: RecipesConfig, work: Path, progress: Callable[[str], No
     prepared = prepare_model(cfg.base, work, progress)
     scales = work / "scales.npz"
     calibrate = ["calibrate", str(prepared.checkpoint), "--samples", str(cfg.calibration_samples), "-o", str(scales)]
-    if not made_as_asked(scales, [*calibrate, *_from(prepared.checkpoint)]):
-        progress(f"calibrating on {cfg.calibration_samples} synthetic samples")
     ensure_made(scales, calibrate, partial(run_cli, what="calibrate", progress=progress), progress,
-                inputs=_from(prepared.checkpoint))
+                inputs=_from(prepared.checkpoint), saying=f"calibrating on {cfg.calibration_samples} synthetic samples")
     bundles = {"fp32": prepared.bundle} if cfg.fp32 else {}
     for key in cfg.recipes:
         bundle = work / f"bundle-{key}"
@@ -109,9 +107,8 @@ def prepare_recipes(cfg: RecipesConfig, work: Path, progress: Callable[[str], No
         export = ["export", str(prepared.checkpoint), "-o", str(bundle), *args, *calibrated, "--validation", "quick",
                   "--held-out", "1"]
         inputs = [*_from(prepared.checkpoint), *(["scales", file_digest(scales)] if calibrated else [])]
-        if not made_as_asked(bundle, [*export, *inputs]):
-            progress(f"exporting the {key} bundle")
-        ensure_made(bundle, export, partial(run_cli, what=f"export {key}", progress=progress), progress, inputs=inputs)
+        ensure_made(bundle, export, partial(run_cli, what=f"export {key}", progress=progress), progress, inputs=inputs,
+                    saying=f"exporting the {key} bundle")
         bundles[key] = bundle
     return {**bundles, **dict(cfg.extra)}
 
