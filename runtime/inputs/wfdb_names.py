@@ -24,6 +24,12 @@ def header_of(path: Path) -> Path | None:
     return beside if suffix in SIGNAL_SUFFIXES and beside.is_file() else None
 
 
+def multi_segment(lines: list[list[str]]) -> bool:
+    """Whether a header (header_words) is a multi-segment record's: its record line reads "name/segments", and the
+    lines after it name segments, each a record with a header of its own, not signal files."""
+    return bool(lines) and "/" in lines[0][0]
+
+
 def header_words(text: str) -> list[list[str]]:
     """A header's lines as words, comments and blank lines left out: the record line first, then one line per
     signal (or, in a multi-segment record, per segment)."""

@@ -23,7 +23,7 @@ from pulse_edge.runtime.ecg.leads import normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
 from pulse_edge.runtime.inputs.extras import require
-from pulse_edge.runtime.inputs.wfdb_names import RECORD_SUFFIXES, header_words
+from pulse_edge.runtime.inputs.wfdb_names import RECORD_SUFFIXES, header_words, multi_segment
 
 _LIBRARY_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error)
 _FIX = "check that the .hea header and its signal files are complete and side by side"
@@ -70,9 +70,9 @@ def _check_header(record_name: Path, label: str) -> list[str]:
     check_samples(int(header.sig_len or 0) * int(header.n_sig or 0), label)
     records = header_words(record_name.with_name(record_name.name + ".hea").read_text(errors="replace"))
     fields = records[0] if records else []
-    if fields and "/" not in fields[0]:  # a single-segment record: its signal lines follow
+    if not multi_segment(records):  # its signal lines follow
         _check_gains(records[1:1 + int(header.n_sig or 0)], list(header.sig_name or []), label)
-    else:  # "name/segments": each segment read is a record of its own, with its own gains
+    else:  # each segment read is a record of its own, with its own gains
         for segment, words in _read_segments(record_name, records[1:]):
             _check_gains(words[1:], [" ".join(line[8:]) for line in words[1:]], f"{label} (segment {segment})")
     if len(fields) < 3:  # no frequency written: the WFDB specification's default

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pulse_edge.runtime.inputs.wfdb_names import header_of, header_words
+from pulse_edge.runtime.inputs.wfdb_names import header_of, header_words, multi_segment
 from pulse_edge.runtime.server.errors import ApiError
 
 
@@ -54,7 +54,7 @@ def _check_record(header: Path, root: Path, requested: str, *, depth: int) -> No
     file, or a segment, whose own header is checked the same way) and their real paths: inside the root."""
     _inside(header, root, requested, header.name)
     lines = _header_lines(header, requested)
-    segmented = bool(lines) and "/" in lines[0][0]  # "name/segments": the lines after it name segments
+    segmented = multi_segment(lines)
     for words in lines[1:]:
         _inside(header.parent / words[0], root, requested, words[0])
         segment = header.parent / f"{words[0]}.hea"
