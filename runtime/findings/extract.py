@@ -21,7 +21,9 @@ into clauses at sentence punctuation (full-width too), ';', ':' and at "but", "h
   next statement is that one's ("sinus rhythm, possible LVH");
 - kept as "stated" otherwise; "normal ECG" beside a stated diagnostic abnormality is left out ("Normal ECG except
   for left axis deviation"; not beside a rhythm: PTB-XL labels NORM with sinus bradycardia), and only possible
-  beside a possible one.
+  beside a possible one;
+- left out when it is an option of a multiple-choice list the answer repeats, unless the answer chose it
+  ("A. Sinus rhythm B. Atrial fibrillation. Answer: B" states AF).
 
 "No", "not", "without" and their kin reach to the end of the clause, commas included ("no ST elevation, LBBB"
 drops both): a missed statement is a smaller harm than a finding the text does not state. The rest ("absent",
@@ -118,8 +120,12 @@ def finished_sentences(text: str) -> str:
 def extract_findings(text: str) -> list[Finding]:
     """The vocabulary's statements that `text` makes, in order of first mention; none that it denies."""
     mentions = _mentions(text)
+    starts = [m.start for m in mentions]
     for clause in _clauses(text):
-        _judge_clause(text, clause, [m for m in mentions if clause[0] <= m.start < clause[1]])
+        _judge_clause(text, clause, mentions[slice(*_within(starts, clause[0], clause[1]))])
+    for start, end in _options_not_chosen(text):
+        for mention in mentions[slice(*_within(starts, start, end))]:
+            mention.negated = True
     chosen: dict[str, _Mention] = {}
     for mention in mentions:
         if mention.negated:
@@ -128,6 +134,11 @@ def extract_findings(text: str) -> list[Finding]:
         if previous is None or (previous.hedged and not mention.hedged):
             chosen[mention.concept.key] = mention
     return [_finding(text, m) for m in sorted(_normal_resolved(chosen), key=lambda m: m.start)]
+
+
+def _within(starts: list[int], start: int, end: int) -> tuple[int, int]:
+    """The index range of the sorted `starts` in [start, end)."""
+    return bisect.bisect_left(starts, start), bisect.bisect_left(starts, end)
 
 
 def _normal_resolved(chosen: dict[str, _Mention]) -> list[_Mention]:
@@ -154,11 +165,12 @@ def _mentions(text: str) -> list[_Mention]:
     """Every match of every concept; where matches overlap, the longest (then the earliest) is kept."""
     found = [_Mention(hit.start(), hit.end(), m.concept) for m in _MATCHERS for p in m.patterns
              for hit in p.finditer(text)]
-    kept: list[_Mention] = []
+    kept: list[_Mention] = []  # disjoint, sorted by start: a new one can overlap only its two neighbours
     for mention in sorted(found, key=lambda m: (m.start - m.end, m.start)):
-        if all(mention.end <= k.start or mention.start >= k.end for k in kept):
-            kept.append(mention)
-    return sorted(kept, key=lambda m: m.start)
+        k = bisect.bisect_left(kept, mention.start, key=lambda m: m.start)
+        if (not k or kept[k - 1].end <= mention.start) and (k == len(kept) or mention.end <= kept[k].start):
+            kept.insert(k, mention)
+    return kept
 
 
 def _clauses(text: str) -> list[tuple[int, int, bool]]:
@@ -237,6 +249,32 @@ def _along_lists(text: str, mentions: list[_Mention]) -> None:
     for first, second in itertools.pairwise(mentions):
         if first.past and w.JOINED.match(text[first.end:second.start]):
             second.past = second.negated = True
+
+
+def _options_not_chosen(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each option of a repeated multiple-choice list but the chosen one (wording.OPTION_MARK):
+    "A. Sinus rhythm B. Atrial fibrillation. Answer: B" states AF only; a list with no choice states none.
+    Lettered items with a colon are sections of a report, stated as any text."""
+    runs: list[list[tuple[str, int]]] = []
+    for hit in w.OPTION_MARK.finditer(text):
+        letter = hit.group(1) or hit.group(2)
+        last = runs[-1][-1] if runs else None
+        if last and ord(letter) == ord(last[0]) + 1 and hit.start() - last[1] <= w.OPTION_CHARS:
+            runs[-1].append((letter, hit.start()))
+        elif letter == "A":
+            runs.append([(letter, hit.start())])
+    spans = []
+    for run in (r for r in runs if len(r) > 1):
+        tail = run[-1][1] + 2
+        cut = w.OPTION_END.search(text, tail, tail + w.OPTION_CHARS)
+        ends = [start for _, start in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
+        items = [(letter, start, end) for (letter, start), end in zip(run, ends, strict=True)]
+        # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options
+        spans += [] if any(w.COLON.search(text, start, end) for _, start, end in items) else items
+    firsts, lasts = [start for _, start, _ in spans], [end for _, _, end in spans]  # sorted, disjoint
+    chosen = {hit.group(1) or hit.group(2) for hit in w.CHOSEN.finditer(text)
+              if not (k := bisect.bisect_right(firsts, hit.start())) or hit.start() >= lasts[k - 1]}
+    return [(start, end) for letter, start, end in spans if letter not in chosen]
 
 
 def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> bool:

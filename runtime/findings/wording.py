@@ -83,6 +83,19 @@ HISTORY_OF = re.compile(
 # vs STEMI", "SVT with aberrancy vs ventricular tachycardia", "RBBB or IVCD".
 ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}}|(?:^|[\s,]){_W}or\s+)$", _I)
 
+# --- a multiple-choice answer that repeats its options -----------------------------------------------------------
+# "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
+# chosen one is. An option is a capital A-H marked "A.", "A)" or "(A)" before a space; a list is a run of them in
+# alphabetical order from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none.
+OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H])[.)])(?=\s)")
+OPTION_CHARS = 160
+# where the last option ends: a line break, a sentence's end, or the answer's cue
+OPTION_END = re.compile(r"\n|(?<=[^\s.])\.(?=\s)|(?=(?:the )?(?:correct |right |best )?(?:answer|choice|option)\b)", _I)
+COLON = re.compile(r"[:\uff1a]")
+# the choice: "Answer: B", "The answer is (B)", "the correct option is B"
+CHOSEN = re.compile(
+    rf"{_W}(?:answer|choice|option)(?:\s+is)?\s*[:\uff1a]?\s*(?:\(([A-H])\)|([A-H]))(?![A-Za-z0-9])", _I)
+
 # --- right after a mention (its gap: up to the next mention or the clause's end) ------------------------------
 # Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
 # "flutter" alone is no statement of the vocabulary. The price: "AF, P waves are absent" drops AF too (a missed
