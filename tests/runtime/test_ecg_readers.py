@@ -181,10 +181,27 @@ def test_a_big_endian_file_is_refused_not_read_byte_swapped(tmp_path, signals):
     one_line("retired Explicit VR Big Endian transfer syntax", read_dicom, path)
 
 
-def test_padding_inside_the_recording_is_a_gap(tmp_path, signals):
+def test_padding_inside_the_recording_is_a_gap_named_by_its_code(tmp_path, signals):
     path = write_dicom(tmp_path / "gap.dcm", _padded(signals, slice(1000, 1100)))
-    with pytest.raises(InputError, match=r"lead I has 100 missing or non-finite samples \(first at 2.000 s\)"):
-        twelve(read_dicom(path))
+    with pytest.raises(InputError, match=r"group 0: lead I has 100 samples equal to the file's WaveformPaddingValue "
+                       r"\(code -32768\), which marks samples the cart did not record \(first at 2.000 s\)"):
+        read_dicom(path)
+
+
+def test_a_padding_code_real_samples_take_is_named_in_the_refusal(tmp_path, signals):
+    """A cart that writes WaveformPaddingValue 0 has every sample at the baseline read as a gap; DICOM says the
+    code marks absent samples wherever it stands, so the file is refused, and the line says which code did it
+    (it said "missing or non-finite samples", and to re-export)."""
+    ds = dicom_dataset(signals, FS, sensitivity=2.5)
+    item = ds.WaveformSequence[0]
+    raw = np.frombuffer(item.WaveformData, "<i2").reshape(-1, 12).copy()
+    raw[[10, 500], 1] = 0  # lead II crosses zero twice
+    raw[:, 0] = np.where(raw[:, 0] == 0, 1, raw[:, 0])  # lead I never does
+    item.WaveformData = raw.tobytes()
+    item.add_new(0x5400100A, "OW", np.int16(0).tobytes())
+    with pytest.raises(InputError, match=r"lead II has \d+ samples equal to the file's WaveformPaddingValue \(code 0\)"
+                       r".*have the cart write no padding value or one no sample takes"):
+        read_dicom(write_dicom(tmp_path / "zero.dcm", ds))
 
 
 def test_bytes_and_paths_read_the_same(tmp_path, signals):
