@@ -177,3 +177,33 @@ def test_score_command_reads_paper_style_predictions(data_dir: Path, tmp_path: P
     out = json.loads(result.output)
     assert out["compat"] == {"accuracy": 100.0, "unwinnable": 0} and out["strict"] == {"accuracy": 100.0, "unparsed": 0}
     assert (out["coverage"]["scored"], out["coverage"]["unknown"], out["coverage"]["unknown_ids"]) == (2, 1, ["zz"])
+
+
+def test_each_subset_is_read_in_the_shape_its_release_stores(tmp_path: Path, png: bytes) -> None:
+    """The dataset card's configs: ECG-QA's parquet stores every `value` as a list of strings (its question was
+    put before the model as "['Question: ...\\n...']", brackets, quotes and escaped line breaks, and the options
+    the scorer parses from it lost the last one: perfect answers scored 50), arena's turns are {question,
+    answer} (refused as not alternating), and the PULSE repository's report file says "conversation", user /
+    assistant (refused as no ECGBench item)."""
+    pytest.importorskip("pyarrow", reason="the parquet layout needs pyarrow (pulse-edge[bench])")
+    asked = "Question: What is the rhythm?\nOptions: sinus rhythm, atrial flutter"
+    write_parquet_subset(tmp_path / "ecgqa-test" / "test-00000-of-00001.parquet",
+                         [item("q1", asked, ("atrial flutter",), png)])
+    write_parquet_subset(tmp_path / "arena" / "test-00000-of-00001.parquet",
+                         [item("a1", "Describe it.", "Sinus rhythm.", png, ("And the axis?", "Normal."))])
+    (tmp_path / "ptb-test-report.json").write_text(json.dumps([{"id": "r1", "image": "r.png", "conversation": [
+        {"from": "user", "value": "<image>\nWrite a report."}, {"from": "assistant", "value": "Sinus rhythm."}]}]))
+    qa = load_samples(find_subset(tmp_path, "ecgqa-test"))[0]
+    assert (qa.question, qa.turns[0].answer) == (asked, ("atrial flutter",))
+    arena = load_samples(find_subset(tmp_path, "arena"))[0]
+    assert [(t.question, t.answer) for t in arena.turns] == [("Describe it.", "Sinus rhythm."),
+                                                             ("And the axis?", "Normal.")]
+    report = load_samples(find_subset(tmp_path, "ptb-test-report"))[0]
+    assert (report.question, report.turns[0].answer) == ("Write a report.", "Sinus rhythm.")
+
+
+def test_a_question_of_several_strings_is_refused_not_joined(tmp_path: Path) -> None:
+    (tmp_path / "ecgqa-test.json").write_text(json.dumps([{"id": "q1", "image": "x.png", "conversations": [
+        {"from": "human", "value": ["one", "two"]}, {"from": "gpt", "value": ["yes"]}]}]))
+    with pytest.raises(InputError, match=r"q1: a question is a list \(\['one', 'two'\]\), not text"):
+        load_samples(find_subset(tmp_path, "ecgqa-test"))

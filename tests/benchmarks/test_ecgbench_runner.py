@@ -135,16 +135,16 @@ def test_an_arena_question_without_a_reference_answer_is_still_asked(tmp_path: P
     path = write_json_subset(tmp_path / "data", "arena", [item("a1", "Describe [a1]", "Sinus rhythm.", ecg_png(seed=2),
                                                                 ("And the axis?", "Normal."))])
     records = json.loads(path.read_text())
-    records[0]["conversations"].append({"from": "human", "value": "And the rate?"})
+    records[0]["conversations"].append({"question": "And the rate?", "answer": None})  # arena's shape: a dict a turn
     path.write_text(json.dumps(records))
     run_plans(plan_run(tmp_path / "data", ["arena"], tmp_path / "out"), lambda: FakeChatPipeline(lambda q: "SR."),
               stream=io.StringIO())
     a1 = _records(tmp_path / "out" / "arena.jsonl")[0]
     assert (a1["turns_run"], a1["turns_not_run"]) == (3, 0)
     assert [t["question"] for t in a1["turns"]] == ["Describe [a1]", "And the axis?", "And the rate?"]
-    records[0]["conversations"].append({"from": "human", "value": "Two questions in a row?"})
+    records[0]["conversations"].insert(1, {"question": "An unanswered question before others?", "answer": None})
     path.write_text(json.dumps(records))
-    with pytest.raises(InputError, match="conversations must alternate human / gpt"):
+    with pytest.raises(InputError, match="a conversation turn has no answer"):
         plan_run(tmp_path / "data", ["arena"], tmp_path / "out2")
 
 

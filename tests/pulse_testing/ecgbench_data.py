@@ -27,14 +27,29 @@ class FixtureItem:
     turns: tuple[tuple[str, Answer], ...]
     image: bytes
 
-    def conversations(self, *, lists: bool) -> list[dict[str, object]]:
-        """The `conversations` field; parquet values are text, so list answers are joined there."""
+    def conversations(self, *, shape: str) -> list[dict[str, object]]:
+        """The `conversations` field in one of the released shapes (SHAPES)."""
         out: list[dict[str, object]] = []
         for k, (question, answer) in enumerate(self.turns):
-            out.append({"from": "human", "value": f"{IMAGE_MARKER}\n{question}" if k == 0 else question})
-            value = list(answer) if lists and isinstance(answer, tuple) else answer
-            out.append({"from": "gpt", "value": ", ".join(value) if isinstance(value, tuple) else value})
+            asked = f"{IMAGE_MARKER}\n{question}" if k == 0 else question
+            if shape == "question_answer":
+                out.append({"question": asked, "answer": ", ".join(answer) if isinstance(answer, tuple) else answer})
+                continue
+            if shape == "value_lists":
+                asked, answer = [asked], list(answer) if isinstance(answer, tuple) else [answer]
+            elif shape == "text":
+                answer = ", ".join(answer) if isinstance(answer, tuple) else answer
+            else:  # "json": a list answer stays a list
+                answer = list(answer) if isinstance(answer, tuple) else answer
+            out.extend([{"from": "human", "value": asked}, {"from": "gpt", "value": answer}])
         return out
+
+
+# How each subset's conversations are stored, as the dataset card's `dataset_info` gives the parquet configs:
+# ECG-QA's `value` is a list of strings (the question a list of one), arena's turns are {question, answer};
+# every other subset's value is a string. The JSON layout keeps list answers as lists.
+PARQUET_SHAPES = {"ecgqa-test": "value_lists", "arena": "question_answer"}
+JSON_SHAPES = {"arena": "question_answer"}
 
 
 def item(sample_id: str, question: str, answer: Answer, image: bytes, *more: tuple[str, Answer]) -> FixtureItem:
@@ -52,20 +67,24 @@ def ecg_png(seed: int = 0, width_px: int = 880, height_px: int = 680, rhythm: st
 
 
 def write_parquet_subset(path: str | Path, items: Sequence[FixtureItem], *, image_struct: bool = True) -> Path:
-    """One parquet file with the HF columns; `image_struct=False` stores raw bytes instead of {bytes, path}."""
+    """One parquet file with the HF columns; `image_struct=False` stores raw bytes instead of {bytes, path}. The
+    subset (the conversations' shape) is the folder's name for `test-*.parquet`, else the file's stem."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ConfigError("writing parquet fixtures needs pyarrow: install pulse-edge[bench]") from e
-    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    path = Path(path)
+    shape = PARQUET_SHAPES.get(path.parent.name if path.name.startswith("test") else path.stem, "text")
+    turn = {"value_lists": pa.struct([("from", pa.string()), ("value", pa.list_(pa.string()))]),
+            "question_answer": pa.struct([("question", pa.string()), ("answer", pa.string())]),
+            "text": pa.struct([("from", pa.string()), ("value", pa.string())])}[shape]
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if image_struct else pa.binary()
     schema = pa.schema([("id", pa.string()), ("image_path", pa.string()), ("image", image_type),
                         ("conversations", pa.list_(turn))])
     rows = [{"id": i.id, "image_path": f"{i.id}.png",
              "image": {"bytes": i.image, "path": f"{i.id}.png"} if image_struct else i.image,
-             "conversations": i.conversations(lists=False)} for i in items]
-    path = Path(path)
+             "conversations": i.conversations(shape=shape)} for i in items]
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
@@ -80,7 +99,8 @@ def write_json_subset(root: str | Path, subset: str, items: Sequence[FixtureItem
         image = root / "images" / relative
         image.parent.mkdir(parents=True, exist_ok=True)
         image.write_bytes(i.image)
-        records.append({"id": i.id, "image": relative, "conversations": i.conversations(lists=True)})
+        records.append({"id": i.id, "image": relative, "conversations": i.conversations(
+            shape=JSON_SHAPES.get(subset, "json"))})
     path = root / f"{subset}.json"
     path.write_text(json.dumps(records, indent=1), encoding="utf-8")
     return path

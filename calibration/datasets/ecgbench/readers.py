@@ -2,13 +2,18 @@
 
 Parquet (the Hugging Face release, one config per subset, split `test`): rows
 `id`, `image_path`, `image` (an HF image struct `{"bytes", "path"}` or raw
-bytes) and `conversations` (`[{from, value}, ...]`, question then answer).
+bytes) and `conversations`, whose shape the subset's config says (the
+dataset card's `dataset_info`): `[{from, value}, ...]`, question then answer,
+with `value` a string, or for ECG-QA a list of strings (the question a list of
+one, the answer the options that are right); arena's `[{question, answer}, ...]`,
+a dict a turn.
 In a dataset snapshot they sit at `<subset>/test-*.parquet`; `data/<subset>/`
 and a flat `<subset>.parquet` are accepted too.
 
 JSON (the earlier release and the PULSE repository's `data/` folder): a list
 of `{id, image, conversations}` in `<subset>.json` (or `.jsonl`), images in an
-`images/` folder beside it, `image` being a path relative to that folder.
+`images/` folder beside it, `image` being a path relative to that folder; the
+repository's PTB-XL report file says `conversation`, `from` user / assistant.
 
 Parquet is read a batch at a time with only the needed columns, so scoring
 never touches the image bytes of a 3 GB file, and inference holds one batch.
@@ -197,8 +202,8 @@ def _iter_parquet(source: SubsetSource, with_images: bool, ids: frozenset[str] |
         with _parquet_errors(path):
             parquet = pq.ParquetFile(path)
             names = set(parquet.schema_arrow.names)
-        missing = {"id", "conversations"} - names
-        if missing or (with_images and "image" not in names):
+        talk = next((c for c in _CONVERSATION_KEYS if c in names), None)
+        if "id" not in names or talk is None or (with_images and "image" not in names):
             raise InputError(f"{path}: not an ECGBench parquet file (columns {sorted(names)}; "
                              "needs id, conversations and image)")
         id_type = parquet.schema_arrow.field("id").type
@@ -206,7 +211,7 @@ def _iter_parquet(source: SubsetSource, with_images: bool, ids: frozenset[str] |
             # str() of a float, bool or bytes id differs from arrow's cast that selects rows by id: its samples
             # would be listed, never read, and every rerun would have them "to answer"
             raise InputError(f"{path}: the id column holds {id_type}, not strings or integers; not an ECGBench file")
-        columns = ["id", "conversations"] + [c for c in ("image_path", "image") if c in names and with_images]
+        columns = ["id", talk] + [c for c in ("image_path", "image") if c in names and with_images]
         batches = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
         while True:
             with _parquet_errors(path):  # a damaged page surfaces when its batch is read
@@ -236,7 +241,7 @@ def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
     if row["id"] is None:
         raise InputError(f"{path}: a row has no id (null); the subset file is damaged: download it again")
     sample_id = str(row["id"])
-    turns = _turns(row["conversations"], f"{path}: {sample_id}")
+    turns = _turns(next(row[c] for c in _CONVERSATION_KEYS if c in row), f"{path}: {sample_id}")
     image = row.get("image")
     name = str(row.get("image_path") or "")
     if isinstance(image, Mapping):  # the HF image feature: {"bytes": ..., "path": ...}
@@ -252,12 +257,13 @@ def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
 def _iter_json(source: SubsetSource, with_images: bool, ids: frozenset[str] | None) -> Iterator[Sample]:
     for path in source.files:
         for i, record in enumerate(_json_records(path)):
-            if not isinstance(record, Mapping) or "conversations" not in record or "id" not in record:
+            talk = next((c for c in _CONVERSATION_KEYS if isinstance(record, Mapping) and c in record), None)
+            if talk is None or "id" not in record:
                 raise InputError(f"{path}: record {i} is not an ECGBench item ({{id, image, conversations}})")
             sample_id = str(record["id"])
             if ids is not None and sample_id not in ids:
                 continue
-            turns = _turns(record["conversations"], f"{path}: {sample_id}")
+            turns = _turns(record[talk], f"{path}: {sample_id}")
             name = record.get("image", record.get("image_path", ""))
             name = str(name[0] if isinstance(name, list) and name else name or "")
             image_file = _resolve_image(source.image_roots, name, f"{path}: {sample_id}") if with_images else None
@@ -285,27 +291,50 @@ def _resolve_image(roots: tuple[Path, ...], name: str, where: str = "") -> Path 
 
 
 def _turns(conversations: Any, where: str) -> tuple[Turn, ...]:
-    """Pair each human message with the gpt message that follows it."""
-    if not isinstance(conversations, list) or len(conversations) < 2:
+    """Each question with its reference answer, from any of the released shapes (the module doc)."""
+    if not isinstance(conversations, list) or not conversations:
         raise InputError(f"{where}: conversations must hold a question and an answer")
-    turns: list[Turn] = []
-    # a last question with no reference answer is kept, answer None: arena asks later turns after the model's own
-    # answers, and only the first is scored (a refusal here lost the whole subset over one such item)
-    if len(conversations) % 2:
-        last = conversations[-1]
-        if not (isinstance(last, Mapping) and last.get("from") == "human" and last.get("value") is not None):
-            raise InputError(f"{where}: conversations must alternate human / gpt, starting with human")
-    for question, answer in zip(conversations[0::2], conversations[1::2], strict=False):
-        if not (isinstance(question, Mapping) and isinstance(answer, Mapping)):
-            raise InputError(f"{where}: each conversation entry must be {{from, value}}")
-        if question.get("from") != "human" or answer.get("from") not in ("gpt", "assistant"):
-            raise InputError(f"{where}: conversations must alternate human / gpt, starting with human")
-        value, asked = answer.get("value"), question.get("value")
-        if value is None or asked is None:  # "" would be scored: an empty answer matching an empty gold
-            raise InputError(f"{where}: a conversation turn has no {'answer' if value is None else 'question'} "
+    if all(isinstance(c, Mapping) and "question" in c for c in conversations):
+        pairs = [(c.get("question"), c.get("answer", None)) for c in conversations]  # arena: a turn a dict
+    else:
+        pairs = _alternating(conversations, where)
+    turns = []
+    for k, (asked, value) in enumerate(pairs):
+        if asked is None or (value is None and k + 1 < len(pairs)):  # "" would be scored: empty matching empty
+            raise InputError(f"{where}: a conversation turn has no {'question' if asked is None else 'answer'} "
                              "(null); the subset file is damaged: download it again")
-        gold = tuple(str(v) for v in value) if isinstance(value, list) else str(value)
-        turns.append(Turn(question_text(str(asked)), gold))
-    if len(conversations) % 2:
-        turns.append(Turn(question_text(str(conversations[-1]["value"])), None))
+        # ECG-QA's parquet stores every value as a list of strings (Arrow's one type for the question's text and
+        # the answer's options): the question is its one string; str() of the list put brackets, quotes and
+        # escaped line breaks before the model and into the options the scorer parses from it
+        question = asked[0] if isinstance(asked, list) and len(asked) == 1 else asked
+        if not isinstance(question, str):
+            raise InputError(f"{where}: a question is a {type(asked).__name__} ({str(asked)[:60]}), not text; "
+                             "not an ECGBench item")
+        gold = None if value is None else tuple(str(v) for v in value) if isinstance(value, list) else str(value)
+        turns.append(Turn(question_text(question), gold))
     return tuple(turns)
+
+
+def _alternating(conversations: list[Any], where: str) -> list[tuple[Any, Any]]:
+    """(question, answer) of [{from: human|user, value}, {from: gpt|assistant, value}, ...]; a last question with
+    no answer gets None: arena asks later turns after the model's own answers, and only the first is scored (a
+    refusal here lost the whole subset over one such item)."""
+    if len(conversations) < 2:
+        raise InputError(f"{where}: conversations must hold a question and an answer")
+    entries = [*conversations, None] if len(conversations) % 2 else conversations
+    pairs = []
+    for question, answer in zip(entries[0::2], entries[1::2], strict=True):
+        if not (isinstance(question, Mapping) and (answer is None or isinstance(answer, Mapping))):
+            raise InputError(f"{where}: each conversation entry must be {{from, value}} or {{question, answer}}")
+        if question.get("from") not in _ASKERS or (answer is not None and answer.get("from") not in _ANSWERERS):
+            raise InputError(f"{where}: conversations must alternate human / gpt, starting with human")
+        if answer is not None and answer.get("value") is None:
+            raise InputError(f"{where}: a conversation turn has no answer (null); the subset file is damaged: "
+                             "download it again")
+        pairs.append((question.get("value"), None if answer is None else answer.get("value")))
+    return pairs
+
+
+_ASKERS, _ANSWERERS = ("human", "user"), ("gpt", "assistant")
+# the PULSE repository's report file (evaluation/ptb_report_generation_test.json) says "conversation"
+_CONVERSATION_KEYS = ("conversations", "conversation")
