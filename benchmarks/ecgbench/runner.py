@@ -31,7 +31,14 @@ from pulse_edge.benchmarks.ecgbench.predictions import (
     prepare_for_append,
     read_predictions,
 )
-from pulse_edge.calibration.datasets.ecgbench.readers import Sample, SubsetSource, discover, iter_samples, load_samples
+from pulse_edge.calibration.datasets.ecgbench.readers import (
+    Sample,
+    SubsetSource,
+    discover,
+    iter_samples,
+    load_samples,
+    missing_image_fix,
+)
 from pulse_edge.calibration.datasets.ecgbench.subsets import SubsetSpec, resolve_subset
 from pulse_edge.errors import ConfigError, InputError, PromptError
 from pulse_edge.staging import staged_file
@@ -125,7 +132,7 @@ def check_images(plans: Sequence[SubsetPlan]) -> None:
                   if s.image_bytes is None and (s.image_file is None or not s.image_file.is_file())]
         if absent:
             raise InputError(f"{plan.spec.name}: {len(absent)} of {len(todo)} images not found (first: "
-                             f"{absent[0].image_name!r}); unpack the image archives into images/ beside the JSON file")
+                             f"{absent[0].image_name!r}); {missing_image_fix(absent[0])}")
 
 
 def pin_settings(out_dir: str | Path, settings: RunSettings) -> None:

@@ -226,7 +226,9 @@ def _score_choice(spec: SubsetSpec, pairs: Sequence[Pair], rng: random.Random) -
     for sample, prediction in pairs:
         gold = answer_text(sample.answer)
         compat = parse.choice_compat(prediction.text)
-        if compat is None:  # the paper's script guesses; drawn in file order from one seeded generator
+        # the paper's script guesses; drawn in file order from one seeded generator. Never for a sample whose
+        # generation failed (an unreadable image): its lucky guess was scored correct, and it answered nothing
+        if compat is None and not prediction.error:
             compat = rng.choice(letters)
             fallbacks += 1
         compat_hits += compat == gold[:1]

@@ -102,8 +102,6 @@ def _ecgbench_sample(sample: ecgbench_data.Sample, source: ecgbench_data.SubsetS
     file = sample.image_file
     if sample.image_bytes is None and (file is None or image_under(file.parent, file.name, sample_id) is None):
         raise InputError(f"ECGBench {sample_id}: image {sample.image_name!r} not found; "
-                         + ("its row holds no image: download the subset's parquet files again"
-                            if source.layout == ecgbench_data.PARQUET and file is None
-                            else "unpack the image archives into images/ beside the JSON file"))
+                         + ecgbench_data.missing_image_fix(sample))
     return dataclasses.replace(base, deferred=None, image_bytes=sample.image_bytes,
                                image_path=sample.image_file if sample.image_bytes is None else None)

@@ -281,3 +281,17 @@ def test_repeated_ids_are_refused_over_the_whole_file_and_when_scored(tmp_path: 
     spec = resolve_subset("csn")
     with pytest.raises(InputError, match="repeated sample ids in the reference data"):
         score_subset(spec, load_samples(find_subset(tmp_path, spec.name)), read_predictions(answers))
+
+
+def test_a_parquet_row_without_an_image_says_to_download_again_not_to_unpack_archives(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet", reason="the parquet layout needs pyarrow (pulse-edge[bench])")
+    from pulse_edge.benchmarks.ecgbench.runner import check_images
+
+    path = write_parquet_subset(tmp_path / "data" / "mmmu-ecg" / "test-00000-of-00001.parquet",
+                                [item("m1", "Which?", "A", ecg_png(seed=1))])
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["image"] = {"bytes": None, "path": None}  # a damaged download: the row holds no image
+    pq.write_table(pq.read_table(path).from_pylist(rows, schema=pq.read_table(path).schema), path)
+    with pytest.raises(InputError, match=r"mmmu-ecg: 1 of 1 images not found .*its row holds no image: download "
+                       r"the subset's parquet files again"):
+        check_images(plan_run(tmp_path / "data", ["mmmu-ecg"], tmp_path / "out"))

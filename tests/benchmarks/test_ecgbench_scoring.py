@@ -116,6 +116,18 @@ def test_choice_extraction_and_random_fallback_seed_42() -> None:
     assert [score.details[g].parsed for g in ("g1", "g2", "g3", "g5")] == ["A", "B", None, "E"]
 
 
+def test_a_sample_whose_generation_failed_is_wrong_not_a_lucky_guess() -> None:
+    """An unreadable image leaves an error record with no text: compat drew the paper's guess for it (Random(42)
+    over A..H gives B first: correct here) and scored 100 for an ECG the model never saw. It draws nothing now,
+    so the next sample gets the first draw."""
+    samples = [Sample("e1", "csn-test-no-cot", (Turn("q", "B"),)), Sample("e2", "csn-test-no-cot", (Turn("q", "B"),))]
+    predictions = PredictionFile(Path("p.jsonl"), (Prediction("e1", "", error="e1 (x.png): not an image"),
+                                                   Prediction("e2", "Hmm")))
+    score = score_subset(SUBSETS["csn-test-no-cot"], samples, predictions)
+    assert score.compat == {"accuracy": 50.0, "random_fallbacks": 1}  # e2's guess: the first draw, B
+    assert score.strict["accuracy"] == 0.0 and score.coverage.errors == 1
+
+
 def test_mmmu_guesses_among_four_letters() -> None:
     # MMMU has 4 options: Random(42).choice(A..D) first gives A (over A..H it would be B)
     assert _score("mmmu-ecg", [("m", "A", "no idea")]).compat["accuracy"] == 100.0

@@ -67,6 +67,7 @@ class Sample:
     image_bytes: bytes | None = None
     image_file: Path | None = None
     image_name: str = ""
+    layout: str = JSON  # PARQUET or JSON: where a missing image should have come from
 
     @property
     def question(self) -> str:
@@ -84,8 +85,16 @@ class Sample:
             return load_input(self.image_bytes, name=f"{self.subset}/{self.id} ({self.image_name})").image
         if self.image_file is None or not self.image_file.is_file():
             raise InputError(f"{self.subset}/{self.id}: image {self.image_name!r} not found under the data folder; "
-                             "unpack the image archives into images/ beside the JSON file")
+                             + missing_image_fix(self))
         return load_input(self.image_file).image
+
+
+def missing_image_fix(sample: Sample) -> str:
+    """What to do about an image a sample cannot find: a parquet row without one (no bytes, no path beside the
+    file) is a damaged download; a JSON layout's images come in archives of their own."""
+    if sample.layout == PARQUET and sample.image_file is None:
+        return "its row holds no image: download the subset's parquet files again"
+    return "unpack the image archives into images/ beside the JSON file"
 
 
 @dataclass(frozen=True)
@@ -249,9 +258,11 @@ def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
         data = image.get("bytes")
         if data is None and image.get("path"):  # an image stored by reference, beside the parquet file
             # Hugging Face's own form for images kept outside the file: a path beside it, or an absolute one
-            return Sample(sample_id, subset, turns, image_file=path.parent / str(image["path"]), image_name=name)
+            return Sample(sample_id, subset, turns, image_file=path.parent / str(image["path"]), image_name=name,
+                          layout=PARQUET)
         image = data
-    return Sample(sample_id, subset, turns, image_bytes=image if isinstance(image, bytes) else None, image_name=name)
+    return Sample(sample_id, subset, turns, image_bytes=image if isinstance(image, bytes) else None, image_name=name,
+                  layout=PARQUET)
 
 
 def _iter_json(source: SubsetSource, with_images: bool, ids: frozenset[str] | None) -> Iterator[Sample]:
