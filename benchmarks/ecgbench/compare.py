@@ -177,8 +177,21 @@ def gate_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str
             raise ConfigError(f"--max-drop {rule.metric}: no compared subset reports that metric (judged "
                               "subsets report score only with --judge-url and --judge-model)")
         for c in matched:
-            failures += _check(rule, c, comparison.runs)
+            failures += _judged_partly(rule, c, comparison.runs) + _check(rule, c, comparison.runs)
     return failures
+
+
+def _judged_partly(rule: DropRule, c: SubsetComparison, runs: Sequence[RunDir]) -> list[str]:
+    """A judged score is the mean over the samples the judge scored: a run whose judge failed on some (a 503)
+    is averaged over others than the first run's, and identical answers could read as a 50-point change."""
+    if rule.metric != JUDGED_METRIC:
+        return []
+    mode, _ = rule.key(c.subset)
+    partly = [(run.label, getattr(score, mode)) for run, score in zip(runs, c.scores, strict=True)]
+    return [f"{c.subset}: the judge scored {table.get('judged', 0)} of {c.common} samples for {label} "
+            f"({table['unscored']} not: {next(iter(table.get('unscored_reasons', {}).values()), 'no verdict')}); "
+            "rerun the comparison to judge the rest (verdicts already given are cached)"
+            for label, table in partly if table.get("unscored")]
 
 
 def _coverage_failures(comparison: Comparison, rules: Sequence[DropRule]) -> list[str]:

@@ -179,7 +179,8 @@ def _compat_table(scores: Sequence[SubsetScore]) -> list[str]:
         for metric in REFERENCE[names[0]].get(s.subset, {}):
             refs = " | ".join(f"{REFERENCE[n][s.subset][metric]:.1f}" for n in names)
             caveat = f" ({NOT_COMPARABLE[s.subset]})" if s.subset in NOT_COMPARABLE else ""
-            lines.append(f"| {s.title} | {s.coverage.scored} ({SUBSETS[s.subset].paper_size}) | "
+            scored = s.compat.get("judged", s.coverage.scored)  # a judged score: the samples a verdict scored
+            lines.append(f"| {s.title} | {scored} ({SUBSETS[s.subset].paper_size}) | "
                          f"{_METRIC_NAMES[metric]}{caveat} | {_fmt(s.compat.get(metric), s.compat)} | {refs} |")
     return [*lines, "", f"Reference figures: {SOURCE}."]
 

@@ -171,3 +171,31 @@ def test_a_judge_that_does_not_speak_http_is_unavailable_not_a_traceback() -> No
     finally:
         thread.join(timeout=10)
         server.close()
+
+
+def test_a_run_the_judge_scored_in_part_fails_the_gate(judge_server: ThreadingHTTPServer, tmp_path: Path) -> None:
+    """Run A's answers are all judged (80, 50: 65); run B's one readable reply is REPORT-ONE's (80), the other gets
+    no verdict: B's mean over 1 sample against A's over 2 read as +15 points with the gate passing."""
+    from pulse_testing.ecgbench_data import ecg_png, item, write_json_subset
+
+    from pulse_edge.benchmarks.ecgbench import compare
+
+    write_json_subset(tmp_path / "data", "ptb-test-report", [item(i, "Write a report.", "ref", ecg_png(seed=1))
+                                                              for i in ("r1", "r2")])
+    runs = []
+    for label, texts in (("a", ("REPORT-ONE", "REPORT-TWO")), ("b", ("REPORT-ONE", "REPORT-THREE"))):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "ptb-test-report.jsonl").write_text("".join(
+            json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(("r1", "r2"), texts, strict=True)))
+        runs.append(tmp_path / label)
+    judge = make_judge_scorer(JudgeConfig(_url(judge_server), "judge-1", timeout_s=5))
+    result = compare.compare_runs(compare.load_runs(runs), tmp_path / "data", [judge, judge])
+    assert [s.compat["score"] for s in result.subsets[0].scores] == [65.0, 80.0]
+    from pulse_edge.benchmarks.ecgbench.report import write_run_report
+
+    write_run_report(tmp_path / "report", [result.subsets[0].scores[1]], model={"precision": "fp16"}, settings={},
+                     machine={})
+    assert "| PTB-XL report | 1 (500) | judge score |" in (tmp_path / "report" / "report.md").read_text()  # judged: 1
+    assert compare.gate_failures(result, [compare.DropRule.parse("score=50")]) == [
+        "ptb-test-report: the judge scored 1 of 2 samples for b (1 not: the reply holds no JSON object); rerun the "
+        "comparison to judge the rest (verdicts already given are cached)"]
