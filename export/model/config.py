@@ -263,7 +263,8 @@ def _parse_llava(d: Mapping[str, Any], source: str) -> PulseConfig:
     tile = _tile_size(d.get("mm_vision_tower"))
     image = ImageLayout(tile_size=tile, patch_size=14,
                         grid_pinpoints=_pinpoints(d.get("image_grid_pinpoints"), swap=False, source=source),
-                        image_mean=CLIP_MEAN, image_std=CLIP_STD, merge=d.get("mm_patch_merge_type", "flat"))
+                        image_mean=CLIP_MEAN, image_std=CLIP_STD, merge=d.get("mm_patch_merge_type", "flat"),
+                        unpad="llava")  # LLaVA's own unpad_image runs this layout
     return PulseConfig(layout="llava", text=TextConfig.from_hf(d, source=source), vision=None,
                        vision_tower_name=str(d["mm_vision_tower"]),
                        mm_hidden_size=positive_int(d, "mm_hidden_size", source=source),

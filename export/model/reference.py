@@ -25,7 +25,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from pulse_edge.errors import PromptError
 from pulse_edge.export.model.config import PulseConfig
-from pulse_edge.runtime.image.preprocess import select_best_resolution
+from pulse_edge.runtime.image.preprocess import select_best_resolution, unpad_crop
 from pulse_edge.runtime.text.prompt import IMAGE_SLOT, image_slot_index
 
 
@@ -122,24 +122,9 @@ def unpad_merge(features: torch.Tensor, image_size: tuple[int, int], cfg: PulseC
     base, tiles = features[0], features[1:]  # [P, H], [rows*cols, P, H]
     grid = tiles.reshape(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)  # [H, rows, side, cols, side]
     grid = grid.reshape(grid.shape[0], rows * side, cols * side)  # [H, rows*side, cols*side]
-    grid = unpad(grid, image_size)
+    kept_rows, kept_cols = unpad_crop(image_size, cols * side, rows * side, layout.unpad)  # the checkpoint's rule
+    grid = grid[:, kept_rows, kept_cols]  # [H, h', w']
     newline = image_newline[:, None, None].expand(grid.shape[0], grid.shape[1], 1).to(grid.dtype)
     grid = torch.cat([grid, newline], dim=-1)  # [H, h', w' + 1]
     return torch.cat([base, grid.flatten(1, 2).transpose(0, 1)], dim=0)  # [P + h'(w'+1), H]
 
-
-def unpad(grid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Remove the rows or columns that came from the black padding (LLaVA's unpad_image).
-
-    Rounded to 7 decimals before truncation, as transformers does, so that a product
-    like 335.9999999 counts as 336 rows.
-    """
-    orig_w, orig_h = image_size
-    cur_h, cur_w = grid.shape[1:]
-    if orig_w / orig_h > cur_w / cur_h:
-        new_h = int(round(orig_h * (cur_w / orig_w), 7))
-        pad = (cur_h - new_h) // 2
-        return grid[:, pad:cur_h - pad, :]
-    new_w = int(round(orig_w * (cur_h / orig_h), 7))
-    pad = (cur_w - new_w) // 2
-    return grid[:, :, pad:cur_w - pad]

@@ -96,7 +96,7 @@ EMBEDDING = _obj({"file": FILE_NAME, "dtype": STR, "shape": _list(_int(1), lengt
 IMAGE = _obj({}, {"tile_size": _int(1), "patch_size": _int(1),
                   "grid_pinpoints": _list(_list(_int(1), length=2), min_length=1),
                   "image_mean": _list(_num(), length=3), "image_std": _list(_num(positive=True), length=3),
-                  "merge": STR})
+                  "merge": STR, "unpad": STR})
 PROMPT = _obj({"name": STR, "system": STR, "roles": _list(STR, length=2), "sep": STR},
               {"image_marker": STR, "dummy_prefix_after_eos": BOOL})
 SOURCE = _obj({}, {"checkpoint": STR, "layout": STR, "sha256": STR, "vision_tower": _optional(STR)})

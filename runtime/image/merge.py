@@ -7,8 +7,8 @@
                                                     columns of black padding cropped, `image_newline`
                                                     after each row, the base tokens first
 
-Each merge repeats the torch reference step for step, with the same float
-expressions for the crop, so its length is always `preprocess.image_token_count`
+Each merge repeats the torch reference step for step, cropping with the same
+`preprocess.unpad_crop`, so its length is always `preprocess.image_token_count`
 and its values are copies of the graph's (bit-equal to the reference's).
 
 Lean runtime: numpy only.
@@ -22,7 +22,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from pulse_edge.runtime.image.preprocess import ImageLayout, select_best_resolution
+from pulse_edge.runtime.image.preprocess import ImageLayout, select_best_resolution, unpad_crop
 
 # (features [1 + N, P, H], image (width, height), layout, image_newline [H] or None) -> [T, H]
 MergeFn = Callable[[np.ndarray, tuple[int, int], ImageLayout, np.ndarray | None], np.ndarray]
@@ -50,27 +50,11 @@ def unpad_merge(features: np.ndarray, image_size: tuple[int, int], layout: Image
     # Feature-map position (r*side + y, c*side + x) is patch (y, x) of tile (r, c); channels stay last
     # here (the reference keeps them first), which gives the same token order without a transpose back.
     grid = tiles.reshape(rows, cols, side, side, hidden).transpose(0, 2, 1, 3, 4)
-    grid = unpad(grid.reshape(rows * side, cols * side, hidden), image_size)  # [h', w', H]
+    kept_rows, kept_cols = unpad_crop(image_size, cols * side, rows * side, layout.unpad)
+    grid = grid.reshape(rows * side, cols * side, hidden)[kept_rows, kept_cols]  # [h', w', H]
     newline = np.broadcast_to(image_newline.astype(grid.dtype, copy=False), (grid.shape[0], 1, hidden))
     grid = np.concatenate([grid, newline], axis=1)  # [h', w' + 1, H]
     return np.concatenate([base, grid.reshape(-1, hidden)])  # [P + h'(w' + 1), H]
-
-
-def unpad(grid: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """[h, w, H] without the rows or columns that came from the black padding (LLaVA's unpad_image).
-
-    The same float expressions as the reference, rounded to 7 decimals before truncation,
-    so that a product like 335.9999999 counts as 336 rows there and here alike.
-    """
-    orig_w, orig_h = image_size
-    cur_h, cur_w = grid.shape[:2]
-    if orig_w / orig_h > cur_w / cur_h:
-        new_h = int(round(orig_h * (cur_w / orig_w), 7))
-        pad = (cur_h - new_h) // 2
-        return grid[pad:cur_h - pad]
-    new_w = int(round(orig_w * (cur_h / orig_h), 7))
-    pad = (cur_w - new_w) // 2
-    return grid[:, pad:cur_w - pad]
 
 
 # Read-only: the table is shared by every engine in the process.

@@ -17,8 +17,9 @@ Lean runtime: numpy and Pillow only.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,12 @@ PULSE_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 67
 # "spatial_unpad": LLaVA-1.6's default (and transformers' llava_next): stitch the tiles'
 # feature maps, crop the padding away, and end each feature row with a newline token.
 MERGES: tuple[str, ...] = ("flat", "spatial_unpad")
+# How spatial_unpad sizes the cropped map, as the checkpoint's own code does: LLaVA's unpad_image truncates
+# (`int(x)`), transformers' llava_next rounds to 7 decimals first. A 176x198 image on the 24x48 map: 198 * 24 / 176
+# is 26.999999999999996, 26 rows in LLaVA, 27 in transformers (then 28 kept after the even padding split): another
+# token count and other rows.
+UNPAD_RULES: Mapping[str, Callable[[float], int]] = MappingProxyType(
+    {"llava": int, "transformers": lambda x: int(round(x, 7))})
 
 # LLaVA resizes with Image.resize's default, which is BICUBIC for RGB images.
 _RESAMPLE = Image.Resampling.BICUBIC
@@ -49,12 +56,15 @@ class ImageLayout:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     merge: str = "flat"
+    unpad: str = "transformers"  # UNPAD_RULES (spatial_unpad only); bundles from before it were made so
 
     def __post_init__(self) -> None:
         if self.merge not in MERGES:
             raise ConfigError(
                 f"image merge {self.merge!r} is not supported; allowed values: {', '.join(MERGES)}"
             )
+        if self.unpad not in UNPAD_RULES:
+            raise ConfigError(f"image unpad rule {self.unpad!r} is not supported; allowed: {', '.join(UNPAD_RULES)}")
         if self.tile_size <= 0 or self.patch_size <= 0 or self.tile_size % self.patch_size:
             raise ConfigError(
                 f"tile_size {self.tile_size} must be a positive multiple of patch_size {self.patch_size}"
@@ -85,8 +95,10 @@ class ImageLayout:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready mapping (tuples become lists) that `from_dict` reads back."""
-        return {key: _to_lists(value) for key, value in asdict(self).items()}
+        """JSON-ready mapping (tuples become lists) that `from_dict` reads back; `unpad` only where the merge
+        unpads (a flat bundle's manifest stays as runtimes before the field read it)."""
+        return {key: _to_lists(value) for key, value in asdict(self).items()
+                if key != "unpad" or self.merge == "spatial_unpad"}
 
     @property
     def tokens_per_tile(self) -> int:
@@ -114,6 +126,7 @@ _FIELD_CONVERTERS = {
     "image_mean": _float3,
     "image_std": _float3,
     "merge": str,
+    "unpad": str,
 }
 
 
@@ -234,20 +247,22 @@ def _flat_tokens(image_size: tuple[int, int], columns: int, rows: int, layout: I
 
 def _spatial_unpad_tokens(image_size: tuple[int, int], columns: int, rows: int, layout: ImageLayout) -> int:
     """Base tile, plus the stitched feature map with LLaVA's `unpad_image` crop, plus a newline per row."""
-    width, height = image_size
     side = layout.tile_size // layout.patch_size
-    feat_w, feat_h = columns * side, rows * side
-    # Same float expressions as unpad_image, rounded to 7 decimals before int() as
-    # transformers does (and as export.reference.unpad does), so 335.9999999 counts as 336.
-    if width / height > feat_w / feat_h:
-        scale = feat_w / width
-        padding = (feat_h - int(round(height * scale, 7))) // 2
-        feat_h -= 2 * padding
-    else:
-        scale = feat_h / height
-        padding = (feat_w - int(round(width * scale, 7))) // 2
-        feat_w -= 2 * padding
+    kept_rows, kept_cols = unpad_crop(image_size, columns * side, rows * side, layout.unpad)
+    feat_h, feat_w = kept_rows.stop - kept_rows.start, kept_cols.stop - kept_cols.start
     return layout.tokens_per_tile + feat_h * (feat_w + 1)
+
+
+def unpad_crop(image_size: tuple[int, int], width: int, height: int, rule: str) -> tuple[slice, slice]:
+    """The rows and columns of a [height, width] feature map that hold the image, not the black padding around
+    it (unpad_image, by the checkpoint code's UNPAD_RULES): the merges and the token count all cut with this."""
+    orig_w, orig_h = image_size
+    size = UNPAD_RULES[rule]
+    if orig_w / orig_h > width / height:  # the same float expressions as unpad_image
+        pad = (height - size(orig_h * (width / orig_w))) // 2
+        return slice(pad, height - pad), slice(0, width)
+    pad = (width - size(orig_w * (height / orig_h))) // 2
+    return slice(0, height), slice(pad, width - pad)
 
 
 _TOKEN_COUNTERS = {"flat": _flat_tokens, "spatial_unpad": _spatial_unpad_tokens}

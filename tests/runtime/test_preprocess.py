@@ -31,7 +31,8 @@ from pulse_edge.runtime.image.preprocess import (
 )
 
 FLAT = ImageLayout()
-UNPAD = ImageLayout(merge="spatial_unpad")
+UNPAD = ImageLayout(merge="spatial_unpad")  # transformers' llava_next rule
+UNPAD_LLAVA = ImageLayout(merge="spatial_unpad", unpad="llava")  # LLaVA's own code: the original checkpoint layout
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 
 # (width, height), best pinpoint, grid (columns, rows), flat tokens = 576 * (1 + columns * rows)
@@ -159,7 +160,7 @@ def test_token_count_matches_llava_merge_done_with_tensors():
             stitched = stitched[:, :, pad : cur_w - pad]
         newline = torch.zeros(1, 1, 1).expand(*stitched.shape[:-1], 1)
         merged = torch.cat((stitched, newline), dim=-1).flatten(1, 2).transpose(0, 1)
-        assert image_token_count((width, height), UNPAD) == side * side + merged.shape[0], (width, height)
+        assert image_token_count((width, height), UNPAD_LLAVA) == side * side + merged.shape[0], (width, height)
 
 
 def test_select_best_resolution_agrees_with_transformers():
@@ -190,15 +191,24 @@ def test_unpad_counts_agree_with_transformers_llava_next():
     assert compared > 250
 
 
-def test_a_size_where_floats_land_just_under_a_whole_row_counts_and_merges_alike():
+def test_a_size_where_floats_land_just_under_a_whole_row_counts_and_merges_by_the_checkpoints_code():
     """176 x 198 on a 1 x 2 grid: 198 x 24 / 176 is 26.999999999999996 in floats. Rounded to 27 before int(), as
-    transformers' processor does, the feature map keeps 28 rows: 576 + 28 x 25 = 1276 tokens (truncated to 26, as
-    LLaVA's int() alone, 1226). The count the prompt reserves and the merge's rows must agree on it."""
+    transformers' llava_next does, the feature map keeps 28 rows: 576 + 28 x 25 = 1276 tokens; truncated to 26, as
+    LLaVA's own unpad_image does (it runs checkpoints of the original layout), 26 rows: 1226 (every layout was
+    counted the transformers way). The count the prompt reserves and the merge's rows must agree on it."""
     from pulse_edge.runtime.image.merge import unpad_merge
 
-    assert image_token_count((176, 198), UNPAD) == 576 + 28 * 25
     features = np.zeros((3, 576, 8), dtype=np.float32)  # the base tile and a 1 x 2 grid
-    assert unpad_merge(features, (176, 198), UNPAD, np.zeros(8, dtype=np.float32)).shape == (1276, 8)
+    for layout, tokens in ((UNPAD, 576 + 28 * 25), (UNPAD_LLAVA, 576 + 26 * 25)):
+        assert image_token_count((176, 198), layout) == tokens
+        assert unpad_merge(features, (176, 198), layout, np.zeros(8, dtype=np.float32)).shape == (tokens, 8)
+
+
+def test_the_unpad_rule_is_written_only_where_the_merge_unpads():
+    assert "unpad" not in ImageLayout().to_dict()  # a flat manifest reads in runtimes from before the field
+    assert ImageLayout.from_dict(UNPAD_LLAVA.to_dict()) == UNPAD_LLAVA
+    with pytest.raises(ConfigError, match="image unpad rule 'nearest' is not supported; allowed: llava, transformers"):
+        ImageLayout(merge="spatial_unpad", unpad="nearest")
 
 
 def test_select_best_resolution_rejects_empty_image():

@@ -31,7 +31,8 @@ NAMED_SIZES = {"landscape": (2200, 1700), "portrait": (1700, 2200), "square": (1
 # Every pinpoint, both sides of each aspect ratio, tiny and extreme images, sizes where unpad's float
 # products land near integers (the 7-decimal rounding), and an image so flat its map keeps no rows.
 EDGE_SIZES = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008), (3300, 2550), (2550, 3300),
-              (3000, 400), (300, 1200), (200, 150), (1, 1), (999, 1001), (1001, 999), (5000, 3), (7, 2400)]
+              (3000, 400), (300, 1200), (200, 150), (1, 1), (999, 1001), (1001, 999), (5000, 3), (7, 2400),
+              (176, 198), (205, 656)]  # the last two: LLaVA truncates 26.99999..., transformers rounds it up
 LAYOUTS = ("llava", "llava_next")
 
 
@@ -130,6 +131,7 @@ def test_exported_unpad_bundle_passes_validation(unpad_bundles: dict[str, Path],
     bundle = unpad_bundles[layout]
     manifest = read_manifest(bundle)
     assert manifest.version == MANIFEST_VERSION and manifest.image.merge == "spatial_unpad"
+    assert manifest.image.unpad == {"llava": "llava", "llava_next": "transformers"}[layout]  # its code's rule
     assert manifest.image_newline == NEWLINE_FILE
     validation = manifest.validation
     assert validation["pass"] is True and validation["tolerance_level"] == "fp32"
