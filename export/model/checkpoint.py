@@ -198,6 +198,8 @@ def resolve_vision(cfg: PulseConfig, root: Path, vision_tower: Path | None,
             raise CheckpointError(f"vision tower {cfg.vision_tower_name!r} is not available locally: "
                                   "pass --vision-tower DIR (a CLIP vision model directory)")
         cfg = cfg.with_vision(vision)
+    if has_tower_weights and not cfg.runs_saved_tower:
+        return cfg, _stock_tower_as_llava_loads_it(cfg, local)
     if has_tower_weights:
         if vision_tower is not None:
             log.info("using the vision-tower weights inside the checkpoint (fine-tuned); "
@@ -207,6 +209,20 @@ def resolve_vision(cfg: PulseConfig, root: Path, vision_tower: Path | None,
         raise CheckpointError(f"the checkpoint has no vision-tower weights and {cfg.vision_tower_name!r} is not "
                               "available locally: pass --vision-tower DIR")
     return cfg, local
+
+
+def _stock_tower_as_llava_loads_it(cfg: PulseConfig, local: Path | None) -> Path | None:
+    """A llava_llama config without unfreeze_mm_vision_tower: LLaVA runs mm_vision_tower's own weights, not the
+    copy in the shards (which is the same where training kept the tower frozen, as this flag says it did). The
+    stock tower where there is a local copy; else the saved copy, said."""
+    if local is not None:
+        log.info("config.json does not set unfreeze_mm_vision_tower: LLaVA runs the vision tower %s (%s), not the "
+                 "copy inside the checkpoint, and so does this export", cfg.vision_tower_name, local)
+        return local
+    log.warning("config.json does not set unfreeze_mm_vision_tower: LLaVA runs the stock vision tower %r, not the "
+                "copy inside the checkpoint, which is used here (the same weights where training kept the tower "
+                "frozen); pass --vision-tower DIR to run the stock one as LLaVA does", cfg.vision_tower_name)
+    return None
 
 
 def tower_files(tower_dir: Path) -> list[Path]:

@@ -199,6 +199,10 @@ class PulseConfig:
     mm_hidden_size: int
     image: ImageLayout
     select_layer: int = -2
+    # Whether the checkpoint's own code runs the tower weights saved in it: transformers always; LLaVA only where
+    # config.json sets unfreeze_mm_vision_tower (else it builds the tower late and loads mm_vision_tower's stock
+    # weights over whatever the shards hold). checkpoint.resolve_vision follows it.
+    runs_saved_tower: bool = True
 
     def with_vision(self, vision: VisionConfig) -> PulseConfig:
         if vision.hidden_size != self.mm_hidden_size:
@@ -268,7 +272,8 @@ def _parse_llava(d: Mapping[str, Any], source: str) -> PulseConfig:
     return PulseConfig(layout="llava", text=TextConfig.from_hf(d, source=source), vision=None,
                        vision_tower_name=str(d["mm_vision_tower"]),
                        mm_hidden_size=positive_int(d, "mm_hidden_size", source=source),
-                       image=image, select_layer=select_layer)
+                       image=image, select_layer=select_layer,
+                       runs_saved_tower=bool(d.get("unfreeze_mm_vision_tower", False)))
 
 
 def _tile_size(tower_name: Any) -> int:

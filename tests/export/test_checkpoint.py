@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -84,6 +85,32 @@ def test_vision_tower_dir_takes_precedence_over_the_named_tower(tmp_path: Path) 
     named = _params(root)["vision_tower.pre_layrnorm.weight"]
     given = _params(root, vision_tower=other)["vision_tower.pre_layrnorm.weight"]
     assert not torch.equal(named, given) and torch.all(given == 3.0)
+
+
+def test_a_tower_llava_does_not_unfreeze_comes_from_mm_vision_tower_as_llava_loads_it(
+        tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without unfreeze_mm_vision_tower LLaVA builds the tower late and loads mm_vision_tower's weights over the
+    copy in the shards: a checkpoint whose copy differs ran another tower here than in LLaVA, in silence."""
+    from pulse_edge.export.model import checkpoint
+
+    root = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    stock = make_tiny_checkpoint(tmp_path / "sep", TinySpec(tower="separate", seed=7)) / TOWER_DIR
+    shutil.rmtree(root / TOWER_DIR)
+    _copy(stock, root / TOWER_DIR)  # mm_vision_tower names this folder: the stock tower, other weights
+    key = "vision_tower.pre_layrnorm.weight"
+    saved = _params(root)[key]  # unfreeze_mm_vision_tower true (LLaVA-1.6's): the copy in the shards
+    _edit_config(root, unfreeze_mm_vision_tower=False)
+    loaded = load_checkpoint(root)
+    assert loaded.tower_dir == root / TOWER_DIR  # the stock tower's weights; the bundle's identity hashes them
+    ran = dict(loaded.model.named_parameters())[key]
+    assert torch.equal(ran, load_file(str(stock / "model.safetensors"))["vision_model.pre_layrnorm.weight"])
+    assert not torch.equal(ran, saved)
+    # no copy of the stock tower here: the saved one, said in a warning
+    monkeypatch.setattr(logging.getLogger("pulse_edge"), "propagate", True)  # a CLI test in this process cut it
+    with caplog.at_level("WARNING"):
+        assert checkpoint._stock_tower_as_llava_loads_it(loaded.config, None) is None
+    assert "pass --vision-tower DIR to run the stock one as LLaVA does" in caplog.text
 
 
 def test_the_checkpoint_identity_covers_a_tower_from_outside_it(tmp_path: Path) -> None:
