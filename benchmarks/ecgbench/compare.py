@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.benchmarks.common.machine import CHECKPOINT_PRECISION
+from pulse_edge.benchmarks.ecgbench.paired import PairedChange, paired_change
 from pulse_edge.benchmarks.ecgbench.predictions import Prediction, PredictionFile, read_predictions
 from pulse_edge.benchmarks.ecgbench.runner import RUN_FILE
 from pulse_edge.benchmarks.ecgbench.score import JudgeScorer, SubsetScore, answer_text, score_subset
@@ -54,6 +55,7 @@ class Agreement:
     text_rate: float | None  # identical answer text, %
     parsed_rate: float | None  # identical parsed answer, % (None for judged subsets)
     changed: tuple[dict[str, Any], ...]
+    paired: PairedChange | None = None  # strict correctness, sample by sample (None: no right or wrong to pair)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Comparison:
                              "scores": dict(zip(labels, (s.to_dict() for s in c.scores), strict=True)),
                              "deltas_vs_first": dict(zip(labels[1:], (dict(d) for d in c.deltas), strict=True)),
                              "agreement_vs_first": [{"run": a.other, "text_identical": a.text_rate,
-                                                     "parsed_identical": a.parsed_rate, "changed": len(a.changed)}
+                                                     "parsed_identical": a.parsed_rate, "changed": len(a.changed),
+                                                     "strict_paired": a.paired and a.paired.to_dict()}
                                                     for a in c.agreement]} for c in self.subsets]}
 
 
@@ -276,7 +279,15 @@ def _agreement(samples: Sequence[Any], first: _RunAnswers, other: _RunAnswers, j
                             "answers": {first.label: _side(a, da), other.label: _side(b, db)}})
     n = len(samples)
     return Agreement(other.label, round(100 * same_text / n, 4), None if judged else round(100 * same_parsed / n, 4),
-                     tuple(changed))
+                     tuple(changed), _paired(samples, first, other))
+
+
+def _paired(samples: Sequence[Any], first: _RunAnswers, other: _RunAnswers) -> PairedChange | None:
+    """Strict right/wrong of both runs on each sample (paired.py); None where a sample has no right or wrong."""
+    sides = [[getattr(run.score.details.get(s.id), "correct", None) for s in samples] for run in (first, other)]
+    if any(v is None for side in sides for v in side):
+        return None
+    return paired_change(*sides)
 
 
 def _side(prediction: Prediction, detail: Any) -> dict[str, Any]:

@@ -226,11 +226,20 @@ def _compare_section(c: Any, labels: Sequence[str]) -> list[str]:
                 cells.append(_fmt(getattr(score, mode).get(metric), getattr(score, mode))
                              + ("" if delta is None else f" ({delta:+.2f})"))
             lines.append(f"| {mode} | {metric} | " + " | ".join(cells) + " |")
-    lines += ["", "| run vs first | identical text % | identical parsed answer % | changed samples |",
-              "|---|---|---|---|"]
-    lines += [f"| {a.other} | {_fmt(a.text_rate, {})} | {_fmt(a.parsed_rate, {})} | {len(a.changed)} |"
-              for a in c.agreement]
+    lines += ["", "| run vs first | identical text % | identical parsed answer % | changed samples | strict: right "
+              "-> wrong / wrong -> right | strict change, points (95% CI) | p (McNemar, exact) |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {a.other} | {_fmt(a.text_rate, {})} | {_fmt(a.parsed_rate, {})} | {len(a.changed)} | "
+              + _paired_cells(a.paired) + " |" for a in c.agreement]
     return [*lines, ""]
+
+
+def _paired_cells(paired: Any) -> str:
+    if paired is None:  # a judged subset: no right or wrong per sample
+        return "n/a | n/a | n/a"
+    low, high = paired.ci95
+    return (f"{paired.right_to_wrong} / {paired.wrong_to_right} | {paired.delta:+.2f} ({low:+.2f} to {high:+.2f}) | "
+            f"{paired.p_value:.3g}")
 
 
 def _fmt(value: Any, metrics: Mapping[str, Any]) -> str:

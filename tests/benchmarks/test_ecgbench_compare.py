@@ -59,15 +59,21 @@ def test_deltas_agreement_and_changed_samples(setup: tuple[Path, Path, Path], tm
     csn = next(s for s in out["subsets"] if s["subset"] == "csn-test-no-cot")
     assert csn["common_samples"] == 4 and csn["not_common"] == {"fp16": 0, "int4": 1}
     assert csn["deltas_vs_first"]["int4"]["strict"] == {"accuracy": -25.0}
+    # paired strict correctness: g3 right -> wrong (b 1, c 0, n 4): McNemar exact p = 2 x C(1, 0) / 2 = 1;
+    # d = -0.25, Wald half-width 1.959964 x sqrt((0.25 - 0.0625) / 4) = 0.42435 -> -67.43 .. +17.43 points
     assert csn["agreement_vs_first"] == [{"run": "int4", "text_identical": 50.0, "parsed_identical": 75.0,
-                                          "changed": 1}]
+                                          "changed": 1, "strict_paired": {
+                                              "right_to_wrong": 1, "wrong_to_right": 0, "samples": 4, "p_value": 1.0,
+                                              "delta": -25.0, "ci95": [-67.4345, 17.4345]}}]
     changes = json.loads((tmp_path / "changes.json").read_text())
     assert changes["subsets"]["csn-test-no-cot"]["int4"] == [
         {"id": "g3", "gold": "C", "answers": {"fp16": {"text": "C", "parsed": "C", "correct": True},
                                               "int4": {"text": "E", "parsed": "E", "correct": False}}}]
     ptb = next(s for s in out["subsets"] if s["subset"] == "ptb-test")
     assert ptb["deltas_vs_first"]["int4"]["compat"]["f1"] == 0.0
-    assert "| strict | accuracy | 100.0 | 75.0 (-25.00) |" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| strict | accuracy | 100.0 | 75.0 (-25.00) |" in report
+    assert "| int4 | 50.0 | 75.0 | 1 | 1 / 0 | -25.00 (-67.43 to +17.43) | 1 |" in report
     with Image.open(tmp_path / "report" / "accuracy.png") as png:
         assert png.size[0] >= 800
 
