@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -11,6 +12,7 @@ from pulse_edge.cli.params import SEED
 from pulse_edge.click_types import FiniteFloatRange, given
 from pulse_edge.errors import ConfigError
 
+MAX_LAYERS = 80  # LLaMA-70B's depth: more is no PULSE-shaped model, and 100000 ran until killed
 
 @click.command("make-tiny")
 @click.argument("out_dir", type=click.Path(path_type=Path))
@@ -23,7 +25,7 @@ from pulse_edge.errors import ConfigError
               help="llava: PULSE's original format; llava_next: transformers' format.")
 @click.option("--full-shape", is_flag=True,
               help="Real PULSE-7B shapes (random, ~14 GB in bf16) for memory and speed tests.")
-@click.option("--layers", type=click.IntRange(min=1), default=None,
+@click.option("--layers", type=click.IntRange(min=1, max=MAX_LAYERS), default=None,
               help="Override the decoder's layer count (e.g. --full-shape --layers 2: real width, 2 layers).")
 @click.option("--outliers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Hidden dims whose q/k/v and gate/up inputs get outlier activations (function-preserving), "
@@ -45,14 +47,25 @@ def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, ful
     check_output_dir(out_dir, what="checkpoint")
     import torch
 
-    from pulse_edge.export.fixtures.tiny import TinySpec, make_tiny_checkpoint
+    from pulse_edge.export.fixtures.tiny import TinySpec, make_tiny_checkpoint, weight_bytes
 
     spec = TinySpec(seed=seed, merge=merge, tower=tower, layout=layout, full_shape=full_shape,
                     dtype=torch.bfloat16 if full_shape else torch.float32, layers=layers, outliers=outliers,
                     outlier_scale=outlier_scale, init_range=init_range)
+    _check_room(out_dir, weight_bytes(spec))
     with stage_progress("make-tiny"):
         path = make_tiny_checkpoint(out_dir, spec)
     click.echo(f"wrote {'full-shape' if full_shape else 'tiny'} random checkpoint to {path}")
+
+
+def _check_room(out_dir: Path, need: int) -> None:
+    """Refuse before writing what the disk cannot hold (a full-shape checkpoint is 14 GB; `--layers 80` of it 26 GB):
+    it was found out at the last shard, after minutes."""
+    place = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    free = shutil.disk_usage(place).free
+    if need + (64 << 20) > free:
+        raise ConfigError(f"the checkpoint's weights take {need / 2**30:.2f} GiB and {place} has {free / 2**30:.2f} "
+                          "GiB free; free some space, write elsewhere or give fewer --layers")
 
 
 # The formats `infer` reads that Pillow writes, by extension.

@@ -225,6 +225,22 @@ def test_make_tiny_refuses_an_outlier_scale_with_no_outlier_dims(tmp_path: Path)
     assert _listing(tmp_path) == []
 
 
+def test_make_tiny_refuses_a_size_the_disk_cannot_hold_before_writing(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--layers 100000` ran until killed; a full-shape checkpoint on a small disk failed at its last shard."""
+    import shutil
+
+    from pulse_edge.cli import fixtures
+
+    _one_line(_run("make-tiny", str(tmp_path / "t"), "--layers", "100000"), "100000 is not in the range 1<=x<=80")
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(fixtures.shutil, "disk_usage", lambda _: real._replace(free=10 << 30))
+    line = _one_line(_run("make-tiny", str(tmp_path / "t"), "--full-shape"))
+    # 6.74 G (the decoder) + 0.30 G (the tower) + 0.02 G (the projector) parameters in bf16: 14.1 GB
+    assert "the checkpoint's weights take 13.16 GiB and" in line and "has 10.00 GiB free" in line
+    assert _listing(tmp_path) == []
+
+
 @pytest.mark.parametrize("args", [["serve", "b", "--timeout", "nan"], ["serve", "b", "--max-body-mb", "inf"],
                                   ["build-engines", "b", "--workspace", "nan"],
                                   ["make-tiny", "t", "--outlier-scale", "inf"], ["infer", "x.png", "--fs", "nan"],
