@@ -19,6 +19,7 @@ from pulse_edge.errors import ConfigError
 # Module names of the `serve` extra's packages (python-multipart parses uploads).
 SERVE_MODULES = ("starlette", "uvicorn", "prometheus_client", "python_multipart")
 API_KEY_ENV = "PULSE_EDGE_API_KEY"  # what `--api-key env` reads
+MIN_API_KEY_CHARS = 16
 
 
 def _require_extra() -> None:
@@ -38,6 +39,9 @@ def resolve_api_key(value: str | None) -> str | None:
                           else "--api-key must not be empty")
     if key != key.strip() or any(not c.isprintable() for c in key):
         raise ConfigError("the API key must be printable text without leading or trailing spaces")
+    if len(key) < MIN_API_KEY_CHARS:  # "a" or "1234" guards a cart's answers about as well as no key
+        raise ConfigError(f"the API key has {len(key)} characters; use at least {MIN_API_KEY_CHARS} random ones "
+                          "(e.g. the output of `openssl rand -hex 16`)")
     return key
 
 

@@ -250,9 +250,11 @@ def test_no_root_accepts_no_path(allowed: Path) -> None:
 
 
 def test_api_key_env_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(API_KEY_ENV, "s3cret")
-    assert resolve_api_key("env") == "s3cret" and resolve_api_key("literal") == "literal"
+    monkeypatch.setenv(API_KEY_ENV, "s3cret-0123456789")
+    assert resolve_api_key("env") == "s3cret-0123456789" and resolve_api_key("literal-key-0123") == "literal-key-0123"
     assert resolve_api_key(None) is None
+    with pytest.raises(ConfigError, match=r"the API key has 1 characters; use at least 16 random ones"):
+        resolve_api_key("a")  # taken as the key before
     monkeypatch.delenv(API_KEY_ENV)
     with pytest.raises(ConfigError, match=API_KEY_ENV):
         resolve_api_key("env")
