@@ -103,8 +103,9 @@ def compute_capabilities(trt: TensorRT, asked: tuple[str, ...] | None, fp8: bool
 def check_target(manifest: Manifest, trt: TensorRT) -> None:
     """What the chosen TensorRT cannot build from this bundle, said before any engine is started."""
     if trt.flavour == "standard" and uses_fp8(manifest):
-        raise ConfigError("this bundle is FP8; standard TensorRT builds for the GPU it runs on, and Jetson Orin "
-                          "(compute capability 8.7) has no FP8: export an int8 or int4 bundle for it")
+        raise ConfigError("this bundle is FP8, which pulse-edge builds with TensorRT-RTX only (--target rtx: Ada and "
+                          "Blackwell); standard TensorRT builds no FP8 engines here (Jetson Orin, compute capability "
+                          "8.7, has no FP8; Hopper is not a target): export an int8 or int4 bundle for this GPU")
     decoder = manifest.graphs[names.DECODER]
     if decoder.trt_ops == "native" and not trt.reads_native_ops():
         raise ConfigError(f"{trt.name} {trt.version} cannot parse the decoder's opset-24 attention/RoPE/RMSNorm/KV "

@@ -227,7 +227,11 @@ def _print_notes(twelve: TwelveLead) -> list[str]:
 
 
 def _leads(options: _Options) -> dict[str, tuple[str, ...]]:
-    return {} if options.leads is None else {"leads": tuple(options.leads)}
+    """The lead order; a string is the CLI's and the server's spelling, "I,II,V1" (tuple() of it read letters)."""
+    if options.leads is None:
+        return {}
+    given = options.leads
+    return {"leads": tuple(n.strip() for n in given.split(",")) if isinstance(given, str) else tuple(given)}
 
 
 _Reader = Callable[[object, _Options], Recording]

@@ -763,6 +763,16 @@ def test_npy_with_caller_lead_order(tmp_path, signals):
     assert list(rec.leads) == list(order)
 
 
+def test_the_api_takes_the_lead_order_as_the_cli_spells_it_too(tmp_path, signals):
+    """load_input(leads="I,II,V1,...") read the string letter by letter ("the lead order names ,, I, V, a more
+    than once")."""
+    order = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
+    eight = signals[[LEADS.index(lead) for lead in order]]
+    path = write_npy(tmp_path / "eight.npy", eight)
+    spelled = load_input(path, fs=FS, leads="I, II,V1,V2,V3,V4,V5,V6")
+    np.testing.assert_array_equal(np.asarray(spelled.image), np.asarray(load_input(path, fs=FS, leads=order).image))
+
+
 def test_npy_square_array_is_ambiguous(tmp_path):
     one_line(
         "does not tell which axis holds the 12 leads", read_npy, write_npy(tmp_path / "sq.npy", np.zeros((12, 12))), FS
