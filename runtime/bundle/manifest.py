@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.choices import EXPORT_TARGETS, GRAPH_PRECISIONS, KV_UPDATES, OPT_LEVELS, TENSOR_DTYPES, TRT_OPS
-from pulse_edge.errors import BundleError
+from pulse_edge.errors import BundleError, ConfigError
 from pulse_edge.runtime.bundle.checks import check_consistency, check_file_size
 from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE
 from pulse_edge.runtime.bundle.schema import check_manifest_json
@@ -386,7 +386,7 @@ def read_manifest(bundle: Path) -> Manifest:
         manifest = Manifest.from_dict(json.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path} cannot be read as JSON ({e}); re-export the bundle") from e
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ConfigError) as e:  # ConfigError: a layout's own checks (ImageLayout)
         raise BundleError(f"{path} has a malformed field ({e}); re-export the bundle") from e
     check_consistency(manifest)
     check_files(bundle, manifest)

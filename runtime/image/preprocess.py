@@ -42,6 +42,8 @@ MERGES: tuple[str, ...] = ("flat", "spatial_unpad")
 UNPAD_RULES: Mapping[str, Callable[[float], int]] = MappingProxyType(
     {"llava": int, "transformers": lambda x: int(round(x, 7))})
 
+STD_RANGE = (0.01, 10.0)  # what image_std may hold per channel
+
 # LLaVA resizes with Image.resize's default, which is BICUBIC for RGB images.
 _RESAMPLE = Image.Resampling.BICUBIC
 
@@ -65,6 +67,12 @@ class ImageLayout:
             )
         if self.unpad not in UNPAD_RULES:
             raise ConfigError(f"image unpad rule {self.unpad!r} is not supported; allowed: {', '.join(UNPAD_RULES)}")
+        # pixels are in [0, 1] when normalised: a mean outside it or a std far from any tower's (CLIP 0.27, SigLIP
+        # 0.5) is a damaged layout, whose tiles overflowed to inf with numpy's warnings before a later refusal
+        if not all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in self.image_mean) or not all(
+                math.isfinite(v) and STD_RANGE[0] <= v <= STD_RANGE[1] for v in self.image_std):
+            raise ConfigError(f"image_mean {list(self.image_mean)} / image_std {list(self.image_std)} are not a "
+                              f"normalisation (means within 0-1, deviations within {STD_RANGE[0]:g}-{STD_RANGE[1]:g})")
         if self.tile_size <= 0 or self.patch_size <= 0 or self.tile_size % self.patch_size:
             raise ConfigError(
                 f"tile_size {self.tile_size} must be a positive multiple of patch_size {self.patch_size}"

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,6 +158,19 @@ def test_a_damaged_bundle_is_one_line_and_no_tokens(case: str, tiny_bundle: Path
     _assert_refused(_infer(bundle, ecg_png), expected)
     _assert_refused(_infer(bundle, ecg_png, "--verify"), expected)
     _assert_refused(CliRunner().invoke(main, ["verify", str(bundle)]), expected)
+
+
+@pytest.mark.parametrize("std", [[1e-300, 0.3, 0.3], [1e6, 0.3, 0.3]])
+def test_a_resealed_absurd_normalisation_is_one_line_without_numpy_warnings(std: list[float], tiny_bundle: Path,
+                                                                           tmp_path: Path, ecg_png: Path) -> None:
+    """A manifest re-sealed with image_std 1e-300 overflowed every tile to inf: numpy's RuntimeWarnings came
+    before the refusal."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    edit_manifest(bundle, lambda d: d["image"].update(image_std=std))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy warning would fail the test
+        _assert_refused(_infer(bundle, ecg_png), "image_std [")
+    _assert_refused(_infer(bundle, ecg_png), "are not a normalisation (means within 0-1, deviations within 0.01-10)")
 
 
 def test_a_bundle_file_this_user_cannot_read_is_one_line(tiny_bundle: Path, tmp_path: Path, ecg_png: Path,
