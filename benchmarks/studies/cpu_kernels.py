@@ -269,28 +269,40 @@ def _host(report: dict[str, Any], name: str) -> str:
     return f" (host BUSY over this section: {busy})" if busy else " (host quiet)"
 
 
+def _timing(report: dict[str, Any], name: str, text: str) -> str:
+    """A timing cell, marked "(busy)" where its section's host was: a table copied without its heading keeps it."""
+    return f"{text} (busy)" if report["host"][name]["busy"] else text
+
+
 def _tables(report: dict[str, Any]) -> str:
     m = report["machine"]
     parts = [f"{report['date']}; {machine_text(m)}; threads {report['threads']}, "
              f"median of {report['repeats']} interleaved calls after a warm-up"]
     parts += ["", "GroupQueryAttention, fp32, the full S x T product" + _host(report, "attention") + ":",
               markdown_table(["S new", "P cached", "ms", "GFLOP/s"],
-                             [[str(r["s"]), str(r["p"]), f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"]
+                             [[str(r["s"]), str(r["p"]), *(_timing(report, "attention", t) for t in
+                                                           (f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"))]
                               for r in report["attention"]])]
     parts += ["", f"MatMulNBits at M = 1, {report['gemv_shape']}" + _host(report, "gemv") + ":",
               markdown_table(["bits", "accuracy level", "block", "MiB", "ms", "GB/s"],
                              [[str(r["bits"]), str(r["accuracy_level"]), str(r["block"]), f"{r['mib']:.0f}",
-                               f"{r['ms']:.1f}", f"{r['gb_s']:.1f}"] for r in report["gemv"]])]
+                               *(_timing(report, "gemv", t) for t in (f"{r['ms']:.1f}", f"{r['gb_s']:.1f}"))]
+                              for r in report["gemv"]])]
     parts += ["", f"vision attention, one layer, {report['vision_shape']}" + _host(report, "vision") + ":",
               markdown_table(["form", "ms", "GFLOP/s"],
-                             [[r["form"], f"{r['ms']:.1f}", f"{r['gflop_s']:.0f}"] for r in report["vision"]])]
+                             [[r["form"], *(_timing(report, "vision", t) for t in (f"{r['ms']:.1f}",
+                                                                                  f"{r['gflop_s']:.0f}"))]
+                              for r in report["vision"]])]
     parts += ["", "a prompt chunk's causal attention, fp32, GFLOP/s of the full S x S product"
               + _host(report, "causal") + ":",
-              markdown_table(["op", "S", "ms", "GFLOP/s"], [[r["op"], str(r["s"]), f"{r['ms']:.1f}",
-                                                             f"{r['gflop_s']:.0f}"] for r in report["causal"]])]
+              markdown_table(["op", "S", "ms", "GFLOP/s"], [[r["op"], str(r["s"]), *(_timing(report, "causal", t) for t
+                                                                                      in (f"{r['ms']:.1f}",
+                                                                                          f"{r['gflop_s']:.0f}"))]
+                                                             for r in report["causal"]])]
     parts += ["", f"decode attention, one position over {report['decode_shape']}" + _host(report, "decode") + ":",
               markdown_table(["cache", "threads", "buffer", "ms", "GB/s of the context"],
-                             [[r["cache"], str(r["threads"]), str(r["buffer"]), f"{r['ms']:.2f}", f"{r['gb_s']:.1f}"]
+                             [[r["cache"], str(r["threads"]), str(r["buffer"]),
+                               *(_timing(report, "decode", t) for t in (f"{r['ms']:.2f}", f"{r['gb_s']:.1f}"))]
                               for r in report["decode"]])]
     return "\n".join(parts)
 

@@ -39,3 +39,22 @@ def test_the_kernel_study_times_every_variant_it_names(tmp_path: Path) -> None:
     assert set(report["host"]) == {"attention", "causal", "gemv", "vision", "decode"}
     assert result.output.count("(host quiet)") + result.output.count("(host BUSY over this section") == 5
     assert [r["op"] for r in report["causal"]] == ["GroupQueryAttention", "Attention (opset 23, is_causal)"]
+
+
+def test_a_busy_sections_timings_are_marked_in_each_cell() -> None:
+    """The heading alone said a section was busy: a table copied without it read as quiet."""
+    from pulse_edge.benchmarks.common.machine import machine_info
+    from pulse_edge.benchmarks.studies.cpu_kernels import _tables
+
+    row = {"ms": 1.0, "gflop_s": 2.0}
+    report = {"date": "d", "machine": machine_info(), "threads": 2, "repeats": 3, "gemv_shape": "g",
+              "vision_shape": "v", "decode_shape": "x",
+              "host": {name: {"busy": "load 3.1" if name == "gemv" else ""} for name in
+                       ("attention", "gemv", "vision", "causal", "decode")},
+              "attention": [{"s": 1, "p": 0, **row}], "vision": [{"form": "f", **row}],
+              "causal": [{"op": "o", "s": 1, **row}],
+              "gemv": [{"bits": 4, "accuracy_level": 4, "block": 128, "mib": 1.0, "ms": 1.0, "gb_s": 3.0}],
+              "decode": [{"cache": "int8", "threads": 1, "buffer": 8, "ms": 1.0, "gb_s": 3.0}]}
+    text = _tables(report)
+    assert "| 1.0 (busy) | 3.0 (busy) |" in text  # the gemv row
+    assert text.count("(busy)") == 2 and "| 1.0 | 2 |" in text  # quiet sections unmarked
