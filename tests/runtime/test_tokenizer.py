@@ -296,6 +296,28 @@ def test_runtime_from_tokenizers_leaves_the_callers_object_alone(json_path: Path
     assert not plain.encode_special_tokens
 
 
+def test_lone_word_boundary_pieces_decode_as_sentencepiece_does(sp, runtime: Tokenizer) -> None:
+    """A generated "▁" alone (the dummy prefix SentencePiece drops only at the very start) before a word, between
+    words, twice: one mutant that kept every lone "▁" survived the suite."""
+    lone, first, second = sp.piece_to_id("▁"), sp.encode("ms")[-1], sp.encode("mm")[-1]
+    for ids in ([lone, first], [first, lone, second], [lone, lone, first], [lone], [first, lone]):
+        expected = sp.decode(ids)
+        assert runtime.decode(ids) == expected, [sp.id_to_piece(i) for i in ids]
+        stream = StreamDecoder(runtime)
+        assert "".join(stream.push(i) for i in ids) + stream.flush() == expected
+    assert sp.decode([lone, first]) == " ms" and sp.decode([first, lone, second]) == "ms  mm"  # what is tested
+
+
+@pytest.mark.parametrize(("bos_id", "eos_id", "named"), [(-1, 2, "bos_id -1"), (1, 1000, "eos_id 1000"),
+                                                         (1000, 2, "bos_id 1000")])
+def test_bos_and_eos_must_be_ids_of_the_vocabulary(json_path: Path, bos_id: int, eos_id: int, named: str) -> None:
+    """An id past the pieces (or below 0) would end every answer at once or never, with no error."""
+    plain = tokenizers.Tokenizer.from_file(str(json_path))
+    with pytest.raises(ValueError, match=rf"{named} is outside the vocabulary \(size 1000\)"):
+        Tokenizer.from_tokenizers(plain, bos_id=bos_id, eos_id=eos_id)
+    assert Tokenizer.from_tokenizers(plain, bos_id=999, eos_id=0).bos_id == 999  # both ends of the range
+
+
 @pytest.mark.parametrize("content", [None, "", "{not json", '{"version": "1.0"}'])
 def test_runtime_rejects_bad_tokenizer_files(content: str | None, tmp_path: Path) -> None:
     path = tmp_path / "tokenizer.json"
