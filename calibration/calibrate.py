@@ -29,7 +29,7 @@ from pulse_edge.calibration.datasets.calibration_sample import CalibrationSample
 from pulse_edge.calibration.histogram import METHODS, AbsHistogram
 from pulse_edge.calibration.kv import KVObserver, observing_kv
 from pulse_edge.calibration.observe import SiteObserver, make_observers, observe, packed_weight
-from pulse_edge.calibration.quant_math import SearchResult, search_awq_scales, search_smooth_alpha, smooth_scales
+from pulse_edge.calibration.quant_math import SearchResult, search_awq_scales, search_smooth_alpha
 from pulse_edge.calibration.samples import (
     SYNTHETIC,
     PreparedSample,
@@ -137,10 +137,11 @@ def _site_scales(loaded: LoadedCheckpoint, site: str, obs: SiteObserver, options
     rows = obs.reservoir.sample()  # [R, K]
     full = packed_weight(loaded.model, site)  # [K, N]
     weight = _column_sample(full, options.search_columns, options.seed)
-    smooth = search_smooth_alpha(rows, weight, absmax, alphas=ALPHAS) if part in SMOOTH_SITES else None
+    # judged on a column sample, the scales from the whole weight (max|W_j| over a sample is biased low)
+    smooth = (search_smooth_alpha(rows, weight, absmax, alphas=ALPHAS, scales_from=full) if part in SMOOTH_SITES
+              else None)
     smooth_used = smooth is not None and smooth.error < smooth.baseline_error  # else plain W8A8 (s = 1) won
-    # The scales themselves from the whole weight: max|W_j| over a column sample is biased low.
-    s = smooth_scales(absmax, full, smooth.alpha) if smooth_used else None
+    s = smooth.scales if smooth_used else None
     awq = search_awq_scales(rows, weight, mean_abs, AWQ_BITS, options.block_size) if part in AWQ_SITES else None
     search = {"smooth_errors": _errors(smooth), "smooth_baseline_error": _baseline(smooth),
               "awq_errors": _errors(awq), "rows": int(rows.shape[0]), "columns": int(weight.shape[1])}

@@ -325,6 +325,22 @@ def test_smoothquant_beats_plain_w8a8_on_outlier_channels(seed: int) -> None:
     assert 0.3 <= result.alpha <= 0.8
 
 
+def test_a_search_on_sampled_columns_scores_the_scales_the_whole_weight_gives() -> None:
+    """calibrate judges alpha on a column sample of W; the exported scales come from the whole W. Each alpha's
+    error must be that of the exported scales (it was of scales from the sample's smaller max|W_j|)."""
+    calib, w, act = _outlier_layer(2)
+    w = w.copy()  # [256, 128]
+    w[np.arange(256), 96 + np.arange(256) % 32] *= 8.0  # every row's largest weight outside the sample
+    sample = w[:, :64]
+    result = search_smooth_alpha(calib[:256], sample, act, scales_from=w)
+    np.testing.assert_array_equal(result.scales, smooth_scales(act, w, result.alpha))
+    for alpha, error in result.errors.items():
+        assert error == pytest.approx(w8a8_error(calib[:256], sample, act, smooth_scales(act, w, alpha)), rel=1e-6)
+    assert result.errors != search_smooth_alpha(calib[:256], sample, act).errors  # the sample's own differ
+    with pytest.raises(ValueError, match="scales_from has 255 rows, the weight 256"):
+        search_smooth_alpha(calib[:256], sample, act, scales_from=w[:255])
+
+
 # ----------------------------------------------------------------------------- AWQ
 
 
