@@ -321,9 +321,25 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
     if tensorrt:  # ORT creates only the last folder of the cache path
         Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     try:
-        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all Exception subclasses
         raise _load_error(path, config, e) from e
+    check_session_provider(session, config, path)
+    return session
+
+
+def check_session_provider(session: Any, config: SessionConfig, path: Path) -> None:
+    """The session runs on the asked provider first. get_available_providers names CUDA and TensorRT wherever
+    onnxruntime-gpu is installed; a provider that then fails to start (no libnvinfer, no cuDNN) makes ORT fall back
+    to the next one, CPU at the end, with a log line the session's severity hides: a --provider tensorrt run served
+    and timed on CUDA or the CPU as TensorRT."""
+    wanted = ORT_PROVIDERS[config.provider]
+    running = list(session.get_providers())
+    if not running or running[0] != wanted:
+        instead = "cuda" if config.provider == "tensorrt" else "cpu"
+        raise ConfigError(f"{path.name}: onnxruntime could not start {wanted} (the session fell back to "
+                          f"{', '.join(running) or 'nothing'}): check that its CUDA/TensorRT libraries are installed "
+                          f"and found (LD_LIBRARY_PATH), or use --provider {instead}")
 
 
 @contextmanager

@@ -287,6 +287,23 @@ def test_absent_provider_is_an_error_not_a_fallback(tiny_bundle: Path, ecg_png: 
     assert "provider 'cuda'" in err and "not available" in err
 
 
+def test_a_session_that_fell_back_to_another_provider_is_refused(tmp_path: Path) -> None:
+    """onnxruntime-gpu lists CUDA and TensorRT as available wherever it is installed; one that then fails to
+    start (no libnvinfer) leaves the session on the next one, CPU at the end, said only in a hidden log line."""
+    from types import SimpleNamespace
+
+    from pulse_edge.runtime.engines.sessions import SessionConfig, check_session_provider
+
+    fell_back = SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match=r"decoder.onnx: onnxruntime could not start TensorrtExecutionProvider "
+                       r"\(the session fell back to CUDAExecutionProvider, CPUExecutionProvider\).*--provider cuda"):
+        check_session_provider(fell_back, SessionConfig(provider="tensorrt"), tmp_path / "decoder.onnx")
+    on_cpu = SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
+    check_session_provider(on_cpu, SessionConfig(provider="cpu"), tmp_path / "decoder.onnx")  # as asked
+    with pytest.raises(ConfigError, match="could not start CUDAExecutionProvider"):
+        check_session_provider(on_cpu, SessionConfig(provider="cuda"), tmp_path / "decoder.onnx")
+
+
 def test_failed_export_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import pulse_edge.export.build.bundle as bundle_module
