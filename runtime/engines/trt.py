@@ -249,6 +249,14 @@ class TrtLog:
         self.errors.clear()
 
 
+def _set(ok: bool, what: str, log: TrtLog) -> None:
+    """TensorRT's setters return False on a refusal and keep the previous setting: a prefill chunk's shape left at
+    the last decode step's one position would run 512 positions as one, and the length move on by 512."""
+    if not ok:
+        raise EngineRunError(f"TensorRT refused to {what} ({log.reason()}); please report it with `pulse-edge "
+                             "--version`, the GPU and the engines' engines.json")
+
+
 def _execute(context: Any, cuda: Cuda, log: TrtLog) -> None:
     log.clear()
     if not context.execute_async_v3(cuda.stream):
@@ -261,22 +269,25 @@ class TrtVision:
 
     def __init__(self, engine: Any, context: Any, spec: EngineSpec, cuda: Cuda, log: TrtLog | None = None) -> None:
         self.context, self.cuda, self.spec, self.log = context, cuda, spec, log or TrtLog()
-        _, profile = spec.profile("tiles")
+        index, profile = spec.profile("tiles")
         self.max_tiles = profile.limits(names.PIXEL_VALUES, 0)[1]
         pixels = spec.tensor(names.PIXEL_VALUES).shape
         features = spec.tensor(names.IMAGE_FEATURES).shape
         self.pixels = allocate(cuda, (self.max_tiles, *pixels[1:]), np.float32)
         self.features = allocate(cuda, (self.max_tiles, *features[1:]), np.float32)
-        context.set_optimization_profile_async(0, cuda.stream)
-        context.set_tensor_address(names.PIXEL_VALUES, self.pixels.ptr)
-        context.set_tensor_address(names.IMAGE_FEATURES, self.features.ptr)
+        self.log.clear()
+        _set(context.set_optimization_profile_async(index, cuda.stream), "select the vision profile", self.log)
+        _set(context.set_tensor_address(names.PIXEL_VALUES, self.pixels.ptr), "bind pixel_values", self.log)
+        _set(context.set_tensor_address(names.IMAGE_FEATURES, self.features.ptr), "bind image_features", self.log)
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
         out = np.empty((pixel_values.shape[0], *self.features.shape[1:]), np.float32)
         for start in range(0, pixel_values.shape[0], self.max_tiles):
             batch = pixel_values[start:start + self.max_tiles]
-            self.context.set_input_shape(names.PIXEL_VALUES, batch.shape)
+            self.log.clear()
+            _set(self.context.set_input_shape(names.PIXEL_VALUES, batch.shape),
+                 f"set pixel_values to {list(batch.shape)}", self.log)
             self.cuda.upload(self.pixels.ptr, batch)
             _execute(self.context, self.cuda, self.log)
             self.cuda.download(out[start:start + len(batch)], self.features.ptr)
@@ -316,18 +327,19 @@ class TrtDecoder:
         self.length = 0
 
     def _bind(self, profile: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        context, log = self.context, self.log
+        log.clear()
         if profile != self.active:
-            self.context.set_optimization_profile_async(profile, self.cuda.stream)
+            self.active = -1  # unknown until TensorRT took it
+            _set(context.set_optimization_profile_async(profile, self.cuda.stream), f"select profile {profile}", log)
             self.active = profile
         for name, shape in shapes.items():
-            self.context.set_input_shape(name, shape)
-        for name, tensor in self.inputs.items():
-            self.context.set_tensor_address(name, tensor.ptr)
-        self.context.set_tensor_address(names.LOGITS, self.logits.ptr)
+            _set(context.set_input_shape(name, shape), f"set {name} to {list(shape)}", log)
+        addresses = {**{name: tensor.ptr for name, tensor in self.inputs.items()}, names.LOGITS: self.logits.ptr}
         for present, past in self.spec.kv_aliases.items():
-            buffers = self.cache[past]
-            self.context.set_tensor_address(past, buffers[0].ptr)
-            self.context.set_tensor_address(present, buffers[-1].ptr)
+            addresses[past], addresses[present] = self.cache[past][0].ptr, self.cache[past][-1].ptr
+        for name, pointer in addresses.items():
+            _set(context.set_tensor_address(name, pointer), f"bind {name}", log)
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         """embeds [1, S, H] float32 at positions [length, length + S) -> logits [V] of the last one."""
@@ -413,7 +425,9 @@ def _runners(trt: TensorRT, directory: Path, engines: EngineSet, manifest: Manif
             context = _context(engine, directory / spec.file, log)
             runners[role] = (TrtVision(engine, context, spec, cuda, log) if role == names.VISION else
                              TrtDecoder(engine, context, spec, cuda, manifest.text.vocab_size, log))
-            runners[role]._keep = (engine, runtime, logger)  # contexts need their engine alive
+            # contexts need their engine alive; a tuple lets go of its items last first: the engine, then the
+            # runtime that made it, then the logger (TensorRT: a factory outlives what it made)
+            runners[role]._keep = (logger, runtime, engine)
     except BaseException:
         cuda.free_from(mark)
         raise

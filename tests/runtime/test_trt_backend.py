@@ -255,6 +255,25 @@ def test_forward_feeds_positions_shapes_and_keeps_the_length() -> None:
     assert decoder.length == 0
 
 
+@pytest.mark.parametrize("refused", ["set_optimization_profile_async", "set_input_shape", "set_tensor_address"])
+def test_a_setter_tensorrt_refuses_stops_the_run_with_its_reason(refused: str) -> None:
+    """TensorRT's setters return False and keep the previous setting: a prefill chunk run at the last decode step's
+    one-position shape went on as if 5 positions were written (the length moved on, the logits another's)."""
+    from pulse_edge.errors import EngineRunError
+
+    decoder, context, _ = _decoder()
+    decoder.forward(np.zeros((1, 1, H), np.float32))  # a decode step: profile 0, shapes of one position
+
+    def refuse(*args: object) -> bool:
+        decoder.log("ERROR", f"{refused} said no")
+        return False
+
+    setattr(context, refused, refuse)
+    with pytest.raises(EngineRunError, match=rf"^TensorRT refused to .* \({refused} said no\)"):
+        decoder.forward(np.zeros((1, 5, H), np.float32))
+    assert decoder.length == 1 and context.runs == 1  # nothing ran, nothing counted
+
+
 def test_an_aliased_cache_is_one_buffer_bound_as_past_and_present() -> None:
     decoder, context, _ = _decoder(aliased=True)
     decoder.forward(np.zeros((1, 3, H), np.float32))
