@@ -49,6 +49,7 @@ REQUIRED = {"torch": "everything", "triton": "the fused kernels", "transformers"
             "safetensors": "checkpoints", "sentencepiece": "make-model's tokenizer", "tokenizers": "the tokenizer",
             "numpy": "everything", "PIL": "ECG prints", "pytest": "pytest-gpu", "click": "the CLI"}
 OPTIONAL = {"onnxruntime": "ORT steps (with a CUDA/TensorRT provider)", "tensorrt": "tensorrt-marked tests",
+            "tensorrt_rtx": "tensorrt-marked tests (TensorRT for RTX)",
             "pytest_timeout": "a per-test timeout inside pytest-gpu"}
 MODEL_BYTES = {"base": 1.2e9, "per_layer": 0.41e9}  # a real-width bf16 checkpoint: CLIP, embeddings, lm_head + layers
 

@@ -42,8 +42,8 @@ from pulse_edge.errors import ConfigError
 
 # Distributions whose versions decide what the checks exercise (absent ones are reported as absent).
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "sentencepiece", "numpy", "pillow",
-            "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cupy-cuda13x", "cupy-cuda12x", "cuda-bindings",
-            "cuda-python", "nvidia-ml-py", "pytest", "pytest-timeout", "click", "pulse-edge")
+            "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-rtx", "cupy-cuda13x", "cupy-cuda12x",
+            "cuda-bindings", "cuda-python", "nvidia-ml-py", "pytest", "pytest-timeout", "click", "pulse-edge")
 BENCH_IMAGE = (2200, 1700)  # letter at 200 dpi: 4 tiles + the base image, 2880 image tokens
 PREFILL_POSITIONS = 2950  # a 2880-image-token prompt and the llava_v1 text around it
 DTYPES = ("fp16", "bf16", "fp32")  # fp16: the torch backend's default on a GPU
