@@ -406,6 +406,16 @@ def test_smoothing_is_kept_only_where_it_beats_plain_w8a8(tiny_pipeline, tiny_sc
         assert site.smooth is None and site.smooth_alpha is None and site.smooth_amax == {}, name
 
 
+def test_a_smoothed_input_is_clipped_at_its_exact_maximum_under_every_method(tiny_scales: Scales) -> None:
+    """The sampled rows miss the rare tokens whose x / s is largest: a percentile, entropy or MSE clip of them cut
+    the attention-sink token of every prompt. Every method takes x / s's maximum, from the channel maxima."""
+    smoothed = {name: site for name, site in tiny_scales.sites.items() if site.smooth is not None}
+    assert smoothed, "the tiny calibration smooths some site"
+    for name, site in smoothed.items():
+        exact = float(np.max(site.absmax / site.smooth))
+        assert site.smooth_amax == {m: exact for m in ("minmax", "percentile", "entropy", "mse")}, name
+
+
 def test_each_site_is_clipped_by_the_calibration_method_asked(tiny_scales: Scales) -> None:
     """--method chooses each activation's clip: a graph built with another method's ranges would pass parity
     (its reference reads the same table) and serve other scales than the ones asked for."""
