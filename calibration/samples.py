@@ -72,7 +72,7 @@ def load_samples(data: str | Path, *, image_root: str | Path | None = None) -> l
 
 
 def select_samples(samples: Sequence[CalibrationSample], n: int, seed: int) -> list[CalibrationSample]:
-    """`n` samples stratified by (source, task), in input order, their images read; the same seed gives the
+    """`n` samples stratified by (source, origin, task), in input order, their images read; the same seed gives the
     same list.
 
     Each stratum gets its proportional share, at least one while `n` allows (when `n` is
@@ -98,16 +98,17 @@ def split_held_out(samples: Sequence[CalibrationSample], held_out: int, seed: in
 def _select_indices(samples: Sequence[CalibrationSample], n: int, seed: int) -> list[int]:
     if n < 0:
         raise ConfigError(f"the number of samples to select must be >= 0, got {n}")
-    strata: dict[tuple[str, str], list[int]] = {}
+    strata: dict[tuple[str, str, str], list[int]] = {}
     for i, sample in enumerate(samples):
-        strata.setdefault((sample.source, sample.task), []).append(i)
-    keys = sorted(strata, key=lambda k: (SOURCES.index(k[0]), TASKS.index(k[1])))
+        strata.setdefault((sample.source, sample.origin, sample.task), []).append(i)
+    keys = sorted(strata, key=lambda k: (SOURCES.index(k[0]), k[1], TASKS.index(k[2])))
     counts = _allocate([len(strata[k]) for k in keys], min(n, len(samples)))
     chosen: list[int] = []
-    for key, count in zip(keys, counts, strict=True):
-        # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
-        rng = random.Random(f"{seed}/{key[0]}/{key[1]}")
-        chosen += rng.sample(strata[key], count)
+    for (source, origin, task), count in zip(keys, counts, strict=True):
+        # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms (a sample
+        # with no origin keeps the seed it had before origins were strata)
+        rng = random.Random(f"{seed}/{source}/{origin}/{task}" if origin else f"{seed}/{source}/{task}")
+        chosen += rng.sample(strata[source, origin, task], count)
     return sorted(chosen)
 
 

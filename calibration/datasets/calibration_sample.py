@@ -81,6 +81,9 @@ class CalibrationSample:
     image_bytes: bytes | None = field(default=None, repr=False)
     synthetic: SyntheticEcg | None = None
     deferred: DeferredImage | None = field(default=None, repr=False)
+    # the dataset inside the source whose prints these are (ECGInstruct's image folder: ptb-xl, mimic-ecg, code15,
+    # ...; ECGBench's subset): selection is stratified by it too, as print styles differ between them
+    origin: str = ""
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

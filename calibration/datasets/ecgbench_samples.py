@@ -96,6 +96,7 @@ def _ecgbench_sample(sample: ecgbench_data.Sample, source: ecgbench_data.SubsetS
     turns = tuple((t.question, t.answer if isinstance(t.answer, str) else ", ".join(t.answer))
                   for t in sample.turns if t.answer is not None)  # calibration feeds the reference answers
     base = CalibrationSample(id=sample_id, source="ecgbench", task=classify_task(turns[0][0]), turns=turns,
+                             origin=sample.subset,
                              deferred=ParquetImage(source, sample.id))
     if deferred:
         return base

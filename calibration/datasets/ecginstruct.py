@@ -48,8 +48,9 @@ def _ecginstruct_sample(item: Any, index: int, path: Path, root: Path) -> Calibr
     if image is None:
         raise InputError(f"{where}: image {item['image']!r} not found under {root}; "
                          "pass the folder the image paths are relative to as image_root (--image-root)")
+    folder = str(item["image"]).replace("\\", "/").lstrip("./").partition("/")
     return CalibrationSample(id=str(item["id"]), source="ecginstruct", task=classify_task(turns[0][0]),
-                             turns=turns, image_path=image)
+                             turns=turns, image_path=image, origin=folder[0] if folder[1] else "")
 
 
 def _conversation_turns(conversations: Any, where: str) -> tuple[tuple[str, str], ...]:

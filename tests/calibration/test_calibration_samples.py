@@ -323,6 +323,27 @@ def test_one_each_floor_is_paid_by_the_largest_stratum() -> None:
                               ("synthetic", "multiple_choice"): 1})
 
 
+def test_the_datasets_inside_a_source_are_strata_too() -> None:
+    """ECGInstruct's prints come from several datasets (its image folders); all were one stratum, and 12 drawn from
+    90% MIMIC, 6% PTB-XL, 3% CODE-15, 1% CPSC were 12 MIMIC prints (seed 0)."""
+    shares = {"mimic-ecg": 900, "ptb-xl": 60, "code15": 30, "cpsc": 10}
+    samples = [CalibrationSample(f"{folder}-{k}", "ecginstruct", "diagnosis", (("q", "a"),), image_bytes=b"png",
+                                 origin=folder) for folder, size in shares.items() for k in range(size)]
+    chosen = select_samples(samples, 12, seed=0)
+    assert Counter(s.origin for s in chosen) == Counter({"mimic-ecg": 9, "ptb-xl": 1, "code15": 1, "cpsc": 1})
+    assert [s.id for s in chosen] == [s.id for s in select_samples(samples, 12, seed=0)]  # seeded
+
+
+def test_an_ecginstruct_prints_origin_is_its_image_folder(tmp_path: Path, pngs: dict[str, bytes]) -> None:
+    (tmp_path / "ptb-xl").mkdir()
+    (tmp_path / "ptb-xl" / "a.png").write_bytes(pngs["sinus"])
+    (tmp_path / "flat.png").write_bytes(pngs["sinus"])
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"id": i, "image": image, "conversations": _conversation([(DIAG_Q, "Normal ECG.")])}
+                                for i, image in (("a", "ptb-xl/a.png"), ("b", "flat.png"))]))
+    assert [s.origin for s in load_ecginstruct(path)] == ["ptb-xl", ""]
+
+
 def test_selection_is_deterministic_by_seed() -> None:
     samples = _fake({("synthetic", "diagnosis"): 40, ("ecginstruct", "report"): 30})
     ids = [s.id for s in select_samples(samples, 10, seed=7)]
