@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,37 @@ from pulse_edge.calibration.datasets.json_text import parse_json, read_utf8
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.text.prompt import IMAGE_MARKER
 
+log = logging.getLogger(__name__)
+
 
 def load_ecginstruct(json_path: str | Path, image_root: str | Path | None = None) -> list[CalibrationSample]:
     """Read and validate an ECGInstruct JSON list; images are relative to `image_root` (default: the JSON's folder).
 
-    Every problem is one `InputError` line naming the item (index and id) and what is wrong.
+    Every problem is one `InputError` line naming the item (index and id) and what is wrong; items whose image is
+    missing are left out with a warning where others have theirs (a partly unpacked image set).
     """
     path = Path(json_path)
     root = Path(image_root) if image_root is not None else path.parent
-    items = _read_json_list(path)
-    return [_ecginstruct_sample(item, i, path, root) for i, item in enumerate(items)]
+    samples, missing = [], []
+    for i, item in enumerate(_read_json_list(path)):
+        try:
+            samples.append(_ecginstruct_sample(item, i, path, root))
+        except _ImageMissing as e:
+            missing.append(e)
+    if missing and not samples:
+        raise missing[0]
+    if missing:  # a partly unpacked image set: what is there still calibrates, said
+        log.warning("%d of %d ECGInstruct items have no image under %s (first: %s); calibrating from the %d that "
+                    "do", len(missing), len(missing) + len(samples), root, missing[0].image, len(samples))
+    return samples
+
+
+class _ImageMissing(InputError):
+    """An item whose image is not under the image root (the line names the item and the root)."""
+
+    def __init__(self, message: str, image: str) -> None:
+        super().__init__(message)
+        self.image = image
 
 
 def _read_json_list(path: Path) -> list[Any]:
@@ -46,8 +68,8 @@ def _ecginstruct_sample(item: Any, index: int, path: Path, root: Path) -> Calibr
     turns = _conversation_turns(item["conversations"], where)
     image = image_under(root, str(item["image"]), where)
     if image is None:
-        raise InputError(f"{where}: image {item['image']!r} not found under {root}; "
-                         "pass the folder the image paths are relative to as image_root (--image-root)")
+        raise _ImageMissing(f"{where}: image {item['image']!r} not found under {root}; pass the folder the image "
+                            "paths are relative to as image_root (--image-root)", str(item["image"]))
     folder = str(item["image"]).replace("\\", "/").lstrip("./").partition("/")
     return CalibrationSample(id=str(item["id"]), source="ecginstruct", task=classify_task(turns[0][0]),
                              turns=turns, image_path=image, origin=folder[0] if folder[1] else "")
@@ -72,4 +94,6 @@ def _conversation_turns(conversations: Any, where: str) -> tuple[tuple[str, str]
                          f"with '{IMAGE_MARKER}\\n')")
     if any(IMAGE_MARKER in value for value in values[2::2]):
         raise InputError(f"{where}: '{IMAGE_MARKER}' appears in a later human message; PULSE takes one image")
-    return tuple((ecgbench_data.question_text(q), a) for q, a in zip(values[0::2], values[1::2], strict=True))
+    # LLaVA's training (preprocess_multimodal) took the marker out and stripped the question: "<image>\n\nQ" and
+    # "Q <image>" were trained as "Q", and calibration feeds the model what it was trained on
+    return tuple((ecgbench_data.question_text(q).strip(), a) for q, a in zip(values[0::2], values[1::2], strict=True))

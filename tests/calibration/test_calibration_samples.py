@@ -344,6 +344,27 @@ def test_an_ecginstruct_prints_origin_is_its_image_folder(tmp_path: Path, pngs: 
     assert [s.origin for s in load_ecginstruct(path)] == ["ptb-xl", ""]
 
 
+def test_items_whose_image_is_missing_are_left_out_said_where_others_have_theirs(
+        tmp_path: Path, pngs: dict[str, bytes], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One missing print of 1000 refused the whole file: a partly unpacked image set could not calibrate at all.
+    The question is stripped around the marker, as LLaVA's training took it."""
+    import logging
+
+    (tmp_path / "a.png").write_bytes(pngs["sinus"])
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([
+        {"id": "a", "image": "a.png", "conversations": _conversation([(DIAG_Q, "Normal ECG.")])},
+        {"id": "b", "image": "gone/b.png", "conversations": _conversation([(DIAG_Q, "Normal ECG.")])},
+        {"id": "c", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\n\n" + DIAG_Q + " "},
+                                                        {"from": "gpt", "value": "Normal ECG."}]}]))
+    monkeypatch.setattr(logging.getLogger("pulse_edge"), "propagate", True)  # a CLI test in this process cut it
+    with caplog.at_level("WARNING"):
+        samples = load_ecginstruct(path)
+    assert [s.id for s in samples] == ["a", "c"] and samples[1].turns[0][0] == DIAG_Q
+    assert "1 of 3 ECGInstruct items have no image under" in caplog.text and "(first: gone/b.png)" in caplog.text
+
+
 def test_selection_is_deterministic_by_seed() -> None:
     samples = _fake({("synthetic", "diagnosis"): 40, ("ecginstruct", "report"): 30})
     ids = [s.id for s in select_samples(samples, 10, seed=7)]
