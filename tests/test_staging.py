@@ -172,7 +172,13 @@ def test_a_short_write_with_no_errno_on_a_full_disk_is_the_disk_full_line(tmp_pa
 
     monkeypatch.setattr(tiny, "write_shards", short_write)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    asked: list[object] = []
+
+    def filling(path: object) -> object:  # room enough for make-tiny's check before it writes, full while it writes
+        asked.append(path)
+        return usage if len(asked) == 1 else usage._replace(free=4096)
+
+    monkeypatch.setattr(shutil, "disk_usage", filling)
     result = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().startswith("pulse-edge: error:") and "the disk is full" in result.stderr

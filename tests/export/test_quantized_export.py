@@ -337,9 +337,10 @@ def test_a_calibration_whose_samples_never_moved_a_site_is_refused_before_it_is_
     without --scales): an amax of 0 would quantize every activation of that site to its extreme code."""
     from pulse_edge.calibration import calibrate as calibration
     from pulse_edge.calibration.calibrate import CalibrationOptions
+    from pulse_edge.calibration.histogram import AbsHistogram
 
-    real = calibration.AbsHistogram.amax
-    monkeypatch.setattr(calibration.AbsHistogram, "amax", lambda self, method, **kw: 0.0 if method == "mse" else
+    real = AbsHistogram.amax
+    monkeypatch.setattr(AbsHistogram, "amax", lambda self, method, **kw: 0.0 if method == "mse" else
                         real(self, method, **kw))
     with pytest.raises(ScalesError, match=r"^the calibration on 1 sample: \S+ amax\['mse'\] holds 0\.0, not a "
                                           r"finite number above 0; calibrate on more or other ECG samples$"):
