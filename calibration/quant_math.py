@@ -35,6 +35,10 @@ _MIN_BLOCK_SIZE = 16
 # Clip ratios tried per block by scale_search. 1.0 comes first so plain absmax wins ties:
 # the search can only lower a block's error, never raise it.
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+# Where the search is the default: int4's 15 steps per block lose much to one large weight (AWQ's release clips
+# too, after its scale search); int8's 255 gain little for the search's 8x time. One rule for every caller, so the
+# export (ORT and TensorRT), the emulated reference and the AWQ search round alike.
+CLIP_SEARCH_BITS = frozenset({4})
 # SmoothQuant: floors keep x**alpha / w**(1 - alpha) finite; the range keeps W*s and x/s
 # well inside fp16 for realistic magnitudes (activations up to ~1e4, weights ~1e-3..1).
 _SMOOTH_FLOOR = 1e-5
@@ -214,17 +218,19 @@ _PACK: Mapping[int, Callable[[np.ndarray], np.ndarray]] = MappingProxyType({4: _
 _UNPACK: Mapping[int, Callable[[np.ndarray], np.ndarray]] = MappingProxyType({4: _unpack4, 8: _identity})
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, *, scale_search: bool = False) -> BlockQuantized:
+def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, *, scale_search: bool | None = None
+                       ) -> BlockQuantized:
     """Symmetric block-wise quantization along K of W [K, N] into MatMulNBits' layout.
 
     Per (column, block): s = absmax / (2**(bits-1) - 1), q = clip(round(w / s), -2**(bits-1), 2**(bits-1) - 1).
-    With scale_search, each block also tries s * r for the clip ratios in _CLIP_RATIOS and keeps
-    the one with the least squared error (clipping a rare large value can buy finer steps for the rest).
+    With scale_search (None: for the bits of CLIP_SEARCH_BITS), each block also tries s * r for the clip ratios
+    in _CLIP_RATIOS and keeps the one with the least squared error (clipping a rare large value can buy finer
+    steps for the rest).
     """
     _check_block_args(bits, block_size)
     w = _as_weight(w)
     blocks = _to_blocks(w, block_size)
-    scales = _block_scales(blocks, bits, scale_search)
+    scales = _block_scales(blocks, bits, _searched(bits, scale_search))
     codes = (_block_codes(blocks, scales, bits) + 2 ** (bits - 1)).astype(np.uint8)  # [nb, bs, N]
     k, n = w.shape
     return BlockQuantized(packed=_PACK[bits](np.ascontiguousarray(codes.transpose(2, 0, 1))),
@@ -232,13 +238,18 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, *, scale_searc
                           block_size=block_size)
 
 
-def fake_quant_blockwise(w: np.ndarray, bits: int, block_size: int, *, scale_search: bool = False) -> np.ndarray:
+def fake_quant_blockwise(w: np.ndarray, bits: int, block_size: int, *, scale_search: bool | None = None
+                         ) -> np.ndarray:
     """dequantize_blockwise(quantize_blockwise(w, ...)) without packing: float32 [K, N] (used by the searches)."""
     _check_block_args(bits, block_size)
     w = _as_weight(w)
     blocks = _to_blocks(w, block_size)
-    recon = _block_recon(blocks, _block_scales(blocks, bits, scale_search), bits)
+    recon = _block_recon(blocks, _block_scales(blocks, bits, _searched(bits, scale_search)), bits)
     return recon.reshape(-1, w.shape[1])[: w.shape[0]]
+
+
+def _searched(bits: int, scale_search: bool | None) -> bool:
+    return bits in CLIP_SEARCH_BITS if scale_search is None else scale_search
 
 
 def signed_block_codes(bq: BlockQuantized) -> np.ndarray:

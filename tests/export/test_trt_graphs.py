@@ -159,7 +159,10 @@ def test_int4_blocks_pack_and_round_trip() -> None:
     codes, scales = int4_blocks(w, 128)
     assert codes.shape == (200, 6) and scales.shape == (2, 6) and codes.min() >= -8 and codes.max() <= 7
     recon = codes * np.repeat(scales, 128, axis=0)[:200]
-    assert np.abs(recon - w).max() <= scales.max() / 2 + 1e-6
+    from pulse_edge.calibration.quant_math import dequantize_blockwise, quantize_blockwise
+
+    # the ORT bundle's numbers (int4's clip search included: a clipped weight is more than half a step off)
+    np.testing.assert_array_equal(recon, dequantize_blockwise(quantize_blockwise(w, 4, 128)))
     packed = pack_int4(codes)
     low, high = (packed & 0x0F).astype(np.int8), (packed >> 4).astype(np.int8)
     unpacked = np.stack([low, high], -1).reshape(-1)[: codes.size]
