@@ -64,6 +64,27 @@ def test_a_graph_wrong_only_for_a_later_chunk_fails_validation(tiny_pipeline: To
     assert [c["chunked"]["pass"] for c in wrong["cases"][:2]] == [False, False]
 
 
+class _WrongWhenDecoding(_Reference):
+    """Right for every prefill, one pass or chunked; the logits of a single-position run negated (a decode step
+    whose cache read or position is wrong)."""
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        logits = super().forward(embeds)
+        return -logits if embeds.shape[1] == 1 else logits
+
+
+def test_a_graph_wrong_only_in_its_decode_steps_fails_validation(tiny_pipeline: TorchPipeline) -> None:
+    """Each decode step is judged, after the one-pass prefill and after the chunked one (a verdict on the prefill
+    row alone survived the mutation round)."""
+    lm, tol = tiny_pipeline.model.language_model, TOLERANCES["fp32"]
+    plan = ValidationPlan(prefill_lengths=(5, 600), decode_steps=2)
+    wrong = _decoder_cases(lm, _WrongWhenDecoding(lm, forget_chunks=False), plan, tol)
+    assert not wrong["pass"] and [c["pass"] for c in wrong["cases"]] == [False, False]
+    assert all(c["prefill"]["max_rel_err"] < 1e-5 for c in wrong["cases"])  # every prefill right
+    chunked = wrong["cases"][0]["chunked"]
+    assert chunked["prefill"]["max_rel_err"] < 1e-5 and not chunked["pass"]  # only its decode step is wrong
+
+
 def test_the_refusal_names_the_run_that_failed_once(tiny_pipeline: TorchPipeline) -> None:
     from pulse_edge.export.build.bundle import failure_summary
 

@@ -121,6 +121,9 @@ DAMAGE: dict[str, tuple[Callable[[Path], Any], str]] = {
     # edits the schema and the cross-checks allow, left unsealed as a hand-edit leaves them: only the seal sees them
     "image_std edited by hand": (lambda b: _unsealed(b, lambda d: d["image"].update(image_std=[0.5, 0.5, 0.5])),
                                  "manifest.json was changed after export: its contents no longer match"),
+    "a validation verdict edited by hand": (  # native_validated reads it: the native step would be served
+        lambda b: _unsealed(b, lambda d: d["validation"].update(pass_by_hand=True)),
+        "manifest.json was changed after export"),
     "the prompt's system text edited by hand": (
         lambda b: _unsealed(b, lambda d: d["prompt"].update(system=d["prompt"]["system"] + " Be brief.")),
         "manifest.json was changed after export"),

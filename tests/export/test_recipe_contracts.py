@@ -1,0 +1,78 @@
+"""Contracts of the quantization recipes that the graph and its emulated reference share, so that parity cannot
+see them broken (both sides read the same value): each held to its own arithmetic here. From the fourth mutation
+round, whose survivors these kill."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pulse_edge.calibration.kv import kv_name, kv_scales
+from pulse_edge.calibration.quant_math import _best_key, quantize_blockwise
+from pulse_edge.calibration.recipes import check_keep, make_recipe
+from pulse_edge.errors import ConfigError
+from pulse_edge.export.graphs.prefill import KV_HEADROOM
+from pulse_edge.export.validate.tolerances import TOLERANCES
+from pulse_edge.export.validate.vision import compare_features
+from pulse_edge.runtime.bundle.manifest import native_validated
+
+
+def test_kv_scales_are_each_parts_own_absmax_with_the_headroom() -> None:
+    absmax = {kv_name(i, part): np.full((2, 4), value * (i + 1), np.float32)
+              for i in range(2) for part, value in (("key", 10.0), ("value", 3.0))}
+    absmax[kv_name(1, "value")][0, 0] = 0.0  # a channel that never moved
+    keys, values = kv_scales(absmax, 2, headroom=KV_HEADROOM)
+    assert KV_HEADROOM == 1.25  # 25% above the calibrated range, docs/quantization.md
+    np.testing.assert_allclose(keys[1], 20.0 * 1.25 / 127, rtol=1e-6)
+    np.testing.assert_allclose(values[0], 3.0 * 1.25 / 127, rtol=1e-6)
+    assert values[1][0, 0] == np.float32(1e-8) and values[1][0, 1] == pytest.approx(6.0 * 1.25 / 127)
+
+
+def test_the_recipe_takes_the_int8_decoder_mode_asked_and_keeps_by_whole_names() -> None:
+    assert make_recipe("int8", int8_decoder="w8a8").decoder == "w8a8"
+    assert make_recipe("int8").decoder != "w8a8"
+    recipe = make_recipe("int4", keep=("layers.1",))
+    assert recipe.scheme("layers.1.qkv") == "fp" and recipe.scheme("layers.10.qkv") != "fp"
+    sites = ["layers.0.qkv", "layers.10.qkv", "lm_head"]
+    check_keep(("layers.10", "lm_head", "decoder"), sites)
+    for typo in ("layer", "lm", "layers.1"):  # a prefix of a name, not of its dotted parts: keeps nothing
+        with pytest.raises(ConfigError, match=f"--keep '{typo}' names no layer"):
+            check_keep((typo,), sites)
+
+
+def test_a_vision_graph_wrong_for_one_tile_of_five_fails() -> None:
+    ref = np.random.default_rng(0).standard_normal((5, 8, 16)).astype(np.float32)
+    got = ref.copy()
+    got[3] = -got[3]  # one tile's features wrong: the mean cosine over tiles is still 0.6
+    verdict = compare_features(ref, got, TOLERANCES["fp32"])
+    assert not verdict["pass"] and verdict["cosine"] == pytest.approx(-1.0)
+
+
+def test_a_native_step_the_export_dropped_is_not_served() -> None:
+    def manifest(record: dict) -> object:
+        from types import SimpleNamespace
+        return SimpleNamespace(validation={"decoder": {"native_decode": record}})
+
+    assert native_validated(manifest({"pass": True, "kept": True}))
+    assert not native_validated(manifest({"pass": True, "kept": False}))
+    assert not native_validated(manifest({"pass": False}))
+
+
+def test_block_quantization_pads_k_with_zeros_and_searches_every_ratio() -> None:
+    w = 0.01 * np.random.default_rng(3).standard_normal((100, 8)).astype(np.float32)  # K = 100: the last block 4
+    bq = quantize_blockwise(w, 4, 32, scale_search=False)
+    last = np.abs(w[96:]).max(axis=0) / 7  # padding must not raise the last block's scale (|w| < 1 here)
+    np.testing.assert_allclose(bq.scales.reshape(8, 4)[:, 3], last, rtol=1e-6)
+    # a block on the grid of 0.95 but for its largest weight (7 = 7.37 steps of 0.95: clipped by 0.35, squared
+    # error 0.1225, where absmax's grid errs 1.125 and 0.9's 1.615): ratio 0.95 strictly best; one on absmax's grid
+    steps = [6, 5, -4, 3, -2, 1, 0, -6, 5, 4, -3, 2, -1, 6, -5, 4, 3, -2, 1, 0, -6, 5, -4, 3, 2, -1, 6, -5, 4, 3, 0]
+    block = np.stack([np.array([7.0, *(0.95 * k for k in steps)], np.float32),
+                      np.array([7.0, *(float(k) for k in steps)], np.float32)], axis=1)  # [32, 2]
+    scales = quantize_blockwise(block, 4, 32, scale_search=True).scales
+    assert scales[0] == pytest.approx(0.95) and scales[1] == pytest.approx(1.0)
+
+
+def test_a_search_never_picks_a_candidate_whose_error_is_not_a_number() -> None:
+    assert _best_key({0.0: math.nan, 0.5: 0.1, 0.9: 0.2}) == 0.5
