@@ -140,6 +140,14 @@ def test_the_recipe_exports_with_parity_and_fidelity_in_the_manifest(precision: 
     assert len(sites["vision"]["checks"]) == 14  # 2 layers x (q, k, v, o, fc1, fc2) + the projector's 2
     assert all(c["pass"] for c in validation["decoder"]["cases"])
     assert set(fidelity["summary"]) >= {"cosine", "kl", "agreement", "vision_cosine"}
+    summary = fidelity["summary"]  # what the gate and the warning read: each the figure of its own report
+    assert (summary["cosine"], summary["kl"], summary["vision_cosine"], summary["agreement"]) == (
+        fidelity["decoder"]["cosine"], fidelity["decoder"]["kl"], fidelity["vision"]["cosine"],
+        fidelity["greedy"]["agreement"])
+    assert {r["run"] for r in sites["decoder"]["checks"]} >= {"decode"}  # MatMulNBits' M = 1 path is probed
+    assert [s["tiles"] for s in validation["vision"]["shapes"]] == [1, 5]
+    if precision == "int4":  # AWQ's scales folded into every decoder layer's sites
+        assert {"layers.0.qkv", "layers.1.down"} <= set(manifest.calibration.smoothed_or_scaled_sites)
     assert fidelity["ort_session"]["prepack"] is True  # measured as `infer` serves the bundle
     assert fidelity["recommended"]["levels"] == RECOMMENDED_FIDELITY[precision]
     samples = manifest.calibration.samples
