@@ -100,6 +100,10 @@ DAMAGE: dict[str, tuple[Callable[[Path], Any], str]] = {
     # answers would never stop before the token limit
     "text.eos_id outside the vocabulary": (lambda b: _edit(b, lambda d: d["text"].update(eos_id=5000)),
                                            "text.eos_id 5000 is outside the vocabulary of 1000"),
+    "text.eos_id one past the vocabulary": (lambda b: _edit(b, lambda d: d["text"].update(eos_id=1000)),
+                                            "text.eos_id 1000 is outside the vocabulary of 1000"),
+    "version 2 with files emptied": (lambda b: _edit(b, lambda d: d.update(version=2, files={})),
+                                     "files is empty, but a version-2 manifest records every file's"),
     # the cache bound as another type or shape than the graph reads it
     "kv.dtype another than the graph's": (lambda b: _edit(b, lambda d: d["kv"].update(dtype="float16")),
                                          "kv.dtype is float16 but the decoder's past_key_values.0.key is float32"),
@@ -495,3 +499,14 @@ def test_the_manifest_schema_is_valid_json_schema_and_names_the_field_in_one_lin
                           ({"version": True}, "bundle manifest version True is not supported")):
         with pytest.raises(BundleError, match=words):
             check_manifest_json({**json.loads(json.dumps(good)), **damage})
+
+
+def test_an_int8_kv_cache_without_scales_and_a_float_one_with_them_are_refused() -> None:
+    from pulse_edge.runtime.bundle.manifest import KVLayout
+
+    shape = {"layers": 2, "kv_heads": 4, "head_dim": 16, "max_length": 64}
+    with pytest.raises(BundleError, match=r"a int8 KV cache with scales None \(an int8 cache needs them"):
+        KVLayout(**shape, dtype="int8", scales=None)
+    with pytest.raises(BundleError, match=r"a float16 KV cache with scales 'per_channel'"):
+        KVLayout(**shape, dtype="float16", scales="per_channel")
+    assert KVLayout(**shape, dtype="int8", scales="per_channel").scales == "per_channel"
