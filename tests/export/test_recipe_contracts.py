@@ -76,3 +76,15 @@ def test_block_quantization_pads_k_with_zeros_and_searches_every_ratio() -> None
 
 def test_a_search_never_picks_a_candidate_whose_error_is_not_a_number() -> None:
     assert _best_key({0.0: math.nan, 0.5: 0.1, 0.9: 0.2}) == 0.5
+
+
+@pytest.mark.parametrize("level", [0, 1, 4])
+def test_the_matmulnbits_node_carries_the_accuracy_level_asked(level: int) -> None:
+    """Validation runs without prepacking, where the level changes nothing: only the node says what ORT will run."""
+    import onnx
+
+    from pulse_edge.export.graphs.quant_ops import MatMulSpec, emit_matmul
+
+    weight = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    node = emit_matmul("w4", MatMulSpec("s", "x", "y", weight, block_size=32, accuracy_level=level)).nodes[0]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["accuracy_level"] == level
