@@ -88,3 +88,23 @@ def test_the_matmulnbits_node_carries_the_accuracy_level_asked(level: int) -> No
     weight = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
     node = emit_matmul("w4", MatMulSpec("s", "x", "y", weight, block_size=32, accuracy_level=level)).nodes[0]
     assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["accuracy_level"] == level
+
+
+def test_entropy_calibration_by_hand_on_four_bins() -> None:
+    """counts [4, 2, 0, 1] of width 0.975, a 2-bit grid (2 levels): KL(P || Q) per candidate of i bins
+      i = 2: P [4, 3] (the outlier clipped in), Q [4, 2]: 4/7 ln((4/7)/(4/6)) + 3/7 ln((3/7)/(2/6)) = 0.019617
+      i = 3: Q's second level holds no mass while P's last bin does: large (Q floored)
+      i = 4: P [4, 2, 0, 1], Q [3, 3, 0, 1] (the empty bin gets none of its level's mass): 0.048536
+    so the clip is the top of bin 2: 1.95."""
+    from pulse_edge.calibration.histogram import AbsHistogram, _threshold_divergence
+
+    hist = AbsHistogram(num_bins=4)
+    hist.update(np.array([0.1, 0.2, 0.3, 0.4, 1.0, 1.5, 3.9], np.float32))
+    assert hist.counts.tolist() == [4, 2, 0, 1] and hist.bin_width == pytest.approx(0.975)
+    counts = hist.counts.astype(np.float64)
+    assert _threshold_divergence(counts, 2, 2) == pytest.approx(
+        4 / 7 * math.log((4 / 7) / (4 / 6)) + 3 / 7 * math.log((3 / 7) / (2 / 6)))
+    assert _threshold_divergence(counts, 4, 2) == pytest.approx(
+        4 / 7 * math.log(4 / 3) + 2 / 7 * math.log(2 / 3))
+    assert _threshold_divergence(counts, 3, 2) > 1  # bounded only by the floor on Q
+    assert hist.amax("entropy", num_bits=2) == pytest.approx(1.95)
