@@ -108,3 +108,22 @@ def test_entropy_calibration_by_hand_on_four_bins() -> None:
         4 / 7 * math.log(4 / 3) + 2 / 7 * math.log(2 / 3))
     assert _threshold_divergence(counts, 3, 2) > 1  # bounded only by the floor on Q
     assert hist.amax("entropy", num_bits=2) == pytest.approx(1.95)
+
+
+@pytest.mark.parametrize(("level", "refused", "kept"), [
+    ("fp32", 5e-4, 5e-5),  # summation order only: 1.1e-6 measured at the real shape
+    ("site", 5e-4, 5e-5),
+    ("int8", 5e-2, 5e-3),  # quantized graph against its emulated recipe
+])
+def test_each_parity_bound_refuses_an_error_a_few_times_its_own(level: str, refused: float, kept: float) -> None:
+    """Every break the tests plant is orders of magnitude over its bound, so a bound loosened 10x went unseen:
+    these hold each bound between an error it must refuse and one it must keep."""
+    from pulse_edge.export.validate.parity import _passes, compare_logits
+    from pulse_edge.export.validate.tolerances import SITE_TOLERANCE
+
+    tolerance = SITE_TOLERANCE if level == "site" else TOLERANCES[level]
+    ref = np.random.default_rng(1).standard_normal(4096)
+    bump = np.zeros_like(ref)
+    bump[7] = np.abs(ref).max()  # one logit off by `error` of the reference's scale
+    assert not _passes(compare_logits(ref + refused * bump, ref), tolerance)
+    assert _passes(compare_logits(ref + kept * bump, ref), tolerance)
