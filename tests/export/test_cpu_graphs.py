@@ -406,6 +406,19 @@ def test_smoothing_is_kept_only_where_it_beats_plain_w8a8(tiny_pipeline, tiny_sc
         assert site.smooth is None and site.smooth_alpha is None and site.smooth_amax == {}, name
 
 
+def test_int4_folds_awq_into_every_decoder_layer_and_rtn_into_none(tiny_pipeline, tiny_scales: Scales) -> None:
+    """AWQ's scales never applied would pass parity (the graph and its emulation share the plan)."""
+    from pulse_edge.export.quant.apply import decoder_plan
+
+    shape = DecoderShape.from_config(tiny_pipeline.loaded.config, max_length=64)
+    awq = decoder_plan(tiny_pipeline.model, make_recipe("int4"), tiny_scales, shape)
+    layers = {f"layers.{i}.{part}" for i in range(shape.layers) for part in ("qkv", "o", "gate_up", "down")}
+    assert layers <= set(awq.input_scales)
+    np.testing.assert_array_equal(awq.input_scales["layers.0.down"], tiny_scales.sites["layers.0.down"].awq)
+    rtn = decoder_plan(tiny_pipeline.model, make_recipe("int4", int4_method="rtn"), tiny_scales, shape)
+    assert not layers & set(rtn.input_scales)
+
+
 def test_a_smoothed_input_is_clipped_at_its_exact_maximum_under_every_method(tiny_scales: Scales) -> None:
     """The sampled rows miss the rare tokens whose x / s is largest: a percentile, entropy or MSE clip of them cut
     the attention-sink token of every prompt. Every method takes x / s's maximum, from the channel maxima."""
