@@ -39,9 +39,8 @@ CATEGORIES = ("global", "rhythm", "conduction", "ectopy", "ischemia", "infarctio
 
 # "ST" is CODE-15's code for sinus tachycardia and also the ST segment ("ST elevation", "ST in V1-V3 is elevated",
 # "PR, QRS, ST, T normal", "ST: isoelectric"): the code only where it stands alone, at the end of the text, a
-# sentence or a list item ("ST/AF"), and never before "T" ("ST, T wave changes", "ST/T", "ST and T") nor as a
-# field's label.
-_ST_ALONE = r"(?=[ \t]*(?:$|[.;)\]\n]|:[ \t]*$|[,/](?![ \t]*T\b)|[ \t]+(?:and|or|&)[ \t]+(?!T\b)))"
+# sentence or a list item, and never before "T" ("ST, T wave changes", "ST and T") nor as a field's label.
+_ST_ALONE = r"(?=[ \t]*(?:$|[.;)\]\n]|:[ \t]*$|,(?![ \t]*T\b)|[ \t]+(?:and|or|&)[ \t]+(?!T\b)))"
 _BEATS = r"(?:contractions?|complex(?:es)?|beats?|depolari[sz]ations?)"
 _AV = r"(?:av|a-v|atrioventricular|heart)"
 
