@@ -137,8 +137,7 @@ def check_output_file(out: Path, *, what: str, make_parents: bool = True) -> Non
 @contextmanager
 def target_lock(out: Path, *, what: str) -> Iterator[Path]:
     """Hold `.NAME.lock` beside `out` exclusively; refused at once when another process holds it. The lock goes
-    beside the path with every link resolved: two spellings of one file (a symbolic link to it) share it; an
-    existing file is locked itself too (_file_itself_locked: its hard links)."""
+    beside the path with every link resolved: two spellings of one file (a symbolic link to it) share it."""
     real = Path(out).resolve()
     lock = real.parent / f".{real.name}.lock"
     for _ in range(_LOCK_TRIES):
@@ -157,34 +156,9 @@ def target_lock(out: Path, *, what: str) -> Iterator[Path]:
     else:
         raise ConfigError(f"could not lock {lock}: other pulse-edge commands keep taking it; try again")
     try:
-        with _file_itself_locked(real, out, what):
-            yield lock
+        yield lock
     finally:
         lock.unlink(missing_ok=True)  # while still locked: whoever opened it meanwhile sees it gone and retries
-        os.close(fd)
-
-
-@contextmanager
-def _file_itself_locked(real: Path, out: Path, what: str) -> Iterator[None]:
-    """An existing regular file is locked itself as well: a hard link is a second name of it with another
-    `.NAME.lock` beside it (in another folder, maybe), and two appenders under two names would answer twice."""
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW) if real.is_file() else None
-    except OSError:
-        fd = None  # unreadable: the path's lock alone, as before (the writer's own checks say what is wrong)
-    if fd is None:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise ConfigError(f"another pulse-edge command is writing {out} under another name (a hard link to it); "
-                              f"wait for it to finish or choose another {what}") from e
-        yield
-    finally:
         os.close(fd)
 
 

@@ -144,22 +144,6 @@ def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path) -> None:
         pass
 
 
-def test_two_hard_links_to_one_output_are_refused_like_one_name(tmp_path: Path) -> None:
-    """A hard link is a second name with its own `.NAME.lock` beside it: both appended to one file."""
-    from pulse_edge.errors import ConfigError
-    from pulse_edge.staging import target_lock
-
-    (tmp_path / "answers.jsonl").write_text("{}\n")
-    (tmp_path / "other").mkdir()
-    os.link(tmp_path / "answers.jsonl", tmp_path / "other" / "same.jsonl")
-    with target_lock(tmp_path / "answers.jsonl", what="--output file"), \
-            pytest.raises(ConfigError, match=r"writing .*same.jsonl under another name \(a hard link to it\)"), \
-            target_lock(tmp_path / "other" / "same.jsonl", what="--output file"):
-        pass
-    with target_lock(tmp_path / "other" / "same.jsonl", what="--output file"):  # released with its holder
-        pass
-
-
 def test_a_short_write_with_no_errno_on_a_full_disk_is_the_disk_full_line(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """numpy's tofile raises OSError("64000 requested and 61408 written") with no errno: a traceback before."""
