@@ -86,15 +86,22 @@ ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}
 # --- a multiple-choice answer that repeats its options -----------------------------------------------------------
 # "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
 # chosen one is. An option is a capital A-H marked "A.", "A)" or "(A)" before a space; a list is a run of them in
-# alphabetical order from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none.
+# alphabetical order from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none;
+# and it is a list of options only where the text says so: an options cue right before it ("Options:", "Choose
+# from") or an answer's cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
 OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H])[.)])(?=\s)")
 OPTION_CHARS = 160
+OPTIONS_CUE = re.compile(rf"{_W}(?:options?|choices?|choose(?: from)?|select(?: from)?|candidates?)\W{{0,6}}$", _I)
 # where the last option ends: a line break, a sentence's end, or the answer's cue
-OPTION_END = re.compile(r"\n|(?<=[^\s.])\.(?=\s)|(?=(?:the )?(?:correct |right |best )?(?:answer|choice|option)\b)", _I)
+OPTION_END = re.compile(
+    r"\n|(?<=[^\s.])\.(?=\s)|(?=(?:the )?(?:correct |right |best )?(?:answers?|choice|option)\b)", _I)
 COLON = re.compile(r"[:\uff1a]")
-# the choice: "Answer: B", "The answer is (B)", "the correct option is B"
-CHOSEN = re.compile(
-    rf"{_W}(?:answer|choice|option)(?:\s+is)?\s*[:\uff1a]?\s*(?:\(([A-H])\)|([A-H]))(?![A-Za-z0-9])", _I)
+# the choice: "Answer: B", "The answer is (b)", "the correct option is B", "Answers: B, D", "Answer: B and D"
+# ("Options: A. ..." opens a list: the plural of option and choice is no answer's cue)
+_LETTER = r"(?:\([A-Ha-h]\)|[A-Ha-h])(?![A-Za-z0-9])"
+CHOSEN = re.compile(rf"{_W}(?:answers?|choice|option)(?:\s+(?:is|are))?\s*[:\uff1a]?\s*"
+                    rf"({_LETTER}(?:\s*(?:,|and|&|/)\s*{_LETTER})*)", _I)
+CHOSEN_LETTER = re.compile(r"[A-Ha-h](?![A-Za-z0-9])")
 
 # --- right after a mention (its gap: up to the next mention or the clause's end) ------------------------------
 # Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
