@@ -94,6 +94,7 @@ def _conversation_turns(conversations: Any, where: str) -> tuple[tuple[str, str]
                          f"with '{IMAGE_MARKER}\\n')")
     if any(IMAGE_MARKER in value for value in values[2::2]):
         raise InputError(f"{where}: '{IMAGE_MARKER}' appears in a later human message; PULSE takes one image")
-    # LLaVA's training (preprocess_multimodal) took the marker out and stripped the question: "<image>\n\nQ" and
-    # "Q <image>" were trained as "Q", and calibration feeds the model what it was trained on
-    return tuple((ecgbench_data.question_text(q).strip(), a) for q, a in zip(values[0::2], values[1::2], strict=True))
+    # LLaVA's training (preprocess_multimodal) took the marker out of the question that holds it and stripped that
+    # one: "<image>\n\nQ" and "Q <image>" were trained as "Q"; later questions as written
+    questions = [ecgbench_data.question_text(values[0]).strip(), *values[2::2]]
+    return tuple(zip(questions, values[1::2], strict=True))

@@ -216,6 +216,13 @@ def _stock_tower_as_llava_loads_it(cfg: PulseConfig, local: Path | None) -> Path
     copy in the shards (which is the same where training kept the tower frozen, as this flag says it did). The
     stock tower where there is a local copy; else the saved copy, said."""
     if local is not None:
+        try:
+            tower_files(local)
+        except CheckpointError as e:  # a folder of the tower's architecture only, or .bin weights: the saved copy
+            log.warning("config.json does not set unfreeze_mm_vision_tower, so LLaVA runs the stock vision tower, "
+                        "but %s holds no weights this export reads (%s): the copy inside the checkpoint is used "
+                        "(the same weights where training kept the tower frozen)", local, e)
+            return None
         log.info("config.json does not set unfreeze_mm_vision_tower: LLaVA runs the vision tower %s (%s), not the "
                  "copy inside the checkpoint, and so does this export", cfg.vision_tower_name, local)
         return local

@@ -106,11 +106,15 @@ def test_a_tower_llava_does_not_unfreeze_comes_from_mm_vision_tower_as_llava_loa
     ran = dict(loaded.model.named_parameters())[key]
     assert torch.equal(ran, load_file(str(stock / "model.safetensors"))["vision_model.pre_layrnorm.weight"])
     assert not torch.equal(ran, saved)
-    # no copy of the stock tower here: the saved one, said in a warning
+    # no copy of the stock tower here, or one without weights this export reads: the saved one, said
     monkeypatch.setattr(logging.getLogger("pulse_edge"), "propagate", True)  # a CLI test in this process cut it
     with caplog.at_level("WARNING"):
         assert checkpoint._stock_tower_as_llava_loads_it(loaded.config, None) is None
     assert "pass --vision-tower DIR to run the stock one as LLaVA does" in caplog.text
+    (root / TOWER_DIR / "model.safetensors").unlink()  # the architecture only (a .bin copy reads the same)
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint(root).tower_dir is None
+    assert "holds no weights this export reads" in caplog.text
 
 
 def test_the_checkpoint_identity_covers_a_tower_from_outside_it(tmp_path: Path) -> None:

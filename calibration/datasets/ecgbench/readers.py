@@ -92,8 +92,9 @@ class Sample:
 def missing_image_fix(sample: Sample) -> str:
     """What to do about an image a sample cannot find: a parquet row without one (no bytes, no path beside the
     file) is a damaged download; a JSON layout's images come in archives of their own."""
-    if sample.layout == PARQUET and sample.image_file is None:
-        return "its row holds no image: download the subset's parquet files again"
+    if sample.layout == PARQUET:
+        return ("its row holds no image" if sample.image_file is None else "the image file its row names is not "
+                "beside the parquet file") + ": download the subset's parquet files again"
     return "unpack the image archives into images/ beside the JSON file"
 
 
