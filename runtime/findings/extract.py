@@ -24,7 +24,7 @@ into clauses at sentence punctuation (full-width too), ';', ':' and at "but", "h
   beside a possible one;
 - left out when it is an option of a multiple-choice list the answer repeats, unless the answer chose it
   ("A. Sinus rhythm B. Atrial fibrillation. Answer: B" states AF); a lettered list is one of options only where
-  "Options:" (or the like) opens it or an answer's cue stands outside it ("Findings: A. SR. B. LBBB." states both).
+  "Options:" (or the like) opens it or the text speaks of its answer ("Findings: A. SR. B. LBBB." states both).
 
 "No", "not", "without" and their kin reach to the end of the clause, commas included ("no ST elevation, LBBB"
 drops both): a missed statement is a smaller harm than a finding the text does not state. The rest ("absent",
@@ -265,8 +265,10 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
         elif letter == "A":
             runs.append([(letter, hit.start())])
     spans = []
-    answered = w.CHOSEN.search(text) is not None
-    for run in (r for r in runs if len(r) > 1 and (answered or w.OPTIONS_CUE.search(text, 0, r[0][1]))):
+    answered = any(p.search(text) is not None for p in (w.CHOSEN, w.CHOSEN_BEFORE, w.ANSWER_SPOKEN))
+    cued = [r for r in runs if len(r) > 1 and (answered or w.OPTIONS_CUE.search(
+        text, max(0, r[0][1] - w.OPTIONS_CUE_CHARS), r[0][1]))]  # near the list: linear in the text
+    for run in cued:
         tail = run[-1][1] + 2
         cut = w.OPTION_END.search(text, tail, tail + w.OPTION_CHARS)
         ends = [start for _, start in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
@@ -274,7 +276,8 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
         # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options
         spans += [] if any(w.COLON.search(text, start, end) for _, start, end in items) else items
     firsts, lasts = [start for _, start, _ in spans], [end for _, _, end in spans]  # sorted, disjoint
-    chosen = {letter.upper() for hit in w.CHOSEN.finditer(text)
+    hits = [*w.CHOSEN.finditer(text), *w.CHOSEN_BEFORE.finditer(text)]
+    chosen = {letter.upper() for hit in hits
               if not (k := bisect.bisect_right(firsts, hit.start())) or hit.start() >= lasts[k - 1]
               for letter in w.CHOSEN_LETTER.findall(hit.group(1))}
     return [(start, end) for letter, start, end in spans if letter not in chosen]

@@ -91,17 +91,32 @@ ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}
 # from") or an answer's cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
 OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H])[.)])(?=\s)")
 OPTION_CHARS = 160
-OPTIONS_CUE = re.compile(rf"{_W}(?:options?|choices?|choose(?: from)?|select(?: from)?|candidates?)\W{{0,6}}$", _I)
+# the cue right before a list (within OPTIONS_CUE_CHARS): "Options:", "The options are:", "Which of the following
+# is shown?", "Choose from", and the word in German, Spanish, French and Chinese answers
+OPTIONS_CUE = re.compile(
+    rf"(?:{_W}(?:options?(?:\s+(?:are|were))?|choices?(?:\s+(?:are|were))?|choose(?: from)?|select(?: from)?"
+    rf"|candidates?|optionen|opciones|possibilit\w+)|\u9009\u9879|which of the following[^.\n]{{0,60}}\?)"
+    rf"\W{{0,6}}$", _I)
+OPTIONS_CUE_CHARS = 100
 # where the last option ends: a line break, a sentence's end, or the answer's cue
 OPTION_END = re.compile(
     r"\n|(?<=[^\s.])\.(?=\s)|(?=(?:the )?(?:correct |right |best )?(?:answers?|choice|option)\b)", _I)
 COLON = re.compile(r"[:\uff1a]")
-# the choice: "Answer: B", "The answer is (b)", "the correct option is B", "Answers: B, D", "Answer: B and D"
-# ("Options: A. ..." opens a list: the plural of option and choice is no answer's cue)
-_LETTER = r"(?:\([A-Ha-h]\)|[A-Ha-h])(?![A-Za-z0-9])"
-CHOSEN = re.compile(rf"{_W}(?:answers?|choice|option)(?:\s+(?:is|are))?\s*[:\uff1a]?\s*"
-                    rf"({_LETTER}(?:\s*(?:,|and|&|/)\s*{_LETTER})*)", _I)
-CHOSEN_LETTER = re.compile(r"[A-Ha-h](?![A-Za-z0-9])")
+# The choice: "Answer: B", "The answer is (b)", "the correct option is B", "Answers: B, D", "Answer: B and C",
+# "My answer would be B", "The correct choices are B and D", "I choose B", "Correct: B", "Antwort: B", "B is the
+# correct answer". A lower-case letter only where it cannot be the article "a" or a word's first letter: in
+# parentheses, or before "." / ")" / the end ("The answer is a fast rhythm" chooses nothing). "Options: A. ..." opens
+# a list: the plural of option and choice is no answer's cue.
+_LETTER = r"(?:\([A-Ha-h]\)|(?-i:[A-H])(?![A-Za-z0-9])|(?-i:[a-h])(?=[.)]|\s*$))"
+CHOSEN = re.compile(
+    rf"(?:{_W}(?:answers?(?:\s+would\s+be)?|choice|option|correct(?:\s+(?:choices|options))?"
+    rf"|(?:choose|chose|select|pick)|antwort|respuesta|r\u00e9ponse)|\u7b54\u6848)(?:\s+(?:is|are))?\s*[:\uff1a]?\s*"
+    rf"({_LETTER}(?:\s*(?:,|and|&|/|or)\s*{_LETTER})*)", _I)
+# an answer is spoken of, letter or not ("The answer is a fast irregular rhythm, so B."): a lettered list beside it
+# is the question's options ("Please answer a few questions" is no such thing)
+ANSWER_SPOKEN = re.compile(rf"{_W}(?:the\s+(?:(?:correct|right|best|final)\s+)?answer\b|answers?\s*[:\uff1a])", _I)
+CHOSEN_BEFORE = re.compile(r"(?<![A-Za-z0-9])\(?([A-H])\)?\s+is\s+(?:the\s+)?(?:correct|right|best)\b")
+CHOSEN_LETTER = re.compile(r"(?<![A-Za-z])[A-Ha-h](?![A-Za-z0-9])")
 
 # --- right after a mention (its gap: up to the next mention or the clause's end) ------------------------------
 # Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where

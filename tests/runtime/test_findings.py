@@ -348,6 +348,17 @@ def test_normal_stays_beside_a_rhythm_as_ptbxl_labels_it() -> None:
      [("AFIB", "stated"), ("LBBB", "stated")]),
     ("Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter D. LBBB. Answer: B and D",
      [("AFIB", "stated"), ("LBBB", "stated")]),
+    # the second review: the "d" of "and", the article "a", answer cues without a colon, other languages
+    ("Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter D. LBBB. Answer: B and C",
+     [("AFIB", "stated"), ("AFLT", "stated")]),
+    ("A. Sinus rhythm\nB. Atrial fibrillation\nC. LBBB\nThe correct answer is C, a left bundle branch block.",
+     [("LBBB", "stated")]),
+    ("A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter\nThe answer is a fast irregular rhythm, so B.", []),
+    ("A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter\nB is the correct answer.", [("AFIB", "stated")]),
+    ("A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter\nMy answer would be B.", [("AFIB", "stated")]),
+    ("Which of the following is shown? A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter\nThe ECG shows "
+     "atrial fibrillation.", [("AFIB", "stated")]),
+    ("Optionen: A. Sinusrhythmus B. Atrial fibrillation C. LBBB\nAntwort: B", [("AFIB", "stated")]),
     ("A. Sinus rhythm. B. Atrial fibrillation. Answer: A. LBBB is also present.",
      [("SR", "stated"), ("LBBB", "stated")]),
     # what is no option list: one lettered answer, a lone letter, lettered sections of a report
@@ -361,6 +372,10 @@ def test_normal_stays_beside_a_rhythm_as_ptbxl_labels_it() -> None:
                                                                                      ("LVH", "stated")]),
     ("Sinus rhythm (A) LBBB (B) LVH", [("SR", "stated"), ("LBBB", "stated"), ("LVH", "stated")]),
     ("(A) LBBB (B) RBBB (C) LAFB", [("LBBB", "stated"), ("RBBB", "stated"), ("LAFB", "stated")]),
+    ("Findings:\nA. Sinus rhythm.\nB. LBBB.\nC. LVH.\nThe best treatment option is a pacemaker.",
+     [("SR", "stated"), ("LBBB", "stated"), ("LVH", "stated")]),
+    ("Findings:\nA. Sinus rhythm.\nB. LBBB.\nC. LVH.\nPlease answer a few questions about symptoms.",
+     [("SR", "stated"), ("LBBB", "stated"), ("LVH", "stated")]),
     ("Nonspecific ST/TW changes.", []), ("ST/J point elevation", []),  # 'ST/' is the segment
     ("A. Sinus rhythm" + " with a long description of the P waves" * 5 + " B. LBBB",
      [("SR", "stated"), ("LBBB", "stated")]),
@@ -377,3 +392,6 @@ def test_a_degenerate_answer_is_read_in_time_linear_in_its_statements() -> None:
     found = extract_findings("AF, LBBB; RBBB. no " * 4000)
     assert time.perf_counter() - started < 6.0
     assert [f.code for f in found] == ["AFIB", "LBBB", "RBBB"]
+    started = time.perf_counter()  # lettered lists with no cue: each list's cue is looked for near it only
+    assert [f.code for f in extract_findings("A. AF B. LBBB C. RBBB " * 4000)] == ["AFIB", "LBBB", "RBBB"]
+    assert time.perf_counter() - started < 6.0
