@@ -293,5 +293,5 @@ def test_a_parquet_row_without_an_image_says_to_download_again_not_to_unpack_arc
     rows[0]["image"] = {"bytes": None, "path": None}  # a damaged download: the row holds no image
     pq.write_table(pq.read_table(path).from_pylist(rows, schema=pq.read_table(path).schema), path)
     with pytest.raises(InputError, match=r"mmmu-ecg: 1 of 1 images not found .*its row holds no image: download "
-                       r"the subset's parquet files again"):
+                       r"the subset's parquet files \(and any image files beside them\) again"):
         check_images(plan_run(tmp_path / "data", ["mmmu-ecg"], tmp_path / "out"))

@@ -93,8 +93,8 @@ def missing_image_fix(sample: Sample) -> str:
     """What to do about an image a sample cannot find: a parquet row without one (no bytes, no path beside the
     file) is a damaged download; a JSON layout's images come in archives of their own."""
     if sample.layout == PARQUET:
-        return ("its row holds no image" if sample.image_file is None else "the image file its row names is not "
-                "beside the parquet file") + ": download the subset's parquet files again"
+        return ("its row holds no image" if sample.image_file is None else "the image file its row names is "
+                "missing") + ": download the subset's parquet files (and any image files beside them) again"
     return "unpack the image archives into images/ beside the JSON file"
 
 
