@@ -277,8 +277,12 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
         spans += [] if any(w.COLON.search(text, start, end) for _, start, end in items) else items
     firsts, lasts = [start for _, start, _ in spans], [end for _, _, end in spans]  # sorted, disjoint
     hits = [*w.CHOSEN.finditer(text), *w.CHOSEN_BEFORE.finditer(text)]
-    chosen = {letter.upper() for hit in hits
-              if not (k := bisect.bisect_right(firsts, hit.start())) or hit.start() >= lasts[k - 1]
+
+    def outside(at: int) -> bool:
+        return not (k := bisect.bisect_right(firsts, at)) or at >= lasts[k - 1]
+
+    # a cue whose letter opens a list is the question's ("Select the correct answer:\nA. ..."), not a choice
+    chosen = {letter.upper() for hit in hits if outside(hit.start()) and outside(hit.start(1))
               for letter in w.CHOSEN_LETTER.findall(hit.group(1))}
     return [(start, end) for letter, start, end in spans if letter not in chosen]
 

@@ -110,7 +110,8 @@ COLON = re.compile(r"[:\uff1a]")
 _LETTER = r"(?:\([A-Ha-h]\)|(?-i:[A-H])(?![A-Za-z0-9])|(?-i:[a-h])(?=[.)]|\s*$))"
 CHOSEN = re.compile(
     rf"(?:{_W}(?:answers?(?:\s+would\s+be)?|choice|option|correct(?:\s+(?:choices|options))?"
-    rf"|(?:choose|chose|select|pick)|antwort|respuesta|r\u00e9ponse)|\u7b54\u6848)(?:\s+(?:is|are))?\s*[:\uff1a]?\s*"
+    rf"|(?:choose|chose|select|pick)|antwort|respuesta|r\u00e9ponse)|\u7b54\u6848)(?:\s+(?:is|are))?[*_]{{0,2}}\s*"
+    rf"[:\uff1a]?[*_]{{0,2}}\s*"
     rf"({_LETTER}(?:\s*(?:,|and|&|/|or)\s*{_LETTER})*)", _I)
 # an answer is spoken of, letter or not ("The answer is a fast irregular rhythm, so B."): a lettered list beside it
 # is the question's options ("Please answer a few questions" is no such thing)

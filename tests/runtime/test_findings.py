@@ -359,6 +359,11 @@ def test_normal_stays_beside_a_rhythm_as_ptbxl_labels_it() -> None:
     ("Which of the following is shown? A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter\nThe ECG shows "
      "atrial fibrillation.", [("AFIB", "stated")]),
     ("Optionen: A. Sinusrhythmus B. Atrial fibrillation C. LBBB\nAntwort: B", [("AFIB", "stated")]),
+    ("**Options:**\n- A. Sinus rhythm\n- B. Atrial fibrillation\n\n**Answer:** B", [("AFIB", "stated")]),
+    # the question's own cue opens the list: it chooses nothing
+    ("Select the correct answer:\nA. Sinus rhythm\nB. Atrial fibrillation\nC. Atrial flutter\nAnswer: B",
+     [("AFIB", "stated")]),
+    ("Select the correct answer:\nA. Sinus rhythm\nB. Atrial fibrillation", []),
     ("A. Sinus rhythm. B. Atrial fibrillation. Answer: A. LBBB is also present.",
      [("SR", "stated"), ("LBBB", "stated")]),
     # what is no option list: one lettered answer, a lone letter, lettered sections of a report
