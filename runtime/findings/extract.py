@@ -256,19 +256,15 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     """(start, end) of each option of a repeated multiple-choice list but the chosen one (wording.OPTION_MARK):
     "A. Sinus rhythm B. Atrial fibrillation. Answer: B" states AF only; a list with no choice states none.
     Lettered items with a colon are sections of a report, stated as any text."""
-    runs: list[list[tuple[str, int]]] = []
-    for hit in w.OPTION_MARK.finditer(text):
-        letter = hit.group(1) or hit.group(2)
-        last = runs[-1][-1] if runs else None
-        if last and ord(letter) == ord(last[0]) + 1 and hit.start() - last[1] <= w.OPTION_CHARS:
-            runs[-1].append((letter, hit.start()))
-        elif letter == "A":
-            runs.append([(letter, hit.start())])
+    runs = _option_runs(text)
+    if not runs:  # most answers: no lettered list, no cue to look for
+        return []
+    hits = [*w.CHOSEN.finditer(text), *w.CHOSEN_BEFORE.finditer(text)]
+    answered = bool(hits) or w.ANSWER_SPOKEN.search(text) is not None
     spans = []
-    answered = any(p.search(text) is not None for p in (w.CHOSEN, w.CHOSEN_BEFORE, w.ANSWER_SPOKEN))
-    cued = [r for r in runs if len(r) > 1 and (answered or w.OPTIONS_CUE.search(
-        text, max(0, r[0][1] - w.OPTIONS_CUE_CHARS), r[0][1]))]  # near the list: linear in the text
-    for run in cued:
+    for run in runs:
+        if not (answered or w.OPTIONS_CUE.search(text, max(0, run[0][1] - w.OPTIONS_CUE_CHARS), run[0][1])):
+            continue  # near the list only: linear in the text
         tail = run[-1][1] + 2
         cut = w.OPTION_END.search(text, tail, tail + w.OPTION_CHARS)
         ends = [start for _, start in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
@@ -276,7 +272,6 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
         # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options
         spans += [] if any(w.COLON.search(text, start, end) for _, start, end in items) else items
     firsts, lasts = [start for _, start, _ in spans], [end for _, _, end in spans]  # sorted, disjoint
-    hits = [*w.CHOSEN.finditer(text), *w.CHOSEN_BEFORE.finditer(text)]
 
     def outside(at: int) -> bool:
         return not (k := bisect.bisect_right(firsts, at)) or at >= lasts[k - 1]
@@ -285,6 +280,20 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     chosen = {letter.upper() for hit in hits if outside(hit.start()) and outside(hit.start(1))
               for letter in w.CHOSEN_LETTER.findall(hit.group(1))}
     return [(start, end) for letter, start, end in spans if letter not in chosen]
+
+
+def _option_runs(text: str) -> list[list[tuple[str, int]]]:
+    """(letter, position) of each run of two or more option marks in alphabetical order from A, each within
+    OPTION_CHARS of the last."""
+    runs: list[list[tuple[str, int]]] = []
+    for hit in w.OPTION_MARK.finditer(text):
+        letter = hit.group(1) or hit.group(2)
+        last = runs[-1][-1] if runs else None
+        if last and ord(letter) == ord(last[0]) + 1 and hit.start() - last[1] <= w.OPTION_CHARS:
+            runs[-1].append((letter, hit.start()))
+        elif letter == "A":
+            runs.append([(letter, hit.start())])
+    return [run for run in runs if len(run) > 1]
 
 
 def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> bool:
