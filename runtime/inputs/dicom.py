@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -155,7 +156,7 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
     check_samples(int(item.NumberOfWaveformSamples) * n_channels, label)  # before pydicom scales it as float64
     factors = {k: _mv_factor(ch, k, label) for k, ch in enumerate(channels) if _channel_lead(ch) is not None}
     values = ds.waveform_array(index)  # [samples, channels], sensitivity and baseline applied
-    values, notes, padded = _without_padding(item, values)
+    values, notes, gaps = _without_padding(item, values)
     leads, others = {}, []
     for k, ch in enumerate(channels):
         name = _channel_name(ch, k)
@@ -167,7 +168,8 @@ def _read_group(ds, index: int, item, label: str) -> tuple[dict[str, np.ndarray]
         if name in leads:
             notes.append(f"channel {k + 1} repeats {name!r}; kept the first")
             continue
-        _refuse_padding_inside(padded[:, k], item, name, label, index)
+        if gaps is not None:
+            _refuse_padding_inside(gaps, k, name, label, index, float(item.SamplingFrequency))
         leads[name] = values[:, k] * factors[k]
     return leads, notes, tuple(others)
 
@@ -202,38 +204,43 @@ _STATUS_SAID = ("QUESTIONABLE", "UNZEROED")
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"  # Explicit VR Big Endian (retired): pydicom reads waveform words as stored
 
 
-def _without_padding(item, values: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
+@dataclass(frozen=True)
+class _Gaps:
+    """Padding before a group's last real sample: where ([samples, channels]) and the code that marks it."""
+
+    padded: np.ndarray
+    code: int
+
+
+def _without_padding(item, values: np.ndarray) -> tuple[np.ndarray, list[str], _Gaps | None]:
     """pydicom scales WaveformPaddingValue's code like any sample (a -32768 pad becomes -81.92 mV at 2.5 uV per
     count, drawn as a plunge off the row). Padding after the last real sample is cut off with a note; padding
-    anywhere else becomes NaN, and is marked in the mask returned ([samples, channels]) for
-    _refuse_padding_inside."""
+    anywhere else becomes NaN, and is returned as _Gaps for _refuse_padding_inside (None: there is none)."""
     raw_type = _RAW_TYPES.get(str(item.get("WaveformSampleInterpretation", "")))
     pad = _padding_code(item.get("WaveformPaddingValue"), raw_type)
     if pad is None:
-        return values, [], np.zeros(values.shape, bool)
+        return values, [], None
     raw = np.frombuffer(bytes(item.WaveformData), raw_type, count=values.size).reshape(values.shape)
     padded = raw == pad  # [samples, channels]
     if not padded.any():
-        return values, [], padded
+        return values, [], None
     real = np.flatnonzero(~padded.all(axis=1))
     end = int(real[-1]) + 1 if real.size else 0
     values = np.where(padded, np.nan, values)[:end]
     trimmed = padded.shape[0] - end
-    return values, [f"cut {trimmed} padding samples off the end"] if trimmed else [], padded[:end]
+    gaps = _Gaps(padded[:end], int(pad)) if padded[:end].any() else None
+    return values, [f"cut {trimmed} padding samples off the end"] if trimmed else [], gaps
 
 
-def _refuse_padding_inside(padded: np.ndarray, item, name: str, label: str, index: int) -> None:
-    """A lead with padding before its last real sample has gaps, which cannot be printed. The line names the
-    padding code: a cart that writes one its real samples take (0) has sound samples read as gaps, and DICOM
-    defines the padding value as marking absent samples wherever it stands, so they cannot be told apart."""
-    gaps = np.flatnonzero(padded)
-    if gaps.size:
-        raw_type = _RAW_TYPES[str(item.WaveformSampleInterpretation)]
-        code = _padding_code(item.get("WaveformPaddingValue"), raw_type)
+def _refuse_padding_inside(gaps: _Gaps, k: int, name: str, label: str, index: int, fs: float) -> None:
+    """Channel k, lead `name`, with padding before its last real sample has gaps, which cannot be printed. The line
+    names the padding code: a cart that writes one its real samples take (0) has sound samples read as gaps, and
+    DICOM defines the padding value as marking absent samples wherever it stands, so they cannot be told apart."""
+    at = np.flatnonzero(gaps.padded[:, k])
+    if at.size:
         raise recording_error(
-            label, f"group {index}: lead {name} has {gaps.size} samples equal to the file's WaveformPaddingValue "
-            f"(code {int(code)}), which marks samples the cart did not record (first at "
-            f"{gaps[0] / float(item.SamplingFrequency):.3f} s)",
+            label, f"group {index}: lead {name} has {at.size} samples equal to the file's WaveformPaddingValue "
+            f"(code {gaps.code}), which marks samples the cart did not record (first at {at[0] / fs:.3f} s)",
             "re-export the recording without gaps; if those samples are real, have the cart write no padding value "
             "or one no sample takes (e.g. -32768)")
 
