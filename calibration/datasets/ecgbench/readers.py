@@ -212,7 +212,7 @@ def _iter_parquet(source: SubsetSource, with_images: bool, ids: frozenset[str] |
         with _parquet_errors(path):
             parquet = pq.ParquetFile(path)
             names = set(parquet.schema_arrow.names)
-        talk = next((c for c in _CONVERSATION_KEYS if c in names), None)
+        talk = _conversation_key(names)
         if "id" not in names or talk is None or (with_images and "image" not in names):
             raise InputError(f"{path}: not an ECGBench parquet file (columns {sorted(names)}; "
                              "needs id, conversations and image)")
@@ -232,7 +232,7 @@ def _iter_parquet(source: SubsetSource, with_images: bool, ids: frozenset[str] |
                     batch = batch.filter(pc.is_in(pc.cast(batch.column("id"), pa.string()), value_set=wanted))
                 rows = batch.to_pylist()
             for row in rows:
-                yield _parquet_sample(row, source.subset, path)
+                yield _parquet_sample(row, talk, source.subset, path)
 
 
 @contextmanager
@@ -247,11 +247,11 @@ def _parquet_errors(path: Path) -> Iterator[None]:
         raise InputError(f"{path} is not a readable parquet file ({reason}); download it again") from e
 
 
-def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
+def _parquet_sample(row: Mapping[str, Any], talk: str, subset: str, path: Path) -> Sample:
     if row["id"] is None:
         raise InputError(f"{path}: a row has no id (null); the subset file is damaged: download it again")
     sample_id = str(row["id"])
-    turns = _turns(next(row[c] for c in _CONVERSATION_KEYS if c in row), f"{path}: {sample_id}")
+    turns = _turns(row[talk], f"{path}: {sample_id}")
     image = row.get("image")
     name = str(row.get("image_path") or "")
     if isinstance(image, Mapping):  # the HF image feature: {"bytes": ..., "path": ...}
@@ -269,7 +269,7 @@ def _parquet_sample(row: Mapping[str, Any], subset: str, path: Path) -> Sample:
 def _iter_json(source: SubsetSource, with_images: bool, ids: frozenset[str] | None) -> Iterator[Sample]:
     for path in source.files:
         for i, record in enumerate(_json_records(path)):
-            talk = next((c for c in _CONVERSATION_KEYS if isinstance(record, Mapping) and c in record), None)
+            talk = _conversation_key(record) if isinstance(record, Mapping) else None
             if talk is None or "id" not in record:
                 raise InputError(f"{path}: record {i} is not an ECGBench item ({{id, image, conversations}})")
             sample_id = str(record["id"])
@@ -350,3 +350,8 @@ def _alternating(conversations: list[Any], where: str) -> list[tuple[Any, Any]]:
 _ASKERS, _ANSWERERS = ("human", "user"), ("gpt", "assistant")
 # the PULSE repository's report file (evaluation/ptb_report_generation_test.json) says "conversation"
 _CONVERSATION_KEYS = ("conversations", "conversation")
+
+
+def _conversation_key(keys: Collection[str]) -> str | None:
+    """Which of a record's keys (a parquet file's columns) holds the conversation; None: neither."""
+    return next((key for key in _CONVERSATION_KEYS if key in keys), None)
