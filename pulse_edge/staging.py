@@ -89,7 +89,8 @@ def user_cache_dir() -> Path:
     return Path(root) / "pulse-edge"
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the deepest of its parents that exists: where an output yet to be made will be written."""
     current = path.absolute()
     while not current.exists() and current != current.parent:
         current = current.parent
@@ -98,7 +99,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def _check_writable_place(out: Path, what: str) -> Path:
     """The deepest existing folder on the way to `out` must be a directory this process can create in."""
-    place = _nearest_existing(out.parent)
+    place = nearest_existing(out.parent)
     if not place.is_dir():
         raise ConfigError(f"{out} cannot be created: {place} is a file, not a directory; choose another {what} path")
     try:
