@@ -300,7 +300,9 @@ def failure_summary(validation: dict[str, Any]) -> str:
                              f"{bound_text(record['tolerance'])})")
     decode = validation["decoder"].get("decode_segments")
     segments = validation["decoder"].get("prefill_segments") or {}
-    for what, record in (("decode segments", decode), ("prefill segments", segments), ("native decode step", native)):
+    for what, record in (("decoder", validation["decoder"]), ("prefill graph", validation["decoder"].get("prefill_graph")),
+                         ("decode segments", decode),
+                         ("prefill segments", segments), ("native decode step", native)):
         if record and not record["cases"]:
             parts.append(f"{what}: no prompt length to validate at (the cache holds too few positions)")
     for what, record in (("decode segments", decode), ("native decode step", native)):

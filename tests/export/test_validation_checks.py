@@ -130,3 +130,17 @@ def test_greedy_validation_fails_a_bundle_that_breaks_or_stops_early_whatever_th
     assert early["runs"][0]["first_divergence"] == 2 and not early["all_equal"] and early["pass"] is False
     assert validate_greedy(ref, _Greedy([5, 6]), pairs, tokens=4, require_equal=False)["pass"] is True
     assert validate_greedy(ref, _Greedy([5, 6, 7, 8]), pairs, tokens=4, require_equal=True)["pass"] is True
+
+
+def test_a_planned_length_the_cache_cannot_hold_is_recorded_and_none_at_all_fails(tiny_pipeline: TorchPipeline
+                                                                                   ) -> None:
+    """A length that does not fit is named in the record, not dropped (the record listed only what ran), and a
+    validation that ran no length at all does not pass (it passed: all() of nothing)."""
+    lm, tol = tiny_pipeline.model.language_model, TOLERANCES["fp32"]
+    engine = _Reference(lm, forget_chunks=False)
+    engine.kv.max_length = 64
+    some = _decoder_cases(lm, engine, ValidationPlan(prefill_lengths=(5, 62, 64), decode_steps=2), tol)
+    assert some["pass"] and [c["prefill_length"] for c in some["cases"]] == [5]
+    assert [s["prefill_length"] for s in some["skipped"]] == [62, 64] and "cache's 64" in some["skipped"][0]["why"]
+    none = _decoder_cases(lm, engine, ValidationPlan(prefill_lengths=(100,), decode_steps=2), tol)
+    assert none["cases"] == [] and not none["pass"]
