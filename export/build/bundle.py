@@ -300,9 +300,9 @@ def failure_summary(validation: dict[str, Any]) -> str:
                              f"{bound_text(record['tolerance'])})")
     decode = validation["decoder"].get("decode_segments")
     segments = validation["decoder"].get("prefill_segments") or {}
-    for what, record in (("decoder", validation["decoder"]), ("prefill graph", validation["decoder"].get("prefill_graph")),
-                         ("decode segments", decode),
-                         ("prefill segments", segments), ("native decode step", native)):
+    prefill_graph = validation["decoder"].get("prefill_graph")
+    for what, record in (("decoder", validation["decoder"]), ("prefill graph", prefill_graph),
+                         ("decode segments", decode), ("prefill segments", segments), ("native decode step", native)):
         if record and not record["cases"]:
             parts.append(f"{what}: no prompt length to validate at (the cache holds too few positions)")
     for what, record in (("decode segments", decode), ("native decode step", native)):
@@ -468,13 +468,14 @@ def _fidelity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, quant: Q
     # copy every fp32 weight into anonymous memory (28 GB for the 7B) and changes no float MatMul's numbers
     session = FIDELITY_SESSION if quant else validation_session(manifest.precision)
     served = Pipeline.from_bundle(work, session=session)
-    samples, prepared = (held_out_samples(quant, loaded, reference.tokenizer) if quant
-                         else synthetic_held_out(held_out, loaded, reference.tokenizer))
+    length = manifest.kv.max_length
+    held = (held_out_samples(quant, loaded, reference.tokenizer, length) if quant
+            else synthetic_held_out(held_out, loaded, reference.tokenizer, length))
     float_bytes = sum(p.numel() for p in loaded.model.parameters()) * 4
-    fidelity = fidelity_report(reference, served, samples, prepared, float_bytes=float_bytes)
+    fidelity = fidelity_report(reference, served, held.samples, held.prepared, float_bytes=float_bytes)
     limit = manifest.graphs[names.DECODER].opt_level_limit
-    return {**fidelity, "prefilled_by": served.prefilled_by, "decoded_by": served.decoded_by,
-            "ort_session": session_settings(session, limit, shapes_vary=True)}
+    return {**fidelity, "held_out_left_out": held.left_out, "prefilled_by": served.prefilled_by,
+            "decoded_by": served.decoded_by, "ort_session": session_settings(session, limit, shapes_vary=True)}
 
 
 def _parity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: ExportOptions, level: str,

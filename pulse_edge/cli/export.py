@@ -156,8 +156,10 @@ def print_fidelity(bundle: Path) -> None:
         return
     summary = {k: f"{float(v):.4g}" for k, v in report["summary"].items()}  # "inf"/"nan" strings read back
     source = f"scales: {calibration.scales_source}" if calibration is not None else "its fp16 KV cache"
+    left_out = len(report.get("held_out_left_out", []))  # absent from bundles made before it was recorded
+    fits = f"; {left_out} left out, too long for the context" if left_out else ""
     click.echo(f"fidelity against the fp32 torch reference on {len(report['held_out'])} held-out samples "
-               f"({source}):")
+               f"({source}{fits}):")
     click.echo(format_table([summary], list(summary)))
     sizes = report["sizes"]
     click.echo(f"size on disk: {sizes['total'] / 2**20:.1f} MiB ({float(report['summary']['size_ratio']):.2f} of fp32 "
