@@ -29,10 +29,11 @@ from typing import Any
 BUSY_OTHERS_CORES = 0.25
 BUSY_STEAL_FRACTION = 0.05
 MIN_QUIET_ROUNDS = 3
-# A window so short that one clock tick per CPU is more than a whole core (under 20 ms on 2 CPUs at 100 Hz) cannot
-# tell a neighbour's full core from nothing: it is not judged quiet (a study's 0.3 ms rounds read as quiet beside
-# a busy loop, and printed a 0.07x "speedup").
-MAX_RESOLUTION_CORES = 1.0
+# A window is judged only where a neighbour using a whole core shows beyond doubt: read at most one tick per CPU
+# low (1 - r cores) it must still exceed the threshold plus that doubt (0.25 + r), so r < 0.375 cores (rounds of
+# 54 ms and more on 2 CPUs at 100 Hz). A shorter one is not judged quiet: at r = 1 (20 ms) a study's rounds read
+# quiet beside a busy loop and printed a 0.07x "speedup", and at 0.75-1 (20-27 ms) a whole core went unseen.
+MAX_RESOLUTION_CORES = (1.0 - BUSY_OTHERS_CORES) / 2
 
 
 @dataclass(frozen=True)

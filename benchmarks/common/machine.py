@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pulse_edge.runtime.engines.sessions import usable_cpus
 from pulse_edge.runtime.kernels.build import cpu_flags
 
 CHECKPOINT_PRECISION = "checkpoint (fp32/bf16/fp16 as run)"
@@ -19,15 +20,17 @@ PULSE_HIDDEN, PULSE_LAYERS = 4096, 32
 
 # The instruction sets the CPU paths choose between (runtime/kernels: AMX tiles or AVX-512; ORT's MLAS: VNNI),
 # which a model name alone does not tell ("AMD EPYC" is Zen 4 or Zen 5 on two VMs of the same name).
-ISA_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-# the libraries whose kernels the CPU benchmarks time
-LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "numpy")
+# avx512bw and avx512vl: the decode-attention kernel's requirement (docs/kernels.md).
+ISA_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile",
+             "amx_int8", "amx_bf16")
+# the libraries whose kernels the CPU benchmarks time (torch and transformers: bench backends' and recipes' rows)
+LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "numpy", "torch", "transformers")
 
 
 def machine_info() -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
             "cpu_id": _cpu_id(), "isa": [flag for flag in ISA_FLAGS if flag in cpu_flags()],
-            "libraries": _libraries(), "cores": os.cpu_count(), "ram_gib": _ram_gib()}
+            "libraries": _libraries(), "cores": usable_cpus(), "machine_cores": os.cpu_count(), "ram_gib": _ram_gib()}
 
 
 def machine_text(m: Mapping[str, Any]) -> str:
@@ -38,7 +41,10 @@ def machine_text(m: Mapping[str, Any]) -> str:
     libraries = "; " + ", ".join(f"{name} {version}" for name, version in m["libraries"].items()) if m.get(
         "libraries") else ""
     ram = f", {m['ram_gib']} GiB RAM" if m.get("ram_gib") is not None else ""
-    return f"{cpu}, {m['cores']} cores{ram}{isa}{libraries}"
+    # the cores this process may use (its affinity), and the machine's where a mask leaves some out
+    total = m.get("machine_cores")
+    cores = f"{m['cores']} of {total} cores (affinity)" if total and total != m["cores"] else f"{m['cores']} cores"
+    return f"{cpu}, {cores}{ram}{isa}{libraries}"
 
 
 def model_info(model_dir: str | Path) -> dict[str, Any]:

@@ -19,7 +19,6 @@ seen to do.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,16 +29,24 @@ from typing import Any
 
 import numpy as np
 
+from pulse_edge.runtime.engines.sessions import usable_cpus
+
 GB = 1e9  # bandwidths in decimal GB/s, as vendors quote them
 GIB = 2**30
 
-# Vicuna-7B (PULSE-7B's decoder): docs/architecture.md (the model) and docs/performance.md (bounds).
+# Vicuna-7B (PULSE-7B's decoder): docs/architecture.md (the model) and docs/performance.md (bounds). A decode step
+# reads one row of the 131 M-parameter token table, so the bytes it reads are the decoder's other parameters:
+# 32 layers x (4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096) + the 4096 x 32000 output head + the final norm.
 VICUNA_PARAMS = 6.74e9
+VICUNA_DECODER_PARAMS = 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096 * 32000 + 4096
 VICUNA_KV = {"layers": 32, "kv_heads": 32, "head_dim": 128}
-# Weight bytes per precision: fp from the parameter count; int8/int4 are docs/performance.md's figures
-# (they include the scales and the parts left unquantized).
-VICUNA_WEIGHT_BYTES = {"fp32": VICUNA_PARAMS * 4, "fp16": VICUNA_PARAMS * 2, "int8": 6.9e9, "int4": 3.9e9}
-
+# Bytes a decode step reads per precision: fp from the parameter count; int8/int4 the decode graphs of the 7B
+# bundles measured in docs/performance.md (6.8 and 3.5 GB: their scales and the parts left unquantized included).
+VICUNA_WEIGHT_BYTES = {"fp32": VICUNA_DECODER_PARAMS * 4, "fp16": VICUNA_DECODER_PARAMS * 2, "int8": 6.8e9,
+                       "int4": 3.5e9}
+# The KV cache's item size each precision's CPU bundle writes (calibration/recipes.py: the quantized recipes store
+# int8 with per-channel scales, a float bundle its graphs' type).
+VICUNA_KV_ITEMSIZE = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 1}
 
 def kv_bytes_per_position(layers: int, kv_heads: int, head_dim: int, itemsize: float) -> float:
     """Bytes of key + value cache one position holds (and one decode step reads per position of context)."""
@@ -63,9 +70,11 @@ def achieved_bandwidth(tokens_per_s: float, bytes_read_per_token: float) -> floa
 
 
 def vicuna_rooflines(bandwidth_bytes_s: float, context: int) -> dict[str, float]:
-    """The full PULSE-7B decoder's ceiling at this bandwidth, per precision, fp16 KV at `context`."""
-    kv = kv_bytes_per_position(**VICUNA_KV, itemsize=2)
-    return {p: roofline_tokens_per_s(bandwidth_bytes_s, w, kv, context) for p, w in VICUNA_WEIGHT_BYTES.items()}
+    """The full PULSE-7B decoder's ceiling at this bandwidth, per precision, with the KV cache its CPU bundle
+    stores (VICUNA_KV_ITEMSIZE) read at `context` positions."""
+    return {p: roofline_tokens_per_s(bandwidth_bytes_s, w, kv_bytes_per_position(**VICUNA_KV,
+                                                                                 itemsize=VICUNA_KV_ITEMSIZE[p]),
+                                     context) for p, w in VICUNA_WEIGHT_BYTES.items()}
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,7 @@ def measure_bandwidth(array_bytes: int = GIB, repeats: int = 5, threads: int | N
                       copy: bool = True) -> Bandwidth:
     """Read and copy bandwidth of main memory: `array_bytes` must be far larger than the caches. copy=False: the
     read only, with one array instead of two (a probe beside a loaded model adds half the memory)."""
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()  # the cores this process may run on, as the runtime's sessions count them
     src = np.ones(max(array_bytes // 4, threads), dtype=np.float32)
     src_parts = np.array_split(src, threads)
     with ThreadPoolExecutor(threads) as pool:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pulse_edge.benchmarks.common.host import HostWindow, host_sample
+from pulse_edge.benchmarks.common.host import HostWindow, busy_reason, host_sample
 from pulse_edge.benchmarks.common.measure import Stat, ecg_print, peak_since_reset, proc_status_bytes, reset_peak
+from pulse_edge.benchmarks.common.rounds import quiet_median
 
 if TYPE_CHECKING:
     from pulse_edge.benchmarks.perf.backends import BackendsConfig
@@ -77,10 +78,8 @@ class _TimedDecoder:
         return logits
 
 
-def pipeline_overhead(pipeline: Any, image: Any, max_new_tokens: int) -> dict[str, Any]:
-    """What the pipeline adds per decode step outside the engine: the embedding lookup (the splice),
-    sampling, streaming detokenization, the loop. One `Conversation.ask` on the ORT pipeline, timed
-    as a whole, against the sum of its bare `DecoderEngine.forward` decode steps."""
+def _one_ask(pipeline: Any, image: Any, max_new_tokens: int) -> dict[str, Any]:
+    """One `Conversation.ask` timed as a whole, against the sum of its bare `DecoderEngine.forward` decode steps."""
     from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
 
     engine = pipeline.engine
@@ -95,12 +94,35 @@ def pipeline_overhead(pipeline: Any, image: Any, max_new_tokens: int) -> dict[st
         engine.decoder = timed.inner
     steps_ms = [seconds * 1e3 for positions, seconds in timed.calls if positions == 1]  # the prefill is one pass
     loop_ms = total_ms - result.timings.time_to_first_token_ms
-    overhead_ms = loop_ms - sum(steps_ms)
     return {"decode_steps": len(steps_ms), "generated_tokens": result.generated_tokens,
             "stop_reason": result.stop_reason, "loop_ms": loop_ms, "engine_forward_ms": sum(steps_ms),
-            "overhead_ms_per_step": overhead_ms / len(steps_ms) if steps_ms else None,
-            "overhead_percent": 100 * overhead_ms / loop_ms if steps_ms and loop_ms > 0 else None,
-            "end_to_end": asdict(result.timings), "prompt_tokens": result.prompt_tokens}
+            "overhead_ms": loop_ms - sum(steps_ms), "end_to_end": asdict(result.timings),
+            "prompt_tokens": result.prompt_tokens}
+
+
+def pipeline_overhead(pipeline: Any, image: Any, max_new_tokens: int, *, runs: int = 3, warmup: int = 1
+                      ) -> dict[str, Any]:
+    """What the pipeline adds per decode step outside the engine: the embedding lookup (the splice),
+    sampling, streaming detokenization, the loop. `warmup` untimed asks on the ORT pipeline, then `runs`
+    timed ones, each with its host window; the figures are medians over the quiet asks (the overhead share is
+    a ratio: None, with "busy" saying why, where too few were quiet)."""
+    for _ in range(warmup):
+        _one_ask(pipeline, image, max_new_tokens)
+    asks, windows = [], []
+    for _ in range(runs):
+        before = host_sample()
+        asks.append(_one_ask(pipeline, image, max_new_tokens))
+        windows.append(HostWindow.between(before, host_sample()))
+    last, busy = asks[-1], busy_reason(windows)
+    steps = last["decode_steps"]
+    median = {key: float(np.median([a[key] for a in asks])) for key in ("loop_ms", "engine_forward_ms", "overhead_ms")}
+    stages = {key: float(np.median([a["end_to_end"][key] for a in asks])) for key in last["end_to_end"]}
+    share = quiet_median([100 * a["overhead_ms"] / a["loop_ms"] for a in asks], windows) if steps else None
+    return {"decode_steps": steps, "generated_tokens": last["generated_tokens"], "stop_reason": last["stop_reason"],
+            "runs": runs, "warmup": warmup, "busy": busy, "loop_ms": median["loop_ms"],
+            "engine_forward_ms": median["engine_forward_ms"],
+            "overhead_ms_per_step": median["overhead_ms"] / steps if steps else None,
+            "overhead_percent": share, "end_to_end": stages, "prompt_tokens": last["prompt_tokens"]}
 
 
 def _elapsed_ms(fn: Callable[[], object]) -> float:

@@ -51,7 +51,16 @@ from pulse_edge.benchmarks.common.roofline import (
     vicuna_rooflines,
 )
 from pulse_edge.benchmarks.common.rounds import RoundProber, best_read, round_bounds, round_fractions
-from pulse_edge.benchmarks.common.tables import decoder_line, gib, machine_lines, markdown_table, num, percent, pp
+from pulse_edge.benchmarks.common.tables import (
+    BUSY_MARK,
+    decoder_line,
+    gib,
+    machine_lines,
+    markdown_table,
+    num,
+    percent,
+    pp,
+)
 from pulse_edge.benchmarks.perf.backend_runs import (
     BackendMeter,
     GenerateBench,
@@ -308,7 +317,7 @@ def _measure_backends(prepared: PreparedModel, cfg: BackendsConfig, progress: Ca
             prober()
         for key, stat in stats.items():
             results[key][measure] = stat
-    progress("onnxruntime: pipeline overhead (one Conversation.ask)")
+    progress("onnxruntime: pipeline overhead (1 warm-up + 3 timed Conversation.ask)")
     overhead = meters["ort"].call(lambda: pipeline_overhead(ort.pipeline, inputs.image, cfg.steps + 1))
     results["transformers"]["vision_ms"] = results["torch"]["vision_ms"]
     results["transformers"]["vision_note"] = "the torch reference's modules and number"
@@ -349,28 +358,33 @@ def _memory_cell(meter: dict[str, Any], shared: bool) -> str:
     return f"{resident} + {working}"
 
 
-def _backend_row(entry: dict[str, Any]) -> list[str]:
+def _backend_row(entry: dict[str, Any], busy: set[str]) -> list[str]:
+    """One backend's cells; those of a phase whose rounds were busy (`busy`: the phases) are marked, as the
+    table sets the backends side by side."""
     meter, shared = entry["meter"], "vision_note" in entry
-    return [entry["name"], pp(entry["vision_ms"]) + (" (=torch)" if shared else ""),
-            pp(entry["prefill_ms"]), pp(entry["decode_tokens_per_s"], 1), num(entry["achieved_gb_s"]),
+    return [entry["name"], pp(entry["vision_ms"], busy="vision" in busy) + (" (=torch)" if shared else ""),
+            pp(entry["prefill_ms"], busy="prefill" in busy), pp(entry["decode_tokens_per_s"], 1, busy="decode" in busy),
+            num(entry["achieved_gb_s"]),
             "busy" if entry["fraction_of_read"] is None else percent(entry["fraction_of_read"]),
             num(entry["roofline_tokens_per_s"]),
             _memory_cell(meter, shared), f"{num(meter['cores_used'], 2)} / {num(meter['others_cores'], 2)}"]
 
 
 def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
-    e2e = overhead["end_to_end"]
-    lines = [f"the same model end to end (ORT, one Conversation.ask, {overhead['prompt_tokens']} prompt positions): "
+    e2e, busy = overhead["end_to_end"], overhead["busy"]
+    how = f"median of {overhead['runs']} Conversation.ask after {overhead['warmup']} warm-up{BUSY_MARK if busy else ''}"
+    lines = [f"the same model end to end (ORT, {how}, {overhead['prompt_tokens']} prompt positions): "
              f"preprocess {e2e['preprocess_ms']:.0f} ms, vision {e2e['vision_ms']:.0f} ms, prefill "
              f"{e2e['prefill_ms']:.0f} ms, time to first token {e2e['time_to_first_token_ms']:.0f} ms"]
-    if overhead["overhead_percent"] is None:
+    if not overhead["decode_steps"]:
         return [*lines, f"pipeline overhead: not measured (the answer stopped after "
                         f"{overhead['generated_tokens']} token: {overhead['stop_reason']})"]
+    share = "busy" if overhead["overhead_percent"] is None else f"{overhead['overhead_percent']:.1f}%"
     return [*lines, f"pipeline overhead outside the engine (embedding splice, sampling, detokenizing, loop): "
-                    f"{overhead['overhead_ms_per_step']:.2f} ms per decode step = "
-                    f"{overhead['overhead_percent']:.1f}% of the decode loop ({overhead['decode_steps']} steps: "
-                    f"loop {overhead['loop_ms']:.0f} ms, bare DecoderEngine.forward "
-                    f"{overhead['engine_forward_ms']:.0f} ms)"]
+                    f"{overhead['overhead_ms_per_step']:.2f} ms per decode step = {share} of the decode loop "
+                    f"({overhead['decode_steps']} steps: loop {overhead['loop_ms']:.0f} ms, bare "
+                    f"DecoderEngine.forward {overhead['engine_forward_ms']:.0f} ms)"
+                    + (f"; {busy}" if busy else "")]
 
 
 def backends_table(report: dict[str, Any]) -> str:
@@ -378,7 +392,9 @@ def backends_table(report: dict[str, Any]) -> str:
     header = ["backend", "vision ms (5 tiles)", f"prefill ms ({s['prefill_positions']} pos)",
               f"decode tok/s @ {s['context']}", "achieved GB/s", "% of read BW", "roofline tok/s",
               "memory: loaded + working", "cores: ours / others"]
-    rows = [_backend_row(entry) for entry in report["backends"].values()]
+    busy_phases = {phase for phase, host in report["host"].items() if host["busy"]}
+    busy_phases |= {"decode"} if report["decode_host"]["busy"] else set()
+    rows = [_backend_row(entry, busy_phases) for entry in report["backends"].values()]
     rooflines = ", ".join(f"{p} {v:.1f}" for p, v in report["pulse7b_rooflines"].items())
     busy = report["decode_host"]["busy"]
     return "\n".join([
@@ -397,8 +413,8 @@ def backends_table(report: dict[str, Any]) -> str:
         f"run; threads {s['threads'] or 'one per core'}; cells: p50 / p95",
         "", markdown_table(header, rows), "",
         *_overhead_lines(report["pipeline_overhead"]),
-        f"full PULSE-7B decoder (32 layers, fp16 KV) at this bandwidth and {s['context']} positions, roofline "
-        f"tok/s: {rooflines}",
+        f"full PULSE-7B decoder (32 layers; the KV cache each precision's CPU bundle stores: fp32, fp16, int8, "
+        f"int8) at this bandwidth and {s['context']} positions, roofline tok/s: {rooflines}",
         *(f"note: {n}" for n in report["notes"]),
         *(f"{k}: {v}" for k, v in report["methods"].items()),
         f"total {report['elapsed_s']:.0f} s; process peak RSS {gib(report['peak_rss_bytes'])}"])

@@ -52,6 +52,7 @@ from pulse_edge.benchmarks.perf.model_ops import ModelOps, ops_of
 from pulse_edge.choices import QUANTIZED_PRECISIONS
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
+from pulse_edge.runtime.inputs.images import MIN_SIDE_PX
 
 # Common ECG print sizes in pixels (width x height): what a cart's scanner or PDF export produces.
 PRINT_SIZES = {(2200, 1700): "letter 200 dpi", (3300, 2550): "letter 300 dpi", (3508, 2480): "A4 300 dpi"}
@@ -95,8 +96,9 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
             width, height = (int(v) for v in item.lower().split("x"))
         except ValueError as e:
             raise ConfigError(f"--sizes takes WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {item!r}") from e
-        if width < 1 or height < 1:
-            raise ConfigError(f"--sizes: {item!r} is not a positive size")
+        if min(width, height) < MIN_SIDE_PX:  # refused here, not by the pipeline after the probes and the load
+            raise ConfigError(f"--sizes: {item!r} is smaller than the runtime reads (an ECG print needs at least "
+                              f"{MIN_SIDE_PX} px on the shorter side)")
         sizes.append((width, height))
     if not sizes:
         raise ConfigError("--sizes names no size")
@@ -226,6 +228,10 @@ def run_latency(cfg: LatencyConfig, progress: Callable[[str], None] = print) -> 
     """Measure one model on each print size; returns the report (see `latency_table`)."""
     if cfg.provider == "cpu":
         require_onnx()  # the GEMM probe beside the runs; refused before anything is loaded
+    if not (Path(cfg.model) / MANIFEST_FILE).is_file():  # a missing or wrong --model: before the probe's seconds
+        from pulse_edge.backends import check_checkpoint_dir
+
+        check_checkpoint_dir(Path(cfg.model))
     started, machine = time.perf_counter(), machine_with_load()
     samples = {"start": bandwidth_probe(cfg.bandwidth_bytes, progress, "start", threads=cfg.threads)}  # the machine
     watch = PeakWatch.start()  # the probe's arrays are freed: they would otherwise be the peak of a small model

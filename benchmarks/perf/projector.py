@@ -237,18 +237,27 @@ def _row(tokens: int, precision: str, impl: str, times: list[float] | None, erro
 
 def _bench_one(tokens: int, precision: str, config: ProjectorBenchConfig, peaks: dict[str, float],
                flush: Any, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each candidate checked against the twin and warmed up, then timed round by round: one call of each per
+    round, the order reversed every other round, so that a clock or a neighbour that moves during the run moves
+    every candidate alike and a ratio can pair round r with round r."""
     case = make_case(tokens, precision, config.compile)
-    rows = []
+    errors: dict[str, float | None] = {}
+    failures: dict[str, str] = {}
     for impl, fn in case.candidates.items():
-        progress(f"T={tokens} {precision} {impl}")
+        progress(f"T={tokens} {precision} {impl}: checked and warmed up")
         try:
-            error = case.error(fn())
-            times = time_cuda(fn, config.runs, config.warmup, flush)
+            errors[impl] = case.error(fn())
+            time_cuda(fn, 0, config.warmup, flush)
         except Exception as e:  # a baseline this torch lacks (_scaled_mm's row-wise scales) is reported, not fatal
-            rows.append(_row(tokens, precision, impl, None, None, peaks, f"{type(e).__name__}: {e}"))
-            continue
-        rows.append(_row(tokens, precision, impl, times, error, peaks))
-    return rows
+            failures[impl] = f"{type(e).__name__}: {e}"
+    live = [impl for impl in case.candidates if impl not in failures]
+    times: dict[str, list[float]] = {impl: [] for impl in live}
+    progress(f"T={tokens} {precision}: {config.runs} rounds of {', '.join(live)}, interleaved")
+    for r in range(config.runs):
+        for impl in live if r % 2 == 0 else live[::-1]:
+            times[impl] += time_cuda(case.candidates[impl], 1, 0, flush)
+    return [_row(tokens, precision, impl, times.get(impl), errors.get(impl), peaks, failures.get(impl))
+            for impl in case.candidates]
 
 
 def run_projector_bench(config: ProjectorBenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:

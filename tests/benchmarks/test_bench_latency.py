@@ -62,9 +62,13 @@ def test_roofline_reproduces_design_section_7() -> None:
     expected = 204.8e9 / (13.5e9 + 3000 * 524288)
     assert roofline_tokens_per_s(ORIN_BANDWIDTH, 13.5e9, VICUNA_FP16_KV, context=3000) == pytest.approx(expected)
     assert expected == pytest.approx(13.59, abs=0.01)
-    bounds = vicuna_rooflines(ORIN_BANDWIDTH, context=0)
-    assert bounds["int8"] == pytest.approx(29.7, abs=0.1) and bounds["int4"] == pytest.approx(52.5, abs=0.1)
-    assert bounds["fp16"] == pytest.approx(15.19, abs=0.01)  # 6.74 B parameters x 2 bytes
+    bounds = vicuna_rooflines(ORIN_BANDWIDTH, context=0)  # the weights a step reads: no token table
+    assert bounds["int8"] == pytest.approx(30.1, abs=0.1) and bounds["int4"] == pytest.approx(58.5, abs=0.1)
+    assert bounds["fp16"] == pytest.approx(15.50, abs=0.01)  # 6.607 B parameters x 2 bytes
+    # at an ECG prompt's context, each precision's own KV cache is read too: fp32 4 bytes, int8/int4 1 byte
+    at_3000 = vicuna_rooflines(ORIN_BANDWIDTH, context=3000)
+    assert at_3000["fp32"] == pytest.approx(204.8e9 / (6_607_343_616 * 4 + 3000 * 2**20))
+    assert at_3000["int4"] == pytest.approx(204.8e9 / (3.5e9 + 3000 * 2**18))
 
 
 def test_achieved_bandwidth_is_tokens_times_bytes() -> None:
@@ -90,6 +94,17 @@ def test_parse_sizes() -> None:
     for bad in ("", "2200", "axb", "0x10"):
         with pytest.raises(ConfigError):
             parse_sizes(bad)
+    with pytest.raises(ConfigError, match="'10x10' is smaller than the runtime reads"):
+        parse_sizes("2200x1700,10x10")  # refused before the probes and the load, not by the pipeline after them
+
+
+def test_bench_latency_refuses_a_missing_model_before_probing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    from pulse_edge.benchmarks.perf import latency
+
+    monkeypatch.setattr(latency, "bandwidth_probe", lambda *a, **k: pytest.fail("probed before checking --model"))
+    result = CliRunner().invoke(bench_group, ["latency", "--model", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
 
 
 def test_a_temporary_work_dir_is_removed() -> None:
@@ -112,6 +127,19 @@ def test_the_machine_line_tells_cpu_generations_and_libraries_apart() -> None:
         assert m["cpu_id"] and f"({m['cpu_id']})" in text and "family" in m["cpu_id"]
     old = {"cpu": "AMD EPYC", "cores": 2, "ram_gib": 23.5}  # a record from before
     assert machine_text(old) == "AMD EPYC, 2 cores, 23.5 GiB RAM"
+    assert "torch" in m["libraries"] and "avx512bw" in ISA_FLAGS  # what the torch rows and the kernels depend on
+
+
+def test_the_machine_counts_the_cores_the_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `taskset -c 0` on 2 CPUs the line said 2 cores and the bandwidth probe ran 2 threads."""
+    from pulse_edge.benchmarks.common import machine, roofline
+
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    m = machine.machine_info()
+    assert m["cores"] == 1 and "1 of 2 cores (affinity)" in machine.machine_text(m)
+    monkeypatch.setattr(roofline, "usable_cpus", lambda: 1)
+    assert roofline.measure_bandwidth(8 * 2**20, repeats=1, copy=False).threads == 1
 
 
 def test_importing_the_group_pulls_in_nothing_heavy() -> None:
@@ -170,8 +198,10 @@ def _assert_fractions_from_own_probes(row: dict, report: dict) -> None:
     t, ops = row["timings"], report["ops"]
     tiles = row["vision_tiles"]
     assert tiles == row["image_tokens"] // 576 == 5  # the flat merge: 576 tokens per tile, base view + 2 x 2
+    # the mean context over the decode steps: the prompt and half the answer (from the row's own counts)
+    assert row["decode_context"] == row["prompt_tokens"] + row["generated_tokens"] / 2
     per_step = report["decoder"]["weight_bytes"] + report["decoder"]["kv_bytes_per_position"] * round(
-        row["decode_context"])
+        row["prompt_tokens"] + row["generated_tokens"] / 2)
     expected = {
         "vision_of_compute_peak": [ops["vision_ops_per_tile"] * tiles / (ms / 1e3) / b
                                    for ms, b in zip(t["vision_ms"]["values"], peak, strict=True)],
@@ -239,15 +269,21 @@ def test_bench_backends_tiny_runs_all_three(tiny_checkpoint: Path, quick_bundle:
     assert "busy rounds" not in printed
     from pulse_edge.benchmarks.perf.backends import backends_table
 
+    names = ("| transformers generate |", "| torch reference |", "| onnxruntime (cpu) |")
+    assert not [line for line in printed.splitlines() if line.startswith(names) and "(busy)" in line]
     report["host"]["prefill"]["busy"] = "host busy: 0 of 2 rounds quiet (need 2); e.g. other processes used 1.2 cores"
+    table = backends_table(report)
     assert ("prefill: host busy: 0 of 2 rounds quiet (need 2); e.g. other processes used 1.2 cores; its columns "
-            "come from busy rounds") in backends_table(report)
+            "come from busy rounds") in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith(names)]
+    assert len(rows) == 3 and all(row[2].endswith("(busy)") and not row[1].endswith("(busy)") for row in rows)
     for entry in report["backends"].values():  # each round against its two neighbours, from the report's numbers
         runs = entry["decode_tokens_per_s"]["values"]
         per_round = [t * entry["bytes_per_token"] / b for t, b in zip(runs, bounds, strict=True)]
         assert entry["fraction_of_read"] == pytest.approx(np.median(per_round))
         assert entry["roofline_tokens_per_s"] == pytest.approx(max(reads) * 1e9 / entry["bytes_per_token"])
-    overhead = report["pipeline_overhead"]
+    overhead = report["pipeline_overhead"]  # medians of 3 timed asks after a warm-up, each judged
+    assert overhead["runs"] == 3 and overhead["busy"] is None and overhead["overhead_percent"] is not None
     assert overhead["decode_steps"] > 0 and overhead["engine_forward_ms"] > 0
     assert 0 < overhead["engine_forward_ms"] <= overhead["loop_ms"]
     assert report["settings"]["context"] == 3000 and report["settings"]["decode_steps"] == 8

@@ -13,6 +13,7 @@ import pytest
 from pulse_edge.benchmarks.common.gemm_probe import INT8_KINDS, measure_gemm_peak
 from pulse_edge.benchmarks.common.host import (
     BUSY_OTHERS_CORES,
+    MAX_RESOLUTION_CORES,
     MIN_QUIET_ROUNDS,
     HostSample,
     HostWindow,
@@ -36,22 +37,29 @@ def test_a_round_is_busy_when_others_or_the_hypervisor_take_the_cpu() -> None:
 
 
 def test_a_short_round_is_judged_busy_only_beyond_what_clock_ticks_can_tell() -> None:
-    """/proc/stat counts 10 ms ticks per CPU: in a 34 ms round one stray tick reads as 0.3 cores. A window knows its
-    resolution, and only others' use beyond the threshold plus it is busy."""
+    """/proc/stat counts 10 ms ticks per CPU: in a 60 ms round two stray ticks read as 0.33 cores. A window knows its
+    resolution, and only others' use beyond the threshold plus it is busy; a round too short for a neighbour's
+    whole core to show beyond that doubt is not judged at all (at 25 ms such a core passed as quiet)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    before = HostSample(wall=0.0, busy_s=100.0, steal_s=1.0, total_s=400.0, own_cpu_s=5.0)
-    one_tick = HostSample(wall=0.034, busy_s=100.0 + 0.034 + 1 / ticks, steal_s=1.0, total_s=400.068,
-                          own_cpu_s=5.034)  # our own 34 ms and one tick of someone else's
-    short = HostWindow.between(before, one_tick)
-    assert short.others_cores > BUSY_OTHERS_CORES and short.busy() is None
-    assert short.resolution_cores == pytest.approx((os.cpu_count() or 1) / ticks / 0.034)
-    whole = HostSample(wall=0.034, busy_s=100.0 + 2 * 0.034, steal_s=1.0, total_s=400.068, own_cpu_s=5.034)
+    cpus = os.cpu_count() or 1
+
+    def window(wall: float, others_s: float) -> HostWindow:
+        before = HostSample(wall=0.0, busy_s=100.0, steal_s=1.0, total_s=400.0, own_cpu_s=5.0)
+        after = HostSample(wall=wall, busy_s=100.0 + wall + others_s, steal_s=1.0, total_s=400.0 + cpus * wall,
+                           own_cpu_s=5.0 + wall)  # our own `wall` seconds of one core and `others_s` of others'
+        return HostWindow.between(before, after)
+
+    long_enough = cpus / ticks / MAX_RESOLUTION_CORES + 0.005  # the shortest round judged, and a little
+    stray = window(long_enough, 2 / ticks)  # two ticks of someone else's
+    assert stray.others_cores > BUSY_OTHERS_CORES and stray.busy() is None
+    assert stray.resolution_cores == pytest.approx(cpus / ticks / long_enough)
+    whole = window(long_enough, long_enough - cpus / ticks)  # a whole core beside us, read a tick per CPU low
+    assert "other processes" in whole.busy()
     long_round = HostWindow(seconds=1.0, others_cores=0.3, steal_fraction=0.0, load_average=0.0,
                             resolution_cores=0.02)
     assert long_round.busy() is not None  # a second resolves 0.3 cores
-    assert HostWindow.between(before, whole).others_cores == pytest.approx(1.0)  # a whole core beside us
-    blink = HostSample(wall=0.003, busy_s=100.003, steal_s=1.0, total_s=400.006, own_cpu_s=5.003)
-    assert "too short to judge (3.0 ms" in HostWindow.between(before, blink).busy()  # a tick is more than a core
+    assert "too short to judge (25.0 ms" in window(0.025, 0.025).busy()  # a whole core that could read as 0.2
+    assert "too short to judge (3.0 ms" in window(0.003, 0.0).busy()  # a tick is more than a core
 
 
 def test_ratios_come_from_quiet_rounds_only_or_not_at_all() -> None:

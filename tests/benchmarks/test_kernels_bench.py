@@ -47,3 +47,38 @@ def test_table_shows_every_row_and_failures() -> None:
     assert good["median_ms"] == pytest.approx(2.0)
     assert good["tflops"] == pytest.approx(pb.projector_flops(576) / 2e-3 / 1e12)
     assert "| 576 | bf16 | fused | 2.000 |" in table and "failed: RuntimeError" in table
+
+
+def test_candidates_are_timed_round_by_round_and_the_speedup_pairs_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each candidate was timed in its own block (f f f e e e): a clock that moved between blocks set one against
+    the other's minute. Now one call of each per round, the order reversed every other round; the gpu check's
+    fused-vs-eager speed-up is the median of round-by-round ratios."""
+    from types import SimpleNamespace
+
+    from pulse_edge.benchmarks.perf import gpu_report as gr
+
+    timed: list[str] = []
+    seconds = {"fused": [2e-3, 1e-3, 2e-3, 1e-3], "eager": [4e-3, 1.5e-3, 4e-3, 1.5e-3]}  # a clock that swings
+
+    def fake_time(fn, runs, warmup, flush):
+        if runs:
+            timed.append(fn.__name__)
+            return [seconds[fn.__name__][sum(n == fn.__name__ for n in timed) - 1]]
+        return []
+
+    def fused():
+        return 0
+
+    def eager():
+        return 0
+
+    monkeypatch.setattr(pb, "make_case", lambda *a: SimpleNamespace(candidates={"fused": fused, "eager": eager},
+                                                                    error=lambda out: 0.0))
+    monkeypatch.setattr(pb, "time_cuda", fake_time)
+    peaks = {"bf16_matmul_tflops": 700.0, "copy_gbps": 3000.0}
+    config = SimpleNamespace(compile=False, warmup=1, runs=4)
+    rows = pb._bench_one(2880, "bf16", config, peaks, None, lambda line: None)
+    assert timed == ["fused", "eager", "eager", "fused", "fused", "eager", "eager", "fused"]
+    report = {"results": {"projector": {"rows": rows, "peaks": peaks}}}
+    speedup, note = gr._fused_vs_eager(report)
+    assert speedup == pytest.approx(1.75) and "4 paired rounds" in note  # median of 2, 1.5, 2, 1.5
