@@ -26,7 +26,7 @@ from pulse_edge import __version__
 from pulse_edge.calibration.fidelity import AccuracyGate
 from pulse_edge.calibration.recipes import RECIPES, make_recipe
 from pulse_edge.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, KV_CACHES, TRT_OPS
-from pulse_edge.errors import ConfigError, PulseEdgeError
+from pulse_edge.errors import ConfigError, ModelOutputError, PulseEdgeError
 from pulse_edge.export.build import tensorrt as trt_build
 from pulse_edge.export.build.memory import (
     FLOAT_BASE,
@@ -521,9 +521,22 @@ def _parity(loaded: LoadedCheckpoint, work: Path, manifest: Manifest, options: E
     vision["merge"] = [_merge_parity(model, candidate, image, merge_tolerance) for image in [*images, *portrait]]
     vision["pass"] = bool(vision.get("pass") and all(m["pass"] for m in vision["merge"]))
     # Greedy tokens must be equal only for fp32: elsewhere one near-tie flips them legitimately (recorded).
-    report["greedy"] = validate_greedy(reference, candidate, pairs, tokens=options.plan.greedy_tokens,
-                                       require_equal=level == "fp32")
+    try:
+        report["greedy"] = validate_greedy(reference, candidate, pairs, tokens=options.plan.greedy_tokens,
+                                           require_equal=level == "fp32")
+    except ModelOutputError as e:  # the bundle's own NaN is a failed run inside; this one is the reference's
+        raise ExportValidationError(_reference_overflow(options)) from e
     return {**report, "pass": all(bool(part.get("pass")) for part in report.values())}
+
+
+def _reference_overflow(options: ExportOptions) -> str:
+    """Why nothing was written when the reference running the bundle's recipe computed NaN or inf."""
+    cause = (": an fp16 KV cache holds values up to 65504, and this checkpoint's keys or values exceed it; export "
+             "with --kv-cache float" if options.fp16_cache else
+             ": the checkpoint's weights or the recipe overflow; check the checkpoint (pulse-edge infer --backend "
+             "torch) or choose another --precision")
+    return (f"the torch reference running this bundle's recipe computed NaN or inf logits on a validation print, so "
+            f"the {options.precision} bundle cannot answer it either{cause}; nothing was written")
 
 
 def _failed_runs(case: dict[str, Any], tolerance: dict[str, float]) -> list[tuple[str, list[dict[str, Any]]]]:

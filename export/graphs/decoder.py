@@ -335,8 +335,8 @@ def _poisoned(b: _Builder, final: str, logits: str) -> str:
         final [1, S, H] ─ Mul 0 ─ ReduceSum (every axis) ─ poison [] (0, or NaN)
         logits [1, 1, V] ─────────────────────────────────── Add ─ logits
 
-    An int8 cache stores a NaN or inf key or value as a finite code (the graphs' round-and-clip, and ORT's own
-    quantizer in GroupQueryAttention, write ±127 or 0), so a position that went non-finite in the middle of a
+    An int8 cache stores a NaN or inf key or value as a finite code (the graphs' round-and-clip writes ±127 or 0,
+    ORT's own quantizer in GroupQueryAttention -128, 127 or 0), so a position that went non-finite in the middle of a
     prompt would be attended to as a plausible one, and the last position's logits would stay finite: a wrong
     answer with no error. A position's residual stream, once non-finite, stays so through the final norm, and
     0 x NaN and 0 x inf are NaN, so the sum carries it into every logit, where the runtime refuses to answer

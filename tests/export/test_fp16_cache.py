@@ -65,3 +65,25 @@ def test_the_bound_applies_to_fp32_graphs_with_an_fp16_cache_only() -> None:
     assert tolerance_level("fp32", fp32_reference=True) == "fp32"
     assert tolerance_level("int8", fp32_reference=True, fp16_cache=True) == "int8"  # wider than the rounding
     assert tolerance_level("fp32", fp32_reference=False, fp16_cache=True) == "bf16_reference"
+
+
+def test_a_reference_that_overflows_the_fp16_cache_is_named_and_nothing_is_written(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose keys exceed fp16's 65504 makes the reference caching in fp16 compute NaN: export said
+    "the bundle may be damaged (run pulse-edge verify MODEL)", of a bundle that did not exist yet."""
+    from click.testing import CliRunner
+
+    from pulse_edge.cli.main import main
+    from pulse_edge.errors import ModelOutputError
+    from pulse_edge.export.build import bundle as build
+
+    def overflowing(*args: Any, **kwargs: Any) -> None:
+        raise ModelOutputError("the model's logits hold NaN or inf")
+
+    monkeypatch.setattr(build, "validate_greedy", overflowing)
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--kv-cache", "fp16",
+                                       "--validation", "quick"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "an fp16 KV cache holds values up to 65504" in result.output and "--kv-cache float" in result.output
+    assert "verify" not in result.output and not out.exists()
