@@ -189,19 +189,25 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
     start, end, asked = clause
     part = text[start:end]
     hedges = _spans(w.HEDGE_BEFORE, part, start)
-    denials = _denials(text, clause, hedges, [m.start for m in mentions])
+    gaps = [text[m.end:mentions[k + 1].start if k + 1 < len(mentions) else end] for k, m in enumerate(mentions)]
+    hedged_after = [_after(w.HEDGE_AFTER, gap, last=k + 1 == len(gaps)) for k, gap in enumerate(gaps)]
+    # a negation after a statement is spent on it: its "not" denies nothing further ("AF not present on this
+    # tracing, sinus rhythm" states SR)
+    owned = [0 if hedged else _own_negation(gap, last=k + 1 == len(gaps))
+             for k, (gap, hedged) in enumerate(zip(gaps, hedged_after, strict=True))]
+    spent = [(m.end, m.end + n) for m, n in zip(mentions, owned, strict=True) if n]
+    denials = _denials(text, clause, [*hedges, *spent], [m.start for m in mentions])
     alternatives = []
     for k, mention in enumerate(mentions):
-        gap = text[mention.end:mentions[k + 1].start if k + 1 < len(mentions) else end]
+        gap = gaps[k]
         before = text[mentions[k - 1].end if k else start:mention.start]
         last = k + 1 == len(mentions)
-        hedged_after = _after(w.HEDGE_AFTER, gap, last=last)  # before "... excluded"
         mention.past = bool(w.HISTORY_OF.search(before)) or bool(w.GONE_AFTER.match(gap))
-        negated_after = not hedged_after and (_after(w.NEGATION_AFTER, gap, last=last) or bool(w.MIMIC.match(gap))
-                                              or (last and bool(w.DENIED_AFTER_COLON.match(text[end:]))))
+        negated_after = not hedged_after[k] and (owned[k] > 0 or bool(w.MIMIC.match(gap))
+                                                 or (last and bool(w.DENIED_AFTER_COLON.match(text[end:]))))
         reached = any(n < mention.start < reach for n, reach in denials)
         mention.negated = asked or reached or negated_after or mention.past
-        mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after or before.endswith("?")
+        mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after[k] or before.endswith("?")
         alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)))
     _along_lists(text, mentions)
     # "AF vs flutter", "Pericarditis vs STEMI": possible, after the lists (a differential hedges its own sides only)
@@ -243,8 +249,12 @@ def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, i
 def _along_lists(text: str, mentions: list[_Mention]) -> None:
     """"AF and flutter are absent": what follows the last of a list applies to the whole list; "history of MI and
     AF": a history reaches along the list it opens."""
+    listed = False  # mentions[k + 1] ends a list: "and" / "or" joins it to the one before, or a comma inside a list
     for k in range(len(mentions) - 2, -1, -1):
-        if w.CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
+        gap = text[mentions[k].end:mentions[k + 1].start]
+        # "AF, LBBB and RBBB are absent" is a list; "Sinus rhythm, MI unlikely" two statements (commas alone)
+        listed = bool(w.CONJUNCTION.match(gap)) and (listed or bool(w.CONJUNCTION_WORD.search(gap)))
+        if listed:
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
     for first, second in itertools.pairwise(mentions):
@@ -305,6 +315,16 @@ def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> bool:
 
 
 _OPENS_NEXT = re.compile(r"\s*(?:[A-Za-z-]+\s+){0,2}")
+
+
+def _own_negation(gap: str, *, last: bool) -> int:
+    """How many characters of `gap` negate the statement before it (0: none): right after it, whatever follows
+    (wording.NEGATION_RIGHT_AFTER), else as `_after` decides."""
+    right = w.NEGATION_RIGHT_AFTER.match(gap)
+    if right:
+        return right.end()
+    hit = w.NEGATION_AFTER.match(gap)
+    return hit.end() if hit and (last or not _OPENS_NEXT.fullmatch(gap[hit.end():])) else 0
 
 
 def _finding(text: str, mention: _Mention) -> Finding:

@@ -133,12 +133,17 @@ _DATED = r"(?:\d{4}|\d{1,2}[/.-]\d{1,2}(?:[/.-]\d{2,4})?)"
 _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[\w-]+\s+){{0,2}}?{_EARLIER}{_E}"
         rf"|{_DATED}\s+{_TRACING}|{_TRACING}\s+(?:from|of|dated|on)\s+(?!this|today)\w)"
         rf"|(?:previously|before|earlier){_E}))")
-NEGATION_AFTER = re.compile(
-    rf"{_FILLER}{_VERB}(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
+_NEGATED = (
+    r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
     r"[A-Za-z])|ruled out|excluded|unlikely|resolved"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
-    rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}", _I)
+    rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}")
+NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
+# The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
+# because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
+# MI": MI's, wording.NEGATION_TO_COMMA)
+NEGATION_RIGHT_AFTER = re.compile(rf"^[ \t]+{_VERB}{_NEGATED}", _I)
 HEDGE_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:{UNSURE}|possible|suspected|likely|questionable|not certain|uncertain|doubtful"
     r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant)(?![A-Za-z])", _I)
@@ -154,10 +159,12 @@ GONE_AFTER = re.compile(
 DENIED_AFTER_COLON = re.compile(
     r"^[ \t]*[:\uff1a][ \t]*(?:none|absent|no|nil|negative|not (?:present|seen|identified|detected|found|evident))"
     r"[ \t]*(?:[.;,!\n\u3002\uff0c\uff1b]|$)", _I)
-# "STEMI mimic", "LBBB mimicker": the statement names what it is not (never "LBBB, which can mimic MI")
-MIMIC = re.compile(r"^[\s-]*mimic(?:s|ker)?(?![A-Za-z])[\s,]*$", _I)
+# "STEMI mimic", "LBBB mimicker", "a STEMI mimic in this patient", "STEMI mimics include ...": the statement names
+# what it is not, whatever follows (never "LBBB, which can mimic MI", "LBBB mimicking MI")
+MIMIC = re.compile(r"^[\s-]*mimic(?:s|ker)?(?![A-Za-z])", _I)
 # the gap inside a list: "AF and flutter are absent", "LBBB and RBBB cannot be excluded"
 CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
+CONJUNCTION_WORD = re.compile(r"and|or|nor|/", _I)  # in a CONJUNCTION gap: a list, not commas alone
 # the same, with its word: a history reaches along "MI and AF", not along a bare comma
 JOINED = re.compile(r"^[\s,]*(?:and|or|and/or)[\s,]*$", _I)
 # "AF vs flutter", "Sinus rhythm or ectopic atrial rhythm", "SVT with aberrancy vs VT": a differential; neither

@@ -67,9 +67,27 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("Does the ECG show LBBB? No, it shows sinus rhythm.", [("SR", "stated")]),
     ("Is this atrial fibrillation? The rhythm is sinus.", []),
     ("?LVH, RBBB", [("LVH", "possible"), ("RBBB", "stated")]),
-    # a negation or hedge after a statement stays its own past further words
-    # (its "not" also reaches past the comma: SR and the PACs go too, the documented price of the clause rule)
-    ("Atrial fibrillation not present on this tracing, sinus rhythm with PACs.", []),
+    # a negation or hedge after a statement stays its own past further words, and is spent on it (its "not"
+    # denied SR and the PACs past the comma too)
+    ("Atrial fibrillation not present on this tracing, sinus rhythm with PACs.", [("SR", "stated"), ("PAC", "stated")]),
+    # right after its statement, a negation is that statement's whatever follows; after a comma it opens the next
+    ("LVH unlikely given LBBB", [("LBBB", "stated")]),
+    ("Atrial fibrillation excluded given sinus rhythm.", [("SR", "stated")]),
+    ("Sinus rhythm, unlikely MI.", [("SR", "stated")]),
+    # a list ends with "and" / "or": what follows its last applies to all; commas alone are separate statements
+    ("Sinus rhythm, MI unlikely.", [("SR", "stated")]), ("Sinus rhythm, LVH possible.", [("SR", "stated"),
+                                                                                          ("LVH", "possible")]),
+    ("AF, LBBB and RBBB are absent.", []), ("AF/flutter absent.", []),
+    # a mimic is named, whatever follows it
+    ("STEMI mimics include LBBB and LVH.", [("LBBB", "stated"), ("LVH", "stated")]),
+    ("Benign early repolarization, a STEMI mimic in this young patient.", []),
+    # edges a fifth mutation round left open: each fails on a mutant of its rule
+    ("Q waves absent and LBBB", [("LBBB", "stated")]), ("Second degree AV block or greater", [("2AVB", "stated")]),
+    ("Not only AF but also LBBB", [("AFIB", "stated"), ("LBBB", "stated")]),
+    ("History of MI, atrial fibrillation.", [("AFIB", "stated")]),
+    ("left bundle branch block incomplete right bundle branch block", [("LBBB", "stated"), ("IRBBB", "stated")]),
+    ("The answer: A. Rhythm: sinus rhythm B. Conduction: LBBB.", [("SR", "stated"), ("LBBB", "stated")]),
+    ("LBBB, cannot exclude coexisting new MI", [("LBBB", "stated"), ("MI", "possible")]),
     ("ST elevation absent in the inferior leads, T wave inversion in V1-V3.", [("TINV", "stated")]),
     ("Not currently in atrial fibrillation.", []), ("Atrial fibrillation, now resolved.", []),
     # a differential hedges its pair only; a mimic is named, a finding that mimics is kept
@@ -400,3 +418,9 @@ def test_a_degenerate_answer_is_read_in_time_linear_in_its_statements() -> None:
     started = time.perf_counter()  # lettered lists with no cue: each list's cue is looked for near it only
     assert [f.code for f in extract_findings("A. AF B. LBBB C. RBBB " * 4000)] == ["AFIB", "LBBB", "RBBB"]
     assert time.perf_counter() - started < 6.0
+
+
+def test_finished_sentences_keeps_every_finished_one() -> None:
+    from pulse_edge.runtime.findings.extract import finished_sentences
+
+    assert finished_sentences("Sinus rhythm. LBBB. Possible") == "Sinus rhythm. LBBB."
