@@ -54,12 +54,11 @@ from pulse_edge.export.quant.context import (
     QuantContext,
     QuantSettings,
     check_gate,
-    held_out_samples,
     prepare_quantization,
-    synthetic_held_out,
 )
 from pulse_edge.export.validate.emulate import emulated_reference
 from pulse_edge.export.validate.fidelity import fidelity_report, recommended_fidelity
+from pulse_edge.export.validate.held_out import held_out_samples, synthetic_held_out
 from pulse_edge.export.validate.kv_caches import fp16_kv_cache
 from pulse_edge.export.validate.parity import (
     ValidationPlan,

@@ -1,4 +1,4 @@
-"""The fidelity report's held-out samples against the bundle's context (export/quant/context.py): a sample whose
+"""The fidelity report's held-out samples against the bundle's context (export/validate/held_out.py): a sample whose
 image and question do not fit is left out and named, not run into the engine's refusal after the whole export."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 
 from pulse_edge.calibration.calibrate import choose_samples
 from pulse_edge.calibration.datasets.synthetic import PRINT_SIZES
-from pulse_edge.export.quant import context
-from pulse_edge.export.quant.context import GREEDY_ROOM, HeldOut, held_out_samples, synthetic_held_out
+from pulse_edge.export.validate import held_out
+from pulse_edge.export.validate.held_out import GREEDY_ROOM, HeldOut, held_out_samples, synthetic_held_out
 from pulse_edge.runtime.image.preprocess import image_token_count, min_context
 from pulse_edge.runtime.text.prompt import spliced_length
 
@@ -48,7 +48,7 @@ def test_held_out_data_samples_that_do_not_fit_are_left_out_then_replaced(tiny_p
             return drawn
         return [replace(s, synthetic=replace(s.synthetic, width_px=2200, height_px=1700)) for s in drawn]
 
-    monkeypatch.setattr(context, "choose_samples", letters_only)
+    monkeypatch.setattr(held_out, "choose_samples", letters_only)
     ctx.settings.held_out = 2
     none = held_out_samples(ctx, loaded, tokenizer, 2400)  # none of the data fits: synthetic ones that do
     assert len(none.samples) == 2 and {p.image_tokens for p in none.prepared} == {1728}
