@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
+
 HIGHER = "higher is better"
 LOWER = "lower is better"
 METRICS: Mapping[str, str] = MappingProxyType({
@@ -213,8 +215,10 @@ def _parse_clause(clause: str) -> Threshold:
 def _mapping_clauses(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except OSError as exc:
         raise _gate_error(f"cannot read {path}: {exc}".replace("\n", " ")) from None
+    except JSON_TEXT_ERRORS as exc:  # UnicodeDecodeError too: a ValueError
+        raise _gate_error(f"cannot read {path}: {json_error_reason(exc)}".replace("\n", " ")) from None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise _gate_error(f"{path} must hold one JSON object of strings")
     return [f"{metric}{bound}" for metric, bound in data.items()]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from pulse_edge.errors import ConfigError, InputError
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 from pulse_edge.staging import staged_file
 
 FORMAT = "pulse-edge-scales"
@@ -185,8 +186,9 @@ def _meta(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
         raise ScalesError(f"{path} is an .npz but not a pulse-edge scales file (no {META_KEY})")
     try:
         meta = json.loads(arrays[META_KEY].tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScalesError(f"{path}: its metadata is unreadable ({e}); re-run pulse-edge calibrate") from e
+    except JSON_TEXT_ERRORS as e:  # UnicodeDecodeError too: a ValueError
+        raise ScalesError(f"{path}: its metadata is unreadable ({json_error_reason(e)}); re-run pulse-edge "
+                          "calibrate") from e
     if not isinstance(meta, dict):
         raise ScalesError(f"{path}: its metadata is a JSON {type(meta).__name__}, not an object; re-run pulse-edge "
                           "calibrate")

@@ -49,3 +49,41 @@ def test_a_whole_last_line_json_cannot_read_is_refused_not_cut_off_as_torn(tmp_p
     torn = read_json_lines(lines, lambda record, path, number: record)
     prepare_for_append(torn)
     assert torn.torn_tail and lines.read_text() == '{"id": 1}\n'
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000, '{"a": ' + "9" * 5000 + "}"])
+def test_the_project_s_own_json_files_refuse_such_a_text_in_one_line(text: str, tmp_path: Path) -> None:
+    """A bundle's manifest, a checkpoint's config.json, an engine set, an --accuracy-gate file, a run's settings and
+    the verified stamp: a RecursionError or the digit limit's ValueError escaped as a traceback (or as "use
+    sys.set_int_max_str_digits()")."""
+    from pulse_edge.benchmarks.ecgbench.compare import _read_settings
+    from pulse_edge.calibration.fidelity import AccuracyGate
+    from pulse_edge.errors import BundleError, CheckpointError
+    from pulse_edge.export.model.config import read_config
+    from pulse_edge.runtime.bundle.engines import ENGINES_FILE, read_engines
+    from pulse_edge.runtime.bundle.manifest import read_manifest
+    from pulse_edge.runtime.bundle.verified import is_stamped, stamp_path
+
+    reason = r"\((nested too deeply|Exceeds the limit \(4300 digits\)[^;)]*)\)"
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(BundleError, match=rf"manifest\.json cannot be read as JSON {reason}; re-export"):
+        read_manifest(tmp_path)
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"config\.json cannot be read as JSON {reason}"):
+        read_config(checkpoint)
+    (tmp_path / ENGINES_FILE).write_text(text)
+    with pytest.raises(BundleError, match=r"engines\.json cannot be read \("):
+        read_engines(tmp_path, tmp_path)
+    gate = tmp_path / "gate.json"
+    gate.write_text(text)
+    with pytest.raises(ValueError, match=r"bad accuracy gate: cannot read \S+gate\.json: (nested too deeply|Exceeds)"):
+        AccuracyGate.from_string(str(gate))
+    (tmp_path / "run.json").write_text(text)
+    with pytest.raises(InputError, match=rf"run\.json: not valid JSON {reason}"):
+        _read_settings(tmp_path / "run.json")
+    record = {"manifest.json": object()}
+    stamp_path(tmp_path, "manifest.json").parent.mkdir(parents=True, exist_ok=True)
+    stamp_path(tmp_path, "manifest.json").write_text(text)
+    assert is_stamped(tmp_path, record) is False  # unreadable: hashed whole again, no traceback

@@ -28,6 +28,7 @@ from pulse_edge.benchmarks.ecgbench.score import JudgeScorer, SubsetScore, answe
 from pulse_edge.calibration.datasets.ecgbench.readers import discover, load_samples
 from pulse_edge.calibration.datasets.ecgbench.subsets import JUDGE, LOWER_IS_BETTER, SUBSETS, resolve_subset
 from pulse_edge.errors import ConfigError, InputError, PulseEdgeError
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 
 MODES = ("compat", "strict")
 METRICS = ("auc", "f1", "hl", "accuracy", "score", "exact_match")
@@ -323,6 +324,6 @@ def _read_settings(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
+    except JSON_TEXT_ERRORS as e:
+        raise InputError(f"{path}: not valid JSON ({json_error_reason(e)})") from e
     return data if isinstance(data, dict) else {}

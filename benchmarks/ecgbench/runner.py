@@ -157,7 +157,7 @@ def pin_settings(out_dir: str | Path, settings: RunSettings) -> None:
 def _read_run(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         record = e
     if not isinstance(record, dict):
         raise InputError(f"{path} is damaged (not the run's settings as JSON); delete it to resume with the answers "

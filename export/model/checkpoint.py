@@ -34,6 +34,7 @@ from torch import nn
 from pulse_edge.errors import CheckpointError
 from pulse_edge.export.model.config import KNOWN_TOWERS, PulseConfig, VisionConfig, read_config
 from pulse_edge.export.model.reference import PulseReference
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 from pulse_edge.runtime.engines.memory import mem_available_bytes
 from pulse_edge.runtime.text.prompt import LLAVA_V1, PromptTemplate
 
@@ -319,9 +320,12 @@ def read_template(root: Path) -> PromptTemplate:
         return LLAVA_V1
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not readable JSON ({type(e).__name__}: {str(e).splitlines()[0]}); "
                               "copy it again from the checkpoint's release") from e
+    except JSON_TEXT_ERRORS as e:
+        raise CheckpointError(f"{path} is not readable JSON ({json_error_reason(e)}); copy it again from the "
+                              "checkpoint's release") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds no JSON object; copy it again from the checkpoint's release")
     legacy = config.get("legacy")

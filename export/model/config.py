@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pulse_edge.errors import CheckpointError
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 from pulse_edge.runtime.image.preprocess import CLIP_MEAN, CLIP_STD, ImageLayout
 
 SUPPORTED = {
@@ -226,8 +227,10 @@ def read_config(checkpoint: Path) -> PulseConfig:
                               "config.json, the weights and tokenizer.model)")
     try:
         d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} cannot be read as JSON ({e})") from e
+    except JSON_TEXT_ERRORS as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({json_error_reason(e)}); copy config.json again") from e
     if not isinstance(d, dict):
         raise CheckpointError(f"{path} holds a JSON {type(d).__name__}, not a config object; the checkpoint is "
                               "damaged: copy config.json again")

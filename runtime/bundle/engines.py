@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.choices import ENGINE_TARGETS, GRAPH_PRECISIONS
+from pulse_edge.jsonl import json_error_reason
 from pulse_edge.runtime.bundle.integrity import HashProgress, Recorded, check_files
 from pulse_edge.runtime.bundle.manifest import BundleError, FileRecord, TensorSpec
 from pulse_edge.runtime.bundle.names import DECODER, MANIFEST_FILE, VISION
@@ -191,6 +192,8 @@ def read_engines(directory: Path, bundle: Path, *, verify: bool = False,
         if not isinstance(data, Mapping) or not isinstance(data.get("engines"), Mapping):
             raise TypeError("it is not an engine set: an object whose engines map graph names to engines")
         engines = EngineSet.from_dict(data)
+    except RecursionError as e:
+        raise BundleError(f"{path} cannot be read ({json_error_reason(e)}); rebuild the engines") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{path} cannot be read ({e}); rebuild the engines") from e
     sealed = data["version"] >= ENGINES_VERSION

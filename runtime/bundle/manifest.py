@@ -20,6 +20,7 @@ from typing import Any
 
 from pulse_edge.choices import EXPORT_TARGETS, GRAPH_PRECISIONS, KV_UPDATES, OPT_LEVELS, TENSOR_DTYPES, TRT_OPS
 from pulse_edge.errors import BundleError, ConfigError
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 from pulse_edge.runtime.bundle.checks import check_consistency, check_file_size
 from pulse_edge.runtime.bundle.names import FORMAT, MANIFEST_FILE
 from pulse_edge.runtime.bundle.schema import check_manifest_json
@@ -27,7 +28,10 @@ from pulse_edge.runtime.bundle.seal import SEALED_FROM_VERSION, seal
 from pulse_edge.runtime.image.preprocess import ImageLayout
 from pulse_edge.runtime.text.prompt import PromptTemplate
 
-ENGINES = ("onnx", "tensorrt")
+# What a bundle's graphs are: ONNX, whatever runs them (TensorRT engines are built from them into an engine set of
+# their own, runtime/bundle/engines.py). "tensorrt" was allowed and never written: such a graph skipped the IO
+# checks, then ONNX Runtime opened it.
+ENGINES = ("onnx",)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 # Version-1 manifests written before the graph fields were typed kept them in an "extra" object.
 _LEGACY_GRAPH_KEYS = {"ort_opt_level": "opt_level_limit"}
@@ -35,7 +39,8 @@ _LEGACY_GRAPH_KEYS = {"ort_opt_level": "opt_level_limit"}
 
 def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
     if value not in allowed:
-        raise BundleError(f"manifest: {what} {value!r} is not one of {', '.join(allowed)}")
+        raise BundleError(f"manifest: {what} {value!r} is not one of {', '.join(allowed)}: the manifest was edited "
+                          "or written by another tool; re-export the bundle")
     return str(value)
 
 
@@ -383,9 +388,13 @@ def read_manifest(bundle: Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle} is not a pulse-edge bundle: it has no {MANIFEST_FILE}")
     try:
-        manifest = Manifest.from_dict(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} cannot be read as JSON ({e}); re-export the bundle") from e
+    except JSON_TEXT_ERRORS as e:  # nested too deeply, a 5000-digit number: no traceback, no interpreter advice
+        raise BundleError(f"{path} cannot be read as JSON ({json_error_reason(e)}); re-export the bundle") from e
+    try:
+        manifest = Manifest.from_dict(data)
     except (TypeError, ValueError, ConfigError) as e:  # ConfigError: a layout's own checks (ImageLayout)
         raise BundleError(f"{path} has a malformed field ({e}); re-export the bundle") from e
     check_consistency(manifest)

@@ -59,8 +59,8 @@ def is_stamped(bundle: Path, records: Mapping[str, FileRecord], listing: str = M
         stamp = json.loads(stamp_path(bundle, listing).read_text(encoding="utf-8"))
         files = stamp["files"] if stamp.get("format") == STAMP_FORMAT else {}
         return bool(records) and all(files.get(name) == _identity(bundle / name) for name in records)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return False  # none yet, or unreadable: hashed whole again
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return False  # none yet, or unreadable (nested too deeply too): hashed whole again
 
 
 def stamp(bundle: Path, records: Mapping[str, FileRecord], listing: str = MANIFEST_FILE, *,

@@ -17,6 +17,7 @@ files, CSV text), never by a suffix that contradicts the content.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -107,6 +108,10 @@ def load_input(
         suffix = Path(options.name).suffix.lower()
         kind = "wfdb" if suffix in RECORD_SUFFIXES else _kind_of(data[:_HEAD_BYTES], suffix)
         return _read(kind, data, options)
+    if not isinstance(source, str | os.PathLike):  # a list of samples, None, a number: named, not a TypeError
+        hint = " (samples as a list: pass numpy.asarray(them))" if isinstance(source, list | tuple) else ""
+        raise InputError(f"{name or '<input>'}: a {type(source).__name__} is not an ECG input; pass a path, the bytes "
+                         f"of a file, a PIL image or a numpy array{hint}")
     path = Path(source)
     options = _Options(name or os.fspath(source), fs, leads, unit, layout)
     return _read(_kind_of_path(path, options.name), path, options)
@@ -115,11 +120,17 @@ def load_input(
 def _kind_of_path(path: Path, label: str) -> str:
     suffix = path.suffix.lower()
     try:
-        path.stat()
+        mode = path.stat().st_mode
     except FileNotFoundError:
-        pass  # said below, after a WFDB record's bare name is tried
+        mode = None  # said below, after a WFDB record's bare name is tried
     except OSError as exc:  # a name too long, a loop of links, a folder on the way that is a file
         raise InputError(f"{label[:200]}: cannot be read as a path ({exc.strerror or exc}); check the path.") from exc
+    except ValueError as exc:  # a NUL byte in the name
+        raise InputError(f"{label[:200]!r}: is not a path a file can have ({exc}); check the path.") from exc
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        # a named pipe would block the read (a batch hung on one) and cannot be read twice; a device never ends
+        raise InputError(f"{label}: is not a regular file (a pipe, socket or device); save the ECG to a file and "
+                         "pass that")
     if header_of(path) is not None:
         return "wfdb"
     if not path.exists():

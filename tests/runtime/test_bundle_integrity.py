@@ -180,6 +180,16 @@ def test_a_resealed_absurd_normalisation_is_one_line_without_numpy_warnings(std:
     _assert_refused(_infer(bundle, ecg_png), "are not a normalisation (means within 0-1, deviations within 0.01-10)")
 
 
+def test_a_graph_for_another_engine_is_refused_not_run_by_onnxruntime(tiny_bundle: Path, tmp_path: Path,
+                                                                      ecg_png: Path) -> None:
+    """A re-sealed manifest that named the decoder's engine "tensorrt" skipped every IO cross-check (they were
+    ONNX's only), then ONNX Runtime ran the graph anyway: a binding traceback, or "a fault in pulse-edge"."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    edit_manifest(bundle, lambda d: (d["graphs"]["decoder"].update(engine="tensorrt"), d["kv"].update(layers=2)))
+    _assert_refused(_infer(bundle, ecg_png), "graph engine 'tensorrt' is not one of onnx")
+    _assert_refused(CliRunner().invoke(main, ["verify", str(bundle)]), "graph engine 'tensorrt'")
+
+
 def test_a_bundle_file_this_user_cannot_read_is_one_line(tiny_bundle: Path, tmp_path: Path, ecg_png: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A bundle copied by root with a tight umask and served by a service user: a PermissionError traceback. (As

@@ -8,6 +8,7 @@ lead codes and resampling."""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -170,3 +171,40 @@ def test_an_indented_comment_is_a_comment(tmp_path):
     write_wfdb(tmp_path, "rec", beats(5000, 500.0), 500.0)
     _edit(tmp_path, 0, lambda h: ["  # exported by cart X", *h])
     assert read_wfdb(tmp_path / "rec.hea").notes == []
+
+
+def test_a_named_pipe_is_refused_not_read(tmp_path) -> None:
+    """A FIFO in a batch folder blocked the read for ever (the batch hung with no message), and a pipe given as
+    a path (`<(cat print.png)`) was half read, then a traceback: both are one line now."""
+    import threading
+
+    from pulse_edge.runtime.inputs.load import load_input
+
+    fifo = tmp_path / "b.png"
+    os.mkfifo(fifo)
+    said: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            load_input(fifo)
+        except InputError as e:
+            said.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # unblock the reader before failing, so that the run can end
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_input blocked on a named pipe")
+    assert said and "is not a regular file" in str(said[0])
+
+
+@pytest.mark.parametrize("source, hint", [([[0.0] * 5000] * 12, "numpy.asarray"), (None, "a NoneType"),
+                                          (3.0, "a float"), ("/tmp/a\x00b.png", "not a path a file can have")])
+def test_a_source_of_another_type_is_an_input_error(source, hint: str) -> None:
+    """The Python API raised TypeError / ValueError from deep inside pathlib for these."""
+    from pulse_edge.runtime.inputs.load import load_input
+
+    with pytest.raises(InputError, match=hint.replace(".", r"\.")):
+        load_input(source)
