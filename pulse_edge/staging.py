@@ -172,6 +172,14 @@ def _disk_full(place: Path) -> bool:
         return False
 
 
+def size_text(n_bytes: float) -> str:
+    """A size for a message: GiB from 1 GiB, else MiB, else KiB ("~0.0 GiB ... 0.0 GiB is free" said nothing)."""
+    for shift, unit in ((30, "GiB"), (20, "MiB")):
+        if n_bytes >= 1 << shift:
+            return f"{n_bytes / 2**shift:.1f} {unit}"
+    return f"{n_bytes / 2**10:.0f} KiB"
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         return os.path.samestat(os.fstat(fd), os.stat(path))

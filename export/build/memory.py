@@ -22,6 +22,7 @@ from pulse_edge.export.model.checkpoint import SHARD_INDEX, LoadedCheckpoint, re
 from pulse_edge.runtime.engines.memory import mem_available_bytes
 from pulse_edge.runtime.engines.ort import SessionConfig
 from pulse_edge.runtime.engines.sessions import int8_products_saturate
+from pulse_edge.staging import size_text
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def check_disk_space(where: Path, params: int, *, precision: str, prefill_graph:
     need = params * (BUNDLE_BYTES_PER_PARAM[precision] + (PREFILL_GRAPH_BYTES_PER_PARAM if prefill_graph else 0.0))
     free = shutil.disk_usage(where).free
     if need > free:
-        raise ConfigError(f"the {precision} bundle of this model takes at least ~{need / 2**30:.1f} GiB on disk but "
-                          f"{free / 2**30:.1f} GiB is free where it is written ({where.parent}); free some space "
+        raise ConfigError(f"the {precision} bundle of this model takes at least ~{size_text(need)} on disk but "
+                          f"{size_text(free)} is free where it is written ({where.parent}); free some space "
                           "or choose another output directory")
 
 

@@ -61,13 +61,13 @@ def make_tiny(out_dir: Path, seed: int, merge: str, tower: str, layout: str, ful
 def _check_room(out_dir: Path, need: int) -> None:
     """Refuse before writing what the disk cannot hold (a full-shape checkpoint is 14 GB; `--layers 80` of it 26 GB):
     it was found out at the last shard, after minutes."""
-    from pulse_edge.staging import nearest_existing
+    from pulse_edge.staging import nearest_existing, size_text
 
     place = nearest_existing(out_dir)
     free = shutil.disk_usage(place).free
     if need + (64 << 20) > free:
-        raise ConfigError(f"the checkpoint's weights take {need / 2**30:.2f} GiB and {place} has {free / 2**30:.2f} "
-                          "GiB free; free some space, write elsewhere or give fewer --layers")
+        raise ConfigError(f"the checkpoint's weights take {size_text(need)} and {place} has {size_text(free)} "
+                          "free; free some space, write elsewhere or give fewer --layers")
 
 
 # The formats `infer` reads that Pillow writes, by extension.

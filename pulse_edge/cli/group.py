@@ -48,7 +48,28 @@ class UserErrorGroup(click.Group):
                        "fewer --threads, and run the command again", err=True)
             ctx.exit(2)
         except KeyboardInterrupt as e:  # Ctrl-C; staged work also turns SIGTERM and SIGHUP into one
-            signum = getattr(e, "signum", signal.SIGINT)
-            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-            click.echo(f"pulse-edge: {what}{self.interrupt_hint}", err=True)
-            ctx.exit(128 + signum)
+            self._interrupted(ctx, e)
+        except Exception as e:
+            # a Ctrl-C during a library's lazy import comes out as that library's own error (transformers: "Could
+            # not import module ...") with the KeyboardInterrupt inside: an interruption, not a bug
+            inner = _interrupt_within(e)
+            if inner is None:
+                raise
+            self._interrupted(ctx, inner)
+
+    def _interrupted(self, ctx: click.Context, e: KeyboardInterrupt) -> None:
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        click.echo(f"pulse-edge: {what}{self.interrupt_hint}", err=True)
+        ctx.exit(128 + signum)
+
+
+def _interrupt_within(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt among the exceptions that caused or were being handled by `error`, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -167,9 +167,28 @@ def _decode(stream: BinaryIO, name: str, say: list[str]) -> Image.Image:
     if not header:
         raise _fail(name, "is empty (0 bytes)", "re-export or re-download the file")
     fmt = _sniff(header, name)
-    image = _render_pdf(stream, name, say) if fmt == "PDF" else _decode_raster(stream, fmt, name, say)
+    with _damaged_exif_noted(name, say):
+        image = _render_pdf(stream, name, say) if fmt == "PDF" else _decode_raster(stream, fmt, name, say)
     _check_size(image.size, name)
     return _check_not_blank(image, name)
+
+
+@contextmanager
+def _damaged_exif_noted(name: str, say: list[str]) -> Iterator[None]:
+    """Pillow warns of damaged EXIF on stderr (at open and again at the rotation) and goes on without its
+    orientation: one note instead; any other warning is passed on as it came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        yield
+    damaged = False
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "EXIF" in str(w.message):
+            damaged = True
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if damaged:
+        say.append(f"{name}: its EXIF data is damaged, so a rotation it may record was not applied; check that the "
+                   "print reads upright")
 
 
 def _sniff(header: bytes, name: str) -> str:

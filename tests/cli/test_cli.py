@@ -108,6 +108,25 @@ def test_interrupted_make_tiny_leaves_nothing_behind(tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_inside_a_library_s_lazy_import_is_an_interruption(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers wraps a KeyboardInterrupt raised while it imports a model class in its own error ("Could not
+    import module 'CLIPVisionModel'"): a traceback and exit 1 where Ctrl-C exits 130. Another error stays a bug."""
+    import pulse_edge.export.fixtures.tiny as tiny
+
+    def lazy_import(*args: object, **kwargs: object) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ModuleNotFoundError("Could not import module 'CLIPVisionModel'") from e
+
+    monkeypatch.setattr(tiny, "write_shards", lazy_import)
+    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+    assert res.exit_code == 130 and "interrupted" in res.output and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(tiny, "write_shards", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
+    assert isinstance(CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")]).exception, ModuleNotFoundError)
+
+
 def test_a_disk_filling_up_during_an_export_is_one_line_and_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import errno

@@ -208,3 +208,26 @@ def test_a_source_of_another_type_is_an_input_error(source, hint: str) -> None:
 
     with pytest.raises(InputError, match=hint.replace(".", r"\.")):
         load_input(source)
+
+
+def test_damaged_exif_is_one_note_not_pillow_s_warnings() -> None:
+    """Pillow printed two "Corrupt EXIF data" warnings with its source lines on stderr and went on without the
+    orientation, which nothing said."""
+    import warnings
+
+    from pulse_edge.runtime.inputs.load import load_input
+
+    pixels = np.full((400, 600, 3), 255, np.uint8)
+    pixels[200] = 0  # a trace, so that the page is not blank
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", exif=exif.tobytes())
+    data = bytearray(buf.getvalue())
+    at = data.find(b"Exif\x00\x00") + 6 + 8  # the first IFD's entry count, past the TIFF header
+    data[at:at + 2] = b"\xff\x7f"  # far more entries than the segment holds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_input(bytes(data), name="photo.jpg")
+    assert not [w for w in caught if "EXIF" in str(w.message)]
+    assert any("EXIF data is damaged" in note and "upright" in note for note in loaded.notes)
