@@ -30,7 +30,8 @@ def load_ecgbench(path: str | Path, subset: str | None = None) -> list[Calibrati
     images."""
     p = Path(path)
     if p.is_file() and p.suffix == ".parquet":
-        name = subset or (p.parent.name if p.parent.name in SUBSETS else p.stem)
+        # a subset named as the JSON branch and folders name it ("ptb" is ptb-test): one id space for both layouts
+        name = resolve_subset(subset).name if subset else (p.parent.name if p.parent.name in SUBSETS else p.stem)
         sources = [ecgbench_data.SubsetSource(name, ecgbench_data.PARQUET, (p,))]
     elif p.is_file() and p.suffix == ".json":  # the file named, not whichever layout its folder also holds
         sources = [ecgbench_data.json_source(p, resolve_subset(subset or p.stem.replace("_", "-")).name)]

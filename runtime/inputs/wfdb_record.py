@@ -82,9 +82,13 @@ def _check_header(record_name: Path, label: str) -> list[str]:
         value = float(written)
     except ValueError:
         value = float("nan")
-    if not value > 0 or abs(value - float(header.fs)) > 1e-6 * value:
+    if not value > 0:
         raise recording_error(label, f"the header's sampling frequency {fields[2]!r} is not a positive number",
                               "correct the record line of the .hea file (e.g. `rec 12 500 5000`)")
+    if abs(value - float(header.fs)) > 1e-6 * value:  # "5e2", "+500": wfdb reads another rate than written
+        raise recording_error(label, f"the header's sampling frequency {fields[2]!r} is read by wfdb as "
+                              f"{float(header.fs):g} Hz, not as written",
+                              "write it as a plain number on the record line of the .hea file (e.g. `rec 12 500 5000`)")
     return []
 
 

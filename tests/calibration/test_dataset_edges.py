@@ -127,3 +127,11 @@ def test_an_hf_image_stored_by_reference_beside_the_parquet(tmp_path, png):
 
 def test_aliases_ignore_case_and_spaces():
     assert resolve_subset(" PTB ").name == "ptb-test"
+
+
+def test_a_subset_alias_names_a_parquet_file_s_samples_as_a_json_file_s(tmp_path, png):
+    """`--subset ptb` gave a parquet file's samples the origin and ids "ptb/..." where a JSON file's are
+    "ptb-test/...": two id spaces for one subset (stratification, held-out exclusion)."""
+    f = write_parquet_subset(tmp_path / "x" / "test-00000-of-00001.parquet", [item("1", "q", "NORM", png)])
+    [s] = load_ecgbench(f, subset="ptb")
+    assert s.origin == "ptb-test" and s.id.startswith("ptb-test/")
