@@ -40,6 +40,9 @@ log = logging.getLogger("pulse_edge.server")
 OPEN_PATHS = frozenset({"/health"})
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; never seen by the client
 DRAIN_BYTES = 64 * 2**20  # past this much of a refused body, the connection is just closed
+# A client that sends nothing of a refused body for this long is answered now: one that declared a large body and
+# waited (no Expect: 100-continue) waited the whole --timeout, 600 s by default.
+DRAIN_IDLE_S = 2.0
 
 
 async def health(request: Request) -> Response:
@@ -134,12 +137,13 @@ class Observe:
             self.metrics.duration.labels(endpoint).observe(time.perf_counter() - start)
 
 
-async def drain(receive: Receive) -> None:
+async def drain(receive: Receive, idle_s: float | None = None) -> None:
     """Read and drop the rest of a refused body (up to DRAIN_BYTES), so that the client, still sending, can
-    read the error: closing a socket with unread data resets it, and the reset discards the response."""
+    read the error: closing a socket with unread data resets it, and the reset discards the response. `idle_s`:
+    give up (asyncio.TimeoutError) when nothing arrives for that long."""
     drained = 0
     while drained <= DRAIN_BYTES:
-        message = await receive()
+        message = await asyncio.wait_for(receive(), idle_s)
         drained += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
             return
@@ -168,7 +172,7 @@ class Guard:
             # that stalls mid-body is not waited for past the server's timeout; either way the connection closes
             if headers.get(b"expect", b"").lower() != b"100-continue":
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(drain(receive), self.timeout_s)
+                    await asyncio.wait_for(drain(receive, DRAIN_IDLE_S), self.timeout_s)
             await error_response(self._too_large(close=True))(scope, receive, send)
             return
         await self.app(scope, self._limited(receive), send)

@@ -505,6 +505,9 @@ def test_an_oversize_body_is_refused_without_waiting_for_it(server: Server) -> N
     answered = _raw(server, head + b"Expect: 100-continue\r\n\r\n")
     assert answered.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answered, answered[:200]
     assert b"connection: close" in answered.lower()
+    start = time.monotonic()  # a client that declares the body and sends none of it waited the whole --timeout
+    silent = _raw(server, head + b"\r\n", wait_s=30)
+    assert silent.startswith(b"HTTP/1.1 413") and time.monotonic() - start < 10, silent[:200]
 
 
 def test_a_wrong_method_says_which_are_allowed(server: Server) -> None:
