@@ -49,6 +49,8 @@ class UserErrorGroup(click.Group):
             ctx.exit(2)
         except KeyboardInterrupt as e:  # Ctrl-C; staged work also turns SIGTERM and SIGHUP into one
             self._interrupted(ctx, e)
+        except click.exceptions.Exit:  # a subgroup said so already (bench, eval): its exit, once
+            raise
         except Exception as e:
             # a Ctrl-C during a library's lazy import comes out as that library's own error (transformers: "Could
             # not import module ...") with the KeyboardInterrupt inside: an interruption, not a bug

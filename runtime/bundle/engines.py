@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pulse_edge.choices import ENGINE_TARGETS, GRAPH_PRECISIONS
-from pulse_edge.jsonl import json_error_reason
+from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 from pulse_edge.runtime.bundle.integrity import HashProgress, Recorded, check_files
 from pulse_edge.runtime.bundle.manifest import BundleError, FileRecord, TensorSpec
 from pulse_edge.runtime.bundle.names import DECODER, MANIFEST_FILE, VISION
@@ -189,12 +189,15 @@ def read_engines(directory: Path, bundle: Path, *, verify: bool = False,
                           f"{bundle}`")
     try:
         data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} cannot be read ({e}); rebuild the engines") from e
+    except JSON_TEXT_ERRORS as e:  # syntax, nested too deeply, a 5000-digit number
+        raise BundleError(f"{path} cannot be read ({json_error_reason(e)}); rebuild the engines") from e
+    try:
         if not isinstance(data, Mapping) or not isinstance(data.get("engines"), Mapping):
             raise TypeError("it is not an engine set: an object whose engines map graph names to engines")
         engines = EngineSet.from_dict(data)
-    except RecursionError as e:
-        raise BundleError(f"{path} cannot be read ({json_error_reason(e)}); rebuild the engines") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{path} cannot be read ({e}); rebuild the engines") from e
     sealed = data["version"] >= ENGINES_VERSION
     if sealed and data.get(ENGINES_SEAL) != canonical_digest(data, ENGINES_SEAL):

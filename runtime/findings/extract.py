@@ -230,16 +230,16 @@ def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, i
     skipped = [*hedges, *_spans(w.PSEUDO_NEGATION, part, start)]
     commas = [a for a, _ in _spans(w.COMMA, part, start)]
     breaks = [a for a, _ in _spans(w.SCOPE_BREAK, part, start)]
-    found = [(a, end) for a, _ in _spans(w.NEGATION_BEFORE, part, start)]
-    found += [(a, next((c for c in commas if c >= e), end)) for pattern in (w.NEGATION_TO_COMMA,
+    found = [(a, e, end) for a, e in _spans(w.NEGATION_BEFORE, part, start)]
+    found += [(a, e, next((c for c in commas if c >= e), end)) for pattern in (w.NEGATION_TO_COMMA,
               w.EARLIER_TRACING_BEFORE) for a, e in _spans(pattern, part, start)]
     denials = []
-    for first, reach in found:
+    for first, said, reach in found:
         if any(s <= first < e for s, e in skipped):
             continue
         spent = bisect.bisect_right(starts, first)  # the first statement after the denial
-        for b in breaks:
-            if first < b < reach and (spent == len(starts) or starts[spent] > b):
+        for b in breaks:  # not one inside the denial's own words ("unlikely due to ischemia")
+            if said <= b < reach and (spent == len(starts) or starts[spent] > b):
                 reach = b
                 break
         denials.append((first, reach))
@@ -248,13 +248,11 @@ def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, i
 
 def _along_lists(text: str, mentions: list[_Mention]) -> None:
     """"AF and flutter are absent": what follows the last of a list applies to the whole list; "history of MI and
-    AF": a history reaches along the list it opens."""
-    listed = False  # mentions[k + 1] ends a list: "and" / "or" joins it to the one before, or a comma inside a list
+    AF": a history reaches along the list it opens. Commas alone join a list too ("AF, LBBB, RBBB absent"): where
+    two statements and a comma are two ("Sinus rhythm, MI unlikely"), SR is lost, an omission, where reading a
+    list as two would state a finding the text denies, the worse error."""
     for k in range(len(mentions) - 2, -1, -1):
-        gap = text[mentions[k].end:mentions[k + 1].start]
-        # "AF, LBBB and RBBB are absent" is a list; "Sinus rhythm, MI unlikely" two statements (commas alone)
-        listed = bool(w.CONJUNCTION.match(gap)) and (listed or bool(w.CONJUNCTION_WORD.search(gap)))
-        if listed:
+        if w.CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
     for first, second in itertools.pairwise(mentions):

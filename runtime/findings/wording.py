@@ -34,7 +34,8 @@ BOUNDARY = re.compile(
 # doc of extract.py: "no ST elevation, LBBB" drops both).
 NEGATION_BEFORE = re.compile(
     rf"{_W}(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|rules out|never|neither|nor"
-    rf"|rather than|instead of|unlikely to (?:be|represent)|low likelihood of|no longer){_E}", _I)
+    rf"|rather than|instead of|unlikely (?:to (?:be|represent)|(?:due|related|secondary) to|caused by)"
+    rf"|low likelihood of|no longer){_E}", _I)
 # Denials of a narrower reach, to the next comma only ("Absent P waves, atrial fibrillation" states AF;
 # "I can't see P waves, atrial fibrillation" too): a leading "absent" / "unlikely" / "lack of" (right after a word
 # they are that word's: "ST elevation absent in the inferior leads, T wave inversion", NEGATION_AFTER),
@@ -136,13 +137,15 @@ _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
-    r"[A-Za-z])|ruled out|excluded|unlikely|resolved"
+    r"[A-Za-z])|ruled out|excluded|resolved"
+    r"|unlikely(?!\s+(?:to\s+(?:be|represent)|(?:due|related|secondary)\s+to|caused\s+by)\b)"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
     rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}")
 NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
-# MI": MI's, wording.NEGATION_TO_COMMA)
+# MI": MI's, wording.NEGATION_TO_COMMA). "unlikely to be", "unlikely due to" deny what follows (NEGATION_BEFORE):
+# "ST elevation unlikely to be STEMI" states STE, not STEMI.
 NEGATION_RIGHT_AFTER = re.compile(rf"^[ \t]+{_VERB}{_NEGATED}", _I)
 HEDGE_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:{UNSURE}|possible|suspected|likely|questionable|not certain|uncertain|doubtful"
@@ -159,12 +162,13 @@ GONE_AFTER = re.compile(
 DENIED_AFTER_COLON = re.compile(
     r"^[ \t]*[:\uff1a][ \t]*(?:none|absent|no|nil|negative|not (?:present|seen|identified|detected|found|evident))"
     r"[ \t]*(?:[.;,!\n\u3002\uff0c\uff1b]|$)", _I)
-# "STEMI mimic", "LBBB mimicker", "a STEMI mimic in this patient", "STEMI mimics include ...": the statement names
-# what it is not, whatever follows (never "LBBB, which can mimic MI", "LBBB mimicking MI")
-MIMIC = re.compile(r"^[\s-]*mimic(?:s|ker)?(?![A-Za-z])", _I)
+# "STEMI mimic", "LBBB mimicker", "a STEMI mimic in this patient", "STEMI mimics include ...": the noun, a mimic of
+# the statement, names what it is not; the verb and "of" name what it is ("LBBB mimics anterior MI", "LBBB mimic
+# of STEMI", "LBBB, which can mimic MI", "LBBB mimicking MI" state LBBB)
+MIMIC = re.compile(r"^[\s-]*mimic(?:s|kers?)?(?![A-Za-z])(?=[ \t]*(?:[,.;:)!?\n]|$)|\s+(?:in|include[sd]?|including"
+                   r"|such|pattern|like|seen|noted|present|on)\b)", _I)
 # the gap inside a list: "AF and flutter are absent", "LBBB and RBBB cannot be excluded"
 CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
-CONJUNCTION_WORD = re.compile(r"and|or|nor|/", _I)  # in a CONJUNCTION gap: a list, not commas alone
 # the same, with its word: a history reaches along "MI and AF", not along a bare comma
 JOINED = re.compile(r"^[\s,]*(?:and|or|and/or)[\s,]*$", _I)
 # "AF vs flutter", "Sinus rhythm or ectopic atrial rhythm", "SVT with aberrancy vs VT": a differential; neither

@@ -140,10 +140,11 @@ class Observe:
 async def drain(receive: Receive, idle_s: float | None = None) -> None:
     """Read and drop the rest of a refused body (up to DRAIN_BYTES), so that the client, still sending, can
     read the error: closing a socket with unread data resets it, and the reset discards the response. `idle_s`:
-    give up (asyncio.TimeoutError) when nothing arrives for that long."""
+    give up (asyncio.TimeoutError) when nothing of the body arrives for that long (once some has, a slow client
+    is read to its end: it is sending, and will read the refusal)."""
     drained = 0
     while drained <= DRAIN_BYTES:
-        message = await asyncio.wait_for(receive(), idle_s)
+        message = await asyncio.wait_for(receive(), idle_s if drained == 0 else None)
         drained += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
             return

@@ -127,6 +127,19 @@ def test_ctrl_c_inside_a_library_s_lazy_import_is_an_interruption(tmp_path: Path
     assert isinstance(CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")]).exception, ModuleNotFoundError)
 
 
+def test_ctrl_c_in_a_subgroup_s_command_is_said_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench` and `eval` are groups of their own: their exit after saying "interrupted" carried the Ctrl-C inside,
+    and the top group said it again."""
+    from pulse_edge.benchmarks.perf import latency
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency, "run_latency", interrupted)
+    res = CliRunner().invoke(main, ["bench", "latency", "--model", str(tmp_path)])
+    assert res.exit_code == 130 and res.output.count("interrupted") == 1, res.output
+
+
 def test_a_disk_filling_up_during_an_export_is_one_line_and_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import errno

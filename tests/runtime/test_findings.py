@@ -74,13 +74,18 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("LVH unlikely given LBBB", [("LBBB", "stated")]),
     ("Atrial fibrillation excluded given sinus rhythm.", [("SR", "stated")]),
     ("Sinus rhythm, unlikely MI.", [("SR", "stated")]),
-    # a list ends with "and" / "or": what follows its last applies to all; commas alone are separate statements
-    ("Sinus rhythm, MI unlikely.", [("SR", "stated")]), ("Sinus rhythm, LVH possible.", [("SR", "stated"),
-                                                                                          ("LVH", "possible")]),
-    ("AF, LBBB and RBBB are absent.", []), ("AF/flutter absent.", []),
-    # a mimic is named, whatever follows it
+    # "unlikely to be", "unlikely due to" deny what follows, not what comes before
+    ("ST elevation unlikely to be STEMI.", [("STE", "stated")]),
+    ("ST elevation unlikely to represent acute MI.", [("STE", "stated")]),
+    ("ST depression unlikely due to ischemia.", [("STD", "stated")]),
+    # what follows the last of a list applies to all, commas alone too (an omission where they were two
+    # statements, "Sinus rhythm, MI unlikely", rather than a finding stated that a list denies)
+    ("AF, LBBB and RBBB are absent.", []), ("AF/flutter absent.", []), ("AF, LBBB, RBBB absent.", []),
+    ("Atrial fibrillation, LBBB, RBBB, LVH: none.", []),
+    # a mimic (the noun) is named, whatever follows it (what mimics, the verb or "mimic of": below)
     ("STEMI mimics include LBBB and LVH.", [("LBBB", "stated"), ("LVH", "stated")]),
     ("Benign early repolarization, a STEMI mimic in this young patient.", []),
+
     # edges a fifth mutation round left open: each fails on a mutant of its rule
     ("Q waves absent and LBBB", [("LBBB", "stated")]), ("Second degree AV block or greater", [("2AVB", "stated")]),
     ("Not only AF but also LBBB", [("AFIB", "stated"), ("LBBB", "stated")]),
@@ -424,3 +429,10 @@ def test_finished_sentences_keeps_every_finished_one() -> None:
     from pulse_edge.runtime.findings.extract import finished_sentences
 
     assert finished_sentences("Sinus rhythm. LBBB. Possible") == "Sinus rhythm. LBBB."
+
+
+@pytest.mark.parametrize("text", ["LBBB mimics anterior MI.", "LBBB mimic of STEMI.", "LBBB mimicking anterior MI."])
+def test_what_mimics_is_stated(text: str) -> None:
+    """The noun form ("a STEMI mimic") names what is not there; the finding that mimics is ("LBBB mimics MI" lost
+    LBBB when the noun's rule read any words after "mimic")."""
+    assert ("LBBB", "stated") in [(f.code, f.certainty) for f in extract_findings(text)]

@@ -687,3 +687,29 @@ def test_metrics_count_generations_and_leave_a_rate_of_zero_out() -> None:
     assert 'pulse_edge_generations_total{stop_reason="eos"} 2.0' in text
     assert "pulse_edge_decode_tokens_per_second_count 1.0" in text
     assert "pulse_edge_time_to_first_token_seconds_count 2.0" in text
+
+
+def test_draining_a_refused_body_stops_at_silence_but_reads_a_slow_sender_to_its_end() -> None:
+    """A client that declared a body past the limit and sent none of it waited the whole --timeout for its 413; a
+    slow one still sending must be read to its end (an early close resets the socket, and the 413 is lost)."""
+    from pulse_edge.runtime.server.app import drain
+
+    async def silent() -> dict[str, Any]:
+        await asyncio.sleep(10)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    start = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(drain(silent, 0.05))
+    assert time.monotonic() - start < 2
+    chunks = [{"type": "http.request", "body": b"x" * 100, "more_body": more} for more in (True, True, False)]
+    taken: list[dict[str, Any]] = []
+
+    async def slow() -> dict[str, Any]:
+        if taken:  # the first piece at once, then one every 0.1 s: longer than the idle limit
+            await asyncio.sleep(0.1)
+        taken.append(chunks[len(taken)])
+        return taken[-1]
+
+    asyncio.run(drain(slow, 0.05))
+    assert len(taken) == 3
