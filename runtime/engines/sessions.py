@@ -5,6 +5,7 @@ it."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError, DeviceMemoryError, EngineRunError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
+from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 from pulse_edge.runtime.kernels.build import cpu_flags
 from pulse_edge.staging import user_cache_dir
 
@@ -155,14 +157,22 @@ def default_trt_cache() -> Path:
     return user_cache_dir() / "tensorrt"
 
 
-def graph_cache_key(path: Path) -> str:
-    """One engine-cache folder per graph file as written: ORT names cached engines by the model's name,
-    inputs and nodes, not its weights, and every bundle's decoder is called decoder.onnx."""
+def graph_cache_key(path: Path, settings: Mapping[str, Any] | None = None) -> str:
+    """One engine-cache folder per graph as written and as built: ORT names cached engines by the model's name,
+    inputs and nodes, not its weights, and every bundle's decoder is called decoder.onnx. The graph's files' sizes
+    and times, the bundle's manifest (sealed, it holds every file's sha256: a re-export copied in with its times
+    kept, `cp -p`, `rsync -a`, is another bundle of the same sizes and times) and `settings` (ONNX Runtime's
+    version, fp16 and the provider options given: what ORT's documentation says an engine must be rebuilt for)."""
     parts = [os.fspath(path.resolve())]
     for file in (path, path.with_name(path.name + ".data")):
         if file.is_file():
             stat = file.stat()
             parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    manifest = path.with_name(MANIFEST_FILE)
+    if manifest.is_file():
+        parts.append(hashlib.sha256(manifest.read_bytes()).hexdigest())
+    if settings:
+        parts.append(json.dumps(settings, sort_keys=True, default=str))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -316,8 +326,9 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
         options.enable_profiling = True
         options.profile_file_prefix = os.fspath(Path(config.profile_dir) / path.stem)
     tensorrt = config.provider == "tensorrt"
-    providers = provider_chain(config, fp16=fp16,
-                               cache_dir=default_trt_cache() / graph_cache_key(path) if tensorrt else None)
+    built_with = {"onnxruntime": ort.__version__, "fp16": fp16, "options": dict(config.provider_options)}
+    providers = provider_chain(config, fp16=fp16, cache_dir=default_trt_cache() / graph_cache_key(path, built_with)
+                               if tensorrt else None)
     if tensorrt:  # ORT creates only the last folder of the cache path
         Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     try:

@@ -344,6 +344,8 @@ class TrtDecoder:
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         """embeds [1, S, H] float32 at positions [length, length + S) -> logits [V] of the last one."""
         steps = embeds.shape[1]
+        if steps < 1:  # the caller's slip: no graph or kernel has anything to return for it
+            raise ValueError(f"no positions to run: embeds is {embeds.shape}")
         if steps > self.room:
             raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.plan.max_length}")
         start, total = self.length, self.length + steps

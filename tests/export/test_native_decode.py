@@ -289,3 +289,36 @@ def test_a_step_computing_something_else_refuses_the_export(bundle: Path, reexpo
     with pytest.raises(ExportValidationError, match="native decode step after a"):
         reexport_int8(tmp_path / "wrong")
     assert not (tmp_path / "wrong").exists()
+
+
+# A decode index that disagrees with its bundle, each refused in one BundleError line (a fifth mutation round: the
+# load's checks no test reached)
+INDEX_EDITS = {
+    "hidden": (lambda i, b: i.update(hidden=i["hidden"] * 2), "describes a hidden size"),
+    "qkv n": (lambda i, b: i["layers"][0]["qkv"].update(n=i["layers"][0]["qkv"]["n"] // 2), r"qkv is \["),
+    "norm shape": (lambda i, b: i["layers"][0]["input_norm"].update(shape=[i["hidden"] * 2]), "input norm is"),
+    "zero scale": (lambda i, b: i["layers"][0]["k_scale"].update(offset=i["final_norm"]["offset"] + 4 * i["hidden"]),
+                   "non-positive"),  # the zero padding after the last tensor
+    "a layer less": (lambda i, b: i["layers"].pop(), "the decode index holds 1 layers"),
+    "heads": (lambda i, b: i.update(heads=i["heads"] + 2), "heads or vocabulary"),
+    "short rotary": (lambda i, b: [t.update(shape=[4, t["shape"][1]]) for t in i["rotary"].values()],
+                     "rotary tables hold 4 positions"),
+    "float past the end": (lambda i, b: i["final_norm"].update(offset=(b / i["data"]).stat().st_size - i["hidden"]),
+                           "past the end"),  # a float32 tensor: its bytes are 4 x its values
+}
+
+
+@pytest.mark.parametrize("edit", list(INDEX_EDITS), ids=list(INDEX_EDITS))
+def test_an_index_disagreeing_with_the_bundle_is_refused(bundle: Path, tmp_path: Path, edit: str) -> None:
+    change, refusal = INDEX_EDITS[edit]
+    work = _edited_copy(bundle, tmp_path / "bundle", lambda index, manifest: change(index, bundle))
+    with pytest.raises(BundleError, match=refusal):
+        Pipeline.from_bundle(work, session=SessionConfig(decode_step="native"))
+
+
+def test_an_empty_input_is_a_value_error_on_every_decode_path(bundle: Path) -> None:
+    """The native step read its residual stream before assigning it (UnboundLocalError) for zero positions."""
+    for session in (SessionConfig(decode_step="native"), SessionConfig(decode_step="onnx")):
+        decoder = Pipeline.from_bundle(bundle, session=session).engine.decoder
+        with pytest.raises(ValueError, match=r"no positions to run: embeds is \(1, 0, "):
+            decoder.forward(np.zeros((1, 0, read_manifest(bundle).text.hidden_size), np.float32))
