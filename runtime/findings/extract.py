@@ -195,7 +195,8 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
     # tracing, sinus rhythm" states SR)
     owned = [0 if hedged else _own_negation(gap, last=k + 1 == len(gaps))
              for k, (gap, hedged) in enumerate(zip(gaps, hedged_after, strict=True))]
-    spent = [(m.end, m.end + n) for m, n in zip(mentions, owned, strict=True) if n]
+    spent = [(m.end, m.end + n) for m, n, gap in zip(mentions, owned, gaps, strict=True)
+             if n and not w.BOTH_SIDES.search(gap)]
     denials = _denials(text, clause, [*hedges, *spent], [m.start for m in mentions])
     alternatives = []
     for k, mention in enumerate(mentions):
@@ -203,12 +204,14 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
         before = text[mentions[k - 1].end if k else start:mention.start]
         last = k + 1 == len(mentions)
         mention.past = bool(w.HISTORY_OF.search(before)) or bool(w.GONE_AFTER.match(gap))
-        negated_after = not hedged_after[k] and (owned[k] > 0 or bool(w.MIMIC.match(gap))
+        mimics = bool(w.MIMIC_VERB.match(gap)) and not last
+        negated_after = not hedged_after[k] and (owned[k] > 0 or (bool(w.MIMIC.match(gap)) and not mimics)
                                                  or (last and bool(w.DENIED_AFTER_COLON.match(text[end:]))))
         reached = any(n < mention.start < reach for n, reach in denials)
         mention.negated = asked or reached or negated_after or mention.past
         mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after[k] or before.endswith("?")
-        alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)))
+        alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)
+                                 or w.MIMICKED_BEFORE.search(before)))  # what is mimicked: possible at most
     _along_lists(text, mentions)
     # "AF vs flutter", "Pericarditis vs STEMI": possible, after the lists (a differential hedges its own sides only)
     for mention, alternative in zip(mentions, alternatives, strict=True):

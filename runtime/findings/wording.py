@@ -34,8 +34,7 @@ BOUNDARY = re.compile(
 # doc of extract.py: "no ST elevation, LBBB" drops both).
 NEGATION_BEFORE = re.compile(
     rf"{_W}(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|rules out|never|neither|nor"
-    rf"|rather than|instead of|unlikely (?:to (?:be|represent)|(?:due|related|secondary) to|caused by)"
-    rf"|low likelihood of|no longer){_E}", _I)
+    rf"|rather than|instead of|unlikely to (?:be|represent)|low likelihood of|no longer){_E}", _I)
 # Denials of a narrower reach, to the next comma only ("Absent P waves, atrial fibrillation" states AF;
 # "I can't see P waves, atrial fibrillation" too): a leading "absent" / "unlikely" / "lack of" (right after a word
 # they are that word's: "ST elevation absent in the inferior leads, T wave inversion", NEGATION_AFTER),
@@ -43,7 +42,8 @@ NEGATION_BEFORE = re.compile(
 # rhythm, what a new rhythm replaced, and the negations of German, French and Chinese answers around English
 # codes ("kein AF", "pas de AF", "没有 AF"; not Spanish "sin", which is also short for "sinus").
 NEGATION_TO_COMMA = re.compile(
-    rf"{_W}(?:(?<![A-Za-z] )(?<!\()(?:absent|unlikely)|lack of|[a-z]+n['\u2019]t"
+    rf"{_W}(?:(?<![A-Za-z] )(?<!\()(?:absent|unlikely)|unlikely (?:(?:due|related|secondary) to|caused by)"
+    r"|lack of|[a-z]+n['\u2019]t"
     r"|fails? to meet(?: the)? criteria (?:for|of)|insufficient(?: voltage)? criteria (?:for|of)"
     r"|nothing (?:to suggest|suggest(?:s|ing|ive of))"
     r"|art[ie]fact\w*[\s,]+(?:(?:that|which)\s+)?(?:(?:may|can|could|might)\s+)?(?:simulat|mimick?|resembl)\w*"
@@ -138,15 +138,18 @@ _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
     r"[A-Za-z])|ruled out|excluded|resolved"
-    r"|unlikely(?!\s+(?:to\s+(?:be|represent)|(?:due|related|secondary)\s+to|caused\s+by)\b)"
+    r"|unlikely"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
     rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}")
 NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
-# MI": MI's, wording.NEGATION_TO_COMMA). "unlikely to be", "unlikely due to" deny what follows (NEGATION_BEFORE):
-# "ST elevation unlikely to be STEMI" states STE, not STEMI.
+# MI": MI's, wording.NEGATION_TO_COMMA).
 NEGATION_RIGHT_AFTER = re.compile(rf"^[ \t]+{_VERB}{_NEGATED}", _I)
+# A negation that denies both its sides: "AF unlikely to be present", "ST elevation unlikely to be STEMI", "VT
+# unlikely due to RBBB morphology", "ST depression unlikely due to ischemia": which side it means is not in the
+# words, and stating either side the text may deny is the worse error (an omission is the lesser)
+BOTH_SIDES = re.compile(r"unlikely\s+(?:to\s+(?:be|represent)|(?:due|related|secondary)\s+to|caused\s+by)\b", _I)
 HEDGE_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:{UNSURE}|possible|suspected|likely|questionable|not certain|uncertain|doubtful"
     r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant)(?![A-Za-z])", _I)
@@ -162,11 +165,17 @@ GONE_AFTER = re.compile(
 DENIED_AFTER_COLON = re.compile(
     r"^[ \t]*[:\uff1a][ \t]*(?:none|absent|no|nil|negative|not (?:present|seen|identified|detected|found|evident))"
     r"[ \t]*(?:[.;,!\n\u3002\uff0c\uff1b]|$)", _I)
-# "STEMI mimic", "LBBB mimicker", "a STEMI mimic in this patient", "STEMI mimics include ...": the noun, a mimic of
-# the statement, names what it is not; the verb and "of" name what it is ("LBBB mimics anterior MI", "LBBB mimic
-# of STEMI", "LBBB, which can mimic MI", "LBBB mimicking MI" state LBBB)
-MIMIC = re.compile(r"^[\s-]*mimic(?:s|kers?)?(?![A-Za-z])(?=[ \t]*(?:[,.;:)!?\n]|$)|\s+(?:in|include[sd]?|including"
-                   r"|such|pattern|like|seen|noted|present|on)\b)", _I)
+# "STEMI mimic", "LBBB mimicker", "a STEMI mimic in this patient", "STEMI mimics are LBBB and LVH": the noun, a
+# mimic of the statement, names what it is not; "LBBB mimic of STEMI" names what is (and "mimicking" is the verb)
+MIMIC = re.compile(r"^[\s-]*mimic(?:s|kers?)?(?![A-Za-z])(?!\s+of\b)", _I)
+# the verb right before the next statement (at most two words between, none of the noun's: "are", "include",
+# "due to", "with"): "LBBB mimics anterior MI", "LBBB may mimic an MI", "LBBB mimic of STEMI" state LBBB; what is
+# mimicked is possible at most ("LBBB, which can mimic or mask MI")
+_NOUN_NEXT = (r"(?:are|is|was|were|include[sd]?|including|such|due|caused|secondary|with|from|rather|in|on|like"
+              r"|pattern|seen)")
+_MIMICS = rf"mimic(?:s|ked|king)?\s+(?:of\s+|or\s+mask\s+)?(?!{_NOUN_NEXT}\b)(?:[A-Za-z-]+\s+){{0,2}}$"
+MIMIC_VERB = re.compile(rf"^[\s-]*(?:(?:may|can|could|might)\s+)?{_MIMICS}", _I)
+MIMICKED_BEFORE = re.compile(rf"(?<![A-Za-z]){_MIMICS}", _I)
 # the gap inside a list: "AF and flutter are absent", "LBBB and RBBB cannot be excluded"
 CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
 # the same, with its word: a history reaches along "MI and AF", not along a bare comma

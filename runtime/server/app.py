@@ -43,6 +43,9 @@ DRAIN_BYTES = 64 * 2**20  # past this much of a refused body, the connection is 
 # A client that sends nothing of a refused body for this long is answered now: one that declared a large body and
 # waited (no Expect: 100-continue) waited the whole --timeout, 600 s by default.
 DRAIN_IDLE_S = 2.0
+# Once it has begun, a refused body may pause this long between pieces (a slow link) before the connection is
+# answered and closed (one byte and then silence held it to the whole --timeout)
+DRAIN_STALL_S = 30.0
 
 
 async def health(request: Request) -> Response:
@@ -140,11 +143,12 @@ class Observe:
 async def drain(receive: Receive, idle_s: float | None = None) -> None:
     """Read and drop the rest of a refused body (up to DRAIN_BYTES), so that the client, still sending, can
     read the error: closing a socket with unread data resets it, and the reset discards the response. `idle_s`:
-    give up (asyncio.TimeoutError) when nothing of the body arrives for that long (once some has, a slow client
-    is read to its end: it is sending, and will read the refusal)."""
+    give up (asyncio.TimeoutError) when nothing of the body arrives for that long; once some has, a slow client is
+    read on (it is sending, and will read the refusal) unless it pauses longer than DRAIN_STALL_S."""
     drained = 0
     while drained <= DRAIN_BYTES:
-        message = await asyncio.wait_for(receive(), idle_s if drained == 0 else None)
+        message = await asyncio.wait_for(receive(), idle_s if drained == 0 or idle_s is None
+                                         else max(idle_s, DRAIN_STALL_S))
         drained += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
             return

@@ -22,6 +22,24 @@ from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.decode_index import Linear, Tensor, read_index
 from pulse_edge.runtime.bundle.manifest import read_manifest
 from pulse_edge.runtime.engines.segmented import kernel_for
+from pulse_edge.runtime.kernels.attention import DECODE, CausalAttention
+from pulse_edge.runtime.kernels.layer_ops import LayerOps
+from pulse_edge.runtime.kernels.linear import BlockGemv
+
+
+@pytest.fixture(scope="module")
+def indexed(cpu_int8_bundle: Path, kernel_or_skip) -> Path:
+    """The int8 bundle where the export wrote its decode index: only where the native step's kernels run."""
+    for load in (BlockGemv.load, lambda: CausalAttention.load(DECODE), LayerOps.load):
+        kernel_or_skip(load, "the export writes no decode index here: ")
+    return cpu_int8_bundle
+
+
+@pytest.fixture(scope="module")
+def segmented(cpu_int8_bundle: Path, kernel_or_skip) -> Path:
+    """The int8 bundle where the export cut its prefill graph: only where the prefill attention kernel runs."""
+    kernel_or_skip(CausalAttention.load, "the export writes no segments here: ")
+    return cpu_int8_bundle
 
 
 def _node(m, name):
@@ -121,8 +139,8 @@ def test_external_data_outside_the_bundle_is_refused(cpu_int8_bundle: Path, tmp_
         kv_scales(model, 2, cpu_int8_bundle)
 
 
-def test_the_kernel_is_cpu_only(cpu_int8_bundle: Path) -> None:
-    spec = read_manifest(cpu_int8_bundle).graphs[names.PREFILL]
+def test_the_kernel_is_cpu_only(segmented: Path) -> None:
+    spec = read_manifest(segmented).graphs[names.PREFILL]
     assert kernel_for(names.PREFILL, spec, "auto", "cuda") is None
     with pytest.raises(ConfigError, match="runs on the CPU, not with --provider cuda"):
         kernel_for(names.PREFILL, spec, "kernel", "cuda")
@@ -139,8 +157,8 @@ def test_a_decode_kernel_off_its_twin_fails_the_verdict(monkeypatch: pytest.Monk
     assert not report["pass"] and not report["kernel_plausible"]
 
 
-def test_a_float_linear_round_trips(cpu_int8_bundle: Path, tmp_path: Path) -> None:
-    d = json.loads((cpu_int8_bundle / names.DECODE_INDEX_FILE).read_text())
+def test_a_float_linear_round_trips(indexed: Path, tmp_path: Path) -> None:
+    d = json.loads((indexed / names.DECODE_INDEX_FILE).read_text())
     d["lm_head"] = Linear(0, d["hidden"], d["vocab"], weight=Tensor("w", "float32", (d["hidden"], d["vocab"]), 0)
                           ).to_dict()
     (tmp_path / "i.json").write_text(json.dumps(d))
@@ -152,8 +170,8 @@ def test_a_float_linear_round_trips(cpu_int8_bundle: Path, tmp_path: Path) -> No
     lambda d: d["lm_head"].update(bits=2), lambda d: d.update(eps=0), lambda d: d.update(layers=[]),
     lambda d: d.update(version=2), lambda d: d.update(store="round-clip-128")],
     ids=["zero dim", "rank 5", "2 bits", "eps 0", "no layers", "version 2", "other store"])
-def test_an_index_outside_the_schema_is_refused(cpu_int8_bundle: Path, tmp_path: Path, edit) -> None:
-    d = json.loads((cpu_int8_bundle / names.DECODE_INDEX_FILE).read_text())
+def test_an_index_outside_the_schema_is_refused(indexed: Path, tmp_path: Path, edit) -> None:
+    d = json.loads((indexed / names.DECODE_INDEX_FILE).read_text())
     edit(d)
     (tmp_path / "i.json").write_text(json.dumps(d))
     with pytest.raises(BundleError, match="re-export the bundle"):

@@ -74,10 +74,14 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("LVH unlikely given LBBB", [("LBBB", "stated")]),
     ("Atrial fibrillation excluded given sinus rhythm.", [("SR", "stated")]),
     ("Sinus rhythm, unlikely MI.", [("SR", "stated")]),
-    # "unlikely to be", "unlikely due to" deny what follows, not what comes before
-    ("ST elevation unlikely to be STEMI.", [("STE", "stated")]),
-    ("ST elevation unlikely to represent acute MI.", [("STE", "stated")]),
-    ("ST depression unlikely due to ischemia.", [("STD", "stated")]),
+    # "unlikely to be", "unlikely due to" deny both sides: which one is meant is not in the words ("AF unlikely to be
+    # present", "ST elevation unlikely to be STEMI"), and stating a side the text denies is the worse error
+    ("ST elevation unlikely to be STEMI.", []), ("AF unlikely to be present.", []),
+    ("ST elevation unlikely to represent acute MI.", []), ("Ischemia is unlikely to be the cause.", []),
+    ("ST depression unlikely due to ischemia.", []), ("VT unlikely due to typical RBBB morphology.", []),
+    ("MI unlikely due to absence of Q waves.", []),
+    ("AF unlikely due to regular rhythm, sinus rhythm with PACs.", [("SR", "stated"), ("PAC", "stated")]),
+    ("ST depression unlikely due to ischemia, likely LVH strain.", [("LVH", "possible")]),
     # what follows the last of a list applies to all, commas alone too (an omission where they were two
     # statements, "Sinus rhythm, MI unlikely", rather than a finding stated that a list denies)
     ("AF, LBBB and RBBB are absent.", []), ("AF/flutter absent.", []), ("AF, LBBB, RBBB absent.", []),
@@ -431,8 +435,15 @@ def test_finished_sentences_keeps_every_finished_one() -> None:
     assert finished_sentences("Sinus rhythm. LBBB. Possible") == "Sinus rhythm. LBBB."
 
 
-@pytest.mark.parametrize("text", ["LBBB mimics anterior MI.", "LBBB mimic of STEMI.", "LBBB mimicking anterior MI."])
-def test_what_mimics_is_stated(text: str) -> None:
+@pytest.mark.parametrize("text", ["LBBB mimics anterior MI.", "LBBB mimic of STEMI.", "LBBB mimicking anterior MI.",
+                                  "LBBB may mimic an MI."])
+def test_what_mimics_is_stated_and_what_it_mimics_is_possible_at_most(text: str) -> None:
     """The noun form ("a STEMI mimic") names what is not there; the finding that mimics is ("LBBB mimics MI" lost
-    LBBB when the noun's rule read any words after "mimic")."""
-    assert ("LBBB", "stated") in [(f.code, f.certainty) for f in extract_findings(text)]
+    LBBB when the noun's rule read any words after "mimic"), and what it mimics was stated."""
+    assert [(f.code, f.certainty) for f in extract_findings(text)] == [("LBBB", "stated"), ("MI", "possible")]
+
+
+@pytest.mark.parametrize("text", ["STEMI mimic due to LBBB.", "STEMI mimic with LBBB.", "STEMI mimics are LBBB.",
+                                  "STEMI mimic (LBBB)."])
+def test_a_mimic_named_with_what_causes_it_is_not_stated(text: str) -> None:
+    assert [(f.code, f.certainty) for f in extract_findings(text)] == [("LBBB", "stated")]

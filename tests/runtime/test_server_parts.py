@@ -689,9 +689,11 @@ def test_metrics_count_generations_and_leave_a_rate_of_zero_out() -> None:
     assert "pulse_edge_time_to_first_token_seconds_count 2.0" in text
 
 
-def test_draining_a_refused_body_stops_at_silence_but_reads_a_slow_sender_to_its_end() -> None:
+def test_draining_a_refused_body_stops_at_silence_but_reads_a_slow_sender_to_its_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that declared a body past the limit and sent none of it waited the whole --timeout for its 413; a
     slow one still sending must be read to its end (an early close resets the socket, and the 413 is lost)."""
+    from pulse_edge.runtime.server import app
     from pulse_edge.runtime.server.app import drain
 
     async def silent() -> dict[str, Any]:
@@ -713,3 +715,17 @@ def test_draining_a_refused_body_stops_at_silence_but_reads_a_slow_sender_to_its
 
     asyncio.run(drain(slow, 0.05))
     assert len(taken) == 3
+
+    async def one_byte_then_silence() -> dict[str, Any]:
+        if taken:
+            await asyncio.sleep(10)
+        taken.append({"type": "http.request", "body": b"x", "more_body": True})
+        return taken[-1]
+
+    taken.clear()
+    with monkeypatch.context() as patched:  # a pause past DRAIN_STALL_S once the body began: answered then
+        patched.setattr(app, "DRAIN_STALL_S", 0.2)
+        start = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(drain(one_byte_then_silence, 0.05))
+        assert time.monotonic() - start < 2
