@@ -176,6 +176,12 @@ def graph_cache_key(path: Path, settings: Mapping[str, Any] | None = None) -> st
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def engine_cache_dir(path: Path, config: SessionConfig, *, fp16: bool, onnxruntime: str) -> Path:
+    """Where TensorRT's engines for the graph at `path`, built with these settings, are cached."""
+    built_with = {"onnxruntime": onnxruntime, "fp16": fp16, "options": dict(config.provider_options)}
+    return default_trt_cache() / graph_cache_key(path, built_with)
+
+
 def provider_chain(config: SessionConfig, *, fp16: bool, cache_dir: Path | None = None) -> list[Any]:
     """The providers in ORT's order of preference. TensorRT takes the subgraphs it can build; the contrib ops
     it has no layer for (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits) go to the CUDA
@@ -326,8 +332,8 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
         options.enable_profiling = True
         options.profile_file_prefix = os.fspath(Path(config.profile_dir) / path.stem)
     tensorrt = config.provider == "tensorrt"
-    built_with = {"onnxruntime": ort.__version__, "fp16": fp16, "options": dict(config.provider_options)}
-    providers = provider_chain(config, fp16=fp16, cache_dir=default_trt_cache() / graph_cache_key(path, built_with)
+    providers = provider_chain(config, fp16=fp16, cache_dir=engine_cache_dir(path, config, fp16=fp16,
+                                                                               onnxruntime=ort.__version__)
                                if tensorrt else None)
     if tensorrt:  # ORT creates only the last folder of the cache path
         Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)

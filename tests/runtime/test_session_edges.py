@@ -81,3 +81,17 @@ def test_the_engine_cache_key_follows_the_bundle_and_how_its_engines_are_built(t
     assert s.graph_cache_key(graph, built) != s.graph_cache_key(graph, {**built, "fp16": False})
     assert s.graph_cache_key(graph, built) != s.graph_cache_key(graph, {**built, "onnxruntime": "1.33.0"})
     assert s.graph_cache_key(graph, built) == s.graph_cache_key(graph, dict(built))
+
+
+def test_engines_built_otherwise_are_cached_apart(tmp_path: Path) -> None:
+    """ORT's documentation: an engine is rebuilt for another ORT (TensorRT) version or other build options."""
+    graph = tmp_path / "decoder.onnx"
+    graph.write_bytes(b"graph")
+    config = s.SessionConfig(provider="tensorrt")
+    here = s.engine_cache_dir(graph, config, fp16=True, onnxruntime="1.32.0")
+    assert here.parent == s.default_trt_cache() and here == s.engine_cache_dir(graph, config, fp16=True,
+                                                                               onnxruntime="1.32.0")
+    assert here != s.engine_cache_dir(graph, config, fp16=False, onnxruntime="1.32.0")
+    assert here != s.engine_cache_dir(graph, config, fp16=True, onnxruntime="1.33.0")
+    other = s.SessionConfig(provider="tensorrt", provider_options={"trt_int8_enable": True})
+    assert here != s.engine_cache_dir(graph, other, fp16=True, onnxruntime="1.32.0")
