@@ -26,11 +26,11 @@ from pulse_edge.runtime.generation.decode import StopCheck
 from pulse_edge.runtime.generation.interpretation import Interpretation, Source, interpret
 from pulse_edge.runtime.generation.result import GenerationResult
 from pulse_edge.runtime.generation.sampling import SamplingParams
-from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION
+from pulse_edge.runtime.text.prompt import DEFAULT_QUESTION, check_text
 from pulse_edge.runtime.text.tokenizer import Tokenizer
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # one pipeline is one loaded model: hashable by identity, a short repr
 class Pipeline:
     """A bundle loaded into ONNX Runtime or TensorRT, answering questions about ECG images."""
 
@@ -75,6 +75,9 @@ class Pipeline:
         else:
             engine = open_ort_engine(root, manifest, session or SessionConfig(), prefill_chunk=prefill_chunk)
         return cls(bundle=root, manifest=manifest, tokenizer=tokenizer, engine=engine, backend=backend)
+
+    def __repr__(self) -> str:
+        return f"Pipeline(bundle={str(self.bundle)!r}, backend={self.backend!r}, precision={self.manifest.precision!r})"
 
     def close(self, wait: float | None = None) -> None:
         """Free the bundle's engines now (a TensorRT engine's GPU memory, ONNX Runtime's sessions), as a cart that
@@ -121,6 +124,8 @@ class Pipeline:
 
         `system` replaces the bundle's system prompt (the one PULSE was trained with) for this conversation.
         """
+        if system is not None:
+            check_text(system, "system prompt")  # not text: one PromptError here, not an AttributeError at the ask
         template = self.manifest.prompt if system is None else replace(self.manifest.prompt, system=system)
         return Conversation(self.engine, self.tokenizer, self.manifest.image, backend=self.backend, template=template)
 

@@ -120,6 +120,7 @@ class TorchEngine:
         self.length, self.epoch = 0, 0
         self._cache: DynamicCache | None = None
         self.lock = threading.RLock()  # one per conversation's engine (TorchPipeline.chat makes one each)
+        self.answering = False  # a conversation's question is running (runtime/generation/conversation.py)
 
     def reset(self) -> None:
         self.length, self._cache, self.epoch = 0, None, self.epoch + 1

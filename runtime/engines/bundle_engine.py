@@ -175,6 +175,7 @@ class BundleEngine:
         # one computation at a time on the one cache: a conversation holds it for a whole question (its reset and
         # every step), so a second thread's reset could not move the cache under a running answer (Conversation)
         self.lock = EngineLock(self._close_if_asked)
+        self.answering = False  # a conversation's question is running (generation/conversation.py)
         prefetch(bundle / manifest.embedding.file)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
@@ -268,7 +269,7 @@ class BundleEngine:
         chunk = self.prefill_chunk or embeds.shape[0]
         logits = None
         for start in range(0, embeds.shape[0], chunk):
-            if start and should_stop is not None and should_stop():
+            if should_stop is not None and should_stop():  # before the first chunk too: a stop asked at once
                 raise GenerationStopped(f"stopped after {start} of the prompt's {embeds.shape[0]} positions")
             logits = self.decoder.forward(embeds[None, start:start + chunk])
             # an int8 cache hides a non-finite position from later chunks; its graphs make this chunk's logits NaN

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from pulse_edge.errors import ConfigError, PromptError
+from pulse_edge.errors import ConfigError, GenerationStopped, PromptError
 from pulse_edge.runtime.generation.decode import StopCheck, check_token_limit, decode_loop
 from pulse_edge.runtime.generation.result import GenerationResult, Timings, decode_rate
 from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
@@ -35,6 +35,7 @@ class Engine(Protocol):
     max_length: int
     epoch: int  # how many times the cache was reset: a conversation owns it while no newer one has reset it
     lock: AbstractContextManager[Any]  # held by a conversation for its reset and for each whole question
+    answering: bool  # a question is being answered (set and read under the lock: the same thread, re-entering)
 
     @property
     def length(self) -> int: ...
@@ -69,6 +70,7 @@ class Conversation:
         self._opened = False  # the image and first question are in the cache
         self._broken: str | None = None  # why an earlier ask stopped with its positions half in the cache
         with engine.lock:  # not while another thread's conversation is mid-answer on this engine's cache
+            _refuse_reentry(engine)
             engine.reset()
             self._epoch = engine.epoch  # a later conversation on this engine (pipeline.generate, chat) resets it
 
@@ -88,9 +90,17 @@ class Conversation:
                               "interpret() for a full interpretation")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ConfigError(f"sampling must be a SamplingParams (or None: greedy), got {type(sampling).__name__}")
+        for name, callback in (("on_text", on_text), ("should_stop", should_stop)):  # before the prefill's seconds
+            if callback is not None and not callable(callback):
+                raise ConfigError(f"{name} must be a function (or None), got {type(callback).__name__}")
         with self.engine.lock:  # a close asked meanwhile happens as the lock is let go (runtime/engines)
-            return self._ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
-                             history=history, should_stop=should_stop)
+            _refuse_reentry(self.engine)
+            self.engine.answering = True
+            try:
+                return self._ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 on_text=on_text, history=history, should_stop=should_stop)
+            finally:
+                self.engine.answering = False
 
     def _ask(self, question: str, image: Image.Image | None, *, max_new_tokens: int,
              sampling: SamplingParams | None, on_text: Callable[[str], None] | None, history: Sequence[Turn],
@@ -106,6 +116,8 @@ class Conversation:
         prompt = (self._follow_up(question, image, history) if self._opened
                   else self._first_prompt(question, image, history))
         t1 = time.perf_counter()
+        if should_stop is not None and should_stop():  # a stop asked at once costs no vision graph (seconds)
+            raise GenerationStopped("stopped before the image was read")
         features = self.engine.image_features(prompt.pre) if prompt.pre is not None else None  # the cache unmoved
         t2 = time.perf_counter()
         try:  # from here on the cache moves: a failure leaves it holding what this conversation never saw
@@ -161,11 +173,29 @@ class Conversation:
         if image_tokens >= limit:
             raise PromptError(f"the image needs {image_tokens} tokens but the context holds {limit}; "
                               "use a model exported with a longer context")
+        if used and used + self._least_follow_up() >= limit:  # "shorten the question" could not help
+            raise PromptError(f"this conversation has filled the context ({used} of {limit} positions): no "
+                              "follow-up fits; start a new conversation")
         if used + prompt.positions >= limit:
             what = "the prompt" if used == 0 else "this follow-up"
             raise PromptError(f"{what} takes {prompt.positions} positions ({image_tokens} for the image, "
                               f"{used} already used) but the context holds {limit}; shorten the question"
                               + ("" if used == 0 else " or start a new conversation"))
+
+
+    def _least_follow_up(self) -> int:
+        """The positions of the shortest follow-up there is: the turn's template around a one-letter question."""
+        ids = continuation_ids("?", self.tokenizer, close_previous=self._last_stop != "eos", template=self.template)
+        return len(ids) + (self._pending is not None)
+
+
+def _refuse_reentry(engine: Engine) -> None:
+    """The lock is re-entrant: a question asked from inside a running answer's own callback (on_text, should_stop),
+    on the same thread, would pass it, reset or fill the cache, and the running answer would go on decoding on
+    that foreign cache: a wrong answer with no error."""
+    if engine.answering:
+        raise ConfigError("this model is answering a question on this thread: it cannot be asked from inside its own "
+                          "on_text or should_stop; ask after that answer returns (or on another pipeline)")
 
 
 def _streamer(stream: StreamDecoder, on_text: Callable[[str], None] | None, eos_id: int) -> Callable[[int], None]:

@@ -8,6 +8,7 @@ the cost is one pass over 32000 floats per token, negligible against decode.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +30,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p"):  # a string or None failed inside a comparison, as a TypeError
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))  # numpy's too (np.float32(0.9)): a plain float from here
+        if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool | np.bool_):
+            object.__setattr__(self, "seed", int(self.seed))  # np.int64(3) as 3
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if 0.0 < self.temperature < MIN_TEMPERATURE:  # logits / 5e-324 is inf: the softmax of infs is NaN

@@ -53,6 +53,8 @@ def question_or_default(question: str | None) -> str:
 def check_text(text: str, what: str) -> str:
     """`text` if it is Unicode the tokenizer can take; else PromptError. A lone UTF-16 surrogate (JSON "\\ud800",
     or a byte that is not UTF-8 on the command line, which Python decodes to one) has no UTF-8 form."""
+    if not isinstance(text, str):
+        raise PromptError(f"the {what} must be text (str), got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -139,6 +141,8 @@ def prompt_ids(turns: Sequence[Turn], tokenizer: TextEncoder, template: PromptTe
     if not turns:
         raise PromptError("a prompt needs at least one question")
     for turn in turns:
+        if not isinstance(turn, Turn):  # a tuple, an OpenAI-style dict: Turn checks its own fields
+            raise PromptError(f"a turn of the history must be a Turn(question, answer), got {type(turn).__name__}")
         if template.image_marker in turn.question:
             raise PromptError(f"the question must not contain {template.image_marker!r}: the image goes in once, "
                               "before the first question")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -211,6 +213,7 @@ class _CountingEngine:
         import threading
 
         self.max_length, self.epoch, self.lock, self.vocab = max_length, 0, threading.RLock(), vocab
+        self.answering = False
         self.length = 0
 
     def reset(self) -> None:
@@ -272,6 +275,40 @@ def test_an_answer_that_fills_the_context_stops_there_never_past_it(counting_cha
     assert result.timings.decode_tokens_per_s == pytest.approx((5 - 1) / (result.timings.decode_ms / 1e3))
 
 
+def test_a_follow_up_to_a_full_context_says_so_not_to_shorten_the_question(counting_chat) -> None:
+    """After a context_full stop no question fits: the advice to shorten it could not work."""
+    chat, _, image = counting_chat(5)
+    assert chat.ask("Rate?", image, max_new_tokens=50).stop_reason == "context_full"
+    with pytest.raises(PromptError, match=r"this conversation has filled the context \(\d+ of \d+ positions\): no "
+                                          "follow-up fits; start a new conversation"):
+        chat.ask("?", max_new_tokens=2)
+    chat, _, image = counting_chat(60)  # room for a short follow-up: a long one is told to shorten
+    chat.ask("Rate?", image, max_new_tokens=2)
+    with pytest.raises(PromptError, match="shorten the question or start a new conversation"):
+        chat.ask("Describe every lead. " * 40, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(("ask", "words"), [
+    (lambda chat, image: chat.ask("Rate?", image, history=[("q", "a")]), "must be a Turn(question, answer), got tuple"),
+    (lambda chat, image: chat.ask("Rate?", image, history=[{"role": "user"}]), "got dict"),
+    (lambda chat, image: chat.ask("Rate?", image, history=["q"]), "got str")])
+def test_a_history_of_another_shape_is_a_prompt_error(counting_chat, ask, words: str) -> None:
+    """An AttributeError from deep inside the prompt builder ("'tuple' object has no attribute 'question'")."""
+    chat, engine, image = counting_chat(200)
+    with pytest.raises(PromptError, match=re.escape(words)):
+        ask(chat, image)
+    assert engine.length == 0
+
+
+def test_a_system_prompt_that_is_not_text_is_a_prompt_error(tiny_bundle) -> None:
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.from_bundle(tiny_bundle)
+    with pytest.raises(PromptError, match="the system prompt must be text \\(str\\), got int"):
+        pipeline.chat(system=5)
+    pipeline.close()
+
+
 def test_a_follow_up_cannot_bring_a_history(counting_chat) -> None:
     from pulse_edge.runtime.text.prompt import Turn
 
@@ -289,3 +326,68 @@ def test_a_template_from_before_the_field_reads_text_after_eos_with_the_dummy_pr
     old = {"name": "llava_v1", "system": "A chat.", "roles": ["USER", "ASSISTANT"], "sep": " "}
     assert PromptTemplate.from_dict(old).dummy_prefix_after_eos is True
     assert PromptTemplate.from_dict({**old, "dummy_prefix_after_eos": False}).dummy_prefix_after_eos is False
+
+
+def test_a_question_from_inside_a_running_answer_is_refused_and_the_answer_is_untouched(counting_chat) -> None:
+    """The engine's lock is re-entrant: a cart that asked the same pipeline a side question from its on_text
+    passed it, reset the cache, and the running answer went on decoding on the other question's cache."""
+    from pulse_edge.runtime.generation.conversation import Conversation
+    from pulse_edge.runtime.image.preprocess import ImageLayout
+
+    chat, engine, image = counting_chat(50)
+    refused: list[Exception] = []
+
+    def side_question(piece: str) -> None:
+        for ask in (lambda: Conversation(engine, chat.tokenizer, ImageLayout(), backend="fake"),
+                    lambda: chat.ask("And the axis?")):
+            try:
+                ask()
+            except ConfigError as e:
+                refused.append(e)
+
+    epoch = engine.epoch
+    answer = chat.ask("Rate?", image, max_new_tokens=6, on_text=side_question)
+    assert refused and all("inside its own on_text or should_stop" in str(e) for e in refused)
+    assert engine.epoch == epoch and not engine.answering  # never reset under the answer
+    assert engine.length == answer.prompt_tokens + answer.generated_tokens - 1  # its own positions only
+    assert chat.ask("And the axis?", max_new_tokens=2).generated_tokens == 2  # usable after it
+
+
+@pytest.mark.parametrize("option", ["on_text", "should_stop"])
+def test_a_callback_that_is_not_a_function_is_refused_before_the_prefill(option: str, counting_chat) -> None:
+    chat, engine, image = counting_chat(50)
+    with pytest.raises(ConfigError, match=f"{option} must be a function"):
+        chat.ask("Rate?", image, max_new_tokens=2, **{option: "print"})
+    assert engine.length == 0  # nothing prefilled
+
+
+def test_numpy_numbers_are_sampling_parameters() -> None:
+    """np.int64(3) as a seed and np.float32(0.9) as top_p were refused ("must be a number") where np.float64 passed."""
+    params = SamplingParams(temperature=np.float32(0.5), top_p=np.float32(0.9), seed=np.int64(3))
+    assert (params.temperature, params.top_p, params.seed) == (0.5, pytest.approx(0.9), 3)
+    assert type(params.top_p) is float and type(params.seed) is int  # JSON-able as the batch records them
+    for bad in ({"seed": np.float64(3.0)}, {"top_p": np.bool_(True)}, {"seed": True}):
+        with pytest.raises(ConfigError):
+            SamplingParams(**bad)
+
+
+def test_a_stop_asked_at_once_reads_neither_the_image_nor_the_prompt(counting_chat) -> None:
+    """A cart's stop button pressed as the answer began still cost the vision graph and the first prompt chunk."""
+    from pulse_edge.errors import GenerationStopped
+
+    chat, engine, image = counting_chat(50)
+    seen = []
+    engine.image_features = lambda pre: seen.append(pre) or pytest.fail("the vision graph ran")
+    with pytest.raises(GenerationStopped, match="before the image was read"):
+        chat.ask("Rate?", image, max_new_tokens=4, should_stop=lambda: True)
+    assert engine.length == 0 and not seen
+
+
+def test_a_pipeline_is_a_key_and_says_what_it_is_in_a_line(tiny_bundle) -> None:
+    """A dataclass's generated __eq__ made it unhashable ({pipe: ...} raised TypeError) and its repr 7,444
+    characters (the manifest, the tokenizer, the engine)."""
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    with Pipeline.from_bundle(tiny_bundle) as pipeline:
+        assert {pipeline: 1}[pipeline] == 1
+        assert repr(pipeline) == f"Pipeline(bundle={str(tiny_bundle)!r}, backend='ort', precision='fp32')"
