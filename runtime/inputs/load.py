@@ -26,8 +26,9 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image
 
-from pulse_edge.errors import InputError
+from pulse_edge.errors import ConfigError, InputError
 from pulse_edge.runtime.ecg.checks import PRINT_SECONDS
+from pulse_edge.runtime.ecg.leads import LEADS, normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording, TwelveLead, to_twelve_lead
 from pulse_edge.runtime.ecg.render import FULL_ENOUGH, render_ecg
 from pulse_edge.runtime.inputs.aecg import read_aecg
@@ -242,7 +243,15 @@ def _leads(options: _Options) -> dict[str, tuple[str, ...]]:
     if options.leads is None:
         return {}
     given = options.leads
-    return {"leads": tuple(n.strip() for n in given.split(",")) if isinstance(given, str) else tuple(given)}
+    names = tuple(n.strip() for n in given.split(",")) if isinstance(given, str) else tuple(given)
+    if any(not isinstance(n, str) for n in names):
+        raise ConfigError(f"leads must be lead names (text), got {given!r:.80}")
+    # none a lead: said so ("foo" was told its array's shape did not say which axis holds its 1 lead); a channel
+    # that is no lead beside leads ("RESP") is dropped later with a note
+    if names and all(normalise_lead_name(n) is None for n in names):
+        raise ConfigError(f"leads: {', '.join(map(repr, names[:3]))} name no ECG lead; name each row's lead from "
+                          f"{', '.join(LEADS)} (e.g. \"{','.join(LEADS[:3])},...\")")
+    return {"leads": names}
 
 
 _Reader = Callable[[object, _Options], Recording]

@@ -17,7 +17,7 @@ from pulse_testing.ecg_files import beats, dicom_bytes, dicom_dataset, write_wfd
 
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.ecg import checks
-from pulse_edge.runtime.ecg.leads import LeadName, lead_from_code
+from pulse_edge.runtime.ecg.leads import LEADS, LeadName, lead_from_code
 from pulse_edge.runtime.ecg.resample import resample, resampled_length
 from pulse_edge.runtime.inputs.dicom import read_dicom
 from pulse_edge.runtime.inputs.discover import expand_inputs
@@ -231,3 +231,18 @@ def test_damaged_exif_is_one_note_not_pillow_s_warnings() -> None:
         loaded = load_input(bytes(data), name="photo.jpg")
     assert not [w for w in caught if "EXIF" in str(w.message)]
     assert any("EXIF data is damaged" in note and "upright" in note for note in loaded.notes)
+
+
+def test_leads_that_name_no_lead_are_said_so(tmp_path) -> None:
+    """leads="foo" was told that the array's shape does not say which axis holds its 1 lead."""
+    from pulse_edge.errors import ConfigError
+    from pulse_edge.runtime.inputs.load import load_input
+
+    signals = beats(5000, 500.0)
+    with pytest.raises(ConfigError, match="leads: 'foo' name no ECG lead; name each row's lead from I, II"):
+        load_input(signals, fs=500.0, leads="foo")
+    with pytest.raises(ConfigError, match="leads must be lead names"):
+        load_input(signals, fs=500.0, leads=(1, 2))
+    thirteen = np.vstack([signals, signals[:1]])  # a respiration channel beside the 12 leads: dropped, said
+    loaded = load_input(thirteen, fs=500.0, leads=(*LEADS, "RESP"))
+    assert any("'RESP'" in note for note in loaded.notes)
