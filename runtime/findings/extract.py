@@ -93,6 +93,7 @@ class _Mention:
     negated: bool = False
     hedged: bool = False
     past: bool = False  # a history, or what an earlier tracing showed
+    relational: bool = False  # denied only as "X unlikely to be/represent/due to Y": not along a bare comma
 
 
 # "non-sinus rhythm", "non-ischemic", "pseudo-infarct": the prefix says the opposite of the statement
@@ -209,9 +210,12 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
                                                  or (last and bool(w.DENIED_AFTER_COLON.match(text[end:]))))
         reached = any(n < mention.start < reach for n, reach in denials)
         mention.negated = asked or reached or negated_after or mention.past
+        mention.relational = (owned[k] > 0 and not last and bool(w.BOTH_SIDES.search(gap))
+                              and not (asked or reached or mention.past))
         mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after[k] or before.endswith("?")
         alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)
-                                 or w.MIMICKED_BEFORE.search(before)))  # what is mimicked: possible at most
+                                 or w.MIMICKED_BEFORE.search(before)  # what is mimicked: possible at most
+                                 or w.MIMICKED_BY.match(gap)))
     _along_lists(text, mentions)
     # "AF vs flutter", "Pericarditis vs STEMI": possible, after the lists (a differential hedges its own sides only)
     for mention, alternative in zip(mentions, alternatives, strict=True):
@@ -242,7 +246,7 @@ def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, i
             continue
         spent = bisect.bisect_right(starts, first)  # the first statement after the denial
         for b in breaks:  # not one inside the denial's own words ("unlikely due to ischemia")
-            if said <= b < reach and (spent == len(starts) or starts[spent] > b):
+            if said <= b < reach and text[said:b].strip() and (spent == len(starts) or starts[spent] > b):
                 reach = b
                 break
         denials.append((first, reach))
@@ -255,7 +259,9 @@ def _along_lists(text: str, mentions: list[_Mention]) -> None:
     two statements and a comma are two ("Sinus rhythm, MI unlikely"), SR is lost, an omission, where reading a
     list as two would state a finding the text denies, the worse error."""
     for k in range(len(mentions) - 2, -1, -1):
-        if w.CONJUNCTION.match(text[mentions[k].end:mentions[k + 1].start]):
+        gap = text[mentions[k].end:mentions[k + 1].start]
+        # a relation denied ("ST elevation unlikely to represent MI") is no list's end: not back across a comma
+        if w.CONJUNCTION.match(gap) and not (mentions[k + 1].relational and not re.search(r"[A-Za-z]", gap)):
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
     for first, second in itertools.pairwise(mentions):

@@ -34,7 +34,7 @@ BOUNDARY = re.compile(
 # doc of extract.py: "no ST elevation, LBBB" drops both).
 NEGATION_BEFORE = re.compile(
     rf"{_W}(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|rules out|never|neither|nor"
-    rf"|rather than|instead of|unlikely to (?:be|represent)|low likelihood of|no longer){_E}", _I)
+    rf"|rather than|instead of|unlikely to (?:be|represent)|unlikely that|low likelihood of|no longer){_E}", _I)
 # Denials of a narrower reach, to the next comma only ("Absent P waves, atrial fibrillation" states AF;
 # "I can't see P waves, atrial fibrillation" too): a leading "absent" / "unlikely" / "lack of" (right after a word
 # they are that word's: "ST elevation absent in the inferior leads, T wave inversion", NEGATION_AFTER),
@@ -62,7 +62,8 @@ SCOPE_BREAK = re.compile(
 UNSURE = (r"(?:(?:cannot|can't|can not|could not|couldn't|does not|doesn't|did not|do not|unable to) (?:be )?"
           r"(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))")
 HEDGE_BEFORE = re.compile(
-    rf"{_W}(?:{UNSURE}|possibl[ey]|probabl[ey]|likely|suspected|suspicious (?:for|of)|possibility of"
+    rf"{_W}(?:{UNSURE}|possibl[ey]|probabl[ey]|likely|suspected|suspicious (?:for|of)|concerning for"
+    r"|worrisome for|possibility of"
     r"|suggest(?:s|ive of|ing)?|consider|questionable|borderline|equivocal|uncertain(?: whether| if)?"
     r"|may (?:be|represent|indicate|reflect)|might|could (?:be|represent)|doubtful|query"
     r"|differential(?: diagnosis)?(?: includes?| of)?|(?:can|may|could) (?:mimic|mask|obscure)(?: or (?:mimic|mask"
@@ -149,7 +150,9 @@ NEGATION_RIGHT_AFTER = re.compile(rf"^[ \t]+{_VERB}{_NEGATED}", _I)
 # A negation that denies both its sides: "AF unlikely to be present", "ST elevation unlikely to be STEMI", "VT
 # unlikely due to RBBB morphology", "ST depression unlikely due to ischemia": which side it means is not in the
 # words, and stating either side the text may deny is the worse error (an omission is the lesser)
-BOTH_SIDES = re.compile(r"unlikely\s+(?:to\s+(?:be|represent)|(?:due|related|secondary)\s+to|caused\s+by)\b", _I)
+# ("AF unlikely to be present, sinus rhythm": the subject's own, so its reach ends there)
+BOTH_SIDES = re.compile(r"unlikely\s+(?:to\s+(?:be|represent)(?!\s+(?:present|seen|evident|identified|noted)\b)"
+                        r"|(?:due|related|secondary)\s+to|caused\s+by)\b", _I)
 HEDGE_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:{UNSURE}|possible|suspected|likely|questionable|not certain|uncertain|doubtful"
     r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant)(?![A-Za-z])", _I)
@@ -173,9 +176,12 @@ MIMIC = re.compile(r"^[\s-]*mimic(?:s|kers?)?(?![A-Za-z])(?!\s+of\b)", _I)
 # mimicked is possible at most ("LBBB, which can mimic or mask MI")
 _NOUN_NEXT = (r"(?:are|is|was|were|include[sd]?|including|such|due|caused|secondary|with|from|rather|in|on|like"
               r"|pattern|seen)")
-_MIMICS = rf"mimic(?:s|ked|king)?\s+(?:of\s+|or\s+mask\s+)?(?!{_NOUN_NEXT}\b)(?:[A-Za-z-]+\s+){{0,2}}$"
+_MIMICS = rf"mimic(?:s|ked|king)?\s+(?:of\s+|or\s+mask\s+)?(?!(?:{_NOUN_NEXT}|by)\b)(?:[A-Za-z-]+\s+){{0,2}}$"
 MIMIC_VERB = re.compile(rf"^[\s-]*(?:(?:may|can|could|might)\s+)?{_MIMICS}", _I)
 MIMICKED_BEFORE = re.compile(rf"(?<![A-Za-z]){_MIMICS}", _I)
+# the passive: "MI mimicked by LBBB", "AF may be mimicked by artifact": the subject is possible at most
+MIMICKED_BY = re.compile(r"^[\s,-]*(?:(?:is|was|are|were|being|(?:may|can|could|might)\s+be)\s+)?mimicked\s+by\b",
+                         _I)
 # the gap inside a list: "AF and flutter are absent", "LBBB and RBBB cannot be excluded"
 CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
 # the same, with its word: a history reaches along "MI and AF", not along a bare comma

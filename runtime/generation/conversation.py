@@ -95,10 +95,10 @@ class Conversation:
                 raise ConfigError(f"{name} must be a function (or None), got {type(callback).__name__}")
         with self.engine.lock:  # a close asked meanwhile happens as the lock is let go (runtime/engines)
             _refuse_reentry(self.engine)
-            self.engine.answering = True
             try:
+                self.engine.answering = True  # inside the try: a signal cannot land between it and the reset
                 return self._ask(question, image, max_new_tokens=max_new_tokens, sampling=sampling,
-                                 on_text=on_text, history=history, should_stop=should_stop)
+                                 on_text=on_text, history=history or (), should_stop=should_stop)
             finally:
                 self.engine.answering = False
 
@@ -173,9 +173,9 @@ class Conversation:
         if image_tokens >= limit:
             raise PromptError(f"the image needs {image_tokens} tokens but the context holds {limit}; "
                               "use a model exported with a longer context")
-        if used and used + self._least_follow_up() >= limit:  # "shorten the question" could not help
+        if used + prompt.positions >= limit and used and used + self._least_follow_up() >= limit:
             raise PromptError(f"this conversation has filled the context ({used} of {limit} positions): no "
-                              "follow-up fits; start a new conversation")
+                              "follow-up fits; start a new conversation")  # "shorten the question" could not help
         if used + prompt.positions >= limit:
             what = "the prompt" if used == 0 else "this follow-up"
             raise PromptError(f"{what} takes {prompt.positions} positions ({image_tokens} for the image, "

@@ -32,7 +32,11 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
-            object.__setattr__(self, name, float(value))  # numpy's too (np.float32(0.9)): a plain float from here
+            try:
+                object.__setattr__(self, name, float(value))  # numpy's too (np.float32(0.9)): a plain float
+            except OverflowError:  # an int past float's range (10**400)
+                raise ConfigError(f"{name} must be a number within float's range, got an integer of "
+                                  f"{len(str(abs(value)))} digits") from None
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool | np.bool_):
             object.__setattr__(self, "seed", int(self.seed))  # np.int64(3) as 3
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):

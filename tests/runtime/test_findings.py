@@ -82,6 +82,16 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("MI unlikely due to absence of Q waves.", []),
     ("AF unlikely due to regular rhythm, sinus rhythm with PACs.", [("SR", "stated"), ("PAC", "stated")]),
     ("ST depression unlikely due to ischemia, likely LVH strain.", [("LVH", "possible")]),
+    # a scope break right at a denial's end is the denial's own words ("not consistent with", "unlikely due to")
+    ("ST depression, unlikely due to ischemia.", [("STD", "stated")]),
+    ("Findings not consistent with acute MI.", []), ("Sinus tachycardia unlikely to be due to AF.", []),
+    # "unlikely to be present" is its subject's own; a relation denied does not reach back across a comma
+    ("AF unlikely to be present, sinus rhythm.", [("SR", "stated")]),
+    ("Left bundle branch block, ST elevation unlikely to represent acute MI.", [("LBBB", "stated")]),
+    # the passive mimic, "it is unlikely that", "concerning for"
+    ("MI mimicked by LBBB.", [("MI", "possible"), ("LBBB", "stated")]),
+    ("It is unlikely that AF is present; sinus rhythm.", [("SR", "stated")]),
+    ("Concerning for STEMI.", [("MI", "possible")]),
     # what follows the last of a list applies to all, commas alone too (an omission where they were two
     # statements, "Sinus rhythm, MI unlikely", rather than a finding stated that a list denies)
     ("AF, LBBB and RBBB are absent.", []), ("AF/flutter absent.", []), ("AF, LBBB, RBBB absent.", []),

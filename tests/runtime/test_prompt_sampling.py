@@ -288,6 +288,11 @@ def test_a_follow_up_to_a_full_context_says_so_not_to_shorten_the_question(count
         chat.ask("Describe every lead. " * 40, max_new_tokens=2)
 
 
+def test_no_history_is_an_empty_one(counting_chat) -> None:
+    chat, _, image = counting_chat(200)
+    assert chat.ask("Rate?", image, history=None, max_new_tokens=2).generated_tokens == 2  # was a TypeError
+
+
 @pytest.mark.parametrize(("ask", "words"), [
     (lambda chat, image: chat.ask("Rate?", image, history=[("q", "a")]), "must be a Turn(question, answer), got tuple"),
     (lambda chat, image: chat.ask("Rate?", image, history=[{"role": "user"}]), "got dict"),
@@ -366,7 +371,8 @@ def test_numpy_numbers_are_sampling_parameters() -> None:
     params = SamplingParams(temperature=np.float32(0.5), top_p=np.float32(0.9), seed=np.int64(3))
     assert (params.temperature, params.top_p, params.seed) == (0.5, pytest.approx(0.9), 3)
     assert type(params.top_p) is float and type(params.seed) is int  # JSON-able as the batch records them
-    for bad in ({"seed": np.float64(3.0)}, {"top_p": np.bool_(True)}, {"seed": True}):
+    for bad in ({"seed": np.float64(3.0)}, {"top_p": np.bool_(True)}, {"seed": True}, {"top_p": 10**400},
+                {"temperature": 10**400}):  # past float's range: an OverflowError traceback
         with pytest.raises(ConfigError):
             SamplingParams(**bad)
 
