@@ -213,7 +213,11 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
                                                  or (last and bool(w.DENIED_AFTER_COLON.match(text[end:]))))
         reached = any(n < mention.start < reach for n, reach in denials)
         mention.negated = asked or reached or negated_after or mention.past
-        mention.relational = (owned[k] > 0 and not last and bool(w.BOTH_SIDES.search(gap))
+        # the relation's other side is the next statement, at most two words on ("unlikely to represent acute MI");
+        # "AF, atrial flutter unlikely to be the diagnosis given sinus rhythm" is a list denied
+        relation = w.BOTH_SIDES.search(gap)
+        mention.relational = (owned[k] > 0 and not last and relation is not None
+                              and bool(_OPENS_NEXT.fullmatch(gap[relation.end():]))
                               and not (asked or reached or mention.past))
         mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after[k] or before.endswith("?")
         alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)

@@ -42,8 +42,8 @@ NEGATION_BEFORE = re.compile(
 # rhythm, what a new rhythm replaced, and the negations of German, French and Chinese answers around English
 # codes ("kein AF", "pas de AF", "没有 AF"; not Spanish "sin", which is also short for "sinus").
 NEGATION_TO_COMMA = re.compile(
-    rf"{_W}(?:(?<![A-Za-z] )(?<!\()(?:absent|unlikely)|unlikely (?:(?:due|related|secondary) to|caused by)"
-    r"|lack of|[a-z]+n['\u2019]t"
+    rf"{_W}(?:(?<![A-Za-z] )(?<!\()(?:absent|unlikely|resolved)"
+    r"|unlikely (?:(?:due|related|secondary) to|caused by)|lack of|[a-z]+n['\u2019]t"
     r"|fails? to meet(?: the)? criteria (?:for|of)|insufficient(?: voltage)? criteria (?:for|of)"
     r"|nothing (?:to suggest|suggest(?:s|ing|ive of))"
     r"|art[ie]fact\w*[\s,]+(?:(?:that|which)\s+)?(?:(?:may|can|could|might)\s+)?(?:simulat|mimick?|resembl)\w*"
@@ -125,7 +125,7 @@ CHOSEN_LETTER = re.compile(r"(?<![A-Za-z])[A-Ha-h](?![A-Za-z0-9])")
 # Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
 # "flutter" alone is no statement of the vocabulary. The price: "AF, P waves are absent" drops AF too (a missed
 # statement is the smaller harm, as for the negation's reach).
-_FILLER = r"^[\s,(]*(?:[\w/+-]+[\s,]+){0,4}?"  # "ST elevation (absent)" too
+_FILLER = r"^[\s,()]*(?:[\w/+-]+[\s,()]+){0,4}?"  # "ST elevation (absent)" too
 _VERB = r"(?:(?:is|are|was|were|has been|have been|appears?|seems?)\s+)?"
 # ("absent" before a noun is that noun's: "Atrial fibrillation, absent P waves" states AF; "ST elevation absent in
 # the inferior leads" denies STE.)
@@ -168,15 +168,19 @@ GONE_AFTER = re.compile(
 DENIED_AFTER_COLON = re.compile(
     r"^[ \t]*[:\uff1a][ \t]*(?:none|absent|no|nil|negative|not (?:present|seen|identified|detected|found|evident))"
     r"[ \t]*(?:[.;,!\n\u3002\uff0c\uff1b]|$)", _I)
-# "STEMI mimic", "LBBB mimicker", "a STEMI mimic in this patient", "STEMI mimics are LBBB and LVH": the noun, a
-# mimic of the statement, names what it is not; "LBBB mimic of STEMI" names what is (and "mimicking" is the verb)
-MIMIC = re.compile(r"^[\s-]*mimic(?:s|kers?)?(?![A-Za-z])(?!\s+of\b)", _I)
 # the verb right before the next statement (at most two words between, none of the noun's: "are", "include",
 # "due to", "with"): "LBBB mimics anterior MI", "LBBB may mimic an MI", "LBBB mimic of STEMI" state LBBB; what is
 # mimicked is possible at most ("LBBB, which can mimic or mask MI")
 _NOUN_NEXT = (r"(?:are|is|was|were|include[sd]?|including|such|due|caused|secondary|with|from|rather|in|on|like"
               r"|pattern|seen)")
-_MIMICS = rf"mimic(?:s|ked|king)?\s+(?:of\s+|or\s+mask\s+)?(?!(?:{_NOUN_NEXT}|by)\b)(?:[A-Za-z-]+\s+){{0,2}}$"
+_MIMICS = (rf"mimic(?:s|ked|king)?\s+(?:of\s+|or\s+mask\s+)?(?!(?:{_NOUN_NEXT}|by)\b)(?:[A-Za-z-]+\s+){{0,2}}"
+           r"(?:[A-Za-z-]+,?\s+(?:including|such as|like)\s+)?$")  # "mimics many conditions, including MI"
+# "STEMI mimic", "LBBB mimicker", "a STEMI mimic in this patient", "STEMI mimics are LBBB and LVH": the noun, a
+# mimic of the statement, names what it is not; "LBBB mimic of STEMI" names what is (and "mimicking" is the verb)
+# "mimics" is the noun only before the noun's words or the clause's end ("STEMI mimics are ..."); "LBBB mimics
+# acute coronary syndrome" is the verb
+MIMIC = re.compile(
+    rf"^[\s-]*(?:mimic(?:kers?)?(?![A-Za-z])(?!\s+of\b)|mimics(?=[\s,;)]*(?:$|(?:{_NOUN_NEXT})\b)))", _I)
 MIMIC_VERB = re.compile(rf"^[\s-]*(?:(?:may|can|could|might)\s+)?{_MIMICS}", _I)
 MIMICKED_BEFORE = re.compile(rf"(?<![A-Za-z]){_MIMICS}", _I)
 # the passive: "MI mimicked by LBBB", "AF may be mimicked by artifact": the subject is possible at most

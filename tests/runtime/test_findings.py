@@ -88,6 +88,13 @@ def _coded(text: str) -> list[tuple[str, str]]:
     # "unlikely to be present" is its subject's own; a relation denied does not reach back across a comma
     ("AF unlikely to be present, sinus rhythm.", [("SR", "stated")]),
     ("Left bundle branch block, ST elevation unlikely to represent acute MI.", [("LBBB", "stated")]),
+    # a list denied by "unlikely to be ..." is denied whole; the verb "mimics" with a non-finding object
+    ("Atrial fibrillation, atrial flutter unlikely to be the diagnosis given sinus rhythm.", []),
+    ("LBBB mimics acute coronary syndrome.", [("LBBB", "stated")]), ("WPW mimics hypertrophy.", [("WPW", "stated")]),
+    ("LBBB mimics many conditions, including MI.", [("LBBB", "stated"), ("MI", "possible")]),
+    # a bracketed option ruled out; "resolved" before its finding
+    ("The answer is C (LBBB); A (AF) is unlikely to be correct.", [("LBBB", "stated")]),
+    ("Resolved LBBB, now normal conduction, sinus rhythm.", [("SR", "stated")]),
     # the passive mimic, "it is unlikely that", "concerning for"
     ("MI mimicked by LBBB.", [("MI", "possible"), ("LBBB", "stated")]),
     ("It is unlikely that AF is present; sinus rhythm.", [("SR", "stated")]),
