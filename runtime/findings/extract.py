@@ -219,7 +219,8 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
         mention.relational = (owned[k] > 0 and not last and relation is not None
                               and bool(_OPENS_NEXT.fullmatch(gap[relation.end():]))
                               and not (asked or reached or mention.past))
-        mention.hedged = any(b <= mention.start for _, b in hedges) or hedged_after[k] or before.endswith("?")
+        mention.hedged = (any(b <= mention.start for _, b in hedges) or hedged_after[k]
+                          or bool(w.QUERIED.search(before)))
         alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)
                                  or w.MIMICKED_BEFORE.search(before)  # what is mimicked: possible at most
                                  or w.MIMICKED_BY.match(gap)))

@@ -26,7 +26,9 @@ SENTENCE_END = re.compile(r"(?<!\bvs)(?<!\bVs)(?<!\bVS)\.(?=\s|$)|[!?](?=\s|$)|\
 # Where a clause ends: sentence punctuation, ';' and ':' (a "?" glued to a word queries that word: "?LVH"), and
 # the words that turn the sentence ("but", "except", ...).
 BOUNDARY = re.compile(
-    r"(?<!\bvs)\.(?!\d)|[;:!](?!\d)|\?(?![A-Za-z])|\n|[\u3002\uff1b\uff1a\uff01\uff1f]"
+    # a "?" ends a question, not where it opens a query of what follows ("NSR, ? WPW": QUERIED)
+    r"(?<!\bvs)\.(?!\d)|[;:!](?!\d)|\?(?<![,;(]\?)(?<![,;(] \?)(?<!^\?)(?<!\n\?)(?![A-Za-z])|\n"
+    r"|[\u3002\uff1b\uff1a\uff01\uff1f]"
     rf"|{_W}(?:but|however|although|though|whereas|except|apart from|aside from){_E}", _I)
 
 # --- before a mention, earlier in its clause ------------------------------------------------------------------
@@ -34,7 +36,8 @@ BOUNDARY = re.compile(
 # doc of extract.py: "no ST elevation, LBBB" drops both).
 NEGATION_BEFORE = re.compile(
     rf"{_W}(?:no(?!\s*[,.;:!?])|not|without|negative for|absence of|free of|ruled out|rules out|never|neither|nor"
-    rf"|rather than|instead of|unlikely to (?:be|represent)|unlikely that|low likelihood of|no longer){_E}", _I)
+    rf"|rather than|instead of|argues? against|excluding|(?:is|are) (?:incorrect|wrong) because"
+    rf"|unlikely to (?:be|represent)|unlikely that|low likelihood of|no longer){_E}", _I)
 # Denials of a narrower reach, to the next comma only ("Absent P waves, atrial fibrillation" states AF;
 # "I can't see P waves, atrial fibrillation" too): a leading "absent" / "unlikely" / "lack of" (right after a word
 # they are that word's: "ST elevation absent in the inferior leads, T wave inversion", NEGATION_AFTER),
@@ -62,12 +65,14 @@ SCOPE_BREAK = re.compile(
 UNSURE = (r"(?:(?:cannot|can't|can not|could not|couldn't|does not|doesn't|did not|do not|unable to) (?:be )?"
           r"(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))")
 HEDGE_BEFORE = re.compile(
-    rf"{_W}(?:{UNSURE}|possibl[ey]|probabl[ey]|likely|suspected|suspicious (?:for|of)|concerning for"
+    rf"{_W}(?:{UNSURE}|possibl[ey]|probabl[ey]|prob|poss|likely|suspected|suspicious (?:for|of)|concerning for"
     r"|worrisome for|possibility of"
     r"|suggest(?:s|ive of|ing)?|consider|questionable|borderline|equivocal|uncertain(?: whether| if)?"
     r"|may (?:be|represent|indicate|reflect)|might|could (?:be|represent)|doubtful|query"
     r"|differential(?: diagnosis)?(?: includes?| of)?|(?:can|may|could) (?:mimic|mask|obscure)(?: or (?:mimic|mask"
-    r"|obscure))?|rule out|r/o|(?:to )?exclude|evaluate for|assess for|correlate(?: clinically)? (?:for|with)"
+    r"|obscure))?|rule out|r/o|(?:to )?exclude|evaluate for|assess for|(?:evaluation|assessment) (?:for|of)"
+    r"|(?:cannot|can't|can not|could not|unable to) (?:confirm|determine|assess|diagnose)(?: with certainty)?"
+    r"(?: whether| if)?|correlate(?: clinically)? (?:for|with)"
     r"|clinical correlation (?:for|with)|(?:cannot|can't|can not|unable to) (?:distinguish|differentiate)"
     rf"(?: between)?|(?:minimal |borderline |isolated )?voltage criteria (?:for|of)){_E}", _I)
 # What an earlier tracing showed is not this one ("Prior ECG showed atrial fibrillation. Now sinus rhythm."), to
@@ -125,7 +130,7 @@ CHOSEN_LETTER = re.compile(r"(?<![A-Za-z])[A-Ha-h](?![A-Za-z0-9])")
 # Up to four words between a statement and what follows it: "AF and flutter are absent" must deny AF even where
 # "flutter" alone is no statement of the vocabulary. The price: "AF, P waves are absent" drops AF too (a missed
 # statement is the smaller harm, as for the negation's reach).
-_FILLER = r"^[\s,()]*(?:[\w/+-]+[\s,()]+){0,4}?"  # "ST elevation (absent)" too
+_FILLER = r"^[\s,()]*(?:[\w/+:-]+[\s,()]+){0,4}?"  # "ST elevation (absent)" too
 _VERB = r"(?:(?:is|are|was|were|has been|have been|appears?|seems?)\s+)?"
 # ("absent" before a noun is that noun's: "Atrial fibrillation, absent P waves" states AF; "ST elevation absent in
 # the inferior leads" denies STE.)
@@ -138,7 +143,8 @@ _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
-    r"[A-Za-z])|ruled out|excluded|resolved"
+    r"[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong"
+    r"|cannot be (?:reliably |confidently |definitely )?(?:diagnosed|confirmed|determined)"
     r"|unlikely"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
     rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}")
@@ -161,7 +167,8 @@ HEDGE_AFTER = re.compile(
 # on the previous ECG" or "as on the prior ECG" says it persists).
 GONE_AFTER = re.compile(
     rf"^[\s,]*(?:(?:has |have |had )?(?:converted|reverted|changed) (?:back )?to|(?:has been |was |is )?replaced by"
-    rf"|(?:(?:was|were|is) )?(?:(?:seen|noted) )?(?:on|in) (?:the |an? )?{_EARLIER}"
+    rf"|(?:(?:was|were|is) )?(?:(?:seen|noted) |(?<=was )present |(?<=were )present )?(?:on|in) (?:the |an? )?"
+    rf"{_EARLIER}"
     rf" {_TRACING}){_E}", _I)
 # "ST elevation: none", "- Atrial fibrillation: absent": a report's field and a value that denies it whole, and ends
 # there ("Atrial fibrillation: no RVR", "Inferior MI: negative T waves in III" state theirs)
@@ -186,6 +193,8 @@ MIMICKED_BEFORE = re.compile(rf"(?<![A-Za-z]){_MIMICS}", _I)
 # the passive: "MI mimicked by LBBB", "AF may be mimicked by artifact": the subject is possible at most
 MIMICKED_BY = re.compile(r"^[\s,-]*(?:(?:is|was|are|were|being|(?:may|can|could|might)\s+be)\s+)?mimicked\s+by\b",
                          _I)
+# "?LVH", "NSR, ? WPW", "? anterior STEMI": a query of what follows
+QUERIED = re.compile(r"(?:\?|(?:^|[\s,;(])\?[ \t]*(?:[A-Za-z-]+[ \t]+){0,2})$")
 # the gap inside a list: "AF and flutter are absent", "LBBB and RBBB cannot be excluded"
 CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
 # the same, with its word: a history reaches along "MI and AF", not along a bare comma

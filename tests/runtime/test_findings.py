@@ -95,6 +95,15 @@ def _coded(text: str) -> list[tuple[str, str]]:
     # a bracketed option ruled out; "resolved" before its finding
     ("The answer is C (LBBB); A (AF) is unlikely to be correct.", [("LBBB", "stated")]),
     ("Resolved LBBB, now normal conduction, sinus rhythm.", [("SR", "stated")]),
+    # a fifth review: a spaced "?" queries what follows; "prob", "poss"; a ratio inside the filler; options ruled
+    # out as incorrect; what an earlier tracing showed and is no longer seen
+    ("SR, ? LVH.", [("SR", "stated"), ("LVH", "possible")]), ("? anterior STEMI", [("MI", "possible")]),
+    ("Is there AF ? No.", []), ("Prob LVH.", [("LVH", "possible")]),
+    ("Atrial flutter with 2:1 block cannot be excluded.", [("AFLT", "possible")]),
+    ("Option A, right bundle branch block, is incorrect.", []),
+    ("The findings argue against left bundle branch block.", []),
+    ("LBBB was present on the previous ECG but is no longer seen.", []),
+    ("I cannot determine with certainty whether there is LVH.", [("LVH", "possible")]),
     # the passive mimic, "it is unlikely that", "concerning for"
     ("MI mimicked by LBBB.", [("MI", "possible"), ("LBBB", "stated")]),
     ("It is unlikely that AF is present; sinus rhythm.", [("SR", "stated")]),
