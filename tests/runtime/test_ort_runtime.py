@@ -774,9 +774,9 @@ def test_a_stop_asked_during_the_prefill_ends_it_at_the_next_chunk(tiny_bundle: 
     pipeline = Pipeline.from_bundle(tiny_bundle, prefill_chunk=64)
     asked: list[int] = []
     chat = pipeline.chat()
-    with pytest.raises(GenerationStopped, match="stopped after 64 of the prompt's"):
-        chat.ask("Rate?", _images()[0], should_stop=lambda: asked.append(1) or True)
-    assert asked == [1]  # asked at the first chunk boundary, not before the first chunk
+    with pytest.raises(GenerationStopped, match="stopped after 64 of the prompt's"):  # True at its third asking
+        chat.ask("Rate?", _images()[0], should_stop=lambda: asked.append(1) or len(asked) == 3)
+    assert asked == [1, 1, 1]  # before the image, before the first chunk, at the first chunk boundary
     with pytest.raises(PromptError, match="stopped partway"):
         chat.ask("And the axis?")
     assert pipeline.chat().ask("Rate?", _images()[0], max_new_tokens=2).generated_tokens == 2  # a new one runs
