@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from pulse_edge.runtime.bundle.manifest import GraphSpec, Manifest, TensorSpec
 
 _FIX = "re-export the bundle"
-ONNX = "onnx"  # the engine whose graphs runtime/engines/ort.py binds
 
 
 def check_file_size(path: Path, size: int, fix: str) -> None:
@@ -42,23 +41,21 @@ def _fail(problem: str) -> BundleError:
 def check_consistency(manifest: Manifest) -> None:
     """Every cross-field rule, cheapest first; the first broken one is the error.
 
-    The IO rules are those of the ONNX graphs the runtime binds by name (engine "onnx"); a graph for another
-    engine is that engine's to check."""
+    The IO rules are those of the ONNX graphs the runtime binds by name (every graph's engine is "onnx": the
+    manifest reader takes no other)."""
     missing = [role for role in (names.VISION, names.DECODER) if role not in manifest.graphs]
     if missing:
         raise _fail(f"graphs lacks {', '.join(map(repr, missing))} (has {sorted(manifest.graphs)})")
     _check_text(manifest)
     vision, decoder = manifest.graphs[names.VISION], manifest.graphs[names.DECODER]
-    if vision.engine == ONNX:
-        _check_vision_io(vision, manifest)
-    if decoder.engine == ONNX:
-        _check_decoder_io(decoder, manifest)
+    _check_vision_io(vision, manifest)
+    _check_decoder_io(decoder, manifest)
     prefill = manifest.graphs.get(names.PREFILL)
-    if prefill is not None and prefill.engine == ONNX:  # the decoder again, for long inputs: same IO, same cache
+    if prefill is not None:  # the decoder again, for long inputs: same IO, same cache
         _check_decoder_io(prefill, manifest)
     for key in (names.DECODER, names.PREFILL):
         graph = manifest.graphs.get(key)
-        if graph is not None and graph.engine == ONNX and (graph.segments or graph.segment_scales):
+        if graph is not None and (graph.segments or graph.segment_scales):
             _check_segments(key, graph, manifest)
     for key, graph in manifest.graphs.items():
         if graph.native_index and (key != names.DECODER or manifest.kv.dtype != "int8"):

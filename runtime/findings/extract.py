@@ -194,7 +194,7 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
     part = text[start:end]
     hedges = _spans(w.HEDGE_BEFORE, part, start)
     gaps = [text[m.end:mentions[k + 1].start if k + 1 < len(mentions) else end] for k, m in enumerate(mentions)]
-    hedged_after = [_after(w.HEDGE_AFTER, gap, last=k + 1 == len(gaps)) for k, gap in enumerate(gaps)]
+    hedged_after = [_after(w.HEDGE_AFTER, gap, last=k + 1 == len(gaps)) > 0 for k, gap in enumerate(gaps)]
     # a negation after a statement is spent on it: its "not" denies nothing further ("AF not present on this
     # tracing, sinus rhythm" states SR)
     owned = [0 if hedged else _own_negation(gap, last=k + 1 == len(gaps))
@@ -321,12 +321,13 @@ def _option_runs(text: str) -> list[list[tuple[str, int]]]:
     return [run for run in runs if len(run) > 1]
 
 
-def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> bool:
-    """A negation or hedge after a statement is its own, unless it opens the next one: nothing but up to two words
-    stand between it and that statement ("Sinus rhythm, possible LVH", "LBBB, cannot exclude anterior MI": the
-    hedge is LVH's and MI's), where "AF not present on this tracing, sinus rhythm" keeps it AF's."""
+def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> int:
+    """How many characters of `gap` a negation or hedge after a statement takes, as its own (0: none). It is its
+    own unless it opens the next one: nothing but up to two words stand between it and that statement ("Sinus
+    rhythm, possible LVH", "LBBB, cannot exclude anterior MI": the hedge is LVH's and MI's), where "AF not present
+    on this tracing, sinus rhythm" keeps it AF's."""
     hit = pattern.match(gap)
-    return bool(hit) and (last or not _OPENS_NEXT.fullmatch(gap[hit.end():]))
+    return hit.end() if hit and (last or not _OPENS_NEXT.fullmatch(gap[hit.end():])) else 0
 
 
 _OPENS_NEXT = re.compile(r"\s*(?:[A-Za-z-]+\s+){0,2}")
@@ -336,10 +337,7 @@ def _own_negation(gap: str, *, last: bool) -> int:
     """How many characters of `gap` negate the statement before it (0: none): right after it, whatever follows
     (wording.NEGATION_RIGHT_AFTER), else as `_after` decides."""
     right = w.NEGATION_RIGHT_AFTER.match(gap)
-    if right:
-        return right.end()
-    hit = w.NEGATION_AFTER.match(gap)
-    return hit.end() if hit and (last or not _OPENS_NEXT.fullmatch(gap[hit.end():])) else 0
+    return right.end() if right else _after(w.NEGATION_AFTER, gap, last=last)
 
 
 def _finding(text: str, mention: _Mention) -> Finding:
