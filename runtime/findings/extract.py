@@ -9,7 +9,8 @@ into clauses at sentence punctuation (full-width too), ';', ':' and at "but", "h
 - left out when a negation comes before it in its clause ("no", "not", "isn't", "without", "lack of", "fails to meet
   criteria for", "artifact simulating", ...), unless the negation denied nothing that is a statement before
   "consistent with" stands between them ("No P waves, consistent with AF" states AF); when a negation follows it
-  ("AF is absent", "... not seen", "criteria not met", "due to artifact", "STEMI mimic") or its field says so ("ST
+  ("AF is absent", "... not seen", "criteria not met", "does not fit", "due to artifact", "STEMI mimic") or its field
+  says so ("ST
   elevation: none"), a negation right after it being its own and spent on it ("AF not present on this tracing, sinus
   rhythm" states SR); on both sides of "unlikely to be" / "unlikely due to" ("ST elevation unlikely to be STEMI":
   which side is meant is not in the words); when "non-" or "pseudo-" prefixes it; when it is past: a history
@@ -18,7 +19,8 @@ into clauses at sentence punctuation (full-width too), ';', ':' and at "but", "h
   its clause is a question. "Not seen on the prior ECG" and "not seen previously" deny nothing: the finding is new;
 - kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", "evaluate
   for", "voltage criteria for", ...), when "?" is glued to it ("?LVH"), when a hedge follows it ("... cannot be
-  excluded", "... may be present"), and when it is a side of a differential, "vs" / "versus" / "or", whether or
+  excluded", "... may be present", "... until proven otherwise"), and when it is a side of a differential, "vs" /
+  "versus" / "or", whether or
   not the other side is a statement ("AF vs flutter", "Pericarditis vs STEMI"), and when it is what another
   mimics ("LBBB mimics anterior MI", "MI mimicked by LBBB"); a hedge that runs on into the next statement is that
   one's ("sinus rhythm, possible LVH");
@@ -263,13 +265,15 @@ def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, i
 
 def _along_lists(text: str, mentions: list[_Mention]) -> None:
     """"AF and flutter are absent": what follows the last of a list applies to the whole list; "history of MI and
-    AF": a history reaches along the list it opens. Commas alone join a list too ("AF, LBBB, RBBB absent"): where
+    AF": a history reaches along the list it opens. Commas alone join a list too ("AF, LBBB, RBBB absent"), and the
+    letters of options ("A (AF), B (LBBB), and D (RBBB) are incorrect"): where
     two statements and a comma are two ("Sinus rhythm, MI unlikely"), SR is lost, an omission, where reading a
     list as two would state a finding the text denies, the worse error."""
     for k in range(len(mentions) - 2, -1, -1):
         gap = text[mentions[k].end:mentions[k + 1].start]
         # a relation denied ("ST elevation unlikely to represent MI") is no list's end: not back across a comma
-        if w.CONJUNCTION.match(gap) and not (mentions[k + 1].relational and not re.search(r"[A-Za-z]", gap)):
+        listed = w.CONJUNCTION.match(gap) or w.LETTERED_GAP.match(gap)
+        if listed and not (mentions[k + 1].relational and not re.search(r"[A-Za-z]", gap)):
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
     for first, second in itertools.pairwise(mentions):

@@ -143,7 +143,7 @@ _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
-    r"[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong"
+    r"[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|(?:does|do|did) not fit|(?:doesn't|don't|didn't) fit"
     r"|cannot be (?:reliably |confidently |definitely )?(?:diagnosed|confirmed|determined)"
     r"|unlikely"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
@@ -161,7 +161,8 @@ BOTH_SIDES = re.compile(r"unlikely\s+(?:to\s+(?:be|represent)(?!\s+(?:present|se
                         r"|(?:due|related|secondary)\s+to|caused\s+by)\b", _I)
 HEDGE_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:{UNSURE}|possible|suspected|likely|questionable|not certain|uncertain|doubtful"
-    r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant)(?![A-Za-z])", _I)
+    r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant|until proven otherwise)(?![A-Za-z])",
+    _I)
 # What a finding became or gave way to is what the tracing shows: "AF converted to sinus rhythm" states SR only;
 # and a finding seen on an earlier tracing ("AF on prior ECG; now sinus rhythm") is not this one (where "present
 # on the previous ECG" or "as on the prior ECG" says it persists).
@@ -197,6 +198,9 @@ MIMICKED_BY = re.compile(r"^[\s,-]*(?:(?:is|was|are|were|being|(?:may|can|could|
 QUERIED = re.compile(r"(?:\?|(?:^|[\s,;(])\?[ \t]*(?:[A-Za-z-]+[ \t]+){0,2})$")
 # the gap inside a list: "AF and flutter are absent", "LBBB and RBBB cannot be excluded"
 CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
+# the gap inside a list of lettered options: "A (AF), B (flutter), and D (JR) are incorrect", "(A) AF, (B) LBBB and
+# (D) RBBB are wrong": the letters are the list's, not words that would end it (capitals A-H only, never "a")
+LETTERED_GAP = re.compile(r"^[\s,)]*(?:(?:and|or|nor|and/or)\s+)?(?-i:\([A-H]\)|[A-H])[ \t]*\(?[ \t]*$", _I)
 # the same, with its word: a history reaches along "MI and AF", not along a bare comma
 JOINED = re.compile(r"^[\s,]*(?:and|or|and/or)[\s,]*$", _I)
 # "AF vs flutter", "Sinus rhythm or ectopic atrial rhythm", "SVT with aberrancy vs VT": a differential; neither

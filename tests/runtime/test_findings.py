@@ -104,6 +104,14 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("The findings argue against left bundle branch block.", []),
     ("LBBB was present on the previous ECG but is no longer seen.", []),
     ("I cannot determine with certainty whether there is LVH.", [("LVH", "possible")]),
+    # a lettered options list ruled out whole (the letters and brackets are the list's, not words that end it); "does
+    # not fit" denies; "until proven otherwise" presumes
+    ("Options A (atrial fibrillation), B (atrial flutter), and D (junctional rhythm) are incorrect.", []),
+    ("(A) atrial fibrillation, (B) atrial flutter, and (D) LBBB are wrong.", []),
+    ("Answer: C. A (AF), B (LBBB) and D (RBBB) are incorrect.", []),
+    ("A (sinus rhythm), B (LBBB) are correct.", [("SR", "stated"), ("LBBB", "stated")]),
+    ("RBBB does not fit because the QRS is narrow.", []), ("LVH does not fit; sinus rhythm.", [("SR", "stated")]),
+    ("Wide complex tachycardia, treated as VT until proven otherwise.", [("VTACH", "possible")]),
     # the passive mimic, "it is unlikely that", "concerning for"
     ("MI mimicked by LBBB.", [("MI", "possible"), ("LBBB", "stated")]),
     ("It is unlikely that AF is present; sinus rhythm.", [("SR", "stated")]),
