@@ -294,12 +294,13 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     for run in runs:
         if not (answered or w.OPTIONS_CUE.search(text, max(0, run[0][1] - w.OPTIONS_CUE_CHARS), run[0][1])):
             continue  # near the list only: linear in the text
-        tail = run[-1][1] + 2
+        tail = run[-1][2]
         cut = w.OPTION_END.search(text, tail, tail + w.OPTION_CHARS)
-        ends = [start for _, start in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
-        items = [(letter, start, end) for (letter, start), end in zip(run, ends, strict=True)]
-        # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options
-        spans += [] if any(w.COLON.search(text, start, end) for _, start, end in items) else items
+        ends = [start for _, start, _ in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
+        items = [(letter, start, end) for (letter, start, _), end in zip(run, ends, strict=True)]
+        # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options ("A: AF" is marked so)
+        sections = any(w.COLON.search(text, marked, end) for (_, _, marked), end in zip(run, ends, strict=True))
+        spans += [] if sections else items
     firsts, lasts = [start for _, start, _ in spans], [end for _, _, end in spans]  # sorted, disjoint
 
     def outside(at: int) -> bool:
@@ -311,17 +312,17 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     return [(start, end) for letter, start, end in spans if letter not in chosen]
 
 
-def _option_runs(text: str) -> list[list[tuple[str, int]]]:
-    """(letter, position) of each run of two or more option marks in alphabetical order from A, each within
-    OPTION_CHARS of the last."""
-    runs: list[list[tuple[str, int]]] = []
+def _option_runs(text: str) -> list[list[tuple[str, int, int]]]:
+    """(letter, where its mark starts, where it ends) of each run of two or more option marks in alphabetical order
+    from A, each within OPTION_CHARS of the last."""
+    runs: list[list[tuple[str, int, int]]] = []
     for hit in w.OPTION_MARK.finditer(text):
         letter = hit.group(1) or hit.group(2)
         last = runs[-1][-1] if runs else None
         if last and ord(letter) == ord(last[0]) + 1 and hit.start() - last[1] <= w.OPTION_CHARS:
-            runs[-1].append((letter, hit.start()))
+            runs[-1].append((letter, hit.start(), hit.end()))
         elif letter == "A":
-            runs.append([(letter, hit.start())])
+            runs.append([(letter, hit.start(), hit.end())])
     return [run for run in runs if len(run) > 1]
 
 

@@ -92,11 +92,11 @@ ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}
 
 # --- a multiple-choice answer that repeats its options -----------------------------------------------------------
 # "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
-# chosen one is. An option is a capital A-H marked "A.", "A)" or "(A)" before a space; a list is a run of them in
+# chosen one is. An option is a capital A-H marked "A.", "A)", "A:" or "(A)" before a space; a list is a run of them in
 # alphabetical order from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none;
 # and it is a list of options only where the text says so: an options cue right before it ("Options:", "Choose
 # from") or an answer's cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
-OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H])[.)])(?=\s)")
+OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H])[.):\uff1a])(?=\s)")
 OPTION_CHARS = 160
 # the cue right before a list (within OPTIONS_CUE_CHARS): "Options:", "The options are:", "Which of the following
 # is shown?", "Choose from", and the word in German, Spanish, French and Chinese answers

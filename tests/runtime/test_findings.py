@@ -427,6 +427,11 @@ def test_normal_stays_beside_a_rhythm_as_ptbxl_labels_it() -> None:
     ("Select the correct answer:\nA. Sinus rhythm\nB. Atrial fibrillation", []),
     ("A. Sinus rhythm. B. Atrial fibrillation. Answer: A. LBBB is also present.",
      [("SR", "stated"), ("LBBB", "stated")]),
+    # options marked "A:" (AF was stated); with a colon inside they are a report's sections again
+    ("A: atrial fibrillation. B: sinus rhythm. Correct: B.", [("SR", "stated")]),
+    ("A: sinus rhythm; B: LBBB. The answer is B.", [("LBBB", "stated")]),
+    ("A: Rhythm: sinus rhythm. B: Conduction: LBBB. Answer: B", [("SR", "stated"), ("LBBB", "stated")]),
+    ("Findings - A: sinus rhythm. B: LBBB.", [("SR", "stated"), ("LBBB", "stated")]),
     # what is no option list: one lettered answer, a lone letter, lettered sections of a report
     ("B. Atrial fibrillation", [("AFIB", "stated")]),
     ("Type A. WPW pattern. Sinus rhythm.", [("WPW", "stated"), ("SR", "stated")]),
