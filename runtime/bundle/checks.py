@@ -47,6 +47,7 @@ def check_consistency(manifest: Manifest) -> None:
     if missing:
         raise _fail(f"graphs lacks {', '.join(map(repr, missing))} (has {sorted(manifest.graphs)})")
     _check_text(manifest)
+    _check_precision(manifest)
     vision, decoder = manifest.graphs[names.VISION], manifest.graphs[names.DECODER]
     _check_vision_io(vision, manifest)
     _check_decoder_io(decoder, manifest)
@@ -73,6 +74,16 @@ def _check_text(manifest: Manifest) -> None:
             raise _fail(f"text.{name} {token} is outside the vocabulary of {text.vocab_size}")
     if kv.max_length > text.max_position_embeddings:
         raise _fail(f"kv.max_length {kv.max_length} exceeds the model's {text.max_position_embeddings} positions")
+
+
+def _check_precision(manifest: Manifest) -> None:
+    """The bundle's precision is its decoder's (and the prefill graph's): the precision the server announces, the
+    benchmarks group by and the GPU checks advise on is that of the graphs that run, not a label edited apart."""
+    for key in (names.DECODER, names.PREFILL):
+        graph = manifest.graphs.get(key)
+        if graph is not None and graph.precision != manifest.precision:
+            raise _fail(f"precision is {manifest.precision!r} but graphs.{key} ({graph.file}) is "
+                        f"{graph.precision!r}")
 
 
 def _names(tensors: Sequence[TensorSpec]) -> list[str]:
