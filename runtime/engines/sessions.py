@@ -4,8 +4,6 @@ it."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,9 +16,10 @@ from typing import Any
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError, DeviceMemoryError, EngineRunError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
-from pulse_edge.runtime.bundle.names import MANIFEST_FILE
+from pulse_edge.runtime.engines.trt_cache import cache_folder, keep_and_prune
+from pulse_edge.runtime.engines.trt_cache import default_trt_cache as default_trt_cache  # re-exported
+from pulse_edge.runtime.engines.trt_cache import graph_cache_key as graph_cache_key
 from pulse_edge.runtime.kernels.build import cpu_flags
-from pulse_edge.staging import user_cache_dir
 
 # ONNX Runtime's names for pulse-edge's providers (pulse_edge.choices.PROVIDERS, in that order).
 ORT_PROVIDERS = dict(zip(PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"),
@@ -152,34 +151,9 @@ def require_provider(config: SessionConfig) -> str:
     return wanted
 
 
-def default_trt_cache() -> Path:
-    """Where TensorRT engines built from bundles are kept: building a 7B engine takes minutes, once."""
-    return user_cache_dir() / "tensorrt"
-
-
-def graph_cache_key(path: Path, settings: Mapping[str, Any] | None = None) -> str:
-    """One engine-cache folder per graph as written and as built: ORT names cached engines by the model's name,
-    inputs and nodes, not its weights, and every bundle's decoder is called decoder.onnx. The graph's files' sizes
-    and times, the bundle's manifest (sealed, it holds every file's sha256: a re-export copied in with its times
-    kept, `cp -p`, `rsync -a`, is another bundle of the same sizes and times) and `settings` (ONNX Runtime's
-    version, fp16 and the provider options given: what ORT's documentation says an engine must be rebuilt for)."""
-    parts = [os.fspath(path.resolve())]
-    for file in (path, path.with_name(path.name + ".data")):
-        if file.is_file():
-            stat = file.stat()
-            parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
-    manifest = path.with_name(MANIFEST_FILE)
-    if manifest.is_file():
-        parts.append(hashlib.sha256(manifest.read_bytes()).hexdigest())
-    if settings:
-        parts.append(json.dumps(settings, sort_keys=True, default=str))
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
 def engine_cache_dir(path: Path, config: SessionConfig, *, fp16: bool, onnxruntime: str) -> Path:
     """Where TensorRT's engines for the graph at `path`, built with these settings, are cached."""
-    built_with = {"onnxruntime": onnxruntime, "fp16": fp16, "options": dict(config.provider_options)}
-    return default_trt_cache() / graph_cache_key(path, built_with)
+    return cache_folder(path, {"onnxruntime": onnxruntime, "fp16": fp16, "options": dict(config.provider_options)})
 
 
 def provider_chain(config: SessionConfig, *, fp16: bool, cache_dir: Path | None = None) -> list[Any]:
@@ -332,9 +306,8 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
         options.enable_profiling = True
         options.profile_file_prefix = os.fspath(Path(config.profile_dir) / path.stem)
     tensorrt = config.provider == "tensorrt"
-    providers = provider_chain(config, fp16=fp16, cache_dir=engine_cache_dir(path, config, fp16=fp16,
-                                                                               onnxruntime=ort.__version__)
-                               if tensorrt else None)
+    cache = engine_cache_dir(path, config, fp16=fp16, onnxruntime=ort.__version__) if tensorrt else None
+    providers = provider_chain(config, fp16=fp16, cache_dir=cache)
     if tensorrt:  # ORT creates only the last folder of the cache path
         Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     try:
@@ -342,6 +315,8 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all Exception subclasses
         raise _load_error(path, config, e) from e
     check_session_provider(session, config, path)
+    if cache is not None and Path(providers[0][1]["trt_engine_cache_path"]) == cache:  # not a path the caller chose
+        keep_and_prune(cache, path, ort.__version__)
     return session
 
 

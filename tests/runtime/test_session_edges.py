@@ -3,6 +3,7 @@ engine cache's key, provider options, load-error remedies, run-error translation
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -95,3 +96,94 @@ def test_engines_built_otherwise_are_cached_apart(tmp_path: Path) -> None:
     assert here != s.engine_cache_dir(graph, config, fp16=True, onnxruntime="1.33.0")
     other = s.SessionConfig(provider="tensorrt", provider_options={"trt_int8_enable": True})
     assert here != s.engine_cache_dir(graph, other, fp16=True, onnxruntime="1.32.0")
+
+
+def test_engine_folders_no_run_can_use_again_are_removed_and_the_rest_kept(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 7B engine is gigabytes: every re-export at the same path and every ONNX Runtime upgrade keyed a new folder
+    and left the old one's engines on the cart's disk for good."""
+    from pulse_edge.runtime.engines import trt_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    graph = tmp_path / "bundle" / "decoder.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"graph-A")
+    config = s.SessionConfig(provider="tensorrt")
+
+    def built(fp16: bool, onnxruntime: str, graph: Path = graph) -> Path:
+        folder = s.engine_cache_dir(graph, config, fp16=fp16, onnxruntime=onnxruntime)
+        folder.mkdir(parents=True)
+        (folder / "TensorrtExecutionProvider_TRTKernel.engine").write_bytes(b"e" * 4096)
+        trt_cache.keep_and_prune(folder, graph, onnxruntime)
+        return folder
+
+    old_ort = built(True, "1.31.0")
+    before_export = built(False, "1.32.0")  # another setting, this ORT: kept until the bundle changes
+    other = tmp_path / "other" / "decoder.onnx"
+    other.parent.mkdir()
+    other.write_bytes(b"graph-B")
+    elsewhere = built(True, "1.31.0", other)  # another bundle's: never this run's to remove
+    unrecorded = s.default_trt_cache() / "made-by-hand"
+    unrecorded.mkdir()
+    garbage = s.default_trt_cache() / "not-ours"
+    garbage.mkdir()
+    (garbage / trt_cache.RECORD).write_text("[1, 2]")
+    timing = s.default_trt_cache() / "timing-x.cache"
+    timing.write_bytes(b"t")
+
+    current = built(True, "1.32.0")  # ORT upgraded: the 1.31 engines of this graph cannot be loaded again
+    assert not old_ort.exists()
+    assert before_export.exists() and elsewhere.exists() and unrecorded.exists() and garbage.exists()
+    assert timing.exists()
+
+    graph.write_bytes(b"graph-A, re-exported")  # the bundle at the path changed: every folder of its old state goes
+    newest = built(True, "1.32.0")
+    assert newest != current and not current.exists() and not before_export.exists()
+    assert elsewhere.exists() and unrecorded.exists() and garbage.exists()
+    record = json.loads((newest / trt_cache.RECORD).read_text())
+    assert record == {"graph": str(graph.resolve()), "bundle": s.graph_cache_key(graph), "onnxruntime": "1.32.0"}
+
+
+def test_a_cache_that_cannot_be_tidied_never_fails_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pulse_edge.runtime.engines import trt_cache
+
+    graph = tmp_path / "decoder.onnx"
+    graph.write_bytes(b"graph")
+    trt_cache.keep_and_prune(tmp_path / "gone" / "abc", graph, "1.32.0")  # its folder removed under it
+    assert "could not be tidied" in caplog.text and "used all the same" in caplog.text
+
+
+def test_a_tensorrt_session_records_its_engines_and_removes_those_of_the_bundle_it_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Through make_session, with ONNX Runtime's session faked (no GPU here): only the folder pulse-edge chose is
+    recorded and tidied; a cache path the caller gives is theirs."""
+    import onnxruntime
+
+    from pulse_edge.runtime.engines import trt_cache
+
+    class BuildsAnEngine:
+        def __init__(self, path: str, sess_options: object = None, providers: list = ()) -> None:
+            self.cache = Path(providers[0][1]["trt_engine_cache_path"])
+            (self.cache / "TensorrtExecutionProvider_TRTKernel.engine").write_bytes(b"engine")
+
+        def get_providers(self) -> list[str]:
+            return ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", BuildsAnEngine)
+    graph = tmp_path / "bundle" / "decoder.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"graph-A")
+    first = s.make_session(graph, s.SessionConfig(provider="tensorrt")).cache
+    assert json.loads((first / trt_cache.RECORD).read_text())["graph"] == str(graph.resolve())
+    graph.write_bytes(b"graph-A, re-exported")
+    second = s.make_session(graph, s.SessionConfig(provider="tensorrt")).cache
+    assert second != first and second.is_dir() and not first.exists()
+    mine = tmp_path / "my-engines"
+    mine.mkdir()
+    graph.write_bytes(b"graph-A, re-exported twice")  # a run that leaves pulse-edge's cache unused leaves it as it is
+    given = s.SessionConfig(provider="tensorrt", provider_options={"trt_engine_cache_path": str(mine)})
+    assert s.make_session(graph, given).cache == mine and not (mine / trt_cache.RECORD).exists()
+    assert second.is_dir() and "TensorRT engine cache" not in caplog.text

@@ -1,0 +1,101 @@
+"""TensorRT's engine cache: one folder per graph as written and as built, and the folders no run can use again
+removed.
+
+    ~/.cache/pulse-edge/tensorrt/
+        3f9c0a1b2c3d4e5f/             graph_cache_key(graph, settings)
+            pulse-edge-cache.json     {"graph": ..., "bundle": graph_cache_key(graph), "onnxruntime": "1.32.0"}
+            TensorrtExecutionProvider_TRTKernel_....engine   (ORT's own files)
+        timing-....cache              export's TensorRT timing cache (a file: never pruned)
+
+A 7B engine is gigabytes (a Jetson's eMMC holds 32-64 GB), and every re-export or ONNX Runtime upgrade keys a
+new folder: without pruning, each one left its predecessor's engines on the disk for good. A folder is stale
+when its record names the graph this run opened and another state of it (the bundle there was re-exported or
+replaced), or another ONNX Runtime version (one that cannot load it: ORT's documentation says engines are
+rebuilt for another version). Folders for the same graph built with other settings (fp16, provider options)
+stay: a run with those settings uses them. Folders without a record (made by hand, or before records) and
+engines of bundles at other paths are left alone, whatever they hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pulse_edge.runtime.bundle.names import MANIFEST_FILE
+from pulse_edge.staging import size_text, staged_file, user_cache_dir
+
+RECORD = "pulse-edge-cache.json"
+
+log = logging.getLogger(__name__)
+
+
+def default_trt_cache() -> Path:
+    """Where TensorRT engines built from bundles are kept: building a 7B engine takes minutes, once."""
+    return user_cache_dir() / "tensorrt"
+
+
+def graph_cache_key(path: Path, settings: Mapping[str, Any] | None = None) -> str:
+    """One engine-cache folder per graph as written and as built: ORT names cached engines by the model's name,
+    inputs and nodes, not its weights, and every bundle's decoder is called decoder.onnx. The graph's files' sizes
+    and times, the bundle's manifest (sealed, it holds every file's sha256: a re-export copied in with its times
+    kept, `cp -p`, `rsync -a`, is another bundle of the same sizes and times) and `settings` (ONNX Runtime's
+    version, fp16 and the provider options given: what ORT's documentation says an engine must be rebuilt for)."""
+    parts = [os.fspath(path.resolve())]
+    for file in (path, path.with_name(path.name + ".data")):
+        if file.is_file():
+            stat = file.stat()
+            parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    manifest = path.with_name(MANIFEST_FILE)
+    if manifest.is_file():
+        parts.append(hashlib.sha256(manifest.read_bytes()).hexdigest())
+    if settings:
+        parts.append(json.dumps(settings, sort_keys=True, default=str))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_folder(path: Path, settings: Mapping[str, Any]) -> Path:
+    """Where TensorRT's engines for the graph at `path`, built with `settings`, are cached."""
+    return default_trt_cache() / graph_cache_key(path, settings)
+
+
+def cache_record(path: Path, onnxruntime: str) -> dict[str, str]:
+    """What a cache folder records of the graph its engines were built from."""
+    return {"graph": os.fspath(path.resolve()), "bundle": graph_cache_key(path), "onnxruntime": onnxruntime}
+
+
+def keep_and_prune(folder: Path, path: Path, onnxruntime: str) -> None:
+    """After a session built or loaded `folder`'s engines: record what they were built from, and remove the
+    sibling folders no run can use again (module doc). Never fails the run: a cache that cannot be tidied is
+    logged, and the engines just built are used all the same."""
+    record = cache_record(path, onnxruntime)
+    try:
+        with staged_file(folder / RECORD) as staged:
+            staged.write_text(json.dumps(record, indent=1))
+        stale = [sibling for sibling in sorted(folder.parent.iterdir())
+                 if sibling != folder and sibling.is_dir() and _stale(sibling, record)]
+    except OSError as e:
+        log.warning("warning: the TensorRT engine cache %s could not be tidied (%s); its engines are used all the "
+                    "same", folder.parent, e.strerror or e)
+        return
+    for sibling in stale:
+        size = sum(f.stat().st_size for f in sibling.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(sibling, ignore_errors=True)
+        log.info("removed the TensorRT engines in %s (%s): built from %s as it was before, or by another "
+                 "onnxruntime; they cannot be used again", sibling, size_text(size), record["graph"])
+
+
+def _stale(folder: Path, current: Mapping[str, str]) -> bool:
+    """Built from this graph path as it no longer is, or by another ONNX Runtime version (module doc)."""
+    try:
+        recorded = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):  # no record, or one not ours: left alone
+        return False
+    if not isinstance(recorded, dict) or recorded.get("graph") != current["graph"]:
+        return False
+    return recorded.get("bundle") != current["bundle"] or recorded.get("onnxruntime") != current["onnxruntime"]
