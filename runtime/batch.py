@@ -13,6 +13,7 @@ skip the inputs answered before and leave answers to two different requests in o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -137,21 +138,26 @@ def run_batch(plan: BatchPlan, open_model: Callable[[], Generator], options: Bat
 
 
 def _one(model: Generator, source: str, options: BatchOptions) -> tuple[dict[str, Any], Exception | None]:
+    saved: dict[str, str] = {}
     try:
         ecg = load_input(source, name=source, **options.input_options)
         if options.save_render_dir is not None and ecg.kind in RECORDING_KINDS:
             save_image(ecg.image, options.save_render_dir / render_name(source))
+            saved["render"] = render_name(source)
         result = interpret(model, ecg, options.question, max_new_tokens=options.max_new_tokens,
                            sampling=options.sampling)
     except PER_INPUT_ERRORS as error:
-        return {"source": source, "error": str(error)}, error
-    return {**result.to_dict(), "settings": options.settings()}, None
+        return {"source": source, **saved, "error": str(error)}, error
+    return {**result.to_dict(), **saved, "settings": options.settings()}, None
 
 
 def render_name(source: str) -> str:
-    """The file name a source's rendered print is saved under: its path with separators as `__`, + .png."""
-    flat = source.replace("\\", "/").strip("/").replace("../", "").replace("/", "__")
-    return f"{flat.lstrip('.') or 'input'}.png"
+    """The file name a source's rendered print is saved under: its path with separators as `__`, then `~` and
+    the start of the source's sha256, + .png. The path alone is read easily but not one-to-one ("a/b.csv" and
+    "a__b.csv", "../x.csv" and "/x.csv" flatten alike): two recordings' prints shared a name, the later one
+    written over the earlier, and the print kept for a recording showed another patient's."""
+    flat = source.replace("\\", "/").strip("/").replace("../", "").replace("/", "__").lstrip(".") or "input"
+    return f"{flat}~{hashlib.sha256(source.encode('utf-8', 'surrogateescape')).hexdigest()[:12]}.png"
 
 
 def save_image(image: Image.Image, path: str | Path) -> None:

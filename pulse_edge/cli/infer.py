@@ -82,7 +82,7 @@ from pulse_edge.staging import check_output_file
 @click.option("--fail-fast", is_flag=True, help="With --output: stop at the first input that fails.")
 @click.option("--save-render", type=click.Path(path_type=Path), default=None,
               help="Keep the image the model read (a recording's rendered 12-lead print); with --output a folder "
-                   "that gets one PNG per recording.")
+                   "that gets one PNG per recording, named after its path and a short hash (the line's 'render').")
 @click.option("--fs", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Sampling rate in Hz of CSV and NPY recordings, which do not store one.")
 @click.option("--leads", default=None,

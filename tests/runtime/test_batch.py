@@ -134,6 +134,22 @@ def test_save_render_keeps_one_print_per_recording(folder: Path, tmp_path: Path)
     assert Image.open(prints / saved[0]).size == (2200, 1700)
 
 
+def test_two_recordings_whose_paths_flatten_alike_keep_a_print_each(tmp_path: Path) -> None:
+    """'rin/sub/r.npy' and 'rin/sub__r.npy' were both saved as rin__sub__r.npy.png: the later print overwrote the
+    earlier, and the print kept for the first recording showed the second one's ECG."""
+    first, second = tmp_path / "rin" / "sub" / "r.npy", tmp_path / "rin" / "sub__r.npy"
+    first.parent.mkdir(parents=True)
+    np.save(first, beats(5000, 500))
+    np.save(second, 3 * beats(5000, 500))  # another patient's: larger waves
+    out, prints = tmp_path / "out.jsonl", tmp_path / "prints"
+    _run([str(first), str(second)], out, FakeModel(), save_render_dir=prints)
+    names = [line["render"] for line in _lines(out)]
+    assert len(set(names)) == 2 and sorted(p.name for p in prints.iterdir()) == sorted(names)
+    assert all(name.split("~")[0].endswith("rin__sub__r.npy") for name in names)  # still the path, readable
+    images = [np.asarray(Image.open(prints / name)) for name in names]
+    assert not np.array_equal(images[0], images[1])
+
+
 @pytest.mark.parametrize(("changed", "key"), [
     ({"question": "Is there atrial fibrillation?"}, "question"), ({"max_new_tokens": 5}, "max_new_tokens"),
     ({"sampling": SamplingParams(temperature=0.7)}, "sampling"), ({"model": "/models/other"}, "model"),
