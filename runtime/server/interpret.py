@@ -51,7 +51,10 @@ async def interpret(request: Request) -> Response:
     limit, sampling, reading = max_tokens(params), sampling_params(params), recording_options(params)
 
     def job(should_stop: StopCheck) -> dict[str, Any]:
-        ecg = decode_input(source, name=name, **reading)
+        # a path is checked again when its turn comes (minutes in the queue, maybe): a folder swapped for a symlink
+        # out of --allow-dir meanwhile was read through it
+        checked = resolve_allowed(name, state.config.allow_dir) if isinstance(source, Path) else source
+        ecg = decode_input(checked, name=name, **reading)
         answer = answer_json(state.model.pipeline, ecg, question, max_new_tokens=limit, sampling=sampling,
                              should_stop=should_stop)
         state.metrics.generation(answer["stop_reason"], answer["timings"])

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import gc
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -729,3 +730,40 @@ def test_draining_a_refused_body_stops_at_silence_but_reads_a_slow_sender_to_its
         with pytest.raises(asyncio.TimeoutError):
             asyncio.run(drain(one_byte_then_silence, 0.05))
         assert time.monotonic() - start < 2
+
+
+def test_a_path_is_checked_again_when_its_turn_comes(tmp_path: Path) -> None:
+    """The path was checked when the request came and opened when the model was free, minutes later maybe: a folder
+    swapped meanwhile for a symlink out of --allow-dir was read through it (a concurrency review)."""
+    import json
+
+    from pulse_testing.pages import page
+
+    from pulse_edge.runtime.server.app import create_app
+    from pulse_edge.runtime.server.model import ServedModel
+    from pulse_edge.runtime.server.state import ServerConfig, ServerState
+
+    root, outside = tmp_path / "allowed", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    page((256, 256)).save(root / "sub" / "ecg.png")
+    page((256, 256)).save(outside / "ecg.png")
+    config = ServerConfig(bundle=tmp_path, host="127.0.0.1", port=0, api_key=None, max_queue=2,
+                          allow_dir=root.resolve(), max_body_bytes=1 << 20, timeout_s=30.0)
+    state = ServerState.create(config, ServedModel(pipeline=_FullMemory(None), model_id="tiny", bundle_id="0" * 64,
+                                                   provider="cpu"))
+    queued = state.submit
+
+    def swapped_while_queued(job: Any) -> Any:
+        shutil.rmtree(root / "sub")
+        (root / "sub").symlink_to(outside)
+        return queued(job)
+
+    state.submit = swapped_while_queued  # type: ignore[method-assign]
+    body = json.dumps({"path": "sub/ecg.png", "max_tokens": 2}).encode()
+    try:
+        status, answer = asyncio.run(_asgi(create_app(state), "POST", "/v1/ecg/interpret", body))
+    finally:
+        state.worker.close()
+    assert status == 403, answer
+    assert "leads outside the allowed directory" in json.loads(answer)["error"]["message"]
