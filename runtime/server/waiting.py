@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -92,11 +93,17 @@ class TextPipe:
 
     def put(self, piece: str) -> None:
         """Called on the model thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
+        self._send(piece)
 
     def end(self, *_: Any) -> None:
         """A done-callback of the job: after its last piece (same thread, same order), or at once if never run."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, END)
+        self._send(END)
+
+    def _send(self, item: Any) -> None:
+        # a closed loop: the server stopped (Ctrl-C) while this answer ran, and no one reads it; raised here, it
+        # printed "Event loop is closed" tracebacks from the model thread
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def get(self) -> Any:
         return await self._queue.get()

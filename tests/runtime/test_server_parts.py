@@ -767,3 +767,17 @@ def test_a_path_is_checked_again_when_its_turn_comes(tmp_path: Path) -> None:
         state.worker.close()
     assert status == 403, answer
     assert "leads outside the allowed directory" in json.loads(answer)["error"]["message"]
+
+
+def test_text_for_a_stopped_server_is_dropped_not_a_traceback_on_the_model_thread() -> None:
+    """Ctrl-C while an answer streamed closed the event loop under the model thread: every later piece and the
+    job's end raised 'Event loop is closed' there, printed as tracebacks after the server's last line."""
+    from pulse_edge.runtime.server.waiting import TextPipe
+
+    loop = asyncio.new_event_loop()
+    pipe = TextPipe(loop)
+    pipe.put("Sinus")
+    assert loop.run_until_complete(pipe.get()) == "Sinus"
+    loop.close()
+    pipe.put(" rhythm")
+    pipe.end()  # neither raises
