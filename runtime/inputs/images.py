@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pulse_edge.errors import InputError
+from pulse_edge.runtime.inputs.warned import caught_warnings
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def _decode(stream: BinaryIO, name: str, say: list[str]) -> Image.Image:
 def _damaged_exif_noted(name: str, say: list[str]) -> Iterator[None]:
     """Pillow warns of damaged EXIF on stderr (at open and again at the rotation) and goes on without its
     orientation: one note instead; any other warning is passed on as it came."""
-    with warnings.catch_warnings(record=True) as caught:
+    with caught_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         yield
     damaged = False
@@ -236,7 +237,7 @@ def _decoded(image: Image.Image, fmt: str, name: str, say: list[str]) -> Image.I
 def _pillow_errors(name: str, fmt: str) -> Iterator[None]:
     """Pillow's refusals as one line each. Pillow only warns between its own pixel limit and twice that: the
     warning is an error inside this block only (catch_warnings restores the filters on exit)."""
-    with warnings.catch_warnings():
+    with caught_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             yield

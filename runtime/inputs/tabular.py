@@ -21,6 +21,7 @@ from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, rec
 from pulse_edge.runtime.ecg.leads import LEADS
 from pulse_edge.runtime.ecg.recording import Recording, samples_kept
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
+from pulse_edge.runtime.inputs.warned import caught_warnings
 
 LAYOUTS = ("leads_first", "samples_first")
 _DELIMITERS = (",", ";", "\t")
@@ -49,7 +50,7 @@ def read_csv(source: str | os.PathLike | bytes, fs: float, *, unit: str = "mV", 
     check_samples(lines * len(header), label)  # before parsing: numpy holds ~7x the text's bytes while it does
     kept = samples_kept(fs)  # only the start the print draws is parsed; how long the rest is, is counted
     try:
-        with warnings.catch_warnings():  # "input contained no data": refused below in one line
+        with caught_warnings():  # "input contained no data": refused below in one line
             warnings.simplefilter("ignore", UserWarning)
             values = np.loadtxt(stream, delimiter=delimiter, ndmin=2, dtype=np.float64, max_rows=kept)
     except ValueError as exc:

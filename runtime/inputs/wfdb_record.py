@@ -23,6 +23,7 @@ from pulse_edge.runtime.ecg.leads import normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
 from pulse_edge.runtime.inputs.extras import require
+from pulse_edge.runtime.inputs.warned import caught_warnings
 from pulse_edge.runtime.inputs.wfdb_names import RECORD_SUFFIXES, header_words, multi_segment
 
 _LIBRARY_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error)
@@ -130,7 +131,7 @@ def _check_gains(signal_lines: list[list[str]], names: list[str], label: str) ->
 
 def _read(record_name: Path, label: str, call: str, **kwargs: Any):
     try:
-        with warnings.catch_warnings():
+        with caught_warnings():
             # wfdb 4.3 parses headers with pandas and trips pandas 3.1's deprecation
             # warnings (inplace=...) on every read and at import: noise for the cart log.
             warnings.filterwarnings("ignore", module="wfdb")

@@ -477,3 +477,53 @@ def test_a_pdf_page_is_rendered_as_large_as_fits_and_never_past_the_limit() -> N
         pixels = math.ceil(width * scale) * math.ceil(height * scale)
         assert pixels <= MAX_PIXELS, (width, height)
         assert pixels > 0.99 * MAX_PIXELS or scale == PDF_DPI / 72  # shrunk no further than needed, or full dpi
+
+
+def _damaged_exif_jpeg() -> bytes:
+    """A print whose EXIF orientation tag's type field is garbage: Pillow warns and keeps the pixels unturned."""
+    pixels = np.full((400, 600, 3), 255, np.uint8)
+    pixels[200] = 0
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", exif=exif.tobytes())
+    data = bytearray(out.getvalue())
+    at = data.find(b"Exif\x00\x00") + 14
+    data[at:at + 2] = b"\xff\x7f"
+    return bytes(data)
+
+
+def test_two_threads_reading_prints_keep_their_own_notes_and_leave_the_warning_filters_as_they_were() -> None:
+    """warnings.catch_warnings saves and restores the process's filters and printer: two threads inside at once
+    restored each other's. A clean PNG got the other thread's "EXIF data is damaged" note (about 1 in 5 here), and
+    "DecompressionBombWarning is an error" and a recording printer stayed set for the host program (a concurrency
+    review)."""
+    import threading
+
+    from pulse_edge.runtime.inputs import load_input
+
+    damaged, clean = _damaged_exif_jpeg(), io.BytesIO()
+    page((600, 400)).save(clean, "PNG")
+    assert any("EXIF data is damaged" in note for note in load_input(damaged, name="bad.jpg").notes)
+    filters, printer = list(warnings.filters), warnings._showwarnmsg_impl
+    wrong: list[str] = []
+
+    def reading(data: bytes, name: str, rounds: int = 150) -> None:
+        for _ in range(rounds):
+            noted = any("EXIF data is damaged" in note for note in load_input(data, name=name).notes)
+            if noted != (name == "bad.jpg"):
+                wrong.append(name)
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: the race shows within a few rounds
+    try:
+        threads = [threading.Thread(target=reading, args=args) for args in ((damaged, "bad.jpg"),
+                                                                           (clean.getvalue(), "good.png"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switching)
+    assert wrong == []
+    assert warnings.filters == filters and warnings._showwarnmsg_impl is printer
