@@ -200,10 +200,10 @@ def _summarise(config: JudgeConfig, spec: SubsetSpec, pairs: Sequence[Pair],
     details = {i: SampleDetail(None, _sample_score(v), None) for i, v in scored.items()}
     metrics: dict[str, Any] = {"scored": bool(scored), "judge_model": config.model, "judged": len(scored),
                                "unscored": len(unscored), "unscored_reasons": dict(list(unscored.items())[:20])}
-    if scored:
-        metrics["score"] = round(sum(_sample_score(v) for v in scored.values()) / len(scored), 4)
+    if scored:  # unrounded: rounded once, when printed (24.650035 stored as 24.65 printed 24.6, the paper's 24.7)
+        metrics["score"] = sum(_sample_score(v) for v in scored.values()) / len(scored)
         for axis in spec.judge_axes:
-            metrics[axis] = round(10.0 * sum(v[axis] for v in scored.values()) / len(scored), 4)
+            metrics[axis] = 10.0 * sum(v[axis] for v in scored.values()) / len(scored)
     notes = ["judge rubric paraphrases the paper's and the judge model is the user's (the paper used GPT-4o): "
              "compare with the paper's figure only approximately"]
     if spec.multi_turn:

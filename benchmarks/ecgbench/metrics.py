@@ -9,8 +9,9 @@
   whose gold column holds one value only has no ROC curve: NaN.
 - Hamming loss = wrong cells / all cells.
 - One class only, fitted on the gold labels (the paper's path): scikit-learn reads a one-column matrix as a
-  binary target, and F1 with `average=None` is then given for the label 0 as well as 1 (each present in gold
-  or prediction); the paper averages those. Classes given (strict mode) keep the per-class mean.
+  binary target, and F1 with `average=None` is then given per label value, 0 (the class absent) first where
+  any cell is 0; the paper's loop takes entry k for its k-th class, so its figure is the F1 of the label 0
+  (of the label 1 only where no cell is 0). Classes given (strict mode) keep the per-class mean.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def multilabel_scores(gold: Sequence[Collection[str]], predicted: Sequence[Colle
     auc = [hard_auc(y_true[:, j], y_pred[:, j]) for j in range(len(classes))]
     terms = None
     if fitted and len(classes) == 1 and np.any(y_true == 0) | np.any(y_pred == 0):  # binary to scikit-learn
-        terms = (float(f1_per_class(1 - y_true, 1 - y_pred)[0]), float(f1[0]))
+        terms = (float(f1_per_class(1 - y_true, 1 - y_pred)[0]),)
     return MultiLabelScores(classes, tuple(float(v) for v in f1), tuple(auc), hamming_loss(y_true, y_pred), terms)
 
 

@@ -221,16 +221,19 @@ def _multilabel(pairs: Sequence[Pair], gold_c: list[list[str]], pred_c: list[lis
 
 def _score_choice(spec: SubsetSpec, pairs: Sequence[Pair], rng: random.Random) -> ScoreParts:
     letters = list(spec.letters)
-    compat_hits = fallbacks = strict_hits = unparsed = 0
+    compat_hits = fallbacks = strict_hits = unparsed = failed = 0
     details: dict[str, SampleDetail] = {}
     for sample, prediction in pairs:
         gold = answer_text(sample.answer)
         compat = parse.choice_compat(prediction.text)
-        # the paper's script guesses; drawn in file order from one seeded generator. Never for a sample whose
-        # generation failed (an unreadable image): its lucky guess was scored correct, and it answered nothing
-        if compat is None and not prediction.error:
-            compat = rng.choice(letters)
-            fallbacks += 1
+        # the paper's script guesses; drawn in file order from one seeded generator, for every answer it cannot
+        # read. A sample whose generation failed (an unreadable image) answered nothing: scored wrong (its lucky
+        # guess was scored correct), its draw still taken so that every later guess is the paper's
+        if compat is None:
+            guess = rng.choice(letters)
+            failed += bool(prediction.error)
+            fallbacks += not prediction.error
+            compat = None if prediction.error else guess
         compat_hits += compat == gold[:1]
         strict = parse.choice_strict(prediction.text, spec.letters)
         unparsed += strict is None
@@ -238,8 +241,11 @@ def _score_choice(spec: SubsetSpec, pairs: Sequence[Pair], rng: random.Random) -
         strict_hits += correct
         details[sample.id] = SampleDetail(gold.strip()[:1], strict, correct)
     n = len(pairs)
+    notes = (f"compat: {failed} sample(s) whose generation failed are scored wrong, where the paper's script "
+             "guessed for them (their draws are taken all the same, so the other guesses are the paper's)",) \
+        if failed else ()
     return ScoreParts({"accuracy": percent(compat_hits / n), "random_fallbacks": fallbacks},
-                   {"accuracy": percent(strict_hits / n), "unparsed": unparsed}, details)
+                   {"accuracy": percent(strict_hits / n), "unparsed": unparsed}, details, notes)
 
 
 def _score_ecgqa(spec: SubsetSpec, pairs: Sequence[Pair]) -> ScoreParts:

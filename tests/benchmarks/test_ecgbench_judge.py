@@ -199,3 +199,22 @@ def test_a_run_the_judge_scored_in_part_fails_the_gate(judge_server: ThreadingHT
     assert compare.gate_failures(result, [compare.DropRule.parse("score=50")]) == [
         "ptb-test-report: the judge scored 1 of 2 samples for b (1 not: the reply holds no JSON object); rerun the "
         "comparison to judge the rest (verdicts already given are cached)"]
+
+
+def test_a_judged_score_is_rounded_once_when_printed() -> None:
+    """481 judged reports with 3557 axis points in all: 24.650035, which the paper prints 24.7. Stored rounded to 4
+    places first (24.65, a float just under it), it printed 24.6 (a review of the scoring)."""
+    from pulse_edge.benchmarks.ecgbench.judge import _summarise
+    from pulse_edge.benchmarks.ecgbench.report import _fmt
+
+    spec = SUBSETS["ptb-test-report"]
+    axes = spec.judge_axes
+    samples = [Sample(f"r{i}", spec.name, (Turn("Report?", "Sinus."),)) for i in range(481)]
+    points = [3557 // 481 + (i < 3557 % 481) for i in range(481)]  # per sample, spread over its axes
+    verdicts = {f"r{i}": {"scores": {axis: (p + k) // len(axes) for k, axis in enumerate(axes)}}
+                for i, p in enumerate(points)}
+    assert sum(sum(v["scores"].values()) for v in verdicts.values()) == 3557
+    parts = _summarise(JudgeConfig("http://127.0.0.1:9", "judge-1"), spec,
+                       [(s, Prediction(s.id, "Sinus.")) for s in samples], verdicts)
+    assert parts.compat["score"] == pytest.approx(10 * 3557 / (3 * 481))
+    assert _fmt(parts.compat["score"], parts.compat) == "24.7"

@@ -118,14 +118,16 @@ def test_choice_extraction_and_random_fallback_seed_42() -> None:
 
 def test_a_sample_whose_generation_failed_is_wrong_not_a_lucky_guess() -> None:
     """An unreadable image leaves an error record with no text: compat drew the paper's guess for it (Random(42)
-    over A..H gives B first: correct here) and scored 100 for an ECG the model never saw. It draws nothing now,
-    so the next sample gets the first draw."""
-    samples = [Sample("e1", "csn-test-no-cot", (Turn("q", "B"),)), Sample("e2", "csn-test-no-cot", (Turn("q", "B"),))]
+    over A..H gives B first: correct here) and scored 100 for an ECG the model never saw. It is scored wrong now,
+    and its draw is still taken, as the paper's script takes it: the next sample gets the second draw (A), the
+    paper's guess for it (a review found every later guess one draw off when the failed sample drew nothing)."""
+    samples = [Sample("e1", "csn-test-no-cot", (Turn("q", "B"),)), Sample("e2", "csn-test-no-cot", (Turn("q", "A"),))]
     predictions = PredictionFile(Path("p.jsonl"), (Prediction("e1", "", error="e1 (x.png): not an image"),
                                                    Prediction("e2", "Hmm")))
     score = score_subset(SUBSETS["csn-test-no-cot"], samples, predictions)
-    assert score.compat == {"accuracy": 50.0, "random_fallbacks": 1}  # e2's guess: the first draw, B
+    assert score.compat == {"accuracy": 50.0, "random_fallbacks": 1}  # e1 wrong, e2's guess the second draw, A
     assert score.strict["accuracy"] == 0.0 and score.coverage.errors == 1
+    assert any("1 sample(s) whose generation failed are scored wrong" in note for note in score.notes)
 
 
 def test_mmmu_guesses_among_four_letters() -> None:
@@ -316,11 +318,15 @@ def test_the_arena_row_says_it_is_not_the_papers_measure() -> None:
 
 def test_one_gold_class_is_scored_as_scikit_learn_reads_a_one_column_matrix() -> None:
     """The paper's f1_score(average=None) takes an [n, 1] matrix as a binary target and gives F1 for 0 and for 1;
-    their mean is its figure. Checked against scikit-learn 1.9.1 on 3000 random cases in review (637 differed)."""
+    its loop (evaluation/evaluate_ecgbench.py: `for idx, cls in enumerate(mlb.classes_)`) reads entry 0 for its one
+    class: the F1 of the label 0. The mean of both was taken here before (a second review read the loop; 897 of
+    4000 random one-class cases differed, none with two classes or more)."""
     # gold {}, {STTC}; predicted {NORM, STTC}, {STTC}: class STTC F1 = 2/3; label 0 (STTC absent) F1 = 0
     scores = multilabel_scores([[], ["STTC"]], [["NORM", "STTC"], ["STTC", "XX"]])
     assert scores.classes == ("STTC",) and scores.f1_per_class == pytest.approx((2 / 3,))
-    assert scores.f1 == pytest.approx(1 / 3)
+    assert scores.f1 == 0.0
+    # gold 0, 0, 1; predicted 0, 1, 0: label 0 TP 1, FP 1, FN 1 (F1 1/2); label 1 TP 0 (F1 0); their mean 1/4
+    assert multilabel_scores([[], [], ["STTC"]], [[], ["STTC"], []]).f1 == pytest.approx(1 / 2)
     assert multilabel_scores([["STTC"], ["STTC"]], [["STTC"], ["STTC"]]).f1 == 1.0  # only 1s: one label, as sklearn
     two = multilabel_scores([["MI"], ["STTC"]], [["MI"], ["MI"]])  # two classes: the plain per-class mean
     assert two.f1 == pytest.approx((2 / 3 + 0) / 2)
