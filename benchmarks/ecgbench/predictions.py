@@ -83,9 +83,15 @@ def _prediction(record: Mapping[str, Any], path: Path, number: int) -> Predictio
         raise InputError(f"{path}: line {number} needs an id (or question_id) and a text (or response)")
     if text_key is not None and not isinstance(record[text_key], str):
         raise InputError(f"{path}: line {number}'s {text_key} is a {type(record[text_key]).__name__}, not text")
+    # an id or prompt of another type was made text ("['m0']", "1.0", "True"; a list prompt's options read
+    # "no']"): ids are strings or integers, as the datasets write them, and a prompt is text
+    if isinstance(sample_id, bool) or not isinstance(sample_id, str | int):
+        raise InputError(f"{path}: line {number}'s id is a {type(sample_id).__name__}, not a string or an integer")
     prompt = record.get("prompt")
     if isinstance(prompt, Mapping):  # some LLaVA scripts store {"prompt": ...}
         prompt = prompt.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"{path}: line {number}'s prompt is a {type(prompt).__name__}, not text")
     error = record.get("error")
     if text_key is None:  # every text field null: the sample was never answered, never scored as an answer
         error = error if error is not None else "no answer (its text is null)"

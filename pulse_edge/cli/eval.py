@@ -82,6 +82,10 @@ def score_command(subset: str, data_dir: Path, predictions: Path, judge_url: str
     cache = predictions.with_name(f"{predictions.stem}.judge.jsonl")
     judge = _judge(judge_url, judge_model, judge_workers, lambda _: cache)
     score = score_subset(spec, load_samples(source), preds, judge)
+    if not score.coverage.scored:  # nothing to score is no score: a JSON with "scored": false exited 0
+        example = f" (e.g. {score.coverage.unknown_ids[0]!r})" if score.coverage.unknown_ids else ""
+        raise InputError(f"{predictions}: none of its {score.coverage.predictions} answer ids{example} is a sample "
+                         f"of {spec.name} ({score.coverage.samples} samples in {source.describe()}): check --subset")
     click.echo(json.dumps({"predictions": str(predictions), "data": source.describe(), **score.to_dict()}, indent=2))
 
 

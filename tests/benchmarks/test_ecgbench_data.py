@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,31 @@ def test_a_null_answer_in_predictions_is_an_error_not_an_answer(tmp_path: Path) 
         read_predictions(path)
 
 
+@pytest.mark.parametrize(("line", "expected"), [
+    # made text, they were scored: a list prompt's options read "yes" and "no']", an id "['m0']" or "1.0"
+    ('{"id": "a", "text": "yes", "prompt": ["Options: yes, no"]}', "line 1's prompt is a list, not text"),
+    ('{"id": "a", "text": "yes", "prompt": 5}', "line 1's prompt is a int, not text"),
+    ('{"id": ["m0"], "text": "A"}', "line 1's id is a list, not a string or an integer"),
+    ('{"id": 1.0, "text": "A"}', "line 1's id is a float, not a string or an integer"),
+    ('{"question_id": true, "text": "A"}', "line 1's id is a bool, not a string or an integer")])
+def test_a_prediction_id_or_prompt_of_another_type_is_refused(tmp_path: Path, line: str, expected: str) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(InputError, match=re.escape(expected)):
+        read_predictions(path)
+    path.write_text('{"id": 7, "text": "A", "prompt": {"prompt": "Options: A, B"}}\n')  # as LLaVA's scripts write
+    assert read_predictions(path).predictions[0].prompt == "Options: A, B"
+
+
+@pytest.mark.parametrize("answer", [{"x": "NORM"}, ["yes", None], True, [["yes"]]])
+def test_a_reference_answer_that_is_not_text_is_refused(tmp_path: Path, answer: object) -> None:
+    """A dict gold was made text ("{'x': 'NORM'}") and scored by substring: F1 100 for an answer naming NORM."""
+    (tmp_path / "ecgqa-test.json").write_text(json.dumps([{"id": "q1", "image": "x.png", "conversations": [
+        {"from": "human", "value": "Is it normal?"}, {"from": "gpt", "value": answer}]}]))
+    with pytest.raises(InputError, match=r"q1: an answer is a \w+ .*, not text; not an ECGBench item"):
+        load_samples(find_subset(tmp_path, "ecgqa-test"))
+
+
 def test_subsets_command_lists_what_is_there(data_dir: Path) -> None:
     result = CliRunner().invoke(eval_group, ["subsets", "--data", str(data_dir)])
     assert result.exit_code == 0, result.output
@@ -177,6 +203,17 @@ def test_score_command_reads_paper_style_predictions(data_dir: Path, tmp_path: P
     out = json.loads(result.output)
     assert out["compat"] == {"accuracy": 100.0, "unwinnable": 0} and out["strict"] == {"accuracy": 100.0, "unparsed": 0}
     assert (out["coverage"]["scored"], out["coverage"]["unknown"], out["coverage"]["unknown_ids"]) == (2, 1, ["zz"])
+
+
+def test_predictions_of_another_subset_are_refused_not_an_empty_score(data_dir: Path, tmp_path: Path) -> None:
+    """Scored with the wrong --subset, no id matched: the JSON said "scored": false, and the command exited 0."""
+    predictions = tmp_path / "ptb.jsonl"
+    predictions.write_text('{"question_id": "ptb-1", "text": "NORM"}\n{"question_id": "ptb-2", "text": "MI"}\n')
+    result = CliRunner().invoke(eval_group, ["score", "--subset", "ecgqa", "--data", str(data_dir),
+                                             "--predictions", str(predictions)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "none of its 2 answer ids (e.g. 'ptb-1') is a sample of ecgqa" in result.output
+    assert result.output.rstrip().endswith("check --subset")
 
 
 def test_each_subset_is_read_in_the_shape_its_release_stores(tmp_path: Path, png: bytes) -> None:

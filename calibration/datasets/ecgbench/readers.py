@@ -322,9 +322,19 @@ def _turns(conversations: Any, where: str) -> tuple[Turn, ...]:
         if not isinstance(question, str):
             raise InputError(f"{where}: a question is a {type(asked).__name__} ({str(asked)[:60]}), not text; "
                              "not an ECGBench item")
+        _check_answer(value, where)
         gold = None if value is None else tuple(str(v) for v in value) if isinstance(value, list) else str(value)
         turns.append(Turn(question_text(question), gold))
     return tuple(turns)
+
+
+def _check_answer(value: Any, where: str) -> None:
+    """An answer is text (a number as written), or a list of them (ECG-QA's options): a dict's str() was scored as
+    text, its keys' and values' words matched by substring."""
+    for item in value if isinstance(value, list) else [] if value is None else [value]:
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise InputError(f"{where}: an answer is a {type(item).__name__} ({str(item)[:60]}), not text; not an "
+                             "ECGBench item")
 
 
 def _alternating(conversations: list[Any], where: str) -> list[tuple[Any, Any]]:
