@@ -20,7 +20,7 @@ from pulse_edge.jsonl import JsonLines, read_json_lines
 from pulse_edge.jsonl import append_record as append_record  # re-exported for the runner
 from pulse_edge.jsonl import prepare_for_append as prepare_lines
 
-ID_KEYS = ("id", "question_id")
+ID_KEYS = ("question_id", "id")  # the paper's script's order, where a line has both
 TEXT_KEYS = ("text", "response")
 
 

@@ -139,3 +139,22 @@ def test_compare_needs_two_runs(setup: tuple[Path, Path, Path]) -> None:
     data, fp16, _ = setup
     result = CliRunner().invoke(eval_group, ["compare", str(fp16), "--data", str(data)])
     assert result.exit_code == 2 and "at least two run folders" in result.output
+
+
+@pytest.mark.parametrize(("metric", "base", "value", "allowed", "fails"), [
+    # Hamming loss is better lower: a rise is the drop (its sign flipped, a rise passed: a mutation survived)
+    ("hl", 10.0, 12.5, 2.0, True), ("hl", 10.0, 5.0, 2.0, False), ("hl", 10.0, 12.0, 2.0, False),
+    # the limit itself passes, anything past it fails (only drops of 25 against 10 and 30 were tried)
+    ("f1", 80.0, 77.0, 3.0, False), ("f1", 80.0, 76.9, 3.0, True), ("f1", 80.0, 90.0, 0.0, False)])
+def test_the_gate_reads_each_metric_in_its_own_direction_to_the_limit(metric: str, base: float, value: float,
+                                                                      allowed: float, fails: bool) -> None:
+    from types import SimpleNamespace
+
+    from pulse_edge.benchmarks.ecgbench.compare import _check
+
+    scores = [SimpleNamespace(strict={metric: v}, compat={}) for v in (base, value)]
+    comparison = SimpleNamespace(subset="ptb-test", scores=scores)
+    failures = _check(DropRule.parse(f"{metric}={allowed}"), comparison, [SimpleNamespace(label=r) for r in "ab"])
+    assert bool(failures) == fails, failures
+    if fails:
+        assert failures[0].startswith(f"strict.ptb-test.{metric} {'rose' if metric == 'hl' else 'fell'}")

@@ -140,6 +140,8 @@ def test_a_prediction_id_or_prompt_of_another_type_is_refused(tmp_path: Path, li
         read_predictions(path)
     path.write_text('{"id": 7, "text": "A", "prompt": {"prompt": "Options: A, B"}}\n')  # as LLaVA's scripts write
     assert read_predictions(path).predictions[0].prompt == "Options: A, B"
+    path.write_text('{"id": "row-3", "question_id": "mmmu-17", "text": "A"}\n')  # both: the paper reads question_id
+    assert read_predictions(path).predictions[0].id == "mmmu-17"
 
 
 @pytest.mark.parametrize("answer", [{"x": "NORM"}, ["yes", None], True, [["yes"]]])

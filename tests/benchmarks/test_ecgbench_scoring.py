@@ -138,6 +138,14 @@ def test_mmmu_guesses_among_four_letters() -> None:
 
 
 def test_choice_compat_edge_cases() -> None:
+    # the paper's extract() rule by rule, each where another reading gives another letter (mutations survived):
+    assert parse.choice_compat("Answer: E or B") == "B"  # after "Answer:" the first in A..H order, not by position
+    assert parse.choice_compat("The correct option is A. Correction: the correct option is C") == "A"  # "A." first
+    assert parse.choice_compat("The correct option is B; on review The correct option is D") == "D"  # the last one
+    assert parse.choice_compat("c. sinus rhythm") is None  # "X." as written: a lower-case letter is none
+    assert parse.choice_compat(" A") is None and parse.choice_compat("A") == "A"  # a lone letter as it stands
+    assert parse.choice_compat("H. LBBB") == "H"  # eight options (CSN, G12EC)
+    assert parse.choice_strict("The correct answer is B. No: the correct answer is C.", "ABCD") == "C"
     assert parse.choice_compat("The correct option is ") is None  # the paper's script would crash here
     assert parse.choice_compat("The correct option is x. Answer: C") is None  # no fall-through to Answer:
     assert parse.choice_strict("(C)", "ABCD") == "C"
@@ -220,6 +228,15 @@ def test_ecgqa_text_and_response_fields_are_read_alike() -> None:
         prediction = Prediction("q", "Lead II", key, LEADS)
         assert score_subset(SUBSETS["ecgqa-test"], samples,
                             PredictionFile(Path("p"), (prediction,))).compat["accuracy"] == 100.0
+
+
+def test_label_codes_and_answers_are_read_as_the_paper_reads_them() -> None:
+    assert parse.labels_compat("Normal ECG", ["NORM"]) == []  # case-sensitive: "Norm" is no code
+    assert parse.labels_compat("first degree AV block", ["ST"]) == []  # ... and "st" inside "first" none
+    # CODE-15: what follows the last "Answer:" only
+    assert parse.code15_compat("Not ABNORMAL? Answer: NORM", []) == ["NORM"]
+    # ECG-QA: the options after the last "Options:" (an earlier one belongs to an example)
+    assert parse.ecgqa_candidates("Options: a, b\nQuestion: which?\nOptions: yes, no") == ["yes", "no"]
 
 
 def test_ecgqa_options_come_from_the_recorded_prompt() -> None:
