@@ -9,6 +9,7 @@ import click
 
 from pulse_edge.choices import BLOCK_SIZE_CHOICES, CALIBRATION_DTYPES, CALIBRATION_METHODS, DEFAULT_BLOCK_SIZE
 from pulse_edge.cli.params import SEED
+from pulse_edge.cli.progress import quiet
 
 
 @click.command("calibrate")
@@ -51,7 +52,7 @@ def _calibrate(model: Path, out: Path, dtype: str, vision_tower: Path | None, **
     from pulse_edge.export.build.memory import reference_dtype
     from pulse_edge.export.model.torch_backend import TorchPipeline
 
-    options = CalibrationOptions(**settings, progress=True)
+    options = CalibrationOptions(**settings, progress=not quiet())
     chosen = choose_samples(options)  # a bad --data is one line before minutes of loading the model
     if dtype == "auto":
         dtype = "fp32" if reference_dtype(model) == torch.float32 else "bf16"

@@ -20,7 +20,7 @@ from pulse_edge.choices import (
     VOLTAGE_UNITS,
 )
 from pulse_edge.cli.params import SEED, TORCH_DEVICE
-from pulse_edge.cli.progress import HashBar
+from pulse_edge.cli.progress import HashBar, quiet
 from pulse_edge.click_types import FiniteFloatRange, given
 from pulse_edge.errors import ConfigError
 from pulse_edge.staging import check_output_file
@@ -164,6 +164,8 @@ def infer(inputs: tuple[str, ...], model_dir: Path, question: str | None, backen
     click.echo()
     for note in result.notes[len(ecg.notes):]:  # about the answer (the input's were said before it)
         click.echo(f"pulse-edge: note: {note}", err=True)
+    if quiet():
+        return
     t = result.timings
     click.echo(f"[{result.backend}: {result.image_tokens} image tokens, {result.prompt_tokens} prompt positions, "
                f"{result.generated_tokens} generated ({result.stop_reason}); preprocess {t.preprocess_ms:.0f} ms, "

@@ -79,6 +79,12 @@ def console() -> Console | None:
     return next((h for h in logging.getLogger("pulse_edge").handlers if isinstance(h, Console)), None)
 
 
+def quiet() -> bool:
+    """`pulse-edge -q`: no progress and no summaries, only results, warnings and errors."""
+    handler = console()
+    return handler is not None and handler.quiet
+
+
 @contextmanager
 def stage_progress(what: str) -> Iterator[None]:
     """Show the current stage of a long job on one line that keeps its elapsed time running."""

@@ -44,6 +44,9 @@ def test_infer_streams_text_and_summarises_on_stderr(tiny_checkpoint: Path, ecg_
     as_json = runner.invoke(main, ["infer", str(ecg_png), "--model", str(tiny_checkpoint), "--max-new-tokens", "6",
                                    "--json"])
     assert res.stdout.rstrip("\n") == json.loads(as_json.stdout)["text"]
+    quiet = runner.invoke(main, ["-q", "infer", str(ecg_png), "--model", str(tiny_checkpoint), "--max-new-tokens", "6"])
+    assert quiet.exit_code == 0 and quiet.stdout == res.stdout  # -q: the answer alone (the summary was printed)
+    assert quiet.stderr == ""
 
 
 def test_render_ecg_writes_a_print(tmp_path: Path) -> None:
