@@ -55,6 +55,36 @@ def test_sigterm_during_export_cleans_up(tiny_checkpoint: Path, tmp_path: Path,
     assert _leftovers(tmp_path) == []
 
 
+def test_sigterm_during_a_batch_or_a_calibration_is_one_line_and_leaves_no_lock(
+        tiny_bundle: Path, tiny_checkpoint: Path, ecg_png: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`infer --output`, `eval ecgbench` and `calibrate` died of SIGTERM with no line (exit -15) where export said
+    "stopped by SIGTERM" (a concurrency review); the rerun resumes from what was written."""
+    import pulse_edge.calibration.calibrate as calibration
+    import pulse_edge.runtime.batch as batch
+
+    def unhandled(signum: int, frame: object) -> None:  # what the default would do: end the process (pytest too)
+        raise AssertionError("SIGTERM reached the process's own handler: the command did not handle it")
+
+    monkeypatch.setattr(batch, "interpret", _sigterm)
+    monkeypatch.setattr(calibration, "calibrate", _sigterm)
+    out = tmp_path / "answers.jsonl"
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        result = CliRunner().invoke(main, ["infer", str(ecg_png), str(ecg_png), "--model", str(tiny_bundle),
+                                           "--output", str(out), "--max-new-tokens", "2"])
+        assert (result.exit_code, result.stderr.strip()) == (143, "pulse-edge: stopped by SIGTERM"), result.output
+        assert _leftovers(tmp_path) == (["answers.jsonl"] if out.exists() else [])  # no lock, no partial line
+        assert not out.exists() or out.read_text() == "" or out.read_text().endswith("\n")
+        result = CliRunner().invoke(main, ["calibrate", str(tiny_checkpoint), "--samples", "2",
+                                           "-o", str(tmp_path / "cal" / "s.npz")])
+        assert (result.exit_code, result.stderr.strip()) == (143, "pulse-edge: stopped by SIGTERM"), result.output
+        assert _leftovers(tmp_path / "cal") == []
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # handlers restored after the work
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_an_interruption_wrapped_by_torch_onnx_is_reported_as_one(tiny_checkpoint: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.onnx catches what happens inside it and raises its ConversionError ("please report a bug")."""

@@ -47,7 +47,8 @@ STEP_MODULES = (CLI_MODULE, STEPS_MODULE, "pulse_edge.benchmarks.perf.projector"
 # Needed on the GPU machine (import name: what it is for); the optional ones widen the plan.
 REQUIRED = {"torch": "everything", "triton": "the fused kernels", "transformers": "the torch backend",
             "safetensors": "checkpoints", "sentencepiece": "make-model's tokenizer", "tokenizers": "the tokenizer",
-            "numpy": "everything", "PIL": "ECG prints", "pytest": "pytest-gpu", "click": "the CLI"}
+            "numpy": "everything", "PIL": "ECG prints", "pytest": "pytest-gpu", "click": "the CLI",
+            "jsonschema": "the bundle contract, imported by every step's runtime"}
 OPTIONAL = {"onnxruntime": "ORT steps (with a CUDA/TensorRT provider)", "tensorrt": "tensorrt-marked tests",
             "tensorrt_rtx": "tensorrt-marked tests (TensorRT for RTX)",
             "pytest_timeout": "a per-test timeout inside pytest-gpu"}

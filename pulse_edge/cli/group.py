@@ -1,7 +1,8 @@
 """The click group every pulse-edge command group uses: user errors become one line.
 
-A `PulseEdgeError`, a bad option value of a subcommand, a full (or read-only) disk, or memory (or a thread) refused
-prints `pulse-edge: error: ...` on stderr and exits with code 2, Ctrl-C exits 130 (SIGTERM during an export 143);
+A `PulseEdgeError`, a bad option value of a subcommand, a full (or read-only) disk, memory (or a thread) refused, or a
+package missing prints `pulse-edge: error: ...` on stderr and exits with code 2, Ctrl-C exits 130 (SIGTERM during
+an export, calibrate, `infer --output` or `eval ecgbench` 143);
 anything else is a bug and keeps its traceback. Commands that write bundles and reports stage them
 (pulse_edge/staging.py), so a disk that fills half-way leaves nothing half-written behind.
 Lean: click and pulse_edge.errors only, so the CLI starts fast.
@@ -51,6 +52,13 @@ class UserErrorGroup(click.Group):
             self._interrupted(ctx, e)
         except click.exceptions.Exit:  # a subgroup said so already (bench, eval): its exit, once
             raise
+        except ModuleNotFoundError as e:  # a package this command needs is not installed: the machine's state
+            if e.name is None or e.name.split(".")[0] == "pulse_edge":
+                raise
+            click.echo(f"pulse-edge: error: this command needs the Python module {e.name.split('.')[0]!r}, which is "
+                       "not installed: install pulse-edge with the extras of README's Install section, or that "
+                       "package alone", err=True)
+            ctx.exit(2)
         except Exception as e:
             # a Ctrl-C during a library's lazy import comes out as that library's own error (transformers: "Could
             # not import module ...") with the KeyboardInterrupt inside: an interruption, not a bug

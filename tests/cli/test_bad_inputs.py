@@ -412,3 +412,27 @@ def test_calibration_on_fewer_samples_than_asked_says_so(caplog: pytest.LogCaptu
     with caplog.at_level("WARNING"):
         chosen = choose_samples(CalibrationOptions(data="synthetic:3", samples=8))
     assert len(chosen) == 3 and "holds 3 usable samples, fewer than the 8 asked for" in caplog.text
+
+
+def test_a_missing_package_is_one_line_and_a_missing_module_of_ours_a_bug() -> None:
+    """`bench gpu --dry-run` on a machine without jsonschema (imported by every runtime path since the bundle schema)
+    was a ModuleNotFoundError traceback (a docs review)."""
+    import click
+
+    from pulse_edge.cli.group import UserErrorGroup
+
+    @click.group(cls=UserErrorGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    @click.argument("module")
+    def needs(module: str) -> None:
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+    missing = CliRunner().invoke(group, ["needs", "jsonschema.validators"])
+    assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
+    assert missing.stderr.startswith("pulse-edge: error: this command needs the Python module 'jsonschema', which is "
+                                     "not installed")
+    ours = CliRunner().invoke(group, ["needs", "pulse_edge.runtime.gone"])
+    assert isinstance(ours.exception, ModuleNotFoundError)  # a module of pulse-edge's own missing is a bug
