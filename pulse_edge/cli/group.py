@@ -23,15 +23,26 @@ class UserErrorGroup(click.Group):
 
     interrupt_hint = ""  # e.g. how to resume, for commands that can
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """The group's own options (`pulse-edge --bogus verify b`): one line too, as for a subcommand's."""
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:  # no command at all: click's help, as asked
+            raise
+        except click.UsageError as e:
+            _usage_line(e)
+            raise click.exceptions.Exit(e.exit_code) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PulseEdgeError as e:
             click.echo(f"pulse-edge: error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelpError:  # `pulse-edge bench`: its help, as asked, not an error line
+            raise
         except click.UsageError as e:  # a subcommand's bad option value: one line too, not click's three
-            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-            click.echo(f"pulse-edge: error: {e.format_message().rstrip('.')}{where}", err=True)
+            _usage_line(e)
             ctx.exit(e.exit_code)
         except OSError as e:
             if e.errno not in DISK_ERRORS:
@@ -53,6 +64,8 @@ class UserErrorGroup(click.Group):
         except click.exceptions.Exit:  # a subgroup said so already (bench, eval): its exit, once
             raise
         except ModuleNotFoundError as e:  # a package this command needs is not installed: the machine's state
+            if (inner := _interrupt_within(e)) is not None:  # or Ctrl-C inside a lazy import (below)
+                self._interrupted(ctx, inner)
             if e.name is None or e.name.split(".")[0] == "pulse_edge":
                 raise
             click.echo(f"pulse-edge: error: this command needs the Python module {e.name.split('.')[0]!r}, which is "
@@ -72,6 +85,11 @@ class UserErrorGroup(click.Group):
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         click.echo(f"pulse-edge: {what}{self.interrupt_hint}", err=True)
         ctx.exit(128 + signum)
+
+
+def _usage_line(error: click.UsageError) -> None:
+    where = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+    click.echo(f"pulse-edge: error: {error.format_message().rstrip('.')}{where}", err=True)
 
 
 def _interrupt_within(error: BaseException) -> KeyboardInterrupt | None:

@@ -436,3 +436,16 @@ def test_a_missing_package_is_one_line_and_a_missing_module_of_ours_a_bug() -> N
                                      "not installed")
     ours = CliRunner().invoke(group, ["needs", "pulse_edge.runtime.gone"])
     assert isinstance(ours.exception, ModuleNotFoundError)  # a module of pulse-edge's own missing is a bug
+
+
+def test_the_groups_own_bad_options_are_one_line_and_no_command_is_the_help() -> None:
+    """`pulse-edge --bogus verify b` printed click's usage, its hint and the error (three lines); `pulse-edge bench`
+    with no command printed its help after "pulse-edge: error:" (a docs review)."""
+    bogus = CliRunner().invoke(main, ["--bogus", "verify", "b"])
+    assert bogus.exit_code == 2 and bogus.stderr.count("\n") == 1
+    assert bogus.stderr.startswith("pulse-edge: error: No such option '--bogus'")
+    both = CliRunner().invoke(main, ["-v", "-q", "verify", "b"])
+    assert both.exit_code == 2 and both.stderr.count("\n") == 1 and "contradict" in both.stderr
+    for args in ([], ["bench"], ["eval"]):
+        helped = CliRunner().invoke(main, args)
+        assert helped.exit_code == 2 and "pulse-edge: error" not in helped.output and "Commands:" in helped.output, args
