@@ -7,12 +7,15 @@ server names the port the system picked.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import resource
 import socket
 from collections.abc import Callable
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pulse_edge.errors import ConfigError
 from pulse_edge.runtime.server.app import create_app
@@ -27,6 +30,7 @@ BACKLOG = 64
 CONNECTION_LIMIT = 1024
 FD_MARGIN = 64  # descriptors kept for the model's files, logs and the listening socket
 GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, which cancels their generations
+HEAD_DEADLINE_S = 10.0  # a connection that has not sent a whole request head by then is closed
 
 
 def connection_limit(max_queue: int) -> int:
@@ -81,8 +85,46 @@ def serve(config: ServerConfig, say: Callable[[str], None]) -> None:
         + (f", files under {config.allow_dir}" if config.allow_dir else "") + ")")
     settings = uvicorn.Config(create_app(state), lifespan="on", log_level="info", server_header=False,
                               proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                              limit_concurrency=connection_limit(config.max_queue))
+                              limit_concurrency=connection_limit(config.max_queue), http=HeadDeadline)
     ClosingServer(settings, state.worker.close).run(sockets=[sock])
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head. uvicorn times a connection out only
+    after a response (its keep-alive), so one that never sent a request, or stopped half-way through its headers,
+    stayed open for good: a thousand of them (a cart's leaking pool, a slow client) filled the connection limit,
+    and /health answered 503. A body that stalls is the request's own deadline's (--timeout, a 408)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._watch_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_watching()
+        super().connection_lost(exc)
+
+    def _watch_head(self) -> None:
+        """Armed while a head is awaited (on a new connection; after a response, once part of the next head came:
+        until then uvicorn's keep-alive timer runs, and the data cancelled it), stopped once the head is in."""
+        if self.conn.their_state is not h11.IDLE:
+            self._stop_watching()
+        elif self._head_deadline is None:
+            self._head_deadline = self.loop.call_later(HEAD_DEADLINE_S, self._head_overdue)
+
+    def _stop_watching(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_overdue(self) -> None:
+        self._head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
 
 
 class ClosingServer(uvicorn.Server):

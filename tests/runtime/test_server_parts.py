@@ -781,3 +781,58 @@ def test_text_for_a_stopped_server_is_dropped_not_a_traceback_on_the_model_threa
     loop.close()
     pipe.put(" rhythm")
     pipe.end()  # neither raises
+
+
+def test_a_connection_that_sends_no_whole_request_head_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn times a connection out only after a response: one that never sent a request, or stopped half-way
+    through its headers, stayed open for good, and a thousand of them made /health answer 503 (a concurrency
+    review). A whole request is served as before, and keep-alive between requests is uvicorn's."""
+    import socket
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from pulse_edge.runtime.server import launch
+
+    monkeypatch.setattr(launch, "HEAD_DEADLINE_S", 0.5)
+    app = Starlette(routes=[Route("/health", lambda request: PlainTextResponse("ok"))])
+    sock = launch.bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, http=launch.HeadDeadline, log_level="warning", timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        address = sock.getsockname()[:2]
+
+        def closed_within(seconds: float, sent: bytes = b"") -> bool:
+            with socket.create_connection(address) as client:
+                client.sendall(sent)
+                client.settimeout(seconds)
+                try:
+                    return client.recv(1024) == b""
+                except TimeoutError:
+                    return False
+
+        assert closed_within(3.0)  # silent
+        assert closed_within(3.0, b"GET /health HTTP/1.1\r\nHost: x\r\n")  # half a head
+        def answered(client: socket.socket) -> bytes:
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            said = b""
+            while not said.endswith(b"ok"):
+                part = client.recv(1024)
+                assert part, said  # closed before the whole answer
+                said += part
+            return said
+
+        with socket.create_connection(address) as client:  # a whole request: answered, then kept alive
+            client.settimeout(3.0)
+            assert answered(client).startswith(b"HTTP/1.1 200")
+            time.sleep(1.0)  # past the head deadline: uvicorn's keep-alive (30 s here) holds it open
+            assert answered(client).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
