@@ -240,6 +240,8 @@ class _CacheWriter:
         if self._file is not None:
             self._file.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self._file, "a", encoding="utf-8")  # closed in __exit__
+            if self._handle.tell() and not _ends_a_line(self._file):  # a line torn by a crash: the next verdict
+                self._handle.write("\n")  # starts its own line, not glued to the torn one and lost with it
         return self
 
     def add(self, record: Mapping[str, Any]) -> None:
@@ -249,6 +251,12 @@ class _CacheWriter:
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
             self._handle.close()
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _digest(text: str) -> str:

@@ -92,6 +92,13 @@ def test_report_scores_by_hand_and_unreadable_replies_stay_unscored(judge_server
     changed = PredictionFile(Path("p"), (Prediction("r1", "REPORT-TWO rewritten"), *predictions.predictions[1:]))
     rejudged = score_subset(SUBSETS["ptb-test-report"], samples, changed, make_judge_scorer(config, lambda _: cache))
     assert len(judge_server.requests) == 4 and rejudged.compat["score"] == 50.0  # a changed answer is judged again
+    # a crash tore the cache's last line: the next verdict starts its own line (glued to the torn one, it was lost
+    # with it and judged again on every run)
+    cache.write_text(cache.read_text() + '{"id": "r9", "judge_mod')
+    first = PredictionFile(Path("p"), (Prediction("r1", "REPORT-ONE changed again"), *predictions.predictions[1:]))
+    score_subset(SUBSETS["ptb-test-report"], samples, first, make_judge_scorer(config, lambda _: cache))
+    score_subset(SUBSETS["ptb-test-report"], samples, first, make_judge_scorer(config, lambda _: cache))
+    assert len(judge_server.requests) == 5  # judged once, then read from the cache
 
 
 def test_arena_judges_the_first_turn(judge_server: ThreadingHTTPServer) -> None:
