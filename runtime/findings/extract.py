@@ -225,9 +225,10 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
                           or bool(w.QUERIED.search(before)))
         alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)
                                  or w.MIMICKED_BEFORE.search(before)  # what is mimicked: possible at most
-                                 or w.MIMICKED_BY.match(gap)))
+                                 or w.MIMICKED_BY.match(gap) or w.PRESUMED_AFTER.match(gap)))
     _along_lists(text, mentions)
-    # "AF vs flutter", "Pericarditis vs STEMI": possible, after the lists (a differential hedges its own sides only)
+    # "AF vs flutter", "Pericarditis vs STEMI": possible, after the lists (a differential hedges its own sides only;
+    # so does "until proven otherwise")
     for mention, alternative in zip(mentions, alternatives, strict=True):
         mention.hedged |= alternative and not mention.negated
 
@@ -272,13 +273,25 @@ def _along_lists(text: str, mentions: list[_Mention]) -> None:
     for k in range(len(mentions) - 2, -1, -1):
         gap = text[mentions[k].end:mentions[k + 1].start]
         # a relation denied ("ST elevation unlikely to represent MI") is no list's end: not back across a comma
-        listed = w.CONJUNCTION.match(gap) or w.LETTERED_GAP.match(gap)
+        listed = w.CONJUNCTION.match(gap) or _lettered_list(text, mentions[k].start, w.LETTERED_GAP.match(gap))
         if listed and not (mentions[k + 1].relational and not re.search(r"[A-Za-z]", gap)):
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
     for first, second in itertools.pairwise(mentions):
         if first.past and w.JOINED.match(text[first.end:second.start]):
             second.past = second.negated = True
+
+
+def _lettered_list(text: str, start: int, gap: re.Match[str] | None) -> bool:
+    """Two options of a lettered list ("A (AF), B (flutter) and D (JR) are incorrect"): each statement after its
+    letter, the letters in order, and no answer chosen earlier in the sentence ("Answer: B (SR), C (AF) is
+    incorrect", "Correct: A (SR) and B (LVH), C (AF) is incorrect" deny C only)."""
+    mark = w.LETTERED_BEFORE.search(text, max(0, start - 6), start) if gap else None
+    if gap is None or mark is None or (mark.group(1) or mark.group(2)) >= (gap.group(1) or gap.group(2)):
+        return False
+    window = max(0, start - w.OPTION_CHARS)
+    sentence = max((m.end() for m in w.SENTENCE_END.finditer(text, window, start)), default=window)
+    return not any(p.search(text, sentence, start) for p in (w.CHOSEN, w.CHOSEN_BEFORE))
 
 
 def _options_not_chosen(text: str) -> list[tuple[int, int]]:
@@ -292,11 +305,12 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     answered = bool(hits) or w.ANSWER_SPOKEN.search(text) is not None
     spans = []
     for run in runs:
-        if not (answered or w.OPTIONS_CUE.search(text, max(0, run[0][1] - w.OPTIONS_CUE_CHARS), run[0][1])):
-            continue  # near the list only: linear in the text
+        cued = w.OPTIONS_CUE.search(text, max(0, run[0][1] - w.OPTIONS_CUE_CHARS), run[0][1])  # near the list only
         tail = run[-1][2]
         cut = w.OPTION_END.search(text, tail, tail + w.OPTION_CHARS)
         ends = [start for _, start, _ in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
+        if not (cued or (_chosen_after(hits, run, ends[-1]) if w.COLON.search(text, *run[0][1:]) else answered)):
+            continue  # "A: Sinus rhythm. B: LBBB. The answer is abnormal": sections, unless a letter is chosen
         items = [(letter, start, end) for (letter, start, _), end in zip(run, ends, strict=True)]
         # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options ("A: AF" is marked so)
         sections = any(w.COLON.search(text, marked, end) for (_, _, marked), end in zip(run, ends, strict=True))
@@ -310,6 +324,13 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     chosen = {letter.upper() for hit in hits if outside(hit.start()) and outside(hit.start(1))
               for letter in w.CHOSEN_LETTER.findall(hit.group(1))}
     return [(start, end) for letter, start, end in spans if letter not in chosen]
+
+
+def _chosen_after(hits: list[re.Match[str]], run: list[tuple[str, int, int]], end: int) -> bool:
+    """A choice after the list names one of its letters ("A: AF. B: SR. Correct: B.")."""
+    letters = {letter for letter, _, _ in run}
+    return any(hit.start() >= end and letters & {c.upper() for c in w.CHOSEN_LETTER.findall(hit.group(1))}
+               for hit in hits)
 
 
 def _option_runs(text: str) -> list[list[tuple[str, int, int]]]:
@@ -342,7 +363,11 @@ def _own_negation(gap: str, *, last: bool) -> int:
     """How many characters of `gap` negate the statement before it (0: none): right after it, whatever follows
     (wording.NEGATION_RIGHT_AFTER), else as `_after` decides."""
     right = w.NEGATION_RIGHT_AFTER.match(gap)
-    return right.end() if right else _after(w.NEGATION_AFTER, gap, last=last)
+    # "does not fit" right before the next statement is about that one ("T wave inversions do not fit ischemia"):
+    # the gap's end is where the next statement starts, not the clause's end its words need
+    if right and not (right.group().endswith("fit") and not last and not gap[right.end():].strip()):
+        return right.end()
+    return _after(w.NEGATION_AFTER, gap, last=last)
 
 
 def _finding(text: str, mention: _Mention) -> Finding:

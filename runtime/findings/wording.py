@@ -96,7 +96,7 @@ ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}
 # alphabetical order from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none;
 # and it is a list of options only where the text says so: an options cue right before it ("Options:", "Choose
 # from") or an answer's cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
-OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H])[.):\uff1a])(?=\s)")
+OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)(?=\s)|([A-H])(?:[.):](?=\s)|\uff1a))")  # "A：" needs no space
 OPTION_CHARS = 160
 # the cue right before a list (within OPTIONS_CUE_CHARS): "Options:", "The options are:", "Which of the following
 # is shown?", "Choose from", and the word in German, Spanish, French and Chinese answers
@@ -140,14 +140,18 @@ _DATED = r"(?:\d{4}|\d{1,2}[/.-]\d{1,2}(?:[/.-]\d{2,4})?)"
 _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[\w-]+\s+){{0,2}}?{_EARLIER}{_E}"
         rf"|{_DATED}\s+{_TRACING}|{_TRACING}\s+(?:from|of|dated|on)\s+(?!this|today)\w)"
         rf"|(?:previously|before|earlier){_E}))")
+# "RBBB does not fit because ...", "LVH does not fit;": the finding denied, at its clause's end or before the
+# reason; "which does not fit the clinical picture", "does not fit a single territory" keep it (present but odd)
+_FIT = (r"(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't) fit"
+        r"(?=\s*(?:[.;,:!?)]|$|(?:because|as|since|here|given)(?![A-Za-z])))")
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
-    r"[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|(?:does|do|did) not fit|(?:doesn't|don't|didn't) fit"
+    r"[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|{FIT}"
     r"|cannot be (?:reliably |confidently |definitely )?(?:diagnosed|confirmed|determined)"
     r"|unlikely"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
-    rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}")
+    rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}").replace("{FIT}", _FIT)
 NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
@@ -161,8 +165,10 @@ BOTH_SIDES = re.compile(r"unlikely\s+(?:to\s+(?:be|represent)(?!\s+(?:present|se
                         r"|(?:due|related|secondary)\s+to|caused\s+by)\b", _I)
 HEDGE_AFTER = re.compile(
     rf"{_FILLER}{_VERB}(?:{UNSURE}|possible|suspected|likely|questionable|not certain|uncertain|doubtful"
-    r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant|until proven otherwise)(?![A-Za-z])",
-    _I)
+    r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant)(?![A-Za-z])", _I)
+# "treated as VT until proven otherwise": presumed, so possible; the statement's own, never its list's ("AF and LBBB,
+# VT until proven otherwise" states AF and LBBB)
+PRESUMED_AFTER = re.compile(r"^[\s,]*(?:(?:is|are|was|were)\s+)?(?:presumed\s+)?until proven otherwise(?![A-Za-z])", _I)
 # What a finding became or gave way to is what the tracing shows: "AF converted to sinus rhythm" states SR only;
 # and a finding seen on an earlier tracing ("AF on prior ECG; now sinus rhythm") is not this one (where "present
 # on the previous ECG" or "as on the prior ECG" says it persists).
@@ -200,7 +206,9 @@ QUERIED = re.compile(r"(?:\?|(?:^|[\s,;(])\?[ \t]*(?:[A-Za-z-]+[ \t]+){0,2})$")
 CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
 # the gap inside a list of lettered options: "A (AF), B (flutter), and D (JR) are incorrect", "(A) AF, (B) LBBB and
 # (D) RBBB are wrong": the letters are the list's, not words that would end it (capitals A-H only, never "a")
-LETTERED_GAP = re.compile(r"^[\s,)]*(?:(?:and|or|nor|and/or)\s+)?(?-i:\([A-H]\)|[A-H])[ \t]*\(?[ \t]*$", _I)
+LETTERED_GAP = re.compile(r"^[\s,)]*(?:(?:and|or|nor|and/or)\s+)?(?-i:\(([A-H])\)|([A-H]))[ \t]*\(?[ \t]*$", _I)
+# the letter marking the first option of such a list, right before it: "A (AF)", "(A) AF"
+LETTERED_BEFORE = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H]))[ \t]*\(?[ \t]*$")
 # the same, with its word: a history reaches along "MI and AF", not along a bare comma
 JOINED = re.compile(r"^[\s,]*(?:and|or|and/or)[\s,]*$", _I)
 # "AF vs flutter", "Sinus rhythm or ectopic atrial rhythm", "SVT with aberrancy vs VT": a differential; neither

@@ -112,6 +112,26 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("A (sinus rhythm), B (LBBB) are correct.", [("SR", "stated"), ("LBBB", "stated")]),
     ("RBBB does not fit because the QRS is narrow.", []), ("LVH does not fit; sinus rhythm.", [("SR", "stated")]),
     ("Wide complex tachycardia, treated as VT until proven otherwise.", [("VTACH", "possible")]),
+    ("Flutter and AF do not fit.", []), ("AF didn't fit.", []), ("RBBB doesn't fit here.", []),
+    # ... but "does not fit" in a relative clause or before what it does not fit keeps the finding: present, if odd
+    # (a review of the first version: 18 findings dropped, and "do not fit ischemia" stated ischemia)
+    ("Sinus tachycardia, which does not fit the clinical picture.", [("STACH", "stated")]),
+    ("ST elevation that does not fit a single coronary territory.", [("STE", "stated")]),
+    ("T wave inversions do not fit ischemia.", [("TINV", "stated")]),
+    ("Sinus rhythm with LBBB, which does not fit the prior ECG that showed RBBB.", [("SR", "stated"),
+                                                                                  ("LBBB", "stated")]),
+    # a presumption is its own statement's, not its list's
+    ("AF and LBBB, VT until proven otherwise.", [("AFIB", "stated"), ("LBBB", "stated"), ("VTACH", "possible")]),
+    # a lettered list is options in order, none chosen before them in the sentence, capitals only, nothing else
+    # between them
+    ("Answer: B (sinus rhythm), C (atrial fibrillation) is incorrect.", [("SR", "stated")]),
+    ("Correct: A (sinus rhythm) and B (LVH), C (atrial fibrillation) is incorrect.", [("SR", "stated"),
+                                                                                     ("LVH", "stated")]),
+    ("C (sinus rhythm), A (AF) and B (flutter) are incorrect.", [("SR", "stated")]),
+    ("LBBB, C (STEMI) cannot be excluded.", [("LBBB", "stated"), ("MI", "possible")]),
+    ("a (AF), b (LBBB) are incorrect.", [("AFIB", "stated")]), ("A (AF), B - LBBB is absent.", [("AFIB", "stated")]),
+    ("LVH, which does not fit because the patient is young.", [("LVH", "stated")]),
+    ("A (AF) while B (LBBB) is incorrect.", [("AFIB", "stated")]),
     # the passive mimic, "it is unlikely that", "concerning for"
     ("MI mimicked by LBBB.", [("MI", "possible"), ("LBBB", "stated")]),
     ("It is unlikely that AF is present; sinus rhythm.", [("SR", "stated")]),
@@ -432,6 +452,14 @@ def test_normal_stays_beside_a_rhythm_as_ptbxl_labels_it() -> None:
     ("A: sinus rhythm; B: LBBB. The answer is B.", [("LBBB", "stated")]),
     ("A: Rhythm: sinus rhythm. B: Conduction: LBBB. Answer: B", [("SR", "stated"), ("LBBB", "stated")]),
     ("Findings - A: sinus rhythm. B: LBBB.", [("SR", "stated"), ("LBBB", "stated")]),
+    ("A\uff1aatrial fibrillation. B\uff1asinus rhythm. Correct: B.", [("SR", "stated")]),  # full-width, no space
+    # "A:" sections are options only where a letter of theirs is chosen after them (or an options cue opens them):
+    # an answer spoken of is not enough (a review: a report's sections were dropped)
+    ("A: Sinus rhythm. B: ST elevation in II, III, aVF. Answer: inferior STEMI.",
+     [("SR", "stated"), ("STE", "stated"), ("MI", "stated")]),
+    ("Interpretation:\nA: Sinus rhythm\nB: RBBB\nSummary: abnormal ECG. The answer is abnormal.",
+     [("SR", "stated"), ("RBBB", "stated"), ("ABNORMAL", "stated")]),
+    ("Answer A: atrial fibrillation; answer B: LBBB.", [("AFIB", "stated"), ("LBBB", "stated")]),
     # what is no option list: one lettered answer, a lone letter, lettered sections of a report
     ("B. Atrial fibrillation", [("AFIB", "stated")]),
     ("Type A. WPW pattern. Sinus rhythm.", [("WPW", "stated"), ("SR", "stated")]),
