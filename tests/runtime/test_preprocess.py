@@ -431,3 +431,26 @@ def test_letter_page_preprocesses_in_tens_of_milliseconds():
     # ~50 ms on a 2-core CI box, almost all of it Pillow's two BICUBIC resizes; 0.5 s catches a
     # per-pixel Python loop or a per-tile normalisation regression without flaking.
     assert elapsed < 0.5
+
+
+def test_the_normalisation_is_openai_clips_as_written_into_every_bundle() -> None:
+    """Every other test builds its expectation from CLIP_MEAN/CLIP_STD themselves, and export writes them into each
+    manifest: two channels swapped passed every test (a sixth mutation round). transformers' OPENAI_CLIP_MEAN/STD."""
+    from pulse_edge.runtime.image.preprocess import CLIP_MEAN, CLIP_STD
+
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+
+
+def test_the_waste_tie_break_is_by_canvas_area() -> None:
+    """LLaVA's select_best_resolution: least waste by area. PULSE's pinpoints cannot tell area from width + height
+    (a brute force over every size to 2499 px found no difference); other pinpoint sets can."""
+    assert select_best_resolution((300, 300), ((672, 672), (1008, 336))) == (1008, 336)
+
+
+def test_a_palette_image_is_resampled_as_its_rgb_twin() -> None:
+    """Pillow resizes "P" images with NEAREST: the conversion to RGB comes first (a uniform grey could not show it)."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8))
+    palette = rgb.convert("P")
+    assert np.array_equal(preprocess(palette, ImageLayout()).pixel_values,
+                          preprocess(palette.convert("RGB"), ImageLayout()).pixel_values)

@@ -397,3 +397,43 @@ def test_a_pipeline_is_a_key_and_says_what_it_is_in_a_line(tiny_bundle) -> None:
     with Pipeline.from_bundle(tiny_bundle) as pipeline:
         assert {pipeline: 1}[pipeline] == 1
         assert repr(pipeline) == f"Pipeline(bundle={str(tiny_bundle)!r}, backend='ort', precision='fp32')"
+
+
+def test_the_system_prompt_is_llavas_conv_vicuna_v1_verbatim() -> None:
+    """The prompt PULSE was trained on: tests compared against LLAVA_V1_SYSTEM itself, so an edit passed them."""
+    from pulse_edge.runtime.text.prompt import LLAVA_V1_SYSTEM
+
+    assert LLAVA_V1_SYSTEM == ("A chat between a curious human and an artificial intelligence assistant. The "
+                               "assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def test_top_p_keeps_the_nucleus_in_its_proportions_and_stops_at_p_exactly() -> None:
+    """The nucleus renormalised, not flattened (only which tokens appear was tested); where the mass reaches top_p
+    exactly, the smaller set, as transformers' TopPLogitsWarper keeps it."""
+    from pulse_edge.runtime.generation.sampling import _top_p_filter
+
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=0))
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    drawn = np.bincount([sampler(logits) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(drawn, [0.625, 0.375, 0, 0], atol=0.03)
+    assert _top_p_filter(np.array([0.5, 0.25, 0.25]), 0.5).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_seed_is_numpys_default_rng_stream_and_a_low_temperature_does_not_overflow() -> None:
+    """A seed's meaning holds across releases (only "same seed, same draws" was tested); temperature 0.01 on logits
+    30 apart overflowed exp without the max subtracted, and the NaN probabilities made the draw raise."""
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    rng = np.random.default_rng(0)
+    uniform = np.log(np.full(4, 0.25))
+    assert [sampler(uniform) for _ in range(20)] == [int(rng.choice(4, p=[0.25] * 4)) for _ in range(20)]
+    assert Sampler(SamplingParams(temperature=0.01, seed=0))(np.array([30.0, 20.0, 0.0], np.float32)) == 0
+
+
+def test_a_token_limit_equal_to_the_room_left_is_the_token_limit() -> None:
+    """Not "context_full" (whose note says the context is full): the limit asked is what stopped it."""
+    from pulse_edge.runtime.generation.result import decode_rate
+
+    out = decode_loop(np.eye(10)[5], lambda token: np.eye(10)[5], sampler=Sampler(SamplingParams()), eos_id=2,
+                      max_new_tokens=3, room=3)
+    assert out.stop_reason == "max_new_tokens"
+    assert decode_rate(3, 0.0) == 0.0  # no decode time is no rate, never a division by zero

@@ -469,3 +469,7 @@ def test_chat_prompts_match_transformers_llama_tokenizer_as_llava_splits_them(
     follow_up = reference("</s>USER: Axis? ASSISTANT:", add_special_tokens=False).input_ids
     assert continuation_ids("Axis?", runtime, close_previous=True, template=template) == follow_up
     assert runtime.id_to_piece(follow_up[1]) == ("▁USER" if legacy else "USER")
+
+
+def test_the_unknown_piece_shows_as_itself_when_specials_are_kept(runtime: Tokenizer) -> None:
+    assert runtime.decode([0], skip_special=False) == runtime.id_to_piece(0) == "<unk>"
