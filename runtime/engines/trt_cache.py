@@ -9,9 +9,11 @@ removed.
 
 A 7B engine is gigabytes (a Jetson's eMMC holds 32-64 GB), and every re-export or ONNX Runtime upgrade keys a
 new folder: without pruning, each one left its predecessor's engines on the disk for good. A folder is stale
-when its record names the graph this run opened and another state of it (the bundle there was re-exported or
-replaced), or another ONNX Runtime version (one that cannot load it: ORT's documentation says engines are
-rebuilt for another version). Folders for the same graph built with other settings (fp16, provider options)
+when its record names the graph path this run opened (as given, not resolved: two bundles may link one shared
+graph file) and another state of the bundle there (re-exported or replaced), or another ONNX Runtime version
+that has not used it for OTHER_RUNTIME_IDLE_DAYS (engines are rebuilt for another version, ORT's documentation
+says; two environments with two versions on one cart each keep theirs while they use them: every session start
+rewrites its folder's record). Folders for the same graph built with other settings (fp16, provider options)
 stay: a run with those settings uses them. Folders without a record (made by hand, or before records) and
 engines of bundles at other paths are left alone, whatever they hold.
 """
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 from pulse_edge.staging import size_text, staged_file, user_cache_dir
 
 RECORD = "pulse-edge-cache.json"
+OTHER_RUNTIME_IDLE_DAYS = 30
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def cache_folder(path: Path, settings: Mapping[str, Any]) -> Path:
 
 def cache_record(path: Path, onnxruntime: str) -> dict[str, str]:
     """What a cache folder records of the graph its engines were built from."""
-    return {"graph": os.fspath(path.resolve()), "bundle": graph_cache_key(path), "onnxruntime": onnxruntime}
+    return {"graph": os.path.abspath(path), "bundle": graph_cache_key(path), "onnxruntime": onnxruntime}
 
 
 def keep_and_prune(folder: Path, path: Path, onnxruntime: str) -> None:
@@ -84,18 +88,33 @@ def keep_and_prune(folder: Path, path: Path, onnxruntime: str) -> None:
                     "same", folder.parent, e.strerror or e)
         return
     for sibling in stale:
-        size = sum(f.stat().st_size for f in sibling.rglob("*") if f.is_file() and not f.is_symlink())
+        size = _size(sibling)
         shutil.rmtree(sibling, ignore_errors=True)
         log.info("removed the TensorRT engines in %s (%s): built from %s as it was before, or by another "
-                 "onnxruntime; they cannot be used again", sibling, size_text(size), record["graph"])
+                 "onnxruntime unused for %d days; they cannot be used again", sibling, size_text(size),
+                 record["graph"], OTHER_RUNTIME_IDLE_DAYS)
 
 
 def _stale(folder: Path, current: Mapping[str, str]) -> bool:
-    """Built from this graph path as it no longer is, or by another ONNX Runtime version (module doc)."""
+    """Built from this graph path as it no longer is, or by another ONNX Runtime version long unused (module doc)."""
     try:
         recorded = json.loads((folder / RECORD).read_text())
+        idle_days = (time.time() - (folder / RECORD).stat().st_mtime) / 86400
     except (OSError, ValueError):  # no record, or one not ours: left alone
         return False
     if not isinstance(recorded, dict) or recorded.get("graph") != current["graph"]:
         return False
-    return recorded.get("bundle") != current["bundle"] or recorded.get("onnxruntime") != current["onnxruntime"]
+    if recorded.get("bundle") != current["bundle"]:
+        return True
+    return recorded.get("onnxruntime") != current["onnxruntime"] and idle_days > OTHER_RUNTIME_IDLE_DAYS
+
+
+def _size(folder: Path) -> int:
+    """Bytes in the folder, as far as they can be counted (another process may be removing it)."""
+    total = 0
+    for file in folder.rglob("*"):
+        try:
+            total += file.stat().st_size if file.is_file() and not file.is_symlink() else 0
+        except OSError:
+            continue
+    return total

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,9 @@ def test_engines_built_otherwise_are_cached_apart(tmp_path: Path) -> None:
 def test_engine_folders_no_run_can_use_again_are_removed_and_the_rest_kept(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A 7B engine is gigabytes: every re-export at the same path and every ONNX Runtime upgrade keyed a new folder
-    and left the old one's engines on the cart's disk for good."""
+    and left the old one's engines on the cart's disk for good. What another run may still use stays: another ORT's
+    engines until they go unused for OTHER_RUNTIME_IDLE_DAYS, other bundles' (a shared graph file linked from two
+    bundles included), other settings', unrecorded folders."""
     from pulse_edge.runtime.engines import trt_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -112,17 +115,27 @@ def test_engine_folders_no_run_can_use_again_are_removed_and_the_rest_kept(tmp_p
 
     def built(fp16: bool, onnxruntime: str, graph: Path = graph) -> Path:
         folder = s.engine_cache_dir(graph, config, fp16=fp16, onnxruntime=onnxruntime)
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "TensorrtExecutionProvider_TRTKernel.engine").write_bytes(b"e" * 4096)
         trt_cache.keep_and_prune(folder, graph, onnxruntime)
         return folder
 
-    old_ort = built(True, "1.31.0")
-    before_export = built(False, "1.32.0")  # another setting, this ORT: kept until the bundle changes
-    other = tmp_path / "other" / "decoder.onnx"
-    other.parent.mkdir()
-    other.write_bytes(b"graph-B")
-    elsewhere = built(True, "1.31.0", other)  # another bundle's: never this run's to remove
+    def unused_for(folder: Path, days: float) -> None:
+        then = time.time() - days * 86400
+        os.utime(folder / trt_cache.RECORD, (then, then))
+
+    other_ort = built(True, "1.31.0")
+    fp32_tactics = built(False, "1.32.0")  # another setting, this ORT: kept until the bundle changes
+    assert other_ort.exists()  # another environment's, used today: it stays
+    shared = tmp_path / "blobs" / "decoder.onnx"
+    shared.parent.mkdir()
+    shared.write_bytes(b"graph-B")
+    revisions = []
+    for name in ("rev1", "rev2"):  # two bundles linking one graph file
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "decoder.onnx").symlink_to(shared)
+        (tmp_path / name / "manifest.json").write_text(f'{{"rev": "{name}"}}')
+        revisions.append(built(True, "1.32.0", tmp_path / name / "decoder.onnx"))
     unrecorded = s.default_trt_cache() / "made-by-hand"
     unrecorded.mkdir()
     garbage = s.default_trt_cache() / "not-ours"
@@ -131,17 +144,18 @@ def test_engine_folders_no_run_can_use_again_are_removed_and_the_rest_kept(tmp_p
     timing = s.default_trt_cache() / "timing-x.cache"
     timing.write_bytes(b"t")
 
-    current = built(True, "1.32.0")  # ORT upgraded: the 1.31 engines of this graph cannot be loaded again
-    assert not old_ort.exists()
-    assert before_export.exists() and elsewhere.exists() and unrecorded.exists() and garbage.exists()
+    unused_for(other_ort, trt_cache.OTHER_RUNTIME_IDLE_DAYS + 1)
+    current = built(True, "1.32.0")  # the other ORT's engines of this graph went unused for a month: removed
+    assert not other_ort.exists()
+    assert fp32_tactics.exists() and all(r.exists() for r in revisions) and unrecorded.exists() and garbage.exists()
     assert timing.exists()
 
     graph.write_bytes(b"graph-A, re-exported")  # the bundle at the path changed: every folder of its old state goes
     newest = built(True, "1.32.0")
-    assert newest != current and not current.exists() and not before_export.exists()
-    assert elsewhere.exists() and unrecorded.exists() and garbage.exists()
+    assert newest != current and not current.exists() and not fp32_tactics.exists()
+    assert all(r.exists() for r in revisions) and unrecorded.exists() and garbage.exists()
     record = json.loads((newest / trt_cache.RECORD).read_text())
-    assert record == {"graph": str(graph.resolve()), "bundle": s.graph_cache_key(graph), "onnxruntime": "1.32.0"}
+    assert record == {"graph": str(graph.absolute()), "bundle": s.graph_cache_key(graph), "onnxruntime": "1.32.0"}
 
 
 def test_a_cache_that_cannot_be_tidied_never_fails_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
