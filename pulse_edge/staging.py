@@ -74,7 +74,8 @@ def interrupts_handled() -> Iterator[None]:
         yield
         return
     handler = _Handler()
-    previous = {s: signal.signal(s, handler) for s in HANDLED_SIGNALS}
+    # a signal the process was told to ignore stays ignored: `nohup pulse-edge ...` must outlive its terminal
+    previous = {s: signal.signal(s, handler) for s in HANDLED_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:

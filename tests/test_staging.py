@@ -150,6 +150,28 @@ def test_sighup_during_make_tiny_cleans_up_too(tmp_path: Path, monkeypatch: pyte
     assert _leftovers(tmp_path) == []
 
 
+def test_a_hang_up_the_process_ignores_stays_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nohup pulse-edge export ...`: the hang-up of the closing terminal was turned back into an interruption, and
+    the run nohup was to protect stopped (a review of this session's signal handling)."""
+    import pulse_edge.export.fixtures.tiny as tiny
+
+    written = tiny.write_shards
+
+    def hang_up(*args: object, **kwargs: object) -> object:
+        os.kill(os.getpid(), signal.SIGHUP)
+        return written(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "write_shards", hang_up)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        result = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ckpt" / "config.json").is_file()
+
+
 def test_an_output_directory_that_is_a_symbolic_link_is_refused_before_any_work(tmp_path: Path) -> None:
     """The finished work is renamed onto the path: onto a link that failed with a traceback, after the export."""
     real = tmp_path / "real"
