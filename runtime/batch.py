@@ -151,13 +151,20 @@ def _one(model: Generator, source: str, options: BatchOptions) -> tuple[dict[str
     return {**result.to_dict(), **saved, "settings": options.settings()}, None
 
 
+RENDER_NAME_BYTES = 150
+
+
 def render_name(source: str) -> str:
     """The file name a source's rendered print is saved under: its path with separators as `__`, then `~` and
     the start of the source's sha256, + .png. The path alone is read easily but not one-to-one ("a/b.csv" and
     "a__b.csv", "../x.csv" and "/x.csv" flatten alike): two recordings' prints shared a name, the later one
     written over the earlier, and the print kept for a recording showed another patient's."""
-    flat = source.replace("\\", "/").strip("/").replace("../", "").replace("/", "__").lstrip(".") or "input"
-    return f"{flat}~{hashlib.sha256(source.encode('utf-8', 'surrogateescape')).hexdigest()[:12]}.png"
+    flat = source.replace("\\", "/").strip("/").replace("../", "").replace("/", "__")
+    # its end (the file's own name) within RENDER_NAME_BYTES: with the hash and save_image's temporary name around
+    # it, a deep path's name passed the file system's 255 bytes and the batch stopped with a traceback
+    flat = flat.encode("utf-8", "surrogateescape")[-RENDER_NAME_BYTES:].decode("utf-8", "surrogateescape")
+    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{flat.lstrip('.') or 'input'}~{digest}.png"
 
 
 def save_image(image: Image.Image, path: str | Path) -> None:

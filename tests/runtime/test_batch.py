@@ -150,6 +150,18 @@ def test_two_recordings_whose_paths_flatten_alike_keep_a_print_each(tmp_path: Pa
     assert not np.array_equal(images[0], images[1])
 
 
+def test_a_deep_recordings_print_keeps_its_own_name_within_the_file_systems_limit(tmp_path: Path) -> None:
+    """A flattened path of 230 bytes, with the hash and the temporary name's suffix, passed 255 bytes: OSError
+    'File name too long' stopped the batch with a traceback (a review of the hashed names)."""
+    deep = tmp_path.joinpath(*["d" * 40] * 5, "é" * 20, "recording.npy")
+    deep.parent.mkdir(parents=True)
+    np.save(deep, beats(5000, 500))
+    out, prints = tmp_path / "out.jsonl", tmp_path / "prints"
+    stats, _ = _run([str(deep)], out, FakeModel(), save_render_dir=prints)
+    assert stats.failed == 0 and [p.name for p in prints.iterdir()] == [_lines(out)[0]["render"]]
+    assert len(_lines(out)[0]["render"].encode()) <= 200 and "__recording.npy~" in _lines(out)[0]["render"]
+
+
 @pytest.mark.parametrize(("changed", "key"), [
     ({"question": "Is there atrial fibrillation?"}, "question"), ({"max_new_tokens": 5}, "max_new_tokens"),
     ({"sampling": SamplingParams(temperature=0.7)}, "sampling"), ({"model": "/models/other"}, "model"),
