@@ -10,6 +10,7 @@ Lean: click and pulse_edge.errors only, so the CLI starts fast.
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from typing import Any
 
@@ -68,9 +69,7 @@ class UserErrorGroup(click.Group):
                 self._interrupted(ctx, inner)
             if e.name is None or e.name.split(".")[0] == "pulse_edge":
                 raise
-            click.echo(f"pulse-edge: error: this command needs the Python module {e.name.split('.')[0]!r}, which is "
-                       "not installed: install pulse-edge with the extras of README's Install section, or that "
-                       "package alone", err=True)
+            click.echo(f"pulse-edge: error: {_missing(e.name)}", err=True)
             ctx.exit(2)
         except Exception as e:
             # a Ctrl-C during a library's lazy import comes out as that library's own error (transformers: "Could
@@ -85,6 +84,16 @@ class UserErrorGroup(click.Group):
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         click.echo(f"pulse-edge: {what}{self.interrupt_hint}", err=True)
         ctx.exit(128 + signum)
+
+
+def _missing(module: str) -> str:
+    """What to say of a module that cannot be imported: a package not installed, or one of another version."""
+    top = module.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        return (f"this command needs the Python module {top!r}, which is not installed: install pulse-edge with the "
+                "extras of README's Install section, or that package alone")
+    return (f"this command needs {module!r}, which the installed {top} does not have: install the versions "
+            "pulse-edge is tested with (pip install -c constraints.txt, README's Install section)")
 
 
 def _usage_line(error: click.UsageError) -> None:

@@ -430,10 +430,13 @@ def test_a_missing_package_is_one_line_and_a_missing_module_of_ours_a_bug() -> N
     def needs(module: str) -> None:
         raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
-    missing = CliRunner().invoke(group, ["needs", "jsonschema.validators"])
+    missing = CliRunner().invoke(group, ["needs", "no_such_package_here.validators"])
     assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
-    assert missing.stderr.startswith("pulse-edge: error: this command needs the Python module 'jsonschema', which is "
-                                     "not installed")
+    assert missing.stderr.startswith("pulse-edge: error: this command needs the Python module "
+                                     "'no_such_package_here', which is not installed")
+    other = CliRunner().invoke(group, ["needs", "click.llava_nexter"])  # installed, but not with that module
+    assert other.exit_code == 2 and other.stderr.startswith(
+        "pulse-edge: error: this command needs 'click.llava_nexter', which the installed click does not have")
     ours = CliRunner().invoke(group, ["needs", "pulse_edge.runtime.gone"])
     assert isinstance(ours.exception, ModuleNotFoundError)  # a module of pulse-edge's own missing is a bug
 
