@@ -10,6 +10,7 @@ blocks take this lock (re-entrant: they nest); warnings that other code raises m
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -17,6 +18,16 @@ from contextlib import contextmanager
 from typing import Any
 
 _ONE_AT_A_TIME = threading.RLock()  # process-wide, like the state it guards
+
+
+def _fresh_lock_in_child() -> None:
+    """A process forked while another thread held the lock would wait on it for ever: its holder is not there."""
+    global _ONE_AT_A_TIME
+    _ONE_AT_A_TIME = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 @contextmanager

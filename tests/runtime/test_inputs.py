@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -527,3 +528,43 @@ def test_two_threads_reading_prints_keep_their_own_notes_and_leave_the_warning_f
         sys.setswitchinterval(switching)
     assert wrong == []
     assert warnings.filters == filters and warnings._showwarnmsg_impl is printer
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_another_thread_reads_can_read_too() -> None:
+    """The readers' lock held by a thread that is not in the child: the child's first read waited for ever."""
+    import threading
+
+    from pulse_edge.runtime.inputs import warned
+
+    holding, release = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with warned.caught_warnings():
+            holding.set()
+            release.wait(10)
+
+    png = _png_bytes()
+    thread = threading.Thread(target=reader)
+    thread.start()
+    holding.wait(10)
+    try:
+        child = os.fork()
+        if child == 0:  # the child: one read, then out whatever happens (the alarm ends a wait for ever)
+            signal.alarm(5)
+            try:
+                load_image_bytes(png, name="forked.png")
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(child, 0)
+    finally:
+        release.set()
+        thread.join()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def _png_bytes() -> bytes:
+    out = io.BytesIO()
+    page((600, 400)).save(out, "PNG")
+    return out.getvalue()
