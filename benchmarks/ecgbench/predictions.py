@@ -33,6 +33,7 @@ class Prediction:
     text_key: str = "text"
     prompt: str | None = None
     error: str | None = None
+    prompt_not_text: bool = False  # a prompt of another type (chat messages): ECG-QA, which reads it, refuses it
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,10 @@ def _prediction(record: Mapping[str, Any], path: Path, number: int) -> Predictio
     prompt = record.get("prompt")
     if isinstance(prompt, Mapping):  # some LLaVA scripts store {"prompt": ...}
         prompt = prompt.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise InputError(f"{path}: line {number}'s prompt is a {type(prompt).__name__}, not text")
+    # only ECG-QA reads the prompt (its options): elsewhere one of another type is not read, as the paper's script
+    not_text = prompt is not None and not isinstance(prompt, str)
     error = record.get("error")
     if text_key is None:  # every text field null: the sample was never answered, never scored as an answer
         error = error if error is not None else "no answer (its text is null)"
     return Prediction(str(sample_id), "" if text_key is None else record[text_key], text_key or TEXT_KEYS[0],
-                      None if prompt is None else str(prompt), None if error is None else str(error))
+                      None if not_text else prompt, None if error is None else str(error), not_text)

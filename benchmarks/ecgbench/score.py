@@ -253,6 +253,9 @@ def _score_ecgqa(spec: SubsetSpec, pairs: Sequence[Pair]) -> ScoreParts:
     details: dict[str, SampleDetail] = {}
     unwinnable: Counter[str] = Counter()
     for sample, prediction in pairs:
+        if prediction.prompt_not_text:  # its options cannot be read; the dataset's could differ from those it saw
+            raise InputError(f"{spec.name}: the prompt recorded for {sample.id} is not text, and ECG-QA reads the "
+                             "options from it: write it as text, or leave it out to read the dataset's question")
         # the options the model saw: the prompt it recorded, else the dataset's question
         candidates = parse.ecgqa_candidates(prediction.prompt or sample.question)
         compat_hits += parse.ecgqa_compat_correct(parse.ecgqa_compat(prediction.text, candidates), sample.answer)

@@ -127,13 +127,11 @@ def test_a_null_answer_in_predictions_is_an_error_not_an_answer(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(("line", "expected"), [
-    # made text, they were scored: a list prompt's options read "yes" and "no']", an id "['m0']" or "1.0"
-    ('{"id": "a", "text": "yes", "prompt": ["Options: yes, no"]}', "line 1's prompt is a list, not text"),
-    ('{"id": "a", "text": "yes", "prompt": 5}', "line 1's prompt is a int, not text"),
+    # made text, they were scored: an id "['m0']" or "1.0"
     ('{"id": ["m0"], "text": "A"}', "line 1's id is a list, not a string or an integer"),
     ('{"id": 1.0, "text": "A"}', "line 1's id is a float, not a string or an integer"),
     ('{"question_id": true, "text": "A"}', "line 1's id is a bool, not a string or an integer")])
-def test_a_prediction_id_or_prompt_of_another_type_is_refused(tmp_path: Path, line: str, expected: str) -> None:
+def test_a_prediction_id_of_another_type_is_refused(tmp_path: Path, line: str, expected: str) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text(line + "\n")
     with pytest.raises(InputError, match=re.escape(expected)):
@@ -142,6 +140,19 @@ def test_a_prediction_id_or_prompt_of_another_type_is_refused(tmp_path: Path, li
     assert read_predictions(path).predictions[0].prompt == "Options: A, B"
     path.write_text('{"id": "row-3", "question_id": "mmmu-17", "text": "A"}\n')  # both: the paper reads question_id
     assert read_predictions(path).predictions[0].id == "mmmu-17"
+
+
+def test_a_prompt_that_is_not_text_is_refused_where_it_is_read(data_dir: Path, tmp_path: Path) -> None:
+    """ECG-QA reads its options from the recorded prompt: a list made text read "yes" and "no']" (scored 100); the
+    other subsets never read it, and a chat-message list there is the paper's script's to ignore too."""
+    predictions = tmp_path / "ecgqa.jsonl"
+    predictions.write_text('{"question_id": "e1", "prompt": ["Options: yes, no"], "text": "yes"}\n')
+    result = CliRunner().invoke(eval_group, ["score", "--subset", "ecgqa", "--data", str(data_dir),
+                                             "--predictions", str(predictions)])
+    assert result.exit_code == 2 and "the prompt recorded for e1 is not text" in result.output, result.output
+    predictions.write_text('{"id": "a", "prompt": [{"role": "user", "content": "?"}], "text": "NORM"}\n')
+    read = read_predictions(predictions).predictions[0]
+    assert (read.prompt, read.prompt_not_text, read.text) == (None, True, "NORM")
 
 
 @pytest.mark.parametrize("answer", [{"x": "NORM"}, ["yes", None], True, [["yes"]]])
