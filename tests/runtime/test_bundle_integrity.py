@@ -523,3 +523,20 @@ def test_an_int8_kv_cache_without_scales_and_a_float_one_with_them_are_refused()
     with pytest.raises(BundleError, match=r"a float16 KV cache with scales 'per_channel'"):
         KVLayout(**shape, dtype="float16", scales="per_channel")
     assert KVLayout(**shape, dtype="int8", scales="per_channel").scales == "per_channel"
+
+
+def test_a_prefill_graph_of_another_precision_than_the_bundle_is_refused(tiny_bundle: Path) -> None:
+    """The rule holds the prefill graph too, not the decoder alone (a mutant checking the decoder passed)."""
+    import dataclasses
+
+    from pulse_edge.runtime.bundle import names
+    from pulse_edge.runtime.bundle.checks import check_consistency
+
+    manifest = read_manifest(tiny_bundle)
+    decoder = manifest.graphs[names.DECODER]
+    prefill = dataclasses.replace(decoder, file="prefill.onnx", precision="int8")
+    manifest = dataclasses.replace(manifest, files={**manifest.files, "prefill.onnx": manifest.files[decoder.file]})
+    with pytest.raises(BundleError, match=r"precision is 'fp32' but graphs.prefill \(prefill.onnx\) is 'int8'"):
+        check_consistency(dataclasses.replace(manifest, graphs={**manifest.graphs, names.PREFILL: prefill}))
+    check_consistency(dataclasses.replace(manifest, graphs={**manifest.graphs, names.PREFILL: dataclasses.replace(
+        prefill, precision="fp32")}))  # the same graph at the bundle's precision passes
