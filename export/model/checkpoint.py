@@ -34,6 +34,7 @@ from torch import nn
 from pulse_edge.errors import CheckpointError
 from pulse_edge.export.model.config import KNOWN_TOWERS, PulseConfig, VisionConfig, read_config
 from pulse_edge.export.model.reference import PulseReference
+from pulse_edge.export.model.tokenizer_convert import vocabulary_facts
 from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
 from pulse_edge.runtime.engines.memory import mem_available_bytes
 from pulse_edge.runtime.text.prompt import LLAVA_V1, PromptTemplate
@@ -290,6 +291,7 @@ def load_checkpoint(root: str | os.PathLike, *, vision_tower: str | os.PathLike 
     tokenizer_model = root / "tokenizer.model"
     if not tokenizer_model.is_file():
         raise CheckpointError(f"{root} has no tokenizer.model (the SentencePiece tokenizer PULSE ships with)")
+    check_tokenizer(tokenizer_model, cfg)
     sources = index_tensors(shard_files(root), cfg.layout, source=root)
     has_tower = any(name.startswith("vision_tower.") for name in sources)
     cfg, weights_dir = resolve_vision(cfg, root, tower_dir, has_tower)
@@ -310,6 +312,23 @@ def load_checkpoint(root: str | os.PathLike, *, vision_tower: str | os.PathLike 
     model.to(device)  # the buffers (rotary inv_freq, position ids)
     return LoadedCheckpoint(model=model.eval(), config=cfg, root=root, tokenizer_model=tokenizer_model,
                             tower_dir=weights_dir, template=read_template(root))
+
+
+def check_tokenizer(model_path: Path, cfg: PulseConfig) -> None:
+    """The tokenizer is the model's: no more pieces than the config's vocabulary (an id past it was an IndexError
+    traceback in the first forward), and <s> / </s> where config.json says (a mismatch failed only at the end of
+    an export, after every graph was built, naming a temporary folder)."""
+    pieces, bos, eos = vocabulary_facts(model_path)
+    source = model_path.with_name("config.json")
+    if pieces > cfg.text.vocab_size:
+        raise CheckpointError(f"{model_path} has {pieces} pieces but {source}'s vocab_size is {cfg.text.vocab_size}: "
+                              "they come from different models; copy the checkpoint's own tokenizer.model")
+    for field, config_id, tokenizer_id in (("bos_token_id", cfg.text.bos_id, bos),
+                                            ("eos_token_id", cfg.text.eos_id, eos)):
+        if config_id != tokenizer_id:
+            raise CheckpointError(f"{source}: {field} is {config_id} but {model_path.name} has it at "
+                                  f"{tokenizer_id}; they come from different models: fix config.json or copy the "
+                                  "checkpoint's own tokenizer.model")
 
 
 def read_template(root: Path) -> PromptTemplate:

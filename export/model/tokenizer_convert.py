@@ -75,6 +75,12 @@ def _reject(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"cannot convert tokenizer {path}: {problem}; {_SUPPORTED}")
 
 
+def vocabulary_facts(model_path: Path) -> tuple[int, int, int]:
+    """(pieces, <s> id, </s> id) of a SentencePiece model, as its trainer spec records them."""
+    proto = _load_model(model_path)
+    return len(proto.pieces), proto.trainer_spec.bos_id, proto.trainer_spec.eos_id
+
+
 def _load_model(model_path: Path) -> sp_pb2.ModelProto:
     try:
         data = Path(model_path).read_bytes()

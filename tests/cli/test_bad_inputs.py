@@ -48,6 +48,12 @@ CONFIG_DAMAGE = {
     "hidden_size 10**9": (lambda d: {**d, "hidden_size": 10**9}, "hidden_size 1000000000 is beyond any LLaVA"),
     "num_hidden_layers 10**7": (lambda d: {**d, "num_hidden_layers": 10**7},
                                 "num_hidden_layers 10000000 is beyond any LLaVA"),
+    # the tokenizer is another model's: an IndexError traceback in the first forward, or a failure at the end of an
+    # export naming its temporary folder (a review of untouched paths)
+    "vocab_size under the tokenizer's pieces": (lambda d: {**d, "vocab_size": 900},
+                                                "tokenizer.model has 1000 pieces but"),
+    "eos_token_id not the tokenizer's": (lambda d: {**d, "eos_token_id": 3},
+                                         "config.json: eos_token_id is 3 but tokenizer.model has it at 2"),
 }
 
 
