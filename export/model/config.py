@@ -25,7 +25,7 @@ from typing import Any
 
 from pulse_edge.errors import CheckpointError
 from pulse_edge.jsonl import JSON_TEXT_ERRORS, json_error_reason
-from pulse_edge.runtime.image.preprocess import CLIP_MEAN, CLIP_STD, ImageLayout
+from pulse_edge.runtime.image.preprocess import CLIP_MEAN, CLIP_STD, ImageLayout, min_context
 
 SUPPORTED = {
     "model_type": ("llava_llama", "llava_next"),
@@ -237,7 +237,18 @@ def read_config(checkpoint: Path) -> PulseConfig:
     model_type = d.get("model_type")
     check_allowed("model_type", model_type, source=str(path))
     parse = _parse_llava if model_type == "llava_llama" else _parse_llava_next
-    return parse(d, str(path))
+    return _check_positions(parse(d, str(path)), path)
+
+
+def _check_positions(cfg: PulseConfig, path: Path) -> PulseConfig:
+    """The model's positions hold its smallest image and an exchange, or it answers nothing (found only after the
+    weights were read, and blamed on an --max-context the user never gave)."""
+    least = min_context(cfg.image)
+    if cfg.text.max_position_embeddings < least:
+        raise CheckpointError(f"{path}: max_position_embeddings {cfg.text.max_position_embeddings} cannot hold the "
+                              f"smallest image of its image_grid_pinpoints and an exchange ({least} positions); the "
+                              "config is damaged or not a LLaVA-1.6 one: copy config.json again")
+    return cfg
 
 
 def _token_id(d: Mapping[str, Any], key: str, default: int, source: str) -> int:

@@ -8,11 +8,19 @@ import click
 
 from pulse_edge.choices import ENGINE_TARGETS
 from pulse_edge.click_types import FiniteFloatRange
+from pulse_edge.errors import ConfigError
 
 
 def _capabilities(text: str | None) -> tuple[str, ...] | None:
-    """'8.9,12.0' -> ("8.9", "12.0"); the library checks each value."""
-    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+    """'8.9,12.0' -> ("8.9", "12.0"); the library checks each value. Given but naming none (an empty CI variable)
+    is refused: an empty list means the build machine's own GPU, and an ahead-of-time build host has none."""
+    if text is None:
+        return None
+    named = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not named:
+        raise ConfigError(f"--compute-capability {text!r} names no capability; give e.g. 8.7 (Orin) or 8.9,12.0, or "
+                          "leave it out for the defaults")
+    return named
 
 
 @click.command("build-engines")

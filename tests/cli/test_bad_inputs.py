@@ -54,6 +54,9 @@ CONFIG_DAMAGE = {
                                                 "tokenizer.model has 1000 pieces but"),
     "eos_token_id not the tokenizer's": (lambda d: {**d, "eos_token_id": 3},
                                          "config.json: eos_token_id is 3 but tokenizer.model has it at 2"),
+    # found after the weights were read, and blamed on an --max-context nobody gave
+    "max_position_embeddings under the smallest image": (
+        lambda d: {**d, "max_position_embeddings": 512}, "max_position_embeddings 512 cannot hold the smallest image"),
 }
 
 

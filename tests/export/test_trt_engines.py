@@ -104,7 +104,9 @@ def test_build_engines_refusals_are_one_line(built: dict[str, Path], tmp_path: P
               "needs compute capability >= 8.9"),
              ([str(built["bundle-fp16"]), "--target", "rtx", "--compute-capability", "8.7"],
               "cannot target Jetson Orin"),
-             ([str(built["bundle-fp16"]), "--max-context", "99999"], "--max-context must be between")]
+             ([str(built["bundle-fp16"]), "--max-context", "99999"], "--max-context must be between"),
+             # an empty CI variable: it built for the build machine's GPU, which an ahead-of-time host has not
+             ([str(built["bundle-fp16"]), "--compute-capability", " , "], "names no capability")]
     for args, expected in cases:
         res = CliRunner().invoke(main, ["build-engines", *args, "-o", str(tmp_path / "x")])
         assert res.exit_code == 2 and expected in res.output, res.output

@@ -521,3 +521,6 @@ def test_verify_checks_the_engine_sets_inside_a_bundle(tiny_bundle: Path, tmp_pa
     (bundle / "engines-rtx" / "vision.engine").write_bytes(b"PLAN")
     damaged = CliRunner().invoke(main, ["verify", str(bundle)])
     assert damaged.exit_code == 2 and "vision.engine is not the file build-engines wrote" in damaged.stderr
+    (bundle / "engines-rtx" / "engines.json").unlink()  # the index lost, the engines left: "ok" was printed
+    incomplete = CliRunner().invoke(main, ["verify", str(bundle)])
+    assert incomplete.exit_code == 2 and "holds TensorRT engines but no engines.json" in incomplete.stderr
