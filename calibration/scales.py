@@ -172,10 +172,16 @@ def _atomic_write(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if path.is_dir():
+        raise ScalesError(f"{path} is a directory; --scales takes the .npz file pulse-edge calibrate wrote")
     if not path.is_file():
         raise ScalesError(f"{path} does not exist; make it with pulse-edge calibrate MODEL --data ... -o {path}")
+    data = path.read_bytes()
+    if not data.startswith(b"PK"):  # numpy's own message for other files invites loading a pickle
+        raise ScalesError(f"{path} is not an .npz archive, so not a pulse-edge scales file; make it with pulse-edge "
+                          "calibrate")
     try:
-        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ScalesError(f"{path} is not a pulse-edge scales file ({e}); make it with pulse-edge calibrate") from e

@@ -135,7 +135,7 @@ class TextConfig:
             rope_theta=positive_float({"rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0))},
                                       "rope_theta", 10000.0, source=source),
             max_position_embeddings=positive_int(d, "max_position_embeddings", source=source, default=4096),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(d, "tie_word_embeddings", source),
             bos_id=_token_id(d, "bos_token_id", 1, source), eos_id=_token_id(d, "eos_token_id", 2, source),
         )
 
@@ -251,6 +251,14 @@ def _check_positions(cfg: PulseConfig, path: Path) -> PulseConfig:
     return cfg
 
 
+def _flag(d: Mapping[str, Any], key: str, source: str) -> bool:
+    """A true/false field: the string "false" was True to bool()."""
+    value = d.get(key, False)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{source}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def _token_id(d: Mapping[str, Any], key: str, default: int, source: str) -> int:
     value = d.get(key) or default  # LLaVA configs often carry null ids
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -305,7 +313,7 @@ def _parse_llava_next(d: Mapping[str, Any], source: str) -> PulseConfig:
     check_allowed("vision_feature_select_strategy", d.get("vision_feature_select_strategy", "default"), source=source)
     check_allowed("projector_hidden_act", d.get("projector_hidden_act", "gelu"), source=source)
     select_layer = d.get("vision_feature_layer", -2)
-    if not isinstance(select_layer, int):
+    if isinstance(select_layer, bool) or not isinstance(select_layer, int):  # true was layer 1
         raise CheckpointError(f"{source}: vision_feature_layer must be one layer index, got {select_layer!r}")
     vision = VisionConfig.from_hf(vision_d, select_layer=select_layer, source=source)
     image = ImageLayout(tile_size=vision.image_size, patch_size=vision.patch_size,

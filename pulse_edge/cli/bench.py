@@ -139,7 +139,7 @@ def profile_command(model_dir: Path, runs: int, positions: int, context: int, st
               help="Positions of context for the decode measurement.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=None,
               help="Decode steps per timed run [default: 32 tiny, 16 real].")
-@click.option("--work", type=click.Path(path_type=Path), default=None,
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the made checkpoint and bundle here and reuse them [default: a temp dir, removed].")
 @threads_option(TORCH_AND_ORT_THREADS)
 @BANDWIDTH_MIB
@@ -212,7 +212,7 @@ def projector_command(tokens: str, precisions: str, runs: int, warmup: int, comp
 @click.option("--baseline", default="fp32", show_default=True,
               help="The row the speedup columns compare against (a recipe, fp32, or an --extra NAME), or one per "
                    "row: ROW=BASE,ROW=BASE.")
-@click.option("--work", type=click.Path(path_type=Path), default=None,
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the made checkpoint and bundles here and reuse them [default: a temp dir, removed].")
 @threads_option(TORCH_AND_ORT_THREADS)
 @click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
@@ -261,7 +261,7 @@ def _named_bundle(item: str) -> tuple[str, Path]:
 @bench_group.command("gpu")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("gpu-check-out"), show_default=True,
               help="Folder for gpu-check.md, gpu-check.json and gpu-check.log (rewritten after every step).")
-@click.option("--work", type=click.Path(path_type=Path), default=None,
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the made model and the steps' files here and reuse them [default: a temp dir, removed].")
 @click.option("--layers", type=click.IntRange(min=1, max=32), default=2, show_default=True,
               help="Decoder layers of the real-width model the torch backend and ORT are timed on.")

@@ -19,6 +19,7 @@ from pulse_edge.choices import (
     DEFAULT_BLOCK_SIZE,
     EXPORT_PRECISIONS,
     EXPORT_TARGETS,
+    FLOAT_PRECISIONS,
     INT4_METHODS,
     INT8_DECODER_MODES,
     KV_CACHES,
@@ -26,6 +27,7 @@ from pulse_edge.choices import (
     VALIDATION_PLANS,
 )
 from pulse_edge.click_types import given
+from pulse_edge.errors import ConfigError
 
 
 def _alpha(value: str) -> tuple[bool, float | None]:
@@ -192,6 +194,9 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     from pulse_edge.staging import check_output_dir
 
     check_quant_options(precision, given, target=target, int8_decoder=quant["int8_decoder"])
+    if given("held_out") and precision in FLOAT_PRECISIONS and quant["kv_cache"] != "fp16":
+        raise ConfigError("--held-out: its samples are for the fidelity report against fp32, a quantized bundle's "
+                          "or one with --kv-cache fp16; this float bundle is the reference itself: leave it out")
     check_output_dir(out, what="bundle")  # before minutes of work, and before the heavy imports
     import transformers
 

@@ -54,6 +54,8 @@ CONFIG_DAMAGE = {
                                                 "tokenizer.model has 1000 pieces but"),
     "eos_token_id not the tokenizer's": (lambda d: {**d, "eos_token_id": 3},
                                          "config.json: eos_token_id is 3 but tokenizer.model has it at 2"),
+    "tie_word_embeddings a string": (lambda d: {**d, "tie_word_embeddings": "false"},  # bool("false") is True
+                                     "tie_word_embeddings must be true or false, got 'false'"),
     # found after the weights were read, and blamed on an --max-context nobody gave
     "max_position_embeddings under the smallest image": (
         lambda d: {**d, "max_position_embeddings": 512}, "max_position_embeddings 512 cannot hold the smallest image"),
@@ -461,3 +463,11 @@ def test_the_groups_own_bad_options_are_one_line_and_no_command_is_the_help() ->
     for args in ([], ["bench"], ["eval"]):
         helped = CliRunner().invoke(main, args)
         assert helped.exit_code == 2 and "pulse-edge: error" not in helped.output and "Commands:" in helped.output, args
+
+
+@pytest.mark.parametrize("command", ["recipes", "backends"])
+def test_a_bench_work_folder_that_is_a_file_is_one_line(command: str, tmp_path: Path) -> None:
+    """FileExistsError traceback, exit 1, from `--work FILE` (a review of untouched paths)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line(_run("bench", command, "--work", str(afile)), "is a file")
