@@ -86,6 +86,7 @@ class LatencyConfig:
     decode_attention: str = "auto"  # a cut decode graph's attention: the CPU decode kernel where it runs
     decode_step: str = "auto"  # a decode graph with a decode index: pulse-edge's own decode step where it runs
     prefill_chunk: int | None = None  # None: the runtime's choice (runtime/engines/bundle_engine.py); 0: one pass
+    engines: Path | None = None  # the trt backend's engine directory, where it is not inside the bundle
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -115,7 +116,7 @@ def _open(cfg: LatencyConfig) -> tuple[Any, DecoderFacts]:
         provider=cfg.provider, threads=cfg.threads if bundle else 0, prefill_graph=cfg.prefill_graph,
         prefill_attention=cfg.prefill_attention, decode_attention=cfg.decode_attention,
         decode_step=cfg.decode_step),
-        prefill_chunk=cfg.prefill_chunk)
+        prefill_chunk=cfg.prefill_chunk, engines=cfg.engines)
     if isinstance(pipeline, OrtPipeline):
         return pipeline, bundle_decoder_facts(cfg.model)
     torch_threads(cfg.threads)

@@ -62,13 +62,15 @@ def bench_group() -> None:
               help="ort backend: as infer --decode-step; the table says what decoded.")
 @click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
               help="ort backend: as infer --prefill-chunk (default: the runtime's; 0 = one pass); the table says it.")
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="trt backend: the engine directory build-engines wrote, where it is not inside the bundle.")
 @click.option("--json", "json_path", type=REPORT_PATH, default=None, help="Also write the report.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
               help="Write latency.md, latency.json and latency.png (the per-stage breakdown) into this directory.")
 def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new_tokens: int, backend: str,
                     provider: str, threads: int, bandwidth_mib: int, prefill_graph: str, prefill_attention: str,
-                    decode_attention: str, decode_step: str, prefill_chunk: int | None, json_path: Path | None,
-                    report_dir: Path | None) -> None:
+                    decode_attention: str, decode_step: str, prefill_chunk: int | None, engines: Path | None,
+                    json_path: Path | None, report_dir: Path | None) -> None:
     """Preprocess, vision, time to first token, decode tok/s (p50/p95) on rendered 12-lead prints. On the CPU,
     read bandwidth and the peak of the model's GEMMs (int8 for a quantized bundle, fp32 for a float model) are probed
     before each run and after the last, and each run is held against the better of its two probes: vision and
@@ -85,7 +87,7 @@ def latency_command(model_dir: Path, runs: int, warmup: int, sizes: str, max_new
                            max_new_tokens=max_new_tokens, backend=backend, provider=provider, threads=threads,
                            bandwidth_bytes=bandwidth_mib * 2**20, prefill_graph=prefill_graph,
                            prefill_attention=prefill_attention, decode_attention=decode_attention,
-                           decode_step=decode_step, prefill_chunk=prefill_chunk)
+                           decode_step=decode_step, prefill_chunk=prefill_chunk, engines=engines)
     report = run_latency(config, progress=progress)
     table = latency_table(report)
     click.echo(table)
