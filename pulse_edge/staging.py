@@ -62,9 +62,10 @@ class _Handler:
 
 def interrupt_requested() -> int | None:
     """The signal received while staged work runs, if any: an exception that surfaces from deep inside a
-    library after it (torch.onnx wraps what it catches in its own errors) is an interruption, not a bug."""
-    handler = signal.getsignal(signal.SIGINT)
-    return handler.received if isinstance(handler, _Handler) else None
+    library after it (torch.onnx wraps what it catches in its own errors) is an interruption, not a bug. Any
+    handled signal's handler says (SIGINT's may be ignored: a script's `pulse-edge export ... &`)."""
+    handlers = (signal.getsignal(s) for s in HANDLED_SIGNALS)
+    return next((h.received for h in handlers if isinstance(h, _Handler)), None)
 
 
 @contextmanager
@@ -219,9 +220,9 @@ def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
             work.rename(out)
             _sync_dir(out.parent)
         except BaseException as e:
-            handler = signal.getsignal(signal.SIGINT)
-            if isinstance(handler, _Handler):
-                handler.cleaning = True
+            for handler in {signal.getsignal(s) for s in HANDLED_SIGNALS}:  # one _Handler, whichever signals it has
+                if isinstance(handler, _Handler):
+                    handler.cleaning = True
             full = isinstance(e, OSError) and e.errno is None and _disk_full(work)  # before the space comes back
             shutil.rmtree(work, ignore_errors=True)
             if full:  # numpy's short write ("N requested and M written") carries no errno

@@ -162,7 +162,9 @@ def render_name(source: str) -> str:
     flat = source.replace("\\", "/").strip("/").replace("../", "").replace("/", "__")
     # its end (the file's own name) within RENDER_NAME_BYTES: with the hash and save_image's temporary name around
     # it, a deep path's name passed the file system's 255 bytes and the batch stopped with a traceback
-    flat = flat.encode("utf-8", "surrogateescape")[-RENDER_NAME_BYTES:].decode("utf-8", "surrogateescape")
+    tail = flat.encode("utf-8", "surrogateescape")[-RENDER_NAME_BYTES:]
+    # not from inside a character: its cut bytes decoded as lone surrogates, which the JSON line cannot hold
+    flat = tail.lstrip(bytes(range(0x80, 0xC0))).decode("utf-8", "surrogateescape")
     digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:12]
     return f"{flat.lstrip('.') or 'input'}~{digest}.png"
 

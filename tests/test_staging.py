@@ -387,3 +387,23 @@ def test_what_a_stage_wrote_is_on_the_disk_before_the_rename_shows_it(tmp_path: 
     with staging.staged_file(tmp_path / "one.json") as work:
         work.write_text("{}")
     assert Path(synced[0]).name.endswith(".partial.json") and synced[1:] == ["replace", str(tmp_path)]
+
+
+def test_an_interruption_is_known_when_sigint_is_ignored() -> None:
+    """`pulse-edge export ... &` from a script starts with SIGINT ignored: interrupt_requested read SIGINT's handler
+    only, so a SIGTERM caught inside torch.onnx came out as its "report a bug" traceback (a second review)."""
+    from pulse_edge.staging import Interrupted, interrupt_requested, interrupts_handled
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_handled():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except Interrupted:
+                assert interrupt_requested() == signal.SIGTERM
+            else:
+                raise AssertionError("SIGTERM did not interrupt the work")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -89,9 +89,11 @@ class UserErrorGroup(click.Group):
 def _missing(module: str) -> str:
     """What to say of a module that cannot be imported: a package not installed, or one of another version."""
     top = module.split(".")[0]
-    if importlib.util.find_spec(top) is None:
-        return (f"this command needs the Python module {top!r}, which is not installed: install pulse-edge with the "
-                "extras of README's Install section, or that package alone")
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None:  # a namespace package ("google") is nobody's installation: the module
+        named = top if spec is None else module  # itself is what is missing ("google.protobuf")
+        return (f"this command needs the Python module {named!r}, which is not installed: install pulse-edge with "
+                "the extras of README's Install section, or that package alone")
     return (f"this command needs {module!r}, which the installed {top} does not have: install the versions "
             "pulse-edge is tested with (pip install -c constraints.txt, README's Install section)")
 

@@ -9,13 +9,14 @@ removed.
 
 A 7B engine is gigabytes (a Jetson's eMMC holds 32-64 GB), and every re-export or ONNX Runtime upgrade keys a
 new folder: without pruning, each one left its predecessor's engines on the disk for good. A folder is stale
-when its record names the graph path this run opened (as given, not resolved: two bundles may link one shared
-graph file) and another state of the bundle there (re-exported or replaced), or another ONNX Runtime version
-that has not used it for OTHER_RUNTIME_IDLE_DAYS (engines are rebuilt for another version, ORT's documentation
-says; two environments with two versions on one cart each keep theirs while they use them: every session start
-rewrites its folder's record). Folders for the same graph built with other settings (fp16, provider options)
-stay: a run with those settings uses them. Folders without a record (made by hand, or before records) and
-engines of bundles at other paths are left alone, whatever they hold.
+when its record names the graph path this run opened (its folder resolved, the file not: two bundles may link
+one shared graph file, and a link to the current bundle moves on) and another state of the bundle there
+(re-exported or replaced), or another ONNX Runtime version that has not used it for OTHER_RUNTIME_IDLE_DAYS
+(engines are rebuilt for another version, ORT's documentation says; two environments with two versions on one
+cart each keep theirs while they use them: every session start rewrites its folder's record). Folders for the
+same graph built with other settings (fp16, provider options) stay: a run with those settings uses them.
+Folders without a record (made by hand, or before records) and engines of bundles at other paths are left
+alone, whatever they hold.
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ def cache_folder(path: Path, settings: Mapping[str, Any]) -> Path:
 
 def cache_record(path: Path, onnxruntime: str) -> dict[str, str]:
     """What a cache folder records of the graph its engines were built from."""
-    return {"graph": os.path.abspath(path), "bundle": graph_cache_key(path), "onnxruntime": onnxruntime}
+    # the bundle's folder resolved (a "current" link switched from v2 to v3 must not make v2's engines v3's past),
+    # the graph file not (two bundles may link one shared graph file)
+    graph = os.path.join(os.path.realpath(path.parent), path.name)
+    return {"graph": graph, "bundle": graph_cache_key(path), "onnxruntime": onnxruntime}
 
 
 def keep_and_prune(folder: Path, path: Path, onnxruntime: str) -> None:

@@ -448,6 +448,8 @@ def test_a_missing_package_is_one_line_and_a_missing_module_of_ours_a_bug() -> N
     other = CliRunner().invoke(group, ["needs", "click.llava_nexter"])  # installed, but not with that module
     assert other.exit_code == 2 and other.stderr.startswith(
         "pulse-edge: error: this command needs 'click.llava_nexter', which the installed click does not have")
+    spaced = CliRunner().invoke(group, ["needs", "google.no_such_part"])  # a namespace package: nobody's install
+    assert spaced.exit_code == 2 and "the Python module 'google.no_such_part', which is not installed" in spaced.stderr
     ours = CliRunner().invoke(group, ["needs", "pulse_edge.runtime.gone"])
     assert isinstance(ours.exception, ModuleNotFoundError)  # a module of pulse-edge's own missing is a bug
 

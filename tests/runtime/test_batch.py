@@ -247,3 +247,11 @@ def test_inputs_expand_from_folders_globs_and_files(tmp_path: Path) -> None:
     assert [Path(p).name for p in expand_inputs([str(tmp_path / "**" / "*.dcm")])] == ["w.dcm", "y.dcm"]  # sorted paths
     with pytest.raises(InputError, match="matches no file"):
         expand_inputs([str(tmp_path / "*.xml")])
+
+
+@pytest.mark.parametrize("cut", range(0, 4))
+def test_a_print_name_cut_inside_a_character_is_still_text(cut: int) -> None:
+    """The byte cut landed inside "é": its bytes decoded as lone surrogates, and the JSON line recording the name
+    raised UnicodeEncodeError after the print was saved (a second review)."""
+    name = render_name("/data/ecg_é/" + "x" * cut + "é" * 100 + "/r.csv")
+    assert name.encode("utf-8").decode("utf-8") == name and name.endswith(".png")

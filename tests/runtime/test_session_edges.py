@@ -157,6 +157,19 @@ def test_engine_folders_no_run_can_use_again_are_removed_and_the_rest_kept(tmp_p
     record = json.loads((newest / trt_cache.RECORD).read_text())
     assert record == {"graph": str(graph.absolute()), "bundle": s.graph_cache_key(graph), "onnxruntime": "1.32.0"}
 
+    # deployment by a link: "current" moves from v2 to v3; v2 stays on disk (a rollback), and so do its engines
+    versions = []
+    for name in ("v2", "v3"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "decoder.onnx").write_bytes(f"graph {name}".encode())
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "v2")
+    versions.append(built(True, "1.32.0", current / "decoder.onnx"))
+    current.unlink()
+    current.symlink_to(tmp_path / "v3")
+    versions.append(built(True, "1.32.0", current / "decoder.onnx"))
+    assert all(v.exists() for v in versions)
+
 
 def test_a_cache_that_cannot_be_tidied_never_fails_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from pulse_edge.runtime.engines import trt_cache
