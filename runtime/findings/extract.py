@@ -98,7 +98,9 @@ class _Mention:
     negated: bool = False
     hedged: bool = False
     past: bool = False  # a history, or what an earlier tracing showed
-    relational: bool = False  # denied only as "X unlikely to be/represent/due to Y": not along a bare comma
+    # denied by words that are its own ("X unlikely to be/represent/due to Y", "X does not fit"): not along a bare
+    # comma ("Sinus rhythm, LVH, LBBB doesn't fit" states SR and LVH)
+    relational: bool = False
 
 
 # "non-sinus rhythm", "non-ischemic", "pseudo-infarct": the prefix says the opposite of the statement
@@ -218,9 +220,10 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
         # the relation's other side is the next statement, at most two words on ("unlikely to represent acute MI");
         # "AF, atrial flutter unlikely to be the diagnosis given sinus rhythm" is a list denied
         relation = w.BOTH_SIDES.search(gap)
-        mention.relational = (owned[k] > 0 and not last and relation is not None
-                              and bool(_OPENS_NEXT.fullmatch(gap[relation.end():]))
-                              and not (asked or reached or mention.past))
+        fits = owned[k] > 0 and bool(w.FIT_AFTER.match(gap))
+        mention.relational = (fits or (owned[k] > 0 and not last and relation is not None
+                                       and bool(_OPENS_NEXT.fullmatch(gap[relation.end():]))
+                                       and not (asked or reached or mention.past)))
         mention.hedged = (any(b <= mention.start for _, b in hedges) or hedged_after[k]
                           or bool(w.QUERIED.search(before)))
         alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)
@@ -309,11 +312,17 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
         tail = run[-1][2]
         cut = w.OPTION_END.search(text, tail, tail + w.OPTION_CHARS)
         ends = [start for _, start, _ in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
-        if not (cued or (_chosen_after(hits, run, ends[-1]) if w.COLON.search(text, *run[0][1:]) else answered)):
+        colon = w.COLON.search(text, *run[0][1:])
+        if colon and cued and w.OPTION_LABEL.fullmatch(cued.group()):
+            cued = None  # "Option A: AF - incorrect. Option B: SR - correct": each option's label, no list's cue
+        if not (cued or (_chosen_outside(hits, run, ends[-1]) if colon else answered)):
             continue  # "A: Sinus rhythm. B: LBBB. The answer is abnormal": sections, unless a letter is chosen
         items = [(letter, start, end) for (letter, start, _), end in zip(run, ends, strict=True)]
-        # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options ("A: AF" is marked so)
-        sections = any(w.COLON.search(text, marked, end) for (_, _, marked), end in zip(run, ends, strict=True))
+        # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options ("A: AF" is marked so;
+        # "A) Sinus rhythm: incorrect" is a verdict)
+        sections = any(c and not w.VERDICT_COLON.match(text, c.start())
+                       for (_, _, marked), end in zip(run, ends, strict=True)
+                       for c in [w.COLON.search(text, marked, end)])
         spans += [] if sections else items
     firsts, lasts = [start for _, start, _ in spans], [end for _, _, end in spans]  # sorted, disjoint
 
@@ -326,11 +335,12 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     return [(start, end) for letter, start, end in spans if letter not in chosen]
 
 
-def _chosen_after(hits: list[re.Match[str]], run: list[tuple[str, int, int]], end: int) -> bool:
-    """A choice after the list names one of its letters ("A: AF. B: SR. Correct: B.")."""
+def _chosen_outside(hits: list[re.Match[str]], run: list[tuple[str, int, int]], end: int) -> bool:
+    """A choice outside the list names one of its letters ("A: AF. B: SR. Correct: B.", "The answer is B. A: SR,
+    B: AF"); "Answer A: AF; answer B: LBBB" labels sections."""
     letters = {letter for letter, _, _ in run}
-    return any(hit.start() >= end and letters & {c.upper() for c in w.CHOSEN_LETTER.findall(hit.group(1))}
-               for hit in hits)
+    return any((hit.start() >= end or hit.end() <= run[0][1])
+               and letters & {c.upper() for c in w.CHOSEN_LETTER.findall(hit.group(1))} for hit in hits)
 
 
 def _option_runs(text: str) -> list[list[tuple[str, int, int]]]:
@@ -363,9 +373,10 @@ def _own_negation(gap: str, *, last: bool) -> int:
     """How many characters of `gap` negate the statement before it (0: none): right after it, whatever follows
     (wording.NEGATION_RIGHT_AFTER), else as `_after` decides."""
     right = w.NEGATION_RIGHT_AFTER.match(gap)
-    # "does not fit" right before the next statement is about that one ("T wave inversions do not fit ischemia"):
-    # the gap's end is where the next statement starts, not the clause's end its words need
-    if right and not (right.group().endswith("fit") and not last and not gap[right.end():].strip()):
+    # "does not fit" / "is not" right before the next statement is about that one ("T wave inversions do not fit
+    # ischemia", "the rhythm is not AF"): the gap's end is where the next statement starts, not the clause's end
+    # their words need
+    if right and not (not last and not gap[right.end():].strip() and w.FIT_AFTER.match(gap)):
         return right.end()
     return _after(w.NEGATION_AFTER, gap, last=last)
 

@@ -109,6 +109,8 @@ OPTIONS_CUE_CHARS = 100
 OPTION_END = re.compile(
     r"\n|(?<=[^\s.])\.(?=\s)|(?=(?:the )?(?:correct |right |best )?(?:answers?|choice|option)\b)", _I)
 COLON = re.compile(r"[:\uff1a]")
+# "A) Sinus rhythm: incorrect": a verdict on the option after its colon, not a report's section
+VERDICT_COLON = re.compile(r"[:\uff1a][ \t]*(?:correct|incorrect|wrong|right|yes|no|true|false)(?![A-Za-z])", _I)
 # The choice: "Answer: B", "The answer is (b)", "the correct option is B", "Answers: B, D", "Answer: B and C",
 # "My answer would be B", "The correct choices are B and D", "I choose B", "Correct: B", "Antwort: B", "B is the
 # correct answer". A lower-case letter only where it cannot be the article "a" or a word's first letter: in
@@ -118,7 +120,7 @@ _LETTER = r"(?:\([A-Ha-h]\)|(?-i:[A-H])(?![A-Za-z0-9])|(?-i:[a-h])(?=[.)]|\s*$))
 CHOSEN = re.compile(
     rf"(?:{_W}(?:answers?(?:\s+would\s+be)?|choice|option|correct(?:\s+(?:choices|options))?"
     rf"|(?:choose|chose|select|pick)|antwort|respuesta|r\u00e9ponse)|\u7b54\u6848)(?:\s+(?:is|are))?[*_]{{0,2}}\s*"
-    rf"[:\uff1a]?[*_]{{0,2}}\s*"
+    rf"[:\uff1a]?[*_]{{0,2}}\s*[*_]{{0,2}}"
     rf"({_LETTER}(?:\s*(?:,|and|&|/|or)\s*{_LETTER})*)", _I)
 # an answer is spoken of, letter or not ("The answer is a fast irregular rhythm, so B."): a lettered list beside it
 # is the question's options ("Please answer a few questions" is no such thing)
@@ -142,8 +144,10 @@ _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[
         rf"|(?:previously|before|earlier){_E}))")
 # "RBBB does not fit because ...", "LVH does not fit;": the finding denied, at its clause's end or before the
 # reason; "which does not fit the clinical picture", "does not fit a single territory" keep it (present but odd)
-_FIT = (r"(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't) fit"
-        r"(?=\s*(?:[.;,:!?)]|$|(?:because|as|since|here|given)(?![A-Za-z])))")
+_FIT = (r"(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't)(?: really| quite)? fit"
+        r"(?:\s+(?:either|at all|well))?(?=\s*(?:[.;,:!?)]|$|(?:because|as|since|here|given)(?![A-Za-z])))"
+        # "LBBB is present but AF is not.": the verb alone, at its clause's end
+        r"|(?:is|are) not(?=\s*(?:[.;,!?)]|$))")
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
@@ -168,7 +172,8 @@ HEDGE_AFTER = re.compile(
     r"|(?:may|might) be (?:present|seen)|a consideration|(?:a )?normal variant)(?![A-Za-z])", _I)
 # "treated as VT until proven otherwise": presumed, so possible; the statement's own, never its list's ("AF and LBBB,
 # VT until proven otherwise" states AF and LBBB)
-PRESUMED_AFTER = re.compile(r"^[\s,]*(?:(?:is|are|was|were)\s+)?(?:presumed\s+)?until proven otherwise(?![A-Za-z])", _I)
+PRESUMED_AFTER = re.compile(r"^[\s,]*(?:\([A-H]\)[\s,]*)?(?:(?:is|are|was|were)\s+)?(?:presumed\s+)?until prove[nd] "
+                            r"otherwise(?![A-Za-z])", _I)
 # What a finding became or gave way to is what the tracing shows: "AF converted to sinus rhythm" states SR only;
 # and a finding seen on an earlier tracing ("AF on prior ECG; now sinus rhythm") is not this one (where "present
 # on the previous ECG" or "as on the prior ECG" says it persists).
@@ -216,3 +221,7 @@ JOINED = re.compile(r"^[\s,]*(?:and|or|and/or)[\s,]*$", _I)
 ALTERNATIVE_AFTER = re.compile(
     rf"^[\s,]*(?:(?:[\w-]+\s+){{0,3}}?(?:vs\.?|versus){_E}|or\s+(?!(?:more|less|greater|fewer|so){_E})(?=[A-Za-z]|$))",
     _I)
+# the options cue that is only an option's own label ("Option A: ..."), no list's
+OPTION_LABEL = re.compile(r"\W*(?:option|choice)\W*", _I)
+# a denial after a statement that is its "does not fit" / "is not": the statement's own (extract._along_lists)
+FIT_AFTER = re.compile(rf"^[ \t]+{_VERB}{_FIT}", _I)

@@ -122,6 +122,15 @@ def _coded(text: str) -> list[tuple[str, str]]:
                                                                                   ("LBBB", "stated")]),
     # a presumption is its own statement's, not its list's
     ("AF and LBBB, VT until proven otherwise.", [("AFIB", "stated"), ("LBBB", "stated"), ("VTACH", "possible")]),
+    ("VT is presumed until proven otherwise.", [("VTACH", "possible")]), ("VT until proved otherwise.",
+                                                                          [("VTACH", "possible")]),
+    ("The answer is VT (A), until proven otherwise; LBBB morphology.", [("VTACH", "possible"), ("LBBB", "stated")]),
+    # a second review: "does not fit" at the end of a comma list is its last statement's; "either", "really";
+    # "is not" at its clause's end denies
+    ("Sinus rhythm, LVH, LBBB doesn't fit.", [("SR", "stated"), ("LVH", "stated")]),
+    ("LVH does not fit either.", []), ("Atrial fibrillation does not really fit.", []),
+    ("LBBB is present but AF is not.", [("LBBB", "stated")]),
+    ("The rhythm is not AF.", []),
     # a lettered list is options in order, none chosen before them in the sentence, capitals only, nothing else
     # between them
     ("Answer: B (sinus rhythm), C (atrial fibrillation) is incorrect.", [("SR", "stated")]),
@@ -460,6 +469,12 @@ def test_normal_stays_beside_a_rhythm_as_ptbxl_labels_it() -> None:
     ("Interpretation:\nA: Sinus rhythm\nB: RBBB\nSummary: abnormal ECG. The answer is abnormal.",
      [("SR", "stated"), ("RBBB", "stated"), ("ABNORMAL", "stated")]),
     ("Answer A: atrial fibrillation; answer B: LBBB.", [("AFIB", "stated"), ("LBBB", "stated")]),
+    # "Option A:" is each option's label, no list's cue; a choice before the list counts; a verdict after an
+    # option's colon is no section; the chosen letter in Markdown bold
+    ("Option A: atrial fibrillation - incorrect. Option B: sinus rhythm - correct.", [("SR", "stated")]),
+    ("The answer is B. A: sinus rhythm, B: atrial fibrillation, C: atrial flutter.", [("AFIB", "stated")]),
+    ("Answer: B\nA) Sinus rhythm: incorrect\nB) Atrial fibrillation: correct", [("AFIB", "stated")]),
+    ("Options: A. Sinus rhythm B. Atrial fibrillation. Answer: **B**", [("AFIB", "stated")]),
     # what is no option list: one lettered answer, a lone letter, lettered sections of a report
     ("B. Atrial fibrillation", [("AFIB", "stated")]),
     ("Type A. WPW pattern. Sinus rhythm.", [("WPW", "stated"), ("SR", "stated")]),
