@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,20 @@ from pulse_edge.cli.main import main
 
 # pulse_edge.staging's lock and pulse_edge.cli.progress are imported inside the tests that use them, so that the
 # CLI cases also run against a pulse-edge without them (where they fail: that is what they were written to show).
+
+
+@pytest.fixture(autouse=True)
+def signals_as_a_terminal_delivers_them() -> Iterator[None]:
+    """These tests send real signals: run them with the handlers an interactive shell gives, whatever this pytest
+    inherited (under nohup SIGHUP is ignored, and a background job of a script ignores SIGINT: ignored signals stay
+    ignored, by design, and these tests would then test nothing)."""
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+    before = {s: signal.signal(s, handler) for s, handler in wanted.items()}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _leftovers(folder: Path) -> list[str]:
