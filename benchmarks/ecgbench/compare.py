@@ -128,7 +128,8 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunDir, ...]:
     runs: list[RunDir] = []
     for path in map(Path, paths):
         if not path.is_dir():
-            raise InputError(f"{path}: run folder not found")
+            what = "is a file, not a run folder" if path.exists() else "run folder not found"
+            raise InputError(f"{path}: {what} (the --out folder of `pulse-edge eval ecgbench`)")
         settings = _read_settings(path / RUN_FILE)
         precision = settings.get("precision")
         label = precision if precision and precision != CHECKPOINT_PRECISION else path.name

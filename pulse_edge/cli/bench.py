@@ -18,6 +18,7 @@ from pulse_edge.benchmarks.common.output import REPORT_PATH, progress, write_jso
 from pulse_edge.choices import ATTENTION_MODES, BACKENDS, DECODE_STEPS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.cli.group import UserErrorGroup
 from pulse_edge.cli.params import at_most_usable_cpus
+from pulse_edge.errors import ConfigError
 
 _DEFAULT_SIZES = "2200x1700,3300x2550,3508x2480"  # letter 200 dpi, letter 300 dpi, A4 300 dpi
 TORCH_AND_ORT_THREADS = "Intra-op threads for torch and ORT (0 = one per core)."
@@ -281,6 +282,8 @@ def gpu_command(out: Path, work: Path | None, layers: int, steps: str | None, bu
     from pulse_edge.benchmarks.perf.projector import parse_list
     from pulse_edge.cli.main import main  # the root group: the dry run parses the steps' command lines with it
 
+    if steps is not None and not steps.strip(" ,"):  # parse_list's line asked for integers; steps have names
+        raise ConfigError("--steps names no step; give e.g. versions,pytest-gpu, or leave it out for all")
     chosen = parse_list(steps) if steps is not None else None
     config = GpuCheckConfig(out=out, work=work, layers=layers, budget_s=budget_s, steps=chosen)
     code = check_plan(config, echo=click.echo, cli=main) if dry_run else run_gpu_check(config, echo=click.echo)

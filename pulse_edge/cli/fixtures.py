@@ -99,6 +99,8 @@ def render_ecg(out: Path, rhythm: str, seed: int, size: str, header: str | None)
     from pulse_edge.staging import check_output_file, staged_file
 
     image_format = PRINT_FORMATS.get(out.suffix.lower())
+    if out.is_dir():
+        raise ConfigError(f"{out} is a directory; OUT is the print's file name, e.g. {out / 'print.png'}")
     if image_format is None:
         raise ConfigError(f"{out}: the extension {out.suffix or '(none)'!r} is not one of "
                           f"{', '.join(PRINT_FORMATS)}; the print's format follows it")

@@ -473,3 +473,17 @@ def test_a_bench_work_folder_that_is_a_file_is_one_line(command: str, tmp_path: 
     afile = tmp_path / "afile"
     afile.write_text("x")
     _one_line(_run("bench", command, "--work", str(afile)), "is a file")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["bench", "gpu", "--dry-run", "--steps", ""], "--steps names no step"),  # said "a list of integers"
+    (["make-tiny", "{tmp}/x", "--outliers", "2", "--outlier-scale", "1e40"],  # inf weights, written with exit 0
+     "outlier scale must be a number in (0, 10000]"),
+    (["make-tiny", "{tmp}/y", "--layout", "llava_next"], "give --merge spatial_unpad"),
+    (["render-ecg", "{tmp}"], "is a directory; OUT is the print's file name"),  # "the extension '(none)'"
+    (["eval", "compare", "{tmp}", "{tmp}/afile", "--data", "{tmp}"], "afile: is a file, not a run folder"),
+])
+def test_small_misleading_lines_name_what_is_wrong(args: list[str], expected: str, tmp_path: Path) -> None:
+    """From a review of untouched paths: each was one line, but naming the wrong thing."""
+    (tmp_path / "afile").write_text("x")
+    _one_line(_run(*[a.replace("{tmp}", str(tmp_path)) for a in args]), expected)
