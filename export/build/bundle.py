@@ -562,6 +562,10 @@ def _merge_parity(model: Any, candidate: Any, image: Any, tolerance: Any) -> dic
     with torch.inference_mode():
         features = model.vision_features(torch.from_numpy(pre.pixel_values)).float()
         ref = model.merge(features, image.size).float().numpy()  # [T, H]
+    if not np.isfinite(ref).all():  # the checkpoint's own overflow: the runtime's "bundle may be damaged" misled
+        raise ExportValidationError("the torch reference's vision features hold NaN or inf on a validation print: "
+                                    "the checkpoint's weights overflow; check it (pulse-edge infer --backend torch) "
+                                    "or copy it again; nothing was written")
     got = candidate.engine.image_features(pre)
     return {"image_size": list(image.size), **compare_features(ref[None], got[None], tolerance)}
 

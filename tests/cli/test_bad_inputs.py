@@ -487,3 +487,12 @@ def test_small_misleading_lines_name_what_is_wrong(args: list[str], expected: st
     """From a review of untouched paths: each was one line, but naming the wrong thing."""
     (tmp_path / "afile").write_text("x")
     _one_line(_run(*[a.replace("{tmp}", str(tmp_path)) for a in args]), expected)
+
+
+def test_a_checkpoint_whose_own_vision_overflows_is_named_at_export(tmp_path: Path) -> None:
+    """make-tiny --init-range 1e30: the reference's vision features are inf; export said "the bundle may be damaged
+    (run `pulse-edge verify MODEL`)" about a bundle not yet written (a review of untouched paths)."""
+    assert _run("make-tiny", str(tmp_path / "big"), "--init-range", "1e30").exit_code == 0
+    _one_line(_run("export", str(tmp_path / "big"), "-o", str(tmp_path / "b"), "--validation", "quick"),
+              "the torch reference's vision features hold NaN or inf on a validation print")
+    assert _listing(tmp_path) == ["big"]
