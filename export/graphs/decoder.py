@@ -34,6 +34,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import LlamaForCausalLM
 
+from pulse_edge.errors import CheckpointError
 from pulse_edge.export.graphs.kv_cache import (
     INT8_KV_ATTRS,
     SCATTER_OPSET,
@@ -48,6 +49,8 @@ from pulse_edge.export.graphs.quant_ops import FP8_MIN_OPSET, MatMulSpec, emit_m
 from pulse_edge.export.model.config import PulseConfig
 from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.manifest import GraphSpec, TensorSpec
+
+FP16_MAX = float(np.finfo(np.float16).max)
 
 IR_VERSION = 10  # ONNX Runtime 1.31 reads IR <= 13; 10 keeps older runtimes (Jetson builds) working
 OPSET = 17  # float and int graphs; fp8 graphs need FP8_MIN_OPSET (float8 Q/DQ)
@@ -173,6 +176,11 @@ class _Builder:
 
     def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
         array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
+        if self.np_dtype == np.float16 and array.size and float(np.abs(array).max()) > FP16_MAX:
+            # numpy's overflow warning leaked, then every check read "rel err nan": the weight named instead
+            raise CheckpointError(f"the weight {name} holds values up to {float(np.abs(array).max()):.3g}, past "
+                                  f"fp16's {FP16_MAX:g}: this checkpoint cannot be exported at --precision fp16; "
+                                  "export fp32 or a quantized recipe")
         self.inits.append(self.data.initializer(name, array.astype(self.np_dtype, copy=False)))
         return name
 

@@ -108,6 +108,22 @@ def test_integer_weights_are_refused_not_cast(tiny_checkpoint: Path, tmp_path: P
     _one_line(_run("export", str(checkpoint), "-o", str(tmp_path / "bundle")), "is stored as torch.int64")
 
 
+def test_a_weight_past_fp16s_range_is_named_at_an_fp16_export(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """One decoder weight of 1e6: numpy's overflow warning leaked, then every check read "rel err nan"."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    shard = next(f for f in sorted(checkpoint.glob("*.safetensors"))
+                 if any(k.endswith("mlp.down_proj.weight") for k in load_file(f)))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    tensors[key][0, 0] = 1e6
+    save_file(tensors, shard, metadata={"format": "pt"})
+    line = _one_line(_run("export", str(checkpoint), "-o", str(tmp_path / "bundle"), "--precision", "fp16"),
+                     "holds values up to 1e+06, past fp16's 65504")
+    assert "RuntimeWarning" not in line and _listing(tmp_path) == ["ckpt"]
+
+
 # --- output paths -----------------------------------------------------------------------------------------------
 
 def _targets(tmp_path: Path) -> dict[str, tuple[Path, str]]:
