@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,9 @@ def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], 
     out = out_dir or Path(f"ecgbench-{model_dir.resolve().name}")
     _check_folder(out, "--out", "answers.jsonl")
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    # two runs into one --out would answer every id twice; SIGTERM and SIGHUP end it like Ctrl-C, in one line
-    with target_lock(out, what="--out directory"), interrupts_handled():
+    # two runs into one --out would answer every id twice (into one --report, mix their files); SIGTERM and SIGHUP
+    # end it like Ctrl-C, in one line
+    with target_lock(out, what="--out directory"), _report_lock(report_dir), interrupts_handled():
         _run_ecgbench(model_dir, data_dir, subsets, out, limit, report_dir, judge_url, judge_model, judge_workers,
                       backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
                       max_new_tokens=max_new_tokens)
@@ -205,7 +207,8 @@ def compare_command(run_dirs: tuple[Path, ...], data_dir: Path, max_drops: tuple
     if report_dir is not None:
         from pulse_edge.benchmarks.ecgbench.report import write_compare_report
 
-        write_compare_report(report_dir, comparison, machine=machine_info(), gate=failures)
+        with _report_lock(report_dir):
+            write_compare_report(report_dir, comparison, machine=machine_info(), gate=failures)
     click.echo(json.dumps({**comparison.to_dict(), "changes_file": str(changes_file),
                            "gate_failures": failures}, indent=2))
     if failures:
@@ -235,6 +238,14 @@ def _check_options(judge_url: str | None, judge_model: str | None, report_dir: P
 
         require_plotting()
         _check_folder(report_dir, "--report", "report.md")
+
+
+def _report_lock(report_dir: Path | None) -> AbstractContextManager[Any]:
+    """One writer per --report folder (its report.md, report.json and plot belong together)."""
+    if report_dir is None:
+        return nullcontext()
+    report_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+    return target_lock(report_dir, what="--report folder")
 
 
 def _check_folder(folder: Path, option: str, example: str) -> None:

@@ -158,3 +158,15 @@ def test_the_gate_reads_each_metric_in_its_own_direction_to_the_limit(metric: st
     assert bool(failures) == fails, failures
     if fails:
         assert failures[0].startswith(f"strict.ptb-test.{metric} {'rose' if metric == 'hl' else 'fell'}")
+
+
+def test_a_report_folder_another_run_writes_is_refused(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Two runs into one --report mixed their report.md, report.json and plot (a concurrency review)."""
+    from pulse_edge.staging import target_lock
+
+    report = tmp_path / "report"
+    with target_lock(report, what="--report folder"):
+        result = _compare(setup, tmp_path, "--report", str(report))
+    assert result.exit_code == 2 and "another pulse-edge command is writing" in result.output, result.output
+    assert _compare(setup, tmp_path, "--report", str(report)).exit_code == 0  # free again: written
+    assert (report / "report.md").is_file()
