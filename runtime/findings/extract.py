@@ -307,22 +307,26 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     hits = [*w.CHOSEN.finditer(text), *w.CHOSEN_BEFORE.finditer(text)]
     answered = bool(hits) or w.ANSWER_SPOKEN.search(text) is not None
     spans = []
+    judged: dict[int, bool] = {}  # an option's start -> whether its own verdict denies it
     for run in runs:
         cued = w.OPTIONS_CUE.search(text, max(0, run[0][1] - w.OPTIONS_CUE_CHARS), run[0][1])  # near the list only
         tail = run[-1][2]
         cut = w.OPTION_END.search(text, tail, tail + w.OPTION_CHARS)
         ends = [start for _, start, _ in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
         colon = w.COLON.search(text, *run[0][1:])
-        if colon and cued and w.OPTION_LABEL.fullmatch(cued.group()):
-            cued = None  # "Option A: AF - incorrect. Option B: SR - correct": each option's label, no list's cue
+        if colon and cued and w.OPTION_LABEL.fullmatch(cued.group()) and w.VERDICT_WORD.search(text, run[0][1],
+                                                                                            ends[-1]):
+            cued = None  # "Option A: AF - incorrect. Option B: SR - correct": options judged one by one
         if not (cued or (_chosen_outside(hits, run, ends[-1]) if colon else answered)):
             continue  # "A: Sinus rhythm. B: LBBB. The answer is abnormal": sections, unless a letter is chosen
         items = [(letter, start, end) for (letter, start, _), end in zip(run, ends, strict=True)]
         # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options ("A: AF" is marked so;
         # "A) Sinus rhythm: incorrect" is a verdict)
-        sections = any(c and not w.VERDICT_COLON.match(text, c.start())
-                       for (_, _, marked), end in zip(run, ends, strict=True)
-                       for c in [w.COLON.search(text, marked, end)])
+        colons = [w.COLON.search(text, marked, end) for (_, _, marked), end in zip(run, ends, strict=True)]
+        sections = any(c and not w.VERDICT_COLON.match(text, c.start()) for c in colons)
+        # an option judged after its colon keeps its verdict: denied for "incorrect", kept for "correct"
+        judged.update({start: bool(w.DENYING_VERDICT.match(text, c.start()))
+                       for (_, start, _), c in zip(items, colons, strict=True) if c})
         spans += [] if sections else items
     firsts, lasts = [start for _, start, _ in spans], [end for _, _, end in spans]  # sorted, disjoint
 
@@ -332,7 +336,8 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     # a cue whose letter opens a list is the question's ("Select the correct answer:\nA. ..."), not a choice
     chosen = {letter.upper() for hit in hits if outside(hit.start()) and outside(hit.start(1))
               for letter in w.CHOSEN_LETTER.findall(hit.group(1))}
-    return [(start, end) for letter, start, end in spans if letter not in chosen]
+    return [(start, end) for letter, start, end in spans
+            if judged.get(start, letter not in chosen)]
 
 
 def _chosen_outside(hits: list[re.Match[str]], run: list[tuple[str, int, int]], end: int) -> bool:

@@ -111,6 +111,9 @@ OPTION_END = re.compile(
 COLON = re.compile(r"[:\uff1a]")
 # "A) Sinus rhythm: incorrect": a verdict on the option after its colon, not a report's section
 VERDICT_COLON = re.compile(r"[:\uff1a][ \t]*(?:correct|incorrect|wrong|right|yes|no|true|false)(?![A-Za-z])", _I)
+DENYING_VERDICT = re.compile(r"[:\uff1a][ \t]*(?:incorrect|wrong|no|false)(?![A-Za-z])", _I)
+# the words of options judged one by one ("Option A: AF - incorrect")
+VERDICT_WORD = re.compile(r"(?<![A-Za-z])(?:in)?correct(?![A-Za-z])", _I)
 # The choice: "Answer: B", "The answer is (b)", "the correct option is B", "Answers: B, D", "Answer: B and C",
 # "My answer would be B", "The correct choices are B and D", "I choose B", "Correct: B", "Antwort: B", "B is the
 # correct answer". A lower-case letter only where it cannot be the article "a" or a word's first letter: in
@@ -121,7 +124,7 @@ CHOSEN = re.compile(
     rf"(?:{_W}(?:answers?(?:\s+would\s+be)?|choice|option|correct(?:\s+(?:choices|options))?"
     rf"|(?:choose|chose|select|pick)|antwort|respuesta|r\u00e9ponse)|\u7b54\u6848)(?:\s+(?:is|are))?[*_]{{0,2}}\s*"
     rf"[:\uff1a]?[*_]{{0,2}}\s*[*_]{{0,2}}"
-    rf"({_LETTER}(?:\s*(?:,|and|&|/|or)\s*{_LETTER})*)", _I)
+    rf"({_LETTER}(?:[*_]{{0,2}}\s*(?:,|and|&|/|or)\s*[*_]{{0,2}}{_LETTER})*)", _I)
 # an answer is spoken of, letter or not ("The answer is a fast irregular rhythm, so B."): a lettered list beside it
 # is the question's options ("Please answer a few questions" is no such thing)
 ANSWER_SPOKEN = re.compile(rf"{_W}(?:the\s+(?:(?:correct|right|best|final)\s+)?answer\b|answers?\s*[:\uff1a])", _I)
@@ -144,10 +147,11 @@ _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[
         rf"|(?:previously|before|earlier){_E}))")
 # "RBBB does not fit because ...", "LVH does not fit;": the finding denied, at its clause's end or before the
 # reason; "which does not fit the clinical picture", "does not fit a single territory" keep it (present but odd)
-_FIT = (r"(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't)(?: really| quite)? fit"
-        r"(?:\s+(?:either|at all|well))?(?=\s*(?:[.;,:!?)]|$|(?:because|as|since|here|given)(?![A-Za-z])))"
-        # "LBBB is present but AF is not.": the verb alone, at its clause's end
-        r"|(?:is|are) not(?=\s*(?:[.;,!?)]|$))")
+_FIT = (r"(?:(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't)(?: really| quite)? fit"
+        r"(?:\s+(?:either|at all|well))?(?=\s*(?:[.;,:!?)]|$|(?:because|as|since|here|given)(?![A-Za-z]))))")
+# "LBBB is present but AF is not.": the verb alone, right after its statement and at its clause's end (never after
+# other words: "the rate is not" is the rate's, "is not, however, excluded" goes on)
+_IS_NOT = r"(?:(?<!which )(?<!that )(?:is|are) not(?=\s*(?:[.;!?)]|$)))"
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
@@ -160,7 +164,7 @@ NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
 # MI": MI's, wording.NEGATION_TO_COMMA).
-NEGATION_RIGHT_AFTER = re.compile(rf"^[ \t]+{_VERB}{_NEGATED}", _I)
+NEGATION_RIGHT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT})", _I)  # "C (RBBB) is not"
 # A negation that denies both its sides: "AF unlikely to be present", "ST elevation unlikely to be STEMI", "VT
 # unlikely due to RBBB morphology", "ST depression unlikely due to ischemia": which side it means is not in the
 # words, and stating either side the text may deny is the worse error (an omission is the lesser)
@@ -224,4 +228,4 @@ ALTERNATIVE_AFTER = re.compile(
 # the options cue that is only an option's own label ("Option A: ..."), no list's
 OPTION_LABEL = re.compile(r"\W*(?:option|choice)\W*", _I)
 # a denial after a statement that is its "does not fit" / "is not": the statement's own (extract._along_lists)
-FIT_AFTER = re.compile(rf"^[ \t]+{_VERB}{_FIT}", _I)
+FIT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_FIT}|{_IS_NOT})", _I)

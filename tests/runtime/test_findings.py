@@ -131,6 +131,12 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("LVH does not fit either.", []), ("Atrial fibrillation does not really fit.", []),
     ("LBBB is present but AF is not.", [("LBBB", "stated")]),
     ("The rhythm is not AF.", []),
+    # a third review: "is not" denies only right after its statement and at its clause's end
+    ("Sinus rhythm is not atrial fibrillation.", [("SR", "stated")]), ("LBBB is not RBBB.", [("LBBB", "stated")]),
+    ("Sinus rhythm, LVH, LBBB is not.", [("SR", "stated"), ("LVH", "stated")]),
+    ("The rhythm is atrial fibrillation and the rate is not.", [("AFIB", "stated")]),
+    ("Sinus rhythm is not, however, entirely normal; LVH.", [("SR", "stated"), ("LVH", "stated")]),
+    ("Atrial fibrillation and B (LBBB) are present; C (RBBB) is not.", [("AFIB", "stated"), ("LBBB", "stated")]),
     # a lettered list is options in order, none chosen before them in the sentence, capitals only, nothing else
     # between them
     ("Answer: B (sinus rhythm), C (atrial fibrillation) is incorrect.", [("SR", "stated")]),
@@ -475,6 +481,12 @@ def test_normal_stays_beside_a_rhythm_as_ptbxl_labels_it() -> None:
     ("The answer is B. A: sinus rhythm, B: atrial fibrillation, C: atrial flutter.", [("AFIB", "stated")]),
     ("Answer: B\nA) Sinus rhythm: incorrect\nB) Atrial fibrillation: correct", [("AFIB", "stated")]),
     ("Options: A. Sinus rhythm B. Atrial fibrillation. Answer: **B**", [("AFIB", "stated")]),
+    # a third review: "Option A:" drops its cue only where the options are judged one by one; an option keeps its own
+    # verdict; several bold letters
+    ("Option A: AF. Option B: atrial flutter. Neither; this is sinus rhythm.", [("SR", "stated")]),
+    ("The options: A) Sinus rhythm: correct B) LVH: correct C) AF: incorrect", [("SR", "stated"),
+                                                                                ("LVH", "stated")]),
+    ("Correct: **A** and **B**. A) Sinus rhythm B) LVH C) LBBB", [("SR", "stated"), ("LVH", "stated")]),
     # what is no option list: one lettered answer, a lone letter, lettered sections of a report
     ("B. Atrial fibrillation", [("AFIB", "stated")]),
     ("Type A. WPW pattern. Sinus rhythm.", [("WPW", "stated"), ("SR", "stated")]),
