@@ -422,3 +422,26 @@ def test_an_interruption_is_known_when_sigint_is_ignored() -> None:
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_signal_during_the_cleanup_waits_with_sigint_ignored(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cleanup of a stopped export is held against a second signal; with SIGINT ignored (a script's background
+    job) the flag was set on SIGINT's handler only, so a second SIGTERM cut the removal short (a third review)."""
+    import shutil
+
+    import pulse_edge.export.fixtures.tiny as tiny
+    import pulse_edge.staging as staging
+
+    removing = shutil.rmtree
+
+    def signalled_again(path: object, *args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        removing(path, *args, **kwargs)
+
+    monkeypatch.setattr(tiny, "write_shards", _sigterm)
+    monkeypatch.setattr(staging.shutil, "rmtree", signalled_again)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the autouse fixture puts it back
+    result = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+    assert result.exit_code == 143, result.output
+    assert _leftovers(tmp_path) == []

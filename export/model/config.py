@@ -253,7 +253,9 @@ def _check_positions(cfg: PulseConfig, path: Path) -> PulseConfig:
 
 def _flag(d: Mapping[str, Any], key: str, source: str) -> bool:
     """A true/false field: the string "false" was True to bool()."""
-    value = d.get(key, False)
+    value = d.get(key)
+    if value is None:  # absent or null: transformers' default
+        return False
     if not isinstance(value, bool):
         raise CheckpointError(f"{source}: {key} must be true or false, got {value!r}")
     return value

@@ -194,9 +194,10 @@ def export_cmd(checkpoint: Path, out: Path, precision: str, max_context: int | N
     from pulse_edge.staging import check_output_dir
 
     check_quant_options(precision, given, target=target, int8_decoder=quant["int8_decoder"])
-    if given("held_out") and precision in FLOAT_PRECISIONS and quant["kv_cache"] != "fp16":
+    fp16_cache = precision == "fp32" and quant["kv_cache"] == "fp16"  # the one float bundle with a fidelity report
+    if given("held_out") and precision in FLOAT_PRECISIONS and not fp16_cache:
         raise ConfigError("--held-out: its samples are for the fidelity report against fp32, a quantized bundle's "
-                          "or one with --kv-cache fp16; this float bundle is the reference itself: leave it out")
+                          "or an fp32 one's with --kv-cache fp16; this bundle has none: leave it out")
     check_output_dir(out, what="bundle")  # before minutes of work, and before the heavy imports
     import transformers
 

@@ -30,7 +30,7 @@ MAX_LAYERS = 80  # LLaMA-70B's depth: more is no PULSE-shaped model, and 100000 
 @click.option("--outliers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Hidden dims whose q/k/v and gate/up inputs get outlier activations (function-preserving), "
                    "as trained LLMs have; for testing quantization.")
-@click.option("--outlier-scale", type=FiniteFloatRange(min=0, min_open=True), default=50.0, show_default=True,
+@click.option("--outlier-scale", type=FiniteFloatRange(min=0, min_open=True, max=1e4), default=50.0, show_default=True,
               help="How many times larger the outlier dims' activations are.")
 @click.option("--init-range", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Draw every weight matrix from N(0, R^2) (transformers' initializer_range) instead of the "

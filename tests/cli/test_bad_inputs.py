@@ -56,6 +56,7 @@ CONFIG_DAMAGE = {
                                          "config.json: eos_token_id is 3 but tokenizer.model has it at 2"),
     "tie_word_embeddings a string": (lambda d: {**d, "tie_word_embeddings": "false"},  # bool("false") is True
                                      "tie_word_embeddings must be true or false, got 'false'"),
+    # (null is transformers' default, false: read so, tests/export/test_checkpoint.py)
     # found after the weights were read, and blamed on an --max-context nobody gave
     "max_position_embeddings under the smallest image": (
         lambda d: {**d, "max_position_embeddings": 512}, "max_position_embeddings 512 cannot hold the smallest image"),

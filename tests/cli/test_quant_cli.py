@@ -47,6 +47,7 @@ def test_calibrate_then_export_int4_with_those_scales(tiny_checkpoint: Path, tmp
     ("int8", ["--int8-decoder", "w8a8", "--block-size", "64"], "--block-size"),  # per channel: no blocks
     ("int4", ["--target", "tensorrt", "--no-prefill-graph"], "--no-prefill-graph"),  # the CPU recipes' graph
     ("fp32", ["--held-out", "3"], "--held-out"),  # no fidelity report to hold them: ignored, exit 0
+    ("fp16", ["--kv-cache", "fp16", "--held-out", "3"], "--held-out"),  # fp16's cache is no recipe: no report
 ])
 def test_a_quantization_option_the_precision_does_not_read_is_refused(tiny_checkpoint: Path, tmp_path: Path,
                                                                       precision: str, extra: list[str],
@@ -57,7 +58,7 @@ def test_a_quantization_option_the_precision_does_not_read_is_refused(tiny_check
                                     *extra])
     assert res.exit_code == 2 and res.output.startswith(f"pulse-edge: error: {named}"), res.output
     assert (f"not used by an export at --precision {precision} (--target " in res.output
-            or "this float bundle is the reference itself" in res.output) and not out.exists()
+            or "this bundle has none: leave it out" in res.output) and not out.exists()
     assert len(res.output.strip().splitlines()) == 1
 
 

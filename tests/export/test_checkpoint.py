@@ -348,3 +348,15 @@ def test_a_sum_that_overflows_is_no_infinite_weight() -> None:
     big = torch.full((4,), 60000.0, dtype=torch.float16)
     assert not bool(torch.isfinite(big.sum())) and _finite(big)
     assert not _finite(torch.tensor([1.0, float("inf")], dtype=torch.float16))
+
+
+def test_a_null_tie_word_embeddings_is_transformers_default(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """null is "not set", as transformers reads it; only a value of another type is refused."""
+    import shutil
+
+    from pulse_edge.export.model.config import read_config
+
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    config = checkpoint / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "tie_word_embeddings": None}))
+    assert read_config(checkpoint).text.tie_word_embeddings is False
