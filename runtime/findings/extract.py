@@ -294,7 +294,9 @@ def _lettered_list(text: str, start: int, gap: re.Match[str] | None) -> bool:
         return False
     window = max(0, start - w.OPTION_CHARS)
     sentence = max((m.end() for m in w.SENTENCE_END.finditer(text, window, start)), default=window)
-    return not any(p.search(text, sentence, start) for p in (w.CHOSEN, w.CHOSEN_BEFORE))
+    last = gap.group(1) or gap.group(2)
+    return not any(c.upper() <= last for p in (w.CHOSEN, w.CHOSEN_BEFORE) for h in p.finditer(text, sentence, start)
+                   for c in w.CHOSEN_LETTER.findall(h.group(1)))
 
 
 def _options_not_chosen(text: str) -> list[tuple[int, int]]:
@@ -317,12 +319,11 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
         if colon and cued and w.OPTION_LABEL.fullmatch(cued.group()) and w.VERDICT_WORD.search(text, run[0][1],
                                                                                             ends[-1]):
             cued = None  # "Option A: AF - incorrect. Option B: SR - correct": options judged one by one
-        if not (cued or (_chosen_outside(hits, run, ends[-1]) if colon else answered)):
+        colons = [w.COLON.search(text, marked, end) for (_, _, marked), end in zip(run, ends, strict=True)]
+        verdicts = all(c and w.VERDICT_COLON.match(text, c.start()) for c in colons)
+        if not (cued or verdicts or (_chosen_outside(hits, run, ends[-1]) if colon else answered)):
             continue  # "A: Sinus rhythm. B: LBBB. The answer is abnormal": sections, unless a letter is chosen
         items = [(letter, start, end) for (letter, start, _), end in zip(run, ends, strict=True)]
-        # "A. Rhythm: sinus rhythm B. Conduction: LBBB" is a report's sections, not options ("A: AF" is marked so;
-        # "A) Sinus rhythm: incorrect" is a verdict)
-        colons = [w.COLON.search(text, marked, end) for (_, _, marked), end in zip(run, ends, strict=True)]
         sections = any(c and not w.VERDICT_COLON.match(text, c.start()) for c in colons)
         # an option judged after its colon keeps its verdict: denied for "incorrect", kept for "correct"
         judged.update({start: bool(w.DENYING_VERDICT.match(text, c.start()))

@@ -113,7 +113,7 @@ COLON = re.compile(r"[:\uff1a]")
 VERDICT_COLON = re.compile(r"[:\uff1a][ \t]*(?:correct|incorrect|wrong|right|yes|no|true|false)(?![A-Za-z])", _I)
 DENYING_VERDICT = re.compile(r"[:\uff1a][ \t]*(?:incorrect|wrong|no|false)(?![A-Za-z])", _I)
 # the words of options judged one by one ("Option A: AF - incorrect")
-VERDICT_WORD = re.compile(r"(?<![A-Za-z])(?:in)?correct(?![A-Za-z])", _I)
+VERDICT_WORD = re.compile(r"(?<![A-Za-z])(?:(?:in)?correct|wrong|right)(?![A-Za-z])", _I)
 # The choice: "Answer: B", "The answer is (b)", "the correct option is B", "Answers: B, D", "Answer: B and C",
 # "My answer would be B", "The correct choices are B and D", "I choose B", "Correct: B", "Antwort: B", "B is the
 # correct answer". A lower-case letter only where it cannot be the article "a" or a word's first letter: in
@@ -128,7 +128,8 @@ CHOSEN = re.compile(
 # an answer is spoken of, letter or not ("The answer is a fast irregular rhythm, so B."): a lettered list beside it
 # is the question's options ("Please answer a few questions" is no such thing)
 ANSWER_SPOKEN = re.compile(rf"{_W}(?:the\s+(?:(?:correct|right|best|final)\s+)?answer\b|answers?\s*[:\uff1a])", _I)
-CHOSEN_BEFORE = re.compile(r"(?<![A-Za-z0-9])\(?([A-H])\)?\s+is\s+(?:the\s+)?(?:correct|right|best)\b")
+CHOSEN_BEFORE = re.compile(  # "**(B)** is correct" too
+    r"(?<![A-Za-z0-9])[*_]{0,2}\(?([A-H])\)?[*_]{0,2}\s+is\s+(?:the\s+)?(?:correct|right|best)\b")
 CHOSEN_LETTER = re.compile(r"(?<![A-Za-z])[A-Ha-h](?![A-Za-z0-9])")
 
 # --- right after a mention (its gap: up to the next mention or the clause's end) ------------------------------
@@ -148,14 +149,15 @@ _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[
 # "RBBB does not fit because ...", "LVH does not fit;": the finding denied, at its clause's end or before the
 # reason; "which does not fit the clinical picture", "does not fit a single territory" keep it (present but odd)
 _FIT = (r"(?:(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't)(?: really| quite)? fit"
-        r"(?:\s+(?:either|at all|well))?(?=\s*(?:[.;,:!?)]|$|(?:because|as|since|here|given)(?![A-Za-z]))))")
+        r"(?:\s+(?:either|at all|well))?(?=\s*(?:[.;,:!?()]|$"
+        r"|(?:because|as|since|here|given|the (?:tracing|ECG|rate))(?![A-Za-z]))))")
 # "LBBB is present but AF is not.": the verb alone, right after its statement and at its clause's end (never after
 # other words: "the rate is not" is the rate's, "is not, however, excluded" goes on)
 _IS_NOT = r"(?:(?<!which )(?<!that )(?:is|are) not(?=\s*(?:[.;!?)]|$)))"
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
-    r"|shown|demonstrated)|no longer (?:seen|present|evident|visible)|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)"
-    r"[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|{FIT}"
+    r"|shown|demonstrated|correct)|no longer (?:seen|present|evident|visible)"
+    r"|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|{FIT}"
     r"|cannot be (?:reliably |confidently |definitely )?(?:diagnosed|confirmed|determined)"
     r"|unlikely"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
@@ -215,9 +217,11 @@ QUERIED = re.compile(r"(?:\?|(?:^|[\s,;(])\?[ \t]*(?:[A-Za-z-]+[ \t]+){0,2})$")
 CONJUNCTION = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)[\s,]*)?$", _I)
 # the gap inside a list of lettered options: "A (AF), B (flutter), and D (JR) are incorrect", "(A) AF, (B) LBBB and
 # (D) RBBB are wrong": the letters are the list's, not words that would end it (capitals A-H only, never "a")
-LETTERED_GAP = re.compile(r"^[\s,)]*(?:(?:and|or|nor|and/or)\s+)?(?-i:\(([A-H])\)|([A-H]))[ \t]*\(?[ \t]*$", _I)
+# ("A (SR), B (AF), C (flutter) and D (LBBB) are incorrect": an option outside the vocabulary is skipped whole)
+LETTERED_GAP = re.compile(r"^[\s,)]*(?:(?-i:[A-H])[ \t]*\([^()]{1,40}\)[\s,]+)*(?:(?:and|or|nor|and/or)\s+)?"
+                          r"(?-i:\(([A-H])\)|([A-H])\)?)[ \t]*\(?[ \t]*$", _I)
 # the letter marking the first option of such a list, right before it: "A (AF)", "(A) AF"
-LETTERED_BEFORE = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H]))[ \t]*\(?[ \t]*$")
+LETTERED_BEFORE = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)|([A-H])\)?)[ \t]*\(?[ \t]*$")
 # the same, with its word: a history reaches along "MI and AF", not along a bare comma
 JOINED = re.compile(r"^[\s,]*(?:and|or|and/or)[\s,]*$", _I)
 # "AF vs flutter", "Sinus rhythm or ectopic atrial rhythm", "SVT with aberrancy vs VT": a differential; neither

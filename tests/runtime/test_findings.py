@@ -147,6 +147,14 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("a (AF), b (LBBB) are incorrect.", [("AFIB", "stated")]), ("A (AF), B - LBBB is absent.", [("AFIB", "stated")]),
     ("LVH, which does not fit because the patient is young.", [("LVH", "stated")]),
     ("A (AF) while B (LBBB) is incorrect.", [("AFIB", "stated")]),
+    # a fourth review: an option outside the vocabulary, "A)" letters, "not correct", a choice of a later letter
+    ("Options A (SR), B (AF), C (flutter) and D (LBBB) are incorrect.", []),
+    ("A (sinus rhythm) is correct. B (AF), C (flutter), and D (SVT) are incorrect.", [("SR", "stated")]),
+    ("A) LVH, B) RBBB and C) LAFB are incorrect.", []), ("(A) LBBB, (B) RBBB and (C) LAFB are not correct.", []),
+    ("I choose D: A (sinus rhythm), B (LBBB) and C (RBBB) are wrong.", []),
+    ("A (AF), B (LBBB), and C (RBBB) do not fit the tracing.", []),
+    ("A wide QRS: LBBB does not fit (no broad R in V6); RBBB.", [("RBBB", "stated")]),
+    ("Sinus rhythm does not fit the rate of 45 bpm; sinus bradycardia.", [("SBRAD", "stated")]),
     # the passive mimic, "it is unlikely that", "concerning for"
     ("MI mimicked by LBBB.", [("MI", "possible"), ("LBBB", "stated")]),
     ("It is unlikely that AF is present; sinus rhythm.", [("SR", "stated")]),
@@ -487,6 +495,13 @@ def test_normal_stays_beside_a_rhythm_as_ptbxl_labels_it() -> None:
     ("The options: A) Sinus rhythm: correct B) LVH: correct C) AF: incorrect", [("SR", "stated"),
                                                                                 ("LVH", "stated")]),
     ("Correct: **A** and **B**. A) Sinus rhythm B) LVH C) LBBB", [("SR", "stated"), ("LVH", "stated")]),
+    # a fourth review: options judged one by one with no answer, in every verdict word; a bold letter before "is
+    # correct"
+    ("Option A: Atrial fibrillation - wrong. Option B: Sinus rhythm - right.", [("SR", "stated")]),
+    ("A) Sinus rhythm: incorrect B) Atrial fibrillation: correct", [("AFIB", "stated")]),
+    ("A. Sinus rhythm: correct. B. LBBB: incorrect. C. RBBB: incorrect.", [("SR", "stated")]),
+    ("A) SR: true B) AF: false", [("SR", "stated")]),
+    ("Options: (A) LVH (B) RVH (C) normal. **(B)** is correct.", [("RVH", "stated")]),
     # what is no option list: one lettered answer, a lone letter, lettered sections of a report
     ("B. Atrial fibrillation", [("AFIB", "stated")]),
     ("Type A. WPW pattern. Sinus rhythm.", [("WPW", "stated"), ("SR", "stated")]),
