@@ -20,7 +20,7 @@ class FiniteFloatRange(click.FloatRange):
     (a server's --timeout nan answered every request 504; --max-body-mb nan failed on int())."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):  # before the range: inf is "not in the range" of a bounded one, and says less
             self.fail(f"{number} is not a finite number", param, ctx)
-        return number
+        return super().convert(number, param, ctx)
