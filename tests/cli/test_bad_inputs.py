@@ -513,3 +513,13 @@ def test_a_checkpoint_whose_own_vision_overflows_is_named_at_export(tmp_path: Pa
     _one_line(_run("export", str(tmp_path / "big"), "-o", str(tmp_path / "b"), "--validation", "quick"),
               "the torch reference's vision features hold NaN or inf on a validation print")
     assert _listing(tmp_path) == ["big"]
+
+
+@pytest.mark.slow  # 18 s here: the bandwidth probe runs before the model is opened
+def test_bench_latency_passes_its_engines_to_the_backend(tiny_bundle: Path, tmp_path: Path) -> None:
+    """`bench latency --engines DIR` (the refusal for engines outside the bundle told the user to pass it, and bench
+    latency had no such option): it reaches the backend, which holds it to --backend trt."""
+    result = _run("bench", "latency", "--model", str(tiny_bundle), "--engines", str(tmp_path), "--sizes", "900x700",
+                  "--runs", "1", "--warmup", "0")
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "pulse-edge: error: --engines names TensorRT engines: it goes with --backend trt")
