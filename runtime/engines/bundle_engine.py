@@ -84,6 +84,18 @@ class DecoderRunner(Protocol):
     def forward(self, embeds: np.ndarray) -> np.ndarray: ...  # [1, S, H] float32 -> [V] float32
 
 
+def positions_to_run(embeds: np.ndarray, room: int, max_length: int) -> int:
+    """How many positions `embeds` [1, S, H] appends, checked before anything moves (every DecoderRunner's
+    forward): at least one (the caller's slip: no graph or kernel has anything to return for none), at most the
+    `room` left in a cache of `max_length`."""
+    steps = embeds.shape[1]
+    if steps < 1:
+        raise ValueError(f"no positions to run: embeds is {embeds.shape}")
+    if steps > room:
+        raise ValueError(f"{steps} positions do not fit: {room} left of {max_length}")
+    return steps
+
+
 def prefetch(path: Path) -> threading.Thread:
     """Read a file through once in a background thread, so that its pages are in the page cache before
     they are needed; returns the (daemon) thread.

@@ -43,6 +43,7 @@ from pulse_edge.runtime.engines.bundle_engine import (
     PREFILL_GRAPH_MIN_POSITIONS,
     BundleEngine,
     check_servable,
+    positions_to_run,
 )
 from pulse_edge.runtime.engines.graph_io import check_graph_io
 from pulse_edge.runtime.engines.memory import choose_prefill_graph, mem_available_bytes
@@ -180,11 +181,7 @@ class DecoderEngine:
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         """embeds [1, S, H] float32 at positions [length, length + S) -> logits [V] of the last one."""
-        steps = embeds.shape[1]
-        if steps < 1:  # the caller's slip: no graph or kernel has anything to return for it
-            raise ValueError(f"no positions to run: embeds is {embeds.shape}")
-        if steps > self.room:
-            raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.kv.max_length}")
+        steps = positions_to_run(embeds, self.room, self.kv.max_length)
         total = self.length + steps
         runner, binding = self.runner(steps)
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
@@ -268,11 +265,7 @@ class ScatterDecoderEngine(DecoderEngine):
         self._ones = np.ones((1, kv.max_length), np.int64)  # attention_mask: only its shape is read
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
-        steps = embeds.shape[1]
-        if steps < 1:  # the caller's slip: no graph or kernel has anything to return for it
-            raise ValueError(f"no positions to run: embeds is {embeds.shape}")
-        if steps > self.room:
-            raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.kv.max_length}")
+        steps = positions_to_run(embeds, self.room, self.kv.max_length)
         start, total = self.length, self.length + steps
         self._binding.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=np.float32))
         self._binding.bind_cpu_input(names.POSITION_IDS, np.arange(start, total, dtype=np.int64)[None])

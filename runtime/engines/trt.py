@@ -34,7 +34,13 @@ from pulse_edge.runtime.bundle import names
 from pulse_edge.runtime.bundle.engines import EngineSet, EngineSpec, find_engine_dir, read_engines
 from pulse_edge.runtime.bundle.integrity import HashProgress
 from pulse_edge.runtime.bundle.manifest import BundleError, Manifest
-from pulse_edge.runtime.engines.bundle_engine import AUTO_CHUNK, BundleEngine, check_servable, resolve_chunk
+from pulse_edge.runtime.engines.bundle_engine import (
+    AUTO_CHUNK,
+    BundleEngine,
+    check_servable,
+    positions_to_run,
+    resolve_chunk,
+)
 from pulse_edge.runtime.engines.tensorrt_api import TensorRT, load_module
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8,
@@ -343,11 +349,7 @@ class TrtDecoder:
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         """embeds [1, S, H] float32 at positions [length, length + S) -> logits [V] of the last one."""
-        steps = embeds.shape[1]
-        if steps < 1:  # the caller's slip: no graph or kernel has anything to return for it
-            raise ValueError(f"no positions to run: embeds is {embeds.shape}")
-        if steps > self.room:
-            raise ValueError(f"{steps} positions do not fit: {self.room} left of {self.plan.max_length}")
+        steps = positions_to_run(embeds, self.room, self.plan.max_length)
         start, total = self.length, self.length + steps
         self._bind(self.plan.profile_for(steps, total), self.plan.shapes(steps, total))
         self.cuda.upload(self.inputs[names.INPUTS_EMBEDS].ptr, np.ascontiguousarray(embeds, dtype=np.float32))
