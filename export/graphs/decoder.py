@@ -176,11 +176,12 @@ class _Builder:
 
     def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
         array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
-        if self.np_dtype == np.float16 and array.size and float(np.abs(array).max()) > FP16_MAX:
-            # numpy's overflow warning leaked, then every check read "rel err nan": the weight named instead
-            raise CheckpointError(f"the weight {name} holds values up to {float(np.abs(array).max()):.3g}, past "
-                                  f"fp16's {FP16_MAX:g}: this checkpoint cannot be exported at --precision fp16; "
-                                  "export fp32 or a quantized recipe")
+        # the largest magnitude from max and min: np.abs would copy the tensor (500 MB for the 7B's lm_head)
+        peak = float(max(array.max(), -array.min())) if self.np_dtype == np.float16 and array.size else 0.0
+        if peak > FP16_MAX:  # numpy's overflow warning leaked, then every check read "rel err nan": named instead
+            raise CheckpointError(f"the weight {name} holds values up to {peak:.3g}, past fp16's {FP16_MAX:g}: this "
+                                  "checkpoint cannot be exported at --precision fp16; export fp32 or a quantized "
+                                  "recipe")
         self.inits.append(self.data.initializer(name, array.astype(self.np_dtype, copy=False)))
         return name
 
