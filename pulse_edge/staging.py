@@ -198,6 +198,14 @@ def stale_partials(out: Path) -> list[Path]:
 
 
 @contextmanager
+def sole_writer(out: Path, *, what: str) -> Iterator[Path]:
+    """Long work into `out`: the target locked against a second writer (target_lock), and SIGTERM and SIGHUP
+    turned into the interruption Ctrl-C is (interrupts_handled: one line, exit 128 + n, cleanup run)."""
+    with target_lock(out, what=what) as lock, interrupts_handled():
+        yield lock
+
+
+@contextmanager
 def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
     """Yield a hidden temporary sibling of `out`; on success it is renamed to `out`, on any failure or
     signal removed. The target is locked throughout; stale temporaries of the same target are removed."""
@@ -205,8 +213,7 @@ def staged_directory(out: Path, *, what: str) -> Iterator[Path]:
     check_output_dir(out, what=what)
     out.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        stack.enter_context(target_lock(out, what=f"{what} directory"))
-        stack.enter_context(interrupts_handled())
+        stack.enter_context(sole_writer(out, what=f"{what} directory"))
         check_output_dir(out, what=what)  # another command may have finished writing it while we waited
         for stale in stale_partials(out):
             shutil.rmtree(stale, ignore_errors=True)

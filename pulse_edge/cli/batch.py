@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from pulse_edge.errors import ConfigError
-from pulse_edge.staging import check_output_file, interrupts_handled, target_lock
+from pulse_edge.staging import check_output_file, sole_writer
 
 
 def infer_many(inputs: tuple[str, ...], output: Path, open_model: Callable[[], Any], *, question: str,
@@ -25,8 +25,7 @@ def infer_many(inputs: tuple[str, ...], output: Path, open_model: Callable[[], A
 
     _check_places(output, save_render)  # before the model loads: the answers must have somewhere to go
     output.parent.mkdir(parents=True, exist_ok=True)
-    # one writer: a second run would append the same answers; SIGTERM and SIGHUP end it like Ctrl-C, in one line
-    with target_lock(output, what="--output file"), interrupts_handled():
+    with sole_writer(output, what="--output file"):  # a second run would append the same answers
         _run(inputs, output, open_model, BatchOptions(
             question=question, max_new_tokens=max_new_tokens, sampling=sampling, input_options=dict(reading),
             save_render_dir=save_render, fail_fast=fail_fast, model=model))

@@ -33,12 +33,11 @@ from pulse_edge.cli.progress import quiet
 def calibrate_cmd(model: Path, data: str, image_root: Path | None, samples: int, method: str, seed: int,
                   block_size: str, vision_tower: Path | None, dtype: str, out: Path) -> None:
     """Collect activation statistics of a checkpoint on ECG samples and search SmoothQuant / AWQ scales."""
-    from pulse_edge.staging import check_output_file, interrupts_handled, target_lock
+    from pulse_edge.staging import check_output_file, sole_writer
 
     check_output_file(out, what="scales file")  # before minutes of work, and before the heavy imports
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    # two runs into one file: the later would silently win; SIGTERM and SIGHUP end it like Ctrl-C, in one line
-    with target_lock(out, what="scales file"), interrupts_handled():
+    with sole_writer(out, what="scales file"):  # two runs into one file: the later would silently win
         _calibrate(model, out, dtype, vision_tower, data=data, samples=samples, method=method, seed=seed,
                    image_root=image_root, block_size=int(block_size))
 

@@ -23,7 +23,7 @@ from pulse_edge.cli.group import UserErrorGroup
 from pulse_edge.cli.params import TORCH_DEVICE
 from pulse_edge.click_types import given
 from pulse_edge.errors import ConfigError, InputError
-from pulse_edge.staging import check_output_file, interrupts_handled, staged_file, target_lock
+from pulse_edge.staging import check_output_file, sole_writer, staged_file, target_lock
 
 _JUDGE_HELP = "OpenAI-compatible endpoint (e.g. http://host:8000/v1) of the LLM judge for ptb-test-report and " \
               "arena; the API key is read from $PULSE_EDGE_JUDGE_KEY."
@@ -119,9 +119,8 @@ def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], 
     out = out_dir or Path(f"ecgbench-{model_dir.resolve().name}")
     _check_folder(out, "--out", "answers.jsonl")
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    # two runs into one --out would answer every id twice (into one --report, mix their files); SIGTERM and SIGHUP
-    # end it like Ctrl-C, in one line
-    with target_lock(out, what="--out directory"), _report_lock(report_dir), interrupts_handled():
+    # two runs into one --out would answer every id twice (into one --report, mix their files)
+    with sole_writer(out, what="--out directory"), _report_lock(report_dir):
         _run_ecgbench(model_dir, data_dir, subsets, out, limit, report_dir, judge_url, judge_model, judge_workers,
                       backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
                       max_new_tokens=max_new_tokens)
