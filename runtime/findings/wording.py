@@ -157,11 +157,11 @@ _IS_NOT = r"(?:(?<!which )(?<!that )(?:is|are) not(?=\s*(?:[.;!?)]|$)))"
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated|correct)|no longer (?:seen|present|evident|visible)"
-    r"|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|{FIT}"
+    rf"|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|{_FIT}"
     r"|cannot be (?:reliably |confidently |definitely )?(?:diagnosed|confirmed|determined)"
     r"|unlikely"
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
-    rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}").replace("{FIT}", _FIT)
+    rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}")
 NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
