@@ -9,27 +9,28 @@ into clauses at sentence punctuation (full-width too), ';', ':' and at "but", "h
 - left out when a negation comes before it in its clause ("no", "not", "isn't", "without", "lack of", "fails to meet
   criteria for", "artifact simulating", ...), unless the negation denied nothing that is a statement before
   "consistent with" stands between them ("No P waves, consistent with AF" states AF); when a negation follows it
-  ("AF is absent", "... not seen", "criteria not met", "does not fit", "due to artifact", "STEMI mimic") or its field
-  says so ("ST
-  elevation: none"), a negation right after it being its own and spent on it ("AF not present on this tracing, sinus
-  rhythm" states SR); on both sides of "unlikely to be" / "unlikely due to" ("ST elevation unlikely to be STEMI":
-  which side is meant is not in the words); when "non-" or "pseudo-" prefixes it; when it is past: a history
-  ("history of AF, now in sinus rhythm" states SR; "history of MI and AF" neither), what an earlier tracing showed
-  ("prior ECG showed AF", "AF on prior ECG"), what converted or gave way ("AF converted to sinus rhythm"); or when
-  its clause is a question. "Not seen on the prior ECG" and "not seen previously" deny nothing: the finding is new;
-- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", "evaluate
-  for", "voltage criteria for", ...), when "?" is glued to it ("?LVH"), when a hedge follows it ("... cannot be
-  excluded", "... may be present", "... until proven otherwise"), and when it is a side of a differential, "vs" /
-  "versus" / "or", whether or
-  not the other side is a statement ("AF vs flutter", "Pericarditis vs STEMI"), and when it is what another
-  mimics ("LBBB mimics anterior MI", "MI mimicked by LBBB"); a hedge that runs on into the next statement is that
-  one's ("sinus rhythm, possible LVH");
+  ("AF is absent", "... not seen", "criteria not met", "does not fit", "due to artifact", "STEMI mimic") or its
+  field says so ("ST elevation: none"), a negation right after it being its own and spent on it ("AF not present on
+  this tracing, sinus rhythm" states SR); on both sides of "unlikely to be" / "unlikely due to" ("ST elevation
+  unlikely to be STEMI": which side is meant is not in the words); when "non-" or "pseudo-" prefixes it; when it is
+  past: a history ("history of AF, now in sinus rhythm" states SR; "history of MI and AF" neither), what an earlier
+  tracing showed ("prior ECG showed AF", "AF on prior ECG"), what converted or gave way ("AF converted to sinus
+  rhythm"); or when its clause is a question. "Not seen on the prior ECG" and "not seen previously" deny nothing:
+  the finding is new;
+- kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", "evaluate for",
+  "voltage criteria for", ...), when "?" is glued to it ("?LVH"), when a hedge follows it ("... cannot be excluded",
+  "... may be present", "... until proven otherwise"), and when it is a side of a differential, "vs" / "versus" /
+  "or", whether or not the other side is a statement ("AF vs flutter", "Pericarditis vs STEMI"), and when it is what
+  another mimics ("LBBB mimics anterior MI", "MI mimicked by LBBB"); a hedge that runs on into the next statement is
+  that one's ("sinus rhythm, possible LVH");
 - kept as "stated" otherwise; "normal ECG" beside a stated diagnostic abnormality is left out ("Normal ECG except
   for left axis deviation"; not beside a rhythm: PTB-XL labels NORM with sinus bradycardia), and only possible
   beside a possible one;
 - left out when it is an option of a multiple-choice list the answer repeats, unless the answer chose it
   ("A. Sinus rhythm B. Atrial fibrillation. Answer: B" states AF); a lettered list is one of options only where
-  "Options:" (or the like) opens it or the text speaks of its answer ("Findings: A. SR. B. LBBB." states both).
+  "Options:" (or the like) opens it or the text speaks of its answer ("Findings: A. SR. B. LBBB." states both), a
+  list marked "A:" only where a letter of it is chosen outside it; an option judged after its colon ("A) SR:
+  incorrect") keeps its verdict.
 
 "No", "not", "without" and their kin reach to the end of the clause, commas included ("no ST elevation, LBBB"
 drops both): a missed statement is a smaller harm than a finding the text does not state. The rest ("absent",
@@ -270,9 +271,9 @@ def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, i
 def _along_lists(text: str, mentions: list[_Mention]) -> None:
     """"AF and flutter are absent": what follows the last of a list applies to the whole list; "history of MI and
     AF": a history reaches along the list it opens. Commas alone join a list too ("AF, LBBB, RBBB absent"), and the
-    letters of options ("A (AF), B (LBBB), and D (RBBB) are incorrect"): where
-    two statements and a comma are two ("Sinus rhythm, MI unlikely"), SR is lost, an omission, where reading a
-    list as two would state a finding the text denies, the worse error."""
+    letters of options ("A (AF), B (LBBB), and D (RBBB) are incorrect"): where two statements and a comma are two
+    ("Sinus rhythm, MI unlikely"), SR is lost, an omission, where reading a list as two would state a finding the
+    text denies, the worse error."""
     for k in range(len(mentions) - 2, -1, -1):
         gap = text[mentions[k].end:mentions[k + 1].start]
         # a relation denied ("ST elevation unlikely to represent MI") is no list's end: not back across a comma
