@@ -51,9 +51,10 @@ def resolve_limits(manifest: Manifest, max_context: int | None, max_tiles: int |
         raise ConfigError(f"--max-context must be between {least} (the smallest image's tokens and room for the "
                           f"exchange) and the bundle's {held} positions (its KV cache length, set at export), got "
                           f"{context}")
-    tiles = layout_max_tiles(manifest.image) if max_tiles is None else max_tiles
-    if tiles < 1:
-        raise ConfigError(f"--max-tiles must be >= 1, got {tiles}")
+    most = layout_max_tiles(manifest.image)
+    tiles = most if max_tiles is None else max_tiles
+    if not 1 <= tiles <= most:  # more tiles than any image has only reserve device memory no run uses
+        raise ConfigError(f"--max-tiles must be between 1 and {most} (the largest image's tiles), got {tiles}")
     chunk = min(DEFAULT_PREFILL_CHUNK, context) if max_chunk is None else max_chunk
     if not DECODE_MAX <= chunk <= context:
         raise ConfigError(f"--max-chunk must be between {DECODE_MAX} and the context's {context} positions, got "

@@ -268,11 +268,20 @@ def _token_id(d: Mapping[str, Any], key: str, default: int, source: str) -> int:
     return value
 
 
+def _pixels(value: Any) -> int:
+    """A pinpoint side: a whole number of pixels (JSON may write 672.0), never a truncated 672.5, a bool or text."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
+        raise ValueError(value)
+    return int(value)
+
+
 def _pinpoints(raw: Any, *, swap: bool, source: str) -> tuple[tuple[int, int], ...]:
     try:
-        pairs = tuple((int(a), int(b)) for a, b in raw)
+        pairs = tuple((_pixels(a), _pixels(b)) for a, b in raw)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: image_grid_pinpoints must be a list of [w, h] pairs, got {raw!r}") from e
+        raise CheckpointError(f"{source}: image_grid_pinpoints must be a list of [w, h] pairs of whole pixels, "
+                              f"got {raw!r}") from e
     return tuple((b, a) for a, b in pairs) if swap else pairs
 
 

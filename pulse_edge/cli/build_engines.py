@@ -31,7 +31,8 @@ def _capabilities(text: str | None) -> tuple[str, ...] | None:
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Positions the engine's KV cache holds (default: the bundle's); less uses less device memory.")
 @click.option("--max-tiles", type=click.IntRange(min=1), default=None,
-              help="Image tiles per vision run (default: the largest image's, 5 for PULSE; more run in batches).")
+              help="Image tiles per vision run, at most the largest image's (the default, 5 for PULSE); an image with "
+                   "more runs in batches.")
 @click.option("--max-chunk", type=click.IntRange(min=1), default=None,
               help="Positions one prefill run takes (default 512, the runtime's chunk). TensorRT reserves scratch "
                    "memory for the largest run, device memory a Jetson shares with its CPU; --prefill-chunk at run "

@@ -218,6 +218,8 @@ def test_pulse_config_merges_flat(tiny_checkpoint: Path) -> None:
     ({"model_type": "llava_mistral"}, "model_type = 'llava_mistral' is not supported"),
     ({"mm_use_im_start_end": True}, "mm_use_im_start_end"),
     ({"hidden_size": 96}, "shape"),
+    ({"image_grid_pinpoints": [[336.5, 672]]}, "pairs of whole pixels"),  # never truncated to 336
+    ({"image_grid_pinpoints": [[True, 672]]}, "pairs of whole pixels"),
 ])
 def test_unsupported_settings_get_one_clear_error(tmp_path: Path, tiny_checkpoint: Path, change: dict,
                                                   message: str) -> None:
@@ -226,6 +228,13 @@ def test_unsupported_settings_get_one_clear_error(tmp_path: Path, tiny_checkpoin
     with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(root)
     assert "\n" not in str(info.value)
+
+
+def test_whole_float_pinpoints_are_read_as_pixels(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    root = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    held = json.loads((root / "config.json").read_text())["image_grid_pinpoints"]
+    _edit_config(root, image_grid_pinpoints=[[float(w), float(h)] for w, h in held])
+    assert load_checkpoint(root).config.image.grid_pinpoints == tuple(tuple(pair) for pair in held)
 
 
 def test_missing_shard_is_named(tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -169,7 +169,7 @@ def test_profiles_cover_pulse_shapes_and_limits_are_checked(trt_fp16_bundle: Pat
     assert decode.limits(names.ATTENTION_MASK, 1) == prefill.limits(names.ATTENTION_MASK, 1) == (1, 3072)
     _, whole = decoder_profiles(manifest, resolve_limits(manifest, 3072, 2, 3072))  # one-pass prefills
     assert whole.limits(names.INPUTS_EMBEDS, 1) == (1, 3072) and whole.shapes[names.INPUTS_EMBEDS][1][1] == 512
-    for bad in ((manifest.kv.max_length + 1, None), (None, 0), (3072, None, 3073), (3072, None, 1)):
+    for bad in ((manifest.kv.max_length + 1, None), (None, 0), (None, 6), (3072, None, 3073), (3072, None, 1)):
         with pytest.raises(ConfigError, match="must be"):
             resolve_limits(manifest, *bad)
     with pytest.raises(ConfigError, match="must be between 1984 \\(the smallest image's tokens"):
