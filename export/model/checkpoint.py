@@ -350,7 +350,23 @@ def read_template(root: Path) -> PromptTemplate:
     legacy = config.get("legacy")
     if not isinstance(legacy, bool | None):
         raise CheckpointError(f"{path}: 'legacy' must be true, false or absent, got {legacy!r}")
+    _check_special_tokens(config, path)
     return replace(LLAVA_V1, dummy_prefix_after_eos=legacy is not False)
+
+
+# LlamaTokenizer's defaults, which PULSE's file states: LLaVA's prompts (and so its training) begin with the BOS the
+# tokenizer adds and end without an EOS; the runtime's prompt does the same, so another setting would go unheard
+SPECIAL_TOKENS_ADDED = {"add_bos_token": True, "add_eos_token": False}
+
+
+def _check_special_tokens(config: dict, path: Path) -> None:
+    for key, wanted in SPECIAL_TOKENS_ADDED.items():
+        value = config.get(key, wanted)
+        if value is not wanted:
+            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}, but PULSE's tokenizer has "
+                                  f"{json.dumps(wanted)} and pulse-edge builds the llava_v1 prompt so: this "
+                                  "checkpoint would be prompted unlike its training; export one whose tokenizer "
+                                  "matches PULSE's")
 
 
 def fill_parameters(model: nn.Module, sources: dict[str, TensorSource], *, dtype: torch.dtype,
