@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,14 @@ from pulse_edge.staging import check_output_file, staged_file
 
 
 def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    if not _quiet():
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _quiet() -> bool:
+    """`pulse-edge -q`: its console handler on the `pulse_edge` logger says so (pulse_edge/cli/progress.py). Asked
+    of the logger because the benchmarks sit below the CLI and never import it."""
+    return any(getattr(handler, "quiet", False) is True for handler in logging.getLogger("pulse_edge").handlers)
 
 
 class ReportPath(click.Path):

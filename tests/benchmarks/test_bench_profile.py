@@ -378,3 +378,25 @@ def test_a_profiler_off_the_wall_clock_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="does not count time on the wall clock"):
         _traces(Runner())
+
+
+def test_bench_progress_lines_follow_the_cli_quiet_flag(capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pulse-edge -q bench ...` prints the table and nothing of the stages; the benchmarks never import the CLI, so
+    they ask the `pulse_edge` logger's console."""
+    import logging
+
+    from pulse_edge.benchmarks.common.output import progress
+    from pulse_edge.cli import progress as cli_progress
+
+    logger = logging.getLogger("pulse_edge")
+    for attribute in ("handlers", "propagate", "level"):  # configure() sets all three; put back after the test
+        monkeypatch.setattr(logger, attribute, list(logger.handlers) if attribute == "handlers" else
+                            getattr(logger, attribute))
+    logger.handlers.clear()
+    progress("with no console")
+    cli_progress.configure(verbose=False, quiet=True)
+    progress("under -q")
+    cli_progress.configure(verbose=False, quiet=False)
+    progress("without -q")
+    assert capsys.readouterr().err.splitlines() == ["[bench] with no console", "[bench] without -q"]
