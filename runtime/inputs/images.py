@@ -18,7 +18,7 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pulse_edge.errors import InputError
+from pulse_edge.runtime.inputs.pixel_modes import U32_MAX, grey_to_8bit, orientation_line, to_rgb
 from pulse_edge.runtime.inputs.warned import caught_warnings
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,7 @@ _PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 _SHRINK_ADVICE = "downscale it (300 dpi is plenty for an ECG)"
-_WHITE = (255, 255, 255, 255)
-_U16_MAX = 2**16 - 1
-_I32_MAX = 2**31 - 1
-_U32_MAX = 2**32 - 1
+_ORIENTATION_TAG = 0x0112  # EXIF's Orientation
 BLANK_LEVELS = 2  # a page whose every channel spans no more levels than this is blank (JPEG noise included)
 
 
@@ -148,7 +146,7 @@ def accept_image(image: Image.Image, *, name: str = "<image>", said: list[str] |
         raise _fail(name, f"is a {type(image).__name__}, not a PIL image", "pass an image, or a file to "
                     "Pipeline.interpret or load_input")
     with _saying(said) as say:
-        return _check_not_blank(_to_rgb(_decoded(image, image.format or "image", name, say), name), name)
+        return _check_not_blank(to_rgb(_decoded(image, image.format or "image", name, say), name, say), name)
 
 
 @contextmanager
@@ -218,7 +216,7 @@ def _decode_raster(stream: BinaryIO, fmt: str, name: str, say: list[str]) -> Ima
             if header.startswith(magic):
                 raise _fail(name, problem, advice) from None
         raise
-    return _to_rgb(_decoded(image, fmt, name, say), name)
+    return to_rgb(_decoded(image, fmt, name, say), name, say)
 
 
 def _decoded(image: Image.Image, fmt: str, name: str, say: list[str]) -> Image.Image:
@@ -228,7 +226,9 @@ def _decoded(image: Image.Image, fmt: str, name: str, say: list[str]) -> Image.I
         _check_size(image.size, name)  # from the header alone: before decoding a single pixel
         image.load()
         page = image.tell()
-        oriented = ImageOps.exif_transpose(_unsigned_32bit(image))  # a new image, detached from the file
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+        oriented = ImageOps.exif_transpose(_unsigned_32bit(image, name, say))  # a new image, detached from the file
+    say.extend(orientation_line(orientation, name))
     say.extend(_pages_line(image, page, name))
     return oriented
 
@@ -289,7 +289,7 @@ def _render_pdf(stream: BinaryIO, name: str, say: list[str]) -> Image.Image:
             raise _fail(
                 name, f"is a corrupt, empty or locked PDF ({reason})", "re-export it unencrypted"
             ) from exc
-    return _to_rgb(image, name)
+    return to_rgb(image, name, say)
 
 
 def _pdf_scale(page_size: tuple[float, float], name: str) -> float:
@@ -326,79 +326,14 @@ def _check_not_blank(image: Image.Image, name: str) -> Image.Image:
     return image
 
 
-def _to_rgb(image: Image.Image, name: str) -> Image.Image:
-    """Convert any supported pixel mode to RGB; transparency is composited on white."""
-    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
-        return _on_white(image)
-    converter = _MODE_CONVERTERS.get(image.mode)
-    if converter is None:
-        raise _fail(name, f"has an unsupported pixel mode {image.mode!r}", "save it as 8-bit RGB or grey")
-    return converter(image)
-
-
-def _on_white(image: Image.Image) -> Image.Image:
-    # ECGs exported with a transparent background have black traces on alpha 0;
-    # dropping alpha (or compositing on black) would erase the trace.
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, _WHITE)
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _grey_8bit(values: np.ndarray, full: int) -> Image.Image:
-    """Integer grey levels 0..full (clipped there) as 8-bit grey, rounded to nearest: full -> 255 exactly."""
-    return Image.fromarray(((np.clip(values, 0, full) * 255 + full // 2) // full).astype(np.uint8), mode="L")
-
-
-def _from_16bit(image: Image.Image) -> Image.Image:
-    # Pillow's own I -> L conversion clips at 255, turning a 16-bit scan white;
-    # scale the full 0..65535 range instead, rounding to nearest.
-    return _grey_8bit(np.asarray(image).astype(np.int64), _U16_MAX).convert("RGB")
-
-
-def _unsigned_32bit(image: Image.Image) -> Image.Image:
-    """A TIFF of unsigned 32-bit grey (SampleFormat 1, also its default) as 8-bit grey scaled from 0..2**32 - 1:
-    Pillow reads it as signed mode I, where white (2**32 - 1) is -1, and clipped at 0 the page turned black. Read
-    while the TIFF's tags are at hand (exif_transpose's copy has none); any other image as it is."""
+def _unsigned_32bit(image: Image.Image, name: str, say: list[str]) -> Image.Image:
+    """A TIFF of unsigned 32-bit grey (SampleFormat 1, also its default) as 8-bit grey scaled from its levels'
+    range: Pillow reads it as signed mode I, where white (2**32 - 1) is -1, and clipped at 0 the page turned black.
+    Read while the TIFF's tags are at hand (exif_transpose's copy has none); any other image as it is."""
     tags = getattr(image, "tag_v2", None)
     if image.mode != "I" or tags is None or tags.get(258) not in (32, (32,)) or tags.get(339, 1) not in (1, (1,)):
         return image
-    values = np.asarray(image).view(np.uint32).astype(np.int64)
-    return _grey_8bit(values, _U32_MAX if values.max(initial=0) > _U16_MAX else _U16_MAX)  # 16-bit data: its range
-
-
-def _from_integer_grey(image: Image.Image) -> Image.Image:
-    """Pillow's mode I holds 16-bit greyscale in some formats and 32-bit in others (a TIFF with BitsPerSample 32):
-    values past 65535 are 32-bit, scaled from their full 0..2**31 - 1 range; clipped at 65535 they turned white."""
-    values = np.asarray(image).astype(np.int64)
-    return _grey_8bit(values, _I32_MAX if values.max(initial=0) > _U16_MAX else _U16_MAX).convert("RGB")
-
-
-def _identity(image: Image.Image) -> Image.Image:
-    return image
-
-
-def _convert_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
-
-
-_MODE_CONVERTERS: dict[str, Callable[[Image.Image], Image.Image]] = {
-    "RGB": _identity,
-    "L": _convert_rgb,
-    "1": _convert_rgb,
-    "P": _convert_rgb,
-    "CMYK": _convert_rgb,
-    "YCbCr": _convert_rgb,
-    "RGBX": _convert_rgb,
-    "RGBA": _on_white,
-    "RGBa": _on_white,
-    "LA": _on_white,
-    "PA": _on_white,
-    "I;16": _from_16bit,
-    "I;16L": _from_16bit,
-    "I;16B": _from_16bit,
-    "I;16N": _from_16bit,
-    "I": _from_integer_grey,  # what Pillow gives for 16/32-bit integer greyscale in some formats
-}
+    return grey_to_8bit(np.asarray(image).view(np.uint32).astype(np.int64), U32_MAX, 32, name, say)
 
 
 def _pil_reason(exc: Exception) -> str:

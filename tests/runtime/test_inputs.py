@@ -306,6 +306,56 @@ def test_exif_orientation_is_applied():
     top, bottom = loaded.getpixel((100, 40)), loaded.getpixel((100, 260))
     assert top[0] > 200 and top[2] < 60
     assert bottom[2] > 200 and bottom[0] < 60
+    notes: list[str] = []
+    load_image_bytes(encode(pattern((300, 200)), "JPEG", quality=95, exif=exif), name="phone.jpg", said=notes)
+    assert notes == ["phone.jpg: turned 90 degrees clockwise as its EXIF orientation says; check that the print "
+                     "reads upright"]  # a photo whose pixels were already turned, tag left, comes out sideways
+
+
+def _ecg_sheet(dtype: type, paper: int) -> Image.Image:
+    """Grey levels on a page `paper` bright with a trace of 0 (black) across it."""
+    values = np.full((200, 300), paper, dtype)
+    values[100, :], values[:, 40] = 0, paper // 2
+    return Image.fromarray(values)
+
+
+@pytest.mark.parametrize(("paper", "bits"), [(4095, 12), (1023, 10), (255, 8)])
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_grey_stored_wider_than_its_levels_is_scaled_from_their_depth(fmt: str, paper: int, bits: int) -> None:
+    """A 12-bit scanner's 0..4095 in a 16-bit file was scaled from 65535: a near-black page (levels 0..16) the model
+    read anyway; 8-bit levels in a 16-bit file were refused as blank. Read from their own depth, said."""
+    notes: list[str] = []
+    loaded = np.asarray(load_image_bytes(encode(_ecg_sheet(np.uint16, paper), fmt), name="deep", said=notes))
+    assert loaded[0, 0].tolist() == [255] * 3 and loaded[100, 0].tolist() == [0] * 3
+    assert loaded[0, 40].tolist() == [127] * 3  # half the depth's white, rounded to nearest
+    assert notes == [f"deep: its grey levels stop at {paper} in a 16-bit file, so they were read as {bits}-bit grey "
+                     f"({paper} is white)"]
+    full = []
+    load_image_bytes(encode(_ecg_sheet(np.uint16, 60000), fmt), name="full", said=full)
+    assert full == []  # 16-bit data: its own scale, nothing to say
+
+
+def test_transparency_is_said_and_a_dark_transparent_colour_is_the_trace() -> None:
+    """Shown on white, a transparent black key erased a black trace: PULSE's code (convert) keeps it, and so does
+    this where the key covers less than half the page; any transparency composited is a note."""
+    sheet = np.full((200, 300, 3), 255, np.uint8)
+    sheet[100, :] = 0
+    notes: list[str] = []
+    keyed = np.asarray(load_image_bytes(encode(Image.fromarray(sheet), "PNG", transparency=(0, 0, 0)), name="k.png",
+                                        said=notes))
+    assert (keyed[100] == 0).all() and (keyed[0] == 255).all()
+    assert notes == ["k.png: its transparent colour (0, 0, 0) is dark and covers less than half the page, so it is "
+                     "taken for the trace and read as drawn"]
+    background = sheet.copy()  # the same black key as a background: on white, the red trace kept
+    background[:], background[100, :] = 0, RED
+    notes = []
+    shown = np.asarray(load_image_bytes(encode(Image.fromarray(background), "PNG", transparency=(0, 0, 0)),
+                                        name="b.png", said=notes))
+    assert shown[0, 0].tolist() == list(WHITE) and shown[100, 0].tolist() == list(RED)
+    assert notes == ["b.png: has transparent pixels, shown on white as a viewer shows them"]
+    opaque = []
+    load_image_bytes(encode(Image.fromarray(sheet).convert("RGBA"), "PNG"), name="o.png", said=opaque)
+    assert opaque == []
 
 
 # --- size limits ---------------------------------------------------------------------------
