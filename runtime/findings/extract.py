@@ -261,7 +261,8 @@ def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, i
             continue
         spent = bisect.bisect_right(starts, first)  # the first statement after the denial
         for b in breaks:  # not one inside the denial's own words ("unlikely due to ischemia")
-            if said <= b < reach and text[said:b].strip() and (spent == len(starts) or starts[spent] > b):
+            if (said <= b < reach and not w.ABOUT_ITSELF.fullmatch(text[said:b])
+                    and (spent == len(starts) or starts[spent] > b)):
                 reach = b
                 break
         denials.append((first, reach))
@@ -324,6 +325,8 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
         verdicts = all(c and w.VERDICT_COLON.match(text, c.start()) for c in colons)
         if not (cued or verdicts or (_chosen_outside(hits, run, ends[-1]) if colon else answered)):
             continue  # "A: Sinus rhythm. B: LBBB. The answer is abnormal": sections, unless a letter is chosen
+        if any(text[at + 1] in " \t" for _, at, _ in run) and not (cued and _CUE_END.search(cued.group())):
+            continue  # "Options A (SR) and B (LVH) are correct": a list, options only after "Options:" (or the like)
         items = [(letter, start, end) for (letter, start, _), end in zip(run, ends, strict=True)]
         sections = any(c and not w.VERDICT_COLON.match(text, c.start()) for c in colons)
         # an option judged after its colon keeps its verdict: denied for "incorrect", kept for "correct"
@@ -340,6 +343,9 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
               for letter in w.CHOSEN_LETTER.findall(hit.group(1))}
     return [(start, end) for letter, start, end in spans
             if judged.get(start, letter not in chosen)]
+
+
+_CUE_END = re.compile(r"[:?\uff1a\uff1f]")  # "Options:", "Which of the following is shown?"
 
 
 def _chosen_outside(hits: list[re.Match[str]], run: list[tuple[str, int, int]], end: int) -> bool:

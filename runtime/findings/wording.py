@@ -62,6 +62,9 @@ PSEUDO_NEGATION = re.compile(
 SCOPE_BREAK = re.compile(
     rf"{_W}(?:consistent with|compatible with|in keeping with|suggest(?:s|ive of|ing)|indicat(?:es|ive of|ing)"
     rf"|diagnostic of|typical of|characteristic of|due to){_E}", _I)
+# what a negation says of itself alone: "not, by itself, diagnostic of ischemia" denies ischemia, no break between
+ABOUT_ITSELF = re.compile(r"[\s,]*(?:(?:by|in|of) (?:it|them)sel(?:f|ves)|on (?:its|their) own|alone|per se)?[\s,]*",
+                          _I)
 UNSURE = (r"(?:(?:cannot|can't|can not|could not|couldn't|does not|doesn't|did not|do not|unable to) (?:be )?"
           r"(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))")
 HEDGE_BEFORE = re.compile(
@@ -74,7 +77,8 @@ HEDGE_BEFORE = re.compile(
     r"|(?:cannot|can't|can not|could not|unable to) (?:confirm|determine|assess|diagnose)(?: with certainty)?"
     r"(?: whether| if)?|correlate(?: clinically)? (?:for|with)"
     r"|clinical correlation (?:for|with)|(?:cannot|can't|can not|unable to) (?:distinguish|differentiate)"
-    rf"(?: between)?|(?:minimal |borderline |isolated )?voltage criteria (?:for|of)){_E}", _I)
+    rf"(?: between)?|(?:minimal |borderline |isolated )?voltage criteria (?:for|of)"
+    rf"|(?:fits?|matches|explains?)(?: [\w-]+){{0,3}}? better than){_E}", _I)  # "LBBB fits better than RBBB"
 # What an earlier tracing showed is not this one ("Prior ECG showed atrial fibrillation. Now sinus rhythm."), to
 # the next comma ("Previous ECG with sinus rhythm, now atrial fibrillation" and "Compared with the prior ECG with
 # sinus rhythm, AF is new" state AF).
@@ -93,10 +97,13 @@ ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}
 # --- a multiple-choice answer that repeats its options -----------------------------------------------------------
 # "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
 # chosen one is. An option is a capital A-H marked "A.", "A)", "A:" or "(A)" before a space; a list is a run of them in
-# alphabetical order from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none;
+# alphabetical order from A (a bare letter before its option in brackets, "A (AF)", only after "Options:" or a
+# question),
+# each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none;
 # and it is a list of options only where the text says so: an options cue right before it ("Options:", "Choose
 # from") or an answer's cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
-OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-H])\)(?=\s)|([A-H])(?:[.):](?=\s)|\uff1a))")  # "A：" needs no space
+OPTION_MARK = re.compile(  # "A：" needs no space
+    r"(?<![A-Za-z0-9])(?:\(([A-H])\)(?=\s)|([A-H])(?:[.):](?=\s)|\uff1a|(?=[ \t]\([^()\n]{1,60}\))))")
 OPTION_CHARS = 160
 # the cue right before a list (within OPTIONS_CUE_CHARS): "Options:", "The options are:", "Which of the following
 # is shown?", "Choose from", and the word in German, Spanish, French and Chinese answers
@@ -152,8 +159,11 @@ _FIT = (r"(?:(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't)(?
         r"(?:\s+(?:either|at all|well))?(?=\s*(?:[.;,:!?()]|$"
         r"|(?:because|as|since|here|given|the (?:tracing|ECG|rate))(?![A-Za-z]))))")
 # "LBBB is present but AF is not.": the verb alone, right after its statement and at its clause's end (never after
-# other words: "the rate is not" is the rate's, "is not, however, excluded" goes on)
-_IS_NOT = r"(?:(?<!which )(?<!that )(?:is|are) not(?=\s*(?:[.;!?)]|$)))"
+# other words: "the rate is not" is the rate's, "is not, however, excluded" goes on), or before what the statement
+# is not ("AF is not the rhythm here", "SR is not the correct answer, AF is")
+_IS_NOT = (r"(?:(?<!which )(?<!that )(?:is|are) not(?:(?=\s*(?:[.;!?)]|$))|\s+(?:the\s+)?(?:(?:correct|right|best"
+           r"|final|underlying)\s+)?(?:diagnosis|rhythm|answer)(?=\s*(?:[.,;!?)]|$|(?:here|on this"
+           r"|in this|given|because|since|as)(?![A-Za-z])))))")
 _NEGATED = (
     r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
     r"|shown|demonstrated|correct)|no longer (?:seen|present|evident|visible)"

@@ -143,6 +143,23 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("Correct: A (sinus rhythm) and B (LVH), C (atrial fibrillation) is incorrect.", [("SR", "stated"),
                                                                                      ("LVH", "stated")]),
     ("C (sinus rhythm), A (AF) and B (flutter) are incorrect.", [("SR", "stated")]),
+    # options marked "A (AF)" after "Options:" or a question: the chosen one only; without the cue's colon such
+    # letters are a list judged together (above), never options to drop
+    ("Options: A (AF), B (LBBB), C (RBBB). Answer: C.", [("RBBB", "stated")]),
+    ("Which of the following is shown? A (AF), B (sinus rhythm), C (LBBB). Answer: B", [("SR", "stated")]),
+    ("The correct options are A (sinus rhythm) and B (LVH), while C (atrial fibrillation) is incorrect.",
+     [("SR", "stated"), ("LVH", "stated")]),
+    ("Options A (SR), B (LBBB), and D (RBBB) are incorrect; the answer is C (atrial fibrillation).",
+     [("AFIB", "stated")]),
+    # "is not" before what the statement is not: denied, and spent on it
+    ("AF is not the rhythm here; sinus rhythm.", [("SR", "stated")]),
+    ("Atrial fibrillation is not the correct answer, sinus rhythm is.", [("SR", "stated")]),
+    ("AF is not the only finding; LBBB.", [("AFIB", "stated"), ("LBBB", "stated")]),
+    ("LBBB is not the cause of the ST changes.", [("LBBB", "stated")]),
+    # a negation of a sign "by itself" still reaches what it is not diagnostic of
+    ("Q wave in III, which is not, by itself, diagnostic of ischemia.", []),
+    ("T wave inversion is not by itself diagnostic of ischemia.", [("TINV", "stated")]),
+    ("LBBB fits better than RBBB.", [("LBBB", "stated"), ("RBBB", "possible")]),
     ("LBBB, C (STEMI) cannot be excluded.", [("LBBB", "stated"), ("MI", "possible")]),
     ("a (AF), b (LBBB) are incorrect.", [("AFIB", "stated")]), ("A (AF), B - LBBB is absent.", [("AFIB", "stated")]),
     ("LVH, which does not fit because the patient is young.", [("LVH", "stated")]),
