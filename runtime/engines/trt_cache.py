@@ -16,17 +16,21 @@ one shared graph file, and a link to the current bundle moves on) and another st
 cart each keep theirs while they use them: every session start rewrites its folder's record). Folders for the
 same graph built with other settings (fp16, provider options) stay: a run with those settings uses them.
 Folders without a record (made by hand, or before records) and engines of bundles at other paths are left
-alone, whatever they hold.
+alone, whatever they hold. A folder a live session holds (`hold_in_use`: a shared flock on its IN_USE file, for
+the session's life) is never removed: a server up for months wrote its record once, at its start, and a clock set
+forward (a cart without a real-time clock, before NTP) made a record written minutes ago a month old.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 from pulse_edge.staging import size_text, staged_file, user_cache_dir
 
 RECORD = "pulse-edge-cache.json"
+IN_USE = "pulse-edge-in-use.lock"
 OTHER_RUNTIME_IDLE_DAYS = 30
 
 log = logging.getLogger(__name__)
@@ -93,10 +98,44 @@ def keep_and_prune(folder: Path, path: Path, onnxruntime: str) -> None:
         return
     for sibling in stale:
         size = _size(sibling)
-        shutil.rmtree(sibling, ignore_errors=True)
+        if not _removed_unless_held(sibling):
+            continue
         log.info("removed the TensorRT engines in %s (%s): built from %s as it was before, or by another "
                  "onnxruntime unused for %d days; they cannot be used again", sibling, size_text(size),
                  record["graph"], OTHER_RUNTIME_IDLE_DAYS)
+
+
+def hold_in_use(folder: Path, session: object) -> None:
+    """Hold `folder` against pruning for as long as `session` lives (module doc): a shared lock, released when the
+    session is collected (or its process ends, however it ends). A folder that cannot be locked is used unheld."""
+    try:
+        fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        weakref.finalize(session, os.close, fd)
+    except (OSError, TypeError):  # TypeError: a session object that takes no weak reference
+        os.close(fd)
+
+
+def _removed_unless_held(folder: Path) -> bool:
+    """Remove `folder` unless a live session holds it (hold_in_use); locked while removing, so none starts on it
+    meanwhile."""
+    try:
+        fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False  # cannot tell whether it is in use: kept
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _stale(folder: Path, current: Mapping[str, str]) -> bool:

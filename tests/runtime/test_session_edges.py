@@ -171,6 +171,45 @@ def test_engine_folders_no_run_can_use_again_are_removed_and_the_rest_kept(tmp_p
     assert all(v.exists() for v in versions)
 
 
+def test_engines_a_live_session_holds_are_never_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server writes its folder's record once, at its start: after a month up (or a clock set forward by NTP on a
+    cart without a real-time clock) another environment's session start removed the engines it was running on, and
+    a re-export at its bundle's path did so at once. Held, they stay until the session goes."""
+    import gc
+
+    from pulse_edge.runtime.engines import trt_cache
+
+    class Session:  # what holds the engines: ORT's InferenceSession in a run
+        pass
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    graph = tmp_path / "bundle" / "decoder.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"graph-A")
+    config = s.SessionConfig(provider="tensorrt")
+
+    def started(onnxruntime: str, session: object | None = None) -> Path:
+        folder = s.engine_cache_dir(graph, config, fp16=True, onnxruntime=onnxruntime)
+        folder.mkdir(parents=True, exist_ok=True)
+        if session is not None:
+            trt_cache.hold_in_use(folder, session)
+        trt_cache.keep_and_prune(folder, graph, onnxruntime)
+        return folder
+
+    server = Session()
+    serving = started("1.31.0", server)
+    then = time.time() - (trt_cache.OTHER_RUNTIME_IDLE_DAYS + 1) * 86400
+    os.utime(serving / trt_cache.RECORD, (then, then))
+    started("1.32.0")  # another environment, a month later: the server's engines are in use
+    graph.write_bytes(b"graph-A, re-exported")
+    started("1.32.0")  # a re-export at the path: stale, but still held
+    assert serving.is_dir()
+    del server
+    gc.collect()
+    started("1.32.0")  # the server is gone: its folder goes at the next start
+    assert not serving.exists()
+
+
 def test_a_cache_that_cannot_be_tidied_never_fails_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from pulse_edge.runtime.engines import trt_cache
 
