@@ -167,13 +167,18 @@ class ExportOptions:
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
     """Export, validate, then move the bundle into place; refuses to overwrite a non-empty directory."""
     out = Path(out)
-    with staged_directory(out, what="bundle") as work:
-        _export_into(Path(checkpoint), work, options or ExportOptions())
+    scratch: list[Path] = []  # the staging folder's stamp: its path goes with it, so nothing would read it again
+    try:
+        with staged_directory(out, what="bundle") as work:
+            _export_into(Path(checkpoint), work, options or ExportOptions(), scratch)
+    finally:
+        for path in scratch:
+            path.unlink(missing_ok=True)
     stamp(out, read_manifest(out).files)  # hashed by this export: the first load need not hash it again
     return out
 
 
-def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
+def _export_into(checkpoint: Path, work: Path, options: ExportOptions, scratch: list[Path]) -> None:
     log.info("loading the checkpoint %s", checkpoint)
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower,
                              dtype=options.reference or reference_dtype(checkpoint))
@@ -199,7 +204,8 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     files = bundle_file_records(work)  # before validation, whose candidate runtime checks them
     manifest = _manifest(loaded, options, graphs, max_context, calibration=calibration, files=files)
     manifest.write(work)  # the candidate runtime reads it during validation
-    stamp(work, files)  # just hashed: validation's loads check the sample, not every byte again
+    # just hashed: validation's loads check the sample, not every byte again
+    scratch += [path] if (path := stamp(work, files)) else []
     validation, fidelity, manifest = _validate(loaded, work, manifest, options, quant, plan)
     if quant and fidelity is not None:
         fidelity = {**fidelity, "recommended": recommended_fidelity(options.precision, fidelity["summary"])}

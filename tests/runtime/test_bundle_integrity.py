@@ -540,3 +540,13 @@ def test_a_prefill_graph_of_another_precision_than_the_bundle_is_refused(tiny_bu
         check_consistency(dataclasses.replace(manifest, graphs={**manifest.graphs, names.PREFILL: prefill}))
     check_consistency(dataclasses.replace(manifest, graphs={**manifest.graphs, names.PREFILL: dataclasses.replace(
         prefill, precision="fp32")}))  # the same graph at the bundle's precision passes
+
+
+def test_no_stamp_names_an_exports_staging_folder(tiny_bundle: Path) -> None:
+    """Validation reads the staging folder under a stamp of its own; that folder is renamed away, so its stamp was
+    one orphan file per export in the user's cache for good. The session's exports so far: one stamp each, for
+    the bundle's own path."""
+    from pulse_edge.runtime.bundle import verified
+
+    stamped = [json.loads(p.read_text())["bundle"] for p in verified.stamp_path(tiny_bundle).parent.glob("*.json")]
+    assert str(tiny_bundle.resolve()) in stamped and not [b for b in stamped if b.endswith(".partial")], stamped
