@@ -52,6 +52,10 @@ from pulse_edge.runtime.findings import wording as w
 from pulse_edge.runtime.findings.vocabulary import CONCEPTS, Concept
 
 CERTAINTIES = ("stated", "possible")
+# what can be "not the rhythm" of a tracing (wording.NOT_THE_RHYTHM): its rhythms and the AV blocks that make one,
+# not pacing, bigeminy or trigeminy, which run over another rhythm
+_WHOLE_RHYTHMS = (frozenset(c.key for c in CONCEPTS if c.category == "rhythm") - {"PACE", "BIGU", "TRIGU"}
+                  | {"2AVB", "3AVB"})
 _LEFT, _RIGHT = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])"
 # Diagnostic statements that contradict "normal ECG" ("Normal ECG except for left axis deviation", "Normal ECG with
 # first-degree AV block"): the abnormality wins. Not the rhythm and its ectopic beats: PTB-XL labels NORM beside
@@ -202,10 +206,13 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
     hedged_after = [_after(w.HEDGE_AFTER, gap, last=k + 1 == len(gaps)) > 0 for k, gap in enumerate(gaps)]
     # a negation after a statement is spent on it: its "not" denies nothing further ("AF not present on this
     # tracing, sinus rhythm" states SR)
-    owned = [0 if hedged else _own_negation(gap, last=k + 1 == len(gaps))
-             for k, (gap, hedged) in enumerate(zip(gaps, hedged_after, strict=True))]
+    owned = [0 if hedged else _own_negation(gap, last=k + 1 == len(gaps), rhythm=m.concept.key in _WHOLE_RHYTHMS)
+             for k, (m, gap, hedged) in enumerate(zip(mentions, gaps, hedged_after, strict=True))]
     spent = [(m.end, m.end + n) for m, n, gap in zip(mentions, owned, gaps, strict=True)
              if n and not w.BOTH_SIDES.search(gap)]
+    # "The LBBB is not the rhythm here, ... sinus rhythm": denies neither, its "not" is spent all the same
+    spent += [(m.end, m.end + hit.end()) for m, n, gap in zip(mentions, owned, gaps, strict=True)
+              if not n and (hit := w.NOT_THE.match(gap))]
     denials = _denials(text, clause, [*hedges, *spent], [m.start for m in mentions])
     alternatives = []
     for k, mention in enumerate(mentions):
@@ -261,10 +268,13 @@ def _denials(text: str, clause: tuple[int, int, bool], hedges: list[tuple[int, i
             continue
         spent = bisect.bisect_right(starts, first)  # the first statement after the denial
         for b in breaks:  # not one inside the denial's own words ("unlikely due to ischemia")
-            if (said <= b < reach and not w.ABOUT_ITSELF.fullmatch(text[said:b])
-                    and (spent == len(starts) or starts[spent] > b)):
-                reach = b
-                break
+            if not (said <= b < reach and text[said:b].strip() and (spent == len(starts) or starts[spent] > b)):
+                continue
+            # "not, by itself, diagnostic of anterior MI in LBBB": what it is not diagnostic of, and no further
+            after = bisect.bisect_right(starts, b)
+            itself = w.ABOUT_ITSELF.fullmatch(text[said:b]) and after < len(starts)
+            reach = starts[after] + 1 if itself else b
+            break
         denials.append((first, reach))
     return denials
 
@@ -279,7 +289,9 @@ def _along_lists(text: str, mentions: list[_Mention]) -> None:
         gap = text[mentions[k].end:mentions[k + 1].start]
         # a relation denied ("ST elevation unlikely to represent MI") is no list's end: not back across a comma
         listed = w.CONJUNCTION.match(gap) or _lettered_list(text, mentions[k].start, w.LETTERED_GAP.match(gap))
-        if listed and not (mentions[k + 1].relational and not re.search(r"[A-Za-z]", gap)):
+        later = mentions[k + 1]
+        if listed and not (later.relational and (not re.search(r"[A-Za-z]", gap)
+                                                 or w.SINGLE_NOT_THE.match(text, later.end))):
             mentions[k].negated |= mentions[k + 1].negated
             mentions[k].hedged |= mentions[k + 1].hedged
     for first, second in itertools.pairwise(mentions):
@@ -382,10 +394,11 @@ def _after(pattern: re.Pattern[str], gap: str, *, last: bool) -> int:
 _OPENS_NEXT = re.compile(r"\s*(?:[A-Za-z-]+\s+){0,2}")
 
 
-def _own_negation(gap: str, *, last: bool) -> int:
+def _own_negation(gap: str, *, last: bool, rhythm: bool) -> int:
     """How many characters of `gap` negate the statement before it (0: none): right after it, whatever follows
-    (wording.NEGATION_RIGHT_AFTER), else as `_after` decides."""
-    right = w.NEGATION_RIGHT_AFTER.match(gap)
+    (wording.NEGATION_RIGHT_AFTER; "is not the rhythm" too for a whole tracing's `rhythm`), else as `_after`
+    decides."""
+    right = (w.NOT_THE_RHYTHM if rhythm else w.NEGATION_RIGHT_AFTER).match(gap)
     # "does not fit" / "is not" right before the next statement is about that one ("T wave inversions do not fit
     # ischemia", "the rhythm is not AF"): the gap's end is where the next statement starts, not the clause's end
     # their words need

@@ -63,7 +63,8 @@ SCOPE_BREAK = re.compile(
     rf"{_W}(?:consistent with|compatible with|in keeping with|suggest(?:s|ive of|ing)|indicat(?:es|ive of|ing)"
     rf"|diagnostic of|typical of|characteristic of|due to){_E}", _I)
 # what a negation says of itself alone: "not, by itself, diagnostic of ischemia" denies ischemia, no break between
-ABOUT_ITSELF = re.compile(r"[\s,]*(?:(?:by|in|of) (?:it|them)sel(?:f|ves)|on (?:its|their) own|alone|per se)?[\s,]*",
+# ("It is not, consistent with AF": a comma alone is a break)
+ABOUT_ITSELF = re.compile(r"[\s,]*(?:(?:by|in|of) (?:it|them)sel(?:f|ves)|on (?:its|their) own|alone|per se)[\s,]*",
                           _I)
 UNSURE = (r"(?:(?:cannot|can't|can not|could not|couldn't|does not|doesn't|did not|do not|unable to) (?:be )?"
           r"(?:ruled out|rule out|excluded?)|not (?:be )?(?:ruled out|excluded))")
@@ -77,8 +78,7 @@ HEDGE_BEFORE = re.compile(
     r"|(?:cannot|can't|can not|could not|unable to) (?:confirm|determine|assess|diagnose)(?: with certainty)?"
     r"(?: whether| if)?|correlate(?: clinically)? (?:for|with)"
     r"|clinical correlation (?:for|with)|(?:cannot|can't|can not|unable to) (?:distinguish|differentiate)"
-    rf"(?: between)?|(?:minimal |borderline |isolated )?voltage criteria (?:for|of)"
-    rf"|(?:fits?|matches|explains?)(?: [\w-]+){{0,3}}? better than){_E}", _I)  # "LBBB fits better than RBBB"
+    rf"(?: between)?|(?:minimal |borderline |isolated )?voltage criteria (?:for|of)){_E}", _I)
 # What an earlier tracing showed is not this one ("Prior ECG showed atrial fibrillation. Now sinus rhythm."), to
 # the next comma ("Previous ECG with sinus rhythm, now atrial fibrillation" and "Compared with the prior ECG with
 # sinus rhythm, AF is new" state AF).
@@ -92,7 +92,11 @@ HISTORY_OF = re.compile(
     rf"(?:{_W}(?:a |past |prior )?history of|{_W}hx of|{_W}h/o)\s+(?:[A-Za-z-]+\s+){{0,2}}$", _I)
 # The far side of a differential whose near side is no statement of the vocabulary, or words away: "Pericarditis
 # vs STEMI", "SVT with aberrancy vs ventricular tachycardia", "RBBB or IVCD".
-ALTERNATIVE_BEFORE = re.compile(rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}}|(?:^|[\s,]){_W}or\s+)$", _I)
+# "LBBB fits better than RBBB", "... better than C (RBBB)", "... than inferior STEMI": what fits less is possible,
+# not the rest of the clause
+ALTERNATIVE_BEFORE = re.compile(
+    rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}}|(?:^|[\s,]){_W}or\s+"
+    rf"|{_W}better than\s+(?:\(?(?-i:[A-H])\)\s*|(?-i:[A-H])\s+\(|(?:[\w-]+\s+){{1,2}})?)$", _I)
 
 # --- a multiple-choice answer that repeats its options -----------------------------------------------------------
 # "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
@@ -108,14 +112,15 @@ OPTION_CHARS = 160
 # the cue right before a list (within OPTIONS_CUE_CHARS): "Options:", "The options are:", "Which of the following
 # is shown?", "Choose from", and the word in German, Spanish, French and Chinese answers
 OPTIONS_CUE = re.compile(
-    rf"(?:{_W}(?:options?(?:\s+(?:are|were))?|choices?(?:\s+(?:are|were))?|choose(?: from)?|select(?: from)?"
+    rf"(?:{_W}(?:options?(?:\s+(?:are|were))?|choices?(?:\s+(?:are|were))?"
+    rf"|(?:choose|select|pick)(?: from| one| the (?:best|correct|right|most likely) (?:answer|option|choice))?"
     rf"|candidates?|optionen|opciones|possibilit\w+)|\u9009\u9879|which of the following[^.\n]{{0,60}}\?)"
     rf"\W{{0,6}}$", _I)
 OPTIONS_CUE_CHARS = 100
 # where the last option ends: a line break, a sentence's end, or the answer's cue
 OPTION_END = re.compile(
     r"\n|(?<=[^\s.])\.(?=\s)|(?=(?:the )?(?:correct |right |best )?(?:answers?|choice|option)\b)", _I)
-COLON = re.compile(r"[:\uff1a]")
+COLON = re.compile(r"(?<!\d)[:\uff1a](?!\d)")  # not a ratio's: "flutter with 2:1 block"
 # "A) Sinus rhythm: incorrect": a verdict on the option after its colon, not a report's section
 VERDICT_COLON = re.compile(r"[:\uff1a][ \t]*(?:correct|incorrect|wrong|right|yes|no|true|false)(?![A-Za-z])", _I)
 DENYING_VERDICT = re.compile(r"[:\uff1a][ \t]*(?:incorrect|wrong|no|false)(?![A-Za-z])", _I)
@@ -159,13 +164,18 @@ _FIT = (r"(?:(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't)(?
         r"(?:\s+(?:either|at all|well))?(?=\s*(?:[.;,:!?()]|$"
         r"|(?:because|as|since|here|given|the (?:tracing|ECG|rate))(?![A-Za-z]))))")
 # "LBBB is present but AF is not.": the verb alone, right after its statement and at its clause's end (never after
-# other words: "the rate is not" is the rate's, "is not, however, excluded" goes on), or before what the statement
-# is not ("AF is not the rhythm here", "SR is not the correct answer, AF is")
-_IS_NOT = (r"(?:(?<!which )(?<!that )(?:is|are) not(?:(?=\s*(?:[.;!?)]|$))|\s+(?:the\s+)?(?:(?:correct|right|best"
-           r"|final|underlying)\s+)?(?:diagnosis|rhythm|answer)(?=\s*(?:[.,;!?)]|$|(?:here|on this"
-           r"|in this|given|because|since|as)(?![A-Za-z])))))")
+# other words: "the rate is not" is the rate's, "is not, however, excluded" goes on)
+_ARE_NOT = r"(?<!which )(?<!that )(?:(?:is|are)(?: also)? not|isn't|aren't)"
+_IS_NOT = rf"(?:{_ARE_NOT}(?=\s*(?:[.;!?)]|$|(?:either|too)(?![A-Za-z]))))"
+# ... or before what the statement is not: "AF is not the rhythm here", "SR is not the correct answer, AF is"; the
+# rhythm only where the statement is a whole tracing's rhythm (NOT_THE_RHYTHM: "the PVCs are not the underlying
+# rhythm" and "bigeminy is not the underlying rhythm" are present)
+_WHAT_NOT = (r"(?:the\s+)?(?:(?:correct|right|best|final|underlying)\s+)?(?:diagnosis|answer{})(?=\s*(?:[.,;!?)]|$"
+             r"|(?:here|on this|in this|given|because|since|as|either|too|as well)(?![A-Za-z])))")
+_NOT_THE = rf"(?:{_ARE_NOT} {_WHAT_NOT.format('')})"
+_NOT_THE_OR_RHYTHM = rf"(?:{_ARE_NOT} {_WHAT_NOT.format('|rhythm')})"
 _NEGATED = (
-    r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent"
+    r"(?:not (?:seen|present|identified|observed|evident|detected|noted|found|visible|apparent|supported"
     r"|shown|demonstrated|correct)|no longer (?:seen|present|evident|visible)"
     rf"|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|{_FIT}"
     r"|cannot be (?:reliably |confidently |definitely )?(?:diagnosed|confirmed|determined)"
@@ -176,7 +186,12 @@ NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
 # MI": MI's, wording.NEGATION_TO_COMMA).
-NEGATION_RIGHT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT})", _I)  # "C (RBBB) is not"
+# "C (RBBB) is not"
+NEGATION_RIGHT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE})", _I)
+NOT_THE_RHYTHM = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE_OR_RHYTHM})", _I)
+NOT_THE = re.compile(rf"^\)?[ \t]+{_NOT_THE_OR_RHYTHM}", _I)  # its words alone
+# "RBBB, and LBBB is not the diagnosis": one statement is not it (the verb's number), the list is not carried back
+SINGLE_NOT_THE = re.compile(r"\)?[ \t]+(?:is not|isn't) the\b", _I)  # matched at the statement's end
 # A negation that denies both its sides: "AF unlikely to be present", "ST elevation unlikely to be STEMI", "VT
 # unlikely due to RBBB morphology", "ST depression unlikely due to ischemia": which side it means is not in the
 # words, and stating either side the text may deny is the worse error (an omission is the lesser)
@@ -242,4 +257,4 @@ ALTERNATIVE_AFTER = re.compile(
 # the options cue that is only an option's own label ("Option A: ..."), no list's
 OPTION_LABEL = re.compile(r"\W*(?:option|choice)\W*", _I)
 # a denial after a statement that is its "does not fit" / "is not": the statement's own (extract._along_lists)
-FIT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_FIT}|{_IS_NOT})", _I)
+FIT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_FIT}|{_IS_NOT}|{_NOT_THE_OR_RHYTHM})", _I)
