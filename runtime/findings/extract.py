@@ -9,20 +9,20 @@ into clauses at sentence punctuation (full-width too), ';', ':' and at "but", "h
 - left out when a negation comes before it in its clause ("no", "not", "isn't", "without", "lack of", "fails to meet
   criteria for", "artifact simulating", ...), unless the negation denied nothing that is a statement before
   "consistent with" stands between them ("No P waves, consistent with AF" states AF); when a negation follows it
-  ("AF is absent", "... not seen", "criteria not met", "does not fit", "due to artifact", "STEMI mimic") or its
-  field says so ("ST elevation: none"), a negation right after it being its own and spent on it ("AF not present on
-  this tracing, sinus rhythm" states SR); on both sides of "unlikely to be" / "unlikely due to" ("ST elevation
-  unlikely to be STEMI": which side is meant is not in the words); when "non-" or "pseudo-" prefixes it; when it is
-  past: a history ("history of AF, now in sinus rhythm" states SR; "history of MI and AF" neither), what an earlier
-  tracing showed ("prior ECG showed AF", "AF on prior ECG"), what converted or gave way ("AF converted to sinus
-  rhythm"); or when its clause is a question. "Not seen on the prior ECG" and "not seen previously" deny nothing:
-  the finding is new;
+  ("AF is absent", "... not seen", "criteria not met", "does not fit", "AF is not the rhythm here", "due to
+  artifact", "STEMI mimic") or its field says so ("ST elevation: none"), a negation right after it being its own and
+  spent on it ("AF not present on this tracing, sinus rhythm" states SR); on both sides of "unlikely to be" /
+  "unlikely due to" ("ST elevation unlikely to be STEMI": which side is meant is not in the words); when "non-" or
+  "pseudo-" prefixes it; when it is past: a history ("history of AF, now in sinus rhythm" states SR; "history of MI
+  and AF" neither), what an earlier tracing showed ("prior ECG showed AF", "AF on prior ECG"), what converted or
+  gave way ("AF converted to sinus rhythm"); or when its clause is a question. "Not seen on the prior ECG" and "not
+  seen previously" deny nothing: the finding is new;
 - kept as "possible" when a hedge comes before it ("possible", "suggestive of", "cannot rule out", "evaluate for",
   "voltage criteria for", ...), when "?" is glued to it ("?LVH"), when a hedge follows it ("... cannot be excluded",
   "... may be present", "... until proven otherwise"), and when it is a side of a differential, "vs" / "versus" /
-  "or", whether or not the other side is a statement ("AF vs flutter", "Pericarditis vs STEMI"), and when it is what
-  another mimics ("LBBB mimics anterior MI", "MI mimicked by LBBB"); a hedge that runs on into the next statement is
-  that one's ("sinus rhythm, possible LVH");
+  "or", whether or not the other side is a statement ("AF vs flutter", "Pericarditis vs STEMI"), or what fits less
+  ("LBBB fits better than RBBB"), and when it is what another mimics ("LBBB mimics anterior MI", "MI mimicked by
+  LBBB"); a hedge that runs on into the next statement is that one's ("sinus rhythm, possible LVH");
 - kept as "stated" otherwise; "normal ECG" beside a stated diagnostic abnormality is left out ("Normal ECG except
   for left axis deviation"; not beside a rhythm: PTB-XL labels NORM with sinus bradycardia), and only possible
   beside a possible one;
