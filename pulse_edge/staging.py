@@ -28,7 +28,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from types import FrameType
 
@@ -144,7 +144,7 @@ def target_lock(out: Path, *, what: str) -> Iterator[Path]:
     real = Path(out).resolve()
     lock = real.parent / f".{real.name}.lock"
     for _ in range(_LOCK_TRIES):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock, out, what)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -161,8 +161,23 @@ def target_lock(out: Path, *, what: str) -> Iterator[Path]:
     try:
         yield lock
     finally:
-        lock.unlink(missing_ok=True)  # while still locked: whoever opened it meanwhile sees it gone and retries
+        with suppress(PermissionError):  # another user's file in a sticky folder stays: it is only ever flocked
+            lock.unlink(missing_ok=True)  # while still locked: whoever opened it meanwhile sees it gone and retries
         os.close(fd)
+
+
+def _open_lock(lock: Path, out: Path, what: str) -> int:
+    """The lock file, made if need be; one another user left (a run they killed) is locked read-only (a flock
+    needs no write access), and one this user cannot even read is one line."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        pass
+    try:
+        return os.open(lock, os.O_RDONLY)
+    except PermissionError as e:
+        raise ConfigError(f"cannot open {lock} to lock {out} ({e.strerror}): a run by another user left it; remove "
+                          f"it, or choose another {what}") from e
 
 
 def _disk_full(place: Path) -> bool:

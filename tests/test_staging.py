@@ -445,3 +445,36 @@ def test_a_second_signal_during_the_cleanup_waits_with_sigint_ignored(tmp_path: 
     result = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
     assert result.exit_code == 143, result.output
     assert _leftovers(tmp_path) == []
+
+
+def test_a_lock_file_another_user_left_is_locked_read_only_or_named(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run another user killed leaves its `.NAME.lock` (0644, theirs): opening it for writing raised a bare
+    PermissionError, a traceback. A flock needs no write access; a file not even readable is one line."""
+    import errno
+
+    from pulse_edge import staging
+    from pulse_edge.errors import ConfigError
+
+    out = tmp_path / "scales.npz"
+    lock = tmp_path / ".scales.npz.lock"
+    lock.write_text("")
+    real_open, refused = os.open, {os.O_RDWR | os.O_CREAT}
+
+    def as_another_user(path: Any, flags: int, *args: Any) -> int:
+        if Path(path) == lock and flags in refused:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(staging.os, "open", as_another_user)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(
+        PermissionError(errno.EPERM, "Operation not permitted")))  # a sticky folder: not ours to remove
+    with (staging.target_lock(out, what="scales file"),
+          pytest.raises(ConfigError, match="another pulse-edge command is writing"),
+          staging.target_lock(out, what="scales file")):
+        pass
+    refused.add(os.O_RDONLY)
+    with (pytest.raises(ConfigError, match=r"cannot open .*\.scales\.npz\.lock to lock .*a run by another user "
+                                           r"left it; remove it, or choose another scales file"),
+          staging.target_lock(out, what="scales file")):
+        pass
