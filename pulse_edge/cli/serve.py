@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, PREFILL_GRAPH_MODES, PROVIDERS
+from pulse_edge.cli import progress
 from pulse_edge.click_types import FiniteFloatRange
 from pulse_edge.errors import ConfigError
 
@@ -103,5 +104,6 @@ def serve(model_dir: Path, host: str, port: int, api_key: str | None, max_queue:
                           session=SessionConfig(provider=provider, threads=threads, prefill_graph=prefill_graph,
                                                 prepack=prepack,
                                                 prefill_attention=prefill_attention,
-                                                decode_attention=decode_attention, decode_step=decode_step))
+                                                decode_attention=decode_attention, decode_step=decode_step),
+                          quiet=progress.quiet())
     run_server(config, say=lambda line: click.echo(f"pulse-edge: {line}", err=True))

@@ -12,6 +12,7 @@ import ipaddress
 import resource
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import h11
 import uvicorn
@@ -83,10 +84,16 @@ def serve(config: ServerConfig, say: Callable[[str], None]) -> None:
     say(f"serving {model.model_id} ({model.pipeline.manifest.precision}, {config.session.provider}) at "
         f"{url_of(sock)} (max queue {config.max_queue}, timeout {config.timeout_s:g} s"
         + (f", files under {config.allow_dir}" if config.allow_dir else "") + ")")
-    settings = uvicorn.Config(create_app(state), lifespan="on", log_level="info", server_header=False,
-                              proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                              limit_concurrency=connection_limit(config.max_queue), http=HeadDeadline)
-    ClosingServer(settings, state.worker.close).run(sockets=[sock])
+    ClosingServer(uvicorn_settings(config, create_app(state)), state.worker.close).run(sockets=[sock])
+
+
+def uvicorn_settings(config: ServerConfig, app: Any) -> uvicorn.Config:
+    """uvicorn's settings for `app`: a line per request (its access log) unless `pulse-edge -q` (a cart's /health
+    probe every 10 s is 8,600 lines a day)."""
+    return uvicorn.Config(app, lifespan="on", log_level="warning" if config.quiet else "info",
+                          access_log=not config.quiet, server_header=False, proxy_headers=False,
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                          limit_concurrency=connection_limit(config.max_queue), http=HeadDeadline)
 
 
 class HeadDeadline(H11Protocol):

@@ -31,6 +31,7 @@ class ServerConfig:
     max_body_bytes: int
     timeout_s: float
     session: SessionConfig = field(default_factory=SessionConfig)
+    quiet: bool = False  # `pulse-edge -q serve`: no line per request, uvicorn's warnings and errors only
 
 
 @dataclass

@@ -413,6 +413,22 @@ def test_serve_passes_no_prepack_to_its_sessions(tmp_path: Path, monkeypatch: py
     assert seen[0].session.prepack is prepack
 
 
+def test_quiet_serve_logs_no_line_per_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pulse-edge -q serve`: uvicorn's access log (a line per request, a /health probe's 8,600 a day) and its
+    start-up lines are off; without -q they are on."""
+    from click.testing import CliRunner
+
+    import pulse_edge.runtime.server.launch as launch
+    from pulse_edge.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(launch, "serve", lambda config, say: seen.append(config))
+    for flags in (["-q"], []):
+        assert CliRunner().invoke(main, [*flags, "serve", "--model", str(tmp_path)]).exit_code == 0
+    settings = [launch.uvicorn_settings(config, app=lambda scope, receive, send: None) for config in seen]
+    assert [(s.access_log, s.log_level) for s in settings] == [(False, "warning"), (True, "info")]
+
+
 def test_only_the_server_loads_the_web_stack() -> None:
     import subprocess
     import sys
