@@ -22,6 +22,7 @@ from pulse_edge.benchmarks.ecgbench.compare import Comparison
 from pulse_edge.benchmarks.ecgbench.paper import REFERENCE, SOURCE
 from pulse_edge.benchmarks.ecgbench.score import SubsetScore
 from pulse_edge.calibration.datasets.ecgbench.subsets import LOWER_IS_BETTER, SUBSETS
+from pulse_edge.staging import staged_file
 
 PLOT_FILE, MARKDOWN_FILE, JSON_FILE = "accuracy.png", "report.md", "report.json"
 _METRIC_NAMES = MappingProxyType({"auc": "AUC", "f1": "F1", "hl": "HL", "accuracy": "accuracy", "score": "judge score"})
@@ -93,7 +94,8 @@ def plot_columns(path: Path, title: str, columns: Sequence[Column], warning: str
     figure.suptitle(title)
     if warning:
         figure.supxlabel(warning, color="firebrick", fontsize=10)
-    figure.savefig(path, dpi=110)
+    with staged_file(path) as work:  # whole or not at all: a report read while it is written, or after a kill
+        figure.savefig(work, dpi=110)
     return path
 
 
@@ -256,8 +258,9 @@ def _value(value: Any) -> float | None:
 
 def _write(out: Path, lines: Sequence[str], payload: Mapping[str, Any]) -> list[Path]:
     markdown, data = out / MARKDOWN_FILE, out / JSON_FILE
-    markdown.write_text("\n".join(lines), encoding="utf-8")
-    data.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for path, text in ((markdown, "\n".join(lines)), (data, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")):
+        with staged_file(path) as work:
+            work.write_text(text, encoding="utf-8")
     return [markdown, data]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -170,3 +171,22 @@ def test_a_report_folder_another_run_writes_is_refused(setup: tuple[Path, Path, 
     assert result.exit_code == 2 and "another pulse-edge command is writing" in result.output, result.output
     assert _compare(setup, tmp_path, "--report", str(report)).exit_code == 0  # free again: written
     assert (report / "report.md").is_file()
+
+
+def test_a_report_file_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill (or a full disk) while the report was written left a report.md cut half-way for the next reader."""
+    from pulse_edge.benchmarks.ecgbench import report
+
+    report._write(tmp_path, ["# the last run", "all of it"], {"run": 1})
+    real = Path.write_text
+
+    def cut_short(self: Path, text: str, **kwargs: Any) -> int:
+        real(self, text[: len(text) // 2], **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError):
+        report._write(tmp_path, ["# this run", "cut"], {"run": 2})
+    monkeypatch.undo()
+    assert (tmp_path / report.MARKDOWN_FILE).read_text() == "# the last run\nall of it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([report.MARKDOWN_FILE, report.JSON_FILE])
