@@ -150,6 +150,27 @@ def test_stale_temporaries_of_the_target_are_removed(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == [".ckpt.int8.k2j4h6g8.partial", ".other.abcdefgh.partial", "ckpt"]
 
 
+def test_files_a_killed_run_staged_are_removed_by_the_next_sole_writer(tmp_path: Path) -> None:
+    """staged_file's `.STEM.XXXXXXXX.partial.SUFFIX` outlived a SIGKILL (a 5 MB scales file, hidden, for good):
+    the next writer of the target, holding its lock, removes them; another target's and a folder's it leaves."""
+    from pulse_edge.staging import sole_writer
+
+    scales = tmp_path / "scales.npz"
+    killed = [tmp_path / ".scales.k8jr_e6y.partial.npz", tmp_path / ".scales.abcdefgh.partial.npz"]
+    kept = [tmp_path / ".scales.int8.k8jr_e6y.partial.npz", tmp_path / ".scales.k8jr_e6y.partial.json",
+            tmp_path / ".other.abcdefgh.partial.npz"]
+    for path in (*killed, *kept):
+        path.write_bytes(b"\0" * 64)
+    with sole_writer(scales, what="scales file"):
+        assert not any(p.exists() for p in killed) and all(p.exists() for p in kept)
+    answers = tmp_path / "answers"
+    (answers / ".scores.abcdefgh.partial.json").parent.mkdir()
+    (answers / ".scores.abcdefgh.partial.json").write_text("{")
+    (answers / "scores.json").write_text("{}")
+    with sole_writer(answers, what="--out directory"):  # a folder's files: its writers all hold this lock
+        assert sorted(p.name for p in answers.iterdir()) == ["scores.json"]
+
+
 def test_sighup_during_make_tiny_cleans_up_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cart's session closing (its terminal hung up) is a SIGHUP: handled like SIGTERM, exit 129."""
     import pulse_edge.export.fixtures.tiny as tiny
