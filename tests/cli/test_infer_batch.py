@@ -46,10 +46,13 @@ def _infer(folder: Path, out: Path, bundle: Path):
 
 
 def test_a_folder_of_50_with_3_broken_completes_and_a_rerun_skips_the_47(tiny_bundle: Path, tmp_path: Path) -> None:
-    folder, out = _mixed_folder(tmp_path / "ecgs"), tmp_path / "answers.jsonl"
+    folder = _mixed_folder(tmp_path / "ecgs")
+    out = folder / "answers.jsonl"  # inside the folder it reads: never one of its inputs
     first = _infer(folder, out, tiny_bundle)
     assert first.exit_code == 2, first.output  # the batch ran through, and a script is told not all answered
     assert first.stderr.splitlines()[-1].startswith(f"pulse-edge: {GOOD} answered, {len(BROKEN)} failed, 0 already")
+    said = [line for line in first.stderr.splitlines() if line.startswith("pulse-edge: failed: ")]
+    assert sorted(name for name in BROKEN for line in said if name in line) == sorted(BROKEN)  # as they fail
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == GOOD + len(BROKEN)
     failed = {Path(line["source"]).name: line["error"] for line in lines if "error" in line}
@@ -59,8 +62,11 @@ def test_a_folder_of_50_with_3_broken_completes_and_a_rerun_skips_the_47(tiny_bu
     assert {line["input_kind"] for line in answered} == {"image", "npy"}
     assert all(line["generated_tokens"] == 1 for line in answered)
 
+    with out.open("a") as torn:  # a crash mid-line: the rerun says so and redoes it
+        torn.write('{"source": "cut sho')
     again = _infer(folder, out, tiny_bundle)
     assert again.exit_code == 2, again.output
+    assert "its last line was cut short (a crash?); it is redone" in again.stderr
     rerun = [json.loads(line) for line in out.read_text().splitlines()][len(lines):]
     assert sorted(Path(line["source"]).name for line in rerun) == sorted(BROKEN)  # only the failures are retried
     assert all("error" in line for line in rerun)

@@ -199,11 +199,16 @@ def test_health_is_open_and_names_the_bundle(server: Server, bundle: Path) -> No
     assert health["model_loaded"] is True and health["model"] == bundle.name
     assert (health["backend"], health["precision"]) == ("ort", "fp32")
     assert health["bundle_id"] == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    # what a load balancer reads: the queue's depth and limit, and whether an answer is being made
+    assert health["queue"] == {"waiting": 0, "max_queue": 16, "generating": False}
 
 
 def test_models_lists_the_one_bundle(server: Server, bundle: Path) -> None:
     assert [m.id for m in _client(server).models.list()] == [bundle.name]
     assert _client(server).models.retrieve(bundle.name).owned_by == "pulse-edge"
+    status, _, body = _http("GET", f"{server.url}/v1/models/another-bundle", headers=_auth())
+    error = json.loads(body)["error"]  # a client that checks a model exists before asking is told no
+    assert status == 404 and (error["code"], error["param"]) == ("not_found", "model")
 
 
 def test_a_completion_gives_infers_greedy_tokens(server: Server, bundle: Path, ecg_png: Path,

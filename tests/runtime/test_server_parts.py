@@ -121,6 +121,9 @@ def test_history_and_system_messages() -> None:
     assert chat.system == "Be brief."
     assert chat.history == (Turn("Rhythm?", "Sinus."),)
     assert chat.question == "Rate?\nAnd axis?"  # consecutive user messages are one question
+    told = _parse(messages=[_user(_image(), _text("Rhythm?")), {"role": "assistant", "content": "Sinus."},
+                            {"role": "assistant", "content": "Rate 72."}, _user(_text("Axis?"))])
+    assert told.history == (Turn("Rhythm?", "Sinus.\nRate 72."),)  # and assistant ones one answer: none dropped
     # an image-only first message was answered as the default question: replayed, it is that question again
     replayed = _parse(messages=[_user(_image()), {"role": "assistant", "content": "Sinus."}, _user(_text("Rate?"))])
     assert replayed.history == (Turn(DEFAULT_QUESTION, "Sinus."),) and replayed.question == "Rate?"
@@ -132,6 +135,7 @@ def test_history_and_system_messages() -> None:
     ([_user(_text("hi")), {"role": "assistant", "content": "hello"}, _user(_image())], "first user message"),
     ([_user(_image("https://example.org/ecg.png"))], "data: URI"),
     ([_user(_image("data:image/png;base64,***"))], "not valid base64"),
+    ([_user(_image("data:image/png,%89PNG"))], "must be base64-encoded"),
     ([_user(_image()), {"role": "assistant", "content": "x"}], "last message must be the user's"),
     ([{"role": "tool", "content": "x"}], "role 'tool'"),
     ([], "non-empty list"),
@@ -158,6 +162,13 @@ def test_malformed_conversations_are_400s_that_say_why(messages: list, words: st
 def test_unsupported_or_out_of_range_parameters_are_refused(extra: dict, words: str) -> None:
     with pytest.raises(ApiError, match=words):
         _parse(messages=[_user(_image())], **extra)
+
+
+def test_the_bounds_of_temperature_and_seed_are_taken_and_a_bool_seed_is_not() -> None:
+    edge = _parse(messages=[_user(_image())], temperature=2.0, seed=2**32 - 1).sampling
+    assert (edge.temperature, edge.seed) == (2.0, 2**32 - 1)  # OpenAI's largest temperature, the sampler's seed
+    with pytest.raises(ApiError, match="seed must be an integer"):
+        _parse(messages=[_user(_image())], seed=True)  # JSON's true is no seed of 1
 
 
 def test_an_omitted_seed_is_drawn_inside_the_range_the_sampler_takes() -> None:
@@ -427,6 +438,29 @@ def test_quiet_serve_logs_no_line_per_request(tmp_path: Path, monkeypatch: pytes
         assert CliRunner().invoke(main, [*flags, "serve", "--model", str(tmp_path)]).exit_code == 0
     settings = [launch.uvicorn_settings(config, app=lambda scope, receive, send: None) for config in seen]
     assert [(s.access_log, s.log_level) for s in settings] == [(False, "warning"), (True, "info")]
+
+
+def test_serve_hashes_every_byte_of_its_bundle_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server runs for weeks on one load: bits that rotted after the bundle's stamp (metadata unchanged) are seen
+    by a whole hash only, so serve asks for one, where infer's loads check the sample of a stamped bundle."""
+    from pulse_edge.runtime.engines.ort import SessionConfig
+    from pulse_edge.runtime.server import model
+
+    asked: dict[str, Any] = {}
+
+    class Loaded(Exception):
+        pass
+
+    class Pipeline:
+        @staticmethod
+        def from_bundle(bundle: Path, **options: Any) -> None:
+            asked.update(options)
+            raise Loaded
+
+    monkeypatch.setattr(model, "Pipeline", Pipeline)
+    with pytest.raises(Loaded):
+        model.open_model(tmp_path, SessionConfig())
+    assert asked["verify"] is True
 
 
 def test_only_the_server_loads_the_web_stack() -> None:
