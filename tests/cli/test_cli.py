@@ -126,6 +126,16 @@ def test_ctrl_c_inside_a_library_s_lazy_import_is_an_interruption(tmp_path: Path
     monkeypatch.setattr(tiny, "write_shards", lazy_import)
     res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
     assert res.exit_code == 130 and "interrupted" in res.output and list(tmp_path.iterdir()) == []
+
+    def wrapped_otherwise(*args: object, **kwargs: object) -> None:  # a library's own error type around it
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to import transformers.models.clip") from e
+
+    monkeypatch.setattr(tiny, "write_shards", wrapped_otherwise)
+    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+    assert res.exit_code == 130 and "interrupted" in res.output and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(tiny, "write_shards", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
     assert isinstance(CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")]).exception, ModuleNotFoundError)
 
@@ -208,3 +218,34 @@ def test_build_engines_says_how_to_serve_engines_written_outside_the_bundle(tmp_
         res = CliRunner().invoke(main, ["build-engines", str(bundle), *(["-o", str(out)] if out else [])])
         assert res.exit_code == 0, res.output
         assert res.stdout.strip().endswith(hint + ("/elsewhere`)" if out else "")), res.stdout
+
+
+def test_infer_passes_its_defaults_and_options_and_says_every_note(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the model and reader stood in for: the paper's 1024 new tokens by default, a --leads list with spaces
+    read as names, the input's notes before the answer and every note of the answer's after it."""
+    from types import SimpleNamespace
+
+    import pulse_edge.cli.infer as infer_module
+    import pulse_edge.runtime.generation.interpretation as interpretation
+    import pulse_edge.runtime.inputs as inputs
+
+    asked: dict = {}
+    ecg = SimpleNamespace(notes=["rendered from 12 leads"], image=None)
+    monkeypatch.setattr(inputs, "load_input", lambda source, **reading: asked.update(reading) or ecg)
+    monkeypatch.setattr(infer_module, "open_backend", lambda *args, **kwargs: "the model")
+
+    def answer(pipeline: str, given: object, question: str, *, max_new_tokens: int, sampling: object,
+               on_text: object) -> SimpleNamespace:
+        asked["max_new_tokens"] = max_new_tokens
+        return SimpleNamespace(notes=[*ecg.notes, "the answer stopped at --max-new-tokens", "a second note"])
+
+    monkeypatch.setattr(interpretation, "interpret", answer)
+    result = CliRunner().invoke(main, ["-q", "infer", "rec.npy", "--model", str(tmp_path), "--leads", "I, II, III"])
+    assert result.exit_code == 0, result.output
+    assert asked["max_new_tokens"] == 1024 and asked["leads"] == ("I", "II", "III")
+    assert [line for line in result.stderr.splitlines() if "note:" in line] == [
+        "pulse-edge: note: rendered from 12 leads", "pulse-edge: note: the answer stopped at --max-new-tokens",
+        "pulse-edge: note: a second note"]
+    alone = CliRunner().invoke(main, ["infer", "rec.npy", "--model", str(tmp_path), "--fail-fast"])
+    assert alone.exit_code == 2 and "need --output FILE" in alone.output  # never ignored in silence
