@@ -150,6 +150,8 @@ def test_gate_parses_and_checks() -> None:
     assert gate.check({"cosine": 0.999}) == ["kl missing (needs <= 0.05)", "agreement missing (needs > 0.9)"]
     assert gate.check({"cosine": math.nan, "kl": 0.0, "agreement": 1.0}) == ["cosine nan (needs >= 0.99)"]
     assert AccuracyGate.from_string("sqnr_db>=20").check({"sqnr_db": math.inf}) == []
+    # a bound met exactly passes where it is inclusive: "agreement>=1" takes a perfect export
+    assert AccuracyGate.from_string("agreement>=1, kl<=0").check({"agreement": 1.0, "kl": 0.0}) == []
 
 
 def test_gate_reads_a_json_file(tmp_path) -> None:

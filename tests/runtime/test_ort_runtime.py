@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -861,3 +862,15 @@ def test_close_can_wait_for_the_running_answer_to_let_the_memory_go(tiny_bundle:
     holder.join(10)
     with pytest.raises(ConfigError, match="takes seconds >= 0"):
         pipeline.close(wait=-1)
+
+
+def test_the_prefills_logits_are_the_callers_after_the_next_step(ort_pipeline: Pipeline) -> None:
+    """The decoder reuses its logits buffer on every run: the prefill's row, handed out without a copy, was
+    overwritten by the next step under a caller that kept it (to compare or resample)."""
+    engine = ort_pipeline.engine
+    engine.reset()
+    logits = engine.prefill([ort_pipeline.tokenizer.bos_id, 100, 200], None)
+    kept = logits.copy()
+    engine.step(int(np.argmax(kept)))
+    np.testing.assert_array_equal(logits, kept)
+    engine.reset()

@@ -41,6 +41,13 @@ def test_the_engine_cache_key_follows_same_size_rewrites_and_the_path(tmp_path: 
     assert s.graph_cache_key(tmp_path / "b" / "decoder.onnx") != s.graph_cache_key(graph)
 
 
+def test_tensorrt_builds_fp16_only_where_asked() -> None:
+    """fp32 and FP8 bundles' engines built with fp16 enabled were another precision than the bundle's, silently."""
+    for fp16 in (False, True):
+        (_, options), *_ = s.provider_chain(s.SessionConfig(provider="tensorrt"), fp16=fp16)
+        assert options["trt_fp16_enable"] is fp16
+
+
 def test_cuda_provider_options_win() -> None:
     chain = s.provider_chain(s.SessionConfig(provider="cuda", device_id=1, provider_options={"device_id": 0}),
                              fp16=False)
@@ -144,6 +151,9 @@ def test_engine_folders_no_run_can_use_again_are_removed_and_the_rest_kept(tmp_p
     timing = s.default_trt_cache() / "timing-x.cache"
     timing.write_bytes(b"t")
 
+    unused_for(other_ort, trt_cache.OTHER_RUNTIME_IDLE_DAYS - 1)
+    built(True, "1.32.0")
+    assert other_ort.exists()  # idle for days, not yet the month: another environment may still start on them
     unused_for(other_ort, trt_cache.OTHER_RUNTIME_IDLE_DAYS + 1)
     current = built(True, "1.32.0")  # the other ORT's engines of this graph went unused for a month: removed
     assert not other_ort.exists()
