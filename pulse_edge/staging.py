@@ -9,7 +9,7 @@
   second command writing the same target is refused at once. The kernel drops a flock when its process
   dies, however it dies, so holding the lock proves that any `.NAME.*.partial` left beside the target is
   stale (its writer held the same lock and is gone): those are removed, and a live writer's never is. So are
-  the `.STEM.XXXX.partial.SUFFIX` files staged_file writes (a scales file, a run's scores) under `sole_writer`.
+  the `.STEM.XXXX.partial.SUFFIX` files staged_file writes under `sole_writer` (a scales file, a run's scores).
 - SIGTERM (and SIGHUP) are handled like Ctrl-C while the work runs: the temporary directory is removed,
   and the command exits 128 + the signal's number.
 
@@ -28,7 +28,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from types import FrameType
@@ -214,24 +214,24 @@ def stale_partials(out: Path) -> list[Path]:
 
 
 def stale_file_partials(out: Path) -> list[Path]:
-    """The temporary files staged_file makes (`.STEM.XXXXXXXX.partial.SUFFIX`: mkstemp's eight characters exactly)
-    for `out`, or for any file in `out` where it is a folder: a run killed between their writing and their rename
-    (SIGKILL, a power cut) left them, hidden, for good."""
-    if out.is_dir():
-        own, places = re.compile(r"\..+\.[a-z0-9_]{8}\.partial(?:\.[^.]+)?"), out.iterdir()
-    else:
-        own = re.compile(re.escape(f".{out.stem}.") + r"[a-z0-9_]{8}" + re.escape(f".partial{out.suffix}"))
-        places = out.parent.glob(f".{out.stem}.*.partial{out.suffix}") if out.parent.is_dir() else iter(())
+    """The temporary files staged_file makes for the file `out` (`.STEM.XXXXXXXX.partial.SUFFIX`: mkstemp's eight
+    characters exactly): a run killed between their writing and their rename (SIGKILL, a power cut) left them,
+    hidden, for good. Another file's (`.STEM.int8.XXXXXXXX...`) never match."""
+    own = re.compile(re.escape(f".{out.stem}.") + r"[a-z0-9_]{8}" + re.escape(f".partial{out.suffix}"))
+    places = out.parent.glob(f".{out.stem}.*.partial{out.suffix}") if out.parent.is_dir() else iter(())
     return sorted(p for p in places if own.fullmatch(p.name) and p.is_file() and not p.is_symlink())
 
 
 @contextmanager
-def sole_writer(out: Path, *, what: str) -> Iterator[Path]:
+def sole_writer(out: Path, *, what: str, staged: Iterable[Path] | None = None) -> Iterator[Path]:
     """Long work into `out`: the target locked against a second writer (target_lock), and SIGTERM and SIGHUP
-    turned into the interruption Ctrl-C is (interrupts_handled: one line, exit 128 + n, cleanup run)."""
+    turned into the interruption Ctrl-C is (interrupts_handled: one line, exit 128 + n, cleanup run). `staged`:
+    the files the work stages (staged_file) whose every writer holds this lock (default: `out`); what a killed run
+    left of them is removed, the lock proving its writer gone."""
     with target_lock(out, what=what) as lock, interrupts_handled():
-        for stale in stale_file_partials(out):  # a kill's leftovers: the lock proves their writer gone
-            stale.unlink(missing_ok=True)
+        for stale in (p for file in (staged if staged is not None else (out,)) for p in stale_file_partials(file)):
+            with suppress(OSError):  # another user's, in a sticky folder: left, as its lock file is
+                stale.unlink(missing_ok=True)
         yield lock
 
 

@@ -152,7 +152,8 @@ def test_stale_temporaries_of_the_target_are_removed(tmp_path: Path) -> None:
 
 def test_files_a_killed_run_staged_are_removed_by_the_next_sole_writer(tmp_path: Path) -> None:
     """staged_file's `.STEM.XXXXXXXX.partial.SUFFIX` outlived a SIGKILL (a 5 MB scales file, hidden, for good):
-    the next writer of the target, holding its lock, removes them; another target's and a folder's it leaves."""
+    the next writer of the target, holding its lock, removes them, and only those: a folder's other files may be
+    another command's live work (a calibrate writing into an eval's --out) or the user's."""
     from pulse_edge.staging import sole_writer
 
     scales = tmp_path / "scales.npz"
@@ -164,11 +165,23 @@ def test_files_a_killed_run_staged_are_removed_by_the_next_sole_writer(tmp_path:
     with sole_writer(scales, what="scales file"):
         assert not any(p.exists() for p in killed) and all(p.exists() for p in kept)
     answers = tmp_path / "answers"
-    (answers / ".scores.abcdefgh.partial.json").parent.mkdir()
-    (answers / ".scores.abcdefgh.partial.json").write_text("{")
-    (answers / "scores.json").write_text("{}")
-    with sole_writer(answers, what="--out directory"):  # a folder's files: its writers all hold this lock
-        assert sorted(p.name for p in answers.iterdir()) == ["scores.json"]
+    answers.mkdir()
+    left = [answers / ".scores.abcdefgh.partial.json", answers / ".run.k8jr_e6y.partial.json"]
+    others = [answers / ".scales.abcdefgh.partial.npz", answers / ".draft.20240101.partial.md"]  # not this run's
+    for path in (*left, *others):
+        path.write_text("{")
+    staged = (answers / "scores.json", answers / "run.json")  # the files a run stages there, under this lock
+    with sole_writer(answers, what="--out directory", staged=staged):
+        assert sorted(p.name for p in answers.iterdir()) == sorted(p.name for p in others)
+    theirs = tmp_path / ".scales.zz9y8x7w.partial.npz"  # another user's in a sticky folder: left, no traceback
+    theirs.write_bytes(b"")
+    real = Path.unlink
+    refuse = lambda self, missing_ok=False: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")) \
+        if self == theirs else real(self, missing_ok)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "unlink", refuse)
+        with sole_writer(scales, what="scales file"):
+            assert theirs.exists()
 
 
 def test_sighup_during_make_tiny_cleans_up_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

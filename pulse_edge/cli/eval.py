@@ -113,6 +113,8 @@ def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], 
                      judge_workers: int, backend: str, vision_tower: Path | None, dtype: str, device: str,
                      max_new_tokens: int) -> None:
     """Run a model over ECGBench (greedy, resumable), then score it; prints the scores as JSON."""
+    from pulse_edge.benchmarks.ecgbench.runner import RUN_FILE
+
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: model directory not found")
     _check_options(judge_url, judge_model, report_dir)
@@ -120,7 +122,8 @@ def ecgbench_command(model_dir: Path, data_dir: Path, subsets: tuple[str, ...], 
     _check_folder(out, "--out", "answers.jsonl")
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     # two runs into one --out would answer every id twice (into one --report, mix their files)
-    with sole_writer(out, what="--out directory"), _report_lock(report_dir):
+    with (sole_writer(out, what="--out directory", staged=(out / "scores.json", out / RUN_FILE)),
+          _report_lock(report_dir)):
         _run_ecgbench(model_dir, data_dir, subsets, out, limit, report_dir, judge_url, judge_model, judge_workers,
                       backend=backend, vision_tower=vision_tower, dtype=dtype, device=device,
                       max_new_tokens=max_new_tokens)
