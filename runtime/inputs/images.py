@@ -224,9 +224,9 @@ def _decoded(image: Image.Image, fmt: str, name: str, say: list[str]) -> Image.I
     carry their rotation there, not in the pixels); a multi-page TIFF or GIF says which page it reads."""
     with _pillow_errors(name, fmt):
         _check_size(image.size, name)  # from the header alone: before decoding a single pixel
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)  # before load: a TIFF's load turns it and drops it
         image.load()
         page = image.tell()
-        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
         oriented = ImageOps.exif_transpose(_unsigned_32bit(image, name, say))  # a new image, detached from the file
     say.extend(orientation_line(orientation, name))
     say.extend(_pages_line(image, page, name))

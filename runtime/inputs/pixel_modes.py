@@ -69,10 +69,12 @@ def _transparency_resolved(image: Image.Image, name: str, say: list[str]) -> Ima
     if alpha[255] == total:
         return rgba.convert("RGB")
     key = _key_colour(image)
-    if key is not None and _luma(key) < DARK_KEY and 2 * alpha[0] < total:
+    if key is not None and _luma(key) < DARK_KEY and 2 * alpha[0] < total and not _drawn_opaque_too(image, key):
         say.append(f"{name}: its transparent colour {key} is dark and covers less than half the page, so it is "
                    "taken for the trace and read as drawn")
-        return image.convert("RGB")
+        drawn = image.convert("RGB")
+        drawn.info.pop("transparency", None)  # Pillow keeps the key: a saved print would hide its trace again
+        return drawn
     say.append(f"{name}: has transparent pixels, shown on white as a viewer shows them")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
 
@@ -88,6 +90,16 @@ def _key_colour(image: Image.Image) -> tuple[int, int, int] | None:
     if image.mode == "L" and isinstance(key, int):
         return key, key, key
     return tuple(key[:3]) if image.mode == "RGB" and isinstance(key, tuple) and len(key) >= 3 else None
+
+
+def _drawn_opaque_too(image: Image.Image, key: tuple[int, int, int]) -> bool:
+    """A palette that draws the key's colour opaque as well (an optimiser's transparent black border beside the
+    black trace): there, transparency is the page's margin, not its trace."""
+    if image.mode != "P":
+        return False
+    palette, used = image.getpalette() or [], image.histogram()
+    return any(count and index != image.info["transparency"] and tuple(palette[3 * index:3 * index + 3]) == key
+               for index, count in enumerate(used[:len(palette) // 3]))
 
 
 def _luma(colour: tuple[int, int, int]) -> float:

@@ -358,6 +358,57 @@ def test_transparency_is_said_and_a_dark_transparent_colour_is_the_trace() -> No
     assert opaque == []
 
 
+def _palette_sheet(margin_index: int, trace_index: int = 1) -> Image.Image:
+    """A white page with a black trace, and a margin of `margin_index` beside it: palette 0 black, 1 black, 2
+    white."""
+    values = np.full((300, 400), 2, np.uint8)
+    values[:, :60] = margin_index
+    values[150, 60:] = trace_index
+    sheet = Image.fromarray(values, "P")
+    sheet.putpalette([0, 0, 0, 0, 0, 0, 255, 255, 255])
+    return sheet
+
+
+def test_a_transparent_colour_is_the_trace_only_where_nothing_opaque_is_drawn_in_it(tmp_path: Path) -> None:
+    """An optimiser's palette: a transparent black margin (index 0) beside an opaque black trace (index 1) is a
+    margin, shown on white; a palette whose only black is the transparent one draws its trace in it. Read as
+    drawn, the print keeps no transparency (saved by --save-render, read again by the model's own check)."""
+    from pulse_edge.runtime.batch import save_image
+    from pulse_edge.runtime.inputs.images import accept_image
+
+    notes: list[str] = []
+    margin = np.asarray(load_image_bytes(encode(_palette_sheet(0), "PNG", transparency=0), name="m.png",
+                                         said=notes))
+    assert margin[5, 5].tolist() == list(WHITE) and margin[150, 200].tolist() == list(BLACK)
+    assert notes == ["m.png: has transparent pixels, shown on white as a viewer shows them"]
+    drawn = load_image_bytes(encode(_palette_sheet(2, trace_index=0), "PNG", transparency=0), name="t.png",
+                             said=(notes := []))  # the only black drawn is the transparent one: the trace
+    assert "transparency" not in drawn.info and notes[0].startswith("t.png: its transparent colour (0, 0, 0) is dark")
+    again: list[str] = []
+    accept_image(drawn, name="t.png", said=again)
+    save_image(drawn, tmp_path / "print.png")
+    assert again == [] and "transparency" not in Image.open(tmp_path / "print.png").info
+    assert np.asarray(drawn)[150, 200].tolist() == list(BLACK)
+    grey = np.where(np.asarray(_palette_sheet(2)) == 1, 0, 255).astype(np.uint8)  # the same in grey: key 0
+    kept = np.asarray(load_image_bytes(encode(Image.fromarray(grey, "L"), "PNG", transparency=0), name="g.png"))
+    assert kept[150, 200].tolist() == list(BLACK)
+    light = np.where(np.asarray(_palette_sheet(2)) == 1, 0, 255).astype(np.uint8)
+    light[:40, :40] = 200  # a light grey box marked transparent: a label's background, never a trace
+    shown = np.asarray(load_image_bytes(encode(Image.fromarray(light, "L"), "PNG", transparency=200), name="l.png"))
+    assert shown[5, 5].tolist() == list(WHITE) and shown[150, 200].tolist() == list(BLACK)
+
+
+def test_a_tiffs_exif_rotation_is_said_too() -> None:
+    """Pillow turns a TIFF while loading it and drops the tag: read after the load, the rotation went unsaid."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    notes: list[str] = []
+    turned = load_image_bytes(encode(pattern((400, 200)), "TIFF", exif=exif), name="scan.tif", said=notes)
+    assert turned.size == (200, 400)
+    assert notes == ["scan.tif: turned 90 degrees clockwise as its EXIF orientation says; check that the print "
+                     "reads upright"]
+
+
 # --- size limits ---------------------------------------------------------------------------
 
 
