@@ -84,7 +84,7 @@ from pulse_edge.runtime.bundle.manifest import (
     TextSpec,
     read_manifest,
 )
-from pulse_edge.runtime.bundle.verified import stamp
+from pulse_edge.runtime.bundle.verified import forget, stamp
 from pulse_edge.runtime.engines.ort import SessionConfig, graph_config_entries, session_settings
 from pulse_edge.runtime.image.preprocess import PROMPT_MARGIN, image_token_count, min_context
 from pulse_edge.runtime.text.tokenizer import Tokenizer
@@ -167,18 +167,19 @@ class ExportOptions:
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
     """Export, validate, then move the bundle into place; refuses to overwrite a non-empty directory."""
     out = Path(out)
-    scratch: list[Path] = []  # the staging folder's stamp: its path goes with it, so nothing would read it again
+    staging: list[Path] = []
     try:
         with staged_directory(out, what="bundle") as work:
-            _export_into(Path(checkpoint), work, options or ExportOptions(), scratch)
+            staging.append(work.resolve())  # validation's loads stamp it: the stamps go with the folder
+            _export_into(Path(checkpoint), work, options or ExportOptions())
     finally:
-        for path in scratch:
-            path.unlink(missing_ok=True)
+        for folder in staging:
+            forget(folder)
     stamp(out, read_manifest(out).files)  # hashed by this export: the first load need not hash it again
     return out
 
 
-def _export_into(checkpoint: Path, work: Path, options: ExportOptions, scratch: list[Path]) -> None:
+def _export_into(checkpoint: Path, work: Path, options: ExportOptions) -> None:
     log.info("loading the checkpoint %s", checkpoint)
     loaded = load_checkpoint(checkpoint, vision_tower=options.vision_tower,
                              dtype=options.reference or reference_dtype(checkpoint))
@@ -204,8 +205,7 @@ def _export_into(checkpoint: Path, work: Path, options: ExportOptions, scratch: 
     files = bundle_file_records(work)  # before validation, whose candidate runtime checks them
     manifest = _manifest(loaded, options, graphs, max_context, calibration=calibration, files=files)
     manifest.write(work)  # the candidate runtime reads it during validation
-    # just hashed: validation's loads check the sample, not every byte again
-    scratch += [path] if (path := stamp(work, files)) else []
+    stamp(work, files)  # just hashed: validation's loads check the sample, not every byte again
     validation, fidelity, manifest = _validate(loaded, work, manifest, options, quant, plan)
     if quant and fidelity is not None:
         fidelity = {**fidelity, "recommended": recommended_fidelity(options.precision, fidelity["summary"])}

@@ -64,13 +64,13 @@ def is_stamped(bundle: Path, records: Mapping[str, FileRecord], listing: str = M
 
 
 def stamp(bundle: Path, records: Mapping[str, FileRecord], listing: str = MANIFEST_FILE, *,
-          before: Mapping[str, list[int]] | None = None) -> Path | None:
+          before: Mapping[str, list[int]] | None = None) -> None:
     """Record that `records`' files were hashed whole and matched, unless any changed since `before` (their
-    identities when the hash began); a failure to write it is only logged. Returns the stamp written, if any."""
+    identities when the hash began); a failure to write it is only logged."""
     files = identities(bundle, records)
     if before is not None and files != dict(before):
         log.warning("%s changed while it was hashed: not recorded as verified; the next load hashes it again", bundle)
-        return None
+        return
     record = {"format": STAMP_FORMAT, "version": 1, "bundle": str(bundle.resolve()), "files": files}
     try:
         path = stamp_path(bundle, listing)
@@ -79,5 +79,15 @@ def stamp(bundle: Path, records: Mapping[str, FileRecord], listing: str = MANIFE
             work.write_text(json.dumps(record) + "\n", encoding="utf-8")
     except OSError as e:
         log.warning("could not record that %s was verified (%s): the next load hashes it whole again", bundle, e)
-        return None
-    return path
+
+
+def forget(folder: Path) -> None:
+    """Remove the stamps of `folder` (resolved): an export's staging folder, whose loads during validation stamp
+    it, is renamed away or removed, and nothing would read its stamps again."""
+    name = str(folder.resolve())
+    for path in (user_cache_dir() / "verified").glob("*.json"):
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("bundle") == name:
+                path.unlink(missing_ok=True)
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue  # another process's stamp being written, or not a stamp: not ours to judge
