@@ -3,6 +3,7 @@ engine cache's key, provider options, load-error remedies, run-error translation
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -252,11 +253,15 @@ def test_a_tensorrt_session_records_its_engines_and_removes_those_of_the_bundle_
     graph = tmp_path / "bundle" / "decoder.onnx"
     graph.parent.mkdir()
     graph.write_bytes(b"graph-A")
-    first = s.make_session(graph, s.SessionConfig(provider="tensorrt")).cache
+    running = s.make_session(graph, s.SessionConfig(provider="tensorrt"))  # a server's session, alive
+    first = running.cache
     assert json.loads((first / trt_cache.RECORD).read_text())["graph"] == str(graph.resolve())
     graph.write_bytes(b"graph-A, re-exported")
     second = s.make_session(graph, s.SessionConfig(provider="tensorrt")).cache
-    assert second != first and second.is_dir() and not first.exists()
+    assert second != first and second.is_dir() and first.is_dir()  # the running server's engines stay
+    del running  # the server stopped: the next start removes them
+    gc.collect()
+    assert s.make_session(graph, s.SessionConfig(provider="tensorrt")).cache == second and not first.exists()
     mine = tmp_path / "my-engines"
     mine.mkdir()
     graph.write_bytes(b"graph-A, re-exported twice")  # a run that leaves pulse-edge's cache unused leaves it as it is
