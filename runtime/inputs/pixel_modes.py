@@ -5,8 +5,8 @@ CMYK and YCbCr, and these pass through it unchanged. Three kinds of file it read
 viewer shows them instead, each with a note, since the model then sees other pixels than PULSE's code would give:
 
 - transparency: `convert` drops alpha, and an ECG exported on a transparent background (black under alpha 0)
-  turns into a black page; here it goes on white. A transparent colour (a PNG's tRNS key) that is dark is the
-  trace's own colour: on white the trace would vanish, so such a key is read as drawn;
+  turns into a black page; here it goes on white. A dark transparent colour (a PNG's tRNS key) over less than half
+  the page, and drawn nowhere opaque, is the trace's own: on white the trace would vanish, so it is read as drawn;
 - 16- and 32-bit grey: `convert` clips at 255, a white page; here the levels are scaled from the smallest full
   scale of 8 to 16 bits (then 32) that holds them: a 12-bit scanner's 0..4095 stored in 16 bits is black to white,
   not black to 6% grey;
@@ -53,7 +53,7 @@ def grey_to_8bit(values: np.ndarray, widest: int, bits: int, name: str, say: lis
     """Integer grey levels of a `bits`-bit file as 8-bit grey, scaled from the smallest full scale that holds them
     (module doc; `widest` past 16 bits), rounded to nearest: full scale -> 255 exactly."""
     top = int(values.max(initial=0))
-    full = next((2**bits - 1 for bits in _GREY_BITS if top < 2**bits), widest)
+    full = next((2**depth - 1 for depth in _GREY_BITS if top < 2**depth), widest)
     if full < U16_MAX:
         say.append(f"{name}: its grey levels stop at {top} in a {bits}-bit file, so they were "
                    f"read as {full.bit_length()}-bit grey ({full} is white)")
