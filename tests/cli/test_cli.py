@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -117,25 +118,20 @@ def test_ctrl_c_inside_a_library_s_lazy_import_is_an_interruption(tmp_path: Path
     import module 'CLIPVisionModel'"): a traceback and exit 1 where Ctrl-C exits 130. Another error stays a bug."""
     import pulse_edge.export.fixtures.tiny as tiny
 
-    def lazy_import(*args: object, **kwargs: object) -> None:
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as e:
-            raise ModuleNotFoundError("Could not import module 'CLIPVisionModel'") from e
+    def interrupted_inside(wrapper: Exception) -> Any:
+        def lazy_import(*args: object, **kwargs: object) -> None:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise wrapper from e
+        return lazy_import
 
-    monkeypatch.setattr(tiny, "write_shards", lazy_import)
-    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
-    assert res.exit_code == 130 and "interrupted" in res.output and list(tmp_path.iterdir()) == []
-
-    def wrapped_otherwise(*args: object, **kwargs: object) -> None:  # a library's own error type around it
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as e:
-            raise RuntimeError("Failed to import transformers.models.clip") from e
-
-    monkeypatch.setattr(tiny, "write_shards", wrapped_otherwise)
-    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
-    assert res.exit_code == 130 and "interrupted" in res.output and list(tmp_path.iterdir()) == []
+    # transformers' own wording, then a library's own error type around it
+    for wrapper in (ModuleNotFoundError("Could not import module 'CLIPVisionModel'"),
+                    RuntimeError("Failed to import transformers.models.clip")):
+        monkeypatch.setattr(tiny, "write_shards", interrupted_inside(wrapper))
+        res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+        assert res.exit_code == 130 and "interrupted" in res.output and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(tiny, "write_shards", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
     assert isinstance(CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")]).exception, ModuleNotFoundError)
 
