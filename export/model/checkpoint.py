@@ -354,8 +354,9 @@ def read_template(root: Path) -> PromptTemplate:
     return replace(LLAVA_V1, dummy_prefix_after_eos=legacy is not False)
 
 
-# LlamaTokenizer's defaults, which PULSE's file states: LLaVA's prompts (and so its training) begin with the BOS the
-# tokenizer adds and end without an EOS; the runtime's prompt does the same, so another setting would go unheard
+# LlamaTokenizer's defaults, which the runtime's llava_v1 prompt is built as (BOS first, no EOS). LLaVA's own code
+# follows the tokenizer (tokenizer_image_token keeps a BOS only where the tokenizer added one: LLaVA/llava/mm_utils.py
+# in PULSE's repository), so a checkpoint with other settings was trained and evaluated on other prompts
 SPECIAL_TOKENS_ADDED = {"add_bos_token": True, "add_eos_token": False}
 
 
@@ -363,10 +364,10 @@ def _check_special_tokens(config: dict, path: Path) -> None:
     for key, wanted in SPECIAL_TOKENS_ADDED.items():
         value = config.get(key, wanted)
         if value is not wanted:
-            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}, but PULSE's tokenizer has "
-                                  f"{json.dumps(wanted)} and pulse-edge builds the llava_v1 prompt so: this "
-                                  "checkpoint would be prompted unlike its training; export one whose tokenizer "
-                                  "matches PULSE's")
+            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}, but pulse-edge builds the llava_v1 "
+                                  f"prompt with LlamaTokenizer's default, {json.dumps(wanted)}: this checkpoint "
+                                  "would be prompted unlike its training; export one whose tokenizer keeps the "
+                                  "default")
 
 
 def fill_parameters(model: nn.Module, sources: dict[str, TensorSource], *, dtype: torch.dtype,

@@ -291,7 +291,7 @@ def test_truncated_shard_is_refused(tmp_path: Path, tiny_checkpoint: Path, keep:
     ({"tokenizer_class": "LlamaTokenizer"}, True),
     ({"legacy": True}, True),
     ({"legacy": False}, False),  # vicuna v1.5's, as the tiny checkpoint ships it
-    ({"legacy": False, "add_bos_token": True, "add_eos_token": False}, False),  # PULSE's own settings
+    ({"legacy": False, "add_bos_token": True, "add_eos_token": False}, False),  # LlamaTokenizer's defaults
 ])
 def test_the_template_follows_the_checkpoints_tokenizer_config(tmp_path: Path, content: dict | None,
                                                                after_eos: bool) -> None:
@@ -305,8 +305,10 @@ def test_the_template_follows_the_checkpoints_tokenizer_config(tmp_path: Path, c
     ("[1]", "holds no JSON object"),
     ('{"legacy": fal', "is not readable JSON"),
     # the runtime's prompt always opens with BOS and adds no EOS: a tokenizer that differs is refused, not ignored
-    ('{"add_bos_token": false}', "add_bos_token is false, but PULSE's tokenizer has true"),
-    ('{"add_eos_token": true}', "add_eos_token is true, but PULSE's tokenizer has false"),
+    ('{"add_bos_token": false}', "add_bos_token is false, but pulse-edge builds the llava_v1 prompt with "
+                                     "LlamaTokenizer's default, true"),
+    ('{"add_eos_token": true}', "add_eos_token is true, but pulse-edge builds the llava_v1 prompt with "
+                                     "LlamaTokenizer's default, false"),
     ('{"add_bos_token": "true"}', 'add_bos_token is "true"'),
 ])
 def test_a_damaged_tokenizer_config_is_one_line(tmp_path: Path, text: str, words: str) -> None:
