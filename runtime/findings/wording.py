@@ -170,7 +170,8 @@ _IS_NOT = rf"(?:{_ARE_NOT}(?=\s*(?:[.;!?)]|$|(?:either|too)(?![A-Za-z]))))"
 # ... or before what the statement is not: "AF is not the rhythm here", "SR is not the correct answer, AF is"; the
 # rhythm only where the statement is a whole tracing's rhythm (NOT_THE_RHYTHM: "the PVCs are not the underlying
 # rhythm" and "bigeminy is not the underlying rhythm" are present)
-_WHAT_NOT = (r"(?:the\s+)?(?:(?:correct|right|best|final|underlying)\s+)?(?:diagnosis|answer{})(?=\s*(?:[.,;!?)]|$"
+_WHAT_NOT = (r"(?:the\s+)?(?:(?:correct|right|best|final|underlying|primary|main)\s+)?"
+             r"(?:diagnos[ie]s|answers?|options?|choices?{})(?=\s*(?:[.,;!?)]|$"
              r"|(?:here|on this|in this|given|because|since|as|either|too|as well)(?![A-Za-z])))")
 _NOT_THE = rf"(?:{_ARE_NOT} {_WHAT_NOT.format('')})"
 _NOT_THE_OR_RHYTHM = rf"(?:{_ARE_NOT} {_WHAT_NOT.format('|rhythm')})"
