@@ -568,3 +568,26 @@ def test_a_form_question_that_is_not_utf8_is_a_400_and_one_that_is_is_read(serve
     assert status == 400 and "the field 'question' is not UTF-8 text" in answer["error"]["message"]
     status, answer = post("Quel est le rythme cardiaque ? (é, ü)".encode())
     assert status == 200 and answer["question"] == "Quel est le rythme cardiaque ? (é, ü)"
+
+
+def test_a_raw_stream_ends_in_done_and_asks_proxies_not_to_buffer(server: Server, bundle: Path, ecg_png: Path) -> None:
+    """`data: [DONE]` tells a hand-written SSE reader (curl, a proxy, another SDK) a finished answer from a cut one;
+    without `X-Accel-Buffering: no` nginx holds the whole answer back."""
+    body = json.dumps({"model": bundle.name, "stream": True, "max_tokens": 2,
+                       "messages": _messages(ecg_png.read_bytes())}).encode()
+    status, headers, answer = _http("POST", f"{server.url}/v1/chat/completions", body, _auth({"Content-Type": JSON}))
+    named = {key.lower(): value for key, value in headers.items()}
+    assert status == 200 and answer.endswith(b"data: [DONE]\n\n")
+    assert named["x-accel-buffering"] == "no" and "no-cache" in named["cache-control"]
+
+
+def test_interpret_refuses_two_ecgs_or_a_field_given_twice(server: Server, ecg_png: Path) -> None:
+    """A form with both a file and a path, or two questions, was answered from one of them, the other dropped."""
+    both, kind = _multipart({"path": "ecg.png"}, ("ecg.png", ecg_png.read_bytes()))
+    status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", both, _auth(kind))
+    assert status == 400 and "exactly one ECG" in json.loads(answer)["error"]["message"]
+    once, kind = _multipart({"question": "Rate?"}, ("ecg.png", ecg_png.read_bytes()))
+    boundary = kind["Content-Type"].split("boundary=")[1]
+    twice = f'--{boundary}\r\nContent-Disposition: form-data; name="question"\r\n\r\nAxis?\r\n'.encode() + once
+    status, _, answer = _http("POST", f"{server.url}/v1/ecg/interpret", twice, _auth(kind))
+    assert status == 400 and "'question' is given twice" in json.loads(answer)["error"]["message"]

@@ -564,11 +564,9 @@ async def _asgi(app: Any, method: str, path: str, body: bytes = b"") -> tuple[in
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
 
 
-@pytest.mark.parametrize(("stream", "said"), [(False, None), (True, None), (True, "Sinus")])
-def test_a_full_memory_is_a_503_with_its_line_and_counted_as_unavailable(tmp_path: Path, stream: bool,
-                                                                          said: str | None) -> None:
-    """Not a 500 with a traceback: the machine's state, which may pass (OpenAI's clients retry a 503); mid-stream
-    (status 200 already sent) the error event carries it. /metrics counts it as `unavailable`, not `queue_full`."""
+def _through_app(pipeline: Any, tmp_path: Path, *, stream: bool, timeout_s: float = 30.0,
+                 body: dict[str, Any] | None = None, path: str = "/v1/chat/completions") -> tuple[int, bytes, bytes]:
+    """(status, body, /metrics after it) of one request to the app over `pipeline`, a stand-in for the model."""
     import json
     from io import BytesIO
 
@@ -578,32 +576,138 @@ def test_a_full_memory_is_a_503_with_its_line_and_counted_as_unavailable(tmp_pat
     from pulse_edge.runtime.server.model import ServedModel
     from pulse_edge.runtime.server.state import ServerConfig, ServerState
 
-    config = ServerConfig(bundle=tmp_path, host="127.0.0.1", port=0, api_key=None, max_queue=2, allow_dir=None,
-                          max_body_bytes=1 << 20, timeout_s=30.0)
-    model = ServedModel(pipeline=_FullMemory(said), model_id="tiny", bundle_id="0" * 64, provider="cpu")
-    state = ServerState.create(config, model)
+    config = ServerConfig(bundle=tmp_path, host="127.0.0.1", port=0, api_key=None, max_queue=2, allow_dir=tmp_path,
+                          max_body_bytes=1 << 20, timeout_s=timeout_s)
+    state = ServerState.create(config, ServedModel(pipeline=pipeline, model_id="tiny", bundle_id="0" * 64,
+                                                   provider="cpu"))
     app = create_app(state)
-    png = BytesIO()
-    page((256, 256)).save(png, format="PNG")
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
-        png.getvalue()).decode()}}
-    body = json.dumps({"model": "tiny", "stream": stream, "max_tokens": 4,
-                       "messages": [{"role": "user", "content": [image, {"type": "text", "text": "Rate?"}]}]})
+    if body is None:
+        png = BytesIO()
+        page((256, 256)).save(png, format="PNG")
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+            png.getvalue()).decode()}}
+        body = {"model": "tiny", "stream": stream, "max_tokens": 4,
+                "messages": [{"role": "user", "content": [image, {"type": "text", "text": "Rate?"}]}]}
 
     async def scenario() -> tuple[int, bytes, bytes]:
-        status, answer = await _asgi(app, "POST", "/v1/chat/completions", body.encode())
+        status, answer = await _asgi(app, "POST", path, json.dumps(body).encode())
         return status, answer, (await _asgi(app, "GET", "/metrics"))[1]
 
     try:
-        status, answer, metrics = asyncio.run(scenario())
+        return asyncio.run(scenario())
     finally:
         state.worker.close()
-    events = [json.loads(e.removeprefix("data: ")) for e in answer.decode().split("\n\n") if e.startswith("data: {")]
-    error = json.loads(answer)["error"] if not said else next(e["error"] for e in events if "error" in e)
+
+
+def _events(answer: bytes) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(e.removeprefix("data: ")) for e in answer.decode().split("\n\n") if e.startswith("data: {")]
+
+
+@pytest.mark.parametrize(("stream", "said"), [(False, None), (True, None), (True, "Sinus")])
+def test_a_full_memory_is_a_503_with_its_line_and_counted_as_unavailable(tmp_path: Path, stream: bool,
+                                                                          said: str | None) -> None:
+    """Not a 500 with a traceback: the machine's state, which may pass (OpenAI's clients retry a 503); mid-stream
+    (status 200 already sent) the error event carries it. /metrics counts it as `unavailable`, not `queue_full`."""
+    import json
+
+    status, answer, metrics = _through_app(_FullMemory(said), tmp_path, stream=stream)
+    error = json.loads(answer)["error"] if not said else next(e["error"] for e in _events(answer) if "error" in e)
     assert status == (200 if said else 503)
     assert error["message"] == ("onnxruntime could not allocate memory running decoder.onnx (std::bad_alloc): the "
                                 "server ran out of memory; retry later") and error["type"] == "server_error"
     assert b'outcome="unavailable"} 1.0' in metrics and b'outcome="queue_full"} 1.0' not in metrics
+
+
+class _Broken(_FullMemory):
+    """A pipeline with a bug: some text, then an error no refusal expects."""
+
+    def ask(self, question: str, image: Any, *, on_text: Any = None, **kwargs: Any) -> None:
+        if on_text is not None:
+            on_text("Sinus")
+        raise RuntimeError("a bug mid-answer")
+
+
+class _Slow(_FullMemory):
+    """Some text, then nothing until the server asks it to stop."""
+
+    def ask(self, question: str, image: Any, *, on_text: Any = None, should_stop: Any = None, **kwargs: Any) -> None:
+        on_text("Sinus")
+        end = time.monotonic() + 10
+        while not should_stop() and time.monotonic() < end:
+            time.sleep(0.01)
+        raise RuntimeError("never stopped")
+
+
+@pytest.mark.parametrize(("pipeline", "timeout_s", "code"), [(_Broken(None), 30.0, "error"),
+                                                              (_Slow(None), 1.0, "timeout")],
+                         ids=["a bug", "the deadline"])
+def test_a_stream_that_cannot_finish_ends_in_an_error_event_counted_as_such(tmp_path: Path, pipeline: Any,
+                                                                             timeout_s: float, code: str) -> None:
+    """Status 200 and some text already sent: a bug, or --timeout passing, ends the stream with its error event
+    (a stream cut without one reads as a finished answer), and /metrics counts it by what it was."""
+    status, answer, metrics = _through_app(pipeline, tmp_path, stream=True, timeout_s=timeout_s)
+    assert status == 200 and [e["error"]["code"] for e in _events(answer) if "error" in e] == [code]
+    assert f'endpoint="/v1/chat/completions",outcome="{code}"}} 1.0'.encode() in metrics
+
+
+def test_a_misspelt_interpret_field_is_a_400(tmp_path: Path) -> None:
+    """`lead=` for `leads=` would read a recording in another lead order: never dropped in silence."""
+    import json
+
+    status, answer, _ = _through_app(_FullMemory(None), tmp_path, stream=False, path="/v1/ecg/interpret",
+                                     body={"path": "ecg.png", "lead": "V1,V2"})
+    assert status == 400 and "unknown fields ['lead']" in json.loads(answer)["error"]["message"]
+
+
+def test_statuses_metrics_and_limits_are_what_clients_and_dashboards_read(tmp_path: Path) -> None:
+    """A timeout is a 504 and a worker closing mid-prompt a 503 (clients retry both, never a 400); the gauges read
+    the queue, the time to first token is in seconds; uvicorn keeps its connection limit, its graceful shutdown and
+    the 10 s head deadline; a deadline never grants more time than asked."""
+    from pulse_edge.errors import GenerationStopped
+    from pulse_edge.runtime.server import launch
+    from pulse_edge.runtime.server.errors import ApiError, from_runtime
+    from pulse_edge.runtime.server.metrics import Metrics
+    from pulse_edge.runtime.server.state import ServerConfig
+    from pulse_edge.runtime.server.waiting import Deadline
+
+    assert ApiError("timeout", "x").status == 504 and from_runtime(GenerationStopped("x")).status == 503
+    metrics = Metrics(waiting=lambda: 3, busy=lambda: True)
+    metrics.generation("eos", {"time_to_first_token_ms": 800.0, "decode_tokens_per_s": 5.0})
+    shown = metrics.render().decode()
+    assert "pulse_edge_queue_depth 3.0" in shown and "pulse_edge_generating 1.0" in shown
+    assert "pulse_edge_time_to_first_token_seconds_sum 0.8" in shown
+    config = ServerConfig(bundle=tmp_path, host="127.0.0.1", port=0, api_key=None, max_queue=2, allow_dir=None,
+                          max_body_bytes=1 << 20, timeout_s=30.0)
+    settings = launch.uvicorn_settings(config, app=lambda scope, receive, send: None)
+    assert settings.limit_concurrency == launch.connection_limit(2) and settings.timeout_graceful_shutdown == 5
+    assert launch.HEAD_DEADLINE_S == 10.0 and Deadline(0.2).remaining() <= 0.2
+
+
+def test_serve_warns_when_reachable_from_other_machines_without_a_key(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """ECGs reachable from the hospital network with no key: the operator is told, once, and only then."""
+    from types import SimpleNamespace
+
+    import pulse_edge.runtime.server.launch as launch
+    from pulse_edge.runtime.server.state import ServerConfig
+
+    model = SimpleNamespace(model_id="tiny", pipeline=SimpleNamespace(manifest=SimpleNamespace(precision="fp32")))
+    monkeypatch.setattr(launch, "open_model", lambda bundle, session: model)
+    monkeypatch.setattr(launch.ServerState, "create", classmethod(
+        lambda cls, config, served: SimpleNamespace(worker=SimpleNamespace(close=lambda: None))))
+    monkeypatch.setattr(launch, "create_app", lambda state: None)
+    monkeypatch.setattr(launch, "uvicorn_settings", lambda config, app: None)
+    monkeypatch.setattr(launch.ClosingServer, "__init__", lambda self, settings, close: None)
+    monkeypatch.setattr(launch.ClosingServer, "run", lambda self, sockets: [s.close() for s in sockets])
+    warned = {}
+    for host in ("0.0.0.0", "127.0.0.1"):
+        lines: list[str] = []
+        launch.serve(ServerConfig(bundle=tmp_path, host=host, port=0, api_key=None, max_queue=2, allow_dir=None,
+                                  max_body_bytes=1 << 20, timeout_s=30.0), lines.append)
+        warned[host] = [line for line in lines if line.startswith("warning")]
+    assert len(warned["0.0.0.0"]) == 1 and "no --api-key" in warned["0.0.0.0"][0] and warned["127.0.0.1"] == []
 
 
 def test_a_body_that_does_not_arrive_in_time_is_a_408(tmp_path: Path) -> None:
