@@ -487,6 +487,41 @@ def test_shutdown_answers_the_waiting_and_the_running_request_with_the_json_503(
             running.process.wait()
 
 
+def test_shutdown_gives_a_running_interpretation_and_a_waiting_stream_the_json_503(bundle: Path, ecg_png: Path,
+                                                                                     tmp_path: Path) -> None:
+    """The same for the other endpoint and the other kind of request: an interpretation cut by the shutdown is a 503,
+    never a half-written report, and a stream still waiting gets the JSON 503 a client retries, not a bare 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate = tmp_path / "closed"
+    running = _start([sys.executable, str(GATED), str(gate), "serve", "--model", str(bundle), "--port", "0",
+                      "--max-queue", "2"], tmp_path / "gated.log")
+    try:
+        form, kind = _multipart({"max_tokens": "500"}, ("ecg.png", ecg_png.read_bytes()))
+        stream = json.dumps({"messages": _messages(ecg_png.read_bytes()), "max_tokens": 4, "stream": True}).encode()
+        gate.touch()
+        with ThreadPoolExecutor(2) as pool:
+            interpreting = pool.submit(_http, "POST", f"{running.url}/v1/ecg/interpret", form, kind)
+            _eventually(lambda: json.loads(_http("GET", f"{running.url}/health")[2])["queue"]["generating"],
+                        "the interpretation to start")
+            waiting = pool.submit(_http, "POST", f"{running.url}/v1/chat/completions", stream, {"Content-Type": JSON})
+            _eventually(lambda: json.loads(_http("GET", f"{running.url}/health")[2])["queue"]["waiting"] == 1,
+                        "the stream to queue")
+            running.process.terminate()
+            status, headers, answer = waiting.result(timeout=60)
+            assert (status, headers["content-type"]) == (503, "application/json"), answer
+            gate.unlink()  # the interpretation's next step sees the closed worker
+            status, _, answer = interpreting.result(timeout=60)
+        assert status == 503 and "the server is shutting down" in json.loads(answer)["error"]["message"], answer
+        running.process.wait(timeout=30)
+        assert "Traceback" not in running.log.read_text()
+    finally:
+        gate.unlink(missing_ok=True)
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
 def _raw(server: Server, request: bytes, wait_s: float = 10) -> bytes:
     """What the server sends on one connection for `request` until it closes it (or `wait_s` passes)."""
     import socket
