@@ -100,12 +100,11 @@ ALTERNATIVE_BEFORE = re.compile(
 
 # --- a multiple-choice answer that repeats its options -----------------------------------------------------------
 # "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
-# chosen one is. An option is a capital A-H marked "A.", "A)", "A:" or "(A)" before a space; a list is a run of them in
-# alphabetical order from A (a bare letter before its option in brackets, "A (AF)", only after "Options:" or a
-# question),
-# each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none;
-# and it is a list of options only where the text says so: an options cue right before it ("Options:", "Choose
-# from") or an answer's cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
+# chosen one is. An option is a capital A-H marked "A.", "A)", "A:" or "(A)" before a space, or bare before its
+# option in brackets ("A (AF)", only after "Options:" or a question); a list is a run of them in alphabetical order
+# from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none; and it is a list of
+# options only where the text says so: an options cue right before it ("Options:", "Choose from") or an answer's
+# cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
 OPTION_MARK = re.compile(  # "A：" needs no space
     r"(?<![A-Za-z0-9])(?:\(([A-H])\)(?=\s)|([A-H])(?:[.):](?=\s)|\uff1a|(?=[ \t]\([^()\n]{1,60}\))))")
 OPTION_CHARS = 160
@@ -186,8 +185,7 @@ _NEGATED = (
 NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
-# MI": MI's, wording.NEGATION_TO_COMMA).
-# "C (RBBB) is not"
+# MI": MI's, wording.NEGATION_TO_COMMA). "C (RBBB) is not" too.
 NEGATION_RIGHT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE})", _I)
 NOT_THE_RHYTHM = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE_OR_RHYTHM})", _I)
 NOT_THE = re.compile(rf"^\)?[ \t]+{_NOT_THE_OR_RHYTHM}", _I)  # its words alone
