@@ -159,7 +159,7 @@ _NEW = (rf"(?![\s,]+(?:(?:on|in|from|compared (?:to|with)) (?:the |an? )?(?:(?:[
         rf"|(?:previously|before|earlier){_E}))")
 # "RBBB does not fit because ...", "LVH does not fit;": the finding denied, at its clause's end or before the
 # reason; "which does not fit the clinical picture", "does not fit a single territory" keep it (present but odd)
-_FIT = (r"(?:(?<!which )(?<!that )(?:(?:does|do|did) not|doesn't|don't|didn't)(?: really| quite)? fit"
+_FIT = (r"(?:(?<!which )(?<!that )(?:(?:does|do|did|would) not|doesn't|don't|didn't|wouldn't)(?: really| quite)? fit"
         r"(?:\s+(?:either|at all|well))?(?=\s*(?:[.;,:!?()]|$"
         r"|(?:because|as|since|here|given|the (?:tracing|ECG|rate))(?![A-Za-z]))))")
 # "LBBB is present but AF is not.": the verb alone, right after its statement and at its clause's end (never after
@@ -179,7 +179,7 @@ _NEGATED = (
     r"|shown|demonstrated|correct)|no longer (?:seen|present|evident|visible)"
     rf"|absent(?!\s+(?!(?:in|on|from|at|throughout)\b)[A-Za-z])|ruled out|excluded|resolved|incorrect|wrong|{_FIT}"
     r"|cannot be (?:reliably |confidently |definitely )?(?:diagnosed|confirmed|determined)"
-    r"|unlikely"
+    r"|unlikely|would not (?:explain|account for|cause|produce)"  # a hypothetical: "LBBB would not explain ..."
     r"|criteria (?:are |were )?not (?:met|fulfilled)|(?:(?:likely|probably) )?(?:due to|caused by|secondary to)"
     rf" (?:[\w-]+\s+){{0,2}}?art[ie]fact\w*|art[ie]factual){_E}{_NEW}")
 NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)

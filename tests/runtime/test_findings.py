@@ -167,6 +167,9 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("AF is not the correct answer, and LBBB isn't either.", []),
     ("AF is not the rhythm, and LBBB is not supported.", []),
     ("AF is not the correct option; sinus rhythm.", [("SR", "stated")]),
+    # a hypothetical denies: "would not explain / fit"
+    ("AF is not the rhythm, and LBBB would not explain the narrow QRS.", []),
+    ("Sinus rhythm, LBBB would not fit.", [("SR", "stated")]),
     ("AF and LBBB are not the correct answers.", []),
     ("RBBB is not the primary diagnosis, LBBB is.", [("LBBB", "stated")]),
     ("Is the rhythm regular? It is not, consistent with atrial fibrillation.", [("AFIB", "stated")]),
