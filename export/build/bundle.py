@@ -167,14 +167,11 @@ class ExportOptions:
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None) -> Path:
     """Export, validate, then move the bundle into place; refuses to overwrite a non-empty directory."""
     out = Path(out)
-    staging: list[Path] = []
-    try:
-        with staged_directory(out, what="bundle") as work:
-            staging.append(work.resolve())  # validation's loads stamp it: the stamps go with the folder
+    with staged_directory(out, what="bundle") as work:
+        try:
             _export_into(Path(checkpoint), work, options or ExportOptions())
-    finally:
-        for folder in staging:
-            forget(folder)
+        finally:
+            forget(work)  # validation's loads stamped the staging folder: its stamps go before the folder does
     stamp(out, read_manifest(out).files)  # hashed by this export: the first load need not hash it again
     return out
 
