@@ -447,6 +447,28 @@ def test_a_full_queue_is_503_and_a_client_leaving_frees_the_model(gated: Server,
 # ---- shutting down with requests in flight -------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _stopping_gated_server(bundle: Path, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    """A gated server with room to queue, for a test that stops it (SIGTERM) itself: it must exit by itself after
+    that without a traceback; killed, whatever happened, at the end."""
+    gate = tmp_path / "closed"
+    running = _start([sys.executable, str(GATED), str(gate), "serve", "--model", str(bundle), "--port", "0",
+                      "--max-queue", "2"], tmp_path / "gated.log")
+    try:
+        yield running, gate
+        running.process.wait(timeout=30)
+        assert "Traceback" not in running.log.read_text()
+    finally:
+        gate.unlink(missing_ok=True)
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
+def _queue(server: Server) -> dict[str, Any]:
+    return json.loads(_http("GET", f"{server.url}/health")[2])["queue"]
+
+
 def test_shutdown_answers_the_waiting_and_the_running_request_with_the_json_503(bundle: Path, ecg_png: Path,
                                                                                 tmp_path: Path) -> None:
     """uvicorn waited 5 s for open requests, then cancelled their handlers (a text 500 and a traceback each);
@@ -454,10 +476,7 @@ def test_shutdown_answers_the_waiting_and_the_running_request_with_the_json_503(
     for the running one."""
     from concurrent.futures import ThreadPoolExecutor
 
-    gate = tmp_path / "closed"
-    running = _start([sys.executable, str(GATED), str(gate), "serve", "--model", str(bundle), "--port", "0",
-                      "--max-queue", "2"], tmp_path / "gated.log")
-    try:
+    with _stopping_gated_server(bundle, tmp_path) as (running, gate):
         client, messages = _client(running), _messages(ecg_png.read_bytes())
         gate.touch()
         chunks = iter(client.chat.completions.create(model=bundle.name, messages=messages, max_tokens=500,
@@ -466,8 +485,7 @@ def test_shutdown_answers_the_waiting_and_the_running_request_with_the_json_503(
         body = json.dumps({"messages": messages, "max_tokens": 4}).encode()
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(_http, "POST", f"{running.url}/v1/chat/completions", body, {"Content-Type": JSON})
-            _eventually(lambda: json.loads(_http("GET", f"{running.url}/health")[2])["queue"]["waiting"] == 1,
-                        "the second request to queue")
+            _eventually(lambda: _queue(running)["waiting"] == 1, "the second request to queue")
             asked = time.monotonic()
             running.process.terminate()
             status, headers, answer = waiting.result(timeout=60)
@@ -478,13 +496,6 @@ def test_shutdown_answers_the_waiting_and_the_running_request_with_the_json_503(
         with pytest.raises(openai.APIError, match="the server is shutting down"):
             for _ in chunks:
                 pass
-        running.process.wait(timeout=30)
-        assert "Traceback" not in running.log.read_text()
-    finally:
-        gate.unlink(missing_ok=True)
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait()
 
 
 def test_shutdown_gives_a_running_interpretation_and_a_waiting_stream_the_json_503(bundle: Path, ecg_png: Path,
@@ -493,33 +504,21 @@ def test_shutdown_gives_a_running_interpretation_and_a_waiting_stream_the_json_5
     never a half-written report, and a stream still waiting gets the JSON 503 a client retries, not a bare 500."""
     from concurrent.futures import ThreadPoolExecutor
 
-    gate = tmp_path / "closed"
-    running = _start([sys.executable, str(GATED), str(gate), "serve", "--model", str(bundle), "--port", "0",
-                      "--max-queue", "2"], tmp_path / "gated.log")
-    try:
+    with _stopping_gated_server(bundle, tmp_path) as (running, gate):
         form, kind = _multipart({"max_tokens": "500"}, ("ecg.png", ecg_png.read_bytes()))
         stream = json.dumps({"messages": _messages(ecg_png.read_bytes()), "max_tokens": 4, "stream": True}).encode()
         gate.touch()
         with ThreadPoolExecutor(2) as pool:
             interpreting = pool.submit(_http, "POST", f"{running.url}/v1/ecg/interpret", form, kind)
-            _eventually(lambda: json.loads(_http("GET", f"{running.url}/health")[2])["queue"]["generating"],
-                        "the interpretation to start")
+            _eventually(lambda: _queue(running)["generating"], "the interpretation to start")
             waiting = pool.submit(_http, "POST", f"{running.url}/v1/chat/completions", stream, {"Content-Type": JSON})
-            _eventually(lambda: json.loads(_http("GET", f"{running.url}/health")[2])["queue"]["waiting"] == 1,
-                        "the stream to queue")
+            _eventually(lambda: _queue(running)["waiting"] == 1, "the stream to queue")
             running.process.terminate()
             status, headers, answer = waiting.result(timeout=60)
             assert (status, headers["content-type"]) == (503, "application/json"), answer
             gate.unlink()  # the interpretation's next step sees the closed worker
             status, _, answer = interpreting.result(timeout=60)
         assert status == 503 and "the server is shutting down" in json.loads(answer)["error"]["message"], answer
-        running.process.wait(timeout=30)
-        assert "Traceback" not in running.log.read_text()
-    finally:
-        gate.unlink(missing_ok=True)
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait()
 
 
 def _raw(server: Server, request: bytes, wait_s: float = 10) -> bytes:
