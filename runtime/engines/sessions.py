@@ -16,7 +16,7 @@ from typing import Any
 from pulse_edge.choices import ATTENTION_MODES, DECODE_STEPS, OPT_LEVELS, PREFILL_GRAPH_MODES, PROVIDERS
 from pulse_edge.errors import ConfigError, DeviceMemoryError, EngineRunError
 from pulse_edge.runtime.bundle.manifest import GraphSpec
-from pulse_edge.runtime.engines.trt_cache import cache_folder, hold_in_use, keep_and_prune
+from pulse_edge.runtime.engines.trt_cache import cache_folder, hold_folder, keep_and_prune, keep_held
 from pulse_edge.runtime.engines.trt_cache import default_trt_cache as default_trt_cache  # re-exported
 from pulse_edge.runtime.engines.trt_cache import graph_cache_key as graph_cache_key
 from pulse_edge.runtime.kernels.build import cpu_flags
@@ -310,14 +310,26 @@ def make_session(path: Path, config: SessionConfig, *, graph_limit: str | None =
     providers = provider_chain(config, fp16=fp16, cache_dir=cache)
     if tensorrt:  # ORT creates only the last folder of the cache path
         Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+    ours = cache is not None and Path(providers[0][1]["trt_engine_cache_path"]) == cache  # not a path the caller chose
+    held = hold_folder(cache) if ours else None
+    try:
+        session = _started_session(ort, path, options, providers, config)
+    except BaseException:
+        if held is not None:
+            os.close(held)
+        raise
+    keep_held(held, session)
+    if ours:
+        keep_and_prune(cache, path, ort.__version__)
+    return session
+
+
+def _started_session(ort: Any, path: Path, options: Any, providers: list, config: SessionConfig) -> Any:
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all Exception subclasses
         raise _load_error(path, config, e) from e
     check_session_provider(session, config, path)
-    if cache is not None and Path(providers[0][1]["trt_engine_cache_path"]) == cache:  # not a path the caller chose
-        hold_in_use(cache, session)
-        keep_and_prune(cache, path, ort.__version__)
     return session
 
 

@@ -16,9 +16,10 @@ one shared graph file, and a link to the current bundle moves on) and another st
 cart each keep theirs while they use them: every session start rewrites its folder's record). Folders for the
 same graph built with other settings (fp16, provider options) stay: a run with those settings uses them.
 Folders without a record (made by hand, or before records) and engines of bundles at other paths are left
-alone, whatever they hold. A folder a live session holds (`hold_in_use`: a shared flock on its IN_USE file, for
-the session's life) is never removed: a server up for months wrote its record once, at its start, and a clock set
-forward (a cart without a real-time clock, before NTP) made a record written minutes ago a month old.
+alone, whatever they hold. A folder a live session holds (`hold_folder`: a shared flock on its IN_USE file, from
+before its engines are built or loaded to the session's end) is never removed: a server up for months wrote its
+record once, at its start, and a clock set forward (a cart without a real-time clock, before NTP) made a record
+written minutes ago a month old.
 """
 
 from __future__ import annotations
@@ -105,22 +106,43 @@ def keep_and_prune(folder: Path, path: Path, onnxruntime: str) -> None:
                  record["graph"], OTHER_RUNTIME_IDLE_DAYS)
 
 
-def hold_in_use(folder: Path, session: object) -> None:
-    """Hold `folder` against pruning for as long as `session` lives (module doc): a shared lock, released when the
-    session is collected (or its process ends, however it ends). A folder that cannot be locked is used unheld."""
-    try:
-        fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
+def hold_folder(folder: Path) -> int | None:
+    """A shared lock on `folder` against pruning (module doc), taken before ONNX Runtime builds or loads the
+    engines there (a build takes minutes): the open lock file, or None where the folder cannot be locked (it is
+    used unheld). Handed to keep_held once the session stands, closed by the caller if it never does."""
+    for _ in range(3):  # a prune that held the folder while this waited removed it: make it again
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if _same_file(os.fstat(fd), os.stat(folder / IN_USE)):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+    return None
+
+
+def keep_held(fd: int | None, session: object) -> None:
+    """Keep hold_folder's lock for as long as `session` lives: released when the session is collected (or its
+    process ends, however it ends)."""
+    if fd is None:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
         weakref.finalize(session, os.close, fd)
-    except (OSError, TypeError):  # TypeError: a session object that takes no weak reference
+    except TypeError:  # a session object that takes no weak reference: used unheld
         os.close(fd)
 
 
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _removed_unless_held(folder: Path) -> bool:
-    """Remove `folder` unless a live session holds it (hold_in_use); locked while removing, so none starts on it
+    """Remove `folder` unless a live session holds it (hold_folder); locked while removing, so none starts on it
     meanwhile."""
     try:
         fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)

@@ -203,7 +203,7 @@ def test_engines_a_live_session_holds_are_never_removed(tmp_path: Path, monkeypa
         folder = s.engine_cache_dir(graph, config, fp16=True, onnxruntime=onnxruntime)
         folder.mkdir(parents=True, exist_ok=True)
         if session is not None:
-            trt_cache.hold_in_use(folder, session)
+            trt_cache.keep_held(trt_cache.hold_folder(folder), session)
         trt_cache.keep_and_prune(folder, graph, onnxruntime)
         return folder
 
@@ -268,3 +268,71 @@ def test_a_tensorrt_session_records_its_engines_and_removes_those_of_the_bundle_
     given = s.SessionConfig(provider="tensorrt", provider_options={"trt_engine_cache_path": str(mine)})
     assert s.make_session(graph, given).cache == mine and not (mine / trt_cache.RECORD).exists()
     assert second.is_dir() and "TensorRT engine cache" not in caplog.text
+
+
+def test_engines_are_held_while_they_are_built_and_let_go_when_the_build_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 7B engine builds for minutes: a prune in that time (another bundle's session start) took the folder TensorRT
+    was writing into, since the hold came after the build. A build that fails leaves the folder free to prune."""
+    import onnxruntime
+
+    from pulse_edge.runtime.engines import trt_cache
+
+    tried: list[bool] = []
+    folders: list[Path] = []
+
+    class Builds:
+        def __init__(self, path: str, sess_options: object = None, providers: list = ()) -> None:
+            cache = Path(providers[0][1]["trt_engine_cache_path"])
+            folders.append(cache)
+            (cache / "TensorrtExecutionProvider_TRTKernel.engine").write_bytes(b"engine, half written")
+            tried.append(trt_cache._removed_unless_held(cache))  # a prune meanwhile, as another process makes it
+            if fail:
+                raise RuntimeError("out of device memory")
+
+        def get_providers(self) -> list[str]:
+            return ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Builds)
+    graph = tmp_path / "decoder.onnx"
+    graph.write_bytes(b"graph")
+    fail = False
+    session = s.make_session(graph, s.SessionConfig(provider="tensorrt"))
+    assert tried == [False]  # held while it was built
+    fail = True
+    with pytest.raises(ConfigError, match="out of device memory"):
+        s.make_session(graph, s.SessionConfig(provider="tensorrt", provider_options={"trt_max_workspace_size": 1}))
+    assert tried == [False, False] and folders[1] != folders[0]
+    assert trt_cache._removed_unless_held(folders[1])  # failed: nothing holds it
+    assert not trt_cache._removed_unless_held(folders[0])
+    del session
+
+
+def test_a_hold_taken_on_a_folder_a_prune_removed_meanwhile_holds_the_folder_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session waiting on a prune's exclusive lock got its shared lock on a file the prune had just deleted: a
+    lock on nothing, and the folder ORT made again was unheld."""
+    import fcntl
+
+    from pulse_edge.runtime.engines import trt_cache
+
+    folder = tmp_path / "engines"
+    real_flock = fcntl.flock
+    pruned: list[int] = []  # the lock file descriptor that waited
+
+    def flock_after_a_prune(fd: int, op: int) -> None:
+        real_flock(fd, op)
+        if not pruned:  # the prune that held the folder finished while this waited
+            pruned.append(fd)
+            shutil.rmtree(folder)
+
+    monkeypatch.setattr(trt_cache.fcntl, "flock", flock_after_a_prune)
+    fd = trt_cache.hold_folder(folder)
+    monkeypatch.setattr(trt_cache.fcntl, "flock", real_flock)
+    assert fd is not None and os.fstat(fd).st_ino == (folder / trt_cache.IN_USE).stat().st_ino
+    assert not trt_cache._removed_unless_held(folder) and folder.is_dir()
+    os.close(fd)
+    assert trt_cache._removed_unless_held(folder)
