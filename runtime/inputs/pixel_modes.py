@@ -49,14 +49,16 @@ def orientation_line(orientation: int, name: str) -> list[str]:
     return [f"{name}: {turned} as its EXIF orientation says; check that the print reads upright"] if turned else []
 
 
-def grey_to_8bit(values: np.ndarray, widest: int, bits: int, name: str, say: list[str]) -> Image.Image:
-    """Integer grey levels of a `bits`-bit file as 8-bit grey, scaled from the smallest full scale that holds them
-    (module doc; `widest` past 16 bits), rounded to nearest: full scale -> 255 exactly."""
+def grey_to_8bit(values: np.ndarray, widest: int, bits: int | None, name: str, say: list[str]) -> Image.Image:
+    """Integer grey levels of a `bits`-bit file (None: a depth Pillow's mode does not tell) as 8-bit grey, scaled
+    from the smallest full scale that holds them (module doc; `widest` past 16 bits), rounded to nearest: full
+    scale -> 255 exactly."""
     top = int(values.max(initial=0))
     full = next((2**depth - 1 for depth in _GREY_BITS if top < 2**depth), widest)
     if full < U16_MAX:
-        say.append(f"{name}: its grey levels stop at {top} in a {bits}-bit file, so they were "
-                   f"read as {full.bit_length()}-bit grey ({full} is white)")
+        stored = f" in a {bits}-bit file" if bits else ""
+        say.append(f"{name}: its grey levels stop at {top}{stored}, so they were read as {full.bit_length()}-bit "
+                   f"grey ({full} is white)")
     return Image.fromarray(((np.clip(values, 0, full) * 255 + full // 2) // full).astype(np.uint8), mode="L")
 
 
@@ -107,8 +109,9 @@ def _luma(colour: tuple[int, int, int]) -> float:
     return 0.299 * red + 0.587 * green + 0.114 * blue
 
 
-# 16-bit grey in Pillow's I;16 modes; mode I holds 16-bit grey in some formats and 32-bit (signed) in others
+# 16-bit grey in Pillow's I;16 modes; mode I holds 16-bit grey in some formats (a signed TIFF's; 16-bit PNGs in
+# older Pillow releases) and 32-bit in others: its file's depth is not said
 _INTEGER_GREY = {"I;16": (U16_MAX, 16), "I;16L": (U16_MAX, 16), "I;16B": (U16_MAX, 16), "I;16N": (U16_MAX, 16),
-                 "I": (I32_MAX, 32)}
+                 "I": (I32_MAX, None)}
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
 _PLAIN_MODES = frozenset({"RGB", "L", "1", "P", "CMYK", "YCbCr", "RGBX"})  # convert("RGB") reads them right

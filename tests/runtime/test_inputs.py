@@ -204,6 +204,9 @@ def test_32_bit_grey_is_scaled_from_its_range_not_clipped_at_16_bits():
     values[:, 50:100], values[:, 100:] = 2**30, 2**31 - 1
     loaded = np.asarray(load_image_bytes(encode(Image.fromarray(values, mode="I"), "TIFF"), name="grey32.tif"))
     assert loaded[0, [0, 60, 110]].tolist() == [[0, 0, 0], [128] * 3, [255] * 3]
+    notes: list[str] = []  # mode I holds 16-bit grey too (a signed TIFF's): the note names no file depth
+    load_image_bytes(encode(Image.fromarray(values // 2**19, mode="I"), "TIFF"), name="g.tif", said=notes)
+    assert notes == ["g.tif: its grey levels stop at 4095, so they were read as 12-bit grey (4095 is white)"]
 
 
 def test_unsigned_32_bit_grey_keeps_white_white():
