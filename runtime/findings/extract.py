@@ -234,7 +234,9 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
                                        and not (asked or reached or mention.past)))
         mention.hedged = (any(b <= mention.start for _, b in hedges) or hedged_after[k]
                           or bool(w.QUERIED.search(before)))
+        more = w.MORE_THAN.search(text, start, mention.start)
         alternatives.append(bool(w.ALTERNATIVE_AFTER.match(gap) or w.ALTERNATIVE_BEFORE.search(before)
+                                 or (more and more.start("than") >= mention.start - len(before))
                                  or w.MIMICKED_BEFORE.search(before)  # what is mimicked: possible at most
                                  or w.MIMICKED_BY.match(gap) or w.PRESUMED_AFTER.match(gap)))
     _along_lists(text, mentions)
@@ -357,7 +359,7 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
             if judged.get(start, letter not in chosen)]
 
 
-_CUE_END = re.compile(r"[:?\uff1a\uff1f]")  # "Options:", "Which of the following is shown?"
+_CUE_END = re.compile(r"[:?\uff1a\uff1f]|(?<![A-Za-z])(?:are|were)\W*$")  # "Options:", "What is shown?", "... are"
 
 
 def _chosen_outside(hits: list[re.Match[str]], run: list[tuple[str, int, int]], end: int) -> bool:

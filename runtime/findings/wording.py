@@ -92,28 +92,36 @@ HISTORY_OF = re.compile(
     rf"(?:{_W}(?:a |past |prior )?history of|{_W}hx of|{_W}h/o)\s+(?:[A-Za-z-]+\s+){{0,2}}$", _I)
 # The far side of a differential whose near side is no statement of the vocabulary, or words away: "Pericarditis
 # vs STEMI", "SVT with aberrancy vs ventricular tachycardia", "RBBB or IVCD".
-# "LBBB fits better than RBBB", "... better than C (RBBB)", "... than inferior STEMI": what fits less is possible,
-# not the rest of the clause
+# "LBBB fits better than RBBB", "... better than C (RBBB)", "... than inferior STEMI", "a better fit than RBBB",
+# "more consistent with LBBB than RBBB", "LBBB is favoured over RBBB": what fits less is possible, not the rest of
+# the clause ("less likely than" turns it round: not here)
+_OVER = r"\s+(?:\(?(?-i:[A-H])\)\s*|(?-i:[A-H])\s+\(|(?:[\w-]+\s+){1,2})?"  # an option's letter, or two words
 ALTERNATIVE_BEFORE = re.compile(
     rf"(?:{_W}(?:vs\.?|versus)\s+(?:[\w-]+\s+){{0,3}}|(?:^|[\s,]){_W}or\s+"
-    rf"|{_W}better than\s+(?:\(?(?-i:[A-H])\)\s*|(?-i:[A-H])\s+\(|(?:[\w-]+\s+){{1,2}})?)$", _I)
+    rf"|{_W}better(?:\s+[\w-]+)?\s+than{_OVER}|{_W}(?:favou?red|preferred)\s+over{_OVER})$", _I)
+# "more consistent with LBBB than RBBB": its "more" before the statement the clause prefers (matched over the clause,
+# the "than" after that statement: extract._judge_clause)
+MORE_THAN = re.compile(rf"{_W}more{_E}[^.;:\n]{{1,60}}?\s(?P<than>than){_OVER}$", _I)
 
 # --- a multiple-choice answer that repeats its options -----------------------------------------------------------
 # "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
 # chosen one is. An option is a capital A-H marked "A.", "A)", "A:" or "(A)" before a space, or bare before its
-# option in brackets ("A (AF)", only after "Options:" or a question); a list is a run of them in alphabetical order
+# option in brackets ("A (AF)", only after "Options:", "The options are" or a question; "A (lead II)" is a panel);
+# a list is a run of them in alphabetical order
 # from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none; and it is a list of
 # options only where the text says so: an options cue right before it ("Options:", "Choose from") or an answer's
 # cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
 OPTION_MARK = re.compile(  # "A：" needs no space
-    r"(?<![A-Za-z0-9])(?:\(([A-H])\)(?=\s)|([A-H])(?:[.):](?=\s)|\uff1a|(?=[ \t]\([^()\n]{1,60}\))))")
+    r"(?<![A-Za-z0-9])(?:\(([A-H])\)(?=\s)|([A-H])(?:[.):](?=\s)|\uff1a"
+    r"|(?=[ \t]\((?!(?i:leads?|panels?|strips?|fig\w*|image|page)\b)[^()\n]{1,60}\))))")
 OPTION_CHARS = 160
 # the cue right before a list (within OPTIONS_CUE_CHARS): "Options:", "The options are:", "Which of the following
-# is shown?", "Choose from", and the word in German, Spanish, French and Chinese answers
+# is shown?", "What is the rhythm?", "Choose from", and the word in German, Spanish, French and Chinese answers
 OPTIONS_CUE = re.compile(
-    rf"(?:{_W}(?:options?(?:\s+(?:are|were))?|choices?(?:\s+(?:are|were))?"
+    rf"(?:{_W}(?<!correct )(?<!right )(?<!true )(?<!best )"  # "The correct options are A (SR) and B (LVH)": chosen
+    rf"(?:options?(?:\s+(?:are|were))?|choices?(?:\s+(?:are|were))?"
     rf"|(?:choose|select|pick)(?: from| one| the (?:best|correct|right|most likely) (?:answer|option|choice))?"
-    rf"|candidates?|optionen|opciones|possibilit\w+)|\u9009\u9879|which of the following[^.\n]{{0,60}}\?)"
+    rf"|candidates?|optionen|opciones|possibilit\w+)|\u9009\u9879|{_W}(?:what|which)\s[^.?\n]{{0,60}}\?)"
     rf"\W{{0,6}}$", _I)
 OPTIONS_CUE_CHARS = 100
 # where the last option ends: a line break, a sentence's end, or the answer's cue
@@ -171,7 +179,7 @@ _IS_NOT = rf"(?:{_ARE_NOT}(?=\s*(?:[.;!?)]|$|(?:either|too)(?![A-Za-z]))))"
 # rhythm" and "bigeminy is not the underlying rhythm" are present)
 _WHAT_NOT = (r"(?:the\s+)?(?:(?:correct|right|best|final|underlying|primary|main)\s+)?"
              r"(?:diagnos[ie]s|answers?|options?|choices?{})(?=\s*(?:[.,;!?)]|$"
-             r"|(?:here|on this|in this|given|because|since|as|either|too|as well)(?![A-Za-z])))")
+             r"|(?:here|on this|in this|given|because|since|as|either|too|as well|seen|shown|present)(?![A-Za-z])))")
 _NOT_THE = rf"(?:{_ARE_NOT} {_WHAT_NOT.format('')})"
 _NOT_THE_OR_RHYTHM = rf"(?:{_ARE_NOT} {_WHAT_NOT.format('|rhythm')})"
 _NEGATED = (
