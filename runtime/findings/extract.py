@@ -212,7 +212,7 @@ def _judge_clause(text: str, clause: tuple[int, int, bool], mentions: list[_Ment
              if n and not w.BOTH_SIDES.search(gap)]
     # "The LBBB is not the rhythm here, ... sinus rhythm": denies neither, its "not" is spent all the same
     spent += [(m.end, m.end + hit.end()) for m, n, gap in zip(mentions, owned, gaps, strict=True)
-              if not n and (hit := w.NOT_THE.match(gap))]
+              if not n and (hit := w.NOT_THE.match(gap) or w.NOT_THE_MAIN.match(gap))]
     denials = _denials(text, clause, [*hedges, *spent], [m.start for m in mentions])
     alternatives = []
     for k, mention in enumerate(mentions):

@@ -197,6 +197,9 @@ NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 NEGATION_RIGHT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE})", _I)
 NOT_THE_RHYTHM = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE_OR_RHYTHM})", _I)
 NOT_THE = re.compile(rf"^\)?[ \t]+{_NOT_THE_OR_RHYTHM}", _I)  # its words alone
+# "SR is not the main finding, LVH is": present, not the main one; the "not" is its own, and reaches no further
+NOT_THE_MAIN = re.compile(rf"^\)?[ \t]+{_ARE_NOT} (?:the|its) (?:main|primary|only|dominant|major|key|principal)"
+                          r" (?:findings?|abnormalit(?:y|ies)|issues?|problems?|features?)(?![A-Za-z])", _I)
 # "RBBB, and LBBB is not the diagnosis": one statement is not it (the verb's number), the list is not carried back
 SINGLE_NOT_THE = re.compile(r"\)?[ \t]+(?:is not|isn't) the\b", _I)  # matched at the statement's end
 # A negation that denies both its sides: "AF unlikely to be present", "ST elevation unlikely to be STEMI", "VT

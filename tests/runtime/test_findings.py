@@ -205,6 +205,8 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("LBBB fits better than RBBB and LAFB is present.", [("LBBB", "stated"), ("RBBB", "possible"),
                                                         ("LAFB", "stated")]),
     ("The rate is more than 100, consistent with sinus tachycardia.", [("STACH", "stated")]),
+    ("Sinus rhythm is not the main finding, LVH is.", [("SR", "stated"), ("LVH", "stated")]),
+    ("AF is not the main finding, no LVH.", [("AFIB", "stated")]),
     ("LBBB, C (STEMI) cannot be excluded.", [("LBBB", "stated"), ("MI", "possible")]),
     ("a (AF), b (LBBB) are incorrect.", [("AFIB", "stated")]), ("A (AF), B - LBBB is absent.", [("AFIB", "stated")]),
     ("LVH, which does not fit because the patient is young.", [("LVH", "stated")]),
