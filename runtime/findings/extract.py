@@ -375,7 +375,7 @@ def _option_runs(text: str) -> list[list[tuple[str, int, int]]]:
     from A, each within OPTION_CHARS of the last."""
     runs: list[list[tuple[str, int, int]]] = []
     for hit in w.OPTION_MARK.finditer(text):
-        letter = hit.group(1) or hit.group(2)
+        letter = next(mark for mark in hit.groups() if mark).upper()
         last = runs[-1][-1] if runs else None
         if last and ord(letter) == ord(last[0]) + 1 and hit.start() - last[1] <= w.OPTION_CHARS:
             runs[-1].append((letter, hit.start(), hit.end()))

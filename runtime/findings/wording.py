@@ -105,15 +105,15 @@ MORE_THAN = re.compile(rf"{_W}more{_E}[^.;:\n]{{1,60}}?\s(?P<than>than){_OVER}$"
 
 # --- a multiple-choice answer that repeats its options -----------------------------------------------------------
 # "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
-# chosen one is. An option is a capital A-H marked "A.", "A)", "A:" or "(A)" before a space, or bare before its
-# option in brackets ("A (AF)", only after "Options:", "The options are" or a question; "A (lead II)" is a panel);
-# a list is a run of them in alphabetical order
-# from A, each at most OPTION_CHARS from the last, so "Type A. ..." or "Vitamin B" alone is none; and it is a list of
-# options only where the text says so: an options cue right before it ("Options:", "Choose from") or an answer's
-# cue (CHOSEN) outside it. "Findings:\nA. Sinus rhythm.\nB. LBBB." is a report's list.
+# chosen one is. An option is a capital A-H marked "A.", "A)", "A:" or "(A)" before a space ("a)" and "(a)" too: no
+# article), or bare before its option in brackets ("A (AF)", only after "Options:", "The options are" or a question;
+# "A (lead II)" is a panel); a list is a run of them in alphabetical order from A, each at most OPTION_CHARS from the
+# last, so "Type A. ..." or "Vitamin B" alone is none; and it is a list of options only where the text says so: an
+# options cue right before it ("Options:", "Choose from") or an answer's cue (CHOSEN) outside it. "Findings:\nA. Sinus
+# rhythm.\nB. LBBB." is a report's list.
 OPTION_MARK = re.compile(  # "A：" needs no space
-    r"(?<![A-Za-z0-9])(?:\(([A-H])\)(?=\s)|([A-H])(?:[.):](?=\s)|\uff1a"
-    r"|(?=[ \t]\((?!(?i:leads?|panels?|strips?|fig\w*|image|page)\b)[^()\n]{1,60}\))))")
+    r"(?<![A-Za-z0-9])(?:\(([A-Ha-h])\)(?=\s)|([A-H])(?:[.):](?=\s)|\uff1a"
+    r"|(?=[ \t]\((?!(?i:leads?|panels?|strips?|fig\w*|image|page)\b)[^()\n]{1,60}\)))|([a-h])\)(?=\s))")
 OPTION_CHARS = 160
 # the cue right before a list (within OPTIONS_CUE_CHARS): "Options:", "The options are:", "Which of the following
 # is shown?", "What is the rhythm?", "Choose from", and the word in German, Spanish, French and Chinese answers
