@@ -132,7 +132,7 @@ COLON = re.compile(r"(?<!\d)[:\uff1a](?!\d)")  # not a ratio's: "flutter with 2:
 VERDICT_COLON = re.compile(r"[:\uff1a][ \t]*(?:correct|incorrect|wrong|right|yes|no|true|false)(?![A-Za-z])", _I)
 DENYING_VERDICT = re.compile(r"[:\uff1a][ \t]*(?:incorrect|wrong|no|false)(?![A-Za-z])", _I)
 # the words of options judged one by one ("Option A: AF - incorrect")
-VERDICT_WORD = re.compile(r"(?<![A-Za-z])(?:(?:in)?correct|wrong|right)(?![A-Za-z])", _I)
+VERDICT_WORD = re.compile(r"(?<![A-Za-z])(?:(?:in)?correct|wrong|right|yes|no|true|false)(?![A-Za-z])", _I)
 # The choice: "Answer: B", "The answer is (b)", "the correct option is B", "Answers: B, D", "Answer: B and C",
 # "My answer would be B", "The correct choices are B and D", "I choose B", "Correct: B", "Antwort: B", "B is the
 # correct answer". A lower-case letter only where it cannot be the article "a" or a word's first letter: in
@@ -194,8 +194,9 @@ NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
 # MI": MI's, wording.NEGATION_TO_COMMA). "C (RBBB) is not" too.
-NEGATION_RIGHT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE})", _I)
-NOT_THE_RHYTHM = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE_OR_RHYTHM})", _I)
+_DASH_NO = r"[-\u2013\u2014][ \t]*(?:no|none|nil|negative)(?=[ \t]*(?:[.;,!\n]|$))"  # "Option A: AF - no"
+NEGATION_RIGHT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE}|{_DASH_NO})", _I)
+NOT_THE_RHYTHM = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE_OR_RHYTHM}|{_DASH_NO})", _I)
 NOT_THE = re.compile(rf"^\)?[ \t]+{_NOT_THE_OR_RHYTHM}", _I)  # its words alone
 # "SR is not the main finding, LVH is": present, not the main one; the "not" is its own, and reaches no further
 NOT_THE_MAIN = re.compile(rf"^\)?[ \t]+{_ARE_NOT} (?:the|its) (?:main|primary|only|dominant|major|key|principal)"

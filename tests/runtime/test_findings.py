@@ -210,6 +210,8 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("Options: a) atrial fibrillation b) atrial flutter c) sinus rhythm. Answer: c", [("SR", "stated")]),
     ("Answer: (c). Options: (a) AF (b) flutter (c) SR", [("SR", "stated")]),
     ("Findings: a) sinus rhythm b) LBBB", [("SR", "stated"), ("LBBB", "stated")]),
+    ("Option A: AF - no. Option B: SR - yes.", [("SR", "stated")]), ("LBBB - no, RBBB - yes", [("RBBB", "stated")]),
+    ("AF - no RVR.", [("AFIB", "stated")]),
     ("LBBB, C (STEMI) cannot be excluded.", [("LBBB", "stated"), ("MI", "possible")]),
     ("a (AF), b (LBBB) are incorrect.", [("AFIB", "stated")]), ("A (AF), B - LBBB is absent.", [("AFIB", "stated")]),
     ("LVH, which does not fit because the patient is young.", [("LVH", "stated")]),
