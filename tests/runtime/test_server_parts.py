@@ -661,6 +661,33 @@ def test_a_misspelt_interpret_field_is_a_400(tmp_path: Path) -> None:
     assert status == 400 and "unknown fields ['lead']" in json.loads(answer)["error"]["message"]
 
 
+class _StoppedByShutdown(_FullMemory):
+    """An interpretation the closing worker stopped mid-answer: a partial answer whose stop reason says so."""
+
+    def interpret(self, ecg: Any, question: str, **kwargs: Any) -> Any:
+        class Stopped:
+            def to_dict(self) -> dict[str, Any]:
+                return {"text": "Sinus rhy", "stop_reason": "cancelled",
+                        "timings": {"time_to_first_token_ms": 5.0, "decode_tokens_per_s": 0.0}}
+        return Stopped()
+
+
+def test_an_interpretation_the_shutdown_stopped_is_a_503_not_a_cut_answer(tmp_path: Path) -> None:
+    """A server stopping mid-answer ends the generation early: the cut text came back as a 200 answer, which a
+    cart would file as the interpretation. A 503 says to send it again."""
+    import json
+
+    from pulse_testing.pages import page
+
+    from pulse_edge.runtime.server.errors import SHUTTING_DOWN
+
+    page((256, 256)).save(tmp_path / "ecg.png")
+    status, answer, metrics = _through_app(_StoppedByShutdown(None), tmp_path, stream=False,
+                                           path="/v1/ecg/interpret", body={"path": "ecg.png"})
+    assert status == 503 and json.loads(answer)["error"]["message"] == SHUTTING_DOWN
+    assert b'pulse_edge_generations_total{stop_reason="cancelled"} 1.0' in metrics
+
+
 def test_statuses_metrics_and_limits_are_what_clients_and_dashboards_read(tmp_path: Path) -> None:
     """A timeout is a 504 and a worker closing mid-prompt a 503 (clients retry both, never a 400); the gauges read
     the queue, the time to first token is in seconds; uvicorn keeps its connection limit, its graceful shutdown and
