@@ -686,6 +686,8 @@ def test_an_interpretation_the_shutdown_stopped_is_a_503_not_a_cut_answer(tmp_pa
                                            path="/v1/ecg/interpret", body={"path": "ecg.png"})
     assert status == 503 and json.loads(answer)["error"]["message"] == SHUTTING_DOWN
     assert b'pulse_edge_generations_total{stop_reason="cancelled"} 1.0' in metrics
+    waited = float(re.search(rb"^pulse_edge_queue_wait_seconds_sum (\S+)$", metrics, re.M).group(1))
+    assert b"pulse_edge_queue_wait_seconds_count 1.0" in metrics and 0 <= waited < 5  # the job's wait, once
 
 
 def test_statuses_metrics_and_limits_are_what_clients_and_dashboards_read(tmp_path: Path) -> None:
