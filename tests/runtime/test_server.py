@@ -388,6 +388,9 @@ JSON = "application/json"
     ("POST", "/v1/chat/completions", b"[" * 5000, JSON, 400),  # nested past Python's stack
     ("POST", "/v1/ecg/interpret", b"plain text", "text/plain", 415),
     ("POST", "/v1/ecg/interpret", b"--x\r\nbroken", "multipart/form-data; boundary=x", 400),
+    ("POST", "/v1/ecg/interpret", b"".join(b'--x\r\nContent-Disposition: form-data; name="file"; filename="r%d.dat"'
+                                          b"\r\n\r\nxx\r\n" % k for k in range(3)) + b"--x--\r\n",
+     "multipart/form-data; boundary=x", 400),  # a third file: a record is two at most
     ("GET", "/v1/nothing-here", None, JSON, 404),
     ("GET", "/v1/chat/completions", None, JSON, 405),
 ])
