@@ -21,7 +21,7 @@ from typing import Any
 from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, recording_error
 from pulse_edge.runtime.ecg.leads import normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording
-from pulse_edge.runtime.ecg.units import require_mv_per_unit
+from pulse_edge.runtime.ecg.units import mv_per_unit, require_mv_per_unit
 from pulse_edge.runtime.inputs.extras import require
 from pulse_edge.runtime.inputs.warned import caught_warnings
 from pulse_edge.runtime.inputs.wfdb_names import RECORD_SUFFIXES, header_words, multi_segment
@@ -42,6 +42,9 @@ def read_wfdb(path: str | os.PathLike) -> Recording:
     check_fs(fs, label)
     if record.p_signal is None or record.p_signal.ndim != 2 or record.p_signal.shape[0] == 0:
         raise recording_error(label, "WFDB record holds no samples", _FIX)
+    if record.units is None:  # wfdb drops them when a variable-layout record's segments disagree on any signal's
+        raise recording_error(label, "its segments write their signals in different units, so wfdb reads none",
+                              _SAME_UNITS)
     leads, others = {}, []
     for k, (name, unit) in enumerate(zip(record.sig_name, record.units, strict=True)):
         if not name:  # "missing I ... V6" would blame the leads, not the header that names none
@@ -74,8 +77,7 @@ def _check_header(record_name: Path, label: str) -> list[str]:
     if not multi_segment(records):  # its signal lines follow
         _check_gains(records[1:1 + int(header.n_sig or 0)], list(header.sig_name or []), label)
     else:  # each segment read is a record of its own, with its own gains
-        for segment, words in _read_segments(record_name, records[1:]):
-            _check_gains(words[1:], [" ".join(line[8:]) for line in words[1:]], f"{label} (segment {segment})")
+        _check_segments(_read_segments(record_name, records[1:]), label, layout=_has_layout(records[1:]))
     if len(fields) < 3:  # no frequency written: the WFDB specification's default
         return [f"the header gives no sampling frequency; WFDB's default {float(header.fs):g} Hz is assumed"]
     written = fields[2].split("/")[0].split("(")[0]
@@ -107,6 +109,47 @@ def _read_segments(record_name: Path, lines: list[list[str]]) -> list[tuple[str,
             continue
         segments.append((words[0], header_words(text)))
     return segments
+
+
+def _has_layout(lines: list[list[str]]) -> bool:
+    """Whether a multi-segment record has a variable layout: its first segment lists the signals with 0 samples."""
+    return bool(lines) and len(lines[0]) > 1 and lines[0][1] == "0"
+
+
+def _check_segments(segments: list[tuple[str, list[list[str]]]], label: str, *, layout: bool) -> None:
+    """Each data segment's gains, as a record's; and what wfdb takes from the first segment alone: it reads every
+    segment in the first one's units (a segment in mV after one in uV drawn 1000x too small) and, in a fixed layout,
+    stacks the signals by position under the first one's names (a segment listing V6..V1 swapped them), in silence.
+    A variable layout maps signals by name: there the order may differ."""
+    first: tuple[str, list[str], list[Any]] | None = None
+    units: dict[str, tuple[float | None, str, str]] = {}  # lead -> (mV per unit, its unit, the segment)
+    for segment, words in segments:
+        names = [" ".join(line[8:]) for line in words[1:]]
+        _check_gains(words[1:], names, f"{label} (segment {segment})")
+        leads = [normalise_lead_name(name) or name for name in names]  # a lead's label as the reader takes it
+        if first is None:
+            first = (segment, names, leads)
+        elif not layout and leads != first[2]:
+            raise recording_error(label, f"segment {segment} lists its signals as {', '.join(names)}, segment "
+                                  f"{first[0]} as {', '.join(first[1])}: wfdb stacks them by position",
+                                  "write every segment's signals in the same order")
+        for lead, line in zip(leads, words[1:], strict=True):
+            if isinstance(lead, str):  # no lead (respiration, blood pressure): not drawn, its unit unused
+                continue
+            unit = _unit(line)
+            factor, was, where = units.setdefault(lead.lead, (mv_per_unit(unit), unit, segment))
+            if mv_per_unit(unit) != factor:
+                raise recording_error(label, f"segment {segment} writes {lead.lead} in {unit}, segment {where} in "
+                                      f"{was}: wfdb reads every segment in the first one's units", _SAME_UNITS)
+
+
+_SAME_UNITS = "write every segment's signals in the same units"
+
+
+def _unit(signal_line: list[str]) -> str:
+    """A signal line's unit ("200(0)/uV" -> "uV"); none written is mV (the WFDB header format)."""
+    gain = signal_line[2] if len(signal_line) > 2 else ""
+    return gain.partition("/")[2] or "mV"
 
 
 def _check_gains(signal_lines: list[list[str]], names: list[str], label: str) -> None:

@@ -444,6 +444,57 @@ def test_a_segment_without_an_adc_gain_is_refused_as_a_record_is(tmp_path, signa
     one_line("corrupt or truncated WFDB record", read_wfdb, master)  # wfdb's header parser refuses it first
 
 
+def _segment(folder: Path, name: str, signals: np.ndarray, order: list[int], unit: str) -> None:
+    import wfdb
+
+    per_unit = {"uV": 1e-3, "mV": 1.0}[unit]
+    wfdb.wrsamp(name, fs=FS, units=[unit] * 12, sig_name=[LEADS[k] for k in order], fmt=["16"] * 12,
+                p_signal=(signals[order] / per_unit).T, adc_gain=[1000 * per_unit] * 12, baseline=[0] * 12,
+                write_dir=str(folder))
+
+
+@pytest.mark.parametrize(("second", "words"), [
+    ("mV", "segment b writes I in mV, segment a in uV: wfdb reads every segment in the first one's units"),
+    ("order", "segment b lists its signals as I, II, III, aVR, aVL, aVF, V6, V5, V4, V3, V2, V1, segment a as I, "
+              "II, III, aVR, aVL, aVF, V1, V2, V3, V4, V5, V6: wfdb stacks them by position")], ids=["units", "order"])
+@pytest.mark.parametrize("layout", [False, True], ids=["fixed layout", "variable layout"])
+def test_segments_in_other_units_or_another_lead_order_are_refused_not_drawn_wrong(tmp_path, signals, second,
+                                                                                     words, layout):
+    """wfdb reads every segment in the first one's units and, in a fixed layout, stacks its signals by position
+    under the first one's names: a segment in mV after one in uV was drawn 1000x too small (flat V1-V6 and half the
+    rhythm strip), one listing V6..V1 swapped them, in silence; a variable layout's segments in other units crashed
+    (wfdb drops the record's units)."""
+    half, flipped = N // 2, [0, 1, 2, 3, 4, 5, 11, 10, 9, 8, 7, 6]
+    _segment(tmp_path, "a", signals[:, :half], list(range(12)), "uV")
+    _segment(tmp_path, "b", signals[:, half:], flipped if second == "order" else list(range(12)),
+             "uV" if second == "order" else "mV")
+    if layout:  # the layout segment lists the signals (0 samples): wfdb maps each segment's by name
+        lines = "".join(f"~ 0 1/uV 16 0 0 0 0 {lead}\n" for lead in LEADS)
+        (tmp_path / "lay.hea").write_text(f"lay 12 {FS} 0\n{lines}")
+    master = tmp_path / "multi.hea"
+    master.write_text(f"multi/{2 + layout} 12 {FS} {N}\n{'lay 0' + chr(10) if layout else ''}a {half}\nb {half}\n")
+    if layout and second == "order":  # by name: read whole
+        assert np.abs(load_twelve_lead(master)[0] - signals).max() <= 0.5e-3 + 1e-6
+        return
+    one_line(words, read_wfdb, master)
+
+
+def test_a_variable_layout_whose_other_signals_differ_in_units_is_one_line_not_a_crash(tmp_path, signals):
+    """wfdb drops every unit of a variable-layout record whose segments disagree on any signal's, a respiration
+    channel's "Ohm" against "ohm" included: a TypeError traceback, exit 1."""
+    import wfdb
+
+    half, names = N // 2, [*LEADS, "RESP"]
+    for name, part, resp in (("a", signals[:, :half], "Ohm"), ("b", signals[:, half:], "ohm")):
+        wfdb.wrsamp(name, fs=FS, units=["mV"] * 12 + [resp], sig_name=names, fmt=["16"] * 13,
+                    p_signal=np.vstack([part, np.zeros((1, half))]).T, adc_gain=[1000] * 13, baseline=[0] * 13,
+                    write_dir=str(tmp_path))
+    (tmp_path / "lay.hea").write_text(f"lay 13 {FS} 0\n" + "".join(f"~ 0 1000 16 0 0 0 0 {n}\n" for n in names))
+    master = tmp_path / "multi.hea"
+    master.write_text(f"multi/3 13 {FS} {N}\nlay 0\na {half}\nb {half}\n")
+    one_line("its segments write their signals in different units, so wfdb reads none", read_wfdb, master)
+
+
 def test_signals_without_names_are_named_as_the_headers_fault(tmp_path, signals):
     """It read "missing I ... V6: no limb lead was recorded", blaming the leads for what the header left out."""
     header = write_wfdb(tmp_path, "anon", signals, FS)
