@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pulse_edge.runtime.ecg.checks import check_fs, check_samples, one_line, recording_error
-from pulse_edge.runtime.ecg.leads import lead_from_code
+from pulse_edge.runtime.ecg.leads import LIMB_LEADS, PRECORDIAL_LEADS, lead_from_code
 from pulse_edge.runtime.ecg.recording import Recording
 from pulse_edge.runtime.ecg.units import require_mv_per_unit
 from pulse_edge.runtime.inputs.extras import require
@@ -119,7 +119,9 @@ def _check_sop_class(ds, label: str) -> None:
 
 
 def _pick_group(groups) -> tuple[int, list[str]]:
-    """Index of the rhythm group: not a median/average beat, ORIGINAL, labelled RHYTHM, most leads, longest."""
+    """Index of the rhythm group: not a median/average beat, one that makes a 12-lead print (V1-V6 and two limb
+    leads), ORIGINAL, labelled RHYTHM, most leads, longest. A lead II strip labelled RHYTHM beside an unlabelled
+    12-lead group was taken, and the file refused for missing leads."""
     scores = [_group_score(item) for item in groups]
     best = max(range(len(groups)), key=scores.__getitem__)
     if len(groups) == 1:
@@ -132,10 +134,11 @@ def _group_score(item) -> tuple:
     label = str(item.get("MultiplexGroupLabel", "")).upper()
     is_beat = any(word in label for word in _BEAT_GROUP_WORDS)
     original = str(item.get("WaveformOriginality", "")).upper() == "ORIGINAL"
-    n_leads = sum(_channel_lead(ch) is not None for ch in item.get("ChannelDefinitionSequence", []))
+    leads = [lead.lead for ch in item.get("ChannelDefinitionSequence", []) if (lead := _channel_lead(ch))]
+    complete = set(PRECORDIAL_LEADS) <= set(leads) and len(set(LIMB_LEADS) & set(leads)) >= 2
     fs = float(item.get("SamplingFrequency", 0) or 0)
     duration = int(item.get("NumberOfWaveformSamples", 0) or 0) / fs if fs > 0 else 0.0
-    return (not is_beat, original, "RHYTHM" in label, n_leads, duration)
+    return (not is_beat, complete, original, "RHYTHM" in label, len(leads), duration)
 
 
 def _group_name(item, index: int) -> str:

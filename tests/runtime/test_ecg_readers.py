@@ -244,6 +244,19 @@ def test_channel_baseline_is_added_in_physical_units(tmp_path, signals):
     assert np.abs(out - signals).max() <= 0.5 * 2.5e-3 + 1e-6
 
 
+def test_a_twelve_lead_group_is_chosen_over_a_rhythm_strip_of_fewer_leads(tmp_path, signals):
+    """A lead II strip labelled RHYTHM outranked an unlabelled 12-lead group: the file was refused for missing
+    leads it holds."""
+    from pydicom.sequence import Sequence
+
+    strip = dicom_dataset(signals[1:2], FS, leads=("II",), groups=("RHYTHM",)).WaveformSequence[0]
+    ds = dicom_dataset(signals, FS, groups=("ACQUISITION",))
+    ds.WaveformSequence = Sequence([strip, ds.WaveformSequence[0]])
+    rec = read_dicom(write_dicom(tmp_path / "strip.dcm", ds))
+    assert np.abs(twelve(rec)[0] - signals).max() < 0.01
+    assert rec.notes == ["used waveform group 1 'ACQUISITION'; skipped 0 'RHYTHM'"]
+
+
 def test_rhythm_group_is_chosen_over_a_median_beat_listed_first(tmp_path, signals):
     path = write_dicom(tmp_path / "two.dcm", dicom_dataset(signals, FS, groups=("MEDIAN BEAT", "RHYTHM")))
     rec = read_dicom(path)
@@ -585,6 +598,16 @@ def test_eight_leads_get_derived_limb_leads(signals):
 def test_250_hz_increment_is_resampled(signals):
     slow = beats(2500, 250, noise_mv=0.0)
     out, fs, rec = load_twelve_lead(aecg_document(slow, 250, scale_uv=1.0))
+    assert (out.shape, fs, rec.notes) == ((12, N), 500, ["resampled 250 Hz -> 500 Hz"])
+
+
+@pytest.mark.parametrize(("value", "unit"), [("4", "ms"), ("4000", "us")])
+def test_an_increment_in_milli_or_microseconds_is_read_at_its_rate(signals, value, unit):
+    """The time step in its own unit: 4 ms or 4000 us is 250 Hz (a wrong factor reads another rate)."""
+    slow = beats(2500, 250, noise_mv=0.0)
+    doc = aecg_document(slow, 250, scale_uv=1.0).replace(b'value="0.004" unit="s"', f'value="{value}" unit="{unit}"'
+                                                         .encode())
+    out, fs, rec = load_twelve_lead(doc)
     assert (out.shape, fs, rec.notes) == ((12, N), 500, ["resampled 250 Hz -> 500 Hz"])
 
 
