@@ -83,6 +83,24 @@ def _read_dataset(ds, label: str) -> tuple[dict[str, np.ndarray], float, list[st
     return leads, float(groups[index].SamplingFrequency), notes + channel_notes, others
 
 
+def bare_dicom(head: bytes) -> bool:
+    """A DICOM data set written without the file's 128-byte preamble and "DICM" (older ECG exporters): its first
+    element's tag is of group 0002 (file meta) or 0008 (identification), its VR explicit. pydicom reads it when
+    forced; a file that only starts so is refused by the checks after (no ECG SOP class, no waveform)."""
+    return head[:2] in (b"\x02\x00", b"\x08\x00") and head[4:6].isalpha() and head[4:6].isupper()
+
+
+def _head(stream) -> bytes:
+    """The first bytes of a path or stream, the stream left where it was."""
+    if not hasattr(stream, "read"):
+        with open(stream, "rb") as handle:
+            return handle.read(6)
+    at = stream.tell()
+    head = stream.read(6)
+    stream.seek(at)
+    return head
+
+
 def _open(source, label: str):
     pydicom = require("pydicom", reading="DICOM", source=label)
     from pydicom.errors import InvalidDicomError
@@ -90,7 +108,7 @@ def _open(source, label: str):
     # dcmread() takes bytes as a *file name*, so file contents go in as a stream.
     stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
-        ds = pydicom.dcmread(stream)
+        ds = pydicom.dcmread(stream, force=bare_dicom(_head(stream)))
         # pydicom parses sequences lazily and stops quietly at the end of a cut-short
         # file; walking every element now turns a broken file into an error here.
         for _ in ds.iterall():

@@ -32,7 +32,7 @@ from pulse_edge.runtime.ecg.leads import LEADS, normalise_lead_name
 from pulse_edge.runtime.ecg.recording import Recording, TwelveLead, to_twelve_lead
 from pulse_edge.runtime.ecg.render import FULL_ENOUGH, render_ecg
 from pulse_edge.runtime.inputs.aecg import read_aecg
-from pulse_edge.runtime.inputs.dicom import read_dicom
+from pulse_edge.runtime.inputs.dicom import bare_dicom, read_dicom
 from pulse_edge.runtime.inputs.images import accept_image, load_image, load_image_bytes
 from pulse_edge.runtime.inputs.tabular import read_array, read_csv, read_npy
 from pulse_edge.runtime.inputs.wfdb_names import RECORD_SUFFIXES, header_of
@@ -158,7 +158,7 @@ def _utf16_xml(head: bytes) -> bool:
 
 def _kind_of(head: bytes, suffix: str) -> str:
     """The input kind the first bytes say; images.py decides (and explains a refusal) for all the rest."""
-    if head[128:132] == b"DICM":  # 128-byte preamble, then the DICOM prefix (PS3.10)
+    if head[128:132] == b"DICM" or bare_dicom(head) or suffix.lower() == ".dcm":  # PS3.10: preamble, "DICM"
         return "dicom"
     if head.startswith(b"\x93NUMPY"):
         return "npy"

@@ -4,6 +4,7 @@ numpy, read back; every broken file ends in one one-line InputError, never a lib
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -255,6 +256,22 @@ def test_a_twelve_lead_group_is_chosen_over_a_rhythm_strip_of_fewer_leads(tmp_pa
     rec = read_dicom(write_dicom(tmp_path / "strip.dcm", ds))
     assert np.abs(twelve(rec)[0] - signals).max() < 0.01
     assert rec.notes == ["used waveform group 1 'ACQUISITION'; skipped 0 'RHYTHM'"]
+
+
+def test_a_dicom_written_without_its_preamble_is_read_as_one_with_it(tmp_path, signals):
+    """Older exporters write the data set with no 128-byte preamble and no "DICM": pydicom reads it when forced,
+    and it was refused as unknown content (an image it is not). Another file named .dcm gets the DICOM reader's
+    line."""
+    import pydicom
+
+    bare = tmp_path / "bare.dcm"
+    pydicom.dcmwrite(bare, dicom_dataset(signals, FS), enforce_file_format=False)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    shutil.copyfile(bare, bare.with_suffix(".bin"))  # told by its first bytes, not its name
+    for source in (bare, bare.with_suffix(".bin")):
+        assert np.abs(load_twelve_lead(source)[0] - signals).max() < 0.01
+    (tmp_path / "junk.dcm").write_bytes(b"not a data set " * 20)
+    one_line(r"junk\.dcm: not a DICOM file \(no DICM header\)", load_input, tmp_path / "junk.dcm")
 
 
 def test_rhythm_group_is_chosen_over_a_median_beat_listed_first(tmp_path, signals):
