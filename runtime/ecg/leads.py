@@ -65,6 +65,9 @@ class LeadName:
     inverted: bool = False
 
 
+_DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2010": "-", "\u2011": "-"})  # minus, en dash, hyphens
+
+
 def normalise_lead_name(label: str | None) -> LeadName | None:
     """The standard lead a channel label means, or None when it is no standard 12-lead lead.
 
@@ -75,7 +78,7 @@ def normalise_lead_name(label: str | None) -> LeadName | None:
     """
     if label is None:
         return None
-    raw = label.strip().replace("\u2212", "-")  # a typeset minus sign: "\u2212aVR"
+    raw = label.strip().translate(_DASHES)  # a typeset minus sign or an en dash: "\u2212aVR", "\u2013aVR"
     if raw in CODE_VALUES:  # codes contain '-' and ':' that the cleaning below would eat
         return LeadName(CODE_VALUES[raw])
     # a bracket names a system ("Einthoven"), or says the channel is inverted: "aVR (inverted)", "aVR [-]"

@@ -54,7 +54,7 @@ def test_spellings_map_to_the_standard_lead(lead, spelling):
 
 @pytest.mark.parametrize("spelling", ["-aVR", "-AVR", "neg aVR", "MDC_ECG_LEAD_-aVR", "minus avr", "aVR (inverted)",
                                       "aVR [neg]", "aVR (-)", "aVR inverted", "aVR-", "Lead -aVR", "\u2212aVR",
-                                      "Lead \u2212aVR", "aVR (\u2212)"])
+                                      "Lead \u2212aVR", "aVR (\u2212)", "\u2013aVR"])
 def test_negative_avr_is_recognised_as_inverted(spelling):
     assert normalise_lead_name(spelling) == LeadName("aVR", inverted=True)
 
