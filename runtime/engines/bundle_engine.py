@@ -21,6 +21,7 @@ import numpy as np
 
 from pulse_edge.errors import ConfigError, GenerationStopped, ModelOutputError
 from pulse_edge.runtime.bundle.arrays import read_newline
+from pulse_edge.runtime.bundle.loaded import LoadedFiles
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.generation.sampling import check_logits
 from pulse_edge.runtime.image.merge import MERGE_FUNCTIONS, ImageMerge
@@ -190,6 +191,7 @@ class BundleEngine:
         self.answering = False  # a conversation's question is running (generation/conversation.py)
         prefetch(bundle / manifest.embedding.file)
         self.table = np.load(bundle / manifest.embedding.file, mmap_mode="r")  # [V, H]
+        self.files = LoadedFiles(bundle, manifest)  # a write into them after the load: refused, not answered
         self.merge = ImageMerge(manifest.image, read_newline(bundle, manifest))
         self.max_length = manifest.kv.max_length if max_length is None else max_length
         self.epoch = 0
@@ -234,6 +236,7 @@ class BundleEngine:
         self.closed = True
         self.vision = self.decoder = ClosedRunner()  # type: ignore[assignment]  # the runners' contexts go first
         self.table = np.empty((0, self.table.shape[1]), self.table.dtype)  # the 500 MB map and its file go
+        self.files.close()
         try:
             if self.release is not None:
                 self.release()
@@ -254,6 +257,7 @@ class BundleEngine:
 
     def image_features(self, pre: Preprocessed) -> np.ndarray:
         self.check_open()
+        self.files.check()
         merged = self.merge(self.vision.run(pre.pixel_values), pre.image_size)  # [K, P, H] -> [T, H]
         # The prompt reserved num_image_tokens positions: any other length would shift the whole cache.
         if merged.shape[0] != pre.num_image_tokens:
@@ -273,6 +277,7 @@ class BundleEngine:
                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """The prompt's positions into the cache, in chunks; the last position's logits. `should_stop` is asked
         between chunks: a 7B prompt on a CPU takes tens of seconds, which a cancelled request no longer holds."""
+        self.files.check()  # before a question reads the table or runs a graph: a model written over answers not
         if image_features is None:
             embeds = self.embed(ids)
         else:

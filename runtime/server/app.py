@@ -50,9 +50,10 @@ DRAIN_STALL_S = 30.0
 
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    return JSONResponse({**state.model.health(), "queue": {"waiting": state.worker.waiting,
-                                                             "max_queue": state.worker.max_queue,
-                                                             "generating": state.worker.busy}})
+    model = state.model.health()
+    return JSONResponse({**model, "queue": {"waiting": state.worker.waiting, "max_queue": state.worker.max_queue,
+                                            "generating": state.worker.busy}},
+                        status_code=200 if model["status"] == "ok" else 503)  # a monitor restarts it
 
 
 async def metrics(request: Request) -> Response:

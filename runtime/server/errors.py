@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from pulse_edge.errors import EngineRunError, GenerationStopped, ModelOutputError, PulseEdgeError
+from pulse_edge.errors import BundleError, EngineRunError, GenerationStopped, ModelOutputError, PulseEdgeError
 
 log = logging.getLogger("pulse_edge.server")
 
@@ -66,7 +66,9 @@ def from_runtime(exc: PulseEdgeError | MemoryError) -> ApiError:
         what = str(exc).rstrip(".") or "out of memory"
         log.warning("a request ran out of memory: %s", what)
         return ApiError("unavailable", f"{what}: the server ran out of memory; retry later")
-    return ApiError("error" if isinstance(exc, ModelOutputError | EngineRunError) else "bad_request", str(exc))
+    # a bundle refused mid-service was written over since the load (runtime/bundle/loaded.py): the server's
+    return ApiError("error" if isinstance(exc, ModelOutputError | EngineRunError | BundleError) else "bad_request",
+                    str(exc))
 
 
 class ClientGone(Exception):

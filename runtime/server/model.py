@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pulse_edge.errors import InputError
+from pulse_edge.errors import BundleError, InputError
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 from pulse_edge.runtime.engines.ort import SessionConfig
 from pulse_edge.runtime.generation.decode import StopCheck
@@ -31,8 +31,15 @@ class ServedModel:
     provider: str  # the ONNX Runtime execution provider
 
     def health(self) -> dict[str, Any]:
+        """What /health says; "status" is "error" (and "error" its line) once a bundle file was written over since
+        the load (runtime/bundle/loaded.py): no answer is given until the server is restarted."""
         manifest = self.pipeline.manifest
-        return {"status": "ok", "model_loaded": True, "model": self.model_id, "backend": "ort",
+        try:
+            self.pipeline.engine.files.check()
+            problem = {}
+        except BundleError as e:
+            problem = {"status": "error", "error": str(e)}
+        return {"status": "ok", **problem, "model_loaded": True, "model": self.model_id, "backend": "ort",
                 "provider": self.provider,
                 "precision": manifest.precision, "bundle_id": self.bundle_id,
                 "source_sha256": manifest.source.sha256 or None, "max_context": self.pipeline.engine.max_length}

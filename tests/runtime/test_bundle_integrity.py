@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 from pulse_testing.manifests import edit_manifest
 
 from pulse_edge.cli.main import main
@@ -550,3 +551,34 @@ def test_no_stamp_names_an_exports_staging_folder(tiny_bundle: Path) -> None:
 
     stamped = [json.loads(p.read_text())["bundle"] for p in verified.stamp_path(tiny_bundle).parent.glob("*.json")]
     assert str(tiny_bundle.resolve()) in stamped and not [b for b in stamped if b.endswith(".partial")], stamped
+
+
+def test_a_bundle_written_over_after_its_load_answers_nothing_until_loaded_again(tiny_bundle: Path, tmp_path: Path,
+                                                                                  ecg_png: Path) -> None:
+    """The table and the graphs' data are mapped: a `cp` into the folder of a loaded bundle changed every token with
+    no error (and a file cut short killed the process with SIGBUS). A write into a loaded file is refused before
+    the next question; new files renamed over the paths leave the loaded ones whole, and answers go on unchanged."""
+    from pulse_edge.runtime.pipeline import Pipeline
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    table = bundle / "embed_tokens.npy"
+    with Pipeline.from_bundle(bundle) as pipeline:
+        first = pipeline.interpret(ecg_png, max_new_tokens=4).token_ids
+        renamed = tmp_path / "new.npy"  # an update deployed by renaming: the loaded inode stays as it was
+        np.save(renamed, -np.load(table))
+        os.replace(renamed, table)
+        assert pipeline.interpret(ecg_png, max_new_tokens=4).token_ids == first
+        os.truncate(table, 4096)  # an update copied in place, cut short: its new inode is not the loaded one
+        assert pipeline.interpret(ecg_png, max_new_tokens=4).token_ids == first
+    with Pipeline.from_bundle(_copy(tiny_bundle, tmp_path / "again")) as pipeline:
+        conversation = pipeline.chat()
+        conversation.ask("Rate?", Image.open(ecg_png), max_new_tokens=2)
+        data = pipeline.bundle / "decoder.onnx.data"
+        with open(data, "r+b") as handle:  # `cp` onto a loaded file: the same inode, other bytes
+            handle.seek(data.stat().st_size // 2)
+            handle.write(bytes(8))
+        for ask in (lambda: conversation.ask("And the axis?"),  # a follow-up, then a new question
+                    lambda: pipeline.interpret(ecg_png, max_new_tokens=4)):
+            with pytest.raises(BundleError, match=r"decoder\.onnx\.data was written over after the bundle was "
+                                                  r"loaded \(an update copied into the folder in use\?\)"):
+                ask()

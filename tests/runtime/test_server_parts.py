@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import os
 import re
 import shutil
 import threading
@@ -22,6 +23,7 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 
 from pulse_edge.cli.serve import API_KEY_ENV, resolve_api_key
 from pulse_edge.errors import ConfigError, GenerationStopped
+from pulse_edge.runtime.engines.ort import SessionConfig
 from pulse_edge.runtime.generation.decode import decode_loop
 from pulse_edge.runtime.generation.sampling import Sampler, SamplingParams
 from pulse_edge.runtime.server.errors import ApiError, ClientGone
@@ -1019,3 +1021,38 @@ def test_a_connection_that_sends_no_whole_request_head_is_closed(monkeypatch: py
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_bundle_written_over_while_served_is_a_503_health_and_500_answers(tiny_bundle: Path, tmp_path: Path,
+                                                                             ecg_png: Path) -> None:
+    """/health said "ok" while a `cp` into the served bundle changed every token: now a monitor sees a 503 naming
+    the file, and each request a 500 with the line (not the client's 400)."""
+    import json
+
+    from pulse_edge.runtime.server.app import create_app
+    from pulse_edge.runtime.server.model import open_model
+    from pulse_edge.runtime.server.state import ServerConfig, ServerState
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    (tmp_path / "ecg.png").write_bytes(ecg_png.read_bytes())
+    config = ServerConfig(bundle=bundle, host="127.0.0.1", port=0, api_key=None, max_queue=2, allow_dir=tmp_path,
+                          max_body_bytes=1 << 20, timeout_s=30.0)
+    state = ServerState.create(config, open_model(bundle, SessionConfig()))
+    app = create_app(state)
+    ask = json.dumps({"path": "ecg.png", "max_tokens": 2}).encode()
+
+    async def scenario() -> list[tuple[int, bytes]]:
+        answers = [await _asgi(app, "GET", "/health"), await _asgi(app, "POST", "/v1/ecg/interpret", ask)]
+        with open(bundle / "embed_tokens.npy", "r+b") as handle:  # an updater's `cp` onto the loaded table
+            handle.seek(-64, os.SEEK_END)
+            handle.write(bytes(64))
+        return [*answers, await _asgi(app, "GET", "/health"), await _asgi(app, "POST", "/v1/ecg/interpret", ask)]
+
+    try:
+        (ok, healthy), (answered, _), (sick, health), (refused, body) = asyncio.run(scenario())
+    finally:
+        state.worker.close()
+    assert (ok, json.loads(healthy)["status"], answered) == (200, "ok", 200)
+    line = "embed_tokens.npy was written over after the bundle was loaded"
+    assert sick == 503 and json.loads(health)["status"] == "error" and line in json.loads(health)["error"]
+    assert refused == 500 and line in json.loads(body)["error"]["message"]
