@@ -113,6 +113,8 @@ def load_input(
         hint = " (samples as a list: pass numpy.asarray(them))" if isinstance(source, list | tuple) else ""
         raise InputError(f"{name or '<input>'}: a {type(source).__name__} is not an ECG input; pass a path, the bytes "
                          f"of a file, a PIL image or a numpy array{hint}")
+    if not os.fspath(source).strip():  # an unset variable in the cart's software; Path("") is the current folder
+        raise InputError("an empty path names no ECG file; pass the ECG file's path")
     path = Path(source)
     options = _Options(name or os.fspath(source), fs, leads, unit, layout)
     return _read(_kind_of_path(path, options.name), path, options)
@@ -243,6 +245,9 @@ def _leads(options: _Options) -> dict[str, tuple[str, ...]]:
     if options.leads is None:
         return {}
     given = options.leads
+    if not isinstance(given, str | list | tuple):  # leads=5: a TypeError from tuple() was no refusal of its own
+        raise ConfigError(f"leads must name the leads in order, as \"I,II,V1,...\" or a sequence of names; got "
+                          f"{given!r:.80}")
     names = tuple(n.strip() for n in given.split(",")) if isinstance(given, str) else tuple(given)
     if any(not isinstance(n, str) for n in names):
         raise ConfigError(f"leads must be lead names (text), got {given!r:.80}")
@@ -257,7 +262,7 @@ def _leads(options: _Options) -> dict[str, tuple[str, ...]]:
 _Reader = Callable[[object, _Options], Recording]
 _READERS: MappingProxyType[str, _Reader] = MappingProxyType({
     "dicom": lambda source, o: read_dicom(source, name=o.name),
-    "wfdb": lambda source, o: read_wfdb(source),
+    "wfdb": lambda source, o: read_wfdb(source, name=o.name),
     "hl7-aecg": lambda source, o: read_aecg(source, name=o.name),
     "csv": lambda source, o: read_csv(source, o.fs, unit=o.volts, name=o.name),
     "npy": lambda source, o: read_npy(source, o.fs, unit=o.volts, layout=o.layout, name=o.name, **_leads(o)),

@@ -55,10 +55,12 @@ def grey_to_8bit(values: np.ndarray, widest: int, bits: int | None, name: str, s
     scale -> 255 exactly."""
     top = int(values.max(initial=0))
     full = next((2**depth - 1 for depth in _GREY_BITS if top < 2**depth), widest)
+    stored = f" in a {bits}-bit file" if bits else ""
     if full < U16_MAX:
-        stored = f" in a {bits}-bit file" if bits else ""
         say.append(f"{name}: its grey levels stop at {top}{stored}, so they were read as {full.bit_length()}-bit "
                    f"grey ({full} is white)")
+    else:  # PULSE's convert("RGB") clips at 255: a white page, where the model here sees the scaled levels
+        say.append(f"{name}: its grey levels{stored} were scaled to 8 bits ({full} is white)")
     return Image.fromarray(((np.clip(values, 0, full) * 255 + full // 2) // full).astype(np.uint8), mode="L")
 
 

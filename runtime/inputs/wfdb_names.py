@@ -20,8 +20,10 @@ def header_of(path: Path) -> Path | None:
     suffix = path.suffix.lower()
     if suffix == HEADER_SUFFIX:
         return path
+    if suffix not in SIGNAL_SUFFIXES:  # a name with no suffix at all ("/", "."): with_suffix would raise
+        return None
     beside = path.with_suffix(HEADER_SUFFIX)
-    return beside if suffix in SIGNAL_SUFFIXES and beside.is_file() else None
+    return beside if beside.is_file() else None
 
 
 def multi_segment(lines: list[list[str]]) -> bool:

@@ -30,10 +30,11 @@ _LIBRARY_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, IndexErro
 _FIX = "check that the .hea header and its signal files are complete and side by side"
 
 
-def read_wfdb(path: str | os.PathLike) -> Recording:
-    """A WFDB record from its header path, signal-file path, or record name without extension."""
-    label = os.fspath(path)
-    record_name = _record_name(Path(label))
+def read_wfdb(path: str | os.PathLike, name: str | None = None) -> Recording:
+    """A WFDB record from its header path, signal-file path, or record name without extension; `name` is what
+    errors and the recording call it (an upload's file names, not the server's temporary folder)."""
+    label = name or os.fspath(path)
+    record_name = _record_name(Path(path))
     if not record_name.with_name(record_name.name + ".hea").is_file():
         raise recording_error(label, f"no WFDB header {record_name.name}.hea next to it", _FIX)
     notes = _check_header(record_name, label)

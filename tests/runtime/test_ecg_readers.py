@@ -4,6 +4,7 @@ numpy, read back; every broken file ends in one one-line InputError, never a lib
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -423,6 +424,16 @@ def _record_line(path: Path, edit) -> Path:
     lines[0] = " ".join(edit(lines[0].split()))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def test_a_record_read_under_a_name_is_called_by_it_in_its_errors_and_result(tmp_path, signals):
+    """The server writes an uploaded record's two files into a temporary folder: its errors named that deleted
+    folder ("/tmp/pulse-edge-wfdb-x/rec.hea: ..."), not the client's files, as every other reader's do."""
+    path = write_wfdb(tmp_path, "rec", signals, FS)
+    assert load_input(path, name="rec.hea + rec.dat").source == "rec.hea + rec.dat"
+    _record_line(path, lambda f: [*f[:2], "abc", *f[3:]])
+    one_line(r"^rec\.hea \+ rec\.dat: the header's sampling frequency 'abc'", load_input, path,
+             name="rec.hea + rec.dat")
 
 
 @pytest.mark.parametrize("fs", ["-500", "nan", "five"])
@@ -925,6 +936,9 @@ def test_unknown_content_lists_images_and_recordings(tmp_path):
     one_line("is a GIF image", load_input, b"GIF89a" + b"\0" * 64, name="x.gif")
     one_line("does not exist", load_input, tmp_path / "nope.dcm")
     one_line("is a directory", load_input, tmp_path)
+    for root in ("/", "."):  # a name with no suffix at all: pathlib's with_suffix raised a bare ValueError
+        one_line(rf"^{re.escape(root)}: is a directory", load_input, root)
+    one_line("^an empty path names no ECG file", load_input, "")  # an unset variable in the cart's software
 
 
 def test_the_print_says_what_it_shows(signals):

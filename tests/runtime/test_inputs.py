@@ -335,7 +335,8 @@ def test_grey_stored_wider_than_its_levels_is_scaled_from_their_depth(fmt: str, 
                      f"({paper} is white)"]
     full = []
     load_image_bytes(encode(_ecg_sheet(np.uint16, 60000), fmt), name="full", said=full)
-    assert full == []  # 16-bit data: its own scale, nothing to say
+    # 16-bit data: its own scale, said all the same (PULSE's convert("RGB") clips it at 255, a white page)
+    assert full == ["full: its grey levels in a 16-bit file were scaled to 8 bits (65535 is white)"]
 
 
 def test_transparency_is_said_and_a_dark_transparent_colour_is_the_trace() -> None:
