@@ -109,9 +109,8 @@ def json_safe(value: Any) -> Any:
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     """log softmax over the last axis by log-sum-exp, so huge logits do not overflow."""
-    top = np.max(logits, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)  # a row of all -inf stays -inf rather than NaN from inf - inf
-    shifted = logits - top
+    with np.errstate(invalid="ignore"):  # inf - inf: a row with no finite maximum is NaN (logit_kl says so)
+        shifted = logits - np.max(logits, axis=-1, keepdims=True)
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
@@ -119,7 +118,8 @@ def logit_kl(ref_logits: Any, got_logits: Any) -> float:
     """Mean over rows (all leading dims) of KL(softmax(ref) || softmax(got)), natural log.
 
     Tokens the reference gives probability 0 (logit -inf, e.g. a masked vocabulary) add nothing;
-    a token the reference allows and `got` rules out makes the divergence inf.
+    a token the reference allows and `got` rules out makes the divergence inf. NaN where either side's row holds
+    NaN or +inf or no finite logit: such a reference made 0 (every term masked), which a kl<= gate passed.
     """
     ref = np.asarray(ref_logits, dtype=np.float64)
     got = np.asarray(got_logits, dtype=np.float64)
@@ -127,6 +127,8 @@ def logit_kl(ref_logits: Any, got_logits: Any) -> float:
         raise ValueError(f"logit shapes differ or are scalars: ref {ref.shape}, got {got.shape}")
     log_p = _log_softmax(ref.reshape(-1, ref.shape[-1]))
     log_q = _log_softmax(got.reshape(-1, got.shape[-1]))
+    if np.isnan(log_p).any():  # the reference's distribution is no distribution: nothing to compare with
+        return math.nan
     p = np.exp(log_p)
     with np.errstate(invalid="ignore"):  # -inf - -inf where p = 0; masked out just below
         terms = np.where(p > 0, p * (log_p - log_q), 0.0)

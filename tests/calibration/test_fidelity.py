@@ -104,6 +104,36 @@ def test_logit_kl_is_stable_and_handles_masked_tokens() -> None:
         logit_kl(ref, got[:, :10])
 
 
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf, "all -inf"])
+def test_a_reference_that_is_no_distribution_gives_no_kl_a_gate_passes(poison: float | str) -> None:
+    """NaN, +inf or no finite logit in a reference row masked every term: KL 0, and `kl<=0.05` passed."""
+    ref = np.zeros((2, 4))
+    if poison == "all -inf":
+        ref[1] = -np.inf
+    else:
+        ref[1, 2] = poison
+    kl = logit_kl(ref, np.zeros((2, 4)))
+    assert math.isnan(kl) and AccuracyGate.from_string("kl<=0.05").check({"kl": kl}) == ["kl nan (needs <= 0.05)"]
+    assert math.isnan(logit_kl(np.zeros((2, 4)), ref))  # on the other side too
+
+
+def test_a_sign_flipped_output_has_cosine_minus_one_and_its_error_in_full() -> None:
+    """|cosine| would pass a negated graph; a signed max would record a smaller error than the worst."""
+    x = np.array([1.0, -2.0, 3.0])
+    assert tensor_fidelity(-x, x)["cosine"] == pytest.approx(-1.0)
+    assert tensor_fidelity([0.0], [1.0])["max_abs_err"] == 1.0
+
+
+def test_every_metric_takes_the_bounds_of_its_direction() -> None:
+    """"vision_cosine>=0.99" was refused as bounding the wrong side when one metric's direction was flipped."""
+    for metric, direction in METRICS.items():
+        good, bad = (">=", "<=") if direction == "higher is better" else ("<=", ">=")
+        assert AccuracyGate.from_string(f"{metric}{good}0.5").thresholds == (Threshold(metric, good, 0.5),)
+        with pytest.raises(ValueError, match="bounds the wrong side"):
+            AccuracyGate.from_string(f"{metric}{bad}0.5")
+
+
 # ----------------------------------------------------------------------------- tokens
 
 
@@ -133,8 +163,8 @@ def test_greedy_agreement() -> None:
 def test_metric_directions() -> None:
     higher = {m for m, d in METRICS.items() if d == "higher is better"}
     lower = {m for m, d in METRICS.items() if d == "lower is better"}
-    assert {"cosine", "sqnr_db", "agreement"} <= higher
-    assert {"rel_err", "kl", "max_abs_err"} <= lower
+    assert higher == {"cosine", "vision_cosine", "sqnr_db", "agreement"}
+    assert lower == {"rel_err", "kl", "max_abs_err"}
     assert higher | lower == set(METRICS)
 
 
