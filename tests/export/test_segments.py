@@ -121,7 +121,7 @@ def _copy(bundle: Path, dest: Path) -> Path:
 _rewrite = edit_manifest
 
 
-@pytest.mark.parametrize("bad", [np.nan, 0.0, -1.0])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0, -1.0])
 def test_damaged_scales_or_segments_are_one_line(bundle: Path, kernel_here: None, tmp_path: Path, bad: float) -> None:
     broken = _copy(bundle, tmp_path / "bad")
     scales = np.load(broken / names.segment_scales_file(names.PREFILL))
@@ -135,6 +135,18 @@ def test_damaged_scales_or_segments_are_one_line(bundle: Path, kernel_here: None
     _rewrite(short, lambda d: d["graphs"]["prefill"]["segments"].pop())
     with pytest.raises(BundleError, match=f"holds {LAYERS} segments for {LAYERS} layers"):
         Pipeline.from_bundle(short)
+
+
+@pytest.mark.parametrize("head_dim", [72, 144])
+def test_heads_the_kernel_does_not_compute_are_refused_before_any_session(head_dim: int) -> None:
+    """Channels not in whole 16-lane vectors, or more than the kernel holds: refused, never computed."""
+    from types import SimpleNamespace
+
+    from pulse_edge.runtime.engines.segmented import SegmentedDecoder
+
+    kernel = SimpleNamespace(kind=SimpleNamespace(max_head_dim=128))
+    with pytest.raises(BundleError, match=f"heads of {head_dim} channels, which the CPU kernel does not compute"):
+        SegmentedDecoder(Path("."), None, SimpleNamespace(head_dim=head_dim), [], None, [], kernel, 1)
 
 
 def _record(path: Path) -> dict:
