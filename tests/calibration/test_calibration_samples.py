@@ -334,6 +334,25 @@ def test_the_datasets_inside_a_source_are_strata_too() -> None:
     assert [s.id for s in chosen] == [s.id for s in select_samples(samples, 12, seed=0)]  # seeded
 
 
+def test_a_seed_draws_the_same_samples_in_every_version_and_each_dataset_its_own() -> None:
+    """A manifest records the calibration's seed: the same seed must draw the same samples to redo it. Strata that
+    differ only in their dataset are drawn with seeds of their own (one seed took the same positions in each), and
+    `synthetic[:N]` is drawn with seed 0."""
+    samples = [CalibrationSample(f"{o}{i}", "ecginstruct", "diagnosis", (("q", "a"),), image_bytes=b"x", origin=o)
+               for o in ("ptb-xl", "code15") for i in range(20)]
+    assert [s.id for s in select_samples(samples, 6, seed=0)] == ["ptb-xl1", "ptb-xl6", "ptb-xl11", "code153",
+                                                                  "code1512", "code1516"]
+    assert load_samples("synthetic:2")[0].id == "synthetic/0/000000"
+
+
+def test_the_one_each_overshoot_is_taken_where_the_share_was_exceeded_most() -> None:
+    """Seven over six strata of 1, 1, 1, 1, 20 and 10 (quotas .21 each, 4.12, 2.06): one each, then the 20s
+    take the larger remainder; the wrong key took it from them."""
+    from pulse_edge.calibration.samples import _allocate
+
+    assert _allocate([1, 1, 1, 1, 20, 10], 7) == [1, 1, 1, 1, 2, 1]
+
+
 def test_an_ecginstruct_prints_origin_is_its_image_folder(tmp_path: Path, pngs: dict[str, bytes]) -> None:
     (tmp_path / "ptb-xl").mkdir()
     (tmp_path / "ptb-xl" / "a.png").write_bytes(pngs["sinus"])
