@@ -176,6 +176,24 @@ def test_profiles_cover_pulse_shapes_and_limits_are_checked(trt_fp16_bundle: Pat
         resolve_limits(manifest, 600, None)  # engines no print fits in: refused before minutes of building
 
 
+def test_a_context_under_the_runtime_chunk_caps_the_chunk_and_engines_are_tuned_at_half_of_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layout whose smallest image fits in fewer than 512 positions (not PULSE's, 1984 at least): the default
+    chunk is the context, where 512 refused every such bundle; TensorRT tunes for half the context, the length
+    most answers run at, not the longest."""
+    from types import SimpleNamespace
+
+    from pulse_edge.export.engines import profiles
+
+    monkeypatch.setattr(profiles, "min_context", lambda image: 100)
+    monkeypatch.setattr(profiles, "layout_max_tiles", lambda image: 5)
+    manifest = SimpleNamespace(kv=SimpleNamespace(max_length=400), image=None, text=SimpleNamespace(hidden_size=8))
+    limits = profiles.resolve_limits(manifest, None, None)
+    assert limits.max_chunk == 400
+    for profile in profiles.decoder_profiles(manifest, limits):
+        assert profile.shapes[names.ATTENTION_MASK] == ((1, 1), (1, 200), (1, 400))
+
+
 def test_a_damaged_bundle_is_refused_before_any_engine_is_built(trt_fp16_bundle: Path, tmp_path: Path) -> None:
     """Engines are tied to the manifest's sha256 only: engines built from a damaged copy would load later."""
     bundle = Path(shutil.copytree(trt_fp16_bundle, tmp_path / "copy"))
