@@ -117,6 +117,40 @@ def test_a_line_torn_by_a_crash_is_cut_off_and_redone(folder: Path, tmp_path: Pa
     assert [line["source"] for line in _lines(out)] == sources[:2]
 
 
+def test_a_last_line_without_its_newline_is_ended_before_more_are_appended(folder: Path, tmp_path: Path) -> None:
+    """A whole last record whose newline was lost: a resume appended the next answer onto the same line, and the
+    file was refused for good after ("line 1 is not valid JSON")."""
+    sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
+    _run(sources[:1], out, FakeModel())
+    out.write_bytes(out.read_bytes().rstrip(b"\n"))
+    stats, _ = _run(sources[:2], out, FakeModel())
+    assert (stats.already_done, stats.answered) == (1, 1)
+    assert [line["source"] for line in _lines(out)] == sources[:2]
+
+
+def test_a_line_cut_inside_a_character_is_torn_and_redone(folder: Path, tmp_path: Path) -> None:
+    """A crash mid-write can cut a non-ASCII answer ("é", two bytes) between its bytes: a prefix of a line like any
+    other, not a file to refuse."""
+    sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
+    _run(sources[:1], out, FakeModel())
+    out.write_bytes(out.read_bytes() + '{"source": "x", "text": "Rythme sinusal \u00e9'.encode()[:-1])
+    plan = plan_batch(sources[:2], out)
+    assert plan.existing.torn_tail and plan.todo == (sources[1],)
+
+
+def test_every_answer_is_checked_for_the_settings_of_the_run_appended_to_it(folder: Path, tmp_path: Path) -> None:
+    """A file whose first line predates recorded settings and whose second was another model's: the check read the
+    first line only, and this run's answers went in beside the other model's in silence."""
+    sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
+    _run(sources[:2], out, FakeModel())
+    lines = _lines(out)
+    del lines[0]["settings"]
+    lines[1]["settings"]["model"] = "another-model"
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ConfigError, match="another model"):
+        plan_batch(sources, out, settings=lines[1]["settings"] | {"model": "this-model"})
+
+
 def test_fail_fast_records_the_failure_then_stops(folder: Path, tmp_path: Path) -> None:
     sources, out = expand_inputs([str(folder)]), tmp_path / "out.jsonl"
     model = FakeModel()
