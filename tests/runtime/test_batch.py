@@ -289,3 +289,36 @@ def test_a_print_name_cut_inside_a_character_is_still_text(cut: int) -> None:
     raised UnicodeEncodeError after the print was saved (a second review)."""
     name = render_name("/data/ecg_é/" + "x" * cut + "é" * 100 + "/r.csv")
     assert name.encode("utf-8").decode("utf-8") == name and name.endswith(".png")
+
+
+def test_the_command_refuses_an_output_it_cannot_write_makes_its_folder_and_sums_up_a_rerun(
+        folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`infer --output`: an output file this user cannot write is one line before the model loads (a traceback
+    after it); a folder not there yet is made (a FileNotFoundError on its lock); a failure under --fail-fast is
+    said once; a rerun's summary counts what was already answered, of all inputs."""
+    import os
+
+    import click
+
+    from pulse_edge.cli.batch import infer_many
+
+    opened: list[int] = []
+
+    def run(output: Path, inputs: tuple[str, ...], fail_fast: bool = False) -> None:
+        with click.Context(click.Command("infer")):
+            infer_many(inputs, output, lambda: opened.append(1) or FakeModel(), question="Rate?", max_new_tokens=2,
+                       sampling=None, reading={"fs": 500}, save_render=None, fail_fast=fail_fast, model="fake")
+
+    out = tmp_path / "new" / "sub" / "out.jsonl"
+    run(out, (str(folder / "a.png"),))
+    assert len(_lines(out)) == 1 and opened == [1]
+    capsys.readouterr()
+    run(out, (str(folder / "a.png"),))
+    assert capsys.readouterr().err.startswith(f"pulse-edge: 0 answered, 0 failed, 1 already in {out} (of 1 inputs)")
+    with pytest.raises(InputError, match=r"d\.txt"):
+        run(out, (str(folder / "d.txt"),), fail_fast=True)
+    assert "failed:" not in capsys.readouterr().err  # the error ends the command, said by it once
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match="is not writable by this user; choose another --output file"):
+        run(out, (str(folder / "c.jpg"),))
+    assert opened == [1, 1]  # never opened for the refused run
