@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -118,18 +119,22 @@ def test_ctrl_c_inside_a_library_s_lazy_import_is_an_interruption(tmp_path: Path
     import module 'CLIPVisionModel'"): a traceback and exit 1 where Ctrl-C exits 130. Another error stays a bug."""
     import pulse_edge.export.fixtures.tiny as tiny
 
-    def interrupted_inside(wrapper: Exception) -> Any:
+    def interrupted_inside(wrapper: Exception, chained: bool) -> Any:
         def lazy_import(*args: object, **kwargs: object) -> None:
             try:
                 raise KeyboardInterrupt
             except KeyboardInterrupt as e:
-                raise wrapper from e
+                if chained:
+                    raise wrapper from e
+                raise wrapper  # noqa: B904 - raised while handling it: its __context__, as a library may
         return lazy_import
 
-    # transformers' own wording, then a library's own error type around it
-    for wrapper in (ModuleNotFoundError("Could not import module 'CLIPVisionModel'"),
-                    RuntimeError("Failed to import transformers.models.clip")):
-        monkeypatch.setattr(tiny, "write_shards", interrupted_inside(wrapper))
+    # transformers' own wording, then a library's own error type around it; "from" or raised while handling it
+    for wrapper, chained in itertools.product((ModuleNotFoundError("Could not import module 'CLIPVisionModel'"),
+                                               RuntimeError("Failed to import transformers.models.clip")),
+                                              (True, False)):
+        wrapper.__cause__ = wrapper.__context__ = None
+        monkeypatch.setattr(tiny, "write_shards", interrupted_inside(wrapper, chained))
         res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
         assert res.exit_code == 130 and "interrupted" in res.output and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(tiny, "write_shards", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
