@@ -285,8 +285,10 @@ def staged_file(out: Path) -> Iterator[Path]:
         synced(work)
         os.replace(work, out)
         _sync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
         work.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS and e.filename in (None, name):  # a write into an
+            raise OSError(e.errno, e.strerror, str(out)) from e  # open file, or into the hidden one: the target's
         raise
 
 

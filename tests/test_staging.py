@@ -270,6 +270,25 @@ def test_a_short_write_with_no_errno_on_a_full_disk_is_the_disk_full_line(tmp_pa
     assert _leftovers(tmp_path) == []
 
 
+def test_a_full_disk_while_a_staged_file_is_written_names_the_target_and_keeps_the_old_one(tmp_path: Path) -> None:
+    """A write into an open file carries no file name: `eval`'s scores.json, a scales file... were "the disk is full"
+    with no place named (a staged folder named its target); the hidden temporary's name is no better. The target
+    keeps its last whole state."""
+    import errno
+
+    from pulse_edge.staging import staged_file
+
+    out = tmp_path / "scores.json"
+    out.write_text('{"old": 1}')
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  OSError(errno.ENOSPC, "No space left on device", "hidden")):
+        with pytest.raises(OSError) as raised, staged_file(out) as work:
+            work.write_text('{"new": ')
+            raise OSError(error.errno, error.strerror, str(work)) if error.filename else error
+        assert raised.value.filename == str(out) and raised.value.errno == errno.ENOSPC
+    assert out.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["scores.json"]
+
+
 def test_a_second_writer_of_one_target_is_refused_at_once(tmp_path: Path) -> None:
     from pulse_edge.staging import staged_directory, stale_partials
 
