@@ -181,6 +181,12 @@ def test_a_second_run_into_the_same_out_is_refused_while_one_runs(data_dir: Path
                                                  "--subset", "csn", "--limit", "2", "--out", str(out)])
     assert result.exit_code == 2 and f"another pulse-edge command is writing {out}" in result.output
     assert not (out / "csn.jsonl").exists()
+    report = tmp_path / "report"
+    with target_lock(report, what="--report folder"):  # two runs reporting into one folder would mix its files
+        result = CliRunner().invoke(eval_group, ["ecgbench", "--model", str(model), "--data", str(data_dir),
+                                                 "--subset", "csn", "--limit", "2", "--out", str(out),
+                                                 "--report", str(report)])
+    assert result.exit_code == 2 and f"another pulse-edge command is writing {report}" in result.output
 
 
 def test_a_run_pins_the_bundle_by_its_manifest_not_its_path(data_dir: Path, tmp_path: Path,
@@ -216,7 +222,7 @@ def test_cli_runs_scores_reports_and_resumes(data_dir: Path, tmp_path: Path, mon
     (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2}))
     interrupted = FakePipeline(interrupt_after=1)
     monkeypatch.setattr(pulse_edge.backends, "open_backend", lambda *a, **k: interrupted)
-    out, report = tmp_path / "out", tmp_path / "report"
+    out, report = tmp_path / "runs" / "a" / "out", tmp_path / "reports" / "a" / "report"  # folders not there yet
     args = ["ecgbench", "--model", str(model), "--data", str(data_dir), "--subset", "csn", "--limit", "4",
             "--out", str(out), "--report", str(report)]
     stopped = CliRunner().invoke(eval_group, args)
@@ -225,6 +231,9 @@ def test_cli_runs_scores_reports_and_resumes(data_dir: Path, tmp_path: Path, mon
     result = CliRunner().invoke(eval_group, args)
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output[result.output.index("{"):])
+    assert sorted(scores) == ["model", "out", "runs", "subsets"]
+    assert scores == json.loads((out / "scores.json").read_text())
+    assert json.loads((out / "run.json").read_text())["max_new_tokens"] == 1024  # the paper's setting by default
     csn = scores["subsets"][0]
     # first 4 samples: g1 A ok, g2 B ok, g3 "Answer: C" ok, g4 "no idea" -> compat draws B (seed 42) vs D: wrong
     assert csn["compat"] == {"accuracy": 75.0, "random_fallbacks": 1}
