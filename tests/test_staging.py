@@ -531,3 +531,26 @@ def test_a_lock_file_another_user_left_is_locked_read_only_or_named(tmp_path: Pa
                                            r"left it; remove it, or choose another scales file"),
           staging.target_lock(out, what="scales file")):
         pass
+
+
+def test_what_a_command_writes_has_the_users_usual_modes_and_sizes_read_at_their_unit(tmp_path: Path) -> None:
+    """mkdtemp makes 0700 and safetensors 0600: a model store other users read, a print a viewer opens, got the
+    user's modes only because the work was given them; a size at exactly 1 MiB or 1 GiB is said in that unit."""
+    from PIL import Image
+
+    from pulse_edge.runtime.batch import save_image
+    from pulse_edge.staging import size_text, staged_directory
+
+    old = os.umask(0o022)
+    try:
+        with staged_directory(tmp_path / "store", what="model folder") as work:
+            (work / "sub").mkdir()
+            (work / "sub" / "model.safetensors").write_bytes(b"x")
+            (work / "sub" / "model.safetensors").chmod(0o600)
+        save_image(Image.new("RGB", (4, 4)), tmp_path / "print.png")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")
+             if not p.name.endswith(".lock")}
+    assert modes == {"store": 0o755, "store/sub": 0o755, "store/sub/model.safetensors": 0o644, "print.png": 0o644}
+    assert (size_text(1 << 30), size_text(1 << 20), size_text(1023 << 10)) == ("1.0 GiB", "1.0 MiB", "1023 KiB")

@@ -322,3 +322,14 @@ def test_the_command_refuses_an_output_it_cannot_write_makes_its_folder_and_sums
     with pytest.raises(ConfigError, match="is not writable by this user; choose another --output file"):
         run(out, (str(folder / "c.jpg"),))
     assert opened == [1, 1]  # never opened for the refused run
+
+
+def test_a_print_is_never_a_hidden_file_and_blank_lines_are_no_records(tmp_path: Path) -> None:
+    """"./a.csv" flattened to ".__a.csv~....png", a print no file browser shows; a blank line in an answers file
+    (an editor's, a concatenation's) was refused as not JSON."""
+    from pulse_edge.jsonl import read_json_lines
+
+    assert not render_name("./a.csv").startswith(".") and render_name(".hidden.csv").startswith("hidden.csv~")
+    lines = tmp_path / "answers.jsonl"
+    lines.write_text('{"id": 1}\n\n  \n{"id": 2}\n')
+    assert [r["id"] for r in read_json_lines(lines, lambda record, path, number: record).records] == [1, 2]
