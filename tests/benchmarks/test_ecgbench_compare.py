@@ -89,6 +89,7 @@ def test_gate_fails_with_one_line_and_passes_within_budget(setup: tuple[Path, Pa
                       "--max-drop", "hl=0")
     assert passed.exit_code == 0, passed.output
     assert json.loads(passed.output)["gate_failures"] == []
+    assert json.loads(_compare(setup, tmp_path).output)["gate_failures"] is None  # no gate asked: none, not passed
 
 
 def test_the_gate_fails_on_what_it_could_not_compare(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:

@@ -65,6 +65,10 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
          "is a directory, not a --changes file"),
         (["compare", str(tmp_path), str(tmp_path), "--data", str(tmp_path), "--report", str(a_file)],
          "is a file; --report names a folder"),
+        # the ranges an option takes: a run of no samples, more judge requests than a judge server takes
+        (["ecgbench", "--model", str(tmp_path), "--data", str(tmp_path), "--limit", "0"], "--limit"),
+        (["ecgbench", "--model", str(tmp_path), "--data", str(tmp_path), "--judge-url", "http://x",
+          "--judge-model", "m", "--judge-workers", "33"], "--judge-workers"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(eval_group, args)
