@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pulse_edge.cli.main import main
+from pulse_edge.errors import DeviceMemoryError
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -111,6 +112,29 @@ def test_interrupted_make_tiny_leaves_nothing_behind(tmp_path: Path, monkeypatch
     res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
     assert res.exit_code == 130
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (OSError(28, "No space left on device", "/data/out/scores.json"),
+     "pulse-edge: error: the disk is full writing /data/out/scores.json: "),
+    (MemoryError("onnxruntime could not allocate 2.0 GiB"), "pulse-edge: error: onnxruntime could not allocate 2.0 "
+     "GiB: free memory (close other programs) or use a smaller bundle or fewer --threads, and run the command again"),
+    (DeviceMemoryError("the GPU's memory is full: close other GPU programs"),
+     "pulse-edge: error: the GPU's memory is full: close other GPU programs"),
+], ids=["disk", "host memory", "device memory"])
+def test_the_machine_s_state_is_one_line_naming_what_to_do_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  error: BaseException, line: str) -> None:
+    """A full disk names the file it was writing; the host's memory names --threads; a full GPU says its own fix
+    (the host's RAM and --threads are not it); each exits 2, the machine's state, not a bug's 1."""
+    import pulse_edge.export.fixtures.tiny as tiny
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(tiny, "write_shards", fails)
+    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "ckpt")])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [res.output.strip()], res.output
+    assert res.output.strip().startswith(line), res.output
 
 
 def test_ctrl_c_inside_a_library_s_lazy_import_is_an_interruption(tmp_path: Path,
