@@ -13,7 +13,7 @@ from pulse_testing.ecg_files import beats
 from pulse_testing.pages import page
 
 from pulse_edge.errors import ConfigError, InputError
-from pulse_edge.runtime.batch import BatchOptions, plan_batch, render_name, run_batch
+from pulse_edge.runtime.batch import BatchOptions, plan_batch, render_name, run_batch, save_image
 from pulse_edge.runtime.generation.result import GenerationResult, Timings
 from pulse_edge.runtime.generation.sampling import SamplingParams
 from pulse_edge.runtime.inputs.discover import expand_inputs
@@ -330,6 +330,9 @@ def test_a_print_is_never_a_hidden_file_and_blank_lines_are_no_records(tmp_path:
     from pulse_edge.jsonl import read_json_lines
 
     assert not render_name("./a.csv").startswith(".") and render_name(".hidden.csv").startswith("hidden.csv~")
+    with pytest.raises(ConfigError, match=r"r\.xyz: unknown image suffix '\.xyz'; name it \.png"):
+        save_image(Image.new("RGB", (4, 4)), tmp_path / "r.xyz")  # Pillow's ValueError was a traceback, exit 1
+    assert list(tmp_path.iterdir()) == []
     lines = tmp_path / "answers.jsonl"
     lines.write_text('{"id": 1}\n\n  \n{"id": 2}\n')
     assert [r["id"] for r in read_json_lines(lines, lambda record, path, number: record).records] == [1, 2]
