@@ -327,10 +327,14 @@ def _options_not_chosen(text: str) -> list[tuple[int, int]]:
     spans = []
     judged: dict[int, bool] = {}  # an option's start -> whether its own verdict denies it
     for run in runs:
-        cued = w.OPTIONS_CUE.search(text, max(0, run[0][1] - w.OPTIONS_CUE_CHARS), run[0][1])  # near the list only
         tail = run[-1][2]
         cut = w.OPTION_END.search(text, tail, tail + w.OPTION_CHARS)
         ends = [start for _, start, _ in run[1:]] + [cut.start() if cut else min(len(text), tail + w.OPTION_CHARS)]
+        near = max(0, run[0][1] - w.OPTIONS_CUE_CHARS), run[0][1]  # the cue right before the list only
+        cued = w.OPTIONS_CUE.search(text, *near) or (w.QUESTION_CUE.search(text, *near)
+                                                     if _chosen_outside(hits, run, ends[-1]) else None)
+        if cued is None and any(c.islower() for c in text[run[0][1]:run[0][2]]):
+            continue  # "a) ... b) ..." is a list of options only where something says so: a report's otherwise
         colon = w.COLON.search(text, *run[0][1:])
         if colon and cued and w.OPTION_LABEL.fullmatch(cued.group()) and w.VERDICT_WORD.search(text, run[0][1],
                                                                                             ends[-1]):
@@ -404,7 +408,8 @@ def _own_negation(gap: str, *, last: bool, rhythm: bool) -> int:
     # "does not fit" / "is not" right before the next statement is about that one ("T wave inversions do not fit
     # ischemia", "the rhythm is not AF"): the gap's end is where the next statement starts, not the clause's end
     # their words need
-    if right and not (not last and not gap[right.end():].strip() and w.FIT_AFTER.match(gap)):
+    opens_next = not last and not gap[right.end():].strip() if right else False
+    if right and not (opens_next and (w.FIT_AFTER.match(gap) or w.DASH_NO.match(gap))):  # "- no LVH": LVH's
         return right.end()
     return _after(w.NEGATION_AFTER, gap, last=last)
 

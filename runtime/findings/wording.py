@@ -101,7 +101,9 @@ ALTERNATIVE_BEFORE = re.compile(
     rf"|{_W}better(?:\s+[\w-]+)?\s+than{_OVER}|{_W}(?:favou?red|preferred)\s+over{_OVER})$", _I)
 # "more consistent with LBBB than RBBB": its "more" before the statement the clause prefers (matched over the clause,
 # the "than" after that statement: extract._judge_clause)
-MORE_THAN = re.compile(rf"{_W}more{_E}[^.;:\n]{{1,60}}?\s(?P<than>than){_OVER}$", _I)
+MORE_THAN = re.compile(  # a fit, not a count ("more PVCs than PACs": both there)
+    rf"{_W}more\s+(?:consistent|likely|suggestive|in keeping|compatible|typical|characteristic|indicative|like)"
+    rf"{_E}[^.;:\n]{{0,60}}?\s(?P<than>than){_OVER}$", _I)
 
 # --- a multiple-choice answer that repeats its options -----------------------------------------------------------
 # "Options: A. Sinus rhythm B. Atrial fibrillation C. Atrial flutter. Answer: B": the options are no statements; the
@@ -116,17 +118,20 @@ OPTION_MARK = re.compile(  # "A：" needs no space
     r"|(?=[ \t]\((?!(?i:leads?|panels?|strips?|fig\w*|image|page)\b)[^()\n]{1,60}\)))|([a-h])\)(?=\s))")
 OPTION_CHARS = 160
 # the cue right before a list (within OPTIONS_CUE_CHARS): "Options:", "The options are:", "Which of the following
-# is shown?", "What is the rhythm?", "Choose from", and the word in German, Spanish, French and Chinese answers
+# is shown?", "Choose from", and the word in German, Spanish, French and Chinese answers
 OPTIONS_CUE = re.compile(
     rf"(?:{_W}(?<!correct )(?<!right )(?<!true )(?<!best )"  # "The correct options are A (SR) and B (LVH)": chosen
     rf"(?:options?(?:\s+(?:are|were))?|choices?(?:\s+(?:are|were))?"
     rf"|(?:choose|select|pick)(?: from| one| the (?:best|correct|right|most likely) (?:answer|option|choice))?"
-    rf"|candidates?|optionen|opciones|possibilit\w+)|\u9009\u9879|{_W}(?:what|which)\s[^.?\n]{{0,60}}\?)"
+    rf"|candidates?|optionen|opciones|possibilit\w+)|\u9009\u9879|which of the following[^.\n]{{0,60}}\?)"
     rf"\W{{0,6}}$", _I)
+# any other question right before a list ("What is the rhythm? A (AF), B (SR). Answer: B."): a cue only where a
+# letter of the list is chosen ("What are the findings? A. SR B. LVH" is a report's list)
+QUESTION_CUE = re.compile(rf"{_W}(?:what|which)\s[^.?\n]{{0,60}}\?\W{{0,6}}$", _I)
 OPTIONS_CUE_CHARS = 100
-# where the last option ends: a line break, a sentence's end, or the answer's cue
+# where the last option ends: a line break, a semicolon, a sentence's end, or the answer's cue
 OPTION_END = re.compile(
-    r"\n|(?<=[^\s.])\.(?=\s)|(?=(?:the )?(?:correct |right |best )?(?:answers?|choice|option)\b)", _I)
+    r"\n|;|(?<=[^\s.])\.(?=\s)|(?=(?:the )?(?:correct |right |best )?(?:answers?|choice|option)\b)", _I)
 COLON = re.compile(r"(?<!\d)[:\uff1a](?!\d)")  # not a ratio's: "flutter with 2:1 block"
 # "A) Sinus rhythm: incorrect": a verdict on the option after its colon, not a report's section
 VERDICT_COLON = re.compile(r"[:\uff1a][ \t]*(?:correct|incorrect|wrong|right|yes|no|true|false)(?![A-Za-z])", _I)
@@ -194,9 +199,13 @@ NEGATION_AFTER = re.compile(rf"{_FILLER}{_VERB}{_NEGATED}", _I)
 # The negation right after its statement, no comma or other word between ("LVH unlikely given LBBB", "AF excluded
 # because of ..."): that statement's whatever follows; after a comma it may open the next ("Sinus rhythm, unlikely
 # MI": MI's, wording.NEGATION_TO_COMMA). "C (RBBB) is not" too.
-_DASH_NO = r"[-\u2013\u2014][ \t]*(?:no|none|nil|negative)(?=[ \t]*(?:[.;,!\n]|$))"  # "Option A: AF - no"
-NEGATION_RIGHT_AFTER = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE}|{_DASH_NO})", _I)
-NOT_THE_RHYTHM = re.compile(rf"^\)?[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE_OR_RHYTHM}|{_DASH_NO})", _I)
+# a verdict after a dash or a comma: "Option A: AF - no", "AF, false"; never "- no LVH", which denies LVH (the
+# statement's own only where more than the next statement follows: extract._own_negation)
+_DASH_NO = (r"(?:[ \t]+[-\u2013\u2014]|[ \t]*,)[ \t]*(?:no|none|nil|negative|false|incorrect|wrong)"
+            r"(?=[ \t]*(?:[.;,!\n]|$))")
+DASH_NO = re.compile(rf"^\)?{_DASH_NO}", _I)
+NEGATION_RIGHT_AFTER = re.compile(rf"^\)?(?:[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE})|{_DASH_NO})", _I)
+NOT_THE_RHYTHM = re.compile(rf"^\)?(?:[ \t]+(?:{_VERB}{_NEGATED}|{_IS_NOT}|{_NOT_THE_OR_RHYTHM})|{_DASH_NO})", _I)
 NOT_THE = re.compile(rf"^\)?[ \t]+{_NOT_THE_OR_RHYTHM}", _I)  # its words alone
 # "SR is not the main finding, LVH is": present, not the main one; the "not" is its own, and reaches no further
 NOT_THE_MAIN = re.compile(rf"^\)?[ \t]+{_ARE_NOT} (?:the|its) (?:main|primary|only|dominant|major|key|principal)"

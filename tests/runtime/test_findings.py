@@ -194,7 +194,6 @@ def _coded(text: str) -> list[tuple[str, str]]:
     # rhythm seen here", the other comparisons; the guards beside each are what a first version read wrong
     ("The options are A (AF), B (LBBB), C (RBBB). Answer: C.", [("RBBB", "stated")]),
     ("What is the rhythm? A (AF), B (sinus rhythm). Answer: B.", [("SR", "stated")]),
-    ("Q: Which is present? A: AF B: LBBB. A: LBBB is present.", [("LBBB", "stated")]),
     ("Which of the following is true? A (lead II) shows sinus rhythm and B (lead V1) shows RBBB.",
      [("SR", "stated"), ("RBBB", "stated")]),
     ("The correct options are: A (sinus rhythm) and B (LVH).", [("SR", "stated"), ("LVH", "stated")]),
@@ -212,6 +211,19 @@ def _coded(text: str) -> list[tuple[str, str]]:
     ("Findings: a) sinus rhythm b) LBBB", [("SR", "stated"), ("LBBB", "stated")]),
     ("Option A: AF - no. Option B: SR - yes.", [("SR", "stated")]), ("LBBB - no, RBBB - yes", [("RBBB", "stated")]),
     ("AF - no RVR.", [("AFIB", "stated")]),
+    # the review of those rules: "- no" before the next statement is that one's, a report's "a)" list and a list
+    # after a question with no choice stay stated, "true/false" verdicts, counts are no comparison, a ";" ends a list
+    ("Sinus rhythm - no LVH.", [("SR", "stated")]), ("Atrial fibrillation - no LBBB, no RBBB.", [("AFIB", "stated")]),
+    ("Answer: a) sinus rhythm b) left axis deviation c) LAFB", [("SR", "stated"), ("LAD", "stated"),
+                                                                ("LAFB", "stated")]),
+    ("What are the findings? A. Sinus rhythm B. LVH", [("SR", "stated"), ("LVH", "stated")]),
+    ("What is the rhythm? A (AF) is incorrect; B (sinus rhythm) is correct.", [("SR", "stated")]),
+    ("Option A: AF - false. Option B: sinus rhythm - true.", [("SR", "stated")]),
+    ("Option A: sinus rhythm, yes. Option B: AF, no.", [("SR", "stated")]),
+    ("There are more PVCs than PACs.", [("PVC", "stated"), ("PAC", "stated")]),
+    ("The options are a) LBBB, b) RBBB, c) IVCD; RBBB is present.", [("RBBB", "stated")]),
+    ("The QRS is more consistent with LBBB than RBBB and LAFB is also present.",
+     [("LBBB", "stated"), ("RBBB", "possible"), ("LAFB", "stated")]),
     ("LBBB, C (STEMI) cannot be excluded.", [("LBBB", "stated"), ("MI", "possible")]),
     ("a (AF), b (LBBB) are incorrect.", [("AFIB", "stated")]), ("A (AF), B - LBBB is absent.", [("AFIB", "stated")]),
     ("LVH, which does not fit because the patient is young.", [("LVH", "stated")]),
