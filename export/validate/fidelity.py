@@ -102,7 +102,7 @@ def summarise_steps(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"steps": list(rows), "cosine": _mean([r["cosine"] for r in rows]),
             "min_cosine": min(r["cosine"] for r in rows), "rel_err": _mean([r["rel_err"] for r in rows]),
             "sqnr_db": _mean([r["sqnr_db"] for r in rows], skip_inf=True), "kl": _mean([r["kl"] for r in rows]),
-            "max_kl": max(r["kl"] for r in rows), "top1": _mean([float(r["top1_equal"]) for r in rows])}
+            "max_kl": float(np.max([r["kl"] for r in rows])), "top1": _mean([float(r["top1_equal"]) for r in rows])}
 
 
 def decoder_fidelity(reference: TorchPipeline, candidate: Pipeline, samples: Sequence[CalibrationSample],

@@ -17,12 +17,15 @@ process), and a write between ONNX Runtime mapping a file and this opening it (m
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 from pulse_edge.errors import BundleError
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
+
+_TOO_MANY = (errno.EMFILE, errno.ENFILE)
 
 
 class LoadedFiles:
@@ -39,12 +42,18 @@ class LoadedFiles:
                 self._held.append((name, fd, _state(os.fstat(fd))))
         except OSError as e:
             self.close()
-            raise BundleError(f"{bundle / name} cannot be opened ({e.strerror or e}); copy the bundle again") from e
+            fix = ("raise the open-files limit (ulimit -n) or close other programs" if e.errno in _TOO_MANY
+                   else "copy the bundle again")
+            raise BundleError(f"{bundle / name} cannot be opened ({e.strerror or e}); {fix}") from e
 
     def check(self) -> None:
         """A BundleError naming the first file written since the load."""
         for name, fd, loaded in self._held:
-            if _state(os.fstat(fd)) != loaded:
+            try:
+                now = _state(os.fstat(fd))
+            except OSError:  # closed under this check by the pipeline's close (a server stopping): nothing to say
+                return
+            if now != loaded:
                 raise BundleError(f"{self.bundle / name} was written over after the bundle was loaded (an update "
                                   "copied into the folder in use?): this model is no longer the one checked; load "
                                   "the bundle again (restart the server) once the copy has ended, and deploy "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -160,7 +160,7 @@ def _utf16_xml(head: bytes) -> bool:
 
 def _kind_of(head: bytes, suffix: str) -> str:
     """The input kind the first bytes say; images.py decides (and explains a refusal) for all the rest."""
-    if head[128:132] == b"DICM" or bare_dicom(head) or suffix.lower() == ".dcm":  # PS3.10: preamble, "DICM"
+    if head[128:132] == b"DICM" or bare_dicom(head):  # PS3.10: a preamble, then "DICM"; or a bare data set
         return "dicom"
     if head.startswith(b"\x93NUMPY"):
         return "npy"
@@ -245,7 +245,7 @@ def _leads(options: _Options) -> dict[str, tuple[str, ...]]:
     if options.leads is None:
         return {}
     given = options.leads
-    if not isinstance(given, str | list | tuple):  # leads=5: a TypeError from tuple() was no refusal of its own
+    if isinstance(given, bytes) or not isinstance(given, str | Iterable):  # leads=5: tuple()'s TypeError before
         raise ConfigError(f"leads must name the leads in order, as \"I,II,V1,...\" or a sequence of names; got "
                           f"{given!r:.80}")
     names = tuple(n.strip() for n in given.split(",")) if isinstance(given, str) else tuple(given)

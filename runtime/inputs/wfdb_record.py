@@ -130,7 +130,9 @@ def _check_segments(segments: list[tuple[str, list[list[str]]]], label: str, *, 
         leads = [normalise_lead_name(name) or name for name in names]  # a lead's label as the reader takes it
         if first is None:
             first = (segment, names, leads)
-        elif not layout and leads != first[2]:
+        elif not layout and len(leads) == len(first[2]):  # descriptions are optional: a blank one is the first's
+            leads = [lead or theirs for lead, theirs in zip(leads, first[2], strict=True)]
+        if not layout and leads != first[2]:
             raise recording_error(label, f"segment {segment} lists its signals as {', '.join(names)}, segment "
                                   f"{first[0]} as {', '.join(first[1])}: wfdb stacks them by position",
                                   "write every segment's signals in the same order")

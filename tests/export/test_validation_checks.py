@@ -144,3 +144,14 @@ def test_a_planned_length_the_cache_cannot_hold_is_recorded_and_none_at_all_fail
     assert [s["prefill_length"] for s in some["skipped"]] == [62, 64] and "cache's 64" in some["skipped"][0]["why"]
     none = _decoder_cases(lm, engine, ValidationPlan(prefill_lengths=(100,), decode_steps=2), tol)
     assert none["cases"] == [] and not none["pass"]
+
+
+def test_a_step_whose_kl_is_nan_makes_the_recorded_worst_kl_nan() -> None:
+    """Python's max() skips a NaN that is not first: the manifest's max_kl read finite over a step with none."""
+    import math
+
+    from pulse_edge.export.validate.fidelity import summarise_steps
+
+    row = {"cosine": 1.0, "rel_err": 0.0, "sqnr_db": 60.0, "top1_equal": True}
+    summary = summarise_steps([{**row, "kl": 0.01}, {**row, "kl": math.nan}])
+    assert math.isnan(summary["max_kl"]) and math.isnan(summary["kl"])

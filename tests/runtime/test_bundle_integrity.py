@@ -582,3 +582,28 @@ def test_a_bundle_written_over_after_its_load_answers_nothing_until_loaded_again
             with pytest.raises(BundleError, match=r"decoder\.onnx\.data was written over after the bundle was "
                                                   r"loaded \(an update copied into the folder in use\?\)"):
                 ask()
+
+
+def test_a_bundle_that_cannot_be_held_open_says_why_and_a_check_during_close_says_nothing(tmp_path: Path) -> None:
+    """Out of file descriptors is no damaged bundle ("copy the bundle again" was the advice); a /health check that
+    meets the pipeline's close (a server stopping) read closed descriptors: an OSError, a 500."""
+    import resource
+
+    from pulse_edge.runtime.bundle.loaded import LoadedFiles
+
+    for k in range(24):
+        (tmp_path / f"part{k}").write_bytes(b"x")
+    manifest = SimpleNamespace(files={f"part{k}": None for k in range(24)})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (16, hard))
+    try:
+        with pytest.raises(BundleError, match=r"\(Too many open files\); raise the open-files limit \(ulimit -n\)"):
+            LoadedFiles(tmp_path, manifest)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    files = LoadedFiles(tmp_path, manifest)
+    held = list(files._held)
+    for _, fd, _ in held:  # what close() does, while a check runs over the list it had
+        os.close(fd)
+    files.check()
+    files._held = []

@@ -243,9 +243,10 @@ def test_leads_that_name_no_lead_are_said_so(tmp_path) -> None:
         load_input(signals, fs=500.0, leads="foo")
     with pytest.raises(ConfigError, match="leads must be lead names"):
         load_input(signals, fs=500.0, leads=(1, 2))
-    for odd in (5, {"I": 0}, None.__class__):  # not text nor a sequence: a TypeError traceback from tuple()
+    for odd in (5, b"I,II", None.__class__):  # not text nor a sequence: a TypeError traceback from tuple()
         with pytest.raises(ConfigError, match="leads must name the leads in order"):
             load_input(signals, fs=500.0, leads=odd)
+    assert load_input(signals, fs=500.0, leads=np.array(LEADS)).kind == "array"  # any sequence of names: numpy's
     thirteen = np.vstack([signals, signals[:1]])  # a respiration channel beside the 12 leads: dropped, said
     loaded = load_input(thirteen, fs=500.0, leads=(*LEADS, "RESP"))
     assert any("'RESP'" in note for note in loaded.notes)

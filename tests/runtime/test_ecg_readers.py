@@ -23,6 +23,7 @@ from pulse_testing.ecg_files import (
     write_npy,
     write_wfdb,
 )
+from pulse_testing.pages import page
 
 from pulse_edge.errors import InputError
 from pulse_edge.runtime.ecg.leads import LEADS
@@ -261,8 +262,8 @@ def test_a_twelve_lead_group_is_chosen_over_a_rhythm_strip_of_fewer_leads(tmp_pa
 
 def test_a_dicom_written_without_its_preamble_is_read_as_one_with_it(tmp_path, signals):
     """Older exporters write the data set with no 128-byte preamble and no "DICM": pydicom reads it when forced,
-    and it was refused as unknown content (an image it is not). Another file named .dcm gets the DICOM reader's
-    line."""
+    and it was refused as unknown content (an image it is not). Its first bytes tell it, not its name (a PNG named
+    .dcm is read as the PNG it is); group 0008's first bytes without a VR after them are no data set."""
     import pydicom
 
     bare = tmp_path / "bare.dcm"
@@ -271,8 +272,10 @@ def test_a_dicom_written_without_its_preamble_is_read_as_one_with_it(tmp_path, s
     shutil.copyfile(bare, bare.with_suffix(".bin"))  # told by its first bytes, not its name
     for source in (bare, bare.with_suffix(".bin")):
         assert np.abs(load_twelve_lead(source)[0] - signals).max() < 0.01
-    (tmp_path / "junk.dcm").write_bytes(b"not a data set " * 20)
-    one_line(r"junk\.dcm: not a DICOM file \(no DICM header\)", load_input, tmp_path / "junk.dcm")
+    (tmp_path / "ecg.dcm").write_bytes((tmp_path / "bare.dcm").read_bytes()[:2] + b"\x10\x00\x01\x02" * 40)
+    one_line(r"ecg\.dcm: is not an image, PDF or ECG recording", load_input, tmp_path / "ecg.dcm")  # no VR after
+    page((300, 200)).save(tmp_path / "scan.dcm", format="PNG")
+    assert load_input(tmp_path / "scan.dcm").kind == "image"
 
 
 def test_rhythm_group_is_chosen_over_a_median_beat_listed_first(tmp_path, signals):
@@ -518,6 +521,21 @@ def test_segments_in_other_units_or_another_lead_order_are_refused_not_drawn_wro
         assert np.abs(load_twelve_lead(master)[0] - signals).max() <= 0.5e-3 + 1e-6
         return
     one_line(words, read_wfdb, master)
+
+
+def test_a_segment_that_leaves_out_its_names_and_units_is_read_as_the_first_one_says(tmp_path, signals):
+    """A signal's description and unit are optional in a header (no unit is mV): a fixed layout's later segment
+    without them is read by wfdb under the first one's names, and was refused as another lead order."""
+    half = N // 2
+    _segment(tmp_path, "a", signals[:, :half], list(range(12)), "mV")
+    _segment(tmp_path, "b", signals[:, half:], list(range(12)), "mV")
+    header = tmp_path / "b.hea"
+    lines = header.read_text().splitlines()
+    header.write_text("\n".join([lines[0], *(" ".join([*f.split()[:2], f.split()[2].split("/")[0], *f.split()[3:8]])
+                                              for f in lines[1:13])]) + "\n")
+    master = tmp_path / "multi.hea"
+    master.write_text(f"multi/2 12 {FS} {N}\na {half}\nb {half}\n")
+    assert np.abs(load_twelve_lead(master)[0] - signals).max() <= 0.5e-3 + 1e-6
 
 
 def test_a_variable_layout_whose_other_signals_differ_in_units_is_one_line_not_a_crash(tmp_path, signals):
