@@ -272,22 +272,15 @@ def test_a_tensorrt_session_records_its_engines_and_removes_those_of_the_bundle_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Through make_session, with ONNX Runtime's session faked (no GPU here): only the folder pulse-edge chose is
     recorded and tidied; a cache path the caller gives is theirs."""
-    import onnxruntime
 
     from pulse_edge.runtime.engines import trt_cache
 
-    class BuildsAnEngine:
+    class BuildsAnEngine(_OnTensorRT):
         def __init__(self, path: str, sess_options: object = None, providers: list = ()) -> None:
             self.cache = Path(providers[0][1]["trt_engine_cache_path"])
             (self.cache / "TensorrtExecutionProvider_TRTKernel.engine").write_bytes(b"engine")
 
-        def get_providers(self) -> list[str]:
-            return ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(onnxruntime, "InferenceSession", BuildsAnEngine)
+    _fake_tensorrt(monkeypatch, tmp_path, BuildsAnEngine)
     graph = tmp_path / "bundle" / "decoder.onnx"
     graph.parent.mkdir()
     graph.write_bytes(b"graph-A")
@@ -312,14 +305,13 @@ def test_engines_are_held_while_they_are_built_and_let_go_when_the_build_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 7B engine builds for minutes: a prune in that time (another bundle's session start) took the folder TensorRT
     was writing into, since the hold came after the build. A build that fails leaves the folder free to prune."""
-    import onnxruntime
 
     from pulse_edge.runtime.engines import trt_cache
 
     tried: list[bool] = []
     folders: list[Path] = []
 
-    class Builds:
+    class Builds(_OnTensorRT):
         def __init__(self, path: str, sess_options: object = None, providers: list = ()) -> None:
             cache = Path(providers[0][1]["trt_engine_cache_path"])
             folders.append(cache)
@@ -328,13 +320,7 @@ def test_engines_are_held_while_they_are_built_and_let_go_when_the_build_fails(
             if fail:
                 raise RuntimeError("out of device memory")
 
-        def get_providers(self) -> list[str]:
-            return ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(onnxruntime, "InferenceSession", Builds)
+    _fake_tensorrt(monkeypatch, tmp_path, Builds)
     graph = tmp_path / "decoder.onnx"
     graph.write_bytes(b"graph")
     fail = False
@@ -374,3 +360,20 @@ def test_a_hold_taken_on_a_folder_a_prune_removed_meanwhile_holds_the_folder_mad
     assert not trt_cache._removed_unless_held(folder) and folder.is_dir()
     os.close(fd)
     assert trt_cache._removed_unless_held(folder)
+
+
+class _OnTensorRT:
+    """ONNX Runtime's session as a TensorRT one reports itself (no GPU here: its __init__ is each test's)."""
+
+    def get_providers(self) -> list[str]:
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+
+
+def _fake_tensorrt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, session: type) -> None:
+    """ONNX Runtime with TensorRT available and `session` as its InferenceSession; the user's cache under tmp_path."""
+    import onnxruntime
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
