@@ -33,10 +33,11 @@ class LoadedFiles:
 
     def __init__(self, bundle: Path, manifest: Manifest) -> None:
         self.bundle = bundle
-        names = list(manifest.files) or sorted(p.name for p in bundle.iterdir()  # version 1: no records
-                                               if p.is_file() and p.name != MANIFEST_FILE)
-        self._held: list[tuple[str, int, tuple[int, int]]] = []
+        self._held: list[tuple[str, int, tuple[int, int]]] = []  # first: __del__ runs after a failed __init__ too
+        name = MANIFEST_FILE
         try:
+            names = list(manifest.files) or sorted(p.name for p in bundle.iterdir()  # version 1: no records
+                                                   if p.is_file() and p.name != MANIFEST_FILE)
             for name in names:
                 fd = os.open(bundle / name, os.O_RDONLY)
                 self._held.append((name, fd, _state(os.fstat(fd))))

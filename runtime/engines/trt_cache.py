@@ -111,8 +111,8 @@ def hold_folder(folder: Path) -> int | None:
     engines there (a build takes minutes): the open lock file, or None where the folder cannot be locked (it is
     used unheld). Handed to keep_held once the session stands, closed by the caller if it never does."""
     for _ in range(3):  # a prune that held the folder while this waited removed it: make it again
-        folder.mkdir(parents=True, exist_ok=True)
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
             return None
