@@ -43,9 +43,9 @@ class ServerState:
 
     @classmethod
     def create(cls, config: ServerConfig, model: ServedModel) -> ServerState:
-        worker = ModelWorker(config.max_queue)
-        return cls(config=config, model=model, worker=worker,
-                   metrics=Metrics(waiting=lambda: worker.waiting, busy=lambda: worker.busy))
+        metrics = Metrics(waiting=lambda: worker.waiting, busy=lambda: worker.busy)
+        worker = ModelWorker(config.max_queue, on_start=metrics.queue_wait.observe)
+        return cls(config=config, model=model, worker=worker, metrics=metrics)
 
     def submit(self, job: Callable[[StopCheck], T]) -> Ticket[T]:
         """Queue a job for the model; a full queue is a 503 whose Retry-After is the recent mean job time."""
@@ -57,9 +57,4 @@ class ServerState:
             wait = max(1, min(600, math.ceil(self.worker.expected_job_s())))
             raise ApiError("queue_full", f"the model is busy ({self.worker.max_queue} requests already waiting); "
                            f"retry in {wait} s", headers={"Retry-After": str(wait)}) from None
-        ticket.add_done_callback(lambda _: self._record_wait(ticket))
         return ticket
-
-    def _record_wait(self, ticket: Ticket) -> None:
-        if ticket.started is not None:
-            self.metrics.queue_wait.observe(ticket.started - ticket.submitted)

@@ -66,10 +66,12 @@ def _read_if_stopped(ticket: Ticket, result: asyncio.Future) -> None:
 class ModelWorker:
     """Admits up to 1 + max_queue jobs and runs them one by one, in order, on one thread."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, on_start: Callable[[float], None] | None = None) -> None:
+        """on_start: told each job's wait in the queue (seconds) as the model thread picks it up (the metric)."""
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.max_queue = max_queue
+        self._on_start = on_start
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulse-edge-model")
         self._lock = threading.Lock()
         self._admitted = 0  # waiting + running
@@ -102,6 +104,8 @@ class ModelWorker:
 
         def run() -> T:
             ticket.started = time.perf_counter()
+            if self._on_start is not None:  # at the start, not when the answer is done: a monitor sees it then
+                self._on_start(ticket.started - ticket.submitted)
             with self._lock:
                 self._running = True
             try:
