@@ -95,8 +95,13 @@ def file_record(path: Path, progress: HashProgress | None = None) -> FileRecord:
 
 def bundle_file_records(bundle: Path, progress: HashProgress | None = None) -> dict[str, FileRecord]:
     """What export records: every file of the bundle directory except the manifest, by name."""
-    files = sorted(p for p in bundle.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    return {p.name: file_record(p, progress) for p in files}
+    return {p.name: file_record(p, progress) for p in bundle_files(bundle)}
+
+
+def bundle_files(bundle: Path) -> list[Path]:
+    """Every file of a bundle directory but its manifest, sorted: what export records (and a version-1 bundle's
+    files, which it did not record)."""
+    return sorted(p for p in bundle.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
 
 
 def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = False,

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from pulse_edge.errors import BundleError
+from pulse_edge.runtime.bundle.integrity import bundle_files
 from pulse_edge.runtime.bundle.manifest import Manifest
 from pulse_edge.runtime.bundle.names import MANIFEST_FILE
 
@@ -36,8 +37,7 @@ class LoadedFiles:
         self._held: list[tuple[str, int, tuple[int, int]]] = []  # first: __del__ runs after a failed __init__ too
         name = MANIFEST_FILE
         try:
-            names = list(manifest.files) or sorted(p.name for p in bundle.iterdir()  # version 1: no records
-                                                   if p.is_file() and p.name != MANIFEST_FILE)
+            names = list(manifest.files) or [p.name for p in bundle_files(bundle)]  # version 1: no records
             for name in names:
                 fd = os.open(bundle / name, os.O_RDONLY)
                 self._held.append((name, fd, _state(os.fstat(fd))))

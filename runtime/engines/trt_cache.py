@@ -118,7 +118,7 @@ def hold_folder(folder: Path) -> int | None:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            if _same_file(os.fstat(fd), os.stat(folder / IN_USE)):
+            if os.path.samestat(os.fstat(fd), os.stat(folder / IN_USE)):  # not removed while this waited
                 return fd
         except OSError:
             pass
@@ -135,10 +135,6 @@ def keep_held(fd: int | None, session: object) -> None:
         weakref.finalize(session, os.close, fd)
     except TypeError:  # a session object that takes no weak reference: used unheld
         os.close(fd)
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _removed_unless_held(folder: Path) -> bool:
